@@ -1,0 +1,485 @@
+"""Fault-aware butterfly all-reduce over gRPC.
+
+One round reduces one flat fp32 tensor (or a list of tensors, flattened and
+restored) across an ordered group of members, as ``shared/DESIGN.md`` says:
+
+1. aggregate-scatter: the tensor is cut into one contiguous part per member;
+   member i encodes part j and streams it, chunk by chunk, to member j, which
+   decodes each chunk into its row of contributions as it arrives;
+2. reduce: member j reduces the n rows of its part in fp32 with the round's
+   reducer (weighted mean, sum, median, trimmed mean);
+3. all-gather: member j encodes its reduced part once, streams the same bytes
+   to every member, and itself uses the *decoded* value, so all members end
+   with bit-identical results.
+
+A member returns only when it holds the whole result and every member it sent
+to has acknowledged its data. If any member is unreachable, dies, sends bad
+data or misses the deadline, every surviving member raises ``MemberFailure``
+naming it (a member that sees a failure first tells the others with an abort
+notice), and nobody returns a partial result. Applying the result, or not, is
+the business of the layer above (the commit step of the membership issue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from protos import collective_pb2 as pb
+from collectives.codecs import Codec, CodecConfig, make_codec
+from collectives.errors import (
+    LoconetError,
+    MemberFailure,
+    NonFiniteError,
+    ProtocolError,
+    RoundFailed,
+    StaleRound,
+)
+from collectives.inbox import (
+    GATHER,
+    SCATTER,
+    DuplicateStream,
+    ForeignRun,
+    Group,
+    RoundInbox,
+    RoundRegistry,
+    StaleMessage,
+    codec_proto,
+)
+from collectives.parts import chunk_bounds, flatten, unflatten_like
+from collectives.reducers import ReducerConfig, reduce_rows
+from collectives.stats import RoundStats
+from collectives.transport import Transport, method_handlers, raw_stream_unary, raw_unary_unary
+from collectives.wire import decode_chunk, encode_chunk
+
+log = logging.getLogger(__name__)
+
+SERVICE = "loconet.collective.v1.Collective"
+PUSH_METHOD = f"/{SERVICE}/PushPart"
+ABORT_METHOD = f"/{SERVICE}/Abort"
+# Trailing-metadata key that tells a sender why its stream was rejected.
+ERROR_KIND_KEY = "loconet-error"
+# Longest a handler waits for this member to open a round a peer already started.
+MAX_OPEN_WAIT_S = 600.0
+# Deadline of the best-effort abort notices.
+ABORT_NOTICE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class AllReduceConfig:
+    """How a round encodes, reduces and waits. Every member of a round must use the same codec and reducer."""
+
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    reducer: ReducerConfig = field(default_factory=ReducerConfig)
+    # Whole-round deadline: a member that has not finished by then raises MemberFailure.
+    timeout_s: float = 60.0
+    # At the deadline, a member stuck in the gather phase waits this much longer for
+    # another member's abort notice naming the root cause before blaming the part owners.
+    blame_grace_s: float = 1.0
+
+
+@dataclass
+class AllReduceResult:
+    """The reduced tensor(s), shaped like the input, and what the round cost this member."""
+
+    value: torch.Tensor | list[torch.Tensor]
+    stats: RoundStats
+
+
+def chunk_numel(codec: Codec, chunk_bytes: int) -> int:
+    """Elements per chunk so that a chunk's raw payload fits chunk_bytes (whole quantization blocks)."""
+    block = codec.config.block_size if codec.config.name in ("int8", "int4") else 1
+    per_block = max(1, codec.raw_size(block))
+    return max(1, chunk_bytes // per_block) * block
+
+
+def _error_kind(exc: ProtocolError) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, ForeignRun):
+        return grpc.StatusCode.FAILED_PRECONDITION, "foreign-run"
+    if isinstance(exc, StaleMessage):
+        return grpc.StatusCode.FAILED_PRECONDITION, "stale"
+    if isinstance(exc, DuplicateStream):
+        return grpc.StatusCode.ALREADY_EXISTS, "duplicate"
+    return grpc.StatusCode.INVALID_ARGUMENT, "invalid"
+
+
+def _rejection_kind(exc: grpc.aio.AioRpcError) -> str | None:
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_KIND_KEY:
+            return str(value)
+    return None
+
+
+class Collective:
+    """A peer's all-reduce endpoint for one run: serves pushes from the others and runs its own rounds.
+
+    Create it on a not-yet-started transport and start the transport with
+    ``handlers()``; then call ``allreduce`` (blocking) or ``allreduce_async``
+    (returns a future) from any thread.
+    """
+
+    def __init__(
+        self, transport: Transport, run_id: str, phase_hook: Callable[[Group, str], None] | None = None
+    ) -> None:
+        if not run_id:
+            raise ValueError("run_id must be a non-empty string")
+        self.transport = transport
+        self.run_id = run_id
+        # Called on the transport's loop as each round enters "scatter" and "gather"
+        # (observers, and fault-injection tests that stop a member inside a phase).
+        self.phase_hook = phase_hook
+        self.registry = RoundRegistry(run_id)
+        self._background: set[asyncio.Task] = set()
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        """The gRPC handlers of the Collective service, for ``Transport.start``."""
+        return [
+            method_handlers(
+                SERVICE,
+                {"PushPart": raw_stream_unary(self._handle_push), "Abort": raw_unary_unary(self._handle_abort)},
+            )
+        ]
+
+    # -- public API ----------------------------------------------------------------
+
+    def allreduce(
+        self,
+        group: Group,
+        tensors: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        weight: float = 1.0,
+        config: AllReduceConfig | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> AllReduceResult:
+        """Reduce tensors across the group and return the result; raises RoundFailed on any failure."""
+        return self.allreduce_async(group, tensors, weight=weight, config=config, residual=residual).result()
+
+    def allreduce_async(
+        self,
+        group: Group,
+        tensors: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        weight: float = 1.0,
+        config: AllReduceConfig | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> concurrent.futures.Future[AllReduceResult]:
+        """Start a round and return a future of its result; the input is copied first, so training may go on.
+
+        ``residual`` enables error feedback: a flat fp32 tensor of the input's
+        total size, owned by the caller and updated by the round (do not touch
+        it until the future is done).
+        """
+        config = config or AllReduceConfig()
+        if group.run_id != self.run_id:
+            raise ValueError(f"group is for run {group.run_id!r}, this collective serves run {self.run_id!r}")
+        flat = flatten(tensors)
+        bad = int((~torch.isfinite(flat)).sum())
+        if bad:
+            raise NonFiniteError(f"{bad} of {flat.numel()} values to reduce are NaN or Inf; nothing was sent")
+        if residual is not None and (residual.shape != flat.shape or residual.dtype != torch.float32):
+            raise ValueError(f"residual must be a float32 tensor of shape {tuple(flat.shape)}")
+        like = tensors if isinstance(tensors, torch.Tensor) else list(tensors)
+        return self.transport.submit(self._run(group, flat, float(weight), config, residual, like))
+
+    # -- the round -------------------------------------------------------------------
+
+    async def _run(
+        self,
+        group: Group,
+        flat: torch.Tensor,
+        weight: float,
+        config: AllReduceConfig,
+        residual: torch.Tensor | None,
+        like: torch.Tensor | list[torch.Tensor],
+    ) -> AllReduceResult:
+        codec = make_codec(config.codec)
+        started = time.monotonic()
+        deadline = started + config.timeout_s
+        inbox = RoundInbox(group, flat.numel(), codec)
+        stats = RoundStats(
+            run_id=group.run_id,
+            epoch=group.epoch,
+            round_id=group.round_id,
+            group_size=group.size,
+            numel=flat.numel(),
+            codec=str(config.codec),
+        )
+        rnd = _Round(self, group, inbox, codec, config, stats, deadline)
+        await self.registry.open(inbox)
+        try:
+            await rnd.scatter(flat, weight, residual)
+            stats.scatter_s = time.monotonic() - started
+            await rnd.gather()
+            stats.gather_s = time.monotonic() - started - stats.scatter_s
+        except asyncio.CancelledError:
+            rnd.broadcast_abort([], "the round was cancelled by its caller")
+            raise
+        except LoconetError as exc:
+            if inbox.failure_reported_by is None and not isinstance(exc, StaleRound):
+                rnd.broadcast_abort(list(inbox.failed), str(exc))
+            raise
+        finally:
+            rnd.stop()
+            self.registry.close(inbox)
+            stats.bytes_received = inbox.bytes_received
+            stats.decode_s = inbox.decode_s
+            stats.wall_s = time.monotonic() - started
+        return AllReduceResult(value=unflatten_like(inbox.result, like), stats=stats)
+
+    def spawn(self, coro) -> None:
+        """Run a fire-and-forget coroutine on the loop, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- handlers (run on the transport's loop) -----------------------------------------
+
+    async def _handle_push(self, request_iterator, context: grpc.aio.ServicerContext) -> bytes:
+        inbox: RoundInbox | None = None
+        stream = None
+        chunks = 0
+        try:
+            async for raw in request_iterator:
+                header, payload = decode_chunk(raw)
+                if stream is None:
+                    wait = context.time_remaining()
+                    wait = MAX_OPEN_WAIT_S if wait is None else min(wait, MAX_OPEN_WAIT_S)
+                    inbox = await self.registry.find(header.tag, wait)
+                    stream = inbox.begin_stream(header)
+                inbox.accept(stream, header, payload)
+                chunks += 1
+                inbox.bytes_received += len(raw)
+                await self.transport.note_received(inbox.group.members[stream.sender], len(raw))
+            if stream is None:
+                raise ProtocolError("empty PushPart stream")
+            inbox.finish(stream)
+        except ProtocolError as exc:
+            if inbox is not None and stream is not None and not isinstance(exc, StaleMessage):
+                inbox.fail(stream.sender, f"sent bad data: {exc}")
+            code, kind = _error_kind(exc)
+            log.debug("rejected a push: %s", exc)
+            await context.abort(code, str(exc), trailing_metadata=((ERROR_KIND_KEY, kind),))
+        except asyncio.CancelledError:
+            if inbox is not None and stream is not None:
+                inbox.fail(stream.sender, "its stream broke off (the member died or cancelled)")
+            raise
+        return pb.PushAck(chunks=chunks).SerializeToString()
+
+    async def _handle_abort(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            try:
+                notice = pb.AbortNotice.FromString(request)
+            except Exception as exc:  # protobuf's DecodeError and friends
+                raise ProtocolError(f"malformed abort notice: {exc}") from exc
+            self.registry.abort_notice(notice)
+        except ProtocolError as exc:
+            code, kind = _error_kind(exc)
+            await context.abort(code, str(exc), trailing_metadata=((ERROR_KIND_KEY, kind),))
+        return pb.AbortAck().SerializeToString()
+
+
+class _Round:
+    """The sending side and the bookkeeping of one member's round (lives on the transport's loop)."""
+
+    def __init__(
+        self,
+        owner: Collective,
+        group: Group,
+        inbox: RoundInbox,
+        codec: Codec,
+        config: AllReduceConfig,
+        stats: RoundStats,
+        deadline: float,
+    ) -> None:
+        self.owner = owner
+        self.transport = owner.transport
+        self.group = group
+        self.inbox = inbox
+        self.codec = codec
+        self.config = config
+        self.stats = stats
+        self.deadline = deadline
+        self.others = [j for j in range(group.size) if j != group.rank]
+        self.pending: Counter[int] = Counter()
+        self.tasks: list[asyncio.Task] = []
+        self.chunk_numel = chunk_numel(codec, self.transport.config.chunk_bytes)
+        self._codec_wire = codec_proto(codec.config)
+        loop = asyncio.get_running_loop()
+        for j in self.others:
+            self.tasks.append(loop.create_task(self._watch(j)))
+
+    # -- phases ------------------------------------------------------------------------
+
+    async def scatter(self, flat: torch.Tensor, weight: float, residual: torch.Tensor | None) -> None:
+        """Send each part to its owner and wait for every contribution to this member's part."""
+        self._enter("scatter")
+        me = self.group.rank
+        a, b = self.inbox.bounds[me]
+        self.inbox.rows[me].copy_(flat[a:b])
+        self.inbox.weights[me] = weight
+        if residual is not None:
+            residual[a:b].zero_()  # this member's own part is contributed exactly
+        for j in self.others:
+            self._send(j, self._scatter_messages(j, flat, weight, residual))
+        await self._wait("scatter", lambda: not self.inbox.scatter_left, lambda: self.inbox.scatter_left)
+
+    async def gather(self) -> None:
+        """Reduce this member's part, send it to all, and wait for every other part and every ack."""
+        self._enter("gather")
+        me = self.group.rank
+        t0 = time.perf_counter()
+        reduced = reduce_rows(self.config.reducer, self.inbox.rows, [float(w) for w in self.inbox.weights])
+        self.stats.reduce_s = time.perf_counter() - t0
+        a, b = self.inbox.bounds[me]
+        own = self.inbox.result[a:b]
+        messages = []
+        for c0, c1 in chunk_bounds(0, b - a, self.chunk_numel):
+            payload = self._encode(reduced[c0:c1], None)
+            # The owner keeps the decoded value, exactly what every other member will hold.
+            self.codec.decode(payload, c1 - c0, out=own[c0:c1])
+            messages.append(self._message(GATHER, me, b - a, c0, c1 - c0, 0.0, payload))
+        for j in self.others:
+            self._send(j, iter(messages))
+        await self._wait(
+            "gather",
+            lambda: not self.inbox.gather_left and not any(self.pending.values()),
+            lambda: self.inbox.gather_left,
+        )
+
+    def _enter(self, phase: str) -> None:
+        if self.owner.phase_hook is not None:
+            self.owner.phase_hook(self.group, phase)
+
+    async def _wait(self, phase: str, done, missing) -> None:
+        ok = await self.inbox.wait_for(done, self.deadline)
+        if not ok and phase == "gather" and self.config.blame_grace_s > 0:
+            # The owners we wait for may themselves wait for the real culprit; give
+            # their abort notice a moment to arrive before blaming them.
+            await self.inbox.wait_for(done, time.monotonic() + self.config.blame_grace_s)
+            ok = self.inbox.broken or done()
+        if not ok:
+            late = set(missing()) | {j for j, n in self.pending.items() if n > 0}
+            for j in sorted(late):
+                self.inbox.fail(j, f"missed the {self.config.timeout_s:g} s deadline in the {phase} phase")
+        self._raise_if_broken()
+
+    def _raise_if_broken(self) -> None:
+        inbox = self.inbox
+        if inbox.failed:
+            reasons = "; ".join(f"rank {r}: {why}" for r, why in sorted(inbox.failed.items()))
+            raise MemberFailure(
+                {r: self.group.members[r] for r in inbox.failed}, reasons, round_id=self.group.round_id
+            )
+        if inbox.error is not None:
+            raise inbox.error
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _encode(self, x: torch.Tensor, residual: torch.Tensor | None) -> bytes:
+        t0 = time.perf_counter()
+        payload = self.codec.encode(x) if residual is None else self.codec.encode_with_feedback(x, residual)
+        self.stats.encode_s += time.perf_counter() - t0
+        return payload
+
+    def _message(self, phase: int, part: int, part_numel: int, offset: int, count: int, weight: float, payload: bytes) -> bytes:
+        g = self.group
+        header = pb.PartChunk(
+            tag=pb.RoundTag(
+                run_id=g.run_id,
+                epoch=g.epoch,
+                round_id=g.round_id,
+                sender_rank=g.rank,
+                group_size=g.size,
+                total_numel=self.inbox.numel,
+            ),
+            phase=phase,
+            part_index=part,
+            part_numel=part_numel,
+            offset=offset,
+            count=count,
+            codec=self._codec_wire,
+            weight=weight,
+        )
+        return encode_chunk(header, payload)
+
+    def _scatter_messages(
+        self, j: int, flat: torch.Tensor, weight: float, residual: torch.Tensor | None
+    ) -> Iterator[bytes]:
+        # A generator: each chunk is encoded just before it is sent, so encoding overlaps the network.
+        a, b = self.inbox.bounds[j]
+        for c0, c1 in chunk_bounds(a, b, self.chunk_numel):
+            res = None if residual is None else residual[c0:c1]
+            payload = self._encode(flat[c0:c1], res)
+            yield self._message(SCATTER, j, b - a, c0 - a, c1 - c0, weight, payload)
+
+    def _send(self, j: int, messages: Iterator[bytes]) -> None:
+        self.pending[j] += 1
+        self.tasks.append(asyncio.get_running_loop().create_task(self._send_to(j, messages)))
+
+    async def _send_to(self, j: int, messages: Iterator[bytes]) -> None:
+        address = self.group.members[j]
+        counted = self._count(messages)
+        try:
+            await self.transport.stream_call(address, PUSH_METHOD, counted, self.deadline - time.monotonic())
+        except grpc.aio.AioRpcError as exc:
+            kind = _rejection_kind(exc)
+            if kind == "stale":
+                self.inbox.set_error(StaleRound(f"rank {j} ({address}) says this round is stale: {exc.details()}"))
+            else:
+                self.inbox.fail(j, f"{exc.code().name}: {exc.details()}")
+            return
+        except LoconetError as exc:  # encoding failed here: our own problem, not the receiver's
+            self.inbox.set_error(exc if isinstance(exc, RoundFailed) else RoundFailed(f"encoding failed: {exc}"))
+            return
+        self.pending[j] -= 1
+        self.inbox.wake()
+
+    def _count(self, messages: Iterator[bytes]) -> Iterator[bytes]:
+        for msg in messages:
+            self.stats.bytes_sent += len(msg)
+            yield msg
+
+    async def _watch(self, j: int) -> None:
+        reason = await self.transport.wait_unreachable(self.group.members[j])
+        self.inbox.fail(j, reason)
+
+    # -- failure -------------------------------------------------------------------------
+
+    def broadcast_abort(self, failed: list[int], reason: str) -> None:
+        """Tell every member not known to have failed that this round is aborted (best effort)."""
+        g = self.group
+        notice = pb.AbortNotice(
+            tag=pb.RoundTag(
+                run_id=g.run_id,
+                epoch=g.epoch,
+                round_id=g.round_id,
+                sender_rank=g.rank,
+                group_size=g.size,
+                total_numel=self.inbox.numel,
+            ),
+            failed_ranks=sorted(failed),
+            reason=reason[:1000],
+        ).SerializeToString()
+        for j in self.others:
+            if j not in failed:
+                self.owner.spawn(self._notify(g.members[j], notice))
+
+    async def _notify(self, address: str, notice: bytes) -> None:
+        try:
+            await self.transport.unary_call(address, ABORT_METHOD, notice, ABORT_NOTICE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("abort notice to %s not delivered: %s", address, exc.code().name)
+
+    def stop(self) -> None:
+        """Cancel this round's sends and watchers."""
+        for task in self.tasks:
+            task.cancel()
+

@@ -1,0 +1,350 @@
+"""The receiving side of a round: what a member expects, what it has, and who failed.
+
+A ``RoundInbox`` is opened by the member's own all-reduce when the round
+starts. It knows exactly which chunks may arrive (phase, sender, part, element
+range, codec, payload size), so every incoming chunk is checked against it
+before its payload is decoded into place; nothing unexpected is buffered.
+
+The ``RoundRegistry`` maps (round id, epoch) to open inboxes, rejects messages
+of foreign runs, stale epochs and finished rounds at once, and lets a handler
+wait (within its caller's deadline) for a round this member has not opened
+yet: a fast peer may start a round before a slow one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from protos import collective_pb2 as pb
+from collectives.codecs import Codec, CodecConfig
+from collectives.errors import CodecError, LoconetError, ProtocolError, RoundFailed
+from collectives.parts import part_bounds
+
+SCATTER = pb.PHASE_SCATTER
+GATHER = pb.PHASE_GATHER
+PHASE_NAMES = {SCATTER: "scatter", GATHER: "gather"}
+
+# How many finished rounds a member remembers to reject their late messages at once.
+CLOSED_MEMORY = 1024
+# How many abort notices for not-yet-opened rounds a member keeps.
+EARLY_ABORT_MEMORY = 64
+
+
+class ForeignRun(ProtocolError):
+    """A message names a run this peer is not part of."""
+
+
+class StaleMessage(ProtocolError):
+    """A message belongs to an older epoch of a round, or to a round already finished."""
+
+
+class DuplicateStream(ProtocolError):
+    """A sender sent the same part of the same phase twice."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """One round's membership as every member sees it: same run, epoch, round id and ordered members."""
+
+    run_id: str
+    epoch: int
+    round_id: int
+    # Addresses in rank order; member i owns part i.
+    members: tuple[str, ...]
+    # This member's rank.
+    rank: int
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise ValueError("a group needs at least one member")
+        if not 0 <= self.rank < len(self.members):
+            raise ValueError(f"rank {self.rank} out of range for {len(self.members)} members")
+        if len(set(self.members)) != len(self.members):
+            raise ValueError(f"duplicate addresses in group {self.members}")
+        if self.epoch < 0 or self.round_id < 0:
+            raise ValueError("epoch and round id must be >= 0")
+
+    @property
+    def size(self) -> int:
+        """Number of members."""
+        return len(self.members)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(round id, epoch): what identifies this round within its run."""
+        return (self.round_id, self.epoch)
+
+
+def codec_proto(config: CodecConfig) -> pb.CodecSpec:
+    """The wire form of a codec configuration."""
+    return pb.CodecSpec(name=config.name, block_size=config.block_size, zstd_level=config.zstd_level)
+
+
+@dataclass
+class _Stream:
+    """One incoming stream: one phase of one part from one sender, in order."""
+
+    phase: int
+    sender: int
+    target: torch.Tensor  # where decoded elements go (a view)
+    next_offset: int = 0
+
+
+@dataclass
+class RoundInbox:
+    """Receive-side state of one round at one member."""
+
+    group: Group
+    numel: int
+    codec: Codec
+    bounds: list[tuple[int, int]] = field(init=False)
+    # Scatter contributions to this member's part, one row per rank (own row filled locally).
+    rows: torch.Tensor = field(init=False)
+    weights: list[float | None] = field(init=False)
+    # The round's full result, filled part by part in the gather phase.
+    result: torch.Tensor = field(init=False)
+    scatter_left: set[int] = field(init=False)
+    gather_left: set[int] = field(init=False)
+    failed: dict[int, str] = field(default_factory=dict)
+    # Set when the failure was learned from another member's abort notice.
+    failure_reported_by: int | None = None
+    # A failure that blames no member (this member is stale, bad weights...).
+    error: LoconetError | None = None
+    closed: bool = False
+    bytes_received: int = 0
+    decode_s: float = 0.0
+    _started: set[tuple[int, int]] = field(default_factory=set)
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        n = self.group.size
+        self.bounds = part_bounds(self.numel, n)
+        a, b = self.bounds[self.group.rank]
+        self.rows = torch.empty((n, b - a), dtype=torch.float32)
+        self.weights = [None] * n
+        self.result = torch.empty(self.numel, dtype=torch.float32)
+        others = set(range(n)) - {self.group.rank}
+        self.scatter_left = set(others)
+        self.gather_left = set(others)
+        self._codec_wire = codec_proto(self.codec.config)
+
+    # -- progress and failure --------------------------------------------------
+
+    def wake(self) -> None:
+        """Wake the round's coroutine to re-check its condition."""
+        self._wakeup.set()
+
+    def fail(self, rank: int, reason: str, reported_by: int | None = None) -> None:
+        """Record that a member failed (first reason wins) and wake the round."""
+        if self.closed:
+            return
+        self.failed.setdefault(rank, reason)
+        if reported_by is not None and self.failure_reported_by is None:
+            self.failure_reported_by = reported_by
+        self.wake()
+
+    def set_error(self, error: LoconetError) -> None:
+        """Record a failure that blames no member (first one wins) and wake the round."""
+        if self.closed:
+            return
+        if self.error is None:
+            self.error = error
+        self.wake()
+
+    @property
+    def broken(self) -> bool:
+        """Whether the round has failed in any way."""
+        return bool(self.failed) or self.error is not None
+
+    async def wait_for(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Wait until done() or a failure; False if the monotonic deadline passed first."""
+        while not self.broken and not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return self.broken or done()
+        return True
+
+    # -- incoming chunks ---------------------------------------------------------
+
+    def check_tag(self, tag: pb.RoundTag) -> None:
+        """Raise ProtocolError unless the tag matches this round's shape."""
+        g = self.group
+        if tag.group_size != g.size:
+            raise ProtocolError(f"sender counts {tag.group_size} members, this round has {g.size}")
+        if tag.total_numel != self.numel:
+            raise ProtocolError(f"sender reduces {tag.total_numel} elements, this round reduces {self.numel}")
+        if tag.sender_rank >= g.size or tag.sender_rank == g.rank:
+            raise ProtocolError(f"sender rank {tag.sender_rank} is not another member of a {g.size}-member round")
+
+    def begin_stream(self, header: pb.PartChunk) -> _Stream:
+        """Validate the first chunk of a stream and claim its (phase, sender) slot."""
+        if self.closed:
+            raise StaleMessage(f"round {self.group.round_id} is already finished")
+        self.check_tag(header.tag)
+        sender = header.tag.sender_rank
+        phase = header.phase
+        if header.codec != self._codec_wire:
+            raise ProtocolError(f"codec {header.codec.name!r} differs from the round's {self.codec.config}")
+        if phase == SCATTER:
+            part = self.group.rank
+            target = self.rows[sender]
+            if not math.isfinite(header.weight):
+                raise ProtocolError(f"contribution weight {header.weight} is not finite")
+        elif phase == GATHER:
+            part = sender
+            a, b = self.bounds[part]
+            target = self.result[a:b]
+        else:
+            raise ProtocolError(f"unknown phase {phase}")
+        if header.part_index != part:
+            raise ProtocolError(f"{PHASE_NAMES[phase]} chunk for part {header.part_index}, expected part {part}")
+        if header.part_numel != target.numel():
+            raise ProtocolError(f"part {part} has {target.numel()} elements, the chunk says {header.part_numel}")
+        if (phase, sender) in self._started:
+            raise DuplicateStream(f"rank {sender} already sent its {PHASE_NAMES[phase]} part")
+        self._started.add((phase, sender))
+        if phase == SCATTER:
+            self.weights[sender] = header.weight
+        return _Stream(phase=phase, sender=sender, target=target)
+
+    def accept(self, stream: _Stream, header: pb.PartChunk, payload: memoryview) -> None:
+        """Validate one chunk of an open stream and decode it into place."""
+        if self.closed:
+            raise StaleMessage(f"round {self.group.round_id} is already finished")
+        if header.tag.sender_rank != stream.sender or header.phase != stream.phase:
+            raise ProtocolError("a stream's chunks must keep one sender and one phase")
+        if stream.phase == SCATTER and header.weight != self.weights[stream.sender]:
+            raise ProtocolError("a contribution's weight changed between chunks")
+        if header.offset != stream.next_offset:
+            raise ProtocolError(f"chunk at offset {header.offset}, expected {stream.next_offset}")
+        end = header.offset + header.count
+        if end > stream.target.numel():
+            raise ProtocolError(f"chunk [{header.offset}, {end}) runs past the part's {stream.target.numel()} elements")
+        if len(payload) > self.codec.max_payload_size(header.count):
+            raise ProtocolError(f"payload of {len(payload)} bytes is too big for {header.count} elements")
+        t0 = time.perf_counter()
+        try:
+            self.codec.decode(payload, header.count, out=stream.target[header.offset : end])
+        except CodecError as exc:
+            raise ProtocolError(f"undecodable payload: {exc}") from exc
+        self.decode_s += time.perf_counter() - t0
+        stream.next_offset = end
+
+    def finish(self, stream: _Stream) -> None:
+        """Close a stream; it must have covered its whole part."""
+        if stream.next_offset != stream.target.numel():
+            raise ProtocolError(
+                f"stream ended at element {stream.next_offset} of {stream.target.numel()}; the part is incomplete"
+            )
+        (self.scatter_left if stream.phase == SCATTER else self.gather_left).discard(stream.sender)
+        self.wake()
+
+
+class RoundRegistry:
+    """The open rounds of one member of one run, and the memory of finished ones."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._open: dict[tuple[int, int], RoundInbox] = {}
+        # round id -> highest epoch opened, for rejecting older epochs of a retried round.
+        self._epochs: OrderedDict[int, int] = OrderedDict()
+        self._closed: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._early_aborts: OrderedDict[tuple[int, int], tuple[list[int], str, int]] = OrderedDict()
+        self._opened = asyncio.Condition()
+
+    def _check(self, tag: pb.RoundTag) -> None:
+        if tag.run_id != self.run_id:
+            raise ForeignRun(f"message for run {tag.run_id!r}; this peer is in run {self.run_id!r}")
+        key = (tag.round_id, tag.epoch)
+        if key in self._closed:
+            raise StaleMessage(f"round {tag.round_id} epoch {tag.epoch} is already finished")
+        newest = self._epochs.get(tag.round_id)
+        if newest is not None and tag.epoch < newest:
+            raise StaleMessage(f"round {tag.round_id} epoch {tag.epoch} is stale: this member is at epoch {newest}")
+
+    async def open(self, inbox: RoundInbox) -> None:
+        """Register a round this member starts; wakes handlers waiting for it."""
+        key = inbox.group.key
+        self._check(_tag_of(inbox.group))
+        if key in self._open:
+            raise RuntimeError(f"round {key} is already open at this member")
+        self._open[key] = inbox
+        self._epochs[inbox.group.round_id] = inbox.group.epoch
+        self._epochs.move_to_end(inbox.group.round_id)
+        while len(self._epochs) > CLOSED_MEMORY:
+            self._epochs.popitem(last=False)
+        early = self._early_aborts.pop(key, None)
+        if early is not None:
+            ranks, reason, reporter = early
+            for r in ranks:
+                if r < inbox.group.size:
+                    inbox.fail(r, reason, reported_by=reporter)
+            if not ranks:
+                inbox.set_error(RoundFailed(f"round {key[0]} aborted: {reason}"))
+        async with self._opened:
+            self._opened.notify_all()
+
+    def close(self, inbox: RoundInbox) -> None:
+        """Forget an open round; later messages for it are rejected as stale."""
+        inbox.closed = True
+        key = inbox.group.key
+        self._open.pop(key, None)
+        self._closed[key] = None
+        while len(self._closed) > CLOSED_MEMORY:
+            self._closed.popitem(last=False)
+
+    async def find(self, tag: pb.RoundTag, timeout_s: float) -> RoundInbox:
+        """The open inbox for tag, waiting up to timeout_s for this member to open it."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        key = (tag.round_id, tag.epoch)
+        async with self._opened:
+            while True:
+                self._check(tag)
+                inbox = self._open.get(key)
+                if inbox is not None:
+                    return inbox
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StaleMessage(
+                        f"round {tag.round_id} epoch {tag.epoch} was not started by this member in time"
+                    )
+                try:
+                    await asyncio.wait_for(self._opened.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+
+    def abort_notice(self, notice: pb.AbortNotice) -> None:
+        """Apply another member's abort notice to its round (or keep it until the round opens)."""
+        tag = notice.tag
+        self._check(tag)
+        key = (tag.round_id, tag.epoch)
+        reason = f"reported by rank {tag.sender_rank}: {notice.reason[:500]}"
+        inbox = self._open.get(key)
+        if inbox is None:
+            self._early_aborts[key] = (list(notice.failed_ranks), reason, tag.sender_rank)
+            while len(self._early_aborts) > EARLY_ABORT_MEMORY:
+                self._early_aborts.popitem(last=False)
+            return
+        n = inbox.group.size
+        if tag.group_size != n or tag.sender_rank >= n or any(r >= n for r in notice.failed_ranks):
+            raise ProtocolError(f"abort notice names ranks outside a {n}-member round")
+        for r in notice.failed_ranks:
+            inbox.fail(r, reason, reported_by=tag.sender_rank)
+        if not notice.failed_ranks:
+            inbox.set_error(RoundFailed(f"round {tag.round_id} aborted by rank {tag.sender_rank}: {notice.reason[:500]}"))
+
+
+def _tag_of(group: Group) -> pb.RoundTag:
+    return pb.RoundTag(run_id=group.run_id, epoch=group.epoch, round_id=group.round_id, sender_rank=group.rank)

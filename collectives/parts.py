@@ -1,0 +1,57 @@
+"""How a round's tensors are laid out: flattening, restoring, and cutting into parts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def part_bounds(numel: int, n: int) -> list[tuple[int, int]]:
+    """Cut [0, numel) into n contiguous parts whose sizes differ by at most one.
+
+    Part j is owned by member j. When numel < n some parts are empty.
+    """
+    if n < 1:
+        raise ValueError(f"a group needs at least one member, got {n}")
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    cuts = [j * numel // n for j in range(n + 1)]
+    return [(cuts[j], cuts[j + 1]) for j in range(n)]
+
+
+def chunk_bounds(start: int, end: int, chunk_numel: int) -> list[tuple[int, int]]:
+    """Cut [start, end) into consecutive ranges of at most chunk_numel elements.
+
+    An empty range gives one empty chunk, so that an empty part still travels
+    (its arrival proves the sender is alive and agrees on the round).
+    """
+    if chunk_numel < 1:
+        raise ValueError(f"chunk_numel must be >= 1, got {chunk_numel}")
+    if end <= start:
+        return [(start, start)]
+    return [(a, min(a + chunk_numel, end)) for a in range(start, end, chunk_numel)]
+
+
+def flatten(tensors: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors into one new contiguous 1-D fp32 CPU tensor."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.detach().reshape(-1).to(device="cpu", dtype=torch.float32).clone()
+    if len(tensors) == 0:
+        return torch.empty(0, dtype=torch.float32)
+    return torch.cat([t.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for t in tensors])
+
+
+def unflatten_like(flat: torch.Tensor, like: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """Cut a flat tensor back into tensors shaped, typed and placed like ``like``."""
+    if isinstance(like, torch.Tensor):
+        return flat.view(like.shape).to(device=like.device, dtype=like.dtype)
+    out: list[torch.Tensor] = []
+    offset = 0
+    for t in like:
+        n = t.numel()
+        out.append(flat[offset : offset + n].view(t.shape).to(device=t.device, dtype=t.dtype))
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat tensor has {flat.numel()} elements, the tensors need {offset}")
+    return out

@@ -1,0 +1,301 @@
+"""The gRPC endpoint of a peer: one server, a pool of client channels, on one event-loop thread.
+
+A ``Transport`` owns a private asyncio loop running in a thread it starts and
+stops itself (``start`` / ``close``). Everything that touches gRPC runs on
+that loop; other threads hand it coroutines with ``submit``, which returns a
+``concurrent.futures.Future``, so a caller can block on a round or keep
+training while it travels.
+
+Messages are bytes: the services that use the transport do their own
+(protobuf-compatible) framing, which keeps the big tensor payloads from being
+copied through protobuf objects. The transport counts every byte, paces them
+with optional token buckets (to emulate a slow link on loopback), and puts a
+deadline on every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from collectives.errors import ConfigError
+from collectives.ratelimit import TokenBucket
+from collectives.stats import TrafficCounters
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Room for a chunk's header next to its payload inside one gRPC message.
+HEADER_SLACK_BYTES = 64 * 1024
+
+
+def message_bound(chunk_bytes: int) -> int:
+    """Largest gRPC message a chunk of chunk_bytes raw payload can become (zstd's worst case, header)."""
+    return chunk_bytes + chunk_bytes // 64 + HEADER_SLACK_BYTES
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Where a peer listens and how it moves bytes."""
+
+    # Interface to bind. Loopback unless the user asks for more (never all interfaces by default).
+    host: str = "127.0.0.1"
+    # 0 lets the OS choose a free port.
+    port: int = 0
+    # Largest payload per streamed message; parts are cut into chunks of this size.
+    chunk_bytes: int = 1 << 20
+    # gRPC send/receive limit per message; must leave room for a chunk and its header.
+    max_message_bytes: int = 4 << 20
+    # Cap on bytes sent and, separately, bytes received, in bits per second (None: no cap).
+    bandwidth_bps: float | None = None
+    # Bound on RPCs a peer serves at once, so other peers cannot make it hold unbounded state.
+    max_concurrent_rpcs: int = 256
+    # HTTP/2 keepalive ping interval; a peer that stops answering loses its connection.
+    keepalive_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.chunk_bytes < 1024:
+            raise ConfigError(f"chunk_bytes must be at least 1024, got {self.chunk_bytes}")
+        if self.max_message_bytes < message_bound(self.chunk_bytes):
+            raise ConfigError(
+                f"max_message_bytes ({self.max_message_bytes}) must exceed chunk_bytes ({self.chunk_bytes}) "
+                f"by at least {message_bound(self.chunk_bytes) - self.chunk_bytes}; raise it or lower chunk_bytes"
+            )
+        if self.bandwidth_bps is not None and self.bandwidth_bps <= 0:
+            raise ConfigError(f"bandwidth must be positive, got {self.bandwidth_bps} bit/s")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Channel and server options shared by both ends."""
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_s * 500)),
+            # Reconnect fast: a restarted peer comes back at the same address.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            ("grpc.enable_retries", 0),
+        ]
+
+
+class TransportClosed(RuntimeError):
+    """The transport was closed (or never started); start a new one."""
+
+
+def format_address(host: str, port: int) -> str:
+    """host:port, with IPv6 hosts bracketed."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class Transport:
+    """A peer's gRPC server and client channels, running on a private event-loop thread."""
+
+    def __init__(self, config: TransportConfig | None = None) -> None:
+        self.config = config or TransportConfig()
+        self.counters = TrafficCounters()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: grpc.aio.Server | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._address: str | None = None
+        self._send_bucket: TokenBucket | None = None
+        self._recv_bucket: TokenBucket | None = None
+        if self.config.bandwidth_bps:
+            rate = self.config.bandwidth_bps / 8.0
+            burst = float(self.config.chunk_bytes + HEADER_SLACK_BYTES)
+            self._send_bucket = TokenBucket(rate, burst)
+            self._recv_bucket = TokenBucket(rate, burst)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self, handlers: Sequence[grpc.GenericRpcHandler] = ()) -> str:
+        """Start the loop thread and the server with these handlers; return the bound address."""
+        if self._thread is not None:
+            raise RuntimeError("transport already started")
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name="loconet-transport", daemon=True)
+        self._thread.start()
+        ready.wait()
+        try:
+            self._address = self.submit(self._start_server(list(handlers))).result(timeout=30)
+        except BaseException:
+            self.close()
+            raise
+        log.info("transport listening on %s", self._address)
+        return self._address
+
+    async def _start_server(self, handlers: list[grpc.GenericRpcHandler]) -> str:
+        server = grpc.aio.server(
+            options=self.config.grpc_options(),
+            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
+        )
+        server.add_generic_rpc_handlers(tuple(handlers))
+        bind = format_address(self.config.host, self.config.port)
+        try:
+            port = server.add_insecure_port(bind)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {bind}: {exc}; choose another --host/--port") from exc
+        if port == 0:
+            raise OSError(f"cannot listen on {bind}; choose another --host/--port")
+        await server.start()
+        self._server = server
+        return format_address(self.config.host, port)
+
+    def close(self, grace_s: float = 0.5) -> None:
+        """Stop the server, close every channel and stop the loop thread. Idempotent."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._shutdown(grace_s), loop).result(timeout=grace_s + 10)
+            except Exception:  # closing must not raise; the loop is stopped below regardless
+                log.exception("error while closing transport %s", self._address)
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        if not loop.is_running():
+            loop.close()
+        self._loop = None
+        self._thread = None
+
+    async def _shutdown(self, grace_s: float) -> None:
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+        channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            await ch.close()
+        current = asyncio.current_task()
+        for task in asyncio.all_tasks():
+            if task is not current:
+                task.cancel()
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def address(self) -> str:
+        """The address other peers reach this one at (host:port)."""
+        if self._address is None:
+            raise TransportClosed("transport not started")
+        return self._address
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The transport's event loop (for code that must run on it)."""
+        if self._loop is None:
+            raise TransportClosed("transport not started or already closed")
+        return self._loop
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run a coroutine on the transport's loop; return a future of its result."""
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except BaseException:
+            coro.close()
+            raise
+
+    # -- client side (call from the loop) --------------------------------------------
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """The pooled channel to address (created on first use)."""
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(address, options=self.config.grpc_options())
+            self._channels[address] = ch
+        return ch
+
+    async def stream_call(self, address: str, method: str, messages: Iterable[bytes], timeout_s: float) -> bytes:
+        """Stream messages to a client-streaming method; return the response bytes.
+
+        Raises grpc.aio.AioRpcError with the call's final status on any failure.
+        """
+        call = self.channel(address).stream_unary(method, request_serializer=_identity, response_deserializer=_identity)(
+            timeout=max(timeout_s, 0.001)
+        )
+        try:
+            for msg in messages:
+                if self._send_bucket is not None:
+                    await self._send_bucket.acquire(len(msg))
+                await call.write(msg)
+                self.counters.count_sent(address, len(msg))
+            await call.done_writing()
+        except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+            # The call ended early (the peer rejected it or died): report its real status.
+            pass
+        except BaseException:
+            call.cancel()
+            raise
+        return await call
+
+    async def unary_call(self, address: str, method: str, request: bytes, timeout_s: float) -> bytes:
+        """Call a unary method with raw request bytes; return the response bytes."""
+        if self._send_bucket is not None:
+            await self._send_bucket.acquire(len(request))
+        call = self.channel(address).unary_unary(method, request_serializer=_identity, response_deserializer=_identity)
+        response = await call(request, timeout=max(timeout_s, 0.001))
+        self.counters.count_sent(address, len(request))
+        return response
+
+    async def note_received(self, sender: str, nbytes: int) -> None:
+        """Count bytes a handler received and pace them under the receive cap."""
+        self.counters.count_received(sender, nbytes)
+        if self._recv_bucket is not None:
+            await self._recv_bucket.acquire(nbytes)
+
+    async def wait_unreachable(self, address: str) -> str:
+        """Return (with a reason) once address stops accepting connections; runs until cancelled otherwise."""
+        ch = self.channel(address)
+        state = ch.get_state(try_to_connect=True)
+        while True:
+            if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                return "unreachable (connection refused or lost)"
+            if state == grpc.ChannelConnectivity.SHUTDOWN:
+                return "channel shut down"
+            await ch.wait_for_state_change(state)
+            # A dropped connection shows as IDLE: try to reconnect so a dead peer shows as a failure.
+            state = ch.get_state(try_to_connect=True)
+
+
+def method_handlers(service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> grpc.GenericRpcHandler:
+    """A generic handler for one service's methods (raw-bytes handlers built by the caller)."""
+    return grpc.method_handlers_generic_handler(service, handlers)
+
+
+def raw_stream_unary(behavior: Any) -> grpc.RpcMethodHandler:
+    """A client-streaming method whose handler sees raw request bytes and returns response bytes."""
+    return grpc.stream_unary_rpc_method_handler(behavior, request_deserializer=_identity, response_serializer=_identity)
+
+
+def raw_unary_unary(behavior: Any) -> grpc.RpcMethodHandler:
+    """A unary method whose handler sees raw request bytes and returns response bytes."""
+    return grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=_identity, response_serializer=_identity)

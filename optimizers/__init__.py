@@ -1,0 +1,1 @@
+"""What runs on the collective layer: DiLoCo, Streaming DiLoCo, federated strategies, gradient coding."""

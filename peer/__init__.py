@@ -1,0 +1,1 @@
+"""Processes and their commands: peer daemon, coordinator and dashboard, local harness, CLI."""
