@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +35,7 @@ import grpc
 import torch
 
 from protos import collective_pb2 as pb
-from collectives.codecs import Codec, CodecConfig, make_codec
+from collectives.codecs import Codec, CodecConfig, error_bound, make_codec
 from collectives.errors import (
     LoconetError,
     MemberFailure,
@@ -54,7 +55,8 @@ from collectives.inbox import (
     StaleMessage,
     codec_proto,
 )
-from collectives.parts import chunk_bounds, flatten, unflatten_like
+from collectives.buffers import BufferPool
+from collectives.parts import chunk_bounds, flatten, part_bounds, total_numel, unflatten_like
 from collectives.reducers import ReducerConfig, reduce_rows
 from collectives.stats import RoundStats
 from collectives.transport import Transport, method_handlers, raw_stream_unary, raw_unary_unary
@@ -101,6 +103,82 @@ def chunk_numel(codec: Codec, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // per_block) * block
 
 
+def mean_error_bound(config: CodecConfig, contributions: Sequence[torch.Tensor]) -> float:
+    """Largest per-element error a mean round with this codec may show against the exact mean.
+
+    Each member's contribution to another's part is quantized once (the owner's
+    own is exact); the reduced part is quantized again for the all-gather.
+    Blocks are aligned at each part's start, as the round cuts them. The fp32
+    arithmetic of the mean adds a few units in the last place.
+    """
+    n = len(contributions)
+    numel = contributions[0].numel()
+    worst = 0.0
+    for owner, (a, b) in enumerate(part_bounds(numel, n)):
+        if a == b:
+            continue
+        contrib = torch.zeros(b - a, dtype=torch.float32)
+        for r, x in enumerate(contributions):
+            if r != owner:
+                contrib += error_bound(config, x[a:b])
+        contrib /= n
+        rows = torch.stack([x[a:b] for x in contributions])
+        arithmetic = rows.abs().amax(0) * ((n + 2) * 2.0**-24)
+        mean = rows.double().mean(0).float()
+        reduced = error_bound(config, mean.abs() + contrib + arithmetic)
+        worst = max(worst, float((contrib + arithmetic + reduced).max()))
+    return worst
+
+
+def check_finite(flat: torch.Tensor) -> None:
+    """Raise NonFiniteError if flat holds NaN or Inf (before anything is sent)."""
+    # A sum is one cheap pass; it is finite whenever every element is, so the
+    # exact (slower) count runs only when something may be wrong.
+    if math.isfinite(float(flat.sum())):
+        return
+    bad = int(flat.numel() - torch.isfinite(flat).sum())
+    if bad:
+        raise NonFiniteError(f"{bad} of {flat.numel()} values to reduce are NaN or Inf; nothing was sent")
+
+
+def round_tag(group: Group, numel: int) -> pb.RoundTag:
+    """The tag this member puts on every message of a round."""
+    return pb.RoundTag(
+        run_id=group.run_id,
+        epoch=group.epoch,
+        round_id=group.round_id,
+        sender_rank=group.rank,
+        group_size=group.size,
+        total_numel=numel,
+    )
+
+
+def chunk_message(
+    group: Group,
+    numel: int,
+    codec: CodecConfig,
+    phase: int,
+    part: int,
+    part_numel: int,
+    offset: int,
+    count: int,
+    weight: float,
+    payload: bytes,
+) -> bytes:
+    """One serialised PartChunk of a round, as sent on the wire."""
+    header = pb.PartChunk(
+        tag=round_tag(group, numel),
+        phase=phase,
+        part_index=part,
+        part_numel=part_numel,
+        offset=offset,
+        count=count,
+        codec=codec_proto(codec),
+        weight=weight,
+    )
+    return encode_chunk(header, payload)
+
+
 def _error_kind(exc: ProtocolError) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ForeignRun):
         return grpc.StatusCode.FAILED_PRECONDITION, "foreign-run"
@@ -137,6 +215,7 @@ class Collective:
         # (observers, and fault-injection tests that stop a member inside a phase).
         self.phase_hook = phase_hook
         self.registry = RoundRegistry(run_id)
+        self.buffers = BufferPool()
         self._background: set[asyncio.Task] = set()
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
@@ -158,9 +237,14 @@ class Collective:
         weight: float = 1.0,
         config: AllReduceConfig | None = None,
         residual: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> AllReduceResult:
         """Reduce tensors across the group and return the result; raises RoundFailed on any failure."""
-        return self.allreduce_async(group, tensors, weight=weight, config=config, residual=residual).result()
+        # The caller is blocked until the round ends, so its input need not be copied.
+        future = self.allreduce_async(
+            group, tensors, weight=weight, config=config, residual=residual, out=out, copy_input=False
+        )
+        return future.result()
 
     def allreduce_async(
         self,
@@ -170,24 +254,44 @@ class Collective:
         weight: float = 1.0,
         config: AllReduceConfig | None = None,
         residual: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+        copy_input: bool = True,
     ) -> concurrent.futures.Future[AllReduceResult]:
         """Start a round and return a future of its result; the input is copied first, so training may go on.
 
         ``residual`` enables error feedback: a flat fp32 tensor of the input's
         total size, owned by the caller and updated by the round (do not touch
-        it until the future is done).
+        it until the future is done). ``out``, a flat fp32 tensor of that size,
+        receives the result (saves an allocation per round); the returned
+        tensors are then views of it. ``copy_input=False`` promises that the
+        input is not modified until the future is done, which saves the copy
+        when it is one contiguous fp32 CPU tensor.
         """
         config = config or AllReduceConfig()
         if group.run_id != self.run_id:
             raise ValueError(f"group is for run {group.run_id!r}, this collective serves run {self.run_id!r}")
-        flat = flatten(tensors)
-        bad = int((~torch.isfinite(flat)).sum())
-        if bad:
-            raise NonFiniteError(f"{bad} of {flat.numel()} values to reduce are NaN or Inf; nothing was sent")
-        if residual is not None and (residual.shape != flat.shape or residual.dtype != torch.float32):
-            raise ValueError(f"residual must be a float32 tensor of shape {tuple(flat.shape)}")
+        numel = total_numel(tensors)
+        for name, buf in (("residual", residual), ("out", out)):
+            if buf is not None and (buf.shape != (numel,) or buf.dtype != torch.float32 or not buf.is_contiguous()):
+                raise ValueError(f"{name} must be a contiguous float32 tensor of shape ({numel},)")
+        borrowed = (
+            not copy_input
+            and isinstance(tensors, torch.Tensor)
+            and tensors.dtype == torch.float32
+            and tensors.device.type == "cpu"
+            and tensors.is_contiguous()
+        )
+        flat = tensors.detach().view(-1) if borrowed else flatten(tensors, out=self.buffers.take(numel))
+        pooled = None if borrowed else flat
+        try:
+            check_finite(flat)
+        except NonFiniteError:
+            if pooled is not None:
+                self.buffers.give(pooled)
+            raise
+        result = torch.empty(numel, dtype=torch.float32) if out is None else out
         like = tensors if isinstance(tensors, torch.Tensor) else list(tensors)
-        return self.transport.submit(self._run(group, flat, float(weight), config, residual, like))
+        return self.transport.submit(self._run(group, flat, pooled, float(weight), config, residual, result, like))
 
     # -- the round -------------------------------------------------------------------
 
@@ -195,15 +299,18 @@ class Collective:
         self,
         group: Group,
         flat: torch.Tensor,
+        pooled: torch.Tensor | None,
         weight: float,
         config: AllReduceConfig,
         residual: torch.Tensor | None,
+        result: torch.Tensor,
         like: torch.Tensor | list[torch.Tensor],
     ) -> AllReduceResult:
         codec = make_codec(config.codec)
         started = time.monotonic()
         deadline = started + config.timeout_s
-        inbox = RoundInbox(group, flat.numel(), codec)
+        rows = self.buffers.take(RoundInbox.rows_numel(group, flat.numel()))
+        inbox = RoundInbox(group, flat.numel(), codec, rows, result)
         stats = RoundStats(
             run_id=group.run_id,
             epoch=group.epoch,
@@ -224,11 +331,15 @@ class Collective:
             raise
         except LoconetError as exc:
             if inbox.failure_reported_by is None and not isinstance(exc, StaleRound):
-                rnd.broadcast_abort(list(inbox.failed), str(exc))
+                why = "; ".join(inbox.failed.values()) if inbox.failed else str(exc)
+                rnd.broadcast_abort(list(inbox.failed), why)
             raise
         finally:
-            rnd.stop()
             self.registry.close(inbox)
+            await rnd.stop()
+            if pooled is not None:
+                self.buffers.give(pooled)
+            self.buffers.give(rows)
             stats.bytes_received = inbox.bytes_received
             stats.decode_s = inbox.decode_s
             stats.wall_s = time.monotonic() - started
@@ -311,7 +422,6 @@ class _Round:
         self.pending: Counter[int] = Counter()
         self.tasks: list[asyncio.Task] = []
         self.chunk_numel = chunk_numel(codec, self.transport.config.chunk_bytes)
-        self._codec_wire = codec_proto(codec.config)
         loop = asyncio.get_running_loop()
         for j in self.others:
             self.tasks.append(loop.create_task(self._watch(j)))
@@ -374,41 +484,25 @@ class _Round:
     def _raise_if_broken(self) -> None:
         inbox = self.inbox
         if inbox.failed:
-            reasons = "; ".join(f"rank {r}: {why}" for r, why in sorted(inbox.failed.items()))
-            raise MemberFailure(
-                {r: self.group.members[r] for r in inbox.failed}, reasons, round_id=self.group.round_id
-            )
+            addresses = {r: self.group.members[r] for r in inbox.failed}
+            raise MemberFailure(addresses, inbox.failed, round_id=self.group.round_id)
         if inbox.error is not None:
             raise inbox.error
 
     # -- sending -------------------------------------------------------------------------
 
-    def _encode(self, x: torch.Tensor, residual: torch.Tensor | None) -> bytes:
+    def _encode(self, x: torch.Tensor, residual: torch.Tensor | None) -> bytes | memoryview:
         t0 = time.perf_counter()
-        payload = self.codec.encode(x) if residual is None else self.codec.encode_with_feedback(x, residual)
+        # copy=False: the payload is copied into its message right away.
+        if residual is None:
+            payload = self.codec.encode(x, copy=False)
+        else:
+            payload = self.codec.encode_with_feedback(x, residual, copy=False)
         self.stats.encode_s += time.perf_counter() - t0
         return payload
 
     def _message(self, phase: int, part: int, part_numel: int, offset: int, count: int, weight: float, payload: bytes) -> bytes:
-        g = self.group
-        header = pb.PartChunk(
-            tag=pb.RoundTag(
-                run_id=g.run_id,
-                epoch=g.epoch,
-                round_id=g.round_id,
-                sender_rank=g.rank,
-                group_size=g.size,
-                total_numel=self.inbox.numel,
-            ),
-            phase=phase,
-            part_index=part,
-            part_numel=part_numel,
-            offset=offset,
-            count=count,
-            codec=self._codec_wire,
-            weight=weight,
-        )
-        return encode_chunk(header, payload)
+        return chunk_message(self.group, self.inbox.numel, self.codec.config, phase, part, part_numel, offset, count, weight, payload)
 
     def _scatter_messages(
         self, j: int, flat: torch.Tensor, weight: float, residual: torch.Tensor | None
@@ -457,14 +551,7 @@ class _Round:
         """Tell every member not known to have failed that this round is aborted (best effort)."""
         g = self.group
         notice = pb.AbortNotice(
-            tag=pb.RoundTag(
-                run_id=g.run_id,
-                epoch=g.epoch,
-                round_id=g.round_id,
-                sender_rank=g.rank,
-                group_size=g.size,
-                total_numel=self.inbox.numel,
-            ),
+            tag=round_tag(g, self.inbox.numel),
             failed_ranks=sorted(failed),
             reason=reason[:1000],
         ).SerializeToString()
@@ -478,8 +565,9 @@ class _Round:
         except grpc.aio.AioRpcError as exc:
             log.debug("abort notice to %s not delivered: %s", address, exc.code().name)
 
-    def stop(self) -> None:
-        """Cancel this round's sends and watchers."""
+    async def stop(self) -> None:
+        """Cancel this round's sends and watchers and wait until they are gone."""
         for task in self.tasks:
             task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 

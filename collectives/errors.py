@@ -34,18 +34,18 @@ class MemberFailure(RoundFailed):
     """Members of the round were unreachable, died, sent bad data or missed the deadline.
 
     ``failed`` holds the addresses of the failed members, ``failed_ranks`` their
-    ranks in the round's group. Retry the round without them (the membership
-    layer does this) or give up.
+    ranks in the round's group and ``reasons`` what was seen of each. Retry the
+    round without them (the membership layer does this) or give up.
     """
 
-    def __init__(self, failed: dict[int, str], reason: str, round_id: int | None = None) -> None:
-        self.failed_ranks: tuple[int, ...] = tuple(sorted(failed))
-        self.failed: tuple[str, ...] = tuple(failed[r] for r in self.failed_ranks)
-        self.reason = reason
+    def __init__(self, addresses: dict[int, str], reasons: dict[int, str], round_id: int | None = None) -> None:
+        self.failed_ranks: tuple[int, ...] = tuple(sorted(addresses))
+        self.failed: tuple[str, ...] = tuple(addresses[r] for r in self.failed_ranks)
+        self.reasons = dict(reasons)
         self.round_id = round_id
-        names = ", ".join(f"rank {r} ({failed[r]})" for r in self.failed_ranks) or "unknown members"
         where = f"round {round_id}: " if round_id is not None else ""
-        super().__init__(f"{where}members failed: {names}: {reason}")
+        what = "; ".join(f"rank {r} at {addresses[r]} ({reasons.get(r, 'failed')})" for r in self.failed_ranks)
+        super().__init__(f"{where}{len(self.failed_ranks)} member(s) failed: {what}")
 
 
 class StaleRound(RoundFailed):

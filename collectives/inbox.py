@@ -104,12 +104,14 @@ class RoundInbox:
     group: Group
     numel: int
     codec: Codec
+    # Flat fp32 buffer of group.size * (this member's part length) elements, contents undefined;
+    # it holds the scatter contributions to this member's part, one row per rank.
+    rows_buffer: torch.Tensor
+    # The round's full result (numel elements), filled part by part in the gather phase.
+    result: torch.Tensor
     bounds: list[tuple[int, int]] = field(init=False)
-    # Scatter contributions to this member's part, one row per rank (own row filled locally).
     rows: torch.Tensor = field(init=False)
     weights: list[float | None] = field(init=False)
-    # The round's full result, filled part by part in the gather phase.
-    result: torch.Tensor = field(init=False)
     scatter_left: set[int] = field(init=False)
     gather_left: set[int] = field(init=False)
     failed: dict[int, str] = field(default_factory=dict)
@@ -127,13 +129,20 @@ class RoundInbox:
         n = self.group.size
         self.bounds = part_bounds(self.numel, n)
         a, b = self.bounds[self.group.rank]
-        self.rows = torch.empty((n, b - a), dtype=torch.float32)
+        self.rows = self.rows_buffer.view(n, b - a)
+        if self.result.numel() != self.numel:
+            raise ValueError(f"result buffer has {self.result.numel()} elements, the round reduces {self.numel}")
         self.weights = [None] * n
-        self.result = torch.empty(self.numel, dtype=torch.float32)
         others = set(range(n)) - {self.group.rank}
         self.scatter_left = set(others)
         self.gather_left = set(others)
         self._codec_wire = codec_proto(self.codec.config)
+
+    @staticmethod
+    def rows_numel(group: Group, numel: int) -> int:
+        """Size of the rows buffer a member needs for a round."""
+        a, b = part_bounds(numel, group.size)[group.rank]
+        return group.size * (b - a)
 
     # -- progress and failure --------------------------------------------------
 

@@ -33,13 +33,27 @@ def chunk_bounds(start: int, end: int, chunk_numel: int) -> list[tuple[int, int]
     return [(a, min(a + chunk_numel, end)) for a in range(start, end, chunk_numel)]
 
 
-def flatten(tensors: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenate tensors into one new contiguous 1-D fp32 CPU tensor."""
+def total_numel(tensors: torch.Tensor | Sequence[torch.Tensor]) -> int:
+    """Number of elements of a tensor or of a list of tensors."""
     if isinstance(tensors, torch.Tensor):
-        return tensors.detach().reshape(-1).to(device="cpu", dtype=torch.float32).clone()
-    if len(tensors) == 0:
-        return torch.empty(0, dtype=torch.float32)
-    return torch.cat([t.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for t in tensors])
+        return tensors.numel()
+    return sum(t.numel() for t in tensors)
+
+
+def flatten(tensors: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy tensors into one contiguous 1-D fp32 CPU tensor (``out`` if given, else a new one)."""
+    items = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    n = sum(t.numel() for t in items)
+    if out is None:
+        out = torch.empty(n, dtype=torch.float32)
+    elif out.numel() != n or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 tensor of {n} elements")
+    offset = 0
+    for t in items:
+        k = t.numel()
+        out[offset : offset + k].copy_(t.detach().reshape(-1))
+        offset += k
+    return out
 
 
 def unflatten_like(flat: torch.Tensor, like: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:

@@ -31,10 +31,14 @@ class TrafficCounters:
 
     def snapshot(self) -> dict:
         """A plain-dict copy, safe to hand to another thread or serialise."""
-        out = asdict(self)
-        out["sent_to"] = dict(self.sent_to)
-        out["received_from"] = dict(self.received_from)
-        return out
+        return {
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "messages_sent": self.messages_sent,
+            "messages_received": self.messages_received,
+            "sent_to": dict(self.sent_to),
+            "received_from": dict(self.received_from),
+        }
 
 
 @dataclass

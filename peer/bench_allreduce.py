@@ -16,34 +16,14 @@ import json
 import statistics
 import sys
 
-from collectives.codecs import CodecConfig, error_bound
+from collectives.allreduce import mean_error_bound
+from collectives.codecs import CodecConfig
 from collectives.ratelimit import format_bandwidth, parse_bandwidth
 from peer.procgroup import AllReduceJob, ProcessGroup, WorkerConfig, worker_tensor
 
 
 def _per_repeat_max(replies: list[dict]) -> list[float]:
     return [max(times) for times in zip(*(r["times_s"] for r in replies))]
-
-
-def _error_bound(job: AllReduceJob, codec: str, peers: int) -> float:
-    """Largest per-element error the codec allows for the mean: contributions quantized, then the reduced part.
-
-    Blocks are aligned at each part's start, as the round cuts them.
-    """
-    from collectives.parts import part_bounds
-
-    config = CodecConfig.parse(codec)
-    xs = [worker_tensor(job, r) for r in range(peers)]
-    worst = 0.0
-    for owner, (a, b) in enumerate(part_bounds(job.numel, peers)):
-        if a == b:
-            continue
-        # The owner's own contribution is exact; the others' are quantized once.
-        contrib = sum(error_bound(config, xs[r][a:b]) for r in range(peers) if r != owner) / peers
-        mean = sum(x[a:b] for x in xs) / peers
-        reduced = error_bound(config, mean.abs() + contrib)
-        worst = max(worst, float((contrib + reduced).max()))
-    return worst
 
 
 def run(
@@ -59,10 +39,12 @@ def run(
     """Run the benchmark and return its report as a JSON-ready dict."""
     bandwidth_bps = parse_bandwidth(bandwidth) if bandwidth else None
     config = WorkerConfig(run_id="bench", chunk_bytes=chunk_bytes, bandwidth_bps=bandwidth_bps)
-    job = AllReduceJob(numel=numel, codec=codec, repeat=repeat, timeout_s=timeout_s, check_error=True, seed=1)
+    job = AllReduceJob(
+        numel=numel, codec=codec, repeat=repeat, timeout_s=timeout_s, check_error=True, seed=1, barrier=True
+    )
     with ProcessGroup(peers, config) as group:
         # One warm-up round connects every channel and faults in every buffer.
-        warm = AllReduceJob(numel=numel, codec=codec, repeat=1, timeout_s=timeout_s, first_round=10_000)
+        warm = AllReduceJob(numel=numel, codec=codec, repeat=1, timeout_s=timeout_s, first_round=1_000)
         _expect_ok(group.allreduce(warm))
         replies = _expect_ok(group.allreduce(job))
         baseline = None
@@ -85,7 +67,7 @@ def run(
         "bytes_sent_per_peer_max": max(sent),
         "fp32_bytes": numel * 4,
         "max_abs_error": max(r["max_abs_error"] for r in replies),
-        "error_bound": _error_bound(job, codec, peers),
+        "error_bound": mean_error_bound(CodecConfig.parse(codec), [worker_tensor(job, r) for r in range(peers)]),
         "identical_across_peers": len({r["sha256"] for r in replies}) == 1,
         "phases_s": {
             k: statistics.median(r["stats"][k] for r in replies)

@@ -57,6 +57,8 @@ class AllReduceJob:
     # Return the full result tensor (small tensors only) / the error against the exact mean.
     return_value: bool = False
     check_error: bool = False
+    # Align the members before each timed round with an untimed one-element round (benchmarks).
+    barrier: bool = False
     # Rank that freezes when its round reaches this phase ("scatter" / "gather"), for kill tests.
     hold_rank: int | None = None
     hold_phase: str | None = None
@@ -76,10 +78,12 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
     import torch
 
     from collectives.allreduce import Collective
+    from collectives.buffers import tune_malloc
     from collectives.errors import LoconetError, MemberFailure
     from collectives.inbox import Group
     from collectives.transport import Transport, TransportConfig
 
+    tune_malloc()
     torch.set_num_threads(config.torch_threads)
     hold: dict = {}
 
@@ -111,7 +115,7 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
                         hold.update(rank=job.hold_rank, phase=job.hold_phase)
                     reply = _run_allreduce(collective, addresses, rank, job, torch)
                 elif cmd == "gloo_init":
-                    store, reply = _gloo_init(rank, len(addresses), arg, torch)
+                    store, reply = _gloo_init(rank, len(addresses), arg, store)
                 elif cmd == "gloo_allreduce":
                     reply = _gloo_allreduce(rank, len(addresses), arg, torch)
                 elif cmd == "exit":
@@ -161,19 +165,25 @@ def _run_allreduce(collective, addresses: list[str], rank: int, job: AllReduceJo
         timeout_s=job.timeout_s,
     )
     residual = torch.zeros_like(x) if job.error_feedback else None
+    out = torch.empty_like(x)  # reused by every repeat, as a training loop would
     times: list[float] = []
     result = None
     stats = None
+    tiny = torch.zeros(1)
     for k in range(job.repeat):
-        group = Group(collective.run_id, job.epoch, job.first_round + k, members, my)
+        # Round ids: first_round * 1000 + 2k for the barrier, + 2k + 1 for the timed round.
+        base = job.first_round * 1000 + 2 * k
+        if job.barrier:
+            collective.allreduce(Group(collective.run_id, job.epoch, base, members, my), tiny)
+        group = Group(collective.run_id, job.epoch, base + 1, members, my)
         t0 = time.perf_counter()
         try:
-            out = collective.allreduce(group, x, weight=weight, config=cfg, residual=residual)
+            done = collective.allreduce(group, x, weight=weight, config=cfg, residual=residual, out=out)
         except Exception as exc:
             exc.elapsed_s = time.perf_counter() - t0
             raise
         times.append(time.perf_counter() - t0)
-        result, stats = out.value, out.stats
+        result, stats = done.value, done.stats
     reply = {
         "times_s": times,
         "stats": stats.as_dict(),
@@ -195,19 +205,21 @@ def _error_against_exact_mean(job: AllReduceJob, ranks: list[int], result, torch
     return float((result.double() - exact).abs().max()) if job.numel else 0.0
 
 
-def _gloo_init(rank: int, world: int, port: int | None, torch) -> tuple[object, int]:
+def _gloo_init(rank: int, world: int, port: int | None, store: object | None) -> tuple[object, int]:
+    """Rank 0 first creates the TCP store (port None -> OS-chosen); then every rank joins the gloo group."""
     import datetime
 
     import torch.distributed as dist
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    if rank == 0:
-        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=datetime.timedelta(seconds=60))
-    else:
-        store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=datetime.timedelta(seconds=60))
-    if rank == 0 and port is None:
-        return store, store.port
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    timeout = datetime.timedelta(seconds=120)
+    if store is None:
+        store = dist.TCPStore(
+            "127.0.0.1", port or 0, world, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+        )
+        if port is None:
+            return store, store.port
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     return store, store.port
 
 
@@ -303,13 +315,8 @@ class ProcessGroup:
 
     def gloo_init(self) -> None:
         """Set up torch.distributed (gloo) among the workers, for the baseline."""
-        self.send(0, "gloo_init", None)
-        port = self.reply(0)[1]
-        for r in range(1, self.size):
-            self.send(r, "gloo_init", port)
-        self.send(0, "gloo_init", port)
-        for r in range(self.size):
-            self.reply(r)
+        port = self.run("gloo_init", None, ranks=[0])[0][1]
+        self.run("gloo_init", port)
 
     def signal(self, rank: int, sig: int) -> None:
         """Send a signal to a worker process (SIGKILL, SIGSTOP, SIGCONT...)."""

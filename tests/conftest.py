@@ -1,0 +1,46 @@
+"""Shared fixtures: in-process collective endpoints on 127.0.0.1 (ports chosen by the OS)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from collectives.allreduce import Collective
+from collectives.inbox import Group
+from collectives.transport import Transport, TransportConfig
+
+
+class LocalEndpoints:
+    """n collective endpoints in this process, each with its own transport and event-loop thread."""
+
+    def __init__(self, n: int, run_id: str = "test", **transport_options) -> None:
+        self.run_id = run_id
+        self.transports = [Transport(TransportConfig(**transport_options)) for _ in range(n)]
+        self.collectives = [Collective(t, run_id) for t in self.transports]
+        self.addresses = tuple(t.start(c.handlers()) for t, c in zip(self.transports, self.collectives))
+        self._rounds = itertools.count(1)
+
+    def groups(self, epoch: int = 0, round_id: int | None = None) -> list[Group]:
+        """One Group per endpoint for a fresh round."""
+        rid = next(self._rounds) if round_id is None else round_id
+        return [Group(self.run_id, epoch, rid, self.addresses, r) for r in range(len(self.addresses))]
+
+    def close(self) -> None:
+        for t in self.transports:
+            t.close()
+
+
+@pytest.fixture
+def endpoints():
+    """Factory of LocalEndpoints that closes them all after the test."""
+    made: list[LocalEndpoints] = []
+
+    def make(n: int, **options) -> LocalEndpoints:
+        e = LocalEndpoints(n, **options)
+        made.append(e)
+        return e
+
+    yield make
+    for e in made:
+        e.close()

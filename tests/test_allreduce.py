@@ -1,0 +1,200 @@
+"""All-reduce between in-process endpoints over real gRPC on 127.0.0.1, and what a receiver rejects."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from collectives.allreduce import ERROR_KIND_KEY, PUSH_METHOD, AllReduceConfig, chunk_message
+from collectives.codecs import CodecConfig, make_codec
+from collectives.errors import MemberFailure, NonFiniteError
+from collectives.inbox import GATHER, SCATTER, Group
+from collectives.parts import part_bounds
+from collectives.reducers import ReducerConfig, reduce_rows
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run_round(endpoints, xs, config=None, weights=None, round_id=None, epoch=0):
+    groups = endpoints.groups(epoch=epoch, round_id=round_id)
+    futures = [
+        c.allreduce_async(g, x, config=config, weight=1.0 if weights is None else weights[i])
+        for i, (c, g, x) in enumerate(zip(endpoints.collectives, groups, xs))
+    ]
+    return [f.result(timeout=30) for f in futures]
+
+
+def test_single_member_round_returns_the_codec_round_trip(endpoints):
+    e = endpoints(1)
+    x = torch.randn(1000)
+    (none,) = run_round(e, [x])
+    assert torch.equal(none.value, x)
+    cfg = AllReduceConfig(codec=CodecConfig("int8"))
+    (int8,) = run_round(e, [x], config=cfg)
+    codec = make_codec(cfg.codec)
+    assert torch.equal(int8.value, codec.decode(codec.encode(x), x.numel()))
+
+
+def test_mean_of_two_members_is_exact_with_codec_none(endpoints):
+    e = endpoints(2)
+    xs = [torch.randn(10_001), torch.randn(10_001)]
+    results = run_round(e, xs)
+    want = reduce_rows(ReducerConfig("mean"), torch.stack(xs), [1.0, 1.0])
+    assert all(torch.equal(r.value, want) for r in results)
+
+
+def test_weights_make_a_weighted_mean(endpoints):
+    e = endpoints(3)
+    xs = [torch.full((7,), float(i)) for i in range(3)]
+    results = run_round(e, xs, weights=[1.0, 0.0, 3.0])
+    assert torch.allclose(results[0].value, torch.full((7,), 6.0 / 4.0))
+
+
+def test_list_of_tensors_keeps_shapes_and_dtypes(endpoints):
+    e = endpoints(2)
+    a = [torch.ones(2, 3), torch.zeros(4, dtype=torch.float64)]
+    b = [torch.full((2, 3), 3.0), torch.full((4,), 2.0, dtype=torch.float64)]
+    r0, r1 = run_round(e, [a, b])
+    assert r0.value[0].shape == (2, 3) and r0.value[1].dtype == torch.float64
+    assert torch.equal(r0.value[0], torch.full((2, 3), 2.0)) and torch.equal(r1.value[1], torch.ones(4, dtype=torch.float64))
+
+
+def test_async_call_snapshots_the_input(endpoints):
+    e = endpoints(2)
+    xs = [torch.ones(100), torch.ones(100) * 3]
+    groups = e.groups()
+    first = e.collectives[0].allreduce_async(groups[0], xs[0])
+    xs[0].mul_(100)  # training goes on while the round travels
+    second = e.collectives[1].allreduce_async(groups[1], xs[1])
+    assert torch.equal(first.result(timeout=30).value, torch.full((100,), 2.0))
+    assert torch.equal(second.result(timeout=30).value, torch.full((100,), 2.0))
+
+
+def test_nan_input_is_refused_before_anything_is_sent(endpoints):
+    e = endpoints(2)
+    x = torch.ones(10)
+    x[3] = float("nan")
+    with pytest.raises(NonFiniteError, match="nothing was sent"):
+        e.collectives[0].allreduce_async(e.groups()[0], x)
+    assert e.transports[0].counters.bytes_sent == 0
+
+
+def test_error_feedback_updates_the_residual_of_sent_parts_only(endpoints):
+    e = endpoints(2)
+    cfg = AllReduceConfig(codec=CodecConfig("int4"))
+    xs = [torch.randn(1000), torch.randn(1000)]
+    residuals = [torch.zeros(1000), torch.zeros(1000)]
+    groups = e.groups()
+    futures = [
+        c.allreduce_async(g, x, config=cfg, residual=res)
+        for c, g, x, res in zip(e.collectives, groups, xs, residuals)
+    ]
+    for f in futures:
+        f.result(timeout=30)
+    (a0, b0), (a1, b1) = part_bounds(1000, 2)
+    # Member 0 owns part 0 (contributed exactly), member 1 sent it quantized.
+    assert torch.count_nonzero(residuals[0][a0:b0]) == 0 and torch.count_nonzero(residuals[0][a1:b1]) > 0
+    assert torch.count_nonzero(residuals[1][a1:b1]) == 0 and torch.count_nonzero(residuals[1][a0:b0]) > 0
+
+
+# -- what a receiver rejects ------------------------------------------------------------
+
+
+class OpenRound:
+    """Member 1 of a two-member round waits for member 0's contribution; the test plays member 0 by hand."""
+
+    def __init__(self, endpoints, numel=64, epoch=2, round_id=7, timeout_s=10.0):
+        self.e = endpoints(2)
+        self.numel = numel
+        self.config = AllReduceConfig(timeout_s=timeout_s)
+        self.groups = self.e.groups(epoch=epoch, round_id=round_id)
+        self.future = self.e.collectives[1].allreduce_async(self.groups[1], torch.ones(numel), config=self.config)
+        self.channel = grpc.insecure_channel(self.e.addresses[1])
+        self.bounds = part_bounds(numel, 2)
+
+    def chunk(self, group=None, phase=SCATTER, part=1, offset=0, count=None, payload=None, weight=1.0, codec="none"):
+        a, b = self.bounds[part]
+        count = (b - a) if count is None else count
+        cfg = CodecConfig.parse(codec)
+        if payload is None:
+            payload = make_codec(cfg).encode(torch.full((count,), 5.0))
+        return chunk_message(group or self.groups[0], self.numel, cfg, phase, part, b - a, offset, count, weight, payload)
+
+    def push(self, *messages: bytes):
+        call = self.channel.stream_unary(PUSH_METHOD, request_serializer=lambda m: m, response_deserializer=lambda m: m)
+        return call(iter(messages), timeout=5)
+
+    def rejection(self, *messages: bytes) -> tuple[grpc.StatusCode, str | None]:
+        with pytest.raises(grpc.RpcError) as info:
+            self.push(*messages)
+        kind = dict(info.value.trailing_metadata() or ()).get(ERROR_KIND_KEY)
+        return info.value.code(), kind
+
+    def close(self):
+        self.future.cancel()
+        self.channel.close()
+
+
+@pytest.fixture
+def open_round(endpoints):
+    r = OpenRound(endpoints)
+    yield r
+    r.close()
+
+
+def test_stale_epoch_message_is_rejected(open_round):
+    g = open_round.groups[0]
+    stale = Group(g.run_id, g.epoch - 1, g.round_id, g.members, g.rank)
+    assert open_round.rejection(open_round.chunk(group=stale)) == (grpc.StatusCode.FAILED_PRECONDITION, "stale")
+
+
+def test_foreign_run_message_is_rejected(open_round):
+    g = open_round.groups[0]
+    foreign = Group("another-run", g.epoch, g.round_id, g.members, g.rank)
+    assert open_round.rejection(open_round.chunk(group=foreign)) == (grpc.StatusCode.FAILED_PRECONDITION, "foreign-run")
+
+
+def test_malformed_bytes_are_rejected(open_round):
+    assert open_round.rejection(b"\x0b\x00garbage") == (grpc.StatusCode.INVALID_ARGUMENT, "invalid")
+
+
+def test_oversized_payload_is_rejected_and_its_sender_blamed(open_round):
+    huge = open_round.chunk(payload=b"\x00" * 100_000)
+    assert open_round.rejection(huge) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid")
+    with pytest.raises(MemberFailure) as info:
+        open_round.future.result(timeout=10)
+    assert info.value.failed_ranks == (0,) and "too big" in str(info.value)
+
+
+def test_nan_payload_from_a_member_fails_the_round_naming_it(open_round):
+    bad = make_codec(CodecConfig("none")).encode(torch.ones(32))
+    bad = bad[:8] + torch.tensor([float("nan")]).numpy().tobytes() + bad[12:]
+    assert open_round.rejection(open_round.chunk(payload=bad))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(MemberFailure) as info:
+        open_round.future.result(timeout=10)
+    assert info.value.failed_ranks == (0,)
+
+
+def test_wrong_part_is_rejected(open_round):
+    assert open_round.rejection(open_round.chunk(part=0))[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_gap_between_chunks_is_rejected(open_round):
+    first = open_round.chunk(count=10)
+    gap = open_round.chunk(offset=20, count=12)
+    assert open_round.rejection(first, gap)[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_duplicate_stream_is_rejected_and_not_counted_twice(open_round):
+    whole = open_round.chunk()
+    open_round.push(whole)
+    assert open_round.rejection(whole) == (grpc.StatusCode.ALREADY_EXISTS, "duplicate")
+
+
+def test_message_for_a_finished_round_is_rejected(endpoints):
+    r = OpenRound(endpoints, timeout_s=0.2)
+    with pytest.raises(MemberFailure, match="deadline"):
+        r.future.result(timeout=10)  # set only after the round has closed
+    assert r.rejection(r.chunk(phase=GATHER, part=0)) == (grpc.StatusCode.FAILED_PRECONDITION, "stale")
+    r.close()
