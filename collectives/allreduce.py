@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -57,9 +57,10 @@ from collectives.inbox import (
 )
 from collectives.buffers import BufferPool
 from collectives.parts import chunk_bounds, flatten, part_bounds, total_numel, unflatten_like
-from collectives.reducers import ReducerConfig, reduce_rows
+from collectives.reducers import ReducerConfig
+from collectives.reducers import prepare as prepare_reducer
 from collectives.stats import RoundStats
-from collectives.transport import Transport, method_handlers, raw_stream_unary, raw_unary_unary
+from collectives.transport import Transport, as_async_iter, method_handlers, raw_stream_unary, raw_unary_unary
 from collectives.wire import decode_chunk, encode_chunk
 
 log = logging.getLogger(__name__)
@@ -322,9 +323,7 @@ class Collective:
         rnd = _Round(self, group, inbox, codec, config, stats, deadline)
         await self.registry.open(inbox)
         try:
-            await rnd.scatter(flat, weight, residual)
-            stats.scatter_s = time.monotonic() - started
-            await rnd.gather()
+            await rnd.run(flat, weight, residual)
             stats.gather_s = time.monotonic() - started - stats.scatter_s
         except asyncio.CancelledError:
             rnd.broadcast_abort([], "the round was cancelled by its caller")
@@ -422,14 +421,25 @@ class _Round:
         self.pending: Counter[int] = Counter()
         self.tasks: list[asyncio.Task] = []
         self.chunk_numel = chunk_numel(codec, self.transport.config.chunk_bytes)
+        self.started = time.monotonic()
+        # This member's reduced chunks, in order, shared by every destination's gather stream.
+        self._gathered: list[bytes] = []
+        self._gather_ready = asyncio.Event()
+        self._gather_done = False
         loop = asyncio.get_running_loop()
         for j in self.others:
             self.tasks.append(loop.create_task(self._watch(j)))
 
     # -- phases ------------------------------------------------------------------------
 
-    async def scatter(self, flat: torch.Tensor, weight: float, residual: torch.Tensor | None) -> None:
-        """Send each part to its owner and wait for every contribution to this member's part."""
+    async def run(self, flat: torch.Tensor, weight: float, residual: torch.Tensor | None) -> None:
+        """Send each part to its owner; reduce and all-gather this member's part as contributions arrive.
+
+        The owner reduces chunk k of its part as soon as every member's
+        contribution to chunk k is in and streams it on, so the all-gather
+        overlaps the aggregate-scatter and a slow link never idles. Chunk
+        boundaries are fixed, so the result does not depend on timing.
+        """
         self._enter("scatter")
         me = self.group.rank
         a, b = self.inbox.bounds[me]
@@ -439,30 +449,48 @@ class _Round:
             residual[a:b].zero_()  # this member's own part is contributed exactly
         for j in self.others:
             self._send(j, self._scatter_messages(j, flat, weight, residual))
-        await self._wait("scatter", lambda: not self.inbox.scatter_left, lambda: self.inbox.scatter_left)
-
-    async def gather(self) -> None:
-        """Reduce this member's part, send it to all, and wait for every other part and every ack."""
-        self._enter("gather")
-        me = self.group.rank
-        t0 = time.perf_counter()
-        reduced = reduce_rows(self.config.reducer, self.inbox.rows, [float(w) for w in self.inbox.weights])
-        self.stats.reduce_s = time.perf_counter() - t0
-        a, b = self.inbox.bounds[me]
+        for j in self.others:
+            self._send(j, self._gather_messages())
         own = self.inbox.result[a:b]
-        messages = []
+        reduce = None
         for c0, c1 in chunk_bounds(0, b - a, self.chunk_numel):
-            payload = self._encode(reduced[c0:c1], None)
+            await self._wait("scatter", lambda: self.inbox.contributions_ready() >= c1, self._late_contributors)
+            if c1 == b - a:
+                self._enter("gather")
+            t0 = time.perf_counter()
+            if reduce is None:  # every contribution's weight is known from its first chunk
+                reduce = prepare_reducer(self.config.reducer, self.inbox.weights)
+            reduced = reduce(self.inbox.rows[:, c0:c1])
+            self.stats.reduce_s += time.perf_counter() - t0
+            payload = self._encode(reduced, None)
             # The owner keeps the decoded value, exactly what every other member will hold.
             self.codec.decode(payload, c1 - c0, out=own[c0:c1])
-            messages.append(self._message(GATHER, me, b - a, c0, c1 - c0, 0.0, payload))
-        for j in self.others:
-            self._send(j, iter(messages))
+            self._gathered.append(self._message(GATHER, me, b - a, c0, c1 - c0, 0.0, payload))
+            self._gather_ready.set()
+        self._gather_done = True
+        self._gather_ready.set()
+        self.stats.scatter_s = time.monotonic() - self.started
         await self._wait(
             "gather",
             lambda: not self.inbox.gather_left and not any(self.pending.values()),
             lambda: self.inbox.gather_left,
         )
+
+    def _late_contributors(self) -> set[int]:
+        ready = self.inbox.contributions_ready()
+        return {j for j, got in self.inbox.scatter_progress.items() if got <= ready}
+
+    async def _gather_messages(self) -> AsyncIterator[bytes]:
+        # Every destination streams the same reduced chunks, each as soon as it exists.
+        sent = 0
+        while True:
+            while sent < len(self._gathered):
+                yield self._gathered[sent]
+                sent += 1
+            if self._gather_done:
+                return
+            self._gather_ready.clear()
+            await self._gather_ready.wait()
 
     def _enter(self, phase: str) -> None:
         if self.owner.phase_hook is not None:
@@ -514,11 +542,11 @@ class _Round:
             payload = self._encode(flat[c0:c1], res)
             yield self._message(SCATTER, j, b - a, c0 - a, c1 - c0, weight, payload)
 
-    def _send(self, j: int, messages: Iterator[bytes]) -> None:
+    def _send(self, j: int, messages: Iterator[bytes] | AsyncIterator[bytes]) -> None:
         self.pending[j] += 1
         self.tasks.append(asyncio.get_running_loop().create_task(self._send_to(j, messages)))
 
-    async def _send_to(self, j: int, messages: Iterator[bytes]) -> None:
+    async def _send_to(self, j: int, messages: Iterator[bytes] | AsyncIterator[bytes]) -> None:
         address = self.group.members[j]
         counted = self._count(messages)
         try:
@@ -536,8 +564,8 @@ class _Round:
         self.pending[j] -= 1
         self.inbox.wake()
 
-    def _count(self, messages: Iterator[bytes]) -> Iterator[bytes]:
-        for msg in messages:
+    async def _count(self, messages: Iterator[bytes] | AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for msg in as_async_iter(messages):
             self.stats.bytes_sent += len(msg)
             yield msg
 

@@ -114,6 +114,9 @@ class RoundInbox:
     weights: list[float | None] = field(init=False)
     scatter_left: set[int] = field(init=False)
     gather_left: set[int] = field(init=False)
+    # Elements of this member's part received so far from each other member, in order
+    # (-1 until its first chunk, which also carries the contribution's weight, arrives).
+    scatter_progress: dict[int, int] = field(init=False)
     failed: dict[int, str] = field(default_factory=dict)
     # Set when the failure was learned from another member's abort notice.
     failure_reported_by: int | None = None
@@ -136,7 +139,14 @@ class RoundInbox:
         others = set(range(n)) - {self.group.rank}
         self.scatter_left = set(others)
         self.gather_left = set(others)
+        self.scatter_progress = {j: -1 for j in others}
         self._codec_wire = codec_proto(self.codec.config)
+
+    def contributions_ready(self) -> int:
+        """How many leading elements of this member's part every member has contributed (-1: not started)."""
+        if not self.scatter_progress:
+            return self.rows.shape[1]
+        return min(self.scatter_progress.values())
 
     @staticmethod
     def rows_numel(group: Group, numel: int) -> int:
@@ -250,6 +260,9 @@ class RoundInbox:
             raise ProtocolError(f"undecodable payload: {exc}") from exc
         self.decode_s += time.perf_counter() - t0
         stream.next_offset = end
+        if stream.phase == SCATTER:
+            self.scatter_progress[stream.sender] = end
+            self.wake()  # the owner reduces chunks as soon as every contribution to them is in
 
     def finish(self, stream: _Stream) -> None:
         """Close a stream; it must have covered its whole part."""

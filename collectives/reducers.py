@@ -23,6 +23,7 @@ reproducible by the same loop in numpy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,22 +71,34 @@ def check_weights(config: ReducerConfig, weights: list[float]) -> None:
             raise BadWeights(f"mean weights sum to zero ({weights}); at least one contribution needs weight > 0")
 
 
-def reduce_rows(config: ReducerConfig, rows: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """Reduce an [n, L] fp32 matrix of contributions (rank order) into an fp32 vector of L."""
-    if rows.dim() != 2 or rows.dtype != torch.float32:
-        raise ValueError(f"rows must be a 2-D float32 tensor, got {tuple(rows.shape)} {rows.dtype}")
-    n = rows.shape[0]
-    if len(weights) != n:
-        raise ValueError(f"{n} rows but {len(weights)} weights")
+def prepare(config: ReducerConfig, weights: list[float]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Check the weights once and return a function reducing [n, L] fp32 rows (any column slice)."""
     check_weights(config, weights)
+    n = len(weights)
     if config.name in ("mean", "sum"):
         coef = torch.tensor(weights, dtype=torch.float64)
         if config.name == "mean":
             coef = coef / coef.sum()
-        return _weighted_sum(rows, coef.to(torch.float32))
-    if config.name == "median":
-        return _median(rows)
-    return _trimmed_mean(rows, config.trim)
+        coef32 = coef.to(torch.float32)
+        reduce = lambda rows: _weighted_sum(rows, coef32)  # noqa: E731
+    elif config.name == "median":
+        reduce = _median
+    else:
+        reduce = lambda rows: _trimmed_mean(rows, config.trim)  # noqa: E731
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        if rows.dim() != 2 or rows.dtype != torch.float32 or rows.shape[0] != n:
+            raise ValueError(f"rows must be a float32 tensor of {n} rows, got {tuple(rows.shape)} {rows.dtype}")
+        return reduce(rows)
+
+    return run
+
+
+def reduce_rows(config: ReducerConfig, rows: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Reduce an [n, L] fp32 matrix of contributions (rank order) into an fp32 vector of L."""
+    if rows.dim() == 2 and len(weights) != rows.shape[0]:
+        raise ValueError(f"{rows.shape[0]} rows but {len(weights)} weights")
+    return prepare(config, weights)(rows)
 
 
 def _weighted_sum(rows: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -56,8 +56,9 @@ class TransportConfig:
     port: int = 0
     # Largest payload per streamed message; parts are cut into chunks of this size.
     chunk_bytes: int = 1 << 20
-    # gRPC send/receive limit per message; must leave room for a chunk and its header.
-    max_message_bytes: int = 4 << 20
+    # gRPC send/receive limit per message (None: 4 MiB, or what chunk_bytes needs if more).
+    # Every peer of a run must accept the chunks the others send.
+    max_message_bytes: int | None = None
     # Cap on bytes sent and, separately, bytes received, in bits per second (None: no cap).
     bandwidth_bps: float | None = None
     # Bound on RPCs a peer serves at once, so other peers cannot make it hold unbounded state.
@@ -70,7 +71,7 @@ class TransportConfig:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         if self.chunk_bytes < 1024:
             raise ConfigError(f"chunk_bytes must be at least 1024, got {self.chunk_bytes}")
-        if self.max_message_bytes < message_bound(self.chunk_bytes):
+        if self.max_message_bytes is not None and self.max_message_bytes < message_bound(self.chunk_bytes):
             raise ConfigError(
                 f"max_message_bytes ({self.max_message_bytes}) must exceed chunk_bytes ({self.chunk_bytes}) "
                 f"by at least {message_bound(self.chunk_bytes) - self.chunk_bytes}; raise it or lower chunk_bytes"
@@ -78,11 +79,18 @@ class TransportConfig:
         if self.bandwidth_bps is not None and self.bandwidth_bps <= 0:
             raise ConfigError(f"bandwidth must be positive, got {self.bandwidth_bps} bit/s")
 
+    @property
+    def message_limit(self) -> int:
+        """The effective gRPC message size limit in bytes."""
+        if self.max_message_bytes is not None:
+            return self.max_message_bytes
+        return max(4 << 20, message_bound(self.chunk_bytes))
+
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel and server options shared by both ends."""
         return [
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.message_limit),
+            ("grpc.max_receive_message_length", self.message_limit),
             ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.keepalive_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -234,7 +242,9 @@ class Transport:
             self._channels[address] = ch
         return ch
 
-    async def stream_call(self, address: str, method: str, messages: Iterable[bytes], timeout_s: float) -> bytes:
+    async def stream_call(
+        self, address: str, method: str, messages: AsyncIterable[bytes] | Iterable[bytes], timeout_s: float
+    ) -> bytes:
         """Stream messages to a client-streaming method; return the response bytes.
 
         Raises grpc.aio.AioRpcError with the call's final status on any failure.
@@ -243,7 +253,7 @@ class Transport:
             timeout=max(timeout_s, 0.001)
         )
         try:
-            for msg in messages:
+            async for msg in as_async_iter(messages):
                 if self._send_bucket is not None:
                     await self._send_bucket.acquire(len(msg))
                 await call.write(msg)
@@ -284,6 +294,16 @@ class Transport:
             await ch.wait_for_state_change(state)
             # A dropped connection shows as IDLE: try to reconnect so a dead peer shows as a failure.
             state = ch.get_state(try_to_connect=True)
+
+
+async def as_async_iter(messages: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncIterator[bytes]:
+    """Iterate a plain or an async iterable of messages asynchronously."""
+    if isinstance(messages, AsyncIterable):
+        async for msg in messages:
+            yield msg
+    else:
+        for msg in messages:
+            yield msg
 
 
 def method_handlers(service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> grpc.GenericRpcHandler:
