@@ -336,6 +336,7 @@ class Collective:
         finally:
             self.registry.close(inbox)
             await rnd.stop()
+            await inbox.drained()
             if pooled is not None:
                 self.buffers.give(pooled)
             self.buffers.give(rows)
@@ -364,7 +365,13 @@ class Collective:
                     wait = MAX_OPEN_WAIT_S if wait is None else min(wait, MAX_OPEN_WAIT_S)
                     inbox = await self.registry.find(header.tag, wait)
                     stream = inbox.begin_stream(header)
-                inbox.accept(stream, header, payload)
+                target = inbox.check_chunk(stream, header, payload)
+                inbox.begin_decode()
+                try:
+                    inbox.decode_s += await self.transport.run_cpu(inbox.decode_into, payload, target)
+                finally:
+                    inbox.end_decode()
+                inbox.advance(stream, header.count)
                 chunks += 1
                 inbox.bytes_received += len(raw)
                 await self.transport.note_received(inbox.group.members[stream.sender], len(raw))
@@ -457,15 +464,10 @@ class _Round:
             await self._wait("scatter", lambda: self.inbox.contributions_ready() >= c1, self._late_contributors)
             if c1 == b - a:
                 self._enter("gather")
-            t0 = time.perf_counter()
             if reduce is None:  # every contribution's weight is known from its first chunk
                 reduce = prepare_reducer(self.config.reducer, self.inbox.weights)
-            reduced = reduce(self.inbox.rows[:, c0:c1])
-            self.stats.reduce_s += time.perf_counter() - t0
-            payload = self._encode(reduced, None)
-            # The owner keeps the decoded value, exactly what every other member will hold.
-            self.codec.decode(payload, c1 - c0, out=own[c0:c1])
-            self._gathered.append(self._message(GATHER, me, b - a, c0, c1 - c0, 0.0, payload))
+            message = await self.transport.run_cpu(self._reduce_chunk, reduce, own, b - a, c0, c1)
+            self._gathered.append(message)
             self._gather_ready.set()
         self._gather_done = True
         self._gather_ready.set()
@@ -475,6 +477,20 @@ class _Round:
             lambda: not self.inbox.gather_left and not any(self.pending.values()),
             lambda: self.inbox.gather_left,
         )
+
+    def _reduce_chunk(self, reduce, own: torch.Tensor, part_numel: int, c0: int, c1: int) -> bytes:
+        # Runs on a codec thread: reduce, encode, keep the decoded value, frame the message.
+        t0 = time.perf_counter()
+        reduced = reduce(self.inbox.rows[:, c0:c1])
+        t1 = time.perf_counter()
+        payload = self.codec.encode(reduced, copy=False)
+        t2 = time.perf_counter()
+        # The owner keeps the decoded value, exactly what every other member will hold.
+        self.codec.decode(payload, c1 - c0, out=own[c0:c1])
+        message = self._message(GATHER, self.group.rank, part_numel, c0, c1 - c0, 0.0, payload)
+        self.stats.reduce_s += t1 - t0
+        self.stats.encode_s += t2 - t1
+        return message
 
     def _late_contributors(self) -> set[int]:
         ready = self.inbox.contributions_ready()
@@ -519,28 +535,31 @@ class _Round:
 
     # -- sending -------------------------------------------------------------------------
 
-    def _encode(self, x: torch.Tensor, residual: torch.Tensor | None) -> bytes | memoryview:
+    def _scatter_message(
+        self, j: int, part_numel: int, offset: int, x: torch.Tensor, weight: float, residual: torch.Tensor | None
+    ) -> bytes:
+        # Runs on a codec thread; copy=False is safe because the payload is framed on the same thread.
         t0 = time.perf_counter()
-        # copy=False: the payload is copied into its message right away.
         if residual is None:
             payload = self.codec.encode(x, copy=False)
         else:
             payload = self.codec.encode_with_feedback(x, residual, copy=False)
         self.stats.encode_s += time.perf_counter() - t0
-        return payload
+        return self._message(SCATTER, j, part_numel, offset, x.numel(), weight, payload)
 
     def _message(self, phase: int, part: int, part_numel: int, offset: int, count: int, weight: float, payload: bytes) -> bytes:
         return chunk_message(self.group, self.inbox.numel, self.codec.config, phase, part, part_numel, offset, count, weight, payload)
 
-    def _scatter_messages(
+    async def _scatter_messages(
         self, j: int, flat: torch.Tensor, weight: float, residual: torch.Tensor | None
-    ) -> Iterator[bytes]:
-        # A generator: each chunk is encoded just before it is sent, so encoding overlaps the network.
+    ) -> AsyncIterator[bytes]:
+        # Each chunk is encoded just before it is sent, so encoding overlaps the network.
         a, b = self.inbox.bounds[j]
         for c0, c1 in chunk_bounds(a, b, self.chunk_numel):
             res = None if residual is None else residual[c0:c1]
-            payload = self._encode(flat[c0:c1], res)
-            yield self._message(SCATTER, j, b - a, c0 - a, c1 - c0, weight, payload)
+            yield await self.transport.run_cpu(
+                self._scatter_message, j, b - a, c0 - a, flat[c0:c1], weight, res
+            )
 
     def _send(self, j: int, messages: Iterator[bytes] | AsyncIterator[bytes]) -> None:
         self.pending[j] += 1

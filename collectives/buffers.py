@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
 class BufferPool:
@@ -67,6 +68,8 @@ def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 1 << 30) -
         libc = ctypes.CDLL(name)
         ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
         ok = libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1 and ok
+        # One arena: per-thread arenas give freed memory back to the OS on their own terms.
+        ok = libc.mallopt(_M_ARENA_MAX, 1) == 1 and ok
     except (OSError, AttributeError):
         return False
     if not ok:

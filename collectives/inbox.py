@@ -127,6 +127,8 @@ class RoundInbox:
     decode_s: float = 0.0
     _started: set[tuple[int, int]] = field(default_factory=set)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _inflight: int = 0
+    _drained: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         n = self.group.size
@@ -238,8 +240,8 @@ class RoundInbox:
             self.weights[sender] = header.weight
         return _Stream(phase=phase, sender=sender, target=target)
 
-    def accept(self, stream: _Stream, header: pb.PartChunk, payload: memoryview) -> None:
-        """Validate one chunk of an open stream and decode it into place."""
+    def check_chunk(self, stream: _Stream, header: pb.PartChunk, payload: memoryview) -> torch.Tensor:
+        """Validate one chunk of an open stream; return the view its elements decode into."""
         if self.closed:
             raise StaleMessage(f"round {self.group.round_id} is already finished")
         if header.tag.sender_rank != stream.sender or header.phase != stream.phase:
@@ -253,16 +255,45 @@ class RoundInbox:
             raise ProtocolError(f"chunk [{header.offset}, {end}) runs past the part's {stream.target.numel()} elements")
         if len(payload) > self.codec.max_payload_size(header.count):
             raise ProtocolError(f"payload of {len(payload)} bytes is too big for {header.count} elements")
+        return stream.target[header.offset : end]
+
+    def decode_into(self, payload: memoryview, out: torch.Tensor) -> float:
+        """Decode a checked payload into its view (any thread); return the seconds it took."""
         t0 = time.perf_counter()
         try:
-            self.codec.decode(payload, header.count, out=stream.target[header.offset : end])
+            self.codec.decode(payload, out.numel(), out=out)
         except CodecError as exc:
             raise ProtocolError(f"undecodable payload: {exc}") from exc
-        self.decode_s += time.perf_counter() - t0
-        stream.next_offset = end
+        return time.perf_counter() - t0
+
+    def advance(self, stream: _Stream, count: int) -> None:
+        """Record that a stream's next count elements are decoded."""
+        stream.next_offset += count
         if stream.phase == SCATTER:
-            self.scatter_progress[stream.sender] = end
+            self.scatter_progress[stream.sender] = stream.next_offset
             self.wake()  # the owner reduces chunks as soon as every contribution to them is in
+
+    def accept(self, stream: _Stream, header: pb.PartChunk, payload: memoryview) -> None:
+        """Validate one chunk and decode it into place on this thread."""
+        target = self.check_chunk(stream, header, payload)
+        self.decode_s += self.decode_into(payload, target)
+        self.advance(stream, header.count)
+
+    def begin_decode(self) -> None:
+        """Count a decode running on another thread: the round's buffers stay in use until it ends."""
+        self._inflight += 1
+
+    def end_decode(self) -> None:
+        """A decode started with begin_decode has ended."""
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._drained.set()
+
+    async def drained(self) -> None:
+        """Wait until no decode writes into this round's buffers."""
+        while self._inflight:
+            self._drained.clear()
+            await self._drained.wait()
 
     def finish(self, stream: _Stream) -> None:
         """Close a stream; it must have covered its whole part."""

@@ -19,7 +19,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -65,6 +65,9 @@ class TransportConfig:
     max_concurrent_rpcs: int = 256
     # HTTP/2 keepalive ping interval; a peer that stops answering loses its connection.
     keepalive_s: float = 10.0
+    # Threads that encode and decode payloads off the event loop (torch and numpy release the GIL),
+    # so the loop keeps every stream moving while chunks are being (de)quantized.
+    codec_threads: int = 2
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -78,6 +81,8 @@ class TransportConfig:
             )
         if self.bandwidth_bps is not None and self.bandwidth_bps <= 0:
             raise ConfigError(f"bandwidth must be positive, got {self.bandwidth_bps} bit/s")
+        if self.codec_threads < 1:
+            raise ConfigError(f"codec_threads must be at least 1, got {self.codec_threads}")
 
     @property
     def message_limit(self) -> int:
@@ -124,6 +129,7 @@ class Transport:
         self._server: grpc.aio.Server | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._address: str | None = None
+        self._cpu: concurrent.futures.ThreadPoolExecutor | None = None
         self._send_bucket: TokenBucket | None = None
         self._recv_bucket: TokenBucket | None = None
         if self.config.bandwidth_bps:
@@ -147,6 +153,7 @@ class Transport:
             loop.run_forever()
 
         self._loop = loop
+        self._cpu = concurrent.futures.ThreadPoolExecutor(self.config.codec_threads, thread_name_prefix="loconet-codec")
         self._thread = threading.Thread(target=run, name="loconet-transport", daemon=True)
         self._thread.start()
         ready.wait()
@@ -189,6 +196,9 @@ class Transport:
         thread.join(timeout=10)
         if not loop.is_running():
             loop.close()
+        if self._cpu is not None:
+            self._cpu.shutdown(wait=True, cancel_futures=True)
+            self._cpu = None
         self._loop = None
         self._thread = None
 
@@ -231,6 +241,12 @@ class Transport:
         except BaseException:
             coro.close()
             raise
+
+    async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a CPU-bound function (encoding, decoding, reducing) on the codec threads; call from the loop."""
+        if self._cpu is None:
+            raise TransportClosed("transport not started or already closed")
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
 
     # -- client side (call from the loop) --------------------------------------------
 
