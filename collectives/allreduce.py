@@ -50,6 +50,7 @@ from collectives.inbox import (
     DuplicateStream,
     ForeignRun,
     Group,
+    RoundClosed,
     RoundInbox,
     RoundRegistry,
     StaleMessage,
@@ -181,6 +182,8 @@ def chunk_message(
 
 
 def _error_kind(exc: ProtocolError) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, RoundClosed):
+        return grpc.StatusCode.FAILED_PRECONDITION, "closed"
     if isinstance(exc, ForeignRun):
         return grpc.StatusCode.FAILED_PRECONDITION, "foreign-run"
     if isinstance(exc, StaleMessage):
@@ -385,8 +388,11 @@ class Collective:
             log.debug("rejected a push: %s", exc)
             await context.abort(code, str(exc), trailing_metadata=((ERROR_KIND_KEY, kind),))
         except asyncio.CancelledError:
-            if inbox is not None and stream is not None:
-                inbox.fail(stream.sender, "its stream broke off (the member died or cancelled)")
+            # The sender went away mid-stream. Not blamed here: if it died, the round's
+            # connection watcher names it at once; if it gave up on the round, its abort
+            # notice (naming the real culprit) is on the way; otherwise the deadline decides.
+            if inbox is not None:
+                inbox.wake()
             raise
         return pb.PushAck(chunks=chunks).SerializeToString()
 
@@ -574,8 +580,9 @@ class _Round:
             kind = _rejection_kind(exc)
             if kind == "stale":
                 self.inbox.set_error(StaleRound(f"rank {j} ({address}) says this round is stale: {exc.details()}"))
-            else:
+            elif kind != "closed":
                 self.inbox.fail(j, f"{exc.code().name}: {exc.details()}")
+            # "closed": j gave up on the round; its abort notice says why (or the deadline does).
             return
         except LoconetError as exc:  # encoding failed here: our own problem, not the receiver's
             self.inbox.set_error(exc if isinstance(exc, RoundFailed) else RoundFailed(f"encoding failed: {exc}"))

@@ -45,6 +45,10 @@ class StaleMessage(ProtocolError):
     """A message belongs to an older epoch of a round, or to a round already finished."""
 
 
+class RoundClosed(StaleMessage):
+    """A message arrived for a round this member has already finished or given up on."""
+
+
 class DuplicateStream(ProtocolError):
     """A sender sent the same part of the same phase twice."""
 
@@ -212,7 +216,7 @@ class RoundInbox:
     def begin_stream(self, header: pb.PartChunk) -> _Stream:
         """Validate the first chunk of a stream and claim its (phase, sender) slot."""
         if self.closed:
-            raise StaleMessage(f"round {self.group.round_id} is already finished")
+            raise RoundClosed(f"round {self.group.round_id} is already finished here")
         self.check_tag(header.tag)
         sender = header.tag.sender_rank
         phase = header.phase
@@ -243,7 +247,7 @@ class RoundInbox:
     def check_chunk(self, stream: _Stream, header: pb.PartChunk, payload: memoryview) -> torch.Tensor:
         """Validate one chunk of an open stream; return the view its elements decode into."""
         if self.closed:
-            raise StaleMessage(f"round {self.group.round_id} is already finished")
+            raise RoundClosed(f"round {self.group.round_id} is already finished here")
         if header.tag.sender_rank != stream.sender or header.phase != stream.phase:
             raise ProtocolError("a stream's chunks must keep one sender and one phase")
         if stream.phase == SCATTER and header.weight != self.weights[stream.sender]:
@@ -322,7 +326,7 @@ class RoundRegistry:
             raise ForeignRun(f"message for run {tag.run_id!r}; this peer is in run {self.run_id!r}")
         key = (tag.round_id, tag.epoch)
         if key in self._closed:
-            raise StaleMessage(f"round {tag.round_id} epoch {tag.epoch} is already finished")
+            raise RoundClosed(f"round {tag.round_id} epoch {tag.epoch} is already finished here")
         newest = self._epochs.get(tag.round_id)
         if newest is not None and tag.epoch < newest:
             raise StaleMessage(f"round {tag.round_id} epoch {tag.epoch} is stale: this member is at epoch {newest}")

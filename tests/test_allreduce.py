@@ -196,5 +196,5 @@ def test_message_for_a_finished_round_is_rejected(endpoints):
     r = OpenRound(endpoints, timeout_s=0.2)
     with pytest.raises(MemberFailure, match="deadline"):
         r.future.result(timeout=10)  # set only after the round has closed
-    assert r.rejection(r.chunk(phase=GATHER, part=0)) == (grpc.StatusCode.FAILED_PRECONDITION, "stale")
+    assert r.rejection(r.chunk(phase=GATHER, part=0)) == (grpc.StatusCode.FAILED_PRECONDITION, "closed")
     r.close()
