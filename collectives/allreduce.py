@@ -297,6 +297,22 @@ class Collective:
         like = tensors if isinstance(tensors, torch.Tensor) else list(tensors)
         return self.transport.submit(self._run(group, flat, pooled, float(weight), config, residual, result, like))
 
+    async def reduce_flat(
+        self,
+        group: Group,
+        flat: torch.Tensor,
+        *,
+        weight: float = 1.0,
+        config: AllReduceConfig | None = None,
+        residual: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> AllReduceResult:
+        """Run a round on the transport's loop for a flat fp32 tensor already checked finite (not copied)."""
+        if group.run_id != self.run_id:
+            raise ValueError(f"group is for run {group.run_id!r}, this collective serves run {self.run_id!r}")
+        result = torch.empty(flat.numel(), dtype=torch.float32) if out is None else out
+        return await self._run(group, flat, None, float(weight), config or AllReduceConfig(), residual, result, flat)
+
     # -- the round -------------------------------------------------------------------
 
     async def _run(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health, health_pb2_grpc
 
 from collectives.errors import ConfigError
 from collectives.ratelimit import TokenBucket
@@ -141,7 +142,10 @@ class Transport:
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self, handlers: Sequence[grpc.GenericRpcHandler] = ()) -> str:
-        """Start the loop thread and the server with these handlers; return the bound address."""
+        """Start the loop thread and the server with these handlers; return the bound address.
+
+        The server also answers the standard gRPC health service (grpc.health.v1).
+        """
         if self._thread is not None:
             raise RuntimeError("transport already started")
         loop = asyncio.new_event_loop()
@@ -171,6 +175,7 @@ class Transport:
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
         )
         server.add_generic_rpc_handlers(tuple(handlers))
+        add_health_service(server)
         bind = format_address(self.config.host, self.config.port)
         try:
             port = server.add_insecure_port(bind)
@@ -320,6 +325,12 @@ async def as_async_iter(messages: AsyncIterable[bytes] | Iterable[bytes]) -> Asy
     else:
         for msg in messages:
             yield msg
+
+
+def add_health_service(server: grpc.aio.Server) -> None:
+    """Serve grpc.health.v1 on server, reporting SERVING overall."""
+    # A new servicer reports SERVING for the whole server ("").
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
 
 
 def method_handlers(service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> grpc.GenericRpcHandler:

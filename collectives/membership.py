@@ -1,0 +1,257 @@
+"""The peer's side of the membership protocol: a client of the coordinator.
+
+Every call runs on the transport's event loop, has a deadline, and retries
+with exponential backoff while the coordinator is unreachable (it may be
+restarting: peers keep training meanwhile). Answers the peer must act on
+become specific exceptions: ``Unregistered`` (join again), ``GroupTooSmall``,
+``CommitUnknown`` (the coordinator lost the round; treat as not applied).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from protos import membership_pb2 as pb
+from protos import membership_pb2_grpc as pb_grpc
+from collectives.errors import LoconetError, RoundFailed
+from collectives.transport import Transport
+
+log = logging.getLogger(__name__)
+
+# gRPC codes that mean "the coordinator is not there right now": retry.
+_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
+class CoordinatorUnavailable(LoconetError):
+    """The coordinator did not answer before the deadline; check that it runs and --coordinator is right."""
+
+
+class Unregistered(LoconetError):
+    """The coordinator does not know this peer (its lease lapsed, or the coordinator restarted): join again."""
+
+
+class GroupTooSmall(RoundFailed):
+    """Fewer live peers than min_peers: no round can form. Start more peers or lower --min-peers."""
+
+
+class CommitUnknown(RoundFailed):
+    """The coordinator lost the round before deciding it (a restart); nothing was applied."""
+
+
+class RequestRefused(LoconetError):
+    """The coordinator refused a request (wrong run id, not a member...); the message says why."""
+
+
+@dataclass(frozen=True)
+class MembershipConfig:
+    """Where the coordinator is and how patiently to talk to it."""
+
+    coordinator: str
+    run_id: str
+    name: str = ""
+    # Deadline of one short RPC (join, heartbeat, leave).
+    rpc_timeout_s: float = 5.0
+    # Longest a call keeps retrying an unreachable coordinator.
+    patience_s: float = 120.0
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class Joined:
+    """The coordinator's answer to a join."""
+
+    peer_id: str
+    lease_s: float
+    heartbeat_s: float
+    epoch: int
+    last_committed_round: int
+    sync_from: str
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the coordinator says to do next: take part in a round, or resync first."""
+
+    action: str  # "round" or "resync"
+    round_id: int = 0
+    epoch: int = 0
+    members: tuple[tuple[str, str], ...] = ()  # (peer id, address) in rank order
+    rank: int = 0
+    sync_from: str = ""
+    last_committed_round: int = 0
+
+
+@dataclass(frozen=True)
+class CommitOutcome:
+    """The coordinator's decision on a round."""
+
+    commit: bool
+    reason: str
+    epoch: int
+    dropped: tuple[str, ...] = ()
+
+
+@dataclass
+class PeerStatus:
+    """What the peer reports in its heartbeats (updated by the training loop, read by the heartbeat task)."""
+
+    step: int = 0
+    steps_per_s: float = math.nan
+    loss: float = math.nan
+    samples: int = 0
+    activity: str = "starting"
+    extra: dict = field(default_factory=dict)
+
+
+class MembershipClient:
+    """Talks to the coordinator on behalf of one peer (use from the transport's loop)."""
+
+    def __init__(self, transport: Transport, config: MembershipConfig) -> None:
+        self.transport = transport
+        self.config = config
+        self.peer_id = ""
+        self.status = PeerStatus()
+        # Set by a heartbeat answered with known=False; the peer must join again.
+        self.unregistered = asyncio.Event()
+        self._stub: pb_grpc.CoordinatorStub | None = None
+
+    @property
+    def stub(self) -> pb_grpc.CoordinatorStub:
+        """The coordinator stub on the transport's pooled channel."""
+        if self._stub is None:
+            self._stub = pb_grpc.CoordinatorStub(self.transport.channel(self.config.coordinator))
+        return self._stub
+
+    async def _call(self, method: str, request, timeout_s: float, patience_s: float | None = None):
+        """Call with a deadline; retry with backoff while the coordinator is unreachable."""
+        patience = self.config.patience_s if patience_s is None else patience_s
+        give_up = time.monotonic() + patience
+        delay = self.config.backoff_initial_s
+        while True:
+            try:
+                return await getattr(self.stub, method)(request, timeout=timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.NOT_FOUND:
+                    raise Unregistered(exc.details()) from None
+                if code not in _RETRY_CODES:
+                    raise RequestRefused(f"coordinator refused {method}: {exc.details()}") from None
+                if time.monotonic() + delay > give_up:
+                    raise CoordinatorUnavailable(
+                        f"coordinator {self.config.coordinator} unreachable for {patience:g} s ({code.name}); "
+                        "check that it runs and that --coordinator points at it"
+                    ) from None
+                log.debug("%s: coordinator unreachable (%s); retrying in %.2f s", method, code.name, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.backoff_max_s)
+
+    async def join(self, address: str, last_round: int, epoch: int, has_state: bool, codecs: tuple[str, ...] = ()) -> Joined:
+        """Register (or re-register) with the coordinator; keeps the peer id across rejoins."""
+        request = pb.JoinRequest(
+            run_id=self.config.run_id,
+            address=address,
+            peer_id=self.peer_id,
+            last_round=last_round,
+            epoch=epoch,
+            has_state=has_state,
+            name=self.config.name,
+            codecs=list(codecs),
+        )
+        reply = await self._call("Join", request, self.config.rpc_timeout_s)
+        self.peer_id = reply.peer_id
+        self.unregistered.clear()
+        return Joined(
+            peer_id=reply.peer_id,
+            lease_s=reply.lease_s,
+            heartbeat_s=reply.heartbeat_s,
+            epoch=reply.epoch,
+            last_committed_round=reply.last_committed_round,
+            sync_from=reply.sync_from,
+        )
+
+    async def heartbeat_forever(self, interval_s: float, last_round: Callable[[], int], traffic: Callable[[], tuple[int, int]]) -> None:
+        """Send heartbeats with the peer's status every interval_s until cancelled."""
+        while True:
+            sent, received = traffic()
+            s = self.status
+            request = pb.HeartbeatRequest(
+                run_id=self.config.run_id,
+                peer_id=self.peer_id,
+                last_round=last_round(),
+                metrics=pb.PeerMetrics(
+                    step=s.step,
+                    steps_per_s=s.steps_per_s,
+                    loss=s.loss,
+                    bytes_sent=sent,
+                    bytes_received=received,
+                    activity=s.activity,
+                    samples=s.samples,
+                ),
+            )
+            try:
+                reply = await self.stub.Heartbeat(request, timeout=max(interval_s, 1.0))
+                if not reply.known:
+                    self.unregistered.set()
+            except grpc.aio.AioRpcError as exc:
+                # The coordinator may be restarting; training goes on, heartbeats keep trying.
+                log.debug("heartbeat failed: %s", exc.code().name)
+            await asyncio.sleep(interval_s)
+
+    async def quorum(self, last_round: int, tag: str = "", timeout_s: float = 600.0) -> RoundPlan:
+        """Ask for the next round's group (blocks until it forms)."""
+        request = pb.QuorumRequest(run_id=self.config.run_id, peer_id=self.peer_id, last_round=last_round, tag=tag)
+        try:
+            reply = await self._call("Quorum", request, timeout_s)
+        except RequestRefused as exc:
+            if "no quorum" in str(exc):
+                raise GroupTooSmall(str(exc)) from None
+            raise
+        if reply.action == pb.QuorumResponse.RESYNC:
+            return RoundPlan(action="resync", sync_from=reply.sync_from, last_committed_round=reply.last_committed_round, epoch=reply.epoch)
+        return RoundPlan(
+            action="round",
+            round_id=reply.round_id,
+            epoch=reply.epoch,
+            members=tuple((m.peer_id, m.address) for m in reply.members),
+            rank=reply.rank,
+            last_committed_round=reply.last_committed_round,
+        )
+
+    async def commit(
+        self, plan: RoundPlan, ok: bool, failed: tuple[str, ...], reason: str, bytes_sent: int, bytes_received: int, wall_s: float, timeout_s: float
+    ) -> CommitOutcome:
+        """Report this member's outcome of a round; return the coordinator's decision."""
+        request = pb.CommitRequest(
+            run_id=self.config.run_id,
+            peer_id=self.peer_id,
+            round_id=plan.round_id,
+            epoch=plan.epoch,
+            ok=ok,
+            failed_peers=list(failed),
+            reason=reason[:2000],
+            report=pb.RoundReport(bytes_sent=bytes_sent, bytes_received=bytes_received, wall_s=wall_s),
+        )
+        try:
+            reply = await self._call("Commit", request, timeout_s)
+        except Unregistered as exc:
+            # A restarted coordinator knows neither this peer nor the round: nobody can commit it.
+            raise CommitUnknown(f"round {plan.round_id}: the coordinator lost it ({exc})") from None
+        return CommitOutcome(commit=reply.commit, reason=reply.reason, epoch=reply.epoch, dropped=tuple(reply.dropped))
+
+    async def leave(self, reason: str = "") -> None:
+        """Tell the coordinator this peer leaves the run (best effort)."""
+        if not self.peer_id:
+            return
+        request = pb.LeaveRequest(run_id=self.config.run_id, peer_id=self.peer_id, reason=reason)
+        try:
+            await self._call("Leave", request, self.config.rpc_timeout_s, patience_s=self.config.rpc_timeout_s)
+        except LoconetError as exc:
+            log.info("leave not delivered: %s", exc)

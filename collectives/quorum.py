@@ -1,0 +1,183 @@
+"""The membership protocol's decisions, as pure functions.
+
+Who is in a round, whether a round commits, who is dropped, who serves a
+joiner: each is decided here from plain data, with no I/O and no clock
+reads, so that every rule has a table of cases in ``tests/test_quorum.py``.
+The coordinator (``peer/coordinator.py``) gathers the inputs and carries the
+decisions out.
+
+Rules
+-----
+Quorum (``quorum_ready``): a pending quorum closes when at least
+``min_peers`` up-to-date peers asked and either every eligible live peer
+asked or ``join_timeout_s`` passed since the first request. Right after the
+coordinator starts, no quorum closes for ``startup_grace_s``: a restarted
+coordinator does not know how many peers exist until they re-register, and a
+round formed by some of them could diverge from what the others applied.
+Members are ordered by peer id, so every member sees the same list.
+
+Resync (``needs_resync``): a peer whose last applied round is older than
+the run's last committed round missed a round; it must fetch the state from
+an up-to-date peer before it may take part.
+
+Commit (``commit_decision``): the round commits only if every member
+reported success. The decision is taken as soon as it is known and every
+member that can still report has reported: when all members reported; when
+a failure was reported and every member nobody named as failed has reported
+(the named ones are presumed dead); when the lease of a silent member
+lapsed; or at the commit deadline. On abort, the dropped members are the
+ones that never reported (or whose lease lapsed); if every member reported
+(a partition, or a member others found too slow), the members named by the
+most reports are dropped so that the retry can succeed.
+
+Sync source (``choose_sync_source``): an alive, up-to-date peer that holds
+state, least busy serving other joiners first, then lowest peer id.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from collectives.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """What the coordinator knows of a peer, as the decisions need it."""
+
+    peer_id: str
+    address: str
+    last_round: int
+    alive: bool = True
+    has_state: bool = True
+
+
+@dataclass(frozen=True)
+class QuorumRules:
+    """Settings of the quorum rule."""
+
+    min_peers: int = 1
+    join_timeout_s: float = 5.0
+    startup_grace_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.min_peers < 1:
+            raise ConfigError(f"min_peers must be at least 1, got {self.min_peers}")
+        if self.join_timeout_s < 0 or self.startup_grace_s < 0:
+            raise ConfigError("join timeout and startup grace must be >= 0")
+
+
+def needs_resync(peer_last_round: int, last_committed_round: int) -> bool:
+    """Whether a peer missed committed rounds and must fetch the state first."""
+    return peer_last_round < last_committed_round
+
+
+def quorum_ready(
+    requesting: set[str],
+    eligible: set[str],
+    first_request_age_s: float,
+    coordinator_age_s: float,
+    rules: QuorumRules,
+) -> bool:
+    """Whether a pending quorum may close now.
+
+    ``requesting``: peers waiting in this quorum; ``eligible``: live,
+    up-to-date peers that could take part (requesting ones included).
+    """
+    if len(requesting) < rules.min_peers or coordinator_age_s < rules.startup_grace_s:
+        return False
+    return eligible <= requesting or first_request_age_s >= rules.join_timeout_s
+
+
+def order_members(requesting: set[str]) -> list[str]:
+    """The round's members in rank order (the same for every member)."""
+    return sorted(requesting)
+
+
+def next_epoch(epoch: int, previous_members: list[str] | None, members: list[str], aborted_since: bool) -> int:
+    """The epoch of a new round: bumped when the group changed or the last attempt aborted."""
+    if previous_members is None:
+        return epoch
+    if aborted_since or sorted(previous_members) != sorted(members):
+        return epoch + 1
+    return epoch
+
+
+@dataclass(frozen=True)
+class Report:
+    """One member's report of a round."""
+
+    ok: bool
+    failed: tuple[str, ...] = ()
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of a round: commit, or abort and drop some members."""
+
+    commit: bool
+    dropped: tuple[str, ...] = ()
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CommitInputs:
+    """Everything commit_decision looks at."""
+
+    members: tuple[str, ...]
+    reports: dict[str, Report] = field(default_factory=dict)
+    # Members whose lease lapsed (dead or paused).
+    expired: frozenset[str] = frozenset()
+    deadline_passed: bool = False
+
+
+def commit_decision(inputs: CommitInputs) -> Decision | None:
+    """The round's decision, or None while it is not yet known."""
+    members = set(inputs.members)
+    reports = {m: r for m, r in inputs.reports.items() if m in members}
+    silent = members - set(reports)
+    named = Counter(f for r in reports.values() if not r.ok for f in r.failed if f in members)
+    any_failure = any(not r.ok for r in reports.values())
+
+    if not silent:
+        if not any_failure:
+            return Decision(commit=True, reason="every member holds the result")
+        return _abort(reports, silent, named, "")
+    lapsed = silent & inputs.expired
+    if lapsed:
+        return _abort(reports, silent, named, f"lease lapsed: {', '.join(sorted(lapsed))}")
+    if any_failure and silent <= set(named):
+        return _abort(reports, silent, named, "")
+    if inputs.deadline_passed:
+        return _abort(reports, silent, named, f"no report before the deadline from {', '.join(sorted(silent))}")
+    return None
+
+
+def _abort(reports: dict[str, Report], silent: set[str], named: Counter, why: str) -> Decision:
+    if silent:
+        dropped = set(silent)
+    elif named:
+        top = max(named.values())
+        dropped = {m for m, n in named.items() if n == top}
+    else:
+        dropped = set()
+    reasons = [f"{m}: {r.reason}" for m, r in sorted(reports.items()) if not r.ok and r.reason]
+    text = "; ".join(filter(None, [why, *reasons])) or "a member failed"
+    return Decision(commit=False, dropped=tuple(sorted(dropped)), reason=text[:2000])
+
+
+def choose_sync_source(
+    peers: list[PeerView], joiner_id: str, last_committed_round: int, serving: dict[str, int] | None = None
+) -> PeerView | None:
+    """The peer a joiner should fetch the state from, or None if nobody holds an up-to-date state."""
+    serving = serving or {}
+    candidates = [
+        p
+        for p in peers
+        if p.peer_id != joiner_id and p.alive and p.has_state and p.last_round >= last_committed_round
+    ]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda p: (serving.get(p.peer_id, 0), p.peer_id))

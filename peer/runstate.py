@@ -1,0 +1,204 @@
+"""The coordinator's soft state of one run: peers, rounds, history, metrics.
+
+Plain data and the bookkeeping around it, no I/O. Everything here can be
+lost (the coordinator restarts) and rebuilt from what the peers report when
+they re-register; decisions about it are made by ``collectives/quorum.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from collectives.quorum import PeerView
+
+PEER_STATES = ("joining", "syncing", "active", "lost", "left")
+
+
+@dataclass
+class PeerRecord:
+    """One peer of the run, as the coordinator sees it."""
+
+    peer_id: str
+    address: str
+    name: str = ""
+    state: str = "joining"
+    joined_at: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+    last_round: int = 0
+    has_state: bool = False
+    step: int = 0
+    steps_per_s: float | None = None
+    loss: float | None = None
+    samples: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    activity: str = ""
+    codecs: tuple[str, ...] = ()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the peer holds a valid lease."""
+        return self.state in ("joining", "syncing", "active")
+
+    def view(self) -> PeerView:
+        """The peer as the pure decisions see it."""
+        return PeerView(self.peer_id, self.address, self.last_round, alive=self.alive, has_state=self.has_state)
+
+
+@dataclass
+class RoundRecord:
+    """One attempted round, for history and the dashboard."""
+
+    round_id: int
+    epoch: int
+    members: list[str]
+    started_at: float
+    tag: str = ""
+    status: str = "running"
+    reason: str = ""
+    duration_s: float | None = None
+    bytes: int = 0
+
+    def as_dict(self) -> dict:
+        """The round as the status document shows it."""
+        return {
+            "round_id": self.round_id,
+            "epoch": self.epoch,
+            "members": list(self.members),
+            "started_at": self.started_at,
+            "duration_s": self.duration_s,
+            "bytes": self.bytes,
+            "status": self.status,
+            "reason": self.reason,
+            "tag": self.tag,
+        }
+
+
+@dataclass
+class Event:
+    """Something that happened in the run (join, failure, commit...)."""
+
+    time: float
+    kind: str
+    peer_id: str
+    detail: str
+
+
+@dataclass
+class RunState:
+    """Everything the coordinator knows about its run."""
+
+    run_id: str
+    min_peers: int
+    history: int = 500
+    loss_points: int = 2000
+    epoch: int = 0
+    last_committed_round: int = 0
+    # Round ids start at the coordinator's start time in milliseconds, so that a restarted
+    # coordinator never reuses an id its predecessor gave out (state is soft: nothing is
+    # persisted), and ids still only grow.
+    next_round_id: int = field(default_factory=lambda: int(time.time() * 1000))
+    peers: dict[str, PeerRecord] = field(default_factory=dict)
+    rounds: deque[RoundRecord] = field(init=False)
+    events: deque[Event] = field(init=False)
+    loss: dict[str, deque[tuple[int, float]]] = field(default_factory=dict)
+    rounds_committed: int = 0
+    rounds_aborted: int = 0
+    # Members of the last formed quorum, and whether a round aborted since (epoch rule).
+    last_members: list[str] | None = None
+    aborted_since: bool = False
+    started_at: float = field(default_factory=time.time)
+    _next_peer_number: int = 1
+
+    def __post_init__(self) -> None:
+        self.rounds = deque(maxlen=self.history)
+        self.events = deque(maxlen=self.history * 2)
+
+    # -- peers ---------------------------------------------------------------------
+
+    def new_peer_id(self, wanted: str = "") -> str:
+        """A fresh peer id, or ``wanted`` when it is free (peers keep their id across restarts)."""
+        if wanted and (wanted not in self.peers or not self.peers[wanted].alive):
+            if wanted.startswith("p") and wanted[1:].isdigit():
+                self._next_peer_number = max(self._next_peer_number, int(wanted[1:]) + 1)
+            return wanted
+        while f"p{self._next_peer_number}" in self.peers:
+            self._next_peer_number += 1
+        peer_id = f"p{self._next_peer_number}"
+        self._next_peer_number += 1
+        return peer_id
+
+    def alive_peers(self) -> list[PeerRecord]:
+        """Peers holding a valid lease."""
+        return [p for p in self.peers.values() if p.alive]
+
+    def event(self, kind: str, peer_id: str = "", detail: str = "") -> None:
+        """Record an event for the dashboard."""
+        self.events.append(Event(time.time(), kind, peer_id, detail[:500]))
+
+    def record_loss(self, peer_id: str, step: int, loss: float) -> None:
+        """Add a point to a peer's loss curve (bounded; older points are thinned, not dropped)."""
+        if not math.isfinite(loss):
+            return
+        series = self.loss.setdefault(peer_id, deque())
+        if series and series[-1][0] >= step:
+            return
+        series.append((step, loss))
+        if len(series) > self.loss_points:
+            # Keep every other point of the older half: the curve stays whole, just coarser.
+            old = list(series)[: self.loss_points // 2][::2]
+            recent = list(series)[self.loss_points // 2 :]
+            self.loss[peer_id] = deque(old + recent)
+
+    # -- status document ---------------------------------------------------------------
+
+    def status(self, address: str, version: str) -> dict:
+        """The status document served as /api/status and by the Status RPC."""
+        now_mono = time.monotonic()
+        peers = sorted(self.peers.values(), key=lambda p: p.peer_id)
+        return {
+            "run_id": self.run_id,
+            "coordinator": {
+                "address": address,
+                "started_at": self.started_at,
+                "uptime_s": time.time() - self.started_at,
+                "version": version,
+            },
+            "epoch": self.epoch,
+            "last_committed_round": self.last_committed_round,
+            "min_peers": self.min_peers,
+            "summary": {
+                "peers_alive": sum(p.alive for p in peers),
+                "rounds_committed": self.rounds_committed,
+                "rounds_aborted": self.rounds_aborted,
+                "bytes_sent": sum(p.bytes_sent for p in peers),
+                "bytes_received": sum(p.bytes_received for p in peers),
+            },
+            "peers": [
+                {
+                    "peer_id": p.peer_id,
+                    "address": p.address,
+                    "name": p.name,
+                    "state": p.state,
+                    "last_heartbeat_s_ago": now_mono - p.last_seen,
+                    "step": p.step,
+                    "steps_per_s": p.steps_per_s,
+                    "loss": p.loss,
+                    "samples": p.samples,
+                    "bytes_sent": p.bytes_sent,
+                    "bytes_received": p.bytes_received,
+                    "last_round": p.last_round,
+                    "activity": p.activity,
+                    "joined_at": p.joined_at,
+                }
+                for p in peers
+            ],
+            "rounds": [r.as_dict() for r in reversed(self.rounds)],
+            "events": [
+                {"time": e.time, "kind": e.kind, "peer_id": e.peer_id, "detail": e.detail} for e in reversed(self.events)
+            ],
+            "loss": {pid: [list(pt) for pt in series] for pid, series in self.loss.items()},
+        }

@@ -1,0 +1,529 @@
+"""The coordinator's HTTP dashboard: routes, JSON, Prometheus metrics, and the page as headless Chromium renders it."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+
+from peer.dashboard import DashboardServer
+
+pytestmark = pytest.mark.timeout(60)
+
+T0 = 1763790000.0
+CHROMIUM_TIMEOUT_S = 60
+
+
+def sample_status() -> dict:
+    """A run in progress: 3 peers, 2 rounds (one aborted), a few events and loss series of 4, 3 and 1 points."""
+    peers = [
+        ("p1", "127.0.0.1:40001", "host-a", "active", 2.134, 3.2),
+        ("p2", "127.0.0.1:40002", "host-b", "active", 2.201, 3.05),
+        ("p3", "127.0.0.1:40003", "host-c", "syncing", 2.9, None),
+    ]
+    return {
+        "run_id": "demo",
+        "coordinator": {"address": "127.0.0.1:7070", "started_at": T0, "uptime_s": 12.5, "version": "0.1.0"},
+        "epoch": 3,
+        "last_committed_round": 12,
+        "min_peers": 2,
+        "summary": {
+            "peers_alive": 3,
+            "rounds_committed": 12,
+            "rounds_aborted": 1,
+            "bytes_sent": 123456789,
+            "bytes_received": 123450000,
+        },
+        "peers": [
+            {
+                "peer_id": pid,
+                "address": address,
+                "name": name,
+                "state": state,
+                "last_heartbeat_s_ago": 0.4 + i,
+                "step": 1200 - 10 * i,
+                "steps_per_s": speed,
+                "loss": loss,
+                "samples": 38400,
+                "bytes_sent": 1234567 * (i + 1),
+                "bytes_received": 1234000 * (i + 1),
+                "last_round": 12,
+                "activity": "training",
+                "joined_at": T0 + i,
+            }
+            for i, (pid, address, name, state, loss, speed) in enumerate(peers)
+        ],
+        "rounds": [
+            {
+                "round_id": 12,
+                "epoch": 3,
+                "members": ["p1", "p2", "p3"],
+                "started_at": T0 + 10,
+                "duration_s": 0.41,
+                "bytes": 39846085,
+                "status": "committed",
+                "reason": "",
+            },
+            {
+                "round_id": 11,
+                "epoch": 2,
+                "members": ["p1", "p2", "p3", "p4"],
+                "started_at": T0 + 8,
+                "duration_s": 1.7,
+                "bytes": 20000000,
+                "status": "aborted",
+                "reason": "peer p4 failed: unreachable",
+            },
+        ],
+        "events": [
+            {"time": T0 + 9, "kind": "abort", "peer_id": "p4", "detail": "round 11 aborted: peer p4 failed: unreachable"},
+            {"time": T0 + 5, "kind": "join", "peer_id": "p3", "detail": "joined from 127.0.0.1:40003"},
+            {"time": T0, "kind": "coordinator-start", "peer_id": "", "detail": "listening on 127.0.0.1:7070"},
+        ],
+        "loss": {
+            "p1": [[100, 3.1], [200, 2.9], [300, 2.5], [400, 2.134]],
+            "p2": [[100, 3.2], [200, None], [300, 2.201]],
+            "p3": [[100, 2.9]],
+        },
+    }
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., DashboardServer]]:
+    """Factory that starts a DashboardServer on 127.0.0.1, port 0, and closes every one it made."""
+    made: list[DashboardServer] = []
+
+    def start(status_fn: Callable[[], dict] = sample_status, **kwargs) -> DashboardServer:
+        server = DashboardServer(status_fn, host=kwargs.pop("host", "127.0.0.1"), port=0, **kwargs)
+        made.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in made:
+        server.close()
+
+
+def get(url: str) -> tuple[int, dict[str, str], bytes]:
+    """GET url; return (status, headers, body) for success and HTTP errors alike."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text -> {(sample name, sorted labels): value}."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+# ---- HTTP routes ---------------------------------------------------------
+
+
+def test_healthz_is_ok(serve):
+    status, headers, body = get(serve().url + "/healthz")
+    assert (status, body) == (200, b"ok\n")
+    assert headers["Content-Type"].startswith("text/plain")
+
+
+def test_unknown_path_is_404(serve):
+    status, _, _ = get(serve().url + "/nope")
+    assert status == 404
+
+
+def test_api_status_returns_the_document(serve):
+    status, headers, body = get(serve().url + "/api/status")
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Cache-Control"] == "no-store"
+    assert json.loads(body) == sample_status()
+
+
+def test_api_status_turns_non_finite_floats_into_null(serve):
+    doc = sample_status()
+    doc["peers"][0]["loss"] = math.nan
+    doc["peers"][1]["steps_per_s"] = math.inf
+    doc["loss"]["p1"].append([500, -math.inf])
+    status, _, body = get(serve(lambda: doc).url + "/api/status")
+    assert status == 200
+    assert b"NaN" not in body and b"Infinity" not in body
+    got = json.loads(body)
+    assert got["peers"][0]["loss"] is None
+    assert got["peers"][1]["steps_per_s"] is None
+    assert got["loss"]["p1"][-1] == [500, None]
+
+
+def test_failing_status_fn_gives_500_and_the_server_keeps_serving(serve, caplog):
+    calls = {"n": 0}
+
+    def flaky() -> dict:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("coordinator state unavailable")
+        return sample_status()
+
+    server = serve(flaky)
+    with caplog.at_level("ERROR", logger="peer.dashboard"):
+        status, _, body = get(server.url + "/api/status")
+    assert status == 500
+    assert b"Traceback" not in body and len(body) < 200
+    assert any("coordinator state unavailable" in (r.exc_text or "") for r in caplog.records)
+    status, _, body = get(server.url + "/api/status")
+    assert status == 200 and json.loads(body)["run_id"] == "demo"
+
+
+def test_failing_status_fn_gives_500_on_metrics_too(serve):
+    def broken() -> dict:
+        raise ValueError("nope")
+
+    server = serve(broken)
+    assert get(server.url + "/metrics")[0] == 500
+    assert get(server.url + "/healthz")[0] == 200
+
+
+def test_metrics_parse_and_carry_run_gauges(serve):
+    status, headers, body = get(serve().url + "/metrics")
+    assert status == 200
+    assert headers["Content-Type"] == CONTENT_TYPE_LATEST
+    samples = metric_samples(body.decode())
+    assert samples[("loconet_epoch", ())] == 3
+    assert samples[("loconet_last_committed_round", ())] == 12
+    assert samples[("loconet_peers", (("state", "active"),))] == 2
+    assert samples[("loconet_peers", (("state", "syncing"),))] == 1
+    assert samples[("loconet_peers", (("state", "lost"),))] == 0
+
+
+def test_metrics_rounds_are_counters_by_outcome(serve):
+    text = get(serve().url + "/metrics")[2].decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["loconet_rounds"].type == "counter"
+    samples = metric_samples(text)
+    assert samples[("loconet_rounds_total", (("status", "committed"),))] == 12
+    assert samples[("loconet_rounds_total", (("status", "aborted"),))] == 1
+    assert samples[("loconet_last_round_duration_seconds", ())] == pytest.approx(0.41)
+
+
+def test_metrics_have_each_peers_loss_and_speed(serve):
+    samples = metric_samples(get(serve().url + "/metrics")[2].decode())
+    for peer in sample_status()["peers"]:
+        labels = (("peer", peer["peer_id"]),)
+        assert samples[("loconet_peer_loss", labels)] == pytest.approx(peer["loss"])
+        assert samples[("loconet_peer_step", labels)] == peer["step"]
+        assert samples[("loconet_peer_bytes_sent_total", labels)] == peer["bytes_sent"]
+    # Unknown speed (null) is left out, not exported as NaN.
+    assert ("loconet_peer_steps_per_second", (("peer", "p3"),)) not in samples
+    assert samples[("loconet_peer_steps_per_second", (("peer", "p1"),))] == pytest.approx(3.2)
+
+
+def test_metrics_read_the_status_at_scrape_time(serve):
+    doc = sample_status()
+    server = serve(lambda: doc)
+    assert metric_samples(get(server.url + "/metrics")[2].decode())[("loconet_epoch", ())] == 3
+    doc["epoch"] = 4
+    assert metric_samples(get(server.url + "/metrics")[2].decode())[("loconet_epoch", ())] == 4
+
+
+def test_two_servers_do_not_share_metrics(serve):
+    other = sample_status()
+    other["epoch"] = 9
+    a, b = serve(), serve(lambda: other)
+    assert metric_samples(get(a.url + "/metrics")[2].decode())[("loconet_epoch", ())] == 3
+    assert metric_samples(get(b.url + "/metrics")[2].decode())[("loconet_epoch", ())] == 9
+
+
+def test_page_is_html_without_external_references(serve):
+    status, headers, body = get(serve().url + "/")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/html")
+    page = body.decode("utf-8")
+    assert 'id="peers"' in page and 'id="loss-chart"' in page
+    assert not re.search(r"https?://", page), "the page must work offline"
+    assert not re.search(r"""(src|href)\s*=\s*["']?//""", page), "no protocol-relative assets"
+
+
+def test_binds_loopback_by_default():
+    assert inspect.signature(DashboardServer).parameters["host"].default == "127.0.0.1"
+    server = DashboardServer(sample_status)
+    try:
+        url = server.start()
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+        assert url == server.url
+        assert get(url + "/healthz")[0] == 200
+    finally:
+        server.close()
+
+
+def test_close_is_idempotent_and_stops_serving():
+    server = DashboardServer(sample_status)
+    url = server.start()
+    server.close()
+    server.close()
+    assert not any(t.name.startswith("loconet-dashboard") for t in threading.enumerate())
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/healthz", timeout=5)
+
+
+# ---- the page in headless Chromium ----------------------------------------
+
+
+def chromium_path() -> str | None:
+    """Debian's chromium, if installed."""
+    if os.access("/usr/bin/chromium", os.X_OK):
+        return "/usr/bin/chromium"
+    return shutil.which("chromium")
+
+
+needs_chromium = pytest.mark.skipif(
+    chromium_path() is None,
+    reason="headless Chromium not installed (apt-get install -y chromium): page rendering not tested",
+)
+
+
+def run_chromium(url: str, tmp: Path, *extra: str) -> str:
+    """Load url in headless Chromium with a 5 s virtual-time budget; return its stdout (the DOM with --dump-dom)."""
+    binary = chromium_path()
+    assert binary is not None
+    cmd = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        # Without these Chromium phones home, and this machine's closed network refuses it.
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp / 'chromium-profile'}",
+        "--virtual-time-budget=5000",
+        *extra,
+        url,
+    ]
+    # Its own session, so that on timeout the whole process tree (zygote, renderers) can be killed.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=CHROMIUM_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"chromium did not finish within {CHROMIUM_TIMEOUT_S} s")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # helpers that outlive the browser process
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    return out.decode("utf-8", errors="replace")
+
+
+class Node:
+    """One element of a parsed DOM: tag, attributes and the text of all its descendants."""
+
+    def __init__(self, tag: str, attrs: dict[str, str]) -> None:
+        self.tag = tag
+        self.attrs = attrs
+        self.parts: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return " ".join("".join(self.parts).split())
+
+    @property
+    def classes(self) -> set[str]:
+        return set(self.attrs.get("class", "").split())
+
+
+class DomIndex(HTMLParser):
+    """Flat index of every element of an HTML document, with descendant text."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+    def __init__(self, html: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.nodes: list[Node] = []
+        self._open: list[Node] = []
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        node = Node(tag, {k: v or "" for k, v in attrs})
+        self.nodes.append(node)
+        if tag not in self.VOID:
+            self._open.append(node)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.nodes.append(Node(tag, {k: v or "" for k, v in attrs}))
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self._open) - 1, -1, -1):
+            if self._open[i].tag == tag:
+                del self._open[i:]
+                break
+
+    def handle_data(self, data: str) -> None:
+        for node in self._open:
+            node.parts.append(data)
+
+    def find(self, tag: str | None = None, cls: str | None = None, **attrs: str) -> list[Node]:
+        """Elements matching tag, class and exact attribute values (use data_peer_id for data-peer-id)."""
+        want = {k.replace("_", "-"): v for k, v in attrs.items()}
+        return [
+            n
+            for n in self.nodes
+            if (tag is None or n.tag == tag)
+            and (cls is None or cls in n.classes)
+            and all(n.attrs.get(k) == v for k, v in want.items())
+        ]
+
+    def by_id(self, element_id: str) -> Node:
+        (node,) = self.find(id=element_id)
+        return node
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> DomIndex:
+    """The sample run's page after Chromium has loaded it and polled the status for 5 s of virtual time."""
+    if chromium_path() is None:
+        pytest.skip("headless Chromium not installed (apt-get install -y chromium): page rendering not tested")
+    server = DashboardServer(sample_status)
+    try:
+        html = run_chromium(server.start() + "/", tmp_path_factory.mktemp("chromium"), "--dump-dom")
+    finally:
+        server.close()
+    return DomIndex(html)
+
+
+@needs_chromium
+def test_page_says_live_after_a_successful_fetch(rendered):
+    assert rendered.by_id("status-line").text == "live"
+
+
+@needs_chromium
+def test_page_lists_every_peer_with_its_address(rendered):
+    for peer in sample_status()["peers"]:
+        (row,) = rendered.find("tr", cls="peer-row", data_peer_id=peer["peer_id"])
+        assert peer["address"] in row.text
+        assert peer["state"] in row.text
+    assert len(rendered.find("tr", cls="peer-row")) == 3
+
+
+@needs_chromium
+def test_page_lists_committed_and_aborted_rounds(rendered):
+    (committed,) = rendered.find("tr", cls="round-row", data_round_id="12")
+    (aborted,) = rendered.find("tr", cls="round-row", data_round_id="11")
+    assert "committed" in committed.text
+    assert "aborted" in aborted.text and "peer p4 failed: unreachable" in aborted.text
+
+
+@needs_chromium
+def test_page_shows_header_summary_with_readable_bytes(rendered):
+    assert rendered.by_id("run-id").text == "demo"
+    assert rendered.by_id("s-epoch").text == "3"
+    assert rendered.by_id("s-round").text == "12"
+    assert rendered.by_id("s-sent").text == "123 MB"
+    (p1,) = rendered.find("tr", cls="peer-row", data_peer_id="p1")
+    assert "1.23 MB" in p1.text
+
+
+@needs_chromium
+def test_page_lists_events(rendered):
+    events = rendered.find(cls="event-row")
+    assert len(events) == 3
+    assert "joined from 127.0.0.1:40003" in events[1].text and "join" in events[1].text
+
+
+@needs_chromium
+def test_page_draws_a_loss_line_per_peer(rendered):
+    chart = rendered.by_id("loss-chart")
+    assert chart.tag == "svg"
+    for peer_id, points in sample_status()["loss"].items():
+        (line,) = rendered.find("polyline", cls="loss-line", data_peer_id=peer_id)
+        drawn = line.attrs["points"].split()
+        finite = [p for p in points if p[1] is not None]
+        assert len(drawn) == len(finite), peer_id  # null losses are skipped, not drawn as 0
+        assert all(re.fullmatch(r"-?[\d.]+,-?[\d.]+", xy) for xy in drawn)
+    # A one-point series still shows a mark.
+    assert rendered.find("circle", cls="loss-dot", data_peer_id="p3")
+    assert {n.attrs["data-peer-id"] for n in rendered.find(cls="legend-item")} == {"p1", "p2", "p3"}
+
+
+@needs_chromium
+def test_page_escapes_strings_from_the_status(serve, tmp_path):
+    doc = sample_status()
+    doc["peers"][0]["name"] = "<img src=x onerror=alert(1)><b>bold</b>"
+    doc["events"][0]["detail"] = "<script>alert(2)</script>"
+    dom = DomIndex(run_chromium(serve(lambda: doc).url + "/", tmp_path, "--dump-dom"))
+    (row,) = dom.find("tr", cls="peer-row", data_peer_id="p1")
+    assert "<b>bold</b>" in row.text  # shown as text ...
+    assert not dom.find("img") and not dom.find("b")  # ... never parsed as markup
+    assert "<script>alert(2)</script>" in dom.find(cls="event-row")[0].text
+
+
+@needs_chromium
+def test_page_redraws_the_chart_as_loss_grows(serve, tmp_path):
+    calls = {"n": 0}
+    lock = threading.Lock()
+
+    def growing() -> dict:
+        with lock:
+            calls["n"] += 1
+            n = calls["n"]
+        doc = copy.deepcopy(sample_status())
+        doc["loss"] = {"p1": [[100 * (i + 1), 3.0 - 0.1 * i] for i in range(n)]}
+        return doc
+
+    dom = DomIndex(run_chromium(serve(growing).url + "/", tmp_path, "--dump-dom"))
+    assert calls["n"] >= 2, "the page should poll more than once in 5 s"
+    (line,) = dom.find("polyline", cls="loss-line", data_peer_id="p1")
+    assert len(line.attrs["points"].split()) >= 2
+
+
+@needs_chromium
+def test_page_renders_a_run_with_no_peers_yet(serve, tmp_path):
+    doc = sample_status()
+    doc.update(peers=[], rounds=[], events=[], loss={}, last_committed_round=None)
+    dom = DomIndex(run_chromium(serve(lambda: doc).url + "/", tmp_path, "--dump-dom"))
+    assert dom.by_id("status-line").text == "live"
+    assert not dom.find(cls="peer-row") and not dom.find(cls="loss-line")
+    assert "No peers yet" in dom.by_id("peers-empty").text
+
+
+@needs_chromium
+def test_page_shows_an_error_when_the_status_fails(serve, tmp_path):
+    def broken() -> dict:
+        raise RuntimeError("down")
+
+    dom = DomIndex(run_chromium(serve(broken).url + "/", tmp_path, "--dump-dom"))
+    line = dom.by_id("status-line")
+    assert line.text != "live" and "HTTP 500" in line.text
+    assert "error" in line.classes
+
+
+@needs_chromium
+def test_page_screenshot_at_1280x800(serve, tmp_path):
+    shot = tmp_path / "dashboard.png"
+    run_chromium(serve().url + "/", tmp_path, f"--screenshot={shot}", "--window-size=1280,800", "--hide-scrollbars")
+    assert shot.exists()
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert shot.stat().st_size > 10_000

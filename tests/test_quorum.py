@@ -1,0 +1,147 @@
+"""The membership protocol's decisions, case by case (pure functions, no I/O)."""
+
+import pytest
+
+from collectives.errors import ConfigError
+from collectives.quorum import (
+    CommitInputs,
+    Decision,
+    PeerView,
+    QuorumRules,
+    Report,
+    choose_sync_source,
+    commit_decision,
+    needs_resync,
+    next_epoch,
+    order_members,
+    quorum_ready,
+)
+
+OK = Report(ok=True)
+
+
+def fail(*named: str, reason: str = "x") -> Report:
+    return Report(ok=False, failed=named, reason=reason)
+
+
+# requesting, eligible, first request age, coordinator age, rules -> ready
+QUORUM_CASES = [
+    ("all eligible asked", {"a", "b"}, {"a", "b"}, 0.0, 100.0, QuorumRules(min_peers=2), True),
+    ("one missing, timeout not passed", {"a"}, {"a", "b"}, 1.0, 100.0, QuorumRules(min_peers=1, join_timeout_s=5), False),
+    ("one missing, timeout passed", {"a"}, {"a", "b"}, 5.0, 100.0, QuorumRules(min_peers=1, join_timeout_s=5), True),
+    ("timeout passed but under min_peers", {"a"}, {"a", "b"}, 50.0, 100.0, QuorumRules(min_peers=2), False),
+    ("everyone asked but under min_peers", {"a"}, {"a"}, 0.0, 100.0, QuorumRules(min_peers=2), False),
+    ("startup grace holds a timed-out quorum", {"a"}, {"a", "b"}, 9.0, 2.0, QuorumRules(1, 5.0, 10.0), False),
+    ("startup grace holds even a complete one", {"a", "b"}, {"a", "b"}, 0.0, 2.0, QuorumRules(2, 5.0, 10.0), False),
+    ("after the grace the timeout applies", {"a"}, {"a", "b"}, 9.0, 11.0, QuorumRules(1, 5.0, 10.0), True),
+    ("nobody asked", set(), {"a"}, 50.0, 100.0, QuorumRules(min_peers=1), False),
+]
+
+
+@pytest.mark.parametrize("name,requesting,eligible,age,coord_age,rules,ready", QUORUM_CASES, ids=[c[0] for c in QUORUM_CASES])
+def test_quorum_ready(name, requesting, eligible, age, coord_age, rules, ready):
+    assert quorum_ready(requesting, eligible, age, coord_age, rules) is ready
+
+
+def test_min_peers_below_one_is_a_config_error():
+    with pytest.raises(ConfigError):
+        QuorumRules(min_peers=0)
+
+
+def test_members_are_ordered_by_peer_id():
+    assert order_members({"p10", "p2", "p1"}) == ["p1", "p10", "p2"]
+
+
+@pytest.mark.parametrize(
+    "peer_round,committed,resync", [(5, 5, False), (4, 5, True), (6, 5, False), (0, 0, False), (0, 1, True)]
+)
+def test_needs_resync(peer_round, committed, resync):
+    assert needs_resync(peer_round, committed) is resync
+
+
+@pytest.mark.parametrize(
+    "previous,members,aborted,epoch",
+    [
+        (None, ["a", "b"], False, 3),
+        (["a", "b"], ["b", "a"], False, 3),
+        (["a", "b"], ["a", "b", "c"], False, 4),
+        (["a", "b", "c"], ["a", "b"], False, 4),
+        (["a", "b"], ["a", "b"], True, 4),
+    ],
+)
+def test_epoch_bumps_when_the_group_changes_or_after_an_abort(previous, members, aborted, epoch):
+    assert next_epoch(3, previous, members, aborted) == epoch
+
+
+M = ("a", "b", "c")
+# name, inputs, expected decision (None: keep waiting)
+COMMIT_CASES = [
+    ("all ok commits", CommitInputs(M, {"a": OK, "b": OK, "c": OK}), Decision(True)),
+    ("waiting for the last report", CommitInputs(M, {"a": OK, "b": OK}), None),
+    ("a failure waits for unnamed members", CommitInputs(M, {"a": fail("c")}), None),
+    (
+        "killed member: the others named it, it is dropped",
+        CommitInputs(M, {"a": fail("c"), "b": fail("c")}),
+        Decision(False, ("c",)),
+    ),
+    (
+        "failure reported by all, nobody silent: most-named dropped",
+        CommitInputs(M, {"a": fail("c"), "b": fail("c"), "c": fail("a")}),
+        Decision(False, ("c",)),
+    ),
+    (
+        "partition: two name each other, both dropped",
+        CommitInputs(("a", "b"), {"a": fail("b"), "b": fail("a")}),
+        Decision(False, ("a", "b")),
+    ),
+    ("lapsed lease of a silent member aborts", CommitInputs(M, {"a": OK, "b": OK}, frozenset({"c"})), Decision(False, ("c",))),
+    ("a lapsed lease of a reporter changes nothing", CommitInputs(M, {"a": OK, "b": OK}, frozenset({"a"})), None),
+    ("deadline drops the silent", CommitInputs(M, {"a": OK}, deadline_passed=True), Decision(False, ("b", "c"))),
+    (
+        "failure naming nobody aborts without drops",
+        CommitInputs(M, {"a": OK, "b": fail(), "c": OK}),
+        Decision(False, ()),
+    ),
+    ("reports from non-members are ignored", CommitInputs(("a",), {"a": OK, "z": fail("a")}), Decision(True)),
+    ("names outside the group are ignored", CommitInputs(("a", "b"), {"a": fail("z"), "b": OK}), Decision(False, ())),
+]
+
+
+@pytest.mark.parametrize("name,inputs,expected", COMMIT_CASES, ids=[c[0] for c in COMMIT_CASES])
+def test_commit_decision(name, inputs, expected):
+    got = commit_decision(inputs)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and (got.commit, got.dropped) == (expected.commit, expected.dropped)
+
+
+def test_abort_reason_carries_the_members_reasons():
+    got = commit_decision(CommitInputs(("a", "b"), {"a": fail("b", reason="b unreachable")}, deadline_passed=True))
+    assert got is not None and "b unreachable" in got.reason
+
+
+PEERS = [
+    PeerView("p1", "h:1", last_round=7),
+    PeerView("p2", "h:2", last_round=7),
+    PeerView("p3", "h:3", last_round=6),
+    PeerView("p4", "h:4", last_round=7, alive=False),
+    PeerView("p5", "h:5", last_round=7, has_state=False),
+]
+
+
+@pytest.mark.parametrize(
+    "joiner,serving,expected",
+    [
+        ("p9", {}, "p1"),
+        ("p1", {}, "p2"),
+        ("p9", {"p1": 1}, "p2"),
+        ("p9", {"p1": 2, "p2": 1}, "p2"),
+    ],
+)
+def test_sync_source_is_an_alive_up_to_date_peer_least_busy_first(joiner, serving, expected):
+    assert choose_sync_source(PEERS, joiner, 7, serving).peer_id == expected
+
+
+def test_no_sync_source_when_nobody_is_up_to_date():
+    assert choose_sync_source(PEERS, "p9", 8) is None
