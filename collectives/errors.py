@@ -22,8 +22,8 @@ class ConfigError(LoconetError, ValueError):
     """A configuration value is invalid (message says which and what is allowed)."""
 
 
-class ProtocolError(LoconetError):
-    """A message broke the protocol (stale epoch, foreign run, wrong size...); it was rejected."""
+class ProtocolError(LoconetError, ValueError):
+    """A message broke the protocol (malformed, stale epoch, foreign run, wrong size...); it was rejected."""
 
 
 class RoundFailed(LoconetError):

@@ -47,7 +47,8 @@ import torch
 
 from protos import state_pb2 as pb
 from collectives.errors import ConfigError, LoconetError
-from collectives.transport import HEADER_SLACK_BYTES, Transport, method_handlers
+from collectives.transport import HEADER_SLACK_BYTES, Transport, identity, method_handlers
+from collectives.wire import encode_varint, read_varint
 
 log = logging.getLogger(__name__)
 
@@ -184,19 +185,8 @@ def _encode_snapshot(snapshot: StateSnapshot, run_id: str, config: StateSyncConf
     return _Encoded(manifest.SerializeToString(), views, total, snapshot.round_id)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if not value:
-            out.append(byte)
-            return bytes(out)
-        out.append(byte | 0x80)
-
-
 def _key(field_number: int, wire: int) -> bytes:
-    return _varint((field_number << 3) | wire)
+    return encode_varint((field_number << 3) | wire)
 
 
 _KEY_MANIFEST = _key(_FIELD_MANIFEST, _WIRE_LEN)
@@ -226,10 +216,10 @@ def _chunk_plan(views: list[np.ndarray], chunk_bytes: int) -> Iterator[tuple[int
 
 def _frame(manifest: bytes | None, offset: int, pieces: list[memoryview]) -> bytes:
     """One serialised StateChunk (the one copy of the payload happens here)."""
-    head = [_KEY_MANIFEST, _varint(len(manifest)), manifest] if manifest is not None else []
+    head = [_KEY_MANIFEST, encode_varint(len(manifest)), manifest] if manifest is not None else []
     size = sum(len(p) for p in pieces)
-    data = [_KEY_DATA, _varint(size), *pieces] if size else []
-    return b"".join([*head, _KEY_OFFSET, _varint(offset), *data])
+    data = [_KEY_DATA, encode_varint(size), *pieces] if size else []
+    return b"".join([*head, _KEY_OFFSET, encode_varint(offset), *data])
 
 
 # -- serving ----------------------------------------------------------------------------------
@@ -261,7 +251,7 @@ class StateServer:
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         """The gRPC handlers of the StateSync service, for ``Transport.start``."""
         method = grpc.unary_stream_rpc_method_handler(
-            self._handle_fetch, request_deserializer=_identity, response_serializer=_identity
+            self._handle_fetch, request_deserializer=identity, response_serializer=identity
         )
         return [method_handlers(SERVICE, {"FetchState": method})]
 
@@ -308,9 +298,8 @@ class StateServer:
                 )
             sent = 0
             async for message in self._messages(encoded, limit):
-                await _pace_send(self.transport, len(message))
+                await self.transport.pace_send(context.peer(), len(message))
                 yield message
-                self.transport.counters.count_sent(context.peer(), len(message))
                 sent += len(message)
             log.info(
                 "served round %d state (%d bytes of tensors, %d on the wire) to %s in %.2f s",
@@ -346,34 +335,7 @@ class StateServer:
             pending.cancel()
 
 
-async def _pace_send(transport: Transport, nbytes: int) -> None:
-    # Transport has no public send-side pacing for server streams; use its send bucket when capped,
-    # so a peer with a capped uplink serves state at the same rate as it sends round data.
-    bucket = getattr(transport, "_send_bucket", None)
-    if bucket is not None:
-        await bucket.acquire(nbytes)
-
-
-def _identity(data: bytes) -> bytes:
-    return data
-
-
 # -- fetching -------------------------------------------------------------------------------------
-
-
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 64:
-            raise ValueError("varint longer than 10 bytes")
 
 
 def _parse_chunk(raw: bytes) -> tuple[memoryview | None, int, memoryview]:
@@ -382,7 +344,7 @@ def _parse_chunk(raw: bytes) -> tuple[memoryview | None, int, memoryview]:
     pos, seen = 0, set()
     manifest, offset, data = None, 0, memoryview(b"")
     while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
+        key, pos = read_varint(buf, pos)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise ValueError("field number 0")
@@ -393,11 +355,11 @@ def _parse_chunk(raw: bytes) -> tuple[memoryview | None, int, memoryview]:
                 raise ValueError(f"field {number} repeated in one chunk")
             seen.add(number)
         if wire == _WIRE_VARINT:
-            value, pos = _read_varint(buf, pos)
+            value, pos = read_varint(buf, pos)
             if number == _FIELD_OFFSET:
                 offset = value
         elif wire == _WIRE_LEN:
-            length, pos = _read_varint(buf, pos)
+            length, pos = read_varint(buf, pos)
             if pos + length > len(buf):
                 raise ValueError("a field runs past the end of the chunk")
             if number == _FIELD_MANIFEST:
@@ -537,7 +499,7 @@ async def fetch_state_async(
     started = time.monotonic()
     request = pb.StateRequest(run_id=run_id, peer_id=peer_id).SerializeToString()
     call = transport.channel(address).unary_stream(
-        FETCH_METHOD, request_serializer=_identity, response_deserializer=_identity
+        FETCH_METHOD, request_serializer=identity, response_deserializer=identity
     )(request, timeout=config.timeout_s)
     transport.counters.count_sent(address, len(request))
     entries: list[_Entry] | None = None

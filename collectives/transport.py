@@ -43,7 +43,8 @@ def message_bound(chunk_bytes: int) -> int:
     return chunk_bytes + chunk_bytes // 64 + HEADER_SLACK_BYTES
 
 
-def _identity(data: bytes) -> bytes:
+def identity(data: bytes) -> bytes:
+    """The (de)serializer of raw-bytes methods: the framing is the caller's."""
     return data
 
 
@@ -270,7 +271,7 @@ class Transport:
 
         Raises grpc.aio.AioRpcError with the call's final status on any failure.
         """
-        call = self.channel(address).stream_unary(method, request_serializer=_identity, response_deserializer=_identity)(
+        call = self.channel(address).stream_unary(method, request_serializer=identity, response_deserializer=identity)(
             timeout=max(timeout_s, 0.001)
         )
         try:
@@ -292,10 +293,16 @@ class Transport:
         """Call a unary method with raw request bytes; return the response bytes."""
         if self._send_bucket is not None:
             await self._send_bucket.acquire(len(request))
-        call = self.channel(address).unary_unary(method, request_serializer=_identity, response_deserializer=_identity)
+        call = self.channel(address).unary_unary(method, request_serializer=identity, response_deserializer=identity)
         response = await call(request, timeout=max(timeout_s, 0.001))
         self.counters.count_sent(address, len(request))
         return response
+
+    async def pace_send(self, address: str, nbytes: int) -> None:
+        """Count bytes a server stream sends and pace them under the send cap."""
+        if self._send_bucket is not None:
+            await self._send_bucket.acquire(nbytes)
+        self.counters.count_sent(address, nbytes)
 
     async def note_received(self, sender: str, nbytes: int) -> None:
         """Count bytes a handler received and pace them under the receive cap."""
@@ -340,9 +347,9 @@ def method_handlers(service: str, handlers: dict[str, grpc.RpcMethodHandler]) ->
 
 def raw_stream_unary(behavior: Any) -> grpc.RpcMethodHandler:
     """A client-streaming method whose handler sees raw request bytes and returns response bytes."""
-    return grpc.stream_unary_rpc_method_handler(behavior, request_deserializer=_identity, response_serializer=_identity)
+    return grpc.stream_unary_rpc_method_handler(behavior, request_deserializer=identity, response_serializer=identity)
 
 
 def raw_unary_unary(behavior: Any) -> grpc.RpcMethodHandler:
     """A unary method whose handler sees raw request bytes and returns response bytes."""
-    return grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=_identity, response_serializer=_identity)
+    return grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=identity, response_serializer=identity)

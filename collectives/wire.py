@@ -22,7 +22,8 @@ _PAYLOAD_KEY = bytes([(PAYLOAD_FIELD << 3) | _WIRE_LEN])
 MAX_HEADER_BYTES = 4096
 
 
-def _varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative integer."""
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -34,7 +35,8 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+def read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    """Decode the varint at pos; return (value, next position). ProtocolError if malformed."""
     result = 0
     shift = 0
     end = len(buf)
@@ -55,7 +57,7 @@ def encode_chunk(header: pb.PartChunk, payload: bytes | memoryview) -> bytes:
     """Serialise a PartChunk whose payload field is ``payload`` (header.payload must be empty)."""
     if header.payload:
         raise ValueError("pass the payload separately, not in the header")
-    return b"".join((header.SerializeToString(), _PAYLOAD_KEY, _varint(len(payload)), payload))
+    return b"".join((header.SerializeToString(), _PAYLOAD_KEY, encode_varint(len(payload)), payload))
 
 
 def decode_chunk(data: bytes) -> tuple[pb.PartChunk, memoryview]:
@@ -67,18 +69,18 @@ def decode_chunk(data: bytes) -> tuple[pb.PartChunk, memoryview]:
     payload: memoryview | None = None
     while pos < end:
         field_start = pos
-        key, pos = _read_varint(buf, pos)
+        key, pos = read_varint(buf, pos)
         field, wire = key >> 3, key & 7
         if field == 0:
             raise ProtocolError("field number 0 in a PartChunk")
         if wire == _WIRE_VARINT:
-            _, pos = _read_varint(buf, pos)
+            _, pos = read_varint(buf, pos)
         elif wire == _WIRE_I64:
             pos += 8
         elif wire == _WIRE_I32:
             pos += 4
         elif wire == _WIRE_LEN:
-            length, pos = _read_varint(buf, pos)
+            length, pos = read_varint(buf, pos)
             if pos + length > end:
                 raise ProtocolError("a length-delimited field runs past the end of a PartChunk")
             if field == PAYLOAD_FIELD:

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks that print JSON")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
 
-    from peer import bench_allreduce, bench_codecs
+    from peer import bench_allreduce, bench_codecs, bench_statesync
 
     allreduce = benches.add_parser("allreduce", help="our all-reduce among local processes vs gloo")
     bench_allreduce.add_arguments(allreduce)
@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     codecs = benches.add_parser("codecs", help="encode+decode throughput of each codec on one core")
     bench_codecs.add_arguments(codecs)
     codecs.set_defaults(handler=bench_codecs.main_ns)
+
+    statesync = benches.add_parser("statesync", help="time for a joiner to fetch a state from a peer")
+    bench_statesync.add_arguments(statesync)
+    statesync.set_defaults(handler=bench_statesync.main)
     return parser
 
 

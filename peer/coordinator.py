@@ -487,6 +487,28 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         log.info("peer %s %s: %s", peer.peer_id, state, why)
 
 
+def strict_handlers(coordinator: Coordinator) -> grpc.GenericRpcHandler:
+    """The Coordinator service's handlers, answering a malformed request with INVALID_ARGUMENT (not UNKNOWN)."""
+    service = pb.DESCRIPTOR.services_by_name["Coordinator"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        behavior = getattr(coordinator, method.name)
+
+        async def handle(raw: bytes, context, behavior=behavior, request_type=request_type):
+            try:
+                request = request_type.FromString(raw)
+            except Exception as exc:  # protobuf's DecodeError and friends: the bytes are not this message
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_type.__name__}: {exc}")
+            return await behavior(request, context)
+
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            handle, request_deserializer=lambda b: b, response_serializer=response_type.SerializeToString
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
 class CoordinatorServer:
     """A running coordinator: its gRPC server, tick loop and dashboard (create and use on one event loop)."""
 
@@ -504,7 +526,7 @@ class CoordinatorServer:
 
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", 64 << 20)]
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=10_000)
-        pb_grpc.add_CoordinatorServicer_to_server(self.coordinator, server)
+        server.add_generic_rpc_handlers((strict_handlers(self.coordinator),))
         add_health_service(server)
         bind = format_address(self.config.host, self.config.port)
         try:

@@ -6,16 +6,12 @@ import copy
 import inspect
 import json
 import math
-import os
 import re
-import shutil
-import signal
-import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -24,10 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from peer.dashboard import DashboardServer
 
+sys.path.insert(0, str(Path(__file__).parent))
+from support.browser import NO_CHROMIUM, DomIndex, chromium_path, run_chromium  # noqa: E402
+
 pytestmark = pytest.mark.timeout(60)
 
 T0 = 1763790000.0
-CHROMIUM_TIMEOUT_S = 60
 
 
 def sample_status() -> dict:
@@ -287,125 +285,17 @@ def test_close_is_idempotent_and_stops_serving():
 # ---- the page in headless Chromium ----------------------------------------
 
 
-def chromium_path() -> str | None:
-    """Debian's chromium, if installed."""
-    if os.access("/usr/bin/chromium", os.X_OK):
-        return "/usr/bin/chromium"
-    return shutil.which("chromium")
-
-
 needs_chromium = pytest.mark.skipif(
     chromium_path() is None,
-    reason="headless Chromium not installed (apt-get install -y chromium): page rendering not tested",
+    reason=NO_CHROMIUM,
 )
-
-
-def run_chromium(url: str, tmp: Path, *extra: str) -> str:
-    """Load url in headless Chromium with a 5 s virtual-time budget; return its stdout (the DOM with --dump-dom)."""
-    binary = chromium_path()
-    assert binary is not None
-    cmd = [
-        binary,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        # Without these Chromium phones home, and this machine's closed network refuses it.
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp / 'chromium-profile'}",
-        "--virtual-time-budget=5000",
-        *extra,
-        url,
-    ]
-    # Its own session, so that on timeout the whole process tree (zygote, renderers) can be killed.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=CHROMIUM_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"chromium did not finish within {CHROMIUM_TIMEOUT_S} s")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # helpers that outlive the browser process
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
-    return out.decode("utf-8", errors="replace")
-
-
-class Node:
-    """One element of a parsed DOM: tag, attributes and the text of all its descendants."""
-
-    def __init__(self, tag: str, attrs: dict[str, str]) -> None:
-        self.tag = tag
-        self.attrs = attrs
-        self.parts: list[str] = []
-
-    @property
-    def text(self) -> str:
-        return " ".join("".join(self.parts).split())
-
-    @property
-    def classes(self) -> set[str]:
-        return set(self.attrs.get("class", "").split())
-
-
-class DomIndex(HTMLParser):
-    """Flat index of every element of an HTML document, with descendant text."""
-
-    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
-
-    def __init__(self, html: str) -> None:
-        super().__init__(convert_charrefs=True)
-        self.nodes: list[Node] = []
-        self._open: list[Node] = []
-        self.feed(html)
-        self.close()
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        node = Node(tag, {k: v or "" for k, v in attrs})
-        self.nodes.append(node)
-        if tag not in self.VOID:
-            self._open.append(node)
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.nodes.append(Node(tag, {k: v or "" for k, v in attrs}))
-
-    def handle_endtag(self, tag: str) -> None:
-        for i in range(len(self._open) - 1, -1, -1):
-            if self._open[i].tag == tag:
-                del self._open[i:]
-                break
-
-    def handle_data(self, data: str) -> None:
-        for node in self._open:
-            node.parts.append(data)
-
-    def find(self, tag: str | None = None, cls: str | None = None, **attrs: str) -> list[Node]:
-        """Elements matching tag, class and exact attribute values (use data_peer_id for data-peer-id)."""
-        want = {k.replace("_", "-"): v for k, v in attrs.items()}
-        return [
-            n
-            for n in self.nodes
-            if (tag is None or n.tag == tag)
-            and (cls is None or cls in n.classes)
-            and all(n.attrs.get(k) == v for k, v in want.items())
-        ]
-
-    def by_id(self, element_id: str) -> Node:
-        (node,) = self.find(id=element_id)
-        return node
 
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> DomIndex:
     """The sample run's page after Chromium has loaded it and polled the status for 5 s of virtual time."""
     if chromium_path() is None:
-        pytest.skip("headless Chromium not installed (apt-get install -y chromium): page rendering not tested")
+        pytest.skip(NO_CHROMIUM)
     server = DashboardServer(sample_status)
     try:
         html = run_chromium(server.start() + "/", tmp_path_factory.mktemp("chromium"), "--dump-dom")

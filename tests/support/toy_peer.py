@@ -98,6 +98,9 @@ def main() -> int:
         while not stopping.is_set() and (ns.rounds == 0 or state["applied"] < ns.rounds):
             time.sleep(ns.interval)
             peer.status.step += 1
+            # A stand-in "loss" for the dashboard: the state's RMS.
+            peer.status.loss = float(params.norm()) / max(ns.numel, 1) ** 0.5
+            peer.status.activity = "training"
             mine = contribution(ns.name, state["applied"], ns.numel)
             try:
                 result = peer.sync(mine)
