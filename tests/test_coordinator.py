@@ -17,7 +17,7 @@ from protos import membership_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.browser import NO_CHROMIUM, DomIndex, chromium_path, run_chromium  # noqa: E402
-from support.procs import CoordinatorProc, toy_peer  # noqa: E402
+from support.procs import CoordinatorProc, stop_all, toy_peer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,7 +26,9 @@ RUN = "errors"
 
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory):
-    proc = CoordinatorProc(tmp_path_factory.mktemp("coord") / "coordinator.log", RUN, 0, "--join-timeout", "0.5", "--lease", "30")
+    proc = CoordinatorProc(
+        tmp_path_factory.mktemp("coord") / "coordinator.log", RUN, 0, "--join-timeout", "0.5", "--lease", "30", "--startup-grace", "0"
+    )
     yield proc
     proc.stop()
 
@@ -135,6 +137,5 @@ def test_dashboard_in_chromium_shows_the_live_peers_a_round_and_the_chart(tmp_pa
         lines = dom.find("polyline", cls="loss-line")
         assert lines and all(line.attrs.get("points") for line in lines)
     finally:
-        for p in peers:
-            p.stop()
+        stop_all(peers)
         coordinator.stop()

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 
 from collectives.reducers import ReducerConfig, reduce_rows  # noqa: E402
-from support.procs import CoordinatorProc, toy_peer  # noqa: E402
+from support.procs import CoordinatorProc, stop_all, toy_peer  # noqa: E402
 from support.toy_peer import contribution, digest  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
@@ -52,8 +52,9 @@ class Cluster:
         self.procs.append(self.coordinator)
 
     def close(self) -> None:
-        for p in self.procs:
-            p.stop()
+        # Peers first (they leave the run), then the coordinator.
+        stop_all([p for p in self.procs if p not in (self.coordinator,)])
+        stop_all([self.coordinator])
 
 
 @pytest.fixture

@@ -92,6 +92,24 @@ class Proc:
         return self.proc.poll() is None
 
 
+def stop_all(procs: list[Proc], timeout: float = 10.0) -> None:
+    """Stop several processes at once (SIGTERM to all, then wait, then SIGKILL what is left)."""
+    for p in procs:
+        if p.alive:
+            try:
+                os.killpg(p.proc.pid, signal.SIGCONT)
+                os.killpg(p.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        p.stop(timeout=0.1)
+
+
 class CoordinatorProc(Proc):
     """``loconet coordinator`` as a child; knows its gRPC address and dashboard URL."""
 

@@ -88,7 +88,14 @@ def main() -> int:
     )
     peer = ElasticCollective(config, provider, phase_hook=hook)
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+
+    def terminate(*_) -> None:
+        # Leave at once, even from inside a blocking sync: nothing half-applied can result,
+        # since a round is applied only after it returns.
+        stopping.set()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, terminate)
     t0 = time.monotonic()
     snapshot = peer.start(has_state=False)
     if snapshot is not None:
