@@ -257,20 +257,34 @@ class ElasticCollective:
 
     # -- the elastic all-reduce ----------------------------------------------------------
 
-    def sync(self, tensors: torch.Tensor | Sequence[torch.Tensor], weight: float = 1.0, tag: str = "") -> SyncResult:
+    def sync(
+        self,
+        tensors: torch.Tensor | Sequence[torch.Tensor],
+        weight: float = 1.0,
+        tag: str = "",
+        config: AllReduceConfig | None = None,
+    ) -> SyncResult:
         """Reduce tensors with the run in a committed round (blocking); raises Resynced, GroupTooSmall, RetriesExhausted."""
-        return self.sync_async(tensors, weight=weight, tag=tag).result()
+        return self.sync_async(tensors, weight=weight, tag=tag, config=config).result()
 
     def sync_async(
-        self, tensors: torch.Tensor | Sequence[torch.Tensor], weight: float = 1.0, tag: str = ""
+        self,
+        tensors: torch.Tensor | Sequence[torch.Tensor],
+        weight: float = 1.0,
+        tag: str = "",
+        config: AllReduceConfig | None = None,
     ) -> concurrent.futures.Future[SyncResult]:
-        """Start a sync and return its future; the input is copied first, so training may go on."""
+        """Start a sync and return its future; the input is copied first, so training may go on.
+
+        ``config`` overrides the peer's all-reduce settings for this sync (every member of
+        the run must pass the same, e.g. a strategy's codec for its pseudo-gradients).
+        """
         flat = flatten(tensors)
         check_finite(flat)
         like = tensors if isinstance(tensors, torch.Tensor) else list(tensors)
         if total_numel(like) != flat.numel():
             raise ValueError("tensors changed while being flattened")
-        return self.transport.submit(self._sync(flat, float(weight), tag, like))
+        return self.transport.submit(self._sync(flat, float(weight), tag, like, config or self.config.allreduce))
 
     def _move(self, round_id: int, to: Phase) -> None:
         if to not in TRANSITIONS[self.phase]:
@@ -279,7 +293,7 @@ class ElasticCollective:
         self.history.append((round_id, to))
         self.membership.status.activity = {Phase.ALLREDUCE: "in-round", Phase.RESYNC: "syncing"}.get(to, self.membership.status.activity)
 
-    async def _sync(self, flat: torch.Tensor, weight: float, tag: str, like) -> SyncResult:
+    async def _sync(self, flat: torch.Tensor, weight: float, tag: str, like, allreduce: AllReduceConfig) -> SyncResult:
         config = self.config
         out = torch.empty_like(flat)
         attempts = 0
@@ -311,7 +325,7 @@ class ElasticCollective:
                 raise Resynced(snapshot, plan.sync_from)
             attempts += 1
             self._move(plan.round_id, Phase.ALLREDUCE)
-            done, ok, failed, reason = await self._allreduce(plan, flat, weight, out)
+            done, ok, failed, reason = await self._allreduce(plan, flat, weight, out, allreduce)
             self._move(plan.round_id, Phase.COMMIT)
             outcome = await self._commit(plan, done, ok, failed, reason)
             self.epoch = max(self.epoch, outcome.epoch)
@@ -338,12 +352,12 @@ class ElasticCollective:
             self._move(plan.round_id, Phase.QUORUM)
 
     async def _allreduce(
-        self, plan: RoundPlan, flat: torch.Tensor, weight: float, out: torch.Tensor
+        self, plan: RoundPlan, flat: torch.Tensor, weight: float, out: torch.Tensor, config: AllReduceConfig
     ) -> tuple[AllReduceResult | None, bool, tuple[str, ...], str]:
         ids = [pid for pid, _ in plan.members]
         group = Group(self.config.run_id, plan.epoch, plan.round_id, tuple(addr for _, addr in plan.members), plan.rank)
         try:
-            done = await self.collective.reduce_flat(group, flat, weight=weight, config=self.config.allreduce, out=out)
+            done = await self.collective.reduce_flat(group, flat, weight=weight, config=config, out=out)
             return done, True, (), ""
         except MemberFailure as exc:
             return None, False, tuple(ids[r] for r in exc.failed_ranks), str(exc)

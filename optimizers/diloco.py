@@ -1,0 +1,215 @@
+"""DiLoCo: many local steps, then one averaged outer step.
+
+Each peer trains its copy of the model with its own inner optimizer (AdamW
+in the examples). Every ``sync_every`` inner steps (or every
+``sync_seconds``), it computes the pseudo-gradient ``global - local``, the
+run averages the pseudo-gradients in one committed round (weighted by the
+samples each peer processed since its last sync, so slow and fast peers count
+fairly), every peer applies the same outer step (SGD with Nesterov momentum,
+lr 0.7, momentum 0.9 by default) to the global parameters, and the local
+parameters restart from them. The inner optimizer's state is kept.
+
+Used like a torch optimizer::
+
+    opt = DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=3e-4), peer, sync_every=500)
+    for batch in loader:
+        loss = task.loss(model, batch); loss.backward(); opt.step(); opt.zero_grad()
+
+Failures: a round that aborts is retried by the peer on the survivors; if it
+cannot complete (too few peers, coordinator gone), this peer keeps its inner
+progress and tries again at its next sync. If it missed committed rounds, the
+peer raises ``Resynced`` with the run's state, which DiLoCo loads (global
+parameters, outer state; the local parameters restart from them).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from collectives.allreduce import AllReduceConfig
+from collectives.elastic import Resynced
+from collectives.errors import ConfigError, LoconetError
+from collectives.statesync import StateSnapshot
+from optimizers.outer import GlobalState, OuterConfig
+from optimizers.peers import SyncPeer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DiLoCoConfig:
+    """When to sync and how to take the outer step."""
+
+    sync_every: int = 500
+    # Sync on a time budget instead (seconds of training between syncs); peers of
+    # different speeds then meet at the same time, each weighted by its samples.
+    sync_seconds: float | None = None
+    outer: OuterConfig = OuterConfig()
+    # Codec etc. of the pseudo-gradient rounds (None: the peer's own settings).
+    allreduce: AllReduceConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.sync_every < 1:
+            raise ConfigError(f"sync_every must be at least 1, got {self.sync_every}")
+        if self.sync_seconds is not None and self.sync_seconds <= 0:
+            raise ConfigError(f"sync_seconds must be positive, got {self.sync_seconds}")
+
+
+@dataclass
+class SyncRecord:
+    """What one sync attempt did (for progress displays and benchmarks)."""
+
+    step: int
+    committed: bool
+    round_id: int = 0
+    bytes_sent: int = 0
+    wall_s: float = 0.0
+    reason: str = ""
+
+
+class DiLoCo:
+    """A torch.optim-like wrapper: inner optimizer steps, and an outer step every sync."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inner: torch.optim.Optimizer,
+        peer: SyncPeer,
+        sync_every: int = 500,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+        nesterov: bool = True,
+        sync_seconds: float | None = None,
+        allreduce: AllReduceConfig | None = None,
+    ) -> None:
+        self.config = DiLoCoConfig(
+            sync_every=sync_every,
+            sync_seconds=sync_seconds,
+            outer=OuterConfig(lr=outer_lr, momentum=outer_momentum, nesterov=nesterov),
+            allreduce=allreduce,
+        )
+        self.model = model
+        self.inner = inner
+        self.peer = peer
+        self.state = GlobalState([(n, p) for n, p in model.named_parameters() if p.requires_grad], self.config.outer)
+        self.inner_steps = 0
+        self.steps_since_sync = 0
+        self.samples_since_sync = 0
+        self.last_sync_time = time.monotonic()
+        self.history: list[SyncRecord] = []
+        # Called after every committed round (progress displays, checkpoints).
+        self.on_commit: Callable[[SyncRecord], None] | None = None
+
+    # -- torch.optim surface ------------------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The inner optimizer's parameter groups (so LR schedulers work)."""
+        return self.inner.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients, like the inner optimizer."""
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None, samples: int = 1) -> torch.Tensor | None:
+        """One inner step; also an outer step when a sync is due. ``samples``: how many this step trained on."""
+        loss = self.inner.step(closure)
+        self.inner_steps += 1
+        self.steps_since_sync += 1
+        self.samples_since_sync += samples
+        if self._sync_due():
+            self.sync()
+        return loss
+
+    def _sync_due(self) -> bool:
+        if self.config.sync_seconds is not None:
+            return time.monotonic() - self.last_sync_time >= self.config.sync_seconds
+        return self.steps_since_sync >= self.config.sync_every
+
+    # -- the outer step -------------------------------------------------------------------
+
+    def sync(self) -> bool:
+        """Average the pseudo-gradients with the run and take the outer step; False if no round committed."""
+        indices = range(len(self.state.params))
+        started = time.monotonic()
+        try:
+            result = self.peer.sync(
+                self.state.pseudo_gradients(indices),
+                weight=float(max(self.samples_since_sync, 1)),
+                tag="diloco",
+                config=self.config.allreduce,
+            )
+        except Resynced as exc:
+            self.load_snapshot(exc.snapshot)
+            self._record(SyncRecord(self.inner_steps, False, exc.snapshot.round_id, reason="resynced from the run"))
+            return False
+        except LoconetError as exc:
+            # Inner progress is kept; the pseudo-gradient keeps growing until a round commits.
+            log.warning("sync at step %d did not commit (%s); training on locally", self.inner_steps, exc)
+            self._reset_schedule(keep_samples=True)
+            self._record(SyncRecord(self.inner_steps, False, reason=str(exc)))
+            return False
+        self.state.outer_step(indices, result.value, result.round_id)
+        self.state.load_into_model(indices)
+        self._reset_schedule()
+        stats = getattr(result, "stats", None)
+        self._record(
+            SyncRecord(
+                self.inner_steps,
+                True,
+                result.round_id,
+                bytes_sent=getattr(stats, "bytes_sent", 0),
+                wall_s=time.monotonic() - started,
+            )
+        )
+        return True
+
+    def _reset_schedule(self, keep_samples: bool = False) -> None:
+        self.steps_since_sync = 0
+        self.last_sync_time = time.monotonic()
+        if not keep_samples:
+            self.samples_since_sync = 0
+
+    def _record(self, record: SyncRecord) -> None:
+        self.history.append(record)
+        if record.committed and self.on_commit is not None:
+            self.on_commit(record)
+
+    # -- state ----------------------------------------------------------------------------
+
+    def snapshot(self) -> StateSnapshot:
+        """The run's state as of the last committed round (what a joiner fetches)."""
+        return self.state.snapshot({"algorithm": "diloco", "inner_steps": self.inner_steps})
+
+    def load_snapshot(self, snapshot: StateSnapshot) -> None:
+        """Adopt the run's state: global parameters, outer state; the local parameters restart from them."""
+        self.state.restore(snapshot)
+        self._reset_schedule()
+
+    def state_dict(self) -> dict:
+        """Everything a restart needs: global state, inner optimizer, counters."""
+        snap = self.snapshot()
+        return {
+            "round_id": snap.round_id,
+            "global": snap.tensors,
+            "meta": snap.meta,
+            "inner": self.inner.state_dict(),
+            "inner_steps": self.inner_steps,
+            "steps_since_sync": self.steps_since_sync,
+            "samples_since_sync": self.samples_since_sync,
+            "config": asdict(self.config),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned; the model's (local) parameters are the caller's to restore."""
+        snapshot = StateSnapshot(round_id=state["round_id"], tensors=state["global"], meta=state["meta"])
+        self.state.restore(snapshot, into_model=False)
+        self.inner.load_state_dict(state["inner"])
+        self.inner_steps = int(state["inner_steps"])
+        self.steps_since_sync = int(state["steps_since_sync"])
+        self.samples_since_sync = int(state["samples_since_sync"])

@@ -1,0 +1,120 @@
+"""The global side of DiLoCo-style training: fp32 global parameters and the outer optimizer.
+
+Every peer keeps the run's global parameters (fp32, CPU) and the outer
+optimizer's state; they change only when a round commits, identically on
+every peer. ``GlobalState`` holds them, computes pseudo-gradients, applies
+outer steps (to all parameters or to a fragment), and turns itself into the
+``StateSnapshot`` a joiner fetches.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from collectives.errors import ConfigError
+from collectives.statesync import StateSnapshot
+
+
+@dataclass(frozen=True)
+class OuterConfig:
+    """The outer optimizer: SGD with (Nesterov) momentum on the averaged pseudo-gradients."""
+
+    lr: float = 0.7
+    momentum: float = 0.9
+    nesterov: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"outer lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"outer momentum must be in [0, 1), got {self.momentum}")
+
+
+class GlobalState:
+    """Global parameters (fp32, CPU) and their outer optimizer, for a list of named model parameters."""
+
+    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], config: OuterConfig) -> None:
+        if not named_params:
+            raise ConfigError("the model has no trainable parameters")
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.config = config
+        self.globals = [p.detach().to(device="cpu", dtype=torch.float32).clone() for p in self.params]
+        self.outer = torch.optim.SGD(
+            self.globals, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0
+        )
+        self.outer_steps = 0
+        self.round_id = 0
+        # Guards globals and the outer state against a joiner's snapshot taken on another thread.
+        self.lock = threading.Lock()
+
+    def pseudo_gradients(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """global - local for the given parameters (fp32, CPU)."""
+        with torch.no_grad():
+            return [self.globals[i] - self.params[i].detach().to(device="cpu", dtype=torch.float32) for i in indices]
+
+    def outer_step(self, indices: Sequence[int], averaged: Sequence[torch.Tensor], round_id: int) -> None:
+        """Apply the outer optimizer to the given global parameters with the averaged pseudo-gradients."""
+        with self.lock, torch.no_grad():
+            for g in self.globals:
+                g.grad = None
+            for i, avg in zip(indices, averaged):
+                self.globals[i].grad = avg.to(torch.float32).reshape(self.globals[i].shape)
+            # Parameters without a gradient are skipped by SGD (their momentum untouched).
+            self.outer.step()
+            for i in indices:
+                self.globals[i].grad = None
+            self.outer_steps += 1
+            self.round_id = round_id
+
+    def load_into_model(self, indices: Sequence[int], alpha: float = 0.0) -> None:
+        """local = alpha * local + (1 - alpha) * global for the given parameters (alpha weights the local side)."""
+        with torch.no_grad():
+            for i in indices:
+                p, g = self.params[i], self.globals[i].to(device=self.params[i].device, dtype=self.params[i].dtype)
+                if alpha == 0.0:
+                    p.copy_(g)
+                else:
+                    p.mul_(alpha).add_(g, alpha=1.0 - alpha)
+
+    # -- state sync and checkpoints ------------------------------------------------------
+
+    def snapshot(self, meta: dict) -> StateSnapshot:
+        """A consistent copy of the global state, for a joiner or a checkpoint."""
+        with self.lock:
+            tensors = {f"global/{n}": g.clone() for n, g in zip(self.names, self.globals)}
+            for n, g in zip(self.names, self.globals):
+                buf = self.outer.state.get(g, {}).get("momentum_buffer")
+                if buf is not None:
+                    tensors[f"momentum/{n}"] = buf.clone()
+            info = {"outer": asdict(self.config), "outer_steps": self.outer_steps, **meta}
+            return StateSnapshot(round_id=self.round_id, tensors=tensors, meta=info)
+
+    def restore(self, snapshot: StateSnapshot, into_model: bool = True) -> dict:
+        """Replace the global state with a snapshot's (and the model's parameters, unless told not to); return its meta."""
+        missing = [n for n in self.names if f"global/{n}" not in snapshot.tensors]
+        if missing:
+            raise ConfigError(
+                f"the received state lacks {len(missing)} parameter(s) (e.g. {missing[0]!r}): "
+                "peers of a run must train the same model"
+            )
+        with self.lock, torch.no_grad():
+            for n, g in zip(self.names, self.globals):
+                src = snapshot.tensors[f"global/{n}"]
+                if src.shape != g.shape:
+                    raise ConfigError(f"parameter {n!r} has shape {tuple(src.shape)} in the run, {tuple(g.shape)} here")
+                g.copy_(src)
+                buf = snapshot.tensors.get(f"momentum/{n}")
+                if buf is None:
+                    self.outer.state.pop(g, None)
+                else:
+                    self.outer.state[g] = {"momentum_buffer": buf.clone()}
+            self.outer_steps = int(snapshot.meta.get("outer_steps", 0))
+            self.round_id = snapshot.round_id
+        if into_model:
+            self.load_into_model(range(len(self.params)))
+        return snapshot.meta

@@ -1,0 +1,70 @@
+"""What an outer optimizer needs from the network: a peer that reduces tensors in committed rounds.
+
+``collectives.elastic.ElasticCollective`` is the real one. ``LocalPeer`` is
+a run of one (no network: the mean of one contribution is itself), for
+training alone and for tests of the optimizer math.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from collectives.allreduce import AllReduceConfig
+from collectives.codecs import make_codec
+from collectives.parts import flatten, unflatten_like
+
+
+class SyncPeer(Protocol):
+    """A member of a run (see collectives.elastic.ElasticCollective)."""
+
+    def sync(
+        self, tensors: Sequence[torch.Tensor], weight: float = 1.0, tag: str = "", config: AllReduceConfig | None = None
+    ) -> Any:
+        """Reduce tensors in a committed round; the result has ``.value`` and ``.round_id``."""
+
+    def sync_async(
+        self, tensors: Sequence[torch.Tensor], weight: float = 1.0, tag: str = "", config: AllReduceConfig | None = None
+    ) -> concurrent.futures.Future:
+        """Start a sync and return a future of its result."""
+
+
+@dataclass
+class LocalResult:
+    """The result of a LocalPeer round."""
+
+    value: list[torch.Tensor]
+    round_id: int
+
+
+class LocalPeer:
+    """A run of one peer: each round's result is the codec round trip of the contribution."""
+
+    def __init__(self) -> None:
+        self._rounds = itertools.count(1)
+        self.bytes_sent = 0
+
+    def sync(
+        self, tensors: Sequence[torch.Tensor], weight: float = 1.0, tag: str = "", config: AllReduceConfig | None = None
+    ) -> LocalResult:
+        """Return the contribution as the group's mean (after the codec, as a real round would)."""
+        flat = flatten(list(tensors))
+        codec = make_codec((config or AllReduceConfig()).codec)
+        out = codec.decode(codec.encode(flat), flat.numel())
+        return LocalResult(value=unflatten_like(out, list(tensors)), round_id=next(self._rounds))
+
+    def sync_async(
+        self, tensors: Sequence[torch.Tensor], weight: float = 1.0, tag: str = "", config: AllReduceConfig | None = None
+    ) -> concurrent.futures.Future:
+        """A future that is already done."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(self.sync(tensors, weight, tag, config))
+        except Exception as exc:  # surfaced through the future, like a real round's failure
+            future.set_exception(exc)
+        return future

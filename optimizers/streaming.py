@@ -1,0 +1,241 @@
+"""Streaming DiLoCo: DiLoCo on fragments of the model, staggered and overlapped with training.
+
+The parameters are split into ``fragments`` (P) groups: by default strided by
+layer (fragment p holds layers p, p+P, p+2P, ... in model order, the
+embeddings and head counting as layers), or size-balanced. Every
+``sync_every / P`` inner steps the peer starts the round of the next fragment
+(so each fragment syncs once every ``sync_every`` steps, the fragments
+staggered). The round travels in the background while training goes on for
+``overlap`` (tau) more steps; then the fragment's outer step is applied and
+mixed into the local parameters:
+
+    local = alpha * local + (1 - alpha) * global
+
+``alpha`` weights the *local* side (alpha = 0: the local fragment restarts
+from the new global one, as in DiLoCo). Pseudo-gradients use a 4-bit codec by
+default and are summed in fp32 by the all-reduce.
+
+Which fragment a round carries is the run's shared ``cursor`` (advanced by
+every committed round, carried in the state a joiner fetches), so every peer
+syncs the same fragment in the same round; the coordinator refuses a quorum
+whose members disagree. With P = 1, tau = 0 and alpha = 0 this is DiLoCo.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from collectives.allreduce import AllReduceConfig
+from collectives.codecs import CodecConfig
+from collectives.elastic import Resynced
+from collectives.errors import ConfigError, LoconetError
+from collectives.statesync import StateSnapshot
+from optimizers.diloco import SyncRecord
+from optimizers.outer import GlobalState, OuterConfig
+from optimizers.peers import SyncPeer
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("strided", "balanced")
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    """Fragments, schedule, overlap and mixing of Streaming DiLoCo."""
+
+    sync_every: int = 100
+    fragments: int = 4
+    overlap: int = 5
+    alpha: float = 0.5
+    split: str = "strided"
+    outer: OuterConfig = OuterConfig()
+    allreduce: AllReduceConfig = field(default_factory=lambda: AllReduceConfig(codec=CodecConfig("int4")))
+
+    def __post_init__(self) -> None:
+        if self.fragments < 1:
+            raise ConfigError(f"fragments must be at least 1, got {self.fragments}")
+        if self.sync_every < self.fragments or self.sync_every % self.fragments:
+            raise ConfigError(
+                f"sync_every ({self.sync_every}) must be a multiple of fragments ({self.fragments}): "
+                "each fragment syncs once per sync_every steps, one every sync_every/fragments"
+            )
+        if not 0 <= self.overlap < self.sync_every // self.fragments:
+            raise ConfigError(
+                f"overlap ({self.overlap}) must be below sync_every/fragments ({self.sync_every // self.fragments}): "
+                "a fragment's round must end before the next fragment's starts"
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+
+
+def layer_key(name: str) -> str:
+    """The layer a parameter belongs to: 'blocks.3' for 'blocks.3.attn.weight', else its first component."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[1].isdigit():
+        return f"{parts[0]}.{parts[1]}"
+    return parts[0]
+
+
+def split_fragments(names: Sequence[str], sizes: Sequence[int], count: int, mode: str = "strided") -> list[list[int]]:
+    """Parameter indices of each fragment (every parameter in exactly one; none empty)."""
+    layers: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        layers.setdefault(layer_key(name), []).append(i)
+    groups = list(layers.values())
+    if count > len(groups):
+        raise ConfigError(f"{count} fragments but the model has only {len(groups)} layers; use fewer fragments")
+    fragments: list[list[int]] = [[] for _ in range(count)]
+    if mode == "strided":
+        for k, group in enumerate(groups):
+            fragments[k % count].extend(group)
+    else:
+        loads = [0] * count
+        by_size = sorted(range(len(groups)), key=lambda k: (-sum(sizes[i] for i in groups[k]), k))
+        for k in by_size:
+            target = min(range(count), key=lambda f: (loads[f], f))
+            fragments[target].extend(groups[k])
+            loads[target] += sum(sizes[i] for i in groups[k])
+    return [sorted(f) for f in fragments]
+
+
+@dataclass
+class _InFlight:
+    fragment: int
+    future: concurrent.futures.Future
+    apply_at: int
+    started: float
+
+
+class StreamingDiLoCo:
+    """A torch.optim-like wrapper running Streaming DiLoCo over a peer."""
+
+    def __init__(
+        self, model: torch.nn.Module, inner: torch.optim.Optimizer, peer: SyncPeer, config: StreamingConfig | None = None
+    ) -> None:
+        self.config = config or StreamingConfig()
+        self.model = model
+        self.inner = inner
+        self.peer = peer
+        self.state = GlobalState([(n, p) for n, p in model.named_parameters() if p.requires_grad], self.config.outer)
+        self.fragments = split_fragments(
+            self.state.names, [p.numel() for p in self.state.params], self.config.fragments, self.config.split
+        )
+        self.inner_steps = 0
+        self.steps_since_start = 0
+        self.cursor = 0
+        self.samples = [0] * self.config.fragments
+        self.inflight: _InFlight | None = None
+        self.history: list[SyncRecord] = []
+        self.on_commit: Callable[[SyncRecord], None] | None = None
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The inner optimizer's parameter groups."""
+        return self.inner.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients, like the inner optimizer."""
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None, samples: int = 1) -> torch.Tensor | None:
+        """One inner step; starts and finishes fragment rounds on schedule."""
+        loss = self.inner.step(closure)
+        self.inner_steps += 1
+        self.steps_since_start += 1
+        for f in range(self.config.fragments):
+            self.samples[f] += samples
+        if self.inflight is not None and self.inner_steps >= self.inflight.apply_at:
+            self._finish()
+        if self.steps_since_start >= self.config.sync_every // self.config.fragments and self.inflight is None:
+            self._start()
+            if self.config.overlap == 0:
+                self._finish()
+        return loss
+
+    def _start(self) -> None:
+        f = self.cursor
+        indices = self.fragments[f]
+        self.steps_since_start = 0
+        future = self.peer.sync_async(
+            self.state.pseudo_gradients(indices),
+            weight=float(max(self.samples[f], 1)),
+            tag=f"fragment-{f}",
+            config=self.config.allreduce,
+        )
+        self.inflight = _InFlight(f, future, self.inner_steps + self.config.overlap, time.monotonic())
+
+    def _finish(self) -> None:
+        """Wait for the fragment in flight, then apply its outer step and mix it in."""
+        flight, self.inflight = self.inflight, None
+        assert flight is not None
+        f = flight.fragment
+        try:
+            result = flight.future.result()
+        except Resynced as exc:
+            self.load_snapshot(exc.snapshot)
+            self.history.append(SyncRecord(self.inner_steps, False, exc.snapshot.round_id, reason="resynced"))
+            return
+        except LoconetError as exc:
+            log.warning("fragment %d round did not commit (%s); training on locally", f, exc)
+            self.history.append(SyncRecord(self.inner_steps, False, reason=str(exc)))
+            return
+        indices = self.fragments[f]
+        self.state.outer_step(indices, result.value, result.round_id)
+        self.state.load_into_model(indices, alpha=self.config.alpha)
+        self.samples[f] = 0
+        self.cursor = (f + 1) % self.config.fragments
+        stats = getattr(result, "stats", None)
+        record = SyncRecord(
+            self.inner_steps, True, result.round_id, getattr(stats, "bytes_sent", 0), time.monotonic() - flight.started
+        )
+        self.history.append(record)
+        if self.on_commit is not None:
+            self.on_commit(record)
+
+    def flush(self) -> None:
+        """Finish a round still in flight (before evaluating, checkpointing or stopping)."""
+        if self.inflight is not None:
+            self._finish()
+
+    # -- state ----------------------------------------------------------------------------
+
+    def snapshot(self) -> StateSnapshot:
+        """The run's state as of the last committed round, with the fragment cursor."""
+        return self.state.snapshot({"algorithm": "streaming", "cursor": self.cursor, "inner_steps": self.inner_steps})
+
+    def load_snapshot(self, snapshot: StateSnapshot) -> None:
+        """Adopt the run's state (all fragments; local parameters restart from the global ones)."""
+        meta = self.state.restore(snapshot)
+        self.cursor = int(meta.get("cursor", 0)) % self.config.fragments
+        self.steps_since_start = 0
+
+    def state_dict(self) -> dict:
+        """Everything a restart needs (call flush() first so no round is in flight)."""
+        snap = self.snapshot()
+        return {
+            "round_id": snap.round_id,
+            "global": snap.tensors,
+            "meta": snap.meta,
+            "inner": self.inner.state_dict(),
+            "inner_steps": self.inner_steps,
+            "steps_since_start": self.steps_since_start,
+            "samples": list(self.samples),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned; the model's parameters are the caller's to restore."""
+        snapshot = StateSnapshot(round_id=state["round_id"], tensors=state["global"], meta=state["meta"])
+        meta = self.state.restore(snapshot, into_model=False)
+        self.cursor = int(meta.get("cursor", 0)) % self.config.fragments
+        self.inner.load_state_dict(state["inner"])
+        self.inner_steps = int(state["inner_steps"])
+        self.steps_since_start = int(state["steps_since_start"])
+        self.samples = [int(s) for s in state["samples"]]

@@ -1,0 +1,169 @@
+"""The training-task interface: what a peer trains, on which data, and how it is scored.
+
+A task builds the model, yields each peer's batches and evaluates the model on
+a held-out set that is the same for every peer. Everything is deterministic
+from ``TaskConfig.seed``: the model's initial weights, every peer's batch
+stream (per seed, rank, world and batch index) and the eval set.
+
+Built-in tasks (``TASK_NAMES``) are language models on token sequences: a batch
+is ``(inputs, targets)``, two int64 tensors of shape ``(batch_size, seq_len)``
+with ``targets[:, t] == inputs[:, t + 1]`` (the next token); the model maps
+inputs to logits of shape ``(batch_size, seq_len, vocab)``. A user task
+(``"package.module:function"``) may use any model and batch format as long as
+it provides its own ``loss`` (see ``peer.tasks.user``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from collectives.errors import ConfigError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+"""(inputs, targets) of one training or eval step."""
+
+TASK_NAMES = ("synthetic-lm", "text-lm")
+SPLITS = ("iid", "non-iid")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Everything a task is built from; equal configs give identical models, batches and eval sets."""
+
+    seed: int = 0  # everything deterministic from here (model init, data)
+    batch_size: int = 16
+    seq_len: int = 64
+    split: str = "iid"  # "iid" or "non-iid" (how the data is divided among peers)
+    # model size (small defaults)
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    # synthetic-lm
+    vocab_size: int = 64
+    # text-lm
+    data: str | None = None  # path to a UTF-8 text file or a folder of them
+    eval_batches: int = 8  # how many held-out batches evaluate() averages
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"TaskConfig: {what}")
+
+        need(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an int >= 0, got {self.seed!r}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")
+        need(self.split in SPLITS, f"split must be one of {', '.join(SPLITS)}; got {self.split!r}")
+        need(self.d_model >= 1 and self.n_layers >= 0 and self.n_heads >= 1, "d_model, n_heads must be >= 1 and n_layers >= 0")
+        need(
+            self.d_model % self.n_heads == 0,
+            f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})",
+        )
+        need(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
+        need(self.eval_batches >= 1, f"eval_batches must be >= 1, got {self.eval_batches}")
+
+
+class Task(ABC):
+    """A training task: model, per-peer batches, loss and a fixed held-out evaluation.
+
+    Subclasses implement ``build_model`` and ``batches``, and either ``eval_set``
+    (then ``evaluate`` averages ``loss`` over it) or ``evaluate`` itself.
+    ``loss`` defaults to next-token cross-entropy of a model that returns logits.
+    """
+
+    name: str = "task"
+
+    def __init__(self, config: TaskConfig) -> None:
+        self.config = config
+        self._eval_cache: list[Batch] | None = None
+
+    @abstractmethod
+    def build_model(self) -> torch.nn.Module:
+        """A freshly initialised model; the same weights for the same seed, no global RNG side effects."""
+
+    @abstractmethod
+    def batches(self, rank: int, world: int) -> Iterator[Batch]:
+        """Peer ``rank`` of ``world``'s infinite, deterministic stream of training batches."""
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy in nats of the model's next-token logits (scalar tensor)."""
+        inputs, targets = batch
+        device = _device_of(model)
+        logits = model(inputs.to(device))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.to(device).reshape(-1))
+
+    def eval_set(self) -> Sequence[Batch]:
+        """The fixed held-out batches (same for every peer and call); override this or ``evaluate``."""
+        raise NotImplementedError(f"task {self.name!r} defines neither eval_set() nor evaluate()")
+
+    def evaluate(self, model: torch.nn.Module) -> float:
+        """Mean loss over the held-out set, without gradients, in eval mode (the previous modes are restored)."""
+        if self._eval_cache is None:
+            self._eval_cache = list(self.eval_set())
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                total, count = 0.0, 0
+                for batch in self._eval_cache:
+                    n = int(batch[1].numel())
+                    total += float(self.loss(model, batch)) * n
+                    count += n
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        return total / count
+
+    @property
+    def entropy_floor(self) -> float | None:
+        """The best possible eval loss in nats, when known exactly (synthetic data); else None."""
+        return None
+
+    def samples_per_batch(self) -> int:
+        """Samples in one training batch (weights a peer's contribution)."""
+        return self.config.batch_size
+
+
+def make_task(name: str, config: TaskConfig) -> Task:
+    """The task called ``name``: one of ``TASK_NAMES`` or a user task ``"package.module:function"``."""
+    # imported here: the task modules import this one
+    if name == "synthetic-lm":
+        from peer.tasks.synthetic import SyntheticLMTask
+
+        return SyntheticLMTask(config)
+    if name == "text-lm":
+        from peer.tasks.text import TextLMTask
+
+        return TextLMTask(config)
+    if ":" in name:
+        from peer.tasks.user import load_user_task
+
+        return load_user_task(name, config)
+    raise ConfigError(
+        f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)} "
+        "or a user task given as 'package.module:function' (a function taking a TaskConfig and returning a Task)"
+    )
+
+
+def check_rank(rank: int, world: int) -> None:
+    """Raise ConfigError unless 0 <= rank < world."""
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ConfigError(f"need 0 <= rank < world with world >= 1; got rank={rank!r}, world={world!r}")
+
+
+def seeded_rng(seed: int, stream: str, *keys: int) -> np.random.Generator:
+    """An independent numpy generator for (seed, stream name, keys...); stable across runs and platforms."""
+    # crc32 rather than hash(): str hashes are salted per process
+    return np.random.default_rng([seed, zlib.crc32(stream.encode()), *keys])
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -1,0 +1,218 @@
+"""DiLoCo and Streaming DiLoCo against exact special cases (in-memory peers, so the math is isolated)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from collectives.allreduce import AllReduceConfig
+from collectives.errors import ConfigError
+from optimizers.diloco import DiLoCo
+from optimizers.outer import OuterConfig
+from optimizers.peers import LocalPeer
+from optimizers.streaming import StreamingConfig, StreamingDiLoCo, split_fragments
+
+sys.path.insert(0, str(Path(__file__).parent))
+from support.threadgroup import ThreadGroup  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+
+NONE = AllReduceConfig()
+
+
+def model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g)
+
+
+def loss_of(m: torch.nn.Module, b) -> torch.Tensor:
+    x, y = b
+    return torch.nn.functional.mse_loss(m(x), y)
+
+
+def train(opt, m: torch.nn.Module, rank: int, steps: int, samples: int = 1) -> None:
+    for t in range(steps):
+        loss_of(m, batch(rank, t)).backward()
+        opt.step(samples=samples) if isinstance(opt, (DiLoCo, StreamingDiLoCo)) else opt.step()
+        opt.zero_grad()
+
+
+def run_threads(targets) -> None:
+    errors = []
+
+    def guard(fn):
+        try:
+            fn()
+        except Exception as exc:  # re-raised in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guard, args=(fn,)) for fn in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    if errors:
+        raise errors[0]
+
+
+def params(m: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def assert_close(a, b, atol=1e-6) -> None:
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=atol, rtol=1e-5)
+
+
+def test_one_peer_with_outer_sgd_lr_1_and_no_momentum_is_plain_local_training():
+    a, b = model(), model()
+    diloco = DiLoCo(a, torch.optim.AdamW(a.parameters(), lr=1e-2), LocalPeer(), sync_every=4, outer_lr=1.0, outer_momentum=0.0)
+    train(diloco, a, 0, 20)
+    train(torch.optim.AdamW(b.parameters(), lr=1e-2), b, 0, 20)
+    assert_close(params(a), params(b))
+    assert sum(r.committed for r in diloco.history) == 5
+
+
+def test_h1_with_inner_sgd_and_outer_sgd_lr_1_is_data_parallel_sgd():
+    n, steps, lr = 3, 6, 0.1
+    group = ThreadGroup(n)
+    models = [model() for _ in range(n)]
+    opts = [
+        DiLoCo(m, torch.optim.SGD(m.parameters(), lr=lr), group.peers[r], sync_every=1, outer_lr=1.0, outer_momentum=0.0)
+        for r, m in enumerate(models)
+    ]
+    run_threads([lambda r=r: train(opts[r], models[r], r, steps) for r in range(n)])
+    # Data-parallel: average the n batches' gradients, one SGD step.
+    dp = model()
+    sgd = torch.optim.SGD(dp.parameters(), lr=lr)
+    for t in range(steps):
+        grads = []
+        for r in range(n):
+            dp.zero_grad()
+            loss_of(dp, batch(r, t)).backward()
+            grads.append([p.grad.clone() for p in dp.parameters()])
+        for i, p in enumerate(dp.parameters()):
+            p.grad = sum(g[i] for g in grads) / n
+        sgd.step()
+    for m in models:
+        assert_close(params(m), params(dp))
+
+
+def test_weights_by_samples_give_the_weighted_mean():
+    group = ThreadGroup(2)
+    models = [model(), model()]
+    opts = [
+        DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), group.peers[r], sync_every=100, outer_lr=1.0, outer_momentum=0.0)
+        for r, m in enumerate(models)
+    ]
+    train(opts[0], models[0], 0, 3, samples=1)
+    train(opts[1], models[1], 1, 3, samples=3)
+    locals_before = [params(m) for m in models]
+    run_threads([lambda r=r: opts[r].sync() for r in range(2)])
+    # Outer SGD with lr 1 and no momentum lands on the weighted mean of the local parameters.
+    w = [3.0, 9.0]
+    want = [(w[0] * a + w[1] * b) / sum(w) for a, b in zip(*locals_before)]
+    for m in models:
+        assert_close(params(m), want, atol=1e-6)
+
+
+def test_streaming_with_one_fragment_no_overlap_and_alpha_0_is_diloco():
+    steps = 12
+    ga, gb = ThreadGroup(2), ThreadGroup(2)
+    da = [model() for _ in range(2)]
+    db = [model() for _ in range(2)]
+    diloco = [DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), ga.peers[r], sync_every=4) for r, m in enumerate(da)]
+    cfg = StreamingConfig(sync_every=4, fragments=1, overlap=0, alpha=0.0, allreduce=NONE)
+    stream = [StreamingDiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), gb.peers[r], cfg) for r, m in enumerate(db)]
+    run_threads([lambda r=r: train(diloco[r], da[r], r, steps) for r in range(2)])
+    run_threads([lambda r=r: train(stream[r], db[r], r, steps) for r in range(2)])
+    for a, b in zip(da, db):
+        assert_close(params(a), params(b))
+    assert [h.step for h in stream[0].history] == [h.step for h in diloco[0].history] == [4, 8, 12]
+
+
+def test_streaming_fragments_sync_staggered_each_once_per_period():
+    m = model()
+    cfg = StreamingConfig(sync_every=8, fragments=2, overlap=1, alpha=0.5, allreduce=NONE)
+    opt = StreamingDiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), LocalPeer(), cfg)
+    train(opt, m, 0, 33)
+    # A fragment round starts every 4 steps and is applied 1 step later.
+    assert [h.step for h in opt.history] == [5, 9, 13, 17, 21, 25, 29, 33]
+    assert opt.cursor == 0
+
+
+def test_streaming_mixes_local_and_global_with_alpha_weighting_the_local_side():
+    m = model()
+    cfg = StreamingConfig(sync_every=2, fragments=1, overlap=1, alpha=0.25, outer=OuterConfig(lr=1.0, momentum=0.0), allreduce=NONE)
+    opt = StreamingDiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), LocalPeer(), cfg)
+    train(opt, m, 0, 2)  # round starts at step 2 with pseudo-gradient global - local(2)
+    local2 = params(m)
+    loss_of(m, batch(0, 2)).backward()
+    opt.inner.step()
+    local3 = params(m)
+    opt.inner.zero_grad()
+    opt.inner_steps += 1
+    opt.flush()
+    # With one peer, outer lr 1, no momentum: the new global is local(2); mix 0.25 local(3) + 0.75 local(2).
+    assert_close(params(m), [0.25 * a + 0.75 * b for a, b in zip(local3, local2)])
+
+
+def test_strided_split_by_layer_and_balanced_split_cover_every_parameter_once():
+    names = ["emb.weight", "blocks.0.w", "blocks.0.b", "blocks.1.w", "blocks.2.w", "blocks.3.w", "head.weight"]
+    sizes = [100, 10, 1, 10, 10, 10, 100]
+    strided = split_fragments(names, sizes, 2, "strided")
+    assert strided == [[0, 3, 5], [1, 2, 4, 6]]
+    balanced = split_fragments(names, sizes, 2, "balanced")
+    assert sorted(i for f in balanced for i in f) == list(range(len(names)))
+    loads = [sum(sizes[i] for i in f) for f in balanced]
+    assert max(loads) - min(loads) <= 10
+
+
+def test_more_fragments_than_layers_is_a_config_error():
+    with pytest.raises(ConfigError, match="fragments"):
+        split_fragments(["a.w", "b.w"], [1, 1], 3)
+
+
+def test_overlap_must_end_before_the_next_fragment_starts():
+    with pytest.raises(ConfigError, match="overlap"):
+        StreamingConfig(sync_every=8, fragments=4, overlap=2)
+
+
+def test_state_dict_round_trip_restores_global_state_and_counters():
+    a = model()
+    opt = DiLoCo(a, torch.optim.AdamW(a.parameters(), lr=1e-2), LocalPeer(), sync_every=3)
+    train(opt, a, 0, 7)
+    # deepcopy: like torch.optim's, the state dict holds references to live buffers.
+    saved, saved_params = copy.deepcopy(opt.state_dict()), params(a)
+    b = model(seed=5)
+    fresh = DiLoCo(b, torch.optim.AdamW(b.parameters(), lr=1e-2), LocalPeer(), sync_every=3)
+    fresh.load_state_dict(saved)
+    for p, q in zip(b.parameters(), saved_params):
+        p.data.copy_(q)
+    assert_close(fresh.state.globals, opt.state.globals, atol=0)
+    assert fresh.inner_steps == 7 and fresh.steps_since_sync == 1
+    train(opt, a, 0, 5)
+    train(fresh, b, 0, 5)
+    assert_close(params(a), params(b))
+
+
+def test_a_joiner_loading_the_snapshot_holds_the_run_global_state():
+    a = model()
+    opt = DiLoCo(a, torch.optim.AdamW(a.parameters(), lr=1e-2), LocalPeer(), sync_every=2)
+    train(opt, a, 0, 6)
+    b = model(seed=9)
+    joiner = DiLoCo(b, torch.optim.AdamW(b.parameters(), lr=1e-2), LocalPeer(), sync_every=2)
+    joiner.load_snapshot(opt.snapshot())
+    assert_close(joiner.state.globals, opt.state.globals, atol=0)
+    assert_close(params(b), opt.state.globals, atol=0)
+    assert joiner.state.round_id == opt.state.round_id
