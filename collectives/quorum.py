@@ -30,6 +30,9 @@ ones that never reported (or whose lease lapsed); if every member reported
 (a partition, or a member others found too slow), the members named by the
 most reports are dropped so that the retry can succeed.
 
+Head (``head_round``): when every peer holding the last committed state is
+gone, the run continues from the newest state a live peer holds.
+
 Sync source (``choose_sync_source``): an alive, up-to-date peer that holds
 state, least busy serving other joiners first, then lowest peer id.
 """
@@ -71,6 +74,19 @@ class QuorumRules:
 def needs_resync(peer_last_round: int, last_committed_round: int) -> bool:
     """Whether a peer missed committed rounds and must fetch the state first."""
     return peer_last_round < last_committed_round
+
+
+def head_round(peers: list[PeerView], last_committed_round: int) -> int:
+    """The newest round whose state a live peer still holds (the run's head).
+
+    Normally the last committed round. If every peer holding it has left or
+    died, the run goes on from the newest state a live peer holds rather than
+    waiting forever for a state nobody can serve (the later rounds are lost).
+    """
+    held = [p.last_round for p in peers if p.alive and p.has_state]
+    if not held or max(held) >= last_committed_round:
+        return last_committed_round
+    return max(held)
 
 
 def quorum_ready(

@@ -19,6 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_coordinator_arguments(coordinator)
     coordinator.set_defaults(handler=run_coordinator)
 
+    peer = commands.add_parser("peer", help="run one training peer of a run")
+    add_peer_arguments(peer)
+    peer.set_defaults(handler=run_peer_command)
+
     bench = commands.add_parser("bench", help="benchmarks that print JSON")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
 
@@ -52,6 +56,134 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--commit-timeout", type=float, default=30.0)
     parser.add_argument("--quorum-timeout", type=float, default=120.0)
     parser.add_argument("--startup-grace", type=float, default=None, help="after a start, wait this long for peers to re-register (default: one lease)")
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that choose and size a training task."""
+    g = parser.add_argument_group("task")
+    g.add_argument("--task", default="synthetic-lm", help="synthetic-lm, text-lm, or package.module:function")
+    g.add_argument("--data", default=None, help="text-lm: a UTF-8 text file or a folder of them")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--seq-len", type=int, default=64)
+    g.add_argument("--split", default="iid", choices=["iid", "non-iid"])
+    g.add_argument("--d-model", type=int, default=64)
+    g.add_argument("--layers", type=int, default=2)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--vocab-size", type=int, default=64, help="synthetic-lm vocabulary")
+
+
+def task_config(ns: argparse.Namespace):
+    """The TaskConfig the task options describe."""
+    from peer.tasks.base import TaskConfig
+
+    return TaskConfig(
+        seed=ns.seed,
+        batch_size=ns.batch_size,
+        seq_len=ns.seq_len,
+        split=ns.split,
+        d_model=ns.d_model,
+        n_layers=ns.layers,
+        n_heads=ns.heads,
+        vocab_size=ns.vocab_size,
+        data=ns.data,
+    )
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the training algorithm."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--algorithm", default="diloco", choices=["diloco", "streaming"])
+    g.add_argument("--steps", type=int, default=1000, help="inner steps to train")
+    g.add_argument("--duration", type=float, default=None, help="train for this many seconds instead")
+    g.add_argument("--inner-lr", type=float, default=3e-3)
+    g.add_argument("--sync-every", type=int, default=50, help="inner steps between syncs (H)")
+    g.add_argument("--sync-seconds", type=float, default=None, help="sync on a time budget instead (DiLoCo)")
+    g.add_argument("--outer-lr", type=float, default=0.7)
+    g.add_argument("--outer-momentum", type=float, default=0.9)
+    g.add_argument("--no-nesterov", action="store_true")
+    g.add_argument("--codec", default=None, help="pseudo-gradient codec (default int8; int4 for streaming)")
+    g.add_argument("--fragments", type=int, default=4, help="streaming: number of fragments (P)")
+    g.add_argument("--overlap", type=int, default=5, help="streaming: inner steps a fragment round overlaps (tau)")
+    g.add_argument("--alpha", type=float, default=0.5, help="streaming: weight of the local side when mixing")
+    g.add_argument("--fragment-split", default="strided", choices=["strided", "balanced"])
+    g.add_argument("--eval-every", type=int, default=0)
+    g.add_argument("--round-timeout", type=float, default=60.0, help="deadline of one all-reduce attempt")
+
+
+def train_config(ns: argparse.Namespace):
+    """The TrainConfig the training options describe."""
+    from peer.training import TrainConfig
+
+    return TrainConfig(
+        algorithm=ns.algorithm,
+        steps=ns.steps,
+        duration_s=ns.duration,
+        inner_lr=ns.inner_lr,
+        sync_every=ns.sync_every,
+        sync_seconds=ns.sync_seconds,
+        outer_lr=ns.outer_lr,
+        outer_momentum=ns.outer_momentum,
+        nesterov=not ns.no_nesterov,
+        codec=ns.codec,
+        fragments=ns.fragments,
+        overlap=ns.overlap,
+        alpha=ns.alpha,
+        split=ns.fragment_split,
+        eval_every=ns.eval_every,
+        round_timeout_s=ns.round_timeout,
+    )
+
+
+def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``loconet peer``."""
+    parser.add_argument("--coordinator", default="127.0.0.1:7070", help="host:port of the run's coordinator")
+    parser.add_argument("--run", default="demo", help="run id")
+    parser.add_argument("--name", default="", help="label shown on the dashboard")
+    parser.add_argument("--host", default="127.0.0.1", help="interface of this peer's data-plane server")
+    parser.add_argument("--port", type=int, default=0, help="data-plane port (0: any free port)")
+    parser.add_argument("--bandwidth", default=None, help="cap this peer's send and receive rate, e.g. 100mbit")
+    parser.add_argument("--checkpoint-dir", default=None)
+    parser.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    parser.add_argument("--checkpoint-every", type=int, default=1, help="committed rounds between checkpoints")
+    parser.add_argument("--shard", default="0/1", help="this peer's data shard I/N")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    parser.add_argument("--events", action="store_true", help="print JSON events on stdout")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    add_task_arguments(parser)
+    add_train_arguments(parser)
+
+
+def run_peer_command(ns: argparse.Namespace) -> int:
+    """Run a peer from parsed arguments."""
+    from collectives.ratelimit import parse_bandwidth
+    from collectives.transport import TransportConfig
+    from peer.daemon import PeerConfig, run_peer
+
+    try:
+        shard, shards = (int(x) for x in ns.shard.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like I/N, got {ns.shard!r}") from None
+    config = PeerConfig(
+        coordinator=ns.coordinator,
+        run_id=ns.run,
+        task=ns.task,
+        task_config=task_config(ns),
+        train=train_config(ns),
+        name=ns.name,
+        transport=TransportConfig(
+            host=ns.host, port=ns.port, bandwidth_bps=parse_bandwidth(ns.bandwidth) if ns.bandwidth else None
+        ),
+        checkpoint_dir=ns.checkpoint_dir,
+        keep_checkpoints=ns.keep,
+        checkpoint_every=ns.checkpoint_every,
+        shard=shard,
+        shards=shards,
+        events=ns.events,
+        progress=ns.progress,
+        threads=ns.threads,
+    )
+    return run_peer(config)
 
 
 def run_coordinator(ns: argparse.Namespace) -> int:

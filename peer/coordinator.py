@@ -36,6 +36,7 @@ from collectives.quorum import (
     Report,
     choose_sync_source,
     commit_decision,
+    head_round,
     needs_resync,
     next_epoch,
     order_members,
@@ -303,6 +304,13 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         peer = self._peer(req.peer_id)
         s = self.state
         peer.last_round = req.last_round
+        if req.last_round > 0 or peer.has_state:
+            peer.has_state = True
+        head = head_round([p.view() for p in s.alive_peers()], s.last_committed_round)
+        if head < s.last_committed_round:
+            s.event("rollback", "", f"peers holding round {s.last_committed_round} are gone; continuing from round {head}")
+            log.warning("no live peer holds round %d; the run continues from round %d", s.last_committed_round, head)
+            s.last_committed_round = head
         if needs_resync(req.last_round, s.last_committed_round):
             source = choose_sync_source([p.view() for p in s.alive_peers()], peer.peer_id, s.last_committed_round, self._serving)
             if source is None:

@@ -10,6 +10,7 @@ from collectives.quorum import (
     QuorumRules,
     Report,
     choose_sync_source,
+    head_round,
     commit_decision,
     needs_resync,
     next_epoch,
@@ -141,6 +142,19 @@ PEERS = [
 )
 def test_sync_source_is_an_alive_up_to_date_peer_least_busy_first(joiner, serving, expected):
     assert choose_sync_source(PEERS, joiner, 7, serving).peer_id == expected
+
+
+@pytest.mark.parametrize(
+    "peers,committed,head",
+    [
+        ([PeerView("a", "", 7), PeerView("b", "", 6)], 7, 7),
+        ([PeerView("a", "", 7, alive=False), PeerView("b", "", 6)], 7, 6),
+        ([PeerView("a", "", 7, alive=False), PeerView("b", "", 6, has_state=False)], 7, 7),
+        ([], 7, 7),
+    ],
+)
+def test_head_round_falls_back_to_the_newest_state_a_live_peer_holds(peers, committed, head):
+    assert head_round(peers, committed) == head
 
 
 def test_no_sync_source_when_nobody_is_up_to_date():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +61,10 @@ class TaskConfig:
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")
         need(self.split in SPLITS, f"split must be one of {', '.join(SPLITS)}; got {self.split!r}")
-        need(self.d_model >= 1 and self.n_layers >= 0 and self.n_heads >= 1, "d_model, n_heads must be >= 1 and n_layers >= 0")
+        need(
+            self.d_model >= 1 and self.n_layers >= 0 and self.n_heads >= 1,
+            "d_model, n_heads must be >= 1 and n_layers >= 0",
+        )
         need(
             self.d_model % self.n_heads == 0,
             f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})",
@@ -104,20 +108,15 @@ class Task(ABC):
 
     def evaluate(self, model: torch.nn.Module) -> float:
         """Mean loss over the held-out set, without gradients, in eval mode (the previous modes are restored)."""
-        if self._eval_cache is None:
+        # getattr: a user subclass may not call Task.__init__
+        if getattr(self, "_eval_cache", None) is None:
             self._eval_cache = list(self.eval_set())
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            with torch.no_grad():
-                total, count = 0.0, 0
-                for batch in self._eval_cache:
-                    n = int(batch[1].numel())
-                    total += float(self.loss(model, batch)) * n
-                    count += n
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        total, count = 0.0, 0
+        with evaluating(model):
+            for batch in self._eval_cache:
+                n = int(batch[1].numel())  # weight by targets: a mean over every scored token
+                total += float(self.loss(model, batch)) * n
+                count += n
         return total / count
 
     @property
@@ -149,6 +148,20 @@ def make_task(name: str, config: TaskConfig) -> Task:
         f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)} "
         "or a user task given as 'package.module:function' (a function taking a TaskConfig and returning a Task)"
     )
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no grad inside; every submodule's previous train/eval mode restored after."""
+    # model.train(was_training) would flatten submodules whose modes differed; restore each one
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def check_rank(rank: int, world: int) -> None:

@@ -136,3 +136,12 @@ def toy_peer(log_dir: pathlib.Path, coordinator: str, run: str, name: str, *extr
     """Start a toy peer (tests/support/toy_peer.py) named name."""
     args = [sys.executable, str(TOY_PEER), "--coordinator", coordinator, "--run", run, "--name", name, *extra]
     return Proc(args, log_dir / f"{name}.log")
+
+
+def daemon_peer(log_dir: pathlib.Path, coordinator: str, run: str, name: str, *extra: str) -> Proc:
+    """Start ``loconet peer --events`` named name (small model, quick syncs unless extra says otherwise)."""
+    args = [
+        sys.executable, "-m", "peer.cli", "peer", "--coordinator", coordinator, "--run", run, "--name", name,
+        "--events", "--no-progress", "--round-timeout", "10", *extra,
+    ]
+    return Proc(args, log_dir / f"{name}.log")

@@ -1,0 +1,77 @@
+"""Checkpoints of a peer: written atomically, the last K kept, loaded without unpickling code.
+
+A checkpoint is one ``torch.save`` file of plain containers and tensors
+(model and optimizer state dicts, counters). It is written to a temporary
+file in the same folder, flushed to disk, then renamed over its final name,
+so a crash mid-write never leaves a torn checkpoint. Loading uses
+``torch.load(weights_only=True)``: only tensors and plain Python values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^ckpt-(\d{10})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read; the message names the file."""
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    """Where the checkpoint of a step lives."""
+    return Path(folder) / f"ckpt-{step:010d}.pt"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints in folder, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 3) -> Path:
+    """Write state atomically as the checkpoint of step; delete all but the newest keep."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(folder, step)
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    log.info("checkpoint %s written", final)
+    return final
+
+
+def load_latest(folder: Path) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint in folder (path, state), or None when there is none."""
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged file: fall back to the one before
+            log.warning("skipping unreadable checkpoint %s: %s", path, exc)
+    return None

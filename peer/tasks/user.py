@@ -1,0 +1,142 @@
+"""User tasks: ``"package.module:function"`` names a function that builds a task from a TaskConfig.
+
+The module is imported with ``importlib`` from ``sys.path``. The current
+working directory is searched too: if it is not on ``sys.path`` already (as
+under the ``loconet`` console script), it is appended, last, so a module of
+the user's next to where ``loconet`` was started is found, but never shadows an
+installed module of the same name.
+
+``function(config)`` must return either
+
+- a ``peer.tasks.Task`` instance (subclass it: implement ``build_model`` and
+  ``batches`` and ``eval_set`` or ``evaluate``), or
+- a lighter object with callables ``build_model()``, ``batches(rank, world)``
+  and ``evaluate(model)``, and optionally ``loss(model, batch)``,
+  ``entropy_floor`` (attribute or property) and ``samples_per_batch()``. It is
+  wrapped in a ``Task``; without ``loss``, the next-token cross-entropy of
+  ``Task.loss`` is used.
+
+A class that takes a TaskConfig is such a function too (``"mymod:MyTask"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from collectives.errors import ConfigError
+from peer.tasks.base import TASK_NAMES, Batch, Task, TaskConfig, evaluating
+
+logger = logging.getLogger(__name__)
+
+_SPEC = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):([A-Za-z_][A-Za-z0-9_]*)$")
+REQUIRED = ("build_model", "batches", "evaluate")
+
+
+def load_user_task(spec: str, config: TaskConfig) -> Task:
+    """Import ``module``, call ``function(config)`` and return the Task it builds (see the module docstring)."""
+    match = _SPEC.match(spec.strip())
+    if match is None:
+        raise ConfigError(
+            f"bad user task {spec!r}: expected 'package.module:function' (a dotted module path, one colon, "
+            f"a function name), e.g. 'mytasks:make_task'; built-in tasks are {', '.join(TASK_NAMES)}"
+        )
+    module_name, function_name = match.groups()
+    module = _import(module_name, spec)
+    function = getattr(module, function_name, None)
+    if function is None:
+        names = sorted(
+            n
+            for n, v in vars(module).items()
+            if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
+        )
+        raise ConfigError(
+            f"user task {spec!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no "
+            f"{function_name!r}; callables it defines: {', '.join(names) or 'none'}"
+        )
+    if not callable(function):
+        raise ConfigError(
+            f"user task {spec!r}: {function_name!r} is a value of type {type(function).__name__}, "
+            "not a function or class"
+        )
+    try:
+        inspect.signature(function).bind(config)
+    except TypeError as e:
+        raise ConfigError(f"user task {spec!r}: {function_name} must take one argument, a TaskConfig ({e})") from e
+    except ValueError:
+        pass  # no signature to check (some builtins): just call it
+    made = function(config)
+    if isinstance(made, Task):
+        return made
+    missing = [m for m in REQUIRED if not callable(getattr(made, m, None))]
+    if missing:
+        raise ConfigError(
+            f"user task {spec!r}: {function_name}(config) returned an object of type {type(made).__name__}, not a "
+            f"peer.tasks.Task nor an object with {', '.join(REQUIRED)} (missing: {', '.join(missing)})"
+        )
+    return WrappedTask(made, config, name=spec)
+
+
+def _import(module_name: str, spec: str) -> Any:
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+        logger.debug("user task: appended the working directory %s to sys.path", cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        # e.name tells a missing task module apart from a missing dependency of it
+        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ConfigError(
+                f"user task {spec!r}: no module named {e.name!r} on sys.path (the working directory {cwd} "
+                "is searched too; set PYTHONPATH to import it from elsewhere)"
+            ) from e
+        raise ConfigError(f"user task {spec!r}: importing {module_name!r} failed: {e}") from e
+    except Exception as e:  # any error inside the user's module is a problem with the task given
+        raise ConfigError(f"user task {spec!r}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
+
+
+class WrappedTask(Task):
+    """A Task around a duck-typed user object (build_model, batches, evaluate, optional loss/entropy_floor)."""
+
+    def __init__(self, inner: Any, config: TaskConfig, name: str) -> None:
+        super().__init__(config)
+        self.inner = inner
+        self.name = str(getattr(inner, "name", name))
+
+    def build_model(self) -> torch.nn.Module:
+        """The user object's model."""
+        return self.inner.build_model()
+
+    def batches(self, rank: int, world: int) -> Iterator[Batch]:
+        """The user object's batch stream for peer ``rank`` of ``world``."""
+        return iter(self.inner.batches(rank, world))
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """The user object's loss if it has one, else next-token cross-entropy."""
+        own = getattr(self.inner, "loss", None)
+        return own(model, batch) if callable(own) else super().loss(model, batch)
+
+    def evaluate(self, model: torch.nn.Module) -> float:
+        """The user object's evaluation, run without grad in eval mode (modes restored after)."""
+        with evaluating(model):
+            return float(self.inner.evaluate(model))
+
+    @property
+    def entropy_floor(self) -> float | None:
+        """The user object's ``entropy_floor`` if it has one, else None."""
+        floor = getattr(self.inner, "entropy_floor", None)
+        return None if floor is None else float(floor)
+
+    def samples_per_batch(self) -> int:
+        """The user object's ``samples_per_batch()`` if it has one, else the configured batch size."""
+        own = getattr(self.inner, "samples_per_batch", None)
+        return int(own()) if callable(own) else self.config.batch_size

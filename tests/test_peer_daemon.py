@@ -1,0 +1,104 @@
+"""``loconet peer`` processes training together: a kill mid-run, a restart from checkpoint, a clean SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from support.procs import CoordinatorProc, daemon_peer, stop_all  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+SMALL = ("--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--batch-size", "8", "--sync-every", "10")
+
+
+class Run:
+    def __init__(self, tmp: Path, name: str = "train") -> None:
+        self.tmp = tmp
+        self.name = name
+        self.coordinator = CoordinatorProc(
+            tmp / "coordinator.log", name, 0, "--join-timeout", "3", "--lease", "3", "--heartbeat", "0.5", "--startup-grace", "0"
+        )
+        self.peers: dict[str, object] = {}
+
+    def add(self, name: str, *extra: str):
+        p = daemon_peer(self.tmp, self.coordinator.address, self.name, name, *SMALL, *extra)
+        self.peers[name] = p
+        return p
+
+    def close(self) -> None:
+        stop_all(list(self.peers.values()))
+        self.coordinator.stop()
+
+
+@pytest.fixture
+def run(tmp_path):
+    r = Run(tmp_path)
+    yield r
+    r.close()
+
+
+def finished(peer, timeout: float = 240) -> dict:
+    return peer.wait_event(lambda e: e["event"] == "finished", timeout)
+
+
+def digests(peer) -> dict[int, str]:
+    """Global-parameter digest after each round the peer committed."""
+    return {e["round"]: e["digest"] for e in peer.events if e["event"] == "committed"}
+
+
+def assert_identical_where_both_committed(p, q) -> int:
+    """Both peers hold the same global parameters after every round they both committed; return how many."""
+    dp, dq = digests(p), digests(q)
+    common = sorted(set(dp) & set(dq))
+    assert common, "the peers never committed a round together"
+    assert all(dp[r] == dq[r] for r in common)
+    return len(common)
+
+
+def test_a_peer_killed_mid_run_leaves_the_others_finishing_with_identical_global_params(run):
+    peers = {n: run.add(n, "--steps", "120") for n in ("a", "b", "victim")}
+    for p in peers.values():
+        p.wait_event(lambda e: e["event"] == "committed", 120)
+    peers["victim"].signal(signal.SIGKILL)
+    killed_at = time.time()
+    done = {n: finished(peers[n]) for n in ("a", "b")}
+    assert done["a"]["step"] == done["b"]["step"] == 120
+    assert_identical_where_both_committed(peers["a"], peers["b"])
+    last = max(set(digests(peers["a"])) & set(digests(peers["b"])))
+    assert any(e["event"] == "committed" and e["round"] == last and e["t"] > killed_at for e in peers["a"].events)
+
+
+def test_a_restarted_peer_resumes_its_checkpoint_and_resyncs_with_the_group(run, tmp_path):
+    ckpt = tmp_path / "ckpt-b"
+    a = run.add("a", "--steps", "200")
+    b = run.add("b", "--steps", "200", "--checkpoint-dir", str(ckpt))
+    b.wait_event(lambda e: e["event"] == "committed" and e["step"] >= 30, 120)
+    b.signal(signal.SIGKILL)
+    b.proc.wait(timeout=10)
+    b2 = run.add("b-again", "--steps", "200", "--checkpoint-dir", str(ckpt))
+    joined = b2.wait_event(lambda e: e["event"] == "joined", 120)
+    assert joined["resumed_step"] >= 10  # the last checkpoint written before the kill
+    finished(a)
+    finished(b2)
+    # Resumed, re-synced, then in lockstep with the group again.
+    assert assert_identical_where_both_committed(a, b2) >= 3
+
+
+def test_sigterm_leaves_the_run_cleanly(run):
+    a = run.add("a", "--steps", "100000")
+    b = run.add("b", "--steps", "100000")
+    for p in (a, b):
+        p.wait_event(lambda e: e["event"] == "committed", 120)
+    b.signal(signal.SIGTERM)
+    done = finished(b, 60)
+    assert done["stopped"] is True
+    assert b.proc.wait(timeout=30) == 0
+    # The survivor goes on alone.
+    t = time.time()
+    a.wait_event(lambda e: e["event"] == "committed" and e["t"] > t, 60)
