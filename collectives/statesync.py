@@ -247,6 +247,8 @@ class StateServer:
         self.provider = provider
         self.config = config
         self._active = 0  # fetches being served (touched on the loop only)
+        # Bytes sent to joiners (also in the transport's counters), so reports can tell them apart.
+        self.bytes_served = 0
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         """The gRPC handlers of the StateSync service, for ``Transport.start``."""
@@ -299,6 +301,7 @@ class StateServer:
             sent = 0
             async for message in self._messages(encoded, limit):
                 await self.transport.pace_send(context.peer(), len(message))
+                self.bytes_served += len(message)
                 yield message
                 sent += len(message)
             log.info(

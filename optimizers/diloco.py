@@ -68,7 +68,9 @@ class SyncRecord:
     committed: bool
     round_id: int = 0
     bytes_sent: int = 0
+    # The whole sync (quorum, all-reduce, commit), and the all-reduce alone.
     wall_s: float = 0.0
+    allreduce_s: float = 0.0
     reason: str = ""
 
 
@@ -154,7 +156,7 @@ class DiLoCo:
             self._reset_schedule(keep_samples=True)
             self._record(SyncRecord(self.inner_steps, False, reason=str(exc)))
             return False
-        self.state.outer_step(indices, result.value, result.round_id)
+        self.state.outer_step(indices, result.value, result.round_id, step=self.inner_steps)
         self.state.load_into_model(indices)
         self._reset_schedule()
         stats = getattr(result, "stats", None)
@@ -165,6 +167,7 @@ class DiLoCo:
                 result.round_id,
                 bytes_sent=getattr(stats, "bytes_sent", 0),
                 wall_s=time.monotonic() - started,
+                allreduce_s=getattr(stats, "wall_s", 0.0),
             )
         )
         return True
@@ -187,8 +190,10 @@ class DiLoCo:
         return self.state.snapshot({"algorithm": "diloco", "inner_steps": self.inner_steps})
 
     def load_snapshot(self, snapshot: StateSnapshot) -> None:
-        """Adopt the run's state: global parameters, outer state; the local parameters restart from them."""
+        """Adopt the run's state: global parameters, outer state, step count; the local parameters restart from them."""
         self.state.restore(snapshot)
+        # Count steps as the run does, so a joiner ends (and syncs) with the others.
+        self.inner_steps = max(self.inner_steps, self.state.step)
         self._reset_schedule()
 
     def state_dict(self) -> dict:

@@ -49,6 +49,8 @@ class GlobalState:
         )
         self.outer_steps = 0
         self.round_id = 0
+        # The run's inner step count when round_id committed (a joiner adopts it).
+        self.step = 0
         # Guards globals and the outer state against a joiner's snapshot taken on another thread.
         self.lock = threading.Lock()
 
@@ -57,7 +59,7 @@ class GlobalState:
         with torch.no_grad():
             return [self.globals[i] - self.params[i].detach().to(device="cpu", dtype=torch.float32) for i in indices]
 
-    def outer_step(self, indices: Sequence[int], averaged: Sequence[torch.Tensor], round_id: int) -> None:
+    def outer_step(self, indices: Sequence[int], averaged: Sequence[torch.Tensor], round_id: int, step: int = 0) -> None:
         """Apply the outer optimizer to the given global parameters with the averaged pseudo-gradients."""
         with self.lock, torch.no_grad():
             for g in self.globals:
@@ -70,6 +72,7 @@ class GlobalState:
                 self.globals[i].grad = None
             self.outer_steps += 1
             self.round_id = round_id
+            self.step = step
 
     def load_into_model(self, indices: Sequence[int], alpha: float = 0.0) -> None:
         """local = alpha * local + (1 - alpha) * global for the given parameters (alpha weights the local side)."""
@@ -91,7 +94,7 @@ class GlobalState:
                 buf = self.outer.state.get(g, {}).get("momentum_buffer")
                 if buf is not None:
                     tensors[f"momentum/{n}"] = buf.clone()
-            info = {"outer": asdict(self.config), "outer_steps": self.outer_steps, **meta}
+            info = {"outer": asdict(self.config), "outer_steps": self.outer_steps, "step": self.step, **meta}
             return StateSnapshot(round_id=self.round_id, tensors=tensors, meta=info)
 
     def restore(self, snapshot: StateSnapshot, into_model: bool = True) -> dict:
@@ -115,6 +118,7 @@ class GlobalState:
                     self.outer.state[g] = {"momentum_buffer": buf.clone()}
             self.outer_steps = int(snapshot.meta.get("outer_steps", 0))
             self.round_id = snapshot.round_id
+            self.step = int(snapshot.meta.get("step", 0))
         if into_model:
             self.load_into_model(range(len(self.params)))
         return snapshot.meta

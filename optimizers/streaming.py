@@ -11,7 +11,9 @@ mixed into the local parameters:
 
     local = alpha * local + (1 - alpha) * global
 
-``alpha`` weights the *local* side (alpha = 0: the local fragment restarts
+(When P does not divide ``sync_every``, rounds start at the steps where
+``step * P // sync_every`` grows, so each fragment still syncs once per
+``sync_every`` steps on average.) ``alpha`` weights the *local* side (alpha = 0: the local fragment restarts
 from the new global one, as in DiLoCo). Pseudo-gradients use a 4-bit codec by
 default and are summed in fp32 by the all-reduce.
 
@@ -60,10 +62,10 @@ class StreamingConfig:
     def __post_init__(self) -> None:
         if self.fragments < 1:
             raise ConfigError(f"fragments must be at least 1, got {self.fragments}")
-        if self.sync_every < self.fragments or self.sync_every % self.fragments:
+        if self.sync_every < self.fragments:
             raise ConfigError(
-                f"sync_every ({self.sync_every}) must be a multiple of fragments ({self.fragments}): "
-                "each fragment syncs once per sync_every steps, one every sync_every/fragments"
+                f"sync_every ({self.sync_every}) must be at least fragments ({self.fragments}): "
+                "each fragment syncs once per sync_every steps"
             )
         if not 0 <= self.overlap < self.sync_every // self.fragments:
             raise ConfigError(
@@ -129,7 +131,6 @@ class StreamingDiLoCo:
             self.state.names, [p.numel() for p in self.state.params], self.config.fragments, self.config.split
         )
         self.inner_steps = 0
-        self.steps_since_start = 0
         self.cursor = 0
         self.samples = [0] * self.config.fragments
         self.inflight: _InFlight | None = None
@@ -149,21 +150,26 @@ class StreamingDiLoCo:
         """One inner step; starts and finishes fragment rounds on schedule."""
         loss = self.inner.step(closure)
         self.inner_steps += 1
-        self.steps_since_start += 1
         for f in range(self.config.fragments):
             self.samples[f] += samples
         if self.inflight is not None and self.inner_steps >= self.inflight.apply_at:
             self._finish()
-        if self.steps_since_start >= self.config.sync_every // self.config.fragments and self.inflight is None:
+        if self._round_due():
+            if self.inflight is not None:  # only with a config that lets rounds overlap; finish it first
+                self._finish()
             self._start()
             if self.config.overlap == 0:
                 self._finish()
         return loss
 
+    def _round_due(self) -> bool:
+        # A fragment round starts each time step * P // H grows: every H/P steps on average.
+        t, p, h = self.inner_steps, self.config.fragments, self.config.sync_every
+        return (t * p) // h > ((t - 1) * p) // h
+
     def _start(self) -> None:
         f = self.cursor
         indices = self.fragments[f]
-        self.steps_since_start = 0
         future = self.peer.sync_async(
             self.state.pseudo_gradients(indices),
             weight=float(max(self.samples[f], 1)),
@@ -188,13 +194,18 @@ class StreamingDiLoCo:
             self.history.append(SyncRecord(self.inner_steps, False, reason=str(exc)))
             return
         indices = self.fragments[f]
-        self.state.outer_step(indices, result.value, result.round_id)
+        self.state.outer_step(indices, result.value, result.round_id, step=self.inner_steps)
         self.state.load_into_model(indices, alpha=self.config.alpha)
         self.samples[f] = 0
         self.cursor = (f + 1) % self.config.fragments
         stats = getattr(result, "stats", None)
         record = SyncRecord(
-            self.inner_steps, True, result.round_id, getattr(stats, "bytes_sent", 0), time.monotonic() - flight.started
+            self.inner_steps,
+            True,
+            result.round_id,
+            getattr(stats, "bytes_sent", 0),
+            time.monotonic() - flight.started,
+            getattr(stats, "wall_s", 0.0),
         )
         self.history.append(record)
         if self.on_commit is not None:
@@ -215,7 +226,8 @@ class StreamingDiLoCo:
         """Adopt the run's state (all fragments; local parameters restart from the global ones)."""
         meta = self.state.restore(snapshot)
         self.cursor = int(meta.get("cursor", 0)) % self.config.fragments
-        self.steps_since_start = 0
+        # The fragment schedule follows the step count: adopt the run's.
+        self.inner_steps = max(self.inner_steps, self.state.step)
 
     def state_dict(self) -> dict:
         """Everything a restart needs (call flush() first so no round is in flight)."""
@@ -226,7 +238,6 @@ class StreamingDiLoCo:
             "meta": snap.meta,
             "inner": self.inner.state_dict(),
             "inner_steps": self.inner_steps,
-            "steps_since_start": self.steps_since_start,
             "samples": list(self.samples),
         }
 
@@ -237,5 +248,4 @@ class StreamingDiLoCo:
         self.cursor = int(meta.get("cursor", 0)) % self.config.fragments
         self.inner.load_state_dict(state["inner"])
         self.inner_steps = int(state["inner_steps"])
-        self.steps_since_start = int(state["steps_since_start"])
         self.samples = [int(s) for s in state["samples"]]

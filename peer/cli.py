@@ -23,10 +23,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_peer_arguments(peer)
     peer.set_defaults(handler=run_peer_command)
 
+    harness = commands.add_parser("harness", help="a whole network on this machine, with fault injection and a report")
+    add_harness_arguments(harness)
+    harness.set_defaults(handler=run_harness_command)
+
+    demo = commands.add_parser("demo", help="4 local peers train a language model with DiLoCo; dashboard and summary")
+    demo.add_argument("--peers", type=int, default=4)
+    demo.add_argument("--steps", type=int, default=600)
+    demo.add_argument("--dashboard-port", type=int, default=8080, help="0: any free port")
+    demo.add_argument("--json", action="store_true", help="also print the full report as JSON")
+    demo.set_defaults(handler=run_demo_command)
+
     bench = commands.add_parser("bench", help="benchmarks that print JSON")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
 
-    from peer import bench_allreduce, bench_codecs, bench_statesync
+    from peer import bench_allreduce, bench_codecs, bench_diloco, bench_statesync
 
     allreduce = benches.add_parser("allreduce", help="our all-reduce among local processes vs gloo")
     bench_allreduce.add_arguments(allreduce)
@@ -35,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     codecs = benches.add_parser("codecs", help="encode+decode throughput of each codec on one core")
     bench_codecs.add_arguments(codecs)
     codecs.set_defaults(handler=bench_codecs.main_ns)
+
+    diloco = benches.add_parser("diloco", help="DiLoCo and Streaming DiLoCo vs data-parallel and one peer")
+    bench_diloco.add_arguments(diloco)
+    diloco.set_defaults(handler=bench_diloco.main)
 
     statesync = benches.add_parser("statesync", help="time for a joiner to fetch a state from a peer")
     bench_statesync.add_arguments(statesync)
@@ -149,6 +164,8 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", default="0/1", help="this peer's data shard I/N")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training")
     parser.add_argument("--events", action="store_true", help="print JSON events on stdout")
+    parser.add_argument("--control", default=None, help="a JSON file the harness writes to slow this peer down")
+    parser.add_argument("--start-when", default=None, help="wait until this file exists before joining")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     add_task_arguments(parser)
     add_train_arguments(parser)
@@ -180,10 +197,131 @@ def run_peer_command(ns: argparse.Namespace) -> int:
         shard=shard,
         shards=shards,
         events=ns.events,
+        control_file=ns.control,
+        start_when=ns.start_when,
         progress=ns.progress,
         threads=ns.threads,
     )
     return run_peer(config)
+
+
+def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``loconet harness``."""
+    parser.add_argument("--peers", type=int, default=4)
+    parser.add_argument("--run", default="harness")
+    parser.add_argument("--event", action="append", default=[], help="e.g. kill:peer2@round3, join@round5 (repeatable)")
+    parser.add_argument("--scenario", default=None, help="a TOML file of [[event]] tables")
+    parser.add_argument("--bandwidth", default=None, help="per-peer cap on send and receive, e.g. 100mbit")
+    parser.add_argument("--uplink", default=None, help="--netns: cap of what a peer sends (default --bandwidth)")
+    parser.add_argument("--downlink", default=None, help="--netns: cap of what a peer receives (default --bandwidth)")
+    parser.add_argument("--netns", action="store_true", help="each process in its own network namespace (root)")
+    parser.add_argument("--lease", type=float, default=3.0)
+    parser.add_argument("--heartbeat", type=float, default=0.5)
+    parser.add_argument("--join-timeout", type=float, default=5.0)
+    parser.add_argument("--min-peers", type=int, default=1)
+    parser.add_argument("--dashboard-port", type=int, default=0)
+    parser.add_argument("--workdir", default=None, help="logs and checkpoints (default: a new temporary folder)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
+    parser.add_argument("--json", action="store_true", help="print one JSON report at the end")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    add_task_arguments(parser)
+    add_train_arguments(parser)
+    parser.set_defaults(steps=400)
+
+
+def harness_config(ns: argparse.Namespace):
+    """The HarnessConfig the harness options describe."""
+    from pathlib import Path
+
+    from peer.harness import HarnessConfig
+    from peer.scenario import load_scenario, parse_event
+
+    events = [parse_event(e) for e in ns.event] + (load_scenario(ns.scenario) if ns.scenario else [])
+    return HarnessConfig(
+        peers=ns.peers,
+        run_id=ns.run,
+        task=ns.task,
+        task_config=task_config(ns),
+        train=train_config(ns),
+        events=tuple(events),
+        bandwidth=ns.bandwidth,
+        uplink=ns.uplink,
+        downlink=ns.downlink,
+        netns=ns.netns,
+        lease_s=ns.lease,
+        heartbeat_s=ns.heartbeat,
+        join_timeout_s=ns.join_timeout,
+        min_peers=ns.min_peers,
+        dashboard_port=ns.dashboard_port,
+        workdir=Path(ns.workdir) if ns.workdir else None,
+        timeout_s=ns.timeout,
+        progress=ns.progress if ns.progress is not None else sys.stderr.isatty(),
+    )
+
+
+def run_harness_command(ns: argparse.Namespace) -> int:
+    """Run a scenario and print its report."""
+    import json
+
+    from peer.harness import Harness
+
+    harness = Harness(harness_config(ns))
+    report = harness.run(on_start=lambda url: sys.stderr.write(f"dashboard: {url}\n"))
+    sys.stdout.write((json.dumps(report) if ns.json else json.dumps(report, indent=2)) + "\n")
+    return 0
+
+
+def run_demo_command(ns: argparse.Namespace) -> int:
+    """The README's main job: a local DiLoCo run with the dashboard, and a readable summary."""
+    import json
+
+    from peer.harness import Harness, HarnessConfig
+    from peer.tasks.base import TaskConfig
+    from peer.training import TrainConfig
+
+    config = HarnessConfig(
+        peers=ns.peers,
+        run_id="demo",
+        task="synthetic-lm",
+        task_config=TaskConfig(),
+        train=TrainConfig(algorithm="diloco", steps=ns.steps, sync_every=50),
+        dashboard_port=ns.dashboard_port,
+        progress=sys.stderr.isatty(),
+        min_peers=ns.peers,
+    )
+    out = sys.stdout
+    out.write(f"loconet demo: {ns.peers} peers train a small transformer language model with DiLoCo "
+              f"({ns.steps} steps each, syncing every 50).\n")
+
+    def started(url: str) -> None:
+        out.write(f"Dashboard: {url}  (open it in a browser while the demo runs)\n")
+        out.flush()
+
+    report = Harness(config).run(on_start=started)
+    out.write(demo_summary(report, ns.peers, ns.steps) + "\n")
+    if ns.json:
+        out.write(json.dumps(report) + "\n")
+    return 0 if report["survivors_identical"] else 1
+
+
+def demo_summary(report: dict, peers: int, steps: int) -> str:
+    """A short summary a person can read."""
+    mb = report["bytes_sent_per_peer"] / 1e6
+    dp = report["data_parallel_bytes_per_peer"] / 1e6
+    floor = report.get("entropy_floor")
+    lines = [
+        "",
+        "Summary",
+        f"  eval loss      {report['initial_eval_loss']:.3f} before -> {report['final_eval_loss']:.3f} after"
+        + (f" (best possible {floor:.3f})" if floor else ""),
+        f"  rounds         {report['rounds_committed']} committed, {report['rounds_aborted']} aborted",
+        f"  sent per peer  {mb:.2f} MB; synchronous data-parallel would have sent {dp:.1f} MB "
+        f"for the same {steps} steps ({dp / mb:.0f}x more)" if mb else "  sent per peer  0 MB",
+        f"  peers          {report['peers_alive']} of {peers} finished with "
+        + ("identical parameters" if report["survivors_identical"] else "DIFFERENT parameters"),
+        f"  wall time      {report['wall_s']:.0f} s; logs in {report['workdir']}",
+    ]
+    return "\n".join(lines)
 
 
 def run_coordinator(ns: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -53,6 +54,10 @@ class PeerConfig:
     shard: int = 0
     shards: int = 1
     events: bool = False
+    # A JSON file the harness may write ({"slowdown": 3.0}) to make this peer a straggler.
+    control_file: str | None = None
+    # Wait until this file exists before joining (the harness starts joiners early, then opens the gate).
+    start_when: str | None = None
     progress: bool | None = None  # None: when stderr is a terminal
     threads: int = 1
 
@@ -132,7 +137,6 @@ def run_peer(config: PeerConfig) -> int:
     elastic = ElasticCollective(elastic_cfg, provider)
     opt = make_optimizer(model, elastic, train_cfg)
     holder["opt"] = opt
-    start_step = 0
     resumed = None
     if config.checkpoint_dir:
         resumed = load_latest(config.checkpoint_dir)
@@ -140,8 +144,12 @@ def run_peer(config: PeerConfig) -> int:
             path, state = resumed
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            start_step = opt.inner_steps
-            log.info("resumed from %s (step %d, round %d)", path, start_step, opt.state.round_id)
+            log.info("resumed from %s (step %d, round %d)", path, opt.inner_steps, opt.state.round_id)
+    if config.start_when:
+        events.emit("waiting", gate=config.start_when)
+        while not os.path.exists(config.start_when):
+            if stop.wait(0.05):
+                return 0
     t0 = time.monotonic()
     snapshot = elastic.start(has_state=resumed is not None, last_round=opt.state.round_id)
     if snapshot is not None:
@@ -151,15 +159,19 @@ def run_peer(config: PeerConfig) -> int:
         peer_id=elastic.peer_id,
         address=elastic.address,
         sync_s=time.monotonic() - t0,
-        resumed_step=start_step,
+        resumed_step=opt.inner_steps,
         round=opt.state.round_id,
         digest=global_digest(opt),
     )
-    loop = TrainLoop(task, model, opt, train_cfg, config.shard, config.shards, start_step)
+    # A joiner (or a peer that was behind) counts steps from the run's count.
+    loop = TrainLoop(task, model, opt, train_cfg, config.shard, config.shards, opt.inner_steps)
     display = ProgressDisplay(config.progress if config.progress is not None else sys.stderr.isatty(), train_cfg.steps)
     counters = elastic.transport.counters
 
+    pace = Pace(config.control_file)
+
     def on_step(p: Progress) -> None:
+        pace.after_step()
         s = elastic.status
         s.step, s.loss, s.samples = p.step, p.loss, p.samples
         s.steps_per_s = p.steps_per_s
@@ -173,6 +185,7 @@ def run_peer(config: PeerConfig) -> int:
             step=opt.inner_steps,
             bytes=record.bytes_sent,
             wall_s=record.wall_s,
+            allreduce_s=record.allreduce_s,
             digest=global_digest(opt),
             loss=loop.progress.loss,
         )
@@ -197,12 +210,38 @@ def run_peer(config: PeerConfig) -> int:
         rounds=progress.rounds,
         digest=global_digest(opt),
         bytes_sent=counters.bytes_sent,
+        bytes_served=elastic.state_server.bytes_served,
         bytes_received=counters.bytes_received,
         stopped=stop.is_set(),
         entropy_floor=task.entropy_floor,
     )
     elastic.close(leave=True, reason="stopped" if stop.is_set() else "finished")
     return 0
+
+
+class Pace:
+    """Slows training down by a factor read from a control file (a straggler on purpose)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.factor = 1.0
+        self._checked = 0.0
+        self._last = time.monotonic()
+
+    def after_step(self) -> None:
+        """Sleep so that steps take `factor` times as long as they did."""
+        now = time.monotonic()
+        took = now - self._last
+        if self.path and now - self._checked >= 1.0:
+            self._checked = now
+            try:
+                with open(self.path) as f:
+                    self.factor = max(1.0, float(json.load(f).get("slowdown", 1.0)))
+            except (OSError, ValueError, AttributeError):
+                self.factor = 1.0
+        if self.factor > 1.0:
+            time.sleep(took * (self.factor - 1.0))
+        self._last = time.monotonic()
 
 
 def _checkpoint(config: PeerConfig, model: torch.nn.Module, opt, step: int) -> None:

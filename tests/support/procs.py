@@ -1,135 +1,15 @@
-"""Child processes for multi-process tests: a coordinator and toy peers, followed through their JSON-lines output."""
+"""Test-only processes: the toy peer (tests/support/toy_peer.py); the rest comes from peer.processes."""
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import queue
-import re
-import signal
-import subprocess
 import sys
-import threading
-import time
+
+from peer.processes import CoordinatorProc, Proc, daemon_peer, stop_all
+
+__all__ = ["CoordinatorProc", "Proc", "daemon_peer", "stop_all", "toy_peer"]
 
 TOY_PEER = pathlib.Path(__file__).with_name("toy_peer.py")
-
-
-class Proc:
-    """A child process in its own session; stdout lines that are JSON objects become events."""
-
-    def __init__(self, args: list[str], log_path: pathlib.Path) -> None:
-        self.args = args
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True, bufsize=1
-        )
-        self.events: list[dict] = []
-        self.lines: list[str] = []
-        self._queue: queue.Queue = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            line = line.strip()
-            self.lines.append(line)
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            event["_seen"] = time.time()
-            self.events.append(event)
-            self._queue.put(event)
-
-    def wait_event(self, pred, timeout: float = 60.0) -> dict:
-        """The first event (past or future) matching pred; AssertionError after timeout."""
-        for event in list(self.events):
-            if pred(event):
-                return event
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no matching event within {timeout} s from {self.args[-8:]}; got {self.events[-5:]}")
-            try:
-                event = self._queue.get(timeout=min(remaining, 0.5))
-            except queue.Empty:
-                if self.proc.poll() is not None and self._queue.empty():
-                    self._reader.join(timeout=1)
-                    for ev in list(self.events):
-                        if pred(ev):
-                            return ev
-                    raise AssertionError(f"process exited ({self.proc.returncode}) without a matching event: {self.events[-5:]}")
-                continue
-            if pred(event):
-                return event
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL the whole session; reap."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGCONT)
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=timeout)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=10)
-        self.log.close()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-
-def stop_all(procs: list[Proc], timeout: float = 10.0) -> None:
-    """Stop several processes at once (SIGTERM to all, then wait, then SIGKILL what is left)."""
-    for p in procs:
-        if p.alive:
-            try:
-                os.killpg(p.proc.pid, signal.SIGCONT)
-                os.killpg(p.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        p.stop(timeout=0.1)
-
-
-class CoordinatorProc(Proc):
-    """``loconet coordinator`` as a child; knows its gRPC address and dashboard URL."""
-
-    LINE = re.compile(r"at (\S+), dashboard (\S+)")
-
-    def __init__(self, log_path: pathlib.Path, run: str, port: int = 0, *extra: str) -> None:
-        args = [sys.executable, "-m", "peer.cli", "coordinator", "--run", run, "--port", str(port), "--dashboard-port", "0", *extra]
-        super().__init__(args, log_path)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                m = self.LINE.search(line)
-                if m:
-                    self.address, self.dashboard = m.group(1), m.group(2)
-                    self.port = int(self.address.rsplit(":", 1)[1])
-                    return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"coordinator did not start: {self.lines} (see {log_path})")
 
 
 def toy_peer(log_dir: pathlib.Path, coordinator: str, run: str, name: str, *extra: str) -> Proc:
@@ -138,10 +18,3 @@ def toy_peer(log_dir: pathlib.Path, coordinator: str, run: str, name: str, *extr
     return Proc(args, log_dir / f"{name}.log")
 
 
-def daemon_peer(log_dir: pathlib.Path, coordinator: str, run: str, name: str, *extra: str) -> Proc:
-    """Start ``loconet peer --events`` named name (small model, quick syncs unless extra says otherwise)."""
-    args = [
-        sys.executable, "-m", "peer.cli", "peer", "--coordinator", coordinator, "--run", run, "--name", name,
-        "--events", "--no-progress", "--round-timeout", "10", *extra,
-    ]
-    return Proc(args, log_dir / f"{name}.log")

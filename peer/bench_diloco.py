@@ -1,0 +1,239 @@
+"""``loconet bench diloco``: DiLoCo and Streaming DiLoCo against data-parallel training and one peer alone.
+
+In one invocation, on the same task, data and inner steps per peer:
+
+- ``diloco`` and ``streaming``: a real coordinator and N real ``loconet peer``
+  processes on 127.0.0.1, talking through our collective;
+- ``data_parallel``: N processes of torch DDP on gloo, same per-peer batch,
+  every step's gradients all-reduced (the synchronous baseline);
+- ``one_peer``: one process training alone on peer 0's data.
+
+Per method: ``final_eval_loss`` (the held-out loss after training),
+``bytes_sent_per_peer``, ``peak_bytes_per_sync`` and ``wall_s``; for synthetic
+tasks the ``entropy_floor``. Our methods' bytes are counted by the transport;
+data-parallel's are a ring all-reduce's: 2 (N-1)/N x 4 bytes x parameters
+per step (gloo's ring algorithm; it exposes no counters). The state a
+joiner fetches at start (once per peer, like DDP's initial broadcast) is
+reported apart as ``state_sync_bytes_per_peer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from peer.tasks.base import TaskConfig, make_task
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to compare, at which size."""
+
+    peers: int = 4
+    task: str = "synthetic-lm"
+    task_config: TaskConfig = TaskConfig()
+    steps: int = 400
+    sync_every: int = 50
+    inner_lr: float = 3e-3
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    codec: str = "int8"
+    fragments: int = 4
+    overlap: int = 5
+    alpha: float = 0.5
+    streaming_codec: str = "int4"
+    methods: tuple[str, ...] = ("diloco", "streaming", "data_parallel", "one_peer")
+
+
+def _task_args(c: TaskConfig) -> list[str]:
+    args = ["--seed", str(c.seed), "--batch-size", str(c.batch_size), "--seq-len", str(c.seq_len), "--split", c.split,
+            "--d-model", str(c.d_model), "--layers", str(c.n_layers), "--heads", str(c.n_heads), "--vocab-size", str(c.vocab_size)]
+    return args + (["--data", c.data] if c.data else [])
+
+
+def run_ours(config: BenchConfig, algorithm: str) -> dict:
+    """Train with a coordinator and N ``loconet peer`` processes; collect their events."""
+    from peer.processes import CoordinatorProc, Proc, stop_all
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"loconet-bench-{algorithm}-"))
+    run = f"bench-{algorithm}"
+    coordinator = CoordinatorProc(tmp / "coordinator.log", run, 0, "--join-timeout", "10", "--min-peers", str(config.peers),
+                                  "--startup-grace", "0", "--dashboard-port", "-1")
+    extra = ["--codec", config.codec] if algorithm == "diloco" else [
+        "--codec", config.streaming_codec, "--fragments", str(config.fragments), "--overlap", str(config.overlap),
+        "--alpha", str(config.alpha)]
+    peers = []
+    started = time.monotonic()
+    try:
+        for rank in range(config.peers):
+            args = [sys.executable, "-m", "peer.cli", "peer", "--coordinator", coordinator.address, "--run", run,
+                    "--name", f"peer{rank}", "--events", "--no-progress", "--task", config.task,
+                    *_task_args(config.task_config), "--shard", f"{rank}/{config.peers}", "--algorithm", algorithm,
+                    "--steps", str(config.steps), "--sync-every", str(config.sync_every), "--inner-lr", str(config.inner_lr),
+                    "--outer-lr", str(config.outer_lr), "--outer-momentum", str(config.outer_momentum), *extra]
+            peers.append(Proc(args, tmp / f"peer{rank}.log"))
+        finished = [p.wait_event(lambda e: e["event"] == "finished", 3600) for p in peers]
+        wall = time.monotonic() - started
+        per_sync = [e["bytes"] for p in peers for e in p.events if e["event"] == "committed"]
+    finally:
+        stop_all(peers)
+        coordinator.stop()
+    return {
+        "final_eval_loss": statistics.mean(f["eval_loss"] for f in finished),
+        "final_eval_loss_per_peer": [f["eval_loss"] for f in finished],
+        # Training traffic: what peers sent in rounds (all attempts), without the state served to joiners.
+        "bytes_sent_per_peer": statistics.mean(f["bytes_sent"] - f["bytes_served"] for f in finished),
+        "state_sync_bytes_per_peer": statistics.mean(f["bytes_served"] for f in finished),
+        "peak_bytes_per_sync": max(per_sync) if per_sync else 0,
+        "rounds": statistics.mean(f["rounds"] for f in finished),
+        "identical_final_state": len({f["digest"] for f in finished}) == 1,
+        "wall_s": wall,
+    }
+
+
+def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out) -> None:
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from collectives.buffers import tune_malloc
+
+    tune_malloc()
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    task = make_task(config.task, config.task_config)
+    model = torch.nn.parallel.DistributedDataParallel(task.build_model())
+    opt = torch.optim.AdamW(model.parameters(), lr=config.inner_lr, weight_decay=0.01)
+    batches = task.batches(rank, world)
+    started = time.monotonic()
+    for _ in range(config.steps):
+        task.loss(model, next(batches)).backward()
+        opt.step()
+        opt.zero_grad()
+    wall = time.monotonic() - started
+    numel = sum(p.numel() for p in model.parameters())
+    result = {"wall_s": wall, "numel": numel}
+    if rank == 0:
+        result["final_eval_loss"] = task.evaluate(model.module)
+    dist.destroy_process_group()
+    out.put((rank, result))
+
+
+def run_data_parallel(config: BenchConfig) -> dict:
+    """Synchronous data-parallel training: torch DDP on gloo over N local processes."""
+    import datetime
+
+    import torch.distributed as dist
+
+    ctx = mp.get_context("spawn")
+    store = dist.TCPStore("127.0.0.1", 0, config.peers + 1, is_master=True, timeout=datetime.timedelta(seconds=120),
+                          wait_for_workers=False)
+    out = ctx.Queue()
+    started = time.monotonic()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, config.peers, store.port, config, out)) for r in range(config.peers)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(out.get(timeout=3600) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    wall = time.monotonic() - started
+    numel = results[0]["numel"]
+    per_step = 2 * (config.peers - 1) / config.peers * 4 * numel
+    return {
+        "final_eval_loss": results[0]["final_eval_loss"],
+        "bytes_sent_per_peer": per_step * config.steps,
+        "peak_bytes_per_sync": per_step,
+        "bytes_method": "ring all-reduce of fp32 gradients every step: 2(N-1)/N x 4 B x parameters",
+        "wall_s": wall,
+    }
+
+
+def run_one_peer(config: BenchConfig) -> dict:
+    """One peer training alone (AdamW) on peer 0's data for the same number of steps."""
+    import torch
+
+    torch.set_num_threads(1)
+    task = make_task(config.task, config.task_config)
+    model = task.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=config.inner_lr, weight_decay=0.01)
+    batches = task.batches(0, config.peers)
+    started = time.monotonic()
+    for _ in range(config.steps):
+        task.loss(model, next(batches)).backward()
+        opt.step()
+        opt.zero_grad()
+    return {"final_eval_loss": task.evaluate(model), "bytes_sent_per_peer": 0, "peak_bytes_per_sync": 0,
+            "wall_s": time.monotonic() - started}
+
+
+def run(config: BenchConfig) -> dict:
+    """Run every method in config.methods and return the report."""
+    from collectives.buffers import tune_malloc
+
+    tune_malloc()
+    runners = {
+        "diloco": lambda: run_ours(config, "diloco"),
+        "streaming": lambda: run_ours(config, "streaming"),
+        "data_parallel": lambda: run_data_parallel(config),
+        "one_peer": lambda: run_one_peer(config),
+    }
+    report: dict = {"config": {**asdict(config), "task_config": asdict(config.task_config)}, "methods": {}}
+    report["entropy_floor"] = make_task(config.task, config.task_config).entropy_floor
+    for name in config.methods:
+        report["methods"][name] = runners[name]()
+    m = report["methods"]
+    if "diloco" in m and "data_parallel" in m:
+        report["diloco_loss_vs_data_parallel"] = m["diloco"]["final_eval_loss"] / m["data_parallel"]["final_eval_loss"]
+        report["data_parallel_bytes_vs_diloco"] = m["data_parallel"]["bytes_sent_per_peer"] / max(m["diloco"]["bytes_sent_per_peer"], 1)
+    if "diloco" in m and "streaming" in m:
+        report["streaming_peak_vs_diloco"] = m["streaming"]["peak_bytes_per_sync"] / max(m["diloco"]["peak_bytes_per_sync"], 1)
+        report["streaming_loss_vs_diloco"] = m["streaming"]["final_eval_loss"] / m["diloco"]["final_eval_loss"]
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of this benchmark."""
+    from peer.cli import add_task_arguments
+
+    parser.add_argument("--peers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=400, help="inner steps per peer")
+    parser.add_argument("--sync-every", type=int, default=50)
+    parser.add_argument("--inner-lr", type=float, default=3e-3)
+    parser.add_argument("--outer-lr", type=float, default=0.7)
+    parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--codec", default="int8")
+    parser.add_argument("--fragments", type=int, default=4)
+    parser.add_argument("--overlap", type=int, default=5)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--methods", default="diloco,streaming,data_parallel,one_peer")
+    parser.add_argument("--json", action="store_true")
+    add_task_arguments(parser)
+
+
+def main(ns: argparse.Namespace) -> int:
+    """Run from parsed arguments and print the report."""
+    from peer.cli import task_config
+
+    config = BenchConfig(
+        peers=ns.peers, task=ns.task, task_config=task_config(ns), steps=ns.steps, sync_every=ns.sync_every,
+        inner_lr=ns.inner_lr, outer_lr=ns.outer_lr, outer_momentum=ns.outer_momentum, codec=ns.codec,
+        fragments=ns.fragments, overlap=ns.overlap, alpha=ns.alpha, methods=tuple(ns.methods.split(",")),
+    )
+    report = run(config)
+    sys.stdout.write((json.dumps(report) if ns.json else json.dumps(report, indent=2)) + "\n")
+    return 0

@@ -1,0 +1,735 @@
+"""``loconet bench membership``: how the coordinator scales with many peers.
+
+A REAL coordinator process (``loconet coordinator``) is driven by lightweight
+*simulated* peers: no model, no data plane, each one only speaks the
+membership protocol. They live as asyncio tasks in ``--client-procs`` spawned
+processes (grpc.aio, a few channels per process), so that 1000 peers cost a
+few hundred coroutines each, not 1000 processes.
+
+Each simulated peer joins (a fresh peer, ``has_state=False``, with a fake
+unique address ``10.x.y.z:port`` -- the coordinator never dials peers), then
+heartbeats every ``heartbeat_s`` with plausible, changing metrics (fixed-rate
+schedule, random phase, so the load is spread evenly), and on command takes
+part in ``rounds`` rounds: ``Quorum(last_round)`` -> ``Commit(ok=True)`` with
+the round id and epoch it got -> the next quorum with the committed round id.
+The coordinator runs with ``--min-peers N``, so every quorum holds all N.
+
+Phases of one measurement (a coordinator of its own each):
+
+1. all peers join at once (join latency per peer);
+2. heartbeat-only window of ``window_s`` after a settling time: coordinator
+   CPU (utime+stime of ``/proc/<pid>/stat``) over the window divided by the
+   heartbeats the clients sent in it (client-side send times, one shared
+   clock: ``time.time()`` on this machine);
+3. ``rounds`` rounds (heartbeats keep going); then the Status RPC, the
+   coordinator's RSS, and the checks.
+
+The report's baseline is the same measurement at ``baseline_peers`` (10)
+peers, without rounds, in the same run: ``cpu_per_heartbeat_ratio_vs_10_peers``.
+
+Latencies (all from ``time.time()`` read in the client processes):
+
+- ``quorum_latency_s``: per peer and round, Quorum sent -> answered. With
+  "all live peers asked" it mostly measures how late the last peer asked.
+- ``quorum_close_latency_s``: per peer and round, answer time minus the send
+  time of the LAST Quorum request of that round (over all client processes):
+  the coordinator's reaction time once the group is complete, plus the time
+  to deliver n answers; its max is the moment the last member got its answer.
+  ``quorum_close_per_round`` gives per round the first and the last answer.
+- ``commit_latency_s`` / ``commit_close_latency_s``: the same for Commit.
+- ``heartbeat_latency_s`` in the window and during rounds (a coordinator
+  loop busy forming or deciding a round shows up here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing as mp
+import os
+import pathlib
+import random
+import signal
+import sys
+import tempfile
+import time
+
+import grpc
+
+from protos import membership_pb2 as pb
+from protos import membership_pb2_grpc as pb_grpc
+
+RUN = "bench-membership"
+# Generous limits: a QuorumResponse carries the whole member list (~30 bytes per member).
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+    # One TCP connection per channel (by default equal channels share one subchannel).
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.enable_retries", 0),
+]
+
+
+# ---------------------------------------------------------------------------------------
+# client processes: simulated peers
+# ---------------------------------------------------------------------------------------
+
+
+def fake_address(index: int) -> str:
+    """A unique, plausible data-plane address for simulated peer ``index`` (never dialled)."""
+    return f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}:{20000 + index % 20000}"
+
+
+class SimPeer:
+    """One simulated peer: join, heartbeat, quorum and commit; nothing else."""
+
+    def __init__(self, index: int, stub: pb_grpc.CoordinatorStub, job: dict) -> None:
+        self.index = index
+        self.stub = stub
+        self.job = job
+        self.peer_id = ""
+        self.last_round = 0
+        self.epoch = 0
+        self.rng = random.Random(index)
+        self.step = 0
+        self.steps_per_s = self.rng.uniform(5.0, 15.0)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.activity = "joining"
+        # (send time, latency s, ok); kept for the parent to count in any window.
+        self.heartbeats: list[tuple[float, float, bool]] = []
+        self.heartbeat_errors: dict[str, int] = {}
+        self.unknown = 0
+
+    async def join(self) -> float:
+        request = pb.JoinRequest(
+            run_id=self.job["run_id"],
+            address=fake_address(self.index),
+            has_state=False,
+            name=f"sim-{self.index}",
+            codecs=["none", "fp16", "int8"],
+        )
+        t0 = time.time()
+        reply = await self.stub.Join(request, timeout=self.job["rpc_timeout_s"])
+        latency = time.time() - t0
+        self.peer_id = reply.peer_id
+        self.epoch = reply.epoch
+        self.activity = "training"
+        return latency
+
+    def _metrics(self) -> pb.PeerMetrics:
+        self.step += max(1, int(self.steps_per_s * self.job["heartbeat_s"]))
+        loss = 2.0 + 3.0 * math.exp(-self.step / 2000.0) + self.rng.uniform(-0.05, 0.05)
+        return pb.PeerMetrics(
+            step=self.step,
+            steps_per_s=self.steps_per_s,
+            loss=loss,
+            bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received,
+            activity=self.activity,
+            samples=self.step * 16,
+        )
+
+    async def heartbeat_forever(self) -> None:
+        """Heartbeat on a fixed-rate schedule with a random phase until cancelled."""
+        interval = self.job["heartbeat_s"]
+        timeout = max(5.0, 5 * interval)
+        next_at = time.monotonic() + self.rng.uniform(0.0, interval)
+        while True:
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            request = pb.HeartbeatRequest(
+                run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round, metrics=self._metrics()
+            )
+            t0 = time.time()
+            try:
+                reply = await self.stub.Heartbeat(request, timeout=timeout)
+                self.heartbeats.append((t0, time.time() - t0, True))
+                if not reply.known:
+                    self.unknown += 1
+            except grpc.aio.AioRpcError as exc:
+                self.heartbeats.append((t0, time.time() - t0, False))
+                name = exc.code().name
+                self.heartbeat_errors[name] = self.heartbeat_errors.get(name, 0) + 1
+            next_at += interval
+            now = time.monotonic()
+            if next_at < now - interval:  # fell far behind: do not burst to catch up
+                next_at = now
+
+    async def rounds(self, count: int, expected_members: int) -> tuple[list[tuple], list[str]]:
+        """Take part in count rounds; one record per round, and the problems seen."""
+        records: list[tuple] = []
+        problems: list[str] = []
+        timeout = self.job["quorum_timeout_s"]
+        for k in range(count):
+            self.activity = "in-round"
+            t_q0 = time.time()
+            try:
+                q = await self.stub.Quorum(
+                    pb.QuorumRequest(run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round),
+                    timeout=timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                problems.append(f"{self.peer_id} round {k}: Quorum {exc.code().name}: {exc.details()}")
+                break
+            t_q1 = time.time()
+            if q.action != pb.QuorumResponse.ROUND:
+                problems.append(f"{self.peer_id} round {k}: Quorum answered action {q.action}, not ROUND")
+                break
+            n = len(q.members)
+            if n != expected_members:
+                problems.append(f"{self.peer_id} round {k}: {n} members, expected {expected_members}")
+            if q.rank >= n or q.members[q.rank].peer_id != self.peer_id:
+                problems.append(f"{self.peer_id} round {k}: rank {q.rank} does not point at this peer")
+            sent = self.rng.randrange(1 << 20, 4 << 20)
+            self.bytes_sent += sent
+            self.bytes_received += sent
+            request = pb.CommitRequest(
+                run_id=self.job["run_id"],
+                peer_id=self.peer_id,
+                round_id=q.round_id,
+                epoch=q.epoch,
+                ok=True,
+                report=pb.RoundReport(bytes_sent=sent, bytes_received=sent, wall_s=0.0),
+            )
+            t_c0 = time.time()
+            try:
+                c = await self.stub.Commit(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                problems.append(f"{self.peer_id} round {k}: Commit {exc.code().name}: {exc.details()}")
+                break
+            t_c1 = time.time()
+            if c.commit:
+                self.last_round = q.round_id
+            else:
+                problems.append(f"{self.peer_id} round {q.round_id}: not committed: {c.reason}")
+            self.epoch = c.epoch
+            records.append((self.index, k, q.round_id, q.epoch, n, t_q0, t_q1, t_c0, t_c1, bool(c.commit)))
+        self.activity = "training"
+        return records, problems
+
+
+async def _recv(conn):
+    """The next command from the parent (EOF, i.e. the parent is gone: stop)."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(None, conn.recv)
+    except (EOFError, OSError):
+        return {"cmd": "stop", "orphaned": True}
+
+
+async def _client(job: dict, conn) -> None:
+    channels = [grpc.aio.insecure_channel(job["address"], options=CHANNEL_OPTIONS) for _ in range(job["channels"])]
+    stubs = [pb_grpc.CoordinatorStub(ch) for ch in channels]
+    peers = [SimPeer(i, stubs[j % len(stubs)], job) for j, i in enumerate(range(job["first"], job["first"] + job["count"]))]
+    tasks: list[asyncio.Task] = []
+    try:
+        await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), 30)
+        conn.send({"type": "ready"})
+        if (await _recv(conn))["cmd"] != "join":
+            return
+        results = await asyncio.gather(*(p.join() for p in peers), return_exceptions=True)
+        join_s = [r for r in results if isinstance(r, float)]
+        join_errors = [f"sim-{p.index}: {r!r}"[:300] for p, r in zip(peers, results) if not isinstance(r, float)]
+        tasks = [asyncio.get_running_loop().create_task(p.heartbeat_forever()) for p in peers if p.peer_id]
+        conn.send({"type": "joined", "join_s": join_s, "errors": join_errors, "pid": os.getpid()})
+        while True:
+            cmd = await _recv(conn)
+            if cmd["cmd"] == "rounds":
+                live = [p for p in peers if p.peer_id]
+                outcomes = await asyncio.gather(*(p.rounds(cmd["rounds"], cmd["expected_members"]) for p in live))
+                conn.send(
+                    {
+                        "type": "rounds",
+                        "records": [r for recs, _ in outcomes for r in recs],
+                        "problems": [x for _, probs in outcomes for x in probs],
+                    }
+                )
+            elif cmd["cmd"] == "stop":
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if cmd.get("orphaned"):
+                    return
+                errors: dict[str, int] = {}
+                for p in peers:
+                    for name, n in p.heartbeat_errors.items():
+                        errors[name] = errors.get(name, 0) + n
+                conn.send(
+                    {
+                        "type": "final",
+                        "heartbeats": [hb for p in peers for hb in p.heartbeats],
+                        "heartbeat_errors": errors,
+                        "unknown": sum(p.unknown for p in peers),
+                    }
+                )
+                return
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
+
+
+def _client_main(job: dict, conn) -> None:
+    """Entry point of a client process (spawned): run its simulated peers until told to stop."""
+    # Ctrl-C reaches the whole foreground process group: the parent stops us in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        asyncio.run(_client(job, conn))
+    except BaseException as exc:  # tell the parent why, then die
+        try:
+            conn.send({"type": "error", "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        except Exception:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------------------------
+# measurement helpers
+# ---------------------------------------------------------------------------------------
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU time (user + system, all threads) of a process, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_ns_s(pid: int) -> float:
+    """CPU time of a process's live threads with nanosecond resolution (sum of /proc/<pid>/task/*/schedstat).
+
+    A cross-check of ``proc_cpu_s``, whose clock ticks (10 ms) are coarse for a quiet coordinator;
+    threads that exited are missing (the coordinator's threads live as long as it does).
+    """
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
+def proc_rss_mb(pid: int) -> float:
+    """Resident set size of a process in MiB, from /proc/<pid>/status."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation; NaN for no values."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summary(values: list[float]) -> dict:
+    """p50 / p99 / max (and the number of samples)."""
+    return {"p50": percentile(values, 50), "p99": percentile(values, 99), "max": max(values) if values else math.nan, "n": len(values)}
+
+
+class _Session:
+    """A coordinator process and the client processes driving it; everything is reaped on close."""
+
+    def __init__(self, peers: int, client_procs: int, heartbeat_s: float, lease_s: float, channels: int,
+                 log_dir: pathlib.Path, tag: str, quorum_timeout_s: float) -> None:
+        from peer.processes import CoordinatorProc
+
+        self.peers = peers
+        self.clients: list[tuple[mp.Process, object]] = []
+        self.coordinator = None
+        self.quorum_timeout_s = quorum_timeout_s
+        self.coordinator = CoordinatorProc(
+            log_dir / f"coordinator-{tag}.log", RUN, 0,
+            "--min-peers", str(peers), "--join-timeout", str(quorum_timeout_s), "--lease", str(lease_s),
+            "--heartbeat", str(heartbeat_s), "--startup-grace", "0", "--dashboard-port", "-1",
+            "--quorum-timeout", str(quorum_timeout_s), "--commit-timeout", str(quorum_timeout_s),
+        )
+        self.pid = self.coordinator.proc.pid
+        ctx = mp.get_context("spawn")
+        procs = max(1, min(client_procs, peers))
+        first = 0
+        for i in range(procs):
+            count = peers // procs + (1 if i < peers % procs else 0)
+            job = {
+                "run_id": RUN, "address": self.coordinator.address, "first": first, "count": count,
+                "channels": max(1, min(channels, count)), "heartbeat_s": heartbeat_s,
+                "rpc_timeout_s": max(30.0, peers * 0.05), "quorum_timeout_s": quorum_timeout_s,
+            }
+            first += count
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_client_main, args=(job, child), daemon=True, name=f"bench-membership-client-{i}")
+            proc.start()
+            child.close()
+            self.clients.append((proc, parent))
+
+    def send(self, message: dict) -> None:
+        for _, conn in self.clients:
+            conn.send(message)
+
+    def gather(self, kind: str, timeout_s: float) -> list[dict]:
+        """One message of this kind from every client (RuntimeError on an error, a death or the timeout)."""
+        replies: list[dict | None] = [None] * len(self.clients)
+        deadline = time.monotonic() + timeout_s
+        while any(r is None for r in replies):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"client processes sent no {kind!r} within {timeout_s:g} s")
+            if not self.coordinator.alive:
+                raise RuntimeError(f"the coordinator exited ({self.coordinator.proc.returncode}); see {self.coordinator.log.name}")
+            for i, (proc, conn) in enumerate(self.clients):
+                if replies[i] is not None:
+                    continue
+                if conn.poll(0.05):
+                    msg = conn.recv()
+                    if msg.get("type") == "error":
+                        raise RuntimeError(f"client process {i} failed: {msg['error']}")
+                    if msg.get("type") != kind:
+                        raise RuntimeError(f"client process {i} sent {msg.get('type')!r}, expected {kind!r}")
+                    replies[i] = msg
+                elif not proc.is_alive():
+                    raise RuntimeError(f"client process {i} died (exit code {proc.exitcode})")
+        return replies  # type: ignore[return-value]
+
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.pid)
+
+    def cpu_ns_s(self) -> float:
+        return proc_cpu_ns_s(self.pid)
+
+    def client_cpu_s(self) -> list[float]:
+        out = []
+        for proc, _ in self.clients:
+            try:
+                out.append(proc_cpu_s(proc.pid))
+            except (OSError, ValueError):
+                out.append(math.nan)
+        return out
+
+    def status(self) -> dict:
+        with grpc.insecure_channel(self.coordinator.address, options=CHANNEL_OPTIONS) as channel:
+            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(run_id=RUN), timeout=60)
+        return json.loads(reply.json)
+
+    def close(self) -> None:
+        """Stop the clients (politely, then by force) and the coordinator."""
+        for proc, conn in self.clients:
+            try:
+                if proc.is_alive():
+                    conn.send({"cmd": "stop"})
+            except (OSError, BrokenPipeError):
+                pass
+        deadline = time.monotonic() + 10
+        for proc, conn in self.clients:
+            proc.join(timeout=max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=10)
+            conn.close()
+        self.clients = []
+        if self.coordinator is not None:
+            self.coordinator.stop()
+
+
+def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, window_s: float, lease_s: float,
+             channels: int, log_dir: pathlib.Path, tag: str, quorum_timeout_s: float) -> dict:
+    """One coordinator, peers simulated peers: join, a heartbeat-only window, rounds; the measurements."""
+    session = _Session(peers, client_procs, heartbeat_s, lease_s, channels, log_dir, tag, quorum_timeout_s)
+    try:
+        session.gather("ready", timeout_s=120)
+        # Idle coordinator (clients connected, no peer yet): its fixed cost (the 50 ms tick) for reference.
+        idle_s = min(3.0, window_s / 2)
+        c0, p0, t0 = session.cpu_s(), session.cpu_ns_s(), time.time()
+        time.sleep(idle_s)
+        idle_util = (session.cpu_s() - c0) / (time.time() - t0)
+        idle_util_ns = (session.cpu_ns_s() - p0) / (time.time() - t0)
+
+        t_join0 = time.time()
+        session.send({"cmd": "join"})
+        joined = session.gather("joined", timeout_s=120 + peers * 0.1)
+        join_wall = time.time() - t_join0
+        join_s = [x for r in joined for x in r["join_s"]]
+        problems = [e for r in joined for e in r["errors"]]
+
+        # Let every peer's heartbeat schedule start (random phase within one interval), then measure.
+        time.sleep(max(2.0, 2 * heartbeat_s))
+        ta, ca, pa, cla = time.time(), session.cpu_s(), session.cpu_ns_s(), session.client_cpu_s()
+        time.sleep(window_s)
+        tb, cb, pb_, clb = time.time(), session.cpu_s(), session.cpu_ns_s(), session.client_cpu_s()
+
+        rounds_info: dict = {}
+        if rounds > 0:
+            tr0, cr0 = time.time(), session.cpu_s()
+            session.send({"cmd": "rounds", "rounds": rounds, "expected_members": peers})
+            done = session.gather("rounds", timeout_s=rounds * (quorum_timeout_s + 30))
+            tr1, cr1 = time.time(), session.cpu_s()
+            records = [tuple(r) for d in done for r in d["records"]]
+            problems += [p for d in done for p in d["problems"]]
+            rounds_info = _round_stats(records, peers, rounds, problems)
+            rounds_info["rounds_phase"] = {
+                "wall_s": tr1 - tr0,
+                "coordinator_cpu_s": cr1 - cr0,
+                "coordinator_cpu_per_round_s": (cr1 - cr0) / rounds,
+                "coordinator_cpu_utilization": (cr1 - cr0) / (tr1 - tr0),
+            }
+            rounds_info["_window"] = (tr0, tr1)
+        status = session.status()
+        rss = proc_rss_mb(session.pid)
+        session.send({"cmd": "stop"})
+        final = session.gather("final", timeout_s=60)
+    finally:
+        session.close()
+
+    heartbeats = [tuple(h) for f in final for h in f["heartbeats"]]
+    in_window = [h for h in heartbeats if ta <= h[0] < tb]
+    n_window = len(in_window)
+    hb_errors: dict[str, int] = {}
+    for f in final:
+        for name, n in f["heartbeat_errors"].items():
+            hb_errors[name] = hb_errors.get(name, 0) + n
+    unknown = sum(f["unknown"] for f in final)
+    if hb_errors:
+        problems.append(f"heartbeat errors: {hb_errors}")
+    if unknown:
+        problems.append(f"{unknown} heartbeats answered known=false (a lease lapsed)")
+    cpu = cb - ca
+    cpu_ns = pb_ - pa
+    window = tb - ta
+    out = {
+        "peers": peers,
+        "join_latency_s": summary(join_s),
+        "join_wall_s": join_wall,
+        "heartbeat_window_s": tb - ta,
+        "heartbeats_in_window": n_window,
+        "heartbeats_per_s": n_window / (tb - ta),
+        "heartbeat_latency_s": summary([h[1] for h in in_window if h[2]]),
+        "coordinator_cpu_s_in_window": cpu,
+        "coordinator_cpu_per_heartbeat_us": cpu / n_window * 1e6 if n_window else math.nan,
+        "coordinator_cpu_utilization": cpu / (tb - ta),
+        "coordinator_idle_cpu_utilization": idle_util,
+        # The same from the nanosecond thread clocks, and net of the idle cost (the fixed 50 ms tick).
+        "coordinator_cpu_per_heartbeat_us_schedstat": cpu_ns / n_window * 1e6 if n_window else math.nan,
+        "coordinator_idle_cpu_utilization_schedstat": idle_util_ns,
+        "coordinator_cpu_per_heartbeat_net_of_idle_us": (cpu_ns - idle_util_ns * window) / n_window * 1e6 if n_window else math.nan,
+        "client_cpu_utilization": [(b - a) / (tb - ta) for a, b in zip(cla, clb)],
+        "coordinator_rss_mb": rss,
+        "status": status,
+        "heartbeat_errors": hb_errors,
+        "problems": problems,
+    }
+    if rounds_info:
+        r0, r1 = rounds_info.pop("_window")
+        out["heartbeat_latency_during_rounds_s"] = summary([h[1] for h in heartbeats if r0 <= h[0] < r1 and h[2]])
+        out.update(rounds_info)
+    return out
+
+
+def _round_stats(records: list[tuple], peers: int, rounds: int, problems: list[str]) -> dict:
+    """Latency distributions and membership checks from the per-peer round records."""
+    by_k: dict[int, list[tuple]] = {}
+    for rec in records:
+        by_k.setdefault(rec[1], []).append(rec)
+    quorum, quorum_close, commit, commit_close = [], [], [], []
+    per_round = []
+    full_rounds = 0
+    for k in sorted(by_k):
+        recs = by_k[k]
+        ids = {r[2] for r in recs}
+        epochs = {r[3] for r in recs}
+        if len(ids) != 1 or len(epochs) != 1:
+            problems.append(f"round {k}: peers got different round ids {sorted(ids)[:5]} / epochs {sorted(epochs)[:5]}")
+        last_q_sent = max(r[5] for r in recs)
+        last_c_sent = max(r[7] for r in recs)
+        quorum += [r[6] - r[5] for r in recs]
+        quorum_close += [r[6] - last_q_sent for r in recs]
+        commit += [r[8] - r[7] for r in recs]
+        commit_close += [r[8] - last_c_sent for r in recs]
+        committed_all = len(recs) == peers and all(r[9] for r in recs) and all(r[4] == peers for r in recs)
+        full_rounds += committed_all
+        per_round.append(
+            {
+                "round_id": min(ids),
+                "epoch": min(epochs),
+                "members": max(r[4] for r in recs),
+                "peers_answered": len(recs),
+                "committed_by_all": committed_all,
+                "quorum_spread_s": last_q_sent - min(r[5] for r in recs),
+                "quorum_close_first_s": min(r[6] for r in recs) - last_q_sent,
+                "quorum_close_last_s": max(r[6] for r in recs) - last_q_sent,
+                "commit_close_last_s": max(r[8] for r in recs) - last_c_sent,
+                "round_wall_s": max(r[8] for r in recs) - min(r[5] for r in recs),
+            }
+        )
+    return {
+        "quorum_latency_s": summary(quorum),
+        "quorum_close_latency_s": summary(quorum_close),
+        "commit_latency_s": summary(commit),
+        "commit_close_latency_s": summary(commit_close),
+        "round_wall_s": summary([r["round_wall_s"] for r in per_round]),
+        "rounds_full": full_rounds,
+        "per_round": per_round,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------------------
+
+
+def run(
+    peers: int = 1000,
+    rounds: int = 5,
+    client_procs: int = 2,
+    heartbeat_s: float = 1.0,
+    window_s: float = 10.0,
+    *,
+    lease_s: float = 5.0,
+    channels: int = 4,
+    baseline_peers: int = 10,
+    quorum_timeout_s: float = 120.0,
+    log_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Run the benchmark (baseline at baseline_peers, then peers) and return its report as a JSON-ready dict."""
+    if peers < 1 or rounds < 0 or client_procs < 1 or heartbeat_s <= 0 or window_s <= 0:
+        raise ValueError("peers, client_procs >= 1; rounds >= 0; heartbeat_s, window_s > 0")
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="loconet-bench-membership-") as tmp:
+        logs = pathlib.Path(log_dir) if log_dir is not None else pathlib.Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        common = dict(heartbeat_s=heartbeat_s, window_s=window_s, lease_s=lease_s, channels=channels,
+                      log_dir=logs, quorum_timeout_s=quorum_timeout_s)
+        base = _measure(baseline_peers, 0, 1, tag=f"baseline-{baseline_peers}", **common)
+        main = _measure(peers, rounds, client_procs, tag=str(peers), **common)
+    status = main.pop("status")
+    base_status = base.pop("status")
+    summary_ = status.get("summary", {})
+    rounds_committed = summary_.get("rounds_committed")
+    history = [r for r in status.get("rounds", []) if r.get("status") == "committed"]
+    problems = main.pop("problems")
+    if rounds_committed != rounds:
+        problems.append(f"coordinator committed {rounds_committed} rounds, expected {rounds}")
+    if summary_.get("rounds_aborted"):
+        problems.append(f"coordinator aborted {summary_['rounds_aborted']} rounds")
+    if summary_.get("peers_alive") != peers:
+        problems.append(f"coordinator sees {summary_.get('peers_alive')} live peers, expected {peers}")
+    if any(len(r.get("members", [])) != peers for r in history):
+        problems.append("a committed round in the coordinator's history has fewer members than peers")
+    if rounds and main.get("rounds_full") != rounds:
+        problems.append(f"{main.get('rounds_full')} of {rounds} rounds committed by all {peers} peers")
+    base_problems = base.pop("problems")
+    if base_status.get("summary", {}).get("peers_alive") != baseline_peers:
+        base_problems.append("baseline: not every peer alive at the end")
+    problems += [f"baseline: {p}" for p in base_problems]
+
+    report = {
+        "peers": peers,
+        "rounds": rounds,
+        "client_procs": client_procs,
+        "channels_per_client_proc": channels,
+        "heartbeat_s": heartbeat_s,
+        "lease_s": lease_s,
+        "window_s": window_s,
+        **{k: v for k, v in main.items() if k != "peers"},
+        "baseline": {
+            "peers": baseline_peers,
+            "coordinator_cpu_per_heartbeat_us": base["coordinator_cpu_per_heartbeat_us"],
+            "heartbeats_per_s": base["heartbeats_per_s"],
+            "coordinator_cpu_utilization": base["coordinator_cpu_utilization"],
+            "coordinator_idle_cpu_utilization": base["coordinator_idle_cpu_utilization"],
+            "coordinator_cpu_per_heartbeat_us_schedstat": base["coordinator_cpu_per_heartbeat_us_schedstat"],
+            "coordinator_cpu_per_heartbeat_net_of_idle_us": base["coordinator_cpu_per_heartbeat_net_of_idle_us"],
+            "heartbeat_latency_s": base["heartbeat_latency_s"],
+            "join_latency_s": base["join_latency_s"],
+            "coordinator_rss_mb": base["coordinator_rss_mb"],
+        },
+        "rounds_committed": rounds_committed,
+        "rounds_aborted": summary_.get("rounds_aborted"),
+        "peers_alive_at_end": summary_.get("peers_alive"),
+        "committed_rounds_member_counts": sorted({len(r.get("members", [])) for r in history}),
+        "all_rounds_committed_with_all_peers": not problems and rounds_committed == rounds,
+        "problems": problems[:50],
+        "wall_s": time.monotonic() - t0,
+        "method": {
+            "cpu": "coordinator utime+stime (/proc/<pid>/stat, all threads) over the heartbeat-only window, "
+            "divided by the heartbeats the clients sent in it (send time in the window)",
+            "quorum_close": "per peer and round: answer time minus the send time of the round's last Quorum "
+            "request (time.time() in the client processes, one machine clock)",
+        },
+    }
+    report["cpu_per_heartbeat_ratio_vs_10_peers"] = (
+        report["coordinator_cpu_per_heartbeat_us"] / base["coordinator_cpu_per_heartbeat_us"]
+        if base["coordinator_cpu_per_heartbeat_us"] else math.nan
+    )
+    report["cpu_per_heartbeat_ratio_vs_10_peers_net_of_idle"] = (
+        report["coordinator_cpu_per_heartbeat_net_of_idle_us"] / base["coordinator_cpu_per_heartbeat_net_of_idle_us"]
+        if base["coordinator_cpu_per_heartbeat_net_of_idle_us"] > 0 else math.nan
+    )
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of this benchmark."""
+    parser.add_argument("--peers", type=int, default=1000, help="simulated peers")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (quorum + commit) all peers take part in")
+    parser.add_argument("--client-procs", type=int, default=2, help="processes the simulated peers run in")
+    parser.add_argument("--channels", type=int, default=4, help="gRPC channels (TCP connections) per client process")
+    parser.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval (s), told to the coordinator")
+    parser.add_argument("--lease", type=float, default=5.0, help="the coordinator's lease (s)")
+    parser.add_argument("--window", type=float, default=10.0, help="heartbeat-only window for the CPU measurement (s)")
+    parser.add_argument("--baseline-peers", type=int, default=10, help="peers of the baseline measurement")
+    parser.add_argument("--quorum-timeout", type=float, default=120.0, help="quorum / commit timeouts (s)")
+    parser.add_argument("--log-dir", default=None, help="keep the coordinators' logs here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, dict) and "p50" in value:
+        return f"p50 {value['p50']:.4g}  p99 {value['p99']:.4g}  max {value['max']:.4g}  (n={value.get('n', '?')})"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return "\n" + "\n".join(f"{'':>38}{json.dumps(v)}" for v in value)
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def main(ns: argparse.Namespace) -> int:
+    """Run from parsed arguments and print the report; exit code 1 unless every round committed with all peers."""
+    def stop(signum, frame):  # SIGTERM: unwind through the cleanup like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        report = run(
+            peers=ns.peers, rounds=ns.rounds, client_procs=ns.client_procs, heartbeat_s=ns.heartbeat,
+            window_s=ns.window, lease_s=ns.lease, channels=ns.channels, baseline_peers=ns.baseline_peers,
+            quorum_timeout_s=ns.quorum_timeout, log_dir=ns.log_dir,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if ns.json:
+        sys.stdout.write(json.dumps(report) + "\n")
+    else:
+        for key, value in report.items():
+            if key == "method":
+                continue
+            sys.stdout.write(f"{key:>36}: {_fmt(value)}\n")
+    return 0 if report["all_rounds_committed_with_all_peers"] else 1
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m peer.bench_membership", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    raise SystemExit(main(_parser.parse_args()))

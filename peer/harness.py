@@ -1,0 +1,433 @@
+"""``loconet harness``: a whole network on this machine, broken on purpose, and a report of what happened.
+
+It starts a coordinator and N ``loconet peer`` processes (each in its own
+session, killed with the harness even if the harness itself is killed),
+runs a schedule of fault events (``peer/scenario.py``), follows every peer's
+JSON events, and ends with a report: rounds committed and aborted, each
+event's recovery time (event to the next committed round), the final eval
+loss, bytes per peer, whether the survivors hold identical parameters, and
+how many peers are alive. With ``--netns`` every process lives in its own
+network namespace behind ``tbf``-shaped links (``peer/netns.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from collectives.errors import ConfigError
+from collectives.ratelimit import parse_bandwidth
+from protos import membership_pb2 as pb
+from protos import membership_pb2_grpc as pb_grpc
+from peer.processes import CoordinatorProc, Proc, daemon_peer, stop_all
+from peer.scenario import Event
+from peer.tasks.base import TaskConfig, make_task
+from peer.training import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HarnessConfig:
+    """A local network: its peers, what they train, the faults to inject."""
+
+    peers: int = 4
+    run_id: str = "harness"
+    task: str = "synthetic-lm"
+    task_config: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, sync_every=50))
+    events: tuple[Event, ...] = ()
+    # Per-peer cap on send and on receive (the transport's token buckets, or tbf with --netns).
+    bandwidth: str | None = None
+    # With netns: different caps per direction (default: bandwidth).
+    uplink: str | None = None
+    downlink: str | None = None
+    netns: bool = False
+    lease_s: float = 3.0
+    heartbeat_s: float = 0.5
+    join_timeout_s: float = 5.0
+    min_peers: int = 1
+    dashboard_port: int = 0
+    workdir: Path | None = None
+    timeout_s: float = 1800.0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.peers < 1:
+            raise ConfigError("the harness needs at least one peer")
+        if any(e.action == "cut" for e in self.events) and not self.netns:
+            raise ConfigError("cut events take a peer's link down and need --netns (network namespaces, root)")
+
+
+@dataclass
+class Fired:
+    """An event the harness carried out."""
+
+    event: Event
+    time_s: float
+    wall: float
+    detail: str = ""
+    recovery_s: float | None = None
+    restore_at: float | None = None
+
+
+class Harness:
+    """Runs one scenario; use run() once."""
+
+    def __init__(self, config: HarnessConfig) -> None:
+        self.config = config
+        self.workdir = Path(config.workdir or tempfile.mkdtemp(prefix="loconet-harness-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.coordinator: CoordinatorProc | None = None
+        self.coordinators: list[CoordinatorProc] = []
+        self.peers: dict[str, Proc] = {}
+        self.fired: list[Fired] = []
+        self.pending = sorted(config.events, key=lambda e: (e.at.rounds or 0, e.at.seconds or 0))
+        self.network = None
+        self.hosts: dict = {}
+        self._aborted_before = 0
+        self._started = 0.0
+        self._coordinator_port = 0
+        self._joiners: list[str] = []
+
+    # -- processes --------------------------------------------------------------------
+
+    def _prefix(self, name: str) -> list[str]:
+        return self.network.exec_prefix(name) if self.network is not None else []
+
+    def _host(self, name: str) -> str:
+        return self.hosts[name].ip if self.network is not None else "127.0.0.1"
+
+    def _start_network(self) -> None:
+        if not self.config.netns:
+            return
+        from peer.netns import LinkSpec, NetnsNetwork, check_available, cleanup_leftovers
+
+        check_available()
+        cleanup_leftovers("lcn")
+        up = self.config.uplink or self.config.bandwidth
+        down = self.config.downlink or self.config.bandwidth
+        spec = LinkSpec(parse_bandwidth(up) if up else None, parse_bandwidth(down) if down else None)
+        names = ["coordinator"] + [f"peer{i}" for i in range(self.config.peers + self._joins())]
+        self.network = NetnsNetwork(prefix="lcn")
+        self.hosts = self.network.create(names, {n: spec for n in names if n != "coordinator"})
+
+    def _joins(self) -> int:
+        return sum(e.action == "join" for e in self.config.events)
+
+    def _start_coordinator(self, port: int = 0) -> None:
+        c = self.config
+        name = f"coordinator{len(self.coordinators) or ''}"
+        self.coordinator = CoordinatorProc(
+            self.workdir / f"{name}.log",
+            c.run_id,
+            port,
+            "--host", self._host("coordinator"),
+            "--dashboard-host", self._host("coordinator"),
+            "--dashboard-port", str(c.dashboard_port if not self.coordinators else (self._dashboard_port or 0)),
+            "--min-peers", str(c.min_peers),
+            "--lease", str(c.lease_s),
+            "--heartbeat", str(c.heartbeat_s),
+            "--join-timeout", str(c.join_timeout_s),
+            "--startup-grace", str(c.lease_s if self.coordinators else 0),
+            prefix=self._prefix("coordinator"),
+        )
+        self._dashboard_port = int(self.coordinator.dashboard.rsplit(":", 1)[1].rstrip("/")) if self.coordinator.dashboard != "off" else 0
+        self.coordinators.append(self.coordinator)
+        self._coordinator_port = self.coordinator.port
+
+    def _peer_args(self, name: str, steps: int) -> list[str]:
+        c, t, k = self.config, self.config.train, self.config.task_config
+        args = [
+            "--task", c.task, "--seed", str(k.seed), "--batch-size", str(k.batch_size), "--seq-len", str(k.seq_len),
+            "--split", k.split, "--d-model", str(k.d_model), "--layers", str(k.n_layers), "--heads", str(k.n_heads),
+            "--vocab-size", str(k.vocab_size),
+            "--algorithm", t.algorithm, "--steps", str(steps), "--sync-every", str(t.sync_every),
+            "--inner-lr", str(t.inner_lr), "--outer-lr", str(t.outer_lr), "--outer-momentum", str(t.outer_momentum),
+            "--fragments", str(t.fragments), "--overlap", str(t.overlap), "--alpha", str(t.alpha),
+            "--round-timeout", str(t.round_timeout_s),
+            "--host", self._host(name),
+            "--checkpoint-dir", str(self.workdir / f"ckpt-{name}"),
+            "--control", str(self.workdir / f"{name}.control.json"),
+        ]
+        if k.data:
+            args += ["--data", k.data]
+        if t.codec:
+            args += ["--codec", t.codec]
+        if c.bandwidth and not c.netns:
+            args += ["--bandwidth", c.bandwidth]
+        index = int(name[4:])
+        return args + ["--shard", f"{index % c.peers}/{c.peers}"]
+
+    def _start_peer(self, name: str, steps: int, gate: Path | None = None) -> None:
+        assert self.coordinator is not None
+        extra = ["--start-when", str(gate)] if gate is not None else []
+        self.peers[name] = daemon_peer(
+            self.workdir, self.coordinator.address, self.config.run_id, name, *self._peer_args(name, steps), *extra,
+            prefix=self._prefix(name),
+        )
+
+    # -- what happened so far ----------------------------------------------------------------
+
+    def committed_rounds(self) -> dict[int, float]:
+        """Round id -> when it was first reported committed, across every peer's events."""
+        rounds: dict[int, float] = {}
+        for p in self.peers.values():
+            for e in list(p.events):
+                if e["event"] == "committed":
+                    rounds[e["round"]] = min(rounds.get(e["round"], math.inf), e["t"])
+        return rounds
+
+    def _status(self) -> dict | None:
+        if self.coordinator is None or not self.coordinator.alive:
+            return None
+        try:
+            with grpc.insecure_channel(self.coordinator.address) as ch:
+                reply = pb_grpc.CoordinatorStub(ch).Status(pb.StatusRequest(run_id=self.config.run_id), timeout=2)
+            return json.loads(reply.json)
+        except grpc.RpcError:
+            return None
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _due(self, event: Event, now: float, rounds: int) -> bool:
+        if event.at.rounds is not None:
+            return rounds >= event.at.rounds
+        return now - self._started >= (event.at.seconds or 0)
+
+    def _fire(self, event: Event, now: float) -> Fired:
+        fired = Fired(event, now - self._started, time.time())
+        target = self.peers.get(event.target) if event.target else None
+        if event.target and target is None:
+            fired.detail = f"no peer called {event.target}"
+            return fired
+        if event.action == "kill":
+            target.signal(signal.SIGKILL)
+        elif event.action == "pause":
+            target.signal(signal.SIGSTOP)
+            fired.restore_at = now + (event.duration_s or 0)
+        elif event.action == "join":
+            # The joiner's process was started (idle) at the beginning, so that joining is not
+            # delayed by Python's start-up; opening its gate makes it join now. It counts the
+            # run's steps from the state it fetches, so it ends with the others.
+            name = self._joiners.pop(0)
+            (self.workdir / f"{name}.gate").touch()
+            fired.detail = f"{name} joins"
+        elif event.action == "restart-coordinator":
+            status = self._status()
+            if status:
+                self._aborted_before += status["summary"]["rounds_aborted"]
+            self.coordinator.signal(signal.SIGKILL)
+            self.coordinator.proc.wait(timeout=10)
+            self._start_coordinator(self._coordinator_port)
+        elif event.action == "straggle":
+            self._write_control(event.target, event.factor or 1.0)
+            if event.duration_s:
+                fired.restore_at = now + event.duration_s
+        elif event.action == "cut":
+            self.network.cut(event.target)
+            fired.restore_at = now + (event.duration_s or 0)
+        log.info("fired %s at %.1f s %s", event, fired.time_s, fired.detail)
+        return fired
+
+    def _restore(self, fired: Fired) -> None:
+        e = fired.event
+        if e.action == "pause":
+            self.peers[e.target].signal(signal.SIGCONT)
+        elif e.action == "straggle":
+            self._write_control(e.target, 1.0)
+        elif e.action == "cut":
+            self.network.restore(e.target)
+        fired.restore_at = None
+
+    def _write_control(self, name: str, factor: float) -> None:
+        path = self.workdir / f"{name}.control.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"slowdown": factor}))
+        tmp.replace(path)
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def run(self, on_start=None) -> dict:
+        """Bring the network up, play the scenario, wait for the peers to finish, report, clean up.
+
+        ``on_start(dashboard_url)`` is called once the coordinator serves.
+        """
+        c = self.config
+        try:
+            self._start_network()
+            self._start_coordinator(0)
+            self.dashboard_url = self.coordinator.dashboard
+            if on_start is not None:
+                on_start(self.dashboard_url)
+            self._started = time.monotonic()
+            for i in range(c.peers):
+                self._start_peer(f"peer{i}", c.train.steps)
+            for i in range(c.peers, c.peers + self._joins()):
+                self._start_peer(f"peer{i}", c.train.steps, gate=self.workdir / f"peer{i}.gate")
+                self._joiners.append(f"peer{i}")
+            self._loop()
+            return self._report()
+        finally:
+            self.close()
+
+    def _loop(self) -> None:
+        deadline = self._started + self.config.timeout_s
+        display = _Display(self.config.progress)
+        try:
+            while time.monotonic() < deadline:
+                now = time.monotonic()
+                rounds = self.committed_rounds()
+                while self.pending and self._due(self.pending[0], now, len(rounds)):
+                    self.fired.append(self._fire(self.pending.pop(0), now))
+                for f in self.fired:
+                    if f.restore_at is not None and now >= f.restore_at:
+                        self._restore(f)
+                display.update(self, len(rounds), now - self._started)
+                gated = set(self._joiners)
+                running = [
+                    p for n, p in self.peers.items()
+                    if n not in gated and p.alive and not any(e["event"] == "finished" for e in p.events)
+                ]
+                if not running and not self.pending and all(f.restore_at is None for f in self.fired):
+                    return
+                time.sleep(0.1)
+            raise TimeoutError(f"the scenario did not finish within {self.config.timeout_s:g} s")
+        finally:
+            display.close()
+
+    def _report(self) -> dict:
+        c = self.config
+        rounds = self.committed_rounds()
+        for f in self.fired:
+            after = [t for t in rounds.values() if t > f.wall]
+            f.recovery_s = (min(after) - f.wall) if after else None
+        finished = {n: next(e for e in p.events if e["event"] == "finished") for n, p in self.peers.items()
+                    if any(e["event"] == "finished" for e in p.events)}
+        survivors = list(finished)
+        digest_round, identical = self._identical(survivors)
+        status = self._status() or {"summary": {"rounds_aborted": 0}, "rounds": []}
+        aborted = self._aborted_before + status["summary"]["rounds_aborted"]
+        task = make_task(c.task, c.task_config)
+        initial = task.evaluate(task.build_model())
+        numel = sum(p.numel() for p in task.build_model().parameters())
+        dp_bytes = c.train.steps * 2 * (c.peers - 1) / c.peers * 4 * numel
+        sent = [f["bytes_sent"] - f.get("bytes_served", 0) for f in finished.values()]
+        report = {
+            "peers": c.peers,
+            "joined": sum(e.action == "join" for e in c.events),
+            "rounds_committed": len(rounds),
+            "rounds_aborted": aborted,
+            "aborted_rounds_retried": self._retried(status),
+            "events": [
+                {"event": str(f.event), "time_s": round(f.time_s, 3), "recovery_s": f.recovery_s, "detail": f.detail}
+                for f in self.fired
+            ],
+            "initial_eval_loss": initial,
+            "final_eval_loss": statistics.mean(f["eval_loss"] for f in finished.values()) if finished else None,
+            "eval_loss_per_peer": {n: f["eval_loss"] for n, f in finished.items()},
+            "entropy_floor": task.entropy_floor,
+            "bytes_sent_per_peer": statistics.mean(sent) if sent else 0,
+            "state_sync_bytes_per_peer": statistics.mean(f.get("bytes_served", 0) for f in finished.values()) if finished else 0,
+            "data_parallel_bytes_per_peer": dp_bytes,
+            "survivors_identical": identical,
+            "identical_at_round": digest_round,
+            "peers_alive": len(survivors),
+            "wall_s": time.monotonic() - self._started,
+            "dashboard": self.dashboard_url,
+            "workdir": str(self.workdir),
+        }
+        utilization = self._link_utilization()
+        if utilization is not None:
+            report["link_utilization"] = utilization
+        return report
+
+    def _identical(self, survivors: list[str]) -> tuple[int | None, bool]:
+        """Whether all survivors hold the same global parameters after the last round they all committed."""
+        if not survivors:
+            return None, False
+        per_peer = [{e["round"]: e["digest"] for e in self.peers[n].events if e["event"] == "committed"} for n in survivors]
+        common = set.intersection(*(set(d) for d in per_peer))
+        if not common:
+            return None, len(survivors) == 1
+        last = max(common)
+        return last, len({d[last] for d in per_peer}) == 1
+
+    def _retried(self, status: dict) -> bool:
+        """Every aborted round was followed by a committed one."""
+        rounds = status.get("rounds", [])
+        aborted = [r["started_at"] for r in rounds if r["status"] == "aborted"]
+        committed = [r["started_at"] for r in rounds if r["status"] == "committed"]
+        return all(any(c > a for c in committed) for a in aborted)
+
+    def _link_utilization(self) -> float | None:
+        """Median over committed rounds of (bytes sent x 8 / link rate) / all-reduce time, when links are capped."""
+        cap = self.config.uplink or self.config.bandwidth
+        if not cap:
+            return None
+        bps = parse_bandwidth(cap)
+        ratios = [
+            e["bytes"] * 8 / bps / e["allreduce_s"]
+            for p in self.peers.values()
+            for e in p.events
+            if e["event"] == "committed" and e.get("allreduce_s")
+        ]
+        return statistics.median(ratios) if ratios else None
+
+    def close(self) -> None:
+        """Stop every child (also paused ones), the network; idempotent."""
+        stop_all(list(self.peers.values()))
+        stop_all(self.coordinators)
+        if self.network is not None:
+            self.network.cleanup()
+            self.network = None
+
+    def orphans(self) -> list[int]:
+        """Pids of children still alive (should be none after close)."""
+        return [p.proc.pid for p in [*self.peers.values(), *self.coordinators] if p.alive]
+
+
+class _Display:
+    """A live status line on stderr (rich), when asked for."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._live = None
+        if enabled:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(console=Console(stderr=True), refresh_per_second=4, transient=False)
+            self._live.start()
+
+    def update(self, harness: Harness, rounds: int, elapsed: float) -> None:
+        """Redraw the status table."""
+        if self._live is None:
+            return
+        from rich.table import Table
+
+        table = Table(title=f"loconet harness - {elapsed:5.1f} s - {rounds} rounds committed", expand=False)
+        for col in ("peer", "state", "step", "loss", "last round"):
+            table.add_column(col)
+        for name, p in harness.peers.items():
+            steps = [e for e in p.events if e["event"] == "committed"]
+            last = steps[-1] if steps else {}
+            done = any(e["event"] == "finished" for e in p.events)
+            state = "finished" if done else ("running" if p.alive else "dead")
+            loss = last.get("loss")
+            table.add_row(name, state, str(last.get("step", 0)), f"{loss:.3f}" if loss else "-", str(last.get("round", "-"))[-6:])
+        self._live.update(table)
+
+    def close(self) -> None:
+        """Stop drawing."""
+        if self._live is not None:
+            self._live.stop()
+

@@ -1,0 +1,166 @@
+"""Child processes followed through their JSON-lines output: coordinators and peers on this machine.
+
+Used by the benchmarks, the local harness and the tests. Each child runs in
+its own session (process group), so stopping it also stops whatever it
+started; ``stop_all`` stops many at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: if the process that started it dies (even by SIGKILL),
+    # the kernel kills the child too, so a crashed harness leaves no orphans (Linux only).
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Proc:
+    """A child process in its own session; stdout lines that are JSON objects become events."""
+
+    def __init__(self, args: list[str], log_path: pathlib.Path, prefix: list[str] | tuple[str, ...] = ()) -> None:
+        self.args = list(prefix) + list(args)
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            start_new_session=True,
+            bufsize=1,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        self.events: list[dict] = []
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            line = line.strip()
+            self.lines.append(line)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            event["_seen"] = time.time()
+            self.events.append(event)
+            self._queue.put(event)
+
+    def wait_event(self, pred, timeout: float = 60.0) -> dict:
+        """The first event (past or future) matching pred; AssertionError after timeout."""
+        for event in list(self.events):
+            if pred(event):
+                return event
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no matching event within {timeout} s from {self.args[-8:]}; got {self.events[-5:]}")
+            try:
+                event = self._queue.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                if self.proc.poll() is not None and self._queue.empty():
+                    self._reader.join(timeout=1)
+                    for ev in list(self.events):
+                        if pred(ev):
+                            return ev
+                    raise AssertionError(f"process exited ({self.proc.returncode}) without a matching event: {self.events[-5:]}")
+                continue
+            if pred(event):
+                return event
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL the whole session; reap."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGCONT)
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=timeout)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+        self.log.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def stop_all(procs: list[Proc], timeout: float = 10.0) -> None:
+    """Stop several processes at once (SIGTERM to all, then wait, then SIGKILL what is left)."""
+    for p in procs:
+        if p.alive:
+            try:
+                os.killpg(p.proc.pid, signal.SIGCONT)
+                os.killpg(p.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        p.stop(timeout=0.1)
+
+
+class CoordinatorProc(Proc):
+    """``loconet coordinator`` as a child; knows its gRPC address and dashboard URL."""
+
+    LINE = re.compile(r"at (\S+), dashboard (\S+)")
+
+    def __init__(
+        self, log_path: pathlib.Path, run: str, port: int = 0, *extra: str, prefix: list[str] | tuple[str, ...] = ()
+    ) -> None:
+        dashboard = [] if "--dashboard-port" in extra else ["--dashboard-port", "0"]
+        args = [sys.executable, "-m", "peer.cli", "coordinator", "--run", run, "--port", str(port), *dashboard, *extra]
+        super().__init__(args, log_path, prefix)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = self.LINE.search(line)
+                if m:
+                    self.address, self.dashboard = m.group(1), m.group(2)
+                    self.port = int(self.address.rsplit(":", 1)[1])
+                    return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"coordinator did not start: {self.lines} (see {log_path})")
+
+
+def daemon_peer(
+    log_dir: pathlib.Path, coordinator: str, run: str, name: str, *extra: str, prefix: list[str] | tuple[str, ...] = ()
+) -> Proc:
+    """Start ``loconet peer --events`` named name (small model, quick syncs unless extra says otherwise)."""
+    args = [
+        sys.executable, "-m", "peer.cli", "peer", "--coordinator", coordinator, "--run", run, "--name", name,
+        "--events", "--no-progress", "--round-timeout", "10", *extra,
+    ]
+    return Proc(args, log_dir / f"{name}.log", prefix)
