@@ -104,8 +104,9 @@ class DiLoCo:
         self.samples_since_sync = 0
         self.last_sync_time = time.monotonic()
         self.history: list[SyncRecord] = []
-        # Called after every committed round (progress displays, checkpoints).
+        # Called after every committed round (progress displays, checkpoints), and as a sync begins.
         self.on_commit: Callable[[SyncRecord], None] | None = None
+        self.on_sync_start: Callable[[int], None] | None = None
 
     # -- torch.optim surface ------------------------------------------------------------
 
@@ -139,6 +140,8 @@ class DiLoCo:
         """Average the pseudo-gradients with the run and take the outer step; False if no round committed."""
         indices = range(len(self.state.params))
         started = time.monotonic()
+        if self.on_sync_start is not None:
+            self.on_sync_start(self.inner_steps)
         try:
             result = self.peer.sync(
                 self.state.pseudo_gradients(indices),

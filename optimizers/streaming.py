@@ -136,6 +136,7 @@ class StreamingDiLoCo:
         self.inflight: _InFlight | None = None
         self.history: list[SyncRecord] = []
         self.on_commit: Callable[[SyncRecord], None] | None = None
+        self.on_sync_start: Callable[[int], None] | None = None
 
     @property
     def param_groups(self) -> list[dict]:
@@ -170,6 +171,8 @@ class StreamingDiLoCo:
     def _start(self) -> None:
         f = self.cursor
         indices = self.fragments[f]
+        if self.on_sync_start is not None:
+            self.on_sync_start(self.inner_steps)
         future = self.peer.sync_async(
             self.state.pseudo_gradients(indices),
             weight=float(max(self.samples[f], 1)),

@@ -394,7 +394,11 @@ class _Session:
                 if replies[i] is not None:
                     continue
                 if conn.poll(0.05):
-                    msg = conn.recv()
+                    try:
+                        msg = conn.recv()
+                    except (EOFError, OSError):
+                        proc.join(timeout=5)
+                        raise RuntimeError(f"client process {i} died (exit code {proc.exitcode})") from None
                     if msg.get("type") == "error":
                         raise RuntimeError(f"client process {i} failed: {msg['error']}")
                     if msg.get("type") != kind:

@@ -197,6 +197,7 @@ def run_peer(config: PeerConfig) -> int:
     loop.on_step = on_step
     loop.on_eval = lambda step, loss: events.emit("eval", step=step, eval_loss=loss)
     opt.on_commit = on_commit
+    opt.on_sync_start = lambda step: events.emit("sync-start", step=step)
     try:
         progress = loop.run(stop)
     finally:

@@ -91,7 +91,7 @@ class Harness:
         self.coordinators: list[CoordinatorProc] = []
         self.peers: dict[str, Proc] = {}
         self.fired: list[Fired] = []
-        self.pending = sorted(config.events, key=lambda e: (e.at.rounds or 0, e.at.seconds or 0))
+        self.pending = list(config.events)
         self.network = None
         self.hosts: dict = {}
         self._aborted_before = 0
@@ -202,6 +202,10 @@ class Harness:
     def _due(self, event: Event, now: float, rounds: int) -> bool:
         if event.at.rounds is not None:
             return rounds >= event.at.rounds
+        if event.at.sync is not None:
+            target = self.peers.get(event.target)
+            starts = sum(e["event"] == "sync-start" for e in target.events) if target else 0
+            return starts >= event.at.sync
         return now - self._started >= (event.at.seconds or 0)
 
     def _fire(self, event: Event, now: float) -> Fired:
@@ -287,8 +291,9 @@ class Harness:
             while time.monotonic() < deadline:
                 now = time.monotonic()
                 rounds = self.committed_rounds()
-                while self.pending and self._due(self.pending[0], now, len(rounds)):
-                    self.fired.append(self._fire(self.pending.pop(0), now))
+                for event in [e for e in self.pending if self._due(e, now, len(rounds))]:
+                    self.pending.remove(event)
+                    self.fired.append(self._fire(event, now))
                 for f in self.fired:
                     if f.restore_at is not None and now >= f.restore_at:
                         self._restore(f)

@@ -6,25 +6,30 @@ through veth pairs; ``tbf`` qdiscs cap each host's uplink and downlink, and a
 link "cut" takes both ends of a host's veth pair down::
 
       root namespace
-      +----------------------------------------------------------------------+
-      |   bridge <id>br  10.77.0.1/24   (the root namespace reaches hosts    |
-      |   |                              through it; no IP forwarding)       |
-      |   +-- <id>h0  [tbf: downlink of host 0]                              |
-      |   +-- <id>h1  [tbf: downlink of host 1]      ...                     |
-      +---|----------------|-------------------------------------------------+
-          | veth pair      | veth pair
-      +---|---------+  +---|---------+
-      |  <id>n0     |  |  <id>n1     |   [tbf on <id>nK: uplink of host K]
-      |  10.77.0.2  |  |  10.77.0.3  |   lo up, default route via 10.77.0.1
-      |  ns <id>-coordinator   ns <id>-peer0 ...
-      +-------------+  +-------------+
+      +---------------------------------------------------------------+
+      |  bridge <id>br  10.77.0.1/24                                  |
+      |    |  (the root namespace reaches the hosts through it;       |
+      |    |   it forwards nothing beyond the bridge)                 |
+      |    +---------------------+--------- ...                       |
+      |    |                     |                                    |
+      |  <id>h0                <id>h1          tbf here: downlinks    |
+      +----|---------------------|------------------------------------+
+           | veth pair           | veth pair
+      +----|--------------+ +----|--------------+
+      |  <id>n0           | |  <id>n1           |  tbf on <id>nK: uplink of host K
+      |  10.77.0.2/24     | |  10.77.0.3/24     |  lo up, default route via
+      |  namespace        | |  namespace        |  10.77.0.1 (the bridge)
+      |  <id>-coordinator | |  <id>-peer0       |  ...
+      +-------------------+ +-------------------+
 
 ``<id>`` is the prefix plus a random 4-character token (``lcn`` + ``k3x9`` ->
 ``lcnk3x9``), so two harnesses can run side by side while
 ``cleanup_leftovers("lcn")`` still finds everything a crashed one left behind.
 Names: bridge ``<id>br``, veth ends ``<id>h<i>`` (root side) and ``<id>n<i>``
 (namespace side), namespaces ``<id>-<host name>``; interface names stay within
-IFNAMSIZ (15 characters).
+IFNAMSIZ (15 characters). With the default subnet, a network whose
+10.77.0.0/24 is already taken (another harness) takes the next free /24 of
+10.77.0.0/16; an explicit subnet that overlaps a route raises.
 
 Shaping (``tbf_parameters``): rate = the cap; burst = max(rate x 10 ms,
 4096 bytes); queue limit = burst + rate x 100 ms (clamped to 64 KiB .. 64 MiB).
@@ -32,7 +37,8 @@ Shaping (``tbf_parameters``): rate = the cap; burst = max(rate x 10 ms,
 can always refill between timer ticks and the full rate is reachable) yet lets
 through at most 1 % more than the cap over one second, from 10 Mbit/s to
 10 Gbit/s. The 100 ms queue absorbs TCP's bursts without turning every
-overshoot into a loss (a drop-tail queue like a home router's).
+overshoot into a loss (a drop-tail queue like a home router's). tbf counts
+Ethernet frames, so TCP goodput is about 1448/1514 = 96 % of the cap.
 
 Host-wide state: every instance records itself (owner pid and start time) in
 ``/run/loconet-netns/<id>.json`` so ``cleanup_leftovers`` spares networks whose

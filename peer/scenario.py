@@ -9,8 +9,9 @@ An event is written ``ACTION[:TARGET]@WHEN[,for=DURATION][,x=FACTOR]``:
 - ``straggle:peer3@round2,x=3``  make peer3 train 3 times slower (for the rest of the run, or ``for=``)
 - ``cut:peer0@round4,for=10s``   take peer0's network link down for 10 s (needs ``--netns``)
 
-``WHEN`` is ``roundN`` (after N committed rounds) or ``Ns`` (seconds after
-the start). A TOML scenario file holds the same as a list of tables::
+``WHEN`` is ``roundN`` (after N committed rounds), ``syncN`` (when the
+target peer starts its N-th sync: the kill lands inside a round) or ``Ns``
+(seconds after the start). A TOML scenario file holds the same as a list of tables::
 
     [[event]]
     action = "pause"
@@ -39,9 +40,15 @@ class When:
 
     rounds: int | None = None
     seconds: float | None = None
+    # The target peer's N-th sync has started.
+    sync: int | None = None
 
     def __str__(self) -> str:
-        return f"round{self.rounds}" if self.rounds is not None else f"{self.seconds:g}s"
+        if self.rounds is not None:
+            return f"round{self.rounds}"
+        if self.sync is not None:
+            return f"sync{self.sync}"
+        return f"{self.seconds:g}s"
 
 
 @dataclass(frozen=True)
@@ -73,11 +80,12 @@ def _seconds(text: str, what: str) -> float:
 
 def _when(text: str) -> When:
     text = text.strip()
-    if text.startswith("round"):
-        digits = text[5:]
-        if not digits.isdigit():
-            raise ConfigError(f"cannot read {text!r}: write roundN, e.g. round3")
-        return When(rounds=int(digits))
+    for word in ("round", "sync"):
+        if text.startswith(word):
+            digits = text[len(word):]
+            if not digits.isdigit():
+                raise ConfigError(f"cannot read {text!r}: write {word}N, e.g. {word}3")
+            return When(rounds=int(digits)) if word == "round" else When(sync=int(digits))
     return When(seconds=_seconds(text, "event time"))
 
 
@@ -89,13 +97,16 @@ def make_event(action: str, at: str, target: str | None = None, duration: str | 
         raise ConfigError(f"{action} needs a target peer, e.g. {action}:peer1@round2")
     if action not in _TARGETED and target:
         raise ConfigError(f"{action} takes no target peer")
+    when = _when(at)
+    if when.sync is not None and not target:
+        raise ConfigError(f"{action}@{at}: syncN needs a target peer, whose N-th sync triggers the event")
     if action == "pause" and duration is None:
         raise ConfigError("pause needs a duration, e.g. pause:peer1@round2,for=8s")
     if action == "straggle" and (factor is None or factor <= 1):
         raise ConfigError("straggle needs a slowdown factor above 1, e.g. straggle:peer1@10s,x=3")
     return Event(
         action=action,
-        at=_when(at),
+        at=when,
         target=target,
         duration_s=None if duration is None else _seconds(duration, f"{action} duration"),
         factor=factor,

@@ -1,0 +1,76 @@
+"""Scenarios through ``loconet harness``: real peers and coordinator, faults injected, the report checked."""
+
+from __future__ import annotations
+
+import pytest
+
+from peer.harness import Harness, HarnessConfig
+from peer.scenario import parse_event
+from peer.tasks.base import TaskConfig
+from peer.training import TrainConfig
+
+pytestmark = pytest.mark.timeout(300)
+
+SMALL = TaskConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8)
+
+
+def run_scenario(*events: str, peers: int = 3, steps: int = 200, **options) -> tuple[dict, Harness]:
+    config = HarnessConfig(
+        peers=peers,
+        task_config=SMALL,
+        train=TrainConfig(steps=steps, sync_every=20, round_timeout_s=10),
+        events=tuple(parse_event(e) for e in events),
+        **options,
+    )
+    harness = Harness(config)
+    report = harness.run()
+    assert harness.orphans() == [], "every child process is reaped"
+    return report, harness
+
+
+def assert_healthy(report: dict, alive: int) -> None:
+    assert report["survivors_identical"] is True
+    assert report["aborted_rounds_retried"] is True
+    assert report["peers_alive"] == alive
+    for event in report["events"]:
+        assert event["recovery_s"] is not None, f"no round committed after {event['event']}"
+
+
+def test_kill_during_a_round(tmp_path):
+    report, _ = run_scenario("kill:peer2@sync3", bandwidth="4mbit", workdir=tmp_path)
+    assert_healthy(report, alive=2)
+    assert report["rounds_committed"] >= 5
+
+
+def test_pause_beyond_the_lease_and_return(tmp_path):
+    report, harness = run_scenario("pause:peer1@round2,for=5s", workdir=tmp_path, lease_s=2.0)
+    assert_healthy(report, alive=3)
+    resyncs = [e for e in harness.peers["peer1"].events if e["event"] == "joined"]
+    assert resyncs, "the paused peer was part of the run"
+
+
+def test_late_joiner(tmp_path):
+    report, harness = run_scenario("join@round3", workdir=tmp_path)
+    assert_healthy(report, alive=4)
+    joiner = harness.peers["peer3"]
+    assert any(e["event"] == "committed" for e in joiner.events)
+
+
+def test_coordinator_restart(tmp_path):
+    report, _ = run_scenario("restart-coordinator@round3", workdir=tmp_path)
+    assert_healthy(report, alive=3)
+
+
+def test_straggler(tmp_path):
+    report, _ = run_scenario("straggle:peer0@round1,x=3", workdir=tmp_path)
+    assert_healthy(report, alive=3)
+
+
+def test_link_cut_with_netns(tmp_path):
+    netns = pytest.importorskip("peer.netns")
+    try:
+        netns.check_available()
+    except netns.NetnsUnavailable as exc:
+        pytest.skip(f"network namespaces unavailable: {exc}")
+    report, _ = run_scenario("cut:peer1@round2,for=4s", workdir=tmp_path, netns=True, lease_s=2.0)
+    assert_healthy(report, alive=3)
