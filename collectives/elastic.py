@@ -134,13 +134,13 @@ class ElasticCollective:
     def __init__(
         self,
         config: ElasticConfig,
-        provider: Callable[[], StateSnapshot | None],
+        provider: Callable[[], StateSnapshot | None] | None = None,
         phase_hook: Callable[[Group, str], None] | None = None,
     ) -> None:
         self.config = config
         self.transport = Transport(config.transport)
         self.collective = Collective(self.transport, config.run_id, phase_hook=phase_hook)
-        self.state_server = StateServer(self.transport, config.run_id, provider, config.state_sync)
+        self.state_server = StateServer(self.transport, config.run_id, provider or (lambda: None), config.state_sync)
         self.membership = MembershipClient(
             self.transport,
             MembershipConfig(config.coordinator, config.run_id, name=config.name, patience_s=config.patience_s),
@@ -153,6 +153,10 @@ class ElasticCollective:
         self.history: deque[tuple[int, Phase]] = deque(maxlen=1000)
         self._heartbeat: asyncio.Task | None = None
         self._pending_resync = ""
+
+    def provide_state(self, provider: Callable[[], StateSnapshot | None]) -> None:
+        """Serve joiners the state this function returns (a strategy registers its snapshot here)."""
+        self.state_server.provider = provider
 
     @property
     def peer_id(self) -> str:

@@ -136,6 +136,9 @@ class StreamingDiLoCo:
         self.inflight: _InFlight | None = None
         self.history: list[SyncRecord] = []
         self.on_commit: Callable[[SyncRecord], None] | None = None
+        if hasattr(peer, "provide_state"):
+            # Joiners fetch the run's state from this optimizer.
+            peer.provide_state(self.snapshot)
         self.on_sync_start: Callable[[int], None] | None = None
 
     @property

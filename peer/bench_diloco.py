@@ -43,7 +43,7 @@ class BenchConfig:
     sync_every: int = 50
     inner_lr: float = 3e-3
     outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    outer_momentum: float = 0.7
     codec: str = "int8"
     fragments: int = 4
     overlap: int = 5
@@ -215,7 +215,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync-every", type=int, default=50)
     parser.add_argument("--inner-lr", type=float, default=3e-3)
     parser.add_argument("--outer-lr", type=float, default=0.7)
-    parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--outer-momentum", type=float, default=0.7)
     parser.add_argument("--codec", default="int8")
     parser.add_argument("--fragments", type=int, default=4)
     parser.add_argument("--overlap", type=int, default=5)

@@ -51,6 +51,7 @@ import multiprocessing as mp
 import os
 import pathlib
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -82,8 +83,23 @@ def fake_address(index: int) -> str:
     return f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}:{20000 + index % 20000}"
 
 
+# Codes after which the real client (collectives/membership.py) tries again: the call may never have
+# reached the coordinator's handler (e.g. shed by gRPC's pending-request limit while its loop was busy).
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
+class CallFailed(Exception):
+    """A membership call that failed for good (a refusal, or no answer within the patience)."""
+
+
 class SimPeer:
-    """One simulated peer: join, heartbeat, quorum and commit; nothing else."""
+    """One simulated peer: join, heartbeat, quorum and commit; nothing else.
+
+    Like the real client (``MembershipClient``), Join/Quorum/Commit retry with backoff after
+    UNAVAILABLE / DEADLINE_EXCEEDED / CANCELLED (each attempt with ``attempt_timeout_s``, at most
+    ``patience_s`` in all), and every retry is counted; heartbeats have a deadline of
+    max(interval, 1 s) and are not retried (the next one is due anyway).
+    """
 
     def __init__(self, index: int, stub: pb_grpc.CoordinatorStub, job: dict) -> None:
         self.index = index
@@ -101,7 +117,29 @@ class SimPeer:
         # (send time, latency s, ok); kept for the parent to count in any window.
         self.heartbeats: list[tuple[float, float, bool]] = []
         self.heartbeat_errors: dict[str, int] = {}
+        self.retries: dict[str, int] = {}
         self.unknown = 0
+
+    async def call(self, method: str, request) -> tuple[object, float, float]:
+        """(reply, send time of the first attempt, send time of the answered attempt); CallFailed."""
+        attempt_s, patience = self.job["attempt_timeout_s"], self.job["patience_s"]
+        first = time.time()
+        give_up = time.monotonic() + patience
+        delay = 0.05
+        while True:
+            sent = time.time()
+            try:
+                return await getattr(self.stub, method)(request, timeout=attempt_s), first, sent
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code not in RETRY_CODES:
+                    raise CallFailed(f"{method} {code.name}: {exc.details()}") from None
+                key = f"{method}:{code.name}"
+                self.retries[key] = self.retries.get(key, 0) + 1
+                if time.monotonic() + delay > give_up:
+                    raise CallFailed(f"{method}: no answer in {patience:g} s (last {code.name})") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def join(self) -> float:
         request = pb.JoinRequest(
@@ -111,9 +149,8 @@ class SimPeer:
             name=f"sim-{self.index}",
             codecs=["none", "fp16", "int8"],
         )
-        t0 = time.time()
-        reply = await self.stub.Join(request, timeout=self.job["rpc_timeout_s"])
-        latency = time.time() - t0
+        reply, first, _ = await self.call("Join", request)
+        latency = time.time() - first
         self.peer_id = reply.peer_id
         self.epoch = reply.epoch
         self.activity = "training"
@@ -135,7 +172,7 @@ class SimPeer:
     async def heartbeat_forever(self) -> None:
         """Heartbeat on a fixed-rate schedule with a random phase until cancelled."""
         interval = self.job["heartbeat_s"]
-        timeout = max(5.0, 5 * interval)
+        timeout = max(interval, 1.0)  # as the real client
         next_at = time.monotonic() + self.rng.uniform(0.0, interval)
         while True:
             delay = next_at - time.monotonic()
@@ -163,17 +200,14 @@ class SimPeer:
         """Take part in count rounds; one record per round, and the problems seen."""
         records: list[tuple] = []
         problems: list[str] = []
-        timeout = self.job["quorum_timeout_s"]
         for k in range(count):
             self.activity = "in-round"
-            t_q0 = time.time()
             try:
-                q = await self.stub.Quorum(
-                    pb.QuorumRequest(run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round),
-                    timeout=timeout,
+                q, t_q0, t_qs = await self.call(
+                    "Quorum", pb.QuorumRequest(run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round)
                 )
-            except grpc.aio.AioRpcError as exc:
-                problems.append(f"{self.peer_id} round {k}: Quorum {exc.code().name}: {exc.details()}")
+            except CallFailed as exc:
+                problems.append(f"{self.peer_id} round {k}: {exc}")
                 break
             t_q1 = time.time()
             if q.action != pb.QuorumResponse.ROUND:
@@ -195,11 +229,10 @@ class SimPeer:
                 ok=True,
                 report=pb.RoundReport(bytes_sent=sent, bytes_received=sent, wall_s=0.0),
             )
-            t_c0 = time.time()
             try:
-                c = await self.stub.Commit(request, timeout=timeout)
-            except grpc.aio.AioRpcError as exc:
-                problems.append(f"{self.peer_id} round {k}: Commit {exc.code().name}: {exc.details()}")
+                c, t_c0, t_cs = await self.call("Commit", request)
+            except CallFailed as exc:
+                problems.append(f"{self.peer_id} round {k}: {exc}")
                 break
             t_c1 = time.time()
             if c.commit:
@@ -207,9 +240,17 @@ class SimPeer:
             else:
                 problems.append(f"{self.peer_id} round {q.round_id}: not committed: {c.reason}")
             self.epoch = c.epoch
-            records.append((self.index, k, q.round_id, q.epoch, n, t_q0, t_q1, t_c0, t_c1, bool(c.commit)))
+            records.append((self.index, k, q.round_id, q.epoch, n, t_q0, t_q1, t_c0, t_c1, bool(c.commit), t_qs, t_cs))
         self.activity = "training"
         return records, problems
+
+
+def _merge(counters) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counters:
+        for k, n in c.items():
+            out[k] = out.get(k, 0) + n
+    return out
 
 
 async def _recv(conn):
@@ -233,9 +274,10 @@ async def _client(job: dict, conn) -> None:
             return
         results = await asyncio.gather(*(p.join() for p in peers), return_exceptions=True)
         join_s = [r for r in results if isinstance(r, float)]
+        join_retries = _merge(p.retries for p in peers)
         join_errors = [f"sim-{p.index}: {r!r}"[:300] for p, r in zip(peers, results) if not isinstance(r, float)]
         tasks = [asyncio.get_running_loop().create_task(p.heartbeat_forever()) for p in peers if p.peer_id]
-        conn.send({"type": "joined", "join_s": join_s, "errors": join_errors, "pid": os.getpid()})
+        conn.send({"type": "joined", "join_s": join_s, "errors": join_errors, "retries": join_retries})
         while True:
             cmd = await _recv(conn)
             if cmd["cmd"] == "rounds":
@@ -254,15 +296,12 @@ async def _client(job: dict, conn) -> None:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 if cmd.get("orphaned"):
                     return
-                errors: dict[str, int] = {}
-                for p in peers:
-                    for name, n in p.heartbeat_errors.items():
-                        errors[name] = errors.get(name, 0) + n
                 conn.send(
                     {
                         "type": "final",
                         "heartbeats": [hb for p in peers for hb in p.heartbeats],
-                        "heartbeat_errors": errors,
+                        "heartbeat_errors": _merge(p.heartbeat_errors for p in peers),
+                        "retries": _merge(p.retries for p in peers),
                         "unknown": sum(p.unknown for p in peers),
                     }
                 )
@@ -346,7 +385,7 @@ class _Session:
     """A coordinator process and the client processes driving it; everything is reaped on close."""
 
     def __init__(self, peers: int, client_procs: int, heartbeat_s: float, lease_s: float, channels: int,
-                 log_dir: pathlib.Path, tag: str, quorum_timeout_s: float) -> None:
+                 log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, attempt_timeout_s: float) -> None:
         from peer.processes import CoordinatorProc
 
         self.peers = peers
@@ -368,7 +407,7 @@ class _Session:
             job = {
                 "run_id": RUN, "address": self.coordinator.address, "first": first, "count": count,
                 "channels": max(1, min(channels, count)), "heartbeat_s": heartbeat_s,
-                "rpc_timeout_s": max(30.0, peers * 0.05), "quorum_timeout_s": quorum_timeout_s,
+                "attempt_timeout_s": attempt_timeout_s, "patience_s": quorum_timeout_s,
             }
             first += count
             parent, child = ctx.Pipe()
@@ -449,13 +488,13 @@ class _Session:
 
 
 def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, window_s: float, lease_s: float,
-             channels: int, log_dir: pathlib.Path, tag: str, quorum_timeout_s: float) -> dict:
+             channels: int, log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, attempt_timeout_s: float) -> dict:
     """One coordinator, peers simulated peers: join, a heartbeat-only window, rounds; the measurements."""
-    session = _Session(peers, client_procs, heartbeat_s, lease_s, channels, log_dir, tag, quorum_timeout_s)
+    session = _Session(peers, client_procs, heartbeat_s, lease_s, channels, log_dir, tag, quorum_timeout_s, attempt_timeout_s)
     try:
         session.gather("ready", timeout_s=120)
         # Idle coordinator (clients connected, no peer yet): its fixed cost (the 50 ms tick) for reference.
-        idle_s = min(3.0, window_s / 2)
+        idle_s = min(2.0, window_s / 4)
         c0, p0, t0 = session.cpu_s(), session.cpu_ns_s(), time.time()
         time.sleep(idle_s)
         idle_util = (session.cpu_s() - c0) / (time.time() - t0)
@@ -463,13 +502,13 @@ def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, win
 
         t_join0 = time.time()
         session.send({"cmd": "join"})
-        joined = session.gather("joined", timeout_s=120 + peers * 0.1)
+        joined = session.gather("joined", timeout_s=quorum_timeout_s + 60)
         join_wall = time.time() - t_join0
         join_s = [x for r in joined for x in r["join_s"]]
         problems = [e for r in joined for e in r["errors"]]
 
         # Let every peer's heartbeat schedule start (random phase within one interval), then measure.
-        time.sleep(max(2.0, 2 * heartbeat_s))
+        time.sleep(1.5 * heartbeat_s)
         ta, ca, pa, cla = time.time(), session.cpu_s(), session.cpu_ns_s(), session.client_cpu_s()
         time.sleep(window_s)
         tb, cb, pb_, clb = time.time(), session.cpu_s(), session.cpu_ns_s(), session.client_cpu_s()
@@ -500,13 +539,14 @@ def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, win
     heartbeats = [tuple(h) for f in final for h in f["heartbeats"]]
     in_window = [h for h in heartbeats if ta <= h[0] < tb]
     n_window = len(in_window)
-    hb_errors: dict[str, int] = {}
-    for f in final:
-        for name, n in f["heartbeat_errors"].items():
-            hb_errors[name] = hb_errors.get(name, 0) + n
+    hb_errors = _merge(f["heartbeat_errors"] for f in final)
+    retries = _merge(f["retries"] for f in final)
     unknown = sum(f["unknown"] for f in final)
+    warnings = []
     if hb_errors:
-        problems.append(f"heartbeat errors: {hb_errors}")
+        warnings.append(f"heartbeats without an answer within max(heartbeat, 1 s): {hb_errors}")
+    if retries:
+        warnings.append(f"calls retried after no answer (see rpc_retries): {retries}")
     if unknown:
         problems.append(f"{unknown} heartbeats answered known=false (a lease lapsed)")
     cpu = cb - ca
@@ -532,13 +572,28 @@ def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, win
         "coordinator_rss_mb": rss,
         "status": status,
         "heartbeat_errors": hb_errors,
+        "heartbeat_errors_in_window": sum(1 for h in in_window if not h[2]),
+        "rpc_retries": retries,
         "problems": problems,
+        "warnings": warnings,
     }
     if rounds_info:
         r0, r1 = rounds_info.pop("_window")
         out["heartbeat_latency_during_rounds_s"] = summary([h[1] for h in heartbeats if r0 <= h[0] < r1 and h[2]])
         out.update(rounds_info)
     return out
+
+
+def _group(messages: list[str], limit: int = 20) -> list[dict]:
+    """Messages grouped by their shape (numbers elided): count and one example (shortened) each."""
+    groups: dict[str, list] = {}
+    for m in messages:
+        key = re.sub(r"\d+", "#", m)[:120]
+        if key not in groups:
+            groups[key] = [0, m if len(m) <= 300 else m[:300] + "..."]
+        groups[key][0] += 1
+    ordered = sorted(groups.values(), key=lambda g: -g[0])
+    return [{"count": n, "example": ex} for n, ex in ordered[:limit]]
 
 
 def _round_stats(records: list[tuple], peers: int, rounds: int, problems: list[str]) -> dict:
@@ -555,8 +610,9 @@ def _round_stats(records: list[tuple], peers: int, rounds: int, problems: list[s
         epochs = {r[3] for r in recs}
         if len(ids) != 1 or len(epochs) != 1:
             problems.append(f"round {k}: peers got different round ids {sorted(ids)[:5]} / epochs {sorted(epochs)[:5]}")
-        last_q_sent = max(r[5] for r in recs)
-        last_c_sent = max(r[7] for r in recs)
+        # The send time of the attempt that was answered (r[10], r[11]): a retried call counts from its retry.
+        last_q_sent = max(r[10] for r in recs)
+        last_c_sent = max(r[11] for r in recs)
         quorum += [r[6] - r[5] for r in recs]
         quorum_close += [r[6] - last_q_sent for r in recs]
         commit += [r[8] - r[7] for r in recs]
@@ -604,6 +660,7 @@ def run(
     channels: int = 4,
     baseline_peers: int = 10,
     quorum_timeout_s: float = 120.0,
+    attempt_timeout_s: float = 20.0,
     log_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Run the benchmark (baseline at baseline_peers, then peers) and return its report as a JSON-ready dict."""
@@ -614,7 +671,7 @@ def run(
         logs = pathlib.Path(log_dir) if log_dir is not None else pathlib.Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
         common = dict(heartbeat_s=heartbeat_s, window_s=window_s, lease_s=lease_s, channels=channels,
-                      log_dir=logs, quorum_timeout_s=quorum_timeout_s)
+                      log_dir=logs, quorum_timeout_s=quorum_timeout_s, attempt_timeout_s=attempt_timeout_s)
         base = _measure(baseline_peers, 0, 1, tag=f"baseline-{baseline_peers}", **common)
         main = _measure(peers, rounds, client_procs, tag=str(peers), **common)
     status = main.pop("status")
@@ -664,7 +721,8 @@ def run(
         "peers_alive_at_end": summary_.get("peers_alive"),
         "committed_rounds_member_counts": sorted({len(r.get("members", [])) for r in history}),
         "all_rounds_committed_with_all_peers": not problems and rounds_committed == rounds,
-        "problems": problems[:50],
+        "problems_total": len(problems),
+        "problems": _group(problems),
         "wall_s": time.monotonic() - t0,
         "method": {
             "cpu": "coordinator utime+stime (/proc/<pid>/stat, all threads) over the heartbeat-only window, "
@@ -694,7 +752,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lease", type=float, default=5.0, help="the coordinator's lease (s)")
     parser.add_argument("--window", type=float, default=10.0, help="heartbeat-only window for the CPU measurement (s)")
     parser.add_argument("--baseline-peers", type=int, default=10, help="peers of the baseline measurement")
-    parser.add_argument("--quorum-timeout", type=float, default=120.0, help="quorum / commit timeouts (s)")
+    parser.add_argument("--quorum-timeout", type=float, default=120.0,
+                        help="the coordinator's quorum / commit timeouts, and how long a simulated peer retries a call (s)")
+    parser.add_argument("--attempt-timeout", type=float, default=20.0,
+                        help="deadline of one Join / Quorum / Commit attempt before the simulated peer retries (s)")
     parser.add_argument("--log-dir", default=None, help="keep the coordinators' logs here")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -719,7 +780,7 @@ def main(ns: argparse.Namespace) -> int:
         report = run(
             peers=ns.peers, rounds=ns.rounds, client_procs=ns.client_procs, heartbeat_s=ns.heartbeat,
             window_s=ns.window, lease_s=ns.lease, channels=ns.channels, baseline_peers=ns.baseline_peers,
-            quorum_timeout_s=ns.quorum_timeout, log_dir=ns.log_dir,
+            quorum_timeout_s=ns.quorum_timeout, attempt_timeout_s=ns.attempt_timeout, log_dir=ns.log_dir,
         )
     finally:
         signal.signal(signal.SIGTERM, previous)

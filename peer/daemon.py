@@ -120,12 +120,6 @@ def run_peer(config: PeerConfig) -> int:
     events = Events(config.events)
     task = make_task(config.task, config.task_config)
     model = task.build_model()
-    holder: dict = {}
-
-    def provider():
-        # Joiners fetch the state of the last committed round from here.
-        return holder["opt"].snapshot() if "opt" in holder else None
-
     train_cfg = config.train
     elastic_cfg = ElasticConfig(
         coordinator=config.coordinator,
@@ -134,9 +128,8 @@ def run_peer(config: PeerConfig) -> int:
         transport=config.transport,
         allreduce=train_cfg.allreduce(),
     )
-    elastic = ElasticCollective(elastic_cfg, provider)
-    opt = make_optimizer(model, elastic, train_cfg)
-    holder["opt"] = opt
+    elastic = ElasticCollective(elastic_cfg)
+    opt = make_optimizer(model, elastic, train_cfg)  # registers itself as the state joiners fetch
     resumed = None
     if config.checkpoint_dir:
         resumed = load_latest(config.checkpoint_dir)

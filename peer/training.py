@@ -43,7 +43,7 @@ class TrainConfig:
     sync_every: int = 50
     sync_seconds: float | None = None
     outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    outer_momentum: float = 0.7
     nesterov: bool = True
     # Pseudo-gradient codec (None: int8 for DiLoCo, int4 for Streaming).
     codec: str | None = None

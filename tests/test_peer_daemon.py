@@ -102,3 +102,14 @@ def test_sigterm_leaves_the_run_cleanly(run):
     # The survivor goes on alone.
     t = time.time()
     a.wait_event(lambda e: e["event"] == "committed" and e["t"] > t, 60)
+
+
+FORTUNES = Path("/usr/share/games/fortunes")
+
+
+@pytest.mark.skipif(not FORTUNES.is_dir(), reason=f"{FORTUNES} absent (apt-get install fortunes for a real-text corpus)")
+def test_two_peers_train_the_text_task_on_real_text(run):
+    peers = [run.add(n, "--task", "text-lm", "--data", str(FORTUNES), "--steps", "60") for n in ("a", "b")]
+    done = [finished(p) for p in peers]
+    assert all(d["eval_loss"] < 3.5 for d in done)  # log(vocab) ~ 4.5 before training
+    assert_identical_where_both_committed(peers[0], peers[1])
