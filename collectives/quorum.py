@@ -106,6 +106,21 @@ def quorum_ready(
     return eligible <= requesting or first_request_age_s >= rules.join_timeout_s
 
 
+def peers_to_probe(
+    missing: set[str], waited_s: float, last_probe_age_s: dict[str, float], after_s: float = 0.5, every_s: float = 1.0
+) -> list[str]:
+    """Live peers a pending quorum waits for that the coordinator should check are still listening.
+
+    A peer that has not asked for ``after_s`` is probed, at most once per
+    ``every_s``; one whose port refuses connections is dead (a SIGKILLed
+    process), so the quorum need not wait for its lease to lapse. A paused
+    peer still accepts connections and is left to its lease.
+    """
+    if waited_s < after_s:
+        return []
+    return sorted(p for p in missing if last_probe_age_s.get(p, float("inf")) >= every_s)
+
+
 def order_members(requesting: set[str]) -> list[str]:
     """The round's members in rank order (the same for every member)."""
     return sorted(requesting)

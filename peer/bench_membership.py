@@ -638,6 +638,8 @@ def _round_stats(records: list[tuple], peers: int, rounds: int, problems: list[s
         "quorum_close_latency_s": summary(quorum_close),
         "commit_latency_s": summary(commit),
         "commit_close_latency_s": summary(commit_close),
+        "quorum_close_first_answer_s": summary([r["quorum_close_first_s"] for r in per_round]),
+        "quorum_close_last_answer_s": summary([r["quorum_close_last_s"] for r in per_round]),
         "round_wall_s": summary([r["round_wall_s"] for r in per_round]),
         "rounds_full": full_rounds,
         "per_round": per_round,

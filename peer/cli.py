@@ -71,6 +71,7 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--commit-timeout", type=float, default=30.0)
     parser.add_argument("--quorum-timeout", type=float, default=120.0)
     parser.add_argument("--startup-grace", type=float, default=None, help="after a start, wait this long for peers to re-register (default: one lease)")
+    parser.add_argument("--no-probe", action="store_true", help="do not check that peers a quorum waits for still listen")
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -346,6 +347,7 @@ def run_coordinator(ns: argparse.Namespace) -> int:
         commit_timeout_s=ns.commit_timeout,
         quorum_timeout_s=ns.quorum_timeout,
         startup_grace_s=ns.startup_grace,
+        probe_peers=not ns.no_probe,
     )
 
     async def serve() -> None:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
@@ -40,6 +41,7 @@ from collectives.quorum import (
     needs_resync,
     next_epoch,
     order_members,
+    peers_to_probe,
     quorum_ready,
 )
 from collectives.transport import add_health_service, format_address
@@ -76,6 +78,9 @@ class CoordinatorConfig:
     # After a (re)start, quorums wait this long for peers to re-register (None: one lease).
     startup_grace_s: float | None = None
     history: int = 500
+    # Check that peers a quorum waits for still listen (a dead one is dropped at once, not
+    # after its lease). Off for simulated peers that have no server (bench membership).
+    probe_peers: bool = True
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -136,6 +141,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._decided: dict[int, Decision] = {}
         self._tick_task: asyncio.Task | None = None
         self._serving: dict[str, int] = {}
+        # Liveness probes of peers a quorum waits for: peer id -> when last probed.
+        self._probed: dict[str, float] = {}
+        self._probes: set[asyncio.Task] = set()
         self.heartbeats = 0
         self.state.event("coordinator-start", "", f"run {config.run_id}")
 
@@ -150,6 +158,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if self._tick_task is not None:
             self._tick_task.cancel()
             await asyncio.gather(self._tick_task, return_exceptions=True)
+        for task in list(self._probes):
+            task.cancel()
+        await asyncio.gather(*self._probes, return_exceptions=True)
         for fut in self._all_waiting():
             if not fut.done():
                 fut.set_exception(BadRequest(grpc.StatusCode.UNAVAILABLE, "coordinator shutting down"))
@@ -170,6 +181,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def tick(self) -> None:
         """Expire leases, close a ready quorum, decide rounds."""
         self._expire_leases()
+        self._probe_missing()
         self._maybe_close_quorum()
         for round_id in list(self._commits):
             self._maybe_decide(round_id)
@@ -477,6 +489,31 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return pb.CommitResponse(
             commit=decision.commit, reason=decision.reason, epoch=self.state.epoch, dropped=list(decision.dropped)
         )
+
+    def _probe_missing(self) -> None:
+        pending = self._pending
+        if pending is None or not self.config.probe_peers:
+            return
+        now = time.monotonic()
+        missing = self._eligible() - set(pending.waiting)
+        ages = {p: now - t for p, t in self._probed.items()}
+        for peer_id in peers_to_probe(missing, now - pending.first_at, ages):
+            self._probed[peer_id] = now
+            task = asyncio.get_running_loop().create_task(self._probe(self.state.peers[peer_id]))
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, peer: PeerRecord) -> None:
+        """Mark a peer lost if its port refuses connections (its process is gone)."""
+        channel = grpc.aio.insecure_channel(peer.address)
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.aio.AioRpcError as exc:
+            # UNAVAILABLE = refused: dead. A deadline means it may be paused: leave it to its lease.
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and peer.alive:
+                self._mark_lost(peer, f"its port refuses connections ({exc.details()[:100]})", kind="lost")
+        finally:
+            await channel.close()
 
     def _expire_leases(self) -> None:
         now = time.monotonic()

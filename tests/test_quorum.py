@@ -15,6 +15,7 @@ from collectives.quorum import (
     needs_resync,
     next_epoch,
     order_members,
+    peers_to_probe,
     quorum_ready,
 )
 
@@ -47,6 +48,20 @@ def test_quorum_ready(name, requesting, eligible, age, coord_age, rules, ready):
 def test_min_peers_below_one_is_a_config_error():
     with pytest.raises(ConfigError):
         QuorumRules(min_peers=0)
+
+
+@pytest.mark.parametrize(
+    "missing,waited,ages,probe",
+    [
+        ({"b"}, 0.2, {}, []),
+        ({"b", "c"}, 0.6, {}, ["b", "c"]),
+        ({"b", "c"}, 0.6, {"b": 0.3}, ["c"]),
+        ({"b"}, 3.0, {"b": 1.5}, ["b"]),
+        (set(), 9.0, {}, []),
+    ],
+)
+def test_a_waiting_quorum_probes_missing_peers_after_a_while_and_not_too_often(missing, waited, ages, probe):
+    assert peers_to_probe(missing, waited, ages) == probe
 
 
 def test_members_are_ordered_by_peer_id():
