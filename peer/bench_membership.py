@@ -3,8 +3,8 @@
 A REAL coordinator process (``loconet coordinator``) is driven by lightweight
 *simulated* peers: no model, no data plane, each one only speaks the
 membership protocol. They live as asyncio tasks in ``--client-procs`` spawned
-processes (grpc.aio, a few channels per process), so that 1000 peers cost a
-few hundred coroutines each, not 1000 processes.
+processes (grpc.aio, ``--channels`` TCP connections per process), so that
+1000 peers cost two processes, not 1000.
 
 Each simulated peer joins (a fresh peer, ``has_state=False``, with a fake
 unique address ``10.x.y.z:port`` -- the coordinator never dials peers), then
@@ -12,33 +12,44 @@ heartbeats every ``heartbeat_s`` with plausible, changing metrics (fixed-rate
 schedule, random phase, so the load is spread evenly), and on command takes
 part in ``rounds`` rounds: ``Quorum(last_round)`` -> ``Commit(ok=True)`` with
 the round id and epoch it got -> the next quorum with the committed round id.
-The coordinator runs with ``--min-peers N``, so every quorum holds all N.
+The coordinator runs with ``--min-peers N`` (and a join timeout as long as
+the quorum timeout), so every quorum must hold all N. As the real client
+does, Join / Quorum / Commit are retried after UNAVAILABLE, DEADLINE_EXCEEDED
+or CANCELLED (``rpc_retries`` counts them), heartbeats have a deadline of
+max(interval, 1 s) and are not retried (``heartbeat_errors`` counts them).
 
-Phases of one measurement (a coordinator of its own each):
+Phases of one measurement (each with a coordinator of its own):
 
-1. all peers join at once (join latency per peer);
-2. heartbeat-only window of ``window_s`` after a settling time: coordinator
-   CPU (utime+stime of ``/proc/<pid>/stat``) over the window divided by the
-   heartbeats the clients sent in it (client-side send times, one shared
-   clock: ``time.time()`` on this machine);
-3. ``rounds`` rounds (heartbeats keep going); then the Status RPC, the
-   coordinator's RSS, and the checks.
+1. idle: the coordinator's CPU with the clients connected and no peer;
+2. all peers join at once (join latency per peer);
+3. after one and a half heartbeat intervals, a heartbeat-only window of
+   ``window_s``: the coordinator's CPU (utime+stime of ``/proc/<pid>/stat``,
+   all threads, 10 ms ticks) over the window divided by the heartbeats the
+   clients sent in it (by send time; one machine clock, ``time.time()``);
+   cross-checked with the nanosecond thread clocks (``/proc/<pid>/task/*/schedstat``)
+   and net of the idle cost;
+4. ``rounds`` rounds (heartbeats keep going); then the Status RPC, the
+   coordinator's RSS and the checks: every peer got the same round id and
+   epoch with all N members and commit=True in every round, and the
+   coordinator counts ``rounds`` committed rounds, none aborted, N live peers.
 
-The report's baseline is the same measurement at ``baseline_peers`` (10)
-peers, without rounds, in the same run: ``cpu_per_heartbeat_ratio_vs_10_peers``.
+The baseline is the same measurement at ``baseline_peers`` (10) peers without
+rounds, in the same run: ``cpu_per_heartbeat_ratio_vs_10_peers``.
 
-Latencies (all from ``time.time()`` read in the client processes):
+Latencies (``time.time()`` read in the client processes):
 
-- ``quorum_latency_s``: per peer and round, Quorum sent -> answered. With
-  "all live peers asked" it mostly measures how late the last peer asked.
+- ``quorum_latency_s``: per peer and round, first Quorum attempt sent ->
+  answered. With "all live peers asked" it mostly measures how late the last
+  peer asked.
 - ``quorum_close_latency_s``: per peer and round, answer time minus the send
-  time of the LAST Quorum request of that round (over all client processes):
-  the coordinator's reaction time once the group is complete, plus the time
-  to deliver n answers; its max is the moment the last member got its answer.
-  ``quorum_close_per_round`` gives per round the first and the last answer.
+  time of the round's LAST Quorum request (the answered attempt, over all
+  client processes): the coordinator's reaction once the group is complete
+  plus the delivery of n answers. ``quorum_close_first_answer_s`` /
+  ``quorum_close_last_answer_s`` (one sample per round) and ``per_round``
+  give the first and the last answer of each round.
 - ``commit_latency_s`` / ``commit_close_latency_s``: the same for Commit.
-- ``heartbeat_latency_s`` in the window and during rounds (a coordinator
-  loop busy forming or deciding a round shows up here).
+- ``heartbeat_latency_s`` in the window, ``heartbeat_latency_during_rounds_s``
+  (a coordinator loop busy with a round shows up here).
 """
 
 from __future__ import annotations
@@ -86,6 +97,7 @@ def fake_address(index: int) -> str:
 # Codes after which the real client (collectives/membership.py) tries again: the call may never have
 # reached the coordinator's handler (e.g. shed by gRPC's pending-request limit while its loop was busy).
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+JOIN_ATTEMPT_S = 10.0
 
 
 class CallFailed(Exception):
@@ -96,9 +108,11 @@ class SimPeer:
     """One simulated peer: join, heartbeat, quorum and commit; nothing else.
 
     Like the real client (``MembershipClient``), Join/Quorum/Commit retry with backoff after
-    UNAVAILABLE / DEADLINE_EXCEEDED / CANCELLED (each attempt with ``attempt_timeout_s``, at most
-    ``patience_s`` in all), and every retry is counted; heartbeats have a deadline of
-    max(interval, 1 s) and are not retried (the next one is due anyway).
+    UNAVAILABLE / DEADLINE_EXCEEDED / CANCELLED for at most ``patience_s`` in all, and every retry
+    is counted. A Join attempt has a deadline of ``JOIN_ATTEMPT_S``; Quorum and Commit attempts
+    wait the whole patience (the real client waits 600 s / 120 s): they legitimately block until
+    the group is complete, and shorter deadlines would make every peer retry at once. Heartbeats
+    have a deadline of max(interval, 1 s) and are not retried (the next one is due anyway).
     """
 
     def __init__(self, index: int, stub: pb_grpc.CoordinatorStub, job: dict) -> None:
@@ -110,6 +124,7 @@ class SimPeer:
         self.epoch = 0
         self.rng = random.Random(index)
         self.step = 0
+        self.interval = job["heartbeat_s"]
         self.steps_per_s = self.rng.uniform(5.0, 15.0)
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -122,7 +137,8 @@ class SimPeer:
 
     async def call(self, method: str, request) -> tuple[object, float, float]:
         """(reply, send time of the first attempt, send time of the answered attempt); CallFailed."""
-        attempt_s, patience = self.job["attempt_timeout_s"], self.job["patience_s"]
+        patience = self.job["patience_s"]
+        attempt_s = JOIN_ATTEMPT_S if method == "Join" else patience
         first = time.time()
         give_up = time.monotonic() + patience
         delay = 0.05
@@ -153,11 +169,13 @@ class SimPeer:
         latency = time.time() - first
         self.peer_id = reply.peer_id
         self.epoch = reply.epoch
+        # Heartbeat as told, like a real peer (the coordinator slows heartbeats as the run grows).
+        self.interval = max(self.job["heartbeat_s"], reply.heartbeat_s)
         self.activity = "training"
         return latency
 
     def _metrics(self) -> pb.PeerMetrics:
-        self.step += max(1, int(self.steps_per_s * self.job["heartbeat_s"]))
+        self.step += max(1, int(self.steps_per_s * self.interval))
         loss = 2.0 + 3.0 * math.exp(-self.step / 2000.0) + self.rng.uniform(-0.05, 0.05)
         return pb.PeerMetrics(
             step=self.step,
@@ -171,7 +189,7 @@ class SimPeer:
 
     async def heartbeat_forever(self) -> None:
         """Heartbeat on a fixed-rate schedule with a random phase until cancelled."""
-        interval = self.job["heartbeat_s"]
+        interval = self.interval
         timeout = max(interval, 1.0)  # as the real client
         next_at = time.monotonic() + self.rng.uniform(0.0, interval)
         while True:
@@ -200,12 +218,14 @@ class SimPeer:
         """Take part in count rounds; one record per round, and the problems seen."""
         records: list[tuple] = []
         problems: list[str] = []
+        spread = self.job["spread_s"]
         for k in range(count):
+            if spread > 0:  # peers reach the sync point at different times (compute jitter, stragglers)
+                await asyncio.sleep(self.rng.uniform(0.0, spread))
             self.activity = "in-round"
             try:
-                q, t_q0, t_qs = await self.call(
-                    "Quorum", pb.QuorumRequest(run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round)
-                )
+                request = pb.QuorumRequest(run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round)
+                q, t_q0, t_qs = await self.call("Quorum", request)
             except CallFailed as exc:
                 problems.append(f"{self.peer_id} round {k}: {exc}")
                 break
@@ -265,7 +285,8 @@ async def _recv(conn):
 async def _client(job: dict, conn) -> None:
     channels = [grpc.aio.insecure_channel(job["address"], options=CHANNEL_OPTIONS) for _ in range(job["channels"])]
     stubs = [pb_grpc.CoordinatorStub(ch) for ch in channels]
-    peers = [SimPeer(i, stubs[j % len(stubs)], job) for j, i in enumerate(range(job["first"], job["first"] + job["count"]))]
+    indexes = range(job["first"], job["first"] + job["count"])
+    peers = [SimPeer(i, stubs[j % len(stubs)], job) for j, i in enumerate(indexes)]
     tasks: list[asyncio.Task] = []
     try:
         await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), 30)
@@ -274,10 +295,9 @@ async def _client(job: dict, conn) -> None:
             return
         results = await asyncio.gather(*(p.join() for p in peers), return_exceptions=True)
         join_s = [r for r in results if isinstance(r, float)]
-        join_retries = _merge(p.retries for p in peers)
         join_errors = [f"sim-{p.index}: {r!r}"[:300] for p, r in zip(peers, results) if not isinstance(r, float)]
         tasks = [asyncio.get_running_loop().create_task(p.heartbeat_forever()) for p in peers if p.peer_id]
-        conn.send({"type": "joined", "join_s": join_s, "errors": join_errors, "retries": join_retries})
+        conn.send({"type": "joined", "join_s": join_s, "errors": join_errors})
         while True:
             cmd = await _recv(conn)
             if cmd["cmd"] == "rounds":
@@ -322,7 +342,7 @@ def _client_main(job: dict, conn) -> None:
     except BaseException as exc:  # tell the parent why, then die
         try:
             conn.send({"type": "error", "error": f"{type(exc).__name__}: {exc}"[:2000]})
-        except Exception:
+        except (OSError, ValueError):  # the parent is gone: nobody to tell
             pass
         raise
 
@@ -378,43 +398,58 @@ def percentile(values: list[float], q: float) -> float:
 
 def summary(values: list[float]) -> dict:
     """p50 / p99 / max (and the number of samples)."""
-    return {"p50": percentile(values, 50), "p99": percentile(values, 99), "max": max(values) if values else math.nan, "n": len(values)}
+    return {
+        "p50": percentile(values, 50),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else math.nan,
+        "n": len(values),
+    }
 
 
 class _Session:
     """A coordinator process and the client processes driving it; everything is reaped on close."""
 
     def __init__(self, peers: int, client_procs: int, heartbeat_s: float, lease_s: float, channels: int,
-                 log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, attempt_timeout_s: float) -> None:
+                 log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, spread_s: float = 0.0) -> None:
         from peer.processes import CoordinatorProc
 
         self.peers = peers
         self.clients: list[tuple[mp.Process, object]] = []
-        self.coordinator = None
-        self.quorum_timeout_s = quorum_timeout_s
-        self.coordinator = CoordinatorProc(
-            log_dir / f"coordinator-{tag}.log", RUN, 0,
-            "--min-peers", str(peers), "--join-timeout", str(quorum_timeout_s), "--lease", str(lease_s),
-            "--heartbeat", str(heartbeat_s), "--startup-grace", "0", "--dashboard-port", "-1",
-            "--quorum-timeout", str(quorum_timeout_s), "--commit-timeout", str(quorum_timeout_s),
-        )
-        self.pid = self.coordinator.proc.pid
-        ctx = mp.get_context("spawn")
-        procs = max(1, min(client_procs, peers))
-        first = 0
-        for i in range(procs):
-            count = peers // procs + (1 if i < peers % procs else 0)
-            job = {
-                "run_id": RUN, "address": self.coordinator.address, "first": first, "count": count,
-                "channels": max(1, min(channels, count)), "heartbeat_s": heartbeat_s,
-                "attempt_timeout_s": attempt_timeout_s, "patience_s": quorum_timeout_s,
-            }
-            first += count
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_client_main, args=(job, child), daemon=True, name=f"bench-membership-client-{i}")
-            proc.start()
-            child.close()
-            self.clients.append((proc, parent))
+        # Keep a handle before __init__ runs: if it is interrupted (Ctrl-C) after starting the
+        # process (which runs in its own session, out of reach of the terminal's Ctrl-C), close()
+        # can still stop it.
+        self.coordinator = CoordinatorProc.__new__(CoordinatorProc)
+        try:
+            self.coordinator.__init__(
+                log_dir / f"coordinator-{tag}.log", RUN, 0,
+                "--min-peers", str(peers), "--join-timeout", str(quorum_timeout_s), "--lease", str(lease_s),
+                "--heartbeat", str(heartbeat_s), "--startup-grace", "0", "--dashboard-port", "-1",
+                "--quorum-timeout", str(quorum_timeout_s), "--commit-timeout", str(quorum_timeout_s),
+                # Simulated peers have no server to probe.
+                "--no-probe",
+            )
+            self.pid = self.coordinator.proc.pid
+            ctx = mp.get_context("spawn")
+            procs = max(1, min(client_procs, peers))
+            first = 0
+            for i in range(procs):
+                count = peers // procs + (1 if i < peers % procs else 0)
+                job = {
+                    "run_id": RUN, "address": self.coordinator.address, "first": first, "count": count,
+                    "channels": max(1, min(channels, count)), "heartbeat_s": heartbeat_s,
+                    "patience_s": quorum_timeout_s, "spread_s": spread_s,
+                }
+                first += count
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(
+                    target=_client_main, args=(job, child), daemon=True, name=f"bench-membership-client-{i}"
+                )
+                proc.start()
+                child.close()
+                self.clients.append((proc, parent))
+        except BaseException:
+            self.close()
+            raise
 
     def send(self, message: dict) -> None:
         for _, conn in self.clients:
@@ -428,7 +463,9 @@ class _Session:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"client processes sent no {kind!r} within {timeout_s:g} s")
             if not self.coordinator.alive:
-                raise RuntimeError(f"the coordinator exited ({self.coordinator.proc.returncode}); see {self.coordinator.log.name}")
+                raise RuntimeError(
+                    f"the coordinator exited ({self.coordinator.proc.returncode}); see {self.coordinator.log.name}"
+                )
             for i, (proc, conn) in enumerate(self.clients):
                 if replies[i] is not None:
                     continue
@@ -483,14 +520,15 @@ class _Session:
                 proc.join(timeout=10)
             conn.close()
         self.clients = []
-        if self.coordinator is not None:
-            self.coordinator.stop()
+        coordinator, self.coordinator = self.coordinator, None
+        if coordinator is not None and hasattr(coordinator, "proc"):
+            coordinator.stop()
 
 
 def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, window_s: float, lease_s: float,
-             channels: int, log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, attempt_timeout_s: float) -> dict:
+             channels: int, log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, spread_s: float = 0.0) -> dict:
     """One coordinator, peers simulated peers: join, a heartbeat-only window, rounds; the measurements."""
-    session = _Session(peers, client_procs, heartbeat_s, lease_s, channels, log_dir, tag, quorum_timeout_s, attempt_timeout_s)
+    session = _Session(peers, client_procs, heartbeat_s, lease_s, channels, log_dir, tag, quorum_timeout_s, spread_s)
     try:
         session.gather("ready", timeout_s=120)
         # Idle coordinator (clients connected, no peer yet): its fixed cost (the 50 ms tick) for reference.
@@ -567,7 +605,9 @@ def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, win
         # The same from the nanosecond thread clocks, and net of the idle cost (the fixed 50 ms tick).
         "coordinator_cpu_per_heartbeat_us_schedstat": cpu_ns / n_window * 1e6 if n_window else math.nan,
         "coordinator_idle_cpu_utilization_schedstat": idle_util_ns,
-        "coordinator_cpu_per_heartbeat_net_of_idle_us": (cpu_ns - idle_util_ns * window) / n_window * 1e6 if n_window else math.nan,
+        "coordinator_cpu_per_heartbeat_net_of_idle_us": (
+            (cpu_ns - idle_util_ns * window) / n_window * 1e6 if n_window else math.nan
+        ),
         "client_cpu_utilization": [(b - a) / (tb - ta) for a, b in zip(cla, clb)],
         "coordinator_rss_mb": rss,
         "status": status,
@@ -662,7 +702,7 @@ def run(
     channels: int = 4,
     baseline_peers: int = 10,
     quorum_timeout_s: float = 120.0,
-    attempt_timeout_s: float = 20.0,
+    spread_s: float = 0.0,
     log_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Run the benchmark (baseline at baseline_peers, then peers) and return its report as a JSON-ready dict."""
@@ -672,10 +712,12 @@ def run(
     with tempfile.TemporaryDirectory(prefix="loconet-bench-membership-") as tmp:
         logs = pathlib.Path(log_dir) if log_dir is not None else pathlib.Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
-        common = dict(heartbeat_s=heartbeat_s, window_s=window_s, lease_s=lease_s, channels=channels,
-                      log_dir=logs, quorum_timeout_s=quorum_timeout_s, attempt_timeout_s=attempt_timeout_s)
+        common = {
+            "heartbeat_s": heartbeat_s, "window_s": window_s, "lease_s": lease_s, "channels": channels,
+            "log_dir": logs, "quorum_timeout_s": quorum_timeout_s,
+        }
         base = _measure(baseline_peers, 0, 1, tag=f"baseline-{baseline_peers}", **common)
-        main = _measure(peers, rounds, client_procs, tag=str(peers), **common)
+        main = _measure(peers, rounds, client_procs, tag=str(peers), spread_s=spread_s, **common)
     status = main.pop("status")
     base_status = base.pop("status")
     summary_ = status.get("summary", {})
@@ -705,6 +747,7 @@ def run(
         "heartbeat_s": heartbeat_s,
         "lease_s": lease_s,
         "window_s": window_s,
+        "spread_s": spread_s,
         **{k: v for k, v in main.items() if k != "peers"},
         "baseline": {
             "peers": baseline_peers,
@@ -741,7 +784,18 @@ def run(
         report["coordinator_cpu_per_heartbeat_net_of_idle_us"] / base["coordinator_cpu_per_heartbeat_net_of_idle_us"]
         if base["coordinator_cpu_per_heartbeat_net_of_idle_us"] > 0 else math.nan
     )
-    return report
+    return _finite(report)
+
+
+def _finite(value):
+    """The report with NaN / inf (no samples, nothing to divide by) as None, so that it is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -755,20 +809,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=float, default=10.0, help="heartbeat-only window for the CPU measurement (s)")
     parser.add_argument("--baseline-peers", type=int, default=10, help="peers of the baseline measurement")
     parser.add_argument("--quorum-timeout", type=float, default=120.0,
-                        help="the coordinator's quorum / commit timeouts, and how long a simulated peer retries a call (s)")
-    parser.add_argument("--attempt-timeout", type=float, default=20.0,
-                        help="deadline of one Join / Quorum / Commit attempt before the simulated peer retries (s)")
+                        help="the coordinator's quorum / commit timeouts; how long a simulated peer retries a call (s)")
+    parser.add_argument("--spread", type=float, default=0.0,
+                        help="each peer asks for each quorum after a random delay in [0, SPREAD) s (0: all at once)")
     parser.add_argument("--log-dir", default=None, help="keep the coordinators' logs here")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _fmt(value) -> str:
     if isinstance(value, dict) and "p50" in value:
+        if value["p50"] is None:
+            return "(no samples)"
         return f"p50 {value['p50']:.4g}  p99 {value['p99']:.4g}  max {value['max']:.4g}  (n={value.get('n', '?')})"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, list) and value and isinstance(value[0], dict):
-        return "\n" + "\n".join(f"{'':>38}{json.dumps(v)}" for v in value)
+        return "\n" + "\n".join(f"{'':>48}{json.dumps(v)}" for v in value)
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
@@ -782,7 +838,7 @@ def main(ns: argparse.Namespace) -> int:
         report = run(
             peers=ns.peers, rounds=ns.rounds, client_procs=ns.client_procs, heartbeat_s=ns.heartbeat,
             window_s=ns.window, lease_s=ns.lease, channels=ns.channels, baseline_peers=ns.baseline_peers,
-            quorum_timeout_s=ns.quorum_timeout, attempt_timeout_s=ns.attempt_timeout, log_dir=ns.log_dir,
+            quorum_timeout_s=ns.quorum_timeout, spread_s=ns.spread, log_dir=ns.log_dir,
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -792,11 +848,14 @@ def main(ns: argparse.Namespace) -> int:
         for key, value in report.items():
             if key == "method":
                 continue
-            sys.stdout.write(f"{key:>36}: {_fmt(value)}\n")
+            sys.stdout.write(f"{key:>46}: {_fmt(value)}\n")
     return 0 if report["all_rounds_committed_with_all_peers"] else 1
 
 
 if __name__ == "__main__":
     _parser = argparse.ArgumentParser(prog="python -m peer.bench_membership", description=__doc__.splitlines()[0])
     add_arguments(_parser)
-    raise SystemExit(main(_parser.parse_args()))
+    try:
+        raise SystemExit(main(_parser.parse_args()))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

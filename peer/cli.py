@@ -9,7 +9,25 @@ import sys
 from collectives.errors import ConfigError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_benchmarks(bench: argparse.ArgumentParser) -> None:
+    """The ``loconet bench ...`` subcommands (imported only when asked for: they pull in torch)."""
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+
+    from peer import bench_allreduce, bench_codecs, bench_diloco, bench_membership, bench_statesync
+
+    for name, module, text in (
+        ("allreduce", bench_allreduce, "our all-reduce among local processes vs gloo"),
+        ("codecs", bench_codecs, "encode+decode throughput of each codec on one core"),
+        ("statesync", bench_statesync, "time for a joiner to fetch a state from a peer"),
+        ("diloco", bench_diloco, "DiLoCo and Streaming DiLoCo vs data-parallel and one peer"),
+        ("membership", bench_membership, "coordinator scalability with simulated peers"),
+    ):
+        sub = benches.add_parser(name, help=text)
+        module.add_arguments(sub)
+        sub.set_defaults(handler=bench_codecs.main_ns if module is bench_codecs else module.main)
+
+
+def build_parser(with_benchmarks: bool = True) -> argparse.ArgumentParser:
     """The full argument parser of the ``loconet`` command."""
     parser = argparse.ArgumentParser(prog="loconet", description="Decentralized low-communication training for PyTorch.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -34,26 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="also print the full report as JSON")
     demo.set_defaults(handler=run_demo_command)
 
-    bench = commands.add_parser("bench", help="benchmarks that print JSON")
-    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
-
-    from peer import bench_allreduce, bench_codecs, bench_diloco, bench_statesync
-
-    allreduce = benches.add_parser("allreduce", help="our all-reduce among local processes vs gloo")
-    bench_allreduce.add_arguments(allreduce)
-    allreduce.set_defaults(handler=bench_allreduce.main)
-
-    codecs = benches.add_parser("codecs", help="encode+decode throughput of each codec on one core")
-    bench_codecs.add_arguments(codecs)
-    codecs.set_defaults(handler=bench_codecs.main_ns)
-
-    diloco = benches.add_parser("diloco", help="DiLoCo and Streaming DiLoCo vs data-parallel and one peer")
-    bench_diloco.add_arguments(diloco)
-    diloco.set_defaults(handler=bench_diloco.main)
-
-    statesync = benches.add_parser("statesync", help="time for a joiner to fetch a state from a peer")
-    bench_statesync.add_arguments(statesync)
-    statesync.set_defaults(handler=bench_statesync.main)
+    bench = commands.add_parser("bench", help="benchmarks that print JSON (allreduce, codecs, statesync, diloco, membership)")
+    if with_benchmarks:
+        add_benchmarks(bench)
     return parser
 
 
@@ -372,8 +373,10 @@ def run_coordinator(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, set up logging and run the chosen command."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    # The coordinator and peers should not import torch-heavy benchmark modules.
+    parser = build_parser(with_benchmarks="bench" in args)
+    ns = parser.parse_args(args)
     level = logging.WARNING - 10 * min(ns.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

@@ -273,12 +273,18 @@ class Harness:
             self.dashboard_url = self.coordinator.dashboard
             if on_start is not None:
                 on_start(self.dashboard_url)
+            # Every peer starts idle behind a gate; the initial ones are released together once
+            # all have started (Python start-up takes seconds and varies), so the first round
+            # waits for all of them instead of one peer racing ahead alone.
+            for i in range(c.peers + self._joins()):
+                self._start_peer(f"peer{i}", c.train.steps, gate=self.workdir / f"peer{i}.gate")
+            self._joiners = [f"peer{i}" for i in range(c.peers, c.peers + self._joins())]
+            initial = [self.peers[f"peer{i}"] for i in range(c.peers)]
+            for p in initial:
+                p.wait_event(lambda e: e["event"] == "waiting", 120)
             self._started = time.monotonic()
             for i in range(c.peers):
-                self._start_peer(f"peer{i}", c.train.steps)
-            for i in range(c.peers, c.peers + self._joins()):
-                self._start_peer(f"peer{i}", c.train.steps, gate=self.workdir / f"peer{i}.gate")
-                self._joiners.append(f"peer{i}")
+                (self.workdir / f"peer{i}.gate").touch()
             self._loop()
             return self._report()
         finally:

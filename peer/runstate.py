@@ -27,6 +27,8 @@ class PeerRecord:
     state: str = "joining"
     joined_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
+    # The lease and heartbeat interval this peer was given at join.
+    lease_s: float = 5.0
     last_round: int = 0
     has_state: bool = False
     step: int = 0
@@ -102,6 +104,10 @@ class RunState:
     # persisted), and ids still only grow.
     next_round_id: int = field(default_factory=lambda: int(time.time() * 1000))
     peers: dict[str, PeerRecord] = field(default_factory=dict)
+    # Ids of the peers holding a lease, and who is at which address: kept up to date by
+    # add_peer/drop_peer so that per-request work does not scan every peer.
+    live: set[str] = field(default_factory=set)
+    by_address: dict[str, str] = field(default_factory=dict)
     rounds: deque[RoundRecord] = field(init=False)
     events: deque[Event] = field(init=False)
     loss: dict[str, deque[tuple[int, float]]] = field(default_factory=dict)
@@ -133,7 +139,20 @@ class RunState:
 
     def alive_peers(self) -> list[PeerRecord]:
         """Peers holding a valid lease."""
-        return [p for p in self.peers.values() if p.alive]
+        return [self.peers[p] for p in self.live]
+
+    def add_peer(self, peer: PeerRecord) -> None:
+        """Register a (re)joined peer as live."""
+        self.peers[peer.peer_id] = peer
+        self.live.add(peer.peer_id)
+        self.by_address[peer.address] = peer.peer_id
+
+    def drop_peer(self, peer: PeerRecord, state: str) -> None:
+        """Take a peer out of the live set (lost or left)."""
+        peer.state = state
+        self.live.discard(peer.peer_id)
+        if self.by_address.get(peer.address) == peer.peer_id:
+            del self.by_address[peer.address]
 
     def event(self, kind: str, peer_id: str = "", detail: str = "") -> None:
         """Record an event for the dashboard."""

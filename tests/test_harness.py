@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(300)
 SMALL = TaskConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8)
 
 
-def run_scenario(*events: str, peers: int = 3, steps: int = 200, **options) -> tuple[dict, Harness]:
+def run_scenario(*events: str, peers: int = 3, steps: int = 300, **options) -> tuple[dict, Harness]:
     config = HarnessConfig(
         peers=peers,
         task_config=SMALL,
@@ -43,7 +43,7 @@ def test_kill_during_a_round(tmp_path):
 
 
 def test_pause_beyond_the_lease_and_return(tmp_path):
-    report, harness = run_scenario("pause:peer1@round2,for=5s", workdir=tmp_path, lease_s=2.0)
+    report, harness = run_scenario("pause:peer1@round2,for=4s", workdir=tmp_path, lease_s=1.5)
     assert_healthy(report, alive=3)
     resyncs = [e for e in harness.peers["peer1"].events if e["event"] == "joined"]
     assert resyncs, "the paused peer was part of the run"
@@ -72,5 +72,5 @@ def test_link_cut_with_netns(tmp_path):
         netns.check_available()
     except netns.NetnsUnavailable as exc:
         pytest.skip(f"network namespaces unavailable: {exc}")
-    report, _ = run_scenario("cut:peer1@round2,for=4s", workdir=tmp_path, netns=True, lease_s=2.0)
+    report, _ = run_scenario("cut:peer1@round2,for=4s", workdir=tmp_path, netns=True, lease_s=1.5)
     assert_healthy(report, alive=3)

@@ -18,11 +18,14 @@ SMALL = ("--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", 
 
 
 class Run:
+    # min-peers 2: no round forms before a second peer has joined, so a slow start cannot
+    # leave one peer training alone (every test here keeps at least two peers alive).
     def __init__(self, tmp: Path, name: str = "train") -> None:
         self.tmp = tmp
         self.name = name
         self.coordinator = CoordinatorProc(
-            tmp / "coordinator.log", name, 0, "--join-timeout", "3", "--lease", "3", "--heartbeat", "0.5", "--startup-grace", "0"
+            tmp / "coordinator.log", name, 0, "--join-timeout", "3", "--lease", "3", "--heartbeat", "0.5",
+            "--startup-grace", "0", "--min-peers", "2",
         )
         self.peers: dict[str, object] = {}
 
@@ -91,17 +94,18 @@ def test_a_restarted_peer_resumes_its_checkpoint_and_resyncs_with_the_group(run,
 
 
 def test_sigterm_leaves_the_run_cleanly(run):
-    a = run.add("a", "--steps", "100000")
-    b = run.add("b", "--steps", "100000")
-    for p in (a, b):
+    peers = [run.add(n, "--steps", "100000") for n in ("a", "b", "c")]
+    for p in peers:
         p.wait_event(lambda e: e["event"] == "committed", 120)
+    a, b, c = peers
     b.signal(signal.SIGTERM)
     done = finished(b, 60)
     assert done["stopped"] is True
     assert b.proc.wait(timeout=30) == 0
-    # The survivor goes on alone.
+    # The others go on without it.
     t = time.time()
-    a.wait_event(lambda e: e["event"] == "committed" and e["t"] > t, 60)
+    after = a.wait_event(lambda e: e["event"] == "committed" and e["t"] > t, 60)
+    c.wait_event(lambda e: e["event"] == "committed" and e["round"] == after["round"], 60)
 
 
 FORTUNES = Path("/usr/share/games/fortunes")
