@@ -1,27 +1,17 @@
-"""Reusing big buffers between rounds, and an allocator setting that keeps freed memory in the process.
+"""Reusing big buffers between rounds.
 
 A round of a 100 MB tensor touches several hundred MB of fresh memory; when
 every round allocates it anew, the OS has to supply and zero those pages again
 and page faults cost more than the copies themselves. A ``BufferPool`` hands
-the same buffers to the next round of the same size.
+the same buffers to the next round of the same size (see also
+``collectives.allocator.tune_malloc``).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import logging
-import sys
 import threading
 
 import torch
-
-log = logging.getLogger(__name__)
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
 
 
 class BufferPool:
@@ -51,27 +41,3 @@ class BufferPool:
         """Drop every pooled buffer."""
         with self._lock:
             self._free.clear()
-
-
-def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 1 << 30) -> bool:
-    """Make glibc keep freed memory for reuse instead of returning it to the OS; False where unsupported.
-
-    Process-wide: loconet's own processes call it at start. Measured on
-    loopback: gRPC receive cost fell from ~1.0 to ~0.5 CPU-s per GB.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1 and ok
-        # One arena: per-thread arenas give freed memory back to the OS on their own terms.
-        ok = libc.mallopt(_M_ARENA_MAX, 1) == 1 and ok
-    except (OSError, AttributeError):
-        return False
-    if not ok:
-        log.debug("mallopt refused the allocator settings")
-    return ok

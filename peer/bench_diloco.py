@@ -105,7 +105,7 @@ def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out) -> N
     import torch
     import torch.distributed as dist
 
-    from collectives.buffers import tune_malloc
+    from collectives.allocator import tune_malloc
 
     tune_malloc()
     torch.set_num_threads(1)
@@ -183,7 +183,7 @@ def run_one_peer(config: BenchConfig) -> dict:
 
 def run(config: BenchConfig) -> dict:
     """Run every method in config.methods and return the report."""
-    from collectives.buffers import tune_malloc
+    from collectives.allocator import tune_malloc
 
     tune_malloc()
     runners = {

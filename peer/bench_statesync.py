@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from collectives.buffers import tune_malloc
+from collectives.allocator import tune_malloc
 from collectives.ratelimit import parse_bandwidth
 from collectives.statesync import StateServer, StateSnapshot, fetch_state
 from collectives.transport import Transport, TransportConfig

@@ -331,7 +331,7 @@ def run_coordinator(ns: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from collectives.buffers import tune_malloc
+    from collectives.allocator import tune_malloc
     from peer.coordinator import CoordinatorConfig, CoordinatorServer
 
     tune_malloc()

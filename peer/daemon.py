@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from collectives.buffers import tune_malloc
+from collectives.allocator import tune_malloc
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.transport import TransportConfig
 from peer.checkpoint import load_latest, save_checkpoint

@@ -78,7 +78,7 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
     import torch
 
     from collectives.allreduce import Collective
-    from collectives.buffers import tune_malloc
+    from collectives.allocator import tune_malloc
     from collectives.errors import LoconetError, MemberFailure
     from collectives.inbox import Group
     from collectives.transport import Transport, TransportConfig

@@ -19,7 +19,7 @@ import time
 import torch
 
 from collectives.allreduce import AllReduceConfig
-from collectives.buffers import tune_malloc
+from collectives.allocator import tune_malloc
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig, Resynced
 from collectives.errors import LoconetError
