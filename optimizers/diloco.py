@@ -36,7 +36,7 @@ from collectives.allreduce import AllReduceConfig
 from collectives.elastic import Resynced
 from collectives.errors import ConfigError, LoconetError
 from collectives.statesync import StateSnapshot
-from optimizers.outer import GlobalState, OuterConfig
+from optimizers.outer import OuterConfig, OuterOptimizer, SyncRecord
 from optimizers.peers import SyncPeer
 
 log = logging.getLogger(__name__)
@@ -61,21 +61,7 @@ class DiLoCoConfig:
             raise ConfigError(f"sync_seconds must be positive, got {self.sync_seconds}")
 
 
-@dataclass
-class SyncRecord:
-    """What one sync attempt did (for progress displays and benchmarks)."""
-
-    step: int
-    committed: bool
-    round_id: int = 0
-    bytes_sent: int = 0
-    # The whole sync (quorum, all-reduce, commit), and the all-reduce alone.
-    wall_s: float = 0.0
-    allreduce_s: float = 0.0
-    reason: str = ""
-
-
-class DiLoCo:
+class DiLoCo(OuterOptimizer):
     """A torch.optim-like wrapper: inner optimizer steps, and an outer step every sync."""
 
     def __init__(
@@ -96,32 +82,10 @@ class DiLoCo:
             outer=OuterConfig(lr=outer_lr, momentum=outer_momentum, nesterov=nesterov),
             allreduce=allreduce,
         )
-        self.model = model
-        self.inner = inner
-        self.peer = peer
-        self.state = GlobalState([(n, p) for n, p in model.named_parameters() if p.requires_grad], self.config.outer)
-        self.inner_steps = 0
+        super().__init__(model, inner, peer, self.config.outer)
         self.steps_since_sync = 0
         self.samples_since_sync = 0
         self.last_sync_time = time.monotonic()
-        self.history: list[SyncRecord] = []
-        # Called after every committed round (progress displays, checkpoints), and as a sync begins.
-        self.on_commit: Callable[[SyncRecord], None] | None = None
-        if hasattr(peer, "provide_state"):
-            # Joiners fetch the run's state from this optimizer.
-            peer.provide_state(self.snapshot)
-        self.on_sync_start: Callable[[int], None] | None = None
-
-    # -- torch.optim surface ------------------------------------------------------------
-
-    @property
-    def param_groups(self) -> list[dict]:
-        """The inner optimizer's parameter groups (so LR schedulers work)."""
-        return self.inner.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients, like the inner optimizer."""
-        self.inner.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None, samples: int = 1) -> torch.Tensor | None:
         """One inner step; also an outer step when a sync is due. ``samples``: how many this step trained on."""
@@ -144,8 +108,7 @@ class DiLoCo:
         """Average the pseudo-gradients with the run and take the outer step; False if no round committed."""
         indices = range(len(self.state.params))
         started = time.monotonic()
-        if self.on_sync_start is not None:
-            self.on_sync_start(self.inner_steps)
+        self._sync_starts()
         try:
             result = self.peer.sync(
                 self.state.pseudo_gradients(indices),
@@ -185,43 +148,26 @@ class DiLoCo:
         if not keep_samples:
             self.samples_since_sync = 0
 
-    def _record(self, record: SyncRecord) -> None:
-        self.history.append(record)
-        if record.committed and self.on_commit is not None:
-            self.on_commit(record)
-
     # -- state ----------------------------------------------------------------------------
 
-    def snapshot(self) -> StateSnapshot:
-        """The run's state as of the last committed round (what a joiner fetches)."""
-        return self.state.snapshot({"algorithm": "diloco", "inner_steps": self.inner_steps})
+    def _meta(self) -> dict:
+        return {"algorithm": "diloco"}
 
     def load_snapshot(self, snapshot: StateSnapshot) -> None:
         """Adopt the run's state: global parameters, outer state, step count; the local parameters restart from them."""
-        self.state.restore(snapshot)
-        # Count steps as the run does, so a joiner ends (and syncs) with the others.
-        self.inner_steps = max(self.inner_steps, self.state.step)
+        self._adopt(snapshot)
         self._reset_schedule()
 
     def state_dict(self) -> dict:
         """Everything a restart needs: global state, inner optimizer, counters."""
-        snap = self.snapshot()
-        return {
-            "round_id": snap.round_id,
-            "global": snap.tensors,
-            "meta": snap.meta,
-            "inner": self.inner.state_dict(),
-            "inner_steps": self.inner_steps,
-            "steps_since_sync": self.steps_since_sync,
-            "samples_since_sync": self.samples_since_sync,
-            "config": asdict(self.config),
-        }
+        return self._state_dict(
+            steps_since_sync=self.steps_since_sync,
+            samples_since_sync=self.samples_since_sync,
+            config=asdict(self.config),
+        )
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned; the model's (local) parameters are the caller's to restore."""
-        snapshot = StateSnapshot(round_id=state["round_id"], tensors=state["global"], meta=state["meta"])
-        self.state.restore(snapshot, into_model=False)
-        self.inner.load_state_dict(state["inner"])
-        self.inner_steps = int(state["inner_steps"])
+        self._load_state_dict(state)
         self.steps_since_sync = int(state["steps_since_sync"])
         self.samples_since_sync = int(state["samples_since_sync"])

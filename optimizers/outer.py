@@ -10,7 +10,7 @@ outer steps (to all parameters or to a fragment), and turns itself into the
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -127,3 +127,86 @@ class GlobalState:
         if into_model:
             self.load_into_model(range(len(self.params)))
         return snapshot.meta
+
+
+@dataclass
+class SyncRecord:
+    """What one sync attempt did (for progress displays and benchmarks)."""
+
+    step: int
+    committed: bool
+    round_id: int = 0
+    bytes_sent: int = 0
+    # The whole sync (quorum, all-reduce, commit), and the all-reduce alone.
+    wall_s: float = 0.0
+    allreduce_s: float = 0.0
+    reason: str = ""
+
+
+class OuterOptimizer:
+    """What DiLoCo and Streaming DiLoCo share: the torch.optim surface, the global state, the callbacks."""
+
+    def __init__(self, model: torch.nn.Module, inner: torch.optim.Optimizer, peer, outer: OuterConfig) -> None:
+        self.model = model
+        self.inner = inner
+        self.peer = peer
+        self.state = GlobalState([(n, p) for n, p in model.named_parameters() if p.requires_grad], outer)
+        self.inner_steps = 0
+        self.history: list[SyncRecord] = []
+        # Called as a sync begins and after every committed round (progress displays, checkpoints).
+        self.on_sync_start: Callable[[int], None] | None = None
+        self.on_commit: Callable[[SyncRecord], None] | None = None
+        if hasattr(peer, "provide_state"):
+            # Joiners fetch the run's state from this optimizer.
+            peer.provide_state(self.snapshot)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The inner optimizer's parameter groups (so LR schedulers work)."""
+        return self.inner.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients, like the inner optimizer."""
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def _sync_starts(self) -> None:
+        if self.on_sync_start is not None:
+            self.on_sync_start(self.inner_steps)
+
+    def _record(self, record: SyncRecord) -> None:
+        self.history.append(record)
+        if record.committed and self.on_commit is not None:
+            self.on_commit(record)
+
+    def _meta(self) -> dict:
+        """What the subclass adds to the state a joiner fetches."""
+        return {}
+
+    def snapshot(self) -> StateSnapshot:
+        """The run's state as of the last committed round (what a joiner fetches)."""
+        return self.state.snapshot({"inner_steps": self.inner_steps, **self._meta()})
+
+    def _adopt(self, snapshot: StateSnapshot, into_model: bool = True) -> dict:
+        """Take the run's global state; count steps as the run does (so syncs and the end line up)."""
+        meta = self.state.restore(snapshot, into_model=into_model)
+        if into_model:
+            self.inner_steps = max(self.inner_steps, self.state.step)
+        return meta
+
+    def _state_dict(self, **counters) -> dict:
+        snap = self.snapshot()
+        return {
+            "round_id": snap.round_id,
+            "global": snap.tensors,
+            "meta": snap.meta,
+            "inner": self.inner.state_dict(),
+            "inner_steps": self.inner_steps,
+            **counters,
+        }
+
+    def _load_state_dict(self, state: dict) -> dict:
+        snapshot = StateSnapshot(round_id=state["round_id"], tensors=state["global"], meta=state["meta"])
+        meta = self._adopt(snapshot, into_model=False)
+        self.inner.load_state_dict(state["inner"])
+        self.inner_steps = int(state["inner_steps"])
+        return meta

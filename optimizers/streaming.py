@@ -38,8 +38,7 @@ from collectives.codecs import CodecConfig
 from collectives.elastic import Resynced
 from collectives.errors import ConfigError, LoconetError
 from collectives.statesync import StateSnapshot
-from optimizers.diloco import SyncRecord
-from optimizers.outer import GlobalState, OuterConfig
+from optimizers.outer import OuterConfig, OuterOptimizer, SyncRecord
 from optimizers.peers import SyncPeer
 
 log = logging.getLogger(__name__)
@@ -116,39 +115,20 @@ class _InFlight:
     started: float
 
 
-class StreamingDiLoCo:
+class StreamingDiLoCo(OuterOptimizer):
     """A torch.optim-like wrapper running Streaming DiLoCo over a peer."""
 
     def __init__(
         self, model: torch.nn.Module, inner: torch.optim.Optimizer, peer: SyncPeer, config: StreamingConfig | None = None
     ) -> None:
         self.config = config or StreamingConfig()
-        self.model = model
-        self.inner = inner
-        self.peer = peer
-        self.state = GlobalState([(n, p) for n, p in model.named_parameters() if p.requires_grad], self.config.outer)
+        super().__init__(model, inner, peer, self.config.outer)
         self.fragments = split_fragments(
             self.state.names, [p.numel() for p in self.state.params], self.config.fragments, self.config.split
         )
-        self.inner_steps = 0
         self.cursor = 0
         self.samples = [0] * self.config.fragments
         self.inflight: _InFlight | None = None
-        self.history: list[SyncRecord] = []
-        self.on_commit: Callable[[SyncRecord], None] | None = None
-        if hasattr(peer, "provide_state"):
-            # Joiners fetch the run's state from this optimizer.
-            peer.provide_state(self.snapshot)
-        self.on_sync_start: Callable[[int], None] | None = None
-
-    @property
-    def param_groups(self) -> list[dict]:
-        """The inner optimizer's parameter groups."""
-        return self.inner.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients, like the inner optimizer."""
-        self.inner.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None, samples: int = 1) -> torch.Tensor | None:
         """One inner step; starts and finishes fragment rounds on schedule."""
@@ -174,8 +154,7 @@ class StreamingDiLoCo:
     def _start(self) -> None:
         f = self.cursor
         indices = self.fragments[f]
-        if self.on_sync_start is not None:
-            self.on_sync_start(self.inner_steps)
+        self._sync_starts()
         future = self.peer.sync_async(
             self.state.pseudo_gradients(indices),
             weight=float(max(self.samples[f], 1)),
@@ -193,11 +172,11 @@ class StreamingDiLoCo:
             result = flight.future.result()
         except Resynced as exc:
             self.load_snapshot(exc.snapshot)
-            self.history.append(SyncRecord(self.inner_steps, False, exc.snapshot.round_id, reason="resynced"))
+            self._record(SyncRecord(self.inner_steps, False, exc.snapshot.round_id, reason="resynced"))
             return
         except LoconetError as exc:
             log.warning("fragment %d round did not commit (%s); training on locally", f, exc)
-            self.history.append(SyncRecord(self.inner_steps, False, reason=str(exc)))
+            self._record(SyncRecord(self.inner_steps, False, reason=str(exc)))
             return
         indices = self.fragments[f]
         self.state.outer_step(indices, result.value, result.round_id, step=self.inner_steps)
@@ -213,9 +192,7 @@ class StreamingDiLoCo:
             time.monotonic() - flight.started,
             getattr(stats, "wall_s", 0.0),
         )
-        self.history.append(record)
-        if self.on_commit is not None:
-            self.on_commit(record)
+        self._record(record)
 
     def flush(self) -> None:
         """Finish a round still in flight (before evaluating, checkpointing or stopping)."""
@@ -224,34 +201,20 @@ class StreamingDiLoCo:
 
     # -- state ----------------------------------------------------------------------------
 
-    def snapshot(self) -> StateSnapshot:
-        """The run's state as of the last committed round, with the fragment cursor."""
-        return self.state.snapshot({"algorithm": "streaming", "cursor": self.cursor, "inner_steps": self.inner_steps})
+    def _meta(self) -> dict:
+        return {"algorithm": "streaming", "cursor": self.cursor}
 
     def load_snapshot(self, snapshot: StateSnapshot) -> None:
-        """Adopt the run's state (all fragments; local parameters restart from the global ones)."""
-        meta = self.state.restore(snapshot)
+        """Adopt the run's state (all fragments, the cursor, the step count that drives the schedule)."""
+        meta = self._adopt(snapshot)
         self.cursor = int(meta.get("cursor", 0)) % self.config.fragments
-        # The fragment schedule follows the step count: adopt the run's.
-        self.inner_steps = max(self.inner_steps, self.state.step)
 
     def state_dict(self) -> dict:
         """Everything a restart needs (call flush() first so no round is in flight)."""
-        snap = self.snapshot()
-        return {
-            "round_id": snap.round_id,
-            "global": snap.tensors,
-            "meta": snap.meta,
-            "inner": self.inner.state_dict(),
-            "inner_steps": self.inner_steps,
-            "samples": list(self.samples),
-        }
+        return self._state_dict(samples=list(self.samples))
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned; the model's parameters are the caller's to restore."""
-        snapshot = StateSnapshot(round_id=state["round_id"], tensors=state["global"], meta=state["meta"])
-        meta = self.state.restore(snapshot, into_model=False)
+        meta = self._load_state_dict(state)
         self.cursor = int(meta.get("cursor", 0)) % self.config.fragments
-        self.inner.load_state_dict(state["inner"])
-        self.inner_steps = int(state["inner_steps"])
         self.samples = [int(s) for s in state["samples"]]

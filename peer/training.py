@@ -19,7 +19,8 @@ import torch
 from collectives.allreduce import AllReduceConfig
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError
-from optimizers.diloco import DiLoCo, SyncRecord
+from optimizers.diloco import DiLoCo
+from optimizers.outer import SyncRecord
 from optimizers.outer import OuterConfig
 from optimizers.peers import SyncPeer
 from optimizers.streaming import StreamingConfig, StreamingDiLoCo

@@ -6,7 +6,8 @@ import grpc
 import pytest
 import torch
 
-from collectives.allreduce import ERROR_KIND_KEY, PUSH_METHOD, AllReduceConfig, chunk_message
+from collectives.allreduce import AllReduceConfig
+from collectives.round import ERROR_KIND_KEY, PUSH_METHOD, chunk_message
 from collectives.codecs import CodecConfig, make_codec
 from collectives.errors import MemberFailure, NonFiniteError
 from collectives.inbox import GATHER, SCATTER, Group

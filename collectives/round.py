@@ -1,0 +1,329 @@
+"""One member's round of the all-reduce: what it sends, when it reduces, and how it fails.
+
+``Collective`` (``collectives/allreduce.py``) opens a round's inbox and runs a
+``Round``: it streams each part to its owner, reduces its own part chunk by
+chunk as contributions arrive and streams each reduced chunk on (so the
+all-gather overlaps the aggregate-scatter), waits for every part and every
+acknowledgement, and on any failure names the failed members and tells the
+others with an abort notice. Also here: the wire constants of the Collective
+service and the configuration every member of a round must share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from protos import collective_pb2 as pb
+from collectives.codecs import Codec, CodecConfig
+from collectives.errors import LoconetError, MemberFailure, RoundFailed, StaleRound
+from collectives.inbox import GATHER, SCATTER, Group, RoundInbox, codec_proto
+from collectives.parts import chunk_bounds
+from collectives.reducers import ReducerConfig
+from collectives.reducers import prepare as prepare_reducer
+from collectives.stats import RoundStats
+from collectives.transport import Transport, as_async_iter
+from collectives.wire import encode_chunk
+
+log = logging.getLogger(__name__)
+
+SERVICE = "loconet.collective.v1.Collective"
+PUSH_METHOD = f"/{SERVICE}/PushPart"
+ABORT_METHOD = f"/{SERVICE}/Abort"
+# Trailing-metadata key that tells a sender why its stream was rejected.
+ERROR_KIND_KEY = "loconet-error"
+# Deadline of the best-effort abort notices.
+ABORT_NOTICE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class AllReduceConfig:
+    """How a round encodes, reduces and waits. Every member of a round must use the same codec and reducer."""
+
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    reducer: ReducerConfig = field(default_factory=ReducerConfig)
+    # Whole-round deadline: a member that has not finished by then raises MemberFailure.
+    timeout_s: float = 60.0
+    # At the deadline, a member stuck in the gather phase waits this much longer for
+    # another member's abort notice naming the root cause before blaming the part owners.
+    blame_grace_s: float = 1.0
+
+
+def chunk_numel(codec: Codec, chunk_bytes: int) -> int:
+    """Elements per chunk so that a chunk's raw payload fits chunk_bytes (whole quantization blocks)."""
+    block = codec.config.block_size if codec.config.name in ("int8", "int4") else 1
+    per_block = max(1, codec.raw_size(block))
+    return max(1, chunk_bytes // per_block) * block
+
+
+def round_tag(group: Group, numel: int) -> pb.RoundTag:
+    """The tag this member puts on every message of a round."""
+    return pb.RoundTag(
+        run_id=group.run_id,
+        epoch=group.epoch,
+        round_id=group.round_id,
+        sender_rank=group.rank,
+        group_size=group.size,
+        total_numel=numel,
+    )
+
+
+def chunk_message(
+    group: Group,
+    numel: int,
+    codec: CodecConfig,
+    phase: int,
+    part: int,
+    part_numel: int,
+    offset: int,
+    count: int,
+    weight: float,
+    payload: bytes,
+) -> bytes:
+    """One serialised PartChunk of a round, as sent on the wire."""
+    header = pb.PartChunk(
+        tag=round_tag(group, numel),
+        phase=phase,
+        part_index=part,
+        part_numel=part_numel,
+        offset=offset,
+        count=count,
+        codec=codec_proto(codec),
+        weight=weight,
+    )
+    return encode_chunk(header, payload)
+
+
+def _rejection_kind(exc: grpc.aio.AioRpcError) -> str | None:
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_KIND_KEY:
+            return str(value)
+    return None
+
+
+class Round:
+    """The sending side and the bookkeeping of one member's round (lives on the transport's loop)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        spawn: Callable[[Coroutine], None],
+        phase_hook: Callable[[Group, str], None] | None,
+        group: Group,
+        inbox: RoundInbox,
+        codec: Codec,
+        config: AllReduceConfig,
+        stats: RoundStats,
+        deadline: float,
+    ) -> None:
+        self.transport = transport
+        self.spawn = spawn
+        self.phase_hook = phase_hook
+        self.group = group
+        self.inbox = inbox
+        self.codec = codec
+        self.config = config
+        self.stats = stats
+        self.deadline = deadline
+        self.others = [j for j in range(group.size) if j != group.rank]
+        self.pending: Counter[int] = Counter()
+        self.tasks: list[asyncio.Task] = []
+        self.chunk_numel = chunk_numel(codec, self.transport.config.chunk_bytes)
+        self.started = time.monotonic()
+        # This member's reduced chunks, in order, shared by every destination's gather stream.
+        self._gathered: list[bytes] = []
+        self._gather_ready = asyncio.Event()
+        self._gather_done = False
+        loop = asyncio.get_running_loop()
+        for j in self.others:
+            self.tasks.append(loop.create_task(self._watch(j)))
+
+    # -- phases ------------------------------------------------------------------------
+
+    async def run(self, flat: torch.Tensor, weight: float, residual: torch.Tensor | None) -> None:
+        """Send each part to its owner; reduce and all-gather this member's part as contributions arrive.
+
+        The owner reduces chunk k of its part as soon as every member's
+        contribution to chunk k is in and streams it on, so the all-gather
+        overlaps the aggregate-scatter and a slow link never idles. Chunk
+        boundaries are fixed, so the result does not depend on timing.
+        """
+        self._enter("scatter")
+        me = self.group.rank
+        a, b = self.inbox.bounds[me]
+        self.inbox.rows[me].copy_(flat[a:b])
+        self.inbox.weights[me] = weight
+        if residual is not None:
+            residual[a:b].zero_()  # this member's own part is contributed exactly
+        for j in self.others:
+            self._send(j, self._scatter_messages(j, flat, weight, residual))
+        for j in self.others:
+            self._send(j, self._gather_messages())
+        own = self.inbox.result[a:b]
+        reduce = None
+        for c0, c1 in chunk_bounds(0, b - a, self.chunk_numel):
+            await self._wait("scatter", lambda: self.inbox.contributions_ready() >= c1, self._late_contributors)
+            if c1 == b - a:
+                self._enter("gather")
+            if reduce is None:  # every contribution's weight is known from its first chunk
+                reduce = prepare_reducer(self.config.reducer, self.inbox.weights)
+            message = await self.transport.run_cpu(self._reduce_chunk, reduce, own, b - a, c0, c1)
+            self._gathered.append(message)
+            self._gather_ready.set()
+        self._gather_done = True
+        self._gather_ready.set()
+        self.stats.scatter_s = time.monotonic() - self.started
+        await self._wait(
+            "gather",
+            lambda: not self.inbox.gather_left and not any(self.pending.values()),
+            lambda: self.inbox.gather_left,
+        )
+
+    def _reduce_chunk(self, reduce, own: torch.Tensor, part_numel: int, c0: int, c1: int) -> bytes:
+        # Runs on a codec thread: reduce, encode, keep the decoded value, frame the message.
+        t0 = time.perf_counter()
+        reduced = reduce(self.inbox.rows[:, c0:c1])
+        t1 = time.perf_counter()
+        payload = self.codec.encode(reduced, copy=False)
+        t2 = time.perf_counter()
+        # The owner keeps the decoded value, exactly what every other member will hold.
+        self.codec.decode(payload, c1 - c0, out=own[c0:c1])
+        message = self._message(GATHER, self.group.rank, part_numel, c0, c1 - c0, 0.0, payload)
+        self.stats.reduce_s += t1 - t0
+        self.stats.encode_s += t2 - t1
+        return message
+
+    def _late_contributors(self) -> set[int]:
+        ready = self.inbox.contributions_ready()
+        return {j for j, got in self.inbox.scatter_progress.items() if got <= ready}
+
+    async def _gather_messages(self) -> AsyncIterator[bytes]:
+        # Every destination streams the same reduced chunks, each as soon as it exists.
+        sent = 0
+        while True:
+            while sent < len(self._gathered):
+                yield self._gathered[sent]
+                sent += 1
+            if self._gather_done:
+                return
+            self._gather_ready.clear()
+            await self._gather_ready.wait()
+
+    def _enter(self, phase: str) -> None:
+        if self.phase_hook is not None:
+            self.phase_hook(self.group, phase)
+
+    async def _wait(self, phase: str, done, missing) -> None:
+        ok = await self.inbox.wait_for(done, self.deadline)
+        if not ok and phase == "gather" and self.config.blame_grace_s > 0:
+            # The owners we wait for may themselves wait for the real culprit; give
+            # their abort notice a moment to arrive before blaming them.
+            await self.inbox.wait_for(done, time.monotonic() + self.config.blame_grace_s)
+            ok = self.inbox.broken or done()
+        if not ok:
+            late = set(missing()) | {j for j, n in self.pending.items() if n > 0}
+            for j in sorted(late):
+                self.inbox.fail(j, f"missed the {self.config.timeout_s:g} s deadline in the {phase} phase")
+        self._raise_if_broken()
+
+    def _raise_if_broken(self) -> None:
+        inbox = self.inbox
+        if inbox.failed:
+            addresses = {r: self.group.members[r] for r in inbox.failed}
+            raise MemberFailure(addresses, inbox.failed, round_id=self.group.round_id)
+        if inbox.error is not None:
+            raise inbox.error
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _scatter_message(
+        self, j: int, part_numel: int, offset: int, x: torch.Tensor, weight: float, residual: torch.Tensor | None
+    ) -> bytes:
+        # Runs on a codec thread; copy=False is safe because the payload is framed on the same thread.
+        t0 = time.perf_counter()
+        if residual is None:
+            payload = self.codec.encode(x, copy=False)
+        else:
+            payload = self.codec.encode_with_feedback(x, residual, copy=False)
+        self.stats.encode_s += time.perf_counter() - t0
+        return self._message(SCATTER, j, part_numel, offset, x.numel(), weight, payload)
+
+    def _message(self, phase: int, part: int, part_numel: int, offset: int, count: int, weight: float, payload: bytes) -> bytes:
+        return chunk_message(self.group, self.inbox.numel, self.codec.config, phase, part, part_numel, offset, count, weight, payload)
+
+    async def _scatter_messages(
+        self, j: int, flat: torch.Tensor, weight: float, residual: torch.Tensor | None
+    ) -> AsyncIterator[bytes]:
+        # Each chunk is encoded just before it is sent, so encoding overlaps the network.
+        a, b = self.inbox.bounds[j]
+        for c0, c1 in chunk_bounds(a, b, self.chunk_numel):
+            res = None if residual is None else residual[c0:c1]
+            yield await self.transport.run_cpu(
+                self._scatter_message, j, b - a, c0 - a, flat[c0:c1], weight, res
+            )
+
+    def _send(self, j: int, messages: Iterator[bytes] | AsyncIterator[bytes]) -> None:
+        self.pending[j] += 1
+        self.tasks.append(asyncio.get_running_loop().create_task(self._send_to(j, messages)))
+
+    async def _send_to(self, j: int, messages: Iterator[bytes] | AsyncIterator[bytes]) -> None:
+        address = self.group.members[j]
+        counted = self._count(messages)
+        try:
+            await self.transport.stream_call(address, PUSH_METHOD, counted, self.deadline - time.monotonic())
+        except grpc.aio.AioRpcError as exc:
+            kind = _rejection_kind(exc)
+            if kind == "stale":
+                self.inbox.set_error(StaleRound(f"rank {j} ({address}) says this round is stale: {exc.details()}"))
+            elif kind != "closed":
+                self.inbox.fail(j, f"{exc.code().name}: {exc.details()}")
+            # "closed": j gave up on the round; its abort notice says why (or the deadline does).
+            return
+        except LoconetError as exc:  # encoding failed here: our own problem, not the receiver's
+            self.inbox.set_error(exc if isinstance(exc, RoundFailed) else RoundFailed(f"encoding failed: {exc}"))
+            return
+        self.pending[j] -= 1
+        self.inbox.wake()
+
+    async def _count(self, messages: Iterator[bytes] | AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for msg in as_async_iter(messages):
+            self.stats.bytes_sent += len(msg)
+            yield msg
+
+    async def _watch(self, j: int) -> None:
+        reason = await self.transport.wait_unreachable(self.group.members[j])
+        self.inbox.fail(j, reason)
+
+    # -- failure -------------------------------------------------------------------------
+
+    def broadcast_abort(self, failed: list[int], reason: str) -> None:
+        """Tell every member not known to have failed that this round is aborted (best effort)."""
+        g = self.group
+        notice = pb.AbortNotice(
+            tag=round_tag(g, self.inbox.numel),
+            failed_ranks=sorted(failed),
+            reason=reason[:1000],
+        ).SerializeToString()
+        for j in self.others:
+            if j not in failed:
+                self.spawn(self._notify(g.members[j], notice))
+
+    async def _notify(self, address: str, notice: bytes) -> None:
+        try:
+            await self.transport.unary_call(address, ABORT_METHOD, notice, ABORT_NOTICE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("abort notice to %s not delivered: %s", address, exc.code().name)
+
+    async def stop(self) -> None:
+        """Cancel this round's sends and watchers and wait until they are gone."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
