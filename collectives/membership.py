@@ -168,6 +168,7 @@ class MembershipClient:
         reply = await self._call("Join", request, self.config.rpc_timeout_s)
         self.peer_id = reply.peer_id
         self.unregistered.clear()
+        log.info("joined run %s as %s (epoch %d); state from %s", self.config.run_id, reply.peer_id, reply.epoch, reply.sync_from or "-")
         return Joined(
             peer_id=reply.peer_id,
             lease_s=reply.lease_s,

@@ -106,6 +106,9 @@ class StateSyncConfig:
     max_tensors: int = 100_000
     # Deadline of a whole fetch.
     timeout_s: float = 600.0
+    # Longest wait for the next chunk: a source that stops sending (paused, cut off)
+    # is given up long before timeout_s, and the joiner asks for another.
+    stall_timeout_s: float = 30.0
     # A server serves at most this many fetches at once (each one holds a snapshot copy).
     max_concurrent_fetches: int = 2
 
@@ -115,8 +118,9 @@ class StateSyncConfig:
         for name in ("max_state_bytes", "max_meta_bytes", "max_tensors", "max_concurrent_fetches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
+        for name in ("timeout_s", "stall_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 # -- bytes of a snapshot ----------------------------------------------------------------
@@ -511,7 +515,13 @@ async def fetch_state_async(
     meta: dict = {}
     received = 0
     try:
-        async for raw in call:
+        while True:
+            try:
+                raw = await asyncio.wait_for(call.read(), config.stall_timeout_s)
+            except asyncio.TimeoutError:
+                raise _fail(address, f"no data for {config.stall_timeout_s:g} s (the source stalled)") from None
+            if raw is grpc.aio.EOF:
+                break
             await transport.note_received(address, len(raw))
             try:
                 manifest_bytes, offset, data = _parse_chunk(raw)

@@ -98,17 +98,28 @@ class TransportConfig:
         return [
             ("grpc.max_send_message_length", self.message_limit),
             ("grpc.max_receive_message_length", self.message_limit),
-            ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
-            ("grpc.keepalive_timeout_ms", int(self.keepalive_s * 1000)),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_s * 500)),
+            *keepalive_options(self.keepalive_s),
             # Reconnect fast: a restarted peer comes back at the same address.
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2000),
             ("grpc.enable_retries", 0),
         ]
+
+
+def keepalive_options(keepalive_s: float) -> list[tuple[str, int]]:
+    """gRPC options for both ends of a connection that pings every keepalive_s seconds.
+
+    The server side must accept pings at that rate, or it answers with a
+    GOAWAY ("too_many_pings") that fails the calls in flight.
+    """
+    return [
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(keepalive_s * 500)),
+    ]
 
 
 class TransportClosed(RuntimeError):

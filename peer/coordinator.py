@@ -44,7 +44,7 @@ from collectives.quorum import (
     peers_to_probe,
     quorum_ready,
 )
-from collectives.transport import add_health_service, format_address
+from collectives.transport import TransportConfig, add_health_service, format_address, keepalive_options
 from peer.runstate import PeerRecord, RoundRecord, RunState
 
 log = logging.getLogger(__name__)
@@ -606,6 +606,8 @@ class CoordinatorServer:
             # can wait for the handler loop at once; gRPC's default (1000) sheds the excess.
             ("grpc.server.max_pending_requests", 20_000),
             ("grpc.server.max_pending_requests_hard_limit", 20_000),
+            # Peers' channels ping every TransportConfig.keepalive_s; accept that rate.
+            *keepalive_options(TransportConfig().keepalive_s),
         ]
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=10_000)
         server.add_generic_rpc_handlers((strict_handlers(self.coordinator),))

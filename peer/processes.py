@@ -35,6 +35,7 @@ class Proc:
 
     def __init__(self, args: list[str], log_path: pathlib.Path, prefix: list[str] | tuple[str, ...] = ()) -> None:
         self.args = list(prefix) + list(args)
+        self.log_path = log_path
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
             self.args,
@@ -72,7 +73,9 @@ class Proc:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"no matching event within {timeout} s from {self.args[-8:]}; got {self.events[-5:]}")
+                raise AssertionError(
+                    f"no matching event within {timeout} s from {self.args[-8:]}; got {self.events[-5:]}{self.stderr_tail()}"
+                )
             try:
                 event = self._queue.get(timeout=min(remaining, 0.5))
             except queue.Empty:
@@ -81,10 +84,22 @@ class Proc:
                     for ev in list(self.events):
                         if pred(ev):
                             return ev
-                    raise AssertionError(f"process exited ({self.proc.returncode}) without a matching event: {self.events[-5:]}")
+                    raise AssertionError(
+                        f"process exited ({self.proc.returncode}) without a matching event: {self.events[-5:]}"
+                        f"{self.stderr_tail()}"
+                    )
                 continue
             if pred(event):
                 return event
+
+    def stderr_tail(self, lines: int = 15) -> str:
+        """The last lines the process wrote to stderr, for failure messages."""
+        try:
+            self.log.flush()
+            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except (OSError, ValueError):
+            return ""
+        return "\nstderr tail:\n" + "\n".join(tail) if tail else ""
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:

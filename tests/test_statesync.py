@@ -363,3 +363,10 @@ def test_garbage_chunk_is_rejected(transports):
     address = raw_server(transports, [b"\xff\xff\xff"])
     with pytest.raises(StateSyncError, match="malformed StateChunk"):
         fetch_from(transports, address)
+
+
+def test_source_that_stops_sending_is_given_up_after_the_stall_timeout(transports):
+    address = raw_server(transports, [chunk(manifest=manifest_for(DATA)), chunk(0, DATA[:1000])], then_wait=True)
+    config = StateSyncConfig(timeout_s=600, stall_timeout_s=0.5)
+    with pytest.raises(StateSyncError, match="no data for 0.5 s"):
+        fetch_from(transports, address, config)

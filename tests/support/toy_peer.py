@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import signal
 import sys
 import threading
@@ -55,6 +56,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=10.0, help="all-reduce deadline")
     ap.add_argument("--init-seed", type=int, default=0)
     ns = ap.parse_args()
+    # INFO on stderr (the test's log file): a failing test shows what the peer went through.
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {ns.name} %(name)s %(levelname)s %(message)s")
     tune_malloc()
     torch.set_num_threads(1)
 
