@@ -1,0 +1,291 @@
+"""Simulated peers for ``loconet bench membership``: the membership protocol and nothing else.
+
+Each simulated peer joins (a fresh peer, ``has_state=False``, with a fake
+unique address ``10.x.y.z:port`` -- the coordinator never dials peers), then
+heartbeats every ``heartbeat_s`` with plausible, changing metrics (fixed-rate
+schedule, random phase, so the load is spread evenly), and on command takes
+part in rounds: ``Quorum(last_round)`` -> ``Commit(ok=True)`` with the round
+id and epoch it got -> the next quorum with the committed round id. Many of
+them live as asyncio tasks in one process (``client_main``), driven by the
+benchmark through a pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import signal
+import time
+
+import grpc
+
+from protos import membership_pb2 as pb
+from protos import membership_pb2_grpc as pb_grpc
+
+# Generous limits: a QuorumResponse carries the whole member list (~30 bytes per member).
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+    # One TCP connection per channel (by default equal channels share one subchannel).
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.enable_retries", 0),
+]
+
+
+def fake_address(index: int) -> str:
+    """A unique, plausible data-plane address for simulated peer ``index`` (never dialled)."""
+    return f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}:{20000 + index % 20000}"
+
+
+# Codes after which the real client (collectives/membership.py) tries again: the call may never have
+# reached the coordinator's handler (e.g. shed by gRPC's pending-request limit while its loop was busy).
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+JOIN_ATTEMPT_S = 10.0
+
+
+class CallFailed(Exception):
+    """A membership call that failed for good (a refusal, or no answer within the patience)."""
+
+
+class SimPeer:
+    """One simulated peer: join, heartbeat, quorum and commit; nothing else.
+
+    Like the real client (``MembershipClient``), Join/Quorum/Commit retry with backoff after
+    UNAVAILABLE / DEADLINE_EXCEEDED / CANCELLED for at most ``patience_s`` in all, and every retry
+    is counted. A Join attempt has a deadline of ``JOIN_ATTEMPT_S``; Quorum and Commit attempts
+    wait the whole patience (the real client waits 600 s / 120 s): they legitimately block until
+    the group is complete, and shorter deadlines would make every peer retry at once. Heartbeats
+    have a deadline of max(interval, 1 s) and are not retried (the next one is due anyway).
+    """
+
+    def __init__(self, index: int, stub: pb_grpc.CoordinatorStub, job: dict) -> None:
+        self.index = index
+        self.stub = stub
+        self.job = job
+        self.peer_id = ""
+        self.last_round = 0
+        self.epoch = 0
+        self.rng = random.Random(index)
+        self.step = 0
+        self.interval = job["heartbeat_s"]
+        self.steps_per_s = self.rng.uniform(5.0, 15.0)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.activity = "joining"
+        # (send time, latency s, ok); kept for the parent to count in any window.
+        self.heartbeats: list[tuple[float, float, bool]] = []
+        self.heartbeat_errors: dict[str, int] = {}
+        self.retries: dict[str, int] = {}
+        self.unknown = 0
+
+    async def call(self, method: str, request) -> tuple[object, float, float]:
+        """(reply, send time of the first attempt, send time of the answered attempt); CallFailed."""
+        patience = self.job["patience_s"]
+        attempt_s = JOIN_ATTEMPT_S if method == "Join" else patience
+        first = time.time()
+        give_up = time.monotonic() + patience
+        delay = 0.05
+        while True:
+            sent = time.time()
+            try:
+                return await getattr(self.stub, method)(request, timeout=attempt_s), first, sent
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code not in RETRY_CODES:
+                    raise CallFailed(f"{method} {code.name}: {exc.details()}") from None
+                key = f"{method}:{code.name}"
+                self.retries[key] = self.retries.get(key, 0) + 1
+                if time.monotonic() + delay > give_up:
+                    raise CallFailed(f"{method}: no answer in {patience:g} s (last {code.name})") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def join(self) -> float:
+        request = pb.JoinRequest(
+            run_id=self.job["run_id"],
+            address=fake_address(self.index),
+            has_state=False,
+            name=f"sim-{self.index}",
+            codecs=["none", "fp16", "int8"],
+        )
+        reply, first, _ = await self.call("Join", request)
+        latency = time.time() - first
+        self.peer_id = reply.peer_id
+        self.epoch = reply.epoch
+        # Heartbeat as told, like a real peer (the coordinator slows heartbeats as the run grows).
+        self.interval = max(self.job["heartbeat_s"], reply.heartbeat_s)
+        self.activity = "training"
+        return latency
+
+    def _metrics(self) -> pb.PeerMetrics:
+        self.step += max(1, int(self.steps_per_s * self.interval))
+        loss = 2.0 + 3.0 * math.exp(-self.step / 2000.0) + self.rng.uniform(-0.05, 0.05)
+        return pb.PeerMetrics(
+            step=self.step,
+            steps_per_s=self.steps_per_s,
+            loss=loss,
+            bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received,
+            activity=self.activity,
+            samples=self.step * 16,
+        )
+
+    async def heartbeat_forever(self) -> None:
+        """Heartbeat on a fixed-rate schedule with a random phase until cancelled."""
+        interval = self.interval
+        timeout = max(interval, 1.0)  # as the real client
+        next_at = time.monotonic() + self.rng.uniform(0.0, interval)
+        while True:
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            request = pb.HeartbeatRequest(
+                run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round, metrics=self._metrics()
+            )
+            t0 = time.time()
+            try:
+                reply = await self.stub.Heartbeat(request, timeout=timeout)
+                self.heartbeats.append((t0, time.time() - t0, True))
+                if not reply.known:
+                    self.unknown += 1
+            except grpc.aio.AioRpcError as exc:
+                self.heartbeats.append((t0, time.time() - t0, False))
+                name = exc.code().name
+                self.heartbeat_errors[name] = self.heartbeat_errors.get(name, 0) + 1
+            next_at += interval
+            now = time.monotonic()
+            if next_at < now - interval:  # fell far behind: do not burst to catch up
+                next_at = now
+
+    async def rounds(self, count: int, expected_members: int) -> tuple[list[tuple], list[str]]:
+        """Take part in count rounds; one record per round, and the problems seen."""
+        records: list[tuple] = []
+        problems: list[str] = []
+        spread = self.job["spread_s"]
+        for k in range(count):
+            if spread > 0:  # peers reach the sync point at different times (compute jitter, stragglers)
+                await asyncio.sleep(self.rng.uniform(0.0, spread))
+            self.activity = "in-round"
+            try:
+                request = pb.QuorumRequest(run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round)
+                q, t_q0, t_qs = await self.call("Quorum", request)
+            except CallFailed as exc:
+                problems.append(f"{self.peer_id} round {k}: {exc}")
+                break
+            t_q1 = time.time()
+            if q.action != pb.QuorumResponse.ROUND:
+                problems.append(f"{self.peer_id} round {k}: Quorum answered action {q.action}, not ROUND")
+                break
+            n = len(q.members)
+            if n != expected_members:
+                problems.append(f"{self.peer_id} round {k}: {n} members, expected {expected_members}")
+            if q.rank >= n or q.members[q.rank].peer_id != self.peer_id:
+                problems.append(f"{self.peer_id} round {k}: rank {q.rank} does not point at this peer")
+            sent = self.rng.randrange(1 << 20, 4 << 20)
+            self.bytes_sent += sent
+            self.bytes_received += sent
+            request = pb.CommitRequest(
+                run_id=self.job["run_id"],
+                peer_id=self.peer_id,
+                round_id=q.round_id,
+                epoch=q.epoch,
+                ok=True,
+                report=pb.RoundReport(bytes_sent=sent, bytes_received=sent, wall_s=0.0),
+            )
+            try:
+                c, t_c0, t_cs = await self.call("Commit", request)
+            except CallFailed as exc:
+                problems.append(f"{self.peer_id} round {k}: {exc}")
+                break
+            t_c1 = time.time()
+            if c.commit:
+                self.last_round = q.round_id
+            else:
+                problems.append(f"{self.peer_id} round {q.round_id}: not committed: {c.reason}")
+            self.epoch = c.epoch
+            records.append((self.index, k, q.round_id, q.epoch, n, t_q0, t_q1, t_c0, t_c1, bool(c.commit), t_qs, t_cs))
+        self.activity = "training"
+        return records, problems
+
+
+def merge_counts(counters) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counters:
+        for k, n in c.items():
+            out[k] = out.get(k, 0) + n
+    return out
+
+
+async def _recv(conn):
+    """The next command from the parent (EOF, i.e. the parent is gone: stop)."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(None, conn.recv)
+    except (EOFError, OSError):
+        return {"cmd": "stop", "orphaned": True}
+
+
+async def _client(job: dict, conn) -> None:
+    channels = [grpc.aio.insecure_channel(job["address"], options=CHANNEL_OPTIONS) for _ in range(job["channels"])]
+    stubs = [pb_grpc.CoordinatorStub(ch) for ch in channels]
+    indexes = range(job["first"], job["first"] + job["count"])
+    peers = [SimPeer(i, stubs[j % len(stubs)], job) for j, i in enumerate(indexes)]
+    tasks: list[asyncio.Task] = []
+    try:
+        await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), 30)
+        conn.send({"type": "ready"})
+        if (await _recv(conn))["cmd"] != "join":
+            return
+        results = await asyncio.gather(*(p.join() for p in peers), return_exceptions=True)
+        join_s = [r for r in results if isinstance(r, float)]
+        join_errors = [f"sim-{p.index}: {r!r}"[:300] for p, r in zip(peers, results) if not isinstance(r, float)]
+        tasks = [asyncio.get_running_loop().create_task(p.heartbeat_forever()) for p in peers if p.peer_id]
+        conn.send({"type": "joined", "join_s": join_s, "errors": join_errors})
+        while True:
+            cmd = await _recv(conn)
+            if cmd["cmd"] == "rounds":
+                live = [p for p in peers if p.peer_id]
+                outcomes = await asyncio.gather(*(p.rounds(cmd["rounds"], cmd["expected_members"]) for p in live))
+                conn.send(
+                    {
+                        "type": "rounds",
+                        "records": [r for recs, _ in outcomes for r in recs],
+                        "problems": [x for _, probs in outcomes for x in probs],
+                    }
+                )
+            elif cmd["cmd"] == "stop":
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if cmd.get("orphaned"):
+                    return
+                conn.send(
+                    {
+                        "type": "final",
+                        "heartbeats": [hb for p in peers for hb in p.heartbeats],
+                        "heartbeat_errors": merge_counts(p.heartbeat_errors for p in peers),
+                        "retries": merge_counts(p.retries for p in peers),
+                        "unknown": sum(p.unknown for p in peers),
+                    }
+                )
+                return
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
+
+
+def client_main(job: dict, conn) -> None:
+    """Entry point of a client process (spawned): run its simulated peers until told to stop."""
+    # Ctrl-C reaches the whole foreground process group: the parent stops us in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        asyncio.run(_client(job, conn))
+    except BaseException as exc:  # tell the parent why, then die
+        try:
+            conn.send({"type": "error", "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        except (OSError, ValueError):  # the parent is gone: nobody to tell
+            pass
+        raise
