@@ -56,7 +56,7 @@ from collectives.inbox import (
 )
 from collectives.buffers import BufferPool
 from collectives.parts import flatten, part_bounds, total_numel, unflatten_like
-from collectives.round import ERROR_KIND_KEY, SERVICE, AllReduceConfig, Round
+from collectives.round import ERROR_KIND_KEY, SERVICE, AllReduceConfig, Round, consume_exception
 from collectives.stats import RoundStats
 from collectives.transport import Transport, method_handlers, raw_stream_unary, raw_unary_unary
 from collectives.wire import decode_chunk
@@ -300,6 +300,9 @@ class Collective:
         inbox: RoundInbox | None = None
         stream = None
         chunks = 0
+        # The previous chunk's decode: it runs on a codec thread while the next chunk is read
+        # and paced, so neither the link nor the CPU waits for the other.
+        decoding: asyncio.Task | None = None
         try:
             async for raw in request_iterator:
                 header, payload = decode_chunk(raw)
@@ -309,15 +312,17 @@ class Collective:
                     inbox = await self.registry.find(header.tag, wait)
                     stream = inbox.begin_stream(header)
                 target = inbox.check_chunk(stream, header, payload)
-                inbox.begin_decode()
-                try:
-                    inbox.decode_s += await self.transport.run_cpu(inbox.decode_into, payload, target)
-                finally:
-                    inbox.end_decode()
-                inbox.advance(stream, header.count)
+                if decoding is not None:
+                    await asyncio.shield(decoding)  # a cancelled handler must not cancel it
+                inbox.begin_decode()  # counted from now: an aborted round keeps its buffers until it ends
+                decoding = asyncio.get_running_loop().create_task(
+                    self._decode(inbox, stream, payload, target, header.count)
+                )
                 chunks += 1
                 inbox.bytes_received += len(raw)
                 await self.transport.note_received(inbox.group.members[stream.sender], len(raw))
+            if decoding is not None:
+                await asyncio.shield(decoding)
             if stream is None:
                 raise ProtocolError("empty PushPart stream")
             inbox.finish(stream)
@@ -334,7 +339,19 @@ class Collective:
             if inbox is not None:
                 inbox.wake()
             raise
+        finally:
+            if decoding is not None and not decoding.done():
+                # Never cancelled: the inbox counts it until its thread is done with the buffers.
+                decoding.add_done_callback(consume_exception)
         return pb.PushAck(chunks=chunks).SerializeToString()
+
+    async def _decode(self, inbox: RoundInbox, stream, payload: memoryview, target: torch.Tensor, count: int) -> None:
+        """Decode one checked chunk on a codec thread (begin_decode was called for it), then record it."""
+        try:
+            inbox.decode_s += await self.transport.run_cpu(inbox.decode_into, payload, target)
+        finally:
+            inbox.end_decode()
+        inbox.advance(stream, count)
 
     async def _handle_abort(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
@@ -347,5 +364,4 @@ class Collective:
             code, kind = _error_kind(exc)
             await context.abort(code, str(exc), trailing_metadata=((ERROR_KIND_KEY, kind),))
         return pb.AbortAck().SerializeToString()
-
 

@@ -98,7 +98,8 @@ class _Stream:
     phase: int
     sender: int
     target: torch.Tensor  # where decoded elements go (a view)
-    next_offset: int = 0
+    next_offset: int = 0  # elements decoded so far
+    checked_offset: int = 0  # elements accepted by check_chunk (a decode may still be running)
 
 
 @dataclass
@@ -252,13 +253,14 @@ class RoundInbox:
             raise ProtocolError("a stream's chunks must keep one sender and one phase")
         if stream.phase == SCATTER and header.weight != self.weights[stream.sender]:
             raise ProtocolError("a contribution's weight changed between chunks")
-        if header.offset != stream.next_offset:
-            raise ProtocolError(f"chunk at offset {header.offset}, expected {stream.next_offset}")
+        if header.offset != stream.checked_offset:
+            raise ProtocolError(f"chunk at offset {header.offset}, expected {stream.checked_offset}")
         end = header.offset + header.count
         if end > stream.target.numel():
             raise ProtocolError(f"chunk [{header.offset}, {end}) runs past the part's {stream.target.numel()} elements")
         if len(payload) > self.codec.max_payload_size(header.count):
             raise ProtocolError(f"payload of {len(payload)} bytes is too big for {header.count} elements")
+        stream.checked_offset = end
         return stream.target[header.offset : end]
 
     def decode_into(self, payload: memoryview, out: torch.Tensor) -> float:

@@ -261,13 +261,30 @@ class Round:
     async def _scatter_messages(
         self, j: int, flat: torch.Tensor, weight: float, residual: torch.Tensor | None
     ) -> AsyncIterator[bytes]:
-        # Each chunk is encoded just before it is sent, so encoding overlaps the network.
+        # Chunk k+1 is encoded on a codec thread while chunk k is on the wire, so the
+        # link never waits for the encoder (and the encoder only runs one chunk ahead).
         a, b = self.inbox.bounds[j]
-        for c0, c1 in chunk_bounds(a, b, self.chunk_numel):
+
+        def encode(c0: int, c1: int) -> asyncio.Future:
             res = None if residual is None else residual[c0:c1]
-            yield await self.transport.run_cpu(
-                self._scatter_message, j, b - a, c0 - a, flat[c0:c1], weight, res
+            return asyncio.ensure_future(
+                self.transport.run_cpu(self._scatter_message, j, b - a, c0 - a, flat[c0:c1], weight, res)
             )
+
+        chunks = iter(chunk_bounds(a, b, self.chunk_numel))
+        first = next(chunks, None)
+        if first is None:
+            return
+        pending = encode(*first)
+        try:
+            for c0, c1 in chunks:
+                message = await pending
+                pending = encode(c0, c1)
+                yield message
+            yield await pending
+        finally:
+            if not pending.done():
+                pending.add_done_callback(consume_exception)
 
     def _send(self, j: int, messages: Iterator[bytes] | AsyncIterator[bytes]) -> None:
         self.pending[j] += 1
@@ -327,3 +344,8 @@ class Round:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
+
+def consume_exception(future: asyncio.Future) -> None:
+    """Done-callback for work whose caller has gone (its round failed): retrieve the outcome, ignore it."""
+    if not future.cancelled():
+        future.exception()
