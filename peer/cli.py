@@ -13,11 +13,12 @@ def add_benchmarks(bench: argparse.ArgumentParser) -> None:
     """The ``loconet bench ...`` subcommands (imported only when asked for: they pull in torch)."""
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
 
-    from peer import bench_allreduce, bench_codecs, bench_diloco, bench_membership, bench_statesync
+    from peer import bench_allreduce, bench_codecs, bench_diloco, bench_membership, bench_statesync, bench_transport
 
     for name, module, text in (
         ("allreduce", bench_allreduce, "our all-reduce among local processes vs gloo"),
         ("codecs", bench_codecs, "encode+decode throughput of each codec on one core"),
+        ("transport", bench_transport, "what moving bytes through gRPC costs: the floor under the all-reduce"),
         ("statesync", bench_statesync, "time for a joiner to fetch a state from a peer"),
         ("diloco", bench_diloco, "DiLoCo and Streaming DiLoCo vs data-parallel and one peer"),
         ("membership", bench_membership, "coordinator scalability with simulated peers"),
