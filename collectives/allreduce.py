@@ -56,9 +56,9 @@ from collectives.inbox import (
 )
 from collectives.buffers import BufferPool
 from collectives.parts import flatten, part_bounds, total_numel, unflatten_like
-from collectives.round import ERROR_KIND_KEY, SERVICE, AllReduceConfig, Round, consume_exception
+from collectives.round import ERROR_KIND_KEY, SERVICE, AllReduceConfig, Round
 from collectives.stats import RoundStats
-from collectives.transport import Transport, method_handlers, raw_stream_unary, raw_unary_unary
+from collectives.transport import Transport, consume_exception, method_handlers, raw_stream_unary, raw_unary_unary
 from collectives.wire import decode_chunk
 
 log = logging.getLogger(__name__)

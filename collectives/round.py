@@ -29,7 +29,7 @@ from collectives.parts import chunk_bounds
 from collectives.reducers import ReducerConfig
 from collectives.reducers import prepare as prepare_reducer
 from collectives.stats import RoundStats
-from collectives.transport import Transport, as_async_iter
+from collectives.transport import Transport, as_async_iter, consume_exception
 from collectives.wire import encode_chunk
 
 log = logging.getLogger(__name__)
@@ -343,9 +343,3 @@ class Round:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-def consume_exception(future: asyncio.Future) -> None:
-    """Done-callback for work whose caller has gone (its round failed): retrieve the outcome, ignore it."""
-    if not future.cancelled():
-        future.exception()

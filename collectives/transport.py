@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from collectives.errors import ConfigError
 from collectives.ratelimit import TokenBucket
@@ -129,6 +130,48 @@ class TransportClosed(RuntimeError):
 def format_address(host: str, port: int) -> str:
     """host:port, with IPv6 hosts bracketed."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """(host, port) of a host:port address (IPv6 hosts bracketed); ValueError if it has no port."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+async def port_refuses(address: str, timeout_s: float = 1.0) -> str | None:
+    """Why a TCP connection to address fails (refused, unroutable, timed out), or None if it is accepted."""
+    host, port = split_address(address)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except asyncio.TimeoutError:
+        return f"connecting timed out after {timeout_s:g} s"
+    except OSError as exc:  # asyncio words it "Connect call failed"; the errno says why
+        return os.strerror(exc.errno) if exc.errno else str(exc)
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+    return None
+
+
+async def peer_unresponsive(address: str, timeout_s: float = 2.0) -> str | None:
+    """Why the gRPC server at address is out of reach (port refused, or no health answer in time), or None."""
+    why = await port_refuses(address, min(timeout_s, 1.0))
+    if why is not None:
+        return why
+    # The port accepts, but a paused process's kernel accepts too: ask the server itself,
+    # on a fresh channel (the pooled one is the connection that just failed).
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        return f"no answer to a health check ({exc.code().name})"
+    finally:
+        await channel.close()
+    return None
 
 
 class Transport:
@@ -327,12 +370,40 @@ class Transport:
         state = ch.get_state(try_to_connect=True)
         while True:
             if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-                return "unreachable (connection refused or lost)"
+                # Confirm before blaming the peer: a dead process's port refuses at once and a
+                # paused one does not answer, while a live peer whose connection merely
+                # hiccuped answers, and the channel reconnects by itself.
+                why = await peer_unresponsive(address)
+                if why is not None:
+                    return f"unreachable ({why})"
+                log.info("connection to %s failed but the peer answers; still watching", address)
             if state == grpc.ChannelConnectivity.SHUTDOWN:
                 return "channel shut down"
-            await ch.wait_for_state_change(state)
+            await _state_change(ch, state)
             # A dropped connection shows as IDLE: try to reconnect so a dead peer shows as a failure.
             state = ch.get_state(try_to_connect=True)
+
+
+async def _state_change(channel: grpc.aio.Channel, state: grpc.ChannelConnectivity) -> None:
+    """Wait until the channel leaves state; cancelling the caller never waits for grpc.
+
+    grpc's wait_for_state_change does not always honour cancellation (seen while a
+    channel sits in TRANSIENT_FAILURE), so it runs as its own task that a cancelled
+    caller abandons instead of awaiting.
+    """
+    change = asyncio.ensure_future(channel.wait_for_state_change(state))
+    try:
+        await asyncio.wait({change})
+    finally:
+        if not change.done():
+            change.cancel()
+        change.add_done_callback(consume_exception)  # the caller looks at the channel's state instead
+
+
+def consume_exception(future: asyncio.Future) -> None:
+    """Done-callback for work whose caller has gone or does not need its outcome: retrieve it, ignore it."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def as_async_iter(messages: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncIterator[bytes]:

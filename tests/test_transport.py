@@ -1,0 +1,78 @@
+"""Transport helpers over real sockets on 127.0.0.1: addresses, and telling a dead peer from a hiccup."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from collectives.transport import Transport, TransportConfig, peer_unresponsive, port_refuses, split_address
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize(
+    "address, expected",
+    [
+        ("127.0.0.1:7070", ("127.0.0.1", 7070)),
+        ("[::1]:8080", ("::1", 8080)),
+        ("peer.example:1", ("peer.example", 1)),
+    ],
+)
+def test_split_address(address, expected):
+    assert split_address(address) == expected
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.1:", "host:port"])
+def test_address_without_a_port_is_refused(address):
+    with pytest.raises(ValueError, match="not host:port"):
+        split_address(address)
+
+
+def closed_port_address() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there any more
+    return f"127.0.0.1:{port}"
+
+
+def test_a_closed_port_refuses():
+    why = asyncio.run(port_refuses(closed_port_address()))
+    assert why is not None and "refused" in why.lower()
+
+
+def test_a_listening_port_accepts():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        assert asyncio.run(port_refuses(f"127.0.0.1:{listener.getsockname()[1]}")) is None
+
+
+def test_a_peer_whose_port_refuses_is_reported_unreachable():
+    transport = Transport(TransportConfig())
+    transport.start()
+    try:
+        why = transport.submit(transport.wait_unreachable(closed_port_address())).result(timeout=30)
+    finally:
+        transport.close()
+    assert why.startswith("unreachable (") and "refused" in why.lower()
+
+
+def test_a_serving_peer_is_responsive():
+    transport = Transport(TransportConfig())
+    address = transport.start()
+    try:
+        assert asyncio.run(peer_unresponsive(address)) is None
+    finally:
+        transport.close()
+
+
+def test_a_port_that_accepts_but_never_answers_is_unresponsive():
+    # What a paused (SIGSTOPped) peer looks like: its kernel accepts, nobody speaks.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        why = asyncio.run(peer_unresponsive(f"127.0.0.1:{listener.getsockname()[1]}", timeout_s=0.5))
+    assert why is not None and why.startswith("no answer to a health check")
