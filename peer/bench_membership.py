@@ -66,7 +66,7 @@ import grpc
 
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
-from peer.procstats import proc_cpu_ns_s, proc_cpu_s, proc_rss_mb, summary
+from peer.benchkit import proc_cpu_ns_s, proc_cpu_s, proc_rss_mb, summary
 from peer.simpeers import CHANNEL_OPTIONS, client_main, merge_counts
 
 RUN = "bench-membership"

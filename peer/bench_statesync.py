@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ from collectives.allocator import tune_malloc
 from collectives.ratelimit import parse_bandwidth
 from collectives.statesync import StateServer, StateSnapshot, fetch_state
 from collectives.transport import Transport, TransportConfig
+from peer.benchkit import copy_baseline_s, serving_child
 
 RUN = "bench-statesync"
 
@@ -41,35 +41,19 @@ def run(mb: float = 100.0, repeat: int = 5, bandwidth: str | None = None) -> dic
     tune_malloc()
     numel = int(mb * 1e6 / 4)
     bandwidth_bps = parse_bandwidth(bandwidth) if bandwidth else None
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_serve, args=(child, numel, bandwidth_bps), daemon=True)
-    proc.start()
     client = Transport(TransportConfig(bandwidth_bps=bandwidth_bps))
-    try:
-        if not parent.poll(120):
-            raise RuntimeError("the serving process did not start")
-        address = parent.recv()
+    times = []
+    with serving_child(_serve, numel, bandwidth_bps) as (address, _):
         client.start()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            snapshot = fetch_state(client, address, RUN, "bench")
-            times.append(time.perf_counter() - t0)
-            assert snapshot.tensors["params"].numel() == numel
-        src = torch.randn(numel)
-        dst = torch.empty_like(src)
-        copies = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            copies.append(time.perf_counter() - t0)
-    finally:
-        client.close()
-        parent.send("done")
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
+        try:
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                snapshot = fetch_state(client, address, RUN, "bench")
+                times.append(time.perf_counter() - t0)
+                if snapshot.tensors["params"].numel() != numel:
+                    raise RuntimeError(f"fetched {snapshot.tensors['params'].numel()} elements, not {numel}")
+        finally:
+            client.close()
     median = statistics.median(times)
     report = {
         "state_bytes": numel * 4,
@@ -77,7 +61,7 @@ def run(mb: float = 100.0, repeat: int = 5, bandwidth: str | None = None) -> dic
         "median_s": median,
         "times_s": times,
         "gbps": numel * 4 / median / 1e9,
-        "baseline": {"method": "in-memory copy of the same bytes", "median_s": statistics.median(copies)},
+        "baseline": {"method": "in-memory copy of the same bytes", "median_s": copy_baseline_s(numel * 4, repeat)},
     }
     report["ratio_vs_memcpy"] = median / report["baseline"]["median_s"]
     if bandwidth_bps:

@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
 
-import torch
-
 from collectives.allocator import tune_malloc
 from collectives.transport import Transport, TransportConfig, method_handlers, raw_stream_unary
-from peer.procstats import proc_cpu_s
+from peer.benchkit import copy_baseline_s, proc_cpu_s, serving_child
 
 SERVICE = "loconet.bench.v1.Sink"
 METHOD = f"/{SERVICE}/Push"
@@ -58,45 +55,28 @@ def run(mb: float = 400.0, chunk_bytes: int = 1 << 20, repeat: int = 5, cores: i
         raise ValueError(f"--mb {mb} is smaller than one chunk of {chunk_bytes} bytes")
     message = os.urandom(chunk_bytes)
     count = total // chunk_bytes
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_sink, args=(child,), daemon=True)
-    proc.start()
     sender = Transport(TransportConfig(chunk_bytes=chunk_bytes))
     walls, send_cpu, recv_cpu = [], [], []
-    try:
-        if not parent.poll(120):
-            raise RuntimeError("the receiving process did not start")
-        address = parent.recv()
+    with serving_child(_sink) as (address, sink_pid):
         sender.start()
+        try:
 
-        async def stream() -> int:
-            reply = await sender.stream_call(address, METHOD, (message for _ in range(count)), 600.0)
-            return int(reply)
+            async def stream() -> int:
+                reply = await sender.stream_call(address, METHOD, (message for _ in range(count)), 600.0)
+                return int(reply)
 
-        for k in range(repeat + 1):  # the first stream connects and warms up
-            s0, r0, t0 = proc_cpu_s(os.getpid()), proc_cpu_s(proc.pid), time.perf_counter()
-            got = sender.submit(stream()).result()
-            wall = time.perf_counter() - t0
-            if got != total:
-                raise RuntimeError(f"the sink counted {got} bytes of {total}")
-            if k:
-                walls.append(wall)
-                send_cpu.append(proc_cpu_s(os.getpid()) - s0)
-                recv_cpu.append(proc_cpu_s(proc.pid) - r0)
-        src = torch.frombuffer(bytearray(total), dtype=torch.uint8)
-        dst = torch.empty_like(src)
-        copies = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            copies.append(time.perf_counter() - t0)
-    finally:
-        sender.close()
-        parent.send("done")
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
+            for k in range(repeat + 1):  # the first stream connects and warms up
+                s0, r0, t0 = proc_cpu_s(os.getpid()), proc_cpu_s(sink_pid), time.perf_counter()
+                got = sender.submit(stream()).result()
+                wall = time.perf_counter() - t0
+                if got != total:
+                    raise RuntimeError(f"the sink counted {got} bytes of {total}")
+                if k:
+                    walls.append(wall)
+                    send_cpu.append(proc_cpu_s(os.getpid()) - s0)
+                    recv_cpu.append(proc_cpu_s(sink_pid) - r0)
+        finally:
+            sender.close()
     gb = total / 1e9
     median = statistics.median(walls)
     send_per_gb = statistics.median(send_cpu) / gb
@@ -113,7 +93,7 @@ def run(mb: float = 400.0, chunk_bytes: int = 1 << 20, repeat: int = 5, cores: i
         "gbps": gb / median,
         "sender_cpu_s_per_gb": send_per_gb,
         "receiver_cpu_s_per_gb": recv_per_gb,
-        "baseline": {"method": "in-memory copy of the same bytes", "median_s": statistics.median(copies)},
+        "baseline": {"method": "in-memory copy of the same bytes", "median_s": copy_baseline_s(total, repeat)},
         "cores": cores,
         "allreduce_floor_s": 4 * per_peer_gb * (send_per_gb + recv_per_gb) / cores,
     }

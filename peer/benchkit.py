@@ -1,9 +1,14 @@
-"""Process and latency statistics for the benchmarks: CPU time and RSS from /proc, percentiles."""
+"""Helpers shared by the benchmarks: CPU time and RSS from /proc, percentiles, a memcpy baseline, a serving child process."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import multiprocessing as mp
 import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -58,3 +63,43 @@ def summary(values: list[float]) -> dict:
         "max": max(values) if values else math.nan,
         "n": len(values),
     }
+
+
+def copy_baseline_s(nbytes: int, repeat: int) -> float:
+    """Median seconds of an in-memory copy of nbytes (the baseline a transfer is compared with)."""
+    import torch  # only the benchmarks that move tensors pay for the import
+
+    src = torch.frombuffer(bytearray(nbytes), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def serving_child(target: Callable, *args: object, start_timeout_s: float = 120.0) -> Iterator[tuple[object, int]]:
+    """Run target(conn, *args) in a spawned process; yield (what it sends first, its pid).
+
+    The child sends one value (its address) when ready, then waits for a message
+    on conn; on exit it is told to stop, then killed if it does not.
+    """
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(child, *args), daemon=True)
+    proc.start()
+    try:
+        if not parent.poll(start_timeout_s):
+            raise RuntimeError(f"the child process did not start within {start_timeout_s:g} s")
+        yield parent.recv(), proc.pid
+    finally:
+        try:
+            parent.send("done")
+        except (OSError, ValueError):  # the child is already gone
+            pass
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=10)
