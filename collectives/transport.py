@@ -108,6 +108,12 @@ class TransportConfig:
         ]
 
 
+# Server option: gRPC sets SO_REUSEPORT by default, so a second server could bind a port
+# already in use and silently take half of its connections (two coordinators of one run,
+# each forming its own quorums). Without it, the second bind fails with a clear error.
+EXCLUSIVE_PORT = [("grpc.so_reuseport", 0)]
+
+
 def keepalive_options(keepalive_s: float) -> list[tuple[str, int]]:
     """gRPC options for both ends of a connection that pings every keepalive_s seconds.
 
@@ -226,7 +232,7 @@ class Transport:
 
     async def _start_server(self, handlers: list[grpc.GenericRpcHandler]) -> str:
         server = grpc.aio.server(
-            options=self.config.grpc_options(),
+            options=[*self.config.grpc_options(), *EXCLUSIVE_PORT],
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
         )
         server.add_generic_rpc_handlers(tuple(handlers))

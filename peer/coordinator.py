@@ -44,7 +44,7 @@ from collectives.quorum import (
     peers_to_probe,
     quorum_ready,
 )
-from collectives.transport import TransportConfig, add_health_service, format_address, keepalive_options
+from collectives.transport import EXCLUSIVE_PORT, TransportConfig, add_health_service, format_address, keepalive_options
 from peer.runstate import PeerRecord, RoundRecord, RunState
 
 log = logging.getLogger(__name__)
@@ -608,6 +608,7 @@ class CoordinatorServer:
             ("grpc.server.max_pending_requests_hard_limit", 20_000),
             # Peers' channels ping every TransportConfig.keepalive_s; accept that rate.
             *keepalive_options(TransportConfig().keepalive_s),
+            *EXCLUSIVE_PORT,
         ]
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=10_000)
         server.add_generic_rpc_handlers((strict_handlers(self.coordinator),))
@@ -617,6 +618,8 @@ class CoordinatorServer:
             port = server.add_insecure_port(bind)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {bind}: {exc}; is another coordinator running? choose --port") from exc
+        if port == 0:
+            raise OSError(f"cannot listen on {bind}; is another coordinator running? choose --port")
         await server.start()
         self._server = server
         self.address = self.coordinator.address = format_address(self.config.host, port)

@@ -139,3 +139,15 @@ def test_dashboard_in_chromium_shows_the_live_peers_a_round_and_the_chart(tmp_pa
     finally:
         stop_all(peers)
         coordinator.stop()
+
+
+def test_a_second_coordinator_on_a_port_in_use_refuses_to_start(coordinator, tmp_path):
+    # gRPC would otherwise share the port (SO_REUSEPORT) and split the peers between two coordinators.
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "peer.cli", "coordinator", "--run", RUN, "--port", str(coordinator.port), "--dashboard-port", "-1"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{coordinator.port}" in done.stderr

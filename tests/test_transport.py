@@ -76,3 +76,15 @@ def test_a_port_that_accepts_but_never_answers_is_unresponsive():
         listener.listen()
         why = asyncio.run(peer_unresponsive(f"127.0.0.1:{listener.getsockname()[1]}", timeout_s=0.5))
     assert why is not None and why.startswith("no answer to a health check")
+
+
+def test_a_port_in_use_cannot_be_shared_by_a_second_transport():
+    first = Transport(TransportConfig())
+    address = first.start()
+    second = Transport(TransportConfig(port=split_address(address)[1]))
+    try:
+        with pytest.raises(OSError, match="cannot listen"):
+            second.start()
+    finally:
+        second.close()
+        first.close()
