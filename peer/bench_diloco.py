@@ -52,32 +52,29 @@ class BenchConfig:
     methods: tuple[str, ...] = ("diloco", "streaming", "data_parallel", "one_peer")
 
 
-def _task_args(c: TaskConfig) -> list[str]:
-    args = ["--seed", str(c.seed), "--batch-size", str(c.batch_size), "--seq-len", str(c.seq_len), "--split", c.split,
-            "--d-model", str(c.d_model), "--layers", str(c.n_layers), "--heads", str(c.n_heads), "--vocab-size", str(c.vocab_size)]
-    return args + (["--data", c.data] if c.data else [])
-
-
 def run_ours(config: BenchConfig, algorithm: str) -> dict:
     """Train with a coordinator and N ``loconet peer`` processes; collect their events."""
+    from peer.cli import task_args, train_args
     from peer.processes import CoordinatorProc, Proc, stop_all
+    from peer.training import TrainConfig
 
     tmp = Path(tempfile.mkdtemp(prefix=f"loconet-bench-{algorithm}-"))
     run = f"bench-{algorithm}"
     coordinator = CoordinatorProc(tmp / "coordinator.log", run, 0, "--join-timeout", "10", "--min-peers", str(config.peers),
                                   "--startup-grace", "0", "--dashboard-port", "-1")
-    extra = ["--codec", config.codec] if algorithm == "diloco" else [
-        "--codec", config.streaming_codec, "--fragments", str(config.fragments), "--overlap", str(config.overlap),
-        "--alpha", str(config.alpha)]
+    train = TrainConfig(
+        algorithm=algorithm, steps=config.steps, sync_every=config.sync_every, inner_lr=config.inner_lr,
+        outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
+        codec=config.codec if algorithm == "diloco" else config.streaming_codec,
+        fragments=config.fragments, overlap=config.overlap, alpha=config.alpha,
+    )
     peers = []
     started = time.monotonic()
     try:
         for rank in range(config.peers):
             args = [sys.executable, "-m", "peer.cli", "peer", "--coordinator", coordinator.address, "--run", run,
                     "--name", f"peer{rank}", "--events", "--no-progress", "--task", config.task,
-                    *_task_args(config.task_config), "--shard", f"{rank}/{config.peers}", "--algorithm", algorithm,
-                    "--steps", str(config.steps), "--sync-every", str(config.sync_every), "--inner-lr", str(config.inner_lr),
-                    "--outer-lr", str(config.outer_lr), "--outer-momentum", str(config.outer_momentum), *extra]
+                    *task_args(config.task_config), "--shard", f"{rank}/{config.peers}", *train_args(train)]
             peers.append(Proc(args, tmp / f"peer{rank}.log"))
         finished = [p.wait_event(lambda e: e["event"] == "finished", 3600) for p in peers]
         wall = time.monotonic() - started

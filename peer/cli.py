@@ -108,6 +108,14 @@ def task_config(ns: argparse.Namespace):
     )
 
 
+def task_args(c) -> list[str]:
+    """The task options that task_config reads back into c (the reverse of task_config, without --task)."""
+    args = ["--seed", str(c.seed), "--batch-size", str(c.batch_size), "--seq-len", str(c.seq_len), "--split", c.split,
+            "--d-model", str(c.d_model), "--layers", str(c.n_layers), "--heads", str(c.n_heads),
+            "--vocab-size", str(c.vocab_size)]
+    return args + (["--data", c.data] if c.data else [])
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the training algorithm."""
     g = parser.add_argument_group("training")
@@ -151,6 +159,23 @@ def train_config(ns: argparse.Namespace):
         eval_every=ns.eval_every,
         round_timeout_s=ns.round_timeout,
     )
+
+
+def train_args(t) -> list[str]:
+    """The training options that train_config reads back into t (the reverse of train_config)."""
+    args = ["--algorithm", t.algorithm, "--steps", str(t.steps), "--sync-every", str(t.sync_every),
+            "--inner-lr", str(t.inner_lr), "--outer-lr", str(t.outer_lr), "--outer-momentum", str(t.outer_momentum),
+            "--fragments", str(t.fragments), "--overlap", str(t.overlap), "--alpha", str(t.alpha),
+            "--fragment-split", t.split, "--eval-every", str(t.eval_every), "--round-timeout", str(t.round_timeout_s)]
+    if t.duration_s is not None:
+        args += ["--duration", str(t.duration_s)]
+    if t.sync_seconds is not None:
+        args += ["--sync-seconds", str(t.sync_seconds)]
+    if not t.nesterov:
+        args.append("--no-nesterov")
+    if t.codec:
+        args += ["--codec", t.codec]
+    return args
 
 
 def add_peer_arguments(parser: argparse.ArgumentParser) -> None:

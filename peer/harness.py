@@ -28,6 +28,7 @@ from collectives.errors import ConfigError
 from collectives.ratelimit import parse_bandwidth
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
+from peer.cli import task_args, train_args
 from peer.processes import CoordinatorProc, Proc, daemon_peer, stop_all
 from peer.scenario import Event
 from peer.tasks.base import TaskConfig, make_task
@@ -145,34 +146,24 @@ class Harness:
         self.coordinators.append(self.coordinator)
         self._coordinator_port = self.coordinator.port
 
-    def _peer_args(self, name: str, steps: int) -> list[str]:
-        c, t, k = self.config, self.config.train, self.config.task_config
+    def _peer_args(self, name: str) -> list[str]:
+        c = self.config
         args = [
-            "--task", c.task, "--seed", str(k.seed), "--batch-size", str(k.batch_size), "--seq-len", str(k.seq_len),
-            "--split", k.split, "--d-model", str(k.d_model), "--layers", str(k.n_layers), "--heads", str(k.n_heads),
-            "--vocab-size", str(k.vocab_size),
-            "--algorithm", t.algorithm, "--steps", str(steps), "--sync-every", str(t.sync_every),
-            "--inner-lr", str(t.inner_lr), "--outer-lr", str(t.outer_lr), "--outer-momentum", str(t.outer_momentum),
-            "--fragments", str(t.fragments), "--overlap", str(t.overlap), "--alpha", str(t.alpha),
-            "--round-timeout", str(t.round_timeout_s),
+            "--task", c.task, *task_args(c.task_config), *train_args(c.train),
             "--host", self._host(name),
             "--checkpoint-dir", str(self.workdir / f"ckpt-{name}"),
             "--control", str(self.workdir / f"{name}.control.json"),
         ]
-        if k.data:
-            args += ["--data", k.data]
-        if t.codec:
-            args += ["--codec", t.codec]
         if c.bandwidth and not c.netns:
             args += ["--bandwidth", c.bandwidth]
         index = int(name[4:])
         return args + ["--shard", f"{index % c.peers}/{c.peers}"]
 
-    def _start_peer(self, name: str, steps: int, gate: Path | None = None) -> None:
+    def _start_peer(self, name: str, gate: Path | None = None) -> None:
         assert self.coordinator is not None
         extra = ["--start-when", str(gate)] if gate is not None else []
         self.peers[name] = daemon_peer(
-            self.workdir, self.coordinator.address, self.config.run_id, name, *self._peer_args(name, steps), *extra,
+            self.workdir, self.coordinator.address, self.config.run_id, name, *self._peer_args(name), *extra,
             prefix=self._prefix(name),
         )
 
@@ -277,7 +268,7 @@ class Harness:
             # all have started (Python start-up takes seconds and varies), so the first round
             # waits for all of them instead of one peer racing ahead alone.
             for i in range(c.peers + self._joins()):
-                self._start_peer(f"peer{i}", c.train.steps, gate=self.workdir / f"peer{i}.gate")
+                self._start_peer(f"peer{i}", gate=self.workdir / f"peer{i}.gate")
             self._joiners = [f"peer{i}" for i in range(c.peers, c.peers + self._joins())]
             initial = [self.peers[f"peer{i}"] for i in range(c.peers)]
             for p in initial:
