@@ -153,6 +153,7 @@ class OuterOptimizer:
         self.state = GlobalState([(n, p) for n, p in model.named_parameters() if p.requires_grad], outer)
         self.inner_steps = 0
         self.history: list[SyncRecord] = []
+        self.committed_rounds = 0  # rounds of history that committed, kept so nobody rescans it
         # Called as a sync begins and after every committed round (progress displays, checkpoints).
         self.on_sync_start: Callable[[int], None] | None = None
         self.on_commit: Callable[[SyncRecord], None] | None = None
@@ -175,6 +176,7 @@ class OuterOptimizer:
 
     def _record(self, record: SyncRecord) -> None:
         self.history.append(record)
+        self.committed_rounds += record.committed
         if record.committed and self.on_commit is not None:
             self.on_commit(record)
 

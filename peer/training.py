@@ -20,7 +20,6 @@ from collectives.allreduce import AllReduceConfig
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError
 from optimizers.diloco import DiLoCo
-from optimizers.outer import SyncRecord
 from optimizers.outer import OuterConfig
 from optimizers.peers import SyncPeer
 from optimizers.streaming import StreamingConfig, StreamingDiLoCo
@@ -169,7 +168,7 @@ class TrainLoop:
             p.step += 1
             p.samples += samples
             p.loss = loss.item()
-            p.rounds = sum(r.committed for r in self.optimizer.history)
+            p.rounds = self.optimizer.committed_rounds
             window_steps += 1
             now = time.monotonic()
             if now - window_start >= 1.0:
@@ -192,10 +191,5 @@ def global_digest(optimizer: DiLoCo | StreamingDiLoCo) -> str:
     h = hashlib.sha256()
     with optimizer.state.lock:
         for g in optimizer.state.globals:
-            h.update(g.numpy().tobytes())
+            h.update(g.numpy())  # contiguous fp32: hashed in place, no copy
     return h.hexdigest()
-
-
-def committed_bytes(history: list[SyncRecord]) -> list[int]:
-    """Bytes this peer sent in each committed round."""
-    return [r.bytes_sent for r in history if r.committed]
