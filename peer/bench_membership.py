@@ -66,6 +66,7 @@ import grpc
 
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
+from peer.dashboard import json_safe
 from peer.benchkit import proc_cpu_ns_s, proc_cpu_s, proc_rss_mb, summary
 from peer.simpeers import CHANNEL_OPTIONS, client_main, merge_counts
 
@@ -82,12 +83,10 @@ class _Session:
 
         self.peers = peers
         self.clients: list[tuple[mp.Process, object]] = []
-        # Keep a handle before __init__ runs: if it is interrupted (Ctrl-C) after starting the
-        # process (which runs in its own session, out of reach of the terminal's Ctrl-C), close()
-        # can still stop it.
-        self.coordinator = CoordinatorProc.__new__(CoordinatorProc)
+        self.coordinator: CoordinatorProc | None = None
         try:
-            self.coordinator.__init__(
+            # CoordinatorProc stops its process itself if it is interrupted while starting.
+            self.coordinator = CoordinatorProc(
                 log_dir / f"coordinator-{tag}.log", RUN, 0,
                 "--min-peers", str(peers), "--join-timeout", str(quorum_timeout_s), "--lease", str(lease_s),
                 "--heartbeat", str(heartbeat_s), "--startup-grace", "0", "--dashboard-port", "-1",
@@ -188,7 +187,7 @@ class _Session:
             conn.close()
         self.clients = []
         coordinator, self.coordinator = self.coordinator, None
-        if coordinator is not None and hasattr(coordinator, "proc"):
+        if coordinator is not None:
             coordinator.stop()
 
 
@@ -451,18 +450,7 @@ def run(
         report["coordinator_cpu_per_heartbeat_net_of_idle_us"] / base["coordinator_cpu_per_heartbeat_net_of_idle_us"]
         if base["coordinator_cpu_per_heartbeat_net_of_idle_us"] > 0 else math.nan
     )
-    return _finite(report)
-
-
-def _finite(value):
-    """The report with NaN / inf (no samples, nothing to divide by) as None, so that it is strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return json_safe(report)  # NaN / inf (no samples) as None: strict JSON
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

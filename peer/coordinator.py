@@ -146,7 +146,6 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._probed: dict[str, float] = {}
         self._last_lease_check = time.monotonic()
         self._probes: set[asyncio.Task] = set()
-        self.heartbeats = 0
         self.state.event("coordinator-start", "", f"run {config.run_id}")
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -299,7 +298,6 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     def _heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         self._check_run(req.run_id)
-        self.heartbeats += 1
         peer = self.state.peers.get(req.peer_id)
         if peer is None or not peer.alive:
             return pb.HeartbeatResponse(known=False, epoch=self.state.epoch)

@@ -39,11 +39,12 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from peer.runstate import PEER_STATES
+
 log = logging.getLogger(__name__)
 
 StatusFn = Callable[[], dict]
 
-PEER_STATES = ("joining", "syncing", "active", "lost", "left")
 ROUND_STATUSES = ("committed", "aborted")
 
 # The page is inline-only (no CDN, no fonts, no images); a strict CSP makes the

@@ -320,8 +320,9 @@ class Harness:
         status = self._status() or {"summary": {"rounds_aborted": 0}, "rounds": []}
         aborted = self._aborted_before + status["summary"]["rounds_aborted"]
         task = make_task(c.task, c.task_config)
-        initial = task.evaluate(task.build_model())
-        numel = sum(p.numel() for p in task.build_model().parameters())
+        model = task.build_model()
+        initial = task.evaluate(model)
+        numel = sum(p.numel() for p in model.parameters())
         dp_bytes = c.train.steps * 2 * (c.peers - 1) / c.peers * 4 * numel
         sent = [f["bytes_sent"] - f.get("bytes_served", 0) for f in finished.values()]
         report = {
