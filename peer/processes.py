@@ -156,7 +156,14 @@ class CoordinatorProc(Proc):
         dashboard = [] if "--dashboard-port" in extra else ["--dashboard-port", "0"]
         args = [sys.executable, "-m", "peer.cli", "coordinator", "--run", run, "--port", str(port), *dashboard, *extra]
         super().__init__(args, log_path, prefix)
-        deadline = time.monotonic() + 60
+        try:
+            self._wait_started(60.0)
+        except BaseException:  # not started in time, or interrupted: leave no coordinator behind
+            self.stop()
+            raise
+
+    def _wait_started(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for line in list(self.lines):
                 m = self.LINE.search(line)
@@ -167,7 +174,7 @@ class CoordinatorProc(Proc):
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
-        raise AssertionError(f"coordinator did not start: {self.lines} (see {log_path})")
+        raise AssertionError(f"coordinator did not start: {self.lines} (see {self.log_path})")
 
 
 def daemon_peer(
