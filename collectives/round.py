@@ -29,7 +29,7 @@ from collectives.parts import chunk_bounds
 from collectives.reducers import ReducerConfig
 from collectives.reducers import prepare as prepare_reducer
 from collectives.stats import RoundStats
-from collectives.transport import Transport, as_async_iter, consume_exception
+from collectives.transport import Transport, as_async_iter
 from collectives.wire import encode_chunk
 
 log = logging.getLogger(__name__)
@@ -264,27 +264,12 @@ class Round:
         # Chunk k+1 is encoded on a codec thread while chunk k is on the wire, so the
         # link never waits for the encoder (and the encoder only runs one chunk ahead).
         a, b = self.inbox.bounds[j]
-
-        def encode(c0: int, c1: int) -> asyncio.Future:
-            res = None if residual is None else residual[c0:c1]
-            return asyncio.ensure_future(
-                self.transport.run_cpu(self._scatter_message, j, b - a, c0 - a, flat[c0:c1], weight, res)
-            )
-
-        chunks = iter(chunk_bounds(a, b, self.chunk_numel))
-        first = next(chunks, None)
-        if first is None:
-            return
-        pending = encode(*first)
-        try:
-            for c0, c1 in chunks:
-                message = await pending
-                pending = encode(c0, c1)
-                yield message
-            yield await pending
-        finally:
-            if not pending.done():
-                pending.add_done_callback(consume_exception)
+        calls = (
+            (self._scatter_message, (j, b - a, c0 - a, flat[c0:c1], weight, None if residual is None else residual[c0:c1]))
+            for c0, c1 in chunk_bounds(a, b, self.chunk_numel)
+        )
+        async for message in self.transport.run_cpu_ahead(calls):
+            yield message
 
     def _send(self, j: int, messages: Iterator[bytes] | AsyncIterator[bytes]) -> None:
         self.pending[j] += 1

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -331,15 +332,9 @@ class StateServer:
         if first is None:
             yield _frame(manifest, 0, [])
             return
-        pending = asyncio.ensure_future(self.transport.run_cpu(_frame, manifest, *first))
-        try:
-            for offset, pieces in plan:
-                message = await pending
-                pending = asyncio.ensure_future(self.transport.run_cpu(_frame, None, offset, pieces))
-                yield message
-            yield await pending
-        finally:
-            pending.cancel()
+        calls = itertools.chain([(_frame, (manifest, *first))], ((_frame, (None, offset, pieces)) for offset, pieces in plan))
+        async for message in self.transport.run_cpu_ahead(calls):
+            yield message
 
 
 # -- fetching -------------------------------------------------------------------------------------

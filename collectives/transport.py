@@ -314,6 +314,28 @@ class Transport:
             raise TransportClosed("transport not started or already closed")
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
 
+    async def run_cpu_ahead(self, calls: Iterable[tuple[Callable[..., T], tuple]]) -> AsyncIterator[T]:
+        """Yield fn(*args) for each (fn, args) in order, computing the next on a codec thread while one is used.
+
+        One call ahead, no more: a sender frames or encodes message k+1 while message k
+        is on the wire. Work left when the consumer stops is cancelled if not started.
+        """
+        calls = iter(calls)
+        first = next(calls, None)
+        if first is None:
+            return
+        pending = asyncio.ensure_future(self.run_cpu(first[0], *first[1]))
+        try:
+            for fn, args in calls:
+                result = await pending
+                pending = asyncio.ensure_future(self.run_cpu(fn, *args))
+                yield result
+            yield await pending
+        finally:
+            if not pending.done():
+                pending.cancel()
+                pending.add_done_callback(consume_exception)
+
     # -- client side (call from the loop) --------------------------------------------
 
     def channel(self, address: str) -> grpc.aio.Channel:
