@@ -322,18 +322,17 @@ class ElasticCollective:
                 self._move(0, Phase.FAILED)
                 raise
             if plan.action == "resync":
-                snapshot = await self._try_fetch(plan.sync_from)
-                if snapshot is None:
-                    continue  # ask again: the coordinator names another source
-                self._move(0, Phase.RESYNC)
-                raise Resynced(snapshot, plan.sync_from)
+                # Fetched at the top of the loop; if that fails, the quorum is asked again
+                # and the coordinator names another source.
+                self._pending_resync = plan.sync_from
+                continue
             attempts += 1
             self._move(plan.round_id, Phase.ALLREDUCE)
-            done, ok, failed, reason = await self._allreduce(plan, flat, weight, out, allreduce)
+            done, failed, reason = await self._allreduce(plan, flat, weight, out, allreduce)
             self._move(plan.round_id, Phase.COMMIT)
-            outcome = await self._commit(plan, done, ok, failed, reason)
+            outcome = await self._commit(plan, done, failed, reason)
             self.epoch = max(self.epoch, outcome.epoch)
-            if outcome.commit and ok:
+            if outcome.commit and done is not None:
                 self._move(plan.round_id, Phase.COMMITTED)
                 self.last_round = plan.round_id
                 return SyncResult(
@@ -357,25 +356,26 @@ class ElasticCollective:
 
     async def _allreduce(
         self, plan: RoundPlan, flat: torch.Tensor, weight: float, out: torch.Tensor, config: AllReduceConfig
-    ) -> tuple[AllReduceResult | None, bool, tuple[str, ...], str]:
+    ) -> tuple[AllReduceResult | None, tuple[str, ...], str]:
+        """(the result, or None with the members to blame and why)."""
         ids = [pid for pid, _ in plan.members]
         group = Group(self.config.run_id, plan.epoch, plan.round_id, tuple(addr for _, addr in plan.members), plan.rank)
         try:
             done = await self.collective.reduce_flat(group, flat, weight=weight, config=config, out=out)
-            return done, True, (), ""
+            return done, (), ""
         except MemberFailure as exc:
-            return None, False, tuple(ids[r] for r in exc.failed_ranks), str(exc)
+            return None, tuple(ids[r] for r in exc.failed_ranks), str(exc)
         except RoundFailed as exc:
-            return None, False, (), str(exc)
+            return None, (), str(exc)
 
     async def _commit(
-        self, plan: RoundPlan, done: AllReduceResult | None, ok: bool, failed: tuple[str, ...], reason: str
+        self, plan: RoundPlan, done: AllReduceResult | None, failed: tuple[str, ...], reason: str
     ) -> CommitOutcome:
         stats = done.stats if done is not None else None
         try:
             return await self.membership.commit(
                 plan,
-                ok,
+                done is not None,
                 failed,
                 reason,
                 bytes_sent=stats.bytes_sent if stats else 0,
