@@ -38,7 +38,7 @@ import grpc
 import torch
 
 from protos import collective_pb2 as pb
-from collectives.codecs import CodecConfig, error_bound, make_codec
+from collectives.codecs import Codec, CodecConfig, error_bound, make_codec
 from collectives.errors import (
     LoconetError,
     NonFiniteError,
@@ -144,6 +144,9 @@ class Collective:
         self.phase_hook = phase_hook
         self.registry = RoundRegistry(run_id)
         self.buffers = BufferPool()
+        # Codecs are thread-safe and keep per-thread scratch buffers: one per config for
+        # the collective's life, so a round does not allocate (and fault in) scratch anew.
+        self._codecs: dict[CodecConfig, Codec] = {}
         self._background: set[asyncio.Task] = set()
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
@@ -250,7 +253,9 @@ class Collective:
         result: torch.Tensor,
         like: torch.Tensor | list[torch.Tensor],
     ) -> AllReduceResult:
-        codec = make_codec(config.codec)
+        codec = self._codecs.get(config.codec)
+        if codec is None:
+            codec = self._codecs[config.codec] = make_codec(config.codec)
         started = time.monotonic()
         deadline = started + config.timeout_s
         rows = self.buffers.take(RoundInbox.rows_numel(group, flat.numel()))
