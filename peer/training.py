@@ -23,7 +23,7 @@ from optimizers.diloco import DiLoCo
 from optimizers.outer import OuterConfig
 from optimizers.peers import SyncPeer
 from optimizers.streaming import StreamingConfig, StreamingDiLoCo
-from peer.tasks.base import Task
+from peer.tasks.base import Task, batch_stream
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +127,12 @@ class TrainLoop:
         self.model = model
         self.optimizer = optimizer
         self.config = config
-        self.batches = task.batches(rank, world)
+        # A resumed or joining peer continues its data stream where it left off.
+        self.batches = batch_stream(task, rank, world, start_step)
         self.progress = Progress(step=start_step)
         # Called after each step and each eval; the daemon reports and draws progress from them.
         self.on_step: Callable[[Progress], None] | None = None
         self.on_eval: Callable[[int, float], None] | None = None
-        self._skip(start_step)
-
-    def _skip(self, steps: int) -> None:
-        # A resumed peer continues its data stream where it left off.
-        for _ in range(steps):
-            next(self.batches)
 
     def evaluate(self) -> float:
         """Eval loss of the current local model."""

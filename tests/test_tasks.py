@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from collectives.errors import ConfigError
-from peer.tasks import TASK_NAMES, Task, TaskConfig, make_task
+from peer.tasks import TASK_NAMES, Task, TaskConfig, batch_stream, make_task
 from peer.tasks.synthetic import SyntheticLMTask, entropy_rate, row_entropies, stationary_distribution
 from peer.tasks.text import TextLMTask
 
@@ -106,6 +106,37 @@ def test_batches_resume_at_a_batch_index() -> None:
     stream = task.batches(1, 2)
     third = [next(stream) for _ in range(3)][2]
     assert torch.equal(next(task.batches(1, 2, start=2))[0], third[0])
+
+
+class _Counting:
+    """A batch source that records which batches it built."""
+
+    def __init__(self, takes_start: bool) -> None:
+        self.built: list[int] = []
+        if takes_start:
+            self.batches = self._from
+
+    def batches(self, rank, world):
+        return self._from(rank, world)
+
+    def _from(self, rank, world, start=0):
+        i = start
+        while True:
+            self.built.append(i)
+            yield torch.tensor([i]), torch.tensor([rank])
+            i += 1
+
+
+def test_batch_stream_jumps_to_start_when_batches_takes_start() -> None:
+    source = _Counting(takes_start=True)
+    assert int(next(batch_stream(source, 0, 1, start=5))[0]) == 5
+    assert source.built == [5]
+
+
+def test_batch_stream_draws_and_discards_up_to_start_otherwise() -> None:
+    source = _Counting(takes_start=False)
+    assert int(next(batch_stream(source, 0, 1, start=3))[0]) == 3
+    assert source.built == [0, 1, 2, 3]
 
 
 def test_bad_rank_is_a_config_error_at_call_time() -> None:
@@ -421,3 +452,12 @@ def test_a_light_user_object_is_wrapped_into_a_task(user_module: str) -> None:
 def test_bad_user_specs_raise_helpful_config_errors(user_module: str, spec: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         make_task(spec.format(m=user_module), TaskConfig())
+
+
+def test_a_resumed_train_loop_continues_its_stream_at_its_step() -> None:
+    from peer.training import TrainConfig, TrainLoop
+
+    task = SyntheticLMTask(TaskConfig())
+    loop = TrainLoop(task, torch.nn.Linear(1, 1), optimizer=None, config=TrainConfig(), rank=1, world=2, start_step=4)
+    assert loop.progress.step == 4
+    assert torch.equal(next(loop.batches)[0], task.batch(1, 2, 4)[0])

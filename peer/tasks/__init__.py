@@ -4,6 +4,6 @@
 (``"synthetic-lm"``, ``"text-lm"``) or a user task ``"package.module:function"``.
 """
 
-from peer.tasks.base import TASK_NAMES, Batch, Task, TaskConfig, make_task
+from peer.tasks.base import TASK_NAMES, Batch, Task, TaskConfig, batch_stream, make_task
 
-__all__ = ["TASK_NAMES", "Batch", "Task", "TaskConfig", "make_task"]
+__all__ = ["TASK_NAMES", "Batch", "Task", "TaskConfig", "batch_stream", "make_task"]

@@ -15,6 +15,8 @@ it provides its own ``loss`` (see ``peer.tasks.user``).
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -32,6 +34,23 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 TASK_NAMES = ("synthetic-lm", "text-lm")
 SPLITS = ("iid", "non-iid")
+
+
+def batch_stream(source: object, rank: int, world: int, start: int = 0) -> Iterator[Batch]:
+    """``source.batches(rank, world)`` from batch number ``start``; jumps there when ``batches`` takes ``start``."""
+    if start and _takes_start(source.batches):
+        return iter(source.batches(rank, world, start=start))
+    stream = iter(source.batches(rank, world))
+    # A stream that cannot start elsewhere is drawn and discarded up to start.
+    return itertools.islice(stream, start, None) if start else stream
+
+
+def _takes_start(fn: object) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins and other callables without a signature
+        return False
+    return "start" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 @dataclass(frozen=True)
@@ -92,8 +111,12 @@ class Task(ABC):
         """A freshly initialised model; the same weights for the same seed, no global RNG side effects."""
 
     @abstractmethod
-    def batches(self, rank: int, world: int) -> Iterator[Batch]:
-        """Peer ``rank`` of ``world``'s infinite, deterministic stream of training batches."""
+    def batches(self, rank: int, world: int, start: int = 0) -> Iterator[Batch]:
+        """Peer ``rank`` of ``world``'s infinite, deterministic stream of training batches, from number ``start``.
+
+        A resumed or joining peer continues its stream at ``start``. A subclass whose
+        ``batches`` takes no ``start`` still works: ``batch_stream`` skips by drawing.
+        """
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy in nats of the model's next-token logits (scalar tensor)."""

@@ -11,6 +11,8 @@ installed module of the same name.
 - a ``peer.tasks.Task`` instance (subclass it: implement ``build_model`` and
   ``batches`` and ``eval_set`` or ``evaluate``), or
 - a lighter object with callables ``build_model()``, ``batches(rank, world)``
+  (or ``batches(rank, world, start=0)``, which lets a resumed peer jump to its
+  batch ``start`` instead of drawing and discarding the batches before it)
   and ``evaluate(model)``, and optionally ``loss(model, batch)``,
   ``entropy_floor`` (attribute or property) and ``samples_per_batch()``. It is
   wrapped in a ``Task``; without ``loss``, the next-token cross-entropy of
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 
 from collectives.errors import ConfigError
-from peer.tasks.base import TASK_NAMES, Batch, Task, TaskConfig, evaluating
+from peer.tasks.base import TASK_NAMES, Batch, Task, TaskConfig, batch_stream, evaluating
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +118,9 @@ class WrappedTask(Task):
         """The user object's model."""
         return self.inner.build_model()
 
-    def batches(self, rank: int, world: int) -> Iterator[Batch]:
-        """The user object's batch stream for peer ``rank`` of ``world``."""
-        return iter(self.inner.batches(rank, world))
+    def batches(self, rank: int, world: int, start: int = 0) -> Iterator[Batch]:
+        """The user object's batch stream for peer ``rank`` of ``world``, from batch number ``start``."""
+        return batch_stream(self.inner, rank, world, start)
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """The user object's loss if it has one, else next-token cross-entropy."""
