@@ -25,7 +25,6 @@ parameters, outer state; the local parameters restart from them).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,13 +32,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from collectives.allreduce import AllReduceConfig
-from collectives.elastic import Resynced
-from collectives.errors import ConfigError, LoconetError
+from collectives.errors import ConfigError
 from collectives.statesync import StateSnapshot
-from optimizers.outer import OuterConfig, OuterOptimizer, SyncRecord
+from optimizers.outer import OuterConfig, OuterOptimizer
 from optimizers.peers import SyncPeer
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,38 +105,20 @@ class DiLoCo(OuterOptimizer):
         indices = range(len(self.state.params))
         started = time.monotonic()
         self._sync_starts()
-        try:
-            result = self.peer.sync(
+        return self._conclude(
+            lambda: self.peer.sync(
                 self.state.pseudo_gradients(indices),
                 weight=float(max(self.samples_since_sync, 1)),
                 tag="diloco",
                 config=self.config.allreduce,
-            )
-        except Resynced as exc:
-            self.load_snapshot(exc.snapshot)
-            self._record(SyncRecord(self.inner_steps, False, exc.snapshot.round_id, reason="resynced from the run"))
-            return False
-        except LoconetError as exc:
-            # Inner progress is kept; the pseudo-gradient keeps growing until a round commits.
-            log.warning("sync at step %d did not commit (%s); training on locally", self.inner_steps, exc)
-            self._reset_schedule(keep_samples=True)
-            self._record(SyncRecord(self.inner_steps, False, reason=str(exc)))
-            return False
-        self.state.outer_step(indices, result.value, result.round_id, step=self.inner_steps)
-        self.state.load_into_model(indices)
-        self._reset_schedule()
-        stats = getattr(result, "stats", None)
-        self._record(
-            SyncRecord(
-                self.inner_steps,
-                True,
-                result.round_id,
-                bytes_sent=getattr(stats, "bytes_sent", 0),
-                wall_s=time.monotonic() - started,
-                allreduce_s=getattr(stats, "wall_s", 0.0),
-            )
+            ),
+            indices,
+            alpha=0.0,
+            started=started,
+            label=f"sync at step {self.inner_steps}",
+            committed=self._reset_schedule,
+            missed=lambda: self._reset_schedule(keep_samples=True),
         )
-        return True
 
     def _reset_schedule(self, keep_samples: bool = False) -> None:
         self.steps_since_sync = 0

@@ -9,14 +9,20 @@ outer steps (to all parameters or to a fragment), and turns itself into the
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
-from collectives.errors import ConfigError
+from collectives.elastic import Resynced
+from collectives.errors import ConfigError, LoconetError
 from collectives.statesync import StateSnapshot
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,55 @@ class OuterOptimizer:
     def _sync_starts(self) -> None:
         if self.on_sync_start is not None:
             self.on_sync_start(self.inner_steps)
+
+    def _conclude(
+        self,
+        result_of: Callable[[], Any],
+        indices: Sequence[int],
+        *,
+        alpha: float,
+        started: float,
+        label: str,
+        committed: Callable[[], None],
+        missed: Callable[[], None] = lambda: None,
+    ) -> bool:
+        """Take a sync's outcome: on commit, the outer step on indices mixed in with alpha; record it either way.
+
+        ``committed`` / ``missed`` update the subclass's schedule before the record is
+        published, so an ``on_commit`` callback (a checkpoint) sees the state after the round.
+        Returns whether the round committed.
+        """
+        try:
+            result = result_of()
+        except Resynced as exc:
+            self.load_snapshot(exc.snapshot)
+            self._record(SyncRecord(self.inner_steps, False, exc.snapshot.round_id, reason="resynced from the run"))
+            return False
+        except LoconetError as exc:
+            # Inner progress is kept; the pseudo-gradient keeps growing until a round commits.
+            log.warning("%s did not commit (%s); training on locally", label, exc)
+            missed()
+            self._record(SyncRecord(self.inner_steps, False, reason=str(exc)))
+            return False
+        self.state.outer_step(indices, result.value, result.round_id, step=self.inner_steps)
+        self.state.load_into_model(indices, alpha=alpha)
+        committed()
+        stats = getattr(result, "stats", None)
+        self._record(
+            SyncRecord(
+                self.inner_steps,
+                True,
+                result.round_id,
+                bytes_sent=getattr(stats, "bytes_sent", 0),
+                wall_s=time.monotonic() - started,
+                allreduce_s=getattr(stats, "wall_s", 0.0),
+            )
+        )
+        return True
+
+    def load_snapshot(self, snapshot: StateSnapshot) -> None:
+        """Adopt the run's state (the subclass adds its own schedule)."""
+        raise NotImplementedError
 
     def _record(self, record: SyncRecord) -> None:
         self.history.append(record)

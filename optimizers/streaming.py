@@ -26,7 +26,6 @@ whose members disagree. With P = 1, tau = 0 and alpha = 0 this is DiLoCo.
 from __future__ import annotations
 
 import concurrent.futures
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,13 +34,10 @@ import torch
 
 from collectives.allreduce import AllReduceConfig
 from collectives.codecs import CodecConfig
-from collectives.elastic import Resynced
-from collectives.errors import ConfigError, LoconetError
+from collectives.errors import ConfigError
 from collectives.statesync import StateSnapshot
-from optimizers.outer import OuterConfig, OuterOptimizer, SyncRecord
+from optimizers.outer import OuterConfig, OuterOptimizer
 from optimizers.peers import SyncPeer
-
-log = logging.getLogger(__name__)
 
 SPLITS = ("strided", "balanced")
 
@@ -168,31 +164,19 @@ class StreamingDiLoCo(OuterOptimizer):
         flight, self.inflight = self.inflight, None
         assert flight is not None
         f = flight.fragment
-        try:
-            result = flight.future.result()
-        except Resynced as exc:
-            self.load_snapshot(exc.snapshot)
-            self._record(SyncRecord(self.inner_steps, False, exc.snapshot.round_id, reason="resynced"))
-            return
-        except LoconetError as exc:
-            log.warning("fragment %d round did not commit (%s); training on locally", f, exc)
-            self._record(SyncRecord(self.inner_steps, False, reason=str(exc)))
-            return
-        indices = self.fragments[f]
-        self.state.outer_step(indices, result.value, result.round_id, step=self.inner_steps)
-        self.state.load_into_model(indices, alpha=self.config.alpha)
-        self.samples[f] = 0
-        self.cursor = (f + 1) % self.config.fragments
-        stats = getattr(result, "stats", None)
-        record = SyncRecord(
-            self.inner_steps,
-            True,
-            result.round_id,
-            getattr(stats, "bytes_sent", 0),
-            time.monotonic() - flight.started,
-            getattr(stats, "wall_s", 0.0),
+
+        def committed() -> None:
+            self.samples[f] = 0
+            self.cursor = (f + 1) % self.config.fragments
+
+        self._conclude(
+            flight.future.result,
+            self.fragments[f],
+            alpha=self.config.alpha,
+            started=flight.started,
+            label=f"fragment {f} round",
+            committed=committed,
         )
-        self._record(record)
 
     def flush(self) -> None:
         """Finish a round still in flight (before evaluating, checkpointing or stopping)."""
