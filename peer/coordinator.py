@@ -519,6 +519,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             return
         now = time.monotonic()
         missing = self._eligible() - set(pending.waiting)
+        # Only peers still missing need their probe times (keeps this bounded as peers come and go).
+        self._probed = {p: t for p, t in self._probed.items() if p in missing}
         ages = {p: now - t for p, t in self._probed.items()}
         for peer_id in peers_to_probe(missing, now - pending.first_at, ages):
             self._probed[peer_id] = now
