@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 
+from collectives.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^ckpt-(\d{10})\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read; the message names the file."""
+class CheckpointError(ConfigError):
+    """A folder holds checkpoints but none can be read; the message names them and says what to do."""
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -68,10 +70,19 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 3) -> Path
 
 
 def load_latest(folder: Path) -> tuple[Path, dict] | None:
-    """The newest readable checkpoint in folder (path, state), or None when there is none."""
-    for path in reversed(list_checkpoints(folder)):
+    """The newest readable checkpoint in folder (path, state); None when it has none; CheckpointError if none reads."""
+    found = list_checkpoints(folder)
+    problems = []
+    for path in reversed(found):
         try:
             return path, torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a damaged file: fall back to the one before
             log.warning("skipping unreadable checkpoint %s: %s", path, exc)
+            problems.append(f"{path.name}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
+    if found:
+        # Starting from scratch here would silently throw the run's progress away.
+        raise CheckpointError(
+            f"none of the {len(found)} checkpoint(s) in {folder} can be read ({'; '.join(problems)}); "
+            "move them away to start afresh, or point --checkpoint-dir elsewhere"
+        )
     return None

@@ -1,8 +1,9 @@
 """Checkpoints: atomic writes, the last K kept, damaged files skipped, nothing unpickled."""
 
+import pytest
 import torch
 
-from peer.checkpoint import checkpoint_path, list_checkpoints, load_latest, save_checkpoint
+from peer.checkpoint import CheckpointError, checkpoint_path, list_checkpoints, load_latest, save_checkpoint
 
 
 def state(step: int) -> dict:
@@ -41,7 +42,15 @@ def test_a_checkpoint_with_code_in_it_is_refused(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"step": 9, "x": Evil()}, checkpoint_path(tmp_path, 9))
-    assert load_latest(tmp_path) is None
+    with pytest.raises(CheckpointError, match="ckpt-0000000009.pt"):
+        load_latest(tmp_path)
+
+
+def test_a_folder_of_only_unreadable_checkpoints_is_an_error_not_a_fresh_start(tmp_path):
+    checkpoint_path(tmp_path, 1).write_bytes(b"torn")
+    checkpoint_path(tmp_path, 2).write_bytes(b"torn too")
+    with pytest.raises(CheckpointError, match=r"none of the 2 checkpoint\(s\) .* move them away"):
+        load_latest(tmp_path)
 
 
 def test_empty_or_missing_folder_has_no_checkpoint(tmp_path):
