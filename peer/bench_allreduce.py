@@ -12,13 +12,12 @@ bandwidth cap the fraction of the link the round kept busy.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 
 from collectives.allreduce import mean_error_bound
 from collectives.codecs import CodecConfig
 from collectives.ratelimit import format_bandwidth, parse_bandwidth
+from peer.benchkit import print_report
 from peer.procgroup import AllReduceJob, ProcessGroup, WorkerConfig, worker_tensor
 
 
@@ -115,9 +114,5 @@ def main(ns: argparse.Namespace) -> int:
         gloo=not ns.no_gloo,
         timeout_s=ns.timeout,
     )
-    if ns.json:
-        sys.stdout.write(json.dumps(report) + "\n")
-    else:
-        for key, value in report.items():
-            sys.stdout.write(f"{key:>24}: {value}\n")
+    print_report(report, ns.json)
     return 0

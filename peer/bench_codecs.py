@@ -8,28 +8,15 @@ same tensor measured in the same run (``ratio_vs_memcpy``).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
-from typing import Callable
 
 import torch
 
 from collectives.codecs import make_codec
 from collectives.errors import ConfigError
+from peer.benchkit import median_seconds, print_report
 
 DEFAULT_CODECS = ["none", "fp16", "bf16", "int8", "int4", "int8+zstd", "int4+zstd"]
-
-
-def _median_seconds(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up: first call allocates scratch buffers and faults pages in
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run(numel: int = 16_000_000, repeat: int = 5, codecs: list[str] | None = None) -> dict:
@@ -41,7 +28,7 @@ def run(numel: int = 16_000_000, repeat: int = 5, codecs: list[str] | None = Non
         x = torch.randn(numel, generator=torch.Generator().manual_seed(1234))
         fp32_bytes = 4 * numel
         dst = torch.empty_like(x)
-        memcpy_s = _median_seconds(lambda: dst.copy_(x), repeat)
+        memcpy_s = median_seconds(lambda: dst.copy_(x), repeat)
         result: dict = {
             "numel": numel,
             "repeat": repeat,
@@ -53,8 +40,8 @@ def run(numel: int = 16_000_000, repeat: int = 5, codecs: list[str] | None = Non
             codec = make_codec(name)
             payload = codec.encode(x)
             out = torch.empty_like(x)
-            enc_s = _median_seconds(lambda: codec.encode(x), repeat)
-            dec_s = _median_seconds(lambda: codec.decode(payload, numel, out=out), repeat)
+            enc_s = median_seconds(lambda: codec.encode(x), repeat)
+            dec_s = median_seconds(lambda: codec.decode(payload, numel, out=out), repeat)
             round_s = enc_s + dec_s
             result["codecs"][name] = {
                 "encode_s": enc_s,
@@ -94,28 +81,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
-def main_ns(ns: argparse.Namespace) -> int:
-    """Run from parsed arguments and print a table, or one JSON object with --json."""
+def main(ns: argparse.Namespace) -> int:
+    """Run from parsed options; print a table, or one JSON object with --json."""
     if ns.numel < 0 or ns.repeat < 1:
         raise ConfigError(f"--numel must be >= 0 and --repeat >= 1, got {ns.numel} and {ns.repeat}")
     codecs = [c.strip() for c in ns.codecs.split(",") if c.strip()]
     for spec in codecs:
         make_codec(spec)  # ConfigError on a bad spec before anything is timed
     result = run(numel=ns.numel, repeat=ns.repeat, codecs=codecs)
-    print(json.dumps(result) if ns.json else _table(result))
+    if ns.json:
+        print_report(result, as_json=True)
+    else:  # not print_report's "key: value" lines: the per-codec figures are nested dicts, which read as a table
+        sys.stdout.write(_table(result) + "\n")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry of ``loconet bench codecs``: print a table, or one JSON object with --json."""
+def _main_argv(argv: list[str] | None) -> int:
+    """``python -m peer.bench_codecs``: parse the options, then run."""
     parser = argparse.ArgumentParser(prog="loconet bench codecs", description=__doc__.splitlines()[0])
     add_arguments(parser)
     ns = parser.parse_args(argv)
     try:
-        return main_ns(ns)
+        return main(ns)
     except ConfigError as exc:
         parser.error(str(exc))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_argv(None))

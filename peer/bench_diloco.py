@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from peer.benchkit import print_report
 from peer.tasks.base import TaskConfig, make_task
 
 
@@ -232,5 +233,6 @@ def main(ns: argparse.Namespace) -> int:
         fragments=ns.fragments, overlap=ns.overlap, alpha=ns.alpha, methods=tuple(ns.methods.split(",")),
     )
     report = run(config)
-    sys.stdout.write((json.dumps(report) if ns.json else json.dumps(report, indent=2)) + "\n")
+    # config and methods are nested dicts: their values are printed as indented JSON, one line per field.
+    print_report(report, ns.json, fmt=lambda value: json.dumps(value, indent=2))
     return 0

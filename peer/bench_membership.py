@@ -58,7 +58,6 @@ import os
 import pathlib
 import re
 import signal
-import sys
 import tempfile
 import time
 
@@ -67,7 +66,7 @@ import grpc
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 from peer.dashboard import json_safe
-from peer.benchkit import proc_cpu_ns_s, proc_cpu_s, proc_rss_mb, summary
+from peer.benchkit import print_report, proc_cpu_ns_s, proc_cpu_s, proc_rss_mb, summary
 from peer.simpeers import CHANNEL_OPTIONS, client_main, merge_counts
 
 RUN = "bench-membership"
@@ -479,7 +478,7 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, list) and value and isinstance(value[0], dict):
-        return "\n" + "\n".join(f"{'':>48}{json.dumps(v)}" for v in value)
+        return "\n" + "\n".join(json.dumps(v) for v in value)  # one line each, under the value column
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
@@ -497,13 +496,8 @@ def main(ns: argparse.Namespace) -> int:
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if ns.json:
-        sys.stdout.write(json.dumps(report) + "\n")
-    else:
-        for key, value in report.items():
-            if key == "method":
-                continue
-            sys.stdout.write(f"{key:>46}: {_fmt(value)}\n")
+    # Without --json, the description of the method (long prose) is left out.
+    print_report(report if ns.json else {k: v for k, v in report.items() if k != "method"}, ns.json, fmt=_fmt)
     return 0 if report["all_rounds_committed_with_all_peers"] else 1
 
 

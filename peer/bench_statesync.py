@@ -10,9 +10,7 @@ bytes in memory (``ratio_vs_memcpy``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 
 import torch
@@ -21,7 +19,7 @@ from collectives.allocator import tune_malloc
 from collectives.ratelimit import parse_bandwidth
 from collectives.statesync import StateServer, StateSnapshot, fetch_state
 from collectives.transport import Transport, TransportConfig
-from peer.benchkit import copy_baseline_s, serving_child
+from peer.benchkit import copy_baseline, print_report, serving_child
 
 RUN = "bench-statesync"
 
@@ -61,7 +59,7 @@ def run(mb: float = 100.0, repeat: int = 5, bandwidth: str | None = None) -> dic
         "median_s": median,
         "times_s": times,
         "gbps": numel * 4 / median / 1e9,
-        "baseline": {"method": "in-memory copy of the same bytes", "median_s": copy_baseline_s(numel * 4, repeat)},
+        "baseline": copy_baseline(numel * 4, repeat),
     }
     report["ratio_vs_memcpy"] = median / report["baseline"]["median_s"]
     if bandwidth_bps:
@@ -81,5 +79,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(ns: argparse.Namespace) -> int:
     """Run from parsed arguments and print the report."""
     report = run(mb=ns.mb, repeat=ns.repeat, bandwidth=ns.bandwidth)
-    sys.stdout.write((json.dumps(report) if ns.json else "\n".join(f"{k:>16}: {v}" for k, v in report.items())) + "\n")
+    print_report(report, ns.json)
     return 0

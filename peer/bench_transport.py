@@ -17,15 +17,13 @@ bytes, run by N processes on C cores, cannot take less than about
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
 
 from collectives.allocator import tune_malloc
 from collectives.transport import Transport, TransportConfig, method_handlers, raw_stream_unary
-from peer.benchkit import copy_baseline_s, proc_cpu_s, serving_child
+from peer.benchkit import copy_baseline, print_report, proc_cpu_s, serving_child
 
 SERVICE = "loconet.bench.v1.Sink"
 METHOD = f"/{SERVICE}/Push"
@@ -93,7 +91,7 @@ def run(mb: float = 400.0, chunk_bytes: int = 1 << 20, repeat: int = 5, cores: i
         "gbps": gb / median,
         "sender_cpu_s_per_gb": send_per_gb,
         "receiver_cpu_s_per_gb": recv_per_gb,
-        "baseline": {"method": "in-memory copy of the same bytes", "median_s": copy_baseline_s(total, repeat)},
+        "baseline": copy_baseline(total, repeat),
         "cores": cores,
         "allreduce_floor_s": 4 * per_peer_gb * (send_per_gb + recv_per_gb) / cores,
     }
@@ -112,5 +110,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(ns: argparse.Namespace) -> int:
     """Run from parsed arguments and print the report."""
     report = run(mb=ns.mb, chunk_bytes=ns.chunk_bytes, repeat=ns.repeat)
-    sys.stdout.write((json.dumps(report) if ns.json else "\n".join(f"{k:>22}: {v}" for k, v in report.items())) + "\n")
+    print_report(report, ns.json)
     return 0

@@ -1,14 +1,18 @@
-"""Helpers shared by the benchmarks: CPU time and RSS from /proc, percentiles, a memcpy baseline, a serving child process."""
+"""Helpers shared by the benchmarks: CPU time and RSS from /proc, percentiles, median timings, a memcpy baseline,
+a serving child process, the printed report."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import multiprocessing as mp
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import TextIO
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -65,18 +69,42 @@ def summary(values: list[float]) -> dict:
     }
 
 
+def median_seconds(fn: Callable[[], object], repeat: int, warmup: bool = True) -> float:
+    """Median wall seconds of repeat calls of fn, after one untimed call if warmup."""
+    if warmup:
+        fn()  # first call allocates scratch buffers and faults pages in
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def copy_baseline_s(nbytes: int, repeat: int) -> float:
     """Median seconds of an in-memory copy of nbytes (the baseline a transfer is compared with)."""
     import torch  # only the benchmarks that move tensors pay for the import
 
     src = torch.frombuffer(bytearray(nbytes), dtype=torch.uint8)
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(lambda: dst.copy_(src), max(1, repeat), warmup=False)
+
+
+def copy_baseline(nbytes: int, repeat: int) -> dict:
+    """The ``baseline`` entry of a transfer benchmark's report: an in-memory copy of the same bytes."""
+    return {"method": "in-memory copy of the same bytes", "median_s": copy_baseline_s(nbytes, repeat)}
+
+
+def print_report(report: dict, as_json: bool, out: TextIO | None = None, fmt: Callable[[object], str] = str) -> None:
+    """Print a benchmark's report to out (default stdout): one JSON line, or one aligned "key: value" line per entry."""
+    out = sys.stdout if out is None else out  # looked up per call: tests replace sys.stdout
+    if as_json:
+        out.write(json.dumps(report) + "\n")
+        return
+    width = max((len(key) for key in report), default=0)
+    for key, value in report.items():
+        text = fmt(value).replace("\n", "\n" + " " * (width + 2))  # a multi-line value stays in its column
+        out.write(f"{key:>{width}}: {text}\n")
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ def add_benchmarks(bench: argparse.ArgumentParser) -> None:
     ):
         sub = benches.add_parser(name, help=text)
         module.add_arguments(sub)
-        sub.set_defaults(handler=bench_codecs.main_ns if module is bench_codecs else module.main)
+        sub.set_defaults(handler=module.main)
 
 
 def build_parser(with_benchmarks: bool = True) -> argparse.ArgumentParser:

@@ -529,10 +529,10 @@ def test_one_codec_is_safe_to_share_between_threads():
 def test_bench_codecs_prints_one_json_object(capsys):
     import json
 
-    from peer import bench_codecs
+    from peer.cli import main
 
     before = torch.get_num_threads()
-    assert bench_codecs.main(["--numel", "3000", "--repeat", "1", "--codecs", "int8,int4+zstd", "--json"]) == 0
+    assert main(["bench", "codecs", "--numel", "3000", "--repeat", "1", "--codecs", "int8,int4+zstd", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert torch.get_num_threads() == before
     assert result["threads"] == 1 and result["numel"] == 3000 and result["baseline"]["memcpy_gbps"] > 0
