@@ -69,7 +69,10 @@ class TransportConfig:
     # HTTP/2 keepalive ping interval; a peer that stops answering loses its connection.
     keepalive_s: float = 10.0
     # Threads that encode and decode payloads off the event loop (torch and numpy release the GIL),
-    # so the loop keeps every stream moving while chunks are being (de)quantized.
+    # so the loop keeps every stream moving while chunks are being (de)quantized. 0 runs that
+    # work on the loop itself: better when peer processes share the cores (a local harness or
+    # benchmark with more peers than cores), where the processes are the parallelism and extra
+    # threads only queue for the GIL (measured in BENCHMARKS.md).
     codec_threads: int = 2
 
     def __post_init__(self) -> None:
@@ -84,8 +87,8 @@ class TransportConfig:
             )
         if self.bandwidth_bps is not None and self.bandwidth_bps <= 0:
             raise ConfigError(f"bandwidth must be positive, got {self.bandwidth_bps} bit/s")
-        if self.codec_threads < 1:
-            raise ConfigError(f"codec_threads must be at least 1, got {self.codec_threads}")
+        if self.codec_threads < 0:
+            raise ConfigError(f"codec_threads must be 0 (on the event loop) or more, got {self.codec_threads}")
 
     @property
     def message_limit(self) -> int:
@@ -106,6 +109,12 @@ class TransportConfig:
             ("grpc.max_reconnect_backoff_ms", 2000),
             ("grpc.enable_retries", 0),
         ]
+
+
+def codec_threads_for(peer_processes: int, cores: int | None = None) -> int:
+    """Codec threads for each of peer_processes peers sharing this machine's cores: 0 once they fill the cores."""
+    cores = cores or os.cpu_count() or 1
+    return 0 if peer_processes >= cores else TransportConfig.codec_threads
 
 
 # Server option: gRPC sets SO_REUSEPORT by default, so a second server could bind a port
@@ -218,7 +227,8 @@ class Transport:
             loop.run_forever()
 
         self._loop = loop
-        self._cpu = concurrent.futures.ThreadPoolExecutor(self.config.codec_threads, thread_name_prefix="loconet-codec")
+        if self.config.codec_threads:
+            self._cpu = concurrent.futures.ThreadPoolExecutor(self.config.codec_threads, thread_name_prefix="loconet-codec")
         self._thread = threading.Thread(target=run, name="loconet-transport", daemon=True)
         self._thread.start()
         ready.wait()
@@ -310,15 +320,18 @@ class Transport:
 
     async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a CPU-bound function (encoding, decoding, reducing) on the codec threads; call from the loop."""
-        if self._cpu is None:
+        if self._loop is None:
             raise TransportClosed("transport not started or already closed")
+        if self._cpu is None:  # codec_threads=0: on the loop, between its I/O
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
 
     async def run_cpu_ahead(self, calls: Iterable[tuple[Callable[..., T], tuple]]) -> AsyncIterator[T]:
         """Yield fn(*args) for each (fn, args) in order, computing the next on a codec thread while one is used.
 
         One call ahead, no more: a sender frames or encodes message k+1 while message k
-        is on the wire. Work left when the consumer stops is cancelled if not started.
+        is on the wire (with codec_threads=0, on the loop while it waits for the wire).
+        Work left when the consumer stops is cancelled if not started.
         """
         calls = iter(calls)
         first = next(calls, None)

@@ -17,6 +17,7 @@ import statistics
 from collectives.allreduce import mean_error_bound
 from collectives.codecs import CodecConfig
 from collectives.ratelimit import format_bandwidth, parse_bandwidth
+from collectives.transport import codec_threads_for
 from peer.benchkit import print_report
 from peer.procgroup import AllReduceJob, ProcessGroup, WorkerConfig, worker_tensor
 
@@ -34,10 +35,15 @@ def run(
     chunk_bytes: int = 1 << 20,
     gloo: bool = True,
     timeout_s: float = 300.0,
+    codec_threads: int | None = None,
 ) -> dict:
-    """Run the benchmark and return its report as a JSON-ready dict."""
+    """Run the benchmark and return its report as a JSON-ready dict (codec_threads None: codec_threads_for)."""
     bandwidth_bps = parse_bandwidth(bandwidth) if bandwidth else None
-    config = WorkerConfig(run_id="bench", chunk_bytes=chunk_bytes, bandwidth_bps=bandwidth_bps)
+    if codec_threads is None:
+        codec_threads = codec_threads_for(peers)
+    config = WorkerConfig(
+        run_id="bench", chunk_bytes=chunk_bytes, bandwidth_bps=bandwidth_bps, codec_threads=codec_threads
+    )
     job = AllReduceJob(
         numel=numel, codec=codec, repeat=repeat, timeout_s=timeout_s, check_error=True, seed=1, barrier=True
     )
@@ -60,6 +66,7 @@ def run(
         "codec": str(CodecConfig.parse(codec)),
         "repeat": repeat,
         "chunk_bytes": chunk_bytes,
+        "codec_threads": codec_threads,
         "median_s": median,
         "times_s": times,
         "bytes_sent_per_peer": statistics.median(sent),
@@ -97,6 +104,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bandwidth", default=None, help="per-peer cap on send and receive, e.g. 1gbit")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    parser.add_argument(
+        "--codec-threads", type=int, default=None,
+        help="codec threads per peer; 0 encodes on the event loop (default: 0 when peers >= cores, else 2)",
+    )
     parser.add_argument("--no-gloo", action="store_true", help="skip the gloo baseline")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline of each round, seconds")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -113,6 +124,7 @@ def main(ns: argparse.Namespace) -> int:
         chunk_bytes=ns.chunk_bytes,
         gloo=not ns.no_gloo,
         timeout_s=ns.timeout,
+        codec_threads=ns.codec_threads,
     )
     print_report(report, ns.json)
     return 0

@@ -26,6 +26,7 @@ import grpc
 
 from collectives.errors import ConfigError
 from collectives.ratelimit import parse_bandwidth
+from collectives.transport import codec_threads_for
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 from peer.cli import task_args, train_args
@@ -153,6 +154,8 @@ class Harness:
             "--host", self._host(name),
             "--checkpoint-dir", str(self.workdir / f"ckpt-{name}"),
             "--control", str(self.workdir / f"{name}.control.json"),
+            # The peers share this machine's cores: past one peer per core, no codec threads.
+            "--codec-threads", str(codec_threads_for(c.peers)),
         ]
         if c.bandwidth and not c.netns:
             args += ["--bandwidth", c.bandwidth]

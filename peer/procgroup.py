@@ -35,6 +35,8 @@ class WorkerConfig:
     chunk_bytes: int = 1 << 20
     bandwidth_bps: float | None = None
     torch_threads: int = 1
+    # See TransportConfig.codec_threads (0: on each worker's event loop).
+    codec_threads: int = 2
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,12 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
                 time.sleep(3600)
 
     transport = Transport(
-        TransportConfig(host=config.host, chunk_bytes=config.chunk_bytes, bandwidth_bps=config.bandwidth_bps)
+        TransportConfig(
+            host=config.host,
+            chunk_bytes=config.chunk_bytes,
+            bandwidth_bps=config.bandwidth_bps,
+            codec_threads=config.codec_threads,
+        )
     )
     collective = Collective(transport, config.run_id, phase_hook=phase_hook)
     address = transport.start(collective.handlers())

@@ -199,3 +199,11 @@ def test_message_for_a_finished_round_is_rejected(endpoints):
         r.future.result(timeout=10)  # set only after the round has closed
     assert r.rejection(r.chunk(phase=GATHER, part=0)) == (grpc.StatusCode.FAILED_PRECONDITION, "closed")
     r.close()
+
+
+def test_codec_work_on_the_event_loop_gives_the_same_bits_as_on_codec_threads(endpoints):
+    xs = [torch.randn(50_003, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    cfg = AllReduceConfig(codec=CodecConfig("int8"))
+    threaded = run_round(endpoints(3, chunk_bytes=4096), xs, config=cfg)
+    inline = run_round(endpoints(3, chunk_bytes=4096, codec_threads=0), xs, config=cfg)
+    assert all(torch.equal(a.value, threaded[0].value) for a in threaded + inline)

@@ -7,7 +7,15 @@ import socket
 
 import pytest
 
-from collectives.transport import Transport, TransportConfig, peer_unresponsive, port_refuses, split_address
+from collectives.errors import ConfigError
+from collectives.transport import (
+    Transport,
+    TransportConfig,
+    codec_threads_for,
+    peer_unresponsive,
+    port_refuses,
+    split_address,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,3 +96,16 @@ def test_a_port_in_use_cannot_be_shared_by_a_second_transport():
     finally:
         second.close()
         first.close()
+
+
+@pytest.mark.parametrize(
+    ("peer_processes", "cores", "threads"),
+    [(1, 8, 2), (4, 8, 2), (7, 8, 2), (8, 8, 0), (4, 2, 0), (2, 2, 0), (1, 2, 2), (1, 1, 0)],
+)
+def test_codec_threads_for_peers_sharing_the_cores(peer_processes, cores, threads):
+    assert codec_threads_for(peer_processes, cores) == threads
+
+
+def test_negative_codec_threads_are_refused():
+    with pytest.raises(ConfigError, match="codec_threads"):
+        TransportConfig(codec_threads=-1)
