@@ -191,8 +191,9 @@ class Collective:
         """Start a round and return a future of its result; the input is copied first, so training may go on.
 
         ``residual`` enables error feedback: a flat fp32 tensor of the input's
-        total size, owned by the caller and updated by the round (do not touch
-        it until the future is done). ``out``, a flat fp32 tensor of that size,
+        total size, owned by the caller and updated by the round if it succeeds
+        (a failed round leaves it unchanged; do not touch it until the future is
+        done). ``out``, a flat fp32 tensor of that size,
         receives the result (saves an allocation per round); the returned
         tensors are then views of it. ``copy_input=False`` promises that the
         input is not modified until the future is done, which saves the copy
@@ -269,10 +270,21 @@ class Collective:
             codec=str(config.codec),
         )
         rnd = Round(self.transport, self.spawn, self.phase_hook, group, inbox, codec, config, stats, deadline)
+        # Error feedback works on a private copy of the residual, handed back only if the round
+        # succeeds: a failed round delivered nothing, so it must leave the caller's residual as
+        # it was, and an encode still running on a codec thread after a failure writes into a
+        # buffer nobody reads (it is not pooled then).
+        work = None
+        if residual is not None:
+            work = self.buffers.take(residual.numel())
+            work.copy_(residual)
         await self.registry.open(inbox)
         try:
-            await rnd.run(flat, weight, residual)
+            await rnd.run(flat, weight, work)
             stats.gather_s = time.monotonic() - started - stats.scatter_s
+            if work is not None:
+                residual.copy_(work)  # every encode is done: the round has sent everything
+                self.buffers.give(work)
         except asyncio.CancelledError:
             rnd.broadcast_abort([], "the round was cancelled by its caller")
             raise

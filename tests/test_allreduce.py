@@ -99,6 +99,16 @@ def test_error_feedback_updates_the_residual_of_sent_parts_only(endpoints):
     assert torch.count_nonzero(residuals[1][a1:b1]) == 0 and torch.count_nonzero(residuals[1][a0:b0]) > 0
 
 
+def test_a_failed_round_leaves_the_error_feedback_residual_unchanged(endpoints):
+    e = endpoints(2, chunk_bytes=1024)
+    cfg = AllReduceConfig(codec=CodecConfig("int4"), timeout_s=0.5, blame_grace_s=0.0)
+    residual = torch.full((4000,), 0.25)
+    # Member 1 never joins the round: member 0 encodes and streams its part, then misses the deadline.
+    with pytest.raises(MemberFailure):
+        e.collectives[0].allreduce_async(e.groups()[0], torch.randn(4000), config=cfg, residual=residual).result(30)
+    assert torch.equal(residual, torch.full((4000,), 0.25))
+
+
 # -- what a receiver rejects ------------------------------------------------------------
 
 
