@@ -247,16 +247,10 @@ class Transport:
         )
         server.add_generic_rpc_handlers(tuple(handlers))
         add_health_service(server)
-        bind = format_address(self.config.host, self.config.port)
-        try:
-            port = server.add_insecure_port(bind)
-        except RuntimeError as exc:
-            raise OSError(f"cannot listen on {bind}: {exc}; choose another --host/--port") from exc
-        if port == 0:
-            raise OSError(f"cannot listen on {bind}; choose another --host/--port")
+        address = listen(server, self.config.host, self.config.port, "choose another --host/--port")
         await server.start()
         self._server = server
-        return format_address(self.config.host, port)
+        return address
 
     def close(self, grace_s: float = 0.5) -> None:
         """Stop the server, close every channel and stop the loop thread. Idempotent."""
@@ -455,6 +449,18 @@ async def as_async_iter(messages: AsyncIterable[bytes] | Iterable[bytes]) -> Asy
     else:
         for msg in messages:
             yield msg
+
+
+def listen(server: grpc.aio.Server, host: str, port: int, hint: str) -> str:
+    """Bind server to host:port (0: any free port) and return the bound address; OSError ending in hint if not."""
+    bind = format_address(host, port)
+    try:
+        bound = server.add_insecure_port(bind)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {bind}: {exc}; {hint}") from exc
+    if bound == 0:
+        raise OSError(f"cannot listen on {bind}; {hint}")
+    return format_address(host, bound)
 
 
 def add_health_service(server: grpc.aio.Server) -> None:

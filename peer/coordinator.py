@@ -44,7 +44,7 @@ from collectives.quorum import (
     peers_to_probe,
     quorum_ready,
 )
-from collectives.transport import EXCLUSIVE_PORT, TransportConfig, add_health_service, format_address, keepalive_options
+from collectives.transport import EXCLUSIVE_PORT, TransportConfig, add_health_service, keepalive_options, listen
 from peer.runstate import PeerRecord, RoundRecord, RunState
 
 log = logging.getLogger(__name__)
@@ -613,16 +613,10 @@ class CoordinatorServer:
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=10_000)
         server.add_generic_rpc_handlers((strict_handlers(self.coordinator),))
         add_health_service(server)
-        bind = format_address(self.config.host, self.config.port)
-        try:
-            port = server.add_insecure_port(bind)
-        except RuntimeError as exc:
-            raise OSError(f"cannot listen on {bind}: {exc}; is another coordinator running? choose --port") from exc
-        if port == 0:
-            raise OSError(f"cannot listen on {bind}; is another coordinator running? choose --port")
+        address = listen(server, self.config.host, self.config.port, "is another coordinator running? choose --port")
         await server.start()
         self._server = server
-        self.address = self.coordinator.address = format_address(self.config.host, port)
+        self.address = self.coordinator.address = address
         self.coordinator.start_ticking()
         if self.config.dashboard_port is not None:
             loop = asyncio.get_running_loop()
