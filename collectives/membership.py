@@ -26,7 +26,7 @@ from collectives.transport import Transport
 log = logging.getLogger(__name__)
 
 # gRPC codes that mean "the coordinator is not there right now": retry.
-_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
 class CoordinatorUnavailable(LoconetError):
@@ -142,7 +142,7 @@ class MembershipClient:
                 code = exc.code()
                 if code == grpc.StatusCode.NOT_FOUND:
                     raise Unregistered(exc.details()) from None
-                if code not in _RETRY_CODES:
+                if code not in RETRY_CODES:
                     raise RequestRefused(f"coordinator refused {method}: {exc.details()}") from None
                 if time.monotonic() + delay > give_up:
                     raise CoordinatorUnavailable(

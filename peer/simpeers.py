@@ -20,6 +20,7 @@ import time
 
 import grpc
 
+from collectives.membership import RETRY_CODES, MembershipConfig
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 
@@ -38,9 +39,9 @@ def fake_address(index: int) -> str:
     return f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}:{20000 + index % 20000}"
 
 
-# Codes after which the real client (collectives/membership.py) tries again: the call may never have
-# reached the coordinator's handler (e.g. shed by gRPC's pending-request limit while its loop was busy).
-RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+# Calls are retried on the real client's RETRY_CODES (the call may never have reached the
+# coordinator's handler, e.g. shed by gRPC's pending-request limit while its loop was busy),
+# with its backoff (MembershipConfig's defaults).
 JOIN_ATTEMPT_S = 10.0
 
 
@@ -85,7 +86,7 @@ class SimPeer:
         attempt_s = JOIN_ATTEMPT_S if method == "Join" else patience
         first = time.time()
         give_up = time.monotonic() + patience
-        delay = 0.05
+        delay = MembershipConfig.backoff_initial_s
         while True:
             sent = time.time()
             try:
@@ -99,7 +100,7 @@ class SimPeer:
                 if time.monotonic() + delay > give_up:
                     raise CallFailed(f"{method}: no answer in {patience:g} s (last {code.name})") from None
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, MembershipConfig.backoff_max_s)
 
     async def join(self) -> float:
         request = pb.JoinRequest(
