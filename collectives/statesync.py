@@ -8,7 +8,7 @@ Protocol (``protos/state.proto``, service ``loconet.state.v1.StateSync``)::
 
 A state is an ordered list of named tensors plus a small JSON object of
 metadata, taken at a round boundary (``StateSnapshot``). The server calls its
-provider once per request, on a codec thread, and streams the tensors' raw
+provider once per request, on a thread off the event loop, and streams the tensors' raw
 little-endian bytes, concatenated in manifest order, in chunks of at most
 ``chunk_bytes`` (a chunk may span several tensors; the first may carry data
 after the manifest). The manifest names every tensor's dtype, shape and size,
@@ -154,7 +154,7 @@ class _Encoded:
 
 
 def _encode_snapshot(snapshot: StateSnapshot, run_id: str, config: StateSyncConfig) -> _Encoded:
-    """Check a provider's snapshot, hash its bytes and build its manifest (runs on a codec thread)."""
+    """Check a provider's snapshot, hash its bytes and build its manifest (runs off the event loop)."""
     if not isinstance(snapshot, StateSnapshot):
         raise ValueError(f"the provider returned {type(snapshot).__name__}, not a StateSnapshot")
     if not isinstance(snapshot.round_id, int) or not 0 <= snapshot.round_id < 1 << 64:
@@ -233,7 +233,7 @@ def _frame(manifest: bytes | None, offset: int, pieces: list[memoryview]) -> byt
 class StateServer:
     """Serves this peer's current state to joiners (the FetchState handler).
 
-    ``provider`` is called once per request on a codec thread and must return
+    ``provider`` is called once per request on a thread off the event loop and must return
     a consistent snapshot (copied under the caller's own lock), or None while
     this peer holds no state yet.
     """
@@ -263,7 +263,7 @@ class StateServer:
         return [method_handlers(SERVICE, {"FetchState": method})]
 
     def _snapshot(self) -> _Encoded | None:
-        # Runs on a codec thread: the provider copies the state, then it is checked and hashed.
+        # Runs off the event loop: the provider copies the state, then it is checked and hashed.
         snapshot = self.provider()
         return None if snapshot is None else _encode_snapshot(snapshot, self.run_id, self.config)
 
@@ -287,7 +287,7 @@ class StateServer:
         try:
             started = time.monotonic()
             try:
-                encoded = await self.transport.run_cpu(self._snapshot)
+                encoded = await self.transport.run_off_loop(self._snapshot)
             except Exception as exc:
                 log.exception("the state provider failed while serving %s", who)
                 await context.abort(grpc.StatusCode.INTERNAL, f"the serving peer could not snapshot its state: {exc}")
@@ -320,7 +320,7 @@ class StateServer:
             self._active -= 1
 
     async def _messages(self, encoded: _Encoded, limit: int) -> AsyncIterator[bytes]:
-        """The chunk messages (at most limit bytes each), each framed on a codec thread while the last one is sent."""
+        """The chunk messages (at most limit bytes each), each framed while the last one is sent."""
         chunk_bytes = min(self.config.chunk_bytes, limit)
         plan = _chunk_plan(encoded.views, chunk_bytes)
         first = next(plan, None)
@@ -443,7 +443,7 @@ def _reject_constant(name: str) -> None:
 
 
 class _Receiver:
-    """The joiner's buffer: copies each chunk to its tensors' places and hashes it (on codec threads, in order)."""
+    """The joiner's buffer: copies each chunk to its tensors' places and hashes it (Transport.run_cpu, in order)."""
 
     def __init__(self, entries: list[_Entry], buffer_bytes: int) -> None:
         self.entries = [e for e in entries if e.nbytes]

@@ -320,6 +320,13 @@ class Transport:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
 
+    async def run_off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a long one-off function (a state snapshot) on a thread even with codec_threads=0; call from the loop."""
+        if self._loop is None:
+            raise TransportClosed("transport not started or already closed")
+        # None: the loop's default executor, for a transport without codec threads.
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
+
     async def run_cpu_ahead(self, calls: Iterable[tuple[Callable[..., T], tuple]]) -> AsyncIterator[T]:
         """Yield fn(*args) for each (fn, args) in order, computing the next on a codec thread while one is used.
 

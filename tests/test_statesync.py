@@ -166,14 +166,15 @@ def test_unreachable_address_fails_within_timeout(transports):
     assert address in str(info.value)
 
 
-def test_provider_is_called_once_per_request_off_the_loop(transports):
+@pytest.mark.parametrize("codec_threads", [2, 0])
+def test_provider_is_called_once_per_request_off_the_loop(transports, codec_threads):
     calls: list[tuple[int, str]] = []
 
     def provider() -> StateSnapshot:
         calls.append((threading.get_ident(), threading.current_thread().name))
         return mixed_snapshot()
 
-    server_transport = Transport()
+    server_transport = Transport(TransportConfig(codec_threads=codec_threads))
     server = StateServer(server_transport, RUN, provider)
     try:
         address = server_transport.start(server.handlers())
@@ -190,7 +191,7 @@ def test_provider_is_called_once_per_request_off_the_loop(transports):
     assert len(calls) == 2
     for thread_id, name in calls:
         assert thread_id != loop_thread and thread_id != threading.get_ident()
-        assert name.startswith("loconet-codec")
+        assert name.startswith("loconet-codec") or not codec_threads
 
 
 def test_concurrent_fetches_beyond_the_limit_are_refused(serve, transports):
