@@ -16,6 +16,14 @@ coordinator does not know how many peers exist until they re-register, and a
 round formed by some of them could diverge from what the others applied.
 Members are ordered by peer id, so every member sees the same list.
 
+Too few (``quorum_hopeless``): once the run has committed a round, a
+pending quorum that still has fewer than ``min_peers`` live peers to draw
+on when ``join_timeout_s`` has passed is refused at once rather than after
+the coordinator's quorum timeout: the survivors train on alone and ask
+again at their next sync (a peer that joins meanwhile syncs from them). Before
+the first commit the quorum keeps waiting, so a run starts only with
+``min_peers`` peers.
+
 Resync (``needs_resync``): a peer whose last applied round is older than
 the run's last committed round missed a round; it must fetch the state from
 an up-to-date peer before it may take part.
@@ -104,6 +112,22 @@ def quorum_ready(
     if len(requesting) < rules.min_peers or coordinator_age_s < rules.startup_grace_s:
         return False
     return eligible <= requesting or first_request_age_s >= rules.join_timeout_s
+
+
+def quorum_hopeless(
+    eligible: int, first_request_age_s: float, coordinator_age_s: float, run_started: bool, rules: QuorumRules
+) -> bool:
+    """Whether a pending quorum should be refused now: too few live peers are left to reach min_peers.
+
+    ``eligible``: live peers that could take part (requesting ones and syncing joiners
+    included); ``run_started``: the run has committed a round.
+    """
+    return (
+        run_started
+        and eligible < rules.min_peers
+        and first_request_age_s >= rules.join_timeout_s
+        and coordinator_age_s >= rules.startup_grace_s
+    )
 
 
 def peers_to_probe(

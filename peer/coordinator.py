@@ -42,9 +42,17 @@ from collectives.quorum import (
     next_epoch,
     order_members,
     peers_to_probe,
+    quorum_hopeless,
     quorum_ready,
 )
-from collectives.transport import EXCLUSIVE_PORT, TransportConfig, add_health_service, keepalive_options, listen
+from collectives.transport import (
+    EXCLUSIVE_PORT,
+    TransportConfig,
+    add_health_service,
+    consume_exception,
+    keepalive_options,
+    listen,
+)
 from peer.runstate import PeerRecord, RoundRecord, RunState
 
 log = logging.getLogger(__name__)
@@ -440,6 +448,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             return
         requesting = set(pending.waiting)
         eligible = self._eligible() | requesting
+        started = self.state.last_committed_round > 0
+        if quorum_hopeless(len(eligible), now - pending.first_at, now - self._started, started, self.config.rules):
+            self._refuse_pending(pending, len(eligible))
+            return
         if not quorum_ready(requesting, eligible, now - pending.first_at, now - self._started, self.config.rules):
             return
         s = self.state
@@ -512,6 +524,20 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return pb.CommitResponse(
             commit=decision.commit, reason=decision.reason, epoch=self.state.epoch, dropped=list(decision.dropped)
         )
+
+    def _refuse_pending(self, pending: PendingQuorum, live: int) -> None:
+        """Answer every waiting Quorum call with 'too few peers' (the peers train on and ask again)."""
+        reason = (
+            f"no quorum: {live} live peer(s) left after the {self.config.join_timeout_s:g} s join timeout, "
+            f"min_peers is {self.config.min_peers}; training goes on locally until more peers join"
+        )
+        for fut in pending.waiting.values():
+            if not fut.done():
+                fut.set_exception(BadRequest(grpc.StatusCode.FAILED_PRECONDITION, reason))
+                fut.add_done_callback(consume_exception)  # its caller may have gone already
+        self._pending = None
+        self.state.event("quorum-refused", "", reason)
+        log.info("%s", reason)
 
     def _probe_missing(self) -> None:
         pending = self._pending

@@ -151,3 +151,37 @@ def test_a_second_coordinator_on_a_port_in_use_refuses_to_start(coordinator, tmp
     )
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{coordinator.port}" in done.stderr
+
+
+def test_a_lone_survivor_below_min_peers_is_told_at_once_not_after_the_quorum_timeout(tmp_path):
+    run = "survivor"
+    proc = CoordinatorProc(
+        tmp_path / "coordinator.log", run, 0, "--min-peers", "2", "--join-timeout", "0.5", "--lease", "30",
+        "--startup-grace", "0", "--quorum-timeout", "60", "--no-probe",
+    )
+    channel = grpc.insecure_channel(proc.address)
+    try:
+        stub = pb_grpc.CoordinatorStub(channel)
+        a, b = (
+            stub.Join(pb.JoinRequest(run_id=run, address=f"127.0.0.1:{port}", has_state=True), timeout=5).peer_id
+            for port in (1, 2)
+        )
+        asked = [stub.Quorum.future(pb.QuorumRequest(run_id=run, peer_id=p), timeout=10) for p in (a, b)]
+        plans = [f.result() for f in asked]
+        reports = [
+            stub.Commit.future(
+                pb.CommitRequest(run_id=run, peer_id=p, round_id=plan.round_id, epoch=plan.epoch, ok=True), timeout=10
+            )
+            for p, plan in zip((a, b), plans)
+        ]
+        assert all(f.result().commit for f in reports)
+        stub.Leave(pb.LeaveRequest(run_id=run, peer_id=b, reason="done"), timeout=5)
+        # The quorum timeout is 60 s; the refusal must come after the 0.5 s join timeout (10 s allows for a slow machine).
+        code, details = status_code(
+            lambda: stub.Quorum(pb.QuorumRequest(run_id=run, peer_id=a, last_round=plans[0].round_id), timeout=10)
+        )
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no quorum" in details and "1 live peer" in details and "min_peers is 2" in details
+    finally:
+        channel.close()
+        proc.stop()
