@@ -8,6 +8,7 @@ they re-register; decisions about it are made by ``collectives/quorum.py``.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -117,6 +118,10 @@ class RunState:
     last_members: list[str] | None = None
     aborted_since: bool = False
     started_at: float = field(default_factory=time.time)
+    # Fresh peer ids carry this coordinator's random tag: after a restart, a peer still using
+    # an id from the previous coordinator must be unknown here (so it rejoins), never taken
+    # for a new peer that happened to get the same number.
+    incarnation: str = field(default_factory=lambda: secrets.token_hex(3))
     _next_peer_number: int = 1
 
     def __post_init__(self) -> None:
@@ -126,14 +131,11 @@ class RunState:
     # -- peers ---------------------------------------------------------------------
 
     def new_peer_id(self, wanted: str = "") -> str:
-        """A fresh peer id, or ``wanted`` when it is free (peers keep their id across restarts)."""
+        """A fresh peer id (``p<n>-<incarnation>``), or ``wanted`` when it is free (peers keep their id across restarts)."""
         if wanted and (wanted not in self.peers or not self.peers[wanted].alive):
-            if wanted.startswith("p") and wanted[1:].isdigit():
-                self._next_peer_number = max(self._next_peer_number, int(wanted[1:]) + 1)
             return wanted
-        while f"p{self._next_peer_number}" in self.peers:
+        while (peer_id := f"p{self._next_peer_number}-{self.incarnation}") in self.peers:
             self._next_peer_number += 1
-        peer_id = f"p{self._next_peer_number}"
         self._next_peer_number += 1
         return peer_id
 
