@@ -24,6 +24,14 @@ again at their next sync (a peer that joins meanwhile syncs from them). Before
 the first commit the quorum keeps waiting, so a run starts only with
 ``min_peers`` peers.
 
+Join (``join_action``): a peer that holds state keeps it (and resyncs if it
+is behind); one without state syncs from a live holder; if there is none it
+founds the run (its initial state becomes the run's), except when the
+coordinator has heard from peers of an earlier coordinator (ids it never
+gave out) within ``startup_grace_s`` of its start: the run is under way and
+its holders are about to re-register, so the joiner is told to wait rather
+than start a second, diverging state.
+
 Resync (``needs_resync``): a peer whose last applied round is older than
 the run's last committed round missed a round; it must fetch the state from
 an up-to-date peer before it may take part.
@@ -77,6 +85,22 @@ class QuorumRules:
             raise ConfigError(f"min_peers must be at least 1, got {self.min_peers}")
         if self.join_timeout_s < 0 or self.startup_grace_s < 0:
             raise ConfigError("join timeout and startup grace must be >= 0")
+
+
+def join_action(
+    has_state: bool, holder_alive: bool, run_under_way: bool, coordinator_age_s: float, rules: QuorumRules
+) -> str:
+    """What a joining peer does: "keep" its state, "sync" from a holder, "found" the run's state, or "wait".
+
+    ``run_under_way``: the coordinator has heard from peers an earlier coordinator registered.
+    """
+    if has_state:
+        return "keep"
+    if holder_alive:
+        return "sync"
+    if run_under_way and coordinator_age_s < rules.startup_grace_s:
+        return "wait"
+    return "found"
 
 
 def needs_resync(peer_last_round: int, last_committed_round: int) -> bool:

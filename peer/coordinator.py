@@ -38,6 +38,7 @@ from collectives.quorum import (
     choose_sync_source,
     commit_decision,
     head_round,
+    join_action,
     needs_resync,
     next_epoch,
     order_members,
@@ -145,6 +146,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.state = RunState(config.run_id, config.min_peers, history=config.history)
         self.address = ""
         self._started = time.monotonic()
+        # Whether a peer registered by an earlier coordinator has called (see join_action).
+        self._heard_from_earlier = False
         self._pending: PendingQuorum | None = None
         self._commits: dict[int, PendingCommit] = {}
         self._decided: dict[int, Decision] = {}
@@ -204,9 +207,16 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 f"this coordinator serves run {self.config.run_id!r}, not {run_id[:100]!r}: check --run",
             )
 
+    def _note_stranger(self, peer_id: str) -> None:
+        # An id this coordinator never gave out: a peer registered by an earlier coordinator
+        # (the run is under way, and that peer is about to rejoin).
+        if peer_id and peer_id not in self.state.peers:
+            self._heard_from_earlier = True
+
     def _peer(self, peer_id: str) -> PeerRecord:
         peer = self.state.peers.get(peer_id)
         if peer is None or not peer.alive:
+            self._note_stranger(peer_id)
             raise BadRequest(grpc.StatusCode.NOT_FOUND, f"unknown peer id {peer_id[:100]!r}: join the run first")
         peer.last_seen = time.monotonic()
         return peer
@@ -246,6 +256,16 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if not address or len(address) > MAX_ADDRESS_CHARS or ":" not in address:
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"join needs the peer's host:port, got {address[:100]!r}")
         s = self.state
+        holder_alive = any(s.peers[p].has_state for p in s.live if s.peers[p].address != address)
+        action = join_action(
+            req.has_state, holder_alive, self._heard_from_earlier, time.monotonic() - self._started, self.config.rules
+        )
+        if action == "wait":
+            # UNAVAILABLE: the client retries with backoff; the holders re-register within a lease.
+            raise BadRequest(
+                grpc.StatusCode.UNAVAILABLE,
+                "this coordinator just restarted and the peers holding the run's state have not re-registered yet; retry",
+            )
         other_id = s.by_address.get(address)
         if other_id is not None and other_id != req.peer_id:
             # The same address again means the old process is gone (a restart).
@@ -268,7 +288,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             codecs=tuple(c[:32] for c in req.codecs[:32]),
             lease_s=lease_s,
         )
-        founder = not req.has_state and not any(s.peers[p].has_state for p in s.live)
+        founder = action == "found"
         sync_from = ""
         if founder:
             # Nobody holds a state: this peer's initial state becomes the run's.
@@ -308,6 +328,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._check_run(req.run_id)
         peer = self.state.peers.get(req.peer_id)
         if peer is None or not peer.alive:
+            self._note_stranger(req.peer_id)
             return pb.HeartbeatResponse(known=False, epoch=self.state.epoch)
         peer.last_seen = time.monotonic()
         m = req.metrics

@@ -185,3 +185,36 @@ def test_a_lone_survivor_below_min_peers_is_told_at_once_not_after_the_quorum_ti
     finally:
         channel.close()
         proc.stop()
+
+
+def test_a_fresh_peer_waits_for_the_state_holders_of_a_restarted_coordinator_instead_of_founding(tmp_path):
+    run = "restarted"
+    proc = CoordinatorProc(tmp_path / "coordinator.log", run, 0, "--lease", "30", "--startup-grace", "20", "--no-probe")
+    channel = grpc.insecure_channel(proc.address)
+    try:
+        stub = pb_grpc.CoordinatorStub(channel)
+        # A heartbeat under an id this coordinator never gave out: a peer of its predecessor.
+        assert not stub.Heartbeat(pb.HeartbeatRequest(run_id=run, peer_id="p1-0a0b0c"), timeout=5).known
+        fresh = pb.JoinRequest(run_id=run, address="127.0.0.1:2", has_state=False)
+        code, details = status_code(lambda: stub.Join(fresh, timeout=5))
+        assert code == grpc.StatusCode.UNAVAILABLE and "re-registered" in details
+        stub.Join(pb.JoinRequest(run_id=run, address="127.0.0.1:1", peer_id="p1-0a0b0c", has_state=True, last_round=5), timeout=5)
+        assert stub.Join(fresh, timeout=5).sync_from == "127.0.0.1:1"
+    finally:
+        channel.close()
+        proc.stop()
+
+
+def test_the_first_peer_of_a_new_run_founds_it_without_waiting_out_the_grace(tmp_path):
+    run = "new"
+    proc = CoordinatorProc(tmp_path / "coordinator.log", run, 0, "--lease", "30", "--startup-grace", "20", "--no-probe")
+    channel = grpc.insecure_channel(proc.address)
+    try:
+        stub = pb_grpc.CoordinatorStub(channel)
+        reply = stub.Join(pb.JoinRequest(run_id=run, address="127.0.0.1:1", has_state=False), timeout=5)
+        assert reply.sync_from == ""  # the founder: its initial state is the run's
+        second = stub.Join(pb.JoinRequest(run_id=run, address="127.0.0.1:2", has_state=False), timeout=5)
+        assert second.sync_from == "127.0.0.1:1"
+    finally:
+        channel.close()
+        proc.stop()

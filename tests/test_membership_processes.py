@@ -187,7 +187,7 @@ def test_coordinator_restart_mid_run_the_next_round_commits(cluster):
     for name in ("a", "b", "c"):
         c.add(name)
     # Restart once all three are in the run: a peer that first joins the restarted coordinator,
-    # before the state holders re-register, is another case (see docs/membership.md).
+    # before the state holders re-register, is another case (tests/test_coordinator.py).
     names_by_id(c)
     before = committed(c.peers["a"], 0)
     committed(c.peers["a"], before["round"] + 1)

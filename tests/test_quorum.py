@@ -11,6 +11,7 @@ from collectives.quorum import (
     Report,
     choose_sync_source,
     head_round,
+    join_action,
     commit_decision,
     needs_resync,
     next_epoch,
@@ -62,6 +63,21 @@ HOPELESS_CASES = [
 )
 def test_quorum_hopeless(name, eligible, age, coord_age, started, rules, hopeless):
     assert quorum_hopeless(eligible, age, coord_age, started, rules) is hopeless
+
+
+# has state, a holder is alive, run under way, coordinator age, rules -> action
+JOIN_CASES = [
+    ("a peer with state keeps it", True, False, True, 0.0, QuorumRules(startup_grace_s=5), "keep"),
+    ("a fresh peer syncs from a live holder", False, True, True, 0.0, QuorumRules(startup_grace_s=5), "sync"),
+    ("the first peer of a new run founds it at once", False, False, False, 0.0, QuorumRules(startup_grace_s=5), "found"),
+    ("a restarted coordinator's holders are coming back", False, False, True, 1.0, QuorumRules(startup_grace_s=5), "wait"),
+    ("after the grace nobody is coming back", False, False, True, 5.0, QuorumRules(startup_grace_s=5), "found"),
+]
+
+
+@pytest.mark.parametrize("name,has_state,holder,under_way,age,rules,action", JOIN_CASES, ids=[c[0] for c in JOIN_CASES])
+def test_join_action(name, has_state, holder, under_way, age, rules, action):
+    assert join_action(has_state, holder, under_way, age, rules) == action
 
 
 def test_min_peers_below_one_is_a_config_error():
