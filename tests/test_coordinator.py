@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
@@ -153,15 +154,22 @@ def test_a_second_coordinator_on_a_port_in_use_refuses_to_start(coordinator, tmp
     assert f"cannot listen on 127.0.0.1:{coordinator.port}" in done.stderr
 
 
-def test_a_lone_survivor_below_min_peers_is_told_at_once_not_after_the_quorum_timeout(tmp_path):
-    run = "survivor"
-    proc = CoordinatorProc(
-        tmp_path / "coordinator.log", run, 0, "--min-peers", "2", "--join-timeout", "0.5", "--lease", "30",
-        "--startup-grace", "0", "--quorum-timeout", "60", "--no-probe",
-    )
+@contextlib.contextmanager
+def own_coordinator(tmp_path, run: str, *args: str):
+    """A coordinator of its own for one test (with --no-probe: the peers' addresses are made up); yields a stub."""
+    proc = CoordinatorProc(tmp_path / "coordinator.log", run, 0, "--no-probe", *args)
     channel = grpc.insecure_channel(proc.address)
     try:
-        stub = pb_grpc.CoordinatorStub(channel)
+        yield pb_grpc.CoordinatorStub(channel)
+    finally:
+        channel.close()
+        proc.stop()
+
+
+def test_a_lone_survivor_below_min_peers_is_told_at_once_not_after_the_quorum_timeout(tmp_path):
+    run = "survivor"
+    args = ("--min-peers", "2", "--join-timeout", "0.5", "--lease", "30", "--startup-grace", "0", "--quorum-timeout", "60")
+    with own_coordinator(tmp_path, run, *args) as stub:
         a, b = (
             stub.Join(pb.JoinRequest(run_id=run, address=f"127.0.0.1:{port}", has_state=True), timeout=5).peer_id
             for port in (1, 2)
@@ -182,17 +190,11 @@ def test_a_lone_survivor_below_min_peers_is_told_at_once_not_after_the_quorum_ti
         )
         assert code == grpc.StatusCode.FAILED_PRECONDITION
         assert "no quorum" in details and "1 live peer" in details and "min_peers is 2" in details
-    finally:
-        channel.close()
-        proc.stop()
 
 
 def test_a_fresh_peer_waits_for_the_state_holders_of_a_restarted_coordinator_instead_of_founding(tmp_path):
     run = "restarted"
-    proc = CoordinatorProc(tmp_path / "coordinator.log", run, 0, "--lease", "30", "--startup-grace", "20", "--no-probe")
-    channel = grpc.insecure_channel(proc.address)
-    try:
-        stub = pb_grpc.CoordinatorStub(channel)
+    with own_coordinator(tmp_path, run, "--lease", "30", "--startup-grace", "20") as stub:
         # A heartbeat under an id this coordinator never gave out: a peer of its predecessor.
         assert not stub.Heartbeat(pb.HeartbeatRequest(run_id=run, peer_id="p1-0a0b0c"), timeout=5).known
         fresh = pb.JoinRequest(run_id=run, address="127.0.0.1:2", has_state=False)
@@ -200,21 +202,12 @@ def test_a_fresh_peer_waits_for_the_state_holders_of_a_restarted_coordinator_ins
         assert code == grpc.StatusCode.UNAVAILABLE and "re-registered" in details
         stub.Join(pb.JoinRequest(run_id=run, address="127.0.0.1:1", peer_id="p1-0a0b0c", has_state=True, last_round=5), timeout=5)
         assert stub.Join(fresh, timeout=5).sync_from == "127.0.0.1:1"
-    finally:
-        channel.close()
-        proc.stop()
 
 
 def test_the_first_peer_of_a_new_run_founds_it_without_waiting_out_the_grace(tmp_path):
     run = "new"
-    proc = CoordinatorProc(tmp_path / "coordinator.log", run, 0, "--lease", "30", "--startup-grace", "20", "--no-probe")
-    channel = grpc.insecure_channel(proc.address)
-    try:
-        stub = pb_grpc.CoordinatorStub(channel)
+    with own_coordinator(tmp_path, run, "--lease", "30", "--startup-grace", "20") as stub:
         reply = stub.Join(pb.JoinRequest(run_id=run, address="127.0.0.1:1", has_state=False), timeout=5)
         assert reply.sync_from == ""  # the founder: its initial state is the run's
         second = stub.Join(pb.JoinRequest(run_id=run, address="127.0.0.1:2", has_state=False), timeout=5)
         assert second.sync_from == "127.0.0.1:1"
-    finally:
-        channel.close()
-        proc.stop()
