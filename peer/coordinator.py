@@ -553,9 +553,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             f"min_peers is {self.config.min_peers}; training goes on locally until more peers join"
         )
         for fut in pending.waiting.values():
-            if not fut.done():
-                fut.set_exception(BadRequest(grpc.StatusCode.FAILED_PRECONDITION, reason))
-                fut.add_done_callback(consume_exception)  # its caller may have gone already
+            _refuse_waiter(fut, grpc.StatusCode.FAILED_PRECONDITION, reason)
         self._pending = None
         self.state.event("quorum-refused", "", reason)
         log.info("%s", reason)
@@ -603,10 +601,17 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._serving.pop(peer.peer_id, None)
         if self._pending is not None:
             fut = self._pending.waiting.pop(peer.peer_id, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(BadRequest(grpc.StatusCode.NOT_FOUND, f"peer {peer.peer_id} is out of the run: {why}"))
+            if fut is not None:
+                _refuse_waiter(fut, grpc.StatusCode.NOT_FOUND, f"peer {peer.peer_id} is out of the run: {why}")
         self.state.event(kind, peer.peer_id, why)
         log.info("peer %s %s: %s", peer.peer_id, state, why)
+
+
+def _refuse_waiter(fut: asyncio.Future, code: grpc.StatusCode, message: str) -> None:
+    """Answer a Quorum call waiting on fut with an error (unless it was answered already)."""
+    if not fut.done():
+        fut.set_exception(BadRequest(code, message))
+        fut.add_done_callback(consume_exception)  # its caller may have gone already
 
 
 def strict_handlers(coordinator: Coordinator) -> grpc.GenericRpcHandler:
