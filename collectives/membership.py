@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # gRPC codes that mean "the coordinator is not there right now": retry.
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+# How the coordinator's refusal of a quorum with too few peers begins (the client raises GroupTooSmall).
+NO_QUORUM = "no quorum"
 
 
 class CoordinatorUnavailable(LoconetError):
@@ -212,7 +214,7 @@ class MembershipClient:
         try:
             reply = await self._call("Quorum", request, timeout_s)
         except RequestRefused as exc:
-            if "no quorum" in str(exc):
+            if NO_QUORUM in str(exc):
                 raise GroupTooSmall(str(exc)) from None
             raise
         if reply.action == pb.QuorumResponse.RESYNC:

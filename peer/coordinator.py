@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 from collectives.errors import ConfigError
+from collectives.membership import NO_QUORUM
 from collectives.quorum import (
     CommitInputs,
     Decision,
@@ -403,7 +404,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             alive = len([p for p in s.alive_peers() if p.has_state])
             raise BadRequest(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"no quorum in {self.config.quorum_timeout_s:g} s: {alive} live peer(s), min_peers is "
+                f"{NO_QUORUM} in {self.config.quorum_timeout_s:g} s: {alive} live peer(s), min_peers is "
                 f"{self.config.min_peers}; start more peers or lower --min-peers",
             ) from None
 
@@ -549,7 +550,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def _refuse_pending(self, pending: PendingQuorum, live: int) -> None:
         """Answer every waiting Quorum call with 'too few peers' (the peers train on and ask again)."""
         reason = (
-            f"no quorum: {live} live peer(s) left after the {self.config.join_timeout_s:g} s join timeout, "
+            f"{NO_QUORUM}: {live} live peer(s) left after the {self.config.join_timeout_s:g} s join timeout, "
             f"min_peers is {self.config.min_peers}; training goes on locally until more peers join"
         )
         for fut in pending.waiting.values():
