@@ -16,7 +16,10 @@ A member returns only when it holds the whole result and every member it sent
 to has acknowledged its data. If any member is unreachable, dies, sends bad
 data or misses the deadline, every surviving member raises ``MemberFailure``
 naming it (a member that sees a failure first tells the others with an abort
-notice), and nobody returns a partial result. Applying the result, or not, is
+notice), and nobody returns a partial result. A member whose input holds NaN
+or Inf raises ``NonFiniteError`` and aborts the round (the others raise
+``RoundFailed`` naming it): its encoders refuse non-finite values chunk by
+chunk, so the round needs no separate pass over the whole input first. Applying the result, or not, is
 the business of the layer above (the commit step of the membership issue).
 
 This module is the endpoint: the public API, the Collective service's
@@ -29,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,7 +43,6 @@ from protos import collective_pb2 as pb
 from collectives.codecs import Codec, CodecConfig, error_bound, make_codec
 from collectives.errors import (
     LoconetError,
-    NonFiniteError,
     ProtocolError,
     StaleRound,
 )
@@ -99,17 +100,6 @@ def mean_error_bound(config: CodecConfig, contributions: Sequence[torch.Tensor])
         reduced = error_bound(config, mean.abs() + contrib + arithmetic)
         worst = max(worst, float((contrib + arithmetic + reduced).max()))
     return worst
-
-
-def check_finite(flat: torch.Tensor) -> None:
-    """Raise NonFiniteError if flat holds NaN or Inf (before anything is sent)."""
-    # A sum is one cheap pass; it is finite whenever every element is, so the
-    # exact (slower) count runs only when something may be wrong.
-    if math.isfinite(float(flat.sum())):
-        return
-    bad = int(flat.numel() - torch.isfinite(flat).sum())
-    if bad:
-        raise NonFiniteError(f"{bad} of {flat.numel()} values to reduce are NaN or Inf; nothing was sent")
 
 
 def _error_kind(exc: ProtocolError) -> tuple[grpc.StatusCode, str]:
@@ -215,12 +205,6 @@ class Collective:
         )
         flat = tensors.detach().view(-1) if borrowed else flatten(tensors, out=self.buffers.take(numel))
         pooled = None if borrowed else flat
-        try:
-            check_finite(flat)
-        except NonFiniteError:
-            if pooled is not None:
-                self.buffers.give(pooled)
-            raise
         result = torch.empty(numel, dtype=torch.float32) if out is None else out
         like = tensors if isinstance(tensors, torch.Tensor) else list(tensors)
         return self.transport.submit(self._run(group, flat, pooled, float(weight), config, residual, result, like))
@@ -235,7 +219,7 @@ class Collective:
         residual: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
     ) -> AllReduceResult:
-        """Run a round on the transport's loop for a flat fp32 tensor already checked finite (not copied)."""
+        """Run a round on the transport's loop for a flat fp32 tensor (not copied)."""
         if group.run_id != self.run_id:
             raise ValueError(f"group is for run {group.run_id!r}, this collective serves run {self.run_id!r}")
         result = torch.empty(flat.numel(), dtype=torch.float32) if out is None else out

@@ -63,6 +63,7 @@ __all__ = [
     "CODEC_NAMES",
     "Codec",
     "CodecConfig",
+    "check_finite",
     "error_bound",
     "make_codec",
 ]
@@ -181,11 +182,25 @@ def _count_nonfinite(x: torch.Tensor) -> int:
     return int(x.numel() - torch.isfinite(x).sum().item())
 
 
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise NonFiniteError if the fp32 tensor x holds NaN or Inf; ``what`` names it in the message."""
+    # A sum is one cheap pass; it is finite whenever every element is, so the exact
+    # (slower) count runs only when something may be wrong (or the sum overflowed).
+    if math.isfinite(float(x.sum())):
+        return
+    bad = _count_nonfinite(x)
+    if bad:
+        raise NonFiniteError(
+            f"{what} hold {bad} NaN or Inf value(s) out of {x.numel()}: "
+            "find where they come from (loss scale, learning rate, data)"
+        )
+
+
 def _nonfinite_error(x: torch.Tensor) -> NonFiniteError:
     count = _count_nonfinite(x)
     return NonFiniteError(
         f"tensor to encode holds {count} non-finite value(s) (NaN or Inf) out of {x.numel()}; "
-        "nothing was sent: find where the NaN/Inf comes from (loss scale, learning rate, data)"
+        "nothing was encoded: find where the NaN/Inf comes from (loss scale, learning rate, data)"
     )
 
 

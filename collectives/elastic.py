@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from collectives.allreduce import AllReduceConfig, AllReduceResult, Collective, check_finite
+from collectives.allreduce import AllReduceConfig, AllReduceResult, Collective
+from collectives.codecs import check_finite
 from collectives.errors import LoconetError, MemberFailure, RoundFailed
 from collectives.inbox import Group
 from collectives.membership import (
@@ -284,7 +285,8 @@ class ElasticCollective:
         the run must pass the same, e.g. a strategy's codec for its pseudo-gradients).
         """
         flat = flatten(tensors)
-        check_finite(flat)
+        # Refused before the quorum, so a NaN never costs the others a round.
+        check_finite(flat, "the values to sync (nothing was sent)")
         like = tensors if isinstance(tensors, torch.Tensor) else list(tensors)
         if total_numel(like) != flat.numel():
             raise ValueError("tensors changed while being flattened")

@@ -15,7 +15,7 @@ class CodecError(LoconetError):
 
 
 class NonFiniteError(CodecError):
-    """A tensor to encode holds NaN or Inf; nothing was sent."""
+    """A tensor to encode or reduce holds NaN or Inf (a round that meets one is aborted everywhere)."""
 
 
 class ConfigError(LoconetError, ValueError):

@@ -22,8 +22,8 @@ import grpc
 import torch
 
 from protos import collective_pb2 as pb
-from collectives.codecs import Codec, CodecConfig
-from collectives.errors import LoconetError, MemberFailure, RoundFailed, StaleRound
+from collectives.codecs import Codec, CodecConfig, check_finite
+from collectives.errors import LoconetError, MemberFailure, NonFiniteError, RoundFailed, StaleRound
 from collectives.inbox import GATHER, SCATTER, Group, RoundInbox, codec_proto
 from collectives.parts import chunk_bounds
 from collectives.reducers import ReducerConfig
@@ -158,7 +158,9 @@ class Round:
         self._enter("scatter")
         me = self.group.rank
         a, b = self.inbox.bounds[me]
-        self.inbox.rows[me].copy_(flat[a:b])
+        # The own part is copied into its row chunk by chunk at reduce time (_reduce_chunk), so
+        # the first bytes leave without waiting for it. Nothing checks the whole input up front:
+        # every encode refuses NaN/Inf in what it sends, _reduce_chunk in the own part.
         self.inbox.weights[me] = weight
         if residual is not None:
             residual[a:b].zero_()  # this member's own part is contributed exactly
@@ -174,7 +176,7 @@ class Round:
                 self._enter("gather")
             if reduce is None:  # every contribution's weight is known from its first chunk
                 reduce = prepare_reducer(self.config.reducer, self.inbox.weights)
-            message = await self.transport.run_cpu(self._reduce_chunk, reduce, own, b - a, c0, c1)
+            message = await self.transport.run_cpu(self._reduce_chunk, reduce, flat[a + c0:a + c1], own, b - a, c0, c1)
             self._gathered.append(message)
             self._gather_ready.set()
         self._gather_done = True
@@ -186,12 +188,24 @@ class Round:
             lambda: self.inbox.gather_left,
         )
 
-    def _reduce_chunk(self, reduce, own: torch.Tensor, part_numel: int, c0: int, c1: int) -> bytes:
-        # Runs on a codec thread: reduce, encode, keep the decoded value, frame the message.
+    def _reduce_chunk(self, reduce, mine: torch.Tensor, own: torch.Tensor, part_numel: int, c0: int, c1: int) -> bytes:
+        # Runs on a codec thread: add this member's own contribution (mine), reduce, encode,
+        # keep the decoded value, frame the message.
         t0 = time.perf_counter()
+        row = self.inbox.rows[self.group.rank, c0:c1]
+        row.copy_(mine)
+        try:
+            check_finite(row, "values to reduce")
+        except NonFiniteError as exc:
+            raise self._nonfinite(exc) from None
         reduced = reduce(self.inbox.rows[:, c0:c1])
         t1 = time.perf_counter()
-        payload = self.codec.encode(reduced, copy=False)
+        try:
+            payload = self.codec.encode(reduced, copy=False)
+        except NonFiniteError as exc:  # every input was finite: the reduction overflowed
+            raise RoundFailed(
+                f"the reduced values of part {self.group.rank} overflow to Inf ({exc}); scale the tensors down"
+            ) from None
         t2 = time.perf_counter()
         # The owner keeps the decoded value, exactly what every other member will hold.
         self.codec.decode(payload, c1 - c0, out=own[c0:c1])
@@ -199,6 +213,12 @@ class Round:
         self.stats.reduce_s += t1 - t0
         self.stats.encode_s += t2 - t1
         return message
+
+    def _nonfinite(self, exc: NonFiniteError) -> NonFiniteError:
+        return NonFiniteError(
+            f"rank {self.group.rank}'s input to round {self.group.round_id} is not finite, so the round was "
+            f"aborted and no member returns a result: {exc}"
+        )
 
     def _late_contributors(self) -> set[int]:
         ready = self.inbox.contributions_ready()
@@ -287,6 +307,9 @@ class Round:
             elif kind != "closed":
                 self.inbox.fail(j, f"{exc.code().name}: {exc.details()}")
             # "closed": j gave up on the round; its abort notice says why (or the deadline does).
+            return
+        except NonFiniteError as exc:  # this member's input: the round cannot succeed
+            self.inbox.set_error(self._nonfinite(exc))
             return
         except LoconetError as exc:  # encoding failed here: our own problem, not the receiver's
             self.inbox.set_error(exc if isinstance(exc, RoundFailed) else RoundFailed(f"encoding failed: {exc}"))

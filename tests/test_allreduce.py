@@ -9,7 +9,7 @@ import torch
 from collectives.allreduce import AllReduceConfig
 from collectives.round import ERROR_KIND_KEY, PUSH_METHOD, chunk_message
 from collectives.codecs import CodecConfig, make_codec
-from collectives.errors import MemberFailure, NonFiniteError
+from collectives.errors import MemberFailure, NonFiniteError, RoundFailed
 from collectives.inbox import GATHER, SCATTER, Group
 from collectives.parts import part_bounds
 from collectives.reducers import ReducerConfig, reduce_rows
@@ -72,13 +72,25 @@ def test_async_call_snapshots_the_input(endpoints):
     assert torch.equal(second.result(timeout=30).value, torch.full((100,), 2.0))
 
 
-def test_nan_input_is_refused_before_anything_is_sent(endpoints):
-    e = endpoints(2)
-    x = torch.ones(10)
-    x[3] = float("nan")
-    with pytest.raises(NonFiniteError, match="nothing was sent"):
-        e.collectives[0].allreduce_async(e.groups()[0], x)
-    assert e.transports[0].counters.bytes_sent == 0
+def _round_with_a_nan_at(endpoints, index: int):
+    """Three members reduce 300 ones, member 1 with a NaN at ``index``; return each member's outcome."""
+    e = endpoints(3)
+    cfg = AllReduceConfig(codec=CodecConfig("int8"), timeout_s=60.0)
+    xs = [torch.ones(300) for _ in range(3)]
+    xs[1][index] = float("nan")
+    futures = [c.allreduce_async(g, x, config=cfg) for c, g, x in zip(e.collectives, e.groups(), xs)]
+    return [f.exception(timeout=30) for f in futures]
+
+
+@pytest.mark.parametrize("index", [250, 150], ids=["in-a-part-it-sends", "in-its-own-part"])
+def test_a_nan_input_aborts_the_round_on_every_member(endpoints, index):
+    # Part 1 is [100, 200): member 1 reduces it itself; part 2 it encodes and sends.
+    errors = _round_with_a_nan_at(endpoints, index)
+    assert isinstance(errors[1], NonFiniteError) and "rank 1's input" in str(errors[1])
+    for other in (errors[0], errors[2]):
+        # Told by member 1's abort notice, long before the 60 s deadline.
+        assert isinstance(other, RoundFailed) and not isinstance(other, MemberFailure)
+        assert "aborted by rank 1" in str(other) and "not finite" in str(other)
 
 
 def test_error_feedback_updates_the_residual_of_sent_parts_only(endpoints):

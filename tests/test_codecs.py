@@ -104,7 +104,7 @@ def test_single_nonzero_value_in_block_is_kept(name, value):
 def test_non_finite_input_raises_non_finite_error(spec, bad):
     x = randn(1000)
     x[123] = bad
-    with pytest.raises(NonFiniteError, match=r"1 non-finite value.*nothing was sent"):
+    with pytest.raises(NonFiniteError, match=r"1 non-finite value.*nothing was encoded"):
         make_codec(spec).encode(x)
 
 
