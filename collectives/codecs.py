@@ -50,6 +50,7 @@ import math
 import re
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -89,6 +90,11 @@ _FP16_OVERFLOW = 65520.0
 _BF16_OVERFLOW = (2.0 - 2.0**-8) * 2.0**127
 # zstd frame header (at most 18 bytes) plus the 4-byte checksum.
 _ZSTD_FRAME_OVERHEAD = 22
+
+# Decoding reads payloads (read-only bytes from gRPC) through torch views that it never
+# writes; torch warns about such views. Ignored for this module's calls only.
+_READ_ONLY_WARNING = "The given NumPy array is not writable"
+warnings.filterwarnings("ignore", message=_READ_ONLY_WARNING, category=UserWarning, module=__name__)
 
 _SPEC_RE = re.compile(r"(?P<name>[a-z0-9]+)(?:/(?P<block>[0-9]+))?(?P<zstd>\+zstd(?P<level>[0-9]+)?)?")
 
@@ -566,12 +572,12 @@ class _Int8Codec(_BlockCodec):
     def _decode_raw(self, raw: np.ndarray, numel: int, out: torch.Tensor, st: _ThreadState) -> None:
         nb = -(-numel // self._block)
         scales = self._check_scales(raw, nb, st)
-        q = raw[4 * nb:].view(np.int8)
-        out_np = out.numpy()
+        # A read-only view of the payload (torch would warn once; see _READ_ONLY_WARNING).
+        # torch's vectorised int8 -> fp32 copy is twice as fast as numpy's cast.
+        q = torch.from_numpy(raw[4 * nb:].view(np.int8))
         for b0, b1, tail in self._segments(numel):
             e0, e1 = b0 * self._block, b1 * self._block + tail
-            # numpy reads the read-only payload and widens int8 -> fp32 in one pass.
-            np.copyto(out_np[e0:e1], q[e0:e1], casting="unsafe")
+            out[e0:e1].copy_(q[e0:e1])
             self._scale_segment(out[e0:e1], scales, b0, b1, tail)
 
 
