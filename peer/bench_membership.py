@@ -57,7 +57,6 @@ import multiprocessing as mp
 import os
 import pathlib
 import re
-import signal
 import tempfile
 import time
 
@@ -484,18 +483,11 @@ def _fmt(value) -> str:
 
 def main(ns: argparse.Namespace) -> int:
     """Run from parsed arguments and print the report; exit code 1 unless every round committed with all peers."""
-    def stop(signum, frame):  # SIGTERM: unwind through the cleanup like Ctrl-C
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        report = run(
-            peers=ns.peers, rounds=ns.rounds, client_procs=ns.client_procs, heartbeat_s=ns.heartbeat,
-            window_s=ns.window, lease_s=ns.lease, channels=ns.channels, baseline_peers=ns.baseline_peers,
-            quorum_timeout_s=ns.quorum_timeout, spread_s=ns.spread, log_dir=ns.log_dir,
-        )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    report = run(
+        peers=ns.peers, rounds=ns.rounds, client_procs=ns.client_procs, heartbeat_s=ns.heartbeat,
+        window_s=ns.window, lease_s=ns.lease, channels=ns.channels, baseline_peers=ns.baseline_peers,
+        quorum_timeout_s=ns.quorum_timeout, spread_s=ns.spread, log_dir=ns.log_dir,
+    )
     # Without --json, the description of the method (long prose) is left out.
     print_report(report if ns.json else {k: v for k, v in report.items() if k != "method"}, ns.json, fmt=_fmt)
     return 0 if report["all_rounds_committed_with_all_peers"] else 1

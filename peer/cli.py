@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from collectives.errors import ConfigError
@@ -362,7 +363,6 @@ def demo_summary(report: dict, peers: int, steps: int) -> str:
 def run_coordinator(ns: argparse.Namespace) -> int:
     """Serve a coordinator until SIGINT/SIGTERM."""
     import asyncio
-    import signal
 
     from collectives.allocator import tune_malloc
     from peer.coordinator import CoordinatorConfig, CoordinatorServer
@@ -404,6 +404,10 @@ def run_coordinator(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, set up logging and run the chosen command."""
     args = sys.argv[1:] if argv is None else argv
@@ -412,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(args)
     level = logging.WARNING - 10 * min(ns.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # SIGTERM unwinds like Ctrl-C, so every command's cleanup (its child processes) runs;
+    # the coordinator and the peer daemon install their own graceful handlers.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(ns.handler(ns) or 0)
     except ConfigError as exc:

@@ -19,9 +19,12 @@ import threading
 import time
 
 
-def _die_with_parent() -> None:
-    # Runs in the child before exec: if the process that started it dies (even by SIGKILL),
-    # the kernel kills the child too, so a crashed harness leaves no orphans (Linux only).
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux; elsewhere a no-op)."""
+    # Called in a child (before exec, or first thing in a spawned worker): if the process that
+    # started it dies, even by SIGKILL, the child goes too, so a crash leaves no orphans.
+    if not sys.platform.startswith("linux"):
+        return
     try:
         import ctypes
 
@@ -44,7 +47,7 @@ class Proc:
             text=True,
             start_new_session=True,
             bufsize=1,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
         self.events: list[dict] = []
         self.lines: list[str] = []

@@ -77,6 +77,12 @@ def worker_tensor(job: AllReduceJob, rank: int, size: int = 0):
 
 def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
     # Runs in a fresh (spawned) process: imports happen here.
+    from peer.processes import die_with_parent
+
+    die_with_parent()
+    parent = mp.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        return  # the parent died before the line above took effect
     import torch
 
     from collectives.allreduce import Collective

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -118,3 +122,41 @@ def test_paused_member_makes_the_others_raise_by_the_deadline_naming_it():
             assert info["elapsed_s"] < j.timeout_s + 5
         procs = list(group._procs)
     assert not any(p.is_alive() for p in procs)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie still answers kill(0) until its (new) parent reaps it.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_workers_die_with_the_process_that_started_them():
+    # Both workers busy in a round (rank 0 frozen in it), so neither is reading its pipe.
+    script = (
+        "import time\nfrom peer.procgroup import AllReduceJob, ProcessGroup\n"
+        "g = ProcessGroup(2)\ng.start()\n"
+        "j = AllReduceJob(numel=1000, timeout_s=600, hold_rank=0, hold_phase='scatter')\n"
+        "g.send(0, 'allreduce', j)\ng.send(1, 'allreduce', j)\nassert g.reply(0, 60)[0] == 'held'\n"
+        "print(*g.pids, flush=True)\ntime.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        pids = [int(p) for p in owner.stdout.readline().split()]
+        assert len(pids) == 2
+        owner.kill()  # SIGKILL: no cleanup code of the owner runs
+        owner.wait(30)
+        deadline = time.monotonic() + 30
+        while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(p) for p in pids), "workers outlived the process that started them"
+    finally:
+        owner.kill()
+        owner.wait(30)
+        for p in pids:
+            if not _gone(p):
+                os.kill(p, signal.SIGKILL)
