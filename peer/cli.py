@@ -75,6 +75,10 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quorum-timeout", type=float, default=120.0)
     parser.add_argument("--startup-grace", type=float, default=None, help="after a start, wait this long for peers to re-register (default: one lease)")
     parser.add_argument("--no-probe", action="store_true", help="do not check that peers a quorum waits for still listen")
+    parser.add_argument(
+        "--state-file", default=None,
+        help="remember here that the run was founded, so a restarted coordinator never lets a new peer found it again",
+    )
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -382,6 +386,7 @@ def run_coordinator(ns: argparse.Namespace) -> int:
         quorum_timeout_s=ns.quorum_timeout,
         startup_grace_s=ns.startup_grace,
         probe_peers=not ns.no_probe,
+        state_file=ns.state_file,
     )
 
     async def serve() -> None:

@@ -55,6 +55,7 @@ from collectives.transport import (
     keepalive_options,
     listen,
 )
+from peer.coordstate import SavedRun, load_run, save_run
 from peer.runstate import PeerRecord, RoundRecord, RunState
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class CoordinatorConfig:
     # Check that peers a quorum waits for still listen (a dead one is dropped at once, not
     # after its lease). Off for simulated peers that have no server (bench membership).
     probe_peers: bool = True
+    # Where to remember that the run was founded, across restarts (peer/coordstate.py); None: nowhere.
+    state_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -147,8 +150,21 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.state = RunState(config.run_id, config.min_peers, history=config.history)
         self.address = ""
         self._started = time.monotonic()
-        # Whether a peer registered by an earlier coordinator has called (see join_action).
+        # Whether the run is known to be under way: a peer registered by an earlier coordinator
+        # has called, or the state file says the run was founded (see join_action).
         self._heard_from_earlier = False
+        self._saved: SavedRun | None = None
+        if config.state_file:
+            self._saved = load_run(config.state_file, config.run_id)
+        if self._saved is not None:
+            self._heard_from_earlier = True
+            self.state.last_committed_round = self._saved.last_committed_round
+            self.state.next_round_id = max(self.state.next_round_id, self._saved.last_committed_round + 1)
+            self.state.epoch = self._saved.epoch
+            log.info(
+                "state file %s: run %s was founded (last committed round %d); joiners wait up to %g s for its holders",
+                config.state_file, config.run_id, self._saved.last_committed_round, config.rules.startup_grace_s,
+            )
         self._pending: PendingQuorum | None = None
         self._commits: dict[int, PendingCommit] = {}
         self._decided: dict[int, Decision] = {}
@@ -295,6 +311,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             # Nobody holds a state: this peer's initial state becomes the run's.
             peer.has_state = True
             peer.state = "active"
+            self._save()
         elif not req.has_state or needs_resync(req.last_round, s.last_committed_round):
             source = choose_sync_source([p.view() for p in s.alive_peers()], peer_id, s.last_committed_round, self._serving)
             if source is not None:
@@ -528,6 +545,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 if m in s.peers:
                     s.peers[m].last_round = round_id
             s.event("commit", "", f"round {round_id} ({len(record.members)} members)")
+            self._save()
         else:
             record.status = "aborted"
             record.reason = decision.reason
@@ -541,6 +559,15 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             log.info("round %d aborted: %s (dropped %s)", round_id, decision.reason, ", ".join(decision.dropped) or "-")
         if pending.decided is not None and not pending.decided.done():
             pending.decided.set_result(decision)
+
+    def _save(self) -> None:
+        """Record in the state file (if any) that the run exists and how far it got."""
+        if not self.config.state_file:
+            return
+        saved = SavedRun(self.config.run_id, self.state.last_committed_round, self.state.epoch)
+        if saved != self._saved:
+            save_run(self.config.state_file, saved)
+            self._saved = saved
 
     def _decision_message(self, decision: Decision) -> pb.CommitResponse:
         return pb.CommitResponse(

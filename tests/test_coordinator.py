@@ -204,6 +204,28 @@ def test_a_fresh_peer_waits_for_the_state_holders_of_a_restarted_coordinator_ins
         assert stub.Join(fresh, timeout=5).sync_from == "127.0.0.1:1"
 
 
+def test_with_a_state_file_a_restarted_coordinator_makes_a_fresh_peer_wait_before_any_old_peer_calls(tmp_path):
+    run = "remembered"
+    state_file = str(tmp_path / "run.json")
+    args = ("--lease", "30", "--state-file", state_file)
+    with own_coordinator(tmp_path, run, *args, "--startup-grace", "0") as stub:
+        founder = stub.Join(pb.JoinRequest(run_id=run, address="127.0.0.1:1", has_state=False), timeout=5)
+        plan = stub.Quorum(pb.QuorumRequest(run_id=run, peer_id=founder.peer_id), timeout=10)
+        report = pb.CommitRequest(run_id=run, peer_id=founder.peer_id, round_id=plan.round_id, epoch=plan.epoch, ok=True)
+        assert stub.Commit(report, timeout=10).commit
+    assert json.loads(open(state_file).read())["last_committed_round"] == plan.round_id
+    with own_coordinator(tmp_path, run, *args, "--startup-grace", "20") as stub:
+        # No heartbeat from the old peer yet: only the state file tells the run exists.
+        fresh = pb.JoinRequest(run_id=run, address="127.0.0.1:2", has_state=False)
+        code, details = status_code(lambda: stub.Join(fresh, timeout=5))
+        assert code == grpc.StatusCode.UNAVAILABLE and "re-registered" in details
+        holder = pb.JoinRequest(
+            run_id=run, address="127.0.0.1:1", peer_id=founder.peer_id, has_state=True, last_round=plan.round_id
+        )
+        stub.Join(holder, timeout=5)
+        assert stub.Join(fresh, timeout=5).sync_from == "127.0.0.1:1"
+
+
 def test_the_first_peer_of_a_new_run_founds_it_without_waiting_out_the_grace(tmp_path):
     run = "new"
     with own_coordinator(tmp_path, run, "--lease", "30", "--startup-grace", "20") as stub:

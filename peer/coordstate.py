@@ -1,0 +1,71 @@
+"""What a coordinator remembers across restarts when given a state file.
+
+The coordinator's state is soft: after a restart the peers re-register and
+tell it where the run is. One thing they cannot tell it in time is whether
+the run exists at all. A peer joining in the first moments after a restart,
+before any old peer's heartbeat, would otherwise found the run anew with its
+own initial state (see docs/membership.md, "Coordinator restart"). With
+``loconet coordinator --state-file PATH`` the coordinator writes this small
+record when the run is founded and after every committed round, and a
+restarted coordinator that finds it knows the run is under way from its first
+moment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from dataclasses import asdict, dataclass
+
+from collectives.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """A run that has been founded, and how far it had got when last saved."""
+
+    run_id: str
+    last_committed_round: int
+    epoch: int
+
+
+def load_run(path: str | os.PathLike, run_id: str) -> SavedRun | None:
+    """The run saved at path (None if there is no file); ConfigError if it is unreadable or for another run."""
+    p = pathlib.Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the coordinator state file {p}: {exc}") from None
+    try:
+        data = json.loads(text)
+        saved = SavedRun(str(data["run_id"]), int(data["last_committed_round"]), int(data["epoch"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"coordinator state file {p} is not a saved run ({exc}); delete it to start the run afresh"
+        ) from None
+    if saved.run_id != run_id:
+        raise ConfigError(
+            f"coordinator state file {p} is for run {saved.run_id!r}, not {run_id!r}: "
+            "give each run its own state file"
+        )
+    if saved.last_committed_round < 0 or saved.epoch < 0:
+        raise ConfigError(f"coordinator state file {p} holds negative rounds or epochs; delete it to start afresh")
+    return saved
+
+
+def save_run(path: str | os.PathLike, saved: SavedRun) -> None:
+    """Write the record atomically (a crash mid-write leaves the previous one)."""
+    p = pathlib.Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(asdict(saved)) + "\n")
+        os.replace(tmp, p)
+    except OSError as exc:
+        # The run goes on; only a restart of this coordinator loses the memory of it.
+        log.warning("could not write the coordinator state file %s: %s", p, exc)

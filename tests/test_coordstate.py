@@ -1,0 +1,42 @@
+"""The coordinator's state file: what it keeps, and what it refuses to start from."""
+
+from __future__ import annotations
+
+import pytest
+
+from collectives.errors import ConfigError
+from peer.coordinator import Coordinator, CoordinatorConfig
+from peer.coordstate import SavedRun, load_run, save_run
+
+
+def test_a_saved_run_loads_back_as_it_was(tmp_path):
+    path = tmp_path / "run.json"
+    save_run(path, SavedRun("r", last_committed_round=17, epoch=3))
+    assert load_run(path, "r") == SavedRun("r", 17, 3)
+
+
+def test_no_file_means_no_saved_run(tmp_path):
+    assert load_run(tmp_path / "absent.json", "r") is None
+
+
+def test_a_file_of_another_run_is_refused(tmp_path):
+    path = tmp_path / "run.json"
+    save_run(path, SavedRun("old", 1, 0))
+    with pytest.raises(ConfigError, match="is for run 'old', not 'new'"):
+        load_run(path, "new")
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", '{"run_id": "r"}', '{"run_id": "r", "last_committed_round": "x", "epoch": 0}'])
+def test_a_file_that_is_not_a_saved_run_is_refused(tmp_path, text):
+    path = tmp_path / "run.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="not a saved run"):
+        load_run(path, "r")
+
+
+def test_a_coordinator_resumes_the_saved_round_and_epoch(tmp_path):
+    path = tmp_path / "run.json"
+    save_run(path, SavedRun("r", last_committed_round=41, epoch=2))
+    coordinator = Coordinator(CoordinatorConfig(run_id="r", state_file=str(path)))
+    assert coordinator.state.last_committed_round == 41 and coordinator.state.epoch == 2
+    assert coordinator.state.next_round_id > 41
