@@ -129,6 +129,10 @@ class Harness:
     def _start_coordinator(self, port: int = 0) -> None:
         c = self.config
         name = f"coordinator{len(self.coordinators) or ''}"
+        # As a deployment should: a restarted coordinator knows from this file that the run exists.
+        state_file = self.workdir / "coordinator-state.json"
+        if not self.coordinators:
+            state_file.unlink(missing_ok=True)  # a new run, even in a reused workdir
         self.coordinator = CoordinatorProc(
             self.workdir / f"{name}.log",
             c.run_id,
@@ -141,6 +145,7 @@ class Harness:
             "--heartbeat", str(c.heartbeat_s),
             "--join-timeout", str(c.join_timeout_s),
             "--startup-grace", str(c.lease_s if self.coordinators else 0),
+            "--state-file", str(state_file),
             prefix=self._prefix("coordinator"),
         )
         self._dashboard_port = int(self.coordinator.dashboard.rsplit(":", 1)[1].rstrip("/")) if self.coordinator.dashboard != "off" else 0
