@@ -197,8 +197,9 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", default="0/1", help="this peer's data shard I/N")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training")
     parser.add_argument(
-        "--codec-threads", type=int, default=2,
-        help="threads that encode and decode off the event loop; 0 when peers on this machine fill its cores",
+        "--codec-threads", type=int, default=None,
+        help="threads that encode and decode off the event loop (default: TransportConfig.codec_threads); "
+        "0 when peers on this machine fill its cores",
     )
     parser.add_argument("--events", action="store_true", help="print JSON events on stdout")
     parser.add_argument("--control", default=None, help="a JSON file the harness writes to slow this peer down")
@@ -229,7 +230,7 @@ def run_peer_command(ns: argparse.Namespace) -> int:
             host=ns.host,
             port=ns.port,
             bandwidth_bps=parse_bandwidth(ns.bandwidth) if ns.bandwidth else None,
-            codec_threads=ns.codec_threads,
+            codec_threads=TransportConfig.codec_threads if ns.codec_threads is None else ns.codec_threads,
         ),
         checkpoint_dir=ns.checkpoint_dir,
         keep_checkpoints=ns.keep,
