@@ -18,7 +18,7 @@ data or misses the deadline, every surviving member raises ``MemberFailure``
 naming it (a member that sees a failure first tells the others with an abort
 notice), and nobody returns a partial result. A member whose input holds NaN
 or Inf raises ``NonFiniteError`` and aborts the round (the others raise
-``RoundFailed`` naming it): its encoders refuse non-finite values chunk by
+``MemberFailure`` naming it): its encoders refuse non-finite values chunk by
 chunk, so the round needs no separate pass over the whole input first. Applying the result, or not, is
 the business of the layer above (the commit step of the membership issue).
 
@@ -43,6 +43,7 @@ from protos import collective_pb2 as pb
 from collectives.codecs import Codec, CodecConfig, error_bound, make_codec
 from collectives.errors import (
     LoconetError,
+    NonFiniteError,
     ProtocolError,
     StaleRound,
 )
@@ -275,7 +276,9 @@ class Collective:
         except LoconetError as exc:
             if inbox.failure_reported_by is None and not isinstance(exc, StaleRound):
                 why = "; ".join(inbox.failed.values()) if inbox.failed else str(exc)
-                rnd.broadcast_abort(list(inbox.failed), why)
+                # A non-finite input is this member's bad data: the others name it as failed.
+                culprits = [group.rank] if isinstance(exc, NonFiniteError) else list(inbox.failed)
+                rnd.broadcast_abort(culprits, why)
             raise
         finally:
             self.registry.close(inbox)
