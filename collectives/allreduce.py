@@ -19,8 +19,9 @@ naming it (a member that sees a failure first tells the others with an abort
 notice), and nobody returns a partial result. A member whose input holds NaN
 or Inf raises ``NonFiniteError`` and aborts the round (the others raise
 ``MemberFailure`` naming it): its encoders refuse non-finite values chunk by
-chunk, so the round needs no separate pass over the whole input first. Applying the result, or not, is
-the business of the layer above (the commit step of the membership issue).
+chunk, so the round needs no separate pass over the whole input first.
+Applying the result, or not, is the business of the layer above (the commit
+step of the membership issue).
 
 This module is the endpoint: the public API, the Collective service's
 handlers (receive side, validated by ``collectives/inbox.py``), buffers. The
