@@ -120,6 +120,9 @@ class DiLoCo(OuterOptimizer):
             missed=lambda: self._reset_schedule(keep_samples=True),
         )
 
+    def _forget_local_progress(self) -> None:
+        self._reset_schedule()
+
     def _reset_schedule(self, keep_samples: bool = False) -> None:
         self.steps_since_sync = 0
         self.last_sync_time = time.monotonic()

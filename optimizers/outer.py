@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from collectives.elastic import Resynced
-from collectives.errors import ConfigError, LoconetError
+from collectives.errors import ConfigError, LoconetError, NonFiniteError
 from collectives.statesync import StateSnapshot
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,9 @@ class OuterOptimizer:
             self.load_snapshot(exc.snapshot)
             self._record(SyncRecord(self.inner_steps, False, exc.snapshot.round_id, reason="resynced from the run"))
             return False
+        except NonFiniteError as exc:
+            self._diverged(exc)
+            return False
         except LoconetError as exc:
             # Inner progress is kept; the pseudo-gradient keeps growing until a round commits.
             log.warning("%s did not commit (%s); training on locally", label, exc)
@@ -224,6 +227,26 @@ class OuterOptimizer:
             )
         )
         return True
+
+    def _diverged(self, exc: NonFiniteError) -> None:
+        """Local training went NaN/Inf: restart it from the global state, dropping the inner steps since.
+
+        The run's state is intact (this peer's contribution was refused before it was
+        sent), so one bad step costs this peer its local progress, not the run.
+        """
+        log.error(
+            "local training diverged at step %d (%s); restarting it from the run's global state "
+            "(lower the learning rate if this repeats)", self.inner_steps, exc,
+        )
+        self.state.load_into_model(range(len(self.state.params)))
+        self.inner.state.clear()  # moments computed from NaN would poison the next steps
+        self.inner.zero_grad(set_to_none=True)  # and so would NaN gradients left for the next step
+        self._forget_local_progress()
+        self._record(SyncRecord(self.inner_steps, False, reason=f"local training diverged; restarted from the global state: {exc}"))
+
+    def _forget_local_progress(self) -> None:
+        """Reset the subclass's count of local progress (samples since a sync) after a divergence."""
+        raise NotImplementedError
 
     def load_snapshot(self, snapshot: StateSnapshot) -> None:
         """Adopt the run's state (the subclass adds its own schedule)."""

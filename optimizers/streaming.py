@@ -34,7 +34,7 @@ import torch
 
 from collectives.allreduce import AllReduceConfig
 from collectives.codecs import CodecConfig
-from collectives.errors import ConfigError
+from collectives.errors import ConfigError, NonFiniteError
 from collectives.statesync import StateSnapshot
 from optimizers.outer import OuterConfig, OuterOptimizer
 from optimizers.peers import SyncPeer
@@ -138,7 +138,7 @@ class StreamingDiLoCo(OuterOptimizer):
             if self.inflight is not None:  # only with a config that lets rounds overlap; finish it first
                 self._finish()
             self._start()
-            if self.config.overlap == 0:
+            if self.config.overlap == 0 and self.inflight is not None:
                 self._finish()
         return loss
 
@@ -151,13 +151,20 @@ class StreamingDiLoCo(OuterOptimizer):
         f = self.cursor
         indices = self.fragments[f]
         self._sync_starts()
-        future = self.peer.sync_async(
-            self.state.pseudo_gradients(indices),
-            weight=float(max(self.samples[f], 1)),
-            tag=f"fragment-{f}",
-            config=self.config.allreduce,
-        )
+        try:
+            future = self.peer.sync_async(
+                self.state.pseudo_gradients(indices),
+                weight=float(max(self.samples[f], 1)),
+                tag=f"fragment-{f}",
+                config=self.config.allreduce,
+            )
+        except NonFiniteError as exc:  # refused before any round started
+            self._diverged(exc)
+            return
         self.inflight = _InFlight(f, future, self.inner_steps + self.config.overlap, time.monotonic())
+
+    def _forget_local_progress(self) -> None:
+        self.samples = [0] * self.config.fragments
 
     def _finish(self) -> None:
         """Wait for the fragment in flight, then apply its outer step and mix it in."""

@@ -12,6 +12,7 @@ import torch
 
 from collectives.allreduce import AllReduceConfig
 from collectives.errors import ConfigError
+from collectives.elastic import ElasticCollective, ElasticConfig
 from optimizers.diloco import DiLoCo
 from optimizers.outer import OuterConfig
 from optimizers.peers import LocalPeer
@@ -216,3 +217,41 @@ def test_a_joiner_loading_the_snapshot_holds_the_run_global_state():
     assert_close(joiner.state.globals, opt.state.globals, atol=0)
     assert_close(params(b), opt.state.globals, atol=0)
     assert joiner.state.round_id == opt.state.round_id
+
+
+def _poison(m: torch.nn.Module) -> None:
+    with torch.no_grad():
+        m[0].weight[0, 0] = float("nan")
+
+
+def test_a_diloco_peer_whose_training_diverges_restarts_from_the_global_state_and_trains_on():
+    m = model()
+    opt = DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=0.01), LocalPeer(), sync_every=2, allreduce=NONE)
+    train(opt, m, 0, 2)  # one committed round
+    global_after_round = [g.clone() for g in opt.state.globals]
+    loss_of(m, batch(0, 2)).backward()
+    opt.step()
+    opt.zero_grad()
+    _poison(m)
+    loss_of(m, batch(0, 3)).backward()
+    opt.step()  # the sync refuses the NaN pseudo-gradient
+    assert not opt.history[-1].committed and "diverged" in opt.history[-1].reason
+    assert_close(params(m), global_after_round, atol=0.0)
+    assert opt.inner.state == {} and opt.samples_since_sync == 0
+    train(opt, m, 0, 2)
+    assert opt.history[-1].committed and all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_a_streaming_peer_refused_for_nan_before_its_round_starts_restarts_from_the_global_state():
+    # An elastic peer refuses a NaN input at once, before asking for a quorum (never started: no network).
+    peer = ElasticCollective(ElasticConfig(coordinator="127.0.0.1:1", run_id="r"))
+    m = model()
+    initial = params(m)
+    cfg = StreamingConfig(sync_every=4, fragments=2, overlap=0, allreduce=NONE)
+    opt = StreamingDiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), peer, cfg)
+    train(opt, m, 0, 1)
+    _poison(m)
+    train(opt, m, 0, 1)  # step 2 starts fragment 0's round
+    assert opt.inflight is None and "diverged" in opt.history[-1].reason
+    assert_close(params(m), initial, atol=0.0)
+    assert opt.samples == [0, 0]
