@@ -178,7 +178,9 @@ def _run_allreduce(collective, addresses: list[str], rank: int, job: AllReduceJo
         timeout_s=job.timeout_s,
     )
     residual = torch.zeros_like(x) if job.error_feedback else None
-    out = torch.empty_like(x)  # reused by every repeat, as a training loop would
+    # Reused by every repeat, as a training loop would; written once first, so the first
+    # timed round does not pay for faulting in its pages (gloo's buffer is copied untimed too).
+    out = torch.zeros_like(x)
     times: list[float] = []
     result = None
     stats = None
