@@ -160,9 +160,11 @@ class OuterOptimizer:
         self.inner_steps = 0
         self.history: list[SyncRecord] = []
         self.committed_rounds = 0  # rounds of history that committed, kept so nobody rescans it
-        # Called as a sync begins and after every committed round (progress displays, checkpoints).
+        # Called as a sync begins, after every committed round (progress displays, checkpoints)
+        # and after every sync that did not commit (its record says why).
         self.on_sync_start: Callable[[int], None] | None = None
         self.on_commit: Callable[[SyncRecord], None] | None = None
+        self.on_miss: Callable[[SyncRecord], None] | None = None
         if hasattr(peer, "provide_state"):
             # Joiners fetch the run's state from this optimizer.
             peer.provide_state(self.snapshot)
@@ -257,6 +259,8 @@ class OuterOptimizer:
         self.committed_rounds += record.committed
         if record.committed and self.on_commit is not None:
             self.on_commit(record)
+        elif not record.committed and self.on_miss is not None:
+            self.on_miss(record)
 
     def _meta(self) -> dict:
         """What the subclass adds to the state a joiner fetches."""

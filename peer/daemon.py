@@ -161,10 +161,11 @@ def run_peer(config: PeerConfig) -> int:
     display = ProgressDisplay(config.progress if config.progress is not None else sys.stderr.isatty(), train_cfg.steps)
     counters = elastic.transport.counters
 
-    pace = Pace(config.control_file)
+    control = Control(config.control_file, model)
 
     def on_step(p: Progress) -> None:
-        pace.after_step()
+        if control.after_step():
+            events.emit("diverge-injected", step=p.step)
         s = elastic.status
         s.step, s.loss, s.samples = p.step, p.loss, p.samples
         s.steps_per_s = p.steps_per_s
@@ -191,6 +192,7 @@ def run_peer(config: PeerConfig) -> int:
     loop.on_eval = lambda step, loss: events.emit("eval", step=step, eval_loss=loss)
     opt.on_commit = on_commit
     opt.on_sync_start = lambda step: events.emit("sync-start", step=step)
+    opt.on_miss = lambda record: events.emit("sync-missed", step=record.step, reason=record.reason[:500])
     try:
         progress = loop.run(stop)
     finally:
@@ -213,29 +215,46 @@ def run_peer(config: PeerConfig) -> int:
     return 0
 
 
-class Pace:
-    """Slows training down by a factor read from a control file (a straggler on purpose)."""
+class Control:
+    """What the harness asks of this peer through its control file: train slower, or blow up.
 
-    def __init__(self, path: str | None) -> None:
+    ``{"slowdown": 3}`` makes each step take three times as long (a straggler on
+    purpose); each increase of ``"diverge"`` sets this peer's parameters to NaN
+    once, as a training blow-up would (the optimizer must recover from it).
+    """
+
+    def __init__(self, path: str | None, model: torch.nn.Module) -> None:
         self.path = path
+        self.model = model
         self.factor = 1.0
+        self.diverged = 0
         self._checked = 0.0
         self._last = time.monotonic()
 
-    def after_step(self) -> None:
-        """Sleep so that steps take `factor` times as long as they did."""
+    def after_step(self) -> bool:
+        """Apply the control file after a step; True if the parameters were just set to NaN."""
         now = time.monotonic()
         took = now - self._last
+        poisoned = False
         if self.path and now - self._checked >= 1.0:
             self._checked = now
             try:
                 with open(self.path) as f:
-                    self.factor = max(1.0, float(json.load(f).get("slowdown", 1.0)))
-            except (OSError, ValueError, AttributeError):
-                self.factor = 1.0
+                    wanted = json.load(f)
+                self.factor = max(1.0, float(wanted.get("slowdown", 1.0)))
+                diverge = int(wanted.get("diverge", 0))
+            except (OSError, ValueError, AttributeError, TypeError):
+                self.factor, diverge = 1.0, self.diverged
+            if diverge > self.diverged:
+                self.diverged = diverge
+                with torch.no_grad():
+                    for p in self.model.parameters():
+                        p.fill_(float("nan"))
+                poisoned = True
         if self.factor > 1.0:
             time.sleep(took * (self.factor - 1.0))
         self._last = time.monotonic()
+        return poisoned
 
 
 def _checkpoint(config: PeerConfig, model: torch.nn.Module, opt, step: int) -> None:

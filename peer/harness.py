@@ -99,6 +99,8 @@ class Harness:
         self._aborted_before = 0
         self._started = 0.0
         self._coordinator_port = 0
+        # What each peer's control file asks of it: {"slowdown": x, "diverge": n}.
+        self._control: dict[str, dict[str, float]] = {}
         self._joiners: list[str] = []
 
     # -- processes --------------------------------------------------------------------
@@ -233,9 +235,11 @@ class Harness:
             self.coordinator.proc.wait(timeout=10)
             self._start_coordinator(self._coordinator_port)
         elif event.action == "straggle":
-            self._write_control(event.target, event.factor or 1.0)
+            self._write_control(event.target, slowdown=event.factor or 1.0)
             if event.duration_s:
                 fired.restore_at = now + event.duration_s
+        elif event.action == "diverge":
+            self._write_control(event.target, diverge=self._control.get(event.target, {}).get("diverge", 0) + 1)
         elif event.action == "cut":
             self.network.cut(event.target)
             fired.restore_at = now + (event.duration_s or 0)
@@ -247,15 +251,18 @@ class Harness:
         if e.action == "pause":
             self.peers[e.target].signal(signal.SIGCONT)
         elif e.action == "straggle":
-            self._write_control(e.target, 1.0)
+            self._write_control(e.target, slowdown=1.0)
         elif e.action == "cut":
             self.network.restore(e.target)
         fired.restore_at = None
 
-    def _write_control(self, name: str, factor: float) -> None:
+    def _write_control(self, name: str, **changes: float) -> None:
+        """Update what the peer's control file asks of it (see peer.daemon.Control)."""
+        control = self._control.setdefault(name, {})
+        control.update(changes)
         path = self.workdir / f"{name}.control.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"slowdown": factor}))
+        tmp.write_text(json.dumps(control))
         tmp.replace(path)
 
     # -- the run ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ An event is written ``ACTION[:TARGET]@WHEN[,for=DURATION][,x=FACTOR]``:
 - ``restart-coordinator@20s``    kill the coordinator and start it again on the same address
 - ``straggle:peer3@round2,x=3``  make peer3 train 3 times slower (for the rest of the run, or ``for=``)
 - ``cut:peer0@round4,for=10s``   take peer0's network link down for 10 s (needs ``--netns``)
+- ``diverge:peer1@round2``       make peer1's local training blow up (its parameters become NaN)
 
 ``WHEN`` is ``roundN`` (after N committed rounds), ``syncN`` (when the
 target peer starts its N-th sync: the kill lands inside a round) or ``Ns``
@@ -29,8 +30,8 @@ from pathlib import Path
 
 from collectives.errors import ConfigError
 
-ACTIONS = ("kill", "pause", "join", "restart-coordinator", "straggle", "cut")
-_TARGETED = ("kill", "pause", "straggle", "cut")
+ACTIONS = ("kill", "pause", "join", "restart-coordinator", "straggle", "cut", "diverge")
+_TARGETED = ("kill", "pause", "straggle", "cut", "diverge")
 _EVENT = re.compile(r"^(?P<action>[a-z-]+)(?::(?P<target>[\w.-]+))?@(?P<when>[^,]+)(?P<opts>(?:,[a-z]+=[^,]+)*)$")
 
 

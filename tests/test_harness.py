@@ -74,3 +74,17 @@ def test_link_cut_with_netns(tmp_path):
         pytest.skip(f"network namespaces unavailable: {exc}")
     report, _ = run_scenario("cut:peer1@round2,for=4s", workdir=tmp_path, netns=True, lease_s=1.5)
     assert_healthy(report, alive=3)
+
+
+def test_a_peer_whose_training_blows_up_restarts_from_the_run_state_and_trains_on(tmp_path):
+    report, harness = run_scenario("diverge:peer1@round2", workdir=tmp_path)
+    assert_healthy(report, alive=3)
+    events = harness.peers["peer1"].events
+    kinds = [e["event"] for e in events]
+    assert "diverge-injected" in kinds
+    after = kinds[kinds.index("diverge-injected"):]
+    missed = [e for e in events if e["event"] == "sync-missed"]
+    assert missed and "diverged" in missed[0]["reason"]
+    assert "committed" in after, "the peer took part in rounds again"
+    finished = next(e for e in events if e["event"] == "finished")
+    assert finished["eval_loss"] < 10, "its model is finite and trained again"
