@@ -370,7 +370,8 @@ def run_coordinator(ns: argparse.Namespace) -> int:
     import asyncio
 
     from collectives.allocator import tune_malloc
-    from peer.coordinator import CoordinatorConfig, CoordinatorServer
+    from peer.coordinator import CoordinatorConfig
+    from peer.coordserver import CoordinatorServer
 
     tune_malloc()
     config = CoordinatorConfig(

@@ -1,9 +1,11 @@
-"""The coordinator: membership authority of one run, and its dashboard.
+"""The coordinator: membership authority of one run.
 
-It holds soft state only (``RunState``) and is never on the data path. All
-gRPC handlers and a periodic tick run on one asyncio loop, so the state needs
-no locks; the dashboard (an HTTP server on its own thread) reads a snapshot
-built on that loop. Protocol decisions come from ``collectives/quorum.py``.
+It holds soft state only (``RunState``; optionally a small state file, see
+``peer/coordstate.py``) and is never on the data path. All gRPC handlers and
+a periodic tick run on one asyncio loop, so the state needs no locks; the
+dashboard (an HTTP server on its own thread, started by
+``peer/coordserver.py``) reads a snapshot built on that loop. Protocol
+decisions come from ``collectives/quorum.py``.
 
 A round, as the coordinator sees it::
 
@@ -47,14 +49,7 @@ from collectives.quorum import (
     quorum_hopeless,
     quorum_ready,
 )
-from collectives.transport import (
-    EXCLUSIVE_PORT,
-    TransportConfig,
-    add_health_service,
-    consume_exception,
-    keepalive_options,
-    listen,
-)
+from collectives.transport import consume_exception
 from peer.coordstate import SavedRun, load_run, save_run
 from peer.runstate import PeerRecord, RoundRecord, RunState
 
@@ -65,7 +60,6 @@ TICK_S = 0.05
 LEASE_CHECK_S = 0.5
 MAX_ADDRESS_CHARS = 256
 MAX_TEXT_CHARS = 2000
-MAX_MESSAGE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -640,86 +634,3 @@ def _refuse_waiter(fut: asyncio.Future, code: grpc.StatusCode, message: str) -> 
     if not fut.done():
         fut.set_exception(BadRequest(code, message))
         fut.add_done_callback(consume_exception)  # its caller may have gone already
-
-
-def strict_handlers(coordinator: Coordinator) -> grpc.GenericRpcHandler:
-    """The Coordinator service's handlers, answering a malformed request with INVALID_ARGUMENT (not UNKNOWN)."""
-    service = pb.DESCRIPTOR.services_by_name["Coordinator"]
-    handlers = {}
-    for method in service.methods:
-        request_type = getattr(pb, method.input_type.name)
-        response_type = getattr(pb, method.output_type.name)
-        behavior = getattr(coordinator, method.name)
-
-        async def handle(raw: bytes, context, behavior=behavior, request_type=request_type):
-            try:
-                request = request_type.FromString(raw)
-            except Exception as exc:  # protobuf's DecodeError and friends: the bytes are not this message
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_type.__name__}: {exc}")
-            return await behavior(request, context)
-
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            handle, request_deserializer=lambda b: b, response_serializer=response_type.SerializeToString
-        )
-    return grpc.method_handlers_generic_handler(service.full_name, handlers)
-
-
-class CoordinatorServer:
-    """A running coordinator: its gRPC server, tick loop and dashboard (create and use on one event loop)."""
-
-    def __init__(self, config: CoordinatorConfig) -> None:
-        self.config = config
-        self.coordinator = Coordinator(config)
-        self.address = ""
-        self.dashboard_url = ""
-        self._server: grpc.aio.Server | None = None
-        self._dashboard = None
-
-    async def start(self) -> str:
-        """Bind and start serving; return the gRPC address."""
-        from peer.dashboard import DashboardServer
-
-        options = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", 64 << 20),
-            # With a thousand peers, a thousand quorum calls and as many heartbeats a second
-            # can wait for the handler loop at once; gRPC's default (1000) sheds the excess.
-            ("grpc.server.max_pending_requests", 20_000),
-            ("grpc.server.max_pending_requests_hard_limit", 20_000),
-            # Peers' channels ping every TransportConfig.keepalive_s; accept that rate.
-            *keepalive_options(TransportConfig().keepalive_s),
-            *EXCLUSIVE_PORT,
-        ]
-        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=10_000)
-        server.add_generic_rpc_handlers((strict_handlers(self.coordinator),))
-        add_health_service(server)
-        address = listen(server, self.config.host, self.config.port, "is another coordinator running? choose --port")
-        await server.start()
-        self._server = server
-        self.address = self.coordinator.address = address
-        self.coordinator.start_ticking()
-        if self.config.dashboard_port is not None:
-            loop = asyncio.get_running_loop()
-            coordinator = self.coordinator
-
-            async def snapshot() -> dict:
-                return coordinator.status()
-
-            def status() -> dict:
-                # The dashboard's thread asks the loop, so the document is a consistent snapshot.
-                return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(timeout=10)
-
-            self._dashboard = DashboardServer(status, host=self.config.dashboard_host, port=self.config.dashboard_port)
-            self.dashboard_url = self._dashboard.start()
-        log.info("coordinator of run %s on %s, dashboard %s", self.config.run_id, self.address, self.dashboard_url or "off")
-        return self.address
-
-    async def stop(self) -> None:
-        """Stop the dashboard, the tick loop and the gRPC server."""
-        if self._dashboard is not None:
-            self._dashboard.close()
-            self._dashboard = None
-        await self.coordinator.stop()
-        if self._server is not None:
-            await self._server.stop(0.5)
-            self._server = None
