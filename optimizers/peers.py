@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from collectives.allreduce import AllReduceConfig
-from collectives.codecs import make_codec
+from collectives.codecs import check_finite, make_codec
 from collectives.parts import flatten, unflatten_like
 
 
@@ -31,7 +31,7 @@ class SyncPeer(Protocol):
     def sync_async(
         self, tensors: Sequence[torch.Tensor], weight: float = 1.0, tag: str = "", config: AllReduceConfig | None = None
     ) -> concurrent.futures.Future:
-        """Start a sync and return a future of its result."""
+        """Start a sync and return a future of its result; NonFiniteError at once for a NaN/Inf input."""
 
 
 @dataclass
@@ -61,7 +61,8 @@ class LocalPeer:
     def sync_async(
         self, tensors: Sequence[torch.Tensor], weight: float = 1.0, tag: str = "", config: AllReduceConfig | None = None
     ) -> concurrent.futures.Future:
-        """A future that is already done."""
+        """A future that is already done (a NaN/Inf input raises at once, as a real peer's does)."""
+        check_finite(flatten(list(tensors)), "the values to sync (nothing was sent)")
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
             future.set_result(self.sync(tensors, weight, tag, config))
