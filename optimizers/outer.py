@@ -244,7 +244,8 @@ class OuterOptimizer:
         self.inner.state.clear()  # moments computed from NaN would poison the next steps
         self.inner.zero_grad(set_to_none=True)  # and so would NaN gradients left for the next step
         self._forget_local_progress()
-        self._record(SyncRecord(self.inner_steps, False, reason=f"local training diverged; restarted from the global state: {exc}"))
+        reason = f"local training diverged; restarted from the global state: {exc}"
+        self._record(SyncRecord(self.inner_steps, False, reason=reason))
 
     def _forget_local_progress(self) -> None:
         """Reset the subclass's count of local progress (samples since a sync) after a divergence."""

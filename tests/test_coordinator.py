@@ -211,7 +211,9 @@ def test_with_a_state_file_a_restarted_coordinator_makes_a_fresh_peer_wait_befor
     with own_coordinator(tmp_path, run, *args, "--startup-grace", "0") as stub:
         founder = stub.Join(pb.JoinRequest(run_id=run, address="127.0.0.1:1", has_state=False), timeout=5)
         plan = stub.Quorum(pb.QuorumRequest(run_id=run, peer_id=founder.peer_id), timeout=10)
-        report = pb.CommitRequest(run_id=run, peer_id=founder.peer_id, round_id=plan.round_id, epoch=plan.epoch, ok=True)
+        report = pb.CommitRequest(
+            run_id=run, peer_id=founder.peer_id, round_id=plan.round_id, epoch=plan.epoch, ok=True
+        )
         assert stub.Commit(report, timeout=10).commit
     assert json.loads(open(state_file).read())["last_committed_round"] == plan.round_id
     with own_coordinator(tmp_path, run, *args, "--startup-grace", "20") as stub:

@@ -26,7 +26,10 @@ def test_a_file_of_another_run_is_refused(tmp_path):
         load_run(path, "new")
 
 
-@pytest.mark.parametrize("text", ["", "{", "[]", '{"run_id": "r"}', '{"run_id": "r", "last_committed_round": "x", "epoch": 0}'])
+NOT_SAVED_RUNS = ["", "{", "[]", '{"run_id": "r"}', '{"run_id": "r", "last_committed_round": "x", "epoch": 0}']
+
+
+@pytest.mark.parametrize("text", NOT_SAVED_RUNS)
 def test_a_file_that_is_not_a_saved_run_is_refused(tmp_path, text):
     path = tmp_path / "run.json"
     path.write_text(text)
