@@ -19,6 +19,8 @@ import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
+from collectives.transport import TransportConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,7 @@ class WorkerConfig:
     bandwidth_bps: float | None = None
     torch_threads: int = 1
     # See TransportConfig.codec_threads (0: on each worker's event loop).
-    codec_threads: int = 2
+    codec_threads: int = TransportConfig.codec_threads
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
     from collectives.allocator import tune_malloc
     from collectives.errors import LoconetError, MemberFailure
     from collectives.inbox import Group
-    from collectives.transport import Transport, TransportConfig
+    from collectives.transport import Transport
 
     tune_malloc()
     torch.set_num_threads(config.torch_threads)
