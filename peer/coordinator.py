@@ -146,12 +146,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._started = time.monotonic()
         # Whether the run is known to be under way: a peer registered by an earlier coordinator
         # has called, or the state file says the run was founded (see join_action).
-        self._heard_from_earlier = False
+        self._run_under_way = False
         self._saved: SavedRun | None = None
         if config.state_file:
             self._saved = load_run(config.state_file, config.run_id)
         if self._saved is not None:
-            self._heard_from_earlier = True
+            self._run_under_way = True
             self.state.last_committed_round = self._saved.last_committed_round
             self.state.next_round_id = max(self.state.next_round_id, self._saved.last_committed_round + 1)
             self.state.epoch = self._saved.epoch
@@ -222,7 +222,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         # An id this coordinator never gave out: a peer registered by an earlier coordinator
         # (the run is under way, and that peer is about to rejoin).
         if peer_id and peer_id not in self.state.peers:
-            self._heard_from_earlier = True
+            self._run_under_way = True
 
     def _peer(self, peer_id: str) -> PeerRecord:
         peer = self.state.peers.get(peer_id)
@@ -269,7 +269,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         s = self.state
         holder_alive = any(s.peers[p].has_state for p in s.live if s.peers[p].address != address)
         action = join_action(
-            req.has_state, holder_alive, self._heard_from_earlier, time.monotonic() - self._started, self.config.rules
+            req.has_state, holder_alive, self._run_under_way, time.monotonic() - self._started, self.config.rules
         )
         if action == "wait":
             # UNAVAILABLE: the client retries with backoff; the holders re-register within a lease.
