@@ -14,7 +14,8 @@ def add_benchmarks(bench: argparse.ArgumentParser) -> None:
     """The ``loconet bench ...`` subcommands (imported only when asked for: they pull in torch)."""
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
 
-    from peer import bench_allreduce, bench_codecs, bench_diloco, bench_membership, bench_statesync, bench_transport
+    from peer.bench import allreduce as bench_allreduce, codecs as bench_codecs, diloco as bench_diloco
+    from peer.bench import membership as bench_membership, statesync as bench_statesync, transport as bench_transport
 
     for name, module, text in (
         ("allreduce", bench_allreduce, "our all-reduce among local processes vs gloo"),
@@ -144,7 +145,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_config(ns: argparse.Namespace):
     """The TrainConfig the training options describe."""
-    from peer.training import TrainConfig
+    from peer.runtime.training import TrainConfig
 
     return TrainConfig(
         algorithm=ns.algorithm,
@@ -213,7 +214,7 @@ def run_peer_command(ns: argparse.Namespace) -> int:
     """Run a peer from parsed arguments."""
     from collectives.ratelimit import parse_bandwidth
     from collectives.transport import TransportConfig
-    from peer.daemon import PeerConfig, run_peer
+    from peer.runtime.daemon import PeerConfig, run_peer
 
     try:
         shard, shards = (int(x) for x in ns.shard.split("/"))
@@ -274,8 +275,8 @@ def harness_config(ns: argparse.Namespace):
     """The HarnessConfig the harness options describe."""
     from pathlib import Path
 
-    from peer.harness import HarnessConfig
-    from peer.scenario import load_scenario, parse_event
+    from peer.harness.harness import HarnessConfig
+    from peer.harness.scenario import load_scenario, parse_event
 
     events = [parse_event(e) for e in ns.event] + (load_scenario(ns.scenario) if ns.scenario else [])
     return HarnessConfig(
@@ -304,7 +305,7 @@ def run_harness_command(ns: argparse.Namespace) -> int:
     """Run a scenario and print its report."""
     import json
 
-    from peer.harness import Harness
+    from peer.harness.harness import Harness
 
     harness = Harness(harness_config(ns))
     report = harness.run(on_start=lambda url: sys.stderr.write(f"dashboard: {url}\n"))
@@ -316,9 +317,9 @@ def run_demo_command(ns: argparse.Namespace) -> int:
     """The README's main job: a local DiLoCo run with the dashboard, and a readable summary."""
     import json
 
-    from peer.harness import Harness, HarnessConfig
+    from peer.harness.harness import Harness, HarnessConfig
     from peer.tasks.base import TaskConfig
-    from peer.training import TrainConfig
+    from peer.runtime.training import TrainConfig
 
     config = HarnessConfig(
         peers=ns.peers,
@@ -370,8 +371,8 @@ def run_coordinator(ns: argparse.Namespace) -> int:
     import asyncio
 
     from collectives.allocator import tune_malloc
-    from peer.coordinator import CoordinatorConfig
-    from peer.coordserver import CoordinatorServer
+    from peer.coordinator.service import CoordinatorConfig
+    from peer.coordinator.server import CoordinatorServer
 
     tune_malloc()
     config = CoordinatorConfig(

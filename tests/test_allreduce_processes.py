@@ -15,7 +15,7 @@ import torch
 from collectives.allreduce import mean_error_bound
 from collectives.codecs import CodecConfig
 from collectives.reducers import ReducerConfig, reduce_rows
-from peer.procgroup import AllReduceJob, ProcessGroup, worker_tensor
+from peer.harness.procgroup import AllReduceJob, ProcessGroup, worker_tensor
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -137,7 +137,7 @@ def _gone(pid: int) -> bool:
 def test_workers_die_with_the_process_that_started_them():
     # Both workers busy in a round (rank 0 frozen in it), so neither is reading its pipe.
     script = (
-        "import time\nfrom peer.procgroup import AllReduceJob, ProcessGroup\n"
+        "import time\nfrom peer.harness.procgroup import AllReduceJob, ProcessGroup\n"
         "g = ProcessGroup(2)\ng.start()\n"
         "j = AllReduceJob(numel=1000, timeout_s=600, hold_rank=0, hold_phase='scatter')\n"
         "g.send(0, 'allreduce', j)\ng.send(1, 'allreduce', j)\nassert g.reply(0, 60)[0] == 'held'\n"

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from peer import bench_membership
+from peer.bench import membership as bench_membership
 
 pytestmark = pytest.mark.timeout(120)
 

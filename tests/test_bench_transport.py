@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from peer import bench_transport
+from peer.bench import transport as bench_transport
 
 pytestmark = pytest.mark.timeout(120)
 

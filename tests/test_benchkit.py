@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from peer.benchkit import print_report
+from peer.bench.kit import print_report
 
 
 def printed(report: dict, as_json: bool, **kwargs) -> str:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from peer.checkpoint import CheckpointError, checkpoint_path, list_checkpoints, load_latest, save_checkpoint
+from peer.runtime.checkpoint import CheckpointError, checkpoint_path, list_checkpoints, load_latest, save_checkpoint
 
 
 def state(step: int) -> dict:

@@ -7,7 +7,7 @@ import dataclasses
 
 from peer.cli import add_task_arguments, add_train_arguments, task_args, task_config, train_args, train_config
 from peer.tasks.base import TaskConfig
-from peer.training import TrainConfig
+from peer.runtime.training import TrainConfig
 
 
 def parse(args: list[str]) -> argparse.Namespace:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from collectives.errors import ConfigError
-from peer.coordinator import Coordinator, CoordinatorConfig
-from peer.coordstate import SavedRun, load_run, save_run
+from peer.coordinator.service import Coordinator, CoordinatorConfig
+from peer.coordinator.statefile import SavedRun, load_run, save_run
 
 
 def test_a_saved_run_loads_back_as_it_was(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from peer.dashboard import DashboardServer
+from peer.coordinator.dashboard import DashboardServer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.browser import NO_CHROMIUM, DomIndex, chromium_path, run_chromium  # noqa: E402
@@ -182,7 +182,7 @@ def test_failing_status_fn_gives_500_and_the_server_keeps_serving(serve, caplog)
         return sample_status()
 
     server = serve(flaky)
-    with caplog.at_level("ERROR", logger="peer.dashboard"):
+    with caplog.at_level("ERROR", logger="peer.coordinator.dashboard"):
         status, _, body = get(server.url + "/api/status")
     assert status == 500
     assert b"Traceback" not in body and len(body) < 200

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from peer.harness import Harness, HarnessConfig
-from peer.scenario import parse_event
+from peer.harness.harness import Harness, HarnessConfig
+from peer.harness.scenario import parse_event
 from peer.tasks.base import TaskConfig
-from peer.training import TrainConfig
+from peer.runtime.training import TrainConfig
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -67,7 +67,7 @@ def test_straggler(tmp_path):
 
 
 def test_link_cut_with_netns(tmp_path):
-    netns = pytest.importorskip("peer.netns")
+    netns = pytest.importorskip("peer.harness.netns")
     try:
         netns.check_available()
     except netns.NetnsUnavailable as exc:

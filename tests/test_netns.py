@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from peer import netns
-from peer.netns import LinkSpec, NetnsNetwork, NetnsUnavailable, check_available, cleanup_leftovers
+from peer.harness import netns
+from peer.harness.netns import LinkSpec, NetnsNetwork, NetnsUnavailable, check_available, cleanup_leftovers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -287,7 +287,7 @@ def test_cleanup_leftovers_removes_a_crashed_network_and_spares_other_prefixes(l
 def test_cleanup_leftovers_spares_a_network_whose_owner_is_alive(lab):
     prefix = _random_prefix()
     code = (
-        "import sys; from peer.netns import NetnsNetwork\n"
+        "import sys; from peer.harness.netns import NetnsNetwork\n"
         f"with NetnsNetwork(prefix={prefix!r}) as net:\n"
         "    net.create(['a'])\n"
         "    print('ready', flush=True)\n"

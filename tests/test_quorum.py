@@ -3,7 +3,7 @@
 import pytest
 
 from collectives.errors import ConfigError
-from collectives.quorum import (
+from peer.coordinator.rules import (
     CommitInputs,
     Decision,
     PeerView,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peer.runstate import PeerRecord, RunState
+from peer.coordinator.runstate import PeerRecord, RunState
 
 
 def test_fresh_ids_are_distinct_and_carry_the_coordinators_tag():

@@ -3,7 +3,7 @@
 import pytest
 
 from collectives.errors import ConfigError
-from peer.scenario import load_scenario, parse_event
+from peer.harness.scenario import load_scenario, parse_event
 
 
 @pytest.mark.parametrize(

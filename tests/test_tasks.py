@@ -455,7 +455,7 @@ def test_bad_user_specs_raise_helpful_config_errors(user_module: str, spec: str,
 
 
 def test_a_resumed_train_loop_continues_its_stream_at_its_step() -> None:
-    from peer.training import TrainConfig, TrainLoop
+    from peer.runtime.training import TrainConfig, TrainLoop
 
     task = SyntheticLMTask(TaskConfig())
     loop = TrainLoop(task, torch.nn.Linear(1, 1), optimizer=None, config=TrainConfig(), rank=1, world=2, start_step=4)

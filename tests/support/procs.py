@@ -1,11 +1,11 @@
-"""Test-only processes: the toy peer (tests/support/toy_peer.py); the rest comes from peer.processes."""
+"""Test-only processes: the toy peer (tests/support/toy_peer.py); the rest comes from peer.harness.processes."""
 
 from __future__ import annotations
 
 import pathlib
 import sys
 
-from peer.processes import CoordinatorProc, Proc, daemon_peer, stop_all
+from peer.harness.processes import CoordinatorProc, Proc, daemon_peer, stop_all
 
 __all__ = ["CoordinatorProc", "Proc", "daemon_peer", "stop_all", "toy_peer"]
 

@@ -28,9 +28,9 @@ import torch
 from collectives.allocator import tune_malloc
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.transport import TransportConfig
-from peer.checkpoint import load_latest, save_checkpoint
+from peer.runtime.checkpoint import load_latest, save_checkpoint
 from peer.tasks.base import TaskConfig, make_task
-from peer.training import Progress, TrainConfig, TrainLoop, global_digest, make_optimizer
+from peer.runtime.training import Progress, TrainConfig, TrainLoop, global_digest, make_optimizer
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import torch
 
 from collectives.codecs import make_codec
 from collectives.errors import ConfigError
-from peer.benchkit import median_seconds, print_report
+from peer.bench.kit import median_seconds, print_report
 
 DEFAULT_CODECS = ["none", "fp16", "bf16", "int8", "int4", "int8+zstd", "int4+zstd"]
 
@@ -97,7 +97,7 @@ def main(ns: argparse.Namespace) -> int:
 
 
 def _main_argv(argv: list[str] | None) -> int:
-    """``python -m peer.bench_codecs``: parse the options, then run."""
+    """``python -m peer.bench.codecs``: parse the options, then run."""
     parser = argparse.ArgumentParser(prog="loconet bench codecs", description=__doc__.splitlines()[0])
     add_arguments(parser)
     ns = parser.parse_args(argv)

@@ -14,7 +14,7 @@ import grpc
 
 from protos import membership_pb2 as pb
 from collectives.transport import EXCLUSIVE_PORT, TransportConfig, add_health_service, keepalive_options, listen
-from peer.coordinator import Coordinator, CoordinatorConfig
+from peer.coordinator.service import Coordinator, CoordinatorConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class CoordinatorServer:
 
     async def start(self) -> str:
         """Bind and start serving; return the gRPC address."""
-        from peer.dashboard import DashboardServer
+        from peer.coordinator.dashboard import DashboardServer
 
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -18,8 +18,8 @@ from collectives.allreduce import mean_error_bound
 from collectives.codecs import CodecConfig
 from collectives.ratelimit import format_bandwidth, parse_bandwidth
 from collectives.transport import codec_threads_for
-from peer.benchkit import print_report
-from peer.procgroup import AllReduceJob, ProcessGroup, WorkerConfig, worker_tensor
+from peer.bench.kit import print_report
+from peer.harness.procgroup import AllReduceJob, ProcessGroup, WorkerConfig, worker_tensor
 
 
 def _per_repeat_max(replies: list[dict]) -> list[float]:

@@ -30,10 +30,10 @@ from collectives.transport import codec_threads_for
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 from peer.cli import task_args, train_args
-from peer.processes import CoordinatorProc, Proc, daemon_peer, stop_all
-from peer.scenario import Event
+from peer.harness.processes import CoordinatorProc, Proc, daemon_peer, stop_all
+from peer.harness.scenario import Event
 from peer.tasks.base import TaskConfig, make_task
-from peer.training import TrainConfig
+from peer.runtime.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Harness:
     def _start_network(self) -> None:
         if not self.config.netns:
             return
-        from peer.netns import LinkSpec, NetnsNetwork, check_available, cleanup_leftovers
+        from peer.harness.netns import LinkSpec, NetnsNetwork, check_available, cleanup_leftovers
 
         check_available()
         cleanup_leftovers("lcn")
@@ -257,7 +257,7 @@ class Harness:
         fired.restore_at = None
 
     def _write_control(self, name: str, **changes: float) -> None:
-        """Update what the peer's control file asks of it (see peer.daemon.Control)."""
+        """Update what the peer's control file asks of it (see peer.runtime.daemon.Control)."""
         control = self._control.setdefault(name, {})
         control.update(changes)
         path = self.workdir / f"{name}.control.json"

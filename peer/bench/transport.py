@@ -23,7 +23,7 @@ import time
 
 from collectives.allocator import tune_malloc
 from collectives.transport import Transport, TransportConfig, method_handlers, raw_stream_unary
-from peer.benchkit import copy_baseline, print_report, proc_cpu_s, serving_child
+from peer.bench.kit import copy_baseline, print_report, proc_cpu_s, serving_child
 
 SERVICE = "loconet.bench.v1.Sink"
 METHOD = f"/{SERVICE}/Push"

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from peer.benchkit import print_report
+from peer.bench.kit import print_report
 from peer.tasks.base import TaskConfig, make_task
 
 
@@ -56,8 +56,8 @@ class BenchConfig:
 def run_ours(config: BenchConfig, algorithm: str) -> dict:
     """Train with a coordinator and N ``loconet peer`` processes; collect their events."""
     from peer.cli import task_args, train_args
-    from peer.processes import CoordinatorProc, Proc, stop_all
-    from peer.training import TrainConfig
+    from peer.harness.processes import CoordinatorProc, Proc, stop_all
+    from peer.runtime.training import TrainConfig
 
     tmp = Path(tempfile.mkdtemp(prefix=f"loconet-bench-{algorithm}-"))
     run = f"bench-{algorithm}"

@@ -7,7 +7,7 @@ and the metrics are always as current as the coordinator's own view.
 
 Routes:
 
-- ``GET /``            the self-contained page ``peer/static/dashboard.html``
+- ``GET /``            the self-contained page ``peer/coordinator/static/dashboard.html``
 - ``GET /api/status``  the status document as JSON (non-finite floats become null)
 - ``GET /metrics``     Prometheus text exposition, built at scrape time
 - ``GET /healthz``     ``ok``
@@ -39,7 +39,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from peer.runstate import PEER_STATES
+from peer.coordinator.runstate import PEER_STATES
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _load_page() -> bytes:
     """The dashboard page, shipped as package data of ``peer``."""
-    return resources.files("peer").joinpath("static", "dashboard.html").read_bytes()
+    return resources.files("peer.coordinator").joinpath("static", "dashboard.html").read_bytes()
 
 
 class DashboardServer:

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from collectives.quorum import PeerView
+from peer.coordinator.rules import PeerView
 
 PEER_STATES = ("joining", "syncing", "active", "lost", "left")
 

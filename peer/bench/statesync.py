@@ -19,7 +19,7 @@ from collectives.allocator import tune_malloc
 from collectives.ratelimit import parse_bandwidth
 from collectives.statesync import StateServer, StateSnapshot, fetch_state
 from collectives.transport import Transport, TransportConfig
-from peer.benchkit import copy_baseline, print_report, serving_child
+from peer.bench.kit import copy_baseline, print_report, serving_child
 
 RUN = "bench-statesync"
 

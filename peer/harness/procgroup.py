@@ -79,7 +79,7 @@ def worker_tensor(job: AllReduceJob, rank: int, size: int = 0):
 
 def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
     # Runs in a fresh (spawned) process: imports happen here.
-    from peer.processes import die_with_parent
+    from peer.harness.processes import die_with_parent
 
     die_with_parent()
     parent = mp.parent_process()

@@ -33,7 +33,7 @@ from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 from collectives.errors import ConfigError
 from collectives.membership import NO_QUORUM
-from collectives.quorum import (
+from peer.coordinator.rules import (
     CommitInputs,
     Decision,
     QuorumRules,
@@ -50,8 +50,8 @@ from collectives.quorum import (
     quorum_ready,
 )
 from collectives.transport import consume_exception
-from peer.coordstate import SavedRun, load_run, save_run
-from peer.runstate import PeerRecord, RoundRecord, RunState
+from peer.coordinator.statefile import SavedRun, load_run, save_run
+from peer.coordinator.runstate import PeerRecord, RoundRecord, RunState
 
 log = logging.getLogger(__name__)
 

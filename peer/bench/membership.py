@@ -64,9 +64,9 @@ import grpc
 
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
-from peer.dashboard import json_safe
-from peer.benchkit import print_report, proc_cpu_ns_s, proc_cpu_s, proc_rss_mb, summary
-from peer.simpeers import CHANNEL_OPTIONS, client_main, merge_counts
+from peer.coordinator.dashboard import json_safe
+from peer.bench.kit import print_report, proc_cpu_ns_s, proc_cpu_s, proc_rss_mb, summary
+from peer.bench.simpeers import CHANNEL_OPTIONS, client_main, merge_counts
 
 RUN = "bench-membership"
 
@@ -77,7 +77,7 @@ class _Session:
 
     def __init__(self, peers: int, client_procs: int, heartbeat_s: float, lease_s: float, channels: int,
                  log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, spread_s: float = 0.0) -> None:
-        from peer.processes import CoordinatorProc
+        from peer.harness.processes import CoordinatorProc
 
         self.peers = peers
         self.clients: list[tuple[mp.Process, object]] = []
@@ -494,7 +494,7 @@ def main(ns: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m peer.bench_membership", description=__doc__.splitlines()[0])
+    _parser = argparse.ArgumentParser(prog="python -m peer.bench.membership", description=__doc__.splitlines()[0])
     add_arguments(_parser)
     try:
         raise SystemExit(main(_parser.parse_args()))

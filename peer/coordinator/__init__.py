@@ -1,0 +1,1 @@
+"""The coordinator of a run: its gRPC service and server, the protocol's rules, its soft state, state file and dashboard."""
