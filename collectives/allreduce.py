@@ -7,7 +7,9 @@ restored) across an ordered group of members, as ``shared/DESIGN.md`` says:
    member i encodes part j and streams it, chunk by chunk, to member j, which
    decodes each chunk into its row of contributions as it arrives;
 2. reduce: member j reduces the n rows of its part in fp32 with the round's
-   reducer (weighted mean, sum, median, trimmed mean);
+   aggregator (weighted mean, sum, median, trimmed mean; or a whole-vector one
+   such as Krum, whose statistic the owners assemble from per-part shares
+   first, see ``collectives/round.py``);
 3. all-gather: member j encodes its reduced part once, streams the same bytes
    to every member, and itself uses the *decoded* value, so all members end
    with bit-identical results.
@@ -35,7 +37,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -75,6 +77,8 @@ class AllReduceResult:
 
     value: torch.Tensor | list[torch.Tensor]
     stats: RoundStats
+    # The aggregator's decisions, one per statistic round (e.g. {"selected": [2], "scores": [...]} for Krum).
+    decisions: list[dict] = field(default_factory=list)
 
 
 def mean_error_bound(config: CodecConfig, contributions: Sequence[torch.Tensor]) -> float:
@@ -146,7 +150,11 @@ class Collective:
         return [
             method_handlers(
                 SERVICE,
-                {"PushPart": raw_stream_unary(self._handle_push), "Abort": raw_unary_unary(self._handle_abort)},
+                {
+                    "PushPart": raw_stream_unary(self._handle_push),
+                    "PushStat": raw_unary_unary(self._handle_stat),
+                    "Abort": raw_unary_unary(self._handle_abort),
+                },
             )
         ]
 
@@ -246,7 +254,7 @@ class Collective:
         started = time.monotonic()
         deadline = started + config.timeout_s
         rows = self.buffers.take(RoundInbox.rows_numel(group, flat.numel()))
-        inbox = RoundInbox(group, flat.numel(), codec, rows, result)
+        inbox = RoundInbox(group, flat.numel(), codec, rows, result, config.aggregator)
         stats = RoundStats(
             run_id=group.run_id,
             epoch=group.epoch,
@@ -255,7 +263,9 @@ class Collective:
             numel=flat.numel(),
             codec=str(config.codec),
         )
-        rnd = Round(self.transport, self.spawn, self.phase_hook, group, inbox, codec, config, stats, deadline)
+        rnd = Round(
+            self.transport, self.spawn, self.phase_hook, group, inbox, codec, inbox.aggregator, config, stats, deadline
+        )
         # Error feedback works on a private copy of the residual, handed back only if the round
         # succeeds: a failed round delivered nothing, so it must leave the caller's residual as
         # it was, and an encode still running on a codec thread after a failure writes into a
@@ -291,7 +301,7 @@ class Collective:
             stats.bytes_received = inbox.bytes_received
             stats.decode_s = inbox.decode_s
             stats.wall_s = time.monotonic() - started
-        return AllReduceResult(value=unflatten_like(inbox.result, like), stats=stats)
+        return AllReduceResult(value=unflatten_like(inbox.result, like), stats=stats, decisions=rnd.decisions)
 
     def spawn(self, coro) -> None:
         """Run a fire-and-forget coroutine on the loop, keeping a reference until it ends."""
@@ -304,6 +314,9 @@ class Collective:
     async def _handle_push(self, request_iterator, context: grpc.aio.ServicerContext) -> bytes:
         inbox: RoundInbox | None = None
         stream = None
+        # The sender the first chunk names, once its rank is checked: blamed for a stream the
+        # round refuses outright (another codec or aggregator, wrong sizes), not only mid-stream.
+        sender: int | None = None
         chunks = 0
         # The previous chunk's decode: it runs on a codec thread while the next chunk is read
         # and paced, so neither the link nor the CPU waits for the other.
@@ -315,6 +328,8 @@ class Collective:
                     wait = context.time_remaining()
                     wait = MAX_OPEN_WAIT_S if wait is None else min(wait, MAX_OPEN_WAIT_S)
                     inbox = await self.registry.find(header.tag, wait)
+                    inbox.check_tag(header.tag)
+                    sender = header.tag.sender_rank
                     stream = inbox.begin_stream(header)
                 target = inbox.check_chunk(stream, header, payload)
                 if decoding is not None:
@@ -332,8 +347,8 @@ class Collective:
                 raise ProtocolError("empty PushPart stream")
             inbox.finish(stream)
         except ProtocolError as exc:
-            if inbox is not None and stream is not None and not isinstance(exc, StaleMessage):
-                inbox.fail(stream.sender, f"sent bad data: {exc}")
+            if inbox is not None and sender is not None and not isinstance(exc, (StaleMessage, DuplicateStream)):
+                inbox.fail(sender, f"sent bad data: {exc}")
             code, kind = _error_kind(exc)
             log.debug("rejected a push: %s", exc)
             await context.abort(code, str(exc), trailing_metadata=((ERROR_KIND_KEY, kind),))
@@ -357,6 +372,28 @@ class Collective:
         finally:
             inbox.end_decode()
         inbox.advance(stream, count)
+
+    async def _handle_stat(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        inbox: RoundInbox | None = None
+        sender = None
+        try:
+            try:
+                share = pb.StatShare.FromString(request)
+            except Exception as exc:  # protobuf's DecodeError and friends
+                raise ProtocolError(f"malformed statistic share: {exc}") from exc
+            wait = context.time_remaining()
+            inbox = await self.registry.find(share.tag, MAX_OPEN_WAIT_S if wait is None else min(wait, MAX_OPEN_WAIT_S))
+            inbox.check_tag(share.tag)
+            sender = share.tag.sender_rank
+            inbox.bytes_received += len(request)
+            await self.transport.note_received(inbox.group.members[sender], len(request))
+            inbox.accept_share(share)
+        except ProtocolError as exc:
+            if inbox is not None and sender is not None and not isinstance(exc, StaleMessage):
+                inbox.fail(sender, f"sent a bad statistic share: {exc}")
+            code, kind = _error_kind(exc)
+            await context.abort(code, str(exc), trailing_metadata=((ERROR_KIND_KEY, kind),))
+        return pb.StatAck().SerializeToString()
 
     async def _handle_abort(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:

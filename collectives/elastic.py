@@ -9,6 +9,7 @@ state machine (``Phase``)::
        |                                                 \\--abort--> ABORTED --> QUORUM (same contribution)
        |                                                                   \\--> FAILED (RetriesExhausted)
        +--resync--> RESYNC (raises Resynced with the run's state: the contribution is void)
+       +--late--> CAUGHT_UP (raises CaughtUp with the committed results it missed: the contribution is void)
        +--unknown peer--> REJOIN --> QUORUM            +--too few peers--> FAILED (GroupTooSmall)
 
 Nothing is applied twice: a peer records a round as applied only when the
@@ -17,6 +18,19 @@ aborted attempt is retried with the contribution the peer still holds. A
 peer that missed a committed round (paused, dropped, or unsure of an
 outcome because the coordinator restarted) is told to resync, and fetches
 the state from an up-to-date peer instead of applying anything.
+
+A peer that a round went on without (a ``first-k`` or ``sample`` quorum, or a
+short pause) need not fetch the whole state: every member keeps the committed
+results of its last ``keep_results`` rounds and serves them, and the late
+peer fetches the rounds it missed and hands them to its optimizer, which
+applies them in order (``CaughtUp``), when that costs fewer bytes than the
+state. Anything wrong with a fetched result (gone, wrong size, not finite)
+falls back to the full state.
+
+A contribution's weight may be a number or a function of the round's plan
+(its members in rank order, its round id), evaluated after the quorum of
+each attempt: gradient coding's decoding coefficients depend on who made the
+round.
 
 State handed to the caller (``Resynced.snapshot``, ``start()``'s return)
 is applied by the caller, on its own thread: this module never touches the
@@ -27,24 +41,28 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import enum
 import logging
+import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from collectives.aggregators import AggregatorConfig
 from collectives.allreduce import AllReduceConfig, AllReduceResult, Collective
-from collectives.codecs import check_finite
-from collectives.errors import LoconetError, MemberFailure, RoundFailed
+from collectives.codecs import CodecConfig, check_finite
+from collectives.errors import LoconetError, MemberFailure, NonFiniteError, ProtocolError, RoundFailed
 from collectives.inbox import Group
 from collectives.membership import (
     CommitOutcome,
     CommitUnknown,
     MembershipClient,
     MembershipConfig,
+    MissedRound,
     PeerStatus,
     RoundPlan,
     Unregistered,
@@ -67,6 +85,7 @@ class Phase(enum.Enum):
     COMMITTED = "committed"
     ABORTED = "aborted"
     RESYNC = "resync"
+    CAUGHT_UP = "caught-up"
     REJOIN = "rejoin"
     FAILED = "failed"
 
@@ -74,12 +93,13 @@ class Phase(enum.Enum):
 # The only moves a sync call makes; anything else is a bug.
 TRANSITIONS: dict[Phase, set[Phase]] = {
     Phase.IDLE: {Phase.QUORUM},
-    Phase.QUORUM: {Phase.ALLREDUCE, Phase.RESYNC, Phase.REJOIN, Phase.FAILED},
+    Phase.QUORUM: {Phase.ALLREDUCE, Phase.RESYNC, Phase.CAUGHT_UP, Phase.REJOIN, Phase.FAILED},
     Phase.ALLREDUCE: {Phase.COMMIT},
     Phase.COMMIT: {Phase.COMMITTED, Phase.ABORTED},
     Phase.ABORTED: {Phase.QUORUM, Phase.REJOIN, Phase.FAILED},
     Phase.REJOIN: {Phase.QUORUM, Phase.RESYNC},
     Phase.RESYNC: set(),
+    Phase.CAUGHT_UP: set(),
     Phase.COMMITTED: set(),
     Phase.FAILED: set(),
 }
@@ -92,6 +112,33 @@ class Resynced(LoconetError):
         self.snapshot = snapshot
         self.source = source
         super().__init__(f"state replaced by round {snapshot.round_id} from {source}; load it and continue")
+
+
+@dataclass(frozen=True)
+class CommittedResult:
+    """A committed round's result as its members hold it: the flat fp32 tensor, and what the round carried."""
+
+    round_id: int
+    tag: str
+    value: torch.Tensor
+    source: str = ""
+    epoch: int = 0
+
+
+class CaughtUp(LoconetError):
+    """Rounds went on without this peer; ``rounds`` are their committed results, to apply in order.
+
+    The contribution of the sync that raised this was not used.
+    """
+
+    def __init__(self, rounds: list[CommittedResult]) -> None:
+        self.rounds = rounds
+        ids = ", ".join(str(r.round_id) for r in rounds)
+        super().__init__(f"late for round(s) {ids}: apply their committed results and continue")
+
+
+# A contribution's weight: a number, or a function of the round's plan evaluated after the quorum.
+Weight = float | Callable[[RoundPlan], float]
 
 
 class RetriesExhausted(RoundFailed):
@@ -114,6 +161,8 @@ class ElasticConfig:
     commit_timeout_s: float = 120.0
     # How long calls keep retrying an unreachable coordinator.
     patience_s: float = 300.0
+    # Committed results of this many recent rounds are kept and served to peers that were late for them.
+    keep_results: int = 2
 
 
 @dataclass
@@ -127,6 +176,8 @@ class SyncResult:
     members: tuple[str, ...]
     attempts: int
     stats: RoundStats
+    # The aggregator's decisions (e.g. which contributions Krum selected), one per statistic round.
+    decisions: list[dict] = field(default_factory=list)
 
 
 class ElasticCollective:
@@ -141,7 +192,9 @@ class ElasticCollective:
         self.config = config
         self.transport = Transport(config.transport)
         self.collective = Collective(self.transport, config.run_id, phase_hook=phase_hook)
-        self.state_server = StateServer(self.transport, config.run_id, provider or (lambda: None), config.state_sync)
+        self.state_server = StateServer(
+            self.transport, config.run_id, provider or (lambda: None), config.state_sync, results=self._result_snapshot
+        )
         self.membership = MembershipClient(
             self.transport,
             MembershipConfig(config.coordinator, config.run_id, name=config.name, patience_s=config.patience_s),
@@ -154,10 +207,41 @@ class ElasticCollective:
         self.history: deque[tuple[int, Phase]] = deque(maxlen=1000)
         self._heartbeat: asyncio.Task | None = None
         self._pending_resync = ""
+        # round id -> (tag, flat result) of the last keep_results committed rounds, served to late peers.
+        self._results: OrderedDict[int, tuple[str, torch.Tensor]] = OrderedDict()
+        self._round_numel: Callable[[str], int] | None = None
+        self._state_nbytes: Callable[[], int] | None = None
 
-    def provide_state(self, provider: Callable[[], StateSnapshot | None]) -> None:
-        """Serve joiners the state this function returns (a strategy registers its snapshot here)."""
+    def provide_state(
+        self,
+        provider: Callable[[], StateSnapshot | None],
+        round_numel: Callable[[str], int] | None = None,
+        state_nbytes: Callable[[], int] | None = None,
+    ) -> None:
+        """Serve joiners the state provider returns (an optimizer registers its snapshot here).
+
+        ``round_numel(tag)``: how many elements a round with that tag reduces; with it, a late
+        peer may catch up by fetching missed rounds' results (checked against it) instead of the
+        state, when they are fewer bytes than ``state_nbytes()``.
+        """
         self.state_server.provider = provider
+        self._round_numel = round_numel
+        self._state_nbytes = state_nbytes
+
+    def _result_snapshot(self, round_id: int) -> StateSnapshot | None:
+        # Runs on a thread off the loop; the entry is replaced, never mutated, so reading it is safe.
+        kept = self._results.get(round_id)
+        if kept is None:
+            return None
+        tag, value = kept
+        return StateSnapshot(round_id=round_id, tensors={"result": value}, meta={"tag": tag})
+
+    def _keep_result(self, round_id: int, tag: str, flat: torch.Tensor) -> None:
+        if self.config.keep_results <= 0:
+            return
+        self._results[round_id] = (tag, flat.clone())
+        while len(self._results) > self.config.keep_results:
+            self._results.popitem(last=False)
 
     @property
     def peer_id(self) -> str:
@@ -241,9 +325,14 @@ class ElasticCollective:
     async def _rejoin(self) -> None:
         joined = await self.membership.join(self.address, self.last_round, self.epoch, has_state=True)
         self.epoch = max(self.epoch, joined.epoch)
-        if joined.sync_from:
+        # With the rounds it missed named, the next quorum answer (which names them too) lets this
+        # peer catch up by their results; otherwise it fetches the whole state first.
+        if joined.sync_from and not joined.missed:
             self._pending_resync = joined.sync_from
-        log.info("%s rejoined the run (resync from %s)", self.peer_id, joined.sync_from or "-")
+        log.info(
+            "%s rejoined the run (resync from %s, %d missed round(s))",
+            self.peer_id, joined.sync_from or "-", len(joined.missed),
+        )
 
     async def _fetch(self, source: str) -> StateSnapshot:
         snapshot = await fetch_state_async(self.transport, source, self.config.run_id, self.peer_id, self.config.state_sync)
@@ -265,24 +354,28 @@ class ElasticCollective:
     def sync(
         self,
         tensors: torch.Tensor | Sequence[torch.Tensor],
-        weight: float = 1.0,
+        weight: Weight = 1.0,
         tag: str = "",
-        config: AllReduceConfig | None = None,
+        codec: CodecConfig | None = None,
+        aggregator: AggregatorConfig | None = None,
     ) -> SyncResult:
-        """Reduce tensors with the run in a committed round (blocking); raises Resynced, GroupTooSmall, RetriesExhausted."""
-        return self.sync_async(tensors, weight=weight, tag=tag, config=config).result()
+        """Reduce tensors with the run in a committed round (blocking); raises Resynced, CaughtUp, GroupTooSmall,
+        RetriesExhausted."""
+        return self.sync_async(tensors, weight=weight, tag=tag, codec=codec, aggregator=aggregator).result()
 
     def sync_async(
         self,
         tensors: torch.Tensor | Sequence[torch.Tensor],
-        weight: float = 1.0,
+        weight: Weight = 1.0,
         tag: str = "",
-        config: AllReduceConfig | None = None,
+        codec: CodecConfig | None = None,
+        aggregator: AggregatorConfig | None = None,
     ) -> concurrent.futures.Future[SyncResult]:
         """Start a sync and return its future; the input is copied first, so training may go on.
 
-        ``config`` overrides the peer's all-reduce settings for this sync (every member of
-        the run must pass the same, e.g. a strategy's codec for its pseudo-gradients).
+        ``codec`` and ``aggregator`` override the peer's all-reduce settings for this sync (every
+        member of the run must pass the same: the algorithm's). ``weight`` may be a function of
+        the round's plan, called after each attempt's quorum.
         """
         flat = flatten(tensors)
         # Refused before the quorum, so a NaN never costs the others a round.
@@ -290,7 +383,14 @@ class ElasticCollective:
         like = tensors if isinstance(tensors, torch.Tensor) else list(tensors)
         if total_numel(like) != flat.numel():
             raise ValueError("tensors changed while being flattened")
-        return self.transport.submit(self._sync(flat, float(weight), tag, like, config or self.config.allreduce))
+        config = self.config.allreduce
+        if codec is not None:
+            config = dataclasses.replace(config, codec=codec)
+        if aggregator is not None:
+            config = dataclasses.replace(config, aggregator=aggregator)
+        if not callable(weight):
+            weight = float(weight)
+        return self.transport.submit(self._sync(flat, weight, tag, like, config))
 
     def _move(self, round_id: int, to: Phase) -> None:
         if to not in TRANSITIONS[self.phase]:
@@ -299,7 +399,7 @@ class ElasticCollective:
         self.history.append((round_id, to))
         self.membership.status.activity = {Phase.ALLREDUCE: "in-round", Phase.RESYNC: "syncing"}.get(to, self.membership.status.activity)
 
-    async def _sync(self, flat: torch.Tensor, weight: float, tag: str, like, allreduce: AllReduceConfig) -> SyncResult:
+    async def _sync(self, flat: torch.Tensor, weight: Weight, tag: str, like, allreduce: AllReduceConfig) -> SyncResult:
         config = self.config
         out = torch.empty_like(flat)
         attempts = 0
@@ -324,19 +424,33 @@ class ElasticCollective:
                 self._move(0, Phase.FAILED)
                 raise
             if plan.action == "resync":
+                results = await self._catch_up(plan) if plan.missed else None
+                if results is not None:
+                    self._move(results[-1].round_id, Phase.CAUGHT_UP)
+                    raise CaughtUp(results)
                 # Fetched at the top of the loop; if that fails, the quorum is asked again
                 # and the coordinator names another source.
                 self._pending_resync = plan.sync_from
                 continue
             attempts += 1
+            self.epoch = max(self.epoch, plan.epoch)
             self._move(plan.round_id, Phase.ALLREDUCE)
-            done, failed, reason = await self._allreduce(plan, flat, weight, out, allreduce)
+            try:
+                plan.check_sample()
+                w = float(weight(plan)) if callable(weight) else weight
+                if not math.isfinite(w):
+                    raise ProtocolError(f"the weight function gave {w} for round {plan.round_id}")
+            except ProtocolError as exc:  # this member refuses the round; it reports so, and nothing is sent
+                done, failed, reason = None, (), f"{self.peer_id} refused round {plan.round_id}: {exc}"
+            else:
+                done, failed, reason = await self._allreduce(plan, flat, w, out, allreduce)
             self._move(plan.round_id, Phase.COMMIT)
             outcome = await self._commit(plan, done, failed, reason)
             self.epoch = max(self.epoch, outcome.epoch)
             if outcome.commit and done is not None:
                 self._move(plan.round_id, Phase.COMMITTED)
                 self.last_round = plan.round_id
+                self._keep_result(plan.round_id, tag, out)
                 return SyncResult(
                     value=unflatten_like(out, like),
                     round_id=plan.round_id,
@@ -344,6 +458,7 @@ class ElasticCollective:
                     members=tuple(pid for pid, _ in plan.members),
                     attempts=attempts,
                     stats=done.stats,
+                    decisions=done.decisions,
                 )
             self._move(plan.round_id, Phase.ABORTED)
             last_reason = outcome.reason or reason
@@ -355,6 +470,56 @@ class ElasticCollective:
                 self._move(plan.round_id, Phase.REJOIN)
                 await self._rejoin()
             self._move(plan.round_id, Phase.QUORUM)
+
+    async def _catch_up(self, plan: RoundPlan) -> list[CommittedResult] | None:
+        """The committed results of the rounds this peer missed, fetched from their members; None: fetch the state."""
+        if self._round_numel is None:
+            return None
+        ids = [m.round_id for m in plan.missed]
+        if ids != list(range(self.last_round + 1, self.last_round + 1 + len(ids))):
+            log.warning("missed rounds %s do not follow round %d; fetching the state", ids[:10], self.last_round)
+            return None
+        try:
+            sizes = [4 * self._round_numel(m.tag) for m in plan.missed]
+        except LoconetError as exc:
+            log.warning("cannot catch up by results (%s); fetching the state", exc)
+            return None
+        state_bytes = self._state_nbytes() if self._state_nbytes is not None else math.inf
+        if sum(sizes) >= state_bytes:
+            log.info("%d missed round(s) are %d bytes, the state %d: fetching the state", len(sizes), sum(sizes), state_bytes)
+            return None
+        results = []
+        for missed, nbytes in zip(plan.missed, sizes):
+            got = await self._fetch_result(missed, nbytes // 4)
+            if got is None:
+                return None
+            results.append(got)
+        self.last_round = results[-1].round_id
+        for r in results:
+            self._keep_result(r.round_id, r.tag, r.value)
+        return results
+
+    async def _fetch_result(self, missed: MissedRound, numel: int) -> CommittedResult | None:
+        """One missed round's result from the first of its members that still keeps it (checked), or None."""
+        for peer_id, address in missed.members:
+            if peer_id == self.peer_id:
+                continue
+            try:
+                snap = await fetch_state_async(
+                    self.transport, address, self.config.run_id, self.peer_id, self.config.state_sync, missed.round_id
+                )
+                value = snap.tensors.get("result")
+                if value is None or value.dtype != torch.float32 or value.shape != (numel,):
+                    raise StateSyncError(f"{address} served a result that is not {numel} fp32 values")
+                if snap.meta.get("tag") != missed.tag:
+                    raise StateSyncError(f"{address} served round {missed.round_id} as {snap.meta.get('tag')!r}")
+                check_finite(value, f"round {missed.round_id}'s result from {address}")
+            except (StateSyncError, NonFiniteError) as exc:
+                log.info("result of round %d not taken from %s: %s", missed.round_id, address, exc)
+                continue
+            return CommittedResult(missed.round_id, missed.tag, value.clone(), source=address, epoch=missed.epoch)
+        log.info("no member still keeps round %d's result; fetching the state", missed.round_id)
+        return None
 
     async def _allreduce(
         self, plan: RoundPlan, flat: torch.Tensor, weight: float, out: torch.Tensor, config: AllReduceConfig

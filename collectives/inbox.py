@@ -20,9 +20,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from protos import collective_pb2 as pb
+from collectives.aggregators import Aggregator, AggregatorConfig, make_aggregator
 from collectives.codecs import Codec, CodecConfig
 from collectives.errors import CodecError, LoconetError, ProtocolError, RoundFailed
 from collectives.parts import part_bounds
@@ -114,6 +116,7 @@ class RoundInbox:
     rows_buffer: torch.Tensor
     # The round's full result (numel elements), filled part by part in the gather phase.
     result: torch.Tensor
+    aggregator_config: AggregatorConfig = field(default_factory=AggregatorConfig)
     bounds: list[tuple[int, int]] = field(init=False)
     rows: torch.Tensor = field(init=False)
     weights: list[float | None] = field(init=False)
@@ -130,6 +133,9 @@ class RoundInbox:
     closed: bool = False
     bytes_received: int = 0
     decode_s: float = 0.0
+    # Statistic round -> rank -> that owner's float64 share (aggregators with whole-vector statistics).
+    shares: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
+    aggregator: Aggregator = field(init=False)
     _started: set[tuple[int, int]] = field(default_factory=set)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _inflight: int = 0
@@ -148,6 +154,8 @@ class RoundInbox:
         self.gather_left = set(others)
         self.scatter_progress = {j: -1 for j in others}
         self._codec_wire = codec_proto(self.codec.config)
+        self._aggregator_wire = str(self.aggregator_config)
+        self.aggregator = make_aggregator(self.aggregator_config)
 
     def contributions_ready(self) -> int:
         """How many leading elements of this member's part every member has contributed (-1: not started)."""
@@ -213,6 +221,11 @@ class RoundInbox:
             raise ProtocolError(f"sender reduces {tag.total_numel} elements, this round reduces {self.numel}")
         if tag.sender_rank >= g.size or tag.sender_rank == g.rank:
             raise ProtocolError(f"sender rank {tag.sender_rank} is not another member of a {g.size}-member round")
+        if tag.aggregator != self._aggregator_wire:
+            raise ProtocolError(
+                f"sender aggregates with {tag.aggregator[:200]!r}, this round with {self._aggregator_wire!r}: "
+                "every member of a run must use the same aggregator"
+            )
 
     def begin_stream(self, header: pb.PartChunk) -> _Stream:
         """Validate the first chunk of a stream and claim its (phase, sender) slot."""
@@ -285,6 +298,45 @@ class RoundInbox:
         self.decode_s += self.decode_into(payload, target)
         self.advance(stream, header.count)
 
+    # -- statistic shares -------------------------------------------------------------
+
+    def put_share(self, r: int, rank: int, share: torch.Tensor) -> None:
+        """Record an owner's share of statistic round r and wake the round."""
+        self.shares.setdefault(r, {})[rank] = share
+        self.wake()
+
+    def accept_share(self, message: pb.StatShare) -> None:
+        """Validate another owner's share (round, size, finite values, no duplicate) and record it."""
+        if self.closed:
+            raise RoundClosed(f"round {self.group.round_id} is already finished here")
+        self.check_tag(message.tag)
+        n, r, sender = self.group.size, message.stat_round, message.tag.sender_rank
+        rounds = self.aggregator.stat_rounds(n)
+        if r >= rounds:
+            raise ProtocolError(f"statistic round {r} of an aggregator with {rounds} statistic round(s)")
+        expected = self.aggregator.share_numel(n, r) * 8
+        if len(message.values) != expected:
+            raise ProtocolError(f"a share of {len(message.values)} bytes, statistic round {r} needs {expected}")
+        if sender in self.shares.get(r, {}):
+            raise DuplicateStream(f"rank {sender} already sent its share of statistic round {r}")
+        share = torch.from_numpy(np.frombuffer(message.values, dtype="<f8").copy())
+        if not bool(torch.isfinite(share).all()):
+            raise ProtocolError(f"rank {sender}'s share of statistic round {r} holds NaN or Inf")
+        self.put_share(r, sender, share)
+
+    def shares_complete(self, r: int) -> bool:
+        """Whether every owner's share of statistic round r is in."""
+        return len(self.shares.get(r, {})) == self.group.size
+
+    def missing_shares(self, r: int) -> set[int]:
+        """Ranks whose share of statistic round r has not arrived."""
+        return set(range(self.group.size)) - set(self.shares.get(r, {}))
+
+    def shares_of(self, r: int) -> list[torch.Tensor]:
+        """The shares of statistic round r in rank order (call once complete)."""
+        got = self.shares[r]
+        return [got[j] for j in range(self.group.size)]
+
     def begin_decode(self) -> None:
         """Count a decode running on another thread: the round's buffers stay in use until it ends."""
         self._inflight += 1
@@ -354,6 +406,10 @@ class RoundRegistry:
                 inbox.set_error(RoundFailed(f"round {key[0]} aborted: {reason}"))
         async with self._opened:
             self._opened.notify_all()
+
+    def open_inbox(self, round_id: int, epoch: int) -> RoundInbox | None:
+        """The inbox of an open round (None if it is not open here), for observers and tests."""
+        return self._open.get((round_id, epoch))
 
     def close(self, inbox: RoundInbox) -> None:
         """Forget an open round; later messages for it are rejected as stale."""

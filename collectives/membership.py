@@ -5,6 +5,12 @@ with exponential backoff while the coordinator is unreachable (it may be
 restarting: peers keep training meanwhile). Answers the peer must act on
 become specific exceptions: ``Unregistered`` (join again), ``GroupTooSmall``,
 ``CommitUnknown`` (the coordinator lost the round; treat as not applied).
+
+A round is named by (round id, epoch): round ids are the run's last committed
+round + 1, and a retry after an abort keeps the id with a new epoch. A peer
+told to resync may get ``missed``: the committed rounds it lacks, each with
+live members holding its result, to apply in order instead of fetching the
+whole state.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import grpc
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 from collectives.errors import LoconetError, RoundFailed
+from collectives.sampling import check_sample, sample_size
 from collectives.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -67,6 +74,23 @@ class MembershipConfig:
 
 
 @dataclass(frozen=True)
+class MissedRound:
+    """A committed round this peer lacks: fetch its result from one of ``members`` and apply it."""
+
+    round_id: int
+    epoch: int
+    tag: str = ""
+    members: tuple[tuple[str, str], ...] = ()  # (peer id, address) of live members holding the result, by peer id
+
+
+def _missed(rounds) -> tuple[MissedRound, ...]:
+    """MissedRounds from the coordinator's CommittedRound messages, in order."""
+    return tuple(
+        MissedRound(r.round_id, r.epoch, r.tag, tuple((m.peer_id, m.address) for m in r.members)) for r in rounds
+    )
+
+
+@dataclass(frozen=True)
 class Joined:
     """The coordinator's answer to a join."""
 
@@ -76,6 +100,8 @@ class Joined:
     epoch: int
     last_committed_round: int
     sync_from: str
+    # With sync_from, for a peer that holds a state: the rounds it lacks, if all can be fetched (else empty).
+    missed: tuple[MissedRound, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +115,20 @@ class RoundPlan:
     rank: int = 0
     sync_from: str = ""
     last_committed_round: int = 0
+    # resync: the committed rounds after this peer's last round, in order, when every one of them can be
+    # fetched from a live member; empty: fetch the whole state from sync_from.
+    missed: tuple[MissedRound, ...] = ()
+    # round: the quorum policy that chose the members ("all", "first-k:K", "sample:K"), the run's seed
+    # and, for sample:K, the peer ids the sample was drawn from (see check_sample).
+    policy: str = ""
+    seed: int = 0
+    candidates: tuple[str, ...] = ()
+
+    def check_sample(self) -> None:
+        """Raise SampleMismatch if this is a sample:K round whose members are not the seeded sample."""
+        k = sample_size(self.policy)
+        if self.action == "round" and k is not None:
+            check_sample(self.seed, self.round_id, self.candidates, k, [pid for pid, _ in self.members])
 
 
 @dataclass(frozen=True)
@@ -178,6 +218,7 @@ class MembershipClient:
             epoch=reply.epoch,
             last_committed_round=reply.last_committed_round,
             sync_from=reply.sync_from,
+            missed=_missed(reply.missed),
         )
 
     async def heartbeat_forever(self, interval_s: float, last_round: Callable[[], int], traffic: Callable[[], tuple[int, int]]) -> None:
@@ -218,7 +259,13 @@ class MembershipClient:
                 raise GroupTooSmall(str(exc)) from None
             raise
         if reply.action == pb.QuorumResponse.RESYNC:
-            return RoundPlan(action="resync", sync_from=reply.sync_from, last_committed_round=reply.last_committed_round, epoch=reply.epoch)
+            return RoundPlan(
+                action="resync",
+                sync_from=reply.sync_from,
+                last_committed_round=reply.last_committed_round,
+                epoch=reply.epoch,
+                missed=_missed(reply.missed),
+            )
         return RoundPlan(
             action="round",
             round_id=reply.round_id,
@@ -226,6 +273,9 @@ class MembershipClient:
             members=tuple((m.peer_id, m.address) for m in reply.members),
             rank=reply.rank,
             last_committed_round=reply.last_committed_round,
+            policy=reply.policy,
+            seed=reply.seed,
+            candidates=tuple(reply.candidates),
         )
 
     async def commit(
@@ -246,7 +296,8 @@ class MembershipClient:
             reply = await self._call("Commit", request, timeout_s)
         except Unregistered as exc:
             # A restarted coordinator knows neither this peer nor the round: nobody can commit it.
-            raise CommitUnknown(f"round {plan.round_id}: the coordinator lost it ({exc})") from None
+            lost = f"round {plan.round_id} (epoch {plan.epoch}): the coordinator lost it ({exc})"
+            raise CommitUnknown(lost) from None
         return CommitOutcome(commit=reply.commit, reason=reply.reason, epoch=reply.epoch, dropped=tuple(reply.dropped))
 
     async def leave(self, reason: str = "") -> None:

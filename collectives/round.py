@@ -7,6 +7,15 @@ all-gather overlaps the aggregate-scatter), waits for every part and every
 acknowledgement, and on any failure names the failed members and tells the
 others with an abort notice. Also here: the wire constants of the Collective
 service and the configuration every member of a round must share.
+
+An aggregator that needs a whole-vector statistic (Krum, Bulyan, clipping;
+``collectives/aggregators.py``) adds statistic rounds between the scatter and
+the reduce: once every contribution to its part is in, each owner computes its
+share (a small float64 vector: per-contribution squared norms, pairwise squared
+distances), sends it to every member (``PushStat``), and every member sums the
+n shares in rank order and derives the same decision. The owners then reduce
+with it; the gather is as before. Such a round cannot reduce a chunk before
+the whole scatter is done, so it gives up the scatter/gather overlap.
 """
 
 from __future__ import annotations
@@ -22,12 +31,11 @@ import grpc
 import torch
 
 from protos import collective_pb2 as pb
+from collectives.aggregators import Aggregator, AggregatorConfig, combine_shares
 from collectives.codecs import Codec, CodecConfig, check_finite
-from collectives.errors import LoconetError, MemberFailure, NonFiniteError, RoundFailed, StaleRound
+from collectives.errors import ConfigError, LoconetError, MemberFailure, NonFiniteError, RoundFailed, StaleRound
 from collectives.inbox import GATHER, SCATTER, Group, RoundInbox, codec_proto
 from collectives.parts import chunk_bounds
-from collectives.reducers import ReducerConfig
-from collectives.reducers import prepare as prepare_reducer
 from collectives.stats import RoundStats
 from collectives.transport import Transport, as_async_iter
 from collectives.wire import encode_chunk
@@ -37,6 +45,7 @@ log = logging.getLogger(__name__)
 SERVICE = "loconet.collective.v1.Collective"
 PUSH_METHOD = f"/{SERVICE}/PushPart"
 ABORT_METHOD = f"/{SERVICE}/Abort"
+STAT_METHOD = f"/{SERVICE}/PushStat"
 # Trailing-metadata key that tells a sender why its stream was rejected.
 ERROR_KIND_KEY = "loconet-error"
 # Deadline of the best-effort abort notices.
@@ -45,10 +54,10 @@ ABORT_NOTICE_TIMEOUT_S = 2.0
 
 @dataclass(frozen=True)
 class AllReduceConfig:
-    """How a round encodes, reduces and waits. Every member of a round must use the same codec and reducer."""
+    """How a round encodes, aggregates and waits. Every member of a round must use the same codec and aggregator."""
 
     codec: CodecConfig = field(default_factory=CodecConfig)
-    reducer: ReducerConfig = field(default_factory=ReducerConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     # Whole-round deadline: a member that has not finished by then raises MemberFailure.
     timeout_s: float = 60.0
     # At the deadline, a member stuck in the gather phase waits this much longer for
@@ -63,7 +72,11 @@ def chunk_numel(codec: Codec, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // per_block) * block
 
 
-def round_tag(group: Group, numel: int) -> pb.RoundTag:
+class GroupUnfit(RoundFailed):
+    """The round's aggregator cannot run with this many members (e.g. Bulyan below 4f+3); the message says why."""
+
+
+def round_tag(group: Group, numel: int, aggregator: AggregatorConfig) -> pb.RoundTag:
     """The tag this member puts on every message of a round."""
     return pb.RoundTag(
         run_id=group.run_id,
@@ -72,12 +85,14 @@ def round_tag(group: Group, numel: int) -> pb.RoundTag:
         sender_rank=group.rank,
         group_size=group.size,
         total_numel=numel,
+        aggregator=str(aggregator),
     )
 
 
 def chunk_message(
     group: Group,
     numel: int,
+    aggregator: AggregatorConfig,
     codec: CodecConfig,
     phase: int,
     part: int,
@@ -89,7 +104,7 @@ def chunk_message(
 ) -> bytes:
     """One serialised PartChunk of a round, as sent on the wire."""
     header = pb.PartChunk(
-        tag=round_tag(group, numel),
+        tag=round_tag(group, numel, aggregator),
         phase=phase,
         part_index=part,
         part_numel=part_numel,
@@ -119,6 +134,7 @@ class Round:
         group: Group,
         inbox: RoundInbox,
         codec: Codec,
+        aggregator: Aggregator,
         config: AllReduceConfig,
         stats: RoundStats,
         deadline: float,
@@ -129,6 +145,7 @@ class Round:
         self.group = group
         self.inbox = inbox
         self.codec = codec
+        self.aggregator = aggregator
         self.config = config
         self.stats = stats
         self.deadline = deadline
@@ -141,6 +158,9 @@ class Round:
         self._gathered: list[bytes] = []
         self._gather_ready = asyncio.Event()
         self._gather_done = False
+        # The aggregator's decisions, one per statistic round (what Krum selected, clipping scales...).
+        self.decisions: list[dict] = []
+        self._own_copied = False
         loop = asyncio.get_running_loop()
         for j in self.others:
             self.tasks.append(loop.create_task(self._watch(j)))
@@ -155,6 +175,11 @@ class Round:
         overlaps the aggregate-scatter and a slow link never idles. Chunk
         boundaries are fixed, so the result does not depend on timing.
         """
+        try:
+            self.aggregator.check_group(self.group.size)
+            stat_rounds = self.aggregator.stat_rounds(self.group.size)
+        except ConfigError as exc:  # every member finds the same before sending anything: nobody can reduce
+            raise GroupUnfit(f"round {self.group.round_id}: {exc}") from None
         self._enter("scatter")
         me = self.group.rank
         a, b = self.inbox.bounds[me]
@@ -168,6 +193,8 @@ class Round:
             self._send(j, self._scatter_messages(j, flat, weight, residual))
         for j in self.others:
             self._send(j, self._gather_messages())
+        if stat_rounds:
+            await self._statistics(stat_rounds, flat[a:b])
         own = self.inbox.result[a:b]
         reduce = None
         for c0, c1 in chunk_bounds(0, b - a, self.chunk_numel):
@@ -175,7 +202,7 @@ class Round:
             if c1 == b - a:
                 self._enter("gather")
             if reduce is None:  # every contribution's weight is known from its first chunk
-                reduce = prepare_reducer(self.config.reducer, self.inbox.weights)
+                reduce = self.aggregator.prepare(self.inbox.weights, self.decisions)
             message = await self.transport.run_cpu(self._reduce_chunk, reduce, flat[a + c0:a + c1], own, b - a, c0, c1)
             self._gathered.append(message)
             self._gather_ready.set()
@@ -188,16 +215,43 @@ class Round:
             lambda: self.inbox.gather_left,
         )
 
-    def _reduce_chunk(self, reduce, mine: torch.Tensor, own: torch.Tensor, part_numel: int, c0: int, c1: int) -> bytes:
-        # Runs on a codec thread: add this member's own contribution (mine), reduce, encode,
-        # keep the decoded value, frame the message.
-        t0 = time.perf_counter()
+    async def _statistics(self, stat_rounds: int, mine: torch.Tensor) -> None:
+        """Exchange the owners' shares of the aggregator's statistics and derive its decisions (same on every member)."""
+        a, b = self.inbox.bounds[self.group.rank]
+        await self._wait("scatter", lambda: self.inbox.contributions_ready() >= b - a, self._late_contributors)
+        await self.transport.run_cpu(self._copy_own, mine, 0, b - a)
+        self._own_copied = True
+        weights = list(self.inbox.weights)
+        for r in range(stat_rounds):
+            share = await self.transport.run_cpu(self.aggregator.share, r, self.inbox.rows, weights, self.decisions)
+            self.inbox.put_share(r, self.group.rank, share)
+            message = self._stat_message(r, share)
+            for j in self.others:
+                self._send_stat(j, message)
+            await self._wait("statistics", lambda: self.inbox.shares_complete(r), lambda: self.inbox.missing_shares(r))
+            total = combine_shares(self.inbox.shares_of(r))
+            self.decisions.append(self.aggregator.decide(r, total, weights, self.decisions))
+
+    def _stat_message(self, r: int, share: torch.Tensor) -> bytes:
+        values = share.to(torch.float64).contiguous().numpy().astype("<f8", copy=False).tobytes()
+        tag = round_tag(self.group, self.inbox.numel, self.config.aggregator)
+        return pb.StatShare(tag=tag, stat_round=r, values=values).SerializeToString()
+
+    def _copy_own(self, mine: torch.Tensor, c0: int, c1: int) -> None:
+        # This member's own contribution goes into its row exactly (it never crosses the wire).
         row = self.inbox.rows[self.group.rank, c0:c1]
         row.copy_(mine)
         try:
             check_finite(row, "values to reduce")
         except NonFiniteError as exc:
             raise self._nonfinite(exc) from None
+
+    def _reduce_chunk(self, reduce, mine: torch.Tensor, own: torch.Tensor, part_numel: int, c0: int, c1: int) -> bytes:
+        # Runs on a codec thread: add this member's own contribution (mine), reduce, encode,
+        # keep the decoded value, frame the message.
+        t0 = time.perf_counter()
+        if not self._own_copied:
+            self._copy_own(mine, c0, c1)
         reduced = reduce(self.inbox.rows[:, c0:c1])
         t1 = time.perf_counter()
         try:
@@ -242,7 +296,7 @@ class Round:
 
     async def _wait(self, phase: str, done, missing) -> None:
         ok = await self.inbox.wait_for(done, self.deadline)
-        if not ok and phase == "gather" and self.config.blame_grace_s > 0:
+        if not ok and phase in ("gather", "statistics") and self.config.blame_grace_s > 0:
             # The owners we wait for may themselves wait for the real culprit; give
             # their abort notice a moment to arrive before blaming them.
             await self.inbox.wait_for(done, time.monotonic() + self.config.blame_grace_s)
@@ -276,7 +330,10 @@ class Round:
         return self._message(SCATTER, j, part_numel, offset, x.numel(), weight, payload)
 
     def _message(self, phase: int, part: int, part_numel: int, offset: int, count: int, weight: float, payload: bytes) -> bytes:
-        return chunk_message(self.group, self.inbox.numel, self.codec.config, phase, part, part_numel, offset, count, weight, payload)
+        return chunk_message(
+            self.group, self.inbox.numel, self.config.aggregator, self.codec.config,
+            phase, part, part_numel, offset, count, weight, payload,
+        )
 
     async def _scatter_messages(
         self, j: int, flat: torch.Tensor, weight: float, residual: torch.Tensor | None
@@ -295,11 +352,20 @@ class Round:
         self.pending[j] += 1
         self.tasks.append(asyncio.get_running_loop().create_task(self._send_to(j, messages)))
 
-    async def _send_to(self, j: int, messages: Iterator[bytes] | AsyncIterator[bytes]) -> None:
+    def _send_stat(self, j: int, message: bytes) -> None:
+        self.pending[j] += 1
+        self.stats.bytes_sent += len(message)
+        self.tasks.append(asyncio.get_running_loop().create_task(self._send_to(j, None, message)))
+
+    async def _send_to(self, j: int, messages: Iterator[bytes] | AsyncIterator[bytes] | None, unary: bytes = b"") -> None:
         address = self.group.members[j]
-        counted = self._count(messages)
         try:
-            await self.transport.stream_call(address, PUSH_METHOD, counted, self.deadline - time.monotonic())
+            if messages is None:
+                await self.transport.unary_call(address, STAT_METHOD, unary, self.deadline - time.monotonic())
+            else:
+                await self.transport.stream_call(
+                    address, PUSH_METHOD, self._count(messages), self.deadline - time.monotonic()
+                )
         except grpc.aio.AioRpcError as exc:
             kind = _rejection_kind(exc)
             if kind == "stale":
@@ -329,16 +395,19 @@ class Round:
     # -- failure -------------------------------------------------------------------------
 
     def broadcast_abort(self, failed: list[int], reason: str) -> None:
-        """Tell every member not known to have failed that this round is aborted (best effort)."""
+        """Tell every other member that this round is aborted and whom it blames (best effort).
+
+        The blamed members are told too: one that is alive but sent bad data would otherwise
+        wait for the deadline (its streams to this member may already be refused as closed).
+        """
         g = self.group
         notice = pb.AbortNotice(
-            tag=round_tag(g, self.inbox.numel),
+            tag=round_tag(g, self.inbox.numel, self.config.aggregator),
             failed_ranks=sorted(failed),
             reason=reason[:1000],
         ).SerializeToString()
         for j in self.others:
-            if j not in failed:
-                self.spawn(self._notify(g.members[j], notice))
+            self.spawn(self._notify(g.members[j], notice))
 
     async def _notify(self, address: str, notice: bytes) -> None:
         try:

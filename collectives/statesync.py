@@ -2,12 +2,15 @@
 
 Protocol (``protos/state.proto``, service ``loconet.state.v1.StateSync``)::
 
-    joiner --FetchState(StateRequest{run_id, peer_id})--> server
+    joiner --FetchState(StateRequest{run_id, peer_id, result_of_round})--> server
     joiner <-- StateChunk{manifest, offset=0, data?} --    first chunk: the manifest
     joiner <-- StateChunk{offset, data} ...           --    data chunks, offsets contiguous
 
 A state is an ordered list of named tensors plus a small JSON object of
-metadata, taken at a round boundary (``StateSnapshot``). The server calls its
+metadata, taken at a round boundary (``StateSnapshot``). The same stream
+serves the committed result of a recent round (``result_of_round``: the
+reduced tensor every member of that round holds), so that a peer a round went
+on without can apply it instead of fetching the whole state. The server calls its
 provider once per request, on a thread off the event loop, and streams the tensors' raw
 little-endian bytes, concatenated in manifest order, in chunks of at most
 ``chunk_bytes`` (a chunk may span several tensors; the first may carry data
@@ -231,11 +234,12 @@ def _frame(manifest: bytes | None, offset: int, pieces: list[memoryview]) -> byt
 
 
 class StateServer:
-    """Serves this peer's current state to joiners (the FetchState handler).
+    """Serves this peer's current state to joiners, and recent rounds' results to late peers (FetchState).
 
     ``provider`` is called once per request on a thread off the event loop and must return
     a consistent snapshot (copied under the caller's own lock), or None while
-    this peer holds no state yet.
+    this peer holds no state yet. ``results(round_id)`` returns the committed result
+    of a recent round as a snapshot, or None when this peer does not keep it.
     """
 
     def __init__(
@@ -244,12 +248,14 @@ class StateServer:
         run_id: str,
         provider: Callable[[], StateSnapshot | None],
         config: StateSyncConfig = StateSyncConfig(),
+        results: Callable[[int], StateSnapshot | None] | None = None,
     ) -> None:
         if not run_id:
             raise ValueError("run_id must be a non-empty string")
         self.transport = transport
         self.run_id = run_id
         self.provider = provider
+        self.results = results
         self.config = config
         self._active = 0  # fetches being served (touched on the loop only)
         # Bytes sent to joiners (also in the transport's counters), so reports can tell them apart.
@@ -262,9 +268,12 @@ class StateServer:
         )
         return [method_handlers(SERVICE, {"FetchState": method})]
 
-    def _snapshot(self) -> _Encoded | None:
+    def _snapshot(self, result_of_round: int = 0) -> _Encoded | None:
         # Runs off the event loop: the provider copies the state, then it is checked and hashed.
-        snapshot = self.provider()
+        if result_of_round:
+            snapshot = self.results(result_of_round) if self.results is not None else None
+        else:
+            snapshot = self.provider()
         return None if snapshot is None else _encode_snapshot(snapshot, self.run_id, self.config)
 
     async def _handle_fetch(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -287,10 +296,15 @@ class StateServer:
         try:
             started = time.monotonic()
             try:
-                encoded = await self.transport.run_off_loop(self._snapshot)
+                encoded = await self.transport.run_off_loop(self._snapshot, req.result_of_round)
             except Exception as exc:
                 log.exception("the state provider failed while serving %s", who)
                 await context.abort(grpc.StatusCode.INTERNAL, f"the serving peer could not snapshot its state: {exc}")
+            if encoded is None and req.result_of_round:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"this peer no longer keeps the result of round {req.result_of_round}; fetch the whole state",
+                )
             if encoded is None:
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -493,13 +507,18 @@ def _rpc_hint(code: grpc.StatusCode) -> str:
 
 
 async def fetch_state_async(
-    transport: Transport, address: str, run_id: str, peer_id: str = "", config: StateSyncConfig = StateSyncConfig()
+    transport: Transport,
+    address: str,
+    run_id: str,
+    peer_id: str = "",
+    config: StateSyncConfig = StateSyncConfig(),
+    result_of_round: int = 0,
 ) -> StateSnapshot:
-    """Fetch, verify and return the state served at address; run on the transport's loop."""
+    """Fetch, verify and return the state served at address (or round result_of_round's result); run on the loop."""
     if sys.byteorder != "little":
         raise StateSyncError("state sync needs a little-endian host")
     started = time.monotonic()
-    request = pb.StateRequest(run_id=run_id, peer_id=peer_id).SerializeToString()
+    request = pb.StateRequest(run_id=run_id, peer_id=peer_id, result_of_round=result_of_round).SerializeToString()
     call = transport.channel(address).unary_stream(
         FETCH_METHOD, request_serializer=identity, response_deserializer=identity
     )(request, timeout=config.timeout_s)
@@ -554,6 +573,8 @@ async def fetch_state_async(
         raise _fail(address, f"the stream ended after {received} of {manifest.total_bytes} bytes")
     if not hmac.compare_digest(receiver.hash.digest(), manifest.sha256):
         raise _fail(address, "the SHA-256 of the received bytes does not match the manifest; fetch again")
+    if result_of_round and manifest.round_id != result_of_round:
+        raise _fail(address, f"asked for the result of round {result_of_round}, got round {manifest.round_id}'s")
     log.info(
         "fetched round %d state from %s: %d tensors, %d bytes in %.2f s",
         manifest.round_id, address, len(entries), received, time.monotonic() - started,

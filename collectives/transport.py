@@ -11,6 +11,11 @@ Messages are bytes: the services that use the transport do their own
 copied through protobuf objects. The transport counts every byte, paces them
 with optional token buckets (to emulate a slow link on loopback), and puts a
 deadline on every call.
+
+Its server and channels come from ``collectives.rpc`` (options, credentials
+hook, health service). It binds ``host`` and reports ``advertise`` as its
+``address``: what it registers with the coordinator and what joiners fetch
+state from.
 """
 
 from __future__ import annotations
@@ -21,14 +26,26 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from collectives.errors import ConfigError
-from collectives.ratelimit import TokenBucket
+from collectives.ratelimit import TokenBucket, format_bandwidth, parse_bandwidth
+from collectives.rpc import (
+    DEFAULT_KEEPALIVE_S,
+    DEFAULT_MESSAGE_BYTES,
+    RpcSecurity,
+    RpcSettings,
+    advertised_address,
+    bind,
+    health_check,
+    make_channel,
+    make_server,
+    parse_advertise,
+    split_address,
+)
 from collectives.stats import TrafficCounters
 
 log = logging.getLogger(__name__)
@@ -53,31 +70,52 @@ def identity(data: bytes) -> bytes:
 class TransportConfig:
     """Where a peer listens and how it moves bytes."""
 
-    # Interface to bind. Loopback unless the user asks for more (never all interfaces by default).
-    host: str = "127.0.0.1"
-    # 0 lets the OS choose a free port.
-    port: int = 0
+    # Loopback unless the user asks for more (never all interfaces by default).
+    host: str = field(
+        default="127.0.0.1", metadata={"help": "interface this peer's data-plane server binds (0.0.0.0: all)"}
+    )
+    port: int = field(default=0, metadata={"help": "data-plane port (0: any free port)"})
+    advertise: str | None = field(
+        default=None,
+        metadata={"help": "HOST[:PORT] other peers reach this one at (HOST alone: the bound port; none: --host)"},
+    )
     # Largest payload per streamed message; parts are cut into chunks of this size.
-    chunk_bytes: int = 1 << 20
+    chunk_bytes: int = field(default=1 << 20, metadata={"cli": False})
     # gRPC send/receive limit per message (None: 4 MiB, or what chunk_bytes needs if more).
     # Every peer of a run must accept the chunks the others send.
-    max_message_bytes: int | None = None
+    max_message_bytes: int | None = field(default=None, metadata={"cli": False})
     # Cap on bytes sent and, separately, bytes received, in bits per second (None: no cap).
-    bandwidth_bps: float | None = None
+    bandwidth_bps: float | None = field(
+        default=None,
+        metadata={
+            "help": "cap this peer's send and receive rate, e.g. 100mbit",
+            "flag": "bandwidth",
+            "parse": parse_bandwidth,
+            "format": format_bandwidth,
+        },
+    )
     # Bound on RPCs a peer serves at once, so other peers cannot make it hold unbounded state.
-    max_concurrent_rpcs: int = 256
+    max_concurrent_rpcs: int = field(default=256, metadata={"cli": False})
     # HTTP/2 keepalive ping interval; a peer that stops answering loses its connection.
-    keepalive_s: float = 10.0
+    keepalive_s: float = field(default=DEFAULT_KEEPALIVE_S, metadata={"cli": False})
     # Threads that encode and decode payloads off the event loop (torch and numpy release the GIL),
     # so the loop keeps every stream moving while chunks are being (de)quantized. 0 runs that
     # work on the loop itself: better when peer processes share the cores (a local harness or
     # benchmark with more peers than cores), where the processes are the parallelism and extra
     # threads only queue for the GIL (measured in BENCHMARKS.md).
-    codec_threads: int = 2
+    codec_threads: int = field(
+        default=2,
+        metadata={"help": "threads that encode and decode off the event loop; 0 when peers on this machine fill its cores"},
+    )
+    security: RpcSecurity = field(
+        default=RpcSecurity(), metadata={"help": "credentials of the peer's gRPC server and channels", "cli": False}
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.advertise is not None:
+            parse_advertise(self.advertise)
         if self.chunk_bytes < 1024:
             raise ConfigError(f"chunk_bytes must be at least 1024, got {self.chunk_bytes}")
         if self.max_message_bytes is not None and self.max_message_bytes < message_bound(self.chunk_bytes):
@@ -95,20 +133,17 @@ class TransportConfig:
         """The effective gRPC message size limit in bytes."""
         if self.max_message_bytes is not None:
             return self.max_message_bytes
-        return max(4 << 20, message_bound(self.chunk_bytes))
+        return max(DEFAULT_MESSAGE_BYTES, message_bound(self.chunk_bytes))
 
-    def grpc_options(self) -> list[tuple[str, int]]:
-        """Channel and server options shared by both ends."""
-        return [
-            ("grpc.max_send_message_length", self.message_limit),
-            ("grpc.max_receive_message_length", self.message_limit),
-            *keepalive_options(self.keepalive_s),
-            # Reconnect fast: a restarted peer comes back at the same address.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 2000),
-            ("grpc.enable_retries", 0),
-        ]
+    def rpc_settings(self) -> RpcSettings:
+        """The settings of this peer's gRPC server and channels (collectives.rpc)."""
+        return RpcSettings(
+            max_receive_bytes=self.message_limit,
+            max_send_bytes=self.message_limit,
+            keepalive_s=self.keepalive_s,
+            max_concurrent_rpcs=self.max_concurrent_rpcs,
+            security=self.security,
+        )
 
 
 def codec_threads_for(peer_processes: int, cores: int | None = None) -> int:
@@ -117,42 +152,8 @@ def codec_threads_for(peer_processes: int, cores: int | None = None) -> int:
     return 0 if peer_processes >= cores else TransportConfig.codec_threads
 
 
-# Server option: gRPC sets SO_REUSEPORT by default, so a second server could bind a port
-# already in use and silently take half of its connections (two coordinators of one run,
-# each forming its own quorums). Without it, the second bind fails with a clear error.
-EXCLUSIVE_PORT = [("grpc.so_reuseport", 0)]
-
-
-def keepalive_options(keepalive_s: float) -> list[tuple[str, int]]:
-    """gRPC options for both ends of a connection that pings every keepalive_s seconds.
-
-    The server side must accept pings at that rate, or it answers with a
-    GOAWAY ("too_many_pings") that fails the calls in flight.
-    """
-    return [
-        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(keepalive_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.http2.min_ping_interval_without_data_ms", int(keepalive_s * 500)),
-    ]
-
-
 class TransportClosed(RuntimeError):
     """The transport was closed (or never started); start a new one."""
-
-
-def format_address(host: str, port: int) -> str:
-    """host:port, with IPv6 hosts bracketed."""
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """(host, port) of a host:port address (IPv6 hosts bracketed); ValueError if it has no port."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address {address!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 async def port_refuses(address: str, timeout_s: float = 1.0) -> str | None:
@@ -172,21 +173,18 @@ async def port_refuses(address: str, timeout_s: float = 1.0) -> str | None:
     return None
 
 
-async def peer_unresponsive(address: str, timeout_s: float = 2.0) -> str | None:
+async def peer_unresponsive(address: str, timeout_s: float = 2.0, settings: RpcSettings | None = None) -> str | None:
     """Why the gRPC server at address is out of reach (port refused, or no health answer in time), or None."""
     why = await port_refuses(address, min(timeout_s, 1.0))
     if why is not None:
         return why
-    # The port accepts, but a paused process's kernel accepts too: ask the server itself,
-    # on a fresh channel (the pooled one is the connection that just failed).
-    channel = grpc.aio.insecure_channel(address)
+    # The port accepts, but a paused process's kernel accepts too: ask the server itself
+    # (on a fresh connection: the pooled one is the connection that just failed).
     try:
-        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        serving = await health_check(address, timeout_s, settings)
     except grpc.aio.AioRpcError as exc:
         return f"no answer to a health check ({exc.code().name})"
-    finally:
-        await channel.close()
-    return None
+    return None if serving else "its health check says it is not serving"
 
 
 class Transport:
@@ -195,11 +193,13 @@ class Transport:
     def __init__(self, config: TransportConfig | None = None) -> None:
         self.config = config or TransportConfig()
         self.counters = TrafficCounters()
+        self._rpc = self.config.rpc_settings()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._address: str | None = None
+        self._bound_address: str | None = None
         self._cpu: concurrent.futures.ThreadPoolExecutor | None = None
         self._send_bucket: TokenBucket | None = None
         self._recv_bucket: TokenBucket | None = None
@@ -212,8 +212,9 @@ class Transport:
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self, handlers: Sequence[grpc.GenericRpcHandler] = ()) -> str:
-        """Start the loop thread and the server with these handlers; return the bound address.
+        """Start the loop thread and the server with these handlers; return the address others reach it at.
 
+        That is ``advertise`` when configured (``bound_address`` is what it bound).
         The server also answers the standard gRPC health service (grpc.health.v1).
         """
         if self._thread is not None:
@@ -233,21 +234,23 @@ class Transport:
         self._thread.start()
         ready.wait()
         try:
-            self._address = self.submit(self._start_server(list(handlers))).result(timeout=30)
+            self._bound_address = self.submit(self._start_server(tuple(handlers))).result(timeout=30)
         except BaseException:
             self.close()
             raise
-        log.info("transport listening on %s", self._address)
+        self._address = advertised_address(
+            self.config.host, split_address(self._bound_address)[1], self.config.advertise, role="peer"
+        )
+        if self._address == self._bound_address:
+            log.info("transport listening on %s", self._address)
+        else:
+            log.info("transport listening on %s, advertised as %s", self._bound_address, self._address)
         return self._address
 
-    async def _start_server(self, handlers: list[grpc.GenericRpcHandler]) -> str:
-        server = grpc.aio.server(
-            options=[*self.config.grpc_options(), *EXCLUSIVE_PORT],
-            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
-        )
-        server.add_generic_rpc_handlers(tuple(handlers))
-        add_health_service(server)
-        address = listen(server, self.config.host, self.config.port, "choose another --host/--port")
+    async def _start_server(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> str:
+        server = make_server(self._rpc, role="peer", handlers=handlers)
+        hint = "choose another --host/--port"
+        address = bind(server, self.config.host, self.config.port, settings=self._rpc, hint=hint)
         await server.start()
         self._server = server
         return address
@@ -292,10 +295,17 @@ class Transport:
 
     @property
     def address(self) -> str:
-        """The address other peers reach this one at (host:port)."""
+        """The address other peers reach this one at (host:port): the advertised one, else the bound one."""
         if self._address is None:
             raise TransportClosed("transport not started")
         return self._address
+
+    @property
+    def bound_address(self) -> str:
+        """The address the server is bound to (host:port; 0.0.0.0 or [::] when bound to every interface)."""
+        if self._bound_address is None:
+            raise TransportClosed("transport not started")
+        return self._bound_address
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -356,7 +366,7 @@ class Transport:
         """The pooled channel to address (created on first use)."""
         ch = self._channels.get(address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=self.config.grpc_options())
+            ch = make_channel(address, self._rpc)
             self._channels[address] = ch
         return ch
 
@@ -415,7 +425,7 @@ class Transport:
                 # Confirm before blaming the peer: a dead process's port refuses at once and a
                 # paused one does not answer, while a live peer whose connection merely
                 # hiccuped answers, and the channel reconnects by itself.
-                why = await peer_unresponsive(address)
+                why = await peer_unresponsive(address, settings=self._rpc)
                 if why is not None:
                     return f"unreachable ({why})"
                 log.info("connection to %s failed but the peer answers; still watching", address)
@@ -456,24 +466,6 @@ async def as_async_iter(messages: AsyncIterable[bytes] | Iterable[bytes]) -> Asy
     else:
         for msg in messages:
             yield msg
-
-
-def listen(server: grpc.aio.Server, host: str, port: int, hint: str) -> str:
-    """Bind server to host:port (0: any free port) and return the bound address; OSError ending in hint if not."""
-    bind = format_address(host, port)
-    try:
-        bound = server.add_insecure_port(bind)
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {bind}: {exc}; {hint}") from exc
-    if bound == 0:
-        raise OSError(f"cannot listen on {bind}; {hint}")
-    return format_address(host, bound)
-
-
-def add_health_service(server: grpc.aio.Server) -> None:
-    """Serve grpc.health.v1 on server, reporting SERVING overall."""
-    # A new servicer reports SERVING for the whole server ("").
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
 
 
 def method_handlers(service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> grpc.GenericRpcHandler:

@@ -5,14 +5,15 @@ in the examples). Every ``sync_every`` inner steps (or every
 ``sync_seconds``), it computes the pseudo-gradient ``global - local``, the
 run averages the pseudo-gradients in one committed round (weighted by the
 samples each peer processed since its last sync, so slow and fast peers count
-fairly), every peer applies the same outer step (SGD with Nesterov momentum,
-lr 0.7; momentum 0.7 by default, measured best at our scale, where the paper
-uses 0.9) to the global parameters, and the local
-parameters restart from them. The inner optimizer's state is kept.
+fairly), every peer applies the same outer step to the global parameters (by default
+SGD with Nesterov momentum, lr 0.7; momentum 0.7, measured best at our scale,
+where the paper uses 0.9; any registered outer optimizer, see
+``optimizers/outer_optim.py``), and the local parameters restart from them.
+The inner optimizer's state is kept.
 
 Used like a torch optimizer::
 
-    opt = DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=3e-4), peer, sync_every=500)
+    opt = DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=3e-4), peer, sync_every=100)
     for batch in loader:
         loss = task.loss(model, batch); loss.backward(); opt.step(); opt.zero_grad()
 
@@ -26,33 +27,30 @@ parameters, outer state; the local parameters restart from them).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
-from collectives.allreduce import AllReduceConfig
 from collectives.errors import ConfigError
-from collectives.statesync import StateSnapshot
-from optimizers.outer import OuterConfig, OuterOptimizer
+from optimizers.outer import OuterOptimizer, SyncConfig
 from optimizers.peers import SyncPeer
+
+TAG = "diloco"
 
 
 @dataclass(frozen=True)
-class DiLoCoConfig:
-    """When to sync and how to take the outer step."""
+class DiLoCoConfig(SyncConfig):
+    """DiLoCo: when to sync (every sync_every steps, or on a time budget) and the shared round settings."""
 
-    sync_every: int = 500
-    # Sync on a time budget instead (seconds of training between syncs); peers of
-    # different speeds then meet at the same time, each weighted by its samples.
-    sync_seconds: float | None = None
-    outer: OuterConfig = OuterConfig()
-    # Codec etc. of the pseudo-gradient rounds (None: the peer's own settings).
-    allreduce: AllReduceConfig | None = None
+    # Peers of different speeds then meet at the same time, each weighted by its samples.
+    sync_seconds: float | None = field(
+        default=None, metadata={"help": "sync on a time budget instead: seconds of training between syncs"}
+    )
 
     def __post_init__(self) -> None:
-        if self.sync_every < 1:
-            raise ConfigError(f"sync_every must be at least 1, got {self.sync_every}")
+        super().__post_init__()
         if self.sync_seconds is not None and self.sync_seconds <= 0:
             raise ConfigError(f"sync_seconds must be positive, got {self.sync_seconds}")
 
@@ -60,25 +58,19 @@ class DiLoCoConfig:
 class DiLoCo(OuterOptimizer):
     """A torch.optim-like wrapper: inner optimizer steps, and an outer step every sync."""
 
+    config: DiLoCoConfig
+
     def __init__(
         self,
         model: torch.nn.Module,
         inner: torch.optim.Optimizer,
         peer: SyncPeer,
-        sync_every: int = 500,
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.7,
-        nesterov: bool = True,
-        sync_seconds: float | None = None,
-        allreduce: AllReduceConfig | None = None,
+        config: DiLoCoConfig | None = None,
+        **overrides: Any,
     ) -> None:
-        self.config = DiLoCoConfig(
-            sync_every=sync_every,
-            sync_seconds=sync_seconds,
-            outer=OuterConfig(lr=outer_lr, momentum=outer_momentum, nesterov=nesterov),
-            allreduce=allreduce,
-        )
-        super().__init__(model, inner, peer, self.config.outer)
+        """``overrides`` replace fields of config (or of the defaults), e.g. ``sync_every=100``."""
+        config = replace(config or DiLoCoConfig(), **overrides)
+        super().__init__(model, inner, peer, config)
         self.steps_since_sync = 0
         self.samples_since_sync = 0
         self.last_sync_time = time.monotonic()
@@ -98,27 +90,30 @@ class DiLoCo(OuterOptimizer):
             return time.monotonic() - self.last_sync_time >= self.config.sync_seconds
         return self.steps_since_sync >= self.config.sync_every
 
+    def round_indices(self, tag: str) -> Sequence[int]:
+        """Every round carries every parameter."""
+        if tag != TAG:
+            raise ConfigError(f"DiLoCo rounds are tagged {TAG!r}, not {tag!r}: every peer must run the same algorithm")
+        return range(len(self.state.params))
+
     # -- the outer step -------------------------------------------------------------------
 
     def sync(self) -> bool:
         """Average the pseudo-gradients with the run and take the outer step; False if no round committed."""
-        indices = range(len(self.state.params))
         started = time.monotonic()
         self._sync_starts()
+        weight = float(max(self.samples_since_sync, 1))
         return self._conclude(
-            lambda: self.peer.sync(
-                self.state.pseudo_gradients(indices),
-                weight=float(max(self.samples_since_sync, 1)),
-                tag="diloco",
-                config=self.config.allreduce,
-            ),
-            indices,
-            alpha=0.0,
+            lambda: self._send(TAG, weight, wait=True),
+            TAG,
             started=started,
             label=f"sync at step {self.inner_steps}",
-            committed=self._reset_schedule,
             missed=lambda: self._reset_schedule(keep_samples=True),
         )
+
+    def _round_applied(self, tag: str) -> None:
+        # Before the record is published, so an on_commit checkpoint sees the schedule after the round.
+        self._reset_schedule()
 
     def _forget_local_progress(self) -> None:
         self._reset_schedule()
@@ -132,23 +127,12 @@ class DiLoCo(OuterOptimizer):
     # -- state ----------------------------------------------------------------------------
 
     def _meta(self) -> dict:
-        return {"algorithm": "diloco"}
+        return {"algorithm": TAG}
 
-    def load_snapshot(self, snapshot: StateSnapshot) -> None:
-        """Adopt the run's state: global parameters, outer state, step count; the local parameters restart from them."""
-        self._adopt(snapshot)
-        self._reset_schedule()
+    def _counters(self) -> dict:
+        return {"steps_since_sync": self.steps_since_sync, "samples_since_sync": self.samples_since_sync}
 
-    def state_dict(self) -> dict:
-        """Everything a restart needs: global state, inner optimizer, counters."""
-        return self._state_dict(
-            steps_since_sync=self.steps_since_sync,
-            samples_since_sync=self.samples_since_sync,
-            config=asdict(self.config),
-        )
+    def _load_counters(self, state: dict) -> None:
+        self.steps_since_sync = int(state.get("steps_since_sync", 0))
+        self.samples_since_sync = int(state.get("samples_since_sync", 0))
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict returned; the model's (local) parameters are the caller's to restore."""
-        self._load_state_dict(state)
-        self.steps_since_sync = int(state["steps_since_sync"])
-        self.samples_since_sync = int(state["samples_since_sync"])

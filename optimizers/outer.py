@@ -1,138 +1,70 @@
-"""The global side of DiLoCo-style training: fp32 global parameters and the outer optimizer.
+"""What every algorithm that syncs pseudo-gradients shares: its base config, its records, its torch.optim surface.
 
-Every peer keeps the run's global parameters (fp32, CPU) and the outer
-optimizer's state; they change only when a round commits, identically on
-every peer. ``GlobalState`` holds them, computes pseudo-gradients, applies
-outer steps (to all parameters or to a fragment), and turns itself into the
-``StateSnapshot`` a joiner fetches.
+An algorithm (DiLoCo, Streaming DiLoCo, a plugin) subclasses ``OuterOptimizer``
+and says three things: when a round is due (``step``), which global
+parameters a round carries (``round_indices(tag)``), and how much of the
+local side survives an outer step (``mix_alpha``). The base class takes a
+round's outcome: on commit, the outer step on those parameters and the mix
+into the model; on ``Resynced``, the run's state; on ``CaughtUp`` (the round
+went on without this peer), the committed results applied in order, so the
+peer stays identical without a full state fetch; on local divergence, a
+restart from the global state; on any other failure, nothing (local
+progress is kept and the next sync tries again).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from collectives.elastic import Resynced
+from collectives.aggregators import AggregatorConfig
+from collectives.codecs import CodecConfig
+from collectives.elastic import CaughtUp, Resynced
 from collectives.errors import ConfigError, LoconetError, NonFiniteError
+from collectives.parts import unflatten_like
 from collectives.statesync import StateSnapshot
+from optimizers.globalstate import GlobalState
+from optimizers.outer_optim import OuterConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class OuterConfig:
-    """The outer optimizer: SGD with (Nesterov) momentum on the averaged pseudo-gradients.
+class SyncConfig:
+    """When a peer syncs, how its pseudo-gradient travels and is combined, and the outer step (every algorithm's base)."""
 
-    The DiLoCo paper uses lr 0.7 and momentum 0.9; at our scale momentum 0.7
-    was as good or better in every run we measured (BENCHMARKS.md), so it is
-    the default.
-    """
-
-    lr: float = 0.7
-    momentum: float = 0.7
-    nesterov: bool = True
+    sync_every: int = field(default=100, metadata={"help": "inner steps between syncs (H)"})
+    codec: str = field(
+        default="int8",
+        metadata={"help": "codec of the pseudo-gradient rounds: none, fp16, bf16, int8, int4, each +zstd (e.g. int4/128+zstd)"},
+    )
+    aggregator: str = field(
+        default="mean",
+        metadata={"help": "how a round combines contributions: mean, sum, median, trimmed_mean:trim=0.1, krum:f=1, "
+                  "multi_krum:f=1,m=3, bulyan:f=1, norm_clip:clip=1, centered_clip:tau=1 (every peer must agree)"},
+    )
+    outer: OuterConfig = field(default_factory=OuterConfig)
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"outer lr must be positive, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"outer momentum must be in [0, 1), got {self.momentum}")
+        if not isinstance(self.sync_every, int) or self.sync_every < 1:
+            raise ConfigError(f"sync_every must be an integer >= 1, got {self.sync_every!r}")
+        CodecConfig.parse(self.codec)
+        AggregatorConfig.parse(self.aggregator)
 
+    @property
+    def codec_config(self) -> CodecConfig:
+        """The parsed codec."""
+        return CodecConfig.parse(self.codec)
 
-class GlobalState:
-    """Global parameters (fp32, CPU) and their outer optimizer, for a list of named model parameters."""
-
-    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], config: OuterConfig) -> None:
-        if not named_params:
-            raise ConfigError("the model has no trainable parameters")
-        self.names = [n for n, _ in named_params]
-        self.params = [p for _, p in named_params]
-        self.config = config
-        self.globals = [p.detach().to(device="cpu", dtype=torch.float32).clone() for p in self.params]
-        self.outer = torch.optim.SGD(
-            self.globals, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0
-        )
-        self.outer_steps = 0
-        self.round_id = 0
-        # The run's inner step count when round_id committed (a joiner adopts it).
-        self.step = 0
-        # Guards globals and the outer state against a joiner's snapshot taken on another thread.
-        self.lock = threading.Lock()
-
-    def pseudo_gradients(self, indices: Sequence[int]) -> list[torch.Tensor]:
-        """global - local for the given parameters (fp32, CPU)."""
-        with torch.no_grad():
-            return [self.globals[i] - self.params[i].detach().to(device="cpu", dtype=torch.float32) for i in indices]
-
-    def outer_step(self, indices: Sequence[int], averaged: Sequence[torch.Tensor], round_id: int, step: int = 0) -> None:
-        """Apply the outer optimizer to the given global parameters with the averaged pseudo-gradients."""
-        with self.lock, torch.no_grad():
-            for g in self.globals:
-                g.grad = None
-            for i, avg in zip(indices, averaged):
-                self.globals[i].grad = avg.to(torch.float32).reshape(self.globals[i].shape)
-            # Parameters without a gradient are skipped by SGD (their momentum untouched).
-            self.outer.step()
-            for i in indices:
-                self.globals[i].grad = None
-            self.outer_steps += 1
-            self.round_id = round_id
-            self.step = step
-
-    def load_into_model(self, indices: Sequence[int], alpha: float = 0.0) -> None:
-        """local = alpha * local + (1 - alpha) * global for the given parameters (alpha weights the local side)."""
-        with torch.no_grad():
-            for i in indices:
-                p, g = self.params[i], self.globals[i].to(device=self.params[i].device, dtype=self.params[i].dtype)
-                if alpha == 0.0:
-                    p.copy_(g)
-                else:
-                    p.mul_(alpha).add_(g, alpha=1.0 - alpha)
-
-    # -- state sync and checkpoints ------------------------------------------------------
-
-    def snapshot(self, meta: dict) -> StateSnapshot:
-        """A consistent copy of the global state, for a joiner or a checkpoint."""
-        with self.lock:
-            tensors = {f"global/{n}": g.clone() for n, g in zip(self.names, self.globals)}
-            for n, g in zip(self.names, self.globals):
-                buf = self.outer.state.get(g, {}).get("momentum_buffer")
-                if buf is not None:
-                    tensors[f"momentum/{n}"] = buf.clone()
-            info = {"outer": asdict(self.config), "outer_steps": self.outer_steps, "step": self.step, **meta}
-            return StateSnapshot(round_id=self.round_id, tensors=tensors, meta=info)
-
-    def restore(self, snapshot: StateSnapshot, into_model: bool = True) -> dict:
-        """Replace the global state with a snapshot's (and the model's parameters, unless told not to); return its meta."""
-        missing = [n for n in self.names if f"global/{n}" not in snapshot.tensors]
-        if missing:
-            raise ConfigError(
-                f"the received state lacks {len(missing)} parameter(s) (e.g. {missing[0]!r}): "
-                "peers of a run must train the same model"
-            )
-        with self.lock, torch.no_grad():
-            for n, g in zip(self.names, self.globals):
-                src = snapshot.tensors[f"global/{n}"]
-                if src.shape != g.shape:
-                    raise ConfigError(f"parameter {n!r} has shape {tuple(src.shape)} in the run, {tuple(g.shape)} here")
-                g.copy_(src)
-                buf = snapshot.tensors.get(f"momentum/{n}")
-                if buf is None:
-                    self.outer.state.pop(g, None)
-                else:
-                    self.outer.state[g] = {"momentum_buffer": buf.clone()}
-            self.outer_steps = int(snapshot.meta.get("outer_steps", 0))
-            self.round_id = snapshot.round_id
-            self.step = int(snapshot.meta.get("step", 0))
-        if into_model:
-            self.load_into_model(range(len(self.params)))
-        return snapshot.meta
+    @property
+    def aggregator_config(self) -> AggregatorConfig:
+        """The parsed aggregator."""
+        return AggregatorConfig.parse(self.aggregator)
 
 
 @dataclass
@@ -140,6 +72,7 @@ class SyncRecord:
     """What one sync attempt did (for progress displays and benchmarks)."""
 
     step: int
+    # The global parameters advanced to round_id (by this peer's round, or by applying a round it was late for).
     committed: bool
     round_id: int = 0
     bytes_sent: int = 0
@@ -147,16 +80,25 @@ class SyncRecord:
     wall_s: float = 0.0
     allreduce_s: float = 0.0
     reason: str = ""
+    # This peer's contribution is in the round (False for a round it applied late).
+    contributed: bool = True
+    # The round's attempt: after a rollback the run reuses round ids at a new epoch.
+    epoch: int = 0
+    # What the round's aggregator decided (e.g. the contributions Krum selected), one dict per statistic round.
+    decisions: list[dict] = field(default_factory=list)
 
 
 class OuterOptimizer:
-    """What DiLoCo and Streaming DiLoCo share: the torch.optim surface, the global state, the callbacks."""
+    """The torch.optim surface, the global state and the callbacks of an algorithm; subclasses schedule the rounds."""
 
-    def __init__(self, model: torch.nn.Module, inner: torch.optim.Optimizer, peer, outer: OuterConfig) -> None:
+    def __init__(self, model: torch.nn.Module, inner: torch.optim.Optimizer, peer: Any, config: SyncConfig) -> None:
         self.model = model
         self.inner = inner
         self.peer = peer
-        self.state = GlobalState([(n, p) for n, p in model.named_parameters() if p.requires_grad], outer)
+        self.config = config
+        self.state = GlobalState([(n, p) for n, p in model.named_parameters() if p.requires_grad], config.outer)
+        self.codec = config.codec_config
+        self.aggregator = config.aggregator_config
         self.inner_steps = 0
         self.history: list[SyncRecord] = []
         self.committed_rounds = 0  # rounds of history that committed, kept so nobody rescans it
@@ -166,8 +108,33 @@ class OuterOptimizer:
         self.on_commit: Callable[[SyncRecord], None] | None = None
         self.on_miss: Callable[[SyncRecord], None] | None = None
         if hasattr(peer, "provide_state"):
-            # Joiners fetch the run's state from this optimizer.
-            peer.provide_state(self.snapshot)
+            # Joiners fetch the run's state from this optimizer; late peers check round sizes against it.
+            peer.provide_state(self.snapshot, round_numel=self.round_numel, state_nbytes=self.state.nbytes)
+
+    # -- what a subclass says ---------------------------------------------------------
+
+    def round_indices(self, tag: str) -> Sequence[int]:
+        """Indices of the global parameters a round with this tag carries (ConfigError for a tag it never uses)."""
+        raise NotImplementedError
+
+    def mix_alpha(self) -> float:
+        """How much of the local side survives an outer step (0: the local parameters restart from the global ones)."""
+        return 0.0
+
+    def _round_applied(self, tag: str) -> None:
+        """A round with this tag was applied (the subclass advances its schedule)."""
+
+    def _forget_local_progress(self) -> None:
+        """Reset the subclass's count of local progress (samples since a sync) after a divergence."""
+
+    def flush(self) -> None:
+        """Finish a round still in flight (before evaluating, checkpointing or stopping); a no-op by default."""
+
+    def round_numel(self, tag: str) -> int:
+        """Elements of a round with this tag (what a late peer expects to fetch)."""
+        return self.state.numel(self.round_indices(tag))
+
+    # -- torch.optim surface ------------------------------------------------------------
 
     @property
     def param_groups(self) -> list[dict]:
@@ -178,6 +145,16 @@ class OuterOptimizer:
         """Clear the gradients, like the inner optimizer."""
         self.inner.zero_grad(set_to_none=set_to_none)
 
+    # -- rounds ---------------------------------------------------------------------------
+
+    def _send(self, tag: str, weight: float, *, wait: bool) -> Any:
+        """Start (wait=False: a future) or run (a result) the round of tag's pseudo-gradients."""
+        indices = self.round_indices(tag)
+        call = self.peer.sync if wait else self.peer.sync_async
+        return call(
+            self.state.pseudo_gradients(indices), weight=weight, tag=tag, codec=self.codec, aggregator=self.aggregator
+        )
+
     def _sync_starts(self) -> None:
         if self.on_sync_start is not None:
             self.on_sync_start(self.inner_steps)
@@ -185,25 +162,25 @@ class OuterOptimizer:
     def _conclude(
         self,
         result_of: Callable[[], Any],
-        indices: Sequence[int],
+        tag: str,
         *,
-        alpha: float,
         started: float,
         label: str,
-        committed: Callable[[], None],
         missed: Callable[[], None] = lambda: None,
     ) -> bool:
-        """Take a sync's outcome: on commit, the outer step on indices mixed in with alpha; record it either way.
+        """Take a sync's outcome: on commit, the outer step on tag's parameters mixed in; record it either way.
 
-        ``committed`` / ``missed`` update the subclass's schedule before the record is
-        published, so an ``on_commit`` callback (a checkpoint) sees the state after the round.
-        Returns whether the round committed.
+        ``missed`` updates the subclass's schedule when nothing was applied. Returns whether
+        this peer's round committed.
         """
         try:
             result = result_of()
         except Resynced as exc:
             self.load_snapshot(exc.snapshot)
             self._record(SyncRecord(self.inner_steps, False, exc.snapshot.round_id, reason="resynced from the run"))
+            return False
+        except CaughtUp as exc:
+            self._catch_up(exc)
             return False
         except NonFiniteError as exc:
             self._diverged(exc)
@@ -214,9 +191,7 @@ class OuterOptimizer:
             missed()
             self._record(SyncRecord(self.inner_steps, False, reason=str(exc)))
             return False
-        self.state.outer_step(indices, result.value, result.round_id, step=self.inner_steps)
-        self.state.load_into_model(indices, alpha=alpha)
-        committed()
+        self._apply(tag, result.value, result.round_id)
         stats = getattr(result, "stats", None)
         self._record(
             SyncRecord(
@@ -226,9 +201,31 @@ class OuterOptimizer:
                 bytes_sent=getattr(stats, "bytes_sent", 0),
                 wall_s=time.monotonic() - started,
                 allreduce_s=getattr(stats, "wall_s", 0.0),
+                epoch=getattr(result, "epoch", 0),
+                decisions=list(getattr(result, "decisions", [])),
             )
         )
         return True
+
+    def _apply(self, tag: str, value: Sequence[torch.Tensor], round_id: int) -> None:
+        """The outer step of a committed round on tag's parameters, mixed into the model."""
+        indices = self.round_indices(tag)
+        self.state.outer_step(indices, value, round_id, step=self.inner_steps)
+        self.state.load_into_model(indices, alpha=self.mix_alpha())
+        self._round_applied(tag)
+
+    def _catch_up(self, exc: CaughtUp) -> None:
+        """Apply the committed rounds this peer was late for, in order (its own contribution was not used)."""
+        for missed in exc.rounds:
+            indices = self.round_indices(missed.tag)
+            value = unflatten_like(missed.value, [self.state.globals[i] for i in indices])
+            self._apply(missed.tag, value, missed.round_id)
+            self._forget_local_progress()
+            reason = f"late for round {missed.round_id}: applied its committed result from {missed.source}"
+            record = SyncRecord(
+                self.inner_steps, True, missed.round_id, reason=reason, contributed=False, epoch=missed.epoch
+            )
+            self._record(record)
 
     def _diverged(self, exc: NonFiniteError) -> None:
         """Local training went NaN/Inf: restart it from the global state, dropping the inner steps since.
@@ -247,14 +244,6 @@ class OuterOptimizer:
         reason = f"local training diverged; restarted from the global state: {exc}"
         self._record(SyncRecord(self.inner_steps, False, reason=reason))
 
-    def _forget_local_progress(self) -> None:
-        """Reset the subclass's count of local progress (samples since a sync) after a divergence."""
-        raise NotImplementedError
-
-    def load_snapshot(self, snapshot: StateSnapshot) -> None:
-        """Adopt the run's state (the subclass adds its own schedule)."""
-        raise NotImplementedError
-
     def _record(self, record: SyncRecord) -> None:
         self.history.append(record)
         self.committed_rounds += record.committed
@@ -263,22 +252,36 @@ class OuterOptimizer:
         elif not record.committed and self.on_miss is not None:
             self.on_miss(record)
 
+    # -- state ----------------------------------------------------------------------------
+
     def _meta(self) -> dict:
         """What the subclass adds to the state a joiner fetches."""
         return {}
+
+    def _adopt_meta(self, meta: dict) -> None:
+        """Take the subclass's part of a state's meta (its schedule)."""
 
     def snapshot(self) -> StateSnapshot:
         """The run's state as of the last committed round (what a joiner fetches)."""
         return self.state.snapshot({"inner_steps": self.inner_steps, **self._meta()})
 
-    def _adopt(self, snapshot: StateSnapshot, into_model: bool = True) -> dict:
-        """Take the run's global state; count steps as the run does (so syncs and the end line up)."""
-        meta = self.state.restore(snapshot, into_model=into_model)
-        if into_model:
-            self.inner_steps = max(self.inner_steps, self.state.step)
-        return meta
+    def load_snapshot(self, snapshot: StateSnapshot) -> None:
+        """Adopt the run's state: global parameters, outer state, step count; the local parameters restart from them."""
+        meta = self.state.restore(snapshot, into_model=True)
+        # Count steps as the run does, so syncs and the end line up.
+        self.inner_steps = max(self.inner_steps, self.state.step)
+        self._forget_local_progress()
+        self._adopt_meta(meta)
 
-    def _state_dict(self, **counters) -> dict:
+    def _counters(self) -> dict:
+        """The subclass's counters that a restart needs (beyond the run's state)."""
+        return {}
+
+    def _load_counters(self, state: dict) -> None:
+        """Restore what _counters returned."""
+
+    def state_dict(self) -> dict:
+        """Everything a restart needs: global state, outer and inner optimizers, counters (call flush() first)."""
         snap = self.snapshot()
         return {
             "round_id": snap.round_id,
@@ -286,12 +289,14 @@ class OuterOptimizer:
             "meta": snap.meta,
             "inner": self.inner.state_dict(),
             "inner_steps": self.inner_steps,
-            **counters,
+            "counters": self._counters(),
         }
 
-    def _load_state_dict(self, state: dict) -> dict:
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned; the model's (local) parameters are the caller's to restore."""
         snapshot = StateSnapshot(round_id=state["round_id"], tensors=state["global"], meta=state["meta"])
-        meta = self._adopt(snapshot, into_model=False)
+        meta = self.state.restore(snapshot, into_model=False)
         self.inner.load_state_dict(state["inner"])
         self.inner_steps = int(state["inner_steps"])
-        return meta
+        self._adopt_meta(meta)
+        self._load_counters(state.get("counters", {}))

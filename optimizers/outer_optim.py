@@ -86,7 +86,8 @@ class OuterConfig:
     """
 
     name: str = field(
-        default="sgd", metadata={"help": "outer optimizer: sgd, adam, adamw, adagrad, yogi (or a registered plugin)"}
+        default="sgd",
+        metadata={"help": "outer optimizer: sgd, adam, adamw, adagrad, yogi (or a registered plugin)", "flag": "optimizer"},
     )
     lr: float = field(
         default=0.7,

@@ -1,7 +1,7 @@
 """What an outer optimizer needs from the network: a peer that reduces tensors in committed rounds.
 
 ``collectives.elastic.ElasticCollective`` is the real one. ``LocalPeer`` is
-a run of one (no network: the mean of one contribution is itself), for
+a run of one (no network: the round's aggregate of one contribution), for
 training alone and for tests of the optimizer math.
 """
 
@@ -15,9 +15,11 @@ from typing import Any, Protocol
 
 import torch
 
-from collectives.allreduce import AllReduceConfig
-from collectives.codecs import make_codec
+from collectives.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
+from collectives.codecs import CodecConfig, make_codec
+from collectives.elastic import Weight
 from collectives.errors import NonFiniteError
+from collectives.membership import RoundPlan
 from collectives.parts import flatten, unflatten_like
 
 
@@ -25,12 +27,22 @@ class SyncPeer(Protocol):
     """A member of a run (see collectives.elastic.ElasticCollective)."""
 
     def sync(
-        self, tensors: Sequence[torch.Tensor], weight: float = 1.0, tag: str = "", config: AllReduceConfig | None = None
+        self,
+        tensors: Sequence[torch.Tensor],
+        weight: Weight = 1.0,
+        tag: str = "",
+        codec: CodecConfig | None = None,
+        aggregator: AggregatorConfig | None = None,
     ) -> Any:
         """Reduce tensors in a committed round; the result has ``.value`` and ``.round_id``."""
 
     def sync_async(
-        self, tensors: Sequence[torch.Tensor], weight: float = 1.0, tag: str = "", config: AllReduceConfig | None = None
+        self,
+        tensors: Sequence[torch.Tensor],
+        weight: Weight = 1.0,
+        tag: str = "",
+        codec: CodecConfig | None = None,
+        aggregator: AggregatorConfig | None = None,
     ) -> concurrent.futures.Future:
         """Start a sync and return a future of its result; NonFiniteError at once for a NaN/Inf input."""
 
@@ -44,28 +56,42 @@ class LocalResult:
 
 
 class LocalPeer:
-    """A run of one peer: each round's result is the codec round trip of the contribution."""
+    """A run of one peer: each round's result is the aggregate of its one contribution, after the codec round trip."""
 
     def __init__(self) -> None:
         self._rounds = itertools.count(1)
         self.bytes_sent = 0
 
     def sync(
-        self, tensors: Sequence[torch.Tensor], weight: float = 1.0, tag: str = "", config: AllReduceConfig | None = None
+        self,
+        tensors: Sequence[torch.Tensor],
+        weight: Weight = 1.0,
+        tag: str = "",
+        codec: CodecConfig | None = None,
+        aggregator: AggregatorConfig | None = None,
     ) -> LocalResult:
-        """Return the contribution as the group's mean (after the codec, as a real round would)."""
+        """Return the round's result for a group of one (the codec applied, as a real round's gather does)."""
+        round_id = next(self._rounds)
         flat = flatten(list(tensors))
-        codec = make_codec((config or AllReduceConfig()).codec)
-        out = codec.decode(codec.encode(flat), flat.numel())
-        return LocalResult(value=unflatten_like(out, list(tensors)), round_id=next(self._rounds))
+        if callable(weight):
+            weight = weight(RoundPlan(action="round", round_id=round_id, members=(("local", ""),)))
+        reduced = aggregate_rows(make_aggregator(aggregator or AggregatorConfig()), flat.view(1, -1), [float(weight)])
+        c = make_codec(codec or CodecConfig())
+        out = c.decode(c.encode(reduced), reduced.numel())
+        return LocalResult(value=unflatten_like(out, list(tensors)), round_id=round_id)
 
     def sync_async(
-        self, tensors: Sequence[torch.Tensor], weight: float = 1.0, tag: str = "", config: AllReduceConfig | None = None
+        self,
+        tensors: Sequence[torch.Tensor],
+        weight: Weight = 1.0,
+        tag: str = "",
+        codec: CodecConfig | None = None,
+        aggregator: AggregatorConfig | None = None,
     ) -> concurrent.futures.Future:
         """A future that is already done (a NaN/Inf input raises at once, as a real peer's does)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
-            future.set_result(self.sync(tensors, weight, tag, config))
+            future.set_result(self.sync(tensors, weight, tag, codec, aggregator))
         except NonFiniteError:  # the encode refused the input: raised at once, as a real peer's refusal is
             raise
         except Exception as exc:  # surfaced through the future, like a real round's failure

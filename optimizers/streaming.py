@@ -28,33 +28,33 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
-from collectives.allreduce import AllReduceConfig
-from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError, NonFiniteError
-from collectives.statesync import StateSnapshot
-from optimizers.outer import OuterConfig, OuterOptimizer
+from optimizers.outer import OuterOptimizer, SyncConfig
 from optimizers.peers import SyncPeer
 
 SPLITS = ("strided", "balanced")
+TAG_PREFIX = "fragment-"
 
 
 @dataclass(frozen=True)
-class StreamingConfig:
-    """Fragments, schedule, overlap and mixing of Streaming DiLoCo."""
+class StreamingConfig(SyncConfig):
+    """Fragments, schedule, overlap and mixing of Streaming DiLoCo (and the shared round settings)."""
 
-    sync_every: int = 100
-    fragments: int = 4
-    overlap: int = 5
-    alpha: float = 0.5
-    split: str = "strided"
-    outer: OuterConfig = OuterConfig()
-    allreduce: AllReduceConfig = field(default_factory=lambda: AllReduceConfig(codec=CodecConfig("int4")))
+    codec: str = field(default="int4", metadata={"help": "codec of the pseudo-gradient rounds (see SyncConfig)"})
+    fragments: int = field(default=4, metadata={"help": "number of fragments the parameters are split into (P)"})
+    overlap: int = field(default=5, metadata={"help": "inner steps a fragment's round overlaps with training (tau)"})
+    alpha: float = field(default=0.5, metadata={"help": "weight of the local side when mixing in a fragment's result"})
+    split: str = field(
+        default="strided", metadata={"help": "how layers go to fragments", "flag": "fragment-split", "choices": SPLITS}
+    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.fragments < 1:
             raise ConfigError(f"fragments must be at least 1, got {self.fragments}")
         if self.sync_every < self.fragments:
@@ -114,16 +114,24 @@ class _InFlight:
 class StreamingDiLoCo(OuterOptimizer):
     """A torch.optim-like wrapper running Streaming DiLoCo over a peer."""
 
+    config: StreamingConfig
+
     def __init__(
-        self, model: torch.nn.Module, inner: torch.optim.Optimizer, peer: SyncPeer, config: StreamingConfig | None = None
+        self,
+        model: torch.nn.Module,
+        inner: torch.optim.Optimizer,
+        peer: SyncPeer,
+        config: StreamingConfig | None = None,
+        **overrides: Any,
     ) -> None:
-        self.config = config or StreamingConfig()
-        super().__init__(model, inner, peer, self.config.outer)
+        """``overrides`` replace fields of config (or of the defaults), e.g. ``fragments=2``."""
+        config = replace(config or StreamingConfig(), **overrides)
+        super().__init__(model, inner, peer, config)
         self.fragments = split_fragments(
-            self.state.names, [p.numel() for p in self.state.params], self.config.fragments, self.config.split
+            self.state.names, [p.numel() for p in self.state.params], config.fragments, config.split
         )
         self.cursor = 0
-        self.samples = [0] * self.config.fragments
+        self.samples = [0] * config.fragments
         self.inflight: _InFlight | None = None
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None, samples: int = 1) -> torch.Tensor | None:
@@ -147,17 +155,25 @@ class StreamingDiLoCo(OuterOptimizer):
         t, p, h = self.inner_steps, self.config.fragments, self.config.sync_every
         return (t * p) // h > ((t - 1) * p) // h
 
+    def round_indices(self, tag: str) -> Sequence[int]:
+        """The parameters of fragment N, for the tag ``fragment-N``."""
+        number = tag.removeprefix(TAG_PREFIX)
+        if not tag.startswith(TAG_PREFIX) or not number.isdigit() or int(number) >= len(self.fragments):
+            raise ConfigError(
+                f"Streaming DiLoCo rounds are tagged {TAG_PREFIX}0..{len(self.fragments) - 1}, not {tag!r}: "
+                "every peer must run the same algorithm with the same fragments"
+            )
+        return self.fragments[int(number)]
+
+    def mix_alpha(self) -> float:
+        """The local side's weight when a fragment's result is mixed in."""
+        return self.config.alpha
+
     def _start(self) -> None:
         f = self.cursor
-        indices = self.fragments[f]
         self._sync_starts()
         try:
-            future = self.peer.sync_async(
-                self.state.pseudo_gradients(indices),
-                weight=float(max(self.samples[f], 1)),
-                tag=f"fragment-{f}",
-                config=self.config.allreduce,
-            )
+            future = self._send(f"{TAG_PREFIX}{f}", float(max(self.samples[f], 1)), wait=False)
         except NonFiniteError as exc:  # refused before any round started
             self._diverged(exc)
             return
@@ -166,23 +182,20 @@ class StreamingDiLoCo(OuterOptimizer):
     def _forget_local_progress(self) -> None:
         self.samples = [0] * self.config.fragments
 
+    def _round_applied(self, tag: str) -> None:
+        f = int(tag.removeprefix(TAG_PREFIX))
+        self.samples[f] = 0
+        self.cursor = (f + 1) % self.config.fragments
+
     def _finish(self) -> None:
         """Wait for the fragment in flight, then apply its outer step and mix it in."""
         flight, self.inflight = self.inflight, None
         assert flight is not None
-        f = flight.fragment
-
-        def committed() -> None:
-            self.samples[f] = 0
-            self.cursor = (f + 1) % self.config.fragments
-
         self._conclude(
             flight.future.result,
-            self.fragments[f],
-            alpha=self.config.alpha,
+            f"{TAG_PREFIX}{flight.fragment}",
             started=flight.started,
-            label=f"fragment {f} round",
-            committed=committed,
+            label=f"fragment {flight.fragment} round",
         )
 
     def flush(self) -> None:
@@ -195,17 +208,11 @@ class StreamingDiLoCo(OuterOptimizer):
     def _meta(self) -> dict:
         return {"algorithm": "streaming", "cursor": self.cursor}
 
-    def load_snapshot(self, snapshot: StateSnapshot) -> None:
-        """Adopt the run's state (all fragments, the cursor, the step count that drives the schedule)."""
-        meta = self._adopt(snapshot)
+    def _adopt_meta(self, meta: dict) -> None:
         self.cursor = int(meta.get("cursor", 0)) % self.config.fragments
 
-    def state_dict(self) -> dict:
-        """Everything a restart needs (call flush() first so no round is in flight)."""
-        return self._state_dict(samples=list(self.samples))
+    def _counters(self) -> dict:
+        return {"samples": list(self.samples)}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict returned; the model's parameters are the caller's to restore."""
-        meta = self._load_state_dict(state)
-        self.cursor = int(meta.get("cursor", 0)) % self.config.fragments
-        self.samples = [int(s) for s in state["samples"]]
+    def _load_counters(self, state: dict) -> None:
+        self.samples = [int(s) for s in state.get("samples", [0] * self.config.fragments)]

@@ -24,27 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/collective.proto\x12\x15loconet.collective.v1\"A\n\tCodecSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x12\n\nzstd_level\x18\x03 \x01(\x05\"y\n\x08RoundTag\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08round_id\x18\x03 \x01(\x04\x12\x13\n\x0bsender_rank\x18\x04 \x01(\r\x12\x12\n\ngroup_size\x18\x05 \x01(\r\x12\x13\n\x0btotal_numel\x18\x06 \x01(\x04\"\xff\x01\n\tPartChunk\x12,\n\x03tag\x18\x01 \x01(\x0b\x32\x1f.loconet.collective.v1.RoundTag\x12+\n\x05phase\x18\x02 \x01(\x0e\x32\x1c.loconet.collective.v1.Phase\x12\x12\n\npart_index\x18\x03 \x01(\r\x12\x12\n\npart_numel\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\r\n\x05\x63ount\x18\x06 \x01(\x04\x12/\n\x05\x63odec\x18\x07 \x01(\x0b\x32 .loconet.collective.v1.CodecSpec\x12\x0e\n\x06weight\x18\x08 \x01(\x01\x12\x0f\n\x07payload\x18\t \x01(\x0c\"\x19\n\x07PushAck\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\"a\n\x0b\x41\x62ortNotice\x12,\n\x03tag\x18\x01 \x01(\x0b\x32\x1f.loconet.collective.v1.RoundTag\x12\x14\n\x0c\x66\x61iled_ranks\x18\x02 \x03(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\n\n\x08\x41\x62ortAck*C\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rPHASE_SCATTER\x10\x01\x12\x10\n\x0cPHASE_GATHER\x10\x02\x32\xaa\x01\n\nCollective\x12N\n\x08PushPart\x12 .loconet.collective.v1.PartChunk\x1a\x1e.loconet.collective.v1.PushAck(\x01\x12L\n\x05\x41\x62ort\x12\".loconet.collective.v1.AbortNotice\x1a\x1f.loconet.collective.v1.AbortAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/collective.proto\x12\x15loconet.collective.v1\"A\n\tCodecSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x12\n\nzstd_level\x18\x03 \x01(\x05\"\x8d\x01\n\x08RoundTag\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08round_id\x18\x03 \x01(\x04\x12\x13\n\x0bsender_rank\x18\x04 \x01(\r\x12\x12\n\ngroup_size\x18\x05 \x01(\r\x12\x13\n\x0btotal_numel\x18\x06 \x01(\x04\x12\x12\n\naggregator\x18\x07 \x01(\t\"\xff\x01\n\tPartChunk\x12,\n\x03tag\x18\x01 \x01(\x0b\x32\x1f.loconet.collective.v1.RoundTag\x12+\n\x05phase\x18\x02 \x01(\x0e\x32\x1c.loconet.collective.v1.Phase\x12\x12\n\npart_index\x18\x03 \x01(\r\x12\x12\n\npart_numel\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\r\n\x05\x63ount\x18\x06 \x01(\x04\x12/\n\x05\x63odec\x18\x07 \x01(\x0b\x32 .loconet.collective.v1.CodecSpec\x12\x0e\n\x06weight\x18\x08 \x01(\x01\x12\x0f\n\x07payload\x18\t \x01(\x0c\"\x19\n\x07PushAck\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\"]\n\tStatShare\x12,\n\x03tag\x18\x01 \x01(\x0b\x32\x1f.loconet.collective.v1.RoundTag\x12\x12\n\nstat_round\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x01(\x0c\"\t\n\x07StatAck\"a\n\x0b\x41\x62ortNotice\x12,\n\x03tag\x18\x01 \x01(\x0b\x32\x1f.loconet.collective.v1.RoundTag\x12\x14\n\x0c\x66\x61iled_ranks\x18\x02 \x03(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\n\n\x08\x41\x62ortAck*C\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rPHASE_SCATTER\x10\x01\x12\x10\n\x0cPHASE_GATHER\x10\x02\x32\xf8\x01\n\nCollective\x12N\n\x08PushPart\x12 .loconet.collective.v1.PartChunk\x1a\x1e.loconet.collective.v1.PushAck(\x01\x12L\n\x08PushStat\x12 .loconet.collective.v1.StatShare\x1a\x1e.loconet.collective.v1.StatAck\x12L\n\x05\x41\x62ort\x12\".loconet.collective.v1.AbortNotice\x1a\x1f.loconet.collective.v1.AbortAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.collective_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PHASE']._serialized_start=636
-  _globals['_PHASE']._serialized_end=703
+  _globals['_PHASE']._serialized_start=763
+  _globals['_PHASE']._serialized_end=830
   _globals['_CODECSPEC']._serialized_start=50
   _globals['_CODECSPEC']._serialized_end=115
-  _globals['_ROUNDTAG']._serialized_start=117
-  _globals['_ROUNDTAG']._serialized_end=238
-  _globals['_PARTCHUNK']._serialized_start=241
-  _globals['_PARTCHUNK']._serialized_end=496
-  _globals['_PUSHACK']._serialized_start=498
-  _globals['_PUSHACK']._serialized_end=523
-  _globals['_ABORTNOTICE']._serialized_start=525
-  _globals['_ABORTNOTICE']._serialized_end=622
-  _globals['_ABORTACK']._serialized_start=624
-  _globals['_ABORTACK']._serialized_end=634
-  _globals['_COLLECTIVE']._serialized_start=706
-  _globals['_COLLECTIVE']._serialized_end=876
+  _globals['_ROUNDTAG']._serialized_start=118
+  _globals['_ROUNDTAG']._serialized_end=259
+  _globals['_PARTCHUNK']._serialized_start=262
+  _globals['_PARTCHUNK']._serialized_end=517
+  _globals['_PUSHACK']._serialized_start=519
+  _globals['_PUSHACK']._serialized_end=544
+  _globals['_STATSHARE']._serialized_start=546
+  _globals['_STATSHARE']._serialized_end=639
+  _globals['_STATACK']._serialized_start=641
+  _globals['_STATACK']._serialized_end=650
+  _globals['_ABORTNOTICE']._serialized_start=652
+  _globals['_ABORTNOTICE']._serialized_end=749
+  _globals['_ABORTACK']._serialized_start=751
+  _globals['_ABORTACK']._serialized_end=761
+  _globals['_COLLECTIVE']._serialized_start=833
+  _globals['_COLLECTIVE']._serialized_end=1081
 # @@protoc_insertion_point(module_scope)

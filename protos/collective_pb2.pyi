@@ -27,20 +27,22 @@ class CodecSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., block_size: _Optional[int] = ..., zstd_level: _Optional[int] = ...) -> None: ...
 
 class RoundTag(_message.Message):
-    __slots__ = ("run_id", "epoch", "round_id", "sender_rank", "group_size", "total_numel")
+    __slots__ = ("run_id", "epoch", "round_id", "sender_rank", "group_size", "total_numel", "aggregator")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     SENDER_RANK_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NUMEL_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     epoch: int
     round_id: int
     sender_rank: int
     group_size: int
     total_numel: int
-    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., round_id: _Optional[int] = ..., sender_rank: _Optional[int] = ..., group_size: _Optional[int] = ..., total_numel: _Optional[int] = ...) -> None: ...
+    aggregator: str
+    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., round_id: _Optional[int] = ..., sender_rank: _Optional[int] = ..., group_size: _Optional[int] = ..., total_numel: _Optional[int] = ..., aggregator: _Optional[str] = ...) -> None: ...
 
 class PartChunk(_message.Message):
     __slots__ = ("tag", "phase", "part_index", "part_numel", "offset", "count", "codec", "weight", "payload")
@@ -69,6 +71,20 @@ class PushAck(_message.Message):
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     chunks: int
     def __init__(self, chunks: _Optional[int] = ...) -> None: ...
+
+class StatShare(_message.Message):
+    __slots__ = ("tag", "stat_round", "values")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    STAT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    tag: RoundTag
+    stat_round: int
+    values: bytes
+    def __init__(self, tag: _Optional[_Union[RoundTag, _Mapping]] = ..., stat_round: _Optional[int] = ..., values: _Optional[bytes] = ...) -> None: ...
+
+class StatAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class AbortNotice(_message.Message):
     __slots__ = ("tag", "failed_ranks", "reason")

@@ -39,6 +39,11 @@ class CollectiveStub:
                 request_serializer=protos_dot_collective__pb2.PartChunk.SerializeToString,
                 response_deserializer=protos_dot_collective__pb2.PushAck.FromString,
                 _registered_method=True)
+        self.PushStat = channel.unary_unary(
+                '/loconet.collective.v1.Collective/PushStat',
+                request_serializer=protos_dot_collective__pb2.StatShare.SerializeToString,
+                response_deserializer=protos_dot_collective__pb2.StatAck.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/loconet.collective.v1.Collective/Abort',
                 request_serializer=protos_dot_collective__pb2.AbortNotice.SerializeToString,
@@ -51,6 +56,13 @@ class CollectiveServicer:
 
     def PushPart(self, request_iterator, context):
         """Stream the chunks of one part (one phase, one sender, one part).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushStat(self, request, context):
+        """Send this owner's share of a statistic round to a member.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +82,11 @@ def add_CollectiveServicer_to_server(servicer, server):
                     servicer.PushPart,
                     request_deserializer=protos_dot_collective__pb2.PartChunk.FromString,
                     response_serializer=protos_dot_collective__pb2.PushAck.SerializeToString,
+            ),
+            'PushStat': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushStat,
+                    request_deserializer=protos_dot_collective__pb2.StatShare.FromString,
+                    response_serializer=protos_dot_collective__pb2.StatAck.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -104,6 +121,33 @@ class Collective:
             '/loconet.collective.v1.Collective/PushPart',
             protos_dot_collective__pb2.PartChunk.SerializeToString,
             protos_dot_collective__pb2.PushAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushStat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loconet.collective.v1.Collective/PushStat',
+            protos_dot_collective__pb2.StatShare.SerializeToString,
+            protos_dot_collective__pb2.StatAck.FromString,
             options,
             channel_credentials,
             insecure,

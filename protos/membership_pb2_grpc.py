@@ -88,7 +88,8 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Quorum(self, request, context):
-        """Blocks until the round's group is formed (or the quorum timeout).
+        """Blocks until the round's group is formed (or the quorum timeout); a peer
+        the round formed without is held until that attempt is decided.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -7,12 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StateRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id")
+    __slots__ = ("run_id", "peer_id", "result_of_round")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_OF_ROUND_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ...) -> None: ...
+    result_of_round: int
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., result_of_round: _Optional[int] = ...) -> None: ...
 
 class TensorEntry(_message.Message):
     __slots__ = ("name", "dtype", "shape", "nbytes")

@@ -12,7 +12,8 @@ from collectives.codecs import CodecConfig, make_codec
 from collectives.errors import MemberFailure, NonFiniteError
 from collectives.inbox import GATHER, SCATTER, Group
 from collectives.parts import part_bounds
-from collectives.reducers import ReducerConfig, reduce_rows
+from collectives.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
+from collectives.rpc import blocking_channel
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,7 +42,7 @@ def test_mean_of_two_members_is_exact_with_codec_none(endpoints):
     e = endpoints(2)
     xs = [torch.randn(10_001), torch.randn(10_001)]
     results = run_round(e, xs)
-    want = reduce_rows(ReducerConfig("mean"), torch.stack(xs), [1.0, 1.0])
+    want = aggregate_rows(make_aggregator("mean"), torch.stack(xs), [1.0, 1.0])
     assert all(torch.equal(r.value, want) for r in results)
 
 
@@ -133,7 +134,7 @@ class OpenRound:
         self.config = AllReduceConfig(timeout_s=timeout_s)
         self.groups = self.e.groups(epoch=epoch, round_id=round_id)
         self.future = self.e.collectives[1].allreduce_async(self.groups[1], torch.ones(numel), config=self.config)
-        self.channel = grpc.insecure_channel(self.e.addresses[1])
+        self.channel = blocking_channel(self.e.addresses[1], self.e.transports[1].config.rpc_settings())
         self.bounds = part_bounds(numel, 2)
 
     def chunk(self, group=None, phase=SCATTER, part=1, offset=0, count=None, payload=None, weight=1.0, codec="none"):
@@ -142,7 +143,9 @@ class OpenRound:
         cfg = CodecConfig.parse(codec)
         if payload is None:
             payload = make_codec(cfg).encode(torch.full((count,), 5.0))
-        return chunk_message(group or self.groups[0], self.numel, cfg, phase, part, b - a, offset, count, weight, payload)
+        return chunk_message(
+            group or self.groups[0], self.numel, AggregatorConfig(), cfg, phase, part, b - a, offset, count, weight, payload
+        )
 
     def push(self, *messages: bytes):
         call = self.channel.stream_unary(PUSH_METHOD, request_serializer=lambda m: m, response_deserializer=lambda m: m)
@@ -213,6 +216,12 @@ def test_duplicate_stream_is_rejected_and_not_counted_twice(open_round):
     whole = open_round.chunk()
     open_round.push(whole)
     assert open_round.rejection(whole) == (grpc.StatusCode.ALREADY_EXISTS, "duplicate")
+    g = open_round.groups[1]
+    inbox = open_round.e.collectives[1].registry.open_inbox(g.round_id, g.epoch)
+    a, b = open_round.bounds[1]
+    assert inbox.scatter_progress[0] == b - a, "member 0's contribution is in once"
+    assert torch.equal(inbox.rows[0], torch.full((b - a,), 5.0))
+    assert inbox.bytes_received == len(whole), "the duplicate's bytes were never taken in"
 
 
 def test_message_for_a_finished_round_is_rejected(endpoints):

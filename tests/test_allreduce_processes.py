@@ -1,4 +1,4 @@
-"""All-reduce among real worker processes on 127.0.0.1: every codec, every reducer, members killed or paused."""
+"""All-reduce among real worker processes on 127.0.0.1: every codec, every aggregator, members killed or paused."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from collectives.allreduce import mean_error_bound
 from collectives.codecs import CodecConfig
-from collectives.reducers import ReducerConfig, reduce_rows
+from collectives.aggregators import aggregate_rows, make_aggregator
 from peer.harness.procgroup import AllReduceJob, ProcessGroup, worker_tensor
 
 pytestmark = pytest.mark.timeout(180)
@@ -53,14 +53,19 @@ def test_every_codec_gives_bit_identical_results_within_its_bound(five, n, codec
 
 
 @pytest.mark.parametrize(
-    "reducer,weights",
-    [("mean", (1.0, 2.0, 0.5, 4.0, 1.0)), ("sum", (1.0, -2.0, 0.5, 1.0, 3.0)), ("median", None), ("trimmed_mean", None)],
+    "aggregator,weights",
+    [
+        ("mean", (1.0, 2.0, 0.5, 4.0, 1.0)),
+        ("sum", (1.0, -2.0, 0.5, 1.0, 3.0)),
+        ("median", None),
+        ("trimmed_mean:trim=0.2", None),
+    ],
 )
-def test_reducers_give_exactly_the_local_reduction_of_the_contributions(five, reducer, weights):
-    j = job(numel=1_003, reducer=reducer, trim=0.2, weights=weights, return_value=True)
+def test_aggregators_give_exactly_the_local_reduction_of_the_contributions(five, aggregator, weights):
+    j = job(numel=1_003, aggregator=aggregator, weights=weights, return_value=True)
     replies = ok_replies(five.allreduce(j))
     rows = torch.stack([worker_tensor(j, r) for r in range(5)])
-    want = reduce_rows(ReducerConfig(reducer, trim=0.2), rows, list(weights or (1.0,) * 5))
+    want = aggregate_rows(make_aggregator(aggregator), rows, list(weights or (1.0,) * 5))
     for r in replies:
         assert torch.equal(torch.tensor(r["value"]), want)
 

@@ -1,13 +1,23 @@
-"""The command line reads back exactly the configs it writes, so the harness and benchmarks pass every option on."""
+"""The command line is generated from the config dataclasses and reads back exactly the configs it writes."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from peer.cli import add_task_arguments, add_train_arguments, task_args, task_config, train_args, train_config
-from peer.tasks.base import TaskConfig
+import pytest
+
+from collectives.errors import ConfigError
+from collectives.transport import TransportConfig
+from optimizers.diloco import DiLoCoConfig
+from optimizers.outer_optim import OuterConfig
+from optimizers.streaming import StreamingConfig
+from peer.cli import build_parser, harness_config
+from peer.coordinator.config import CoordinatorConfig
+from peer.options import add_options, option_args, read_options
 from peer.runtime.training import TrainConfig
+from peer.tasks.base import TaskConfig
+from peer.trainoptions import add_task_arguments, add_train_arguments, read_task_config, read_train_config, task_args
+from peer.trainoptions import train_args
 
 
 def parse(args: list[str]) -> argparse.Namespace:
@@ -17,22 +27,79 @@ def parse(args: list[str]) -> argparse.Namespace:
     return parser.parse_args(args)
 
 
-def test_train_config_round_trips_through_its_options():
+def test_a_streaming_train_config_round_trips_through_its_options():
     t = TrainConfig(
-        algorithm="streaming", steps=123, duration_s=4.5, inner_lr=0.01, sync_every=20, sync_seconds=2.5,
-        outer_lr=0.5, outer_momentum=0.3, nesterov=False, codec="int4+zstd", fragments=2, overlap=3, alpha=0.25,
-        split="balanced", eval_every=7, round_timeout_s=9.0,
+        algorithm="streaming", steps=123, duration_s=4.5, inner_lr=0.01, eval_every=7, round_timeout_s=9.0,
+        options=StreamingConfig(
+            sync_every=20, codec="int4+zstd", aggregator="trimmed_mean:trim=0.2", fragments=2, overlap=3, alpha=0.25,
+            split="balanced", outer=OuterConfig(name="adam", lr=0.01, betas=(0.8, 0.95), eps=1e-6),
+        ),
     )
-    assert train_config(parse(train_args(t))) == t
+    assert read_train_config(parse(train_args(t))) == t
+
+
+def test_a_diloco_train_config_round_trips_through_its_options():
+    t = TrainConfig(algorithm="diloco", options=DiLoCoConfig(sync_seconds=2.5, outer=OuterConfig(nesterov=False)))
+    assert read_train_config(parse(train_args(t))) == t
 
 
 def test_default_train_config_round_trips():
-    assert train_config(parse(train_args(TrainConfig()))) == TrainConfig()
+    assert read_train_config(parse(train_args(TrainConfig()))) == TrainConfig()
+
+
+def test_each_algorithm_takes_its_own_defaults_when_an_option_is_left_out():
+    assert read_train_config(parse(["--algorithm", "diloco"])).options.codec == "int8"
+    assert read_train_config(parse(["--algorithm", "streaming"])).options.codec == "int4"
+
+
+def test_an_option_of_another_algorithm_is_refused_with_the_algorithms_options():
+    with pytest.raises(ConfigError, match=r"--fragments does not apply to algorithm 'diloco'.*--sync-every"):
+        read_train_config(parse(["--algorithm", "diloco", "--fragments", "2"]))
 
 
 def test_task_config_round_trips_through_its_options():
     c = TaskConfig(seed=3, batch_size=8, seq_len=32, split="non-iid", d_model=48, n_layers=3, n_heads=6,
-                   vocab_size=40, data="/tmp/some.txt")
-    got = task_config(parse(task_args(c)))
-    # eval_batches is not a command-line option: it keeps its default on both sides.
-    assert got == dataclasses.replace(c, eval_batches=TaskConfig().eval_batches)
+                   vocab_size=40, data="/tmp/some.txt", eval_batches=3)
+    assert read_task_config(parse(task_args(c))) == c
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        CoordinatorConfig(),
+        CoordinatorConfig(run_id="r", dashboard_port=None, quorum="first-k:3", seed=7, probe_peers=False,
+                          startup_grace_s=1.5, state_file="/tmp/s.json"),
+    ],
+)
+def test_coordinator_config_round_trips_through_its_options(config):
+    parser = argparse.ArgumentParser()
+    add_options(parser, CoordinatorConfig)
+    assert read_options(CoordinatorConfig, parser.parse_args(option_args(config))) == config
+
+
+def test_transport_options_round_trip_with_a_bandwidth_in_bits_per_second():
+    config = TransportConfig(host="0.0.0.0", port=5000, advertise="10.0.0.7", bandwidth_bps=100e6, codec_threads=0)
+    parser = argparse.ArgumentParser()
+    add_options(parser, TransportConfig)
+    assert read_options(TransportConfig, parser.parse_args(option_args(config))) == config
+
+
+def test_the_python_api_and_the_cli_agree_on_every_default():
+    ns = build_parser(with_benchmarks=False).parse_args(["peer"])
+    train = read_train_config(ns)
+    assert train == TrainConfig()
+    assert train.options == DiLoCoConfig()
+    assert read_options(TransportConfig, ns) == TransportConfig()
+    assert read_task_config(ns) == TaskConfig()
+
+
+def test_harness_options_reach_its_coordinator_and_its_peers():
+    ns = build_parser(with_benchmarks=False).parse_args(
+        ["harness", "--peers", "5", "--quorum", "first-k:4", "--lease", "2", "--sync-every", "10", "--codec", "fp16"]
+    )
+    config = harness_config(ns)
+    assert config.peers == 5
+    assert (config.coordinator.quorum, config.coordinator.lease_s) == ("first-k:4", 2.0)
+    assert config.coordinator.heartbeat_s == 0.5, "the harness's own default"
+    assert (config.train.options.sync_every, config.train.options.codec) == (10, "fp16")
+    assert config.train.steps == 400, "the harness's own default"

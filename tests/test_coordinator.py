@@ -1,20 +1,34 @@
-"""The coordinator process: clear errors for bad input (and it keeps serving), health, and the live dashboard."""
+"""The coordinator: clear errors for bad input (and it keeps serving), round ids and epochs, quorum policies,
+answers to the peers a round went on without, restarts, health, and the live dashboard.
+
+Each test gets a fresh coordinator of its own, served in this process on its own event-loop thread (the
+``coordinator`` fixture); the peers are made-up addresses that only talk to it, so probing is off.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
+import subprocess
 import sys
 import threading
+import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from collectives.membership import MembershipClient, MembershipConfig, MissedRound
+from collectives.rpc import blocking_channel
+from collectives.sampling import check_sample, sample_members
+from collectives.transport import Transport
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
+from peer.coordinator.server import CoordinatorServer
+from peer.coordinator.service import CoordinatorConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.browser import NO_CHROMIUM, DomIndex, chromium_path, run_chromium  # noqa: E402
@@ -23,22 +37,70 @@ from support.procs import CoordinatorProc, stop_all, toy_peer  # noqa: E402
 pytestmark = pytest.mark.timeout(120)
 
 RUN = "errors"
+# Settings of every test's coordinator unless the test says otherwise: no grace, long leases, a short join timeout.
+DEFAULTS = dict(
+    run_id=RUN, port=0, dashboard_port=None, probe_peers=False, startup_grace_s=0.0, lease_s=30.0, join_timeout_s=0.5
+)
 
 
-@pytest.fixture(scope="module")
-def coordinator(tmp_path_factory):
-    proc = CoordinatorProc(
-        tmp_path_factory.mktemp("coord") / "coordinator.log", RUN, 0, "--join-timeout", "0.5", "--lease", "30", "--startup-grace", "0"
-    )
-    yield proc
-    proc.stop()
+class LiveCoordinator:
+    """A CoordinatorServer served on its own event-loop thread, with a blocking stub to it."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-coordinator", daemon=True)
+        self.thread.start()
+        self.server = CoordinatorServer(config)
+        self.address = self.on_loop(self.server.start())
+        self.port = int(self.address.rsplit(":", 1)[1])
+        self.channel = blocking_channel(self.address)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.closed = False
+
+    def on_loop(self, coro, timeout_s: float = 10.0):
+        """Run a coroutine on the coordinator's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def status(self) -> dict:
+        """The status document, read on the coordinator's loop."""
+
+        async def read() -> dict:
+            return self.server.coordinator.status()
+
+        return self.on_loop(read())
+
+    def close(self) -> None:
+        """Stop the server and the loop thread (once; later calls do nothing)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.channel.close()
+        try:
+            self.on_loop(self.server.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
 
 
-@pytest.fixture(scope="module")
-def stub(coordinator):
-    channel = grpc.insecure_channel(coordinator.address)
-    yield pb_grpc.CoordinatorStub(channel)
-    channel.close()
+@pytest.fixture
+def coordinator() -> Iterator[Callable[..., LiveCoordinator]]:
+    """Factory of fresh in-process coordinators (DEFAULTS overridden by keywords); all are stopped after the test."""
+    made: list[LiveCoordinator] = []
+
+    def start(**settings) -> LiveCoordinator:
+        made.append(LiveCoordinator(CoordinatorConfig(**{**DEFAULTS, **settings})))
+        return made[-1]
+
+    yield start
+    for c in reversed(made):
+        c.close()
+
+
+@pytest.fixture
+def stub(coordinator) -> pb_grpc.CoordinatorStub:
+    """A stub to a fresh coordinator with the default settings."""
+    return coordinator().stub
 
 
 def status_code(call) -> tuple[grpc.StatusCode, str]:
@@ -47,13 +109,44 @@ def status_code(call) -> tuple[grpc.StatusCode, str]:
     return info.value.code(), info.value.details()
 
 
-def still_serving(stub) -> None:
-    reply = stub.Status(pb.StatusRequest(run_id=RUN), timeout=5)
-    assert json.loads(reply.json)["run_id"] == RUN
+def still_serving(stub, run: str = RUN) -> None:
+    reply = stub.Status(pb.StatusRequest(run_id=run), timeout=5)
+    assert json.loads(reply.json)["run_id"] == run
 
 
-def join(stub, address: str) -> str:
-    return stub.Join(pb.JoinRequest(run_id=RUN, address=address, has_state=True), timeout=5).peer_id
+def join(stub, address: str, run: str = RUN, **fields) -> str:
+    return stub.Join(pb.JoinRequest(run_id=run, address=address, has_state=True, **fields), timeout=5).peer_id
+
+
+def ask(stub, peer_id: str, last_round: int = 0, run: str = RUN) -> grpc.Future:
+    return stub.Quorum.future(pb.QuorumRequest(run_id=run, peer_id=peer_id, last_round=last_round), timeout=20)
+
+
+def report(stub, peer_id: str, plan: pb.QuorumResponse, ok: bool = True, failed=(), run: str = RUN) -> grpc.Future:
+    request = pb.CommitRequest(
+        run_id=run, peer_id=peer_id, round_id=plan.round_id, epoch=plan.epoch, ok=ok, failed_peers=list(failed)
+    )
+    return stub.Commit.future(request, timeout=20)
+
+
+def play_round(stub, peers: list[str], last_round: int, run: str = RUN) -> pb.QuorumResponse:
+    """All peers ask, all report success; the round's plan (as the first peer got it)."""
+    plans = [f.result() for f in [ask(stub, p, last_round, run) for p in peers]]
+    decisions = [f.result() for f in [report(stub, p, plan, run=run) for p, plan in zip(peers, plans)]]
+    assert all(d.commit for d in decisions)
+    return plans[0]
+
+
+def rejoin(peer_id: str, address: str, last_round: int) -> pb.JoinRequest:
+    """The join of a peer that comes back with the state of last_round."""
+    return pb.JoinRequest(run_id=RUN, address=address, peer_id=peer_id, last_round=last_round, has_state=True)
+
+
+def members(plan: pb.QuorumResponse) -> list[str]:
+    return [m.peer_id for m in plan.members]
+
+
+# -- bad input ---------------------------------------------------------------------------
 
 
 def test_wrong_run_id_is_refused_with_a_clear_message(stub):
@@ -75,12 +168,14 @@ def test_unknown_peer_id_is_not_found(stub):
     still_serving(stub)
 
 
-def test_malformed_message_is_rejected(coordinator, stub):
-    with grpc.insecure_channel(coordinator.address) as channel:
-        raw = channel.unary_unary("/loconet.membership.v1.Coordinator/Join", request_serializer=lambda b: b, response_deserializer=lambda b: b)
-        code, details = status_code(lambda: raw(b"\xff\xff\xff\xff garbage", timeout=5))
+def test_malformed_message_is_rejected(coordinator):
+    c = coordinator()
+    raw = c.channel.unary_unary(
+        "/loconet.membership.v1.Coordinator/Join", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+    code, details = status_code(lambda: raw(b"\xff\xff\xff\xff garbage", timeout=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "malformed JoinRequest" in details
-    still_serving(stub)
+    still_serving(c.stub)
 
 
 def test_oversized_message_is_rejected(stub):
@@ -91,38 +186,225 @@ def test_oversized_message_is_rejected(stub):
 
 
 def test_commit_from_a_peer_outside_the_round_is_refused(stub):
-    members = [join(stub, f"127.0.0.1:{port}") for port in (50001, 50002)]
-    plans: dict[str, pb.QuorumResponse] = {}
-
-    def ask(peer_id: str) -> None:
-        plans[peer_id] = stub.Quorum(pb.QuorumRequest(run_id=RUN, peer_id=peer_id), timeout=30)
-
-    threads = [threading.Thread(target=ask, args=(m,)) for m in members]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    plan = plans[members[0]]
-    assert {m.peer_id for m in plan.members} >= set(members)
+    a, b = (join(stub, f"127.0.0.1:{port}") for port in (50001, 50002))
+    plan, _ = [f.result() for f in [ask(stub, a), ask(stub, b)]]
+    assert members(plan) == [a, b]
     outsider = join(stub, "127.0.0.1:50003")
     request = pb.CommitRequest(run_id=RUN, peer_id=outsider, round_id=plan.round_id, epoch=plan.epoch, ok=True)
     code, details = status_code(lambda: stub.Commit(request, timeout=5))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "not a member" in details
     unknown = pb.CommitRequest(run_id=RUN, peer_id=outsider, round_id=12345, epoch=0, ok=True)
     code, details = status_code(lambda: stub.Commit(unknown, timeout=5))
-    assert code == grpc.StatusCode.NOT_FOUND and "unknown" in details
+    assert code == grpc.StatusCode.NOT_FOUND and "round 12345 at epoch 0 is unknown" in details
     still_serving(stub)
 
 
 def test_health_service_reports_serving(coordinator):
-    with grpc.insecure_channel(coordinator.address) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    c = coordinator()
+    reply = health_pb2_grpc.HealthStub(c.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_second_coordinator_on_a_port_in_use_refuses_to_start(coordinator):
+    # gRPC would otherwise share the port (SO_REUSEPORT) and split the peers between two coordinators.
+    c = coordinator()
+    done = subprocess.run(
+        [sys.executable, "-m", "peer.cli", "coordinator", "--run", RUN, "--port", str(c.port)]
+        + ["--dashboard-port", "-1"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{c.port}" in done.stderr
+
+
+# -- round ids and epochs ------------------------------------------------------------------
+
+
+def test_round_ids_are_1_2_3_over_three_rounds(coordinator):
+    c = coordinator()
+    peers = [join(c.stub, f"127.0.0.1:{port}") for port in (1, 2)]
+    plans = []
+    for last_round in (0, 1, 2):
+        plans.append(play_round(c.stub, peers, last_round))
+    assert [(p.round_id, p.epoch) for p in plans] == [(1, 0), (2, 0), (3, 0)]
+    status = c.status()
+    assert status["last_committed_round"] == 3
+    assert [(r["round_id"], r["epoch"], r["status"]) for r in status["rounds"]] == [
+        (3, 0, "committed"), (2, 0, "committed"), (1, 0, "committed")
+    ]
+
+
+def test_a_retry_after_an_abort_keeps_the_round_id_with_a_new_epoch_and_each_attempt_keeps_its_decision(coordinator):
+    c = coordinator()
+    a, b, gone = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2, 3))
+    first = [f.result() for f in [ask(c.stub, p) for p in (a, b, gone)]]
+    assert {(p.round_id, p.epoch) for p in first} == {(1, 0)}
+    # a and b both saw the third member fail; it never reports: the attempt aborts and drops it.
+    aborted = [f.result() for f in [report(c.stub, p, first[0], ok=False, failed=[gone]) for p in (a, b)]]
+    assert [(d.commit, list(d.dropped)) for d in aborted] == [(False, [gone])] * 2
+    retry = [f.result() for f in [ask(c.stub, p) for p in (a, b)]]
+    assert [(p.round_id, p.epoch, members(p)) for p in retry] == [(1, 1, [a, b])] * 2
+    assert all(f.result().commit for f in [report(c.stub, p, retry[0]) for p in (a, b)])
+    # The dropped member of the aborted attempt still reads that attempt's abort, never the retry's commit...
+    late = report(c.stub, gone, first[0], ok=True).result()
+    assert (late.commit, list(late.dropped)) == (False, [gone])
+    # ... and the retry's members read the retry's commit again.
+    assert report(c.stub, a, retry[0]).result().commit
+
+
+# -- quorum policies -------------------------------------------------------------------------
+
+
+def test_first_k_holds_the_third_asker_then_tells_it_which_round_it_missed_and_who_holds_it(coordinator):
+    c = coordinator(quorum="first-k:2")
+    a, b, late = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2, 3))
+    plans = [f.result() for f in [ask(c.stub, p) for p in (a, b)]]
+    assert [(p.round_id, p.epoch, members(p), p.policy) for p in plans] == [(1, 0, [a, b], "first-k:2")] * 2
+    held = ask(c.stub, late)
+    time.sleep(0.5)
+    assert not held.done(), "a peer the round formed without waits for that round's decision"
+    assert all(f.result().commit for f in [report(c.stub, p, plans[0]) for p in (a, b)])
+    answer = held.result()
+    assert answer.action == pb.QuorumResponse.RESYNC
+    assert (answer.last_committed_round, answer.sync_from) == (1, "127.0.0.1:1")
+    assert [(r.round_id, r.epoch, r.tag, [(m.peer_id, m.address) for m in r.members]) for r in answer.missed] == [
+        (1, 0, "", [(a, "127.0.0.1:1"), (b, "127.0.0.1:2")])
+    ]
+
+
+def test_a_sample_round_has_the_seeded_members_and_tells_them_how_to_check(coordinator):
+    c = coordinator(quorum="sample:2", seed=7)
+    peers = [join(c.stub, f"127.0.0.1:{port}") for port in (1, 2, 3, 4)]
+    expected = list(sample_members(7, 1, peers, 2))
+    asked = {p: ask(c.stub, p) for p in peers}
+    plans = {p: asked[p].result() for p in expected}
+    for plan in plans.values():
+        assert (plan.round_id, members(plan)) == (1, expected)
+        assert (plan.policy, plan.seed, list(plan.candidates)) == ("sample:2", 7, sorted(peers))
+        check_sample(plan.seed, plan.round_id, plan.candidates, 2, members(plan))
+    assert all(f.result().commit for f in [report(c.stub, p, plan) for p, plan in plans.items()])
+    others = [p for p in peers if p not in expected]
+    assert [asked[p].result().action for p in others] == [pb.QuorumResponse.RESYNC] * 2
+
+
+def test_the_peers_client_reads_the_round_it_missed_and_the_sample_to_check(coordinator):
+    c = coordinator(quorum="sample:2", seed=3)
+    with Transport() as transport:
+        transport.start()
+        clients = [MembershipClient(transport, MembershipConfig(c.address, RUN, rpc_timeout_s=5)) for _ in range(3)]
+        for port, client in enumerate(clients, 1):
+            transport.submit(client.join(f"127.0.0.1:{port}", 0, 0, has_state=True)).result(10)
+        asked = {client.peer_id: transport.submit(client.quorum(0, timeout_s=20)) for client in clients}
+        candidates = tuple(sorted(asked))
+        drawn = sample_members(3, 1, candidates, 2)
+        plans = [asked[p].result(20) for p in drawn]
+        assert [(p.policy, p.seed, p.candidates) for p in plans] == [("sample:2", 3, candidates)] * 2
+        for plan in plans:
+            plan.check_sample()
+        assert all(f.result().commit for f in [report(c.stub, p, plan) for p, plan in zip(drawn, plans)])
+        (left_out,) = set(asked) - set(drawn)
+        resync = asked[left_out].result(20)
+        address = {client.peer_id: f"127.0.0.1:{port}" for port, client in enumerate(clients, 1)}
+        holders = tuple((p, address[p]) for p in drawn)
+        assert (resync.action, resync.missed) == ("resync", (MissedRound(1, 0, "", holders),))
+
+
+def test_a_peer_that_rejoins_behind_remembered_rounds_is_told_which_to_fetch_and_from_whom(coordinator):
+    c = coordinator()
+    a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
+    play_round(c.stub, [a, b], 0)
+    c.stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=b, reason="paused"), timeout=5)
+    play_round(c.stub, [a], 1)
+    play_round(c.stub, [a], 2)
+    back = c.stub.Join(rejoin(b, "127.0.0.1:2", last_round=1), timeout=5)
+    assert back.sync_from == "127.0.0.1:1"
+    assert [(r.round_id, [m.peer_id for m in r.members]) for r in back.missed] == [(2, [a]), (3, [a])]
+
+
+def test_a_peer_behind_forgotten_rounds_fetches_the_whole_state(coordinator):
+    c = coordinator(catchup_rounds=1)
+    a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
+    play_round(c.stub, [a, b], 0)
+    c.stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=b, reason="paused"), timeout=5)
+    play_round(c.stub, [a], 1)
+    play_round(c.stub, [a], 2)
+    back = c.stub.Join(rejoin(b, "127.0.0.1:2", last_round=1), timeout=5)
+    assert (back.sync_from, list(back.missed)) == ("127.0.0.1:1", [])
+
+
+# -- restarts ----------------------------------------------------------------------------------
+
+
+def test_a_restarted_coordinator_gives_its_first_round_a_new_epoch_once(coordinator):
+    before = coordinator()
+    a, b = (join(before.stub, f"127.0.0.1:{port}") for port in (1, 2))
+    play_round(before.stub, [a, b], 0)
+    play_round(before.stub, [a, b], 1)
+    before.close()
+    after = coordinator()
+    for peer_id, port in ((a, 1), (b, 2)):
+        join(after.stub, f"127.0.0.1:{port}", peer_id=peer_id, last_round=2, epoch=0)
+    plans = [play_round(after.stub, [a, b], last_round) for last_round in (2, 3)]
+    assert [(p.round_id, p.epoch) for p in plans] == [(3, 1), (4, 1)]
+
+
+def test_a_lone_survivor_below_min_peers_is_told_at_once_not_after_the_quorum_timeout(coordinator):
+    c = coordinator(min_peers=2, quorum_timeout_s=60)
+    a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
+    play_round(c.stub, [a, b], 0)
+    c.stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=b, reason="done"), timeout=5)
+    # The quorum timeout is 60 s; the refusal must come after the 0.5 s join timeout (10 s allows for a slow machine).
+    request = pb.QuorumRequest(run_id=RUN, peer_id=a, last_round=1)
+    code, details = status_code(lambda: c.stub.Quorum(request, timeout=10))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no quorum" in details and "1 live peer" in details and "min_peers is 2" in details
+
+
+def test_a_fresh_peer_waits_for_the_state_holders_of_a_restarted_coordinator_instead_of_founding(coordinator):
+    stub = coordinator(startup_grace_s=20).stub
+    # A heartbeat under an id this coordinator never gave out: a peer of its predecessor.
+    assert not stub.Heartbeat(pb.HeartbeatRequest(run_id=RUN, peer_id="p1-0a0b0c"), timeout=5).known
+    fresh = pb.JoinRequest(run_id=RUN, address="127.0.0.1:2", has_state=False)
+    code, details = status_code(lambda: stub.Join(fresh, timeout=5))
+    assert code == grpc.StatusCode.UNAVAILABLE and "re-registered" in details
+    join(stub, "127.0.0.1:1", peer_id="p1-0a0b0c", last_round=5)
+    assert stub.Join(fresh, timeout=5).sync_from == "127.0.0.1:1"
+
+
+def test_with_a_state_file_a_restarted_coordinator_makes_a_fresh_peer_wait_before_any_old_peer_calls(
+    coordinator, tmp_path
+):
+    state_file = str(tmp_path / "run.json")
+    before = coordinator(state_file=state_file)
+    founder = before.stub.Join(pb.JoinRequest(run_id=RUN, address="127.0.0.1:1", has_state=False), timeout=5)
+    plan = play_round(before.stub, [founder.peer_id], 0)
+    before.close()
+    assert json.loads(open(state_file).read()) == {"run_id": RUN, "last_committed_round": 1, "epoch": 0}
+    stub = coordinator(state_file=state_file, startup_grace_s=20).stub
+    # No heartbeat from the old peer yet: only the state file tells the run exists.
+    fresh = pb.JoinRequest(run_id=RUN, address="127.0.0.1:2", has_state=False)
+    code, details = status_code(lambda: stub.Join(fresh, timeout=5))
+    assert code == grpc.StatusCode.UNAVAILABLE and "re-registered" in details
+    join(stub, "127.0.0.1:1", peer_id=founder.peer_id, last_round=plan.round_id)
+    assert stub.Join(fresh, timeout=5).sync_from == "127.0.0.1:1"
+
+
+def test_the_first_peer_of_a_new_run_founds_it_without_waiting_out_the_grace(coordinator):
+    stub = coordinator(startup_grace_s=20).stub
+    reply = stub.Join(pb.JoinRequest(run_id=RUN, address="127.0.0.1:1", has_state=False), timeout=5)
+    assert reply.sync_from == ""  # the founder: its initial state is the run's
+    second = stub.Join(pb.JoinRequest(run_id=RUN, address="127.0.0.1:2", has_state=False), timeout=5)
+    assert second.sync_from == "127.0.0.1:1"
+
+
+# -- the dashboard, with real peers ------------------------------------------------------------
 
 
 @pytest.mark.skipif(chromium_path() is None, reason=NO_CHROMIUM)
 def test_dashboard_in_chromium_shows_the_live_peers_a_round_and_the_chart(tmp_path):
-    coordinator = CoordinatorProc(tmp_path / "coordinator.log", "live", 0, "--join-timeout", "1", "--heartbeat", "0.2", "--lease", "2")
+    coordinator = CoordinatorProc(
+        tmp_path / "coordinator.log", "live", 0, "--join-timeout", "1", "--heartbeat", "0.2", "--lease", "2"
+    )
     peers = [toy_peer(tmp_path, coordinator.address, "live", name, "--interval", "0.3") for name in ("a", "b")]
     try:
         ids = [p.wait_event(lambda e: e["event"] == "joined", 60)["peer_id"] for p in peers]
@@ -130,6 +412,7 @@ def test_dashboard_in_chromium_shows_the_live_peers_a_round_and_the_chart(tmp_pa
             p.wait_event(lambda e: e["event"] == "committed" and len(e["members"]) == 2, 60)
         status = json.loads(urllib.request.urlopen(coordinator.dashboard + "/api/status", timeout=5).read())
         assert {p["peer_id"] for p in status["peers"] if p["state"] == "active"} == set(ids)
+        assert status["rounds"][-1]["round_id"] == 1, "round ids count from 1"
         dom = DomIndex(run_chromium(coordinator.dashboard + "/", tmp_path, "--dump-dom"))
         assert dom.by_id("status-line").text == "live"
         rows = {n.attrs["data-peer-id"]: n.text for n in dom.find("tr", cls="peer-row")}
@@ -140,98 +423,3 @@ def test_dashboard_in_chromium_shows_the_live_peers_a_round_and_the_chart(tmp_pa
     finally:
         stop_all(peers)
         coordinator.stop()
-
-
-def test_a_second_coordinator_on_a_port_in_use_refuses_to_start(coordinator, tmp_path):
-    # gRPC would otherwise share the port (SO_REUSEPORT) and split the peers between two coordinators.
-    import subprocess
-
-    done = subprocess.run(
-        [sys.executable, "-m", "peer.cli", "coordinator", "--run", RUN, "--port", str(coordinator.port), "--dashboard-port", "-1"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert done.returncode != 0
-    assert f"cannot listen on 127.0.0.1:{coordinator.port}" in done.stderr
-
-
-@contextlib.contextmanager
-def own_coordinator(tmp_path, run: str, *args: str):
-    """A coordinator of its own for one test (with --no-probe: the peers' addresses are made up); yields a stub."""
-    proc = CoordinatorProc(tmp_path / "coordinator.log", run, 0, "--no-probe", *args)
-    channel = grpc.insecure_channel(proc.address)
-    try:
-        yield pb_grpc.CoordinatorStub(channel)
-    finally:
-        channel.close()
-        proc.stop()
-
-
-def test_a_lone_survivor_below_min_peers_is_told_at_once_not_after_the_quorum_timeout(tmp_path):
-    run = "survivor"
-    args = ("--min-peers", "2", "--join-timeout", "0.5", "--lease", "30", "--startup-grace", "0", "--quorum-timeout", "60")
-    with own_coordinator(tmp_path, run, *args) as stub:
-        a, b = (
-            stub.Join(pb.JoinRequest(run_id=run, address=f"127.0.0.1:{port}", has_state=True), timeout=5).peer_id
-            for port in (1, 2)
-        )
-        asked = [stub.Quorum.future(pb.QuorumRequest(run_id=run, peer_id=p), timeout=10) for p in (a, b)]
-        plans = [f.result() for f in asked]
-        reports = [
-            stub.Commit.future(
-                pb.CommitRequest(run_id=run, peer_id=p, round_id=plan.round_id, epoch=plan.epoch, ok=True), timeout=10
-            )
-            for p, plan in zip((a, b), plans)
-        ]
-        assert all(f.result().commit for f in reports)
-        stub.Leave(pb.LeaveRequest(run_id=run, peer_id=b, reason="done"), timeout=5)
-        # The quorum timeout is 60 s; the refusal must come after the 0.5 s join timeout (10 s allows for a slow machine).
-        code, details = status_code(
-            lambda: stub.Quorum(pb.QuorumRequest(run_id=run, peer_id=a, last_round=plans[0].round_id), timeout=10)
-        )
-        assert code == grpc.StatusCode.FAILED_PRECONDITION
-        assert "no quorum" in details and "1 live peer" in details and "min_peers is 2" in details
-
-
-def test_a_fresh_peer_waits_for_the_state_holders_of_a_restarted_coordinator_instead_of_founding(tmp_path):
-    run = "restarted"
-    with own_coordinator(tmp_path, run, "--lease", "30", "--startup-grace", "20") as stub:
-        # A heartbeat under an id this coordinator never gave out: a peer of its predecessor.
-        assert not stub.Heartbeat(pb.HeartbeatRequest(run_id=run, peer_id="p1-0a0b0c"), timeout=5).known
-        fresh = pb.JoinRequest(run_id=run, address="127.0.0.1:2", has_state=False)
-        code, details = status_code(lambda: stub.Join(fresh, timeout=5))
-        assert code == grpc.StatusCode.UNAVAILABLE and "re-registered" in details
-        stub.Join(pb.JoinRequest(run_id=run, address="127.0.0.1:1", peer_id="p1-0a0b0c", has_state=True, last_round=5), timeout=5)
-        assert stub.Join(fresh, timeout=5).sync_from == "127.0.0.1:1"
-
-
-def test_with_a_state_file_a_restarted_coordinator_makes_a_fresh_peer_wait_before_any_old_peer_calls(tmp_path):
-    run = "remembered"
-    state_file = str(tmp_path / "run.json")
-    args = ("--lease", "30", "--state-file", state_file)
-    with own_coordinator(tmp_path, run, *args, "--startup-grace", "0") as stub:
-        founder = stub.Join(pb.JoinRequest(run_id=run, address="127.0.0.1:1", has_state=False), timeout=5)
-        plan = stub.Quorum(pb.QuorumRequest(run_id=run, peer_id=founder.peer_id), timeout=10)
-        report = pb.CommitRequest(
-            run_id=run, peer_id=founder.peer_id, round_id=plan.round_id, epoch=plan.epoch, ok=True
-        )
-        assert stub.Commit(report, timeout=10).commit
-    assert json.loads(open(state_file).read())["last_committed_round"] == plan.round_id
-    with own_coordinator(tmp_path, run, *args, "--startup-grace", "20") as stub:
-        # No heartbeat from the old peer yet: only the state file tells the run exists.
-        fresh = pb.JoinRequest(run_id=run, address="127.0.0.1:2", has_state=False)
-        code, details = status_code(lambda: stub.Join(fresh, timeout=5))
-        assert code == grpc.StatusCode.UNAVAILABLE and "re-registered" in details
-        holder = pb.JoinRequest(
-            run_id=run, address="127.0.0.1:1", peer_id=founder.peer_id, has_state=True, last_round=plan.round_id
-        )
-        stub.Join(holder, timeout=5)
-        assert stub.Join(fresh, timeout=5).sync_from == "127.0.0.1:1"
-
-
-def test_the_first_peer_of_a_new_run_founds_it_without_waiting_out_the_grace(tmp_path):
-    run = "new"
-    with own_coordinator(tmp_path, run, "--lease", "30", "--startup-grace", "20") as stub:
-        reply = stub.Join(pb.JoinRequest(run_id=run, address="127.0.0.1:1", has_state=False), timeout=5)
-        assert reply.sync_from == ""  # the founder: its initial state is the run's
-        second = stub.Join(pb.JoinRequest(run_id=run, address="127.0.0.1:2", has_state=False), timeout=5)
-        assert second.sync_from == "127.0.0.1:1"

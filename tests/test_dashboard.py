@@ -29,7 +29,7 @@ T0 = 1763790000.0
 
 
 def sample_status() -> dict:
-    """A run in progress: 3 peers, 2 rounds (one aborted), a few events and loss series of 4, 3 and 1 points."""
+    """A run in progress: 3 peers, round 12 aborted at epoch 2 and committed at epoch 3, events, loss of 4, 3, 1 points."""
     peers = [
         ("p1", "127.0.0.1:40001", "host-a", "active", 2.134, 3.2),
         ("p2", "127.0.0.1:40002", "host-b", "active", 2.201, 3.05),
@@ -41,6 +41,7 @@ def sample_status() -> dict:
         "epoch": 3,
         "last_committed_round": 12,
         "min_peers": 2,
+        "quorum_policy": "sample:3",
         "summary": {
             "peers_alive": 3,
             "rounds_committed": 12,
@@ -79,7 +80,7 @@ def sample_status() -> dict:
                 "reason": "",
             },
             {
-                "round_id": 11,
+                "round_id": 12,
                 "epoch": 2,
                 "members": ["p1", "p2", "p3", "p4"],
                 "started_at": T0 + 8,
@@ -90,7 +91,7 @@ def sample_status() -> dict:
             },
         ],
         "events": [
-            {"time": T0 + 9, "kind": "abort", "peer_id": "p4", "detail": "round 11 aborted: peer p4 failed: unreachable"},
+            {"time": T0 + 9, "kind": "abort", "peer_id": "p4", "detail": "round 12 (epoch 2): peer p4 failed"},
             {"time": T0 + 5, "kind": "join", "peer_id": "p3", "detail": "joined from 127.0.0.1:40003"},
             {"time": T0, "kind": "coordinator-start", "peer_id": "", "detail": "listening on 127.0.0.1:7070"},
         ],
@@ -212,6 +213,17 @@ def test_metrics_parse_and_carry_run_gauges(serve):
     assert samples[("loconet_peers", (("state", "lost"),))] == 0
 
 
+def test_metrics_name_the_run_and_its_quorum_policy(serve):
+    samples = metric_samples(get(serve().url + "/metrics")[2].decode())
+    labels = (
+        ("coordinator_address", "127.0.0.1:7070"),
+        ("quorum_policy", "sample:3"),
+        ("run_id", "demo"),
+        ("version", "0.1.0"),
+    )
+    assert samples[("loconet_run_info", labels)] == 1
+
+
 def test_metrics_rounds_are_counters_by_outcome(serve):
     text = get(serve().url + "/metrics")[2].decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -318,12 +330,33 @@ def test_page_lists_every_peer_with_its_address(rendered):
     assert len(rendered.find("tr", cls="peer-row")) == 3
 
 
+def cells(dom: DomIndex, row) -> list[str]:
+    """The texts of a table row's cells."""
+    after = dom.nodes[dom.nodes.index(row) + 1 :]
+    end = next((i for i, n in enumerate(after) if n.tag == "tr"), len(after))
+    return [n.text for n in after[:end] if n.tag == "td"]
+
+
 @needs_chromium
-def test_page_lists_committed_and_aborted_rounds(rendered):
-    (committed,) = rendered.find("tr", cls="round-row", data_round_id="12")
-    (aborted,) = rendered.find("tr", cls="round-row", data_round_id="11")
-    assert "committed" in committed.text
-    assert "aborted" in aborted.text and "peer p4 failed: unreachable" in aborted.text
+def test_page_lists_each_attempt_of_a_round_with_its_epoch(rendered):
+    (committed,) = rendered.find("tr", cls="round-row", data_attempt="12.3")
+    (aborted,) = rendered.find("tr", cls="round-row", data_attempt="12.2")
+    assert cells(rendered, committed)[:3] == ["12", "3", "committed"]
+    assert cells(rendered, aborted)[:3] == ["12", "2", "aborted"]
+    assert "peer p4 failed: unreachable" in aborted.text
+
+
+@needs_chromium
+def test_page_shows_round_ids_without_digit_grouping(serve, tmp_path):
+    doc = sample_status()
+    doc["last_committed_round"] = 1234
+    dom = DomIndex(run_chromium(serve(lambda: doc).url + "/", tmp_path, "--dump-dom"))
+    assert dom.by_id("s-round").text == "1234"
+
+
+@needs_chromium
+def test_page_names_the_quorum_policy(rendered):
+    assert "quorum sample:3" in rendered.by_id("coord").text
 
 
 @needs_chromium

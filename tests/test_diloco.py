@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from collectives.allreduce import AllReduceConfig
 from collectives.errors import ConfigError
 from collectives.elastic import ElasticCollective, ElasticConfig
 from optimizers.diloco import DiLoCo
-from optimizers.outer import OuterConfig
+from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalPeer
 from optimizers.streaming import StreamingConfig, StreamingDiLoCo, split_fragments
 
@@ -23,7 +22,9 @@ from support.threadgroup import ThreadGroup  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
-NONE = AllReduceConfig()
+
+
+SGD1 = OuterConfig(lr=1.0, momentum=0.0)  # a plain outer step: global -= averaged pseudo-gradient
 
 
 def model(seed: int = 0) -> torch.nn.Module:
@@ -77,7 +78,7 @@ def assert_close(a, b, atol=1e-6) -> None:
 
 def test_one_peer_with_outer_sgd_lr_1_and_no_momentum_is_plain_local_training():
     a, b = model(), model()
-    diloco = DiLoCo(a, torch.optim.AdamW(a.parameters(), lr=1e-2), LocalPeer(), sync_every=4, outer_lr=1.0, outer_momentum=0.0)
+    diloco = DiLoCo(a, torch.optim.AdamW(a.parameters(), lr=1e-2), LocalPeer(), sync_every=4, outer=SGD1, codec="none")
     train(diloco, a, 0, 20)
     train(torch.optim.AdamW(b.parameters(), lr=1e-2), b, 0, 20)
     assert_close(params(a), params(b))
@@ -89,7 +90,7 @@ def test_h1_with_inner_sgd_and_outer_sgd_lr_1_is_data_parallel_sgd():
     group = ThreadGroup(n)
     models = [model() for _ in range(n)]
     opts = [
-        DiLoCo(m, torch.optim.SGD(m.parameters(), lr=lr), group.peers[r], sync_every=1, outer_lr=1.0, outer_momentum=0.0)
+        DiLoCo(m, torch.optim.SGD(m.parameters(), lr=lr), group.peers[r], sync_every=1, outer=SGD1, codec="none")
         for r, m in enumerate(models)
     ]
     run_threads([lambda r=r: train(opts[r], models[r], r, steps) for r in range(n)])
@@ -113,7 +114,7 @@ def test_weights_by_samples_give_the_weighted_mean():
     group = ThreadGroup(2)
     models = [model(), model()]
     opts = [
-        DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), group.peers[r], sync_every=100, outer_lr=1.0, outer_momentum=0.0)
+        DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), group.peers[r], sync_every=100, outer=SGD1, codec="none")
         for r, m in enumerate(models)
     ]
     train(opts[0], models[0], 0, 3, samples=1)
@@ -133,7 +134,7 @@ def test_streaming_with_one_fragment_no_overlap_and_alpha_0_is_diloco():
     da = [model() for _ in range(2)]
     db = [model() for _ in range(2)]
     diloco = [DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), ga.peers[r], sync_every=4) for r, m in enumerate(da)]
-    cfg = StreamingConfig(sync_every=4, fragments=1, overlap=0, alpha=0.0, allreduce=NONE)
+    cfg = StreamingConfig(sync_every=4, fragments=1, overlap=0, alpha=0.0, codec="none")
     stream = [StreamingDiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), gb.peers[r], cfg) for r, m in enumerate(db)]
     run_threads([lambda r=r: train(diloco[r], da[r], r, steps) for r in range(2)])
     run_threads([lambda r=r: train(stream[r], db[r], r, steps) for r in range(2)])
@@ -144,7 +145,7 @@ def test_streaming_with_one_fragment_no_overlap_and_alpha_0_is_diloco():
 
 def test_streaming_fragments_sync_staggered_each_once_per_period():
     m = model()
-    cfg = StreamingConfig(sync_every=8, fragments=2, overlap=1, alpha=0.5, allreduce=NONE)
+    cfg = StreamingConfig(sync_every=8, fragments=2, overlap=1, alpha=0.5, codec="none")
     opt = StreamingDiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), LocalPeer(), cfg)
     train(opt, m, 0, 33)
     # A fragment round starts every 4 steps and is applied 1 step later.
@@ -154,7 +155,7 @@ def test_streaming_fragments_sync_staggered_each_once_per_period():
 
 def test_streaming_mixes_local_and_global_with_alpha_weighting_the_local_side():
     m = model()
-    cfg = StreamingConfig(sync_every=2, fragments=1, overlap=1, alpha=0.25, outer=OuterConfig(lr=1.0, momentum=0.0), allreduce=NONE)
+    cfg = StreamingConfig(sync_every=2, fragments=1, overlap=1, alpha=0.25, outer=SGD1, codec="none")
     opt = StreamingDiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), LocalPeer(), cfg)
     train(opt, m, 0, 2)  # round starts at step 2 with pseudo-gradient global - local(2)
     local2 = params(m)
@@ -226,7 +227,7 @@ def _poison(m: torch.nn.Module) -> None:
 
 def test_a_diloco_peer_whose_training_diverges_restarts_from_the_global_state_and_trains_on():
     m = model()
-    opt = DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=0.01), LocalPeer(), sync_every=2, allreduce=NONE)
+    opt = DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=0.01), LocalPeer(), sync_every=2, codec="none")
     train(opt, m, 0, 2)  # one committed round
     global_after_round = [g.clone() for g in opt.state.globals]
     loss_of(m, batch(0, 2)).backward()
@@ -247,7 +248,7 @@ def test_a_streaming_peer_refused_for_nan_before_its_round_starts_restarts_from_
     peer = ElasticCollective(ElasticConfig(coordinator="127.0.0.1:1", run_id="r"))
     m = model()
     initial = params(m)
-    cfg = StreamingConfig(sync_every=4, fragments=2, overlap=0, allreduce=NONE)
+    cfg = StreamingConfig(sync_every=4, fragments=2, overlap=0, codec="none")
     opt = StreamingDiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), peer, cfg)
     train(opt, m, 0, 1)
     _poison(m)

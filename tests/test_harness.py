@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from peer.coordinator.config import CoordinatorConfig
 from peer.harness.harness import Harness, HarnessConfig
 from peer.harness.scenario import parse_event
 from peer.tasks.base import TaskConfig
@@ -14,12 +15,13 @@ pytestmark = pytest.mark.timeout(300)
 SMALL = TaskConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8)
 
 
-def run_scenario(*events: str, peers: int = 3, steps: int = 300, **options) -> tuple[dict, Harness]:
+def run_scenario(*events: str, peers: int = 3, steps: int = 300, lease_s: float = 3.0, **options) -> tuple[dict, Harness]:
     config = HarnessConfig(
         peers=peers,
         task_config=SMALL,
-        train=TrainConfig(steps=steps, sync_every=20, round_timeout_s=10),
+        train=TrainConfig.of("diloco", steps=steps, sync_every=20, round_timeout_s=10),
         events=tuple(parse_event(e) for e in events),
+        coordinator=CoordinatorConfig(lease_s=lease_s, heartbeat_s=0.5, dashboard_port=0),
         **options,
     )
     harness = Harness(config)
@@ -72,7 +74,8 @@ def test_link_cut_with_netns(tmp_path):
         netns.check_available()
     except netns.NetnsUnavailable as exc:
         pytest.skip(f"network namespaces unavailable: {exc}")
-    report, _ = run_scenario("cut:peer1@round2,for=4s", workdir=tmp_path, netns=True, lease_s=1.5)
+    # Long enough that the cut peer comes back while the others still train.
+    report, _ = run_scenario("cut:peer1@round2,for=4s", workdir=tmp_path, netns=True, lease_s=1.5, steps=800)
     assert_healthy(report, alive=3)
 
 

@@ -27,7 +27,7 @@ def scatter_chunk(inbox: RoundInbox, offset: int, values: list[float]):
     """Member 1's scatter chunk of part 0 at offset, as (header, payload)."""
     sender = Group("run", 0, 1, inbox.group.members, 1)
     payload = torch.tensor(values, dtype=torch.float32).numpy().tobytes()
-    raw = chunk_message(sender, NUMEL, inbox.codec.config, SCATTER, 0, 4, offset, len(values), 1.0, payload)
+    raw = chunk_message(sender, NUMEL, inbox.aggregator_config, inbox.codec.config, SCATTER, 0, 4, offset, len(values), 1.0, payload)
     return decode_chunk(raw)
 
 

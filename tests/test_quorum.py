@@ -5,6 +5,7 @@ import pytest
 from collectives.errors import ConfigError
 from peer.coordinator.rules import (
     CommitInputs,
+    CommittedRound,
     Decision,
     PeerView,
     QuorumRules,
@@ -19,6 +20,7 @@ from peer.coordinator.rules import (
     peers_to_probe,
     quorum_hopeless,
     quorum_ready,
+    rounds_to_catch_up,
 )
 
 OK = Report(ok=True)
@@ -110,18 +112,49 @@ def test_needs_resync(peer_round, committed, resync):
     assert needs_resync(peer_round, committed) is resync
 
 
+# previous members (None: no round formed by this coordinator yet), members, must bump, restarted -> epoch (from 3)
+EPOCH_CASES = [
+    ("the first round of a new run", None, ["a", "b"], False, False, 3),
+    ("the same group in another order", ["a", "b"], ["b", "a"], False, False, 3),
+    ("a peer more", ["a", "b"], ["a", "b", "c"], False, False, 4),
+    ("a peer less", ["a", "b", "c"], ["a", "b"], False, False, 4),
+    ("the retry of an aborted attempt", ["a", "b"], ["a", "b"], True, False, 4),
+    ("the first round of a restarted coordinator", None, ["a", "b"], False, True, 4),
+    ("a restarted coordinator's later rounds", ["a", "b"], ["a", "b"], False, True, 3),
+]
+
+
 @pytest.mark.parametrize(
-    "previous,members,aborted,epoch",
-    [
-        (None, ["a", "b"], False, 3),
-        (["a", "b"], ["b", "a"], False, 3),
-        (["a", "b"], ["a", "b", "c"], False, 4),
-        (["a", "b", "c"], ["a", "b"], False, 4),
-        (["a", "b"], ["a", "b"], True, 4),
-    ],
+    "name,previous,members,bump,restarted,epoch", EPOCH_CASES, ids=[c[0] for c in EPOCH_CASES]
 )
-def test_epoch_bumps_when_the_group_changes_or_after_an_abort(previous, members, aborted, epoch):
-    assert next_epoch(3, previous, members, aborted) == epoch
+def test_epoch_bumps_when_the_group_changes_after_an_abort_or_a_restart(
+    name, previous, members, bump, restarted, epoch
+):
+    assert next_epoch(3, previous, members, bump, restarted) == epoch
+
+
+R3 = CommittedRound(3, 1, "t", ("a", "b"))
+R4 = CommittedRound(4, 2, "t", ("b", "c"))
+R5 = CommittedRound(5, 2, "t", ("c",))
+# remembered rounds, the asker's last round, last committed, live peers, asker -> rounds to apply (() : whole state)
+CATCH_UP_CASES = [
+    ("up to date: nothing", [R3, R4, R5], 5, 5, "abc", "d", ()),
+    ("one round behind", [R3, R4, R5], 4, 5, "abc", "d", (R5,)),
+    ("three behind, all remembered, in order", [R3, R4, R5], 2, 5, "abc", "d", (R3, R4, R5)),
+    ("behind a forgotten round", [R4, R5], 2, 5, "abc", "d", ()),
+    ("further behind than remembered", [R3, R4, R5], 0, 5, "abc", "d", ()),
+    ("dead members are left out", [R3, R4, R5], 3, 5, "bc", "d", (CommittedRound(4, 2, "t", ("b", "c")), R5)),
+    ("the asker is left out", [R3, R4, R5], 2, 5, "abc", "a", (CommittedRound(3, 1, "t", ("b",)), R4, R5)),
+    ("a round with no live member", [R3, R4, R5], 3, 5, "ab", "d", ()),
+    ("nothing remembered", [], 4, 5, "abc", "d", ()),
+]
+
+
+@pytest.mark.parametrize(
+    "name,committed,last_round,head,alive,asker,rounds", CATCH_UP_CASES, ids=[c[0] for c in CATCH_UP_CASES]
+)
+def test_rounds_to_catch_up(name, committed, last_round, head, alive, asker, rounds):
+    assert rounds_to_catch_up(committed, last_round, head, set(alive), asker) == rounds
 
 
 M = ("a", "b", "c")

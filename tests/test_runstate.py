@@ -1,8 +1,10 @@
-"""The coordinator's soft state: how peer ids are given out, also across coordinator restarts."""
+"""The coordinator's soft state: how peer ids are given out (also across coordinator restarts), round ids, and the
+committed rounds it remembers for catch-up."""
 
 from __future__ import annotations
 
-from peer.coordinator.runstate import PeerRecord, RunState
+from peer.coordinator.rules import CommittedRound
+from peer.coordinator.runstate import PeerRecord, RoundRecord, RunState
 
 
 def test_fresh_ids_are_distinct_and_carry_the_coordinators_tag():
@@ -27,3 +29,36 @@ def test_an_id_held_by_a_live_peer_is_not_given_out_twice():
     state = RunState("run", 1)
     state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1"))
     assert state.new_peer_id("p1-0a0b0c") != "p1-0a0b0c"
+
+
+def record(round_id: int, epoch: int = 0, members: tuple[str, ...] = ("a", "b")) -> RoundRecord:
+    return RoundRecord(round_id, epoch, list(members), 0.0, tag="t")
+
+
+def test_the_next_round_id_is_the_last_committed_one_plus_one():
+    state = RunState("run", 1)
+    assert state.next_round_id == 1
+    state.record_commit(record(1))
+    assert (state.last_committed_round, state.next_round_id) == (1, 2)
+
+
+def test_only_the_last_catchup_rounds_committed_rounds_are_remembered():
+    state = RunState("run", 1, catchup_rounds=2)
+    for round_id in (1, 2, 3):
+        state.record_commit(record(round_id, epoch=round_id))
+    assert list(state.committed) == [CommittedRound(2, 2, "t", ("a", "b")), CommittedRound(3, 3, "t", ("a", "b"))]
+
+
+def test_no_catchup_rounds_remembers_none():
+    state = RunState("run", 1, catchup_rounds=0)
+    state.record_commit(record(1))
+    assert (state.last_committed_round, list(state.committed)) == (1, [])
+
+
+def test_a_roll_back_forgets_the_later_rounds_and_asks_for_a_new_epoch():
+    state = RunState("run", 1)
+    for round_id in (1, 2, 3):
+        state.record_commit(record(round_id))
+    state.roll_back(1)
+    assert (state.last_committed_round, state.next_round_id, state.bump_epoch) == (1, 2, True)
+    assert [c.round_id for c in state.committed] == [1]

@@ -109,3 +109,44 @@ def test_codec_threads_for_peers_sharing_the_cores(peer_processes, cores, thread
 def test_negative_codec_threads_are_refused():
     with pytest.raises(ConfigError, match="codec_threads"):
         TransportConfig(codec_threads=-1)
+
+
+# -- --host and --advertise ---------------------------------------------------------------------
+
+
+def test_a_transport_bound_to_every_interface_reports_its_advertised_address():
+    transport = Transport(TransportConfig(host="0.0.0.0", advertise="127.0.0.1"))
+    address = transport.start()
+    try:
+        port = split_address(transport.bound_address)[1]
+        assert transport.bound_address == f"0.0.0.0:{port}"
+        assert address == transport.address == f"127.0.0.1:{port}"
+        assert asyncio.run(peer_unresponsive(address)) is None  # reachable where it says it is
+    finally:
+        transport.close()
+
+
+def test_an_advertised_port_is_reported_verbatim():
+    # E.g. a port forwarded by a NAT or a container runtime to the one bound here.
+    transport = Transport(TransportConfig(advertise="peer.example:4242"))
+    transport.start()
+    try:
+        assert transport.address == "peer.example:4242"
+        assert split_address(transport.bound_address)[0] == "127.0.0.1"
+    finally:
+        transport.close()
+
+
+def test_without_advertise_the_bound_address_is_reported():
+    transport = Transport(TransportConfig())
+    address = transport.start()
+    try:
+        assert address == transport.address == transport.bound_address
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize("advertise", ["a:b:c", "127.0.0.1:70000", "0.0.0.0", "[::1"])
+def test_a_bad_advertise_is_refused_by_the_config(advertise):
+    with pytest.raises(ConfigError, match="--advertise"):
+        TransportConfig(advertise=advertise)

@@ -2,7 +2,8 @@
 
 In one invocation, on the same task, data and inner steps per peer:
 
-- ``diloco`` and ``streaming``: a real coordinator and N real ``loconet peer``
+- every registered algorithm named in ``--methods`` (``diloco``,
+  ``streaming``, a plugin's): a real coordinator and N real ``loconet peer``
   processes on 127.0.0.1, talking through our collective;
 - ``data_parallel``: N processes of torch DDP on gloo, same per-peer batch,
   every step's gradients all-reduced (the synchronous baseline);
@@ -26,49 +27,51 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from collectives.errors import ConfigError
+from optimizers.registry import algorithm_names
 from peer.bench.kit import print_report
+from peer.runtime.training import TrainConfig
 from peer.tasks.base import TaskConfig, make_task
+
+BASELINES = ("data_parallel", "one_peer")
+# Short runs on small models: sync every 50 steps, 400 steps in all.
+DEFAULT_TRAIN = TrainConfig.of("diloco", steps=400, sync_every=50)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What to compare, at which size."""
+    """What to compare, at which size: one TrainConfig per algorithm (same loop settings), and the baselines."""
 
     peers: int = 4
     task: str = "synthetic-lm"
-    task_config: TaskConfig = TaskConfig()
-    steps: int = 400
-    sync_every: int = 50
-    inner_lr: float = 3e-3
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.7
-    codec: str = "int8"
-    fragments: int = 4
-    overlap: int = 5
-    alpha: float = 0.5
-    streaming_codec: str = "int4"
-    methods: tuple[str, ...] = ("diloco", "streaming", "data_parallel", "one_peer")
+    task_config: TaskConfig = field(default_factory=TaskConfig)
+    runs: tuple[TrainConfig, ...] = (DEFAULT_TRAIN, TrainConfig.of("streaming", steps=400, sync_every=50))
+    baselines: tuple[str, ...] = BASELINES
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise ConfigError(f"unknown baseline {unknown[0]!r}: use {', '.join(BASELINES)}")
+
+    @property
+    def loop(self) -> TrainConfig:
+        """The loop settings the baselines share with the algorithms (steps, inner lr, weight decay)."""
+        return self.runs[0] if self.runs else DEFAULT_TRAIN
 
 
-def run_ours(config: BenchConfig, algorithm: str) -> dict:
+def run_ours(config: BenchConfig, train: TrainConfig) -> dict:
     """Train with a coordinator and N ``loconet peer`` processes; collect their events."""
-    from peer.cli import task_args, train_args
     from peer.harness.processes import CoordinatorProc, Proc, stop_all
-    from peer.runtime.training import TrainConfig
+    from peer.trainoptions import task_args, train_args
 
+    algorithm = train.algorithm
     tmp = Path(tempfile.mkdtemp(prefix=f"loconet-bench-{algorithm}-"))
     run = f"bench-{algorithm}"
     coordinator = CoordinatorProc(tmp / "coordinator.log", run, 0, "--join-timeout", "10", "--min-peers", str(config.peers),
                                   "--startup-grace", "0", "--dashboard-port", "-1")
-    train = TrainConfig(
-        algorithm=algorithm, steps=config.steps, sync_every=config.sync_every, inner_lr=config.inner_lr,
-        outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
-        codec=config.codec if algorithm == "diloco" else config.streaming_codec,
-        fragments=config.fragments, overlap=config.overlap, alpha=config.alpha,
-    )
     peers = []
     started = time.monotonic()
     try:
@@ -79,7 +82,7 @@ def run_ours(config: BenchConfig, algorithm: str) -> dict:
             peers.append(Proc(args, tmp / f"peer{rank}.log"))
         finished = [p.wait_event(lambda e: e["event"] == "finished", 3600) for p in peers]
         wall = time.monotonic() - started
-        per_sync = [e["bytes"] for p in peers for e in p.events if e["event"] == "committed"]
+        per_sync = [e["bytes"] for p in peers for e in p.events if e["event"] == "committed" and e.get("contributed", True)]
     finally:
         stop_all(peers)
         coordinator.stop()
@@ -112,10 +115,11 @@ def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out) -> N
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     task = make_task(config.task, config.task_config)
     model = torch.nn.parallel.DistributedDataParallel(task.build_model())
-    opt = torch.optim.AdamW(model.parameters(), lr=config.inner_lr, weight_decay=0.01)
+    loop = config.loop
+    opt = torch.optim.AdamW(model.parameters(), lr=loop.inner_lr, weight_decay=loop.weight_decay)
     batches = task.batches(rank, world)
     started = time.monotonic()
-    for _ in range(config.steps):
+    for _ in range(loop.steps):
         task.loss(model, next(batches)).backward()
         opt.step()
         opt.zero_grad()
@@ -154,7 +158,7 @@ def run_data_parallel(config: BenchConfig) -> dict:
     per_step = 2 * (config.peers - 1) / config.peers * 4 * numel
     return {
         "final_eval_loss": results[0]["final_eval_loss"],
-        "bytes_sent_per_peer": per_step * config.steps,
+        "bytes_sent_per_peer": per_step * config.loop.steps,
         "peak_bytes_per_sync": per_step,
         "bytes_method": "ring all-reduce of fp32 gradients every step: 2(N-1)/N x 4 B x parameters",
         "wall_s": wall,
@@ -168,10 +172,11 @@ def run_one_peer(config: BenchConfig) -> dict:
     torch.set_num_threads(1)
     task = make_task(config.task, config.task_config)
     model = task.build_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=config.inner_lr, weight_decay=0.01)
+    loop = config.loop
+    opt = torch.optim.AdamW(model.parameters(), lr=loop.inner_lr, weight_decay=loop.weight_decay)
     batches = task.batches(0, config.peers)
     started = time.monotonic()
-    for _ in range(config.steps):
+    for _ in range(loop.steps):
         task.loss(model, next(batches)).backward()
         opt.step()
         opt.zero_grad()
@@ -180,20 +185,17 @@ def run_one_peer(config: BenchConfig) -> dict:
 
 
 def run(config: BenchConfig) -> dict:
-    """Run every method in config.methods and return the report."""
+    """Run every algorithm of config.runs and every baseline; return the report."""
     from collectives.allocator import tune_malloc
 
     tune_malloc()
-    runners = {
-        "diloco": lambda: run_ours(config, "diloco"),
-        "streaming": lambda: run_ours(config, "streaming"),
-        "data_parallel": lambda: run_data_parallel(config),
-        "one_peer": lambda: run_one_peer(config),
-    }
-    report: dict = {"config": {**asdict(config), "task_config": asdict(config.task_config)}, "methods": {}}
+    baselines = {"data_parallel": run_data_parallel, "one_peer": run_one_peer}
+    report: dict = {"config": asdict(config), "methods": {}}
     report["entropy_floor"] = make_task(config.task, config.task_config).entropy_floor
-    for name in config.methods:
-        report["methods"][name] = runners[name]()
+    for train in config.runs:
+        report["methods"][train.algorithm] = run_ours(config, train)
+    for name in config.baselines:
+        report["methods"][name] = baselines[name](config)
     m = report["methods"]
     if "diloco" in m and "data_parallel" in m:
         report["diloco_loss_vs_data_parallel"] = m["diloco"]["final_eval_loss"] / m["data_parallel"]["final_eval_loss"]
@@ -205,34 +207,43 @@ def run(config: BenchConfig) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of this benchmark."""
-    from peer.cli import add_task_arguments
+    """Options of this benchmark: the training options apply to every algorithm that has them."""
+    from peer.trainoptions import add_task_arguments, add_train_arguments
 
-    parser.add_argument("--peers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=400, help="inner steps per peer")
-    parser.add_argument("--sync-every", type=int, default=50)
-    parser.add_argument("--inner-lr", type=float, default=3e-3)
-    parser.add_argument("--outer-lr", type=float, default=0.7)
-    parser.add_argument("--outer-momentum", type=float, default=0.7)
-    parser.add_argument("--codec", default="int8")
-    parser.add_argument("--fragments", type=int, default=4)
-    parser.add_argument("--overlap", type=int, default=5)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--methods", default="diloco,streaming,data_parallel,one_peer")
+    parser.add_argument("--peers", type=int, default=BenchConfig.peers)
+    parser.add_argument("--task", default=BenchConfig.task, help="synthetic-lm, text-lm, or package.module:function")
+    parser.add_argument(
+        "--methods", default=",".join(["diloco", "streaming", *BASELINES]),
+        help=f"comma-separated: registered algorithms ({', '.join(algorithm_names())}) and {', '.join(BASELINES)}",
+    )
     parser.add_argument("--json", action="store_true")
     add_task_arguments(parser)
+    add_train_arguments(parser, DEFAULT_TRAIN)
+
+
+def bench_config(ns: argparse.Namespace) -> BenchConfig:
+    """The BenchConfig the options describe; ConfigError for an unknown method."""
+    from peer.trainoptions import read_task_config, read_train_config
+
+    methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
+    known = [*algorithm_names(), *BASELINES]
+    unknown = [m for m in methods if m not in known]
+    if unknown or not methods:
+        raise ConfigError(f"unknown method {unknown[0] if unknown else ns.methods!r} in --methods: use {', '.join(known)}")
+    base = {t.algorithm: t for t in BenchConfig.runs}
+    runs = tuple(
+        read_train_config(ns, base=base.get(m, DEFAULT_TRAIN), algorithm=m, strict=False)
+        for m in methods if m not in BASELINES
+    )
+    return BenchConfig(
+        peers=ns.peers, task=ns.task, task_config=read_task_config(ns), runs=runs,
+        baselines=tuple(m for m in methods if m in BASELINES),
+    )
 
 
 def main(ns: argparse.Namespace) -> int:
     """Run from parsed arguments and print the report."""
-    from peer.cli import task_config
-
-    config = BenchConfig(
-        peers=ns.peers, task=ns.task, task_config=task_config(ns), steps=ns.steps, sync_every=ns.sync_every,
-        inner_lr=ns.inner_lr, outer_lr=ns.outer_lr, outer_momentum=ns.outer_momentum, codec=ns.codec,
-        fragments=ns.fragments, overlap=ns.overlap, alpha=ns.alpha, methods=tuple(ns.methods.split(",")),
-    )
-    report = run(config)
+    report = run(bench_config(ns))
     # config and methods are nested dicts: their values are printed as indented JSON, one line per field.
     print_report(report, ns.json, fmt=lambda value: json.dumps(value, indent=2))
     return 0

@@ -60,13 +60,12 @@ import re
 import tempfile
 import time
 
-import grpc
-
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 from peer.coordinator.dashboard import json_safe
 from peer.bench.kit import print_report, proc_cpu_ns_s, proc_cpu_s, proc_rss_mb, summary
-from peer.bench.simpeers import CHANNEL_OPTIONS, client_main, merge_counts
+from collectives.rpc import blocking_channel
+from peer.bench.simpeers import CLIENT_SETTINGS, client_main, merge_counts
 
 RUN = "bench-membership"
 
@@ -164,7 +163,7 @@ class _Session:
         return out
 
     def status(self) -> dict:
-        with grpc.insecure_channel(self.coordinator.address, options=CHANNEL_OPTIONS) as channel:
+        with blocking_channel(self.coordinator.address, CLIENT_SETTINGS) as channel:
             reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(run_id=RUN), timeout=60)
         return json.loads(reply.json)
 

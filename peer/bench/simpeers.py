@@ -21,17 +21,13 @@ import time
 import grpc
 
 from collectives.membership import RETRY_CODES, MembershipConfig
+from collectives.rpc import RpcSettings, make_channel
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 
 # Generous limits: a QuorumResponse carries the whole member list (~30 bytes per member).
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 16 << 20),
-    # One TCP connection per channel (by default equal channels share one subchannel).
-    ("grpc.use_local_subchannel_pool", 1),
-    ("grpc.enable_retries", 0),
-]
+# Channels are made with own_connection=True: one TCP connection each, as many real peers would have.
+CLIENT_SETTINGS = RpcSettings(max_receive_bytes=64 << 20, max_send_bytes=16 << 20)
 
 
 def fake_address(index: int) -> str:
@@ -228,7 +224,7 @@ async def _recv(conn):
 
 
 async def _client(job: dict, conn) -> None:
-    channels = [grpc.aio.insecure_channel(job["address"], options=CHANNEL_OPTIONS) for _ in range(job["channels"])]
+    channels = [make_channel(job["address"], CLIENT_SETTINGS, own_connection=True) for _ in range(job["channels"])]
     stubs = [pb_grpc.CoordinatorStub(ch) for ch in channels]
     indexes = range(job["first"], job["first"] + job["count"])
     peers = [SimPeer(i, stubs[j % len(stubs)], job) for j, i in enumerate(indexes)]

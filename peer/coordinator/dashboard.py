@@ -103,6 +103,7 @@ class StatusCollector(Collector):
                 "run_id": str(status.get("run_id", "")),
                 "coordinator_address": str(coordinator.get("address", "")),
                 "version": str(coordinator.get("version", "")),
+                "quorum_policy": str(status.get("quorum_policy", "")),
             },
         )
         yield info

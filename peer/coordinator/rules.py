@@ -3,8 +3,10 @@
 Who is in a round, whether a round commits, who is dropped, who serves a
 joiner: each is decided here from plain data, with no I/O and no clock
 reads, so that every rule has a table of cases in ``tests/test_quorum.py``.
-The coordinator (``peer/coordinator.py``) gathers the inputs and carries the
-decisions out.
+The coordinator (``peer/coordinator/service.py``) gathers the inputs and
+carries the decisions out. Who takes part in a round is the run's quorum
+policy (``peer/coordinator/policies.py``); the default one, ``all``, is the
+quorum rule below.
 
 Rules
 -----
@@ -36,6 +38,17 @@ Resync (``needs_resync``): a peer whose last applied round is older than
 the run's last committed round missed a round; it must fetch the state from
 an up-to-date peer before it may take part.
 
+Catch-up (``rounds_to_catch_up``): instead of the whole state, such a peer
+may fetch the committed result of each round it missed from a member of that
+round and apply them in order, if the coordinator still remembers every one
+of those rounds and each has a live member.
+
+Epoch (``next_epoch``): a round's epoch is bumped when its members differ
+from the previous round's, after an abort, and for the first round of a
+restarted coordinator (which cannot know which (round, epoch) pairs its
+predecessor gave out). Round ids are the last committed round + 1, so a retry
+keeps its round id and (round id, epoch) names an attempt.
+
 Commit (``commit_decision``): the round commits only if every member
 reported success. The decision is taken as soon as it is known and every
 member that can still report has reported: when all members reported; when
@@ -56,7 +69,8 @@ state, least busy serving other joiners first, then lowest peer id.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Container, Sequence
+from dataclasses import dataclass, field, replace
 
 from collectives.errors import ConfigError
 
@@ -174,13 +188,56 @@ def order_members(requesting: set[str]) -> list[str]:
     return sorted(requesting)
 
 
-def next_epoch(epoch: int, previous_members: list[str] | None, members: list[str], aborted_since: bool) -> int:
-    """The epoch of a new round: bumped when the group changed or the last attempt aborted."""
+def next_epoch(
+    epoch: int, previous_members: list[str] | None, members: list[str], must_bump: bool, restarted: bool = False
+) -> int:
+    """The epoch of a new attempt: bumped when the group changed or ``must_bump`` (the last attempt aborted).
+
+    ``previous_members`` None: no round formed yet under this coordinator. In a new run that is
+    no change; after a restart (``restarted``: the run had rounds before) it is one, since the
+    previous coordinator may have given out this round id at this epoch already.
+    """
     if previous_members is None:
-        return epoch
-    if aborted_since or sorted(previous_members) != sorted(members):
+        return epoch + 1 if restarted else epoch
+    if must_bump or sorted(previous_members) != sorted(members):
         return epoch + 1
     return epoch
+
+
+@dataclass(frozen=True)
+class CommittedRound:
+    """A committed round as the coordinator remembers it for catch-up."""
+
+    round_id: int
+    epoch: int
+    tag: str
+    members: tuple[str, ...]
+
+
+def rounds_to_catch_up(
+    committed: Sequence[CommittedRound],
+    peer_last_round: int,
+    last_committed_round: int,
+    alive: Container[str],
+    asker: str,
+) -> tuple[CommittedRound, ...]:
+    """The rounds after ``peer_last_round`` a peer can apply in order, each with its live members but the asker.
+
+    Empty when the peer lacks nothing, or when one of the rounds it lacks is
+    forgotten or has no live member left: then it fetches the whole state.
+    """
+    wanted = last_committed_round - peer_last_round
+    if wanted <= 0 or wanted > len(committed):
+        return ()
+    by_id = {c.round_id: c for c in committed}
+    out = []
+    for round_id in range(peer_last_round + 1, last_committed_round + 1):
+        c = by_id.get(round_id)
+        holders = tuple(m for m in c.members if m != asker and m in alive) if c is not None else ()
+        if not holders:
+            return ()
+        out.append(replace(c, members=holders))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Plain data and the bookkeeping around it, no I/O. Everything here can be
 lost (the coordinator restarts) and rebuilt from what the peers report when
-they re-register; decisions about it are made by ``collectives/quorum.py``.
+they re-register; decisions about it are made by ``peer/coordinator/rules.py``
+and ``peer/coordinator/policies.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from peer.coordinator.rules import PeerView
+from peer.coordinator.rules import CommittedRound, PeerView
 
 PEER_STATES = ("joining", "syncing", "active", "lost", "left")
 
@@ -53,7 +54,7 @@ class PeerRecord:
 
 @dataclass
 class RoundRecord:
-    """One attempted round, for history and the dashboard."""
+    """One attempt of a round, for history and the dashboard: (round_id, epoch) names it."""
 
     round_id: int
     epoch: int
@@ -98,25 +99,28 @@ class RunState:
     min_peers: int
     history: int = 500
     loss_points: int = 2000
+    # How many of the last committed rounds are remembered for catch-up (rounds_to_catch_up).
+    catchup_rounds: int = 4
+    # The quorum policy's spec, for the status document.
+    policy: str = "all"
     epoch: int = 0
     last_committed_round: int = 0
-    # Round ids start at the coordinator's start time in milliseconds, so that a restarted
-    # coordinator never reuses an id its predecessor gave out (state is soft: nothing is
-    # persisted), and ids still only grow.
-    next_round_id: int = field(default_factory=lambda: int(time.time() * 1000))
     peers: dict[str, PeerRecord] = field(default_factory=dict)
     # Ids of the peers holding a lease, and who is at which address: kept up to date by
     # add_peer/drop_peer so that per-request work does not scan every peer.
     live: set[str] = field(default_factory=set)
     by_address: dict[str, str] = field(default_factory=dict)
     rounds: deque[RoundRecord] = field(init=False)
+    # The last catchup_rounds committed rounds, oldest first, with their members.
+    committed: deque[CommittedRound] = field(init=False)
     events: deque[Event] = field(init=False)
     loss: dict[str, deque[tuple[int, float]]] = field(default_factory=dict)
     rounds_committed: int = 0
     rounds_aborted: int = 0
-    # Members of the last formed quorum, and whether a round aborted since (epoch rule).
+    # Members of the last formed quorum, and whether the next attempt must get a new epoch
+    # anyway: an attempt aborted since, or the run rolled back to an older round (epoch rule).
     last_members: list[str] | None = None
-    aborted_since: bool = False
+    bump_epoch: bool = False
     started_at: float = field(default_factory=time.time)
     # Fresh peer ids carry this coordinator's random tag: after a restart, a peer still using
     # an id from the previous coordinator must be unknown here (so it rejoins), never taken
@@ -127,6 +131,28 @@ class RunState:
     def __post_init__(self) -> None:
         self.rounds = deque(maxlen=self.history)
         self.events = deque(maxlen=self.history * 2)
+        self.committed = deque(maxlen=self.catchup_rounds)
+
+    # -- rounds ----------------------------------------------------------------------
+
+    @property
+    def next_round_id(self) -> int:
+        """The id of the next round: rounds of a run are 1, 2, 3...; a retry after an abort keeps its id."""
+        return self.last_committed_round + 1
+
+    def record_commit(self, record: RoundRecord) -> None:
+        """Note a committed round: it is the run's last, and is remembered for catch-up."""
+        self.last_committed_round = max(self.last_committed_round, record.round_id)
+        if self.catchup_rounds > 0:
+            self.committed.append(CommittedRound(record.round_id, record.epoch, record.tag, tuple(record.members)))
+
+    def roll_back(self, round_id: int) -> None:
+        """Continue the run from ``round_id``, as nobody holds the later rounds: forget them; new epoch next."""
+        self.last_committed_round = round_id
+        self.bump_epoch = True
+        kept = [c for c in self.committed if c.round_id <= round_id]
+        self.committed.clear()
+        self.committed.extend(kept)
 
     # -- peers ---------------------------------------------------------------------
 
@@ -191,6 +217,7 @@ class RunState:
             "epoch": self.epoch,
             "last_committed_round": self.last_committed_round,
             "min_peers": self.min_peers,
+            "quorum_policy": self.policy,
             "summary": {
                 "peers_alive": sum(p.alive for p in peers),
                 "rounds_committed": self.rounds_committed,

@@ -1,8 +1,9 @@
 """A running coordinator: its gRPC server, its tick loop and its dashboard.
 
 ``peer/coordinator.py`` is the Coordinator service itself (the protocol's
-state and moves); this module binds it to a port, with the server options a
-thousand peers need, the health service, and the dashboard thread.
+state and moves); this module binds it to a port (its server comes from
+``collectives.rpc``, with the options a thousand peers need and the health
+service) and runs the dashboard thread.
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ import logging
 import grpc
 
 from protos import membership_pb2 as pb
-from collectives.transport import EXCLUSIVE_PORT, TransportConfig, add_health_service, keepalive_options, listen
+from collectives.rpc import (
+    COORDINATOR_SETTINGS,
+    RpcSettings,
+    advertised_address,
+    bind,
+    make_server,
+    parse_advertise,
+    split_address,
+)
 from peer.coordinator.service import Coordinator, CoordinatorConfig
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE_BYTES = 1 << 20
 
 
 def strict_handlers(coordinator: Coordinator) -> grpc.GenericRpcHandler:
@@ -44,12 +51,24 @@ def strict_handlers(coordinator: Coordinator) -> grpc.GenericRpcHandler:
 
 
 class CoordinatorServer:
-    """A running coordinator: its gRPC server, tick loop and dashboard (create and use on one event loop)."""
+    """A running coordinator: its gRPC server, tick loop and dashboard (create and use on one event loop).
 
-    def __init__(self, config: CoordinatorConfig) -> None:
+    It binds ``config.host``/``config.port`` and tells peers ``advertise``
+    (``HOST[:PORT]``; default ``config.advertise`` if the config has one, else the
+    bound address): that is ``address``, printed and shown on the dashboard.
+    """
+
+    def __init__(
+        self, config: CoordinatorConfig, advertise: str | None = None, settings: RpcSettings = COORDINATOR_SETTINGS
+    ) -> None:
         self.config = config
+        self.advertise = advertise if advertise is not None else getattr(config, "advertise", None)
+        if self.advertise is not None:
+            parse_advertise(self.advertise)  # a bad value fails here, before anything binds
+        self.settings = settings
         self.coordinator = Coordinator(config)
         self.address = ""
+        self.bound_address = ""
         self.dashboard_url = ""
         self._server: grpc.aio.Server | None = None
         self._dashboard = None
@@ -58,23 +77,15 @@ class CoordinatorServer:
         """Bind and start serving; return the gRPC address."""
         from peer.coordinator.dashboard import DashboardServer
 
-        options = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", 64 << 20),
-            # With a thousand peers, a thousand quorum calls and as many heartbeats a second
-            # can wait for the handler loop at once; gRPC's default (1000) sheds the excess.
-            ("grpc.server.max_pending_requests", 20_000),
-            ("grpc.server.max_pending_requests_hard_limit", 20_000),
-            # Peers' channels ping every TransportConfig.keepalive_s; accept that rate.
-            *keepalive_options(TransportConfig().keepalive_s),
-            *EXCLUSIVE_PORT,
-        ]
-        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=10_000)
-        server.add_generic_rpc_handlers((strict_handlers(self.coordinator),))
-        add_health_service(server)
-        address = listen(server, self.config.host, self.config.port, "is another coordinator running? choose --port")
+        server = make_server(self.settings, role="coordinator", handlers=(strict_handlers(self.coordinator),))
+        self.bound_address = bind(
+            server, self.config.host, self.config.port, settings=self.settings,
+            hint="is another coordinator running? choose --port",
+        )
         await server.start()
         self._server = server
+        port = split_address(self.bound_address)[1]
+        address = advertised_address(self.config.host, port, self.advertise, role="coordinator")
         self.address = self.coordinator.address = address
         self.coordinator.start_ticking()
         if self.config.dashboard_port is not None:

@@ -6,9 +6,11 @@ the run exists at all. A peer joining in the first moments after a restart,
 before any old peer's heartbeat, would otherwise found the run anew with its
 own initial state (see docs/membership.md, "Coordinator restart"). With
 ``loconet coordinator --state-file PATH`` the coordinator writes this small
-record when the run is founded and after every committed round, and a
-restarted coordinator that finds it knows the run is under way from its first
-moment.
+record when the run is founded, when it forms a round at a new epoch and
+after every committed round, and a restarted coordinator that finds it knows
+the run is under way from its first moment, where it got to (the next round
+is ``last_committed_round + 1``) and the last epoch it gave out (its first
+round gets a newer one).
 """
 
 from __future__ import annotations

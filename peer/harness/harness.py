@@ -26,42 +26,55 @@ import grpc
 
 from collectives.errors import ConfigError
 from collectives.ratelimit import parse_bandwidth
+from collectives.rpc import blocking_channel
 from collectives.transport import codec_threads_for
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
-from peer.cli import task_args, train_args
+from peer.coordinator.config import CoordinatorConfig
+from peer.harness.control import write_control
 from peer.harness.processes import CoordinatorProc, Proc, daemon_peer, stop_all
 from peer.harness.scenario import Event
-from peer.tasks.base import TaskConfig, make_task
+from peer.options import option_args
 from peer.runtime.training import TrainConfig
+from peer.tasks.base import TaskConfig, make_task
+from peer.trainoptions import task_args, train_args
+
+# The coordinator options the harness sets itself for every coordinator it starts.
+COORDINATOR_OPTIONS_SET_BY_HARNESS = ("run", "host", "port", "advertise", "dashboard-host", "startup-grace", "state-file")
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class HarnessConfig:
-    """A local network: its peers, what they train, the faults to inject."""
+    """A local network: its peers, what they train, the faults to inject (options of ``loconet harness``)."""
 
-    peers: int = 4
-    run_id: str = "harness"
-    task: str = "synthetic-lm"
-    task_config: TaskConfig = field(default_factory=TaskConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, sync_every=50))
-    events: tuple[Event, ...] = ()
+    peers: int = field(default=4, metadata={"help": "peers at the start (joiners come on top)"})
+    run_id: str = field(default="harness", metadata={"help": "run id", "flag": "run"})
+    task: str = field(default="synthetic-lm", metadata={"help": "synthetic-lm, text-lm, or package.module:function"})
+    task_config: TaskConfig = field(default_factory=TaskConfig, metadata={"cli": False})
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig.of("diloco", steps=400, sync_every=50), metadata={"cli": False}
+    )
+    events: tuple[Event, ...] = field(default=(), metadata={"cli": False})
     # Per-peer cap on send and on receive (the transport's token buckets, or tbf with --netns).
-    bandwidth: str | None = None
+    bandwidth: str | None = field(default=None, metadata={"help": "per-peer cap on send and receive, e.g. 100mbit"})
     # With netns: different caps per direction (default: bandwidth).
-    uplink: str | None = None
-    downlink: str | None = None
-    netns: bool = False
-    lease_s: float = 3.0
-    heartbeat_s: float = 0.5
-    join_timeout_s: float = 5.0
-    min_peers: int = 1
-    dashboard_port: int = 0
-    workdir: Path | None = None
-    timeout_s: float = 1800.0
-    progress: bool = False
+    uplink: str | None = field(default=None, metadata={"help": "--netns: cap of what a peer sends (default --bandwidth)"})
+    downlink: str | None = field(
+        default=None, metadata={"help": "--netns: cap of what a peer receives (default --bandwidth)"}
+    )
+    netns: bool = field(default=False, metadata={"help": "each process in its own network namespace (root)"})
+    # Short leases and heartbeats: a local network notices failures fast.
+    coordinator: CoordinatorConfig = field(
+        default_factory=lambda: CoordinatorConfig(lease_s=3.0, heartbeat_s=0.5, dashboard_port=0),
+        metadata={"cli": False},
+    )
+    workdir: str | None = field(default=None, metadata={"help": "logs and checkpoints (default: a new temporary folder)"})
+    timeout_s: float = field(default=1800.0, metadata={"help": "give up after this many seconds"})
+    progress: bool = field(default=False, metadata={"help": "draw a live status table on stderr"})
+    # Modules every peer imports first (they may register algorithms, aggregators...).
+    plugins: tuple[str, ...] = field(default=(), metadata={"cli": False})
 
     def __post_init__(self) -> None:
         if self.peers < 1:
@@ -87,7 +100,7 @@ class Harness:
 
     def __init__(self, config: HarnessConfig) -> None:
         self.config = config
-        self.workdir = Path(config.workdir or tempfile.mkdtemp(prefix="loconet-harness-"))
+        self.workdir = Path(config.workdir) if config.workdir else Path(tempfile.mkdtemp(prefix="loconet-harness-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.coordinator: CoordinatorProc | None = None
         self.coordinators: list[CoordinatorProc] = []
@@ -139,20 +152,28 @@ class Harness:
             self.workdir / f"{name}.log",
             c.run_id,
             port,
+            *option_args(c.coordinator, skip=COORDINATOR_OPTIONS_SET_BY_HARNESS + ("dashboard-port",)),
             "--host", self._host("coordinator"),
             "--dashboard-host", self._host("coordinator"),
-            "--dashboard-port", str(c.dashboard_port if not self.coordinators else (self._dashboard_port or 0)),
-            "--min-peers", str(c.min_peers),
-            "--lease", str(c.lease_s),
-            "--heartbeat", str(c.heartbeat_s),
-            "--join-timeout", str(c.join_timeout_s),
-            "--startup-grace", str(c.lease_s if self.coordinators else 0),
+            # A restarted coordinator serves its dashboard where the first one did.
+            "--dashboard-port", self._dashboard_arg(),
+            "--startup-grace", str(c.coordinator.lease_s if self.coordinators else 0),
             "--state-file", str(state_file),
+            *self._plugin_args(),
             prefix=self._prefix("coordinator"),
         )
         self._dashboard_port = int(self.coordinator.dashboard.rsplit(":", 1)[1].rstrip("/")) if self.coordinator.dashboard != "off" else 0
         self.coordinators.append(self.coordinator)
         self._coordinator_port = self.coordinator.port
+
+    def _dashboard_arg(self) -> str:
+        port = self.config.coordinator.dashboard_port
+        if port is None:
+            return "none"
+        return str(port if not self.coordinators else (self._dashboard_port or 0))
+
+    def _plugin_args(self) -> list[str]:
+        return [arg for module in self.config.plugins for arg in ("--plugin", module)]
 
     def _peer_args(self, name: str) -> list[str]:
         c = self.config
@@ -163,6 +184,7 @@ class Harness:
             "--control", str(self.workdir / f"{name}.control.json"),
             # The peers share this machine's cores: past one peer per core, no codec threads.
             "--codec-threads", str(codec_threads_for(c.peers)),
+            *self._plugin_args(),
         ]
         if c.bandwidth and not c.netns:
             args += ["--bandwidth", c.bandwidth]
@@ -179,20 +201,25 @@ class Harness:
 
     # -- what happened so far ----------------------------------------------------------------
 
-    def committed_rounds(self) -> dict[int, float]:
-        """Round id -> when it was first reported committed, across every peer's events."""
-        rounds: dict[int, float] = {}
+    def committed_rounds(self) -> dict[tuple[int, int], float]:
+        """(round id, epoch) -> when it was first reported committed, across every peer's events.
+
+        A round is named by both: after a rollback (every holder of the newest state gone) the
+        run goes on from an older round, and the ids that follow are given out again at a new epoch.
+        """
+        rounds: dict[tuple[int, int], float] = {}
         for p in self.peers.values():
             for e in list(p.events):
                 if e["event"] == "committed":
-                    rounds[e["round"]] = min(rounds.get(e["round"], math.inf), e["t"])
+                    key = (e["round"], e.get("epoch", 0))
+                    rounds[key] = min(rounds.get(key, math.inf), e["t"])
         return rounds
 
     def _status(self) -> dict | None:
         if self.coordinator is None or not self.coordinator.alive:
             return None
         try:
-            with grpc.insecure_channel(self.coordinator.address) as ch:
+            with blocking_channel(self.coordinator.address) as ch:
                 reply = pb_grpc.CoordinatorStub(ch).Status(pb.StatusRequest(run_id=self.config.run_id), timeout=2)
             return json.loads(reply.json)
         except grpc.RpcError:
@@ -257,13 +284,10 @@ class Harness:
         fired.restore_at = None
 
     def _write_control(self, name: str, **changes: float) -> None:
-        """Update what the peer's control file asks of it (see peer.runtime.daemon.Control)."""
+        """Update what the peer's control file asks of it (see peer.harness.control.Control)."""
         control = self._control.setdefault(name, {})
         control.update(changes)
-        path = self.workdir / f"{name}.control.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(control))
-        tmp.replace(path)
+        write_control(self.workdir / f"{name}.control.json", control)
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -373,12 +397,15 @@ class Harness:
         """Whether all survivors hold the same global parameters after the last round they all committed."""
         if not survivors:
             return None, False
-        per_peer = [{e["round"]: e["digest"] for e in self.peers[n].events if e["event"] == "committed"} for n in survivors]
+        per_peer = [
+            {(e["round"], e.get("epoch", 0)): e["digest"] for e in self.peers[n].events if e["event"] == "committed"}
+            for n in survivors
+        ]
         common = set.intersection(*(set(d) for d in per_peer))
         if not common:
             return None, len(survivors) == 1
         last = max(common)
-        return last, len({d[last] for d in per_peer}) == 1
+        return last[0], len({d[last] for d in per_peer}) == 1
 
     def _retried(self, status: dict) -> bool:
         """Every aborted round was followed by a committed one."""
@@ -441,7 +468,7 @@ class _Display:
             done = any(e["event"] == "finished" for e in p.events)
             state = "finished" if done else ("running" if p.alive else "dead")
             loss = last.get("loss")
-            table.add_row(name, state, str(last.get("step", 0)), f"{loss:.3f}" if loss else "-", str(last.get("round", "-"))[-6:])
+            table.add_row(name, state, str(last.get("step", 0)), f"{loss:.3f}" if loss else "-", str(last.get("round", "-")))
         self._live.update(table)
 
     def close(self) -> None:

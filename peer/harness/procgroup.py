@@ -47,8 +47,8 @@ class AllReduceJob:
 
     numel: int
     codec: str = "none"
-    reducer: str = "mean"
-    trim: float = 0.1
+    # The round's aggregator, e.g. "mean", "trimmed_mean:trim=0.2", "krum:f=1".
+    aggregator: str = "mean"
     timeout_s: float = 60.0
     repeat: int = 1
     first_round: int = 0
@@ -56,6 +56,8 @@ class AllReduceJob:
     seed: int = 0
     # Per-rank contribution weights (None: 1.0 each).
     weights: tuple[float, ...] | None = None
+    # Per-rank factors the seeded tensors are multiplied by (None: 1.0 each): outliers for robust aggregators.
+    scales: tuple[float, ...] | None = None
     # Ranks of the group taking part (None: all); lets a test run a round on survivors.
     members: tuple[int, ...] | None = None
     # Return the full result tensor (small tensors only) / the error against the exact mean.
@@ -74,7 +76,8 @@ def worker_tensor(job: AllReduceJob, rank: int, size: int = 0):
     import torch
 
     g = torch.Generator().manual_seed(job.seed * 1_000_003 + rank)
-    return torch.randn(job.numel, generator=g, dtype=torch.float32)
+    x = torch.randn(job.numel, generator=g, dtype=torch.float32)
+    return x if job.scales is None else x * job.scales[rank]
 
 
 def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
@@ -162,10 +165,10 @@ def _failure_info(exc: Exception, member_failure: type) -> dict:
 
 
 def _run_allreduce(collective, addresses: list[str], rank: int, job: AllReduceJob, torch) -> dict:
+    from collectives.aggregators import AggregatorConfig
     from collectives.allreduce import AllReduceConfig
     from collectives.codecs import CodecConfig
     from collectives.inbox import Group
-    from collectives.reducers import ReducerConfig
 
     ranks = list(job.members) if job.members is not None else list(range(len(addresses)))
     if rank not in ranks:
@@ -176,7 +179,7 @@ def _run_allreduce(collective, addresses: list[str], rank: int, job: AllReduceJo
     weight = 1.0 if job.weights is None else job.weights[rank]
     cfg = AllReduceConfig(
         codec=CodecConfig.parse(job.codec),
-        reducer=ReducerConfig(job.reducer, trim=job.trim),
+        aggregator=AggregatorConfig.parse(job.aggregator),
         timeout_s=job.timeout_s,
     )
     residual = torch.zeros_like(x) if job.error_feedback else None
@@ -186,6 +189,7 @@ def _run_allreduce(collective, addresses: list[str], rank: int, job: AllReduceJo
     times: list[float] = []
     result = None
     stats = None
+    decisions: list[dict] = []
     tiny = torch.zeros(1)
     for k in range(job.repeat):
         # Round ids: first_round * 1000 + 2k for the barrier, + 2k + 1 for the timed round.
@@ -200,10 +204,11 @@ def _run_allreduce(collective, addresses: list[str], rank: int, job: AllReduceJo
             exc.elapsed_s = time.perf_counter() - t0
             raise
         times.append(time.perf_counter() - t0)
-        result, stats = done.value, done.stats
+        result, stats, decisions = done.value, done.stats, done.decisions
     reply = {
         "times_s": times,
         "stats": stats.as_dict(),
+        "decisions": decisions,
         "sha256": hashlib.sha256(result.numpy().tobytes()).hexdigest(),
         "traffic": collective.transport.counters.snapshot(),
     }

@@ -8,7 +8,8 @@ rounds, and on SIGTERM/SIGINT stops at the next step boundary, finishes any
 round in flight by the protocol, writes a last checkpoint and leaves the run.
 
 With ``--events`` it also prints one JSON object per line on stdout (joined,
-committed, eval, finished) for the harness and tests.
+committed, eval, finished) for the harness and tests. A harness controls it
+through one narrow hook (``PeerHooks``; ``peer/harness/control.py``).
 """
 
 from __future__ import annotations
@@ -16,50 +17,61 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from collectives.allocator import tune_malloc
+from collectives.allreduce import AllReduceConfig
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.transport import TransportConfig
 from peer.runtime.checkpoint import load_latest, save_checkpoint
+from peer.runtime.training import Progress, TrainConfig, TrainLoop, make_optimizer
 from peer.tasks.base import TaskConfig, make_task
-from peer.runtime.training import Progress, TrainConfig, TrainLoop, global_digest, make_optimizer
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PeerConfig:
-    """Everything ``loconet peer`` is told."""
+    """Everything ``loconet peer`` is told (its options come from these fields)."""
 
-    coordinator: str
-    run_id: str
-    task: str = "synthetic-lm"
-    task_config: TaskConfig = field(default_factory=TaskConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    name: str = ""
-    transport: TransportConfig = field(default_factory=TransportConfig)
-    checkpoint_dir: str | None = None
-    keep_checkpoints: int = 3
+    coordinator: str = field(default="127.0.0.1:7070", metadata={"help": "host:port of the run's coordinator"})
+    run_id: str = field(default="demo", metadata={"help": "run id", "flag": "run"})
+    task: str = field(default="synthetic-lm", metadata={"help": "synthetic-lm, text-lm, or package.module:function"})
+    task_config: TaskConfig = field(default_factory=TaskConfig, metadata={"cli": False})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"cli": False})
+    name: str = field(default="", metadata={"help": "label shown on the dashboard"})
+    transport: TransportConfig = field(default_factory=TransportConfig, metadata={"cli": False})
+    checkpoint_dir: str | None = field(default=None, metadata={"help": "write checkpoints here, and resume from them"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "checkpoints to keep", "flag": "keep"})
     # Write a checkpoint after every this many committed rounds.
-    checkpoint_every: int = 1
+    checkpoint_every: int = field(default=1, metadata={"help": "committed rounds between checkpoints"})
     # This peer's data shard (peer i of n); with iid data only the seed stream differs.
-    shard: int = 0
-    shards: int = 1
-    events: bool = False
-    # A JSON file the harness may write ({"slowdown": 3.0}) to make this peer a straggler.
-    control_file: str | None = None
-    # Wait until this file exists before joining (the harness starts joiners early, then opens the gate).
-    start_when: str | None = None
-    progress: bool | None = None  # None: when stderr is a terminal
-    threads: int = 1
+    shard: int = field(default=0, metadata={"cli": False})
+    shards: int = field(default=1, metadata={"cli": False})
+    keep_results: int = field(
+        default=ElasticConfig.keep_results,
+        metadata={"help": "recent rounds' results kept for peers that were late for them"},
+    )
+    events: bool = field(default=False, metadata={"help": "print JSON events on stdout"})
+    progress: bool | None = field(default=None, metadata={"help": "draw a progress bar (default: when stderr is a terminal)"})
+    threads: int = field(default=1, metadata={"help": "torch threads for training"})
+
+
+class PeerHooks(Protocol):
+    """The one hook a harness has into a peer: when to join, and a word after each step."""
+
+    def before_join(self, stop: threading.Event) -> bool:
+        """Wait until the peer may join; False to stop instead."""
+
+    def after_step(self, model: torch.nn.Module) -> str | None:
+        """Called after each inner step; the name of an event to report, or None."""
 
 
 class Events:
@@ -110,7 +122,7 @@ class ProgressDisplay:
             self._bar.stop()
 
 
-def run_peer(config: PeerConfig) -> int:
+def run_peer(config: PeerConfig, hooks: PeerHooks | None = None) -> int:
     """Run a peer until its steps are done or it is told to stop; return the exit code."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -126,7 +138,9 @@ def run_peer(config: PeerConfig) -> int:
         run_id=config.run_id,
         name=config.name,
         transport=config.transport,
-        allreduce=train_cfg.allreduce(),
+        # The codec and aggregator are the algorithm's, passed with every sync.
+        allreduce=AllReduceConfig(timeout_s=train_cfg.round_timeout_s),
+        keep_results=config.keep_results,
     )
     elastic = ElasticCollective(elastic_cfg)
     opt = make_optimizer(model, elastic, train_cfg)  # registers itself as the state joiners fetch
@@ -138,11 +152,10 @@ def run_peer(config: PeerConfig) -> int:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             log.info("resumed from %s (step %d, round %d)", path, opt.inner_steps, opt.state.round_id)
-    if config.start_when:
-        events.emit("waiting", gate=config.start_when)
-        while not os.path.exists(config.start_when):
-            if stop.wait(0.05):
-                return 0
+    if hooks is not None:
+        events.emit("waiting")
+        if not hooks.before_join(stop):
+            return 0
     t0 = time.monotonic()
     snapshot = elastic.start(has_state=resumed is not None, last_round=opt.state.round_id)
     if snapshot is not None:
@@ -154,18 +167,17 @@ def run_peer(config: PeerConfig) -> int:
         sync_s=time.monotonic() - t0,
         resumed_step=opt.inner_steps,
         round=opt.state.round_id,
-        digest=global_digest(opt),
+        digest=opt.state.digest(),
     )
     # A joiner (or a peer that was behind) counts steps from the run's count.
     loop = TrainLoop(task, model, opt, train_cfg, config.shard, config.shards, opt.inner_steps)
     display = ProgressDisplay(config.progress if config.progress is not None else sys.stderr.isatty(), train_cfg.steps)
     counters = elastic.transport.counters
 
-    control = Control(config.control_file, model)
-
     def on_step(p: Progress) -> None:
-        if control.after_step():
-            events.emit("diverge-injected", step=p.step)
+        said = hooks.after_step(model) if hooks is not None else None
+        if said:
+            events.emit(said, step=p.step)
         s = elastic.status
         s.step, s.loss, s.samples = p.step, p.loss, p.samples
         s.steps_per_s = p.steps_per_s
@@ -177,12 +189,15 @@ def run_peer(config: PeerConfig) -> int:
             events.emit(
                 "committed",
                 round=record.round_id,
+                epoch=record.epoch,
                 step=opt.inner_steps,
                 bytes=record.bytes_sent,
                 wall_s=record.wall_s,
                 allreduce_s=record.allreduce_s,
-                digest=global_digest(opt),
+                digest=opt.state.digest(),
                 loss=loop.progress.loss,
+                contributed=record.contributed,
+                decisions=record.decisions,
             )
         if config.checkpoint_dir and opt.committed_rounds % max(config.checkpoint_every, 1) == 0:
             # Inside the optimizer's step: the model and optimizer are consistent at inner_steps.
@@ -204,7 +219,7 @@ def run_peer(config: PeerConfig) -> int:
         step=progress.step,
         eval_loss=progress.eval_loss,
         rounds=progress.rounds,
-        digest=global_digest(opt),
+        digest=opt.state.digest(),
         bytes_sent=counters.bytes_sent,
         bytes_served=elastic.state_server.bytes_served,
         bytes_received=counters.bytes_received,
@@ -213,48 +228,6 @@ def run_peer(config: PeerConfig) -> int:
     )
     elastic.close(leave=True, reason="stopped" if stop.is_set() else "finished")
     return 0
-
-
-class Control:
-    """What the harness asks of this peer through its control file: train slower, or blow up.
-
-    ``{"slowdown": 3}`` makes each step take three times as long (a straggler on
-    purpose); each increase of ``"diverge"`` sets this peer's parameters to NaN
-    once, as a training blow-up would (the optimizer must recover from it).
-    """
-
-    def __init__(self, path: str | None, model: torch.nn.Module) -> None:
-        self.path = path
-        self.model = model
-        self.factor = 1.0
-        self.diverged = 0
-        self._checked = 0.0
-        self._last = time.monotonic()
-
-    def after_step(self) -> bool:
-        """Apply the control file after a step; True if the parameters were just set to NaN."""
-        now = time.monotonic()
-        took = now - self._last
-        poisoned = False
-        if self.path and now - self._checked >= 1.0:
-            self._checked = now
-            try:
-                with open(self.path) as f:
-                    wanted = json.load(f)
-                self.factor = max(1.0, float(wanted.get("slowdown", 1.0)))
-                diverge = int(wanted.get("diverge", 0))
-            except (OSError, ValueError, AttributeError, TypeError):
-                self.factor, diverge = 1.0, self.diverged
-            if diverge > self.diverged:
-                self.diverged = diverge
-                with torch.no_grad():
-                    for p in self.model.parameters():
-                        p.fill_(float("nan"))
-                poisoned = True
-        if self.factor > 1.0:
-            time.sleep(took * (self.factor - 1.0))
-        self._last = time.monotonic()
-        return poisoned
 
 
 def _checkpoint(config: PeerConfig, model: torch.nn.Module, opt, step: int) -> None:

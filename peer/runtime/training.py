@@ -7,94 +7,69 @@ stops when asked (``stop``), and reports through callbacks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from collectives.allreduce import AllReduceConfig
-from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError
-from optimizers.diloco import DiLoCo
-from optimizers.outer import OuterConfig
+from optimizers.outer import OuterOptimizer
 from optimizers.peers import SyncPeer
-from optimizers.streaming import StreamingConfig, StreamingDiLoCo
+from optimizers.registry import get_algorithm
 from peer.tasks.base import Task, batch_stream
 
 log = logging.getLogger(__name__)
 
-ALGORITHMS = ("diloco", "streaming")
-
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How a peer trains (filled by ``loconet peer`` and the benchmark)."""
+    """How a peer trains (filled by ``loconet peer``, the harness and the benchmark).
 
-    algorithm: str = "diloco"
-    steps: int = 1000
-    # Stop after this many seconds instead (None: run the steps).
-    duration_s: float | None = None
-    inner_lr: float = 3e-3
-    weight_decay: float = 0.01
-    sync_every: int = 50
-    sync_seconds: float | None = None
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.7
-    nesterov: bool = True
-    # Pseudo-gradient codec (None: int8 for DiLoCo, int4 for Streaming).
-    codec: str | None = None
-    fragments: int = 4
-    overlap: int = 5
-    alpha: float = 0.5
-    split: str = "strided"
-    # Evaluate every this many steps (0: only at the end).
-    eval_every: int = 0
-    # Deadline of one all-reduce attempt.
-    round_timeout_s: float = 60.0
+    ``options`` is the algorithm's own config (``DiLoCoConfig``, ``StreamingConfig``, a
+    plugin's), whose defaults are the algorithm's; None: those defaults.
+    """
+
+    algorithm: str = field(default="diloco", metadata={"help": "training algorithm (a registered name)"})
+    steps: int = field(default=1000, metadata={"help": "inner steps to train"})
+    duration_s: float | None = field(default=None, metadata={"help": "train for this many seconds instead"})
+    inner_lr: float = field(default=3e-3, metadata={"help": "learning rate of the inner AdamW"})
+    weight_decay: float = field(default=0.01, metadata={"help": "weight decay of the inner AdamW"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every this many steps (0: only at the end)"})
+    round_timeout_s: float = field(default=60.0, metadata={"help": "deadline of one all-reduce attempt"})
+    options: Any = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ConfigError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        algorithm = get_algorithm(self.algorithm)  # ConfigError naming the registered ones
+        if self.options is None:
+            object.__setattr__(self, "options", algorithm.config())
+        elif not isinstance(self.options, algorithm.config):
+            raise ConfigError(
+                f"algorithm {self.algorithm!r} takes {algorithm.config.__name__} options, "
+                f"got {type(self.options).__name__}"
+            )
         if self.steps < 1 and self.duration_s is None:
             raise ConfigError("train for at least one step (--steps) or a duration (--duration)")
         if self.inner_lr <= 0:
             raise ConfigError(f"inner lr must be positive, got {self.inner_lr}")
 
-    def allreduce(self) -> AllReduceConfig:
-        """The all-reduce settings of the pseudo-gradient rounds."""
-        default = "int8" if self.algorithm == "diloco" else "int4"
-        return AllReduceConfig(codec=CodecConfig.parse(self.codec or default), timeout_s=self.round_timeout_s)
+    @classmethod
+    def of(cls, algorithm: str = "diloco", **fields: Any) -> TrainConfig:
+        """A TrainConfig whose keyword fields go to it or, when they are the algorithm's, to its options."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        options = get_algorithm(algorithm).config(**{k: v for k, v in fields.items() if k not in own})
+        return cls(algorithm=algorithm, options=options, **{k: v for k, v in fields.items() if k in own})
 
 
-def make_optimizer(model: torch.nn.Module, peer: SyncPeer, config: TrainConfig) -> DiLoCo | StreamingDiLoCo:
-    """The outer optimizer of config.algorithm around an AdamW inner optimizer."""
+def make_optimizer(model: torch.nn.Module, peer: SyncPeer, config: TrainConfig) -> OuterOptimizer:
+    """The registered algorithm's optimizer around an AdamW inner optimizer."""
     inner = torch.optim.AdamW(model.parameters(), lr=config.inner_lr, weight_decay=config.weight_decay)
-    if config.algorithm == "diloco":
-        return DiLoCo(
-            model,
-            inner,
-            peer,
-            sync_every=config.sync_every,
-            outer_lr=config.outer_lr,
-            outer_momentum=config.outer_momentum,
-            nesterov=config.nesterov,
-            sync_seconds=config.sync_seconds,
-            allreduce=config.allreduce(),
-        )
-    streaming = StreamingConfig(
-        sync_every=config.sync_every,
-        fragments=config.fragments,
-        overlap=config.overlap,
-        alpha=config.alpha,
-        split=config.split,
-        outer=OuterConfig(config.outer_lr, config.outer_momentum, config.nesterov),
-        allreduce=config.allreduce(),
-    )
-    return StreamingDiLoCo(model, inner, peer, streaming)
+    return get_algorithm(config.algorithm).make(model, inner, peer, config.options)
 
 
 @dataclass
@@ -117,7 +92,7 @@ class TrainLoop:
         self,
         task: Task,
         model: torch.nn.Module,
-        optimizer: DiLoCo | StreamingDiLoCo,
+        optimizer: OuterOptimizer,
         config: TrainConfig,
         rank: int = 0,
         world: int = 1,
@@ -173,18 +148,6 @@ class TrainLoop:
                 self.on_step(p)
             if cfg.eval_every and p.step % cfg.eval_every == 0:
                 self.evaluate()
-        if isinstance(self.optimizer, StreamingDiLoCo):
-            self.optimizer.flush()
+        self.optimizer.flush()
         self.evaluate()
         return self.progress
-
-
-def global_digest(optimizer: DiLoCo | StreamingDiLoCo) -> str:
-    """SHA-256 of the global parameters (equal on peers that applied the same rounds)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with optimizer.state.lock:
-        for g in optimizer.state.globals:
-            h.update(g.numpy())  # contiguous fp32: hashed in place, no copy
-    return h.hexdigest()

@@ -21,7 +21,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -57,19 +57,19 @@ def _takes_start(fn: object) -> bool:
 class TaskConfig:
     """Everything a task is built from; equal configs give identical models, batches and eval sets."""
 
-    seed: int = 0  # everything deterministic from here (model init, data)
-    batch_size: int = 16
-    seq_len: int = 64
-    split: str = "iid"  # "iid" or "non-iid" (how the data is divided among peers)
-    # model size (small defaults)
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    # synthetic-lm
-    vocab_size: int = 64
-    # text-lm
-    data: str | None = None  # path to a UTF-8 text file or a folder of them
-    eval_batches: int = 8  # how many held-out batches evaluate() averages
+    # Everything is deterministic from the seed (model init, data).
+    seed: int = field(default=0, metadata={"help": "seed of the model's initial weights and of the data"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per batch"})
+    seq_len: int = field(default=64, metadata={"help": "tokens per sequence"})
+    # How the data is divided among peers.
+    split: str = field(default="iid", metadata={"help": "how the data is divided among peers", "choices": SPLITS})
+    # Model size (small defaults).
+    d_model: int = field(default=64, metadata={"help": "model width"})
+    n_layers: int = field(default=2, metadata={"help": "transformer layers", "flag": "layers"})
+    n_heads: int = field(default=4, metadata={"help": "attention heads", "flag": "heads"})
+    vocab_size: int = field(default=64, metadata={"help": "synthetic-lm vocabulary"})
+    data: str | None = field(default=None, metadata={"help": "text-lm: a UTF-8 text file or a folder of them"})
+    eval_batches: int = field(default=8, metadata={"help": "held-out batches an evaluation averages"})
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:

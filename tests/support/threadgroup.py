@@ -1,4 +1,7 @@
-"""An in-memory group of peers for testing optimizer math: each round is the exact weighted mean of the contributions."""
+"""An in-memory group of peers for testing optimizer math: each round is the exact aggregate of the contributions.
+
+The codec is ignored (rounds are lossless); the aggregator is the one the peers pass (weighted mean by default).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from collectives.parts import flatten, unflatten_like
-from collectives.reducers import ReducerConfig, reduce_rows
+from collectives.aggregators import aggregate_rows, make_aggregator
 
 
 @dataclass
@@ -28,7 +31,7 @@ class ThreadGroup:
         self.pending: dict[int, tuple[torch.Tensor, float, list, concurrent.futures.Future]] = {}
         self.peers = [ThreadPeer(self, rank) for rank in range(n)]
 
-    def submit(self, rank: int, tensors, weight: float) -> concurrent.futures.Future:
+    def submit(self, rank: int, tensors, weight: float, aggregator=None) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self.lock:
             if rank in self.pending:
@@ -39,7 +42,7 @@ class ThreadGroup:
             self.round_id += 1
             ranks = sorted(self.pending)
             rows = torch.stack([self.pending[r][0] for r in ranks])
-            mean = reduce_rows(ReducerConfig("mean"), rows, [self.pending[r][1] for r in ranks])
+            mean = aggregate_rows(make_aggregator(aggregator or "mean"), rows, [self.pending[r][1] for r in ranks])
             done, self.pending = self.pending, {}
         for r in ranks:
             done[r][3].set_result(Result(unflatten_like(mean.clone(), done[r][2]), self.round_id))
@@ -51,8 +54,8 @@ class ThreadPeer:
         self.group = group
         self.rank = rank
 
-    def sync_async(self, tensors, weight: float = 1.0, tag: str = "", config=None) -> concurrent.futures.Future:
-        return self.group.submit(self.rank, tensors, weight)
+    def sync_async(self, tensors, weight=1.0, tag="", codec=None, aggregator=None) -> concurrent.futures.Future:
+        return self.group.submit(self.rank, tensors, weight, aggregator)
 
-    def sync(self, tensors, weight: float = 1.0, tag: str = "", config=None) -> Result:
-        return self.sync_async(tensors, weight, tag, config).result(timeout=60)
+    def sync(self, tensors, weight=1.0, tag="", codec=None, aggregator=None) -> Result:
+        return self.sync_async(tensors, weight, tag, codec, aggregator).result(timeout=60)

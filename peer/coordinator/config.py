@@ -1,0 +1,141 @@
+"""The coordinator's settings, one field per ``loconet coordinator`` option.
+
+Every field has a default and a one-line ``help`` in its metadata: the
+command line is generated from this dataclass (``peer/options.py``), so the
+default and the help are written once, here. ``flag`` keeps an option's
+historical name where it differs from the field's (``--run``, ``--no-probe``).
+``peer/coordinator/service.py`` re-exports the class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from collectives.errors import ConfigError
+from peer.coordinator.policies import QuorumPolicy, parse_policy
+from peer.coordinator.rules import QuorumRules
+
+# Catch-up memory is O(catchup_rounds x members); beyond this, fetching the whole state is cheaper anyway.
+MAX_CATCHUP_ROUNDS = 1000
+
+
+def _port_or_off(text: str) -> int | None:
+    """A dashboard port from the command line: a number, or -1 / none / off for no dashboard."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigError(f"dashboard port must be a number, or -1 / none for no dashboard; got {text!r}") from None
+    return None if port < 0 else port
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Settings of a coordinator process (filled by ``loconet coordinator``)."""
+
+    run_id: str = field(default="demo", metadata={"help": "run id this coordinator serves", "flag": "run"})
+    host: str = field(
+        default="127.0.0.1", metadata={"help": "interface to serve gRPC on (127.0.0.1: this machine only)"}
+    )
+    port: int = field(default=7070, metadata={"help": "gRPC port (0: any free port)"})
+    dashboard_port: int | None = field(
+        default=8080,
+        metadata={"help": "HTTP dashboard port (0: any free port; -1 or none: no dashboard)", "parse": _port_or_off},
+    )
+    dashboard_host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "interface to serve the HTTP dashboard on (127.0.0.1: this machine only)"},
+    )
+    min_peers: int = field(
+        default=1, metadata={"help": "fewest peers a round may have; the run starts once this many have joined"}
+    )
+    join_timeout_s: float = field(
+        default=5.0,
+        metadata={"help": "seconds a quorum waits for missing live peers before it starts with those that asked"},
+    )
+    lease_s: float = field(
+        default=5.0, metadata={"help": "seconds without a heartbeat before a peer is out of the run"}
+    )
+    heartbeat_s: float = field(default=1.0, metadata={"help": "heartbeat interval peers are told to use, in seconds"})
+    commit_timeout_s: float = field(
+        default=30.0, metadata={"help": "seconds the members of a round have to report after its first report"}
+    )
+    quorum_timeout_s: float = field(
+        default=120.0, metadata={"help": "seconds a peer's quorum request waits before it is refused as too few peers"}
+    )
+    startup_grace_s: float | None = field(
+        default=None,
+        metadata={"help": "after a (re)start, seconds quorums wait for peers to re-register (none: one lease)"},
+    )
+    history: int = field(default=500, metadata={"help": "rounds (and twice as many events) the dashboard keeps"})
+    probe_peers: bool = field(
+        default=True,
+        metadata={
+            "help": "check that peers a quorum waits for still listen, so a dead one is dropped at once, not after "
+            "its lease (off for simulated peers that have no server)",
+            "flag": "probe",
+        },
+    )
+    state_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "remember here that the run was founded, so a restarted coordinator never lets a new peer "
+            "found it again"
+        },
+    )
+    quorum: str = field(
+        default="all",
+        metadata={
+            "help": "who takes part in a round: all (every live peer, or those that asked by the join timeout), "
+            "first-k:K (the first K peers to ask), "
+            "sample:K (K up-to-date peers drawn from --quorum-seed and the round id)"
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "the run's seed: with --quorum sample:K it draws each round's peers", "flag": "quorum-seed"},
+    )
+    catchup_rounds: int = field(
+        default=4,
+        metadata={
+            "help": "committed rounds remembered so that a peer that missed them fetches each round's result from "
+            "its members instead of the whole state (0: always the whole state)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not self.run_id:
+            raise ConfigError("run id must not be empty")
+        if self.heartbeat_s <= 0 or self.lease_s <= self.heartbeat_s:
+            raise ConfigError(
+                f"lease ({self.lease_s} s) must be longer than the heartbeat interval ({self.heartbeat_s} s)"
+            )
+        for name in ("join_timeout_s", "commit_timeout_s", "quorum_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        self.rules  # noqa: B018 - raises ConfigError for min_peers < 1 or a negative grace
+        if self.history < 1:
+            raise ConfigError(f"history must be at least 1 round, got {self.history}")
+        most = self.policy.max_members()  # parsing the spec raises ConfigError listing the forms
+        if most is not None and most < self.min_peers:
+            raise ConfigError(
+                f"quorum {self.quorum} can never reach min_peers {self.min_peers}: "
+                f"use K >= {self.min_peers} or lower --min-peers"
+            )
+        if not 0 <= self.seed < 1 << 64:
+            raise ConfigError(f"seed must be between 0 and 2**64 - 1, got {self.seed}")
+        if not 0 <= self.catchup_rounds <= MAX_CATCHUP_ROUNDS:
+            raise ConfigError(f"catchup_rounds must be between 0 and {MAX_CATCHUP_ROUNDS}, got {self.catchup_rounds}")
+
+    @property
+    def rules(self) -> QuorumRules:
+        """The quorum rule's settings."""
+        grace = self.lease_s if self.startup_grace_s is None else self.startup_grace_s
+        return QuorumRules(self.min_peers, self.join_timeout_s, grace)
+
+    @property
+    def policy(self) -> QuorumPolicy:
+        """The quorum policy ``quorum`` names (forms: see ``policies.policy_forms``)."""
+        return parse_policy(self.quorum)
+

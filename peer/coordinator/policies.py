@@ -1,0 +1,270 @@
+"""Quorum policies: who takes part in a round, and when it starts.
+
+A policy is a pure decision, table-tested in ``tests/test_policies.py``: from
+the peers waiting for the round (in order of arrival), the live peers, how
+long the quorum has waited and the round's id and seed, it answers ``None``
+(keep waiting), ``Refuse`` (too few peers are left: today's "no quorum") or
+``FormRound`` (the members, in rank order = peer id order). The coordinator
+(``peer/coordinator/service.py``) gathers the inputs on every request and
+tick and carries the outcome out; a requesting peer a round forms without is
+held until that attempt is decided (see docs/membership.md).
+
+Policies, chosen with the coordinator's ``quorum`` setting:
+
+- ``all``: every live peer, or whoever asked by the join timeout
+  (``rules.quorum_ready`` / ``rules.quorum_hopeless``);
+- ``first-k:K``: the first K peers to ask, as soon as K have asked; with fewer
+  than K live peers, the ``all`` rule over whoever asked;
+- ``sample:K``: the K up-to-date peers ``collectives.sampling.sample_members``
+  draws from the run's seed and the round id (members can check the draw);
+  the round starts when all of them asked, or at the join timeout with those
+  of them that did.
+
+Adding a policy: subclass ``QuorumPolicy`` (a name, a usage string, how to
+read its argument, ``decide``) and decorate it with ``@register``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from collectives.errors import ConfigError
+from collectives.sampling import SAMPLE_POLICY, sample_members
+from peer.coordinator.rules import QuorumRules, order_members, quorum_hopeless, quorum_ready
+
+
+@dataclass(frozen=True)
+class QuorumInputs:
+    """Everything a policy decides from (plain data, no clock reads)."""
+
+    # Peers waiting for this round, in order of arrival.
+    requesting: tuple[str, ...]
+    # Live peers a quorum may wait for, syncing joiners included.
+    eligible: frozenset[str]
+    # Live peers holding the run's last committed state: what a sample is drawn from.
+    up_to_date: frozenset[str]
+    # Seconds since the first request of this quorum, and since the coordinator started.
+    waited_s: float
+    coordinator_age_s: float
+    round_id: int
+    seed: int
+    rules: QuorumRules
+    # The run has committed a round (before that, too few peers means: wait).
+    run_started: bool = False
+
+
+@dataclass(frozen=True)
+class FormRound:
+    """Start the round with these members (rank order), drawn from these candidates (sample only)."""
+
+    members: tuple[str, ...]
+    candidates: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Refuse the waiting peers: fewer than min_peers live peers are left (``live`` of them)."""
+
+    live: int
+
+
+Outcome = FormRound | Refuse | None
+
+
+class QuorumPolicy(ABC):
+    """A rule for who takes part in a round; subclasses are registered by name with ``@register``."""
+
+    # The policy's name in a spec ("first-k" in "first-k:3") and the forms it accepts, for error messages.
+    name: ClassVar[str]
+    usage: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def from_arg(cls, arg: str) -> QuorumPolicy:
+        """The policy a spec's argument (the text after ':', or '') describes; ConfigError if it is invalid."""
+
+    @property
+    @abstractmethod
+    def spec(self) -> str:
+        """The spec that reads back into this policy (sent to the members with every round)."""
+
+    @abstractmethod
+    def decide(self, q: QuorumInputs) -> Outcome:
+        """None (keep waiting), Refuse, or FormRound with members taken from q.requesting."""
+
+    def awaited(self, q: QuorumInputs) -> frozenset[str]:
+        """Live peers the quorum still waits for (the coordinator checks that they still listen)."""
+        return q.eligible - set(q.requesting)
+
+    def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
+        """A count-only test run on every request: False when decide would certainly keep waiting."""
+        return requesting >= rules.min_peers and (requesting >= eligible or waited_s >= rules.join_timeout_s)
+
+    def max_members(self) -> int | None:
+        """The most members a round of this policy can have (None: no limit), checked against min_peers."""
+        return None
+
+
+POLICIES: dict[str, type[QuorumPolicy]] = {}
+
+
+def register(cls: type[QuorumPolicy]) -> type[QuorumPolicy]:
+    """Make a policy class available by its name in quorum specs."""
+    if cls.name in POLICIES:
+        raise ValueError(f"quorum policy {cls.name!r} is registered twice")
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def policy_forms() -> str:
+    """The accepted spec forms, for messages and help texts."""
+    return ", ".join(cls.usage for cls in POLICIES.values())
+
+
+def parse_policy(spec: str) -> QuorumPolicy:
+    """The policy a spec names ("all", "first-k:K", "sample:K"); ConfigError listing the forms otherwise."""
+    name, _, arg = spec.strip().partition(":")
+    cls = POLICIES.get(name)
+    try:
+        if cls is None:
+            raise ConfigError(f"unknown quorum policy {spec!r}")
+        return cls.from_arg(arg)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}: use one of {policy_forms()}") from None
+
+
+def _count(cls: type[QuorumPolicy], arg: str) -> int:
+    try:
+        k = int(arg)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ConfigError(f"quorum policy {cls.name}:{arg} needs a whole number of peers K >= 1")
+    return k
+
+
+@register
+@dataclass(frozen=True)
+class AllPeers(QuorumPolicy):
+    """Every live peer; or, after the join timeout, every peer that asked."""
+
+    name: ClassVar[str] = "all"
+    usage: ClassVar[str] = "all"
+
+    @classmethod
+    def from_arg(cls, arg: str) -> AllPeers:
+        """``all`` takes no argument."""
+        if arg:
+            raise ConfigError(f"quorum policy all takes no argument, got all:{arg}")
+        return cls()
+
+    @property
+    def spec(self) -> str:
+        """``all``."""
+        return self.name
+
+    def decide(self, q: QuorumInputs) -> Outcome:
+        """The rule of ``rules.quorum_ready`` / ``rules.quorum_hopeless`` over every peer that asked."""
+        requesting = set(q.requesting)
+        eligible = q.eligible | requesting
+        if quorum_hopeless(len(eligible), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+            return Refuse(len(eligible))
+        if quorum_ready(requesting, eligible, q.waited_s, q.coordinator_age_s, q.rules):
+            return FormRound(tuple(order_members(requesting)))
+        return None
+
+
+@register
+@dataclass(frozen=True)
+class FirstK(QuorumPolicy):
+    """The first k peers to ask; with fewer than k live peers, the ``all`` rule over whoever asked."""
+
+    k: int
+    name: ClassVar[str] = "first-k"
+    usage: ClassVar[str] = "first-k:K"
+
+    @classmethod
+    def from_arg(cls, arg: str) -> FirstK:
+        """``first-k:K`` with K >= 1."""
+        return cls(_count(cls, arg))
+
+    @property
+    def spec(self) -> str:
+        """``first-k:K``."""
+        return f"{self.name}:{self.k}"
+
+    def max_members(self) -> int | None:
+        """K."""
+        return self.k
+
+    def decide(self, q: QuorumInputs) -> Outcome:
+        """Form with the first k askers once k asked; fall back to ``all`` while fewer than k peers are live."""
+        if q.coordinator_age_s < q.rules.startup_grace_s:
+            return None
+        if len(q.requesting) >= self.k and self.k >= q.rules.min_peers:
+            return FormRound(tuple(order_members(set(q.requesting[: self.k]))))
+        if len(q.eligible | set(q.requesting)) < self.k:
+            return AllPeers().decide(q)
+        return None
+
+    def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
+        """k asked, or the ``all`` test."""
+        if requesting < rules.min_peers:
+            return False
+        return requesting >= self.k or super().may_form(requesting, eligible, waited_s, rules)
+
+
+@register
+@dataclass(frozen=True)
+class Sample(QuorumPolicy):
+    """The k up-to-date peers drawn by ``sample_members`` from the run's seed and the round id."""
+
+    k: int
+    name: ClassVar[str] = SAMPLE_POLICY
+    usage: ClassVar[str] = f"{SAMPLE_POLICY}:K"
+
+    @classmethod
+    def from_arg(cls, arg: str) -> Sample:
+        """``sample:K`` with K >= 1."""
+        return cls(_count(cls, arg))
+
+    @property
+    def spec(self) -> str:
+        """``sample:K``."""
+        return f"{self.name}:{self.k}"
+
+    def max_members(self) -> int | None:
+        """K."""
+        return self.k
+
+    @staticmethod
+    def candidates(q: QuorumInputs) -> tuple[str, ...]:
+        """The peers the sample is drawn from: up-to-date live peers and every peer that asked, by peer id."""
+        return tuple(sorted(q.up_to_date | set(q.requesting)))
+
+    def decide(self, q: QuorumInputs) -> Outcome:
+        """Form once every sampled peer asked, or at the join timeout with the sampled peers that asked."""
+        if q.coordinator_age_s < q.rules.startup_grace_s:
+            return None
+        candidates = self.candidates(q)
+        sample = sample_members(q.seed, q.round_id, candidates, self.k)
+        requesting = set(q.requesting)
+        asked = tuple(p for p in sample if p in requesting)
+        if len(asked) >= q.rules.min_peers and (len(asked) == len(sample) or q.waited_s >= q.rules.join_timeout_s):
+            return FormRound(asked, candidates)
+        eligible = len(q.eligible | requesting)
+        if quorum_hopeless(eligible, q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+            return Refuse(eligible)
+        return None
+
+    def awaited(self, q: QuorumInputs) -> frozenset[str]:
+        """The sampled peers that have not asked yet."""
+        return frozenset(sample_members(q.seed, q.round_id, self.candidates(q), self.k)) - set(q.requesting)
+
+    def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
+        """As many asked as the sample can hold, or the join timeout passed."""
+        if requesting < rules.min_peers:
+            return False
+        return requesting >= min(self.k, eligible) or waited_s >= rules.join_timeout_s

@@ -1,0 +1,299 @@
+"""The quorums and attempts of one run: forming each round by the quorum policy, deciding it by its members' reports.
+
+The Coordinator service (``peer/coordinator/service.py``) owns one
+``Quorums`` and calls it from its RPC handlers and its tick, all on one
+asyncio loop, so nothing here needs a lock. The decisions themselves are pure
+(``policies.py`` says who is in a round, ``rules.commit_decision`` whether it
+commits); this module keeps the waiting calls and carries the decisions out.
+
+An attempt of a round is named by (round id, epoch): the round id is the last
+committed round + 1, so a retry after an abort keeps it with a new epoch.
+While an attempt is in flight no quorum forms: the service holds every
+Quorum call until the attempt is decided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from protos import membership_pb2 as pb
+from collectives.membership import NO_QUORUM
+from collectives.transport import consume_exception
+from peer.coordinator.config import CoordinatorConfig
+from peer.coordinator.policies import FormRound, QuorumInputs, QuorumPolicy, Refuse
+from peer.coordinator.rules import CommitInputs, Decision, Report, commit_decision, next_epoch
+from peer.coordinator.runstate import PeerRecord, RoundRecord, RunState
+
+log = logging.getLogger(__name__)
+
+Attempt = tuple[int, int]  # (round id, epoch)
+
+
+class BadRequest(Exception):
+    """A request the coordinator refuses; carries the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class PendingQuorum:
+    """Requests waiting for the next round's group, in order of arrival.
+
+    A waiter's future gets its QuorumResponse, or None when the round formed
+    without it (it is then held until that attempt is decided).
+    """
+
+    first_at: float
+    tag: str
+    waiting: dict[str, asyncio.Future] = field(default_factory=dict)
+
+
+@dataclass
+class PendingCommit:
+    """A formed attempt waiting for its members' reports."""
+
+    record: RoundRecord
+    formed_at: float
+    reports: dict[str, Report] = field(default_factory=dict)
+    first_report_at: float | None = None
+    decided: asyncio.Future | None = None
+    bytes: int = 0
+    wall_s: float = 0.0
+
+
+class Quorums:
+    """The pending quorum, the attempt in flight and the last decisions of a run (use on the coordinator's loop)."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        policy: QuorumPolicy,
+        state: RunState,
+        started: float,
+        drop: Callable[[PeerRecord, str], None],
+        save: Callable[[], None],
+        run_under_way: Callable[[], bool],
+    ) -> None:
+        """``drop(peer, why)``: take a member an abort dropped out of the run; ``save()``: update the state file;
+        ``run_under_way()``: the run had rounds before this coordinator (its first attempt gets a new epoch)."""
+        self.config = config
+        self.policy = policy
+        self.state = state
+        self._started = started
+        self._drop = drop
+        self._save = save
+        self._run_under_way = run_under_way
+        self.pending: PendingQuorum | None = None
+        # Attempts formed and not yet decided, and the last `history` decisions, by (round id, epoch):
+        # a member of an aborted attempt must read that attempt's decision, never its retry's.
+        # Quorum calls are held while an attempt is in flight, so at most one is.
+        self.commits: dict[Attempt, PendingCommit] = {}
+        self.decided: dict[Attempt, Decision] = {}
+
+    def in_flight(self) -> PendingCommit | None:
+        """The attempt formed and not yet decided, if any."""
+        return next(iter(self.commits.values()), None)
+
+    def waiting(self) -> list[asyncio.Future]:
+        """Every future a call waits on (cancelled when the coordinator stops)."""
+        futs = list(self.pending.waiting.values()) if self.pending else []
+        futs += [c.decided for c in self.commits.values() if c.decided is not None]
+        return futs
+
+    # -- forming ---------------------------------------------------------------------
+
+    def enqueue(self, peer_id: str, tag: str) -> asyncio.Future:
+        """Add an up-to-date peer to the pending quorum; the future gets its answer (None: held)."""
+        if self.pending is None:
+            self.pending = PendingQuorum(first_at=time.monotonic(), tag=tag)
+        elif self.pending.tag != tag:
+            raise BadRequest(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"quorum for {tag!r} while the pending one is for {self.pending.tag!r}: peers disagree on the schedule",
+            )
+        previous = self.pending.waiting.get(peer_id)
+        if previous is not None and not previous.done():
+            previous.cancel()
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.pending.waiting[peer_id] = fut
+        self.close_if_ready(cheap=True)
+        return fut
+
+    def withdraw(self, peer_id: str, fut: asyncio.Future) -> None:
+        """Take a waiter out of the pending quorum (its call gave up)."""
+        if self.pending is not None and self.pending.waiting.get(peer_id) is fut:
+            del self.pending.waiting[peer_id]
+
+    def refuse(self, peer_id: str, code: grpc.StatusCode, message: str) -> None:
+        """Answer a peer waiting in the pending quorum with an error (it is out of the run)."""
+        if self.pending is not None:
+            fut = self.pending.waiting.pop(peer_id, None)
+            if fut is not None:
+                refuse_waiter(fut, code, message)
+
+    def inputs(self, pending: PendingQuorum, now: float) -> QuorumInputs:
+        """What the policy decides the pending quorum from."""
+        s = self.state
+        up_to_date = frozenset(
+            p for p in s.live if s.peers[p].state == "active" and s.peers[p].last_round >= s.last_committed_round
+        )
+        return QuorumInputs(
+            requesting=tuple(pending.waiting),
+            # Every live peer, syncing joiners included: `all` waits (up to the join timeout) for a
+            # joiner to finish syncing, so joiners are admitted at the next round boundary instead
+            # of chasing rounds that form without them.
+            eligible=frozenset(s.live),
+            up_to_date=up_to_date,
+            waited_s=now - pending.first_at,
+            coordinator_age_s=now - self._started,
+            round_id=s.next_round_id,
+            seed=self.config.seed,
+            rules=self.config.rules,
+            run_started=s.last_committed_round > 0,
+        )
+
+    def awaited(self, now: float) -> set[str]:
+        """Live peers the pending quorum still waits for (empty if none is pending)."""
+        if self.pending is None:
+            return set()
+        return set(self.policy.awaited(self.inputs(self.pending, now)))
+
+    def close_if_ready(self, cheap: bool = False) -> None:
+        """Form the pending quorum's round, or refuse it, if the policy says so now."""
+        pending = self.pending
+        if pending is None or self.commits:
+            # With an attempt in flight, calls are held, not queued; nothing can form.
+            return
+        now = time.monotonic()
+        if cheap and not self.policy.may_form(
+            len(pending.waiting), len(self.state.live), now - pending.first_at, self.config.rules
+        ):
+            # Per request: counts only, so n requests cost O(n), not O(n^2).
+            return
+        pending.waiting = {pid: f for pid, f in pending.waiting.items() if not f.done()}
+        if not pending.waiting:
+            self.pending = None
+            return
+        outcome = self.policy.decide(self.inputs(pending, now))
+        if isinstance(outcome, Refuse):
+            self._refuse_pending(pending, outcome.live)
+        elif isinstance(outcome, FormRound):
+            self._form(pending, outcome, now)
+
+    def _form(self, pending: PendingQuorum, outcome: FormRound, now: float) -> None:
+        """Start an attempt with the policy's members; the other waiting peers are held until it is decided."""
+        s = self.state
+        members = list(outcome.members)
+        # A restarted coordinator (the run had rounds before it) cannot know which (round, epoch)
+        # pairs its predecessor gave out: its first attempt gets a new epoch.
+        restarted = self._run_under_way() or s.last_committed_round > 0 or s.epoch > 0
+        s.epoch = next_epoch(s.epoch, s.last_members, members, s.bump_epoch, restarted)
+        s.last_members, s.bump_epoch = members, False
+        round_id = s.next_round_id
+        record = RoundRecord(round_id, s.epoch, members, time.time(), tag=pending.tag)
+        s.rounds.append(record)
+        loop = asyncio.get_running_loop()
+        self.commits[(round_id, s.epoch)] = PendingCommit(record=record, formed_at=now, decided=loop.create_future())
+        template = pb.QuorumResponse(
+            action=pb.QuorumResponse.ROUND,
+            round_id=round_id,
+            epoch=s.epoch,
+            members=[pb.Member(peer_id=m, address=s.peers[m].address) for m in members],
+            last_committed_round=s.last_committed_round,
+            policy=self.policy.spec,
+            seed=self.config.seed,
+            candidates=outcome.candidates,
+        )
+        for rank, pid in enumerate(members):
+            # One member list copied per answer (C++ copy), instead of n new Member objects each.
+            answer = pb.QuorumResponse()
+            answer.CopyFrom(template)
+            answer.rank = rank
+            pending.waiting.pop(pid).set_result(answer)
+        for fut in pending.waiting.values():
+            if not fut.done():
+                fut.set_result(None)  # held until this attempt is decided
+        self.pending = None
+        # With a state file, a restarted coordinator starts from the epoch given out, not just the last committed one.
+        self._save()
+        log.info("round %d formed at epoch %d with %s", round_id, s.epoch, ", ".join(members))
+
+    def _refuse_pending(self, pending: PendingQuorum, live: int) -> None:
+        """Answer every waiting Quorum call with 'too few peers' (the peers train on and ask again)."""
+        reason = (
+            f"{NO_QUORUM}: {live} live peer(s) left after the {self.config.join_timeout_s:g} s join timeout, "
+            f"min_peers is {self.config.min_peers}; training goes on locally until more peers join"
+        )
+        for fut in pending.waiting.values():
+            refuse_waiter(fut, grpc.StatusCode.FAILED_PRECONDITION, reason)
+        self.pending = None
+        self.state.event("quorum-refused", "", reason)
+        log.info("%s", reason)
+
+    # -- deciding --------------------------------------------------------------------
+
+    def decide_if_known(self, attempt: Attempt) -> None:
+        """Decide an attempt if its outcome is known (rules.commit_decision), and carry the decision out."""
+        pending = self.commits.get(attempt)
+        if pending is None:
+            return
+        s = self.state
+        now = time.monotonic()
+        expired = frozenset(m for m in pending.record.members if m not in s.live)
+        deadline = pending.first_report_at is not None and now - pending.first_report_at >= self.config.commit_timeout_s
+        decision = commit_decision(CommitInputs(tuple(pending.record.members), pending.reports, expired, deadline))
+        if decision is None:
+            return
+        del self.commits[attempt]
+        self.decided[attempt] = decision
+        while len(self.decided) > self.config.history:
+            del self.decided[next(iter(self.decided))]  # the oldest decision (dicts keep insertion order)
+        record = pending.record
+        round_id = record.round_id
+        record.duration_s = pending.wall_s or (now - pending.formed_at)
+        record.bytes = pending.bytes
+        if decision.commit:
+            record.status = "committed"
+            s.rounds_committed += 1
+            s.record_commit(record)
+            for m in record.members:
+                if m in s.peers:
+                    s.peers[m].last_round = round_id
+            s.event("commit", "", f"round {round_id} ({len(record.members)} members)")
+            self._save()
+        else:
+            record.status = "aborted"
+            record.reason = decision.reason
+            s.rounds_aborted += 1
+            s.bump_epoch = True
+            for m in decision.dropped:
+                peer = s.peers.get(m)
+                if peer is not None and peer.alive:
+                    self._drop(peer, f"dropped after round {round_id}: {decision.reason[:200]}")
+            s.event("abort", "", f"round {round_id} (epoch {record.epoch}): {decision.reason[:300]}")
+            log.info(
+                "round %d at epoch %d aborted: %s (dropped %s)",
+                round_id, record.epoch, decision.reason, ", ".join(decision.dropped) or "-",
+            )
+        if pending.decided is not None and not pending.decided.done():
+            pending.decided.set_result(decision)
+
+    def decide_all(self) -> None:
+        """Decide every attempt whose outcome is known (on the tick)."""
+        for attempt in list(self.commits):
+            self.decide_if_known(attempt)
+
+
+def refuse_waiter(fut: asyncio.Future, code: grpc.StatusCode, message: str) -> None:
+    """Answer a Quorum call waiting on fut with an error (unless it was answered already)."""
+    if not fut.done():
+        fut.set_exception(BadRequest(code, message))
+        fut.add_done_callback(consume_exception)  # its caller may have gone already

@@ -1,0 +1,243 @@
+"""Command-line options generated from configuration dataclasses, and back.
+
+Every default is defined once, in a dataclass field. This module turns the
+fields of a frozen dataclass into argparse options (``add_options``), reads
+parsed options back into an instance (``read_options``), and turns an
+instance into the argument list that reproduces it (``option_args``), which
+the harness and the benchmarks use to start child processes.
+
+A field's metadata may say:
+
+- ``help``: the option's help text (the default is appended);
+- ``flag``: the option's name without dashes (default: the field name with
+  ``-`` for ``_``, and a ``_s`` suffix dropped, so ``duration_s`` is ``--duration``);
+- ``cli``: False to leave the field out of the command line;
+- ``parse`` / ``format``: how a string option becomes the field's value and back
+  (e.g. ``--bandwidth 100mbit`` for a field in bits per second);
+- ``choices``: the allowed values.
+
+Nested dataclass fields are flattened with their name as a prefix
+(``outer.lr`` is ``--outer-lr``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, dataclass
+from typing import Any
+
+from collectives.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option of a (possibly nested) dataclass field."""
+
+    path: tuple[str, ...]  # field names from the outer dataclass down
+    flag: str  # without the leading dashes
+    kind: type  # int, float, str, bool or tuple
+    optional: bool  # the field admits None
+    default: Any
+    help: str
+    choices: tuple | None
+    parse: Callable[[str], Any] | None
+    format: Callable[[Any], str] | None
+    arity: int = 1  # values per occurrence (2 for a pair of floats)
+
+    @property
+    def dest(self) -> str:
+        """The argparse destination of this option."""
+        return self.flag.replace("-", "_")
+
+
+def _flag(f: dataclasses.Field) -> str:
+    name = f.metadata.get("flag")
+    if name:
+        return name
+    base = f.name[:-2] if f.name.endswith("_s") else f.name
+    return base.replace("_", "-")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def _unwrap(hint: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return hint, False
+
+
+def options_of(cls: type, prefix: str = "", path: tuple[str, ...] = (), defaults: Any = None) -> list[Option]:
+    """The options of a dataclass's fields (nested dataclasses flattened), in field order."""
+    hints = typing.get_type_hints(cls)
+    out: list[Option] = []
+    for f in dataclasses.fields(cls):
+        if not f.init or f.metadata.get("cli", True) is False:
+            continue
+        hint, optional = _unwrap(hints[f.name])
+        default = getattr(defaults, f.name) if defaults is not None else _default(f)
+        flag = prefix + _flag(f)
+        if dataclasses.is_dataclass(hint):
+            out += options_of(hint, flag + "-", path + (f.name,), default if default is not MISSING else None)
+            continue
+        origin = typing.get_origin(hint)
+        arity = 1
+        if origin is tuple:
+            args = typing.get_args(hint)
+            kind, arity = args[0], len(args)
+        elif hint in (int, float, str, bool):
+            kind = hint
+        elif "parse" in f.metadata:
+            kind = str
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {hint!r}; give it metadata cli=False")
+        out.append(
+            Option(
+                path=path + (f.name,),
+                flag=flag,
+                kind=kind if origin is not tuple else tuple,
+                optional=optional,
+                default=default,
+                help=f.metadata.get("help", ""),
+                choices=tuple(f.metadata["choices"]) if "choices" in f.metadata else None,
+                parse=f.metadata.get("parse"),
+                format=f.metadata.get("format"),
+                arity=arity,
+            )
+        )
+        if origin is tuple:
+            object.__setattr__(out[-1], "parse", out[-1].parse or (lambda v, t=args[0]: t(v)))
+    return out
+
+
+def _shown(option: Option, value: Any) -> str:
+    if value is None:
+        return "none"
+    if option.format is not None:
+        return option.format(value)
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def add_option(group: Any, option: Option, default_text: str | None = None, unset: bool = False) -> None:
+    """Add one option to a parser or group; ``unset``: its default is None (the reader fills the real one)."""
+    text = option.help
+    shown = default_text if default_text is not None else _shown(option, option.default)
+    if (option.default is not MISSING or default_text is not None) and "default" not in text:
+        text = f"{text} (default: {shown})" if text else f"default: {shown}"
+    default = None if unset else option.default
+    if option.kind is bool:
+        group.add_argument(
+            f"--{option.flag}", dest=option.dest, action=argparse.BooleanOptionalAction, default=default, help=text
+        )
+        return
+    kwargs: dict[str, Any] = {"dest": option.dest, "default": default, "help": text}
+    if option.arity > 1:
+        kwargs["nargs"] = option.arity
+        kwargs["type"] = option.parse
+        kwargs["metavar"] = "X"
+    elif option.parse is not None:
+        kwargs["type"] = option.parse
+        kwargs["metavar"] = option.flag.rsplit("-", 1)[-1].upper()
+    else:
+        kwargs["type"] = _nullable(option.kind) if option.optional else option.kind
+    if option.choices is not None:
+        kwargs["choices"] = option.choices
+    group.add_argument(f"--{option.flag}", **kwargs)
+
+
+def _nullable(kind: type) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def add_options(group: Any, cls: type, prefix: str = "", defaults: Any = None, skip: tuple[str, ...] = ()) -> None:
+    """Add an option per field of cls; ``defaults``: an instance whose values become the defaults shown."""
+    for option in options_of(cls, prefix, defaults=defaults):
+        if option.flag not in skip and option.path[0] not in skip:
+            add_option(group, option)
+
+
+def _build(cls: type, values: dict[tuple[str, ...], Any], base: Any, path: tuple[str, ...] = ()) -> Any:
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        hint, _ = _unwrap(hints[f.name])
+        here = path + (f.name,)
+        inner_base = getattr(base, f.name) if base is not None else None
+        if dataclasses.is_dataclass(hint) and any(p[: len(here)] == here for p in values):
+            kwargs[f.name] = _build(hint, values, inner_base if inner_base is not None else hint(), here)
+        elif here in values:
+            kwargs[f.name] = values[here]
+        elif base is not None:
+            kwargs[f.name] = getattr(base, f.name)
+    return cls(**kwargs)
+
+
+def read_options(
+    cls: type, ns: argparse.Namespace, prefix: str = "", base: Any = None, only_set: bool = False
+) -> Any:
+    """An instance of cls from parsed options; ``only_set``: options left None keep base's (or cls's) values."""
+    values: dict[tuple[str, ...], Any] = {}
+    for option in options_of(cls, prefix):
+        if not hasattr(ns, option.dest):
+            continue
+        value = getattr(ns, option.dest)
+        if only_set and value is None:
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        values[option.path] = value
+    return _build(cls, values, base)
+
+
+def given_options(cls: type, ns: argparse.Namespace, prefix: str = "") -> Iterator[str]:
+    """Flags of cls's options that were given (not None) in ns."""
+    for option in options_of(cls, prefix):
+        if getattr(ns, option.dest, None) is not None:
+            yield option.flag
+
+
+def option_args(instance: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> list[str]:
+    """The command-line arguments that make read_options give back this instance."""
+    args: list[str] = []
+    for option in options_of(type(instance), prefix):
+        if option.flag in skip or option.path[0] in skip:
+            continue
+        value: Any = instance
+        for name in option.path:
+            value = getattr(value, name)
+        if option.kind is bool:
+            args.append(f"--{option.flag}" if value else f"--no-{option.flag}")
+        elif value is None:
+            if option.optional and option.default is not None and option.default is not MISSING:
+                args += [f"--{option.flag}", "none"]
+        elif option.arity > 1:
+            args += [f"--{option.flag}", *(str(v) for v in value)]
+        else:
+            args += [f"--{option.flag}", option.format(value) if option.format else str(value)]
+    return args
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition holds (for __post_init__ checks)."""
+    if not condition:
+        raise ConfigError(message)

@@ -1,0 +1,64 @@
+"""The coordinator's settings: defaults, help for every option, and what is refused with which message."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from collectives.errors import ConfigError
+from peer.coordinator.config import CoordinatorConfig, _port_or_off
+from peer.coordinator.policies import AllPeers, FirstK, Sample
+
+
+def test_every_setting_has_a_one_line_help():
+    for f in dataclasses.fields(CoordinatorConfig):
+        text = f.metadata.get("help", "")
+        assert text and "\n" not in text and len(text) < 250, f.name
+
+
+def test_the_options_keep_their_command_line_names():
+    options = pytest.importorskip("peer.options")
+    flags = {o.flag for o in options.options_of(CoordinatorConfig)}
+    legacy = {"run", "port", "join-timeout", "lease", "startup-grace", "probe"}
+    assert legacy | {"quorum", "quorum-seed", "catchup-rounds"} <= flags
+
+
+def test_the_default_quorum_is_all_with_four_rounds_of_catch_up():
+    config = CoordinatorConfig()
+    assert (config.policy, config.seed, config.catchup_rounds) == (AllPeers(), 0, 4)
+
+
+@pytest.mark.parametrize("spec,policy", [("first-k:3", FirstK(3)), ("sample:2", Sample(2))])
+def test_the_quorum_setting_names_a_policy(spec, policy):
+    assert CoordinatorConfig(quorum=spec).policy == policy
+
+
+# settings -> the refusal's message
+REFUSED = [
+    ({"quorum": "fastest"}, "unknown quorum policy 'fastest': use one of all, first-k:K, sample:K"),
+    (
+        {"quorum": "sample:0"},
+        "quorum policy sample:0 needs a whole number of peers K >= 1: use one of all, first-k:K, sample:K",
+    ),
+    (
+        {"quorum": "first-k:2", "min_peers": 3},
+        "quorum first-k:2 can never reach min_peers 3: use K >= 3 or lower --min-peers",
+    ),
+    ({"seed": -1}, "seed must be between 0 and 2**64 - 1, got -1"),
+    ({"catchup_rounds": -1}, "catchup_rounds must be between 0 and 1000, got -1"),
+    ({"min_peers": 0}, "min_peers must be at least 1, got 0"),
+    ({"history": 0}, "history must be at least 1 round, got 0"),
+]
+
+
+@pytest.mark.parametrize("settings,message", REFUSED, ids=[m for _, m in REFUSED])
+def test_bad_settings_are_refused_with_what_to_do(settings, message):
+    with pytest.raises(ConfigError) as info:
+        CoordinatorConfig(**settings)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("text,port", [("8080", 8080), ("0", 0), ("-1", None), ("none", None), ("off", None)])
+def test_a_dashboard_port_of_minus_one_or_none_means_no_dashboard(text, port):
+    assert _port_or_off(text) == port
