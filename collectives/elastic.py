@@ -485,7 +485,8 @@ class ElasticCollective:
             log.warning("cannot catch up by results (%s); fetching the state", exc)
             return None
         state_bytes = self._state_nbytes() if self._state_nbytes is not None else math.inf
-        if sum(sizes) >= state_bytes:
+        # Equal bytes favour the results: the source then copies nothing (a state fetch snapshots the state).
+        if sum(sizes) > state_bytes:
             log.info("%d missed round(s) are %d bytes, the state %d: fetching the state", len(sizes), sum(sizes), state_bytes)
             return None
         results = []

@@ -1,8 +1,8 @@
 """Whole-vector aggregators: norm_clip, krum, multi_krum, bulyan, centered_clip, and their math.
 
-These are the aggregators with statistic rounds (see collectives/aggregators.py
+These are the aggregators with statistic rounds (see collectives/aggregation.py
 for the protocol: shares, summed shares, decisions, then the reduction). They
-register themselves when collectives.aggregators is imported. Two kinds of
+are registered by collectives/aggregators.py. Two kinds of
 arithmetic live here:
 
 - Shares (``squared_norms``, ``pairwise_squared_distances``) are float64 sums
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from collectives.aggregators import (
+from collectives.aggregation import (
     Aggregator,
     BadWeights,
     Reduce,
@@ -36,7 +36,6 @@ from collectives.aggregators import (
     coordinate_median,
     finite_weights,
     mean_coefficients,
-    register_aggregator,
     uniform_mean,
     weighted_sum,
 )
@@ -140,7 +139,6 @@ def _at_least(name: str, key: str, value: int, low: int) -> None:
         raise ConfigError(f"{name} {key} must be an integer >= {low}, got {value}")
 
 
-@register_aggregator
 class NormClip(Aggregator):
     """Weighted mean of the contributions each scaled by min(1, clip / ||x_i||) (whole-vector L2 norm).
 
@@ -203,7 +201,6 @@ class _PairwiseDistances(Aggregator):
         return self._statistic(r, total, n).view(n, n)
 
 
-@register_aggregator
 class Krum(_PairwiseDistances):
     """Krum (Blanchard et al. 2017): the contribution with the lowest sum of squared distances to its n - f - 2
     nearest others (equal scores: lowest rank), copied exactly. Needs n >= 2f + 3; ignores weights."""
@@ -235,7 +232,6 @@ class Krum(_PairwiseDistances):
         return checked_reduce(len(weights), lambda rows: rows[chosen].clone())
 
 
-@register_aggregator
 class MultiKrum(Krum):
     """Multi-Krum: the weighted mean (weights as ``mean``, rank order) of the m contributions with the lowest Krum
     scores (equal scores: lowest rank); m = 0 means n - f."""
@@ -270,7 +266,6 @@ class MultiKrum(Krum):
         return checked_reduce(len(weights), lambda rows: weighted_sum(rows, coef, chosen))
 
 
-@register_aggregator
 class Bulyan(_PairwiseDistances):
     """Bulyan (El Mhamdi et al. 2018) over Krum: theta = n - 2f contributions chosen by iterated Krum, then per
     coordinate the unweighted mean of the beta = theta - 2f selected values closest to their median.
@@ -304,7 +299,6 @@ class Bulyan(_PairwiseDistances):
         )
 
 
-@register_aggregator
 class CenteredClip(Aggregator):
     """Centered clipping (Karimireddy, He, Jaggi 2021), stateless: from v_0 = the coordinate median,
     v_{l+1} = v_l + sum_i (w_i / sum w) * min(1, tau / ||x_i - v_l||) * (x_i - v_l), for ``iterations`` steps.

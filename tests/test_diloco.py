@@ -208,6 +208,52 @@ def test_state_dict_round_trip_restores_global_state_and_counters():
     assert_close(params(a), params(b))
 
 
+@pytest.mark.parametrize("outer", ["adam", "yogi"])
+def test_an_adaptive_outer_optimizer_survives_a_state_dict_round_trip_bit_for_bit(outer):
+    # FedAdam/FedYogi-style: every Adam moment and step count is in the state, so the copy continues exactly.
+    a = model()
+    config = OuterConfig(name=outer, lr=0.02)
+    opt = DiLoCo(a, torch.optim.AdamW(a.parameters(), lr=1e-2), LocalPeer(), sync_every=3, outer=config)
+    train(opt, a, 0, 7)
+    saved, saved_params = copy.deepcopy(opt.state_dict()), params(a)
+    b = model(seed=5)
+    fresh = DiLoCo(b, torch.optim.AdamW(b.parameters(), lr=1e-2), LocalPeer(), sync_every=3, outer=config)
+    fresh.load_state_dict(saved)
+    for p, q in zip(b.parameters(), saved_params):
+        p.data.copy_(q)
+    state = fresh.state.outer.state_dict()["state"]
+    assert state and all(torch.equal(x["exp_avg"], y["exp_avg"]) for x, y in zip(
+        state.values(), opt.state.outer.state_dict()["state"].values()))
+    train(opt, a, 0, 8)
+    train(fresh, b, 0, 8)
+    assert all(torch.equal(x, y) for x, y in zip(params(a), params(b)))
+    assert all(torch.equal(x, y) for x, y in zip(opt.state.globals, fresh.state.globals))
+
+
+def test_a_joiner_of_an_adam_run_takes_the_outer_state_and_continues_bit_for_bit():
+    a = model()
+    adam = OuterConfig(name="adam", lr=0.02)
+    opt = DiLoCo(a, torch.optim.AdamW(a.parameters(), lr=1e-2), LocalPeer(), sync_every=2, outer=adam)
+    train(opt, a, 0, 6)
+    b = model(seed=9)
+    joiner = DiLoCo(b, torch.optim.AdamW(b.parameters(), lr=1e-2), LocalPeer(), sync_every=2, outer=adam)
+    joiner.load_snapshot(opt.snapshot())
+    # Both now apply the same committed rounds: the same averaged pseudo-gradient into the same outer state.
+    update = [torch.randn_like(g) for g in opt.state.globals]
+    opt.state.outer_step(range(len(update)), update, round_id=9)
+    joiner.state.outer_step(range(len(update)), update, round_id=9)
+    assert all(torch.equal(x, y) for x, y in zip(opt.state.globals, joiner.state.globals))
+    assert opt.snapshot().meta["outer_state"] == joiner.snapshot().meta["outer_state"]
+
+
+def test_a_joiner_of_another_outer_optimizer_is_refused():
+    a, b = model(), model()
+    opt = DiLoCo(a, torch.optim.AdamW(a.parameters(), lr=1e-2), LocalPeer(), outer=OuterConfig(name="adam", lr=0.02))
+    joiner = DiLoCo(b, torch.optim.AdamW(b.parameters(), lr=1e-2), LocalPeer())
+    with pytest.raises(ConfigError, match="another outer optimizer"):
+        joiner.load_snapshot(opt.snapshot())
+
+
 def test_a_joiner_loading_the_snapshot_holds_the_run_global_state():
     a = model()
     opt = DiLoCo(a, torch.optim.AdamW(a.parameters(), lr=1e-2), LocalPeer(), sync_every=2)

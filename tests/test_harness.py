@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from optimizers.outer_optim import OuterConfig
 from peer.coordinator.config import CoordinatorConfig
 from peer.harness.harness import Harness, HarnessConfig
 from peer.harness.scenario import parse_event
@@ -16,13 +17,10 @@ SMALL = TaskConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8)
 
 
 def run_scenario(*events: str, peers: int = 3, steps: int = 300, lease_s: float = 3.0, **options) -> tuple[dict, Harness]:
+    options.setdefault("train", TrainConfig.of("diloco", steps=steps, sync_every=20, round_timeout_s=10))
+    options.setdefault("coordinator", CoordinatorConfig(lease_s=lease_s, heartbeat_s=0.5, dashboard_port=0))
     config = HarnessConfig(
-        peers=peers,
-        task_config=SMALL,
-        train=TrainConfig.of("diloco", steps=steps, sync_every=20, round_timeout_s=10),
-        events=tuple(parse_event(e) for e in events),
-        coordinator=CoordinatorConfig(lease_s=lease_s, heartbeat_s=0.5, dashboard_port=0),
-        **options,
+        peers=peers, task_config=SMALL, events=tuple(parse_event(e) for e in events), **options,
     )
     harness = Harness(config)
     report = harness.run()
@@ -44,11 +42,19 @@ def test_kill_during_a_round(tmp_path):
     assert report["rounds_committed"] >= 5
 
 
+def contributed_rounds(harness: Harness, name: str, after: float = 0.0) -> set[int]:
+    """Round ids the peer's own contribution went into, among those it committed after wall time ``after``."""
+    return {
+        e["round"] for e in harness.peers[name].events
+        if e["event"] == "committed" and e["contributed"] and e["t"] > after
+    }
+
+
 def test_pause_beyond_the_lease_and_return(tmp_path):
-    report, harness = run_scenario("pause:peer1@round2,for=4s", workdir=tmp_path, lease_s=1.5)
+    report, harness = run_scenario("pause:peer1@round2,for=4s", workdir=tmp_path, lease_s=1.5, steps=600)
     assert_healthy(report, alive=3)
-    resyncs = [e for e in harness.peers["peer1"].events if e["event"] == "joined"]
-    assert resyncs, "the paused peer was part of the run"
+    resumed = harness.fired[0].wall + 4
+    assert contributed_rounds(harness, "peer1", after=resumed), "back from its pause, it trains with the run again"
 
 
 def test_late_joiner(tmp_path):
@@ -63,9 +69,52 @@ def test_coordinator_restart(tmp_path):
     assert_healthy(report, alive=3)
 
 
-def test_straggler(tmp_path):
-    report, _ = run_scenario("straggle:peer0@round1,x=3", workdir=tmp_path)
+def test_a_straggler_is_waited_for_in_every_round_not_dropped(tmp_path):
+    report, harness = run_scenario("straggle:peer0@round1,x=3", workdir=tmp_path)
     assert_healthy(report, alive=3)
+    assert report["rounds_aborted"] == 0
+    straggling = harness.fired[0].wall
+    later = {r for (r, _), t in harness.committed_rounds().items() if t > straggling}
+    assert later and later <= contributed_rounds(harness, "peer0"), "every round after the slowdown had peer0 in it"
+    # Round ids are the run's round numbers: 1, 2, 3... with no gaps.
+    assert sorted(r for r, _ in harness.committed_rounds()) == list(range(1, report["rounds_committed"] + 1))
+    assert report["identical_at_round"] == report["rounds_committed"]
+
+
+def test_first_k_rounds_go_on_without_a_paused_peer_which_then_applies_their_results(tmp_path):
+    # The pause misses a few rounds; with Adam's larger state, their results are the cheaper way back (a peer
+    # takes whichever costs fewer bytes), so long as its peers still keep them.
+    report, harness = run_scenario(
+        "pause:peer4@round2,for=2.5s", peers=5, workdir=tmp_path, keep_results=4,
+        train=TrainConfig.of("diloco", steps=720, sync_every=60, round_timeout_s=10, outer=OuterConfig("adam", lr=0.02)),
+        coordinator=CoordinatorConfig(lease_s=3.0, heartbeat_s=0.5, dashboard_port=0, quorum="first-k:4"),
+    )
+    assert_healthy(report, alive=5)
+    paused = harness.fired[0].wall
+    during = {r for (r, _), t in harness.committed_rounds().items() if paused < t < paused + 2.5}
+    assert during, "rounds committed while peer4 was paused"
+    events = harness.peers["peer4"].events
+    late = {e["round"] for e in events if e["event"] == "committed" and not e["contributed"]}
+    assert during <= late, "peer4 applied the results of the rounds that went on without it"
+    timeline = [(round(e["t"] - paused, 2), e["event"], e.get("round"), e.get("reason")) for e in events]
+    reasons = [e["reason"] for e in events if e["event"] == "sync-missed"]
+    assert not any("resynced" in r for r in reasons), f"it never needed the whole state: {timeline}"
+
+
+def test_a_joiner_of_a_run_with_an_adam_outer_optimizer_continues_bit_identically(tmp_path):
+    adam = OuterConfig(name="adam", lr=0.02)
+    report, harness = run_scenario(
+        "join@round3", workdir=tmp_path, train=TrainConfig.of("diloco", steps=300, sync_every=20, outer=adam),
+    )
+    assert_healthy(report, alive=4)
+    digests = {}
+    for proc in harness.peers.values():
+        for e in proc.events:
+            if e["event"] == "committed":
+                digests.setdefault((e["round"], e["epoch"]), set()).add(e["digest"])
+    joiner_rounds = {(e["round"], e["epoch"]) for e in harness.peers["peer3"].events if e["event"] == "committed"}
+    assert len(joiner_rounds) >= 5
+    assert all(len(digests[r]) == 1 for r in joiner_rounds), "the joiner holds the others' parameters after each round"
 
 
 def test_link_cut_with_netns(tmp_path):

@@ -117,3 +117,23 @@ def test_two_peers_train_the_text_task_on_real_text(run):
     done = [finished(p) for p in peers]
     assert all(d["eval_loss"] < 3.5 for d in done)  # log(vocab) ~ 4.5 before training
     assert_identical_where_both_committed(peers[0], peers[1])
+
+
+def test_a_peer_bound_to_every_interface_registers_and_shows_its_advertised_address(run, tmp_path):
+    import json
+    import urllib.request
+
+    from support.browser import DomIndex, chromium_path, run_chromium
+
+    peer = run.add("wide", "--host", "0.0.0.0", "--advertise", "127.0.0.1")
+    joined = peer.wait_event(lambda e: e["event"] == "joined", 120)
+    port = int(joined["address"].rsplit(":", 1)[1])
+    assert joined["address"] == f"127.0.0.1:{port}"
+    dashboard = run.coordinator.dashboard.rstrip("/")
+    with urllib.request.urlopen(dashboard + "/api/status", timeout=10) as reply:
+        status = json.load(reply)
+    assert [p["address"] for p in status["peers"]] == [f"127.0.0.1:{port}"]
+    if chromium_path() is None:
+        pytest.skip("headless Chromium not installed: the page itself was not checked")
+    (row,) = DomIndex(run_chromium(dashboard + "/", tmp_path, "--dump-dom")).find("tr", cls="peer-row")
+    assert f"127.0.0.1:{port}" in row.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 
@@ -204,7 +205,7 @@ class CoordinatorThread:
         self.thread.start()
 
         async def make() -> CoordinatorServer:
-            server = CoordinatorServer(config, advertise=advertise)
+            server = CoordinatorServer(dataclasses.replace(config, advertise=advertise))
             await server.start()
             return server
 
@@ -232,9 +233,9 @@ def coordinator_config(host: str = "127.0.0.1") -> CoordinatorConfig:
     return CoordinatorConfig(run_id="advertise", host=host, port=0, dashboard_port=None, startup_grace_s=0)
 
 
-def test_a_bad_coordinator_advertise_fails_before_binding():
+def test_a_bad_coordinator_advertise_is_refused_by_its_config():
     with pytest.raises(ConfigError, match="--advertise"):
-        CoordinatorServer(coordinator_config(), advertise="a:b:c")
+        dataclasses.replace(coordinator_config(), advertise="a:b:c")
 
 
 @pytest.mark.timeout(60)

@@ -34,7 +34,8 @@ from collectives.errors import ConfigError
 from optimizers.registry import algorithm_names
 from peer.bench.kit import print_report
 from peer.runtime.training import TrainConfig
-from peer.tasks.base import TaskConfig, make_task
+from peer.tasks.base import TaskConfig
+from peer.tasks.registry import make_task
 
 BASELINES = ("data_parallel", "one_peer")
 # Short runs on small models: sync every 50 steps, 400 steps in all.

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from collectives.errors import ConfigError
+from collectives.rpc import parse_advertise
 from peer.coordinator.policies import QuorumPolicy, parse_policy
 from peer.coordinator.rules import QuorumRules
 
@@ -39,6 +40,11 @@ class CoordinatorConfig:
         default="127.0.0.1", metadata={"help": "interface to serve gRPC on (127.0.0.1: this machine only)"}
     )
     port: int = field(default=7070, metadata={"help": "gRPC port (0: any free port)"})
+    advertise: str | None = field(
+        default=None,
+        metadata={"help": "HOST[:PORT] peers reach this coordinator at, when it differs from --host (HOST alone: the "
+                  "bound port)"},
+    )
     dashboard_port: int | None = field(
         default=8080,
         metadata={"help": "HTTP dashboard port (0: any free port; -1 or none: no dashboard)", "parse": _port_or_off},
@@ -107,6 +113,8 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if not self.run_id:
             raise ConfigError("run id must not be empty")
+        if self.advertise is not None:
+            parse_advertise(self.advertise)
         if self.heartbeat_s <= 0 or self.lease_s <= self.heartbeat_s:
             raise ConfigError(
                 f"lease ({self.lease_s} s) must be longer than the heartbeat interval ({self.heartbeat_s} s)"

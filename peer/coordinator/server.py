@@ -1,6 +1,6 @@
 """A running coordinator: its gRPC server, its tick loop and its dashboard.
 
-``peer/coordinator.py`` is the Coordinator service itself (the protocol's
+``peer/coordinator/service.py`` is the Coordinator service itself (the protocol's
 state and moves); this module binds it to a port (its server comes from
 ``collectives.rpc``, with the options a thousand peers need and the health
 service) and runs the dashboard thread.
@@ -20,7 +20,6 @@ from collectives.rpc import (
     advertised_address,
     bind,
     make_server,
-    parse_advertise,
     split_address,
 )
 from peer.coordinator.service import Coordinator, CoordinatorConfig
@@ -53,18 +52,14 @@ def strict_handlers(coordinator: Coordinator) -> grpc.GenericRpcHandler:
 class CoordinatorServer:
     """A running coordinator: its gRPC server, tick loop and dashboard (create and use on one event loop).
 
-    It binds ``config.host``/``config.port`` and tells peers ``advertise``
-    (``HOST[:PORT]``; default ``config.advertise`` if the config has one, else the
-    bound address): that is ``address``, printed and shown on the dashboard.
+    It binds ``config.host``/``config.port`` and tells peers ``config.advertise``
+    (``HOST[:PORT]``; default: the bound address): that is ``address``, printed
+    and shown on the dashboard.
     """
 
-    def __init__(
-        self, config: CoordinatorConfig, advertise: str | None = None, settings: RpcSettings = COORDINATOR_SETTINGS
-    ) -> None:
+    def __init__(self, config: CoordinatorConfig, settings: RpcSettings = COORDINATOR_SETTINGS) -> None:
         self.config = config
-        self.advertise = advertise if advertise is not None else getattr(config, "advertise", None)
-        if self.advertise is not None:
-            parse_advertise(self.advertise)  # a bad value fails here, before anything binds
+        self.advertise = config.advertise  # checked by CoordinatorConfig
         self.settings = settings
         self.coordinator = Coordinator(config)
         self.address = ""

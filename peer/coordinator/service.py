@@ -305,8 +305,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         while True:
             peer = self._peer(req.peer_id)
             peer.last_round = req.last_round
-            if req.last_round > 0 or peer.has_state:
-                peer.has_state = True
+            # A peer asks for rounds only once it holds a state (the run's, fetched or founded,
+            # or its checkpoint), even at round 0: so it may catch up by results too.
+            peer.has_state = True
             attempt = self.quorums.in_flight()
             if attempt is not None:
                 # An attempt is in flight (this peer is not in it, or asks again before its decision):
@@ -317,7 +318,6 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             resync = self._resync_answer(peer, req.last_round)
             if resync is not None:
                 return resync
-            peer.has_state = True
             peer.state = "active"
             self._serving.pop(peer.peer_id, None)
             answer = await self._wait(self.quorums.enqueue(peer.peer_id, tag), give_up, peer.peer_id)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from collectives.elastic import ElasticConfig
 from collectives.errors import ConfigError
 from collectives.ratelimit import parse_bandwidth
 from collectives.rpc import blocking_channel
@@ -36,7 +37,8 @@ from peer.harness.processes import CoordinatorProc, Proc, daemon_peer, stop_all
 from peer.harness.scenario import Event
 from peer.options import option_args
 from peer.runtime.training import TrainConfig
-from peer.tasks.base import TaskConfig, make_task
+from peer.tasks.base import TaskConfig
+from peer.tasks.registry import make_task
 from peer.trainoptions import task_args, train_args
 
 # The coordinator options the harness sets itself for every coordinator it starts.
@@ -69,6 +71,10 @@ class HarnessConfig:
     coordinator: CoordinatorConfig = field(
         default_factory=lambda: CoordinatorConfig(lease_s=3.0, heartbeat_s=0.5, dashboard_port=0),
         metadata={"cli": False},
+    )
+    keep_results: int = field(
+        default=ElasticConfig.keep_results,
+        metadata={"help": "recent rounds' results each peer keeps for peers that were late for them"},
     )
     workdir: str | None = field(default=None, metadata={"help": "logs and checkpoints (default: a new temporary folder)"})
     timeout_s: float = field(default=1800.0, metadata={"help": "give up after this many seconds"})
@@ -184,6 +190,7 @@ class Harness:
             "--control", str(self.workdir / f"{name}.control.json"),
             # The peers share this machine's cores: past one peer per core, no codec threads.
             "--codec-threads", str(codec_threads_for(c.peers)),
+            "--keep-results", str(c.keep_results),
             *self._plugin_args(),
         ]
         if c.bandwidth and not c.netns:

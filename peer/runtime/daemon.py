@@ -32,7 +32,8 @@ from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.transport import TransportConfig
 from peer.runtime.checkpoint import load_latest, save_checkpoint
 from peer.runtime.training import Progress, TrainConfig, TrainLoop, make_optimizer
-from peer.tasks.base import TaskConfig, make_task
+from peer.tasks.base import TaskConfig
+from peer.tasks.registry import make_task
 
 log = logging.getLogger(__name__)
 

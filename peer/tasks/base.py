@@ -5,7 +5,7 @@ a held-out set that is the same for every peer. Everything is deterministic
 from ``TaskConfig.seed``: the model's initial weights, every peer's batch
 stream (per seed, rank, world and batch index) and the eval set.
 
-Built-in tasks (``TASK_NAMES``) are language models on token sequences: a batch
+Built-in tasks (``peer/tasks/registry.py``) are language models on token sequences: a batch
 is ``(inputs, targets)``, two int64 tensors of shape ``(batch_size, seq_len)``
 with ``targets[:, t] == inputs[:, t + 1]`` (the next token); the model maps
 inputs to logits of shape ``(batch_size, seq_len, vocab)``. A user task
@@ -32,7 +32,6 @@ from collectives.errors import ConfigError
 Batch = tuple[torch.Tensor, torch.Tensor]
 """(inputs, targets) of one training or eval step."""
 
-TASK_NAMES = ("synthetic-lm", "text-lm")
 SPLITS = ("iid", "non-iid")
 
 
@@ -150,27 +149,6 @@ class Task(ABC):
     def samples_per_batch(self) -> int:
         """Samples in one training batch (weights a peer's contribution)."""
         return self.config.batch_size
-
-
-def make_task(name: str, config: TaskConfig) -> Task:
-    """The task called ``name``: one of ``TASK_NAMES`` or a user task ``"package.module:function"``."""
-    # imported here: the task modules import this one
-    if name == "synthetic-lm":
-        from peer.tasks.synthetic import SyntheticLMTask
-
-        return SyntheticLMTask(config)
-    if name == "text-lm":
-        from peer.tasks.text import TextLMTask
-
-        return TextLMTask(config)
-    if ":" in name:
-        from peer.tasks.user import load_user_task
-
-        return load_user_task(name, config)
-    raise ConfigError(
-        f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)} "
-        "or a user task given as 'package.module:function' (a function taking a TaskConfig and returning a Task)"
-    )
 
 
 @contextmanager

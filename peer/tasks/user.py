@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from collectives.errors import ConfigError
-from peer.tasks.base import TASK_NAMES, Batch, Task, TaskConfig, batch_stream, evaluating
+from peer.tasks.base import Batch, Task, TaskConfig, batch_stream, evaluating
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def load_user_task(spec: str, config: TaskConfig) -> Task:
     if match is None:
         raise ConfigError(
             f"bad user task {spec!r}: expected 'package.module:function' (a dotted module path, one colon, "
-            f"a function name), e.g. 'mytasks:make_task'; built-in tasks are {', '.join(TASK_NAMES)}"
+            f"a function name), e.g. 'mytasks:make_task', or a built-in task's name (loconet peer --help lists them)"
         )
     module_name, function_name = match.groups()
     module = _import(module_name, spec)

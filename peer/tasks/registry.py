@@ -1,0 +1,51 @@
+"""The tasks a peer can train, by name; a new task is one module plus one ``register_task`` line.
+
+``make_task(name, config)`` gives a registered task (``synthetic-lm``,
+``text-lm``, or one a plugin registered) or a user task named
+``"package.module:function"`` (``peer/tasks/user.py``). Registration happens
+at import time only; the table is read-only afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from collectives.errors import ConfigError
+from peer.tasks.base import Task, TaskConfig
+from peer.tasks.synthetic import SyntheticLMTask
+from peer.tasks.text import TextLMTask
+from peer.tasks.user import load_user_task
+
+_TASKS: dict[str, Callable[[TaskConfig], Task]] = {}
+
+
+def register_task(name: str, factory: Callable[[TaskConfig], Task]) -> None:
+    """Make ``factory(config)`` available as the task ``name``; registering the same one again is a no-op."""
+    if not name or ":" in name or name != name.strip():
+        raise ConfigError(f"task names are words without ':' (that marks a user task), got {name!r}")
+    known = _TASKS.get(name)
+    if known is not None and known is not factory:
+        raise ConfigError(f"task {name!r} is already registered by {known!r}; pick another name")
+    _TASKS[name] = factory
+
+
+def task_names() -> tuple[str, ...]:
+    """The registered task names, built-in ones first."""
+    return tuple(_TASKS)
+
+
+def make_task(name: str, config: TaskConfig) -> Task:
+    """The task called ``name``: a registered one or a user task ``"package.module:function"``."""
+    factory = _TASKS.get(name)
+    if factory is not None:
+        return factory(config)
+    if ":" in name:
+        return load_user_task(name, config)
+    raise ConfigError(
+        f"unknown task {name!r}; choose one of {', '.join(_TASKS)} "
+        "or a user task given as 'package.module:function' (a function taking a TaskConfig and returning a Task)"
+    )
+
+
+register_task("synthetic-lm", SyntheticLMTask)
+register_task("text-lm", TextLMTask)
