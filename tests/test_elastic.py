@@ -1,12 +1,16 @@
-"""The elastic all-reduce's checks that need no run: what it refuses before asking for a quorum."""
+"""The elastic all-reduce: what it refuses before asking for a quorum, and what a round's plan decides."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from collectives.aggregators import AggregatorConfig
+from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import NonFiniteError
+from peer.coordinator.config import CoordinatorConfig
+from tests.support.coordinator import CoordinatorThread
 
 
 def test_sync_refuses_a_nan_input_before_asking_for_a_quorum():
@@ -17,3 +21,53 @@ def test_sync_refuses_a_nan_input_before_asking_for_a_quorum():
     with pytest.raises(NonFiniteError, match=r"hold 1 NaN or Inf value\(s\) out of 10"):
         peer.sync_async(x)
     assert peer.transport.counters.bytes_sent == 0
+
+
+# -- against a real coordinator ---------------------------------------------------------------
+
+
+@pytest.fixture
+def run():
+    """A coordinator for run "w" and a factory of started members; everything is closed after the test."""
+    coordinator = CoordinatorThread(
+        CoordinatorConfig(run_id="w", port=0, dashboard_port=None, startup_grace_s=0, min_peers=3, join_timeout_s=5)
+    )
+    members: list[ElasticCollective] = []
+
+    def member() -> ElasticCollective:
+        peer = ElasticCollective(ElasticConfig(coordinator=coordinator.server.address, run_id="w"))
+        members.append(peer)
+        peer.start(has_state=True)
+        return peer
+
+    yield member
+    for peer in members:
+        peer.close()
+    coordinator.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_weight_function_is_evaluated_with_the_round_plan_after_the_quorum(run):
+    peers = [run() for _ in range(3)]
+    seen: dict[str, tuple] = {}
+
+    def by_rank(peer_id: str):
+        # Gradient coding's decoding coefficients work this way: they depend on who made the round.
+        def weight(plan) -> float:
+            seen[peer_id] = (plan.round_id, tuple(pid for pid, _ in plan.members))
+            return float([pid for pid, _ in plan.members].index(peer_id) + 1)
+
+        return weight
+
+    xs = [torch.full((10,), float(10 ** i)) for i in range(3)]
+    futures = [
+        p.sync_async(x, weight=by_rank(p.peer_id), codec=CodecConfig("none"), aggregator=AggregatorConfig("sum"))
+        for p, x in zip(peers, xs)
+    ]
+    results = [f.result(30) for f in futures]
+    members = results[0].members
+    assert all(seen[p.peer_id] == (results[0].round_id, members) for p in peers)
+    rank = {pid: i + 1 for i, pid in enumerate(members)}
+    want = sum(rank[p.peer_id] * x for p, x in zip(peers, xs))
+    for r in results:
+        assert torch.equal(r.value, want)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import threading
 
 import grpc
 import pytest
@@ -28,7 +27,7 @@ from collectives.rpc import (
     split_address,
 )
 from collectives.transport import TransportConfig
-from peer.coordinator.server import CoordinatorServer
+from tests.support.coordinator import CoordinatorThread
 from peer.coordinator.service import CoordinatorConfig
 
 # -- --advertise values ---------------------------------------------------------------------
@@ -196,39 +195,6 @@ def test_a_second_bind_of_a_port_in_use_fails_with_the_hint():
 # -- advertise end to end: a coordinator and a peer bound to every interface ----------------------
 
 
-class CoordinatorThread:
-    """An in-process CoordinatorServer on its own event-loop thread."""
-
-    def __init__(self, config: CoordinatorConfig, advertise: str | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-coordinator", daemon=True)
-        self.thread.start()
-
-        async def make() -> CoordinatorServer:
-            server = CoordinatorServer(dataclasses.replace(config, advertise=advertise))
-            await server.start()
-            return server
-
-        self.server = self.call(make())
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
-
-    def status(self) -> dict:
-        async def snapshot() -> dict:
-            return self.server.coordinator.status()
-
-        return self.call(snapshot())
-
-    def close(self) -> None:
-        try:
-            self.call(self.server.stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=10)
-            self.loop.close()
-
-
 def coordinator_config(host: str = "127.0.0.1") -> CoordinatorConfig:
     return CoordinatorConfig(run_id="advertise", host=host, port=0, dashboard_port=None, startup_grace_s=0)
 
@@ -240,7 +206,7 @@ def test_a_bad_coordinator_advertise_is_refused_by_its_config():
 
 @pytest.mark.timeout(60)
 def test_a_coordinator_bound_to_every_interface_gives_its_advertised_address():
-    coordinator = CoordinatorThread(coordinator_config(host="0.0.0.0"), advertise="127.0.0.1")
+    coordinator = CoordinatorThread(dataclasses.replace(coordinator_config(host="0.0.0.0"), advertise="127.0.0.1"))
     try:
         port = split_address(coordinator.server.bound_address)[1]
         assert coordinator.server.bound_address == f"0.0.0.0:{port}"
