@@ -13,15 +13,7 @@ import signal
 import sys
 
 from collectives.errors import ConfigError
-from peer.trainoptions import (
-    add_plugin_argument,
-    add_task_arguments,
-    add_train_arguments,
-    load_plugins,
-    plugins_from,
-    read_task_config,
-    read_train_config,
-)
+from peer.plugins import add_plugin_argument, load_plugins, plugins_from
 
 BENCHMARKS = (
     ("allreduce", "allreduce", "our all-reduce among local processes vs gloo"),
@@ -45,35 +37,40 @@ def add_benchmarks(bench: argparse.ArgumentParser) -> None:
         sub.set_defaults(handler=module.main)
 
 
-def build_parser(with_benchmarks: bool = True) -> argparse.ArgumentParser:
-    """The full argument parser of the ``loconet`` command."""
+def build_parser(command: str | None = None, with_benchmarks: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of the ``loconet`` command; with ``command``, only that subcommand gets its options.
+
+    Options are generated from the configs (the training ones from the algorithm registry, which
+    imports torch), so a coordinator builds only its own and never imports torch.
+    """
     parser = argparse.ArgumentParser(prog="loconet", description="Decentralized low-communication training for PyTorch.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    coordinator = commands.add_parser("coordinator", help="run the membership coordinator of a run, with its dashboard")
-    add_coordinator_arguments(coordinator)
-    coordinator.set_defaults(handler=run_coordinator)
-
-    peer = commands.add_parser("peer", help="run one training peer of a run")
-    add_peer_arguments(peer)
-    peer.set_defaults(handler=run_peer_command)
-
-    harness = commands.add_parser("harness", help="a whole network on this machine, with fault injection and a report")
-    add_harness_arguments(harness)
-    harness.set_defaults(handler=run_harness_command)
-
-    demo = commands.add_parser("demo", help="4 local peers train a language model with DiLoCo; dashboard and summary")
-    demo.add_argument("--peers", type=int, default=4)
-    demo.add_argument("--steps", type=int, default=600)
-    demo.add_argument("--dashboard-port", type=int, default=8080, help="0: any free port")
-    demo.add_argument("--json", action="store_true", help="also print the full report as JSON")
-    demo.set_defaults(handler=run_demo_command)
-
+    for name, text, add, handler in (
+        ("coordinator", "run the membership coordinator of a run, with its dashboard", add_coordinator_arguments,
+         run_coordinator),
+        ("peer", "run one training peer of a run", add_peer_arguments, run_peer_command),
+        ("harness", "a whole network on this machine, with fault injection and a report", add_harness_arguments,
+         run_harness_command),
+        ("demo", "4 local peers train a language model with DiLoCo; dashboard and summary", add_demo_arguments,
+         run_demo_command),
+    ):
+        sub = commands.add_parser(name, help=text)
+        if command in (None, name):
+            add(sub)
+        sub.set_defaults(handler=handler)
     bench = commands.add_parser("bench", help="benchmarks that print JSON (allreduce, codecs, statesync, diloco, membership)")
-    if with_benchmarks:
+    if with_benchmarks and command in (None, "bench"):
         add_benchmarks(bench)
     return parser
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``loconet demo``."""
+    parser.add_argument("--peers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--dashboard-port", type=int, default=8080, help="0: any free port")
+    parser.add_argument("--json", action="store_true", help="also print the full report as JSON")
 
 
 # -- coordinator ---------------------------------------------------------------------------
@@ -139,6 +136,7 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     from peer.harness.control import add_control_arguments
     from peer.options import add_options
     from peer.runtime.daemon import PeerConfig
+    from peer.trainoptions import add_task_arguments, add_train_arguments
 
     add_options(parser, PeerConfig)
     add_options(parser.add_argument_group("network"), TransportConfig)
@@ -157,6 +155,7 @@ def run_peer_command(ns: argparse.Namespace) -> int:
     from peer.harness.control import control_from
     from peer.options import read_options
     from peer.runtime.daemon import PeerConfig, run_peer
+    from peer.trainoptions import read_task_config, read_train_config
 
     shard, shards = ns.shard
     config = dataclasses.replace(
@@ -178,6 +177,7 @@ def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
     from peer.coordinator.config import CoordinatorConfig
     from peer.harness.harness import COORDINATOR_OPTIONS_SET_BY_HARNESS, HarnessConfig
     from peer.options import add_options
+    from peer.trainoptions import add_task_arguments, add_train_arguments
 
     defaults = HarnessConfig()
     add_options(parser, HarnessConfig)
@@ -201,6 +201,7 @@ def harness_config(ns: argparse.Namespace):
     from peer.harness.harness import HarnessConfig
     from peer.harness.scenario import load_scenario, parse_event
     from peer.options import read_options
+    from peer.trainoptions import read_task_config, read_train_config
 
     defaults = HarnessConfig()
     events = [parse_event(e) for e in ns.event] + (load_scenario(ns.scenario) if ns.scenario else [])
@@ -296,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"loconet: error: {exc}\n")
         return 2
-    # The coordinator and peers should not import torch-heavy benchmark modules.
-    parser = build_parser(with_benchmarks="bench" in args)
+    command = next((a for a in args if not a.startswith("-")), None)
+    parser = build_parser(command)
     ns = parser.parse_args(args)
     level = logging.WARNING - 10 * min(ns.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 from dataclasses import MISSING
 from typing import Any
 
@@ -23,31 +22,6 @@ from optimizers.registry import algorithm_names, algorithms, get_algorithm
 from peer.options import add_option, add_options, option_args, options_of, read_options
 from peer.runtime.training import TrainConfig
 from peer.tasks.base import TaskConfig
-
-
-def load_plugins(modules: list[str]) -> None:
-    """Import user modules that register algorithms, aggregators, outer optimizers or tasks."""
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise ConfigError(f"cannot import plugin {name!r}: {exc}; is it on PYTHONPATH?") from None
-
-
-def plugins_from(argv: list[str]) -> list[str]:
-    """The --plugin modules named in argv (read before the parser is built, since they add options)."""
-    early = argparse.ArgumentParser(add_help=False)
-    early.add_argument("--plugin", action="append", default=[])
-    ns, _ = early.parse_known_args(argv)
-    return ns.plugin
-
-
-def add_plugin_argument(parser: argparse.ArgumentParser) -> None:
-    """--plugin MODULE (repeatable)."""
-    parser.add_argument(
-        "--plugin", action="append", default=[], metavar="MODULE",
-        help="import this module first: it may register algorithms, aggregators, outer optimizers (repeatable)",
-    )
 
 
 def add_task_arguments(parser: argparse.ArgumentParser, defaults: TaskConfig | None = None) -> None:

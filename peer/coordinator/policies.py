@@ -176,28 +176,34 @@ class AllPeers(QuorumPolicy):
         return None
 
 
-@register
 @dataclass(frozen=True)
-class FirstK(QuorumPolicy):
-    """The first k peers to ask; with fewer than k live peers, the ``all`` rule over whoever asked."""
+class _OfK(QuorumPolicy):
+    """A policy with a round size K (``NAME:K``)."""
 
     k: int
-    name: ClassVar[str] = "first-k"
-    usage: ClassVar[str] = "first-k:K"
 
     @classmethod
-    def from_arg(cls, arg: str) -> FirstK:
-        """``first-k:K`` with K >= 1."""
+    def from_arg(cls, arg: str) -> _OfK:
+        """``NAME:K`` with K >= 1."""
         return cls(_count(cls, arg))
 
     @property
     def spec(self) -> str:
-        """``first-k:K``."""
+        """``NAME:K``."""
         return f"{self.name}:{self.k}"
 
     def max_members(self) -> int | None:
         """K."""
         return self.k
+
+
+@register
+@dataclass(frozen=True)
+class FirstK(_OfK):
+    """The first k peers to ask; with fewer than k live peers, the ``all`` rule over whoever asked."""
+
+    name: ClassVar[str] = "first-k"
+    usage: ClassVar[str] = "first-k:K"
 
     def decide(self, q: QuorumInputs) -> Outcome:
         """Form with the first k askers once k asked; fall back to ``all`` while fewer than k peers are live."""
@@ -218,26 +224,11 @@ class FirstK(QuorumPolicy):
 
 @register
 @dataclass(frozen=True)
-class Sample(QuorumPolicy):
+class Sample(_OfK):
     """The k up-to-date peers drawn by ``sample_members`` from the run's seed and the round id."""
 
-    k: int
     name: ClassVar[str] = SAMPLE_POLICY
     usage: ClassVar[str] = f"{SAMPLE_POLICY}:K"
-
-    @classmethod
-    def from_arg(cls, arg: str) -> Sample:
-        """``sample:K`` with K >= 1."""
-        return cls(_count(cls, arg))
-
-    @property
-    def spec(self) -> str:
-        """``sample:K``."""
-        return f"{self.name}:{self.k}"
-
-    def max_members(self) -> int | None:
-        """K."""
-        return self.k
 
     @staticmethod
     def candidates(q: QuorumInputs) -> tuple[str, ...]:
