@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass
 from typing import Any
 
-from collectives.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -93,13 +92,14 @@ def options_of(cls: type, prefix: str = "", path: tuple[str, ...] = (), defaults
             out += options_of(hint, flag + "-", path + (f.name,), default if default is not MISSING else None)
             continue
         origin = typing.get_origin(hint)
+        parse = f.metadata.get("parse")
         arity = 1
-        if origin is tuple:
-            args = typing.get_args(hint)
-            kind, arity = args[0], len(args)
+        if origin is tuple:  # a fixed number of values, e.g. Adam's betas
+            element = typing.get_args(hint)[0]
+            kind, arity, parse = tuple, len(typing.get_args(hint)), parse or element
         elif hint in (int, float, str, bool):
             kind = hint
-        elif "parse" in f.metadata:
+        elif parse is not None:
             kind = str
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {hint!r}; give it metadata cli=False")
@@ -107,18 +107,16 @@ def options_of(cls: type, prefix: str = "", path: tuple[str, ...] = (), defaults
             Option(
                 path=path + (f.name,),
                 flag=flag,
-                kind=kind if origin is not tuple else tuple,
+                kind=kind,
                 optional=optional,
                 default=default,
                 help=f.metadata.get("help", ""),
                 choices=tuple(f.metadata["choices"]) if "choices" in f.metadata else None,
-                parse=f.metadata.get("parse"),
+                parse=parse,
                 format=f.metadata.get("format"),
                 arity=arity,
             )
         )
-        if origin is tuple:
-            object.__setattr__(out[-1], "parse", out[-1].parse or (lambda v, t=args[0]: t(v)))
     return out
 
 
@@ -236,8 +234,3 @@ def option_args(instance: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> 
             args += [f"--{option.flag}", option.format(value) if option.format else str(value)]
     return args
 
-
-def require(condition: bool, message: str) -> None:
-    """Raise ConfigError(message) unless condition holds (for __post_init__ checks)."""
-    if not condition:
-        raise ConfigError(message)
