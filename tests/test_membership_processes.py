@@ -104,7 +104,8 @@ def assert_applied_once(peer) -> None:
 
 
 def test_three_peers_commit_identical_rounds(cluster):
-    c = cluster()
+    # min-peers 3: on a busy machine the first peers could otherwise finish their 6 rounds before the third joins.
+    c = cluster("test", "--min-peers", "3")
     for name in ("a", "b", "c"):
         c.add(name, "--rounds", "6")
     full = c.peers["a"].wait_event(lambda e: e["event"] == "committed" and len(e["members"]) == 3, 90)
