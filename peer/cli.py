@@ -234,21 +234,20 @@ def run_demo_command(ns: argparse.Namespace) -> int:
     import json
 
     from peer.harness.harness import Harness, HarnessConfig
-    from peer.runtime.training import TrainConfig
+    from peer.runtime.training import LOCAL_SYNC_EVERY, local_run
 
-    sync_every = 50
     defaults = HarnessConfig()
     config = dataclasses.replace(
         defaults,
         peers=ns.peers,
         run_id="demo",
-        train=TrainConfig.of("diloco", steps=ns.steps, sync_every=sync_every),
+        train=local_run("diloco", steps=ns.steps),
         coordinator=dataclasses.replace(defaults.coordinator, dashboard_port=ns.dashboard_port, min_peers=ns.peers),
         progress=sys.stderr.isatty(),
     )
     out = sys.stdout
     out.write(f"loconet demo: {ns.peers} peers train a small transformer language model with DiLoCo "
-              f"({ns.steps} steps each, syncing every {sync_every}).\n")
+              f"({ns.steps} steps each, syncing every {LOCAL_SYNC_EVERY}).\n")
 
     def started(url: str) -> None:
         out.write(f"Dashboard: {url}  (open it in a browser while the demo runs)\n")

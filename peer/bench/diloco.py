@@ -33,13 +33,12 @@ from pathlib import Path
 from collectives.errors import ConfigError
 from optimizers.registry import algorithm_names
 from peer.bench.kit import print_report
-from peer.runtime.training import TrainConfig
+from peer.runtime.training import TrainConfig, local_run
 from peer.tasks.base import TaskConfig
 from peer.tasks.registry import make_task
 
 BASELINES = ("data_parallel", "one_peer")
-# Short runs on small models: sync every 50 steps, 400 steps in all.
-DEFAULT_TRAIN = TrainConfig.of("diloco", steps=400, sync_every=50)
+DEFAULT_TRAIN = local_run("diloco")
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class BenchConfig:
     peers: int = 4
     task: str = "synthetic-lm"
     task_config: TaskConfig = field(default_factory=TaskConfig)
-    runs: tuple[TrainConfig, ...] = (DEFAULT_TRAIN, TrainConfig.of("streaming", steps=400, sync_every=50))
+    runs: tuple[TrainConfig, ...] = (DEFAULT_TRAIN, local_run("streaming"))
     baselines: tuple[str, ...] = BASELINES
 
     def __post_init__(self) -> None:

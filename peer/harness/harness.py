@@ -36,7 +36,7 @@ from peer.harness.control import write_control
 from peer.harness.processes import CoordinatorProc, Proc, daemon_peer, stop_all
 from peer.harness.scenario import Event
 from peer.options import option_args
-from peer.runtime.training import TrainConfig
+from peer.runtime.training import TrainConfig, local_run
 from peer.tasks.base import TaskConfig
 from peer.tasks.registry import make_task
 from peer.trainoptions import task_args, train_args
@@ -56,7 +56,7 @@ class HarnessConfig:
     task: str = field(default="synthetic-lm", metadata={"help": "synthetic-lm, text-lm, or package.module:function"})
     task_config: TaskConfig = field(default_factory=TaskConfig, metadata={"cli": False})
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig.of("diloco", steps=400, sync_every=50), metadata={"cli": False}
+        default_factory=local_run, metadata={"cli": False}
     )
     events: tuple[Event, ...] = field(default=(), metadata={"cli": False})
     # Per-peer cap on send and on receive (the transport's token buckets, or tbf with --netns).

@@ -66,6 +66,16 @@ class TrainConfig:
         return cls(algorithm=algorithm, options=options, **{k: v for k, v in fields.items() if k in own})
 
 
+# Runs on one machine (the harness, bench diloco, the demo) train a small model for a few hundred steps,
+# so they sync every 50 steps instead of the default 100: enough rounds to see faults and recovery.
+LOCAL_SYNC_EVERY = 50
+
+
+def local_run(algorithm: str = "diloco", steps: int = 400) -> TrainConfig:
+    """The training of a short run on this machine: ``steps`` steps, syncing every LOCAL_SYNC_EVERY."""
+    return TrainConfig.of(algorithm, steps=steps, sync_every=LOCAL_SYNC_EVERY)
+
+
 def make_optimizer(model: torch.nn.Module, peer: SyncPeer, config: TrainConfig) -> OuterOptimizer:
     """The registered algorithm's optimizer around an AdamW inner optimizer."""
     inner = torch.optim.AdamW(model.parameters(), lr=config.inner_lr, weight_decay=config.weight_decay)
