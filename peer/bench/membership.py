@@ -6,7 +6,7 @@ membership protocol. They live as asyncio tasks in ``--client-procs`` spawned
 processes (grpc.aio, ``--channels`` TCP connections per process), so that
 1000 peers cost two processes, not 1000.
 
-Each simulated peer (``peer/simpeers.py``) joins, heartbeats with plausible
+Each simulated peer (``peer/bench/simpeers.py``) joins, heartbeats with plausible
 metrics and, on command, takes part in ``rounds`` rounds (Quorum -> Commit).
 The coordinator runs with ``--min-peers N`` (and a join timeout as long as
 the quorum timeout), so every quorum must hold all N. As the real client

@@ -2,12 +2,12 @@
 
 It starts a coordinator and N ``loconet peer`` processes (each in its own
 session, killed with the harness even if the harness itself is killed),
-runs a schedule of fault events (``peer/scenario.py``), follows every peer's
+runs a schedule of fault events (``peer/harness/scenario.py``), follows every peer's
 JSON events, and ends with a report: rounds committed and aborted, each
 event's recovery time (event to the next committed round), the final eval
 loss, bytes per peer, whether the survivors hold identical parameters, and
 how many peers are alive. With ``--netns`` every process lives in its own
-network namespace behind ``tbf``-shaped links (``peer/netns.py``).
+network namespace behind ``tbf``-shaped links (``peer/harness/netns.py``).
 """
 
 from __future__ import annotations
