@@ -314,9 +314,7 @@ class Collective:
     async def _handle_push(self, request_iterator, context: grpc.aio.ServicerContext) -> bytes:
         inbox: RoundInbox | None = None
         stream = None
-        # The sender the first chunk names, once its rank is checked: blamed for a stream the
-        # round refuses outright (another codec or aggregator, wrong sizes), not only mid-stream.
-        sender: int | None = None
+        header = None
         chunks = 0
         # The previous chunk's decode: it runs on a codec thread while the next chunk is read
         # and paced, so neither the link nor the CPU waits for the other.
@@ -328,8 +326,6 @@ class Collective:
                     wait = context.time_remaining()
                     wait = MAX_OPEN_WAIT_S if wait is None else min(wait, MAX_OPEN_WAIT_S)
                     inbox = await self.registry.find(header.tag, wait)
-                    inbox.check_tag(header.tag)
-                    sender = header.tag.sender_rank
                     stream = inbox.begin_stream(header)
                 target = inbox.check_chunk(stream, header, payload)
                 if decoding is not None:
@@ -347,8 +343,7 @@ class Collective:
                 raise ProtocolError("empty PushPart stream")
             inbox.finish(stream)
         except ProtocolError as exc:
-            if inbox is not None and sender is not None and not isinstance(exc, (StaleMessage, DuplicateStream)):
-                inbox.fail(sender, f"sent bad data: {exc}")
+            self._blame(inbox, header, exc, "sent bad data")
             code, kind = _error_kind(exc)
             log.debug("rejected a push: %s", exc)
             await context.abort(code, str(exc), trailing_metadata=((ERROR_KIND_KEY, kind),))
@@ -375,7 +370,7 @@ class Collective:
 
     async def _handle_stat(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         inbox: RoundInbox | None = None
-        sender = None
+        share = None
         try:
             try:
                 share = pb.StatShare.FromString(request)
@@ -383,17 +378,27 @@ class Collective:
                 raise ProtocolError(f"malformed statistic share: {exc}") from exc
             wait = context.time_remaining()
             inbox = await self.registry.find(share.tag, MAX_OPEN_WAIT_S if wait is None else min(wait, MAX_OPEN_WAIT_S))
-            inbox.check_tag(share.tag)
-            sender = share.tag.sender_rank
-            inbox.bytes_received += len(request)
-            await self.transport.note_received(inbox.group.members[sender], len(request))
             inbox.accept_share(share)
+            inbox.bytes_received += len(request)
+            await self.transport.note_received(inbox.group.members[share.tag.sender_rank], len(request))
         except ProtocolError as exc:
-            if inbox is not None and sender is not None and not isinstance(exc, StaleMessage):
-                inbox.fail(sender, f"sent a bad statistic share: {exc}")
+            self._blame(inbox, share, exc, "sent a bad statistic share")
             code, kind = _error_kind(exc)
             await context.abort(code, str(exc), trailing_metadata=((ERROR_KIND_KEY, kind),))
         return pb.StatAck().SerializeToString()
+
+    @staticmethod
+    def _blame(inbox: RoundInbox | None, message, exc: ProtocolError, what: str) -> None:
+        """Name the member a refused message claims to come from as failed (not for stale or duplicate ones).
+
+        Also when the first chunk is refused outright (another codec or aggregator, wrong sizes): the
+        round cannot succeed with that member, and waiting for the deadline would only delay the abort.
+        """
+        if inbox is None or message is None or isinstance(exc, (StaleMessage, DuplicateStream)):
+            return
+        culprit = inbox.claimed_member(message.tag)
+        if culprit is not None:
+            inbox.fail(culprit, f"{what}: {exc}")
 
     async def _handle_abort(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:

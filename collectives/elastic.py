@@ -237,6 +237,7 @@ class ElasticCollective:
         return StateSnapshot(round_id=round_id, tensors={"result": value}, meta={"tag": tag})
 
     def _keep_result(self, round_id: int, tag: str, flat: torch.Tensor) -> None:
+        """Keep a copy of a committed round's flat result for late peers (the caller keeps using its own)."""
         if self.config.keep_results <= 0:
             return
         self._results[round_id] = (tag, flat.clone())
@@ -518,7 +519,8 @@ class ElasticCollective:
             except (StateSyncError, NonFiniteError) as exc:
                 log.info("result of round %d not taken from %s: %s", missed.round_id, address, exc)
                 continue
-            return CommittedResult(missed.round_id, missed.tag, value.clone(), source=address, epoch=missed.epoch)
+            # The fetched tensor is the only one in its receive buffer: nothing to copy out of.
+            return CommittedResult(missed.round_id, missed.tag, value, source=address, epoch=missed.epoch)
         log.info("no member still keeps round %d's result; fetching the state", missed.round_id)
         return None
 

@@ -212,6 +212,11 @@ class RoundInbox:
 
     # -- incoming chunks ---------------------------------------------------------
 
+    def claimed_member(self, tag: pb.RoundTag) -> int | None:
+        """The rank a message's tag claims to come from, if that is another member of this round (to blame it)."""
+        rank = tag.sender_rank
+        return rank if rank < self.group.size and rank != self.group.rank else None
+
     def check_tag(self, tag: pb.RoundTag) -> None:
         """Raise ProtocolError unless the tag matches this round's shape."""
         g = self.group

@@ -49,8 +49,17 @@ def check_sample(seed: int, round_id: int, candidates: Sequence[str], k: int, me
         raise SampleMismatch(
             f"round {round_id}: {', '.join(outside[:10])} not in the sample of {k} drawn with seed {seed} from "
             f"{len(set(candidates))} candidate(s) ({', '.join(sorted(sample)[:10])}); the coordinator and this peer "
-            "disagree on the quorum rule: check that both run the same loconet version and the run's --seed"
+            "disagree on the quorum rule: check that both run the same loconet version and the run's --quorum-seed"
         )
+
+
+def whole_count(text: str) -> int | None:
+    """The K of a policy spec ``NAME:K``, a whole number >= 1; None if text is not one."""
+    try:
+        k = int(text)
+    except ValueError:
+        return None
+    return k if k >= 1 else None
 
 
 def sample_size(policy: str) -> int | None:
@@ -58,10 +67,7 @@ def sample_size(policy: str) -> int | None:
     name, _, arg = policy.partition(":")
     if name != SAMPLE_POLICY:
         return None
-    try:
-        k = int(arg)
-    except ValueError:
-        k = 0
-    if k < 1:
+    k = whole_count(arg)
+    if k is None:
         raise ProtocolError(f"the coordinator's quorum policy {policy!r} is not sample:K with a whole K >= 1")
     return k

@@ -216,11 +216,11 @@ class OuterOptimizer:
 
     def _catch_up(self, exc: CaughtUp) -> None:
         """Apply the committed rounds this peer was late for, in order (its own contribution was not used)."""
+        self._forget_local_progress()  # this sync's own contribution was not used
         for missed in exc.rounds:
             indices = self.round_indices(missed.tag)
             value = unflatten_like(missed.value, [self.state.globals[i] for i in indices])
             self._apply(missed.tag, value, missed.round_id)
-            self._forget_local_progress()
             reason = f"late for round {missed.round_id}: applied its committed result from {missed.source}"
             record = SyncRecord(
                 self.inner_steps, True, missed.round_id, reason=reason, contributed=False, epoch=missed.epoch

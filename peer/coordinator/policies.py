@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from collectives.errors import ConfigError
-from collectives.sampling import SAMPLE_POLICY, sample_members
+from collectives.sampling import SAMPLE_POLICY, sample_members, whole_count
 from peer.coordinator.rules import QuorumRules, order_members, quorum_hopeless, quorum_ready
 
 
@@ -136,11 +136,8 @@ def parse_policy(spec: str) -> QuorumPolicy:
 
 
 def _count(cls: type[QuorumPolicy], arg: str) -> int:
-    try:
-        k = int(arg)
-    except ValueError:
-        k = 0
-    if k < 1:
+    k = whole_count(arg)
+    if k is None:
         raise ConfigError(f"quorum policy {cls.name}:{arg} needs a whole number of peers K >= 1")
     return k
 
