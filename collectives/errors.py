@@ -22,6 +22,10 @@ class ConfigError(LoconetError, ValueError):
     """A configuration value is invalid (message says which and what is allowed)."""
 
 
+class AddressInUse(LoconetError, OSError):
+    """A server could not listen on its address (taken by another process, or not this machine's)."""
+
+
 class ProtocolError(LoconetError, ValueError):
     """A message broke the protocol (malformed, stale epoch, foreign run, wrong size...); it was rejected."""
 

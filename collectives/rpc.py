@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from collectives.errors import ConfigError
+from collectives.errors import AddressInUse, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def add_health_service(server: grpc.aio.Server) -> None:
 
 
 def bind(server: grpc.aio.Server, host: str, port: int, *, settings: RpcSettings, hint: str) -> str:
-    """Bind server to host:port (0: any free port); return the bound address, or raise OSError ending in hint."""
+    """Bind server to host:port (0: any free port); return the bound address, or raise AddressInUse ending in hint."""
     where = format_address(host, port)
     credentials = settings.security.server_credentials()
     try:
@@ -208,10 +208,11 @@ def bind(server: grpc.aio.Server, host: str, port: int, *, settings: RpcSettings
             bound = server.add_insecure_port(where)
         else:
             bound = server.add_secure_port(where, credentials)
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {where}: {exc}; {hint}") from exc
+    except RuntimeError:
+        # grpc's own message only says "Failed to bind" and how to turn on its debug log.
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {where}; {hint}")
+        raise AddressInUse(f"cannot listen on {where}: the port is taken or the address is not this machine's; {hint}")
     return format_address(host, bound)
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
-from collectives.errors import ConfigError
+from collectives.errors import ConfigError, LoconetError
 from peer.plugins import add_plugin_argument, load_plugins, plugins_from
 
 BENCHMARKS = (
@@ -25,6 +26,45 @@ BENCHMARKS = (
 )
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._CountAction)):  # noqa: SLF001
+            return text
+        if action.nargs == 0:  # a flag
+            shown = "on" if action.default else "off"
+        elif action.default is None:
+            shown = "none"
+        elif isinstance(action.default, (list, tuple)):
+            shown = " ".join(map(str, action.default)) or "none"
+        else:
+            shown = str(action.default)
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
+def _verbosity_options() -> argparse.ArgumentParser:
+    """-v / -q, accepted before and after the subcommand (counted together)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more logging on stderr (-v info, -vv debug; with tracebacks); also after the command")
+    common.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS,
+                        help="less logging (errors only); also after the command")
+    return common
+
+
+VERBOSITY = _verbosity_options()
+
+
+def subcommand(commands: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:  # noqa: SLF001
+    """A subcommand parser with the shared help formatting and -v/-q."""
+    return commands.add_parser(name, help=text, description=text[:1].upper() + text[1:] + ".",
+                               formatter_class=HelpFormatter, parents=[VERBOSITY])
+
+
 def add_benchmarks(bench: argparse.ArgumentParser) -> None:
     """The ``loconet bench ...`` subcommands (imported only when asked for: they pull in torch)."""
     import importlib
@@ -32,7 +72,7 @@ def add_benchmarks(bench: argparse.ArgumentParser) -> None:
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name, module_name, text in BENCHMARKS:
         module = importlib.import_module(f"peer.bench.{module_name}")
-        sub = benches.add_parser(name, help=text)
+        sub = subcommand(benches, name, text)
         module.add_arguments(sub)
         sub.set_defaults(handler=module.main)
 
@@ -43,8 +83,12 @@ def build_parser(command: str | None = None, with_benchmarks: bool = True) -> ar
     Options are generated from the configs (the training ones from the algorithm registry, which
     imports torch), so a coordinator builds only its own and never imports torch.
     """
-    parser = argparse.ArgumentParser(prog="loconet", description="Decentralized low-communication training for PyTorch.")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    parser = argparse.ArgumentParser(
+        prog="loconet", description="Decentralized low-communication training for PyTorch.",
+        formatter_class=HelpFormatter, parents=[VERBOSITY],
+        epilog="Run 'loconet COMMAND --help' for a command's options. Start with 'loconet demo'.",
+    )
+    parser.add_argument("--version", action="version", version=f"loconet {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text, add, handler in (
         ("coordinator", "run the membership coordinator of a run, with its dashboard", add_coordinator_arguments,
@@ -55,21 +99,36 @@ def build_parser(command: str | None = None, with_benchmarks: bool = True) -> ar
         ("demo", "4 local peers train a language model with DiLoCo; dashboard and summary", add_demo_arguments,
          run_demo_command),
     ):
-        sub = commands.add_parser(name, help=text)
+        sub = subcommand(commands, name, text)
         if command in (None, name):
             add(sub)
         sub.set_defaults(handler=handler)
-    bench = commands.add_parser("bench", help="benchmarks that print JSON (allreduce, codecs, statesync, diloco, membership)")
+    bench = subcommand(commands, "bench", f"benchmarks that print JSON ({', '.join(b[0] for b in BENCHMARKS)})")
     if with_benchmarks and command in (None, "bench"):
         add_benchmarks(bench)
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("loconet")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+# The demo trains longer than a harness run (400 steps) so the loss gets close to its floor.
+DEMO_STEPS = 600
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``loconet demo``."""
-    parser.add_argument("--peers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--dashboard-port", type=int, default=8080, help="0: any free port")
+    parser.add_argument("--peers", type=int, default=4, help="local peers to start")
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS,
+                        help="inner steps each peer trains (more than the harness's 400, so the loss nears its floor; "
+                             "loconet peer's 1000 assumes a longer run)")
+    parser.add_argument("--dashboard-port", type=int, default=8080, help="port of the dashboard (0: any free port)")
     parser.add_argument("--json", action="store_true", help="also print the full report as JSON")
 
 
@@ -183,7 +242,7 @@ def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, HarnessConfig)
     parser.add_argument("--event", action="append", default=[], help="e.g. kill:peer2@round3, join@round5 (repeatable)")
     parser.add_argument("--scenario", default=None, help="a TOML file of [[event]] tables")
-    parser.add_argument("--json", action="store_true", help="print one JSON report at the end")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object instead of a summary")
     add_plugin_argument(parser)
     add_options(
         parser.add_argument_group("coordinator"), CoordinatorConfig, defaults=defaults.coordinator,
@@ -217,15 +276,29 @@ def harness_config(ns: argparse.Namespace):
 
 
 def run_harness_command(ns: argparse.Namespace) -> int:
-    """Run a scenario and print its report."""
+    """Run a scenario; print a summary, or with --json the whole report as one JSON object."""
     import json
 
     from peer.harness.harness import Harness
+    from peer.harness.summary import report_summary
 
-    harness = Harness(harness_config(ns))
-    report = harness.run(on_start=lambda url: sys.stderr.write(f"dashboard: {url}\n"))
-    sys.stdout.write((json.dumps(report) if ns.json else json.dumps(report, indent=2)) + "\n")
+    config = harness_config(ns)
+    report = _run_harness(Harness(config), "harness", lambda url: sys.stderr.write(f"dashboard: {url}\n"))
+    if report is None:
+        return 130
+    sys.stdout.write((json.dumps(report) if ns.json else report_summary(report, config.train.steps)) + "\n")
     return 0
+
+
+def _run_harness(harness, command: str, on_start) -> dict | None:
+    """harness.run(), or None after saying what Ctrl-C stopped and where its logs are."""
+    from peer.harness.summary import interrupted_note
+
+    try:
+        return harness.run(on_start=on_start)
+    except KeyboardInterrupt:
+        sys.stderr.write(interrupted_note(command, len(harness.peers), str(harness.workdir)) + "\n")
+        return None
 
 
 def run_demo_command(ns: argparse.Namespace) -> int:
@@ -234,6 +307,7 @@ def run_demo_command(ns: argparse.Namespace) -> int:
     import json
 
     from peer.harness.harness import Harness, HarnessConfig
+    from peer.harness.summary import report_summary
     from peer.runtime.training import LOCAL_SYNC_EVERY, local_run
 
     defaults = HarnessConfig()
@@ -248,36 +322,19 @@ def run_demo_command(ns: argparse.Namespace) -> int:
     out = sys.stdout
     out.write(f"loconet demo: {ns.peers} peers train a small transformer language model with DiLoCo "
               f"({ns.steps} steps each, syncing every {LOCAL_SYNC_EVERY}).\n")
+    out.flush()
 
     def started(url: str) -> None:
         out.write(f"Dashboard: {url}  (open it in a browser while the demo runs)\n")
         out.flush()
 
-    report = Harness(config).run(on_start=started)
-    out.write(demo_summary(report, ns.peers, ns.steps) + "\n")
+    report = _run_harness(Harness(config), "demo", started)
+    if report is None:
+        return 130
+    out.write(report_summary(report, ns.steps) + "\n")
     if ns.json:
         out.write(json.dumps(report) + "\n")
     return 0 if report["survivors_identical"] else 1
-
-
-def demo_summary(report: dict, peers: int, steps: int) -> str:
-    """A short summary a person can read."""
-    mb = report["bytes_sent_per_peer"] / 1e6
-    dp = report["data_parallel_bytes_per_peer"] / 1e6
-    floor = report.get("entropy_floor")
-    lines = [
-        "",
-        "Summary",
-        f"  eval loss      {report['initial_eval_loss']:.3f} before -> {report['final_eval_loss']:.3f} after"
-        + (f" (best possible {floor:.3f})" if floor else ""),
-        f"  rounds         {report['rounds_committed']} committed, {report['rounds_aborted']} aborted",
-        f"  sent per peer  {mb:.2f} MB; synchronous data-parallel would have sent {dp:.1f} MB "
-        f"for the same {steps} steps ({dp / mb:.0f}x more)" if mb else "  sent per peer  0 MB",
-        f"  peers          {report['peers_alive']} of {peers} finished with "
-        + ("identical parameters" if report["survivors_identical"] else "DIFFERENT parameters"),
-        f"  wall time      {report['wall_s']:.0f} s; logs in {report['workdir']}",
-    ]
-    return "\n".join(lines)
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -287,27 +344,55 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _log_level(ns: argparse.Namespace) -> int:
+    """WARNING by default; each -v one level more (down to DEBUG), -q errors only."""
+    verbose, quiet = getattr(ns, "verbose", 0), getattr(ns, "quiet", 0)
+    if quiet and not verbose:
+        return logging.ERROR
+    return logging.WARNING - 10 * min(verbose, 2)
+
+
+def _fail(code: int, exc: BaseException, verbose: bool) -> int:
+    """One line naming the problem on stderr (the traceback too with -v); return the exit code."""
+    if verbose:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    sys.stderr.write(f"loconet: error: {exc}\n")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, set up logging and run the chosen command."""
+    """Parse arguments, set up logging and run the chosen command.
+
+    Exit codes: 0 done, 1 a runtime error (one line on stderr; -v adds the traceback),
+    2 a usage error (bad option or configuration), 130 interrupted.
+    """
     args = sys.argv[1:] if argv is None else argv
+    verbose = any(a in ("-v", "-vv", "--verbose") for a in args)
+    if not verbose:
+        # gRPC's C core prints its own lines (a failed bind, a lost channel) next to ours;
+        # our errors say it in one line, so its go quiet unless -v asks (read when grpc loads).
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         # Plugins first: they register algorithms whose options the parser offers.
         load_plugins(plugins_from(args))
     except ConfigError as exc:
-        sys.stderr.write(f"loconet: error: {exc}\n")
-        return 2
+        return _fail(2, exc, verbose)
     command = next((a for a in args if not a.startswith("-")), None)
     parser = build_parser(command)
     ns = parser.parse_args(args)
-    level = logging.WARNING - 10 * min(ns.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=_log_level(ns), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    verbose = getattr(ns, "verbose", 0) > 0
     # SIGTERM unwinds like Ctrl-C, so every command's cleanup (its child processes) runs;
     # the coordinator and the peer daemon install their own graceful handlers.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(ns.handler(ns) or 0)
     except ConfigError as exc:
-        parser.exit(2, f"loconet: error: {exc}\n")
+        return _fail(2, exc, verbose)
+    except (LoconetError, OSError) as exc:  # OSError: a file or port the user named
+        return _fail(1, exc, verbose)
     except KeyboardInterrupt:
         return 130
 

@@ -14,11 +14,13 @@ import logging
 import grpc
 
 from protos import membership_pb2 as pb
+from collectives.errors import AddressInUse
 from collectives.rpc import (
     COORDINATOR_SETTINGS,
     RpcSettings,
     advertised_address,
     bind,
+    format_address,
     make_server,
     split_address,
 )
@@ -75,7 +77,7 @@ class CoordinatorServer:
         server = make_server(self.settings, role="coordinator", handlers=(strict_handlers(self.coordinator),))
         self.bound_address = bind(
             server, self.config.host, self.config.port, settings=self.settings,
-            hint="is another coordinator running? choose --port",
+            hint="is another coordinator running? choose another --port (0: any free port)",
         )
         await server.start()
         self._server = server
@@ -94,8 +96,16 @@ class CoordinatorServer:
                 # The dashboard's thread asks the loop, so the document is a consistent snapshot.
                 return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(timeout=10)
 
-            self._dashboard = DashboardServer(status, host=self.config.dashboard_host, port=self.config.dashboard_port)
-            self.dashboard_url = self._dashboard.start()
+            dashboard = DashboardServer(status, host=self.config.dashboard_host, port=self.config.dashboard_port)
+            try:
+                self.dashboard_url = dashboard.start()
+            except OSError as exc:
+                await self.stop()  # the gRPC server and tick loop already run: leave nothing behind
+                raise AddressInUse(
+                    f"cannot serve the dashboard on {format_address(self.config.dashboard_host, self.config.dashboard_port)}"
+                    f" ({exc.strerror or exc}): choose another --dashboard-port (0: any free port, none: no dashboard)"
+                ) from None
+            self._dashboard = dashboard
         log.info("coordinator of run %s on %s, dashboard %s", self.config.run_id, self.address, self.dashboard_url or "off")
         return self.address
 

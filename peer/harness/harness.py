@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 
 from collectives.elastic import ElasticConfig
-from collectives.errors import ConfigError
+from collectives.errors import ConfigError, LoconetError
 from collectives.ratelimit import parse_bandwidth
 from collectives.rpc import blocking_channel
 from collectives.transport import codec_threads_for
@@ -45,6 +45,10 @@ from peer.trainoptions import task_args, train_args
 COORDINATOR_OPTIONS_SET_BY_HARNESS = ("run", "host", "port", "advertise", "dashboard-host", "startup-grace", "state-file")
 
 log = logging.getLogger(__name__)
+
+
+class ScenarioTimeout(LoconetError):
+    """A harness run did not finish in its time limit."""
 
 
 @dataclass(frozen=True)
@@ -304,6 +308,8 @@ class Harness:
         ``on_start(dashboard_url)`` is called once the coordinator serves.
         """
         c = self.config
+        # The task is built here first, so a bad --task, --data or size is one error before any process starts.
+        self.task = make_task(c.task, c.task_config)
         try:
             self._start_network()
             self._start_coordinator(0)
@@ -349,7 +355,10 @@ class Harness:
                 if not running and not self.pending and all(f.restore_at is None for f in self.fired):
                     return
                 time.sleep(0.1)
-            raise TimeoutError(f"the scenario did not finish within {self.config.timeout_s:g} s")
+            raise ScenarioTimeout(
+                f"the scenario did not finish within {self.config.timeout_s:g} s; raise --timeout, or see the "
+                f"peers' logs in {self.workdir}"
+            )
         finally:
             display.close()
 
@@ -365,7 +374,7 @@ class Harness:
         digest_round, identical = self._identical(survivors)
         status = self._status() or {"summary": {"rounds_aborted": 0}, "rounds": []}
         aborted = self._aborted_before + status["summary"]["rounds_aborted"]
-        task = make_task(c.task, c.task_config)
+        task = self.task
         model = task.build_model()
         initial = task.evaluate(model)
         numel = sum(p.numel() for p in model.parameters())

@@ -18,6 +18,12 @@ import sys
 import threading
 import time
 
+from collectives.errors import LoconetError
+
+
+class ChildFailed(LoconetError):
+    """A child process exited, or stayed silent, before doing what was expected of it; see its log."""
+
 
 def die_with_parent() -> None:
     """Ask the kernel to SIGKILL this process when its parent dies (Linux; elsewhere a no-op)."""
@@ -68,7 +74,7 @@ class Proc:
             self._queue.put(event)
 
     def wait_event(self, pred, timeout: float = 60.0) -> dict:
-        """The first event (past or future) matching pred; AssertionError after timeout."""
+        """The first event (past or future) matching pred; ChildFailed when the process exits or time runs out."""
         for event in list(self.events):
             if pred(event):
                 return event
@@ -76,8 +82,9 @@ class Proc:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(
-                    f"no matching event within {timeout} s from {self.args[-8:]}; got {self.events[-5:]}{self.stderr_tail()}"
+                raise ChildFailed(
+                    f"{self.name}: no matching event within {timeout:g} s; last events {self.events[-5:]}"
+                    f"{self.stderr_tail()}"
                 )
             try:
                 event = self._queue.get(timeout=min(remaining, 0.5))
@@ -87,13 +94,33 @@ class Proc:
                     for ev in list(self.events):
                         if pred(ev):
                             return ev
-                    raise AssertionError(
-                        f"process exited ({self.proc.returncode}) without a matching event: {self.events[-5:]}"
-                        f"{self.stderr_tail()}"
-                    )
+                    raise ChildFailed(self.exit_message("without a matching event"))
                 continue
             if pred(event):
                 return event
+
+    @property
+    def name(self) -> str:
+        """The process's name for messages: its log file's stem (peer0, coordinator...)."""
+        return self.log_path.stem
+
+    def exit_message(self, what: str) -> str:
+        """'<name> exited (code) <what>: <its one-line error>' and where its log is (the log's tail if it gave none)."""
+        last = self.last_error()
+        head = f"{self.name} exited ({self.proc.returncode}) {what}"
+        if last:  # the child said what is wrong in one line: so does the parent
+            return f"{head}: {last} (log: {self.log_path})"
+        return f"{head}{self.stderr_tail()}\n(log: {self.log_path})"
+
+    def last_error(self) -> str:
+        """The child's one-line error (``loconet: error: ...``), if it printed one."""
+        try:
+            self.log.flush()
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except (OSError, ValueError):
+            return ""
+        errors = [line for line in lines if line.startswith("loconet: error: ")]
+        return errors[-1][len("loconet: error: "):] if errors else ""
 
     def stderr_tail(self, lines: int = 15) -> str:
         """The last lines the process wrote to stderr, for failure messages."""
@@ -157,7 +184,8 @@ class CoordinatorProc(Proc):
         self, log_path: pathlib.Path, run: str, port: int = 0, *extra: str, prefix: list[str] | tuple[str, ...] = ()
     ) -> None:
         dashboard = [] if "--dashboard-port" in extra else ["--dashboard-port", "0"]
-        args = [sys.executable, "-m", "peer.cli", "coordinator", "--run", run, "--port", str(port), *dashboard, *extra]
+        # -v: the coordinator's info log (joins, rounds, drops) goes to its log file.
+        args = [sys.executable, "-m", "peer.cli", "coordinator", "-v", "--run", run, "--port", str(port), *dashboard, *extra]
         super().__init__(args, log_path, prefix)
         try:
             self._wait_started(60.0)
@@ -177,15 +205,20 @@ class CoordinatorProc(Proc):
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
-        raise AssertionError(f"coordinator did not start: {self.lines} (see {self.log_path})")
+        if self.proc.poll() is not None:
+            raise ChildFailed(self.exit_message("before serving"))
+        raise ChildFailed(f"{self.name} did not start serving within {timeout_s:g} s{self.stderr_tail()}\n(log: {self.log_path})")
 
 
 def daemon_peer(
     log_dir: pathlib.Path, coordinator: str, run: str, name: str, *extra: str, prefix: list[str] | tuple[str, ...] = ()
 ) -> Proc:
-    """Start ``loconet peer --events`` named name (small model, quick syncs unless extra says otherwise)."""
+    """Start ``loconet peer --events`` named name (small model, quick syncs unless extra says otherwise).
+
+    Its info log (-v) goes to ``log_dir/NAME.log``, which reports and failure messages point at.
+    """
     args = [
-        sys.executable, "-m", "peer.cli", "peer", "--coordinator", coordinator, "--run", run, "--name", name,
+        sys.executable, "-m", "peer.cli", "peer", "-v", "--coordinator", coordinator, "--run", run, "--name", name,
         "--events", "--no-progress", "--round-timeout", "10", *extra,
     ]
     return Proc(args, log_dir / f"{name}.log", prefix)

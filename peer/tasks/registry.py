@@ -47,5 +47,14 @@ def make_task(name: str, config: TaskConfig) -> Task:
     )
 
 
+def check_task(name: str, config: TaskConfig) -> None:
+    """Raise the ConfigError a peer would raise for this task and config, before any process starts.
+
+    Builds the task (its data, not its model), which is cheap for every built-in task, so a
+    parent (harness, demo, bench) reports a bad --task, --data or size in one line itself.
+    """
+    make_task(name, config)
+
+
 register_task("synthetic-lm", SyntheticLMTask)
 register_task("text-lm", TextLMTask)

@@ -1,0 +1,41 @@
+"""What a person reads at the end of ``loconet harness`` or ``loconet demo``: the report in a few lines."""
+
+from __future__ import annotations
+
+
+def _loss(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def report_summary(report: dict, steps: int) -> str:
+    """A short summary of a harness report (the JSON one has every figure)."""
+    mb = report["bytes_sent_per_peer"] / 1e6
+    dp = report["data_parallel_bytes_per_peer"] / 1e6
+    floor = report.get("entropy_floor")
+    lines = [
+        "",
+        "Summary",
+        f"  eval loss      {_loss(report['initial_eval_loss'])} before -> {_loss(report['final_eval_loss'])} after"
+        + (f" (best possible {floor:.3f})" if floor else ""),
+        f"  rounds         {report['rounds_committed']} committed, {report['rounds_aborted']} aborted",
+        f"  sent per peer  {mb:.2f} MB; synchronous data-parallel would have sent {dp:.1f} MB "
+        f"for the same {steps} steps ({dp / mb:.0f}x more)" if mb else "  sent per peer  0 MB",
+    ]
+    for event in report.get("events", []):
+        recovery = event.get("recovery_s")
+        after = f"next commit {recovery:.2f} s later" if recovery is not None else "no commit after it"
+        lines.append(f"  event          {event['event']} at {event['time_s']:.1f} s; {after}")
+    lines += [
+        f"  peers          {report['peers_alive']} of {report['peers'] + report.get('joined', 0)} finished with "
+        + ("identical parameters" if report["survivors_identical"] else "DIFFERENT parameters"),
+        f"  wall time      {report['wall_s']:.0f} s; logs in {report['workdir']}",
+    ]
+    return "\n".join(lines)
+
+
+def interrupted_note(command: str, peers: int, workdir: str) -> str:
+    """What Ctrl-C stopped, and where the logs of the stopped processes are."""
+    return (
+        f"\nloconet {command}: interrupted; stopped the coordinator and {peers} peer process(es). "
+        f"Their logs are in {workdir}"
+    )

@@ -1,0 +1,162 @@
+"""A user's mistake ends in one line naming the problem and the fix: exit 2 for usage, 1 at runtime, no traceback.
+
+Every case runs the real ``loconet`` command in a child process, as a user would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def loconet(*args: str, timeout: float = 90, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``loconet ARGS`` to completion; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "peer.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The single error line of a failed command (asserting there is nothing else on stderr)."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("loconet: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def taken_port():
+    """A port some other program listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    """A running coordinator of run 'myrun': (its address, its dashboard URL)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from support.procs import CoordinatorProc
+
+    proc = CoordinatorProc(tmp_path / "coordinator.log", "myrun", 0)
+    yield proc.address
+    proc.stop()
+
+
+# -- ports -------------------------------------------------------------------------------------------
+
+
+def test_a_taken_coordinator_port_names_the_port_and_the_option(taken_port):
+    result = loconet("coordinator", "--port", str(taken_port), "--dashboard-port", "none")
+    line = one_line_error(result)
+    assert result.returncode == 1
+    assert f"127.0.0.1:{taken_port}" in line and "--port" in line
+
+
+def test_a_taken_dashboard_port_names_the_port_and_the_option(taken_port):
+    result = loconet("coordinator", "--port", "0", "--dashboard-port", str(taken_port))
+    line = one_line_error(result)
+    assert result.returncode == 1
+    assert f"127.0.0.1:{taken_port}" in line and "--dashboard-port" in line
+
+
+def test_a_taken_peer_port_names_the_port_and_the_option(taken_port, coordinator):
+    result = loconet("peer", "--coordinator", coordinator, "--run", "myrun", "--port", str(taken_port))
+    line = one_line_error(result)
+    assert result.returncode == 1
+    assert f"127.0.0.1:{taken_port}" in line and "--host/--port" in line
+
+
+def test_the_demo_with_its_dashboard_port_taken_says_so_in_one_line(taken_port):
+    result = loconet("demo", "--dashboard-port", str(taken_port))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.strip()]
+    assert line.startswith("loconet: error: coordinator exited (1) before serving: cannot serve the dashboard")
+    assert f":{taken_port}" in line and "--dashboard-port" in line
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+
+def test_a_wrong_run_says_which_run_the_coordinator_serves(coordinator):
+    result = loconet("peer", "--coordinator", coordinator, "--run", "other", "--steps", "5")
+    line = one_line_error(result)
+    assert result.returncode == 1
+    assert "serves run 'myrun', not 'other'" in line and "--run myrun" in line
+
+
+# -- arguments checked in the parent, before any process starts ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (("--task", "nope"), "unknown task 'nope'"),
+        (("--task", "text-lm"), "text-lm needs a corpus"),
+        (("--task", "text-lm", "--data", "/no/such/corpus"), "'/no/such/corpus' does not exist"),
+        (("--codec", "int9"), "codec spec 'int9' is invalid"),
+        (("--aggregator", "krum:f=x"), "krum parameter f must be a number"),
+    ],
+)
+def test_the_harness_checks_its_arguments_before_starting_any_process(tmp_path, args, says):
+    result = loconet("harness", "--workdir", str(tmp_path / "run"), *args)
+    line = one_line_error(result)
+    assert result.returncode == 2 and says in line
+    assert not list((tmp_path / "run").glob("*.log"))  # no coordinator or peer was started
+
+
+def test_the_demo_checks_its_arguments_before_starting_any_process():
+    result = loconet("demo", "--steps", "0")
+    assert result.returncode == 2
+    assert one_line_error(result).endswith("train for at least one step (--steps) or a duration (--duration)")
+
+
+def test_a_bad_option_value_is_a_usage_error():
+    result = loconet("peer", "--steps", "many")
+    assert result.returncode == 2 and "invalid int value: 'many'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_with_v_an_error_also_shows_its_traceback(taken_port):
+    result = loconet("coordinator", "-v", "--port", str(taken_port), "--dashboard-port", "none")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "AddressInUse" in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1].startswith("loconet: error: cannot listen on")
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_on_the_demo_says_what_it_stopped_and_where_the_logs_are():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peer.cli", "demo", "--dashboard-port", "0", "--steps", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("Dashboard: "):
+                break
+        time.sleep(3)  # the peers are starting or training
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    note = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(note) == 1 and "stopped the coordinator and 4 peer process(es)" in note[0]
+    workdir = Path(note[0].rsplit("logs are in ", 1)[1])
+    assert (workdir / "coordinator.log").read_text()  # the logs it points at hold something
