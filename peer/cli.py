@@ -33,7 +33,7 @@ class HelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         if not action.option_strings or "default" in text or action.default is argparse.SUPPRESS:
             return text
-        if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._CountAction)):  # noqa: SLF001
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._CountAction)):
             return text
         if action.nargs == 0:  # a flag
             shown = "on" if action.default else "off"
@@ -59,7 +59,7 @@ def _verbosity_options() -> argparse.ArgumentParser:
 VERBOSITY = _verbosity_options()
 
 
-def subcommand(commands: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:  # noqa: SLF001
+def subcommand(commands: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
     """A subcommand parser with the shared help formatting and -v/-q."""
     return commands.add_parser(name, help=text, description=text[:1].upper() + text[1:] + ".",
                                formatter_class=HelpFormatter, parents=[VERBOSITY])
@@ -126,8 +126,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``loconet demo``."""
     parser.add_argument("--peers", type=int, default=4, help="local peers to start")
     parser.add_argument("--steps", type=int, default=DEMO_STEPS,
-                        help="inner steps each peer trains (more than the harness's 400, so the loss nears its floor; "
-                             "loconet peer's 1000 assumes a longer run)")
+                        help="inner steps each peer trains (more than a harness run, so the loss nears its floor)")
     parser.add_argument("--dashboard-port", type=int, default=8080, help="port of the dashboard (0: any free port)")
     parser.add_argument("--json", action="store_true", help="also print the full report as JSON")
 
@@ -233,12 +232,20 @@ def run_peer_command(ns: argparse.Namespace) -> int:
 
 def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``loconet harness``."""
+    from optimizers.outer import SyncConfig
     from peer.coordinator.config import CoordinatorConfig
     from peer.harness.harness import COORDINATOR_OPTIONS_SET_BY_HARNESS, HarnessConfig
     from peer.options import add_options
+    from peer.runtime.training import LOCAL_SYNC_EVERY, TrainConfig
     from peer.trainoptions import add_task_arguments, add_train_arguments
 
     defaults = HarnessConfig()
+    parser.epilog = (
+        f"A run on one machine trains {defaults.train.steps} steps and syncs every {LOCAL_SYNC_EVERY} by default "
+        f"(loconet peer: {TrainConfig().steps} and {SyncConfig().sync_every}), so a few minutes show several rounds "
+        "and their faults; the demo trains "
+        f"{DEMO_STEPS} so its loss nears the floor."
+    )
     add_options(parser, HarnessConfig)
     parser.add_argument("--event", action="append", default=[], help="e.g. kill:peer2@round3, join@round5 (repeatable)")
     parser.add_argument("--scenario", default=None, help="a TOML file of [[event]] tables")
