@@ -9,6 +9,7 @@ import math
 import re
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,10 +19,14 @@ import pytest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+from peer.coordinator import dashboard
+from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.dashboard import DashboardServer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.browser import NO_CHROMIUM, DomIndex, chromium_path, run_chromium  # noqa: E402
+from support.coordinator import CoordinatorThread
+from support.procs import stop_all, toy_peer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,11 +34,13 @@ T0 = 1763790000.0
 
 
 def sample_status() -> dict:
-    """A run in progress: 3 peers, round 12 aborted at epoch 2 and committed at epoch 3, events, loss of 4, 3, 1 points."""
+    """A run in progress: 3 named peers, round 11 committed, round 12 aborted at epoch 2 and committed at epoch 3
+    (p4, gone and unnamed, took part in the abort), events, loss of 4, 3, 1 points, eval loss of 2, 2, 0 points,
+    traffic samples of 6, 4, 0, and the count of peers alive going 0, 1, 2, 3."""
     peers = [
-        ("p1", "127.0.0.1:40001", "host-a", "active", 2.134, 3.2),
-        ("p2", "127.0.0.1:40002", "host-b", "active", 2.201, 3.05),
-        ("p3", "127.0.0.1:40003", "host-c", "syncing", 2.9, None),
+        ("p1", "127.0.0.1:40001", "host-a", "active", 2.134, 3.2, 2.3),
+        ("p2", "127.0.0.1:40002", "host-b", "active", 2.201, 3.05, 2.4),
+        ("p3", "127.0.0.1:40003", "host-c", "syncing", 2.9, None, None),
     ]
     return {
         "run_id": "demo",
@@ -59,6 +66,7 @@ def sample_status() -> dict:
                 "step": 1200 - 10 * i,
                 "steps_per_s": speed,
                 "loss": loss,
+                "eval_loss": eval_loss,
                 "samples": 38400,
                 "bytes_sent": 1234567 * (i + 1),
                 "bytes_received": 1234000 * (i + 1),
@@ -66,7 +74,7 @@ def sample_status() -> dict:
                 "activity": "training",
                 "joined_at": T0 + i,
             }
-            for i, (pid, address, name, state, loss, speed) in enumerate(peers)
+            for i, (pid, address, name, state, loss, speed, eval_loss) in enumerate(peers)
         ],
         "rounds": [
             {
@@ -89,6 +97,16 @@ def sample_status() -> dict:
                 "status": "aborted",
                 "reason": "peer p4 failed: unreachable",
             },
+            {
+                "round_id": 11,
+                "epoch": 2,
+                "members": ["p1", "p2", "p3"],
+                "started_at": T0 + 6,
+                "duration_s": 0.5,
+                "bytes": 30000000,
+                "status": "committed",
+                "reason": "",
+            },
         ],
         "events": [
             {"time": T0 + 9, "kind": "abort", "peer_id": "p4", "detail": "round 12 (epoch 2): peer p4 failed"},
@@ -99,6 +117,20 @@ def sample_status() -> dict:
             "p1": [[100, 3.1], [200, 2.9], [300, 2.5], [400, 2.134]],
             "p2": [[100, 3.2], [200, None], [300, 2.201]],
             "p3": [[100, 2.9]],
+        },
+        "eval_loss": {
+            "p1": [[200, 3.0], [400, 2.3]],
+            "p2": [[200, 3.1], [300, 2.4]],
+        },
+        "history": {
+            "time": T0 + 12.5,
+            "alive": [[T0, 0], [T0 + 1, 1], [T0 + 2, 2], [T0 + 5, 3]],
+            "traffic": {
+                # Cumulative (time, bytes sent, bytes received): p1 moves 1.5 kB/s; p2 8 kB/s, then restarts
+                # (its counters go back: no rate for that interval), then 2 kB/s.
+                "p1": [[T0 + 1 + i, 1000 * i, 500 * i] for i in range(6)],
+                "p2": [[T0 + 2, 0, 0], [T0 + 3, 4000, 4000], [T0 + 4, 0, 0], [T0 + 5, 1000, 1000]],
+            },
         },
     }
 
@@ -246,6 +278,12 @@ def test_metrics_have_each_peers_loss_and_speed(serve):
     assert samples[("loconet_peer_steps_per_second", (("peer", "p1"),))] == pytest.approx(3.2)
 
 
+def test_metrics_have_each_peers_eval_loss_once_it_has_one(serve):
+    samples = metric_samples(get(serve().url + "/metrics")[2].decode())
+    assert samples[("loconet_peer_eval_loss", (("peer", "p1"),))] == pytest.approx(2.3)
+    assert ("loconet_peer_eval_loss", (("peer", "p3"),)) not in samples
+
+
 def test_metrics_read_the_status_at_scrape_time(serve):
     doc = sample_status()
     server = serve(lambda: doc)
@@ -388,7 +426,9 @@ def test_page_draws_a_loss_line_per_peer(rendered):
         assert all(re.fullmatch(r"-?[\d.]+,-?[\d.]+", xy) for xy in drawn)
     # A one-point series still shows a mark.
     assert rendered.find("circle", cls="loss-dot", data_peer_id="p3")
-    assert {n.attrs["data-peer-id"] for n in rendered.find(cls="legend-item")} == {"p1", "p2", "p3"}
+    legend = rendered.find(cls="legend-item", data_chart="loss")
+    assert [n.attrs["data-peer-id"] for n in legend] == ["p1", "p2", "p3"]
+    assert legend[2].text == "host-c p3 training 2.900 · eval —"
 
 
 @needs_chromium
@@ -425,10 +465,16 @@ def test_page_redraws_the_chart_as_loss_grows(serve, tmp_path):
 @needs_chromium
 def test_page_renders_a_run_with_no_peers_yet(serve, tmp_path):
     doc = sample_status()
-    doc.update(peers=[], rounds=[], events=[], loss={}, last_committed_round=None)
+    doc.update(peers=[], rounds=[], events=[], loss={}, eval_loss={}, last_committed_round=None)
+    doc["history"] = {"time": T0 + 3, "alive": [[T0, 0]], "traffic": {}}
     dom = DomIndex(run_chromium(serve(lambda: doc).url + "/", tmp_path, "--dump-dom"))
     assert dom.by_id("status-line").text == "live"
-    assert not dom.find(cls="peer-row") and not dom.find(cls="loss-line")
+    assert not dom.find(cls="peer-row") and not dom.find(cls="loss-line") and not dom.find(cls="traffic-line")
+    assert [n.text for n in dom.find("text", cls="placeholder")] == [
+        "No loss reported yet",
+        "No traffic reported yet",
+        "No finished rounds yet",
+    ]
     assert "No peers yet" in dom.by_id("peers-empty").text
 
 
@@ -450,3 +496,208 @@ def test_page_screenshot_at_1280x800(serve, tmp_path):
     assert shot.exists()
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 10_000
+
+
+# ---- one identity per peer -------------------------------------------------
+
+
+@needs_chromium
+def test_page_shows_a_peer_by_its_name_with_its_id_alongside_everywhere(rendered):
+    # The peer row, the three rounds it took part in, the loss and traffic legends: all say the same.
+    p1 = rendered.find("span", cls="who", data_peer_id="p1")
+    assert [n.text for n in p1] == ["host-a p1"] * 6
+    # The join event and the rows of its rounds name host-c too, not the bare id.
+    p3 = rendered.find("span", cls="who", data_peer_id="p3")
+    assert [n.text for n in p3] == ["host-c p3"] * 6
+    (joined,) = rendered.find("li", cls="event-row", data_kind="join")
+    assert joined.text.endswith("host-c p3 joined from 127.0.0.1:40003")
+
+
+@needs_chromium
+def test_page_shows_the_id_alone_for_a_peer_without_a_name(rendered):
+    # p4 is in no roster: the aborted round and the abort event show its id, once each.
+    assert [n.text for n in rendered.find("span", cls="who", data_peer_id="p4")] == ["p4", "p4"]
+
+
+@needs_chromium
+def test_chart_lines_are_titled_with_the_peers_identity(rendered):
+    (line,) = rendered.find("polyline", cls="loss-line", data_peer_id="p2")
+    assert line.text == "host-b (p2) training"
+    (line,) = rendered.find("polyline", cls="traffic-line", data_peer_id="p2")
+    assert line.text == "host-b (p2)"
+
+
+# ---- the charts ------------------------------------------------------------
+
+
+def drawn_points(line) -> int:
+    """How many points a polyline draws."""
+    return len(line.attrs["points"].split())
+
+
+@needs_chromium
+def test_page_draws_eval_loss_dashed_next_to_training_loss(rendered):
+    for peer_id, points in sample_status()["eval_loss"].items():
+        (line,) = rendered.find("polyline", cls="eval-line", data_peer_id=peer_id)
+        assert drawn_points(line) == len(points)
+        assert len(rendered.find("circle", cls="eval-dot", data_peer_id=peer_id)) == len(points)
+    assert not rendered.find("polyline", cls="eval-line", data_peer_id="p3")  # no eval yet: no line
+    (p1,) = rendered.find(cls="legend-item", data_chart="loss", data_peer_id="p1")
+    assert p1.text == "host-a p1 training 2.134 · eval 2.300"
+    (row,) = rendered.find("tr", cls="peer-row", data_peer_id="p1")
+    assert cells(rendered, row)[8] == "2.300"
+
+
+@needs_chromium
+def test_page_draws_bytes_per_second_per_peer(rendered):
+    (p1,) = rendered.find("polyline", cls="traffic-line", data_peer_id="p1")
+    assert drawn_points(p1) == 5  # a rate between each two of its 6 samples
+    (p2,) = rendered.find("polyline", cls="traffic-line", data_peer_id="p2")
+    assert drawn_points(p2) == 2  # the interval over its restart is left out
+    legend = {n.attrs["data-peer-id"]: n.text for n in rendered.find(cls="legend-item", data_chart="traffic")}
+    assert legend == {"p1": "host-a p1 1.50 kB/s", "p2": "host-b p2 2.00 kB/s"}
+
+
+@needs_chromium
+def test_page_says_a_peer_that_left_moves_no_bytes_now(serve, tmp_path):
+    doc = sample_status()
+    doc["peers"][1]["state"] = "left"
+    dom = DomIndex(run_chromium(serve(lambda: doc).url + "/", tmp_path, "--dump-dom"))
+    (p2,) = dom.find(cls="legend-item", data_chart="traffic", data_peer_id="p2")
+    assert p2.text == "host-b p2 left"
+    assert dom.find("polyline", cls="traffic-line", data_peer_id="p2")  # its past traffic is still drawn
+
+
+@needs_chromium
+def test_page_draws_the_duration_of_each_round(rendered):
+    (committed,) = rendered.find("polyline", cls="duration-line")
+    assert drawn_points(committed) == 2
+    assert len(rendered.find("circle", cls="abort-dot")) == 1
+    legend = [n.text for n in rendered.find(cls="legend-item", data_chart="duration")]
+    assert legend == ["committed 2 · last 410 ms", "aborted 1"]
+
+
+@needs_chromium
+def test_page_draws_peers_alive_as_steps_up_to_now_with_the_minimum(rendered):
+    (alive,) = rendered.find("polyline", cls="alive-line")
+    # Four counts (0, 1, 2, 3): a rise at each change, then level up to the status's time.
+    assert drawn_points(alive) == 8
+    assert len(rendered.find("line", cls="min-line")) == 1
+    legend = [n.text for n in rendered.find(cls="legend-item", data_chart="alive")]
+    assert legend == ["alive 3", "min peers 2"]
+
+
+# ---- no value is cut -------------------------------------------------------
+
+# Appended to the page for one test: 3 s (virtual) after load it lists every box whose content is wider than
+# the box (cut, spilling over, or scrolled sideways: "scrolls" says which), and every chart label outside its
+# chart, in <pre id="overflow-report">.
+OVERFLOW_PROBE = b"""<script>
+setTimeout(() => {
+  const bad = [];
+  const name = (e) => e.tagName.toLowerCase() + (e.id ? "#" + e.id : "") + (e.className && typeof e.className === "string" ? "." + e.className.trim().split(/\\s+/).join(".") : "");
+  for (const e of document.querySelectorAll("body *")) {
+    if (e instanceof SVGElement || e.clientWidth === 0) continue;
+    if (e.scrollWidth > e.clientWidth + 1) {
+      const scrolls = ["auto", "scroll"].includes(getComputedStyle(e).overflowX);
+      bad.push({ what: name(e) + " " + e.scrollWidth + ">" + e.clientWidth + " " + e.textContent.slice(0, 40), scrolls });
+    }
+  }
+  if (document.documentElement.scrollWidth > window.innerWidth) {
+    bad.push({ what: "page " + document.documentElement.scrollWidth, scrolls: false });
+  }
+  for (const t of document.querySelectorAll("svg text")) {
+    const b = t.getBBox(), v = t.ownerSVGElement.viewBox.baseVal;
+    if (b.x < v.x - 0.5 || b.y < v.y - 0.5 || b.x + b.width > v.x + v.width + 0.5 || b.y + b.height > v.y + v.height + 0.5) {
+      bad.push({ what: "svg text " + t.textContent, scrolls: false });
+    }
+  }
+  const report = document.createElement("pre");
+  report.id = "overflow-report";
+  report.textContent = JSON.stringify(bad);
+  document.body.appendChild(report);
+}, 3000);
+</script></body>"""
+
+
+def extreme_status() -> dict:
+    """The sample run with the widest values each field can hold."""
+    doc = sample_status()
+    doc["run_id"] = "a-run-id-that-goes-on-" * 8
+    doc["epoch"] = doc["rounds"][0]["epoch"] = 2**53 - 1
+    doc["last_committed_round"] = doc["rounds"][0]["round_id"] = doc["peers"][0]["last_round"] = 2**53 - 1
+    doc["summary"]["bytes_sent"] = doc["peers"][0]["bytes_sent"] = doc["rounds"][0]["bytes"] = 2**64 - 1
+    doc["summary"]["rounds_committed"] = 2**53 - 1
+    doc["coordinator"]["uptime_s"] = 400 * 86400.0
+    doc["peers"][0]["name"] = "a-peer-with-a-long-name-" * 8  # the coordinator keeps 200 characters
+    doc["peers"][1]["address"] = "[2001:db8:85a3:1234:5678:8a2e:370:7334]:65535"
+    doc["peers"][2]["step"] = 10**12
+    doc["peers"][2]["loss"] = 123456.789
+    doc["rounds"][1]["reason"] = "peer p4 failed: " + "unreachable " * 40
+    doc["loss"]["p1"].append([10**12, 1e-7])
+    doc["history"]["traffic"]["p1"].append([T0 + 7, 2**60, 2**60])
+    return doc
+
+
+def overflows(serve, tmp_path, monkeypatch, width: int) -> list[dict]:
+    """What OVERFLOW_PROBE finds on the extreme run's page in a window width pixels wide."""
+    page = dashboard._load_page()
+    monkeypatch.setattr(dashboard, "_load_page", lambda: page.replace(b"</body>", OVERFLOW_PROBE, 1))
+    url = serve(extreme_status).url + "/"
+    dom = DomIndex(run_chromium(url, tmp_path, "--dump-dom", f"--window-size={width},900"))
+    assert dom.by_id("status-line").text == "live"
+    assert dom.by_id("s-round").text == str(2**53 - 1)
+    return json.loads(dom.by_id("overflow-report").text)
+
+
+@needs_chromium
+def test_page_cuts_no_value_and_needs_no_sideways_scrolling_at_1280_pixels(serve, tmp_path, monkeypatch):
+    assert overflows(serve, tmp_path, monkeypatch, 1280) == []
+
+
+@needs_chromium
+def test_page_cuts_no_value_in_a_narrow_window_where_only_the_tables_scroll_sideways(serve, tmp_path, monkeypatch):
+    found = overflows(serve, tmp_path, monkeypatch, 700)
+    assert [f["what"] for f in found if not f["scrolls"]] == []
+
+
+# ---- the charts of a real run ----------------------------------------------
+
+
+@needs_chromium
+@pytest.mark.timeout(120)
+def test_every_chart_draws_a_real_runs_data(tmp_path):
+    config = CoordinatorConfig(
+        run_id="charts", port=0, dashboard_port=0, min_peers=2, heartbeat_s=0.2, lease_s=2.0, join_timeout_s=1.0
+    )
+    coordinator = CoordinatorThread(config)
+    peers = [toy_peer(tmp_path, coordinator.server.address, "charts", name, "--interval", "0.3") for name in ("a", "b")]
+    try:
+        ids = [p.wait_event(lambda e: e["event"] == "joined", 60)["peer_id"] for p in peers]
+
+        def enough(status: dict) -> bool:
+            rounds = [r for r in status["rounds"] if r["status"] == "committed"]
+            return len(rounds) >= 3 and all(
+                len(status["loss"].get(i, [])) >= 2
+                and len(status["eval_loss"].get(i, [])) >= 2
+                and len(status["history"]["traffic"].get(i, [])) >= 3
+                for i in ids
+            )
+
+        deadline = time.monotonic() + 60
+        while not enough(status := coordinator.status()):
+            assert time.monotonic() < deadline, f"the run did not fill the charts in 60 s: {status}"
+            time.sleep(0.2)
+        dom = DomIndex(run_chromium(coordinator.server.dashboard_url + "/", tmp_path, "--dump-dom"))
+    finally:
+        stop_all(peers)
+        coordinator.close()
+    assert dom.by_id("status-line").text == "live"
+    for peer_id, name in zip(ids, ("a", "b")):
+        for cls in ("loss-line", "eval-line", "traffic-line"):
+            (line,) = dom.find("polyline", cls=cls, data_peer_id=peer_id)
+            assert drawn_points(line) > 1, (cls, peer_id)
+        assert {n.text for n in dom.find("span", cls="who", data_peer_id=peer_id)} == {f"{name} {peer_id}"}
+    for cls in ("duration-line", "alive-line"):
+        (line,) = dom.find("polyline", cls=cls)
+        assert drawn_points(line) > 1, cls

@@ -8,7 +8,8 @@ and the metrics are always as current as the coordinator's own view.
 Routes:
 
 - ``GET /``            the self-contained page ``peer/coordinator/static/dashboard.html``
-- ``GET /api/status``  the status document as JSON (non-finite floats become null)
+- ``GET /api/status``  the status document as JSON (non-finite floats become null; its
+  fields, and the bounds of the chart history it carries, are in docs/membership.md)
 - ``GET /metrics``     Prometheus text exposition, built at scrape time
 - ``GET /healthz``     ``ok``
 
@@ -152,6 +153,7 @@ class StatusCollector(Collector):
         families: dict[str, tuple[type, str, str]] = {
             # status field -> (family type, metric name, help)
             "loss": (GaugeMetricFamily, "loconet_peer_loss", "Last training loss a peer reported."),
+            "eval_loss": (GaugeMetricFamily, "loconet_peer_eval_loss", "Loss of a peer's last evaluation."),
             "steps_per_s": (GaugeMetricFamily, "loconet_peer_steps_per_second", "Training speed of a peer."),
             "step": (GaugeMetricFamily, "loconet_peer_step", "Local training step of a peer."),
             "last_round": (GaugeMetricFamily, "loconet_peer_last_round", "Last round a peer took part in."),

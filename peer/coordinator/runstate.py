@@ -14,6 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from peer.coordinator.history import Series, SeriesBook
 from peer.coordinator.rules import CommittedRound, PeerView
 
 PEER_STATES = ("joining", "syncing", "active", "lost", "left")
@@ -36,6 +37,7 @@ class PeerRecord:
     step: int = 0
     steps_per_s: float | None = None
     loss: float | None = None
+    eval_loss: float | None = None
     samples: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -98,7 +100,16 @@ class RunState:
     run_id: str
     min_peers: int
     history: int = 500
-    loss_points: int = 2000
+    # The dashboard's charts (bounded as peer/coordinator/history.py says): points per series of a
+    # peer's loss, eval loss and traffic, of the peers-alive curve, and how many peers keep series.
+    # (A chart is about 500 pixels wide: more points would not show, and the page reads them every second.)
+    loss_points: int = 600
+    eval_points: int = 200
+    traffic_points: int = 300
+    alive_points: int = 500
+    series_peers: int = 64
+    # A peer's traffic samples are at least this far apart (heartbeats may come faster).
+    traffic_interval_s: float = 0.5
     # How many of the last committed rounds are remembered for catch-up (rounds_to_catch_up).
     catchup_rounds: int = 4
     # The quorum policy's spec, for the status document.
@@ -114,7 +125,12 @@ class RunState:
     # The last catchup_rounds committed rounds, oldest first, with their members.
     committed: deque[CommittedRound] = field(init=False)
     events: deque[Event] = field(init=False)
-    loss: dict[str, deque[tuple[int, float]]] = field(default_factory=dict)
+    # Per peer: (step, loss), (step, eval loss) and (unix time, bytes sent, bytes received) points.
+    loss: SeriesBook = field(init=False)
+    eval_loss: SeriesBook = field(init=False)
+    traffic: SeriesBook = field(init=False)
+    # (unix time, peers alive), a point whenever the count changes.
+    alive: Series = field(init=False)
     rounds_committed: int = 0
     rounds_aborted: int = 0
     # Members of the last formed quorum, and whether the next attempt must get a new epoch
@@ -132,6 +148,12 @@ class RunState:
         self.rounds = deque(maxlen=self.history)
         self.events = deque(maxlen=self.history * 2)
         self.committed = deque(maxlen=self.catchup_rounds)
+        # A gone peer's curves stay until a new peer needs their place; a live peer's always stay.
+        self.loss = SeriesBook(self.loss_points, self.series_peers, self._gone)
+        self.eval_loss = SeriesBook(self.eval_points, self.series_peers, self._gone)
+        self.traffic = SeriesBook(self.traffic_points, self.series_peers, self._gone)
+        self.alive = Series(self.alive_points)
+        self.alive.append((self.started_at, 0))
 
     # -- rounds ----------------------------------------------------------------------
 
@@ -174,6 +196,7 @@ class RunState:
         self.peers[peer.peer_id] = peer
         self.live.add(peer.peer_id)
         self.by_address[peer.address] = peer.peer_id
+        self._note_alive()
 
     def drop_peer(self, peer: PeerRecord, state: str) -> None:
         """Take a peer out of the live set (lost or left)."""
@@ -181,24 +204,51 @@ class RunState:
         self.live.discard(peer.peer_id)
         if self.by_address.get(peer.address) == peer.peer_id:
             del self.by_address[peer.address]
+        self._note_alive()
+
+    def _gone(self, peer_id: str) -> bool:
+        return peer_id not in self.live
+
+    def _note_alive(self) -> None:
+        if self.alive.last is None or self.alive.last[1] != len(self.live):
+            self.alive.append((time.time(), len(self.live)))
 
     def event(self, kind: str, peer_id: str = "", detail: str = "") -> None:
         """Record an event for the dashboard."""
         self.events.append(Event(time.time(), kind, peer_id, detail[:500]))
 
+    def record_metrics(self, peer: PeerRecord) -> None:
+        """Add a heartbeat's figures to the peer's curves: loss, eval loss (when new) and traffic (spaced out)."""
+        if peer.loss is not None:
+            self.record_loss(peer.peer_id, peer.step, peer.loss)
+        if peer.eval_loss is not None:
+            self.record_eval(peer.peer_id, peer.step, peer.eval_loss)
+        now = time.time()
+        series = self.traffic.get(peer.peer_id)
+        if series is None or series.last is None or now - series.last[0] >= self.traffic_interval_s:
+            self.traffic.append(peer.peer_id, (now, peer.bytes_sent, peer.bytes_received))
+
     def record_loss(self, peer_id: str, step: int, loss: float) -> None:
         """Add a point to a peer's loss curve (bounded; older points are thinned, not dropped)."""
         if not math.isfinite(loss):
             return
-        series = self.loss.setdefault(peer_id, deque())
-        if series and series[-1][0] >= step:
+        series = self.loss.get(peer_id)
+        if series is not None and series.last is not None and series.last[0] >= step:
             return
-        series.append((step, loss))
-        if len(series) > self.loss_points:
-            # Keep every other point of the older half: the curve stays whole, just coarser.
-            old = list(series)[: self.loss_points // 2][::2]
-            recent = list(series)[self.loss_points // 2 :]
-            self.loss[peer_id] = deque(old + recent)
+        self.loss.append(peer_id, (step, loss))
+
+    def record_eval(self, peer_id: str, step: int, loss: float) -> None:
+        """Add a point to a peer's eval curve when its eval loss is new (every heartbeat repeats the last one).
+
+        Heartbeats carry the last eval loss but not the step it was measured at: the point
+        is placed at the step of the first heartbeat that carried it (at most one heartbeat late).
+        """
+        if not math.isfinite(loss):
+            return
+        series = self.eval_loss.get(peer_id)
+        if series is not None and series.last is not None and series.last[1] == loss:
+            return
+        self.eval_loss.append(peer_id, (step, loss))
 
     # -- status document ---------------------------------------------------------------
 
@@ -235,6 +285,7 @@ class RunState:
                     "step": p.step,
                     "steps_per_s": p.steps_per_s,
                     "loss": p.loss,
+                    "eval_loss": p.eval_loss,
                     "samples": p.samples,
                     "bytes_sent": p.bytes_sent,
                     "bytes_received": p.bytes_received,
@@ -248,5 +299,11 @@ class RunState:
             "events": [
                 {"time": e.time, "kind": e.kind, "peer_id": e.peer_id, "detail": e.detail} for e in reversed(self.events)
             ],
-            "loss": {pid: [list(pt) for pt in series] for pid, series in self.loss.items()},
+            "loss": self.loss.as_dict(),
+            "eval_loss": self.eval_loss.as_dict(),
+            "history": {
+                "time": time.time(),
+                "alive": self.alive.as_lists(),
+                "traffic": self.traffic.as_dict(),
+            },
         }

@@ -144,7 +144,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if run_id != self.config.run_id:
             raise BadRequest(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"this coordinator serves run {self.config.run_id!r}, not {run_id[:100]!r}: check --run",
+                f"this coordinator serves run {self.config.run_id!r}, not {run_id[:100]!r}: "
+                f"give the peer --run {self.config.run_id} (or point --coordinator at run {run_id[:100]!r}'s)",
             )
 
     def _note_stranger(self, peer_id: str) -> None:
@@ -281,12 +282,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         peer.step = m.step
         peer.steps_per_s = m.steps_per_s if math.isfinite(m.steps_per_s) else None
         peer.loss = m.loss if math.isfinite(m.loss) else None
+        peer.eval_loss = m.eval_loss if math.isfinite(m.eval_loss) else None
         peer.samples = m.samples
         peer.bytes_sent = m.bytes_sent
         peer.bytes_received = m.bytes_received
         peer.activity = m.activity[:64]
-        if peer.loss is not None:
-            self.state.record_loss(peer.peer_id, m.step, peer.loss)
+        self.state.record_metrics(peer)
         return pb.HeartbeatResponse(
             known=True, epoch=self.state.epoch, last_committed_round=self.state.last_committed_round
         )
