@@ -13,6 +13,7 @@ import math
 import pytest
 
 from peer.bench import membership as bench_membership
+from peer.bench.fields import undocumented
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,7 +40,8 @@ def test_small_run_commits_every_round_with_every_peer(tmp_path):
     for key in ("heartbeats_per_s", "coordinator_cpu_per_heartbeat_us", "coordinator_cpu_utilization",
                 "coordinator_rss_mb", "wall_s"):
         assert isinstance(report[key], float) and report[key] >= 0, key
-    assert "cpu_per_heartbeat_ratio_vs_10_peers" in report
+    assert "cpu_per_heartbeat_over_baseline" in report
+    assert undocumented(report, bench_membership.FIELDS) == []
     assert report["heartbeats_in_window"] > 0
     assert report["baseline"]["peers"] == 10
     assert report["baseline"]["coordinator_cpu_per_heartbeat_us"] >= 0

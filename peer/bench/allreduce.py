@@ -16,10 +16,59 @@ import statistics
 
 from collectives.allreduce import mean_error_bound
 from collectives.codecs import CodecConfig
+from collectives.errors import RoundFailed
 from collectives.ratelimit import format_bandwidth, parse_bandwidth
-from collectives.transport import codec_threads_for
-from peer.bench.kit import print_report
-from peer.harness.procgroup import AllReduceJob, ProcessGroup, WorkerConfig, worker_tensor
+from collectives.transport import TransportConfig, codec_threads_for
+from peer.bench.fields import Fields, describe_report
+from peer.bench.kit import print_report, require
+from peer.bench.progress import Progress, progress_for
+from peer.harness.processes import ChildFailed
+from peer.harness.procgroup import AllReduceJob, ProcessGroup, WorkerConfig, WorkerError, worker_tensor
+
+FIELDS: Fields = {
+    "peers": "worker processes on 127.0.0.1, each one member of every round",
+    "numel": "fp32 elements each peer contributes (a seeded random tensor)",
+    "codec": "the codec every part is sent with, as parsed (e.g. int8, int4/128+zstd)",
+    "repeat": "timed rounds (after one untimed warm-up round)",
+    "chunk_bytes": "bytes per gRPC message",
+    "codec_threads": "codec threads per peer (0: the codec runs on the peer's event loop)",
+    "median_s": "median over the timed rounds of the slowest peer's seconds per round",
+    "times_s": "the slowest peer's seconds of every timed round, in order",
+    "bytes_sent_per_peer": "bytes a peer put on the wire in one round (payload and framing; median over peers)",
+    "bytes_sent_per_peer_max": "the most bytes any peer sent in one round",
+    "fp32_bytes": "bytes of one peer's tensor in fp32 (numel x 4)",
+    "max_abs_error": "largest |result - exact mean| over elements and peers (exact mean in float64 from the seeds)",
+    "error_bound": "the analytic bound on that error for this codec (collectives.allreduce.mean_error_bound)",
+    "identical_across_peers": "true when every peer ended with bit-identical results (SHA-256 of the result)",
+    "phases_s": "median over peers of the seconds each phase of the last round took",
+    "phases_s.scatter_s": "aggregate-scatter: every peer streams part j to its owner j",
+    "phases_s.gather_s": "all-gather: every owner streams its reduced part to all",
+    "phases_s.encode_s": "time spent encoding (overlaps the phases above)",
+    "phases_s.decode_s": "time spent decoding (overlaps the phases above)",
+    "phases_s.reduce_s": "time spent reducing the received parts",
+    "baseline": "without --no-gloo, the baseline measured in the same run by the same processes",
+    "baseline.method": "what the baseline does: torch.distributed gloo all_reduce of the same fp32 tensors",
+    "baseline.median_s": "median over its rounds of the slowest process's seconds",
+    "time_ours_over_gloo": "median_s / baseline.median_s: below 1 our all-reduce is faster than gloo",
+    "bandwidth": "with --bandwidth: the per-peer cap on send and on receive",
+    "link_utilization": "with --bandwidth: the fraction of the capped link a round kept busy "
+    "(bits sent per peer / cap / median_s)",
+}
+
+
+def check_arguments(
+    peers: int, numel: int, codec: str, bandwidth: str | None, repeat: int, chunk_bytes: int,
+    codec_threads: int | None, timeout_s: float,
+) -> float | None:
+    """ConfigError for arguments the benchmark cannot run with; the bandwidth cap in bits per second."""
+    require(peers >= 1, f"--peers must be at least 1, got {peers}")
+    require(numel >= 1, f"--numel must be at least 1, got {numel}")
+    require(repeat >= 1, f"--repeat must be at least 1, got {repeat}")
+    require(chunk_bytes >= 1024, f"--chunk-bytes must be at least 1024, got {chunk_bytes}")
+    require(codec_threads is None or codec_threads >= 0, f"--codec-threads must be 0 or more, got {codec_threads}")
+    require(timeout_s > 0, f"--timeout must be positive, got {timeout_s:g}")
+    CodecConfig.parse(codec)  # ConfigError naming the valid codecs
+    return parse_bandwidth(bandwidth) if bandwidth else None
 
 
 def _per_repeat_max(replies: list[dict]) -> list[float]:
@@ -36,27 +85,45 @@ def run(
     gloo: bool = True,
     timeout_s: float = 300.0,
     codec_threads: int | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     """Run the benchmark and return its report as a JSON-ready dict (codec_threads None: codec_threads_for)."""
-    bandwidth_bps = parse_bandwidth(bandwidth) if bandwidth else None
+    bandwidth_bps = check_arguments(peers, numel, codec, bandwidth, repeat, chunk_bytes, codec_threads, timeout_s)
+    progress = progress or Progress("allreduce", enabled=False)
     if codec_threads is None:
         codec_threads = codec_threads_for(peers)
+    TransportConfig(chunk_bytes=chunk_bytes, codec_threads=codec_threads)  # its own checks, before any process
     config = WorkerConfig(
         run_id="bench", chunk_bytes=chunk_bytes, bandwidth_bps=bandwidth_bps, codec_threads=codec_threads
     )
     job = AllReduceJob(
         numel=numel, codec=codec, repeat=repeat, timeout_s=timeout_s, check_error=True, seed=1, barrier=True
     )
-    with ProcessGroup(peers, config) as group:
-        # One warm-up round connects every channel and faults in every buffer.
-        warm = AllReduceJob(numel=numel, codec=codec, repeat=1, timeout_s=timeout_s, first_round=1_000)
-        _expect_ok(group.allreduce(warm))
-        replies = _expect_ok(group.allreduce(job))
-        baseline = None
-        if gloo:
-            group.gloo_init()
-            gloo_replies = [r[1] for r in group.run("gloo_allreduce", AllReduceJob(numel=numel, repeat=repeat, seed=1))]
-            baseline = {"method": "torch.distributed gloo all_reduce (fp32)", "median_s": statistics.median(_per_repeat_max(gloo_replies))}
+    try:
+        progress.begin(f"starting {peers} workers")
+        with ProcessGroup(peers, config) as group:
+            progress.end()
+            # One warm-up round connects every channel and faults in every buffer.
+            progress.begin("our all-reduce, warm-up round")
+            warm = AllReduceJob(numel=numel, codec=codec, repeat=1, timeout_s=timeout_s, first_round=1_000)
+            _expect_ok(group.allreduce(warm))
+            progress.end()
+            progress.begin(f"our all-reduce, {repeat} rounds")
+            replies = _expect_ok(group.allreduce(job))
+            progress.end(f"median {statistics.median(_per_repeat_max(replies)):.3f} s")
+            baseline = None
+            if gloo:
+                progress.begin(f"gloo all_reduce, {repeat} rounds")
+                group.gloo_init()
+                gloo_job = AllReduceJob(numel=numel, repeat=repeat, seed=1)
+                gloo_replies = [r[1] for r in group.run("gloo_allreduce", gloo_job)]
+                baseline = {
+                    "method": "torch.distributed gloo all_reduce (fp32)",
+                    "median_s": statistics.median(_per_repeat_max(gloo_replies)),
+                }
+                progress.end(f"median {baseline['median_s']:.3f} s")
+    except WorkerError as exc:  # a worker died or raised: a child's failure, said in one line
+        raise ChildFailed(f"all-reduce {exc} (its own messages are above, on stderr)") from exc
     times = _per_repeat_max(replies)
     median = statistics.median(times)
     sent = [r["stats"]["bytes_sent"] for r in replies]
@@ -82,7 +149,7 @@ def run(
     }
     if baseline is not None:
         report["baseline"] = baseline
-        report["ratio_vs_gloo"] = median / baseline["median_s"]
+        report["time_ours_over_gloo"] = median / baseline["median_s"]
     if bandwidth_bps:
         report["bandwidth"] = format_bandwidth(bandwidth_bps)
         report["link_utilization"] = (report["bytes_sent_per_peer"] * 8 / bandwidth_bps) / median
@@ -92,39 +159,36 @@ def run(
 def _expect_ok(replies: list) -> list[dict]:
     bad = [info for kind, info in replies if kind != "ok"]
     if bad:
-        raise RuntimeError(f"a benchmark round failed: {bad[0]}")
+        raise RoundFailed(f"a benchmark round failed: {bad[0]['type']}: {bad[0]['message']}")
     return [info for _, info in replies]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command-line options of this benchmark."""
-    parser.add_argument("--peers", type=int, default=4)
-    parser.add_argument("--numel", type=int, default=25_000_000)
+    """The command-line options of this benchmark, and what its report's fields mean (the help's epilog)."""
+    parser.add_argument("--peers", type=int, default=4, help="worker processes, each a member of every round")
+    parser.add_argument("--numel", type=int, default=25_000_000, help="fp32 elements each peer contributes")
     parser.add_argument("--codec", default="int8", help="none, fp16, bf16, int8, int4 (+zstd, /block)")
-    parser.add_argument("--bandwidth", default=None, help="per-peer cap on send and receive, e.g. 1gbit")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    parser.add_argument("--bandwidth", default=None, help="per-peer cap on send and receive, e.g. 1gbit (none: uncapped)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds; the median is reported")
+    parser.add_argument("--chunk-bytes", type=int, default=1 << 20, help="bytes per gRPC message")
     parser.add_argument(
         "--codec-threads", type=int, default=None,
         help="codec threads per peer; 0 encodes on the event loop (default: 0 when peers >= cores, else 2)",
     )
     parser.add_argument("--no-gloo", action="store_true", help="skip the gloo baseline")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline of each round, seconds")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    describe_report(parser, FIELDS)
 
 
 def main(ns: argparse.Namespace) -> int:
-    """Run from parsed arguments and print the report."""
-    report = run(
-        peers=ns.peers,
-        numel=ns.numel,
-        codec=ns.codec,
-        bandwidth=ns.bandwidth,
-        repeat=ns.repeat,
-        chunk_bytes=ns.chunk_bytes,
-        gloo=not ns.no_gloo,
-        timeout_s=ns.timeout,
-        codec_threads=ns.codec_threads,
-    )
+    """Check the arguments, run, and print the report (progress on stderr)."""
+    check_arguments(ns.peers, ns.numel, ns.codec, ns.bandwidth, ns.repeat, ns.chunk_bytes, ns.codec_threads, ns.timeout)
+    with progress_for("allreduce", getattr(ns, "quiet", 0)) as progress:
+        report = run(
+            peers=ns.peers, numel=ns.numel, codec=ns.codec, bandwidth=ns.bandwidth, repeat=ns.repeat,
+            chunk_bytes=ns.chunk_bytes, gloo=not ns.no_gloo, timeout_s=ns.timeout, codec_threads=ns.codec_threads,
+            progress=progress,
+        )
     print_report(report, ns.json)
     return 0

@@ -2,7 +2,7 @@
 
 Timings on shared machines are noisy, so each figure is the median of
 ``repeat`` runs, and every codec is also reported relative to a memcpy of the
-same tensor measured in the same run (``ratio_vs_memcpy``).
+same tensor measured in the same run (``roundtrip_time_over_memcpy``).
 """
 
 from __future__ import annotations
@@ -14,14 +14,46 @@ import torch
 
 from collectives.codecs import make_codec
 from collectives.errors import ConfigError
-from peer.bench.kit import median_seconds, print_report
+from peer.bench.fields import Fields, describe_report
+from peer.bench.kit import median_seconds, print_report, require
+from peer.bench.progress import Progress, progress_for
 
 DEFAULT_CODECS = ["none", "fp16", "bf16", "int8", "int4", "int8+zstd", "int4+zstd"]
 
+FIELDS: Fields = {
+    "numel": "fp32 elements of the tensor every codec encodes (seeded N(0, 1) values)",
+    "repeat": "timed runs per figure; every time is their median",
+    "threads": "torch threads (always 1: the throughput of one core)",
+    "baseline": "the baseline measured in the same run: a memcpy of the same tensor",
+    "baseline.memcpy_s": "median seconds of the copy",
+    "baseline.memcpy_gbps": "fp32 bytes / memcpy_s, in GB/s (10^9 bytes)",
+    "codecs": "one entry per codec spec of --codecs, keyed by the spec",
+    "codecs.*.encode_s": "median seconds to encode the tensor",
+    "codecs.*.decode_s": "median seconds to decode it into a preallocated tensor",
+    "codecs.*.encode_gbps": "fp32 bytes / encode_s, in GB/s",
+    "codecs.*.decode_gbps": "fp32 bytes / decode_s, in GB/s",
+    "codecs.*.roundtrip_gbps": "fp32 bytes / (encode_s + decode_s), in GB/s",
+    "codecs.*.bytes_over_fp32": "encoded bytes / fp32 bytes (int8 with blocks of 64: 0.2656)",
+    "codecs.*.max_abs_error": "largest |decoded - original| over the tensor",
+    "codecs.*.roundtrip_time_over_memcpy": "(encode_s + decode_s) / baseline.memcpy_s",
+}
 
-def run(numel: int = 16_000_000, repeat: int = 5, codecs: list[str] | None = None) -> dict:
+
+def check_arguments(numel: int, repeat: int, codecs: list[str]) -> None:
+    """ConfigError for a size, a repeat count or a codec spec the benchmark cannot run with."""
+    require(numel >= 0 and repeat >= 1, f"--numel must be >= 0 and --repeat >= 1, got {numel} and {repeat}")
+    require(bool(codecs), "--codecs is empty; give comma-separated codec specs such as int8,int4+zstd")
+    for spec in codecs:
+        make_codec(spec)  # ConfigError on a bad spec, naming the valid ones
+
+
+def run(
+    numel: int = 16_000_000, repeat: int = 5, codecs: list[str] | None = None, progress: Progress | None = None
+) -> dict:
     """Benchmark codecs on one thread; return a JSON-serialisable dict of medians and ratios."""
     names = list(codecs) if codecs else list(DEFAULT_CODECS)
+    check_arguments(numel, repeat, names)
+    progress = progress or Progress("codecs", enabled=False)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -37,11 +69,13 @@ def run(numel: int = 16_000_000, repeat: int = 5, codecs: list[str] | None = Non
             "codecs": {},
         }
         for name in names:
+            progress.begin(name)
             codec = make_codec(name)
             payload = codec.encode(x)
             out = torch.empty_like(x)
-            enc_s = median_seconds(lambda: codec.encode(x), repeat)
-            dec_s = median_seconds(lambda: codec.decode(payload, numel, out=out), repeat)
+            # Timed at once, inside this iteration: the lambdas see this codec's values.
+            enc_s = median_seconds(lambda: codec.encode(x), repeat)  # noqa: B023
+            dec_s = median_seconds(lambda: codec.decode(payload, numel, out=out), repeat)  # noqa: B023
             round_s = enc_s + dec_s
             result["codecs"][name] = {
                 "encode_s": enc_s,
@@ -49,10 +83,11 @@ def run(numel: int = 16_000_000, repeat: int = 5, codecs: list[str] | None = Non
                 "encode_gbps": fp32_bytes / enc_s / 1e9,
                 "decode_gbps": fp32_bytes / dec_s / 1e9,
                 "roundtrip_gbps": fp32_bytes / round_s / 1e9,
-                "bytes_ratio": len(payload) / fp32_bytes,
+                "bytes_over_fp32": len(payload) / fp32_bytes,
                 "max_abs_error": float((out - x).abs().max()) if numel else 0.0,
-                "ratio_vs_memcpy": round_s / memcpy_s,
+                "roundtrip_time_over_memcpy": round_s / memcpy_s,
             }
+            progress.end(f"round trip {result['codecs'][name]['roundtrip_gbps']:.2f} GB/s")
         return result
     finally:
         torch.set_num_threads(prev_threads)
@@ -61,14 +96,16 @@ def run(numel: int = 16_000_000, repeat: int = 5, codecs: list[str] | None = Non
 def _table(result: dict) -> str:
     base = result["baseline"]
     lines = [
-        f"numel={result['numel']} repeat={result['repeat']} threads=1  "
-        f"memcpy {base['memcpy_s'] * 1e3:.2f} ms ({base['memcpy_gbps']:.2f} GB/s)",
+        (
+            f"numel={result['numel']} repeat={result['repeat']} threads=1  "
+            f"memcpy {base['memcpy_s'] * 1e3:.2f} ms ({base['memcpy_gbps']:.2f} GB/s)"
+        ),
         f"{'codec':<14}{'enc GB/s':>10}{'dec GB/s':>10}{'rt GB/s':>10}{'bytes':>8}{'x memcpy':>10}{'max err':>12}",
     ]
     for name, r in result["codecs"].items():
         lines.append(
             f"{name:<14}{r['encode_gbps']:>10.2f}{r['decode_gbps']:>10.2f}{r['roundtrip_gbps']:>10.2f}"
-            f"{r['bytes_ratio']:>8.3f}{r['ratio_vs_memcpy']:>10.1f}{r['max_abs_error']:>12.3g}"
+            f"{r['bytes_over_fp32']:>8.3f}{r['roundtrip_time_over_memcpy']:>10.1f}{r['max_abs_error']:>12.3g}"
         )
     return "\n".join(lines)
 
@@ -79,16 +116,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement; the median is reported")
     parser.add_argument("--codecs", default=",".join(DEFAULT_CODECS), help="comma-separated codec specs")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    describe_report(parser, FIELDS)
 
 
 def main(ns: argparse.Namespace) -> int:
-    """Run from parsed options; print a table, or one JSON object with --json."""
-    if ns.numel < 0 or ns.repeat < 1:
-        raise ConfigError(f"--numel must be >= 0 and --repeat >= 1, got {ns.numel} and {ns.repeat}")
+    """Run from parsed options; print a table, or one JSON object with --json (progress on stderr)."""
     codecs = [c.strip() for c in ns.codecs.split(",") if c.strip()]
-    for spec in codecs:
-        make_codec(spec)  # ConfigError on a bad spec before anything is timed
-    result = run(numel=ns.numel, repeat=ns.repeat, codecs=codecs)
+    check_arguments(ns.numel, ns.repeat, codecs)  # before anything is timed
+    with progress_for("codecs", getattr(ns, "quiet", 0)) as progress:
+        result = run(numel=ns.numel, repeat=ns.repeat, codecs=codecs, progress=progress)
     if ns.json:
         print_report(result, as_json=True)
     else:  # not print_report's "key: value" lines: the per-codec figures are nested dicts, which read as a table

@@ -11,7 +11,7 @@ In one invocation, on the same task, data and inner steps per peer:
 
 Per method: ``final_eval_loss`` (the held-out loss after training),
 ``bytes_sent_per_peer``, ``peak_bytes_per_sync`` and ``wall_s``; for synthetic
-tasks the ``entropy_floor``. Our methods' bytes are counted by the transport;
+tasks the ``entropy_floor`` (every field: ``FIELDS`` below, ``--help``, docs/benchmarks.md). Our methods' bytes are counted by the transport;
 data-parallel's are a ring all-reduce's: 2 (N-1)/N x 4 bytes x parameters
 per step (gloo's ring algorithm; it exposes no counters). The state a
 joiner fetches at start (once per peer, like DDP's initial broadcast) is
@@ -23,22 +23,61 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue
+import shutil
 import statistics
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from collectives.errors import ConfigError
-from optimizers.registry import algorithm_names
-from peer.bench.kit import print_report
+from optimizers.registry import algorithm_names, algorithms, get_algorithm
+from peer.bench.fields import Fields, describe_report
+from peer.bench.kit import bench_log_dir, child_failed, print_report, require, spawned_entry
+from peer.bench.progress import Progress, progress_for
+from peer.harness.processes import ChildFailed
+from peer.options import options_of
 from peer.runtime.training import TrainConfig, local_run
 from peer.tasks.base import TaskConfig
-from peer.tasks.registry import make_task
+from peer.tasks.registry import check_task, make_task
 
 BASELINES = ("data_parallel", "one_peer")
 DEFAULT_TRAIN = local_run("diloco")
+# Generous: a run that takes longer than this on one machine is stuck, not slow.
+RUN_TIMEOUT_S = 3600.0
+
+_OURS = "(ours only) "
+FIELDS: Fields = {
+    "config": "what was run: peers, task, task_config, runs (one TrainConfig per algorithm), baselines, and "
+    "baseline_train (the baselines' steps and inner optimizer when no algorithm runs)",
+    "methods": "one entry per method of --methods, keyed by its name (an algorithm, data_parallel or one_peer)",
+    "methods.*.final_eval_loss": "held-out loss after training; for ours the mean over peers of each peer's "
+    "local model (the inner parameters it trained, after its last sync)",
+    "methods.*.final_eval_loss_per_peer": _OURS + "each peer's final held-out loss of its local model",
+    "methods.*.local_eval_loss_spread": _OURS + "max - min of final_eval_loss_per_peer: how far apart the peers' "
+    "local models end (0 when they end on the global parameters, as DiLoCo's do when --steps is a multiple "
+    "of --sync-every; above 0 for Streaming DiLoCo, which mixes each synced fragment with local values)",
+    "methods.*.identical_global_params": _OURS + "true when every peer ends with bit-identical global "
+    "parameters (the synced ones: SHA-256 of each peer's global state); the local models may still differ",
+    "methods.*.bytes_sent_per_peer": "bytes a peer sent for training (mean over peers): ours counted by the "
+    "transport (all round attempts, not the state served to joiners); data_parallel computed, see bytes_method",
+    "methods.*.state_sync_bytes_per_peer": _OURS + "bytes of state a peer served to joiners at the start "
+    "(mean over peers; like DDP's initial broadcast)",
+    "methods.*.peak_bytes_per_sync": "the most bytes one peer sent in one sync (data_parallel: in one step)",
+    "methods.*.rounds": _OURS + "rounds committed per peer (mean over peers)",
+    "methods.*.bytes_method": "(data_parallel only) how its bytes are computed: a ring all-reduce of the fp32 "
+    "gradients every step, 2(N-1)/N x 4 B x parameters",
+    "methods.*.wall_s": "seconds from the first process started to the last peer finished",
+    "entropy_floor": "the task's best possible loss (the source's entropy rate; null for tasks that do not know it)",
+    "loss_diloco_over_data_parallel": "methods.diloco.final_eval_loss / methods.data_parallel's: below 1, "
+    "DiLoCo ends with a lower loss than data-parallel",
+    "bytes_data_parallel_over_diloco": "data_parallel's bytes_sent_per_peer / diloco's: how many times more "
+    "bytes data-parallel sends",
+    "peak_bytes_streaming_over_diloco": "methods.streaming.peak_bytes_per_sync / diloco's: below 1, Streaming "
+    "DiLoCo's largest sync is smaller",
+    "loss_streaming_over_diloco": "methods.streaming.final_eval_loss / diloco's: below 1, Streaming ends lower",
+}
 
 
 @dataclass(frozen=True)
@@ -50,29 +89,63 @@ class BenchConfig:
     task_config: TaskConfig = field(default_factory=TaskConfig)
     runs: tuple[TrainConfig, ...] = (DEFAULT_TRAIN, local_run("streaming"))
     baselines: tuple[str, ...] = BASELINES
+    # The baselines' loop settings (steps, inner lr, weight decay) when no algorithm runs.
+    baseline_train: TrainConfig = DEFAULT_TRAIN
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
             raise ConfigError(f"unknown baseline {unknown[0]!r}: use {', '.join(BASELINES)}")
+        require(self.peers >= 1, f"--peers must be at least 1, got {self.peers}")
+        require(bool(self.runs or self.baselines), f"nothing to run; {_choose()}")
+        names = [t.algorithm for t in self.runs] + list(self.baselines)
+        twice = sorted({n for n in names if names.count(n) > 1})
+        require(not twice, f"method {twice[0] if twice else ''!r} is given twice in --methods; name each once")
+        require(
+            all(t.duration_s is None for t in self.runs),
+            "bench diloco compares the methods at equal steps: give --steps, not --duration",
+        )
 
     @property
     def loop(self) -> TrainConfig:
         """The loop settings the baselines share with the algorithms (steps, inner lr, weight decay)."""
-        return self.runs[0] if self.runs else DEFAULT_TRAIN
+        return self.runs[0] if self.runs else self.baseline_train
 
 
-def run_ours(config: BenchConfig, train: TrainConfig) -> dict:
+def _choose() -> str:
+    return (f"choose from {', '.join(algorithm_names())} (registered algorithms) and {', '.join(BASELINES)} "
+            "(baselines), comma-separated")
+
+
+def check_config(config: BenchConfig) -> None:
+    """ConfigError for anything a child process would refuse: run in the parent before any process starts."""
+    check_task(config.task, config.task_config)  # a bad --task, --data or model size, said in one line
+
+
+def _ours_detail(procs: list, peers: int, steps: int) -> str:
+    """How far a run of ours is, from its peers' events: joined peers, committed rounds, steps."""
+    procs = list(procs)
+    joined = sum(any(e["event"] == "joined" for e in list(p.events)) for p in procs)
+    if joined < peers:
+        return f"{joined}/{peers} peers joined"
+    rounds = max(sum(e["event"] == "committed" for e in list(p.events)) for p in procs)
+    step = max((e.get("step") or 0 for p in procs for e in list(p.events)), default=0)
+    return f"round {rounds}, step {step}/{steps}"
+
+
+def run_ours(config: BenchConfig, train: TrainConfig, progress: Progress | None = None, label: str = "") -> dict:
     """Train with a coordinator and N ``loconet peer`` processes; collect their events."""
     from peer.harness.processes import CoordinatorProc, Proc, stop_all
     from peer.trainoptions import task_args, train_args
 
+    progress = progress or Progress("diloco", enabled=False)
     algorithm = train.algorithm
-    tmp = Path(tempfile.mkdtemp(prefix=f"loconet-bench-{algorithm}-"))
+    tmp = bench_log_dir(f"diloco-{algorithm}")
     run = f"bench-{algorithm}"
+    peers: list = []
+    progress.begin(label or algorithm, lambda: _ours_detail(peers, config.peers, train.steps))
     coordinator = CoordinatorProc(tmp / "coordinator.log", run, 0, "--join-timeout", "10", "--min-peers", str(config.peers),
                                   "--startup-grace", "0", "--dashboard-port", "-1")
-    peers = []
     started = time.monotonic()
     try:
         for rank in range(config.peers):
@@ -80,26 +153,32 @@ def run_ours(config: BenchConfig, train: TrainConfig) -> dict:
                     "--name", f"peer{rank}", "--events", "--no-progress", "--task", config.task,
                     *task_args(config.task_config), "--shard", f"{rank}/{config.peers}", *train_args(train)]
             peers.append(Proc(args, tmp / f"peer{rank}.log"))
-        finished = [p.wait_event(lambda e: e["event"] == "finished", 3600) for p in peers]
+        finished = [p.wait_event(lambda e: e["event"] == "finished", RUN_TIMEOUT_S) for p in peers]
         wall = time.monotonic() - started
         per_sync = [e["bytes"] for p in peers for e in p.events if e["event"] == "committed" and e.get("contributed", True)]
     finally:
         stop_all(peers)
         coordinator.stop()
-    return {
-        "final_eval_loss": statistics.mean(f["eval_loss"] for f in finished),
-        "final_eval_loss_per_peer": [f["eval_loss"] for f in finished],
+    shutil.rmtree(tmp, ignore_errors=True)  # a failure raised above and kept the logs its message names
+    losses = [f["eval_loss"] for f in finished]
+    result = {
+        "final_eval_loss": statistics.mean(losses),
+        "final_eval_loss_per_peer": losses,
+        "local_eval_loss_spread": max(losses) - min(losses),
         # Training traffic: what peers sent in rounds (all attempts), without the state served to joiners.
         "bytes_sent_per_peer": statistics.mean(f["bytes_sent"] - f["bytes_served"] for f in finished),
         "state_sync_bytes_per_peer": statistics.mean(f["bytes_served"] for f in finished),
         "peak_bytes_per_sync": max(per_sync) if per_sync else 0,
         "rounds": statistics.mean(f["rounds"] for f in finished),
-        "identical_final_state": len({f["digest"] for f in finished}) == 1,
+        # The digest hashes the global (synced) parameters, not a peer's local model.
+        "identical_global_params": len({f["digest"] for f in finished}) == 1,
         "wall_s": wall,
     }
+    progress.end(f"eval loss {result['final_eval_loss']:.4f}, {result['bytes_sent_per_peer'] / 1e6:.2f} MB sent per peer")
+    return result
 
 
-def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out) -> None:
+def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step) -> None:
     import datetime
     import os
 
@@ -119,10 +198,12 @@ def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out) -> N
     opt = torch.optim.AdamW(model.parameters(), lr=loop.inner_lr, weight_decay=loop.weight_decay)
     batches = task.batches(rank, world)
     started = time.monotonic()
-    for _ in range(loop.steps):
+    for k in range(loop.steps):
         task.loss(model, next(batches)).backward()
         opt.step()
         opt.zero_grad()
+        if rank == 0:
+            step.value = k + 1  # read by the parent's progress line
     wall = time.monotonic() - started
     numel = sum(p.numel() for p in model.parameters())
     result = {"wall_s": wall, "numel": numel}
@@ -132,118 +213,185 @@ def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out) -> N
     out.put((rank, result))
 
 
-def run_data_parallel(config: BenchConfig) -> dict:
+def _gather_results(procs: list, logs: list, out, timeout_s: float) -> dict[int, dict]:
+    """Every worker's (rank, result) from out; ChildFailed naming a worker that exits without one."""
+    results: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout_s
+    exited_clean: dict[int, float] = {}
+    while len(results) < len(procs):
+        try:
+            rank, result = out.get(timeout=0.5)
+            results[rank] = result
+            continue
+        except queue.Empty:
+            pass
+        now = time.monotonic()
+        for rank, p in enumerate(procs):
+            if rank in results or p.exitcode is None:
+                continue
+            # Exit code 0 means its result is on the way (the queue flushes at exit): give it a moment.
+            if p.exitcode != 0 or now - exited_clean.setdefault(rank, now) > 10:
+                raise child_failed(f"data_parallel worker {rank}", p.exitcode, logs[rank], "without a result")
+        if now > deadline:
+            raise ChildFailed(f"data_parallel workers gave no result within {timeout_s:g} s (logs: {logs[0].parent})")
+    return results
+
+
+def run_data_parallel(config: BenchConfig, progress: Progress | None = None, label: str = "data_parallel") -> dict:
     """Synchronous data-parallel training: torch DDP on gloo over N local processes."""
     import datetime
 
     import torch.distributed as dist
 
+    progress = progress or Progress("diloco", enabled=False)
     ctx = mp.get_context("spawn")
+    log_dir = bench_log_dir("diloco-data_parallel")
+    logs = [log_dir / f"worker{r}.log" for r in range(config.peers)]
     store = dist.TCPStore("127.0.0.1", 0, config.peers + 1, is_master=True, timeout=datetime.timedelta(seconds=120),
                           wait_for_workers=False)
     out = ctx.Queue()
+    step = ctx.Value("i", 0, lock=False)
+    steps = config.loop.steps
+    progress.begin(label, lambda: f"step {step.value}/{steps}" if step.value else f"starting {config.peers} processes")
     started = time.monotonic()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, config.peers, store.port, config, out)) for r in range(config.peers)]
+    procs = [
+        ctx.Process(target=spawned_entry, args=(str(logs[r]), _ddp_worker, r, config.peers, store.port, config, out, step))
+        for r in range(config.peers)
+    ]
     for p in procs:
         p.start()
     try:
-        results = dict(out.get(timeout=3600) for _ in procs)
+        results = _gather_results(procs, logs, out, RUN_TIMEOUT_S)
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+                p.join(timeout=10)
     wall = time.monotonic() - started
+    shutil.rmtree(log_dir, ignore_errors=True)  # a failure raised above and kept the logs its message names
     numel = results[0]["numel"]
     per_step = 2 * (config.peers - 1) / config.peers * 4 * numel
-    return {
+    result = {
         "final_eval_loss": results[0]["final_eval_loss"],
-        "bytes_sent_per_peer": per_step * config.loop.steps,
+        "bytes_sent_per_peer": per_step * steps,
         "peak_bytes_per_sync": per_step,
         "bytes_method": "ring all-reduce of fp32 gradients every step: 2(N-1)/N x 4 B x parameters",
         "wall_s": wall,
     }
+    progress.end(f"eval loss {result['final_eval_loss']:.4f}, {result['bytes_sent_per_peer'] / 1e6:.1f} MB sent per peer")
+    return result
 
 
-def run_one_peer(config: BenchConfig) -> dict:
+def run_one_peer(config: BenchConfig, progress: Progress | None = None, label: str = "one_peer") -> dict:
     """One peer training alone (AdamW) on peer 0's data for the same number of steps."""
     import torch
 
+    progress = progress or Progress("diloco", enabled=False)
     torch.set_num_threads(1)
     task = make_task(config.task, config.task_config)
     model = task.build_model()
     loop = config.loop
     opt = torch.optim.AdamW(model.parameters(), lr=loop.inner_lr, weight_decay=loop.weight_decay)
     batches = task.batches(0, config.peers)
+    done = [0]
+    progress.begin(label, lambda: f"step {done[0]}/{loop.steps}")
     started = time.monotonic()
     for _ in range(loop.steps):
         task.loss(model, next(batches)).backward()
         opt.step()
         opt.zero_grad()
-    return {"final_eval_loss": task.evaluate(model), "bytes_sent_per_peer": 0, "peak_bytes_per_sync": 0,
-            "wall_s": time.monotonic() - started}
+        done[0] += 1
+    result = {"final_eval_loss": task.evaluate(model), "bytes_sent_per_peer": 0, "peak_bytes_per_sync": 0,
+              "wall_s": time.monotonic() - started}
+    progress.end(f"eval loss {result['final_eval_loss']:.4f}")
+    return result
 
 
-def run(config: BenchConfig) -> dict:
+def run(config: BenchConfig, progress: Progress | None = None) -> dict:
     """Run every algorithm of config.runs and every baseline; return the report."""
     from collectives.allocator import tune_malloc
 
+    progress = progress or Progress("diloco", enabled=False)
+    check_config(config)
     tune_malloc()
-    baselines = {"data_parallel": run_data_parallel, "one_peer": run_one_peer}
+    baselines: dict[str, Callable[..., dict]] = {"data_parallel": run_data_parallel, "one_peer": run_one_peer}
     report: dict = {"config": asdict(config), "methods": {}}
     report["entropy_floor"] = make_task(config.task, config.task_config).entropy_floor
-    for train in config.runs:
-        report["methods"][train.algorithm] = run_ours(config, train)
-    for name in config.baselines:
-        report["methods"][name] = baselines[name](config)
+    total = len(config.runs) + len(config.baselines)
+    for i, train in enumerate(config.runs, 1):
+        label = f"{train.algorithm} [{i}/{total}]"
+        report["methods"][train.algorithm] = run_ours(config, train, progress, label)
+    for i, name in enumerate(config.baselines, len(config.runs) + 1):
+        report["methods"][name] = baselines[name](config, progress, f"{name} [{i}/{total}]")
     m = report["methods"]
     if "diloco" in m and "data_parallel" in m:
-        report["diloco_loss_vs_data_parallel"] = m["diloco"]["final_eval_loss"] / m["data_parallel"]["final_eval_loss"]
-        report["data_parallel_bytes_vs_diloco"] = m["data_parallel"]["bytes_sent_per_peer"] / max(m["diloco"]["bytes_sent_per_peer"], 1)
+        report["loss_diloco_over_data_parallel"] = m["diloco"]["final_eval_loss"] / m["data_parallel"]["final_eval_loss"]
+        report["bytes_data_parallel_over_diloco"] = (
+            m["data_parallel"]["bytes_sent_per_peer"] / max(m["diloco"]["bytes_sent_per_peer"], 1)
+        )
     if "diloco" in m and "streaming" in m:
-        report["streaming_peak_vs_diloco"] = m["streaming"]["peak_bytes_per_sync"] / max(m["diloco"]["peak_bytes_per_sync"], 1)
-        report["streaming_loss_vs_diloco"] = m["streaming"]["final_eval_loss"] / m["diloco"]["final_eval_loss"]
+        report["peak_bytes_streaming_over_diloco"] = (
+            m["streaming"]["peak_bytes_per_sync"] / max(m["diloco"]["peak_bytes_per_sync"], 1)
+        )
+        report["loss_streaming_over_diloco"] = m["streaming"]["final_eval_loss"] / m["diloco"]["final_eval_loss"]
     return report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of this benchmark: the training options apply to every algorithm that has them."""
+    """Options of this benchmark (the training options apply to every algorithm that has them); the fields' meaning."""
     from peer.trainoptions import add_task_arguments, add_train_arguments
 
-    parser.add_argument("--peers", type=int, default=BenchConfig.peers)
+    parser.add_argument("--peers", type=int, default=BenchConfig.peers, help="peers (and DDP processes) per method")
     parser.add_argument("--task", default=BenchConfig.task, help="synthetic-lm, text-lm, or package.module:function")
     parser.add_argument(
         "--methods", default=",".join(["diloco", "streaming", *BASELINES]),
         help=f"comma-separated: registered algorithms ({', '.join(algorithm_names())}) and {', '.join(BASELINES)}",
     )
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     add_task_arguments(parser)
     add_train_arguments(parser, DEFAULT_TRAIN)
+    describe_report(parser, FIELDS)
+
+
+def _stray_options(ns: argparse.Namespace, chosen: list[str]) -> list[str]:
+    """Algorithm options given on the command line that none of the chosen algorithms has."""
+    every = {o.flag for algo in algorithms() for o in options_of(algo.config)}
+    wanted = {o.flag for name in chosen for o in options_of(get_algorithm(name).config)}
+    return sorted(f for f in every - wanted if getattr(ns, f.replace("-", "_"), None) is not None)
 
 
 def bench_config(ns: argparse.Namespace) -> BenchConfig:
-    """The BenchConfig the options describe; ConfigError for an unknown method."""
+    """The BenchConfig the options describe, checked: ConfigError for an unknown method, task, codec, ..."""
     from peer.trainoptions import read_task_config, read_train_config
 
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
+    require(bool(methods), f"--methods is empty; {_choose()}")
+    require(ns.algorithm == DEFAULT_TRAIN.algorithm,
+            f"bench diloco runs every method of --methods; name {ns.algorithm!r} there instead of in --algorithm")
     known = [*algorithm_names(), *BASELINES]
-    unknown = [m for m in methods if m not in known]
-    if unknown or not methods:
-        raise ConfigError(f"unknown method {unknown[0] if unknown else ns.methods!r} in --methods: use {', '.join(known)}")
+    for m in methods:
+        require(m in known, f"unknown method {m!r} in --methods; {_choose()}")
+    chosen = [m for m in methods if m not in BASELINES]
+    stray = _stray_options(ns, chosen)
+    require(not stray, f"--{stray[0] if stray else ''} applies to none of the methods {', '.join(methods)}; "
+            "drop it, or add a method that has it to --methods")
     base = {t.algorithm: t for t in BenchConfig.runs}
-    runs = tuple(
-        read_train_config(ns, base=base.get(m, DEFAULT_TRAIN), algorithm=m, strict=False)
-        for m in methods if m not in BASELINES
-    )
-    return BenchConfig(
+    runs = tuple(read_train_config(ns, base=base.get(m, DEFAULT_TRAIN), algorithm=m, strict=False) for m in chosen)
+    config = BenchConfig(
         peers=ns.peers, task=ns.task, task_config=read_task_config(ns), runs=runs,
         baselines=tuple(m for m in methods if m in BASELINES),
+        baseline_train=read_train_config(ns, base=DEFAULT_TRAIN, strict=False),
     )
+    check_config(config)
+    return config
 
 
 def main(ns: argparse.Namespace) -> int:
-    """Run from parsed arguments and print the report."""
-    report = run(bench_config(ns))
+    """Check the arguments, run, and print the report (progress on stderr)."""
+    config = bench_config(ns)  # every check before the first process starts
+    with progress_for("diloco", getattr(ns, "quiet", 0)) as progress:
+        report = run(config, progress)
     # config and methods are nested dicts: their values are printed as indented JSON, one line per field.
     print_report(report, ns.json, fmt=lambda value: json.dumps(value, indent=2))
     return 0

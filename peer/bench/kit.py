@@ -1,5 +1,5 @@
 """Helpers shared by the benchmarks: CPU time and RSS from /proc, percentiles, median timings, a memcpy baseline,
-a serving child process, the printed report."""
+spawned child processes that log to a file and are reported by name when they die, the printed report."""
 
 from __future__ import annotations
 
@@ -8,11 +8,17 @@ import json
 import math
 import multiprocessing as mp
 import os
+import pathlib
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import TextIO
+
+from collectives.errors import ConfigError
+from peer.harness.processes import ChildFailed, die_with_parent
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -107,21 +113,80 @@ def print_report(report: dict, as_json: bool, out: TextIO | None = None, fmt: Ca
         out.write(f"{key:>{width}}: {text}\n")
 
 
+def log_tail(path: str | os.PathLike, lines: int = 15) -> str:
+    """The last lines of a log file ('' when it is empty or missing)."""
+    try:
+        tail = pathlib.Path(path).read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join(tail)
+
+
+def child_failed(name: str, exitcode: int | None, log_path: str | os.PathLike, what: str = "") -> ChildFailed:
+    """The error for a child that died: its name, exit code, the tail of its log and where the log is."""
+    tail = log_tail(log_path)
+    return ChildFailed(
+        f"{name} exited ({exitcode}){' ' + what if what else ''}"
+        + (f"; last lines of its log:\n{tail}" if tail else "; its log is empty")
+        + f"\n(log: {log_path})"
+    )
+
+
+def spawned_entry(log_path: str, target: Callable, *args: object) -> None:
+    """A spawned child's first code: its stderr (tracebacks, library noise) goes to log_path, then target(*args)."""
+    die_with_parent()
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115 -- stays open as the process's stderr
+    os.dup2(log.fileno(), 2)
+    sys.stderr = log
+    target(*args)
+
+
+def bench_log_dir(bench: str) -> pathlib.Path:
+    """A fresh folder for a benchmark's child logs."""
+    return pathlib.Path(tempfile.mkdtemp(prefix=f"loconet-bench-{bench}-"))
+
+
 @contextlib.contextmanager
-def serving_child(target: Callable, *args: object, start_timeout_s: float = 120.0) -> Iterator[tuple[object, int]]:
+def serving_child(
+    target: Callable, *args: object, name: str = "server", log_dir: pathlib.Path | None = None,
+    start_timeout_s: float = 120.0,
+) -> Iterator[tuple[object, int]]:
     """Run target(conn, *args) in a spawned process; yield (what it sends first, its pid).
 
     The child sends one value (its address) when ready, then waits for a message
-    on conn; on exit it is told to stop, then killed if it does not.
+    on conn; on exit it is told to stop, then killed if it does not. Its stderr
+    goes to ``<log_dir>/<name>.log``; if it dies before it is ready, ChildFailed
+    says so at once, with that log's last lines.
     """
     ctx = mp.get_context("spawn")
+    own_dir = log_dir is None
+    log_path = (bench_log_dir(name) if own_dir else log_dir) / f"{name}.log"
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=target, args=(child, *args), daemon=True)
+    proc = ctx.Process(target=spawned_entry, args=(str(log_path), target, child, *args), daemon=True)
     proc.start()
+    child.close()  # so that the child's death reads as EOF here
+    failed = True
     try:
-        if not parent.poll(start_timeout_s):
-            raise RuntimeError(f"the child process did not start within {start_timeout_s:g} s")
-        yield parent.recv(), proc.pid
+        deadline = time.monotonic() + start_timeout_s
+        while not parent.poll(0.2):
+            if not proc.is_alive():
+                proc.join(timeout=5)
+                raise child_failed(name, proc.exitcode, log_path, "before it was ready")
+            if time.monotonic() > deadline:
+                raise ChildFailed(f"{name} did not start within {start_timeout_s:g} s (log: {log_path})")
+        try:
+            ready = parent.recv()
+        except EOFError:
+            proc.join(timeout=5)
+            raise child_failed(name, proc.exitcode, log_path, "before it was ready") from None
+        try:
+            yield ready, proc.pid
+        except Exception as exc:
+            proc.join(timeout=0.5)
+            if not proc.is_alive():  # the benchmark failed because the child died: say that
+                raise child_failed(name, proc.exitcode, log_path, "during the benchmark") from exc
+            raise
+        failed = False
     finally:
         try:
             parent.send("done")
@@ -131,3 +196,12 @@ def serving_child(target: Callable, *args: object, start_timeout_s: float = 120.
         if proc.is_alive():
             proc.kill()
             proc.join(timeout=10)
+        parent.close()
+        if own_dir and not failed:  # a failure's log stays where its message points
+            shutil.rmtree(log_path.parent, ignore_errors=True)
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ok: an argument check, made before any process starts."""
+    if not ok:
+        raise ConfigError(message)

@@ -30,7 +30,7 @@ Phases of one measurement (each with a coordinator of its own):
    coordinator counts ``rounds`` committed rounds, none aborted, N live peers.
 
 The baseline is the same measurement at ``baseline_peers`` (10) peers without
-rounds, in the same run: ``cpu_per_heartbeat_ratio_vs_10_peers``.
+rounds, in the same run: ``cpu_per_heartbeat_over_baseline``.
 
 Latencies (``time.time()`` read in the client processes):
 
@@ -57,18 +57,115 @@ import multiprocessing as mp
 import os
 import pathlib
 import re
-import tempfile
+import shutil
 import time
+from collections.abc import Callable
 
+from collectives.rpc import blocking_channel
+from peer.bench.fields import SUMMARY, Fields, describe_report
+from peer.bench.kit import (
+    bench_log_dir,
+    child_failed,
+    print_report,
+    proc_cpu_ns_s,
+    proc_cpu_s,
+    proc_rss_mb,
+    require,
+    spawned_entry,
+    summary,
+)
+from peer.bench.progress import Progress, progress_for
+from peer.bench.simpeers import CLIENT_SETTINGS, client_main, merge_counts
+from peer.coordinator.config import CoordinatorConfig
+from peer.coordinator.dashboard import json_safe
+from peer.harness.processes import ChildFailed
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
-from peer.coordinator.dashboard import json_safe
-from peer.bench.kit import print_report, proc_cpu_ns_s, proc_cpu_s, proc_rss_mb, summary
-from collectives.rpc import blocking_channel
-from peer.bench.simpeers import CLIENT_SETTINGS, client_main, merge_counts
 
 RUN = "bench-membership"
 
+_CPU_US = "coordinator CPU microseconds per heartbeat in the window"
+FIELDS: Fields = {
+    "peers": "simulated peers of the main measurement (--peers)",
+    "rounds": "rounds (Quorum, then Commit) every peer takes part in",
+    "client_procs": "processes the simulated peers run in",
+    "channels_per_client_proc": "gRPC channels (TCP connections) per client process",
+    "heartbeat_s": "heartbeat interval, seconds",
+    "lease_s": "the coordinator's lease, seconds",
+    "window_s": "length asked for the heartbeat-only window, seconds",
+    "spread_s": "each peer asks for a quorum after a random delay below this, seconds (0: all at once)",
+    "join_latency_s": SUMMARY + ": seconds from a peer's first Join attempt to its answer, all peers joining at once",
+    "join_wall_s": "seconds until every peer had joined",
+    "heartbeat_window_s": "measured length of the heartbeat-only window, seconds",
+    "heartbeats_in_window": "heartbeats the clients sent in the window",
+    "heartbeats_per_s": "heartbeats_in_window / heartbeat_window_s",
+    "heartbeat_latency_s": SUMMARY + ": seconds from a heartbeat sent to its answer, in the window",
+    "coordinator_cpu_s_in_window": "the coordinator's CPU seconds (user + system, /proc/<pid>/stat) in the window",
+    "coordinator_cpu_per_heartbeat_us": _CPU_US + " (10 ms clock ticks)",
+    "coordinator_cpu_utilization": "the coordinator's CPU seconds per wall second in the window (cores)",
+    "coordinator_idle_cpu_utilization": "the same with the clients connected and no peer joined: its fixed cost",
+    "coordinator_cpu_per_heartbeat_us_schedstat": _CPU_US + ", from the nanosecond thread clocks (schedstat)",
+    "coordinator_idle_cpu_utilization_schedstat": "the idle cost from the nanosecond thread clocks",
+    "coordinator_cpu_per_heartbeat_net_of_idle_us": _CPU_US + ", schedstat, minus the idle cost",
+    "client_cpu_utilization": "CPU seconds per wall second of each client process in the window (cores)",
+    "coordinator_rss_mb": "the coordinator's resident memory at the end, MiB",
+    "heartbeat_errors": "heartbeats without an answer within max(heartbeat, 1 s), by gRPC status",
+    "heartbeat_errors_in_window": "of those, the ones sent in the window",
+    "rpc_retries": "Join / Quorum / Commit calls retried after UNAVAILABLE, DEADLINE_EXCEEDED or CANCELLED, by call",
+    "warnings": "what went slower than it should, without failing (unanswered heartbeats, retries)",
+    "heartbeat_latency_during_rounds_s": SUMMARY + ": heartbeat latency while rounds ran",
+    "quorum_latency_s": SUMMARY + ": per peer and round, first Quorum attempt sent -> answered",
+    "quorum_close_latency_s": SUMMARY + ": per peer and round, answer time minus the send time of the round's "
+    "last Quorum request (the coordinator's reaction once the group is complete)",
+    "commit_latency_s": SUMMARY + ": per peer and round, first Commit attempt sent -> answered",
+    "commit_close_latency_s": SUMMARY + ": as quorum_close_latency_s, for Commit",
+    "quorum_close_first_answer_s": SUMMARY + ": per round, the first Quorum answer after the last request",
+    "quorum_close_last_answer_s": SUMMARY + ": per round, the last Quorum answer after the last request",
+    "round_wall_s": SUMMARY + ": per round, first Quorum request -> last Commit answer, seconds",
+    "rounds_full": "rounds every peer committed with all peers as members",
+    "per_round": "one entry per round, in order",
+    "per_round[].round_id": "the round id the coordinator gave",
+    "per_round[].epoch": "the epoch of the round",
+    "per_round[].members": "members of the round's group",
+    "per_round[].peers_answered": "simulated peers that got an answer for the round",
+    "per_round[].committed_by_all": "true when every peer committed it with all peers as members",
+    "per_round[].quorum_spread_s": "seconds between the first and the last Quorum request",
+    "per_round[].quorum_close_first_s": "first Quorum answer after the last request, seconds",
+    "per_round[].quorum_close_last_s": "last Quorum answer after the last request, seconds",
+    "per_round[].commit_close_last_s": "last Commit answer after the last Commit request, seconds",
+    "per_round[].round_wall_s": "first Quorum request -> last Commit answer, seconds",
+    "rounds_phase": "the rounds as a whole (heartbeats keep going)",
+    "rounds_phase.wall_s": "seconds from the command to the last peer's last round",
+    "rounds_phase.coordinator_cpu_s": "the coordinator's CPU seconds in that time",
+    "rounds_phase.coordinator_cpu_per_round_s": "coordinator_cpu_s / rounds",
+    "rounds_phase.coordinator_cpu_utilization": "coordinator_cpu_s / wall_s (cores)",
+    "baseline": "the same measurement at --baseline-peers peers without rounds, in the same run",
+    "baseline.peers": "its peers",
+    "baseline.coordinator_cpu_per_heartbeat_us": _CPU_US,
+    "baseline.heartbeats_per_s": "heartbeats per second in its window",
+    "baseline.coordinator_cpu_utilization": "the coordinator's CPU seconds per wall second in its window",
+    "baseline.coordinator_idle_cpu_utilization": "its idle cost",
+    "baseline.coordinator_cpu_per_heartbeat_us_schedstat": _CPU_US + ", schedstat",
+    "baseline.coordinator_cpu_per_heartbeat_net_of_idle_us": _CPU_US + ", schedstat, minus the idle cost",
+    "baseline.heartbeat_latency_s": SUMMARY + ": its heartbeat latency",
+    "baseline.join_latency_s": SUMMARY + ": its join latency",
+    "baseline.coordinator_rss_mb": "its coordinator's resident memory, MiB",
+    "rounds_committed": "rounds the coordinator counts as committed (its Status)",
+    "rounds_aborted": "rounds the coordinator counts as aborted",
+    "peers_alive_at_end": "live peers the coordinator counts at the end",
+    "committed_rounds_member_counts": "the distinct member counts of the committed rounds in its history",
+    "all_rounds_committed_with_all_peers": "true when every check passed: the exit code is 0 only then",
+    "problems_total": "failed checks (a round missing, a peer short, a lease lapsed, ...)",
+    "problems": "failed checks grouped by shape, most frequent first (at most 20 groups)",
+    "problems[].count": "checks of this shape that failed",
+    "problems[].example": "one of them, shortened",
+    "wall_s": "seconds the whole benchmark took (both measurements)",
+    "method": "(--json only) how the CPU and quorum-close figures are measured, in words",
+    "cpu_per_heartbeat_over_baseline": "coordinator_cpu_per_heartbeat_us / baseline's: below 1, a heartbeat costs "
+    "less at --peers than at --baseline-peers",
+    "cpu_per_heartbeat_net_of_idle_over_baseline": "coordinator_cpu_per_heartbeat_net_of_idle_us / baseline's: "
+    "the same ratio net of the idle cost (schedstat)",
+}
 
 
 class _Session:
@@ -80,6 +177,7 @@ class _Session:
 
         self.peers = peers
         self.clients: list[tuple[mp.Process, object]] = []
+        self.client_logs: list[pathlib.Path] = []
         self.coordinator: CoordinatorProc | None = None
         try:
             # CoordinatorProc stops its process itself if it is interrupted while starting.
@@ -104,12 +202,15 @@ class _Session:
                 }
                 first += count
                 parent, child = ctx.Pipe()
+                log = log_dir / f"client-{tag}-{i}.log"
                 proc = ctx.Process(
-                    target=client_main, args=(job, child), daemon=True, name=f"bench-membership-client-{i}"
+                    target=spawned_entry, args=(str(log), client_main, job, child), daemon=True,
+                    name=f"client-{tag}-{i}",
                 )
                 proc.start()
                 child.close()
                 self.clients.append((proc, parent))
+                self.client_logs.append(log)
         except BaseException:
             self.close()
             raise
@@ -119,16 +220,17 @@ class _Session:
             conn.send(message)
 
     def gather(self, kind: str, timeout_s: float) -> list[dict]:
-        """One message of this kind from every client (RuntimeError on an error, a death or the timeout)."""
+        """One message of this kind from every client (ChildFailed on an error, a death or the timeout)."""
         replies: list[dict | None] = [None] * len(self.clients)
         deadline = time.monotonic() + timeout_s
         while any(r is None for r in replies):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"client processes sent no {kind!r} within {timeout_s:g} s")
-            if not self.coordinator.alive:
-                raise RuntimeError(
-                    f"the coordinator exited ({self.coordinator.proc.returncode}); see {self.coordinator.log.name}"
+                late = [self.client_logs[i].stem for i, r in enumerate(replies) if r is None]
+                raise ChildFailed(
+                    f"{', '.join(late)} sent no {kind!r} within {timeout_s:g} s (logs in {self.client_logs[0].parent})"
                 )
+            if not self.coordinator.alive:
+                raise ChildFailed(self.coordinator.exit_message("during the benchmark"))
             for i, (proc, conn) in enumerate(self.clients):
                 if replies[i] is not None:
                     continue
@@ -137,14 +239,14 @@ class _Session:
                         msg = conn.recv()
                     except (EOFError, OSError):
                         proc.join(timeout=5)
-                        raise RuntimeError(f"client process {i} died (exit code {proc.exitcode})") from None
+                        raise child_failed(proc.name, proc.exitcode, self.client_logs[i]) from None
                     if msg.get("type") == "error":
-                        raise RuntimeError(f"client process {i} failed: {msg['error']}")
+                        raise ChildFailed(f"{proc.name} failed: {msg['error']} (log: {self.client_logs[i]})")
                     if msg.get("type") != kind:
-                        raise RuntimeError(f"client process {i} sent {msg.get('type')!r}, expected {kind!r}")
+                        raise ChildFailed(f"{proc.name} sent {msg.get('type')!r}, expected {kind!r}")
                     replies[i] = msg
                 elif not proc.is_alive():
-                    raise RuntimeError(f"client process {i} died (exit code {proc.exitcode})")
+                    raise child_failed(proc.name, proc.exitcode, self.client_logs[i])
         return replies  # type: ignore[return-value]
 
     def cpu_s(self) -> float:
@@ -189,11 +291,17 @@ class _Session:
 
 
 def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, window_s: float, lease_s: float,
-             channels: int, log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, spread_s: float = 0.0) -> dict:
-    """One coordinator, peers simulated peers: join, a heartbeat-only window, rounds; the measurements."""
+             channels: int, log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, spread_s: float = 0.0,
+             stage: Callable[[str], None] = lambda _: None) -> dict:
+    """One coordinator, peers simulated peers: join, a heartbeat-only window, rounds; the measurements.
+
+    ``stage`` is told each phase as it starts (for the progress line).
+    """
+    stage("starting the coordinator and the clients")
     session = _Session(peers, client_procs, heartbeat_s, lease_s, channels, log_dir, tag, quorum_timeout_s, spread_s)
     try:
         session.gather("ready", timeout_s=120)
+        stage("idle coordinator")
         # Idle coordinator (clients connected, no peer yet): its fixed cost (the 50 ms tick) for reference.
         idle_s = min(2.0, window_s / 4)
         c0, p0, t0 = session.cpu_s(), session.cpu_ns_s(), time.time()
@@ -201,6 +309,7 @@ def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, win
         idle_util = (session.cpu_s() - c0) / (time.time() - t0)
         idle_util_ns = (session.cpu_ns_s() - p0) / (time.time() - t0)
 
+        stage(f"{peers} peers joining")
         t_join0 = time.time()
         session.send({"cmd": "join"})
         joined = session.gather("joined", timeout_s=quorum_timeout_s + 60)
@@ -209,6 +318,7 @@ def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, win
         problems = [e for r in joined for e in r["errors"]]
 
         # Let every peer's heartbeat schedule start (random phase within one interval), then measure.
+        stage("heartbeat-only window")
         time.sleep(1.5 * heartbeat_s)
         ta, ca, pa, cla = time.time(), session.cpu_s(), session.cpu_ns_s(), session.client_cpu_s()
         time.sleep(window_s)
@@ -216,6 +326,7 @@ def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, win
 
         rounds_info: dict = {}
         if rounds > 0:
+            stage(f"{rounds} rounds")
             tr0, cr0 = time.time(), session.cpu_s()
             session.send({"cmd": "rounds", "rounds": rounds, "expected_members": peers})
             done = session.gather("rounds", timeout_s=rounds * (quorum_timeout_s + 30))
@@ -367,20 +478,36 @@ def run(
     quorum_timeout_s: float = 120.0,
     spread_s: float = 0.0,
     log_dir: str | os.PathLike | None = None,
+    progress: Progress | None = None,
 ) -> dict:
-    """Run the benchmark (baseline at baseline_peers, then peers) and return its report as a JSON-ready dict."""
-    if peers < 1 or rounds < 0 or client_procs < 1 or heartbeat_s <= 0 or window_s <= 0:
-        raise ValueError("peers, client_procs >= 1; rounds >= 0; heartbeat_s, window_s > 0")
+    """Run the benchmark (baseline at baseline_peers, then peers) and return its report as a JSON-ready dict.
+
+    The logs of the coordinators and client processes go to log_dir; without one, to a temporary
+    folder that is removed after a success and kept after a failure (the error names it).
+    """
+    check_arguments(peers, rounds, client_procs, heartbeat_s, window_s, lease_s, channels, baseline_peers,
+                    quorum_timeout_s, spread_s)
+    progress = progress or Progress("membership", enabled=False)
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="loconet-bench-membership-") as tmp:
-        logs = pathlib.Path(log_dir) if log_dir is not None else pathlib.Path(tmp)
-        logs.mkdir(parents=True, exist_ok=True)
-        common = {
-            "heartbeat_s": heartbeat_s, "window_s": window_s, "lease_s": lease_s, "channels": channels,
-            "log_dir": logs, "quorum_timeout_s": quorum_timeout_s,
-        }
-        base = _measure(baseline_peers, 0, 1, tag=f"baseline-{baseline_peers}", **common)
-        main = _measure(peers, rounds, client_procs, tag=str(peers), spread_s=spread_s, **common)
+    logs = pathlib.Path(log_dir) if log_dir is not None else bench_log_dir("membership")
+    logs.mkdir(parents=True, exist_ok=True)
+    common = {
+        "heartbeat_s": heartbeat_s, "window_s": window_s, "lease_s": lease_s, "channels": channels,
+        "log_dir": logs, "quorum_timeout_s": quorum_timeout_s,
+    }
+    now = ["starting"]
+
+    def stage(text: str) -> None:
+        now[0] = text
+
+    progress.begin(f"baseline, {baseline_peers} peers", lambda: now[0])
+    base = _measure(baseline_peers, 0, 1, tag=f"baseline-{baseline_peers}", stage=stage, **common)
+    progress.end(f"{base['coordinator_cpu_per_heartbeat_us']:.0f} us of coordinator CPU per heartbeat")
+    progress.begin(f"{peers} peers, {rounds} rounds", lambda: now[0])
+    main = _measure(peers, rounds, client_procs, tag=str(peers), spread_s=spread_s, stage=stage, **common)
+    progress.end(f"{main['coordinator_cpu_per_heartbeat_us']:.0f} us of coordinator CPU per heartbeat")
+    if log_dir is None:
+        shutil.rmtree(logs, ignore_errors=True)
     status = main.pop("status")
     base_status = base.pop("status")
     summary_ = status.get("summary", {})
@@ -439,19 +566,37 @@ def run(
             "request (time.time() in the client processes, one machine clock)",
         },
     }
-    report["cpu_per_heartbeat_ratio_vs_10_peers"] = (
+    report["cpu_per_heartbeat_over_baseline"] = (
         report["coordinator_cpu_per_heartbeat_us"] / base["coordinator_cpu_per_heartbeat_us"]
         if base["coordinator_cpu_per_heartbeat_us"] else math.nan
     )
-    report["cpu_per_heartbeat_ratio_vs_10_peers_net_of_idle"] = (
+    report["cpu_per_heartbeat_net_of_idle_over_baseline"] = (
         report["coordinator_cpu_per_heartbeat_net_of_idle_us"] / base["coordinator_cpu_per_heartbeat_net_of_idle_us"]
         if base["coordinator_cpu_per_heartbeat_net_of_idle_us"] > 0 else math.nan
     )
     return json_safe(report)  # NaN / inf (no samples) as None: strict JSON
 
 
+def check_arguments(
+    peers: int, rounds: int, client_procs: int, heartbeat_s: float, window_s: float, lease_s: float, channels: int,
+    baseline_peers: int, quorum_timeout_s: float, spread_s: float,
+) -> None:
+    """ConfigError for arguments the benchmark (or its coordinators) cannot run with."""
+    require(peers >= 1 and baseline_peers >= 1, f"--peers and --baseline-peers must be at least 1, got {peers} and "
+            f"{baseline_peers}")
+    require(rounds >= 0, f"--rounds must be 0 or more, got {rounds}")
+    require(client_procs >= 1 and channels >= 1,
+            f"--client-procs and --channels must be at least 1, got {client_procs} and {channels}")
+    require(window_s > 0, f"--window must be positive, got {window_s:g}")
+    require(spread_s >= 0, f"--spread must be 0 or more, got {spread_s:g}")
+    for n in (baseline_peers, peers):  # the coordinators' own checks (lease vs heartbeat, timeouts)
+        CoordinatorConfig(run_id=RUN, min_peers=n, lease_s=lease_s, heartbeat_s=heartbeat_s,
+                          join_timeout_s=quorum_timeout_s, quorum_timeout_s=quorum_timeout_s,
+                          commit_timeout_s=quorum_timeout_s)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of this benchmark."""
+    """Options of this benchmark, and what its report's fields mean (the help's epilog)."""
     parser.add_argument("--peers", type=int, default=1000, help="simulated peers")
     parser.add_argument("--rounds", type=int, default=5, help="rounds (quorum + commit) all peers take part in")
     parser.add_argument("--client-procs", type=int, default=2, help="processes the simulated peers run in")
@@ -464,8 +609,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the coordinator's quorum / commit timeouts; how long a simulated peer retries a call (s)")
     parser.add_argument("--spread", type=float, default=0.0,
                         help="each peer asks for each quorum after a random delay in [0, SPREAD) s (0: all at once)")
-    parser.add_argument("--log-dir", default=None, help="keep the coordinators' logs here")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--log-dir", default=None,
+                        help="keep the coordinators' and clients' logs here (none: a temporary folder, "
+                             "removed after a success)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    describe_report(parser, FIELDS)
 
 
 def _fmt(value) -> str:
@@ -482,11 +630,14 @@ def _fmt(value) -> str:
 
 def main(ns: argparse.Namespace) -> int:
     """Run from parsed arguments and print the report; exit code 1 unless every round committed with all peers."""
-    report = run(
-        peers=ns.peers, rounds=ns.rounds, client_procs=ns.client_procs, heartbeat_s=ns.heartbeat,
-        window_s=ns.window, lease_s=ns.lease, channels=ns.channels, baseline_peers=ns.baseline_peers,
-        quorum_timeout_s=ns.quorum_timeout, spread_s=ns.spread, log_dir=ns.log_dir,
-    )
+    check_arguments(ns.peers, ns.rounds, ns.client_procs, ns.heartbeat, ns.window, ns.lease, ns.channels,
+                    ns.baseline_peers, ns.quorum_timeout, ns.spread)
+    with progress_for("membership", getattr(ns, "quiet", 0)) as progress:
+        report = run(
+            peers=ns.peers, rounds=ns.rounds, client_procs=ns.client_procs, heartbeat_s=ns.heartbeat,
+            window_s=ns.window, lease_s=ns.lease, channels=ns.channels, baseline_peers=ns.baseline_peers,
+            quorum_timeout_s=ns.quorum_timeout, spread_s=ns.spread, log_dir=ns.log_dir, progress=progress,
+        )
     # Without --json, the description of the method (long prose) is left out.
     print_report(report if ns.json else {k: v for k, v in report.items() if k != "method"}, ns.json, fmt=_fmt)
     return 0 if report["all_rounds_committed_with_all_peers"] else 1

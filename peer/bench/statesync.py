@@ -4,7 +4,7 @@ One process serves a state of ``--mb`` megabytes (one fp32 tensor plus
 metadata) from its StateServer; this process fetches it ``--repeat`` times
 over gRPC on 127.0.0.1 and verifies it. Reported: the median fetch time, the
 rate, and as a baseline measured in the same run, the time to copy the same
-bytes in memory (``ratio_vs_memcpy``).
+bytes in memory (``time_over_memcpy``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,26 @@ from collectives.allocator import tune_malloc
 from collectives.ratelimit import parse_bandwidth
 from collectives.statesync import StateServer, StateSnapshot, fetch_state
 from collectives.transport import Transport, TransportConfig
-from peer.bench.kit import copy_baseline, print_report, serving_child
+from peer.bench.fields import Fields, describe_report
+from peer.bench.kit import copy_baseline, print_report, require, serving_child
+from peer.bench.progress import Progress, progress_for
 
 RUN = "bench-statesync"
+
+FIELDS: Fields = {
+    "state_bytes": "bytes of the state's tensor (--mb as fp32 elements)",
+    "repeat": "timed fetches",
+    "median_s": "median seconds of one fetch: request, transfer, SHA-256 check and rebuild of the state",
+    "times_s": "seconds of every fetch, in order",
+    "gbps": "state_bytes / median_s, in GB/s (10^9 bytes)",
+    "baseline": "the baseline measured in the same run: an in-memory copy of the same bytes",
+    "baseline.method": "what the baseline does",
+    "baseline.median_s": "median seconds of the copy",
+    "time_over_memcpy": "median_s / baseline.median_s: how many times slower a fetch is than copying in memory",
+    "bandwidth_bps": "with --bandwidth: the cap on both ends, bits per second",
+    "link_utilization": "with --bandwidth: the fraction of the capped link a fetch kept busy "
+    "(state bits / cap / median_s)",
+}
 
 
 def _serve(conn, numel: int, bandwidth_bps: float | None) -> None:
@@ -34,15 +51,24 @@ def _serve(conn, numel: int, bandwidth_bps: float | None) -> None:
     transport.close()
 
 
-def run(mb: float = 100.0, repeat: int = 5, bandwidth: str | None = None) -> dict:
+def check_arguments(mb: float, repeat: int, bandwidth: str | None) -> float | None:
+    """ConfigError for arguments the benchmark cannot run with; the bandwidth cap in bits per second."""
+    require(mb > 0 and int(mb * 1e6 / 4) >= 1, f"--mb must be a positive size (at least 4e-6), got {mb:g}")
+    require(repeat >= 1, f"--repeat must be at least 1, got {repeat}")
+    return parse_bandwidth(bandwidth) if bandwidth else None
+
+
+def run(mb: float = 100.0, repeat: int = 5, bandwidth: str | None = None, progress: Progress | None = None) -> dict:
     """Serve a state of mb megabytes in a child process and fetch it repeat times; return the report."""
+    bandwidth_bps = check_arguments(mb, repeat, bandwidth)
     tune_malloc()
+    progress = progress or Progress("statesync", enabled=False)
     numel = int(mb * 1e6 / 4)
-    bandwidth_bps = parse_bandwidth(bandwidth) if bandwidth else None
     client = Transport(TransportConfig(bandwidth_bps=bandwidth_bps))
     times = []
-    with serving_child(_serve, numel, bandwidth_bps) as (address, _):
+    with serving_child(_serve, numel, bandwidth_bps, name="state-server") as (address, _):
         client.start()
+        progress.begin(f"{repeat} fetches of {numel * 4 / 1e6:g} MB", lambda: f"fetch {len(times)}/{repeat}")
         try:
             for _ in range(repeat):
                 t0 = time.perf_counter()
@@ -52,6 +78,7 @@ def run(mb: float = 100.0, repeat: int = 5, bandwidth: str | None = None) -> dic
                     raise RuntimeError(f"fetched {snapshot.tensors['params'].numel()} elements, not {numel}")
         finally:
             client.close()
+    progress.end()
     median = statistics.median(times)
     report = {
         "state_bytes": numel * 4,
@@ -61,7 +88,7 @@ def run(mb: float = 100.0, repeat: int = 5, bandwidth: str | None = None) -> dic
         "gbps": numel * 4 / median / 1e9,
         "baseline": copy_baseline(numel * 4, repeat),
     }
-    report["ratio_vs_memcpy"] = median / report["baseline"]["median_s"]
+    report["time_over_memcpy"] = median / report["baseline"]["median_s"]
     if bandwidth_bps:
         report["bandwidth_bps"] = bandwidth_bps
         report["link_utilization"] = numel * 4 * 8 / bandwidth_bps / median
@@ -69,15 +96,18 @@ def run(mb: float = 100.0, repeat: int = 5, bandwidth: str | None = None) -> dic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of this benchmark."""
+    """Options of this benchmark, and what its report's fields mean (the help's epilog)."""
     parser.add_argument("--mb", type=float, default=100.0, help="state size in megabytes")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--bandwidth", default=None, help="cap on both ends, e.g. 1gbit")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--repeat", type=int, default=5, help="timed fetches; the median is reported")
+    parser.add_argument("--bandwidth", default=None, help="cap on both ends, e.g. 1gbit (none: uncapped)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    describe_report(parser, FIELDS)
 
 
 def main(ns: argparse.Namespace) -> int:
-    """Run from parsed arguments and print the report."""
-    report = run(mb=ns.mb, repeat=ns.repeat, bandwidth=ns.bandwidth)
+    """Check the arguments, run, and print the report (progress on stderr)."""
+    check_arguments(ns.mb, ns.repeat, ns.bandwidth)
+    with progress_for("statesync", getattr(ns, "quiet", 0)) as progress:
+        report = run(mb=ns.mb, repeat=ns.repeat, bandwidth=ns.bandwidth, progress=progress)
     print_report(report, ns.json)
     return 0

@@ -1,0 +1,99 @@
+"""The help teaches: every option says what it does and its default, and the usual conventions hold."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from peer.cli import BENCHMARKS, _log_level, build_parser
+from peer.harness.summary import report_summary
+
+HELP_ONLY = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
+
+
+def every_parser(parser: argparse.ArgumentParser, path: str = "loconet"):
+    """(command path, parser) for the parser and every subcommand under it."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from every_parser(sub, f"{path} {name}")
+
+
+def test_every_option_of_every_command_has_help_that_shows_its_default():
+    parser = build_parser()
+    missing = []
+    for path, sub in every_parser(parser):
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if isinstance(action, HELP_ONLY) or not action.option_strings or action.dest in ("verbose", "quiet"):
+                continue
+            text = formatter._get_help_string(action)
+            if not action.help or "default" not in text:
+                missing.append(f"{path} {action.option_strings[0]}: {text!r}")
+    assert missing == []
+
+
+def test_help_never_shows_internal_names():
+    parser = build_parser()
+    for path, sub in every_parser(parser):
+        text = sub.format_help()
+        assert "Config." not in text and "Config(" not in text, path
+
+
+def test_the_top_level_help_lists_every_benchmark():
+    text = build_parser().format_help()
+    for name, _, _ in BENCHMARKS:
+        assert name in text.split("bench", 1)[1].split("\n")[0] + text.split("benchmarks that print JSON", 1)[1]
+
+
+def test_verbosity_is_accepted_after_the_command_too():
+    ns = build_parser("peer").parse_args(["peer", "-vv"])
+    assert _log_level(ns) == logging.DEBUG
+    ns = build_parser("coordinator").parse_args(["coordinator", "-q"])
+    assert _log_level(ns) == logging.ERROR
+    ns = build_parser("coordinator").parse_args(["-v", "coordinator"])
+    assert _log_level(ns) == logging.INFO
+    assert _log_level(build_parser("demo").parse_args(["demo"])) == logging.WARNING
+
+
+@pytest.mark.timeout(60)
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    result = subprocess.run([sys.executable, "-m", "peer.cli", "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.strip() == f"loconet {version('loconet')}"
+
+
+def test_the_harness_help_says_what_it_prints_with_and_without_json():
+    sub = dict(every_parser(build_parser("harness")))["loconet harness"]
+    (json_option,) = [a for a in sub._actions if a.dest == "json"]
+    assert json_option.help == "print the report as one JSON object instead of a summary"
+
+
+REPORT = {
+    "peers": 4, "joined": 1, "rounds_committed": 12, "rounds_aborted": 1,
+    "events": [{"event": "kill:peer2@round3", "time_s": 10.04, "recovery_s": 1.954, "detail": ""},
+               {"event": "join@round5", "time_s": 20.0, "recovery_s": None, "detail": ""}],
+    "initial_eval_loss": 4.1616, "final_eval_loss": None, "entropy_floor": 1.7121,
+    "bytes_sent_per_peer": 2_150_000, "data_parallel_bytes_per_peer": 404_600_000,
+    "survivors_identical": True, "peers_alive": 4, "wall_s": 61.6, "workdir": "/tmp/run",
+}
+
+
+def test_the_harness_summary_reads_as_lines_with_each_event_and_its_recovery():
+    assert report_summary(REPORT, steps=600).splitlines() == [
+        "",
+        "Summary",
+        "  eval loss      4.162 before -> — after (best possible 1.712)",
+        "  rounds         12 committed, 1 aborted",
+        "  sent per peer  2.15 MB; synchronous data-parallel would have sent 404.6 MB for the same 600 steps (188x more)",
+        "  event          kill:peer2@round3 at 10.0 s; next commit 1.95 s later",
+        "  event          join@round5 at 20.0 s; no commit after it",
+        "  peers          4 of 5 finished with identical parameters",
+        "  wall time      62 s; logs in /tmp/run",
+    ]
