@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from protos import collective_pb2 as pb
+from collectives.buffers import BufferPool
 from collectives.codecs import Codec, CodecConfig, error_bound, make_codec
 from collectives.errors import (
     LoconetError,
@@ -59,12 +59,12 @@ from collectives.inbox import (
     RoundRegistry,
     StaleMessage,
 )
-from collectives.buffers import BufferPool
 from collectives.parts import flatten, part_bounds, total_numel, unflatten_like
 from collectives.round import ERROR_KIND_KEY, SERVICE, AllReduceConfig, Round
 from collectives.stats import RoundStats
 from collectives.transport import Transport, consume_exception, method_handlers, raw_stream_unary, raw_unary_unary
 from collectives.wire import decode_chunk
+from protos import collective_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from protos import collective_pb2 as pb
 from collectives.aggregators import Aggregator, AggregatorConfig, make_aggregator
 from collectives.codecs import Codec, CodecConfig
 from collectives.errors import CodecError, LoconetError, ProtocolError, RoundFailed
 from collectives.parts import part_bounds
+from protos import collective_pb2 as pb
 
 SCATTER = pb.PHASE_SCATTER
 GATHER = pb.PHASE_GATHER

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from protos import collective_pb2 as pb
 from collectives.aggregators import Aggregator, AggregatorConfig, combine_shares
 from collectives.codecs import Codec, CodecConfig, check_finite
 from collectives.errors import ConfigError, LoconetError, MemberFailure, NonFiniteError, RoundFailed, StaleRound
@@ -39,6 +38,7 @@ from collectives.parts import chunk_bounds
 from collectives.stats import RoundStats
 from collectives.transport import Transport, as_async_iter
 from collectives.wire import encode_chunk
+from protos import collective_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -49,10 +49,10 @@ import grpc
 import numpy as np
 import torch
 
-from protos import state_pb2 as pb
 from collectives.errors import ConfigError, LoconetError
 from collectives.transport import HEADER_SLACK_BYTES, Transport, identity, method_handlers
 from collectives.wire import encode_varint, read_varint
+from protos import state_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ that may not repeat; every malformed input raises ``ProtocolError``.
 
 from __future__ import annotations
 
-from protos import collective_pb2 as pb
 from collectives.errors import ProtocolError
+from protos import collective_pb2 as pb
 
 PAYLOAD_FIELD = pb.PartChunk.DESCRIPTOR.fields_by_name["payload"].number
 _WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5

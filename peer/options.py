@@ -31,7 +31,6 @@ from dataclasses import MISSING, dataclass
 from typing import Any
 
 
-
 @dataclass(frozen=True)
 class Option:
     """One command-line option of a (possibly nested) dataclass field."""

@@ -6,13 +6,13 @@ import grpc
 import pytest
 import torch
 
+from collectives.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
 from collectives.allreduce import AllReduceConfig
-from collectives.round import ERROR_KIND_KEY, PUSH_METHOD, chunk_message
 from collectives.codecs import CodecConfig, make_codec
 from collectives.errors import MemberFailure, NonFiniteError
 from collectives.inbox import GATHER, SCATTER, Group
 from collectives.parts import part_bounds
-from collectives.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
+from collectives.round import ERROR_KIND_KEY, PUSH_METHOD, chunk_message
 from collectives.rpc import blocking_channel
 
 pytestmark = pytest.mark.timeout(60)

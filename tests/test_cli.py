@@ -16,8 +16,14 @@ from peer.coordinator.config import CoordinatorConfig
 from peer.options import add_options, option_args, read_options
 from peer.runtime.training import TrainConfig
 from peer.tasks.base import TaskConfig
-from peer.trainoptions import add_task_arguments, add_train_arguments, read_task_config, read_train_config, task_args
-from peer.trainoptions import train_args
+from peer.trainoptions import (
+    add_task_arguments,
+    add_train_arguments,
+    read_task_config,
+    read_train_config,
+    task_args,
+    train_args,
+)
 
 
 def parse(args: list[str]) -> argparse.Namespace:

@@ -25,10 +25,10 @@ from collectives.membership import MembershipClient, MembershipConfig, MissedRou
 from collectives.rpc import blocking_channel
 from collectives.sampling import check_sample, sample_members
 from collectives.transport import Transport
-from protos import membership_pb2 as pb
-from protos import membership_pb2_grpc as pb_grpc
 from peer.coordinator.server import CoordinatorServer
 from peer.coordinator.service import CoordinatorConfig
+from protos import membership_pb2 as pb
+from protos import membership_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.browser import NO_CHROMIUM, DomIndex, chromium_path, run_chromium  # noqa: E402

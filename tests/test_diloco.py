@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from collectives.errors import ConfigError
 from collectives.elastic import ElasticCollective, ElasticConfig
+from collectives.errors import ConfigError
 from optimizers.diloco import DiLoCo
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalPeer

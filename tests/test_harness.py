@@ -8,8 +8,8 @@ from optimizers.outer_optim import OuterConfig
 from peer.coordinator.config import CoordinatorConfig
 from peer.harness.harness import Harness, HarnessConfig
 from peer.harness.scenario import parse_event
-from peer.tasks.base import TaskConfig
 from peer.runtime.training import TrainConfig
+from peer.tasks.base import TaskConfig
 
 pytestmark = pytest.mark.timeout(300)
 

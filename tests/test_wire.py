@@ -2,9 +2,9 @@
 
 import pytest
 
-from protos import collective_pb2 as pb
 from collectives.errors import ProtocolError
 from collectives.wire import decode_chunk, encode_chunk
+from protos import collective_pb2 as pb
 
 
 def header() -> pb.PartChunk:

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from protos import membership_pb2 as pb
 from collectives.membership import NO_QUORUM
 from collectives.transport import consume_exception
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.policies import FormRound, QuorumInputs, QuorumPolicy, Refuse
 from peer.coordinator.rules import CommitInputs, Decision, Report, commit_decision, next_epoch
 from peer.coordinator.runstate import PeerRecord, RoundRecord, RunState
+from protos import membership_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -90,8 +90,8 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
         return  # the parent died before the line above took effect
     import torch
 
-    from collectives.allreduce import Collective
     from collectives.allocator import tune_malloc
+    from collectives.allreduce import Collective
     from collectives.errors import LoconetError, MemberFailure
     from collectives.inbox import Group
     from collectives.transport import Transport

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from collectives.parts import flatten, unflatten_like
 from collectives.aggregators import aggregate_rows, make_aggregator
+from collectives.parts import flatten, unflatten_like
 
 
 @dataclass

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from collectives.allreduce import AllReduceConfig
 from collectives.allocator import tune_malloc
+from collectives.allreduce import AllReduceConfig
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig, Resynced
 from collectives.errors import LoconetError
