@@ -35,6 +35,13 @@ round.
 State handed to the caller (``Resynced.snapshot``, ``start()``'s return)
 is applied by the caller, on its own thread: this module never touches the
 model.
+
+Every blocking wait (``start``'s join and state fetch, a sync's quorum,
+all-reduce and commit) can be cut short from any thread, a signal handler
+included: ``interrupt()`` cancels the calls in flight on the transport's
+loop and they raise ``Stopped`` (so do later ones). Nothing is applied by an
+interrupted call; the caller then ``close()``s, which leaves the run so the
+others retry their round without this peer.
 """
 
 from __future__ import annotations
@@ -47,15 +54,17 @@ import logging
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
+from collectives.addresses import coordinator_address
 from collectives.aggregators import AggregatorConfig
 from collectives.allreduce import AllReduceConfig, AllReduceResult, Collective
 from collectives.codecs import CodecConfig, check_finite
-from collectives.errors import LoconetError, MemberFailure, NonFiniteError, ProtocolError, RoundFailed
+from collectives.errors import ConfigError, LoconetError, MemberFailure, NonFiniteError, ProtocolError, RoundFailed
 from collectives.inbox import Group
 from collectives.membership import (
     CommitOutcome,
@@ -68,11 +77,17 @@ from collectives.membership import (
     Unregistered,
 )
 from collectives.parts import flatten, total_numel, unflatten_like
-from collectives.stats import RoundStats
 from collectives.statesync import StateServer, StateSnapshot, StateSyncConfig, StateSyncError, fetch_state_async
+from collectives.stats import RoundStats
 from collectives.transport import Transport, TransportConfig
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A peer that stops, or fails to start, tells the coordinator it leaves within this long: an unreachable
+# coordinator must not hold up an exit someone asked for (it drops the peer when its lease lapses anyway).
+LEAVE_ON_STOP_S = 2.0
 
 
 class Phase(enum.Enum):
@@ -145,6 +160,14 @@ class RetriesExhausted(RoundFailed):
     """Every attempt of a round aborted; the message gives the last reason."""
 
 
+class Stopped(Exception):
+    """The peer was asked to stop (``interrupt``): the call in flight was abandoned and nothing was applied.
+
+    Not a LoconetError on purpose: algorithms that train on through a failed round
+    catch those, and a stop must reach the caller's loop. Close the peer next.
+    """
+
+
 @dataclass(frozen=True)
 class ElasticConfig:
     """Everything a member of a run needs to know (filled by ``loconet peer`` or the user)."""
@@ -159,10 +182,17 @@ class ElasticConfig:
     max_attempts: int = 5
     quorum_timeout_s: float = 600.0
     commit_timeout_s: float = 120.0
-    # How long calls keep retrying an unreachable coordinator.
+    # How long calls keep retrying an unreachable coordinator once joined (it may be restarting).
     patience_s: float = 300.0
+    # How long start() keeps trying to reach the coordinator before giving up (a wrong address, or none yet).
+    connect_timeout_s: float = 300.0
     # Committed results of this many recent rounds are kept and served to peers that were late for them.
     keep_results: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coordinator", coordinator_address(self.coordinator))
+        if not self.connect_timeout_s > 0:
+            raise ConfigError(f"connect timeout must be positive, got {self.connect_timeout_s}")
 
 
 @dataclass
@@ -211,6 +241,9 @@ class ElasticCollective:
         self._results: OrderedDict[int, tuple[str, torch.Tensor]] = OrderedDict()
         self._round_numel: Callable[[str], int] | None = None
         self._state_nbytes: Callable[[], int] | None = None
+        # Set by interrupt(): why the peer stops. The tasks of blocking calls in flight, cancelled by it.
+        self._interrupted = ""
+        self._inflight: set[asyncio.Task] = set()
 
     def provide_state(
         self,
@@ -254,27 +287,82 @@ class ElasticCollective:
         """What heartbeats report; the training loop updates it."""
         return self.membership.status
 
+    # -- stopping ----------------------------------------------------------------------
+
+    def interrupt(self, reason: str = "stopped on request") -> None:
+        """Make the blocking calls in flight, and every later one, raise Stopped. Any thread; idempotent.
+
+        Safe in a signal handler: it only sets a flag and schedules the cancellation on the loop.
+        """
+        if self._interrupted:
+            return
+        self._interrupted = reason
+        loop = self.transport._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._cancel_inflight)
+            except RuntimeError:  # the loop closed meanwhile: nothing left to cancel
+                pass
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether interrupt() was called."""
+        return bool(self._interrupted)
+
+    def _cancel_inflight(self) -> None:
+        for task in list(self._inflight):
+            task.cancel()
+
+    async def _interruptible(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run coro as a call interrupt() can cancel; its cancellation by interrupt() becomes Stopped."""
+        if self._interrupted:
+            coro.close()
+            raise Stopped(self._interrupted)
+        task = asyncio.current_task()
+        self._inflight.add(task)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if self._interrupted:
+                raise Stopped(self._interrupted) from None
+            raise
+        finally:
+            self._inflight.discard(task)
+
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self, has_state: bool = False, last_round: int = 0) -> StateSnapshot | None:
         """Listen, join the run, and return the run's state to load first (None: keep your own).
 
         ``has_state``/``last_round``: a peer restarting from its checkpoint holds
-        the state of that round; a fresh peer holds none.
+        the state of that round; a fresh peer holds none. Gives up after
+        ``connect_timeout_s`` without a coordinator (CoordinatorUnavailable), at once when
+        something else answers at its address (NotACoordinator), and raises Stopped when
+        interrupted. On any failure the peer leaves the run (if it had joined) and closes.
         """
-        self.address = self.transport.start(self.collective.handlers() + self.state_server.handlers())
+        if self._interrupted:
+            raise Stopped(self._interrupted)
+        # The coordinator's address decides what a wildcard bind advertises (and refuses a loopback
+        # bind when the coordinator is on another machine: collectives.addresses.check_reachable).
+        self.address = self.transport.start(
+            self.collective.handlers() + self.state_server.handlers(), coordinator=self.config.coordinator
+        )
         self.last_round = last_round
         try:
-            return self.transport.submit(self._start(has_state)).result()
-        except BaseException:
-            self.transport.close()
+            return self.transport.submit(self._interruptible(self._start(has_state))).result()
+        except BaseException as exc:
+            self.close(leave=True, reason=f"could not start: {exc}"[:200], leave_timeout_s=LEAVE_ON_STOP_S)
             raise
 
     async def _start(self, has_state: bool) -> StateSnapshot | None:
         give_up = time.monotonic() + self.config.patience_s
         delay = 0.1
         while True:
-            joined = await self.membership.join(self.address, self.last_round, self.epoch, has_state)
+            joined = await self.membership.join(
+                self.address, self.last_round, self.epoch, has_state,
+                patience_s=self.config.connect_timeout_s if not self.peer_id else None,
+                hint=" (--connect-timeout sets how long to wait)" if not self.peer_id else "",
+            )
             self.epoch = joined.epoch
             if self._heartbeat is None:
                 self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_forever(joined.heartbeat_s))
@@ -291,21 +379,22 @@ class ElasticCollective:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def close(self, leave: bool = True, reason: str = "closing") -> None:
-        """Leave the run (optional), stop heartbeats and the transport. Idempotent."""
+    def close(self, leave: bool = True, reason: str = "closing", leave_timeout_s: float | None = None) -> None:
+        """Leave the run (optional; within leave_timeout_s, None: one RPC deadline), stop heartbeats and the
+        transport. Idempotent."""
         try:
-            if self.transport._loop is not None:  # noqa: SLF001 - closing twice is fine
-                self.transport.submit(self._close(leave, reason)).result(timeout=30)
+            if self.transport._loop is not None:
+                self.transport.submit(self._close(leave, reason, leave_timeout_s)).result(timeout=30)
         except (RuntimeError, concurrent.futures.TimeoutError) as exc:
             log.warning("closing %s: %s", self.peer_id, exc)
         self.transport.close()
 
-    async def _close(self, leave: bool, reason: str) -> None:
+    async def _close(self, leave: bool, reason: str, leave_timeout_s: float | None) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
         if leave:
-            await self.membership.leave(reason)
+            await self.membership.leave(reason, leave_timeout_s)
 
     async def _heartbeat_forever(self, interval_s: float) -> None:
         client = self.membership
@@ -361,7 +450,7 @@ class ElasticCollective:
         aggregator: AggregatorConfig | None = None,
     ) -> SyncResult:
         """Reduce tensors with the run in a committed round (blocking); raises Resynced, CaughtUp, GroupTooSmall,
-        RetriesExhausted."""
+        RetriesExhausted, Stopped."""
         return self.sync_async(tensors, weight=weight, tag=tag, codec=codec, aggregator=aggregator).result()
 
     def sync_async(
@@ -391,7 +480,7 @@ class ElasticCollective:
             config = dataclasses.replace(config, aggregator=aggregator)
         if not callable(weight):
             weight = float(weight)
-        return self.transport.submit(self._sync(flat, weight, tag, like, config))
+        return self.transport.submit(self._interruptible(self._sync(flat, weight, tag, like, config)))
 
     def _move(self, round_id: int, to: Phase) -> None:
         if to not in TRANSITIONS[self.phase]:

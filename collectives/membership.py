@@ -6,6 +6,15 @@ restarting: peers keep training meanwhile). Answers the peer must act on
 become specific exceptions: ``Unregistered`` (join again), ``GroupTooSmall``,
 ``CommitUnknown`` (the coordinator lost the round; treat as not applied).
 
+Before a peer has joined, the coordinator's address may simply be wrong:
+nothing listening, or something else listening there (the dashboard's HTTP
+port, a peer's data-plane port). The client says so within a few seconds
+(a warning naming the address and what it found, then a countdown every few
+seconds) and gives up after its patience with ``CoordinatorUnavailable``;
+something that answers but is not a coordinator is ``NotACoordinator`` at
+once. ``coordinator_address`` checks and normalises a ``--coordinator``
+value (a bare port means this machine).
+
 A round is named by (round id, epoch): round ids are the run's last committed
 round + 1, and a retry after an abort keeps the id with a new epoch. A peer
 told to resync may get ``missed``: the committed rounds it lacks, each with
@@ -24,11 +33,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from protos import membership_pb2 as pb
-from protos import membership_pb2_grpc as pb_grpc
+from collectives.addresses import coordinator_address
 from collectives.errors import LoconetError, RoundFailed
 from collectives.sampling import check_sample, sample_size
 from collectives.transport import Transport
+from protos import membership_pb2 as pb
+from protos import membership_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +46,19 @@ log = logging.getLogger(__name__)
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 # How the coordinator's refusal of a quorum with too few peers begins (the client raises GroupTooSmall).
 NO_QUORUM = "no quorum"
+# A call that keeps failing says so after this long, then again every NOTE_EVERY_S with the time left:
+# a wrong address shows at once, a blip of a moment stays quiet.
+FIRST_NOTE_S = 0.5
+NOTE_EVERY_S = 5.0
+# A --coordinator given as a port alone means a coordinator on this machine (its default --host).
 
 
 class CoordinatorUnavailable(LoconetError):
     """The coordinator did not answer before the deadline; check that it runs and --coordinator is right."""
+
+
+class NotACoordinator(LoconetError):
+    """Something answers at the coordinator's address, but it is not a loconet coordinator (a dashboard, a peer)."""
 
 
 class Unregistered(LoconetError):
@@ -58,6 +77,40 @@ class RequestRefused(LoconetError):
     """The coordinator refused a request (wrong run id, not a member...); the message says why."""
 
 
+def failure_reason(exc: grpc.aio.AioRpcError, timeout_s: float) -> str:
+    """Why a call to the coordinator failed, in a few words a user can act on."""
+    details = exc.details() or ""
+    lower = details.lower()
+    if "connection refused" in lower:
+        return "connection refused: nothing listens there"
+    if "resolv" in lower or "name not found" in lower:
+        return "the host name does not resolve"
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"it accepts connections but gave no answer in {timeout_s:g} s (paused or overloaded?)"
+    return f"{exc.code().name}: {details[:200]}"
+
+
+def _not_a_coordinator(address: str, exc: grpc.aio.AioRpcError) -> NotACoordinator | None:
+    """NotACoordinator when the failure shows that something other than a coordinator answered, else None."""
+    details = (exc.details() or "").lower()
+    fix = "point --coordinator at the address `loconet coordinator` prints (\"run R at HOST:PORT\")"
+    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return NotACoordinator(
+            f"{address} answers gRPC but is not a loconet coordinator (is it a peer's data-plane port?); {fix}"
+        )
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and ("parsing http/2" in details or "http1" in details):
+        return NotACoordinator(
+            f"{address} answers but is not a loconet coordinator: it does not speak gRPC "
+            f"(is it the dashboard's HTTP port?); {fix}"
+        )
+    return None
+
+
+# The run id a coordinator serves and its peers ask for when none is given (the same everywhere,
+# so a peer started without --run reaches a coordinator started without it).
+DEFAULT_RUN_ID = "loconet"
+
+
 @dataclass(frozen=True)
 class MembershipConfig:
     """Where the coordinator is and how patiently to talk to it."""
@@ -71,6 +124,9 @@ class MembershipConfig:
     patience_s: float = 120.0
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coordinator", coordinator_address(self.coordinator))
 
 
 @dataclass(frozen=True)
@@ -148,6 +204,8 @@ class PeerStatus:
     step: int = 0
     steps_per_s: float = math.nan
     loss: float = math.nan
+    # Loss of the last evaluation (NaN until the first), for the dashboard's eval curve.
+    eval_loss: float = math.nan
     samples: int = 0
     activity: str = "starting"
     extra: dict = field(default_factory=dict)
@@ -172,10 +230,18 @@ class MembershipClient:
             self._stub = pb_grpc.CoordinatorStub(self.transport.channel(self.config.coordinator))
         return self._stub
 
-    async def _call(self, method: str, request, timeout_s: float, patience_s: float | None = None):
-        """Call with a deadline; retry with backoff while the coordinator is unreachable."""
+    async def _call(
+        self, method: str, request, timeout_s: float, patience_s: float | None = None, hint: str = ""
+    ):
+        """Call with a deadline; retry with backoff while the coordinator is unreachable, saying so as it goes.
+
+        ``hint``: what the final error adds about the patience (e.g. the option that sets it).
+        """
         patience = self.config.patience_s if patience_s is None else patience_s
-        give_up = time.monotonic() + patience
+        address = self.config.coordinator
+        started = time.monotonic()
+        give_up = started + patience
+        next_note, noted = started + FIRST_NOTE_S, False
         delay = self.config.backoff_initial_s
         while True:
             try:
@@ -184,19 +250,43 @@ class MembershipClient:
                 code = exc.code()
                 if code == grpc.StatusCode.NOT_FOUND:
                     raise Unregistered(exc.details()) from None
+                wrong = _not_a_coordinator(address, exc)
+                if wrong is not None:
+                    raise wrong from None
                 if code not in RETRY_CODES:
                     raise RequestRefused(f"coordinator refused {method}: {exc.details()}") from None
-                if time.monotonic() + delay > give_up:
+                now = time.monotonic()
+                why = failure_reason(exc, timeout_s)
+                if now + delay > give_up:
                     raise CoordinatorUnavailable(
-                        f"coordinator {self.config.coordinator} unreachable for {patience:g} s ({code.name}); "
-                        "check that it runs and that --coordinator points at it"
+                        f"no loconet coordinator answered at {address} for {patience:g} s ({why}); "
+                        f"start `loconet coordinator` there, or point --coordinator at it{hint}"
                     ) from None
+                if now >= next_note:
+                    left = f"giving up in {max(give_up - now, 0):.0f} s"
+                    if noted:
+                        log.warning("still no coordinator at %s (%s); %s", address, why, left)
+                    else:
+                        log.warning("no coordinator answers at %s (%s); retrying, %s", address, why, left)
+                    next_note, noted = now + NOTE_EVERY_S, True
                 log.debug("%s: coordinator unreachable (%s); retrying in %.2f s", method, code.name, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.backoff_max_s)
 
-    async def join(self, address: str, last_round: int, epoch: int, has_state: bool, codecs: tuple[str, ...] = ()) -> Joined:
-        """Register (or re-register) with the coordinator; keeps the peer id across rejoins."""
+    async def join(
+        self,
+        address: str,
+        last_round: int,
+        epoch: int,
+        has_state: bool,
+        codecs: tuple[str, ...] = (),
+        patience_s: float | None = None,
+        hint: str = "",
+    ) -> Joined:
+        """Register (or re-register) with the coordinator; keeps the peer id across rejoins.
+
+        ``patience_s``: how long to keep trying an unreachable coordinator (None: the config's).
+        """
         request = pb.JoinRequest(
             run_id=self.config.run_id,
             address=address,
@@ -207,7 +297,7 @@ class MembershipClient:
             name=self.config.name,
             codecs=list(codecs),
         )
-        reply = await self._call("Join", request, self.config.rpc_timeout_s)
+        reply = await self._call("Join", request, self.config.rpc_timeout_s, patience_s, hint)
         self.peer_id = reply.peer_id
         self.unregistered.clear()
         log.info("joined run %s as %s (epoch %d); state from %s", self.config.run_id, reply.peer_id, reply.epoch, reply.sync_from or "-")
@@ -238,6 +328,7 @@ class MembershipClient:
                     bytes_received=received,
                     activity=s.activity,
                     samples=s.samples,
+                    eval_loss=s.eval_loss,
                 ),
             )
             try:
@@ -300,12 +391,13 @@ class MembershipClient:
             raise CommitUnknown(lost) from None
         return CommitOutcome(commit=reply.commit, reason=reply.reason, epoch=reply.epoch, dropped=tuple(reply.dropped))
 
-    async def leave(self, reason: str = "") -> None:
-        """Tell the coordinator this peer leaves the run (best effort)."""
+    async def leave(self, reason: str = "", timeout_s: float | None = None) -> None:
+        """Tell the coordinator this peer leaves the run (best effort, within timeout_s; None: one RPC deadline)."""
         if not self.peer_id:
             return
         request = pb.LeaveRequest(run_id=self.config.run_id, peer_id=self.peer_id, reason=reason)
+        timeout = self.config.rpc_timeout_s if timeout_s is None else timeout_s
         try:
-            await self._call("Leave", request, self.config.rpc_timeout_s, patience_s=self.config.rpc_timeout_s)
+            await self._call("Leave", request, timeout, patience_s=timeout)
         except LoconetError as exc:
             log.info("leave not delivered: %s", exc)

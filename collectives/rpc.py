@@ -28,23 +28,18 @@ module only:
   ``grpc.aio.ServerInterceptor`` returned by ``server_interceptors(role)``,
   which ``make_server`` already installs.
 
-Addresses: a process binds ``host`` (``--host``, an interface) and tells
-others ``advertise`` (``--advertise HOST[:PORT]``, default: the bound
-address). Binding every interface (0.0.0.0, ::) without ``--advertise``
-logs a warning and the bound address is still what others get: the user may
-route it some way we cannot see, but usually wants ``--advertise``.
+Addresses (parsing, what a server advertises, routes) are in ``collectives.addresses``.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from collectives.addresses import format_address
 from collectives.errors import AddressInUse, ConfigError
 
 log = logging.getLogger(__name__)
@@ -55,7 +50,6 @@ DEFAULT_MESSAGE_BYTES = 4 << 20
 DEFAULT_KEEPALIVE_S = 10.0
 SECURITY_MODES = ("insecure",)
 ROLES = ("peer", "coordinator")
-WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 
 # Server option: gRPC sets SO_REUSEPORT by default, so a second server could bind a port
 # already in use and silently take half of its connections (two coordinators of one run,
@@ -253,93 +247,3 @@ async def health_check(address: str, timeout_s: float, settings: RpcSettings | N
     finally:
         await channel.close()
     return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-# -- addresses ---------------------------------------------------------------------------
-
-# A DNS name or an IPv4 address: letters, digits, dots, hyphens, underscores.
-_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
-# Digits and dots only: meant as an IPv4 address, so it must be one (not 10.0.0.256).
-_DOTTED = re.compile(r"[0-9.]+")
-
-
-def _is_ipv4(host: str) -> bool:
-    try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def format_address(host: str, port: int) -> str:
-    """host:port, with IPv6 hosts bracketed."""
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """(host, port) of a host:port address (IPv6 hosts bracketed); ValueError if it has no port."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address {address!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
-def parse_advertise(value: str) -> tuple[str, int | None]:
-    """(host, port or None) of an ``--advertise HOST[:PORT]`` value; ConfigError saying what is wrong."""
-    usage = "expected HOST or HOST:PORT, with IPv6 hosts bracketed ([::1] or [::1]:7070)"
-    text = value.strip()
-    if "://" in text:
-        raise ConfigError(f"--advertise {value!r}: give a host and port, not a URL; {usage}")
-    if text.startswith("["):
-        inside, sep, rest = text[1:].partition("]")
-        if not sep:
-            raise ConfigError(f"--advertise {value!r}: unclosed '['; {usage}")
-        try:
-            ipaddress.IPv6Address(inside)
-        except ValueError:
-            raise ConfigError(f"--advertise {value!r}: {inside!r} is not an IPv6 address; {usage}") from None
-        host, port_text = inside, rest
-        if port_text and not port_text.startswith(":"):
-            raise ConfigError(f"--advertise {value!r}: unexpected {port_text!r} after ']'; {usage}")
-        port_text = port_text[1:] if port_text else None
-    else:
-        if text.count(":") > 1:
-            raise ConfigError(f"--advertise {value!r}: too many ':' (bracket IPv6 hosts); {usage}")
-        host, sep, port_text = text.partition(":")
-        port_text = port_text if sep else None
-        if not _HOSTNAME.fullmatch(host) or (_DOTTED.fullmatch(host) and not _is_ipv4(host)):
-            raise ConfigError(f"--advertise {value!r}: {host!r} is not a host name or address; {usage}")
-    if host in WILDCARD_HOSTS:
-        raise ConfigError(
-            f"--advertise {value!r}: nobody can connect to {host}; give this machine's address or name as others reach it"
-        )
-    if port_text is None:
-        return host, None
-    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
-        raise ConfigError(f"--advertise {value!r}: port must be a number in 1..65535, got {port_text!r}")
-    return host, int(port_text)
-
-
-# Roles already warned about binding every interface: a process (an in-process harness too)
-# says it once, not for every transport it starts.
-_warned_wildcard: set[str] = set()
-
-
-def advertised_address(host: str, bound_port: int, advertise: str | None, *, role: str) -> str:
-    """The address others reach a server at: advertise (its port, or the bound one), else the bound address.
-
-    Warns once per role when the bound address is every interface and nothing is
-    advertised: other machines cannot connect to 0.0.0.0 or ::.
-    """
-    if advertise is not None:
-        adv_host, adv_port = parse_advertise(advertise)
-        return format_address(adv_host, bound_port if adv_port is None else adv_port)
-    address = format_address(host, bound_port)
-    if host.strip("[]") in WILDCARD_HOSTS and role not in _warned_wildcard:
-        _warned_wildcard.add(role)
-        log.warning(
-            "the %s listens on every interface and tells others %s, which they cannot connect to; "
-            "pass --advertise HOST[:PORT] with the address other machines reach this one at",
-            role, address,
-        )
-    return address

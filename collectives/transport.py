@@ -15,7 +15,8 @@ deadline on every call.
 Its server and channels come from ``collectives.rpc`` (options, credentials
 hook, health service). It binds ``host`` and reports ``advertise`` as its
 ``address``: what it registers with the coordinator and what joiners fetch
-state from.
+state from. Without ``advertise``, a wildcard bind reports this machine's
+address on its route to the coordinator (see ``collectives.rpc``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from collectives.addresses import advertised_address, check_reachable, parse_advertise, split_address
 from collectives.errors import ConfigError
 from collectives.ratelimit import TokenBucket, format_bandwidth, parse_bandwidth
 from collectives.rpc import (
@@ -38,13 +40,10 @@ from collectives.rpc import (
     DEFAULT_MESSAGE_BYTES,
     RpcSecurity,
     RpcSettings,
-    advertised_address,
     bind,
     health_check,
     make_channel,
     make_server,
-    parse_advertise,
-    split_address,
 )
 from collectives.stats import TrafficCounters
 
@@ -77,7 +76,10 @@ class TransportConfig:
     port: int = field(default=0, metadata={"help": "data-plane port (0: any free port)"})
     advertise: str | None = field(
         default=None,
-        metadata={"help": "HOST[:PORT] other peers reach this one at (HOST alone: the bound port; none: --host)"},
+        metadata={
+            "help": "HOST[:PORT] other peers reach this one at (HOST alone: the bound port); "
+            "without it, --host, or with --host 0.0.0.0 this machine's address on its route to the coordinator"
+        },
     )
     # Largest payload per streamed message; parts are cut into chunks of this size.
     chunk_bytes: int = field(default=1 << 20, metadata={"cli": False})
@@ -211,14 +213,20 @@ class Transport:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    def start(self, handlers: Sequence[grpc.GenericRpcHandler] = ()) -> str:
+    def start(self, handlers: Sequence[grpc.GenericRpcHandler] = (), *, coordinator: str | None = None) -> str:
         """Start the loop thread and the server with these handlers; return the address others reach it at.
 
         That is ``advertise`` when configured (``bound_address`` is what it bound).
-        The server also answers the standard gRPC health service (grpc.health.v1).
+        ``coordinator`` (HOST:PORT, the address every member of the run reaches)
+        decides what a wildcard bind advertises, and a loopback bind while it is on
+        another machine raises ConfigError before anything starts
+        (``collectives.addresses.check_reachable``). The server also answers the
+        standard gRPC health service (grpc.health.v1).
         """
         if self._thread is not None:
             raise RuntimeError("transport already started")
+        if coordinator is not None:
+            check_reachable(self.config.host, self.config.advertise, coordinator)
         loop = asyncio.new_event_loop()
         ready = threading.Event()
 
@@ -239,7 +247,11 @@ class Transport:
             self.close()
             raise
         self._address = advertised_address(
-            self.config.host, split_address(self._bound_address)[1], self.config.advertise, role="peer"
+            self.config.host,
+            split_address(self._bound_address)[1],
+            self.config.advertise,
+            role="peer",
+            coordinator=coordinator,
         )
         if self._address == self._bound_address:
             log.info("transport listening on %s", self._address)

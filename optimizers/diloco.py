@@ -14,8 +14,8 @@ The inner optimizer's state is kept.
 Used like a torch optimizer::
 
     opt = DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=3e-4), peer, sync_every=100)
-    for batch in loader:
-        loss = task.loss(model, batch); loss.backward(); opt.step(); opt.zero_grad()
+    for x, y in loader:
+        loss = loss_fn(model(x), y); loss.backward(); opt.step(samples=len(x), loss=loss); opt.zero_grad()
 
 Failures: a round that aborts is retried by the peer on the survivors; if it
 cannot complete (too few peers, coordinator gone), this peer keeps its inner
@@ -27,7 +27,7 @@ parameters, outer state; the local parameters restart from them).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -75,15 +75,12 @@ class DiLoCo(OuterOptimizer):
         self.samples_since_sync = 0
         self.last_sync_time = time.monotonic()
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None, samples: int = 1) -> torch.Tensor | None:
-        """One inner step; also an outer step when a sync is due. ``samples``: how many this step trained on."""
-        loss = self.inner.step(closure)
-        self.inner_steps += 1
+    def _stepped(self, samples: int) -> None:
+        """Count the step and its samples (this peer's weight in the next round); sync when due."""
         self.steps_since_sync += 1
         self.samples_since_sync += samples
         if self._sync_due():
             self.sync()
-        return loss
 
     def _sync_due(self) -> bool:
         if self.config.sync_seconds is not None:

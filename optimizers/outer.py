@@ -1,20 +1,30 @@
 """What every algorithm that syncs pseudo-gradients shares: its base config, its records, its torch.optim surface.
 
 An algorithm (DiLoCo, Streaming DiLoCo, a plugin) subclasses ``OuterOptimizer``
-and says three things: when a round is due (``step``), which global
-parameters a round carries (``round_indices(tag)``), and how much of the
-local side survives an outer step (``mix_alpha``). The base class takes a
-round's outcome: on commit, the outer step on those parameters and the mix
-into the model; on ``Resynced``, the run's state; on ``CaughtUp`` (the round
-went on without this peer), the committed results applied in order, so the
-peer stays identical without a full state fetch; on local divergence, a
-restart from the global state; on any other failure, nothing (local
-progress is kept and the next sync tries again).
+and says three things: when a round is due (``_stepped``, called after each
+inner step), which global parameters a round carries (``round_indices(tag)``),
+and how much of the local side survives an outer step (``mix_alpha``). The
+base class takes a round's outcome: on commit, the outer step on those
+parameters and the mix into the model; on ``Resynced``, the run's state; on
+``CaughtUp`` (the round went on without this peer), the committed results
+applied in order, so the peer stays identical without a full state fetch; on
+local divergence, a restart from the global state; on any other failure,
+nothing (local progress is kept and the next sync tries again).
+
+``step(closure=None, samples=1, *, loss=None)`` is torch.optim's ``step``
+plus what only the caller knows: ``samples``, the examples the step trained
+on (the batch size), which weigh this peer's pseudo-gradient in the next
+round and are counted on the dashboard; and ``loss``, the step's training
+loss (the closure's, when there is one). The base class reports both, with
+the step count and steps per second, to the peer's ``status`` (what its
+heartbeats carry to the coordinator's dashboard), when the peer has one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +98,28 @@ class SyncRecord:
     decisions: list[dict] = field(default_factory=list)
 
 
+class StepRate:
+    """Steps per second, measured over windows of at least window_s seconds (NaN until the first one closes)."""
+
+    def __init__(self, window_s: float = 1.0) -> None:
+        self.window_s = window_s
+        self.rate = math.nan
+        self._start: float | None = None
+        self._steps = 0
+
+    def tick(self, now: float) -> float:
+        """Count a step finished at now (seconds, monotonic); return the rate of the last closed window."""
+        if self._start is None:  # the first step opens the window: the time before it (joining) is not training
+            self._start = now
+            return self.rate
+        self._steps += 1
+        elapsed = now - self._start
+        if elapsed >= self.window_s:
+            self.rate = self._steps / elapsed
+            self._start, self._steps = now, 0
+        return self.rate
+
+
 class OuterOptimizer:
     """The torch.optim surface, the global state and the callbacks of an algorithm; subclasses schedule the rounds."""
 
@@ -100,6 +132,9 @@ class OuterOptimizer:
         self.codec = config.codec_config
         self.aggregator = config.aggregator_config
         self.inner_steps = 0
+        # Examples trained on by this process (the status's ``samples``; the rounds' weights count their own).
+        self.samples_trained = 0
+        self._rate = StepRate()
         self.history: list[SyncRecord] = []
         self.committed_rounds = 0  # rounds of history that committed, kept so nobody rescans it
         # Called as a sync begins, after every committed round (progress displays, checkpoints)
@@ -112,6 +147,10 @@ class OuterOptimizer:
             peer.provide_state(self.snapshot, round_numel=self.round_numel, state_nbytes=self.state.nbytes)
 
     # -- what a subclass says ---------------------------------------------------------
+
+    def _stepped(self, samples: int) -> None:
+        """An inner step trained on samples examples: count them, and run the rounds now due."""
+        raise NotImplementedError(f"{type(self).__name__} must say when its rounds are due (_stepped)")
 
     def round_indices(self, tag: str) -> Sequence[int]:
         """Indices of the global parameters a round with this tag carries (ConfigError for a tag it never uses)."""
@@ -144,6 +183,45 @@ class OuterOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients, like the inner optimizer."""
         self.inner.zero_grad(set_to_none=set_to_none)
+
+    def step(
+        self,
+        closure: Callable[[], torch.Tensor] | None = None,
+        samples: int = 1,
+        *,
+        loss: torch.Tensor | float | None = None,
+    ) -> torch.Tensor | None:
+        """One inner step, then the rounds now due; returns the closure's loss (torch.optim's ``step``).
+
+        ``samples``: examples this step trained on (the batch size, not ``len`` of an
+        ``(x, y)`` pair). ``loss``: the step's training loss, for the peer's status;
+        without it, the closure's.
+        """
+        try:
+            samples = operator.index(samples)
+        except TypeError:
+            raise TypeError(f"samples counts the examples a step trained on (an int); got {samples!r}") from None
+        if samples < 0:
+            raise ValueError(f"samples counts the examples a step trained on; got {samples}")
+        closure_loss = self.inner.step(closure)
+        self.inner_steps += 1
+        self.samples_trained += samples
+        # Before the rounds: a blocking sync then shows this step, and the loss that led to it.
+        self._report(closure_loss if loss is None else loss)
+        self._stepped(samples)
+        return closure_loss
+
+    def _report(self, loss: torch.Tensor | float | None) -> None:
+        """Put the step count, loss, samples and speed on the peer's status (its heartbeats carry them)."""
+        status = getattr(self.peer, "status", None)
+        if status is None:  # a LocalPeer, or any peer nobody watches: no device sync for the loss
+            return
+        status.step = self.inner_steps
+        status.samples = self.samples_trained
+        status.steps_per_s = self._rate.tick(time.monotonic())
+        if loss is not None:
+            status.loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        status.activity = "training"
 
     # -- rounds ---------------------------------------------------------------------------
 

@@ -3,6 +3,11 @@
 ``collectives.elastic.ElasticCollective`` is the real one. ``LocalPeer`` is
 a run of one (no network: the round's aggregate of one contribution), for
 training alone and for tests of the optimizer math.
+
+A peer may have a ``status`` (``collectives.membership.PeerStatus``, what
+its heartbeats report); the optimizer fills its step, loss, samples and
+speed after every step. A peer without one (None, or no such attribute) is
+simply not reported on.
 """
 
 from __future__ import annotations
@@ -19,12 +24,16 @@ from collectives.aggregators import AggregatorConfig, aggregate_rows, make_aggre
 from collectives.codecs import CodecConfig, make_codec
 from collectives.elastic import Weight
 from collectives.errors import NonFiniteError
-from collectives.membership import RoundPlan
+from collectives.membership import PeerStatus, RoundPlan
 from collectives.parts import flatten, unflatten_like
 
 
 class SyncPeer(Protocol):
     """A member of a run (see collectives.elastic.ElasticCollective)."""
+
+    @property
+    def status(self) -> PeerStatus | None:
+        """What the peer reports about its training (ElasticCollective: in its heartbeats); None: nobody watches."""
 
     def sync(
         self,
@@ -58,9 +67,11 @@ class LocalResult:
 class LocalPeer:
     """A run of one peer: each round's result is the aggregate of its one contribution, after the codec round trip."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: PeerStatus | None = None) -> None:
+        """``status``: where the optimizer reports its training (None: not reported, as nobody watches a run of one)."""
         self._rounds = itertools.count(1)
         self.bytes_sent = 0
+        self.status = status
 
     def sync(
         self,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -134,10 +134,8 @@ class StreamingDiLoCo(OuterOptimizer):
         self.samples = [0] * config.fragments
         self.inflight: _InFlight | None = None
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None, samples: int = 1) -> torch.Tensor | None:
-        """One inner step; starts and finishes fragment rounds on schedule."""
-        loss = self.inner.step(closure)
-        self.inner_steps += 1
+    def _stepped(self, samples: int) -> None:
+        """Count the step's samples (every fragment's weight); finish and start fragment rounds on schedule."""
         for f in range(self.config.fragments):
             self.samples[f] += samples
         if self.inflight is not None and self.inner_steps >= self.inflight.apply_at:
@@ -148,7 +146,6 @@ class StreamingDiLoCo(OuterOptimizer):
             self._start()
             if self.config.overlap == 0 and self.inflight is not None:
                 self._finish()
-        return loss
 
     def _round_due(self) -> bool:
         # A fragment round starts each time step * P // H grows: every H/P steps on average.

@@ -322,7 +322,8 @@ def run_demo_command(ns: argparse.Namespace) -> int:
         defaults,
         peers=ns.peers,
         run_id="demo",
-        train=local_run("diloco", steps=ns.steps),
+        # An eval per round, so the dashboard's eval curve fills in as the demo runs.
+        train=dataclasses.replace(local_run("diloco", steps=ns.steps), eval_every=LOCAL_SYNC_EVERY),
         coordinator=dataclasses.replace(defaults.coordinator, dashboard_port=ns.dashboard_port, min_peers=ns.peers),
         progress=sys.stderr.isatty(),
     )

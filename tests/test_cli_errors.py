@@ -1,6 +1,8 @@
 """A user's mistake ends in one line naming the problem and the fix: exit 2 for usage, 1 at runtime, no traceback.
 
-Every case runs the real ``loconet`` command in a child process, as a user would.
+Cases that need a process of their own (a peer, the demo's children, Ctrl-C) run the real
+``loconet`` command in a child process, as a user would; the parent's own checks run
+``peer.cli.main`` in this process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,23 @@ def loconet(*args: str, timeout: float = 90, cwd: Path | None = None) -> subproc
     return subprocess.run(
         [sys.executable, "-m", "peer.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
     )
+
+
+def in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """Run ``peer.cli.main(ARGS)`` here (for checks made before any process starts); what it printed."""
+    from peer import cli
+
+    sigterm, verbosity = signal.getsignal(signal.SIGTERM), os.environ.get("GRPC_VERBOSITY")
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+        if verbosity is None:
+            os.environ.pop("GRPC_VERBOSITY", None)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -63,8 +82,8 @@ def test_a_taken_coordinator_port_names_the_port_and_the_option(taken_port):
     assert f"127.0.0.1:{taken_port}" in line and "--port" in line
 
 
-def test_a_taken_dashboard_port_names_the_port_and_the_option(taken_port):
-    result = loconet("coordinator", "--port", "0", "--dashboard-port", str(taken_port))
+def test_a_taken_dashboard_port_names_the_port_and_the_option(taken_port, capsys):
+    result = in_process(capsys, "coordinator", "--port", "0", "--dashboard-port", str(taken_port))
     line = one_line_error(result)
     assert result.returncode == 1
     assert f"127.0.0.1:{taken_port}" in line and "--dashboard-port" in line
@@ -109,27 +128,27 @@ def test_a_wrong_run_says_which_run_the_coordinator_serves(coordinator):
         (("--aggregator", "krum:f=x"), "krum parameter f must be a number"),
     ],
 )
-def test_the_harness_checks_its_arguments_before_starting_any_process(tmp_path, args, says):
-    result = loconet("harness", "--workdir", str(tmp_path / "run"), *args)
+def test_the_harness_checks_its_arguments_before_starting_any_process(tmp_path, capsys, args, says):
+    result = in_process(capsys, "harness", "--workdir", str(tmp_path / "run"), *args)
     line = one_line_error(result)
     assert result.returncode == 2 and says in line
     assert not list((tmp_path / "run").glob("*.log"))  # no coordinator or peer was started
 
 
-def test_the_demo_checks_its_arguments_before_starting_any_process():
-    result = loconet("demo", "--steps", "0")
+def test_the_demo_checks_its_arguments_before_starting_any_process(capsys):
+    result = in_process(capsys, "demo", "--steps", "0")
     assert result.returncode == 2
     assert one_line_error(result).endswith("train for at least one step (--steps) or a duration (--duration)")
 
 
-def test_a_bad_option_value_is_a_usage_error():
-    result = loconet("peer", "--steps", "many")
+def test_a_bad_option_value_is_a_usage_error(capsys):
+    result = in_process(capsys, "peer", "--steps", "many")
     assert result.returncode == 2 and "invalid int value: 'many'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_with_v_an_error_also_shows_its_traceback(taken_port):
-    result = loconet("coordinator", "-v", "--port", str(taken_port), "--dashboard-port", "none")
+def test_with_v_an_error_also_shows_its_traceback(taken_port, capsys):
+    result = in_process(capsys, "coordinator", "-v", "--port", str(taken_port), "--dashboard-port", "none")
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "AddressInUse" in result.stderr
     assert result.stderr.rstrip().splitlines()[-1].startswith("loconet: error: cannot listen on")

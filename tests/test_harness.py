@@ -82,23 +82,25 @@ def test_a_straggler_is_waited_for_in_every_round_not_dropped(tmp_path):
 
 
 def test_first_k_rounds_go_on_without_a_paused_peer_which_then_applies_their_results(tmp_path):
-    # The pause misses a few rounds; with Adam's larger state, their results are the cheaper way back (a peer
-    # takes whichever costs fewer bytes), so long as its peers still keep them.
+    # The pause (shorter than the lease, so peer4 stays a member) spans a round or more at this pace.
+    pause_s = 5.0
     report, harness = run_scenario(
-        "pause:peer4@round2,for=2.5s", peers=5, workdir=tmp_path, keep_results=4,
-        train=TrainConfig.of("diloco", steps=720, sync_every=60, round_timeout_s=10, outer=OuterConfig("adam", lr=0.02)),
-        coordinator=CoordinatorConfig(lease_s=3.0, heartbeat_s=0.5, dashboard_port=0, quorum="first-k:4"),
+        f"pause:peer4@round2,for={pause_s:g}s", peers=5, workdir=tmp_path, keep_results=4,
+        train=TrainConfig.of("diloco", steps=480, sync_every=60, round_timeout_s=10, outer=OuterConfig("adam", lr=0.02)),
+        coordinator=CoordinatorConfig(lease_s=8.0, heartbeat_s=0.5, dashboard_port=0, quorum="first-k:4"),
     )
     assert_healthy(report, alive=5)
     paused = harness.fired[0].wall
-    during = {r for (r, _), t in harness.committed_rounds().items() if paused < t < paused + 2.5}
+    during = {r for (r, _), t in harness.committed_rounds().items() if paused < t < paused + pause_s}
     assert during, "rounds committed while peer4 was paused"
     events = harness.peers["peer4"].events
     late = {e["round"] for e in events if e["event"] == "committed" and not e["contributed"]}
     assert during <= late, "peer4 applied the results of the rounds that went on without it"
     timeline = [(round(e["t"] - paused, 2), e["event"], e.get("round"), e.get("reason")) for e in events]
     reasons = [e["reason"] for e in events if e["event"] == "sync-missed"]
-    assert not any("resynced" in r for r in reasons), f"it never needed the whole state: {timeline}"
+    if len(during) <= 2:
+        # Two rounds' results cost fewer bytes than Adam's state (parameters and two moments): the peer takes those.
+        assert not any("resynced" in r for r in reasons), f"it never needed the whole state: {timeline}"
 
 
 def test_a_joiner_of_a_run_with_an_adam_outer_optimizer_continues_bit_identically(tmp_path):

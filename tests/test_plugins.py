@@ -69,13 +69,11 @@ class ToyLocalSGD(OuterOptimizer):
     def __init__(self, model, inner, peer, config: ToyConfig | None = None) -> None:
         super().__init__(model, inner, peer, config or ToyConfig())
 
-    def step(self, closure=None, samples: int = 1):
-        loss = self.inner.step(closure)
-        self.inner_steps += 1
+    def _stepped(self, samples: int) -> None:
+        # The base class's step ran the inner step and counted it; say when a round is due.
         if self.inner_steps > self.config.toy_warmup and self.inner_steps % self.config.sync_every == 0:
             self._sync_starts()
             self._conclude(lambda: self._send(TAG, 1.0, wait=True), TAG, started=time.monotonic(), label="toy sync")
-        return loss
 
     def round_indices(self, tag: str) -> Sequence[int]:
         return range(len(self.state.params))

@@ -10,25 +10,23 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from collectives import rpc
+from collectives import addresses
+from collectives.addresses import advertised_address, parse_advertise, split_address
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError
 from collectives.rpc import (
     COORDINATOR_SETTINGS,
     RpcSecurity,
     RpcSettings,
-    advertised_address,
     bind,
     blocking_channel,
     health_check,
     make_server,
-    parse_advertise,
     server_options,
-    split_address,
 )
 from collectives.transport import TransportConfig
-from tests.support.coordinator import CoordinatorThread
 from peer.coordinator.service import CoordinatorConfig
+from tests.support.coordinator import CoordinatorThread
 
 # -- --advertise values ---------------------------------------------------------------------
 
@@ -84,8 +82,8 @@ def test_advertise_with_a_port_is_taken_verbatim():
 
 
 def test_binding_every_interface_without_advertise_warns_once(monkeypatch, caplog):
-    monkeypatch.setattr(rpc, "_warned_wildcard", set())
-    with caplog.at_level(logging.WARNING, logger="collectives.rpc"):
+    monkeypatch.setattr(addresses, "_warned_wildcard", set())
+    with caplog.at_level(logging.WARNING, logger="collectives.addresses"):
         assert advertised_address("0.0.0.0", 1234, None, role="peer") == "0.0.0.0:1234"
         assert advertised_address("::", 1234, None, role="peer") == "[::]:1234"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -93,8 +91,8 @@ def test_binding_every_interface_without_advertise_warns_once(monkeypatch, caplo
 
 
 def test_a_loopback_bind_does_not_warn(monkeypatch, caplog):
-    monkeypatch.setattr(rpc, "_warned_wildcard", set())
-    with caplog.at_level(logging.WARNING, logger="collectives.rpc"):
+    monkeypatch.setattr(addresses, "_warned_wildcard", set())
+    with caplog.at_level(logging.WARNING, logger="collectives.addresses"):
         assert advertised_address("127.0.0.1", 1234, None, role="peer") == "127.0.0.1:1234"
     assert not caplog.records
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from collectives.addresses import parse_advertise
 from collectives.errors import ConfigError
-from collectives.rpc import parse_advertise
+from collectives.membership import DEFAULT_RUN_ID
 from peer.coordinator.policies import QuorumPolicy, parse_policy
 from peer.coordinator.rules import QuorumRules
 
@@ -35,7 +36,7 @@ def _port_or_off(text: str) -> int | None:
 class CoordinatorConfig:
     """Settings of a coordinator process (filled by ``loconet coordinator``)."""
 
-    run_id: str = field(default="demo", metadata={"help": "run id this coordinator serves", "flag": "run"})
+    run_id: str = field(default=DEFAULT_RUN_ID, metadata={"help": "run id this coordinator serves", "flag": "run"})
     host: str = field(
         default="127.0.0.1", metadata={"help": "interface to serve gRPC on (127.0.0.1: this machine only)"}
     )

@@ -13,18 +13,11 @@ import logging
 
 import grpc
 
-from protos import membership_pb2 as pb
+from collectives.addresses import advertised_address, format_address, split_address
 from collectives.errors import AddressInUse
-from collectives.rpc import (
-    COORDINATOR_SETTINGS,
-    RpcSettings,
-    advertised_address,
-    bind,
-    format_address,
-    make_server,
-    split_address,
-)
+from collectives.rpc import COORDINATOR_SETTINGS, RpcSettings, bind, make_server
 from peer.coordinator.service import Coordinator, CoordinatorConfig
+from protos import membership_pb2 as pb
 
 log = logging.getLogger(__name__)
 

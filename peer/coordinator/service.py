@@ -33,9 +33,8 @@ import time
 
 import grpc
 
-from protos import membership_pb2 as pb
-from protos import membership_pb2_grpc as pb_grpc
 from collectives.membership import NO_QUORUM
+from collectives.rpc import health_check
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.quorum import BadRequest, Quorums
 from peer.coordinator.rules import (
@@ -48,9 +47,10 @@ from peer.coordinator.rules import (
     peers_to_probe,
     rounds_to_catch_up,
 )
-from collectives.rpc import health_check
-from peer.coordinator.statefile import SavedRun, load_run, save_run
 from peer.coordinator.runstate import PeerRecord, RunState
+from peer.coordinator.statefile import SavedRun, load_run, save_run
+from protos import membership_pb2 as pb
+from protos import membership_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

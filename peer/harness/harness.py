@@ -26,11 +26,10 @@ import grpc
 
 from collectives.elastic import ElasticConfig
 from collectives.errors import ConfigError, LoconetError
+from collectives.membership import DEFAULT_RUN_ID
 from collectives.ratelimit import parse_bandwidth
 from collectives.rpc import blocking_channel
 from collectives.transport import codec_threads_for
-from protos import membership_pb2 as pb
-from protos import membership_pb2_grpc as pb_grpc
 from peer.coordinator.config import CoordinatorConfig
 from peer.harness.control import write_control
 from peer.harness.processes import CoordinatorProc, Proc, daemon_peer, stop_all
@@ -40,6 +39,8 @@ from peer.runtime.training import TrainConfig, local_run
 from peer.tasks.base import TaskConfig
 from peer.tasks.registry import make_task
 from peer.trainoptions import task_args, train_args
+from protos import membership_pb2 as pb
+from protos import membership_pb2_grpc as pb_grpc
 
 # The coordinator options the harness sets itself for every coordinator it starts.
 COORDINATOR_OPTIONS_SET_BY_HARNESS = ("run", "host", "port", "advertise", "dashboard-host", "startup-grace", "state-file")
@@ -56,7 +57,7 @@ class HarnessConfig:
     """A local network: its peers, what they train, the faults to inject (options of ``loconet harness``)."""
 
     peers: int = field(default=4, metadata={"help": "peers at the start (joiners come on top)"})
-    run_id: str = field(default="harness", metadata={"help": "run id", "flag": "run"})
+    run_id: str = field(default=DEFAULT_RUN_ID, metadata={"help": "run id", "flag": "run"})
     task: str = field(default="synthetic-lm", metadata={"help": "synthetic-lm, text-lm, or package.module:function"})
     task_config: TaskConfig = field(default_factory=TaskConfig, metadata={"cli": False})
     train: TrainConfig = field(

@@ -3,13 +3,27 @@
 It joins the run through the coordinator, takes the run's state (or resumes
 its own checkpoint and then re-syncs with the group), trains the task with
 DiLoCo or Streaming DiLoCo, reports its loss, speed and bytes in heartbeats,
-shows progress in the terminal, writes checkpoints atomically after committed
-rounds, and on SIGTERM/SIGINT stops at the next step boundary, finishes any
-round in flight by the protocol, writes a last checkpoint and leaves the run.
+and writes checkpoints atomically after committed rounds.
 
-With ``--events`` it also prints one JSON object per line on stdout (joined,
-committed, eval, finished) for the harness and tests. A harness controls it
-through one narrow hook (``PeerHooks``; ``peer/harness/control.py``).
+A wrong ``--coordinator`` shows within seconds: a warning names the address
+and what answered there (nothing, or not a coordinator), a countdown follows,
+and after ``--connect-timeout`` the peer gives up with a one-line error.
+
+SIGTERM and SIGINT stop it at once in every phase (connecting, joining,
+fetching the state, training, syncing): the first signal interrupts the
+blocking call in flight (``ElasticCollective.interrupt``; nothing of an
+interrupted round is applied), the peer writes a last checkpoint if it had
+joined, leaves the run (so a round waiting for it goes on without it) and
+exits with 0 for SIGTERM, 130 for SIGINT. A second signal ends it
+immediately.
+
+What it prints (``peer/runtime/display.py``): a line when it joins, one per
+committed round and a summary, on stdout (plain text, or rich on a
+terminal), and a live bar on stderr when stderr is a terminal. With
+``--events`` stdout carries only JSON objects, one per line (connecting,
+joined, sync-start, committed, eval, finished...), for the harness and
+tests, and the human lines go to stderr. A harness controls the peer through
+one narrow hook (``PeerHooks``; ``peer/harness/control.py``).
 """
 
 from __future__ import annotations
@@ -26,11 +40,15 @@ from typing import Protocol
 
 import torch
 
+from collectives.addresses import coordinator_address
 from collectives.allocator import tune_malloc
 from collectives.allreduce import AllReduceConfig
-from collectives.elastic import ElasticCollective, ElasticConfig
+from collectives.elastic import LEAVE_ON_STOP_S, ElasticCollective, ElasticConfig, Stopped
+from collectives.errors import ConfigError
+from collectives.membership import DEFAULT_RUN_ID
 from collectives.transport import TransportConfig
 from peer.runtime.checkpoint import load_latest, save_checkpoint
+from peer.runtime.display import PeerDisplay, RoundFigures, Summary, bar_info, choose_streams, joined_line
 from peer.runtime.training import Progress, TrainConfig, TrainLoop, make_optimizer
 from peer.tasks.base import TaskConfig
 from peer.tasks.registry import make_task
@@ -42,8 +60,16 @@ log = logging.getLogger(__name__)
 class PeerConfig:
     """Everything ``loconet peer`` is told (its options come from these fields)."""
 
-    coordinator: str = field(default="127.0.0.1:7070", metadata={"help": "host:port of the run's coordinator"})
-    run_id: str = field(default="demo", metadata={"help": "run id", "flag": "run"})
+    coordinator: str = field(
+        default="127.0.0.1:7070",
+        metadata={"help": "host:port of the run's coordinator, as `loconet coordinator` prints it (a port alone: "
+                  "this machine)"},
+    )
+    connect_timeout_s: float = field(
+        default=ElasticConfig.connect_timeout_s,
+        metadata={"help": "seconds to keep trying to reach the coordinator before giving up"},
+    )
+    run_id: str = field(default=DEFAULT_RUN_ID, metadata={"help": "run id", "flag": "run"})
     task: str = field(default="synthetic-lm", metadata={"help": "synthetic-lm, text-lm, or package.module:function"})
     task_config: TaskConfig = field(default_factory=TaskConfig, metadata={"cli": False})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"cli": False})
@@ -60,9 +86,19 @@ class PeerConfig:
         default=ElasticConfig.keep_results,
         metadata={"help": "recent rounds' results kept for peers that were late for them"},
     )
-    events: bool = field(default=False, metadata={"help": "print JSON events on stdout"})
-    progress: bool | None = field(default=None, metadata={"help": "draw a progress bar (default: when stderr is a terminal)"})
+    events: bool = field(
+        default=False, metadata={"help": "print JSON events on stdout, and nothing else there (the human lines go to stderr)"}
+    )
+    progress: bool | None = field(
+        default=None, metadata={"help": "draw a live progress bar on stderr (default: when stderr is a terminal)"}
+    )
     threads: int = field(default=1, metadata={"help": "torch threads for training"})
+
+    def __post_init__(self) -> None:
+        # Checked here, so a wrong address is a usage error before anything starts.
+        object.__setattr__(self, "coordinator", coordinator_address(self.coordinator))
+        if not self.connect_timeout_s > 0:
+            raise ConfigError(f"--connect-timeout must be positive, got {self.connect_timeout_s}")
 
 
 class PeerHooks(Protocol):
@@ -92,45 +128,71 @@ class Events:
             sys.stdout.flush()
 
 
-class ProgressDisplay:
-    """A live line in the terminal (rich), or nothing when stderr is not a terminal."""
+# Exit codes of a requested stop. SIGTERM is how supervisors (systemd, Kubernetes, the harness) ask a peer
+# to stop, and a clean stop is a success; Ctrl-C gives 130 as every loconet command does (docs/cli.md), so a
+# script can tell an interrupted run from a finished one.
+STOP_EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}
 
-    def __init__(self, enabled: bool, total: int | None) -> None:
-        self._bar = None
-        if enabled:
-            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
 
-            self._bar = RichProgress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                TextColumn("step {task.completed}/{task.total}"),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                transient=False,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task("training", total=total, info="")
+class StopSignals:
+    """SIGTERM/SIGINT: the first sets ``stop`` and interrupts the peer's blocking calls; a second ends the process.
 
-    def update(self, p: Progress, sent: int) -> None:
-        """Redraw with the latest figures."""
-        if self._bar is not None:
-            info = f"loss {p.loss:.3f} eval {p.eval_loss:.3f} rounds {p.rounds} {p.steps_per_s:.1f} it/s sent {sent / 1e6:.1f} MB"
-            self._bar.update(self._task, completed=p.step, info=info)
+    The handler only sets flags (no I/O: it may run in the middle of a write). The
+    second signal gets the default action, for a user who does not want to wait.
+    """
 
-    def close(self) -> None:
-        """Stop drawing."""
-        if self._bar is not None:
-            self._bar.stop()
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.signum: int | None = None
+        self._elastic: ElasticCollective | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def watch(self, elastic: ElasticCollective) -> None:
+        """Interrupt this peer's blocking calls on a stop (at once if one came already)."""
+        self._elastic = elastic
+        if self.stop.is_set():
+            elastic.interrupt(f"stopped by {self.name}")
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        self.stop.set()
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        if self._elastic is not None:
+            self._elastic.interrupt(f"stopped by {self.name}")
+
+    @property
+    def name(self) -> str:
+        """SIGTERM, SIGINT, or "" when no signal came."""
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def exit_code(self) -> int:
+        """0 when done or stopped by SIGTERM, 130 when stopped by SIGINT."""
+        return STOP_EXIT_CODES.get(self.signum, 0) if self.signum is not None else 0
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def run_peer(config: PeerConfig, hooks: PeerHooks | None = None) -> int:
-    """Run a peer until its steps are done or it is told to stop; return the exit code."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    """Run a peer until its steps are done or it is told to stop; return the exit code (STOP_EXIT_CODES)."""
+    signals = StopSignals()
+    try:
+        return _run(config, hooks, signals)
+    finally:
+        signals.restore()
+
+
+def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> int:
+    began = time.monotonic()
     tune_malloc()
     torch.set_num_threads(config.threads)
     events = Events(config.events)
+    display = PeerDisplay(*choose_streams(config.events, config.progress, sys.stdout, sys.stderr))
     task = make_task(config.task, config.task_config)
     model = task.build_model()
     train_cfg = config.train
@@ -142,8 +204,10 @@ def run_peer(config: PeerConfig, hooks: PeerHooks | None = None) -> int:
         # The codec and aggregator are the algorithm's, passed with every sync.
         allreduce=AllReduceConfig(timeout_s=train_cfg.round_timeout_s),
         keep_results=config.keep_results,
+        connect_timeout_s=config.connect_timeout_s,
     )
     elastic = ElasticCollective(elastic_cfg)
+    signals.watch(elastic)
     opt = make_optimizer(model, elastic, train_cfg)  # registers itself as the state joiners fetch
     resumed = None
     if config.checkpoint_dir:
@@ -155,35 +219,108 @@ def run_peer(config: PeerConfig, hooks: PeerHooks | None = None) -> int:
             log.info("resumed from %s (step %d, round %d)", path, opt.inner_steps, opt.state.round_id)
     if hooks is not None:
         events.emit("waiting")
-        if not hooks.before_join(stop):
-            return 0
+        if not hooks.before_join(signals.stop):
+            return signals.exit_code()
+    events.emit("connecting", coordinator=config.coordinator)
     t0 = time.monotonic()
-    snapshot = elastic.start(has_state=resumed is not None, last_round=opt.state.round_id)
+    try:
+        # Blocks until joined and holding the run's state; a stop cuts it short (it then leaves and closes).
+        snapshot = elastic.start(has_state=resumed is not None, last_round=opt.state.round_id)
+    except Stopped:
+        where = "while joining" if elastic.peer_id else "before joining"
+        display.line(f"stopped ({signals.name}) {where} run {config.run_id} (coordinator {config.coordinator})")
+        return signals.exit_code()
     if snapshot is not None:
         opt.load_snapshot(snapshot)
+        how = "fetched the run's state"
+    elif resumed is not None:
+        how = f"resumed its checkpoint at step {opt.inner_steps}"
+    else:
+        how = "started the run"
+    sync_s = time.monotonic() - t0
     events.emit(
         "joined",
         peer_id=elastic.peer_id,
         address=elastic.address,
-        sync_s=time.monotonic() - t0,
+        sync_s=sync_s,
         resumed_step=opt.inner_steps,
         round=opt.state.round_id,
         digest=opt.state.digest(),
     )
+    label = f"{elastic.peer_id} ({config.name})" if config.name else elastic.peer_id
+    display.joined(joined_line(config.run_id, label, elastic.address, opt.state.round_id, how, sync_s))
+    try:
+        progress = _train(config, hooks, signals, task, model, opt, elastic, events, display)
+        stopped = signals.stop.is_set()
+        if config.checkpoint_dir:
+            # Consistent even after an interrupted round: nothing of it was applied.
+            _checkpoint(config, model, opt, opt.inner_steps)
+        counters = elastic.transport.counters
+        events.emit(
+            "finished",
+            step=progress.step,
+            eval_loss=progress.eval_loss,
+            rounds=progress.rounds,
+            digest=opt.state.digest(),
+            bytes_sent=counters.bytes_sent,
+            bytes_served=elastic.state_server.bytes_served,
+            bytes_received=counters.bytes_received,
+            stopped=stopped,
+            entropy_floor=task.entropy_floor,
+        )
+    finally:
+        # Leaving tells the coordinator at once, so a round waiting for this peer goes on without it.
+        display.stop_bar()
+        reason = f"stopped by {signals.name}" if signals.stop.is_set() else "finished"
+        elastic.close(leave=True, reason=reason, leave_timeout_s=LEAVE_ON_STOP_S if signals.stop.is_set() else None)
+        log.info("left run %s (%s) and closed", config.run_id, reason)
+    display.summary(
+        Summary(
+            peer=label,
+            run_id=config.run_id,
+            outcome=f"stopped ({signals.name})" if stopped else "finished",
+            steps=opt.inner_steps,  # the step a stop interrupted counts: the optimizer took it
+            total_steps=_total_steps(train_cfg),
+            rounds_committed=opt.committed_rounds,
+            rounds_missed=sum(not r.committed for r in opt.history),
+            eval_loss=progress.eval_loss,
+            bytes_sent=counters.bytes_sent,
+            bytes_received=counters.bytes_received,
+            bytes_served=elastic.state_server.bytes_served,
+            wall_s=time.monotonic() - began,
+            checkpoint_dir=config.checkpoint_dir,
+        )
+    )
+    return signals.exit_code()
+
+
+def _total_steps(train: TrainConfig) -> int | None:
+    """The step budget, or None when the peer trains for a duration instead."""
+    return train.steps if train.duration_s is None else None
+
+
+def _train(config, hooks, signals, task, model, opt, elastic, events, display) -> Progress:
+    """The training loop with its reports (events, heartbeat status, display, checkpoints); the progress made.
+
+    A stop ends it at the next step boundary, or at once when a round is in flight
+    (the round is abandoned, nothing of it applied).
+    """
+    train_cfg = config.train
+    total = _total_steps(train_cfg)
     # A joiner (or a peer that was behind) counts steps from the run's count.
     loop = TrainLoop(task, model, opt, train_cfg, config.shard, config.shards, opt.inner_steps)
-    display = ProgressDisplay(config.progress if config.progress is not None else sys.stderr.isatty(), train_cfg.steps)
     counters = elastic.transport.counters
 
     def on_step(p: Progress) -> None:
         said = hooks.after_step(model) if hooks is not None else None
         if said:
             events.emit(said, step=p.step)
-        s = elastic.status
-        s.step, s.loss, s.samples = p.step, p.loss, p.samples
-        s.steps_per_s = p.steps_per_s
-        s.activity = "training"
-        display.update(p, counters.bytes_sent)
+        # The optimizer put the step, loss, samples and speed on elastic.status (the heartbeats' payload).
+        display.update(p.step, total, bar_info(p.loss, p.eval_loss, p.steps_per_s, p.rounds, counters.bytes_sent))
+
+    def on_eval(step: int, loss: float) -> None:
+        elastic.status.eval_loss = loss
+        events.emit("eval", step=step, eval_loss=loss)
 
     def on_commit(record) -> None:
         if events.enabled:  # the digest hashes every global parameter: only when someone reads it
@@ -200,35 +337,35 @@ def run_peer(config: PeerConfig, hooks: PeerHooks | None = None) -> int:
                 contributed=record.contributed,
                 decisions=record.decisions,
             )
+        display.committed(
+            RoundFigures(
+                round_id=record.round_id,
+                step=opt.inner_steps,
+                total_steps=total,
+                loss=loop.progress.loss,
+                eval_loss=loop.progress.eval_loss,
+                bytes_sent=record.bytes_sent,
+                wall_s=record.wall_s,
+                contributed=record.contributed,
+            )
+        )
         if config.checkpoint_dir and opt.committed_rounds % max(config.checkpoint_every, 1) == 0:
             # Inside the optimizer's step: the model and optimizer are consistent at inner_steps.
             _checkpoint(config, model, opt, opt.inner_steps)
 
     loop.on_step = on_step
-    loop.on_eval = lambda step, loss: events.emit("eval", step=step, eval_loss=loss)
+    loop.on_eval = on_eval
     opt.on_commit = on_commit
     opt.on_sync_start = lambda step: events.emit("sync-start", step=step)
     opt.on_miss = lambda record: events.emit("sync-missed", step=record.step, reason=record.reason[:500])
+    display.start_bar(total, loop.progress.step)
     try:
-        progress = loop.run(stop)
+        return loop.run(signals.stop)
+    except Stopped:
+        log.info("stopped by %s with a round in flight; nothing of it was applied", signals.name)
+        return loop.progress
     finally:
-        display.close()
-    if config.checkpoint_dir:
-        _checkpoint(config, model, opt, opt.inner_steps)
-    events.emit(
-        "finished",
-        step=progress.step,
-        eval_loss=progress.eval_loss,
-        rounds=progress.rounds,
-        digest=opt.state.digest(),
-        bytes_sent=counters.bytes_sent,
-        bytes_served=elastic.state_server.bytes_served,
-        bytes_received=counters.bytes_received,
-        stopped=stop.is_set(),
-        entropy_floor=task.entropy_floor,
-    )
-    elastic.close(leave=True, reason="stopped" if stop.is_set() else "finished")
-    return 0
+        display.stop_bar()
 
 
 def _checkpoint(config: PeerConfig, model: torch.nn.Module, opt, step: int) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from collectives.errors import ConfigError
-from optimizers.outer import OuterOptimizer
+from optimizers.outer import OuterOptimizer, StepRate
 from optimizers.peers import SyncPeer
 from optimizers.registry import get_algorithm
 from peer.tasks.base import Task, batch_stream
@@ -132,7 +132,7 @@ class TrainLoop:
         """Train until done or stop is set; flush a round in flight; evaluate at the end."""
         cfg = self.config
         started = time.monotonic()
-        window_start, window_steps = started, 0
+        rate = StepRate()
         samples = self.task.samples_per_batch()
         self.model.train()
         while not (stop is not None and stop.is_set()):
@@ -142,18 +142,14 @@ class TrainLoop:
                 break
             loss = self.task.loss(self.model, next(self.batches))
             loss.backward()
-            self.optimizer.step(samples=samples)
+            self.optimizer.step(samples=samples, loss=loss)  # it reports step, loss and samples to the run
             self.optimizer.zero_grad()
             p = self.progress
             p.step += 1
             p.samples += samples
             p.loss = loss.item()
             p.rounds = self.optimizer.committed_rounds
-            window_steps += 1
-            now = time.monotonic()
-            if now - window_start >= 1.0:
-                p.steps_per_s = window_steps / (now - window_start)
-                window_start, window_steps = now, 0
+            p.steps_per_s = rate.tick(time.monotonic())
             if self.on_step is not None:
                 self.on_step(p)
             if cfg.eval_every and p.step % cfg.eval_every == 0:
