@@ -376,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     Exit codes: 0 done, 1 a runtime error (one line on stderr; -v adds the traceback),
     2 a usage error (bad option or configuration), 130 interrupted.
     """
+    from peer.harness.processes import die_with_parent_from_env
+
+    die_with_parent_from_env()  # when a harness, benchmark or test started this process
     args = sys.argv[1:] if argv is None else argv
     verbose = any(a in ("-v", "-vv", "--verbose") for a in args)
     if not verbose:

@@ -27,8 +27,8 @@ class ChildFailed(LoconetError):
 
 def die_with_parent() -> None:
     """Ask the kernel to SIGKILL this process when its parent dies (Linux; elsewhere a no-op)."""
-    # Called in a child (before exec, or first thing in a spawned worker): if the process that
-    # started it dies, even by SIGKILL, the child goes too, so a crash leaves no orphans.
+    # Called first thing in a child: if the process that started it dies, even by SIGKILL,
+    # the child goes too, so a crash leaves no orphans.
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -36,6 +36,26 @@ def die_with_parent() -> None:
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
+        pass
+
+
+# How a Proc tells its child which process it must die with. The child sets that up itself, first thing
+# (die_with_parent_from_env): Python code between fork and exec (preexec_fn) can crash the child when the
+# parent has gRPC threads, whose fork handlers then run against a half-copied event engine.
+PARENT_PID_ENV = "LOCONET_DIE_WITH_PARENT"
+
+
+def die_with_parent_from_env() -> None:
+    """In a child a Proc started: die with the parent it names (exit at once if that parent is gone already)."""
+    value = os.environ.pop(PARENT_PID_ENV, None)  # not inherited by this child's own children
+    if value is None:
+        return
+    die_with_parent()
+    try:
+        os.kill(int(value), 0)  # still there? (it may have died before the line above took effect)
+    except ProcessLookupError:
+        os._exit(1)
+    except (ValueError, PermissionError):
         pass
 
 
@@ -53,7 +73,7 @@ class Proc:
             text=True,
             start_new_session=True,
             bufsize=1,
-            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
+            env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
         )
         self.events: list[dict] = []
         self.lines: list[str] = []

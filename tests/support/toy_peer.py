@@ -146,4 +146,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from peer.harness.processes import die_with_parent_from_env
+
+    die_with_parent_from_env()
     raise SystemExit(main())
