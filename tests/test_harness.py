@@ -95,12 +95,14 @@ def test_first_k_rounds_go_on_without_a_paused_peer_which_then_applies_their_res
     assert during, "rounds committed while peer4 was paused"
     events = harness.peers["peer4"].events
     late = {e["round"] for e in events if e["event"] == "committed" and not e["contributed"]}
-    assert during <= late, "peer4 applied the results of the rounds that went on without it"
     timeline = [(round(e["t"] - paused, 2), e["event"], e.get("round"), e.get("reason")) for e in events]
-    reasons = [e["reason"] for e in events if e["event"] == "sync-missed"]
+    resynced = any("resynced" in e["reason"] for e in events if e["event"] == "sync-missed")
     if len(during) <= 2:
-        # Two rounds' results cost fewer bytes than Adam's state (parameters and two moments): the peer takes those.
-        assert not any("resynced" in r for r in reasons), f"it never needed the whole state: {timeline}"
+        # Two rounds' results cost fewer bytes than Adam's state (parameters and two moments): the peer applies them.
+        assert during <= late and not resynced, f"peer4 applied the rounds that went on without it: {timeline}"
+    else:
+        # At a faster pace more rounds went by, whose results cost as much as the state: either way back is right.
+        assert during <= late or resynced, f"peer4 caught up: {timeline}"
 
 
 def test_a_joiner_of_a_run_with_an_adam_outer_optimizer_continues_bit_identically(tmp_path):
