@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from collectives.errors import ConfigError
-from peer.harness.processes import ChildFailed, die_with_parent
+from peer.harness.processes import ChildFailed, die_with_parent, log_tail
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -111,15 +111,6 @@ def print_report(report: dict, as_json: bool, out: TextIO | None = None, fmt: Ca
     for key, value in report.items():
         text = fmt(value).replace("\n", "\n" + " " * (width + 2))  # a multi-line value stays in its column
         out.write(f"{key:>{width}}: {text}\n")
-
-
-def log_tail(path: str | os.PathLike, lines: int = 15) -> str:
-    """The last lines of a log file ('' when it is empty or missing)."""
-    try:
-        tail = pathlib.Path(path).read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return ""
-    return "\n".join(tail)
 
 
 def child_failed(name: str, exitcode: int | None, log_path: str | os.PathLike, what: str = "") -> ChildFailed:

@@ -25,6 +25,15 @@ class ChildFailed(LoconetError):
     """A child process exited, or stayed silent, before doing what was expected of it; see its log."""
 
 
+def log_tail(path: str | os.PathLike, lines: int = 15) -> str:
+    """The last lines of a log file ('' when it is empty or missing)."""
+    try:
+        tail = pathlib.Path(path).read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join(tail)
+
+
 def die_with_parent() -> None:
     """Ask the kernel to SIGKILL this process when its parent dies (Linux; elsewhere a no-op)."""
     # Called first thing in a child: if the process that started it dies, even by SIGKILL,
@@ -146,10 +155,10 @@ class Proc:
         """The last lines the process wrote to stderr, for failure messages."""
         try:
             self.log.flush()
-            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except (OSError, ValueError):
-            return ""
-        return "\nstderr tail:\n" + "\n".join(tail) if tail else ""
+        except ValueError:  # closed: the file holds everything already
+            pass
+        tail = log_tail(self.log_path, lines)
+        return "\nstderr tail:\n" + tail if tail else ""
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
