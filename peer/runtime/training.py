@@ -142,12 +142,12 @@ class TrainLoop:
                 break
             loss = self.task.loss(self.model, next(self.batches))
             loss.backward()
-            self.optimizer.step(samples=samples, loss=loss)  # it reports step, loss and samples to the run
-            self.optimizer.zero_grad()
             p = self.progress
+            p.loss = loss.item()  # read once: the optimizer reports this number rather than reading the tensor again
+            self.optimizer.step(samples=samples, loss=p.loss)  # it reports step, loss and samples to the run
+            self.optimizer.zero_grad()
             p.step += 1
             p.samples += samples
-            p.loss = loss.item()
             p.rounds = self.optimizer.committed_rounds
             p.steps_per_s = rate.tick(time.monotonic())
             if self.on_step is not None:
