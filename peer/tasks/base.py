@@ -5,10 +5,12 @@ a held-out set that is the same for every peer. Everything is deterministic
 from ``TaskConfig.seed``: the model's initial weights, every peer's batch
 stream (per seed, rank, world and batch index) and the eval set.
 
-Built-in tasks (``peer/tasks/registry.py``) are language models on token sequences: a batch
+The built-in language models (``peer/tasks/registry.py``) take token sequences: a batch
 is ``(inputs, targets)``, two int64 tensors of shape ``(batch_size, seq_len)``
 with ``targets[:, t] == inputs[:, t + 1]`` (the next token); the model maps
-inputs to logits of shape ``(batch_size, seq_len, vocab)``. A user task
+inputs to logits of shape ``(batch_size, seq_len, vocab)``. The ``digits``
+classifier takes ``(images, labels)``: float32 ``(batch, 64)`` and int64
+``(batch,)``; it also scores ``accuracy``. A user task
 (``"package.module:function"``) may use any model and batch format as long as
 it provides its own ``loss`` (see ``peer.tasks.user``).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -32,7 +35,13 @@ from collectives.errors import ConfigError
 Batch = tuple[torch.Tensor, torch.Tensor]
 """(inputs, targets) of one training or eval step."""
 
-SPLITS = ("iid", "non-iid")
+SPLITS = ("iid", "non-iid", "by-file")
+"""Values of ``TaskConfig.split``; each task says which it implements (``Task.splits``).
+
+"iid": every peer draws from the whole training data. "non-iid": a task-specific skew (synthetic-lm:
+each peer's own topics; text-lm: a contiguous shard per peer). "by-file": text-lm on a folder, each
+peer reads its own files. Dirichlet label skew is not a split name but ``TaskConfig.dirichlet``.
+"""
 
 
 def batch_stream(source: object, rank: int, world: int, start: int = 0) -> Iterator[Batch]:
@@ -58,10 +67,14 @@ class TaskConfig:
 
     # Everything is deterministic from the seed (model init, data).
     seed: int = field(default=0, metadata={"help": "seed of the model's initial weights and of the data"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per batch"})
+    batch_size: int = field(default=16, metadata={"help": "sequences (digits: images) per batch"})
     seq_len: int = field(default=64, metadata={"help": "tokens per sequence"})
     # How the data is divided among peers.
     split: str = field(default="iid", metadata={"help": "how the data is divided among peers", "choices": SPLITS})
+    dirichlet: float | None = field(
+        default=None,
+        metadata={"help": "split labels across peers by Dirichlet(alpha); small alpha: very non-IID (digits)"},
+    )
     # Model size (small defaults).
     d_model: int = field(default=64, metadata={"help": "model width"})
     n_layers: int = field(default=2, metadata={"help": "transformer layers", "flag": "layers"})
@@ -80,6 +93,20 @@ class TaskConfig:
         need(self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")
         need(self.split in SPLITS, f"split must be one of {', '.join(SPLITS)}; got {self.split!r}")
         need(
+            self.dirichlet is None
+            or (
+                isinstance(self.dirichlet, int | float)
+                and not isinstance(self.dirichlet, bool)
+                and math.isfinite(self.dirichlet)
+                and self.dirichlet > 0
+            ),
+            f"dirichlet (alpha) must be a number > 0, got {self.dirichlet!r}",
+        )
+        need(
+            self.dirichlet is None or self.split == "iid",
+            f"dirichlet replaces the split: leave split at 'iid' when setting dirichlet (got split {self.split!r})",
+        )
+        need(
             self.d_model >= 1 and self.n_layers >= 0 and self.n_heads >= 1,
             "d_model, n_heads must be >= 1 and n_layers >= 0",
         )
@@ -89,6 +116,11 @@ class TaskConfig:
         )
         need(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
         need(self.eval_batches >= 1, f"eval_batches must be >= 1, got {self.eval_batches}")
+
+    @property
+    def partitioning(self) -> str:
+        """How the data is divided: ``split``, or "dirichlet" when ``dirichlet`` is set."""
+        return "dirichlet" if self.dirichlet is not None else self.split
 
 
 class Task(ABC):
@@ -100,10 +132,17 @@ class Task(ABC):
     """
 
     name: str = "task"
+    # The partitionings (TaskConfig.partitioning) this task implements; None: any (a user task reads the config).
+    splits: tuple[str, ...] | None = None
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
         self._eval_cache: list[Batch] | None = None
+        if self.splits is not None and config.partitioning not in self.splits:
+            raise ConfigError(
+                f"task {self.name!r} does not implement the split {config.partitioning!r}; its splits: "
+                f"{', '.join(self.splits)} (--split {'|'.join(SPLITS)}, or --dirichlet ALPHA for 'dirichlet')"
+            )
 
     @abstractmethod
     def build_model(self) -> torch.nn.Module:
@@ -149,6 +188,14 @@ class Task(ABC):
     def samples_per_batch(self) -> int:
         """Samples in one training batch (weights a peer's contribution)."""
         return self.config.batch_size
+
+    def accuracy(self, model: torch.nn.Module) -> float | None:
+        """Fraction of the held-out set classified correctly, for a classification task; None: this task has none."""
+        return None
+
+    def partition_size(self, rank: int, world: int) -> int | None:
+        """Training examples peer ``rank`` of ``world`` holds (to train "E epochs" of them); None: not a finite set."""
+        return None
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """The tasks a peer can train, by name; a new task is one module plus one ``register_task`` line.
 
 ``make_task(name, config)`` gives a registered task (``synthetic-lm``,
-``text-lm``, or one a plugin registered) or a user task named
+``text-lm``, ``digits``, or one a plugin registered) or a user task named
 ``"package.module:function"`` (``peer/tasks/user.py``). Registration happens
 at import time only; the table is read-only afterwards.
 """
@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from collectives.errors import ConfigError
 from peer.tasks.base import Task, TaskConfig
+from peer.tasks.digits import DigitsTask
 from peer.tasks.synthetic import SyntheticLMTask
 from peer.tasks.text import TextLMTask
 from peer.tasks.user import load_user_task
@@ -50,7 +51,8 @@ def make_task(name: str, config: TaskConfig) -> Task:
 def check_task(name: str, config: TaskConfig) -> None:
     """Raise the ConfigError a peer would raise for this task and config, before any process starts.
 
-    Builds the task (its data, not its model), which is cheap for every built-in task, so a
+    Builds the task (its data, not its model), which is cheap for every built-in task (digits
+    imports scikit-learn and loads its 1,797 bundled images), so a
     parent (harness, demo, bench) reports a bad --task, --data or size in one line itself.
     """
     make_task(name, config)
@@ -58,3 +60,4 @@ def check_task(name: str, config: TaskConfig) -> None:
 
 register_task("synthetic-lm", SyntheticLMTask)
 register_task("text-lm", TextLMTask)
+register_task("digits", DigitsTask)

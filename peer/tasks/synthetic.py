@@ -125,6 +125,7 @@ class SyntheticLMTask(Task):
     """Next-token prediction on the seeded Markov chain; ``entropy_floor`` is its exact entropy rate."""
 
     name = "synthetic-lm"
+    splits = ("iid", "non-iid")
 
     def __init__(
         self,

@@ -23,6 +23,15 @@ Splits
     "non-iid": the training part is cut into ``world`` contiguous shards and
     peer i samples windows lying entirely inside shard i, so peers' windows
     are disjoint (different files / topics for a folder corpus).
+    "by-file": for a folder, peer r reads only files i with i % world == r,
+    counting (in sorted path order) the files that hold at least one window
+    of training text (a file wholly in the held-out tail, or shorter than
+    seq_len + 1 characters, is not dealt out). Each window lies inside one
+    file, a file's share proportional to its windows. Fewer such files than
+    peers is a ConfigError rather than shared files: by-file promises each
+    peer its own files (use "non-iid" to cut fewer files into more shards).
+    With Debian's fortunes (/usr/share/games/fortunes) each peer reads
+    different fortune collections. The eval set does not depend on the split.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ class Corpus:
 
     text: str
     files: tuple[str, ...]  # files whose text is in ``text``, in order
+    sizes: tuple[int, ...]  # characters of each of ``files``; in ``text`` they are joined by SEPARATOR
     skipped: tuple[tuple[str, str], ...]  # (file, reason) of files that were not used
 
 
@@ -102,7 +112,7 @@ def read_corpus(path: str | os.PathLike[str]) -> Corpus:
         shown = "; ".join(f"{f}: {why}" for f, why in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         logger.warning("text-lm: skipped %d file(s) that are not UTF-8 text: %s%s", len(skipped), shown, more)
-    corpus = Corpus(SEPARATOR.join(texts), tuple(used), tuple(skipped))
+    corpus = Corpus(SEPARATOR.join(texts), tuple(used), tuple(len(t) for t in texts), tuple(skipped))
     if not corpus.text:
         what = "it is an empty file" if root.is_file() else f"found {len(list_files(root))} file(s)"
         why = f" ({len(skipped)} skipped as not UTF-8 text: {', '.join(f for f, _ in skipped[:3])})" if skipped else ""
@@ -122,6 +132,7 @@ class TextLMTask(Task):
     """Next-character prediction on a text corpus."""
 
     name = "text-lm"
+    splits = ("iid", "non-iid", "by-file")
 
     def __init__(self, config: TaskConfig) -> None:
         super().__init__(config)
@@ -136,6 +147,13 @@ class TextLMTask(Task):
         self.train_tokens = tokens[:n_train]
         self.eval_tokens = tokens[n_train:]
         window = config.seq_len + 1
+        # [lo, hi) of each file's training text, for files holding at least one whole window of it
+        starts = np.cumsum([0] + [size + len(SEPARATOR) for size in corpus.sizes[:-1]])
+        self.file_spans = tuple(
+            (int(lo), int(min(lo + size, n_train)))
+            for lo, size in zip(starts, corpus.sizes)
+            if min(lo + size, n_train) - lo >= window
+        )
         if len(self.eval_tokens) < window:
             raise ConfigError(
                 f"text-lm: corpus {config.data!r} has {len(tokens)} characters; its held-out last 10% "
@@ -166,24 +184,47 @@ class TextLMTask(Task):
         return build_transformer(ModelConfig(self.vocab_size, c.seq_len, c.d_model, c.n_layers, c.n_heads), c.seed)
 
     def shard_bounds(self, rank: int, world: int) -> tuple[int, int]:
-        """[lo, hi) of the training part that peer ``rank``'s windows come from (whole part for "iid")."""
+        """[lo, hi) of the training part that peer ``rank``'s windows come from: whole part ("iid"), a shard."""
         check_rank(rank, world)
         n = len(self.train_tokens)
         if self.config.split == "iid":
             return 0, n
         return rank * n // world, (rank + 1) * n // world
 
+    def spans(self, rank: int, world: int) -> list[tuple[int, int]]:
+        """The [lo, hi) ranges of the training part peer ``rank``'s windows lie in (its files for "by-file")."""
+        check_rank(rank, world)
+        if self.config.split != "by-file":
+            return [self.shard_bounds(rank, world)]
+        if len(self.file_spans) < world:
+            raise ConfigError(
+                f"text-lm: split 'by-file' gives each peer its own files, but {self.config.data!r} has "
+                f"{len(self.file_spans)} file(s) with a window of training text (of {len(self.files)} read; "
+                f"files shorter than seq_len + 1 = {self.config.seq_len + 1} characters or in the held-out "
+                f"last 10% do not count) for {world} peers: use fewer peers, more files, or split 'non-iid'"
+            )
+        return list(self.file_spans[rank::world])
+
     def window_starts(self, rank: int, world: int, index: int) -> np.ndarray:
         """Start offsets (into the training part) of the windows of batch ``index`` of peer ``rank``."""
-        lo, hi = self.shard_bounds(rank, world)
+        spans = self.spans(rank, world)
         window = self.config.seq_len + 1
-        if hi - lo < window:
-            raise ConfigError(
-                f"text-lm: peer {rank} of {world} gets {hi - lo} training characters, fewer than one window "
-                f"(seq_len + 1 = {window}); use a larger corpus, fewer peers, a smaller seq_len or split='iid'"
-            )
         rng = seeded_rng(self.config.seed, "text-train", rank, world, index)
-        return rng.integers(lo, hi - window + 1, size=self.config.batch_size)
+        if len(spans) == 1:
+            lo, hi = spans[0]
+            if hi - lo < window:
+                raise ConfigError(
+                    f"text-lm: peer {rank} of {world} gets {hi - lo} training characters, fewer than one window "
+                    f"(seq_len + 1 = {window}); use a larger corpus, fewer peers, a smaller seq_len or split='iid'"
+                )
+            return rng.integers(lo, hi - window + 1, size=self.config.batch_size)
+        # uniform over the union of every span's window starts (each span holds at least one)
+        lows = np.array([lo for lo, _ in spans], dtype=np.int64)
+        counts = np.array([hi - lo - window + 1 for lo, hi in spans], dtype=np.int64)
+        ends = np.cumsum(counts)
+        picks = rng.integers(0, int(ends[-1]), size=self.config.batch_size)
+        which = np.searchsorted(ends, picks, side="right")
+        return lows[which] + picks - (ends - counts)[which]
 
     def batch(self, rank: int, world: int, index: int) -> Batch:
         """Training batch number ``index`` of peer ``rank`` of ``world`` (what ``batches`` yields at that step)."""
