@@ -27,6 +27,7 @@ import torch
 
 from collectives.errors import ConfigError
 from collectives.statesync import ALLOWED_DTYPES
+from optimizers.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from optimizers.yogi import Yogi
 
 OuterFactory = Callable[[list[torch.Tensor], "OuterConfig"], torch.optim.Optimizer]
@@ -59,13 +60,37 @@ def _yogi(params: list[torch.Tensor], c: OuterConfig) -> torch.optim.Optimizer:
     return Yogi(params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
 
 
+# Flower's server optimizers (optimizers/fedopt.py): lr is Flower's eta (fedavgm: server_learning_rate),
+# betas are (beta_1, beta_2), eps is tau, momentum is fedavgm's server_momentum.
+def _fedadam(params: list[torch.Tensor], c: OuterConfig) -> torch.optim.Optimizer:
+    return FedAdam(params, eta=c.lr, beta_1=c.betas[0], beta_2=c.betas[1], tau=c.eps)
+
+
+def _fedyogi(params: list[torch.Tensor], c: OuterConfig) -> torch.optim.Optimizer:
+    return FedYogi(params, eta=c.lr, beta_1=c.betas[0], beta_2=c.betas[1], tau=c.eps)
+
+
+def _fedadagrad(params: list[torch.Tensor], c: OuterConfig) -> torch.optim.Optimizer:
+    return FedAdagrad(params, eta=c.lr, beta_1=c.betas[0], tau=c.eps)
+
+
+def _fedavgm(params: list[torch.Tensor], c: OuterConfig) -> torch.optim.Optimizer:
+    return FedAvgM(params, server_learning_rate=c.lr, server_momentum=c.momentum)
+
+
 OUTER_OPTIMIZERS: dict[str, OuterFactory] = {
     "sgd": _sgd,
     "adam": _adam,
     "adamw": _adamw,
     "adagrad": _adagrad,
     "yogi": _yogi,
+    "fedadam": _fedadam,
+    "fedyogi": _fedyogi,
+    "fedadagrad": _fedadagrad,
+    "fedavgm": _fedavgm,
 }
+# Flower's server optimizers have no weight decay; a config asking for one is refused, not ignored.
+WITHOUT_WEIGHT_DECAY = frozenset({"fedadam", "fedyogi", "fedadagrad", "fedavgm"})
 
 # The registry name each optimizer was built under (recorded in its state so that peers can compare).
 _BUILT_AS: weakref.WeakKeyDictionary[torch.optim.Optimizer, str] = weakref.WeakKeyDictionary()
@@ -87,19 +112,34 @@ class OuterConfig:
 
     name: str = field(
         default="sgd",
-        metadata={"help": "outer optimizer: sgd, adam, adamw, adagrad, yogi (or a registered plugin)", "flag": "optimizer"},
+        metadata={
+            "help": "outer optimizer: sgd, adam, adamw, adagrad, yogi, or Flower's server optimizers fedadam, "
+            "fedyogi, fedadagrad, fedavgm (or a registered plugin)",
+            "flag": "optimizer",
+        },
     )
     lr: float = field(
         default=0.7,
-        metadata={"help": "outer learning rate; 0.7 suits sgd, adaptive ones (adam, yogi...) need a far smaller one"},
+        metadata={
+            "help": "outer learning rate (Flower's eta; fedavgm: server_learning_rate); 0.7 suits sgd, "
+            "adaptive ones (adam, yogi...) need a far smaller one"
+        },
     )
-    momentum: float = field(default=0.7, metadata={"help": "outer momentum in [0, 1) (sgd only)"})
+    momentum: float = field(default=0.7, metadata={"help": "outer momentum in [0, 1) (sgd; fedavgm: server_momentum)"})
     nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum (sgd only; ignored when momentum is 0)"})
     betas: tuple[float, float] = field(
-        default=(0.9, 0.99), metadata={"help": "decay rates of the first and second moments (adam, adamw, yogi)"}
+        default=(0.9, 0.99),
+        metadata={
+            "help": "decay rates of the first and second moments (adam, adamw, yogi; Flower's beta_1, beta_2 "
+            "for fedadam, fedyogi, fedadagrad, which uses beta_1 only)"
+        },
     )
-    eps: float = field(default=1e-8, metadata={"help": "denominator guard, > 0 (adam, adamw, adagrad, yogi)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "weight decay, >= 0 (adamw: decoupled; others: L2)"})
+    eps: float = field(
+        default=1e-8, metadata={"help": "denominator guard, > 0 (adam, adamw, adagrad, yogi; Flower's tau for fed*)"}
+    )
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "weight decay, >= 0 (adamw: decoupled; others: L2; Flower's fed* have none)"}
+    )
 
     def __post_init__(self) -> None:
         if self.name not in OUTER_OPTIMIZERS:
@@ -124,6 +164,10 @@ class OuterConfig:
             raise ConfigError(f"outer eps must be a positive finite number, got {self.eps!r}")
         if not _is_number(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"outer weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.weight_decay and self.name in WITHOUT_WEIGHT_DECAY:
+            raise ConfigError(
+                f"outer optimizer {self.name!r} has no weight decay (Flower's has none); set outer weight_decay to 0"
+            )
 
 
 def register_outer_optimizer(name: str, factory: OuterFactory) -> None:

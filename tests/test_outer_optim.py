@@ -305,7 +305,7 @@ def test_defaults_are_diloco_sgd():
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("name", "lamb", r"unknown outer optimizer 'lamb'; registered: adagrad, adam, adamw, sgd, yogi"),
+        ("name", "lamb", r"unknown outer optimizer 'lamb'; registered: adagrad, adam, adamw, fedadagrad, fedadam, fedavgm, fedyogi, sgd, yogi"),
         ("lr", 0.0, "outer lr must be a positive"),
         ("lr", float("inf"), "outer lr must be a positive"),
         ("momentum", 1.0, r"outer momentum must be in \[0, 1\)"),
