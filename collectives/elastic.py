@@ -32,6 +32,13 @@ A contribution's weight may be a number or a function of the round's plan
 each attempt: gradient coding's decoding coefficients depend on who made the
 round.
 
+A sync may also pass ``prepare``, a function of the round's plan and the flat
+contribution, run after each attempt's quorum (off the event loop): what is
+sent in that attempt is its result, a new tensor made from the original
+contribution each time, so a retried round never prepares twice. It is how
+differential privacy adds each member's share of the noise, which depends on
+the number of members.
+
 State handed to the caller (``Resynced.snapshot``, ``start()``'s return)
 is applied by the caller, on its own thread: this module never touches the
 model.
@@ -154,6 +161,22 @@ class CaughtUp(LoconetError):
 
 # A contribution's weight: a number, or a function of the round's plan evaluated after the quorum.
 Weight = float | Callable[[RoundPlan], float]
+# What a member sends in an attempt, made from the round's plan and its flat contribution (see the docstring).
+Prepare = Callable[[RoundPlan, torch.Tensor], torch.Tensor]
+
+
+def check_prepared(sent: Any, flat: torch.Tensor, round_id: int) -> torch.Tensor:
+    """``sent`` if it is a new finite fp32 tensor shaped like flat; ProtocolError (this member refuses) otherwise."""
+    if sent is flat:
+        raise ProtocolError(f"prepare returned its input for round {round_id}: it must return a new tensor")
+    if not isinstance(sent, torch.Tensor) or sent.dtype != torch.float32 or sent.shape != flat.shape:
+        got = f"{sent.dtype} {tuple(sent.shape)}" if isinstance(sent, torch.Tensor) else type(sent).__name__
+        raise ProtocolError(f"prepare gave {got} for round {round_id}, not float32 {tuple(flat.shape)}")
+    try:
+        check_finite(sent, f"the prepared values of round {round_id}")
+    except NonFiniteError as exc:
+        raise ProtocolError(str(exc)) from None
+    return sent.contiguous()
 
 
 class RetriesExhausted(RoundFailed):
@@ -448,10 +471,13 @@ class ElasticCollective:
         tag: str = "",
         codec: CodecConfig | None = None,
         aggregator: AggregatorConfig | None = None,
+        prepare: Prepare | None = None,
     ) -> SyncResult:
         """Reduce tensors with the run in a committed round (blocking); raises Resynced, CaughtUp, GroupTooSmall,
         RetriesExhausted, Stopped."""
-        return self.sync_async(tensors, weight=weight, tag=tag, codec=codec, aggregator=aggregator).result()
+        return self.sync_async(
+            tensors, weight=weight, tag=tag, codec=codec, aggregator=aggregator, prepare=prepare
+        ).result()
 
     def sync_async(
         self,
@@ -460,13 +486,17 @@ class ElasticCollective:
         tag: str = "",
         codec: CodecConfig | None = None,
         aggregator: AggregatorConfig | None = None,
+        prepare: Prepare | None = None,
     ) -> concurrent.futures.Future[SyncResult]:
         """Start a sync and return its future; the input is copied first, so training may go on.
 
         ``codec`` and ``aggregator`` override the peer's all-reduce settings for this sync (every
         member of the run must pass the same: the algorithm's). ``weight`` may be a function of
-        the round's plan, called after each attempt's quorum.
+        the round's plan, called after each attempt's quorum; so is ``prepare`` (plan, flat) ->
+        what this attempt sends.
         """
+        if prepare is not None and not callable(prepare):
+            raise TypeError(f"prepare must be a function of (plan, flat tensor), got {prepare!r}")
         flat = flatten(tensors)
         # Refused before the quorum, so a NaN never costs the others a round.
         check_finite(flat, "the values to sync (nothing was sent)")
@@ -480,7 +510,7 @@ class ElasticCollective:
             config = dataclasses.replace(config, aggregator=aggregator)
         if not callable(weight):
             weight = float(weight)
-        return self.transport.submit(self._interruptible(self._sync(flat, weight, tag, like, config)))
+        return self.transport.submit(self._interruptible(self._sync(flat, weight, tag, like, config, prepare)))
 
     def _move(self, round_id: int, to: Phase) -> None:
         if to not in TRANSITIONS[self.phase]:
@@ -489,7 +519,9 @@ class ElasticCollective:
         self.history.append((round_id, to))
         self.membership.status.activity = {Phase.ALLREDUCE: "in-round", Phase.RESYNC: "syncing"}.get(to, self.membership.status.activity)
 
-    async def _sync(self, flat: torch.Tensor, weight: Weight, tag: str, like, allreduce: AllReduceConfig) -> SyncResult:
+    async def _sync(
+        self, flat: torch.Tensor, weight: Weight, tag: str, like, allreduce: AllReduceConfig, prepare: Prepare | None
+    ) -> SyncResult:
         config = self.config
         out = torch.empty_like(flat)
         attempts = 0
@@ -530,10 +562,14 @@ class ElasticCollective:
                 w = float(weight(plan)) if callable(weight) else weight
                 if not math.isfinite(w):
                     raise ProtocolError(f"the weight function gave {w} for round {plan.round_id}")
+                sent = flat
+                if prepare is not None:
+                    # Off the loop (noise for a large model takes a while), from the original flat every attempt.
+                    sent = check_prepared(await self.transport.run_off_loop(prepare, plan, flat), flat, plan.round_id)
             except ProtocolError as exc:  # this member refuses the round; it reports so, and nothing is sent
                 done, failed, reason = None, (), f"{self.peer_id} refused round {plan.round_id}: {exc}"
             else:
-                done, failed, reason = await self._allreduce(plan, flat, w, out, allreduce)
+                done, failed, reason = await self._allreduce(plan, sent, w, out, allreduce)
             self._move(plan.round_id, Phase.COMMIT)
             outcome = await self._commit(plan, done, failed, reason)
             self.epoch = max(self.epoch, outcome.epoch)

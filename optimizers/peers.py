@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import torch
 
 from collectives.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
-from collectives.codecs import CodecConfig, make_codec
-from collectives.elastic import Weight
+from collectives.codecs import CodecConfig, check_finite, make_codec
+from collectives.elastic import Prepare, Weight, check_prepared
 from collectives.errors import NonFiniteError
 from collectives.membership import PeerStatus, RoundPlan
 from collectives.parts import flatten, unflatten_like
@@ -42,8 +42,13 @@ class SyncPeer(Protocol):
         tag: str = "",
         codec: CodecConfig | None = None,
         aggregator: AggregatorConfig | None = None,
+        prepare: Prepare | None = None,
     ) -> Any:
-        """Reduce tensors in a committed round; the result has ``.value`` and ``.round_id``."""
+        """Reduce tensors in a committed round; the result has ``.value`` and ``.round_id``.
+
+        ``weight`` (if a function) and ``prepare`` are called with each attempt's plan; what an
+        attempt sends is ``prepare(plan, flat)``, made anew from the flat contribution.
+        """
 
     def sync_async(
         self,
@@ -52,6 +57,7 @@ class SyncPeer(Protocol):
         tag: str = "",
         codec: CodecConfig | None = None,
         aggregator: AggregatorConfig | None = None,
+        prepare: Prepare | None = None,
     ) -> concurrent.futures.Future:
         """Start a sync and return a future of its result; NonFiniteError at once for a NaN/Inf input."""
 
@@ -80,12 +86,18 @@ class LocalPeer:
         tag: str = "",
         codec: CodecConfig | None = None,
         aggregator: AggregatorConfig | None = None,
+        prepare: Prepare | None = None,
     ) -> LocalResult:
         """Return the round's result for a group of one (the codec applied, as a real round's gather does)."""
         round_id = next(self._rounds)
         flat = flatten(list(tensors))
+        plan = RoundPlan(action="round", round_id=round_id, members=(("local", ""),))
         if callable(weight):
-            weight = weight(RoundPlan(action="round", round_id=round_id, members=(("local", ""),)))
+            weight = weight(plan)
+        if prepare is not None:
+            # A NaN input is refused as such (the optimizer restarts from the global state), as without prepare.
+            check_finite(flat, "the values to sync (nothing was sent)")
+            flat = check_prepared(prepare(plan, flat), flat, round_id)
         reduced = aggregate_rows(make_aggregator(aggregator or AggregatorConfig()), flat.view(1, -1), [float(weight)])
         c = make_codec(codec or CodecConfig())
         out = c.decode(c.encode(reduced), reduced.numel())
@@ -98,13 +110,14 @@ class LocalPeer:
         tag: str = "",
         codec: CodecConfig | None = None,
         aggregator: AggregatorConfig | None = None,
+        prepare: Prepare | None = None,
     ) -> concurrent.futures.Future:
         """A future that is already done (a NaN/Inf input raises at once, as a real peer's does)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
-            future.set_result(self.sync(tensors, weight, tag, codec, aggregator))
+            future.set_result(self.sync(tensors, weight, tag, codec, aggregator, prepare))
         except NonFiniteError:  # the encode refused the input: raised at once, as a real peer's refusal is
             raise
-        except Exception as exc:  # surfaced through the future, like a real round's failure
+        except Exception as exc:  # noqa: BLE001 - surfaced through the future, like a real round's failure
             future.set_exception(exc)
         return future
