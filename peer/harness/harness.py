@@ -123,8 +123,8 @@ class Harness:
         self._aborted_before = 0
         self._started = 0.0
         self._coordinator_port = 0
-        # What each peer's control file asks of it: {"slowdown": x, "diverge": n}.
-        self._control: dict[str, dict[str, float]] = {}
+        # What each peer's control file asks of it: {"slowdown": x, "diverge": n, "byzantine": attack or None}.
+        self._control: dict[str, dict[str, float | str | None]] = {}
         self._joiners: list[str] = []
 
     # -- processes --------------------------------------------------------------------
@@ -282,6 +282,11 @@ class Harness:
         elif event.action == "cut":
             self.network.cut(event.target)
             fired.restore_at = now + (event.duration_s or 0)
+        elif event.action == "byzantine":
+            self._write_control(event.target, byzantine=str(event.attack))
+            fired.detail = f"{event.target} sends {event.attack.describe()}"
+            if event.duration_s:
+                fired.restore_at = now + event.duration_s
         log.info("fired %s at %.1f s %s", event, fired.time_s, fired.detail)
         return fired
 
@@ -293,9 +298,11 @@ class Harness:
             self._write_control(e.target, slowdown=1.0)
         elif e.action == "cut":
             self.network.restore(e.target)
+        elif e.action == "byzantine":
+            self._write_control(e.target, byzantine=None)
         fired.restore_at = None
 
-    def _write_control(self, name: str, **changes: float) -> None:
+    def _write_control(self, name: str, **changes: float | str | None) -> None:
         """Update what the peer's control file asks of it (see peer.harness.control.Control)."""
         control = self._control.setdefault(name, {})
         control.update(changes)
@@ -311,6 +318,7 @@ class Harness:
         c = self.config
         # The task is built here first, so a bad --task, --data or size is one error before any process starts.
         self.task = make_task(c.task, c.task_config)
+        self._check_attacks()
         try:
             self._start_network()
             self._start_coordinator(0)
@@ -327,12 +335,25 @@ class Harness:
             for p in initial:
                 p.wait_event(lambda e: e["event"] == "waiting", 120)
             self._started = time.monotonic()
+            # A byzantine peer "from the start" finds its attack in its control file before its first step.
+            for event in [e for e in self.pending if e.action == "byzantine" and e.at.seconds == 0]:
+                self.pending.remove(event)
+                self.fired.append(self._fire(event, self._started))
             for i in range(c.peers):
                 (self.workdir / f"peer{i}.gate").touch()
             self._loop()
             return self._report()
         finally:
             self.close()
+
+    def _check_attacks(self) -> None:
+        """Refuse, before any process starts, a byzantine attack the task cannot have (labelflip without classes)."""
+        for event in self.config.events:
+            if event.attack is not None and event.attack.poisons_data and getattr(self.task, "classes", None) is None:
+                raise ConfigError(
+                    f"{event}: labelflip flips class labels, and task {self.config.task!r} has no classes; "
+                    "use it with a classification task (e.g. --task digits), or choose another attack"
+                )
 
     def _loop(self) -> None:
         deadline = self._started + self.config.timeout_s
@@ -391,6 +412,7 @@ class Harness:
                 {"event": str(f.event), "time_s": round(f.time_s, 3), "recovery_s": f.recovery_s, "detail": f.detail}
                 for f in self.fired
             ],
+            "byzantine": self._byzantine(),
             "initial_eval_loss": initial,
             "final_eval_loss": statistics.mean(f["eval_loss"] for f in finished.values()) if finished else None,
             "eval_loss_per_peer": {n: f["eval_loss"] for n, f in finished.items()},
@@ -408,6 +430,22 @@ class Harness:
         utilization = self._link_utilization()
         if utilization is not None:
             report["link_utilization"] = utilization
+        return report
+
+    def _byzantine(self) -> dict[str, dict]:
+        """Per peer that was told to attack, what its own events say it did: the attacks it started, the
+        contributions it corrupted, and any it refused."""
+        report = {}
+        for name, p in self.peers.items():
+            mine = [e for e in p.events if e["event"].startswith("byzantine-")]
+            if not mine:
+                continue
+            report[name] = {
+                "attacks": [e["attack"] for e in mine if e["event"] == "byzantine-started"],
+                "started_at_step": next((e["step"] for e in mine if e["event"] == "byzantine-started"), None),
+                "contributions_corrupted": sum(e["event"] == "byzantine-sent" for e in mine),
+                "refused": [e["reason"] for e in mine if e["event"] == "byzantine-refused"],
+            }
         return report
 
     def _identical(self, survivors: list[str]) -> tuple[int | None, bool]:

@@ -9,6 +9,7 @@ An event is written ``ACTION[:TARGET]@WHEN[,for=DURATION][,x=FACTOR]``:
 - ``straggle:peer3@round2,x=3``  make peer3 train 3 times slower (for the rest of the run, or ``for=``)
 - ``cut:peer0@round4,for=10s``   take peer0's network link down for 10 s (needs ``--netns``)
 - ``diverge:peer1@round2``       make peer1's local training blow up (its parameters become NaN)
+- ``byzantine:peer2@round3,attack=signflip``  make peer2 send -10 times its honest update from then on
 
 ``WHEN`` is ``roundN`` (after N committed rounds), ``syncN`` (when the
 target peer starts its N-th sync: the kill lands inside a round) or ``Ns``
@@ -19,6 +20,29 @@ target peer starts its N-th sync: the kill lands inside a round) or ``Ns``
     target = "peer1"
     at = "round2"
     for = "8s"
+
+Byzantine peers. ``byzantine:PEER@WHEN,attack=ATTACK[,k=K][,s=S][,seed=N][,for=DURATION]`` makes the
+peer corrupt every contribution it sends from WHEN on (``@0s``: from the start) for the rest of the run,
+or for DURATION. What it sends stays finite, so the NaN checks do not catch it; its events say so
+(``byzantine-started``, one ``byzantine-sent`` per corrupted contribution, ``byzantine-stopped``). ATTACK is
+(``peer/attacks.py`` has the math):
+
+- ``attack=signflip``            -K times its honest update (``k=``, default 10): ``attack=signflip,k=5``
+- ``attack=scale=K``             K times its honest update (also ``attack=scale,k=K``)
+- ``attack=noise=S``             Gaussian noise of std S per coordinate instead of its update
+  (also ``attack=noise,s=S``; ``seed=N`` picks the noise, default 0)
+- ``attack=zero``                a zero update
+- ``attack=labelflip``           it trains on labels y -> C-1-y (classification tasks only)
+
+In a TOML file: ``action = "byzantine"``, ``attack = "signflip"`` and, as separate keys or inside the
+attack's text, ``k``, ``s`` and ``seed``::
+
+    [[event]]
+    action = "byzantine"
+    target = "peer2"
+    at = "0s"
+    attack = "signflip"
+    k = 5
 """
 
 from __future__ import annotations
@@ -29,9 +53,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from collectives.errors import ConfigError
+from peer.attacks import Attack, parse_attack
 
-ACTIONS = ("kill", "pause", "join", "restart-coordinator", "straggle", "cut", "diverge")
-_TARGETED = ("kill", "pause", "straggle", "cut", "diverge")
+ACTIONS = ("kill", "pause", "join", "restart-coordinator", "straggle", "cut", "diverge", "byzantine")
+_TARGETED = ("kill", "pause", "straggle", "cut", "diverge", "byzantine")
+# Options of an event's text, and those that belong to a byzantine event's attack.
+_OPTIONS = ("for", "x", "attack", "k", "s", "seed")
+_ATTACK_OPTIONS = ("k", "s", "seed")
+# The keys of a TOML scenario's [[event]] table.
+_TABLE_KEYS = ("action", "target", "at", "for", "factor", "attack", "k", "s", "seed")
 _EVENT = re.compile(r"^(?P<action>[a-z-]+)(?::(?P<target>[\w.-]+))?@(?P<when>[^,]+)(?P<opts>(?:,[a-z]+=[^,]+)*)$")
 
 
@@ -61,9 +91,13 @@ class Event:
     target: str | None = None
     duration_s: float | None = None
     factor: float | None = None
+    # What a byzantine peer does (peer.attacks).
+    attack: Attack | None = None
 
     def __str__(self) -> str:
         text = f"{self.action}{':' + self.target if self.target else ''}@{self.at}"
+        if self.attack is not None:
+            text += f",attack={self.attack}"
         if self.duration_s is not None:
             text += f",for={self.duration_s:g}s"
         if self.factor is not None:
@@ -90,8 +124,15 @@ def _when(text: str) -> When:
     return When(seconds=_seconds(text, "event time"))
 
 
-def make_event(action: str, at: str, target: str | None = None, duration: str | None = None, factor: float | None = None) -> Event:
-    """A validated event (ConfigError with what to write instead)."""
+def make_event(
+    action: str,
+    at: str,
+    target: str | None = None,
+    duration: str | None = None,
+    factor: float | None = None,
+    attack: str | None = None,
+) -> Event:
+    """A validated event (ConfigError with what to write instead); ``attack`` is a byzantine event's attack text."""
     if action not in ACTIONS:
         raise ConfigError(f"unknown event action {action!r}; choose one of {', '.join(ACTIONS)}")
     if action in _TARGETED and not target:
@@ -105,29 +146,56 @@ def make_event(action: str, at: str, target: str | None = None, duration: str | 
         raise ConfigError("pause needs a duration, e.g. pause:peer1@round2,for=8s")
     if action == "straggle" and (factor is None or factor <= 1):
         raise ConfigError("straggle needs a slowdown factor above 1, e.g. straggle:peer1@10s,x=3")
+    if action == "byzantine" and not attack:
+        raise ConfigError(
+            "byzantine needs an attack, e.g. byzantine:peer1@round2,attack=signflip "
+            "(or scale=K, noise=S, zero, labelflip)"
+        )
+    if action != "byzantine" and attack:
+        raise ConfigError(f"{action} takes no attack (only byzantine does)")
     return Event(
         action=action,
         at=when,
         target=target,
         duration_s=None if duration is None else _seconds(duration, f"{action} duration"),
         factor=factor,
+        attack=parse_attack(attack) if attack else None,
     )
 
 
+def _attack_text(attack: object, options: dict, where: str) -> str | None:
+    """A byzantine event's attack text: ``attack`` with its separately given k=, s= and seed= appended."""
+    extra = [key for key in _ATTACK_OPTIONS if key in options]
+    if attack is None:
+        if extra:
+            raise ConfigError(f"{where}: {', '.join(extra)} belong to a byzantine event's attack; add attack=...")
+        return None
+    return ",".join([str(attack), *(f"{key}={options[key]}" for key in extra)])
+
+
 def parse_event(text: str) -> Event:
-    """Parse ``ACTION[:TARGET]@WHEN[,for=D][,x=F]``."""
+    """Parse ``ACTION[:TARGET]@WHEN[,for=D][,x=F]`` (byzantine: ``,attack=A[,k=K][,s=S][,seed=N]`` too)."""
     m = _EVENT.match(text.strip())
     if not m:
         raise ConfigError(f"cannot read event {text!r}; write ACTION[:PEER]@WHEN[,for=DURATION][,x=FACTOR], e.g. kill:peer2@round3")
-    opts = dict(kv.split("=", 1) for kv in m.group("opts").split(",") if kv)
-    unknown = set(opts) - {"for", "x"}
+    opts: dict[str, str] = {}
+    for kv in m.group("opts").split(",")[1:]:
+        key, value = kv.split("=", 1)
+        if key in opts:
+            raise ConfigError(f"event {text!r}: {key}= is given twice")
+        opts[key] = value
+    unknown = set(opts) - set(_OPTIONS)
     if unknown:
-        raise ConfigError(f"event {text!r}: unknown option(s) {', '.join(sorted(unknown))}; use for= and x=")
+        raise ConfigError(
+            f"event {text!r}: unknown option(s) {', '.join(sorted(unknown))}; use for=, x= "
+            "(byzantine: attack=, k=, s=, seed=)"
+        )
     try:
         factor = float(opts["x"]) if "x" in opts else None
     except ValueError:
         raise ConfigError(f"event {text!r}: x= needs a number") from None
-    return make_event(m.group("action"), m.group("when"), m.group("target"), opts.get("for"), factor)
+    attack = _attack_text(opts.get("attack"), opts, f"event {text!r}")
+    return make_event(m.group("action"), m.group("when"), m.group("target"), opts.get("for"), factor, attack)
 
 
 def load_scenario(path: str | Path) -> list[Event]:
@@ -140,6 +208,15 @@ def load_scenario(path: str | Path) -> list[Event]:
     for i, table in enumerate(data.get("event", [])):
         if "action" not in table or "at" not in table:
             raise ConfigError(f"scenario {path}: event {i + 1} needs 'action' and 'at'")
+        unknown = set(table) - set(_TABLE_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"scenario {path}: event {i + 1} has unknown key(s) {', '.join(sorted(unknown))}; "
+                f"an event's keys are {', '.join(_TABLE_KEYS)}"
+            )
         factor = table.get("factor")
-        events.append(make_event(table["action"], str(table["at"]), table.get("target"), table.get("for"), factor))
+        attack = _attack_text(table.get("attack"), table, f"scenario {path}: event {i + 1}")
+        events.append(
+            make_event(table["action"], str(table["at"]), table.get("target"), table.get("for"), factor, attack)
+        )
     return events

@@ -25,6 +25,9 @@ def report_summary(report: dict, steps: int) -> str:
         recovery = event.get("recovery_s")
         after = f"next commit {recovery:.2f} s later" if recovery is not None else "no commit after it"
         lines.append(f"  event          {event['event']} at {event['time_s']:.1f} s; {after}")
+    for peer, did in report.get("byzantine", {}).items():
+        attacks = ", ".join(did["attacks"]) or "no attack (" + "; ".join(did["refused"]) + ")"
+        lines.append(f"  byzantine      {peer}: {attacks}; {did['contributions_corrupted']} corrupted contributions sent")
     lines += [
         f"  peers          {report['peers_alive']} of {report['peers'] + report.get('joined', 0)} finished with "
         + ("identical parameters" if report["survivors_identical"] else "DIFFERENT parameters"),

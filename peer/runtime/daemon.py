@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,6 +48,7 @@ from collectives.elastic import LEAVE_ON_STOP_S, ElasticCollective, ElasticConfi
 from collectives.errors import ConfigError
 from collectives.membership import DEFAULT_RUN_ID
 from collectives.transport import TransportConfig
+from optimizers.outer import OuterOptimizer
 from peer.runtime.checkpoint import load_latest, save_checkpoint
 from peer.runtime.display import PeerDisplay, RoundFigures, Summary, bar_info, choose_streams, joined_line
 from peer.runtime.training import Progress, TrainConfig, TrainLoop, make_optimizer
@@ -102,10 +104,14 @@ class PeerConfig:
 
 
 class PeerHooks(Protocol):
-    """The one hook a harness has into a peer: when to join, and a word after each step."""
+    """The one hook a harness has into a peer: when to join, its optimizer and loop, and a word after each step."""
 
     def before_join(self, stop: threading.Event) -> bool:
         """Wait until the peer may join; False to stop instead."""
+
+    def attach(self, optimizer: OuterOptimizer, loop: TrainLoop, emit: Callable[..., None]) -> None:
+        """Called once, before training: the optimizer (its ``tamper`` hook), the loop (its ``batches``) and
+        ``emit(event, **fields)``, which reports an event of the hook's own (a byzantine peer's)."""
 
     def after_step(self, model: torch.nn.Module) -> str | None:
         """Called after each inner step; the name of an event to report, or None."""
@@ -309,6 +315,8 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
     total = _total_steps(train_cfg)
     # A joiner (or a peer that was behind) counts steps from the run's count.
     loop = TrainLoop(task, model, opt, train_cfg, config.shard, config.shards, opt.inner_steps)
+    if hooks is not None:
+        hooks.attach(opt, loop, events.emit)
     counters = elastic.transport.counters
 
     def on_step(p: Progress) -> None:
