@@ -174,16 +174,21 @@ class RoundPlan:
     # resync: the committed rounds after this peer's last round, in order, when every one of them can be
     # fetched from a live member; empty: fetch the whole state from sync_from.
     missed: tuple[MissedRound, ...] = ()
-    # round: the quorum policy that chose the members ("all", "first-k:K", "sample:K"), the run's seed
-    # and, for sample:K, the peer ids the sample was drawn from (see check_sample).
+    # round: the quorum policy that chose the members ("all", "first-k:K", "sample:K", "sample:F,min=M"),
+    # the run's seed and, for sample, the peer ids the sample was drawn from (see check_sample).
     policy: str = ""
     seed: int = 0
     candidates: tuple[str, ...] = ()
 
     def check_sample(self) -> None:
-        """Raise SampleMismatch if this is a sample:K round whose members are not the seeded sample."""
-        k = sample_size(self.policy)
-        if self.action == "round" and k is not None:
+        """Raise SampleMismatch if this is a sample round whose members are not the seeded sample.
+
+        k is recomputed here from the policy and the candidates (for a fraction: of them, rounded up, at
+        least its min), so a member outside the policy's sample is caught whatever k the coordinator used.
+        """
+        size = sample_size(self.policy)
+        if self.action == "round" and size is not None:
+            k = size.of(len(set(self.candidates)))
             check_sample(self.seed, self.round_id, self.candidates, k, [pid for pid, _ in self.members])
 
 
@@ -206,6 +211,8 @@ class PeerStatus:
     loss: float = math.nan
     # Loss of the last evaluation (NaN until the first), for the dashboard's eval curve.
     eval_loss: float = math.nan
+    # Differential privacy: the privacy the run has spent (epsilon at its delta); NaN when the run has no DP.
+    epsilon: float = math.nan
     samples: int = 0
     activity: str = "starting"
     extra: dict = field(default_factory=dict)
@@ -329,6 +336,7 @@ class MembershipClient:
                     activity=s.activity,
                     samples=s.samples,
                     eval_loss=s.eval_loss,
+                    privacy_epsilon=s.epsilon,
                 ),
             )
             try:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from fractions import Fraction
 
 import pytest
 
 from collectives.errors import ConfigError
+from collectives.sampling import SampleSize
 from peer.coordinator.config import CoordinatorConfig, _port_or_off
 from peer.coordinator.policies import AllPeers, FirstK, Sample
 
@@ -29,17 +31,46 @@ def test_the_default_quorum_is_all_with_four_rounds_of_catch_up():
     assert (config.policy, config.seed, config.catchup_rounds) == (AllPeers(), 0, 4)
 
 
-@pytest.mark.parametrize("spec,policy", [("first-k:3", FirstK(3)), ("sample:2", Sample(2))])
+@pytest.mark.parametrize(
+    "spec,policy",
+    [
+        ("first-k:3", FirstK(3)),
+        ("sample:2", Sample(SampleSize(count=2))),
+        ("sample:0.5", Sample(SampleSize(fraction=Fraction(1, 2), minimum=1))),
+    ],
+)
 def test_the_quorum_setting_names_a_policy(spec, policy):
     assert CoordinatorConfig(quorum=spec).policy == policy
 
 
+@pytest.mark.parametrize(
+    "quorum,min_peers,spec",
+    [("sample:0.5", 1, "sample:0.5"), ("sample:0.5", 3, "sample:0.5,min=3"), ("sample:0.5,min=4", 2, "sample:0.5,min=4")],
+)
+def test_a_sample_fraction_never_draws_fewer_than_min_peers(quorum, min_peers, spec):
+    # Drawn from fewer candidates, a round could never start: min_peers is the fraction's minimum unless min= is more.
+    assert CoordinatorConfig(quorum=quorum, min_peers=min_peers).policy.spec == spec
+
+
+FORMS = "all, first-k:K, sample:K, sample:F[,min=M]"
+
 # settings -> the refusal's message
 REFUSED = [
-    ({"quorum": "fastest"}, "unknown quorum policy 'fastest': use one of all, first-k:K, sample:K"),
+    ({"quorum": "fastest"}, f"unknown quorum policy 'fastest': use one of {FORMS}"),
     (
         {"quorum": "sample:0"},
-        "quorum policy sample:0 needs a whole number of peers K >= 1: use one of all, first-k:K, sample:K",
+        f"quorum policy sample:0 needs a whole number of peers K >= 1 or a fraction F in (0, 1]: use one of {FORMS}",
+    ),
+    (
+        {"quorum": "sample:0.5,min=2", "min_peers": 3},
+        (
+            "quorum sample:0.5,min=2: min=2 is below min_peers 3, so a round of 2 could never start: use min >= 3, "
+            "leave min out (it is then min_peers) or lower --min-peers"
+        ),
+    ),
+    (
+        {"quorum": "sample:2", "min_peers": 3},
+        "quorum sample:2 can never reach min_peers 3: use K >= 3 or lower --min-peers",
     ),
     (
         {"quorum": "first-k:2", "min_peers": 3},

@@ -287,6 +287,41 @@ def test_a_sample_round_has_the_seeded_members_and_tells_them_how_to_check(coord
     assert [asked[p].result().action for p in others] == [pb.QuorumResponse.RESYNC] * 2
 
 
+def test_a_sample_fraction_draws_half_of_the_peers_and_the_status_marks_them(coordinator):
+    c = coordinator(quorum="sample:0.5", seed=0)
+    peers = [join(c.stub, f"127.0.0.1:{port}", peer_id=p) for port, p in enumerate("abcd", 1)]
+    asked = {p: ask(c.stub, p) for p in peers}
+    drawn = ["b", "c"]  # sample_members(0, 1, "abcd", 2): half of the four, pinned in tests/test_sampling.py
+    plans = {p: asked[p].result() for p in drawn}
+    for plan in plans.values():
+        assert (members(plan), plan.policy, plan.seed, list(plan.candidates)) == (drawn, "sample:0.5", 0, peers)
+    assert all(f.result().commit for f in [report(c.stub, p, plan) for p, plan in plans.items()])
+    assert [asked[p].result().action for p in ("a", "d")] == [pb.QuorumResponse.RESYNC] * 2
+    status = c.status()
+    assert status["quorum_policy"] == "sample:0.5"
+    assert {p["peer_id"]: p["in_last_round"] for p in status["peers"]} == {"a": False, "b": True, "c": True, "d": False}
+    assert (status["rounds"][0]["members"], status["rounds"][0]["candidates"]) == (drawn, peers)
+
+
+def test_the_peers_a_sample_went_on_without_stay_candidates_while_they_catch_up(coordinator):
+    # Were the sample drawn from up-to-date peers only, round 2 would be drawn from b and c, the members of
+    # round 1 that ask first (and half of two is one): every round would favour the last round's members.
+    c = coordinator(quorum="sample:0.5", seed=0, join_timeout_s=5.0)
+    for port, p in enumerate("abcd", 1):
+        join(c.stub, f"127.0.0.1:{port}", peer_id=p)
+    first = {p: ask(c.stub, p) for p in "abcd"}
+    assert all(f.result().commit for f in [report(c.stub, p, first[p].result()) for p in "bc"])
+    assert first["d"].result().action == pb.QuorumResponse.RESYNC  # d catches up on round 1 meanwhile
+    second = {p: ask(c.stub, p, last_round=1) for p in "bc"}
+    time.sleep(0.3)
+    assert not second["c"].done(), "c, drawn with d for round 2 (sample_members(0, 2, abcd, 2)), waits for d"
+    second["d"] = ask(c.stub, "d", last_round=1)
+    plans = [second[p].result() for p in "cd"]
+    assert [(p.round_id, members(p), list(p.candidates)) for p in plans] == [(2, ["c", "d"], list("abcd"))] * 2
+    assert all(f.result().commit for f in [report(c.stub, p, plan) for p, plan in zip("cd", plans)])
+    assert second["b"].result().action == pb.QuorumResponse.RESYNC
+
+
 def test_the_peers_client_reads_the_round_it_missed_and_the_sample_to_check(coordinator):
     c = coordinator(quorum="sample:2", seed=3)
     with Transport() as transport:

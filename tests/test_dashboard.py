@@ -71,6 +71,7 @@ def sample_status() -> dict:
                 "bytes_sent": 1234567 * (i + 1),
                 "bytes_received": 1234000 * (i + 1),
                 "last_round": 12,
+                "in_last_round": True,
                 "activity": "training",
                 "joined_at": T0 + i,
             }
@@ -86,6 +87,7 @@ def sample_status() -> dict:
                 "bytes": 39846085,
                 "status": "committed",
                 "reason": "",
+                "candidates": ["p1", "p2", "p3"],
             },
             {
                 "round_id": 12,
@@ -390,6 +392,24 @@ def test_page_shows_round_ids_without_digit_grouping(serve, tmp_path):
     doc["last_committed_round"] = 1234
     dom = DomIndex(run_chromium(serve(lambda: doc).url + "/", tmp_path, "--dump-dom"))
     assert dom.by_id("s-round").text == "1234"
+
+
+@needs_chromium
+def test_page_marks_the_peers_a_sample_drew_for_the_last_round(serve, tmp_path):
+    doc = sample_status()
+    doc["quorum_policy"] = "sample:0.5,min=2"
+    doc["peers"][2]["in_last_round"] = False
+    doc["rounds"][0].update(members=["p1", "p2"], candidates=["p1", "p2", "p3"])
+    dom = DomIndex(run_chromium(serve(lambda: doc).url + "/", tmp_path, "--dump-dom"))
+    round_cells = {
+        pid: cells(dom, row)[9] for pid in ("p1", "p2", "p3") for row in dom.find("tr", cls="peer-row", data_peer_id=pid)
+    }
+    assert round_cells == {"p1": "12 \u2713", "p2": "12 \u2713", "p3": "12"}
+    assert [n.attrs["title"] for n in dom.find("td", cls="in-last")] == ["member of the last committed round"] * 2
+    (last,) = dom.find("tr", cls="round-row", data_attempt="12.3")
+    members_cell = [n for n in dom.nodes[dom.nodes.index(last) + 1 :] if n.tag == "td"][3]
+    assert members_cell.attrs["title"] == "2 members of 3 candidates"
+    assert "quorum sample:0.5,min=2" in dom.by_id("coord").text
 
 
 @needs_chromium

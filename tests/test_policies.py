@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import ClassVar
 
 import pytest
 
 from collectives.errors import ConfigError
+from collectives.sampling import SampleSize
 from peer.coordinator.policies import (
     POLICIES,
     AllPeers,
@@ -23,6 +25,12 @@ from peer.coordinator.policies import (
 )
 from peer.coordinator.rules import QuorumRules
 
+
+def sample(arg: str) -> Sample:
+    """The sample policy of ``sample:<arg>``."""
+    return Sample.from_arg(arg)
+
+
 RULES = QuorumRules(min_peers=1, join_timeout_s=5.0, startup_grace_s=10.0)
 
 
@@ -31,17 +39,15 @@ def q(
     eligible: str = "abcd",
     waited: float = 0.0,
     age: float = 100.0,
-    up_to_date: str | None = None,
     rules: QuorumRules = RULES,
     started: bool = True,
     round_id: int = 1,
     seed: int = 0,
 ) -> QuorumInputs:
-    """Inputs with one-letter peer ids: requesting in order of arrival; up_to_date defaults to eligible."""
+    """Inputs with one-letter peer ids, requesting in order of arrival."""
     return QuorumInputs(
         requesting=tuple(requesting),
         eligible=frozenset(eligible),
-        up_to_date=frozenset(eligible if up_to_date is None else up_to_date),
         waited_s=waited,
         coordinator_age_s=age,
         round_id=round_id,
@@ -77,16 +83,28 @@ CASES = [
     ("first-k: fewer than k live, at the timeout", FirstK(3), q("a", "ab", waited=5.0), form("a")),
     ("first-k: fewer than k live, below min_peers", FirstK(3), q("a", "a", waited=5.0, rules=TWO), Refuse(1)),
     # sample: seed 0, round 1 draws b and c from abcd (see tests/test_sampling.py).
-    ("sample: every drawn peer asked", Sample(2), q("cb"), form("bc", "abcd")),
-    ("sample: askers not drawn wait", Sample(2), q("adb"), None),
-    ("sample: drawn ones that asked, at the timeout", Sample(2), q("adb", waited=5.0), form("b", "abcd")),
-    ("sample: nobody drawn asked, at the timeout", Sample(2), q("ad", waited=5.0), None),
-    ("sample: another round draws others", Sample(2), q("cd", round_id=2), form("cd", "abcd")),
-    ("sample: drawn from up-to-date peers only", Sample(2), q("bd", up_to_date="abd"), form("bd", "abd")),
-    ("sample: an asker is a candidate", Sample(2), q("bd", up_to_date="ab"), form("bd", "abd")),
-    ("sample: fewer candidates than k", Sample(9), q("ab", "ab"), form("ab", "ab")),
-    ("sample: startup grace", Sample(2), q("bc", age=9.0), None),
-    ("sample: a lone survivor below min_peers", Sample(2), q("a", "a", waited=5.0, rules=TWO), Refuse(1)),
+    ("sample: every drawn peer asked", sample("2"), q("cb"), form("bc", "abcd")),
+    ("sample: askers not drawn wait", sample("2"), q("adb"), None),
+    ("sample: drawn ones that asked, at the timeout", sample("2"), q("adb", waited=5.0), form("b", "abcd")),
+    ("sample: nobody drawn asked, at the timeout", sample("2"), q("ad", waited=5.0), None),
+    ("sample: another round draws others", sample("2"), q("cd", round_id=2), form("cd", "abcd")),
+    ("sample: drawn from the live peers", sample("2"), q("bd", "abd"), form("bd", "abd")),
+    ("sample: an asker is a candidate", sample("2"), q("bd", "ab"), form("bd", "abd")),
+    ("sample: fewer candidates than k", sample("9"), q("ab", "ab"), form("ab", "ab")),
+    ("sample: startup grace", sample("2"), q("bc", age=9.0), None),
+    ("sample: a lone survivor below min_peers", sample("2"), q("a", "a", waited=5.0, rules=TWO), Refuse(1)),
+    # sample:F: k = ceil(F x candidates), at least min, at most the candidates (collectives.sampling.SampleSize).
+    # Seed 0, round 1 draws b, c from abcd and from abc; b, c, e from abcdef; b first of all.
+    ("sample 0.5: half of the candidates", sample("0.5"), q("cb"), form("bc", "abcd")),
+    ("sample 0.5: half of three, rounded up", sample("0.5"), q("cb", "abc"), form("bc", "abc")),
+    ("sample 0.5: three of six", sample("0.5"), q("ecb", "abcdef"), form("bce", "abcdef")),
+    ("sample 0.5: two of the three drawn asked", sample("0.5"), q("cb", "abcdef"), None),
+    ("sample 0.5: half of the live peers and the askers", sample("0.5"), q("cb", "abd"), form("bc", "abcd")),
+    ("sample 0.25: one of four", sample("0.25"), q("b"), form("b", "abcd")),
+    ("sample 0.25,min=2: the minimum", sample("0.25,min=2"), q("cb"), form("bc", "abcd")),
+    ("sample 0.25,min=9: never more than the candidates", sample("0.25,min=9"), q("dcba"), form("abcd", "abcd")),
+    ("sample 0.5, min_peers 2, no min: one of two never starts", sample("0.5"), q("ab", "ab", rules=TWO), None),
+    ("sample 0.5 fitted to min_peers 2: two of two", sample("0.5").fitted(2), q("ab", "ab", rules=TWO), form("ab", "ab")),
 ]
 
 
@@ -99,8 +117,9 @@ def test_decide(name, policy, inputs, outcome):
 AWAITED_CASES = [
     ("all: every live peer that has not asked", AllPeers(), q("ab"), frozenset("cd")),
     ("first-k: every live peer that has not asked", FirstK(2), q("a"), frozenset("bcd")),
-    ("sample: only drawn peers", Sample(2), q("a"), frozenset("bc")),
-    ("sample: a drawn peer that asked is not awaited", Sample(2), q("b"), frozenset("c")),
+    ("sample: only drawn peers", sample("2"), q("a"), frozenset("bc")),
+    ("sample: a drawn peer that asked is not awaited", sample("2"), q("b"), frozenset("c")),
+    ("sample 0.5: only drawn peers", sample("0.5"), q("a", "abcdef"), frozenset("bce")),
 ]
 
 
@@ -116,9 +135,12 @@ MAY_FORM_CASES = [
     ("all: timeout", AllPeers(), (1, 4, 5.0), True),
     ("first-k: k asked", FirstK(2), (2, 4, 0.0), True),
     ("first-k: fewer than k asked", FirstK(2), (1, 4, 0.0), False),
-    ("sample: as many asked as the sample holds", Sample(2), (2, 4, 0.0), True),
-    ("sample: fewer", Sample(2), (1, 4, 0.0), False),
-    ("sample: timeout", Sample(2), (1, 4, 5.0), True),
+    ("sample: as many asked as the sample holds", sample("2"), (2, 4, 0.0), True),
+    ("sample: fewer", sample("2"), (1, 4, 0.0), False),
+    ("sample: timeout", sample("2"), (1, 4, 5.0), True),
+    ("sample 0.5: half of the live peers asked", sample("0.5"), (2, 4, 0.0), True),
+    ("sample 0.5: fewer", sample("0.5"), (1, 4, 0.0), False),
+    ("sample 0.5,min=3: fewer than the minimum", sample("0.5,min=3"), (2, 4, 0.0), False),
 ]
 
 
@@ -128,16 +150,65 @@ def test_may_form(name, policy, counts, may):
 
 
 @pytest.mark.parametrize(
-    "spec,policy", [("all", AllPeers()), ("first-k:3", FirstK(3)), ("sample:2", Sample(2)), (" sample:2 ", Sample(2))]
+    "spec,policy",
+    [
+        ("all", AllPeers()),
+        ("first-k:3", FirstK(3)),
+        ("sample:2", Sample(SampleSize(count=2))),
+        (" sample:2 ", Sample(SampleSize(count=2))),
+        ("sample:0.5", Sample(SampleSize(fraction=Fraction(1, 2)))),
+        ("sample:1.0", Sample(SampleSize(fraction=Fraction(1)))),
+        ("sample:0.25,min=3", Sample(SampleSize(fraction=Fraction(1, 4), minimum=3))),
+    ],
 )
 def test_a_spec_reads_into_its_policy_and_back(spec, policy):
     assert parse_policy(spec) == policy
     assert parse_policy(policy.spec) == policy
 
 
-@pytest.mark.parametrize("spec", ["", "some", "first-k", "first-k:0", "first-k:x", "all:3", "sample:-1", "sample"])
+@pytest.mark.parametrize(
+    "spec,canonical",
+    [("sample:.50", "sample:0.5"), ("sample: 0.5 , min=3", "sample:0.5,min=3"), ("sample:1.000", "sample:1.0")],
+)
+def test_a_sample_spec_is_sent_to_the_members_in_one_spelling(spec, canonical):
+    assert parse_policy(spec).spec == canonical
+
+
+# policy, min_peers -> the spec of the fitted policy (what the members get and the dashboard shows)
+FITTED = [
+    ("sample:0.5", 1, "sample:0.5"),
+    ("sample:0.5", 3, "sample:0.5,min=3"),
+    ("sample:0.5,min=4", 2, "sample:0.5,min=4"),
+    ("sample:0.5,min=3", 3, "sample:0.5,min=3"),
+    ("sample:2", 1, "sample:2"),
+    ("all", 3, "all"),
+    ("first-k:2", 2, "first-k:2"),
+]
+
+
+@pytest.mark.parametrize("spec,min_peers,fitted", FITTED, ids=[f"{s} min_peers {m}" for s, m, _ in FITTED])
+def test_a_fraction_without_min_is_fitted_to_min_peers(spec, min_peers, fitted):
+    assert parse_policy(spec).fitted(min_peers).spec == fitted
+
+
+def test_a_fraction_whose_min_is_below_min_peers_is_refused():
+    with pytest.raises(ConfigError) as info:
+        parse_policy("sample:0.5,min=2").fitted(3)
+    assert str(info.value) == (
+        "quorum sample:0.5,min=2: min=2 is below min_peers 3, so a round of 2 could never start: "
+        "use min >= 3, leave min out (it is then min_peers) or lower --min-peers"
+    )
+
+
+BAD_SPECS = [
+    "", "some", "first-k", "first-k:0", "first-k:x", "all:3", "sample:-1", "sample", "sample:0", "sample:1.5",
+    "sample:0.0", "sample:0.5,min=0", "sample:3,min=2", "sample:half", "sample:0.5,max=3",
+]
+
+
+@pytest.mark.parametrize("spec", BAD_SPECS)
 def test_a_bad_spec_is_a_config_error_that_lists_the_forms(spec):
-    with pytest.raises(ConfigError, match=r": use one of all, first-k:K, sample:K$"):
+    with pytest.raises(ConfigError, match=r": use one of all, first-k:K, sample:K, sample:F\[,min=M\]$"):
         parse_policy(spec)
 
 
@@ -147,12 +218,32 @@ def test_a_bad_spec_is_a_config_error_that_lists_the_forms(spec):
         ("quick", "unknown quorum policy 'quick'"),
         ("first-k:x", "quorum policy first-k:x needs a whole number of peers K >= 1"),
         ("all:3", "quorum policy all takes no argument, got all:3"),
+        ("sample:0", "quorum policy sample:0 needs a whole number of peers K >= 1 or a fraction F in (0, 1]"),
+        (
+            "sample:1.5",
+            "quorum policy sample:1.5: the fraction must be in (0, 1], got 1.5; for a number of peers write K",
+        ),
+        ("sample:0.5,min=0", "quorum policy sample:0.5,min=0: min must be at least 1, got 0"),
+        (
+            "sample:3,min=2",
+            (
+                "quorum policy sample:3,min=2: min=M goes with a fraction (sample:F,min=M); a count K is the round's "
+                "size already"
+            ),
+        ),
+        (
+            "sample:half",
+            (
+                "quorum policy sample:half needs K (a whole number of peers >= 1) or F (a fraction in (0, 1] of the "
+                "candidates, like 0.5), F optionally with ,min=M"
+            ),
+        ),
     ],
 )
 def test_a_bad_spec_says_what_is_wrong(spec, message):
     with pytest.raises(ConfigError) as info:
         parse_policy(spec)
-    assert str(info.value) == f"{message}: use one of all, first-k:K, sample:K"
+    assert str(info.value) == f"{message}: use one of all, first-k:K, sample:K, sample:F[,min=M]"
 
 
 def test_a_new_policy_is_one_class_and_one_registration():

@@ -62,3 +62,15 @@ def test_a_roll_back_forgets_the_later_rounds_and_asks_for_a_new_epoch():
     state.roll_back(1)
     assert (state.last_committed_round, state.next_round_id, state.bump_epoch) == (1, 2, True)
     assert [c.round_id for c in state.committed] == [1]
+
+
+def test_the_status_marks_the_members_of_the_last_committed_round():
+    state = RunState("run", 1, policy="sample:0.5")
+    for peer_id in "abcd":
+        state.add_peer(PeerRecord(peer_id=peer_id, address=f"127.0.0.1:{ord(peer_id)}"))
+    assert [p["in_last_round"] for p in state.status("here", "0")["peers"]] == [False] * 4
+    state.record_commit(RoundRecord(1, 0, ["b", "c"], 0.0, candidates=list("abcd")))
+    state.record_commit(RoundRecord(2, 1, ["a", "c"], 0.0, candidates=list("abcd")))
+    doc = state.status("here", "0")
+    assert {p["peer_id"]: p["in_last_round"] for p in doc["peers"]} == {"a": True, "b": False, "c": True, "d": False}
+    assert doc["quorum_policy"] == "sample:0.5"

@@ -95,13 +95,13 @@ class CoordinatorConfig:
         default="all",
         metadata={
             "help": "who takes part in a round: all (every live peer, or those that asked by the join timeout), "
-            "first-k:K (the first K peers to ask), "
-            "sample:K (K up-to-date peers drawn from --quorum-seed and the round id)"
+            "first-k:K (the first K to ask), sample:K or sample:F[,min=M] (K peers, or F of them rounded up and at "
+            "least M, drawn by --quorum-seed)"
         },
     )
     seed: int = field(
         default=0,
-        metadata={"help": "the run's seed: with --quorum sample:K it draws each round's peers", "flag": "quorum-seed"},
+        metadata={"help": "the run's seed: with --quorum sample:... it draws each round's peers", "flag": "quorum-seed"},
     )
     catchup_rounds: int = field(
         default=4,
@@ -145,6 +145,6 @@ class CoordinatorConfig:
 
     @property
     def policy(self) -> QuorumPolicy:
-        """The quorum policy ``quorum`` names (forms: see ``policies.policy_forms``)."""
-        return parse_policy(self.quorum)
+        """The quorum policy ``quorum`` names (forms: see ``policies.policy_forms``), fitted to min_peers."""
+        return parse_policy(self.quorum).fitted(self.min_peers)
 

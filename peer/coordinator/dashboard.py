@@ -154,6 +154,8 @@ class StatusCollector(Collector):
             # status field -> (family type, metric name, help)
             "loss": (GaugeMetricFamily, "loconet_peer_loss", "Last training loss a peer reported."),
             "eval_loss": (GaugeMetricFamily, "loconet_peer_eval_loss", "Loss of a peer's last evaluation."),
+            "epsilon": (GaugeMetricFamily, "loconet_peer_privacy_epsilon",
+                        "Differential privacy: the epsilon the run has spent, as a peer reports it."),
             "steps_per_s": (GaugeMetricFamily, "loconet_peer_steps_per_second", "Training speed of a peer."),
             "step": (GaugeMetricFamily, "loconet_peer_step", "Local training step of a peer."),
             "last_round": (GaugeMetricFamily, "loconet_peer_last_round", "Last round a peer took part in."),

@@ -15,10 +15,12 @@ Policies, chosen with the coordinator's ``quorum`` setting:
   (``rules.quorum_ready`` / ``rules.quorum_hopeless``);
 - ``first-k:K``: the first K peers to ask, as soon as K have asked; with fewer
   than K live peers, the ``all`` rule over whoever asked;
-- ``sample:K``: the K up-to-date peers ``collectives.sampling.sample_members``
-  draws from the run's seed and the round id (members can check the draw);
-  the round starts when all of them asked, or at the join timeout with those
-  of them that did.
+- ``sample:K``, ``sample:F``, ``sample:F,min=M``: the k peers
+  ``collectives.sampling.sample_members`` draws from the run's seed and the
+  round id among the live peers (members can check the draw); k is K, or
+  ceil(F x candidates) and at least M (min_peers when M is not given, see
+  ``fitted``), never more than the candidates. The round starts when all of
+  them asked, or at the join timeout with those of them that did.
 
 Adding a policy: subclass ``QuorumPolicy`` (a name, a usage string, how to
 read its argument, ``decide``) and decorate it with ``@register``.
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from collectives.errors import ConfigError
-from collectives.sampling import SAMPLE_POLICY, sample_members, whole_count
+from collectives.sampling import SAMPLE_POLICY, SampleSize, parse_sample_arg, sample_members, whole_count
 from peer.coordinator.rules import QuorumRules, order_members, quorum_hopeless, quorum_ready
 
 
@@ -41,10 +43,8 @@ class QuorumInputs:
 
     # Peers waiting for this round, in order of arrival.
     requesting: tuple[str, ...]
-    # Live peers a quorum may wait for, syncing joiners included.
+    # Live peers a quorum may wait for, syncing joiners included: also what a sample is drawn from.
     eligible: frozenset[str]
-    # Live peers holding the run's last committed state: what a sample is drawn from.
-    up_to_date: frozenset[str]
     # Seconds since the first request of this quorum, and since the coordinator started.
     waited_s: float
     coordinator_age_s: float
@@ -106,6 +106,10 @@ class QuorumPolicy(ABC):
         """The most members a round of this policy can have (None: no limit), checked against min_peers."""
         return None
 
+    def fitted(self, min_peers: int) -> QuorumPolicy:
+        """This policy for a run whose rounds need min_peers members (ConfigError if it contradicts them)."""
+        return self
+
 
 POLICIES: dict[str, type[QuorumPolicy]] = {}
 
@@ -124,7 +128,8 @@ def policy_forms() -> str:
 
 
 def parse_policy(spec: str) -> QuorumPolicy:
-    """The policy a spec names ("all", "first-k:K", "sample:K"); ConfigError listing the forms otherwise."""
+    """The policy a spec names ("all", "first-k:K", "sample:K", "sample:0.5,min=2"); ConfigError listing the forms
+    otherwise."""
     name, _, arg = spec.strip().partition(":")
     cls = POLICIES.get(name)
     try:
@@ -221,23 +226,60 @@ class FirstK(_OfK):
 
 @register
 @dataclass(frozen=True)
-class Sample(_OfK):
-    """The k up-to-date peers drawn by ``sample_members`` from the run's seed and the round id."""
+class Sample(QuorumPolicy):
+    """The k peers drawn by ``sample_members`` from the run's seed and the round id among the live peers; k is a
+    count, or a fraction of those candidates (``collectives.sampling.SampleSize``)."""
 
     name: ClassVar[str] = SAMPLE_POLICY
-    usage: ClassVar[str] = f"{SAMPLE_POLICY}:K"
+    usage: ClassVar[str] = f"{SAMPLE_POLICY}:K, {SAMPLE_POLICY}:F[,min=M]"
+
+    size: SampleSize
+
+    @classmethod
+    def from_arg(cls, arg: str) -> Sample:
+        """``sample:K``, ``sample:F`` or ``sample:F,min=M`` (see ``collectives.sampling.parse_sample_arg``)."""
+        return cls(parse_sample_arg(arg))
+
+    @property
+    def spec(self) -> str:
+        """``sample:`` and the size's argument; the members recompute k from it and the candidates."""
+        return f"{self.name}:{self.size.arg}"
+
+    def max_members(self) -> int | None:
+        """K for a count; a fraction has no fixed bound."""
+        return self.size.count
+
+    def fitted(self, min_peers: int) -> Sample:
+        """A fraction without min= gets min_peers as its minimum; with a min below min_peers it is a ConfigError."""
+        minimum = self.size.minimum
+        if minimum is not None and minimum < min_peers:
+            raise ConfigError(
+                f"quorum {self.spec}: min={minimum} is below min_peers {min_peers}, so a round of {minimum} could never "
+                f"start: use min >= {min_peers}, leave min out (it is then min_peers) or lower --min-peers"
+            )
+        return Sample(self.size.with_minimum(min_peers))
 
     @staticmethod
     def candidates(q: QuorumInputs) -> tuple[str, ...]:
-        """The peers the sample is drawn from: up-to-date live peers and every peer that asked, by peer id."""
-        return tuple(sorted(q.up_to_date | set(q.requesting)))
+        """The peers the sample is drawn from: every live peer (and every peer that asked), by peer id.
+
+        Not only the up-to-date ones: the peers a round went on without are catching up on it when the
+        next quorum gathers, and the members of the last round, up to date first, would be drawn again
+        and again. A drawn joiner still fetching the state holds the round up to the join timeout.
+        """
+        return tuple(sorted(q.eligible | set(q.requesting)))
+
+    def drawn(self, q: QuorumInputs) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(the sample, the candidates it is drawn from): k is computed from the very candidates the members get."""
+        candidates = self.candidates(q)
+        k = self.size.of(len(candidates))
+        return (sample_members(q.seed, q.round_id, candidates, k) if k else ()), candidates
 
     def decide(self, q: QuorumInputs) -> Outcome:
         """Form once every sampled peer asked, or at the join timeout with the sampled peers that asked."""
         if q.coordinator_age_s < q.rules.startup_grace_s:
             return None
-        candidates = self.candidates(q)
-        sample = sample_members(q.seed, q.round_id, candidates, self.k)
+        sample, candidates = self.drawn(q)
         requesting = set(q.requesting)
         asked = tuple(p for p in sample if p in requesting)
         if len(asked) >= q.rules.min_peers and (len(asked) == len(sample) or q.waited_s >= q.rules.join_timeout_s):
@@ -249,10 +291,10 @@ class Sample(_OfK):
 
     def awaited(self, q: QuorumInputs) -> frozenset[str]:
         """The sampled peers that have not asked yet."""
-        return frozenset(sample_members(q.seed, q.round_id, self.candidates(q), self.k)) - set(q.requesting)
+        return frozenset(self.drawn(q)[0]) - set(q.requesting)
 
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
-        """As many asked as the sample can hold, or the join timeout passed."""
+        """As many asked as a sample of the live peers holds, or the join timeout passed."""
         if requesting < rules.min_peers:
             return False
-        return requesting >= min(self.k, eligible) or waited_s >= rules.join_timeout_s
+        return requesting >= self.size.of(eligible) or waited_s >= rules.join_timeout_s

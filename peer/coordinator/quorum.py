@@ -142,16 +142,12 @@ class Quorums:
     def inputs(self, pending: PendingQuorum, now: float) -> QuorumInputs:
         """What the policy decides the pending quorum from."""
         s = self.state
-        up_to_date = frozenset(
-            p for p in s.live if s.peers[p].state == "active" and s.peers[p].last_round >= s.last_committed_round
-        )
         return QuorumInputs(
             requesting=tuple(pending.waiting),
             # Every live peer, syncing joiners included: `all` waits (up to the join timeout) for a
             # joiner to finish syncing, so joiners are admitted at the next round boundary instead
-            # of chasing rounds that form without them.
+            # of chasing rounds that form without them; `sample` draws from them all.
             eligible=frozenset(s.live),
-            up_to_date=up_to_date,
             waited_s=now - pending.first_at,
             coordinator_age_s=now - self._started,
             round_id=s.next_round_id,
@@ -198,7 +194,7 @@ class Quorums:
         s.epoch = next_epoch(s.epoch, s.last_members, members, s.bump_epoch, restarted)
         s.last_members, s.bump_epoch = members, False
         round_id = s.next_round_id
-        record = RoundRecord(round_id, s.epoch, members, time.time(), tag=pending.tag)
+        record = RoundRecord(round_id, s.epoch, members, time.time(), tag=pending.tag, candidates=list(outcome.candidates))
         s.rounds.append(record)
         loop = asyncio.get_running_loop()
         self.commits[(round_id, s.epoch)] = PendingCommit(record=record, formed_at=now, decided=loop.create_future())

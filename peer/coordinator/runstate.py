@@ -38,6 +38,7 @@ class PeerRecord:
     steps_per_s: float | None = None
     loss: float | None = None
     eval_loss: float | None = None
+    epsilon: float | None = None
     samples: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -67,6 +68,8 @@ class RoundRecord:
     reason: str = ""
     duration_s: float | None = None
     bytes: int = 0
+    # The peers a sample round was drawn from (empty for other policies): its members are sample_members of them.
+    candidates: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         """The round as the status document shows it."""
@@ -80,6 +83,7 @@ class RoundRecord:
             "status": self.status,
             "reason": self.reason,
             "tag": self.tag,
+            "candidates": list(self.candidates),
         }
 
 
@@ -137,6 +141,8 @@ class RunState:
     # anyway: an attempt aborted since, or the run rolled back to an older round (epoch rule).
     last_members: list[str] | None = None
     bump_epoch: bool = False
+    # Members of the last committed round (the dashboard marks them: with a sample quorum, who was drawn).
+    last_round_members: frozenset[str] = frozenset()
     started_at: float = field(default_factory=time.time)
     # Fresh peer ids carry this coordinator's random tag: after a restart, a peer still using
     # an id from the previous coordinator must be unknown here (so it rejoins), never taken
@@ -165,6 +171,7 @@ class RunState:
     def record_commit(self, record: RoundRecord) -> None:
         """Note a committed round: it is the run's last, and is remembered for catch-up."""
         self.last_committed_round = max(self.last_committed_round, record.round_id)
+        self.last_round_members = frozenset(record.members)
         if self.catchup_rounds > 0:
             self.committed.append(CommittedRound(record.round_id, record.epoch, record.tag, tuple(record.members)))
 
@@ -274,6 +281,8 @@ class RunState:
                 "rounds_aborted": self.rounds_aborted,
                 "bytes_sent": sum(p.bytes_sent for p in peers),
                 "bytes_received": sum(p.bytes_received for p in peers),
+                # Differential privacy: the most any live peer reports the run has spent (None: no DP).
+                "epsilon": max((p.epsilon for p in peers if p.alive and p.epsilon is not None), default=None),
             },
             "peers": [
                 {
@@ -286,10 +295,12 @@ class RunState:
                     "steps_per_s": p.steps_per_s,
                     "loss": p.loss,
                     "eval_loss": p.eval_loss,
+                    "epsilon": p.epsilon,
                     "samples": p.samples,
                     "bytes_sent": p.bytes_sent,
                     "bytes_received": p.bytes_received,
                     "last_round": p.last_round,
+                    "in_last_round": p.peer_id in self.last_round_members,
                     "activity": p.activity,
                     "joined_at": p.joined_at,
                 }
