@@ -96,6 +96,8 @@ class SyncRecord:
     epoch: int = 0
     # What the round's aggregator decided (e.g. the contributions Krum selected), one dict per statistic round.
     decisions: list[dict] = field(default_factory=list)
+    # Differential privacy: the privacy spent by the run so far (epsilon at the algorithm's delta); None: no DP.
+    epsilon: float | None = None
 
 
 class StepRate:
@@ -142,6 +144,9 @@ class OuterOptimizer:
         self.on_sync_start: Callable[[int], None] | None = None
         self.on_commit: Callable[[SyncRecord], None] | None = None
         self.on_miss: Callable[[SyncRecord], None] | None = None
+        # Replaces this peer's contribution before it is sent: the harness's byzantine attacks set it (a test
+        # tool; an honest peer leaves it None).
+        self.tamper: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
         if hasattr(peer, "provide_state"):
             # Joiners fetch the run's state from this optimizer; late peers check round sizes against it.
             peer.provide_state(self.snapshot, round_numel=self.round_numel, state_nbytes=self.state.nbytes)
@@ -171,7 +176,11 @@ class OuterOptimizer:
 
     def round_numel(self, tag: str) -> int:
         """Elements of a round with this tag (what a late peer expects to fetch)."""
-        return self.state.numel(self.round_indices(tag))
+        return sum(t.numel() for t in self._layout(tag))
+
+    def _layout(self, tag: str) -> list[torch.Tensor]:
+        """Tensors shaped as a round with this tag's value (its global parameters; a subclass may add some)."""
+        return [self.state.globals[i] for i in self.round_indices(tag)]
 
     # -- torch.optim surface ------------------------------------------------------------
 
@@ -203,13 +212,30 @@ class OuterOptimizer:
             raise TypeError(f"samples counts the examples a step trained on (an int); got {samples!r}") from None
         if samples < 0:
             raise ValueError(f"samples counts the examples a step trained on; got {samples}")
-        closure_loss = self.inner.step(closure)
+        if closure is None:
+            self._adjust_gradients()
+            closure_loss = self.inner.step()
+        else:
+            closure_loss = self.inner.step(self._adjusted(closure))
         self.inner_steps += 1
         self.samples_trained += samples
         # Before the rounds: a blocking sync then shows this step, and the loss that led to it.
         self._report(closure_loss if loss is None else loss)
         self._stepped(samples)
         return closure_loss
+
+    def _adjusted(self, closure: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """The closure, followed by the algorithm's change to the gradients it computed."""
+
+        def run() -> torch.Tensor:
+            loss = closure()
+            self._adjust_gradients()
+            return loss
+
+        return run
+
+    def _adjust_gradients(self) -> None:
+        """Change the gradients before the inner step (e.g. FedProx's proximal term); a no-op by default."""
 
     def _report(self, loss: torch.Tensor | float | None) -> None:
         """Put the step count, loss, samples and speed on the peer's status (its heartbeats carry them)."""
@@ -225,13 +251,25 @@ class OuterOptimizer:
 
     # -- rounds ---------------------------------------------------------------------------
 
-    def _send(self, tag: str, weight: float, *, wait: bool) -> Any:
+    def contribution(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """This peer's contribution to a round carrying these parameters: their pseudo-gradients (a subclass may
+        transform them, e.g. clip them), then the ``tamper`` hook if one is set."""
+        tensors = self.state.pseudo_gradients(indices)
+        return tensors if self.tamper is None else self.tamper(tensors)
+
+    def prepare(self) -> Callable[[Any, torch.Tensor], torch.Tensor] | None:
+        """A function of (round plan, flat contribution) run by the peer once each attempt's members are known
+        (e.g. noise scaled to their number); None: the contribution is sent as it is."""
+        return None
+
+    def _send(self, tag: str, weight: Any, *, wait: bool) -> Any:
         """Start (wait=False: a future) or run (a result) the round of tag's pseudo-gradients."""
-        indices = self.round_indices(tag)
+        tensors = self.contribution(self.round_indices(tag))
         call = self.peer.sync if wait else self.peer.sync_async
-        return call(
-            self.state.pseudo_gradients(indices), weight=weight, tag=tag, codec=self.codec, aggregator=self.aggregator
-        )
+        prepare = self.prepare()
+        # Only passed when used, so a user's SyncPeer without the argument keeps working.
+        extra = {} if prepare is None else {"prepare": prepare}
+        return call(tensors, weight=weight, tag=tag, codec=self.codec, aggregator=self.aggregator, **extra)
 
     def _sync_starts(self) -> None:
         if self.on_sync_start is not None:
@@ -296,8 +334,7 @@ class OuterOptimizer:
         """Apply the committed rounds this peer was late for, in order (its own contribution was not used)."""
         self._forget_local_progress()  # this sync's own contribution was not used
         for missed in exc.rounds:
-            indices = self.round_indices(missed.tag)
-            value = unflatten_like(missed.value, [self.state.globals[i] for i in indices])
+            value = unflatten_like(missed.value, self._layout(missed.tag))
             self._apply(missed.tag, value, missed.round_id)
             reason = f"late for round {missed.round_id}: applied its committed result from {missed.source}"
             record = SyncRecord(

@@ -31,6 +31,7 @@ import torch
 
 from collectives.errors import ConfigError
 from optimizers.diloco import DiLoCo, DiLoCoConfig
+from optimizers.federated import FEDERATED, FedAvg
 from optimizers.streaming import StreamingConfig, StreamingDiLoCo
 
 
@@ -93,3 +94,5 @@ register_algorithm("diloco", DiLoCoConfig, DiLoCo, "DiLoCo: H local steps, then 
 register_algorithm(
     "streaming", StreamingConfig, StreamingDiLoCo, "Streaming DiLoCo: fragments synced on a staggered, overlapped schedule"
 )
+for _config, _summary in FEDERATED:
+    register_algorithm(_config.TAG, _config, FedAvg, _summary)

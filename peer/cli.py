@@ -23,6 +23,7 @@ BENCHMARKS = (
     ("statesync", "statesync", "time for a joiner to fetch a state from a peer"),
     ("diloco", "diloco", "DiLoCo and Streaming DiLoCo vs data-parallel and one peer"),
     ("membership", "membership", "coordinator scalability with simulated peers"),
+    ("federated", "federated", "every federated strategy, clean and under byzantine attack"),
 )
 
 

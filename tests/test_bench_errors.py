@@ -61,7 +61,7 @@ def test_the_baselines_alone_train_the_steps_given():
 
 
 BAD_ARGUMENTS = [
-    (["diloco", "--methods", "dilco"], "unknown method 'dilco' in --methods; choose from diloco, streaming"),
+    (["diloco", "--methods", "dilco"], "unknown method 'dilco' in --methods; choose from diloco, streaming, fedavg"),
     (["diloco", "--task", "nope"], "unknown task 'nope'; choose one of synthetic-lm, text-lm"),
     (["diloco", "--task", "text-lm", "--data", "/no/such/corpus"], "data path '/no/such/corpus' does not exist"),
     (["diloco", "--codec", "int9"], "codec spec 'int9' is invalid"),
@@ -98,7 +98,8 @@ def test_an_unknown_method_on_the_command_line_is_one_line_and_exit_code_2():
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
         (
-            "loconet: error: unknown method 'dilco' in --methods; choose from diloco, streaming (registered algorithms) "
+            "loconet: error: unknown method 'dilco' in --methods; choose from diloco, streaming, fedavg, fedavgm, "
+            "fedadam, fedyogi, fedadagrad, fedprox, client-momentum (registered algorithms) "
             "and data_parallel, one_peer (baselines), comma-separated"
         )
     ]

@@ -27,6 +27,9 @@ from peer.tasks.base import Task, batch_stream
 log = logging.getLogger(__name__)
 
 
+INNER_OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How a peer trains (filled by ``loconet peer``, the harness and the benchmark).
@@ -38,8 +41,13 @@ class TrainConfig:
     algorithm: str = field(default="diloco", metadata={"help": "training algorithm (a registered name)"})
     steps: int = field(default=1000, metadata={"help": "inner steps to train"})
     duration_s: float | None = field(default=None, metadata={"help": "train for this many seconds instead"})
-    inner_lr: float = field(default=3e-3, metadata={"help": "learning rate of the inner AdamW"})
-    weight_decay: float = field(default=0.01, metadata={"help": "weight decay of the inner AdamW"})
+    inner: str = field(
+        default="adamw",
+        metadata={"help": "inner (client) optimizer: adamw, or sgd (plain SGD, federated learning's usual client)",
+                  "choices": INNER_OPTIMIZERS},
+    )
+    inner_lr: float = field(default=3e-3, metadata={"help": "learning rate of the inner optimizer"})
+    weight_decay: float = field(default=0.01, metadata={"help": "weight decay of the inner optimizer"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every this many steps (0: only at the end)"})
     round_timeout_s: float = field(default=60.0, metadata={"help": "deadline of one all-reduce attempt"})
     options: Any = field(default=None, metadata={"cli": False})
@@ -55,6 +63,8 @@ class TrainConfig:
             )
         if self.steps < 1 and self.duration_s is None:
             raise ConfigError("train for at least one step (--steps) or a duration (--duration)")
+        if self.inner not in INNER_OPTIMIZERS:
+            raise ConfigError(f"inner optimizer must be one of {', '.join(INNER_OPTIMIZERS)}, got {self.inner!r}")
         if self.inner_lr <= 0:
             raise ConfigError(f"inner lr must be positive, got {self.inner_lr}")
 
@@ -77,8 +87,13 @@ def local_run(algorithm: str = "diloco", steps: int = 400) -> TrainConfig:
 
 
 def make_optimizer(model: torch.nn.Module, peer: SyncPeer, config: TrainConfig) -> OuterOptimizer:
-    """The registered algorithm's optimizer around an AdamW inner optimizer."""
-    inner = torch.optim.AdamW(model.parameters(), lr=config.inner_lr, weight_decay=config.weight_decay)
+    """The registered algorithm's optimizer around the configured inner optimizer."""
+    if config.inner == "sgd":
+        inner: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.inner_lr, weight_decay=config.weight_decay
+        )
+    else:
+        inner = torch.optim.AdamW(model.parameters(), lr=config.inner_lr, weight_decay=config.weight_decay)
     return get_algorithm(config.algorithm).make(model, inner, peer, config.options)
 
 
@@ -115,6 +130,10 @@ class TrainLoop:
         # A resumed or joining peer continues its data stream where it left off.
         self.batches = batch_stream(task, rank, world, start_step)
         self.progress = Progress(step=start_step)
+        # An algorithm that trains whole epochs per round needs the size of this peer's data.
+        size = getattr(task, "partition_size", lambda rank, world: None)(rank, world)
+        if size is not None and hasattr(optimizer, "epoch_samples"):
+            optimizer.epoch_samples = size
         # Called after each step and each eval; the daemon reports and draws progress from them.
         self.on_step: Callable[[Progress], None] | None = None
         self.on_eval: Callable[[int, float], None] | None = None

@@ -1,0 +1,405 @@
+"""Federated learning with no server: FedAvg and its family as registered algorithms.
+
+Each round the sampled peers (clients) start from the global model, train
+``sync_every`` local steps (S) or ``local_epochs`` epochs (E) of their own
+data, and send their update ``global - local`` (the pseudo-gradient). The
+round's aggregator combines the updates across the members on the butterfly
+(``mean`` weighted by samples: FedAvg; or a robust one, ``median``,
+``krum:f=1``...; ``collectives/aggregators.py``), and every peer applies the
+same server step to the same global parameters, so every peer ends the round
+with the same model. There is no server: the "server optimizer" runs on every
+peer.
+
+The algorithms differ in the server step and in the client objective:
+
+====================  ===============================================================
+``fedavg``            the global model becomes the weighted mean of the local models
+                      (server SGD, lr 1, no momentum)
+``fedavgm``           server momentum (Hsu et al. 2019): SGD with ``server_momentum``
+``fedadam/fedyogi/``  Reddi et al., "Adaptive Federated Optimization": the server
+``fedadagrad``        optimizer runs on the aggregate, Flower's names and defaults
+                      (``optimizers/fedopt.py``)
+``fedprox``           FedAvg plus the proximal term mu/2 ||w - w_global||^2 in the
+                      client objective (Li et al. 2020)
+``client-momentum``   FedAvg-M (Cheng et al., "Momentum Benefits Non-IID Federated
+                      Learning Simply and Provably"): every local step follows
+                      (1 - b) * gradient + b * the last round's global direction
+====================  ===============================================================
+
+Every one of them may add client-level differential privacy (``dp_clip``:
+each update clipped to C, then noise N(0, (sigma C)^2 / n) added by each of
+the n members, so the aggregate carries sigma C; ``optimizers/privacy.py``),
+with the privacy spent tracked per round.
+
+Client sampling is the coordinator's quorum policy (``--quorum sample:0.5``):
+a peer the sample leaves out of a round either waits (``unsampled=wait``: its
+local steps of that round are dropped and it restarts from the new global
+model) or keeps training (``unsampled=train``: its own update is rebased onto
+the new global model and sent, with its samples, in the next round it is
+drawn for).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+
+from collectives.elastic import CaughtUp
+from collectives.errors import ConfigError
+from collectives.statesync import StateSnapshot
+from optimizers.fedopt import FLOWER_DEFAULTS
+from optimizers.outer import OuterOptimizer, SyncConfig, SyncRecord
+from optimizers.outer_optim import OuterConfig
+from optimizers.privacy import DifferentialPrivacy, DPConfig
+
+UNSAMPLED = ("wait", "train")
+# Snapshot tensor names of client momentum's global direction: f"{DIRECTION_PREFIX}{param name}".
+DIRECTION_PREFIX = "fed/direction/"
+
+
+def _fraction(value: float, name: str, top_open: bool = True) -> None:
+    ok = 0.0 <= value < 1.0 if top_open else 0.0 <= value <= 1.0
+    if not ok:
+        raise ConfigError(f"{name} must be in [0, 1{')' if top_open else ']'}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FedConfig(SyncConfig):
+    """FedAvg: S local steps (or E epochs) per round, then the sample-weighted mean of the local models."""
+
+    # The name a round is tagged with: every member of a run must run the same algorithm.
+    TAG: ClassVar[str] = "fedavg"
+
+    sync_every: int = field(default=10, metadata={"help": "local steps per round (S)"})
+    local_epochs: float | None = field(
+        default=None,
+        metadata={"help": "train this many epochs of the peer's own data per round instead of S steps "
+                  "(needs a task that knows its partition's size, e.g. digits)"},
+    )
+    proximal_mu: float = field(default=0.0, metadata={"help": "FedProx's mu: mu/2 ||w - w_global||^2 is added to "
+                                                      "the client objective (0: off)"})
+    client_momentum: float = field(
+        default=0.0,
+        metadata={"help": "weight b of the last round's global direction in every local step "
+                  "((1-b) grad + b direction; 0: off; exact with --inner sgd)"},
+    )
+    unsampled: str = field(
+        default="wait",
+        metadata={"help": "what a peer the round's sample leaves out does: wait (drop its local steps) or train "
+                  "(keep them for the next round it is drawn for)", "choices": UNSAMPLED},
+    )
+    dp: DPConfig = field(default_factory=DPConfig)
+    outer: OuterConfig = field(init=False, default_factory=OuterConfig, metadata={"cli": False})
+
+    def server(self) -> OuterConfig:
+        """The server optimizer: FedAvg's global model is the mean of the local ones (SGD, lr 1, no momentum)."""
+        return OuterConfig(name="sgd", lr=1.0, momentum=0.0, nesterov=False)
+
+    def __post_init__(self) -> None:
+        # Built from the strategy's own fields (Flower's names), so it is never set apart from them.
+        object.__setattr__(self, "outer", self.server())
+        super().__post_init__()
+        if self.local_epochs is not None and not self.local_epochs > 0:
+            raise ConfigError(f"local_epochs must be positive, got {self.local_epochs!r}")
+        if not self.proximal_mu >= 0:
+            raise ConfigError(f"proximal_mu must be >= 0, got {self.proximal_mu!r}")
+        _fraction(self.client_momentum, "client_momentum")
+        if self.unsampled not in UNSAMPLED:
+            raise ConfigError(f"unsampled must be one of {', '.join(UNSAMPLED)}, got {self.unsampled!r}")
+        self.dp.check_round(self.aggregator_config)
+
+
+def _flower(strategy: str, key: str) -> Any:
+    return FLOWER_DEFAULTS[strategy][key]
+
+
+@dataclass(frozen=True)
+class FedAvgMConfig(FedConfig):
+    """FedAvgM: FedAvg with server momentum (Hsu et al. 2019); Flower's names."""
+
+    TAG: ClassVar[str] = "fedavgm"
+
+    server_learning_rate: float = field(default=1.0, metadata={"help": "server learning rate"})
+    # Flower's default momentum is 0, which is FedAvg; 0.9 is the paper's.
+    server_momentum: float = field(default=0.9, metadata={"help": "server momentum in [0, 1)"})
+
+    def server(self) -> OuterConfig:
+        """Heavy-ball momentum on the averaged update, rounded as Flower's FedAvgM (optimizers/fedopt.py)."""
+        return OuterConfig(name="fedavgm", lr=self.server_learning_rate, momentum=self.server_momentum)
+
+
+@dataclass(frozen=True)
+class FedAdamConfig(FedConfig):
+    """FedAdam (Reddi et al. 2021): Adam as the server optimizer; Flower's names and defaults."""
+
+    TAG: ClassVar[str] = "fedadam"
+
+    eta: float = field(default=_flower("fedadam", "eta"), metadata={"help": "server learning rate"})
+    beta_1: float = field(default=_flower("fedadam", "beta_1"), metadata={"help": "first-moment decay"})
+    beta_2: float = field(default=_flower("fedadam", "beta_2"), metadata={"help": "second-moment decay"})
+    tau: float = field(default=_flower("fedadam", "tau"), metadata={"help": "degree of adaptivity (denominator guard)"})
+
+    def server(self) -> OuterConfig:
+        """The registered server optimizer named by TAG, with these hyperparameters."""
+        return OuterConfig(name=self.TAG, lr=self.eta, betas=(self.beta_1, self.beta_2), eps=self.tau)
+
+
+@dataclass(frozen=True)
+class FedYogiConfig(FedAdamConfig):
+    """FedYogi (Reddi et al. 2021): Yogi's additive second moment; Flower's names and defaults."""
+
+    TAG: ClassVar[str] = "fedyogi"
+
+    eta: float = field(default=_flower("fedyogi", "eta"), metadata={"help": "server learning rate"})
+    beta_1: float = field(default=_flower("fedyogi", "beta_1"), metadata={"help": "first-moment decay"})
+    beta_2: float = field(default=_flower("fedyogi", "beta_2"), metadata={"help": "second-moment decay"})
+    tau: float = field(default=_flower("fedyogi", "tau"), metadata={"help": "degree of adaptivity (denominator guard)"})
+
+
+@dataclass(frozen=True)
+class FedAdagradConfig(FedAdamConfig):
+    """FedAdagrad (Reddi et al. 2021): the second moment is the sum of squares; Flower's names and defaults."""
+
+    TAG: ClassVar[str] = "fedadagrad"
+
+    eta: float = field(default=_flower("fedadagrad", "eta"), metadata={"help": "server learning rate"})
+    beta_1: float = field(default=_flower("fedadagrad", "beta_1"), metadata={"help": "first-moment decay"})
+    beta_2: float = field(default=_flower("fedadagrad", "beta_2"), metadata={"help": "unused by Adagrad (Flower's)"})
+    tau: float = field(default=_flower("fedadagrad", "tau"), metadata={"help": "degree of adaptivity (denominator guard)"})
+
+
+@dataclass(frozen=True)
+class FedProxConfig(FedConfig):
+    """FedProx (Li et al. 2020): FedAvg whose clients add mu/2 ||w - w_global||^2 to their objective."""
+
+    TAG: ClassVar[str] = "fedprox"
+
+    proximal_mu: float = field(default=0.01, metadata={"help": "FedProx's mu (0 is FedAvg)"})
+
+
+@dataclass(frozen=True)
+class ClientMomentumConfig(FedConfig):
+    """FedAvg-M (Cheng et al. 2023): each local step mixes in the last round's global direction."""
+
+    TAG: ClassVar[str] = "client-momentum"
+
+    client_momentum: float = field(
+        default=0.5, metadata={"help": "weight b of the last round's global direction: (1-b) grad + b direction"}
+    )
+
+
+class FedAvg(OuterOptimizer):
+    """A federated client-and-server in one: local steps, then a round, then the same server step on every peer."""
+
+    config: FedConfig
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inner: torch.optim.Optimizer,
+        peer: Any,
+        config: FedConfig | None = None,
+        **overrides: Any,
+    ) -> None:
+        """``overrides`` replace fields of config (or of FedAvg's defaults), e.g. ``sync_every=20``."""
+        config = replace(config or FedConfig(), **overrides)
+        super().__init__(model, inner, peer, config)
+        self.tag = config.TAG
+        self.steps_since_sync = 0
+        self.samples_since_sync = 0
+        # Examples of this peer's data: what local_epochs counts in (the training loop sets it from the task).
+        self.epoch_samples: int | None = None
+        # Client momentum: the last round's global direction per parameter (None until a round committed).
+        self.direction: list[torch.Tensor] | None = None
+        # Client-level differential privacy (None: off); its noise is this peer's own (see privacy.py).
+        # A fixed --dp-seed is mixed with the peer's name, so peers of a benchmark draw different noise.
+        stream = str(getattr(getattr(peer, "config", None), "name", "") or "")
+        self.dp = DifferentialPrivacy(config.dp, stream=stream) if config.dp.enabled else None
+        # Sampling rate of each round this peer took part in (members / candidates), for the accountant.
+        self._rates: dict[int, float] = {}
+
+    # -- when a round is due -----------------------------------------------------------
+
+    def _stepped(self, samples: int) -> None:
+        self.steps_since_sync += 1
+        self.samples_since_sync += samples
+        if self._sync_due():
+            self.sync()
+
+    def _sync_due(self) -> bool:
+        if self.config.local_epochs is None:
+            return self.steps_since_sync >= self.config.sync_every
+        if not self.epoch_samples:
+            raise ConfigError(
+                "local_epochs needs the size of this peer's data: set optimizer.epoch_samples (the training loop "
+                "does it for tasks that know it), or give sync_every (S local steps) instead"
+            )
+        return self.samples_since_sync >= self.config.local_epochs * self.epoch_samples
+
+    def round_indices(self, tag: str) -> Sequence[int]:
+        """Every round carries every parameter."""
+        if tag != self.tag:
+            raise ConfigError(f"this peer runs {self.tag!r} rounds, not {tag!r}: every peer must run the same algorithm")
+        return range(len(self.state.params))
+
+    def sync(self) -> bool:
+        """Send this peer's update to the round and take the server step; False if no round committed."""
+        started = time.monotonic()
+        self._sync_starts()
+        # With DP every member weighs the same, or one member's weight would break the sensitivity bound.
+        weight = 1.0 if self.dp is not None else float(max(self.samples_since_sync, 1))
+        return self._conclude(
+            lambda: self._send(self.tag, weight, wait=True),
+            self.tag,
+            started=started,
+            label=f"{self.tag} round at step {self.inner_steps}",
+            missed=lambda: self._reset_schedule(keep_samples=True),
+        )
+
+    # -- the client objective ----------------------------------------------------------
+
+    def _adjust_gradients(self) -> None:
+        """FedProx's proximal gradient and client momentum's direction, added to the step's gradients."""
+        mu, b = self.config.proximal_mu, self.config.client_momentum
+        if mu == 0 and (b == 0 or self.direction is None):
+            return
+        with torch.no_grad():
+            for i, p in enumerate(self.state.params):
+                if p.grad is None:
+                    continue
+                if mu:
+                    p.grad.add_(p - self.state.globals[i].to(device=p.device, dtype=p.dtype), alpha=mu)
+                if b and self.direction is not None:
+                    p.grad.mul_(1.0 - b).add_(self.direction[i].to(device=p.device, dtype=p.dtype), alpha=b)
+
+    # -- the contribution ------------------------------------------------------------
+
+    def contribution(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """The update, clipped when DP is on (and the adaptive-clipping indicator), then the base's tamper hook."""
+        tensors = self.state.pseudo_gradients(indices)
+        if self.dp is not None:
+            tensors = self.dp.contribution(tensors)
+        return tensors if self.tamper is None else self.tamper(tensors)
+
+    def prepare(self) -> Callable[[Any, torch.Tensor], torch.Tensor] | None:
+        """With DP, each attempt adds this member's share of the noise, N(0, (sigma C)^2 / n) for n members."""
+        if self.dp is None:
+            return None
+        noisy = self.dp.prepare()
+
+        def prepare(plan: Any, flat: torch.Tensor) -> torch.Tensor:
+            members = len(plan.members)
+            self._rates[plan.round_id] = min(1.0, members / (len(plan.candidates) or members))
+            return noisy(plan, flat)
+
+        return prepare
+
+    def _layout(self, tag: str) -> list[torch.Tensor]:
+        extra = [torch.zeros(self.dp.extra_numel)] if self.dp is not None and self.dp.extra_numel else []
+        return super()._layout(tag) + extra
+
+    # -- after a round ---------------------------------------------------------------
+
+    def _apply(self, tag: str, value: Sequence[torch.Tensor], round_id: int) -> None:
+        if self.dp is not None:
+            # Counts the round (own or caught up; an unknown sampling rate counts as 1) and moves an adaptive C.
+            value = self.dp.absorb(value, self._rates.pop(round_id, 1.0))
+        super()._apply(tag, value, round_id)
+        if self.config.client_momentum:
+            # The mean update of S SGD steps at lr eta is eta * S * (mean direction): the direction is that over eta S.
+            scale = 1.0 / (float(self.inner.param_groups[0]["lr"]) * self.config.sync_every)
+            self.direction = [v.detach().to(torch.float32).reshape(g.shape) * scale
+                              for v, g in zip(value, self.state.globals)]
+
+    def _record(self, record: SyncRecord) -> None:
+        if self.dp is not None and record.committed:
+            record.epsilon = self.dp.epsilon()
+            status = getattr(self.peer, "status", None)
+            if status is not None and hasattr(status, "epsilon"):
+                status.epsilon = record.epsilon
+        super()._record(record)
+
+    def _round_applied(self, tag: str) -> None:
+        self._reset_schedule()
+
+    def _forget_local_progress(self) -> None:
+        self._reset_schedule()
+
+    def _reset_schedule(self, keep_samples: bool = False) -> None:
+        self.steps_since_sync = 0
+        if not keep_samples:
+            self.samples_since_sync = 0
+
+    def _catch_up(self, exc: CaughtUp) -> None:
+        """Rounds this peer was not sampled for: wait drops its local steps; train keeps them, rebased."""
+        if self.config.unsampled == "wait":
+            super()._catch_up(exc)
+            return
+        with torch.no_grad():
+            local = [p.detach().to(device="cpu", dtype=torch.float32).clone() for p in self.state.params]
+            start = [g.clone() for g in self.state.globals]
+        samples = self.samples_since_sync
+        super()._catch_up(exc)  # applies the rounds and restarts the model from the new global
+        with torch.no_grad():
+            for p, lo, s, g in zip(self.state.params, local, start, self.state.globals):
+                # This peer's own update (local - start), now on top of the new global model.
+                p.copy_((g + (lo - s)).to(device=p.device, dtype=p.dtype))
+        self.samples_since_sync = samples  # its weight when it is next drawn; the step count starts over
+
+    # -- state -----------------------------------------------------------------------
+
+    def _meta(self) -> dict:
+        meta: dict = {"algorithm": self.tag}
+        if self.dp is not None:
+            meta["privacy"] = self.dp.state_dict()
+        return meta
+
+    def _adopt_meta(self, meta: dict) -> None:
+        if self.dp is not None and "privacy" in meta:
+            self.dp.load_state_dict(meta["privacy"])
+
+    def snapshot(self) -> StateSnapshot:
+        """The run's state, plus client momentum's direction when there is one."""
+        snap = super().snapshot()
+        if self.direction is not None:
+            for name, d in zip(self.state.names, self.direction):
+                snap.tensors[f"{DIRECTION_PREFIX}{name}"] = d.clone()
+        return snap
+
+    def _adopt_direction(self, tensors: dict[str, torch.Tensor]) -> None:
+        keys = [f"{DIRECTION_PREFIX}{n}" for n in self.state.names]
+        if all(k in tensors for k in keys):
+            self.direction = [tensors[k].to(torch.float32).clone() for k in keys]
+
+    def load_snapshot(self, snapshot: StateSnapshot) -> None:
+        """Adopt the run's state (and its direction)."""
+        super().load_snapshot(snapshot)
+        self._adopt_direction(snapshot.tensors)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned (and the direction)."""
+        super().load_state_dict(state)
+        self._adopt_direction(state["global"])
+
+    def _counters(self) -> dict:
+        return {"steps_since_sync": self.steps_since_sync, "samples_since_sync": self.samples_since_sync}
+
+    def _load_counters(self, state: dict) -> None:
+        self.steps_since_sync = int(state.get("steps_since_sync", 0))
+        self.samples_since_sync = int(state.get("samples_since_sync", 0))
+
+
+# (registered name, config, one line for --help); every one is the FedAvg class with another config.
+FEDERATED = (
+    (FedConfig, "FedAvg: S local steps per round, then the sample-weighted mean of the local models"),
+    (FedAvgMConfig, "FedAvgM: FedAvg with server momentum"),
+    (FedAdamConfig, "FedAdam: Adam as the server optimizer (Reddi et al.; Flower's defaults)"),
+    (FedYogiConfig, "FedYogi: Yogi as the server optimizer (Reddi et al.; Flower's defaults)"),
+    (FedAdagradConfig, "FedAdagrad: Adagrad as the server optimizer (Reddi et al.; Flower's defaults)"),
+    (FedProxConfig, "FedProx: FedAvg with a proximal term in the client objective"),
+    (ClientMomentumConfig, "FedAvg-M: client-side momentum for non-IID data (Cheng et al.)"),
+)

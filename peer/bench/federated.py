@@ -1,0 +1,412 @@
+"""``loconet bench federated``: every federated strategy, clean and under attack, on the same data and seeds.
+
+In one invocation, for each strategy of ``--strategies`` (the federated
+algorithms, and FedAvg with each robust aggregator), two runs: ``clean``, and
+``attacked``, where the last ``--byzantine`` peers send corrupted but finite
+updates (``--attack``, ``peer/attacks.py``). Every run is real: an
+in-process coordinator and ``--peers`` peers (``ElasticCollective``, each
+with its own gRPC server on 127.0.0.1), one training thread each, reducing on
+the butterfly with no server. Peers share nothing but the network; they live
+in one process so that a run costs no process start-up (torch's import
+dominates a tiny model's run).
+
+Every peer gets the same task seed, so the same initial model and, from
+``--dirichlet``, its own non-IID share of the data; every run of the
+invocation uses the same shares. A run trains ``--rounds`` rounds of
+``--local-steps`` local SGD steps. Per run: ``final_accuracy`` and
+``final_eval_loss`` of the global model on the held-out set (every peer ends
+with the same one; ``identical`` checks it), ``bytes_sent_per_peer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from collectives.aggregators import make_aggregator
+from collectives.elastic import ElasticCollective, ElasticConfig
+from collectives.errors import ConfigError, LoconetError
+from collectives.sampling import SAMPLE_POLICY, sample_count
+from optimizers.privacy import DPConfig
+from peer.attacks import Attack, parse_attack
+from peer.bench.fields import Fields, describe_report
+from peer.bench.kit import require
+from peer.coordinator.config import CoordinatorConfig
+from peer.coordinator.thread import CoordinatorThread
+from peer.runtime.training import TrainConfig, TrainLoop, make_optimizer
+from peer.tasks.base import Task, TaskConfig
+from peer.tasks.registry import make_task
+
+log = logging.getLogger(__name__)
+
+# The federated algorithms (item 1 of the issue), then FedAvg with each robust aggregator (item 2).
+ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "client-momentum")
+ROBUST = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan", "centered_clip", "norm_clip")
+STRATEGIES = ALGORITHMS + ROBUST
+# A run that takes longer than this on one machine is stuck, not slow.
+RUN_TIMEOUT_S = 600.0
+
+FIELDS: Fields = {
+    "task": "the task every run trains (--task)",
+    "peers": "peers per run (--peers)",
+    "rounds": "rounds each run trains (--rounds), of local_steps local steps each",
+    "dirichlet": "alpha of the Dirichlet split of labels across peers (null: iid)",
+    "byzantine": "peers that attack in the attacked runs (the last ones by rank)",
+    "attack": "what the byzantine peers send (peer/attacks.py)",
+    "config": "the rest of what was run: local steps, inner optimizer and learning rate, batch size, seed, quorum "
+    "policy, differential privacy, robust aggregators' parameters",
+    "strategies": "one entry per strategy of --strategies",
+    "strategies[].strategy": "a federated algorithm (fedavg, fedadam...), or a robust aggregator run with FedAvg",
+    "strategies[].algorithm": "the registered algorithm the strategy runs",
+    "strategies[].aggregator": "the aggregator its rounds use (every peer the same)",
+    "strategies[].clean": "the run without attackers",
+    "strategies[].attacked": "the run with --byzantine attackers (null with --byzantine 0)",
+    "strategies[].*.final_accuracy": "held-out accuracy of the global model at the end (fraction, 0-1)",
+    "strategies[].*.final_eval_loss": "held-out loss of the global model at the end",
+    "strategies[].*.bytes_sent_per_peer": "bytes each peer sent over the run, mean over peers",
+    "strategies[].*.rounds_committed": "rounds that committed (the run aims for --rounds)",
+    "strategies[].*.identical": "every peer ended with the same global parameters (their digests agree)",
+    "strategies[].*.wall_s": "wall seconds of the run",
+    "strategies[].*.epsilon": "with --dp-clip: the privacy spent, epsilon at --dp-delta, after the last round",
+    "strategies[].loss_attacked_over_clean": "attacked final_eval_loss / clean final_eval_loss: what the attack "
+    "costs this strategy (1: nothing; null without both runs)",
+    "strategies[].loss_over_fedavg": "clean final_eval_loss / FedAvg's clean final_eval_loss, the baseline "
+    "(below 1: better than FedAvg; null when FedAvg was not run)",
+    "strategies[].*.error": "why the run could not be made (e.g. Bulyan needs n >= 4f+3); its other fields are absent",
+}
+
+
+@dataclass(frozen=True)
+class FederatedBenchConfig:
+    """What ``bench federated`` runs."""
+
+    peers: int = 8
+    task: str = "digits"
+    rounds: int = 30
+    dirichlet: float | None = 100.0
+    byzantine: int = 0
+    attack: str = "signflip"
+    strategies: tuple[str, ...] = STRATEGIES
+    local_steps: int = 10
+    # Federated learning's usual client: plain SGD.
+    inner: str = "sgd"
+    # Measured: FedAvg reaches 90% on digits in 30 rounds at 0.3, not at 0.1 (BENCHMARKS.md).
+    inner_lr: float = 0.3
+    batch_size: int = 32
+    seed: int = 0
+    quorum: str = "all"
+    dp_clip: float | None = None
+    dp_noise: float = 1.0
+    dp_delta: float = 1e-5
+    # Robust aggregators' scale parameters (in units of an update's L2 norm).
+    clip: float = 1.0
+    tau: float = 1.0
+    codec: str | None = None
+    task_config: TaskConfig = field(default_factory=TaskConfig)
+
+    def __post_init__(self) -> None:
+        require(self.peers >= 2, f"--peers must be at least 2, got {self.peers}")
+        require(self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}")
+        require(0 <= self.byzantine < self.peers, f"--byzantine must be in [0, {self.peers}), got {self.byzantine}")
+        for s in self.strategies:
+            require(s in STRATEGIES, f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
+        parse_attack(self.attack)
+
+
+def aggregator_for(strategy: str, config: FederatedBenchConfig) -> str:
+    """The aggregator a strategy's rounds use, its parameters set for f = --byzantine attackers among the peers."""
+    n, f = config.peers, max(config.byzantine, 1)
+    return {
+        "median": "median",
+        "trimmed_mean": f"trimmed_mean:trim={min(f / n, 0.49):.4f}",
+        "krum": f"krum:f={f}",
+        "multi_krum": f"multi_krum:f={f},m={n - f}",
+        "bulyan": f"bulyan:f={f}",
+        "centered_clip": f"centered_clip:tau={config.tau}",
+        "norm_clip": f"norm_clip:clip={config.clip}",
+    }.get(strategy, "mean")
+
+
+def round_size(config: FederatedBenchConfig) -> int:
+    """Members of a round: every peer, or the sample's size (the coordinator's --min-peers, so rounds are whole)."""
+    name, _, arg = config.quorum.partition(":")
+    return sample_count(arg, config.peers) if name == SAMPLE_POLICY else config.peers
+
+
+class _LoopClosedNoise(logging.Filter):
+    """Drops grpc's "Event loop is closed" callbacks after a peer's loop is closed.
+
+    Many peers in one process each close their own event loop; grpc's process-wide completion
+    queue may still post one last poll to a closed loop, which asyncio logs as an error. Nothing
+    is lost (the peer has left and its transport is closed), so these lines are dropped; any
+    other asyncio error still shows.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+                    and "PollerCompletionQueue" in record.getMessage())
+
+
+def train_config(strategy: str, config: FederatedBenchConfig) -> TrainConfig:
+    """The training of one strategy's runs (the same for clean and attacked)."""
+    algorithm = strategy if strategy in ALGORITHMS else "fedavg"
+    options: dict = {"sync_every": config.local_steps, "aggregator": aggregator_for(strategy, config)}
+    if config.dp_clip is not None:
+        # Seeded, so the benchmark repeats (each peer's stream differs): a real run draws from the OS.
+        options["dp"] = DPConfig(clip=config.dp_clip, noise=config.dp_noise, delta=config.dp_delta, seed=config.seed)
+    if config.codec is not None:
+        options["codec"] = config.codec
+    return TrainConfig.of(
+        algorithm,
+        steps=config.rounds * config.local_steps,
+        inner=config.inner,
+        inner_lr=config.inner_lr,
+        weight_decay=0.0,
+        **options,
+    )
+
+
+@dataclass
+class PeerOutcome:
+    """What one peer of a run ended with."""
+
+    rank: int
+    digest: str = ""
+    accuracy: float | None = None
+    eval_loss: float = float("nan")
+    bytes_sent: int = 0
+    rounds: int = 0
+    epsilon: float | None = None
+    error: str = ""
+
+
+def _poisoned(batches: Iterator, attack: Attack, classes: int) -> Iterator:
+    for batch in batches:
+        yield attack.flip_labels(batch, classes)
+
+
+def _peer(
+    rank: int, world: int, task: Task, train: TrainConfig, address: str, run_id: str, attack: Attack | None,
+    out: PeerOutcome, stop: threading.Event,
+) -> None:
+    """One peer's whole run: join, train, evaluate the global model, leave."""
+    model = task.build_model()
+    elastic = ElasticCollective(ElasticConfig(coordinator=address, run_id=run_id, name=f"peer{rank}"))
+    try:
+        opt = make_optimizer(model, elastic, train)
+        # Every peer builds the same initial model from the task seed: each already holds round 0.
+        snapshot = elastic.start(has_state=True)
+        if snapshot is not None:
+            opt.load_snapshot(snapshot)
+        loop = TrainLoop(task, model, opt, train, rank, world)
+        if attack is not None:
+            if attack.kind == "labelflip":
+                classes = getattr(task, "classes", None)
+                if classes is None:
+                    raise ConfigError(f"labelflip needs a classification task; {task.name} has no classes")
+                loop.batches = _poisoned(loop.batches, attack, classes)
+            else:
+                opt.tamper = attack.corrupt
+        loop.run(stop)
+        # The global model: after the last round every peer's local model restarted from it.
+        opt.state.load_into_model(range(len(opt.state.params)))
+        out.digest = opt.state.digest()
+        out.eval_loss = task.evaluate(model)
+        out.accuracy = task.accuracy(model)
+        out.rounds = opt.committed_rounds
+        out.epsilon = next((r.epsilon for r in reversed(opt.history) if r.epsilon is not None), None)
+    except LoconetError as exc:
+        out.error = str(exc)
+        stop.set()
+    finally:
+        elastic.close(leave=True, reason="finished")
+        out.bytes_sent = elastic.transport.counters.bytes_sent
+
+
+def run_once(
+    strategy: str, config: FederatedBenchConfig, task: Task, attacked: bool, label: str
+) -> dict:
+    """One run of a strategy (clean or attacked): its accuracy, loss, bytes, and whether peers agree."""
+    train = train_config(strategy, config)
+    try:
+        # A strategy that cannot run with this many peers (Bulyan: n >= 4f+3) is reported, not attempted.
+        make_aggregator(train.options.aggregator).check_group(config.peers)
+    except ConfigError as exc:
+        return {"error": str(exc)}
+    attack = parse_attack(config.attack) if attacked else None
+    n = config.peers
+    coordinator = CoordinatorConfig(
+        run_id=label, port=0, dashboard_port=None, min_peers=round_size(config), quorum=config.quorum, seed=config.seed,
+        heartbeat_s=0.5, lease_s=5.0,
+    )
+    outcomes = [PeerOutcome(rank) for rank in range(n)]
+    stop = threading.Event()
+    started = time.monotonic()
+    with CoordinatorThread(coordinator) as coord:
+        threads = [
+            threading.Thread(
+                target=_peer,
+                args=(r, n, task, train, coord.address, label,
+                      attack if r >= n - config.byzantine else None, outcomes[r], stop),
+                name=f"{label}-peer{r}",
+                daemon=True,
+            )
+            for r in range(n)
+        ]
+        for t in threads:
+            t.start()
+        deadline = started + RUN_TIMEOUT_S
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in threads):
+            stop.set()
+            raise LoconetError(f"{label}: peers still running after {RUN_TIMEOUT_S:.0f} s; the run is stuck")
+    errors = [f"peer{o.rank}: {o.error}" for o in outcomes if o.error]
+    if errors:
+        raise LoconetError(f"{label} failed: {'; '.join(errors)}")
+    honest = outcomes[: n - config.byzantine] if attacked else outcomes
+    result = {
+        "final_accuracy": honest[0].accuracy,
+        "final_eval_loss": honest[0].eval_loss,
+        "bytes_sent_per_peer": statistics.mean(o.bytes_sent for o in outcomes),
+        "rounds_committed": min(o.rounds for o in outcomes),
+        "identical": len({o.digest for o in outcomes}) == 1,
+        "wall_s": time.monotonic() - started,
+    }
+    if config.dp_clip is not None:
+        result["epsilon"] = honest[0].epsilon
+    return result
+
+
+def run(config: FederatedBenchConfig) -> dict:
+    """Every strategy, clean and attacked; the report."""
+    torch.set_num_threads(1)  # many peers share two cores: one intra-op thread each
+    logging.getLogger("asyncio").addFilter(_LoopClosedNoise())
+    task = make_task(config.task, config.task_config)
+    entries = []
+    for strategy in config.strategies:
+        entry = {"strategy": strategy, "algorithm": train_config(strategy, config).algorithm,
+                 "aggregator": aggregator_for(strategy, config)}
+        for attacked in (False, True):
+            name = "attacked" if attacked else "clean"
+            if attacked and config.byzantine == 0:
+                entry[name] = None
+                continue
+            log.info("%s %s ...", strategy, name)
+            entry[name] = run_once(strategy, config, task, attacked, f"fed-{strategy}-{name}")
+            log.info("%s %s: %s", strategy, name, entry[name])
+        entries.append(entry)
+    add_ratios(entries)
+    return {
+        "task": config.task,
+        "peers": config.peers,
+        "rounds": config.rounds,
+        "dirichlet": config.dirichlet,
+        "byzantine": config.byzantine,
+        "attack": config.attack,
+        "config": {
+            "local_steps": config.local_steps, "inner": config.inner, "inner_lr": config.inner_lr,
+            "batch_size": config.batch_size, "seed": config.seed, "quorum": config.quorum,
+            "dp_clip": config.dp_clip, "dp_noise": config.dp_noise, "dp_delta": config.dp_delta,
+            "clip": config.clip, "tau": config.tau, "codec": config.codec,
+        },
+        "strategies": entries,
+    }
+
+
+def _loss(result: dict | None) -> float | None:
+    return None if result is None or "error" in result else result["final_eval_loss"]
+
+
+def add_ratios(entries: list[dict]) -> None:
+    """Each entry's losses against its own clean run and against FedAvg's clean run (the baseline)."""
+    baseline = next((_loss(e["clean"]) for e in entries if e["strategy"] == "fedavg"), None)
+    for e in entries:
+        clean, attacked = _loss(e["clean"]), _loss(e["attacked"])
+        e["loss_attacked_over_clean"] = attacked / clean if clean and attacked is not None else None
+        e["loss_over_fedavg"] = clean / baseline if clean is not None and baseline else None
+
+
+def _cell(result: dict | None, key: str) -> str:
+    if result is None:
+        return "-"
+    if "error" in result:
+        return "n/a"
+    value = result.get(key)
+    return "-" if value is None else f"{value:.3f}" if key != "bytes_sent_per_peer" else f"{value / 1e3:.0f} kB"
+
+
+def table(report: dict) -> str:
+    """The report as a readable table: one row per strategy, clean and attacked side by side."""
+    rows = [("strategy", "clean acc", "clean loss", "attacked acc", "attacked loss", "bytes/peer")]
+    for e in report["strategies"]:
+        rows.append((e["strategy"], _cell(e["clean"], "final_accuracy"), _cell(e["clean"], "final_eval_loss"),
+                     _cell(e["attacked"], "final_accuracy"), _cell(e["attacked"], "final_eval_loss"),
+                     _cell(e["clean"], "bytes_sent_per_peer")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    head = (f"{report['task']}, {report['peers']} peers, {report['rounds']} rounds, dirichlet {report['dirichlet']}, "
+            f"{report['byzantine']} byzantine ({report['attack']})")
+    notes = [f"{e['strategy']}: {e['clean']['error']}" for e in report["strategies"] if e["clean"] and "error" in e["clean"]]
+    return "\n".join([head, *lines, *notes])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of this benchmark; the fields' meaning."""
+    d = FederatedBenchConfig()
+    parser.add_argument("--peers", type=int, default=d.peers, help="peers per run")
+    parser.add_argument("--task", default=d.task, help="a classification task (digits)")
+    parser.add_argument("--rounds", type=int, default=d.rounds, help="rounds per run")
+    parser.add_argument("--dirichlet", type=float, default=d.dirichlet,
+                        help="Dirichlet alpha of the label split across peers (small: non-IID)")
+    parser.add_argument("--byzantine", type=int, default=d.byzantine, help="attacking peers in the attacked runs")
+    parser.add_argument("--attack", default=d.attack, help="signflip, scale=K, noise=S, zero or labelflip")
+    parser.add_argument("--strategies", default=",".join(d.strategies), help="comma-separated strategies")
+    parser.add_argument("--local-steps", type=int, default=d.local_steps, help="local SGD steps per round (S)")
+    parser.add_argument("--inner-lr", type=float, default=d.inner_lr, help="client learning rate")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per local step")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the model, the data split and the sample")
+    parser.add_argument("--sample", default=None,
+                        help="client sampling: the coordinator's sample policy argument (0.5: half the peers, 3: three)")
+    parser.add_argument("--dp-clip", type=float, default=None, help="differential privacy: clip updates to this norm")
+    parser.add_argument("--dp-noise", type=float, default=d.dp_noise, help="differential privacy: noise multiplier")
+    parser.add_argument("--dp-delta", type=float, default=d.dp_delta, help="differential privacy: delta")
+    parser.add_argument("--clip", type=float, default=d.clip, help="norm_clip's bound C on each update's norm")
+    parser.add_argument("--tau", type=float, default=d.tau, help="centered_clip's radius tau")
+    parser.add_argument("--codec", default=None, help="codec of the rounds (default: the algorithm's)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    describe_report(parser, FIELDS)
+
+
+def bench_config(ns: argparse.Namespace) -> FederatedBenchConfig:
+    """The FederatedBenchConfig the options describe (ConfigError for a bad one)."""
+    strategies = tuple(s.strip() for s in ns.strategies.split(",") if s.strip())
+    task_config = TaskConfig(seed=ns.seed, batch_size=ns.batch_size, dirichlet=ns.dirichlet)
+    return FederatedBenchConfig(
+        peers=ns.peers, task=ns.task, rounds=ns.rounds, dirichlet=ns.dirichlet, byzantine=ns.byzantine,
+        attack=ns.attack, strategies=strategies, local_steps=ns.local_steps, inner_lr=ns.inner_lr,
+        batch_size=ns.batch_size, seed=ns.seed, quorum="all" if ns.sample is None else f"sample:{ns.sample}",
+        dp_clip=ns.dp_clip, dp_noise=ns.dp_noise, dp_delta=ns.dp_delta, clip=ns.clip, tau=ns.tau, codec=ns.codec,
+        task_config=task_config,
+    )
+
+
+def main(ns: argparse.Namespace) -> int:
+    """Check the arguments, run every strategy, print the report."""
+    config = bench_config(ns)
+    make_task(config.task, config.task_config)  # a bad task or split fails before any run
+    report = run(config)
+    sys.stdout.write(json.dumps(report) + "\n" if ns.json else table(report) + "\n")
+    return 0
+
+
