@@ -192,3 +192,23 @@ def test_without_scikit_learn_building_the_task_says_what_to_install(monkeypatch
             task()
     finally:
         digits_module.load_digits.cache_clear()
+
+
+def test_models_built_in_many_threads_at_once_are_identical():
+    # torch's global generator is process-wide: the peers of bench federated build their models in threads.
+    import threading
+
+    task = make_task("digits", TaskConfig(seed=5))
+    built: list[dict] = []
+
+    def build() -> None:
+        for _ in range(10):
+            built.append({k: v.clone() for k, v in task.build_model().state_dict().items()})
+
+    threads = [threading.Thread(target=build) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(built) == 60
+    assert all(all(torch.equal(b[k], built[0][k]) for k in b) for b in built)

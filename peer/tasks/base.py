@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+import threading
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -216,6 +217,19 @@ def check_rank(rank: int, world: int) -> None:
     """Raise ConfigError unless 0 <= rank < world."""
     if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
         raise ConfigError(f"need 0 <= rank < world with world >= 1; got rank={rank!r}, world={world!r}")
+
+
+# torch's global CPU generator is one per process: models built from a seed in several threads (the
+# peers of bench federated) take turns, or one thread's seed would draw another's weights.
+_GLOBAL_RNG = threading.Lock()
+
+
+@contextmanager
+def seeded_torch(seed: int) -> Iterator[None]:
+    """Inside, torch's global generator is seeded with ``seed``; its state is restored after, and other threads wait."""
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def seeded_rng(seed: int, stream: str, *keys: int) -> np.random.Generator:

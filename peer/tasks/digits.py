@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from collectives.errors import ConfigError
-from peer.tasks.base import Batch, Task, TaskConfig, check_rank, evaluating, seeded_rng
+from peer.tasks.base import Batch, Task, TaskConfig, check_rank, evaluating, seeded_rng, seeded_torch
 from peer.tasks.partition import dirichlet_partition, iid_partition
 
 logger = logging.getLogger(__name__)
@@ -120,9 +120,7 @@ class DigitsTask(Task):
 
     def build_model(self) -> DigitsMLP:
         """The MLP with ``d_model`` hidden units, initialised from the seed; the global RNG is left untouched."""
-        # fork_rng saves and restores the global CPU generator, so seeding here is invisible outside
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
+        with seeded_torch(self.config.seed):
             return DigitsMLP(self.config.d_model)
 
     def partition(self, rank: int, world: int) -> np.ndarray:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peer.tasks.base import seeded_torch
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -133,7 +135,5 @@ class TransformerLM(nn.Module):
 
 def build_transformer(config: ModelConfig, seed: int) -> TransformerLM:
     """A TransformerLM initialised from ``seed`` alone; the caller's global RNG state is left untouched."""
-    # fork_rng saves and restores the global CPU generator, so seeding here is invisible outside
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_torch(seed):
         return TransformerLM(config)
