@@ -40,6 +40,7 @@ from optimizers.privacy import DPConfig
 from peer.attacks import Attack, parse_attack
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import require
+from peer.bench.progress import Progress, progress_for
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
 from peer.runtime.training import TrainConfig, TrainLoop, make_optimizer
@@ -288,8 +289,8 @@ def run_once(
     return result
 
 
-def run(config: FederatedBenchConfig) -> dict:
-    """Every strategy, clean and attacked; the report."""
+def run(config: FederatedBenchConfig, progress: Progress | None = None) -> dict:
+    """Every strategy, clean and attacked; the report (each run's line on progress, when given)."""
     torch.set_num_threads(1)  # many peers share two cores: one intra-op thread each
     logging.getLogger("asyncio").addFilter(_LoopClosedNoise())
     task = make_task(config.task, config.task_config)
@@ -302,9 +303,12 @@ def run(config: FederatedBenchConfig) -> dict:
             if attacked and config.byzantine == 0:
                 entry[name] = None
                 continue
-            log.info("%s %s ...", strategy, name)
-            entry[name] = run_once(strategy, config, task, attacked, f"fed-{strategy}-{name}")
-            log.info("%s %s: %s", strategy, name, entry[name])
+            if progress is not None:
+                progress.begin(f"{strategy} {name}")
+            entry[name] = result = run_once(strategy, config, task, attacked, f"fed-{strategy}-{name}")
+            if progress is not None:
+                progress.end(result["error"] if "error" in result else
+                             f"accuracy {result['final_accuracy']:.3f}, loss {result['final_eval_loss']:.3f}")
         entries.append(entry)
     add_ratios(entries)
     return {
@@ -405,7 +409,8 @@ def main(ns: argparse.Namespace) -> int:
     """Check the arguments, run every strategy, print the report."""
     config = bench_config(ns)
     make_task(config.task, config.task_config)  # a bad task or split fails before any run
-    report = run(config)
+    with progress_for("federated", getattr(ns, "quiet", 0)) as progress:
+        report = run(config, progress)
     sys.stdout.write(json.dumps(report) + "\n" if ns.json else table(report) + "\n")
     return 0
 

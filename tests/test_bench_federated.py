@@ -1,0 +1,71 @@
+"""``loconet bench federated``: its report's shape and fields, on a run small enough for a test."""
+
+from __future__ import annotations
+
+import pytest
+
+from peer.bench.federated import FIELDS, FederatedBenchConfig, aggregator_for, round_size, run, table
+from peer.bench.fields import undocumented
+from peer.tasks.base import TaskConfig
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    config = FederatedBenchConfig(
+        peers=3, rounds=2, local_steps=2, byzantine=1, strategies=("fedavg", "median", "bulyan"),
+        task_config=TaskConfig(batch_size=16, dirichlet=100.0),
+    )
+    return run(config)
+
+
+def test_the_report_has_the_fields_the_issue_names(report):
+    assert list(report)[:6] == ["task", "peers", "rounds", "dirichlet", "byzantine", "attack"]
+    assert (report["task"], report["peers"], report["rounds"], report["byzantine"]) == ("digits", 3, 2, 1)
+    assert [e["strategy"] for e in report["strategies"]] == ["fedavg", "median", "bulyan"]
+    for entry in report["strategies"][:2]:
+        for run_ in (entry["clean"], entry["attacked"]):
+            assert {"final_accuracy", "final_eval_loss", "bytes_sent_per_peer"} <= set(run_)
+
+
+def test_every_peer_of_every_run_ends_with_the_same_global_model(report):
+    for entry in report["strategies"][:2]:
+        assert entry["clean"]["identical"] is True and entry["attacked"]["identical"] is True
+        assert entry["clean"]["rounds_committed"] == 2
+
+
+def test_a_strategy_that_cannot_run_with_so_few_peers_says_why_instead(report):
+    bulyan = report["strategies"][2]
+    assert bulyan["clean"] == bulyan["attacked"] == {
+        "error": "bulyan needs at least 4f+3 = 7 contributions (f=1), got 3; lower f or add peers"
+    }
+    assert "bulyan: bulyan needs at least 4f+3" in table(report)
+
+
+def test_every_field_of_the_report_is_documented(report):
+    assert undocumented(report, FIELDS) == []
+
+
+def test_fedavg_is_the_baseline_of_the_loss_ratios(report):
+    fedavg = report["strategies"][0]
+    assert fedavg["loss_over_fedavg"] == 1.0
+    assert fedavg["loss_attacked_over_clean"] == pytest.approx(
+        fedavg["attacked"]["final_eval_loss"] / fedavg["clean"]["final_eval_loss"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("strategy", "aggregator"),
+    [("fedavg", "mean"), ("fedadam", "mean"), ("median", "median"), ("trimmed_mean", "trimmed_mean:trim=0.2500"),
+     ("krum", "krum:f=2"), ("multi_krum", "multi_krum:f=2,m=6"), ("bulyan", "bulyan:f=2"),
+     ("centered_clip", "centered_clip:tau=1.0"), ("norm_clip", "norm_clip:clip=1.0")],
+)
+def test_robust_aggregators_are_set_for_the_number_of_attackers(strategy, aggregator):
+    assert aggregator_for(strategy, FederatedBenchConfig(peers=8, byzantine=2)) == aggregator
+
+
+def test_a_sampled_run_waits_for_the_samples_size_not_every_peer():
+    assert round_size(FederatedBenchConfig(peers=8)) == 8
+    assert round_size(FederatedBenchConfig(peers=8, quorum="sample:0.5")) == 4
+    assert round_size(FederatedBenchConfig(peers=8, quorum="sample:3")) == 3
