@@ -372,9 +372,17 @@ class Light:
     """Not a Task: build_model, batches, evaluate only; the default LM loss applies."""
 
     entropy_floor = 0.5
+    classes = 4
 
     def build_model(self):
         return torch.nn.Embedding(4, 4)
+
+    def accuracy(self, model):
+        assert not torch.is_grad_enabled() and not model.training
+        return 0.75
+
+    def partition_size(self, rank, world):
+        return 10 * (rank + 1)
 
     def batches(self, rank, world):
         while True:
@@ -415,6 +423,7 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 def test_user_task_loads_and_trains_one_step(user_module: str) -> None:
     task = make_task(f"{user_module}:make", TaskConfig(batch_size=4))
     assert isinstance(task, Task) and task.name == "regression"
+    assert task.accuracy(task.build_model()) is None and task.partition_size(0, 1) is None
     model = task.build_model()
     before = [p.detach().clone() for p in model.parameters()]
     eval_before = task.evaluate(model)
@@ -430,6 +439,8 @@ def test_a_light_user_object_is_wrapped_into_a_task(user_module: str) -> None:
     model = task.build_model()
     assert task.evaluate(model) == 1.25 and model.training
     assert task.entropy_floor == 0.5 and task.samples_per_batch() == 2
+    assert task.accuracy(model) == 0.75 and model.training
+    assert task.partition_size(1, 2) == 20 and task.classes == 4
     assert task.loss(model, next(task.batches(0, 1))).ndim == 0
 
 

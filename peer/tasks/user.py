@@ -113,6 +113,9 @@ class WrappedTask(Task):
         super().__init__(config)
         self.inner = inner
         self.name = str(getattr(inner, "name", name))
+        if getattr(inner, "classes", None) is not None:
+            # A classification task's label count (what a labelflip attack flips).
+            self.classes = int(inner.classes)
 
     def build_model(self) -> torch.nn.Module:
         """The user object's model."""
@@ -142,3 +145,16 @@ class WrappedTask(Task):
         """The user object's ``samples_per_batch()`` if it has one, else the configured batch size."""
         own = getattr(self.inner, "samples_per_batch", None)
         return int(own()) if callable(own) else self.config.batch_size
+
+    def accuracy(self, model: torch.nn.Module) -> float | None:
+        """The user object's ``accuracy(model)`` (without grad, in eval mode) if it has one, else None."""
+        own = getattr(self.inner, "accuracy", None)
+        if not callable(own):
+            return None
+        with evaluating(model):
+            return float(own(model))
+
+    def partition_size(self, rank: int, world: int) -> int | None:
+        """The user object's ``partition_size(rank, world)`` if it has one, else None."""
+        own = getattr(self.inner, "partition_size", None)
+        return int(own(rank, world)) if callable(own) else None
