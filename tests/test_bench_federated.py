@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from peer.bench.federated import FIELDS, FederatedBenchConfig, aggregator_for, round_size, run, table
+from collectives.errors import ConfigError
+from peer.bench.federated import FIELDS, FederatedBenchConfig, aggregator_for, round_size, run, table, train_config
 from peer.bench.fields import undocumented
 from peer.tasks.base import TaskConfig
 
@@ -69,3 +70,15 @@ def test_a_sampled_run_waits_for_the_samples_size_not_every_peer():
     assert round_size(FederatedBenchConfig(peers=8)) == 8
     assert round_size(FederatedBenchConfig(peers=8, quorum="sample:0.5")) == 4
     assert round_size(FederatedBenchConfig(peers=8, quorum="sample:3")) == 3
+
+
+def test_set_gives_an_algorithm_option_to_every_strategy_that_has_it():
+    config = FederatedBenchConfig(strategies=("fedavg", "fedprox", "fedadam"), overrides=(("proximal_mu", 0.5),))
+    assert train_config("fedprox", config).options.proximal_mu == 0.5
+    assert train_config("fedavg", config).options.proximal_mu == 0.5  # FedAvg has the field (off by default)
+    assert train_config("fedadam", FederatedBenchConfig(overrides=(("eta", 0.01),))).options.eta == 0.01
+
+
+def test_set_of_an_option_no_strategy_has_is_refused():
+    with pytest.raises(ConfigError, match="--set eta: none of the strategies' algorithms .*fedavg.* has it"):
+        FederatedBenchConfig(strategies=("fedavg", "median"), overrides=(("eta", 0.01),))

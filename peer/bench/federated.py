@@ -21,6 +21,7 @@ with the same one; ``identical`` checks it), ``bytes_sent_per_peer``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -37,6 +38,7 @@ from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError, LoconetError
 from collectives.sampling import SAMPLE_POLICY, sample_count
 from optimizers.privacy import DPConfig
+from optimizers.registry import get_algorithm
 from peer.attacks import Attack, parse_attack
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import require
@@ -64,7 +66,7 @@ FIELDS: Fields = {
     "byzantine": "peers that attack in the attacked runs (the last ones by rank)",
     "attack": "what the byzantine peers send (peer/attacks.py)",
     "config": "the rest of what was run: local steps, inner optimizer and learning rate, batch size, seed, quorum "
-    "policy, differential privacy, robust aggregators' parameters",
+    "policy, differential privacy, robust aggregators' parameters, algorithm options given with --set (overrides)",
     "strategies": "one entry per strategy of --strategies",
     "strategies[].strategy": "a federated algorithm (fedavg, fedadam...), or a robust aggregator run with FedAvg",
     "strategies[].algorithm": "the registered algorithm the strategy runs",
@@ -112,6 +114,8 @@ class FederatedBenchConfig:
     clip: float = 1.0
     tau: float = 1.0
     codec: str | None = None
+    # Algorithm fields set for every strategy whose config has them, e.g. (("proximal_mu", 0.1),).
+    overrides: tuple[tuple[str, float], ...] = ()
     task_config: TaskConfig = field(default_factory=TaskConfig)
 
     def __post_init__(self) -> None:
@@ -121,6 +125,10 @@ class FederatedBenchConfig:
         for s in self.strategies:
             require(s in STRATEGIES, f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
         parse_attack(self.attack)
+        for key, _ in self.overrides:
+            algorithms = {train_algorithm(s) for s in self.strategies}
+            require(any(key in _fields(a) for a in algorithms),
+                    f"--set {key}: none of the strategies' algorithms ({', '.join(sorted(algorithms))}) has it")
 
 
 def aggregator_for(strategy: str, config: FederatedBenchConfig) -> str:
@@ -158,10 +166,20 @@ class _LoopClosedNoise(logging.Filter):
                     and "PollerCompletionQueue" in record.getMessage())
 
 
+def train_algorithm(strategy: str) -> str:
+    """The registered algorithm a strategy runs: its own, or FedAvg for a robust aggregator."""
+    return strategy if strategy in ALGORITHMS else "fedavg"
+
+
+def _fields(algorithm: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(get_algorithm(algorithm).config) if f.init}
+
+
 def train_config(strategy: str, config: FederatedBenchConfig) -> TrainConfig:
     """The training of one strategy's runs (the same for clean and attacked)."""
-    algorithm = strategy if strategy in ALGORITHMS else "fedavg"
+    algorithm = train_algorithm(strategy)
     options: dict = {"sync_every": config.local_steps, "aggregator": aggregator_for(strategy, config)}
+    options.update({k: v for k, v in config.overrides if k in _fields(algorithm)})
     if config.dp_clip is not None:
         # Seeded, so the benchmark repeats (each peer's stream differs): a real run draws from the OS.
         options["dp"] = DPConfig(clip=config.dp_clip, noise=config.dp_noise, delta=config.dp_delta, seed=config.seed)
@@ -323,6 +341,7 @@ def run(config: FederatedBenchConfig, progress: Progress | None = None) -> dict:
             "batch_size": config.batch_size, "seed": config.seed, "quorum": config.quorum,
             "dp_clip": config.dp_clip, "dp_noise": config.dp_noise, "dp_delta": config.dp_delta,
             "clip": config.clip, "tau": config.tau, "codec": config.codec,
+            "overrides": dict(config.overrides),
         },
         "strategies": entries,
     }
@@ -388,6 +407,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", type=float, default=d.clip, help="norm_clip's bound C on each update's norm")
     parser.add_argument("--tau", type=float, default=d.tau, help="centered_clip's radius tau")
     parser.add_argument("--codec", default=None, help="codec of the rounds (default: the algorithm's)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="an algorithm option for every strategy that has it, e.g. proximal_mu=0.1 or eta=0.01 "
+                        "(repeatable)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     describe_report(parser, FIELDS)
 
@@ -401,8 +423,18 @@ def bench_config(ns: argparse.Namespace) -> FederatedBenchConfig:
         attack=ns.attack, strategies=strategies, local_steps=ns.local_steps, inner_lr=ns.inner_lr,
         batch_size=ns.batch_size, seed=ns.seed, quorum="all" if ns.sample is None else f"sample:{ns.sample}",
         dp_clip=ns.dp_clip, dp_noise=ns.dp_noise, dp_delta=ns.dp_delta, clip=ns.clip, tau=ns.tau, codec=ns.codec,
-        task_config=task_config,
+        overrides=tuple(_override(text) for text in ns.set), task_config=task_config,
     )
+
+
+def _override(text: str) -> tuple[str, float]:
+    key, eq, value = (s.strip() for s in text.partition("="))
+    try:
+        if not (eq and key):
+            raise ValueError
+        return key.replace("-", "_"), float(value)
+    except ValueError:
+        raise ConfigError(f"--set {text!r}: write FIELD=NUMBER, e.g. proximal_mu=0.1") from None
 
 
 def main(ns: argparse.Namespace) -> int:
