@@ -82,3 +82,12 @@ def test_set_gives_an_algorithm_option_to_every_strategy_that_has_it():
 def test_set_of_an_option_no_strategy_has_is_refused():
     with pytest.raises(ConfigError, match="--set eta: none of the strategies' algorithms .*fedavg.* has it"):
         FederatedBenchConfig(strategies=("fedavg", "median"), overrides=(("eta", 0.01),))
+
+
+def test_a_private_run_reports_epsilon_after_every_round():
+    config = FederatedBenchConfig(peers=2, rounds=3, local_steps=2, strategies=("fedavg",), dp_clip=1.0, dp_noise=1.0,
+                                  task_config=TaskConfig(batch_size=16))
+    clean = run(config)["strategies"][0]["clean"]
+    eps = clean["epsilon_per_round"]
+    assert len(eps) == 3 and eps[0] < eps[1] < eps[2] == clean["epsilon"]
+    assert clean["identical"] is True

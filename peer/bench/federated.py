@@ -36,7 +36,7 @@ import torch
 from collectives.aggregators import make_aggregator
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError, LoconetError
-from collectives.sampling import SAMPLE_POLICY, sample_count
+from collectives.sampling import SAMPLE_POLICY, sample_count, sample_members
 from optimizers.privacy import DPConfig
 from optimizers.registry import get_algorithm
 from peer.attacks import Attack, parse_attack
@@ -78,12 +78,16 @@ FIELDS: Fields = {
     "strategies[].*.bytes_sent_per_peer": "bytes each peer sent over the run, mean over peers",
     "strategies[].*.rounds_committed": "rounds that committed (the run aims for --rounds)",
     "strategies[].*.identical": "every peer ended with the same global parameters (their digests agree)",
+    "strategies[].*.members_per_round": "[fewest, most] members of a committed round (the sample's size with --sample)",
+    "strategies[].*.samples_verified": "with --sample: every committed round's members are the sample drawn from "
+    "the run's seed, the round id and its candidates, recomputed by the benchmark",
     "strategies[].*.wall_s": "wall seconds of the run",
     "strategies[].*.epsilon": "with --dp-clip: the privacy spent, epsilon at --dp-delta, after the last round",
     "strategies[].loss_attacked_over_clean": "attacked final_eval_loss / clean final_eval_loss: what the attack "
     "costs this strategy (1: nothing; null without both runs)",
     "strategies[].loss_over_fedavg": "clean final_eval_loss / FedAvg's clean final_eval_loss, the baseline "
     "(below 1: better than FedAvg; null when FedAvg was not run)",
+    "strategies[].*.epsilon_per_round": "with --dp-clip: epsilon after each round, in order",
     "strategies[].*.error": "why the run could not be made (e.g. Bulyan needs n >= 4f+3); its other fields are absent",
 }
 
@@ -205,7 +209,8 @@ class PeerOutcome:
     eval_loss: float = float("nan")
     bytes_sent: int = 0
     rounds: int = 0
-    epsilon: float | None = None
+    # Differential privacy: the privacy spent after each round this peer applied.
+    epsilons: list[float] = field(default_factory=list)
     error: str = ""
 
 
@@ -243,7 +248,7 @@ def _peer(
         out.eval_loss = task.evaluate(model)
         out.accuracy = task.accuracy(model)
         out.rounds = opt.committed_rounds
-        out.epsilon = next((r.epsilon for r in reversed(opt.history) if r.epsilon is not None), None)
+        out.epsilons = [r.epsilon for r in opt.history if r.committed and r.epsilon is not None]
     except LoconetError as exc:
         out.error = str(exc)
         stop.set()
@@ -290,6 +295,7 @@ def run_once(
         if any(t.is_alive() for t in threads):
             stop.set()
             raise LoconetError(f"{label}: peers still running after {RUN_TIMEOUT_S:.0f} s; the run is stuck")
+        rounds = [r for r in coord.status()["rounds"] if r["status"] == "committed"]
     errors = [f"peer{o.rank}: {o.error}" for o in outcomes if o.error]
     if errors:
         raise LoconetError(f"{label} failed: {'; '.join(errors)}")
@@ -300,11 +306,26 @@ def run_once(
         "bytes_sent_per_peer": statistics.mean(o.bytes_sent for o in outcomes),
         "rounds_committed": min(o.rounds for o in outcomes),
         "identical": len({o.digest for o in outcomes}) == 1,
+        "members_per_round": [min(len(r["members"]) for r in rounds), max(len(r["members"]) for r in rounds)]
+        if rounds else None,
         "wall_s": time.monotonic() - started,
     }
+    if config.quorum.startswith(SAMPLE_POLICY + ":"):
+        result["samples_verified"] = samples_verified(config, rounds)
     if config.dp_clip is not None:
-        result["epsilon"] = honest[0].epsilon
+        result["epsilon"] = honest[0].epsilons[-1] if honest[0].epsilons else None
+        result["epsilon_per_round"] = honest[0].epsilons
     return result
+
+
+def samples_verified(config: FederatedBenchConfig, rounds: list[dict]) -> bool:
+    """Whether every committed round's members are the sample its seed, round id and candidates give."""
+    arg = config.quorum.partition(":")[2]
+    return all(
+        sorted(r["members"]) == sorted(sample_members(config.seed, r["round_id"], r["candidates"],
+                                                      sample_count(arg, len(r["candidates"]))))
+        for r in rounds
+    )
 
 
 def run(config: FederatedBenchConfig, progress: Progress | None = None) -> dict:

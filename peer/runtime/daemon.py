@@ -344,6 +344,7 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
                 loss=loop.progress.loss,
                 contributed=record.contributed,
                 decisions=record.decisions,
+                epsilon=record.epsilon,  # differential privacy: the privacy spent so far (None: no DP)
             )
         display.committed(
             RoundFigures(
