@@ -60,7 +60,7 @@ def test_fedavg_is_the_baseline_of_the_loss_ratios(report):
     ("strategy", "aggregator"),
     [("fedavg", "mean"), ("fedadam", "mean"), ("median", "median"), ("trimmed_mean", "trimmed_mean:trim=0.2500"),
      ("krum", "krum:f=2"), ("multi_krum", "multi_krum:f=2,m=6"), ("bulyan", "bulyan:f=2"),
-     ("centered_clip", "centered_clip:tau=1.0"), ("norm_clip", "norm_clip:clip=1.0")],
+     ("centered_clip", "centered_clip:tau=0.3"), ("norm_clip", "norm_clip:clip=1.0")],
 )
 def test_robust_aggregators_are_set_for_the_number_of_attackers(strategy, aggregator):
     assert aggregator_for(strategy, FederatedBenchConfig(peers=8, byzantine=2)) == aggregator
