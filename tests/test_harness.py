@@ -82,11 +82,12 @@ def test_a_straggler_is_waited_for_in_every_round_not_dropped(tmp_path):
 
 
 def test_first_k_rounds_go_on_without_a_paused_peer_which_then_applies_their_results(tmp_path):
-    # The pause (shorter than the lease, so peer4 stays a member) spans a round or more at this pace.
+    # The pause (shorter than the lease, so peer4 stays a member) spans a round or more at this pace, and the
+    # run outlasts it: if the others finished every round meanwhile, peer4 would be alone with a stale state.
     pause_s = 5.0
     report, harness = run_scenario(
         f"pause:peer4@round2,for={pause_s:g}s", peers=5, workdir=tmp_path, keep_results=4,
-        train=TrainConfig.of("diloco", steps=480, sync_every=60, round_timeout_s=10, outer=OuterConfig("adam", lr=0.02)),
+        train=TrainConfig.of("diloco", steps=1200, sync_every=60, round_timeout_s=10, outer=OuterConfig("adam", lr=0.02)),
         coordinator=CoordinatorConfig(lease_s=8.0, heartbeat_s=0.5, dashboard_port=0, quorum="first-k:4"),
     )
     assert_healthy(report, alive=5)
