@@ -106,7 +106,7 @@ class FederatedBenchConfig:
     local_steps: int = 10
     # Federated learning's usual client: plain SGD.
     inner: str = "sgd"
-    # Measured: FedAvg reaches 90% on digits in 30 rounds at 0.3, not at 0.1 (BENCHMARKS.md).
+    # Measured: in 30 rounds FedAvg reaches 90.0% on digits at 0.05, 93.6% at 0.1, 97.5% at 0.3 (BENCHMARKS.md).
     inner_lr: float = 0.3
     batch_size: int = 32
     seed: int = 0
