@@ -19,6 +19,7 @@ import signal
 import statistics
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -417,6 +418,8 @@ class Harness:
             "final_eval_loss": statistics.mean(f["eval_loss"] for f in finished.values()) if finished else None,
             "eval_loss_per_peer": {n: f["eval_loss"] for n, f in finished.items()},
             "entropy_floor": task.entropy_floor,
+            # A classification task's held-out accuracy, mean over the peers that finished (None otherwise).
+            "final_accuracy": _mean_of(f.get("accuracy") for f in finished.values()),
             "bytes_sent_per_peer": statistics.mean(sent) if sent else 0,
             "state_sync_bytes_per_peer": statistics.mean(f.get("bytes_served", 0) for f in finished.values()) if finished else 0,
             "data_parallel_bytes_per_peer": dp_bytes,
@@ -531,3 +534,8 @@ class _Display:
         if self._live is not None:
             self._live.stop()
 
+
+def _mean_of(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are not None; None when there are none."""
+    known = [v for v in values if v is not None]
+    return statistics.mean(known) if known else None

@@ -17,6 +17,8 @@ def report_summary(report: dict, steps: int) -> str:
         "Summary",
         f"  eval loss      {_loss(report['initial_eval_loss'])} before -> {_loss(report['final_eval_loss'])} after"
         + (f" (best possible {floor:.3f})" if floor else ""),
+        *([f"  accuracy       {report['final_accuracy']:.1%} (held out)"] if report.get("final_accuracy") is not None
+          else []),
         f"  rounds         {report['rounds_committed']} committed, {report['rounds_aborted']} aborted",
         f"  sent per peer  {mb:.2f} MB; synchronous data-parallel would have sent {dp:.1f} MB "
         f"for the same {steps} steps ({dp / mb:.0f}x more)" if mb else "  sent per peer  0 MB",

@@ -273,6 +273,7 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
             bytes_received=counters.bytes_received,
             stopped=stopped,
             entropy_floor=task.entropy_floor,
+            accuracy=task.accuracy(model),  # held-out accuracy of a classification task (None otherwise)
         )
     finally:
         # Leaving tells the coordinator at once, so a round waiting for this peer goes on without it.
