@@ -212,3 +212,19 @@ def test_models_built_in_many_threads_at_once_are_identical():
         t.join(timeout=60)
     assert len(built) == 60
     assert all(all(torch.equal(b[k], built[0][k]) for k in b) for b in built)
+
+
+def test_a_peer_whose_data_is_smaller_than_a_batch_counts_the_images_it_trained_on():
+    from optimizers.federated import FedAvg, FedConfig
+    from optimizers.peers import LocalPeer
+    from peer.runtime.training import TrainConfig, TrainLoop
+
+    task = make_task("digits", TaskConfig(batch_size=32))
+    world = 64  # 1,438 training images over 64 peers: 22 or 23 each, fewer than a batch
+    size = task.partition_size(0, world)
+    assert size < 32
+    model = task.build_model()
+    opt = FedAvg(model, torch.optim.SGD(model.parameters(), lr=0.1), LocalPeer(), FedConfig(sync_every=100))
+    loop = TrainLoop(task, model, opt, TrainConfig.of("fedavg", steps=3), rank=0, world=world)
+    assert loop.run().samples == 3 * size
+    assert opt.samples_since_sync == 3 * size  # the weight of its next contribution

@@ -152,14 +152,15 @@ class TrainLoop:
         cfg = self.config
         started = time.monotonic()
         rate = StepRate()
-        samples = self.task.samples_per_batch()
         self.model.train()
         while not (stop is not None and stop.is_set()):
             if cfg.duration_s is not None and time.monotonic() - started >= cfg.duration_s:
                 break
             if cfg.duration_s is None and self.progress.step >= cfg.steps:
                 break
-            loss = self.task.loss(self.model, next(self.batches))
+            batch = next(self.batches)
+            samples = self.task.batch_samples(batch)
+            loss = self.task.loss(self.model, batch)
             loss.backward()
             p = self.progress
             p.loss = loss.item()  # read once: the optimizer reports this number rather than reading the tensor again

@@ -190,6 +190,10 @@ class Task(ABC):
         """Samples in one training batch (weights a peer's contribution)."""
         return self.config.batch_size
 
+    def batch_samples(self, batch: Batch) -> int:
+        """Samples in this training batch; a task whose batches vary (an epoch's last one) counts them."""
+        return self.samples_per_batch()
+
     def accuracy(self, model: torch.nn.Module) -> float | None:
         """Fraction of the held-out set classified correctly, for a classification task; None: this task has none."""
         return None

@@ -136,6 +136,10 @@ class DigitsTask(Task):
             self._partitions[world] = parts
         return parts[rank]
 
+    def batch_samples(self, batch: Batch) -> int:
+        """The images in this batch: an epoch's last batch may be short, and FedAvg weighs by samples."""
+        return int(batch[1].shape[0])
+
     def partition_size(self, rank: int, world: int) -> int:
         """Number of training images peer ``rank`` of ``world`` holds."""
         return len(self.partition(rank, world))

@@ -146,6 +146,11 @@ class WrappedTask(Task):
         own = getattr(self.inner, "samples_per_batch", None)
         return int(own()) if callable(own) else self.config.batch_size
 
+    def batch_samples(self, batch: Batch) -> int:
+        """The user object's ``batch_samples(batch)`` if it has one, else ``samples_per_batch()``."""
+        own = getattr(self.inner, "batch_samples", None)
+        return int(own(batch)) if callable(own) else self.samples_per_batch()
+
     def accuracy(self, model: torch.nn.Module) -> float | None:
         """The user object's ``accuracy(model)`` (without grad, in eval mode) if it has one, else None."""
         own = getattr(self.inner, "accuracy", None)
