@@ -116,7 +116,7 @@ class FederatedBenchConfig:
     dp_delta: float = 1e-5
     # Robust aggregators' scale parameters (in units of an update's L2 norm), measured on digits with 2 of 8
     # peers flipping signs (BENCHMARKS.md): centered_clip keeps 96.7% at tau 0.3 or 0.1, 93.3% at 1;
-    # norm_clip keeps 93.3% at C 1, 88.3% at 0.3 (small C clips the honest updates too).
+    # norm_clip keeps 92.5% at C 1, 88.3% at 0.3 (small C clips the honest updates too).
     clip: float = 1.0
     tau: float = 0.3
     codec: str | None = None
