@@ -71,6 +71,8 @@ class DiLoCo(OuterOptimizer):
         """``overrides`` replace fields of config (or of the defaults), e.g. ``sync_every=100``."""
         config = replace(config or DiLoCoConfig(), **overrides)
         super().__init__(model, inner, peer, config)
+        # What this peer's rounds are tagged: every member of a run must run the same algorithm.
+        self.tag = TAG
         self.steps_since_sync = 0
         self.samples_since_sync = 0
         self.last_sync_time = time.monotonic()
@@ -89,8 +91,8 @@ class DiLoCo(OuterOptimizer):
 
     def round_indices(self, tag: str) -> Sequence[int]:
         """Every round carries every parameter."""
-        if tag != TAG:
-            raise ConfigError(f"DiLoCo rounds are tagged {TAG!r}, not {tag!r}: every peer must run the same algorithm")
+        if tag != self.tag:
+            raise ConfigError(f"this peer runs {self.tag!r} rounds, not {tag!r}: every peer must run the same algorithm")
         return range(len(self.state.params))
 
     # -- the outer step -------------------------------------------------------------------
@@ -99,14 +101,18 @@ class DiLoCo(OuterOptimizer):
         """Average the pseudo-gradients with the run and take the outer step; False if no round committed."""
         started = time.monotonic()
         self._sync_starts()
-        weight = float(max(self.samples_since_sync, 1))
+        weight = self._weight()
         return self._conclude(
-            lambda: self._send(TAG, weight, wait=True),
-            TAG,
+            lambda: self._send(self.tag, weight, wait=True),
+            self.tag,
             started=started,
-            label=f"sync at step {self.inner_steps}",
+            label=f"{self.tag} sync at step {self.inner_steps}",
             missed=lambda: self._reset_schedule(keep_samples=True),
         )
+
+    def _weight(self) -> float:
+        """This peer's weight in the round: the samples it trained on since its last sync."""
+        return float(max(self.samples_since_sync, 1))
 
     def _round_applied(self, tag: str) -> None:
         # Before the record is published, so an on_commit checkpoint sees the schedule after the round.
@@ -124,7 +130,7 @@ class DiLoCo(OuterOptimizer):
     # -- state ----------------------------------------------------------------------------
 
     def _meta(self) -> dict:
-        return {"algorithm": TAG}
+        return {"algorithm": self.tag}
 
     def _counters(self) -> dict:
         return {"steps_since_sync": self.steps_since_sync, "samples_since_sync": self.samples_since_sync}

@@ -41,7 +41,6 @@ drawn for).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -51,8 +50,9 @@ import torch
 from collectives.elastic import CaughtUp
 from collectives.errors import ConfigError
 from collectives.statesync import StateSnapshot
+from optimizers.diloco import DiLoCo
 from optimizers.fedopt import FLOWER_DEFAULTS
-from optimizers.outer import OuterOptimizer, SyncConfig, SyncRecord
+from optimizers.outer import SyncConfig, SyncRecord
 from optimizers.outer_optim import OuterConfig
 from optimizers.privacy import DifferentialPrivacy, DPConfig
 
@@ -192,8 +192,12 @@ class ClientMomentumConfig(FedConfig):
     )
 
 
-class FedAvg(OuterOptimizer):
-    """A federated client-and-server in one: local steps, then a round, then the same server step on every peer."""
+class FedAvg(DiLoCo):
+    """A federated client-and-server in one: local steps, then a round, then the same server step on every peer.
+
+    DiLoCo with other settings: its schedule, weights and counters, plus the client objective, privacy and
+    sampling hooks below.
+    """
 
     config: FedConfig
 
@@ -209,8 +213,6 @@ class FedAvg(OuterOptimizer):
         config = replace(config or FedConfig(), **overrides)
         super().__init__(model, inner, peer, config)
         self.tag = config.TAG
-        self.steps_since_sync = 0
-        self.samples_since_sync = 0
         # Examples of this peer's data: what local_epochs counts in (the training loop sets it from the task).
         self.epoch_samples: int | None = None
         # Client momentum: the last round's global direction per parameter (None until a round committed).
@@ -222,13 +224,7 @@ class FedAvg(OuterOptimizer):
         # Sampling rate of each round this peer took part in (members / candidates), for the accountant.
         self._rates: dict[int, float] = {}
 
-    # -- when a round is due -----------------------------------------------------------
-
-    def _stepped(self, samples: int) -> None:
-        self.steps_since_sync += 1
-        self.samples_since_sync += samples
-        if self._sync_due():
-            self.sync()
+    # -- when a round is due (DiLoCo's schedule, counted in steps or epochs) --------------
 
     def _sync_due(self) -> bool:
         if self.config.local_epochs is None:
@@ -240,25 +236,10 @@ class FedAvg(OuterOptimizer):
             )
         return self.samples_since_sync >= self.config.local_epochs * self.epoch_samples
 
-    def round_indices(self, tag: str) -> Sequence[int]:
-        """Every round carries every parameter."""
-        if tag != self.tag:
-            raise ConfigError(f"this peer runs {self.tag!r} rounds, not {tag!r}: every peer must run the same algorithm")
-        return range(len(self.state.params))
-
-    def sync(self) -> bool:
-        """Send this peer's update to the round and take the server step; False if no round committed."""
-        started = time.monotonic()
-        self._sync_starts()
-        # With DP every member weighs the same, or one member's weight would break the sensitivity bound.
-        weight = 1.0 if self.dp is not None else float(max(self.samples_since_sync, 1))
-        return self._conclude(
-            lambda: self._send(self.tag, weight, wait=True),
-            self.tag,
-            started=started,
-            label=f"{self.tag} round at step {self.inner_steps}",
-            missed=lambda: self._reset_schedule(keep_samples=True),
-        )
+    def _weight(self) -> float:
+        """The samples trained on since the last round; with DP every member weighs the same, or one member's
+        weight would break the sensitivity bound."""
+        return 1.0 if self.dp is not None else super()._weight()
 
     # -- the client objective ----------------------------------------------------------
 
@@ -323,17 +304,6 @@ class FedAvg(OuterOptimizer):
                 status.epsilon = record.epsilon
         super()._record(record)
 
-    def _round_applied(self, tag: str) -> None:
-        self._reset_schedule()
-
-    def _forget_local_progress(self) -> None:
-        self._reset_schedule()
-
-    def _reset_schedule(self, keep_samples: bool = False) -> None:
-        self.steps_since_sync = 0
-        if not keep_samples:
-            self.samples_since_sync = 0
-
     def _catch_up(self, exc: CaughtUp) -> None:
         """Rounds this peer was not sampled for: wait drops its local steps; train keeps them, rebased."""
         if self.config.unsampled == "wait":
@@ -353,7 +323,7 @@ class FedAvg(OuterOptimizer):
     # -- state -----------------------------------------------------------------------
 
     def _meta(self) -> dict:
-        meta: dict = {"algorithm": self.tag}
+        meta = super()._meta()
         if self.dp is not None:
             meta["privacy"] = self.dp.state_dict()
         return meta
@@ -384,13 +354,6 @@ class FedAvg(OuterOptimizer):
         """Restore what state_dict returned (and the direction)."""
         super().load_state_dict(state)
         self._adopt_direction(state["global"])
-
-    def _counters(self) -> dict:
-        return {"steps_since_sync": self.steps_since_sync, "samples_since_sync": self.samples_since_sync}
-
-    def _load_counters(self, state: dict) -> None:
-        self.steps_since_sync = int(state.get("steps_since_sync", 0))
-        self.samples_since_sync = int(state.get("samples_since_sync", 0))
 
 
 # (registered name, config, one line for --help); every one is the FedAvg class with another config.
