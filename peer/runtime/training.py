@@ -131,7 +131,7 @@ class TrainLoop:
         self.batches = batch_stream(task, rank, world, start_step)
         self.progress = Progress(step=start_step)
         # An algorithm that trains whole epochs per round needs the size of this peer's data.
-        size = getattr(task, "partition_size", lambda rank, world: None)(rank, world)
+        size = task.partition_size(rank, world)
         if size is not None and hasattr(optimizer, "epoch_samples"):
             optimizer.epoch_samples = size
         # Called after each step and each eval; the daemon reports and draws progress from them.
