@@ -1,0 +1,270 @@
+"""The round machinery of sequential gradient coding: tasks, per-round combinations, job status, loads.
+
+A sequential scheme (``collectives/seqcoding.py``) runs jobs j = 0, 1, ...: job j is the gradient of step
+j, it starts in round j and must be complete by the end of round j+T. Each round, ``assign`` says which
+``Task``s every worker computes (each a combination of one job's partition gradients). The round's
+surviving workers' results are then summed, weighted by ``combine``: a ``RoundCombination`` with one
+partial sum per job, whose coefficients depend only on the stragglers up to this round. ``observe``
+accepts the round. ``simulate`` replays a whole straggler pattern the way the all-reduce would sum it.
+
+The plain gradient codes come from ``collectives/gradcodes.py`` through ``gradcode``. Any object with
+``PlainCode``'s interface works too: tests use their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Protocol
+
+from collectives import gradcodes
+from collectives.errors import ConfigError, LoconetError
+from collectives.stragglermodel import BurstyModel, Pattern
+
+Parts = tuple[tuple[int, float], ...]
+Weights = dict[int, dict[int, dict[int, float]]]
+
+PENDING, COMPLETE, LOST = "pending", "complete", "lost"
+
+
+class JobLost(LoconetError):
+    """A job cannot be completed: its stragglers broke the scheme's model. Wait for more workers or drop the job."""
+
+    def __init__(self, job: int, round_id: int, reason: str) -> None:
+        self.job, self.round_id, self.reason = job, round_id, reason
+        super().__init__(f"job {job} cannot complete (round {round_id}): {reason}")
+
+
+class SchedulingError(LoconetError, ValueError):
+    """A scheme was driven out of order: assign and observe round t, then round t+1, with workers 0..n-1."""
+
+
+class PlainCode(Protocol):
+    """What the schemes need of a plain gradient code over n partitions (``gradcode`` adapts gradcodes')."""
+
+    n: int
+    s: int
+
+    def row(self, worker: int) -> Parts:
+        """The worker's coded task: (partition, coefficient) pairs."""
+
+    def decode(self, members: Sequence[int]) -> dict[int, float] | None:
+        """Coefficients of the members' results that sum every partition once, or None if undecodable."""
+
+
+CodeFactory = Callable[[int, int], PlainCode]
+
+
+@dataclass(frozen=True)
+class _GradcodesCode:
+    code: gradcodes.GradientCode
+    n: int
+    s: int
+
+    def row(self, worker: int) -> Parts:
+        return tuple(zip(self.code.support(worker), self.code.coefficients(worker)))
+
+    def decode(self, members: Sequence[int]) -> dict[int, float] | None:
+        try:
+            a = gradcodes.decode(self.code, list(members))
+        except gradcodes.Undecodable:
+            return None
+        return {m: float(c) for m, c in zip(members, a)}
+
+
+def gradcode(n: int, s: int, kind: str = gradcodes.AUTO) -> PlainCode:
+    """The plain GC(n, s) code of ``collectives.gradcodes``: ``auto`` (frc when s+1 divides n), ``frc``, ``cyclic``."""
+    return _GradcodesCode(gradcodes.build_code(n, s, kind), n, s)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One result a worker computes: a combination of job ``job``'s partition gradients.
+
+    ``kind`` is ``coded`` (a GC task), ``repeat`` (SR-SGC: a coded task again, B rounds later), ``chunk``
+    (M-SGC: D1 chunk ``index``), ``rechunk`` (M-SGC: D1 chunk ``index`` again) or ``group`` (M-SGC: the
+    coded task of D2 group ``index``).
+    """
+
+    job: int
+    parts: Parts
+    kind: str
+    index: int = 0
+
+    @property
+    def size(self) -> int:
+        """How many partition gradients computing this task takes."""
+        return len(self.parts)
+
+
+@dataclass(frozen=True)
+class RoundCombination:
+    """How round t's results are summed: ``weights[job][worker][task index]``, and what the round decided."""
+
+    round: int
+    weights: Weights
+    completed: tuple[int, ...] = ()
+    lost: tuple[tuple[int, str], ...] = ()
+
+    @property
+    def lost_jobs(self) -> tuple[int, ...]:
+        """The jobs this round makes impossible to complete."""
+        return tuple(job for job, _ in self.lost)
+
+
+@dataclass
+class Draft:
+    """A round's combination while it is being planned."""
+
+    t: int
+    weights: Weights = field(default_factory=dict)
+    completed: set[int] = field(default_factory=set)
+    lost: dict[int, str] = field(default_factory=dict)
+
+    def add(self, job: int, worker: int, index: int, coefficient: float) -> None:
+        """Weigh the worker's task ``index`` into job's sum (a zero weight is left out)."""
+        if coefficient != 0:
+            self.weights.setdefault(job, {}).setdefault(worker, {})[index] = coefficient
+
+    def done(self) -> RoundCombination:
+        """The combination, without the weights of jobs this round loses (their sums are discarded)."""
+        weights = {job: w for job, w in sorted(self.weights.items()) if job not in self.lost}
+        return RoundCombination(self.t, weights, tuple(sorted(self.completed - set(self.lost))),
+                                tuple(sorted(self.lost.items())))
+
+
+class SequentialScheme:
+    """Rounds in order, job status, loads; subclasses say what is computed and how results are weighted.
+
+    Drive it with, for t = 0, 1, ...: ``assign(t)`` (the workers compute), then ``combine(t, survivors)``
+    to check a candidate set of survivors, then ``observe(t, stragglers)`` to accept the round.
+    """
+
+    name = "scheme"
+
+    def __init__(self, model: BurstyModel, jobs: int | None, T: int, partitions: int, load: Fraction) -> None:
+        if jobs is not None and jobs < 0:
+            raise ConfigError(f"jobs must be >= 0, or None for an unbounded stream, got {jobs}")
+        self.model, self.n, self.jobs = model, model.n, jobs
+        self.T, self.partitions, self.load = T, partitions, load
+        self.next_round = 0
+        self.history: list[frozenset[int]] = []  # the stragglers of every observed round
+        self._status: dict[int, str] = {}
+        self._completed_in: dict[int, tuple[int, ...]] = {}
+        self._assigned: tuple[int, dict[int, list[Task]]] | None = None
+
+    def has_job(self, j: int) -> bool:
+        """Whether job j exists (it starts in round j)."""
+        return j >= 0 and (self.jobs is None or j < self.jobs)
+
+    def assign(self, t: int) -> dict[int, list[Task]]:
+        """What each worker computes in round t, decided from the stragglers of rounds < t."""
+        if t != self.next_round:
+            raise SchedulingError(f"round {t} cannot be assigned now: the next round is {self.next_round}")
+        if self._assigned is None or self._assigned[0] != t:
+            self._assigned = (t, self._tasks(t))
+        return self._assigned[1]
+
+    def combine(self, t: int, survivors: AbstractSet[int]) -> RoundCombination:
+        """How round t's results from ``survivors`` are weighted into per-job sums; records nothing."""
+        tasks = self.assign(t)
+        if any(not 0 <= w < self.n for w in survivors):
+            raise SchedulingError(f"round {t}: survivors {sorted(survivors)} are not all among workers 0..{self.n - 1}")
+        draft = Draft(t)
+        self._plan(draft, tasks, frozenset(survivors))
+        return draft.done()
+
+    def observe(self, t: int, stragglers: AbstractSet[int]) -> RoundCombination:
+        """Accept round t with these stragglers; returns its combination (``combine`` of the others)."""
+        if any(not 0 <= w < self.n for w in stragglers):
+            raise SchedulingError(f"round {t}: stragglers {sorted(stragglers)} are not all among workers 0..{self.n - 1}")
+        survivors = frozenset(range(self.n)) - frozenset(stragglers)
+        combination = self.combine(t, survivors)
+        self._commit(t, survivors, combination)
+        self.history.append(frozenset(range(self.n)) - survivors)
+        self._status.update({job: COMPLETE for job in combination.completed})
+        self._status.update({job: LOST for job in combination.lost_jobs})
+        self._completed_in[t] = combination.completed
+        self.next_round = t + 1
+        return combination
+
+    def completed(self, t: int) -> list[int]:
+        """The jobs completed in round t: their last contribution was summed in round t."""
+        return list(self._completed_in.get(t, ()))
+
+    def status(self, job: int) -> str:
+        """``pending``, ``complete`` or ``lost``."""
+        return self._status.get(job, PENDING)
+
+    def round_load(self, t: int, mean: bool = False) -> Fraction:
+        """Partitions a worker computes in round t, as a fraction of one job's: the max over workers, or the mean."""
+        sizes = [sum(task.size for task in tasks) for tasks in self.assign(t).values()]
+        sizes += [0] * (self.n - len(sizes))
+        return Fraction(sum(sizes), self.n * self.partitions) if mean else Fraction(max(sizes), self.partitions)
+
+    def _tasks(self, t: int) -> dict[int, list[Task]]:
+        raise NotImplementedError
+
+    def _plan(self, draft: Draft, tasks: dict[int, list[Task]], survivors: frozenset[int]) -> None:
+        raise NotImplementedError
+
+    def _commit(self, t: int, survivors: frozenset[int], combination: RoundCombination) -> None:
+        """Keep what later rounds need (the history and job status are kept by the base class)."""
+
+
+def checked_code(codes: CodeFactory, n: int, s: int) -> PlainCode:
+    """The factory's GC(n, s) code, refused if it is for another (n, s)."""
+    code = codes(n, s)
+    if (code.n, code.s) != (n, s):
+        raise ConfigError(f"the code factory returned a GC({code.n}, {code.s}) code for GC({n}, {s})")
+    return code
+
+
+@dataclass
+class Simulation:
+    """What a scheme did with a pattern: per job, each partition's total coefficient and (optionally) the sum."""
+
+    coverage: dict[int, dict[int, float]] = field(default_factory=dict)
+    sums: dict[int, Any] = field(default_factory=dict)
+    completed_at: dict[int, int] = field(default_factory=dict)
+    lost: dict[int, tuple[int, str]] = field(default_factory=dict)
+    loads: list[Fraction] = field(default_factory=list)
+    mean_loads: list[Fraction] = field(default_factory=list)
+
+    @property
+    def realized_load(self) -> Fraction:
+        """The largest share of a job's data any worker computed in any round."""
+        return max(self.loads, default=Fraction(0))
+
+
+def simulate(scheme: SequentialScheme, pattern: Pattern, gradient: Callable[[int, int], Any] | None = None,
+             strict: bool = False) -> Simulation:
+    """Run a fresh scheme through a straggler pattern, summing results the way the all-reduce would.
+
+    ``gradient(job, partition)`` gives a partition's gradient (anything that adds and scales). With
+    ``strict``, the first lost job raises ``JobLost``.
+    """
+    sim = Simulation()
+    for t, stragglers in enumerate(pattern):
+        tasks = scheme.assign(t)
+        sim.loads.append(scheme.round_load(t))
+        sim.mean_loads.append(scheme.round_load(t, mean=True))
+        combination = scheme.observe(t, stragglers)
+        for job, per_worker in combination.weights.items():
+            coverage = sim.coverage.setdefault(job, {})
+            for w, per_task in per_worker.items():
+                for i, c in per_task.items():
+                    task = tasks[w][i]
+                    for p, e in task.parts:
+                        coverage[p] = coverage.get(p, 0) + c * e
+                    if gradient is not None:
+                        result = sum(e * gradient(job, p) for p, e in task.parts)  # what worker w computed
+                        sim.sums[job] = sim.sums[job] + c * result if job in sim.sums else c * result
+        sim.completed_at.update({job: t for job in combination.completed})
+        for job, reason in combination.lost:
+            sim.lost[job] = (t, reason)
+            if strict:
+                raise JobLost(job, t, reason)
+    return sim
