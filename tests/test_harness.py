@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from optimizers.outer_optim import OuterConfig
@@ -9,6 +11,7 @@ from peer.coordinator.config import CoordinatorConfig
 from peer.harness.harness import Harness, HarnessConfig
 from peer.harness.scenario import parse_event
 from peer.runtime.training import TrainConfig
+from peer.stragglers import RandomStragglers
 from peer.tasks.base import TaskConfig
 
 pytestmark = pytest.mark.timeout(300)
@@ -79,6 +82,56 @@ def test_a_straggler_is_waited_for_in_every_round_not_dropped(tmp_path):
     # Round ids are the run's round numbers: 1, 2, 3... with no gaps.
     assert sorted(r for r, _ in harness.committed_rounds()) == list(range(1, report["rounds_committed"] + 1))
     assert report["identical_at_round"] == report["rounds_committed"]
+
+
+def controls(workdir, peers: int) -> list[dict]:
+    """What each peer's control file asks of it."""
+    return [json.loads((workdir / f"peer{i}.control.json").read_text()) for i in range(peers)]
+
+
+def test_a_pattern_event_tells_every_peer_the_pattern_and_its_worker_number_until_it_ends(tmp_path):
+    harness = Harness(HarnessConfig(peers=3, task_config=SMALL, workdir=str(tmp_path)))
+    fired = harness._fire(parse_event("straggle:random@0s,x=4,seed=2,for=5s"), now=100.0)
+    assert controls(tmp_path, 3) == [{"straggle": "random,x=4,seed=2", "worker": i, "n": 3} for i in range(3)]
+    assert fired.restore_at == 105.0
+    assert fired.detail == "one random worker 4x slower at each step (seed 2), over 3 peers"
+    harness._restore(fired)
+    assert controls(tmp_path, 3) == [{"straggle": None, "worker": i, "n": 3} for i in range(3)]
+
+
+def test_a_joiner_becomes_one_more_worker_of_the_pattern(tmp_path):
+    events = (parse_event("straggle:bursty@0s,B=1,W=2,lambda=1,x=4"), parse_event("join@round3"))
+    harness = Harness(HarnessConfig(peers=2, task_config=SMALL, workdir=str(tmp_path), events=events))
+    harness._joiners = ["peer2"]  # as run() starts it, idle behind its gate
+    harness._fire(events[0], now=0.0)
+    assert controls(tmp_path, 2) == [{"straggle": "bursty,B=1,W=2,lambda=1,x=4", "worker": i, "n": 2} for i in range(2)]
+    harness._fire(events[1], now=1.0)
+    assert controls(tmp_path, 3) == [{"straggle": "bursty,B=1,W=2,lambda=1,x=4", "worker": i, "n": 3} for i in range(3)]
+
+
+def test_a_later_pattern_replaces_an_earlier_one_whose_end_then_changes_nothing(tmp_path):
+    harness = Harness(HarnessConfig(peers=2, task_config=SMALL, workdir=str(tmp_path)))
+    first = harness._fire(parse_event("straggle:random@0s,x=4,for=10s"), now=0.0)
+    harness._fire(parse_event("straggle:persistent@1s,worker=1,x=2"), now=1.0)
+    harness._restore(first)
+    assert [c["straggle"] for c in controls(tmp_path, 2)] == ["persistent,worker=1,x=2"] * 2
+    harness._fire(parse_event("straggle:none@2s"), now=2.0)
+    assert [c["straggle"] for c in controls(tmp_path, 2)] == [None, None]
+
+
+def test_every_peer_follows_a_random_straggler_pattern_as_its_worker_number(tmp_path):
+    report, harness = run_scenario("straggle:random@round1,x=3", "straggle:none@round8", workdir=tmp_path)
+    assert_healthy(report, alive=3)
+    pattern = RandomStragglers(x=3)
+    for worker in range(3):
+        events = harness.peers[f"peer{worker}"].events
+        started = next(e for e in events if e["event"] == "straggle-started")
+        stopped = next(e for e in events if e["event"] == "straggle-stopped")
+        assert (started["pattern"], started["worker"], started["n"]) == ("random,x=3", worker, 3)
+        # Each step the peer took under the pattern was slowed when the pattern picked it, and only then.
+        steps = range(started["step"], stopped["step"])
+        assert len(steps) > 0
+        assert stopped["steps_slowed"] == sum(pattern.straggler(k, 3) == worker for k in steps)
 
 
 def test_first_k_rounds_go_on_without_a_paused_peer_which_then_applies_their_results(tmp_path):

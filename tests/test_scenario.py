@@ -115,3 +115,80 @@ def test_a_scenario_event_with_an_unknown_key_is_refused(tmp_path):
     path.write_text('[[event]]\naction = "byzantine"\ntarget = "peer2"\nat = "0s"\natack = "signflip"\n')
     with pytest.raises(ConfigError, match="event 1 has unknown key.s. atack; an event's keys are action, target"):
         load_scenario(path)
+
+
+@pytest.mark.parametrize(
+    "text,pattern,duration",
+    [
+        ("straggle:random@0s,x=4", "random,x=4", None),
+        ("straggle:random@round2,x=4,seed=3,for=10s", "random,x=4,seed=3", 10.0),
+        ("straggle:bursty@0s,B=1,W=2,lambda=1,x=4", "bursty,B=1,W=2,lambda=1,x=4", None),
+        ("straggle:bursty@5s,B=2,W=4,lambda=2,x=3,p=0.2,seed=1", "bursty,B=2,W=4,lambda=2,x=3,p=0.2,seed=1", None),
+        ("straggle:persistent@0s,worker=2,x=3", "persistent,worker=2,x=3", None),
+        ("straggle:none@round9", "none", None),
+    ],
+)
+def test_straggle_events_with_a_pattern_slow_the_whole_network(text, pattern, duration):
+    e = parse_event(text)
+    assert (e.action, e.target, e.factor, str(e.pattern), e.duration_s) == ("straggle", None, None, pattern, duration)
+    assert str(e) == text
+    assert parse_event(str(e)) == e
+
+
+def test_a_pattern_events_options_may_come_in_any_order():
+    assert parse_event("straggle:bursty@0s,x=4,seed=2,lambda=1,W=2,B=1,for=3s") == parse_event(
+        "straggle:bursty@0s,B=1,W=2,lambda=1,x=4,seed=2,for=3s"
+    )
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (
+            "straggle:random@0s",
+            (
+                "event 'straggle:random@0s': straggler pattern 'random': random needs x=; write one of: "
+                "none; random,x=X[,seed=N]; persistent,worker=I,x=X; bursty,B=B,W=W,lambda=L,x=X[,p=P][,seed=N]"
+            ),
+        ),
+        ("straggle:random@0s,x=1", "x is how many times slower a straggler is and must be above 1"),
+        ("straggle:bursty@0s,B=3,W=2,lambda=1,x=4", "a burst (B=3) must be shorter than its window (W=2)"),
+        ("straggle:bursty@0s,B=1,W=2,x=4", "bursty needs lambda="),
+        ("straggle:random@0s,x=4,B=2", "random takes x=, seed=, not B="),
+        ("straggle:random@0s,x=4,k=3", "a straggler pattern takes no k=; write straggle:PATTERN@WHEN[,for=DURATION]"),
+        ("straggle:random@sync2,x=4", "syncN needs a target peer"),
+        ("straggle:peer1@0s,x=3,B=2", "B= belongs to a straggler pattern, e.g. straggle:bursty@0s,B=1,W=2,lambda=1,x=4"),
+        ("kill:peer1@round2,lambda=1", "lambda= belongs to a straggler pattern"),
+        ("straggle:peer1@round1", "straggle needs a slowdown factor above 1, e.g. straggle:peer1@10s,x=3 (or a pattern"),
+        (
+            "kill:peer1@round1,Q=1",
+            (
+                "unknown option(s) Q; use for=, x= (byzantine: attack=, k=, s=, seed=; straggler "
+                "patterns: B=, W=, lambda=, p=, worker=, seed=)"
+            ),
+        ),
+    ],
+)
+def test_bad_straggler_patterns_are_config_errors_that_say_what_to_write(text, message):
+    with pytest.raises(ConfigError) as info:
+        parse_event(text)
+    assert message in str(info.value)
+
+
+def test_a_scenario_file_gives_a_pattern_as_its_target_with_its_options_as_keys(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[[event]]\naction = "straggle"\ntarget = "bursty"\nat = "0s"\nfactor = 4\nB = 1\nW = 2\nlambda = 1\n\n'
+        '[[event]]\naction = "straggle"\ntarget = "random"\nat = "round3"\nfactor = 2.5\nseed = 7\nfor = "8s"\n'
+    )
+    assert load_scenario(path) == [
+        parse_event("straggle:bursty@0s,B=1,W=2,lambda=1,x=4"),
+        parse_event("straggle:random@round3,x=2.5,seed=7,for=8s"),
+    ]
+
+
+def test_a_scenario_file_refuses_a_pattern_option_on_a_peers_straggle(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('[[event]]\naction = "straggle"\ntarget = "peer1"\nat = "0s"\nfactor = 3\nW = 2\n')
+    with pytest.raises(ConfigError, match="event 1: W= belongs to a straggler pattern"):
+        load_scenario(path)

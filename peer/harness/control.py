@@ -18,7 +18,21 @@ hidden from ``--help``) plugs a ``Control`` into it:
   emits ``byzantine-started`` (the attack, the step), ``byzantine-sent`` for
   each corrupted contribution (their count, the honest and the sent norm) and
   ``byzantine-stopped``; an attack it cannot carry out (labelflip on a task
-  without classes) is logged as an error and emitted as ``byzantine-refused``.
+  without classes) is logged as an error and emitted as ``byzantine-refused``;
+  ``{"straggle": "random,x=4", "worker": 2, "n": 6}`` slows the peer down by a
+  straggler pattern over the network (``peer/stragglers.py``): the peer is
+  worker 2 of 6, and before each step it works out from the pattern and the
+  run's step count whether that step is slowed and by how much (a pattern is a
+  pure function of its seed and the step, so every peer agrees on who
+  straggles without talking). It emits ``straggle-started`` (the pattern, its
+  worker number, n, the step) and ``straggle-stopped`` (with the count of its
+  steps the pattern slowed) when the key changes or is removed, and
+  ``straggle-refused`` for a pattern it cannot read.
+
+A slowed step (``slowdown`` times a pattern's factor: X) sleeps X-1 times the
+forward and backward pass the peer just measured (hooks on the model), not its
+whole step: the whole step includes the wait for other peers in a round, so a
+peer slowed after waiting for another straggler would compound both delays.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ import torch
 
 from collectives.errors import ConfigError
 from peer.attacks import Attack, flip_labels, parse_attack
+from peer.stragglers import StragglerPattern, parse_pattern
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +73,18 @@ class Control:
         self.attack: Attack | None = None
         self.attack_text: str | None = None
         self.corrupted = 0
+        # The straggler pattern this peer follows (None: none), its text, this peer's worker number and n.
+        self.pattern: StragglerPattern | None = None
+        self.pattern_text: str | None = None
+        self.worker = 0
+        self.n = 1
+        # Steps the pattern slowed since it started, and steps seen (the step count without an optimizer).
+        self.slowed = 0
+        self._steps = 0
+        # The forward and backward pass of the step just taken: when it started, when its last gradient came.
+        self._compute_started: float | None = None
+        self._grads_done: float | None = None
+        self._watched: torch.nn.Module | None = None
         self._optimizer: Any = None
         self._loop: Any = None
         self._emit: Callable[..., None] = _emit_nothing
@@ -69,6 +96,9 @@ class Control:
         """Take the peer's optimizer (its ``tamper`` hook), training loop (its ``batches``) and event sink; start
         an attack the file already asks for (``byzantine@0s``: from the first step)."""
         self._optimizer, self._loop, self._emit = optimizer, loop, emit
+        model = getattr(loop, "model", None)
+        if isinstance(model, torch.nn.Module):
+            self._watch(model)  # from the first step on, a slowed step knows how long its computation took
         try:
             wanted = self._read()
         except (OSError, ValueError):
@@ -86,9 +116,11 @@ class Control:
         return True
 
     def after_step(self, model: torch.nn.Module) -> str | None:
-        """Apply the control file after a step; returns "diverge-injected" when the parameters were just set to NaN."""
+        """Apply the control file after a step, then sleep if the next step is slowed; returns "diverge-injected"
+        when the parameters were just set to NaN."""
         now = time.monotonic()
         took = now - self._last
+        self._steps += 1
         event = None
         if self.path and now - self._checked >= self.poll_s:
             self._checked = now
@@ -97,20 +129,90 @@ class Control:
                 self.factor = max(1.0, float(wanted.get("slowdown", 1.0)))
                 diverge = int(wanted.get("diverge", 0))
                 byzantine = wanted.get("byzantine") or None
+                straggle = (wanted.get("straggle") or None, int(wanted.get("worker", 0)), int(wanted.get("n", 1)))
             except (OSError, ValueError, AttributeError, TypeError):
                 self.factor, diverge, byzantine = 1.0, self.diverged, self.attack_text
+                straggle = (self.pattern_text, self.worker, self.n)
             if byzantine != self.attack_text:
                 self._become(byzantine)
+            if straggle != (self.pattern_text, self.worker, self.n):
+                self._follow(*straggle)
             if diverge > self.diverged:
                 self.diverged = diverge
                 with torch.no_grad():
                     for p in model.parameters():
                         p.fill_(float("nan"))
                 event = "diverge-injected"
-        if self.factor > 1.0:
-            time.sleep(took * (self.factor - 1.0))
+        by_pattern = self.pattern_slowdown()
+        self.slowed += by_pattern > 1.0
+        slowdown = self.factor * by_pattern
+        if slowdown > 1.0:
+            # The sleep comes before the next step's computation: it is that step which is slowed.
+            time.sleep(self._computed_s(took) * (slowdown - 1.0))
+            self._watch(model)
+        self._compute_started = None
         self._last = time.monotonic()
         return event
+
+    def next_step(self) -> int:
+        """The run's number of the next step (counted from 0): the optimizer's count of steps taken."""
+        steps = getattr(self._optimizer, "inner_steps", None)
+        return steps if isinstance(steps, int) else self._steps
+
+    def slowdown(self) -> float:
+        """How many times slower the next step is: the file's ``slowdown`` times the pattern's factor for it."""
+        return self.factor * self.pattern_slowdown()
+
+    def pattern_slowdown(self) -> float:
+        """How many times slower the pattern makes this peer's next step (1.0 without a pattern)."""
+        return 1.0 if self.pattern is None else self.pattern.slowdown(self.next_step(), self.worker, self.n)
+
+    # -- straggler patterns -------------------------------------------------------------------
+
+    def _follow(self, text: str | None, worker: int, n: int) -> None:
+        """Follow the pattern of ``text`` as worker ``worker`` of ``n`` (replacing the current one), or none."""
+        if self.pattern is not None:
+            self._emit("straggle-stopped", pattern=self.pattern.spec, step=self.next_step(), steps_slowed=self.slowed)
+        self.pattern_text, self.worker, self.n = text, worker, n
+        self.pattern, self.slowed = None, 0
+        if text is None:
+            return
+        try:
+            if n < 1 or not 0 <= worker < n:
+                raise ConfigError(f"worker {worker} of n={n}: the worker number must be in 0..n-1")
+            pattern = parse_pattern(str(text))
+        except ConfigError as exc:
+            log.error("straggle: cannot follow pattern %r (%s); this peer is not slowed by it", text, exc)
+            self._emit("straggle-refused", pattern=str(text), reason=str(exc))
+            return
+        self.pattern = pattern
+        log.info("straggle: from step %d, %s (this peer is worker %d of %d)", self.next_step(), pattern.describe(), worker, n)
+        self._emit("straggle-started", pattern=pattern.spec, worker=worker, n=n, step=self.next_step())
+
+    def _watch(self, model: torch.nn.Module) -> None:
+        """Time the model's forward and backward passes (once per model)."""
+        if self._watched is model:
+            return
+        self._watched = model
+        model.register_forward_pre_hook(self._forward_starts)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._gradient_done)
+
+    def _forward_starts(self, module: torch.nn.Module, args: Any) -> None:
+        # The step's first forward with gradients (an evaluation runs without them).
+        if self._compute_started is None and torch.is_grad_enabled():
+            self._compute_started = time.monotonic()
+
+    def _gradient_done(self, param: torch.Tensor) -> None:
+        self._grads_done = time.monotonic()
+
+    def _computed_s(self, took: float) -> float:
+        """The forward and backward pass of the step just taken; its whole duration when the hooks saw none."""
+        started, done = self._compute_started, self._grads_done
+        if started is not None and done is not None and done >= started:
+            return done - started
+        return took
 
     def _read(self) -> Any:
         """The control file's JSON ({} when there is no file yet; OSError, ValueError when unreadable)."""

@@ -124,9 +124,12 @@ class Harness:
         self._aborted_before = 0
         self._started = 0.0
         self._coordinator_port = 0
-        # What each peer's control file asks of it: {"slowdown": x, "diverge": n, "byzantine": attack or None}.
+        # What each peer's control file asks of it: {"slowdown": x, "diverge": n, "byzantine": attack or None,
+        # "straggle": pattern or None, "worker": its number, "n": peers in the run}.
         self._control: dict[str, dict[str, float | str | None]] = {}
         self._joiners: list[str] = []
+        # The straggle event whose pattern the network follows now.
+        self._pattern: Event | None = None
 
     # -- processes --------------------------------------------------------------------
 
@@ -267,6 +270,8 @@ class Harness:
             name = self._joiners.pop(0)
             (self.workdir / f"{name}.gate").touch()
             fired.detail = f"{name} joins"
+            if self._pattern is not None:
+                self._spread_pattern()  # the joiner is one more worker of the pattern
         elif event.action == "restart-coordinator":
             status = self._status()
             if status:
@@ -274,6 +279,12 @@ class Harness:
             self.coordinator.signal(signal.SIGKILL)
             self.coordinator.proc.wait(timeout=10)
             self._start_coordinator(self._coordinator_port)
+        elif event.action == "straggle" and event.pattern is not None:
+            self._pattern = event
+            names = self._spread_pattern()
+            fired.detail = f"{event.pattern.describe()}, over {len(names)} peers"
+            if event.duration_s:
+                fired.restore_at = now + event.duration_s
         elif event.action == "straggle":
             self._write_control(event.target, slowdown=event.factor or 1.0)
             if event.duration_s:
@@ -295,6 +306,10 @@ class Harness:
         e = fired.event
         if e.action == "pause":
             self.peers[e.target].signal(signal.SIGCONT)
+        elif e.action == "straggle" and e.pattern is not None:
+            if self._pattern is e:  # not one that a later pattern replaced
+                self._pattern = None
+                self._spread_pattern()
         elif e.action == "straggle":
             self._write_control(e.target, slowdown=1.0)
         elif e.action == "cut":
@@ -302,6 +317,17 @@ class Harness:
         elif e.action == "byzantine":
             self._write_control(e.target, byzantine=None)
         fired.restore_at = None
+
+    def _spread_pattern(self) -> list[str]:
+        """Tell every peer in the run the straggler pattern it now follows (or none) and its worker number in it:
+        peerI is worker I of the n peers started at the beginning or joined so far. Returns their names."""
+        joined = self._joins() - len(self._joiners)
+        names = [f"peer{i}" for i in range(self.config.peers + joined)]
+        pattern = self._pattern.pattern if self._pattern is not None else None
+        text = None if pattern is None or pattern.kind == "none" else pattern.spec
+        for worker, name in enumerate(names):
+            self._write_control(name, straggle=text, worker=worker, n=len(names))
+        return names
 
     def _write_control(self, name: str, **changes: float | str | None) -> None:
         """Update what the peer's control file asks of it (see peer.harness.control.Control)."""

@@ -7,6 +7,8 @@ An event is written ``ACTION[:TARGET]@WHEN[,for=DURATION][,x=FACTOR]``:
 - ``join@round5``                start one more peer (a late joiner)
 - ``restart-coordinator@20s``    kill the coordinator and start it again on the same address
 - ``straggle:peer3@round2,x=3``  make peer3 train 3 times slower (for the rest of the run, or ``for=``)
+- ``straggle:random@0s,x=4``     from then on, at each step one random peer trains 4 times slower
+- ``straggle:bursty@0s,B=1,W=2,lambda=1,x=4``  bursty stragglers of the (B, W, lambda) model, 4 times slower
 - ``cut:peer0@round4,for=10s``   take peer0's network link down for 10 s (needs ``--netns``)
 - ``diverge:peer1@round2``       make peer1's local training blow up (its parameters become NaN)
 - ``byzantine:peer2@round3,attack=signflip``  make peer2 send -10 times its honest update from then on
@@ -20,6 +22,32 @@ target peer starts its N-th sync: the kill lands inside a round) or ``Ns``
     target = "peer1"
     at = "round2"
     for = "8s"
+
+Straggler patterns. ``straggle:PATTERN@WHEN,OPTIONS[,for=DURATION]`` slows the whole network down by a
+seeded, reproducible pattern (``peer/stragglers.py`` has the definitions) from WHEN on, for the rest of the
+run or for DURATION. Peer ``peerI`` is worker I of the n peers in the run (those started and those that
+joined); the step that counts is the run's step (a joiner's count continues the run's). PATTERN is:
+
+- ``random,x=X[,seed=N]``        at each step one peer, drawn uniformly (seeded by N and the step), is X
+  times slower: ``straggle:random@0s,x=4``
+- ``bursty,B=B,W=W,lambda=L,x=X[,p=P][,seed=N]``  in every W consecutive steps at most L distinct peers
+  straggle, each within a burst of at most B steps (Krishnan et al., ICLR 2023); P is the probability that
+  a peer starts a burst at a step (default L/(n*W)): ``straggle:bursty@0s,B=1,W=2,lambda=1,x=4``
+- ``persistent,worker=I,x=X``    peer I is X times slower at every step (as ``straggle:peerI@WHEN,x=X``)
+- ``none``                       nobody is slowed: ``straggle:none@round20`` ends a pattern
+
+A later pattern replaces an earlier one; a slowed peer that is also in a ``straggle:peerI`` event is slowed
+by the product of both factors. A step X times slower takes X times its forward and backward pass.
+In a TOML file: ``target`` is the pattern's kind, ``factor`` its x, and its other options are keys::
+
+    [[event]]
+    action = "straggle"
+    target = "bursty"
+    at = "0s"
+    factor = 4
+    B = 1
+    W = 2
+    lambda = 1
 
 Byzantine peers. ``byzantine:PEER@WHEN,attack=ATTACK[,k=K][,s=S][,seed=N][,for=DURATION]`` makes the
 peer corrupt every contribution it sends from WHEN on (``@0s``: from the start) for the rest of the run,
@@ -54,15 +82,19 @@ from pathlib import Path
 
 from collectives.errors import ConfigError
 from peer.attacks import Attack, parse_attack
+from peer.stragglers import FORMS, StragglerPattern, parse_pattern
+from peer.stragglers import KINDS as PATTERN_KINDS
 
 ACTIONS = ("kill", "pause", "join", "restart-coordinator", "straggle", "cut", "diverge", "byzantine")
 _TARGETED = ("kill", "pause", "straggle", "cut", "diverge", "byzantine")
-# Options of an event's text, and those that belong to a byzantine event's attack.
-_OPTIONS = ("for", "x", "attack", "k", "s", "seed")
+# Options of an event's text, those that belong to a byzantine event's attack, and those of a straggler pattern
+# (besides x, and seed, which attacks share).
+_PATTERN_OPTIONS = ("B", "W", "lambda", "p", "worker")
+_OPTIONS = ("for", "x", "attack", "k", "s", "seed", *_PATTERN_OPTIONS)
 _ATTACK_OPTIONS = ("k", "s", "seed")
 # The keys of a TOML scenario's [[event]] table.
-_TABLE_KEYS = ("action", "target", "at", "for", "factor", "attack", "k", "s", "seed")
-_EVENT = re.compile(r"^(?P<action>[a-z-]+)(?::(?P<target>[\w.-]+))?@(?P<when>[^,]+)(?P<opts>(?:,[a-z]+=[^,]+)*)$")
+_TABLE_KEYS = ("action", "target", "at", "for", "factor", "attack", "k", "s", "seed", *_PATTERN_OPTIONS)
+_EVENT = re.compile(r"^(?P<action>[a-z-]+)(?::(?P<target>[\w.-]+))?@(?P<when>[^,]+)(?P<opts>(?:,[A-Za-z]+=[^,]+)*)$")
 
 
 @dataclass(frozen=True)
@@ -93,9 +125,15 @@ class Event:
     factor: float | None = None
     # What a byzantine peer does (peer.attacks).
     attack: Attack | None = None
+    # A straggle event's pattern over the whole network (peer.stragglers); None when it slows one target peer.
+    pattern: StragglerPattern | None = None
 
     def __str__(self) -> str:
-        text = f"{self.action}{':' + self.target if self.target else ''}@{self.at}"
+        if self.pattern is not None:
+            kind, _, options = self.pattern.spec.partition(",")
+            text = f"{self.action}:{kind}@{self.at}" + (f",{options}" if options else "")
+        else:
+            text = f"{self.action}{':' + self.target if self.target else ''}@{self.at}"
         if self.attack is not None:
             text += f",attack={self.attack}"
         if self.duration_s is not None:
@@ -131,21 +169,33 @@ def make_event(
     duration: str | None = None,
     factor: float | None = None,
     attack: str | None = None,
+    pattern: str | None = None,
 ) -> Event:
-    """A validated event (ConfigError with what to write instead); ``attack`` is a byzantine event's attack text."""
+    """A validated event (ConfigError with what to write instead); ``attack`` is a byzantine event's attack text,
+    ``pattern`` a straggle event's pattern text (``peer.stragglers``; it slows the whole network: no target)."""
     if action not in ACTIONS:
         raise ConfigError(f"unknown event action {action!r}; choose one of {', '.join(ACTIONS)}")
-    if action in _TARGETED and not target:
+    if pattern is not None and action != "straggle":
+        raise ConfigError(f"{action} takes no straggler pattern (only straggle does)")
+    if pattern is not None and (target or factor is not None):
+        raise ConfigError(
+            "a straggle event slows a target peer by x= (straggle:peer1@10s,x=3) or the network by a pattern "
+            "that has its own x= (straggle:random@0s,x=4), not both"
+        )
+    if action in _TARGETED and not target and pattern is None:
         raise ConfigError(f"{action} needs a target peer, e.g. {action}:peer1@round2")
     if action not in _TARGETED and target:
-        raise ConfigError(f"{action} takes no target peer")
+        raise ConfigError(f"{action} takes no target")
     when = _when(at)
     if when.sync is not None and not target:
         raise ConfigError(f"{action}@{at}: syncN needs a target peer, whose N-th sync triggers the event")
     if action == "pause" and duration is None:
         raise ConfigError("pause needs a duration, e.g. pause:peer1@round2,for=8s")
-    if action == "straggle" and (factor is None or factor <= 1):
-        raise ConfigError("straggle needs a slowdown factor above 1, e.g. straggle:peer1@10s,x=3")
+    if action == "straggle" and pattern is None and (factor is None or factor <= 1):
+        raise ConfigError(
+            "straggle needs a slowdown factor above 1, e.g. straggle:peer1@10s,x=3 (or a pattern over every peer, "
+            "e.g. straggle:random@0s,x=4)"
+        )
     if action == "byzantine" and not attack:
         raise ConfigError(
             "byzantine needs an attack, e.g. byzantine:peer1@round2,attack=signflip "
@@ -160,7 +210,35 @@ def make_event(
         duration_s=None if duration is None else _seconds(duration, f"{action} duration"),
         factor=factor,
         attack=parse_attack(attack) if attack else None,
+        pattern=parse_pattern(pattern) if pattern is not None else None,
     )
+
+
+def _pattern_event(at: str, duration: str | None, kind: str, options: dict, where: str) -> Event:
+    """A straggle event over the whole network: the pattern ``kind`` with its options (``x`` and its own)."""
+    keys = [key for key in ("x", *_PATTERN_OPTIONS, "seed") if key in options]
+    foreign = sorted(set(options) - set(keys) - {"for", "action", "target", "at"})
+    if foreign:
+        raise ConfigError(
+            f"{where}: a straggler pattern takes no {', '.join(k + '=' for k in foreign)}; write "
+            f"straggle:PATTERN@WHEN[,for=DURATION] with PATTERN one of: {'; '.join(FORMS)}"
+        )
+    text = ",".join([kind, *(f"{key}={options[key]}" for key in keys)])
+    try:
+        return make_event("straggle", at, duration=duration, pattern=text)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _no_pattern_options(options: dict, where: str) -> None:
+    """Refuse a straggler pattern's options on any other event."""
+    extra = [key for key in _PATTERN_OPTIONS if key in options]
+    if extra:
+        raise ConfigError(
+            f"{where}: {', '.join(k + '=' for k in extra)} {'belongs' if len(extra) == 1 else 'belong'} to a straggler "
+            "pattern, e.g. straggle:bursty@0s,B=1,W=2,lambda=1,x=4 "
+            f"(patterns: {', '.join(PATTERN_KINDS)})"
+        )
 
 
 def _attack_text(attack: object, options: dict, where: str) -> str | None:
@@ -174,7 +252,8 @@ def _attack_text(attack: object, options: dict, where: str) -> str | None:
 
 
 def parse_event(text: str) -> Event:
-    """Parse ``ACTION[:TARGET]@WHEN[,for=D][,x=F]`` (byzantine: ``,attack=A[,k=K][,s=S][,seed=N]`` too)."""
+    """Parse ``ACTION[:TARGET]@WHEN[,for=D][,x=F]`` (byzantine: ``,attack=A[,k=K][,s=S][,seed=N]`` too; a straggler
+    pattern: ``straggle:KIND@WHEN,OPTIONS``)."""
     m = _EVENT.match(text.strip())
     if not m:
         raise ConfigError(f"cannot read event {text!r}; write ACTION[:PEER]@WHEN[,for=DURATION][,x=FACTOR], e.g. kill:peer2@round3")
@@ -188,14 +267,18 @@ def parse_event(text: str) -> Event:
     if unknown:
         raise ConfigError(
             f"event {text!r}: unknown option(s) {', '.join(sorted(unknown))}; use for=, x= "
-            "(byzantine: attack=, k=, s=, seed=)"
+            "(byzantine: attack=, k=, s=, seed=; straggler patterns: B=, W=, lambda=, p=, worker=, seed=)"
         )
+    action, target = m.group("action"), m.group("target")
+    if action == "straggle" and target in PATTERN_KINDS:
+        return _pattern_event(m.group("when"), opts.get("for"), target, opts, f"event {text!r}")
+    _no_pattern_options(opts, f"event {text!r}")
     try:
         factor = float(opts["x"]) if "x" in opts else None
     except ValueError:
         raise ConfigError(f"event {text!r}: x= needs a number") from None
     attack = _attack_text(opts.get("attack"), opts, f"event {text!r}")
-    return make_event(m.group("action"), m.group("when"), m.group("target"), opts.get("for"), factor, attack)
+    return make_event(action, m.group("when"), target, opts.get("for"), factor, attack)
 
 
 def load_scenario(path: str | Path) -> list[Event]:
@@ -214,9 +297,14 @@ def load_scenario(path: str | Path) -> list[Event]:
                 f"scenario {path}: event {i + 1} has unknown key(s) {', '.join(sorted(unknown))}; "
                 f"an event's keys are {', '.join(_TABLE_KEYS)}"
             )
-        factor = table.get("factor")
-        attack = _attack_text(table.get("attack"), table, f"scenario {path}: event {i + 1}")
-        events.append(
-            make_event(table["action"], str(table["at"]), table.get("target"), table.get("for"), factor, attack)
-        )
+        where = f"scenario {path}: event {i + 1}"
+        action, at, target = table["action"], str(table["at"]), table.get("target")
+        if action == "straggle" and target in PATTERN_KINDS:
+            options = {("x" if key == "factor" else key): value for key, value in table.items()}
+            events.append(_pattern_event(at, table.get("for"), target, options, where))
+            continue
+        _no_pattern_options(table, where)
+        attack = _attack_text(table.get("attack"), table, where)
+        events.append(make_event(action, at, target, table.get("for"), table.get("factor"), attack))
     return events
+
