@@ -268,6 +268,10 @@ class ElasticCollective:
         self._interrupted = ""
         self._inflight: set[asyncio.Task] = set()
 
+    def run_round(self) -> int:
+        """The run's last committed round as the coordinator last said (every heartbeat refreshes it)."""
+        return self.membership.run_round
+
     def provide_state(
         self,
         provider: Callable[[], StateSnapshot | None],

@@ -228,6 +228,9 @@ class MembershipClient:
         self.status = PeerStatus()
         # Set by a heartbeat answered with known=False; the peer must join again.
         self.unregistered = asyncio.Event()
+        # The run's last committed round as the coordinator last said (heartbeats, quorum answers): a worker
+        # still computing a step the run has committed without it can stop (gradient coding's stragglers).
+        self.run_round = 0
         self._stub: pb_grpc.CoordinatorStub | None = None
 
     @property
@@ -343,6 +346,7 @@ class MembershipClient:
                 reply = await self.stub.Heartbeat(request, timeout=max(interval_s, 1.0))
                 if not reply.known:
                     self.unregistered.set()
+                self.run_round = reply.last_committed_round
             except grpc.aio.AioRpcError as exc:
                 # The coordinator may be restarting; training goes on, heartbeats keep trying.
                 log.debug("heartbeat failed: %s", exc.code().name)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from collectives.errors import ConfigError
+from optimizers.coded import CodedSGD, CodedSGDConfig, SyncSGDConfig
 from optimizers.diloco import DiLoCo, DiLoCoConfig
 from optimizers.federated import FEDERATED, FedAvg
 from optimizers.streaming import StreamingConfig, StreamingDiLoCo
@@ -96,3 +97,11 @@ register_algorithm(
 )
 for _config, _summary in FEDERATED:
     register_algorithm(_config.TAG, _config, FedAvg, _summary)
+register_algorithm(
+    CodedSGDConfig.TAG, CodedSGDConfig, CodedSGD,
+    "gradient-coded synchronous SGD: the exact gradient from any n-s workers (--quorum coded:s)",
+)
+register_algorithm(
+    SyncSGDConfig.TAG, SyncSGDConfig, CodedSGD,
+    "synchronous SGD, one round per step (--quorum all waits for all; allbut:s ignores s stragglers)",
+)

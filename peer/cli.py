@@ -24,6 +24,7 @@ BENCHMARKS = (
     ("diloco", "diloco", "DiLoCo and Streaming DiLoCo vs data-parallel and one peer"),
     ("membership", "membership", "coordinator scalability with simulated peers"),
     ("federated", "federated", "every federated strategy, clean and under byzantine attack"),
+    ("coding", "coding", "synchronous SGD under stragglers: gradient coding against waiting, ignoring, backup workers"),
 )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import ClassVar
@@ -12,9 +14,13 @@ from collectives.errors import ConfigError
 from collectives.sampling import SampleSize
 from peer.coordinator.policies import (
     POLICIES,
+    AllBut,
     AllPeers,
+    Backup,
+    Coded,
     FirstK,
     FormRound,
+    Grace,
     QuorumInputs,
     QuorumPolicy,
     Refuse,
@@ -43,6 +49,9 @@ def q(
     started: bool = True,
     round_id: int = 1,
     seed: int = 0,
+    tag: str = "",
+    arrivals: tuple[float, ...] = (),
+    since: float = 0.0,
 ) -> QuorumInputs:
     """Inputs with one-letter peer ids, requesting in order of arrival."""
     return QuorumInputs(
@@ -54,6 +63,9 @@ def q(
         seed=seed,
         rules=rules,
         run_started=started,
+        tag=tag,
+        arrivals_s=arrivals,
+        since_s=since,
     )
 
 
@@ -105,6 +117,41 @@ CASES = [
     ("sample 0.25,min=9: never more than the candidates", sample("0.25,min=9"), q("dcba"), form("abcd", "abcd")),
     ("sample 0.5, min_peers 2, no min: one of two never starts", sample("0.5"), q("ab", "ab", rules=TWO), None),
     ("sample 0.5 fitted to min_peers 2: two of two", sample("0.5").fitted(2), q("ab", "ab", rules=TWO), form("ab", "ab")),
+    # coded:S: whoever asked, once their rows of the code over the roster (every live peer) decode.
+    # Four workers, s=1: fractional repetition, groups {a,b} and {c,d}.
+    ("coded: one of each group decodes", Coded(1), q("ca"), form("ac", "abcd")),
+    ("coded: one group missing waits", Coded(1), q("ab", waited=50.0), None),
+    ("coded: everyone asked", Coded(1), q("dcba"), form("abcd", "abcd")),
+    ("coded: s=0 waits for all", Coded(0), q("abc", waited=50.0), None),
+    ("coded: s=0, all asked", Coded(0), q("bcda"), form("abcd", "abcd")),
+    # Five workers, s=1: a cyclic code, any four decode, three never do.
+    ("coded cyclic: four of five", Coded(1), q("abce", "abcde"), form("abce", "abcde")),
+    ("coded cyclic: three of five wait", Coded(1), q("ace", "abcde", waited=50.0), None),
+    ("coded: the roster includes askers", Coded(1), q("ce", "abcd"), None),
+    ("coded: startup grace", Coded(1), q("abcd", age=9.0), None),
+    ("coded: s above n-1 is n-1: one worker decodes", Coded(5), q("b", "ab"), form("b", "ab")),
+    ("coded: a lone survivor below min_peers", Coded(1), q("a", "a", waited=5.0, rules=TWO), Refuse(1)),
+    # allbut:S: the first n-S askers, the roster as candidates.
+    ("allbut: the first n-s askers", AllBut(1), q("dca"), form("acd", "abcd")),
+    ("allbut: fewer wait", AllBut(1), q("dc", waited=50.0), None),
+    ("allbut 0: waits for all", AllBut(0), q("dca", waited=50.0), None),
+    ("allbut 0: all asked", AllBut(0), q("dcab"), form("abcd", "abcd")),
+    ("allbut: later askers are not members", AllBut(2), q("dcab"), form("cd", "abcd")),
+    ("allbut: never fewer than one", AllBut(9), q("c"), form("c", "abcd")),
+    # backup: the first k askers, k from the tag the members agreed on.
+    ("backup: k from the tag", Backup(), q("bda", tag="sync-sgd:k=2"), form("bd", "abcd")),
+    ("backup: fewer than k wait", Backup(), q("b", tag="sync-sgd:k=2", waited=50.0), None),
+    ("backup: no k waits for all", Backup(), q("bda", tag="sync-sgd", waited=50.0), None),
+    ("backup: no k, all asked", Backup(), q("bdac", tag="sync-sgd"), form("abcd", "abcd")),
+    ("backup: k above n is n", Backup(), q("bdac", tag="sync-sgd:k=9"), form("abcd", "abcd")),
+    # grace:L,f=F: once n-L asked, everyone who asked by (1+F) x the (n-L)-th's time since the last commit.
+    ("grace: within the grace period", Grace(1), q("abc", arrivals=(1.0, 1.1, 1.2), since=1.5), None),
+    ("grace: after it, the asker are members", Grace(1), q("abc", arrivals=(1.0, 1.1, 1.2), since=1.8),
+     form("abc", "abcd")),
+    ("grace: fewer than n-L wait", Grace(1), q("ab", arrivals=(1.0, 1.1), since=9.0), None),
+    ("grace: everyone asked", Grace(1), q("abcd", arrivals=(1.0, 1.1, 1.2, 1.3), since=1.3), form("abcd", "abcd")),
+    ("grace: f=0 forms at the (n-L)-th", Grace(2, 0.0), q("ab", arrivals=(1.0, 1.1), since=1.1), form("ab", "abcd")),
+    ("grace: unknown arrivals form at once", Grace(1), q("abc"), form("abc", "abcd")),
 ]
 
 
@@ -200,15 +247,19 @@ def test_a_fraction_whose_min_is_below_min_peers_is_refused():
     )
 
 
+FORMS = "all, first-k:K, sample:K, sample:F[,min=M], coded:S[,code=frc|cyclic], allbut:S, backup, grace:L[,f=F]"
+
 BAD_SPECS = [
     "", "some", "first-k", "first-k:0", "first-k:x", "all:3", "sample:-1", "sample", "sample:0", "sample:1.5",
     "sample:0.0", "sample:0.5,min=0", "sample:3,min=2", "sample:half", "sample:0.5,max=3",
+    "coded", "coded:-1", "coded:1,code=rs", "coded:1,kind=frc", "allbut", "allbut:x", "backup:3", "grace",
+    "grace:1,f=-1", "grace:1,g=2",
 ]
 
 
 @pytest.mark.parametrize("spec", BAD_SPECS)
 def test_a_bad_spec_is_a_config_error_that_lists_the_forms(spec):
-    with pytest.raises(ConfigError, match=r": use one of all, first-k:K, sample:K, sample:F\[,min=M\]$"):
+    with pytest.raises(ConfigError, match=rf": use one of {re.escape(FORMS)}$"):
         parse_policy(spec)
 
 
@@ -243,7 +294,7 @@ def test_a_bad_spec_is_a_config_error_that_lists_the_forms(spec):
 def test_a_bad_spec_says_what_is_wrong(spec, message):
     with pytest.raises(ConfigError) as info:
         parse_policy(spec)
-    assert str(info.value) == f"{message}: use one of all, first-k:K, sample:K, sample:F[,min=M]"
+    assert str(info.value) == f"{message}: use one of {FORMS}"
 
 
 def test_a_new_policy_is_one_class_and_one_registration():

@@ -15,6 +15,20 @@ Policies, chosen with the coordinator's ``quorum`` setting:
   (``rules.quorum_ready`` / ``rules.quorum_hopeless``);
 - ``first-k:K``: the first K peers to ask, as soon as K have asked; with fewer
   than K live peers, the ``all`` rule over whoever asked;
+- ``coded:S[,code=C]``: gradient coding's rounds (``optimizers/coded.py``): the
+  peers that asked, as soon as they can decode the code over every live peer
+  (the roster, sent as the round's candidates) tolerating S stragglers; an
+  undecodable or badly conditioned set waits for more, never forms;
+- ``allbut:S``: the first n-S of the n live peers to ask (the rest are
+  ignored as stragglers; ``allbut:0`` waits for all), roster as candidates;
+- ``backup``: the first k to ask, k named by the members in the round's tag
+  (``sync-sgd:k=K``: dynamic backup workers choose it each step), roster as
+  candidates; a tag without k waits for all;
+- ``grace:L[,f=F]``: sequential gradient coding's rounds: every peer that
+  asked, once n-L of the n live peers asked and (1+F) times the (n-L)-th's
+  time since the last commit has passed (F default 0.5): workers a little
+  late are kept, workers slower by more are the round's stragglers (roster
+  as candidates);
 - ``sample:K``, ``sample:F``, ``sample:F,min=M``: the k peers
   ``collectives.sampling.sample_members`` draws from the run's seed and the
   round id among the live peers (members can check the draw); k is K, or
@@ -33,6 +47,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from collectives.errors import ConfigError
+from collectives.gradcodes import CODE_KINDS, code_for, decodable
 from collectives.sampling import SAMPLE_POLICY, SampleSize, parse_sample_arg, sample_members, whole_count
 from peer.coordinator.rules import QuorumRules, order_members, quorum_hopeless, quorum_ready
 
@@ -53,6 +68,12 @@ class QuorumInputs:
     rules: QuorumRules
     # The run has committed a round (before that, too few peers means: wait).
     run_started: bool = False
+    # The tag of the round the requesting peers ask for (the backup policy reads k from it).
+    tag: str = ""
+    # Seconds from the last commit (or the first request, before any) to each request of ``requesting``
+    # (same order), and to now; empty and 0: unknown.
+    arrivals_s: tuple[float, ...] = ()
+    since_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -298,3 +319,193 @@ class Sample(QuorumPolicy):
         if requesting < rules.min_peers:
             return False
         return requesting >= self.size.of(eligible) or waited_s >= rules.join_timeout_s
+
+
+def roster_of(q: QuorumInputs) -> tuple[str, ...]:
+    """Every live peer (and every peer that asked), by peer id: the workers a straggler-tolerant round is planned over."""
+    return tuple(sorted(q.eligible | set(q.requesting)))
+
+
+def _first_of_roster(q: QuorumInputs, k: int) -> Outcome:
+    """The first k askers (at least min_peers, at most the roster), with the roster as the round's candidates."""
+    if q.coordinator_age_s < q.rules.startup_grace_s:
+        return None
+    roster = roster_of(q)
+    k = min(max(k, q.rules.min_peers, 1), len(roster))
+    if len(q.requesting) >= k:
+        return FormRound(tuple(order_members(set(q.requesting[:k]))), roster)
+    if quorum_hopeless(len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+        return Refuse(len(roster))
+    return None
+
+
+@register
+@dataclass(frozen=True)
+class Coded(QuorumPolicy):
+    """Gradient coding: whoever asked, once they can decode the code over the roster with s stragglers."""
+
+    name: ClassVar[str] = "coded"
+    usage: ClassVar[str] = "coded:S[,code=frc|cyclic]"
+
+    stragglers: int
+    code: str = "auto"
+
+    @classmethod
+    def from_arg(cls, arg: str) -> Coded:
+        """``coded:S`` or ``coded:S,code=C``."""
+        count, _, rest = arg.partition(",")
+        s = whole_count(count) if count != "0" else 0
+        key, _, code = rest.partition("=")
+        if s is None or (rest and (key != "code" or code not in CODE_KINDS)):
+            raise ConfigError(f"quorum policy coded:{arg} needs S >= 0 stragglers and optionally code=frc|cyclic")
+        return cls(s, code or "auto")
+
+    @property
+    def spec(self) -> str:
+        """``coded:S`` (and the code when it is not auto)."""
+        return f"{self.name}:{self.stragglers}" + (f",code={self.code}" if self.code != "auto" else "")
+
+    def decide(self, q: QuorumInputs) -> Outcome:
+        """Form with every asker once their rows of the code span the all-ones vector (well conditioned)."""
+        if q.coordinator_age_s < q.rules.startup_grace_s:
+            return None
+        roster = roster_of(q)
+        asked = [p for p in q.requesting if p in roster]
+        try:
+            code = code_for(len(roster), self.stragglers, self.code)
+        except ConfigError:  # code=frc over a roster that s+1 does not divide: nothing can decode it
+            return None
+        if len(asked) >= q.rules.min_peers and decodable(code, [roster.index(p) for p in asked]):
+            return FormRound(tuple(order_members(set(asked))), roster)
+        if quorum_hopeless(len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+            return Refuse(len(roster))
+        return None
+
+    def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
+        """Enough askers for the sparsest decodable set (one worker per group of s+1)."""
+        return requesting >= rules.min_peers and requesting * (self.stragglers + 1) >= eligible
+
+
+@register
+@dataclass(frozen=True)
+class AllBut(QuorumPolicy):
+    """The first n-s of the n live peers to ask: s stragglers ignored each round (0: wait for all)."""
+
+    name: ClassVar[str] = "allbut"
+    usage: ClassVar[str] = "allbut:S"
+
+    stragglers: int
+
+    @classmethod
+    def from_arg(cls, arg: str) -> AllBut:
+        """``allbut:S`` with S >= 0."""
+        s = 0 if arg == "0" else whole_count(arg)
+        if s is None:
+            raise ConfigError(f"quorum policy allbut:{arg} needs a whole number S >= 0 of stragglers to ignore")
+        return cls(s)
+
+    @property
+    def spec(self) -> str:
+        """``allbut:S``."""
+        return f"{self.name}:{self.stragglers}"
+
+    def decide(self, q: QuorumInputs) -> Outcome:
+        """Form with the first n-s askers."""
+        return _first_of_roster(q, len(roster_of(q)) - self.stragglers)
+
+    def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
+        """n-s asked."""
+        return requesting >= rules.min_peers and requesting >= eligible - self.stragglers
+
+
+BACKUP_TAG_KEY = ":k="
+
+
+@register
+@dataclass(frozen=True)
+class Backup(QuorumPolicy):
+    """Dynamic backup workers: the first k to ask, k chosen by the members and named in the round's tag."""
+
+    name: ClassVar[str] = "backup"
+    usage: ClassVar[str] = "backup"
+
+    @classmethod
+    def from_arg(cls, arg: str) -> Backup:
+        """``backup`` takes no argument."""
+        if arg:
+            raise ConfigError(f"quorum policy backup takes no argument (the members choose k), got backup:{arg}")
+        return cls()
+
+    @property
+    def spec(self) -> str:
+        """``backup``."""
+        return self.name
+
+    @staticmethod
+    def k_of(tag: str, n: int) -> int:
+        """The k a tag names (``...:k=K``); n (wait for all) when it names none or not a whole number."""
+        _, found, k = tag.rpartition(BACKUP_TAG_KEY)
+        count = whole_count(k) if found else None
+        return n if count is None else count
+
+    def decide(self, q: QuorumInputs) -> Outcome:
+        """Form with the first k askers."""
+        n = len(roster_of(q))
+        return _first_of_roster(q, self.k_of(q.tag, n))
+
+    def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
+        """At least min_peers asked (k is in the tag, read by decide)."""
+        return requesting >= rules.min_peers
+
+
+@register
+@dataclass(frozen=True)
+class Grace(QuorumPolicy):
+    """Everyone who asked by a grace period after n-L asked: the rest are this round's stragglers."""
+
+    name: ClassVar[str] = "grace"
+    usage: ClassVar[str] = "grace:L[,f=F]"
+
+    stragglers: int
+    grace: float = 0.5
+
+    @classmethod
+    def from_arg(cls, arg: str) -> Grace:
+        """``grace:L`` or ``grace:L,f=F`` (F >= 0)."""
+        count, _, rest = arg.partition(",")
+        s = 0 if count == "0" else whole_count(count)
+        key, _, value = rest.partition("=")
+        try:
+            f = float(value) if rest else 0.5
+        except ValueError:
+            f = -1.0
+        if s is None or (rest and key != "f") or not f >= 0:
+            raise ConfigError(f"quorum policy grace:{arg} needs L >= 0 stragglers and optionally f=F >= 0")
+        return cls(s, f)
+
+    @property
+    def spec(self) -> str:
+        """``grace:L,f=F``."""
+        return f"{self.name}:{self.stragglers},f={self.grace:g}"
+
+    def decide(self, q: QuorumInputs) -> Outcome:
+        """Form with every asker when all asked, or once (1+F) times the (n-L)-th asker's wait has passed."""
+        if q.coordinator_age_s < q.rules.startup_grace_s:
+            return None
+        roster = roster_of(q)
+        need = max(len(roster) - self.stragglers, q.rules.min_peers, 1)
+        everyone = FormRound(tuple(order_members(set(q.requesting))), roster)
+        if len(q.requesting) >= len(roster):
+            return everyone
+        if len(q.requesting) >= need:
+            if len(q.arrivals_s) != len(q.requesting):
+                return everyone  # arrival times unknown: no grace to give
+            if q.since_s >= (1.0 + self.grace) * sorted(q.arrivals_s)[need - 1]:
+                return everyone
+        if quorum_hopeless(len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+            return Refuse(len(roster))
+        return None
+
+    def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
+        """n-L asked."""
+        return requesting >= rules.min_peers and requesting >= eligible - self.stragglers

@@ -54,6 +54,8 @@ class PendingQuorum:
     first_at: float
     tag: str
     waiting: dict[str, asyncio.Future] = field(default_factory=dict)
+    # When each waiter asked (monotonic seconds), for policies that look at arrival times.
+    asked_at: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,6 +90,8 @@ class Quorums:
         self.policy = policy
         self.state = state
         self._started = started
+        # When the last round committed (monotonic): where the next round's work began.
+        self.last_commit_at: float | None = None
         self._drop = drop
         self._save = save
         self._run_under_way = run_under_way
@@ -124,6 +128,7 @@ class Quorums:
             previous.cancel()
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self.pending.waiting[peer_id] = fut
+        self.pending.asked_at.setdefault(peer_id, time.monotonic())
         self.close_if_ready(cheap=True)
         return fut
 
@@ -142,6 +147,8 @@ class Quorums:
     def inputs(self, pending: PendingQuorum, now: float) -> QuorumInputs:
         """What the policy decides the pending quorum from."""
         s = self.state
+        # Arrivals count from the last commit (when the round's work began), or from the first request.
+        since = self.last_commit_at if self.last_commit_at is not None else pending.first_at
         return QuorumInputs(
             requesting=tuple(pending.waiting),
             # Every live peer, syncing joiners included: `all` waits (up to the join timeout) for a
@@ -154,6 +161,9 @@ class Quorums:
             seed=self.config.seed,
             rules=self.config.rules,
             run_started=s.last_committed_round > 0,
+            tag=pending.tag,
+            arrivals_s=tuple(max(0.0, pending.asked_at.get(p, now) - since) for p in pending.waiting),
+            since_s=now - since,
         )
 
     def awaited(self, now: float) -> set[str]:
@@ -259,6 +269,7 @@ class Quorums:
         if decision.commit:
             record.status = "committed"
             s.rounds_committed += 1
+            self.last_commit_at = now
             s.record_commit(record)
             for m in record.members:
                 if m in s.peers:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from collectives.errors import ConfigError
+from optimizers.coded import CodedSGD
 from optimizers.outer import OuterOptimizer, StepRate
 from optimizers.peers import SyncPeer
 from optimizers.registry import get_algorithm
@@ -97,6 +98,36 @@ def make_optimizer(model: torch.nn.Module, peer: SyncPeer, config: TrainConfig) 
     return get_algorithm(config.algorithm).make(model, inner, peer, config.options)
 
 
+class TaskPartitions:
+    """Any partition's batches of a task, by step: what a gradient code computes (``optimizers.coded.PartitionData``).
+
+    Partition j of n is the task's stream for rank j of world n, so batch t of it is the same on every
+    worker; streams are kept open and read in order, and opened again at a jump (a catch-up, a new roster).
+    """
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self._streams: dict[tuple[int, int], tuple[int, Any]] = {}
+
+    def batch(self, partition: int, partitions: int, step: int) -> Any:
+        """Batch ``step`` of partition ``partition`` of ``partitions``."""
+        key = (partition, partitions)
+        at, stream = self._streams.get(key, (-1, None))
+        if stream is None or at != step:
+            stream = batch_stream(self.task, partition, partitions, step)
+        batch = next(stream)
+        self._streams[key] = (step + 1, stream)
+        # Streams of another roster size are not read again until the roster changes back.
+        for other in [k for k in self._streams if k[1] != partitions]:
+            del self._streams[other]
+        return batch
+
+    def loss(self, model: torch.nn.Module, partition: int, partitions: int, step: int) -> tuple[torch.Tensor, int]:
+        """The task's loss of that batch on model, and the batch's samples."""
+        batch = self.batch(partition, partitions, step)
+        return self.task.loss(model, batch), self.task.batch_samples(batch)
+
+
 @dataclass
 class Progress:
     """What the loop has done so far (read by displays and heartbeats)."""
@@ -129,6 +160,8 @@ class TrainLoop:
         self.config = config
         # A resumed or joining peer continues its data stream where it left off.
         self.batches = batch_stream(task, rank, world, start_step)
+        # A gradient code picks its partitions' batches itself, by step.
+        self.partitions = TaskPartitions(task)
         self.progress = Progress(step=start_step)
         # An algorithm that trains whole epochs per round needs the size of this peer's data.
         size = task.partition_size(rank, world)
@@ -158,15 +191,20 @@ class TrainLoop:
                 break
             if cfg.duration_s is None and self.progress.step >= cfg.steps:
                 break
-            batch = next(self.batches)
-            samples = self.task.batch_samples(batch)
-            loss = self.task.loss(self.model, batch)
-            loss.backward()
             p = self.progress
-            p.loss = loss.item()  # read once: the optimizer reports this number rather than reading the tensor again
-            self.optimizer.step(samples=samples, loss=p.loss)  # it reports step, loss and samples to the run
-            self.optimizer.zero_grad()
-            p.step += 1
+            if isinstance(self.optimizer, CodedSGD):
+                # One round per step, on the batches of the partitions the code gives this worker.
+                p.loss, samples = self.optimizer.train_step(self.partitions)
+            else:
+                batch = next(self.batches)
+                samples = self.task.batch_samples(batch)
+                loss = self.task.loss(self.model, batch)
+                loss.backward()
+                p.loss = loss.item()  # read once: the optimizer reports this number rather than reading it again
+                self.optimizer.step(samples=samples, loss=p.loss)  # it reports step, loss and samples to the run
+                self.optimizer.zero_grad()
+            # A coded step that caught up applied the rounds it was late for: the run's step count is the step.
+            p.step = max(p.step + 1, getattr(self.optimizer, "global_step", 0))
             p.samples += samples
             p.rounds = self.optimizer.committed_rounds
             p.steps_per_s = rate.tick(time.monotonic())

@@ -1,0 +1,441 @@
+"""``loconet bench coding``: synchronous SGD under stragglers, coded and not, on the same data and seeds.
+
+In one invocation, each method of ``--methods`` trains the same model from
+the same seed for ``--steps`` steps, one round per step, with ``--peers``
+workers while ``--pattern`` slows some of them down (``peer/stragglers.py``):
+
+- ``wait``: synchronous SGD that waits for every worker (quorum ``all``);
+- ``ignore``: the first n-s workers' gradients, averaged (``allbut:s``; biased);
+- ``coded``: gradient coding with s stragglers (``coded:s``), fp32 payloads;
+- ``coded-int8``: the same with int8 payloads (the error quantization adds after decoding);
+- ``backup``: dynamic backup workers, k chosen each step (quorum ``backup``);
+- ``fixed-kK``: the first K workers (``allbut:n-K``), the fixed-k baselines of dynamic backup workers.
+
+Every run is real: an in-process coordinator and one ``ElasticCollective``
+per worker (its own gRPC server on 127.0.0.1), one thread each, running the
+registered algorithm (``coded-sgd`` or ``sync-sgd``). Compute is modeled:
+the workers share this machine's cores, so each partition batch costs its
+real forward and backward pass plus ``--unit-ms`` times the worker's
+slowdown at that step, slept (a worker with its own accelerator; the real
+pass is a few milliseconds). The rounds, their bytes and the waiting are
+real.
+
+Per method: step times (between the coordinator's commits), the eval loss of
+the global parameters every ``--eval-every`` steps and at the end, the time
+to reach wait-for-all's final loss, and the decoded gradient's relative
+error against the full gradient (the mean over all n partitions' batches of
+that step, computed on the side at every checked step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from collectives.elastic import ElasticCollective, ElasticConfig
+from collectives.errors import LoconetError
+from collectives.parts import flatten
+from optimizers.coded import CodedSGD, StepSuperseded
+from optimizers.outer_optim import OuterConfig
+from peer.bench.federated import _LoopClosedNoise
+from peer.bench.fields import Fields, describe_report
+from peer.bench.kit import require
+from peer.bench.progress import Progress, progress_for
+from peer.coordinator.config import CoordinatorConfig
+from peer.coordinator.thread import CoordinatorThread
+from peer.runtime.training import TaskPartitions, TrainConfig, make_optimizer
+from peer.stragglers import StragglerPattern
+from peer.tasks.base import Task, TaskConfig
+from peer.tasks.registry import make_task
+
+log = logging.getLogger(__name__)
+
+# How often a modeled compute checks whether its step was committed without it.
+CANCEL_POLL_S = 0.005
+# Heartbeats carry the run's last committed round to the workers: a straggler learns within this long that
+# its step is void.
+HEARTBEAT_S = 0.05
+
+METHODS = ("wait", "ignore", "coded", "coded-int8", "backup")
+RUN_TIMEOUT_S = 900.0
+
+FIELDS: Fields = {
+    "peers": "workers per run (--peers); the data is cut into this many partitions",
+    "stragglers": "stragglers s the coded and ignore methods tolerate (--stragglers)",
+    "pattern": "who is slowed, when and by how much (--pattern, peer/stragglers.py)",
+    "config": "the rest of what was run: task, steps, modeled compute unit, learning rate, batch size, seed",
+    "target_eval_loss": "the target of time_to_target_s: wait-for-all's final eval loss",
+    "methods": "one entry per method of --methods",
+    "methods[].method": "wait, ignore, coded, coded-int8, backup, or fixed-kK (the first K workers)",
+    "methods[].algorithm": "the registered algorithm the method runs (coded-sgd, sync-sgd)",
+    "methods[].quorum": "the coordinator's quorum policy of the run",
+    "methods[].codec": "the codec of its rounds",
+    "methods[].step_s_median": "median seconds between consecutive committed steps (the coordinator's commits)",
+    "methods[].step_s_p90": "90th percentile of those seconds",
+    "methods[].time_to_target_s": "seconds from the first step's start to the first evaluated step whose eval loss "
+    "is at most target_eval_loss (null: never reached)",
+    "methods[].time_to_target_over_wait": "time_to_target_s over wait-for-all's (below 1: faster)",
+    "methods[].final_eval_loss": "eval loss of the global parameters after the last step",
+    "methods[].eval_losses": "[step, eval loss] every --eval-every steps, in order",
+    "methods[].curve_max_abs_diff_vs_wait": "largest |eval loss - wait-for-all's eval loss| at the same step "
+    "(the same gradients give the same curve, up to the codec's error)",
+    "methods[].decode_rel_error_max": "largest ||applied gradient - full gradient|| / ||full gradient|| over the "
+    "checked steps (the full gradient: the mean over all n partitions' batches of that step)",
+    "methods[].bytes_sent_per_peer": "bytes each worker sent over the run, mean over workers",
+    "methods[].compute_load": "partition batches a worker computed per step, over n (coded: (s+1)/n; 1/n uncoded), "
+    "mean over workers",
+    "methods[].k_chosen": "backup only: the k of each committed step's round, [min, median, max]",
+    "methods[].steps_committed": "steps committed (the run aims for --steps)",
+    "methods[].members_per_round": "[fewest, most] members of a committed round",
+    "methods[].identical": "every worker ended with the same global parameters",
+    "methods[].wall_s": "wall seconds of the run",
+}
+
+
+@dataclass(frozen=True)
+class CodingBenchConfig:
+    """What ``bench coding`` runs."""
+
+    peers: int = 6
+    stragglers: int = 1
+    pattern: str = "random,x=4"
+    steps: int = 100
+    methods: tuple[str, ...] = METHODS
+    task: str = "synthetic-lm"
+    # Modeled seconds of one partition batch's compute at normal speed.
+    unit_s: float = 0.05
+    lr: float = 0.5
+    eval_every: int = 5
+    check_every: int = 5
+    seed: int = 0
+    task_config: TaskConfig = field(default_factory=lambda: TaskConfig(d_model=32, n_layers=1, batch_size=8,
+                                                                         seq_len=32))
+
+    def __post_init__(self) -> None:
+        require(self.peers >= 2, f"--peers must be at least 2, got {self.peers}")
+        require(0 <= self.stragglers < self.peers, f"--stragglers must be in [0, {self.peers}), got {self.stragglers}")
+        require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
+        require(self.unit_s >= 0, f"--unit-ms must be >= 0, got {self.unit_s * 1e3}")
+        for m in self.methods:
+            require(m in METHODS or _fixed_k(m, self.peers) is not None,
+                    f"unknown method {m!r}; choose from {', '.join(METHODS)} or fixed-kK (1 <= K <= peers)")
+        StragglerPattern.parse(self.pattern)
+
+
+def _fixed_k(method: str, n: int) -> int | None:
+    if not method.startswith("fixed-k"):
+        return None
+    try:
+        k = int(method.removeprefix("fixed-k"))
+    except ValueError:
+        return None
+    return k if 1 <= k <= n else None
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one method runs: its algorithm, options and the coordinator's quorum policy."""
+
+    name: str
+    algorithm: str
+    quorum: str
+    codec: str = "none"
+    options: tuple[tuple[str, object], ...] = ()
+
+
+def method(name: str, config: CodingBenchConfig) -> Method:
+    """The algorithm, options and quorum of a method."""
+    s, n = config.stragglers, config.peers
+    k = _fixed_k(name, n)
+    if k is not None:
+        return Method(name, "sync-sgd", f"allbut:{n - k}")
+    return {
+        "wait": Method(name, "sync-sgd", "all"),
+        "ignore": Method(name, "sync-sgd", f"allbut:{s}"),
+        "coded": Method(name, "coded-sgd", f"coded:{s}", options=(("stragglers", s),)),
+        "coded-int8": Method(name, "coded-sgd", f"coded:{s}", codec="int8", options=(("stragglers", s),)),
+        "backup": Method(name, "sync-sgd", "backup", options=(("dynamic_k", True),)),
+    }[name]
+
+
+def train_config(m: Method, config: CodingBenchConfig) -> TrainConfig:
+    """The training of one method's run."""
+    outer = OuterConfig(name="sgd", lr=config.lr, momentum=0.0, nesterov=False)
+    return TrainConfig.of(m.algorithm, steps=config.steps, codec=m.codec, outer=outer, **dict(m.options))
+
+
+class PacedPartitions:
+    """A task's partition batches, each costing its real pass plus the modeled unit times this worker's slowdown."""
+
+    def __init__(self, task: Task, pattern: StragglerPattern, worker: int, workers: int, unit_s: float) -> None:
+        self.data = TaskPartitions(task)
+        self.pattern, self.worker, self.workers, self.unit_s = pattern, worker, workers, unit_s
+        self.computed = 0
+        # Asked while the modeled compute runs: the run committed this step without this worker.
+        self.superseded: Callable[[], bool] = lambda: False
+
+    def loss(self, model: torch.nn.Module, partition: int, partitions: int, step: int) -> tuple[torch.Tensor, int]:
+        """The batch's loss, after the modeled compute time (stopped, StepSuperseded, if the run moved on)."""
+        self.computed += 1
+        until = time.monotonic() + self.unit_s * self.pattern.slowdown(step, self.worker, self.workers)
+        while (left := until - time.monotonic()) > 0:
+            if self.superseded():
+                raise StepSuperseded(f"step {step} was committed without worker {self.worker}")
+            time.sleep(min(left, CANCEL_POLL_S))
+        return self.data.loss(model, partition, partitions, step)
+
+
+@dataclass
+class WorkerOutcome:
+    """What one worker of a run ended with (worker 0 also records every applied gradient)."""
+
+    rank: int
+    digest: str = ""
+    bytes_sent: int = 0
+    steps: int = 0
+    computed: int = 0
+    error: str = ""
+    # step -> (global parameters before it, the gradient applied): worker 0 only.
+    applied: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    ks: list[int] = field(default_factory=list)
+    final: torch.Tensor | None = None
+
+
+def _worker(rank: int, config: CodingBenchConfig, task: Task, train: TrainConfig, address: str, run_id: str,
+            out: WorkerOutcome, done: threading.Barrier) -> None:
+    """One worker's run: join, train --steps steps, wait for the others (a late one fetches from them), leave."""
+    model = task.build_model()
+    elastic = ElasticCollective(ElasticConfig(coordinator=address, run_id=run_id, name=f"peer{rank}", keep_results=8))
+    data = PacedPartitions(task, StragglerPattern.parse(config.pattern), rank, config.peers, config.unit_s)
+    try:
+        opt = make_optimizer(model, elastic, train)
+        assert isinstance(opt, CodedSGD)
+        data.superseded = opt.superseded
+        if rank == 0:
+            opt.on_gradient = lambda step, gradient: out.applied.__setitem__(
+                step, (flatten(opt.state.globals), gradient.clone()))
+        snapshot = elastic.start(has_state=True)
+        if snapshot is not None:
+            opt.load_snapshot(snapshot)
+        while opt.global_step < config.steps:
+            opt.train_step(data)
+        out.digest = opt.state.digest()
+        out.steps = opt.global_step
+        out.ks = list(opt.ks)
+        out.final = flatten(opt.state.globals)
+    except LoconetError as exc:
+        out.error = str(exc)
+    finally:
+        out.computed = data.computed
+        try:
+            done.wait(timeout=RUN_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            pass
+        elastic.close(leave=True, reason="finished")
+        out.bytes_sent = elastic.transport.counters.bytes_sent
+
+
+def full_gradient(task: Task, model: torch.nn.Module, params: torch.Tensor, n: int, step: int) -> torch.Tensor:
+    """The mean over all n partitions' batches of step of the loss gradient at params (float64)."""
+    data = TaskPartitions(task)
+    with torch.no_grad():
+        _load(model, params)
+    total = torch.zeros(params.numel(), dtype=torch.float64)
+    for j in range(n):
+        model.zero_grad(set_to_none=True)
+        loss, _ = data.loss(model, j, n, step)
+        loss.backward()
+        total += flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]).double()
+    return total / n
+
+
+def _load(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    offset = 0
+    for p in model.parameters():
+        p.copy_(flat[offset: offset + p.numel()].view(p.shape))
+        offset += p.numel()
+
+
+def _eval_at(task: Task, model: torch.nn.Module, params: torch.Tensor) -> float:
+    with torch.no_grad():
+        _load(model, params)
+    return task.evaluate(model)
+
+
+def run_method(m: Method, config: CodingBenchConfig, task: Task) -> dict:
+    """One method's run, and what it measured."""
+    train = train_config(m, config)
+    n = config.peers
+    label = f"coding-{m.name}"
+    coordinator = CoordinatorConfig(run_id=label, port=0, dashboard_port=None, min_peers=1, quorum=m.quorum,
+                                    seed=config.seed, heartbeat_s=HEARTBEAT_S, lease_s=5.0)
+    outcomes = [WorkerOutcome(r) for r in range(n)]
+    done = threading.Barrier(n)
+    started = time.monotonic()
+    with CoordinatorThread(coordinator) as coord:
+        threads = [threading.Thread(target=_worker, args=(r, config, task, train, coord.address, label, outcomes[r],
+                                                          done), name=f"{label}-peer{r}", daemon=True)
+                   for r in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=max(0.0, started + RUN_TIMEOUT_S - time.monotonic()))
+        if any(t.is_alive() for t in threads):
+            done.abort()
+            raise LoconetError(f"{label}: workers still running after {RUN_TIMEOUT_S:.0f} s; the run is stuck")
+        rounds = [r for r in coord.status()["rounds"] if r["status"] == "committed"]
+    wall = time.monotonic() - started
+    errors = [f"peer{o.rank}: {o.error}" for o in outcomes if o.error]
+    if errors:
+        raise LoconetError(f"{label} failed: {'; '.join(errors)}")
+    rounds.sort(key=lambda r: r["round_id"])
+    commits = [r["started_at"] + (r["duration_s"] or 0.0) for r in rounds]
+    starts = [r["started_at"] for r in rounds]
+    steps = [b - a for a, b in itertools.pairwise(commits)]
+    model = task.build_model()
+    applied = outcomes[0].applied
+    evals = [(t, _eval_at(task, model, applied[t][0])) for t in sorted(applied) if t % config.eval_every == 0]
+    final = _eval_at(task, model, outcomes[0].final)
+    evals.append((outcomes[0].steps, final))
+    errors_rel = []
+    for t in sorted(applied):
+        if t % config.check_every == 0:
+            params, applied_grad = applied[t]
+            full = full_gradient(task, model, params, n, t)
+            errors_rel.append(float((applied_grad.double() - full).norm() / full.norm().clamp_min(1e-30)))
+    first = starts[0] if starts else 0.0
+    ks = outcomes[0].ks
+    return {
+        "method": m.name,
+        "algorithm": m.algorithm,
+        "quorum": m.quorum,
+        "codec": m.codec,
+        "step_s_median": statistics.median(steps) if steps else None,
+        "step_s_p90": _quantile(steps, 0.9),
+        "eval_losses": [[t, loss] for t, loss in evals],
+        "eval_times": [commits[t - 1] - first if 0 < t <= len(commits) else 0.0 for t, _ in evals],
+        "final_eval_loss": final,
+        "decode_rel_error_max": max(errors_rel) if errors_rel else None,
+        "bytes_sent_per_peer": statistics.mean(o.bytes_sent for o in outcomes),
+        "compute_load": statistics.mean(o.computed / max(o.steps, 1) for o in outcomes) / n,
+        "k_chosen": [min(ks), statistics.median(ks), max(ks)] if ks else None,
+        "steps_committed": min(o.steps for o in outcomes),
+        "members_per_round": [min(len(r["members"]) for r in rounds), max(len(r["members"]) for r in rounds)]
+        if rounds else None,
+        "identical": len({o.digest for o in outcomes}) == 1,
+        "wall_s": wall,
+    }
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def add_targets(entries: list[dict]) -> float | None:
+    """Time to wait-for-all's final loss, its ratio to wait-for-all's, and each curve's distance from it."""
+    wait = next((e for e in entries if e["method"] == "wait"), None)
+    target = wait["final_eval_loss"] if wait is not None else None
+    for e in entries:
+        times = e.pop("eval_times")
+        e["time_to_target_s"] = None if target is None else next(
+            (t for t, (_, loss) in zip(times, e["eval_losses"]) if loss <= target), None)
+    base = wait["time_to_target_s"] if wait is not None else None
+    reference = {t: loss for t, loss in wait["eval_losses"]} if wait is not None else {}
+    for e in entries:
+        mine = e["time_to_target_s"]
+        e["time_to_target_over_wait"] = mine / base if mine is not None and base else None
+        diffs = [abs(loss - reference[t]) for t, loss in e["eval_losses"] if t in reference]
+        e["curve_max_abs_diff_vs_wait"] = max(diffs) if diffs else None
+    return target
+
+
+def run(config: CodingBenchConfig, progress: Progress | None = None) -> dict:
+    """Every method on the same task, seeds and straggler pattern; the report."""
+    torch.set_num_threads(1)  # many workers share two cores: one intra-op thread each
+    logging.getLogger("asyncio").addFilter(_LoopClosedNoise())
+    task = make_task(config.task, config.task_config)
+    entries = []
+    for name in config.methods:
+        m = method(name, config)
+        if progress is not None:
+            progress.begin(name)
+        entries.append(result := run_method(m, config, task))
+        if progress is not None:
+            progress.end(f"step {result['step_s_median']:.3f} s, final loss {result['final_eval_loss']:.4f}")
+    target = add_targets(entries)
+    return {
+        "peers": config.peers,
+        "stragglers": config.stragglers,
+        "pattern": config.pattern,
+        "config": {"task": config.task, "steps": config.steps, "unit_ms": config.unit_s * 1e3, "lr": config.lr,
+                   "batch_size": config.task_config.batch_size, "seed": config.seed},
+        "target_eval_loss": target,
+        "methods": entries,
+    }
+
+
+def table(report: dict) -> str:
+    """The report as a readable table, one row per method."""
+    rows = [("method", "step med", "step p90", "to target", "final loss", "decode err", "kB/peer", "load")]
+
+    def f(v: object, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for e in report["methods"]:
+        rows.append((e["method"], f(e["step_s_median"], ".3f"), f(e["step_s_p90"], ".3f"),
+                     f(e["time_to_target_s"], ".1f"), f(e["final_eval_loss"], ".4f"),
+                     f(e["decode_rel_error_max"], ".1e"), f(e["bytes_sent_per_peer"] / 1e3, ".0f"),
+                     f(e["compute_load"], ".3f")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    head = f"{report['peers']} workers, s={report['stragglers']}, pattern {report['pattern']}"
+    return "\n".join([head, *("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of this benchmark; the fields' meaning."""
+    d = CodingBenchConfig()
+    parser.add_argument("--peers", type=int, default=d.peers, help="workers per run (partitions of the data)")
+    parser.add_argument("--stragglers", type=int, default=d.stragglers, help="stragglers s to tolerate")
+    parser.add_argument("--pattern", default=d.pattern,
+                        help="straggler pattern: random,x=X; persistent,worker=I,x=X; bursty,B=..,W=..,lambda=..,x=X")
+    parser.add_argument("--steps", type=int, default=d.steps, help="steps (rounds) per method")
+    parser.add_argument("--methods", default=",".join(d.methods),
+                        help="comma-separated: wait, ignore, coded, coded-int8, backup, fixed-kK")
+    parser.add_argument("--task", default=d.task, help="the task every run trains")
+    parser.add_argument("--unit-ms", type=float, default=d.unit_s * 1e3,
+                        help="modeled milliseconds of one partition batch's compute at normal speed")
+    parser.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
+    parser.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every this many steps")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the model and the data")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    describe_report(parser, FIELDS)
+
+
+def main(ns: argparse.Namespace) -> int:
+    """Check the arguments, run every method, print the report."""
+    d = CodingBenchConfig()
+    config = CodingBenchConfig(
+        peers=ns.peers, stragglers=ns.stragglers, pattern=ns.pattern, steps=ns.steps,
+        methods=tuple(m.strip() for m in ns.methods.split(",") if m.strip()), task=ns.task,
+        unit_s=ns.unit_ms / 1e3, lr=ns.lr, eval_every=ns.eval_every, check_every=ns.eval_every, seed=ns.seed,
+        task_config=TaskConfig(**{**d.task_config.__dict__, "seed": ns.seed}),
+    )
+    make_task(config.task, config.task_config)  # a bad task fails before any run
+    with progress_for("coding", getattr(ns, "quiet", 0)) as progress:
+        report = run(config, progress)
+    sys.stdout.write(json.dumps(report) + "\n" if ns.json else table(report) + "\n")
+    return 0

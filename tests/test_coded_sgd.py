@@ -1,0 +1,216 @@
+"""Gradient-coded and plain synchronous SGD on real rounds: exact gradients, identical workers, stragglers left out.
+
+Workers are threads of this process, each an ``ElasticCollective`` with its own gRPC server on 127.0.0.1,
+around an in-process coordinator (``peer/bench/coding.py`` runs them; these tests read what it measured).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from collectives.errors import ConfigError, ProtocolError
+from collectives.membership import RoundPlan
+from optimizers.coded import CodedSGD, CodedSGDConfig, SyncSGDConfig, plan_roster
+from optimizers.peers import LocalPeer
+from peer.bench.coding import CodingBenchConfig, full_gradient, method, run_method
+from peer.runtime.training import TaskPartitions
+from peer.tasks.base import TaskConfig, batch_stream
+from peer.tasks.registry import make_task
+
+pytestmark = pytest.mark.timeout(180)
+
+TINY = TaskConfig(d_model=16, n_layers=1, n_heads=2, batch_size=4, seq_len=16)
+
+
+def bench(**fields) -> CodingBenchConfig:
+    """A short, unslowed benchmark configuration on a tiny model."""
+    defaults = {"peers": 4, "stragglers": 1, "pattern": "none", "steps": 3, "unit_s": 0.0, "eval_every": 1,
+                "check_every": 1, "task_config": TINY}
+    return CodingBenchConfig(**{**defaults, **fields})
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_task("synthetic-lm", TINY)
+
+
+def test_the_coded_gradient_is_the_full_gradient(task):
+    config = bench()
+    result = run_method(method("coded", config), config, task)
+    assert result["steps_committed"] == 3
+    assert result["identical"]
+    assert result["decode_rel_error_max"] < 1e-5
+
+
+def test_a_cyclic_code_decodes_the_full_gradient(task):
+    config = bench(peers=5)  # s+1 = 2 does not divide 5: the cyclic MDS code
+    result = run_method(method("coded", config), config, task)
+    assert result["identical"]
+    assert result["decode_rel_error_max"] < 1e-5
+
+
+def test_waiting_for_all_applies_the_full_gradient_too(task):
+    config = bench()
+    result = run_method(method("wait", config), config, task)
+    assert result["identical"]
+    assert result["decode_rel_error_max"] < 1e-5
+    assert result["members_per_round"] == [4, 4]
+
+
+def test_coded_and_wait_for_all_follow_the_same_loss_curve(task):
+    config = bench(steps=4)
+    coded = run_method(method("coded", config), config, task)
+    wait = run_method(method("wait", config), config, task)
+    for (step_a, loss_a), (step_b, loss_b) in zip(coded["eval_losses"], wait["eval_losses"], strict=True):
+        assert step_a == step_b
+        assert loss_a == pytest.approx(loss_b, rel=1e-5)
+
+
+def test_a_persistent_straggler_is_left_out_and_stays_identical(task):
+    config = bench(pattern="persistent,worker=3,x=40", unit_s=0.02, steps=4)
+    result = run_method(method("coded", config), config, task)
+    assert result["identical"]
+    assert result["steps_committed"] == 4
+    # Rounds went on without the straggler (all but the first, whose roster nobody knew before it formed).
+    assert result["members_per_round"][0] <= 3
+    assert result["decode_rel_error_max"] < 1e-5
+
+
+def test_ignoring_a_straggler_applies_a_biased_gradient(task):
+    config = bench(pattern="persistent,worker=3,x=40", unit_s=0.02, steps=3)
+    result = run_method(method("ignore", config), config, task)
+    assert result["identical"]
+    assert result["decode_rel_error_max"] > 1e-3  # worker 3's partition is missing from every step
+
+
+def test_dynamic_backup_workers_run_and_stay_identical(task):
+    config = bench(steps=4)
+    result = run_method(method("backup", config), config, task)
+    assert result["identical"]
+    assert result["steps_committed"] == 4
+    assert 1 <= result["k_chosen"][0] <= result["k_chosen"][2] <= 4
+
+
+def test_a_single_worker_applies_its_own_gradient_with_sgd(task):
+    model = task.build_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = CodedSGD(model, torch.optim.SGD(model.parameters(), lr=1.0), LocalPeer(), SyncSGDConfig())
+    _, samples = opt.train_step(TaskPartitions(task))
+    assert samples == TINY.batch_size
+    expected = full_gradient(task, task.build_model(), torch.cat([b.flatten() for b in before]), 1, 0)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    lr = SyncSGDConfig().outer.lr
+    assert torch.allclose(after.double(), torch.cat([b.flatten() for b in before]).double() - lr * expected,
+                          atol=1e-6)
+    assert opt.global_step == 1
+
+
+def test_step_is_refused_with_what_to_call_instead(task):
+    model = task.build_model()
+    opt = CodedSGD(model, torch.optim.SGD(model.parameters(), lr=1.0), LocalPeer(), CodedSGDConfig())
+    with pytest.raises(ConfigError, match="train_step"):
+        opt.step()
+
+
+def plan(policy: str, members: str, candidates: str = "abcd") -> RoundPlan:
+    return RoundPlan(action="round", round_id=7, members=tuple((m, "") for m in members), policy=policy,
+                     candidates=tuple(candidates))
+
+
+class Named(LocalPeer):
+    peer_id = "a"
+
+
+@pytest.mark.parametrize("policy,members,why", [
+    ("all", "abcd", "needs the coordinator's --quorum coded:1"),
+    ("coded:2", "abcd", "needs the coordinator's --quorum coded:1"),
+    ("coded:1", "ab", "undecodable"),
+    ("coded:1", "abx", "not all in its roster"),
+])
+def test_a_coded_worker_refuses_a_round_it_cannot_take_part_in(task, policy, members, why):
+    model = task.build_model()
+    opt = CodedSGD(model, torch.optim.SGD(model.parameters(), lr=1.0), Named(), CodedSGDConfig(stragglers=1))
+    with pytest.raises(ProtocolError, match=why):
+        opt._weight(plan(policy, members))
+
+
+def test_a_coded_workers_weight_is_its_decoding_coefficient_over_n(task):
+    model = task.build_model()
+    opt = CodedSGD(model, torch.optim.SGD(model.parameters(), lr=1.0), Named(), CodedSGDConfig(stragglers=1))
+    # Fractional repetition over abcd: groups {a, b} and {c, d}; a is its group's lowest survivor.
+    assert opt._weight(plan("coded:1", "acd")) == 0.25
+    assert opt._weight(plan("coded:1", "abd")) == 0.25
+
+
+def test_the_roster_is_the_candidates_or_the_members():
+    assert plan_roster(plan("coded:1", "ab")) == tuple("abcd")
+    assert plan_roster(plan("all", "ba", candidates="")) == ("a", "b")
+
+
+def test_partition_batches_are_the_task_streams_by_step(task):
+    data = TaskPartitions(task)
+    for j, t in [(1, 0), (1, 1), (2, 5), (1, 2), (1, 0)]:
+        expected = next(batch_stream(task, j, 3, t))
+        got = data.batch(j, 3, t)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_a_worker_leaving_rebuilds_the_code_for_the_rest(task):
+    """Four workers, one leaves after two steps: the next rounds decode over three partitions, exactly."""
+    from collectives.elastic import ElasticCollective, ElasticConfig
+    from peer.coordinator.config import CoordinatorConfig
+    from peer.coordinator.thread import CoordinatorThread
+    from peer.runtime.training import TrainConfig, make_optimizer
+
+    train = TrainConfig.of("coded-sgd", steps=5, stragglers=1)
+    applied: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    digests: dict[int, str] = {}
+    errors: list[str] = []
+    gate = threading.Barrier(3)
+
+    def worker(rank: int, address: str) -> None:
+        model = task.build_model()
+        peer = ElasticCollective(ElasticConfig(coordinator=address, run_id="leave", name=f"w{rank}"))
+        try:
+            opt = make_optimizer(model, peer, train)
+            if rank == 0:
+                opt.on_gradient = lambda step, g: applied.__setitem__(
+                    step, (torch.cat([x.flatten() for x in opt.state.globals]), g.clone(), len(opt.roster or ())))
+            peer.start(has_state=True)
+            data = TaskPartitions(task)
+            last = 2 if rank == 3 else 5
+            while opt.global_step < last:
+                opt.train_step(data)
+            digests[rank] = opt.state.digest()
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            errors.append(f"w{rank}: {exc!r}")
+        finally:
+            if rank != 3:
+                gate.wait(timeout=60)
+            peer.close(leave=True, reason="done")
+
+    config = CoordinatorConfig(run_id="leave", port=0, dashboard_port=None, min_peers=1, quorum="coded:1",
+                               heartbeat_s=0.1, lease_s=5.0)
+    with CoordinatorThread(config) as coord:
+        threads = [threading.Thread(target=worker, args=(r, coord.address), daemon=True) for r in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert not errors
+    assert len({digests[r] for r in range(3)}) == 1
+    model = task.build_model()
+    for step in (0, 1, 3, 4):
+        params, gradient, _ = applied[step]
+        n = 4 if step < 2 else 3
+        full = full_gradient(task, model, params, n, step)
+        assert float((gradient.double() - full).norm() / full.norm()) < 1e-5, step
+
+
+def test_config_rejects_a_negative_tolerance():
+    with pytest.raises(ConfigError, match="stragglers"):
+        dataclasses.replace(CodedSGDConfig(), stragglers=-1)
