@@ -37,6 +37,7 @@ from typing import ClassVar
 import numpy as np
 
 from collectives.errors import ConfigError
+from collectives.stragglermodel import BurstyModel, allows
 
 FORMS = (
     "none",
@@ -229,21 +230,14 @@ class BurstyStragglers(StragglerPattern):
         starts = rng.random(n) < self.start_probability(n)
         lengths = rng.integers(1, self.B + 1, size=n)
         order = rng.permutation(n)
-        # Each worker's first straggling step in the window ending at t (the steps t-W+1..t-1 so far).
-        first: dict[int, int] = {}
-        for s in range(max(0, t - self.W + 1), t):
-            for w in steps[s]:
-                first.setdefault(w, s)
+        model = BurstyModel(n, self.B, self.W, min(self.lam, n))
         chosen: set[int] = set()
         # Running bursts go first: they never add a distinct straggler to a window that holds their last step.
         candidates = [int(w) for w in order if int(w) in running] + [
             int(w) for w in order if int(w) not in running and starts[w]
         ]
         for w in candidates:
-            distinct = len(first.keys() | chosen)
-            too_many = w not in first and w not in chosen and distinct >= self.lam
-            too_long = t - first.get(w, t) + 1 > self.B
-            if too_many or too_long:
+            if not allows(steps, chosen | {w}, model):
                 running.pop(w, None)  # the burst ends here
                 continue
             chosen.add(w)
@@ -266,21 +260,6 @@ class BurstyStragglers(StragglerPattern):
             f"bursts of at most {self.B} steps, at most {self.lam} distinct stragglers in any {self.W} steps, "
             f"each {self.x:g}x slower (seed {self.seed})"
         )
-
-
-def conforms(steps: list[frozenset[int]] | tuple[frozenset[int], ...], B: int, W: int, lam: int) -> bool:
-    """Whether the straggler sets of consecutive steps fit the (B, W, lambda)-bursty model: in every window of
-    W steps at most lam distinct workers straggle, each within B consecutive steps of the window."""
-    for start in range(max(1, len(steps) - W + 1)):
-        first: dict[int, int] = {}
-        last: dict[int, int] = {}
-        for s in range(start, min(start + W, len(steps))):
-            for w in steps[s]:
-                first.setdefault(w, s)
-                last[w] = s
-        if len(first) > lam or any(last[w] - first[w] + 1 > B for w in first):
-            return False
-    return True
 
 
 NONE = NoStragglers()

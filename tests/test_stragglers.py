@@ -11,6 +11,7 @@ import torch
 
 import peer.harness.control as control_module
 from collectives.errors import ConfigError
+from collectives.stragglermodel import BurstyModel, conforms
 from peer.harness.control import Control, write_control
 from peer.stragglers import (
     NONE,
@@ -19,7 +20,6 @@ from peer.stragglers import (
     PersistentStraggler,
     RandomStragglers,
     StragglerPattern,
-    conforms,
 )
 
 # -- the patterns -------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_a_random_pattern_picks_every_worker_about_equally_often():
 def test_a_bursty_pattern_conforms_to_its_b_w_lambda_model_over_a_long_run(text, n):
     pattern = StragglerPattern.parse(text)
     steps = [pattern.stragglers(step, n) for step in range(3000)]
-    assert conforms(steps, pattern.B, pattern.W, pattern.lam)
+    assert conforms(steps, BurstyModel(n, pattern.B, pattern.W, min(pattern.lam, n)))
     assert sum(map(len, steps)) > 300, "the run has stragglers to speak of"
     assert all(s <= set(range(n)) for s in steps)
 
@@ -213,7 +213,7 @@ def test_a_bursty_straggler_is_x_times_slower_and_the_others_are_not():
     ],
 )
 def test_conforms_checks_every_window_of_w_steps(steps, conform):
-    assert conforms([frozenset(s) for s in steps], B=2, W=3, lam=1) is conform
+    assert conforms([frozenset(s) for s in steps], BurstyModel(2, B=2, W=3, lam=1)) is conform
 
 
 # -- a peer slowed down by a pattern (Control) --------------------------------------------------

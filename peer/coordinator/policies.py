@@ -168,25 +168,30 @@ def _count(cls: type[QuorumPolicy], arg: str) -> int:
     return k
 
 
-@register
 @dataclass(frozen=True)
-class AllPeers(QuorumPolicy):
-    """Every live peer; or, after the join timeout, every peer that asked."""
-
-    name: ClassVar[str] = "all"
-    usage: ClassVar[str] = "all"
+class _Bare(QuorumPolicy):
+    """A policy without an argument: its spec is its name."""
 
     @classmethod
-    def from_arg(cls, arg: str) -> AllPeers:
-        """``all`` takes no argument."""
+    def from_arg(cls, arg: str) -> _Bare:
+        """The name alone; an argument is a ConfigError."""
         if arg:
-            raise ConfigError(f"quorum policy all takes no argument, got all:{arg}")
+            raise ConfigError(f"quorum policy {cls.name} takes no argument, got {cls.name}:{arg}")
         return cls()
 
     @property
     def spec(self) -> str:
-        """``all``."""
+        """The policy's name."""
         return self.name
+
+
+@register
+@dataclass(frozen=True)
+class AllPeers(_Bare):
+    """Every live peer; or, after the join timeout, every peer that asked."""
+
+    name: ClassVar[str] = "all"
+    usage: ClassVar[str] = "all"
 
     def decide(self, q: QuorumInputs) -> Outcome:
         """The rule of ``rules.quorum_ready`` / ``rules.quorum_hopeless`` over every peer that asked."""
@@ -423,23 +428,11 @@ BACKUP_TAG_KEY = ":k="
 
 @register
 @dataclass(frozen=True)
-class Backup(QuorumPolicy):
+class Backup(_Bare):
     """Dynamic backup workers: the first k to ask, k chosen by the members and named in the round's tag."""
 
     name: ClassVar[str] = "backup"
     usage: ClassVar[str] = "backup"
-
-    @classmethod
-    def from_arg(cls, arg: str) -> Backup:
-        """``backup`` takes no argument."""
-        if arg:
-            raise ConfigError(f"quorum policy backup takes no argument (the members choose k), got backup:{arg}")
-        return cls()
-
-    @property
-    def spec(self) -> str:
-        """``backup``."""
-        return self.name
 
     @staticmethod
     def k_of(tag: str, n: int) -> int:
