@@ -1,0 +1,77 @@
+"""``loconet bench coding``: every method on the same data and seeds, with the fields the issue names."""
+
+from __future__ import annotations
+
+import pytest
+
+from collectives.errors import ConfigError
+from peer.bench.coding import FIELDS, CodingBenchConfig, method, run
+from peer.bench.fields import undocumented
+from peer.tasks.base import TaskConfig
+
+pytestmark = pytest.mark.timeout(300)
+
+TINY = TaskConfig(d_model=16, n_layers=1, n_heads=2, batch_size=4, seq_len=16)
+ISSUE_FIELDS = {"method", "step_s_median", "step_s_p90", "time_to_target_s", "final_eval_loss",
+                "decode_rel_error_max", "bytes_sent_per_peer", "compute_load"}
+
+
+@pytest.fixture(scope="module")
+def report():
+    config = CodingBenchConfig(peers=4, stragglers=1, pattern="random,x=3", steps=3, unit_s=0.01, eval_every=1,
+                               check_every=1, methods=("wait", "coded", "ignore", "backup", "fixed-k3"),
+                               task_config=TINY)
+    return run(config)
+
+
+def test_the_report_has_the_fields_the_issue_names(report):
+    assert {"peers", "stragglers", "pattern", "methods"} <= set(report)
+    assert (report["peers"], report["stragglers"], report["pattern"]) == (4, 1, "random,x=3")
+    for entry in report["methods"]:
+        assert ISSUE_FIELDS <= set(entry)
+
+
+def test_every_field_of_the_report_is_documented(report):
+    assert undocumented(report, FIELDS) == []
+
+
+def test_every_method_ends_with_identical_workers(report):
+    assert [e["method"] for e in report["methods"]] == ["wait", "coded", "ignore", "backup", "fixed-k3"]
+    for entry in report["methods"]:
+        assert entry["identical"], entry["method"]
+        assert entry["steps_committed"] == 3
+
+
+def test_the_target_is_wait_for_alls_final_loss(report):
+    wait = report["methods"][0]
+    assert report["target_eval_loss"] == wait["final_eval_loss"]
+    assert wait["time_to_target_over_wait"] == 1.0
+
+
+def test_coded_and_wait_for_all_apply_the_full_gradient(report):
+    for entry in report["methods"][:2]:
+        assert entry["decode_rel_error_max"] < 1e-5
+        assert entry["curve_max_abs_diff_from_wait"] < 1e-4
+
+
+def test_coded_workers_compute_s_plus_one_partitions(report):
+    coded = report["methods"][1]
+    # Two of four partitions a step; a straggler that stops early computes fewer.
+    assert 0.25 < coded["compute_load"] <= 0.5 + 1e-9
+
+
+@pytest.mark.parametrize("name,quorum", [("wait", "all"), ("ignore", "allbut:1"), ("coded", "coded:1"),
+                                         ("backup", "backup"), ("fixed-k2", "allbut:2")])
+def test_each_method_runs_on_its_quorum_policy(name, quorum):
+    assert method(name, CodingBenchConfig(peers=4, stragglers=1)).quorum == quorum
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"methods": ("slowest",)}, "unknown method"),
+    ({"methods": ("fixed-k9",)}, "unknown method"),
+    ({"stragglers": 6}, "--stragglers"),
+    ({"pattern": "sometimes"}, "pattern"),
+])
+def test_bad_options_are_refused_before_any_run(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        CodingBenchConfig(**fields)
