@@ -33,6 +33,7 @@ from collectives.errors import ConfigError
 from optimizers.coded import CodedSGD, CodedSGDConfig, SyncSGDConfig
 from optimizers.diloco import DiLoCo, DiLoCoConfig
 from optimizers.federated import FEDERATED, FedAvg
+from optimizers.seqcoded import SeqSGCConfig, SequentialCodedSGD
 from optimizers.streaming import StreamingConfig, StreamingDiLoCo
 
 
@@ -104,4 +105,8 @@ register_algorithm(
 register_algorithm(
     SyncSGDConfig.TAG, SyncSGDConfig, CodedSGD,
     "synchronous SGD, one round per step (--quorum all waits for all; allbut:s ignores s stragglers)",
+)
+register_algorithm(
+    SeqSGCConfig.TAG, SeqSGCConfig, SequentialCodedSGD,
+    "sequential gradient coding for bursty (B, W, lambda) stragglers: m-sgc, sr-sgc or gc (--quorum grace:lambda)",
 )

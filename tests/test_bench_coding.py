@@ -75,3 +75,15 @@ def test_each_method_runs_on_its_quorum_policy(name, quorum):
 def test_bad_options_are_refused_before_any_run(fields, message):
     with pytest.raises(ConfigError, match=message):
         CodingBenchConfig(**fields)
+
+
+def test_sequential_codes_report_their_load_against_plain_gradient_coding():
+    config = CodingBenchConfig(peers=4, pattern="bursty,B=1,W=3,lambda=1,x=4,p=0.5", steps=8, unit_s=0.02,
+                               eval_every=1, check_every=1, methods=("m-sgc",), task_config=TINY)
+    (entry,) = run(config)["methods"]
+    assert entry["sgc_model"] == {"B": 2, "W": 4, "lambda": 1, "T": 4}  # the pattern's, one round longer
+    assert entry["identical"]
+    assert entry["decode_rel_error_max"] < 1e-5
+    # M-SGC's load: (lambda+1)(W-1+B) / (n(B+(W-1)(lambda+1))) = 2*5 / (4*8), against plain GC's 2/4.
+    assert entry["load_formula"] == entry["round_load_max"] == 10 / 32
+    assert entry["gc_load_same_tolerance"] == 0.5

@@ -9,7 +9,11 @@ workers while ``--pattern`` slows some of them down (``peer/stragglers.py``):
 - ``coded``: gradient coding with s stragglers (``coded:s``), fp32 payloads;
 - ``coded-int8``: the same with int8 payloads (the error quantization adds after decoding);
 - ``backup``: dynamic backup workers, k chosen each step (quorum ``backup``);
-- ``fixed-kK``: the first K workers (``allbut:n-K``), the fixed-k baselines of dynamic backup workers.
+- ``fixed-kK``: the first K workers (``allbut:n-K``), the fixed-k baselines of dynamic backup workers;
+- ``sr-sgc``, ``m-sgc``: sequential gradient coding (``seq-sgc``, quorum ``grace:λ``) for the (B, W, λ)
+  model ``--sgc-model`` names (by default the bursty pattern's, one round longer and wider: a straggler
+  left out of a round is late for the next while it fetches the result); a step's gradient is applied
+  when its job completes, up to T rounds later.
 
 Every run is real: an in-process coordinator and one ``ElasticCollective``
 per worker (its own gRPC server on 127.0.0.1), one thread each, running the
@@ -44,10 +48,13 @@ from dataclasses import dataclass, field
 import torch
 
 from collectives.elastic import ElasticCollective, ElasticConfig
-from collectives.errors import LoconetError
+from collectives.errors import ConfigError, LoconetError
 from collectives.parts import flatten
+from collectives.seqcoding import make_scheme
+from collectives.stragglermodel import BurstyModel
 from optimizers.coded import CodedSGD, StepSuperseded
 from optimizers.outer_optim import OuterConfig
+from optimizers.seqcoded import SequentialCodedSGD
 from peer.bench.federated import _LoopClosedNoise
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import require
@@ -55,7 +62,7 @@ from peer.bench.progress import Progress, progress_for
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
 from peer.runtime.training import TaskPartitions, TrainConfig, make_optimizer
-from peer.stragglers import StragglerPattern
+from peer.stragglers import BurstyStragglers, StragglerPattern
 from peer.tasks.base import Task, TaskConfig
 from peer.tasks.registry import make_task
 
@@ -67,7 +74,7 @@ CANCEL_POLL_S = 0.005
 # its step is void.
 HEARTBEAT_S = 0.05
 
-METHODS = ("wait", "ignore", "coded", "coded-int8", "backup")
+METHODS = ("wait", "ignore", "coded", "coded-int8", "backup", "sr-sgc", "m-sgc")
 RUN_TIMEOUT_S = 900.0
 
 FIELDS: Fields = {
@@ -78,8 +85,8 @@ FIELDS: Fields = {
     "seed",
     "target_eval_loss": "the target of time_to_target_s: wait-for-all's final eval loss",
     "methods": "one entry per method of --methods",
-    "methods[].method": "wait, ignore, coded, coded-int8, backup, or fixed-kK (the first K workers)",
-    "methods[].algorithm": "the registered algorithm the method runs (coded-sgd, sync-sgd)",
+    "methods[].method": "wait, ignore, coded, coded-int8, backup, sr-sgc, m-sgc, or fixed-kK (the first K workers)",
+    "methods[].algorithm": "the registered algorithm the method runs (coded-sgd, sync-sgd, seq-sgc)",
     "methods[].quorum": "the coordinator's quorum policy of the run",
     "methods[].codec": "the codec of its rounds",
     "methods[].step_s_median": "median seconds between consecutive committed steps (the coordinator's commits)",
@@ -94,8 +101,16 @@ FIELDS: Fields = {
     "methods[].decode_rel_error_max": "largest ||applied gradient - full gradient|| / ||full gradient|| over the "
     "checked steps (the full gradient: the mean over all n partitions' batches of that step)",
     "methods[].bytes_sent_per_peer": "bytes each worker sent over the run, mean over workers",
-    "methods[].compute_load": "partition batches a worker computed per step, over n (coded: (s+1)/n; 1/n uncoded), "
-    "mean over workers",
+    "methods[].compute_load": "fraction of a step's data a worker computed per step, mean over workers (coded: "
+    "(s+1)/n; 1/n uncoded; sequential codes: partitions computed per round over a job's partitions)",
+    "methods[].load_formula": "sr-sgc, m-sgc: the paper's load for the scheme's (B, W, lambda) (null otherwise)",
+    "methods[].round_load_max": "sr-sgc, m-sgc: the most any worker was assigned in one round, as a share of a "
+    "job's data, over the run (the paper's measure of load; null otherwise)",
+    "methods[].gc_load_same_tolerance": "sr-sgc, m-sgc: plain gradient coding's load (lambda+1)/n for the same "
+    "tolerance (null otherwise)",
+    "methods[].jobs_lost": "sr-sgc, m-sgc: jobs the scheme could not complete (stragglers outside the model), "
+    "never applied (null otherwise)",
+    "methods[].sgc_model": "sr-sgc, m-sgc: the (B, W, lambda) the scheme was built for, and its delay T",
     "methods[].k_chosen": "backup only: the k of each committed step's round, [min, median, max]",
     "methods[].steps_committed": "steps committed (the run aims for --steps)",
     "methods[].members_per_round": "[fewest, most] members of a committed round",
@@ -123,6 +138,8 @@ class CodingBenchConfig:
     eval_every: int = 5
     check_every: int = 5
     seed: int = 0
+    # (B, W, lambda) of the sequential codes; None: from the pattern (see sgc_model).
+    sgc: tuple[int, int, int] | None = None
     task_config: TaskConfig = field(default_factory=lambda: TaskConfig(d_model=32, n_layers=1, batch_size=8,
                                                                          seq_len=32))
 
@@ -135,6 +152,8 @@ class CodingBenchConfig:
             require(m in METHODS or _fixed_k(m, self.peers) is not None,
                     f"unknown method {m!r}; choose from {', '.join(METHODS)} or fixed-kK (1 <= K <= peers)")
         StragglerPattern.parse(self.pattern)
+        if self.sgc is not None:
+            BurstyModel(self.peers, *self.sgc)  # ConfigError naming what is wrong
 
 
 def _fixed_k(method: str, n: int) -> int | None:
@@ -158,12 +177,28 @@ class Method:
     options: tuple[tuple[str, object], ...] = ()
 
 
+def sgc_model(config: CodingBenchConfig) -> tuple[int, int, int]:
+    """The (B, W, lambda) the sequential codes are built for: --sgc-model, or the bursty pattern's one round
+    longer and wider (a straggler is late for the round after, fetching the result), or (2, 3, min(3, n-1))
+    for other patterns (one straggler a step, each late for two rounds, three in any window of three)."""
+    if config.sgc is not None:
+        return config.sgc
+    pattern = StragglerPattern.parse(config.pattern)
+    if isinstance(pattern, BurstyStragglers):
+        return pattern.B + 1, pattern.W + 1, min(pattern.lam, config.peers - 1)
+    return 2, 3, min(3, config.peers - 1)
+
+
 def method(name: str, config: CodingBenchConfig) -> Method:
     """The algorithm, options and quorum of a method."""
     s, n = config.stragglers, config.peers
     k = _fixed_k(name, n)
     if k is not None:
         return Method(name, "sync-sgd", f"allbut:{n - k}")
+    if name in ("sr-sgc", "m-sgc"):
+        b, w, lam = sgc_model(config)
+        return Method(name, "seq-sgc", f"grace:{lam}",
+                      options=(("scheme", name), ("burst", b), ("window", w), ("lam", lam)))
     return {
         "wait": Method(name, "sync-sgd", "all"),
         "ignore": Method(name, "sync-sgd", f"allbut:{s}"),
@@ -214,6 +249,11 @@ class WorkerOutcome:
     applied: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     ks: list[int] = field(default_factory=list)
     final: torch.Tensor | None = None
+    # The fraction of a step's data this worker computed per step; a sequential code's partitions per job.
+    load: float = 0.0
+    partitions: int = 0
+    jobs_lost: int | None = None
+    round_load_max: float | None = None
 
 
 def _worker(rank: int, config: CodingBenchConfig, task: Task, train: TrainConfig, address: str, run_id: str,
@@ -226,7 +266,12 @@ def _worker(rank: int, config: CodingBenchConfig, task: Task, train: TrainConfig
         opt = make_optimizer(model, elastic, train)
         assert isinstance(opt, CodedSGD)
         data.superseded = opt.superseded
-        if rank == 0:
+        sequential = isinstance(opt, SequentialCodedSGD)
+        if rank == 0 and sequential:
+            # A job's gradient was computed at the parameters of its own round, w_j.
+            opt.on_job = lambda step, params, gradient: out.applied.__setitem__(
+                step, (params.clone(), gradient.clone()))
+        elif rank == 0:
             opt.on_gradient = lambda step, gradient: out.applied.__setitem__(
                 step, (flatten(opt.state.globals), gradient.clone()))
         snapshot = elastic.start(has_state=True)
@@ -238,6 +283,11 @@ def _worker(rank: int, config: CodingBenchConfig, task: Task, train: TrainConfig
         out.steps = opt.global_step
         out.ks = list(opt.ks)
         out.final = flatten(opt.state.globals)
+        if sequential:
+            out.load, out.partitions, out.jobs_lost = opt.realized_load(), opt.scheme.partitions, opt.jobs_lost
+            out.round_load_max = float(max(opt.assigned_loads)) if opt.assigned_loads else None
+        else:
+            out.load, out.partitions = data.computed / max(out.steps, 1) / config.peers, config.peers
     except LoconetError as exc:
         out.error = str(exc)
     finally:
@@ -313,10 +363,11 @@ def run_method(m: Method, config: CodingBenchConfig, task: Task) -> dict:
     final = _eval_at(task, model, outcomes[0].final)
     evals.append((outcomes[0].steps, final))
     errors_rel = []
+    partitions = outcomes[0].partitions
     for t in sorted(applied):
         if t % config.check_every == 0:
             params, applied_grad = applied[t]
-            full = full_gradient(task, model, params, n, t)
+            full = full_gradient(task, model, params, partitions, t)
             errors_rel.append(float((applied_grad.double() - full).norm() / full.norm().clamp_min(1e-30)))
     first = starts[0] if starts else 0.0
     ks = outcomes[0].ks
@@ -332,13 +383,30 @@ def run_method(m: Method, config: CodingBenchConfig, task: Task) -> dict:
         "final_eval_loss": final,
         "decode_rel_error_max": max(errors_rel) if errors_rel else None,
         "bytes_sent_per_peer": statistics.mean(o.bytes_sent for o in outcomes),
-        "compute_load": statistics.mean(o.computed / max(o.steps, 1) for o in outcomes) / n,
+        "compute_load": statistics.mean(o.load for o in outcomes),
+        **_sequential_fields(m, config, outcomes[0]),
         "k_chosen": [min(ks), statistics.median(ks), max(ks)] if ks else None,
         "steps_committed": min(o.steps for o in outcomes),
         "members_per_round": [min(len(r["members"]) for r in rounds), max(len(r["members"]) for r in rounds)]
         if rounds else None,
         "identical": len({o.digest for o in outcomes}) == 1,
         "wall_s": wall,
+    }
+
+
+def _sequential_fields(m: Method, config: CodingBenchConfig, first: WorkerOutcome) -> dict:
+    """A sequential code's loads (the paper's formula, plain GC's for the same tolerance), lost jobs, model."""
+    if m.algorithm != "seq-sgc":
+        return {"load_formula": None, "round_load_max": None, "gc_load_same_tolerance": None, "jobs_lost": None,
+                "sgc_model": None}
+    b, w, lam = sgc_model(config)
+    scheme = make_scheme(m.name, BurstyModel(config.peers, b, w, lam))
+    return {
+        "load_formula": float(scheme.load),
+        "round_load_max": first.round_load_max,
+        "gc_load_same_tolerance": (lam + 1) / config.peers,
+        "jobs_lost": first.jobs_lost,
+        "sgc_model": {"B": b, "W": w, "lambda": lam, "T": scheme.T},
     }
 
 
@@ -428,8 +496,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr, help="its learning rate")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every this many steps")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the model and the data")
+    parser.add_argument("--sgc-model", default=None, metavar="B,W,LAMBDA",
+                        help="the (B, W, lambda) the sequential codes are built for (default: from the pattern)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     describe_report(parser, FIELDS)
+
+
+def _model_arg(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        b, w, lam = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--sgc-model {text!r}: write B,W,LAMBDA, three whole numbers, e.g. 2,3,1") from None
+    return b, w, lam
 
 
 def main(ns: argparse.Namespace) -> int:
@@ -439,7 +519,7 @@ def main(ns: argparse.Namespace) -> int:
         peers=ns.peers, stragglers=ns.stragglers, pattern=ns.pattern, steps=ns.steps,
         methods=tuple(m.strip() for m in ns.methods.split(",") if m.strip()), task=ns.task,
         unit_s=ns.unit_ms / 1e3, optimizer=ns.optimizer, lr=ns.lr, eval_every=ns.eval_every, check_every=ns.eval_every, seed=ns.seed,
-        task_config=TaskConfig(**{**d.task_config.__dict__, "seed": ns.seed}),
+        task_config=TaskConfig(**{**d.task_config.__dict__, "seed": ns.seed}), sgc=_model_arg(ns.sgc_model),
     )
     make_task(config.task, config.task_config)  # a bad task fails before any run
     with progress_for("coding", getattr(ns, "quiet", 0)) as progress:
