@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from collectives.errors import ConfigError
-from peer.bench.coding import FIELDS, CodingBenchConfig, method, run
+from peer.bench.coding import FIELDS, CodingBenchConfig, method, run, steps_of
 from peer.bench.fields import undocumented
 from peer.tasks.base import TaskConfig
 
@@ -20,7 +20,7 @@ ISSUE_FIELDS = {"method", "step_s_median", "step_s_p90", "time_to_target_s", "fi
 def report():
     config = CodingBenchConfig(peers=4, stragglers=1, pattern="random,x=3", steps=3, unit_s=0.01, eval_every=1,
                                check_every=1, methods=("wait", "coded", "ignore", "backup", "fixed-k3"),
-                               task_config=TINY)
+                               overrun=1.0, task_config=TINY)
     return run(config)
 
 
@@ -79,7 +79,7 @@ def test_bad_options_are_refused_before_any_run(fields, message):
 
 def test_sequential_codes_report_their_load_against_plain_gradient_coding():
     config = CodingBenchConfig(peers=4, pattern="bursty,B=1,W=3,lambda=1,x=4,p=0.5", steps=8, unit_s=0.02,
-                               eval_every=1, check_every=1, methods=("m-sgc",), task_config=TINY)
+                               eval_every=1, check_every=1, methods=("m-sgc",), overrun=1.0, task_config=TINY)
     (entry,) = run(config)["methods"]
     assert entry["sgc_model"] == {"B": 2, "W": 4, "lambda": 1, "T": 4}  # the pattern's, one round longer
     assert entry["identical"]
@@ -87,3 +87,8 @@ def test_sequential_codes_report_their_load_against_plain_gradient_coding():
     # M-SGC's load: (lambda+1)(W-1+B) / (n(B+(W-1)(lambda+1))) = 2*5 / (4*8), against plain GC's 2/4.
     assert entry["load_formula"] == entry["round_load_max"] == 10 / 32
     assert entry["gc_load_same_tolerance"] == 0.5
+
+
+def test_every_method_but_wait_for_all_trains_overrun_times_longer():
+    config = CodingBenchConfig(steps=10, overrun=1.5)
+    assert [steps_of(method(m, config), config) for m in ("wait", "coded", "backup")] == [10, 15, 15]

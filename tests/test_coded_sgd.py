@@ -29,7 +29,7 @@ TINY = TaskConfig(d_model=16, n_layers=1, n_heads=2, batch_size=4, seq_len=16)
 def bench(**fields) -> CodingBenchConfig:
     """A short, unslowed benchmark configuration on a tiny model."""
     defaults = {"peers": 4, "stragglers": 1, "pattern": "none", "steps": 3, "unit_s": 0.0, "eval_every": 1,
-                "check_every": 1, "task_config": TINY}
+                "check_every": 1, "overrun": 1.0, "task_config": TINY}
     return CodingBenchConfig(**{**defaults, **fields})
 
 

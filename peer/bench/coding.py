@@ -94,7 +94,8 @@ FIELDS: Fields = {
     "methods[].time_to_target_s": "seconds from the first step's start to the first evaluated step whose eval loss "
     "is at most target_eval_loss (null: never reached)",
     "methods[].time_to_target_over_wait": "time_to_target_s / wait-for-all's time_to_target_s (below 1: faster)",
-    "methods[].final_eval_loss": "eval loss of the global parameters after the last step",
+    "methods[].final_eval_loss": "eval loss of the global parameters after --steps steps (every method but wait "
+    "trains --overrun times longer, for time_to_target_s)",
     "methods[].eval_losses": "[step, eval loss] every --eval-every steps, in order",
     "methods[].curve_max_abs_diff_from_wait": "largest |eval loss - wait-for-all's eval loss| at the same step "
     "(the same gradients give the same curve, up to the codec's error)",
@@ -112,7 +113,7 @@ FIELDS: Fields = {
     "never applied (null otherwise)",
     "methods[].sgc_model": "sr-sgc, m-sgc: the (B, W, lambda) the scheme was built for, and its delay T",
     "methods[].k_chosen": "backup only: the k of each committed step's round, [min, median, max]",
-    "methods[].steps_committed": "steps committed (the run aims for --steps)",
+    "methods[].steps_committed": "steps committed (wait: --steps; the others: --overrun times --steps)",
     "methods[].members_per_round": "[fewest, most] members of a committed round",
     "methods[].identical": "every worker ended with the same global parameters",
     "methods[].wall_s": "wall seconds of the run",
@@ -138,6 +139,9 @@ class CodingBenchConfig:
     eval_every: int = 5
     check_every: int = 5
     seed: int = 0
+    # Every method but wait-for-all trains this many times --steps: one that applies a noisier (biased) or
+    # later gradient gets more steps to reach wait-for-all's final loss, or time_to_target_s would say null.
+    overrun: float = 1.5
     # (B, W, lambda) of the sequential codes; None: from the pattern (see sgc_model).
     sgc: tuple[int, int, int] | None = None
     task_config: TaskConfig = field(default_factory=lambda: TaskConfig(d_model=32, n_layers=1, batch_size=8,
@@ -147,6 +151,7 @@ class CodingBenchConfig:
         require(self.peers >= 2, f"--peers must be at least 2, got {self.peers}")
         require(0 <= self.stragglers < self.peers, f"--stragglers must be in [0, {self.peers}), got {self.stragglers}")
         require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
+        require(self.overrun >= 1, f"--overrun must be at least 1, got {self.overrun}")
         require(self.unit_s >= 0, f"--unit-ms must be >= 0, got {self.unit_s * 1e3}")
         for m in self.methods:
             require(m in METHODS or _fixed_k(m, self.peers) is not None,
@@ -208,6 +213,11 @@ def method(name: str, config: CodingBenchConfig) -> Method:
     }[name]
 
 
+def steps_of(m: Method, config: CodingBenchConfig) -> int:
+    """Steps a method trains: --steps for wait-for-all (the target), overrun times more for the others."""
+    return config.steps if m.name == "wait" else math.ceil(config.steps * config.overrun)
+
+
 def train_config(m: Method, config: CodingBenchConfig) -> TrainConfig:
     """The training of one method's run."""
     outer = OuterConfig(name=config.optimizer, lr=config.lr, momentum=0.0, nesterov=False)
@@ -256,9 +266,9 @@ class WorkerOutcome:
     round_load_max: float | None = None
 
 
-def _worker(rank: int, config: CodingBenchConfig, task: Task, train: TrainConfig, address: str, run_id: str,
-            out: WorkerOutcome, done: threading.Barrier) -> None:
-    """One worker's run: join, train --steps steps, wait for the others (a late one fetches from them), leave."""
+def _worker(rank: int, config: CodingBenchConfig, task: Task, train: TrainConfig, steps: int, address: str,
+            run_id: str, out: WorkerOutcome, done: threading.Barrier) -> None:
+    """One worker's run: join, train steps steps, wait for the others (a late one fetches from them), leave."""
     model = task.build_model()
     elastic = ElasticCollective(ElasticConfig(coordinator=address, run_id=run_id, name=f"peer{rank}", keep_results=8))
     data = PacedPartitions(task, StragglerPattern.parse(config.pattern), rank, config.peers, config.unit_s)
@@ -277,7 +287,7 @@ def _worker(rank: int, config: CodingBenchConfig, task: Task, train: TrainConfig
         snapshot = elastic.start(has_state=True)
         if snapshot is not None:
             opt.load_snapshot(snapshot)
-        while opt.global_step < config.steps:
+        while opt.global_step < steps:
             opt.train_step(data)
         out.digest = opt.state.digest()
         out.steps = opt.global_step
@@ -338,7 +348,7 @@ def run_method(m: Method, config: CodingBenchConfig, task: Task) -> dict:
     done = threading.Barrier(n)
     started = time.monotonic()
     with CoordinatorThread(coordinator) as coord:
-        threads = [threading.Thread(target=_worker, args=(r, config, task, train, coord.address, label, outcomes[r],
+        threads = [threading.Thread(target=_worker, args=(r, config, task, train, steps_of(m, config), coord.address, label, outcomes[r],
                                                           done), name=f"{label}-peer{r}", daemon=True)
                    for r in range(n)]
         for t in threads:
@@ -359,9 +369,11 @@ def run_method(m: Method, config: CodingBenchConfig, task: Task) -> dict:
     steps = [b - a for a, b in itertools.pairwise(commits)]
     model = task.build_model()
     applied = outcomes[0].applied
-    evals = [(t, _eval_at(task, model, applied[t][0])) for t in sorted(applied) if t % config.eval_every == 0]
-    final = _eval_at(task, model, outcomes[0].final)
-    evals.append((outcomes[0].steps, final))
+    evals = [(t, _eval_at(task, model, applied[t][0])) for t in sorted(applied)
+             if t % config.eval_every == 0 or t == config.steps]
+    evals.append((outcomes[0].steps, _eval_at(task, model, outcomes[0].final)))
+    # After --steps steps (the parameters before step --steps), comparable across methods.
+    final = next((loss for t, loss in evals if t == config.steps), evals[-1][1])
     errors_rel = []
     partitions = outcomes[0].partitions
     for t in sorted(applied):
@@ -453,7 +465,7 @@ def run(config: CodingBenchConfig, progress: Progress | None = None) -> dict:
         "peers": config.peers,
         "stragglers": config.stragglers,
         "pattern": config.pattern,
-        "config": {"task": config.task, "steps": config.steps, "unit_ms": config.unit_s * 1e3,
+        "config": {"task": config.task, "steps": config.steps, "overrun": config.overrun, "unit_ms": config.unit_s * 1e3,
                    "optimizer": config.optimizer, "lr": config.lr,
                    "batch_size": config.task_config.batch_size, "seed": config.seed},
         "target_eval_loss": target,
@@ -496,6 +508,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr, help="its learning rate")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every this many steps")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the model and the data")
+    parser.add_argument("--overrun", type=float, default=d.overrun,
+                        help="every method but wait trains this many times --steps, to reach wait's final loss")
     parser.add_argument("--sgc-model", default=None, metavar="B,W,LAMBDA",
                         help="the (B, W, lambda) the sequential codes are built for (default: from the pattern)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -518,7 +532,7 @@ def main(ns: argparse.Namespace) -> int:
     config = CodingBenchConfig(
         peers=ns.peers, stragglers=ns.stragglers, pattern=ns.pattern, steps=ns.steps,
         methods=tuple(m.strip() for m in ns.methods.split(",") if m.strip()), task=ns.task,
-        unit_s=ns.unit_ms / 1e3, optimizer=ns.optimizer, lr=ns.lr, eval_every=ns.eval_every, check_every=ns.eval_every, seed=ns.seed,
+        unit_s=ns.unit_ms / 1e3, optimizer=ns.optimizer, lr=ns.lr, overrun=ns.overrun, eval_every=ns.eval_every, check_every=ns.eval_every, seed=ns.seed,
         task_config=TaskConfig(**{**d.task_config.__dict__, "seed": ns.seed}), sgc=_model_arg(ns.sgc_model),
     )
     make_task(config.task, config.task_config)  # a bad task fails before any run
