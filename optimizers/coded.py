@@ -53,7 +53,7 @@ from collectives.gradcodes import Undecodable, code_for, decode
 from collectives.membership import RoundPlan
 from collectives.parts import flatten, unflatten_like
 from collectives.statesync import StateSnapshot
-from optimizers.backup import BackupWorkers, RoundObservation
+from optimizers.backup import BackupConfig, BackupWorkers, RoundObservation
 from optimizers.outer import OuterOptimizer, SyncConfig
 from optimizers.outer_optim import OuterConfig
 
@@ -94,6 +94,17 @@ class SyncSGDConfig(SyncConfig):
         default=False,
         metadata={"help": "dynamic backup workers: choose each step how many workers to wait for (quorum backup)"},
     )
+    backup_c: float = field(
+        default=BackupConfig.lr_smoothness,
+        metadata={"help": "dynamic k: c = lr x L, the smoothness the choice assumes, in (0, 2); smaller favours a "
+                  "smaller k (see docs/gradient-coding.md)"},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.backup_c < 2.0:
+            raise ConfigError(f"backup_c (c = lr x L) must be in (0, 2), got {self.backup_c}: at 2 or more the "
+                              "smoothness bound promises no decrease even without noise")
 
     def expected_quorum(self) -> str | None:
         """The quorum policy name this algorithm's rounds need (None: any)."""
@@ -151,7 +162,8 @@ class CodedSGD(OuterOptimizer):
         self._applying = threading.Lock()
         # The roster of the last round this worker took part in (None: not known yet, encode once the plan is).
         self.roster: tuple[str, ...] | None = None
-        self.backup = BackupWorkers() if getattr(config, "dynamic_k", False) else None
+        dynamic = getattr(config, "dynamic_k", False)
+        self.backup = BackupWorkers(BackupConfig(lr_smoothness=config.backup_c)) if dynamic else None  # type: ignore
         # Called with (step, flat gradient) before each round's gradient is applied, the global parameters
         # still those of that step: benchmarks compare it with the full gradient.
         self.on_gradient: Callable[[int, torch.Tensor], None] | None = None

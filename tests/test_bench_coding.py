@@ -61,7 +61,7 @@ def test_coded_workers_compute_s_plus_one_partitions(report):
 
 
 @pytest.mark.parametrize("name,quorum", [("wait", "all"), ("ignore", "allbut:1"), ("coded", "coded:1"),
-                                         ("backup", "backup"), ("fixed-k2", "allbut:2")])
+                                         ("m-sgc", "grace:3,f=0.2"), ("backup", "backup"), ("fixed-k2", "allbut:2")])
 def test_each_method_runs_on_its_quorum_policy(name, quorum):
     assert method(name, CodingBenchConfig(peers=4, stragglers=1)).quorum == quorum
 

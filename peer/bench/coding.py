@@ -74,6 +74,10 @@ CANCEL_POLL_S = 0.005
 # its step is void.
 HEARTBEAT_S = 0.05
 
+# The grace of the sequential codes' rounds: once n-lambda workers are ready, the others get 20% of the
+# time since the last commit (fast workers' jitter is far below that, a straggler's delay far above).
+SGC_GRACE = 0.2
+
 METHODS = ("wait", "ignore", "coded", "coded-int8", "backup", "sr-sgc", "m-sgc")
 RUN_TIMEOUT_S = 900.0
 
@@ -142,6 +146,8 @@ class CodingBenchConfig:
     # Every method but wait-for-all trains this many times --steps: one that applies a noisier (biased) or
     # later gradient gets more steps to reach wait-for-all's final loss, or time_to_target_s would say null.
     overrun: float = 1.5
+    # Dynamic backup workers' c = lr x L (optimizers/backup.py).
+    backup_c: float = 1.0
     # (B, W, lambda) of the sequential codes; None: from the pattern (see sgc_model).
     sgc: tuple[int, int, int] | None = None
     task_config: TaskConfig = field(default_factory=lambda: TaskConfig(d_model=32, n_layers=1, batch_size=8,
@@ -202,14 +208,14 @@ def method(name: str, config: CodingBenchConfig) -> Method:
         return Method(name, "sync-sgd", f"allbut:{n - k}")
     if name in ("sr-sgc", "m-sgc"):
         b, w, lam = sgc_model(config)
-        return Method(name, "seq-sgc", f"grace:{lam}",
+        return Method(name, "seq-sgc", f"grace:{lam},f={SGC_GRACE}",
                       options=(("scheme", name), ("burst", b), ("window", w), ("lam", lam)))
     return {
         "wait": Method(name, "sync-sgd", "all"),
         "ignore": Method(name, "sync-sgd", f"allbut:{s}"),
         "coded": Method(name, "coded-sgd", f"coded:{s}", options=(("stragglers", s),)),
         "coded-int8": Method(name, "coded-sgd", f"coded:{s}", codec="int8", options=(("stragglers", s),)),
-        "backup": Method(name, "sync-sgd", "backup", options=(("dynamic_k", True),)),
+        "backup": Method(name, "sync-sgd", "backup", options=(("dynamic_k", True), ("backup_c", config.backup_c))),
     }[name]
 
 
@@ -235,9 +241,14 @@ class PacedPartitions:
         self.superseded: Callable[[], bool] = lambda: False
 
     def loss(self, model: torch.nn.Module, partition: int, partitions: int, step: int) -> tuple[torch.Tensor, int]:
-        """The batch's loss, after the modeled compute time (stopped, StepSuperseded, if the run moved on)."""
+        """The batch's loss, after the modeled compute time (stopped, StepSuperseded, if the run moved on).
+
+        A step's data costs n units whatever it is cut into: a partition of a sequential code's job (which
+        has more partitions than workers) costs n / partitions of a unit.
+        """
         self.computed += 1
-        until = time.monotonic() + self.unit_s * self.pattern.slowdown(step, self.worker, self.workers)
+        cost = self.unit_s * self.workers / partitions
+        until = time.monotonic() + cost * self.pattern.slowdown(step, self.worker, self.workers)
         while (left := until - time.monotonic()) > 0:
             if self.superseded():
                 raise StepSuperseded(f"step {step} was committed without worker {self.worker}")
@@ -466,7 +477,7 @@ def run(config: CodingBenchConfig, progress: Progress | None = None) -> dict:
         "stragglers": config.stragglers,
         "pattern": config.pattern,
         "config": {"task": config.task, "steps": config.steps, "overrun": config.overrun, "unit_ms": config.unit_s * 1e3,
-                   "optimizer": config.optimizer, "lr": config.lr,
+                   "optimizer": config.optimizer, "lr": config.lr, "backup_c": config.backup_c,
                    "batch_size": config.task_config.batch_size, "seed": config.seed},
         "target_eval_loss": target,
         "methods": entries,
@@ -508,6 +519,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr, help="its learning rate")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every this many steps")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the model and the data")
+    parser.add_argument("--backup-c", type=float, default=d.backup_c,
+                        help="dynamic backup workers' c = lr x L in (0, 2): smaller favours a smaller k")
     parser.add_argument("--overrun", type=float, default=d.overrun,
                         help="every method but wait trains this many times --steps, to reach wait's final loss")
     parser.add_argument("--sgc-model", default=None, metavar="B,W,LAMBDA",
@@ -532,7 +545,7 @@ def main(ns: argparse.Namespace) -> int:
     config = CodingBenchConfig(
         peers=ns.peers, stragglers=ns.stragglers, pattern=ns.pattern, steps=ns.steps,
         methods=tuple(m.strip() for m in ns.methods.split(",") if m.strip()), task=ns.task,
-        unit_s=ns.unit_ms / 1e3, optimizer=ns.optimizer, lr=ns.lr, overrun=ns.overrun, eval_every=ns.eval_every, check_every=ns.eval_every, seed=ns.seed,
+        unit_s=ns.unit_ms / 1e3, optimizer=ns.optimizer, lr=ns.lr, overrun=ns.overrun, backup_c=ns.backup_c, eval_every=ns.eval_every, check_every=ns.eval_every, seed=ns.seed,
         task_config=TaskConfig(**{**d.task_config.__dict__, "seed": ns.seed}), sgc=_model_arg(ns.sgc_model),
     )
     make_task(config.task, config.task_config)  # a bad task fails before any run

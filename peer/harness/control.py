@@ -155,8 +155,9 @@ class Control:
         return event
 
     def next_step(self) -> int:
-        """The run's number of the next step (counted from 0): the optimizer's count of steps taken."""
-        steps = getattr(self._optimizer, "inner_steps", None)
+        """The run's number of the next step (counted from 0): the optimizer's count of steps taken (the run's
+        global step for a synchronous algorithm, which may skip the steps a straggler caught up on)."""
+        steps = getattr(self._optimizer, "global_step", getattr(self._optimizer, "inner_steps", None))
         return steps if isinstance(steps, int) else self._steps
 
     def slowdown(self) -> float:
