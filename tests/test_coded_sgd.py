@@ -163,8 +163,8 @@ def test_a_worker_leaving_rebuilds_the_code_for_the_rest(task):
     """Four workers, one leaves after two steps: the next rounds decode over three partitions, exactly."""
     from collectives.elastic import ElasticCollective, ElasticConfig
     from peer.coordinator.config import CoordinatorConfig
-    from peer.coordinator.thread import CoordinatorThread
     from peer.runtime.training import TrainConfig, make_optimizer
+    from tests.support.coordinator import run_workers
 
     train = TrainConfig.of("coded-sgd", steps=5, stragglers=1)
     applied: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
@@ -195,12 +195,7 @@ def test_a_worker_leaving_rebuilds_the_code_for_the_rest(task):
 
     config = CoordinatorConfig(run_id="leave", port=0, dashboard_port=None, min_peers=1, quorum="coded:1",
                                heartbeat_s=0.1, lease_s=5.0)
-    with CoordinatorThread(config) as coord:
-        threads = [threading.Thread(target=worker, args=(r, coord.address), daemon=True) for r in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+    run_workers(config, worker, 4, timeout_s=120)
     assert not errors
     assert len({digests[r] for r in range(3)}) == 1
     model = task.build_model()

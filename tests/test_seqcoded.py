@@ -28,7 +28,7 @@ from optimizers.peers import LocalPeer
 from optimizers.registry import get_algorithm
 from optimizers.seqcoded import HEADER, SeqSGCConfig, SequentialCodedSGD
 from peer.coordinator.config import CoordinatorConfig
-from peer.coordinator.thread import CoordinatorThread
+from tests.support.coordinator import run_workers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -384,13 +384,7 @@ def real_run(rounds: int, quorum: str, slow: dict[int, set[int]], **config):
 
     config_ = CoordinatorConfig(run_id="seq", port=0, dashboard_port=None, min_peers=1, quorum=quorum,
                                 heartbeat_s=0.05, lease_s=5.0, startup_grace_s=0.0)
-    with CoordinatorThread(config_) as coord:
-        threads = [threading.Thread(target=worker, args=(r, coord.address), daemon=True) for r in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=90)
-        assert not any(t.is_alive() for t in threads), "a worker is stuck"
+    run_workers(config_, worker, 4, timeout_s=90)
     return opts, applied, errors
 
 
@@ -457,13 +451,7 @@ def test_a_peer_joining_real_rounds_fetches_the_jobs_in_flight_and_the_scheme_gr
 
     config = CoordinatorConfig(run_id="grow", port=0, dashboard_port=None, min_peers=3, quorum="grace:1,f=1",
                                heartbeat_s=0.05, lease_s=5.0, startup_grace_s=0.0)
-    with CoordinatorThread(config) as coord:
-        threads = [threading.Thread(target=worker, args=(r, coord.address), daemon=True) for r in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=90)
-        assert not any(t.is_alive() for t in threads), "a worker is stuck"
+    run_workers(config, worker, 4, timeout_s=90)
     assert not errors
     assert len({opt.state.digest() for opt in opts.values()}) == 1
     assert {opt.scheme.n for opt in opts.values()} == {4}
