@@ -99,7 +99,8 @@ def test_an_unknown_method_on_the_command_line_is_one_line_and_exit_code_2():
     assert result.stderr.splitlines() == [
         (
             "loconet: error: unknown method 'dilco' in --methods; choose from diloco, streaming, fedavg, fedavgm, "
-            "fedadam, fedyogi, fedadagrad, fedprox, client-momentum (registered algorithms) "
+            "fedadam, fedyogi, fedadagrad, fedprox, client-momentum, coded-sgd, sync-sgd, seq-sgc (registered "
+            "algorithms) "
             "and data_parallel, one_peer (baselines), comma-separated"
         )
     ]

@@ -38,12 +38,24 @@ def task():
     return make_task("synthetic-lm", TINY)
 
 
-def test_the_coded_gradient_is_the_full_gradient(task):
-    config = bench()
-    result = run_method(method("coded", config), config, task)
-    assert result["steps_committed"] == 3
-    assert result["identical"]
-    assert result["decode_rel_error_max"] < 1e-5
+@pytest.fixture(scope="module")
+def coded(task):
+    """Four workers, s=1 (fractional repetition), four steps."""
+    config = bench(steps=4)
+    return run_method(method("coded", config), config, task)
+
+
+@pytest.fixture(scope="module")
+def wait(task):
+    """The same four steps, waiting for all four workers."""
+    config = bench(steps=4)
+    return run_method(method("wait", config), config, task)
+
+
+def test_the_coded_gradient_is_the_full_gradient(coded):
+    assert coded["steps_committed"] == 4
+    assert coded["identical"]
+    assert coded["decode_rel_error_max"] < 1e-5
 
 
 def test_a_cyclic_code_decodes_the_full_gradient(task):
@@ -53,18 +65,13 @@ def test_a_cyclic_code_decodes_the_full_gradient(task):
     assert result["decode_rel_error_max"] < 1e-5
 
 
-def test_waiting_for_all_applies_the_full_gradient_too(task):
-    config = bench()
-    result = run_method(method("wait", config), config, task)
-    assert result["identical"]
-    assert result["decode_rel_error_max"] < 1e-5
-    assert result["members_per_round"] == [4, 4]
+def test_waiting_for_all_applies_the_full_gradient_too(wait):
+    assert wait["identical"]
+    assert wait["decode_rel_error_max"] < 1e-5
+    assert wait["members_per_round"] == [4, 4]
 
 
-def test_coded_and_wait_for_all_follow_the_same_loss_curve(task):
-    config = bench(steps=4)
-    coded = run_method(method("coded", config), config, task)
-    wait = run_method(method("wait", config), config, task)
+def test_coded_and_wait_for_all_follow_the_same_loss_curve(coded, wait):
     for (step_a, loss_a), (step_b, loss_b) in zip(coded["eval_losses"], wait["eval_losses"], strict=True):
         assert step_a == step_b
         assert loss_a == pytest.approx(loss_b, rel=1e-5)
