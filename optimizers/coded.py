@@ -82,7 +82,6 @@ class SyncSGDConfig(SyncConfig):
     """Synchronous SGD, one round per step: the round averages its members' gradients."""
 
     TAG: ClassVar[str] = "sync-sgd"
-    QUORUM: ClassVar[str] = "all, allbut:S, or backup with --dynamic-k"
 
     sync_every: int = field(default=1, init=False, metadata={"cli": False})
     # fp32: the decoded gradient is then the full gradient within float rounding (docs/gradient-coding.md
@@ -107,7 +106,7 @@ class SyncSGDConfig(SyncConfig):
                               "smoothness bound promises no decrease even without noise")
 
     def expected_quorum(self) -> str | None:
-        """The quorum policy name this algorithm's rounds need (None: any)."""
+        """The coordinator's quorum policy this algorithm's rounds need (None: any; all waits for every worker)."""
         return "backup" if self.dynamic_k else None
 
 
@@ -132,6 +131,10 @@ class CodedSGDConfig(SyncConfig):
             raise ConfigError(f"stragglers must be a whole number >= 0, got {self.stragglers!r}")
         if self.code not in ("auto", "frc", "cyclic"):
             raise ConfigError(f"code must be auto, frc or cyclic, got {self.code!r}")
+
+    def expected_quorum(self) -> str | None:
+        """The coordinator's quorum policy this algorithm's rounds need: ``coded:s`` (and the code)."""
+        return f"coded:{self.stragglers}" + (f",code={self.code}" if self.code != "auto" else "")
 
 
 def plan_roster(plan: RoundPlan) -> tuple[str, ...]:

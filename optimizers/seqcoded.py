@@ -78,7 +78,6 @@ class SeqSGCConfig(SyncConfig):
     """Sequential gradient coding: a (B, W, λ)-bursty straggler model, a scheme, one round per step."""
 
     TAG: ClassVar[str] = "seq-sgc"
-    QUORUM: ClassVar[str] = "grace:L with L = --lam"
 
     sync_every: int = field(default=1, init=False, metadata={"cli": False})
     codec: str = field(default="none", metadata={"help": "codec of the rounds: none (lossless: the rounds carry who "

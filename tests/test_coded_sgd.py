@@ -216,3 +216,15 @@ def test_a_worker_leaving_rebuilds_the_code_for_the_rest(task):
 def test_config_rejects_a_negative_tolerance():
     with pytest.raises(ConfigError, match="stragglers"):
         dataclasses.replace(CodedSGDConfig(), stragglers=-1)
+
+
+def test_the_harness_gives_an_algorithm_the_quorum_its_rounds_need():
+    from peer.coordinator.config import CoordinatorConfig
+    from peer.harness.harness import HarnessConfig
+    from peer.runtime.training import TrainConfig
+
+    assert HarnessConfig(train=TrainConfig.of("coded-sgd", stragglers=2)).coordinator.quorum == "coded:2"
+    assert HarnessConfig(train=TrainConfig.of("sync-sgd", dynamic_k=True)).coordinator.quorum == "backup"
+    assert HarnessConfig(train=TrainConfig.of("sync-sgd")).coordinator.quorum == "all"
+    chosen = HarnessConfig(train=TrainConfig.of("sync-sgd"), coordinator=CoordinatorConfig(quorum="allbut:1"))
+    assert chosen.coordinator.quorum == "allbut:1"

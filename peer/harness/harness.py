@@ -12,6 +12,7 @@ network namespace behind ``tbf``-shaped links (``peer/harness/netns.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -93,6 +94,10 @@ class HarnessConfig:
             raise ConfigError("the harness needs at least one peer")
         if any(e.action == "cut" for e in self.events) and not self.netns:
             raise ConfigError("cut events take a peer's link down and need --netns (network namespaces, root)")
+        # An algorithm whose rounds need a quorum policy (coded-sgd: coded:s) gets it unless one was chosen.
+        expected = getattr(self.train.options, "expected_quorum", lambda: None)()
+        if expected is not None and self.coordinator.quorum == CoordinatorConfig.quorum:
+            object.__setattr__(self, "coordinator", dataclasses.replace(self.coordinator, quorum=expected))
 
 
 @dataclass
