@@ -95,6 +95,8 @@ T = TypeVar("T")
 # A peer that stops, or fails to start, tells the coordinator it leaves within this long: an unreachable
 # coordinator must not hold up an exit someone asked for (it drops the peer when its lease lapses anyway).
 LEAVE_ON_STOP_S = 2.0
+# A missed round's result not flowing from one member for this long is fetched from the next member.
+RESULT_STALL_S = 3.0
 
 
 class Phase(enum.Enum):
@@ -632,12 +634,17 @@ class ElasticCollective:
 
     async def _fetch_result(self, missed: MissedRound, numel: int) -> CommittedResult | None:
         """One missed round's result from the first of its members that still keeps it (checked), or None."""
+        # A member that stalls (paused, overloaded) is left for the next one sooner than a state's source is:
+        # another member holds the same result, and the run may be waiting for this peer.
+        config = dataclasses.replace(
+            self.config.state_sync, stall_timeout_s=min(self.config.state_sync.stall_timeout_s, RESULT_STALL_S)
+        )
         for peer_id, address in missed.members:
             if peer_id == self.peer_id:
                 continue
             try:
                 snap = await fetch_state_async(
-                    self.transport, address, self.config.run_id, self.peer_id, self.config.state_sync, missed.round_id
+                    self.transport, address, self.config.run_id, self.peer_id, config, missed.round_id
                 )
                 value = snap.tensors.get("result")
                 if value is None or value.dtype != torch.float32 or value.shape != (numel,):
