@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from collectives.errors import ConfigError, ProtocolError
-from collectives.gradcodes import Undecodable, code_for, decode
+from collectives.gradcodes import CODE_KINDS, Undecodable, code_for, decode
 from collectives.membership import RoundPlan
 from collectives.parts import flatten, unflatten_like
 from collectives.statesync import StateSnapshot
@@ -78,17 +78,26 @@ class PartitionData(Protocol):
 
 
 @dataclass(frozen=True)
-class SyncSGDConfig(SyncConfig):
+class StepRoundConfig(SyncConfig):
+    """What every one-round-per-step algorithm shares: a round each step, fp32 rounds, plain SGD on the result.
+
+    fp32 because the decoded gradient is then the full gradient within float rounding (docs/gradient-coding.md
+    has the error int8 adds after decoding). The round sums its members' weighted contributions.
+    """
+
+    sync_every: int = field(default=1, init=False, metadata={"cli": False})
+    codec: str = field(default="none", metadata={"help": "codec of the gradient rounds (see docs/gradient-coding.md)"})
+    aggregator: str = field(default="sum", init=False, metadata={"cli": False})
+    outer: OuterConfig = field(default_factory=lambda: SGD_OUTER)
+
+
+@dataclass(frozen=True)
+class SyncSGDConfig(StepRoundConfig):
     """Synchronous SGD, one round per step: the round averages its members' gradients."""
 
     TAG: ClassVar[str] = "sync-sgd"
 
-    sync_every: int = field(default=1, init=False, metadata={"cli": False})
-    # fp32: the decoded gradient is then the full gradient within float rounding (docs/gradient-coding.md
-    # has the error int8 adds after decoding).
-    codec: str = field(default="none", metadata={"help": "codec of the gradient rounds (see docs/gradient-coding.md)"})
     aggregator: str = field(default="mean", init=False, metadata={"cli": False})
-    outer: OuterConfig = field(default_factory=lambda: SGD_OUTER)
     dynamic_k: bool = field(
         default=False,
         metadata={"help": "dynamic backup workers: choose each step how many workers to wait for (quorum backup)"},
@@ -111,25 +120,21 @@ class SyncSGDConfig(SyncConfig):
 
 
 @dataclass(frozen=True)
-class CodedSGDConfig(SyncConfig):
+class CodedSGDConfig(StepRoundConfig):
     """Gradient-coded synchronous SGD: the exact full gradient from any n-s of n workers."""
 
     TAG: ClassVar[str] = "coded-sgd"
 
-    sync_every: int = field(default=1, init=False, metadata={"cli": False})
-    codec: str = field(default="none", metadata={"help": "codec of the coded rounds (see docs/gradient-coding.md)"})
-    aggregator: str = field(default="sum", init=False, metadata={"cli": False})
-    outer: OuterConfig = field(default_factory=lambda: SGD_OUTER)
     stragglers: int = field(default=1, metadata={"help": "stragglers s the code tolerates (each worker holds s+1 "
                                                           "partitions; the coordinator needs --quorum coded:s)"})
     code: str = field(default="auto", metadata={"help": "the code: auto (frc when s+1 divides n, else cyclic), frc, "
-                                                       "cyclic", "choices": ("auto", "frc", "cyclic")})
+                                                       "cyclic", "choices": CODE_KINDS})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.stragglers, int) or self.stragglers < 0:
             raise ConfigError(f"stragglers must be a whole number >= 0, got {self.stragglers!r}")
-        if self.code not in ("auto", "frc", "cyclic"):
+        if self.code not in CODE_KINDS:
             raise ConfigError(f"code must be auto, frc or cyclic, got {self.code!r}")
 
     def expected_quorum(self) -> str | None:

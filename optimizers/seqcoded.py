@@ -55,14 +55,14 @@ import torch
 
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError, ProtocolError
+from collectives.gradcodes import CODE_KINDS
 from collectives.membership import RoundPlan
 from collectives.parts import flatten, unflatten_like
 from collectives.seqcoding import SCHEMES, SequentialScheme, gradcode, make_scheme
 from collectives.statesync import StateSnapshot
 from collectives.stragglermodel import BurstyModel
-from optimizers.coded import SGD_OUTER, CodedSGD, PartitionData, StepSuperseded, plan_roster
-from optimizers.outer import OuterOptimizer, SyncConfig
-from optimizers.outer_optim import OuterConfig
+from optimizers.coded import CodedSGD, PartitionData, StepRoundConfig, StepSuperseded, plan_roster
+from optimizers.outer import OuterOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +74,13 @@ JOB_PREFIX = "seq/job/"
 
 
 @dataclass(frozen=True)
-class SeqSGCConfig(SyncConfig):
+class SeqSGCConfig(StepRoundConfig):
     """Sequential gradient coding: a (B, W, λ)-bursty straggler model, a scheme, one round per step."""
 
     TAG: ClassVar[str] = "seq-sgc"
 
-    sync_every: int = field(default=1, init=False, metadata={"cli": False})
     codec: str = field(default="none", metadata={"help": "codec of the rounds: none (lossless: the rounds carry who "
                                                           "survived), optionally +zstd"})
-    aggregator: str = field(default="sum", init=False, metadata={"cli": False})
-    outer: OuterConfig = field(default_factory=lambda: SGD_OUTER)
     scheme: str = field(default="m-sgc", metadata={"help": "sequential coding scheme: m-sgc (multiplexed), sr-sgc "
                                                             "(selective repeat), gc (plain gradient coding)",
                                                     "choices": SCHEMES})
@@ -94,7 +91,7 @@ class SeqSGCConfig(SyncConfig):
     lam: int = field(default=1, metadata={"help": "lambda of the straggler model: distinct stragglers per window "
                                                   "(the coordinator needs --quorum grace:lambda)"})
     code: str = field(default="auto", metadata={"help": "the plain code inside the scheme: auto, frc, cyclic",
-                                                "choices": ("auto", "frc", "cyclic")})
+                                                "choices": CODE_KINDS})
 
     def __post_init__(self) -> None:
         super().__post_init__()
