@@ -25,6 +25,7 @@ BENCHMARKS = (
     ("membership", "membership", "coordinator scalability with simulated peers"),
     ("federated", "federated", "every federated strategy, clean and under byzantine attack"),
     ("coding", "coding", "synchronous SGD under stragglers: gradient coding against waiting, ignoring, backup workers"),
+    ("gpu", "gpu", "the GPU check: DiLoCo on CUDA, device encoding parity and speed, sync copies vs inner steps"),
 )
 
 
@@ -130,6 +131,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=DEMO_STEPS,
                         help="inner steps each peer trains (more than a harness run, so the loss nears its floor)")
     parser.add_argument("--dashboard-port", type=int, default=8080, help="port of the dashboard (0: any free port)")
+    parser.add_argument("--device", default=None,
+                        help="where the peers train: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N "
+                             "(default: the training default, auto)")
     parser.add_argument("--json", action="store_true", help="also print the full report as JSON")
 
 
@@ -325,7 +329,8 @@ def run_demo_command(ns: argparse.Namespace) -> int:
         peers=ns.peers,
         run_id="demo",
         # An eval per round, so the dashboard's eval curve fills in as the demo runs.
-        train=dataclasses.replace(local_run("diloco", steps=ns.steps), eval_every=LOCAL_SYNC_EVERY),
+        train=dataclasses.replace(local_run("diloco", steps=ns.steps), eval_every=LOCAL_SYNC_EVERY,
+                                  **({} if ns.device is None else {"device": ns.device})),
         coordinator=dataclasses.replace(defaults.coordinator, dashboard_port=ns.dashboard_port, min_peers=ns.peers),
         progress=sys.stderr.isatty(),
     )

@@ -61,6 +61,7 @@ from peer.bench.kit import require
 from peer.bench.progress import Progress, progress_for
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
+from peer.device import place_model, resolve_device
 from peer.runtime.training import TaskPartitions, TrainConfig, make_optimizer
 from peer.stragglers import BurstyStragglers, StragglerPattern
 from peer.tasks.base import Task, TaskConfig
@@ -227,7 +228,10 @@ def steps_of(m: Method, config: CodingBenchConfig) -> int:
 def train_config(m: Method, config: CodingBenchConfig) -> TrainConfig:
     """The training of one method's run."""
     outer = OuterConfig(name=config.optimizer, lr=config.lr, momentum=0.0, nesterov=False)
-    return TrainConfig.of(m.algorithm, steps=config.steps, codec=m.codec, outer=outer, **dict(m.options))
+    # On the CPU: the workers are threads of one process whose compute time is modeled (unit_s), so a GPU
+    # would change no figure of this benchmark (it has no --device).
+    return TrainConfig.of(m.algorithm, steps=config.steps, codec=m.codec, outer=outer, device="cpu",
+                          **dict(m.options))
 
 
 class PacedPartitions:
@@ -280,7 +284,7 @@ class WorkerOutcome:
 def _worker(rank: int, config: CodingBenchConfig, task: Task, train: TrainConfig, steps: int, address: str,
             run_id: str, out: WorkerOutcome, done: threading.Barrier) -> None:
     """One worker's run: join, train steps steps, wait for the others (a late one fetches from them), leave."""
-    model = task.build_model()
+    model = place_model(task.build_model(), resolve_device(train.device))
     elastic = ElasticCollective(ElasticConfig(coordinator=address, run_id=run_id, name=f"peer{rank}", keep_results=8))
     data = PacedPartitions(task, StragglerPattern.parse(config.pattern), rank, config.peers, config.unit_s)
     try:
@@ -331,7 +335,8 @@ def full_gradient(task: Task, model: torch.nn.Module, params: torch.Tensor, n: i
         model.zero_grad(set_to_none=True)
         loss, _ = data.loss(model, j, n, step)
         loss.backward()
-        total += flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]).double()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+        total += flatten(grads).double().cpu()
     return total / n
 
 
@@ -378,7 +383,7 @@ def run_method(m: Method, config: CodingBenchConfig, task: Task) -> dict:
     commits = [r["started_at"] + (r["duration_s"] or 0.0) for r in rounds]
     starts = [r["started_at"] for r in rounds]
     steps = [b - a for a, b in itertools.pairwise(commits)]
-    model = task.build_model()
+    model = place_model(task.build_model(), resolve_device(train.device))
     applied = outcomes[0].applied
     evals = [(t, _eval_at(task, model, applied[t][0])) for t in sorted(applied)
              if t % config.eval_every == 0 or t == config.steps]

@@ -45,6 +45,7 @@ from peer.bench.kit import require
 from peer.bench.progress import Progress, progress_for
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
+from peer.device import place_model, resolve_device
 from peer.runtime.training import TrainConfig, TrainLoop, make_optimizer
 from peer.tasks.base import Task, TaskConfig
 from peer.tasks.registry import make_task
@@ -197,6 +198,9 @@ def train_config(strategy: str, config: FederatedBenchConfig) -> TrainConfig:
         inner=config.inner,
         inner_lr=config.inner_lr,
         weight_decay=0.0,
+        # On the CPU: its peers are threads of one process training a model of a few thousand parameters,
+        # where a GPU's launches cost more than the arithmetic (the benchmark has no --device).
+        device="cpu",
         **options,
     )
 
@@ -226,7 +230,7 @@ def _peer(
     out: PeerOutcome, stop: threading.Event,
 ) -> None:
     """One peer's whole run: join, train, evaluate the global model, leave."""
-    model = task.build_model()
+    model = place_model(task.build_model(), resolve_device(train.device))
     elastic = ElasticCollective(ElasticConfig(coordinator=address, run_id=run_id, name=f"peer{rank}"))
     try:
         opt = make_optimizer(model, elastic, train)

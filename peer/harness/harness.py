@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
 
 from collectives.elastic import ElasticConfig
 from collectives.errors import ConfigError, LoconetError
@@ -33,6 +34,7 @@ from collectives.ratelimit import parse_bandwidth
 from collectives.rpc import blocking_channel
 from collectives.transport import codec_threads_for
 from peer.coordinator.config import CoordinatorConfig
+from peer.device import place_model, resolve_device
 from peer.harness.control import write_control
 from peer.harness.processes import CoordinatorProc, Proc, daemon_peer, stop_all
 from peer.harness.scenario import Event
@@ -135,6 +137,8 @@ class Harness:
         self._joiners: list[str] = []
         # The straggle event whose pattern the network follows now.
         self._pattern: Event | None = None
+        # Where the peers train (run() resolves --device); the harness's own evaluation runs there too.
+        self.device = torch.device("cpu")
 
     # -- processes --------------------------------------------------------------------
 
@@ -348,8 +352,12 @@ class Harness:
         ``on_start(dashboard_url)`` is called once the coordinator serves.
         """
         c = self.config
-        # The task is built here first, so a bad --task, --data or size is one error before any process starts.
+        # The task is built here first, so a bad --task, --data or size is one error before any process starts;
+        # so is a --device this machine lacks (the peers resolve the same spec on the same machine).
+        self.device = resolve_device(c.train.device)
         self.task = make_task(c.task, c.task_config)
+        log.info("%d peers train %s with %s on %s; logs in %s", c.peers, c.task, c.train.algorithm, self.device,
+                 self.workdir)
         self._check_attacks()
         try:
             self._start_network()
@@ -429,7 +437,8 @@ class Harness:
         status = self._status() or {"summary": {"rounds_aborted": 0}, "rounds": []}
         aborted = self._aborted_before + status["summary"]["rounds_aborted"]
         task = self.task
-        model = task.build_model()
+        # The initial loss is evaluated on the peers' device, as their final losses are.
+        model = place_model(task.build_model(), self.device)
         initial = task.evaluate(model)
         numel = sum(p.numel() for p in model.parameters())
         dp_bytes = c.train.steps * 2 * (c.peers - 1) / c.peers * 4 * numel

@@ -17,9 +17,10 @@ joined, leaves the run (so a round waiting for it goes on without it) and
 exits with 0 for SIGTERM, 130 for SIGINT. A second signal ends it
 immediately.
 
-What it prints (``peer/runtime/display.py``): a line when it joins, one per
-committed round and a summary, on stdout (plain text, or rich on a
-terminal), and a live bar on stderr when stderr is a terminal. With
+What it prints (``peer/runtime/display.py``): a line when it joins (ending
+with the device it trains on, ``--device``), one per committed round and a
+summary, on stdout (plain text, or rich on a terminal), and a live bar on
+stderr when stderr is a terminal. With
 ``--events`` stdout carries only JSON objects, one per line (connecting,
 joined, sync-start, committed, eval, finished...), for the harness and
 tests, and the human lines go to stderr. A harness controls the peer through
@@ -49,6 +50,7 @@ from collectives.errors import ConfigError
 from collectives.membership import DEFAULT_RUN_ID
 from collectives.transport import TransportConfig
 from optimizers.outer import OuterOptimizer
+from peer.device import place_model, resolve_device
 from peer.runtime.checkpoint import load_latest, save_checkpoint
 from peer.runtime.display import PeerDisplay, RoundFigures, Summary, bar_info, choose_streams, joined_line
 from peer.runtime.training import Progress, TrainConfig, TrainLoop, make_optimizer
@@ -195,13 +197,16 @@ def run_peer(config: PeerConfig, hooks: PeerHooks | None = None) -> int:
 
 def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> int:
     began = time.monotonic()
+    train_cfg = config.train
+    # First: a CUDA device this machine lacks is a one-line error before anything starts.
+    device = resolve_device(train_cfg.device)
     tune_malloc()
     torch.set_num_threads(config.threads)
     events = Events(config.events)
     display = PeerDisplay(*choose_streams(config.events, config.progress, sys.stdout, sys.stderr))
     task = make_task(config.task, config.task_config)
-    model = task.build_model()
-    train_cfg = config.train
+    model = place_model(task.build_model(), device)
+    log.info("training %s with %s on %s", config.task, train_cfg.algorithm, device)
     elastic_cfg = ElasticConfig(
         coordinator=config.coordinator,
         run_id=config.run_id,
@@ -252,9 +257,11 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
         resumed_step=opt.inner_steps,
         round=opt.state.round_id,
         digest=opt.state.digest(),
+        device=str(device),
     )
     label = f"{elastic.peer_id} ({config.name})" if config.name else elastic.peer_id
-    display.joined(joined_line(config.run_id, label, elastic.address, opt.state.round_id, how, sync_s))
+    joined = joined_line(config.run_id, label, elastic.address, opt.state.round_id, how, sync_s)
+    display.joined(f"{joined}, on {device}")
     try:
         progress = _train(config, hooks, signals, task, model, opt, elastic, events, display)
         stopped = signals.stop.is_set()

@@ -2,7 +2,9 @@
 
 Shared by ``loconet peer`` (the daemon), the local harness and
 ``loconet bench diloco``. The loop knows nothing of processes or signals: it
-stops when asked (``stop``), and reports through callbacks.
+stops when asked (``stop``), and reports through callbacks. Each batch goes to
+the model's device (``TrainConfig.device``, where its builder put the model)
+before the task's loss sees it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from optimizers.coded import CodedSGD
 from optimizers.outer import OuterOptimizer, StepRate
 from optimizers.peers import SyncPeer
 from optimizers.registry import get_algorithm
+from peer.device import check_device_spec, model_device, move_batch
 from peer.tasks.base import Task, batch_stream
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,11 @@ class TrainConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "weight decay of the inner optimizer"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every this many steps (0: only at the end)"})
     round_timeout_s: float = field(default=60.0, metadata={"help": "deadline of one all-reduce attempt"})
+    device: str = field(
+        default="auto",
+        metadata={"help": "where the model trains and evaluates: auto (CUDA when available, else the CPU), cpu, "
+                  "cuda or cuda:N"},
+    )
     options: Any = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
@@ -68,6 +76,8 @@ class TrainConfig:
             raise ConfigError(f"inner optimizer must be one of {', '.join(INNER_OPTIMIZERS)}, got {self.inner!r}")
         if self.inner_lr <= 0:
             raise ConfigError(f"inner lr must be positive, got {self.inner_lr}")
+        # The form only: whether this machine has the device is asked where the model is built.
+        check_device_spec(self.device)
 
     @classmethod
     def of(cls, algorithm: str = "diloco", **fields: Any) -> TrainConfig:
@@ -123,9 +133,10 @@ class TaskPartitions:
         return batch
 
     def loss(self, model: torch.nn.Module, partition: int, partitions: int, step: int) -> tuple[torch.Tensor, int]:
-        """The task's loss of that batch on model, and the batch's samples."""
+        """The task's loss of that batch on model (the batch moved to the model's device), and the batch's samples."""
         batch = self.batch(partition, partitions, step)
-        return self.task.loss(model, batch), self.task.batch_samples(batch)
+        samples = self.task.batch_samples(batch)
+        return self.task.loss(model, move_batch(batch, model_device(model))), samples
 
 
 @dataclass
@@ -198,6 +209,8 @@ class TrainLoop:
             else:
                 batch = next(self.batches)
                 samples = self.task.batch_samples(batch)
+                # On the model's device, so a user task's own loss gets it there too.
+                batch = move_batch(batch, model_device(self.model))
                 loss = self.task.loss(self.model, batch)
                 loss.backward()
                 p.loss = loss.item()  # read once: the optimizer reports this number rather than reading it again
