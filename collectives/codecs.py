@@ -1,4 +1,4 @@
-"""Tensor codecs: 1-D float32 CPU tensors to bytes and back, for the data plane.
+"""Tensor codecs: 1-D float32 tensors to bytes and back, for the data plane.
 
 A codec is named ``<name>[/<block>][+zstd[<level>]]``, for example ``int8``,
 ``int4/128+zstd3`` or ``bf16+zstd`` (see :class:`CodecConfig`). Every payload
@@ -16,7 +16,7 @@ Wire layouts (``n`` elements, ``B`` = block size, ``nb = ceil(n / B)``):
     ``4 * nb`` bytes of fp32 scales (one per block of ``B`` elements, the last
     block may be partial), then ``n`` int8 values ``q`` in [-127, 127];
     ``x ~= q * scale`` with ``scale = absmax(block) / 127``. An all-zero block
-    has scale 0 and decodes to exact zeros.
+    has scale +0.0 and decodes to exact zeros.
 ``int4``
     ``4 * nb`` bytes of fp32 scales, then ``ceil(n / 2)`` bytes holding two
     4-bit values each: element ``2k`` in the low nibble, ``2k + 1`` in the
@@ -38,6 +38,12 @@ allocating more than ``raw_size(numel)``. Scales are capped so that every
 representable ``q`` times its scale is finite, so an accepted int payload never
 decodes to Inf.
 
+Devices: a tensor on a GPU (any non-CPU device) is encoded where it lives by
+:mod:`collectives.devicecodec`, so only the encoded bytes cross PCIe; its raw
+payload is byte-identical to the CPU encoder's, and the zstd stage runs on the
+host as for CPU tensors. Error feedback keeps the residual on the tensor's
+device. Decoding is CPU-only: payloads arrive from the network on the host.
+
 Speed: each codec walks the tensor in cache-sized segments of whole blocks
 (one Python iteration per ~2 MB, never per block or element) so the several
 vectorised passes per segment hit cache instead of memory, and it reuses
@@ -58,6 +64,7 @@ import numpy as np
 import torch
 import zstandard
 
+from collectives.devicecodec import decode_raw_on_device, encode_raw_on_device
 from collectives.errors import CodecError, ConfigError, NonFiniteError
 
 __all__ = [
@@ -211,7 +218,7 @@ def _nonfinite_error(x: torch.Tensor) -> NonFiniteError:
 
 
 class Codec:
-    """Encodes 1-D float32 CPU tensors to bytes and decodes them; build one with make_codec().
+    """Encodes 1-D float32 tensors (on any device) to bytes and decodes them to CPU; build one with make_codec().
 
     Instances are thread-safe: zstd contexts and scratch buffers are per thread (each thread keeps
     scratch about the size of the largest payload it encoded, reused by the next call).
@@ -248,12 +255,15 @@ class Codec:
     # -- public encode / decode ------------------------------------------------
 
     def encode(self, x: torch.Tensor, *, copy: bool = True) -> bytes | memoryview:
-        """Encode a 1-D float32 CPU tensor; NonFiniteError on NaN/Inf, CodecError if it does not fit.
+        """Encode a 1-D float32 tensor; NonFiniteError on NaN/Inf, CodecError if it does not fit.
 
-        With ``copy=False`` the result may be a view of scratch memory (or of ``x``) that the next
-        encode on this thread overwrites: for callers that copy it right away (message framing).
+        A tensor on a GPU is quantised there (same bytes as on the CPU). With ``copy=False`` the result
+        may be a view of scratch memory (or of ``x``) that the next encode on this thread overwrites:
+        for callers that copy it right away (message framing).
         """
         x = self._check_input(x)
+        if x.device.type != "cpu":
+            return self._encode_on_device(x, copy)
         return self._finish(self._encode_raw(x, self._state()), copy)
 
     def decode(self, payload: bytes | bytearray | memoryview, numel: int,
@@ -277,13 +287,15 @@ class Codec:
     def encode_with_feedback(self, x: torch.Tensor, residual: torch.Tensor, *, copy: bool = True) -> bytes | memoryview:
         """Encode ``x + residual`` and set ``residual`` in place to ``(x + residual) - decoded`` (error feedback).
 
-        ``copy`` as for :meth:`encode`.
+        ``residual`` lives on x's device and is updated there. ``copy`` as for :meth:`encode`.
         """
         x = self._check_input(x)
         if (not isinstance(residual, torch.Tensor) or residual.dtype != torch.float32
-                or residual.shape != x.shape or residual.device.type != "cpu"):
-            raise CodecError(f"residual must be a float32 CPU tensor of shape {tuple(x.shape)}")
+                or residual.shape != x.shape or residual.device != x.device):
+            raise CodecError(f"residual must be a float32 tensor of shape {tuple(x.shape)} on {x.device} (x's device)")
         res = residual.detach()
+        if x.device.type != "cpu":
+            return self._encode_with_feedback_on_device(x, res, copy)
         target = torch.add(x, res)
         st = self._state()
         raw = self._encode_raw(target, st)  # raises before residual is touched
@@ -292,6 +304,25 @@ class Codec:
         dst = res if res.is_contiguous() else torch.empty_like(target)
         if x.numel():
             self._decode_raw(raw.numpy(), x.numel(), dst, st)
+        torch.sub(target, dst, out=dst)
+        if dst is not res:
+            res.copy_(dst)
+        return payload
+
+    # -- device path (tests call these with CPU tensors to check them against the CPU path) -----
+
+    def _encode_on_device(self, x: torch.Tensor, copy: bool) -> bytes | memoryview:
+        """encode() of a checked tensor via the device encoder: only the raw payload is copied to the host."""
+        return self._finish(encode_raw_on_device(self.config, x).cpu(), copy)
+
+    def _encode_with_feedback_on_device(self, x: torch.Tensor, res: torch.Tensor, copy: bool) -> bytes | memoryview:
+        """encode_with_feedback() of checked tensors via the device encoder; ``res`` is updated on its device."""
+        target = torch.add(x, res)
+        raw = encode_raw_on_device(self.config, target)  # raises before residual is touched
+        payload = self._finish(raw.cpu(), copy)
+        dst = res if res.is_contiguous() else torch.empty_like(target)
+        if x.numel():
+            decode_raw_on_device(self.config, raw, x.numel(), dst)
         torch.sub(target, dst, out=dst)
         if dst is not res:
             res.copy_(dst)
@@ -309,11 +340,14 @@ class Codec:
     def _check_input(x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise CodecError(f"can only encode a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != torch.float32 or x.dim() != 1 or x.device.type != "cpu":
+        if x.dtype != torch.float32 or x.dim() != 1:
             raise CodecError(
-                f"can only encode a 1-D float32 CPU tensor, got dtype={x.dtype}, shape={tuple(x.shape)}, "
-                f"device={x.device}: flatten it and convert with .float().cpu()"
+                f"can only encode a 1-D float32 tensor, got dtype={x.dtype}, shape={tuple(x.shape)}, "
+                f"device={x.device}: flatten it and convert with .float()"
             )
+        if x.device.type == "meta":
+            raise CodecError("cannot encode a tensor on the meta device, which holds no data: "
+                             "move it to a real device (CPU or GPU) first")
         return x.detach().contiguous()
 
     @staticmethod
@@ -482,7 +516,9 @@ class _BlockCodec(Codec):
         # Two plain reductions beat abs()+amax and aminmax(dim) here; the second one reads from cache.
         absmax = torch.amax(xs, 1, out=st.buffer("amax", k, torch.float32))
         neg_min = torch.amin(xs, 1, out=st.buffer("amin", k, torch.float32)).neg_()
-        torch.maximum(absmax, neg_min, out=absmax)
+        # + 0.0 turns -0.0 into +0.0: maximum's pick between -0.0 and +0.0 varies with SIMD width and device,
+        # so an all-zero block always gets the scale +0.0 (and the device encoder the same bytes).
+        torch.maximum(absmax, neg_min, out=absmax).add_(0.0)
         torch.div(absmax, qmax, out=scales)
         t = st.buffer("tmp", k * w, torch.float32).view(k, w)
         mult = st.buffer("mult", k, torch.float32)

@@ -1,14 +1,30 @@
-"""Shared fixtures: in-process collective endpoints on 127.0.0.1 (ports chosen by the OS)."""
+"""Shared fixtures: in-process collective endpoints on 127.0.0.1 (ports chosen by the OS).
+
+Tests marked ``cuda`` are skipped, with the reason, where torch sees no CUDA device.
+"""
 
 from __future__ import annotations
 
 import itertools
 
 import pytest
+import torch
 
 from collectives.allreduce import Collective
 from collectives.inbox import Group
 from collectives.transport import Transport, TransportConfig
+
+CUDA_SKIP_REASON = "CUDA is not available (torch.cuda.is_available() is False)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked ``cuda`` where there is no CUDA device, saying why."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=CUDA_SKIP_REASON)
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 class LocalEndpoints:
