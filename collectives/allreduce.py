@@ -25,6 +25,11 @@ chunk, so the round needs no separate pass over the whole input first.
 Applying the result, or not, is the business of the layer above (the commit
 step of the membership issue).
 
+An input on a GPU stays there: member i encodes its parts on the device
+(``collectives/devicecodec.py``, the same bytes as on the CPU), so only
+encoded bytes cross to the host; owners reduce, and every member decodes its
+result, on the host.
+
 This module is the endpoint: the public API, the Collective service's
 handlers (receive side, validated by ``collectives/inbox.py``), buffers. The
 sending side of one round is ``collectives/round.py``.
@@ -120,6 +125,12 @@ def _error_kind(exc: ProtocolError) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INVALID_ARGUMENT, "invalid"
 
 
+def _on_a_device(tensors: torch.Tensor | Sequence[torch.Tensor]) -> bool:
+    """Whether the input lives on one non-CPU device (a GPU): its round then encodes it there."""
+    devices = {t.device for t in ([tensors] if isinstance(tensors, torch.Tensor) else tensors)}
+    return len(devices) == 1 and next(iter(devices)).type != "cpu"
+
+
 class Collective:
     """A peer's all-reduce endpoint for one run: serves pushes from the others and runs its own rounds.
 
@@ -210,11 +221,19 @@ class Collective:
             not copy_input
             and isinstance(tensors, torch.Tensor)
             and tensors.dtype == torch.float32
-            and tensors.device.type == "cpu"
             and tensors.is_contiguous()
         )
-        flat = tensors.detach().view(-1) if borrowed else flatten(tensors, out=self.buffers.take(numel))
-        pooled = None if borrowed else flat
+        if borrowed:
+            flat = tensors.detach().view(-1)
+        elif _on_a_device(tensors):
+            flat = flatten(tensors)  # copied where it lives: the round encodes it there
+        else:
+            flat = flatten(tensors, out=self.buffers.take(numel))
+        pooled = None if borrowed or flat.device.type != "cpu" else flat
+        if residual is not None and residual.device != flat.device:
+            raise ValueError(f"residual must be on {flat.device}, where the input is encoded; it is on {residual.device}")
+        if out is not None and out.device.type != "cpu":
+            raise ValueError("out must be a CPU tensor: results are decoded on the host")
         result = torch.empty(numel, dtype=torch.float32) if out is None else out
         like = tensors if isinstance(tensors, torch.Tensor) else list(tensors)
         return self.transport.submit(self._run(group, flat, pooled, float(weight), config, residual, result, like))
@@ -271,7 +290,9 @@ class Collective:
         # it was, and an encode still running on a codec thread after a failure writes into a
         # buffer nobody reads (it is not pooled then).
         work = None
-        if residual is not None:
+        if residual is not None and residual.device.type != "cpu":
+            work = residual.clone()  # on its device, beside the input it corrects
+        elif residual is not None:
             work = self.buffers.take(residual.numel())
             work.copy_(residual)
         await self.registry.open(inbox)
@@ -280,7 +301,8 @@ class Collective:
             stats.gather_s = time.monotonic() - started - stats.scatter_s
             if work is not None:
                 residual.copy_(work)  # every encode is done: the round has sent everything
-                self.buffers.give(work)
+                if work.device.type == "cpu":
+                    self.buffers.give(work)
         except asyncio.CancelledError:
             rnd.broadcast_abort([], "the round was cancelled by its caller")
             raise

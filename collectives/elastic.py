@@ -39,6 +39,10 @@ contribution each time, so a retried round never prepares twice. It is how
 differential privacy adds each member's share of the noise, which depends on
 the number of members.
 
+A contribution on a GPU stays there: the round encodes its chunks where
+they live (``collectives/devicecodec.py``), so only encoded bytes come to the
+host, which is where every result is decoded and returned.
+
 State handed to the caller (``Resynced.snapshot``, ``start()``'s return)
 is applied by the caller, on its own thread: this module never touches the
 model.
@@ -224,6 +228,8 @@ class ElasticConfig:
 class SyncResult:
     """A committed round: the reduced tensors and what it took."""
 
+    # Shaped and typed like the input, on the host whatever device the input was on: results are decoded
+    # there, and the run's global state lives there (move them with .to(device) where needed).
     value: torch.Tensor | list[torch.Tensor]
     round_id: int
     epoch: int
@@ -529,7 +535,7 @@ class ElasticCollective:
         self, flat: torch.Tensor, weight: Weight, tag: str, like, allreduce: AllReduceConfig, prepare: Prepare | None
     ) -> SyncResult:
         config = self.config
-        out = torch.empty_like(flat)
+        out = torch.empty(flat.numel(), dtype=torch.float32)  # the host: results are decoded there
         attempts = 0
         last_reason = ""
         self.phase = Phase.IDLE  # every sync starts afresh; the previous one ended in a final phase
@@ -584,7 +590,7 @@ class ElasticCollective:
                 self.last_round = plan.round_id
                 self._keep_result(plan.round_id, tag, out)
                 return SyncResult(
-                    value=unflatten_like(out, like),
+                    value=unflatten_like(out, like, device="cpu"),
                     round_id=plan.round_id,
                     epoch=plan.epoch,
                     members=tuple(pid for pid, _ in plan.members),

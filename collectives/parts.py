@@ -41,11 +41,14 @@ def total_numel(tensors: torch.Tensor | Sequence[torch.Tensor]) -> int:
 
 
 def flatten(tensors: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy tensors into one contiguous 1-D fp32 CPU tensor (``out`` if given, else a new one)."""
+    """Copy tensors into one contiguous 1-D fp32 tensor: ``out`` if given, else a new one on the tensors' device
+    when they share one (a GPU's contribution stays there, to be encoded there), else on the CPU."""
     items = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
     n = sum(t.numel() for t in items)
     if out is None:
-        out = torch.empty(n, dtype=torch.float32)
+        devices = {t.device for t in items}
+        device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+        out = torch.empty(n, dtype=torch.float32, device=device)
     elif out.numel() != n or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous fp32 tensor of {n} elements")
     offset = 0
@@ -56,15 +59,17 @@ def flatten(tensors: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor | 
     return out
 
 
-def unflatten_like(flat: torch.Tensor, like: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-    """Cut a flat tensor back into tensors shaped, typed and placed like ``like``."""
+def unflatten_like(
+    flat: torch.Tensor, like: torch.Tensor | Sequence[torch.Tensor], device: torch.device | str | None = None
+) -> torch.Tensor | list[torch.Tensor]:
+    """Cut a flat tensor back into tensors shaped and typed like ``like``, placed like it or on ``device``."""
     if isinstance(like, torch.Tensor):
-        return flat.view(like.shape).to(device=like.device, dtype=like.dtype)
+        return flat.view(like.shape).to(device=device or like.device, dtype=like.dtype)
     out: list[torch.Tensor] = []
     offset = 0
     for t in like:
         n = t.numel()
-        out.append(flat[offset : offset + n].view(t.shape).to(device=t.device, dtype=t.dtype))
+        out.append(flat[offset : offset + n].view(t.shape).to(device=device or t.device, dtype=t.dtype))
         offset += n
     if offset != flat.numel():
         raise ValueError(f"flat tensor has {flat.numel()} elements, the tensors need {offset}")

@@ -1,8 +1,9 @@
 """The global side of DiLoCo-style training: fp32 global parameters and the outer optimizer.
 
-Every peer keeps the run's global parameters (fp32, CPU) and the outer
-optimizer's state; they change only when a round commits, identically on
-every peer. ``GlobalState`` holds them, computes pseudo-gradients, applies
+Every peer keeps the run's global parameters (fp32, on the host) and the
+outer optimizer's state; they change only when a round commits, identically
+on every peer, whatever device and dtype the model itself uses (the copies
+between the two: ``optimizers/transfers.py``). ``GlobalState`` holds them, computes pseudo-gradients, applies
 outer steps (to all parameters or to a fragment), and turns itself into the
 ``StateSnapshot`` a joiner fetches: the global parameters, and the outer
 optimizer's whole state (every state tensor, step counts, hyperparameters;
@@ -21,12 +22,13 @@ import torch
 from collectives.errors import ConfigError
 from collectives.statesync import StateSnapshot
 from optimizers.outer_optim import OuterConfig, load_optimizer_state, make_outer_optimizer, optimizer_state
+from optimizers.transfers import DeviceTransfers
 
 GLOBAL_PREFIX = "global/"
 
 
 class GlobalState:
-    """Global parameters (fp32, CPU) and their outer optimizer, for a list of named model parameters."""
+    """Global parameters (fp32, host) and their outer optimizer, for a list of named model parameters on any device."""
 
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], config: OuterConfig) -> None:
         if not named_params:
@@ -34,7 +36,8 @@ class GlobalState:
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.config = config
-        self.globals = [p.detach().to(device="cpu", dtype=torch.float32).clone() for p in self.params]
+        self.transfers = DeviceTransfers(self.params)
+        self.globals = [self.transfers.host_copy(p) for p in self.params]
         self.outer = make_outer_optimizer(self.globals, config)
         self.outer_steps = 0
         self.round_id = 0
@@ -58,10 +61,9 @@ class GlobalState:
             )
             return state + sum(g.numel() * g.element_size() for g in self.globals)
 
-    def pseudo_gradients(self, indices: Sequence[int]) -> list[torch.Tensor]:
-        """global - local for the given parameters (fp32, CPU)."""
-        with torch.no_grad():
-            return [self.globals[i] - self.params[i].detach().to(device="cpu", dtype=torch.float32) for i in indices]
+    def pseudo_gradients(self, indices: Sequence[int], on_device: bool = False) -> list[torch.Tensor]:
+        """global - local for the given parameters, in fp32: on the host, or (on_device) where the model lives."""
+        return self.transfers.pseudo_gradients(self.globals, self.params, indices, on_device=on_device)
 
     def outer_step(self, indices: Sequence[int], averaged: Sequence[torch.Tensor], round_id: int, step: int = 0) -> None:
         """Apply the outer optimizer to the given global parameters with the averaged pseudo-gradients."""
@@ -69,7 +71,7 @@ class GlobalState:
             for g in self.globals:
                 g.grad = None
             for i, avg in zip(indices, averaged):
-                self.globals[i].grad = avg.to(torch.float32).reshape(self.globals[i].shape)
+                self.globals[i].grad = avg.to(device="cpu", dtype=torch.float32).reshape(self.globals[i].shape)
             # Parameters without a gradient are skipped by torch's optimizers (their state untouched).
             self.outer.step()
             for i in indices:
@@ -80,13 +82,7 @@ class GlobalState:
 
     def load_into_model(self, indices: Sequence[int], alpha: float = 0.0) -> None:
         """local = alpha * local + (1 - alpha) * global for the given parameters (alpha weights the local side)."""
-        with torch.no_grad():
-            for i in indices:
-                p, g = self.params[i], self.globals[i].to(device=self.params[i].device, dtype=self.params[i].dtype)
-                if alpha == 0.0:
-                    p.copy_(g)
-                else:
-                    p.mul_(alpha).add_(g, alpha=1.0 - alpha)
+        self.transfers.load(self.globals, self.params, indices, alpha=alpha)
 
     def digest(self) -> str:
         """SHA-256 of the global parameters (equal on peers that applied the same rounds)."""

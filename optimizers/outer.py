@@ -254,8 +254,18 @@ class OuterOptimizer:
     def contribution(self, indices: Sequence[int]) -> list[torch.Tensor]:
         """This peer's contribution to a round carrying these parameters: their pseudo-gradients (a subclass may
         transform them, e.g. clip them), then the ``tamper`` hook if one is set."""
-        tensors = self.state.pseudo_gradients(indices)
+        tensors = self.state.pseudo_gradients(indices, on_device=self.encodes_on_device())
         return tensors if self.tamper is None else self.tamper(tensors)
+
+    def encodes_on_device(self) -> bool:
+        """Whether a round's contribution stays on the model's GPU, to be encoded there: when the codec shrinks it
+        (anything but ``none``) and nothing runs on it on the host first (``prepare``, ``tamper``)."""
+        return (
+            self.state.transfers.uses_cuda
+            and self.codec.name != "none"
+            and self.tamper is None
+            and self.prepare() is None
+        )
 
     def prepare(self) -> Callable[[Any, torch.Tensor], torch.Tensor] | None:
         """A function of (round plan, flat contribution) run by the peer once each attempt's members are known

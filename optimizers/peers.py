@@ -25,7 +25,7 @@ from collectives.codecs import CodecConfig, check_finite, make_codec
 from collectives.elastic import Prepare, Weight, check_prepared
 from collectives.errors import NonFiniteError
 from collectives.membership import PeerStatus, RoundPlan
-from collectives.parts import flatten, unflatten_like
+from collectives.parts import flatten, total_numel, unflatten_like
 
 
 class SyncPeer(Protocol):
@@ -90,7 +90,9 @@ class LocalPeer:
     ) -> LocalResult:
         """Return the round's result for a group of one (the codec applied, as a real round's gather does)."""
         round_id = next(self._rounds)
-        flat = flatten(list(tensors))
+        tensors = list(tensors)
+        # On the host, where a real round's owners reduce (a GPU's contribution is copied here).
+        flat = flatten(tensors, out=torch.empty(total_numel(tensors), dtype=torch.float32))
         plan = RoundPlan(action="round", round_id=round_id, members=(("local", ""),))
         if callable(weight):
             weight = weight(plan)
@@ -101,7 +103,8 @@ class LocalPeer:
         reduced = aggregate_rows(make_aggregator(aggregator or AggregatorConfig()), flat.view(1, -1), [float(weight)])
         c = make_codec(codec or CodecConfig())
         out = c.decode(c.encode(reduced), reduced.numel())
-        return LocalResult(value=unflatten_like(out, list(tensors)), round_id=round_id)
+        # On the host, as a real round's result is (collectives/elastic.py).
+        return LocalResult(value=unflatten_like(out, tensors, device="cpu"), round_id=round_id)
 
     def sync_async(
         self,
