@@ -77,6 +77,9 @@ BAD_ARGUMENTS = [
     (["transport", "--mb", "0.5"], "--mb 0.5 is smaller than one chunk of 1048576 bytes"),
     (["membership", "--lease", "0.5"], "lease (0.5 s) must be longer than the heartbeat interval (1.0 s)"),
     (["membership", "--peers", "0"], "--peers and --baseline-peers must be at least 1, got 0 and 10"),
+    (["gpu", "--device", "auto"], "bench gpu checks a named device: give --device cuda, cuda:N, or cpu"),
+    (["gpu", "--device", "mps"], "device 'mps' is not one of auto, cpu, cuda, cuda:N"),
+    (["gpu", "--device", "cpu", "--peers", "1"], "--peers must be at least 2 (the peers must agree), got 1"),
 ]
 
 

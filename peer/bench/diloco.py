@@ -6,8 +6,9 @@ In one invocation, on the same task, data and inner steps per peer:
   ``streaming``, a plugin's): a real coordinator and N real ``loconet peer``
   processes on 127.0.0.1, talking through our collective;
 - ``data_parallel``: N processes of torch DDP on gloo, same per-peer batch,
-  every step's gradients all-reduced (the synchronous baseline);
-- ``one_peer``: one process training alone on peer 0's data.
+  every step's gradients all-reduced (the synchronous baseline), on the CPU
+  whatever ``--device`` says;
+- ``one_peer``: one process training alone on peer 0's data, on ``--device``.
 
 Per method: ``final_eval_loss`` (the held-out loss after training),
 ``bytes_sent_per_peer``, ``peak_bytes_per_sync`` and ``wall_s``; for synthetic
@@ -28,7 +29,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from collectives.errors import ConfigError
@@ -36,6 +37,7 @@ from optimizers.registry import algorithm_names, algorithms, get_algorithm
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import bench_log_dir, child_failed, print_report, require, spawned_entry
 from peer.bench.progress import Progress, progress_for
+from peer.device import move_batch, place_model, resolve_device
 from peer.harness.processes import ChildFailed
 from peer.options import options_of
 from peer.runtime.training import TrainConfig, local_run
@@ -120,6 +122,8 @@ def _choose() -> str:
 def check_config(config: BenchConfig) -> None:
     """ConfigError for anything a child process would refuse: run in the parent before any process starts."""
     check_task(config.task, config.task_config)  # a bad --task, --data or model size, said in one line
+    for train in (*config.runs, config.loop):
+        resolve_device(train.device)  # a --device this machine lacks (DeviceUnavailable), said in one line
 
 
 def _ours_detail(procs: list, peers: int, steps: int) -> str:
@@ -133,8 +137,12 @@ def _ours_detail(procs: list, peers: int, steps: int) -> str:
     return f"round {rounds}, step {step}/{steps}"
 
 
-def run_ours(config: BenchConfig, train: TrainConfig, progress: Progress | None = None, label: str = "") -> dict:
-    """Train with a coordinator and N ``loconet peer`` processes; collect their events."""
+def run_ours(config: BenchConfig, train: TrainConfig, progress: Progress | None = None, label: str = "",
+             devices: Sequence[str] = ()) -> dict:
+    """Train with a coordinator and N ``loconet peer`` processes; collect their events.
+
+    ``devices``: peer r's ``--device`` is ``devices[r]`` (one GPU per peer); empty: ``train.device`` for all.
+    """
     from peer.harness.processes import CoordinatorProc, Proc, stop_all
     from peer.trainoptions import task_args, train_args
 
@@ -151,7 +159,8 @@ def run_ours(config: BenchConfig, train: TrainConfig, progress: Progress | None 
         for rank in range(config.peers):
             args = [sys.executable, "-m", "peer.cli", "peer", "--coordinator", coordinator.address, "--run", run,
                     "--name", f"peer{rank}", "--events", "--no-progress", "--task", config.task,
-                    *task_args(config.task_config), "--shard", f"{rank}/{config.peers}", *train_args(train)]
+                    *task_args(config.task_config), "--shard", f"{rank}/{config.peers}", *train_args(train),
+                    *(["--device", devices[rank]] if devices else [])]
             peers.append(Proc(args, tmp / f"peer{rank}.log"))
         finished = [p.wait_event(lambda e: e["event"] == "finished", RUN_TIMEOUT_S) for p in peers]
         wall = time.monotonic() - started
@@ -193,6 +202,9 @@ def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=datetime.timedelta(seconds=120))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     task = make_task(config.task, config.task_config)
+    # On the CPU whatever --device says: gloo is the process group every machine has, and it reduces CUDA
+    # tensors through host buffers; NCCL, DDP's GPU backend, refuses two processes on one GPU. Its bytes are
+    # computed (a ring all-reduce's), so they are the same on any device.
     model = torch.nn.parallel.DistributedDataParallel(task.build_model())
     loop = config.loop
     opt = torch.optim.AdamW(model.parameters(), lr=loop.inner_lr, weight_decay=loop.weight_decay)
@@ -290,15 +302,16 @@ def run_one_peer(config: BenchConfig, progress: Progress | None = None, label: s
     progress = progress or Progress("diloco", enabled=False)
     torch.set_num_threads(1)
     task = make_task(config.task, config.task_config)
-    model = task.build_model()
     loop = config.loop
+    device = resolve_device(loop.device)
+    model = place_model(task.build_model(), device)
     opt = torch.optim.AdamW(model.parameters(), lr=loop.inner_lr, weight_decay=loop.weight_decay)
     batches = task.batches(0, config.peers)
     done = [0]
     progress.begin(label, lambda: f"step {done[0]}/{loop.steps}")
     started = time.monotonic()
     for _ in range(loop.steps):
-        task.loss(model, next(batches)).backward()
+        task.loss(model, move_batch(next(batches), device)).backward()
         opt.step()
         opt.zero_grad()
         done[0] += 1
