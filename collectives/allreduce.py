@@ -64,7 +64,7 @@ from collectives.inbox import (
     RoundRegistry,
     StaleMessage,
 )
-from collectives.parts import flatten, part_bounds, total_numel, unflatten_like
+from collectives.parts import flatten, part_bounds, shared_device, total_numel, unflatten_like
 from collectives.round import ERROR_KIND_KEY, SERVICE, AllReduceConfig, Round
 from collectives.stats import RoundStats
 from collectives.transport import Transport, consume_exception, method_handlers, raw_stream_unary, raw_unary_unary
@@ -123,12 +123,6 @@ def _error_kind(exc: ProtocolError) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, DuplicateStream):
         return grpc.StatusCode.ALREADY_EXISTS, "duplicate"
     return grpc.StatusCode.INVALID_ARGUMENT, "invalid"
-
-
-def _on_a_device(tensors: torch.Tensor | Sequence[torch.Tensor]) -> bool:
-    """Whether the input lives on one non-CPU device (a GPU): its round then encodes it there."""
-    devices = {t.device for t in ([tensors] if isinstance(tensors, torch.Tensor) else tensors)}
-    return len(devices) == 1 and next(iter(devices)).type != "cpu"
 
 
 class Collective:
@@ -225,8 +219,8 @@ class Collective:
         )
         if borrowed:
             flat = tensors.detach().view(-1)
-        elif _on_a_device(tensors):
-            flat = flatten(tensors)  # copied where it lives: the round encodes it there
+        elif shared_device(tensors).type != "cpu":  # copied where it lives: the round encodes it there
+            flat = flatten(tensors, out=torch.empty(numel, dtype=torch.float32, device=shared_device(tensors)))
         else:
             flat = flatten(tensors, out=self.buffers.take(numel))
         pooled = None if borrowed or flat.device.type != "cpu" else flat

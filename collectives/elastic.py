@@ -87,7 +87,7 @@ from collectives.membership import (
     RoundPlan,
     Unregistered,
 )
-from collectives.parts import flatten, total_numel, unflatten_like
+from collectives.parts import flatten, shared_device, total_numel, unflatten_like
 from collectives.statesync import StateServer, StateSnapshot, StateSyncConfig, StateSyncError, fetch_state_async
 from collectives.stats import RoundStats
 from collectives.transport import Transport, TransportConfig
@@ -509,7 +509,8 @@ class ElasticCollective:
         """
         if prepare is not None and not callable(prepare):
             raise TypeError(f"prepare must be a function of (plan, flat tensor), got {prepare!r}")
-        flat = flatten(tensors)
+        # A GPU's contribution is flattened there: the round encodes it where it lives.
+        flat = flatten(tensors, out=torch.empty(total_numel(tensors), dtype=torch.float32, device=shared_device(tensors)))
         # Refused before the quorum, so a NaN never costs the others a round.
         check_finite(flat, "the values to sync (nothing was sent)")
         like = tensors if isinstance(tensors, torch.Tensor) else list(tensors)

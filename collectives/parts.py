@@ -41,14 +41,11 @@ def total_numel(tensors: torch.Tensor | Sequence[torch.Tensor]) -> int:
 
 
 def flatten(tensors: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy tensors into one contiguous 1-D fp32 tensor: ``out`` if given, else a new one on the tensors' device
-    when they share one (a GPU's contribution stays there, to be encoded there), else on the CPU."""
+    """Copy tensors into one contiguous 1-D fp32 tensor: ``out`` if given, else a new one on the CPU."""
     items = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
     n = sum(t.numel() for t in items)
     if out is None:
-        devices = {t.device for t in items}
-        device = devices.pop() if len(devices) == 1 else torch.device("cpu")
-        out = torch.empty(n, dtype=torch.float32, device=device)
+        out = torch.empty(n, dtype=torch.float32)
     elif out.numel() != n or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous fp32 tensor of {n} elements")
     offset = 0
@@ -57,6 +54,12 @@ def flatten(tensors: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor | 
         out[offset : offset + k].copy_(t.detach().reshape(-1))
         offset += k
     return out
+
+
+def shared_device(tensors: torch.Tensor | Sequence[torch.Tensor]) -> torch.device:
+    """The device every tensor is on, or the CPU when they are on several (or there are none)."""
+    devices = {t.device for t in ([tensors] if isinstance(tensors, torch.Tensor) else tensors)}
+    return devices.pop() if len(devices) == 1 else torch.device("cpu")
 
 
 def unflatten_like(
