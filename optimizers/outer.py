@@ -98,6 +98,8 @@ class SyncRecord:
     decisions: list[dict] = field(default_factory=list)
     # Differential privacy: the privacy spent by the run so far (epsilon at the algorithm's delta); None: no DP.
     epsilon: float | None = None
+    # Asynchronous rounds: how many rounds stale this peer's contribution was (None: a synchronous algorithm).
+    staleness: int | None = None
 
 
 class StepRate:
@@ -272,9 +274,10 @@ class OuterOptimizer:
         (e.g. noise scaled to their number); None: the contribution is sent as it is."""
         return None
 
-    def _send(self, tag: str, weight: Any, *, wait: bool) -> Any:
-        """Start (wait=False: a future) or run (a result) the round of tag's pseudo-gradients."""
-        tensors = self.contribution(self.round_indices(tag))
+    def _send(self, tag: str, weight: Any, *, wait: bool, tensors: list[torch.Tensor] | None = None) -> Any:
+        """Start (wait=False: a future) or run (a result) the round of tag's pseudo-gradients (or of ``tensors``)."""
+        if tensors is None:
+            tensors = self.contribution(self.round_indices(tag))
         call = self.peer.sync if wait else self.peer.sync_async
         prepare = self.prepare()
         # Only passed when used, so a user's SyncPeer without the argument keeps working.

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from collectives.errors import ConfigError
+from optimizers.asyncdiloco import AsyncDiLoCo, AsyncDiLoCoConfig
 from optimizers.coded import CodedSGD, CodedSGDConfig, SyncSGDConfig
 from optimizers.diloco import DiLoCo, DiLoCoConfig
 from optimizers.federated import FEDERATED, FedAvg
@@ -109,4 +110,8 @@ register_algorithm(
 register_algorithm(
     SeqSGCConfig.TAG, SeqSGCConfig, SequentialCodedSGD,
     "sequential gradient coding for bursty (B, W, lambda) stragglers: m-sgc, sr-sgc or gc (--quorum grace:lambda)",
+)
+register_algorithm(
+    AsyncDiLoCoConfig.TAG, AsyncDiLoCoConfig, AsyncDiLoCo,
+    "asynchronous DiLoCo: rounds of the ready peers (--quorum buffer:K), stale contributions weighted by s(tau)",
 )

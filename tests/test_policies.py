@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import ClassVar
@@ -17,6 +16,7 @@ from peer.coordinator.policies import (
     AllBut,
     AllPeers,
     Backup,
+    Buffered,
     Coded,
     FirstK,
     FormRound,
@@ -152,6 +152,17 @@ CASES = [
     ("grace: everyone asked", Grace(1), q("abcd", arrivals=(1.0, 1.1, 1.2, 1.3), since=1.3), form("abcd", "abcd")),
     ("grace: f=0 forms at the (n-L)-th", Grace(2, 0.0), q("ab", arrivals=(1.0, 1.1), since=1.1), form("ab", "abcd")),
     ("grace: unknown arrivals form at once", Grace(1), q("abc"), form("abc", "abcd")),
+    # buffer:K,t=T: every peer that asked, once K asked or T seconds after the first; nobody else is waited for.
+    ("buffer: k ready", Buffered(2), q("ca"), form("ac")),
+    ("buffer: every ready peer is a member", Buffered(2), q("dca"), form("acd")),
+    ("buffer: fewer than k wait", Buffered(2), q("a", waited=50.0), None),
+    ("buffer: t after the first, the ready ones", Buffered(3, 2.0), q("ba", waited=2.0), form("ab")),
+    ("buffer: before t, wait", Buffered(3, 2.0), q("ba", waited=1.9), None),
+    ("buffer: fewer than k live, all of them ready", Buffered(4), q("ba", "ab"), form("ab")),
+    ("buffer: k = n waits for everyone", Buffered(4), q("abc", waited=50.0), None),
+    ("buffer: startup grace", Buffered(1), q("a", age=9.0), None),
+    ("buffer: t never goes below min_peers", Buffered(3, 1.0), q("a", waited=5.0, rules=TWO), None),
+    ("buffer: a lone survivor below min_peers", Buffered(2), q("a", "a", waited=5.0, rules=TWO), Refuse(1)),
 ]
 
 
@@ -188,6 +199,10 @@ MAY_FORM_CASES = [
     ("sample 0.5: half of the live peers asked", sample("0.5"), (2, 4, 0.0), True),
     ("sample 0.5: fewer", sample("0.5"), (1, 4, 0.0), False),
     ("sample 0.5,min=3: fewer than the minimum", sample("0.5,min=3"), (2, 4, 0.0), False),
+    ("buffer: k asked", Buffered(2), (2, 4, 0.0), True),
+    ("buffer: fewer than k", Buffered(2), (1, 4, 0.0), False),
+    ("buffer: t passed", Buffered(3, 2.0), (1, 4, 2.0), True),
+    ("buffer: no t, the join timeout does not form", Buffered(3), (1, 4, 50.0), False),
 ]
 
 
@@ -206,6 +221,8 @@ def test_may_form(name, policy, counts, may):
         ("sample:0.5", Sample(SampleSize(fraction=Fraction(1, 2)))),
         ("sample:1.0", Sample(SampleSize(fraction=Fraction(1)))),
         ("sample:0.25,min=3", Sample(SampleSize(fraction=Fraction(1, 4), minimum=3))),
+        ("buffer:3", Buffered(3)),
+        ("buffer:3,t=2.5", Buffered(3, 2.5)),
     ],
 )
 def test_a_spec_reads_into_its_policy_and_back(spec, policy):
@@ -247,13 +264,13 @@ def test_a_fraction_whose_min_is_below_min_peers_is_refused():
     )
 
 
-FORMS = "all, first-k:K, sample:K, sample:F[,min=M], coded:S[,code=frc|cyclic], allbut:S, backup, grace:L[,f=F]"
+FORMS = "all, first-k:K, sample:K, sample:F[,min=M], coded:S[,code=frc|cyclic], allbut:S, backup, grace:L[,f=F], buffer:K[,t=T]"
 
 BAD_SPECS = [
     "", "some", "first-k", "first-k:0", "first-k:x", "all:3", "sample:-1", "sample", "sample:0", "sample:1.5",
     "sample:0.0", "sample:0.5,min=0", "sample:3,min=2", "sample:half", "sample:0.5,max=3",
     "coded", "coded:-1", "coded:1,code=rs", "coded:1,kind=frc", "allbut", "allbut:x", "backup:3", "grace",
-    "grace:1,f=-1", "grace:1,g=2",
+    "grace:1,f=-1", "grace:1,g=2", "buffer", "buffer:0", "buffer:2,t=0", "buffer:2,t=x", "buffer:2,s=1",
 ]
 
 
@@ -305,7 +322,7 @@ def test_a_new_policy_is_one_class_and_one_registration():
         usage: ClassVar[str] = "alone"
 
         @classmethod
-        def from_arg(cls, arg: str) -> "Alone":
+        def from_arg(cls, arg: str) -> Alone:
             return cls()
 
         @property

@@ -29,7 +29,10 @@ Policies, chosen with the coordinator's ``quorum`` setting:
   time since the last commit has passed (F default 0.5): workers a little
   late are kept, workers slower by more are the round's stragglers (roster
   as candidates);
-- ``sample:K``, ``sample:F``, ``sample:F,min=M``: the k peers
+- ``buffer:K[,t=T]``: asynchronous rounds (FedBuff): every peer that asked,
+  once K have (every live peer, if fewer are live), or T seconds after the
+  first one asked; the peers still training are not waited for;
+- ``sample:K, ``sample:F``, ``sample:F,min=M``: the k peers
   ``collectives.sampling.sample_members`` draws from the run's seed and the
   round id among the live peers (members can check the draw); k is K, or
   ceil(F x candidates) and at least M (min_peers when M is not given, see
@@ -42,6 +45,7 @@ read its argument, ``decide``) and decorate it with ``@register``.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -502,3 +506,66 @@ class Grace(QuorumPolicy):
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
         """n-L asked."""
         return requesting >= rules.min_peers and requesting >= eligible - self.stragglers
+
+
+@register
+@dataclass(frozen=True)
+class Buffered(QuorumPolicy):
+    """Asynchronous rounds (FedBuff): the peers ready now, once K of them are, or T seconds after the first one.
+
+    Peers still training are not waited for: they contribute to a later round, their contribution that many
+    rounds stale (``optimizers/asyncdiloco.py`` weighs it). With fewer than K live peers, K is all of them.
+    """
+
+    name: ClassVar[str] = "buffer"
+    usage: ClassVar[str] = "buffer:K[,t=T]"
+
+    k: int
+    timeout_s: float | None = None
+
+    @classmethod
+    def from_arg(cls, arg: str) -> Buffered:
+        """``buffer:K`` or ``buffer:K,t=T`` (K >= 1, T > 0 seconds)."""
+        count, _, rest = arg.partition(",")
+        k = _count(cls, count)
+        if not rest:
+            return cls(k)
+        key, _, value = rest.partition("=")
+        try:
+            t = float(value)
+        except ValueError:
+            t = -1.0
+        if key != "t" or not (t > 0 and math.isfinite(t)):
+            raise ConfigError(f"quorum policy buffer:{arg} takes t=T, the seconds (> 0) a ready peer waits for "
+                              f"{k} to be ready")
+        return cls(k, t)
+
+    @property
+    def spec(self) -> str:
+        """``buffer:K`` or ``buffer:K,t=T``."""
+        return f"{self.name}:{self.k}" + ("" if self.timeout_s is None else f",t={self.timeout_s:g}")
+
+    def _needed(self, live: int, rules: QuorumRules) -> int:
+        return max(min(self.k, live), rules.min_peers, 1)
+
+    def decide(self, q: QuorumInputs) -> Outcome:
+        """Every peer that asked, once K asked (all live peers if fewer) or T seconds after the first asked."""
+        if q.coordinator_age_s < q.rules.startup_grace_s:
+            return None
+        live = len(q.eligible | set(q.requesting))
+        ready = FormRound(tuple(order_members(set(q.requesting))))
+        if q.requesting and len(q.requesting) >= self._needed(live, q.rules):
+            return ready
+        if (self.timeout_s is not None and q.waited_s >= self.timeout_s
+                and len(q.requesting) >= max(q.rules.min_peers, 1)):
+            return ready
+        if quorum_hopeless(live, q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+            return Refuse(live)
+        return None
+
+    def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
+        """K (or every live peer) asked, or T passed since the first."""
+        if requesting < max(rules.min_peers, 1):
+            return False
+        timed_out = self.timeout_s is not None and waited_s >= self.timeout_s
+        return timed_out or requesting >= self._needed(eligible, rules)

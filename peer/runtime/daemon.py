@@ -353,6 +353,7 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
                 contributed=record.contributed,
                 decisions=record.decisions,
                 epsilon=record.epsilon,  # differential privacy: the privacy spent so far (None: no DP)
+                staleness=record.staleness,  # asynchronous rounds: rounds stale (None: a synchronous algorithm)
             )
         display.committed(
             RoundFigures(
