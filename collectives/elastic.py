@@ -32,6 +32,12 @@ A contribution's weight may be a number or a function of the round's plan
 each attempt: gradient coding's decoding coefficients depend on who made the
 round.
 
+A sync may pass ``within``, a function of the round's plan naming the
+members this peer reduces with (NoLoCo's pairs, ``collectives/pairing.py``):
+the round then runs as several small all-reduces in parallel, one per group,
+and commits as one. With ``own_state`` the peer's state is its own (replicas
+differ): a round it missed is skipped rather than caught up.
+
 A sync may also pass ``prepare``, a function of the round's plan and the flat
 contribution, run after each attempt's quorum (off the event loop): what is
 sent in that attempt is its result, a new tensor made from the original
@@ -169,6 +175,9 @@ class CaughtUp(LoconetError):
 Weight = float | Callable[[RoundPlan], float]
 # What a member sends in an attempt, made from the round's plan and its flat contribution (see the docstring).
 Prepare = Callable[[RoundPlan, torch.Tensor], torch.Tensor]
+# The peer ids (this peer among them) a member reduces with inside a round, from the round's plan: NoLoCo's
+# pairs. Every member computes it from the same plan; None: the whole round.
+Within = Callable[[RoundPlan], Sequence[str]]
 
 
 def check_prepared(sent: Any, flat: torch.Tensor, round_id: int) -> torch.Tensor:
@@ -484,11 +493,14 @@ class ElasticCollective:
         codec: CodecConfig | None = None,
         aggregator: AggregatorConfig | None = None,
         prepare: Prepare | None = None,
+        within: Within | None = None,
+        own_state: bool = False,
     ) -> SyncResult:
         """Reduce tensors with the run in a committed round (blocking); raises Resynced, CaughtUp, GroupTooSmall,
         RetriesExhausted, Stopped."""
         return self.sync_async(
-            tensors, weight=weight, tag=tag, codec=codec, aggregator=aggregator, prepare=prepare
+            tensors, weight=weight, tag=tag, codec=codec, aggregator=aggregator, prepare=prepare, within=within,
+            own_state=own_state,
         ).result()
 
     def sync_async(
@@ -499,6 +511,8 @@ class ElasticCollective:
         codec: CodecConfig | None = None,
         aggregator: AggregatorConfig | None = None,
         prepare: Prepare | None = None,
+        within: Within | None = None,
+        own_state: bool = False,
     ) -> concurrent.futures.Future[SyncResult]:
         """Start a sync and return its future; the input is copied first, so training may go on.
 
@@ -523,7 +537,9 @@ class ElasticCollective:
             config = dataclasses.replace(config, aggregator=aggregator)
         if not callable(weight):
             weight = float(weight)
-        return self.transport.submit(self._interruptible(self._sync(flat, weight, tag, like, config, prepare)))
+        return self.transport.submit(
+            self._interruptible(self._sync(flat, weight, tag, like, config, prepare, within, own_state))
+        )
 
     def _move(self, round_id: int, to: Phase) -> None:
         if to not in TRANSITIONS[self.phase]:
@@ -533,7 +549,8 @@ class ElasticCollective:
         self.membership.status.activity = {Phase.ALLREDUCE: "in-round", Phase.RESYNC: "syncing"}.get(to, self.membership.status.activity)
 
     async def _sync(
-        self, flat: torch.Tensor, weight: Weight, tag: str, like, allreduce: AllReduceConfig, prepare: Prepare | None
+        self, flat: torch.Tensor, weight: Weight, tag: str, like, allreduce: AllReduceConfig, prepare: Prepare | None,
+        within: Within | None = None, own_state: bool = False,
     ) -> SyncResult:
         config = self.config
         out = torch.empty(flat.numel(), dtype=torch.float32)  # the host: results are decoded there
@@ -558,6 +575,11 @@ class ElasticCollective:
             except LoconetError:
                 self._move(0, Phase.FAILED)
                 raise
+            if plan.action == "resync" and own_state:
+                # This peer's state is its own (NoLoCo's replicas differ): a round it missed is skipped, not
+                # caught up; it is up to date with the run's count of rounds.
+                self.last_round = max(self.last_round, plan.last_committed_round)
+                continue
             if plan.action == "resync":
                 results = await self._catch_up(plan) if plan.missed else None
                 if results is not None:
@@ -576,13 +598,14 @@ class ElasticCollective:
                 if not math.isfinite(w):
                     raise ProtocolError(f"the weight function gave {w} for round {plan.round_id}")
                 sent = flat
+                reduce_with = self._reduce_with(plan, within)
                 if prepare is not None:
                     # Off the loop (noise for a large model takes a while), from the original flat every attempt.
                     sent = check_prepared(await self.transport.run_off_loop(prepare, plan, flat), flat, plan.round_id)
             except ProtocolError as exc:  # this member refuses the round; it reports so, and nothing is sent
                 done, failed, reason = None, (), f"{self.peer_id} refused round {plan.round_id}: {exc}"
             else:
-                done, failed, reason = await self._allreduce(plan, sent, w, out, allreduce)
+                done, failed, reason = await self._allreduce(plan, sent, w, out, allreduce, reduce_with)
             self._move(plan.round_id, Phase.COMMIT)
             outcome = await self._commit(plan, done, failed, reason)
             self.epoch = max(self.epoch, outcome.epoch)
@@ -667,12 +690,27 @@ class ElasticCollective:
         log.info("no member still keeps round %d's result; fetching the state", missed.round_id)
         return None
 
+    def _reduce_with(self, plan: RoundPlan, within: Within | None) -> tuple[tuple[str, str], ...]:
+        """The (peer id, address) of the members this peer reduces with, in rank order; ProtocolError (this member
+        refuses the round) when ``within`` names itself out or a peer outside the round."""
+        if within is None:
+            return plan.members
+        chosen = set(within(plan))
+        ids = {pid for pid, _ in plan.members}
+        if self.peer_id not in chosen or not chosen <= ids:
+            raise ProtocolError(f"round {plan.round_id}: this peer reduces with {sorted(chosen)}, which is not a "
+                                f"part of the round's members {sorted(ids)} that holds it")
+        return tuple(m for m in plan.members if m[0] in chosen)
+
     async def _allreduce(
-        self, plan: RoundPlan, flat: torch.Tensor, weight: float, out: torch.Tensor, config: AllReduceConfig
+        self, plan: RoundPlan, flat: torch.Tensor, weight: float, out: torch.Tensor, config: AllReduceConfig,
+        members: tuple[tuple[str, str], ...] | None = None,
     ) -> tuple[AllReduceResult | None, tuple[str, ...], str]:
-        """(the result, or None with the members to blame and why)."""
-        ids = [pid for pid, _ in plan.members]
-        group = Group(self.config.run_id, plan.epoch, plan.round_id, tuple(addr for _, addr in plan.members), plan.rank)
+        """(the result, or None with the members to blame and why) of the round among ``members`` (default all)."""
+        members = plan.members if members is None else members
+        ids = [pid for pid, _ in members]
+        group = Group(self.config.run_id, plan.epoch, plan.round_id, tuple(addr for _, addr in members),
+                      ids.index(self.peer_id))
         try:
             done = await self.collective.reduce_flat(group, flat, weight=weight, config=config, out=out)
             return done, (), ""

@@ -100,6 +100,8 @@ class SyncRecord:
     epsilon: float | None = None
     # Asynchronous rounds: how many rounds stale this peer's contribution was (None: a synchronous algorithm).
     staleness: int | None = None
+    # Rounds reduced within groups (NoLoCo's pairs): the size of this peer's group (None: the whole round).
+    group_size: int | None = None
 
 
 class StepRate:
@@ -274,14 +276,17 @@ class OuterOptimizer:
         (e.g. noise scaled to their number); None: the contribution is sent as it is."""
         return None
 
-    def _send(self, tag: str, weight: Any, *, wait: bool, tensors: list[torch.Tensor] | None = None) -> Any:
-        """Start (wait=False: a future) or run (a result) the round of tag's pseudo-gradients (or of ``tensors``)."""
+    def _send(self, tag: str, weight: Any, *, wait: bool, tensors: list[torch.Tensor] | None = None,
+              **extra: Any) -> Any:
+        """Start (wait=False: a future) or run (a result) the round of tag's pseudo-gradients (or of ``tensors``);
+        ``extra`` goes to the peer's sync (``within``, ``own_state``)."""
         if tensors is None:
             tensors = self.contribution(self.round_indices(tag))
         call = self.peer.sync if wait else self.peer.sync_async
         prepare = self.prepare()
         # Only passed when used, so a user's SyncPeer without the argument keeps working.
-        extra = {} if prepare is None else {"prepare": prepare}
+        if prepare is not None:
+            extra["prepare"] = prepare
         return call(tensors, weight=weight, tag=tag, codec=self.codec, aggregator=self.aggregator, **extra)
 
     def _sync_starts(self) -> None:

@@ -47,7 +47,8 @@ class SyncPeer(Protocol):
         """Reduce tensors in a committed round; the result has ``.value`` and ``.round_id``.
 
         ``weight`` (if a function) and ``prepare`` are called with each attempt's plan; what an
-        attempt sends is ``prepare(plan, flat)``, made anew from the flat contribution.
+        attempt sends is ``prepare(plan, flat)``, made anew from the flat contribution. Algorithms
+        that need them also pass ``within`` and ``own_state`` (NoLoCo: ``ElasticCollective.sync``).
         """
 
     def sync_async(
@@ -87,8 +88,11 @@ class LocalPeer:
         codec: CodecConfig | None = None,
         aggregator: AggregatorConfig | None = None,
         prepare: Prepare | None = None,
+        within: Any = None,
+        own_state: bool = False,
     ) -> LocalResult:
-        """Return the round's result for a group of one (the codec applied, as a real round's gather does)."""
+        """Return the round's result for a group of one (the codec applied, as a real round's gather does); a run
+        of one is its own group, so ``within`` and ``own_state`` change nothing."""
         round_id = next(self._rounds)
         tensors = list(tensors)
         # On the host, where a real round's owners reduce (a GPU's contribution is copied here).
@@ -114,6 +118,8 @@ class LocalPeer:
         codec: CodecConfig | None = None,
         aggregator: AggregatorConfig | None = None,
         prepare: Prepare | None = None,
+        within: Any = None,
+        own_state: bool = False,
     ) -> concurrent.futures.Future:
         """A future that is already done (a NaN/Inf input raises at once, as a real peer's does)."""
         future: concurrent.futures.Future = concurrent.futures.Future()

@@ -33,6 +33,7 @@ from collectives.errors import ConfigError
 from optimizers.asyncdiloco import AsyncDiLoCo, AsyncDiLoCoConfig
 from optimizers.coded import CodedSGD, CodedSGDConfig, SyncSGDConfig
 from optimizers.diloco import DiLoCo, DiLoCoConfig
+from optimizers.noloco import NoLoCo, NoLoCoConfig
 from optimizers.federated import FEDERATED, FedAvg
 from optimizers.seqcoded import SeqSGCConfig, SequentialCodedSGD
 from optimizers.streaming import StreamingConfig, StreamingDiLoCo
@@ -114,4 +115,8 @@ register_algorithm(
 register_algorithm(
     AsyncDiLoCoConfig.TAG, AsyncDiLoCoConfig, AsyncDiLoCo,
     "asynchronous DiLoCo: rounds of the ready peers (--quorum buffer:K), stale contributions weighted by s(tau)",
+)
+register_algorithm(
+    NoLoCoConfig.TAG, NoLoCoConfig, NoLoCo,
+    "NoLoCo: each outer step averages within seeded pairs (no all-reduce), pulling the replicas together",
 )

@@ -336,7 +336,7 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
 
     def on_eval(step: int, loss: float) -> None:
         elastic.status.eval_loss = loss
-        events.emit("eval", step=step, eval_loss=loss)
+        events.emit("eval", step=step, eval_loss=loss, spread=loop.progress.spread)
 
     def on_commit(record) -> None:
         if events.enabled:  # the digest hashes every global parameter: only when someone reads it
@@ -354,6 +354,7 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
                 decisions=record.decisions,
                 epsilon=record.epsilon,  # differential privacy: the privacy spent so far (None: no DP)
                 staleness=record.staleness,  # asynchronous rounds: rounds stale (None: a synchronous algorithm)
+                group=record.group_size,  # NoLoCo: the size of this peer's group in the round (None: all of it)
             )
         display.committed(
             RoundFigures(

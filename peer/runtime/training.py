@@ -149,6 +149,8 @@ class Progress:
     steps_per_s: float = math.nan
     eval_loss: float = math.nan
     rounds: int = 0
+    # NoLoCo: the distance of this replica's outer weights from the replicas' mean at the last evaluation.
+    spread: float | None = None
     evals: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -186,6 +188,10 @@ class TrainLoop:
         """Eval loss of the current local model."""
         loss = self.task.evaluate(self.model)
         self.progress.eval_loss = loss
+        # An algorithm whose replicas differ (NoLoCo) measures how far apart they are, with the other peers.
+        measure = getattr(self.optimizer, "measure_spread", None)
+        if measure is not None:
+            self.progress.spread = measure()
         self.progress.evals.append((self.progress.step, loss))
         if self.on_eval is not None:
             self.on_eval(self.progress.step, loss)

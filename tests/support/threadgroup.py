@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from collectives.aggregators import aggregate_rows, make_aggregator
+from collectives.membership import RoundPlan
 from collectives.parts import flatten, unflatten_like
 
 
@@ -28,24 +29,30 @@ class ThreadGroup:
         self.n = n
         self.lock = threading.Lock()
         self.round_id = 0
-        self.pending: dict[int, tuple[torch.Tensor, float, list, concurrent.futures.Future]] = {}
+        self.pending: dict[int, tuple] = {}  # rank -> (flat, weight, tensors, future, within)
         self.peers = [ThreadPeer(self, rank) for rank in range(n)]
 
-    def submit(self, rank: int, tensors, weight: float, aggregator=None) -> concurrent.futures.Future:
+    def submit(self, rank: int, tensors, weight: float, aggregator=None, within=None) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self.lock:
             if rank in self.pending:
                 raise RuntimeError(f"rank {rank} submitted twice in one round")
-            self.pending[rank] = (flatten(list(tensors)), weight, list(tensors), future)
+            self.pending[rank] = (flatten(list(tensors)), weight, list(tensors), future, within)
             if len(self.pending) < self.n:
                 return future
             self.round_id += 1
             ranks = sorted(self.pending)
-            rows = torch.stack([self.pending[r][0] for r in ranks])
-            mean = aggregate_rows(make_aggregator(aggregator or "mean"), rows, [self.pending[r][1] for r in ranks])
+            # The plan a coordinator would send: every peer, by id; ``within`` cuts it into groups (NoLoCo's pairs).
+            plan = RoundPlan(action="round", round_id=self.round_id, members=tuple((f"peer{r}", "") for r in ranks))
+            results = {}
+            for r in ranks:
+                chosen = self.pending[r][4]
+                group = ranks if chosen is None else sorted(int(pid[4:]) for pid in chosen(plan, rank=r))
+                rows = torch.stack([self.pending[g][0] for g in group])
+                results[r] = aggregate_rows(make_aggregator(aggregator or "mean"), rows, [self.pending[g][1] for g in group])
             done, self.pending = self.pending, {}
         for r in ranks:
-            done[r][3].set_result(Result(unflatten_like(mean.clone(), done[r][2]), self.round_id))
+            done[r][3].set_result(Result(unflatten_like(results[r].clone(), done[r][2]), self.round_id))
         return future
 
 
@@ -53,9 +60,12 @@ class ThreadPeer:
     def __init__(self, group: ThreadGroup, rank: int) -> None:
         self.group = group
         self.rank = rank
+        self.peer_id = f"peer{rank}"
 
-    def sync_async(self, tensors, weight=1.0, tag="", codec=None, aggregator=None) -> concurrent.futures.Future:
-        return self.group.submit(self.rank, tensors, weight, aggregator)
+    def sync_async(self, tensors, weight=1.0, tag="", codec=None, aggregator=None, within=None,
+                   own_state=False) -> concurrent.futures.Future:
+        chosen = None if within is None else (lambda plan, rank: within(plan))
+        return self.group.submit(self.rank, tensors, weight, aggregator, chosen)
 
-    def sync(self, tensors, weight=1.0, tag="", codec=None, aggregator=None) -> Result:
-        return self.sync_async(tensors, weight, tag, codec, aggregator).result(timeout=60)
+    def sync(self, tensors, weight=1.0, tag="", codec=None, aggregator=None, within=None, own_state=False) -> Result:
+        return self.sync_async(tensors, weight, tag, codec, aggregator, within, own_state).result(timeout=60)
