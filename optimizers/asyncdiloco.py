@@ -102,6 +102,7 @@ class AsyncDiLoCo(DiLoCo):
         self.staleness_history: list[int] = []
         self._caught_up = False
         self._syncing = False
+        self._tau = 0  # the staleness of the contribution in flight
 
     # -- the outer step -------------------------------------------------------------------
 
@@ -127,6 +128,7 @@ class AsyncDiLoCo(DiLoCo):
             scale = self.weighting.weight(tau)
             sent = delta if scale == 1.0 else [d * scale for d in delta]
             self._caught_up = False
+            self._tau = tau
             committed = self._conclude(
                 lambda sent=sent: self._send(self.tag, weight, wait=True, tensors=sent),
                 self.tag,
@@ -136,11 +138,13 @@ class AsyncDiLoCo(DiLoCo):
             )
             if committed:
                 self.staleness_history.append(tau)
-                self.history[-1].staleness = tau
                 return True
             if not self._caught_up:
                 return False
             # Caught up: the same contribution, now staler, goes to the next round.
+
+    def _round_facts(self) -> dict[str, Any]:
+        return {"staleness": self._tau}
 
     def staleness(self) -> int:
         """Rounds committed since the global version this peer's local training started from."""

@@ -283,9 +283,10 @@ class NoLoCo(DiLoCo):
             label=f"{self.tag} sync at step {self.inner_steps}",
             missed=lambda: self._reset_schedule(keep_samples=True),
         )
-        if committed:
-            self.history[-1].group_size = self._group_size
         return committed
+
+    def _round_facts(self) -> dict[str, Any]:
+        return {"group_size": self._group_size}
 
     def _apply(self, tag: str, value: Sequence[torch.Tensor], round_id: int) -> None:
         """NoLoCo's step on every replica weight from the group's means (Δ̄, φ̄), then the model restarts from φ."""

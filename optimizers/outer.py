@@ -337,9 +337,14 @@ class OuterOptimizer:
                 allreduce_s=getattr(stats, "wall_s", 0.0),
                 epoch=getattr(result, "epoch", 0),
                 decisions=list(getattr(result, "decisions", [])),
+                **self._round_facts(),
             )
         )
         return True
+
+    def _round_facts(self) -> dict[str, Any]:
+        """What the subclass adds to a committed round's record (its staleness, its group's size); none by default."""
+        return {}
 
     def _apply(self, tag: str, value: Sequence[torch.Tensor], round_id: int) -> None:
         """The outer step of a committed round on tag's parameters, mixed into the model."""

@@ -33,8 +33,8 @@ from collectives.errors import ConfigError
 from optimizers.asyncdiloco import AsyncDiLoCo, AsyncDiLoCoConfig
 from optimizers.coded import CodedSGD, CodedSGDConfig, SyncSGDConfig
 from optimizers.diloco import DiLoCo, DiLoCoConfig
-from optimizers.noloco import NoLoCo, NoLoCoConfig
 from optimizers.federated import FEDERATED, FedAvg
+from optimizers.noloco import NoLoCo, NoLoCoConfig
 from optimizers.seqcoded import SeqSGCConfig, SequentialCodedSGD
 from optimizers.streaming import StreamingConfig, StreamingDiLoCo
 
