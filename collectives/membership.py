@@ -213,6 +213,8 @@ class PeerStatus:
     eval_loss: float = math.nan
     # Differential privacy: the privacy the run has spent (epsilon at its delta); NaN when the run has no DP.
     epsilon: float = math.nan
+    # NoLoCo: this replica's distance from the replicas' mean at the last evaluation; NaN when not measured.
+    spread: float = math.nan
     samples: int = 0
     activity: str = "starting"
     extra: dict = field(default_factory=dict)
@@ -340,6 +342,7 @@ class MembershipClient:
                     samples=s.samples,
                     eval_loss=s.eval_loss,
                     privacy_epsilon=s.epsilon,
+                    spread=s.spread,
                 ),
             )
             try:

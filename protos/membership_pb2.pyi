@@ -46,7 +46,7 @@ class JoinResponse(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., lease_s: _Optional[float] = ..., heartbeat_s: _Optional[float] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., sync_from: _Optional[str] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ...) -> None: ...
 
 class PeerMetrics(_message.Message):
-    __slots__ = ("step", "steps_per_s", "loss", "bytes_sent", "bytes_received", "activity", "samples", "eval_loss", "privacy_epsilon")
+    __slots__ = ("step", "steps_per_s", "loss", "bytes_sent", "bytes_received", "activity", "samples", "eval_loss", "privacy_epsilon", "spread")
     STEP_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_S_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class PeerMetrics(_message.Message):
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    SPREAD_FIELD_NUMBER: _ClassVar[int]
     step: int
     steps_per_s: float
     loss: float
@@ -65,7 +66,8 @@ class PeerMetrics(_message.Message):
     samples: int
     eval_loss: float
     privacy_epsilon: float
-    def __init__(self, step: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., activity: _Optional[str] = ..., samples: _Optional[int] = ..., eval_loss: _Optional[float] = ..., privacy_epsilon: _Optional[float] = ...) -> None: ...
+    spread: float
+    def __init__(self, step: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., activity: _Optional[str] = ..., samples: _Optional[int] = ..., eval_loss: _Optional[float] = ..., privacy_epsilon: _Optional[float] = ..., spread: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "last_round", "metrics")

@@ -286,6 +286,14 @@ def test_metrics_have_each_peers_eval_loss_once_it_has_one(serve):
     assert ("loconet_peer_eval_loss", (("peer", "p3"),)) not in samples
 
 
+def test_metrics_have_a_replicas_spread_when_it_reports_one(serve):
+    doc = sample_status()
+    doc["peers"][0]["spread"] = 0.25
+    samples = metric_samples(get(serve(lambda: doc).url + "/metrics")[2].decode())
+    assert samples[("loconet_peer_spread", (("peer", doc["peers"][0]["peer_id"]),))] == 0.25
+    assert ("loconet_peer_spread", (("peer", doc["peers"][1]["peer_id"]),)) not in samples
+
+
 def test_metrics_read_the_status_at_scrape_time(serve):
     doc = sample_status()
     server = serve(lambda: doc)

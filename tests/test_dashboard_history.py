@@ -184,3 +184,23 @@ def test_a_heartbeats_eval_loss_reaches_the_status_document(coordinator):
     assert status["eval_loss"] == {peer_id: [[10, 2.75]]}
     assert status["history"]["traffic"][peer_id][0][1:] == [500, 0]
     assert [n for _, n in status["history"]["alive"]] == [0, 1]
+
+
+def test_a_replicas_spread_reaches_the_status_and_its_largest_the_summary(coordinator):
+    live, stub = coordinator
+    ids = [stub.Join(pb.JoinRequest(run_id="history", address=f"127.0.0.1:{i}", has_state=False), timeout=5).peer_id
+           for i in (1, 2)]
+    for peer_id, spread in zip(ids, (0.25, 0.5)):
+        metrics = pb.PeerMetrics(step=1, spread=spread)
+        assert stub.Heartbeat(pb.HeartbeatRequest(run_id="history", peer_id=peer_id, metrics=metrics), timeout=5).known
+    status = live.status()
+    assert sorted(p["spread"] for p in status["peers"]) == [0.25, 0.5]
+    assert status["summary"]["spread"] == 0.5
+
+
+def test_a_heartbeat_without_a_spread_leaves_it_unknown(coordinator):
+    live, stub = coordinator
+    peer_id = stub.Join(pb.JoinRequest(run_id="history", address="127.0.0.1:1", has_state=False), timeout=5).peer_id
+    assert stub.Heartbeat(pb.HeartbeatRequest(run_id="history", peer_id=peer_id, metrics=pb.PeerMetrics(step=1)),
+                          timeout=5).known
+    assert live.status()["peers"][0]["spread"] is None and live.status()["summary"]["spread"] is None

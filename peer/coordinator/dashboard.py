@@ -156,6 +156,8 @@ class StatusCollector(Collector):
             "eval_loss": (GaugeMetricFamily, "loconet_peer_eval_loss", "Loss of a peer's last evaluation."),
             "epsilon": (GaugeMetricFamily, "loconet_peer_privacy_epsilon",
                         "Differential privacy: the epsilon the run has spent, as a peer reports it."),
+            "spread": (GaugeMetricFamily, "loconet_peer_spread",
+                       "NoLoCo: distance of a replica's outer weights from the replicas' mean at its last evaluation."),
             "steps_per_s": (GaugeMetricFamily, "loconet_peer_steps_per_second", "Training speed of a peer."),
             "step": (GaugeMetricFamily, "loconet_peer_step", "Local training step of a peer."),
             "last_round": (GaugeMetricFamily, "loconet_peer_last_round", "Last round a peer took part in."),

@@ -39,6 +39,7 @@ class PeerRecord:
     loss: float | None = None
     eval_loss: float | None = None
     epsilon: float | None = None
+    spread: float | None = None
     samples: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -283,6 +284,8 @@ class RunState:
                 "bytes_received": sum(p.bytes_received for p in peers),
                 # Differential privacy: the most any live peer reports the run has spent (None: no DP).
                 "epsilon": max((p.epsilon for p in peers if p.alive and p.epsilon is not None), default=None),
+                # NoLoCo: the largest distance of a live replica from the replicas' mean (None: not measured).
+                "spread": max((p.spread for p in peers if p.alive and p.spread is not None), default=None),
             },
             "peers": [
                 {
@@ -296,6 +299,7 @@ class RunState:
                     "loss": p.loss,
                     "eval_loss": p.eval_loss,
                     "epsilon": p.epsilon,
+                    "spread": p.spread,
                     "samples": p.samples,
                     "bytes_sent": p.bytes_sent,
                     "bytes_received": p.bytes_received,

@@ -285,6 +285,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         peer.eval_loss = m.eval_loss if math.isfinite(m.eval_loss) else None
         # Absent in an older peer's heartbeat (0.0): only a positive finite value is a privacy figure.
         peer.epsilon = m.privacy_epsilon if math.isfinite(m.privacy_epsilon) and m.privacy_epsilon > 0 else None
+        peer.spread = m.spread if math.isfinite(m.spread) and m.spread > 0 else None
         peer.samples = m.samples
         peer.bytes_sent = m.bytes_sent
         peer.bytes_received = m.bytes_received

@@ -336,6 +336,8 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
 
     def on_eval(step: int, loss: float) -> None:
         elastic.status.eval_loss = loss
+        if loop.progress.spread is not None:
+            elastic.status.spread = loop.progress.spread
         events.emit("eval", step=step, eval_loss=loss, spread=loop.progress.spread)
 
     def on_commit(record) -> None:
