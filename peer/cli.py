@@ -26,6 +26,7 @@ BENCHMARKS = (
     ("federated", "federated", "every federated strategy, clean and under byzantine attack"),
     ("coding", "coding", "synchronous SGD under stragglers: gradient coding against waiting, ignoring, backup workers"),
     ("gpu", "gpu", "the GPU check: DiLoCo on CUDA, device encoding parity and speed, sync copies vs inner steps"),
+    ("hetero", "hetero", "peers of different speeds: synchronous, time-budget and asynchronous DiLoCo, NoLoCo"),
 )
 
 

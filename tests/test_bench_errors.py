@@ -80,6 +80,7 @@ BAD_ARGUMENTS = [
     (["gpu", "--device", "auto"], "bench gpu checks a named device: give --device cuda, cuda:N, or cpu"),
     (["gpu", "--device", "mps"], "device 'mps' is not one of auto, cpu, cuda, cuda:N"),
     (["gpu", "--device", "cpu", "--peers", "1"], "--peers must be at least 2 (the peers must agree), got 1"),
+    (["hetero", "--slow", "peer3x3"], "cannot read --slow 'peer3x3': write PEER:x=X with X above 1"),
 ]
 
 
@@ -102,8 +103,8 @@ def test_an_unknown_method_on_the_command_line_is_one_line_and_exit_code_2():
     assert result.stderr.splitlines() == [
         (
             "loconet: error: unknown method 'dilco' in --methods; choose from diloco, streaming, fedavg, fedavgm, "
-            "fedadam, fedyogi, fedadagrad, fedprox, client-momentum, coded-sgd, sync-sgd, seq-sgc (registered "
-            "algorithms) "
+            "fedadam, fedyogi, fedadagrad, fedprox, client-momentum, coded-sgd, sync-sgd, seq-sgc, async-diloco, "
+            "noloco (registered algorithms) "
             "and data_parallel, one_peer (baselines), comma-separated"
         )
     ]

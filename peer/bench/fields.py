@@ -19,7 +19,8 @@ import textwrap
 Fields = dict[str, str]
 
 # The benchmark modules of ``loconet bench`` (peer/cli.py's BENCHMARKS names the same; a test checks it).
-BENCH_MODULES = ("allreduce", "codecs", "transport", "statesync", "diloco", "membership", "federated", "coding", "gpu")
+BENCH_MODULES = ("allreduce", "codecs", "transport", "statesync", "diloco", "membership", "federated", "coding", "gpu",
+                 "hetero")
 
 # Ratios whose names an issue spells out (other checks read them), kept in spite of the convention below.
 ISSUE_NAMED_RATIOS = ("ratio_vs_gloo",)
