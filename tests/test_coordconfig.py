@@ -52,7 +52,7 @@ def test_a_sample_fraction_never_draws_fewer_than_min_peers(quorum, min_peers, s
     assert CoordinatorConfig(quorum=quorum, min_peers=min_peers).policy.spec == spec
 
 
-FORMS = "all, first-k:K, sample:K, sample:F[,min=M], coded:S[,code=frc|cyclic], allbut:S, backup, grace:L[,f=F]"
+FORMS = "all, first-k:K, sample:K, sample:F[,min=M], coded:S[,code=frc|cyclic], allbut:S, backup, grace:L[,f=F], buffer:K[,t=T]"
 
 # settings -> the refusal's message
 REFUSED = [
