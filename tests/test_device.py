@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import signal
 import subprocess
 import sys
 from collections import OrderedDict, namedtuple
@@ -34,6 +32,7 @@ from peer.runtime.training import TaskPartitions, TrainConfig, TrainLoop, local_
 from peer.tasks.base import Task, TaskConfig
 from peer.tasks.registry import make_task
 from peer.trainoptions import add_train_arguments, read_train_config, train_args
+from tests.support.cli import in_process, one_line_error
 
 META = torch.device("meta")
 
@@ -216,31 +215,6 @@ def test_the_harness_passes_its_device_to_every_peer(tmp_path):
 
 
 # -- the command line ----------------------------------------------------------------------------
-
-
-def in_process(capsys, *args: str) -> subprocess.CompletedProcess:
-    """``peer.cli.main(ARGS)`` here (its checks run before any process starts); what it printed."""
-    from peer import cli
-
-    sigterm, verbosity = signal.getsignal(signal.SIGTERM), os.environ.get("GRPC_VERBOSITY")
-    try:
-        code = cli.main(list(args))
-    except SystemExit as exc:  # argparse's usage errors
-        code = exc.code
-    finally:
-        signal.signal(signal.SIGTERM, sigterm)
-        if verbosity is None:
-            os.environ.pop("GRPC_VERBOSITY", None)
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out, err)
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    """The single error line of a failed command (asserting there is nothing else on stderr)."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in result.stderr, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("loconet: error: "), result.stderr
-    return lines[0]
 
 
 @pytest.mark.timeout(120)

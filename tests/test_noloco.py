@@ -7,7 +7,6 @@ tests/test_async_processes.py.
 from __future__ import annotations
 
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -22,40 +21,13 @@ from optimizers.outer_optim import OuterConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.threadgroup import ThreadGroup
+from support.threads import run_threads, small_model, train_small
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
-
-
-def train(opt, m: torch.nn.Module, rank: int, steps: int) -> None:
-    for t in range(steps):
-        g = torch.Generator().manual_seed(1000 * rank + t)
-        x, y = torch.randn(5, 4, generator=g), torch.randn(5, 2, generator=g)
-        torch.nn.functional.mse_loss(m(x), y).backward()
-        opt.step(samples=5)
-        opt.zero_grad()
-
-
-def run_threads(targets) -> None:
-    errors: list[BaseException] = []
-
-    def guard(fn):
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=guard, args=(t,)) for t in targets]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=50)
-    if errors:
-        raise errors[0]
+model = small_model
+train = train_small
 
 
 def replicas(n: int, **options) -> tuple[list[torch.nn.Module], list[NoLoCo]]:
