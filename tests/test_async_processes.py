@@ -45,6 +45,7 @@ def test_async_diloco_survives_a_pause_a_kill_and_a_join_applying_each_round_onc
     report, harness = run(train, tmp_path)
     assert report["survivors_identical"] is True
     assert report["peers_alive"] == 3
+    assert "largest_group" not in report  # rounds of the whole quorum
     for event in report["events"]:
         assert event["recovery_s"] is not None, f"no round committed after {event['event']}"
     for name in ("peer0", "peer1", "peer3"):
@@ -64,6 +65,7 @@ def test_noloco_survives_a_pause_a_kill_and_a_join_in_pairs_with_a_bounded_sprea
         assert event["recovery_s"] is not None, f"no round committed after {event['event']}"
     groups = {e["group"] for name in ("peer0", "peer1", "peer3") for e in committed(harness, name)}
     assert groups <= {1, 2}, "no group larger than a pair"
+    assert report["largest_group"] == max(groups) and set(report["spread_per_peer"]) >= {"peer0", "peer1", "peer3"}
     spreads = [e["spread"] for name in ("peer0", "peer1", "peer3") for e in harness.peers[name].events
                if e["event"] == "eval" and e.get("spread") is not None]
     assert spreads and all(math.isfinite(s) for s in spreads)

@@ -473,7 +473,22 @@ class Harness:
         utilization = self._link_utilization()
         if utilization is not None:
             report["link_utilization"] = utilization
+        report.update(self._replicas())
         return report
+
+    def _replicas(self) -> dict:
+        """For rounds reduced in groups (NoLoCo): the largest group a peer reduced in, and the replicas' spread as
+        each survivor last measured it (empty for the other algorithms)."""
+        events = [e for p in self.peers.values() for e in p.events]
+        groups = [e["group"] for e in events if e["event"] == "committed" and e.get("group") is not None]
+        if not groups:
+            return {}
+        spreads = {}
+        for name, p in self.peers.items():
+            measured = [e["spread"] for e in p.events if e["event"] == "eval" and e.get("spread") is not None]
+            if measured:
+                spreads[name] = measured[-1]
+        return {"largest_group": max(groups), "spread_per_peer": spreads}
 
     def _byzantine(self) -> dict[str, dict]:
         """Per peer that was told to attack, what its own events say it did: the attacks it started, the
