@@ -37,6 +37,7 @@ from peer.coordinator.config import CoordinatorConfig
 from peer.device import place_model, resolve_device
 from peer.harness.control import write_control
 from peer.harness.processes import CoordinatorProc, Proc, daemon_peer, stop_all
+from peer.harness.recovery import lost_s
 from peer.harness.scenario import Event
 from peer.options import option_args
 from peer.runtime.training import TrainConfig, local_run
@@ -111,6 +112,7 @@ class Fired:
     wall: float
     detail: str = ""
     recovery_s: float | None = None
+    lost_s: float | None = None
     restore_at: float | None = None
 
 
@@ -427,12 +429,17 @@ class Harness:
     def _report(self) -> dict:
         c = self.config
         rounds = self.committed_rounds()
-        for f in self.fired:
-            after = [t for t in rounds.values() if t > f.wall]
-            f.recovery_s = (min(after) - f.wall) if after else None
         finished = {n: next(e for e in p.events if e["event"] == "finished") for n, p in self.peers.items()
                     if any(e["event"] == "finished" for e in p.events)}
         survivors = list(finished)
+        # The survivors' own syncs (rounds applied late are not syncs of theirs): what each event cost them.
+        syncs = {n: [(e["t"], e["wall_s"]) for e in self.peers[n].events
+                     if e["event"] == "committed" and e.get("contributed", True) and e.get("wall_s")]
+                 for n in survivors}
+        for f in self.fired:
+            after = [t for t in rounds.values() if t > f.wall]
+            f.recovery_s = (min(after) - f.wall) if after else None
+            f.lost_s = lost_s(f.wall, syncs)
         digest_round, identical = self._identical(survivors)
         status = self._status() or {"summary": {"rounds_aborted": 0}, "rounds": []}
         aborted = self._aborted_before + status["summary"]["rounds_aborted"]
@@ -450,7 +457,8 @@ class Harness:
             "rounds_aborted": aborted,
             "aborted_rounds_retried": self._retried(status),
             "events": [
-                {"event": str(f.event), "time_s": round(f.time_s, 3), "recovery_s": f.recovery_s, "detail": f.detail}
+                {"event": str(f.event), "time_s": round(f.time_s, 3), "recovery_s": f.recovery_s, "lost_s": f.lost_s,
+                 "detail": f.detail}
                 for f in self.fired
             ],
             "byzantine": self._byzantine(),

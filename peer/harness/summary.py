@@ -24,8 +24,10 @@ def report_summary(report: dict, steps: int) -> str:
         f"for the same {steps} steps ({dp / mb:.0f}x more)" if mb else "  sent per peer  0 MB",
     ]
     for event in report.get("events", []):
-        recovery = event.get("recovery_s")
+        recovery, lost = event.get("recovery_s"), event.get("lost_s")
         after = f"next commit {recovery:.2f} s later" if recovery is not None else "no commit after it"
+        if lost is not None:
+            after += f", {lost:.2f} s lost"
         lines.append(f"  event          {event['event']} at {event['time_s']:.1f} s; {after}")
     for peer, did in report.get("byzantine", {}).items():
         attacks = ", ".join(did["attacks"]) or "no attack (" + "; ".join(did["refused"]) + ")"

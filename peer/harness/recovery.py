@@ -1,0 +1,33 @@
+"""What a fault cost the survivors of a harness run: pure functions of the peers' committed syncs.
+
+``recovery_s`` (event to the next committed round) includes the training until
+the next scheduled sync, so it says little about the fault itself. ``lost_s``
+is the extra wall time the event cost: the duration of the sync it affected
+minus a normal sync's duration. Per survivor, the affected sync is its first
+sync that committed after the event, and a normal one is the median of its
+syncs; the event's ``lost_s`` is the median over the survivors, so one peer's
+unrelated hiccup does not decide it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+
+Sync = tuple[float, float]
+"""One committed sync of a peer: (when it committed, on the wall clock; how long the whole sync took, seconds)."""
+
+
+def peer_lost_s(at: float, syncs: Sequence[Sync]) -> float | None:
+    """The extra seconds of this peer's first sync committed after ``at``, over its median sync; None if none."""
+    after = [s for s in syncs if s[0] > at]
+    if not after:
+        return None
+    affected = min(after)
+    return affected[1] - statistics.median(duration for _, duration in syncs)
+
+
+def lost_s(at: float, syncs: Mapping[str, Sequence[Sync]]) -> float | None:
+    """The median over peers of ``peer_lost_s`` for an event at wall time ``at``; None when no peer committed after."""
+    per_peer = [lost for lost in (peer_lost_s(at, s) for s in syncs.values()) if lost is not None]
+    return statistics.median(per_peer) if per_peer else None
