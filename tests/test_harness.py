@@ -37,6 +37,7 @@ def assert_healthy(report: dict, alive: int) -> None:
     assert report["peers_alive"] == alive
     for event in report["events"]:
         assert event["recovery_s"] is not None, f"no round committed after {event['event']}"
+        assert event["lost_s"] is not None, f"no survivor synced after {event['event']}"
 
 
 def test_kill_during_a_round(tmp_path):
