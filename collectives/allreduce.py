@@ -217,10 +217,11 @@ class Collective:
             and tensors.dtype == torch.float32
             and tensors.is_contiguous()
         )
+        device = shared_device(tensors)
         if borrowed:
             flat = tensors.detach().view(-1)
-        elif shared_device(tensors).type != "cpu":  # copied where it lives: the round encodes it there
-            flat = flatten(tensors, out=torch.empty(numel, dtype=torch.float32, device=shared_device(tensors)))
+        elif device.type != "cpu":  # copied where it lives: the round encodes it there
+            flat = flatten(tensors, device=device)
         else:
             flat = flatten(tensors, out=self.buffers.take(numel))
         pooled = None if borrowed or flat.device.type != "cpu" else flat

@@ -524,7 +524,7 @@ class ElasticCollective:
         if prepare is not None and not callable(prepare):
             raise TypeError(f"prepare must be a function of (plan, flat tensor), got {prepare!r}")
         # A GPU's contribution is flattened there: the round encodes it where it lives.
-        flat = flatten(tensors, out=torch.empty(total_numel(tensors), dtype=torch.float32, device=shared_device(tensors)))
+        flat = flatten(tensors, device=shared_device(tensors))
         # Refused before the quorum, so a NaN never costs the others a round.
         check_finite(flat, "the values to sync (nothing was sent)")
         like = tensors if isinstance(tensors, torch.Tensor) else list(tensors)

@@ -40,12 +40,15 @@ def total_numel(tensors: torch.Tensor | Sequence[torch.Tensor]) -> int:
     return sum(t.numel() for t in tensors)
 
 
-def flatten(tensors: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy tensors into one contiguous 1-D fp32 tensor: ``out`` if given, else a new one on the CPU."""
+def flatten(
+    tensors: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Copy tensors into one contiguous 1-D fp32 tensor: ``out`` if given, else a new one on ``device``."""
     items = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
     n = sum(t.numel() for t in items)
     if out is None:
-        out = torch.empty(n, dtype=torch.float32)
+        out = torch.empty(n, dtype=torch.float32, device=device)
     elif out.numel() != n or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous fp32 tensor of {n} elements")
     offset = 0

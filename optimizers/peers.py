@@ -25,7 +25,7 @@ from collectives.codecs import CodecConfig, check_finite, make_codec
 from collectives.elastic import Prepare, Weight, check_prepared
 from collectives.errors import NonFiniteError
 from collectives.membership import PeerStatus, RoundPlan
-from collectives.parts import flatten, total_numel, unflatten_like
+from collectives.parts import flatten, unflatten_like
 
 
 class SyncPeer(Protocol):
@@ -96,7 +96,7 @@ class LocalPeer:
         round_id = next(self._rounds)
         tensors = list(tensors)
         # On the host, where a real round's owners reduce (a GPU's contribution is copied here).
-        flat = flatten(tensors, out=torch.empty(total_numel(tensors), dtype=torch.float32))
+        flat = flatten(tensors)
         plan = RoundPlan(action="round", round_id=round_id, members=(("local", ""),))
         if callable(weight):
             weight = weight(plan)
