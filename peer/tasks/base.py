@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from collectives.errors import ConfigError
+from peer.device import model_device
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 """(inputs, targets) of one training or eval step."""
@@ -160,7 +161,7 @@ class Task(ABC):
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy in nats of the model's next-token logits (scalar tensor)."""
         inputs, targets = batch
-        device = _device_of(model)
+        device = model_device(model)
         logits = model(inputs.to(device))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.to(device).reshape(-1))
 
@@ -241,8 +242,3 @@ def seeded_rng(seed: int, stream: str, *keys: int) -> np.random.Generator:
     # crc32 rather than hash(): str hashes are salted per process
     return np.random.default_rng([seed, zlib.crc32(stream.encode()), *keys])
 
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
