@@ -33,7 +33,7 @@ import torch
 
 from collectives.errors import CodecError, ConfigError, NonFiniteError
 
-__all__ = ["CodecConfigLike", "decode_raw_on_device", "encode_raw_on_device", "encode_throughput"]
+__all__ = ["CodecConfigLike", "decode_raw_on_device", "encode_raw_on_device", "encode_throughput", "synchronize"]
 
 # The CPU codec's constants (collectives.codecs; tests/test_devicecodec.py checks they agree).
 _SEGMENT_ELEMS = 1 << 19
@@ -204,7 +204,8 @@ def decode_raw_on_device(config: CodecConfigLike, raw: torch.Tensor, numel: int,
         out[nfull * b:].mul_(scales[nfull])
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA device (nothing to wait for elsewhere)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -223,7 +224,7 @@ def encode_throughput(config: CodecConfigLike, x: torch.Tensor, repeats: int = 5
     encode_raw_on_device(config, x).cpu()  # warm-up (kernels, allocator); raises on bad input
     rates = []
     for _ in range(repeats):
-        _synchronize(x.device)  # work queued before (producing x) is not ours to time
+        synchronize(x.device)  # work queued before (producing x) is not ours to time
         start = time.perf_counter()
         encode_raw_on_device(config, x).cpu()  # the copy to the host waits for the encoding
         elapsed = time.perf_counter() - start

@@ -24,20 +24,18 @@ the CPU too).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
 from collectives.codecs import CODEC_NAMES, CodecConfig, make_codec
-from collectives.devicecodec import encode_raw_on_device, encode_throughput
+from collectives.devicecodec import encode_raw_on_device, encode_throughput, synchronize
 from collectives.errors import ConfigError
 from optimizers.globalstate import GlobalState
 from optimizers.outer_optim import OuterConfig
 from peer.bench.diloco import BenchConfig, run_ours
 from peer.bench.fields import Fields, describe_report
-from peer.bench.kit import print_report, require
+from peer.bench.kit import median_seconds, print_report, require
 from peer.bench.progress import Progress, progress_for
 from peer.device import check_device_spec, place_model, resolve_device
 from peer.runtime.training import local_run
@@ -116,21 +114,15 @@ def check_parity(device: torch.device, numel: int) -> dict[str, bool]:
     return result
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_s(fn, device: torch.device, repeat: int) -> float:
-    fn()  # warm-up: allocations, kernels' first launch
-    times = []
-    for _ in range(repeat):
-        _synchronize(device)
-        start = time.perf_counter()
+    """kit.median_seconds of fn, each call waiting for the device's queued work (so the next starts idle)."""
+
+    def finished() -> None:
         fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        synchronize(device)
+
+    synchronize(device)
+    return median_seconds(finished, repeat)
 
 
 def time_sync_copies(device: torch.device, repeat: int) -> dict:
