@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -39,7 +40,6 @@ import torch
 
 from collectives.elastic import CaughtUp
 from collectives.errors import ConfigError
-from collectives.parts import unflatten_like
 from collectives.statesync import StateSnapshot
 from optimizers.diloco import DiLoCo, DiLoCoConfig
 from optimizers.outer import SyncRecord
@@ -158,12 +158,12 @@ class AsyncDiLoCo(DiLoCo):
         """Apply the rounds this peer missed to the global state only: the local model keeps its progress, and the
         pending contribution becomes that many rounds staler."""
         for missed in exc.rounds:
-            value = unflatten_like(missed.value, self._layout(missed.tag))
-            self.state.outer_step(self.round_indices(missed.tag), value, missed.round_id, step=self.inner_steps)
-            reason = f"late for round {missed.round_id}: applied its committed result from {missed.source}"
-            self._record(SyncRecord(self.inner_steps, True, missed.round_id, reason=reason, contributed=False,
-                                    epoch=missed.epoch))
+            self._apply_late(missed, self._outer_step_only)
         self._caught_up = True
+
+    def _outer_step_only(self, tag: str, value: Sequence[torch.Tensor], round_id: int) -> None:
+        """A committed round's outer step on the global state, the local model untouched."""
+        self.state.outer_step(self.round_indices(tag), value, round_id, step=self.inner_steps)
 
     def load_snapshot(self, snapshot: StateSnapshot) -> None:
         """Adopt the run's state. During a sync (a catch-up by the whole state, when that is fewer bytes than the

@@ -247,12 +247,6 @@ class NoLoCo(DiLoCo):
         self.spreads: list[float] = []
         self._group_size = 0
 
-    def round_indices(self, tag: str) -> Sequence[int]:
-        """Every round carries every parameter (twice: pseudo-gradient and outer weights)."""
-        if tag != self.tag:
-            raise ConfigError(f"this peer runs {self.tag!r} rounds, not {tag!r}: every peer must run the same algorithm")
-        return range(len(self.state.params))
-
     def _layout(self, tag: str) -> list[torch.Tensor]:
         return [*self.state.globals, *self.state.globals]
 

@@ -357,13 +357,15 @@ class OuterOptimizer:
         """Apply the committed rounds this peer was late for, in order (its own contribution was not used)."""
         self._forget_local_progress()  # this sync's own contribution was not used
         for missed in exc.rounds:
-            value = unflatten_like(missed.value, self._layout(missed.tag))
-            self._apply(missed.tag, value, missed.round_id)
-            reason = f"late for round {missed.round_id}: applied its committed result from {missed.source}"
-            record = SyncRecord(
-                self.inner_steps, True, missed.round_id, reason=reason, contributed=False, epoch=missed.epoch
-            )
-            self._record(record)
+            self._apply_late(missed, self._apply)
+
+    def _apply_late(self, missed: Any, apply: Callable[[str, Sequence[torch.Tensor], int], None]) -> None:
+        """Apply one committed round this peer was late for with ``apply(tag, value, round_id)``, and record it."""
+        apply(missed.tag, unflatten_like(missed.value, self._layout(missed.tag)), missed.round_id)
+        reason = f"late for round {missed.round_id}: applied its committed result from {missed.source}"
+        self._record(
+            SyncRecord(self.inner_steps, True, missed.round_id, reason=reason, contributed=False, epoch=missed.epoch)
+        )
 
     def _diverged(self, exc: NonFiniteError) -> None:
         """Local training went NaN/Inf: restart it from the global state, dropping the inner steps since.
