@@ -7,14 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StateRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "result_of_round")
+    __slots__ = ("run_id", "peer_id", "result_of_round", "round_id", "expect_sha256", "offset", "length", "manifest_only")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     RESULT_OF_ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_ONLY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     result_of_round: int
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., result_of_round: _Optional[int] = ...) -> None: ...
+    round_id: int
+    expect_sha256: bytes
+    offset: int
+    length: int
+    manifest_only: bool
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., result_of_round: _Optional[int] = ..., round_id: _Optional[int] = ..., expect_sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., manifest_only: _Optional[bool] = ...) -> None: ...
 
 class TensorEntry(_message.Message):
     __slots__ = ("name", "dtype", "shape", "nbytes")
@@ -29,20 +39,24 @@ class TensorEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class StateManifest(_message.Message):
-    __slots__ = ("run_id", "round_id", "tensors", "meta_json", "total_bytes", "sha256")
+    __slots__ = ("run_id", "round_id", "tensors", "meta_json", "total_bytes", "sha256", "block_bytes", "block_sha256")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     META_JSON_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SHA256_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round_id: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorEntry]
     meta_json: str
     total_bytes: int
     sha256: bytes
-    def __init__(self, run_id: _Optional[str] = ..., round_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., meta_json: _Optional[str] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    block_bytes: int
+    block_sha256: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, run_id: _Optional[str] = ..., round_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., meta_json: _Optional[str] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., block_bytes: _Optional[int] = ..., block_sha256: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class StateChunk(_message.Message):
     __slots__ = ("manifest", "offset", "data")

@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 
-from collectives import statesync
+from collectives import statefetch
 from collectives.statesync import (
     SERVICE,
     StateServer,
@@ -289,13 +289,13 @@ def test_hash_mismatch_is_rejected(transports):
 def test_oversized_manifest_is_refused_before_any_data_or_allocation(transports, monkeypatch):
     huge = 1 << 50
     allocations: list[int] = []
-    real = statesync._Receiver
+    real = statefetch._Receiver
 
-    def spy(entries, buffer_bytes):
-        allocations.append(buffer_bytes)
-        return real(entries, buffer_bytes)
+    def spy(layout):
+        allocations.append(layout.buffer_bytes)
+        return real(layout)
 
-    monkeypatch.setattr(statesync, "_Receiver", spy)
+    monkeypatch.setattr(statefetch, "_Receiver", spy)
     entry = pb.TensorEntry(name="x", dtype="uint8", shape=[huge], nbytes=huge)
     m = manifest_for(b"", tensors=[entry], total_bytes=huge)
     # The server sends the manifest and then hangs: the error must come from the manifest alone.
@@ -342,7 +342,8 @@ def test_skipped_offset_is_rejected(transports):
 
 
 def test_more_data_than_announced_is_rejected(transports):
-    address = raw_server(transports, [chunk(manifest=manifest_for(DATA)), chunk(0, DATA), chunk(len(DATA), b"extra")])
+    messages = [chunk(manifest=manifest_for(DATA)), chunk(0, DATA[:1000]), chunk(1000, DATA[1000:] + b"extra")]
+    address = raw_server(transports, messages)
     with pytest.raises(StateSyncError, match="past the announced 2048 bytes"):
         fetch_from(transports, address)
 
