@@ -33,6 +33,14 @@ result, on the host.
 This module is the endpoint: the public API, the Collective service's
 handlers (receive side, validated by ``collectives/inbox.py``), buffers. The
 sending side of one round is ``collectives/round.py``.
+
+A push or share for a round this member has not opened waits at most the
+transport's ``open_wait_s`` and is then refused as retryable ("not-open"); the
+sender's transport retries it until the sender's own deadline, so a member a
+little late to open a round still gets every contribution, and a stream for a
+round that never opens holds a server slot for seconds, not minutes. A push
+that is taken on says so in its initial metadata, after which the sender no
+longer keeps its messages for a replay.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from collectives.admission import ACCEPTED_KEY, OPEN_WAIT_EXPIRED, RETRY_KEY
 from collectives.buffers import BufferPool
 from collectives.codecs import Codec, CodecConfig, error_bound, make_codec
 from collectives.errors import (
@@ -61,6 +70,7 @@ from collectives.inbox import (
     Group,
     RoundClosed,
     RoundInbox,
+    RoundNotOpen,
     RoundRegistry,
     StaleMessage,
 )
@@ -73,8 +83,8 @@ from protos import collective_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Longest a handler waits for this member to open a round a peer already started.
-MAX_OPEN_WAIT_S = 600.0
+# Initial metadata of a push this member has taken on (the sender stops keeping it for a replay).
+ACCEPTED = ((ACCEPTED_KEY, "1"),)
 
 @dataclass
 class AllReduceResult:
@@ -114,6 +124,8 @@ def mean_error_bound(config: CodecConfig, contributions: Sequence[torch.Tensor])
 
 
 def _error_kind(exc: ProtocolError) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, RoundNotOpen):
+        return grpc.StatusCode.UNAVAILABLE, "not-open"
     if isinstance(exc, RoundClosed):
         return grpc.StatusCode.FAILED_PRECONDITION, "closed"
     if isinstance(exc, ForeignRun):
@@ -340,10 +352,9 @@ class Collective:
             async for raw in request_iterator:
                 header, payload = decode_chunk(raw)
                 if stream is None:
-                    wait = context.time_remaining()
-                    wait = MAX_OPEN_WAIT_S if wait is None else min(wait, MAX_OPEN_WAIT_S)
-                    inbox = await self.registry.find(header.tag, wait)
+                    inbox = await self.registry.find(header.tag, self._open_wait(context))
                     stream = inbox.begin_stream(header)
+                    await context.send_initial_metadata(ACCEPTED)
                 target = inbox.check_chunk(stream, header, payload)
                 if decoding is not None:
                     await asyncio.shield(decoding)  # a cancelled handler must not cancel it
@@ -361,9 +372,8 @@ class Collective:
             inbox.finish(stream)
         except ProtocolError as exc:
             self._blame(inbox, header, exc, "sent bad data")
-            code, kind = _error_kind(exc)
             log.debug("rejected a push: %s", exc)
-            await context.abort(code, str(exc), trailing_metadata=((ERROR_KIND_KEY, kind),))
+            await self._refuse(context, exc)
         except asyncio.CancelledError:
             # The sender went away mid-stream. Not blamed here: if it died, the round's
             # connection watcher names it at once; if it gave up on the round, its abort
@@ -393,16 +403,29 @@ class Collective:
                 share = pb.StatShare.FromString(request)
             except Exception as exc:  # protobuf's DecodeError and friends
                 raise ProtocolError(f"malformed statistic share: {exc}") from exc
-            wait = context.time_remaining()
-            inbox = await self.registry.find(share.tag, MAX_OPEN_WAIT_S if wait is None else min(wait, MAX_OPEN_WAIT_S))
+            inbox = await self.registry.find(share.tag, self._open_wait(context))
             inbox.accept_share(share)
             inbox.bytes_received += len(request)
             await self.transport.note_received(inbox.group.members[share.tag.sender_rank], len(request))
         except ProtocolError as exc:
             self._blame(inbox, share, exc, "sent a bad statistic share")
-            code, kind = _error_kind(exc)
-            await context.abort(code, str(exc), trailing_metadata=((ERROR_KIND_KEY, kind),))
+            await self._refuse(context, exc)
         return pb.StatAck().SerializeToString()
+
+    def _open_wait(self, context: grpc.aio.ServicerContext) -> float:
+        """How long a message may wait for its round to open here: open_wait_s, or less if its caller's deadline is sooner."""
+        wait = self.transport.config.open_wait_s
+        remaining = context.time_remaining()
+        return wait if remaining is None else min(wait, remaining)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, exc: ProtocolError) -> None:
+        """End a call with the status and error kind of exc; a round not open here yet is marked retryable."""
+        code, kind = _error_kind(exc)
+        metadata: tuple[tuple[str, str], ...] = ((ERROR_KIND_KEY, kind),)
+        if isinstance(exc, RoundNotOpen):
+            self.transport.refusals.count(OPEN_WAIT_EXPIRED)
+            metadata += ((RETRY_KEY, kind),)
+        await context.abort(code, str(exc), trailing_metadata=metadata)
 
     @staticmethod
     def _blame(inbox: RoundInbox | None, message, exc: ProtocolError, what: str) -> None:
@@ -411,7 +434,7 @@ class Collective:
         Also when the first chunk is refused outright (another codec or aggregator, wrong sizes): the
         round cannot succeed with that member, and waiting for the deadline would only delay the abort.
         """
-        if inbox is None or message is None or isinstance(exc, (StaleMessage, DuplicateStream)):
+        if inbox is None or message is None or isinstance(exc, (StaleMessage, DuplicateStream, RoundNotOpen)):
             return
         culprit = inbox.claimed_member(message.tag)
         if culprit is not None:

@@ -7,8 +7,10 @@ before its payload is decoded into place; nothing unexpected is buffered.
 
 The ``RoundRegistry`` maps (round id, epoch) to open inboxes, rejects messages
 of foreign runs, stale epochs and finished rounds at once, and lets a handler
-wait (within its caller's deadline) for a round this member has not opened
-yet: a fast peer may start a round before a slow one.
+wait a short, bounded time for a round this member has not opened yet (a fast
+peer may start a round before a slow one); past that it refuses with
+``RoundNotOpen`` and the sender retries, so a round that never opens here
+cannot hold a caller for the round's whole deadline.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class StaleMessage(ProtocolError):
 
 class RoundClosed(StaleMessage):
     """A message arrived for a round this member has already finished or given up on."""
+
+
+class RoundNotOpen(ProtocolError):
+    """A message arrived for a round this member has not opened (yet); the sender may retry it shortly."""
 
 
 class DuplicateStream(ProtocolError):
@@ -206,7 +212,7 @@ class RoundInbox:
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return self.broken or done()
         return True
 
@@ -426,7 +432,7 @@ class RoundRegistry:
             self._closed.popitem(last=False)
 
     async def find(self, tag: pb.RoundTag, timeout_s: float) -> RoundInbox:
-        """The open inbox for tag, waiting up to timeout_s for this member to open it."""
+        """The open inbox for tag, waiting up to timeout_s for this member to open it (then RoundNotOpen)."""
         deadline = time.monotonic() + max(0.0, timeout_s)
         key = (tag.round_id, tag.epoch)
         async with self._opened:
@@ -437,12 +443,13 @@ class RoundRegistry:
                     return inbox
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise StaleMessage(
-                        f"round {tag.round_id} epoch {tag.epoch} was not started by this member in time"
+                    raise RoundNotOpen(
+                        f"round {tag.round_id} epoch {tag.epoch} is not open at this member yet "
+                        f"(waited {max(0.0, timeout_s):g} s); retry within the round's deadline"
                     )
                 try:
                     await asyncio.wait_for(self._opened.wait(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     def abort_notice(self, notice: pb.AbortNotice) -> None:

@@ -101,14 +101,26 @@ class RpcSettings:
     max_send_bytes: int = DEFAULT_MESSAGE_BYTES
     keepalive_s: float = DEFAULT_KEEPALIVE_S
     # Server side: RPCs handled at once, so callers cannot make a process hold unbounded state (None: no bound).
+    # gRPC sheds every method alike beyond it, the health service included: a peer leaves it None and
+    # bounds its own handlers instead (collectives.admission), so its health check always answers.
     max_concurrent_rpcs: int | None = None
+    # Server side: HTTP/2 streams one connection may hold open (None: gRPC's default, no bound). A
+    # client beyond it waits for a slot (or sees the stream refused if it opened it before learning
+    # the limit); a health check comes on its own connection and is never held back by it.
+    max_streams_per_connection: int | None = None
     # Server side: calls that may wait for the handler loop before gRPC sheds them (None: gRPC's default, 1000).
     max_pending_requests: int | None = None
     # The credentials hook: the same for a process's servers and channels, so both ends agree.
     security: RpcSecurity = RpcSecurity()
 
     def __post_init__(self) -> None:
-        for name in ("max_receive_bytes", "max_send_bytes", "max_concurrent_rpcs", "max_pending_requests"):
+        for name in (
+            "max_receive_bytes",
+            "max_send_bytes",
+            "max_concurrent_rpcs",
+            "max_pending_requests",
+            "max_streams_per_connection",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
@@ -148,8 +160,10 @@ def _size_options(settings: RpcSettings) -> list[tuple[str, int]]:
 
 
 def server_options(settings: RpcSettings) -> list[tuple[str, int]]:
-    """The options of every server: sizes, keepalive, an exclusive port, the pending-request bound."""
+    """The options of every server: sizes, keepalive, an exclusive port, the pending-request and stream bounds."""
     options = [*_size_options(settings), *keepalive_options(settings.keepalive_s), *EXCLUSIVE_PORT]
+    if settings.max_streams_per_connection is not None:
+        options.append(("grpc.max_concurrent_streams", settings.max_streams_per_connection))
     if settings.max_pending_requests is not None:
         options += [
             ("grpc.server.max_pending_requests", settings.max_pending_requests),

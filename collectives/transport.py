@@ -17,6 +17,14 @@ hook, health service). It binds ``host`` and reports ``advertise`` as its
 ``address``: what it registers with the coordinator and what joiners fetch
 state from. Without ``advertise``, a wildcard bind reports this machine's
 address on its route to the coordinator (see ``collectives.rpc``).
+
+Waiting is bounded for every caller (``collectives.admission``): the handlers
+it serves are admitted under per-connection and total caps, a client stream
+that sends nothing is closed, and gRPC's own server-wide cap is not used, so
+the health service always answers. A call refused in a way the receiver marks
+retryable (busy, or a round it has not opened yet) is retried here with
+backoff until the caller's deadline; a stream's messages are kept for such a
+replay until the receiver says it has taken the stream on.
 """
 
 from __future__ import annotations
@@ -26,13 +34,15 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 
 from collectives.addresses import advertised_address, check_reachable, parse_advertise, split_address
+from collectives.admission import Admission, AdmissionLimits, Refusals, Replay, admit_handlers, retry_reason
 from collectives.errors import ConfigError
 from collectives.ratelimit import TokenBucket, format_bandwidth, parse_bandwidth
 from collectives.rpc import (
@@ -53,6 +63,14 @@ T = TypeVar("T")
 
 # Room for a chunk's header next to its payload inside one gRPC message.
 HEADER_SLACK_BYTES = 64 * 1024
+# Backoff between retries of a call the receiver refused as retryable: doubling from the first to the last.
+RETRY_BACKOFF_S = (0.05, 1.0)
+# Bytes of a stream kept for a replay until the receiver takes it on (at least this, or four messages).
+# The receiver reads nothing past the first message before then, so flow control keeps the real
+# amount far below; a stream to a receiver that never says so simply stops being replayable.
+REPLAY_BYTES = 32 << 20
+# Longest a refused stream waits for gRPC to settle its initial metadata (it is settled once the call ends).
+ACCEPTED_SETTLE_S = 1.0
 
 
 def message_bound(chunk_bytes: int) -> int:
@@ -96,8 +114,26 @@ class TransportConfig:
             "format": format_bandwidth,
         },
     )
-    # Bound on RPCs a peer serves at once, so other peers cannot make it hold unbounded state.
-    max_concurrent_rpcs: int = field(default=256, metadata={"cli": False})
+    # Caps on the calls this peer's handlers serve at once, so other peers cannot make it hold
+    # unbounded state; a call beyond them is refused at once (RESOURCE_EXHAUSTED, retried by a
+    # sender within its deadline). The health service is outside them and always answers.
+    # A legitimate round never reaches them: per round a member takes from each other member one
+    # scatter and one gather stream, a statistic share per statistic round (Krum: 1, Bulyan: 2) and
+    # at most one abort notice, i.e. at most 5 calls; a peer has at most 2-3 rounds in flight at once
+    # (a fast member opens round r+1 while a slow one ends r; streaming DiLoCo keeps one fragment's
+    # round in flight), plus a state fetch. That is about 16 per connection: 64 leaves 4x headroom.
+    # In total: 2 streams x 3 rounds x members, so 1024 holds groups of about 170 members.
+    max_calls_per_client: int = field(default=64, metadata={"cli": False})
+    max_concurrent_rpcs: int = field(default=1024, metadata={"cli": False})
+    # Longest a stream or share for a round this member has not opened waits for it before it is
+    # refused as retryable (the sender retries until its own deadline): a slow member opening
+    # late still gets its data, while a stream for a round that never opens holds a slot seconds,
+    # not the round's deadline.
+    open_wait_s: float = field(default=5.0, metadata={"cli": False})
+    # A client stream that sends no first message within this is closed. Senders produce and pace
+    # their first message before opening a stream, so this only covers one message's transit:
+    # 1 MiB at 20 mbit takes 0.4 s alone, ~3 s behind 7 parallel streams on one uplink.
+    first_message_timeout_s: float = field(default=10.0, metadata={"cli": False})
     # HTTP/2 keepalive ping interval; a peer that stops answering loses its connection.
     keepalive_s: float = field(default=DEFAULT_KEEPALIVE_S, metadata={"cli": False})
     # Threads that encode and decode payloads off the event loop (torch and numpy release the GIL),
@@ -129,6 +165,9 @@ class TransportConfig:
             raise ConfigError(f"bandwidth must be positive, got {self.bandwidth_bps} bit/s")
         if self.codec_threads < 0:
             raise ConfigError(f"codec_threads must be 0 (on the event loop) or more, got {self.codec_threads}")
+        if not self.open_wait_s > 0:
+            raise ConfigError(f"open_wait_s must be positive, got {self.open_wait_s}")
+        self.admission_limits()  # checks the caps and the first-message timeout
 
     @property
     def message_limit(self) -> int:
@@ -143,8 +182,20 @@ class TransportConfig:
             max_receive_bytes=self.message_limit,
             max_send_bytes=self.message_limit,
             keepalive_s=self.keepalive_s,
-            max_concurrent_rpcs=self.max_concurrent_rpcs,
+            # No server-wide gRPC cap: it would shed health checks too. Our handlers enforce
+            # admission_limits(); this per-connection HTTP/2 bound only backs them for calls that
+            # never reach a handler (a unary call whose request never comes).
+            max_concurrent_rpcs=None,
+            max_streams_per_connection=4 * self.max_calls_per_client,
             security=self.security,
+        )
+
+    def admission_limits(self) -> AdmissionLimits:
+        """The caps this peer's handlers enforce (collectives.admission)."""
+        return AdmissionLimits(
+            per_client=self.max_calls_per_client,
+            total=self.max_concurrent_rpcs,
+            first_message_timeout_s=self.first_message_timeout_s,
         )
 
 
@@ -163,7 +214,7 @@ async def port_refuses(address: str, timeout_s: float = 1.0) -> str | None:
     host, port = split_address(address)
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return f"connecting timed out after {timeout_s:g} s"
     except OSError as exc:  # asyncio words it "Connect call failed"; the errno says why
         return os.strerror(exc.errno) if exc.errno else str(exc)
@@ -195,6 +246,9 @@ class Transport:
     def __init__(self, config: TransportConfig | None = None) -> None:
         self.config = config or TransportConfig()
         self.counters = TrafficCounters()
+        # Inbound calls refused or closed early, by kind (metrics); the all-reduce counts its own here too.
+        self.refusals = Refusals()
+        self.admission = Admission(self.config.admission_limits(), self.refusals)
         self._rpc = self.config.rpc_settings()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -260,7 +314,7 @@ class Transport:
         return self._address
 
     async def _start_server(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> str:
-        server = make_server(self._rpc, role="peer", handlers=handlers)
+        server = make_server(self._rpc, role="peer", handlers=admit_handlers(handlers, self.admission))
         hint = "choose another --host/--port"
         address = bind(server, self.config.host, self.config.port, settings=self._rpc, hint=hint)
         await server.start()
@@ -299,7 +353,7 @@ class Transport:
             if task is not current:
                 task.cancel()
 
-    def __enter__(self) -> Transport:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -387,34 +441,107 @@ class Transport:
     ) -> bytes:
         """Stream messages to a client-streaming method; return the response bytes.
 
-        Raises grpc.aio.AioRpcError with the call's final status on any failure.
+        The first message is produced (and paced) before the stream opens, so the
+        receiver never holds an open stream that is silent on our side. A refusal
+        the receiver marks retryable is retried with backoff until timeout_s has
+        passed, replaying the messages it had not taken on. Raises
+        grpc.aio.AioRpcError with the last call's final status on any failure.
         """
-        call = self.channel(address).stream_unary(method, request_serializer=identity, response_deserializer=identity)(
-            timeout=max(timeout_s, 0.001)
-        )
+        deadline = time.monotonic() + timeout_s
+        source = as_async_iter(messages)
+        replay = Replay(max(REPLAY_BYTES, 4 * self.config.message_limit))
+        backoff = RETRY_BACKOFF_S[0]
         try:
-            async for msg in as_async_iter(messages):
-                if self._send_bucket is not None:
-                    await self._send_bucket.acquire(len(msg))
-                await call.write(msg)
-                self.counters.count_sent(address, len(msg))
+            while True:
+                try:
+                    return await self._stream_once(address, method, source, replay, deadline)
+                except grpc.aio.AioRpcError as exc:
+                    why = retry_reason(exc)
+                    if why is None or not replay.usable or deadline - time.monotonic() <= backoff:
+                        raise
+                    log.debug("%s at %s refused (%s: %s); retrying", method, address, why, exc.details())
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, RETRY_BACKOFF_S[1])
+        finally:
+            await source.aclose()  # the producer's own clean-up (pending encodes) runs now, not at collection
+
+    async def _stream_once(
+        self, address: str, method: str, source: AsyncGenerator[bytes, None], replay: Replay, deadline: float
+    ) -> bytes:
+        """One attempt of stream_call: the replayed messages, then the rest of source."""
+        resend = list(replay.messages)
+        if resend:
+            first: bytes | None = resend.pop(0)
+        else:
+            first = await anext(source, None)
+            if first is not None:
+                replay.keep(first)
+        if first is not None and self._send_bucket is not None:
+            await self._send_bucket.acquire(len(first))
+        call = self.channel(address).stream_unary(method, request_serializer=identity, response_deserializer=identity)(
+            timeout=max(deadline - time.monotonic(), 0.001)
+        )
+        accepted = asyncio.ensure_future(call.initial_metadata())
+        try:
+            if first is not None:
+                await call.write(first)
+                self.counters.count_sent(address, len(first))
+            for msg in resend:
+                await self._write(call, address, msg)
+            async for msg in source:
+                replay.note_accepted(accepted)
+                replay.keep(msg)
+                await self._write(call, address, msg)
             await call.done_writing()
         except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
             # The call ended early (the peer rejected it or died): report its real status.
             pass
         except BaseException:
             call.cancel()
+            accepted.cancel()
+            accepted.add_done_callback(consume_exception)
             raise
-        return await call
+        try:
+            return await call
+        except grpc.aio.AioRpcError:
+            # Whether the receiver took the stream on before refusing decides if a retry may replay it;
+            # gRPC settles the initial metadata (empty if none came) once the call has ended.
+            await asyncio.wait({accepted}, timeout=ACCEPTED_SETTLE_S)
+            replay.note_accepted(accepted)
+            raise
+        finally:
+            accepted.cancel()
+            accepted.add_done_callback(consume_exception)
+
+    async def _write(self, call: grpc.aio.StreamUnaryCall, address: str, msg: bytes) -> None:
+        if self._send_bucket is not None:
+            await self._send_bucket.acquire(len(msg))
+        await call.write(msg)
+        self.counters.count_sent(address, len(msg))
 
     async def unary_call(self, address: str, method: str, request: bytes, timeout_s: float) -> bytes:
-        """Call a unary method with raw request bytes; return the response bytes."""
-        if self._send_bucket is not None:
-            await self._send_bucket.acquire(len(request))
+        """Call a unary method with raw request bytes; return the response bytes.
+
+        A refusal the receiver marks retryable is retried with backoff until timeout_s has passed.
+        """
+        deadline = time.monotonic() + timeout_s
+        backoff = RETRY_BACKOFF_S[0]
         call = self.channel(address).unary_unary(method, request_serializer=identity, response_deserializer=identity)
-        response = await call(request, timeout=max(timeout_s, 0.001))
-        self.counters.count_sent(address, len(request))
-        return response
+        while True:
+            if self._send_bucket is not None:
+                await self._send_bucket.acquire(len(request))
+            try:
+                response = await call(request, timeout=max(deadline - time.monotonic(), 0.001))
+            except grpc.aio.AioRpcError as exc:
+                why = retry_reason(exc)
+                if why is None or deadline - time.monotonic() <= backoff:
+                    raise
+                log.debug("%s at %s refused (%s: %s); retrying", method, address, why, exc.details())
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, RETRY_BACKOFF_S[1])
+                continue
+            self.counters.count_sent(address, len(request))
+            return response
 
     async def pace_send(self, address: str, nbytes: int) -> None:
         """Count bytes a server stream sends and pace them under the send cap."""
@@ -470,7 +597,7 @@ def consume_exception(future: asyncio.Future) -> None:
         future.exception()
 
 
-async def as_async_iter(messages: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncIterator[bytes]:
+async def as_async_iter(messages: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncGenerator[bytes, None]:
     """Iterate a plain or an async iterable of messages asynchronously."""
     if isinstance(messages, AsyncIterable):
         async for msg in messages:

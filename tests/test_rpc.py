@@ -126,7 +126,9 @@ def test_the_coordinator_keeps_its_measured_server_limits():
 def test_a_peer_transport_shares_its_limits_with_its_channels():
     settings = TransportConfig(chunk_bytes=8 << 20).rpc_settings()
     assert settings.max_receive_bytes == settings.max_send_bytes == TransportConfig(chunk_bytes=8 << 20).message_limit
-    assert settings.max_concurrent_rpcs == TransportConfig().max_concurrent_rpcs
+    # The peer's caps are its handlers' own (collectives.admission): a server-wide gRPC cap would shed health checks.
+    assert settings.max_concurrent_rpcs is None
+    assert TransportConfig().admission_limits().total == TransportConfig().max_concurrent_rpcs
 
 
 def test_an_unknown_server_role_is_refused():
