@@ -20,6 +20,17 @@ round + 1, and a retry after an abort keeps the id with a new epoch. A peer
 told to resync may get ``missed``: the committed rounds it lacks, each with
 live members holding its result, to apply in order instead of fetching the
 whole state.
+
+The run's state survives its holders: peers report the SHA-256 of their
+state as of their last round (``digest`` of ``join`` and ``quorum``), the
+coordinator records it per committed round and hands it out with every
+source (``state_digest``: a fetched state must hash to it), together with up
+to four live holders to fetch stripes from (``sync_sources``, ``sync_from``
+first). A run that has committed a round is never founded again: a joiner
+without state that finds no live holder gets ``Joined.wait`` with a one-line
+``wait_reason``; it is not registered, and joins again every
+``heartbeat_s`` until a holder (a returning peer, or one resuming from its
+checkpoint) is back.
 """
 
 from __future__ import annotations
@@ -158,6 +169,14 @@ class Joined:
     sync_from: str
     # With sync_from, for a peer that holds a state: the rounds it lacks, if all can be fetched (else empty).
     missed: tuple[MissedRound, ...] = ()
+    # SHA-256 (hex) recorded for the state of last_committed_round; "" when unknown.
+    state_digest: str = ""
+    # Live up-to-date holders to fetch the state from, least busy first (sync_from is the first).
+    sync_sources: tuple[str, ...] = ()
+    # True: nobody live holds the run's committed state; this peer is not registered and must not start
+    # from its own state: say wait_reason, and join again every heartbeat_s (lease_s: when it is forgotten).
+    wait: bool = False
+    wait_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,6 +198,10 @@ class RoundPlan:
     policy: str = ""
     seed: int = 0
     candidates: tuple[str, ...] = ()
+    # resync: the SHA-256 recorded for last_committed_round ("" unknown), and live up-to-date holders
+    # to fetch the state from, least busy first (sync_from is the first).
+    state_digest: str = ""
+    sync_sources: tuple[str, ...] = ()
 
     def check_sample(self) -> None:
         """Raise SampleMismatch if this is a sample round whose members are not the seeded sample.
@@ -294,10 +317,13 @@ class MembershipClient:
         codecs: tuple[str, ...] = (),
         patience_s: float | None = None,
         hint: str = "",
+        digest: str = "",
     ) -> Joined:
         """Register (or re-register) with the coordinator; keeps the peer id across rejoins.
 
         ``patience_s``: how long to keep trying an unreachable coordinator (None: the config's).
+        ``digest``: with has_state, the SHA-256 (hex) of the state as of last_round ("" unknown).
+        An answer with ``wait`` registers nothing: join again after ``heartbeat_s``.
         """
         request = pb.JoinRequest(
             run_id=self.config.run_id,
@@ -308,8 +334,22 @@ class MembershipClient:
             has_state=has_state,
             name=self.config.name,
             codecs=list(codecs),
+            state_digest=digest,
         )
         reply = await self._call("Join", request, self.config.rpc_timeout_s, patience_s, hint)
+        if reply.wait:
+            log.info("run %s: waiting for its state: %s", self.config.run_id, reply.wait_reason)
+            return Joined(
+                peer_id=reply.peer_id,
+                lease_s=reply.lease_s,
+                heartbeat_s=reply.heartbeat_s,
+                epoch=reply.epoch,
+                last_committed_round=reply.last_committed_round,
+                sync_from="",
+                state_digest=reply.state_digest,
+                wait=True,
+                wait_reason=reply.wait_reason,
+            )
         self.peer_id = reply.peer_id
         self.unregistered.clear()
         log.info("joined run %s as %s (epoch %d); state from %s", self.config.run_id, reply.peer_id, reply.epoch, reply.sync_from or "-")
@@ -321,6 +361,8 @@ class MembershipClient:
             last_committed_round=reply.last_committed_round,
             sync_from=reply.sync_from,
             missed=_missed(reply.missed),
+            state_digest=reply.state_digest,
+            sync_sources=tuple(reply.sync_sources),
         )
 
     async def heartbeat_forever(self, interval_s: float, last_round: Callable[[], int], traffic: Callable[[], tuple[int, int]]) -> None:
@@ -355,9 +397,14 @@ class MembershipClient:
                 log.debug("heartbeat failed: %s", exc.code().name)
             await asyncio.sleep(interval_s)
 
-    async def quorum(self, last_round: int, tag: str = "", timeout_s: float = 600.0) -> RoundPlan:
-        """Ask for the next round's group (blocks until it forms)."""
-        request = pb.QuorumRequest(run_id=self.config.run_id, peer_id=self.peer_id, last_round=last_round, tag=tag)
+    async def quorum(self, last_round: int, tag: str = "", timeout_s: float = 600.0, digest: str = "") -> RoundPlan:
+        """Ask for the next round's group (blocks until it forms).
+
+        ``digest``: the SHA-256 (hex) of this peer's state as of last_round ("" unknown).
+        """
+        request = pb.QuorumRequest(
+            run_id=self.config.run_id, peer_id=self.peer_id, last_round=last_round, tag=tag, state_digest=digest
+        )
         try:
             reply = await self._call("Quorum", request, timeout_s)
         except RequestRefused as exc:
@@ -371,6 +418,8 @@ class MembershipClient:
                 last_committed_round=reply.last_committed_round,
                 epoch=reply.epoch,
                 missed=_missed(reply.missed),
+                state_digest=reply.state_digest,
+                sync_sources=tuple(reply.sync_sources),
             )
         return RoundPlan(
             action="round",

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("run_id", "address", "peer_id", "last_round", "epoch", "has_state", "name", "codecs")
+    __slots__ = ("run_id", "address", "peer_id", "last_round", "epoch", "has_state", "name", "codecs", "state_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class JoinRequest(_message.Message):
     HAS_STATE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CODECS_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     address: str
     peer_id: str
@@ -25,10 +26,11 @@ class JoinRequest(_message.Message):
     has_state: bool
     name: str
     codecs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run_id: _Optional[str] = ..., address: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., epoch: _Optional[int] = ..., has_state: _Optional[bool] = ..., name: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ...) -> None: ...
+    state_digest: str
+    def __init__(self, run_id: _Optional[str] = ..., address: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., epoch: _Optional[int] = ..., has_state: _Optional[bool] = ..., name: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("peer_id", "lease_s", "heartbeat_s", "epoch", "last_committed_round", "sync_from", "missed")
+    __slots__ = ("peer_id", "lease_s", "heartbeat_s", "epoch", "last_committed_round", "sync_from", "missed", "state_digest", "wait", "wait_reason", "sync_sources")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +38,10 @@ class JoinResponse(_message.Message):
     LAST_COMMITTED_ROUND_FIELD_NUMBER: _ClassVar[int]
     SYNC_FROM_FIELD_NUMBER: _ClassVar[int]
     MISSED_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    WAIT_REASON_FIELD_NUMBER: _ClassVar[int]
+    SYNC_SOURCES_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     lease_s: float
     heartbeat_s: float
@@ -43,7 +49,11 @@ class JoinResponse(_message.Message):
     last_committed_round: int
     sync_from: str
     missed: _containers.RepeatedCompositeFieldContainer[CommittedRound]
-    def __init__(self, peer_id: _Optional[str] = ..., lease_s: _Optional[float] = ..., heartbeat_s: _Optional[float] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., sync_from: _Optional[str] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ...) -> None: ...
+    state_digest: str
+    wait: bool
+    wait_reason: str
+    sync_sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peer_id: _Optional[str] = ..., lease_s: _Optional[float] = ..., heartbeat_s: _Optional[float] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., sync_from: _Optional[str] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., state_digest: _Optional[str] = ..., wait: _Optional[bool] = ..., wait_reason: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PeerMetrics(_message.Message):
     __slots__ = ("step", "steps_per_s", "loss", "bytes_sent", "bytes_received", "activity", "samples", "eval_loss", "privacy_epsilon", "spread")
@@ -106,16 +116,18 @@ class LeaveResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class QuorumRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "last_round", "tag")
+    __slots__ = ("run_id", "peer_id", "last_round", "tag", "state_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     last_round: int
     tag: str
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., tag: _Optional[str] = ...) -> None: ...
+    state_digest: str
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., tag: _Optional[str] = ..., state_digest: _Optional[str] = ...) -> None: ...
 
 class Member(_message.Message):
     __slots__ = ("peer_id", "address")
@@ -138,7 +150,7 @@ class CommittedRound(_message.Message):
     def __init__(self, round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., tag: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
 
 class QuorumResponse(_message.Message):
-    __slots__ = ("action", "round_id", "epoch", "members", "rank", "sync_from", "last_committed_round", "missed", "policy", "seed", "candidates")
+    __slots__ = ("action", "round_id", "epoch", "members", "rank", "sync_from", "last_committed_round", "missed", "policy", "seed", "candidates", "state_digest", "sync_sources")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[QuorumResponse.Action]
@@ -158,6 +170,8 @@ class QuorumResponse(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SYNC_SOURCES_FIELD_NUMBER: _ClassVar[int]
     action: QuorumResponse.Action
     round_id: int
     epoch: int
@@ -169,7 +183,9 @@ class QuorumResponse(_message.Message):
     policy: str
     seed: int
     candidates: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, action: _Optional[_Union[QuorumResponse.Action, str]] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., rank: _Optional[int] = ..., sync_from: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ...) -> None: ...
+    state_digest: str
+    sync_sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, action: _Optional[_Union[QuorumResponse.Action, str]] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., rank: _Optional[int] = ..., sync_from: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RoundReport(_message.Message):
     __slots__ = ("bytes_sent", "bytes_received", "wall_s")

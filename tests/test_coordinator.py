@@ -400,8 +400,8 @@ def test_a_fresh_peer_waits_for_the_state_holders_of_a_restarted_coordinator_ins
     # A heartbeat under an id this coordinator never gave out: a peer of its predecessor.
     assert not stub.Heartbeat(pb.HeartbeatRequest(run_id=RUN, peer_id="p1-0a0b0c"), timeout=5).known
     fresh = pb.JoinRequest(run_id=RUN, address="127.0.0.1:2", has_state=False)
-    code, details = status_code(lambda: stub.Join(fresh, timeout=5))
-    assert code == grpc.StatusCode.UNAVAILABLE and "re-registered" in details
+    told = stub.Join(fresh, timeout=5)
+    assert told.wait and "re-registered" in told.wait_reason and not told.sync_from
     join(stub, "127.0.0.1:1", peer_id="p1-0a0b0c", last_round=5)
     assert stub.Join(fresh, timeout=5).sync_from == "127.0.0.1:1"
 
@@ -414,12 +414,12 @@ def test_with_a_state_file_a_restarted_coordinator_makes_a_fresh_peer_wait_befor
     founder = before.stub.Join(pb.JoinRequest(run_id=RUN, address="127.0.0.1:1", has_state=False), timeout=5)
     plan = play_round(before.stub, [founder.peer_id], 0)
     before.close()
-    assert json.loads(open(state_file).read()) == {"run_id": RUN, "last_committed_round": 1, "epoch": 0}
+    assert json.loads(open(state_file).read()) == {"run_id": RUN, "last_committed_round": 1, "epoch": 0, "digest": ""}
     stub = coordinator(state_file=state_file, startup_grace_s=20).stub
     # No heartbeat from the old peer yet: only the state file tells the run exists.
     fresh = pb.JoinRequest(run_id=RUN, address="127.0.0.1:2", has_state=False)
-    code, details = status_code(lambda: stub.Join(fresh, timeout=5))
-    assert code == grpc.StatusCode.UNAVAILABLE and "re-registered" in details
+    told = stub.Join(fresh, timeout=5)
+    assert told.wait and "committed round 1" in told.wait_reason and not told.sync_from
     join(stub, "127.0.0.1:1", peer_id=founder.peer_id, last_round=plan.round_id)
     assert stub.Join(fresh, timeout=5).sync_from == "127.0.0.1:1"
 

@@ -11,8 +11,10 @@ from peer.coordinator.rules import (
     QuorumRules,
     Report,
     choose_sync_source,
+    choose_sync_sources,
     commit_decision,
     head_round,
+    holds_committed_state,
     join_action,
     needs_resync,
     next_epoch,
@@ -21,6 +23,7 @@ from peer.coordinator.rules import (
     quorum_hopeless,
     quorum_ready,
     rounds_to_catch_up,
+    valid_digest,
 )
 
 OK = Report(ok=True)
@@ -67,7 +70,7 @@ def test_quorum_hopeless(name, eligible, age, coord_age, started, rules, hopeles
     assert quorum_hopeless(eligible, age, coord_age, started, rules) is hopeless
 
 
-# has state, a holder is alive, run under way, coordinator age, rules -> action
+# has state, a holder is alive, run under way, coordinator age, rules -> action (before the run's first commit)
 JOIN_CASES = [
     ("a peer with state keeps it", True, False, True, 0.0, QuorumRules(startup_grace_s=5), "keep"),
     ("a fresh peer syncs from a live holder", False, True, True, 0.0, QuorumRules(startup_grace_s=5), "sync"),
@@ -80,6 +83,56 @@ JOIN_CASES = [
 @pytest.mark.parametrize("name,has_state,holder,under_way,age,rules,action", JOIN_CASES, ids=[c[0] for c in JOIN_CASES])
 def test_join_action(name, has_state, holder, under_way, age, rules, action):
     assert join_action(has_state, holder, under_way, age, rules) == action
+
+
+D1, D2 = "a" * 64, "b" * 64
+# Once round 3 committed (digest D1 recorded for it): has state, its round, its digest, the digest recorded for
+# that round, a live holder of round 3 -> action. Long after any grace, with a coordinator that knows nothing else.
+COMMITTED_JOIN_CASES = [
+    ("a fresh peer with no live holder waits, it never founds", False, 0, "", "", False, "wait"),
+    ("a fresh peer syncs from a live holder", False, 0, "", "", True, "sync"),
+    ("a round-0 state is a fresh peer's: it waits", True, 0, D2, "", False, "wait"),
+    ("a round-0 state is a fresh peer's: it syncs", True, 0, D2, "", True, "sync"),
+    ("a checkpoint of round 3 with the recorded digest is kept", True, 3, D1, D1, False, "keep"),
+    ("a checkpoint of round 3 while the digest is unknown is kept", True, 3, D1, "", False, "keep"),
+    ("a checkpoint of round 3 with no digest reported is kept", True, 3, "", D1, False, "keep"),
+    ("a checkpoint of round 3 with another digest is refused", True, 3, D2, D1, False, "refuse"),
+    ("... even while holders live", True, 3, D2, D1, True, "refuse"),
+    ("an older checkpoint is kept (the run may roll back to it)", True, 2, D2, "", False, "keep"),
+    ("an older checkpoint that differs from its round's digest is refused", True, 2, D2, D1, False, "refuse"),
+    ("a state beyond the last committed round is adopted", True, 5, D2, "", False, "keep"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,has_state,last_round,digest,recorded,holder,action",
+    COMMITTED_JOIN_CASES,
+    ids=[c[0] for c in COMMITTED_JOIN_CASES],
+)
+def test_join_action_once_the_run_has_committed_a_round(name, has_state, last_round, digest, recorded, holder, action):
+    rules = QuorumRules(startup_grace_s=5)
+    got = join_action(
+        has_state, holder, False, 1000.0, rules, committed_round=3, last_round=last_round, digest=digest,
+        recorded_digest=recorded,
+    )
+    assert got == action
+
+
+@pytest.mark.parametrize(
+    "has_state,last_round,committed,holds",
+    [(True, 0, 0, True), (True, 0, 3, False), (True, 2, 3, True), (True, 3, 3, True), (False, 3, 3, False)],
+)
+def test_a_round_0_state_counts_only_before_the_first_commit(has_state, last_round, committed, holds):
+    assert holds_committed_state(has_state, last_round, committed) is holds
+
+
+@pytest.mark.parametrize(
+    "digest,valid",
+    [("", True), ("0123456789abcdef" * 4, True), ("A" * 64, False), ("a" * 63, False), ("a" * 65, False),
+     ("g" * 64, False), (" " + "a" * 63, False)],
+)
+def test_a_state_digest_is_empty_or_64_lowercase_hex_characters(digest, valid):
+    assert valid_digest(digest) is valid
 
 
 def test_min_peers_below_one_is_a_config_error():
@@ -234,10 +287,26 @@ def test_sync_source_is_an_alive_up_to_date_peer_least_busy_first(joiner, servin
         ([PeerView("a", "", 7, alive=False), PeerView("b", "", 6)], 7, 6),
         ([PeerView("a", "", 7, alive=False), PeerView("b", "", 6, has_state=False)], 7, 7),
         ([], 7, 7),
+        # A round-0 state is a fresh peer's initial state, never a head once a round committed.
+        ([PeerView("a", "", 7, alive=False), PeerView("b", "", 0)], 7, 7),
+        ([PeerView("a", "", 0)], 0, 0),
     ],
 )
 def test_head_round_falls_back_to_the_newest_state_a_live_peer_holds(peers, committed, head):
     assert head_round(peers, committed) == head
+
+
+def test_no_rollback_before_the_coordinator_settled():
+    peers = [PeerView("a", "", 7, alive=False), PeerView("b", "", 6)]
+    assert head_round(peers, 7, settled=False) == 7
+
+
+def test_sync_sources_are_the_up_to_date_holders_least_busy_first_at_most_four():
+    many = [PeerView(f"p{i}", f"h:{i}", last_round=7) for i in range(1, 7)]
+    serving = {"p1": 2, "p2": 1}
+    assert [p.peer_id for p in choose_sync_sources(many, "p3", 7, serving)] == ["p4", "p5", "p6", "p2"]
+    assert [p.peer_id for p in choose_sync_sources(PEERS, "p9", 7)] == ["p1", "p2"]
+    assert choose_sync_sources(PEERS, "p9", 8) == ()
 
 
 def test_no_sync_source_when_nobody_is_up_to_date():

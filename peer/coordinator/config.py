@@ -87,8 +87,15 @@ class CoordinatorConfig:
     state_file: str | None = field(
         default=None,
         metadata={
-            "help": "remember here that the run was founded, so a restarted coordinator never lets a new peer "
-            "found it again"
+            "help": "remember here that the run was founded, its last committed round and that state's digest, so "
+            "a restarted coordinator never lets a new peer found it again"
+        },
+    )
+    new_run: bool = field(
+        default=False,
+        metadata={
+            "help": "start the run over: forget the round and state digest the state file remembers (without it, "
+            "a run that committed a round is never founded again; give it once, not on every restart)"
         },
     )
     quorum: str = field(

@@ -27,12 +27,36 @@ the first commit the quorum keeps waiting, so a run starts only with
 ``min_peers`` peers.
 
 Join (``join_action``): a peer that holds state keeps it (and resyncs if it
-is behind); one without state syncs from a live holder; if there is none it
-founds the run (its initial state becomes the run's), except when the
-coordinator has heard from peers of an earlier coordinator (ids it never
-gave out) within ``startup_grace_s`` of its start: the run is under way and
-its holders are about to re-register, so the joiner is told to wait rather
-than start a second, diverging state.
+is behind); one without state syncs from a live up-to-date holder. If there
+is none:
+
+- before the run's first commit, the joiner founds the run (its initial
+  state becomes the run's), except when the coordinator has heard from peers
+  of an earlier coordinator (ids it never gave out) within
+  ``startup_grace_s`` of its start: the run is under way and its holders are
+  about to re-register, so the joiner is told to wait rather than start a
+  second, diverging state;
+- once the run has committed a round (known live, from a peer, or from the
+  coordinator's state file) it is never founded again: the joiner is told to
+  wait, with a reason saying how to bring the state back (restart a peer
+  that holds it, or one resuming from its checkpoint). Only a new run
+  (``loconet coordinator --new-run``, or a fresh run id) starts over.
+
+A state at round 0 is no committed state once the run has committed a round
+(any fresh peer "holds" its random initial state): such a joiner counts as
+one without state. A joiner whose state is at a round the coordinator holds a
+digest of (``Digest`` below) must report the same digest, or it is refused
+(the checkpoint is from another run, or diverged); an empty digest is unknown
+and never checked. A state at a round beyond the last committed one is
+adopted: the run goes on from it (that is how a coordinator without a state
+file learns where the run is; with a state file the peers cannot be ahead
+of it, since it is written at every commit before anyone learns of it).
+
+Digest (``valid_digest``): peers report the SHA-256 of their state as of
+their last round (at join and with every quorum request). The coordinator
+keeps the first digest reported for each of its recent committed rounds; a
+later report that differs names a diverged peer (an event, an error in the
+log), and the first one is kept.
 
 Resync (``needs_resync``): a peer whose last applied round is older than
 the run's last committed round missed a round; it must fetch the state from
@@ -60,19 +84,32 @@ ones that never reported (or whose lease lapsed); if every member reported
 most reports are dropped so that the retry can succeed.
 
 Head (``head_round``): when every peer holding the last committed state is
-gone, the run continues from the newest state a live peer holds.
+gone, the run continues from the newest committed state a live peer holds
+(an older checkpoint of this run: the later rounds are lost, and the
+coordinator records a rollback). Never from round 0 once a round committed:
+a round-0 state is a fresh peer's random initial state, not one the run
+agreed on, so with no live holder of a round >= 1 the run waits instead. And
+not within ``startup_grace_s`` of a coordinator's start, while the holders of
+the newer rounds may still be re-registering.
 
-Sync source (``choose_sync_source``): an alive, up-to-date peer that holds
-state, least busy serving other joiners first, then lowest peer id.
+Sync sources (``choose_sync_sources``): alive, up-to-date peers that hold
+state, least busy serving other joiners first, then lowest peer id; at most
+``MAX_SYNC_SOURCES``, so that a joiner can fetch stripes from several. The
+first is ``sync_from``, the one a joiner that does not stripe fetches from.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field, replace
 
 from collectives.errors import ConfigError
+
+# Most sync sources a joiner is given (it may fetch stripes of the state from each).
+MAX_SYNC_SOURCES = 4
+_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -101,17 +138,42 @@ class QuorumRules:
             raise ConfigError("join timeout and startup grace must be >= 0")
 
 
-def join_action(
-    has_state: bool, holder_alive: bool, run_under_way: bool, coordinator_age_s: float, rules: QuorumRules
-) -> str:
-    """What a joining peer does: "keep" its state, "sync" from a holder, "found" the run's state, or "wait".
+def valid_digest(digest: str) -> bool:
+    """Whether a reported state digest is well formed: empty (unknown), or SHA-256 as 64 lowercase hex characters."""
+    return digest == "" or (len(digest) == 64 and set(digest) <= _HEX)
 
-    ``run_under_way``: the coordinator has heard from peers an earlier coordinator registered.
+
+def holds_committed_state(has_state: bool, last_round: int, committed_round: int) -> bool:
+    """Whether a peer's state counts as one of the run's: any before the first commit, then only from round 1 on."""
+    return has_state and (last_round > 0 or committed_round == 0)
+
+
+def join_action(
+    has_state: bool,
+    holder_alive: bool,
+    run_under_way: bool,
+    coordinator_age_s: float,
+    rules: QuorumRules,
+    committed_round: int = 0,
+    last_round: int = 0,
+    digest: str = "",
+    recorded_digest: str = "",
+) -> str:
+    """What a joining peer does: "keep" its state, "sync" from a holder, "found" the run, "wait", or is "refuse"d.
+
+    ``holder_alive``: another live peer holds the state of ``committed_round`` (the run's last committed
+    round); ``run_under_way``: the coordinator has heard from peers an earlier coordinator registered;
+    ``last_round``/``digest``: the round and SHA-256 of the joiner's state; ``recorded_digest``: the
+    digest the coordinator holds for that round ("" when unknown).
     """
-    if has_state:
+    if holds_committed_state(has_state, last_round, committed_round):
+        if digest and recorded_digest and digest != recorded_digest:
+            return "refuse"
         return "keep"
     if holder_alive:
         return "sync"
+    if committed_round > 0:
+        return "wait"
     if run_under_way and coordinator_age_s < rules.startup_grace_s:
         return "wait"
     return "found"
@@ -122,14 +184,19 @@ def needs_resync(peer_last_round: int, last_committed_round: int) -> bool:
     return peer_last_round < last_committed_round
 
 
-def head_round(peers: list[PeerView], last_committed_round: int) -> int:
-    """The newest round whose state a live peer still holds (the run's head).
+def head_round(peers: list[PeerView], last_committed_round: int, settled: bool = True) -> int:
+    """The newest committed round whose state a live peer still holds (the run's head).
 
     Normally the last committed round. If every peer holding it has left or
-    died, the run goes on from the newest state a live peer holds rather than
-    waiting forever for a state nobody can serve (the later rounds are lost).
+    died, the run goes on from the newest committed state a live peer holds
+    rather than waiting forever for a state nobody can serve (the later rounds
+    are lost); never from round 0 once a round committed (a fresh peer's
+    initial state), and not before the coordinator has ``settled`` (its startup
+    grace passed: holders of the newer rounds may still be re-registering).
     """
-    held = [p.last_round for p in peers if p.alive and p.has_state]
+    if not settled:
+        return last_committed_round
+    held = [p.last_round for p in peers if p.alive and p.has_state and p.last_round > 0]
     if not held or max(held) >= last_committed_round:
         return last_committed_round
     return max(held)
@@ -304,16 +371,27 @@ def _abort(reports: dict[str, Report], silent: set[str], named: Counter, why: st
     return Decision(commit=False, dropped=tuple(sorted(dropped)), reason=text[:2000])
 
 
+def choose_sync_sources(
+    peers: list[PeerView],
+    joiner_id: str,
+    last_committed_round: int,
+    serving: dict[str, int] | None = None,
+    most: int = MAX_SYNC_SOURCES,
+) -> tuple[PeerView, ...]:
+    """The peers a joiner may fetch the state from, least busy first (at most ``most``); empty if nobody is up to date."""
+    serving = serving or {}
+    candidates = (
+        p
+        for p in peers
+        if p.peer_id != joiner_id and p.alive and p.has_state and p.last_round >= last_committed_round
+    )
+    # nsmallest: O(n log most), as this runs per join and per resync over every live peer.
+    return tuple(heapq.nsmallest(most, candidates, key=lambda p: (serving.get(p.peer_id, 0), p.peer_id)))
+
+
 def choose_sync_source(
     peers: list[PeerView], joiner_id: str, last_committed_round: int, serving: dict[str, int] | None = None
 ) -> PeerView | None:
     """The peer a joiner should fetch the state from, or None if nobody holds an up-to-date state."""
-    serving = serving or {}
-    candidates = [
-        p
-        for p in peers
-        if p.peer_id != joiner_id and p.alive and p.has_state and p.last_round >= last_committed_round
-    ]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda p: (serving.get(p.peer_id, 0), p.peer_id))
+    sources = choose_sync_sources(peers, joiner_id, last_committed_round, serving, most=1)
+    return sources[0] if sources else None

@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 
 from peer.coordinator.history import Series, SeriesBook
 from peer.coordinator.rules import CommittedRound, PeerView
+from peer.coordinator.waiting import WaitingRoom
 
 PEER_STATES = ("joining", "syncing", "active", "lost", "left")
+# How many recent committed rounds keep their state digest (a checkpoint of one of them is checked against it).
+DIGEST_ROUNDS = 64
 
 
 @dataclass
@@ -149,6 +152,12 @@ class RunState:
     # an id from the previous coordinator must be unknown here (so it rejoins), never taken
     # for a new peer that happened to get the same number.
     incarnation: str = field(default_factory=lambda: secrets.token_hex(3))
+    # Recent committed rounds' state digests: round id -> (SHA-256 hex, the peer that reported it first,
+    # "" for the state file), and the (round, peer) pairs already reported as diverging from it.
+    digests: dict[int, tuple[str, str]] = field(default_factory=dict)
+    diverged: set[tuple[int, str]] = field(default_factory=set)
+    # Peers waiting for a holder of the run's state (no live peer holds it).
+    waiting: WaitingRoom = field(default_factory=WaitingRoom)
     _next_peer_number: int = 1
 
     def __post_init__(self) -> None:
@@ -177,12 +186,53 @@ class RunState:
             self.committed.append(CommittedRound(record.round_id, record.epoch, record.tag, tuple(record.members)))
 
     def roll_back(self, round_id: int) -> None:
-        """Continue the run from ``round_id``, as nobody holds the later rounds: forget them; new epoch next."""
+        """Continue the run from ``round_id``, as nobody holds the later rounds: forget them; new epoch next.
+
+        Never to round 0 once a round committed (rules.head_round): that would re-found the run.
+        """
+        if round_id <= 0 < self.last_committed_round:
+            raise ValueError(f"run {self.run_id} committed round {self.last_committed_round}: it never rolls back to 0")
         self.last_committed_round = round_id
         self.bump_epoch = True
         kept = [c for c in self.committed if c.round_id <= round_id]
         self.committed.clear()
         self.committed.extend(kept)
+        self.digests = {r: d for r, d in self.digests.items() if r <= round_id}
+        self.diverged = {(r, p) for r, p in self.diverged if r <= round_id}
+
+    # -- state digests ---------------------------------------------------------------
+
+    @property
+    def last_digest(self) -> str:
+        """The SHA-256 (hex) recorded for the state of the last committed round; "" when nobody reported it."""
+        return self.digest_of(self.last_committed_round)
+
+    def digest_of(self, round_id: int) -> str:
+        """The SHA-256 recorded for the state of a recent committed round; "" when unknown or forgotten."""
+        recorded = self.digests.get(round_id)
+        return recorded[0] if recorded is not None else ""
+
+    def note_digest(self, round_id: int, digest: str, peer_id: str) -> tuple[str, str] | None:
+        """Record a peer's digest of its state at a committed round; the first report of a round is kept.
+
+        Returns (first reporter, its digest) when this peer's digest differs from it, the first time this
+        peer does so for that round (it diverged); None otherwise. Rounds 0 (no committed state), beyond
+        the last committed round, and empty digests (unknown) are ignored.
+        """
+        if not digest or round_id <= 0 or round_id > self.last_committed_round:
+            return None
+        recorded = self.digests.get(round_id)
+        if recorded is None:
+            if round_id > self.last_committed_round - DIGEST_ROUNDS:
+                self.digests[round_id] = (digest, peer_id)
+                oldest = self.last_committed_round - DIGEST_ROUNDS
+                self.digests = {r: d for r, d in self.digests.items() if r > oldest}
+                self.diverged = {(r, p) for r, p in self.diverged if r > oldest}
+            return None
+        if recorded[0] == digest or (round_id, peer_id) in self.diverged:
+            return None
+        self.diverged.add((round_id, peer_id))
+        return recorded[1], recorded[0]
 
     # -- peers ---------------------------------------------------------------------
 
@@ -274,6 +324,10 @@ class RunState:
             },
             "epoch": self.epoch,
             "last_committed_round": self.last_committed_round,
+            # SHA-256 of the state as of last_committed_round ("" until a holder reported it).
+            "state_digest": self.last_digest,
+            # Peers waiting for a holder of the run's state (None: nobody waits).
+            "waiting": self.waiting.as_dict(),
             "min_peers": self.min_peers,
             "quorum_policy": self.policy,
             "summary": {

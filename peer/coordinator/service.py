@@ -36,12 +36,23 @@ import grpc
 from collectives.membership import NO_QUORUM
 from collectives.rpc import health_check
 from peer.coordinator.config import CoordinatorConfig
+from peer.coordinator.durable import (
+    checked_digest,
+    discard_saved_run,
+    note_digest,
+    refused_checkpoint,
+    resume_saved_run,
+    short,
+    wait_reason,
+)
 from peer.coordinator.quorum import BadRequest, Quorums
 from peer.coordinator.rules import (
     Decision,
+    PeerView,
     Report,
-    choose_sync_source,
+    choose_sync_sources,
     head_round,
+    holds_committed_state,
     join_action,
     needs_resync,
     peers_to_probe,
@@ -62,7 +73,7 @@ MAX_TEXT_CHARS = 2000
 MAX_TAG_CHARS = 200
 
 # CoordinatorConfig lives in peer/coordinator/config.py, BadRequest in quorum.py; importing them from here still works.
-__all__ = ["BadRequest", "Coordinator", "CoordinatorConfig", "VERSION"]
+__all__ = ["VERSION", "BadRequest", "Coordinator", "CoordinatorConfig"]
 
 
 class Coordinator(pb_grpc.CoordinatorServicer):
@@ -83,14 +94,13 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._saved: SavedRun | None = None
         if config.state_file:
             self._saved = load_run(config.state_file, config.run_id)
-        if self._saved is not None:
+        if self._saved is not None and config.new_run:
+            discard_saved_run(self.state, self._saved)
+        elif self._saved is not None:
             self._run_under_way = True
-            self.state.last_committed_round = self._saved.last_committed_round
-            self.state.epoch = self._saved.epoch
-            log.info(
-                "state file %s: run %s was founded (last committed round %d); joiners wait up to %g s for its holders",
-                config.state_file, config.run_id, self._saved.last_committed_round, config.rules.startup_grace_s,
-            )
+            resume_saved_run(self.state, self._saved, config)
+        elif config.new_run:
+            log.info("--new-run: no saved run to discard (%s)", config.state_file or "no --state-file")
         self.quorums = Quorums(
             config, self.policy, self.state, self._started,
             drop=lambda peer, why: self._mark_lost(peer, why, kind="failure"),
@@ -104,6 +114,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._last_lease_check = time.monotonic()
         self._probes: set[asyncio.Task] = set()
         self.state.event("coordinator-start", "", f"run {config.run_id}")
+        if config.new_run and self._saved is not None:
+            self._save()  # the state file forgets the old run at once, before anything else happens
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -198,17 +210,23 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         address = req.address.strip()
         if not address or len(address) > MAX_ADDRESS_CHARS or ":" not in address:
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"join needs the peer's host:port, got {address[:100]!r}")
+        digest = checked_digest(req.state_digest)
         s = self.state
-        holder_alive = any(s.peers[p].has_state for p in s.live if s.peers[p].address != address)
-        action = join_action(
-            req.has_state, holder_alive, self._run_under_way, time.monotonic() - self._started, self.config.rules
+        committed = s.last_committed_round
+        # Another live peer (not an earlier process at this address) holds the run's up-to-date state.
+        holder_alive = any(
+            p.has_state and p.last_round >= committed for p in s.alive_peers() if p.address != address
         )
+        recorded = s.digest_of(req.last_round) if req.has_state else ""
+        action = join_action(
+            req.has_state, holder_alive, self._run_under_way, self._age(), self.config.rules,
+            committed_round=committed, last_round=req.last_round, digest=digest, recorded_digest=recorded,
+        )
+        if action == "refuse":
+            raise refused_checkpoint(self.config.run_id, req.last_round, digest, recorded)
         if action == "wait":
-            # UNAVAILABLE: the client retries with backoff; the holders re-register within a lease.
-            raise BadRequest(
-                grpc.StatusCode.UNAVAILABLE,
-                "this coordinator just restarted and the peers holding the run's state have not re-registered yet; retry",
-            )
+            return self._wait_answer(req, address)
+        s.waiting.done(address)
         other_id = s.by_address.get(address)
         if other_id is not None and other_id != req.peer_id:
             # The same address again means the old process is gone (a restart).
@@ -216,40 +234,47 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         known = s.peers.get(req.peer_id)
         rejoin = known is not None and known.alive and known.address == address
         peer_id = req.peer_id if rejoin else s.new_peer_id(req.peer_id)
-        # What the peer holds tells a restarted coordinator where the run is.
-        if req.has_state:
-            s.last_committed_round = max(s.last_committed_round, req.last_round)
+        # A round-0 state once the run has committed a round is a fresh peer's: it counts as none.
+        has_state = holds_committed_state(req.has_state, req.last_round, committed)
+        # What the peer holds tells a restarted coordinator where the run is (a newer state is adopted).
+        if has_state and req.last_round > committed:
+            s.last_committed_round = req.last_round
+            if committed > 0:
+                s.event("adopt", peer_id, f"holds round {req.last_round}, beyond the last committed {committed}")
         s.epoch = max(s.epoch, req.epoch)
+        if has_state:
+            self._note_digest(req.last_round, digest, peer_id)
         heartbeat_s, lease_s = self._lease_terms()
         peer = PeerRecord(
             peer_id=peer_id,
             address=address,
             name=req.name[:200],
             last_round=req.last_round,
-            has_state=req.has_state,
+            has_state=has_state,
             codecs=tuple(c[:32] for c in req.codecs[:32]),
             lease_s=lease_s,
         )
         founder = action == "found"
-        sync_from = ""
+        sources: tuple[PeerView, ...] = ()
         missed: list[pb.CommittedRound] = []
         if founder:
-            # Nobody holds a state: this peer's initial state becomes the run's.
+            # Nobody holds a state and no round committed: this peer's initial state becomes the run's.
             peer.has_state = True
             peer.state = "active"
             self._save()
-        elif not req.has_state or needs_resync(req.last_round, s.last_committed_round):
-            source = choose_sync_source([p.view() for p in s.alive_peers()], peer_id, s.last_committed_round, self._serving)
-            if source is not None:
-                sync_from = source.address
-                self._serving[source.peer_id] = self._serving.get(source.peer_id, 0) + 1
-                if req.has_state:
-                    missed = self._missed(peer_id, req.last_round)
+        elif not has_state or needs_resync(req.last_round, s.last_committed_round):
+            sources = self._sources(peer_id)
+            if sources and has_state:
+                missed = self._missed(peer_id, req.last_round)
             peer.state = "syncing"
         else:
             peer.state = "active"
+            if committed > 0 and req.last_round >= committed and s.waiting.waiters and not holder_alive:
+                s.event("resume", peer_id, f"holds round {req.last_round}: {len(s.waiting.waiters)} waiting peer(s) "
+                        "can fetch the run's state from it")
         s.add_peer(peer)
         s.event("rejoin" if req.peer_id else "join", peer_id, f"{'founder ' if founder else ''}from {address}")
+        sync_from = sources[0].address if sources else ""
         log.info("peer %s joined from %s (sync from %s)", peer_id, address, sync_from or "-")
         return pb.JoinResponse(
             peer_id=peer_id,
@@ -259,7 +284,56 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             last_committed_round=s.last_committed_round,
             sync_from=sync_from,
             missed=missed,
+            state_digest=s.last_digest,
+            sync_sources=[p.address for p in sources],
         )
+
+    def _sources(self, peer_id: str, count: bool = True) -> tuple[PeerView, ...]:
+        """Live up-to-date holders for a peer to fetch the state from, least busy first; counts it against the first.
+
+        Only the first (sync_from) is counted: it carries the whole fetch of a joiner that does not
+        stripe, and counting it alone makes consecutive joiners start at different donors.
+        """
+        s = self.state
+        sources = choose_sync_sources([p.view() for p in s.alive_peers()], peer_id, s.last_committed_round, self._serving)
+        if sources and count:
+            self._serving[sources[0].peer_id] = self._serving.get(sources[0].peer_id, 0) + 1
+        return sources
+
+    def _wait_answer(self, req: pb.JoinRequest, address: str) -> pb.JoinResponse:
+        """Tell a joiner without state to wait: nobody live holds the run's state (it is not registered)."""
+        s = self.state
+        reason = self._wait_reason()
+        other_id = s.by_address.get(address)
+        if other_id is not None:
+            # An earlier registration from this address (a joiner whose source died mid-fetch): it is no
+            # member while it waits, so quorums must not wait for it.
+            self._mark_lost(s.peers[other_id], "waits for a holder of the run's state", kind="leave", state="left")
+        if s.waiting.note(address, reason, req.name[:200], req.peer_id[:100]):
+            s.event("wait", req.peer_id[:100], f"{address}: {reason}")
+            log.warning("a peer at %s waits: %s", address, reason)
+        return pb.JoinResponse(
+            peer_id=req.peer_id,
+            lease_s=self.config.lease_s,
+            heartbeat_s=self.config.heartbeat_s,
+            epoch=s.epoch,
+            last_committed_round=s.last_committed_round,
+            state_digest=s.last_digest,
+            wait=True,
+            wait_reason=reason,
+        )
+
+    def _wait_reason(self) -> str:
+        return wait_reason(self.config.run_id, self.state, self.config.rules.startup_grace_s - self._age())
+
+    def _age(self) -> float:
+        """Seconds since this coordinator started."""
+        return time.monotonic() - self._started
+
+    def _note_digest(self, round_id: int, digest: str, peer_id: str) -> None:
+        note_digest(self.state, round_id, digest, peer_id)
+        if round_id == self.state.last_committed_round:
+            self._save()  # the digest of the last committed round, once known (saved only when it changed)
 
     def _lease_terms(self) -> tuple[float, float]:
         """(heartbeat interval, lease) for a joining peer: heartbeats slow down as the run grows.
@@ -304,14 +378,19 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     async def _quorum(self, req: pb.QuorumRequest) -> pb.QuorumResponse:
         self._check_run(req.run_id)
+        digest = checked_digest(req.state_digest)
         give_up = time.monotonic() + self.config.quorum_timeout_s
         tag = req.tag[:MAX_TAG_CHARS]
+        noted = False
         while True:
             peer = self._peer(req.peer_id)
             peer.last_round = req.last_round
             # A peer asks for rounds only once it holds a state (the run's, fetched or founded,
             # or its checkpoint), even at round 0: so it may catch up by results too.
             peer.has_state = True
+            if not noted:
+                self._note_digest(req.last_round, digest, peer.peer_id)
+                noted = True
             attempt = self.quorums.in_flight()
             if attempt is not None:
                 # An attempt is in flight (this peer is not in it, or asks again before its decision):
@@ -320,6 +399,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 await self._wait(attempt.decided, give_up, peer.peer_id)
                 continue
             resync = self._resync_answer(peer, req.last_round)
+            self.state.waiting.done(peer.address)
             if resync is not None:
                 return resync
             peer.state = "active"
@@ -332,29 +412,45 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def _resync_answer(self, peer: PeerRecord, last_round: int) -> pb.QuorumResponse | None:
         """RESYNC (with the rounds it missed, when remembered) for a peer behind the run; None if it is up to date."""
         s = self.state
+        # Within the startup grace the holders of newer rounds may still be re-registering: no rollback yet.
+        settled = self._age() >= self.config.rules.startup_grace_s
         if needs_resync(last_round, s.last_committed_round):
             # Only a peer that is behind needs this check (a scan of every peer).
-            head = head_round([p.view() for p in s.alive_peers()], s.last_committed_round)
+            head = head_round([p.view() for p in s.alive_peers()], s.last_committed_round, settled)
             if head < s.last_committed_round:
-                s.event("rollback", "", f"peers holding round {s.last_committed_round} are gone; continuing from round {head}")
-                log.warning("no live peer holds round %d; the run continues from round %d", s.last_committed_round, head)
+                gone = s.last_committed_round
                 s.roll_back(head)
+                detail = f"peers holding round {gone} are gone; continuing from round {head} ({short(s.last_digest)})"
+                s.event("rollback", "", detail)
+                log.warning("no live peer holds round %d; the run continues from round %d", gone, head)
+                self._save()
         if not needs_resync(last_round, s.last_committed_round):
             return None
-        peers = [p.view() for p in s.alive_peers()]
-        source = choose_sync_source(peers, peer.peer_id, s.last_committed_round, self._serving)
-        if source is None:
-            raise BadRequest(grpc.StatusCode.UNAVAILABLE, "no up-to-date peer to resync from yet; retry")
-        peer.state = "syncing"
         missed = self._missed(peer.peer_id, last_round) if peer.has_state else []
-        how = f"catch up {len(missed)} round(s)" if missed else f"from {source.peer_id}"
+        # A peer that can catch up by results fetches no state: it is not counted against a donor.
+        sources = self._sources(peer.peer_id, count=not missed)
+        if not sources:
+            if settled:
+                reason = self._wait_reason()
+            else:
+                reason = (
+                    f"the coordinator restarted; waiting for the peers holding round {s.last_committed_round} "
+                    "to re-register"
+                )
+            if s.waiting.note(peer.address, reason, peer.name, peer.peer_id):
+                s.event("wait", peer.peer_id, reason)
+            raise BadRequest(grpc.StatusCode.UNAVAILABLE, f"no up-to-date peer to resync from yet: {reason}; retry")
+        peer.state = "syncing"
+        how = f"catch up {len(missed)} round(s)" if missed else f"from {sources[0].peer_id}"
         s.event("resync", peer.peer_id, f"behind round {s.last_committed_round}; {how}")
         return pb.QuorumResponse(
             action=pb.QuorumResponse.RESYNC,
-            sync_from=source.address,
+            sync_from=sources[0].address,
             last_committed_round=s.last_committed_round,
             epoch=s.epoch,
             missed=missed,
+            state_digest=s.last_digest,
+            sync_sources=[p.address for p in sources],
         )
 
     def _missed(self, peer_id: str, last_round: int) -> list[pb.CommittedRound]:
@@ -375,7 +471,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         """fut's result, or the 'no quorum' refusal once the Quorum call has waited quorum_timeout_s."""
         try:
             return await asyncio.wait_for(asyncio.shield(fut), max(0.0, give_up - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.quorums.withdraw(peer_id, fut)
             alive = len([p for p in self.state.alive_peers() if p.has_state])
             raise BadRequest(
@@ -434,7 +530,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         """Record in the state file (if any) that the run exists and how far it got."""
         if not self.config.state_file:
             return
-        saved = SavedRun(self.config.run_id, self.state.last_committed_round, self.state.epoch)
+        saved = SavedRun(self.config.run_id, self.state.last_committed_round, self.state.epoch, self.state.last_digest)
         if saved != self._saved:
             save_run(self.config.state_file, saved)
             self._saved = saved
@@ -478,6 +574,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         for peer in self.state.alive_peers():
             if now - peer.last_seen > peer.lease_s:
                 self._mark_lost(peer, f"no heartbeat for {now - peer.last_seen:.1f} s", kind="lost")
+        # A waiter asks again every heartbeat interval; one silent for a lease gave up.
+        for waiter in self.state.waiting.expire(now, self.config.lease_s):
+            self.state.event("leave", waiter.peer_id, f"{waiter.address} stopped waiting for the run's state")
 
     def _mark_lost(self, peer: PeerRecord, why: str, kind: str, state: str = "lost") -> None:
         self.state.drop_peer(peer, state)

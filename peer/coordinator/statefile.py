@@ -9,8 +9,13 @@ own initial state (see docs/membership.md, "Coordinator restart"). With
 record when the run is founded, when it forms a round at a new epoch and
 after every committed round, and a restarted coordinator that finds it knows
 the run is under way from its first moment, where it got to (the next round
-is ``last_committed_round + 1``) and the last epoch it gave out (its first
-round gets a newer one).
+is ``last_committed_round + 1``), the last epoch it gave out (its first
+round gets a newer one) and the SHA-256 its peers reported for the state of
+that round (``digest``, empty until one reported it). A run that committed a
+round is then never founded again from a fresh peer's random weights: only a
+peer holding that state (or an older checkpoint of it) can bring it back, or
+``loconet coordinator --new-run`` starts over. Files written before the
+digest was kept load with an empty one.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import pathlib
 from dataclasses import asdict, dataclass
 
 from collectives.errors import ConfigError
+from peer.coordinator.rules import valid_digest
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,8 @@ class SavedRun:
     run_id: str
     last_committed_round: int
     epoch: int
+    # SHA-256 (hex) of the state as of last_committed_round, as its holders reported it; "" unknown.
+    digest: str = ""
 
 
 def load_run(path: str | os.PathLike, run_id: str) -> SavedRun | None:
@@ -46,8 +54,10 @@ def load_run(path: str | os.PathLike, run_id: str) -> SavedRun | None:
         raise ConfigError(f"cannot read the coordinator state file {p}: {exc}") from None
     try:
         data = json.loads(text)
-        saved = SavedRun(str(data["run_id"]), int(data["last_committed_round"]), int(data["epoch"]))
-    except (ValueError, KeyError, TypeError) as exc:
+        saved = SavedRun(
+            str(data["run_id"]), int(data["last_committed_round"]), int(data["epoch"]), str(data.get("digest", ""))
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(
             f"coordinator state file {p} is not a saved run ({exc}); delete it to start the run afresh"
         ) from None
@@ -58,6 +68,11 @@ def load_run(path: str | os.PathLike, run_id: str) -> SavedRun | None:
         )
     if saved.last_committed_round < 0 or saved.epoch < 0:
         raise ConfigError(f"coordinator state file {p} holds negative rounds or epochs; delete it to start afresh")
+    if not valid_digest(saved.digest):
+        raise ConfigError(
+            f"coordinator state file {p} holds digest {saved.digest[:80]!r}, not 64 lowercase hex characters; "
+            "fix or delete it (loconet coordinator --new-run starts the run over)"
+        )
     return saved
 
 

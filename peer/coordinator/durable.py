@@ -1,0 +1,103 @@
+"""The run's committed state, as the coordinator keeps track of it so that it never silently restarts.
+
+Peers report the SHA-256 of their state as of their last round; the
+coordinator records the first report of each recent committed round
+(``RunState.note_digest``), flags a different one as a divergence, hands the
+digest out with every sync source, and keeps the last one in its state file.
+A run that has committed a round is never founded again
+(``rules.join_action``): a joiner without state that finds no live holder
+waits, told in one line why and what would bring the state back. The
+service (``peer/coordinator/service.py``) calls the helpers here; the
+decisions themselves are in ``rules.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from peer.coordinator.config import CoordinatorConfig
+from peer.coordinator.quorum import BadRequest
+from peer.coordinator.rules import valid_digest
+from peer.coordinator.runstate import RunState
+from peer.coordinator.statefile import SavedRun
+
+log = logging.getLogger(__name__)
+
+
+def checked_digest(digest: str) -> str:
+    """A reported state digest, or BadRequest INVALID_ARGUMENT when it is not SHA-256 hex (empty: unknown)."""
+    if not valid_digest(digest):
+        raise BadRequest(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"state_digest must be the state's SHA-256 as 64 lowercase hex characters (or empty), got {digest[:80]!r}",
+        )
+    return digest
+
+
+def short(digest: str) -> str:
+    """A digest as messages show it: its first 12 characters, or that it is unknown."""
+    return f"state sha256 {digest[:12]}..." if digest else "state digest unknown"
+
+
+def wait_reason(run_id: str, state: RunState, grace_left_s: float) -> str:
+    """Why a peer without state must wait, and what brings the run's state back, in one line."""
+    if state.last_committed_round == 0:
+        return (
+            f"the coordinator of run {run_id} restarted and the peers holding the run's state have not "
+            f"re-registered yet; waiting up to {max(grace_left_s, 0.0):.0f} s more for them"
+        )
+    return (
+        f"run {run_id} has committed round {state.last_committed_round} ({short(state.last_digest)}) but no live "
+        "peer holds it: restart a peer that holds it (with its checkpoint directory), or start one with "
+        "--resume-from CHECKPOINT_DIR; `loconet coordinator --new-run` starts the run over"
+    )
+
+
+def refused_checkpoint(run_id: str, round_id: int, digest: str, recorded: str) -> BadRequest:
+    """The refusal of a joiner whose state of round_id hashes differently from what the run recorded for it."""
+    return BadRequest(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"this peer's state of round {round_id} has sha256 {digest[:16]}..., but run {run_id} recorded "
+        f"{recorded[:16]}... for that round: it is not this run's state (a checkpoint of another run, or one that "
+        "diverged); start the peer without it to fetch the run's state, or resume from a checkpoint of this run",
+    )
+
+
+def note_digest(state: RunState, round_id: int, digest: str, peer_id: str) -> None:
+    """Record a peer's digest of its state at round_id; one that differs from the first report is a divergence."""
+    conflict = state.note_digest(round_id, digest, peer_id)
+    if conflict is not None:
+        first, recorded = conflict
+        detail = (
+            f"round {round_id}: {peer_id} holds state sha256 {digest[:12]}..., but {first or 'the state file'} "
+            f"reported {recorded[:12]}... first; the first is kept"
+        )
+        state.event("diverged", peer_id, detail)
+        log.error("peers' states diverged at %s", detail)
+
+
+def resume_saved_run(state: RunState, saved: SavedRun, config: CoordinatorConfig) -> None:
+    """Start from the state file's run: it was founded; its round, epoch and state digest."""
+    state.last_committed_round, state.epoch = saved.last_committed_round, saved.epoch
+    if saved.digest and saved.last_committed_round > 0:
+        state.digests[saved.last_committed_round] = (saved.digest, "")
+    if saved.last_committed_round > 0:
+        log.info(
+            "state file %s: run %s has committed round %d (%s); a joiner without state waits for a peer holding it",
+            config.state_file, saved.run_id, saved.last_committed_round, short(saved.digest),
+        )
+    else:
+        log.info(
+            "state file %s: run %s was founded; joiners without state wait up to %g s for its holders",
+            config.state_file, saved.run_id, config.rules.startup_grace_s,
+        )
+
+
+def discard_saved_run(state: RunState, saved: SavedRun) -> None:
+    """--new-run: the run starts over; only the epoch goes on, so no (round, epoch) pair is given out twice."""
+    state.epoch = saved.epoch
+    what = f"round {saved.last_committed_round} (state sha256 {saved.digest or 'unknown'})"
+    log.warning("--new-run: run %s starts over; the saved %s is discarded", saved.run_id, what)
+    state.event("new-run", "", f"starts over; discarded {what}")

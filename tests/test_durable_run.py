@@ -1,0 +1,374 @@
+"""The run's state never silently restarts: a run that committed a round is never founded again.
+
+Against a real coordinator served in this process (``CoordinatorThread``) over gRPC on 127.0.0.1; the
+peers are made-up addresses that only talk to it (probing is off). Peers report the SHA-256 of their
+state as of their last round with each join and quorum request; ``digest(r)`` stands for the state of
+round r.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from collectives.membership import MembershipClient, MembershipConfig
+from collectives.rpc import blocking_channel
+from collectives.transport import Transport
+from peer.coordinator.config import CoordinatorConfig
+from peer.coordinator.runstate import RunState
+from peer.coordinator.thread import CoordinatorThread
+from peer.options import add_options, read_options
+from protos import membership_pb2 as pb
+from protos import membership_pb2_grpc as pb_grpc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from support.browser import NO_CHROMIUM, DomIndex, chromium_path, run_chromium
+
+pytestmark = pytest.mark.timeout(120)
+
+RUN = "durable"
+DEFAULTS = {
+    "run_id": RUN, "port": 0, "dashboard_port": None, "probe_peers": False, "startup_grace_s": 0.0, "lease_s": 30.0,
+    "join_timeout_s": 0.5,
+}
+
+
+def digest(round_id: int) -> str:
+    """The state digest of round round_id in these tests."""
+    return hashlib.sha256(f"state of round {round_id}".encode()).hexdigest()
+
+
+class Live:
+    """A coordinator on its own thread and a blocking stub to it."""
+
+    def __init__(self, **settings) -> None:
+        self.thread = CoordinatorThread(CoordinatorConfig(**{**DEFAULTS, **settings}))
+        self.address = self.thread.address
+        self.channel = blocking_channel(self.address)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.closed = False
+
+    def status(self) -> dict:
+        return self.thread.status()
+
+    def events(self, kind: str) -> list[dict]:
+        return [e for e in self.status()["events"] if e["kind"] == kind]
+
+    def join(self, address: str, **fields) -> pb.JoinResponse:
+        return self.stub.Join(pb.JoinRequest(run_id=RUN, address=address, **fields), timeout=5)
+
+    def ask(self, peer_id: str, last_round: int, state: str | None = None) -> grpc.Future:
+        """A peer's quorum request, reporting the digest of its last round (state overrides it)."""
+        reported = (digest(last_round) if last_round else "") if state is None else state
+        request = pb.QuorumRequest(run_id=RUN, peer_id=peer_id, last_round=last_round, state_digest=reported)
+        return self.stub.Quorum.future(request, timeout=20)
+
+    def play(self, peers: list[str], last_round: int) -> pb.QuorumResponse:
+        """Every peer asks, every one reports success: the round commits. The first peer's plan."""
+        plans = [f.result() for f in [self.ask(p, last_round) for p in peers]]
+        assert all(p.action == pb.QuorumResponse.ROUND for p in plans)
+        reports = [
+            self.stub.Commit.future(
+                pb.CommitRequest(run_id=RUN, peer_id=p, round_id=plan.round_id, epoch=plan.epoch, ok=True), timeout=20
+            )
+            for p, plan in zip(peers, plans)
+        ]
+        assert all(f.result().commit for f in reports)
+        return plans[0]
+
+    def leave(self, peer_id: str) -> None:
+        self.stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=peer_id, reason="stopped"), timeout=5)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.channel.close()
+            self.thread.close()
+
+
+@pytest.fixture
+def coordinator() -> Iterator[Callable[..., Live]]:
+    """Factory of fresh coordinators (DEFAULTS overridden by keywords), all stopped after the test."""
+    made: list[Live] = []
+
+    def start(**settings) -> Live:
+        made.append(Live(**settings))
+        return made[-1]
+
+    yield start
+    for c in reversed(made):
+        c.close()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    give_up = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < give_up, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def run_to_round_3_then_everyone_leaves(c: Live) -> None:
+    """Two peers commit rounds 1-3, report round 3's digest with their next request, and leave."""
+    a = c.join("127.0.0.1:1", has_state=False).peer_id
+    b = c.join("127.0.0.1:2", has_state=False).peer_id
+    for last_round in range(3):
+        c.play([a, b], last_round)
+    # min_peers 2: a's request for round 4 waits for b, and reports the state of round 3 meanwhile.
+    pending = c.ask(a, 3)
+    wait_until(lambda: c.status()["state_digest"] == digest(3), "round 3's digest")
+    for peer in (a, b):
+        c.leave(peer)
+    with pytest.raises(grpc.RpcError):
+        pending.result()
+
+
+# -- never re-founded --------------------------------------------------------------------------------
+
+
+def test_a_stateless_peer_joining_after_every_peer_left_waits_with_the_reason_instead_of_founding(coordinator):
+    c = coordinator(min_peers=2)
+    run_to_round_3_then_everyone_leaves(c)
+    for _ in range(2):  # it asks again every heartbeat interval: still waiting, never founding
+        told = c.join("127.0.0.1:3", has_state=False, name="late")
+        assert told.wait and not told.sync_from and not told.sync_sources
+        assert (told.last_committed_round, told.state_digest) == (3, digest(3))
+        reason = told.wait_reason
+        assert "committed round 3" in reason and digest(3)[:12] in reason and "no live peer holds it" in reason
+        assert "--resume-from" in reason and "--new-run" in reason
+    status = c.status()
+    assert status["last_committed_round"] == 3
+    assert status["waiting"]["reason"] == reason
+    assert [(p["address"], p["name"]) for p in status["waiting"]["peers"]] == [("127.0.0.1:3", "late")]
+    assert status["summary"]["peers_alive"] == 0, "a waiting peer is not a member"
+    assert len(c.events("wait")) == 1
+
+
+def test_a_peer_returning_with_the_matching_checkpoint_is_accepted_and_the_waiter_then_syncs_from_it(coordinator):
+    c = coordinator(min_peers=2)
+    run_to_round_3_then_everyone_leaves(c)
+    assert c.join("127.0.0.1:3", has_state=False).wait
+    back = c.join("127.0.0.1:4", has_state=True, last_round=3, state_digest=digest(3))
+    assert not back.wait and back.sync_from == "" and back.last_committed_round == 3
+    assert c.events("resume")
+    told = c.join("127.0.0.1:3", has_state=False)
+    assert not told.wait
+    assert (told.sync_from, list(told.sync_sources), told.state_digest) == ("127.0.0.1:4", ["127.0.0.1:4"], digest(3))
+    assert c.status()["waiting"] is None
+
+
+def test_a_checkpoint_of_the_same_round_with_another_digest_is_refused_with_a_clear_message(coordinator):
+    c = coordinator(min_peers=2)
+    run_to_round_3_then_everyone_leaves(c)
+    with pytest.raises(grpc.RpcError) as info:
+        c.join("127.0.0.1:4", has_state=True, last_round=3, state_digest=digest(99))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not this run's state" in info.value.details() and digest(3)[:16] in info.value.details()
+    assert c.status()["summary"]["peers_alive"] == 0
+
+
+def test_a_joiner_whose_source_died_mid_fetch_never_rolls_the_run_back_to_round_0(coordinator):
+    c = coordinator()
+    a = c.join("127.0.0.1:1", has_state=False).peer_id
+    for last_round in range(3):
+        c.play([a], last_round)
+    joiner = c.join("127.0.0.1:2", has_state=False)
+    assert joiner.sync_from == "127.0.0.1:1"
+    c.leave(a)  # the only holder dies while the joiner fetches
+    # A joiner that (wrongly) went on with its own initial state is told to wait, not made the run's head.
+    with pytest.raises(grpc.RpcError) as info:
+        c.ask(joiner.peer_id, 0).result()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "no live peer holds it" in info.value.details()
+    assert c.status()["last_committed_round"] == 3 and not c.events("rollback")
+    # Asking to join again without state: it waits (and is no member meanwhile).
+    again = c.join("127.0.0.1:2", has_state=False, peer_id=joiner.peer_id)
+    assert again.wait and c.status()["summary"]["peers_alive"] == 0
+
+
+def test_an_older_checkpoint_rolls_the_run_back_to_its_round_when_nobody_holds_the_last_one(coordinator):
+    c = coordinator()
+    a = c.join("127.0.0.1:1", has_state=False).peer_id
+    for last_round in range(3):
+        c.play([a], last_round)  # asking for round 3, a reported round 2's digest
+    c.leave(a)
+    old = c.join("127.0.0.1:2", has_state=True, last_round=2, state_digest=digest(2))
+    assert not old.wait and old.sync_from == ""
+    plan = c.play([old.peer_id], 2)
+    assert plan.round_id == 3, "the run goes on from round 2"
+    (rollback,) = c.events("rollback")
+    assert "round 3 are gone; continuing from round 2" in rollback["detail"] and digest(2)[:12] in rollback["detail"]
+
+
+def test_before_the_first_commit_a_stateless_peer_founds_the_run_as_before(coordinator):
+    c = coordinator()
+    founder = c.join("127.0.0.1:1", has_state=False)
+    assert not founder.wait and founder.sync_from == ""
+    assert c.join("127.0.0.1:2", has_state=False).sync_from == "127.0.0.1:1"
+
+
+def test_the_run_state_refuses_a_rollback_to_round_0_once_a_round_committed():
+    state = RunState(RUN, min_peers=1)
+    state.last_committed_round = 3
+    with pytest.raises(ValueError, match="never rolls back to 0"):
+        state.roll_back(0)
+    state.roll_back(2)
+    assert state.last_committed_round == 2
+
+
+# -- the digest ----------------------------------------------------------------------------------------
+
+
+def test_peers_reporting_different_digests_for_a_round_is_a_divergence_and_the_first_is_kept(coordinator, caplog):
+    c = coordinator(min_peers=2)
+    a = c.join("127.0.0.1:1", has_state=False).peer_id
+    b = c.join("127.0.0.1:2", has_state=False).peer_id
+    c.play([a, b], 0)
+    with caplog.at_level(logging.ERROR):
+        asks = [c.ask(a, 1), c.ask(b, 1, state=digest(77))]
+        for f in asks:
+            f.result()
+    (diverged,) = c.events("diverged")
+    assert diverged["peer_id"] == b and f"{a} reported {digest(1)[:12]}" in diverged["detail"]
+    assert c.status()["state_digest"] == digest(1)
+    assert any(r.levelno == logging.ERROR and "diverged" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("bad", ["xyz", "A" * 64, "a" * 63])
+def test_a_malformed_digest_is_an_invalid_argument(coordinator, bad):
+    c = coordinator()
+    with pytest.raises(grpc.RpcError) as info:
+        c.join("127.0.0.1:1", has_state=True, last_round=1, state_digest=bad)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "64 lowercase hex" in info.value.details()
+    a = c.join("127.0.0.1:1", has_state=False).peer_id
+    with pytest.raises(grpc.RpcError) as info:
+        c.ask(a, 0, state=bad).result()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- across coordinator restarts ---------------------------------------------------------------------
+
+
+def test_the_state_file_keeps_the_round_and_its_digest_across_a_restart(coordinator, tmp_path):
+    state_file = str(tmp_path / "run.json")
+    before = coordinator(min_peers=2, state_file=state_file)
+    run_to_round_3_then_everyone_leaves(before)
+    before.close()
+    saved = json.loads(Path(state_file).read_text())
+    assert (saved["last_committed_round"], saved["digest"]) == (3, digest(3))
+    after = coordinator(min_peers=2, state_file=state_file)
+    assert (after.status()["last_committed_round"], after.status()["state_digest"]) == (3, digest(3))
+    told = after.join("127.0.0.1:3", has_state=False)
+    assert told.wait and digest(3)[:12] in told.wait_reason
+    with pytest.raises(grpc.RpcError) as info:
+        after.join("127.0.0.1:4", has_state=True, last_round=3, state_digest=digest(99))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert not after.join("127.0.0.1:4", has_state=True, last_round=3, state_digest=digest(3)).wait
+    assert after.join("127.0.0.1:3", has_state=False).sync_from == "127.0.0.1:4"
+
+
+def test_new_run_discards_the_saved_round_and_digest_and_the_first_peer_founds_again(coordinator, tmp_path, caplog):
+    state_file = str(tmp_path / "run.json")
+    before = coordinator(min_peers=2, state_file=state_file)
+    run_to_round_3_then_everyone_leaves(before)
+    before.close()
+    with caplog.at_level(logging.WARNING):
+        fresh = coordinator(state_file=state_file, new_run=True)
+    assert any("--new-run" in r.getMessage() and digest(3) in r.getMessage() for r in caplog.records)
+    saved = json.loads(Path(state_file).read_text())
+    assert (saved["last_committed_round"], saved["digest"]) == (0, "")
+    founder = fresh.join("127.0.0.1:5", has_state=False)
+    assert not founder.wait and founder.sync_from == "" and founder.last_committed_round == 0
+    assert fresh.events("new-run")
+
+
+def test_new_run_is_a_coordinator_option():
+    parser = argparse.ArgumentParser()
+    add_options(parser, CoordinatorConfig)
+    assert read_options(CoordinatorConfig, parser.parse_args(["--new-run"])).new_run is True
+    assert read_options(CoordinatorConfig, parser.parse_args([])).new_run is False
+
+
+def test_a_state_file_without_a_digest_still_loads(coordinator, tmp_path):
+    state_file = tmp_path / "run.json"
+    state_file.write_text(json.dumps({"run_id": RUN, "last_committed_round": 5, "epoch": 2}))
+    c = coordinator(state_file=str(state_file))
+    assert (c.status()["last_committed_round"], c.status()["state_digest"]) == (5, "")
+    told = c.join("127.0.0.1:1", has_state=False)
+    assert told.wait and "state digest unknown" in told.wait_reason
+
+
+# -- several sources -------------------------------------------------------------------------------
+
+
+def test_a_joiner_gets_up_to_four_holders_least_busy_first_and_counts_against_the_first(coordinator):
+    c = coordinator()
+    holders = [c.join(f"127.0.0.1:{port}", has_state=False).peer_id for port in range(1, 6)]
+    c.play(holders, 0)
+    first = c.join("127.0.0.1:11", has_state=False)
+    second = c.join("127.0.0.1:12", has_state=False)
+    assert list(first.sync_sources) == [f"127.0.0.1:{port}" for port in (1, 2, 3, 4)]
+    assert first.sync_from == "127.0.0.1:1"
+    assert list(second.sync_sources) == [f"127.0.0.1:{port}" for port in (2, 3, 4, 5)]
+    assert second.state_digest == "", "nobody reported round 1's digest yet"
+
+
+def test_a_resync_answer_names_the_holders_and_the_digest(coordinator):
+    c = coordinator(catchup_rounds=0, min_peers=2)
+    a = c.join("127.0.0.1:1", has_state=False).peer_id
+    b = c.join("127.0.0.1:2", has_state=False).peer_id
+    c.play([a, b], 0)
+    late = c.join("127.0.0.1:3", has_state=True, last_round=1, state_digest=digest(1)).peer_id
+    c.play([a, b, late], 1)
+    c.leave(late)
+    c.play([a, b], 2)
+    pending = c.ask(a, 3)  # reports round 3's digest
+    wait_until(lambda: c.status()["state_digest"] == digest(3), "round 3's digest")
+    back = c.join("127.0.0.1:3", has_state=True, last_round=2, state_digest=digest(2), peer_id=late)
+    resync = c.ask(back.peer_id, 2).result()
+    assert resync.action == pb.QuorumResponse.RESYNC
+    assert (resync.state_digest, set(resync.sync_sources)) == (digest(3), {"127.0.0.1:1", "127.0.0.1:2"})
+    assert resync.sync_from == resync.sync_sources[0]
+    other = c.ask(b, 3)  # kept: a dropped future would cancel its call
+    assert pending.result().action == other.result().action == pb.QuorumResponse.ROUND
+
+
+# -- the peer's client ------------------------------------------------------------------------------
+
+
+def test_the_peers_client_reads_wait_digest_and_sources(coordinator):
+    c = coordinator(min_peers=2)
+    run_to_round_3_then_everyone_leaves(c)
+    with Transport() as transport:
+        transport.start()
+        waiter = MembershipClient(transport, MembershipConfig(c.address, RUN, rpc_timeout_s=5))
+        told = transport.submit(waiter.join("127.0.0.1:3", 0, 0, has_state=False)).result(10)
+        assert told.wait and "committed round 3" in told.wait_reason and told.state_digest == digest(3)
+        assert waiter.peer_id == ""
+        holder = MembershipClient(transport, MembershipConfig(c.address, RUN, rpc_timeout_s=5))
+        kept = transport.submit(holder.join("127.0.0.1:4", 3, 0, has_state=True, digest=digest(3))).result(10)
+        assert not kept.wait and kept.sync_from == ""
+        told = transport.submit(waiter.join("127.0.0.1:3", 0, 0, has_state=False)).result(10)
+        assert (told.wait, told.sync_from, told.sync_sources) == (False, "127.0.0.1:4", ("127.0.0.1:4",))
+        assert told.state_digest == digest(3)
+
+
+@pytest.mark.skipif(chromium_path() is None, reason=NO_CHROMIUM)
+def test_the_dashboard_says_who_waits_and_why(coordinator, tmp_path):
+    c = coordinator(min_peers=2, dashboard_port=0)
+    run_to_round_3_then_everyone_leaves(c)
+    reason = c.join("127.0.0.1:3", has_state=False, name="late").wait_reason
+    dom = DomIndex(run_chromium(c.thread.server.dashboard_url + "/", tmp_path, "--dump-dom"))
+    card = dom.by_id("waiting-card")
+    assert "hidden" not in card.attrs
+    assert dom.by_id("waiting-reason").text == reason
+    assert "late" in dom.by_id("waiting-peers").text and "127.0.0.1:3" in dom.by_id("waiting-peers").text
+    assert dom.by_id("s-round").attrs["title"] == f"state sha256 {digest(3)}"
+    assert any("wait" in n.text for n in dom.find("li", cls="event-row"))
