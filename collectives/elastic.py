@@ -70,7 +70,7 @@ import enum
 import logging
 import math
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -88,13 +88,20 @@ from collectives.membership import (
     CommitUnknown,
     MembershipClient,
     MembershipConfig,
-    MissedRound,
     PeerStatus,
     RoundPlan,
     Unregistered,
 )
 from collectives.parts import flatten, shared_device, total_numel, unflatten_like
-from collectives.statesync import StateServer, StateSnapshot, StateSyncConfig, StateSyncError, fetch_state_async
+from collectives.results import CommittedResult, ResultStore, expected_wire_bytes, fetch_result
+from collectives.statesync import (
+    ExpectedState,
+    StateServer,
+    StateSnapshot,
+    StateSyncConfig,
+    StateSyncError,
+    fetch_state_async,
+)
 from collectives.stats import RoundStats
 from collectives.transport import Transport, TransportConfig
 
@@ -105,8 +112,27 @@ T = TypeVar("T")
 # A peer that stops, or fails to start, tells the coordinator it leaves within this long: an unreachable
 # coordinator must not hold up an exit someone asked for (it drops the peer when its lease lapses anyway).
 LEAVE_ON_STOP_S = 2.0
+# A peer told to wait for the run's state asks the coordinator again this often (unless it says how often),
+WAIT_POLL_S = 2.0
+# and repeats why it waits this often (the first time at once).
+WAIT_NOTE_EVERY_S = 30.0
 # A missed round's result not flowing from one member for this long is fetched from the next member.
 RESULT_STALL_S = 3.0
+
+
+class WaitNotes:
+    """Says why a peer waits for the run's state: at once, then every WAIT_NOTE_EVERY_S or when the reason changes."""
+
+    def __init__(self) -> None:
+        self._last = ""
+        self._when = -math.inf
+
+    def note(self, reason: str) -> None:
+        """Log the reason if it is new or was last said long enough ago."""
+        now = time.monotonic()
+        if reason != self._last or now - self._when >= WAIT_NOTE_EVERY_S:
+            log.warning("waiting for the run's state: %s", reason)
+            self._last, self._when = reason, now
 
 
 class Phase(enum.Enum):
@@ -146,17 +172,6 @@ class Resynced(LoconetError):
         self.snapshot = snapshot
         self.source = source
         super().__init__(f"state replaced by round {snapshot.round_id} from {source}; load it and continue")
-
-
-@dataclass(frozen=True)
-class CommittedResult:
-    """A committed round's result as its members hold it: the flat fp32 tensor, and what the round carried."""
-
-    round_id: int
-    tag: str
-    value: torch.Tensor
-    source: str = ""
-    epoch: int = 0
 
 
 class CaughtUp(LoconetError):
@@ -261,9 +276,11 @@ class ElasticCollective:
     ) -> None:
         self.config = config
         self.transport = Transport(config.transport)
+        # The committed results of recent rounds, served to peers that were late for them (collectives/results.py).
+        self.results = ResultStore(config.keep_results)
         self.collective = Collective(self.transport, config.run_id, phase_hook=phase_hook)
         self.state_server = StateServer(
-            self.transport, config.run_id, provider or (lambda: None), config.state_sync, results=self._result_snapshot
+            self.transport, config.run_id, provider or (lambda: None), config.state_sync, results=self.results.snapshot
         )
         self.membership = MembershipClient(
             self.transport,
@@ -276,11 +293,18 @@ class ElasticCollective:
         # (round id, phase) of recent moves, for tests and the dashboard.
         self.history: deque[tuple[int, Phase]] = deque(maxlen=1000)
         self._heartbeat: asyncio.Task | None = None
-        self._pending_resync = ""
-        # round id -> (tag, flat result) of the last keep_results committed rounds, served to late peers.
-        self._results: OrderedDict[int, tuple[str, torch.Tensor]] = OrderedDict()
+        # Where to fetch the run's state from before the next round (empty: nowhere), and what it must be.
+        self._pending_resync: tuple[str, ...] = ()
+        self._pending_expect: ExpectedState | None = None
+        # (round id, digest) of this peer's state, reported to the coordinator; and what computes it.
+        self._digest: tuple[int, str] = (-1, "")
+        self._digest_of: Callable[[], tuple[int, str]] | None = None
+        # The codec of this peer's last round: what a missed round's result likely travels in.
+        self._last_codec: CodecConfig | None = None
         self._round_numel: Callable[[str], int] | None = None
         self._state_nbytes: Callable[[], int] | None = None
+        # What each state fetch of this peer took (statesync.FetchReport), for reports and tests.
+        self.fetches: list = []
         # Set by interrupt(): why the peer stops. The tasks of blocking calls in flight, cancelled by it.
         self._interrupted = ""
         self._inflight: set[asyncio.Task] = set()
@@ -294,8 +318,12 @@ class ElasticCollective:
         provider: Callable[[], StateSnapshot | None],
         round_numel: Callable[[str], int] | None = None,
         state_nbytes: Callable[[], int] | None = None,
+        digest: Callable[[], tuple[int, str]] | None = None,
     ) -> None:
         """Serve joiners the state provider returns (an optimizer registers its snapshot here).
+
+        ``digest()``: (round id, SHA-256 hex of the state's tensors as served) of this peer's state, reported
+        to the coordinator so that it knows the committed state (None, or "": replicas differ).
 
         ``round_numel(tag)``: how many elements a round with that tag reduces; with it, a late
         peer may catch up by fetching missed rounds' results (checked against it) instead of the
@@ -304,22 +332,23 @@ class ElasticCollective:
         self.state_server.provider = provider
         self._round_numel = round_numel
         self._state_nbytes = state_nbytes
+        self._digest_of = digest
 
-    def _result_snapshot(self, round_id: int) -> StateSnapshot | None:
-        # Runs on a thread off the loop; the entry is replaced, never mutated, so reading it is safe.
-        kept = self._results.get(round_id)
-        if kept is None:
-            return None
-        tag, value = kept
-        return StateSnapshot(round_id=round_id, tensors={"result": value}, meta={"tag": tag})
+    async def _state_digest(self) -> str:
+        """The digest of this peer's state at last_round, computed off the loop once per round ("" if unknown)."""
+        if self._digest_of is None:
+            return ""
+        if self._digest[0] != self.last_round:
+            round_id, digest = await self.transport.run_off_loop(self._digest_of)
+            if round_id != self.last_round:  # the optimizer has not applied last_round yet (streaming overlap)
+                return ""
+            self._digest = (round_id, digest)
+        return self._digest[1]
 
-    def _keep_result(self, round_id: int, tag: str, flat: torch.Tensor) -> None:
-        """Keep a copy of a committed round's flat result for late peers (the caller keeps using its own)."""
-        if self.config.keep_results <= 0:
-            return
-        self._results[round_id] = (tag, flat.clone())
-        while len(self._results) > self.config.keep_results:
-            self._results.popitem(last=False)
+    def _keep_result(self, round_id: int, tag: str, flat: torch.Tensor, codec: CodecConfig | None) -> None:
+        """Keep a committed round's result for late peers, and every result a pinned snapshot's joiner needs."""
+        pinned = self.state_server.pinned_rounds()
+        self.results.keep(round_id, tag, flat, codec, hold_after=min(pinned) if pinned else None)
 
     @property
     def peer_id(self) -> str:
@@ -401,19 +430,31 @@ class ElasticCollective:
     async def _start(self, has_state: bool) -> StateSnapshot | None:
         give_up = time.monotonic() + self.config.patience_s
         delay = 0.1
+        waiting = WaitNotes()
         while True:
             joined = await self.membership.join(
                 self.address, self.last_round, self.epoch, has_state,
+                digest=await self._state_digest() if has_state else "",
                 patience_s=self.config.connect_timeout_s if not self.peer_id else None,
                 hint=" (--connect-timeout sets how long to wait)" if not self.peer_id else "",
             )
             self.epoch = joined.epoch
+            if joined.wait:
+                # The run has committed rounds and nobody holds its state: never start it anew. Ask again
+                # until a holder (or a peer resuming a matching checkpoint) is back, or this peer is stopped.
+                self.membership.status.activity = "waiting"
+                waiting.note(joined.wait_reason)
+                await asyncio.sleep(joined.heartbeat_s if joined.heartbeat_s > 0 else WAIT_POLL_S)
+                continue
             if self._heartbeat is None:
                 self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_forever(joined.heartbeat_s))
             if not joined.sync_from:
                 return None
             try:
-                return await self._fetch(joined.sync_from)
+                return await self._fetch(
+                    joined.sync_sources or (joined.sync_from,),
+                    ExpectedState(joined.last_committed_round, joined.state_digest),
+                )
             except StateSyncError as exc:
                 # The source may have died meanwhile: ask the coordinator again (it names
                 # another peer once the dead one's lease lapses).
@@ -457,29 +498,38 @@ class ElasticCollective:
             await asyncio.gather(beat, return_exceptions=True)
 
     async def _rejoin(self) -> None:
-        joined = await self.membership.join(self.address, self.last_round, self.epoch, has_state=True)
+        joined = await self.membership.join(
+            self.address, self.last_round, self.epoch, has_state=True, digest=await self._state_digest()
+        )
         self.epoch = max(self.epoch, joined.epoch)
         # With the rounds it missed named, the next quorum answer (which names them too) lets this
         # peer catch up by their results; otherwise it fetches the whole state first.
         if joined.sync_from and not joined.missed:
-            self._pending_resync = joined.sync_from
+            self._pending_resync = joined.sync_sources or (joined.sync_from,)
+            self._pending_expect = ExpectedState(joined.last_committed_round, joined.state_digest)
         log.info(
             "%s rejoined the run (resync from %s, %d missed round(s))",
             self.peer_id, joined.sync_from or "-", len(joined.missed),
         )
 
-    async def _fetch(self, source: str) -> StateSnapshot:
-        snapshot = await fetch_state_async(self.transport, source, self.config.run_id, self.peer_id, self.config.state_sync)
+    async def _fetch(self, sources: Sequence[str], expect: ExpectedState | None = None) -> StateSnapshot:
+        """The run's state, fetched in stripes from sources and checked against what the coordinator recorded."""
+        snapshot = await fetch_state_async(
+            self.transport, list(sources), self.config.run_id, self.peer_id, self.config.state_sync, expect=expect
+        )
         self.last_round = snapshot.round_id
-        self._pending_resync = ""
+        self._pending_resync, self._pending_expect = (), None
+        report = snapshot.report
+        if report is not None:
+            self.fetches.append(report)
         return snapshot
 
-    async def _try_fetch(self, source: str) -> StateSnapshot | None:
+    async def _try_fetch(self, sources: Sequence[str], expect: ExpectedState | None) -> StateSnapshot | None:
         try:
-            return await self._fetch(source)
+            return await self._fetch(sources, expect)
         except StateSyncError as exc:
             log.warning("%s; will ask the coordinator again", exc)
-            self._pending_resync = ""
+            self._pending_resync, self._pending_expect = (), None
             await asyncio.sleep(0.5)
             return None
 
@@ -560,13 +610,15 @@ class ElasticCollective:
         self._move(0, Phase.QUORUM)
         while True:
             if self._pending_resync:
-                source = self._pending_resync
-                snapshot = await self._try_fetch(source)
+                sources = self._pending_resync
+                snapshot = await self._try_fetch(sources, self._pending_expect)
                 if snapshot is not None:
                     self._move(0, Phase.RESYNC)
-                    raise Resynced(snapshot, source)
+                    raise Resynced(snapshot, ", ".join(sources))
             try:
-                plan = await self.membership.quorum(self.last_round, tag, config.quorum_timeout_s)
+                plan = await self.membership.quorum(
+                    self.last_round, tag, config.quorum_timeout_s, digest=await self._state_digest()
+                )
             except Unregistered:
                 self._move(0, Phase.REJOIN)
                 await self._rejoin()
@@ -587,7 +639,8 @@ class ElasticCollective:
                     raise CaughtUp(results)
                 # Fetched at the top of the loop; if that fails, the quorum is asked again
                 # and the coordinator names another source.
-                self._pending_resync = plan.sync_from
+                self._pending_resync = plan.sync_sources or (plan.sync_from,)
+                self._pending_expect = ExpectedState(plan.last_committed_round, plan.state_digest)
                 continue
             attempts += 1
             self.epoch = max(self.epoch, plan.epoch)
@@ -612,7 +665,8 @@ class ElasticCollective:
             if outcome.commit and done is not None:
                 self._move(plan.round_id, Phase.COMMITTED)
                 self.last_round = plan.round_id
-                self._keep_result(plan.round_id, tag, out)
+                self._last_codec = allreduce.codec
+                self._keep_result(plan.round_id, tag, out, allreduce.codec)
                 return SyncResult(
                     value=unflatten_like(out, like, device="cpu"),
                     round_id=plan.round_id,
@@ -642,53 +696,35 @@ class ElasticCollective:
             log.warning("missed rounds %s do not follow round %d; fetching the state", ids[:10], self.last_round)
             return None
         try:
-            sizes = [4 * self._round_numel(m.tag) for m in plan.missed]
+            numels = [self._round_numel(m.tag) for m in plan.missed]
         except LoconetError as exc:
             log.warning("cannot catch up by results (%s); fetching the state", exc)
             return None
+        wire = sum(expected_wire_bytes(n, self._last_codec) for n in numels)
         state_bytes = self._state_nbytes() if self._state_nbytes is not None else math.inf
         # Equal bytes favour the results: the source then copies nothing (a state fetch snapshots the state).
-        if sum(sizes) > state_bytes:
-            log.info("%d missed round(s) are %d bytes, the state %d: fetching the state", len(sizes), sum(sizes), state_bytes)
+        if wire > state_bytes:
+            log.info("%d missed round(s) are about %d bytes, the state %d: fetching the state", len(numels), wire, state_bytes)
             return None
         results = []
-        for missed, nbytes in zip(plan.missed, sizes):
-            got = await self._fetch_result(missed, nbytes // 4)
-            if got is None:
-                return None
-            results.append(got)
-        self.last_round = results[-1].round_id
-        for r in results:
-            self._keep_result(r.round_id, r.tag, r.value)
-        return results
-
-    async def _fetch_result(self, missed: MissedRound, numel: int) -> CommittedResult | None:
-        """One missed round's result from the first of its members that still keeps it (checked), or None."""
         # A member that stalls (paused, overloaded) is left for the next one sooner than a state's source is:
         # another member holds the same result, and the run may be waiting for this peer.
         config = dataclasses.replace(
             self.config.state_sync, stall_timeout_s=min(self.config.state_sync.stall_timeout_s, RESULT_STALL_S)
         )
-        for peer_id, address in missed.members:
-            if peer_id == self.peer_id:
-                continue
-            try:
-                snap = await fetch_state_async(
-                    self.transport, address, self.config.run_id, self.peer_id, config, missed.round_id
-                )
-                value = snap.tensors.get("result")
-                if value is None or value.dtype != torch.float32 or value.shape != (numel,):
-                    raise StateSyncError(f"{address} served a result that is not {numel} fp32 values")
-                if snap.meta.get("tag") != missed.tag:
-                    raise StateSyncError(f"{address} served round {missed.round_id} as {snap.meta.get('tag')!r}")
-                check_finite(value, f"round {missed.round_id}'s result from {address}")
-            except (StateSyncError, NonFiniteError) as exc:
-                log.info("result of round %d not taken from %s: %s", missed.round_id, address, exc)
-                continue
-            # The fetched tensor is the only one in its receive buffer: nothing to copy out of.
-            return CommittedResult(missed.round_id, missed.tag, value, source=address, epoch=missed.epoch)
-        log.info("no member still keeps round %d's result; fetching the state", missed.round_id)
-        return None
+        for missed, numel in zip(plan.missed, numels):
+            got = await fetch_result(self.transport, self.config.run_id, self.peer_id, config, missed, numel)
+            if got is None:
+                return None
+            results.append(got)
+        self.last_round = results[-1].round_id
+        for r in results:
+            self._keep_result(r.round_id, r.tag, r.value, self._last_codec)
+        log.info(
+            "caught up rounds %d-%d by their results (%d bytes)",
+            results[0].round_id, results[-1].round_id, sum(r.wire_bytes for r in results),
+        )
+        return results
 
     def _reduce_with(self, plan: RoundPlan, within: Within | None) -> tuple[tuple[str, str], ...]:
         """The (peer id, address) of the members this peer reduces with, in rank order; ProtocolError (this member

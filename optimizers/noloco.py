@@ -227,6 +227,8 @@ class NoLoCo(DiLoCo):
     """Replicas with their own outer weights, averaged each outer step within seeded pairs (no all-reduce)."""
 
     config: NoLoCoConfig
+    # Each replica's state is its own: there is no one run's state to record a digest of.
+    REPLICAS_IDENTICAL = False
 
     def __init__(
         self,

@@ -37,7 +37,7 @@ from collectives.codecs import CodecConfig
 from collectives.elastic import CaughtUp, Resynced
 from collectives.errors import ConfigError, LoconetError, NonFiniteError
 from collectives.parts import unflatten_like
-from collectives.statesync import StateSnapshot
+from collectives.statesync import StateSnapshot, state_digest
 from optimizers.globalstate import GlobalState
 from optimizers.outer_optim import OuterConfig
 
@@ -102,6 +102,8 @@ class SyncRecord:
     staleness: int | None = None
     # Rounds reduced within groups (NoLoCo's pairs): the size of this peer's group (None: the whole round).
     group_size: int | None = None
+    # A round applied late: the bytes its committed result took to fetch (catch-up traffic).
+    fetched_bytes: int = 0
 
 
 class StepRate:
@@ -129,6 +131,11 @@ class StepRate:
 class OuterOptimizer:
     """The torch.optim surface, the global state and the callbacks of an algorithm; subclasses schedule the rounds."""
 
+    # Whether every peer holds the same state after a committed round: then its digest names the run's state,
+    # which the coordinator records and joiners and resuming peers are checked against. False for algorithms
+    # whose replicas differ by design (NoLoCo).
+    REPLICAS_IDENTICAL = True
+
     def __init__(self, model: torch.nn.Module, inner: torch.optim.Optimizer, peer: Any, config: SyncConfig) -> None:
         self.model = model
         self.inner = inner
@@ -153,7 +160,9 @@ class OuterOptimizer:
         self.tamper: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
         if hasattr(peer, "provide_state"):
             # Joiners fetch the run's state from this optimizer; late peers check round sizes against it.
-            peer.provide_state(self.snapshot, round_numel=self.round_numel, state_nbytes=self.state.nbytes)
+            peer.provide_state(
+                self.snapshot, round_numel=self.round_numel, state_nbytes=self.state.nbytes, digest=self.state_digest
+            )
 
     # -- what a subclass says ---------------------------------------------------------
 
@@ -364,7 +373,10 @@ class OuterOptimizer:
         apply(missed.tag, unflatten_like(missed.value, self._layout(missed.tag)), missed.round_id)
         reason = f"late for round {missed.round_id}: applied its committed result from {missed.source}"
         self._record(
-            SyncRecord(self.inner_steps, True, missed.round_id, reason=reason, contributed=False, epoch=missed.epoch)
+            SyncRecord(
+                self.inner_steps, True, missed.round_id, reason=reason, contributed=False, epoch=missed.epoch,
+                fetched_bytes=getattr(missed, "wire_bytes", 0),
+            )
         )
 
     def _diverged(self, exc: NonFiniteError) -> None:
@@ -404,6 +416,13 @@ class OuterOptimizer:
     def snapshot(self) -> StateSnapshot:
         """The run's state as of the last committed round (what a joiner fetches)."""
         return self.state.snapshot({"inner_steps": self.inner_steps, **self._meta()})
+
+    def state_digest(self) -> tuple[int, str]:
+        """(round id, SHA-256 hex of the state a joiner fetches), or (round id, "") when replicas differ by design."""
+        if not self.REPLICAS_IDENTICAL:
+            return self.state.round_id, ""
+        snap = self.snapshot()
+        return snap.round_id, state_digest(snap)
 
     def load_snapshot(self, snapshot: StateSnapshot) -> None:
         """Adopt the run's state: global parameters, outer state, step count; the local parameters restart from them."""

@@ -36,6 +36,7 @@ from collectives.transport import codec_threads_for
 from peer.coordinator.config import CoordinatorConfig
 from peer.device import place_model, resolve_device
 from peer.harness.control import write_control
+from peer.harness.joiners import joiners, restarts_from_round_0, rollbacks
 from peer.harness.processes import CoordinatorProc, Proc, daemon_peer, stop_all
 from peer.harness.recovery import lost_s
 from peer.harness.scenario import Event
@@ -441,6 +442,7 @@ class Harness:
             f.recovery_s = (min(after) - f.wall) if after else None
             f.lost_s = lost_s(f.wall, syncs)
         digest_round, identical = self._identical(survivors)
+        by_peer = {n: p.events for n, p in self.peers.items()}
         status = self._status() or {"summary": {"rounds_aborted": 0}, "rounds": []}
         aborted = self._aborted_before + status["summary"]["rounds_aborted"]
         task = self.task
@@ -462,6 +464,10 @@ class Harness:
                 for f in self.fired
             ],
             "byzantine": self._byzantine(),
+            # The run's state surviving its holders: joiners' fetch and catch-up, and any restart or rollback.
+            "joiners": joiners(by_peer, [f"peer{i}" for i in range(c.peers, c.peers + self._joins())]),
+            "restarts_from_round_0": restarts_from_round_0(by_peer),
+            "rollbacks": rollbacks(status),
             "initial_eval_loss": initial,
             "final_eval_loss": statistics.mean(f["eval_loss"] for f in finished.values()) if finished else None,
             "eval_loss_per_peer": {n: f["eval_loss"] for n, f in finished.items()},

@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -51,7 +52,7 @@ from collectives.membership import DEFAULT_RUN_ID
 from collectives.transport import TransportConfig
 from optimizers.outer import OuterOptimizer
 from peer.device import place_model, resolve_device
-from peer.runtime.checkpoint import load_latest, save_checkpoint
+from peer.runtime.checkpoint import CheckpointError, load_latest, save_checkpoint
 from peer.runtime.display import PeerDisplay, RoundFigures, Summary, bar_info, choose_streams, joined_line
 from peer.runtime.training import Progress, TrainConfig, TrainLoop, make_optimizer
 from peer.tasks.base import TaskConfig
@@ -80,6 +81,13 @@ class PeerConfig:
     name: str = field(default="", metadata={"help": "label shown on the dashboard"})
     transport: TransportConfig = field(default_factory=TransportConfig, metadata={"cli": False})
     checkpoint_dir: str | None = field(default=None, metadata={"help": "write checkpoints here, and resume from them"})
+    resume_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "resume from the newest checkpoint in this folder when --checkpoint-dir holds none (e.g. another "
+            "peer's, when no live peer holds the run's state)"
+        },
+    )
     keep_checkpoints: int = field(default=3, metadata={"help": "checkpoints to keep", "flag": "keep"})
     # Write a checkpoint after every this many committed rounds.
     checkpoint_every: int = field(default=1, metadata={"help": "committed rounds between checkpoints"})
@@ -220,14 +228,12 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
     elastic = ElasticCollective(elastic_cfg)
     signals.watch(elastic)
     opt = make_optimizer(model, elastic, train_cfg)  # registers itself as the state joiners fetch
-    resumed = None
-    if config.checkpoint_dir:
-        resumed = load_latest(config.checkpoint_dir)
-        if resumed is not None:
-            path, state = resumed
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            log.info("resumed from %s (step %d, round %d)", path, opt.inner_steps, opt.state.round_id)
+    resumed = _load_checkpoint(config)
+    if resumed is not None:
+        path, state = resumed
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        log.info("resumed from %s (step %d, round %d)", path, opt.inner_steps, opt.state.round_id)
     if hooks is not None:
         events.emit("waiting")
         if not hooks.before_join(signals.stop):
@@ -308,6 +314,19 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
     return signals.exit_code()
 
 
+def _load_checkpoint(config: PeerConfig) -> tuple[Path, dict] | None:
+    """The checkpoint to resume: the newest of --checkpoint-dir, else of --resume-from (which must hold one)."""
+    resumed = load_latest(config.checkpoint_dir) if config.checkpoint_dir else None
+    if resumed is None and config.resume_from:
+        resumed = load_latest(config.resume_from)
+        if resumed is None:
+            raise CheckpointError(
+                f"--resume-from {config.resume_from}: no checkpoint (ckpt-*.pt) there; point it at a peer's "
+                "--checkpoint-dir"
+            )
+    return resumed
+
+
 def _total_steps(train: TrainConfig) -> int | None:
     """The step budget, or None when the peer trains for a duration instead."""
     return train.steps if train.duration_s is None else None
@@ -357,6 +376,7 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
                 epsilon=record.epsilon,  # differential privacy: the privacy spent so far (None: no DP)
                 staleness=record.staleness,  # asynchronous rounds: rounds stale (None: a synchronous algorithm)
                 group=record.group_size,  # NoLoCo: the size of this peer's group in the round (None: all of it)
+                fetched_bytes=record.fetched_bytes,  # a round applied late: what its result took to fetch
             )
         display.committed(
             RoundFigures(

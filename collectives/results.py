@@ -1,0 +1,206 @@
+"""Committed results a member keeps for peers that were late for them, and how they travel.
+
+Every member of a committed round holds its result: the flat fp32 tensor the
+all-reduce produced. A peer the round went on without (a short pause, a
+``first-k`` quorum, or a joiner whose state fetch took longer than a round)
+fetches the results of the rounds it missed and applies them in order,
+instead of fetching the whole state again (``ElasticCollective``'s catch-up).
+
+Two things make that work on slow links:
+
+- **What is kept.** The results of the last ``keep`` rounds, and, while a
+  joiner fetches a snapshot of round r (the state server pins it), every
+  result after r, up to ``max_bytes``: the joiner needs exactly those to
+  catch up from r to the run's head.
+- **How it travels.** A result is the decoding of the round's encoded chunks,
+  so re-encoding it with the round's codec gives the same values back. When
+  that round trip is exact (checked on the bytes before anything is served)
+  the result is served encoded: an int8 round's result is a quarter of its
+  fp32 bytes. Otherwise it is served as fp32. The late peer decodes it
+  (a payload checked against the codec's bounds before anything is buffered)
+  and checks it is finite.
+
+Results travel on the state-sync stream (``StateRequest.result_of_round``),
+as a one-tensor ``StateSnapshot`` whose meta names the tag and the codec.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from collectives.codecs import CodecConfig, check_finite, make_codec
+from collectives.errors import CodecError, ConfigError, NonFiniteError
+from collectives.membership import MissedRound
+from collectives.statesync import StateSnapshot, StateSyncConfig, StateSyncError, fetch_state_async
+from collectives.transport import Transport
+
+log = logging.getLogger(__name__)
+
+# Results kept for a pinned snapshot's joiner never take more than this (the oldest go first).
+DEFAULT_MAX_RESULT_BYTES = 512 << 20
+# The codec name of a result served as raw fp32.
+RAW = "none"
+
+
+@dataclass(frozen=True)
+class CommittedResult:
+    """A committed round's result as its members hold it: the flat fp32 tensor, and what the round carried."""
+
+    round_id: int
+    tag: str
+    value: torch.Tensor
+    source: str = ""
+    epoch: int = 0
+    # Bytes it took on the wire when fetched (0 for one this member computed).
+    wire_bytes: int = 0
+
+
+@dataclass
+class _Kept:
+    tag: str
+    value: torch.Tensor
+    codec: CodecConfig | None
+    # The encoded result once a late peer asked for it (None: not yet; b"": the round trip was not exact).
+    encoded: bytes | None = None
+
+
+class ResultStore:
+    """The committed results this member keeps: the last ``keep`` rounds, and those after a pinned snapshot.
+
+    ``keep`` runs on the transport's loop; ``snapshot`` on a thread off it (the state server's), so
+    the entries are guarded by a lock.
+    """
+
+    def __init__(self, keep: int, max_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> None:
+        if keep < 0 or max_bytes < 0:
+            raise ConfigError(f"keep ({keep}) and max_bytes ({max_bytes}) must be >= 0")
+        self.keep_last = keep
+        self.max_bytes = max_bytes
+        self._kept: OrderedDict[int, _Kept] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def rounds(self) -> list[int]:
+        """The round ids whose results are kept, oldest first."""
+        with self._lock:
+            return list(self._kept)
+
+    def keep(self, round_id: int, tag: str, value: torch.Tensor, codec: CodecConfig | None = None,
+             hold_after: int | None = None) -> None:
+        """Keep a copy of a committed round's flat result (the caller keeps using its own).
+
+        ``hold_after``: the oldest round a joiner's pinned snapshot is at; the results after it are kept
+        beyond the last ``keep`` rounds (within ``max_bytes``), so that joiner can catch up.
+        """
+        if self.keep_last <= 0 and hold_after is None:
+            return
+        entry = _Kept(tag, value.detach().to("cpu", torch.float32).clone(), codec)
+        with self._lock:
+            self._kept[round_id] = entry
+            self._kept.move_to_end(round_id)
+            self._trim(hold_after)
+
+    def _trim(self, hold_after: int | None) -> None:
+        ids = list(self._kept)
+        recent = set(ids[-self.keep_last:]) if self.keep_last > 0 else set()
+        held = {r for r in ids if hold_after is not None and r > hold_after}
+        for r in ids:
+            if r not in recent and r not in held:
+                del self._kept[r]
+        # The byte bound drops the oldest held results first; the last keep rounds always stay.
+        total = sum(k.value.numel() * 4 for k in self._kept.values())
+        for r in list(self._kept):
+            if total <= self.max_bytes or r in recent:
+                break
+            total -= self._kept.pop(r).value.numel() * 4
+            log.info("dropped the kept result of round %d: kept results exceed %d bytes", r, self.max_bytes)
+
+    def snapshot(self, round_id: int) -> StateSnapshot | None:
+        """The result of round_id as served to a late peer (encoded when that is exact), or None if not kept."""
+        with self._lock:
+            entry = self._kept.get(round_id)
+        if entry is None:
+            return None
+        if entry.encoded is None:
+            entry.encoded = _exact_encoding(entry.value, entry.codec)
+        if entry.encoded:
+            payload = torch.frombuffer(bytearray(entry.encoded), dtype=torch.uint8)
+            meta = {"tag": entry.tag, "codec": str(entry.codec), "numel": entry.value.numel()}
+            return StateSnapshot(round_id=round_id, tensors={"result": payload}, meta=meta)
+        return StateSnapshot(round_id=round_id, tensors={"result": entry.value}, meta={"tag": entry.tag, "codec": RAW})
+
+
+def _exact_encoding(value: torch.Tensor, codec: CodecConfig | None) -> bytes:
+    """value encoded with codec if decoding gives back exactly value, else b"" (serve it raw)."""
+    if codec is None or codec.name == RAW:
+        return b""
+    try:
+        c = make_codec(codec)
+        payload = bytes(c.encode(value))
+        exact = torch.equal(c.decode(payload, value.numel()), value)
+    except (CodecError, NonFiniteError) as exc:
+        log.info("serving a result as fp32: the round's codec cannot re-encode it (%s)", exc)
+        return b""
+    return payload if exact and len(payload) < value.numel() * 4 else b""
+
+
+def expected_wire_bytes(numel: int, codec: CodecConfig | None) -> int:
+    """About how many bytes a result of numel elements takes to fetch (the codec's bound; fp32 without one)."""
+    if codec is None or codec.name == RAW:
+        return 4 * numel
+    return min(4 * numel, make_codec(codec).max_payload_size(numel))
+
+
+def decode_result(snapshot: StateSnapshot, numel: int, tag: str, where: str) -> torch.Tensor:
+    """The fp32 result a fetched result snapshot carries, checked (size, codec bounds, tag, finite values).
+
+    Raises StateSyncError naming ``where`` (the source) when anything is off: the caller tries another member.
+    """
+    value = snapshot.tensors.get("result")
+    meta = snapshot.meta
+    if meta.get("tag") != tag:
+        raise StateSyncError(f"{where} served round {snapshot.round_id} as {meta.get('tag')!r}, not {tag!r}")
+    codec_name = meta.get("codec", RAW)
+    if value is None:
+        raise StateSyncError(f"{where} served round {snapshot.round_id} without a result tensor")
+    if codec_name == RAW:
+        if value.dtype != torch.float32 or value.shape != (numel,):
+            raise StateSyncError(f"{where} served a result that is not {numel} fp32 values")
+    else:
+        if meta.get("numel") != numel or value.dtype != torch.uint8 or value.dim() != 1:
+            raise StateSyncError(f"{where} served an encoded result that is not of {numel} values")
+        try:
+            codec = make_codec(codec_name)
+            if value.numel() > codec.max_payload_size(numel):
+                raise CodecError(f"{value.numel()} bytes exceed the codec's bound for {numel} values")
+            value = codec.decode(memoryview(value.numpy()), numel)
+        except (CodecError, ConfigError, TypeError, ValueError) as exc:
+            raise StateSyncError(f"{where} served a result that does not decode ({codec_name!r:.40}): {exc}") from None
+    try:
+        check_finite(value, f"round {snapshot.round_id}'s result from {where}")
+    except NonFiniteError as exc:
+        raise StateSyncError(str(exc)) from None
+    return value
+
+
+async def fetch_result(
+    transport: Transport, run_id: str, peer_id: str, config: StateSyncConfig, missed: MissedRound, numel: int
+) -> CommittedResult | None:
+    """One missed round's result from the first of its members that still keeps it (checked), or None."""
+    for member_id, address in missed.members:
+        if member_id == peer_id:
+            continue
+        try:
+            snap = await fetch_state_async(transport, address, run_id, peer_id, config, missed.round_id)
+            value = await transport.run_cpu(decode_result, snap, numel, missed.tag, address)
+        except StateSyncError as exc:
+            log.info("result of round %d not taken from %s: %s", missed.round_id, address, exc)
+            continue
+        wire = sum(t.numel() * t.element_size() for t in snap.tensors.values())
+        return CommittedResult(missed.round_id, missed.tag, value, source=address, epoch=missed.epoch, wire_bytes=wire)
+    log.info("no member still keeps round %d's result; fetching the state", missed.round_id)
+    return None

@@ -1,0 +1,108 @@
+"""Committed results a member keeps for late peers: what is kept, how it is served, how it is checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from collectives.codecs import CodecConfig, make_codec
+from collectives.results import ResultStore, decode_result, expected_wire_bytes
+from collectives.statesync import StateSnapshot, StateSyncError
+
+INT8 = CodecConfig.parse("int8")
+
+
+def committed(numel: int = 4096, seed: int = 0, codec: CodecConfig = INT8) -> torch.Tensor:
+    """A result as members hold it: the decoding of the round's encoded values."""
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    c = make_codec(codec)
+    return c.decode(c.encode(x), numel)
+
+
+def test_the_last_keep_rounds_are_kept():
+    store = ResultStore(keep=2)
+    for r in range(1, 6):
+        store.keep(r, "", committed(seed=r), INT8)
+    assert store.rounds() == [4, 5]
+
+
+def test_results_after_a_pinned_round_are_kept_beyond_keep():
+    store = ResultStore(keep=1)
+    for r in range(1, 7):
+        store.keep(r, "", committed(seed=r), INT8, hold_after=2)
+    assert store.rounds() == [3, 4, 5, 6]
+
+
+def test_held_results_are_dropped_oldest_first_beyond_max_bytes():
+    store = ResultStore(keep=1, max_bytes=3 * 4096 * 4)
+    for r in range(1, 7):
+        store.keep(r, "", committed(seed=r), INT8, hold_after=0)
+    assert store.rounds() == [4, 5, 6]
+
+
+def test_keep_zero_without_a_pin_keeps_nothing():
+    store = ResultStore(keep=0)
+    store.keep(1, "", committed(), INT8)
+    assert store.rounds() == [] and store.snapshot(1) is None
+
+
+def test_a_result_the_codec_reproduces_is_served_encoded_and_decodes_to_the_same_values():
+    value = committed(numel=10_000)
+    store = ResultStore(keep=1)
+    store.keep(7, "fragment1", value, INT8)
+    snap = store.snapshot(7)
+    assert snap.meta == {"tag": "fragment1", "codec": "int8", "numel": 10_000}
+    assert snap.tensors["result"].dtype == torch.uint8
+    assert snap.tensors["result"].numel() < value.numel() * 4 / 3
+    assert torch.equal(decode_result(snap, 10_000, "fragment1", "peer1"), value)
+
+
+def test_a_result_the_codec_does_not_reproduce_is_served_as_fp32():
+    value = torch.randn(4096)  # not the decoding of an int8 payload
+    store = ResultStore(keep=1)
+    store.keep(3, "", value, INT8)
+    snap = store.snapshot(3)
+    assert snap.meta["codec"] == "none"
+    assert torch.equal(decode_result(snap, 4096, "", "peer1"), value)
+
+
+def test_a_round_without_a_codec_is_served_as_fp32():
+    store = ResultStore(keep=1)
+    store.keep(3, "", torch.ones(8), None)
+    assert store.snapshot(3).meta == {"tag": "", "codec": "none"}
+
+
+def raw(value: torch.Tensor, **meta) -> StateSnapshot:
+    return StateSnapshot(round_id=5, tensors={"result": value}, meta={"tag": "", "codec": "none", **meta})
+
+
+def encoded(numel: int, payload: torch.Tensor, codec: str = "int8", tag: str = "") -> StateSnapshot:
+    return StateSnapshot(round_id=5, tensors={"result": payload}, meta={"tag": tag, "codec": codec, "numel": numel})
+
+
+GOOD = make_codec(INT8).encode(committed(numel=256))
+
+
+@pytest.mark.parametrize(
+    "snap, problem",
+    [
+        (raw(torch.ones(8), tag="other"), "as 'other'"),
+        (raw(torch.ones(7)), "not 8 fp32 values"),
+        (raw(torch.ones(8, dtype=torch.float64)), "not 8 fp32 values"),
+        (raw(torch.tensor([1.0, float("nan"), 0, 0, 0, 0, 0, 0])), "NaN or Inf"),
+        (encoded(255, torch.frombuffer(bytearray(GOOD), dtype=torch.uint8)), "not of 8 values"),
+        (encoded(8, torch.zeros(10_000, dtype=torch.uint8)), "does not decode"),
+        (encoded(8, torch.zeros(16, dtype=torch.uint8), codec="gzip"), "does not decode"),
+        (StateSnapshot(round_id=5, tensors={}, meta={"tag": ""}), "without a result tensor"),
+    ],
+)
+def test_a_bad_result_is_refused_with_the_source_named(snap, problem):
+    with pytest.raises(StateSyncError, match="peer9") as info:
+        decode_result(snap, 8, "", "peer9")
+    assert problem in str(info.value)
+
+
+def test_expected_wire_bytes_follow_the_codec():
+    assert expected_wire_bytes(1000, None) == 4000
+    assert expected_wire_bytes(1000, CodecConfig()) == 4000
+    assert expected_wire_bytes(1024, INT8) == make_codec(INT8).max_payload_size(1024) < 4096
