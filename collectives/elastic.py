@@ -299,6 +299,9 @@ class ElasticCollective:
         # (round id, digest) of this peer's state, reported to the coordinator; and what computes it.
         self._digest: tuple[int, str] = (-1, "")
         self._digest_of: Callable[[], tuple[int, str]] | None = None
+        # Whether this peer holds the run's state (its own or fetched): false while start() joins.
+        self._holds_state = False
+        self._waiting = WaitNotes()
         # The codec of this peer's last round: what a missed round's result likely travels in.
         self._last_codec: CodecConfig | None = None
         self._round_numel: Callable[[str], int] | None = None
@@ -312,6 +315,11 @@ class ElasticCollective:
     def run_round(self) -> int:
         """The run's last committed round as the coordinator last said (every heartbeat refreshes it)."""
         return self.membership.run_round
+
+    def run_progress(self) -> tuple[int, int]:
+        """(the furthest inner step an up-to-date peer has reported, that step when the last round committed), as
+        the coordinator last said (heartbeats): where the run's training is, and how far into its sync interval."""
+        return self.membership.run_step, self.membership.round_step
 
     def provide_state(
         self,
@@ -430,7 +438,6 @@ class ElasticCollective:
     async def _start(self, has_state: bool) -> StateSnapshot | None:
         give_up = time.monotonic() + self.config.patience_s
         delay = 0.1
-        waiting = WaitNotes()
         while True:
             joined = await self.membership.join(
                 self.address, self.last_round, self.epoch, has_state,
@@ -443,18 +450,21 @@ class ElasticCollective:
                 # The run has committed rounds and nobody holds its state: never start it anew. Ask again
                 # until a holder (or a peer resuming a matching checkpoint) is back, or this peer is stopped.
                 self.membership.status.activity = "waiting"
-                waiting.note(joined.wait_reason)
+                self._waiting.note(joined.wait_reason)
                 await asyncio.sleep(joined.heartbeat_s if joined.heartbeat_s > 0 else WAIT_POLL_S)
                 continue
             if self._heartbeat is None:
                 self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_forever(joined.heartbeat_s))
             if not joined.sync_from:
+                self._holds_state = True
                 return None
             try:
-                return await self._fetch(
+                snapshot = await self._fetch(
                     joined.sync_sources or (joined.sync_from,),
                     ExpectedState(joined.last_committed_round, joined.state_digest),
                 )
+                self._holds_state = True
+                return snapshot
             except StateSyncError as exc:
                 # The source may have died meanwhile: ask the coordinator again (it names
                 # another peer once the dead one's lease lapses).
@@ -498,10 +508,19 @@ class ElasticCollective:
             await asyncio.gather(beat, return_exceptions=True)
 
     async def _rejoin(self) -> None:
+        if not self._holds_state:
+            # Still joining: start() registers this peer again itself, once it has a source or the state.
+            await asyncio.sleep(WAIT_POLL_S)
+            return
         joined = await self.membership.join(
             self.address, self.last_round, self.epoch, has_state=True, digest=await self._state_digest()
         )
         self.epoch = max(self.epoch, joined.epoch)
+        if joined.wait:
+            # Told to wait (the coordinator does not count this state as the run's): ask again later.
+            self._waiting.note(joined.wait_reason)
+            await asyncio.sleep(joined.heartbeat_s if joined.heartbeat_s > 0 else WAIT_POLL_S)
+            return
         # With the rounds it missed named, the next quorum answer (which names them too) lets this
         # peer catch up by their results; otherwise it fetches the whole state first.
         if joined.sync_from and not joined.missed:

@@ -256,6 +256,9 @@ class MembershipClient:
         # The run's last committed round as the coordinator last said (heartbeats, quorum answers): a worker
         # still computing a step the run has committed without it can stop (gradient coding's stragglers).
         self.run_round = 0
+        # The furthest step an up-to-date peer reported, as the coordinator last said (heartbeats).
+        self.run_step = 0
+        self.round_step = 0
         self._stub: pb_grpc.CoordinatorStub | None = None
 
     @property
@@ -392,6 +395,8 @@ class MembershipClient:
                 if not reply.known:
                     self.unregistered.set()
                 self.run_round = reply.last_committed_round
+                self.run_step = reply.run_step
+                self.round_step = reply.round_step
             except grpc.aio.AioRpcError as exc:
                 # The coordinator may be restarting; training goes on, heartbeats keep trying.
                 log.debug("heartbeat failed: %s", exc.code().name)

@@ -83,6 +83,8 @@ class AsyncDiLoCo(DiLoCo):
     """DiLoCo whose rounds take the ready peers; a late peer catches up, then contributes with weight s(τ)."""
 
     config: AsyncDiLoCoConfig
+    # Its rounds take the ready peers: a late peer contributes with a staleness weight instead of skipping ahead.
+    FOLLOWS_RUN_STEP = False
 
     def __init__(
         self,

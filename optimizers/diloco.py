@@ -59,6 +59,7 @@ class DiLoCo(OuterOptimizer):
     """A torch.optim-like wrapper: inner optimizer steps, and an outer step every sync."""
 
     config: DiLoCoConfig
+    FOLLOWS_RUN_STEP = True
 
     def __init__(
         self,
@@ -120,6 +121,11 @@ class DiLoCo(OuterOptimizer):
 
     def _forget_local_progress(self) -> None:
         self._reset_schedule()
+
+    def _skip_to(self, step: int, into_interval: int) -> None:
+        super()._skip_to(step, into_interval)
+        # The next sync comes when the run's does: after as many steps as its members have left.
+        self.steps_since_sync = into_interval
 
     def _reset_schedule(self, keep_samples: bool = False) -> None:
         self.steps_since_sync = 0

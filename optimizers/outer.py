@@ -135,6 +135,11 @@ class OuterOptimizer:
     # which the coordinator records and joiners and resuming peers are checked against. False for algorithms
     # whose replicas differ by design (NoLoCo).
     REPLICAS_IDENTICAL = True
+    # Whether a peer that was late for rounds (it fetched the state or their results) skips ahead to the run's
+    # step: peers of a synchronous schedule that train at one speed otherwise stay one fetch behind for good,
+    # reaching every sync after its round went on without them. Asynchronous rounds and federated clients keep
+    # their own schedule.
+    FOLLOWS_RUN_STEP = False
 
     def __init__(self, model: torch.nn.Module, inner: torch.optim.Optimizer, peer: Any, config: SyncConfig) -> None:
         self.model = model
@@ -367,6 +372,26 @@ class OuterOptimizer:
         self._forget_local_progress()  # this sync's own contribution was not used
         for missed in exc.rounds:
             self._apply_late(missed, self._apply)
+        self._follow_run_step()
+
+    def _follow_run_step(self) -> None:
+        """After the run went on without this peer: skip ahead to where its up-to-date peers train (heartbeats),
+        so that this peer's next sync is the run's; never more than one sync interval (a peer's word is bounded)."""
+        progress = getattr(self.peer, "run_progress", None)
+        if not self.FOLLOWS_RUN_STEP or progress is None:
+            return
+        run_step, round_step = (int(v) for v in progress())
+        target = min(run_step, self.inner_steps + self.config.sync_every - 1)
+        if target > self.inner_steps:
+            into = min(max(target - round_step, 0), self.config.sync_every - 1)
+            log.info("late for the run: skipping from step %d to the run's step %d (%d into its sync interval)",
+                     self.inner_steps, target, into)
+            self._skip_to(target, into)
+
+    def _skip_to(self, step: int, into_interval: int) -> None:
+        """Continue from the run's step, ``into_interval`` steps after its last round (a schedule by step count
+        needs only the step; one counting steps since its last sync also takes the interval)."""
+        self.inner_steps = step
 
     def _apply_late(self, missed: Any, apply: Callable[[str, Sequence[torch.Tensor], int], None]) -> None:
         """Apply one committed round this peer was late for with ``apply(tag, value, round_id)``, and record it."""
@@ -417,6 +442,11 @@ class OuterOptimizer:
         """The run's state as of the last committed round (what a joiner fetches)."""
         return self.state.snapshot({"inner_steps": self.inner_steps, **self._meta()})
 
+    @property
+    def global_step(self) -> int:
+        """The run's step count as this peer follows it: the training loop counts its steps from it."""
+        return self.inner_steps
+
     def state_digest(self) -> tuple[int, str]:
         """(round id, SHA-256 hex of the state a joiner fetches), or (round id, "") when replicas differ by design."""
         if not self.REPLICAS_IDENTICAL:
@@ -431,6 +461,7 @@ class OuterOptimizer:
         self.inner_steps = max(self.inner_steps, self.state.step)
         self._forget_local_progress()
         self._adopt_meta(meta)
+        self._follow_run_step()
 
     def _counters(self) -> dict:
         """The subclass's counters that a restart needs (beyond the run's state)."""

@@ -115,6 +115,7 @@ class StreamingDiLoCo(OuterOptimizer):
     """A torch.optim-like wrapper running Streaming DiLoCo over a peer."""
 
     config: StreamingConfig
+    FOLLOWS_RUN_STEP = True
 
     def __init__(
         self,

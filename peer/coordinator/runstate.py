@@ -124,6 +124,11 @@ class RunState:
     policy: str = "all"
     epoch: int = 0
     last_committed_round: int = 0
+    # The furthest inner step an up-to-date peer reported in a heartbeat (where the run's training is);
+    # late peers skip ahead to it. Reset by a rollback.
+    run_step: int = 0
+    # run_step when the last round committed (its members have trained run_step - round_step steps since).
+    round_step: int = 0
     peers: dict[str, PeerRecord] = field(default_factory=dict)
     # Ids of the peers holding a lease, and who is at which address: kept up to date by
     # add_peer/drop_peer so that per-request work does not scan every peer.
@@ -182,6 +187,8 @@ class RunState:
         """Note a committed round: it is the run's last, and is remembered for catch-up."""
         self.last_committed_round = max(self.last_committed_round, record.round_id)
         self.last_round_members = frozenset(record.members)
+        # Members wait in a synchronous round, so their heartbeats' steps are the round's step by now.
+        self.round_step = self.run_step
         if self.catchup_rounds > 0:
             self.committed.append(CommittedRound(record.round_id, record.epoch, record.tag, tuple(record.members)))
 
@@ -193,6 +200,7 @@ class RunState:
         if round_id <= 0 < self.last_committed_round:
             raise ValueError(f"run {self.run_id} committed round {self.last_committed_round}: it never rolls back to 0")
         self.last_committed_round = round_id
+        self.run_step = self.round_step = 0
         self.bump_epoch = True
         kept = [c for c in self.committed if c.round_id <= round_id]
         self.committed.clear()

@@ -365,8 +365,13 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         peer.bytes_received = m.bytes_received
         peer.activity = m.activity[:64]
         self.state.record_metrics(peer)
+        if req.last_round >= self.state.last_committed_round:
+            # Only an up-to-date peer says where the run's training is (a late one is behind by definition);
+            # a late peer never skips more than one sync interval on this word (OuterOptimizer).
+            self.state.run_step = max(self.state.run_step, m.step)
         return pb.HeartbeatResponse(
-            known=True, epoch=self.state.epoch, last_committed_round=self.state.last_committed_round
+            known=True, epoch=self.state.epoch, last_committed_round=self.state.last_committed_round,
+            run_step=self.state.run_step, round_step=self.state.round_step,
         )
 
     def _leave(self, req: pb.LeaveRequest) -> pb.LeaveResponse:

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -260,6 +260,8 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
         peer_id=elastic.peer_id,
         address=elastic.address,
         sync_s=sync_s,
+        # The state fetch, if any: seconds, bytes in all and per donor, blocks refetched (statesync.FetchReport).
+        fetch=asdict(elastic.fetches[-1]) if elastic.fetches else None,
         resumed_step=opt.inner_steps,
         round=opt.state.round_id,
         digest=opt.state.digest(),

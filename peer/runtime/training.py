@@ -222,7 +222,8 @@ class TrainLoop:
                 p.loss = loss.item()  # read once: the optimizer reports this number rather than reading it again
                 self.optimizer.step(samples=samples, loss=p.loss)  # it reports step, loss and samples to the run
                 self.optimizer.zero_grad()
-            # A coded step that caught up applied the rounds it was late for: the run's step count is the step.
+            # The run's step count is the step: a coded step that caught up applied the rounds it was late for, and
+            # a peer the run went on without skipped ahead to the run's step (OuterOptimizer._follow_run_step).
             p.step = max(p.step + 1, getattr(self.optimizer, "global_step", 0))
             p.samples += samples
             p.rounds = self.optimizer.committed_rounds
