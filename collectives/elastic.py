@@ -120,6 +120,12 @@ WAIT_NOTE_EVERY_S = 30.0
 RESULT_STALL_S = 3.0
 
 
+def _log_failure(future: concurrent.futures.Future) -> None:
+    """Log the failure of a background task whose result nobody waits for."""
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("background task failed: %s", future.exception())
+
+
 class WaitNotes:
     """Says why a peer waits for the run's state: at once, then every WAIT_NOTE_EVERY_S or when the reason changes."""
 
@@ -342,6 +348,12 @@ class ElasticCollective:
         self._state_nbytes = state_nbytes
         self._digest_of = digest
 
+    def state_changed(self) -> None:
+        """The optimizer applied a round or took a state: compute its digest now, off the loop (the next
+        heartbeat reports it; the run's last round has no next quorum request to carry it)."""
+        if self._digest_of is not None and self.transport._loop is not None:
+            self.transport.submit(self._state_digest()).add_done_callback(_log_failure)
+
     async def _state_digest(self) -> str:
         """The digest of this peer's state at last_round, computed off the loop once per round ("" if unknown)."""
         if self._digest_of is None:
@@ -495,7 +507,10 @@ class ElasticCollective:
         client = self.membership
         counters = self.transport.counters
         beat = asyncio.get_running_loop().create_task(
-            client.heartbeat_forever(interval_s, lambda: self.last_round, lambda: (counters.bytes_sent, counters.bytes_received))
+            client.heartbeat_forever(
+                interval_s, lambda: self.last_round, lambda: (counters.bytes_sent, counters.bytes_received),
+                digest=lambda: self._digest[1] if self._digest[0] == self.last_round else "",
+            )
         )
         try:
             while True:

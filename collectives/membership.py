@@ -368,8 +368,17 @@ class MembershipClient:
             sync_sources=tuple(reply.sync_sources),
         )
 
-    async def heartbeat_forever(self, interval_s: float, last_round: Callable[[], int], traffic: Callable[[], tuple[int, int]]) -> None:
-        """Send heartbeats with the peer's status every interval_s until cancelled."""
+    async def heartbeat_forever(
+        self,
+        interval_s: float,
+        last_round: Callable[[], int],
+        traffic: Callable[[], tuple[int, int]],
+        digest: Callable[[], str] = lambda: "",
+    ) -> None:
+        """Send heartbeats with the peer's status every interval_s until cancelled.
+
+        ``digest()``: the state's digest as of ``last_round()`` if already computed ("" otherwise; never computes).
+        """
         while True:
             sent, received = traffic()
             s = self.status
@@ -377,6 +386,7 @@ class MembershipClient:
                 run_id=self.config.run_id,
                 peer_id=self.peer_id,
                 last_round=last_round(),
+                state_digest=digest(),
                 metrics=pb.PeerMetrics(
                     step=s.step,
                     steps_per_s=s.steps_per_s,

@@ -424,6 +424,8 @@ class OuterOptimizer:
     def _record(self, record: SyncRecord) -> None:
         self.history.append(record)
         self.committed_rounds += record.committed
+        if record.committed:
+            self._state_changed()
         if record.committed and self.on_commit is not None:
             self.on_commit(record)
         elif not record.committed and self.on_miss is not None:
@@ -462,6 +464,13 @@ class OuterOptimizer:
         self._forget_local_progress()
         self._adopt_meta(meta)
         self._follow_run_step()
+        self._state_changed()
+
+    def _state_changed(self) -> None:
+        """Tell the peer the state moved to a new round, so it computes and reports the state's digest."""
+        changed = getattr(self.peer, "state_changed", None)
+        if changed is not None and self.REPLICAS_IDENTICAL:
+            changed()
 
     def _counters(self) -> dict:
         """The subclass's counters that a restart needs (beyond the run's state)."""

@@ -80,16 +80,18 @@ class PeerMetrics(_message.Message):
     def __init__(self, step: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., activity: _Optional[str] = ..., samples: _Optional[int] = ..., eval_loss: _Optional[float] = ..., privacy_epsilon: _Optional[float] = ..., spread: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "last_round", "metrics")
+    __slots__ = ("run_id", "peer_id", "last_round", "metrics", "state_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     last_round: int
     metrics: PeerMetrics
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., metrics: _Optional[_Union[PeerMetrics, _Mapping]] = ...) -> None: ...
+    state_digest: str
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., metrics: _Optional[_Union[PeerMetrics, _Mapping]] = ..., state_digest: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known", "epoch", "last_committed_round", "run_step", "round_step")

@@ -164,7 +164,7 @@ def test_a_pattern_events_options_may_come_in_any_order():
             "kill:peer1@round1,Q=1",
             (
                 "unknown option(s) Q; use for=, x= (byzantine: attack=, k=, s=, seed=; straggler "
-                "patterns: B=, W=, lambda=, p=, worker=, seed=)"
+                "patterns: B=, W=, lambda=, p=, worker=, seed=; stall: streams=, fetches=)"
             ),
         ),
     ],
@@ -191,4 +191,76 @@ def test_a_scenario_file_refuses_a_pattern_option_on_a_peers_straggle(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text('[[event]]\naction = "straggle"\ntarget = "peer1"\nat = "0s"\nfactor = 3\nW = 2\n')
     with pytest.raises(ConfigError, match="event 1: W= belongs to a straggler pattern"):
+        load_scenario(path)
+
+
+@pytest.mark.parametrize(
+    "text,streams,fetches,rounds,duration,canonical",
+    [
+        ("stall:peer1@round1", 300, 10, 1, None, "stall:peer1@round1,streams=300,fetches=10"),
+        ("stall:peer1@round1,streams=300,fetches=10", 300, 10, 1, None, "stall:peer1@round1,streams=300,fetches=10"),
+        ("stall:peer0@round2,fetches=4,for=30s", 300, 4, 2, 30.0, "stall:peer0@round2,streams=300,fetches=4,for=30s"),
+        ("stall:peer2@round0,streams=50,fetches=0", 50, 0, 0, None, "stall:peer2@round0,streams=50,fetches=0"),
+        ("stall:peer2@round3,streams=0", 0, 10, 3, None, "stall:peer2@round3,streams=0,fetches=10"),
+    ],
+)
+def test_stall_events_hold_streams_and_fetches_against_their_target(text, streams, fetches, rounds, duration, canonical):
+    e = parse_event(text)
+    assert (e.action, e.target, e.streams, e.fetches, e.at.rounds, e.duration_s) == (
+        "stall", text.split(":")[1].split("@")[0], streams, fetches, rounds, duration,
+    )
+    assert str(e) == canonical
+    assert parse_event(str(e)) == e
+
+
+def test_only_a_stall_event_has_stream_and_fetch_counts():
+    assert (parse_event("kill:peer1@round2").streams, parse_event("kill:peer1@round2").fetches) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("stall@round1", "stall needs a target peer, e.g. stall:peer1@round2"),
+        ("stall:peer1@round1,streams=-1", "stall: streams= needs a whole number, 0 or more, e.g. streams=300"),
+        ("stall:peer1@round1,fetches=many", "stall: fetches= needs a whole number, 0 or more, e.g. fetches=10"),
+        ("stall:peer1@round1,streams=1.5", "stall: streams= needs a whole number"),
+        ("stall:peer1@round1,streams=0,fetches=0", "a stall with streams=0 and fetches=0 holds nothing"),
+        ("stall:peer1@round1,x=3", "stall takes no x=; write stall:PEER@WHEN[,streams=N][,fetches=M][,for=DURATION]"),
+        ("stall:peer1@round1,attack=zero", "stall takes no attack (only byzantine does)"),
+        ("stall:peer1@round1,streams=3,streams=4", "streams= is given twice"),
+        ("kill:peer1@round1,streams=3", "kill takes no streams=; only a stall event does, e.g. stall:peer1@round1"),
+        ("join@round1,fetches=2", "join takes no fetches=; only a stall event does"),
+        ("stall:peer1@round1,conns=3", "unknown option(s) conns"),
+    ],
+)
+def test_bad_stall_events_are_config_errors_that_say_what_to_write(text, message):
+    with pytest.raises(ConfigError) as info:
+        parse_event(text)
+    assert message in str(info.value)
+
+
+def test_a_scenario_file_gives_a_stalls_counts_as_keys(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[[event]]\naction = "stall"\ntarget = "peer1"\nat = "round1"\nstreams = 300\nfetches = 10\n\n'
+        '[[event]]\naction = "stall"\ntarget = "peer2"\nat = "5s"\nfetches = 3\nfor = "20s"\n'
+    )
+    assert load_scenario(path) == [
+        parse_event("stall:peer1@round1,streams=300,fetches=10"),
+        parse_event("stall:peer2@5s,fetches=3,for=20s"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "table,message",
+    [
+        ('streams = "lots"', "stall: streams= needs a whole number"),
+        ("streams = true", "stall: streams= needs a whole number"),
+        ("fetches = 2.5", "stall: fetches= needs a whole number"),
+    ],
+)
+def test_a_scenario_file_refuses_a_stall_count_that_is_not_a_whole_number(tmp_path, table, message):
+    path = tmp_path / "s.toml"
+    path.write_text(f'[[event]]\naction = "stall"\ntarget = "peer1"\nat = "round1"\n{table}\n')
+    with pytest.raises(ConfigError, match=message):
         load_scenario(path)

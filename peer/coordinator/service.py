@@ -352,6 +352,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             self._note_stranger(req.peer_id)
             return pb.HeartbeatResponse(known=False, epoch=self.state.epoch)
         peer.last_seen = time.monotonic()
+        if req.state_digest:
+            # Refused before anything else is taken from this heartbeat when malformed.
+            self._note_digest(req.last_round, checked_digest(req.state_digest), peer.peer_id)
         m = req.metrics
         peer.step = m.step
         peer.steps_per_s = m.steps_per_s if math.isfinite(m.steps_per_s) else None

@@ -40,6 +40,7 @@ from peer.harness.joiners import joiners, restarts_from_round_0, rollbacks
 from peer.harness.processes import CoordinatorProc, Proc, daemon_peer, stop_all
 from peer.harness.recovery import lost_s
 from peer.harness.scenario import Event
+from peer.harness.stall import Stall, StallPlan, StallRecord, serving_address
 from peer.options import option_args
 from peer.runtime.training import TrainConfig, local_run
 from peer.tasks.base import TaskConfig
@@ -140,6 +141,8 @@ class Harness:
         self._joiners: list[str] = []
         # The straggle event whose pattern the network follows now.
         self._pattern: Event | None = None
+        # The stuck callers of stall events (each stops itself at its for= end; close() stops the rest).
+        self._stalls: list[StallRecord] = []
         # Where the peers train (run() resolves --device); the harness's own evaluation runs there too.
         self.device = torch.device("cpu")
 
@@ -311,6 +314,12 @@ class Harness:
             fired.detail = f"{event.target} sends {event.attack.describe()}"
             if event.duration_s:
                 fired.restore_at = now + event.duration_s
+        elif event.action == "stall":
+            plan = StallPlan(self.config.run_id, event.streams, event.fetches, duration_s=event.duration_s)
+            stall = Stall(plan, lambda events=target.events: serving_address(events))
+            stall.start()
+            self._stalls.append(StallRecord(str(event), event.target, fired.wall, stall))
+            fired.detail = f"{event.streams} idle streams and {event.fetches} unread fetches against {event.target}"
         log.info("fired %s at %.1f s %s", event, fired.time_s, fired.detail)
         return fired
 
@@ -488,6 +497,11 @@ class Harness:
         if utilization is not None:
             report["link_utilization"] = utilization
         report.update(self._replicas())
+        if self._stalls:
+            for record in self._stalls:
+                record.stall.stop()
+            late = [f"peer{i}" for i in range(c.peers, c.peers + self._joins())]
+            report["stalls"] = [record.report(by_peer, status, late) for record in self._stalls]
         return report
 
     def _replicas(self) -> dict:
@@ -556,7 +570,9 @@ class Harness:
         return statistics.median(ratios) if ratios else None
 
     def close(self) -> None:
-        """Stop every child (also paused ones), the network; idempotent."""
+        """Stop every child (also paused ones), any stall, the network; idempotent."""
+        for record in self._stalls:
+            record.stall.stop()
         stop_all(list(self.peers.values()))
         stop_all(self.coordinators)
         if self.network is not None:

@@ -12,6 +12,7 @@ An event is written ``ACTION[:TARGET]@WHEN[,for=DURATION][,x=FACTOR]``:
 - ``cut:peer0@round4,for=10s``   take peer0's network link down for 10 s (needs ``--netns``)
 - ``diverge:peer1@round2``       make peer1's local training blow up (its parameters become NaN)
 - ``byzantine:peer2@round3,attack=signflip``  make peer2 send -10 times its honest update from then on
+- ``stall:peer1@round1``         hold 300 idle PushPart streams and 10 unread state fetches against peer1
 
 ``WHEN`` is ``roundN`` (after N committed rounds), ``syncN`` (when the
 target peer starts its N-th sync: the kill lands inside a round) or ``Ns``
@@ -71,6 +72,22 @@ attack's text, ``k``, ``s`` and ``seed``::
     at = "0s"
     attack = "signflip"
     k = 5
+
+Stuck callers. ``stall:PEER@WHEN[,streams=N][,fetches=M][,for=DURATION]`` makes the harness itself play callers
+that open calls to the peer's data plane and then do nothing (``peer/harness/stall.py``): N PushPart streams
+(default 300; half send nothing, half one header of a round that never opens, and none ever ends its side)
+and M whole-state fetches (default 10) that read their first message and nothing after, spread over 10
+connections. Each call the peer ends is opened again, at most once a second per call, so the pressure
+stays on for the rest of the run, or for DURATION. The harness report has, per stall event, the calls
+opened and re-opened, the peer's refusals by status code, the fetches it cut off, and what the run did
+meanwhile. ``streams=0`` or ``fetches=0`` leaves that kind out. In a TOML file::
+
+    [[event]]
+    action = "stall"
+    target = "peer1"
+    at = "round1"
+    streams = 300
+    fetches = 10
 """
 
 from __future__ import annotations
@@ -85,15 +102,18 @@ from peer.attacks import Attack, parse_attack
 from peer.stragglers import FORMS, StragglerPattern, parse_pattern
 from peer.stragglers import KINDS as PATTERN_KINDS
 
-ACTIONS = ("kill", "pause", "join", "restart-coordinator", "straggle", "cut", "diverge", "byzantine")
-_TARGETED = ("kill", "pause", "straggle", "cut", "diverge", "byzantine")
+ACTIONS = ("kill", "pause", "join", "restart-coordinator", "straggle", "cut", "diverge", "byzantine", "stall")
+_TARGETED = ("kill", "pause", "straggle", "cut", "diverge", "byzantine", "stall")
 # Options of an event's text, those that belong to a byzantine event's attack, and those of a straggler pattern
 # (besides x, and seed, which attacks share).
 _PATTERN_OPTIONS = ("B", "W", "lambda", "p", "worker")
-_OPTIONS = ("for", "x", "attack", "k", "s", "seed", *_PATTERN_OPTIONS)
+# A stall event's options: how many idle streams and unread fetches it holds (and their defaults).
+_STALL_OPTIONS = ("streams", "fetches")
+STALL_DEFAULTS = {"streams": 300, "fetches": 10}
+_OPTIONS = ("for", "x", "attack", "k", "s", "seed", *_PATTERN_OPTIONS, *_STALL_OPTIONS)
 _ATTACK_OPTIONS = ("k", "s", "seed")
 # The keys of a TOML scenario's [[event]] table.
-_TABLE_KEYS = ("action", "target", "at", "for", "factor", "attack", "k", "s", "seed", *_PATTERN_OPTIONS)
+_TABLE_KEYS = ("action", "target", "at", "for", "factor", "attack", "k", "s", "seed", *_PATTERN_OPTIONS, *_STALL_OPTIONS)
 _EVENT = re.compile(r"^(?P<action>[a-z-]+)(?::(?P<target>[\w.-]+))?@(?P<when>[^,]+)(?P<opts>(?:,[A-Za-z]+=[^,]+)*)$")
 
 
@@ -127,6 +147,9 @@ class Event:
     attack: Attack | None = None
     # A straggle event's pattern over the whole network (peer.stragglers); None when it slows one target peer.
     pattern: StragglerPattern | None = None
+    # A stall event's idle PushPart streams and unread state fetches (None for other events).
+    streams: int | None = None
+    fetches: int | None = None
 
     def __str__(self) -> str:
         if self.pattern is not None:
@@ -136,6 +159,8 @@ class Event:
             text = f"{self.action}{':' + self.target if self.target else ''}@{self.at}"
         if self.attack is not None:
             text += f",attack={self.attack}"
+        if self.streams is not None:
+            text += f",streams={self.streams},fetches={self.fetches}"
         if self.duration_s is not None:
             text += f",for={self.duration_s:g}s"
         if self.factor is not None:
@@ -170,9 +195,12 @@ def make_event(
     factor: float | None = None,
     attack: str | None = None,
     pattern: str | None = None,
+    streams: int | str | None = None,
+    fetches: int | str | None = None,
 ) -> Event:
     """A validated event (ConfigError with what to write instead); ``attack`` is a byzantine event's attack text,
-    ``pattern`` a straggle event's pattern text (``peer.stragglers``; it slows the whole network: no target)."""
+    ``pattern`` a straggle event's pattern text (``peer.stragglers``; it slows the whole network: no target),
+    ``streams`` and ``fetches`` a stall event's counts (defaults STALL_DEFAULTS)."""
     if action not in ACTIONS:
         raise ConfigError(f"unknown event action {action!r}; choose one of {', '.join(ACTIONS)}")
     if pattern is not None and action != "straggle":
@@ -203,6 +231,7 @@ def make_event(
         )
     if action != "byzantine" and attack:
         raise ConfigError(f"{action} takes no attack (only byzantine does)")
+    load = _stall_load(action, streams, fetches, factor)
     return Event(
         action=action,
         at=when,
@@ -211,7 +240,42 @@ def make_event(
         factor=factor,
         attack=parse_attack(attack) if attack else None,
         pattern=parse_pattern(pattern) if pattern is not None else None,
+        **load,
     )
+
+
+def _count(value: int | str, name: str) -> int:
+    """A stall count given as a whole number 0 or more (ConfigError otherwise)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value)
+    else:
+        number = -1
+    if number < 0:
+        raise ConfigError(f"stall: {name}= needs a whole number, 0 or more, e.g. {name}={STALL_DEFAULTS[name]}")
+    return number
+
+
+def _stall_load(action: str, streams: int | str | None, fetches: int | str | None, factor: float | None) -> dict:
+    """A stall event's stream and fetch counts (its defaults filled in); nothing for other events."""
+    if action != "stall":
+        given = [name for name, value in (("streams", streams), ("fetches", fetches)) if value is not None]
+        if given:
+            raise ConfigError(
+                f"{action} takes no {', '.join(n + '=' for n in given)}; only a stall event does, "
+                "e.g. stall:peer1@round1,streams=300,fetches=10"
+            )
+        return {}
+    if factor is not None:
+        raise ConfigError("stall takes no x=; write stall:PEER@WHEN[,streams=N][,fetches=M][,for=DURATION]")
+    load = {
+        "streams": _count(STALL_DEFAULTS["streams"] if streams is None else streams, "streams"),
+        "fetches": _count(STALL_DEFAULTS["fetches"] if fetches is None else fetches, "fetches"),
+    }
+    if not any(load.values()):
+        raise ConfigError("a stall with streams=0 and fetches=0 holds nothing; give at least one of them")
+    return load
 
 
 def _pattern_event(at: str, duration: str | None, kind: str, options: dict, where: str) -> Event:
@@ -267,7 +331,8 @@ def parse_event(text: str) -> Event:
     if unknown:
         raise ConfigError(
             f"event {text!r}: unknown option(s) {', '.join(sorted(unknown))}; use for=, x= "
-            "(byzantine: attack=, k=, s=, seed=; straggler patterns: B=, W=, lambda=, p=, worker=, seed=)"
+            "(byzantine: attack=, k=, s=, seed=; straggler patterns: B=, W=, lambda=, p=, worker=, seed=; "
+            "stall: streams=, fetches=)"
         )
     action, target = m.group("action"), m.group("target")
     if action == "straggle" and target in PATTERN_KINDS:
@@ -278,7 +343,10 @@ def parse_event(text: str) -> Event:
     except ValueError:
         raise ConfigError(f"event {text!r}: x= needs a number") from None
     attack = _attack_text(opts.get("attack"), opts, f"event {text!r}")
-    return make_event(action, m.group("when"), target, opts.get("for"), factor, attack)
+    return make_event(
+        action, m.group("when"), target, opts.get("for"), factor, attack,
+        streams=opts.get("streams"), fetches=opts.get("fetches"),
+    )
 
 
 def load_scenario(path: str | Path) -> list[Event]:
@@ -305,6 +373,9 @@ def load_scenario(path: str | Path) -> list[Event]:
             continue
         _no_pattern_options(table, where)
         attack = _attack_text(table.get("attack"), table, where)
-        events.append(make_event(action, at, target, table.get("for"), table.get("factor"), attack))
+        events.append(make_event(
+            action, at, target, table.get("for"), table.get("factor"), attack,
+            streams=table.get("streams"), fetches=table.get("fetches"),
+        ))
     return events
 

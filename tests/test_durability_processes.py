@@ -1,0 +1,129 @@
+"""The run's state survives its holders: ``loconet peer`` processes that all leave, then come back.
+
+Each test is one invariant of issue 14, end to end with real processes and gRPC on 127.0.0.1:
+- after every peer left, a fresh peer waits (it never starts the run again from random weights);
+- a peer restarted with its checkpoint directory brings the run back at its last committed round, and
+  the waiting peer then fetches the state from it;
+- ``--resume-from`` resumes another peer's checkpoint; one of another run is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from support.procs import CoordinatorProc, daemon_peer, stop_all
+
+pytestmark = pytest.mark.timeout(300)
+
+SMALL = ("--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--batch-size", "8", "--sync-every", "10")
+
+
+class Run:
+    """A coordinator with a state file, and the peers a test starts (all stopped at the end)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.coordinator = CoordinatorProc(
+            tmp / "coordinator.log", "durable", 0, "--join-timeout", "3", "--lease", "3", "--heartbeat", "0.5",
+            "--startup-grace", "0", "--state-file", str(tmp / "coordinator-state.json"),
+            # No round before both first peers are in, so neither trains alone while the other starts.
+            "--min-peers", "2",
+        )
+        self.peers: list = []
+
+    def add(self, name: str, *extra: str):
+        p = daemon_peer(self.tmp, self.coordinator.address, "durable", name, *SMALL, *extra)
+        self.peers.append(p)
+        return p
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(f"{self.coordinator.dashboard}/api/status", timeout=10) as r:
+            return json.loads(r.read())
+
+    def close(self) -> None:
+        stop_all(self.peers)
+        self.coordinator.stop()
+
+
+@pytest.fixture
+def run(tmp_path):
+    r = Run(tmp_path)
+    yield r
+    r.close()
+
+
+def finished(peer, timeout: float = 240) -> dict:
+    return peer.wait_event(lambda e: e["event"] == "finished", timeout)
+
+
+def last_commit(peer) -> dict:
+    return [e for e in peer.events if e["event"] == "committed"][-1]
+
+
+def wait_until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout:g} s: {what}")
+
+
+def train_then_leave(run: Run, tmp: Path) -> tuple[dict, Path, float]:
+    """Two peers train 60 steps with checkpoints and finish: the last holder's last commit, checkpoint folder and
+    final eval loss."""
+    peers = {n: run.add(n, "--steps", "60", "--checkpoint-dir", str(tmp / f"ckpt-{n}")) for n in ("a", "b")}
+    done = {n: finished(p) for n, p in peers.items()}
+    assert all(d["rounds"] >= 3 for d in done.values())
+    for p in peers.values():
+        p.proc.wait(timeout=30)
+    # The peer that committed the run's last round holds its state (the other may have left a round earlier).
+    name = max(peers, key=lambda n: last_commit(peers[n])["round"])
+    return last_commit(peers[name]), tmp / f"ckpt-{name}", done[name]["eval_loss"]
+
+
+def test_after_every_peer_left_a_fresh_peer_waits_instead_of_starting_the_run_again(run, tmp_path):
+    last, _, _ = train_then_leave(run, tmp_path)
+    fresh = run.add("fresh", "--steps", "80")
+    waiting = wait_until(lambda: run.status().get("waiting"), 60, "the coordinator lists the fresh peer as waiting")
+    assert f"committed round {last['round']}" in waiting["reason"]
+    assert "--resume-from" in waiting["reason"]
+    time.sleep(3)
+    assert not any(e["event"] == "joined" for e in fresh.events), "it did not found the run anew"
+
+
+def test_a_peer_restarted_with_its_checkpoint_brings_the_run_back_and_the_waiting_peer_joins_it(run, tmp_path):
+    last, ckpt, trained_loss = train_then_leave(run, tmp_path)
+    fresh = run.add("fresh", "--steps", "100")
+    wait_until(lambda: run.status().get("waiting"), 60, "the fresh peer waits")
+    back = run.add("a-again", "--steps", "100", "--checkpoint-dir", str(ckpt), "--eval-every", "5")
+    joined = back.wait_event(lambda e: e["event"] == "joined", 60)
+    assert joined["round"] == last["round"] and joined["digest"] == last["digest"]
+    fetched = fresh.wait_event(lambda e: e["event"] == "joined", 60)
+    assert fetched["round"] >= last["round"], "the waiting peer fetched the run's state, not a new one"
+    first_eval = back.wait_event(lambda e: e["event"] == "eval", 120)["eval_loss"]
+    # Continued from its checkpoint: its loss stays near where the run was, far from an untrained model's log(64).
+    assert first_eval < (trained_loss + 4.16) / 2
+    finished(back)
+    finished(fresh)
+    common = {e["round"]: e["digest"] for e in back.events if e["event"] == "committed"}
+    theirs = {e["round"]: e["digest"] for e in fresh.events if e["event"] == "committed"}
+    shared = set(common) & set(theirs)
+    assert shared and all(common[r] == theirs[r] for r in shared)
+    assert min(shared) > last["round"], "the run went on from its last committed round"
+
+
+def test_resume_from_takes_another_peers_checkpoint(run, tmp_path):
+    last, ckpt, _ = train_then_leave(run, tmp_path)
+    other = run.add("other", "--steps", "80", "--resume-from", str(ckpt))
+    joined = other.wait_event(lambda e: e["event"] == "joined", 60)
+    assert (joined["round"], joined["digest"]) == (last["round"], last["digest"])
+    finished(other)
