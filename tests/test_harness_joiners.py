@@ -54,6 +54,8 @@ def test_a_peer_joining_at_round_0_after_the_run_committed_is_a_restart():
         "peer1": [ev("joined", 0.1, round=0), ev("committed", 5.0, round=1)],
         "peer2": [ev("joined", 9.0, round=0)],
         "peer3": [ev("joined", 9.0, round=1)],
+        # It fetched round 0's state, pinned at its source, while the first rounds committed: no restart.
+        "peer4": [ev("joined", 9.0, round=0, fetch={"seconds": 8.5, "total_bytes": 100})],
     }
     assert restarts_from_round_0(events) == ["peer2"]
 

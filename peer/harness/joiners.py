@@ -50,10 +50,11 @@ def joiners(events_by_peer: Mapping[str, list[dict]], late_peers: Iterable[str])
 
 
 def restarts_from_round_0(events_by_peer: Mapping[str, list[dict]]) -> list[str]:
-    """Peers whose first round of their own came after the run had committed rounds, yet they began at round 0.
+    """Peers that started the run anew from round 0 (fetching nothing) after the run had committed rounds.
 
-    A peer that fetched the run's state (or resumed a checkpoint) joins at the run's round; one
-    that started the run anew joins at round 0 and its digests then differ from the others'.
+    A peer that fetched the run's state joins at the round it fetched (round 0 too, when its fetch of the
+    initial state outlasted the first rounds), and one that resumed a checkpoint at that checkpoint's round;
+    one that founded the run again joins at round 0 without a fetch.
     """
     first_commit = min(
         (e["t"] for evs in events_by_peer.values() for e in evs if e["event"] == "committed"), default=None
@@ -61,7 +62,8 @@ def restarts_from_round_0(events_by_peer: Mapping[str, list[dict]]) -> list[str]
     found = []
     for name, evs in events_by_peer.items():
         joined = next((e for e in evs if e["event"] == "joined"), None)
-        if joined is not None and joined.get("round") == 0 and first_commit is not None and joined["t"] > first_commit:
+        refounded = joined is not None and joined.get("round") == 0 and not joined.get("fetch")
+        if refounded and first_commit is not None and joined["t"] > first_commit:
             found.append(name)
     return sorted(found)
 
