@@ -341,31 +341,25 @@ class MembershipClient:
         )
         reply = await self._call("Join", request, self.config.rpc_timeout_s, patience_s, hint)
         if reply.wait:
+            # Not registered: the peer id stays as it was, and the peer asks again later.
             log.info("run %s: waiting for its state: %s", self.config.run_id, reply.wait_reason)
-            return Joined(
-                peer_id=reply.peer_id,
-                lease_s=reply.lease_s,
-                heartbeat_s=reply.heartbeat_s,
-                epoch=reply.epoch,
-                last_committed_round=reply.last_committed_round,
-                sync_from="",
-                state_digest=reply.state_digest,
-                wait=True,
-                wait_reason=reply.wait_reason,
-            )
-        self.peer_id = reply.peer_id
-        self.unregistered.clear()
-        log.info("joined run %s as %s (epoch %d); state from %s", self.config.run_id, reply.peer_id, reply.epoch, reply.sync_from or "-")
+        else:
+            self.peer_id = reply.peer_id
+            self.unregistered.clear()
+            log.info("joined run %s as %s (epoch %d); state from %s", self.config.run_id, reply.peer_id, reply.epoch,
+                     reply.sync_from or "-")
         return Joined(
             peer_id=reply.peer_id,
             lease_s=reply.lease_s,
             heartbeat_s=reply.heartbeat_s,
             epoch=reply.epoch,
             last_committed_round=reply.last_committed_round,
-            sync_from=reply.sync_from,
-            missed=_missed(reply.missed),
+            sync_from="" if reply.wait else reply.sync_from,
+            missed=() if reply.wait else _missed(reply.missed),
             state_digest=reply.state_digest,
-            sync_sources=tuple(reply.sync_sources),
+            sync_sources=() if reply.wait else tuple(reply.sync_sources),
+            wait=reply.wait,
+            wait_reason=reply.wait_reason,
         )
 
     async def heartbeat_forever(

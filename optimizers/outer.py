@@ -376,14 +376,15 @@ class OuterOptimizer:
 
     def _follow_run_step(self) -> None:
         """After the run went on without this peer: skip ahead to where its up-to-date peers train (heartbeats),
-        so that this peer's next sync is the run's; never more than one sync interval (a peer's word is bounded)."""
+        so that this peer's next sync is the run's; never past one interval after the run's last round (a
+        synchronous run's members are never further: a heartbeat claiming more is not believed)."""
         progress = getattr(self.peer, "run_progress", None)
         if not self.FOLLOWS_RUN_STEP or progress is None:
             return
         run_step, round_step = (int(v) for v in progress())
-        target = min(run_step, self.inner_steps + self.config.sync_every - 1)
+        target = min(run_step, round_step + self.config.sync_every - 1)
         if target > self.inner_steps:
-            into = min(max(target - round_step, 0), self.config.sync_every - 1)
+            into = target - round_step
             log.info("late for the run: skipping from step %d to the run's step %d (%d into its sync interval)",
                      self.inner_steps, target, into)
             self._skip_to(target, into)

@@ -370,7 +370,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.state.record_metrics(peer)
         if req.last_round >= self.state.last_committed_round:
             # Only an up-to-date peer says where the run's training is (a late one is behind by definition);
-            # a late peer never skips more than one sync interval on this word (OuterOptimizer).
+            # a late peer never skips past one sync interval after the last round on this word (OuterOptimizer).
             self.state.run_step = max(self.state.run_step, m.step)
         return pb.HeartbeatResponse(
             known=True, epoch=self.state.epoch, last_committed_round=self.state.last_committed_round,
