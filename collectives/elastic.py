@@ -308,8 +308,6 @@ class ElasticCollective:
         # Whether this peer holds the run's state (its own or fetched): false while start() joins.
         self._holds_state = False
         self._waiting = WaitNotes()
-        # The codec of this peer's last round: what a missed round's result likely travels in.
-        self._last_codec: CodecConfig | None = None
         self._round_numel: Callable[[str], int] | None = None
         self._state_nbytes: Callable[[], int] | None = None
         # What each state fetch of this peer took (statesync.FetchReport), for reports and tests.
@@ -667,7 +665,8 @@ class ElasticCollective:
                 self.last_round = max(self.last_round, plan.last_committed_round)
                 continue
             if plan.action == "resync":
-                results = await self._catch_up(plan) if plan.missed else None
+                # The rounds it missed carried what this sync would (the algorithm's codec for the tag).
+                results = await self._catch_up(plan, allreduce.codec) if plan.missed else None
                 if results is not None:
                     self._move(results[-1].round_id, Phase.CAUGHT_UP)
                     raise CaughtUp(results)
@@ -699,7 +698,6 @@ class ElasticCollective:
             if outcome.commit and done is not None:
                 self._move(plan.round_id, Phase.COMMITTED)
                 self.last_round = plan.round_id
-                self._last_codec = allreduce.codec
                 self._keep_result(plan.round_id, tag, out, allreduce.codec)
                 return SyncResult(
                     value=unflatten_like(out, like, device="cpu"),
@@ -721,7 +719,7 @@ class ElasticCollective:
                 await self._rejoin()
             self._move(plan.round_id, Phase.QUORUM)
 
-    async def _catch_up(self, plan: RoundPlan) -> list[CommittedResult] | None:
+    async def _catch_up(self, plan: RoundPlan, codec: CodecConfig | None) -> list[CommittedResult] | None:
         """The committed results of the rounds this peer missed, fetched from their members; None: fetch the state."""
         if self._round_numel is None:
             return None
@@ -734,7 +732,7 @@ class ElasticCollective:
         except LoconetError as exc:
             log.warning("cannot catch up by results (%s); fetching the state", exc)
             return None
-        wire = sum(expected_wire_bytes(n, self._last_codec) for n in numels)
+        wire = sum(expected_wire_bytes(n, codec) for n in numels)
         state_bytes = self._state_nbytes() if self._state_nbytes is not None else math.inf
         # Equal bytes favour the results: the source then copies nothing (a state fetch snapshots the state).
         if wire > state_bytes:
@@ -753,7 +751,7 @@ class ElasticCollective:
             results.append(got)
         self.last_round = results[-1].round_id
         for r in results:
-            self._keep_result(r.round_id, r.tag, r.value, self._last_codec)
+            self._keep_result(r.round_id, r.tag, r.value, codec)
         log.info(
             "caught up rounds %d-%d by their results (%d bytes)",
             results[0].round_id, results[-1].round_id, sum(r.wire_bytes for r in results),

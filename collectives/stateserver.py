@@ -13,8 +13,8 @@ request for another round is refused, and a request for the current state is
 served the newest pinned round instead). ``pinned_rounds`` tells the caller
 which rounds joiners may still be catching up from.
 
-No caller can hold the server: fetches are capped per client (its peer id,
-else its connection) and in total, refusals say so at once
+No caller can hold the server: fetches are capped per client (its
+connection: a claimed peer id proves nothing) and in total, refusals say so at once
 (RESOURCE_EXHAUSTED), and a fetch whose client reads nothing for
 ``serve_stall_timeout_s`` is cancelled, freeing its slot and its pin.
 """
@@ -255,7 +255,8 @@ class StateServer:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"this peer serves run {self.run_id!r}, not {req.run_id!r}; fetch from a peer of your own run",
             )
-        client = req.peer_id[:200] or _connection(context.peer())
+        # The connection, not the peer id the request claims: anyone can claim a joiner's id and use up its share.
+        client = _connection(context.peer())
         if self._active >= self.config.max_concurrent_fetches:
             await self._refuse(
                 context,

@@ -432,7 +432,9 @@ class Transport:
         """The pooled channel to address (created on first use)."""
         ch = self._channels.get(address)
         if ch is None:
-            ch = make_channel(address, self._rpc)
+            # Its own TCP connection, as a peer in its own process has: peers sharing a process (tests, thread
+            # groups) would otherwise share one, and servers count their calls per connection (admission caps).
+            ch = make_channel(address, self._rpc, own_connection=True)
             self._channels[address] = ch
         return ch
 

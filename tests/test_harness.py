@@ -22,9 +22,8 @@ SMALL = TaskConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8)
 def run_scenario(*events: str, peers: int = 3, steps: int = 300, lease_s: float = 3.0, **options) -> tuple[dict, Harness]:
     options.setdefault("train", TrainConfig.of("diloco", steps=steps, sync_every=20, round_timeout_s=10))
     options.setdefault("coordinator", CoordinatorConfig(lease_s=lease_s, heartbeat_s=0.5, dashboard_port=0))
-    config = HarnessConfig(
-        peers=peers, task_config=SMALL, events=tuple(parse_event(e) for e in events), **options,
-    )
+    options.setdefault("task_config", SMALL)
+    config = HarnessConfig(peers=peers, events=tuple(parse_event(e) for e in events), **options)
     harness = Harness(config)
     report = harness.run()
     assert harness.orphans() == [], "every child process is reaped"
