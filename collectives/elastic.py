@@ -363,10 +363,10 @@ class ElasticCollective:
             self._digest = (round_id, digest)
         return self._digest[1]
 
-    def _keep_result(self, round_id: int, tag: str, flat: torch.Tensor, codec: CodecConfig | None) -> None:
+    def _keep_result(self, round_id: int, tag: str, flat: torch.Tensor, codec: CodecConfig | None, parts: int) -> None:
         """Keep a committed round's result for late peers, and every result a pinned snapshot's joiner needs."""
         pinned = self.state_server.pinned_rounds()
-        self.results.keep(round_id, tag, flat, codec, hold_after=min(pinned) if pinned else None)
+        self.results.keep(round_id, tag, flat, codec, hold_after=min(pinned) if pinned else None, parts=parts)
 
     @property
     def peer_id(self) -> str:
@@ -698,7 +698,7 @@ class ElasticCollective:
             if outcome.commit and done is not None:
                 self._move(plan.round_id, Phase.COMMITTED)
                 self.last_round = plan.round_id
-                self._keep_result(plan.round_id, tag, out, allreduce.codec)
+                self._keep_result(plan.round_id, tag, out, allreduce.codec, len(reduce_with))
                 return SyncResult(
                     value=unflatten_like(out, like, device="cpu"),
                     round_id=plan.round_id,
@@ -751,7 +751,7 @@ class ElasticCollective:
             results.append(got)
         self.last_round = results[-1].round_id
         for r in results:
-            self._keep_result(r.round_id, r.tag, r.value, codec)
+            self._keep_result(r.round_id, r.tag, r.value, codec, r.parts)
         log.info(
             "caught up rounds %d-%d by their results (%d bytes)",
             results[0].round_id, results[-1].round_id, sum(r.wire_bytes for r in results),

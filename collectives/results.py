@@ -33,9 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from collectives.codecs import CodecConfig, check_finite, make_codec
+from collectives.codecs import Codec, CodecConfig, check_finite, make_codec
 from collectives.errors import CodecError, ConfigError, NonFiniteError
 from collectives.membership import MissedRound
+from collectives.parts import part_bounds
 from collectives.statesync import StateSnapshot, StateSyncConfig, StateSyncError, fetch_state_async
 from collectives.transport import Transport
 
@@ -58,6 +59,8 @@ class CommittedResult:
     epoch: int = 0
     # Bytes it took on the wire when fetched (0 for one this member computed).
     wire_bytes: int = 0
+    # How many parts the round cut it into (its members): the blocks of an int8/int4 codec start at each part.
+    parts: int = 1
 
 
 @dataclass
@@ -65,8 +68,9 @@ class _Kept:
     tag: str
     value: torch.Tensor
     codec: CodecConfig | None
-    # The encoded result once a late peer asked for it (None: not yet; b"": the round trip was not exact).
-    encoded: bytes | None = None
+    parts: int
+    # The encoded parts once a late peer asked for the result (None: not yet; []: the round trip was not exact).
+    encoded: list[bytes] | None = None
 
 
 class ResultStore:
@@ -90,15 +94,16 @@ class ResultStore:
             return list(self._kept)
 
     def keep(self, round_id: int, tag: str, value: torch.Tensor, codec: CodecConfig | None = None,
-             hold_after: int | None = None) -> None:
+             hold_after: int | None = None, parts: int = 1) -> None:
         """Keep a copy of a committed round's flat result (the caller keeps using its own).
 
+        ``codec``, ``parts``: what the round sent it in, and into how many parts (its members) it was cut.
         ``hold_after``: the oldest round a joiner's pinned snapshot is at; the results after it are kept
         beyond the last ``keep`` rounds (within ``max_bytes``), so that joiner can catch up.
         """
         if self.keep_last <= 0 and hold_after is None:
             return
-        entry = _Kept(tag, value.detach().to("cpu", torch.float32).clone(), codec)
+        entry = _Kept(tag, value.detach().to("cpu", torch.float32).clone(), codec, max(int(parts), 1))
         with self._lock:
             self._kept[round_id] = entry
             self._kept.move_to_end(round_id)
@@ -126,26 +131,33 @@ class ResultStore:
         if entry is None:
             return None
         if entry.encoded is None:
-            entry.encoded = _exact_encoding(entry.value, entry.codec)
+            entry.encoded = _exact_encoding(entry.value, entry.codec, entry.parts)
         if entry.encoded:
-            payload = torch.frombuffer(bytearray(entry.encoded), dtype=torch.uint8)
-            meta = {"tag": entry.tag, "codec": str(entry.codec), "numel": entry.value.numel()}
+            payload = torch.frombuffer(bytearray(b"".join(entry.encoded)), dtype=torch.uint8)
+            meta = {"tag": entry.tag, "codec": str(entry.codec), "numel": entry.value.numel(),
+                    "sizes": [len(p) for p in entry.encoded]}
             return StateSnapshot(round_id=round_id, tensors={"result": payload}, meta=meta)
         return StateSnapshot(round_id=round_id, tensors={"result": entry.value}, meta={"tag": entry.tag, "codec": RAW})
 
 
-def _exact_encoding(value: torch.Tensor, codec: CodecConfig | None) -> bytes:
-    """value encoded with codec if decoding gives back exactly value, else b"" (serve it raw)."""
+def _exact_encoding(value: torch.Tensor, codec: CodecConfig | None, parts: int) -> list[bytes]:
+    """value's parts (as the round cut it) encoded with codec if decoding gives back exactly value, else []
+    (serve it raw). Each part is encoded on its own, as the round did: a codec's blocks start at each part."""
     if codec is None or codec.name == RAW:
-        return b""
+        return []
     try:
         c = make_codec(codec)
-        payload = bytes(c.encode(value))
-        exact = torch.equal(c.decode(payload, value.numel()), value)
+        encoded = []
+        for a, b in part_bounds(value.numel(), parts):
+            payload = bytes(c.encode(value[a:b]))
+            if not torch.equal(c.decode(payload, b - a), value[a:b]):
+                log.info("serving a result as fp32: the round's codec does not reproduce it exactly")
+                return []
+            encoded.append(payload)
     except (CodecError, NonFiniteError) as exc:
         log.info("serving a result as fp32: the round's codec cannot re-encode it (%s)", exc)
-        return b""
-    return payload if exact and len(payload) < value.numel() * 4 else b""
+        return []
+    return encoded if sum(len(p) for p in encoded) < value.numel() * 4 else []
 
 
 def expected_wire_bytes(numel: int, codec: CodecConfig | None) -> int:
@@ -171,13 +183,14 @@ def decode_result(snapshot: StateSnapshot, numel: int, tag: str, where: str) -> 
         if value.dtype != torch.float32 or value.shape != (numel,):
             raise StateSyncError(f"{where} served a result that is not {numel} fp32 values")
     else:
+        sizes = meta.get("sizes")
         if meta.get("numel") != numel or value.dtype != torch.uint8 or value.dim() != 1:
             raise StateSyncError(f"{where} served an encoded result that is not of {numel} values")
+        if (not isinstance(sizes, list) or not 1 <= len(sizes) <= max(numel, 1)
+                or not all(isinstance(n, int) and n >= 0 for n in sizes) or sum(sizes) != value.numel()):
+            raise StateSyncError(f"{where} served an encoded result whose part sizes do not add up to its bytes")
         try:
-            codec = make_codec(codec_name)
-            if value.numel() > codec.max_payload_size(numel):
-                raise CodecError(f"{value.numel()} bytes exceed the codec's bound for {numel} values")
-            value = codec.decode(memoryview(value.numpy()), numel)
+            value = _decode_parts(make_codec(codec_name), value.numpy(), sizes, numel)
         except (CodecError, ConfigError, TypeError, ValueError) as exc:
             raise StateSyncError(f"{where} served a result that does not decode ({codec_name!r:.40}): {exc}") from None
     try:
@@ -185,6 +198,19 @@ def decode_result(snapshot: StateSnapshot, numel: int, tag: str, where: str) -> 
     except NonFiniteError as exc:
         raise StateSyncError(str(exc)) from None
     return value
+
+
+def _decode_parts(codec: Codec, payload, sizes: list[int], numel: int) -> torch.Tensor:
+    """The parts' payloads (sizes bytes each, in order) decoded into one tensor of numel values; CodecError if
+    a payload exceeds its part's bound or does not decode."""
+    out = torch.empty(numel, dtype=torch.float32)
+    pos = 0
+    for (a, b), size in zip(part_bounds(numel, len(sizes)), sizes):
+        if size > codec.max_payload_size(b - a):
+            raise CodecError(f"a part of {size} bytes exceeds the codec's bound for {b - a} values")
+        codec.decode(memoryview(payload[pos : pos + size]), b - a, out=out[a:b])
+        pos += size
+    return out
 
 
 async def fetch_result(
@@ -201,6 +227,8 @@ async def fetch_result(
             log.info("result of round %d not taken from %s: %s", missed.round_id, address, exc)
             continue
         wire = sum(t.numel() * t.element_size() for t in snap.tensors.values())
-        return CommittedResult(missed.round_id, missed.tag, value, source=address, epoch=missed.epoch, wire_bytes=wire)
+        parts = len(snap.meta.get("sizes") or [None])
+        return CommittedResult(missed.round_id, missed.tag, value, source=address, epoch=missed.epoch, wire_bytes=wire,
+                               parts=parts)
     log.info("no member still keeps round %d's result; fetching the state", missed.round_id)
     return None

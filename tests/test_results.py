@@ -6,17 +6,18 @@ import pytest
 import torch
 
 from collectives.codecs import CodecConfig, make_codec
+from collectives.parts import part_bounds
 from collectives.results import ResultStore, decode_result, expected_wire_bytes
 from collectives.statesync import StateSnapshot, StateSyncError
 
 INT8 = CodecConfig.parse("int8")
 
 
-def committed(numel: int = 4096, seed: int = 0, codec: CodecConfig = INT8) -> torch.Tensor:
-    """A result as members hold it: the decoding of the round's encoded values."""
+def committed(numel: int = 4096, seed: int = 0, codec: CodecConfig = INT8, parts: int = 1) -> torch.Tensor:
+    """A result as members hold it: each member's part, the decoding of its encoded values."""
     x = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
     c = make_codec(codec)
-    return c.decode(c.encode(x), numel)
+    return torch.cat([c.decode(c.encode(x[a:b]), b - a) for a, b in part_bounds(numel, parts)])
 
 
 def test_the_last_keep_rounds_are_kept():
@@ -51,10 +52,21 @@ def test_a_result_the_codec_reproduces_is_served_encoded_and_decodes_to_the_same
     store = ResultStore(keep=1)
     store.keep(7, "fragment1", value, INT8)
     snap = store.snapshot(7)
-    assert snap.meta == {"tag": "fragment1", "codec": "int8", "numel": 10_000}
+    assert snap.meta == {"tag": "fragment1", "codec": "int8", "numel": 10_000, "sizes": [snap.tensors["result"].numel()]}
     assert snap.tensors["result"].dtype == torch.uint8
     assert snap.tensors["result"].numel() < value.numel() * 4 / 3
     assert torch.equal(decode_result(snap, 10_000, "fragment1", "peer1"), value)
+
+
+def test_a_result_of_a_three_member_round_is_encoded_part_by_part_as_the_round_did():
+    value = committed(numel=10_000, parts=3)  # 3333 values a part: the int8 blocks of 64 restart at each part
+    store = ResultStore(keep=2)
+    store.keep(1, "", value, INT8, parts=3)
+    store.keep(2, "", value, INT8, parts=1)
+    by_parts, whole = store.snapshot(1), store.snapshot(2)
+    assert len(by_parts.meta["sizes"]) == 3
+    assert torch.equal(decode_result(by_parts, 10_000, "", "peer1"), value)
+    assert whole.meta["codec"] == "none", "cut otherwise, the blocks do not reproduce the values"
 
 
 def test_a_result_the_codec_does_not_reproduce_is_served_as_fp32():
@@ -76,8 +88,9 @@ def raw(value: torch.Tensor, **meta) -> StateSnapshot:
     return StateSnapshot(round_id=5, tensors={"result": value}, meta={"tag": "", "codec": "none", **meta})
 
 
-def encoded(numel: int, payload: torch.Tensor, codec: str = "int8", tag: str = "") -> StateSnapshot:
-    return StateSnapshot(round_id=5, tensors={"result": payload}, meta={"tag": tag, "codec": codec, "numel": numel})
+def encoded(numel: int, payload: torch.Tensor, codec: str = "int8", sizes: list | None = None) -> StateSnapshot:
+    meta = {"tag": "", "codec": codec, "numel": numel, "sizes": [payload.numel()] if sizes is None else sizes}
+    return StateSnapshot(round_id=5, tensors={"result": payload}, meta=meta)
 
 
 GOOD = make_codec(INT8).encode(committed(numel=256))
@@ -93,6 +106,9 @@ GOOD = make_codec(INT8).encode(committed(numel=256))
         (encoded(255, torch.frombuffer(bytearray(GOOD), dtype=torch.uint8)), "not of 8 values"),
         (encoded(8, torch.zeros(10_000, dtype=torch.uint8)), "does not decode"),
         (encoded(8, torch.zeros(16, dtype=torch.uint8), codec="gzip"), "does not decode"),
+        (encoded(8, torch.zeros(16, dtype=torch.uint8), sizes=[8, 4]), "do not add up"),
+        (encoded(8, torch.zeros(16, dtype=torch.uint8), sizes=[8, -1, 9]), "do not add up"),
+        (encoded(8, torch.zeros(16, dtype=torch.uint8), sizes="16"), "do not add up"),
         (StateSnapshot(round_id=5, tensors={}, meta={"tag": ""}), "without a result tensor"),
     ],
 )
