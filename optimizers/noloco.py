@@ -227,8 +227,10 @@ class NoLoCo(DiLoCo):
     """Replicas with their own outer weights, averaged each outer step within seeded pairs (no all-reduce)."""
 
     config: NoLoCoConfig
-    # Each replica's state is its own: there is no one run's state to record a digest of.
+    # Each replica's state is its own: there is no one run's state to record a digest of, and a replica that
+    # missed rounds skips them rather than catching up (so it keeps its own schedule too).
     REPLICAS_IDENTICAL = False
+    FOLLOWS_RUN_STEP = False
 
     def __init__(
         self,

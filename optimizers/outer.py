@@ -464,7 +464,11 @@ class OuterOptimizer:
         self.inner_steps = max(self.inner_steps, self.state.step)
         self._forget_local_progress()
         self._adopt_meta(meta)
-        self._follow_run_step()
+        run_round = getattr(self.peer, "run_round", None)
+        if run_round is not None and run_round() > snapshot.round_id:
+            # Rounds committed while this state was fetched: the run went on without this peer. (Otherwise its
+            # next round may be waiting for this peer: it then brings a whole interval of training to it.)
+            self._follow_run_step()
         self._state_changed()
 
     def _state_changed(self) -> None:

@@ -12,14 +12,18 @@ from optimizers.peers import LocalPeer
 
 
 class Late(LocalPeer):
-    """A one-peer run whose coordinator reports (run step, its step at the last commit)."""
+    """A one-peer run whose coordinator reports its last committed round and (run step, its step at that round)."""
 
-    def __init__(self, run_step: int, round_step: int) -> None:
+    def __init__(self, run_step: int, round_step: int, run_round: int = 4) -> None:
         super().__init__()
         self.progress = (run_step, round_step)
+        self.committed = run_round
 
     def run_progress(self) -> tuple[int, int]:
         return self.progress
+
+    def run_round(self) -> int:
+        return self.committed
 
 
 def diloco(peer, cls=DiLoCo, **overrides) -> DiLoCo:
@@ -46,12 +50,18 @@ def state_at(opt: DiLoCo, round_id: int, step: int) -> StateSnapshot:
         (50, 45, 40, 50, 0),  # ahead of the run's word (a stale heartbeat): nothing changes
     ],
 )
-def test_a_peer_that_took_the_runs_state_continues_from_the_runs_step(
+def test_a_peer_whose_state_the_run_went_past_continues_from_the_runs_step(
     own_step, run_step, round_step, skips_to, steps_since_sync
 ):
     opt = diloco(Late(run_step, round_step))
     opt.load_snapshot(state_at(opt, round_id=3, step=own_step))
     assert (opt.inner_steps, opt.steps_since_sync, opt.global_step) == (skips_to, steps_since_sync, skips_to)
+
+
+def test_a_state_of_the_runs_last_round_keeps_its_step_for_the_next_round_may_be_waiting_for_this_peer():
+    opt = diloco(Late(37, 30, run_round=3))
+    opt.load_snapshot(state_at(opt, round_id=3, step=30))
+    assert (opt.inner_steps, opt.steps_since_sync) == (30, 0)
 
 
 def test_a_peer_without_a_coordinator_keeps_its_own_step():

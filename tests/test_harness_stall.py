@@ -174,7 +174,7 @@ def test_300_idle_streams_and_10_unread_fetches_against_one_peer_neither_stop_ro
     config = HarnessConfig(
         peers=3, task_config=SMALL, workdir=str(tmp_path),
         events=(parse_event("stall:peer1@round1,streams=300,fetches=10"), parse_event("join@round3")),
-        train=TrainConfig.of("diloco", steps=1200, sync_every=40, round_timeout_s=10),
+        train=TrainConfig.of("diloco", steps=800, sync_every=40, round_timeout_s=10),
         coordinator=CoordinatorConfig(lease_s=3.0, heartbeat_s=0.5, dashboard_port=0),
     )
     harness = Harness(config)
