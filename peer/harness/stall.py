@@ -229,6 +229,7 @@ class Stall:
         try:
             await self._until_stopped(deadline)
         finally:
+            self._stopping.set()  # also when the duration ran out: a slot whose cancellation is swallowed ends
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -251,14 +252,24 @@ class Stall:
                 await asyncio.wait_for(self._stopping.wait(), _ADDRESS_POLL_S)
         return None
 
+    def _go_on(self, first: bool) -> bool:
+        """Whether a slot opens its call (again): not once the stall is stopping or the target has left.
+
+        The stop flag is checked as well as the task's cancellation because Python 3.11's ``asyncio.wait_for`` can
+        swallow a cancellation that arrives as its inner call completes (a stall thread outlived stop() in CI)."""
+        return not self._stopping.is_set() and (first or bool(self._address_of()))
+
     async def _pace(self, opened_at: float) -> None:
-        """Wait until this slot may open its call again."""
-        await asyncio.sleep(max(0.0, opened_at + self.plan.reopen_every_s - time.monotonic()))
+        """Wait until this slot may open its call again (or the stall stops)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self._stopping.wait(), max(0.0, opened_at + self.plan.reopen_every_s - time.monotonic())
+            )
 
     async def _stream_slot(self, channel: grpc.aio.Channel, header: bytes | None) -> None:
         """One PushPart stream, opened again whenever the peer ends it: silent, or one header and then silent."""
         first = True
-        while first or self._address_of():
+        while self._go_on(first):
             opened_at = time.monotonic()
             call = channel.stream_unary(PUSH_METHOD, request_serializer=identity, response_deserializer=identity)()
             self._count("streams_opened" if first else "streams_reopened")
@@ -288,7 +299,7 @@ class Stall:
     async def _fetch_slot(self, channel: grpc.aio.Channel, request: bytes) -> None:
         """One FetchState call that reads its first message and then nothing, opened again whenever it ends."""
         first = True
-        while first or self._address_of():
+        while self._go_on(first):
             opened_at = time.monotonic()
             call = channel.unary_stream(FETCH_METHOD, request_serializer=identity, response_deserializer=identity)(
                 request
@@ -323,11 +334,12 @@ class Stall:
 
     async def _read_out(self, call: grpc.aio.UnaryStreamCall) -> grpc.StatusCode | None:
         """Read what is left of a held fetch for up to drain_s: its status, or None if the peer is still sending."""
-        limit = time.monotonic() + self.plan.drain_s
         try:
-            while await asyncio.wait_for(call.read(), max(0.01, limit - time.monotonic())) is not grpc.aio.EOF:
-                pass
-            return await call.code()
+            # asyncio.timeout, not wait_for: it never swallows the stall's own cancellation.
+            async with asyncio.timeout(self.plan.drain_s):
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+                return await call.code()
         except grpc.aio.AioRpcError as exc:
             return exc.code()
         except TimeoutError:
