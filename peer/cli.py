@@ -102,6 +102,8 @@ def build_parser(command: str | None = None, with_benchmarks: bool = True) -> ar
          run_harness_command),
         ("demo", "4 local peers train a language model with DiLoCo; dashboard and summary", add_demo_arguments,
          run_demo_command),
+        ("certs", "create a CA and per-host certificates for TLS and mutual TLS", add_certs_arguments,
+         run_certs_command),
     ):
         sub = subcommand(commands, name, text)
         if command in (None, name):
@@ -232,6 +234,23 @@ def run_peer_command(ns: argparse.Namespace) -> int:
         shards=shards,
     )
     return run_peer(config, hooks=control_from(ns))
+
+
+# -- certs ----------------------------------------------------------------------------------
+
+
+def add_certs_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``loconet certs``."""
+    from peer.certs import add_arguments
+
+    add_arguments(parser)
+
+
+def run_certs_command(ns: argparse.Namespace) -> int:
+    """Create (or extend) a certificate directory."""
+    from peer.certs import main as certs_main
+
+    return certs_main(ns)
 
 
 # -- harness and demo -------------------------------------------------------------------------
