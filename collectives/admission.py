@@ -52,7 +52,9 @@ REFUSED_CLIENT_CAP = "client_cap"
 REFUSED_TOTAL_CAP = "total_cap"
 FIRST_MESSAGE_TIMEOUT = "first_message_timeout"
 OPEN_WAIT_EXPIRED = "open_wait_expired"
-REFUSAL_KINDS = (REFUSED_CLIENT_CAP, REFUSED_TOTAL_CAP, FIRST_MESSAGE_TIMEOUT, OPEN_WAIT_EXPIRED)
+# A call without a valid credential, or one claiming another member's rank (collectives.credentials).
+UNAUTHENTICATED = "unauthenticated"
+REFUSAL_KINDS = (REFUSED_CLIENT_CAP, REFUSED_TOTAL_CAP, FIRST_MESSAGE_TIMEOUT, OPEN_WAIT_EXPIRED, UNAUTHENTICATED)
 
 
 @dataclass(frozen=True)

@@ -55,14 +55,16 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from collectives.admission import ACCEPTED_KEY, OPEN_WAIT_EXPIRED, RETRY_KEY
+from collectives.admission import ACCEPTED_KEY, OPEN_WAIT_EXPIRED, RETRY_KEY, UNAUTHENTICATED
 from collectives.buffers import BufferPool
 from collectives.codecs import Codec, CodecConfig, error_bound, make_codec
+from collectives.credentials import refuse_unauthenticated, verify_peer_call
 from collectives.errors import (
     LoconetError,
     NonFiniteError,
     ProtocolError,
     StaleRound,
+    Unauthenticated,
 )
 from collectives.inbox import (
     DuplicateStream,
@@ -73,9 +75,10 @@ from collectives.inbox import (
     RoundNotOpen,
     RoundRegistry,
     StaleMessage,
+    sent_by_another,
 )
 from collectives.parts import flatten, part_bounds, shared_device, total_numel, unflatten_like
-from collectives.round import ERROR_KIND_KEY, SERVICE, AllReduceConfig, Round
+from collectives.round import ABORT_METHOD, ERROR_KIND_KEY, PUSH_METHOD, SERVICE, STAT_METHOD, AllReduceConfig, Round
 from collectives.stats import RoundStats
 from collectives.transport import Transport, consume_exception, method_handlers, raw_stream_unary, raw_unary_unary
 from collectives.wire import decode_chunk
@@ -349,10 +352,13 @@ class Collective:
         # and paced, so neither the link nor the CPU waits for the other.
         decoding: asyncio.Task | None = None
         try:
+            sender = await self._sender(context, PUSH_METHOD)
             async for raw in request_iterator:
                 header, payload = decode_chunk(raw)
                 if stream is None:
                     inbox = await self.registry.find(header.tag, self._open_wait(context))
+                    if sent_by_another(inbox.group, header.tag.sender_rank, sender):
+                        await self._forged(context, PUSH_METHOD, sender)
                     stream = inbox.begin_stream(header)
                     await context.send_initial_metadata(ACCEPTED)
                 target = inbox.check_chunk(stream, header, payload)
@@ -403,7 +409,10 @@ class Collective:
                 share = pb.StatShare.FromString(request)
             except Exception as exc:  # protobuf's DecodeError and friends
                 raise ProtocolError(f"malformed statistic share: {exc}") from exc
+            sender = await self._sender(context, STAT_METHOD)
             inbox = await self.registry.find(share.tag, self._open_wait(context))
+            if sent_by_another(inbox.group, share.tag.sender_rank, sender):
+                await self._forged(context, STAT_METHOD, sender)
             inbox.accept_share(share)
             inbox.bytes_received += len(request)
             await self.transport.note_received(inbox.group.members[share.tag.sender_rank], len(request))
@@ -411,6 +420,21 @@ class Collective:
             self._blame(inbox, share, exc, "sent a bad statistic share")
             await self._refuse(context, exc)
         return pb.StatAck().SerializeToString()
+
+    async def _sender(self, context: grpc.aio.ServicerContext, method: str) -> str | None:
+        """With a run secret: the data-plane address the caller's credential vouches for (None without one); a call
+        without a valid credential signed for this peer ends UNAUTHENTICATED, before any message is read."""
+        try:
+            cred = verify_peer_call(context, self.transport.auth, method, self.transport.address)
+        except Unauthenticated as exc:
+            self.transport.refusals.count(UNAUTHENTICATED)
+            await refuse_unauthenticated(context, exc)
+        return None if cred is None else cred.address
+
+    async def _forged(self, context: grpc.aio.ServicerContext, method: str, sender: str | None) -> None:
+        """End a message that claims another member's rank than its sender's (nobody is blamed: it is not theirs)."""
+        self.transport.refusals.count(UNAUTHENTICATED)
+        await refuse_unauthenticated(context, Unauthenticated(f"{method}: the message claims a rank that is not {sender}'s"))
 
     def _open_wait(self, context: grpc.aio.ServicerContext) -> float:
         """How long a message may wait for its round to open here: open_wait_s, or less if its caller's deadline is sooner."""
@@ -446,7 +470,7 @@ class Collective:
                 notice = pb.AbortNotice.FromString(request)
             except Exception as exc:  # protobuf's DecodeError and friends
                 raise ProtocolError(f"malformed abort notice: {exc}") from exc
-            self.registry.abort_notice(notice)
+            self.registry.abort_notice(notice, await self._sender(context, ABORT_METHOD))
         except ProtocolError as exc:
             code, kind = _error_kind(exc)
             await context.abort(code, str(exc), trailing_metadata=((ERROR_KIND_KEY, kind),))

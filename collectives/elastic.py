@@ -281,7 +281,8 @@ class ElasticCollective:
         phase_hook: Callable[[Group, str], None] | None = None,
     ) -> None:
         self.config = config
-        self.transport = Transport(config.transport)
+        # With a run secret, every call carries the run's credentials; the coordinator binds this peer's key at join.
+        self.transport = Transport(config.transport, auth=config.transport.security.call_auth(config.run_id))
         # The committed results of recent rounds, served to peers that were late for them (collectives/results.py).
         self.results = ResultStore(config.keep_results)
         self.collective = Collective(self.transport, config.run_id, phase_hook=phase_hook)

@@ -22,6 +22,10 @@ class ConfigError(LoconetError, ValueError):
     """A configuration value is invalid (message says which and what is allowed)."""
 
 
+class Unauthenticated(LoconetError):
+    """A call did not prove the run's secret or the identity it claims (refused with gRPC's UNAUTHENTICATED)."""
+
+
 class AddressInUse(LoconetError, OSError):
     """A server could not listen on its address (taken by another process, or not this machine's)."""
 

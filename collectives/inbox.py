@@ -383,7 +383,8 @@ class RoundRegistry:
         # round id -> highest epoch opened, for rejecting older epochs of a retried round.
         self._epochs: OrderedDict[int, int] = OrderedDict()
         self._closed: OrderedDict[tuple[int, int], None] = OrderedDict()
-        self._early_aborts: OrderedDict[tuple[int, int], tuple[list[int], str, int]] = OrderedDict()
+        # Abort notices for rounds not open yet: failed ranks, reason, reporter's rank and its verified address.
+        self._early_aborts: OrderedDict[tuple[int, int], tuple[list[int], str, int, str | None]] = OrderedDict()
         self._opened = asyncio.Condition()
 
     def _check(self, tag: pb.RoundTag) -> None:
@@ -408,8 +409,8 @@ class RoundRegistry:
         while len(self._epochs) > CLOSED_MEMORY:
             self._epochs.popitem(last=False)
         early = self._early_aborts.pop(key, None)
-        if early is not None:
-            ranks, reason, reporter = early
+        if early is not None and not sent_by_another(inbox.group, early[2], early[3]):
+            ranks, reason, reporter, _ = early
             for r in ranks:
                 if r < inbox.group.size:
                     inbox.fail(r, reason, reported_by=reporter)
@@ -452,25 +453,35 @@ class RoundRegistry:
                 except TimeoutError:
                     pass
 
-    def abort_notice(self, notice: pb.AbortNotice) -> None:
-        """Apply another member's abort notice to its round (or keep it until the round opens)."""
+    def abort_notice(self, notice: pb.AbortNotice, sender: str | None = None) -> None:
+        """Apply another member's abort notice to its round (or keep it until the round opens).
+
+        sender: with a run secret, the verified data-plane address of the caller; a notice whose rank is not that
+        address's in the round is refused (or, kept early, dropped when the round opens)."""
         tag = notice.tag
         self._check(tag)
         key = (tag.round_id, tag.epoch)
         reason = f"reported by rank {tag.sender_rank}: {notice.reason[:500]}"
         inbox = self._open.get(key)
         if inbox is None:
-            self._early_aborts[key] = (list(notice.failed_ranks), reason, tag.sender_rank)
+            self._early_aborts[key] = (list(notice.failed_ranks), reason, tag.sender_rank, sender)
             while len(self._early_aborts) > EARLY_ABORT_MEMORY:
                 self._early_aborts.popitem(last=False)
             return
         n = inbox.group.size
         if tag.group_size != n or tag.sender_rank >= n or any(r >= n for r in notice.failed_ranks):
             raise ProtocolError(f"abort notice names ranks outside a {n}-member round")
+        if sent_by_another(inbox.group, tag.sender_rank, sender):
+            raise ProtocolError(f"abort notice claims rank {tag.sender_rank}, which is not its sender {sender[:200]}")
         for r in notice.failed_ranks:
             inbox.fail(r, reason, reported_by=tag.sender_rank)
         if not notice.failed_ranks:
             inbox.set_error(RoundFailed(f"round {tag.round_id} aborted by rank {tag.sender_rank}: {notice.reason[:500]}"))
+
+
+def sent_by_another(group: Group, rank: int, sender: str | None) -> bool:
+    """Whether a message claiming rank comes from another address than that member's (sender None: unchecked)."""
+    return sender is not None and (rank >= group.size or group.members[rank] != sender)
 
 
 def _tag_of(group: Group) -> pb.RoundTag:

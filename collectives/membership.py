@@ -72,6 +72,12 @@ class NotACoordinator(LoconetError):
     """Something answers at the coordinator's address, but it is not a loconet coordinator (a dashboard, a peer)."""
 
 
+# A coordinator refusing a call for its client's rate (RESOURCE_EXHAUSTED, peer/coordinator/limits.py) starts
+# the message with this, and says in this trailing metadata key when to try again (milliseconds).
+RATE_LIMITED = "rate limited"
+RETRY_AFTER_MS = "loconet-retry-after-ms"
+
+
 class Unregistered(LoconetError):
     """The coordinator does not know this peer (its lease lapsed, or the coordinator restarted): join again."""
 
@@ -148,6 +154,17 @@ class MissedRound:
     epoch: int
     tag: str = ""
     members: tuple[tuple[str, str], ...] = ()  # (peer id, address) of live members holding the result, by peer id
+
+
+def _rate_limited_for(exc: grpc.aio.AioRpcError) -> float | None:
+    """Seconds to wait before retrying a call the coordinator refused for its rate (None: not such a refusal)."""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not (exc.details() or "").startswith(RATE_LIMITED):
+        return None
+    hint = next((v for k, v in (exc.trailing_metadata() or ()) if k == RETRY_AFTER_MS), "100")
+    try:
+        return min(max(int(hint), 10), 10_000) / 1000.0
+    except ValueError:
+        return 0.1
 
 
 def _missed(rounds) -> tuple[MissedRound, ...]:
@@ -288,6 +305,11 @@ class MembershipClient:
                 code = exc.code()
                 if code == grpc.StatusCode.NOT_FOUND:
                     raise Unregistered(exc.details()) from None
+                limited = _rate_limited_for(exc)
+                if limited is not None and time.monotonic() + limited <= give_up:
+                    log.debug("%s: the coordinator rate-limits this client; retrying in %.2f s", method, limited)
+                    await asyncio.sleep(limited)
+                    continue
                 wrong = _not_a_coordinator(address, exc)
                 if wrong is not None:
                     raise wrong from None
@@ -339,11 +361,20 @@ class MembershipClient:
             codecs=list(codecs),
             state_digest=digest,
         )
+        auth = self.transport.auth
+        if auth is not None:
+            request.public_key = auth.public_key
         reply = await self._call("Join", request, self.config.rpc_timeout_s, patience_s, hint)
         if reply.wait:
             # Not registered: the peer id stays as it was, and the peer asks again later.
             log.info("run %s: waiting for its state: %s", self.config.run_id, reply.wait_reason)
         else:
+            if auth is not None:
+                if not reply.HasField("credential"):
+                    raise RequestRefused(
+                        "the coordinator answered without a peer credential: give it the run's --token-file too"
+                    )
+                auth.adopt(reply.credential)
             self.peer_id = reply.peer_id
             self.unregistered.clear()
             log.info("joined run %s as %s (epoch %d); state from %s", self.config.run_id, reply.peer_id, reply.epoch,

@@ -7,26 +7,14 @@ use) and ``blocking_channel`` (the harness, benchmarks, tests). A one-shot
 probe. Nothing else in the project calls ``grpc.*server`` or ``grpc.*channel``.
 
 What a server or channel needs is an ``RpcSettings``: message size limits,
-keepalive, a peer server's concurrency bounds, and an ``RpcSecurity``, the
-credentials hook. Today the only mode is ``insecure``: its methods return
-None (plain HTTP/2) and no interceptors. Security is added by changing this
-module only:
-
-- TLS: a mode ``"tls"`` with certificate/key/CA file fields;
-  ``server_credentials`` returns ``grpc.ssl_server_credentials(...)`` and
-  ``channel_credentials`` ``grpc.ssl_channel_credentials(root_certificates=...)``.
-  ``bind`` then uses ``add_secure_port`` and both channel functions
-  ``secure_channel``: they already branch on None.
-- Mutual TLS: the same, with ``require_client_auth=True`` on the server and a
-  client certificate chain in the channel credentials.
-- The run token (DESIGN.md: every RPC carries the run's credential, bound to
-  the peer id): the client side is a ``grpc.AuthMetadataPlugin`` wrapped by
-  ``grpc.metadata_call_credentials`` and joined to the channel credentials
-  with ``grpc.composite_channel_credentials`` (gRPC sends call credentials only
-  over secure channels, so the token comes with TLS, or with
-  ``grpc.local_channel_credentials`` on loopback); the server side is a
-  ``grpc.aio.ServerInterceptor`` returned by ``server_interceptors(role)``,
-  which ``make_server`` already installs.
+keepalive, a peer server's concurrency bounds, and an ``RpcSecurity``: TLS
+(``--tls-cert``/``--tls-key``; with ``--tls-ca``, mutual TLS: servers require
+a client certificate signed by that CA, and clients verify servers against it)
+and the run secret's file (``--token-file``). The secret's checks live in
+``collectives.credentials``; here ``make_server`` installs its interceptor
+(``RunAuthInterceptor``: every call but the standard health check is refused
+``UNAUTHENTICATED`` unless it proves the secret) and both channel functions
+add each call's credential metadata (``AuthClientInterceptor``).
 
 Addresses (parsing, what a server advertises, routes) are in ``collectives.addresses``.
 """
@@ -40,7 +28,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from collectives.addresses import format_address
-from collectives.errors import AddressInUse, ConfigError
+from collectives.credentials import OPEN_METHODS, CallAuth, load_secret
+from collectives.errors import AddressInUse, ConfigError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +37,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MESSAGE_BYTES = 4 << 20
 # Peers ping their connections this often; every server must accept pings at that rate.
 DEFAULT_KEEPALIVE_S = 10.0
-SECURITY_MODES = ("insecure",)
 ROLES = ("peer", "coordinator")
 
 # Server option: gRPC sets SO_REUSEPORT by default, so a second server could bind a port
@@ -67,30 +55,64 @@ RECONNECT_OPTIONS = [
 ]
 
 
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}; check the path (loconet certs makes them)") from exc
+
+
 @dataclass(frozen=True)
 class RpcSecurity:
-    """The credentials hook of every server and channel (only ``insecure`` today; see the module docstring)."""
+    """TLS files and the run secret's file of a process's servers and channels (all empty: plaintext, no secret)."""
 
-    mode: str = field(
-        default="insecure", metadata={"help": "security of gRPC servers and channels (TLS is planned)", "choices": SECURITY_MODES}
+    token_file: str = field(
+        default="", metadata={"help": "file holding the run secret (or set $LOCONET_TOKEN); every call proves it"}
+    )
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate this process serves and dials with (TLS)"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
+    tls_ca: str = field(
+        default="", metadata={"help": "PEM CA that signs every certificate of the run (mutual TLS: both ends verified)"}
     )
 
     def __post_init__(self) -> None:
-        if self.mode not in SECURITY_MODES:
-            choices = ", ".join(SECURITY_MODES)
-            raise ConfigError(f"security mode {self.mode!r} is not supported; choose one of {choices}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together: give both (loconet certs makes them)")
+        if self.tls_ca and not self.tls_cert:
+            raise ConfigError("--tls-ca needs --tls-cert and --tls-key: mutual TLS verifies both ends")
+
+    @property
+    def tls(self) -> bool:
+        """Whether servers and channels use TLS."""
+        return bool(self.tls_cert)
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
-        """Credentials a server binds its port with (None: plaintext)."""
-        return None
+        """Credentials a server binds its port with (None: plaintext); with a CA, clients must present a certificate."""
+        if not self.tls:
+            return None
+        pair = (_read(self.tls_key, "TLS key"), _read(self.tls_cert, "TLS certificate"))
+        ca = _read(self.tls_ca, "TLS CA") if self.tls_ca else None
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
-        """Credentials (channel and per-call) a channel connects with (None: plaintext)."""
-        return None
+        """Credentials a channel connects with (None: plaintext): verify the server, and present our certificate."""
+        if not self.tls:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.tls_ca, "TLS CA") if self.tls_ca else None,
+            private_key=_read(self.tls_key, "TLS key"),
+            certificate_chain=_read(self.tls_cert, "TLS certificate"),
+        )
 
-    def server_interceptors(self, role: str) -> tuple[grpc.aio.ServerInterceptor, ...]:
-        """Interceptors a server of this role runs on every call (where the run token is checked)."""
-        return ()
+    def load_secret(self) -> bytes | None:
+        """The run secret (--token-file, else $LOCONET_TOKEN), or None: calls then carry no credential."""
+        return load_secret(self.token_file or None)
+
+    def call_auth(self, run_id: str) -> CallAuth | None:
+        """This process's run credentials for run_id (a fresh peer key), or None without a secret."""
+        secret = self.load_secret()
+        return None if secret is None else CallAuth(secret, run_id)
 
 
 @dataclass(frozen=True)
@@ -185,15 +207,24 @@ def channel_options(settings: RpcSettings, own_connection: bool = False) -> list
 
 
 def make_server(
-    settings: RpcSettings, *, role: str, handlers: tuple[grpc.GenericRpcHandler, ...] = ()
+    settings: RpcSettings,
+    *,
+    role: str,
+    handlers: tuple[grpc.GenericRpcHandler, ...] = (),
+    auth: CallAuth | None = None,
+    interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
 ) -> grpc.aio.Server:
-    """A server of this role (``peer`` or ``coordinator``) with these handlers and the health service; bind it next."""
+    """A server of this role (``peer`` or ``coordinator``) with these handlers and the health service; bind it next.
+
+    With auth, every call but the health check must prove the run secret (checked first); interceptors run after.
+    """
     if role not in ROLES:
         raise ValueError(f"unknown server role {role!r}; expected one of {', '.join(ROLES)}")
+    chain = ((RunAuthInterceptor(auth),) if auth is not None else ()) + tuple(interceptors)
     server = grpc.aio.server(
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        interceptors=settings.security.server_interceptors(role) or None,
+        interceptors=chain or None,
     )
     if handlers:
         server.add_generic_rpc_handlers(tuple(handlers))
@@ -227,24 +258,30 @@ def bind(server: grpc.aio.Server, host: str, port: int, *, settings: RpcSettings
 # -- channels ----------------------------------------------------------------------------
 
 
-def make_channel(address: str, settings: RpcSettings, *, own_connection: bool = False) -> grpc.aio.Channel:
-    """An asyncio channel to address (create it on the loop that uses it)."""
+def make_channel(
+    address: str, settings: RpcSettings, *, own_connection: bool = False, auth: CallAuth | None = None
+) -> grpc.aio.Channel:
+    """An asyncio channel to address (create it on the loop that uses it); with auth, every call carries its
+    credential."""
     options = channel_options(settings, own_connection)
     credentials = settings.security.channel_credentials()
+    interceptors = None if auth is None else [cls(auth, address) for cls in _AIO_AUTH_INTERCEPTORS]
     if credentials is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, credentials, options=options)
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
 
 
 def blocking_channel(
-    address: str, settings: RpcSettings = RpcSettings(), *, own_connection: bool = False
+    address: str, settings: RpcSettings = RpcSettings(), *, own_connection: bool = False, auth: CallAuth | None = None
 ) -> grpc.Channel:
     """A blocking (thread-based) channel to address, for tools and tests outside an event loop."""
     options = channel_options(settings, own_connection)
     credentials = settings.security.channel_credentials()
     if credentials is None:
-        return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(address, credentials, options=options)
+        channel = grpc.insecure_channel(address, options=options)
+    else:
+        channel = grpc.secure_channel(address, credentials, options=options)
+    return channel if auth is None else grpc.intercept_channel(channel, _BlockingAuth(auth, address))
 
 
 async def health_check(address: str, timeout_s: float, settings: RpcSettings | None = None) -> bool:
@@ -261,3 +298,110 @@ async def health_check(address: str, timeout_s: float, settings: RpcSettings | N
     finally:
         await channel.close()
     return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# -- the run secret on the wire (collectives.credentials holds the checks) --------------------
+
+
+def _method_name(method: str | bytes) -> str:
+    return method.decode() if isinstance(method, bytes) else method
+
+
+class RunAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call that does not prove the run secret, before its handler runs or its request is read."""
+
+    def __init__(self, auth: CallAuth) -> None:
+        self.auth = auth
+        # Calls refused, for the metrics (one counter: the interceptor runs on the server's loop only).
+        self.refused = 0
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method in OPEN_METHODS:
+            return await continuation(handler_call_details)
+        try:
+            self.auth.check(method, handler_call_details.invocation_metadata)
+        except Unauthenticated as exc:
+            self.refused += 1
+            log.debug("refused %s: %s", method, exc)
+            return _refusal(await continuation(handler_call_details), str(exc))
+        return await continuation(handler_call_details)
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None, why: str) -> grpc.RpcMethodHandler:
+    """A handler of handler's kind that ends the call UNAUTHENTICATED without reading a message."""
+
+    async def refuse(_request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+
+    if handler is not None and handler.request_streaming:
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler is not None and handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+class _AuthClient:
+    """Adds a call's credential metadata (collectives.credentials.CallAuth) to its details."""
+
+    def __init__(self, auth: CallAuth, target: str) -> None:
+        self.auth = auth
+        self.target = target
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        method = _method_name(details.method)
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self.auth.metadata(method, self.target))
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+class _AuthUnaryUnary(_AuthClient, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class _AuthUnaryStream(_AuthClient, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class _AuthStreamUnary(_AuthClient, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class _AuthStreamStream(_AuthClient, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+_AIO_AUTH_INTERCEPTORS = (_AuthUnaryUnary, _AuthUnaryStream, _AuthStreamUnary, _AuthStreamStream)
+
+
+class _BlockingDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression) -> None:
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
+class _BlockingAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """The blocking channels' version of _AuthClient (tools: the harness's and benchmarks' Status calls)."""
+
+    def __init__(self, auth: CallAuth, target: str) -> None:
+        self.auth = auth
+        self.target = target
+
+    def _details(self, d: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(d.metadata or ()), *self.auth.metadata(_method_name(d.method), self.target)]
+        return _BlockingDetails(
+            d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, getattr(d, "compression", None)
+        )
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)

@@ -418,7 +418,7 @@ def _check_manifest(m: pb.StateManifest, run_id: str, config: StateSyncConfig) -
     if len(m.meta_json.encode()) > config.max_meta_bytes:
         raise ValueError(f"meta_json exceeds max_meta_bytes ({config.max_meta_bytes})")
     try:
-        meta = json.loads(m.meta_json, parse_constant=_reject_constant)
+        meta = json.loads(m.meta_json, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"meta_json is not valid JSON: {exc}") from None
     if not isinstance(meta, dict):
@@ -452,6 +452,14 @@ def _check_manifest(m: pb.StateManifest, run_id: str, config: StateSyncConfig) -
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed in meta_json")
+
+
+def _finite_float(text: str) -> float:
+    # A literal beyond the float range (1e999) parses to an infinity without passing parse_constant.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} in meta_json is out of the float range")
+    return value
 
 
 class _Receiver:

@@ -33,8 +33,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from collectives.admission import UNAUTHENTICATED
+from collectives.credentials import refuse_unauthenticated, verify_peer_call
+from collectives.errors import Unauthenticated
 from collectives.stateformat import (
     DEFAULT_CONFIG,
+    FETCH_METHOD,
     SERVICE,
     StateSnapshot,
     StateSyncConfig,
@@ -249,6 +253,14 @@ class StateServer:
             req = pb.StateRequest.FromString(request)
         except Exception as exc:  # protobuf's DecodeError and friends
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed StateRequest: {exc}")
+        try:
+            # With a run secret: only a peer the run's coordinator vouches for reads the state, as itself.
+            cred = verify_peer_call(context, self.transport.auth, FETCH_METHOD, self.transport.address)
+            if cred is not None and req.peer_id != cred.peer_id:
+                raise Unauthenticated(f"the fetch names peer {req.peer_id[:100]!r}, its credential {cred.peer_id!r}")
+        except Unauthenticated as exc:
+            self.transport.refusals.count(UNAUTHENTICATED)
+            await refuse_unauthenticated(context, exc)
         who = f"{req.peer_id[:200]!r} at {context.peer()}" if req.peer_id else context.peer()
         if req.run_id != self.run_id:
             await context.abort(

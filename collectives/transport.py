@@ -43,6 +43,7 @@ import grpc
 
 from collectives.addresses import advertised_address, check_reachable, parse_advertise, split_address
 from collectives.admission import Admission, AdmissionLimits, Refusals, Replay, admit_handlers, retry_reason
+from collectives.credentials import CallAuth
 from collectives.errors import ConfigError
 from collectives.ratelimit import TokenBucket, format_bandwidth, parse_bandwidth
 from collectives.rpc import (
@@ -146,7 +147,7 @@ class TransportConfig:
         metadata={"help": "threads that encode and decode off the event loop; 0 when peers on this machine fill its cores"},
     )
     security: RpcSecurity = field(
-        default=RpcSecurity(), metadata={"help": "credentials of the peer's gRPC server and channels", "cli": False}
+        default=RpcSecurity(), metadata={"help": "TLS and the run secret of the peer's servers and channels", "flatten": True}
     )
 
     def __post_init__(self) -> None:
@@ -243,8 +244,10 @@ async def peer_unresponsive(address: str, timeout_s: float = 2.0, settings: RpcS
 class Transport:
     """A peer's gRPC server and client channels, running on a private event-loop thread."""
 
-    def __init__(self, config: TransportConfig | None = None) -> None:
+    def __init__(self, config: TransportConfig | None = None, auth: CallAuth | None = None) -> None:
         self.config = config or TransportConfig()
+        # The run's credentials (collectives.credentials): every call out carries them, every call in proves them.
+        self.auth = auth
         self.counters = TrafficCounters()
         # Inbound calls refused or closed early, by kind (metrics); the all-reduce counts its own here too.
         self.refusals = Refusals()
@@ -314,7 +317,9 @@ class Transport:
         return self._address
 
     async def _start_server(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> str:
-        server = make_server(self._rpc, role="peer", handlers=admit_handlers(handlers, self.admission))
+        server = make_server(
+            self._rpc, role="peer", handlers=admit_handlers(handlers, self.admission), auth=self.auth
+        )
         hint = "choose another --host/--port"
         address = bind(server, self.config.host, self.config.port, settings=self._rpc, hint=hint)
         await server.start()
@@ -434,7 +439,7 @@ class Transport:
         if ch is None:
             # Its own TCP connection, as a peer in its own process has: peers sharing a process (tests, thread
             # groups) would otherwise share one, and servers count their calls per connection (admission caps).
-            ch = make_channel(address, self._rpc, own_connection=True)
+            ch = make_channel(address, self._rpc, own_connection=True, auth=self.auth)
             self._channels[address] = ch
         return ch
 

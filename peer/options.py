@@ -17,7 +17,8 @@ A field's metadata may say:
 - ``choices``: the allowed values.
 
 Nested dataclass fields are flattened with their name as a prefix
-(``outer.lr`` is ``--outer-lr``).
+(``outer.lr`` is ``--outer-lr``), or with none when the field's metadata says
+``flatten`` (``security.token_file`` is ``--token-file``).
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def options_of(cls: type, prefix: str = "", path: tuple[str, ...] = (), defaults
         default = getattr(defaults, f.name) if defaults is not None else _default(f)
         flag = prefix + _flag(f)
         if dataclasses.is_dataclass(hint):
-            out += options_of(hint, flag + "-", path + (f.name,), default if default is not MISSING else None)
+            # flatten: the nested fields keep their own flags (``security.token_file`` is ``--token-file``).
+            inner = prefix if f.metadata.get("flatten") else flag + "-"
+            out += options_of(hint, inner, path + (f.name,), default if default is not MISSING else None)
             continue
         origin = typing.get_origin(hint)
         parse = f.metadata.get("parse")

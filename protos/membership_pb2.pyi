@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("run_id", "address", "peer_id", "last_round", "epoch", "has_state", "name", "codecs", "state_digest")
+    __slots__ = ("run_id", "address", "peer_id", "last_round", "epoch", "has_state", "name", "codecs", "state_digest", "public_key")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class JoinRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     CODECS_FIELD_NUMBER: _ClassVar[int]
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     address: str
     peer_id: str
@@ -27,10 +28,27 @@ class JoinRequest(_message.Message):
     name: str
     codecs: _containers.RepeatedScalarFieldContainer[str]
     state_digest: str
-    def __init__(self, run_id: _Optional[str] = ..., address: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., epoch: _Optional[int] = ..., has_state: _Optional[bool] = ..., name: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ...) -> None: ...
+    public_key: bytes
+    def __init__(self, run_id: _Optional[str] = ..., address: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., epoch: _Optional[int] = ..., has_state: _Optional[bool] = ..., name: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+
+class PeerCredential(_message.Message):
+    __slots__ = ("run_id", "peer_id", "address", "public_key", "issuer_key", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    peer_id: str
+    address: str
+    public_key: bytes
+    issuer_key: bytes
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., address: _Optional[str] = ..., public_key: _Optional[bytes] = ..., issuer_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("peer_id", "lease_s", "heartbeat_s", "epoch", "last_committed_round", "sync_from", "missed", "state_digest", "wait", "wait_reason", "sync_sources")
+    __slots__ = ("peer_id", "lease_s", "heartbeat_s", "epoch", "last_committed_round", "sync_from", "missed", "state_digest", "wait", "wait_reason", "sync_sources", "credential")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +60,7 @@ class JoinResponse(_message.Message):
     WAIT_FIELD_NUMBER: _ClassVar[int]
     WAIT_REASON_FIELD_NUMBER: _ClassVar[int]
     SYNC_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     lease_s: float
     heartbeat_s: float
@@ -53,7 +72,8 @@ class JoinResponse(_message.Message):
     wait: bool
     wait_reason: str
     sync_sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, peer_id: _Optional[str] = ..., lease_s: _Optional[float] = ..., heartbeat_s: _Optional[float] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., sync_from: _Optional[str] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., state_digest: _Optional[str] = ..., wait: _Optional[bool] = ..., wait_reason: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    credential: PeerCredential
+    def __init__(self, peer_id: _Optional[str] = ..., lease_s: _Optional[float] = ..., heartbeat_s: _Optional[float] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., sync_from: _Optional[str] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., state_digest: _Optional[str] = ..., wait: _Optional[bool] = ..., wait_reason: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ..., credential: _Optional[_Union[PeerCredential, _Mapping]] = ...) -> None: ...
 
 class PeerMetrics(_message.Message):
     __slots__ = ("step", "steps_per_s", "loss", "bytes_sent", "bytes_received", "activity", "samples", "eval_loss", "privacy_epsilon", "spread")

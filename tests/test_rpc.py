@@ -100,10 +100,15 @@ def test_a_loopback_bind_does_not_warn(monkeypatch, caplog):
 # -- settings and the credentials hook -------------------------------------------------------
 
 
-def test_only_insecure_is_supported_for_now():
+def test_without_tls_files_servers_and_channels_are_plaintext():
     assert RpcSecurity().server_credentials() is None and RpcSecurity().channel_credentials() is None
-    with pytest.raises(ConfigError, match="not supported"):
-        RpcSecurity(mode="tls")
+
+
+def test_a_tls_certificate_needs_its_key_and_a_ca_needs_a_certificate():
+    with pytest.raises(ConfigError, match="go together"):
+        RpcSecurity(tls_cert="a.pem")
+    with pytest.raises(ConfigError, match="mutual TLS"):
+        RpcSecurity(tls_ca="ca.pem")
 
 
 def test_settings_are_checked():

@@ -38,6 +38,7 @@ from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import bench_log_dir, child_failed, print_report, require, spawned_entry
 from peer.bench.progress import Progress, progress_for
 from peer.device import move_batch, place_model, resolve_device
+from peer.harness.loopback import LOOPBACK, loopback_store, use_loopback_for_gloo
 from peer.harness.processes import ChildFailed
 from peer.options import options_of
 from peer.runtime.training import TrainConfig, local_run
@@ -189,7 +190,6 @@ def run_ours(config: BenchConfig, train: TrainConfig, progress: Progress | None 
 
 def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step) -> None:
     import datetime
-    import os
 
     import torch
     import torch.distributed as dist
@@ -198,8 +198,8 @@ def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step
 
     tune_malloc()
     torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=datetime.timedelta(seconds=120))
+    use_loopback_for_gloo()  # gloo's own connections listen on 127.0.0.1 only
+    store = dist.TCPStore(LOOPBACK, port, world, is_master=False, timeout=datetime.timedelta(seconds=120))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     task = make_task(config.task, config.task_config)
     # On the CPU whatever --device says: gloo is the process group every machine has, and it reduces CUDA
@@ -253,14 +253,12 @@ def run_data_parallel(config: BenchConfig, progress: Progress | None = None, lab
     """Synchronous data-parallel training: torch DDP on gloo over N local processes."""
     import datetime
 
-    import torch.distributed as dist
-
     progress = progress or Progress("diloco", enabled=False)
     ctx = mp.get_context("spawn")
     log_dir = bench_log_dir("diloco-data_parallel")
     logs = [log_dir / f"worker{r}.log" for r in range(config.peers)]
-    store = dist.TCPStore("127.0.0.1", 0, config.peers + 1, is_master=True, timeout=datetime.timedelta(seconds=120),
-                          wait_for_workers=False)
+    # torch's own store server would listen on every interface: this one listens on 127.0.0.1 only.
+    store = loopback_store(config.peers + 1, datetime.timedelta(seconds=120))
     out = ctx.Queue()
     step = ctx.Value("i", 0, lock=False)
     steps = config.loop.steps

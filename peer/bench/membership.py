@@ -188,6 +188,8 @@ class _Session:
                 "--quorum-timeout", str(quorum_timeout_s), "--commit-timeout", str(quorum_timeout_s),
                 # Simulated peers have no server to probe.
                 "--no-probe",
+                # They all call from this machine: per-client rate limits would count them as one client.
+                "--rate-limit-exempt", "127.0.0.0/8,::1", "--max-peers", str(max(peers, 1)),
             )
             self.pid = self.coordinator.proc.pid
             ctx = mp.get_context("spawn")

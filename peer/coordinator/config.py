@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from collectives.addresses import parse_advertise
 from collectives.errors import ConfigError
 from collectives.membership import DEFAULT_RUN_ID
+from collectives.rpc import RpcSecurity
+from peer.coordinator.dashboard_security import parse_allowed_hosts
+from peer.coordinator.limits import CoordinatorLimits
 from peer.coordinator.policies import QuorumPolicy, parse_policy
 from peer.coordinator.rules import QuorumRules
 
@@ -53,6 +56,21 @@ class CoordinatorConfig:
     dashboard_host: str = field(
         default="127.0.0.1",
         metadata={"help": "interface to serve the HTTP dashboard on (127.0.0.1: this machine only)"},
+    )
+    dashboard_token_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "file holding the dashboard's bearer token (a secret apart from the run's): /api/status and "
+            "/metrics then need 'Authorization: Bearer TOKEN', and a browser opens /?token=TOKEN once"
+        },
+    )
+    dashboard_allowed_hosts: str = field(
+        default="",
+        metadata={
+            "help": "comma-separated host names the dashboard answers to besides localhost and IP addresses (the "
+            "name in its URL when reached by DNS name or through a proxy); other names are refused (DNS rebinding; "
+            "default: none)"
+        },
     )
     min_peers: int = field(
         default=1, metadata={"help": "fewest peers a round may have; the run starts once this many have joined"}
@@ -117,6 +135,16 @@ class CoordinatorConfig:
             "its members instead of the whole state (0: always the whole state)"
         },
     )
+    max_peers: int = field(
+        default=10_000,
+        metadata={"help": "most peers the run registers at once; a join beyond it is refused (RESOURCE_EXHAUSTED)"},
+    )
+    security: RpcSecurity = field(
+        default=RpcSecurity(), metadata={"help": "TLS and the run secret of the coordinator's server", "flatten": True}
+    )
+    limits: CoordinatorLimits = field(
+        default=CoordinatorLimits(), metadata={"help": "per-client rate limits on coordinator calls", "flatten": True}
+    )
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -133,6 +161,8 @@ class CoordinatorConfig:
         self.rules  # noqa: B018 - raises ConfigError for min_peers < 1 or a negative grace
         if self.history < 1:
             raise ConfigError(f"history must be at least 1 round, got {self.history}")
+        if self.max_peers < 1:
+            raise ConfigError(f"max_peers must be at least 1, got {self.max_peers}")
         most = self.policy.max_members()  # parsing the spec raises ConfigError listing the forms
         if most is not None and most < self.min_peers:
             raise ConfigError(
@@ -141,8 +171,14 @@ class CoordinatorConfig:
             )
         if not 0 <= self.seed < 1 << 64:
             raise ConfigError(f"seed must be between 0 and 2**64 - 1, got {self.seed}")
+        self.dashboard_hosts  # noqa: B018 - raises ConfigError for a name that is not a host name
         if not 0 <= self.catchup_rounds <= MAX_CATCHUP_ROUNDS:
             raise ConfigError(f"catchup_rounds must be between 0 and {MAX_CATCHUP_ROUNDS}, got {self.catchup_rounds}")
+
+    @property
+    def dashboard_hosts(self) -> tuple[str, ...]:
+        """The host names of dashboard_allowed_hosts, lower-case."""
+        return parse_allowed_hosts(self.dashboard_allowed_hosts)
 
     @property
     def rules(self) -> QuorumRules:

@@ -66,13 +66,15 @@ def refused_checkpoint(run_id: str, round_id: int, digest: str, recorded: str) -
 
 
 def note_digest(state: RunState, round_id: int, digest: str, peer_id: str) -> None:
-    """Record a peer's digest of its state at round_id; one that differs from the first report is a divergence."""
+    """Record a peer's digest of its state at round_id; one that differs from the recorded one is a divergence
+    (the digest more of the round's members report is recorded)."""
     conflict = state.note_digest(round_id, digest, peer_id)
     if conflict is not None:
         first, recorded = conflict
+        kept = "the members now agree on the later one" if state.digest_of(round_id) == digest else "the first is kept"
         detail = (
             f"round {round_id}: {peer_id} holds state sha256 {digest[:12]}..., but {first or 'the state file'} "
-            f"reported {recorded[:12]}... first; the first is kept"
+            f"reported {recorded[:12]}... first; {kept}"
         )
         state.event("diverged", peer_id, detail)
         log.error("peers' states diverged at %s", detail)

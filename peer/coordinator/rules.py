@@ -26,6 +26,13 @@ again at their next sync (a peer that joins meanwhile syncs from them). Before
 the first commit the quorum keeps waiting, so a run starts only with
 ``min_peers`` peers.
 
+Claims (``claim_verdict``, ``majority_round``): a joiner's claimed round
+and epoch are refused beyond ``MAX_CLAIM``, and beyond what the coordinator
+has given out when it knows the run's history (its state file, or it saw the
+run founded). A coordinator that lost the history adopts the furthest round a
+majority of the returning holders reach; a holder claiming more fetches the
+run's state like a fresh peer.
+
 Join (``join_action``): a peer that holds state keeps it (and resyncs if it
 is behind); one without state syncs from a live up-to-date holder. If there
 is none:
@@ -102,13 +109,16 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from collectives.errors import ConfigError
 
 # Most sync sources a joiner is given (it may fetch stripes of the state from each).
 MAX_SYNC_SOURCES = 4
+# Round ids and epochs a joiner may claim at most (whatever the coordinator knows): far beyond any real run,
+# and far from 2**64, where round ids would wrap.
+MAX_CLAIM = 1 << 48
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -177,6 +187,23 @@ def join_action(
     if run_under_way and coordinator_age_s < rules.startup_grace_s:
         return "wait"
     return "found"
+
+
+def claim_verdict(round_claim: int, epoch_claim: int, committed: int, epoch: int, history_known: bool) -> str:
+    """Whether a joiner's claimed last round and epoch can be taken: "ok", "absurd" (beyond MAX_CLAIM), or "ahead"
+    (beyond the round or epoch a coordinator that knows the run's history has given out)."""
+    if round_claim > MAX_CLAIM or epoch_claim > MAX_CLAIM:
+        return "absurd"
+    if history_known and (round_claim > committed or epoch_claim > epoch):
+        return "ahead"
+    return "ok"
+
+
+def majority_round(claims: Iterable[int]) -> int:
+    """The furthest round that more than half of the claims reach (0 for none): what a coordinator that lost the
+    run's history adopts from its returning holders, so no minority can push the run ahead."""
+    ordered = sorted(claims, reverse=True)
+    return ordered[len(ordered) // 2] if ordered else 0
 
 
 def needs_resync(peer_last_round: int, last_committed_round: int) -> bool:

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from peer.coordinator.forgetting import ForgetRule, peers_to_forget
 from peer.coordinator.history import Series, SeriesBook
 from peer.coordinator.rules import CommittedRound, PeerView
 from peer.coordinator.waiting import WaitingRoom
@@ -48,6 +49,8 @@ class PeerRecord:
     bytes_received: int = 0
     activity: str = ""
     codecs: tuple[str, ...] = ()
+    # With a run secret: the Ed25519 key the peer's credential binds its id to (collectives.credentials).
+    public_key: bytes = field(default=b"", repr=False)
 
     @property
     def alive(self) -> bool:
@@ -161,8 +164,18 @@ class RunState:
     # "" for the state file), and the (round, peer) pairs already reported as diverging from it.
     digests: dict[int, tuple[str, str]] = field(default_factory=dict)
     diverged: set[tuple[int, str]] = field(default_factory=set)
+    # Who reported which digest of a recent round (only the round's members count, when it is remembered): a
+    # digest the members agree on overturns one a minority reported first.
+    digest_votes: dict[int, dict[str, set[str]]] = field(default_factory=dict)
     # Peers waiting for a holder of the run's state (no live peer holds it).
     waiting: WaitingRoom = field(default_factory=WaitingRoom)
+    # Gone (left or lost) peers still remembered: peer id -> when it went (monotonic), in the order they went.
+    # Which are forgotten, and when: forgetting.py. The forgotten ones' traffic stays in the run's totals
+    # (the dashboard exports them as counters, which must never go down).
+    gone: dict[str, float] = field(default_factory=dict)
+    forget: ForgetRule = field(default_factory=ForgetRule)
+    peers_forgotten: int = 0
+    forgotten_bytes: tuple[int, int] = (0, 0)
     _next_peer_number: int = 1
 
     def __post_init__(self) -> None:
@@ -221,25 +234,33 @@ class RunState:
         return recorded[0] if recorded is not None else ""
 
     def note_digest(self, round_id: int, digest: str, peer_id: str) -> tuple[str, str] | None:
-        """Record a peer's digest of its state at a committed round; the first report of a round is kept.
+        """Record a peer's digest of its state at a committed round: the one more of the round's members report
+        than any other is kept (the first report until another has more).
 
-        Returns (first reporter, its digest) when this peer's digest differs from it, the first time this
-        peer does so for that round (it diverged); None otherwise. Rounds 0 (no committed state), beyond
-        the last committed round, and empty digests (unknown) are ignored.
+        Returns (reporter, digest) of the recorded digest this peer's differs from, the first time it does for
+        that round (it diverged; if its digest now has more members behind it, it is the one recorded from now
+        on, and the earlier one is returned); None otherwise. Rounds 0 (no committed state), beyond the last
+        committed round or too old, and empty digests (unknown) are ignored.
         """
-        if not digest or round_id <= 0 or round_id > self.last_committed_round:
+        oldest = self.last_committed_round - DIGEST_ROUNDS
+        if not digest or round_id <= max(0, oldest) or round_id > self.last_committed_round:
             return None
+        members = next((c.members for c in self.committed if c.round_id == round_id), None)
+        votes = self.digest_votes.setdefault(round_id, {})
+        if members is None or peer_id in members:
+            votes.setdefault(digest, set()).add(peer_id)
         recorded = self.digests.get(round_id)
         if recorded is None:
-            if round_id > self.last_committed_round - DIGEST_ROUNDS:
-                self.digests[round_id] = (digest, peer_id)
-                oldest = self.last_committed_round - DIGEST_ROUNDS
-                self.digests = {r: d for r, d in self.digests.items() if r > oldest}
-                self.diverged = {(r, p) for r, p in self.diverged if r > oldest}
+            self.digests[round_id] = (digest, peer_id)
+            self.digests = {r: d for r, d in self.digests.items() if r > oldest}
+            self.digest_votes = {r: v for r, v in self.digest_votes.items() if r > oldest}
+            self.diverged = {(r, p) for r, p in self.diverged if r > oldest}
             return None
         if recorded[0] == digest or (round_id, peer_id) in self.diverged:
             return None
         self.diverged.add((round_id, peer_id))
+        if len(votes.get(digest, ())) > len(votes.get(recorded[0], ())):
+            self.digests[round_id] = (digest, peer_id)
         return recorded[1], recorded[0]
 
     # -- peers ---------------------------------------------------------------------
@@ -261,6 +282,7 @@ class RunState:
         """Register a (re)joined peer as live."""
         self.peers[peer.peer_id] = peer
         self.live.add(peer.peer_id)
+        self.gone.pop(peer.peer_id, None)
         self.by_address[peer.address] = peer.peer_id
         self._note_alive()
 
@@ -271,6 +293,23 @@ class RunState:
         if self.by_address.get(peer.address) == peer.peer_id:
             del self.by_address[peer.address]
         self._note_alive()
+        self.gone.pop(peer.peer_id, None)
+        self.gone[peer.peer_id] = time.monotonic()
+        self.forget_gone()
+
+    def forget_gone(self, now: float | None = None) -> list[str]:
+        """Forget the records of gone peers the forget rule lets go (never a live peer's); return their ids."""
+        now = time.monotonic() if now is None else now
+        forgotten = peers_to_forget(list(self.gone.items()), now, self.forget)
+        for peer_id in forgotten:
+            del self.gone[peer_id]
+            peer = self.peers.get(peer_id)
+            if peer is not None and not peer.alive:
+                sent, received = self.forgotten_bytes
+                self.forgotten_bytes = (sent + peer.bytes_sent, received + peer.bytes_received)
+                self.peers_forgotten += 1
+                del self.peers[peer_id]
+        return forgotten
 
     def _gone(self, peer_id: str) -> bool:
         return peer_id not in self.live
@@ -342,8 +381,10 @@ class RunState:
                 "peers_alive": sum(p.alive for p in peers),
                 "rounds_committed": self.rounds_committed,
                 "rounds_aborted": self.rounds_aborted,
-                "bytes_sent": sum(p.bytes_sent for p in peers),
-                "bytes_received": sum(p.bytes_received for p in peers),
+                "bytes_sent": self.forgotten_bytes[0] + sum(p.bytes_sent for p in peers),
+                "bytes_received": self.forgotten_bytes[1] + sum(p.bytes_received for p in peers),
+                # Records of gone peers dropped so far (forgetting.py): the peers list shows the rest.
+                "peers_forgotten": self.peers_forgotten,
                 # Differential privacy: the most any live peer reports the run has spent (None: no DP).
                 "epsilon": max((p.epsilon for p in peers if p.alive and p.epsilon is not None), default=None),
                 # NoLoCo: the largest distance of a live replica from the replicas' mean (None: not measured).

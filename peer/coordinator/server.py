@@ -9,6 +9,7 @@ service) and runs the dashboard thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import grpc
@@ -16,6 +17,7 @@ import grpc
 from collectives.addresses import advertised_address, format_address, split_address
 from collectives.errors import AddressInUse
 from collectives.rpc import COORDINATOR_SETTINGS, RpcSettings, bind, make_server
+from peer.coordinator.limits import RateLimitInterceptor
 from peer.coordinator.service import Coordinator, CoordinatorConfig
 from protos import membership_pb2 as pb
 
@@ -55,8 +57,12 @@ class CoordinatorServer:
     def __init__(self, config: CoordinatorConfig, settings: RpcSettings = COORDINATOR_SETTINGS) -> None:
         self.config = config
         self.advertise = config.advertise  # checked by CoordinatorConfig
-        self.settings = settings
+        # The coordinator's TLS files and run secret come with its config.
+        self.settings = dataclasses.replace(settings, security=config.security)
         self.coordinator = Coordinator(config)
+        # Per-client rate limits on every call but the health check (counted for the metrics).
+        self.rate_limits = RateLimitInterceptor(config.limits)
+        self.coordinator.rate_limited = self.rate_limits.counts
         self.address = ""
         self.bound_address = ""
         self.dashboard_url = ""
@@ -66,8 +72,14 @@ class CoordinatorServer:
     async def start(self) -> str:
         """Bind and start serving; return the gRPC address."""
         from peer.coordinator.dashboard import DashboardServer
+        from peer.coordinator.dashboard_security import read_token_file
 
-        server = make_server(self.settings, role="coordinator", handlers=(strict_handlers(self.coordinator),))
+        # Read before anything listens: a bad token file must not leave a half-started coordinator.
+        token = read_token_file(self.config.dashboard_token_file) if self.config.dashboard_token_file else None
+        server = make_server(
+            self.settings, role="coordinator", handlers=(strict_handlers(self.coordinator),),
+            auth=self.coordinator.auth, interceptors=(self.rate_limits,),
+        )
         self.bound_address = bind(
             server, self.config.host, self.config.port, settings=self.settings,
             hint="is another coordinator running? choose another --port (0: any free port)",
@@ -89,7 +101,11 @@ class CoordinatorServer:
                 # The dashboard's thread asks the loop, so the document is a consistent snapshot.
                 return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(timeout=10)
 
-            dashboard = DashboardServer(status, host=self.config.dashboard_host, port=self.config.dashboard_port)
+            dashboard = DashboardServer(
+                status, host=self.config.dashboard_host, port=self.config.dashboard_port, token=token,
+                allowed_hosts=self.config.dashboard_hosts,
+                tls_cert=self.config.security.tls_cert, tls_key=self.config.security.tls_key,
+            )
             try:
                 self.dashboard_url = dashboard.start()
             except OSError as exc:

@@ -30,9 +30,12 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import grpc
 
+from collectives.credentials import ForeignCredential, Issuer, carries_credential, load_issuer_key, verify_caller
+from collectives.errors import Unauthenticated
 from collectives.membership import NO_QUORUM
 from collectives.rpc import health_check
 from peer.coordinator.config import CoordinatorConfig
@@ -51,9 +54,11 @@ from peer.coordinator.rules import (
     PeerView,
     Report,
     choose_sync_sources,
+    claim_verdict,
     head_round,
     holds_committed_state,
     join_action,
+    majority_round,
     needs_resync,
     peers_to_probe,
     rounds_to_catch_up,
@@ -69,8 +74,16 @@ VERSION = "0.1.0"
 TICK_S = 0.05
 LEASE_CHECK_S = 0.5
 MAX_ADDRESS_CHARS = 256
+MAX_PEER_ID_CHARS = 100
 MAX_TEXT_CHARS = 2000
 MAX_TAG_CHARS = 200
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+class _Rejoin(Exception):
+    """A call with a credential of an earlier coordinator: the peer is told to join again."""
+
 
 # CoordinatorConfig lives in peer/coordinator/config.py, BadRequest in quorum.py; importing them from here still works.
 __all__ = ["VERSION", "BadRequest", "Coordinator", "CoordinatorConfig"]
@@ -87,11 +100,23 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             policy=self.policy.spec,
         )
         self.address = ""
+        # With a run secret (--token-file): the run-secret checks, and the key that signs peer credentials (kept
+        # beside the state file, so a restarted coordinator still recognises the credentials it issued).
+        self.auth = config.security.call_auth(config.run_id)
+        self.issuer: Issuer | None = None
+        if self.auth is not None:
+            self.issuer = Issuer(load_issuer_key(config.state_file + ".key") if config.state_file else None)
+        # Calls refused, by reason (the metrics): unauthenticated, forged peer ids, absurd claims, a full run.
+        self.refusals: dict[str, int] = {}
+        # Calls refused for their client's rate, by method (set by the server that runs the limits).
+        self.rate_limited: Callable[[], dict[str, int]] = dict
         self._started = time.monotonic()
         # Whether the run is known to be under way: a peer registered by an earlier coordinator
         # has called, or the state file says the run was founded (see join_action).
         self._run_under_way = False
         self._saved: SavedRun | None = None
+        # Returning holders' claimed rounds, while this coordinator does not know the run's history.
+        self._claims: dict[str, int] = {}
         if config.state_file:
             self._saved = load_run(config.state_file, config.run_id)
         if self._saved is not None and config.new_run:
@@ -160,6 +185,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 f"give the peer --run {self.config.run_id} (or point --coordinator at run {run_id[:100]!r}'s)",
             )
 
+    @property
+    def _history_known(self) -> bool:
+        """Whether this coordinator knows the run's history: its state file says it, or no peer of an earlier
+        coordinator has called (every peer is its own). Then a claim beyond what it gave out is refused."""
+        return self._saved is not None or not self._run_under_way
+
     def _note_stranger(self, peer_id: str) -> None:
         # An id this coordinator never gave out: a peer registered by an earlier coordinator
         # (the run is under way, and that peer is about to rejoin).
@@ -177,25 +208,35 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     # -- RPCs ---------------------------------------------------------------------------
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
-        return await self._answer(context, self._join, request)
+        return await self._answer(context, lambda req: self._join(req, self._rejoin_proof(context, req)), request)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
+        try:
+            self._identify(context, "Heartbeat", request.peer_id)
+        except _Rejoin:
+            return pb.HeartbeatResponse(known=False, epoch=self.state.epoch)
+        except BadRequest as exc:
+            await context.abort(exc.code, str(exc))
         return await self._answer(context, self._heartbeat, request)
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
-        return await self._answer(context, self._leave, request)
+        return await self._answer(context, self._leave, request, "Leave")
 
     async def Quorum(self, request: pb.QuorumRequest, context) -> pb.QuorumResponse:
-        return await self._answer(context, self._quorum, request)
+        return await self._answer(context, self._quorum, request, "Quorum")
 
     async def Commit(self, request: pb.CommitRequest, context) -> pb.CommitResponse:
-        return await self._answer(context, self._commit, request)
+        return await self._answer(context, self._commit, request, "Commit")
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         return await self._answer(context, self._status_rpc, request)
 
-    async def _answer(self, context: grpc.aio.ServicerContext, handler, request):
+    async def _answer(self, context: grpc.aio.ServicerContext, handler, request, identify: str = ""):
+        """handler(request), after checking (with a run secret) that the caller is request.peer_id when identify
+        names the RPC; a BadRequest becomes the call's status."""
         try:
+            if identify:
+                self._identify(context, identify, request.peer_id)
             result = handler(request)
             if asyncio.iscoroutine(result):
                 result = await result
@@ -203,16 +244,93 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         except BadRequest as exc:
             await context.abort(exc.code, str(exc))
 
-    def _join(self, req: pb.JoinRequest) -> pb.JoinResponse:
+    # -- identity (with a run secret) ------------------------------------------------------------
+
+    def _refuse(self, kind: str, code: grpc.StatusCode, why: str) -> BadRequest:
+        self.refusals[kind] = self.refusals.get(kind, 0) + 1
+        return BadRequest(code, why)
+
+    def _credential(self, context: grpc.aio.ServicerContext, rpc: str) -> pb.PeerCredential | None:
+        """The caller's verified credential (None without a run secret or when it sends none); raises _Rejoin for
+        a credential of another coordinator, BadRequest(UNAUTHENTICATED) for a bad one."""
+        if self.auth is None or self.issuer is None:
+            return None
+        metadata = context.invocation_metadata()
+        if not carries_credential(metadata):
+            return None
+        method = f"/{SERVICE_NAME}/{rpc}"
+        try:
+            claim = self.auth.check(method, metadata)
+            return verify_caller(metadata, method, self.config.run_id, (self.issuer.public_key,), claim)
+        except ForeignCredential:
+            raise _Rejoin() from None
+        except Unauthenticated as exc:
+            raise self._refuse("forged-identity", grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+
+    def _identify(self, context: grpc.aio.ServicerContext, rpc: str, peer_id: str) -> None:
+        """With a run secret: the call must be signed by the key this coordinator bound peer_id to."""
+        try:
+            cred = self._credential(context, rpc)
+        except _Rejoin:
+            if rpc == "Heartbeat":
+                raise
+            raise BadRequest(grpc.StatusCode.NOT_FOUND, "credential of an earlier coordinator: join again") from None
+        if cred is None:
+            if self.auth is not None:
+                raise self._refuse(
+                    "forged-identity", grpc.StatusCode.UNAUTHENTICATED, f"{rpc} needs the peer's credential: join first"
+                )
+            return
+        if cred.peer_id != peer_id:
+            raise self._refuse(
+                "forged-identity", grpc.StatusCode.UNAUTHENTICATED,
+                f"the call's credential is peer {cred.peer_id[:100]!r}'s, not {peer_id[:100]!r}'s",
+            )
+        record = self.state.peers.get(peer_id)
+        if record is not None and record.public_key != cred.public_key:
+            # The id was given to another process since (this credential is an old one): not this caller's.
+            raise self._refuse(
+                "forged-identity", grpc.StatusCode.UNAUTHENTICATED, f"peer id {peer_id[:100]!r} belongs to another key"
+            )
+
+    def _rejoin_proof(self, context: grpc.aio.ServicerContext, req: pb.JoinRequest) -> bytes | None:
+        """With a run secret: the key a joiner proves it holds (its request's public key, 32 bytes), after checking
+        that a credential it sends, if any, is valid; None without a run secret."""
+        if self.auth is None:
+            return None
+        if len(req.public_key) != 32:
+            raise self._refuse(
+                "forged-identity", grpc.StatusCode.UNAUTHENTICATED,
+                "this run needs the joiner's public key: upgrade the peer, or give it the run's --token-file",
+            )
+        try:
+            cred = self._credential(context, "Join")
+        except _Rejoin:
+            cred = None
+        if cred is not None and cred.public_key != req.public_key:
+            raise self._refuse("forged-identity", grpc.StatusCode.UNAUTHENTICATED, "the join's key is not its credential's")
+        return req.public_key
+
+    def _join(self, req: pb.JoinRequest, key: bytes | None = None) -> pb.JoinResponse:
+        """Register a peer (key: with a run secret, the public key it proved; its credential binds the id to it)."""
         self._check_run(req.run_id)
         # A re-registration under an id this coordinator never gave out: the run is under way.
         self._note_stranger(req.peer_id)
+        if len(req.peer_id) > MAX_PEER_ID_CHARS:
+            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"a peer id has at most {MAX_PEER_ID_CHARS} characters")
         address = req.address.strip()
         if not address or len(address) > MAX_ADDRESS_CHARS or ":" not in address:
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"join needs the peer's host:port, got {address[:100]!r}")
         digest = checked_digest(req.state_digest)
         s = self.state
         committed = s.last_committed_round
+        verdict = claim_verdict(req.last_round, req.epoch, committed, s.epoch, self._history_known)
+        if verdict != "ok":
+            raise self._refuse(
+                "claim", grpc.StatusCode.FAILED_PRECONDITION,
+                f"the joiner claims round {req.last_round} at epoch {req.epoch}, but this run has committed round "
+                f"{committed} at epoch {s.epoch} ({verdict}): remove its checkpoint, or join the run it came from",
+            )
         # Another live peer (not an earlier process at this address) holds the run's up-to-date state.
         holder_alive = any(
             p.has_state and p.last_round >= committed for p in s.alive_peers() if p.address != address
@@ -228,6 +346,26 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             return self._wait_answer(req, address)
         s.waiting.done(address)
         other_id = s.by_address.get(address)
+        if key is not None and other_id is not None and s.peers[other_id].public_key != key:
+            # Another key at a live peer's address: a restart of that peer, or someone else. Either way the
+            # address is freed when its lease ends; the peer's join retries until then.
+            raise self._refuse(
+                "address-held", grpc.StatusCode.UNAVAILABLE,
+                f"{address} belongs to live peer {other_id} with another key; retry once its lease ends",
+            )
+        known = s.peers.get(req.peer_id)
+        if key is None or known is None or known.public_key == key:
+            pass
+        elif known.alive:
+            raise self._refuse(
+                "forged-identity", grpc.StatusCode.UNAUTHENTICATED,
+                f"peer id {req.peer_id[:100]!r} is a live peer's, with another key",
+            )
+        if not (known is not None and known.alive) and len(s.live) >= self.config.max_peers:
+            raise self._refuse(
+                "full", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"run {self.config.run_id} has its most peers ({self.config.max_peers}, --max-peers); try later",
+            )
         if other_id is not None and other_id != req.peer_id:
             # The same address again means the old process is gone (a restart).
             self._mark_lost(s.peers[other_id], "replaced by a new process at the same address", kind="leave")
@@ -236,6 +374,16 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         peer_id = req.peer_id if rejoin else s.new_peer_id(req.peer_id)
         # A round-0 state once the run has committed a round is a fresh peer's: it counts as none.
         has_state = holds_committed_state(req.has_state, req.last_round, committed)
+        if has_state and not self._history_known:
+            # A coordinator that does not know the run's history (restarted without its state file) adopts the
+            # round a majority of the returning holders reach, never one peer's word beyond it.
+            self._claims[peer_id] = req.last_round
+            while len(self._claims) > self.config.max_peers:  # bounded like the run (oldest claim first)
+                self._claims.pop(next(iter(self._claims)))
+            adopted = majority_round(self._claims.values())
+            if req.last_round > adopted:
+                has_state = False  # it fetches the run's state like a fresh peer
+                s.event("claim", peer_id, f"claims round {req.last_round}; the returning majority holds {adopted}")
         # What the peer holds tells a restarted coordinator where the run is (a newer state is adopted).
         if has_state and req.last_round > committed:
             s.last_committed_round = req.last_round
@@ -253,6 +401,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             has_state=has_state,
             codecs=tuple(c[:32] for c in req.codecs[:32]),
             lease_s=lease_s,
+            public_key=key or b"",
         )
         founder = action == "found"
         sources: tuple[PeerView, ...] = ()
@@ -286,6 +435,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             missed=missed,
             state_digest=s.last_digest,
             sync_sources=[p.address for p in sources],
+            credential=None if key is None else self.issuer.issue(self.config.run_id, peer_id, address, key),
         )
 
     def _sources(self, peer_id: str, count: bool = True) -> tuple[PeerView, ...]:
@@ -532,7 +682,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     def status(self) -> dict:
         """The status document (call on the coordinator's loop)."""
-        return self.state.status(self.address, VERSION)
+        doc = self.state.status(self.address, VERSION)
+        doc["refusals"] = dict(sorted(self.refusals.items()))
+        doc["rate_limited"] = self.rate_limited()
+        return doc
 
     def _save(self) -> None:
         """Record in the state file (if any) that the run exists and how far it got."""
@@ -582,6 +735,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         for peer in self.state.alive_peers():
             if now - peer.last_seen > peer.lease_s:
                 self._mark_lost(peer, f"no heartbeat for {now - peer.last_seen:.1f} s", kind="lost")
+        self.state.forget_gone(now)  # gone peers' records past their time (forgetting.py)
         # A waiter asks again every heartbeat interval; one silent for a lease gave up.
         for waiter in self.state.waiting.expire(now, self.config.lease_s):
             self.state.event("leave", waiter.peer_id, f"{waiter.address} stopped waiting for the run's state")

@@ -27,6 +27,10 @@ class Waiter:
     last_asked: float = field(default_factory=time.monotonic)
 
 
+# Waiters remembered at most (each asks again every heartbeat; one forgotten is noted again when it does).
+MAX_WAITERS = 1000
+
+
 @dataclass
 class WaitingRoom:
     """The peers waiting for the run's state, by address, and the latest reason given to them."""
@@ -43,6 +47,8 @@ class WaitingRoom:
             waiter.name, waiter.peer_id = name or waiter.name, peer_id or waiter.peer_id
             return False
         self.waiters[address] = Waiter(address, name, peer_id)
+        while len(self.waiters) > MAX_WAITERS:  # the oldest first: a flood of waiters cannot grow this
+            self.waiters.pop(next(iter(self.waiters)))
         return True
 
     def done(self, address: str) -> bool:

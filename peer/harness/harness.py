@@ -31,7 +31,7 @@ from collectives.elastic import ElasticConfig
 from collectives.errors import ConfigError, LoconetError
 from collectives.membership import DEFAULT_RUN_ID
 from collectives.ratelimit import parse_bandwidth
-from collectives.rpc import blocking_channel
+from collectives.rpc import RpcSecurity, blocking_channel
 from collectives.transport import codec_threads_for
 from peer.coordinator.config import CoordinatorConfig
 from peer.device import place_model, resolve_device
@@ -40,6 +40,7 @@ from peer.harness.joiners import joiners, restarts_from_round_0, rollbacks
 from peer.harness.processes import CoordinatorProc, Proc, daemon_peer, stop_all
 from peer.harness.recovery import lost_s
 from peer.harness.scenario import Event
+from peer.harness.security import prepare_security, security_args, tool_channel_settings
 from peer.harness.stall import Stall, StallPlan, StallRecord, serving_address
 from peer.options import option_args
 from peer.runtime.training import TrainConfig, local_run
@@ -79,6 +80,12 @@ class HarnessConfig:
         default=None, metadata={"help": "--netns: cap of what a peer receives (default --bandwidth)"}
     )
     netns: bool = field(default=False, metadata={"help": "each process in its own network namespace (root)"})
+    token: bool = field(
+        default=False, metadata={"help": "make a run secret in the work dir and give it to every process (--token-file)"}
+    )
+    tls: bool = field(
+        default=False, metadata={"help": "make a CA and a certificate in the work dir and run every process with mutual TLS"}
+    )
     # Short leases and heartbeats: a local network notices failures fast.
     coordinator: CoordinatorConfig = field(
         default_factory=lambda: CoordinatorConfig(lease_s=3.0, heartbeat_s=0.5, dashboard_port=0),
@@ -135,6 +142,7 @@ class Harness:
         self._aborted_before = 0
         self._started = 0.0
         self._coordinator_port = 0
+        self.security = RpcSecurity()
         # What each peer's control file asks of it: {"slowdown": x, "diverge": n, "byzantine": attack or None,
         # "straggle": pattern or None, "worker": its number, "n": peers in the run}.
         self._control: dict[str, dict[str, float | str | None]] = {}
@@ -182,7 +190,8 @@ class Harness:
             self.workdir / f"{name}.log",
             c.run_id,
             port,
-            *option_args(c.coordinator, skip=COORDINATOR_OPTIONS_SET_BY_HARNESS + ("dashboard-port",)),
+            *option_args(c.coordinator, skip=COORDINATOR_OPTIONS_SET_BY_HARNESS + ("dashboard-port", "security")),
+            *security_args(self.security),
             "--host", self._host("coordinator"),
             "--dashboard-host", self._host("coordinator"),
             # A restarted coordinator serves its dashboard where the first one did.
@@ -215,6 +224,7 @@ class Harness:
             # The peers share this machine's cores: past one peer per core, no codec threads.
             "--codec-threads", str(codec_threads_for(c.peers)),
             "--keep-results", str(c.keep_results),
+            *security_args(self.security),
             *self._plugin_args(),
         ]
         if c.bandwidth and not c.netns:
@@ -250,7 +260,8 @@ class Harness:
         if self.coordinator is None or not self.coordinator.alive:
             return None
         try:
-            with blocking_channel(self.coordinator.address) as ch:
+            settings, auth = tool_channel_settings(self.security, self.config.run_id)
+            with blocking_channel(self.coordinator.address, settings, auth=auth) as ch:
                 reply = pb_grpc.CoordinatorStub(ch).Status(pb.StatusRequest(run_id=self.config.run_id), timeout=2)
             return json.loads(reply.json)
         except grpc.RpcError:
@@ -373,6 +384,8 @@ class Harness:
         self._check_attacks()
         try:
             self._start_network()
+            hosts = tuple(h.ip for h in self.hosts.values()) if self.network is not None else ()
+            self.security = prepare_security(self.workdir, c.token, c.tls, hosts)
             self._start_coordinator(0)
             self.dashboard_url = self.coordinator.dashboard
             if on_start is not None:

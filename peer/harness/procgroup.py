@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
 from collectives.transport import TransportConfig
+from peer.harness.loopback import LOOPBACK, loopback_store, use_loopback_for_gloo
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +234,14 @@ def _gloo_init(rank: int, world: int, port: int | None, store: object | None) ->
 
     import torch.distributed as dist
 
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    use_loopback_for_gloo()  # gloo's own connections listen on 127.0.0.1 only
     timeout = datetime.timedelta(seconds=120)
     if store is None:
-        store = dist.TCPStore(
-            "127.0.0.1", port or 0, world, is_master=rank == 0, timeout=timeout, wait_for_workers=False
-        )
+        if rank == 0:
+            # torch's own store server would listen on every interface: this one listens on 127.0.0.1 only.
+            store = loopback_store(world, timeout, port or 0)
+        else:
+            store = dist.TCPStore(LOOPBACK, port or 0, world, is_master=False, timeout=timeout)
         if port is None:
             return store, store.port
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)

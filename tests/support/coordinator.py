@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 
+import grpc
+
+from collectives.rpc import blocking_channel
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
+from protos import membership_pb2 as pb
+from protos import membership_pb2_grpc as pb_grpc
 
-__all__ = ["CoordinatorThread", "run_workers"]
+__all__ = ["RUN", "CoordinatorThread", "Live", "digest", "run_workers"]
+
+# The run of a Live coordinator's made-up peers.
+RUN = "durable"
 
 
 def run_workers(config: CoordinatorConfig, worker: Callable[[int, str], None], n: int, timeout_s: float = 90.0) -> None:
@@ -20,3 +29,56 @@ def run_workers(config: CoordinatorConfig, worker: Callable[[int, str], None], n
         for t in threads:
             t.join(timeout=timeout_s)
         assert not any(t.is_alive() for t in threads), "a worker is stuck"
+
+
+def digest(round_id: int) -> str:
+    """The state digest of round round_id in these tests."""
+    return hashlib.sha256(f"state of round {round_id}".encode()).hexdigest()
+
+
+class Live:
+    """A coordinator on its own thread and a blocking stub to it (run RUN; peers report digest(r) of round r)."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.thread = CoordinatorThread(config)
+        self.address = self.thread.address
+        self.channel = blocking_channel(self.address)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.closed = False
+
+    def status(self) -> dict:
+        return self.thread.status()
+
+    def events(self, kind: str) -> list[dict]:
+        return [e for e in self.status()["events"] if e["kind"] == kind]
+
+    def join(self, address: str, **fields) -> pb.JoinResponse:
+        return self.stub.Join(pb.JoinRequest(run_id=RUN, address=address, **fields), timeout=5)
+
+    def ask(self, peer_id: str, last_round: int, state: str | None = None) -> grpc.Future:
+        """A peer's quorum request, reporting the digest of its last round (state overrides it)."""
+        reported = (digest(last_round) if last_round else "") if state is None else state
+        request = pb.QuorumRequest(run_id=RUN, peer_id=peer_id, last_round=last_round, state_digest=reported)
+        return self.stub.Quorum.future(request, timeout=20)
+
+    def play(self, peers: list[str], last_round: int) -> pb.QuorumResponse:
+        """Every peer asks, every one reports success: the round commits. The first peer's plan."""
+        plans = [f.result() for f in [self.ask(p, last_round) for p in peers]]
+        assert all(p.action == pb.QuorumResponse.ROUND for p in plans)
+        reports = [
+            self.stub.Commit.future(
+                pb.CommitRequest(run_id=RUN, peer_id=p, round_id=plan.round_id, epoch=plan.epoch, ok=True), timeout=20
+            )
+            for p, plan in zip(peers, plans)
+        ]
+        assert all(f.result().commit for f in reports)
+        return plans[0]
+
+    def leave(self, peer_id: str) -> None:
+        self.stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=peer_id, reason="stopped"), timeout=5)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.channel.close()
+            self.thread.close()

@@ -1,0 +1,156 @@
+"""An insider's word is bounded (issue 13, item 3): a peer with the run's credential still cannot push the run's
+round or epoch where it likes, and one peer's digest does not decide what the run's state is.
+
+The rules are pure functions with tables; the live cases run a real coordinator in this process
+(``support.coordinator.Live``) with made-up peers that only talk to it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from peer.coordinator.config import CoordinatorConfig
+from peer.coordinator.rules import MAX_CLAIM, claim_verdict, majority_round
+from peer.coordinator.runstate import CommittedRound, RunState
+
+sys.path.insert(0, str(Path(__file__).parent))
+from support.coordinator import RUN, Live, digest
+
+pytestmark = pytest.mark.timeout(120)
+
+U64_MAX = (1 << 64) - 1
+
+
+@pytest.mark.parametrize(
+    "round_claim, epoch_claim, committed, epoch, history_known, verdict",
+    [
+        (3, 2, 3, 2, True, "ok"),
+        (2, 1, 3, 2, True, "ok"),  # behind: it resyncs
+        (4, 2, 3, 2, True, "ahead"),  # a round this coordinator never committed
+        (3, 3, 3, 2, True, "ahead"),  # an epoch it never gave out
+        (4, 3, 3, 2, False, "ok"),  # a coordinator that lost the history hears the returning peers out
+        (U64_MAX, 0, 3, 2, False, "absurd"),
+        (0, U64_MAX, 0, 0, False, "absurd"),
+        (MAX_CLAIM, MAX_CLAIM, MAX_CLAIM, MAX_CLAIM, True, "ok"),
+        (MAX_CLAIM + 1, 0, MAX_CLAIM + 5, 0, True, "absurd"),
+    ],
+)
+def test_a_joiners_claim_is_taken_only_within_what_the_run_can_have(
+    round_claim, epoch_claim, committed, epoch, history_known, verdict
+):
+    assert claim_verdict(round_claim, epoch_claim, committed, epoch, history_known) == verdict
+
+
+@pytest.mark.parametrize(
+    "claims, adopted",
+    [
+        ([], 0),
+        ([7], 7),
+        ([7, 7], 7),
+        ([U64_MAX, 7], 7),  # one liar of two cannot raise it
+        ([7, 9, 12], 9),  # the furthest round two of three reach
+        ([5, 5, 9, 1 << 40], 5),  # more than half (3 of 4) must reach it
+    ],
+)
+def test_a_coordinator_that_lost_the_history_adopts_the_round_a_majority_of_returning_holders_reach(claims, adopted):
+    assert majority_round(claims) == adopted
+
+
+def committed(state: RunState, round_id: int, members: tuple[str, ...]) -> None:
+    state.last_committed_round = round_id
+    state.committed.append(CommittedRound(round_id, 0, "", members))
+
+
+def test_the_digest_the_rounds_members_agree_on_overturns_a_minoritys_first_report():
+    state = RunState(RUN, 1)
+    committed(state, 1, ("a", "b", "c"))
+    assert state.note_digest(1, digest(666), "c") is None  # the liar reports first
+    assert state.note_digest(1, digest(1), "a") == ("c", digest(666))  # a tie: the first stays
+    assert state.digest_of(1) == digest(666)
+    assert state.note_digest(1, digest(1), "b") == ("c", digest(666))  # two members of three agree
+    assert state.digest_of(1) == digest(1)
+
+
+def test_a_peer_outside_the_round_does_not_vote_on_its_digest():
+    state = RunState(RUN, 1)
+    committed(state, 1, ("a", "b"))
+    state.note_digest(1, digest(1), "a")
+    for sybil in ("x", "y", "z"):
+        state.note_digest(1, digest(666), sybil)
+    assert state.digest_of(1) == digest(1)
+
+
+# -- against a live coordinator ----------------------------------------------------------------------
+
+DEFAULTS = {
+    "run_id": RUN, "port": 0, "dashboard_port": None, "probe_peers": False, "startup_grace_s": 0.0, "lease_s": 30.0,
+    "join_timeout_s": 0.5, "min_peers": 2,
+}
+
+
+@pytest.fixture
+def coordinator() -> Iterator[Callable[..., Live]]:
+    made: list[Live] = []
+
+    def start(**settings) -> Live:
+        made.append(Live(CoordinatorConfig(**{**DEFAULTS, **settings})))
+        return made[-1]
+
+    yield start
+    for c in reversed(made):
+        c.close()
+
+
+def two_peers_at_round_2(c: Live) -> tuple[str, str]:
+    a = c.join("127.0.0.1:1", has_state=False).peer_id
+    b = c.join("127.0.0.1:2", has_state=False).peer_id
+    c.play([a, b], 0)
+    c.play([a, b], 1)
+    return a, b
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [{"last_round": U64_MAX}, {"last_round": 2, "epoch": U64_MAX}, {"last_round": 3}, {"last_round": 2, "epoch": 9}],
+    ids=["round 2^64-1", "epoch 2^64-1", "a round not committed yet", "an epoch never given out"],
+)
+def test_a_join_claiming_more_than_the_run_has_is_refused_and_the_run_goes_on(coordinator, claim):
+    c = coordinator()
+    a, b = two_peers_at_round_2(c)
+    before = c.status()
+    with pytest.raises(grpc.RpcError) as refused:
+        c.join("127.0.0.1:3", has_state=True, state_digest=digest(claim["last_round"] % 1000), **claim)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "claims round" in refused.value.details()
+    after = c.status()
+    assert (after["last_committed_round"], after["epoch"]) == (before["last_committed_round"], before["epoch"]) == (2, 0)
+    assert len(after["peers"]) == 2 and after["refusals"] == {"claim": 1}
+    assert c.play([a, b], 2).round_id == 3
+
+
+def test_a_coordinator_that_lost_the_history_does_not_follow_one_returning_peers_higher_claim(coordinator):
+    c = coordinator()
+    # Peers of an earlier coordinator (ids this one never gave out) come back at round 5; one claims round 50.
+    honest = [c.join(f"127.0.0.1:{i}", peer_id=f"p{i}-old", has_state=True, last_round=5, epoch=1,
+                     state_digest=digest(5)) for i in (1, 2)]
+    liar = c.join("127.0.0.1:3", peer_id="p3-old", has_state=True, last_round=50, epoch=1, state_digest=digest(50))
+    assert c.status()["last_committed_round"] == 5
+    assert all(not r.sync_from for r in honest)
+    assert liar.sync_from in ("127.0.0.1:1", "127.0.0.1:2")  # it must fetch the run's state like a fresh peer
+    assert any(e["peer_id"] == "p3-old" for e in c.events("claim"))
+
+
+def test_a_join_of_a_run_that_is_full_is_refused_saying_so(coordinator):
+    c = coordinator(max_peers=2)
+    c.join("127.0.0.1:1", has_state=False)
+    c.join("127.0.0.1:2", has_state=False)
+    with pytest.raises(grpc.RpcError) as refused:
+        c.join("127.0.0.1:3", has_state=False)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-peers" in refused.value.details()
+    assert c.status()["refusals"] == {"full": 1}
+
