@@ -358,3 +358,15 @@ def test_an_abort_notice_claiming_another_members_rank_names_nobody_failed(early
         assert list(inbox.failed) == [1]
 
     asyncio.run(scenario())
+
+
+def test_refusals_are_counted_in_the_metrics(coordinator):
+    from peer.coordinator.dashboard import StatusCollector
+
+    a, b = join_as(coordinator, "127.0.0.1:11"), join_as(coordinator, "127.0.0.1:12")
+    with blocking_channel(coordinator.address, auth=b) as channel:
+        with pytest.raises(grpc.RpcError):
+            pb_grpc.CoordinatorStub(channel).Leave(FORGEABLE["Leave"](a.peer_id), timeout=10)
+    families = {f.name: f for f in StatusCollector(coordinator.status).collect()}
+    (sample,) = families["loconet_coordinator_refusals"].samples
+    assert (sample.labels, sample.value) == ({"reason": "forged-identity"}, 1)

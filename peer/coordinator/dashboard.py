@@ -158,6 +158,20 @@ class StatusCollector(Collector):
                 rounds.add_metric([round_status], number)
         yield rounds
 
+        # What callers were refused (docs/security.md): by reason, and for their rate, by method.
+        for name, doc, label, counts in (
+            ("loconet_coordinator_refusals", "Calls the coordinator refused: forged identity, absurd claims, a full "
+             "run, an address held by another key.", "reason", status.get("refusals") or {}),
+            ("loconet_coordinator_rate_limited", "Calls refused for their client's rate, by method.", "method",
+             status.get("rate_limited") or {}),
+        ):
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, count in sorted(counts.items()):
+                number = _number(count)
+                if number is not None:
+                    family.add_metric([str(key)[:64]], number)
+            yield family
+
         for name, doc, value in (
             ("loconet_bytes_sent", "Bytes sent by all peers of the run.", summary.get("bytes_sent")),
             ("loconet_bytes_received", "Bytes received by all peers of the run.", summary.get("bytes_received")),
