@@ -502,6 +502,14 @@ class ElasticCollective:
         if leave:
             await self.membership.leave(reason, leave_timeout_s)
 
+    def _refusals(self) -> dict[str, int]:
+        """What this peer refused or cut off so far, by kind (sent with heartbeats, for the coordinator's metrics)."""
+        counts = {kind: n for kind, n in self.transport.refusals.snapshot().items() if n}
+        for kind, n in (("fetch_refused", self.state_server.refused), ("fetch_stalled_out", self.state_server.stalled_out)):
+            if n:
+                counts[kind] = n
+        return counts
+
     async def _heartbeat_forever(self, interval_s: float) -> None:
         client = self.membership
         counters = self.transport.counters
@@ -509,6 +517,7 @@ class ElasticCollective:
             client.heartbeat_forever(
                 interval_s, lambda: self.last_round, lambda: (counters.bytes_sent, counters.bytes_received),
                 digest=lambda: self._digest[1] if self._digest[0] == self.last_round else "",
+                refusals=self._refusals,
             )
         )
         try:

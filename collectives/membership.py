@@ -399,6 +399,7 @@ class MembershipClient:
         last_round: Callable[[], int],
         traffic: Callable[[], tuple[int, int]],
         digest: Callable[[], str] = lambda: "",
+        refusals: Callable[[], dict[str, int]] = dict,
     ) -> None:
         """Send heartbeats with the peer's status every interval_s until cancelled.
 
@@ -423,6 +424,7 @@ class MembershipClient:
                     eval_loss=s.eval_loss,
                     privacy_epsilon=s.epsilon,
                     spread=s.spread,
+                    refusals=refusals(),
                 ),
             )
             try:

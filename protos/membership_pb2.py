@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/membership.proto\x12\x15loconet.membership.v1\"\xbd\x01\n\x0bJoinRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x12\n\nlast_round\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x11\n\thas_state\x18\x06 \x01(\x08\x12\x0c\n\x04name\x18\x07 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x08 \x03(\t\x12\x14\n\x0cstate_digest\x18\t \x01(\t\x12\x12\n\npublic_key\x18\n \x01(\x0c\"}\n\x0ePeerCredential\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12\x12\n\nissuer_key\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\xc6\x02\n\x0cJoinResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\x12\x13\n\x0bheartbeat_s\x18\x03 \x01(\x01\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x1c\n\x14last_committed_round\x18\x05 \x01(\x04\x12\x11\n\tsync_from\x18\x06 \x01(\t\x12\x35\n\x06missed\x18\x07 \x03(\x0b\x32%.loconet.membership.v1.CommittedRound\x12\x14\n\x0cstate_digest\x18\x08 \x01(\t\x12\x0c\n\x04wait\x18\t \x01(\x08\x12\x13\n\x0bwait_reason\x18\n \x01(\t\x12\x14\n\x0csync_sources\x18\x0b \x03(\t\x12\x39\n\ncredential\x18\x0c \x01(\x0b\x32%.loconet.membership.v1.PeerCredential\"\xc9\x01\n\x0bPeerMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0bsteps_per_s\x18\x02 \x01(\x01\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x04\x12\x10\n\x08\x61\x63tivity\x18\x06 \x01(\t\x12\x0f\n\x07samples\x18\x07 \x01(\x04\x12\x11\n\teval_loss\x18\x08 \x01(\x01\x12\x17\n\x0fprivacy_epsilon\x18\t \x01(\x01\x12\x0e\n\x06spread\x18\n \x01(\x01\"\x92\x01\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x12\n\nlast_round\x18\x03 \x01(\x04\x12\x33\n\x07metrics\x18\x04 \x01(\x0b\x32\".loconet.membership.v1.PeerMetrics\x12\x14\n\x0cstate_digest\x18\x05 \x01(\t\"u\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1c\n\x14last_committed_round\x18\x03 \x01(\x04\x12\x10\n\x08run_step\x18\x04 \x01(\x04\x12\x12\n\nround_step\x18\x05 \x01(\x04\"?\n\x0cLeaveRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0f\n\rLeaveResponse\"g\n\rQuorumRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x12\n\nlast_round\x18\x03 \x01(\x04\x12\x0b\n\x03tag\x18\x04 \x01(\t\x12\x14\n\x0cstate_digest\x18\x05 \x01(\t\"*\n\x06Member\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"n\n\x0e\x43ommittedRound\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12.\n\x07members\x18\x04 \x03(\x0b\x32\x1d.loconet.membership.v1.Member\"\xac\x03\n\x0eQuorumResponse\x12<\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32,.loconet.membership.v1.QuorumResponse.Action\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12.\n\x07members\x18\x04 \x03(\x0b\x32\x1d.loconet.membership.v1.Member\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x11\n\tsync_from\x18\x06 \x01(\t\x12\x1c\n\x14last_committed_round\x18\x07 \x01(\x04\x12\x35\n\x06missed\x18\x08 \x03(\x0b\x32%.loconet.membership.v1.CommittedRound\x12\x0e\n\x06policy\x18\t \x01(\t\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x12\n\ncandidates\x18\x0b \x03(\t\x12\x14\n\x0cstate_digest\x18\x0c \x01(\t\x12\x14\n\x0csync_sources\x18\r \x03(\t\"7\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\t\n\x05ROUND\x10\x01\x12\n\n\x06RESYNC\x10\x02\"I\n\x0bRoundReport\x12\x12\n\nbytes_sent\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x0e\n\x06wall_s\x18\x03 \x01(\x01\"\xb7\x01\n\rCommitRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\n\n\x02ok\x18\x05 \x01(\x08\x12\x14\n\x0c\x66\x61iled_peers\x18\x06 \x03(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x32\n\x06report\x18\x08 \x01(\x0b\x32\".loconet.membership.v1.RoundReport\"P\n\x0e\x43ommitResponse\x12\x0e\n\x06\x63ommit\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x04 \x03(\t\"\x1f\n\rStatusRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x1e\n\x0eStatusResponse\x12\x0c\n\x04json\x18\x01 \x01(\t2\x97\x04\n\x0b\x43oordinator\x12O\n\x04Join\x12\".loconet.membership.v1.JoinRequest\x1a#.loconet.membership.v1.JoinResponse\x12^\n\tHeartbeat\x12\'.loconet.membership.v1.HeartbeatRequest\x1a(.loconet.membership.v1.HeartbeatResponse\x12R\n\x05Leave\x12#.loconet.membership.v1.LeaveRequest\x1a$.loconet.membership.v1.LeaveResponse\x12U\n\x06Quorum\x12$.loconet.membership.v1.QuorumRequest\x1a%.loconet.membership.v1.QuorumResponse\x12U\n\x06\x43ommit\x12$.loconet.membership.v1.CommitRequest\x1a%.loconet.membership.v1.CommitResponse\x12U\n\x06Status\x12$.loconet.membership.v1.StatusRequest\x1a%.loconet.membership.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/membership.proto\x12\x15loconet.membership.v1\"\xbd\x01\n\x0bJoinRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x12\n\nlast_round\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x11\n\thas_state\x18\x06 \x01(\x08\x12\x0c\n\x04name\x18\x07 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x08 \x03(\t\x12\x14\n\x0cstate_digest\x18\t \x01(\t\x12\x12\n\npublic_key\x18\n \x01(\x0c\"}\n\x0ePeerCredential\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12\x12\n\nissuer_key\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\xc6\x02\n\x0cJoinResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\x12\x13\n\x0bheartbeat_s\x18\x03 \x01(\x01\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x1c\n\x14last_committed_round\x18\x05 \x01(\x04\x12\x11\n\tsync_from\x18\x06 \x01(\t\x12\x35\n\x06missed\x18\x07 \x03(\x0b\x32%.loconet.membership.v1.CommittedRound\x12\x14\n\x0cstate_digest\x18\x08 \x01(\t\x12\x0c\n\x04wait\x18\t \x01(\x08\x12\x13\n\x0bwait_reason\x18\n \x01(\t\x12\x14\n\x0csync_sources\x18\x0b \x03(\t\x12\x39\n\ncredential\x18\x0c \x01(\x0b\x32%.loconet.membership.v1.PeerCredential\"\xbe\x02\n\x0bPeerMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0bsteps_per_s\x18\x02 \x01(\x01\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x04\x12\x10\n\x08\x61\x63tivity\x18\x06 \x01(\t\x12\x0f\n\x07samples\x18\x07 \x01(\x04\x12\x11\n\teval_loss\x18\x08 \x01(\x01\x12\x17\n\x0fprivacy_epsilon\x18\t \x01(\x01\x12\x0e\n\x06spread\x18\n \x01(\x01\x12\x42\n\x08refusals\x18\x0b \x03(\x0b\x32\x30.loconet.membership.v1.PeerMetrics.RefusalsEntry\x1a/\n\rRefusalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x92\x01\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x12\n\nlast_round\x18\x03 \x01(\x04\x12\x33\n\x07metrics\x18\x04 \x01(\x0b\x32\".loconet.membership.v1.PeerMetrics\x12\x14\n\x0cstate_digest\x18\x05 \x01(\t\"u\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1c\n\x14last_committed_round\x18\x03 \x01(\x04\x12\x10\n\x08run_step\x18\x04 \x01(\x04\x12\x12\n\nround_step\x18\x05 \x01(\x04\"?\n\x0cLeaveRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0f\n\rLeaveResponse\"g\n\rQuorumRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x12\n\nlast_round\x18\x03 \x01(\x04\x12\x0b\n\x03tag\x18\x04 \x01(\t\x12\x14\n\x0cstate_digest\x18\x05 \x01(\t\"*\n\x06Member\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"n\n\x0e\x43ommittedRound\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12.\n\x07members\x18\x04 \x03(\x0b\x32\x1d.loconet.membership.v1.Member\"\xac\x03\n\x0eQuorumResponse\x12<\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32,.loconet.membership.v1.QuorumResponse.Action\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12.\n\x07members\x18\x04 \x03(\x0b\x32\x1d.loconet.membership.v1.Member\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x11\n\tsync_from\x18\x06 \x01(\t\x12\x1c\n\x14last_committed_round\x18\x07 \x01(\x04\x12\x35\n\x06missed\x18\x08 \x03(\x0b\x32%.loconet.membership.v1.CommittedRound\x12\x0e\n\x06policy\x18\t \x01(\t\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x12\n\ncandidates\x18\x0b \x03(\t\x12\x14\n\x0cstate_digest\x18\x0c \x01(\t\x12\x14\n\x0csync_sources\x18\r \x03(\t\"7\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\t\n\x05ROUND\x10\x01\x12\n\n\x06RESYNC\x10\x02\"I\n\x0bRoundReport\x12\x12\n\nbytes_sent\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x0e\n\x06wall_s\x18\x03 \x01(\x01\"\xb7\x01\n\rCommitRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\n\n\x02ok\x18\x05 \x01(\x08\x12\x14\n\x0c\x66\x61iled_peers\x18\x06 \x03(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x32\n\x06report\x18\x08 \x01(\x0b\x32\".loconet.membership.v1.RoundReport\"P\n\x0e\x43ommitResponse\x12\x0e\n\x06\x63ommit\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x04 \x03(\t\"\x1f\n\rStatusRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x1e\n\x0eStatusResponse\x12\x0c\n\x04json\x18\x01 \x01(\t2\x97\x04\n\x0b\x43oordinator\x12O\n\x04Join\x12\".loconet.membership.v1.JoinRequest\x1a#.loconet.membership.v1.JoinResponse\x12^\n\tHeartbeat\x12\'.loconet.membership.v1.HeartbeatRequest\x1a(.loconet.membership.v1.HeartbeatResponse\x12R\n\x05Leave\x12#.loconet.membership.v1.LeaveRequest\x1a$.loconet.membership.v1.LeaveResponse\x12U\n\x06Quorum\x12$.loconet.membership.v1.QuorumRequest\x1a%.loconet.membership.v1.QuorumResponse\x12U\n\x06\x43ommit\x12$.loconet.membership.v1.CommitRequest\x1a%.loconet.membership.v1.CommitResponse\x12U\n\x06Status\x12$.loconet.membership.v1.StatusRequest\x1a%.loconet.membership.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.membership_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PEERMETRICS_REFUSALSENTRY']._loaded_options = None
+  _globals['_PEERMETRICS_REFUSALSENTRY']._serialized_options = b'8\001'
   _globals['_JOINREQUEST']._serialized_start=51
   _globals['_JOINREQUEST']._serialized_end=240
   _globals['_PEERCREDENTIAL']._serialized_start=242
@@ -38,35 +40,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINRESPONSE']._serialized_start=370
   _globals['_JOINRESPONSE']._serialized_end=696
   _globals['_PEERMETRICS']._serialized_start=699
-  _globals['_PEERMETRICS']._serialized_end=900
-  _globals['_HEARTBEATREQUEST']._serialized_start=903
-  _globals['_HEARTBEATREQUEST']._serialized_end=1049
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1051
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1168
-  _globals['_LEAVEREQUEST']._serialized_start=1170
-  _globals['_LEAVEREQUEST']._serialized_end=1233
-  _globals['_LEAVERESPONSE']._serialized_start=1235
-  _globals['_LEAVERESPONSE']._serialized_end=1250
-  _globals['_QUORUMREQUEST']._serialized_start=1252
-  _globals['_QUORUMREQUEST']._serialized_end=1355
-  _globals['_MEMBER']._serialized_start=1357
-  _globals['_MEMBER']._serialized_end=1399
-  _globals['_COMMITTEDROUND']._serialized_start=1401
-  _globals['_COMMITTEDROUND']._serialized_end=1511
-  _globals['_QUORUMRESPONSE']._serialized_start=1514
-  _globals['_QUORUMRESPONSE']._serialized_end=1942
-  _globals['_QUORUMRESPONSE_ACTION']._serialized_start=1887
-  _globals['_QUORUMRESPONSE_ACTION']._serialized_end=1942
-  _globals['_ROUNDREPORT']._serialized_start=1944
-  _globals['_ROUNDREPORT']._serialized_end=2017
-  _globals['_COMMITREQUEST']._serialized_start=2020
-  _globals['_COMMITREQUEST']._serialized_end=2203
-  _globals['_COMMITRESPONSE']._serialized_start=2205
-  _globals['_COMMITRESPONSE']._serialized_end=2285
-  _globals['_STATUSREQUEST']._serialized_start=2287
-  _globals['_STATUSREQUEST']._serialized_end=2318
-  _globals['_STATUSRESPONSE']._serialized_start=2320
-  _globals['_STATUSRESPONSE']._serialized_end=2350
-  _globals['_COORDINATOR']._serialized_start=2353
-  _globals['_COORDINATOR']._serialized_end=2888
+  _globals['_PEERMETRICS']._serialized_end=1017
+  _globals['_PEERMETRICS_REFUSALSENTRY']._serialized_start=970
+  _globals['_PEERMETRICS_REFUSALSENTRY']._serialized_end=1017
+  _globals['_HEARTBEATREQUEST']._serialized_start=1020
+  _globals['_HEARTBEATREQUEST']._serialized_end=1166
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1168
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1285
+  _globals['_LEAVEREQUEST']._serialized_start=1287
+  _globals['_LEAVEREQUEST']._serialized_end=1350
+  _globals['_LEAVERESPONSE']._serialized_start=1352
+  _globals['_LEAVERESPONSE']._serialized_end=1367
+  _globals['_QUORUMREQUEST']._serialized_start=1369
+  _globals['_QUORUMREQUEST']._serialized_end=1472
+  _globals['_MEMBER']._serialized_start=1474
+  _globals['_MEMBER']._serialized_end=1516
+  _globals['_COMMITTEDROUND']._serialized_start=1518
+  _globals['_COMMITTEDROUND']._serialized_end=1628
+  _globals['_QUORUMRESPONSE']._serialized_start=1631
+  _globals['_QUORUMRESPONSE']._serialized_end=2059
+  _globals['_QUORUMRESPONSE_ACTION']._serialized_start=2004
+  _globals['_QUORUMRESPONSE_ACTION']._serialized_end=2059
+  _globals['_ROUNDREPORT']._serialized_start=2061
+  _globals['_ROUNDREPORT']._serialized_end=2134
+  _globals['_COMMITREQUEST']._serialized_start=2137
+  _globals['_COMMITREQUEST']._serialized_end=2320
+  _globals['_COMMITRESPONSE']._serialized_start=2322
+  _globals['_COMMITRESPONSE']._serialized_end=2402
+  _globals['_STATUSREQUEST']._serialized_start=2404
+  _globals['_STATUSREQUEST']._serialized_end=2435
+  _globals['_STATUSRESPONSE']._serialized_start=2437
+  _globals['_STATUSRESPONSE']._serialized_end=2467
+  _globals['_COORDINATOR']._serialized_start=2470
+  _globals['_COORDINATOR']._serialized_end=3005
 # @@protoc_insertion_point(module_scope)

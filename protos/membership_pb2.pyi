@@ -76,7 +76,14 @@ class JoinResponse(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., lease_s: _Optional[float] = ..., heartbeat_s: _Optional[float] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., sync_from: _Optional[str] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., state_digest: _Optional[str] = ..., wait: _Optional[bool] = ..., wait_reason: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ..., credential: _Optional[_Union[PeerCredential, _Mapping]] = ...) -> None: ...
 
 class PeerMetrics(_message.Message):
-    __slots__ = ("step", "steps_per_s", "loss", "bytes_sent", "bytes_received", "activity", "samples", "eval_loss", "privacy_epsilon", "spread")
+    __slots__ = ("step", "steps_per_s", "loss", "bytes_sent", "bytes_received", "activity", "samples", "eval_loss", "privacy_epsilon", "spread", "refusals")
+    class RefusalsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     STEP_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_S_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +94,7 @@ class PeerMetrics(_message.Message):
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_EPSILON_FIELD_NUMBER: _ClassVar[int]
     SPREAD_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
     step: int
     steps_per_s: float
     loss: float
@@ -97,7 +105,8 @@ class PeerMetrics(_message.Message):
     eval_loss: float
     privacy_epsilon: float
     spread: float
-    def __init__(self, step: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., activity: _Optional[str] = ..., samples: _Optional[int] = ..., eval_loss: _Optional[float] = ..., privacy_epsilon: _Optional[float] = ..., spread: _Optional[float] = ...) -> None: ...
+    refusals: _containers.ScalarMap[str, int]
+    def __init__(self, step: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., activity: _Optional[str] = ..., samples: _Optional[int] = ..., eval_loss: _Optional[float] = ..., privacy_epsilon: _Optional[float] = ..., spread: _Optional[float] = ..., refusals: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "last_round", "metrics", "state_digest")

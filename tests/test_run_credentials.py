@@ -370,3 +370,17 @@ def test_refusals_are_counted_in_the_metrics(coordinator):
     families = {f.name: f for f in StatusCollector(coordinator.status).collect()}
     (sample,) = families["loconet_coordinator_refusals"].samples
     assert (sample.labels, sample.value) == ({"reason": "forged-identity"}, 1)
+
+
+def test_what_a_peer_refused_reaches_the_coordinators_metrics(coordinator):
+    from peer.coordinator.dashboard import StatusCollector
+
+    a = join_as(coordinator, "127.0.0.1:11")
+    metrics = pb.PeerMetrics(refusals={"unauthenticated": 3, "fetch_refused": 1})
+    with blocking_channel(coordinator.address, auth=a) as channel:
+        pb_grpc.CoordinatorStub(channel).Heartbeat(
+            pb.HeartbeatRequest(run_id=RUN, peer_id=a.peer_id, metrics=metrics), timeout=10
+        )
+    families = {f.name: f for f in StatusCollector(coordinator.status).collect()}
+    got = {(s.labels["peer"], s.labels["kind"]): s.value for s in families["loconet_peer_refusals"].samples}
+    assert got == {(a.peer_id, "fetch_refused"): 1, (a.peer_id, "unauthenticated"): 3}

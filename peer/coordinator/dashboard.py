@@ -209,6 +209,10 @@ class StatusCollector(Collector):
             "bytes_received": (CounterMetricFamily, "loconet_peer_bytes_received", "Bytes a peer has received."),
         }
         built = {field: kind(name, doc, labels=["peer"]) for field, (kind, name, doc) in families.items()}
+        refusals = CounterMetricFamily(
+            "loconet_peer_refusals", "Calls a peer refused or cut off, by kind (caps, silent streams, rounds not "
+            "open, no valid credential, refused or stalled state fetches).", labels=["peer", "kind"],
+        )
         for peer in peers:
             peer_id = str(peer.get("peer_id", ""))
             info.add_metric(
@@ -225,8 +229,13 @@ class StatusCollector(Collector):
                 number = _number(peer.get(field))
                 if number is not None:
                     family.add_metric([peer_id], number)
+            for kind, count in sorted((peer.get("refusals") or {}).items()):
+                number = _number(count)
+                if number is not None:
+                    refusals.add_metric([peer_id, str(kind)], number)
         yield info
         yield from built.values()
+        yield refusals
 
     @staticmethod
     def _round_metrics(rounds: list[dict]) -> Iterator[Metric]:

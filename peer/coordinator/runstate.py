@@ -49,6 +49,8 @@ class PeerRecord:
     bytes_received: int = 0
     activity: str = ""
     codecs: tuple[str, ...] = ()
+    # Calls the peer refused or cut off, by kind (its heartbeats say; docs/security.md).
+    refusals: dict[str, int] = field(default_factory=dict)
     # With a run secret: the Ed25519 key the peer's credential binds its id to (collectives.credentials).
     public_key: bytes = field(default=b"", repr=False)
 
@@ -409,6 +411,7 @@ class RunState:
                     "last_round": p.last_round,
                     "in_last_round": p.peer_id in self.last_round_members,
                     "activity": p.activity,
+                    "refusals": dict(p.refusals),
                     "joined_at": p.joined_at,
                 }
                 for p in peers

@@ -517,6 +517,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         peer.bytes_sent = m.bytes_sent
         peer.bytes_received = m.bytes_received
         peer.activity = m.activity[:64]
+        # At most a few kinds (the peer's own names), each a short string: a peer cannot grow this.
+        peer.refusals = {kind[:32]: count for kind, count in sorted(m.refusals.items())[:16]}
         self.state.record_metrics(peer)
         if req.last_round >= self.state.last_committed_round:
             # Only an up-to-date peer says where the run's training is (a late one is behind by definition);
