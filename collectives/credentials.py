@@ -77,8 +77,9 @@ def load_secret(token_file: str | None, environ: Mapping[str, str] | None = None
                 secret = f.read().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read the run token file {token_file}: {exc.strerror}; check the path") from exc
-        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("the run token file %s is readable by other users; chmod 600 it", token_file)
+        if info.st_mode & stat.S_IRWXO:
+            # Group access is allowed: a Kubernetes Secret mounted for a non-root user is 0440.
+            log.warning("the run token file %s is readable by every user; chmod 600 (or 640) it", token_file)
         where = f"the run token file {token_file}"
     elif environ.get(TOKEN_ENV):
         secret = environ[TOKEN_ENV].strip().encode()

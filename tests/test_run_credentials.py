@@ -200,6 +200,7 @@ def test_every_coordinator_rpc_refuses_a_caller_without_the_runs_credential(coor
         getattr(pb_grpc.CoordinatorStub(channel), name)(coordinator_request(name), timeout=10)
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     after = coordinator.status()
+    assert after["refusals"] == {"unauthenticated": 1}
     assert after["peers"] == before["peers"] == []
     assert [e["kind"] for e in after["events"]] == [e["kind"] for e in before["events"]]
 

@@ -166,8 +166,9 @@ def read_token_file(path: str) -> str:
             raw = f.read().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read the dashboard token file {path}: {exc.strerror}; check the path") from exc
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("the dashboard token file %s is readable by other users; chmod 600 it", path)
+    if info.st_mode & stat.S_IRWXO:
+        # Group access is allowed: a Kubernetes Secret mounted for a non-root user is 0440.
+        log.warning("the dashboard token file %s is readable by every user; chmod 600 (or 640) it", path)
     try:
         token = raw.decode("ascii")
     except UnicodeDecodeError:

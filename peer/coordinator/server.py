@@ -16,7 +16,7 @@ import grpc
 
 from collectives.addresses import advertised_address, format_address, split_address
 from collectives.errors import AddressInUse
-from collectives.rpc import COORDINATOR_SETTINGS, RpcSettings, bind, make_server
+from collectives.rpc import COORDINATOR_SETTINGS, RunAuthInterceptor, RpcSettings, bind, make_server
 from peer.coordinator.limits import RateLimitInterceptor
 from peer.coordinator.service import Coordinator, CoordinatorConfig
 from protos import membership_pb2 as pb
@@ -76,9 +76,13 @@ class CoordinatorServer:
 
         # Read before anything listens: a bad token file must not leave a half-started coordinator.
         token = read_token_file(self.config.dashboard_token_file) if self.config.dashboard_token_file else None
+        # The run secret is checked first (a caller without it spends nothing, not even its rate), then the rate.
+        first = () if self.coordinator.auth is None else (RunAuthInterceptor(self.coordinator.auth),)
+        if first:
+            self.coordinator.unauthenticated = lambda: first[0].refused
         server = make_server(
             self.settings, role="coordinator", handlers=(strict_handlers(self.coordinator),),
-            auth=self.coordinator.auth, interceptors=(self.rate_limits,),
+            interceptors=(*first, self.rate_limits),
         )
         self.bound_address = bind(
             server, self.config.host, self.config.port, settings=self.settings,

@@ -110,6 +110,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.refusals: dict[str, int] = {}
         # Calls refused for their client's rate, by method (set by the server that runs the limits).
         self.rate_limited: Callable[[], dict[str, int]] = dict
+        # Calls refused for lacking the run's secret (counted by the server's interceptor, which sets this).
+        self.unauthenticated: Callable[[], int] = int
         self._started = time.monotonic()
         # Whether the run is known to be under way: a peer registered by an earlier coordinator
         # has called, or the state file says the run was founded (see join_action).
@@ -685,7 +687,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def status(self) -> dict:
         """The status document (call on the coordinator's loop)."""
         doc = self.state.status(self.address, VERSION)
-        doc["refusals"] = dict(sorted(self.refusals.items()))
+        refusals = dict(self.refusals)
+        if self.unauthenticated():
+            refusals["unauthenticated"] = self.unauthenticated()
+        doc["refusals"] = dict(sorted(refusals.items()))
         doc["rate_limited"] = self.rate_limited()
         return doc
 
