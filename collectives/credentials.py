@@ -67,19 +67,26 @@ MAX_ID_CHARS = 256
 MAX_TRUSTED_ISSUERS = 4
 
 
+def read_secret_file(path: str, what: str) -> bytes:
+    """The secret in the file at path, surrounding whitespace stripped (what: how errors name it); ConfigError when
+    unreadable, and a warning when every user may read it."""
+    try:
+        info = os.stat(path)
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}; check the path") from exc
+    if info.st_mode & stat.S_IRWXO:
+        # Group access is allowed: a Kubernetes Secret mounted for a non-root user is 0440.
+        log.warning("%s %s is readable by every user; chmod 600 (or 640) it", what, path)
+    return secret
+
+
 def load_secret(token_file: str | None, environ: Mapping[str, str] | None = None) -> bytes | None:
     """The run secret from token_file, else from LOCONET_TOKEN; None when neither is set."""
     environ = os.environ if environ is None else environ
     if token_file:
-        try:
-            info = os.stat(token_file)
-            with open(token_file, "rb") as f:
-                secret = f.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the run token file {token_file}: {exc.strerror}; check the path") from exc
-        if info.st_mode & stat.S_IRWXO:
-            # Group access is allowed: a Kubernetes Secret mounted for a non-root user is 0440.
-            log.warning("the run token file %s is readable by every user; chmod 600 (or 640) it", token_file)
+        secret = read_secret_file(token_file, "the run token file")
         where = f"the run token file {token_file}"
     elif environ.get(TOKEN_ENV):
         secret = environ[TOKEN_ENV].strip().encode()

@@ -28,7 +28,7 @@ from protos import membership_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.browser import NO_CHROMIUM, DomIndex, chromium_path, run_chromium
-from support.coordinator import RUN, Live, digest
+from support.coordinator import RUN, Live, digest, live_coordinators
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,15 +41,8 @@ DEFAULTS = {
 @pytest.fixture
 def coordinator() -> Iterator[Callable[..., Live]]:
     """Factory of fresh coordinators (DEFAULTS overridden by keywords), all stopped after the test."""
-    made: list[Live] = []
-
-    def start(**settings) -> Live:
-        made.append(Live(CoordinatorConfig(**{**DEFAULTS, **settings})))
-        return made[-1]
-
-    yield start
-    for c in reversed(made):
-        c.close()
+    with live_coordinators(DEFAULTS) as start:
+        yield start
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:

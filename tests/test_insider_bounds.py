@@ -14,12 +14,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.rules import MAX_CLAIM, claim_verdict, majority_round
 from peer.coordinator.runstate import CommittedRound, RunState
 
 sys.path.insert(0, str(Path(__file__).parent))
-from support.coordinator import RUN, Live, digest
+from support.coordinator import RUN, Live, digest, live_coordinators
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,15 +94,9 @@ DEFAULTS = {
 
 @pytest.fixture
 def coordinator() -> Iterator[Callable[..., Live]]:
-    made: list[Live] = []
-
-    def start(**settings) -> Live:
-        made.append(Live(CoordinatorConfig(**{**DEFAULTS, **settings})))
-        return made[-1]
-
-    yield start
-    for c in reversed(made):
-        c.close()
+    """Factory of fresh coordinators (DEFAULTS overridden by keywords), all stopped after the test."""
+    with live_coordinators(DEFAULTS) as start:
+        yield start
 
 
 def two_peers_at_round_2(c: Live) -> tuple[str, str]:

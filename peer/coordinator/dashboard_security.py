@@ -32,12 +32,11 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-import os
 import re
-import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from collectives.credentials import read_secret_file
 from collectives.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -160,15 +159,7 @@ def host_allowed(host_header: str | None, names: frozenset[str]) -> bool:
 
 def read_token_file(path: str) -> str:
     """The dashboard token in path (surrounding whitespace stripped); ConfigError when unreadable, short or odd."""
-    try:
-        info = os.stat(path)
-        with open(path, "rb") as f:
-            raw = f.read().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the dashboard token file {path}: {exc.strerror}; check the path") from exc
-    if info.st_mode & stat.S_IRWXO:
-        # Group access is allowed: a Kubernetes Secret mounted for a non-root user is 0440.
-        log.warning("the dashboard token file %s is readable by every user; chmod 600 (or 640) it", path)
+    raw = read_secret_file(path, "the dashboard token file")
     try:
         token = raw.decode("ascii")
     except UnicodeDecodeError:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -14,7 +15,7 @@ from peer.coordinator.thread import CoordinatorThread
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 
-__all__ = ["RUN", "CoordinatorThread", "Live", "digest", "run_workers"]
+__all__ = ["RUN", "CoordinatorThread", "Live", "digest", "live_coordinators", "run_workers"]
 
 # The run of a Live coordinator's made-up peers.
 RUN = "durable"
@@ -82,3 +83,19 @@ class Live:
             self.closed = True
             self.channel.close()
             self.thread.close()
+
+
+@contextlib.contextmanager
+def live_coordinators(defaults: dict) -> Iterator[Callable[..., Live]]:
+    """A factory of Live coordinators (defaults overridden by keywords); all are stopped on leaving."""
+    made: list[Live] = []
+
+    def start(**settings) -> Live:
+        made.append(Live(CoordinatorConfig(**{**defaults, **settings})))
+        return made[-1]
+
+    try:
+        yield start
+    finally:
+        for c in reversed(made):
+            c.close()
