@@ -45,6 +45,7 @@ from collectives.stateformat import (
     _Layout,
     _parse_chunk,
     _Receiver,
+    manifest_digest,
 )
 from collectives.transport import Transport, identity
 from protos import state_pb2 as pb
@@ -383,10 +384,10 @@ class _Fetch:
         expect = self.expect
         if expect is not None and expect.round_id and manifest.round_id != expect.round_id:
             raise _Mismatch(f"it serves round {manifest.round_id}, not the expected round {expect.round_id}")
-        if expect is not None and expect.sha256_hex and manifest.sha256.hex() != expect.sha256_hex:
+        if expect is not None and expect.sha256_hex and (served := manifest_digest(manifest)) != expect.sha256_hex:
             raise _Mismatch(
-                f"its state of round {manifest.round_id} has SHA-256 {manifest.sha256.hex()[:16]}..., not the "
-                f"expected {expect.sha256_hex[:16]}..."
+                f"its state of round {manifest.round_id} has digest {served[:16]}..., not the expected "
+                f"{expect.sha256_hex[:16]}..."
             )
         self.manifest, self.manifest_source, self.layout = manifest, source, layout
         self.receiver = _Receiver(layout)

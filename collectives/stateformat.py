@@ -29,14 +29,14 @@ import bisect
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from collectives.errors import ConfigError, LoconetError
-from collectives.wire import encode_varint, read_varint
+from collectives.wire import encode_varint, read_key, read_varint
 from protos import state_pb2 as pb
 
 SERVICE = "loconet.state.v1.StateSync"
@@ -192,12 +192,29 @@ def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
+def layout_digest(entries: Iterable[tuple[str, str, Sequence[int]]], bytes_sha256: bytes) -> str:
+    """The run's digest of a state (hex): SHA-256 over its tensors' names, dtypes and shapes in order, and the
+    SHA-256 of their concatenated bytes. The layout is in it so that a donor cannot serve the right bytes under
+    swapped names (two same-sized layers exchanged)."""
+    h = hashlib.sha256(b"loconet-state/v2\n")
+    for name, dtype, shape in entries:
+        h.update(json.dumps([name, dtype, [int(d) for d in shape]]).encode() + b"\n")
+    h.update(bytes_sha256)
+    return h.hexdigest()
+
+
 def state_digest(snapshot: StateSnapshot) -> str:
-    """Hex SHA-256 of the snapshot's tensor bytes in manifest order (what the manifest carries)."""
+    """The run's digest of a snapshot (layout_digest of its tensors, in manifest order)."""
     h = hashlib.sha256()
     for t in snapshot.tensors.values():
         h.update(_tensor_bytes(t))
-    return h.hexdigest()
+    entries = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in snapshot.tensors.items()]
+    return layout_digest(entries, h.digest())
+
+
+def manifest_digest(manifest: pb.StateManifest) -> str:
+    """The run's digest of the state a manifest announces (what state_digest gives for that snapshot)."""
+    return layout_digest(((e.name, e.dtype, tuple(e.shape)) for e in manifest.tensors), manifest.sha256)
 
 
 @dataclass
@@ -316,10 +333,8 @@ def _parse_chunk(raw: bytes) -> tuple[memoryview | None, int, memoryview]:
     pos, seen = 0, set()
     manifest, offset, data = None, 0, memoryview(b"")
     while pos < len(buf):
-        key, pos = read_varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if number == 0:
-            raise ValueError("field number 0")
+        # Field numbers beyond protobuf's range and overlong keys are refused (ProtocolError), as protobuf does.
+        number, wire, pos = read_key(buf, pos)
         if number in _KNOWN_WIRE:
             if wire != _KNOWN_WIRE[number]:
                 raise ValueError(f"field {number} has wire type {wire}")

@@ -37,6 +37,7 @@ from collectives.stateformat import (
     StateSnapshot,
     StateSyncConfig,
     StateSyncError,
+    manifest_digest,
     state_digest,
 )
 from collectives.stateserver import StateServer
@@ -56,5 +57,6 @@ __all__ = [
     "StateSyncError",
     "fetch_state",
     "fetch_state_async",
+    "manifest_digest",
     "state_digest",
 ]

@@ -20,10 +20,19 @@ _WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
 _PAYLOAD_KEY = bytes([(PAYLOAD_FIELD << 3) | _WIRE_LEN])
 # The header of a chunk is a handful of small fields; anything bigger is an attack or a bug.
 MAX_HEADER_BYTES = 4096
+# Protobuf varints carry at most 64 bits.
+_VARINT_LIMIT = 1 << 64
+# A field's key (number << 3 | wire type) is a varint of at most 5 bytes, its number 1 .. 2**29 - 1: protobuf
+# refuses a message with any other, so the hand-written decoders here refuse it too.
+MAX_FIELD_NUMBER = (1 << 29) - 1
+_MAX_KEY_BYTES = 5
 
 
 def encode_varint(value: int) -> bytes:
-    """Protobuf base-128 varint of a non-negative integer."""
+    """Protobuf base-128 varint of an integer in [0, 2**64); ValueError otherwise."""
+    # A negative value would never reach zero by shifting (an endless loop), a larger one no reader accepts.
+    if not 0 <= value < _VARINT_LIMIT:
+        raise ValueError(f"a varint holds an integer in [0, 2**64), got {value}")
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -47,10 +56,24 @@ def read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         pos += 1
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
+            if result >= _VARINT_LIMIT:
+                # A 10th byte above 1: bits beyond 64, which no protobuf field has.
+                raise ProtocolError("a varint exceeds 64 bits")
             return result, pos
         shift += 7
         if shift >= 64:
             raise ProtocolError("varint longer than 10 bytes in a PartChunk")
+
+
+def read_key(buf: memoryview, pos: int) -> tuple[int, int, int]:
+    """Decode the field key at pos; return (field number, wire type, next position). ProtocolError if malformed."""
+    key, after = read_varint(buf, pos)
+    if after - pos > _MAX_KEY_BYTES:
+        raise ProtocolError(f"a field key of {after - pos} bytes (protobuf allows {_MAX_KEY_BYTES})")
+    field = key >> 3
+    if not 0 < field <= MAX_FIELD_NUMBER:
+        raise ProtocolError(f"field number {field} is outside protobuf's 1 .. 2**29 - 1")
+    return field, key & 7, after
 
 
 def encode_chunk(header: pb.PartChunk, payload: bytes | memoryview) -> bytes:
@@ -69,10 +92,7 @@ def decode_chunk(data: bytes) -> tuple[pb.PartChunk, memoryview]:
     payload: memoryview | None = None
     while pos < end:
         field_start = pos
-        key, pos = read_varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if field == 0:
-            raise ProtocolError("field number 0 in a PartChunk")
+        field, wire, pos = read_key(buf, pos)
         if wire == _WIRE_VARINT:
             _, pos = read_varint(buf, pos)
         elif wire == _WIRE_I64:

@@ -633,6 +633,13 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         """fut's result, or the 'no quorum' refusal once the Quorum call has waited quorum_timeout_s."""
         try:
             return await asyncio.wait_for(asyncio.shield(fut), max(0.0, give_up - time.monotonic()))
+        except asyncio.CancelledError:
+            if not fut.cancelled():
+                raise  # this handler itself is being cancelled (the caller went away, or the server stops)
+            # The same peer asked again (Quorums.enqueue keeps its newest request): this call gets a status.
+            raise BadRequest(
+                grpc.StatusCode.ABORTED, "superseded by a newer Quorum request from the same peer"
+            ) from None
         except TimeoutError:
             self.quorums.withdraw(peer_id, fut)
             alive = len([p for p in self.state.alive_peers() if p.has_state])
