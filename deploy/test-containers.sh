@@ -20,8 +20,8 @@
 # so a second run skips steps 3 and 4. LOCONET_CONTAINERS_KEEP=1 keeps the work folder and its logs.
 #
 # Environment: PYTHON (the interpreter that wheels loconet; default python3), LOCONET_CONTAINERS_BUDGET_S
-# (the whole budget, default 600), LOCONET_CONTAINERS_PREPARE_ONLY=1 (stop once the tools, the base image and the
-# wheels are ready: .ci/run does that beside the test suite), LOCONET_DEPLOY_SECURE (1: token and TLS, 0: without them, auto (default):
+# (the whole budget, default 600), LOCONET_CONTAINERS_PREPARE_ONLY=1 (stop once the tools, the base image, the
+# wheels and the image are ready: .ci/run does that beside the test suite), LOCONET_DEPLOY_SECURE (1: token and TLS, 0: without them, auto (default):
 # with them when the image has `loconet certs`), LOCONET_TORCH (default torch==2.13.0), LOCONET_DEBIAN_MIRROR.
 set -euo pipefail
 
@@ -188,11 +188,6 @@ fi
 phase_done base_image
 wait "$WHEELS_PID" || abort "pip wheel" "$WORK/logs/wheels.log"
 phase_done wheels
-if [ "${LOCONET_CONTAINERS_PREPARE_ONLY:-0}" = 1 ]; then
-    # CI starts this part (mostly downloads and unpacking) beside the test suite; the test proper runs after.
-    log "prepared the tools, the base image and the wheels"
-    exit 0
-fi
 
 # -- 4. the image ----------------------------------------------------------------------------------
 KEY=$(json_field image_key "$("${KIT[@]}" image-key "$DEPLOY/.wheels" "$DEPLOY/Dockerfile" "$DEPLOY/healthcheck.py")")
@@ -214,6 +209,11 @@ IMAGE_USER=$(podman image inspect --format '{{.Config.User}}' "$IMAGE")
 log "image $IMAGE: ${IMAGE_MB} MB (${BASE_MB} MB of it the base image), user $IMAGE_USER"
 case $IMAGE_USER in 0 | 0:* | root | root:* | "") fail "the image runs as root (user '$IMAGE_USER')" ;; esac
 phase_done image_build
+if [ "${LOCONET_CONTAINERS_PREPARE_ONLY:-0}" = 1 ]; then
+    # CI starts this part (downloads, unpacking, the build) beside the test suite; the test proper runs after.
+    log "prepared the tools, the base image, the wheels and the image"
+    exit 0
+fi
 
 # -- 5. compose: 3 peers, one SIGKILLed ------------------------------------------------------------
 if [ "$SECURE" = auto ]; then
