@@ -301,7 +301,7 @@ def test_the_secret_alone_cannot_call_as_a_joined_peer(coordinator):
 
 def test_a_state_fetch_naming_another_peer_is_refused_and_ones_own_is_served(coordinator):
     a, b = join_as(coordinator, "127.0.0.1:11"), join_as(coordinator, "127.0.0.1:12")
-    donor_auth = CallAuth(SECRET, RUN, issuers=(coordinator.server.coordinator.issuer.public_key,))
+    donor_auth = CallAuth(SECRET, RUN, issuers=(coordinator.server.coordinator.callers.issuer.public_key,))
     donor = Transport(TransportConfig(), auth=donor_auth)
     state = StateServer(donor, RUN, lambda: StateSnapshot(0, {"w": torch.ones(4)}))
     donor.start(state.handlers())

@@ -34,8 +34,6 @@ from collections.abc import Callable
 
 import grpc
 
-from collectives.credentials import ForeignCredential, Issuer, carries_credential, load_issuer_key, verify_caller
-from collectives.errors import Unauthenticated
 from collectives.membership import NO_QUORUM
 from collectives.rpc import health_check
 from peer.coordinator.config import CoordinatorConfig
@@ -48,6 +46,7 @@ from peer.coordinator.durable import (
     short,
     wait_reason,
 )
+from peer.coordinator.identity import Callers, Rejoin
 from peer.coordinator.quorum import BadRequest, Quorums
 from peer.coordinator.rules import (
     Decision,
@@ -78,13 +77,6 @@ MAX_PEER_ID_CHARS = 100
 MAX_TEXT_CHARS = 2000
 MAX_TAG_CHARS = 200
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
-
-
-class _Rejoin(Exception):
-    """A call with a credential of an earlier coordinator: the peer is told to join again."""
-
-
 # CoordinatorConfig lives in peer/coordinator/config.py, BadRequest in quorum.py; importing them from here still works.
 __all__ = ["VERSION", "BadRequest", "Coordinator", "CoordinatorConfig"]
 
@@ -103,9 +95,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         # With a run secret (--token-file): the run-secret checks, and the key that signs peer credentials (kept
         # beside the state file, so a restarted coordinator still recognises the credentials it issued).
         self.auth = config.security.call_auth(config.run_id)
-        self.issuer: Issuer | None = None
-        if self.auth is not None:
-            self.issuer = Issuer(load_issuer_key(config.state_file + ".key") if config.state_file else None)
+        self.callers = Callers(config, self.auth, self.state, self._refuse)
         # Calls refused, by reason (the metrics): unauthenticated, forged peer ids, absurd claims, a full run.
         self.refusals: dict[str, int] = {}
         # Calls refused for their client's rate, by method (set by the server that runs the limits).
@@ -210,12 +200,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     # -- RPCs ---------------------------------------------------------------------------
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
-        return await self._answer(context, lambda req: self._join(req, self._rejoin_proof(context, req)), request)
+        return await self._answer(context, lambda req: self._join(req, self.callers.joiner_key(context, req)), request)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
         try:
-            self._identify(context, "Heartbeat", request.peer_id)
-        except _Rejoin:
+            self.callers.identify(context, "Heartbeat", request.peer_id)
+        except Rejoin:
             return pb.HeartbeatResponse(known=False, epoch=self.state.epoch)
         except BadRequest as exc:
             await context.abort(exc.code, str(exc))
@@ -238,7 +228,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         names the RPC; a BadRequest becomes the call's status."""
         try:
             if identify:
-                self._identify(context, identify, request.peer_id)
+                self.callers.identify(context, identify, request.peer_id)
             result = handler(request)
             if asyncio.iscoroutine(result):
                 result = await result
@@ -246,72 +236,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         except BadRequest as exc:
             await context.abort(exc.code, str(exc))
 
-    # -- identity (with a run secret) ------------------------------------------------------------
-
     def _refuse(self, kind: str, code: grpc.StatusCode, why: str) -> BadRequest:
+        """A refusal of this kind, counted for the metrics (refusals in the status)."""
         self.refusals[kind] = self.refusals.get(kind, 0) + 1
         return BadRequest(code, why)
-
-    def _credential(self, context: grpc.aio.ServicerContext, rpc: str) -> pb.PeerCredential | None:
-        """The caller's verified credential (None without a run secret or when it sends none); raises _Rejoin for
-        a credential of another coordinator, BadRequest(UNAUTHENTICATED) for a bad one."""
-        if self.auth is None or self.issuer is None:
-            return None
-        metadata = context.invocation_metadata()
-        if not carries_credential(metadata):
-            return None
-        method = f"/{SERVICE_NAME}/{rpc}"
-        try:
-            claim = self.auth.check(method, metadata)
-            return verify_caller(metadata, method, self.config.run_id, (self.issuer.public_key,), claim)
-        except ForeignCredential:
-            raise _Rejoin() from None
-        except Unauthenticated as exc:
-            raise self._refuse("forged-identity", grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
-
-    def _identify(self, context: grpc.aio.ServicerContext, rpc: str, peer_id: str) -> None:
-        """With a run secret: the call must be signed by the key this coordinator bound peer_id to."""
-        try:
-            cred = self._credential(context, rpc)
-        except _Rejoin:
-            if rpc == "Heartbeat":
-                raise
-            raise BadRequest(grpc.StatusCode.NOT_FOUND, "credential of an earlier coordinator: join again") from None
-        if cred is None:
-            if self.auth is not None:
-                raise self._refuse(
-                    "forged-identity", grpc.StatusCode.UNAUTHENTICATED, f"{rpc} needs the peer's credential: join first"
-                )
-            return
-        if cred.peer_id != peer_id:
-            raise self._refuse(
-                "forged-identity", grpc.StatusCode.UNAUTHENTICATED,
-                f"the call's credential is peer {cred.peer_id[:100]!r}'s, not {peer_id[:100]!r}'s",
-            )
-        record = self.state.peers.get(peer_id)
-        if record is not None and record.public_key != cred.public_key:
-            # The id was given to another process since (this credential is an old one): not this caller's.
-            raise self._refuse(
-                "forged-identity", grpc.StatusCode.UNAUTHENTICATED, f"peer id {peer_id[:100]!r} belongs to another key"
-            )
-
-    def _rejoin_proof(self, context: grpc.aio.ServicerContext, req: pb.JoinRequest) -> bytes | None:
-        """With a run secret: the key a joiner proves it holds (its request's public key, 32 bytes), after checking
-        that a credential it sends, if any, is valid; None without a run secret."""
-        if self.auth is None:
-            return None
-        if len(req.public_key) != 32:
-            raise self._refuse(
-                "forged-identity", grpc.StatusCode.UNAUTHENTICATED,
-                "this run needs the joiner's public key: upgrade the peer, or give it the run's --token-file",
-            )
-        try:
-            cred = self._credential(context, "Join")
-        except _Rejoin:
-            cred = None
-        if cred is not None and cred.public_key != req.public_key:
-            raise self._refuse("forged-identity", grpc.StatusCode.UNAUTHENTICATED, "the join's key is not its credential's")
-        return req.public_key
 
     def _join(self, req: pb.JoinRequest, key: bytes | None = None) -> pb.JoinResponse:
         """Register a peer (key: with a run secret, the public key it proved; its credential binds the id to it)."""
@@ -437,7 +365,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             missed=missed,
             state_digest=s.last_digest,
             sync_sources=[p.address for p in sources],
-            credential=None if key is None else self.issuer.issue(self.config.run_id, peer_id, address, key),
+            credential=None if key is None else self.callers.issue(peer_id, address, key),
         )
 
     def _sources(self, peer_id: str, count: bool = True) -> tuple[PeerView, ...]:
