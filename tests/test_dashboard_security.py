@@ -4,13 +4,10 @@ headers on every answer, bounded connections, and TLS."""
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import http.client
 import inspect
-import ipaddress
 import logging
-import os
 import re
 import socket
 import ssl
@@ -23,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from collectives.errors import ConfigError
+from peer.certs import CertsConfig, make_certs
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.dashboard import DashboardServer
 from peer.coordinator.dashboard_security import (
@@ -420,78 +418,50 @@ def test_connections_beyond_the_bound_are_closed_at_once(serve):
 
 
 @pytest.fixture(scope="module")
-def self_signed(tmp_path_factory) -> tuple[str, str]:
-    """A self-signed certificate for localhost and 127.0.0.1, and its key (PEM paths)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    out = tmp_path_factory.mktemp("tls")
-    cert_path, key_path = out / "dashboard.pem", out / "dashboard.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    os.chmod(key_path, 0o600)
-    return str(cert_path), str(key_path)
+def self_signed(tmp_path_factory) -> tuple[str, str, str]:
+    """A certificate for localhost and 127.0.0.1, its key, and the CA that signed it (PEM paths; loconet certs)."""
+    made = make_certs(CertsConfig(out=str(tmp_path_factory.mktemp("tls")), hosts=("dashboard",), local=True))
+    ((cert, key),) = made.hosts
+    return str(cert), str(key), str(made.ca_cert)
 
 
 def test_tls_serves_https_that_verifies_against_the_certificate(serve, self_signed):
-    cert, key = self_signed
+    cert, key, ca = self_signed
     url = serve(tls_cert=cert, tls_key=key).url
     assert url.startswith("https://127.0.0.1:")
-    answer = request(url, tls=ssl.create_default_context(cafile=cert))
+    answer = request(url, tls=ssl.create_default_context(cafile=ca))
     assert answer.status == 200
     assert answer.headers["X-Frame-Options"] == "DENY"
 
 
 def test_tls_session_cookie_is_secure(serve, self_signed):
-    cert, key = self_signed
+    cert, key, ca = self_signed
     url = serve(tls_cert=cert, tls_key=key, token=TOKEN).url
-    answer = request(url, path=f"/?token={TOKEN}", tls=ssl.create_default_context(cafile=cert))
+    answer = request(url, path=f"/?token={TOKEN}", tls=ssl.create_default_context(cafile=ca))
     (cookie,) = answer.cookies
     assert "Secure" in [part.strip() for part in cookie.split(";")]
 
 
 def test_tls_refuses_a_client_that_does_not_trust_the_certificate(serve, self_signed):
-    cert, key = self_signed
+    cert, key, _ = self_signed
     url = serve(tls_cert=cert, tls_key=key).url
     with pytest.raises(ssl.SSLCertVerificationError):
         request(url, tls=ssl.create_default_context())
 
 
 def test_a_client_that_never_starts_its_handshake_holds_up_nobody(serve, self_signed):
-    cert, key = self_signed
+    cert, key, ca = self_signed
     url = serve(tls_cert=cert, tls_key=key).url
     with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10):
-        assert request(url, tls=ssl.create_default_context(cafile=cert)).status == 200
+        assert request(url, tls=ssl.create_default_context(cafile=ca)).status == 200
 
 
 def test_plain_http_to_a_tls_dashboard_gets_no_answer_and_it_keeps_serving(serve, self_signed):
-    cert, key = self_signed
+    cert, key, ca = self_signed
     url = serve(tls_cert=cert, tls_key=key).url
     with pytest.raises((http.client.HTTPException, OSError)):
         request(url.replace("https://", "http://"))
-    assert request(url, tls=ssl.create_default_context(cafile=cert)).status == 200
+    assert request(url, tls=ssl.create_default_context(cafile=ca)).status == 200
 
 
 @pytest.mark.parametrize(
