@@ -190,10 +190,6 @@ class Issuer:
         self._key = Ed25519PrivateKey.from_private_bytes(private_key) if private_key else Ed25519PrivateKey.generate()
         self.public_key = self._key.public_key().public_bytes_raw()
 
-    def private_bytes(self) -> bytes:
-        """The raw private key (to keep in the coordinator's state file, so a restart keeps credentials valid)."""
-        return self._key.private_bytes_raw()
-
     def issue(self, run_id: str, peer_id: str, address: str, public_key: bytes) -> pb.PeerCredential:
         """A credential binding peer_id (at address, in run_id) to public_key, signed by this coordinator."""
         if len(public_key) != 32:
