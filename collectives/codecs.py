@@ -29,6 +29,14 @@ Wire layouts (``n`` elements, ``B`` = block size, ``nb = ceil(n / B)``):
 
 ``n == 0`` encodes to an empty payload (a frame of zero bytes with zstd).
 
+Codecs are registered by name (:func:`register_codec`: one module plus one
+line; the built-ins at the top of this module). ``topk`` is the sparse codec
+of :mod:`collectives.sparse` (``topk/N`` keeps 1 entry in N per block, its
+payloads are self-describing and variable in size; it asks its senders for
+error feedback with ``NEEDS_FEEDBACK`` and codes the all-gather's reduced
+parts with :meth:`Codec.encode_reduced`). What follows is about the dense
+codecs of ``CODEC_NAMES``.
+
 Encoding refuses NaN/Inf (:class:`NonFiniteError`) and values the format cannot
 hold (fp16 beyond 65504, bf16 beyond 3.39e38, int8/int4 blocks whose scale would
 exceed ``FLT_MAX / 128`` or ``FLT_MAX / 8``). Decoding treats the payload as
@@ -52,6 +60,7 @@ per-thread scratch buffers instead of allocating per call.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import sys
@@ -71,11 +80,18 @@ __all__ = [
     "CODEC_NAMES",
     "Codec",
     "CodecConfig",
+    "CodecKind",
     "check_finite",
+    "codec_kind",
+    "codec_names",
     "error_bound",
     "make_codec",
+    "needs_feedback",
+    "register_codec",
 ]
 
+# The built-in dense codecs: element-wise or block quantisers with a device encoder and an error bound.
+# Every codec a spec may name, these and the registered ones (the sparse ``topk``), is in codec_names().
 CODEC_NAMES = ("none", "fp16", "bf16", "int8", "int4")
 DEFAULT_BLOCK_SIZE = 64
 MAX_BLOCK_SIZE = 1 << 20
@@ -106,6 +122,74 @@ warnings.filterwarnings("ignore", message=_READ_ONLY_WARNING, category=UserWarni
 _SPEC_RE = re.compile(r"(?P<name>[a-z0-9]+)(?:/(?P<block>[0-9]+))?(?P<zstd>\+zstd(?P<level>[0-9]+)?)?")
 
 
+@dataclass(frozen=True)
+class CodecKind:
+    """A registered codec: its name, its class (or ``"module:Class"``, imported on first use, so a codec module
+    may import this one), what ``/N`` means for it (None: it takes none), and whether ``+zstd`` applies."""
+
+    name: str
+    factory: type[Codec] | str
+    param: str | None = None
+    zstd: bool = True
+
+    def load(self) -> type[Codec]:
+        """The codec class (imports its module the first time)."""
+        if isinstance(self.factory, str):
+            module, _, attr = self.factory.partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return self.factory
+
+
+# Filled at import time only (the built-ins at the end of this module, a plugin in its own module); read-only after.
+_KINDS: dict[str, CodecKind] = {}
+
+
+def register_codec(name: str, factory: type[Codec] | str, *, param: str | None = None, zstd: bool = True) -> None:
+    """Register a codec under ``name`` for specs and ``--codec``: one module plus this one line.
+
+    ``factory`` is a Codec subclass or ``"package.module:Class"``; ``param`` says what ``NAME/N`` means
+    (stored in ``CodecConfig.block_size``; None: the codec takes no ``/N``); ``zstd``: whether ``+zstd`` applies.
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9]*", name):
+        raise ConfigError(f"codec name {name!r} is invalid: use lowercase letters and digits, starting with a letter")
+    existing = _KINDS.get(name)
+    if existing is not None and existing.factory != factory:
+        raise ConfigError(f"codec name {name!r} is already registered ({existing.factory!r}); choose another name")
+    _KINDS[name] = CodecKind(name, factory, param, zstd)
+
+
+# The built-ins, by "module:Class" so they are known before their classes (and a default CodecConfig) exist.
+for _name in ("none", "fp16", "bf16"):
+    register_codec(_name, "collectives.codecs:_FloatCodec")
+register_codec("int8", "collectives.codecs:_Int8Codec", param="block size")
+register_codec("int4", "collectives.codecs:_Int4Codec", param="block size")
+register_codec("topk", "collectives.sparse:TopKCodec", param="keep 1 in N", zstd=False)
+
+
+def codec_names() -> tuple[str, ...]:
+    """Every codec a spec may name, in registration order."""
+    return tuple(_KINDS)
+
+
+def codec_kind(name: str) -> CodecKind:
+    """The registered codec called name; ConfigError naming the registered ones otherwise."""
+    kind = _KINDS.get(name)
+    if kind is None:
+        raise ConfigError(f"unknown codec {name!r}: use one of {', '.join(_KINDS)}")
+    return kind
+
+
+def needs_feedback(config: CodecConfig | str) -> bool:
+    """Whether a codec drops so much that its senders should keep an error-feedback residual (sparse codecs)."""
+    return codec_kind(_as_config(config).name).load().NEEDS_FEEDBACK
+
+
+def _spec_help() -> str:
+    with_param = [f"{k.name}/N ({k.param})" for k in _KINDS.values() if k.param]
+    return (f"use NAME[/N][+zstd[LEVEL]] with NAME one of {', '.join(_KINDS)}; /N applies to "
+            f"{', '.join(with_param)}; e.g. 'int8', 'int4/128+zstd', 'bf16+zstd3', 'topk/32'")
+
+
 def _check_int(what: str, value: object, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ConfigError(f"codec {what} {value!r} is invalid: use an integer from {lo} to {hi}")
@@ -121,25 +205,27 @@ class CodecConfig:
 
     def __post_init__(self) -> None:
         """Validate every field; ConfigError names the bad value and what is allowed."""
-        if self.name not in CODEC_NAMES:
-            raise ConfigError(f"unknown codec {self.name!r}: use one of {', '.join(CODEC_NAMES)}")
+        kind = codec_kind(self.name)
         _check_int("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
         _check_int("zstd_level", self.zstd_level, 0, MAX_ZSTD_LEVEL)
+        if self.zstd_level and not kind.zstd:
+            raise ConfigError(f"codec {self.name!r} does not take +zstd (its payload is already compact): drop it")
 
     @classmethod
     def parse(cls, text: str) -> "CodecConfig":
-        """Parse ``name[/block][+zstd[level]]`` (e.g. ``int4/128+zstd3``); ConfigError on anything else."""
+        """Parse ``name[/N][+zstd[level]]`` (e.g. ``int4/128+zstd3``, ``topk/32``); ConfigError on anything else."""
         if not isinstance(text, str):
             raise ConfigError(f"codec spec must be a string, got {type(text).__name__}")
         m = _SPEC_RE.fullmatch(text.strip().lower())
-        if m is None or m["name"] not in CODEC_NAMES:
-            raise ConfigError(
-                f"codec spec {text!r} is invalid: use NAME[/BLOCK][+zstd[LEVEL]] with NAME one of "
-                f"{', '.join(CODEC_NAMES)}, e.g. 'int8', 'int4/128+zstd', 'bf16+zstd3'"
-            )
+        if m is None or m["name"] not in _KINDS:
+            raise ConfigError(f"codec spec {text!r} is invalid: {_spec_help()}")
         name = m["name"]
-        if m["block"] is not None and name not in ("int8", "int4"):
-            raise ConfigError(f"codec spec {text!r} is invalid: a /BLOCK size applies only to int8 and int4")
+        if m["block"] is not None and not _KINDS[name].param:
+            with_param = ", ".join(k.name for k in _KINDS.values() if k.param)
+            raise ConfigError(f"codec spec {text!r} is invalid: a /N applies only to {with_param}")
+        if m["zstd"] and not _KINDS[name].zstd:
+            raise ConfigError(f"codec spec {text!r} is invalid: {name} does not take +zstd (its payload is already "
+                              "compact); drop it")
         block = int(m["block"]) if m["block"] is not None else DEFAULT_BLOCK_SIZE
         if m["level"] is not None:
             level = int(m["level"])
@@ -150,9 +236,9 @@ class CodecConfig:
         return cls(name=name, block_size=block, zstd_level=level)
 
     def __str__(self) -> str:
-        """Canonical spec, the inverse of parse(): e.g. ``int4/128+zstd3`` (default block 64 not shown)."""
+        """Canonical spec, the inverse of parse(): e.g. ``int4/128+zstd3`` (the default /64 not shown)."""
         text = self.name
-        if self.name in ("int8", "int4") and self.block_size != DEFAULT_BLOCK_SIZE:
+        if _KINDS[self.name].param and self.block_size != DEFAULT_BLOCK_SIZE:
             text += f"/{self.block_size}"
         if self.zstd_level == 1:
             text += "+zstd"
@@ -225,10 +311,12 @@ class Codec:
     """
 
     config: CodecConfig
+    # A codec that drops most of its input (sparse) sets this: its senders should keep an error-feedback residual.
+    NEEDS_FEEDBACK = False
 
     def __new__(cls, config: CodecConfig | str = CodecConfig()) -> "Codec":
         if cls is Codec:
-            cls = _CODEC_CLASSES[_as_config(config).name]
+            cls = codec_kind(_as_config(config).name).load()
         return super().__new__(cls)
 
     def __init__(self, config: CodecConfig | str = CodecConfig()) -> None:
@@ -251,6 +339,12 @@ class Codec:
         """Upper bound on ``len(encode(x))`` for ``numel`` elements (what a receiver may buffer)."""
         raw = self.raw_size(numel)
         return _zstd_bound(raw) + _ZSTD_FRAME_OVERHEAD if self.config.zstd_level else raw
+
+    def chunk_numel(self, chunk_bytes: int) -> int:
+        """Elements per network chunk so that a chunk's raw payload fits chunk_bytes (whole quantization blocks)."""
+        block = self.config.block_size if self.config.name in ("int8", "int4") else 1
+        per_block = max(1, self.raw_size(block))
+        return max(1, chunk_bytes // per_block) * block
 
     # -- public encode / decode ------------------------------------------------
 
@@ -283,6 +377,13 @@ class Codec:
         if dst is not target:
             target.copy_(dst)
         return out if out is not None else target
+
+    def encode_reduced(self, x: torch.Tensor, *, copy: bool = True) -> bytes | memoryview:
+        """Encode a reduced part for the all-gather (decoded by :meth:`decode` like any payload).
+
+        Dense codecs encode it as any tensor; a sparse codec must not drop what the scatter delivered.
+        """
+        return self.encode(x, copy=copy)
 
     def encode_with_feedback(self, x: torch.Tensor, residual: torch.Tensor, *, copy: bool = True) -> bytes | memoryview:
         """Encode ``x + residual`` and set ``residual`` in place to ``(x + residual) - decoded`` (error feedback).
@@ -666,13 +767,6 @@ class _Int4Codec(_BlockCodec):
             self._scale_segment(o, scales, b0, b1, tail)
 
 
-_CODEC_CLASSES: dict[str, type[Codec]] = {
-    "none": _FloatCodec,
-    "fp16": _FloatCodec,
-    "bf16": _FloatCodec,
-    "int8": _Int8Codec,
-    "int4": _Int4Codec,
-}
 
 
 def make_codec(config: CodecConfig | str) -> Codec:
@@ -695,6 +789,9 @@ def error_bound(config: CodecConfig, x: torch.Tensor) -> torch.Tensor:
     int8/int4: absmax/254 and absmax/14 times (1 + 1e-4), plus 2**-140 for subnormal scales.
     """
     config = _as_config(config)
+    if config.name not in CODEC_NAMES:
+        raise ConfigError(f"codec {config.name!r} has no per-element error bound (it drops entries; error feedback "
+                          f"carries them): bounds exist for {', '.join(CODEC_NAMES)}")
     shape = x.shape
     x = x.detach().float().reshape(-1)
     if config.name == "none":

@@ -11,6 +11,13 @@ where the paper uses 0.9; any registered outer optimizer, see
 ``optimizers/outer_optim.py``), and the local parameters restart from them.
 The inner optimizer's state is kept.
 
+With a sparse codec (``topk``, whose ``NEEDS_FEEDBACK`` is set) each peer
+keeps an error-feedback residual, as in SparseLoCo: what a round did not
+carry of its pseudo-gradient is added to the next one, so the entries the
+codec drops are delayed, not lost. The residual moves on only with a
+committed round; it is this peer's own (not part of the run's state), so a
+resync keeps it and a restart begins without it.
+
 Used like a torch optimizer::
 
     opt = DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=3e-4), peer, sync_every=100)
@@ -33,6 +40,7 @@ from typing import Any
 
 import torch
 
+from collectives.codecs import needs_feedback
 from collectives.errors import ConfigError
 from optimizers.outer import OuterOptimizer, SyncConfig
 from optimizers.peers import SyncPeer
@@ -77,6 +85,9 @@ class DiLoCo(OuterOptimizer):
         self.steps_since_sync = 0
         self.samples_since_sync = 0
         self.last_sync_time = time.monotonic()
+        # Error feedback (sparse codecs): allocated at the first sync, where the contribution is encoded.
+        self.residual: torch.Tensor | None = None
+        self._feedback = needs_feedback(self.codec)
 
     def _stepped(self, samples: int) -> None:
         """Count the step and its samples (this peer's weight in the next round); sync when due."""
@@ -104,12 +115,24 @@ class DiLoCo(OuterOptimizer):
         self._sync_starts()
         weight = self._weight()
         return self._conclude(
-            lambda: self._send(self.tag, weight, wait=True),
+            lambda: self._send(self.tag, weight, wait=True, **self._feedback_args()),
             self.tag,
             started=started,
             label=f"{self.tag} sync at step {self.inner_steps}",
             missed=lambda: self._reset_schedule(keep_samples=True),
         )
+
+    def _feedback_args(self) -> dict[str, Any]:
+        """``residual=`` for the round when the codec wants error feedback (only then: a user's SyncPeer need not
+        take the argument)."""
+        if not self._feedback:
+            return {}
+        if self.residual is None:
+            numel = sum(self.state.params[i].numel() for i in self.round_indices(self.tag))
+            # Where the round encodes the contribution: the model's device when it encodes there, else the host.
+            device = self.state.params[0].device if self.encodes_on_device() else torch.device("cpu")
+            self.residual = torch.zeros(numel, dtype=torch.float32, device=device)
+        return {"residual": self.residual}
 
     def _weight(self) -> float:
         """This peer's weight in the round: the samples it trained on since its last sync."""

@@ -90,9 +90,11 @@ class LocalPeer:
         prepare: Prepare | None = None,
         within: Any = None,
         own_state: bool = False,
+        residual: torch.Tensor | None = None,
     ) -> LocalResult:
         """Return the round's result for a group of one (the codec applied, as a real round's gather does); a run
-        of one is its own group, so ``within`` and ``own_state`` change nothing."""
+        of one is its own group, so ``within`` and ``own_state`` change nothing; its own part is exact (an
+        error-feedback ``residual`` ends at zero) unless the codec is sparse, which codes it as a real round does."""
         round_id = next(self._rounds)
         tensors = list(tensors)
         # On the host, where a real round's owners reduce (a GPU's contribution is copied here).
@@ -104,9 +106,16 @@ class LocalPeer:
             # A NaN input is refused as such (the optimizer restarts from the global state), as without prepare.
             check_finite(flat, "the values to sync (nothing was sent)")
             flat = check_prepared(prepare(plan, flat), flat, round_id)
-        reduced = aggregate_rows(make_aggregator(aggregator or AggregatorConfig()), flat.view(1, -1), [float(weight)])
         c = make_codec(codec or CodecConfig())
-        out = c.decode(c.encode(reduced), reduced.numel())
+        if c.NEEDS_FEEDBACK:  # a sparse codec codes a real owner's own part too (collectives/round.py)
+            work = None if residual is None else residual.cpu()
+            flat = c.decode(c.encode(flat) if work is None else c.encode_with_feedback(flat, work), flat.numel())
+            if work is not None:
+                residual.copy_(work)
+        elif residual is not None:
+            residual.zero_()  # the round carried the whole contribution, as a real owner's own part
+        reduced = aggregate_rows(make_aggregator(aggregator or AggregatorConfig()), flat.view(1, -1), [float(weight)])
+        out = c.decode(c.encode_reduced(reduced), reduced.numel())
         # On the host, as a real round's result is (collectives/elastic.py).
         return LocalResult(value=unflatten_like(out, tensors, device="cpu"), round_id=round_id)
 
@@ -120,11 +129,12 @@ class LocalPeer:
         prepare: Prepare | None = None,
         within: Any = None,
         own_state: bool = False,
+        residual: torch.Tensor | None = None,
     ) -> concurrent.futures.Future:
         """A future that is already done (a NaN/Inf input raises at once, as a real peer's does)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
-            future.set_result(self.sync(tensors, weight, tag, codec, aggregator, prepare))
+            future.set_result(self.sync(tensors, weight, tag, codec, aggregator, prepare, residual=residual))
         except NonFiniteError:  # the encode refused the input: raised at once, as a real peer's refusal is
             raise
         except Exception as exc:  # noqa: BLE001 - surfaced through the future, like a real round's failure

@@ -16,7 +16,11 @@ tasks the ``entropy_floor`` (every field: ``FIELDS`` below, ``--help``, docs/ben
 data-parallel's are a ring all-reduce's: 2 (N-1)/N x 4 bytes x parameters
 per step (gloo's ring algorithm; it exposes no counters). The state a
 joiner fetches at start (once per peer, like DDP's initial broadcast) is
-reported apart as ``state_sync_bytes_per_peer``.
+reported apart as ``state_sync_bytes_per_peer``. Against fp32, ours report
+``fp32_bytes_per_peer`` (what their rounds would carry uncompressed) and
+``bytes_fp32_over_method``. Every peer gets its own ``--host-id``: the benchmark
+stands for peers on separate machines, so no two reduce through shared memory
+and every byte of a round crosses the data plane.
 """
 
 from __future__ import annotations
@@ -69,6 +73,11 @@ FIELDS: Fields = {
     "(mean over peers; like DDP's initial broadcast)",
     "methods.*.peak_bytes_per_sync": "the most bytes one peer sent in one sync (data_parallel: in one step)",
     "methods.*.rounds": _OURS + "rounds committed per peer (mean over peers)",
+    "methods.*.fp32_bytes_per_peer": _OURS + "the payload bytes the same committed rounds would carry per peer at "
+    "fp32 (codec none, no framing): rounds x 2(N-1)/N x 4 B x the parameters a round carries (all of them; a "
+    "fragment's share for algorithms that sync fragments, e.g. streaming)",
+    "methods.*.bytes_fp32_over_method": _OURS + "fp32_bytes_per_peer / bytes_sent_per_peer: how many times fewer bytes "
+    "than fp32 rounds (a little below 1 for codec none: the framing)",
     "methods.*.bytes_method": "(data_parallel only) how its bytes are computed: a ring all-reduce of the fp32 "
     "gradients every step, 2(N-1)/N x 4 B x parameters",
     "methods.*.wall_s": "seconds from the first process started to the last peer finished",
@@ -161,6 +170,7 @@ def run_ours(config: BenchConfig, train: TrainConfig, progress: Progress | None 
             args = [sys.executable, "-m", "peer.cli", "peer", "--coordinator", coordinator.address, "--run", run,
                     "--name", f"peer{rank}", "--events", "--no-progress", "--task", config.task,
                     *task_args(config.task_config), "--shard", f"{rank}/{config.peers}", *train_args(train),
+                    "--host-id", f"{run}-peer{rank}",  # peers on separate machines: nothing shared through memory
                     *(["--device", devices[rank]] if devices else [])]
             peers.append(Proc(args, tmp / f"peer{rank}.log"))
         finished = [p.wait_event(lambda e: e["event"] == "finished", RUN_TIMEOUT_S) for p in peers]
@@ -186,6 +196,13 @@ def run_ours(config: BenchConfig, train: TrainConfig, progress: Progress | None 
     }
     progress.end(f"eval loss {result['final_eval_loss']:.4f}, {result['bytes_sent_per_peer'] / 1e6:.2f} MB sent per peer")
     return result
+
+
+def fp32_figures(result: dict, train: TrainConfig, peers: int, numel: int) -> dict:
+    """fp32_bytes_per_peer and bytes_fp32_over_method of one of our methods (see FIELDS)."""
+    per_round = numel / getattr(train.options, "fragments", 1)  # streaming's rounds carry one fragment each
+    fp32 = result["rounds"] * 2 * (peers - 1) / peers * 4 * per_round
+    return {"fp32_bytes_per_peer": fp32, "bytes_fp32_over_method": fp32 / max(result["bytes_sent_per_peer"], 1)}
 
 
 def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step) -> None:
@@ -328,11 +345,14 @@ def run(config: BenchConfig, progress: Progress | None = None) -> dict:
     tune_malloc()
     baselines: dict[str, Callable[..., dict]] = {"data_parallel": run_data_parallel, "one_peer": run_one_peer}
     report: dict = {"config": asdict(config), "methods": {}}
-    report["entropy_floor"] = make_task(config.task, config.task_config).entropy_floor
+    task = make_task(config.task, config.task_config)
+    report["entropy_floor"] = task.entropy_floor
+    numel = sum(p.numel() for p in task.build_model().parameters() if p.requires_grad)
     total = len(config.runs) + len(config.baselines)
     for i, train in enumerate(config.runs, 1):
         label = f"{train.algorithm} [{i}/{total}]"
-        report["methods"][train.algorithm] = run_ours(config, train, progress, label)
+        result = run_ours(config, train, progress, label)
+        report["methods"][train.algorithm] = {**result, **fp32_figures(result, train, config.peers, numel)}
     for i, name in enumerate(config.baselines, len(config.runs) + 1):
         report["methods"][name] = baselines[name](config, progress, f"{name} [{i}/{total}]")
     m = report["methods"]
