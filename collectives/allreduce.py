@@ -66,6 +66,9 @@ from collectives.errors import (
     StaleRound,
     Unauthenticated,
 )
+from collectives.hostcache import SegmentCache
+from collectives.hostlocal import HostPlan, pre_reducible
+from collectives.hostround import HostRound
 from collectives.inbox import (
     DuplicateStream,
     ForeignRun,
@@ -126,6 +129,15 @@ def mean_error_bound(config: CodecConfig, contributions: Sequence[torch.Tensor])
     return worst
 
 
+def hierarchical(group: Group, hosts: Sequence[str] | None, config: AllReduceConfig) -> bool:
+    """Whether a round runs through shared memory inside hosts: host ids given, a host shared, a linear aggregator."""
+    if hosts is None:
+        return False
+    if len(hosts) != group.size or not all(isinstance(h, str) and h for h in hosts):
+        raise ValueError(f"hosts must name one non-empty host id per member ({group.size}), got {list(hosts)!r}")
+    return pre_reducible(config.aggregator) and HostPlan(tuple(hosts), group.rank).shares_a_host
+
+
 def _error_kind(exc: ProtocolError) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RoundNotOpen):
         return grpc.StatusCode.UNAVAILABLE, "not-open"
@@ -164,6 +176,12 @@ class Collective:
         # the collective's life, so a round does not allocate (and fault in) scratch anew.
         self._codecs: dict[CodecConfig, Codec] = {}
         self._background: set[asyncio.Task] = set()
+        # Shared-memory segments of hierarchical rounds, kept mapped from round to round (collectives/hostlocal.py).
+        self.segments = SegmentCache()
+
+    def close(self) -> None:
+        """Release what the collective keeps between rounds (its hierarchical rounds' shared memory). Idempotent."""
+        self.segments.close()
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         """The gRPC handlers of the Collective service, for ``Transport.start``."""
@@ -189,11 +207,12 @@ class Collective:
         config: AllReduceConfig | None = None,
         residual: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
+        hosts: Sequence[str] | None = None,
     ) -> AllReduceResult:
         """Reduce tensors across the group and return the result; raises RoundFailed on any failure."""
         # The caller is blocked until the round ends, so its input need not be copied.
         future = self.allreduce_async(
-            group, tensors, weight=weight, config=config, residual=residual, out=out, copy_input=False
+            group, tensors, weight=weight, config=config, residual=residual, out=out, copy_input=False, hosts=hosts
         )
         return future.result()
 
@@ -207,6 +226,7 @@ class Collective:
         residual: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
         copy_input: bool = True,
+        hosts: Sequence[str] | None = None,
     ) -> concurrent.futures.Future[AllReduceResult]:
         """Start a round and return a future of its result; the input is copied first, so training may go on.
 
@@ -217,7 +237,9 @@ class Collective:
         receives the result (saves an allocation per round); the returned
         tensors are then views of it. ``copy_input=False`` promises that the
         input is not modified until the future is done, which saves the copy
-        when it is one contiguous fp32 CPU tensor.
+        when it is one contiguous fp32 CPU tensor. ``hosts``, one host id per member in rank order, makes
+        members that share a host reduce through shared memory first (``collectives/hostround.py``; linear
+        aggregators only, others ignore it); every member must pass the same.
         """
         config = config or AllReduceConfig()
         if group.run_id != self.run_id:
@@ -246,7 +268,9 @@ class Collective:
             raise ValueError("out must be a CPU tensor: results are decoded on the host")
         result = torch.empty(numel, dtype=torch.float32) if out is None else out
         like = tensors if isinstance(tensors, torch.Tensor) else list(tensors)
-        return self.transport.submit(self._run(group, flat, pooled, float(weight), config, residual, result, like))
+        return self.transport.submit(
+            self._run(group, flat, pooled, float(weight), config, residual, result, like, hosts)
+        )
 
     async def reduce_flat(
         self,
@@ -257,12 +281,15 @@ class Collective:
         config: AllReduceConfig | None = None,
         residual: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
+        hosts: Sequence[str] | None = None,
     ) -> AllReduceResult:
-        """Run a round on the transport's loop for a flat fp32 tensor (not copied)."""
+        """Run a round on the transport's loop for a flat fp32 tensor (not copied); ``hosts`` as allreduce_async's."""
         if group.run_id != self.run_id:
             raise ValueError(f"group is for run {group.run_id!r}, this collective serves run {self.run_id!r}")
         result = torch.empty(flat.numel(), dtype=torch.float32) if out is None else out
-        return await self._run(group, flat, None, float(weight), config or AllReduceConfig(), residual, result, flat)
+        return await self._run(
+            group, flat, None, float(weight), config or AllReduceConfig(), residual, result, flat, hosts
+        )
 
     # -- the round -------------------------------------------------------------------
 
@@ -276,7 +303,10 @@ class Collective:
         residual: torch.Tensor | None,
         result: torch.Tensor,
         like: torch.Tensor | list[torch.Tensor],
+        hosts: Sequence[str] | None = None,
     ) -> AllReduceResult:
+        if hierarchical(group, hosts, config):
+            return await self._run_hierarchical(group, hosts, flat, pooled, weight, config, residual, result, like)
         codec = self._codecs.get(config.codec)
         if codec is None:
             codec = self._codecs[config.codec] = make_codec(config.codec)
@@ -334,6 +364,33 @@ class Collective:
             stats.decode_s = inbox.decode_s
             stats.wall_s = time.monotonic() - started
         return AllReduceResult(value=unflatten_like(inbox.result, like), stats=stats, decisions=rnd.decisions)
+
+    async def _run_hierarchical(
+        self,
+        group: Group,
+        hosts: Sequence[str],
+        flat: torch.Tensor,
+        pooled: torch.Tensor | None,
+        weight: float,
+        config: AllReduceConfig,
+        residual: torch.Tensor | None,
+        result: torch.Tensor,
+        like: torch.Tensor | list[torch.Tensor],
+    ) -> AllReduceResult:
+        """Members of a host reduce through shared memory; their leaders run this module's round between hosts."""
+
+        async def between_hosts(leaders: Group, host_flat, host_weight, leader_residual, out) -> RoundStats:
+            done = await self._run(leaders, host_flat, None, host_weight, config, leader_residual, out, host_flat)
+            return done.stats
+
+        try:
+            stats = await HostRound(self.transport, group, hosts, config, self.phase_hook).run(
+                flat, weight, residual, result, between_hosts, self.segments
+            )
+        finally:
+            if pooled is not None:
+                self.buffers.give(pooled)
+        return AllReduceResult(value=unflatten_like(result, like), stats=stats)
 
     def spawn(self, coro) -> None:
         """Run a fire-and-forget coroutine on the loop, keeping a reference until it ends."""

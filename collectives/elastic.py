@@ -82,6 +82,7 @@ from collectives.aggregators import AggregatorConfig
 from collectives.allreduce import AllReduceConfig, AllReduceResult, Collective
 from collectives.codecs import CodecConfig, check_finite
 from collectives.errors import ConfigError, LoconetError, MemberFailure, NonFiniteError, ProtocolError, RoundFailed
+from collectives.hostlocal import resolve_host_id, round_hosts
 from collectives.inbox import Group
 from collectives.membership import (
     CommitOutcome,
@@ -291,7 +292,8 @@ class ElasticCollective:
         )
         self.membership = MembershipClient(
             self.transport,
-            MembershipConfig(config.coordinator, config.run_id, name=config.name, patience_s=config.patience_s),
+            MembershipConfig(config.coordinator, config.run_id, name=config.name, patience_s=config.patience_s,
+                             host_id=resolve_host_id(config.transport.host_id)),
         )
         self.address = ""
         self.last_round = 0
@@ -493,6 +495,7 @@ class ElasticCollective:
                 self.transport.submit(self._close(leave, reason, leave_timeout_s)).result(timeout=30)
         except (RuntimeError, concurrent.futures.TimeoutError) as exc:
             log.warning("closing %s: %s", self.peer_id, exc)
+        self.collective.close()
         self.transport.close()
 
     async def _close(self, leave: bool, reason: str, leave_timeout_s: float | None) -> None:
@@ -587,12 +590,13 @@ class ElasticCollective:
         prepare: Prepare | None = None,
         within: Within | None = None,
         own_state: bool = False,
+        residual: torch.Tensor | None = None,
     ) -> SyncResult:
         """Reduce tensors with the run in a committed round (blocking); raises Resynced, CaughtUp, GroupTooSmall,
         RetriesExhausted, Stopped."""
         return self.sync_async(
             tensors, weight=weight, tag=tag, codec=codec, aggregator=aggregator, prepare=prepare, within=within,
-            own_state=own_state,
+            own_state=own_state, residual=residual,
         ).result()
 
     def sync_async(
@@ -605,13 +609,15 @@ class ElasticCollective:
         prepare: Prepare | None = None,
         within: Within | None = None,
         own_state: bool = False,
+        residual: torch.Tensor | None = None,
     ) -> concurrent.futures.Future[SyncResult]:
         """Start a sync and return its future; the input is copied first, so training may go on.
 
         ``codec`` and ``aggregator`` override the peer's all-reduce settings for this sync (every
         member of the run must pass the same: the algorithm's). ``weight`` may be a function of
         the round's plan, called after each attempt's quorum; so is ``prepare`` (plan, flat) ->
-        what this attempt sends.
+        what this attempt sends. ``residual`` (a flat fp32 tensor of the input's size, on its device) enables
+        error feedback: it changes only when the round commits (then by what the committed round did not carry).
         """
         if prepare is not None and not callable(prepare):
             raise TypeError(f"prepare must be a function of (plan, flat tensor), got {prepare!r}")
@@ -629,8 +635,11 @@ class ElasticCollective:
             config = dataclasses.replace(config, aggregator=aggregator)
         if not callable(weight):
             weight = float(weight)
+        if residual is not None and (residual.shape != (flat.numel(),) or residual.dtype != torch.float32
+                                     or not residual.is_contiguous() or residual.device != flat.device):
+            raise ValueError(f"residual must be a contiguous float32 tensor of shape ({flat.numel()},) on {flat.device}")
         return self.transport.submit(
-            self._interruptible(self._sync(flat, weight, tag, like, config, prepare, within, own_state))
+            self._interruptible(self._sync(flat, weight, tag, like, config, prepare, within, own_state, residual))
         )
 
     def _move(self, round_id: int, to: Phase) -> None:
@@ -642,7 +651,7 @@ class ElasticCollective:
 
     async def _sync(
         self, flat: torch.Tensor, weight: Weight, tag: str, like, allreduce: AllReduceConfig, prepare: Prepare | None,
-        within: Within | None = None, own_state: bool = False,
+        within: Within | None = None, own_state: bool = False, residual: torch.Tensor | None = None,
     ) -> SyncResult:
         config = self.config
         out = torch.empty(flat.numel(), dtype=torch.float32)  # the host: results are decoded there
@@ -701,7 +710,9 @@ class ElasticCollective:
             except ProtocolError as exc:  # this member refuses the round; it reports so, and nothing is sent
                 done, failed, reason = None, (), f"{self.peer_id} refused round {plan.round_id}: {exc}"
             else:
-                done, failed, reason = await self._allreduce(plan, sent, w, out, allreduce, reduce_with)
+                # Error feedback on a copy per attempt: the residual moves on only with a committed round.
+                work = None if residual is None else residual.clone()
+                done, failed, reason = await self._allreduce(plan, sent, w, out, allreduce, reduce_with, work)
             self._move(plan.round_id, Phase.COMMIT)
             outcome = await self._commit(plan, done, failed, reason)
             self.epoch = max(self.epoch, outcome.epoch)
@@ -709,6 +720,8 @@ class ElasticCollective:
                 self._move(plan.round_id, Phase.COMMITTED)
                 self.last_round = plan.round_id
                 self._keep_result(plan.round_id, tag, out, allreduce.codec, len(reduce_with))
+                if residual is not None:
+                    residual.copy_(work)
                 return SyncResult(
                     value=unflatten_like(out, like, device="cpu"),
                     round_id=plan.round_id,
@@ -782,7 +795,7 @@ class ElasticCollective:
 
     async def _allreduce(
         self, plan: RoundPlan, flat: torch.Tensor, weight: float, out: torch.Tensor, config: AllReduceConfig,
-        members: tuple[tuple[str, str], ...] | None = None,
+        members: tuple[tuple[str, str], ...] | None = None, residual: torch.Tensor | None = None,
     ) -> tuple[AllReduceResult | None, tuple[str, ...], str]:
         """(the result, or None with the members to blame and why) of the round among ``members`` (default all)."""
         members = plan.members if members is None else members
@@ -790,7 +803,8 @@ class ElasticCollective:
         group = Group(self.config.run_id, plan.epoch, plan.round_id, tuple(addr for _, addr in members),
                       ids.index(self.peer_id))
         try:
-            done = await self.collective.reduce_flat(group, flat, weight=weight, config=config, out=out)
+            done = await self.collective.reduce_flat(group, flat, weight=weight, config=config, out=out,
+                                                     residual=residual, hosts=round_hosts(plan, ids))
             return done, (), ""
         except MemberFailure as exc:
             return None, tuple(ids[r] for r in exc.failed_ranks), str(exc)

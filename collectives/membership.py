@@ -135,6 +135,8 @@ class MembershipConfig:
     coordinator: str
     run_id: str
     name: str = ""
+    # The host this peer runs on, sent at join (collectives/hostlocal.py; "": a host of its own).
+    host_id: str = ""
     # Deadline of one short RPC (join, heartbeat, leave).
     rpc_timeout_s: float = 5.0
     # Longest a call keeps retrying an unreachable coordinator.
@@ -219,6 +221,8 @@ class RoundPlan:
     # to fetch the state from, least busy first (sync_from is the first).
     state_digest: str = ""
     sync_sources: tuple[str, ...] = ()
+    # round: each member's host id, in rank order ("": a host of its own), from which the round's hierarchy is built.
+    hosts: tuple[str, ...] = ()
 
     def check_sample(self) -> None:
         """Raise SampleMismatch if this is a sample round whose members are not the seeded sample.
@@ -360,6 +364,7 @@ class MembershipClient:
             name=self.config.name,
             codecs=list(codecs),
             state_digest=digest,
+            host_id=self.config.host_id,
         )
         auth = self.transport.auth
         if auth is not None:
@@ -468,6 +473,7 @@ class MembershipClient:
             round_id=reply.round_id,
             epoch=reply.epoch,
             members=tuple((m.peer_id, m.address) for m in reply.members),
+            hosts=tuple(m.host_id for m in reply.members),
             rank=reply.rank,
             last_committed_round=reply.last_committed_round,
             policy=reply.policy,

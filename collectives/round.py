@@ -66,10 +66,8 @@ class AllReduceConfig:
 
 
 def chunk_numel(codec: Codec, chunk_bytes: int) -> int:
-    """Elements per chunk so that a chunk's raw payload fits chunk_bytes (whole quantization blocks)."""
-    block = codec.config.block_size if codec.config.name in ("int8", "int4") else 1
-    per_block = max(1, codec.raw_size(block))
-    return max(1, chunk_bytes // per_block) * block
+    """Elements per chunk so that a chunk's raw payload fits chunk_bytes (the codec decides: whole blocks)."""
+    return codec.chunk_numel(chunk_bytes)
 
 
 class GroupUnfit(RoundFailed):
@@ -161,6 +159,7 @@ class Round:
         # The aggregator's decisions, one per statistic round (what Krum selected, clipping scales...).
         self.decisions: list[dict] = []
         self._own_copied = False
+        self._own_residual: torch.Tensor | None = None
         loop = asyncio.get_running_loop()
         for j in self.others:
             self.tasks.append(loop.create_task(self._watch(j)))
@@ -187,8 +186,9 @@ class Round:
         # the first bytes leave without waiting for it. Nothing checks the whole input up front:
         # every encode refuses NaN/Inf in what it sends, _reduce_chunk in the own part.
         self.inbox.weights[me] = weight
-        if residual is not None:
+        if residual is not None and not self.codec.NEEDS_FEEDBACK:
             residual[a:b].zero_()  # this member's own part is contributed exactly
+        self._own_residual = None if residual is None else residual[a:b]
         for j in self.others:
             self._send(j, self._scatter_messages(j, flat, weight, residual))
         for j in self.others:
@@ -238,10 +238,16 @@ class Round:
         return pb.StatShare(tag=tag, stat_round=r, values=values).SerializeToString()
 
     def _copy_own(self, mine: torch.Tensor, c0: int, c1: int) -> None:
-        # This member's own contribution goes into its row exactly (it never crosses the wire).
+        # This member's own contribution goes into its row exactly (it never crosses the wire), except with a
+        # sparse codec (NEEDS_FEEDBACK): coded like the others' (with its residual), or the reduced part is dense.
         row = self.inbox.rows[self.group.rank, c0:c1]
-        row.copy_(mine)
         try:
+            if self.codec.NEEDS_FEEDBACK:
+                res = None if self._own_residual is None else self._own_residual[c0:c1]
+                payload = self.codec.encode(mine) if res is None else self.codec.encode_with_feedback(mine, res)
+                self.codec.decode(payload, c1 - c0, out=row)
+            else:
+                row.copy_(mine)
             check_finite(row, "values to reduce")
         except NonFiniteError as exc:
             raise self._nonfinite(exc) from None
@@ -255,7 +261,7 @@ class Round:
         reduced = reduce(self.inbox.rows[:, c0:c1])
         t1 = time.perf_counter()
         try:
-            payload = self.codec.encode(reduced, copy=False)
+            payload = self.codec.encode_reduced(reduced, copy=False)  # a sparse codec keeps every reduced entry
         except NonFiniteError as exc:  # every input was finite: the reduction overflowed
             raise RoundFailed(
                 f"the reduced values of part {self.group.rank} overflow to Inf ({exc}); scale the tensors down"
@@ -302,7 +308,11 @@ class Round:
             await self.inbox.wait_for(done, time.monotonic() + self.config.blame_grace_s)
             ok = self.inbox.broken or done()
         if not ok:
-            late = set(missing()) | {j for j, n in self.pending.items() if n > 0}
+            # Until this member has reduced its whole part, its gather stream to each j is open by its own
+            # doing (it waits for contributions, maybe from the real culprit): not j's. Only sends j left
+            # unaccepted count against j.
+            ours = 0 if self._gather_done else 1
+            late = set(missing()) | {j for j, n in self.pending.items() if n > ours}
             for j in sorted(late):
                 self.inbox.fail(j, f"missed the {self.config.timeout_s:g} s deadline in the {phase} phase")
         self._raise_if_broken()

@@ -100,6 +100,14 @@ class TransportConfig:
             "without it, --host, or with --host 0.0.0.0 this machine's address on its route to the coordinator"
         },
     )
+    # The host this peer runs on: members of a round with one host id reduce through shared memory and one of
+    # them takes the host into the all-reduce (collectives/hostround.py). "auto": the processes that can share
+    # /dev/shm (collectives.hostlocal.detect_host_id); a distinct value per peer keeps every peer on its own.
+    host_id: str = field(
+        default="auto",
+        metadata={"help": "host this peer runs on: peers with one id reduce through shared memory first "
+                  "(auto: detected; give each peer its own id to keep them apart)"},
+    )
     # Largest payload per streamed message; parts are cut into chunks of this size.
     chunk_bytes: int = field(default=1 << 20, metadata={"cli": False})
     # gRPC send/receive limit per message (None: 4 MiB, or what chunk_bytes needs if more).
@@ -157,6 +165,8 @@ class TransportConfig:
             parse_advertise(self.advertise)
         if self.chunk_bytes < 1024:
             raise ConfigError(f"chunk_bytes must be at least 1024, got {self.chunk_bytes}")
+        if not self.host_id or len(self.host_id) > 128 or not self.host_id.isprintable():
+            raise ConfigError(f"--host-id must be 1-128 printable characters (or auto), got {self.host_id!r}")
         if self.max_message_bytes is not None and self.max_message_bytes < message_bound(self.chunk_bytes):
             raise ConfigError(
                 f"max_message_bytes ({self.max_message_bytes}) must exceed chunk_bytes ({self.chunk_bytes}) "

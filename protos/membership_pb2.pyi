@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("run_id", "address", "peer_id", "last_round", "epoch", "has_state", "name", "codecs", "state_digest", "public_key")
+    __slots__ = ("run_id", "address", "peer_id", "last_round", "epoch", "has_state", "name", "codecs", "state_digest", "public_key", "host_id")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class JoinRequest(_message.Message):
     CODECS_FIELD_NUMBER: _ClassVar[int]
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     address: str
     peer_id: str
@@ -29,7 +30,8 @@ class JoinRequest(_message.Message):
     codecs: _containers.RepeatedScalarFieldContainer[str]
     state_digest: str
     public_key: bytes
-    def __init__(self, run_id: _Optional[str] = ..., address: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., epoch: _Optional[int] = ..., has_state: _Optional[bool] = ..., name: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+    host_id: str
+    def __init__(self, run_id: _Optional[str] = ..., address: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., epoch: _Optional[int] = ..., has_state: _Optional[bool] = ..., name: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., public_key: _Optional[bytes] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class PeerCredential(_message.Message):
     __slots__ = ("run_id", "peer_id", "address", "public_key", "issuer_key", "signature")
@@ -165,12 +167,14 @@ class QuorumRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., tag: _Optional[str] = ..., state_digest: _Optional[str] = ...) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("peer_id", "address")
+    __slots__ = ("peer_id", "address", "host_id")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    host_id: str
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class CommittedRound(_message.Message):
     __slots__ = ("round_id", "epoch", "tag", "members")

@@ -212,7 +212,13 @@ def test_the_coordinator_sees_each_api_peers_step_loss_samples_and_bytes():
     coordinator = CoordinatorThread(
         CoordinatorConfig(run_id="api", port=0, dashboard_port=None, startup_grace_s=0, min_peers=2, heartbeat_s=0.2)
     )
-    peers = [ElasticCollective(ElasticConfig(coordinator=coordinator.server.address, run_id="api")) for _ in range(2)]
+    # Each its own host, so their rounds cross the data plane and count bytes (on one host they share memory).
+    peers = [
+        ElasticCollective(
+            ElasticConfig(coordinator=coordinator.server.address, run_id="api", transport=TransportConfig(host_id=f"h{i}"))
+        )
+        for i in range(2)
+    ]
 
     def train(index: int) -> tuple[str, tuple[int, int, float]]:
         peer = peers[index]

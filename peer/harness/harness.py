@@ -80,6 +80,11 @@ class HarnessConfig:
         default=None, metadata={"help": "--netns: cap of what a peer receives (default --bandwidth)"}
     )
     netns: bool = field(default=False, metadata={"help": "each process in its own network namespace (root)"})
+    # The harness stands for machines on a network: each peer is its own host unless this says they share one.
+    shared_host: bool = field(
+        default=False,
+        metadata={"help": "the peers share one host id: they reduce through shared memory, one leader per host"},
+    )
     token: bool = field(
         default=False, metadata={"help": "make a run secret in the work dir and give it to every process (--token-file)"}
     )
@@ -106,6 +111,8 @@ class HarnessConfig:
             raise ConfigError("the harness needs at least one peer")
         if any(e.action == "cut" for e in self.events) and not self.netns:
             raise ConfigError("cut events take a peer's link down and need --netns (network namespaces, root)")
+        if self.shared_host and self.netns:
+            raise ConfigError("--shared-host puts the peers on one host, --netns on one each: choose one")
         # An algorithm whose rounds need a quorum policy (coded-sgd: coded:s) gets it unless one was chosen.
         expected = getattr(self.train.options, "expected_quorum", lambda: None)()
         if expected is not None and self.coordinator.quorum == CoordinatorConfig.quorum:
@@ -229,6 +236,8 @@ class Harness:
         ]
         if c.bandwidth and not c.netns:
             args += ["--bandwidth", c.bandwidth]
+        if c.shared_host:  # else daemon_peer gives each peer its own host id
+            args += ["--host-id", f"{c.run_id}-shared"]
         index = int(name[4:])
         return args + ["--shard", f"{index % c.peers}/{c.peers}"]
 

@@ -244,10 +244,12 @@ def daemon_peer(
 ) -> Proc:
     """Start ``loconet peer --events`` named name (small model, quick syncs unless extra says otherwise).
 
-    Its info log (-v) goes to ``log_dir/NAME.log``, which reports and failure messages point at.
+    Its info log (-v) goes to ``log_dir/NAME.log``, which reports and failure messages point at. It is
+    its own host (``--host-id RUN-NAME``, unless extra gives one): local peers stand for machines on a
+    network, so their rounds cross the data plane rather than shared memory.
     """
     args = [
         sys.executable, "-m", "peer.cli", "peer", "-v", "--coordinator", coordinator, "--run", run, "--name", name,
-        "--events", "--no-progress", "--round-timeout", "10", *extra,
+        "--events", "--no-progress", "--round-timeout", "10", "--host-id", f"{run}-{name}", *extra,
     ]
     return Proc(args, log_dir / f"{name}.log", prefix)
