@@ -143,7 +143,8 @@ def test_min_peers_below_one_is_a_config_error():
 @pytest.mark.parametrize(
     "missing,waited,ages,probe",
     [
-        ({"b"}, 0.2, {}, []),
+        ({"b"}, 0.05, {}, []),
+        ({"b"}, 0.2, {}, ["b"]),
         ({"b", "c"}, 0.6, {}, ["b", "c"]),
         ({"b", "c"}, 0.6, {"b": 0.3}, ["c"]),
         ({"b"}, 3.0, {"b": 1.5}, ["b"]),
@@ -152,6 +153,13 @@ def test_min_peers_below_one_is_a_config_error():
 )
 def test_a_waiting_quorum_probes_missing_peers_after_a_while_and_not_too_often(missing, waited, ages, probe):
     assert peers_to_probe(missing, waited, ages) == probe
+
+
+def test_probes_leave_a_few_dozen_at_a_time():
+    missing = {f"p{i:04d}" for i in range(1000)}
+    first = peers_to_probe(missing, 0.2, {})
+    assert first == sorted(missing)[:64]
+    assert peers_to_probe(missing, 0.3, {p: 0.1 for p in first}) == sorted(missing)[64:128]
 
 
 def test_members_are_ordered_by_peer_id():

@@ -43,7 +43,17 @@ Latencies (``time.time()`` read in the client processes):
   plus the delivery of n answers. ``quorum_close_first_answer_s`` /
   ``quorum_close_last_answer_s`` (one sample per round) and ``per_round``
   give the first and the last answer of each round.
+- ``quorum_formed_after_last_request_s`` / ``quorum_answers_after_formed_last_s``
+  split the close at the round's formation (the coordinator's status says when):
+  taking in the requests and deciding, then answering every member.
 - ``commit_latency_s`` / ``commit_close_latency_s``: the same for Commit.
+
+By default every peer asks at once and commits at once (a burst: the intake of
+1,000 calls by one Python gRPC process is then most of the quorum latency);
+``--spread`` and ``--allreduce`` space the calls as a run's training and data
+exchange would. The coordinator's rate limits are its per-client defaults
+times the simulated peers behind the one loopback address (nothing exempt);
+the run has no run secret. docs/scale.md says where the time goes.
 - ``heartbeat_latency_s`` in the window, ``heartbeat_latency_during_rounds_s``
   (a coordinator loop busy with a round shows up here).
 """
@@ -78,6 +88,7 @@ from peer.bench.progress import Progress, progress_for
 from peer.bench.simpeers import CLIENT_SETTINGS, client_main, merge_counts
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.dashboard import json_safe
+from peer.coordinator.limits import CoordinatorLimits
 from peer.harness.processes import ChildFailed
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
@@ -94,6 +105,12 @@ FIELDS: Fields = {
     "lease_s": "the coordinator's lease, seconds",
     "window_s": "length asked for the heartbeat-only window, seconds",
     "spread_s": "each peer asks for a quorum after a random delay below this, seconds (0: all at once)",
+    "allreduce_s": "each member waits this long between its Quorum answer and its Commit (the round's data "
+    "exchange), seconds (0: it commits at once)",
+    "coordinator_rate_limits": "the coordinator's rate-limit options: the product's per-client defaults times the "
+    "simulated peers sharing one address (nothing exempt: the limiter checks every call)",
+    "run_secret": "whether the run has a run secret (--token-file): false, so no call carries an Ed25519 credential "
+    "to check (docs/security.md; docs/scale.md estimates that cost)",
     "join_latency_s": SUMMARY + ": seconds from a peer's first Join attempt to its answer, all peers joining at once",
     "join_wall_s": "seconds until every peer had joined",
     "heartbeat_window_s": "measured length of the heartbeat-only window, seconds",
@@ -122,6 +139,10 @@ FIELDS: Fields = {
     "quorum_close_first_answer_s": SUMMARY + ": per round, the first Quorum answer after the last request",
     "quorum_close_last_answer_s": SUMMARY + ": per round, the last Quorum answer after the last request",
     "round_wall_s": SUMMARY + ": per round, first Quorum request -> last Commit answer, seconds",
+    "quorum_formed_after_last_request_s": SUMMARY + ": per round, the round's formation (the coordinator's clock, "
+    "its status) minus the send time of the last Quorum request: taking in the requests and deciding",
+    "quorum_answers_after_formed_last_s": SUMMARY + ": per round, the last Quorum answer received minus the "
+    "round's formation: serialising, sending and the clients reading the answers",
     "rounds_full": "rounds every peer committed with all peers as members",
     "per_round": "one entry per round, in order",
     "per_round[].round_id": "the round id the coordinator gave",
@@ -134,11 +155,17 @@ FIELDS: Fields = {
     "per_round[].quorum_close_last_s": "last Quorum answer after the last request, seconds",
     "per_round[].commit_close_last_s": "last Commit answer after the last Commit request, seconds",
     "per_round[].round_wall_s": "first Quorum request -> last Commit answer, seconds",
+    "per_round[].formed_after_last_request_s": "the round's formation (the coordinator's status) minus the send "
+    "time of the last Quorum request, seconds",
+    "per_round[].answers_after_formed_first_s": "first Quorum answer received after the round's formation, seconds",
+    "per_round[].answers_after_formed_last_s": "last Quorum answer received after the round's formation, seconds",
     "rounds_phase": "the rounds as a whole (heartbeats keep going)",
     "rounds_phase.wall_s": "seconds from the command to the last peer's last round",
     "rounds_phase.coordinator_cpu_s": "the coordinator's CPU seconds in that time",
     "rounds_phase.coordinator_cpu_per_round_s": "coordinator_cpu_s / rounds",
     "rounds_phase.coordinator_cpu_utilization": "coordinator_cpu_s / wall_s (cores)",
+    "rounds_phase.client_cpu_utilization": "CPU seconds per wall second of each client process in that time (cores): "
+    "the simulated peers share the machine's cores with the coordinator",
     "baseline": "the same measurement at --baseline-peers peers without rounds, in the same run",
     "baseline.peers": "its peers",
     "baseline.coordinator_cpu_per_heartbeat_us": _CPU_US,
@@ -168,11 +195,26 @@ FIELDS: Fields = {
 }
 
 
+def bench_rate_limits(peers: int) -> list[str]:
+    """The coordinator's rate-limit options for ``peers`` simulated peers calling from one address.
+
+    Each limit is the product's per-client default multiplied by the peers sharing the address (what as many
+    real peers, each from its own address, would be allowed together), so the limiter checks every call and a
+    runaway client would still be refused; nothing is exempt.
+    """
+    d = CoordinatorLimits()
+    return [
+        "--join-rate", f"{d.join_rate_per_s * peers:g}", "--join-burst", str(d.join_burst * peers),
+        "--call-rate", f"{d.call_rate_per_s * peers:g}", "--call-burst", str(d.call_burst * peers),
+    ]
+
+
 class _Session:
     """A coordinator process and the client processes driving it; everything is reaped on close."""
 
     def __init__(self, peers: int, client_procs: int, heartbeat_s: float, lease_s: float, channels: int,
-                 log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, spread_s: float = 0.0) -> None:
+                 log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, spread_s: float = 0.0,
+                 allreduce_s: float = 0.0) -> None:
         from peer.harness.processes import CoordinatorProc
 
         self.peers = peers
@@ -188,8 +230,9 @@ class _Session:
                 "--quorum-timeout", str(quorum_timeout_s), "--commit-timeout", str(quorum_timeout_s),
                 # Simulated peers have no server to probe.
                 "--no-probe",
-                # They all call from this machine: per-client rate limits would count them as one client.
-                "--rate-limit-exempt", "127.0.0.0/8,::1", "--max-peers", str(max(peers, 1)),
+                # They all call from one address: the per-client limits are the product's defaults times the
+                # peers behind it (bench_rate_limits), so the limiter still runs on every call and its cost counts.
+                *bench_rate_limits(peers), "--max-peers", str(max(peers, 1)),
             )
             self.pid = self.coordinator.proc.pid
             ctx = mp.get_context("spawn")
@@ -200,7 +243,7 @@ class _Session:
                 job = {
                     "run_id": RUN, "address": self.coordinator.address, "first": first, "count": count,
                     "channels": max(1, min(channels, count)), "heartbeat_s": heartbeat_s,
-                    "patience_s": quorum_timeout_s, "spread_s": spread_s,
+                    "patience_s": quorum_timeout_s, "spread_s": spread_s, "allreduce_s": allreduce_s,
                 }
                 first += count
                 parent, child = ctx.Pipe()
@@ -294,13 +337,15 @@ class _Session:
 
 def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, window_s: float, lease_s: float,
              channels: int, log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, spread_s: float = 0.0,
+             allreduce_s: float = 0.0,
              stage: Callable[[str], None] = lambda _: None) -> dict:
     """One coordinator, peers simulated peers: join, a heartbeat-only window, rounds; the measurements.
 
     ``stage`` is told each phase as it starts (for the progress line).
     """
     stage("starting the coordinator and the clients")
-    session = _Session(peers, client_procs, heartbeat_s, lease_s, channels, log_dir, tag, quorum_timeout_s, spread_s)
+    session = _Session(peers, client_procs, heartbeat_s, lease_s, channels, log_dir, tag, quorum_timeout_s, spread_s,
+                       allreduce_s)
     try:
         session.gather("ready", timeout_s=120)
         stage("idle coordinator")
@@ -329,21 +374,23 @@ def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, win
         rounds_info: dict = {}
         if rounds > 0:
             stage(f"{rounds} rounds")
-            tr0, cr0 = time.time(), session.cpu_s()
+            tr0, cr0, ccl0 = time.time(), session.cpu_s(), session.client_cpu_s()
             session.send({"cmd": "rounds", "rounds": rounds, "expected_members": peers})
             done = session.gather("rounds", timeout_s=rounds * (quorum_timeout_s + 30))
-            tr1, cr1 = time.time(), session.cpu_s()
+            tr1, cr1, ccl1 = time.time(), session.cpu_s(), session.client_cpu_s()
             records = [tuple(r) for d in done for r in d["records"]]
             problems += [p for d in done for p in d["problems"]]
-            rounds_info = _round_stats(records, peers, rounds, problems)
+        status = session.status()
+        if rounds > 0:
+            rounds_info = _round_stats(records, peers, rounds, problems, _formed_at(status))
             rounds_info["rounds_phase"] = {
                 "wall_s": tr1 - tr0,
                 "coordinator_cpu_s": cr1 - cr0,
                 "coordinator_cpu_per_round_s": (cr1 - cr0) / rounds,
                 "coordinator_cpu_utilization": (cr1 - cr0) / (tr1 - tr0),
+                "client_cpu_utilization": [(b - a) / (tr1 - tr0) for a, b in zip(ccl0, ccl1)],
             }
             rounds_info["_window"] = (tr0, tr1)
-        status = session.status()
         rss = proc_rss_mb(session.pid)
         session.send({"cmd": "stop"})
         final = session.gather("final", timeout_s=60)
@@ -412,8 +459,24 @@ def _group(messages: list[str], limit: int = 20) -> list[dict]:
     return [{"count": n, "example": ex} for n, ex in ordered[:limit]]
 
 
-def _round_stats(records: list[tuple], peers: int, rounds: int, problems: list[str]) -> dict:
-    """Latency distributions and membership checks from the per-peer round records."""
+def _finite(values) -> list[float]:
+    """The finite values (an attempt the coordinator's status no longer remembers has no formation time)."""
+    return [v for v in values if math.isfinite(v)]
+
+
+def _formed_at(status: dict) -> dict[tuple[int, int], float]:
+    """When the coordinator formed each attempt it remembers, (round id, epoch) -> unix time (its status)."""
+    return {(r["round_id"], r["epoch"]): r["started_at"] for r in status.get("rounds", []) if "started_at" in r}
+
+
+def _round_stats(records: list[tuple], peers: int, rounds: int, problems: list[str],
+                 formed: dict[tuple[int, int], float] | None = None) -> dict:
+    """Latency distributions and membership checks from the per-peer round records.
+
+    ``formed``: when the coordinator formed each attempt (``_formed_at``), which splits the quorum's close
+    into the coordinator taking in the requests and deciding, and the answers reaching the peers.
+    """
+    formed = formed or {}
     by_k: dict[int, list[tuple]] = {}
     for rec in records:
         by_k.setdefault(rec[1], []).append(rec)
@@ -435,6 +498,7 @@ def _round_stats(records: list[tuple], peers: int, rounds: int, problems: list[s
         commit_close += [r[8] - last_c_sent for r in recs]
         committed_all = len(recs) == peers and all(r[9] for r in recs) and all(r[4] == peers for r in recs)
         full_rounds += committed_all
+        formed_at = formed.get((min(ids), min(epochs)), math.nan)
         per_round.append(
             {
                 "round_id": min(ids),
@@ -445,6 +509,9 @@ def _round_stats(records: list[tuple], peers: int, rounds: int, problems: list[s
                 "quorum_spread_s": last_q_sent - min(r[5] for r in recs),
                 "quorum_close_first_s": min(r[6] for r in recs) - last_q_sent,
                 "quorum_close_last_s": max(r[6] for r in recs) - last_q_sent,
+                "formed_after_last_request_s": formed_at - last_q_sent,
+                "answers_after_formed_first_s": min(r[6] for r in recs) - formed_at,
+                "answers_after_formed_last_s": max(r[6] for r in recs) - formed_at,
                 "commit_close_last_s": max(r[8] for r in recs) - last_c_sent,
                 "round_wall_s": max(r[8] for r in recs) - min(r[5] for r in recs),
             }
@@ -457,6 +524,8 @@ def _round_stats(records: list[tuple], peers: int, rounds: int, problems: list[s
         "quorum_close_first_answer_s": summary([r["quorum_close_first_s"] for r in per_round]),
         "quorum_close_last_answer_s": summary([r["quorum_close_last_s"] for r in per_round]),
         "round_wall_s": summary([r["round_wall_s"] for r in per_round]),
+        "quorum_formed_after_last_request_s": summary(_finite(r["formed_after_last_request_s"] for r in per_round)),
+        "quorum_answers_after_formed_last_s": summary(_finite(r["answers_after_formed_last_s"] for r in per_round)),
         "rounds_full": full_rounds,
         "per_round": per_round,
     }
@@ -479,6 +548,7 @@ def run(
     baseline_peers: int = 10,
     quorum_timeout_s: float = 120.0,
     spread_s: float = 0.0,
+    allreduce_s: float = 0.0,
     log_dir: str | os.PathLike | None = None,
     progress: Progress | None = None,
 ) -> dict:
@@ -488,7 +558,7 @@ def run(
     folder that is removed after a success and kept after a failure (the error names it).
     """
     check_arguments(peers, rounds, client_procs, heartbeat_s, window_s, lease_s, channels, baseline_peers,
-                    quorum_timeout_s, spread_s)
+                    quorum_timeout_s, spread_s, allreduce_s)
     progress = progress or Progress("membership", enabled=False)
     t0 = time.monotonic()
     logs = pathlib.Path(log_dir) if log_dir is not None else bench_log_dir("membership")
@@ -506,7 +576,8 @@ def run(
     base = _measure(baseline_peers, 0, 1, tag=f"baseline-{baseline_peers}", stage=stage, **common)
     progress.end(f"{base['coordinator_cpu_per_heartbeat_us']:.0f} us of coordinator CPU per heartbeat")
     progress.begin(f"{peers} peers, {rounds} rounds", lambda: now[0])
-    main = _measure(peers, rounds, client_procs, tag=str(peers), spread_s=spread_s, stage=stage, **common)
+    main = _measure(peers, rounds, client_procs, tag=str(peers), spread_s=spread_s, allreduce_s=allreduce_s,
+                    stage=stage, **common)
     progress.end(f"{main['coordinator_cpu_per_heartbeat_us']:.0f} us of coordinator CPU per heartbeat")
     if log_dir is None:
         shutil.rmtree(logs, ignore_errors=True)
@@ -540,6 +611,9 @@ def run(
         "lease_s": lease_s,
         "window_s": window_s,
         "spread_s": spread_s,
+        "allreduce_s": allreduce_s,
+        "coordinator_rate_limits": " ".join(bench_rate_limits(peers)),
+        "run_secret": False,
         **{k: v for k, v in main.items() if k != "peers"},
         "baseline": {
             "peers": baseline_peers,
@@ -581,7 +655,7 @@ def run(
 
 def check_arguments(
     peers: int, rounds: int, client_procs: int, heartbeat_s: float, window_s: float, lease_s: float, channels: int,
-    baseline_peers: int, quorum_timeout_s: float, spread_s: float,
+    baseline_peers: int, quorum_timeout_s: float, spread_s: float, allreduce_s: float = 0.0,
 ) -> None:
     """ConfigError for arguments the benchmark (or its coordinators) cannot run with."""
     require(peers >= 1 and baseline_peers >= 1, f"--peers and --baseline-peers must be at least 1, got {peers} and "
@@ -591,6 +665,7 @@ def check_arguments(
             f"--client-procs and --channels must be at least 1, got {client_procs} and {channels}")
     require(window_s > 0, f"--window must be positive, got {window_s:g}")
     require(spread_s >= 0, f"--spread must be 0 or more, got {spread_s:g}")
+    require(allreduce_s >= 0, f"--allreduce must be 0 or more, got {allreduce_s:g}")
     for n in (baseline_peers, peers):  # the coordinators' own checks (lease vs heartbeat, timeouts)
         CoordinatorConfig(run_id=RUN, min_peers=n, lease_s=lease_s, heartbeat_s=heartbeat_s,
                           join_timeout_s=quorum_timeout_s, quorum_timeout_s=quorum_timeout_s,
@@ -611,6 +686,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the coordinator's quorum / commit timeouts; how long a simulated peer retries a call (s)")
     parser.add_argument("--spread", type=float, default=0.0,
                         help="each peer asks for each quorum after a random delay in [0, SPREAD) s (0: all at once)")
+    parser.add_argument("--allreduce", type=float, default=0.0,
+                        help="each member waits this long between its quorum answer and its commit, as the round's "
+                             "data exchange would take (s; 0: it commits at once)")
     parser.add_argument("--log-dir", default=None,
                         help="keep the coordinators' and clients' logs here (none: a temporary folder, "
                              "removed after a success)")
@@ -633,12 +711,12 @@ def _fmt(value) -> str:
 def main(ns: argparse.Namespace) -> int:
     """Run from parsed arguments and print the report; exit code 1 unless every round committed with all peers."""
     check_arguments(ns.peers, ns.rounds, ns.client_procs, ns.heartbeat, ns.window, ns.lease, ns.channels,
-                    ns.baseline_peers, ns.quorum_timeout, ns.spread)
+                    ns.baseline_peers, ns.quorum_timeout, ns.spread, ns.allreduce)
     with progress_for("membership", getattr(ns, "quiet", 0)) as progress:
         report = run(
             peers=ns.peers, rounds=ns.rounds, client_procs=ns.client_procs, heartbeat_s=ns.heartbeat,
             window_s=ns.window, lease_s=ns.lease, channels=ns.channels, baseline_peers=ns.baseline_peers,
-            quorum_timeout_s=ns.quorum_timeout, spread_s=ns.spread, log_dir=ns.log_dir, progress=progress,
+            quorum_timeout_s=ns.quorum_timeout, spread_s=ns.spread, allreduce_s=ns.allreduce, log_dir=ns.log_dir, progress=progress,
         )
     # Without --json, the description of the method (long prose) is left out.
     print_report(report if ns.json else {k: v for k, v in report.items() if k != "method"}, ns.json, fmt=_fmt)

@@ -4,8 +4,10 @@ Each simulated peer joins (a fresh peer, ``has_state=False``, with a fake
 unique address ``10.x.y.z:port`` -- the coordinator never dials peers), then
 heartbeats every ``heartbeat_s`` with plausible, changing metrics (fixed-rate
 schedule, random phase, so the load is spread evenly), and on command takes
-part in rounds: ``Quorum(last_round)`` -> ``Commit(ok=True)`` with the round
-id and epoch it got -> the next quorum with the committed round id. Many of
+part in rounds: ``Quorum(last_round)`` -> (``allreduce_s``, the round's data
+exchange) -> ``Commit(ok=True)`` with the round id and epoch it got -> (a
+random delay below ``spread_s``, its training until the next sync) -> the next
+quorum with the committed round id. Many of
 them live as asyncio tasks in one process (``client_main``), driven by the
 benchmark through a pipe.
 """
@@ -179,6 +181,9 @@ class SimPeer:
                 problems.append(f"{self.peer_id} round {k}: {n} members, expected {expected_members}")
             if q.rank >= n or q.members[q.rank].peer_id != self.peer_id:
                 problems.append(f"{self.peer_id} round {k}: rank {q.rank} does not point at this peer")
+            if self.job.get("allreduce_s", 0.0) > 0:
+                # The round's data exchange, as a member spends it between its plan and its report.
+                await asyncio.sleep(self.job["allreduce_s"])
             sent = self.rng.randrange(1 << 20, 4 << 20)
             self.bytes_sent += sent
             self.bytes_received += sent

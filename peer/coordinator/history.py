@@ -59,12 +59,21 @@ def _always(peer_id: str) -> bool:
 class SeriesBook:
     """A ``Series`` per peer, for at most ``peers`` peers (a new one replaces the stalest evictable one)."""
 
-    def __init__(self, points: int, peers: int, evictable: Callable[[str], bool] = _always) -> None:
+    def __init__(
+        self, points: int, peers: int, evictable: Callable[[str], bool] = _always,
+        generation: Callable[[], int] | None = None,
+    ) -> None:
+        """``generation()``, if given, changes whenever ``evictable`` may say yes to a peer it said no to: a full
+        book then skips the search for a place until it does (at 1,000 peers and 64 places, every heartbeat of
+        a peer without a place would otherwise test all 64)."""
         if peers < 1:
             raise ValueError(f"a series book needs room for at least 1 peer, got {peers}")
         self.points = points
         self.peers = peers
         self._evictable = evictable
+        self._generation = generation
+        # The generation at which a search found no evictable place (None: search next time).
+        self._no_place_at: int | None = None
         self._series: OrderedDict[str, Series] = OrderedDict()
 
     def get(self, peer_id: str) -> Series | None:
@@ -76,9 +85,13 @@ class SeriesBook:
         series = self._series.get(peer_id)
         if series is None:
             if len(self._series) >= self.peers:
+                generation = self._generation() if self._generation is not None else None
+                if generation is not None and generation == self._no_place_at:
+                    return False  # nothing became evictable since the last search
                 # The dict is in update order: the first evictable one is the stalest.
                 stale = next((p for p in self._series if self._evictable(p)), None)
                 if stale is None:
+                    self._no_place_at = generation
                     return False
                 del self._series[stale]
             series = self._series[peer_id] = Series(self.points)

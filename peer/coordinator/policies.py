@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from collectives.errors import ConfigError
-from collectives.gradcodes import CODE_KINDS, code_for, decodable
 from collectives.sampling import SAMPLE_POLICY, SampleSize, parse_sample_arg, sample_members, whole_count
 from peer.coordinator.rules import QuorumRules, order_members, quorum_hopeless, quorum_ready
 
@@ -362,6 +361,10 @@ class Coded(QuorumPolicy):
     @classmethod
     def from_arg(cls, arg: str) -> Coded:
         """``coded:S`` or ``coded:S,code=C``."""
+        # Imported here: gradcodes pulls in torch, which a coordinator without a coded policy never needs (its import
+        # takes seconds and its objects make every full garbage collection of the coordinator ~100 ms long).
+        from collectives.gradcodes import CODE_KINDS
+
         count, _, rest = arg.partition(",")
         s = whole_count(count) if count != "0" else 0
         key, _, code = rest.partition("=")
@@ -378,6 +381,8 @@ class Coded(QuorumPolicy):
         """Form with every asker once their rows of the code span the all-ones vector (well conditioned)."""
         if q.coordinator_age_s < q.rules.startup_grace_s:
             return None
+        from collectives.gradcodes import code_for, decodable  # torch, only for this policy (see from_arg)
+
         roster = roster_of(q)
         asked = [p for p in q.requesting if p in roster]
         try:

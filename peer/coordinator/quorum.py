@@ -33,6 +33,26 @@ from protos import membership_pb2 as pb
 log = logging.getLogger(__name__)
 
 Attempt = tuple[int, int]  # (round id, epoch)
+# Members named in the log line of a formed round (the status document has them all).
+LOGGED_MEMBERS = 20
+# QuorumResponse.rank's wire tag: field 5, varint.
+_RANK_TAG = bytes([5 << 3])
+
+
+def rank_field(rank: int) -> bytes:
+    """QuorumResponse.rank as serialised bytes, to append to a serialised answer ("" for 0, proto3's default).
+
+    Protobuf reads concatenated serialisations as one message, so ``shared + rank_field(r)`` is the answer with
+    rank r: the member list is serialised once per round, not once per member.
+    """
+    if rank == 0:
+        return b""
+    out = bytearray(_RANK_TAG)
+    while rank > 0x7F:
+        out.append((rank & 0x7F) | 0x80)
+        rank >>= 7
+    out.append(rank)
+    return bytes(out)
 
 
 class BadRequest(Exception):
@@ -47,8 +67,9 @@ class BadRequest(Exception):
 class PendingQuorum:
     """Requests waiting for the next round's group, in order of arrival.
 
-    A waiter's future gets its QuorumResponse, or None when the round formed
-    without it (it is then held until that attempt is decided).
+    A waiter's future gets its QuorumResponse, serialised (bytes: the round's member list is
+    serialised once for all), or None when the round formed without it (it is then held until
+    that attempt is decided).
     """
 
     first_at: float
@@ -212,25 +233,26 @@ class Quorums:
             action=pb.QuorumResponse.ROUND,
             round_id=round_id,
             epoch=s.epoch,
-            members=[pb.Member(peer_id=m, address=s.peers[m].address) for m in members],
+            members=[pb.Member(peer_id=m, address=s.peers[m].address, host_id=s.peers[m].host_id) for m in members],
             last_committed_round=s.last_committed_round,
             policy=self.policy.spec,
             seed=self.config.seed,
             candidates=outcome.candidates,
         )
+        # Serialised once for all members: each answer is these bytes plus its own rank field (a copy or a
+        # serialisation per member cost ~100 us each, 0.1 s of the loop per round at 1,000 members).
+        shared = template.SerializeToString()
         for rank, pid in enumerate(members):
-            # One member list copied per answer (C++ copy), instead of n new Member objects each.
-            answer = pb.QuorumResponse()
-            answer.CopyFrom(template)
-            answer.rank = rank
-            pending.waiting.pop(pid).set_result(answer)
+            pending.waiting.pop(pid).set_result(shared + rank_field(rank))
         for fut in pending.waiting.values():
             if not fut.done():
                 fut.set_result(None)  # held until this attempt is decided
         self.pending = None
         # With a state file, a restarted coordinator starts from the epoch given out, not just the last committed one.
         self._save()
-        log.info("round %d formed at epoch %d with %s", round_id, s.epoch, ", ".join(members))
+        more = len(members) - LOGGED_MEMBERS
+        shown = ", ".join(members[:LOGGED_MEMBERS]) + (f" and {more} more" if more > 0 else "")
+        log.info("round %d formed at epoch %d with %d members: %s", round_id, s.epoch, len(members), shown)
 
     def _refuse_pending(self, pending: PendingQuorum, live: int) -> None:
         """Answer every waiting Quorum call with 'too few peers' (the peers train on and ask again)."""

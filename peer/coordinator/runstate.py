@@ -49,6 +49,8 @@ class PeerRecord:
     bytes_received: int = 0
     activity: str = ""
     codecs: tuple[str, ...] = ()
+    # The host the peer said it runs on (its round partners there reduce through shared memory); "": its own.
+    host_id: str = ""
     # Calls the peer refused or cut off, by kind (its heartbeats say; docs/security.md).
     refusals: dict[str, int] = field(default_factory=dict)
     # With a run secret: the Ed25519 key the peer's credential binds its id to (collectives.credentials).
@@ -177,6 +179,8 @@ class RunState:
     gone: dict[str, float] = field(default_factory=dict)
     forget: ForgetRule = field(default_factory=ForgetRule)
     peers_forgotten: int = 0
+    # Peers taken out of the live set so far (the dashboard's series books look for a free place only after one).
+    departures: int = 0
     forgotten_bytes: tuple[int, int] = (0, 0)
     _next_peer_number: int = 1
 
@@ -185,9 +189,9 @@ class RunState:
         self.events = deque(maxlen=self.history * 2)
         self.committed = deque(maxlen=self.catchup_rounds)
         # A gone peer's curves stay until a new peer needs their place; a live peer's always stay.
-        self.loss = SeriesBook(self.loss_points, self.series_peers, self._gone)
-        self.eval_loss = SeriesBook(self.eval_points, self.series_peers, self._gone)
-        self.traffic = SeriesBook(self.traffic_points, self.series_peers, self._gone)
+        self.loss = SeriesBook(self.loss_points, self.series_peers, self._gone, self._departures)
+        self.eval_loss = SeriesBook(self.eval_points, self.series_peers, self._gone, self._departures)
+        self.traffic = SeriesBook(self.traffic_points, self.series_peers, self._gone, self._departures)
         self.alive = Series(self.alive_points)
         self.alive.append((self.started_at, 0))
 
@@ -292,6 +296,7 @@ class RunState:
         """Take a peer out of the live set (lost or left)."""
         peer.state = state
         self.live.discard(peer.peer_id)
+        self.departures += 1
         if self.by_address.get(peer.address) == peer.peer_id:
             del self.by_address[peer.address]
         self._note_alive()
@@ -315,6 +320,10 @@ class RunState:
 
     def _gone(self, peer_id: str) -> bool:
         return peer_id not in self.live
+
+    def _departures(self) -> int:
+        # Only a departure makes a peer's curves evictable (_gone): the books' "generation".
+        return self.departures
 
     def _note_alive(self) -> None:
         if self.alive.last is None or self.alive.last[1] != len(self.live):

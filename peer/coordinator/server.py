@@ -13,6 +13,7 @@ import dataclasses
 import logging
 
 import grpc
+from google.protobuf.message import Message
 
 from collectives.addresses import advertised_address, format_address, split_address
 from collectives.errors import AddressInUse
@@ -24,14 +25,23 @@ from protos import membership_pb2 as pb
 log = logging.getLogger(__name__)
 
 
+# RPCs whose server-side handler is another method of the Coordinator, one that may answer with bytes already
+# serialised (shared by many calls) instead of a message.
+WIRE_METHODS = {"Quorum": "quorum_wire"}
+
+
+def serialize(response: Message | bytes) -> bytes:
+    """A response's wire bytes: a message is serialised, bytes (an answer serialised once for many calls) pass."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
 def strict_handlers(coordinator: Coordinator) -> grpc.GenericRpcHandler:
     """The Coordinator service's handlers, answering a malformed request with INVALID_ARGUMENT (not UNKNOWN)."""
     service = pb.DESCRIPTOR.services_by_name["Coordinator"]
     handlers = {}
     for method in service.methods:
         request_type = getattr(pb, method.input_type.name)
-        response_type = getattr(pb, method.output_type.name)
-        behavior = getattr(coordinator, method.name)
+        behavior = getattr(coordinator, WIRE_METHODS.get(method.name, method.name))
 
         async def handle(raw: bytes, context, behavior=behavior, request_type=request_type):
             try:
@@ -41,7 +51,7 @@ def strict_handlers(coordinator: Coordinator) -> grpc.GenericRpcHandler:
             return await behavior(request, context)
 
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            handle, request_deserializer=lambda b: b, response_serializer=response_type.SerializeToString
+            handle, request_deserializer=lambda b: b, response_serializer=serialize
         )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 

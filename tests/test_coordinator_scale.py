@@ -1,0 +1,71 @@
+"""What keeps the coordinator's cost per round small at 1,000 peers (docs/scale.md).
+
+A ROUND answer is serialised once for all members plus each one's rank field; the
+dashboard's series books stop searching for a free place while none can have
+appeared; the membership benchmark's rate limits scale with the simulated peers
+behind its one address instead of exempting it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from peer.bench.membership import bench_rate_limits
+from peer.coordinator.history import SeriesBook
+from peer.coordinator.quorum import rank_field
+from protos import membership_pb2 as pb
+
+
+def _template() -> pb.QuorumResponse:
+    return pb.QuorumResponse(
+        action=pb.QuorumResponse.ROUND, round_id=7, epoch=2, last_committed_round=6, policy="all", seed=3,
+        members=[pb.Member(peer_id=f"p{i}-abc", address=f"10.0.0.{i}:2000{i}") for i in range(3)],
+    )
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2, 127, 128, 300, 16_383, 16_384, 2**32 - 1])
+def test_the_shared_answer_plus_a_rank_field_reads_as_the_answer_with_that_rank(rank):
+    expected = _template()
+    expected.rank = rank
+    assert pb.QuorumResponse.FromString(_template().SerializeToString() + rank_field(rank)) == expected
+
+
+@pytest.mark.parametrize("rank, encoded", [(0, b""), (1, b"\x28\x01"), (127, b"\x28\x7f"), (128, b"\x28\x80\x01")])
+def test_a_rank_field_is_the_varint_of_field_5(rank, encoded):
+    assert rank_field(rank) == encoded
+
+
+def test_a_full_book_searches_for_a_place_again_only_after_the_generation_changes():
+    asked: list[str] = []
+    generation = [0]
+
+    def evictable(peer_id: str) -> bool:
+        asked.append(peer_id)
+        return peer_id in gone
+
+    gone: set[str] = set()
+    book = SeriesBook(points=4, peers=2, evictable=evictable, generation=lambda: generation[0])
+    book.append("a", (1,))
+    book.append("b", (1,))
+    assert not book.append("c", (1,))
+    assert asked == ["a", "b"]
+    assert not book.append("c", (2,))
+    assert asked == ["a", "b"], "nothing can have become evictable: no second search"
+    gone.add("a")
+    generation[0] += 1  # a peer left
+    assert book.append("c", (3,))
+    assert book.as_dict() == {"b": [[1]], "c": [[3]]}
+
+
+def test_a_book_without_a_generation_searches_every_time():
+    asked: list[str] = []
+    book = SeriesBook(points=4, peers=1, evictable=lambda p: asked.append(p) or False)
+    book.append("a", (1,))
+    assert not book.append("b", (1,)) and not book.append("b", (2,))
+    assert asked == ["a", "a"]
+
+
+def test_the_membership_bench_scales_the_default_limits_by_its_simulated_peers():
+    assert bench_rate_limits(1000) == [
+        "--join-rate", "5000", "--join-burst", "20000", "--call-rate", "100000", "--call-burst", "500000",
+    ]
