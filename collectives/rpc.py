@@ -47,9 +47,13 @@ EXCLUSIVE_PORT = [("grpc.so_reuseport", 0)]
 # Channel options: reconnect fast (a restarted peer or coordinator comes back at the same
 # address), and never let gRPC retry on its own: callers retry with their own deadlines,
 # and a retried stream would resend chunks the receiver may already have counted.
+# Reconnect soon after a failure (backoff 0.1 s, doubling up to 2 s), but give each attempt 5 s to finish
+# its handshake: gRPC takes the "min reconnect backoff" as the least time an attempt may take, and at 0.1 s
+# every attempt on a link with a long or loaded round trip (a WAN, a saturated 100 mbit link) timed out
+# "before receiving SETTINGS frame", so a live member was blamed as unreachable.
 RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 5000),
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.enable_retries", 0),
 ]

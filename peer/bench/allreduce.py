@@ -7,12 +7,20 @@ the slowest worker's; the report gives medians and their ratio, the bytes
 each peer sent, the error against the exact mean (float64, recomputed from
 the seeds), whether every peer ended with the same bits, and with a
 bandwidth cap the fraction of the link the round kept busy.
+
+With ``--netns`` (root) every worker lives in its own network namespace behind
+``tbf``-capped links (``peer/harness/netns.py``), and gloo runs over the same
+namespaces, addresses and caps: the comparison is on the link, as on a WAN.
+Both sides then also report what their veths carried and the CPU-seconds
+their processes spent per round.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+from collections.abc import Iterator
 
 from collectives.allreduce import mean_error_bound
 from collectives.codecs import CodecConfig
@@ -23,10 +31,10 @@ from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import print_report, require
 from peer.bench.progress import Progress, progress_for
 from peer.harness.processes import ChildFailed
-from peer.harness.procgroup import AllReduceJob, ProcessGroup, WorkerConfig, WorkerError, worker_tensor
+from peer.harness.procgroup import AllReduceJob, Placement, ProcessGroup, WorkerConfig, WorkerError, worker_tensor
 
 FIELDS: Fields = {
-    "peers": "worker processes on 127.0.0.1, each one member of every round",
+    "peers": "worker processes (on 127.0.0.1, or each in its namespace with --netns), each one member of every round",
     "numel": "fp32 elements each peer contributes (a seeded random tensor)",
     "codec": "the codec every part is sent with, as parsed (e.g. int8, int4/128+zstd)",
     "repeat": "timed rounds (after one untimed warm-up round)",
@@ -50,17 +58,31 @@ FIELDS: Fields = {
     "baseline.method": "what the baseline does: torch.distributed gloo all_reduce of the same fp32 tensors",
     "baseline.median_s": "median over its rounds of the slowest process's seconds",
     "ratio_vs_gloo": "median_s / baseline.median_s: below 1 our all-reduce is faster than gloo",
+    "cpu_s_per_round": "CPU-seconds per timed round, summed over the peers' processes (every thread; median over rounds)",
+    "baseline.cpu_s_per_round": "the same for gloo",
+    "baseline.bytes_sent_per_peer": "bytes a gloo process sends per all_reduce: its ring algorithm's "
+    "2 (N-1)/N x 4 x numel (gloo exposes no counters)",
     "bandwidth": "with --bandwidth: the per-peer cap on send and on receive",
     "link_utilization": "with --bandwidth: the fraction of the capped link a round kept busy "
     "(bits sent per peer / cap / median_s)",
+    "baseline.link_utilization": "with --bandwidth: the same for gloo (its ring's bits / cap / its median_s)",
+    "hierarchical": "true with --hierarchical: every peer has one host id, so the peers reduce through shared "
+    "memory (collectives/hostround.py) and no bytes cross gRPC; the codec applies between hosts only",
+    "netns": "true with --netns: every peer in its own network namespace, links capped with tbf (else the "
+    "transport's token buckets cap ours, and gloo runs uncapped on 127.0.0.1)",
+    "wire": "with --netns: what each side's veths carried per round (tx bytes per peer, median over peers, "
+    "warm-up and barrier rounds included; Ethernet, IP and TCP headers included)",
 }
 
 
 def check_arguments(
     peers: int, numel: int, codec: str, bandwidth: str | None, repeat: int, chunk_bytes: int,
-    codec_threads: int | None, timeout_s: float,
+    codec_threads: int | None, timeout_s: float, netns: bool = False,
 ) -> float | None:
-    """ConfigError for arguments the benchmark cannot run with; the bandwidth cap in bits per second."""
+    """ConfigError for arguments the benchmark cannot run with; the bandwidth cap in bits per second.
+
+    With netns, NetnsUnavailable (not root, no iproute2...) says what is missing, before any process starts.
+    """
     require(peers >= 1, f"--peers must be at least 1, got {peers}")
     require(numel >= 1, f"--numel must be at least 1, got {numel}")
     require(repeat >= 1, f"--repeat must be at least 1, got {repeat}")
@@ -68,7 +90,12 @@ def check_arguments(
     require(codec_threads is None or codec_threads >= 0, f"--codec-threads must be 0 or more, got {codec_threads}")
     require(timeout_s > 0, f"--timeout must be positive, got {timeout_s:g}")
     CodecConfig.parse(codec)  # ConfigError naming the valid codecs
-    return parse_bandwidth(bandwidth) if bandwidth else None
+    bps = parse_bandwidth(bandwidth) if bandwidth else None
+    if netns:
+        from peer.harness.netns import check_available
+
+        check_available()
+    return bps
 
 
 def _per_repeat_max(replies: list[dict]) -> list[float]:
@@ -85,43 +112,63 @@ def run(
     gloo: bool = True,
     timeout_s: float = 300.0,
     codec_threads: int | None = None,
+    netns: bool = False,
     progress: Progress | None = None,
+    hierarchical: bool = False,
 ) -> dict:
     """Run the benchmark and return its report as a JSON-ready dict (codec_threads None: codec_threads_for)."""
-    bandwidth_bps = check_arguments(peers, numel, codec, bandwidth, repeat, chunk_bytes, codec_threads, timeout_s)
+    bandwidth_bps = check_arguments(
+        peers, numel, codec, bandwidth, repeat, chunk_bytes, codec_threads, timeout_s, netns
+    )
+    # Namespaces stand for separate hosts: one host id would take the bytes off their shaped links.
+    require(not (hierarchical and netns), "--hierarchical puts every peer on one host; it cannot go with --netns")
+    hosts = ("bench-host",) * peers if hierarchical else None
     progress = progress or Progress("allreduce", enabled=False)
     if codec_threads is None:
         codec_threads = codec_threads_for(peers)
     TransportConfig(chunk_bytes=chunk_bytes, codec_threads=codec_threads)  # its own checks, before any process
-    config = WorkerConfig(
-        run_id="bench", chunk_bytes=chunk_bytes, bandwidth_bps=bandwidth_bps, codec_threads=codec_threads
-    )
     job = AllReduceJob(
-        numel=numel, codec=codec, repeat=repeat, timeout_s=timeout_s, check_error=True, seed=1, barrier=True
+        numel=numel, codec=codec, repeat=repeat, timeout_s=timeout_s, check_error=True, seed=1, barrier=True,
+        hosts=hosts,
     )
+    wire: dict[str, float] = {}
     try:
-        progress.begin(f"starting {peers} workers")
-        with ProcessGroup(peers, config) as group:
-            progress.end()
-            # One warm-up round connects every channel and faults in every buffer.
-            progress.begin("our all-reduce, warm-up round")
-            warm = AllReduceJob(numel=numel, codec=codec, repeat=1, timeout_s=timeout_s, first_round=1_000)
-            _expect_ok(group.allreduce(warm))
-            progress.end()
-            progress.begin(f"our all-reduce, {repeat} rounds")
-            replies = _expect_ok(group.allreduce(job))
-            progress.end(f"median {statistics.median(_per_repeat_max(replies)):.3f} s")
-            baseline = None
-            if gloo:
-                progress.begin(f"gloo all_reduce, {repeat} rounds")
-                group.gloo_init()
-                gloo_job = AllReduceJob(numel=numel, repeat=repeat, seed=1)
-                gloo_replies = [r[1] for r in group.run("gloo_allreduce", gloo_job)]
-                baseline = {
-                    "method": "torch.distributed gloo all_reduce (fp32)",
-                    "median_s": statistics.median(_per_repeat_max(gloo_replies)),
-                }
-                progress.end(f"median {baseline['median_s']:.3f} s")
+        with _network(peers, bandwidth_bps, progress) if netns else contextlib.nullcontext() as network:
+            config = WorkerConfig(
+                run_id="bench", chunk_bytes=chunk_bytes, codec_threads=codec_threads,
+                # In namespaces tbf caps both sides alike; else ours is capped by its token buckets.
+                bandwidth_bps=None if netns else bandwidth_bps, placements=_placements(network),
+            )
+            progress.begin(f"starting {peers} workers")
+            with ProcessGroup(peers, config) as group:
+                progress.end()
+                # One warm-up round connects every channel and faults in every buffer.
+                progress.begin("our all-reduce, warm-up round")
+                warm = AllReduceJob(
+                    numel=numel, codec=codec, repeat=1, timeout_s=timeout_s, first_round=1_000, hosts=hosts
+                )
+                _expect_ok(group.allreduce(warm))
+                progress.end()
+                progress.begin(f"our all-reduce, {repeat} rounds")
+                before = _tx_bytes(network)
+                replies = _expect_ok(group.allreduce(job))
+                wire["ours"] = _per_round(before, _tx_bytes(network), repeat)
+                progress.end(f"median {statistics.median(_per_repeat_max(replies)):.3f} s")
+                baseline = None
+                if gloo:
+                    progress.begin(f"gloo all_reduce, {repeat} rounds")
+                    group.gloo_init()
+                    gloo_job = AllReduceJob(numel=numel, repeat=repeat, seed=1)
+                    before = _tx_bytes(network)
+                    gloo_replies = [r[1] for r in group.run("gloo_allreduce", gloo_job)]
+                    wire["gloo"] = _per_round(before, _tx_bytes(network), repeat)
+                    baseline = {
+                        "method": "torch.distributed gloo all_reduce (fp32)",
+                        "median_s": statistics.median(_per_repeat_max(gloo_replies)),
+                        "cpu_s_per_round": _cpu_per_round(gloo_replies),
+                        "bytes_sent_per_peer": 2 * (peers - 1) / peers * 4 * numel,
+                    }
+                    progress.end(f"median {baseline['median_s']:.3f} s")
     except WorkerError as exc:  # a worker died or raised: a child's failure, said in one line
         raise ChildFailed(f"all-reduce {exc} (its own messages are above, on stderr)") from exc
     times = _per_repeat_max(replies)
@@ -134,8 +181,11 @@ def run(
         "repeat": repeat,
         "chunk_bytes": chunk_bytes,
         "codec_threads": codec_threads,
+        "netns": netns,
+        "hierarchical": hierarchical,
         "median_s": median,
         "times_s": times,
+        "cpu_s_per_round": _cpu_per_round(replies),
         "bytes_sent_per_peer": statistics.median(sent),
         "bytes_sent_per_peer_max": max(sent),
         "fp32_bytes": numel * 4,
@@ -153,7 +203,52 @@ def run(
     if bandwidth_bps:
         report["bandwidth"] = format_bandwidth(bandwidth_bps)
         report["link_utilization"] = (report["bytes_sent_per_peer"] * 8 / bandwidth_bps) / median
+        if baseline is not None and netns:  # off the namespaces gloo runs uncapped: no utilisation to speak of
+            baseline["link_utilization"] = (baseline["bytes_sent_per_peer"] * 8 / bandwidth_bps) / baseline["median_s"]
+    if netns:
+        report["wire"] = wire
     return report
+
+
+@contextlib.contextmanager
+def _network(peers: int, bandwidth_bps: float | None, progress: Progress) -> Iterator[object]:
+    """One network namespace per worker, every link capped at bandwidth_bps both ways; removed on exit."""
+    from peer.harness.netns import LinkSpec, NetnsNetwork, cleanup_leftovers
+
+    cleanup_leftovers("lcn")  # what a killed harness or benchmark left behind
+    progress.begin(f"building {peers} network namespaces")
+    names = [f"peer{i}" for i in range(peers)]
+    with NetnsNetwork(prefix="lcn") as network:
+        network.create(names, {n: LinkSpec(bandwidth_bps, bandwidth_bps) for n in names})
+        for name in names:
+            network.subnet_only(name)
+        progress.end()
+        yield network
+
+
+def _placements(network) -> tuple[Placement, ...]:
+    if network is None:
+        return ()
+    hosts = sorted(network.hosts.values(), key=lambda h: int(h.name.removeprefix("peer")))
+    return tuple(Placement(netns=h.netns, ip=h.ip, interface=h.veth_ns) for h in hosts)
+
+
+def _tx_bytes(network) -> list[int]:
+    if network is None:
+        return []
+    return [network.link_stats(name)["tx_bytes"] for name in sorted(network.hosts)]
+
+
+def _per_round(before: list[int], after: list[int], rounds: int) -> float | None:
+    """Median over peers of the bytes their veths sent per round (None off the namespaces)."""
+    if not before:
+        return None
+    return statistics.median((b - a) / rounds for a, b in zip(before, after))
+
+
+def _cpu_per_round(replies: list[dict]) -> float:
+    """Median over rounds of the CPU-seconds all peers spent in that round."""
+    return statistics.median(sum(cpus) for cpus in zip(*(r["cpu_s"] for r in replies)))
 
 
 def _expect_ok(replies: list) -> list[dict]:
@@ -169,6 +264,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--numel", type=int, default=25_000_000, help="fp32 elements each peer contributes")
     parser.add_argument("--codec", default="int8", help="none, fp16, bf16, int8, int4 (+zstd, /block)")
     parser.add_argument("--bandwidth", default=None, help="per-peer cap on send and receive, e.g. 1gbit (none: uncapped)")
+    parser.add_argument(
+        "--netns", action="store_true",
+        help="root: each peer in its own network namespace, links capped with tbf; gloo runs over the same links",
+    )
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds; the median is reported")
     parser.add_argument("--chunk-bytes", type=int, default=1 << 20, help="bytes per gRPC message")
     parser.add_argument(
@@ -176,6 +275,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="codec threads per peer; 0 encodes on the event loop (default: 0 when peers >= cores, else 2)",
     )
     parser.add_argument("--no-gloo", action="store_true", help="skip the gloo baseline")
+    parser.add_argument(
+        "--hierarchical", action="store_true",
+        help="every peer on one host id: they reduce through shared memory (the codec applies between hosts only)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline of each round, seconds")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     describe_report(parser, FIELDS)
@@ -183,12 +286,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(ns: argparse.Namespace) -> int:
     """Check the arguments, run, and print the report (progress on stderr)."""
-    check_arguments(ns.peers, ns.numel, ns.codec, ns.bandwidth, ns.repeat, ns.chunk_bytes, ns.codec_threads, ns.timeout)
+    check_arguments(
+        ns.peers, ns.numel, ns.codec, ns.bandwidth, ns.repeat, ns.chunk_bytes, ns.codec_threads, ns.timeout, ns.netns
+    )
     with progress_for("allreduce", getattr(ns, "quiet", 0)) as progress:
         report = run(
             peers=ns.peers, numel=ns.numel, codec=ns.codec, bandwidth=ns.bandwidth, repeat=ns.repeat,
             chunk_bytes=ns.chunk_bytes, gloo=not ns.no_gloo, timeout_s=ns.timeout, codec_threads=ns.codec_threads,
-            progress=progress,
+            netns=ns.netns, progress=progress, hierarchical=ns.hierarchical,
         )
     print_report(report, ns.json)
     return 0

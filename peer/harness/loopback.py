@@ -27,24 +27,31 @@ LOOPBACK_INTERFACE = "lo"
 STORE_BACKLOG = 2048
 
 
-def use_loopback_for_gloo() -> None:
-    """Make gloo (in this process and the children it starts) listen and connect on the loopback interface only."""
-    os.environ["GLOO_SOCKET_IFNAME"] = LOOPBACK_INTERFACE
+def use_loopback_for_gloo(interface: str = LOOPBACK_INTERFACE) -> None:
+    """Make gloo (in this process and the children it starts) listen and connect on one interface only.
+
+    The loopback interface, except inside a benchmark's own network namespace, whose one veth is private to it.
+    """
+    os.environ["GLOO_SOCKET_IFNAME"] = interface
 
 
 def loopback_store(
-    world_size: int, timeout: datetime.timedelta, port: int = 0, wait_for_workers: bool = False
+    world_size: int, timeout: datetime.timedelta, port: int = 0, wait_for_workers: bool = False,
+    host: str = LOOPBACK,
 ) -> Any:
-    """A torch ``TCPStore`` server listening on 127.0.0.1:port only (port 0: any free port; see ``store.port``)."""
+    """A torch ``TCPStore`` server listening on host:port only (port 0: any free port; see ``store.port``).
+
+    host is 127.0.0.1, or a benchmark's address inside a network namespace it made (reachable from nothing else).
+    """
     import torch.distributed as dist
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((LOOPBACK, port))
+        sock.bind((host, port))
         sock.listen(STORE_BACKLOG)
         store = dist.TCPStore(
-            LOOPBACK, sock.getsockname()[1], world_size, is_master=True, timeout=timeout,
+            host, sock.getsockname()[1], world_size, is_master=True, timeout=timeout,
             wait_for_workers=wait_for_workers, master_listen_fd=sock.fileno(),
         )
     except BaseException:

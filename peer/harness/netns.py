@@ -74,6 +74,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from collectives.errors import LoconetError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SUBNET = "10.77.0.0/24"
@@ -95,11 +97,11 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*")
 _TOKEN_CHARS = string.ascii_lowercase + string.digits
 
 
-class NetnsUnavailable(RuntimeError):
+class NetnsUnavailable(LoconetError, RuntimeError):
     """Network namespaces cannot be used here (not root, no iproute2, no kernel support)."""
 
 
-class NetnsError(RuntimeError):
+class NetnsError(LoconetError, RuntimeError):
     """A command that builds or changes the network failed."""
 
     def __init__(self, message: str, cmd: list[str] | None = None, stderr: str = "") -> None:
@@ -205,6 +207,27 @@ def _qdisc_stats(ns: str | None, dev: str) -> dict:
         if q.get("kind") == "tbf":
             return {k: q.get(k, 0) for k in ("bytes", "packets", "drops", "overlimits", "backlog", "qlen")}
     return {}
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def enter_netns(netns: str) -> None:
+    """Move the calling thread (and every thread it starts later) into the named network namespace.
+
+    For a worker process right after it starts, before it opens a socket or a thread: what
+    `ip netns exec` does for a new program, for a process that is already running Python.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetnsError(f"could not enter network namespace {netns}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 # -- host-wide bookkeeping ---------------------------------------------------------------------
@@ -519,6 +542,15 @@ class NetnsNetwork:
         _run(["ip", "-n", h.netns, "link", "set", "dev", h.veth_ns, "up"])
         _run(["ip", "-n", h.netns, "route", "replace", "default", "via", self.gateway, "dev", h.veth_ns])
         log.info("restored %s (%s)", name, h.ip)
+
+    def subnet_only(self, name: str) -> None:
+        """Drop the host's default route: it reaches the subnet's hosts only.
+
+        A DNS server beyond the bridge then fails at once (no route) instead of timing out
+        unanswered, which torch's store otherwise waits 10 s for on every reverse lookup.
+        """
+        h = self._host(name)
+        _run(["ip", "-n", h.netns, "route", "del", "default"])
 
     def set_link(self, name: str, spec: LinkSpec) -> None:
         """Set the host's caps now (replaces the qdiscs; None in spec removes that direction's cap)."""

@@ -20,13 +20,22 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
 from collectives.transport import TransportConfig
-from peer.harness.loopback import LOOPBACK, loopback_store, use_loopback_for_gloo
+from peer.harness.loopback import LOOPBACK, LOOPBACK_INTERFACE, loopback_store, use_loopback_for_gloo
 
 log = logging.getLogger(__name__)
 
 
 class WorkerError(RuntimeError):
     """A worker process failed to start, died, or did not answer in time."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a worker lives on a network of namespaces: its namespace, its address there, its interface."""
+
+    netns: str
+    ip: str
+    interface: str
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,9 @@ class WorkerConfig:
     torch_threads: int = 1
     # See TransportConfig.codec_threads (0: on each worker's event loop).
     codec_threads: int = TransportConfig.codec_threads
+    # One per rank: each worker enters its own network namespace (peer/harness/netns.py) and
+    # serves, and runs gloo, on its address there; empty: every worker on `host`.
+    placements: tuple[Placement, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,9 @@ class AllReduceJob:
     hold_rank: int | None = None
     hold_phase: str | None = None
     error_feedback: bool = False
+    # Per-rank host ids (None: every member on its own, the flat round): members sharing one reduce through
+    # shared memory first (collectives/hostround.py), e.g. ("h",) * n for one host, ("a", "a", "b", "b").
+    hosts: tuple[str, ...] | None = None
 
 
 def worker_tensor(job: AllReduceJob, rank: int, size: int = 0):
@@ -89,6 +104,11 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
     parent = mp.parent_process()
     if parent is not None and os.getppid() != parent.pid:
         return  # the parent died before the line above took effect
+    place = config.placements[rank] if config.placements else None
+    if place is not None:
+        from peer.harness.netns import enter_netns
+
+        enter_netns(place.netns)  # before any socket or thread: all of them live there
     import torch
 
     from collectives.allocator import tune_malloc
@@ -109,7 +129,7 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
 
     transport = Transport(
         TransportConfig(
-            host=config.host,
+            host=place.ip if place else config.host,
             chunk_bytes=config.chunk_bytes,
             bandwidth_bps=config.bandwidth_bps,
             codec_threads=config.codec_threads,
@@ -134,7 +154,7 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
                         hold.update(rank=job.hold_rank, phase=job.hold_phase)
                     reply = _run_allreduce(collective, addresses, rank, job, torch)
                 elif cmd == "gloo_init":
-                    store, reply = _gloo_init(rank, len(addresses), arg, store)
+                    store, reply = _gloo_init(rank, len(addresses), arg, store, config.placements)
                 elif cmd == "gloo_allreduce":
                     reply = _gloo_allreduce(rank, len(addresses), arg, torch)
                 elif cmd == "exit":
@@ -150,6 +170,7 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
     except (EOFError, KeyboardInterrupt):
         return
     finally:
+        collective.close()  # its hierarchical rounds' shared memory
         transport.close()
         del store
 
@@ -176,6 +197,7 @@ def _run_allreduce(collective, addresses: list[str], rank: int, job: AllReduceJo
         return {"skipped": True}
     members = tuple(addresses[r] for r in ranks)
     my = ranks.index(rank)
+    hosts = None if job.hosts is None else tuple(job.hosts[r] for r in ranks)
     x = worker_tensor(job, rank)
     weight = 1.0 if job.weights is None else job.weights[rank]
     cfg = AllReduceConfig(
@@ -188,6 +210,7 @@ def _run_allreduce(collective, addresses: list[str], rank: int, job: AllReduceJo
     # timed round does not pay for faulting in its pages (gloo's buffer is copied untimed too).
     out = torch.zeros_like(x)
     times: list[float] = []
+    cpu: list[float] = []  # CPU seconds of the whole process (every thread) per timed round
     result = None
     stats = None
     decisions: list[dict] = []
@@ -198,16 +221,18 @@ def _run_allreduce(collective, addresses: list[str], rank: int, job: AllReduceJo
         if job.barrier:
             collective.allreduce(Group(collective.run_id, job.epoch, base, members, my), tiny)
         group = Group(collective.run_id, job.epoch, base + 1, members, my)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
-            done = collective.allreduce(group, x, weight=weight, config=cfg, residual=residual, out=out)
+            done = collective.allreduce(group, x, weight=weight, config=cfg, residual=residual, out=out, hosts=hosts)
         except Exception as exc:
             exc.elapsed_s = time.perf_counter() - t0
             raise
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         result, stats, decisions = done.value, done.stats, done.decisions
     reply = {
         "times_s": times,
+        "cpu_s": cpu,
         "stats": stats.as_dict(),
         "decisions": decisions,
         "sha256": hashlib.sha256(result.numpy().tobytes()).hexdigest(),
@@ -228,20 +253,27 @@ def _error_against_exact_mean(job: AllReduceJob, ranks: list[int], result, torch
     return float((result.double() - exact).abs().max()) if job.numel else 0.0
 
 
-def _gloo_init(rank: int, world: int, port: int | None, store: object | None) -> tuple[object, int]:
-    """Rank 0 first creates the TCP store (port None -> OS-chosen); then every rank joins the gloo group."""
+def _gloo_init(
+    rank: int, world: int, port: int | None, store: object | None, placements: tuple[Placement, ...] = ()
+) -> tuple[object, int]:
+    """Rank 0 first creates the TCP store (port None -> OS-chosen); then every rank joins the gloo group.
+
+    With placements gloo runs over each worker's namespace link, where ours does, and the store is on rank 0's address.
+    """
     import datetime
 
     import torch.distributed as dist
 
-    use_loopback_for_gloo()  # gloo's own connections listen on 127.0.0.1 only
+    # gloo's own connections listen on 127.0.0.1 only, or on the worker's private veth.
+    use_loopback_for_gloo(placements[rank].interface if placements else LOOPBACK_INTERFACE)
+    store_host = placements[0].ip if placements else LOOPBACK
     timeout = datetime.timedelta(seconds=120)
     if store is None:
         if rank == 0:
-            # torch's own store server would listen on every interface: this one listens on 127.0.0.1 only.
-            store = loopback_store(world, timeout, port or 0)
+            # torch's own store server would listen on every interface: this one listens on one address only.
+            store = loopback_store(world, timeout, port or 0, host=store_host)
         else:
-            store = dist.TCPStore(LOOPBACK, port or 0, world, is_master=False, timeout=timeout)
+            store = dist.TCPStore(store_host, port or 0, world, is_master=False, timeout=timeout)
         if port is None:
             return store, store.port
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
@@ -252,15 +284,16 @@ def _gloo_allreduce(rank: int, world: int, job: AllReduceJob, torch) -> dict:
     import torch.distributed as dist
 
     x = worker_tensor(job, rank)
-    times = []
+    times, cpu = [], []
     for _ in range(job.repeat):
         buf = x.clone()
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         dist.all_reduce(buf)
         buf.div_(world)
         times.append(time.perf_counter() - t0)
-    return {"times_s": times, "sha256": hashlib.sha256(buf.numpy().tobytes()).hexdigest()}
+        cpu.append(time.process_time() - c0)
+    return {"times_s": times, "cpu_s": cpu, "sha256": hashlib.sha256(buf.numpy().tobytes()).hexdigest()}
 
 
 @dataclass

@@ -1,0 +1,55 @@
+"""``loconet bench allreduce --netns``: ours and gloo over the same namespaces and capped links.
+
+Every worker lives in its own network namespace behind tbf-capped links, and
+gloo runs in the same processes over the same links. Needs root; the test of
+the refusal without it runs anywhere.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.process
+import subprocess
+
+import pytest
+
+from peer.bench import allreduce
+from peer.cli import main
+from peer.harness.netns import NetnsUnavailable, check_available
+
+try:
+    check_available()
+    NETNS = ""
+except NetnsUnavailable as _e:  # pragma: no cover - depends on the machine
+    NETNS = str(_e)
+
+
+def test_without_root_it_says_so_in_one_line_before_any_process(monkeypatch, capsys):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a process was started before the arguments were checked")
+
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", forbidden)
+    monkeypatch.setattr(subprocess.Popen, "__init__", forbidden)
+    code = main(["bench", "allreduce", "--netns", "--bandwidth", "100mbit", "--numel", "1000", "--json"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1
+    assert err[0].startswith("loconet: error: --netns needs root (uid 0; you are uid 1000)")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(bool(NETNS), reason=f"network namespaces unavailable: {NETNS}")
+def test_ours_and_gloo_run_over_the_same_capped_links():
+    report = allreduce.run(peers=3, numel=200_000, codec="int8", bandwidth="50mbit", repeat=1, netns=True)
+    assert report["netns"] is True
+    assert report["identical_across_peers"] is True
+    assert report["max_abs_error"] <= report["error_bound"]
+    # What our transport counted is what left each namespace's veth, give or take the headers.
+    assert report["bytes_sent_per_peer"] <= report["wire"]["ours"] <= 1.1 * report["bytes_sent_per_peer"]
+    # gloo's ring sends 2 (N-1)/N of the fp32 tensor per peer, through the same veths.
+    assert report["baseline"]["bytes_sent_per_peer"] == 2 * 2 / 3 * 4 * 200_000
+    assert report["baseline"]["bytes_sent_per_peer"] <= report["wire"]["gloo"]
+    for side in (report, report["baseline"]):
+        assert 0 < side["link_utilization"] <= 1
+        assert side["cpu_s_per_round"] > 0
+    assert report["ratio_vs_gloo"] == report["median_s"] / report["baseline"]["median_s"]
