@@ -341,10 +341,8 @@ class Codec:
         return _zstd_bound(raw) + _ZSTD_FRAME_OVERHEAD if self.config.zstd_level else raw
 
     def chunk_numel(self, chunk_bytes: int) -> int:
-        """Elements per network chunk so that a chunk's raw payload fits chunk_bytes (whole quantization blocks)."""
-        block = self.config.block_size if self.config.name in ("int8", "int4") else 1
-        per_block = max(1, self.raw_size(block))
-        return max(1, chunk_bytes // per_block) * block
+        """Elements per network chunk so that a chunk's raw payload fits chunk_bytes."""
+        return max(1, chunk_bytes // max(1, self.raw_size(1)))
 
     # -- public encode / decode ------------------------------------------------
 
@@ -385,11 +383,16 @@ class Codec:
         """
         return self.encode(x, copy=copy)
 
-    def encode_with_feedback(self, x: torch.Tensor, residual: torch.Tensor, *, copy: bool = True) -> bytes | memoryview:
+    def encode_with_feedback(
+        self, x: torch.Tensor, residual: torch.Tensor | None, *, copy: bool = True
+    ) -> bytes | memoryview:
         """Encode ``x + residual`` and set ``residual`` in place to ``(x + residual) - decoded`` (error feedback).
 
-        ``residual`` lives on x's device and is updated there. ``copy`` as for :meth:`encode`.
+        ``residual`` lives on x's device and is updated there; None encodes ``x`` as :meth:`encode` does.
+        ``copy`` as for :meth:`encode`.
         """
+        if residual is None:
+            return self.encode(x, copy=copy)
         x = self._check_input(x)
         if (not isinstance(residual, torch.Tensor) or residual.dtype != torch.float32
                 or residual.shape != x.shape or residual.device != x.device):
@@ -594,6 +597,10 @@ class _BlockCodec(Codec):
     def _values_size(self, numel: int) -> int:
         raise NotImplementedError
 
+    def chunk_numel(self, chunk_bytes: int) -> int:
+        """Elements per network chunk: whole quantization blocks whose raw payload fits chunk_bytes."""
+        return max(1, chunk_bytes // max(1, self.raw_size(self._block))) * self._block
+
     def raw_size(self, numel: int) -> int:
         """Exact payload size in bytes before the zstd stage for ``numel`` elements."""
         return 4 * (-(-numel // self._block)) + self._values_size(numel)
@@ -765,8 +772,6 @@ class _Int4Codec(_BlockCodec):
             o = out[e0:e1]
             o.copy_(nib[:e1 - e0])
             self._scale_segment(o, scales, b0, b1, tail)
-
-
 
 
 def make_codec(config: CodecConfig | str) -> Codec:

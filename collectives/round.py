@@ -65,11 +65,6 @@ class AllReduceConfig:
     blame_grace_s: float = 1.0
 
 
-def chunk_numel(codec: Codec, chunk_bytes: int) -> int:
-    """Elements per chunk so that a chunk's raw payload fits chunk_bytes (the codec decides: whole blocks)."""
-    return codec.chunk_numel(chunk_bytes)
-
-
 class GroupUnfit(RoundFailed):
     """The round's aggregator cannot run with this many members (e.g. Bulyan below 4f+3); the message says why."""
 
@@ -150,7 +145,7 @@ class Round:
         self.others = [j for j in range(group.size) if j != group.rank]
         self.pending: Counter[int] = Counter()
         self.tasks: list[asyncio.Task] = []
-        self.chunk_numel = chunk_numel(codec, self.transport.config.chunk_bytes)
+        self.chunk_numel = codec.chunk_numel(self.transport.config.chunk_bytes)
         self.started = time.monotonic()
         # This member's reduced chunks, in order, shared by every destination's gather stream.
         self._gathered: list[bytes] = []
@@ -244,7 +239,7 @@ class Round:
         try:
             if self.codec.NEEDS_FEEDBACK:
                 res = None if self._own_residual is None else self._own_residual[c0:c1]
-                payload = self.codec.encode(mine) if res is None else self.codec.encode_with_feedback(mine, res)
+                payload = self.codec.encode_with_feedback(mine, res)
                 self.codec.decode(payload, c1 - c0, out=row)
             else:
                 row.copy_(mine)
@@ -332,10 +327,7 @@ class Round:
     ) -> bytes:
         # Runs on a codec thread; copy=False is safe because the payload is framed on the same thread.
         t0 = time.perf_counter()
-        if residual is None:
-            payload = self.codec.encode(x, copy=False)
-        else:
-            payload = self.codec.encode_with_feedback(x, residual, copy=False)
+        payload = self.codec.encode_with_feedback(x, residual, copy=False)
         self.stats.encode_s += time.perf_counter() - t0
         return self._message(SCATTER, j, part_numel, offset, x.numel(), weight, payload)
 

@@ -109,7 +109,7 @@ class LocalPeer:
         c = make_codec(codec or CodecConfig())
         if c.NEEDS_FEEDBACK:  # a sparse codec codes a real owner's own part too (collectives/round.py)
             work = None if residual is None else residual.cpu()
-            flat = c.decode(c.encode(flat) if work is None else c.encode_with_feedback(flat, work), flat.numel())
+            flat = c.decode(c.encode_with_feedback(flat, work), flat.numel())
             if work is not None:
                 residual.copy_(work)
         elif residual is not None:
