@@ -24,6 +24,7 @@ import grpc
 
 from collectives.membership import NO_QUORUM
 from collectives.transport import consume_exception
+from collectives.wire import encode_varint
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.policies import FormRound, QuorumInputs, QuorumPolicy, Refuse
 from peer.coordinator.rules import CommitInputs, Decision, Report, commit_decision, next_epoch
@@ -45,14 +46,7 @@ def rank_field(rank: int) -> bytes:
     Protobuf reads concatenated serialisations as one message, so ``shared + rank_field(r)`` is the answer with
     rank r: the member list is serialised once per round, not once per member.
     """
-    if rank == 0:
-        return b""
-    out = bytearray(_RANK_TAG)
-    while rank > 0x7F:
-        out.append((rank & 0x7F) | 0x80)
-        rank >>= 7
-    out.append(rank)
-    return bytes(out)
+    return _RANK_TAG + encode_varint(rank) if rank else b""
 
 
 class BadRequest(Exception):

@@ -75,6 +75,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from collectives.errors import LoconetError
+from collectives.hostlocal import process_start
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +247,12 @@ def _locked() -> Iterator[None]:
 
 
 def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (tells a pid from its reuse), None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    """The process's start time in clock ticks since boot (tells a pid from its reuse), None if gone or a zombie.
+
+    A string, as the state files have always recorded it.
+    """
+    start = process_start(pid)
+    return None if start is None else str(start)
 
 
 def _owner_alive(state: dict) -> bool:
