@@ -178,12 +178,17 @@ def checked_reduce(n: int, reduce: Reduce) -> Reduce:
     return run
 
 
-def weighted_sum(rows: torch.Tensor, coef: torch.Tensor, order: Sequence[int] | None = None) -> torch.Tensor:
-    """fp32 sum_t coef[t] * rows[order[t]], accumulated in that order (rank order by default)."""
+def weighted_sum(
+    rows: torch.Tensor, coef: torch.Tensor, order: Sequence[int] | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp32 sum_t coef[t] * rows[order[t]], accumulated in that order (rank order by default), into out if given.
+
+    out may be the first row itself (the sum is then made in place, as a host's shared-memory round does).
+    """
     # An explicit loop over the rows (each row vectorised, in rank order or the given order) fixes the order
     # of the fp32 additions, so the result depends neither on the thread count nor on the column slice.
     order = range(rows.shape[0]) if order is None else order
-    out = torch.mul(rows[order[0]], coef[0])
+    out = torch.mul(rows[order[0]], coef[0], out=out)
     for t in range(1, len(order)):
         out.add_(rows[order[t]], alpha=float(coef[t]))
     return out

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import torch
 
-from collectives.aggregation import finite_weights, mean_coefficients
+from collectives.aggregation import finite_weights, mean_coefficients, weighted_sum
 from collectives.errors import LoconetError, MemberFailure, NonFiniteError, RoundFailed, StaleRound
 from collectives.hostcache import SegmentCache
 from collectives.hostlocal import (
@@ -92,10 +92,7 @@ def reduce_rows(rows: torch.Tensor, coef: torch.Tensor, a: int, b: int) -> list[
     bad = None
     for c0 in range(a, b, REDUCE_STEP):
         c1 = min(b, c0 + REDUCE_STEP)
-        out = rows[0, c0:c1]
-        out.mul_(coef[0])
-        for t in range(1, rows.shape[0]):
-            out.add_(rows[t, c0:c1], alpha=float(coef[t]))
+        out = weighted_sum(rows[:, c0:c1], coef, out=rows[0, c0:c1])
         if bad is None and not bool(torch.isfinite(out.sum())):
             bad = (c0, c1)
     if bad is None:
