@@ -229,14 +229,14 @@ def _network(peers: int, bandwidth_bps: float | None, progress: Progress) -> Ite
 def _placements(network) -> tuple[Placement, ...]:
     if network is None:
         return ()
-    hosts = sorted(network.hosts.values(), key=lambda h: int(h.name.removeprefix("peer")))
-    return tuple(Placement(netns=h.netns, ip=h.ip, interface=h.veth_ns) for h in hosts)
+    # network.hosts is in creation order: peer0, peer1, ... are ranks 0, 1, ...
+    return tuple(Placement(netns=h.netns, ip=h.ip, interface=h.veth_ns) for h in network.hosts.values())
 
 
 def _tx_bytes(network) -> list[int]:
     if network is None:
         return []
-    return [network.link_stats(name)["tx_bytes"] for name in sorted(network.hosts)]
+    return [network.link_stats(name)["tx_bytes"] for name in network.hosts]
 
 
 def _per_round(before: list[int], after: list[int], rounds: int) -> float | None:
