@@ -385,7 +385,9 @@ class RoundRegistry:
         self._closed: OrderedDict[tuple[int, int], None] = OrderedDict()
         # Abort notices for rounds not open yet: failed ranks, reason, reporter's rank and its verified address.
         self._early_aborts: OrderedDict[tuple[int, int], tuple[list[int], str, int, str | None]] = OrderedDict()
-        self._opened = asyncio.Condition()
+        # Set (and replaced) whenever a round opens. An Event, not a Condition: a handler cancelled twice while
+        # waiting (gRPC cancels, then wait_for's timeout) must not leave a lock to release that it no longer holds.
+        self._opened = asyncio.Event()
 
     def _check(self, tag: pb.RoundTag) -> None:
         if tag.run_id != self.run_id:
@@ -416,8 +418,8 @@ class RoundRegistry:
                     inbox.fail(r, reason, reported_by=reporter)
             if not ranks:
                 inbox.set_error(RoundFailed(f"round {key[0]} aborted: {reason}"))
-        async with self._opened:
-            self._opened.notify_all()
+        opened, self._opened = self._opened, asyncio.Event()
+        opened.set()
 
     def open_inbox(self, round_id: int, epoch: int) -> RoundInbox | None:
         """The inbox of an open round (None if it is not open here), for observers and tests."""
@@ -436,22 +438,22 @@ class RoundRegistry:
         """The open inbox for tag, waiting up to timeout_s for this member to open it (then RoundNotOpen)."""
         deadline = time.monotonic() + max(0.0, timeout_s)
         key = (tag.round_id, tag.epoch)
-        async with self._opened:
-            while True:
-                self._check(tag)
-                inbox = self._open.get(key)
-                if inbox is not None:
-                    return inbox
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RoundNotOpen(
-                        f"round {tag.round_id} epoch {tag.epoch} is not open at this member yet "
-                        f"(waited {max(0.0, timeout_s):g} s); retry within the round's deadline"
-                    )
-                try:
-                    await asyncio.wait_for(self._opened.wait(), remaining)
-                except TimeoutError:
-                    pass
+        while True:
+            self._check(tag)
+            inbox = self._open.get(key)
+            if inbox is not None:
+                return inbox
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RoundNotOpen(
+                    f"round {tag.round_id} epoch {tag.epoch} is not open at this member yet "
+                    f"(waited {max(0.0, timeout_s):g} s); retry within the round's deadline"
+                )
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._opened.wait()
+            except TimeoutError:
+                pass
 
     def abort_notice(self, notice: pb.AbortNotice, sender: str | None = None) -> None:
         """Apply another member's abort notice to its round (or keep it until the round opens).

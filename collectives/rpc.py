@@ -22,6 +22,7 @@ Addresses (parsing, what a server advertises, routes) are in ``collectives.addre
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -263,11 +264,16 @@ def bind(server: grpc.aio.Server, host: str, port: int, *, settings: RpcSettings
 
 
 def make_channel(
-    address: str, settings: RpcSettings, *, own_connection: bool = False, auth: CallAuth | None = None
+    address: str,
+    settings: RpcSettings,
+    *,
+    own_connection: bool = False,
+    auth: CallAuth | None = None,
+    extra_options: Sequence[tuple[str, int]] = (),
 ) -> grpc.aio.Channel:
     """An asyncio channel to address (create it on the loop that uses it); with auth, every call carries its
-    credential."""
-    options = channel_options(settings, own_connection)
+    credential. extra_options: gRPC channel arguments added to the usual ones."""
+    options = [*channel_options(settings, own_connection), *extra_options]
     credentials = settings.security.channel_credentials()
     interceptors = None if auth is None else [cls(auth, address) for cls in _AIO_AUTH_INTERCEPTORS]
     if credentials is None:

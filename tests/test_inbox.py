@@ -1,4 +1,5 @@
-"""A round's inbox on its own: chunks checked in order, progress counted only once decoded, buffers kept while decodes run."""
+"""A round's inbox on its own: chunks checked in order, progress counted only once decoded, buffers kept while decodes run;
+and the registry where handlers wait for a round to open."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import torch
 
 from collectives.codecs import CodecConfig, make_codec
 from collectives.errors import ProtocolError
-from collectives.inbox import SCATTER, Group, RoundInbox
+from collectives.inbox import SCATTER, Group, RoundInbox, RoundRegistry
 from collectives.round import chunk_message
 from collectives.wire import decode_chunk
+from protos import collective_pb2 as pb
 
+HANG_LIMIT_S = 10.0
 NUMEL = 8  # two members: part 0 is elements 0..3, part 1 is 4..7
 
 
@@ -74,3 +77,57 @@ def test_drained_waits_for_a_decode_in_flight():
         return before, waiter.done()
 
     assert asyncio.run(scenario()) == (False, True)
+
+
+# -- waiting for a round to open (RoundRegistry.find) -----------------------------------------------
+
+
+def round_tag(inbox: RoundInbox) -> pb.RoundTag:
+    """The tag another member's message for inbox's round carries."""
+    group = inbox.group
+    return pb.RoundTag(run_id=group.run_id, epoch=group.epoch, round_id=group.round_id, sender_rank=1)
+
+
+def test_a_handler_waiting_for_a_round_gets_its_inbox_when_the_round_opens():
+    async def scenario():
+        registry = RoundRegistry("run")
+        inbox = make_inbox()
+        waiter = asyncio.ensure_future(registry.find(round_tag(inbox), timeout_s=30.0))
+        await asyncio.sleep(0)
+        await registry.open(inbox)
+        return inbox, await waiter
+
+    opened, found = asyncio.run(scenario())
+    assert found is opened
+
+
+def inbox_of_round(round_id: int) -> RoundInbox:
+    group = Group("run", round_id, 1, ("a:1", "b:1"), 0)
+    return RoundInbox(group, NUMEL, make_codec(CodecConfig("none")), torch.empty(RoundInbox.rows_numel(group, NUMEL)),
+                      torch.empty(NUMEL))
+
+
+def test_handlers_cancelled_twice_while_waiting_end_cancelled_and_later_rounds_still_open():
+    # gRPC cancels the handler of a client that left, and a second cancel can land while the first is handled.
+    # Eight idle streams wait for round 9; round 1 opening wakes them all, then each is cancelled twice.
+    async def scenario():
+        registry = RoundRegistry("run")
+        round_9 = inbox_of_round(9)
+        waiters = [asyncio.ensure_future(registry.find(round_tag(round_9), timeout_s=30.0)) for _ in range(8)]
+        await asyncio.sleep(0)
+        await registry.open(inbox_of_round(1))
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.sleep(0)
+        for waiter in waiters:
+            waiter.cancel()
+        ended = await asyncio.gather(*waiters, return_exceptions=True)
+        # A bound against a hang (a lock left held), not a timing measurement.
+        async with asyncio.timeout(HANG_LIMIT_S):
+            await registry.open(round_9)
+            found = await registry.find(round_tag(round_9), timeout_s=0.0)
+        return ended, round_9, found
+
+    ended, opened, found = asyncio.run(scenario())
+    assert [type(e) for e in ended] == [asyncio.CancelledError] * 8
+    assert found is opened

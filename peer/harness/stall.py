@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 NEVER_ROUND = 1 << 40
 # A placeholder for the sender of those headers (its address is in no message; any distinct string will do).
 _FAKE_SENDER = "stall.invalid:1"
+# The stuck caller keeps gRPC's receive window at its initial size: the BDP probe would grow it on a loaded
+# machine until a whole state fits unread in the client, and the fetch would complete instead of stalling.
+STALLED_CLIENT_OPTIONS = (("grpc.http2.bdp_probe", 0),)
 # How often the stall looks for its target's address before the target has joined.
 _ADDRESS_POLL_S = 0.2
 
@@ -217,7 +220,10 @@ class Stall:
         with self._lock:
             self._address = address
         settings = TransportConfig().rpc_settings()
-        channels = [make_channel(address, settings, own_connection=True) for _ in range(max(1, plan.connections))]
+        channels = [
+            make_channel(address, settings, own_connection=True, extra_options=STALLED_CLIENT_OPTIONS)
+            for _ in range(max(1, plan.connections))
+        ]
         header = unopened_round_header(plan.run_id, address)
         request = whole_state_request(plan.run_id)
         slots = [
