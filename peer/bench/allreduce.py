@@ -70,6 +70,8 @@ FIELDS: Fields = {
     "memory (collectives/hostround.py) and no bytes cross gRPC; the codec applies between hosts only",
     "netns": "true with --netns: every peer in its own network namespace, links capped with tbf (else the "
     "transport's token buckets cap ours, and gloo runs uncapped on 127.0.0.1)",
+    "congestion_control": "with --netns: the TCP congestion control of every namespace, ours and gloo's alike "
+    "(--congestion-control; by default the first of cubic, reno the kernel lets a namespace set)",
     "wire": "with --netns: what each side's veths carried per round (tx bytes per peer, median over peers, "
     "warm-up and barrier rounds included; Ethernet, IP and TCP headers included)",
 }
@@ -115,6 +117,7 @@ def run(
     netns: bool = False,
     progress: Progress | None = None,
     hierarchical: bool = False,
+    congestion_control: str | None = None,
 ) -> dict:
     """Run the benchmark and return its report as a JSON-ready dict (codec_threads None: codec_threads_for)."""
     bandwidth_bps = check_arguments(
@@ -122,6 +125,7 @@ def run(
     )
     # Namespaces stand for separate hosts: one host id would take the bytes off their shaped links.
     require(not (hierarchical and netns), "--hierarchical puts every peer on one host; it cannot go with --netns")
+    require(congestion_control is None or netns, "--congestion-control sets the namespaces' TCP; it needs --netns")
     hosts = ("bench-host",) * peers if hierarchical else None
     progress = progress or Progress("allreduce", enabled=False)
     if codec_threads is None:
@@ -133,7 +137,10 @@ def run(
     )
     wire: dict[str, float] = {}
     try:
-        with _network(peers, bandwidth_bps, progress) if netns else contextlib.nullcontext() as network:
+        no_network = contextlib.nullcontext((None, None))
+        with _network(peers, bandwidth_bps, congestion_control, progress) if netns else no_network as (
+            network, congestion_used
+        ):
             config = WorkerConfig(
                 run_id="bench", chunk_bytes=chunk_bytes, codec_threads=codec_threads,
                 # In namespaces tbf caps both sides alike; else ours is capped by its token buckets.
@@ -207,23 +214,30 @@ def run(
             baseline["link_utilization"] = (baseline["bytes_sent_per_peer"] * 8 / bandwidth_bps) / baseline["median_s"]
     if netns:
         report["wire"] = wire
+        report["congestion_control"] = congestion_used
     return report
 
 
 @contextlib.contextmanager
-def _network(peers: int, bandwidth_bps: float | None, progress: Progress) -> Iterator[object]:
-    """One network namespace per worker, every link capped at bandwidth_bps both ways; removed on exit."""
-    from peer.harness.netns import LinkSpec, NetnsNetwork, cleanup_leftovers
+def _network(
+    peers: int, bandwidth_bps: float | None, congestion_control: str | None, progress: Progress
+) -> Iterator[tuple[object, str]]:
+    """One network namespace per worker, every link capped at bandwidth_bps both ways, TCP with congestion_control
+    (None: a loss-based one, netns.LOSS_BASED_CONTROLS); removed on exit. Yields it and the control it set."""
+    from peer.harness.netns import LOSS_BASED_CONTROLS, LinkSpec, NetnsNetwork, cleanup_leftovers
 
     cleanup_leftovers("lcn")  # what a killed harness or benchmark left behind
     progress.begin(f"building {peers} network namespaces")
     names = [f"peer{i}" for i in range(peers)]
     with NetnsNetwork(prefix="lcn") as network:
         network.create(names, {n: LinkSpec(bandwidth_bps, bandwidth_bps) for n in names})
+        algorithms = (congestion_control,) if congestion_control else LOSS_BASED_CONTROLS
+        used = set()
         for name in names:
             network.subnet_only(name)
+            used.add(network.set_congestion_control(name, algorithms))
         progress.end()
-        yield network
+        yield network, used.pop()  # the first allowed of algorithms: the same in every namespace
 
 
 def _placements(network) -> tuple[Placement, ...]:
@@ -268,6 +282,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--netns", action="store_true",
         help="root: each peer in its own network namespace, links capped with tbf; gloo runs over the same links",
     )
+    parser.add_argument(
+        "--congestion-control", default=None, metavar="NAME",
+        help="with --netns: the namespaces' TCP congestion control, e.g. bbr (default: cubic, else reno)",
+    )
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds; the median is reported")
     parser.add_argument("--chunk-bytes", type=int, default=1 << 20, help="bytes per gRPC message")
     parser.add_argument(
@@ -294,6 +312,7 @@ def main(ns: argparse.Namespace) -> int:
             peers=ns.peers, numel=ns.numel, codec=ns.codec, bandwidth=ns.bandwidth, repeat=ns.repeat,
             chunk_bytes=ns.chunk_bytes, gloo=not ns.no_gloo, timeout_s=ns.timeout, codec_threads=ns.codec_threads,
             netns=ns.netns, progress=progress, hierarchical=ns.hierarchical,
+            congestion_control=ns.congestion_control,
         )
     print_report(report, ns.json)
     return 0

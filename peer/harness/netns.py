@@ -40,6 +40,14 @@ through at most 1 % more than the cap over one second, from 10 Mbit/s to
 overshoot into a loss (a drop-tail queue like a home router's). tbf counts
 Ethernet frames, so TCP goodput is about 1448/1514 = 96 % of the cap.
 
+Congestion control (``set_congestion_control``): a new namespace starts with
+the host's default algorithm, which may be bbr. Through a tbf link bbr left
+10-15 % of our 100 Mbit/s all-reduce rounds idle where reno left 6 %
+(docs/collectives.md), so ``bench allreduce --netns`` gives each namespace the
+loss-based control most Linux hosts run (``LOSS_BASED_CONTROLS``: cubic, the
+kernel's default, else reno where cubic is not allowed), the same for gloo and
+for us.
+
 Host-wide state: every instance records itself (owner pid and start time) in
 ``/run/loconet-netns/<id>.json`` so ``cleanup_leftovers`` spares networks whose
 owner process is still alive (except the caller's own). When the
@@ -92,6 +100,10 @@ MIN_BURST_BYTES = 4096
 QUEUE_SECONDS = 0.100
 MIN_QUEUE_BYTES = 64 * 1024
 MAX_QUEUE_BYTES = 64 * 1024 * 1024
+
+# Loss-based TCP congestion controls in order of preference: cubic is Linux's default; a namespace may set
+# only those in net.ipv4.tcp_allowed_congestion_control, where reno always is.
+LOSS_BASED_CONTROLS = ("cubic", "reno")
 
 _PREFIX_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,6}")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*")
@@ -552,6 +564,26 @@ class NetnsNetwork:
         """
         h = self._host(name)
         _run(["ip", "-n", h.netns, "route", "del", "default"])
+
+    def set_congestion_control(self, name: str, algorithms: tuple[str, ...] = LOSS_BASED_CONTROLS) -> str:
+        """Make the first of algorithms the namespace may use its TCP congestion control; which one it set.
+
+        NetnsError lists what this kernel allows when none of them can be set."""
+        h = self._host(name)
+        errors = []
+        for algorithm in algorithms:
+            try:
+                _run(["ip", "netns", "exec", h.netns, "sysctl", "-qw", f"net.ipv4.tcp_congestion_control={algorithm}"])
+            except NetnsError as exc:
+                errors.append(f"{algorithm}: {exc.stderr.strip() or exc}")
+                continue
+            log.info("%s: TCP congestion control %s", name, algorithm)
+            return algorithm
+        allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read_text().split()
+        raise NetnsError(
+            f"could not set any of {', '.join(algorithms)} as {name}'s TCP congestion control "
+            f"({'; '.join(errors)}); this kernel allows {', '.join(allowed)}"
+        )
 
     def set_link(self, name: str, spec: LinkSpec) -> None:
         """Set the host's caps now (replaces the qdiscs; None in spec removes that direction's cap)."""
