@@ -14,7 +14,7 @@ import pytest
 
 from peer.bench import allreduce
 from peer.cli import main
-from peer.harness.netns import NetnsUnavailable, check_available
+from peer.harness.netns import LOSS_BASED_CONTROLS, NetnsUnavailable, check_available
 
 try:
     check_available()
@@ -37,6 +37,15 @@ def test_without_root_it_says_so_in_one_line_before_any_process(monkeypatch, cap
     assert err[0].startswith("loconet: error: --netns needs root (uid 0; you are uid 1000)")
 
 
+def test_a_congestion_control_without_namespaces_is_refused_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", lambda *a, **k: pytest.fail("a process started"))
+    code = main(["bench", "allreduce", "--congestion-control", "reno", "--numel", "1000", "--json"])
+    assert code == 2  # a usage error
+    assert capsys.readouterr().err.strip() == (
+        "loconet: error: --congestion-control sets the namespaces' TCP; it needs --netns"
+    )
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(bool(NETNS), reason=f"network namespaces unavailable: {NETNS}")
 def test_ours_and_gloo_run_over_the_same_capped_links():
@@ -53,3 +62,4 @@ def test_ours_and_gloo_run_over_the_same_capped_links():
         assert 0 < side["link_utilization"] <= 1
         assert side["cpu_s_per_round"] > 0
     assert report["ratio_vs_gloo"] == report["median_s"] / report["baseline"]["median_s"]
+    assert report["congestion_control"] in LOSS_BASED_CONTROLS

@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from peer.harness import netns
-from peer.harness.netns import LinkSpec, NetnsNetwork, NetnsUnavailable, check_available, cleanup_leftovers
+from peer.harness.netns import (
+    LinkSpec,
+    NetnsError,
+    NetnsNetwork,
+    NetnsUnavailable,
+    check_available,
+    cleanup_leftovers,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -208,6 +215,25 @@ def test_set_link_replaces_and_removes_the_qdiscs(lab):
     assert rates() == ([1e9 / 8], [])
     net.set_link("a", LinkSpec())
     assert rates() == ([], [])
+
+
+def _congestion_control(net: NetnsNetwork, name: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", net.hosts[name].netns, "sysctl", "-n",
+                           "net.ipv4.tcp_congestion_control"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_host_gets_the_first_congestion_control_the_kernel_lets_it_set(lab):
+    net = lab.network(["a", "b"])
+    # reno is built into every kernel and always allowed; an unknown name is passed over.
+    assert net.set_congestion_control("a", ("no-such-control", "reno")) == "reno"
+    assert _congestion_control(net, "a") == "reno"
+    assert _congestion_control(net, "b") == Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+
+
+def test_a_congestion_control_no_host_may_use_is_an_error_naming_the_allowed_ones(lab):
+    net = lab.network(["a"])
+    with pytest.raises(NetnsError, match="could not set any of no-such-control as a's TCP congestion control"):
+        net.set_congestion_control("a", ("no-such-control",))
 
 
 def test_link_stats_count_what_the_host_sends_and_receives(lab):
