@@ -264,6 +264,30 @@ class PeerStatus:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class KnownMembers:
+    """The member list of a peer's last ROUND answer and its digest (QuorumResponse.members_digest)."""
+
+    digest: bytes = b""
+    members: tuple[tuple[str, str], ...] = ()
+    hosts: tuple[str, ...] = ()
+
+    def of(self, reply: pb.QuorumResponse) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+        """A ROUND answer's (peer id, address) members and host ids: its own list (then kept), or the kept one
+        when the answer left it out; RoundFailed when it left out a list this peer does not hold."""
+        if reply.members:
+            self.digest = reply.members_digest
+            self.members = tuple((m.peer_id, m.address) for m in reply.members)
+            self.hosts = tuple(m.host_id for m in reply.members)
+        elif not self.digest or reply.members_digest != self.digest:
+            self.digest = b""  # the next request asks for the whole list
+            raise RoundFailed(
+                f"the coordinator's answer for round {reply.round_id} left out a member list this peer does not "
+                "hold; it asks again for the whole list"
+            )
+        return self.members, self.hosts
+
+
 class MembershipClient:
     """Talks to the coordinator on behalf of one peer (use from the transport's loop)."""
 
@@ -281,6 +305,8 @@ class MembershipClient:
         self.run_step = 0
         self.round_step = 0
         self._stub: pb_grpc.CoordinatorStub | None = None
+        # The member list of the last ROUND answer, named by its digest: an answer with the same list leaves it out.
+        self._known_members = KnownMembers()
 
     @property
     def stub(self) -> pb_grpc.CoordinatorStub:
@@ -450,7 +476,8 @@ class MembershipClient:
         ``digest``: the SHA-256 (hex) of this peer's state as of last_round ("" unknown).
         """
         request = pb.QuorumRequest(
-            run_id=self.config.run_id, peer_id=self.peer_id, last_round=last_round, tag=tag, state_digest=digest
+            run_id=self.config.run_id, peer_id=self.peer_id, last_round=last_round, tag=tag, state_digest=digest,
+            known_members=self._known_members.digest,
         )
         try:
             reply = await self._call("Quorum", request, timeout_s)
@@ -468,12 +495,13 @@ class MembershipClient:
                 state_digest=reply.state_digest,
                 sync_sources=tuple(reply.sync_sources),
             )
+        members, hosts = self._known_members.of(reply)
         return RoundPlan(
             action="round",
             round_id=reply.round_id,
             epoch=reply.epoch,
-            members=tuple((m.peer_id, m.address) for m in reply.members),
-            hosts=tuple(m.host_id for m in reply.members),
+            members=members,
+            hosts=hosts,
             rank=reply.rank,
             last_committed_round=reply.last_committed_round,
             policy=reply.policy,

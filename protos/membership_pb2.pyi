@@ -153,18 +153,20 @@ class LeaveResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class QuorumRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "last_round", "tag", "state_digest")
+    __slots__ = ("run_id", "peer_id", "last_round", "tag", "state_digest", "known_members")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     last_round: int
     tag: str
     state_digest: str
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., tag: _Optional[str] = ..., state_digest: _Optional[str] = ...) -> None: ...
+    known_members: bytes
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., tag: _Optional[str] = ..., state_digest: _Optional[str] = ..., known_members: _Optional[bytes] = ...) -> None: ...
 
 class Member(_message.Message):
     __slots__ = ("peer_id", "address", "host_id")
@@ -189,7 +191,7 @@ class CommittedRound(_message.Message):
     def __init__(self, round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., tag: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
 
 class QuorumResponse(_message.Message):
-    __slots__ = ("action", "round_id", "epoch", "members", "rank", "sync_from", "last_committed_round", "missed", "policy", "seed", "candidates", "state_digest", "sync_sources")
+    __slots__ = ("action", "round_id", "epoch", "members", "rank", "sync_from", "last_committed_round", "missed", "policy", "seed", "candidates", "state_digest", "sync_sources", "members_digest")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[QuorumResponse.Action]
@@ -211,6 +213,7 @@ class QuorumResponse(_message.Message):
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SYNC_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     action: QuorumResponse.Action
     round_id: int
     epoch: int
@@ -224,7 +227,8 @@ class QuorumResponse(_message.Message):
     candidates: _containers.RepeatedScalarFieldContainer[str]
     state_digest: str
     sync_sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, action: _Optional[_Union[QuorumResponse.Action, str]] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., rank: _Optional[int] = ..., sync_from: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    members_digest: bytes
+    def __init__(self, action: _Optional[_Union[QuorumResponse.Action, str]] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., rank: _Optional[int] = ..., sync_from: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ..., members_digest: _Optional[bytes] = ...) -> None: ...
 
 class RoundReport(_message.Message):
     __slots__ = ("bytes_sent", "bytes_received", "wall_s")

@@ -118,8 +118,9 @@ def join(stub, address: str, run: str = RUN, **fields) -> str:
     return stub.Join(pb.JoinRequest(run_id=run, address=address, has_state=True, **fields), timeout=5).peer_id
 
 
-def ask(stub, peer_id: str, last_round: int = 0, run: str = RUN) -> grpc.Future:
-    return stub.Quorum.future(pb.QuorumRequest(run_id=run, peer_id=peer_id, last_round=last_round), timeout=20)
+def ask(stub, peer_id: str, last_round: int = 0, run: str = RUN, known_members: bytes = b"") -> grpc.Future:
+    request = pb.QuorumRequest(run_id=run, peer_id=peer_id, last_round=last_round, known_members=known_members)
+    return stub.Quorum.future(request, timeout=20)
 
 
 def report(stub, peer_id: str, plan: pb.QuorumResponse, ok: bool = True, failed=(), run: str = RUN) -> grpc.Future:
@@ -232,6 +233,27 @@ def test_round_ids_are_1_2_3_over_three_rounds(coordinator):
     assert [(r["round_id"], r["epoch"], r["status"]) for r in status["rounds"]] == [
         (3, 0, "committed"), (2, 0, "committed"), (1, 0, "committed")
     ]
+
+
+def test_an_asker_holding_the_rounds_member_list_gets_the_answer_without_it(coordinator):
+    c = coordinator()
+    a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
+    first = play_round(c.stub, [a, b], 0)
+    assert members(first) == sorted([a, b]) and len(first.members_digest) == 32
+    holder, fresh = [f.result() for f in [ask(c.stub, a, 1, known_members=first.members_digest), ask(c.stub, b, 1)]]
+    assert (holder.round_id, list(holder.members), holder.members_digest) == (2, [], first.members_digest)
+    assert (fresh.round_id, list(fresh.members), fresh.members_digest) == (2, list(first.members), first.members_digest)
+    assert (holder.rank, fresh.rank) == (members(first).index(a), members(first).index(b))
+
+
+def test_a_changed_member_list_is_sent_whole_to_a_peer_holding_the_old_one(coordinator):
+    c = coordinator()
+    a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
+    first = play_round(c.stub, [a, b], 0)
+    d = join(c.stub, "127.0.0.1:3", last_round=1)
+    plans = [f.result() for f in [ask(c.stub, p, 1, known_members=first.members_digest) for p in (a, b, d)]]
+    assert {len(p.members) for p in plans} == {3}
+    assert {p.members_digest for p in plans} != {first.members_digest}
 
 
 def test_a_retry_after_an_abort_keeps_the_round_id_with_a_new_epoch_and_each_attempt_keeps_its_decision(coordinator):

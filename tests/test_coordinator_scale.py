@@ -12,7 +12,7 @@ import pytest
 
 from peer.bench.membership import bench_rate_limits
 from peer.coordinator.history import SeriesBook
-from peer.coordinator.quorum import rank_field
+from peer.coordinator.quorum import RoundAnswer, rank_field
 from protos import membership_pb2 as pb
 
 
@@ -28,6 +28,23 @@ def test_the_shared_answer_plus_a_rank_field_reads_as_the_answer_with_that_rank(
     expected = _template()
     expected.rank = rank
     assert pb.QuorumResponse.FromString(_template().SerializeToString() + rank_field(rank)) == expected
+
+
+@pytest.mark.parametrize("known, with_list", [(b"", True), (b"\x01" * 32, True), (b"\x02" * 32, False)])
+def test_a_round_answer_leaves_the_list_out_only_for_the_asker_naming_its_digest(known, with_list):
+    digest = b"\x02" * 32
+    whole = _template()
+    rest = pb.QuorumResponse(action=whole.action, round_id=whole.round_id, epoch=whole.epoch,
+                             last_committed_round=whole.last_committed_round, policy=whole.policy, seed=whole.seed,
+                             members_digest=digest)
+    listed = pb.QuorumResponse(members=whole.members).SerializeToString()
+    answer = RoundAnswer(rest.SerializeToString() + listed, rest.SerializeToString(), digest, rank=2)
+    expected = pb.QuorumResponse()
+    expected.CopyFrom(rest)
+    expected.rank = 2
+    if with_list:
+        expected.members.extend(whole.members)
+    assert pb.QuorumResponse.FromString(answer.wire(known)) == expected
 
 
 @pytest.mark.parametrize("rank, encoded", [(0, b""), (1, b"\x28\x01"), (127, b"\x28\x7f"), (128, b"\x28\x80\x01")])

@@ -22,7 +22,8 @@ import time
 
 import grpc
 
-from collectives.membership import RETRY_CODES, MembershipConfig
+from collectives.errors import RoundFailed
+from collectives.membership import RETRY_CODES, KnownMembers, MembershipConfig
 from collectives.rpc import RpcSettings, make_channel
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
@@ -64,6 +65,7 @@ class SimPeer:
         self.job = job
         self.peer_id = ""
         self.last_round = 0
+        self.known_members = KnownMembers()
         self.epoch = 0
         self.rng = random.Random(index)
         self.step = 0
@@ -167,19 +169,23 @@ class SimPeer:
                 await asyncio.sleep(self.rng.uniform(0.0, spread))
             self.activity = "in-round"
             try:
-                request = pb.QuorumRequest(run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round)
+                request = pb.QuorumRequest(
+                    run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round,
+                    known_members=self.known_members.digest,
+                )
                 q, t_q0, t_qs = await self.call("Quorum", request)
-            except CallFailed as exc:
+                members, _ = self.known_members.of(q)  # as the real client: the list is left out when unchanged
+            except (CallFailed, RoundFailed) as exc:
                 problems.append(f"{self.peer_id} round {k}: {exc}")
                 break
             t_q1 = time.time()
             if q.action != pb.QuorumResponse.ROUND:
                 problems.append(f"{self.peer_id} round {k}: Quorum answered action {q.action}, not ROUND")
                 break
-            n = len(q.members)
+            n = len(members)
             if n != expected_members:
                 problems.append(f"{self.peer_id} round {k}: {n} members, expected {expected_members}")
-            if q.rank >= n or q.members[q.rank].peer_id != self.peer_id:
+            if q.rank >= n or members[q.rank][0] != self.peer_id:
                 problems.append(f"{self.peer_id} round {k}: rank {q.rank} does not point at this peer")
             if self.job.get("allreduce_s", 0.0) > 0:
                 # The round's data exchange, as a member spends it between its plan and its report.

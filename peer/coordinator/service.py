@@ -244,7 +244,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     async def quorum_wire(self, request: pb.QuorumRequest, context) -> pb.QuorumResponse | bytes:
         """Quorum as the server sends it: a ROUND answer comes serialised, its member list once for all members
-        (Quorums._form), so answering 1,000 members costs one serialisation, not 1,000."""
+        (Quorums._form) and left out for an asker that holds it, so answering 1,000 members costs one
+        serialisation, not 1,000."""
         return await self._answer(context, self._quorum, request, "Quorum")
 
     async def Commit(self, request: pb.CommitRequest, context) -> pb.CommitResponse:
@@ -531,7 +532,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             self._serving.pop(peer.peer_id, None)
             answer = await self._wait(self.quorums.enqueue(peer.peer_id, tag), give_up, peer.peer_id)
             if answer is not None:
-                return answer
+                return answer.wire(req.known_members)
             # None: the round formed without this peer; it is held (above) until that attempt is decided.
 
     def _resync_answer(self, peer: PeerRecord, last_round: int) -> pb.QuorumResponse | None:
