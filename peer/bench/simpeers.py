@@ -22,8 +22,7 @@ import time
 
 import grpc
 
-from collectives.errors import RoundFailed
-from collectives.membership import RETRY_CODES, KnownMembers, MembershipConfig
+from collectives.membership import RETRY_CODES, MembershipConfig
 from collectives.rpc import RpcSettings, make_channel
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
@@ -59,13 +58,17 @@ class SimPeer:
     have a deadline of max(interval, 1 s) and are not retried (the next one is due anyway).
     """
 
-    def __init__(self, index: int, stub: pb_grpc.CoordinatorStub, job: dict) -> None:
+    def __init__(self, index: int, stub: pb_grpc.CoordinatorStub, job: dict, lists: dict | None = None) -> None:
         self.index = index
         self.stub = stub
         self.job = job
         self.peer_id = ""
         self.last_round = 0
-        self.known_members = KnownMembers()
+        # The member list of this peer's last ROUND answer, by digest (QuorumRequest.known_members), as the real
+        # client keeps it (collectives.membership.KnownMembers). The lists themselves are shared by the peers
+        # of this process: each real peer reads its list in its own process, not 500 of them on one loop.
+        self.known_digest = b""
+        self.lists: dict[bytes, list[str]] = {} if lists is None else lists
         self.epoch = 0
         self.rng = random.Random(index)
         self.step = 0
@@ -159,6 +162,17 @@ class SimPeer:
             if next_at < now - interval:  # fell far behind: do not burst to catch up
                 next_at = now
 
+    def _members(self, q: pb.QuorumResponse) -> list[str]:
+        """The member ids of a ROUND answer: its own list, or the one this peer holds when it was left out."""
+        if q.members:
+            self.known_digest = q.members_digest
+            if q.members_digest not in self.lists:
+                self.lists[q.members_digest] = [m.peer_id for m in q.members]
+        elif q.members_digest != self.known_digest or not q.members_digest:
+            self.known_digest = b""
+            raise CallFailed(f"round {q.round_id}: the answer left out a member list this peer does not hold")
+        return self.lists[q.members_digest]
+
     async def rounds(self, count: int, expected_members: int) -> tuple[list[tuple], list[str]]:
         """Take part in count rounds; one record per round, and the problems seen."""
         records: list[tuple] = []
@@ -171,11 +185,11 @@ class SimPeer:
             try:
                 request = pb.QuorumRequest(
                     run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round,
-                    known_members=self.known_members.digest,
+                    known_members=self.known_digest,
                 )
                 q, t_q0, t_qs = await self.call("Quorum", request)
-                members, _ = self.known_members.of(q)  # as the real client: the list is left out when unchanged
-            except (CallFailed, RoundFailed) as exc:
+                members = self._members(q)
+            except CallFailed as exc:
                 problems.append(f"{self.peer_id} round {k}: {exc}")
                 break
             t_q1 = time.time()
@@ -185,7 +199,7 @@ class SimPeer:
             n = len(members)
             if n != expected_members:
                 problems.append(f"{self.peer_id} round {k}: {n} members, expected {expected_members}")
-            if q.rank >= n or members[q.rank][0] != self.peer_id:
+            if q.rank >= n or members[q.rank] != self.peer_id:
                 problems.append(f"{self.peer_id} round {k}: rank {q.rank} does not point at this peer")
             if self.job.get("allreduce_s", 0.0) > 0:
                 # The round's data exchange, as a member spends it between its plan and its report.
@@ -238,7 +252,8 @@ async def _client(job: dict, conn) -> None:
     channels = [make_channel(job["address"], CLIENT_SETTINGS, own_connection=True) for _ in range(job["channels"])]
     stubs = [pb_grpc.CoordinatorStub(ch) for ch in channels]
     indexes = range(job["first"], job["first"] + job["count"])
-    peers = [SimPeer(i, stubs[j % len(stubs)], job) for j, i in enumerate(indexes)]
+    lists: dict[bytes, list[str]] = {}
+    peers = [SimPeer(i, stubs[j % len(stubs)], job, lists) for j, i in enumerate(indexes)]
     tasks: list[asyncio.Task] = []
     try:
         await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), 30)
