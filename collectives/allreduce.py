@@ -91,6 +91,9 @@ log = logging.getLogger(__name__)
 
 # Initial metadata of a push this member has taken on (the sender stops keeping it for a replay).
 ACCEPTED = ((ACCEPTED_KEY, "1"),)
+# How long a push whose stream ended short of its part waits for its cancellation before it is bad data
+# (a cancel showed up within a few loop turns on 127.0.0.1; this is ample on a loaded machine).
+CANCEL_GRACE_S = 0.5
 
 @dataclass
 class AllReduceResult:
@@ -432,6 +435,11 @@ class Collective:
                 await asyncio.shield(decoding)
             if stream is None:
                 raise ProtocolError("empty PushPart stream")
+            if not stream.covered:
+                # gRPC may end the request stream of a client that cancelled (it gave up on the round) a few
+                # loop turns before it cancels this handler: let the cancellation land before calling an
+                # incomplete part bad data and naming its sender as failed.
+                await asyncio.sleep(CANCEL_GRACE_S)
             inbox.finish(stream)
         except ProtocolError as exc:
             self._blame(inbox, header, exc, "sent bad data")

@@ -109,6 +109,11 @@ class _Stream:
     next_offset: int = 0  # elements decoded so far
     checked_offset: int = 0  # elements accepted by check_chunk (a decode may still be running)
 
+    @property
+    def covered(self) -> bool:
+        """Whether the chunks accepted so far cover the whole part."""
+        return self.checked_offset == self.target.numel()
+
 
 @dataclass
 class RoundInbox:
