@@ -163,8 +163,9 @@ def round_tag(round_id: int, epoch: int) -> int:
     return ((epoch & 0x7FFF) << 40) | (round_id & 0xFF_FFFF_FFFF)
 
 
-def process_start(pid: int) -> int | None:
-    """The start time of a live process (clock ticks since boot), or None if it is gone or a zombie."""
+def _process_stat(pid: int) -> tuple[str, int] | None:
+    """A live process's state letter (R, S, T, ...) and start time (clock ticks since boot); None if it is gone
+    or a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -173,12 +174,25 @@ def process_start(pid: int) -> int | None:
     fields = stat[stat.rindex(b")") + 2:].split()
     if not fields or fields[0] in (b"Z", b"X", b"x"):
         return None
-    return int(fields[19])
+    return fields[0].decode(), int(fields[19])
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of a live process (clock ticks since boot), or None if it is gone or a zombie."""
+    stat = _process_stat(pid)
+    return None if stat is None else stat[1]
+
+
+def process_state(pid: int, start: int) -> str | None:
+    """The state letter of the process pid that started at start (T: stopped by a signal), or None if it is
+    gone (a reused pid is not it)."""
+    stat = _process_stat(pid) if pid > 0 else None
+    return stat[0] if stat is not None and stat[1] == start else None
 
 
 def alive(pid: int, start: int) -> bool:
     """Whether the process pid that started at start is still running (a reused pid is not it)."""
-    return pid > 0 and process_start(pid) == start
+    return process_state(pid, start) is not None
 
 
 def _round_up(n: int, to: int) -> int:

@@ -53,7 +53,7 @@ from collectives.hostlocal import (
     HostPlan,
     HostSegment,
     SegmentStale,
-    alive,
+    process_state,
     round_tag,
     segment_name,
     sweep_stale,
@@ -74,6 +74,10 @@ LIVENESS_EVERY_S = 0.005
 # A member that has not attached after this long is checked through its data-plane port, this often.
 ATTACH_GRACE_S = 0.5
 PORT_CHECK_EVERY_S = 0.5
+# A local member whose process stays stopped (SIGSTOP, a debugger) this long is failed, as a paused peer on
+# another host is once its connection's keepalive (10 s) goes unanswered.
+PAUSED_AFTER_S = 10.0
+STOPPED_STATES = ("T", "t")  # /proc/<pid>/stat: stopped by a signal, stopped by a tracer
 # How many times a member may leave an abandoned segment for the newer one at its path in one round.
 MAX_MOVES = 3
 WRITTEN_OR_LATER = (WRITTEN, REDUCED, DONE)
@@ -154,6 +158,7 @@ class HostRound:
         self.deadline = time.monotonic() + config.timeout_s
         self.gone: set[int] = set()  # local indexes known dead
         self._live_checked = 0.0
+        self._stopped_since: dict[int, float] = {}  # local index -> when its process was first seen stopped
         self._port_checked: dict[int, float] = {}
         self._stale_checked = 0.0
         self.seg: HostSegment | None = None  # the segment this member is in (it may move to a newer one)
@@ -341,8 +346,16 @@ class HostRound:
         self._live_checked = now
         for k in self.others:
             pid, start = seg.pid(k)
-            if pid and seg.state(k) not in FINAL and not alive(pid, start):
+            if not pid or seg.state(k) in FINAL:
+                continue
+            state = process_state(pid, start)
+            if state is None:
                 self._fail(seg, [k], f"its process (pid {pid}) died during the round")
+            if state not in STOPPED_STATES:
+                self._stopped_since.pop(k, None)
+            elif now - self._stopped_since.setdefault(k, now) >= PAUSED_AFTER_S:
+                self._fail(seg, [k], f"its process (pid {pid}) has been stopped for {PAUSED_AFTER_S:g} s "
+                                     "(SIGSTOP or a debugger)")
 
     async def _check_unattached(self, seg: HostSegment, pending: list[int], now: float) -> None:
         for k in pending:

@@ -178,6 +178,25 @@ def test_a_local_member_killed_mid_round_fails_the_round_on_the_others_and_leave
         assert not os.path.exists(segment_path("hostlocal-kill", g.addresses, 200_000))
 
 
+@pytest.mark.timeout(120)
+def test_a_local_member_stopped_mid_round_is_named_as_stopped_before_the_deadline():
+    with ProcessGroup(3, WorkerConfig(run_id="hostlocal-stop", codec_threads=0)) as g:
+        job = AllReduceJob(numel=200_000, first_round=7, hosts=ONE_HOST[:3], hold_rank=2, hold_phase="scatter",
+                           timeout_s=600)
+        for r in range(3):
+            g.send(r, "allreduce", job)
+        assert g.reply(2, 60) == ("held", "scatter")
+        g.signal(2, signal.SIGSTOP)
+        try:
+            failures = [g.reply(r, 90) for r in (0, 1)]  # the deadline is 600 s away
+        finally:
+            g.signal(2, signal.SIGKILL)
+        assert [kind for kind, _ in failures] == ["failed"] * 2, failures
+        for _, info in failures:
+            assert info["type"] == "MemberFailure" and tuple(info["failed_ranks"]) == (2,)
+            assert "has been stopped for 10 s" in info["message"]
+
+
 # -- reusing a host's segment from round to round ----------------------------------------------------------------
 
 
