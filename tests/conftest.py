@@ -1,6 +1,7 @@
 """Shared fixtures: in-process collective endpoints on 127.0.0.1 (ports chosen by the OS).
 
-Tests marked ``cuda`` are skipped, with the reason, where torch sees no CUDA device.
+Tests marked ``cuda`` are skipped, with the reason, where torch sees no CUDA device. The files run slowest
+first (``support/durations.py``), so the two xdist workers of the README's command finish together.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import itertools
 
 import pytest
 import torch
+from support.durations import load, slowest_first
 
 from collectives.allreduce import Collective
 from collectives.inbox import Group
@@ -17,8 +19,17 @@ from collectives.transport import Transport, TransportConfig
 CUDA_SKIP_REASON = "CUDA is not available (torch.cuda.is_available() is False)"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the files in the order pytest_collection_modifyitems gives them (xdist would put the most tests first)."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip the tests marked ``cuda`` where there is no CUDA device, saying why."""
+    """Order the files slowest first (tests/support/durations.py); skip the tests marked ``cuda`` where there is
+    no CUDA device, saying why."""
+    order = {nodeid: i for i, nodeid in enumerate(slowest_first((item.nodeid for item in items), load()))}
+    items.sort(key=lambda item: order[item.nodeid])
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason=CUDA_SKIP_REASON)
