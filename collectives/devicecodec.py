@@ -56,7 +56,7 @@ class CodecConfigLike(Protocol):
 
 
 def _seg_blocks(block: int) -> int:
-    """Blocks per CPU segment: the formula of ``_BlockCodec.__init__`` (a test guards against drift)."""
+    """Blocks per CPU segment: the formula of ``densecodecs.BlockCodec.__init__`` (a test guards against drift)."""
     return max(4, (_SEGMENT_ELEMS // block) & ~3)
 
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from collectives.codecs import Codec, _nonfinite_error, _ThreadState
+from collectives.codecs import Codec, ThreadState, nonfinite_error
 from collectives.errors import CodecError
 
 __all__ = ["BLOCK", "TopKCodec", "analytic_contribution_bytes", "decode_indices", "encode_indices", "rice_bits"]
@@ -236,13 +236,13 @@ class TopKCodec(Codec):
 
     # -- encode -------------------------------------------------------------------------------------------------
 
-    def _encode_raw(self, x: torch.Tensor, st: _ThreadState) -> torch.Tensor:
+    def _encode_raw(self, x: torch.Tensor, st: ThreadState) -> torch.Tensor:
         """A contribution's payload: per block, the top entries as 2-bit codes on two bf16 levels."""
         n = x.numel()
         if n == 0:
             return torch.zeros(0, dtype=torch.uint8)
         if not bool(torch.isfinite(x).all()):
-            raise _nonfinite_error(x)
+            raise nonfinite_error(x)
         full, tail = divmod(n, BLOCK)
         per = -(-BLOCK // self.config.block_size)
         picked = []
@@ -267,7 +267,7 @@ class TopKCodec(Codec):
         if n == 0:
             return b"" if copy else memoryview(b"")
         if not bool(torch.isfinite(x).all()):
-            raise _nonfinite_error(x)
+            raise nonfinite_error(x)
         nb = -(-n // BLOCK)
         padded = torch.zeros(nb * BLOCK, dtype=torch.float32)
         padded[:n] = x
@@ -319,7 +319,7 @@ class TopKCodec(Codec):
                              f"(at most {limit})")
         return np.frombuffer(data, dtype=np.uint8)
 
-    def _decode_raw(self, raw: np.ndarray, numel: int, out: torch.Tensor, st: _ThreadState) -> None:
+    def _decode_raw(self, raw: np.ndarray, numel: int, out: torch.Tensor, st: ThreadState) -> None:
         kind, bitmap = int(raw[0]) & ~BITMAP_FLAG, bool(raw[0] & BITMAP_FLAG)
         nb = -(-numel // BLOCK)
         if kind == KIND_DENSE and not bitmap:

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collectives import codecs, devicecodec
+from collectives import densecodecs, devicecodec
 from collectives.codecs import CODEC_NAMES, Codec, CodecConfig, make_codec
 from collectives.devicecodec import _seg_blocks, decode_raw_on_device, encode_raw_on_device, encode_throughput
 from collectives.errors import CodecError, ConfigError, NonFiniteError
@@ -81,7 +81,7 @@ def test_segment_blocks_are_the_cpu_codecs(block):
 
 
 def test_format_constants_are_the_cpu_codecs():
-    assert (devicecodec._SEGMENT_ELEMS, devicecodec._TINY_ABSMAX) == (codecs._SEGMENT_ELEMS, codecs._TINY_ABSMAX)
+    assert (devicecodec._SEGMENT_ELEMS, devicecodec._TINY_ABSMAX) == (densecodecs._SEGMENT_ELEMS, densecodecs._TINY_ABSMAX)
     for name in ("none", "fp16", "bf16"):
         assert devicecodec._OVERFLOW[name] == make_codec(name)._overflow
     for name in ("int8", "int4"):
