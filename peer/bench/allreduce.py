@@ -232,12 +232,12 @@ def _network(
     with NetnsNetwork(prefix="lcn") as network:
         network.create(names, {n: LinkSpec(bandwidth_bps, bandwidth_bps) for n in names})
         algorithms = (congestion_control,) if congestion_control else LOSS_BASED_CONTROLS
-        used = set()
         for name in names:
             network.subnet_only(name)
-            used.add(network.set_congestion_control(name, algorithms))
+            # The first of algorithms the kernel allows: one kernel, so the same in every namespace.
+            used = network.set_congestion_control(name, algorithms)
         progress.end()
-        yield network, used.pop()  # the first allowed of algorithms: the same in every namespace
+        yield network, used
 
 
 def _placements(network) -> tuple[Placement, ...]:

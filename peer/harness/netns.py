@@ -41,9 +41,9 @@ overshoot into a loss (a drop-tail queue like a home router's). tbf counts
 Ethernet frames, so TCP goodput is about 1448/1514 = 96 % of the cap.
 
 Congestion control (``set_congestion_control``): a new namespace starts with
-the host's default algorithm, which may be bbr. Through a tbf link bbr left
-10-15 % of our 100 Mbit/s all-reduce rounds idle where reno left 6 %
-(docs/collectives.md), so ``bench allreduce --netns`` gives each namespace the
+the host's default algorithm, which may be bbr. Through 100 Mbit/s tbf links
+our all-reduce rounds used 0.84-0.89 of the cap under bbr and 0.94 under reno
+(BENCHMARKS.md, issue 18), so ``bench allreduce --netns`` gives each namespace the
 loss-based control most Linux hosts run (``LOSS_BASED_CONTROLS``: cubic, the
 kernel's default, else reno where cubic is not allowed), the same for gloo and
 for us.
