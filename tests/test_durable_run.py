@@ -119,21 +119,37 @@ def test_a_joiner_whose_source_died_mid_fetch_never_rolls_the_run_back_to_round_
     joiner = c.join("127.0.0.1:2", has_state=False)
     assert joiner.sync_from == "127.0.0.1:1"
     c.leave(a)  # the only holder dies while the joiner fetches
-    # A joiner that (wrongly) went on with its own initial state is told to wait, not made the run's head.
+    # A joiner that (wrongly) went on with its own initial state is sent away to wait, not made the run's head.
     with pytest.raises(grpc.RpcError) as info:
         c.ask(joiner.peer_id, 0).result()
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "no live peer holds it" in info.value.details()
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no live peer holds it" in info.value.details()
     assert c.status()["last_committed_round"] == 3 and not c.events("rollback")
     # Asking to join again without state: it waits (and is no member meanwhile).
     again = c.join("127.0.0.1:2", has_state=False, peer_id=joiner.peer_id)
     assert again.wait and c.status()["summary"]["peers_alive"] == 0
 
 
-def test_an_older_checkpoint_rolls_the_run_back_to_its_round_when_nobody_holds_the_last_one(coordinator):
+def test_an_older_checkpoint_waits_for_the_last_round_and_names_the_rollback_option(coordinator):
     c = coordinator()
     a = c.join("127.0.0.1:1", has_state=False).peer_id
     for last_round in range(3):
         c.play([a], last_round)  # asking for round 3, a reported round 2's digest
+    c.leave(a)
+    old = c.join("127.0.0.1:2", has_state=True, last_round=2, state_digest=digest(2))
+    assert old.wait and old.last_committed_round == 3
+    assert "no live peer holds it" in old.wait_reason
+    assert "a live peer holds round 2: `loconet coordinator --allow-rollback` goes on from it (rounds 3-3 are lost)" in (
+        old.wait_reason
+    )
+    assert c.status()["last_committed_round"] == 3 and not c.events("rollback")
+    assert c.status()["summary"]["peers_alive"] == 0
+
+
+def test_with_allow_rollback_an_older_checkpoint_rolls_the_run_back_to_its_round(coordinator):
+    c = coordinator(allow_rollback=True)
+    a = c.join("127.0.0.1:1", has_state=False).peer_id
+    for last_round in range(3):
+        c.play([a], last_round)
     c.leave(a)
     old = c.join("127.0.0.1:2", has_state=True, last_round=2, state_digest=digest(2))
     assert not old.wait and old.sync_from == ""
@@ -141,6 +157,22 @@ def test_an_older_checkpoint_rolls_the_run_back_to_its_round_when_nobody_holds_t
     assert plan.round_id == 3, "the run goes on from round 2"
     (rollback,) = c.events("rollback")
     assert "round 3 are gone; continuing from round 2" in rollback["detail"] and digest(2)[:12] in rollback["detail"]
+
+
+def test_a_member_behind_the_run_whose_holders_left_waits_outside_the_run(coordinator):
+    c = coordinator()
+    a = c.join("127.0.0.1:1", has_state=False).peer_id
+    b = c.join("127.0.0.1:2", has_state=True, last_round=0).peer_id
+    c.play([a, b], 0)
+    c.play([a], 1)  # b sat this one out: it holds round 1, the run round 2
+    c.leave(a)
+    with pytest.raises(grpc.RpcError) as info:
+        c.ask(b, 1).result()
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND, "it joins again, and is told to wait there"
+    assert "waits for the run's state" in info.value.details() and "holds round 1" in info.value.details()
+    assert c.status()["summary"]["peers_alive"] == 0 and c.status()["last_committed_round"] == 2
+    assert c.join("127.0.0.1:2", has_state=True, last_round=1, peer_id=b).wait
+    assert not c.events("rollback")
 
 
 def test_before_the_first_commit_a_stateless_peer_founds_the_run_as_before(coordinator):

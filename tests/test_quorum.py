@@ -98,7 +98,8 @@ COMMITTED_JOIN_CASES = [
     ("a checkpoint of round 3 with no digest reported is kept", True, 3, "", D1, False, "keep"),
     ("a checkpoint of round 3 with another digest is refused", True, 3, D2, D1, False, "refuse"),
     ("... even while holders live", True, 3, D2, D1, True, "refuse"),
-    ("an older checkpoint is kept (the run may roll back to it)", True, 2, D2, "", False, "keep"),
+    ("an older checkpoint with no live holder waits for the last round", True, 2, D2, "", False, "wait"),
+    ("an older checkpoint with a live holder is kept (it catches up)", True, 2, D2, "", True, "keep"),
     ("an older checkpoint that differs from its round's digest is refused", True, 2, D2, D1, False, "refuse"),
     ("a state beyond the last committed round is adopted", True, 5, D2, "", False, "keep"),
 ]
@@ -116,6 +117,11 @@ def test_join_action_once_the_run_has_committed_a_round(name, has_state, last_ro
         recorded_digest=recorded,
     )
     assert got == action
+
+
+def test_with_allow_rollback_an_older_checkpoint_with_no_live_holder_is_kept_for_the_run_to_roll_back_to():
+    rules = QuorumRules(startup_grace_s=5, allow_rollback=True)
+    assert join_action(True, False, False, 1000.0, rules, committed_round=3, last_round=2) == "keep"
 
 
 @pytest.mark.parametrize(
@@ -300,13 +306,18 @@ def test_sync_source_is_an_alive_up_to_date_peer_least_busy_first(joiner, servin
         ([PeerView("a", "", 0)], 0, 0),
     ],
 )
-def test_head_round_falls_back_to_the_newest_state_a_live_peer_holds(peers, committed, head):
-    assert head_round(peers, committed) == head
+def test_with_rollback_allowed_head_round_falls_back_to_the_newest_state_a_live_peer_holds(peers, committed, head):
+    assert head_round(peers, committed, settled=True, allow_rollback=True) == head
+
+
+def test_without_rollback_allowed_the_head_stays_the_last_committed_round():
+    peers = [PeerView("a", "", 7, alive=False), PeerView("b", "", 6)]
+    assert head_round(peers, 7, settled=True, allow_rollback=False) == 7
 
 
 def test_no_rollback_before_the_coordinator_settled():
     peers = [PeerView("a", "", 7, alive=False), PeerView("b", "", 6)]
-    assert head_round(peers, 7, settled=False) == 7
+    assert head_round(peers, 7, settled=False, allow_rollback=True) == 7
 
 
 def test_sync_sources_are_the_up_to_date_holders_least_busy_first_at_most_four():

@@ -116,6 +116,13 @@ class CoordinatorConfig:
             "a run that committed a round is never founded again; give it once, not on every restart)"
         },
     )
+    allow_rollback: bool = field(
+        default=False,
+        metadata={
+            "help": "when every peer holding the last committed round is gone, go on from the newest older round "
+            "a live peer holds (the later rounds are lost); without it the run waits for a holder of its last round"
+        },
+    )
     quorum: str = field(
         default="all",
         metadata={
@@ -184,7 +191,7 @@ class CoordinatorConfig:
     def rules(self) -> QuorumRules:
         """The quorum rule's settings."""
         grace = self.lease_s if self.startup_grace_s is None else self.startup_grace_s
-        return QuorumRules(self.min_peers, self.join_timeout_s, grace)
+        return QuorumRules(self.min_peers, self.join_timeout_s, grace, self.allow_rollback)
 
     @property
     def policy(self) -> QuorumPolicy:

@@ -41,17 +41,28 @@ def short(digest: str) -> str:
     return f"state sha256 {digest[:12]}..." if digest else "state digest unknown"
 
 
-def wait_reason(run_id: str, state: RunState, grace_left_s: float) -> str:
-    """Why a peer without state must wait, and what brings the run's state back, in one line."""
+def wait_reason(run_id: str, state: RunState, grace_left_s: float, older_round: int = 0) -> str:
+    """Why a peer must wait for the run's state, and what brings it back, in one line.
+
+    ``older_round``: the newest older committed round a live peer holds (0: none), which
+    ``--allow-rollback`` would continue from.
+    """
     if state.last_committed_round == 0:
         return (
             f"the coordinator of run {run_id} restarted and the peers holding the run's state have not "
             f"re-registered yet; waiting up to {max(grace_left_s, 0.0):.0f} s more for them"
         )
+    last = state.last_committed_round
+    rollback = ""
+    if 0 < older_round < last:
+        rollback = (
+            f"; a live peer holds round {older_round}: `loconet coordinator --allow-rollback` goes on from it "
+            f"(rounds {older_round + 1}-{last} are lost)"
+        )
     return (
-        f"run {run_id} has committed round {state.last_committed_round} ({short(state.last_digest)}) but no live "
+        f"run {run_id} has committed round {last} ({short(state.last_digest)}) but no live "
         "peer holds it: restart a peer that holds it (with its checkpoint directory), or start one with "
-        "--resume-from CHECKPOINT_DIR; `loconet coordinator --new-run` starts the run over"
+        f"--resume-from CHECKPOINT_DIR{rollback}; `loconet coordinator --new-run` starts the run over"
     )
 
 

@@ -91,11 +91,13 @@ ones that never reported (or whose lease lapsed); if every member reported
 most reports are dropped so that the retry can succeed.
 
 Head (``head_round``): when every peer holding the last committed state is
-gone, the run continues from the newest committed state a live peer holds
-(an older checkpoint of this run: the later rounds are lost, and the
-coordinator records a rollback). Never from round 0 once a round committed:
-a round-0 state is a fresh peer's random initial state, not one the run
-agreed on, so with no live holder of a round >= 1 the run waits instead. And
+gone, the run waits for one to come back (a peer restarted with its
+checkpoint, or one given ``--resume-from``); a peer holding an older round
+waits too. Only when the operator allows it (``allow_rollback``) does the
+run continue from the newest committed state a live peer holds (an older
+checkpoint of this run: the later rounds are lost, and the coordinator
+records a rollback). Never from round 0 once a round committed: a round-0
+state is a fresh peer's random initial state, not one the run agreed on. And
 not within ``startup_grace_s`` of a coordinator's start, while the holders of
 the newer rounds may still be re-registering.
 
@@ -140,6 +142,9 @@ class QuorumRules:
     min_peers: int = 1
     join_timeout_s: float = 5.0
     startup_grace_s: float = 0.0
+    # When every holder of the last committed round is gone, go on from the newest older round a live peer
+    # holds (losing the later rounds) instead of waiting for a holder: an operator's choice, never the default.
+    allow_rollback: bool = False
 
     def __post_init__(self) -> None:
         if self.min_peers < 1:
@@ -179,6 +184,8 @@ def join_action(
     if holds_committed_state(has_state, last_round, committed_round):
         if digest and recorded_digest and digest != recorded_digest:
             return "refuse"
+        if last_round < committed_round and not holder_alive and not rules.allow_rollback:
+            return "wait"  # an older state with nobody to catch up from: the run waits for its last round
         return "keep"
     if holder_alive:
         return "sync"
@@ -211,17 +218,17 @@ def needs_resync(peer_last_round: int, last_committed_round: int) -> bool:
     return peer_last_round < last_committed_round
 
 
-def head_round(peers: list[PeerView], last_committed_round: int, settled: bool = True) -> int:
+def head_round(peers: list[PeerView], last_committed_round: int, *, settled: bool, allow_rollback: bool) -> int:
     """The newest committed round whose state a live peer still holds (the run's head).
 
     Normally the last committed round. If every peer holding it has left or
-    died, the run goes on from the newest committed state a live peer holds
-    rather than waiting forever for a state nobody can serve (the later rounds
-    are lost); never from round 0 once a round committed (a fresh peer's
-    initial state), and not before the coordinator has ``settled`` (its startup
-    grace passed: holders of the newer rounds may still be re-registering).
+    died, the newest committed state a live peer holds, when ``allow_rollback``
+    (the later rounds are lost); otherwise the last committed round, which the
+    run waits for. Never round 0 once a round committed (a fresh peer's initial
+    state), and not before the coordinator has ``settled`` (its startup grace
+    passed: holders of the newer rounds may still be re-registering).
     """
-    if not settled:
+    if not settled or not allow_rollback:
         return last_committed_round
     held = [p.last_round for p in peers if p.alive and p.has_state and p.last_round > 0]
     if not held or max(held) >= last_committed_round:

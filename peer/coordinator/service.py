@@ -417,15 +417,17 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return sources
 
     def _wait_answer(self, req: pb.JoinRequest, address: str) -> pb.JoinResponse:
-        """Tell a joiner without state to wait: nobody live holds the run's state (it is not registered)."""
+        """Tell a joiner to wait: nobody live holds the run's last committed state, and it holds none or an older
+        one (it is not registered)."""
         s = self.state
-        reason = self._wait_reason()
+        held = req.last_round if holds_committed_state(req.has_state, req.last_round, s.last_committed_round) else 0
+        reason = self._wait_reason(held)
         other_id = s.by_address.get(address)
         if other_id is not None:
             # An earlier registration from this address (a joiner whose source died mid-fetch): it is no
             # member while it waits, so quorums must not wait for it.
             self._mark_lost(s.peers[other_id], "waits for a holder of the run's state", kind="leave", state="left")
-        if s.waiting.note(address, reason, req.name[:200], req.peer_id[:100]):
+        if s.waiting.note(address, reason, req.name[:200], req.peer_id[:100], held):
             s.event("wait", req.peer_id[:100], f"{address}: {reason}")
             log.warning("a peer at %s waits: %s", address, reason)
         return pb.JoinResponse(
@@ -439,8 +441,14 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             wait_reason=reason,
         )
 
-    def _wait_reason(self) -> str:
-        return wait_reason(self.config.run_id, self.state, self.config.rules.startup_grace_s - self._age())
+    def _wait_reason(self, held_round: int = 0) -> str:
+        """Why a peer (holding the state of held_round, 0: none) waits for the run's state, naming the older
+        round a rollback would go on from, if any."""
+        s = self.state
+        held = [held_round, s.waiting.newest_held()]
+        held += [p.last_round for p in s.alive_peers() if p.has_state]
+        older = max((r for r in held if r < s.last_committed_round), default=0)
+        return wait_reason(self.config.run_id, s, self.config.rules.startup_grace_s - self._age(), older)
 
     def _age(self) -> float:
         """Seconds since this coordinator started."""
@@ -538,11 +546,13 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def _resync_answer(self, peer: PeerRecord, last_round: int) -> pb.QuorumResponse | None:
         """RESYNC (with the rounds it missed, when remembered) for a peer behind the run; None if it is up to date."""
         s = self.state
+        rules = self.config.rules
         # Within the startup grace the holders of newer rounds may still be re-registering: no rollback yet.
-        settled = self._age() >= self.config.rules.startup_grace_s
-        if needs_resync(last_round, s.last_committed_round):
+        settled = self._age() >= rules.startup_grace_s
+        if needs_resync(last_round, s.last_committed_round) and rules.allow_rollback:
             # Only a peer that is behind needs this check (a scan of every peer).
-            head = head_round([p.view() for p in s.alive_peers()], s.last_committed_round, settled)
+            views = [p.view() for p in s.alive_peers()]
+            head = head_round(views, s.last_committed_round, settled=settled, allow_rollback=True)
             if head < s.last_committed_round:
                 gone = s.last_committed_round
                 s.roll_back(head)
@@ -555,17 +565,23 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         missed = self._missed(peer.peer_id, last_round) if peer.has_state else []
         # A peer that can catch up by results fetches no state: it is not counted against a donor.
         sources = self._sources(peer.peer_id, count=not missed)
-        if not sources:
-            if settled:
-                reason = self._wait_reason()
-            else:
-                reason = (
-                    f"the coordinator restarted; waiting for the peers holding round {s.last_committed_round} "
-                    "to re-register"
-                )
+        if not sources and not settled:
+            reason = (
+                f"the coordinator restarted; waiting for the peers holding round {s.last_committed_round} "
+                "to re-register"
+            )
             if s.waiting.note(peer.address, reason, peer.name, peer.peer_id):
                 s.event("wait", peer.peer_id, reason)
             raise BadRequest(grpc.StatusCode.UNAVAILABLE, f"no up-to-date peer to resync from yet: {reason}; retry")
+        if not sources:
+            # Nobody holds the run's last round: this member waits like a joiner (it is no member meanwhile, so
+            # quorums do not wait for it), and joins again until a holder is back. Its join is told to wait.
+            held = last_round if peer.has_state else 0
+            reason = self._wait_reason(held)
+            self._mark_lost(peer, "waits for a holder of the run's state", kind="leave", state="left")
+            if s.waiting.note(peer.address, reason, peer.name, peer.peer_id, held):
+                s.event("wait", peer.peer_id, reason)
+            raise BadRequest(grpc.StatusCode.NOT_FOUND, f"this peer waits for the run's state: {reason}")
         peer.state = "syncing"
         how = f"catch up {len(missed)} round(s)" if missed else f"from {sources[0].peer_id}"
         s.event("resync", peer.peer_id, f"behind round {s.last_committed_round}; {how}")

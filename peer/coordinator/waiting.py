@@ -22,6 +22,8 @@ class Waiter:
     address: str
     name: str = ""
     peer_id: str = ""
+    # The committed round whose state it holds (0: none): one a rollback could go on from.
+    held_round: int = 0
     # When it started waiting (unix seconds) and last asked (monotonic seconds).
     since: float = field(default_factory=time.time)
     last_asked: float = field(default_factory=time.monotonic)
@@ -38,18 +40,24 @@ class WaitingRoom:
     waiters: dict[str, Waiter] = field(default_factory=dict)
     reason: str = ""
 
-    def note(self, address: str, reason: str, name: str = "", peer_id: str = "") -> bool:
-        """Record that the peer at address waits (again); True when it was not waiting before."""
+    def note(self, address: str, reason: str, name: str = "", peer_id: str = "", held_round: int = 0) -> bool:
+        """Record that the peer at address waits (again), holding the state of held_round (0: none); True when
+        it was not waiting before."""
         self.reason = reason
         waiter = self.waiters.get(address)
         if waiter is not None:
             waiter.last_asked = time.monotonic()
             waiter.name, waiter.peer_id = name or waiter.name, peer_id or waiter.peer_id
+            waiter.held_round = held_round
             return False
-        self.waiters[address] = Waiter(address, name, peer_id)
+        self.waiters[address] = Waiter(address, name, peer_id, held_round=held_round)
         while len(self.waiters) > MAX_WAITERS:  # the oldest first: a flood of waiters cannot grow this
             self.waiters.pop(next(iter(self.waiters)))
         return True
+
+    def newest_held(self) -> int:
+        """The newest round whose state a waiter holds (0: none holds any)."""
+        return max((w.held_round for w in self.waiters.values()), default=0)
 
     def done(self, address: str) -> bool:
         """The peer at address no longer waits (it was given a source, or left); True if it was waiting."""
