@@ -113,6 +113,8 @@ T = TypeVar("T")
 # A peer that stops, or fails to start, tells the coordinator it leaves within this long: an unreachable
 # coordinator must not hold up an exit someone asked for (it drops the peer when its lease lapses anyway).
 LEAVE_ON_STOP_S = 2.0
+# A leaving peer hashes its state for the Leave (when not hashed yet) for at most this long (25 MB: ~0.1 s).
+LEAVE_DIGEST_S = 2.0
 # A peer told to wait for the run's state asks the coordinator again this often (unless it says how often),
 WAIT_POLL_S = 2.0
 # and repeats why it waits this often (the first time at once).
@@ -366,6 +368,15 @@ class ElasticCollective:
             self._digest = (round_id, digest)
         return self._digest[1]
 
+    async def _leaving_digest(self) -> str:
+        """The digest of this peer's state for its Leave ("" when it cannot be had within LEAVE_DIGEST_S): a peer
+        that stops right after the run's last commit reports that round's digest nowhere else."""
+        try:
+            return await asyncio.wait_for(self._state_digest(), LEAVE_DIGEST_S)
+        except Exception as exc:  # noqa: BLE001 - leaving goes on without it
+            log.debug("no state digest to leave with: %s", exc)
+            return ""
+
     def _keep_result(self, round_id: int, tag: str, flat: torch.Tensor, codec: CodecConfig | None, parts: int) -> None:
         """Keep a committed round's result for late peers, and every result a pinned snapshot's joiner needs."""
         pinned = self.state_server.pinned_rounds()
@@ -503,7 +514,8 @@ class ElasticCollective:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
         if leave:
-            await self.membership.leave(reason, leave_timeout_s)
+            digest = await self._leaving_digest() if self._holds_state else ""
+            await self.membership.leave(reason, leave_timeout_s, self.last_round if digest else 0, digest)
 
     def _refusals(self) -> dict[str, int]:
         """What this peer refused or cut off so far, by kind (sent with heartbeats, for the coordinator's metrics)."""

@@ -531,11 +531,16 @@ class MembershipClient:
             raise CommitUnknown(lost) from None
         return CommitOutcome(commit=reply.commit, reason=reply.reason, epoch=reply.epoch, dropped=tuple(reply.dropped))
 
-    async def leave(self, reason: str = "", timeout_s: float | None = None) -> None:
-        """Tell the coordinator this peer leaves the run (best effort, within timeout_s; None: one RPC deadline)."""
+    async def leave(
+        self, reason: str = "", timeout_s: float | None = None, last_round: int = 0, digest: str = ""
+    ) -> None:
+        """Tell the coordinator this peer leaves the run, holding the state of last_round with SHA-256 digest
+        ("" unknown); best effort, within timeout_s (None: one RPC deadline)."""
         if not self.peer_id:
             return
-        request = pb.LeaveRequest(run_id=self.config.run_id, peer_id=self.peer_id, reason=reason)
+        request = pb.LeaveRequest(
+            run_id=self.config.run_id, peer_id=self.peer_id, reason=reason, last_round=last_round, state_digest=digest
+        )
         timeout = self.config.rpc_timeout_s if timeout_s is None else timeout_s
         try:
             await self._call("Leave", request, timeout, patience_s=timeout)

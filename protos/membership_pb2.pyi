@@ -139,14 +139,18 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, known: _Optional[bool] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "reason")
+    __slots__ = ("run_id", "peer_id", "reason", "last_round", "state_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     reason: str
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    last_round: int
+    state_digest: str
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., reason: _Optional[str] = ..., last_round: _Optional[int] = ..., state_digest: _Optional[str] = ...) -> None: ...
 
 class LeaveResponse(_message.Message):
     __slots__ = ()

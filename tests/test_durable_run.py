@@ -67,6 +67,17 @@ def run_to_round_3_then_everyone_leaves(c: Live) -> None:
         pending.result()
 
 
+def test_a_peer_leaving_right_after_the_last_commit_reports_that_rounds_digest_for_the_state_file(coordinator, tmp_path):
+    c = coordinator(state_file=str(tmp_path / "run.json"))
+    a = c.join("127.0.0.1:1", has_state=False).peer_id
+    for last_round in range(2):
+        c.play([a], last_round)  # round 2 committed; a never asks again, so never reports round 2's digest
+    assert c.status()["state_digest"] == ""
+    c.leave(a, last_round=2)
+    assert c.status()["state_digest"] == digest(2)
+    assert json.loads((tmp_path / "run.json").read_text())["digest"] == digest(2)
+
+
 # -- never re-founded --------------------------------------------------------------------------------
 
 
@@ -138,7 +149,7 @@ def test_an_older_checkpoint_waits_for_the_last_round_and_names_the_rollback_opt
     old = c.join("127.0.0.1:2", has_state=True, last_round=2, state_digest=digest(2))
     assert old.wait and old.last_committed_round == 3
     assert "no live peer holds it" in old.wait_reason
-    assert "a live peer holds round 2: `loconet coordinator --allow-rollback` goes on from it (rounds 3-3 are lost)" in (
+    assert "a peer holds round 2: `loconet coordinator --allow-rollback` goes on from it (round 3 is lost)" in (
         old.wait_reason
     )
     assert c.status()["last_committed_round"] == 3 and not c.events("rollback")

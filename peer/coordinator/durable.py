@@ -55,10 +55,8 @@ def wait_reason(run_id: str, state: RunState, grace_left_s: float, older_round: 
     last = state.last_committed_round
     rollback = ""
     if 0 < older_round < last:
-        rollback = (
-            f"; a live peer holds round {older_round}: `loconet coordinator --allow-rollback` goes on from it "
-            f"(rounds {older_round + 1}-{last} are lost)"
-        )
+        lost = f"round {last} is lost" if older_round + 1 == last else f"rounds {older_round + 1}-{last} are lost"
+        rollback = f"; a peer holds round {older_round}: `loconet coordinator --allow-rollback` goes on from it ({lost})"
     return (
         f"run {run_id} has committed round {last} ({short(state.last_digest)}) but no live "
         "peer holds it: restart a peer that holds it (with its checkpoint directory), or start one with "

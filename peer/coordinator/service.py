@@ -507,6 +507,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._check_run(req.run_id)
         peer = self.state.peers.get(req.peer_id)
         if peer is not None and peer.alive:
+            if req.state_digest:
+                self._note_digest(req.last_round, checked_digest(req.state_digest), peer.peer_id)
             self._mark_lost(peer, req.reason[:200] or "left", kind="leave", state="left")
         return pb.LeaveResponse()
 

@@ -75,8 +75,13 @@ class Live:
         assert all(f.result().commit for f in reports)
         return plans[0]
 
-    def leave(self, peer_id: str) -> None:
-        self.stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=peer_id, reason="stopped"), timeout=5)
+    def leave(self, peer_id: str, last_round: int = 0) -> None:
+        """A peer leaves; with last_round, reporting digest(last_round) as its state's."""
+        reported = digest(last_round) if last_round else ""
+        request = pb.LeaveRequest(
+            run_id=RUN, peer_id=peer_id, reason="stopped", last_round=last_round, state_digest=reported
+        )
+        self.stub.Leave(request, timeout=5)
 
     def close(self) -> None:
         if not self.closed:
