@@ -5,6 +5,7 @@ Each test is one invariant of issue 14, end to end with real processes and gRPC 
 - a peer restarted with its checkpoint directory brings the run back at its last committed round, and
   the waiting peer then fetches the state from it;
 - ``--resume-from`` resumes another peer's checkpoint; one of another run is refused.
+- a checkpoint of an older round waits for a holder of the last one; the run never goes back by itself.
 """
 
 from __future__ import annotations
@@ -127,3 +128,22 @@ def test_resume_from_takes_another_peers_checkpoint(run, tmp_path):
     joined = other.wait_event(lambda e: e["event"] == "joined", 60)
     assert (joined["round"], joined["digest"]) == (last["round"], last["digest"])
     finished(other)
+
+
+def test_a_checkpoint_of_an_older_round_waits_instead_of_rolling_the_run_back(run, tmp_path):
+    last, ckpt, _ = train_then_leave(run, tmp_path)
+    # Every peer left right after the last commit: their Leave carried that round's digest.
+    assert len(run.status()["state_digest"]) == 64
+    older = tmp_path / "ckpt-older"
+    older.mkdir()
+    kept = sorted(ckpt.glob("ckpt-*.pt"))[:-1]  # without the newest: an older round's checkpoint
+    for f in kept:
+        (older / f.name).write_bytes(f.read_bytes())
+    old = run.add("old", "--steps", "80", "--checkpoint-dir", str(older))
+    waiting = wait_until(lambda: run.status().get("waiting"), 60, "the peer with the older checkpoint waits")
+    assert f"committed round {last['round']}" in waiting["reason"] and "--allow-rollback" in waiting["reason"]
+    time.sleep(3)
+    status = run.status()
+    assert status["last_committed_round"] == last["round"], "the run did not go back"
+    assert not [e for e in status["events"] if e["kind"] == "rollback"]
+    assert not any(e["event"] == "committed" for e in old.events)
