@@ -31,19 +31,13 @@ def test_pause_beyond_the_lease_and_return(tmp_path):
     assert contributed_rounds(harness, "peer1", after=resumed), "back from its pause, it trains with the run again"
 
 
-def test_late_joiner(tmp_path):
-    report, harness = run_scenario("join@round3", workdir=tmp_path)
-    assert_healthy(report, alive=4)
-    joiner = harness.peers["peer3"]
-    assert any(e["event"] == "committed" for e in joiner.events)
-
-
 def test_coordinator_restart(tmp_path):
     report, _ = run_scenario("restart-coordinator@round3", workdir=tmp_path)
     assert_healthy(report, alive=3)
 
 
-def test_a_joiner_of_a_run_with_an_adam_outer_optimizer_continues_bit_identically(tmp_path):
+def test_a_late_joiner_of_a_run_with_an_adam_outer_optimizer_continues_bit_identically(tmp_path):
+    # The late joiner's scenario: it fetches the run's state (Adam's moments included) and takes part.
     adam = OuterConfig(name="adam", lr=0.02)
     report, harness = run_scenario(
         "join@round3", workdir=tmp_path, train=TrainConfig.of("diloco", steps=300, sync_every=20, outer=adam),
