@@ -38,9 +38,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from collectives.elastic import CaughtUp
 from collectives.errors import ConfigError
 from collectives.statesync import StateSnapshot
+from collectives.syncphases import CaughtUp
 from optimizers.diloco import DiLoCo, DiLoCoConfig
 from optimizers.outer import SyncRecord
 from optimizers.peers import SyncPeer

@@ -47,9 +47,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from collectives.elastic import CaughtUp
 from collectives.errors import ConfigError
 from collectives.statesync import StateSnapshot
+from collectives.syncphases import CaughtUp
 from optimizers.diloco import DiLoCo
 from optimizers.fedopt import FLOWER_DEFAULTS
 from optimizers.outer import SyncConfig, SyncRecord

@@ -34,10 +34,10 @@ import torch
 
 from collectives.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
-from collectives.elastic import CaughtUp, Resynced
 from collectives.errors import ConfigError, LoconetError, NonFiniteError
 from collectives.parts import unflatten_like
 from collectives.statesync import StateSnapshot, state_digest
+from collectives.syncphases import CaughtUp, Resynced
 from optimizers.globalstate import GlobalState
 from optimizers.outer_optim import OuterConfig
 

@@ -22,10 +22,10 @@ import torch
 
 from collectives.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
 from collectives.codecs import CodecConfig, check_finite, make_codec
-from collectives.elastic import Prepare, Weight, check_prepared
 from collectives.errors import NonFiniteError
 from collectives.membership import PeerStatus, RoundPlan
 from collectives.parts import flatten, unflatten_like
+from collectives.syncphases import Prepare, Weight, check_prepared
 
 
 class SyncPeer(Protocol):
