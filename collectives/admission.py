@@ -235,11 +235,20 @@ def _admitted(handler: grpc.RpcMethodHandler, admission: Admission) -> grpc.RpcM
 # -- the sending side: what may be retried, and what is kept to replay a stream -----------------
 
 
-def retry_reason(exc: grpc.aio.AioRpcError) -> str | None:
-    """Why the receiver refused a call as retryable (busy, not-open...), or None if it is not to be retried."""
+def retry_reason(exc: grpc.aio.AioRpcError, replayable: bool = False) -> str | None:
+    """Why a call that failed with exc may be tried again, or None if it may not.
+
+    The receiver's retryable refusals (busy, not-open...) say so in RETRY_KEY. ``replayable``: the call is a
+    stream the receiver has not taken on (``Replay.usable``); then gRPC core's INTERNAL is retried too, as a
+    refusal that lands while a message is being written can surface as INTERNAL "execute_batch" instead of the
+    receiver's status. Nothing was taken on, so trying again is safe, and a real failure still ends at the
+    caller's deadline.
+    """
     for key, value in exc.trailing_metadata() or ():
         if key == RETRY_KEY:
             return str(value)
+    if replayable and exc.code() == grpc.StatusCode.INTERNAL:
+        return "a refusal raced a write"
     return None
 
 

@@ -473,12 +473,7 @@ class Transport:
                 try:
                     return await self._stream_once(address, method, source, replay, deadline)
                 except grpc.aio.AioRpcError as exc:
-                    why = retry_reason(exc)
-                    if why is None and exc.code() == grpc.StatusCode.INTERNAL and replay.usable:
-                        # A refusal that lands while a message is being written can surface as gRPC core's
-                        # INTERNAL "execute_batch" instead of the receiver's status: nothing was taken on, so
-                        # trying again is safe (and a real failure still ends at the deadline).
-                        why = "a refusal raced a write"
+                    why = retry_reason(exc, replayable=replay.usable)
                     if why is None or not replay.usable or deadline - time.monotonic() <= backoff:
                         raise
                     log.debug("%s at %s refused (%s: %s); retrying", method, address, why, exc.details())
