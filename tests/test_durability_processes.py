@@ -19,38 +19,19 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from support.procs import CoordinatorProc, daemon_peer, stop_all
+from support.procs import DaemonRun
 
 pytestmark = pytest.mark.timeout(300)
 
-SMALL = ("--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--batch-size", "8", "--sync-every", "10")
-
-
-class Run:
-    """A coordinator with a state file, and the peers a test starts (all stopped at the end)."""
+class Run(DaemonRun):
+    """A DaemonRun whose coordinator keeps a state file, with the dashboard's status."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.coordinator = CoordinatorProc(
-            tmp / "coordinator.log", "durable", 0, "--join-timeout", "3", "--lease", "3", "--heartbeat", "0.5",
-            "--startup-grace", "0", "--state-file", str(tmp / "coordinator-state.json"),
-            # No round before both first peers are in, so neither trains alone while the other starts.
-            "--min-peers", "2",
-        )
-        self.peers: list = []
-
-    def add(self, name: str, *extra: str):
-        p = daemon_peer(self.tmp, self.coordinator.address, "durable", name, *SMALL, *extra)
-        self.peers.append(p)
-        return p
+        super().__init__(tmp, "durable", "--state-file", str(tmp / "coordinator-state.json"))
 
     def status(self) -> dict:
         with urllib.request.urlopen(f"{self.coordinator.dashboard}/api/status", timeout=10) as r:
             return json.loads(r.read())
-
-    def close(self) -> None:
-        stop_all(self.peers)
-        self.coordinator.stop()
 
 
 @pytest.fixture

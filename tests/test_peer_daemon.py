@@ -10,38 +10,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from support.procs import CoordinatorProc, daemon_peer, stop_all  # noqa: E402
+from support.procs import DaemonRun
 
 pytestmark = pytest.mark.timeout(300)
 
-SMALL = ("--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--batch-size", "8", "--sync-every", "10")
-
-
-class Run:
-    # min-peers 2: no round forms before a second peer has joined, so a slow start cannot
-    # leave one peer training alone (every test here keeps at least two peers alive).
-    def __init__(self, tmp: Path, name: str = "train") -> None:
-        self.tmp = tmp
-        self.name = name
-        self.coordinator = CoordinatorProc(
-            tmp / "coordinator.log", name, 0, "--join-timeout", "3", "--lease", "3", "--heartbeat", "0.5",
-            "--startup-grace", "0", "--min-peers", "2",
-        )
-        self.peers: dict[str, object] = {}
-
-    def add(self, name: str, *extra: str):
-        p = daemon_peer(self.tmp, self.coordinator.address, self.name, name, *SMALL, *extra)
-        self.peers[name] = p
-        return p
-
-    def close(self) -> None:
-        stop_all(list(self.peers.values()))
-        self.coordinator.stop()
-
-
 @pytest.fixture
 def run(tmp_path):
-    r = Run(tmp_path)
+    r = DaemonRun(tmp_path, "train")
     yield r
     r.close()
 
