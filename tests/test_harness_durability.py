@@ -46,3 +46,22 @@ def test_a_joiner_whose_fetch_outlasts_the_runs_rounds_catches_up_and_takes_part
     ]
     assert committed_during_fetch[-1]["round"] > joiner["joined_at_round"], "the run went on during the fetch"
     assert joiner["first_commit_s"] is not None and joiner["rounds_committed"] > 0, "then the joiner took part"
+
+
+def test_every_peer_stops_then_one_returns_with_its_checkpoint_and_the_run_goes_on_from_its_last_round(tmp_path):
+    report, harness = run_scenario(
+        "stop:peer0@round3,for=5s", "stop:peer1@round3", "stop:peer2@round3", workdir=tmp_path,
+        train=TrainConfig.of("diloco", steps=300, sync_every=20, round_timeout_s=10, eval_every=20),
+    )
+    assert report["peers_alive"] == 1, "the two peers that stayed stopped are no survivors"
+    assert report["restarts_from_round_0"] == [] and report["rollbacks"] == []
+    stopped_at = max(r for (r, _), t in harness.committed_rounds().items() if t < harness.fired[0].wall + 1)
+    events = harness.peers["peer0"].events  # its second process
+    joined = next(e for e in events if e["event"] == "joined")
+    assert joined["round"] == stopped_at, "it came back holding the run's last committed round"
+    rounds = [e["round"] for e in events if e["event"] == "committed"]
+    assert rounds and rounds[0] == stopped_at + 1, "the run went on from there"
+    # Its loss went on from where the run was, not from an untrained model's.
+    before = [e["eval_loss"] for p in harness.retired for e in p.events if e["event"] == "eval"]
+    after = [e["eval_loss"] for e in events if e["event"] == "eval"]
+    assert after[0] < (before[-1] + report["initial_eval_loss"]) / 2

@@ -16,6 +16,8 @@ from peer.harness.scenario import load_scenario, parse_event
         ("straggle:peer3@round2,x=3", "straggle", "peer3", 2, None, None, None, 3.0),
         ("cut:peer0@round4,for=500ms", "cut", "peer0", 4, None, None, 0.5, None),
         ("kill:peer1@sync3", "kill", "peer1", None, None, 3, None, None),
+        ("stop:peer0@round3", "stop", "peer0", 3, None, None, None, None),
+        ("stop:peer0@round3,for=5s", "stop", "peer0", 3, None, None, 5.0, None),
     ],
 )
 def test_event_strings_parse(text, action, target, rounds, seconds, sync, duration, factor):
@@ -38,6 +40,7 @@ def test_event_strings_parse(text, action, target, rounds, seconds, sync, durati
         ("kill:peer1@soon", "duration"),
         ("kill:peer1@round1,when=now", "unknown option"),
         ("join@sync2", "needs a target"),
+        ("stop@round3", "needs a target"),
     ],
 )
 def test_bad_events_are_config_errors_that_say_what_to_write(text, message):

@@ -142,6 +142,8 @@ class Harness:
         self.coordinator: CoordinatorProc | None = None
         self.coordinators: list[CoordinatorProc] = []
         self.peers: dict[str, Proc] = {}
+        # Processes of peers that a stop event ended and then started again (their events still count).
+        self.retired: list[Proc] = []
         self.fired: list[Fired] = []
         self.pending = list(config.events)
         self.network = None
@@ -258,7 +260,7 @@ class Harness:
         run goes on from an older round, and the ids that follow are given out again at a new epoch.
         """
         rounds: dict[tuple[int, int], float] = {}
-        for p in self.peers.values():
+        for p in [*self.retired, *self.peers.values()]:
             for e in list(p.events):
                 if e["event"] == "committed":
                     key = (e["round"], e.get("epoch", 0))
@@ -295,6 +297,13 @@ class Harness:
             return fired
         if event.action == "kill":
             target.signal(signal.SIGKILL)
+        elif event.action == "stop":
+            target.signal(signal.SIGTERM)
+            if event.duration_s is not None:
+                fired.restore_at = now + event.duration_s
+                fired.detail = f"{event.target} stops; it starts again with its checkpoint in {event.duration_s:g} s"
+            else:
+                fired.detail = f"{event.target} stops"
         elif event.action == "pause":
             target.signal(signal.SIGSTOP)
             fired.restore_at = now + (event.duration_s or 0)
@@ -347,6 +356,13 @@ class Harness:
         e = fired.event
         if e.action == "pause":
             self.peers[e.target].signal(signal.SIGCONT)
+        elif e.action == "stop":
+            # The same peer again, with its checkpoint directory; its earlier process's events stay counted.
+            earlier = self.peers[e.target]
+            if earlier.alive:
+                earlier.proc.wait(timeout=30)
+            self.retired.append(earlier)
+            self._start_peer(e.target)
         elif e.action == "straggle" and e.pattern is not None:
             if self._pattern is e:  # not one that a later pattern replaced
                 self._pattern = None
@@ -461,8 +477,9 @@ class Harness:
     def _report(self) -> dict:
         c = self.config
         rounds = self.committed_rounds()
+        # A peer a stop event ended (and did not start again) finished too, but it is no survivor.
         finished = {n: next(e for e in p.events if e["event"] == "finished") for n, p in self.peers.items()
-                    if any(e["event"] == "finished" for e in p.events)}
+                    if any(e["event"] == "finished" and not e.get("stopped") for e in p.events)}
         survivors = list(finished)
         # The survivors' own syncs (rounds applied late are not syncs of theirs): what each event cost them.
         syncs = {n: [(e["t"], e["wall_s"]) for e in self.peers[n].events

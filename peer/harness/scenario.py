@@ -3,6 +3,8 @@
 An event is written ``ACTION[:TARGET]@WHEN[,for=DURATION][,x=FACTOR]``:
 
 - ``kill:peer2@round3``          SIGKILL peer2 once 3 rounds have committed
+- ``stop:peer0@round3,for=5s``   stop peer0 (SIGTERM: it checkpoints and leaves the run) once 3 rounds have
+  committed; with ``for=``, start it again that much later with its checkpoint directory
 - ``pause:peer1@10s,for=8s``     SIGSTOP peer1 10 s after the start, SIGCONT 8 s later
 - ``join@round5``                start one more peer (a late joiner)
 - ``restart-coordinator@20s``    kill the coordinator and start it again on the same address
@@ -102,8 +104,8 @@ from peer.attacks import Attack, parse_attack
 from peer.stragglers import FORMS, StragglerPattern, parse_pattern
 from peer.stragglers import KINDS as PATTERN_KINDS
 
-ACTIONS = ("kill", "pause", "join", "restart-coordinator", "straggle", "cut", "diverge", "byzantine", "stall")
-_TARGETED = ("kill", "pause", "straggle", "cut", "diverge", "byzantine", "stall")
+ACTIONS = ("kill", "stop", "pause", "join", "restart-coordinator", "straggle", "cut", "diverge", "byzantine", "stall")
+_TARGETED = ("kill", "stop", "pause", "straggle", "cut", "diverge", "byzantine", "stall")
 # Options of an event's text, those that belong to a byzantine event's attack, and those of a straggler pattern
 # (besides x, and seed, which attacks share).
 _PATTERN_OPTIONS = ("B", "W", "lambda", "p", "worker")
