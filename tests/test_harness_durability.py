@@ -65,3 +65,16 @@ def test_every_peer_stops_then_one_returns_with_its_checkpoint_and_the_run_goes_
     before = [e["eval_loss"] for p in harness.retired for e in p.events if e["event"] == "eval"]
     after = [e["eval_loss"] for e in events if e["event"] == "eval"]
     assert after[0] < (before[-1] + report["initial_eval_loss"]) / 2
+
+
+def test_a_peer_behind_the_run_when_its_holders_stop_waits_for_them_instead_of_rolling_the_run_back(tmp_path):
+    # peer1 sleeps past its lease while peer0 commits round 3 alone; peer0 then stops, so when peer1 wakes
+    # (holding round 2) nobody holds the run's last round, until peer0 comes back with its checkpoint.
+    report, harness = run_scenario(
+        "pause:peer1@round2,for=8s", "stop:peer0@round3,for=8s", peers=2, workdir=tmp_path,
+        train=TrainConfig.of("diloco", steps=300, sync_every=20, round_timeout_s=10),
+    )
+    assert report["rollbacks"] == [] and report["restarts_from_round_0"] == []
+    assert report["survivors_identical"] is True and report["peers_alive"] == 2
+    said = (tmp_path / "coordinator.log").read_text()
+    assert "committed round 3" in said and "no live peer holds it" in said, "peer1 was told to wait, and why"
