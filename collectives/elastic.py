@@ -11,6 +11,8 @@ state machine (``Phase``, with its outcomes, in ``collectives/syncphases.py``)::
        +--resync--> RESYNC (raises Resynced with the run's state: the contribution is void)
        +--late--> CAUGHT_UP (raises CaughtUp with the committed results it missed: the contribution is void)
        +--unknown peer--> REJOIN --> QUORUM            +--too few peers--> FAILED (GroupTooSmall)
+                             \\--told to wait--> FAILED (WaitingForState: behind, and nobody holds the run's
+                                                 last round; the caller trains on and asks again next sync)
 
 Nothing is applied twice: a peer records a round as applied only when the
 coordinator answered commit, and round ids only grow. Nothing is lost: an
@@ -111,6 +113,7 @@ from collectives.syncphases import (
     RetriesExhausted,
     Stopped,
     SyncResult,
+    WaitingForState,
     Weight,
     Within,
     check_prepared,
@@ -453,20 +456,21 @@ class ElasticCollective:
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
 
-    async def _rejoin(self) -> None:
+    async def _rejoin(self) -> str:
+        """Register again; "" once registered, or why the coordinator said to wait (asked again later)."""
         if not self._holds_state:
             # Still joining: start() registers this peer again itself, once it has a source or the state.
             await asyncio.sleep(WAIT_POLL_S)
-            return
+            return ""
         joined = await self.membership.join(
             self.address, self.last_round, self.epoch, has_state=True, digest=await self._state_digest()
         )
         self.epoch = max(self.epoch, joined.epoch)
         if joined.wait:
-            # Told to wait (the coordinator does not count this state as the run's): ask again later.
+            # Told to wait (nobody live holds the run's last round, which this state is behind): ask again later.
             self._waiting.note(joined.wait_reason)
             await asyncio.sleep(joined.heartbeat_s if joined.heartbeat_s > 0 else WAIT_POLL_S)
-            return
+            return joined.wait_reason
         # With the rounds it missed named, the next quorum answer (which names them too) lets this
         # peer catch up by their results; otherwise it fetches the whole state first.
         if joined.sync_from and not joined.missed:
@@ -476,6 +480,7 @@ class ElasticCollective:
             "%s rejoined the run (resync from %s, %d missed round(s))",
             self.peer_id, joined.sync_from or "-", len(joined.missed),
         )
+        return ""
 
     async def _fetch(self, sources: Sequence[str], expect: ExpectedState | None = None) -> StateSnapshot:
         """The run's state, fetched in stripes from sources and checked against what the coordinator recorded."""
@@ -592,7 +597,10 @@ class ElasticCollective:
                 )
             except Unregistered:
                 self._move(0, Phase.REJOIN)
-                await self._rejoin()
+                waiting = await self._rejoin()
+                if waiting:
+                    self._move(0, Phase.FAILED)
+                    raise WaitingForState(f"no sync: {waiting}") from None
                 self._move(0, Phase.QUORUM)
                 continue
             except LoconetError:

@@ -5,6 +5,7 @@ The phases are the state machine ``ElasticCollective.sync`` walks
 bug. A sync ends in one of: ``SyncResult`` (the round committed),
 ``Resynced`` (this peer had missed rounds and takes the run's state),
 ``CaughtUp`` (it applies the committed results of the rounds it missed),
+``WaitingForState`` (it is behind, and nobody holds the run's last round),
 ``RetriesExhausted``, ``GroupTooSmall`` or ``Stopped``. The callables a sync
 takes (``Weight``, ``Prepare``, ``Within``) are typed here, so algorithms
 need not import the member itself.
@@ -49,7 +50,7 @@ TRANSITIONS: dict[Phase, set[Phase]] = {
     Phase.ALLREDUCE: {Phase.COMMIT},
     Phase.COMMIT: {Phase.COMMITTED, Phase.ABORTED},
     Phase.ABORTED: {Phase.QUORUM, Phase.REJOIN, Phase.FAILED},
-    Phase.REJOIN: {Phase.QUORUM, Phase.RESYNC},
+    Phase.REJOIN: {Phase.QUORUM, Phase.RESYNC, Phase.FAILED},
     Phase.RESYNC: set(),
     Phase.CAUGHT_UP: set(),
     Phase.COMMITTED: set(),
@@ -99,6 +100,11 @@ def check_prepared(sent: Any, flat: torch.Tensor, round_id: int) -> torch.Tensor
     except NonFiniteError as exc:
         raise ProtocolError(str(exc)) from None
     return sent.contiguous()
+
+
+class WaitingForState(RoundFailed):
+    """This peer is behind the run and nobody live holds the run's last committed round: the sync is void. The
+    peer trains on locally and asks again at its next sync; the message says what brings the state back."""
 
 
 class RetriesExhausted(RoundFailed):

@@ -11,7 +11,7 @@ from peer.runtime.training import TrainConfig
 from peer.tasks.base import TaskConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_harness import run_scenario  # noqa: E402
+from test_harness import run_scenario
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -70,7 +70,7 @@ def test_every_peer_stops_then_one_returns_with_its_checkpoint_and_the_run_goes_
 def test_a_peer_behind_the_run_when_its_holders_stop_waits_for_them_instead_of_rolling_the_run_back(tmp_path):
     # peer1 sleeps past its lease while peer0 commits round 3 alone; peer0 then stops, so when peer1 wakes
     # (holding round 2) nobody holds the run's last round, until peer0 comes back with its checkpoint.
-    report, harness = run_scenario(
+    report, _ = run_scenario(
         "pause:peer1@round2,for=8s", "stop:peer0@round3,for=8s", peers=2, workdir=tmp_path,
         train=TrainConfig.of("diloco", steps=300, sync_every=20, round_timeout_s=10),
     )
@@ -78,3 +78,15 @@ def test_a_peer_behind_the_run_when_its_holders_stop_waits_for_them_instead_of_r
     assert report["survivors_identical"] is True and report["peers_alive"] == 2
     said = (tmp_path / "coordinator.log").read_text()
     assert "committed round 3" in said and "no live peer holds it" in said, "peer1 was told to wait, and why"
+
+
+def test_a_peer_behind_when_the_others_finished_trains_on_to_its_end_without_rolling_the_run_back(tmp_path):
+    # peer0 finishes its steps while peer1 sleeps: nobody holds the run's last round when peer1 wakes, behind.
+    report, harness = run_scenario(
+        "pause:peer1@round2,for=8s", peers=2, lease_s=1.5, workdir=tmp_path,
+        train=TrainConfig.of("diloco", steps=120, sync_every=20, round_timeout_s=10),
+    )
+    assert report["rollbacks"] == [] and report["restarts_from_round_0"] == []
+    assert report["peers_alive"] == 2 and report["survivors_identical"] is True
+    missed = [e["reason"] for e in harness.peers["peer1"].events if e["event"] == "sync-missed"]
+    assert missed and "no live peer holds it" in missed[-1], "each sync said why it could not take place"
