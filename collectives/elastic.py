@@ -11,8 +11,8 @@ state machine (``Phase``, with its outcomes, in ``collectives/syncphases.py``)::
        +--resync--> RESYNC (raises Resynced with the run's state: the contribution is void)
        +--late--> CAUGHT_UP (raises CaughtUp with the committed results it missed: the contribution is void)
        +--unknown peer--> REJOIN --> QUORUM            +--too few peers--> FAILED (GroupTooSmall)
-                             \\--told to wait--> FAILED (WaitingForState: behind, and nobody holds the run's
-                                                 last round; the caller trains on and asks again next sync)
+                             \\--told to wait--> QUORUM, up to holder_wait_s; then FAILED (WaitingForState:
+                                 behind, and nobody holds the run's last round; the caller trains on locally)
 
 Nothing is applied twice: a peer records a round as applied only when the
 coordinator answered commit, and round ids only grow. Nothing is lost: an
@@ -178,6 +178,10 @@ class ElasticConfig:
     connect_timeout_s: float = 300.0
     # Committed results of this many recent rounds are kept and served to peers that were late for them.
     keep_results: int = 2
+    # A sync of a peer behind the run, when nobody live holds the run's last round, waits this long for a holder
+    # to come back (a restart takes seconds) before it ends with WaitingForState; later syncs end at once
+    # until this peer is registered again.
+    holder_wait_s: float = 15.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "coordinator", coordinator_address(self.coordinator))
@@ -224,6 +228,9 @@ class ElasticCollective:
         # Whether this peer holds the run's state (its own or fetched): false while start() joins.
         self._holds_state = False
         self._waiting = WaitNotes()
+        # Whether a sync already waited holder_wait_s for a holder of the run's last round in vain (reset once
+        # registered again): the syncs after it do not wait again.
+        self._waited_out = False
         self._round_numel: Callable[[str], int] | None = None
         self._state_nbytes: Callable[[], int] | None = None
         # What each state fetch of this peer took (statesync.FetchReport), for reports and tests.
@@ -480,6 +487,7 @@ class ElasticCollective:
             "%s rejoined the run (resync from %s, %d missed round(s))",
             self.peer_id, joined.sync_from or "-", len(joined.missed),
         )
+        self._waited_out = False
         return ""
 
     async def _fetch(self, sources: Sequence[str], expect: ExpectedState | None = None) -> StateSnapshot:
@@ -583,6 +591,7 @@ class ElasticCollective:
         attempts = 0
         last_reason = ""
         self.phase = Phase.IDLE  # every sync starts afresh; the previous one ended in a final phase
+        started = time.monotonic()
         self._move(0, Phase.QUORUM)
         while True:
             if self._pending_resync:
@@ -598,7 +607,8 @@ class ElasticCollective:
             except Unregistered:
                 self._move(0, Phase.REJOIN)
                 waiting = await self._rejoin()
-                if waiting:
+                if waiting and (self._waited_out or time.monotonic() - started > config.holder_wait_s):
+                    self._waited_out = True
                     self._move(0, Phase.FAILED)
                     raise WaitingForState(f"no sync: {waiting}") from None
                 self._move(0, Phase.QUORUM)

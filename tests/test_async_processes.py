@@ -41,7 +41,8 @@ def committed(harness: Harness, name: str) -> list[dict]:
 
 
 def test_async_diloco_survives_a_pause_a_kill_and_a_join_applying_each_round_once(tmp_path):
-    train = TrainConfig.of("async-diloco", steps=300, sync_every=20, buffer=2, round_timeout_s=10)
+    # Long enough that the run outlasts the pause: a peer still behind when the others finish finds no holder.
+    train = TrainConfig.of("async-diloco", steps=1200, sync_every=20, buffer=2, round_timeout_s=10)
     report, harness = run(train, tmp_path)
     assert report["survivors_identical"] is True
     assert report["peers_alive"] == 3
