@@ -69,6 +69,9 @@ from protos import membership_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+# Why a peer told to wait for the run's state is no member meanwhile (so that quorums do not wait for it).
+WAITS_FOR_STATE = "waits for a holder of the run's state"
+
 VERSION = "0.1.0"
 TICK_S = 0.05
 LEASE_CHECK_S = 0.5
@@ -421,15 +424,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         one (it is not registered)."""
         s = self.state
         held = req.last_round if holds_committed_state(req.has_state, req.last_round, s.last_committed_round) else 0
-        reason = self._wait_reason(held)
+        reason = self._note_waiter(address, req.name[:200], req.peer_id[:100], held)
         other_id = s.by_address.get(address)
         if other_id is not None:
             # An earlier registration from this address (a joiner whose source died mid-fetch): it is no
             # member while it waits, so quorums must not wait for it.
-            self._mark_lost(s.peers[other_id], "waits for a holder of the run's state", kind="leave", state="left")
-        if s.waiting.note(address, reason, req.name[:200], req.peer_id[:100], held):
-            s.event("wait", req.peer_id[:100], f"{address}: {reason}")
-            log.warning("a peer at %s waits: %s", address, reason)
+            self._mark_lost(s.peers[other_id], WAITS_FOR_STATE, kind="leave", state="left")
         return pb.JoinResponse(
             peer_id=req.peer_id,
             lease_s=self.config.lease_s,
@@ -440,6 +440,14 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             wait=True,
             wait_reason=reason,
         )
+
+    def _note_waiter(self, address: str, name: str, peer_id: str, held_round: int) -> str:
+        """Record a peer told to wait for the run's state (an event and a warning the first time); return why."""
+        reason = self._wait_reason(held_round)
+        if self.state.waiting.note(address, reason, name, peer_id, held_round):
+            self.state.event("wait", peer_id, f"{address}: {reason}")
+            log.warning("a peer at %s waits: %s", address, reason)
+        return reason
 
     def _wait_reason(self, held_round: int = 0) -> str:
         """Why a peer (holding the state of held_round, 0: none) waits for the run's state, naming the older
@@ -552,9 +560,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         # Within the startup grace the holders of newer rounds may still be re-registering: no rollback yet.
         settled = self._age() >= rules.startup_grace_s
         if needs_resync(last_round, s.last_committed_round) and rules.allow_rollback:
-            # Only a peer that is behind needs this check (a scan of every peer).
+            # Only a peer that is behind needs this check (a scan of every peer), and only where rollbacks are allowed.
             views = [p.view() for p in s.alive_peers()]
-            head = head_round(views, s.last_committed_round, settled=settled, allow_rollback=True)
+            head = head_round(views, s.last_committed_round, settled=settled, allow_rollback=rules.allow_rollback)
             if head < s.last_committed_round:
                 gone = s.last_committed_round
                 s.roll_back(head)
@@ -578,11 +586,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if not sources:
             # Nobody holds the run's last round: this member waits like a joiner (it is no member meanwhile, so
             # quorums do not wait for it), and joins again until a holder is back. Its join is told to wait.
-            held = last_round if peer.has_state else 0
-            reason = self._wait_reason(held)
-            self._mark_lost(peer, "waits for a holder of the run's state", kind="leave", state="left")
-            if s.waiting.note(peer.address, reason, peer.name, peer.peer_id, held):
-                s.event("wait", peer.peer_id, reason)
+            reason = self._note_waiter(peer.address, peer.name, peer.peer_id, last_round if peer.has_state else 0)
+            self._mark_lost(peer, WAITS_FOR_STATE, kind="leave", state="left")
             raise BadRequest(grpc.StatusCode.NOT_FOUND, f"this peer waits for the run's state: {reason}")
         peer.state = "syncing"
         how = f"catch up {len(missed)} round(s)" if missed else f"from {sources[0].peer_id}"
