@@ -434,6 +434,7 @@ class ElasticCollective:
         if leave:
             digest = await self._leaving_digest() if self._holds_state else ""
             await self.membership.leave(reason, leave_timeout_s, self.last_round if digest else 0, digest)
+        await self.membership.close()
 
     def _refusals(self) -> dict[str, int]:
         """What this peer refused or cut off so far, by kind (sent with heartbeats, for the coordinator's metrics)."""

@@ -47,6 +47,7 @@ import grpc
 from collectives.addresses import coordinator_address
 from collectives.errors import LoconetError, RoundFailed
 from collectives.sampling import check_sample, sample_size
+from collectives.session import RETRY_AFTER_MS, SESSION_RPCS, CoordinatorSession, SessionUnsupported
 from collectives.transport import Transport
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
@@ -73,9 +74,8 @@ class NotACoordinator(LoconetError):
 
 
 # A coordinator refusing a call for its client's rate (RESOURCE_EXHAUSTED, peer/coordinator/limits.py) starts
-# the message with this, and says in this trailing metadata key when to try again (milliseconds).
+# the message with this, and says in trailing metadata (RETRY_AFTER_MS, from collectives/session.py) when to retry.
 RATE_LIMITED = "rate limited"
-RETRY_AFTER_MS = "loconet-retry-after-ms"
 
 
 class Unregistered(LoconetError):
@@ -307,6 +307,9 @@ class MembershipClient:
         self._stub: pb_grpc.CoordinatorStub | None = None
         # The member list of the last ROUND answer, named by its digest: an answer with the same list leaves it out.
         self._known_members = KnownMembers()
+        # Heartbeat, Quorum and Commit go as messages on one stream (collectives/session.py), when the coordinator
+        # has it; the other calls, and every call to an older coordinator, are calls of their own.
+        self.session = CoordinatorSession(lambda: self.transport.channel(self.config.coordinator))
 
     @property
     def stub(self) -> pb_grpc.CoordinatorStub:
@@ -330,7 +333,7 @@ class MembershipClient:
         delay = self.config.backoff_initial_s
         while True:
             try:
-                return await getattr(self.stub, method)(request, timeout=timeout_s)
+                return await self._send(method, request, timeout_s)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.NOT_FOUND:
@@ -362,6 +365,20 @@ class MembershipClient:
                 log.debug("%s: coordinator unreachable (%s); retrying in %.2f s", method, code.name, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.backoff_max_s)
+
+    async def _send(self, method: str, request, timeout_s: float):
+        """One attempt of a call: on the Session stream when it carries method and the coordinator has it."""
+        if method in SESSION_RPCS and self.session.supported:
+            try:
+                return await self.session.call(method, request, timeout_s)
+            except SessionUnsupported:
+                log.info("the coordinator at %s has no Session streams (an older one): one call per request",
+                         self.config.coordinator)
+        return await getattr(self.stub, method)(request, timeout=timeout_s)
+
+    async def close(self) -> None:
+        """Close the Session stream (a later call opens it again)."""
+        await self.session.close()
 
     async def join(
         self,
@@ -408,6 +425,8 @@ class MembershipClient:
                 auth.adopt(reply.credential)
             self.peer_id = reply.peer_id
             self.unregistered.clear()
+            # The stream's credential is checked as it opens: the next call opens one with the new credential.
+            await self.session.reset()
             log.info("joined run %s as %s (epoch %d); state from %s", self.config.run_id, reply.peer_id, reply.epoch,
                      reply.sync_from or "-")
         return Joined(
@@ -459,7 +478,7 @@ class MembershipClient:
                 ),
             )
             try:
-                reply = await self.stub.Heartbeat(request, timeout=max(interval_s, 1.0))
+                reply = await self._send("Heartbeat", request, max(interval_s, 1.0))
                 if not reply.known:
                     self.unregistered.set()
                 self.run_round = reply.last_committed_round

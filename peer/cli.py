@@ -158,7 +158,7 @@ def run_coordinator(ns: argparse.Namespace) -> int:
 
     from collectives.allocator import tune_malloc
     from peer.coordinator.config import CoordinatorConfig
-    from peer.coordinator.server import CoordinatorServer
+    from peer.coordinator.server import CoordinatorServer, tune_gc_for_serving
     from peer.options import read_options
 
     tune_malloc()
@@ -171,6 +171,7 @@ def run_coordinator(ns: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        tune_gc_for_serving()
         sys.stdout.write(
             f"loconet coordinator: run {config.run_id} at {server.address}, dashboard {server.dashboard_url or 'off'}\n"
         )

@@ -287,3 +287,35 @@ class StatusResponse(_message.Message):
     JSON_FIELD_NUMBER: _ClassVar[int]
     json: str
     def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class SessionCall(_message.Message):
+    __slots__ = ("call_id", "heartbeat", "quorum", "commit", "cancel")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    QUORUM_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    heartbeat: HeartbeatRequest
+    quorum: QuorumRequest
+    commit: CommitRequest
+    cancel: bool
+    def __init__(self, call_id: _Optional[int] = ..., heartbeat: _Optional[_Union[HeartbeatRequest, _Mapping]] = ..., quorum: _Optional[_Union[QuorumRequest, _Mapping]] = ..., commit: _Optional[_Union[CommitRequest, _Mapping]] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class SessionReply(_message.Message):
+    __slots__ = ("call_id", "code", "details", "retry_after_ms", "heartbeat", "quorum", "commit")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    QUORUM_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    code: int
+    details: str
+    retry_after_ms: int
+    heartbeat: HeartbeatResponse
+    quorum: QuorumResponse
+    commit: CommitResponse
+    def __init__(self, call_id: _Optional[int] = ..., code: _Optional[int] = ..., details: _Optional[str] = ..., retry_after_ms: _Optional[int] = ..., heartbeat: _Optional[_Union[HeartbeatResponse, _Mapping]] = ..., quorum: _Optional[_Union[QuorumResponse, _Mapping]] = ..., commit: _Optional[_Union[CommitResponse, _Mapping]] = ...) -> None: ...

@@ -64,6 +64,11 @@ class CoordinatorStub:
                 request_serializer=protos_dot_membership__pb2.StatusRequest.SerializeToString,
                 response_deserializer=protos_dot_membership__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/loconet.membership.v1.Coordinator/Session',
+                request_serializer=protos_dot_membership__pb2.SessionCall.SerializeToString,
+                response_deserializer=protos_dot_membership__pb2.SessionReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -108,6 +113,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Heartbeat, Quorum and Commit as messages on one stream per peer (SessionCall); the credential of a run
+        with a secret is checked once, when the stream opens, and binds the stream to that peer id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +153,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=protos_dot_membership__pb2.StatusRequest.FromString,
                     response_serializer=protos_dot_membership__pb2.StatusResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=protos_dot_membership__pb2.SessionCall.FromString,
+                    response_serializer=protos_dot_membership__pb2.SessionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +322,33 @@ class Coordinator:
             '/loconet.membership.v1.Coordinator/Status',
             protos_dot_membership__pb2.StatusRequest.SerializeToString,
             protos_dot_membership__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/loconet.membership.v1.Coordinator/Session',
+            protos_dot_membership__pb2.SessionCall.SerializeToString,
+            protos_dot_membership__pb2.SessionReply.FromString,
             options,
             channel_credentials,
             insecure,

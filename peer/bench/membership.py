@@ -107,6 +107,8 @@ FIELDS: Fields = {
     "spread_s": "each peer asks for a quorum after a random delay below this, seconds (0: all at once)",
     "allreduce_s": "each member waits this long between its Quorum answer and its Commit (the round's data "
     "exchange), seconds (0: it commits at once)",
+    "control_plane": "how the simulated peers send Heartbeat, Quorum and Commit: session (messages on one Session "
+    "stream per peer, as the real client) or unary (one gRPC call each, --unary)",
     "coordinator_rate_limits": "the coordinator's rate-limit options: the product's per-client defaults times the "
     "simulated peers sharing one address (nothing exempt: the limiter checks every call)",
     "run_secret": "whether the run has a run secret (--token-file): false, so no call carries an Ed25519 credential "
@@ -214,7 +216,7 @@ class _Session:
 
     def __init__(self, peers: int, client_procs: int, heartbeat_s: float, lease_s: float, channels: int,
                  log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, spread_s: float = 0.0,
-                 allreduce_s: float = 0.0) -> None:
+                 allreduce_s: float = 0.0, unary: bool = False) -> None:
         from peer.harness.processes import CoordinatorProc
 
         self.peers = peers
@@ -244,6 +246,7 @@ class _Session:
                     "run_id": RUN, "address": self.coordinator.address, "first": first, "count": count,
                     "channels": max(1, min(channels, count)), "heartbeat_s": heartbeat_s,
                     "patience_s": quorum_timeout_s, "spread_s": spread_s, "allreduce_s": allreduce_s,
+                    "unary": unary,
                 }
                 first += count
                 parent, child = ctx.Pipe()
@@ -337,7 +340,7 @@ class _Session:
 
 def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, window_s: float, lease_s: float,
              channels: int, log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, spread_s: float = 0.0,
-             allreduce_s: float = 0.0,
+             allreduce_s: float = 0.0, unary: bool = False,
              stage: Callable[[str], None] = lambda _: None) -> dict:
     """One coordinator, peers simulated peers: join, a heartbeat-only window, rounds; the measurements.
 
@@ -345,7 +348,7 @@ def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, win
     """
     stage("starting the coordinator and the clients")
     session = _Session(peers, client_procs, heartbeat_s, lease_s, channels, log_dir, tag, quorum_timeout_s, spread_s,
-                       allreduce_s)
+                       allreduce_s, unary)
     try:
         session.gather("ready", timeout_s=120)
         stage("idle coordinator")
@@ -549,6 +552,7 @@ def run(
     quorum_timeout_s: float = 120.0,
     spread_s: float = 0.0,
     allreduce_s: float = 0.0,
+    unary: bool = False,
     log_dir: str | os.PathLike | None = None,
     progress: Progress | None = None,
 ) -> dict:
@@ -565,7 +569,7 @@ def run(
     logs.mkdir(parents=True, exist_ok=True)
     common = {
         "heartbeat_s": heartbeat_s, "window_s": window_s, "lease_s": lease_s, "channels": channels,
-        "log_dir": logs, "quorum_timeout_s": quorum_timeout_s,
+        "log_dir": logs, "quorum_timeout_s": quorum_timeout_s, "unary": unary,
     }
     now = ["starting"]
 
@@ -612,6 +616,7 @@ def run(
         "window_s": window_s,
         "spread_s": spread_s,
         "allreduce_s": allreduce_s,
+        "control_plane": "unary" if unary else "session",
         "coordinator_rate_limits": " ".join(bench_rate_limits(peers)),
         "run_secret": False,
         **{k: v for k, v in main.items() if k != "peers"},
@@ -689,6 +694,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allreduce", type=float, default=0.0,
                         help="each member waits this long between its quorum answer and its commit, as the round's "
                              "data exchange would take (s; 0: it commits at once)")
+    parser.add_argument("--unary", action="store_true",
+                        help="simulated peers send each Heartbeat, Quorum and Commit as a gRPC call of its own, as "
+                        "before Session streams (default: on one Session stream per peer, as the real client)")
     parser.add_argument("--log-dir", default=None,
                         help="keep the coordinators' and clients' logs here (none: a temporary folder, "
                              "removed after a success)")
@@ -716,7 +724,8 @@ def main(ns: argparse.Namespace) -> int:
         report = run(
             peers=ns.peers, rounds=ns.rounds, client_procs=ns.client_procs, heartbeat_s=ns.heartbeat,
             window_s=ns.window, lease_s=ns.lease, channels=ns.channels, baseline_peers=ns.baseline_peers,
-            quorum_timeout_s=ns.quorum_timeout, spread_s=ns.spread, allreduce_s=ns.allreduce, log_dir=ns.log_dir, progress=progress,
+            quorum_timeout_s=ns.quorum_timeout, spread_s=ns.spread, allreduce_s=ns.allreduce, unary=ns.unary,
+            log_dir=ns.log_dir, progress=progress,
         )
     # Without --json, the description of the method (long prose) is left out.
     print_report(report if ns.json else {k: v for k, v in report.items() if k != "method"}, ns.json, fmt=_fmt)

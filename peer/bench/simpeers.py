@@ -24,6 +24,7 @@ import grpc
 
 from collectives.membership import RETRY_CODES, MembershipConfig
 from collectives.rpc import RpcSettings, make_channel
+from collectives.session import SESSION_RPCS, CoordinatorSession
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 
@@ -58,9 +59,12 @@ class SimPeer:
     have a deadline of max(interval, 1 s) and are not retried (the next one is due anyway).
     """
 
-    def __init__(self, index: int, stub: pb_grpc.CoordinatorStub, job: dict, lists: dict | None = None) -> None:
+    def __init__(self, index: int, channel: grpc.aio.Channel, job: dict, lists: dict | None = None) -> None:
         self.index = index
-        self.stub = stub
+        self.stub = pb_grpc.CoordinatorStub(channel)
+        # Heartbeat, Quorum and Commit on one Session stream per peer, as the real client sends them
+        # (collectives/session.py); with job["unary"], one gRPC call each, as before Session streams.
+        self.session = None if job.get("unary") else CoordinatorSession(lambda: channel)
         self.job = job
         self.peer_id = ""
         self.last_round = 0
@@ -93,7 +97,7 @@ class SimPeer:
         while True:
             sent = time.time()
             try:
-                return await getattr(self.stub, method)(request, timeout=attempt_s), first, sent
+                return await self._send(method, request, attempt_s), first, sent
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code not in RETRY_CODES:
@@ -104,6 +108,11 @@ class SimPeer:
                     raise CallFailed(f"{method}: no answer in {patience:g} s (last {code.name})") from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MembershipConfig.backoff_max_s)
+
+    async def _send(self, method: str, request, timeout_s: float):
+        if self.session is not None and method in SESSION_RPCS:
+            return await self.session.call(method, request, timeout_s)
+        return await getattr(self.stub, method)(request, timeout=timeout_s)
 
     async def join(self) -> float:
         request = pb.JoinRequest(
@@ -149,7 +158,7 @@ class SimPeer:
             )
             t0 = time.time()
             try:
-                reply = await self.stub.Heartbeat(request, timeout=timeout)
+                reply = await self._send("Heartbeat", request, timeout)
                 self.heartbeats.append((t0, time.time() - t0, True))
                 if not reply.known:
                     self.unknown += 1
@@ -250,10 +259,9 @@ async def _recv(conn):
 
 async def _client(job: dict, conn) -> None:
     channels = [make_channel(job["address"], CLIENT_SETTINGS, own_connection=True) for _ in range(job["channels"])]
-    stubs = [pb_grpc.CoordinatorStub(ch) for ch in channels]
     indexes = range(job["first"], job["first"] + job["count"])
     lists: dict[bytes, list[str]] = {}
-    peers = [SimPeer(i, stubs[j % len(stubs)], job, lists) for j, i in enumerate(indexes)]
+    peers = [SimPeer(i, channels[j % len(channels)], job, lists) for j, i in enumerate(indexes)]
     tasks: list[asyncio.Task] = []
     try:
         await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), 30)
@@ -297,6 +305,7 @@ async def _client(job: dict, conn) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(p.session.close() for p in peers if p.session is not None), return_exceptions=True)
         await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
 
 

@@ -11,6 +11,7 @@ is answered with "join again". The checks themselves are ``collectives.credentia
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -34,6 +35,15 @@ FORGED = "forged-identity"
 
 class Rejoin(Exception):
     """A call with a credential of an earlier coordinator: the peer is told to join again."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who makes a call, as its credential says (checked): none without a run secret or when it sent none;
+    ``foreign`` when an earlier coordinator issued it. A Session stream's caller is checked once, as it opens."""
+
+    credential: pb.PeerCredential | None = None
+    foreign: bool = False
 
 
 class Callers:
@@ -77,15 +87,26 @@ class Callers:
         except Unauthenticated as exc:
             raise self.refuse(FORGED, grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
 
+    def caller(self, context: grpc.aio.ServicerContext, rpc: str) -> Caller:
+        """The checked credential of a call (or of a Session stream as it opens); BadRequest(UNAUTHENTICATED) for a
+        bad one."""
+        try:
+            return Caller(self.credential(context, rpc))
+        except Rejoin:
+            return Caller(foreign=True)
+
     def identify(self, context: grpc.aio.ServicerContext, rpc: str, peer_id: str) -> None:
         """With a run secret: the call must be signed by the key this coordinator bound peer_id to (Heartbeat
         raises Rejoin for an earlier coordinator's credential; the others answer NOT_FOUND, which means the same)."""
-        try:
-            cred = self.credential(context, rpc)
-        except Rejoin:
+        self.check(self.caller(context, rpc), rpc, peer_id)
+
+    def check(self, caller: Caller, rpc: str, peer_id: str) -> None:
+        """That caller (checked by ``caller``) may make an rpc call for peer_id; raises as ``identify`` says."""
+        if caller.foreign:
             if rpc == "Heartbeat":
-                raise
-            raise BadRequest(grpc.StatusCode.NOT_FOUND, "credential of an earlier coordinator: join again") from None
+                raise Rejoin()
+            raise BadRequest(grpc.StatusCode.NOT_FOUND, "credential of an earlier coordinator: join again")
+        cred = caller.credential
         if cred is None:
             if self.auth is not None:
                 raise self.refuse(FORGED, grpc.StatusCode.UNAUTHENTICATED, f"{rpc} needs the peer's credential: join first")

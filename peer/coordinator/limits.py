@@ -301,22 +301,40 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
             self._keys[host] = key
         return key
 
-    def _admission(self, name: str, limiter: RateLimiter) -> Admit:
+    def limit_text(self, limiter: RateLimiter) -> str:
+        """How a refusal by limiter begins: RATE_LIMITED, then the limit."""
         calls = "Join calls" if limiter is self._join else "coordinator calls other than Join"
         rate = f"{limiter.rate:g} {calls} per second"
-        limit_text = f"{RATE_LIMITED}: this coordinator allows {rate} (bursts of {limiter.burst:g}) per client address"
+        return f"{RATE_LIMITED}: this coordinator allows {rate} (bursts of {limiter.burst:g}) per client address"
 
+    def charge(self, peer: str, name: str) -> tuple[float, str]:
+        """Charge one call named name (not Join) from peer (``context.peer()``): (0.0, "") if it may go on, else
+        (seconds until it may, the refusal's message), counted as refused. A Session stream's messages are
+        charged here one by one, as their own calls would be."""
+        return (0.0, "") if self._call is None else self._spend(self._call, peer, name)
+
+    def _spend(self, limiter: RateLimiter, peer: str, name: str) -> tuple[float, str]:
+        client = self._client(peer)
+        if client is None:
+            return 0.0, ""
+        wait_s = limiter.acquire(client)
+        if wait_s <= 0:
+            return 0.0, ""
+        self._refused[name] += 1
+        return wait_s, f"{self.limit_text(limiter)}; retry in {wait_s:.2f} s"
+
+    def _admission(self, name: str, limiter: RateLimiter) -> Admit:
         async def admit(context: grpc.aio.ServicerContext) -> None:
-            client = self._client(context.peer())
-            if client is None:
-                return
-            wait_s = limiter.acquire(client)
+            wait_s, why = self._spend(limiter, context.peer(), name)
             if wait_s > 0:
-                self._refused[name] += 1
                 await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{limit_text}; retry in {wait_s:.2f} s",
-                    trailing_metadata=((RETRY_AFTER_MS, str(max(1, round(wait_s * 1000)))),),
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, why,
+                    trailing_metadata=((RETRY_AFTER_MS, str(retry_after_ms(wait_s))),),
                 )
 
         return admit
+
+
+def retry_after_ms(wait_s: float) -> int:
+    """RETRY_AFTER_MS's value for a wait of wait_s seconds (at least 1 ms)."""
+    return max(1, round(wait_s * 1000))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 
 import grpc
@@ -17,12 +18,28 @@ from google.protobuf.message import Message
 
 from collectives.addresses import advertised_address, format_address, split_address
 from collectives.errors import AddressInUse
-from collectives.rpc import COORDINATOR_SETTINGS, RunAuthInterceptor, RpcSettings, bind, make_server
+from collectives.rpc import COORDINATOR_SETTINGS, RpcSettings, RunAuthInterceptor, bind, make_server
 from peer.coordinator.limits import RateLimitInterceptor
 from peer.coordinator.service import Coordinator, CoordinatorConfig
+from peer.coordinator.sessions import Charge, session_handler
 from protos import membership_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+
+# The collector's first threshold while serving: a round at 1,000 peers allocates a few objects per message, and
+# at Python's default (700) that is a young collection every few dozen messages and a full one every few thousand,
+# each walking every peer record: ~9% of the coordinator's CPU in a round, and pauses of tens of milliseconds.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc_for_serving() -> None:
+    """Move what exists at start (modules, descriptors, the server) out of the collector's reach, and collect
+    young objects less often: what a long-running server allocating per message wants (docs/scale.md)."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 # RPCs whose server-side handler is another method of the Coordinator, one that may answer with bytes already
@@ -35,11 +52,14 @@ def serialize(response: Message | bytes) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-def strict_handlers(coordinator: Coordinator) -> grpc.GenericRpcHandler:
-    """The Coordinator service's handlers, answering a malformed request with INVALID_ARGUMENT (not UNKNOWN)."""
+def strict_handlers(coordinator: Coordinator, charge: Charge) -> grpc.GenericRpcHandler:
+    """The Coordinator service's handlers, answering a malformed request with INVALID_ARGUMENT (not UNKNOWN);
+    charge: the rate limit of each Session stream message (peer/coordinator/sessions.py)."""
     service = pb.DESCRIPTOR.services_by_name["Coordinator"]
-    handlers = {}
+    handlers = {"Session": session_handler(coordinator, charge)}
     for method in service.methods:
+        if method.name in handlers:
+            continue
         request_type = getattr(pb, method.input_type.name)
         behavior = getattr(coordinator, WIRE_METHODS.get(method.name, method.name))
 
@@ -91,7 +111,7 @@ class CoordinatorServer:
         if first:
             self.coordinator.unauthenticated = lambda: first[0].refused
         server = make_server(
-            self.settings, role="coordinator", handlers=(strict_handlers(self.coordinator),),
+            self.settings, role="coordinator", handlers=(strict_handlers(self.coordinator, self.rate_limits.charge),),
             interceptors=(*first, self.rate_limits),
         )
         self.bound_address = bind(

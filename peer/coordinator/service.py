@@ -46,7 +46,7 @@ from peer.coordinator.durable import (
     short,
     wait_reason,
 )
-from peer.coordinator.identity import Callers, Rejoin
+from peer.coordinator.identity import Caller, Callers, Rejoin
 from peer.coordinator.quorum import BadRequest, Quorums
 from peer.coordinator.rules import (
     Decision,
@@ -151,6 +151,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             run_under_way=lambda: self._run_under_way,
         )
         self._tick_task: asyncio.Task | None = None
+        # Set by stop(): the waiting Quorum calls it ends are told to retry, not that they were superseded.
+        self._stopping = False
         self._serving: dict[str, int] = {}
         # Liveness probes of peers a quorum waits for: peer id -> when last probed.
         self._probed: dict[str, float] = {}
@@ -174,6 +176,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         for task in list(self._probes):
             task.cancel()
         await asyncio.gather(*self._probes, return_exceptions=True)
+        self._stopping = True
         for fut in self.quorums.waiting():
             fut.cancel()
 
@@ -256,6 +259,18 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         return await self._answer(context, self._status_rpc, request)
+
+    def session_call(self, caller: Caller, rpc: str, request):
+        """One call of a Session stream (rpc: Heartbeat, Quorum or Commit) from caller (checked as the stream
+        opened), answered as its own RPC would be: the answer, or a coroutine for it (a Quorum answer may be
+        bytes, as from quorum_wire); raises BadRequest."""
+        try:
+            self.callers.check(caller, rpc, request.peer_id)
+        except Rejoin:
+            return pb.HeartbeatResponse(known=False, epoch=self.state.epoch)
+        if rpc == "Heartbeat":
+            return self._heartbeat(request)
+        return self._quorum(request) if rpc == "Quorum" else self._commit(request)
 
     async def _answer(self, context: grpc.aio.ServicerContext, handler, request, identify: str = ""):
         """handler(request), after checking (with a run secret) that the caller is request.peer_id when identify
@@ -627,6 +642,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 f"{NO_QUORUM} in {self.config.quorum_timeout_s:g} s: {alive} live peer(s), min_peers is "
                 f"{self.config.min_peers}; start more peers or lower --min-peers",
             )
+        if fut.cancelled() and self._stopping:
+            raise BadRequest(grpc.StatusCode.UNAVAILABLE, "the coordinator is stopping; retry when it is back")
         if fut.cancelled():
             # The same peer asked again (Quorums.enqueue keeps its newest request): this call gets a status.
             raise BadRequest(grpc.StatusCode.ABORTED, "superseded by a newer Quorum request from the same peer")

@@ -1,0 +1,190 @@
+"""The coordinator's side of a peer's Session stream: Heartbeat, Quorum and Commit as messages on one stream.
+
+A gRPC call costs the Python server several times what a message on an open
+stream does (docs/scale.md), so a peer sends its frequent calls on one
+long-lived ``Session`` stream. Each message is a call of its own, answered by
+``call_id`` in any order, and goes through what its unary RPC would:
+
+- the client's rate limit, one token per message (``RateLimitInterceptor.charge``);
+  the stream's opening is charged too, as a call;
+- the run secret and the peer credential, checked once as the stream opens
+  (``Callers.caller``); every message must then name that peer id
+  (``Callers.check``). A forged credential ends the stream at once;
+- the Coordinator's own handler (``Coordinator.session_call``), whose refusal
+  (``BadRequest``) becomes the answer's ``code`` and ``details``.
+
+A message that is not a ``SessionCall``, a ``call_id`` already in flight, or
+more than ``MAX_CALLS_IN_FLIGHT`` calls at once end the stream with
+INVALID_ARGUMENT or RESOURCE_EXHAUSTED: a peer has at most a heartbeat, a
+quorum and a commit in flight. When the stream ends, its calls in flight are
+cancelled, as the calls themselves would be when their client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from collectives.session import OPENED
+from collectives.wire import encode_varint
+from peer.coordinator.identity import Caller
+from peer.coordinator.limits import retry_after_ms
+from peer.coordinator.quorum import BadRequest
+from protos import membership_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# A peer has at most a heartbeat, a quorum and a commit in flight; a few more allow for cancels in transit.
+MAX_CALLS_IN_FLIGHT = 8
+MAX_DETAILS_CHARS = 2000
+# SessionCall's oneof field -> the RPC it stands for.
+RPCS = {"heartbeat": "Heartbeat", "quorum": "Quorum", "commit": "Commit"}
+# SessionReply's field number for each RPC's answer (a Quorum answer comes serialised: it is appended as bytes).
+REPLY_FIELDS = {"Heartbeat": 5, "Quorum": 6, "Commit": 7}
+
+# charge(context.peer(), rpc name) -> (0.0, "") or (seconds to wait, why): the server's rate limits.
+Charge = Callable[[str, str], tuple[float, str]]
+
+
+def reply_bytes(call_id: int, rpc: str, answer: Message | bytes) -> bytes:
+    """A serialised SessionReply carrying answer (a message, or bytes already serialised) for call_id."""
+    body = answer if isinstance(answer, bytes) else answer.SerializeToString()
+    head = pb.SessionReply(call_id=call_id).SerializeToString()
+    # Protobuf reads concatenated serialisations as one message: the answer is appended as its field, unparsed.
+    return head + encode_varint(REPLY_FIELDS[rpc] << 3 | 2) + encode_varint(len(body)) + body
+
+
+def error_bytes(call_id: int, code: grpc.StatusCode, details: str, wait_s: float = 0.0) -> bytes:
+    """A serialised SessionReply refusing call_id with code (wait_s: a rate limit's wait)."""
+    return pb.SessionReply(
+        call_id=call_id, code=code.value[0], details=details[:MAX_DETAILS_CHARS],
+        retry_after_ms=retry_after_ms(wait_s) if wait_s > 0 else 0,
+    ).SerializeToString()
+
+
+class SessionEnded(Exception):
+    """The peer broke the Session protocol: the stream ends with this status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Session:
+    """One open Session stream on the coordinator's loop: takes calls, and writes each answer as it is decided.
+
+    Answers are written by whoever has them (the reading loop for an answer at hand, the call's task for one
+    that waited), one write at a time: no queue and no writer task between a decision and its bytes.
+    """
+
+    def __init__(self, coordinator, caller: Caller, peer: str, charge: Charge, write) -> None:
+        self.coordinator = coordinator
+        self.caller = caller
+        self.peer = peer
+        self.charge = charge
+        self._write = write
+        self._writing = asyncio.Lock()
+        self.calls: dict[int, asyncio.Task] = {}
+
+    async def write(self, raw: bytes) -> None:
+        """Send one serialised SessionReply (one write at a time on a gRPC stream)."""
+        async with self._writing:
+            await self._write(raw)
+
+    def take(self, raw: bytes) -> bytes | None:
+        """Handle one message of the stream: the reply to send now, or None (none, or its call's task will);
+        raises SessionEnded when the message breaks the protocol."""
+        try:
+            call = pb.SessionCall.FromString(raw)
+        except DecodeError as exc:
+            raise SessionEnded(grpc.StatusCode.INVALID_ARGUMENT, f"malformed SessionCall: {exc}") from None
+        kind = call.WhichOneof("call")
+        call_id = call.call_id
+        if kind == "cancel":
+            task = self.calls.pop(call_id, None)
+            if task is not None:
+                task.cancel()
+            return None
+        if kind is None:
+            raise SessionEnded(grpc.StatusCode.INVALID_ARGUMENT, f"SessionCall {call_id} carries no call")
+        if call_id in self.calls:
+            raise SessionEnded(grpc.StatusCode.INVALID_ARGUMENT, f"call id {call_id} is already in flight")
+        if len(self.calls) >= MAX_CALLS_IN_FLIGHT:
+            raise SessionEnded(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than {MAX_CALLS_IN_FLIGHT} calls in flight on one Session stream: a peer needs at most three",
+            )
+        rpc = RPCS[kind]
+        wait_s, why = self.charge(self.peer, rpc)
+        if wait_s > 0:
+            return error_bytes(call_id, grpc.StatusCode.RESOURCE_EXHAUSTED, why, wait_s)
+        try:
+            answer = self.coordinator.session_call(self.caller, rpc, getattr(call, kind))
+        except BadRequest as exc:
+            return error_bytes(call_id, exc.code, str(exc))
+        if not asyncio.iscoroutine(answer):
+            return reply_bytes(call_id, rpc, answer)
+        task = asyncio.get_running_loop().create_task(self._answer(call_id, rpc, answer))
+        self.calls[call_id] = task
+        task.add_done_callback(lambda t, call_id=call_id: self._done(call_id, t))
+        return None
+
+    async def _answer(self, call_id: int, rpc: str, pending) -> None:
+        """Wait for a call's answer (or refusal), then send it."""
+        try:
+            raw = reply_bytes(call_id, rpc, await pending)
+        except BadRequest as exc:
+            raw = error_bytes(call_id, exc.code, str(exc))
+        except Exception as exc:
+            # As a unary handler's unexpected exception: UNKNOWN, with the exception for the coordinator's log.
+            log.warning("%s on a Session stream failed: %r", rpc, exc)
+            raw = error_bytes(call_id, grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
+        await self.write(raw)
+
+    def _done(self, call_id: int, task: asyncio.Task) -> None:
+        if self.calls.get(call_id) is task:
+            del self.calls[call_id]
+        if not task.cancelled() and task.exception() is not None:
+            # Its answer could not be written: the stream is gone, and the reading loop ends with it.
+            log.debug("a Session answer to %s was not sent: %r", self.peer, task.exception())
+
+    def close(self) -> None:
+        """Cancel the calls still in flight (the stream is gone)."""
+        for task in self.calls.values():
+            task.cancel()
+        self.calls.clear()
+
+
+def session_handler(coordinator, charge: Charge) -> grpc.RpcMethodHandler:
+    """The Session method's handler (stream of serialised SessionCall in, serialised SessionReply out)."""
+
+    async def serve(requests, context: grpc.aio.ServicerContext) -> None:
+        try:
+            caller = coordinator.callers.caller(context, "Session")
+        except BadRequest as exc:
+            await context.abort(exc.code, str(exc))
+        # The first reply (call_id 0, nothing else) tells the peer the stream was taken on: it writes no call before
+        # (a refusal racing a write can reach it as gRPC core's INTERNAL instead of its status).
+        await context.write(OPENED)
+        session = Session(coordinator, caller, context.peer(), charge, context.write)
+        try:
+            while True:
+                raw = await context.read()
+                if raw is grpc.aio.EOF:
+                    return
+                try:
+                    reply = session.take(raw)
+                except SessionEnded as exc:
+                    await context.abort(exc.code, str(exc))
+                if reply is not None:
+                    await session.write(reply)
+        finally:
+            session.close()
+
+    return grpc.stream_stream_rpc_method_handler(
+        serve, request_deserializer=lambda b: b, response_serializer=lambda b: b
+    )
