@@ -35,7 +35,7 @@ from collections.abc import Callable
 import grpc
 
 from collectives.membership import NO_QUORUM
-from collectives.rpc import health_check
+from collectives.rpc import RpcSettings, health_check
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import (
     checked_digest,
@@ -154,6 +154,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         # Set by stop(): the waiting Quorum calls it ends are told to retry, not that they were superseded.
         self._stopping = False
         self._serving: dict[str, int] = {}
+        # How probes dial peers: the run's TLS (peers' servers speak it), nothing else of the coordinator's settings.
+        self._probe_settings = RpcSettings(security=config.security)
         # Liveness probes of peers a quorum waits for: peer id -> when last probed.
         self._probed: dict[str, float] = {}
         self._last_lease_check = time.monotonic()
@@ -734,7 +736,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     async def _probe(self, peer: PeerRecord) -> None:
         """Mark a peer lost if its port refuses connections (its process is gone)."""
         try:
-            await health_check(peer.address, timeout_s=1.0)
+            # With the run's TLS settings: a plaintext probe of a TLS peer fails as if nothing listened there.
+            await health_check(peer.address, timeout_s=1.0, settings=self._probe_settings)
         except grpc.aio.AioRpcError as exc:
             # UNAVAILABLE = refused: dead. A deadline means it may be paused: leave it to its lease.
             if exc.code() == grpc.StatusCode.UNAVAILABLE and peer.alive:
