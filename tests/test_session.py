@@ -22,6 +22,7 @@ from collectives.session import RETRY_AFTER_MS, SESSION_METHOD, CoordinatorSessi
 from collectives.transport import Transport, TransportConfig
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.limits import CoordinatorLimits
+from peer.coordinator.server import CoordinatorServer
 from peer.coordinator.thread import CoordinatorThread
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
@@ -341,3 +342,9 @@ def test_a_session_without_the_runs_secret_is_refused_as_it_opens(secured):
 
     assert run(scenario()) == grpc.StatusCode.UNAUTHENTICATED
     assert secured.status()["refusals"] == {"unauthenticated": 1}
+
+
+def test_the_coordinator_has_room_for_a_session_per_peer_besides_its_calls():
+    """Each live peer holds its Session stream (one RPC) while it is in the run."""
+    server = CoordinatorServer(config(max_peers=2500))
+    assert server.settings.max_concurrent_rpcs == COORDINATOR_SETTINGS.max_concurrent_rpcs + 2500

@@ -87,8 +87,14 @@ class CoordinatorServer:
     def __init__(self, config: CoordinatorConfig, settings: RpcSettings = COORDINATOR_SETTINGS) -> None:
         self.config = config
         self.advertise = config.advertise  # checked by CoordinatorConfig
-        # The coordinator's TLS files and run secret come with its config.
-        self.settings = dataclasses.replace(settings, security=config.security)
+        # The coordinator's TLS files and run secret come with its config. Every live peer holds its Session stream
+        # (one RPC) for as long as it is in the run, so the concurrent-RPC bound has room for max_peers of them
+        # besides the calls it was measured for.
+        self.settings = dataclasses.replace(
+            settings, security=config.security,
+            max_concurrent_rpcs=None if settings.max_concurrent_rpcs is None
+            else settings.max_concurrent_rpcs + config.max_peers,
+        )
         self.coordinator = Coordinator(config)
         # Per-client rate limits on every call but the health check (counted for the metrics).
         self.rate_limits = RateLimitInterceptor(config.limits)
