@@ -425,8 +425,9 @@ class MembershipClient:
                 auth.adopt(reply.credential)
             self.peer_id = reply.peer_id
             self.unregistered.clear()
-            # The stream's credential is checked as it opens: the next call opens one with the new credential.
-            await self.session.reset()
+            if auth is not None:
+                # The stream's credential is checked as it opens: the next call opens one with the new credential.
+                await self.session.reset()
             log.info("joined run %s as %s (epoch %d); state from %s", self.config.run_id, reply.peer_id, reply.epoch,
                      reply.sync_from or "-")
         return Joined(
