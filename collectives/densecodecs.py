@@ -27,15 +27,9 @@ from collectives.codecs import (
     count_nonfinite,
     nonfinite_error,
 )
+from collectives.devicecodec import SCALE_LIMIT, SEGMENT_ELEMS, TINY_ABSMAX
 from collectives.errors import CodecError
 
-# ~2 MB of fp32 per segment: large enough that per-op overhead is amortised,
-# small enough that the temporaries of one segment stay in L2/L3.
-_SEGMENT_ELEMS = 1 << 19
-_FLT_MAX = float(np.finfo(np.float32).max)
-# Below this absmax, 1/scale may overflow or the scale be subnormal: such blocks take
-# a (rare) slower path that divides by the scale and clamps.
-_TINY_ABSMAX = 2.0**-100
 # Smallest magnitudes that round to Inf in the 16-bit formats.
 _FP16_OVERFLOW = 65520.0
 _BF16_OVERFLOW = (2.0 - 2.0**-8) * 2.0**127
@@ -75,17 +69,17 @@ class FloatCodec(Codec):
             return x.view(torch.uint8)
         raw = st.buffer("raw", 2 * n, torch.uint8)
         half = raw.view(self._dtype)
-        for e0 in range(0, n, _SEGMENT_ELEMS):
-            xs = x[e0:e0 + _SEGMENT_ELEMS]
+        for e0 in range(0, n, SEGMENT_ELEMS):
+            xs = x[e0:e0 + SEGMENT_ELEMS]
             lo, hi = torch.aminmax(xs)
             self._check_range(float(lo), float(hi), x)
-            half[e0:e0 + _SEGMENT_ELEMS].copy_(xs)
+            half[e0:e0 + SEGMENT_ELEMS].copy_(xs)
         return raw
 
     def _decode_raw(self, raw: np.ndarray, numel: int, out: torch.Tensor, st: ThreadState) -> None:
         w = self._width
         out_bytes = out.view(torch.uint8).numpy()
-        seg = min(numel, _SEGMENT_ELEMS)
+        seg = min(numel, SEGMENT_ELEMS)
         scratch = None if w == 4 else st.buffer("half", w * seg, torch.uint8)
         for e0 in range(0, numel, seg):
             e1 = min(e0 + seg, numel)
@@ -117,7 +111,7 @@ class BlockCodec(Codec):
         self._block = b
         # A block count per segment that is a multiple of 4 starts every segment on a multiple of
         # 4 elements, so int4 segments begin on whole (pairs of) bytes.
-        self._seg_blocks = max(4, (_SEGMENT_ELEMS // b) & ~3)
+        self._seg_blocks = max(4, (SEGMENT_ELEMS // b) & ~3)
 
     def _values_size(self, numel: int) -> int:
         raise NotImplementedError
@@ -156,7 +150,7 @@ class BlockCodec(Codec):
         t = st.buffer("tmp", k * w, torch.float32).view(k, w)
         mult = st.buffer("mult", k, torch.float32)
         smallest = float(absmax.min())  # NaN (checked by the caller) takes the multiply path
-        if smallest < _TINY_ABSMAX and bool(((absmax > 0) & (absmax < _TINY_ABSMAX)).any()):
+        if smallest < TINY_ABSMAX and bool(((absmax > 0) & (absmax < TINY_ABSMAX)).any()):
             # Rare: 1/scale may overflow or the scale be subnormal; divide by the scale (1 for
             # all-zero blocks) and clamp, so what is sent matches what the receiver computes.
             torch.where(scales > 0, scales, torch.ones_like(scales), out=mult)
@@ -164,7 +158,7 @@ class BlockCodec(Codec):
             t.round_().clamp_(-qmax, qmax)
         else:
             torch.reciprocal(scales, out=mult)
-            if smallest < _TINY_ABSMAX:
+            if smallest < TINY_ABSMAX:
                 mult.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # all-zero blocks: 0 * 0, not 0 * inf = NaN
             torch.mul(xs, mult[:, None], out=t)
             t.round_()  # |x / scale| <= 127 (7) up to rounding, so no clamp is needed
@@ -230,7 +224,7 @@ class BlockCodec(Codec):
 
 class Int8Codec(BlockCodec):
     qmax = 127
-    scale_limit = _FLT_MAX / 128  # a payload may hold q = -128
+    scale_limit = SCALE_LIMIT["int8"]  # a payload may hold q = -128
 
     def _values_size(self, numel: int) -> int:
         return numel
@@ -252,7 +246,7 @@ class Int8Codec(BlockCodec):
 
 class Int4Codec(BlockCodec):
     qmax = 7
-    scale_limit = _FLT_MAX / 8  # stored nibbles decode to q in [-8, 7]
+    scale_limit = SCALE_LIMIT["int4"]  # stored nibbles decode to q in [-8, 7]
 
     def __init__(self, config: CodecConfig | str = CodecConfig()) -> None:
         super().__init__(config)

@@ -35,14 +35,20 @@ from collectives.errors import CodecError, ConfigError, NonFiniteError
 
 __all__ = ["CodecConfigLike", "decode_raw_on_device", "encode_raw_on_device", "encode_throughput", "synchronize"]
 
-# The CPU codec's constants (collectives.codecs; tests/test_devicecodec.py checks they agree).
-_SEGMENT_ELEMS = 1 << 19
-_TINY_ABSMAX = 2.0**-100
-_FLT_MAX = float(torch.finfo(torch.float32).max)
+# Constants of the wire formats, shared by every encoder (the CPU codecs of collectives/densecodecs.py and
+# collectives/sparse.py import them from here, the lowest of the codec modules).
+# ~2 MB of fp32 per segment: large enough that per-op overhead is amortised, small enough that the temporaries
+# of one segment stay in L2/L3.
+SEGMENT_ELEMS = 1 << 19
+# Below this absmax, 1/scale may overflow or the scale be subnormal: such blocks take a (rare) slower path that
+# divides by the scale and clamps.
+TINY_ABSMAX = 2.0**-100
+FLT_MAX = float(torch.finfo(torch.float32).max)
 _FLOAT_DTYPES = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _OVERFLOW = {"none": math.inf, "fp16": 65520.0, "bf16": (2.0 - 2.0**-8) * 2.0**127}
 _QMAX = {"int8": 127, "int4": 7}
-_SCALE_LIMIT = {"int8": _FLT_MAX / 128, "int4": _FLT_MAX / 8}
+# The largest block scale for which every storable q times the scale is finite (int8 may hold -128, int4 -8).
+SCALE_LIMIT = {"int8": FLT_MAX / 128, "int4": FLT_MAX / 8}
 
 
 class CodecConfigLike(Protocol):
@@ -57,7 +63,7 @@ class CodecConfigLike(Protocol):
 
 def _seg_blocks(block: int) -> int:
     """Blocks per CPU segment: the formula of ``densecodecs.BlockCodec.__init__`` (a test guards against drift)."""
-    return max(4, (_SEGMENT_ELEMS // block) & ~3)
+    return max(4, (SEGMENT_ELEMS // block) & ~3)
 
 
 def _check_tensor(x: object, what: str) -> torch.Tensor:
@@ -86,8 +92,8 @@ def _nonfinite_error(x: torch.Tensor) -> NonFiniteError:
 
 def _float_range_error(name: str, x: torch.Tensor) -> CodecError:
     """The CPU encoder's error: that of the first ~2 MB segment holding NaN/Inf or a value out of range."""
-    for e0 in range(0, x.numel(), _SEGMENT_ELEMS):
-        lo, hi = (float(v) for v in torch.aminmax(x[e0:e0 + _SEGMENT_ELEMS]))
+    for e0 in range(0, x.numel(), SEGMENT_ELEMS):
+        lo, hi = (float(v) for v in torch.aminmax(x[e0:e0 + SEGMENT_ELEMS]))
         if not (math.isfinite(lo) and math.isfinite(hi)):
             return _nonfinite_error(x)
         if max(-lo, hi) >= _OVERFLOW[name]:
@@ -105,7 +111,7 @@ def _quantize_rows(xs: torch.Tensor, qmax: float, seg_rows: int) -> tuple[torch.
     scales = torch.div(absmax, torch.full((1,), qmax, dtype=torch.float32, device=xs.device))
     mult = torch.reciprocal(scales).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # all-zero blocks: 0, not inf
     t = torch.mul(xs, mult[:, None]).round_()  # |q| <= qmax up to rounding here, so no clamp (as on the CPU)
-    tiny = (absmax > 0) & (absmax < _TINY_ABSMAX)
+    tiny = (absmax > 0) & (absmax < TINY_ABSMAX)
     if bool(tiny.any()):  # one sync per call; tiny blocks are rare
         pad = -k % seg_rows
         seg_tiny = torch.nn.functional.pad(tiny, (0, pad)).view(-1, seg_rows).any(1)
@@ -144,7 +150,7 @@ def encode_raw_on_device(config: CodecConfigLike, x: torch.Tensor) -> torch.Tens
         q = raw[4 * nb:].view(torch.int8)
     else:
         q = torch.empty(n + n % 2, dtype=torch.int8, device=dev)
-    qmax, limit = float(_QMAX[name]), _SCALE_LIMIT[name]
+    qmax, limit = float(_QMAX[name]), SCALE_LIMIT[name]
     if nfull:
         s, t = _quantize_rows(x[:nfull * b].view(nfull, b), qmax, _seg_blocks(b))
         scales[:nfull] = s

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from collectives.codecs import Codec, ThreadState, nonfinite_error
+from collectives.devicecodec import FLT_MAX, SCALE_LIMIT
 from collectives.errors import CodecError
 
 __all__ = ["BLOCK", "TopKCodec", "analytic_contribution_bytes", "decode_indices", "encode_indices", "rice_bits"]
@@ -54,8 +55,7 @@ KIND_CONTRIBUTION, KIND_SPARSE, KIND_DENSE = 0, 1, 2
 BITMAP_FLAG = 4
 _HEADER = 6  # kind, m (uint32), r
 _MAX_RICE = 31
-_FLT_MAX = float(np.finfo(np.float32).max)
-_INT_SCALE_LIMIT = _FLT_MAX / 128  # every int8 times its scale stays finite
+_INT_SCALE_LIMIT = SCALE_LIMIT["int8"]  # every int8 times its scale stays finite
 _BF16_EXP = 0x7F80
 _SHIFTS2 = np.array([0, 2, 4, 6], dtype=np.uint8)
 
@@ -346,7 +346,7 @@ class TopKCodec(Codec):
         if kind == KIND_CONTRIBUTION:
             if m > self.keep(numel):
                 raise CodecError(f"topk contribution keeps {m} entries, at most {self.keep(numel)} for {numel}")
-            scales = _read_scales(raw, pos, 2 * nb, _FLT_MAX)
+            scales = _read_scales(raw, pos, 2 * nb, FLT_MAX)
             pos += 4 * nb
             nvals = -(-m // 4)
         else:
