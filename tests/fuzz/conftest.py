@@ -148,7 +148,13 @@ class Fuzzer:
                 left = self.seconds - (time.monotonic() - started)
                 if left <= 0:
                     break
-                per_example = (time.monotonic() - t0) / max(1, self.examples - before)
+                # The slower of the last batch's mean and the whole run's: a batch of a few quick examples must not
+                # size the next one for hundreds (a coordinator example takes 0.01 s to seconds; one such batch of
+                # 129 took 30 s of a 40 s budget, and in CI the budget's 13 s share ran for 65 s).
+                per_example = max(
+                    (time.monotonic() - t0) / max(1, self.examples - before),
+                    (time.monotonic() - started) / max(1, self.examples),
+                )
                 batch = int(min(BATCH_SECONDS, left) / max(per_example, 1e-5)) or 1
         except BaseException:
             self.crashed = True
