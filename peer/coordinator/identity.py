@@ -3,7 +3,8 @@
 A joiner proves it holds the key it sends (``joiner_key``) and gets a credential binding its peer id and
 address to that key, signed with the coordinator's key (``issue``; the key is kept beside the state file, so
 a restarted coordinator still recognises its credentials). Heartbeat, Quorum, Commit and Leave must then be
-signed by the key the request's peer id is bound to (``identify``); a forged one is refused UNAUTHENTICATED
+signed by the key the request's peer id is bound to (``caller``, then ``check``; a Session stream is
+checked once, as it opens); a forged one is refused UNAUTHENTICATED
 and counted. A credential of an earlier coordinator (one restarted without its state file, with a new key)
 is answered with "join again". The checks themselves are ``collectives.credentials``'; docs/security.md.
 """
@@ -95,13 +96,10 @@ class Callers:
         except Rejoin:
             return Caller(foreign=True)
 
-    def identify(self, context: grpc.aio.ServicerContext, rpc: str, peer_id: str) -> None:
-        """With a run secret: the call must be signed by the key this coordinator bound peer_id to (Heartbeat
-        raises Rejoin for an earlier coordinator's credential; the others answer NOT_FOUND, which means the same)."""
-        self.check(self.caller(context, rpc), rpc, peer_id)
-
     def check(self, caller: Caller, rpc: str, peer_id: str) -> None:
-        """That caller (checked by ``caller``) may make an rpc call for peer_id; raises as ``identify`` says."""
+        """With a run secret: caller (from ``caller``) must hold the key this coordinator bound peer_id to
+        (Heartbeat raises Rejoin for an earlier coordinator's credential; the others answer NOT_FOUND, which means
+        the same); BadRequest(UNAUTHENTICATED) otherwise."""
         if caller.foreign:
             if rpc == "Heartbeat":
                 raise Rejoin()

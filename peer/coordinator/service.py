@@ -151,6 +151,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             run_under_way=lambda: self._run_under_way,
         )
         self._tick_task: asyncio.Task | None = None
+        # What each call a peer makes as itself does, once its caller is checked (peer_call).
+        self._peer_handlers = {
+            "Heartbeat": self._heartbeat, "Leave": self._leave, "Quorum": self._quorum, "Commit": self._commit,
+        }
         # Set by stop(): the waiting Quorum calls it ends are told to retry, not that they were superseded.
         self._stopping = False
         self._serving: dict[str, int] = {}
@@ -234,16 +238,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return await self._answer(context, lambda req: self._join(req, self.callers.joiner_key(context, req)), request)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
-        try:
-            self.callers.identify(context, "Heartbeat", request.peer_id)
-        except Rejoin:
-            return pb.HeartbeatResponse(known=False, epoch=self.state.epoch)
-        except BadRequest as exc:
-            await context.abort(exc.code, str(exc))
-        return await self._answer(context, self._heartbeat, request)
+        return await self._as_peer(context, "Heartbeat", request)
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
-        return await self._answer(context, self._leave, request, "Leave")
+        return await self._as_peer(context, "Leave", request)
 
     async def Quorum(self, request: pb.QuorumRequest, context) -> pb.QuorumResponse:
         answer = await self.quorum_wire(request, context)
@@ -254,32 +252,31 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         """Quorum as the server sends it: a ROUND answer comes serialised, its member list once for all members
         (Quorums._form) and left out for an asker that holds it, so answering 1,000 members costs one
         serialisation, not 1,000."""
-        return await self._answer(context, self._quorum, request, "Quorum")
+        return await self._as_peer(context, "Quorum", request)
 
     async def Commit(self, request: pb.CommitRequest, context) -> pb.CommitResponse:
-        return await self._answer(context, self._commit, request, "Commit")
+        return await self._as_peer(context, "Commit", request)
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         return await self._answer(context, self._status_rpc, request)
 
-    def session_call(self, caller: Caller, rpc: str, request):
-        """One call of a Session stream (rpc: Heartbeat, Quorum or Commit) from caller (checked as the stream
-        opened), answered as its own RPC would be: the answer, or a coroutine for it (a Quorum answer may be
-        bytes, as from quorum_wire); raises BadRequest."""
+    def peer_call(self, caller: Caller, rpc: str, request):
+        """One call a peer makes as itself (rpc: Heartbeat, Leave, Quorum or Commit; its own RPC, or a message of
+        its Session stream) from caller, checked as the call or the stream opened: the answer, or a coroutine for
+        it (a Quorum answer may be bytes, as from quorum_wire); raises BadRequest."""
         try:
             self.callers.check(caller, rpc, request.peer_id)
-        except Rejoin:
+        except Rejoin:  # Heartbeat only: a credential of an earlier coordinator is told to join again
             return pb.HeartbeatResponse(known=False, epoch=self.state.epoch)
-        if rpc == "Heartbeat":
-            return self._heartbeat(request)
-        return self._quorum(request) if rpc == "Quorum" else self._commit(request)
+        return self._peer_handlers[rpc](request)
 
-    async def _answer(self, context: grpc.aio.ServicerContext, handler, request, identify: str = ""):
-        """handler(request), after checking (with a run secret) that the caller is request.peer_id when identify
-        names the RPC; a BadRequest becomes the call's status."""
+    async def _as_peer(self, context: grpc.aio.ServicerContext, rpc: str, request):
+        """A peer's own RPC: its credential checked (with a run secret), then peer_call; a BadRequest becomes its status."""
+        return await self._answer(context, lambda req: self.peer_call(self.callers.caller(context, rpc), rpc, req), request)
+
+    async def _answer(self, context: grpc.aio.ServicerContext, handler, request):
+        """handler(request) (its result awaited if a coroutine); a BadRequest becomes the call's status."""
         try:
-            if identify:
-                self.callers.identify(context, identify, request.peer_id)
             result = handler(request)
             if asyncio.iscoroutine(result):
                 result = await result

@@ -10,7 +10,7 @@ long-lived ``Session`` stream. Each message is a call of its own, answered by
 - the run secret and the peer credential, checked once as the stream opens
   (``Callers.caller``); every message must then name that peer id
   (``Callers.check``). A forged credential ends the stream at once;
-- the Coordinator's own handler (``Coordinator.session_call``), whose refusal
+- the Coordinator's own handler (``Coordinator.peer_call``, as its own call's), whose refusal
   (``BadRequest``) becomes the answer's ``code`` and ``details``.
 
 A message that is not a ``SessionCall``, a ``call_id`` already in flight, or
@@ -29,7 +29,7 @@ from collections.abc import Callable
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from collectives.session import OPENED
+from collectives.session import OPENED, SESSION_RPCS
 from collectives.wire import encode_varint
 from peer.coordinator.identity import Caller
 from peer.coordinator.limits import retry_after_ms
@@ -41,10 +41,10 @@ log = logging.getLogger(__name__)
 # A peer has at most a heartbeat, a quorum and a commit in flight; a few more allow for cancels in transit.
 MAX_CALLS_IN_FLIGHT = 8
 MAX_DETAILS_CHARS = 2000
-# SessionCall's oneof field -> the RPC it stands for.
-RPCS = {"heartbeat": "Heartbeat", "quorum": "Quorum", "commit": "Commit"}
+# SessionCall's oneof field -> the RPC it stands for (the client's SESSION_RPCS, read the other way).
+RPCS = {kind: rpc for rpc, kind in SESSION_RPCS.items()}
 # SessionReply's field number for each RPC's answer (a Quorum answer comes serialised: it is appended as bytes).
-REPLY_FIELDS = {"Heartbeat": 5, "Quorum": 6, "Commit": 7}
+REPLY_FIELDS = {rpc: pb.SessionReply.DESCRIPTOR.fields_by_name[kind].number for rpc, kind in SESSION_RPCS.items()}
 
 # charge(context.peer(), rpc name) -> (0.0, "") or (seconds to wait, why): the server's rate limits.
 Charge = Callable[[str, str], tuple[float, str]]
@@ -123,7 +123,7 @@ class Session:
         if wait_s > 0:
             return error_bytes(call_id, grpc.StatusCode.RESOURCE_EXHAUSTED, why, wait_s)
         try:
-            answer = self.coordinator.session_call(self.caller, rpc, getattr(call, kind))
+            answer = self.coordinator.peer_call(self.caller, rpc, getattr(call, kind))
         except BadRequest as exc:
             return error_bytes(call_id, exc.code, str(exc))
         if not asyncio.iscoroutine(answer):
