@@ -30,6 +30,7 @@ from collections.abc import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from collectives.transport import identity
 from protos import membership_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,6 @@ def _retry_after(metadata) -> int:
 def _expire(answer: asyncio.Future) -> None:
     if not answer.done():
         answer.set_exception(TimeoutError())
-
-
-def _identity(raw: bytes) -> bytes:
-    return raw
 
 
 class CoordinatorSession:
@@ -146,7 +143,7 @@ class CoordinatorSession:
 
     async def _connect(self) -> None:
         stream = self._channel().stream_stream(
-            SESSION_METHOD, request_serializer=_identity, response_deserializer=_identity
+            SESSION_METHOD, request_serializer=identity, response_deserializer=identity
         )()
         try:
             # The coordinator's first reply (call_id 0, nothing else) says it took the stream on; a refusal (the run
@@ -190,7 +187,7 @@ class CoordinatorSession:
         async def send() -> None:
             try:
                 await self._write(stream, pb.SessionCall(call_id=call_id, cancel=True).SerializeToString())
-            except Exception as exc:  # the stream ended meanwhile, and its calls with it
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:  # the stream ended meanwhile, and its calls with it
                 log.debug("cancel of Session call %d not sent: %r", call_id, exc)
 
         task = asyncio.get_running_loop().create_task(send())

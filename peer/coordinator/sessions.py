@@ -30,6 +30,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from collectives.session import OPENED, SESSION_RPCS
+from collectives.transport import identity
 from collectives.wire import encode_varint
 from peer.coordinator.identity import Caller
 from peer.coordinator.limits import retry_after_ms
@@ -186,5 +187,5 @@ def session_handler(coordinator, charge: Charge) -> grpc.RpcMethodHandler:
             session.close()
 
     return grpc.stream_stream_rpc_method_handler(
-        serve, request_deserializer=lambda b: b, response_serializer=lambda b: b
+        serve, request_deserializer=identity, response_serializer=identity
     )
