@@ -34,6 +34,10 @@ class ProtocolError(LoconetError, ValueError):
     """A message broke the protocol (malformed, stale epoch, foreign run, wrong size...); it was rejected."""
 
 
+class SharedMemoryUnusable(LoconetError, OSError):
+    """This peer cannot take or open its host's shared-memory segment for hierarchical rounds."""
+
+
 class RoundFailed(LoconetError):
     """A round of a collective did not complete; no partial result was returned."""
 

@@ -27,7 +27,9 @@ state word carries the round's tag, so a state of the previous round is never
 read as one of this round. Every field has one writer (the write barrier's
 word is written under the file's lock); readers poll. The file is named after
 the run, the host, the local members and the tensor size; what crashed
-processes leave is recognised and removed (``sweep_stale``).
+processes leave is recognised and removed (``sweep_stale``). A member that
+cannot take or open the segment has no slot to say so in: it leaves a small
+marker file next to it instead (``leave_marker``), which the others watch for.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import torch
 
 from collectives.aggregators import AggregatorConfig
 from collectives.errors import RoundFailed
+from collectives.hostmarkers import MARKER_INFIX, clear_markers, discard, left_marker, marker_name, marker_stale
 
 log = logging.getLogger(__name__)
 
@@ -414,17 +417,24 @@ class HostSegment:
 
     def _unlink_if(self, condition) -> bool:
         # Under an exclusive lock, so of two members leaving at once one sees the other's state, and the file
-        # at the path is only removed while it is this one (never a newer segment created meanwhile).
+        # at the path is only removed while it is this one (never a newer segment created meanwhile). The
+        # markers of members that could not join go with it.
         if self._fd < 0:
             return False
         with self._locked():
-            return self.linked() and condition() and _unlink(self.path)
+            removed = self.linked() and condition() and _unlink(self.path)
+        if removed:
+            clear_markers(self.path, self.layout.n, self.tag)
+        return removed
 
     def _finished(self, k: int, gone: frozenset[int]) -> bool:
         if k in gone or self.state(k) in FINAL:
             return True
         pid, start = self.pid(k)
-        return pid > 0 and not alive(pid, start)
+        if pid > 0 and not alive(pid, start):
+            return True
+        # Not in this round, and it left a marker for this round: it could not join and has given up on the round.
+        return self.state(k) == EMPTY and left_marker(marker_name(self.path, k), k, self.tag)
 
     def close(self) -> None:
         """Drop this process's mapping (the file stays); safe to call twice."""
@@ -488,7 +498,8 @@ def _create_or_open(path: str, layout: Layout, deadline_unix: float) -> int:
 def sweep_stale(directory: str = SHM_DIR, now: float | None = None) -> list[str]:
     """Remove segments crashed processes left: past their creation deadline, with no recorded member alive.
 
-    Also removes half-made ones (``.tmp-PID``) whose creator is gone. Returns the names removed.
+    Also removes half-made ones (``.tmp-PID``) whose creator is gone, and markers (``marker_name``) past their
+    round's deadline. Returns the names removed.
     """
     now = time.time() if now is None else now
     removed = []
@@ -500,7 +511,11 @@ def sweep_stale(directory: str = SHM_DIR, now: float | None = None) -> list[str]
         path = os.path.join(directory, name)
         if ".tmp-" in name:
             pid = name.rsplit(".tmp-", 1)[1].split("-")[0]
-            if pid.isdigit() and process_start(int(pid)) is None and _unlink(path):
+            if pid.isdigit() and process_start(int(pid)) is None and discard(path):
+                removed.append(name)
+            continue
+        if MARKER_INFIX in name:
+            if marker_stale(path, now, STALE_AFTER_S) and discard(path):
                 removed.append(name)
             continue
         if _remove_if_stale(path, now):
@@ -533,7 +548,7 @@ def _remove_if_stale(path: str, now: float) -> bool:
             if pid > 0 and alive(pid, start):
                 return False  # a live member may still reuse it (it removes it when it is done with it)
         st, linked = os.fstat(fd), os.stat(path)
-        return (st.st_dev, st.st_ino) == (linked.st_dev, linked.st_ino) and _unlink(path)
+        return (st.st_dev, st.st_ino) == (linked.st_dev, linked.st_ino) and discard(path)
     except FileNotFoundError:
         return False
     finally:

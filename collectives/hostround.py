@@ -20,12 +20,17 @@ sum exactly).
 
 Every member watches the others of its host while it waits: a recorded
 process that is gone (or a zombie) is named at once, one that never attached
-is named when its data-plane port refuses. The member that sees a failure
+is named when its data-plane port refuses. A member that cannot take or open
+the host's segment (permissions, ENOSPC, EMFILE) has no slot to record that
+in, and its process and port stay alive: it leaves a marker file next to the
+segment (``leave_marker``: its rank, the round's tag, the reason), and the
+others, finding it within a liveness check, name it at once instead of at
+the round's deadline. The member that sees a failure
 first records it in its slot and raises ``MemberFailure``; the others read
 the record and raise the same. A leader whose round between hosts fails
 records that failure, its ranks mapped back to the whole group's. The last
-member to leave removes the segment; ``sweep_stale`` removes what crashed
-processes leave.
+member to leave removes the segment and its markers; ``sweep_stale`` removes
+what crashed processes leave.
 """
 
 from __future__ import annotations
@@ -33,18 +38,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import torch
 
 from collectives.aggregation import finite_weights, mean_coefficients, weighted_sum
-from collectives.errors import LoconetError, MemberFailure, NonFiniteError, RoundFailed, StaleRound
+from collectives.errors import (
+    LoconetError,
+    MemberFailure,
+    NonFiniteError,
+    RoundFailed,
+    SharedMemoryUnusable,
+    StaleRound,
+)
 from collectives.hostcache import SegmentCache
 from collectives.hostlocal import (
     ABORTED,
     ATTACHED,
     DONE,
+    EMPTY,
     FINAL,
     LEFT,
     REDUCED,
@@ -58,6 +72,7 @@ from collectives.hostlocal import (
     segment_name,
     sweep_stale,
 )
+from collectives.hostmarkers import JoinWatch, leave_marker
 from collectives.inbox import Group
 from collectives.parts import part_bounds
 from collectives.round import AllReduceConfig
@@ -161,6 +176,7 @@ class HostRound:
         self._stopped_since: dict[int, float] = {}  # local index -> when its process was first seen stopped
         self._port_checked: dict[int, float] = {}
         self._stale_checked = 0.0
+        self.markers = JoinWatch()  # markers of local members that could not join the segment
         self.seg: HostSegment | None = None  # the segment this member is in (it may move to a newer one)
         self.stats = RoundStats(
             run_id=group.run_id, epoch=group.epoch, round_id=group.round_id, group_size=group.size, numel=0,
@@ -179,14 +195,17 @@ class HostRound:
         numel = flat.numel()
         self.stats.numel = numel
         g = self.group
-        sweep_stale(self.shm_dir)
         own = cache is None
         cache = SegmentCache(self.shm_dir) if own else cache
         host, addresses = self.plan.hosts[g.rank], tuple(g.members[r] for r in self.local)
         key = (g.run_id, host, addresses, numel, self.me)
         name = segment_name(g.run_id, host, addresses, numel)
         deadline_unix = time.time() + self.config.timeout_s
-        self.seg = await cache.take(key, name, len(self.local), numel, self.me, deadline_unix)
+        try:
+            sweep_stale(self.shm_dir)
+            self.seg = await cache.take(key, name, len(self.local), numel, self.me, deadline_unix)
+        except Exception as exc:
+            raise self._could_not_join(name, deadline_unix, exc) from exc
         final = LEFT
         try:
             await self._write(cache, key, name, deadline_unix, flat, weight)
@@ -262,7 +281,10 @@ class HostRound:
                     raise RoundFailed(f"round {self.group.round_id}: the host's shared-memory segment was replaced "
                                       f"{moves + 1} times while joining it ({exc})") from exc
                 log.debug("round %d: %s; joining the newer segment", self.group.round_id, exc)
-                self.seg = cache.reopen(key, seg, name, deadline_unix)
+                try:
+                    self.seg = cache.reopen(key, seg, name, deadline_unix)
+                except Exception as err:  # it has left the old file and has no slot in the new one
+                    raise self._could_not_join(name, deadline_unix, err) from err
 
     async def _lead(
         self, seg: HostSegment, host_weight: float, residual: torch.Tensor | None, result: torch.Tensor,
@@ -301,6 +323,22 @@ class HostRound:
         seg.set_result_ready()
 
     # -- waiting and failing ------------------------------------------------------------------------------
+
+    def _could_not_join(self, name: str, deadline_unix: float, exc: Exception) -> Exception:
+        """Leave a marker that this member could not join the host's segment (it has no slot to record a failure in,
+        and its port stays open), so the others name it at once (if even that fails, at the deadline); returns the
+        error this member raises. Not a RoundFailed: a retry would fail the same way, so the peer stops, saying why."""
+        g = self.group
+        path = os.path.join(self.shm_dir, name)
+        log.debug("round %d: rank %d could not join %s: %r", g.round_id, g.rank, path, exc)
+        leave_marker(path, self.me, g.rank, round_tag(g.round_id, g.epoch), deadline_unix, exc)
+        if isinstance(exc, LoconetError):
+            return exc
+        return SharedMemoryUnusable(
+            f"cannot use this host's shared memory at {path} ({type(exc).__name__}: {exc}); check the permissions "
+            "and free space of its directory (the peers of one host must run as one user), or give this peer a "
+            "--host-id of its own so that it takes part over the network only"
+        )
 
     def _enter(self, phase: str) -> None:
         if self.phase_hook is not None:
@@ -345,6 +383,13 @@ class HostRound:
             return
         self._live_checked = now
         for k in self.others:
+            # A member not yet in this round may have failed to take the segment: its marker is looked for here,
+            # not in _check_unattached (only after ATTACH_GRACE_S), as it costs one lstat per member not attached,
+            # and they attach within milliseconds in a round that goes well; it is then named within a check.
+            if seg.state(k) == EMPTY:
+                why = self.markers.reason(seg.path, k, self.local[k], seg.tag)
+                if why is not None:
+                    self._fail(seg, [k], f"it could not join the host's shared memory: {why}")
             pid, start = seg.pid(k)
             if not pid or seg.state(k) in FINAL:
                 continue
