@@ -371,9 +371,8 @@ class MembershipClient:
         if method in SESSION_RPCS and self.session.supported:
             try:
                 return await self.session.call(method, request, timeout_s)
-            except SessionUnsupported:
-                log.info("the coordinator at %s has no Session streams (an older one): one call per request",
-                         self.config.coordinator)
+            except SessionUnsupported as exc:
+                log.info("%s at %s: one call per request", exc, self.config.coordinator)
         return await getattr(self.stub, method)(request, timeout=timeout_s)
 
     async def close(self) -> None:

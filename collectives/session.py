@@ -15,7 +15,9 @@ the same. When the stream breaks (the coordinator restarts, the connection
 drops), its calls in flight fail with UNAVAILABLE and the next call opens a new
 stream. A coordinator without the Session method (an older one) answers
 UNIMPLEMENTED as the stream opens: ``call`` raises ``SessionUnsupported`` and
-the client goes back to one call per request.
+the client goes back to one call per request; so it does when the coordinator
+refuses the stream because the peer's address holds as many as it allows
+(``SESSIONS_FULL``).
 
 The stream's credential (with a run secret) is the one the peer holds when it
 opens: after a join, ``reset`` so the next call opens it with the new one.
@@ -45,8 +47,14 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 OPENED = pb.SessionReply().SerializeToString()
 
 
+# How a coordinator's refusal of one more Session stream from the client's address begins (the address holds as many
+# as the coordinator allows): the peer then sends its calls on their own, as to a coordinator without Sessions.
+SESSIONS_FULL = "too many Session streams"
+
+
 class SessionUnsupported(Exception):
-    """The coordinator has no Session method (an older one): use one gRPC call per request."""
+    """The coordinator has no Session method (an older one), or no room for this peer's: use one gRPC call per
+    request. The message says which."""
 
 
 def rpc_error(code: grpc.StatusCode, details: str, retry_after_ms: int = 0) -> grpc.aio.AioRpcError:
@@ -159,7 +167,10 @@ class CoordinatorSession:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self.supported = False
-                raise SessionUnsupported() from None
+                raise SessionUnsupported("the coordinator has no Session streams (an older one)") from None
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and (exc.details() or "").startswith(SESSIONS_FULL):
+                self.supported = False
+                raise SessionUnsupported(f"the coordinator refused a Session stream ({exc.details()})") from None
             raise
         except BaseException:
             stream.cancel()

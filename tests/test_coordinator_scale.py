@@ -85,4 +85,5 @@ def test_a_book_without_a_generation_searches_every_time():
 def test_the_membership_bench_scales_the_default_limits_by_its_simulated_peers():
     assert bench_rate_limits(1000) == [
         "--join-rate", "5000", "--join-burst", "20000", "--call-rate", "100000", "--call-burst", "500000",
+        "--sessions-per-client", "256000",
     ]

@@ -106,6 +106,7 @@ def test_a_caller_is_charged_as_its_address_or_its_ipv6_network(peer, prefix, ke
         {"join_burst": 0},
         {"call_burst": 0},
         {"max_clients_tracked": 0},
+        {"sessions_per_client": 0},
         {"ipv6_prefix": 129},
         {"exempt": "127.0.0.0/8,localhost"},
     ],
@@ -119,6 +120,32 @@ def test_exempt_networks_are_read_from_a_comma_separated_list():
     assert [str(n) for n in CoordinatorLimits(exempt="127.0.0.0/8, ::1,10.0.0.7").exempt_networks] == [
         "127.0.0.0/8", "::1/128", "10.0.0.7/32"
     ]
+
+
+@pytest.mark.parametrize(
+    "limits, opens, refused",
+    [
+        # (limits, the client address of each stream opened in turn, which of them are refused)
+        (CoordinatorLimits(sessions_per_client=2), ["ipv4:10.0.0.1:1", "ipv4:10.0.0.1:2", "ipv4:10.0.0.1:3"], [2]),
+        (CoordinatorLimits(sessions_per_client=1), ["ipv4:10.0.0.1:1", "ipv4:10.0.0.2:1"], []),
+        (CoordinatorLimits(sessions_per_client=1, exempt="10.0.0.0/8"), ["ipv4:10.0.0.1:1"] * 3, []),
+        (CoordinatorLimits(sessions_per_client=None), ["ipv4:10.0.0.1:1"] * 3, []),
+    ],
+)
+def test_a_client_address_holds_at_most_sessions_per_client_streams(limits, opens, refused):
+    interceptor = RateLimitInterceptor(limits)
+    answers = [interceptor.open_session(peer) for peer in opens]
+    assert [i for i, why in enumerate(answers) if why] == refused
+
+
+def test_a_closed_session_frees_its_place_and_closing_more_than_were_opened_changes_nothing():
+    interceptor = RateLimitInterceptor(CoordinatorLimits(sessions_per_client=1))
+    assert interceptor.open_session("ipv4:10.0.0.1:1") == ""
+    interceptor.close_session("ipv4:10.0.0.1:1")
+    interceptor.close_session("ipv4:10.0.0.1:1")
+    assert interceptor.open_sessions() == 0
+    assert interceptor.open_session("ipv4:10.0.0.1:2") == ""
+    assert interceptor.open_session("ipv4:10.0.0.1:3").startswith("too many Session streams")
 
 
 # -- the interceptor on a real server -----------------------------------------------------------

@@ -298,6 +298,69 @@ def test_a_peer_talking_to_a_coordinator_without_sessions_sends_calls_of_their_o
     assert run(scenario()) == (3, False)
 
 
+# -- how many streams one client address may hold ------------------------------------------------------------
+
+
+@pytest.fixture
+def two_sessions_per_client() -> Iterator[CoordinatorThread]:
+    with CoordinatorThread(config(limits=CoordinatorLimits(sessions_per_client=2))) as c:
+        yield c
+
+
+def test_one_client_address_holds_at_most_its_cap_of_streams_and_a_closed_one_frees_its_place(
+    two_sessions_per_client,
+):
+    address = two_sessions_per_client.address
+    limits = two_sessions_per_client.server.rate_limits
+
+    async def scenario():
+        a, b, c = [await Peer(address).join(f"10.0.0.{i}:1") for i in (1, 2, 3)]
+        try:
+            for p in (a, b):
+                assert (await p.session.call("Heartbeat", heartbeat(p.peer_id), 5)).known
+            with pytest.raises(SessionUnsupported) as refused:
+                await c.session.call("Heartbeat", heartbeat(c.peer_id), 5)
+            await a.close()
+            while limits.open_sessions() > 1:  # the coordinator sees the stream end a moment later
+                await asyncio.sleep(0.01)
+            again = await Peer(address).join("10.0.0.4:1")
+            try:
+                known = (await again.session.call("Heartbeat", heartbeat(again.peer_id), 5)).known
+            finally:
+                await again.close()
+            return str(refused.value), known
+        finally:
+            for p in (b, c):
+                await p.close()
+
+    refused, known = run(scenario())
+    assert "too many Session streams" in refused and "2 open Session streams per client address" in refused
+    assert "--sessions-per-client" in refused
+    assert known, "once a stream closed, the address had room for another"
+    assert limits.counts() == {"Session": 1}
+
+
+def test_a_peer_refused_a_stream_for_its_address_sends_its_calls_on_their_own(two_sessions_per_client):
+    address = two_sessions_per_client.address
+
+    async def scenario():
+        held = [await Peer(address).join(f"10.0.0.{i}:1") for i in (1, 2)]
+        client = MembershipClient(Transport(TransportConfig()), MembershipConfig(address, RUN))
+        try:
+            for p in held:
+                await p.session.call("Heartbeat", heartbeat(p.peer_id), 5)
+            client.peer_id = await join(client.transport.channel(address), "10.0.0.3:1")
+            beat = await client._send("Heartbeat", heartbeat(client.peer_id), 5)
+            return beat.known, client.session.supported
+        finally:
+            await client.close()
+            await client.transport.channel(address).close()
+            for p in held:
+                await p.close()
+
+    assert run(scenario()) == (True, False)
+
+
 # -- with a run secret: the stream is bound to the credential it opened with ----------------------------
 
 

@@ -208,6 +208,7 @@ def bench_rate_limits(peers: int) -> list[str]:
     return [
         "--join-rate", f"{d.join_rate_per_s * peers:g}", "--join-burst", str(d.join_burst * peers),
         "--call-rate", f"{d.call_rate_per_s * peers:g}", "--call-burst", str(d.call_burst * peers),
+        "--sessions-per-client", str(d.sessions_per_client * peers),
     ]
 
 

@@ -42,6 +42,7 @@ import grpc
 
 from collectives.errors import ConfigError
 from collectives.membership import RATE_LIMITED, RETRY_AFTER_MS
+from collectives.session import SESSIONS_FULL
 from protos import membership_pb2 as pb
 
 COORDINATOR_SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
@@ -92,6 +93,11 @@ class CoordinatorLimits:
     call_burst: int = field(
         default=500, metadata={"help": "other coordinator calls one client address may make at once"}
     )
+    sessions_per_client: int | None = field(
+        default=256,
+        metadata={"help": "Session streams one client address may hold open at once: a peer holds one, and peers "
+                  "behind one NAT share an address (none: no limit)"},
+    )
     max_clients_tracked: int = field(
         default=20_000,
         metadata={"help": "client addresses whose call rates are remembered (the least recently seen are forgotten)",
@@ -113,8 +119,8 @@ class CoordinatorLimits:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{_option(name)} must be positive (or none for no limit), got {value}")
-        for name in ("join_burst", "call_burst", "max_clients_tracked"):
-            if getattr(self, name) < 1:
+        for name in ("join_burst", "call_burst", "max_clients_tracked", "sessions_per_client"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{_option(name)} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.ipv6_prefix <= 128:
             raise ConfigError(f"{_option('ipv6_prefix')} must be between 0 and 128, got {self.ipv6_prefix}")
@@ -255,6 +261,9 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         # client address, not per call; bounded like the rate tables (oldest first out).
         self._keys: dict[str, str | None] = {}
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        # Session streams open per client key: an entry lives while its client holds one, so the table is bounded
+        # by the streams gRPC lets in.
+        self._sessions: Counter[str] = Counter()
 
     def _limiter(self, rate: float | None, burst: int, clock: Callable[[], float]) -> RateLimiter | None:
         return None if rate is None else RateLimiter(rate, burst, self.limits.max_clients_tracked, clock)
@@ -312,6 +321,33 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         (seconds until it may, the refusal's message), counted as refused. A Session stream's messages are
         charged here one by one, as their own calls would be."""
         return (0.0, "") if self._call is None else self._spend(self._call, peer, name)
+
+    def open_session(self, peer: str) -> str:
+        """Count a Session stream from peer (``context.peer()``) as open: "" if it may stay, else the refusal's
+        message (then it is not counted). Every "" is matched by one ``close_session``."""
+        cap = self.limits.sessions_per_client
+        client = self._client(peer)
+        if cap is None or client is None:
+            return ""
+        if self._sessions[client] >= cap:
+            self._refused["Session"] += 1
+            return (f"{SESSIONS_FULL}: this coordinator allows {cap} open Session streams per client address "
+                    "(a peer needs one); close the others, or raise --sessions-per-client for peers behind one NAT")
+        self._sessions[client] += 1
+        return ""
+
+    def close_session(self, peer: str) -> None:
+        """A Session stream open_session let in has ended."""
+        client = self._client(peer)
+        if self.limits.sessions_per_client is None or client is None or not self._sessions[client]:
+            return
+        self._sessions[client] -= 1
+        if not self._sessions[client]:
+            del self._sessions[client]
+
+    def open_sessions(self) -> int:
+        """Session streams counted as open now (exempt clients' are not counted)."""
+        return sum(self._sessions.values())
 
     def _spend(self, limiter: RateLimiter, peer: str, name: str) -> tuple[float, str]:
         client = self._client(peer)

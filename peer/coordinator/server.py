@@ -21,7 +21,7 @@ from collectives.errors import AddressInUse
 from collectives.rpc import COORDINATOR_SETTINGS, RpcSettings, RunAuthInterceptor, bind, make_server
 from peer.coordinator.limits import RateLimitInterceptor
 from peer.coordinator.service import Coordinator, CoordinatorConfig
-from peer.coordinator.sessions import Charge, session_handler
+from peer.coordinator.sessions import SessionLimits, session_handler
 from protos import membership_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,11 @@ def serialize(response: Message | bytes) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-def strict_handlers(coordinator: Coordinator, charge: Charge) -> grpc.GenericRpcHandler:
+def strict_handlers(coordinator: Coordinator, limits: SessionLimits) -> grpc.GenericRpcHandler:
     """The Coordinator service's handlers, answering a malformed request with INVALID_ARGUMENT (not UNKNOWN);
-    charge: the rate limit of each Session stream message (peer/coordinator/sessions.py)."""
+    limits: what a client's Session streams may cost (peer/coordinator/sessions.py)."""
     service = pb.DESCRIPTOR.services_by_name["Coordinator"]
-    handlers = {"Session": session_handler(coordinator, charge)}
+    handlers = {"Session": session_handler(coordinator, limits)}
     for method in service.methods:
         if method.name in handlers:
             continue
@@ -117,7 +117,7 @@ class CoordinatorServer:
         if first:
             self.coordinator.unauthenticated = lambda: first[0].refused
         server = make_server(
-            self.settings, role="coordinator", handlers=(strict_handlers(self.coordinator, self.rate_limits.charge),),
+            self.settings, role="coordinator", handlers=(strict_handlers(self.coordinator, self.rate_limits),),
             interceptors=(*first, self.rate_limits),
         )
         self.bound_address = bind(

@@ -6,7 +6,9 @@ long-lived ``Session`` stream. Each message is a call of its own, answered by
 ``call_id`` in any order, and goes through what its unary RPC would:
 
 - the client's rate limit, one token per message (``RateLimitInterceptor.charge``);
-  the stream's opening is charged too, as a call;
+  the stream's opening is charged too, as a call, and one client address holds
+  at most ``--sessions-per-client`` streams (``open_session``): the peer refused
+  one sends its calls on their own;
 - the run secret and the peer credential, checked once as the stream opens
   (``Callers.caller``); every message must then name that peer id
   (``Callers.check``). A forged credential ends the stream at once;
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -49,6 +52,16 @@ REPLY_FIELDS = {rpc: pb.SessionReply.DESCRIPTOR.fields_by_name[kind].number for 
 
 # charge(context.peer(), rpc name) -> (0.0, "") or (seconds to wait, why): the server's rate limits.
 Charge = Callable[[str, str], tuple[float, str]]
+
+
+class SessionLimits(Protocol):
+    """What a client may cost in Sessions (``RateLimitInterceptor``): each message's rate, the streams it holds."""
+
+    def charge(self, peer: str, name: str) -> tuple[float, str]: ...
+
+    def open_session(self, peer: str) -> str: ...
+
+    def close_session(self, peer: str) -> None: ...
 
 
 def reply_bytes(call_id: int, rpc: str, answer: Message | bytes) -> bytes:
@@ -160,7 +173,7 @@ class Session:
         self.calls.clear()
 
 
-def session_handler(coordinator, charge: Charge) -> grpc.RpcMethodHandler:
+def session_handler(coordinator, limits: SessionLimits) -> grpc.RpcMethodHandler:
     """The Session method's handler (stream of serialised SessionCall in, serialised SessionReply out)."""
 
     async def serve(requests, context: grpc.aio.ServicerContext) -> None:
@@ -168,11 +181,16 @@ def session_handler(coordinator, charge: Charge) -> grpc.RpcMethodHandler:
             caller = coordinator.callers.caller(context, "Session")
         except BadRequest as exc:
             await context.abort(exc.code, str(exc))
-        # The first reply (call_id 0, nothing else) tells the peer the stream was taken on: it writes no call before
-        # (a refusal racing a write can reach it as gRPC core's INTERNAL instead of its status).
-        await context.write(OPENED)
-        session = Session(coordinator, caller, context.peer(), charge, context.write)
+        peer = context.peer()
+        # One client address holds at most so many streams (the peer refused sends its calls on their own).
+        refused = limits.open_session(peer)
+        if refused:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        session = Session(coordinator, caller, peer, limits.charge, context.write)
         try:
+            # The first reply (call_id 0, nothing else) tells the peer the stream was taken on: it writes no call
+            # before (a refusal racing a write can reach it as gRPC core's INTERNAL instead of its status).
+            await context.write(OPENED)
             while True:
                 raw = await context.read()
                 if raw is grpc.aio.EOF:
@@ -185,6 +203,7 @@ def session_handler(coordinator, charge: Charge) -> grpc.RpcMethodHandler:
                     await session.write(reply)
         finally:
             session.close()
+            limits.close_session(peer)
 
     return grpc.stream_stream_rpc_method_handler(
         serve, request_deserializer=identity, response_serializer=identity
