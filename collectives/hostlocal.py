@@ -361,7 +361,7 @@ class HostSegment:
                 return False
             self.set_state(MOVED)
             if self.linked():
-                _unlink(self.path)
+                discard(self.path)
         return True
 
     @contextlib.contextmanager
@@ -422,7 +422,7 @@ class HostSegment:
         if self._fd < 0:
             return False
         with self._locked():
-            removed = self.linked() and condition() and _unlink(self.path)
+            removed = self.linked() and condition() and discard(self.path)
         if removed:
             clear_markers(self.path, self.layout.n, self.tag)
         return removed
@@ -456,14 +456,6 @@ class HostSegment:
         return self._fd < 0
 
 
-def _unlink(path: str) -> bool:
-    try:
-        os.unlink(path)
-        return True
-    except FileNotFoundError:
-        return False
-
-
 def _create_or_open(path: str, layout: Layout, deadline_unix: float) -> int:
     """A descriptor of the segment at path; the first member creates it whole (written under a temporary name,
     then linked), so the others never see a half-made header."""
@@ -492,7 +484,7 @@ def _create_or_open(path: str, layout: Layout, deadline_unix: float) -> int:
             os.close(fd)
         raise
     finally:
-        _unlink(tmp)
+        discard(tmp)
 
 
 def sweep_stale(directory: str = SHM_DIR, now: float | None = None) -> list[str]:

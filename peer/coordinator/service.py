@@ -35,7 +35,6 @@ from collections.abc import Callable
 import grpc
 
 from collectives.membership import NO_QUORUM
-from collectives.rpc import RpcSettings, health_check
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import (
     checked_digest,
@@ -47,6 +46,7 @@ from peer.coordinator.durable import (
     wait_reason,
 )
 from peer.coordinator.identity import Caller, Callers, Rejoin
+from peer.coordinator.liveness import Liveness
 from peer.coordinator.quorum import BadRequest, Quorums
 from peer.coordinator.rules import (
     Decision,
@@ -59,7 +59,6 @@ from peer.coordinator.rules import (
     join_action,
     majority_round,
     needs_resync,
-    peers_to_probe,
     rounds_to_catch_up,
 )
 from peer.coordinator.runstate import PeerRecord, RunState
@@ -74,7 +73,6 @@ WAITS_FOR_STATE = "waits for a holder of the run's state"
 
 VERSION = "0.1.0"
 TICK_S = 0.05
-LEASE_CHECK_S = 0.5
 MAX_ADDRESS_CHARS = 256
 MAX_PEER_ID_CHARS = 100
 MAX_TEXT_CHARS = 2000
@@ -158,12 +156,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         # Set by stop(): the waiting Quorum calls it ends are told to retry, not that they were superseded.
         self._stopping = False
         self._serving: dict[str, int] = {}
-        # How probes dial peers: the run's TLS (peers' servers speak it), nothing else of the coordinator's settings.
-        self._probe_settings = RpcSettings(security=config.security)
-        # Liveness probes of peers a quorum waits for: peer id -> when last probed.
-        self._probed: dict[str, float] = {}
-        self._last_lease_check = time.monotonic()
-        self._probes: set[asyncio.Task] = set()
+        # Leases past their time, and probes of the peers a quorum waits for.
+        self.liveness = Liveness(config, self.state, self.quorums, self._mark_lost)
         self.state.event("coordinator-start", "", f"run {config.run_id}")
         if config.new_run and self._saved is not None:
             self._save()  # the state file forgets the old run at once, before anything else happens
@@ -179,9 +173,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if self._tick_task is not None:
             self._tick_task.cancel()
             await asyncio.gather(self._tick_task, return_exceptions=True)
-        for task in list(self._probes):
-            task.cancel()
-        await asyncio.gather(*self._probes, return_exceptions=True)
+        await self.liveness.stop()
         self._stopping = True
         for fut in self.quorums.waiting():
             fut.cancel()
@@ -195,10 +187,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             await asyncio.sleep(TICK_S)
 
     def tick(self) -> None:
-        """Expire leases (twice a second), close a ready quorum, decide rounds."""
-        if time.monotonic() - self._last_lease_check >= LEASE_CHECK_S:
-            self._expire_leases()
-        self._probe_missing()
+        """Expire leases (twice a second), probe the peers a quorum waits for, close a ready quorum, decide rounds."""
+        self.liveness.check()
         self.quorums.close_if_ready()
         self.quorums.decide_all()
 
@@ -714,46 +704,6 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return pb.CommitResponse(
             commit=decision.commit, reason=decision.reason, epoch=self.state.epoch, dropped=list(decision.dropped)
         )
-
-    def _probe_missing(self) -> None:
-        pending = self.quorums.pending
-        if pending is None or not self.config.probe_peers:
-            return
-        now = time.monotonic()
-        missing = self.quorums.awaited(now)
-        # Only peers still missing need their probe times (keeps this bounded as peers come and go).
-        self._probed = {p: t for p, t in self._probed.items() if p in missing}
-        ages = {p: now - t for p, t in self._probed.items()}
-        for peer_id in peers_to_probe(missing, now - pending.first_at, ages):
-            self._probed[peer_id] = now
-            task = asyncio.get_running_loop().create_task(self._probe(self.state.peers[peer_id]))
-            self._probes.add(task)
-            task.add_done_callback(self._probes.discard)
-
-    async def _probe(self, peer: PeerRecord) -> None:
-        """Mark a peer lost if its port refuses connections (its process is gone)."""
-        try:
-            # With the run's TLS settings: a plaintext probe of a TLS peer fails as if nothing listened there.
-            await health_check(peer.address, timeout_s=1.0, settings=self._probe_settings)
-        except grpc.aio.AioRpcError as exc:
-            # UNAVAILABLE = refused: dead. A deadline means it may be paused: leave it to its lease.
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and peer.alive:
-                self._mark_lost(peer, f"its port refuses connections ({exc.details()[:100]})", kind="lost")
-
-    def _expire_leases(self) -> None:
-        now = time.monotonic()
-        gap, self._last_lease_check = now - self._last_lease_check, now
-        if gap > 1.0:
-            # The loop itself stalled: heartbeats may be queued unanswered. Do not blame
-            # the peers for the coordinator's own delay; check again next time.
-            return
-        for peer in self.state.alive_peers():
-            if now - peer.last_seen > peer.lease_s:
-                self._mark_lost(peer, f"no heartbeat for {now - peer.last_seen:.1f} s", kind="lost")
-        self.state.forget_gone(now)  # gone peers' records past their time (forgetting.py)
-        # A waiter asks again every heartbeat interval; one silent for a lease gave up.
-        for waiter in self.state.waiting.expire(now, self.config.lease_s):
-            self.state.event("leave", waiter.peer_id, f"{waiter.address} stopped waiting for the run's state")
 
     def _mark_lost(self, peer: PeerRecord, why: str, kind: str, state: str = "lost") -> None:
         self.state.drop_peer(peer, state)

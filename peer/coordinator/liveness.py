@@ -1,0 +1,99 @@
+"""Which peers are gone: leases past their time, and port probes of the peers a quorum waits for.
+
+The coordinator's tick calls ``Liveness.check``. A peer whose last call is older
+than its lease is lost; so is one a quorum waits for whose port refuses a
+health check (its process is gone: known within a tick or two instead of a
+lease). A probe that times out says nothing (the peer may be paused): its lease
+decides. ``mark_lost`` is the coordinator's, which drops the peer and tells the
+calls waiting on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import grpc
+
+from collectives.rpc import RpcSettings, health_check
+from peer.coordinator.config import CoordinatorConfig
+from peer.coordinator.quorum import Quorums
+from peer.coordinator.rules import peers_to_probe
+from peer.coordinator.runstate import PeerRecord, RunState
+
+# How often leases are checked (the tick runs more often).
+LEASE_CHECK_S = 0.5
+# A health check's deadline: a peer that does not answer within it is left to its lease.
+PROBE_TIMEOUT_S = 1.0
+
+# mark_lost(peer, why, kind): drop the peer from the run (Coordinator._mark_lost).
+MarkLost = Callable[[PeerRecord, str, str], None]
+
+
+class Liveness:
+    """Leases and probes of one run's peers, on the coordinator's loop."""
+
+    def __init__(self, config: CoordinatorConfig, state: RunState, quorums: Quorums, mark_lost: MarkLost) -> None:
+        self.config = config
+        self.state = state
+        self.quorums = quorums
+        self.mark_lost = mark_lost
+        # How probes dial peers: the run's TLS (peers' servers speak it), nothing else of the coordinator's settings.
+        self._probe_settings = RpcSettings(security=config.security)
+        # Peer id -> when last probed, for the peers a quorum waits for.
+        self._probed: dict[str, float] = {}
+        self._probes: set[asyncio.Task] = set()
+        self._last_lease_check = time.monotonic()
+
+    def check(self) -> None:
+        """Expire leases (every LEASE_CHECK_S) and probe the peers a quorum waits for (on the running loop)."""
+        if time.monotonic() - self._last_lease_check >= LEASE_CHECK_S:
+            self._expire_leases()
+        self._probe_missing()
+
+    async def stop(self) -> None:
+        """Cancel the probes in flight."""
+        for task in list(self._probes):
+            task.cancel()
+        await asyncio.gather(*self._probes, return_exceptions=True)
+
+    def _probe_missing(self) -> None:
+        pending = self.quorums.pending
+        if pending is None or not self.config.probe_peers:
+            return
+        now = time.monotonic()
+        missing = self.quorums.awaited(now)
+        # Only peers still missing need their probe times (keeps this bounded as peers come and go).
+        self._probed = {p: t for p, t in self._probed.items() if p in missing}
+        ages = {p: now - t for p, t in self._probed.items()}
+        for peer_id in peers_to_probe(missing, now - pending.first_at, ages):
+            self._probed[peer_id] = now
+            task = asyncio.get_running_loop().create_task(self._probe(self.state.peers[peer_id]))
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, peer: PeerRecord) -> None:
+        """Mark a peer lost if its port refuses connections (its process is gone)."""
+        try:
+            # With the run's TLS settings: a plaintext probe of a TLS peer fails as if nothing listened there.
+            await health_check(peer.address, timeout_s=PROBE_TIMEOUT_S, settings=self._probe_settings)
+        except grpc.aio.AioRpcError as exc:
+            # UNAVAILABLE = refused: dead. A deadline means it may be paused: leave it to its lease.
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and peer.alive:
+                self.mark_lost(peer, f"its port refuses connections ({exc.details()[:100]})", "lost")
+
+    def _expire_leases(self) -> None:
+        now = time.monotonic()
+        gap, self._last_lease_check = now - self._last_lease_check, now
+        if gap > 1.0:
+            # The loop itself stalled: heartbeats may be queued unanswered. Do not blame
+            # the peers for the coordinator's own delay; check again next time.
+            return
+        for peer in self.state.alive_peers():
+            if now - peer.last_seen > peer.lease_s:
+                self.mark_lost(peer, f"no heartbeat for {now - peer.last_seen:.1f} s", "lost")
+        self.state.forget_gone(now)  # gone peers' records past their time (forgetting.py)
+        # A waiter asks again every heartbeat interval; one silent for a lease gave up.
+        for waiter in self.state.waiting.expire(now, self.config.lease_s):
+            self.state.event("leave", waiter.peer_id, f"{waiter.address} stopped waiting for the run's state")
