@@ -25,7 +25,10 @@ and the tensor size stay the same, since fresh tmpfs pages (allocation,
 zeroing, faults) are what a round through shared memory paid most for. Each
 state word carries the round's tag, so a state of the previous round is never
 read as one of this round. Every field has one writer (the write barrier's
-word is written under the file's lock); readers poll. The file is named after
+word is written under the file's lock); readers poll. Every state word is
+written and read under the file's lock (``synced``), so the data a member
+wrote before publishing a state is what the others read after seeing it, on
+CPUs that reorder memory accesses (ARM, POWER) as on x86. The file is named after
 the run, the host, the local members and the tensor size; what crashed
 processes leave is recognised and removed (``sweep_stale``). A member that
 cannot take or open the segment has no slot to say so in: it leaves a small
@@ -246,6 +249,7 @@ class HostSegment:
         self.index = index
         self.tag = -1
         self._mm = None
+        self._lock_depth = 0  # how deep this mapping's holder is in nested _locked() blocks
         self._fd = _create_or_open(path, self.layout, deadline_unix)
         try:
             self._mm = mmap.mmap(self._fd, self.layout.size, mmap.MAP_SHARED)
@@ -281,9 +285,8 @@ class HostSegment:
 
     def join(self, tag: int) -> None:
         """Enter the round tagged tag: record this process and ATTACHED in its slot (raises SegmentStale if the
-        file is no longer the host's). Under a shared lock, so ``sweep_stale`` never removes a file being joined."""
-        fcntl.flock(self._fd, fcntl.LOCK_SH)
-        try:
+        file is no longer the host's). Under the file's lock, so ``sweep_stale`` never removes a file being joined."""
+        with self._locked():
             if not self.linked():
                 raise SegmentStale(f"shared-memory segment {self.path} was replaced")
             pid = os.getpid()
@@ -291,8 +294,6 @@ class HostSegment:
             self._words[self._slot(self.index, _S_PID)] = pid
             self.tag = tag
             self.set_state(ATTACHED)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def pid(self, k: int) -> tuple[int, int]:
         """(pid, start time) member k recorded, (0, 0) before it ever joined."""
@@ -309,8 +310,10 @@ class HostSegment:
         return state if tag == self.tag else EMPTY
 
     def set_state(self, state: int) -> None:
-        """Publish this member's state in its round (after the data it vouches for is written)."""
-        self._words[self._slot(self.index, _S_STATE)] = (self.tag << 8) | state
+        """Publish this member's state in its round (after the data it vouches for is written), under the file's
+        lock: whoever reads it under the lock (``synced``) then sees that data too, on any CPU."""
+        with self._locked():
+            self._words[self._slot(self.index, _S_STATE)] = (self.tag << 8) | state
 
     def weight(self, k: int) -> float:
         """Member k's contribution weight (valid from WRITTEN)."""
@@ -325,8 +328,9 @@ class HostSegment:
         return int(self._words[_H_RESULT_READY]) == (self.tag << 8) | 1
 
     def set_result_ready(self) -> None:
-        """Leader: this round's final result is in place."""
-        self._words[_H_RESULT_READY] = (self.tag << 8) | 1
+        """Leader: this round's final result is in place (published under the file's lock, as ``set_state``)."""
+        with self._locked():
+            self._words[_H_RESULT_READY] = (self.tag << 8) | 1
 
     def previous_use_over(self, k: int) -> bool:
         """Whether member k is done with the segment's previous round (or already in this one): only then may this
@@ -345,9 +349,9 @@ class HostSegment:
     def pass_barrier(self, ready: tuple[int, ...]) -> bool:
         """Whether every member's state in this round is in ``ready``, decided under the file's lock and then final
         (``try_move`` will not retract a contribution after it)."""
-        if int(self._words[_H_PASSED]) == self.tag << 8 | 1:
-            return True
         with self._locked():
+            if int(self._words[_H_PASSED]) == self.tag << 8 | 1:
+                return True
             if all(self.state(k) in ready for k in range(self.layout.n)):
                 self._words[_H_PASSED] = self.tag << 8 | 1
                 return True
@@ -364,12 +368,30 @@ class HostSegment:
                 discard(self.path)
         return True
 
+    def synced(self) -> contextlib.AbstractContextManager[None]:
+        """Read the others' words inside this block: the file's lock orders what they wrote before publishing a state
+        (``set_state``) before what this member reads after seeing it, whatever the CPU's memory ordering (x86
+        keeps stores and loads in order; ARM and POWER may not). Hold it for no await."""
+        return self._locked()
+
     @contextlib.contextmanager
     def _locked(self):
+        # flock's acquire and release are the kernel's, with its memory barriers: a state published under the lock
+        # and read under it brings the data written before it along. Nested blocks of this mapping hold it once
+        # (flock would convert or drop the one lock of this open file instead); all of them run on the loop thread.
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._lock_depth = 1
         try:
             yield
         finally:
+            self._lock_depth = 0
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def write_failure(self, record: dict) -> None:

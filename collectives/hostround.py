@@ -301,7 +301,8 @@ class HostRound:
             while not task.done():
                 await asyncio.wait({task}, timeout=LIVENESS_EVERY_S)
                 if not task.done():
-                    self._check(seg)  # a local member that dies meanwhile cancels the round between hosts
+                    with seg.synced():
+                        self._check(seg)  # a local member that dies meanwhile cancels the round between hosts
         finally:
             if not task.done():
                 task.cancel()
@@ -354,10 +355,11 @@ class HostRound:
         delay = POLL_MIN_S
         since = time.monotonic()
         while True:
-            self._check(seg)
-            pending = [k for k in self.others if not ready(k)]
-            if not pending and (not barrier or seg.pass_barrier(WRITTEN_OR_LATER)):
-                return
+            with seg.synced():  # what the others wrote before their states is then what this member reads
+                self._check(seg)
+                pending = [k for k in self.others if not ready(k)]
+                if not pending and (not barrier or seg.pass_barrier(WRITTEN_OR_LATER)):
+                    return
             now = time.monotonic()
             if move and now - self._stale_checked >= LIVENESS_EVERY_S:
                 self._stale_checked = now

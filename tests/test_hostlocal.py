@@ -6,6 +6,7 @@ Real worker processes (peer/harness/procgroup.py) run real rounds; each test kil
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import threading
@@ -15,8 +16,10 @@ import pytest
 import torch
 
 from collectives.hostlocal import (
+    ATTACHED,
     DONE,
     PREFIX,
+    REDUCED,
     SHM_DIR,
     WRITTEN,
     HostPlan,
@@ -280,6 +283,50 @@ def test_a_member_that_moved_out_is_never_counted_at_the_barrier(tmp_path):
     assert b.try_move() and not os.path.exists(a.path)
     b.set_state(WRITTEN)  # too late: MOVED was decided under the lock, WRITTEN alone does not pass
     assert a.abandoned()
+    a.close()
+    b.close()
+
+
+def _lock_held_by_another(seg: HostSegment) -> bool:
+    """Whether the segment's file lock is held, seen from another open file of it (flock locks are per open file)."""
+    fd = os.open(seg.path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock this probe took
+    return False
+
+
+def test_a_state_is_published_inside_the_files_lock(tmp_path, monkeypatch):
+    """So that its readers, under the lock too, see what was written before it on any CPU (ARM reorders stores)."""
+    a, b = _two_members_written(tmp_path)
+    seen = []
+    flock = fcntl.flock
+
+    def recording(fd, op):
+        if op == fcntl.LOCK_UN:
+            seen.append(("unlock", b.state(1)))
+        flock(fd, op)
+        if op == fcntl.LOCK_EX:
+            seen.append(("lock", b.state(1)))
+
+    monkeypatch.setattr(fcntl, "flock", recording)
+    b.set_state(WRITTEN)
+    assert seen == [("lock", ATTACHED), ("unlock", WRITTEN)]
+    a.close()
+    b.close()
+
+
+def test_publishing_inside_a_synced_block_keeps_the_lock_until_the_block_ends(tmp_path):
+    """Nested blocks of one mapping hold the one lock once: an inner release must not drop the outer block's."""
+    a, b = _two_members_written(tmp_path)
+    with a.synced():
+        a.set_state(REDUCED)
+        assert a.pass_barrier((WRITTEN, REDUCED)) is False  # b has not written: no barrier, and still locked
+        assert _lock_held_by_another(a)
+    assert not _lock_held_by_another(a)
     a.close()
     b.close()
 
