@@ -36,7 +36,7 @@ def test_killing_a_holder_while_a_joiner_fetches_over_a_slow_link_loses_nothing(
 def test_a_joiner_whose_fetch_outlasts_the_runs_rounds_catches_up_and_takes_part(tmp_path):
     report, harness = run_scenario(
         "join@round3", bandwidth="3mbit", workdir=tmp_path, task_config=LARGER,
-        train=TrainConfig.of("diloco", steps=100, sync_every=5, round_timeout_s=30),
+        train=TrainConfig.of("diloco", steps=70, sync_every=5, round_timeout_s=30),
     )
     assert report["survivors_identical"] is True
     joiner = report["joiners"]["peer3"]

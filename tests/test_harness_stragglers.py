@@ -90,7 +90,7 @@ def test_first_k_rounds_go_on_without_a_paused_peer_which_then_applies_their_res
     pause_s = 5.0
     report, harness = run_scenario(
         f"pause:peer4@round2,for={pause_s:g}s", peers=5, workdir=tmp_path, keep_results=4,
-        train=TrainConfig.of("diloco", steps=1200, sync_every=60, round_timeout_s=10, outer=OuterConfig("adam", lr=0.02)),
+        train=TrainConfig.of("diloco", steps=720, sync_every=60, round_timeout_s=10, outer=OuterConfig("adam", lr=0.02)),
         coordinator=CoordinatorConfig(lease_s=8.0, heartbeat_s=0.5, dashboard_port=0, quorum="first-k:4"),
     )
     assert_healthy(report, alive=5)
