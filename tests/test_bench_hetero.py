@@ -35,7 +35,7 @@ RUN = ("diloco", "diloco-time", "async", "noloco")
 
 @pytest.fixture(scope="module")
 def report():
-    config = HeteroConfig(peers=3, slow=(SlowPeer("peer2", 2.0),), duration_s=3.0, sync_every=4, task_config=TINY,
+    config = HeteroConfig(peers=3, slow=(SlowPeer("peer2", 2.0),), duration_s=2.0, sync_every=4, task_config=TINY,
                           methods=RUN)
     return run(config)
 
