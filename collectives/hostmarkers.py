@@ -9,7 +9,8 @@ The others look for it while that member has not attached (``JoinWatch``)
 and fail the round at once. Another process wrote the file: it is read as
 untrusted input (``read_marker``). The segment's remover clears its markers
 (``clear_markers``); ``sweep_stale`` removes those a crash left
-(``marker_stale``).
+(``marker_stale``). ``discard``, which removes a file only where this process
+may, lives here for both kinds of file: ``hostlocal`` imports it.
 """
 
 from __future__ import annotations
@@ -188,8 +189,8 @@ def clear_markers(segment_path: str, n: int, tag: int) -> None:
 
 
 def marker_stale(path: str, now: float, after_s: float) -> bool:
-    """Whether sweep_stale may remove the marker at path: STALE_AFTER_S past its round's deadline (a malformed one:
-    past its modification)."""
+    """Whether sweep_stale may remove the marker at path: after_s past its round's deadline (a malformed one: past
+    its modification)."""
     try:
         marker = read_marker(path)
         if marker is None:
