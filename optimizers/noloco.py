@@ -27,6 +27,7 @@ from collectives.errors import ConfigError, LoconetError
 from collectives.membership import RoundPlan
 from collectives.pairing import ODD_MODES, group_of, pair_groups
 from collectives.parts import flatten
+from collectives.syncphases import Resynced
 from optimizers.diloco import DiLoCo, DiLoCoConfig
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import SyncPeer
@@ -314,8 +315,15 @@ class NoLoCo(DiLoCo):
         try:
             result = self.peer.sync([sketch], weight=1.0, tag=SPREAD_TAG, codec=CodecConfig("none"),
                                     aggregator=self.aggregator, own_state=True)
+        except Resynced as exc:  # back in the run after being dropped: a replica of the run's, as a sync adopts
+            self.load_snapshot(exc.snapshot)
+            return None
         except LoconetError:
             return None
+        with self.state.lock:
+            # The round changed no state: the state held now is also the state as of this round. Labelled so,
+            # a peer that joins right after it (and asks for the run's last round) can fetch it.
+            self.state.round_id = max(self.state.round_id, result.round_id)
         spread = float((sketch - result.value[0].reshape(-1)).norm())
         self.spreads.append(spread)
         return spread

@@ -72,16 +72,11 @@ def test_noloco_survives_a_pause_a_kill_and_a_join_in_pairs_with_a_bounded_sprea
                if e["event"] == "eval" and e.get("spread") is not None]
     assert spreads and all(math.isfinite(s) for s in spreads)
     # Bounded. With three peers and odd="idle" one replica trains alone each round, and the draw can leave the same
-    # one alone several rounds running, so replicas part by a few outer steps' worth of local training: up to 3.6
-    # in CI, against an initial weights' norm of 13 and about 9.5 travelled from the initial weights by step 300.
+    # one alone several rounds running, so replicas part by a few outer steps' worth of local training: up to 1.5
+    # here, against an initial weights' norm of 13 and about 9.5 travelled from the initial weights by step 300.
+    # (CI once measured 3.6: the paused peer could not fetch a replica after a spread round and trained on from
+    # its own stale one; tests/test_noloco.py has that case.) Each pair's exact mean is tested there too.
     initial = make_task("synthetic-lm", SMALL).build_model()
     norm = float(torch.cat([p.detach().reshape(-1) for p in initial.parameters()]).norm())
     assert max(spreads) < 0.5 * norm, spreads
-    # Exact where the maths is: with α 0 and β = γ 1 (the defaults) a pair's step puts both replicas on the mean of
-    # their two local models, so the two survivors paired in the last round end with the same parameters.
-    last = max(e["round"] for name in SURVIVORS for e in committed(harness, name))
-    paired = [n for n in SURVIVORS if any(e["round"] == last and e["group"] == 2 for e in committed(harness, n))]
-    assert len(paired) == 2, f"round {last} paired {paired}"
-    losses = report["eval_loss_per_peer"]
-    assert losses[paired[0]] == pytest.approx(losses[paired[1]], rel=1e-6)
     assert all(math.isfinite(loss) for loss in report["eval_loss_per_peer"].values())

@@ -105,6 +105,41 @@ def test_the_spread_is_measured_through_a_sketch_all_reduce() -> None:
         assert got[r] == pytest.approx(exact, rel=0.25)
 
 
+def test_the_spread_round_labels_the_unchanged_state_with_its_round() -> None:
+    # A joiner asks for the run's last round, which may be a spread round: the holders must serve their state as it.
+    models, opts = replicas(2)
+    run_threads([lambda r=r: train(opts[r], models[r], r, 3) for r in range(2)])
+    before = [(o.state.round_id, [g.clone() for g in o.state.globals]) for o in opts]
+    run_threads([lambda r=r: opts[r].measure_spread() for r in range(2)])
+    for o, (round_id, globals_) in zip(opts, before):
+        assert o.state.round_id == round_id + 1
+        assert all(torch.equal(g, h) for g, h in zip(o.state.globals, globals_))
+        assert o.snapshot().round_id == round_id + 1
+
+
+class _Resyncing:
+    """A peer whose next sync raises Resynced with a given snapshot, as one dropped from the run does."""
+
+    def __init__(self, snapshot) -> None:
+        self.snapshot = snapshot
+
+    def sync(self, *args, **kwargs):
+        from collectives.syncphases import Resynced
+
+        raise Resynced(self.snapshot, "127.0.0.1:1")
+
+
+def test_a_peer_resynced_during_the_spread_round_adopts_the_runs_replica() -> None:
+    models, opts = replicas(2)
+    run_threads([lambda r=r: train(opts[r], models[r], r, 3) for r in range(2)])
+    stale_model = model(seed=9)
+    stale = NoLoCo(stale_model, torch.optim.SGD(stale_model.parameters(), lr=0.1), _Resyncing(opts[0].snapshot()),
+                   NoLoCoConfig(sync_every=3))
+    assert stale.measure_spread() is None
+    assert stale.state.round_id == opts[0].state.round_id
+    assert all(torch.equal(g, h) for g, h in zip(stale.state.globals, opts[0].state.globals))
+
+
 def test_a_count_sketch_is_linear_and_keeps_the_norm_in_expectation() -> None:
     x, y = torch.randn(5000), torch.randn(5000)
     assert torch.allclose(count_sketch(x + y, 256), count_sketch(x, 256) + count_sketch(y, 256), atol=1e-4)
