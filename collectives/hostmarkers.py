@@ -70,6 +70,10 @@ class JoinFailure:
     deadline: float
     reason: str
 
+    def concerns(self, tag: int, index: int, rank: int | None = None) -> bool:
+        """Whether this marker is local member index's (of group rank ``rank``, when given) in the round tagged tag."""
+        return (self.tag, self.index) == (tag, index) and (rank is None or self.rank == rank)
+
 
 def leave_marker(segment_path: str, index: int, rank: int, tag: int, deadline_unix: float, exc: BaseException) -> bool:
     """Record next to the segment that local member index (group rank) could not join the round tagged tag, and
@@ -158,7 +162,7 @@ class JoinWatch:
         else:
             if marker is None:  # removed meanwhile
                 return None
-            if (marker.tag, marker.index, marker.rank) == (tag, index, rank):
+            if marker.concerns(tag, index, rank):
                 return marker.reason
         self._ignored[path] = seen  # malformed, or another round's (or member's)
         return None
@@ -170,7 +174,7 @@ def left_marker(path: str, index: int, tag: int) -> bool:
         marker = read_marker(path)
     except BadMarker:
         return False
-    return marker is not None and (marker.tag, marker.index) == (tag, index)
+    return marker is not None and marker.concerns(tag, index)
 
 
 def clear_markers(segment_path: str, n: int, tag: int) -> None:
