@@ -236,6 +236,9 @@ class _Session:
                 # They all call from one address: the per-client limits are the product's defaults times the
                 # peers behind it (bench_rate_limits), so the limiter still runs on every call and its cost counts.
                 *bench_rate_limits(peers), "--max-peers", str(max(peers, 1)),
+                # Exec'ed: a coordinator forked from the fork server would carry torch's objects and pages, which
+                # its CPU and memory figures must not include.
+                fork=False,
             )
             self.pid = self.coordinator.proc.pid
             ctx = mp.get_context("spawn")

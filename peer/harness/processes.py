@@ -7,7 +7,9 @@ started; ``stop_all`` stops many at once.
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
 import pathlib
 import queue
@@ -19,6 +21,9 @@ import threading
 import time
 
 from collectives.errors import LoconetError
+from peer.harness.forkserver import ForkedChild, ForkServer, ForkServerError
+
+log = logging.getLogger(__name__)
 
 
 class ChildFailed(LoconetError):
@@ -68,22 +73,81 @@ def die_with_parent_from_env() -> None:
         pass
 
 
-class Proc:
-    """A child process in its own session; stdout lines that are JSON objects become events."""
+# Set to 0 to start every child with exec, as a user's shell would (the fork server is skipped).
+FORK_SERVER_ENV = "LOCONET_FORK_SERVER"
+# Read by gRPC when it is imported: a child forked from the server would not see them, so it is exec'ed.
+_IMPORT_TIME_ENV = ("GRPC_VERBOSITY", "GRPC_TRACE", "PYTHONHASHSEED")
 
-    def __init__(self, args: list[str], log_path: pathlib.Path, prefix: list[str] | tuple[str, ...] = ()) -> None:
+
+class _SharedForkServer:
+    """This process's fork server (peer/harness/forkserver.py), started at its first use and stopped at exit.
+
+    One per process rather than one per harness, because Procs are started from many places (harness,
+    benchmarks, tests) and each would otherwise pay the server's own seconds of imports."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._server: ForkServer | None = None
+        self._failed = False
+
+    def get(self) -> ForkServer | None:
+        """The running server, started if need be; None if it could not be started (children are exec'ed)."""
+        with self._lock:
+            if self._failed:
+                return None
+            if self._server is None or not self._server.alive:
+                try:
+                    self._server = ForkServer()
+                except OSError as exc:
+                    log.warning("no fork server (%s): children start with exec", exc)
+                    self._failed = True
+                    return None
+            return self._server
+
+    def close(self) -> None:
+        """Stop the server (and any child still running from it)."""
+        with self._lock:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+
+
+FORKS = _SharedForkServer()
+atexit.register(FORKS.close)
+
+
+def forkable(args: list[str], env: dict[str, str]) -> bool:
+    """Whether a child can be forked from the server: it is ``python -m peer.cli ...`` with no environment that
+    only an interpreter's start-up reads."""
+    return (args[:3] == [sys.executable, "-m", "peer.cli"] and env.get(FORK_SERVER_ENV) != "0"
+            and not any(name in env for name in _IMPORT_TIME_ENV))
+
+
+class Proc:
+    """A child process in its own session; stdout lines that are JSON objects become events.
+
+    ``loconet`` children are forked from this process's fork server (its imports done once); any other command,
+    one run under a prefix (``ip netns exec``), or one with ``fork=False`` (a benchmark measuring the process's own
+    CPU and memory, which a fork would share with the server's imports), is exec'ed."""
+
+    def __init__(self, args: list[str], log_path: pathlib.Path, prefix: list[str] | tuple[str, ...] = (),
+                 *, fork: bool = True) -> None:
         self.args = list(prefix) + list(args)
         self.log_path = log_path
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            self.args,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            start_new_session=True,
-            bufsize=1,
-            env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
-        )
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        self.proc: subprocess.Popen | ForkedChild | None = None
+        server = FORKS.get() if fork and not prefix and forkable(self.args, env) else None
+        if server is not None:
+            try:
+                self.proc = server.spawn(self.args, env, self.log.fileno())
+            except ForkServerError as exc:
+                log.warning("%s: %s; starting it with exec", self.name, exc)
+        if self.proc is None:
+            self.proc = subprocess.Popen(
+                self.args, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True, bufsize=1,
+                env=env,
+            )
         self.events: list[dict] = []
         self.lines: list[str] = []
         self._queue: queue.Queue = queue.Queue()
@@ -210,12 +274,13 @@ class CoordinatorProc(Proc):
     LINE = re.compile(r"at (\S+), dashboard (\S+)")
 
     def __init__(
-        self, log_path: pathlib.Path, run: str, port: int = 0, *extra: str, prefix: list[str] | tuple[str, ...] = ()
+        self, log_path: pathlib.Path, run: str, port: int = 0, *extra: str, prefix: list[str] | tuple[str, ...] = (),
+        fork: bool = True,
     ) -> None:
         dashboard = [] if "--dashboard-port" in extra else ["--dashboard-port", "0"]
         # -v: the coordinator's info log (joins, rounds, drops) goes to its log file.
         args = [sys.executable, "-m", "peer.cli", "coordinator", "-v", "--run", run, "--port", str(port), *dashboard, *extra]
-        super().__init__(args, log_path, prefix)
+        super().__init__(args, log_path, prefix, fork=fork)
         try:
             self._wait_started(60.0)
         except BaseException:  # not started in time, or interrupted: leave no coordinator behind

@@ -1,0 +1,330 @@
+"""A fork server for ``loconet`` children: one process imports loconet once, and each child is forked from it.
+
+Why: a peer's start-up is about 2.5 CPU-seconds of imports (torch alone 1.6 s). A harness run of a coordinator and
+four peers on a 2-core machine spent about half of its CPU on them. A child forked from a process that has done the
+imports starts its ``main`` within milliseconds, and shares the imported pages copy-on-write.
+
+What a forked child gets, so that it runs as ``python -m peer.cli ARGS`` would:
+- its own session (``setsid``), so signals to its process group reach it and whatever it starts;
+- the stdout and stderr the caller passed (sent over the socket), /dev/null as stdin;
+- the caller's working directory, environment and ``sys.argv``; fresh random state (Python's ``random`` reseeds itself at fork; NumPy's
+  legacy global state is reseeded here);
+- its exit code as the interpreter would give it: ``main``'s return value, 1 after an uncaught exception, -N when a
+  signal N ended it. Its non-daemon threads are joined and its atexit functions run before it exits.
+
+The server is single-threaded, so forking from it is safe: it never creates a gRPC channel or server, nor starts a
+thread (NumPy's OpenBLAS pool has its own fork handlers). It reports each child's exit through a pidfd. When the
+process that started it goes away (its socket end closes, even after SIGKILL), it kills every child it forked and
+exits, so a crash leaves no orphans, as ``die_with_parent`` ensures for exec'ed children.
+
+Protocol, one JSON message per SOCK_SEQPACKET datagram:
+- client -> server: ``{"argv": [...], "env": {...}, "cwd": "..."}`` with two file descriptors attached (stdout, stderr);
+- server -> client: ``{"started": PID}`` or ``{"error": "..."}`` in answer, in order; and, whenever a child ends,
+  ``{"exited": PID, "code": CODE}``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import runpy
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Mapping, Sequence
+
+from collectives.errors import LoconetError
+
+__all__ = ["ForkServer", "ForkServerError", "ForkedChild", "serve"]
+
+# The modules the server runs with `-m`. Each runs in the child as __main__, so it is not imported here (runpy would
+# warn that it is in sys.modules already); what it imports is.
+MODULES = ("peer.cli",)
+# The modules whose import is the start-up cost: everything `loconet peer` and `loconet coordinator` load.
+PRELOAD = ("torch", "numpy", "grpc", "peer.runtime.daemon", "peer.coordinator.service", "peer.plugins")
+MAX_MESSAGE = 1 << 20  # a request's argv and environment
+
+
+class ForkServerError(LoconetError):
+    """The fork server is gone or refused a request; the caller may start the child with exec instead."""
+
+
+# -- the server --------------------------------------------------------------------------------------------------------
+
+
+def serve(sock: socket.socket) -> None:
+    """Answer fork requests on sock until its other end closes; then kill the children still running."""
+    children: dict[int, int] = {}  # pidfd -> pid
+    # epoll, not select(): a harness may run more children than select's 1,024 descriptors.
+    watch = selectors.DefaultSelector()
+    watch.register(sock, selectors.EVENT_READ)
+    try:
+        while True:
+            for key, _ in watch.select():
+                if key.fileobj is sock:
+                    known = set(children)
+                    if not _answer(sock, children, watch.fileno()):
+                        return
+                    for fd in set(children) - known:
+                        watch.register(fd, selectors.EVENT_READ)
+                else:
+                    fd = key.fd
+                    watch.unregister(fd)
+                    pid = children.pop(fd)
+                    os.close(fd)
+                    _, status = os.waitpid(pid, 0)
+                    _send(sock, {"exited": pid, "code": os.waitstatus_to_exitcode(status)})
+    finally:
+        watch.close()
+        for fd, pid in children.items():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for fd, pid in children.items():
+            os.waitpid(pid, 0)  # reaped here: a zombie left to init could linger where init does not reap
+            os.close(fd)
+
+
+def _answer(sock: socket.socket, children: dict[int, int], *private: int) -> bool:
+    """Take one request and fork its child (which closes the server's own descriptors: sock, the pidfds of
+    children, private); False when the client has gone."""
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 2)
+    except OSError:
+        return False
+    if not data:
+        return False
+    try:
+        request = json.loads(data)
+        argv, env = list(map(str, request["argv"])), {str(k): str(v) for k, v in request["env"].items()}
+        cwd = str(request["cwd"])
+        if argv[1:2] != ["-m"] or len(argv) < 3 or argv[2] not in MODULES:
+            raise ValueError(f"only `python -m MODULE` of {', '.join(MODULES)} is forked, not {argv[1:3]}")
+        if len(fds) != 2:
+            raise ValueError(f"expected 2 file descriptors (stdout, stderr), got {len(fds)}")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        for fd in fds:
+            os.close(fd)
+        _send(sock, {"error": f"bad request: {exc}"})
+        return True
+    # The child's setsid must be done before the caller can signal its process group: it closes this pipe then.
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        _run_child(argv, env, cwd, fds, [sock.fileno(), *children, *private], ready_w)  # never returns
+    os.close(ready_w)
+    for fd in fds:
+        os.close(fd)
+    os.read(ready_r, 1)  # b"" once the child closed its end (or died)
+    os.close(ready_r)
+    children[os.pidfd_open(pid)] = pid
+    _send(sock, {"started": pid})
+    return True
+
+
+def _run_child(argv: list[str], env: Mapping[str, str], cwd: str, fds: Sequence[int], server_fds: Sequence[int],
+               ready: int) -> None:
+    """In the forked child: run argv (``python -m MODULE ARGS``) as the interpreter would, and exit with its code."""
+    code = 1
+    try:
+        os.setsid()
+        os.close(ready)
+        for fd in server_fds:
+            os.close(fd)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(fds[0], 1)
+        os.dup2(fds[1], 2)
+        for fd in (devnull, *fds):
+            os.close(fd)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        import numpy as np
+
+        np.random.seed()  # Python's random reseeds itself at fork; NumPy's legacy global state does not
+        # As `python -m MODULE ARGS` does: sys.argv is [the module's file, ARGS...], the module runs as __main__.
+        sys.argv = ["-m", *argv[3:]]
+        runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - as the interpreter would: the traceback on stderr, exit code 1
+        traceback.print_exc()
+        code = 1
+    try:
+        # What interpreter shutdown does: wait for non-daemon threads, run atexit functions, flush.
+        main_thread = threading.main_thread()
+        for thread in threading.enumerate():
+            if thread is not main_thread and not thread.daemon:
+                thread.join()
+        import atexit
+
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(int(code or 0) & 0xFF)
+
+
+def _send(sock: socket.socket, message: dict) -> None:
+    try:
+        sock.send(json.dumps(message).encode())
+    except OSError:  # the client is gone: the loop sees it at its next read
+        pass
+
+
+# -- the client --------------------------------------------------------------------------------------------------------
+
+
+class ForkedChild:
+    """A child forked by the server: the part of ``subprocess.Popen`` that Proc uses (pid, stdout, poll, wait)."""
+
+    def __init__(self, pid: int, stdout) -> None:
+        self.pid = pid
+        self.stdout = stdout
+        self.returncode: int | None = None
+        self._ended = threading.Event()
+
+    def _exited(self, code: int) -> None:
+        self.returncode = code
+        self._ended.set()
+
+    def poll(self) -> int | None:
+        """The exit code, or None while it runs."""
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the child to end; subprocess.TimeoutExpired after timeout seconds."""
+        if not self._ended.wait(timeout):
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+        assert self.returncode is not None
+        return self.returncode
+
+
+class ForkServer:
+    """The client end: starts the server process and forks children from it, one request at a time."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sock = ours
+        self._server = subprocess.Popen(
+            [sys.executable, "-m", "peer.harness.forkserver", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        theirs.close()
+        self._lock = threading.Lock()  # one request in flight: answers come back in order
+        self._answers: list[dict] = []
+        self._answered = threading.Condition()
+        self._children: dict[int, ForkedChild] = {}
+        self._codes: dict[int, int] = {}  # exits seen before their ForkedChild was registered
+        self._closed = False
+        self._reader = threading.Thread(target=self._read, name="forkserver-reader", daemon=True)
+        self._reader.start()
+
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], stderr_fd: int) -> ForkedChild:
+        """Fork argv (``python -m peer.cli ARGS``) with env; its stdout is a new pipe (text, line by line), its stderr
+        stderr_fd. ForkServerError when the server is gone or refuses."""
+        read_fd, write_fd = os.pipe()
+        try:
+            with self._lock:
+                message = json.dumps({"argv": list(argv), "env": dict(env), "cwd": os.getcwd()}).encode()
+                try:
+                    socket.send_fds(self._sock, [message], [write_fd, stderr_fd])
+                except OSError as exc:
+                    raise ForkServerError(f"the fork server is gone: {exc}") from exc
+                answer = self._next_answer()
+        finally:
+            os.close(write_fd)
+        if "started" not in answer:
+            os.close(read_fd)
+            raise ForkServerError(f"the fork server refused: {answer.get('error', answer)}")
+        pid = int(answer["started"])
+        child = ForkedChild(pid, open(read_fd, "r", buffering=1, errors="replace"))  # noqa: SIM115 - read to EOF by Proc
+        with self._answered:
+            self._children[pid] = child
+            if pid in self._codes:
+                child._exited(self._codes.pop(pid))
+        return child
+
+    def _next_answer(self, timeout: float = 60.0) -> dict:
+        with self._answered:
+            if not self._answered.wait_for(lambda: self._answers or self._closed, timeout):
+                raise ForkServerError(f"the fork server did not answer within {timeout:g} s")
+            if not self._answers:
+                raise ForkServerError("the fork server is gone")
+            return self._answers.pop(0)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(MAX_MESSAGE)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            message = json.loads(data)
+            with self._answered:
+                if "exited" in message:
+                    pid, code = int(message["exited"]), int(message["code"])
+                    child = self._children.pop(pid, None)
+                    if child is None:
+                        self._codes[pid] = code
+                    else:
+                        child._exited(code)
+                else:
+                    self._answers.append(message)
+                    self._answered.notify_all()
+        with self._answered:
+            self._closed = True
+            self._answered.notify_all()
+        # The server kills and reaps what it forked before it exits; then so is every child not yet reported.
+        try:
+            self._server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._server.kill()
+            self._server.wait()
+        with self._answered:
+            for child in self._children.values():
+                child._exited(-signal.SIGKILL)
+            self._children.clear()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the server still answers."""
+        return not self._closed and self._server.poll() is None
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the server; it kills the children still running."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self._server.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._server.kill()
+            self._server.wait()
+        self._reader.join(timeout=timeout)
+        self._sock.close()
+
+
+def _main() -> None:
+    fd = int(sys.argv[1])
+    sock = socket.socket(fileno=fd)
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    for name in PRELOAD:
+        importlib.import_module(name)
+    serve(sock)
+
+
+if __name__ == "__main__":
+    _main()
