@@ -75,7 +75,8 @@ def die_with_parent_from_env() -> None:
 
 # Set to 0 to start every child with exec, as a user's shell would (the fork server is skipped).
 FORK_SERVER_ENV = "LOCONET_FORK_SERVER"
-# Read by gRPC when it is imported: a child forked from the server would not see them, so it is exec'ed.
+# Read once, when gRPC is imported (GRPC_*) or the interpreter starts (PYTHONHASHSEED): a child forked from the
+# server would not see them, so a child whose environment sets one is exec'ed.
 _IMPORT_TIME_ENV = ("GRPC_VERBOSITY", "GRPC_TRACE", "PYTHONHASHSEED")
 
 
@@ -103,6 +104,11 @@ class _SharedForkServer:
                     self._failed = True
                     return None
             return self._server
+
+    def give_up(self) -> None:
+        """Start every later child with exec: the server failed (an import error would fail every new one too)."""
+        with self._lock:
+            self._failed = True
 
     def close(self) -> None:
         """Stop the server (and any child still running from it)."""
@@ -142,7 +148,8 @@ class Proc:
             try:
                 self.proc = server.spawn(self.args, env, self.log.fileno())
             except ForkServerError as exc:
-                log.warning("%s: %s; starting it with exec", self.name, exc)
+                log.warning("%s: %s; starting it and every later child with exec", self.name, exc)
+                FORKS.give_up()
         if self.proc is None:
             self.proc = subprocess.Popen(
                 self.args, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True, bufsize=1,
