@@ -124,7 +124,13 @@ def _answer(sock: socket.socket, children: dict[int, int], *private: int) -> boo
         os.close(fd)
     os.read(ready_r, 1)  # b"" once the child closed its end (or died)
     os.close(ready_r)
-    children[os.pidfd_open(pid)] = pid
+    try:
+        children[os.pidfd_open(pid)] = pid
+    except OSError as exc:  # out of descriptors: a child this server could not follow is not left running
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        _send(sock, {"error": f"cannot follow the child: {exc}"})
+        return True
     _send(sock, {"started": pid})
     return True
 
@@ -320,6 +326,10 @@ class ForkServer:
 def _main() -> None:
     fd = int(sys.argv[1])
     sock = socket.socket(fileno=fd)
+    try:
+        os.close(os.pidfd_open(os.getpid()))  # Linux 5.3 or later: checked before any child exists to lose
+    except (AttributeError, OSError) as exc:
+        sys.exit(f"loconet fork server: no pidfd_open on this system ({exc}); children start with exec")
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     for name in PRELOAD:
         importlib.import_module(name)

@@ -125,7 +125,8 @@ atexit.register(FORKS.close)
 def forkable(args: list[str], env: dict[str, str]) -> bool:
     """Whether a child can be forked from the server: it is ``python -m peer.cli ...`` with no environment that
     only an interpreter's start-up reads."""
-    return (args[:3] == [sys.executable, "-m", "peer.cli"] and env.get(FORK_SERVER_ENV) != "0"
+    return (sys.platform.startswith("linux") and args[:3] == [sys.executable, "-m", "peer.cli"]
+            and env.get(FORK_SERVER_ENV) != "0"
             and not any(name in env for name in _IMPORT_TIME_ENV))
 
 
