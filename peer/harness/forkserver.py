@@ -7,13 +7,13 @@ imports starts its ``main`` within milliseconds, and shares the imported pages c
 What a forked child gets, so that it runs as ``python -m peer.cli ARGS`` would:
 - its own session (``setsid``), so signals to its process group reach it and whatever it starts;
 - the stdout and stderr the caller passed (sent over the socket), /dev/null as stdin;
-- the caller's working directory, environment and ``sys.argv``; fresh random state (Python's ``random`` reseeds itself at fork; NumPy's
-  legacy global state is reseeded here);
+- the caller's working directory, environment and ``sys.argv``; fresh random state (Python's ``random`` reseeds
+  itself at fork; NumPy's legacy global state is reseeded here);
 - its exit code as the interpreter would give it: ``main``'s return value, 1 after an uncaught exception, -N when a
   signal N ended it. Its non-daemon threads are joined and its atexit functions run before it exits.
 
-The server is single-threaded, so forking from it is safe: it never creates a gRPC channel or server, nor starts a
-thread (NumPy's OpenBLAS pool has its own fork handlers). It reports each child's exit through a pidfd. When the
+Forking from the server is safe: it never creates a gRPC channel or server and starts no thread of its own (the one
+thread an import starts, NumPy's OpenBLAS pool, has fork handlers). It reports each child's exit through a pidfd. When the
 process that started it goes away (its socket end closes, even after SIGKILL), it kills every child it forked and
 exits, so a crash leaves no orphans, as ``die_with_parent`` ensures for exec'ed children.
 
