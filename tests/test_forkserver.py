@@ -167,6 +167,19 @@ def test_a_proc_asked_not_to_fork_is_exec_ed(tmp_path):
     p.stop()
 
 
+def test_two_procs_in_a_row_are_forked_from_servers_with_different_string_hash_seeds(tmp_path, monkeypatch):
+    # So a run's peers do not all share one seed, and a bug that depends on a set's order still shows between them.
+    seen = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("LOCONET_PROBE_OUT", str(tmp_path / f"{name}.json"))
+        p = Proc([*CLI, "coordinator", *PROBE, "--help"], tmp_path / f"{name}.log")
+        assert not isinstance(p.proc, subprocess.Popen)
+        assert p.proc.wait(60) == 0
+        p.stop()
+        seen.append(json.loads((tmp_path / f"{name}.json").read_text())["hash"])
+    assert seen[0] != seen[1]
+
+
 def test_a_proc_of_a_loconet_command_is_forked_and_followed_like_an_exec_ed_one(tmp_path):
     p = Proc([*CLI, "coordinator", "--run", "r", "--port", "0", "--dashboard-port", "0"], tmp_path / "c.log")
     try:

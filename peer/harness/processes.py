@@ -81,41 +81,49 @@ _IMPORT_TIME_ENV = ("GRPC_VERBOSITY", "GRPC_TRACE", "PYTHONHASHSEED")
 
 
 class _SharedForkServer:
-    """This process's fork server (peer/harness/forkserver.py), started at its first use and stopped at exit.
+    """This process's fork servers (peer/harness/forkserver.py), started at their first use and stopped at exit.
 
-    One per process rather than one per harness, because Procs are started from many places (harness,
-    benchmarks, tests) and each would otherwise pay the server's own seconds of imports."""
+    One set per process rather than one per harness, because Procs are started from many places (harness,
+    benchmarks, tests) and each would otherwise pay a server's own seconds of imports. Children alternate between
+    ``SERVERS`` servers: a forked child has its server's string-hash seed, and with two a run's peers do not all
+    share one, so a bug where peers iterate a set of strings in different orders can still show."""
+
+    SERVERS = 2
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._server: ForkServer | None = None
+        self._servers: list[ForkServer | None] = [None] * self.SERVERS
+        self._next = 0
         self._failed = False
 
     def get(self) -> ForkServer | None:
-        """The running server, started if need be; None if it could not be started (children are exec'ed)."""
+        """The next server in turn, started if need be; None if one could not be started (children are exec'ed)."""
         with self._lock:
             if self._failed:
                 return None
-            if self._server is None or not self._server.alive:
+            i, self._next = self._next, (self._next + 1) % self.SERVERS
+            server = self._servers[i]
+            if server is None or not server.alive:
                 try:
-                    self._server = ForkServer()
+                    server = self._servers[i] = ForkServer()
                 except OSError as exc:
                     log.warning("no fork server (%s): children start with exec", exc)
                     self._failed = True
                     return None
-            return self._server
+            return server
 
     def give_up(self) -> None:
-        """Start every later child with exec: the server failed (an import error would fail every new one too)."""
+        """Start every later child with exec: a server failed (an import error would fail every new one too)."""
         with self._lock:
             self._failed = True
 
     def close(self) -> None:
-        """Stop the server (and any child still running from it)."""
+        """Stop the servers (and any child still running from them)."""
         with self._lock:
-            if self._server is not None:
-                self._server.close()
-                self._server = None
+            for i, server in enumerate(self._servers):
+                if server is not None:
+                    server.close()
+                    self._servers[i] = None
 
 
 FORKS = _SharedForkServer()

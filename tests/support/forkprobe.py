@@ -19,5 +19,5 @@ if _out:
         json.dump({
             "pid": os.getpid(), "sid": os.getsid(0), "cwd": os.getcwd(), "argv": sys.argv,
             "value": os.environ.get("LOCONET_PROBE_VALUE"), "stdin_isatty": os.isatty(0),
-            "random": random.random(), "numpy": float(np.random.rand()),
+            "random": random.random(), "numpy": float(np.random.rand()), "hash": hash("loconet"),
         }, f)
