@@ -34,9 +34,8 @@ def server():
 def spawn(server: ForkServer, tmp_path, *args: str, **env: str):
     """Fork ``loconet ARGS`` with the probe's output file in its environment; its stderr goes to tmp_path/err."""
     with open(tmp_path / "err", "w") as err:
-        child = server.spawn([*CLI, *args], {**os.environ, "LOCONET_PROBE_OUT": str(tmp_path / "probe.json"), **env},
-                             err.fileno())
-    return child
+        return server.spawn([*CLI, *args], {**os.environ, "LOCONET_PROBE_OUT": str(tmp_path / "probe.json"), **env},
+                            err.fileno())
 
 
 def probe(tmp_path) -> dict:

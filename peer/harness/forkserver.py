@@ -67,11 +67,8 @@ def serve(sock: socket.socket) -> None:
         while True:
             for key, _ in watch.select():
                 if key.fileobj is sock:
-                    known = set(children)
-                    if not _answer(sock, children, watch.fileno()):
+                    if not _answer(sock, children, watch):
                         return
-                    for fd in set(children) - known:
-                        watch.register(fd, selectors.EVENT_READ)
                 else:
                     fd = key.fd
                     watch.unregister(fd)
@@ -91,9 +88,9 @@ def serve(sock: socket.socket) -> None:
             os.close(fd)
 
 
-def _answer(sock: socket.socket, children: dict[int, int], *private: int) -> bool:
-    """Take one request and fork its child (which closes the server's own descriptors: sock, the pidfds of
-    children, private); False when the client has gone."""
+def _answer(sock: socket.socket, children: dict[int, int], watch: selectors.BaseSelector) -> bool:
+    """Take one request, fork its child and watch its pidfd (the child closes the server's own descriptors: sock,
+    watch, the children's pidfds); False when the client has gone."""
     try:
         data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 2)
     except OSError:
@@ -118,19 +115,21 @@ def _answer(sock: socket.socket, children: dict[int, int], *private: int) -> boo
     pid = os.fork()
     if pid == 0:
         os.close(ready_r)
-        _run_child(argv, env, cwd, fds, [sock.fileno(), *children, *private], ready_w)  # never returns
+        _run_child(argv, env, cwd, fds, [sock.fileno(), watch.fileno(), *children], ready_w)  # never returns
     os.close(ready_w)
     for fd in fds:
         os.close(fd)
     os.read(ready_r, 1)  # b"" once the child closed its end (or died)
     os.close(ready_r)
     try:
-        children[os.pidfd_open(pid)] = pid
+        pidfd = os.pidfd_open(pid)
     except OSError as exc:  # out of descriptors: a child this server could not follow is not left running
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         _send(sock, {"error": f"cannot follow the child: {exc}"})
         return True
+    children[pidfd] = pid
+    watch.register(pidfd, selectors.EVENT_READ)
     _send(sock, {"started": pid})
     return True
 
