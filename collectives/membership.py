@@ -169,6 +169,17 @@ def _rate_limited_for(exc: grpc.aio.AioRpcError) -> float | None:
         return 0.1
 
 
+# The heartbeat intervals a coordinator's answer may set (anything else is ignored: the peer keeps its own).
+HEARTBEAT_RANGE_S = (0.05, 600.0)
+
+
+def heartbeat_interval(current_s: float, told_s: float) -> float:
+    """The interval to heartbeat at after an answer that said told_s: it when in range, else current_s
+    (0 from an older coordinator; a NaN or absurd value is not obeyed)."""
+    low, high = HEARTBEAT_RANGE_S
+    return told_s if low <= told_s <= high else current_s
+
+
 def _missed(rounds) -> tuple[MissedRound, ...]:
     """MissedRounds from the coordinator's CommittedRound messages, in order."""
     return tuple(
@@ -451,7 +462,7 @@ class MembershipClient:
         digest: Callable[[], str] = lambda: "",
         refusals: Callable[[], dict[str, int]] = dict,
     ) -> None:
-        """Send heartbeats with the peer's status every interval_s until cancelled.
+        """Send heartbeats with the peer's status every interval_s (or as the coordinator's answers say) until cancelled.
 
         ``digest()``: the state's digest as of ``last_round()`` if already computed ("" otherwise; never computes).
         """
@@ -484,6 +495,7 @@ class MembershipClient:
                 self.run_round = reply.last_committed_round
                 self.run_step = reply.run_step
                 self.round_step = reply.round_step
+                interval_s = heartbeat_interval(interval_s, reply.heartbeat_s)
             except grpc.aio.AioRpcError as exc:
                 # The coordinator may be restarting; training goes on, heartbeats keep trying.
                 log.debug("heartbeat failed: %s", exc.code().name)

@@ -125,18 +125,20 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., metrics: _Optional[_Union[PeerMetrics, _Mapping]] = ..., state_digest: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("known", "epoch", "last_committed_round", "run_step", "round_step")
+    __slots__ = ("known", "epoch", "last_committed_round", "run_step", "round_step", "heartbeat_s")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LAST_COMMITTED_ROUND_FIELD_NUMBER: _ClassVar[int]
     RUN_STEP_FIELD_NUMBER: _ClassVar[int]
     ROUND_STEP_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     known: bool
     epoch: int
     last_committed_round: int
     run_step: int
     round_step: int
-    def __init__(self, known: _Optional[bool] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ...) -> None: ...
+    heartbeat_s: float
+    def __init__(self, known: _Optional[bool] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "reason", "last_round", "state_digest")

@@ -3,16 +3,20 @@
 A ROUND answer is serialised once for all members plus each one's rank field; the
 dashboard's series books stop searching for a free place while none can have
 appeared; the membership benchmark's rate limits scale with the simulated peers
-behind its one address instead of exempting it.
+behind its one address instead of exempting it; heartbeats slow down as the run
+grows, for the peers that joined it small too.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from collectives.membership import heartbeat_interval
 from peer.bench.membership import bench_rate_limits
+from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.history import SeriesBook
 from peer.coordinator.quorum import RoundAnswer, rank_field
+from peer.coordinator.service import Coordinator
 from protos import membership_pb2 as pb
 
 
@@ -87,3 +91,39 @@ def test_the_membership_bench_scales_the_default_limits_by_its_simulated_peers()
         "--join-rate", "5000", "--join-burst", "20000", "--call-rate", "100000", "--call-burst", "500000",
         "--sessions-per-client", "256000",
     ]
+
+
+@pytest.mark.parametrize(
+    "told, obeyed",
+    [(2.0, 2.0), (0.05, 0.05), (600.0, 600.0), (0.0, 1.0), (0.01, 1.0), (601.0, 1.0), (float("nan"), 1.0),
+     (float("inf"), 1.0), (-3.0, 1.0)],
+)
+def test_a_peer_heartbeats_at_the_interval_an_answer_says_when_it_is_in_range(told, obeyed):
+    assert heartbeat_interval(1.0, told) == obeyed
+
+
+def _joined(coordinator: Coordinator, n: int) -> list[str]:
+    return [
+        coordinator._join(pb.JoinRequest(run_id="r", address=f"10.0.{i >> 8}.{i & 255}:2000")).peer_id
+        for i in range(n)
+    ]
+
+
+def test_a_peer_that_joined_a_small_run_is_told_to_slow_down_as_it_grows_and_its_lease_grows():
+    coordinator = Coordinator(CoordinatorConfig(run_id="r", dashboard_port=None, probe_peers=False, lease_s=5.0))
+    first, *_ = _joined(coordinator, 2000)
+    assert coordinator.state.peers[first].lease_s == 5.0  # the run had no peer yet when it joined
+    answer = coordinator._heartbeat(pb.HeartbeatRequest(run_id="r", peer_id=first))
+    assert answer.heartbeat_s == 4.0  # 2,000 live peers / 500 heartbeats a second
+    assert coordinator.state.peers[first].lease_s == 12.0  # three intervals
+
+
+def test_a_lease_never_shrinks_when_the_run_does():
+    coordinator = Coordinator(CoordinatorConfig(run_id="r", dashboard_port=None, probe_peers=False, lease_s=5.0))
+    first, *others = _joined(coordinator, 2000)
+    coordinator._heartbeat(pb.HeartbeatRequest(run_id="r", peer_id=first))
+    for peer_id in others:
+        coordinator._leave(pb.LeaveRequest(run_id="r", peer_id=peer_id))
+    answer = coordinator._heartbeat(pb.HeartbeatRequest(run_id="r", peer_id=first))
+    assert answer.heartbeat_s == 1.0  # the configured interval again
+    assert coordinator.state.peers[first].lease_s == 12.0  # an older peer may still heartbeat every 4 s

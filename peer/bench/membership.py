@@ -168,6 +168,12 @@ FIELDS: Fields = {
     "rounds_phase.coordinator_cpu_utilization": "coordinator_cpu_s / wall_s (cores)",
     "rounds_phase.client_cpu_utilization": "CPU seconds per wall second of each client process in that time (cores): "
     "the simulated peers share the machine's cores with the coordinator",
+    "rounds_phase.wall_per_round_s": "wall_s / rounds",
+    "rounds_phase.client_cpu_per_round_s": "the client processes' CPU seconds in that time, summed, / rounds",
+    "rounds_phase.cores": "the cores this benchmark may run on (its CPU affinity)",
+    "rounds_phase.cpu_floor_per_round_s": "(coordinator_cpu_per_round_s + client_cpu_per_round_s) / cores: the "
+    "shortest a round can take here with every core busy, were the coordinator's work perfectly parallel; on a "
+    "machine of their own the simulated peers would not count",
     "baseline": "the same measurement at --baseline-peers peers without rounds, in the same run",
     "baseline.peers": "its peers",
     "baseline.coordinator_cpu_per_heartbeat_us": _CPU_US,
@@ -196,6 +202,15 @@ FIELDS: Fields = {
     "the same ratio net of the idle cost (schedstat)",
 }
 
+
+def cpu_floor(coordinator_cpu_s: float, client_cpu_s: float, wall_s: float, rounds: int, cores: int) -> dict:
+    """Per-round wall and CPU of the rounds phase, and the floor the machine's cores set on a round's length."""
+    return {
+        "wall_per_round_s": wall_s / rounds,
+        "client_cpu_per_round_s": client_cpu_s / rounds,
+        "cores": cores,
+        "cpu_floor_per_round_s": (coordinator_cpu_s + client_cpu_s) / rounds / cores,
+    }
 
 def bench_rate_limits(peers: int) -> list[str]:
     """The coordinator's rate-limit options for ``peers`` simulated peers calling from one address.
@@ -396,6 +411,7 @@ def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, win
                 "coordinator_cpu_per_round_s": (cr1 - cr0) / rounds,
                 "coordinator_cpu_utilization": (cr1 - cr0) / (tr1 - tr0),
                 "client_cpu_utilization": [(b - a) / (tr1 - tr0) for a, b in zip(ccl0, ccl1)],
+                **cpu_floor(cr1 - cr0, sum(ccl1) - sum(ccl0), tr1 - tr0, rounds, len(os.sched_getaffinity(0))),
             }
             rounds_info["_window"] = (tr0, tr1)
         rss = proc_rss_mb(session.pid)

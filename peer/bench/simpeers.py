@@ -22,7 +22,7 @@ import time
 
 import grpc
 
-from collectives.membership import RETRY_CODES, MembershipConfig
+from collectives.membership import RETRY_CODES, MembershipConfig, heartbeat_interval
 from collectives.rpc import RpcSettings, make_channel
 from collectives.session import SESSION_RPCS, CoordinatorSession
 from protos import membership_pb2 as pb
@@ -162,6 +162,12 @@ class SimPeer:
                 self.heartbeats.append((t0, time.time() - t0, True))
                 if not reply.known:
                     self.unknown += 1
+                # As the real client: the interval the coordinator says now (it grows with the run).
+                told = heartbeat_interval(interval, reply.heartbeat_s)
+                if told != interval:
+                    next_at += told - interval
+                    interval = self.interval = told
+                    timeout = max(interval, 1.0)
             except grpc.aio.AioRpcError as exc:
                 self.heartbeats.append((t0, time.time() - t0, False))
                 name = exc.code().name

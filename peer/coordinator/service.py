@@ -472,7 +472,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             self._save()  # the digest of the last committed round, once known (saved only when it changed)
 
     def _lease_terms(self) -> tuple[float, float]:
-        """(heartbeat interval, lease) for a joining peer: heartbeats slow down as the run grows.
+        """(heartbeat interval, lease) for a peer joining or heartbeating now: heartbeats slow down as the run grows.
 
         One heartbeat costs the coordinator ~0.5 ms of CPU (mostly gRPC); beyond ~500 peers
         the interval grows so heartbeats stay under about half a core, and the lease stays
@@ -510,9 +510,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             # Only an up-to-date peer says where the run's training is (a late one is behind by definition);
             # a late peer never skips past one sync interval after the last round on this word (OuterOptimizer).
             self.state.run_step = max(self.state.run_step, m.step)
+        heartbeat_s, lease_s = self._lease_terms()
+        # The lease only grows: an older peer keeps the interval its join gave, however the run shrinks since.
+        peer.lease_s = max(peer.lease_s, lease_s)
         return pb.HeartbeatResponse(
             known=True, epoch=self.state.epoch, last_committed_round=self.state.last_committed_round,
-            run_step=self.state.run_step, round_step=self.state.round_step,
+            run_step=self.state.run_step, round_step=self.state.round_step, heartbeat_s=heartbeat_s,
         )
 
     def _leave(self, req: pb.LeaveRequest) -> pb.LeaveResponse:
