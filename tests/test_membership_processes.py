@@ -175,8 +175,10 @@ def test_paused_peer_is_dropped_after_its_lease_and_rejoins_after_sigcont(cluste
     without = c.peers["a"].wait_event(
         lambda e: e["event"] == "committed" and "s" not in {ids[m] for m in e["members"]} and e["_seen"] > stopped_at, 60
     )
-    sleeper.signal(signal.SIGCONT)
+    # Read before the signal: the peer resyncs within milliseconds, and the reader thread stamps the event before
+    # this thread, on a loaded machine, gets to run again.
     resumed_at = time.time()
+    sleeper.signal(signal.SIGCONT)
     resynced = sleeper.wait_event(lambda e: e["event"] == "resynced" and e["_seen"] > resumed_at, 60)
     assert resynced["round"] >= without["round"]
     back = sleeper.wait_event(lambda e: e["event"] == "committed" and e["round"] > resynced["round"], 60)
