@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from collectives.errors import ConfigError, ProtocolError
 from collectives.membership import RoundPlan
 from optimizers.coded import CodedSGD, CodedSGDConfig, SyncSGDConfig, plan_roster
 from optimizers.peers import LocalPeer
+from peer.bench import coding
 from peer.bench.coding import CodingBenchConfig, full_gradient, method, run_method
 from peer.runtime.training import TaskPartitions
 from peer.tasks.base import TaskConfig, batch_stream
@@ -60,6 +62,23 @@ def test_the_coded_gradient_is_the_full_gradient(coded):
 
 def test_a_cyclic_code_decodes_the_full_gradient(task):
     config = bench(peers=5)  # s+1 = 2 does not divide 5: the cyclic MDS code
+    result = run_method(method("coded", config), config, task)
+    assert result["identical"]
+    assert result["decode_rel_error_max"] < 1e-5
+
+
+def test_workers_slow_to_start_do_not_make_the_first_rounds_smaller(task, monkeypatch):
+    # Three of four threads start after the coordinator's startup grace (one lease, 5 s), as on a loaded machine:
+    # the first rounds used to form over the one registered worker, the gradient of one partition of one.
+    worker = coding._worker
+
+    def late(rank, *args):
+        if rank > 0:
+            time.sleep(5.5)
+        worker(rank, *args)
+
+    monkeypatch.setattr(coding, "_worker", late)
+    config = bench(steps=2)
     result = run_method(method("coded", config), config, task)
     assert result["identical"]
     assert result["decode_rel_error_max"] < 1e-5

@@ -282,11 +282,13 @@ class WorkerOutcome:
 
 
 def _worker(rank: int, config: CodingBenchConfig, task: Task, train: TrainConfig, steps: int, address: str,
-            run_id: str, out: WorkerOutcome, done: threading.Barrier) -> None:
-    """One worker's run: join, train steps steps, wait for the others (a late one fetches from them), leave."""
+            run_id: str, out: WorkerOutcome, joined: threading.Barrier, done: threading.Barrier) -> None:
+    """One worker's run: join, wait until every worker has, train steps steps, wait for the others (a late one
+    fetches from them), leave."""
     model = place_model(task.build_model(), resolve_device(train.device))
     elastic = ElasticCollective(ElasticConfig(coordinator=address, run_id=run_id, name=f"peer{rank}", keep_results=8))
     data = PacedPartitions(task, StragglerPattern.parse(config.pattern), rank, config.peers, config.unit_s)
+    started = False
     try:
         opt = make_optimizer(model, elastic, train)
         assert isinstance(opt, CodedSGD)
@@ -302,6 +304,14 @@ def _worker(rank: int, config: CodingBenchConfig, task: Task, train: TrainConfig
         snapshot = elastic.start(has_state=True)
         if snapshot is not None:
             opt.load_snapshot(snapshot)
+        # No round before all n workers are registered. On a loaded machine a thread slow to start missed the
+        # coordinator's startup grace, and the first rounds formed over a roster of fewer workers: their code cuts
+        # the data into fewer partitions, another gradient than the full one over n this benchmark measures.
+        try:
+            joined.wait(timeout=RUN_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            raise LoconetError("another worker failed before the run started") from None
+        started = True
         while opt.global_step < steps:
             opt.train_step(data)
         out.digest = opt.state.digest()
@@ -316,6 +326,8 @@ def _worker(rank: int, config: CodingBenchConfig, task: Task, train: TrainConfig
     except LoconetError as exc:
         out.error = str(exc)
     finally:
+        if not started:  # failed before the start: the others stop waiting for it
+            joined.abort()
         out.computed = data.computed
         try:
             done.wait(timeout=RUN_TIMEOUT_S)
@@ -361,17 +373,18 @@ def run_method(m: Method, config: CodingBenchConfig, task: Task) -> dict:
     coordinator = CoordinatorConfig(run_id=label, port=0, dashboard_port=None, min_peers=1, quorum=m.quorum,
                                     seed=config.seed, heartbeat_s=HEARTBEAT_S, lease_s=5.0)
     outcomes = [WorkerOutcome(r) for r in range(n)]
-    done = threading.Barrier(n)
+    joined, done = threading.Barrier(n), threading.Barrier(n)
     started = time.monotonic()
     with CoordinatorThread(coordinator) as coord:
         threads = [threading.Thread(target=_worker, args=(r, config, task, train, steps_of(m, config), coord.address, label, outcomes[r],
-                                                          done), name=f"{label}-peer{r}", daemon=True)
+                                                          joined, done), name=f"{label}-peer{r}", daemon=True)
                    for r in range(n)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=max(0.0, started + RUN_TIMEOUT_S - time.monotonic()))
         if any(t.is_alive() for t in threads):
+            joined.abort()
             done.abort()
             raise LoconetError(f"{label}: workers still running after {RUN_TIMEOUT_S:.0f} s; the run is stuck")
         rounds = [r for r in coord.status()["rounds"] if r["status"] == "committed"]
