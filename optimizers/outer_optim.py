@@ -257,7 +257,10 @@ def optimizer_state(opt: torch.optim.Optimizer, names: Sequence[str]) -> tuple[d
         name = names[index]
         if not entry:
             empty.append(index)  # a state entry without content still round-trips as one
-        for key, value in entry.items():
+        # In key order, not the state's: an optimizer that loaded its state holds its keys in another order than
+        # one that made them (Adam: exp_avg, exp_avg_sq, step against step, exp_avg, exp_avg_sq), and the
+        # snapshot's digest follows its tensors' order.
+        for key, value in sorted(entry.items(), key=lambda item: str(item[0])):
             if not isinstance(key, str) or "/" in key:
                 raise ConfigError(f"state key {key!r} of parameter {name!r} cannot name a snapshot tensor")
             if isinstance(value, torch.Tensor):

@@ -51,6 +51,8 @@ def test_a_late_joiner_of_a_run_with_an_adam_outer_optimizer_continues_bit_ident
     joiner_rounds = {(e["round"], e["epoch"]) for e in harness.peers["peer3"].events if e["event"] == "committed"}
     assert len(joiner_rounds) >= 5
     assert all(len(digests[r]) == 1 for r in joiner_rounds), "the joiner holds the others' parameters after each round"
+    # Its whole state too (Adam's moments in the order it loaded them): the coordinator saw one digest per round.
+    assert "diverged" not in (tmp_path / "coordinator.log").read_text()
 
 
 def test_link_cut_with_netns(tmp_path):

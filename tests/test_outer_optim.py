@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from collectives.errors import ConfigError
+from collectives.stateformat import state_digest
 from collectives.statesync import StateServer, StateSnapshot, StateSyncConfig, fetch_state
 from collectives.transport import Transport, TransportConfig
 from optimizers import outer_optim
@@ -140,6 +141,24 @@ def test_state_round_trip_then_three_more_steps_are_bit_identical(name, transpor
     for a, b in zip(params, fresh):
         assert torch.equal(a, b)
     assert_same_state(opt, joiner)
+
+
+@pytest.mark.parametrize("name", sorted(BUILT_IN))
+def test_a_loaded_state_gives_the_snapshot_and_digest_of_the_state_it_came_from(name):
+    # The digest a peer reports follows its snapshot's tensor order: a joiner must not differ from its source.
+    params = make_params()
+    config = OuterConfig(name=name, lr=0.05)
+    opt = make_outer_optimizer(params, config)
+    for step in range(3):
+        outer_step(opt, params, step)
+    tensors, meta = optimizer_state(opt, NAMES)
+    joiner = make_outer_optimizer([p.clone() for p in params], config)
+    load_optimizer_state(joiner, NAMES, {k: t.clone() for k, t in tensors.items()}, json.loads(json.dumps(meta)))
+    again, _ = optimizer_state(joiner, NAMES)
+    assert list(again) == list(tensors)
+    assert state_digest(StateSnapshot(round_id=3, tensors=again, meta={})) == state_digest(
+        StateSnapshot(round_id=3, tensors=tensors, meta={})
+    )
 
 
 def test_loaded_state_does_not_alias_the_snapshot():
