@@ -110,14 +110,20 @@ def through_torch_save(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[di
     return torch.load(buf, weights_only=True), json.loads(json.dumps(meta, allow_nan=False))
 
 
-@pytest.mark.parametrize("name", sorted(BUILT_IN))
-@pytest.mark.parametrize("transport", ["state-sync", "checkpoint"])
-def test_state_round_trip_then_three_more_steps_are_bit_identical(name, transport, sync_round_trip):
+def stepped_three_rounds(name: str) -> tuple[list[torch.Tensor], OuterConfig, torch.optim.Optimizer]:
+    """Parameters, config and the built-in outer optimizer ``name`` after three rounds of outer_step."""
     params = make_params()
     config = OuterConfig(name=name, lr=0.05)
     opt = make_outer_optimizer(params, config)
     for step in range(3):
         outer_step(opt, params, step)
+    return params, config, opt
+
+
+@pytest.mark.parametrize("name", sorted(BUILT_IN))
+@pytest.mark.parametrize("transport", ["state-sync", "checkpoint"])
+def test_state_round_trip_then_three_more_steps_are_bit_identical(name, transport, sync_round_trip):
+    params, config, opt = stepped_three_rounds(name)
     tensors, meta = optimizer_state(opt, NAMES)
     assert all(k.startswith("outer/") for k in tensors)
     if name != "adagrad":  # adagrad creates every parameter's state up front
@@ -146,11 +152,7 @@ def test_state_round_trip_then_three_more_steps_are_bit_identical(name, transpor
 @pytest.mark.parametrize("name", sorted(BUILT_IN))
 def test_a_loaded_state_gives_the_snapshot_and_digest_of_the_state_it_came_from(name):
     # The digest a peer reports follows its snapshot's tensor order: a joiner must not differ from its source.
-    params = make_params()
-    config = OuterConfig(name=name, lr=0.05)
-    opt = make_outer_optimizer(params, config)
-    for step in range(3):
-        outer_step(opt, params, step)
+    params, config, opt = stepped_three_rounds(name)
     tensors, meta = optimizer_state(opt, NAMES)
     joiner = make_outer_optimizer([p.clone() for p in params], config)
     load_optimizer_state(joiner, NAMES, {k: t.clone() for k, t in tensors.items()}, json.loads(json.dumps(meta)))

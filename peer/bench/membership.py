@@ -212,6 +212,7 @@ def cpu_floor(coordinator_cpu_s: float, client_cpu_s: float, wall_s: float, roun
         "cpu_floor_per_round_s": (coordinator_cpu_s + client_cpu_s) / rounds / cores,
     }
 
+
 def bench_rate_limits(peers: int) -> list[str]:
     """The coordinator's rate-limit options for ``peers`` simulated peers calling from one address.
 
