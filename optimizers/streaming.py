@@ -62,10 +62,15 @@ class StreamingConfig(SyncConfig):
                 f"sync_every ({self.sync_every}) must be at least fragments ({self.fragments}): "
                 "each fragment syncs once per sync_every steps"
             )
-        if not 0 <= self.overlap < self.sync_every // self.fragments:
+        if self.overlap < 0:
+            raise ConfigError(f"overlap must be 0 or more, got {self.overlap}")
+        if self.overlap >= self.sync_every // self.fragments:
+            # Say both ways out: most users meet this by lowering sync_every and keeping the other defaults.
             raise ConfigError(
                 f"overlap ({self.overlap}) must be below sync_every/fragments ({self.sync_every // self.fragments}): "
-                "a fragment's round must end before the next fragment's starts"
+                "a fragment's round must end before the next fragment's starts; set overlap to at most "
+                f"{max(0, self.sync_every // self.fragments - 1)} or sync_every to at least "
+                f"{(self.overlap + 1) * self.fragments}"
             )
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")

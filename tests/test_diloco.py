@@ -190,6 +190,19 @@ def test_overlap_must_end_before_the_next_fragment_starts():
         StreamingConfig(sync_every=8, fragments=4, overlap=2)
 
 
+def test_a_too_long_overlap_is_refused_with_both_ways_out():
+    # sync_every 10 over 4 fragments leaves 2 steps between fragments: overlap 1 fits, or sync_every 24 for 5.
+    with pytest.raises(ConfigError, match="set overlap to at most 1 or sync_every to at least 24"):
+        StreamingConfig(sync_every=10, fragments=4, overlap=5)
+    StreamingConfig(sync_every=10, fragments=4, overlap=1)
+    StreamingConfig(sync_every=24, fragments=4, overlap=5)
+
+
+def test_a_negative_overlap_is_refused():
+    with pytest.raises(ConfigError, match="overlap must be 0 or more, got -1"):
+        StreamingConfig(sync_every=8, fragments=4, overlap=-1)
+
+
 def test_state_dict_round_trip_restores_global_state_and_counters():
     a = model()
     opt = DiLoCo(a, torch.optim.AdamW(a.parameters(), lr=1e-2), LocalPeer(), sync_every=3)
