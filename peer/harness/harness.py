@@ -20,7 +20,7 @@ import signal
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +58,33 @@ log = logging.getLogger(__name__)
 
 class ScenarioTimeout(LoconetError):
     """A harness run did not finish in its time limit."""
+
+
+class ScenarioStuck(LoconetError):
+    """The peers still running all wait for the run's state, and nothing left in the scenario can bring it back."""
+
+
+# How often the harness asks the coordinator whether the running peers only wait for the run's state, and how many
+# answers in a row must say so: a holder restarting or a peer about to register changes it within seconds.
+STUCK_CHECK_S = 2.0
+STUCK_CHECKS = 3
+
+
+def never_due(pending: Sequence[Event], running: bool, restoring: bool) -> bool:
+    """Whether the pending events can never happen: there are some, all wait for rounds or syncs, and no peer runs
+    or is about to start again (rounds and syncs come only from running peers; a timed event comes anyway)."""
+    return bool(pending) and not running and not restoring and all(e.at.seconds is None for e in pending)
+
+
+def stuck_waiters(running: Iterable[str], status: dict | None) -> tuple[list[str], str]:
+    """The running peers' names and the coordinator's reason when every one of them waits for the run's state and
+    no live peer is registered (nobody can serve it); ([], "") otherwise."""
+    names = sorted(running)
+    waiting = (status or {}).get("waiting")
+    if not names or not waiting or status["summary"]["peers_alive"] > 0:
+        return [], ""
+    waiters = {w["name"] for w in waiting["peers"]}
+    return (names, waiting["reason"]) if waiters.issuperset(names) else ([], "")
 
 
 @dataclass(frozen=True)
@@ -448,6 +475,7 @@ class Harness:
     def _loop(self) -> None:
         deadline = self._started + self.config.timeout_s
         display = _Display(self.config.progress)
+        next_check, stuck_answers = 0.0, 0
         try:
             while time.monotonic() < deadline:
                 now = time.monotonic()
@@ -464,8 +492,26 @@ class Harness:
                     p for n, p in self.peers.items()
                     if n not in gated and p.alive and not any(e["event"] == "finished" for e in p.events)
                 ]
-                if not running and not self.pending and all(f.restore_at is None for f in self.fired):
+                restoring = any(f.restore_at is not None for f in self.fired)
+                settled = not self.pending and not restoring
+                if not running and settled:
                     return
+                if never_due(self.pending, bool(running), restoring):
+                    raise ScenarioStuck(
+                        f"the peers finished before {', '.join(map(str, self.pending))} could happen "
+                        f"({len(rounds)} round(s) committed); give them more --steps, or set the events earlier"
+                    )
+                if settled and now >= next_check:
+                    # Peers that wait for a state nobody left in the scenario holds would wait until the timeout.
+                    next_check = now + STUCK_CHECK_S
+                    stuck, reason = stuck_waiters([p.name for p in running], self._status())
+                    stuck_answers = stuck_answers + 1 if stuck else 0
+                    if stuck_answers >= STUCK_CHECKS:
+                        raise ScenarioStuck(
+                            f"{', '.join(stuck)} wait{'s' if len(stuck) == 1 else ''} for the run's state and no other "
+                            f"peer of the scenario is left to serve it ({reason}); give the others more steps or "
+                            f"bring a holder back with an event; logs in {self.workdir}"
+                        )
                 time.sleep(0.1)
             raise ScenarioTimeout(
                 f"the scenario did not finish within {self.config.timeout_s:g} s; raise --timeout, or see the "

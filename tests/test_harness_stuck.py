@@ -1,0 +1,77 @@
+"""A harness scenario that cannot finish ends at once with the reason, instead of waiting for its time limit.
+
+Two ways a scenario cannot finish: its pending events wait for rounds or syncs after every peer has finished, or
+the peers still running all wait for a state that no peer of the scenario is left to serve.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from peer.harness.harness import ScenarioStuck, never_due, stuck_waiters
+from peer.harness.scenario import parse_event
+from peer.runtime.training import TrainConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from support.scenarios import run_scenario
+
+pytestmark = pytest.mark.timeout(300)
+
+ROUND = parse_event("kill:peer1@round3")
+SYNC = parse_event("kill:peer1@sync2")
+TIMED = parse_event("join@30s")
+
+
+@pytest.mark.parametrize(
+    ("pending", "running", "restoring", "never"),
+    [
+        ((), False, False, False),  # nothing pending: the scenario is over
+        ((ROUND,), False, False, True),  # nobody left to commit a round
+        ((SYNC,), False, False, True),
+        ((ROUND, SYNC), False, False, True),
+        ((ROUND,), True, False, False),  # a running peer may still commit it
+        ((ROUND,), False, True, False),  # a stopped peer starts again soon
+        ((TIMED,), False, False, False),  # a timed event comes anyway
+        ((ROUND, TIMED), False, False, False),  # and may start a peer that commits the round
+    ],
+)
+def test_events_never_due(pending, running, restoring, never):
+    assert never_due(pending, running, restoring) is never
+
+
+def status(alive: int, waiting: list[str] | None, reason: str = "no live peer holds it") -> dict:
+    doc = {"summary": {"peers_alive": alive}, "waiting": None}
+    if waiting is not None:
+        doc["waiting"] = {"since": 0.0, "reason": reason, "peers": [{"name": n, "address": "", "peer_id": "", "since": 0.0}
+                                                                   for n in waiting]}
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("running", "doc", "stuck"),
+    [
+        (["peer1"], status(0, ["peer1"]), (["peer1"], "no live peer holds it")),
+        (["peer2", "peer1"], status(0, ["peer1", "peer2"]), (["peer1", "peer2"], "no live peer holds it")),
+        (["peer1", "peer2"], status(0, ["peer1"]), ([], "")),  # peer2 still trains: it may finish the run
+        (["peer1"], status(1, ["peer1"]), ([], "")),  # a registered peer may serve the state
+        (["peer1"], status(0, None), ([], "")),  # nobody waits
+        ([], status(0, ["peer1"]), ([], "")),  # nothing running is stuck
+        (["peer1"], None, ([], "")),  # no answer from the coordinator (restarting): not stuck
+    ],
+)
+def test_stuck_waiters(running, doc, stuck):
+    assert stuck_waiters(running, doc) == stuck
+
+
+def test_a_peer_back_after_the_run_ended_without_it_ends_the_scenario_with_why(tmp_path):
+    # peer1 stops at round 2 for 6 s; peer0 trains alone to its end and leaves; peer1 returns holding round 2 while
+    # the run committed later rounds, so it waits for a holder that no peer of the scenario can be any more.
+    # The test's own timeout stands for "not the harness's time limit" (1,800 s).
+    with pytest.raises(ScenarioStuck, match=r"peer1 waits for the run's state .* no live peer holds it"):
+        run_scenario(
+            "stop:peer1@round2,for=6s", peers=2, workdir=tmp_path,
+            train=TrainConfig.of("diloco", steps=60, sync_every=10, round_timeout_s=10),
+        )
