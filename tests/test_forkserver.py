@@ -151,14 +151,6 @@ def test_only_loconet_commands_without_start_up_environment_are_forked():
         assert not forkable([*CLI, "peer"], {**env, name: "x"})
 
 
-def test_a_verbose_command_is_exec_ed_so_that_grpc_core_logs_show():
-    # The server imported gRPC with its logs off; only a fresh interpreter reads GRPC_VERBOSITY again.
-    env = {"PATH": "/usr/bin"}
-    for flag in ("-v", "-vv", "--verbose"):
-        assert not forkable([*CLI, "peer", flag], env)
-    assert forkable([*CLI, "peer", "-q"], env)
-
-
 def test_a_proc_is_exec_ed_when_the_fork_server_is_switched_off(tmp_path, monkeypatch):
     monkeypatch.setenv(FORK_SERVER_ENV, "0")
     p = Proc([*CLI, "coordinator", "--help"], tmp_path / "help.log")

@@ -78,8 +78,6 @@ FORK_SERVER_ENV = "LOCONET_FORK_SERVER"
 # Read once, when gRPC is imported (GRPC_*) or the interpreter starts (PYTHONHASHSEED): a child forked from the
 # server would not see them, so a child whose environment sets one is exec'ed.
 _IMPORT_TIME_ENV = ("GRPC_VERBOSITY", "GRPC_TRACE", "PYTHONHASHSEED")
-# A verbose command shows gRPC core's own log lines, which the server (imported quiet) no longer can: exec'ed too.
-_VERBOSE_ARGS = ("-v", "-vv", "--verbose")
 
 
 class _SharedForkServer:
@@ -133,12 +131,11 @@ atexit.register(FORKS.close)
 
 
 def forkable(args: list[str], env: dict[str, str]) -> bool:
-    """Whether a child can be forked from the server: it is ``python -m peer.cli ...``, not verbose, with no
-    environment that only an interpreter's start-up reads."""
+    """Whether a child can be forked from the server: it is ``python -m peer.cli ...`` with no environment that
+    only an interpreter's start-up reads."""
     return (sys.platform.startswith("linux") and args[:3] == [sys.executable, "-m", "peer.cli"]
             and env.get(FORK_SERVER_ENV) != "0"
-            and not any(name in env for name in _IMPORT_TIME_ENV)
-            and not any(arg in _VERBOSE_ARGS for arg in args[3:]))
+            and not any(name in env for name in _IMPORT_TIME_ENV))
 
 
 class Proc:
