@@ -1,7 +1,7 @@
 """A harness scenario that cannot finish ends at once with the reason, instead of waiting for its time limit.
 
 Two ways a scenario cannot finish: its pending events wait for rounds or syncs after every peer has finished, or
-the peers still running all wait for a state that no peer of the scenario is left to serve.
+the peers still running are all joining and wait for a state that no peer of the scenario is left to serve.
 """
 
 from __future__ import annotations
@@ -51,19 +51,19 @@ def status(alive: int, waiting: list[str] | None, reason: str = "no live peer ho
 
 
 @pytest.mark.parametrize(
-    ("running", "doc", "stuck"),
+    ("joining", "doc", "stuck"),
     [
         (["peer1"], status(0, ["peer1"]), (["peer1"], "no live peer holds it")),
         (["peer2", "peer1"], status(0, ["peer1", "peer2"]), (["peer1", "peer2"], "no live peer holds it")),
-        (["peer1", "peer2"], status(0, ["peer1"]), ([], "")),  # peer2 still trains: it may finish the run
+        (["peer1", "peer2"], status(0, ["peer1"]), ([], "")),  # peer2 is not waiting
         (["peer1"], status(1, ["peer1"]), ([], "")),  # a registered peer may serve the state
         (["peer1"], status(0, None), ([], "")),  # nobody waits
-        ([], status(0, ["peer1"]), ([], "")),  # nothing running is stuck
+        ([], status(0, ["peer1"]), ([], "")),  # nobody joining
         (["peer1"], None, ([], "")),  # no answer from the coordinator (restarting): not stuck
     ],
 )
-def test_stuck_waiters(running, doc, stuck):
-    assert stuck_waiters(running, doc) == stuck
+def test_stuck_waiters(joining, doc, stuck):
+    assert stuck_waiters(joining, doc) == stuck
 
 
 def test_a_peer_back_after_the_run_ended_without_it_ends_the_scenario_with_why(tmp_path):

@@ -76,10 +76,10 @@ def never_due(pending: Sequence[Event], running: bool, restoring: bool) -> bool:
     return bool(pending) and not running and not restoring and all(e.at.seconds is None for e in pending)
 
 
-def stuck_waiters(running: Iterable[str], status: dict | None) -> tuple[list[str], str]:
-    """The running peers' names and the coordinator's reason when every one of them waits for the run's state and
+def stuck_waiters(joining: Iterable[str], status: dict | None) -> tuple[list[str], str]:
+    """The joining peers' names and the coordinator's reason when every one of them waits for the run's state and
     no live peer is registered (nobody can serve it); ([], "") otherwise."""
-    names = sorted(running)
+    names = sorted(joining)
     waiting = (status or {}).get("waiting")
     if not names or not waiting or status["summary"]["peers_alive"] > 0:
         return [], ""
@@ -501,10 +501,12 @@ class Harness:
                         f"the peers finished before {', '.join(map(str, self.pending))} could happen "
                         f"({len(rounds)} round(s) committed); give them more --steps, or set the events earlier"
                     )
-                if settled and now >= next_check:
-                    # Peers that wait for a state nobody left in the scenario holds would wait until the timeout.
+                # Peers still joining (no "joined" yet): one that waits for a state nobody left in the scenario holds
+                # would wait until the timeout. (A member that fell behind waits for it too, but trains on to its end.)
+                joining = [p.name for p in running if not any(e["event"] == "joined" for e in p.events)]
+                if settled and joining and len(joining) == len(running) and now >= next_check:
                     next_check = now + STUCK_CHECK_S
-                    stuck, reason = stuck_waiters([p.name for p in running], self._status())
+                    stuck, reason = stuck_waiters(joining, self._status())
                     stuck_answers = stuck_answers + 1 if stuck else 0
                     if stuck_answers >= STUCK_CHECKS:
                         raise ScenarioStuck(
