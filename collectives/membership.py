@@ -46,6 +46,7 @@ import grpc
 
 from collectives.addresses import coordinator_address
 from collectives.errors import LoconetError, RoundFailed
+from collectives.rpc import call_metadata
 from collectives.sampling import check_sample, sample_size
 from collectives.session import RETRY_AFTER_MS, SESSION_RPCS, CoordinatorSession, SessionUnsupported
 from collectives.transport import Transport
@@ -320,7 +321,10 @@ class MembershipClient:
         self._known_members = KnownMembers()
         # Heartbeat, Quorum and Commit go as messages on one stream (collectives/session.py), when the coordinator
         # has it; the other calls, and every call to an older coordinator, are calls of their own.
-        self.session = CoordinatorSession(lambda: self.transport.channel(self.config.coordinator))
+        self.session = CoordinatorSession(
+            lambda: self.transport.channel(self.config.coordinator),
+            lambda method: call_metadata(self.transport.auth, method, self.config.coordinator),
+        )
 
     @property
     def stub(self) -> pb_grpc.CoordinatorStub:

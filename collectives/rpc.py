@@ -271,8 +271,9 @@ def make_channel(
     auth: CallAuth | None = None,
     extra_options: Sequence[tuple[str, int]] = (),
 ) -> grpc.aio.Channel:
-    """An asyncio channel to address (create it on the loop that uses it); with auth, every call carries its
-    credential. extra_options: gRPC channel arguments added to the usual ones."""
+    """An asyncio channel to address (create it on the loop that uses it); with auth, every call that does not stream
+    requests carries its credential (those take ``call_metadata``). extra_options: gRPC channel arguments added to
+    the usual ones."""
     options = [*channel_options(settings, own_connection), *extra_options]
     credentials = settings.security.channel_credentials()
     interceptors = None if auth is None else [cls(auth, address) for cls in _AIO_AUTH_INTERCEPTORS]
@@ -378,17 +379,17 @@ class _AuthUnaryStream(_AuthClient, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(client_call_details), request)
 
 
-class _AuthStreamUnary(_AuthClient, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return await continuation(self._details(client_call_details), request_iterator)
+# Calls that stream requests take their credential as call metadata (call_metadata) instead: grpc.aio feeds the
+# writes of an intercepted request stream through a generator whose task stays pending when the call ends before
+# done_writing (the other side gone, a refusal), and asyncio logs "Task was destroyed but it is pending!" for each
+# when the call is collected (seen at every coordinator restart of a run with a run secret).
+_AIO_AUTH_INTERCEPTORS = (_AuthUnaryUnary, _AuthUnaryStream)
 
 
-class _AuthStreamStream(_AuthClient, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return await continuation(self._details(client_call_details), request_iterator)
-
-
-_AIO_AUTH_INTERCEPTORS = (_AuthUnaryUnary, _AuthUnaryStream, _AuthStreamUnary, _AuthStreamStream)
+def call_metadata(auth: CallAuth | None, method: str, target: str) -> list[tuple[str, str | bytes]] | None:
+    """The credential metadata of one request-streaming call of method to target (None without auth): make_channel's
+    interceptors add it to every other call."""
+    return None if auth is None else auth.metadata(method, target)
 
 
 class _BlockingDetails(grpc.ClientCallDetails):

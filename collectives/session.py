@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 SESSION_METHOD = "/{}/Session".format(pb.DESCRIPTOR.services_by_name["Coordinator"].full_name)
 # The calls a Session carries -> their field in SessionCall and SessionReply.
 SESSION_RPCS = {"Heartbeat": "heartbeat", "Quorum": "quorum", "Commit": "commit"}
+# Call metadata: (key, value) pairs.
+Metadata = list[tuple[str, str | bytes]]
 # A coordinator refusing a call for its client's rate says in this trailing metadata key when to try again (ms).
 RETRY_AFTER_MS = "loconet-retry-after-ms"
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -75,8 +77,13 @@ def _expire(answer: asyncio.Future) -> None:
 class CoordinatorSession:
     """One peer's Session stream, opened on first use and again after it breaks (use on one event loop)."""
 
-    def __init__(self, channel: Callable[[], grpc.aio.Channel]) -> None:
+    def __init__(
+        self, channel: Callable[[], grpc.aio.Channel], metadata: Callable[[str], Metadata | None] = lambda method: None
+    ) -> None:
+        """``metadata(method)``: the stream's credential metadata (rpc.call_metadata; a channel's interceptors do not
+        add it to a request stream)."""
         self._channel = channel
+        self._metadata = metadata
         # False once the coordinator said it has no Session method.
         self.supported = True
         # Streams opened so far (more than one: the stream broke, or was reset after a join).
@@ -152,7 +159,7 @@ class CoordinatorSession:
     async def _connect(self) -> None:
         stream = self._channel().stream_stream(
             SESSION_METHOD, request_serializer=identity, response_deserializer=identity
-        )()
+        )(metadata=self._metadata(SESSION_METHOD))
         try:
             # The coordinator's first reply (call_id 0, nothing else) says it took the stream on; a refusal (the run
             # secret, the rate, no such method) is the stream's only answer. Writing before knowing which can turn

@@ -52,6 +52,7 @@ from collectives.rpc import (
     RpcSecurity,
     RpcSettings,
     bind,
+    call_metadata,
     health_check,
     make_channel,
     make_server,
@@ -496,7 +497,7 @@ class Transport:
         if first is not None and self._send_bucket is not None:
             await self._send_bucket.acquire(len(first))
         call = self.channel(address).stream_unary(method, request_serializer=identity, response_deserializer=identity)(
-            timeout=max(deadline - time.monotonic(), 0.001)
+            timeout=max(deadline - time.monotonic(), 0.001), metadata=call_metadata(self.auth, method, address)
         )
         accepted = asyncio.ensure_future(call.initial_metadata())
         try:

@@ -36,6 +36,15 @@ def test_coordinator_restart(tmp_path):
     assert_healthy(report, alive=3)
 
 
+def test_a_run_with_a_run_secret_goes_through_a_coordinator_restart_and_leaves_no_task_pending(tmp_path):
+    # Every Session stream breaks at the restart: with a run secret, grpc.aio's interceptor used to leave a task
+    # pending per broken stream, which asyncio logged as destroyed (now the credential goes as call metadata).
+    report, _ = run_scenario("restart-coordinator@round3", workdir=tmp_path, token=True)
+    assert_healthy(report, alive=3)
+    for log in sorted(tmp_path.glob("peer*.log")):
+        assert "Task was destroyed" not in log.read_text(), log.name
+
+
 def test_a_late_joiner_of_a_run_with_an_adam_outer_optimizer_continues_bit_identically(tmp_path):
     # The late joiner's scenario: it fetches the run's state (Adam's moments included) and takes part.
     adam = OuterConfig(name="adam", lr=0.02)

@@ -17,7 +17,7 @@ import pytest
 
 from collectives.credentials import CallAuth
 from collectives.membership import RETRY_CODES, MembershipClient, MembershipConfig
-from collectives.rpc import COORDINATOR_SETTINGS, RpcSecurity, make_channel
+from collectives.rpc import COORDINATOR_SETTINGS, RpcSecurity, call_metadata, make_channel
 from collectives.session import RETRY_AFTER_MS, SESSION_METHOD, CoordinatorSession, SessionUnsupported
 from collectives.transport import Transport, TransportConfig
 from peer.coordinator.config import CoordinatorConfig
@@ -78,7 +78,7 @@ class Peer:
 
     def __init__(self, address: str, auth: CallAuth | None = None) -> None:
         self.channel = make_channel(address, COORDINATOR_SETTINGS, own_connection=True, auth=auth)
-        self.session = CoordinatorSession(lambda: self.channel)
+        self.session = CoordinatorSession(lambda: self.channel, lambda method: call_metadata(auth, method, address))
         self.auth = auth
         self.peer_id = ""
 
@@ -391,6 +391,25 @@ def test_a_session_cannot_speak_for_another_peer_than_its_credentials(secured):
     assert "not" in forged.details()
     assert known
     assert secured.status()["refusals"]["forged-identity"] == 1
+
+
+def test_a_session_the_coordinator_ends_leaves_no_task_behind_with_a_run_secret(secured):
+    # grpc.aio feeds an intercepted request stream through a task of its own, which stayed pending when the other
+    # side ended the call (asyncio then logged "Task was destroyed but it is pending!" at collection): the stream
+    # carries its credential as call metadata instead, and has no such task.
+    async def scenario():
+        a = await Peer(secured.address, CallAuth(SECRET, RUN)).join("10.0.0.1:1")
+        b = await Peer(secured.address, CallAuth(SECRET, RUN)).join("10.0.0.2:1")
+        try:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await b.session.call("Heartbeat", heartbeat(a.peer_id), 5)  # forged: the coordinator ends the stream
+            await asyncio.sleep(0.1)
+            return [t for t in asyncio.all_tasks() if "request_iterator" in repr(t.get_coro())]
+        finally:
+            await a.close()
+            await b.close()
+
+    assert run(scenario()) == []
 
 
 def test_a_session_without_the_runs_secret_is_refused_as_it_opens(secured):
