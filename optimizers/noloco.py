@@ -205,7 +205,7 @@ class NoLoCoConfig(DiLoCoConfig):
     @property
     def step_rule(self) -> NoLoCoStep:
         """The outer step's coefficients: α = outer momentum, β = outer lr, γ = pull."""
-        return NoLoCoStep(alpha=self.outer.momentum, beta=self.outer.lr, gamma=self.pull)
+        return NoLoCoStep(alpha=self.outer.momentum, beta=self.outer.resolved_lr, gamma=self.pull)
 
     def expected_quorum(self) -> str | None:
         """``buffer:K`` when rounds take the ready peers; None (every live peer: ``all``) otherwise."""

@@ -20,14 +20,14 @@ import hashlib
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from collectives.errors import ConfigError
 from collectives.statesync import ALLOWED_DTYPES
-from optimizers.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from optimizers.fedopt import FLOWER_DEFAULTS, FedAdagrad, FedAdam, FedAvgM, FedYogi
 from optimizers.yogi import Yogi
 
 OuterFactory = Callable[[list[torch.Tensor], "OuterConfig"], torch.optim.Optimizer]
@@ -89,6 +89,24 @@ OUTER_OPTIMIZERS: dict[str, OuterFactory] = {
     "fedadagrad": _fedadagrad,
     "fedavgm": _fedavgm,
 }
+# Each optimizer's learning rate when the config names none. 0.7 is DiLoCo's for SGD with Nesterov momentum. An
+# adaptive optimizer moves every coordinate by about lr per step whatever the pseudo-gradient's size, so it needs a
+# far smaller one: Adam at 0.7 took the synthetic LM's eval loss from 4.2 to 164 (BENCHMARKS.md). Flower's server
+# optimizers take Flower's defaults.
+# Adam's outer lr measured best of 0.003-0.1 (`loconet bench diloco --outer-optimizer adam --outer-lr X`: eval loss
+# 1.806, 1.766, 1.857, 2.743 at 0.003, 0.01, 0.03, 0.1; SGD's default 1.763).
+ADAPTIVE_LR = 0.01
+OUTER_LR: dict[str, float] = {
+    "sgd": 0.7,
+    "adam": ADAPTIVE_LR,
+    "adamw": ADAPTIVE_LR,
+    "adagrad": ADAPTIVE_LR,
+    "yogi": ADAPTIVE_LR,
+    "fedadam": FLOWER_DEFAULTS["fedadam"]["eta"],
+    "fedyogi": FLOWER_DEFAULTS["fedyogi"]["eta"],
+    "fedadagrad": FLOWER_DEFAULTS["fedadagrad"]["eta"],
+    "fedavgm": FLOWER_DEFAULTS["fedavgm"]["server_learning_rate"],
+}
 # Flower's server optimizers have no weight decay; a config asking for one is refused, not ignored.
 WITHOUT_WEIGHT_DECAY = frozenset({"fedadam", "fedyogi", "fedadagrad", "fedavgm"})
 
@@ -118,11 +136,11 @@ class OuterConfig:
             "flag": "optimizer",
         },
     )
-    lr: float = field(
-        default=0.7,
+    lr: float | None = field(
+        default=None,
         metadata={
-            "help": "outer learning rate (Flower's eta; fedavgm: server_learning_rate); 0.7 suits sgd, "
-            "adaptive ones (adam, yogi...) need a far smaller one"
+            "help": "outer learning rate (Flower's eta; fedavgm: server_learning_rate); default: the optimizer's "
+            "own (sgd 0.7; adam, adamw, adagrad, yogi 0.01; Flower's for fedadam, fedyogi, fedadagrad, fedavgm)"
         },
     )
     momentum: float = field(default=0.7, metadata={"help": "outer momentum in [0, 1) (sgd; fedavgm: server_momentum)"})
@@ -147,7 +165,7 @@ class OuterConfig:
                 f"unknown outer optimizer {self.name!r}; registered: {', '.join(sorted(OUTER_OPTIMIZERS))} "
                 "(plugins register theirs with register_outer_optimizer before building the config)"
             )
-        if not _is_number(self.lr) or self.lr <= 0:
+        if self.lr is not None and (not _is_number(self.lr) or self.lr <= 0):
             raise ConfigError(f"outer lr must be a positive finite number, got {self.lr!r}")
         if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
             raise ConfigError(f"outer momentum must be in [0, 1), got {self.momentum!r}")
@@ -170,8 +188,16 @@ class OuterConfig:
             )
 
 
-def register_outer_optimizer(name: str, factory: OuterFactory) -> None:
-    """Make ``factory(params, config)`` available as ``OuterConfig(name=name)``; re-registering it is a no-op."""
+    @property
+    def resolved_lr(self) -> float:
+        """The learning rate: the config's, else the optimizer's own (OUTER_LR)."""
+        return self.lr if self.lr is not None else OUTER_LR.get(self.name, OUTER_LR["sgd"])
+
+
+def register_outer_optimizer(name: str, factory: OuterFactory, lr: float | None = None) -> None:
+    """Make ``factory(params, config)`` available as ``OuterConfig(name=name)``; re-registering it is a no-op.
+
+    ``lr``: its learning rate when a config names none (None: SGD's). The factory always gets a config with one."""
     if not isinstance(name, str) or not name or name != name.strip():
         raise ConfigError(f"an outer optimizer's name must be a non-empty string without outer spaces, got {name!r}")
     if not callable(factory):
@@ -179,6 +205,10 @@ def register_outer_optimizer(name: str, factory: OuterFactory) -> None:
     known = OUTER_OPTIMIZERS.get(name)
     if known is not None and known is not factory:
         raise ConfigError(f"outer optimizer {name!r} is already registered with another factory; pick another name")
+    if lr is not None:
+        if not _is_number(lr) or lr <= 0:
+            raise ConfigError(f"the default lr of outer optimizer {name!r} must be a positive finite number, got {lr!r}")
+        OUTER_LR[name] = float(lr)
     OUTER_OPTIMIZERS[name] = factory
 
 
@@ -190,7 +220,7 @@ def make_outer_optimizer(params: Sequence[torch.Tensor], config: OuterConfig) ->
             f"outer optimizer {config.name!r} is no longer registered; "
             f"registered: {', '.join(sorted(OUTER_OPTIMIZERS))}"
         )
-    opt = factory(list(params), config)
+    opt = factory(list(params), replace(config, lr=config.resolved_lr))
     if not isinstance(opt, torch.optim.Optimizer):
         raise ConfigError(
             f"the factory of outer optimizer {config.name!r} returned {type(opt).__name__}, not a torch.optim.Optimizer"

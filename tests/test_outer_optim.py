@@ -317,10 +317,33 @@ def test_sgd_is_nesterov_only_with_momentum():
 
 def test_defaults_are_diloco_sgd():
     c = OuterConfig()
-    assert (c.name, c.lr, c.momentum, c.nesterov, c.betas, c.eps, c.weight_decay) == (
+    assert (c.name, c.resolved_lr, c.momentum, c.nesterov, c.betas, c.eps, c.weight_decay) == (
         "sgd", 0.7, 0.7, True, (0.9, 0.99), 1e-8, 0.0
     )
     assert all(f.metadata.get("help") for f in OuterConfig.__dataclass_fields__.values())
+
+
+@pytest.mark.parametrize(
+    "name, lr",
+    [
+        ("sgd", 0.7),
+        ("adam", outer_optim.ADAPTIVE_LR),
+        ("adamw", outer_optim.ADAPTIVE_LR),
+        ("adagrad", outer_optim.ADAPTIVE_LR),
+        ("yogi", outer_optim.ADAPTIVE_LR),
+        ("fedadam", 0.1),  # Flower's eta
+        ("fedyogi", 0.01),
+        ("fedadagrad", 0.1),
+        ("fedavgm", 1.0),  # Flower's server_learning_rate
+    ],
+)
+def test_a_config_without_lr_takes_its_optimizers_own(name, lr):
+    # DiLoCo's 0.7 moves every coordinate of an adaptive optimizer by ~0.7 a round: Adam diverged with it.
+    config = OuterConfig(name=name)
+    assert config.lr is None and config.resolved_lr == lr
+    group = make_outer_optimizer(make_params(), config).param_groups[0]
+    assert group[next(k for k in ("lr", "eta", "server_learning_rate") if k in group)] == lr
+    assert OuterConfig(name=name, lr=0.05).resolved_lr == 0.05
 
 
 @pytest.mark.parametrize(
@@ -357,7 +380,17 @@ def sign_sgd(params: list[torch.Tensor], config: OuterConfig) -> torch.optim.Opt
 def registry(monkeypatch):
     """A copy of the registry for one test, so plugins registered by a test do not leak into others."""
     monkeypatch.setattr(outer_optim, "OUTER_OPTIMIZERS", dict(OUTER_OPTIMIZERS))
+    monkeypatch.setattr(outer_optim, "OUTER_LR", dict(outer_optim.OUTER_LR))
     return outer_optim.OUTER_OPTIMIZERS
+
+
+def test_a_registered_optimizer_takes_the_default_lr_it_was_registered_with_else_sgds(registry):
+    register_outer_optimizer("signsgd", sign_sgd, lr=0.001)
+    register_outer_optimizer("plain", sign_sgd)
+    assert OuterConfig(name="signsgd").resolved_lr == 0.001
+    assert OuterConfig(name="plain").resolved_lr == OuterConfig().resolved_lr == 0.7
+    with pytest.raises(ConfigError, match="default lr of outer optimizer 'bad' must be a positive"):
+        register_outer_optimizer("bad", sign_sgd, lr=0.0)
 
 
 def test_a_registered_toy_optimizer_is_built_from_config(registry):
