@@ -498,8 +498,8 @@ class Harness:
                     return
                 if never_due(self.pending, bool(running), restoring):
                     raise ScenarioStuck(
-                        f"the peers finished before {', '.join(map(str, self.pending))} could happen "
-                        f"({len(rounds)} round(s) committed); give them more --steps, or set the events earlier"
+                        f"no peer runs any more, so {', '.join(map(str, self.pending))} cannot happen "
+                        f"({len(rounds)} round(s) committed); give the peers more --steps, or set the events earlier"
                     )
                 # Peers still joining (no "joined" yet): one that waits for a state nobody left in the scenario holds
                 # would wait until the timeout. (A member that fell behind waits for it too, but trains on to its end.)
