@@ -150,3 +150,35 @@ def test_without_advertise_the_bound_address_is_reported():
 def test_a_bad_advertise_is_refused_by_the_config(advertise):
     with pytest.raises(ConfigError, match="--advertise"):
         TransportConfig(advertise=advertise)
+
+
+def test_close_lets_cancelled_tasks_and_async_generators_unwind_before_the_loop_stops():
+    # A handler still running at close (a stream held open by a stuck caller) needs loop turns to unwind once
+    # cancelled; stopped before that, asyncio logged it as "Task was destroyed but it is pending!" at exit.
+    transport = Transport(TransportConfig())
+    transport.start()
+    unwound: list[str] = []
+
+    async def numbers():
+        try:
+            while True:
+                yield 1
+        finally:
+            await asyncio.sleep(0)
+            unwound.append("generator")
+
+    async def handler():
+        stream = numbers()
+        await anext(stream)  # suspended inside the generator, as a handler reading its request stream
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            unwound.append("task")
+
+    task = transport.submit(handler())
+    transport.submit(asyncio.sleep(0.05)).result(timeout=10)  # the handler is now waiting
+    transport.close()
+    assert task.cancelled()
+    assert sorted(unwound) == ["generator", "task"]
