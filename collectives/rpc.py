@@ -386,7 +386,11 @@ class _AuthUnaryStream(_AuthClient, grpc.aio.UnaryStreamClientInterceptor):
 _AIO_AUTH_INTERCEPTORS = (_AuthUnaryUnary, _AuthUnaryStream)
 
 
-def call_metadata(auth: CallAuth | None, method: str, target: str) -> list[tuple[str, str | bytes]] | None:
+# Call metadata: (key, value) pairs.
+Metadata = list[tuple[str, str | bytes]]
+
+
+def call_metadata(auth: CallAuth | None, method: str, target: str) -> Metadata | None:
     """The credential metadata of one request-streaming call of method to target (None without auth): make_channel's
     interceptors add it to every other call."""
     return None if auth is None else auth.metadata(method, target)

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from collectives.rpc import Metadata
 from collectives.transport import identity
 from protos import membership_pb2 as pb
 
@@ -40,8 +41,6 @@ log = logging.getLogger(__name__)
 SESSION_METHOD = "/{}/Session".format(pb.DESCRIPTOR.services_by_name["Coordinator"].full_name)
 # The calls a Session carries -> their field in SessionCall and SessionReply.
 SESSION_RPCS = {"Heartbeat": "heartbeat", "Quorum": "quorum", "Commit": "commit"}
-# Call metadata: (key, value) pairs.
-Metadata = list[tuple[str, str | bytes]]
 # A coordinator refusing a call for its client's rate says in this trailing metadata key when to try again (ms).
 RETRY_AFTER_MS = "loconet-retry-after-ms"
 _CODES = {code.value[0]: code for code in grpc.StatusCode}

@@ -64,13 +64,13 @@ class StreamingConfig(SyncConfig):
             )
         if self.overlap < 0:
             raise ConfigError(f"overlap must be 0 or more, got {self.overlap}")
-        if self.overlap >= self.sync_every // self.fragments:
+        gap = self.sync_every // self.fragments  # inner steps from one fragment's round to the next one's
+        if self.overlap >= gap:
             # Say both ways out: most users meet this by lowering sync_every and keeping the other defaults.
             raise ConfigError(
-                f"overlap ({self.overlap}) must be below sync_every/fragments ({self.sync_every // self.fragments}): "
+                f"overlap ({self.overlap}) must be below sync_every/fragments ({gap}): "
                 "a fragment's round must end before the next fragment's starts; set overlap to at most "
-                f"{max(0, self.sync_every // self.fragments - 1)} or sync_every to at least "
-                f"{(self.overlap + 1) * self.fragments}"
+                f"{max(0, gap - 1)} or sync_every to at least {(self.overlap + 1) * self.fragments}"
             )
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")

@@ -61,7 +61,8 @@ class ScenarioTimeout(LoconetError):
 
 
 class ScenarioStuck(LoconetError):
-    """The peers still running all wait for the run's state, and nothing left in the scenario can bring it back."""
+    """A harness run cannot finish: its pending events can never happen, or the peers still joining all wait for a
+    state that nothing left in the scenario can bring back."""
 
 
 # How often the harness asks the coordinator whether the running peers only wait for the run's state, and how many
@@ -501,12 +502,14 @@ class Harness:
                         f"no peer runs any more, so {', '.join(map(str, self.pending))} cannot happen "
                         f"({len(rounds)} round(s) committed); give the peers more --steps, or set the events earlier"
                     )
-                # Peers still joining (no "joined" yet): one that waits for a state nobody left in the scenario holds
-                # would wait until the timeout. (A member that fell behind waits for it too, but trains on to its end.)
-                joining = [p.name for p in running if not any(e["event"] == "joined" for e in p.events)]
-                if settled and joining and len(joining) == len(running) and now >= next_check:
+                if settled and running and now >= next_check:
+                    # Peers still joining (no "joined" yet): one that waits for a state nobody left in the scenario
+                    # holds would wait until the timeout. (A member that fell behind waits for it too, but trains on
+                    # to its end: with one running, the scenario goes on.)
                     next_check = now + STUCK_CHECK_S
-                    stuck, reason = stuck_waiters(joining, self._status())
+                    joining = [p.name for p in running if not any(e["event"] == "joined" for e in p.events)]
+                    everyone_joining = len(joining) == len(running)
+                    stuck, reason = stuck_waiters(joining, self._status()) if everyone_joining else ([], "")
                     stuck_answers = stuck_answers + 1 if stuck else 0
                     if stuck_answers >= STUCK_CHECKS:
                         raise ScenarioStuck(
