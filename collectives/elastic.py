@@ -741,14 +741,28 @@ class ElasticCollective:
         ids = [pid for pid, _ in members]
         group = Group(self.config.run_id, plan.epoch, plan.round_id, tuple(addr for _, addr in members),
                       ids.index(self.peer_id))
+        exchange = asyncio.ensure_future(self.collective.reduce_flat(
+            group, flat, weight=weight, config=config, out=out, residual=residual, hosts=round_hosts(plan, ids)
+        ))
+        # The coordinator may end the attempt while this member waits for data that will not come (a paused
+        # member's, whose lease lapsed): the heartbeats say so, and the member reports at once, blaming nobody.
+        over = self.membership.watch(plan.round_id, plan.epoch)
         try:
-            done = await self.collective.reduce_flat(group, flat, weight=weight, config=config, out=out,
-                                                     residual=residual, hosts=round_hosts(plan, ids))
-            return done, (), ""
+            await asyncio.wait((exchange, over), return_when=asyncio.FIRST_COMPLETED)
+            if not exchange.done():
+                exchange.cancel()
+                await asyncio.gather(exchange, return_exceptions=True)
+                return None, (), over.result()
+            return exchange.result(), (), ""
         except MemberFailure as exc:
             return None, tuple(ids[r] for r in exc.failed_ranks), str(exc)
         except RoundFailed as exc:
             return None, (), str(exc)
+        finally:
+            self.membership.unwatch(over)
+            if not exchange.done():  # this sync was cancelled (interrupt): so is its exchange
+                exchange.cancel()
+                await asyncio.gather(exchange, return_exceptions=True)
 
     async def _commit(
         self, plan: RoundPlan, done: AllReduceResult | None, failed: tuple[str, ...], reason: str

@@ -316,6 +316,9 @@ class MembershipClient:
         # The furthest step an up-to-date peer reported, as the coordinator last said (heartbeats).
         self.run_step = 0
         self.round_step = 0
+        # The attempt (round id, epoch) this peer is exchanging data for, and the future its heartbeats
+        # resolve with the coordinator's reason once it will not commit (``watch``).
+        self._watched: tuple[tuple[int, int], asyncio.Future[str]] | None = None
         self._stub: pb_grpc.CoordinatorStub | None = None
         # The member list of the last ROUND answer, named by its digest: an answer with the same list leaves it out.
         self._known_members = KnownMembers()
@@ -493,8 +496,14 @@ class MembershipClient:
                     refusals=refusals(),
                 ),
             )
+            watched = self._watched
+            if watched is not None:
+                request.round_id, request.round_epoch = watched[0]
             try:
                 reply = await self._send("Heartbeat", request, max(interval_s, 1.0))
+                if reply.round_over and watched is not None and not watched[1].done():
+                    log.info("%s", reply.round_over[:300])
+                    watched[1].set_result(reply.round_over[:2000])
                 if not reply.known:
                     self.unregistered.set()
                 self.run_round = reply.last_committed_round
@@ -505,6 +514,19 @@ class MembershipClient:
                 # The coordinator may be restarting; training goes on, heartbeats keep trying.
                 log.debug("heartbeat failed: %s", exc.code().name)
             await asyncio.sleep(interval_s)
+
+    def watch(self, round_id: int, epoch: int) -> asyncio.Future[str]:
+        """Name the attempt this peer exchanges data for in its heartbeats; the future resolves with the
+        coordinator's reason once that attempt will not commit. Call ``unwatch`` when the exchange ends."""
+        over: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._watched = ((round_id, epoch), over)
+        return over
+
+    def unwatch(self, over: asyncio.Future[str]) -> None:
+        """Stop naming the attempt ``over`` was made for (a newer watch stays)."""
+        if self._watched is not None and self._watched[1] is over:
+            self._watched = None
+        over.cancel()
 
     async def quorum(self, last_round: int, tag: str = "", timeout_s: float = 600.0, digest: str = "") -> RoundPlan:
         """Ask for the next round's group (blocks until it forms).

@@ -205,3 +205,24 @@ def test_coordinator_restart_mid_run_the_next_round_commits(cluster):
     assert len({e["digest"] for e in final.values() if e["round"] == target}) == 1
     for peer in c.peers.values():
         assert_applied_once(peer)
+
+
+def test_member_frozen_in_a_round_the_others_stop_waiting_once_the_coordinator_aborts_it(cluster):
+    c = cluster()
+    # Their own all-reduce would wait 600 s for the frozen member's data: far beyond every wait below. Each
+    # peer is a host of its own: peers sharing one reduce through its memory, which has its own watch.
+    c.add("a", "--timeout", "600", "--host-id", "host-a")
+    c.add("b", "--timeout", "600", "--host-id", "host-b")
+    names_by_id(c)
+    victim = c.add("v", "--hold", "gather@2", "--timeout", "600", "--host-id", "host-v")
+    names_by_id(c)
+    held = victim.wait_event(lambda e: e["event"] == "held", 90)
+    # The coordinator aborts the attempt (the frozen member's lease lapses); the heartbeats tell the others,
+    # who report and retry the round without it.
+    after = {name: committed(c.peers[name], held["round"] - 1, timeout=90) for name in ("a", "b")}
+    a, b = after["a"], after["b"]
+    assert a["round"] == b["round"] == held["round"] and a["result"] == b["result"]
+    ids = names_by_id(c)
+    assert sorted(ids[m] for m in a["members"]) == ["a", "b"]
+    assert a["attempts"] >= 2
+    assert a["result"] == expected_result(c, a)

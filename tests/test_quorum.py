@@ -10,6 +10,7 @@ from peer.coordinator.rules import (
     PeerView,
     QuorumRules,
     Report,
+    attempt_over,
     choose_sync_source,
     choose_sync_sources,
     commit_decision,
@@ -246,6 +247,11 @@ COMMIT_CASES = [
         Decision(False, ("a", "b")),
     ),
     ("lapsed lease of a silent member aborts", CommitInputs(M, {"a": OK, "b": OK}, frozenset({"c"})), Decision(False, ("c",))),
+    (
+        "a lapsed lease drops only the lapsed: a live silent member stays",
+        CommitInputs(M, {"a": OK}, frozenset({"c"})),
+        Decision(False, ("c",)),
+    ),
     ("a lapsed lease of a reporter changes nothing", CommitInputs(M, {"a": OK, "b": OK}, frozenset({"a"})), None),
     ("deadline drops the silent", CommitInputs(M, {"a": OK}, deadline_passed=True), Decision(False, ("b", "c"))),
     (
@@ -270,6 +276,26 @@ def test_commit_decision(name, inputs, expected):
 def test_abort_reason_carries_the_members_reasons():
     got = commit_decision(CommitInputs(("a", "b"), {"a": fail("b", reason="b unreachable")}, deadline_passed=True))
     assert got is not None and "b unreachable" in got.reason
+
+
+ABORTED = Decision(False, ("c",), "lease lapsed: c")
+OVER_CASES = [
+    # (case, attempt named, attempts pending, decided attempts, the answer)
+    ("no attempt named", (0, 0), set(), {}, ""),
+    ("pending: it may still commit", (4, 2), {(4, 2)}, {}, ""),
+    ("committed", (4, 2), set(), {(4, 2): Decision(True)}, ""),
+    ("aborted: the decision's reason", (4, 2), {(4, 3)}, {(4, 2): ABORTED},
+     "the coordinator aborted round 4 at epoch 2: lease lapsed: c"),
+    ("unknown (a restarted coordinator)", (4, 2), set(), {},
+     "round 4 at epoch 2 is unknown to the coordinator (it restarted, or the round moved on)"),
+    ("another epoch of the round pending", (4, 1), {(4, 2)}, {},
+     "round 4 at epoch 1 is unknown to the coordinator (it restarted, or the round moved on)"),
+]
+
+
+@pytest.mark.parametrize("name,attempt,pending,decided,over", OVER_CASES, ids=[c[0] for c in OVER_CASES])
+def test_attempt_over(name, attempt, pending, decided, over):
+    assert attempt_over(attempt, pending, decided) == over
 
 
 PEERS = [

@@ -86,9 +86,17 @@ member that can still report has reported: when all members reported; when
 a failure was reported and every member nobody named as failed has reported
 (the named ones are presumed dead); when the lease of a silent member
 lapsed; or at the commit deadline. On abort, the dropped members are the
-ones that never reported (or whose lease lapsed); if every member reported
+ones whose lease lapsed, or else the ones that never reported; if every member reported
 (a partition, or a member others found too slow), the members named by the
 most reports are dropped so that the retry can succeed.
+
+Over (``attempt_over``): a member exchanging data for an attempt names it
+in its heartbeats. The answer says when that attempt will not commit: the
+coordinator aborted it (a lapsed lease, the deadline, a failure reported by
+another member), or does not know it (a restarted coordinator, or one that
+formed a newer attempt since; its Commit would be refused as unknown). The
+member then stops waiting for data that may never come (a paused member's)
+and reports at once, rather than at the round's deadline.
 
 Head (``head_round``): when every peer holding the last committed state is
 gone, the run waits for one to come back (a peer restarted with its
@@ -389,12 +397,30 @@ def commit_decision(inputs: CommitInputs) -> Decision | None:
         return _abort(reports, silent, named, "")
     lapsed = silent & inputs.expired
     if lapsed:
-        return _abort(reports, silent, named, f"lease lapsed: {', '.join(sorted(lapsed))}")
+        # Only the lapsed are dropped: the other silent members are alive, most likely waiting for the lapsed
+        # one's data. Their heartbeats tell them the attempt is over (attempt_over); they report, and are
+        # members of the retry without joining again.
+        return _abort(reports, lapsed, named, f"lease lapsed: {', '.join(sorted(lapsed))}")
     if any_failure and silent <= set(named):
         return _abort(reports, silent, named, "")
     if inputs.deadline_passed:
         return _abort(reports, silent, named, f"no report before the deadline from {', '.join(sorted(silent))}")
     return None
+
+
+def attempt_over(
+    attempt: tuple[int, int], pending: Container[tuple[int, int]], decided: dict[tuple[int, int], Decision]
+) -> str:
+    """Why the attempt (round id, epoch) a member is in will not commit, or "" while it may (pending or committed)."""
+    round_id, epoch = attempt
+    if round_id == 0 or attempt in pending:
+        return ""
+    decision = decided.get(attempt)
+    if decision is None:
+        return f"round {round_id} at epoch {epoch} is unknown to the coordinator (it restarted, or the round moved on)"
+    if decision.commit:
+        return ""
+    return f"the coordinator aborted round {round_id} at epoch {epoch}: {decision.reason}"[:2000]
 
 
 def _abort(reports: dict[str, Report], silent: set[str], named: Counter, why: str) -> Decision:

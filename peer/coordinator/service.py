@@ -52,6 +52,7 @@ from peer.coordinator.rules import (
     Decision,
     PeerView,
     Report,
+    attempt_over,
     choose_sync_sources,
     claim_verdict,
     head_round,
@@ -484,9 +485,11 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def _heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         self._check_run(req.run_id)
         peer = self.state.peers.get(req.peer_id)
+        # Answered to a stranger too: a member dropped by the abort it is waiting in learns of it here.
+        over = attempt_over((req.round_id, req.round_epoch), self.quorums.commits, self.quorums.decided)
         if peer is None or not peer.alive:
             self._note_stranger(req.peer_id)
-            return pb.HeartbeatResponse(known=False, epoch=self.state.epoch)
+            return pb.HeartbeatResponse(known=False, epoch=self.state.epoch, round_over=over)
         peer.last_seen = time.monotonic()
         if req.state_digest:
             # Refused before anything else is taken from this heartbeat when malformed.
@@ -515,7 +518,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         peer.lease_s = max(peer.lease_s, lease_s)
         return pb.HeartbeatResponse(
             known=True, epoch=self.state.epoch, last_committed_round=self.state.last_committed_round,
-            run_step=self.state.run_step, round_step=self.state.round_step, heartbeat_s=heartbeat_s,
+            run_step=self.state.run_step, round_step=self.state.round_step, heartbeat_s=heartbeat_s, round_over=over,
         )
 
     def _leave(self, req: pb.LeaveRequest) -> pb.LeaveResponse:

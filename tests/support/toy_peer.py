@@ -55,6 +55,7 @@ def main() -> int:
     ap.add_argument("--hold", default="", help="PHASE@K: freeze when the round after k applied rounds reaches PHASE")
     ap.add_argument("--timeout", type=float, default=10.0, help="all-reduce deadline")
     ap.add_argument("--init-seed", type=int, default=0)
+    ap.add_argument("--host-id", default="auto", help="the host this peer announces (auto: detected; all share it)")
     ns = ap.parse_args()
     # INFO on stderr (the test's log file): a failing test shows what the peer went through.
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {ns.name} %(name)s %(levelname)s %(message)s")
@@ -86,7 +87,7 @@ def main() -> int:
         coordinator=ns.coordinator,
         run_id=ns.run,
         name=ns.name,
-        transport=TransportConfig(chunk_bytes=256 * 1024),
+        transport=TransportConfig(chunk_bytes=256 * 1024, host_id=ns.host_id),
         allreduce=AllReduceConfig(codec=CodecConfig.parse(ns.codec), timeout_s=ns.timeout),
     )
     peer = ElasticCollective(config, provider, phase_hook=hook)
