@@ -238,6 +238,9 @@ class ElasticCollective:
         # Set by interrupt(): why the peer stops. The tasks of blocking calls in flight, cancelled by it.
         self._interrupted = ""
         self._inflight: set[asyncio.Task] = set()
+        # The heartbeats and a sync may both find this peer out of the run (a dropped member learns it from
+        # the decision and from its next heartbeat): one of them registers it again, the other finds it done.
+        self._rejoining = asyncio.Lock()
 
     def run_round(self) -> int:
         """The run's last committed round as the coordinator last said (every heartbeat refreshes it)."""
@@ -465,11 +468,18 @@ class ElasticCollective:
             await asyncio.gather(beat, return_exceptions=True)
 
     async def _rejoin(self) -> str:
-        """Register again; "" once registered, or why the coordinator said to wait (asked again later)."""
+        """Register again, unless done since the coordinator last said this peer is out (``unregistered``); "" once
+        registered, or why the coordinator said to wait (asked again later)."""
         if not self._holds_state:
             # Still joining: start() registers this peer again itself, once it has a source or the state.
             await asyncio.sleep(WAIT_POLL_S)
             return ""
+        async with self._rejoining:
+            if not self.membership.unregistered.is_set():
+                return ""  # the other caller registered this peer again while this one waited
+            return await self._register_again()
+
+    async def _register_again(self) -> str:
         joined = await self.membership.join(
             self.address, self.last_round, self.epoch, has_state=True, digest=await self._state_digest()
         )
@@ -676,7 +686,9 @@ class ElasticCollective:
             if attempts >= config.max_attempts:
                 self._move(plan.round_id, Phase.FAILED)
                 raise RetriesExhausted(f"{attempts} attempts of a round aborted; last: {last_reason}")
-            if self.peer_id in outcome.dropped or self.membership.unregistered.is_set():
+            if self.peer_id in outcome.dropped:
+                self.membership.unregistered.set()
+            if self.membership.unregistered.is_set():
                 self._move(plan.round_id, Phase.REJOIN)
                 await self._rejoin()
             self._move(plan.round_id, Phase.QUORUM)

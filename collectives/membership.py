@@ -308,7 +308,8 @@ class MembershipClient:
         self.config = config
         self.peer_id = ""
         self.status = PeerStatus()
-        # Set by a heartbeat answered with known=False; the peer must join again.
+        # Set when the coordinator said this peer is out of the run (a heartbeat answered known=False, a call
+        # refused NOT_FOUND, a decision that dropped it); cleared by a join. The peer must join again.
         self.unregistered = asyncio.Event()
         # The run's last committed round as the coordinator last said (heartbeats, quorum answers): a worker
         # still computing a step the run has committed without it can stop (gradient coding's stragglers).
@@ -355,6 +356,7 @@ class MembershipClient:
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.NOT_FOUND:
+                    self.unregistered.set()
                     raise Unregistered(exc.details()) from None
                 limited = _rate_limited_for(exc)
                 if limited is not None and time.monotonic() + limited <= give_up:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -71,3 +73,25 @@ def test_a_weight_function_is_evaluated_with_the_round_plan_after_the_quorum(run
     want = sum(rank[p.peer_id] * x for p, x in zip(peers, xs))
     for r in results:
         assert torch.equal(r.value, want)
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_found_out_of_the_run_by_its_heartbeats_and_a_sync_at_once_registers_again_once(run):
+    peer = run()
+    joins = []
+    join = peer.membership.join
+
+    async def counted(*args, **kwargs):
+        joins.append(args)
+        return await join(*args, **kwargs)
+
+    peer.membership.join = counted
+
+    async def both_find_it_out():
+        # As a dropped member does: the decision and a heartbeat say so; the heartbeat loop reacts as well.
+        peer.membership.unregistered.set()
+        return await asyncio.gather(peer._rejoin(), peer._rejoin())
+
+    assert peer.transport.submit(both_find_it_out()).result(timeout=30) == ["", ""]
+    assert len(joins) == 1
+    assert not peer.membership.unregistered.is_set()
