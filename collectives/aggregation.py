@@ -74,6 +74,11 @@ class Aggregator(ABC):
     # Whether the contributions' weights change the result (the others only require them finite).
     uses_weights: ClassVar[bool] = True
 
+    def min_group(self) -> int:
+        """The fewest contributions this aggregator runs with (a round below it is not formed: the coordinator
+        learns it from the members' quorum requests)."""
+        return 1
+
     def check_group(self, n: int) -> None:
         """Raise ConfigError if this aggregator cannot run with n contributions."""
         if n < 1:

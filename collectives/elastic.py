@@ -79,7 +79,7 @@ from typing import Any, TypeVar
 import torch
 
 from collectives.addresses import coordinator_address
-from collectives.aggregators import AggregatorConfig
+from collectives.aggregators import AggregatorConfig, make_aggregator
 from collectives.allreduce import AllReduceConfig, AllReduceResult, Collective
 from collectives.codecs import CodecConfig, check_finite
 from collectives.errors import ConfigError, LoconetError, MemberFailure, ProtocolError, RoundFailed
@@ -601,6 +601,9 @@ class ElasticCollective:
         out = torch.empty(flat.numel(), dtype=torch.float32)  # the host: results are decoded there
         attempts = 0
         last_reason = ""
+        # The coordinator forms no round the aggregator cannot run with (Krum's 2f+3): the peers train on
+        # instead of aborting attempts. Groups ``within`` a round are the caller's business.
+        least = make_aggregator(allreduce.aggregator).min_group() if within is None else 1
         self.phase = Phase.IDLE  # every sync starts afresh; the previous one ended in a final phase
         started = time.monotonic()
         self._move(0, Phase.QUORUM)
@@ -613,7 +616,7 @@ class ElasticCollective:
                     raise Resynced(snapshot, ", ".join(sources))
             try:
                 plan = await self.membership.quorum(
-                    self.last_round, tag, config.quorum_timeout_s, digest=await self._state_digest()
+                    self.last_round, tag, config.quorum_timeout_s, digest=await self._state_digest(), min_members=least
                 )
             except Unregistered:
                 self._move(0, Phase.REJOIN)

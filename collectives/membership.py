@@ -530,14 +530,17 @@ class MembershipClient:
             self._watched = None
         over.cancel()
 
-    async def quorum(self, last_round: int, tag: str = "", timeout_s: float = 600.0, digest: str = "") -> RoundPlan:
+    async def quorum(
+        self, last_round: int, tag: str = "", timeout_s: float = 600.0, digest: str = "", min_members: int = 1
+    ) -> RoundPlan:
         """Ask for the next round's group (blocks until it forms).
 
-        ``digest``: the SHA-256 (hex) of this peer's state as of last_round ("" unknown).
+        ``digest``: the SHA-256 (hex) of this peer's state as of last_round ("" unknown); ``min_members``: the
+        fewest members its round can run with (the aggregator's minimum).
         """
         request = pb.QuorumRequest(
             run_id=self.config.run_id, peer_id=self.peer_id, last_round=last_round, tag=tag, state_digest=digest,
-            known_members=self._known_members.digest,
+            known_members=self._known_members.digest, min_members=min_members,
         )
         try:
             reply = await self._call("Quorum", request, timeout_s)

@@ -208,10 +208,15 @@ class Krum(_PairwiseDistances):
     name = "krum"
     uses_weights = False
 
+    def min_group(self) -> int:
+        """Krum's guarantee needs n >= 2f + 3."""
+        return 2 * self.f + 3
+
     def check_group(self, n: int) -> None:
         """Krum's guarantee needs n >= 2f + 3."""
-        if n < 2 * self.f + 3:
-            raise ConfigError(f"{self.name} needs at least 2f+3 = {2 * self.f + 3} contributions (f={self.f}), "
+        least = Krum.min_group(self)  # Multi-Krum's own minimum adds m, checked with its own message
+        if n < least:
+            raise ConfigError(f"{self.name} needs at least 2f+3 = {least} contributions (f={self.f}), "
                               f"got {n}; lower f or add peers")
 
     def _count(self, n: int) -> int:
@@ -243,6 +248,10 @@ class MultiKrum(Krum):
         super().__init__(f=f)
         _at_least(self.name, "m", m, 0)
         self.m = m
+
+    def min_group(self) -> int:
+        """n >= 2f + 3, and m <= n."""
+        return max(super().min_group(), self.m)
 
     def check_group(self, n: int) -> None:
         """n >= 2f + 3, and m <= n."""
@@ -276,10 +285,14 @@ class Bulyan(_PairwiseDistances):
     name = "bulyan"
     uses_weights = False
 
+    def min_group(self) -> int:
+        """Bulyan needs n >= 4f + 3."""
+        return 4 * self.f + 3
+
     def check_group(self, n: int) -> None:
         """Bulyan needs n >= 4f + 3."""
-        if n < 4 * self.f + 3:
-            raise ConfigError(f"{self.name} needs at least 4f+3 = {4 * self.f + 3} contributions (f={self.f}), "
+        if n < self.min_group():
+            raise ConfigError(f"{self.name} needs at least 4f+3 = {self.min_group()} contributions (f={self.f}), "
                               f"got {n}; lower f or add peers")
 
     def decide(self, r: int, total: torch.Tensor, weights: Sequence[float], decisions: Sequence[dict]) -> dict:

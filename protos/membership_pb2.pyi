@@ -165,20 +165,22 @@ class LeaveResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class QuorumRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "last_round", "tag", "state_digest", "known_members")
+    __slots__ = ("run_id", "peer_id", "last_round", "tag", "state_digest", "known_members", "min_members")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     KNOWN_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    MIN_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     last_round: int
     tag: str
     state_digest: str
     known_members: bytes
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., tag: _Optional[str] = ..., state_digest: _Optional[str] = ..., known_members: _Optional[bytes] = ...) -> None: ...
+    min_members: int
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., tag: _Optional[str] = ..., state_digest: _Optional[str] = ..., known_members: _Optional[bytes] = ..., min_members: _Optional[int] = ...) -> None: ...
 
 class Member(_message.Message):
     __slots__ = ("peer_id", "address", "host_id")

@@ -362,6 +362,27 @@ def test_multi_krum_refuses_m_above_n():
         make_aggregator("multi_krum:f=1,m=8").check_group(7)
 
 
+MIN_GROUPS = [
+    # (aggregator, the fewest contributions it runs with: what the coordinator forms rounds from)
+    ("mean", 1),
+    ("trimmed_mean", 1),
+    ("krum:f=1", 5),
+    ("krum:f=2", 7),
+    ("multi_krum:f=1", 5),
+    ("multi_krum:f=1,m=8", 8),
+    ("bulyan:f=1", 7),
+]
+
+
+@pytest.mark.parametrize("config,least", MIN_GROUPS, ids=[c for c, _ in MIN_GROUPS])
+def test_min_group_is_the_fewest_contributions_check_group_accepts(config, least):
+    agg = make_aggregator(config)
+    assert agg.min_group() == least
+    agg.check_group(least)
+    with pytest.raises(ConfigError):
+        agg.check_group(least - 1)
+
+
 @pytest.mark.parametrize("config", ["mean", "norm_clip", "multi_krum:f=0", "centered_clip"])
 @pytest.mark.parametrize("weights", [[0.0, 0.0, 0.0], [1.0, -1.0, 1.0], [float("nan"), 1.0, 1.0]])
 def test_mean_like_aggregators_reject_unusable_weights(config, weights):

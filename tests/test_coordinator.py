@@ -410,11 +410,45 @@ def test_a_lone_survivor_below_min_peers_is_told_at_once_not_after_the_quorum_ti
     a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
     play_round(c.stub, [a, b], 0)
     c.stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=b, reason="done"), timeout=5)
-    # The quorum timeout is 60 s; the refusal must come after the 0.5 s join timeout (10 s allows for a slow machine).
+    # The quorum timeout is 60 s; every live peer asked, so the refusal comes at once (10 s allows for a slow machine).
     request = pb.QuorumRequest(run_id=RUN, peer_id=a, last_round=1)
     code, details = status_code(lambda: c.stub.Quorum(request, timeout=10))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "no quorum" in details and "1 live peer" in details and "min_peers is 2" in details
+
+
+def test_no_round_forms_below_the_peers_aggregators_minimum(coordinator):
+    # Krum with f=1 needs 5 contributions: four live peers are refused once all of them asked, not formed
+    # into rounds that every member would abort.
+    c = coordinator(quorum_timeout_s=60)
+    peers = [join(c.stub, f"127.0.0.1:{port}") for port in range(1, 5)]
+    play_round(c.stub, peers, 0)
+    requests = [pb.QuorumRequest(run_id=RUN, peer_id=p, last_round=1, min_members=5) for p in peers]
+    futures = [c.stub.Quorum.future(r, timeout=10) for r in requests]
+    for future in futures:
+        with pytest.raises(grpc.RpcError) as info:
+            future.result()
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "4 live peer(s)" in info.value.details() and "aggregator needs 5 members" in info.value.details()
+    assert c.status()["summary"]["rounds_aborted"] == 0
+
+
+def test_a_round_forms_once_the_aggregators_minimum_is_reached(coordinator):
+    c = coordinator()
+    peers = [join(c.stub, f"127.0.0.1:{port}") for port in range(1, 4)]
+    plans = [
+        c.stub.Quorum.future(pb.QuorumRequest(run_id=RUN, peer_id=p, last_round=0, min_members=3), timeout=10)
+        for p in peers
+    ]
+    assert sorted(members(plans[0].result())) == sorted(peers)
+
+
+def test_a_minimum_beyond_any_run_is_refused_at_the_edge(stub):
+    peer = join(stub, "127.0.0.1:1")
+    request = pb.QuorumRequest(run_id=RUN, peer_id=peer, last_round=0, min_members=1 << 20)
+    code, details = status_code(lambda: stub.Quorum(request, timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "min_members 1048576" in details
+    still_serving(stub)
 
 
 def test_a_fresh_peer_waits_for_the_state_holders_of_a_restarted_coordinator_instead_of_founding(coordinator):

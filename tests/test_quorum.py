@@ -53,22 +53,24 @@ def test_quorum_ready(name, requesting, eligible, age, coord_age, rules, ready):
     assert quorum_ready(requesting, eligible, age, coord_age, rules) is ready
 
 
-# eligible, first request age, coordinator age, run started, rules -> refuse now
+# requesting, eligible, first request age, coordinator age, run started, rules -> refuse now
 HOPELESS_CASES = [
-    ("a lone survivor after the join timeout", 1, 5.0, 100.0, True, QuorumRules(min_peers=2, join_timeout_s=5), True),
-    ("a lone survivor before the join timeout", 1, 4.9, 100.0, True, QuorumRules(min_peers=2, join_timeout_s=5), False),
-    ("enough live peers, some yet to ask", 2, 50.0, 100.0, True, QuorumRules(min_peers=2), False),
-    ("before the first commit the run waits", 1, 50.0, 100.0, False, QuorumRules(min_peers=2), False),
-    ("startup grace after a coordinator restart", 1, 50.0, 2.0, True, QuorumRules(2, 5.0, 10.0), False),
-    ("min_peers 1 is always reachable", 1, 50.0, 100.0, True, QuorumRules(min_peers=1), False),
+    ("a lone survivor after the join timeout", 1, 1, 5.0, 100.0, True, QuorumRules(min_peers=2, join_timeout_s=5), True),
+    ("a lone survivor that asked: nobody to wait for", 1, 1, 0.1, 100.0, True, QuorumRules(min_peers=2), True),
+    ("too few, one yet to ask, before the join timeout", 1, 2, 4.9, 100.0, True, QuorumRules(min_peers=3), False),
+    ("too few, one yet to ask, after the join timeout", 1, 2, 5.0, 100.0, True, QuorumRules(min_peers=3), True),
+    ("enough live peers, some yet to ask", 1, 2, 50.0, 100.0, True, QuorumRules(min_peers=2), False),
+    ("before the first commit the run waits", 1, 1, 50.0, 100.0, False, QuorumRules(min_peers=2), False),
+    ("startup grace after a coordinator restart", 1, 1, 50.0, 2.0, True, QuorumRules(2, 5.0, 10.0), False),
+    ("min_peers 1 is always reachable", 1, 1, 50.0, 100.0, True, QuorumRules(min_peers=1), False),
 ]
 
 
 @pytest.mark.parametrize(
-    "name,eligible,age,coord_age,started,rules,hopeless", HOPELESS_CASES, ids=[c[0] for c in HOPELESS_CASES]
+    "name,requesting,eligible,age,coord_age,started,rules,hopeless", HOPELESS_CASES, ids=[c[0] for c in HOPELESS_CASES]
 )
-def test_quorum_hopeless(name, eligible, age, coord_age, started, rules, hopeless):
-    assert quorum_hopeless(eligible, age, coord_age, started, rules) is hopeless
+def test_quorum_hopeless(name, requesting, eligible, age, coord_age, started, rules, hopeless):
+    assert quorum_hopeless(requesting, eligible, age, coord_age, started, rules) is hopeless
 
 
 # has state, a holder is alive, run under way, coordinator age, rules -> action (before the run's first commit)

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
@@ -28,7 +28,7 @@ from collectives.transport import consume_exception
 from collectives.wire import encode_varint
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.policies import FormRound, QuorumInputs, QuorumPolicy, Refuse
-from peer.coordinator.rules import CommitInputs, Decision, Report, commit_decision, next_epoch
+from peer.coordinator.rules import CommitInputs, Decision, QuorumRules, Report, commit_decision, next_epoch
 from peer.coordinator.runstate import PeerRecord, RoundRecord, RunState
 from protos import membership_pb2 as pb
 
@@ -88,6 +88,8 @@ class PendingQuorum:
     waiting: dict[str, asyncio.Future] = field(default_factory=dict)
     # When each waiter asked (monotonic seconds), for policies that look at arrival times.
     asked_at: dict[str, float] = field(default_factory=dict)
+    # The most members any waiter's aggregator needs (QuorumRequest.min_members): no smaller round forms.
+    min_members: int = 1
 
 
 @dataclass
@@ -146,8 +148,10 @@ class Quorums:
 
     # -- forming ---------------------------------------------------------------------
 
-    def enqueue(self, peer_id: str, tag: str) -> asyncio.Future:
-        """Add an up-to-date peer to the pending quorum; the future gets its RoundAnswer (None: held)."""
+    def enqueue(self, peer_id: str, tag: str, min_members: int = 1) -> asyncio.Future:
+        """Add an up-to-date peer to the pending quorum; the future gets its RoundAnswer (None: held).
+
+        ``min_members``: the fewest members this peer's round can run with."""
         if self.pending is None:
             self.pending = PendingQuorum(first_at=time.monotonic(), tag=tag)
         elif self.pending.tag != tag:
@@ -159,6 +163,7 @@ class Quorums:
         if previous is not None and not previous.done():
             previous.cancel()
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.pending.min_members = max(self.pending.min_members, min_members)
         self.pending.waiting[peer_id] = fut
         self.pending.asked_at.setdefault(peer_id, time.monotonic())
         self.close_if_ready(cheap=True)
@@ -191,12 +196,26 @@ class Quorums:
             coordinator_age_s=now - self._started,
             round_id=s.next_round_id,
             seed=self.config.seed,
-            rules=self.config.rules,
+            rules=self.rules(pending),
             run_started=s.last_committed_round > 0,
             tag=pending.tag,
             arrivals_s=tuple(max(0.0, pending.asked_at.get(p, now) - since) for p in pending.waiting),
             since_s=now - since,
         )
+
+    def rules(self, pending: PendingQuorum) -> QuorumRules:
+        """The quorum rules for this pending quorum: min_peers raised to what its peers' aggregator needs."""
+        rules = self.config.rules
+        if pending.min_members <= rules.min_peers:
+            return rules
+        return replace(rules, min_peers=pending.min_members)
+
+    def minimum(self, pending: PendingQuorum | None) -> str:
+        """What a round needs at least, in words ("min_peers is 2", and the aggregator's need when larger)."""
+        text = f"min_peers is {self.config.min_peers}"
+        if pending is not None and pending.min_members > self.config.min_peers:
+            text += f", and the peers' aggregator needs {pending.min_members} members"
+        return text
 
     def awaited(self, now: float) -> set[str]:
         """Live peers the pending quorum still waits for (empty if none is pending)."""
@@ -212,7 +231,7 @@ class Quorums:
             return
         now = time.monotonic()
         if cheap and not self.policy.may_form(
-            len(pending.waiting), len(self.state.live), now - pending.first_at, self.config.rules
+            len(pending.waiting), len(self.state.live), now - pending.first_at, self.rules(pending)
         ):
             # Per request: counts only, so n requests cost O(n), not O(n^2).
             return
@@ -273,8 +292,8 @@ class Quorums:
     def _refuse_pending(self, pending: PendingQuorum, live: int) -> None:
         """Answer every waiting Quorum call with 'too few peers' (the peers train on and ask again)."""
         reason = (
-            f"{NO_QUORUM}: {live} live peer(s) left after the {self.config.join_timeout_s:g} s join timeout, "
-            f"min_peers is {self.config.min_peers}; training goes on locally until more peers join"
+            f"{NO_QUORUM}: {live} live peer(s) left, {self.minimum(pending)}; "
+            "training goes on locally until more peers join"
         )
         for fut in pending.waiting.values():
             refuse_waiter(fut, grpc.StatusCode.FAILED_PRECONDITION, reason)

@@ -19,12 +19,14 @@ round formed by some of them could diverge from what the others applied.
 Members are ordered by peer id, so every member sees the same list.
 
 Too few (``quorum_hopeless``): once the run has committed a round, a
-pending quorum that still has fewer than ``min_peers`` live peers to draw
-on when ``join_timeout_s`` has passed is refused at once rather than after
-the coordinator's quorum timeout: the survivors train on alone and ask
-again at their next sync (a peer that joins meanwhile syncs from them). Before
-the first commit the quorum keeps waiting, so a run starts only with
-``min_peers`` peers.
+pending quorum that has fewer than ``min_peers`` live peers to draw on is
+refused once every one of them asked, or when ``join_timeout_s`` has passed,
+rather than after the coordinator's quorum timeout: the survivors train on
+alone and ask again at their next sync (a peer that joins meanwhile syncs
+from them). Before the first commit the quorum keeps waiting, so a run
+starts only with ``min_peers`` peers. The peers' aggregator may need more
+members than ``min_peers`` (Krum's 2f+3, ``QuorumRequest.min_members``): the
+pending quorum then counts with the larger of the two.
 
 Claims (``claim_verdict``, ``majority_round``): a joiner's claimed round
 and epoch are refused beyond ``MAX_CLAIM``, and beyond what the coordinator
@@ -262,17 +264,18 @@ def quorum_ready(
 
 
 def quorum_hopeless(
-    eligible: int, first_request_age_s: float, coordinator_age_s: float, run_started: bool, rules: QuorumRules
+    requesting: int, eligible: int, first_request_age_s: float, coordinator_age_s: float, run_started: bool,
+    rules: QuorumRules,
 ) -> bool:
     """Whether a pending quorum should be refused now: too few live peers are left to reach min_peers.
 
-    ``eligible``: live peers that could take part (requesting ones and syncing joiners
-    included); ``run_started``: the run has committed a round.
+    ``requesting``: peers waiting in it; ``eligible``: live peers that could take part (requesting ones and
+    syncing joiners included); ``run_started``: the run has committed a round.
     """
     return (
         run_started
         and eligible < rules.min_peers
-        and first_request_age_s >= rules.join_timeout_s
+        and (requesting >= eligible or first_request_age_s >= rules.join_timeout_s)
         and coordinator_age_s >= rules.startup_grace_s
     )
 

@@ -78,6 +78,8 @@ MAX_ADDRESS_CHARS = 256
 MAX_PEER_ID_CHARS = 100
 MAX_TEXT_CHARS = 2000
 MAX_TAG_CHARS = 200
+# The largest round minimum a peer may ask for (QuorumRequest.min_members): Krum with f in the thousands.
+MAX_MIN_MEMBERS = 1 << 16
 
 # CoordinatorConfig lives in peer/coordinator/config.py, BadRequest in quorum.py; importing them from here still works.
 __all__ = ["VERSION", "BadRequest", "Coordinator", "CoordinatorConfig"]
@@ -535,6 +537,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         digest = checked_digest(req.state_digest)
         give_up = time.monotonic() + self.config.quorum_timeout_s
         tag = req.tag[:MAX_TAG_CHARS]
+        if req.min_members > MAX_MIN_MEMBERS:
+            raise BadRequest(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"min_members {req.min_members} is beyond any run this coordinator forms rounds for ({MAX_MIN_MEMBERS})",
+            )
+        least = max(1, req.min_members)
         noted = False
         while True:
             peer = self._peer(req.peer_id)
@@ -558,7 +566,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 return resync
             peer.state = "active"
             self._serving.pop(peer.peer_id, None)
-            answer = await self._wait(self.quorums.enqueue(peer.peer_id, tag), give_up, peer.peer_id)
+            answer = await self._wait(self.quorums.enqueue(peer.peer_id, tag, least), give_up, peer.peer_id)
             if answer is not None:
                 return answer.wire(req.known_members)
             # None: the round formed without this peer; it is held (above) until that attempt is decided.
@@ -630,12 +638,13 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         """fut's result, or the 'no quorum' refusal once the Quorum call has waited quorum_timeout_s."""
         # A cancelled call (the caller went away, or the server stops) raises here and leaves fut as it is.
         if not await settled(fut, max(0.0, give_up - time.monotonic())):
+            minimum = self.quorums.minimum(self.quorums.pending)
             self.quorums.withdraw(peer_id, fut)
             alive = len([p for p in self.state.alive_peers() if p.has_state])
             raise BadRequest(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"{NO_QUORUM} in {self.config.quorum_timeout_s:g} s: {alive} live peer(s), min_peers is "
-                f"{self.config.min_peers}; start more peers or lower --min-peers",
+                f"{NO_QUORUM} in {self.config.quorum_timeout_s:g} s: {alive} live peer(s), {minimum}; "
+                "start more peers or lower --min-peers",
             )
         if fut.cancelled() and self._stopping:
             raise BadRequest(grpc.StatusCode.UNAVAILABLE, "the coordinator is stopping; retry when it is back")
