@@ -433,6 +433,18 @@ def test_no_round_forms_below_the_peers_aggregators_minimum(coordinator):
     assert c.status()["summary"]["rounds_aborted"] == 0
 
 
+def test_before_the_first_commit_a_quorum_short_of_the_aggregators_minimum_is_refused_not_held(coordinator):
+    # min_peers would hold it (the operator asked for that many peers); nothing says a fifth peer will come.
+    c = coordinator(quorum_timeout_s=60)
+    peers = [join(c.stub, f"127.0.0.1:{port}") for port in range(1, 5)]
+    requests = [pb.QuorumRequest(run_id=RUN, peer_id=p, last_round=0, min_members=5) for p in peers]
+    for future in [c.stub.Quorum.future(r, timeout=10) for r in requests]:
+        with pytest.raises(grpc.RpcError) as info:
+            future.result()
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "aggregator needs 5 members" in info.value.details()
+
+
 def test_a_round_forms_once_the_aggregators_minimum_is_reached(coordinator):
     c = coordinator()
     peers = [join(c.stub, f"127.0.0.1:{port}") for port in range(1, 4)]

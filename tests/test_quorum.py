@@ -63,6 +63,19 @@ HOPELESS_CASES = [
     ("before the first commit the run waits", 1, 1, 50.0, 100.0, False, QuorumRules(min_peers=2), False),
     ("startup grace after a coordinator restart", 1, 1, 50.0, 2.0, True, QuorumRules(2, 5.0, 10.0), False),
     ("min_peers 1 is always reachable", 1, 1, 50.0, 100.0, True, QuorumRules(min_peers=1), False),
+    ("the aggregator's need counts too", 4, 4, 0.1, 100.0, True, QuorumRules(min_members=5), True),
+    (
+        "before the first commit, short of the aggregator's need: refused at the join timeout",
+        4, 4, 5.0, 100.0, False, QuorumRules(min_peers=2, join_timeout_s=5, min_members=5), True,
+    ),
+    (
+        "... and not before it",
+        4, 4, 4.9, 100.0, False, QuorumRules(min_peers=2, join_timeout_s=5, min_members=5), False,
+    ),
+    (
+        "before the first commit, short of min_peers too: the run waits",
+        4, 4, 50.0, 100.0, False, QuorumRules(min_peers=6, join_timeout_s=5, min_members=5), False,
+    ),
 ]
 
 

@@ -124,7 +124,7 @@ class QuorumPolicy(ABC):
 
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
         """A count-only test run on every request: False when decide would certainly keep waiting."""
-        return requesting >= rules.min_peers and (requesting >= eligible or waited_s >= rules.join_timeout_s)
+        return requesting >= rules.least and (requesting >= eligible or waited_s >= rules.join_timeout_s)
 
     def max_members(self) -> int | None:
         """The most members a round of this policy can have (None: no limit), checked against min_peers."""
@@ -240,7 +240,7 @@ class FirstK(_OfK):
         """Form with the first k askers once k asked; fall back to ``all`` while fewer than k peers are live."""
         if q.coordinator_age_s < q.rules.startup_grace_s:
             return None
-        if len(q.requesting) >= self.k and self.k >= q.rules.min_peers:
+        if len(q.requesting) >= self.k and self.k >= q.rules.least:
             return FormRound(tuple(order_members(set(q.requesting[: self.k]))))
         if len(q.eligible | set(q.requesting)) < self.k:
             return AllPeers().decide(q)
@@ -248,7 +248,7 @@ class FirstK(_OfK):
 
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
         """k asked, or the ``all`` test."""
-        if requesting < rules.min_peers:
+        if requesting < rules.least:
             return False
         return requesting >= self.k or super().may_form(requesting, eligible, waited_s, rules)
 
@@ -311,7 +311,7 @@ class Sample(QuorumPolicy):
         sample, candidates = self.drawn(q)
         requesting = set(q.requesting)
         asked = tuple(p for p in sample if p in requesting)
-        if len(asked) >= q.rules.min_peers and (len(asked) == len(sample) or q.waited_s >= q.rules.join_timeout_s):
+        if len(asked) >= q.rules.least and (len(asked) == len(sample) or q.waited_s >= q.rules.join_timeout_s):
             return FormRound(asked, candidates)
         eligible = len(q.eligible | requesting)
         if quorum_hopeless(len(requesting), eligible, q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
@@ -324,7 +324,7 @@ class Sample(QuorumPolicy):
 
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
         """As many asked as a sample of the live peers holds, or the join timeout passed."""
-        if requesting < rules.min_peers:
+        if requesting < rules.least:
             return False
         return requesting >= self.size.of(eligible) or waited_s >= rules.join_timeout_s
 
@@ -339,7 +339,7 @@ def _first_of_roster(q: QuorumInputs, k: int) -> Outcome:
     if q.coordinator_age_s < q.rules.startup_grace_s:
         return None
     roster = roster_of(q)
-    k = min(max(k, q.rules.min_peers, 1), len(roster))
+    k = min(max(k, q.rules.least, 1), len(roster))
     if len(q.requesting) >= k:
         return FormRound(tuple(order_members(set(q.requesting[:k]))), roster)
     if quorum_hopeless(len(q.requesting), len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
@@ -389,7 +389,7 @@ class Coded(QuorumPolicy):
             code = code_for(len(roster), self.stragglers, self.code)
         except ConfigError:  # code=frc over a roster that s+1 does not divide: nothing can decode it
             return None
-        if len(asked) >= q.rules.min_peers and decodable(code, [roster.index(p) for p in asked]):
+        if len(asked) >= q.rules.least and decodable(code, [roster.index(p) for p in asked]):
             return FormRound(tuple(order_members(set(asked))), roster)
         if quorum_hopeless(len(q.requesting), len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
             return Refuse(len(roster))
@@ -397,7 +397,7 @@ class Coded(QuorumPolicy):
 
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
         """Enough askers for the sparsest decodable set (one worker per group of s+1)."""
-        return requesting >= rules.min_peers and requesting * (self.stragglers + 1) >= eligible
+        return requesting >= rules.least and requesting * (self.stragglers + 1) >= eligible
 
 
 @register
@@ -429,7 +429,7 @@ class AllBut(QuorumPolicy):
 
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
         """n-s asked."""
-        return requesting >= rules.min_peers and requesting >= eligible - self.stragglers
+        return requesting >= rules.least and requesting >= eligible - self.stragglers
 
 
 BACKUP_TAG_KEY = ":k="
@@ -457,7 +457,7 @@ class Backup(_Bare):
 
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
         """At least min_peers asked (k is in the tag, read by decide)."""
-        return requesting >= rules.min_peers
+        return requesting >= rules.least
 
 
 @register
@@ -495,7 +495,7 @@ class Grace(QuorumPolicy):
         if q.coordinator_age_s < q.rules.startup_grace_s:
             return None
         roster = roster_of(q)
-        need = max(len(roster) - self.stragglers, q.rules.min_peers, 1)
+        need = max(len(roster) - self.stragglers, q.rules.least, 1)
         everyone = FormRound(tuple(order_members(set(q.requesting))), roster)
         if len(q.requesting) >= len(roster):
             return everyone
@@ -510,7 +510,7 @@ class Grace(QuorumPolicy):
 
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
         """n-L asked."""
-        return requesting >= rules.min_peers and requesting >= eligible - self.stragglers
+        return requesting >= rules.least and requesting >= eligible - self.stragglers
 
 
 @register
@@ -551,7 +551,7 @@ class Buffered(QuorumPolicy):
         return f"{self.name}:{self.k}" + ("" if self.timeout_s is None else f",t={self.timeout_s:g}")
 
     def _needed(self, live: int, rules: QuorumRules) -> int:
-        return max(min(self.k, live), rules.min_peers, 1)
+        return max(min(self.k, live), rules.least, 1)
 
     def decide(self, q: QuorumInputs) -> Outcome:
         """Every peer that asked, once K asked (all live peers if fewer) or T seconds after the first asked."""
@@ -562,7 +562,7 @@ class Buffered(QuorumPolicy):
         if q.requesting and len(q.requesting) >= self._needed(live, q.rules):
             return ready
         if (self.timeout_s is not None and q.waited_s >= self.timeout_s
-                and len(q.requesting) >= max(q.rules.min_peers, 1)):
+                and len(q.requesting) >= max(q.rules.least, 1)):
             return ready
         if quorum_hopeless(len(q.requesting), live, q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
             return Refuse(live)
@@ -570,7 +570,7 @@ class Buffered(QuorumPolicy):
 
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
         """K (or every live peer) asked, or T passed since the first."""
-        if requesting < max(rules.min_peers, 1):
+        if requesting < max(rules.least, 1):
             return False
         timed_out = self.timeout_s is not None and waited_s >= self.timeout_s
         return timed_out or requesting >= self._needed(eligible, rules)

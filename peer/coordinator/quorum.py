@@ -206,9 +206,7 @@ class Quorums:
     def rules(self, pending: PendingQuorum) -> QuorumRules:
         """The quorum rules for this pending quorum: min_peers raised to what its peers' aggregator needs."""
         rules = self.config.rules
-        if pending.min_members <= rules.min_peers:
-            return rules
-        return replace(rules, min_peers=pending.min_members)
+        return rules if pending.min_members == rules.min_members else replace(rules, min_members=pending.min_members)
 
     def minimum(self, pending: PendingQuorum | None) -> str:
         """What a round needs at least, in words ("min_peers is 2", and the aggregator's need when larger)."""
@@ -292,7 +290,7 @@ class Quorums:
     def _refuse_pending(self, pending: PendingQuorum, live: int) -> None:
         """Answer every waiting Quorum call with 'too few peers' (the peers train on and ask again)."""
         reason = (
-            f"{NO_QUORUM}: {live} live peer(s) left, {self.minimum(pending)}; "
+            f"{NO_QUORUM}: {live} live peer(s), {self.minimum(pending)}; "
             "training goes on locally until more peers join"
         )
         for fut in pending.waiting.values():

@@ -26,7 +26,9 @@ alone and ask again at their next sync (a peer that joins meanwhile syncs
 from them). Before the first commit the quorum keeps waiting, so a run
 starts only with ``min_peers`` peers. The peers' aggregator may need more
 members than ``min_peers`` (Krum's 2f+3, ``QuorumRequest.min_members``): the
-pending quorum then counts with the larger of the two.
+pending quorum then counts with the larger of the two (``QuorumRules.least``),
+and before the first commit it waits only for ``min_peers``: a quorum short of
+the aggregator's need alone is refused at the join timeout.
 
 Claims (``claim_verdict``, ``majority_round``): a joiner's claimed round
 and epoch are refused beyond ``MAX_CLAIM``, and beyond what the coordinator
@@ -155,6 +157,13 @@ class QuorumRules:
     # When every holder of the last committed round is gone, go on from the newest older round a live peer
     # holds (losing the later rounds) instead of waiting for a holder: an operator's choice, never the default.
     allow_rollback: bool = False
+    # The fewest members the waiting peers' aggregator runs with (QuorumRequest.min_members; Krum's 2f+3).
+    min_members: int = 1
+
+    @property
+    def least(self) -> int:
+        """The fewest members a round may have: min_peers, or more when the peers' aggregator needs more."""
+        return max(self.min_peers, self.min_members)
 
     def __post_init__(self) -> None:
         if self.min_peers < 1:
@@ -258,7 +267,7 @@ def quorum_ready(
     ``requesting``: peers waiting in this quorum; ``eligible``: live,
     up-to-date peers that could take part (requesting ones included).
     """
-    if len(requesting) < rules.min_peers or coordinator_age_s < rules.startup_grace_s:
+    if len(requesting) < rules.least or coordinator_age_s < rules.startup_grace_s:
         return False
     return eligible <= requesting or first_request_age_s >= rules.join_timeout_s
 
@@ -272,12 +281,13 @@ def quorum_hopeless(
     ``requesting``: peers waiting in it; ``eligible``: live peers that could take part (requesting ones and
     syncing joiners included); ``run_started``: the run has committed a round.
     """
-    return (
-        run_started
-        and eligible < rules.min_peers
-        and (requesting >= eligible or first_request_age_s >= rules.join_timeout_s)
-        and coordinator_age_s >= rules.startup_grace_s
-    )
+    if eligible >= rules.least or coordinator_age_s < rules.startup_grace_s:
+        return False
+    if run_started:
+        return requesting >= eligible or first_request_age_s >= rules.join_timeout_s
+    # Before the first commit the run waits for min_peers (the operator's word), but not for the peers its
+    # aggregator needs beyond them: nothing says they will come. The peers train on and ask again.
+    return eligible >= rules.min_peers and first_request_age_s >= rules.join_timeout_s
 
 
 def peers_to_probe(
