@@ -689,8 +689,8 @@ class ElasticCollective:
             if attempts >= config.max_attempts:
                 self._move(plan.round_id, Phase.FAILED)
                 raise RetriesExhausted(f"{attempts} attempts of a round aborted; last: {last_reason}")
-            if self.peer_id in outcome.dropped:
-                self.membership.unregistered.set()
+            # A member the decision dropped (outcome.dropped) is not told to join here: its heartbeats may have
+            # registered it again since; if not, the next quorum call says so (Unregistered) and it joins then.
             if self.membership.unregistered.is_set():
                 self._move(plan.round_id, Phase.REJOIN)
                 await self._rejoin()
