@@ -1,7 +1,8 @@
 """Which peers are gone: leases past their time, and port probes of the peers a quorum waits for.
 
 The coordinator's tick calls ``Liveness.check``. A peer whose last call is older
-than its lease is lost; so is one a quorum waits for whose port refuses a
+than its lease is lost (every lease is checked twice a second, the silent
+members of the round in flight on every tick); so is one a quorum waits for whose port refuses a
 health check (its process is gone: known within a tick or two instead of a
 lease). A probe that times out says nothing (the peer may be paused): its lease
 decides. ``mark_lost`` is the coordinator's, which drops the peer and tells the
@@ -22,8 +23,11 @@ from peer.coordinator.quorum import Quorums
 from peer.coordinator.rules import peers_to_probe
 from peer.coordinator.runstate import PeerRecord, RunState
 
-# How often leases are checked (the tick runs more often).
+# How often every lease is checked (the tick runs more often; it checks the silent members of the attempt in flight).
 LEASE_CHECK_S = 0.5
+# A gap between two checks longer than this means the coordinator's own loop stalled: heartbeats may sit unread,
+# so nobody's lease is judged on that check.
+LOOP_STALL_S = 1.0
 # A health check's deadline: a peer that does not answer within it is left to its lease.
 PROBE_TIMEOUT_S = 1.0
 
@@ -44,13 +48,30 @@ class Liveness:
         # Peer id -> when last probed, for the peers a quorum waits for.
         self._probed: dict[str, float] = {}
         self._probes: set[asyncio.Task] = set()
-        self._last_lease_check = time.monotonic()
+        self._last_lease_check = self._last_tick = time.monotonic()
 
     def check(self) -> None:
-        """Expire leases (every LEASE_CHECK_S) and probe the peers a quorum waits for (on the running loop)."""
-        if time.monotonic() - self._last_lease_check >= LEASE_CHECK_S:
+        """Expire leases (every LEASE_CHECK_S; the silent members of the attempt in flight on every tick) and probe
+        the peers a quorum waits for (on the running loop)."""
+        now = time.monotonic()
+        stalled, self._last_tick = now - self._last_tick > LOOP_STALL_S, now
+        if now - self._last_lease_check >= LEASE_CHECK_S:
             self._expire_leases()
+        elif not stalled:
+            self._expire_silent_members(now)
         self._probe_missing()
+
+    def _expire_silent_members(self, now: float) -> None:
+        """Drop the silent members of the attempt in flight whose lease lapsed: the others may be waiting for their
+        data, and learn of the abort from their heartbeats (rules.attempt_over), so it comes within a tick of the
+        lease, not of the next full check. Reporters are left to it: their lease decides nothing in this round."""
+        attempt = self.quorums.in_flight()
+        if attempt is None:
+            return
+        for member in attempt.record.members:
+            peer = self.state.peers.get(member)
+            if member not in attempt.reports and peer is not None and peer.alive and now - peer.last_seen > peer.lease_s:
+                self.mark_lost(peer, f"no heartbeat for {now - peer.last_seen:.1f} s", "lost")
 
     async def stop(self) -> None:
         """Cancel the probes in flight."""
@@ -86,7 +107,7 @@ class Liveness:
     def _expire_leases(self) -> None:
         now = time.monotonic()
         gap, self._last_lease_check = now - self._last_lease_check, now
-        if gap > 1.0:
+        if gap > LOOP_STALL_S:
             # The loop itself stalled: heartbeats may be queued unanswered. Do not blame
             # the peers for the coordinator's own delay; check again next time.
             return
