@@ -410,7 +410,7 @@ def test_a_lone_survivor_below_min_peers_is_told_at_once_not_after_the_quorum_ti
     a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
     play_round(c.stub, [a, b], 0)
     c.stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=b, reason="done"), timeout=5)
-    # The quorum timeout is 60 s; every live peer asked, so the refusal comes at once (10 s allows for a slow machine).
+    # The quorum timeout is 60 s; the refusal must come after the 0.5 s join timeout (10 s allows for a slow machine).
     request = pb.QuorumRequest(run_id=RUN, peer_id=a, last_round=1)
     code, details = status_code(lambda: c.stub.Quorum(request, timeout=10))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
@@ -418,7 +418,7 @@ def test_a_lone_survivor_below_min_peers_is_told_at_once_not_after_the_quorum_ti
 
 
 def test_no_round_forms_below_the_peers_aggregators_minimum(coordinator):
-    # Krum with f=1 needs 5 contributions: four live peers are refused once all of them asked, not formed
+    # Krum with f=1 needs 5 contributions: four live peers are refused at the join timeout, not formed
     # into rounds that every member would abort.
     c = coordinator(quorum_timeout_s=60)
     peers = [join(c.stub, f"127.0.0.1:{port}") for port in range(1, 5)]

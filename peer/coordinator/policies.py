@@ -200,7 +200,7 @@ class AllPeers(_Bare):
         """The rule of ``rules.quorum_ready`` / ``rules.quorum_hopeless`` over every peer that asked."""
         requesting = set(q.requesting)
         eligible = q.eligible | requesting
-        if quorum_hopeless(len(requesting), len(eligible), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+        if quorum_hopeless(len(eligible), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
             return Refuse(len(eligible))
         if quorum_ready(requesting, eligible, q.waited_s, q.coordinator_age_s, q.rules):
             return FormRound(tuple(order_members(requesting)))
@@ -314,7 +314,7 @@ class Sample(QuorumPolicy):
         if len(asked) >= q.rules.least and (len(asked) == len(sample) or q.waited_s >= q.rules.join_timeout_s):
             return FormRound(asked, candidates)
         eligible = len(q.eligible | requesting)
-        if quorum_hopeless(len(requesting), eligible, q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+        if quorum_hopeless(eligible, q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
             return Refuse(eligible)
         return None
 
@@ -342,7 +342,7 @@ def _first_of_roster(q: QuorumInputs, k: int) -> Outcome:
     k = min(max(k, q.rules.least, 1), len(roster))
     if len(q.requesting) >= k:
         return FormRound(tuple(order_members(set(q.requesting[:k]))), roster)
-    if quorum_hopeless(len(q.requesting), len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+    if quorum_hopeless(len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
         return Refuse(len(roster))
     return None
 
@@ -391,7 +391,7 @@ class Coded(QuorumPolicy):
             return None
         if len(asked) >= q.rules.least and decodable(code, [roster.index(p) for p in asked]):
             return FormRound(tuple(order_members(set(asked))), roster)
-        if quorum_hopeless(len(q.requesting), len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+        if quorum_hopeless(len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
             return Refuse(len(roster))
         return None
 
@@ -504,7 +504,7 @@ class Grace(QuorumPolicy):
                 return everyone  # arrival times unknown: no grace to give
             if q.since_s >= (1.0 + self.grace) * sorted(q.arrivals_s)[need - 1]:
                 return everyone
-        if quorum_hopeless(len(q.requesting), len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+        if quorum_hopeless(len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
             return Refuse(len(roster))
         return None
 
@@ -564,7 +564,7 @@ class Buffered(QuorumPolicy):
         if (self.timeout_s is not None and q.waited_s >= self.timeout_s
                 and len(q.requesting) >= max(q.rules.least, 1)):
             return ready
-        if quorum_hopeless(len(q.requesting), live, q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+        if quorum_hopeless(live, q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
             return Refuse(live)
         return None
 

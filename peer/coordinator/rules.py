@@ -19,9 +19,10 @@ round formed by some of them could diverge from what the others applied.
 Members are ordered by peer id, so every member sees the same list.
 
 Too few (``quorum_hopeless``): once the run has committed a round, a
-pending quorum that has fewer than ``min_peers`` live peers to draw on is
-refused once every one of them asked, or when ``join_timeout_s`` has passed,
-rather than after the coordinator's quorum timeout: the survivors train on
+pending quorum that still has fewer than ``min_peers`` live peers to draw on
+when ``join_timeout_s`` has passed is refused at once rather than after the
+coordinator's quorum timeout (not sooner, even when every live peer asked: a
+restarted peer comes back within it): the survivors train on
 alone and ask again at their next sync (a peer that joins meanwhile syncs
 from them). Before the first commit the quorum keeps waiting, so a run
 starts only with ``min_peers`` peers. The peers' aggregator may need more
@@ -273,21 +274,23 @@ def quorum_ready(
 
 
 def quorum_hopeless(
-    requesting: int, eligible: int, first_request_age_s: float, coordinator_age_s: float, run_started: bool,
-    rules: QuorumRules,
+    eligible: int, first_request_age_s: float, coordinator_age_s: float, run_started: bool, rules: QuorumRules
 ) -> bool:
-    """Whether a pending quorum should be refused now: too few live peers are left to reach min_peers.
+    """Whether a pending quorum should be refused now: too few live peers are left to reach min_peers (or the
+    peers' aggregator's minimum).
 
-    ``requesting``: peers waiting in it; ``eligible``: live peers that could take part (requesting ones and
-    syncing joiners included); ``run_started``: the run has committed a round.
+    ``eligible``: live peers that could take part (requesting ones and syncing joiners
+    included); ``run_started``: the run has committed a round.
     """
     if eligible >= rules.least or coordinator_age_s < rules.startup_grace_s:
         return False
-    if run_started:
-        return requesting >= eligible or first_request_age_s >= rules.join_timeout_s
+    # Never before the join timeout, even when every live peer has asked: a peer killed and restarted by its
+    # supervisor comes back within it, and the survivors' next round should be with it, not ahead of it.
+    if first_request_age_s < rules.join_timeout_s:
+        return False
     # Before the first commit the run waits for min_peers (the operator's word), but not for the peers its
     # aggregator needs beyond them: nothing says they will come. The peers train on and ask again.
-    return eligible >= rules.min_peers and first_request_age_s >= rules.join_timeout_s
+    return run_started or eligible >= rules.min_peers
 
 
 def peers_to_probe(
