@@ -34,6 +34,26 @@ def fail(*named: str, reason: str = "x") -> Report:
     return Report(ok=False, failed=named, reason=reason)
 
 
+# requesting, eligible, first request age, coordinator age, rules -> ready
+QUORUM_CASES = [
+    ("all eligible asked", {"a", "b"}, {"a", "b"}, 0.0, 100.0, QuorumRules(min_peers=2), True),
+    ("one missing, timeout not passed", {"a"}, {"a", "b"}, 1.0, 100.0, QuorumRules(min_peers=1, join_timeout_s=5), False),
+    ("one missing, timeout passed", {"a"}, {"a", "b"}, 5.0, 100.0, QuorumRules(min_peers=1, join_timeout_s=5), True),
+    ("timeout passed but under min_peers", {"a"}, {"a", "b"}, 50.0, 100.0, QuorumRules(min_peers=2), False),
+    ("everyone asked but under min_peers", {"a"}, {"a"}, 0.0, 100.0, QuorumRules(min_peers=2), False),
+    ("startup grace holds a timed-out quorum", {"a"}, {"a", "b"}, 9.0, 2.0, QuorumRules(1, 5.0, 10.0), False),
+    ("startup grace holds even a complete one", {"a", "b"}, {"a", "b"}, 0.0, 2.0, QuorumRules(2, 5.0, 10.0), False),
+    ("after the grace the timeout applies", {"a"}, {"a", "b"}, 9.0, 11.0, QuorumRules(1, 5.0, 10.0), True),
+    ("nobody asked", set(), {"a"}, 50.0, 100.0, QuorumRules(min_peers=1), False),
+    ("everyone asked, short of the aggregator's need", {"a", "b"}, {"a", "b"}, 0.0, 100.0, QuorumRules(min_members=3), False),
+]
+
+
+@pytest.mark.parametrize("name,requesting,eligible,age,coord_age,rules,ready", QUORUM_CASES, ids=[c[0] for c in QUORUM_CASES])
+def test_quorum_ready(name, requesting, eligible, age, coord_age, rules, ready):
+    assert quorum_ready(requesting, eligible, age, coord_age, rules) is ready
+
+
 # eligible, first request age, coordinator age, run started, rules -> refuse now
 HOPELESS_CASES = [
     ("a lone survivor after the join timeout", 1, 5.0, 100.0, True, QuorumRules(min_peers=2, join_timeout_s=5), True),
