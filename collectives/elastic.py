@@ -765,9 +765,7 @@ class ElasticCollective:
         try:
             await asyncio.wait((exchange, over), return_when=asyncio.FIRST_COMPLETED)
             if not exchange.done():
-                exchange.cancel()
-                await asyncio.gather(exchange, return_exceptions=True)
-                return None, (), over.result()
+                return None, (), over.result()  # the exchange is cancelled below
             return exchange.result(), (), ""
         except MemberFailure as exc:
             return None, tuple(ids[r] for r in exc.failed_ranks), str(exc)
@@ -775,7 +773,7 @@ class ElasticCollective:
             return None, (), str(exc)
         finally:
             self.membership.unwatch(over)
-            if not exchange.done():  # this sync was cancelled (interrupt): so is its exchange
+            if not exchange.done():  # the coordinator ended the attempt, or this sync was cancelled (interrupt)
                 exchange.cancel()
                 await asyncio.gather(exchange, return_exceptions=True)
 

@@ -70,8 +70,13 @@ class Liveness:
             return
         for member in attempt.record.members:
             peer = self.state.peers.get(member)
-            if member not in attempt.reports and peer is not None and peer.alive and now - peer.last_seen > peer.lease_s:
-                self.mark_lost(peer, f"no heartbeat for {now - peer.last_seen:.1f} s", "lost")
+            if member not in attempt.reports and peer is not None and peer.alive:
+                self._expire(peer, now)
+
+    def _expire(self, peer: PeerRecord, now: float) -> None:
+        """Drop a live peer whose lease lapsed."""
+        if now - peer.last_seen > peer.lease_s:
+            self.mark_lost(peer, f"no heartbeat for {now - peer.last_seen:.1f} s", "lost")
 
     async def stop(self) -> None:
         """Cancel the probes in flight."""
@@ -112,8 +117,7 @@ class Liveness:
             # the peers for the coordinator's own delay; check again next time.
             return
         for peer in self.state.alive_peers():
-            if now - peer.last_seen > peer.lease_s:
-                self.mark_lost(peer, f"no heartbeat for {now - peer.last_seen:.1f} s", "lost")
+            self._expire(peer, now)
         self.state.forget_gone(now)  # gone peers' records past their time (forgetting.py)
         # A waiter asks again every heartbeat interval; one silent for a lease gave up.
         for waiter in self.state.waiting.expire(now, self.config.lease_s):

@@ -204,7 +204,7 @@ class Quorums:
         )
 
     def rules(self, pending: PendingQuorum) -> QuorumRules:
-        """The quorum rules for this pending quorum: min_peers raised to what its peers' aggregator needs."""
+        """The quorum rules for this pending quorum: with min_members, what its peers' aggregator needs."""
         rules = self.config.rules
         return rules if pending.min_members == rules.min_members else replace(rules, min_members=pending.min_members)
 
