@@ -226,3 +226,5 @@ def test_member_frozen_in_a_round_the_others_stop_waiting_once_the_coordinator_a
     assert sorted(ids[m] for m in a["members"]) == ["a", "b"]
     assert a["attempts"] >= 2
     assert a["result"] == expected_result(c, a)
+    # Frozen for good, it would only sit out the cluster's 10 s wait for a graceful exit.
+    victim.signal(signal.SIGKILL)
