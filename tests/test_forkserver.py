@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from peer.harness.forkserver import ForkServer, ForkServerError
+from peer.harness import processes
+from peer.harness.forkserver import ForkedChild, ForkServer, ForkServerError, import_time_env, runs_as_imported
 from peer.harness.processes import FORK_SERVER_ENV, Proc, forkable
 
 pytestmark = pytest.mark.timeout(120)
@@ -142,13 +143,46 @@ def test_the_server_ends_with_the_process_that_started_it(tmp_path):
         starter.wait(30)
 
 
-def test_only_loconet_commands_without_start_up_environment_are_forked():
+def test_only_loconet_commands_are_forked_and_only_while_the_server_is_on():
     env = {"PATH": "/usr/bin"}
     assert forkable([*CLI, "peer"], env)
     assert not forkable([sys.executable, "other.py"], env)
     assert not forkable([*CLI, "peer"], {**env, FORK_SERVER_ENV: "0"})
-    for name in ("GRPC_VERBOSITY", "GRPC_TRACE", "PYTHONHASHSEED"):
-        assert not forkable([*CLI, "peer"], {**env, name: "x"})
+
+
+def test_a_server_imports_with_its_starters_start_up_environment_and_quiet_grpc_by_default():
+    assert import_time_env({"PATH": "/usr/bin"}) == {"GRPC_VERBOSITY": "NONE", "GRPC_TRACE": None, "PYTHONHASHSEED": None}
+    assert import_time_env({"GRPC_VERBOSITY": "DEBUG", "GRPC_TRACE": "http", "PYTHONHASHSEED": "0"}) == {
+        "GRPC_VERBOSITY": "DEBUG", "GRPC_TRACE": "http", "PYTHONHASHSEED": "0"}
+
+
+# (what the child's environment sets, what the server imported with, forked?)
+RUNS_AS_IMPORTED = [
+    ({}, {"GRPC_VERBOSITY": "NONE"}, True),  # unset: the server's value is as good as the default
+    ({"GRPC_VERBOSITY": "NONE"}, {"GRPC_VERBOSITY": "NONE"}, True),  # what `loconet` without -v sets for its children
+    ({"GRPC_VERBOSITY": "DEBUG"}, {"GRPC_VERBOSITY": "NONE"}, False),
+    ({"GRPC_TRACE": "http"}, {"GRPC_VERBOSITY": "NONE", "GRPC_TRACE": None}, False),
+    ({"PYTHONHASHSEED": "0"}, {"PYTHONHASHSEED": "0"}, True),
+    ({"PYTHONHASHSEED": "0"}, {"PYTHONHASHSEED": None}, False),  # a random hash seed is not seed 0
+]
+
+
+@pytest.mark.parametrize(("env", "imported", "forked"), RUNS_AS_IMPORTED)
+def test_a_child_is_forked_only_when_the_environment_its_imports_read_is_the_servers(env, imported, forked):
+    assert runs_as_imported({"PATH": "/usr/bin", **env}, imported) is forked
+
+
+def test_a_loconet_command_without_v_forks_its_children(tmp_path, monkeypatch):
+    # `loconet harness` (or demo, or bench) without -v sets GRPC_VERBOSITY=NONE before its children start.
+    monkeypatch.setenv("GRPC_VERBOSITY", "NONE")
+    monkeypatch.setattr(processes, "FORKS", processes._SharedForkServer())
+    p = Proc([*CLI, "coordinator", "--help"], tmp_path / "help.log")
+    try:
+        assert isinstance(p.proc, ForkedChild)
+        assert p.proc.wait(60) == 0
+    finally:
+        p.stop()
+        processes.FORKS.close()
 
 
 def test_a_proc_is_exec_ed_when_the_fork_server_is_switched_off(tmp_path, monkeypatch):

@@ -40,14 +40,32 @@ from collections.abc import Mapping, Sequence
 
 from collectives.errors import LoconetError
 
-__all__ = ["ForkServer", "ForkServerError", "ForkedChild", "serve"]
+__all__ = ["ForkServer", "ForkServerError", "ForkedChild", "import_time_env", "runs_as_imported", "serve"]
 
 # The modules the server runs with `-m`. Each runs in the child as __main__, so it is not imported here (runpy would
 # warn that it is in sys.modules already); what it imports is.
 MODULES = ("peer.cli",)
 # The modules whose import is the start-up cost: everything `loconet peer` and `loconet coordinator` load.
-PRELOAD = ("torch", "numpy", "grpc", "peer.runtime.daemon", "peer.coordinator.service", "peer.plugins")
+# torch._dynamo too: building the first torch.optim optimizer imports it (torch's `_disable_dynamo` decorator), about
+# 1.7 CPU-seconds that every peer paid again after its fork.
+PRELOAD = ("torch", "torch._dynamo", "numpy", "grpc", "peer.runtime.daemon", "peer.coordinator.service", "peer.plugins")
 MAX_MESSAGE = 1 << 20  # a request's argv and environment
+# Read once, when gRPC is imported (GRPC_*) or the interpreter starts (PYTHONHASHSEED): a forked child runs with the
+# server's values of these, whatever its own environment says.
+IMPORT_TIME_ENV = ("GRPC_VERBOSITY", "GRPC_TRACE", "PYTHONHASHSEED")
+# What the server sets where its starter did not: gRPC's C core quiet, as `loconet` is without -v.
+SERVER_DEFAULTS = {"GRPC_VERBOSITY": "NONE"}
+
+
+def import_time_env(environ: Mapping[str, str]) -> dict[str, str | None]:
+    """The import-time variables a server started with environ runs with (None: unset)."""
+    return {name: environ.get(name, SERVER_DEFAULTS.get(name)) for name in IMPORT_TIME_ENV}
+
+
+def runs_as_imported(env: Mapping[str, str], imported: Mapping[str, str | None]) -> bool:
+    """Whether a child with env would run as a server that imported with ``imported`` does: every import-time
+    variable env sets has the server's value (one env leaves unset takes the server's)."""
+    return all(env.get(name) in (None, imported.get(name)) for name in IMPORT_TIME_ENV)
 
 
 class ForkServerError(LoconetError):
@@ -220,10 +238,13 @@ class ForkServer:
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock = ours
+        env = dict(os.environ)
+        # What its imports read: a child whose environment says otherwise must be exec'ed (runs_as_imported).
+        self.import_env = import_time_env(env)
         self._server = subprocess.Popen(
             [sys.executable, "-m", "peer.harness.forkserver", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, env=env,
         )
         theirs.close()
         self._lock = threading.Lock()  # one request in flight: answers come back in order
@@ -329,7 +350,8 @@ def _main() -> None:
         os.close(os.pidfd_open(os.getpid()))  # Linux 5.3 or later: checked before any child exists to lose
     except (AttributeError, OSError) as exc:
         sys.exit(f"loconet fork server: no pidfd_open on this system ({exc}); children start with exec")
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    for name, value in SERVER_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     for name in PRELOAD:
         importlib.import_module(name)
     serve(sock)

@@ -21,7 +21,7 @@ import threading
 import time
 
 from collectives.errors import LoconetError
-from peer.harness.forkserver import ForkedChild, ForkServer, ForkServerError
+from peer.harness.forkserver import ForkedChild, ForkServer, ForkServerError, runs_as_imported
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,6 @@ def die_with_parent_from_env() -> None:
 
 # Set to 0 to start every child with exec, as a user's shell would (the fork server is skipped).
 FORK_SERVER_ENV = "LOCONET_FORK_SERVER"
-# Read once, when gRPC is imported (GRPC_*) or the interpreter starts (PYTHONHASHSEED): a child forked from the
-# server would not see them, so a child whose environment sets one is exec'ed.
-_IMPORT_TIME_ENV = ("GRPC_VERBOSITY", "GRPC_TRACE", "PYTHONHASHSEED")
 
 
 class _SharedForkServer:
@@ -131,11 +128,9 @@ atexit.register(FORKS.close)
 
 
 def forkable(args: list[str], env: dict[str, str]) -> bool:
-    """Whether a child can be forked from the server: it is ``python -m peer.cli ...`` with no environment that
-    only an interpreter's start-up reads."""
-    return (sys.platform.startswith("linux") and args[:3] == [sys.executable, "-m", "peer.cli"]
-            and env.get(FORK_SERVER_ENV) != "0"
-            and not any(name in env for name in _IMPORT_TIME_ENV))
+    """Whether a child may be forked from a server: it is ``python -m peer.cli ...`` and the fork server is not
+    switched off (the server then checks the environment its imports read: ``ForkServer.import_env``)."""
+    return sys.platform.startswith("linux") and args[:3] == [sys.executable, "-m", "peer.cli"] and env.get(FORK_SERVER_ENV) != "0"
 
 
 class Proc:
@@ -153,6 +148,8 @@ class Proc:
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
         self.proc: subprocess.Popen | ForkedChild | None = None
         server = FORKS.get() if fork and not prefix and forkable(self.args, env) else None
+        if server is not None and not runs_as_imported(env, server.import_env):
+            server = None  # e.g. GRPC_TRACE set for this child alone: only a fresh interpreter reads it
         if server is not None:
             try:
                 self.proc = server.spawn(self.args, env, self.log.fileno())
