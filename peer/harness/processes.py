@@ -98,16 +98,19 @@ class _SharedForkServer:
         with self._lock:
             if self._failed:
                 return None
+            # Every server at once: each spends seconds on its imports, and they do them side by side (started
+            # one at a time, a harness's second child waited for the second server's imports after the first
+            # child had waited for the first's).
+            for i, server in enumerate(self._servers):
+                if server is None or not server.alive:
+                    try:
+                        self._servers[i] = ForkServer()
+                    except OSError as exc:
+                        log.warning("no fork server (%s): children start with exec", exc)
+                        self._failed = True
+                        return None
             i, self._next = self._next, (self._next + 1) % self.SERVERS
-            server = self._servers[i]
-            if server is None or not server.alive:
-                try:
-                    server = self._servers[i] = ForkServer()
-                except OSError as exc:
-                    log.warning("no fork server (%s): children start with exec", exc)
-                    self._failed = True
-                    return None
-            return server
+            return self._servers[i]
 
     def give_up(self) -> None:
         """Start every later child with exec: a server failed (an import error would fail every new one too)."""
