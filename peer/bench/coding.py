@@ -370,8 +370,9 @@ def run_method(m: Method, config: CodingBenchConfig, task: Task) -> dict:
     train = train_config(m, config)
     n = config.peers
     label = f"coding-{m.name}"
+    # A fresh coordinator of a fresh run: no peer of an earlier one to wait for (startup grace 0, as the harness's).
     coordinator = CoordinatorConfig(run_id=label, port=0, dashboard_port=None, min_peers=1, quorum=m.quorum,
-                                    seed=config.seed, heartbeat_s=HEARTBEAT_S, lease_s=5.0)
+                                    seed=config.seed, heartbeat_s=HEARTBEAT_S, lease_s=5.0, startup_grace_s=0.0)
     outcomes = [WorkerOutcome(r) for r in range(n)]
     joined, done = threading.Barrier(n), threading.Barrier(n)
     started = time.monotonic()
