@@ -65,7 +65,7 @@ def test_verbosity_is_accepted_after_the_command_too():
 def test_version_prints_the_installed_version():
     from importlib.metadata import version
 
-    result = subprocess.run([sys.executable, "-m", "peer.cli", "--version"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([sys.executable, "-m", "peer.cli", "--version"], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0 and result.stdout.strip() == f"loconet {version('loconet')}"
 
 
@@ -97,3 +97,15 @@ def test_the_harness_summary_reads_as_lines_with_each_event_and_its_recovery():
         "  peers          4 of 5 finished with identical parameters",
         "  wall time      62 s; logs in /tmp/run",
     ]
+
+
+def test_replicas_averaged_in_groups_are_summarised_by_their_spread_not_as_different():
+    report = {**REPORT, "survivors_identical": False, "largest_group": 3, "spread_per_peer": {"peer0": 0.44, "peer1": 0.5}}
+    assert report_summary(report, steps=600).splitlines()[-2] == (
+        "  peers          4 of 5 finished with parameters of their own (averaged in groups of up to 3), spread 0.5 at the end"
+    )
+
+
+def test_survivors_that_should_agree_and_do_not_are_said_to_differ():
+    report = {**REPORT, "survivors_identical": False}
+    assert report_summary(report, steps=600).splitlines()[-2] == "  peers          4 of 5 finished with DIFFERENT parameters"

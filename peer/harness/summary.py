@@ -34,10 +34,22 @@ def report_summary(report: dict, steps: int) -> str:
         lines.append(f"  byzantine      {peer}: {attacks}; {did['contributions_corrupted']} corrupted contributions sent")
     lines += [
         f"  peers          {report['peers_alive']} of {report['peers'] + report.get('joined', 0)} finished with "
-        + ("identical parameters" if report["survivors_identical"] else "DIFFERENT parameters"),
+        + _parameters(report),
         f"  wall time      {report['wall_s']:.0f} s; logs in {report['workdir']}",
     ]
     return "\n".join(lines)
+
+
+def _parameters(report: dict) -> str:
+    """How the survivors' parameters compare: identical, or (rounds reduced in groups, as NoLoCo's) apart by design."""
+    if report["survivors_identical"]:
+        return "identical parameters"
+    spreads = report.get("spread_per_peer")
+    if spreads is not None:
+        # Each replica keeps weights of its own; how far apart they ended is the figure, not whether they are equal.
+        apart = f", spread {max(spreads.values()):.3g} at the end" if spreads else ""
+        return f"parameters of their own (averaged in groups of up to {report['largest_group']}){apart}"
+    return "DIFFERENT parameters"
 
 
 def interrupted_note(command: str, peers: int, workdir: str) -> str:
