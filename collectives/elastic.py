@@ -189,6 +189,16 @@ class ElasticConfig:
             raise ConfigError(f"connect timeout must be positive, got {self.connect_timeout_s}")
 
 
+async def _cancel_until_done(task: asyncio.Task, every_s: float = 0.5) -> None:
+    """Cancel task and wait for it to end, cancelling again while it runs on: a library call may swallow one
+    cancellation (Python 3.11's asyncio.wait_for does when its awaitable completes at the same moment)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every_s)
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("%s ended with %r", task.get_name(), task.exception())
+
+
 class ElasticCollective:
     """A peer's membership in a run plus its elastic all-reduce. Thread-safe entry points; one sync at a time."""
 
@@ -432,8 +442,7 @@ class ElasticCollective:
 
     async def _close(self, leave: bool, reason: str, leave_timeout_s: float | None) -> None:
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            await _cancel_until_done(self._heartbeat)
         if leave:
             digest = await self._leaving_digest() if self._holds_state else ""
             await self.membership.leave(reason, leave_timeout_s, self.last_round if digest else 0, digest)
@@ -464,8 +473,7 @@ class ElasticCollective:
                 # so that a restarted coordinator rebuilds its view quickly.
                 await self._rejoin()
         finally:
-            beat.cancel()
-            await asyncio.gather(beat, return_exceptions=True)
+            await _cancel_until_done(beat)
 
     async def _rejoin(self) -> str:
         """Register again, unless done since the coordinator last said this peer is out (``unregistered``); "" once

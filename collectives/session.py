@@ -144,7 +144,10 @@ class CoordinatorSession:
         async with self._open_lock:
             if self._stream is None:
                 try:
-                    await asyncio.wait_for(self._connect(), timeout_s)
+                    # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives as the connect
+                    # completes, and a heartbeat task cancelled then went on beating (a peer's close waited 30 s).
+                    async with asyncio.timeout(timeout_s):
+                        await self._connect()
                 except TimeoutError:
                     raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded (opening a Session)") from None
             stream = self._stream

@@ -430,3 +430,32 @@ def test_the_coordinator_has_room_for_a_session_per_peer_besides_its_calls():
     """Each live peer holds its Session stream (one RPC) while it is in the run."""
     server = CoordinatorServer(config(max_peers=2500))
     assert server.settings.max_concurrent_rpcs == COORDINATOR_SETTINGS.max_concurrent_rpcs + 2500
+
+
+class _OpenStream:
+    """A Session stream that takes every write and is never answered."""
+
+    async def write(self, raw: bytes) -> None:
+        pass
+
+    def done(self) -> bool:
+        return True
+
+
+def test_a_call_cancelled_as_its_session_stream_opens_ends_cancelled():
+    # Python 3.11's asyncio.wait_for returned the open stream here and dropped the cancellation: a heartbeat task
+    # cancelled at that moment beat on, and its peer's close waited 30 s for it.
+    async def main() -> None:
+        session = CoordinatorSession(channel=lambda: None)
+        caller: asyncio.Task | None = None
+
+        async def connect() -> None:
+            caller.cancel()  # the cancellation arrives as the stream opens
+            session._stream = _OpenStream()
+
+        session._connect = connect
+        caller = asyncio.get_running_loop().create_task(session.call("Heartbeat", pb.HeartbeatRequest(), 5.0))
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+
+    asyncio.run(main())
