@@ -134,7 +134,8 @@ class Admission:
         it = requests.__aiter__()
         timeout = self.limits.first_message_timeout_s
         try:
-            first = await asyncio.wait_for(it.__anext__(), timeout)
+            async with asyncio.timeout(timeout):
+                first = await it.__anext__()
         except StopAsyncIteration:
             return
         except TimeoutError:

@@ -303,7 +303,8 @@ class ElasticCollective:
         """The digest of this peer's state for its Leave ("" when it cannot be had within LEAVE_DIGEST_S): a peer
         that stops right after the run's last commit reports that round's digest nowhere else."""
         try:
-            return await asyncio.wait_for(self._state_digest(), LEAVE_DIGEST_S)
+            async with asyncio.timeout(LEAVE_DIGEST_S):
+                return await self._state_digest()
         except Exception as exc:  # noqa: BLE001 - leaving goes on without it
             log.debug("no state digest to leave with: %s", exc)
             return ""

@@ -216,7 +216,8 @@ class RoundInbox:
                 return False
             self._wakeup.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
             except TimeoutError:
                 return self.broken or done()
         return True

@@ -341,7 +341,8 @@ class _Fetch:
     async def _read(self, call: grpc.aio.UnaryStreamCall, source: str) -> bytes | None:
         """The next message of a response (None at its end), within the stall timeout."""
         try:
-            raw = await asyncio.wait_for(call.read(), self.config.stall_timeout_s)
+            async with asyncio.timeout(self.config.stall_timeout_s):
+                raw = await call.read()
         except TimeoutError:
             raise _SourceFailed(f"no data for {self.config.stall_timeout_s:g} s (the source stalled)") from None
         if raw is grpc.aio.EOF:

@@ -375,7 +375,8 @@ class StateServer:
                 # Under flow control a write waits for the client to read: a client that stops
                 # reading must not hold this fetch (and its pin) for the whole deadline.
                 try:
-                    await asyncio.wait_for(context.write(message), self.config.serve_stall_timeout_s)
+                    async with asyncio.timeout(self.config.serve_stall_timeout_s):
+                        await context.write(message)
                 except TimeoutError:
                     return False
                 self.bytes_served += len(message)

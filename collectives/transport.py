@@ -226,7 +226,8 @@ async def port_refuses(address: str, timeout_s: float = 1.0) -> str | None:
     """Why a TCP connection to address fails (refused, unroutable, timed out), or None if it is accepted."""
     host, port = split_address(address)
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            _, writer = await asyncio.open_connection(host, port)
     except TimeoutError:
         return f"connecting timed out after {timeout_s:g} s"
     except OSError as exc:  # asyncio words it "Connect call failed"; the errno says why
@@ -375,7 +376,8 @@ class Transport:
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s + 1.0)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.get_running_loop().shutdown_asyncgens(), grace_s + 1.0)
+            async with asyncio.timeout(grace_s + 1.0):
+                await asyncio.get_running_loop().shutdown_asyncgens()
 
     def __enter__(self) -> Self:
         return self
