@@ -81,6 +81,7 @@ import torch
 from collectives.addresses import coordinator_address
 from collectives.aggregators import AggregatorConfig, make_aggregator
 from collectives.allreduce import AllReduceConfig, AllReduceResult, Collective
+from collectives.asynctasks import cancel_and_wait
 from collectives.codecs import CodecConfig, check_finite
 from collectives.errors import ConfigError, LoconetError, MemberFailure, ProtocolError, RoundFailed
 from collectives.hostlocal import resolve_host_id, round_hosts
@@ -187,16 +188,6 @@ class ElasticConfig:
         object.__setattr__(self, "coordinator", coordinator_address(self.coordinator))
         if not self.connect_timeout_s > 0:
             raise ConfigError(f"connect timeout must be positive, got {self.connect_timeout_s}")
-
-
-async def _cancel_until_done(task: asyncio.Task, every_s: float = 0.5) -> None:
-    """Cancel task and wait for it to end, cancelling again while it runs on: a library call may swallow one
-    cancellation (Python 3.11's asyncio.wait_for does when its awaitable completes at the same moment)."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=every_s)
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("%s ended with %r", task.get_name(), task.exception())
 
 
 class ElasticCollective:
@@ -443,7 +434,7 @@ class ElasticCollective:
 
     async def _close(self, leave: bool, reason: str, leave_timeout_s: float | None) -> None:
         if self._heartbeat is not None:
-            await _cancel_until_done(self._heartbeat)
+            await cancel_and_wait([self._heartbeat])
         if leave:
             digest = await self._leaving_digest() if self._holds_state else ""
             await self.membership.leave(reason, leave_timeout_s, self.last_round if digest else 0, digest)
@@ -474,7 +465,7 @@ class ElasticCollective:
                 # so that a restarted coordinator rebuilds its view quickly.
                 await self._rejoin()
         finally:
-            await _cancel_until_done(beat)
+            await cancel_and_wait([beat])
 
     async def _rejoin(self) -> str:
         """Register again, unless done since the coordinator last said this peer is out (``unregistered``); "" once

@@ -36,7 +36,6 @@ what crashed processes leave.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -45,6 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import torch
 
 from collectives.aggregation import finite_weights, mean_coefficients, weighted_sum
+from collectives.asynctasks import cancel_and_wait
 from collectives.errors import (
     LoconetError,
     MemberFailure,
@@ -304,10 +304,7 @@ class HostRound:
                     with seg.synced():
                         self._check(seg)  # a local member that dies meanwhile cancels the round between hosts
         finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            await cancel_and_wait([task])
         try:
             inter_stats = task.result()
         except MemberFailure as exc:  # ranks among the leaders: named by their ranks in the whole group

@@ -31,6 +31,7 @@ import grpc
 import torch
 
 from collectives.aggregators import Aggregator, AggregatorConfig, combine_shares
+from collectives.asynctasks import cancel_and_wait
 from collectives.codecs import Codec, CodecConfig, check_finite
 from collectives.errors import ConfigError, LoconetError, MemberFailure, NonFiniteError, RoundFailed, StaleRound
 from collectives.inbox import GATHER, SCATTER, Group, RoundInbox, codec_proto
@@ -419,6 +420,4 @@ class Round:
 
     async def stop(self) -> None:
         """Cancel this round's sends and watchers and wait until they are gone."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_and_wait(self.tasks)

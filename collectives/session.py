@@ -32,6 +32,7 @@ from collections.abc import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from collectives.asynctasks import cancel_and_wait
 from collectives.rpc import Metadata
 from collectives.transport import identity
 from protos import membership_pb2 as pb
@@ -257,6 +258,4 @@ class CoordinatorSession:
     async def close(self) -> None:
         """Close the stream and stop its reader and pending cancels (the session may be opened again by a call)."""
         await self.reset()
-        for task in list(self._cancels):
-            task.cancel()
-        await asyncio.gather(*self._cancels, return_exceptions=True)
+        await cancel_and_wait(self._cancels)

@@ -9,7 +9,7 @@ import torch
 
 from collectives.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
-from collectives.elastic import ElasticCollective, ElasticConfig, _cancel_until_done
+from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import NonFiniteError
 from peer.coordinator.config import CoordinatorConfig
 from tests.support.coordinator import CoordinatorThread
@@ -95,23 +95,3 @@ def test_a_peer_found_out_of_the_run_by_its_heartbeats_and_a_sync_at_once_regist
     assert peer.transport.submit(both_find_it_out()).result(timeout=30) == ["", ""]
     assert len(joins) == 1
     assert not peer.membership.unregistered.is_set()
-
-
-def test_a_task_that_swallows_a_cancellation_is_cancelled_again_until_it_ends():
-    async def main() -> tuple[int, bool]:
-        swallowed = 0
-
-        async def stubborn() -> None:
-            nonlocal swallowed
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                swallowed += 1  # as Python 3.11's asyncio.wait_for can, when its awaitable completes meanwhile
-            await asyncio.sleep(3600)
-
-        task = asyncio.get_running_loop().create_task(stubborn())
-        await asyncio.sleep(0)
-        await asyncio.wait_for(_cancel_until_done(task, every_s=0.01), 5)
-        return swallowed, task.cancelled()
-
-    assert asyncio.run(main()) == (1, True)

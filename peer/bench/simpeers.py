@@ -22,6 +22,7 @@ import time
 
 import grpc
 
+from collectives.asynctasks import cancel_and_wait
 from collectives.membership import RETRY_CODES, MembershipConfig, heartbeat_interval
 from collectives.rpc import RpcSettings, make_channel
 from collectives.session import SESSION_RPCS, CoordinatorSession
@@ -270,7 +271,8 @@ async def _client(job: dict, conn) -> None:
     peers = [SimPeer(i, channels[j % len(channels)], job, lists) for j, i in enumerate(indexes)]
     tasks: list[asyncio.Task] = []
     try:
-        await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), 30)
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(ch.channel_ready() for ch in channels))
         conn.send({"type": "ready"})
         if (await _recv(conn))["cmd"] != "join":
             return
@@ -292,9 +294,7 @@ async def _client(job: dict, conn) -> None:
                     }
                 )
             elif cmd["cmd"] == "stop":
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await cancel_and_wait(tasks)
                 if cmd.get("orphaned"):
                     return
                 conn.send(
@@ -308,9 +308,7 @@ async def _client(job: dict, conn) -> None:
                 )
                 return
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
         await asyncio.gather(*(p.session.close() for p in peers if p.session is not None), return_exceptions=True)
         await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import grpc
 
+from collectives.asynctasks import cancel_and_wait
 from collectives.rpc import RpcSettings, health_check
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.quorum import Quorums
@@ -80,9 +81,7 @@ class Liveness:
 
     async def stop(self) -> None:
         """Cancel the probes in flight."""
-        for task in list(self._probes):
-            task.cancel()
-        await asyncio.gather(*self._probes, return_exceptions=True)
+        await cancel_and_wait(self._probes)
 
     def _probe_missing(self) -> None:
         pending = self.quorums.pending

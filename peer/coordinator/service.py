@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import grpc
 
+from collectives.asynctasks import cancel_and_wait
 from collectives.membership import NO_QUORUM
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import (
@@ -174,8 +175,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     async def stop(self) -> None:
         """Stop the tick loop and fail every waiting call."""
         if self._tick_task is not None:
-            self._tick_task.cancel()
-            await asyncio.gather(self._tick_task, return_exceptions=True)
+            await cancel_and_wait([self._tick_task])
         await self.liveness.stop()
         self._stopping = True
         for fut in self.quorums.waiting():

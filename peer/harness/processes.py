@@ -152,7 +152,7 @@ class Proc:
         self.proc: subprocess.Popen | ForkedChild | None = None
         server = FORKS.get() if fork and not prefix and forkable(self.args, env) else None
         if server is not None and not runs_as_imported(env, server.import_env):
-            server = None  # e.g. GRPC_TRACE set for this child alone: only a fresh interpreter reads it
+            server = None  # GRPC_TRACE set in this process after the server started: only a fresh interpreter reads it
         if server is not None:
             try:
                 self.proc = server.spawn(self.args, env, self.log.fileno())

@@ -45,6 +45,7 @@ import torch
 
 from collectives.admission import RETRY_KEY
 from collectives.aggregators import AggregatorConfig
+from collectives.asynctasks import cancel_and_wait
 from collectives.codecs import CodecConfig, make_codec
 from collectives.inbox import SCATTER, Group
 from collectives.parts import part_bounds
@@ -236,17 +237,19 @@ class Stall:
             await self._until_stopped(deadline)
         finally:
             self._stopping.set()  # also when the duration ran out: a slot whose cancellation is swallowed ends
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
             for channel in channels:
                 await channel.close()
             log.info("stopped stalling %s", address)
 
     async def _until_stopped(self, deadline: float | None) -> None:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        await self._wait_stopping(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    async def _wait_stopping(self, timeout_s: float | None) -> None:
+        """Return once the stall is stopping, or after timeout_s (None: no limit)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout)
+            async with asyncio.timeout(timeout_s):
+                await self._stopping.wait()
 
     async def _target(self, deadline: float | None) -> str | None:
         """The target's address, once it has one; None if the stall ends first."""
@@ -254,23 +257,19 @@ class Stall:
             address = self._address_of()
             if address:
                 return address
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), _ADDRESS_POLL_S)
+            await self._wait_stopping(_ADDRESS_POLL_S)
         return None
 
     def _go_on(self, first: bool) -> bool:
         """Whether a slot opens its call (again): not once the stall is stopping or the target has left.
 
-        The stop flag is checked as well as the task's cancellation because Python 3.11's ``asyncio.wait_for`` can
-        swallow a cancellation that arrives as its inner call completes (a stall thread outlived stop() in CI)."""
+        The stop flag is checked as well as the task's cancellation because a grpc call may end as its
+        cancellation arrives (collectives/asynctasks.py; a stall thread outlived stop() in CI)."""
         return not self._stopping.is_set() and (first or bool(self._address_of()))
 
     async def _pace(self, opened_at: float) -> None:
         """Wait until this slot may open its call again (or the stall stops)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                self._stopping.wait(), max(0.0, opened_at + self.plan.reopen_every_s - time.monotonic())
-            )
+        await self._wait_stopping(max(0.0, opened_at + self.plan.reopen_every_s - time.monotonic()))
 
     async def _stream_slot(self, channel: grpc.aio.Channel, header: bytes | None) -> None:
         """One PushPart stream, opened again whenever the peer ends it: silent, or one header and then silent."""
