@@ -45,7 +45,7 @@ def test_a_pattern_event_tells_every_peer_the_pattern_and_its_worker_number_unti
     assert controls(tmp_path, 3) == [{"straggle": "random,x=4,seed=2", "worker": i, "n": 3} for i in range(3)]
     assert fired.restore_at == 105.0
     assert fired.detail == "one random worker 4x slower at each step (seed 2), over 3 peers"
-    harness._restore(fired)
+    harness._restore(fired, now=105.0)
     assert controls(tmp_path, 3) == [{"straggle": None, "worker": i, "n": 3} for i in range(3)]
 
 
@@ -63,7 +63,7 @@ def test_a_later_pattern_replaces_an_earlier_one_whose_end_then_changes_nothing(
     harness = Harness(HarnessConfig(peers=2, task_config=SMALL, workdir=str(tmp_path)))
     first = harness._fire(parse_event("straggle:random@0s,x=4,for=10s"), now=0.0)
     harness._fire(parse_event("straggle:persistent@1s,worker=1,x=2"), now=1.0)
-    harness._restore(first)
+    harness._restore(first, now=10.0)
     assert [c["straggle"] for c in controls(tmp_path, 2)] == ["persistent,worker=1,x=2"] * 2
     harness._fire(parse_event("straggle:none@2s"), now=2.0)
     assert [c["straggle"] for c in controls(tmp_path, 2)] == [None, None]

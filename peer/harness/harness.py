@@ -68,6 +68,8 @@ class ScenarioStuck(LoconetError):
 # How often the harness asks the coordinator whether the running peers only wait for the run's state, and how many
 # answers in a row must say so: a holder restarting or a peer about to register changes it within seconds.
 STUCK_CHECK_S = 2.0
+# How long a stopped peer may take to checkpoint and leave after its restart is due, before it is killed.
+STOP_EXIT_S = 30.0
 STUCK_CHECKS = 3
 
 
@@ -327,6 +329,9 @@ class Harness:
             target.signal(signal.SIGKILL)
         elif event.action == "stop":
             target.signal(signal.SIGTERM)
+            # As systemd stops a service: a peer that a pause event holds would not see the SIGTERM until it
+            # resumes, and its restart would wait for it (the pause's own SIGCONT then finds it running).
+            target.signal(signal.SIGCONT)
             if event.duration_s is not None:
                 fired.restore_at = now + event.duration_s
                 fired.detail = f"{event.target} stops; it starts again with its checkpoint in {event.duration_s:g} s"
@@ -380,7 +385,9 @@ class Harness:
         log.info("fired %s at %.1f s %s", event, fired.time_s, fired.detail)
         return fired
 
-    def _restore(self, fired: Fired) -> None:
+    def _restore(self, fired: Fired, now: float) -> None:
+        """Undo a fired event whose duration is over (restart a stopped peer); an undo that must wait for a
+        process leaves ``fired.restore_at`` set, and the loop calls again on its next tick."""
         e = fired.event
         if e.action == "pause":
             self.peers[e.target].signal(signal.SIGCONT)
@@ -388,7 +395,13 @@ class Harness:
             # The same peer again, with its checkpoint directory; its earlier process's events stay counted.
             earlier = self.peers[e.target]
             if earlier.alive:
-                earlier.proc.wait(timeout=30)
+                assert fired.restore_at is not None
+                if now < fired.restore_at + STOP_EXIT_S:
+                    return  # still checkpointing and leaving: the loop goes on meanwhile (other events fire)
+                log.warning("%s did not exit within %g s of its stop; killing it to start it again",
+                            e.target, STOP_EXIT_S)
+                earlier.signal(signal.SIGKILL)
+                earlier.proc.wait(timeout=10)
             self.retired.append(earlier)
             self._start_peer(e.target)
         elif e.action == "straggle" and e.pattern is not None:
@@ -486,7 +499,7 @@ class Harness:
                     self.fired.append(self._fire(event, now))
                 for f in self.fired:
                     if f.restore_at is not None and now >= f.restore_at:
-                        self._restore(f)
+                        self._restore(f, now)
                 display.update(self, len(rounds), now - self._started)
                 gated = set(self._joiners)
                 running = [
