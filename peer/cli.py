@@ -276,6 +276,11 @@ def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, HarnessConfig)
     parser.add_argument("--event", action="append", default=[], help="e.g. kill:peer2@round3, join@round5 (repeatable)")
     parser.add_argument("--scenario", default=None, help="a TOML file of [[event]] tables")
+    parser.add_argument(
+        "--chaos", default=None, metavar="N[,seed=S]",
+        help="N random faults (kills, stops, pauses, joins, coordinator restarts; link cuts with --netns) drawn "
+        "from seed S, on top of any --event",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object instead of a summary")
     add_plugin_argument(parser)
     add_options(
@@ -291,6 +296,7 @@ def harness_config(ns: argparse.Namespace):
     import dataclasses
 
     from peer.coordinator.config import CoordinatorConfig
+    from peer.harness.chaos import ChaosSpec, chaos_events, expected_rounds
     from peer.harness.harness import HarnessConfig
     from peer.harness.scenario import load_scenario, parse_event
     from peer.options import read_options
@@ -298,10 +304,14 @@ def harness_config(ns: argparse.Namespace):
 
     defaults = HarnessConfig()
     events = [parse_event(e) for e in ns.event] + (load_scenario(ns.scenario) if ns.scenario else [])
+    base = read_options(HarnessConfig, ns, base=defaults)
+    train = read_train_config(ns, base=defaults.train)
+    if ns.chaos is not None:
+        events += chaos_events(ChaosSpec.parse(ns.chaos), base.peers, expected_rounds(train), netns=base.netns)
     return dataclasses.replace(
-        read_options(HarnessConfig, ns, base=defaults),
+        base,
         task_config=read_task_config(ns),
-        train=read_train_config(ns, base=defaults.train),
+        train=train,
         coordinator=read_options(CoordinatorConfig, ns, base=defaults.coordinator),
         events=tuple(events),
         plugins=tuple(ns.plugin),

@@ -1,0 +1,107 @@
+"""Random fault scenarios (``loconet harness --chaos N[,seed=S]``): N events drawn from a seed, pure and reproducible.
+
+What a user of a fault-tolerant run wants to know is that no mix of faults breaks it, not only the mixes someone
+thought of. The events are drawn in the order of the rounds they fire at, among:
+
+- ``kill`` of a peer, between rounds or inside its next sync;
+- ``stop`` of a peer, started again with its checkpoint 2-5 s later;
+- ``pause`` of a peer for 1-12 s (past its lease or not);
+- ``join`` of one more peer;
+- ``restart-coordinator``;
+- ``cut`` of a peer's link for 1-8 s, with ``--netns`` only.
+
+Three rules keep every drawn scenario one that can end: kills leave at least ``MIN_SURVIVORS`` of the starting
+peers (a kill that would not is a pause instead), a killed peer is the target of no later event, and a peer
+stopped and started again is killed between rounds, not at its N-th sync (its new process counts from 1). Events fire within the first two thirds of the run's
+rounds, so that the run goes on after the last one. The same (count, seed, peers, rounds, netns) always give the
+same events; the harness's report lists them as it does events given with ``--event``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from collectives.errors import ConfigError
+from peer.harness.scenario import Event, parse_event
+from peer.runtime.training import TrainConfig
+
+# Kills never leave fewer of the starting peers than this: a run of one has nobody to fail over to.
+MIN_SURVIVORS = 2
+# The kinds drawn, each as likely as the others (cut only with network namespaces).
+KINDS = ("kill", "kill-in-sync", "stop", "pause", "join", "restart-coordinator")
+NETNS_KINDS = ("cut",)
+PAUSES_S = (1, 3, 6, 12)
+STOP_RESTARTS_S = (2, 5)
+CUTS_S = (1, 4, 8)
+_SPEC = re.compile(r"^(?P<count>\d+)(?:,seed=(?P<seed>\d+))?$")
+
+
+@dataclass(frozen=True)
+class ChaosSpec:
+    """How many random events, and the seed they are drawn from."""
+
+    count: int
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> ChaosSpec:
+        """Read ``N`` or ``N,seed=S``."""
+        m = _SPEC.match(text.strip())
+        if not m:
+            raise ConfigError(f"cannot read --chaos {text!r}; write N or N,seed=S, e.g. --chaos 5,seed=3")
+        spec = cls(int(m.group("count")), int(m.group("seed") or 0))
+        if spec.count < 1:
+            raise ConfigError("--chaos needs at least one event")
+        return spec
+
+    def __str__(self) -> str:
+        return f"{self.count},seed={self.seed}"
+
+
+def chaos_events(spec: ChaosSpec, peers: int, rounds: int, netns: bool = False) -> tuple[Event, ...]:
+    """spec.count events for a run of ``peers`` starting peers expected to commit ``rounds`` rounds."""
+    if peers < 1:
+        raise ConfigError("the harness needs at least one peer")
+    rng = random.Random(spec.seed)
+    last = max(1, (2 * rounds) // 3)
+    at = sorted(rng.randint(1, last) for _ in range(spec.count))
+    alive = [f"peer{i}" for i in range(peers)]
+    restarted: set[str] = set()  # a restarted peer counts its syncs from 1 again: no sync-timed kill for it
+    kinds = KINDS + (NETNS_KINDS if netns else ())
+    texts = []
+    for r in at:
+        kind = rng.choice(kinds)
+        if kind.startswith("kill") and len(alive) <= MIN_SURVIVORS:
+            kind = "pause"  # the kill would leave too few: the peer is paused instead
+        if kind == "join":
+            texts.append(f"join@round{r}")
+        elif kind == "restart-coordinator":
+            texts.append(f"restart-coordinator@round{r}")
+        else:
+            target = rng.choice(alive)
+            if kind == "kill":
+                alive.remove(target)
+                texts.append(f"kill:{target}@round{r}")
+            elif kind == "kill-in-sync" and target not in restarted:
+                alive.remove(target)
+                texts.append(f"kill:{target}@sync{r + 1}")
+            elif kind == "kill-in-sync":
+                alive.remove(target)
+                texts.append(f"kill:{target}@round{r}")
+            elif kind == "stop":
+                restarted.add(target)
+                texts.append(f"stop:{target}@round{r},for={rng.choice(STOP_RESTARTS_S)}s")
+            elif kind == "pause":
+                texts.append(f"pause:{target}@round{r},for={rng.choice(PAUSES_S)}s")
+            else:
+                texts.append(f"cut:{target}@round{r},for={rng.choice(CUTS_S)}s")
+    return tuple(parse_event(text) for text in texts)
+
+
+def expected_rounds(train: TrainConfig) -> int:
+    """The rounds a run of ``train`` commits if nothing goes wrong: its steps over its sync interval."""
+    if train.duration_s is not None:
+        raise ConfigError("--chaos places its events by round: give the run --steps, not --duration")
+    return max(1, train.steps // max(1, getattr(train.options, "sync_every", 1)))
