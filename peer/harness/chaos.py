@@ -10,11 +10,16 @@ thought of. The events are drawn in the order of the rounds they fire at, among:
 - ``restart-coordinator``;
 - ``cut`` of a peer's link for 1-8 s, with ``--netns`` only.
 
-Three rules keep every drawn scenario one that can end: kills leave at least ``MIN_SURVIVORS`` of the starting
-peers (a kill that would not is a pause instead), a killed peer is the target of no later event, and a peer
-stopped and started again is killed between rounds, not at its N-th sync (its new process counts from 1). Events fire within the first two thirds of the run's
-rounds, so that the run goes on after the last one. The same (count, seed, peers, rounds, netns) always give the
-same events; the harness's report lists them as it does events given with ``--event``.
+Three rules keep every drawn event one that can happen: kills leave at least ``MIN_SURVIVORS`` of the
+starting peers (a kill that would not is a pause instead), a killed peer is the target of no later event, and a
+peer stopped and started again is killed between rounds, not at its N-th sync (its new process counts from 1).
+Events fire within the first two thirds of the run's rounds, so that the run goes on after the last one. What
+rounds cannot say is time: where rounds take milliseconds, the others may finish while a stopped peer is down,
+and it comes back to a run nobody holds. The harness ends that scenario with ``ScenarioStuck`` and says why, as
+it would for the same events given with ``--event``: give the run more steps.
+
+The same (count, seed, peers, rounds, netns) always give the same events; the harness's report lists them as it
+does events given with ``--event``.
 """
 
 from __future__ import annotations
