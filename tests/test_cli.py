@@ -109,3 +109,16 @@ def test_harness_options_reach_its_coordinator_and_its_peers():
     assert config.coordinator.heartbeat_s == 0.5, "the harness's own default"
     assert (config.train.options.sync_every, config.train.options.codec) == (10, "fp16")
     assert config.train.steps == 400, "the harness's own default"
+
+
+def test_harness_chaos_events_come_after_the_given_ones_drawn_for_the_runs_peers_and_rounds():
+    from peer.harness.chaos import ChaosSpec, chaos_events
+
+    ns = build_parser(with_benchmarks=False).parse_args(
+        ["harness", "--peers", "3", "--steps", "200", "--sync-every", "20", "--event", "join@round2",
+         "--chaos", "4,seed=9"]
+    )
+    config = harness_config(ns)
+    assert [str(e) for e in config.events] == ["join@round2"] + [
+        str(e) for e in chaos_events(ChaosSpec(4, 9), peers=3, rounds=10)
+    ]
