@@ -68,9 +68,9 @@ class ScenarioStuck(LoconetError):
 # How often the harness asks the coordinator whether the running peers only wait for the run's state, and how many
 # answers in a row must say so: a holder restarting or a peer about to register changes it within seconds.
 STUCK_CHECK_S = 2.0
+STUCK_CHECKS = 3
 # How long a stopped peer may take to checkpoint and leave after its restart is due, before it is killed.
 STOP_EXIT_S = 30.0
-STUCK_CHECKS = 3
 
 
 def never_due(pending: Sequence[Event], running: bool, restoring: bool) -> bool:
