@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from collectives.errors import ConfigError
-from peer.harness.chaos import MIN_SURVIVORS, ChaosSpec, chaos_events, expected_rounds
+from peer.harness.chaos import MIN_SURVIVORS, STOP_RESTARTS_S, ChaosSpec, chaos_events, expected_rounds
 from peer.runtime.training import TrainConfig
 
 pytestmark = pytest.mark.timeout(60)
@@ -69,7 +69,7 @@ def test_a_peer_stopped_and_started_again_is_never_killed_at_its_nth_sync():
         restarted: set[str] = set()
         for event in chaos_events(ChaosSpec(10, seed), peers=5, rounds=30):
             if event.action == "stop":
-                assert event.duration_s in (2, 5)
+                assert event.duration_s in STOP_RESTARTS_S
                 restarted.add(event.target)
             if event.at.sync is not None:
                 assert event.target not in restarted, (seed, event)

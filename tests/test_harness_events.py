@@ -1,4 +1,5 @@
-"""How the harness carries out stop events and their restarts, against stand-in peer processes (no process runs)."""
+"""How the harness carries out stop events and their restarts, and judges peers that lived in several processes,
+against stand-in peer processes (no process runs)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,16 @@ pytestmark = pytest.mark.timeout(60)
 class StandInPeer:
     """What the harness uses of a peer's Proc: signals are recorded; it exits only when told to, or on SIGKILL."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "peer1", events: list[dict] | None = None) -> None:
+        self.name = name
+        self.events = events or []
         self.signals: list[int] = []
         self.alive = True
         self.proc = self
+        self.log_path = Path(f"{name}.log")
+
+    def keep_log_as(self, path: Path) -> None:
+        self.log_path = path
 
     def signal(self, sig: int) -> None:
         self.signals.append(sig)
@@ -71,3 +78,32 @@ def test_a_stopped_peer_that_has_not_exited_when_its_exit_time_is_over_is_killed
     harness._restore(fired, now=2.0 + STOP_EXIT_S)
     assert earlier.signals == [signal.SIGTERM, signal.SIGCONT, signal.SIGKILL]
     assert (fired.restore_at, harness.started, harness.retired) == (None, ["peer1"], [earlier])
+
+
+def test_each_earlier_process_of_a_restarted_peer_keeps_its_own_log(harness, tmp_path):
+    first = harness.peers["peer1"]
+    first.alive = False
+    harness._restore(harness._fire(parse_event("stop:peer1@0s,for=1s"), now=0.0), now=1.0)
+    second = harness.peers["peer1"] = StandInPeer()
+    second.alive = False
+    harness._restore(harness._fire(parse_event("stop:peer1@2s,for=1s"), now=2.0), now=3.0)
+    assert [p.log_path for p in harness.retired] == [tmp_path / "peer1.1.log", tmp_path / "peer1.2.log"]
+
+
+def committed(*rounds: tuple[int, str]) -> list[dict]:
+    """A peer's committed events: (round, digest of the parameters after it)."""
+    return [{"event": "committed", "round": r, "epoch": 0, "digest": d} for r, d in rounds]
+
+
+def test_a_peer_started_again_after_it_finished_is_judged_by_the_rounds_its_earlier_process_committed(harness):
+    # peer1's first process committed rounds 1-2 and finished; a restart of it then committed nothing.
+    harness.retired = [StandInPeer("peer1", committed((1, "a"), (2, "b")))]
+    harness.peers = {"peer0": StandInPeer("peer0", committed((1, "a"), (2, "b"), (3, "c"))),
+                     "peer1": StandInPeer("peer1")}
+    assert harness._identical(["peer0", "peer1"]) == (2, True)
+
+
+def test_survivors_that_differ_after_their_last_common_round_are_not_identical(harness):
+    harness.retired = [StandInPeer("peer1", committed((1, "a"), (2, "x")))]
+    harness.peers = {"peer0": StandInPeer("peer0", committed((1, "a"), (2, "b"))), "peer1": StandInPeer("peer1")}
+    assert harness._identical(["peer0", "peer1"]) == (2, False)

@@ -4,7 +4,7 @@ What a user of a fault-tolerant run wants to know is that no mix of faults break
 thought of. The events are drawn in the order of the rounds they fire at, among:
 
 - ``kill`` of a peer, between rounds or inside its next sync;
-- ``stop`` of a peer, started again with its checkpoint 2-5 s later;
+- ``stop`` of a peer, started again with its checkpoint 1-2 s later;
 - ``pause`` of a peer for 1-12 s (past its lease or not);
 - ``join`` of one more peer;
 - ``restart-coordinator``;
@@ -38,7 +38,9 @@ MIN_SURVIVORS = 2
 KINDS = ("kill", "kill-in-sync", "stop", "pause", "join", "restart-coordinator")
 NETNS_KINDS = ("cut",)
 PAUSES_S = (1, 3, 6, 12)
-STOP_RESTARTS_S = (2, 5)
+# Short: the shorter a stopped peer is down, the less likely the others finish meanwhile (see above); 2-5 s
+# ended 3 of 30 drawn runs of 300 steps that way.
+STOP_RESTARTS_S = (1, 2)
 CUTS_S = (1, 4, 8)
 _SPEC = re.compile(r"^(?P<count>\d+)(?:,seed=(?P<seed>\d+))?$")
 

@@ -402,6 +402,8 @@ class Harness:
                             e.target, STOP_EXIT_S)
                 earlier.signal(signal.SIGKILL)
                 earlier.proc.wait(timeout=10)
+            # NAME.log is the current process's, as reports and messages say; earlier ones are NAME.1.log, NAME.2.log...
+            earlier.keep_log_as(self.workdir / f"{e.target}.{len(self.lives(e.target))}.log")
             self.retired.append(earlier)
             self._start_peer(e.target)
         elif e.action == "straggle" and e.pattern is not None:
@@ -637,12 +639,18 @@ class Harness:
             }
         return report
 
+    def lives(self, name: str) -> list[Proc]:
+        """Every process that ran as peer name, first to last (a stop event's restart makes a new one)."""
+        return [p for p in self.retired if p.name == name] + ([self.peers[name]] if name in self.peers else [])
+
     def _identical(self, survivors: list[str]) -> tuple[int | None, bool]:
-        """Whether all survivors hold the same global parameters after the last round they all committed."""
+        """Whether all survivors hold the same global parameters after the last round they all committed (in any
+        of their processes: a peer started again after it finished commits nothing more, and holds what it did)."""
         if not survivors:
             return None, False
         per_peer = [
-            {(e["round"], e.get("epoch", 0)): e["digest"] for e in self.peers[n].events if e["event"] == "committed"}
+            {(e["round"], e.get("epoch", 0)): e["digest"]
+             for p in self.lives(n) for e in list(p.events) if e["event"] == "committed"}
             for n in survivors
         ]
         common = set.intersection(*(set(d) for d in per_peer))

@@ -144,9 +144,10 @@ class Proc:
     CPU and memory, which a fork would share with the server's imports), is exec'ed."""
 
     def __init__(self, args: list[str], log_path: pathlib.Path, prefix: list[str] | tuple[str, ...] = (),
-                 *, fork: bool = True) -> None:
+                 *, fork: bool = True, name: str | None = None) -> None:
         self.args = list(prefix) + list(args)
         self.log_path = log_path
+        self._name = name
         self.log = open(log_path, "w")
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
         self.proc: subprocess.Popen | ForkedChild | None = None
@@ -210,8 +211,13 @@ class Proc:
 
     @property
     def name(self) -> str:
-        """The process's name for messages: its log file's stem (peer0, coordinator...)."""
-        return self.log_path.stem
+        """The process's name for messages: the one it was given, else its log file's stem (peer0, coordinator...)."""
+        return self._name or self.log_path.stem
+
+    def keep_log_as(self, path: pathlib.Path) -> None:
+        """Move this process's log to path (a later process of the same name then writes the usual one)."""
+        os.replace(self.log_path, path)
+        self.log_path = path
 
     def exit_message(self, what: str) -> str:
         """'<name> exited (code) <what>: <its one-line error>' and where its log is (the log's tail if it gave none)."""
@@ -333,4 +339,4 @@ def daemon_peer(
         sys.executable, "-m", "peer.cli", "peer", "-v", "--coordinator", coordinator, "--run", run, "--name", name,
         "--events", "--no-progress", "--round-timeout", "10", "--host-id", f"{run}-{name}", *extra,
     ]
-    return Proc(args, log_dir / f"{name}.log", prefix)
+    return Proc(args, log_dir / f"{name}.log", prefix, name=name)
