@@ -63,9 +63,6 @@ class ChaosSpec:
             raise ConfigError("--chaos needs at least one event")
         return spec
 
-    def __str__(self) -> str:
-        return f"{self.count},seed={self.seed}"
-
 
 def chaos_events(spec: ChaosSpec, peers: int, rounds: int, netns: bool = False) -> tuple[Event, ...]:
     """spec.count events for a run of ``peers`` starting peers expected to commit ``rounds`` rounds."""
@@ -88,15 +85,10 @@ def chaos_events(spec: ChaosSpec, peers: int, rounds: int, netns: bool = False) 
             texts.append(f"restart-coordinator@round{r}")
         else:
             target = rng.choice(alive)
-            if kind == "kill":
+            if kind.startswith("kill"):
                 alive.remove(target)
-                texts.append(f"kill:{target}@round{r}")
-            elif kind == "kill-in-sync" and target not in restarted:
-                alive.remove(target)
-                texts.append(f"kill:{target}@sync{r + 1}")
-            elif kind == "kill-in-sync":
-                alive.remove(target)
-                texts.append(f"kill:{target}@round{r}")
+                in_sync = kind == "kill-in-sync" and target not in restarted
+                texts.append(f"kill:{target}@{f'sync{r + 1}' if in_sync else f'round{r}'}")
             elif kind == "stop":
                 restarted.add(target)
                 texts.append(f"stop:{target}@round{r},for={rng.choice(STOP_RESTARTS_S)}s")
