@@ -56,8 +56,11 @@ def test_coded_and_wait_for_all_apply_the_full_gradient(report):
 
 def test_coded_workers_compute_s_plus_one_partitions(report):
     coded = report["methods"][1]
-    # Two of four partitions a step; a straggler that stops early computes fewer.
-    assert 0.25 < coded["compute_load"] <= 0.5 + 1e-9
+    # Each worker's code row holds two of the four partitions (s+1 = 2), so no worker computes more than half a
+    # step's data. The fractional repetition code decodes from one worker of each of its two groups, so a step
+    # commits once two workers computed both their partitions; the other two may be superseded before their
+    # first: a quarter is the least a committed step costs, and a loaded machine reaches it.
+    assert 0.25 - 1e-9 <= coded["compute_load"] <= 0.5 + 1e-9
 
 
 @pytest.mark.parametrize("name,quorum", [("wait", "all"), ("ignore", "allbut:1"), ("coded", "coded:1"),
