@@ -274,6 +274,21 @@ def test_a_retry_after_an_abort_keeps_the_round_id_with_a_new_epoch_and_each_att
     assert report(c.stub, a, retry[0]).result().commit
 
 
+def test_a_failed_round_aborts_after_the_failure_grace_without_dropping_a_silent_member_that_is_alive(coordinator):
+    # The commit deadline is longer than a report call's own timeout (20 s): only the grace can answer it.
+    c = coordinator(failure_grace_s=0.5, commit_timeout_s=120.0)
+    a, named, silent = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2, 3))
+    plan = [f.result() for f in [ask(c.stub, p) for p in (a, named, silent)]][0]
+    decisions = [f.result() for f in [report(c.stub, a, plan, ok=False, failed=[named]), report(c.stub, named, plan)]]
+    assert [(d.commit, list(d.dropped)) for d in decisions] == [(False, [named])] * 2
+    # The silent member is still in the run; its heartbeat tells it that its attempt is over.
+    beat = c.stub.Heartbeat(pb.HeartbeatRequest(run_id=RUN, peer_id=silent, round_id=plan.round_id,
+                                                round_epoch=plan.epoch), timeout=5)
+    assert beat.known and "no report within the failure grace from " + silent in beat.round_over
+    retry = [f.result() for f in [ask(c.stub, p) for p in (a, silent)]]
+    assert [(p.round_id, members(p)) for p in retry] == [(1, sorted([a, silent]))] * 2
+
+
 # -- quorum policies -------------------------------------------------------------------------
 
 

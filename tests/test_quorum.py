@@ -274,6 +274,18 @@ COMMIT_CASES = [
         CommitInputs(M, {"a": OK, "b": fail(), "c": OK}),
         Decision(False, ()),
     ),
+    ("within the failure grace a failure still waits", CommitInputs(M, {"a": fail("c"), "c": OK}), None),
+    (
+        "after the failure grace: abort, drop the named, not the silent",
+        CommitInputs(M, {"a": fail("c"), "c": OK}, failure_grace_passed=True),
+        Decision(False, ("c",)),
+    ),
+    (
+        "after the failure grace with nobody named: abort, drop nobody",
+        CommitInputs(M, {"a": fail()}, failure_grace_passed=True),
+        Decision(False, ()),
+    ),
+    ("the failure grace without a failure changes nothing", CommitInputs(M, {"a": OK}, failure_grace_passed=True), None),
     ("reports from non-members are ignored", CommitInputs(("a",), {"a": OK, "z": fail("a")}), Decision(True)),
     ("names outside the group are ignored", CommitInputs(("a", "b"), {"a": fail("z"), "b": OK}), Decision(False, ())),
 ]

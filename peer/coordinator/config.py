@@ -86,6 +86,13 @@ class CoordinatorConfig:
     commit_timeout_s: float = field(
         default=30.0, metadata={"help": "seconds the members of a round have to report after its first report"}
     )
+    failure_grace_s: float = field(
+        default=2.0,
+        metadata={
+            "help": "seconds the members of a round nobody named have to report after its first failure report, "
+            "before the round (which can no longer commit) aborts without waiting for them"
+        },
+    )
     quorum_timeout_s: float = field(
         default=120.0, metadata={"help": "seconds a peer's quorum request waits before it is refused as too few peers"}
     )
@@ -165,6 +172,8 @@ class CoordinatorConfig:
         for name in ("join_timeout_s", "commit_timeout_s", "quorum_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.failure_grace_s < 0:
+            raise ConfigError(f"failure_grace_s must not be negative, got {self.failure_grace_s}")
         self.rules  # noqa: B018 - raises ConfigError for min_peers < 1 or a negative grace
         if self.history < 1:
             raise ConfigError(f"history must be at least 1 round, got {self.history}")

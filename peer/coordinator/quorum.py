@@ -100,6 +100,7 @@ class PendingCommit:
     formed_at: float
     reports: dict[str, Report] = field(default_factory=dict)
     first_report_at: float | None = None
+    first_failure_at: float | None = None
     decided: asyncio.Future | None = None
     bytes: int = 0
     wall_s: float = 0.0
@@ -310,7 +311,8 @@ class Quorums:
         now = time.monotonic()
         expired = frozenset(m for m in pending.record.members if m not in s.live)
         deadline = pending.first_report_at is not None and now - pending.first_report_at >= self.config.commit_timeout_s
-        decision = commit_decision(CommitInputs(tuple(pending.record.members), pending.reports, expired, deadline))
+        grace = pending.first_failure_at is not None and now - pending.first_failure_at >= self.config.failure_grace_s
+        decision = commit_decision(CommitInputs(tuple(pending.record.members), pending.reports, expired, deadline, grace))
         if decision is None:
             return
         del self.commits[attempt]

@@ -397,6 +397,8 @@ class CommitInputs:
     # Members whose lease lapsed (dead or paused).
     expired: frozenset[str] = frozenset()
     deadline_passed: bool = False
+    # failure_grace_s has passed since the first failure report: the round cannot commit any more.
+    failure_grace_passed: bool = False
 
 
 def commit_decision(inputs: CommitInputs) -> Decision | None:
@@ -419,6 +421,13 @@ def commit_decision(inputs: CommitInputs) -> Decision | None:
         return _abort(reports, lapsed, named, f"lease lapsed: {', '.join(sorted(lapsed))}")
     if any_failure and silent <= set(named):
         return _abort(reports, silent, named, "")
+    if any_failure and inputs.failure_grace_passed:
+        # A failure already decided the round; the silent members nobody named are alive (their lease holds),
+        # most likely waiting for data the failed member will not send. They are not dropped: their heartbeats
+        # tell them the attempt is over, and they take part in the retry. Waiting for them until the deadline
+        # would only delay that retry.
+        unnamed = ", ".join(sorted(silent - set(named)))
+        return _abort(reports, set(), named, f"no report within the failure grace from {unnamed}")
     if inputs.deadline_passed:
         return _abort(reports, silent, named, f"no report before the deadline from {', '.join(sorted(silent))}")
     return None
