@@ -107,3 +107,22 @@ def test_survivors_that_differ_after_their_last_common_round_are_not_identical(h
     harness.retired = [StandInPeer("peer1", committed((1, "a"), (2, "x")))]
     harness.peers = {"peer0": StandInPeer("peer0", committed((1, "a"), (2, "b"))), "peer1": StandInPeer("peer1")}
     assert harness._identical(["peer0", "peer1"]) == (2, False)
+
+
+def test_overlapping_pauses_of_a_peer_resume_it_when_the_last_one_ends(harness):
+    harness.fired = [harness._fire(parse_event("pause:peer1@0s,for=12s"), now=0.0),
+                     harness._fire(parse_event("pause:peer1@5s,for=1s"), now=5.0)]
+    long, short = harness.fired
+    harness._restore(short, now=6.0)
+    assert harness.peers["peer1"].signals == [signal.SIGSTOP, signal.SIGSTOP]
+    harness._restore(long, now=12.0)
+    assert harness.peers["peer1"].signals == [signal.SIGSTOP, signal.SIGSTOP, signal.SIGCONT]
+    assert (long.restore_at, short.restore_at) == (None, None)
+
+
+def test_a_pause_of_another_peer_does_not_hold_this_one(harness):
+    harness.peers["peer0"] = StandInPeer("peer0")
+    harness.fired = [harness._fire(parse_event("pause:peer0@0s,for=12s"), now=0.0),
+                     harness._fire(parse_event("pause:peer1@0s,for=1s"), now=0.0)]
+    harness._restore(harness.fired[1], now=1.0)
+    assert harness.peers["peer1"].signals == [signal.SIGSTOP, signal.SIGCONT]

@@ -385,11 +385,19 @@ class Harness:
         log.info("fired %s at %.1f s %s", event, fired.time_s, fired.detail)
         return fired
 
+    def _held_by_another(self, fired: Fired) -> bool:
+        """Whether another fired event of the same kind still holds the same peer (its undo is not done yet)."""
+        e = fired.event
+        return any(f is not fired and f.restore_at is not None and f.event.action == e.action
+                   and f.event.target == e.target for f in self.fired)
+
     def _restore(self, fired: Fired, now: float) -> None:
         """Undo a fired event whose duration is over (restart a stopped peer); an undo that must wait for a
         process leaves ``fired.restore_at`` set, and the loop calls again on its next tick."""
         e = fired.event
-        if e.action == "pause":
+        if e.action in ("pause", "cut") and self._held_by_another(fired):
+            pass  # an overlapping pause (or cut) of the same peer lasts longer: it resumes the peer when it ends
+        elif e.action == "pause":
             self.peers[e.target].signal(signal.SIGCONT)
         elif e.action == "stop":
             # The same peer again, with its checkpoint directory; its earlier process's events stay counted.
