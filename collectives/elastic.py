@@ -12,7 +12,8 @@ state machine (``Phase``, with its outcomes, in ``collectives/syncphases.py``)::
        +--late--> CAUGHT_UP (raises CaughtUp with the committed results it missed: the contribution is void)
        +--unknown peer--> REJOIN --> QUORUM            +--too few peers--> FAILED (GroupTooSmall)
                              \\--told to wait--> QUORUM, up to holder_wait_s; then FAILED (WaitingForState:
-                                 behind, and nobody holds the run's last round; the caller trains on locally)
+                                 behind, and nobody holds the run's last round; the caller trains on locally;
+                                 later syncs go QUORUM --> FAILED at once until the heartbeats register it again)
 
 Nothing is applied twice: a peer records a round as applied only when the
 coordinator answered commit, and round ids only grow. Nothing is lost: an
@@ -150,6 +151,11 @@ class WaitNotes:
     def __init__(self) -> None:
         self._last = ""
         self._when = -math.inf
+
+    @property
+    def reason(self) -> str:
+        """The latest reason given to wait ("" before any)."""
+        return self._last
 
     def note(self, reason: str) -> None:
         """Log the reason if it is new or was last said long enough ago."""
@@ -608,6 +614,12 @@ class ElasticCollective:
         started = time.monotonic()
         self._move(0, Phase.QUORUM)
         while True:
+            if self._waited_out and self.membership.unregistered.is_set():
+                # This peer waited holder_wait_s for a holder in vain already. Its heartbeats ask the coordinator
+                # again every interval and register it once a holder is back; until then a sync ends at once
+                # (it cost a Join and a heartbeat interval's sleep per sync, 1 s a step for a peer left behind).
+                self._move(0, Phase.FAILED)
+                raise WaitingForState(f"no sync: {self._waiting.reason}")
             if self._pending_resync:
                 sources = self._pending_resync
                 snapshot = await self._try_fetch(sources, self._pending_expect)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from collectives.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import NonFiniteError
+from collectives.membership import Joined
+from collectives.syncphases import WaitingForState
 from peer.coordinator.config import CoordinatorConfig
 from tests.support.coordinator import CoordinatorThread
 
@@ -95,3 +98,34 @@ def test_a_peer_found_out_of_the_run_by_its_heartbeats_and_a_sync_at_once_regist
     assert peer.transport.submit(both_find_it_out()).result(timeout=30) == ["", ""]
     assert len(joins) == 1
     assert not peer.membership.unregistered.is_set()
+
+
+@pytest.mark.timeout(60)
+def test_after_waiting_out_a_holder_once_a_sync_ends_at_once_without_asking_the_coordinator(run):
+    peer = run()
+    reason = "run w has committed round 7 but no live peer holds it"
+    joins, quorums = [], []
+
+    async def told_to_wait(*args, **kwargs):
+        # What the coordinator answers a peer behind the run while nobody live holds its last round.
+        joins.append(args)
+        return Joined(peer.peer_id, 5.0, 0.2, 0, 7, "", wait=True, wait_reason=reason)
+
+    async def quorum(*args, **kwargs):
+        quorums.append(args)
+        raise AssertionError("a sync asked for a quorum")
+
+    peer.membership.join, peer.membership.quorum = told_to_wait, quorum
+    # As a peer left behind is once its first sync waited holder_wait_s in vain: out of the run, its heartbeats
+    # asking the coordinator every interval whether a holder is back.
+    peer._waiting.note(reason)
+    peer._waited_out = True
+    peer.membership.unregistered.set()
+    for _ in range(3):
+        with pytest.raises(WaitingForState, match=f"no sync: {reason}"):
+            peer.sync(torch.ones(4))
+    assert quorums == []
+    until = time.monotonic() + 20
+    while not joins and time.monotonic() < until:
+        time.sleep(0.05)
+    assert joins, "the heartbeats ask whether a holder is back"
