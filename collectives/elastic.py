@@ -96,6 +96,7 @@ from collectives.membership import (
     RoundPlan,
     Unregistered,
 )
+from collectives.notes import RepeatNote
 from collectives.parts import flatten, shared_device, total_numel, unflatten_like
 from collectives.results import CommittedResult, ResultStore, expected_wire_bytes, fetch_result
 from collectives.statesync import (
@@ -132,9 +133,8 @@ LEAVE_ON_STOP_S = 2.0
 # A leaving peer hashes its state for the Leave (when not hashed yet) for at most this long (25 MB: ~0.1 s).
 LEAVE_DIGEST_S = 2.0
 # A peer told to wait for the run's state asks the coordinator again this often (unless it says how often),
+# and repeats why it waits now and then (collectives/notes.py).
 WAIT_POLL_S = 2.0
-# and repeats why it waits this often (the first time at once).
-WAIT_NOTE_EVERY_S = 30.0
 # A missed round's result not flowing from one member for this long is fetched from the next member.
 RESULT_STALL_S = 3.0
 
@@ -143,26 +143,6 @@ def _log_failure(future: concurrent.futures.Future) -> None:
     """Log the failure of a background task whose result nobody waits for."""
     if not future.cancelled() and future.exception() is not None:
         log.warning("background task failed: %s", future.exception())
-
-
-class WaitNotes:
-    """Says why a peer waits for the run's state: at once, then every WAIT_NOTE_EVERY_S or when the reason changes."""
-
-    def __init__(self) -> None:
-        self._last = ""
-        self._when = -math.inf
-
-    @property
-    def reason(self) -> str:
-        """The latest reason given to wait ("" before any)."""
-        return self._last
-
-    def note(self, reason: str) -> None:
-        """Log the reason if it is new or was last said long enough ago."""
-        now = time.monotonic()
-        if reason != self._last or now - self._when >= WAIT_NOTE_EVERY_S:
-            log.warning("waiting for the run's state: %s", reason)
-            self._last, self._when = reason, now
 
 
 @dataclass(frozen=True)
@@ -234,7 +214,7 @@ class ElasticCollective:
         self._digest_of: Callable[[], tuple[int, str]] | None = None
         # Whether this peer holds the run's state (its own or fetched): false while start() joins.
         self._holds_state = False
-        self._waiting = WaitNotes()
+        self._waiting = RepeatNote(log)
         # Whether a sync already waited holder_wait_s for a holder of the run's last round in vain (reset once
         # registered again): the syncs after it do not wait again.
         self._waited_out = False
@@ -403,7 +383,7 @@ class ElasticCollective:
                 # The run has committed rounds and nobody holds its state: never start it anew. Ask again
                 # until a holder (or a peer resuming a matching checkpoint) is back, or this peer is stopped.
                 self.membership.status.activity = "waiting"
-                self._waiting.note(joined.wait_reason)
+                self._waiting.note(joined.wait_reason, "waiting for the run's state: %s", joined.wait_reason)
                 await asyncio.sleep(joined.heartbeat_s if joined.heartbeat_s > 0 else WAIT_POLL_S)
                 continue
             if self._heartbeat is None:
@@ -492,7 +472,7 @@ class ElasticCollective:
         self.epoch = max(self.epoch, joined.epoch)
         if joined.wait:
             # Told to wait (nobody live holds the run's last round, which this state is behind): ask again later.
-            self._waiting.note(joined.wait_reason)
+            self._waiting.note(joined.wait_reason, "waiting for the run's state: %s", joined.wait_reason)
             await asyncio.sleep(joined.heartbeat_s if joined.heartbeat_s > 0 else WAIT_POLL_S)
             return joined.wait_reason
         # With the rounds it missed named, the next quorum answer (which names them too) lets this
@@ -619,7 +599,7 @@ class ElasticCollective:
                 # again every interval and register it once a holder is back; until then a sync ends at once
                 # (it cost a Join and a heartbeat interval's sleep per sync, 1 s a step for a peer left behind).
                 self._move(0, Phase.FAILED)
-                raise WaitingForState(f"no sync: {self._waiting.reason}")
+                raise WaitingForState(f"no sync: {self._waiting.key}")
             if self._pending_resync:
                 sources = self._pending_resync
                 snapshot = await self._try_fetch(sources, self._pending_expect)

@@ -434,7 +434,7 @@ class MembershipClient:
         reply = await self._call("Join", request, self.config.rpc_timeout_s, patience_s, hint)
         if reply.wait:
             # Not registered: the peer id stays as it was, and the peer asks again later. Debug only: it asks every
-            # heartbeat interval, and the caller says why it waits at once and then every 30 s (elastic.WaitNotes).
+            # heartbeat interval, and the caller says why it waits at once and then every 30 s (collectives/notes.py).
             log.debug("run %s: waiting for its state: %s", self.config.run_id, reply.wait_reason)
         else:
             if auth is not None:

@@ -35,6 +35,7 @@ import torch
 from collectives.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError, LoconetError, NonFiniteError
+from collectives.notes import RepeatNote
 from collectives.parts import unflatten_like
 from collectives.statesync import StateSnapshot, state_digest
 from collectives.syncphases import CaughtUp, Resynced
@@ -156,6 +157,7 @@ class OuterOptimizer:
         self._rate = StepRate()
         self.history: list[SyncRecord] = []
         self.committed_rounds = 0  # rounds of history that committed, kept so nobody rescans it
+        self._missed_notes = RepeatNote(log)
         # Called as a sync begins, after every committed round (progress displays, checkpoints)
         # and after every sync that did not commit (its record says why).
         self.on_sync_start: Callable[[int], None] | None = None
@@ -336,7 +338,9 @@ class OuterOptimizer:
             return False
         except LoconetError as exc:
             # Inner progress is kept; the pseudo-gradient keeps growing until a round commits.
-            log.warning("%s did not commit (%s); training on locally", label, exc)
+            # A peer left behind (nobody holds the run's state) misses every sync for the same reason: said
+            # at once and then every 30 s, not at every step.
+            self._missed_notes.note(str(exc), "%s did not commit (%s); training on locally", label, exc)
             missed()
             self._record(SyncRecord(self.inner_steps, False, reason=str(exc)))
             return False

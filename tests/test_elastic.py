@@ -118,7 +118,7 @@ def test_after_waiting_out_a_holder_once_a_sync_ends_at_once_without_asking_the_
     peer.membership.join, peer.membership.quorum = told_to_wait, quorum
     # As a peer left behind is once its first sync waited holder_wait_s in vain: out of the run, its heartbeats
     # asking the coordinator every interval whether a holder is back.
-    peer._waiting.note(reason)
+    peer._waiting.note(reason, "waiting for the run's state: %s", reason)
     peer._waited_out = True
     peer.membership.unregistered.set()
     for _ in range(3):
