@@ -92,6 +92,8 @@ class SyncRecord:
     wall_s: float = 0.0
     allreduce_s: float = 0.0
     reason: str = ""
+    # Why it did not commit, as the error's type (e.g. "WaitingForState": nobody live holds the run's state).
+    error: str = ""
     # This peer's contribution is in the round (False for a round it applied late).
     contributed: bool = True
     # The round's attempt: after a rollback the run reuses round ids at a new epoch.
@@ -342,7 +344,7 @@ class OuterOptimizer:
             # at once and then every 30 s, not at every step.
             self._missed_notes.note(str(exc), "%s did not commit (%s); training on locally", label, exc)
             missed()
-            self._record(SyncRecord(self.inner_steps, False, reason=str(exc)))
+            self._record(SyncRecord(self.inner_steps, False, reason=str(exc), error=type(exc).__name__))
             return False
         self._apply(tag, result.value, result.round_id)
         stats = getattr(result, "stats", None)

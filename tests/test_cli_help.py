@@ -109,3 +109,11 @@ def test_replicas_averaged_in_groups_are_summarised_by_their_spread_not_as_diffe
 def test_survivors_that_should_agree_and_do_not_are_said_to_differ():
     report = {**REPORT, "survivors_identical": False}
     assert report_summary(report, steps=600).splitlines()[-2] == "  peers          4 of 5 finished with DIFFERENT parameters"
+
+
+def test_a_survivor_left_behind_is_named_apart_from_the_identical_others():
+    report = {**REPORT, "left_behind": ["peer0"]}
+    assert report_summary(report, steps=600).splitlines()[-2] == (
+        "  peers          4 of 5 finished with identical parameters; peer0 left behind (nobody held the run's state "
+        "when it came back: it trained on alone, with parameters of its own)"
+    )

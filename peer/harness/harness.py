@@ -555,6 +555,11 @@ class Harness:
         finished = {n: next(e for e in p.events if e["event"] == "finished") for n, p in self.peers.items()
                     if any(e["event"] == "finished" and not e.get("stopped") for e in p.events)}
         survivors = list(finished)
+        # Survivors whose syncs found nobody holding the run's state (the others finished and left while they
+        # were paused or down): they trained on alone, by design (docs/durability.md), so their parameters are
+        # their own. Identity is judged over the others.
+        left_behind = sorted(n for n in survivors if any(
+            e["event"] == "sync-missed" and e.get("error") == "WaitingForState" for e in self.peers[n].events))
         # The survivors' own syncs (rounds applied late are not syncs of theirs): what each event cost them.
         syncs = {n: [(e["t"], e["wall_s"]) for e in self.peers[n].events
                      if e["event"] == "committed" and e.get("contributed", True) and e.get("wall_s")]
@@ -563,7 +568,7 @@ class Harness:
             after = [t for t in rounds.values() if t > f.wall]
             f.recovery_s = (min(after) - f.wall) if after else None
             f.lost_s = lost_s(f.wall, syncs)
-        digest_round, identical = self._identical(survivors)
+        digest_round, identical = self._identical([n for n in survivors if n not in left_behind] or survivors)
         by_peer = {n: p.events for n, p in self.peers.items()}
         status = self._status() or {"summary": {"rounds_aborted": 0}, "rounds": []}
         aborted = self._aborted_before + status["summary"]["rounds_aborted"]
@@ -601,6 +606,7 @@ class Harness:
             "data_parallel_bytes_per_peer": dp_bytes,
             "survivors_identical": identical,
             "identical_at_round": digest_round,
+            "left_behind": left_behind,
             "peers_alive": len(survivors),
             "wall_s": time.monotonic() - self._started,
             "dashboard": self.dashboard_url,

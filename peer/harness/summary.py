@@ -42,6 +42,13 @@ def report_summary(report: dict, steps: int) -> str:
 
 def _parameters(report: dict) -> str:
     """How the survivors' parameters compare: identical, or (rounds reduced in groups, as NoLoCo's) apart by design."""
+    behind = report.get("left_behind") or []
+    if behind:
+        apart = (f"; {', '.join(behind)} left behind (nobody held the run's state when it came back: it trained on "
+                 "alone, with parameters of its own)")
+        if len(behind) == report["peers_alive"]:
+            return "parameters of their own" + apart
+        return ("identical parameters" if report["survivors_identical"] else "DIFFERENT parameters") + apart
     if report["survivors_identical"]:
         return "identical parameters"
     spreads = report.get("spread_per_peer")

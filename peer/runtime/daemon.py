@@ -400,7 +400,8 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
     loop.on_eval = on_eval
     opt.on_commit = on_commit
     opt.on_sync_start = lambda step: events.emit("sync-start", step=step)
-    opt.on_miss = lambda record: events.emit("sync-missed", step=record.step, reason=record.reason[:500])
+    opt.on_miss = lambda record: events.emit("sync-missed", step=record.step, reason=record.reason[:500],
+                                             error=record.error)
     display.start_bar(total, loop.progress.step)
     try:
         return loop.run(signals.stop)
