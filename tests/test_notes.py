@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from collectives.notes import RepeatNote
 
 log = logging.getLogger("test-notes")
@@ -23,17 +25,13 @@ def test_a_repeated_note_is_a_warning_once_then_debug(caplog):
     assert note.key == "no holder"
 
 
-def test_a_new_cause_is_a_warning_at_once(caplog):
+@pytest.mark.parametrize("every_s,keys,expected", [
+    (3600, ["a", "b"], [logging.WARNING, logging.WARNING]),  # a new cause is said at once
+    (0, ["a", "a"], [logging.WARNING, logging.WARNING]),  # with no interval every repeat is a warning
+])
+def test_which_notes_are_warnings(caplog, every_s, keys, expected):
     caplog.set_level(logging.DEBUG, logger=log.name)
-    note = RepeatNote(log, every_s=3600)
-    note.note("a", "%s", "a")
-    note.note("b", "%s", "b")
-    assert [level for level, _ in levels(caplog)] == [logging.WARNING, logging.WARNING]
-
-
-def test_with_no_interval_every_repeat_is_a_warning(caplog):
-    caplog.set_level(logging.DEBUG, logger=log.name)
-    note = RepeatNote(log, every_s=0)
-    note.note("a", "%s", "a")
-    note.note("a", "%s", "a")
-    assert [level for level, _ in levels(caplog)] == [logging.WARNING, logging.WARNING]
+    note = RepeatNote(log, every_s=every_s)
+    for key in keys:
+        note.note(key, "%s", key)
+    assert [level for level, _ in levels(caplog)] == expected
