@@ -109,6 +109,24 @@ def test_survivors_that_differ_after_their_last_common_round_are_not_identical(h
     assert harness._identical(["peer0", "peer1"]) == (2, False)
 
 
+def joined(round_id: int, digest: str) -> dict:
+    """A peer's joined event: the round and digest of the state it fetched."""
+    return {"event": "joined", "round": round_id, "digest": digest}
+
+
+@pytest.mark.parametrize("fetched,expected", [
+    ((3, "c"), (3, True)),  # the run's last state: compared there
+    ((3, "z"), (3, False)),  # another state of the same round: found different
+    ((0, ""), (2, True)),  # a restart that fetched nothing: its earlier process's rounds
+])
+def test_a_peer_started_again_after_the_run_ended_is_judged_by_the_state_it_fetched(harness, fetched, expected):
+    # peer1 committed rounds 1-2, stopped; the others committed round 3 and finished; peer1 came back, fetched.
+    harness.retired = [StandInPeer("peer1", committed((1, "a"), (2, "b")))]
+    harness.peers = {"peer0": StandInPeer("peer0", committed((1, "a"), (2, "b"), (3, "c"))),
+                     "peer1": StandInPeer("peer1", [joined(*fetched)])}
+    assert harness._identical(["peer0", "peer1"]) == expected
+
+
 def test_overlapping_pauses_of_a_peer_resume_it_when_the_last_one_ends(harness):
     harness.fired = [harness._fire(parse_event("pause:peer1@0s,for=12s"), now=0.0),
                      harness._fire(parse_event("pause:peer1@5s,for=1s"), now=5.0)]

@@ -658,15 +658,24 @@ class Harness:
         return [p for p in self.retired if p.name == name] + ([self.peers[name]] if name in self.peers else [])
 
     def _identical(self, survivors: list[str]) -> tuple[int | None, bool]:
-        """Whether all survivors hold the same global parameters after the last round they all committed (in any
-        of their processes: a peer started again after it finished commits nothing more, and holds what it did)."""
+        """Whether all survivors hold the same global parameters after the last round they all hold: committed in
+        any of their processes, or fetched when one joined (a peer started again after the others finished)."""
         if not survivors:
             return None, False
-        per_peer = [
-            {(e["round"], e.get("epoch", 0)): e["digest"]
-             for p in self.lives(n) for e in list(p.events) if e["event"] == "committed"}
-            for n in survivors
-        ]
+        events = {n: [e for p in self.lives(n) for e in list(p.events)] for n in survivors}
+        per_peer = [{(e["round"], e.get("epoch", 0)): e["digest"] for e in events[n] if e["event"] == "committed"}
+                    for n in survivors]
+        # The state a peer fetched when it joined is a round's state too (a peer started again after the others
+        # finished commits nothing more). Its event names the round but not the attempt: the committed attempt
+        # of that round with the same digest (after a rollback a round id has several), else its latest, so that
+        # a fetched state that differs is compared and found different.
+        committed = {(r, epoch): d for held in per_peer for (r, epoch), d in held.items()}
+        for n, held in zip(survivors, per_peer):
+            for e in events[n]:
+                if e["event"] == "joined" and e.get("round") and e.get("digest"):
+                    attempts = [k for k in committed if k[0] == e["round"]]
+                    same = [k for k in attempts if committed[k] == e["digest"]]
+                    held.setdefault((same or sorted(attempts) or [(e["round"], -1)])[-1], e["digest"])
         common = set.intersection(*(set(d) for d in per_peer))
         if not common:
             return None, len(survivors) == 1
