@@ -525,7 +525,10 @@ class Harness:
                         f"no peer runs any more, so {', '.join(map(str, self.pending))} cannot happen "
                         f"({len(rounds)} round(s) committed); give the peers more --steps, or set the events earlier"
                     )
-                if settled and running and now >= next_check:
+                # Events still pending that wait for rounds or syncs cannot fire while every running peer waits
+                # to join (no round commits, no joiner syncs): they do not keep a stuck scenario going.
+                timed = any(e.at.seconds is not None for e in self.pending)
+                if not restoring and not timed and running and now >= next_check:
                     # Peers still joining (no "joined" yet): one that waits for a state nobody left in the scenario
                     # holds would wait until the timeout. (A member that fell behind waits for it too, but trains on
                     # to its end: with one running, the scenario goes on.)
@@ -535,10 +538,11 @@ class Harness:
                     stuck, reason = stuck_waiters(joining, self._status()) if everyone_joining else ([], "")
                     stuck_answers = stuck_answers + 1 if stuck else 0
                     if stuck_answers >= STUCK_CHECKS:
+                        unfired = f"; events not fired: {', '.join(map(str, self.pending))}" if self.pending else ""
                         raise ScenarioStuck(
                             f"{', '.join(stuck)} wait{'s' if len(stuck) == 1 else ''} for the run's state and no other "
                             f"peer of the scenario is left to serve it ({reason}); give the others more steps or "
-                            f"bring a holder back with an event; logs in {self.workdir}"
+                            f"bring a holder back with an event{unfired}; logs in {self.workdir}"
                         )
                 time.sleep(0.1)
             raise ScenarioTimeout(
