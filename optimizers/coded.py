@@ -243,6 +243,7 @@ class CodedSGD(OuterOptimizer):
         """
         started = time.monotonic()
         step = self.global_step
+        taken = self.inner_steps
         # Computed before asking for the round: the quorum forms from the workers that are ready.
         known = self.roster is not None and self.me in self.roster
         first = self._encode(self.roster, step, data) if known else None  # type: ignore[arg-type]
@@ -281,7 +282,9 @@ class CodedSGD(OuterOptimizer):
         done = work[-1] if work else None
         loss = float(np.mean(done.losses)) if done is not None and done.losses else float("nan")
         samples = done.samples if done is not None else 0
-        self.inner_steps += 1
+        # One step more, or the run's step if this one caught up with rounds it was late for: as the training
+        # loop counts (TrainLoop), not one more on top of the catch-up (which showed as 201 of 200 steps).
+        self.inner_steps = max(taken + 1, self.global_step)
         self.samples_trained += samples
         self._report(loss)
         self._step_started = time.monotonic()

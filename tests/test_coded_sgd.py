@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from collectives.elastic import CaughtUp, CommittedResult
 from collectives.errors import ConfigError, ProtocolError
 from collectives.membership import RoundPlan
 from optimizers.coded import CodedSGD, CodedSGDConfig, SyncSGDConfig, plan_roster
@@ -133,6 +134,21 @@ def test_a_single_worker_applies_its_own_gradient_with_sgd(task):
     assert torch.allclose(after.double(), torch.cat([b.flatten() for b in before]).double() - lr * expected,
                           atol=1e-6)
     assert opt.global_step == 1
+
+
+class LateByTwoRounds(LocalPeer):
+    """A peer the run went on without: its sync raises CaughtUp with the two rounds it missed."""
+
+    def sync(self, tensors, **kwargs):
+        numel = sum(t.numel() for t in tensors)
+        raise CaughtUp([CommittedResult(r, "sync-sgd", torch.zeros(numel)) for r in (1, 2)])
+
+
+def test_a_step_that_caught_up_counts_as_the_runs_step_as_the_training_loop_counts(task):
+    model = task.build_model()
+    opt = CodedSGD(model, torch.optim.SGD(model.parameters(), lr=1.0), LateByTwoRounds(), SyncSGDConfig())
+    opt.train_step(TaskPartitions(task))
+    assert (opt.global_step, opt.inner_steps) == (2, 2)
 
 
 def test_step_is_refused_with_what_to_call_instead(task):
