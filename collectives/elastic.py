@@ -613,7 +613,7 @@ class ElasticCollective:
             except Unregistered:
                 self._move(0, Phase.REJOIN)
                 waiting = await self._rejoin()
-                if waiting and (self._waited_out or time.monotonic() - started > config.holder_wait_s):
+                if waiting and time.monotonic() - started > config.holder_wait_s:
                     self._waited_out = True
                     self._move(0, Phase.FAILED)
                     raise WaitingForState(f"no sync: {waiting}") from None

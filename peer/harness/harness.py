@@ -73,10 +73,15 @@ STUCK_CHECKS = 3
 STOP_EXIT_S = 30.0
 
 
+def untimed(pending: Sequence[Event]) -> bool:
+    """Whether every pending event waits for rounds or syncs (none for a time, which comes anyway)."""
+    return all(e.at.seconds is None for e in pending)
+
+
 def never_due(pending: Sequence[Event], running: bool, restoring: bool) -> bool:
     """Whether the pending events can never happen: there are some, all wait for rounds or syncs, and no peer runs
     or is about to start again (rounds and syncs come only from running peers; a timed event comes anyway)."""
-    return bool(pending) and not running and not restoring and all(e.at.seconds is None for e in pending)
+    return bool(pending) and not running and not restoring and untimed(pending)
 
 
 def stuck_waiters(joining: Iterable[str], status: dict | None) -> tuple[list[str], str]:
@@ -527,8 +532,7 @@ class Harness:
                     )
                 # Events still pending that wait for rounds or syncs cannot fire while every running peer waits
                 # to join (no round commits, no joiner syncs): they do not keep a stuck scenario going.
-                timed = any(e.at.seconds is not None for e in self.pending)
-                if not restoring and not timed and running and now >= next_check:
+                if not restoring and untimed(self.pending) and running and now >= next_check:
                     # Peers still joining (no "joined" yet): one that waits for a state nobody left in the scenario
                     # holds would wait until the timeout. (A member that fell behind waits for it too, but trains on
                     # to its end: with one running, the scenario goes on.)

@@ -41,14 +41,17 @@ def report_summary(report: dict, steps: int) -> str:
 
 
 def _parameters(report: dict) -> str:
-    """How the survivors' parameters compare: identical, or (rounds reduced in groups, as NoLoCo's) apart by design."""
+    """How the survivors' parameters compare, and which survivors were left behind with parameters of their own."""
     behind = report.get("left_behind") or []
-    if behind:
-        apart = (f"; {', '.join(behind)} left behind (nobody held the run's state when it came back: it trained on "
-                 "alone, with parameters of its own)")
-        if len(behind) == report["peers_alive"]:
-            return "parameters of their own" + apart
-        return ("identical parameters" if report["survivors_identical"] else "DIFFERENT parameters") + apart
+    if not behind:
+        return _compared(report)
+    apart = (f"; {', '.join(behind)} left behind (nobody held the run's state when it came back: it trained on "
+             "alone, with parameters of its own)")
+    return ("parameters of their own" if len(behind) == report["peers_alive"] else _compared(report)) + apart
+
+
+def _compared(report: dict) -> str:
+    """Identical, or (rounds reduced in groups, as NoLoCo's) apart by design, or different."""
     if report["survivors_identical"]:
         return "identical parameters"
     spreads = report.get("spread_per_peer")
