@@ -37,7 +37,7 @@ from collectives.codecs import Codec, CodecConfig, check_finite, make_codec
 from collectives.errors import CodecError, ConfigError, NonFiniteError
 from collectives.membership import MissedRound
 from collectives.parts import part_bounds
-from collectives.statesync import StateSnapshot, StateSyncConfig, StateSyncError, fetch_state_async
+from collectives.statesync import ResultNotYet, StateSnapshot, StateSyncConfig, StateSyncError, fetch_state_async
 from collectives.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class ResultStore:
         self.keep_last = keep
         self.max_bytes = max_bytes
         self._kept: OrderedDict[int, _Kept] = OrderedDict()
+        # The newest round this member committed (kept or not): a result asked of a later one is not here yet.
+        self._newest = 0
         self._lock = threading.Lock()
 
     def rounds(self) -> list[int]:
@@ -101,6 +103,8 @@ class ResultStore:
         ``hold_after``: the oldest round a joiner's pinned snapshot is at; the results after it are kept
         beyond the last ``keep`` rounds (within ``max_bytes``), so that joiner can catch up.
         """
+        with self._lock:
+            self._newest = max(self._newest, round_id)
         if self.keep_last <= 0 and hold_after is None:
             return
         entry = _Kept(tag, value.detach().to("cpu", torch.float32).clone(), codec, max(int(parts), 1))
@@ -125,10 +129,16 @@ class ResultStore:
             log.info("dropped the kept result of round %d: kept results exceed %d bytes", r, self.max_bytes)
 
     def snapshot(self, round_id: int) -> StateSnapshot | None:
-        """The result of round_id as served to a late peer (encoded when that is exact), or None if not kept."""
+        """The result of round_id as served to a late peer (encoded when that is exact), or None if not kept.
+
+        Raises ResultNotYet for a round newer than this member's last commit: the state server waits for it.
+        """
         with self._lock:
             entry = self._kept.get(round_id)
+            newest = self._newest
         if entry is None:
+            if round_id > newest:
+                raise ResultNotYet(f"round {round_id} is newer than this member's last commit (round {newest})")
             return None
         if entry.encoded is None:
             entry.encoded = _exact_encoding(entry.value, entry.codec, entry.parts)

@@ -85,6 +85,10 @@ class StateMismatch(StateSyncError):
         self.source = source
 
 
+class ResultNotYet(StateSyncError):
+    """A result was asked of a round newer than any this member has committed (it may be committing it now)."""
+
+
 @dataclass(frozen=True)
 class ExpectedState:
     """The state a joiner accepts: round 0 or digest "" mean any (e.g. what the coordinator recorded)."""
@@ -156,6 +160,9 @@ class StateSyncConfig:
     pin_grace_s: float = 30.0
     # A joiner asks one source for at most this many consecutive blocks per request.
     max_stripe_blocks: int = 16
+    # A member asked for the result of a round newer than its own last commit waits this long for that
+    # commit: the coordinator names a just-committed round to a late peer before every member has applied it.
+    result_wait_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1024:
@@ -169,8 +176,9 @@ class StateSyncConfig:
         for name in ("timeout_s", "stall_timeout_s", "serve_stall_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.pin_grace_s >= 0:
-            raise ConfigError(f"pin_grace_s must be 0 or more, got {self.pin_grace_s}")
+        for name in ("pin_grace_s", "result_wait_s"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not MIN_BLOCK_BYTES <= self.block_bytes <= MAX_BLOCK_BYTES:
             raise ConfigError(
                 f"block_bytes must be in [{MIN_BLOCK_BYTES}, {MAX_BLOCK_BYTES}], got {self.block_bytes}"

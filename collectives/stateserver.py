@@ -17,6 +17,10 @@ No caller can hold the server: fetches are capped per client (its
 connection: a claimed peer id proves nothing) and in total, refusals say so at once
 (RESOURCE_EXHAUSTED), and a fetch whose client reads nothing for
 ``serve_stall_timeout_s`` is cancelled, freeing its slot and its pin.
+
+A late peer may ask for the result of a round the coordinator has just
+committed before this member has applied it: the server waits up to
+``result_wait_s`` for this member's commit before it answers "not kept".
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from collectives.stateformat import (
     DEFAULT_CONFIG,
     FETCH_METHOD,
     SERVICE,
+    ResultNotYet,
     StateSnapshot,
     StateSyncConfig,
     _chunk_plan,
@@ -51,6 +56,9 @@ from collectives.transport import HEADER_SLACK_BYTES, Transport, consume_excepti
 from protos import state_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+# How often a request for a result this member has not committed yet looks again (within result_wait_s).
+RESULT_POLL_S = 0.02
 
 
 @dataclass
@@ -74,7 +82,8 @@ class StateServer:
     ``provider`` is called on a thread off the event loop (at most one call at a time, shared by
     the requests waiting for it) and must return a consistent snapshot, copied under the caller's
     own lock, or None while this peer holds no state yet. ``results(round_id)`` returns the committed
-    result of a recent round as a snapshot, or None when this peer does not keep it. The optional
+    result of a recent round as a snapshot, or None when this peer does not keep it, and raises
+    ResultNotYet for a round newer than this peer's last commit. The optional
     ``current_round()`` (called on the loop: must be cheap) names the round the provider's state is
     at, so a request for the current state is served a pinned copy of it without calling the provider.
     """
@@ -133,6 +142,18 @@ class StateServer:
         else:
             snapshot = self.provider()
         return None if snapshot is None else _encode_snapshot(snapshot, self.run_id, self.config)
+
+    async def _result(self, round_id: int) -> _Encoded | None:
+        """Round round_id's result, waiting up to result_wait_s while this member has not committed it yet."""
+        deadline = time.monotonic() + self.config.result_wait_s
+        while True:
+            try:
+                return await self.transport.run_off_loop(self._snapshot, round_id)
+            except ResultNotYet as exc:
+                if time.monotonic() >= deadline:
+                    log.info("no result to serve: %s after %g s", exc, self.config.result_wait_s)
+                    return None
+            await asyncio.sleep(RESULT_POLL_S)
 
     async def _current(self) -> _Encoded | None:
         """A fresh snapshot of the provider's state; concurrent requests share one provider call."""
@@ -319,14 +340,15 @@ class StateServer:
         try:
             if req.result_of_round:
                 try:
-                    encoded = await self.transport.run_off_loop(self._snapshot, req.result_of_round)
+                    encoded = await self._result(req.result_of_round)
                 except Exception as exc:
                     log.exception("the results provider failed while serving %s", who)
                     await context.abort(grpc.StatusCode.INTERNAL, f"the serving peer could not copy the result: {exc}")
                 if encoded is None:
                     await context.abort(
                         grpc.StatusCode.NOT_FOUND,
-                        f"this peer no longer keeps the result of round {req.result_of_round}; fetch the whole state",
+                        f"this peer does not keep the result of round {req.result_of_round} (it dropped it, or did not commit "
+                        f"it within result_wait_s); fetch the whole state",
                     )
             else:
                 pin = await self._pin_for(req, context, who)

@@ -8,7 +8,7 @@ import torch
 from collectives.codecs import CodecConfig, make_codec
 from collectives.parts import part_bounds
 from collectives.results import ResultStore, decode_result, expected_wire_bytes
-from collectives.statesync import StateSnapshot, StateSyncError
+from collectives.statesync import ResultNotYet, StateSnapshot, StateSyncError
 
 INT8 = CodecConfig.parse("int8")
 
@@ -45,6 +45,23 @@ def test_keep_zero_without_a_pin_keeps_nothing():
     store = ResultStore(keep=0)
     store.keep(1, "", committed(), INT8)
     assert store.rounds() == [] and store.snapshot(1) is None
+
+
+def test_a_round_newer_than_the_last_commit_is_not_yet_kept_and_an_older_one_is_gone():
+    store = ResultStore(keep=1)
+    store.keep(4, "", committed(seed=4), INT8)
+    store.keep(5, "", committed(seed=5), INT8)
+    assert store.snapshot(4) is None
+    with pytest.raises(ResultNotYet, match="round 6 is newer than this member's last commit"):
+        store.snapshot(6)
+
+
+def test_a_member_that_keeps_nothing_still_knows_its_last_commit():
+    store = ResultStore(keep=0)
+    store.keep(1, "", committed(), INT8)
+    assert store.snapshot(1) is None
+    with pytest.raises(ResultNotYet):
+        store.snapshot(2)
 
 
 def test_a_result_the_codec_reproduces_is_served_encoded_and_decodes_to_the_same_values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import time
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from collectives import stateformat
+from collectives.results import ResultStore
 from collectives.statesync import (
     FETCH_METHOD,
     MAX_BLOCK_BYTES,
@@ -64,9 +66,9 @@ def net():
     made: list[Transport] = []
 
     class Net:
-        def donor(self, provider, config: StateSyncConfig = CFG, **options) -> tuple[str, StateServer, Transport]:
+        def donor(self, provider, config: StateSyncConfig = CFG, results=None, **options) -> tuple[str, StateServer, Transport]:
             t = Transport(TransportConfig(**options))
-            server = StateServer(t, RUN, provider, config)
+            server = StateServer(t, RUN, provider, config, results=results)
             made.append(t)
             return t.start(server.handlers()), server, t
 
@@ -380,10 +382,33 @@ def test_a_recent_rounds_result_is_fetched_in_one_stream(net):
         client = net.client()
         got = client.submit(fetch_state_async(client, address, RUN, "late", CFG, result_of_round=3)).result()
         assert_same(got, result)
-        with pytest.raises(StateSyncError, match="NOT_FOUND.*no longer keeps the result of round 4"):
+        with pytest.raises(StateSyncError, match="NOT_FOUND.*does not keep the result of round 4"):
             client.submit(fetch_state_async(client, address, RUN, "late", CFG, result_of_round=4)).result()
     finally:
         t.close()
+
+
+def test_a_result_asked_before_this_member_commits_its_round_is_served_once_it_does(net):
+    store = ResultStore(keep=2)
+    store.keep(3, "g", torch.zeros(1000))
+    address, server, _ = net.donor(lambda: None, results=store.snapshot)
+    client = net.client()
+    pending = client.submit(fetch_state_async(client, address, RUN, "late", CFG, result_of_round=4))
+    wait_until(lambda: server._active == 1)  # the request is in and waits for round 4's commit
+    value = torch.arange(1000, dtype=torch.float32)
+    store.keep(4, "g", value)
+    got = pending.result(timeout=30)
+    assert got.round_id == 4 and torch.equal(got.tensors["result"], value)
+
+
+def test_a_result_not_committed_within_result_wait_s_is_not_found(net):
+    store = ResultStore(keep=2)
+    store.keep(3, "g", torch.zeros(1000))
+    config = dataclasses.replace(CFG, result_wait_s=0.1)
+    address, server, _ = net.donor(lambda: None, config, results=store.snapshot)
+    client = net.client()
+    with pytest.raises(StateSyncError, match="NOT_FOUND.*does not keep the result of round 4"):
+        client.submit(fetch_state_async(client, address, RUN, "late", config, result_of_round=4)).result(timeout=30)
 
 
 # -- bounded serving ---------------------------------------------------------------------------------
