@@ -526,9 +526,15 @@ class Harness:
                 if not running and settled:
                     return
                 if never_due(self.pending, bool(running), restoring):
+                    alone = self._left_behind(self.peers)
+                    # Peers that found nobody holding the run's state trained on alone and finished early: more
+                    # steps would not help them, a holder back in time would.
+                    hint = (f"{', '.join(alone)} found nobody holding the run's state and trained on alone to "
+                            "the end; keep a holder of the state alive longer, or set the events earlier"
+                            if alone else "give the peers more --steps, or set the events earlier")
                     raise ScenarioStuck(
                         f"no peer runs any more, so {', '.join(map(str, self.pending))} cannot happen "
-                        f"({len(rounds)} round(s) committed); give the peers more --steps, or set the events earlier"
+                        f"({len(rounds)} round(s) committed); {hint}; logs in {self.workdir}"
                     )
                 # Events still pending that wait for rounds or syncs cannot fire while every running peer waits
                 # to join (no round commits, no joiner syncs): they do not keep a stuck scenario going.
@@ -556,6 +562,11 @@ class Harness:
         finally:
             display.close()
 
+    def _left_behind(self, names) -> list[str]:
+        """The peers among names whose syncs found nobody holding the run's state: they trained on alone."""
+        return sorted(n for n in names if any(
+            e["event"] == "sync-missed" and e.get("error") == "WaitingForState" for e in self.peers[n].events))
+
     def _report(self) -> dict:
         c = self.config
         rounds = self.committed_rounds()
@@ -566,8 +577,7 @@ class Harness:
         # Survivors whose syncs found nobody holding the run's state (the others finished and left while they
         # were paused or down): they trained on alone, by design (docs/durability.md), so their parameters are
         # their own. Identity is judged over the others.
-        left_behind = sorted(n for n in survivors if any(
-            e["event"] == "sync-missed" and e.get("error") == "WaitingForState" for e in self.peers[n].events))
+        left_behind = self._left_behind(survivors)
         # The survivors' own syncs (rounds applied late are not syncs of theirs): what each event cost them.
         syncs = {n: [(e["t"], e["wall_s"]) for e in self.peers[n].events
                      if e["event"] == "committed" and e.get("contributed", True) and e.get("wall_s")]
