@@ -12,7 +12,8 @@ limit) ``RETRY_AFTER_MS`` trailing metadata, so the membership client's
 retries and messages are the same either way. A call past its deadline raises
 DEADLINE_EXCEEDED and tells the coordinator to drop it; a cancelled call does
 the same. When the stream breaks (the coordinator restarts, the connection
-drops), its calls in flight fail with UNAVAILABLE and the next call opens a new
+drops), its calls in flight fail with UNAVAILABLE (also when gRPC says INTERNAL:
+a write that the break interrupts ends so) and the next call opens a new
 stream. A coordinator without the Session method (an older one) answers
 UNIMPLEMENTED as the stream opens: ``call`` raises ``SessionUnsupported`` and
 the client goes back to one call per request; so it does when the coordinator
@@ -63,6 +64,18 @@ def rpc_error(code: grpc.StatusCode, details: str, retry_after_ms: int = 0) -> g
     """The error a unary call failing with code and details would raise (retry_after_ms: a rate limit's wait)."""
     trailing = grpc.aio.Metadata((RETRY_AFTER_MS, str(retry_after_ms))) if retry_after_ms else grpc.aio.Metadata()
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details)
+
+
+def broken_stream(exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """exc as the calls on an open stream see it: gRPC core's INTERNAL there means the stream broke, as UNAVAILABLE.
+
+    A coordinator killed while a call is written ends the write (and then the stream) with INTERNAL "Internal error
+    from Core" instead of the connection's UNAVAILABLE; taken as a refusal, the round was given up for a restart
+    the peer should have waited out.
+    """
+    if exc.code() != grpc.StatusCode.INTERNAL:
+        return exc
+    return rpc_error(grpc.StatusCode.UNAVAILABLE, f"the Session stream broke ({exc.details()})")
 
 
 def _retry_after(metadata) -> int:
@@ -198,7 +211,9 @@ class CoordinatorSession:
             except asyncio.InvalidStateError:
                 # The stream has ended (a refusal, the coordinator gone): the call fails as the stream did.
                 code, details = await stream.code(), await stream.details()
-                raise rpc_error(code, details, _retry_after(await stream.trailing_metadata())) from None
+                raise broken_stream(rpc_error(code, details, _retry_after(await stream.trailing_metadata()))) from None
+            except grpc.aio.AioRpcError as exc:
+                raise broken_stream(exc) from None
 
     def _cancel(self, stream: grpc.aio.StreamStreamCall, call_id: int) -> None:
         """Tell the coordinator to drop call_id (best effort: the stream may be gone already)."""
@@ -228,7 +243,7 @@ class CoordinatorSession:
                 if answer is not None and not answer.done():
                     answer.set_result(reply)
         except grpc.aio.AioRpcError as exc:
-            error = exc
+            error = broken_stream(exc)
         except DecodeError as exc:
             stream.cancel()
             error = rpc_error(grpc.StatusCode.INTERNAL, f"the coordinator sent a malformed SessionReply: {exc}")

@@ -18,7 +18,14 @@ import pytest
 from collectives.credentials import CallAuth
 from collectives.membership import RETRY_CODES, MembershipClient, MembershipConfig
 from collectives.rpc import COORDINATOR_SETTINGS, RpcSecurity, call_metadata, make_channel
-from collectives.session import RETRY_AFTER_MS, SESSION_METHOD, CoordinatorSession, SessionUnsupported
+from collectives.session import (
+    RETRY_AFTER_MS,
+    SESSION_METHOD,
+    CoordinatorSession,
+    SessionUnsupported,
+    broken_stream,
+    rpc_error,
+)
 from collectives.transport import Transport, TransportConfig
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.limits import CoordinatorLimits
@@ -265,6 +272,47 @@ def test_a_coordinator_that_stops_fails_the_calls_on_its_streams_with_a_code_the
             await a.close()
 
     assert run(scenario(CoordinatorThread(config()))) in RETRY_CODES
+
+
+class BrokenStream:
+    """An open Session stream whose writes fail as gRPC core fails a write that a killed coordinator interrupts."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    async def write(self, raw: bytes) -> None:
+        raise rpc_error(grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+    def done(self) -> bool:
+        return True
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_write_that_a_killed_coordinator_interrupts_fails_the_call_with_a_code_the_client_retries():
+    async def scenario():
+        session = CoordinatorSession(lambda: None)
+        session._stream = BrokenStream()
+        with pytest.raises(grpc.aio.AioRpcError) as broke:
+            await session.call("Heartbeat", heartbeat("p"), 5)
+        return broke.value.code(), broke.value.details()
+
+    assert run(scenario()) == (grpc.StatusCode.UNAVAILABLE, "the Session stream broke (Internal error from Core)")
+
+
+@pytest.mark.parametrize(
+    ("code", "retried_as"),
+    [
+        (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.CANCELLED, grpc.StatusCode.CANCELLED),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.PERMISSION_DENIED),
+    ],
+)
+def test_only_grpc_cores_internal_on_an_open_stream_is_read_as_a_broken_stream(code, retried_as):
+    assert broken_stream(rpc_error(code, "x")).code() == retried_as
 
 
 def test_a_peer_talking_to_a_coordinator_without_sessions_sends_calls_of_their_own():
