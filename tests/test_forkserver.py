@@ -109,6 +109,14 @@ def test_a_malformed_request_is_refused_and_the_server_keeps_serving(server, tmp
     assert spawn(server, tmp_path, "coordinator", "--help").wait(60) == 0
 
 
+def test_a_child_asked_for_a_network_namespace_that_does_not_exist_is_refused(server, tmp_path):
+    with pytest.raises(ForkServerError, match="no network namespace named 'lcn-none'"):
+        server.spawn([*CLI, "coordinator", "--help"], dict(os.environ), 2, netns="lcn-none")
+    with pytest.raises(ForkServerError, match="no network namespace named '../../proc/1/ns/net'"):
+        server.spawn([*CLI, "coordinator", "--help"], dict(os.environ), 2, netns="../../proc/1/ns/net")
+    assert spawn(server, tmp_path, "coordinator", "--help").wait(60) == 0
+
+
 def test_the_server_ends_with_the_process_that_started_it(tmp_path):
     # A script starts a server and a long-running child from it, prints the child's pid, and is then SIGKILLed:
     # the server sees its socket close and kills the child.

@@ -7,6 +7,7 @@ times 1.25: the shaping works), and the measured numbers are printed.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import socket
 import string
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from peer.harness import netns
+from peer.harness.forkserver import ForkServer
 from peer.harness.netns import (
     LinkSpec,
     NetnsError,
@@ -351,3 +353,22 @@ def test_bad_names_are_refused_before_anything_is_made():
     with pytest.raises(ValueError):
         LinkSpec(up_bps=0)
     assert _objects("tq") == []
+
+
+def test_a_loconet_child_forked_into_a_host_runs_in_that_hosts_network_namespace(lab, tmp_path):
+    # What the harness does for --netns peers: fork them from the fork server, then enter the host's namespace.
+    net = lab.network(["a"])
+    netns = net.netns_of("a")
+    server = ForkServer()
+    try:
+        with open(tmp_path / "err", "w") as err:
+            child = server.spawn(
+                [sys.executable, "-m", "peer.cli", "coordinator", "--plugin", "tests.support.forkprobe", "--help"],
+                {**os.environ, "LOCONET_PROBE_OUT": str(tmp_path / "probe.json")}, err.fileno(), netns=netns,
+            )
+            assert child.wait(60) == 0
+    finally:
+        server.close()
+    seen = json.loads((tmp_path / "probe.json").read_text())
+    assert seen["netns"] == f"net:[{os.stat(f'/run/netns/{netns}').st_ino}]"
+    assert seen["netns"] != os.readlink("/proc/self/ns/net")

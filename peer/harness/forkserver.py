@@ -9,6 +9,8 @@ What a forked child gets, so that it runs as ``python -m peer.cli ARGS`` would:
 - the stdout and stderr the caller passed (sent over the socket), /dev/null as stdin;
 - the caller's working directory, environment and ``sys.argv``; fresh random state (Python's ``random`` reseeds
   itself at fork; NumPy's legacy global state is reseeded here);
+- the network namespace the caller named (``netns``), entered before ``main`` runs, as ``ip netns exec`` would put
+  an exec'ed child there (a peer of ``--netns`` restarted by the harness is back in milliseconds, not seconds);
 - its exit code as the interpreter would give it: ``main``'s return value, 1 after an uncaught exception, -N when a
   signal N ended it. Its non-daemon threads are joined and its atexit functions run before it exits.
 
@@ -18,7 +20,8 @@ process that started it goes away (its socket end closes, even after SIGKILL), i
 exits, so a crash leaves no orphans, as ``die_with_parent`` ensures for exec'ed children.
 
 Protocol, one JSON message per SOCK_SEQPACKET datagram:
-- client -> server: ``{"argv": [...], "env": {...}, "cwd": "..."}`` with two file descriptors attached (stdout, stderr);
+- client -> server: ``{"argv": [...], "env": {...}, "cwd": "...", "netns": NAME or null}`` with two file descriptors
+  attached (stdout, stderr);
 - server -> client: ``{"started": PID}`` or ``{"error": "..."}`` in answer, in order; and, whenever a child ends,
   ``{"exited": PID, "code": CODE}``.
 """
@@ -39,6 +42,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 
 from collectives.errors import LoconetError
+from peer.harness.netns import enter_netns, netns_exists
 
 __all__ = ["ForkServer", "ForkServerError", "ForkedChild", "import_time_env", "runs_as_imported", "serve"]
 
@@ -119,8 +123,11 @@ def _answer(sock: socket.socket, children: dict[int, int], watch: selectors.Base
         request = json.loads(data)
         argv, env = list(map(str, request["argv"])), {str(k): str(v) for k, v in request["env"].items()}
         cwd = str(request["cwd"])
+        netns = request.get("netns")
         if argv[1:2] != ["-m"] or len(argv) < 3 or argv[2] not in MODULES:
             raise ValueError(f"only `python -m MODULE` of {', '.join(MODULES)} is forked, not {argv[1:3]}")
+        if netns is not None and not (isinstance(netns, str) and netns_exists(netns)):
+            raise ValueError(f"no network namespace named {str(netns)[:40]!r}")
         if len(fds) != 2:
             raise ValueError(f"expected 2 file descriptors (stdout, stderr), got {len(fds)}")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -133,7 +140,7 @@ def _answer(sock: socket.socket, children: dict[int, int], watch: selectors.Base
     pid = os.fork()
     if pid == 0:
         os.close(ready_r)
-        _run_child(argv, env, cwd, fds, [sock.fileno(), watch.fileno(), *children], ready_w)  # never returns
+        _run_child(argv, env, cwd, fds, [sock.fileno(), watch.fileno(), *children], ready_w, netns)  # never returns
     os.close(ready_w)
     for fd in fds:
         os.close(fd)
@@ -153,10 +160,14 @@ def _answer(sock: socket.socket, children: dict[int, int], watch: selectors.Base
 
 
 def _run_child(argv: list[str], env: Mapping[str, str], cwd: str, fds: Sequence[int], server_fds: Sequence[int],
-               ready: int) -> None:
-    """In the forked child: run argv (``python -m MODULE ARGS``) as the interpreter would, and exit with its code."""
+               ready: int, netns: str | None = None) -> None:
+    """In the forked child: run argv (``python -m MODULE ARGS``) as the interpreter would (in network namespace
+    netns, if named), and exit with its code."""
     code = 1
     try:
+        if netns is not None:
+            # Before anything opens a socket or starts a thread: a forked child has one thread, which setns moves.
+            enter_netns(netns)
         os.setsid()
         os.close(ready)
         for fd in server_fds:
@@ -256,13 +267,14 @@ class ForkServer:
         self._reader = threading.Thread(target=self._read, name="forkserver-reader", daemon=True)
         self._reader.start()
 
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str], stderr_fd: int) -> ForkedChild:
-        """Fork argv (``python -m peer.cli ARGS``) with env; its stdout is a new pipe (text, line by line), its stderr
-        stderr_fd. ForkServerError when the server is gone or refuses."""
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], stderr_fd: int, netns: str | None = None) -> ForkedChild:
+        """Fork argv (``python -m peer.cli ARGS``) with env, in network namespace netns if named; its stdout is a new
+        pipe (text, line by line), its stderr stderr_fd. ForkServerError when the server is gone or refuses."""
         read_fd, write_fd = os.pipe()
         try:
             with self._lock:
-                message = json.dumps({"argv": list(argv), "env": dict(env), "cwd": os.getcwd()}).encode()
+                request = {"argv": list(argv), "env": dict(env), "cwd": os.getcwd(), "netns": netns}
+                message = json.dumps(request).encode()
                 try:
                     socket.send_fds(self._sock, [message], [write_fd, stderr_fd])
                 except OSError as exc:

@@ -200,8 +200,9 @@ class Harness:
 
     # -- processes --------------------------------------------------------------------
 
-    def _prefix(self, name: str) -> list[str]:
-        return self.network.exec_prefix(name) if self.network is not None else []
+    def _netns(self, name: str) -> str | None:
+        """The network namespace process name runs in (None: this machine's)."""
+        return self.network.netns_of(name) if self.network is not None else None
 
     def _host(self, name: str) -> str:
         return self.hosts[name].ip if self.network is not None else "127.0.0.1"
@@ -243,7 +244,7 @@ class Harness:
             "--startup-grace", str(c.coordinator.lease_s if self.coordinators else 0),
             "--state-file", str(state_file),
             *self._plugin_args(),
-            prefix=self._prefix("coordinator"),
+            netns=self._netns("coordinator"),
         )
         self._dashboard_port = int(self.coordinator.dashboard.rsplit(":", 1)[1].rstrip("/")) if self.coordinator.dashboard != "off" else 0
         self.coordinators.append(self.coordinator)
@@ -283,7 +284,7 @@ class Harness:
         extra = ["--start-when", str(gate)] if gate is not None else []
         self.peers[name] = daemon_peer(
             self.workdir, self.coordinator.address, self.config.run_id, name, *self._peer_args(name), *extra,
-            prefix=self._prefix(name),
+            netns=self._netns(name),
         )
 
     # -- what happened so far ----------------------------------------------------------------

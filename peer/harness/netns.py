@@ -182,8 +182,9 @@ def _link_exists(ifname: str) -> bool:
     return Path("/sys/class/net", ifname).exists()
 
 
-def _netns_exists(netns: str) -> bool:
-    return Path("/run/netns", netns).exists()
+def netns_exists(netns: str) -> bool:
+    """Whether a network namespace of that name exists (``ip netns add`` made it); False for a name that is not one."""
+    return bool(_NETNS_NAME_RE.fullmatch(netns)) and Path("/run/netns", netns).exists()
 
 
 def _root_links() -> list[str]:
@@ -223,6 +224,13 @@ def _qdisc_stats(ns: str | None, dev: str) -> dict:
 
 
 _CLONE_NEWNET = 0x40000000
+# What a namespace name may be: a file name in /run/netns, never a path.
+_NETNS_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def netns_exec(netns: str) -> list[str]:
+    """["ip", "netns", "exec", netns]: prepend to a command to run it in that network namespace."""
+    return ["ip", "netns", "exec", netns]
 
 
 def enter_netns(netns: str) -> None:
@@ -385,7 +393,7 @@ def check_available() -> None:
             except NetnsError as e:
                 raise NetnsUnavailable(f"{meaning}: {e}. {_WITHOUT}") from None
     finally:
-        if _netns_exists(probe):
+        if netns_exists(probe):
             try:
                 _run(["ip", "netns", "del", probe])
             except NetnsError as e:
@@ -539,7 +547,11 @@ class NetnsNetwork:
 
     def exec_prefix(self, name: str) -> list[str]:
         """["ip", "netns", "exec", <namespace>]: prepend to a child's argv to run it inside host name."""
-        return ["ip", "netns", "exec", self._host(name).netns]
+        return netns_exec(self._host(name).netns)
+
+    def netns_of(self, name: str) -> str:
+        """The network namespace of host name (a process started in it is that host)."""
+        return self._host(name).netns
 
     def cut(self, name: str) -> None:
         """Take the host's link down (both veth ends): its traffic stops, its TCP connections stall."""
@@ -626,7 +638,7 @@ class NetnsNetwork:
                 log.warning("cleanup of %s: could not delete link %s: %s", self.id, ifname, e)
         for netns in list(self._made_netns):
             try:
-                if _netns_exists(netns):
+                if netns_exists(netns):
                     _warn_processes(netns)
                     _run(["ip", "netns", "del", netns])
                 self._made_netns.remove(netns)

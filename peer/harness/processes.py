@@ -22,6 +22,7 @@ import time
 
 from collectives.errors import LoconetError
 from peer.harness.forkserver import ForkedChild, ForkServer, ForkServerError, runs_as_imported
+from peer.harness.netns import netns_exec
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +140,13 @@ def forkable(args: list[str], env: dict[str, str]) -> bool:
 class Proc:
     """A child process in its own session; stdout lines that are JSON objects become events.
 
-    ``loconet`` children are forked from this process's fork server (its imports done once); any other command,
-    one run under a prefix (``ip netns exec``), or one with ``fork=False`` (a benchmark measuring the process's own
-    CPU and memory, which a fork would share with the server's imports), is exec'ed."""
+    ``loconet`` children are forked from this process's fork server (its imports done once), in network namespace
+    ``netns`` if one is named; any other command, one run under a prefix, or one with ``fork=False`` (a benchmark
+    measuring the process's own CPU and memory, which a fork would share with the server's imports), is exec'ed
+    (under ``ip netns exec NETNS``, if named)."""
 
     def __init__(self, args: list[str], log_path: pathlib.Path, prefix: list[str] | tuple[str, ...] = (),
-                 *, fork: bool = True, name: str | None = None) -> None:
+                 *, fork: bool = True, name: str | None = None, netns: str | None = None) -> None:
         self.args = list(prefix) + list(args)
         self.log_path = log_path
         self._name = name
@@ -156,14 +158,14 @@ class Proc:
             server = None  # GRPC_TRACE set in this process after the server started: only a fresh interpreter reads it
         if server is not None:
             try:
-                self.proc = server.spawn(self.args, env, self.log.fileno())
+                self.proc = server.spawn(self.args, env, self.log.fileno(), netns=netns)
             except ForkServerError as exc:
                 log.warning("%s: %s; starting it and every later child with exec", self.name, exc)
                 FORKS.give_up()
         if self.proc is None:
             self.proc = subprocess.Popen(
-                self.args, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True, bufsize=1,
-                env=env,
+                (netns_exec(netns) if netns else []) + self.args, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                start_new_session=True, bufsize=1, env=env,
             )
         self.events: list[dict] = []
         self.lines: list[str] = []
@@ -297,12 +299,12 @@ class CoordinatorProc(Proc):
 
     def __init__(
         self, log_path: pathlib.Path, run: str, port: int = 0, *extra: str, prefix: list[str] | tuple[str, ...] = (),
-        fork: bool = True,
+        fork: bool = True, netns: str | None = None,
     ) -> None:
         dashboard = [] if "--dashboard-port" in extra else ["--dashboard-port", "0"]
         # -v: the coordinator's info log (joins, rounds, drops) goes to its log file.
         args = [sys.executable, "-m", "peer.cli", "coordinator", "-v", "--run", run, "--port", str(port), *dashboard, *extra]
-        super().__init__(args, log_path, prefix, fork=fork)
+        super().__init__(args, log_path, prefix, fork=fork, netns=netns)
         try:
             self._wait_started(60.0)
         except BaseException:  # not started in time, or interrupted: leave no coordinator behind
@@ -327,7 +329,8 @@ class CoordinatorProc(Proc):
 
 
 def daemon_peer(
-    log_dir: pathlib.Path, coordinator: str, run: str, name: str, *extra: str, prefix: list[str] | tuple[str, ...] = ()
+    log_dir: pathlib.Path, coordinator: str, run: str, name: str, *extra: str, prefix: list[str] | tuple[str, ...] = (),
+    netns: str | None = None,
 ) -> Proc:
     """Start ``loconet peer --events`` named name (small model, quick syncs unless extra says otherwise).
 
@@ -339,4 +342,4 @@ def daemon_peer(
         sys.executable, "-m", "peer.cli", "peer", "-v", "--coordinator", coordinator, "--run", run, "--name", name,
         "--events", "--no-progress", "--round-timeout", "10", "--host-id", f"{run}-{name}", *extra,
     ]
-    return Proc(args, log_dir / f"{name}.log", prefix, name=name)
+    return Proc(args, log_dir / f"{name}.log", prefix, name=name, netns=netns)

@@ -20,4 +20,5 @@ if _out:
             "pid": os.getpid(), "sid": os.getsid(0), "cwd": os.getcwd(), "argv": sys.argv,
             "value": os.environ.get("LOCONET_PROBE_VALUE"), "stdin_isatty": os.isatty(0),
             "random": random.random(), "numpy": float(np.random.rand()), "hash": hash("loconet"),
+            "netns": os.readlink("/proc/self/ns/net"),
         }, f)
