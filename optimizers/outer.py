@@ -395,6 +395,11 @@ class OuterOptimizer:
             log.info("late for the run: skipping from step %d to the run's step %d (%d into its sync interval)",
                      self.inner_steps, target, into)
             self._skip_to(target, into)
+        elif round_step <= self.inner_steps < round_step + self.config.sync_every:
+            # Already at the run's step (its heartbeats say no more): count this interval from the run's last round,
+            # not from now, so the next sync is the run's. (A peer resumed with a sync due caught up a step late,
+            # synced one step after the others for the rest of the run, and made one round more at its end.)
+            self._skip_to(self.inner_steps, self.inner_steps - round_step)
 
     def _skip_to(self, step: int, into_interval: int) -> None:
         """Continue from the run's step, ``into_interval`` steps after its last round (a schedule by step count

@@ -44,6 +44,9 @@ def state_at(opt: DiLoCo, round_id: int, step: int) -> StateSnapshot:
     [
         (30, 37, 30, 37, 7),  # the run trained 7 steps since its round at 30: so does this peer now
         (30, 30, 30, 30, 0),  # not behind: nothing changes
+        (31, 31, 30, 31, 1),  # at the run's step, one into its interval: its next sync is the run's, at 40
+        (31, 30, 30, 31, 1),  # a step past the run's word: the same
+        (29, 29, 20, 29, 9),  # the last step of the interval: the next step syncs, as the run's does
         (30, 25, 20, 30, 0),  # a heartbeat older than this peer's own step: nothing changes
         (30, 10_000, 30, 39, 9),  # never past one interval after the run's last round: the next step syncs
         (30, 45, 40, 45, 5),  # two rounds behind: it catches up with the run all the same
