@@ -197,6 +197,11 @@ class OuterOptimizer:
     def flush(self) -> None:
         """Finish a round still in flight (before evaluating, checkpointing or stopping); a no-op by default."""
 
+    def sync_if_due(self) -> bool:
+        """Run the sync the schedule says is due before any further step (a stop interrupted it, and this optimizer
+        was resumed from the checkpoint taken then); whether a round committed. False by default: none is due."""
+        return False
+
     def round_numel(self, tag: str) -> int:
         """Elements of a round with this tag (what a late peer expects to fetch)."""
         return sum(t.numel() for t in self._layout(tag))

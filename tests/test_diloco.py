@@ -12,6 +12,7 @@ import torch
 
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError
+from collectives.syncphases import Stopped
 from optimizers.diloco import DiLoCo
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalPeer
@@ -219,6 +220,44 @@ def test_state_dict_round_trip_restores_global_state_and_counters():
     train(opt, a, 0, 5)
     train(fresh, b, 0, 5)
     assert_close(params(a), params(b))
+
+
+class StopsAtSecondSync(LocalPeer):
+    """A run of one peer stopped (as by SIGTERM) while its second sync is in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def sync(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 2:
+            raise Stopped("stopped with a round in flight")
+        return super().sync(*args, **kwargs)
+
+
+def test_a_peer_resumed_from_a_stop_during_its_sync_runs_that_sync_before_its_next_step():
+    a = model()
+    whole = DiLoCo(a, torch.optim.SGD(a.parameters(), lr=0.1), LocalPeer(), sync_every=3)
+    train(whole, a, 0, 9)
+    b = model()
+    stopped = DiLoCo(b, torch.optim.SGD(b.parameters(), lr=0.1), StopsAtSecondSync(), sync_every=3)
+    with pytest.raises(Stopped):
+        train(stopped, b, 0, 6)
+    saved, saved_params = copy.deepcopy(stopped.state_dict()), params(b)  # the checkpoint taken at the stop
+    c = model(seed=5)
+    resumed = DiLoCo(c, torch.optim.SGD(c.parameters(), lr=0.1), LocalPeer(), sync_every=3)
+    resumed.load_state_dict(saved)
+    for p, q in zip(c.parameters(), saved_params):
+        p.data.copy_(q)
+    assert resumed.sync_if_due() and (resumed.inner_steps, resumed.steps_since_sync) == (6, 0)
+    assert not resumed.sync_if_due()
+    for t in range(6, 9):  # the steps after the stop, on the same batches as the uninterrupted peer's
+        loss_of(c, batch(0, t)).backward()
+        resumed.step(samples=1)
+        resumed.zero_grad()
+    assert resumed.committed_rounds == 2 and whole.committed_rounds == 3
+    assert_close(params(c), params(a), atol=0)
 
 
 @pytest.mark.parametrize("outer", ["adam", "yogi"])

@@ -404,6 +404,7 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
                                              error=record.error)
     display.start_bar(total, loop.progress.step)
     try:
+        opt.sync_if_due()  # resumed from a checkpoint taken while its sync was in flight: that sync first
         return loop.run(signals.stop)
     except Stopped:
         log.info("stopped by %s with a round in flight; nothing of it was applied", signals.name)
