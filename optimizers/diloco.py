@@ -104,9 +104,7 @@ class DiLoCo(OuterOptimizer):
     def sync_if_due(self) -> bool:
         # Only a stop during a sync leaves a due count behind (a sync that ends, committed or not, resets it). Synced
         # after the next step instead, this peer would sync a step after the others for the rest of the run.
-        if self.config.sync_seconds is None and self.steps_since_sync >= self.config.sync_every:
-            return self.sync()
-        return False
+        return self.sync() if self._sync_due() else False
 
     def round_indices(self, tag: str) -> Sequence[int]:
         """Every round carries every parameter."""
