@@ -314,7 +314,7 @@ class MembershipClient:
         # The run's last committed round as the coordinator last said (heartbeats, quorum answers): a worker
         # still computing a step the run has committed without it can stop (gradient coding's stragglers).
         self.run_round = 0
-        # The furthest step an up-to-date peer reported, as the coordinator last said (heartbeats).
+        # The furthest step an up-to-date peer reported, as the coordinator last said (heartbeats, RESYNC answers).
         self.run_step = 0
         self.round_step = 0
         # The attempt (round id, epoch) this peer is exchanging data for, and the future its heartbeats
@@ -549,6 +549,10 @@ class MembershipClient:
                 raise GroupTooSmall(str(exc)) from None
             raise
         if reply.action == pb.QuorumResponse.RESYNC:
+            if reply.run_step or reply.round_step:  # an older coordinator leaves them 0: the heartbeats' stand
+                # Fresher than the last heartbeat's (a peer back from a cut heard none since): catching up lines
+                # this peer's schedule up with the run's from them.
+                self.run_step, self.round_step = reply.run_step, reply.round_step
             return RoundPlan(
                 action="resync",
                 sync_from=reply.sync_from,

@@ -205,7 +205,7 @@ class CommittedRound(_message.Message):
     def __init__(self, round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., tag: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
 
 class QuorumResponse(_message.Message):
-    __slots__ = ("action", "round_id", "epoch", "members", "rank", "sync_from", "last_committed_round", "missed", "policy", "seed", "candidates", "state_digest", "sync_sources", "members_digest")
+    __slots__ = ("action", "round_id", "epoch", "members", "rank", "sync_from", "last_committed_round", "missed", "policy", "seed", "candidates", "state_digest", "sync_sources", "members_digest", "run_step", "round_step")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[QuorumResponse.Action]
@@ -228,6 +228,8 @@ class QuorumResponse(_message.Message):
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SYNC_SOURCES_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RUN_STEP_FIELD_NUMBER: _ClassVar[int]
+    ROUND_STEP_FIELD_NUMBER: _ClassVar[int]
     action: QuorumResponse.Action
     round_id: int
     epoch: int
@@ -242,7 +244,9 @@ class QuorumResponse(_message.Message):
     state_digest: str
     sync_sources: _containers.RepeatedScalarFieldContainer[str]
     members_digest: bytes
-    def __init__(self, action: _Optional[_Union[QuorumResponse.Action, str]] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., rank: _Optional[int] = ..., sync_from: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ..., members_digest: _Optional[bytes] = ...) -> None: ...
+    run_step: int
+    round_step: int
+    def __init__(self, action: _Optional[_Union[QuorumResponse.Action, str]] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., rank: _Optional[int] = ..., sync_from: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ..., members_digest: _Optional[bytes] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ...) -> None: ...
 
 class RoundReport(_message.Message):
     __slots__ = ("bytes_sent", "bytes_received", "wall_s")

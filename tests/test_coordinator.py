@@ -289,6 +289,23 @@ def test_a_failed_round_aborts_after_the_failure_grace_without_dropping_a_silent
     assert [(p.round_id, members(p)) for p in retry] == [(1, sorted([a, silent]))] * 2
 
 
+def test_a_resync_answer_carries_the_runs_step_so_a_peer_back_from_a_cut_lines_up_at_once(coordinator):
+    c = coordinator(quorum="first-k:2")
+    a, b, late = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2, 3))
+    plans = [f.result() for f in [ask(c.stub, p) for p in (a, b)]]
+    held = ask(c.stub, late)
+    for peer, step in ((a, 10), (b, 10)):  # the members at their round's step
+        c.stub.Heartbeat(pb.HeartbeatRequest(run_id=RUN, peer_id=peer, metrics=pb.PeerMetrics(step=step)), timeout=5)
+    assert all(f.result().commit for f in [report(c.stub, p, plans[0]) for p in (a, b)])
+    answer = held.result()
+    assert (answer.action, answer.run_step, answer.round_step) == (pb.QuorumResponse.RESYNC, 10, 10)
+    # The run trains on: a's heartbeat says step 13. Asked again (a peer back from a cut), the answer says so.
+    c.stub.Heartbeat(pb.HeartbeatRequest(run_id=RUN, peer_id=a, last_round=1, metrics=pb.PeerMetrics(step=13)),
+                     timeout=5)
+    again = ask(c.stub, late).result()
+    assert (again.action, again.run_step, again.round_step) == (pb.QuorumResponse.RESYNC, 13, 10)
+
+
 # -- quorum policies -------------------------------------------------------------------------
 
 

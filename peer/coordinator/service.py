@@ -618,6 +618,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             missed=missed,
             state_digest=s.last_digest,
             sync_sources=[p.address for p in sources],
+            run_step=s.run_step,
+            round_step=s.round_step,
         )
 
     def _missed(self, peer_id: str, last_round: int) -> list[pb.CommittedRound]:
