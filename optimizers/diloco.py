@@ -103,8 +103,9 @@ class DiLoCo(OuterOptimizer):
 
     def sync_if_due(self) -> bool:
         # Only a stop during a sync leaves a due count behind (a sync that ends, committed or not, resets it). Synced
-        # after the next step instead, this peer would sync a step after the others for the rest of the run.
-        return self.sync() if self._sync_due() else False
+        # after the next step instead, this peer would sync a step after the others for the rest of the run. Never
+        # without a step since the last sync: a time budget may have run out while a fresh peer joined.
+        return self.sync() if self.steps_since_sync > 0 and self._sync_due() else False
 
     def round_indices(self, tag: str) -> Sequence[int]:
         """Every round carries every parameter."""

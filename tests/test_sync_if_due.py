@@ -28,3 +28,9 @@ def test_a_step_schedule_resumed_with_its_sync_due_syncs_once_at_once(name):
     opt.load_state_dict({**opt.state_dict(), "inner_steps": 5, "counters": {"steps_since_sync": 5, "samples_since_sync": 40}})
     assert opt.sync_if_due() is True and opt.committed_rounds == 1
     assert opt.sync_if_due() is False and opt.committed_rounds == 1
+
+
+def test_a_fresh_peer_whose_time_budget_ran_out_while_it_joined_syncs_only_after_a_step():
+    torch.manual_seed(0)
+    opt = make_optimizer(torch.nn.Linear(3, 2), LocalPeer(), TrainConfig.of("diloco", sync_seconds=1e-9))
+    assert opt.sync_if_due() is False and opt.committed_rounds == 0
