@@ -9,6 +9,7 @@ ones speaking the protocol from this test's own event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -315,60 +316,57 @@ def test_only_grpc_cores_internal_on_an_open_stream_is_read_as_a_broken_stream(c
     assert broken_stream(rpc_error(code, "x")).code() == retried_as
 
 
+@contextlib.asynccontextmanager
+async def older_coordinator(quorum_answer: pb.QuorumResponse):
+    """A coordinator without Session streams that answers every Quorum call with quorum_answer; a membership client
+    (peer id p1) of it."""
+
+    async def quorum_rpc(raw: bytes, context) -> bytes:
+        return quorum_answer.SerializeToString()
+
+    server = grpc.aio.server()
+    service = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+    handler = grpc.unary_unary_rpc_method_handler(quorum_rpc, request_deserializer=bytes, response_serializer=bytes)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {"Quorum": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    address = f"127.0.0.1:{port}"
+    client = MembershipClient(Transport(TransportConfig()), MembershipConfig(address, RUN))
+    client.peer_id = "p1"
+    try:
+        yield client
+    finally:
+        await client.close()
+        await client.transport.channel(address).close()
+        await server.stop(0)
+
+
 @pytest.mark.parametrize(("run_step", "round_step", "known"), [(57, 50, (57, 50)), (0, 0, (3, 1))])
 def test_a_resync_answer_gives_the_client_the_runs_step_unless_the_coordinator_is_older(run_step, round_step, known):
-    async def quorum_rpc(raw: bytes, context) -> bytes:
-        return pb.QuorumResponse(action=pb.QuorumResponse.RESYNC, last_committed_round=5, sync_from="10.0.0.1:1",
-                                 run_step=run_step, round_step=round_step).SerializeToString()
+    answer = pb.QuorumResponse(action=pb.QuorumResponse.RESYNC, last_committed_round=5, sync_from="10.0.0.1:1",
+                               run_step=run_step, round_step=round_step)
 
     async def scenario():
-        server = grpc.aio.server()
-        service = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
-        handler = grpc.unary_unary_rpc_method_handler(quorum_rpc, request_deserializer=bytes, response_serializer=bytes)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {"Quorum": handler}),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        address = f"127.0.0.1:{port}"
-        client = MembershipClient(Transport(TransportConfig()), MembershipConfig(address, RUN))
-        client.peer_id, client.run_step, client.round_step = "p1", 3, 1  # what its last heartbeat said
-        try:
+        async with older_coordinator(answer) as client:
+            client.run_step, client.round_step = 3, 1  # what its last heartbeat said
             plan = await client.quorum(0, timeout_s=5)
             return plan.action, (client.run_step, client.round_step)
-        finally:
-            await client.close()
-            await client.transport.channel(address).close()
-            await server.stop(0)
 
     assert run(scenario()) == ("resync", known)
 
 
 def test_a_peer_talking_to_a_coordinator_without_sessions_sends_calls_of_their_own():
     """An older coordinator: no Session method (UNIMPLEMENTED); the membership client asks with a unary call."""
-
-    async def quorum_rpc(raw: bytes, context) -> bytes:
-        return pb.QuorumResponse(action=pb.QuorumResponse.ROUND, round_id=3, members=[
-            pb.Member(peer_id="p1", address="10.0.0.1:1")
-        ]).SerializeToString()
+    answer = pb.QuorumResponse(action=pb.QuorumResponse.ROUND, round_id=3, members=[
+        pb.Member(peer_id="p1", address="10.0.0.1:1")
+    ])
 
     async def scenario():
-        server = grpc.aio.server()
-        service = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
-        handler = grpc.unary_unary_rpc_method_handler(quorum_rpc, request_deserializer=bytes, response_serializer=bytes)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {"Quorum": handler}),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        address = f"127.0.0.1:{port}"
-        client = MembershipClient(Transport(TransportConfig()), MembershipConfig(address, RUN))
-        client.peer_id = "p1"
-        try:
+        async with older_coordinator(answer) as client:
             plan = await client.quorum(0, timeout_s=5)
             with pytest.raises(SessionUnsupported):
                 await client.session.call("Quorum", quorum("p1"), 5)
             return plan.round_id, client.session.supported
-        finally:
-            await client.close()
-            await client.transport.channel(address).close()
-            await server.stop(0)
 
     assert run(scenario()) == (3, False)
 
