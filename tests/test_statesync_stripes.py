@@ -405,7 +405,7 @@ def test_a_result_not_committed_within_result_wait_s_is_not_found(net):
     store = ResultStore(keep=2)
     store.keep(3, "g", torch.zeros(1000))
     config = dataclasses.replace(CFG, result_wait_s=0.1)
-    address, server, _ = net.donor(lambda: None, config, results=store.snapshot)
+    address, _, _ = net.donor(lambda: None, config, results=store.snapshot)
     client = net.client()
     with pytest.raises(StateSyncError, match="NOT_FOUND.*does not keep the result of round 4"):
         client.submit(fetch_state_async(client, address, RUN, "late", config, result_of_round=4)).result(timeout=30)
