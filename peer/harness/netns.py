@@ -182,6 +182,10 @@ def _link_exists(ifname: str) -> bool:
     return Path("/sys/class/net", ifname).exists()
 
 
+# What a namespace name may be: a file name in /run/netns, never a path.
+_NETNS_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
 def netns_exists(netns: str) -> bool:
     """Whether a network namespace of that name exists (``ip netns add`` made it); False for a name that is not one."""
     return bool(_NETNS_NAME_RE.fullmatch(netns)) and Path("/run/netns", netns).exists()
@@ -224,8 +228,6 @@ def _qdisc_stats(ns: str | None, dev: str) -> dict:
 
 
 _CLONE_NEWNET = 0x40000000
-# What a namespace name may be: a file name in /run/netns, never a path.
-_NETNS_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
 def netns_exec(netns: str) -> list[str]:
