@@ -144,3 +144,19 @@ def test_a_pause_of_another_peer_does_not_hold_this_one(harness):
                      harness._fire(parse_event("pause:peer1@0s,for=1s"), now=0.0)]
     harness._restore(harness.fired[1], now=1.0)
     assert harness.peers["peer1"].signals == [signal.SIGSTOP, signal.SIGCONT]
+
+
+def test_an_event_aimed_at_a_peer_down_between_a_stop_and_its_restart_waits_for_the_new_process(harness):
+    earlier = harness.peers["peer1"]
+    fired = harness._fire(parse_event("stop:peer1@round1,for=2s"), now=0.0)
+    harness.fired.append(fired)
+    earlier.alive = False  # it checkpointed and left
+    second_stop = parse_event("stop:peer1@round2,for=1s")
+    assert not harness._due(second_stop, now=1.0, rounds=2)
+    harness._restore(fired, now=2.0)
+    assert harness.started == ["peer1"] and harness._due(second_stop, now=2.0, rounds=2)
+
+
+def test_a_peer_down_between_a_stop_and_its_restart_does_not_hold_events_aimed_at_others(harness):
+    harness.fired.append(harness._fire(parse_event("stop:peer1@round1,for=2s"), now=0.0))
+    assert harness._due(parse_event("kill:peer0@round2"), now=1.0, rounds=2)

@@ -317,6 +317,10 @@ class Harness:
     # -- events ---------------------------------------------------------------------------
 
     def _due(self, event: Event, now: float, rounds: int) -> bool:
+        if event.target and self._between_lives(event.target):
+            # Aimed at a peer a stop took down and will start again: it waits for that next process, rather
+            # than signal one that has exited (and a stop's restart then kill the new one, never told to stop).
+            return False
         if event.at.rounds is not None:
             return rounds >= event.at.rounds
         if event.at.sync is not None:
@@ -390,6 +394,11 @@ class Harness:
             fired.detail = f"{event.streams} idle streams and {event.fetches} unread fetches against {event.target}"
         log.info("fired %s at %.1f s %s", event, fired.time_s, fired.detail)
         return fired
+
+    def _between_lives(self, name: str) -> bool:
+        """Whether a stop event took peer name down and its restart is still to come."""
+        return any(f.restore_at is not None and f.event.action == "stop" and f.event.target == name
+                   for f in self.fired)
 
     def _held_by_another(self, fired: Fired) -> bool:
         """Whether another fired event of the same kind still holds the same peer (its undo is not done yet)."""

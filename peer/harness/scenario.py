@@ -5,7 +5,8 @@ An event is written ``ACTION[:TARGET]@WHEN[,for=DURATION][,x=FACTOR]``:
 - ``kill:peer2@round3``          SIGKILL peer2 once 3 rounds have committed
 - ``stop:peer0@round3,for=5s``   stop peer0 (SIGTERM: it checkpoints and leaves the run) once 3 rounds have
   committed; with ``for=``, start it again that much later with its checkpoint directory (once the stopped
-  process has exited; a paused peer is resumed to see the SIGTERM, as systemd stops a service)
+  process has exited; a paused peer is resumed to see the SIGTERM, as systemd stops a service). An event aimed
+  at a peer while it is down between the two waits for its new process
 - ``pause:peer1@10s,for=8s``     SIGSTOP peer1 10 s after the start, SIGCONT 8 s later
 - ``join@round5``                start one more peer (a late joiner)
 - ``restart-coordinator@20s``    kill the coordinator and start it again on the same address
