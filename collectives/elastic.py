@@ -61,7 +61,10 @@ all-reduce and commit) can be cut short from any thread, a signal handler
 included: ``interrupt()`` cancels the calls in flight on the transport's
 loop and they raise ``Stopped`` (so do later ones). Nothing is applied by an
 interrupted call; the caller then ``close()``s, which leaves the run so the
-others retry their round without this peer.
+others retry their round without this peer. One exception: a stop that comes
+once this member voted to commit waits (``stop_decision_wait_s``) for the
+round's decision, and a committed round is applied and returned, since this
+member may be the only one left holding it; the next call raises ``Stopped``.
 """
 
 from __future__ import annotations
@@ -159,6 +162,9 @@ class ElasticConfig:
     max_attempts: int = 5
     quorum_timeout_s: float = 600.0
     commit_timeout_s: float = 120.0
+    # A stop (interrupt()) that comes after this member voted to commit waits this long for the round's decision:
+    # the run may commit the round, and this member may be the only one left to hold it.
+    stop_decision_wait_s: float = 5.0
     # How long calls keep retrying an unreachable coordinator once joined (it may be restarting).
     patience_s: float = 300.0
     # How long start() keeps trying to reach the coordinator before giving up (a wrong address, or none yet).
@@ -658,7 +664,7 @@ class ElasticCollective:
                 work = None if residual is None else residual.clone()
                 done, failed, reason = await self._allreduce(plan, sent, w, out, allreduce, reduce_with, work)
             self._move(plan.round_id, Phase.COMMIT)
-            outcome = await self._commit(plan, done, failed, reason)
+            outcome = await self._decision(plan, done, failed, reason)
             self.epoch = max(self.epoch, outcome.epoch)
             if outcome.commit and done is not None:
                 self._move(plan.round_id, Phase.COMMITTED)
@@ -768,6 +774,30 @@ class ElasticCollective:
             if not exchange.done():  # the coordinator ended the attempt, or this sync was cancelled (interrupt)
                 exchange.cancel()
                 await asyncio.gather(exchange, return_exceptions=True)
+
+    async def _decision(
+        self, plan: RoundPlan, done: AllReduceResult | None, failed: tuple[str, ...], reason: str
+    ) -> CommitOutcome:
+        """This member's Commit and the round's decision. A stop that comes once this member has its result waits
+        up to stop_decision_wait_s for a commit, which is then applied: a round the run commits is not lost with
+        this member (it may be the only one left to hold it). Any other outcome of a stopped round: cancelled."""
+        call = asyncio.ensure_future(self._commit(plan, done, failed, reason))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            if not self._interrupted or done is None:
+                call.cancel()
+                raise
+        log.info("stopped while round %d is being decided: waiting up to %g s for its decision",
+                 plan.round_id, self.config.stop_decision_wait_s)
+        try:
+            outcome = await asyncio.wait_for(call, self.config.stop_decision_wait_s)
+        except TimeoutError:
+            raise asyncio.CancelledError from None
+        if not outcome.commit:
+            raise asyncio.CancelledError
+        asyncio.current_task().uncancel()  # the stop was honoured: the round is applied, then the caller stops
+        return outcome
 
     async def _commit(
         self, plan: RoundPlan, done: AllReduceResult | None, failed: tuple[str, ...], reason: str

@@ -12,7 +12,8 @@ and after ``--connect-timeout`` the peer gives up with a one-line error.
 SIGTERM and SIGINT stop it at once in every phase (connecting, joining,
 fetching the state, training, syncing): the first signal interrupts the
 blocking call in flight (``ElasticCollective.interrupt``; nothing of an
-interrupted round is applied), the peer writes a last checkpoint if it had
+interrupted round is applied, but a round this peer voted to commit is waited
+for briefly and applied if committed), the peer writes a last checkpoint if it had
 joined, leaves the run (so a round waiting for it goes on without it) and
 exits with 0 for SIGTERM, 130 for SIGINT. A second signal ends it
 immediately.
