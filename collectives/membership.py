@@ -41,11 +41,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import grpc
 
 from collectives.addresses import coordinator_address
 from collectives.errors import LoconetError, RoundFailed
+from collectives.memberlists import BadMemberChange, Entry, apply_change, entries_of, list_digest, received_change
 from collectives.rpc import call_metadata
 from collectives.sampling import check_sample, sample_size
 from collectives.session import RETRY_AFTER_MS, SESSION_RPCS, CoordinatorSession, SessionUnsupported
@@ -281,23 +283,41 @@ class KnownMembers:
     """The member list of a peer's last ROUND answer and its digest (QuorumResponse.members_digest)."""
 
     digest: bytes = b""
+    entries: tuple[Entry, ...] = ()
     members: tuple[tuple[str, str], ...] = ()
     hosts: tuple[str, ...] = ()
 
     def of(self, reply: pb.QuorumResponse) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
-        """A ROUND answer's (peer id, address) members and host ids: its own list (then kept), or the kept one
-        when the answer left it out; RoundFailed when it left out a list this peer does not hold."""
+        """A ROUND answer's (peer id, address) members and host ids: its own list, the kept one changed as the
+        answer says, or the kept one when the answer left it out (the result is kept); RoundFailed when the answer
+        needs a list this peer does not hold, or its change does not give the round's list."""
         if reply.members:
-            self.digest = reply.members_digest
-            self.members = tuple((m.peer_id, m.address) for m in reply.members)
-            self.hosts = tuple(m.host_id for m in reply.members)
+            self._keep(reply.members_digest, entries_of(reply.members))
+        elif reply.members_base:
+            self._keep(reply.members_digest, self._changed(reply))
         elif not self.digest or reply.members_digest != self.digest:
-            self.digest = b""  # the next request asks for the whole list
-            raise RoundFailed(
-                f"the coordinator's answer for round {reply.round_id} left out a member list this peer does not "
-                "hold; it asks again for the whole list"
-            )
+            self._fail(reply, "left out a member list this peer does not hold")
         return self.members, self.hosts
+
+    def _changed(self, reply: pb.QuorumResponse) -> tuple[Entry, ...]:
+        if not self.digest or reply.members_base != self.digest:
+            self._fail(reply, "carries a change to a member list this peer does not hold")
+        try:
+            entries = apply_change(self.entries, *received_change(reply))
+        except BadMemberChange as exc:
+            self._fail(reply, f"carries a member-list change that does not apply ({exc})")
+        if list_digest(entries) != reply.members_digest:
+            self._fail(reply, "carries a member-list change that does not give the round's list")
+        return entries
+
+    def _keep(self, digest: bytes, entries: tuple[Entry, ...]) -> None:
+        self.digest, self.entries = digest, entries
+        self.members = tuple((p, a) for p, a, _ in entries)
+        self.hosts = tuple(h for _, _, h in entries)
+
+    def _fail(self, reply: pb.QuorumResponse, why: str) -> NoReturn:
+        self.digest = b""  # the next request asks for the whole list
+        raise RoundFailed(f"the coordinator's answer for round {reply.round_id} {why}; it asks again for the whole list")
 
 
 class MembershipClient:

@@ -60,6 +60,15 @@ def test_small_run_commits_every_round_with_every_peer(tmp_path):
     assert report["all_rounds_committed_with_all_peers"] is True
 
 
+def test_with_churn_every_round_commits_with_every_peer_and_carries_the_member_list_as_its_change(tmp_path):
+    report = bench_membership.run(peers=PEERS, rounds=3, client_procs=1, window_s=1.0, churn=2, log_dir=tmp_path)
+    assert report["problems"] == [] and report["all_rounds_committed_with_all_peers"] is True
+    assert report["peers_alive_at_end"] == PEERS and report["churn"] == 2
+    first, *later = [r["quorum_answer_bytes"] for r in report["per_round"]]
+    # Round 1 sends every peer the whole list; each later round, after 2 peers left and joined again, its change.
+    assert all(b < first / 3 for b in later), (first, later)
+
+
 def test_arguments_parse():
     parser = argparse.ArgumentParser()
     bench_membership.add_arguments(parser)

@@ -21,7 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from collectives.membership import MembershipClient, MembershipConfig, MissedRound
+from collectives.membership import KnownMembers, MembershipClient, MembershipConfig, MissedRound
 from collectives.rpc import blocking_channel
 from collectives.sampling import check_sample, sample_members
 from collectives.transport import Transport
@@ -246,14 +246,18 @@ def test_an_asker_holding_the_rounds_member_list_gets_the_answer_without_it(coor
     assert (holder.rank, fresh.rank) == (members(first).index(a), members(first).index(b))
 
 
-def test_a_changed_member_list_is_sent_whole_to_a_peer_holding_the_old_one(coordinator):
+def test_a_changed_member_list_is_sent_as_its_change_to_a_peer_holding_the_previous_one(coordinator):
     c = coordinator()
     a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
     first = play_round(c.stub, [a, b], 0)
     d = join(c.stub, "127.0.0.1:3", last_round=1)
-    plans = [f.result() for f in [ask(c.stub, p, 1, known_members=first.members_digest) for p in (a, b, d)]]
-    assert {len(p.members) for p in plans} == {3}
-    assert {p.members_digest for p in plans} != {first.members_digest}
+    held, fresh, joiner = [f.result() for f in [ask(c.stub, a, 1, known_members=first.members_digest),
+                                                 ask(c.stub, b, 1), ask(c.stub, d, 1)]]
+    assert (list(held.members), held.members_base) == ([], first.members_digest)
+    assert len(fresh.members) == 3 and list(joiner.members) == list(fresh.members)
+    known = KnownMembers()
+    known.of(first)
+    assert known.of(held)[0] == tuple((m.peer_id, m.address) for m in fresh.members)
 
 
 def test_a_retry_after_an_abort_keeps_the_round_id_with_a_new_epoch_and_each_attempt_keeps_its_decision(coordinator):

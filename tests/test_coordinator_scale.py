@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import pytest
 
+from collectives.memberlists import entries_of, list_bytes, list_digest
 from collectives.membership import heartbeat_interval
 from peer.bench.membership import bench_rate_limits
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.history import SeriesBook
-from peer.coordinator.quorum import RoundAnswer, rank_field
+from peer.coordinator.quorum import RoundAnswer, RoundLists, rank_field
 from peer.coordinator.service import Coordinator
 from protos import membership_pb2 as pb
 
@@ -42,13 +43,48 @@ def test_a_round_answer_leaves_the_list_out_only_for_the_asker_naming_its_digest
                              last_committed_round=whole.last_committed_round, policy=whole.policy, seed=whole.seed,
                              members_digest=digest)
     listed = pb.QuorumResponse(members=whole.members).SerializeToString()
-    answer = RoundAnswer(rest.SerializeToString() + listed, rest.SerializeToString(), digest, rank=2)
+    answer = RoundAnswer(RoundLists(rest.SerializeToString(), entries_of(whole.members), listed, digest, {}), rank=2)
     expected = pb.QuorumResponse()
     expected.CopyFrom(rest)
     expected.rank = 2
     if with_list:
         expected.members.extend(whole.members)
     assert pb.QuorumResponse.FromString(answer.wire(known)) == expected
+
+
+def _lists(new, recent) -> RoundLists:
+    """The answer bodies of a round with member list new, recent: the lists askers may hold, by digest."""
+    rest = pb.QuorumResponse(action=pb.QuorumResponse.ROUND, round_id=9, members_digest=list_digest(new))
+    return RoundLists(rest.SerializeToString(), new, list_bytes(new), list_digest(new), recent)
+
+
+BIG = tuple((f"p{i:04d}", f"10.0.{i // 256}.{i % 256}:2000", "") for i in range(100))
+
+
+def test_an_asker_holding_a_recent_list_gets_the_change_from_it_and_no_members():
+    new = (*BIG[1:], ("p9999", "10.9.9.9:1", ""))
+    reply = pb.QuorumResponse.FromString(_lists(new, {list_digest(BIG): BIG}).body(list_digest(BIG)))
+    assert (list(reply.members), reply.members_base, list(reply.members_removed)) == ([], list_digest(BIG), [0])
+    assert [(m.index, m.member.peer_id) for m in reply.members_added] == [(99, "p9999")]
+
+
+def test_an_asker_holding_a_list_the_coordinator_does_not_have_gets_the_whole_list():
+    lists = _lists(BIG, {})
+    assert len(pb.QuorumResponse.FromString(lists.body(b"\x07" * 32)).members) == 100
+
+
+def test_a_change_larger_than_the_whole_list_is_not_sent():
+    other = tuple((f"q{i:04d}", a, h) for i, (_, a, h) in enumerate(BIG))  # every member replaced
+    reply = pb.QuorumResponse.FromString(_lists(other, {list_digest(BIG): BIG}).body(list_digest(BIG)))
+    assert len(reply.members) == 100 and reply.members_base == b""
+
+
+def test_only_the_bodies_of_recent_lists_are_kept():
+    lists = _lists(BIG[1:], {list_digest(BIG): BIG})
+    for i in range(100):
+        lists.body(bytes([i]) * 32)
+    lists.body(list_digest(BIG))
+    assert len(lists._bodies) == 2  # the round's own list, and the recent one
 
 
 @pytest.mark.parametrize("rank, encoded", [(0, b""), (1, b"\x28\x01"), (127, b"\x28\x7f"), (128, b"\x28\x80\x01")])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from collectives.errors import RoundFailed
+from collectives.memberlists import change_bytes, entries_of, list_digest, member_change
 from collectives.membership import KnownMembers
 from protos import membership_pb2 as pb
 
@@ -49,3 +50,45 @@ def test_an_answer_with_a_new_list_replaces_the_kept_one():
     known.of(answer(DIGEST_A, LIST_A))
     assert known.of(answer(DIGEST_B, LIST_A[:1])) == ((("a", "10.0.0.1:1"),), ("h1",))
     assert known.digest == DIGEST_B
+
+
+LIST_C = [*LIST_A[1:], pb.Member(peer_id="c", address="10.0.0.3:1")]  # a left, c joined
+
+
+def changed(base_digest: bytes, base, new, digest: bytes | None = None) -> pb.QuorumResponse:
+    """A ROUND answer carrying new as a change from base (named base_digest); digest: the round's (new's own)."""
+    reply = pb.QuorumResponse.FromString(change_bytes(base_digest, *member_change(entries_of(base), entries_of(new))))
+    reply.MergeFrom(answer(list_digest(entries_of(new)) if digest is None else digest))
+    return reply
+
+
+def test_an_answer_with_a_change_to_the_kept_list_gives_the_changed_list_and_keeps_it():
+    known = KnownMembers()
+    known.of(answer(list_digest(entries_of(LIST_A)), LIST_A))
+    assert known.of(changed(known.digest, LIST_A, LIST_C)) == ((("b", "10.0.0.2:1"), ("c", "10.0.0.3:1")), ("", ""))
+    assert known.digest == list_digest(entries_of(LIST_C))
+
+
+def test_an_answer_with_a_change_to_a_list_this_peer_does_not_hold_fails_the_round_and_asks_for_the_whole_list():
+    known = KnownMembers()
+    known.of(answer(DIGEST_B, LIST_A))
+    with pytest.raises(RoundFailed, match="carries a change to a member list this peer does not hold"):
+        known.of(changed(DIGEST_A, LIST_A, LIST_C))
+    assert known.digest == b""
+
+
+def test_a_change_that_does_not_give_the_rounds_digest_fails_the_round_and_asks_for_the_whole_list():
+    known = KnownMembers()
+    known.of(answer(list_digest(entries_of(LIST_A)), LIST_A))
+    with pytest.raises(RoundFailed, match="does not give the round's list"):
+        known.of(changed(known.digest, LIST_A, LIST_C, digest=DIGEST_B))
+    assert known.digest == b""
+
+
+def test_a_change_whose_positions_do_not_fit_the_kept_list_fails_the_round():
+    known = KnownMembers()
+    known.of(answer(list_digest(entries_of(LIST_A)), LIST_A))
+    reply = changed(known.digest, LIST_A, LIST_C)
+    reply.members_removed[:] = [5]
+    with pytest.raises(RoundFailed, match="does not apply"):
+        known.of(reply)

@@ -107,6 +107,7 @@ FIELDS: Fields = {
     "spread_s": "each peer asks for a quorum after a random delay below this, seconds (0: all at once)",
     "allreduce_s": "each member waits this long between its Quorum answer and its Commit (the round's data "
     "exchange), seconds (0: it commits at once)",
+    "churn": "peers that leave and join again under a new peer id before each round after the first (--churn)",
     "control_plane": "how the simulated peers send Heartbeat, Quorum and Commit: session (messages on one Session "
     "stream per peer, as the real client) or unary (one gRPC call each, --unary)",
     "coordinator_rate_limits": "the coordinator's rate-limit options: the product's per-client defaults times the "
@@ -145,6 +146,8 @@ FIELDS: Fields = {
     "its status) minus the send time of the last Quorum request: taking in the requests and deciding",
     "quorum_answers_after_formed_last_s": SUMMARY + ": per round, the last Quorum answer received minus the "
     "round's formation: serialising, sending and the clients reading the answers",
+    "quorum_answer_bytes_per_round": SUMMARY + ": per round, the bytes of every Quorum answer the peers got (the "
+    "member list whole, left out, or its change from the asker's)",
     "rounds_full": "rounds every peer committed with all peers as members",
     "per_round": "one entry per round, in order",
     "per_round[].round_id": "the round id the coordinator gave",
@@ -161,7 +164,8 @@ FIELDS: Fields = {
     "time of the last Quorum request, seconds",
     "per_round[].answers_after_formed_first_s": "first Quorum answer received after the round's formation, seconds",
     "per_round[].answers_after_formed_last_s": "last Quorum answer received after the round's formation, seconds",
-    "rounds_phase": "the rounds as a whole (heartbeats keep going)",
+    "per_round[].quorum_answer_bytes": "bytes of the round's Quorum answers, all peers together",
+    "rounds_phase": "the rounds as a whole (heartbeats keep going; with --churn, the leaves and joins between them)",
     "rounds_phase.wall_s": "seconds from the command to the last peer's last round",
     "rounds_phase.coordinator_cpu_s": "the coordinator's CPU seconds in that time",
     "rounds_phase.coordinator_cpu_per_round_s": "coordinator_cpu_s / rounds",
@@ -360,7 +364,7 @@ class _Session:
 
 def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, window_s: float, lease_s: float,
              channels: int, log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, spread_s: float = 0.0,
-             allreduce_s: float = 0.0, unary: bool = False,
+             allreduce_s: float = 0.0, unary: bool = False, churn: int = 0,
              stage: Callable[[str], None] = lambda _: None) -> dict:
     """One coordinator, peers simulated peers: join, a heartbeat-only window, rounds; the measurements.
 
@@ -398,8 +402,19 @@ def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, win
         if rounds > 0:
             stage(f"{rounds} rounds")
             tr0, cr0, ccl0 = time.time(), session.cpu_s(), session.client_cpu_s()
-            session.send({"cmd": "rounds", "rounds": rounds, "expected_members": peers})
-            done = session.gather("rounds", timeout_s=rounds * (quorum_timeout_s + 30))
+            if churn:
+                done = []
+                for k in range(rounds):
+                    if k:  # churn peers leave and join again: this round's member list is not the last one's
+                        moving = [(k * churn + j) % peers for j in range(churn)]
+                        session.send({"cmd": "churn", "indexes": moving})
+                        problems += [e for r in session.gather("churned", timeout_s=quorum_timeout_s + 60)
+                                     for e in r["errors"]]
+                    session.send({"cmd": "rounds", "rounds": 1, "expected_members": peers, "first": k})
+                    done += session.gather("rounds", timeout_s=quorum_timeout_s + 30)
+            else:
+                session.send({"cmd": "rounds", "rounds": rounds, "expected_members": peers})
+                done = session.gather("rounds", timeout_s=rounds * (quorum_timeout_s + 30))
             tr1, cr1, ccl1 = time.time(), session.cpu_s(), session.client_cpu_s()
             records = [tuple(r) for d in done for r in d["records"]]
             problems += [p for d in done for p in d["problems"]]
@@ -538,6 +553,7 @@ def _round_stats(records: list[tuple], peers: int, rounds: int, problems: list[s
                 "answers_after_formed_last_s": max(r[6] for r in recs) - formed_at,
                 "commit_close_last_s": max(r[8] for r in recs) - last_c_sent,
                 "round_wall_s": max(r[8] for r in recs) - min(r[5] for r in recs),
+                "quorum_answer_bytes": sum(r[12] for r in recs),
             }
         )
     return {
@@ -550,6 +566,7 @@ def _round_stats(records: list[tuple], peers: int, rounds: int, problems: list[s
         "round_wall_s": summary([r["round_wall_s"] for r in per_round]),
         "quorum_formed_after_last_request_s": summary(_finite(r["formed_after_last_request_s"] for r in per_round)),
         "quorum_answers_after_formed_last_s": summary(_finite(r["answers_after_formed_last_s"] for r in per_round)),
+        "quorum_answer_bytes_per_round": summary([r["quorum_answer_bytes"] for r in per_round]),
         "rounds_full": full_rounds,
         "per_round": per_round,
     }
@@ -574,6 +591,7 @@ def run(
     spread_s: float = 0.0,
     allreduce_s: float = 0.0,
     unary: bool = False,
+    churn: int = 0,
     log_dir: str | os.PathLike | None = None,
     progress: Progress | None = None,
 ) -> dict:
@@ -583,7 +601,7 @@ def run(
     folder that is removed after a success and kept after a failure (the error names it).
     """
     check_arguments(peers, rounds, client_procs, heartbeat_s, window_s, lease_s, channels, baseline_peers,
-                    quorum_timeout_s, spread_s, allreduce_s)
+                    quorum_timeout_s, spread_s, allreduce_s, churn)
     progress = progress or Progress("membership", enabled=False)
     t0 = time.monotonic()
     logs = pathlib.Path(log_dir) if log_dir is not None else bench_log_dir("membership")
@@ -602,7 +620,7 @@ def run(
     progress.end(f"{base['coordinator_cpu_per_heartbeat_us']:.0f} us of coordinator CPU per heartbeat")
     progress.begin(f"{peers} peers, {rounds} rounds", lambda: now[0])
     main = _measure(peers, rounds, client_procs, tag=str(peers), spread_s=spread_s, allreduce_s=allreduce_s,
-                    stage=stage, **common)
+                    churn=churn, stage=stage, **common)
     progress.end(f"{main['coordinator_cpu_per_heartbeat_us']:.0f} us of coordinator CPU per heartbeat")
     if log_dir is None:
         shutil.rmtree(logs, ignore_errors=True)
@@ -637,6 +655,7 @@ def run(
         "window_s": window_s,
         "spread_s": spread_s,
         "allreduce_s": allreduce_s,
+        "churn": churn,
         "control_plane": "unary" if unary else "session",
         "coordinator_rate_limits": " ".join(bench_rate_limits(peers)),
         "run_secret": False,
@@ -681,7 +700,7 @@ def run(
 
 def check_arguments(
     peers: int, rounds: int, client_procs: int, heartbeat_s: float, window_s: float, lease_s: float, channels: int,
-    baseline_peers: int, quorum_timeout_s: float, spread_s: float, allreduce_s: float = 0.0,
+    baseline_peers: int, quorum_timeout_s: float, spread_s: float, allreduce_s: float = 0.0, churn: int = 0,
 ) -> None:
     """ConfigError for arguments the benchmark (or its coordinators) cannot run with."""
     require(peers >= 1 and baseline_peers >= 1, f"--peers and --baseline-peers must be at least 1, got {peers} and "
@@ -692,6 +711,7 @@ def check_arguments(
     require(window_s > 0, f"--window must be positive, got {window_s:g}")
     require(spread_s >= 0, f"--spread must be 0 or more, got {spread_s:g}")
     require(allreduce_s >= 0, f"--allreduce must be 0 or more, got {allreduce_s:g}")
+    require(0 <= churn <= peers, f"--churn must be between 0 and --peers ({peers}), got {churn}")
     for n in (baseline_peers, peers):  # the coordinators' own checks (lease vs heartbeat, timeouts)
         CoordinatorConfig(run_id=RUN, min_peers=n, lease_s=lease_s, heartbeat_s=heartbeat_s,
                           join_timeout_s=quorum_timeout_s, quorum_timeout_s=quorum_timeout_s,
@@ -715,6 +735,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allreduce", type=float, default=0.0,
                         help="each member waits this long between its quorum answer and its commit, as the round's "
                              "data exchange would take (s; 0: it commits at once)")
+    parser.add_argument("--churn", type=int, default=0,
+                        help="before each round after the first, this many peers leave and join again under a new "
+                             "peer id, so every round's member list changes (0: none)")
     parser.add_argument("--unary", action="store_true",
                         help="simulated peers send each Heartbeat, Quorum and Commit as a gRPC call of its own, as "
                         "before Session streams (default: on one Session stream per peer, as the real client)")
@@ -740,13 +763,13 @@ def _fmt(value) -> str:
 def main(ns: argparse.Namespace) -> int:
     """Run from parsed arguments and print the report; exit code 1 unless every round committed with all peers."""
     check_arguments(ns.peers, ns.rounds, ns.client_procs, ns.heartbeat, ns.window, ns.lease, ns.channels,
-                    ns.baseline_peers, ns.quorum_timeout, ns.spread, ns.allreduce)
+                    ns.baseline_peers, ns.quorum_timeout, ns.spread, ns.allreduce, ns.churn)
     with progress_for("membership", getattr(ns, "quiet", 0)) as progress:
         report = run(
             peers=ns.peers, rounds=ns.rounds, client_procs=ns.client_procs, heartbeat_s=ns.heartbeat,
             window_s=ns.window, lease_s=ns.lease, channels=ns.channels, baseline_peers=ns.baseline_peers,
             quorum_timeout_s=ns.quorum_timeout, spread_s=ns.spread, allreduce_s=ns.allreduce, unary=ns.unary,
-            log_dir=ns.log_dir, progress=progress,
+            churn=ns.churn, log_dir=ns.log_dir, progress=progress,
         )
     # Without --json, the description of the method (long prose) is left out.
     print_report(report if ns.json else {k: v for k, v in report.items() if k != "method"}, ns.json, fmt=_fmt)

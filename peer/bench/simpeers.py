@@ -7,7 +7,9 @@ schedule, random phase, so the load is spread evenly), and on command takes
 part in rounds: ``Quorum(last_round)`` -> (``allreduce_s``, the round's data
 exchange) -> ``Commit(ok=True)`` with the round id and epoch it got -> (a
 random delay below ``spread_s``, its training until the next sync) -> the next
-quorum with the committed round id. Many of
+quorum with the committed round id. With ``--churn``, between rounds some of
+them leave and join again under a new peer id (holding the run's last round),
+so that every round's member list differs from the last one. Many of
 them live as asyncio tasks in one process (``client_main``), driven by the
 benchmark through a pipe.
 """
@@ -23,6 +25,7 @@ import time
 import grpc
 
 from collectives.asynctasks import cancel_and_wait
+from collectives.memberlists import apply_change, entries_of, list_digest, received_change
 from collectives.membership import RETRY_CODES, MembershipConfig, heartbeat_interval
 from collectives.rpc import RpcSettings, make_channel
 from collectives.session import SESSION_RPCS, CoordinatorSession
@@ -43,6 +46,8 @@ def fake_address(index: int) -> str:
 # coordinator's handler, e.g. shed by gRPC's pending-request limit while its loop was busy),
 # with its backoff (MembershipConfig's defaults).
 JOIN_ATTEMPT_S = 10.0
+# Member lists a client process keeps for its peers (by digest): a peer names only its last one.
+SHARED_LISTS = 8
 
 
 class CallFailed(Exception):
@@ -62,6 +67,7 @@ class SimPeer:
 
     def __init__(self, index: int, channel: grpc.aio.Channel, job: dict, lists: dict | None = None) -> None:
         self.index = index
+        self.channel = channel
         self.stub = pb_grpc.CoordinatorStub(channel)
         # Heartbeat, Quorum and Commit on one Session stream per peer, as the real client sends them
         # (collectives/session.py); with job["unary"], one gRPC call each, as before Session streams.
@@ -73,7 +79,7 @@ class SimPeer:
         # client keeps it (collectives.membership.KnownMembers). The lists themselves are shared by the peers
         # of this process: each real peer reads its list in its own process, not 500 of them on one loop.
         self.known_digest = b""
-        self.lists: dict[bytes, list[str]] = {} if lists is None else lists
+        self.lists: dict[bytes, tuple[tuple, list[str]]] = {} if lists is None else lists
         self.epoch = 0
         self.rng = random.Random(index)
         self.step = 0
@@ -116,10 +122,12 @@ class SimPeer:
         return await getattr(self.stub, method)(request, timeout=timeout_s)
 
     async def join(self) -> float:
+        """Join (again, after rejoin's Leave: as a peer holding the run's last round); the latency in seconds."""
         request = pb.JoinRequest(
             run_id=self.job["run_id"],
             address=fake_address(self.index),
-            has_state=False,
+            has_state=self.last_round > 0,
+            last_round=self.last_round,
             name=f"sim-{self.index}",
             codecs=["none", "fp16", "int8"],
         )
@@ -131,6 +139,16 @@ class SimPeer:
         self.interval = max(self.job["heartbeat_s"], reply.heartbeat_s)
         self.activity = "training"
         return latency
+
+    async def rejoin(self) -> None:
+        """Leave the run and join it again, as a new peer id (``--churn``): the next round's list changes."""
+        self.activity = "rejoining"  # no heartbeats meanwhile: the coordinator no longer knows the old id
+        await self.call("Leave", pb.LeaveRequest(run_id=self.job["run_id"], peer_id=self.peer_id, reason="churn",
+                                                 last_round=self.last_round))
+        if self.session is not None:  # a Session stream belongs to the peer id it opened with
+            await self.session.close()
+            self.session = CoordinatorSession(lambda: self.channel)
+        await self.join()
 
     def _metrics(self) -> pb.PeerMetrics:
         self.step += max(1, int(self.steps_per_s * self.interval))
@@ -154,6 +172,9 @@ class SimPeer:
             delay = next_at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if self.activity == "rejoining":
+                next_at += interval
+                continue
             request = pb.HeartbeatRequest(
                 run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round, metrics=self._metrics()
             )
@@ -179,22 +200,39 @@ class SimPeer:
                 next_at = now
 
     def _members(self, q: pb.QuorumResponse) -> list[str]:
-        """The member ids of a ROUND answer: its own list, or the one this peer holds when it was left out."""
+        """The member ids of a ROUND answer: its own list, the held one changed as it says, or the held one when
+        it was left out (as the real client's KnownMembers, including the digest check of a changed list)."""
         if q.members:
-            self.known_digest = q.members_digest
             if q.members_digest not in self.lists:
-                self.lists[q.members_digest] = [m.peer_id for m in q.members]
-        elif q.members_digest != self.known_digest or not q.members_digest:
+                self._share(q.members_digest, entries_of(q.members))
+        elif q.members_base:
+            if q.members_base != self.known_digest or q.members_base not in self.lists:
+                self.known_digest = b""
+                raise CallFailed(f"round {q.round_id}: the answer changes a member list this peer does not hold")
+            if q.members_digest not in self.lists:  # else another peer of this process rebuilt it already
+                entries = apply_change(self.lists[q.members_base][0], *received_change(q))
+                if list_digest(entries) != q.members_digest:
+                    self.known_digest = b""
+                    raise CallFailed(f"round {q.round_id}: the changed member list does not have the round's digest")
+                self._share(q.members_digest, entries)
+        elif q.members_digest != self.known_digest or q.members_digest not in self.lists:
             self.known_digest = b""
             raise CallFailed(f"round {q.round_id}: the answer left out a member list this peer does not hold")
-        return self.lists[q.members_digest]
+        self.known_digest = q.members_digest
+        return self.lists[q.members_digest][1]
 
-    async def rounds(self, count: int, expected_members: int) -> tuple[list[tuple], list[str]]:
-        """Take part in count rounds; one record per round, and the problems seen."""
+    def _share(self, digest: bytes, entries: tuple) -> None:
+        """Keep a list for this process's peers (the last SHARED_LISTS of them: older ones are nobody's any more)."""
+        self.lists[digest] = (entries, [p for p, _, _ in entries])
+        while len(self.lists) > SHARED_LISTS:
+            del self.lists[next(iter(self.lists))]
+
+    async def rounds(self, count: int, expected_members: int, first: int = 0) -> tuple[list[tuple], list[str]]:
+        """Take part in count rounds (numbered from first in the records); one record per round, and the problems."""
         records: list[tuple] = []
         problems: list[str] = []
         spread = self.job["spread_s"]
-        for k in range(count):
+        for k in range(first, first + count):
             if spread > 0:  # peers reach the sync point at different times (compute jitter, stragglers)
                 await asyncio.sleep(self.rng.uniform(0.0, spread))
             self.activity = "in-round"
@@ -242,7 +280,8 @@ class SimPeer:
             else:
                 problems.append(f"{self.peer_id} round {q.round_id}: not committed: {c.reason}")
             self.epoch = c.epoch
-            records.append((self.index, k, q.round_id, q.epoch, n, t_q0, t_q1, t_c0, t_c1, bool(c.commit), t_qs, t_cs))
+            records.append((self.index, k, q.round_id, q.epoch, n, t_q0, t_q1, t_c0, t_c1, bool(c.commit), t_qs, t_cs,
+                            q.ByteSize()))
         self.activity = "training"
         return records, problems
 
@@ -267,7 +306,7 @@ async def _recv(conn):
 async def _client(job: dict, conn) -> None:
     channels = [make_channel(job["address"], CLIENT_SETTINGS, own_connection=True) for _ in range(job["channels"])]
     indexes = range(job["first"], job["first"] + job["count"])
-    lists: dict[bytes, list[str]] = {}
+    lists: dict[bytes, tuple[tuple, list[str]]] = {}
     peers = [SimPeer(i, channels[j % len(channels)], job, lists) for j, i in enumerate(indexes)]
     tasks: list[asyncio.Task] = []
     try:
@@ -283,9 +322,16 @@ async def _client(job: dict, conn) -> None:
         conn.send({"type": "joined", "join_s": join_s, "errors": join_errors})
         while True:
             cmd = await _recv(conn)
-            if cmd["cmd"] == "rounds":
+            if cmd["cmd"] == "churn":
+                mine = [p for p in peers if p.peer_id and p.index in set(cmd["indexes"])]
+                results = await asyncio.gather(*(p.rejoin() for p in mine), return_exceptions=True)
+                conn.send({"type": "churned",
+                           "errors": [f"sim-{p.index}: {r!r}"[:300] for p, r in zip(mine, results) if r is not None]})
+            elif cmd["cmd"] == "rounds":
                 live = [p for p in peers if p.peer_id]
-                outcomes = await asyncio.gather(*(p.rounds(cmd["rounds"], cmd["expected_members"]) for p in live))
+                outcomes = await asyncio.gather(
+                    *(p.rounds(cmd["rounds"], cmd["expected_members"], cmd.get("first", 0)) for p in live)
+                )
                 conn.send(
                     {
                         "type": "rounds",

@@ -18,11 +18,13 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import grpc
 
+from collectives.memberlists import Entry, change_bytes, list_bytes, member_change
 from collectives.membership import NO_QUORUM
 from collectives.transport import consume_exception
 from collectives.wire import encode_varint
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 Attempt = tuple[int, int]  # (round id, epoch)
 # Members named in the log line of a formed round (the status document has them all).
 LOGGED_MEMBERS = 20
+# Member lists of this many recent rounds are kept, so that an answer can carry the change from the one its asker
+# holds: a peer that missed a few rounds (a pause, a late report) still gets a change, not the whole list.
+RECENT_LISTS = 4
 # QuorumResponse.rank's wire tag: field 5, varint.
 _RANK_TAG = bytes([5 << 3])
 
@@ -50,20 +55,51 @@ def rank_field(rank: int) -> bytes:
     return _RANK_TAG + encode_varint(rank) if rank else b""
 
 
+class RoundLists:
+    """A formed round's answer bodies, serialised once per round and per list an asker holds (all but the rank).
+
+    An asker that holds the round's list gets it left out; one that holds a recent round's list gets the change
+    from it (``collectives/memberlists.py``) when that is smaller; any other gets the whole list.
+    """
+
+    def __init__(self, rest: bytes, entries: tuple[Entry, ...], member_list: bytes, digest: bytes,
+                 recent: dict[bytes, tuple[Entry, ...]]) -> None:
+        """rest: the answer without members or rank; member_list: list_bytes(entries), whose SHA-256 is digest;
+        recent: the lists an asker may hold, by digest."""
+        self.rest = rest
+        self.entries = entries
+        self.with_members = rest + member_list
+        self.digest = digest
+        self._recent = recent
+        self._bodies: dict[bytes, bytes] = {self.digest: rest}
+
+    def body(self, known_members: bytes) -> bytes:
+        """The answer's body for an asker that holds the list named known_members (b"": none)."""
+        body = self._bodies.get(known_members)
+        if body is not None:
+            return body
+        base = self._recent.get(known_members)
+        if base is None:  # an unknown name is not cached: the cache stays as small as `recent`
+            return self.with_members
+        change = member_change(base, self.entries)
+        body = self.with_members
+        if change is not None:
+            changed = self.rest + change_bytes(known_members, *change)
+            body = changed if len(changed) < len(body) else body
+        self._bodies[known_members] = body
+        return body
+
+
 @dataclass(frozen=True)
 class RoundAnswer:
-    """One member's ROUND answer, from bytes serialised once per round: with the member list, and without it
-    for an asker that already holds that list (its QuorumRequest.known_members is members_digest)."""
+    """One member's ROUND answer: its round's shared bodies plus its own rank."""
 
-    with_members: bytes
-    without_members: bytes
-    members_digest: bytes
+    lists: RoundLists
     rank: int
 
     def wire(self, known_members: bytes) -> bytes:
         """The serialised QuorumResponse for an asker that holds the list named known_members (b"": none)."""
-        body = self.without_members if known_members == self.members_digest else self.with_members
-        return body + rank_field(self.rank)
+        return self.lists.body(known_members) + rank_field(self.rank)
 
 
 class BadRequest(Exception):
@@ -136,6 +172,9 @@ class Quorums:
         # Quorum calls are held while an attempt is in flight, so at most one is.
         self.commits: dict[Attempt, PendingCommit] = {}
         self.decided: dict[Attempt, Decision] = {}
+        # The member lists of the last rounds formed, by digest: an answer carries the change from the one its
+        # asker holds.
+        self._recent_lists: OrderedDict[bytes, tuple[Entry, ...]] = OrderedDict()
 
     def in_flight(self) -> PendingCommit | None:
         """The attempt formed and not yet decided, if any."""
@@ -258,9 +297,8 @@ class Quorums:
         s.rounds.append(record)
         loop = asyncio.get_running_loop()
         self.commits[(round_id, s.epoch)] = PendingCommit(record=record, formed_at=now, decided=loop.create_future())
-        member_list = pb.QuorumResponse(
-            members=[pb.Member(peer_id=m, address=s.peers[m].address, host_id=s.peers[m].host_id) for m in members]
-        ).SerializeToString()
+        entries = tuple((m, s.peers[m].address, s.peers[m].host_id) for m in members)
+        member_list = list_bytes(entries)
         digest = hashlib.sha256(member_list).digest()
         rest = pb.QuorumResponse(
             action=pb.QuorumResponse.ROUND,
@@ -274,10 +312,15 @@ class Quorums:
         ).SerializeToString()
         # Serialised once for all members (protobuf reads concatenated serialisations as one message): each
         # answer is these bytes plus its own rank field. A serialisation per member cost ~100 us each, and
-        # sending the unchanged list again ~40 KB per member at 1,000: the asker that holds it gets it left out.
-        with_members = rest + member_list
+        # sending the list again ~40 KB per member at 1,000: an asker that holds it, or a recent one, gets it
+        # left out, or the change.
+        lists = RoundLists(rest, entries, member_list, digest, dict(self._recent_lists))
+        self._recent_lists[digest] = entries
+        self._recent_lists.move_to_end(digest)
+        while len(self._recent_lists) > RECENT_LISTS:
+            self._recent_lists.popitem(last=False)
         for rank, pid in enumerate(members):
-            pending.waiting.pop(pid).set_result(RoundAnswer(with_members, rest, digest, rank))
+            pending.waiting.pop(pid).set_result(RoundAnswer(lists, rank))
         for fut in pending.waiting.values():
             if not fut.done():
                 fut.set_result(None)  # held until this attempt is decided

@@ -1,0 +1,82 @@
+"""A member list's change from a list the asker holds (collectives/memberlists.py): computed by the coordinator,
+applied by the peer, checked against the round's digest."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from collectives.memberlists import (
+    BadMemberChange,
+    apply_change,
+    change_bytes,
+    entries_of,
+    list_bytes,
+    list_digest,
+    member_change,
+    received_change,
+)
+from protos import membership_pb2 as pb
+
+
+def e(name: str, address: str = "") -> tuple[str, str, str]:
+    """An entry named name (address defaults to one derived from it)."""
+    return (name, address or f"10.0.0.{ord(name[0])}:1", "")
+
+
+A, B, C, D = e("a"), e("b"), e("c"), e("d")
+
+
+@pytest.mark.parametrize("base, new, removed, added", [
+    ((A, B, C), (A, B, C), [], []),
+    ((A, B, C), (A, B, C, D), [], [(3, D)]),
+    ((B, C, D), (A, B, C, D), [], [(0, A)]),
+    ((A, B, D), (A, B, C, D), [], [(2, C)]),
+    ((A, B, C), (A, C), [1], []),
+    ((A, B, C), (A, C, D), [1], [(2, D)]),
+    ((A, B), (A, e("b", "10.9.9.9:2")), [1], [(1, e("b", "10.9.9.9:2"))]),  # b came back at another address
+    ((), (A, B), [], [(0, A), (1, B)]),
+    ((A, B), (), [0, 1], []),
+])
+def test_a_change_lists_the_dropped_positions_and_the_inserted_entries_at_their_new_positions(base, new, removed, added):
+    assert member_change(base, new) == (removed, added)
+    assert apply_change(base, removed, added) == new
+
+
+def test_lists_whose_common_members_are_in_another_order_have_no_change():
+    assert member_change((A, B, C), (C, B, A)) is None
+
+
+@pytest.mark.parametrize("removed, added, why", [
+    ([1, 1], [], "not ascending"),
+    ([2, 1], [], "not ascending"),
+    ([3], [], "not ascending positions of a list of 3"),
+    ([], [(1, D), (1, e("x"))], "out of order"),
+    ([], [(4, D)], "beyond a list of 3"),
+])
+def test_a_change_that_does_not_apply_to_the_list_is_refused(removed, added, why):
+    with pytest.raises(BadMemberChange, match=why):
+        apply_change((A, B, C), removed, added)
+
+
+def test_a_change_reads_back_from_its_serialisation():
+    removed, added = member_change((A, B, C), (A, C, D))
+    reply = pb.QuorumResponse.FromString(change_bytes(b"\x01" * 32, removed, added))
+    assert reply.members_base == b"\x01" * 32 and received_change(reply) == (removed, added)
+
+
+def test_a_list_read_off_the_wire_has_the_digest_of_the_list_sent():
+    sent = (A, e("b", "[::1]:7"), ("c", "10.0.0.3:9", "host-c"))
+    reply = pb.QuorumResponse.FromString(list_bytes(sent))
+    assert list_digest(entries_of(reply.members)) == list_digest(sent)
+
+
+names = st.lists(st.sampled_from("abcdefghijklmnopqrstuvwxyz"), unique=True, max_size=12).map(sorted)
+
+
+@given(names, names)
+def test_the_change_between_any_two_lists_in_rank_order_applies_back_to_the_new_one(base, new):
+    base_entries, new_entries = tuple(map(e, base)), tuple(map(e, new))
+    change = member_change(base_entries, new_entries)
+    assert change is not None and apply_change(base_entries, *change) == new_entries
