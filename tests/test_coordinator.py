@@ -118,8 +118,10 @@ def join(stub, address: str, run: str = RUN, **fields) -> str:
     return stub.Join(pb.JoinRequest(run_id=run, address=address, has_state=True, **fields), timeout=5).peer_id
 
 
-def ask(stub, peer_id: str, last_round: int = 0, run: str = RUN, known_members: bytes = b"") -> grpc.Future:
-    request = pb.QuorumRequest(run_id=run, peer_id=peer_id, last_round=last_round, known_members=known_members)
+def ask(stub, peer_id: str, last_round: int = 0, run: str = RUN, known_members: bytes = b"",
+        member_changes: bool = False) -> grpc.Future:
+    request = pb.QuorumRequest(run_id=run, peer_id=peer_id, last_round=last_round, known_members=known_members,
+                               member_changes=member_changes)
     return stub.Quorum.future(request, timeout=20)
 
 
@@ -246,18 +248,32 @@ def test_an_asker_holding_the_rounds_member_list_gets_the_answer_without_it(coor
     assert (holder.rank, fresh.rank) == (members(first).index(a), members(first).index(b))
 
 
-def test_a_changed_member_list_is_sent_as_its_change_to_a_peer_holding_the_previous_one(coordinator):
-    c = coordinator()
+def _changed_round(c):
+    """Round 1 of a and b, then d joins: (round 1's answer, Quorum futures of a, b, d for round 2 by the options)."""
     a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
     first = play_round(c.stub, [a, b], 0)
     d = join(c.stub, "127.0.0.1:3", last_round=1)
-    held, fresh, joiner = [f.result() for f in [ask(c.stub, a, 1, known_members=first.members_digest),
-                                                 ask(c.stub, b, 1), ask(c.stub, d, 1)]]
+    return first, (a, b, d)
+
+
+def test_a_changed_member_list_is_sent_as_its_change_to_a_peer_holding_the_previous_one(coordinator):
+    c = coordinator()
+    first, (a, b, d) = _changed_round(c)
+    held, whole = [f.result() for f in [ask(c.stub, a, 1, known_members=first.members_digest, member_changes=True),
+                                        ask(c.stub, b, 1, member_changes=True), ask(c.stub, d, 1)][:2]]
     assert (list(held.members), held.members_base) == ([], first.members_digest)
-    assert len(fresh.members) == 3 and list(joiner.members) == list(fresh.members)
     known = KnownMembers()
     known.of(first)
-    assert known.of(held)[0] == tuple((m.peer_id, m.address) for m in fresh.members)
+    assert len(whole.members) == 3
+    assert known.of(held)[0] == tuple((m.peer_id, m.address) for m in whole.members)
+
+
+def test_a_peer_that_applies_no_change_gets_the_whole_changed_list(coordinator):
+    c = coordinator()
+    first, (a, b, d) = _changed_round(c)
+    older = [f.result() for f in [ask(c.stub, a, 1, known_members=first.members_digest), ask(c.stub, b, 1),
+                                  ask(c.stub, d, 1)]][0]
+    assert len(older.members) == 3 and older.members_base == b""
 
 
 def test_a_retry_after_an_abort_keeps_the_round_id_with_a_new_epoch_and_each_attempt_keeps_its_decision(coordinator):

@@ -84,7 +84,14 @@ def test_only_the_bodies_of_recent_lists_are_kept():
     for i in range(100):
         lists.body(bytes([i]) * 32)
     lists.body(list_digest(BIG))
-    assert len(lists._bodies) == 2  # the round's own list, and the recent one
+    assert list(lists._bodies) == [list_digest(BIG)]
+
+
+def test_an_asker_that_does_not_apply_changes_gets_the_whole_changed_list():
+    new = (*BIG[1:], ("p9999", "10.9.9.9:1", ""))
+    body = _lists(new, {list_digest(BIG): BIG}).body(list_digest(BIG), changes=False)
+    reply = pb.QuorumResponse.FromString(body)
+    assert len(reply.members) == 100 and reply.members_base == b""
 
 
 @pytest.mark.parametrize("rank, encoded", [(0, b""), (1, b"\x28\x01"), (127, b"\x28\x7f"), (128, b"\x28\x80\x01")])

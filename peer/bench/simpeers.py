@@ -239,7 +239,7 @@ class SimPeer:
             try:
                 request = pb.QuorumRequest(
                     run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round,
-                    known_members=self.known_digest,
+                    known_members=self.known_digest, member_changes=True,
                 )
                 q, t_q0, t_qs = await self.call("Quorum", request)
                 members = self._members(q)

@@ -71,10 +71,15 @@ class RoundLists:
         self.with_members = rest + member_list
         self.digest = digest
         self._recent = recent
-        self._bodies: dict[bytes, bytes] = {self.digest: rest}
+        self._bodies: dict[bytes, bytes] = {}
 
-    def body(self, known_members: bytes) -> bytes:
-        """The answer's body for an asker that holds the list named known_members (b"": none)."""
+    def body(self, known_members: bytes, changes: bool = True) -> bytes:
+        """The answer's body for an asker that holds the list named known_members (b"": none) and applies a change
+        to it (QuorumRequest.member_changes; an older peer does not)."""
+        if known_members == self.digest:
+            return self.rest
+        if not changes:
+            return self.with_members
         body = self._bodies.get(known_members)
         if body is not None:
             return body
@@ -97,9 +102,10 @@ class RoundAnswer:
     lists: RoundLists
     rank: int
 
-    def wire(self, known_members: bytes) -> bytes:
-        """The serialised QuorumResponse for an asker that holds the list named known_members (b"": none)."""
-        return self.lists.body(known_members) + rank_field(self.rank)
+    def wire(self, known_members: bytes, changes: bool = True) -> bytes:
+        """The serialised QuorumResponse for an asker that holds the list named known_members (b"": none) and
+        applies a change to it (changes)."""
+        return self.lists.body(known_members, changes) + rank_field(self.rank)
 
 
 class BadRequest(Exception):
