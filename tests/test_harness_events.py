@@ -160,3 +160,12 @@ def test_an_event_aimed_at_a_peer_down_between_a_stop_and_its_restart_waits_for_
 def test_a_peer_down_between_a_stop_and_its_restart_does_not_hold_events_aimed_at_others(harness):
     harness.fired.append(harness._fire(parse_event("stop:peer1@round1,for=2s"), now=0.0))
     assert harness._due(parse_event("kill:peer0@round2"), now=1.0, rounds=2)
+
+
+def test_a_reused_workdir_starts_a_new_run_without_the_earlier_runs_checkpoints_and_coordinator_state(harness, tmp_path):
+    (tmp_path / "ckpt-peer0").mkdir()
+    (tmp_path / "ckpt-peer0" / "ckpt-0000000190.pt").write_bytes(b"round 19 of another run")
+    (tmp_path / "coordinator-state.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("the user's")
+    harness._forget_earlier_run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

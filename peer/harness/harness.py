@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import signal
 import statistics
 import tempfile
@@ -135,7 +136,9 @@ class HarnessConfig:
         default=ElasticConfig.keep_results,
         metadata={"help": "recent rounds' results each peer keeps for peers that were late for them"},
     )
-    workdir: str | None = field(default=None, metadata={"help": "logs and checkpoints (default: a new temporary folder)"})
+    workdir: str | None = field(default=None, metadata={
+        "help": "logs and checkpoints (default: a new temporary folder; a reused one starts a new run, without the "
+                "earlier run's checkpoints)"})
     timeout_s: float = field(default=1800.0, metadata={"help": "give up after this many seconds"})
     progress: bool = field(default=False, metadata={"help": "draw a live status table on stderr"})
     # Modules every peer imports first (they may register algorithms, aggregators...).
@@ -229,8 +232,6 @@ class Harness:
         name = f"coordinator{len(self.coordinators) or ''}"
         # As a deployment should: a restarted coordinator knows from this file that the run exists.
         state_file = self.workdir / "coordinator-state.json"
-        if not self.coordinators:
-            state_file.unlink(missing_ok=True)  # a new run, even in a reused workdir
         self.coordinator = CoordinatorProc(
             self.workdir / f"{name}.log",
             c.run_id,
@@ -473,6 +474,7 @@ class Harness:
         log.info("%d peers train %s with %s on %s; logs in %s", c.peers, c.task, c.train.algorithm, self.device,
                  self.workdir)
         self._check_attacks()
+        self._forget_earlier_run()
         try:
             self._start_network()
             hosts = tuple(h.ip for h in self.hosts.values()) if self.network is not None else ()
@@ -501,6 +503,16 @@ class Harness:
             return self._report()
         finally:
             self.close()
+
+    def _forget_earlier_run(self) -> None:
+        """A reused workdir starts a new run: without the earlier run's coordinator state file and checkpoints,
+        which its peers would resume and the new coordinator refuse (a round it never committed)."""
+        (self.workdir / "coordinator-state.json").unlink(missing_ok=True)
+        earlier = sorted(self.workdir.glob("ckpt-peer*"))
+        for path in earlier:
+            shutil.rmtree(path, ignore_errors=True)
+        if earlier:
+            log.info("removed %d checkpoint folders of an earlier run in %s", len(earlier), self.workdir)
 
     def _check_attacks(self) -> None:
         """Refuse, before any process starts, a byzantine attack the task cannot have (labelflip without classes)."""
