@@ -108,6 +108,8 @@ class SyncRecord:
     group_size: int | None = None
     # A round applied late: the bytes its committed result took to fetch (catch-up traffic).
     fetched_bytes: int = 0
+    # The run's whole state replaced this peer's (it was too far behind): round_id is the round of that state.
+    resynced: bool = False
 
 
 class StepRate:
@@ -335,7 +337,8 @@ class OuterOptimizer:
             result = result_of()
         except Resynced as exc:
             self.load_snapshot(exc.snapshot)
-            self._record(SyncRecord(self.inner_steps, False, exc.snapshot.round_id, reason="resynced from the run"))
+            self._record(SyncRecord(self.inner_steps, False, exc.snapshot.round_id, reason="resynced from the run",
+                                    resynced=True))
             return False
         except CaughtUp as exc:
             self._catch_up(exc)

@@ -127,6 +127,17 @@ def test_a_peer_started_again_after_the_run_ended_is_judged_by_the_state_it_fetc
     assert harness._identical(["peer0", "peer1"]) == expected
 
 
+@pytest.mark.parametrize("digest,same", [("c", True), ("z", False)])
+def test_a_peer_that_resynced_to_the_runs_state_is_compared_at_that_round(harness, digest, same):
+    # Asynchronous rounds: peer1 was in rounds 1-2, resynced to round 3's state, then was in round 4 (which peer0
+    # missed; peer0 finished after round 3). Rounds both committed: 1 and 2; the last round both hold: 3.
+    harness.peers = {"peer0": StandInPeer("peer0", committed((1, "a"), (2, "b"), (3, "c"))),
+                     "peer1": StandInPeer("peer1", [*committed((1, "a"), (2, "b")),
+                                                    {"event": "resynced", "round": 3, "digest": digest},
+                                                    *committed((4, "d"))])}
+    assert harness._identical(["peer0", "peer1"]) == (3, same)
+
+
 def test_overlapping_pauses_of_a_peer_resume_it_when_the_last_one_ends(harness):
     harness.fired = [harness._fire(parse_event("pause:peer1@0s,for=12s"), now=0.0),
                      harness._fire(parse_event("pause:peer1@5s,for=1s"), now=5.0)]

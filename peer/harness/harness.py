@@ -705,14 +705,15 @@ class Harness:
         events = {n: [e for p in self.lives(n) for e in list(p.events)] for n in survivors}
         per_peer = [{(e["round"], e.get("epoch", 0)): e["digest"] for e in events[n] if e["event"] == "committed"}
                     for n in survivors]
-        # The state a peer fetched when it joined is a round's state too (a peer started again after the others
-        # finished commits nothing more). Its event names the round but not the attempt: the committed attempt
-        # of that round with the same digest (after a rollback a round id has several), else its latest, so that
-        # a fetched state that differs is compared and found different.
+        # The state a peer fetched when it joined, or when it resynced (too far behind to catch up round by round),
+        # is a round's state too (a peer started again after the others finished commits nothing more; an
+        # asynchronous run's peers may hold no round they all committed). Its event names the round but not the
+        # attempt: the committed attempt of that round with the same digest (after a rollback a round id has
+        # several), else its latest, so that a fetched state that differs is compared and found different.
         committed = {(r, epoch): d for held in per_peer for (r, epoch), d in held.items()}
         for n, held in zip(survivors, per_peer):
             for e in events[n]:
-                if e["event"] == "joined" and e.get("round") and e.get("digest"):
+                if e["event"] in ("joined", "resynced") and e.get("round") and e.get("digest"):
                     attempts = [k for k in committed if k[0] == e["round"]]
                     same = [k for k in attempts if committed[k] == e["digest"]]
                     held.setdefault((same or sorted(attempts) or [(e["round"], -1)])[-1], e["digest"])

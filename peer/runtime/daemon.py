@@ -401,8 +401,14 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
     loop.on_eval = on_eval
     opt.on_commit = on_commit
     opt.on_sync_start = lambda step: events.emit("sync-start", step=step)
-    opt.on_miss = lambda record: events.emit("sync-missed", step=record.step, reason=record.reason[:500],
-                                             error=record.error)
+    def on_miss(record) -> None:
+        if record.resynced:  # the run's state replaced this peer's: which round, and its digest (as "joined")
+            digest = opt.state.digest() if events.enabled else ""
+            events.emit("resynced", step=record.step, round=record.round_id, digest=digest)
+        else:
+            events.emit("sync-missed", step=record.step, reason=record.reason[:500], error=record.error)
+
+    opt.on_miss = on_miss
     display.start_bar(total, loop.progress.step)
     try:
         opt.sync_if_due()  # resumed from a checkpoint taken while its sync was in flight: that sync first
