@@ -638,7 +638,7 @@ class ElasticCollective:
                 results = await self._catch_up(plan, allreduce.codec) if plan.missed else None
                 if results is not None:
                     self._move(results[-1].round_id, Phase.CAUGHT_UP)
-                    raise CaughtUp(results)
+                    raise CaughtUp(results, plan.pending_tag)
                 # Fetched at the top of the loop; if that fails, the quorum is asked again
                 # and the coordinator names another source.
                 self._pending_resync = plan.sync_sources or (plan.sync_from,)

@@ -237,6 +237,8 @@ class RoundPlan:
     sync_sources: tuple[str, ...] = ()
     # round: each member's host id, in rank order ("": a host of its own), from which the round's hierarchy is built.
     hosts: tuple[str, ...] = ()
+    # resync: the tag of the quorum the run's peers wait in now ("": none).
+    pending_tag: str = ""
 
     def check_sample(self) -> None:
         """Raise SampleMismatch if this is a sample round whose members are not the seeded sample.
@@ -581,6 +583,7 @@ class MembershipClient:
                 missed=_missed(reply.missed),
                 state_digest=reply.state_digest,
                 sync_sources=tuple(reply.sync_sources),
+                pending_tag=reply.pending_tag,
             )
         members, hosts = self._known_members.of(reply)
         return RoundPlan(

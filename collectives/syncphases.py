@@ -70,11 +70,13 @@ class Resynced(LoconetError):
 class CaughtUp(LoconetError):
     """Rounds went on without this peer; ``rounds`` are their committed results, to apply in order.
 
-    The contribution of the sync that raised this was not used.
+    The contribution of the sync that raised this was not used. ``pending_tag``: the tag of the quorum the
+    run's peers wait in now ("": none), which this peer may join at once if it is the round it syncs next.
     """
 
-    def __init__(self, rounds: list[CommittedResult]) -> None:
+    def __init__(self, rounds: list[CommittedResult], pending_tag: str = "") -> None:
         self.rounds = rounds
+        self.pending_tag = pending_tag
         ids = ", ".join(str(r.round_id) for r in rounds)
         super().__init__(f"late for round(s) {ids}: apply their committed results and continue")
 

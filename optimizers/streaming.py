@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from collectives.errors import ConfigError, NonFiniteError
+from collectives.syncphases import CaughtUp
 from optimizers.outer import OuterOptimizer, SyncConfig
 from optimizers.peers import SyncPeer
 
@@ -139,6 +140,8 @@ class StreamingDiLoCo(OuterOptimizer):
         self.cursor = 0
         self.samples = [0] * config.fragments
         self.inflight: _InFlight | None = None
+        # The run waits now in the round of the fragment this peer syncs next: start it at once.
+        self._join_now = False
 
     def _stepped(self, samples: int) -> None:
         """Count the step's samples (every fragment's weight); finish and start fragment rounds on schedule."""
@@ -146,7 +149,8 @@ class StreamingDiLoCo(OuterOptimizer):
             self.samples[f] += samples
         if self.inflight is not None and self.inner_steps >= self.inflight.apply_at:
             self._finish()
-        if self._round_due():
+        if self._round_due() or self._join_now:
+            self._join_now = False
             if self.inflight is not None:  # only with a config that lets rounds overlap; finish it first
                 self._finish()
             self._start()
@@ -181,6 +185,13 @@ class StreamingDiLoCo(OuterOptimizer):
             self._diverged(exc)
             return
         self.inflight = _InFlight(f, future, self.inner_steps + self.config.overlap, time.monotonic())
+
+    def _catch_up(self, exc: CaughtUp) -> None:
+        super()._catch_up(exc)
+        # This peer's round was for an earlier fragment than the run's (its state was older than its step: a joiner
+        # whose fetch outlasted rounds): the run's peers wait now in the round of the fragment it syncs next. It
+        # joins at once; at its next due step it would have kept them waiting, and the run lost a fragment round.
+        self._join_now = bool(exc.pending_tag) and exc.pending_tag == f"{TAG_PREFIX}{self.cursor}"
 
     def _forget_local_progress(self) -> None:
         self.samples = [0] * self.config.fragments

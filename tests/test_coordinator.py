@@ -119,9 +119,9 @@ def join(stub, address: str, run: str = RUN, **fields) -> str:
 
 
 def ask(stub, peer_id: str, last_round: int = 0, run: str = RUN, known_members: bytes = b"",
-        member_changes: bool = False) -> grpc.Future:
+        member_changes: bool = False, tag: str = "") -> grpc.Future:
     request = pb.QuorumRequest(run_id=run, peer_id=peer_id, last_round=last_round, known_members=known_members,
-                               member_changes=member_changes)
+                               member_changes=member_changes, tag=tag)
     return stub.Quorum.future(request, timeout=20)
 
 
@@ -259,8 +259,8 @@ def _changed_round(c):
 def test_a_changed_member_list_is_sent_as_its_change_to_a_peer_holding_the_previous_one(coordinator):
     c = coordinator()
     first, (a, b, d) = _changed_round(c)
-    held, whole = [f.result() for f in [ask(c.stub, a, 1, known_members=first.members_digest, member_changes=True),
-                                        ask(c.stub, b, 1, member_changes=True), ask(c.stub, d, 1)][:2]]
+    held, whole, _ = [f.result() for f in [ask(c.stub, a, 1, known_members=first.members_digest, member_changes=True),
+                                           ask(c.stub, b, 1, member_changes=True), ask(c.stub, d, 1)]]
     assert (list(held.members), held.members_base) == ([], first.members_digest)
     known = KnownMembers()
     known.of(first)
@@ -271,8 +271,8 @@ def test_a_changed_member_list_is_sent_as_its_change_to_a_peer_holding_the_previ
 def test_a_peer_that_applies_no_change_gets_the_whole_changed_list(coordinator):
     c = coordinator()
     first, (a, b, d) = _changed_round(c)
-    older = [f.result() for f in [ask(c.stub, a, 1, known_members=first.members_digest), ask(c.stub, b, 1),
-                                  ask(c.stub, d, 1)]][0]
+    older, *_ = [f.result() for f in [ask(c.stub, a, 1, known_members=first.members_digest), ask(c.stub, b, 1),
+                                      ask(c.stub, d, 1)]]
     assert len(older.members) == 3 and older.members_base == b""
 
 
@@ -324,6 +324,22 @@ def test_a_resync_answer_carries_the_runs_step_so_a_peer_back_from_a_cut_lines_u
                      timeout=5)
     again = ask(c.stub, late).result()
     assert (again.action, again.run_step, again.round_step) == (pb.QuorumResponse.RESYNC, 13, 10)
+
+
+def test_a_resync_answer_names_the_tag_of_the_quorum_the_run_waits_in_now(coordinator):
+    c = coordinator(quorum="first-k:2")
+    a, b, late = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2, 3))
+    plans = [f.result() for f in [ask(c.stub, p, tag="fragment-0") for p in (a, b)]]
+    held = ask(c.stub, late, tag="fragment-0")
+    assert all(f.result().commit for f in [report(c.stub, p, plans[0]) for p in (a, b)])
+    assert (held.result().action, held.result().pending_tag) == (pb.QuorumResponse.RESYNC, "")  # nobody waits yet
+    waiting = ask(c.stub, a, 1, tag="fragment-1")
+    deadline = time.monotonic() + 10
+    answer = ask(c.stub, late, tag="fragment-0").result()
+    while not answer.pending_tag and time.monotonic() < deadline:  # until a's request has reached the coordinator
+        answer = ask(c.stub, late, tag="fragment-0").result()
+    assert (answer.action, answer.pending_tag) == (pb.QuorumResponse.RESYNC, "fragment-1")
+    waiting.cancel()
 
 
 # -- quorum policies -------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 import threading
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError
-from collectives.syncphases import Stopped
+from collectives.results import CommittedResult
+from collectives.syncphases import CaughtUp, Stopped
 from optimizers.diloco import DiLoCo
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalPeer
@@ -152,6 +154,42 @@ def test_streaming_fragments_sync_staggered_each_once_per_period():
     # A fragment round starts every 4 steps and is applied 1 step later.
     assert [h.step for h in opt.history] == [5, 9, 13, 17, 21, 25, 29, 33]
     assert opt.cursor == 0
+
+
+class AheadOfItsState(LocalPeer):
+    """A run two fragment rounds ahead of this peer's state (a joiner whose fetch outlasted them): its first round
+    finds rounds 1 and 2 committed, and the run's peers waiting in the quorum of ``pending``."""
+
+    def __init__(self, opt_of, pending: str) -> None:
+        super().__init__()
+        self.opt_of, self.pending = opt_of, pending
+        self.tags: list[str] = []
+
+    def sync(self, tensors, weight=1.0, tag="", *args, **kwargs):
+        self.tags.append(tag)
+        if len(self.tags) > 1:
+            return super().sync(tensors, weight, tag, *args, **kwargs)
+        self._rounds = itertools.count(3)
+        opt = self.opt_of()
+        missed = [CommittedResult(round_id=r, tag=t, value=torch.zeros(opt.state.numel(opt.round_indices(t))))
+                  for r, t in ((1, "fragment-0"), (2, "fragment-1"))]
+        raise CaughtUp(missed, pending_tag=self.pending)
+
+
+@pytest.mark.parametrize("pending, rounds", [
+    # The run waits in the round of the fragment this peer syncs next: it joins at once (round 3, applied at step 6),
+    # and its next fragment is on time (round 4, step 9).
+    ("fragment-0", [(5, 1, False), (5, 2, False), (6, 3, True), (9, 4, True)]),
+    ("", [(5, 1, False), (5, 2, False), (9, 3, True)]),  # nobody waits: the next fragment at its due step
+])
+def test_a_streaming_peer_that_caught_up_joins_the_round_the_run_waits_in_at_once(pending, rounds):
+    m = model()
+    cfg = StreamingConfig(sync_every=8, fragments=2, overlap=1, alpha=0.5, codec="none")
+    peer = AheadOfItsState(lambda: opt, pending)
+    opt = StreamingDiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), peer, cfg)
+    train(opt, m, 0, 9)
+    assert [(h.step, h.round_id, h.contributed) for h in opt.history] == rounds
+    assert peer.tags[:2] == ["fragment-0", "fragment-0"]
 
 
 def test_streaming_mixes_local_and_global_with_alpha_weighting_the_local_side():

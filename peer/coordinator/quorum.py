@@ -182,6 +182,10 @@ class Quorums:
         # asker holds.
         self._recent_lists: OrderedDict[bytes, tuple[Entry, ...]] = OrderedDict()
 
+    def pending_tag(self) -> str:
+        """The tag of the quorum peers are waiting in now ("": none)."""
+        return self.pending.tag if self.pending is not None and self.pending.waiting else ""
+
     def in_flight(self) -> PendingCommit | None:
         """The attempt formed and not yet decided, if any."""
         return next(iter(self.commits.values()), None)

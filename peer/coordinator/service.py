@@ -620,6 +620,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             sync_sources=[p.address for p in sources],
             run_step=s.run_step,
             round_step=s.round_step,
+            pending_tag=self.quorums.pending_tag(),
         )
 
     def _missed(self, peer_id: str, last_round: int) -> list[pb.CommittedRound]:
