@@ -563,6 +563,7 @@ class MembershipClient:
         request = pb.QuorumRequest(
             run_id=self.config.run_id, peer_id=self.peer_id, last_round=last_round, tag=tag, state_digest=digest,
             known_members=self._known_members.digest, min_members=min_members, member_changes=True,
+            step=self.status.step,
         )
         try:
             reply = await self._call("Quorum", request, timeout_s)

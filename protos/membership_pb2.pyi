@@ -165,7 +165,7 @@ class LeaveResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class QuorumRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "last_round", "tag", "state_digest", "known_members", "min_members", "member_changes")
+    __slots__ = ("run_id", "peer_id", "last_round", "tag", "state_digest", "known_members", "min_members", "member_changes", "step")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,7 @@ class QuorumRequest(_message.Message):
     KNOWN_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     MIN_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     MEMBER_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     last_round: int
@@ -182,7 +183,8 @@ class QuorumRequest(_message.Message):
     known_members: bytes
     min_members: int
     member_changes: bool
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., tag: _Optional[str] = ..., state_digest: _Optional[str] = ..., known_members: _Optional[bytes] = ..., min_members: _Optional[int] = ..., member_changes: _Optional[bool] = ...) -> None: ...
+    step: int
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., tag: _Optional[str] = ..., state_digest: _Optional[str] = ..., known_members: _Optional[bytes] = ..., min_members: _Optional[int] = ..., member_changes: _Optional[bool] = ..., step: _Optional[int] = ...) -> None: ...
 
 class IndexedMember(_message.Message):
     __slots__ = ("index", "member")

@@ -119,9 +119,9 @@ def join(stub, address: str, run: str = RUN, **fields) -> str:
 
 
 def ask(stub, peer_id: str, last_round: int = 0, run: str = RUN, known_members: bytes = b"",
-        member_changes: bool = False, tag: str = "") -> grpc.Future:
+        member_changes: bool = False, tag: str = "", step: int = 0) -> grpc.Future:
     request = pb.QuorumRequest(run_id=run, peer_id=peer_id, last_round=last_round, known_members=known_members,
-                               member_changes=member_changes, tag=tag)
+                               member_changes=member_changes, tag=tag, step=step)
     return stub.Quorum.future(request, timeout=20)
 
 
@@ -326,19 +326,19 @@ def test_a_resync_answer_carries_the_runs_step_so_a_peer_back_from_a_cut_lines_u
     assert (again.action, again.run_step, again.round_step) == (pb.QuorumResponse.RESYNC, 13, 10)
 
 
-def test_a_resync_answer_names_the_tag_of_the_quorum_the_run_waits_in_now(coordinator):
+def test_a_resync_answer_names_the_tag_and_step_of_the_quorum_the_run_waits_in_now(coordinator):
     c = coordinator(quorum="first-k:2")
     a, b, late = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2, 3))
     plans = [f.result() for f in [ask(c.stub, p, tag="fragment-0") for p in (a, b)]]
     held = ask(c.stub, late, tag="fragment-0")
     assert all(f.result().commit for f in [report(c.stub, p, plans[0]) for p in (a, b)])
     assert (held.result().action, held.result().pending_tag) == (pb.QuorumResponse.RESYNC, "")  # nobody waits yet
-    waiting = ask(c.stub, a, 1, tag="fragment-1")
+    waiting = ask(c.stub, a, 1, tag="fragment-1", step=103)
     deadline = time.monotonic() + 10
     answer = ask(c.stub, late, tag="fragment-0").result()
     while not answer.pending_tag and time.monotonic() < deadline:  # until a's request has reached the coordinator
         answer = ask(c.stub, late, tag="fragment-0").result()
-    assert (answer.action, answer.pending_tag) == (pb.QuorumResponse.RESYNC, "fragment-1")
+    assert (answer.action, answer.pending_tag, answer.run_step) == (pb.QuorumResponse.RESYNC, "fragment-1", 103)
     waiting.cancel()
 
 

@@ -192,6 +192,27 @@ def test_a_streaming_peer_that_caught_up_joins_the_round_the_run_waits_in_at_onc
     assert peer.tags[:2] == ["fragment-0", "fragment-0"]
 
 
+class AheadOfItsStateAndStep(AheadOfItsState):
+    """The same, and the coordinator says the run is at step 12 (where its peers asked for round 3), its last
+    round at step 8 (``run_progress``, from the RESYNC answer)."""
+
+    def run_progress(self) -> tuple[int, int]:
+        return 12, 8
+
+
+def test_a_streaming_peer_that_caught_up_lines_up_with_the_step_the_run_waits_at():
+    m = model()
+    cfg = StreamingConfig(sync_every=8, fragments=2, overlap=1, alpha=0.5, codec="none")
+    peer = AheadOfItsStateAndStep(lambda: opt, "fragment-0")
+    opt = StreamingDiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), peer, cfg)
+    train(opt, m, 0, 14)
+    # Its round 3 at step 12 with the others (applied at 13), not at its own count's step 5 or 8; then on time.
+    assert [(h.step, h.round_id, h.contributed) for h in opt.history] == [
+        (5, 1, False), (5, 2, False), (13, 3, True), (17, 4, True), (21, 5, True)
+    ]
+    assert opt.inner_steps == 21  # 14 steps trained, and the 7 from step 5 to the run's step 12 skipped
+
+
 def test_streaming_mixes_local_and_global_with_alpha_weighting_the_local_side():
     m = model()
     cfg = StreamingConfig(sync_every=2, fragments=1, overlap=1, alpha=0.25, outer=SGD1, codec="none")

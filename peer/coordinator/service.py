@@ -543,6 +543,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 f"min_members {req.min_members} is beyond any run this coordinator forms rounds for ({MAX_MIN_MEMBERS})",
             )
         least = max(1, req.min_members)
+        if req.step and req.last_round >= self.state.last_committed_round:
+            # Where the run trains now, fresher than the heartbeats: a peer sent to catch up while the others wait
+            # in a quorum lines up with the step they asked at, not one a heartbeat said a second ago.
+            self.state.run_step = max(self.state.run_step, req.step)
         noted = False
         while True:
             peer = self._peer(req.peer_id)
