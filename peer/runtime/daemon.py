@@ -401,6 +401,7 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
     loop.on_eval = on_eval
     opt.on_commit = on_commit
     opt.on_sync_start = lambda step: events.emit("sync-start", step=step)
+
     def on_miss(record) -> None:
         if record.resynced:  # the run's state replaced this peer's: which round, and its digest (as "joined")
             digest = opt.state.digest() if events.enabled else ""
