@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -41,9 +42,10 @@ def test_a_joiner_whose_fetch_outlasts_the_runs_rounds_catches_up_and_takes_part
     assert report["survivors_identical"] is True
     joiner = report["joiners"]["peer3"]
     fetched = next(e for e in harness.peers["peer3"].events if e["event"] == "joined")
-    committed_during_fetch = [
-        e for e in harness.peers["peer0"].events if e["event"] == "committed" and e["t"] < fetched["t"]
-    ]
+    committed_during_fetch = sorted(  # by any of the peers that started the run (whichever took the first rounds)
+        (e for n in ("peer0", "peer1", "peer2") for e in harness.peers[n].events
+         if e["event"] == "committed" and e["t"] < fetched["t"]), key=lambda e: e["round"]
+    )
     assert committed_during_fetch[-1]["round"] > joiner["joined_at_round"], "the run went on during the fetch"
     assert joiner["first_commit_s"] is not None and joiner["rounds_committed"] > 0, "then the joiner took part"
 
@@ -77,7 +79,8 @@ def test_a_peer_behind_the_run_when_its_holders_stop_waits_for_them_instead_of_r
     assert report["rollbacks"] == [] and report["restarts_from_round_0"] == []
     assert report["survivors_identical"] is True and report["peers_alive"] == 2
     said = (tmp_path / "coordinator.log").read_text()
-    assert "committed round 3" in said and "no live peer holds it" in said, "peer1 was told to wait, and why"
+    # The run's last round is 3, or 4 when peer0 had voted for it as the stop came (it then waits for the decision).
+    assert re.search(r"has committed round [34] \(.*\) but no live peer holds it", said), "peer1 was told to wait, and why"
 
 
 def test_a_peer_behind_when_the_others_finished_trains_on_to_its_end_without_rolling_the_run_back(tmp_path):
