@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,10 +20,10 @@ from peer.harness import processes
 from peer.harness.forkserver import ForkedChild, ForkServer, ForkServerError, import_time_env, runs_as_imported
 from peer.harness.processes import FORK_SERVER_ENV, Proc, forkable
 
-pytestmark = pytest.mark.timeout(120)
+sys.path.insert(0, str(Path(__file__).parent))
+from support.forkspawn import CLI, PROBE, probe, spawn
 
-CLI = [sys.executable, "-m", "peer.cli"]
-PROBE = ("--plugin", "tests.support.forkprobe")
+pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +31,6 @@ def server():
     s = ForkServer()
     yield s
     s.close()
-
-
-def spawn(server: ForkServer, tmp_path, *args: str, **env: str):
-    """Fork ``loconet ARGS`` with the probe's output file in its environment; its stderr goes to tmp_path/err."""
-    with open(tmp_path / "err", "w") as err:
-        return server.spawn([*CLI, *args], {**os.environ, "LOCONET_PROBE_OUT": str(tmp_path / "probe.json"), **env},
-                            err.fileno())
-
-
-def probe(tmp_path) -> dict:
-    return json.loads((tmp_path / "probe.json").read_text())
 
 
 def test_a_child_runs_the_cli_with_the_callers_directory_environment_and_arguments(server, tmp_path, monkeypatch):

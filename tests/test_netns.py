@@ -28,6 +28,9 @@ from peer.harness.netns import (
     cleanup_leftovers,
 )
 
+sys.path.insert(0, str(Path(__file__).parent))
+from support.forkspawn import PROBE, probe, spawn
+
 pytestmark = pytest.mark.timeout(120)
 
 try:
@@ -361,14 +364,9 @@ def test_a_loconet_child_forked_into_a_host_runs_in_that_hosts_network_namespace
     netns = net.netns_of("a")
     server = ForkServer()
     try:
-        with open(tmp_path / "err", "w") as err:
-            child = server.spawn(
-                [sys.executable, "-m", "peer.cli", "coordinator", "--plugin", "tests.support.forkprobe", "--help"],
-                {**os.environ, "LOCONET_PROBE_OUT": str(tmp_path / "probe.json")}, err.fileno(), netns=netns,
-            )
-            assert child.wait(60) == 0
+        assert spawn(server, tmp_path, "coordinator", *PROBE, "--help", netns=netns).wait(60) == 0
     finally:
         server.close()
-    seen = json.loads((tmp_path / "probe.json").read_text())
+    seen = probe(tmp_path)
     assert seen["netns"] == f"net:[{os.stat(f'/run/netns/{netns}').st_ino}]"
     assert seen["netns"] != os.readlink("/proc/self/ns/net")
