@@ -27,11 +27,18 @@ class BadMemberChange(ValueError):
     """A member-list change that does not apply to the list it names (the peer then asks for the whole list)."""
 
 
+def _member(entry: Entry) -> pb.Member:
+    peer_id, address, host_id = entry
+    return pb.Member(peer_id=peer_id, address=address, host_id=host_id)
+
+
+def _entry(member: pb.Member) -> Entry:
+    return (member.peer_id, member.address, member.host_id)
+
+
 def list_bytes(entries: Sequence[Entry]) -> bytes:
     """The serialised ``QuorumResponse.members`` field of a list (what its digest is taken of)."""
-    return pb.QuorumResponse(
-        members=[pb.Member(peer_id=p, address=a, host_id=h) for p, a, h in entries]
-    ).SerializeToString()
+    return pb.QuorumResponse(members=[_member(e) for e in entries]).SerializeToString()
 
 
 def list_digest(entries: Sequence[Entry]) -> bytes:
@@ -41,7 +48,7 @@ def list_digest(entries: Sequence[Entry]) -> bytes:
 
 def entries_of(members: Sequence[pb.Member]) -> tuple[Entry, ...]:
     """A received ``members`` field as entries."""
-    return tuple((m.peer_id, m.address, m.host_id) for m in members)
+    return tuple(_entry(m) for m in members)
 
 
 def member_change(base: Sequence[Entry], new: Sequence[Entry]) -> tuple[list[int], list[tuple[int, Entry]]] | None:
@@ -77,13 +84,15 @@ def change_bytes(base_digest: bytes, removed: Sequence[int], added: Sequence[tup
     return pb.QuorumResponse(
         members_base=base_digest,
         members_removed=removed,
-        members_added=[
-            pb.IndexedMember(index=i, member=pb.Member(peer_id=p, address=a, host_id=h)) for i, (p, a, h) in added
-        ],
+        members_added=[pb.IndexedMember(index=i, member=_member(e)) for i, e in added],
     ).SerializeToString()
 
 
-def received_change(reply: pb.QuorumResponse) -> tuple[list[int], list[tuple[int, Entry]]]:
-    """The change a ROUND answer carries (members_removed, members_added), as apply_change takes it."""
-    added = [(m.index, (m.member.peer_id, m.member.address, m.member.host_id)) for m in reply.members_added]
-    return list(reply.members_removed), added
+def changed_list(base: Sequence[Entry], reply: pb.QuorumResponse) -> tuple[Entry, ...]:
+    """The list a ROUND answer's change (members_removed, members_added) makes of base, checked against the
+    answer's members_digest; BadMemberChange when it does not apply or gives another list."""
+    added = [(m.index, _entry(m.member)) for m in reply.members_added]
+    entries = apply_change(base, list(reply.members_removed), added)
+    if list_digest(entries) != reply.members_digest:
+        raise BadMemberChange("it does not give the round's list (another digest)")
+    return entries

@@ -47,7 +47,7 @@ import grpc
 
 from collectives.addresses import coordinator_address
 from collectives.errors import LoconetError, RoundFailed
-from collectives.memberlists import BadMemberChange, Entry, apply_change, entries_of, list_digest, received_change
+from collectives.memberlists import BadMemberChange, Entry, changed_list, entries_of
 from collectives.rpc import call_metadata
 from collectives.sampling import check_sample, sample_size
 from collectives.session import RETRY_AFTER_MS, SESSION_RPCS, CoordinatorSession, SessionUnsupported
@@ -305,12 +305,9 @@ class KnownMembers:
         if not self.digest or reply.members_base != self.digest:
             self._fail(reply, "carries a change to a member list this peer does not hold")
         try:
-            entries = apply_change(self.entries, *received_change(reply))
+            return changed_list(self.entries, reply)
         except BadMemberChange as exc:
-            self._fail(reply, f"carries a member-list change that does not apply ({exc})")
-        if list_digest(entries) != reply.members_digest:
-            self._fail(reply, "carries a member-list change that does not give the round's list")
-        return entries
+            self._fail(reply, f"carries a member-list change that does not apply: {exc}")
 
     def _keep(self, digest: bytes, entries: tuple[Entry, ...]) -> None:
         self.digest, self.entries = digest, entries

@@ -191,7 +191,7 @@ class StreamingDiLoCo(OuterOptimizer):
         # This peer's round was for an earlier fragment than the run's (its state was older than its step: a joiner
         # whose fetch outlasted rounds): the run's peers wait now in the round of the fragment it syncs next. It
         # joins at once; at its next due step it would have kept them waiting, and the run lost a fragment round.
-        self._join_now = bool(exc.pending_tag) and exc.pending_tag == f"{TAG_PREFIX}{self.cursor}"
+        self._join_now = exc.pending_tag == f"{TAG_PREFIX}{self.cursor}"
 
     def _forget_local_progress(self) -> None:
         self.samples = [0] * self.config.fragments

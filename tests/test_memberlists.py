@@ -11,11 +11,11 @@ from collectives.memberlists import (
     BadMemberChange,
     apply_change,
     change_bytes,
+    changed_list,
     entries_of,
     list_bytes,
     list_digest,
     member_change,
-    received_change,
 )
 from protos import membership_pb2 as pb
 
@@ -63,7 +63,15 @@ def test_a_change_that_does_not_apply_to_the_list_is_refused(removed, added, why
 def test_a_change_reads_back_from_its_serialisation():
     removed, added = member_change((A, B, C), (A, C, D))
     reply = pb.QuorumResponse.FromString(change_bytes(b"\x01" * 32, removed, added))
-    assert reply.members_base == b"\x01" * 32 and received_change(reply) == (removed, added)
+    reply.members_digest = list_digest((A, C, D))
+    assert reply.members_base == b"\x01" * 32 and changed_list((A, B, C), reply) == (A, C, D)
+
+
+def test_a_change_that_gives_another_list_than_the_rounds_is_refused():
+    reply = pb.QuorumResponse.FromString(change_bytes(b"\x01" * 32, *member_change((A, B, C), (A, C, D))))
+    reply.members_digest = list_digest((A, C))
+    with pytest.raises(BadMemberChange, match="does not give the round's list"):
+        changed_list((A, B, C), reply)
 
 
 def test_a_list_read_off_the_wire_has_the_digest_of_the_list_sent():

@@ -25,7 +25,7 @@ import time
 import grpc
 
 from collectives.asynctasks import cancel_and_wait
-from collectives.memberlists import apply_change, entries_of, list_digest, received_change
+from collectives.memberlists import BadMemberChange, changed_list, entries_of
 from collectives.membership import RETRY_CODES, MembershipConfig, heartbeat_interval
 from collectives.rpc import RpcSettings, make_channel
 from collectives.session import SESSION_RPCS, CoordinatorSession
@@ -210,11 +210,11 @@ class SimPeer:
                 self.known_digest = b""
                 raise CallFailed(f"round {q.round_id}: the answer changes a member list this peer does not hold")
             if q.members_digest not in self.lists:  # else another peer of this process rebuilt it already
-                entries = apply_change(self.lists[q.members_base][0], *received_change(q))
-                if list_digest(entries) != q.members_digest:
+                try:
+                    self._share(q.members_digest, changed_list(self.lists[q.members_base][0], q))
+                except BadMemberChange as exc:
                     self.known_digest = b""
-                    raise CallFailed(f"round {q.round_id}: the changed member list does not have the round's digest")
-                self._share(q.members_digest, entries)
+                    raise CallFailed(f"round {q.round_id}: {exc}") from None
         elif q.members_digest != self.known_digest or q.members_digest not in self.lists:
             self.known_digest = b""
             raise CallFailed(f"round {q.round_id}: the answer left out a member list this peer does not hold")

@@ -202,6 +202,14 @@ class RunState:
         """The id of the next round: rounds of a run are 1, 2, 3...; a retry after an abort keeps its id."""
         return self.last_committed_round + 1
 
+    def note_step(self, last_round: int, step: int) -> None:
+        """A peer's step (a heartbeat's, or a Quorum request's): the run's step if the peer is up to date.
+
+        Only an up-to-date peer says where the run's training is (a late one is behind by definition); a late
+        peer never skips past one sync interval after the last round on this word (OuterOptimizer)."""
+        if last_round >= self.last_committed_round:
+            self.run_step = max(self.run_step, step)
+
     def record_commit(self, record: RoundRecord) -> None:
         """Note a committed round: it is the run's last, and is remembered for catch-up."""
         self.last_committed_round = max(self.last_committed_round, record.round_id)

@@ -511,10 +511,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         # At most a few kinds (the peer's own names), each a short string: a peer cannot grow this.
         peer.refusals = {kind[:32]: count for kind, count in sorted(m.refusals.items())[:16]}
         self.state.record_metrics(peer)
-        if req.last_round >= self.state.last_committed_round:
-            # Only an up-to-date peer says where the run's training is (a late one is behind by definition);
-            # a late peer never skips past one sync interval after the last round on this word (OuterOptimizer).
-            self.state.run_step = max(self.state.run_step, m.step)
+        self.state.note_step(req.last_round, m.step)
         heartbeat_s, lease_s = self._lease_terms()
         # The lease only grows: an older peer keeps the interval its join gave, however the run shrinks since.
         peer.lease_s = max(peer.lease_s, lease_s)
@@ -543,10 +540,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 f"min_members {req.min_members} is beyond any run this coordinator forms rounds for ({MAX_MIN_MEMBERS})",
             )
         least = max(1, req.min_members)
-        if req.step and req.last_round >= self.state.last_committed_round:
-            # Where the run trains now, fresher than the heartbeats: a peer sent to catch up while the others wait
-            # in a quorum lines up with the step they asked at, not one a heartbeat said a second ago.
-            self.state.run_step = max(self.state.run_step, req.step)
+        # Where the run trains now, fresher than the heartbeats: a peer sent to catch up while the others wait
+        # in a quorum lines up with the step they asked at, not one a heartbeat said a second ago.
+        self.state.note_step(req.last_round, req.step)
         noted = False
         while True:
             peer = self._peer(req.peer_id)
