@@ -103,7 +103,9 @@ def test_first_k_rounds_go_on_without_a_paused_peer_which_then_applies_their_res
     timeline = [(round(e["t"] - paused, 2), e["event"], e.get("round"), e.get("reason")) for e in events]
     # How peer4 came back from the pause: what it did before its first round after it. (A first-k round may go on
     # without it again later, the fifth to ask; how it catches up then is not this test's business.)
-    back = min((e["t"] for e in events if e["event"] == "committed" and e["contributed"] and e["t"] > paused),
+    # Its first round of its own after those that went on without it (a round it was in as the pause came ends
+    # after the pause, yet it is no coming back).
+    back = min((e["t"] for e in events if e["event"] == "committed" and e["contributed"] and e["round"] > max(during)),
                default=float("inf"))
     resynced = any(e["event"] == "resynced" and paused < e["t"] < back for e in events)
     if len(during) <= 2:
