@@ -72,9 +72,11 @@ def test_every_peer_stops_then_one_returns_with_its_checkpoint_and_the_run_goes_
 def test_a_peer_behind_the_run_when_its_holders_stop_waits_for_them_instead_of_rolling_the_run_back(tmp_path):
     # peer1 sleeps past its lease while peer0 commits round 3 alone; peer0 then stops, so when peer1 wakes
     # (holding round 2) nobody holds the run's last round, until peer0 comes back with its checkpoint.
+    # Rounds of 80 steps: slower than the harness's 100 ms tick, so the pause lands between rounds 2 and 3 (at 20
+    # steps, rounds 1-3 once formed within 180 ms and the pause came after peer1 had reported round 3).
     report, _ = run_scenario(
         "pause:peer1@round2,for=8s", "stop:peer0@round3,for=8s", peers=2, workdir=tmp_path,
-        train=TrainConfig.of("diloco", steps=300, sync_every=20, round_timeout_s=10),
+        train=TrainConfig.of("diloco", steps=800, sync_every=80, round_timeout_s=10),
     )
     assert report["rollbacks"] == [] and report["restarts_from_round_0"] == []
     assert report["survivors_identical"] is True and report["peers_alive"] == 2
