@@ -302,7 +302,7 @@ class Codec:
     # A codec that drops most of its input (sparse) sets this: its senders should keep an error-feedback residual.
     NEEDS_FEEDBACK = False
 
-    def __new__(cls, config: CodecConfig | str = CodecConfig()) -> Codec:
+    def __new__(cls, config: CodecConfig | str = CodecConfig(), **options: object) -> Codec:
         if cls is Codec:
             cls = codec_kind(_as_config(config).name).load()
         return super().__new__(cls)

@@ -7,7 +7,10 @@ only turns a contiguous fp32 tensor into its raw payload and back (``_encode_raw
 
 Speed: each codec walks the tensor in cache-sized segments of whole blocks (one Python iteration per ~2 MB,
 never per block or element) so the several vectorised passes per segment hit cache instead of memory, and it
-reuses per-thread scratch buffers instead of allocating per call.
+reuses per-thread scratch buffers instead of allocating per call. Where a C compiler is available, the
+blockwise codecs' absmax, quantise and (int8) dequantise passes run as fused C loops
+(:mod:`collectives.kernels`), with the same bytes; the rare tiny-block path and int4's nibble packing stay
+in torch.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collectives.codecs import (
 )
 from collectives.devicecodec import SCALE_LIMIT, SEGMENT_ELEMS, TINY_ABSMAX
 from collectives.errors import CodecError
+from collectives.kernels import native_kernels
 
 # Smallest magnitudes that round to Inf in the 16-bit formats.
 _FP16_OVERFLOW = 65520.0
@@ -105,10 +109,12 @@ class BlockCodec(Codec):
     qmax: int  # largest |q| the encoder produces
     scale_limit: float  # largest scale for which every storable q times the scale is finite
 
-    def __init__(self, config: CodecConfig | str = CodecConfig()) -> None:
+    def __init__(self, config: CodecConfig | str = CodecConfig(), *, native: bool = True) -> None:
+        """``native=False`` keeps the torch path even where the C kernels are available (same bytes)."""
         super().__init__(config)
         b = self.config.block_size
         self._block = b
+        self._kernels = native_kernels() if native else None
         # A block count per segment that is a multiple of 4 starts every segment on a multiple of
         # 4 elements, so int4 segments begin on whole (pairs of) bytes.
         self._seg_blocks = max(4, (SEGMENT_ELEMS // b) & ~3)
@@ -140,27 +146,34 @@ class BlockCodec(Codec):
         """Quantise the (k, w) view ``xs`` (one block per row): write its k scales and int8 q into ``q``."""
         k, w = xs.shape
         qmax = float(self.qmax)
-        # Two plain reductions beat abs()+amax and aminmax(dim) here; the second one reads from cache.
-        absmax = torch.amax(xs, 1, out=st.buffer("amax", k, torch.float32))
-        neg_min = torch.amin(xs, 1, out=st.buffer("amin", k, torch.float32)).neg_()
-        # + 0.0 turns -0.0 into +0.0: maximum's pick between -0.0 and +0.0 varies with SIMD width and device,
-        # so an all-zero block always gets the scale +0.0 (and the device encoder the same bytes).
-        torch.maximum(absmax, neg_min, out=absmax).add_(0.0)
+        kernels = self._kernels
+        absmax = st.buffer("amax", k, torch.float32)
+        if kernels is not None:
+            kernels.block_absmax(xs, w, absmax)
+        else:
+            # Two plain reductions beat abs()+amax and aminmax(dim) here; the second one reads from cache.
+            torch.amax(xs, 1, out=absmax)
+            neg_min = torch.amin(xs, 1, out=st.buffer("amin", k, torch.float32)).neg_()
+            # + 0.0 turns -0.0 into +0.0: maximum's pick between -0.0 and +0.0 varies with SIMD width and device,
+            # so an all-zero block always gets the scale +0.0 (and the device encoder the same bytes).
+            torch.maximum(absmax, neg_min, out=absmax).add_(0.0)
         torch.div(absmax, qmax, out=scales)
-        t = st.buffer("tmp", k * w, torch.float32).view(k, w)
         mult = st.buffer("mult", k, torch.float32)
         smallest = float(absmax.min())  # NaN (checked by the caller) takes the multiply path
         if smallest < TINY_ABSMAX and bool(((absmax > 0) & (absmax < TINY_ABSMAX)).any()):
             # Rare: 1/scale may overflow or the scale be subnormal; divide by the scale (1 for
             # all-zero blocks) and clamp, so what is sent matches what the receiver computes.
             torch.where(scales > 0, scales, torch.ones_like(scales), out=mult)
-            torch.div(xs, mult[:, None], out=t)
+            t = torch.div(xs, mult[:, None], out=st.buffer("tmp", k * w, torch.float32).view(k, w))
             t.round_().clamp_(-qmax, qmax)
         else:
             torch.reciprocal(scales, out=mult)
             if smallest < TINY_ABSMAX:
                 mult.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # all-zero blocks: 0 * 0, not 0 * inf = NaN
-            torch.mul(xs, mult[:, None], out=t)
+            if kernels is not None:
+                kernels.quantize(xs, mult, w, q)
+                return
+            t = torch.mul(xs, mult[:, None], out=st.buffer("tmp", k * w, torch.float32).view(k, w))
             t.round_()  # |x / scale| <= 127 (7) up to rounding, so no clamp is needed
         q.copy_(t)
 
@@ -237,6 +250,13 @@ class Int8Codec(BlockCodec):
         scales = self._check_scales(raw, nb, st)
         # A read-only view of the payload (torch would warn once; see READ_ONLY_WARNING).
         # torch's vectorised int8 -> fp32 copy is twice as fast as numpy's cast.
+        if self._kernels is not None:
+            values, b = raw[4 * nb:].view(np.int8), self._block
+            full = numel - numel % b
+            self._kernels.dequantize(values[:full], scales[:full // b], b, out[:full])
+            if full < numel:
+                self._kernels.dequantize(values[full:], scales[full // b:], numel - full, out[full:])
+            return
         q = torch.from_numpy(raw[4 * nb:].view(np.int8))
         for b0, b1, tail in self._segments(numel):
             e0, e1 = b0 * self._block, b1 * self._block + tail
@@ -248,8 +268,8 @@ class Int4Codec(BlockCodec):
     qmax = 7
     scale_limit = SCALE_LIMIT["int4"]  # stored nibbles decode to q in [-8, 7]
 
-    def __init__(self, config: CodecConfig | str = CodecConfig()) -> None:
-        super().__init__(config)
+    def __init__(self, config: CodecConfig | str = CodecConfig(), *, native: bool = True) -> None:
+        super().__init__(config, native=native)
         # Two payload bytes (as a little-endian uint16) -> the int32 whose four bytes are their four
         # nibbles minus 8, as int8: one 256 KB gather unpacks four values (faster than shifts and masks).
         nibbles = (np.arange(1 << 16, dtype=np.uint32)[:, None] >> np.arange(0, 16, 4, dtype=np.uint32)) & 15

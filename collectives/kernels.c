@@ -1,0 +1,63 @@
+/* Codec kernels: the blockwise quantiser's passes, fused into one loop each.
+ *
+ * torch runs int8 encoding as five passes per segment (amax, amin, multiply, round, cast) and decoding
+ * as two (cast, scale). These loops do the same fp32 operations in one pass each, so they give the same
+ * bytes bit for bit (tests/test_kernels.py checks them against the torch path). collectives/kernels.py
+ * compiles this file with the system C compiler on first use and falls back to torch without one.
+ *
+ * Compiled with -O3 -fno-math-errno -ffp-contract=off: the loops vectorise, rintf becomes one rounding
+ * instruction (round half to even, the default rounding mode, as torch.round), and no multiply is fused
+ * with an add, which would change the last bit.
+ *
+ * The caller checks every size and pointer: these functions trust their arguments.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+/* out[k] = max |x| over block k (elements k*block .. k*block+block-1).
+ * Computed on the bit patterns with the sign bit cleared: for non-negative floats their unsigned order is
+ * the order of the values, Inf included, and a NaN sorts above Inf, so a block holding a NaN gets a NaN
+ * absmax (as torch's amax gives). The result of an all-zero block (-0.0 included) is +0.0. */
+void loconet_block_absmax(const float *x, int64_t nblocks, int64_t block, float *out)
+{
+    for (int64_t k = 0; k < nblocks; k++) {
+        const uint32_t *p = (const uint32_t *)(x + k * block);
+        uint32_t m = 0;
+        for (int64_t i = 0; i < block; i++) {
+            uint32_t a = p[i] & 0x7fffffffu;
+            m = a > m ? a : m;
+        }
+        memcpy(out + k, &m, sizeof m);
+    }
+}
+
+/* q[i] = round-half-even(x[i] * mult[k]) for element i of block k, stored as int8.
+ * The caller picks mult so that every finite result is within [-127, 127]; a result outside [-128, 127]
+ * (NaN or Inf from a non-finite input, which the caller then refuses) is stored as 0 rather than
+ * converted, which C leaves undefined. */
+void loconet_quantize(const float *x, const float *mult, int64_t nblocks, int64_t block, int8_t *q)
+{
+    for (int64_t k = 0; k < nblocks; k++) {
+        const float m = mult[k];
+        const float *p = x + k * block;
+        int8_t *o = q + k * block;
+        for (int64_t i = 0; i < block; i++) {
+            float v = rintf(p[i] * m);
+            v = (v >= -128.0f && v <= 127.0f) ? v : 0.0f;
+            o[i] = (int8_t)(int32_t)v;
+        }
+    }
+}
+
+/* out[i] = (float)q[i] * scale[k] for element i of block k. */
+void loconet_dequantize(const int8_t *q, const float *scale, int64_t nblocks, int64_t block, float *out)
+{
+    for (int64_t k = 0; k < nblocks; k++) {
+        const float s = scale[k];
+        const int8_t *p = q + k * block;
+        float *o = out + k * block;
+        for (int64_t i = 0; i < block; i++)
+            o[i] = (float)p[i] * s;
+    }
+}

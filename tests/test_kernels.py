@@ -1,0 +1,152 @@
+"""Tests of collectives.kernels: the C codec kernels give the torch path's bytes, and a missing compiler is not fatal.
+
+The parity tests need the kernels; they are skipped, with the reason, where this machine cannot build them.
+(tests/test_devicecodec.py also compares the device encoder, plain torch, against the CPU codec, which uses
+the kernels where they are available.)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collectives.codecs import CodecConfig, make_codec
+from collectives.densecodecs import Int4Codec, Int8Codec
+from collectives.errors import CodecError
+from collectives.kernels import DISABLE_ENV, KernelsUnavailable, build_kernels, kernels_status, native_kernels
+
+needs_kernels = pytest.mark.skipif(native_kernels() is None, reason=f"no native kernels: {kernels_status().detail}")
+CLASSES = {"int8": Int8Codec, "int4": Int4Codec}
+TINY = 2.0**-101  # a block absmax below 2**-100 takes the torch divide-and-clamp path, kernels or not
+
+
+def both(name: str, block: int) -> tuple:
+    """The codec with the native kernels and the same codec on its torch path."""
+    spec = str(CodecConfig(name, block))
+    cls = CLASSES[name]
+    return cls(spec), cls(spec, native=False)
+
+
+def outcome(codec, x: torch.Tensor) -> bytes | tuple[type, str]:
+    try:
+        return bytes(codec.encode(x))
+    except CodecError as exc:
+        return type(exc), str(exc)
+
+
+def special_blocks(n: int) -> torch.Tensor:
+    """Random values with an all-zero block, an all -0.0 block, a tiny block and a huge one."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3
+    x[:64] = 0.0
+    x[64:128] = -0.0
+    x[128:192] *= TINY
+    x[192:256] *= 1e36
+    return x[:n]
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("block", [1, 3, 64, 128])
+@pytest.mark.parametrize("n", [0, 1, 2, 63, 64, 65, 1001, (1 << 19) + 77])
+def test_native_encode_and_decode_equal_the_torch_path(name, block, n):
+    native, plain = both(name, block)
+    x = special_blocks(n)
+    payload = bytes(native.encode(x))
+    assert payload == bytes(plain.encode(x))
+    assert torch.equal(native.decode(payload, n).view(torch.int32), plain.decode(payload, n).view(torch.int32))
+
+
+@needs_kernels
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    name=st.sampled_from(["int8", "int4"]),
+    block=st.sampled_from([1, 2, 5, 64]),
+    values=st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), max_size=300),
+    scale=st.sampled_from([1.0, 2.0**-110, 1e30]),
+    bad=st.sampled_from([None, math.nan, -math.nan, math.inf, -math.inf]),
+)
+def test_any_input_gives_the_torch_paths_bytes_or_error(name, block, values, scale, bad):
+    x = torch.tensor(values, dtype=torch.float32) * scale
+    if bad is not None and values:
+        x[len(values) // 2] = bad
+    native, plain = both(name, block)
+    assert outcome(native, x) == outcome(plain, x)
+
+
+@needs_kernels
+def test_native_decode_of_any_payload_bytes_equals_the_torch_decode():
+    rng = np.random.default_rng(3)
+    native, plain = both("int8", 64)
+    n = 1000
+    raw = rng.integers(0, 256, size=native.raw_size(n), dtype=np.uint8)
+    raw[:4 * 16] = np.frombuffer(np.abs(rng.standard_normal(16)).astype(np.float32).tobytes(), np.uint8)
+    assert torch.equal(native.decode(raw.tobytes(), n), plain.decode(raw.tobytes(), n))
+
+
+@needs_kernels
+def test_error_feedback_residual_is_the_same_with_and_without_kernels():
+    native, plain = both("int8", 64)
+    x = special_blocks(5000)
+    r1, r2 = torch.randn(5000) * 0.1, None
+    r2 = r1.clone()
+    assert bytes(native.encode_with_feedback(x, r1)) == bytes(plain.encode_with_feedback(x, r2))
+    assert torch.equal(r1, r2)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda k: k.block_absmax(torch.zeros(10), 4, torch.zeros(3)),  # 3 blocks of 4 need 12 elements
+        lambda k: k.quantize(torch.zeros(8), torch.zeros(2), 4, torch.zeros(7, dtype=torch.int8)),
+        lambda k: k.quantize(torch.zeros(16)[::2], torch.zeros(2), 4, torch.zeros(8, dtype=torch.int8)),
+        lambda k: k.dequantize(np.zeros(7, np.int8), torch.zeros(2), 4, torch.zeros(8)),
+        lambda k: k.dequantize(np.zeros(8, np.uint8), torch.zeros(2), 4, torch.zeros(8)),
+    ],
+    ids=["short x", "short q", "strided x", "short payload", "uint8 payload"],
+)
+def test_kernels_refuse_buffers_of_the_wrong_size_or_layout(call):
+    with pytest.raises(ValueError, match="must be"):
+        call(native_kernels())
+
+
+def test_a_missing_compiler_is_reported_not_fatal(tmp_path):
+    with pytest.raises(KernelsUnavailable, match="no C compiler"):
+        build_kernels(compiler="no-such-cc", cache_dir=tmp_path)
+
+
+def test_a_failing_compiler_is_reported_with_what_it_said(tmp_path):
+    with pytest.raises(KernelsUnavailable, match="could not compile"):
+        build_kernels(compiler="false", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+
+
+@needs_kernels
+def test_a_built_library_is_reused_without_compiling_again(tmp_path):
+    cache = tmp_path / "kernels"
+    path = build_kernels(cache_dir=cache)
+    assert build_kernels(compiler="false", cache_dir=cache) == path  # "false" would fail to compile
+    assert cache.stat().st_mode & 0o777 == 0o700  # only its user can put a library there
+
+
+def test_the_environment_switch_keeps_the_torch_path():
+    code = "from collectives.kernels import kernels_status, native_kernels; print(native_kernels(), kernels_status().detail)"
+    env = {**os.environ, DISABLE_ENV: "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          check=True)
+    assert done.stdout.strip() == f"None disabled by {DISABLE_ENV}"
+
+
+def test_codecs_without_kernels_still_encode_and_decode():
+    codec = Int8Codec("int8", native=False)
+    x = special_blocks(300)
+    assert torch.allclose(codec.decode(codec.encode(x), 300), x, rtol=0, atol=float(x.abs().max()) / 127)
+    assert make_codec("int8").config == codec.config
