@@ -150,8 +150,8 @@ class TransportConfig:
     # Threads that encode and decode payloads off the event loop (torch and numpy release the GIL),
     # so the loop keeps every stream moving while chunks are being (de)quantized. 0 runs that
     # work on the loop itself: better when peer processes share the cores (a local harness or
-    # benchmark with more peers than cores), where the processes are the parallelism and extra
-    # threads only queue for the GIL (measured in BENCHMARKS.md).
+    # benchmark with more peers than cores) and nothing else limits the round, where the processes
+    # are the parallelism and extra threads only queue for the GIL; see codec_threads_for.
     codec_threads: int = field(
         default=2,
         metadata={"help": "threads that encode and decode off the event loop; 0 when peers on this machine fill its cores"},
@@ -212,10 +212,17 @@ class TransportConfig:
         )
 
 
-def codec_threads_for(peer_processes: int, cores: int | None = None) -> int:
-    """Codec threads for each of peer_processes peers sharing this machine's cores: 0 once they fill the cores."""
+def codec_threads_for(peer_processes: int, cores: int | None = None, link_limited: bool = False) -> int:
+    """Codec threads for each of peer_processes peers sharing this machine's cores: fewer once they fill the cores.
+
+    Then 0 (the codec on the event loop) when the CPU sets the round time; 1 when capped links do
+    (``link_limited``): the C codec loops release the GIL, so one thread lets a peer quantise the next
+    chunk while its loop feeds gRPC, which is worth more there than the hand-off (BENCHMARKS.md).
+    """
     cores = cores or os.cpu_count() or 1
-    return 0 if peer_processes >= cores else TransportConfig.codec_threads
+    if peer_processes < cores:
+        return TransportConfig.codec_threads
+    return 1 if link_limited else 0
 
 
 class TransportClosed(RuntimeError):

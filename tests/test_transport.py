@@ -106,6 +106,11 @@ def test_codec_threads_for_peers_sharing_the_cores(peer_processes, cores, thread
     assert codec_threads_for(peer_processes, cores) == threads
 
 
+@pytest.mark.parametrize(("peer_processes", "cores", "threads"), [(4, 8, 2), (8, 8, 1), (4, 2, 1), (1, 1, 1)])
+def test_peers_filling_the_cores_keep_one_codec_thread_on_capped_links(peer_processes, cores, threads):
+    assert codec_threads_for(peer_processes, cores, link_limited=True) == threads
+
+
 def test_negative_codec_threads_are_refused():
     with pytest.raises(ConfigError, match="codec_threads"):
         TransportConfig(codec_threads=-1)

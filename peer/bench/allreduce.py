@@ -129,7 +129,7 @@ def run(
     hosts = ("bench-host",) * peers if hierarchical else None
     progress = progress or Progress("allreduce", enabled=False)
     if codec_threads is None:
-        codec_threads = codec_threads_for(peers)
+        codec_threads = codec_threads_for(peers, link_limited=bandwidth is not None)
     TransportConfig(chunk_bytes=chunk_bytes, codec_threads=codec_threads)  # its own checks, before any process
     job = AllReduceJob(
         numel=numel, codec=codec, repeat=repeat, timeout_s=timeout_s, check_error=True, seed=1, barrier=True,
@@ -290,7 +290,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-bytes", type=int, default=1 << 20, help="bytes per gRPC message")
     parser.add_argument(
         "--codec-threads", type=int, default=None,
-        help="codec threads per peer; 0 encodes on the event loop (default: 0 when peers >= cores, else 2)",
+        help="codec threads per peer; 0 encodes on the event loop (default: when peers >= cores, 1 with "
+             "--bandwidth and 0 without, else 2)",
     )
     parser.add_argument("--no-gloo", action="store_true", help="skip the gloo baseline")
     parser.add_argument(
