@@ -82,6 +82,18 @@ def test_any_input_gives_the_torch_paths_bytes_or_error(name, block, values, sca
 
 
 @needs_kernels
+@pytest.mark.parametrize("offset", [0, 1, 3, 8])  # 0 and 8 (32 bytes) take the streaming stores, 1 and 3 not
+def test_native_decode_into_an_unaligned_slice_equals_the_torch_decode(offset):
+    native, plain = both("int8", 64)
+    n = 64 * 40 + 5
+    payload = bytes(native.encode(special_blocks(n)))
+    a, b = torch.full((n + offset,), math.nan), torch.full((n + offset,), math.nan)
+    native.decode(payload, n, out=a[offset:])
+    plain.decode(payload, n, out=b[offset:])
+    assert torch.equal(a[offset:], b[offset:]) and bool(a[:offset].isnan().all())
+
+
+@needs_kernels
 def test_native_decode_of_any_payload_bytes_equals_the_torch_decode():
     rng = np.random.default_rng(3)
     native, plain = both("int8", 64)
