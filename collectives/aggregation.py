@@ -55,6 +55,7 @@ from typing import ClassVar
 import torch
 
 from collectives.errors import ConfigError, RoundFailed
+from collectives.kernels import native_kernels
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -193,10 +194,24 @@ def weighted_sum(
     # An explicit loop over the rows (each row vectorised, in rank order or the given order) fixes the order
     # of the fp32 additions, so the result depends neither on the thread count nor on the column slice.
     order = range(rows.shape[0]) if order is None else order
+    kernels = native_kernels()
+    if (kernels is not None and kernels.has_weighted_sum and _fits_kernel(rows) and _fits_kernel(coef)
+            and (out is None or _fits_kernel(out))):
+        # One pass instead of one per row, with the same bits (kernels.c).
+        if out is None:
+            out = torch.empty(rows.shape[1], dtype=torch.float32)
+        kernels.weighted_sum(rows, coef[:len(order)], order, out)
+        return out
     out = torch.mul(rows[order[0]], coef[0], out=out)
     for t in range(1, len(order)):
         out.add_(rows[order[t]], alpha=float(coef[t]))
     return out
+
+
+def _fits_kernel(t: torch.Tensor) -> bool:
+    """A CPU fp32 tensor (1-D contiguous, or 2-D with unit column stride) that the C weighted sum can read."""
+    return (t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() in (1, 2) and t.shape[-1] > 0
+            and t.stride(-1) == 1)
 
 
 def coordinate_median(rows: torch.Tensor) -> torch.Tensor:

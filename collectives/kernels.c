@@ -1,13 +1,13 @@
-/* Codec kernels: the blockwise quantiser's passes, fused into one loop each.
+/* Kernels of a round's CPU work: the blockwise quantiser's passes and the weighted sum, one loop each.
  *
- * torch runs int8 encoding as five passes per segment (amax, amin, multiply, round, cast) and decoding
- * as two (cast, scale). These loops do the same fp32 operations in one pass each, so they give the same
- * bytes bit for bit (tests/test_kernels.py checks them against the torch path). collectives/kernels.py
+ * torch runs int8 encoding as five passes per segment (amax, amin, multiply, round, cast), decoding as
+ * two (cast, scale) and a weighted sum of k rows as k. These loops do the same fp32 operations in one
+ * pass each, so they give the same bits (tests/test_kernels.py checks them against the torch path). collectives/kernels.py
  * compiles this file with the system C compiler on first use and falls back to torch without one.
  *
  * Compiled with -O3 -fno-math-errno -ffp-contract=off: the loops vectorise, rintf becomes one rounding
  * instruction (round half to even, the default rounding mode, as torch.round), and no multiply is fused
- * with an add, which would change the last bit.
+ * with an add unless the code asks for it (fmaf), which would change the last bit.
  *
  * The caller checks every size and pointer: these functions trust their arguments.
  */
@@ -82,3 +82,30 @@ void loconet_dequantize(const int8_t *q, const float *scale, int64_t nblocks, in
             o[i] = (float)p[i] * s;
     }
 }
+
+#if defined(__FMA__)
+/* out = sum over t of coef[t] * row order[t], accumulated in that order: the first product rounded, then
+ * one fused multiply-add per further row, which is what torch's mul and add_(alpha) compute on a CPU with
+ * FMA (tests/test_kernels.py compares the bits). Row r starts at rows + r * row_stride. out may be the
+ * first row itself (an in-place reduction). Built only where the compiler targets FMA: without it fmaf is
+ * a slow library call, and aggregation.weighted_sum keeps torch. Columns go in cache-sized slices so the
+ * partial sums stay in L1 between rows. */
+void loconet_weighted_sum(const float *rows, int64_t row_stride, const int64_t *order, const float *coef,
+                          int64_t nrows, int64_t n, float *out)
+{
+    enum { SLICE = 2048 };
+    for (int64_t b = 0; b < n; b += SLICE) {
+        const int64_t e = b + SLICE < n ? b + SLICE : n;
+        const float *r0 = rows + order[0] * row_stride;
+        const float c0 = coef[0];
+        for (int64_t i = b; i < e; i++)
+            out[i] = r0[i] * c0;
+        for (int64_t t = 1; t < nrows; t++) {
+            const float *r = rows + order[t] * row_stride;
+            const float c = coef[t];
+            for (int64_t i = b; i < e; i++)
+                out[i] = fmaf(r[i], c, out[i]);
+        }
+    }
+}
+#endif

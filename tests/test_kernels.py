@@ -162,3 +162,51 @@ def test_codecs_without_kernels_still_encode_and_decode():
     x = special_blocks(300)
     assert torch.allclose(codec.decode(codec.encode(x), 300), x, rtol=0, atol=float(x.abs().max()) / 127)
     assert make_codec("int8").config == codec.config
+
+
+needs_weighted_sum = pytest.mark.skipif(
+    native_kernels() is None or not native_kernels().has_weighted_sum,
+    reason="no native weighted sum (no kernels, or a CPU without FMA)",
+)
+
+
+def torch_weighted_sum(rows: torch.Tensor, coef: torch.Tensor, order) -> torch.Tensor:
+    """aggregation.weighted_sum's torch path: multiply the first row, then add_ each further one with alpha."""
+    out = torch.mul(rows[order[0]], coef[0])
+    for t in range(1, len(order)):
+        out.add_(rows[order[t]], alpha=float(coef[t]))
+    return out
+
+
+@needs_weighted_sum
+@pytest.mark.parametrize("n_rows", [1, 2, 4, 7])
+@pytest.mark.parametrize(("c0", "c1"), [(0, 1), (0, 4099), (5, 3000), (17, 17 + 2048 * 3 + 1)])
+def test_native_weighted_sum_equals_torchs_loop_bit_for_bit(n_rows, c0, c1):
+    g = torch.Generator().manual_seed(n_rows * 1000 + c0)
+    rows = torch.randn(n_rows, 8200, generator=g) * torch.exp(torch.randn(n_rows, 1, generator=g) * 10)
+    coef = (torch.rand(n_rows, generator=g, dtype=torch.float64) / n_rows).to(torch.float32)
+    order = list(reversed(range(n_rows)))
+    out = torch.full((c1 - c0,), math.nan)
+    native_kernels().weighted_sum(rows[:, c0:c1], coef, order, out)
+    assert torch.equal(out.view(torch.int32), torch_weighted_sum(rows[:, c0:c1], coef, order).view(torch.int32))
+
+
+@needs_weighted_sum
+def test_native_weighted_sum_may_write_into_its_first_row():
+    rows = torch.randn(3, 5000)
+    coef = torch.tensor([0.2, 0.3, 0.5])
+    expected = torch_weighted_sum(rows, coef, [0, 1, 2])
+    native_kernels().weighted_sum(rows, coef, [0, 1, 2], rows[0])
+    assert torch.equal(rows[0], expected)
+
+
+@needs_weighted_sum
+@pytest.mark.parametrize(
+    ("order", "coef", "out"),
+    [([0, 3], torch.ones(2), torch.empty(10)), ([], torch.ones(0), torch.empty(10)),
+     ([0, 1], torch.ones(1), torch.empty(10)), ([0, 1], torch.ones(2), torch.empty(9))],
+    ids=["row out of range", "no rows", "short coef", "short out"],
+)
+def test_native_weighted_sum_refuses_what_does_not_fit(order, coef, out):
+    with pytest.raises(ValueError, match="must"):
+        native_kernels().weighted_sum(torch.zeros(3, 10), coef, order, out)
