@@ -8,7 +8,7 @@ only turns a contiguous fp32 tensor into its raw payload and back (``_encode_raw
 Speed: each codec walks the tensor in cache-sized segments of whole blocks (one Python iteration per ~2 MB,
 never per block or element) so the several vectorised passes per segment hit cache instead of memory, and it
 reuses per-thread scratch buffers instead of allocating per call. Where a C compiler is available, the
-blockwise codecs' absmax, quantise and (int8) dequantise passes run as fused C loops
+blockwise codecs quantise block by block in one C loop and int8 dequantises in another
 (:mod:`collectives.kernels`), with the same bytes; the rare tiny-block path and int4's nibble packing stay
 in torch.
 """
@@ -146,17 +146,15 @@ class BlockCodec(Codec):
         """Quantise the (k, w) view ``xs`` (one block per row): write its k scales and int8 q into ``q``."""
         k, w = xs.shape
         qmax = float(self.qmax)
-        kernels = self._kernels
-        absmax = st.buffer("amax", k, torch.float32)
-        if kernels is not None:
-            kernels.block_absmax(xs, w, absmax)
-        else:
-            # Two plain reductions beat abs()+amax and aminmax(dim) here; the second one reads from cache.
-            torch.amax(xs, 1, out=absmax)
-            neg_min = torch.amin(xs, 1, out=st.buffer("amin", k, torch.float32)).neg_()
-            # + 0.0 turns -0.0 into +0.0: maximum's pick between -0.0 and +0.0 varies with SIMD width and device,
-            # so an all-zero block always gets the scale +0.0 (and the device encoder the same bytes).
-            torch.maximum(absmax, neg_min, out=absmax).add_(0.0)
+        # The C loop does all of the multiply path below, block by block; a tiny block sends the segment here.
+        if self._kernels is not None and not self._kernels.quantize_blocks(xs, self.qmax, TINY_ABSMAX, scales, q):
+            return
+        # Two plain reductions beat abs()+amax and aminmax(dim) here; the second one reads from cache.
+        absmax = torch.amax(xs, 1, out=st.buffer("amax", k, torch.float32))
+        neg_min = torch.amin(xs, 1, out=st.buffer("amin", k, torch.float32)).neg_()
+        # + 0.0 turns -0.0 into +0.0: maximum's pick between -0.0 and +0.0 varies with SIMD width and device,
+        # so an all-zero block always gets the scale +0.0 (and the device encoder the same bytes).
+        torch.maximum(absmax, neg_min, out=absmax).add_(0.0)
         torch.div(absmax, qmax, out=scales)
         mult = st.buffer("mult", k, torch.float32)
         smallest = float(absmax.min())  # NaN (checked by the caller) takes the multiply path
@@ -170,9 +168,6 @@ class BlockCodec(Codec):
             torch.reciprocal(scales, out=mult)
             if smallest < TINY_ABSMAX:
                 mult.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # all-zero blocks: 0 * 0, not 0 * inf = NaN
-            if kernels is not None:
-                kernels.quantize(xs, mult, w, q)
-                return
             t = torch.mul(xs, mult[:, None], out=st.buffer("tmp", k * w, torch.float32).view(k, w))
             t.round_()  # |x / scale| <= 127 (7) up to rounding, so no clamp is needed
         q.copy_(t)

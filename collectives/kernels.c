@@ -18,32 +18,35 @@
 #include <immintrin.h>
 #endif
 
-/* out[k] = max |x| over block k (elements k*block .. k*block+block-1).
- * Computed on the bit patterns with the sign bit cleared: for non-negative floats their unsigned order is
- * the order of the values, Inf included, and a NaN sorts above Inf, so a block holding a NaN gets a NaN
- * absmax (as torch's amax gives). The result of an all-zero block (-0.0 included) is +0.0. */
-void loconet_block_absmax(const float *x, int64_t nblocks, int64_t block, float *out)
+/* Quantise nblocks blocks of `block` floats, each while it is in L1: its absmax a, its scale a / qmax
+ * (written to scales[k]), then q = round-half-even(x * (1 / scale)) as int8, the multiply path of the
+ * torch encoder (densecodecs.BlockCodec._quantize), with its operations:
+ * - the absmax is computed on the bit patterns with the sign bit cleared: for non-negative floats their
+ *   unsigned order is the order of the values, Inf included, and a NaN sorts above Inf, so a block holding
+ *   a NaN gets a NaN absmax (as torch's amax gives); an all-zero block (-0.0 included) gets +0.0;
+ * - an all-zero block gets the multiplier 0, not 1 / 0 (torch: nan_to_num of the reciprocal);
+ * - a result outside [-128, 127] (NaN or Inf from a non-finite input, which the caller then refuses) is
+ *   stored as 0 rather than converted, which C leaves undefined.
+ * Returns 1 if a block's absmax is in (0, tiny): its 1 / scale may overflow, and the caller redoes the
+ * whole segment on torch's divide-and-clamp path (as the torch encoder decides per segment); else 0. */
+int64_t loconet_quantize_blocks(const float *x, int64_t nblocks, int64_t block, float qmax, float tiny,
+                                float *scales, int8_t *q)
 {
+    int64_t has_tiny = 0;
     for (int64_t k = 0; k < nblocks; k++) {
-        const uint32_t *p = (const uint32_t *)(x + k * block);
-        uint32_t m = 0;
-        for (int64_t i = 0; i < block; i++) {
-            uint32_t a = p[i] & 0x7fffffffu;
-            m = a > m ? a : m;
-        }
-        memcpy(out + k, &m, sizeof m);
-    }
-}
-
-/* q[i] = round-half-even(x[i] * mult[k]) for element i of block k, stored as int8.
- * The caller picks mult so that every finite result is within [-127, 127]; a result outside [-128, 127]
- * (NaN or Inf from a non-finite input, which the caller then refuses) is stored as 0 rather than
- * converted, which C leaves undefined. */
-void loconet_quantize(const float *x, const float *mult, int64_t nblocks, int64_t block, int8_t *q)
-{
-    for (int64_t k = 0; k < nblocks; k++) {
-        const float m = mult[k];
         const float *p = x + k * block;
+        const uint32_t *u = (const uint32_t *)p;
+        uint32_t bits = 0;
+        for (int64_t i = 0; i < block; i++) {
+            uint32_t a = u[i] & 0x7fffffffu;
+            bits = a > bits ? a : bits;
+        }
+        float absmax;
+        memcpy(&absmax, &bits, sizeof absmax);
+        const float scale = absmax / qmax;
+        scales[k] = scale;
+        has_tiny |= absmax > 0.0f && absmax < tiny;
+        const float m = absmax == 0.0f ? 0.0f : 1.0f / scale;
         int8_t *o = q + k * block;
         for (int64_t i = 0; i < block; i++) {
             float v = rintf(p[i] * m);
@@ -51,6 +54,7 @@ void loconet_quantize(const float *x, const float *mult, int64_t nblocks, int64_
             o[i] = (int8_t)(int32_t)v;
         }
     }
+    return has_tiny;
 }
 
 /* out[i] = (float)q[i] * scale[k] for element i of block k.

@@ -64,13 +64,11 @@ class Kernels:
 
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.path = path
-        self._absmax = library.loconet_block_absmax
-        self._quantize = library.loconet_quantize
+        self._quantize = library.loconet_quantize_blocks
         self._dequantize = library.loconet_dequantize
-        for fn in (self._absmax, self._quantize, self._dequantize):
-            fn.restype = None
-        self._absmax.argtypes = (_ptr, _i64, _i64, _ptr)
-        self._quantize.argtypes = (_ptr, _ptr, _i64, _i64, _ptr)
+        self._quantize.restype = _i64
+        self._quantize.argtypes = (_ptr, _i64, _i64, ctypes.c_float, ctypes.c_float, _ptr, _ptr)
+        self._dequantize.restype = None
         self._dequantize.argtypes = (_ptr, _ptr, _i64, _i64, _ptr)
         # Only built where the compiler targets FMA (see kernels.c): None elsewhere.
         self._weighted_sum = getattr(library, "loconet_weighted_sum", None)
@@ -83,20 +81,19 @@ class Kernels:
         """Whether :meth:`weighted_sum` is available (the library was built for a CPU with FMA)."""
         return self._weighted_sum is not None
 
-    def block_absmax(self, x: torch.Tensor, block: int, out: torch.Tensor) -> None:
-        """out[k] = max |x| of block k of ``x`` (out.numel() blocks of ``block`` elements; NaN if one is NaN)."""
-        nblocks = out.numel()
-        _require(x, torch.float32, nblocks * block, "x")
-        _require(out, torch.float32, nblocks, "out")
-        self._absmax(x.data_ptr(), nblocks, block, out.data_ptr())
+    def quantize_blocks(self, x: torch.Tensor, qmax: int, tiny: float, scales: torch.Tensor, q: torch.Tensor) -> bool:
+        """Quantise scales.numel() blocks of x (absmax, scale, int8 q); True if a block's absmax is in (0, tiny).
 
-    def quantize(self, x: torch.Tensor, mult: torch.Tensor, block: int, q: torch.Tensor) -> None:
-        """q = round-half-even(x * mult[block]) as int8, for mult.numel() blocks of ``block`` elements."""
-        nblocks = mult.numel()
+        Then nothing written may be used: the caller quantises that segment on its torch divide path.
+        """
+        nblocks = scales.numel()
+        if nblocks == 0 or x.numel() % nblocks:
+            raise ValueError(f"x must be whole blocks for {nblocks} scales, got {x.numel()} elements")
+        block = x.numel() // nblocks
         _require(x, torch.float32, nblocks * block, "x")
-        _require(mult, torch.float32, nblocks, "mult")
+        _require(scales, torch.float32, nblocks, "scales")
         _require(q, torch.int8, nblocks * block, "q")
-        self._quantize(x.data_ptr(), mult.data_ptr(), nblocks, block, q.data_ptr())
+        return bool(self._quantize(x.data_ptr(), nblocks, block, float(qmax), tiny, scales.data_ptr(), q.data_ptr()))
 
     def dequantize(self, q: np.ndarray, scales: torch.Tensor, block: int, out: torch.Tensor) -> None:
         """out = q * scales[block] in fp32, for scales.numel() blocks of ``block`` int8 values in ``q``."""

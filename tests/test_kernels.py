@@ -117,13 +117,13 @@ def test_error_feedback_residual_is_the_same_with_and_without_kernels():
 @pytest.mark.parametrize(
     "call",
     [
-        lambda k: k.block_absmax(torch.zeros(10), 4, torch.zeros(3)),  # 3 blocks of 4 need 12 elements
-        lambda k: k.quantize(torch.zeros(8), torch.zeros(2), 4, torch.zeros(7, dtype=torch.int8)),
-        lambda k: k.quantize(torch.zeros(16)[::2], torch.zeros(2), 4, torch.zeros(8, dtype=torch.int8)),
+        lambda k: k.quantize_blocks(torch.zeros(10), 127, 1e-30, torch.zeros(3), torch.zeros(10, dtype=torch.int8)),
+        lambda k: k.quantize_blocks(torch.zeros(8), 127, 1e-30, torch.zeros(2), torch.zeros(7, dtype=torch.int8)),
+        lambda k: k.quantize_blocks(torch.zeros(16)[::2], 127, 1e-30, torch.zeros(2), torch.zeros(8, dtype=torch.int8)),
         lambda k: k.dequantize(np.zeros(7, np.int8), torch.zeros(2), 4, torch.zeros(8)),
         lambda k: k.dequantize(np.zeros(8, np.uint8), torch.zeros(2), 4, torch.zeros(8)),
     ],
-    ids=["short x", "short q", "strided x", "short payload", "uint8 payload"],
+    ids=["partial block", "short q", "strided x", "short payload", "uint8 payload"],
 )
 def test_kernels_refuse_buffers_of_the_wrong_size_or_layout(call):
     with pytest.raises(ValueError, match="must be"):
