@@ -149,6 +149,15 @@ def test_a_built_library_is_reused_without_compiling_again(tmp_path):
     assert cache.stat().st_mode & 0o777 == 0o700  # only its user can put a library there
 
 
+@needs_kernels
+def test_a_cache_others_may_write_is_refused(tmp_path):
+    cache = tmp_path / "kernels"
+    build_kernels(cache_dir=cache)
+    cache.chmod(0o777)  # anyone could swap the library for their own code
+    with pytest.raises(KernelsUnavailable, match="not private"):
+        build_kernels(cache_dir=cache)
+
+
 def test_the_environment_switch_keeps_the_torch_path():
     code = "from collectives.kernels import kernels_status, native_kernels; print(native_kernels(), kernels_status().detail)"
     env = {**os.environ, DISABLE_ENV: "0"}
