@@ -1,4 +1,5 @@
-/* Kernels of a round's CPU work: the blockwise quantiser's passes and the weighted sum, one loop each.
+/* Kernels of a round's CPU work: the blockwise quantiser's passes, the own part's copy and check, and the
+ * weighted sum, one loop each.
  *
  * torch runs int8 encoding as five passes per segment (amax, amin, multiply, round, cast), decoding as
  * two (cast, scale) and a weighted sum of k rows as k. These loops do the same fp32 operations in one
@@ -85,6 +86,35 @@ void loconet_dequantize(const int8_t *q, const float *scale, int64_t nblocks, in
         for (int64_t i = 0; i < block; i++)
             o[i] = (float)p[i] * s;
     }
+}
+
+/* dst = src (n floats); returns 1 if every value is finite, else 0 (the caller then counts them).
+ * One pass: the check looks at the exponent bits, an integer test. With AVX2 and an aligned destination
+ * the stores stream past the cache, as the dequantiser's do (both fill a round's reduction rows). */
+int64_t loconet_copy_finite(const float *src, int64_t n, float *dst)
+{
+    uint32_t bad = 0;
+    int64_t i = 0;
+#if defined(__AVX2__)
+    if ((uintptr_t)dst % 32 == 0) {
+        const __m256i exponent = _mm256_set1_epi32(0x7f800000);
+        __m256i hits = _mm256_setzero_si256();
+        for (; i + 8 <= n; i += 8) {
+            const __m256 v = _mm256_loadu_ps(src + i);
+            _mm256_stream_ps(dst + i, v);
+            const __m256i e = _mm256_and_si256(_mm256_castps_si256(v), exponent);
+            hits = _mm256_or_si256(hits, _mm256_cmpeq_epi32(e, exponent));
+        }
+        _mm_sfence();
+        bad = !_mm256_testz_si256(hits, hits);
+    }
+#endif
+    const uint32_t *u = (const uint32_t *)src;
+    for (; i < n; i++) {
+        dst[i] = src[i];
+        bad |= (u[i] & 0x7f800000u) == 0x7f800000u;
+    }
+    return !bad;
 }
 
 #if defined(__FMA__)

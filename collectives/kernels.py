@@ -65,11 +65,14 @@ class Kernels:
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.path = path
         self._quantize = library.loconet_quantize_blocks
-        self._dequantize = library.loconet_dequantize
         self._quantize.restype = _i64
         self._quantize.argtypes = (_ptr, _i64, _i64, ctypes.c_float, ctypes.c_float, _ptr, _ptr)
+        self._dequantize = library.loconet_dequantize
         self._dequantize.restype = None
         self._dequantize.argtypes = (_ptr, _ptr, _i64, _i64, _ptr)
+        self._copy_finite = library.loconet_copy_finite
+        self._copy_finite.restype = _i64
+        self._copy_finite.argtypes = (_ptr, _i64, _ptr)
         # Only built where the compiler targets FMA (see kernels.c): None elsewhere.
         self._weighted_sum = getattr(library, "loconet_weighted_sum", None)
         if self._weighted_sum is not None:
@@ -104,6 +107,11 @@ class Kernels:
         _require(out, torch.float32, nblocks * block, "out")
         self._dequantize(q.ctypes.data, scales.data_ptr(), nblocks, block, out.data_ptr())
 
+    def copy_finite(self, src: torch.Tensor, dst: torch.Tensor) -> bool:
+        """dst = src (contiguous fp32 of one size); whether every value is finite."""
+        _require(src, torch.float32, dst.numel(), "src")
+        _require(dst, torch.float32, src.numel(), "dst")
+        return bool(self._copy_finite(src.data_ptr(), src.numel(), dst.data_ptr()))
 
     def weighted_sum(self, rows: torch.Tensor, coef: torch.Tensor, order: Sequence[int], out: torch.Tensor) -> None:
         """out = sum_t coef[t] * rows[order[t]] in fp32, in that order (torch's mul, then add_ with alpha, on FMA).

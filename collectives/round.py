@@ -35,6 +35,7 @@ from collectives.asynctasks import cancel_and_wait
 from collectives.codecs import Codec, CodecConfig, check_finite
 from collectives.errors import ConfigError, LoconetError, MemberFailure, NonFiniteError, RoundFailed, StaleRound
 from collectives.inbox import GATHER, SCATTER, Group, RoundInbox, codec_proto
+from collectives.kernels import native_kernels
 from collectives.parts import chunk_bounds
 from collectives.stats import RoundStats
 from collectives.transport import Transport, as_async_iter
@@ -156,6 +157,7 @@ class Round:
         self.decisions: list[dict] = []
         self._own_copied = False
         self._own_residual: torch.Tensor | None = None
+        self._kernels = native_kernels()  # None: torch copies and checks the own part
         loop = asyncio.get_running_loop()
         for j in self.others:
             self.tasks.append(loop.create_task(self._watch(j)))
@@ -242,6 +244,9 @@ class Round:
                 res = None if self._own_residual is None else self._own_residual[c0:c1]
                 payload = self.codec.encode_with_feedback(mine, res)
                 self.codec.decode(payload, c1 - c0, out=row)
+            elif (self._kernels is not None and mine.dtype == torch.float32 and mine.is_contiguous()
+                  and self._kernels.copy_finite(mine, row)):
+                return  # copied, and every value is finite
             else:
                 row.copy_(mine)
             check_finite(row, "values to reduce")

@@ -130,6 +130,19 @@ def test_kernels_refuse_buffers_of_the_wrong_size_or_layout(call):
         call(native_kernels())
 
 
+@needs_kernels
+@pytest.mark.parametrize("offset", [0, 1, 8])  # 0 and 8 stream their stores, 1 does not
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", [0, 17, 1000])  # in the vector loop, in the vector loop, in the tail
+def test_copy_finite_copies_and_says_whether_every_value_is_finite(offset, bad, where):
+    src = torch.randn(1005)
+    if bad is not None:
+        src[where] = bad
+    dst = torch.zeros(1005 + offset)
+    assert native_kernels().copy_finite(src, dst[offset:]) is (bad is None)
+    assert torch.equal(dst[offset:].view(torch.int32), src.view(torch.int32))
+
+
 def test_a_missing_compiler_is_reported_not_fatal(tmp_path):
     with pytest.raises(KernelsUnavailable, match="no C compiler"):
         build_kernels(compiler="no-such-cc", cache_dir=tmp_path)
