@@ -195,8 +195,8 @@ def weighted_sum(
     # of the fp32 additions, so the result depends neither on the thread count nor on the column slice.
     order = range(rows.shape[0]) if order is None else order
     kernels = native_kernels()
-    if (kernels is not None and kernels.has_weighted_sum and _fits_kernel(rows) and _fits_kernel(coef)
-            and (out is None or _fits_kernel(out))):
+    if (kernels is not None and kernels.has_weighted_sum and _fits_kernel(rows, 2) and _fits_kernel(coef, 1)
+            and (out is None or _fits_kernel(out, 1))):
         # One pass instead of one per row, with the same bits (kernels.c).
         if out is None:
             out = torch.empty(rows.shape[1], dtype=torch.float32)
@@ -208,9 +208,9 @@ def weighted_sum(
     return out
 
 
-def _fits_kernel(t: torch.Tensor) -> bool:
-    """A CPU fp32 tensor (1-D contiguous, or 2-D with unit column stride) that the C weighted sum can read."""
-    return (t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() in (1, 2) and t.shape[-1] > 0
+def _fits_kernel(t: torch.Tensor, dim: int) -> bool:
+    """A CPU fp32 tensor of ``dim`` dimensions, not empty, whose last one has unit stride (the C weighted sum's)."""
+    return (t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == dim and t.shape[-1] > 0
             and t.stride(-1) == 1)
 
 

@@ -243,15 +243,15 @@ class Int8Codec(BlockCodec):
     def _decode_raw(self, raw: np.ndarray, numel: int, out: torch.Tensor, st: ThreadState) -> None:
         nb = -(-numel // self._block)
         scales = self._check_scales(raw, nb, st)
-        # A read-only view of the payload (torch would warn once; see READ_ONLY_WARNING).
-        # torch's vectorised int8 -> fp32 copy is twice as fast as numpy's cast.
-        if self._kernels is not None:
+        if self._kernels is not None:  # the full blocks in one call, then the partial last one
             values, b = raw[4 * nb:].view(np.int8), self._block
             full = numel - numel % b
             self._kernels.dequantize(values[:full], scales[:full // b], b, out[:full])
             if full < numel:
                 self._kernels.dequantize(values[full:], scales[full // b:], numel - full, out[full:])
             return
+        # A read-only view of the payload (torch would warn once; see READ_ONLY_WARNING).
+        # torch's vectorised int8 -> fp32 copy is twice as fast as numpy's cast.
         q = torch.from_numpy(raw[4 * nb:].view(np.int8))
         for b0, b1, tail in self._segments(numel):
             e0, e1 = b0 * self._block, b1 * self._block + tail
