@@ -3,8 +3,9 @@
  *
  * torch runs int8 encoding as five passes per segment (amax, amin, multiply, round, cast), decoding as
  * two (cast, scale) and a weighted sum of k rows as k. These loops do the same fp32 operations in one
- * pass each, so they give the same bits (tests/test_kernels.py checks them against the torch path). collectives/kernels.py
- * compiles this file with the system C compiler on first use and falls back to torch without one.
+ * pass each, so they give the same bits (tests/test_kernels.py checks them against the torch path).
+ * collectives/kernels.py compiles this file with the system C compiler on first use and falls back to
+ * torch without one.
  *
  * Compiled with -O3 -fno-math-errno -ffp-contract=off: the loops vectorise, rintf becomes one rounding
  * instruction (round half to even, the default rounding mode, as torch.round), and no multiply is fused

@@ -160,6 +160,12 @@ def _cache_dir() -> Path:
     return Path(root) / "loconet" / "kernels"
 
 
+def _library_name(source: bytes, flags: tuple[str, ...], fingerprint: bytes) -> str:
+    """The cached library's file name: a hash of what its machine code depends on."""
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), fingerprint]))
+    return f"codec-{key.hexdigest()[:24]}.so"
+
+
 def _check_private(path: Path) -> None:
     """KernelsUnavailable unless path is this user's and no one else may write it: we load code from there."""
     info = path.stat()
@@ -180,14 +186,17 @@ def build_kernels(compiler: str | None = None, cache_dir: Path | None = None) ->
         raise KernelsUnavailable(f"no C compiler ({cc!r} is not on PATH): install gcc or set CC")
     source = SOURCE.read_bytes()
     cache = cache_dir or _cache_dir()
-    errors = []
-    for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), _cpu_fingerprint().encode()]))
-        path = cache / f"codec-{key.hexdigest()[:24]}.so"
+    fingerprint = _cpu_fingerprint().encode()
+    builds = [(flags, cache / _library_name(source, flags, fingerprint)) for flags in FLAG_SETS]
+    # Any build already cached first: where -march=native fails, the portable one is not preceded by a
+    # failing compile in every process.
+    for _, path in builds:
         if path.exists():
             _check_private(cache)
             _check_private(path)
             return path
+    errors = []
+    for flags, path in builds:
         try:
             cache.mkdir(mode=0o700, parents=True, exist_ok=True)
             _check_private(cache)

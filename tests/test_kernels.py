@@ -21,7 +21,17 @@ from hypothesis import strategies as st
 from collectives.codecs import CodecConfig, make_codec
 from collectives.densecodecs import Int4Codec, Int8Codec
 from collectives.errors import CodecError
-from collectives.kernels import DISABLE_ENV, KernelsUnavailable, build_kernels, kernels_status, native_kernels
+from collectives.kernels import (
+    DISABLE_ENV,
+    FLAG_SETS,
+    SOURCE,
+    KernelsUnavailable,
+    _cpu_fingerprint,
+    _library_name,
+    build_kernels,
+    kernels_status,
+    native_kernels,
+)
 
 needs_kernels = pytest.mark.skipif(native_kernels() is None, reason=f"no native kernels: {kernels_status().detail}")
 CLASSES = {"int8": Int8Codec, "int4": Int4Codec}
@@ -107,7 +117,7 @@ def test_native_decode_of_any_payload_bytes_equals_the_torch_decode():
 def test_error_feedback_residual_is_the_same_with_and_without_kernels():
     native, plain = both("int8", 64)
     x = special_blocks(5000)
-    r1, r2 = torch.randn(5000) * 0.1, None
+    r1 = torch.randn(5000) * 0.1
     r2 = r1.clone()
     assert bytes(native.encode_with_feedback(x, r1)) == bytes(plain.encode_with_feedback(x, r2))
     assert torch.equal(r1, r2)
@@ -160,6 +170,16 @@ def test_a_built_library_is_reused_without_compiling_again(tmp_path):
     path = build_kernels(cache_dir=cache)
     assert build_kernels(compiler="false", cache_dir=cache) == path  # "false" would fail to compile
     assert cache.stat().st_mode & 0o777 == 0o700  # only its user can put a library there
+
+
+@needs_kernels
+def test_a_cached_portable_build_is_used_without_trying_the_native_one_again(tmp_path):
+    # Where -march=native fails, the portable library is what the cache holds: no process compiles again.
+    cache = tmp_path / "kernels"
+    native = build_kernels(cache_dir=cache)
+    portable = cache / _library_name(SOURCE.read_bytes(), FLAG_SETS[-1], _cpu_fingerprint().encode())
+    native.rename(portable)
+    assert build_kernels(compiler="false", cache_dir=cache) == portable  # "false" would fail to compile
 
 
 @needs_kernels
