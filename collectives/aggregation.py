@@ -101,6 +101,14 @@ class Aggregator(ABC):
         """The decision of statistic round r from the summed shares; pure, JSON-able, identical on every member."""
         raise ValueError(self._no_round(len(weights), r))
 
+    # Whether the reduction is always sum_t coefficients[t] * row t, accumulated in rank order (weighted_sum):
+    # then an owner may reduce straight from received quantised payloads (round.py).
+    linear: ClassVar[bool] = False
+
+    def coefficients(self, weights: Sequence[float], decisions: Sequence[dict]) -> torch.Tensor:
+        """A linear aggregator's fp32 coefficients, one per contribution (BadWeights as prepare)."""
+        raise NotImplementedError(f"{self.name} is not a weighted sum of its rows")
+
     @abstractmethod
     def prepare(self, weights: Sequence[float], decisions: Sequence[dict]) -> Reduce:
         """Check the weights (BadWeights) and return a function reducing [n, l] fp32 rows (any column slice) to [l]."""
@@ -238,10 +246,16 @@ class Mean(Aggregator):
 
     name = "mean"
 
+    linear = True
+
+    def coefficients(self, weights: Sequence[float], decisions: Sequence[dict]) -> torch.Tensor:
+        """The weights normalised in float64, as fp32."""
+        self._check_decisions(len(weights), decisions)
+        return mean_coefficients(self.name, weights).to(torch.float32)
+
     def prepare(self, weights: Sequence[float], decisions: Sequence[dict]) -> Reduce:
         """Rank-order fp32 accumulation with the weights normalised in float64."""
-        self._check_decisions(len(weights), decisions)
-        coef = mean_coefficients(self.name, weights).to(torch.float32)
+        coef = self.coefficients(weights, decisions)
         return checked_reduce(len(weights), lambda rows: weighted_sum(rows, coef))
 
 
@@ -250,10 +264,16 @@ class Sum(Aggregator):
 
     name = "sum"
 
+    linear = True
+
+    def coefficients(self, weights: Sequence[float], decisions: Sequence[dict]) -> torch.Tensor:
+        """The weights themselves, as fp32."""
+        self._check_decisions(len(weights), decisions)
+        return finite_weights(weights).to(torch.float32)
+
     def prepare(self, weights: Sequence[float], decisions: Sequence[dict]) -> Reduce:
         """Rank-order fp32 accumulation of w_i x_i."""
-        self._check_decisions(len(weights), decisions)
-        coef = finite_weights(weights).to(torch.float32)
+        coef = self.coefficients(weights, decisions)
         return checked_reduce(len(weights), lambda rows: weighted_sum(rows, coef))
 
 

@@ -426,7 +426,7 @@ class Collective:
                     await asyncio.shield(decoding)  # a cancelled handler must not cancel it
                 inbox.begin_decode()  # counted from now: an aborted round keeps its buffers until it ends
                 decoding = asyncio.get_running_loop().create_task(
-                    self._decode(inbox, stream, payload, target, header.count)
+                    self._decode(inbox, stream, payload, target, header.offset, header.count)
                 )
                 chunks += 1
                 inbox.bytes_received += len(raw)
@@ -458,10 +458,12 @@ class Collective:
                 decoding.add_done_callback(consume_exception)
         return pb.PushAck(chunks=chunks).SerializeToString()
 
-    async def _decode(self, inbox: RoundInbox, stream, payload: memoryview, target: torch.Tensor, count: int) -> None:
-        """Decode one checked chunk on a codec thread (begin_decode was called for it), then record it."""
+    async def _decode(
+        self, inbox: RoundInbox, stream, payload: memoryview, target: torch.Tensor, offset: int, count: int
+    ) -> None:
+        """Take one checked chunk on a codec thread (begin_decode was called for it), then record it."""
         try:
-            inbox.decode_s += await self.transport.run_cpu(inbox.decode_into, payload, target)
+            inbox.decode_s += await self.transport.run_cpu(inbox.receive, stream, offset, payload, target)
         finally:
             inbox.end_decode()
         inbox.advance(stream, count)

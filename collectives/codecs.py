@@ -291,6 +291,17 @@ def nonfinite_error(x: torch.Tensor) -> NonFiniteError:
     )
 
 
+@dataclass(frozen=True)
+class QuantizedChunk:
+    """A blockwise-quantised payload kept as received (checked, not decoded): value i is
+    ``values[i] * scales[i // block]`` in fp32."""
+
+    numel: int
+    block: int
+    scales: torch.Tensor  # fp32, one per block (the last block may be partial); a copy, aligned
+    values: np.ndarray  # int8, numel of them; a view of the payload, which it keeps alive
+
+
 class Codec:
     """Encodes 1-D float32 tensors (on any device) to bytes and decodes them to CPU; build one with make_codec().
 
@@ -312,6 +323,17 @@ class Codec:
             raise CodecError("loconet codecs need a little-endian host (the wire format is little-endian)")
         self.config = _as_config(config)
         self._tls = threading.local()
+
+    @property
+    def reduces_quantized(self) -> bool:
+        """Whether an owner may keep this codec's payloads as received (:meth:`keep_quantized`) and reduce
+        straight from them (``Kernels.reduce_quantized``) instead of decoding each into a row first."""
+        return False
+
+    def keep_quantized(self, payload: bytes | bytearray | memoryview, numel: int) -> QuantizedChunk:
+        """Check an untrusted payload of ``numel`` elements and return it undecoded (only where
+        :attr:`reduces_quantized`); raises CodecError as :meth:`decode` would."""
+        raise NotImplementedError(f"{self.config} payloads are decoded, not kept quantised")
 
     def __repr__(self) -> str:
         """Class and canonical spec, e.g. ``_Int8Codec('int8+zstd')``."""

@@ -26,6 +26,7 @@ from collectives.codecs import (
     READ_ONLY_WARNING,
     Codec,
     CodecConfig,
+    QuantizedChunk,
     ThreadState,
     count_nonfinite,
     nonfinite_error,
@@ -239,6 +240,20 @@ class Int8Codec(BlockCodec):
 
     def _encode_values(self, x, scales, values, b0, b1, tail, st) -> None:
         self._quantize_segment(x, scales, values[b0 * self._block:].view(torch.int8), b0, b1, tail, st)
+
+    @property
+    def reduces_quantized(self) -> bool:
+        """True where the C kernels are loaded with their fused reduction (kernels.c needs FMA)."""
+        return self._kernels is not None and self._kernels.has_reduce_quantized
+
+    def keep_quantized(self, payload: bytes | bytearray | memoryview, numel: int) -> QuantizedChunk:
+        """The payload's checked scales (copied: the payload may be unaligned) and its int8 values (a view)."""
+        if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
+            raise CodecError(f"numel must be a positive integer, got {numel!r}")
+        raw = self._unwrap(payload, numel)
+        nb = -(-numel // self._block)
+        scales = self._check_scales(raw, nb, self._state()).clone()
+        return QuantizedChunk(numel, self._block, scales, raw[4 * nb:].view(np.int8))
 
     def _decode_raw(self, raw: np.ndarray, numel: int, out: torch.Tensor, st: ThreadState) -> None:
         nb = -(-numel // self._block)

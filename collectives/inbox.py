@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from collectives.aggregators import Aggregator, AggregatorConfig, make_aggregator
-from collectives.codecs import Codec, CodecConfig
+from collectives.codecs import Codec, CodecConfig, QuantizedChunk
 from collectives.errors import CodecError, LoconetError, ProtocolError, RoundFailed
+from collectives.kernels import native_kernels
 from collectives.parts import part_bounds
 from protos import collective_pb2 as pb
 
@@ -147,6 +148,10 @@ class RoundInbox:
     # Statistic round -> rank -> that owner's float64 share (aggregators with whole-vector statistics).
     shares: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
     aggregator: Aggregator = field(init=False)
+    # Scatter chunks kept as received, by sender and offset, where the owner reduces straight from quantised
+    # payloads (a codec that allows it and a linear aggregator: round.py); None: each is decoded into its row.
+    # Written by codec threads (one sender's chunks one at a time), taken by the reduce (chunk_sources).
+    quantized: dict[int, dict[int, QuantizedChunk]] | None = field(init=False, default=None)
     _started: set[tuple[int, int]] = field(default_factory=set)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _inflight: int = 0
@@ -167,6 +172,8 @@ class RoundInbox:
         self._codec_wire = codec_proto(self.codec.config)
         self._aggregator_wire = str(self.aggregator_config)
         self.aggregator = make_aggregator(self.aggregator_config)
+        if self.codec.reduces_quantized and self.aggregator.linear:
+            self.quantized = {j: {} for j in others}
 
     def contributions_ready(self) -> int:
         """How many leading elements of this member's part every member has contributed (-1: not started)."""
@@ -302,6 +309,50 @@ class RoundInbox:
             raise ProtocolError(f"undecodable payload: {exc}") from exc
         return time.perf_counter() - t0
 
+    def receive(self, stream: _Stream, offset: int, payload: memoryview, out: torch.Tensor) -> float:
+        """Take a checked chunk (any thread): decode it into its view or, a scatter chunk where the owner reduces
+        from payloads, keep it quantised; return the seconds it took."""
+        if stream.phase != SCATTER or self.quantized is None:
+            return self.decode_into(payload, out)
+        t0 = time.perf_counter()
+        try:
+            chunk = self.codec.keep_quantized(payload, out.numel())
+        except CodecError as exc:
+            raise ProtocolError(f"undecodable payload: {exc}") from exc
+        self.quantized[stream.sender][offset] = chunk
+        return time.perf_counter() - t0
+
+    def chunk_sources(self, c0: int, c1: int, own: torch.Tensor) -> list[torch.Tensor | QuantizedChunk]:
+        """Every member's contribution to elements [c0, c1) of this member's part, in rank order, taken out of
+        the inbox (call once, when every contribution reaches c1): ``own`` for this member; another's kept
+        chunk where it covers exactly [c0, c1), else its row, into which its kept chunks starting before c1
+        are decoded first (a sender that cuts its chunks elsewhere, with another chunk size)."""
+        assert self.quantized is not None, "chunk_sources needs an inbox that keeps quantised chunks"
+        sources: list[torch.Tensor | QuantizedChunk] = []
+        for j in range(self.group.size):
+            if j == self.group.rank:
+                sources.append(own)
+                continue
+            kept = self.quantized[j]
+            chunk = kept.get(c0)
+            if chunk is not None and chunk.numel == c1 - c0:
+                sources.append(kept.pop(c0))
+                continue
+            # sorted() copies the keys at once (the GIL held): codec threads may add later chunks meanwhile.
+            for offset in sorted(kept):
+                if offset < c1:
+                    piece = kept.pop(offset)
+                    self._dequantize(piece, self.rows[j, offset:offset + piece.numel])
+            sources.append(self.rows[j, c0:c1])
+        return sources
+
+    @staticmethod
+    def _dequantize(chunk: QuantizedChunk, out: torch.Tensor) -> None:
+        # The fused reduction of one source with coefficient 1 stores exactly its dequantised values.
+        kernels = native_kernels()
+        assert kernels is not None  # a codec reduces_quantized only with them
+        kernels.reduce_quantized([chunk], torch.ones(1), out)
+
     def advance(self, stream: _Stream, count: int) -> None:
         """Record that a stream's next count elements are decoded."""
         stream.next_offset += count
@@ -312,7 +363,7 @@ class RoundInbox:
     def accept(self, stream: _Stream, header: pb.PartChunk, payload: memoryview) -> None:
         """Validate one chunk and decode it into place on this thread."""
         target = self.check_chunk(stream, header, payload)
-        self.decode_s += self.decode_into(payload, target)
+        self.decode_s += self.receive(stream, header.offset, payload, target)
         self.advance(stream, header.count)
 
     # -- statistic shares -------------------------------------------------------------

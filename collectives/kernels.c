@@ -144,3 +144,56 @@ void loconet_weighted_sum(const float *rows, int64_t row_stride, const int64_t *
     }
 }
 #endif
+
+#if defined(__FMA__)
+/* The owner's reduction of one chunk straight from what it received: out = sum over t of coef[t] * v_t,
+ * accumulated in rank order t = 0..nrows-1 as loconet_weighted_sum does, where v_t is row t's fp32 values
+ * (f[t], the owner's own contribution) or, where f[t] is NULL, its int8 payload dequantised on the fly,
+ * (float)q[t][i] * scales[t][block k], the very product loconet_dequantize stores. So the bits are those
+ * of dequantising into rows and summing them, without writing the rows and reading them back.
+ * Returns 1 if every fp32 source value is finite, else 0 (out is then undefined). */
+int64_t loconet_reduce_quantized(int64_t nrows, const float *const *f, const int8_t *const *q,
+                                 const float *const *scales, const float *coef, int64_t block, int64_t n,
+                                 float *out)
+{
+    enum { SLICE = 2048 };
+    uint32_t bad = 0;
+    for (int64_t b = 0; b < n; b += SLICE) {
+        const int64_t e = b + SLICE < n ? b + SLICE : n;
+        for (int64_t t = 0; t < nrows; t++) {
+            const float c = coef[t];
+            if (f[t] != NULL) {
+                const float *r = f[t];
+                const uint32_t *u = (const uint32_t *)r;
+                if (t == 0)
+                    for (int64_t i = b; i < e; i++) {
+                        out[i] = r[i] * c;
+                        bad |= (u[i] & 0x7f800000u) == 0x7f800000u;
+                    }
+                else
+                    for (int64_t i = b; i < e; i++) {
+                        out[i] = fmaf(r[i], c, out[i]);
+                        bad |= (u[i] & 0x7f800000u) == 0x7f800000u;
+                    }
+                continue;
+            }
+            const int8_t *p = q[t];
+            const float *s = scales[t];
+            /* SLICE is a multiple of block only if block divides it: walk the slice block by block. */
+            int64_t i = b;
+            while (i < e) {
+                const int64_t k = i / block;
+                const int64_t stop = (k + 1) * block < e ? (k + 1) * block : e;
+                const float sk = s[k];
+                if (t == 0)
+                    for (; i < stop; i++)
+                        out[i] = ((float)p[i] * sk) * c;
+                else
+                    for (; i < stop; i++)
+                        out[i] = fmaf((float)p[i] * sk, c, out[i]);
+            }
+        }
+    }
+    return !bad;
+}
+#endif

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from collectives.codecs import QuantizedChunk
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -78,6 +80,11 @@ class Kernels:
         if self._weighted_sum is not None:
             self._weighted_sum.restype = None
             self._weighted_sum.argtypes = (_ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr)
+
+        self._reduce_quantized = getattr(library, "loconet_reduce_quantized", None)
+        if self._reduce_quantized is not None:
+            self._reduce_quantized.restype = _i64
+            self._reduce_quantized.argtypes = (_i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr)
 
     @property
     def has_weighted_sum(self) -> bool:
@@ -131,6 +138,48 @@ class Kernels:
         idx = torch.tensor(list(order), dtype=torch.int64)
         self._weighted_sum(rows.data_ptr(), rows.stride(0), idx.data_ptr(), coef.data_ptr(), len(order), length,
                            out.data_ptr())
+
+
+    @property
+    def has_reduce_quantized(self) -> bool:
+        """Whether :meth:`reduce_quantized` is available (built, as the weighted sum, only with FMA)."""
+        return self._reduce_quantized is not None
+
+    def reduce_quantized(self, sources: Sequence[torch.Tensor | QuantizedChunk], coef: torch.Tensor,
+                         out: torch.Tensor) -> bool:
+        """out = sum_t coef[t] * sources[t] in fp32, in that order, a source being fp32 values or an int8 chunk
+        dequantised on the fly: the bits of :meth:`dequantize` into rows, then :meth:`weighted_sum`.
+
+        Returns whether every fp32 source value is finite (if not, out is undefined). The chunks share one block.
+        """
+        if self._reduce_quantized is None:
+            raise ValueError("this kernel library has no reduce_quantized (built without FMA): check "
+                             "has_reduce_quantized")
+        n = out.numel()
+        k = len(sources)
+        if k == 0 or n == 0:
+            raise ValueError(f"need at least one source and one element, got {k} source(s) of {n}")
+        _require(coef, torch.float32, k, "coef")
+        _require(out, torch.float32, n, "out")
+        floats, values, scales = (_ptr * k)(), (_ptr * k)(), (_ptr * k)()
+        blocks = set()
+        for t, src in enumerate(sources):
+            if isinstance(src, torch.Tensor):
+                _require(src, torch.float32, n, f"source {t}")
+                floats[t] = src.data_ptr()
+                continue
+            q = src.values
+            if src.numel != n or q.dtype != np.int8 or q.ndim != 1 or not q.flags.c_contiguous or q.size != n:
+                raise ValueError(f"source {t} must hold {n} contiguous int8 values, got {q.size} {q.dtype}")
+            _require(src.scales, torch.float32, -(-n // src.block), f"source {t}'s scales")
+            values[t], scales[t] = q.ctypes.data, src.scales.data_ptr()
+            blocks.add(src.block)
+        if len(blocks) > 1:
+            raise ValueError(f"the quantised sources must share one block size, got {sorted(blocks)}")
+        block = blocks.pop() if blocks else 1
+        if block < 1:
+            raise ValueError(f"block must be positive, got {block}")
+        return bool(self._reduce_quantized(k, floats, values, scales, coef.data_ptr(), block, n, out.data_ptr()))
 
 
 def _require(t: torch.Tensor, dtype: torch.dtype, numel: int, name: str) -> None:

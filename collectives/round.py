@@ -201,6 +201,8 @@ class Round:
                 self._enter("gather")
             if reduce is None:  # every contribution's weight is known from its first chunk
                 reduce = self.aggregator.prepare(self.inbox.weights, self.decisions)
+                if self.inbox.quantized is not None:  # reduce straight from the kept payloads
+                    reduce = self.aggregator.coefficients(self.inbox.weights, self.decisions)
             message = await self.transport.run_cpu(self._reduce_chunk, reduce, flat[a + c0:a + c1], own, b - a, c0, c1)
             self._gathered.append(message)
             self._gather_ready.set()
@@ -257,9 +259,12 @@ class Round:
         # Runs on a codec thread: add this member's own contribution (mine), reduce, encode,
         # keep the decoded value, frame the message.
         t0 = time.perf_counter()
-        if not self._own_copied:
-            self._copy_own(mine, c0, c1)
-        reduced = reduce(self.inbox.rows[:, c0:c1])
+        if isinstance(reduce, torch.Tensor):  # a linear aggregator's coefficients, over kept payloads
+            reduced = self._reduce_kept(reduce, mine, c0, c1)
+        else:
+            if not self._own_copied:
+                self._copy_own(mine, c0, c1)
+            reduced = reduce(self.inbox.rows[:, c0:c1])
         t1 = time.perf_counter()
         try:
             payload = self.codec.encode_reduced(reduced, copy=False)  # a sparse codec keeps every reduced entry
@@ -274,6 +279,22 @@ class Round:
         self.stats.reduce_s += t1 - t0
         self.stats.encode_s += t2 - t1
         return message
+
+    def _reduce_kept(self, coef: torch.Tensor, mine: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+        # One pass over the own values and the others' int8 payloads as received (kernels.c), with the bits of
+        # decoding them into rows and summing those: no rows written and read back.
+        if not (mine.dtype == torch.float32 and mine.device.type == "cpu" and mine.is_contiguous()):
+            self._copy_own(mine, c0, c1)  # an input elsewhere (a GPU) is copied into its row as before
+            mine = self.inbox.rows[self.group.rank, c0:c1]
+        sources = self.inbox.chunk_sources(c0, c1, mine)
+        reduced = torch.empty(c1 - c0, dtype=torch.float32)
+        if not self._kernels.reduce_quantized(sources, coef, reduced):
+            try:  # only the own values can be non-finite (decoded ones are finite by their checked scales)
+                check_finite(mine, "values to reduce")
+            except NonFiniteError as exc:
+                raise self._nonfinite(exc) from None
+            raise RoundFailed(f"round {self.group.round_id}: a decoded contribution was not finite")
+        return reduced
 
     def _nonfinite(self, exc: NonFiniteError) -> NonFiniteError:
         return NonFiniteError(

@@ -252,3 +252,76 @@ def test_native_weighted_sum_may_write_into_its_first_row():
 def test_native_weighted_sum_refuses_what_does_not_fit(order, coef, out):
     with pytest.raises(ValueError, match="must"):
         native_kernels().weighted_sum(torch.zeros(3, 10), coef, order, out)
+
+
+needs_reduce_quantized = pytest.mark.skipif(
+    native_kernels() is None or not native_kernels().has_reduce_quantized,
+    reason="no native fused reduction (no kernels, or a CPU without FMA)",
+)
+
+
+def kept_and_decoded(n: int, block: int, seed: int):
+    """An int8 payload of n elements kept quantised, and the same payload decoded."""
+    codec = Int8Codec(str(CodecConfig("int8", block)))
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * (seed + 1)
+    payload = codec.encode(x)
+    return codec.keep_quantized(payload, n), codec.decode(payload, n)
+
+
+@needs_reduce_quantized
+@pytest.mark.parametrize("own_rank", [0, 1, 3])
+@pytest.mark.parametrize(("n", "block"), [(1, 64), (63, 64), (64, 64), (5000, 64), (4099, 3), (2048 * 3 + 5, 128)])
+def test_reducing_kept_payloads_equals_decoding_into_rows_then_the_weighted_sum(own_rank, n, block):
+    own = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 1e3
+    sources, rows = [], []
+    for t in range(4):
+        if t == own_rank:
+            sources.append(own)
+            rows.append(own)
+        else:
+            kept, decoded = kept_and_decoded(n, block, seed=t)
+            sources.append(kept)
+            rows.append(decoded)
+    coef = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    out = torch.full((n,), math.nan)
+    assert native_kernels().reduce_quantized(sources, coef, out)
+    expected = torch_weighted_sum(torch.stack(rows), coef, range(4))
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
+@needs_reduce_quantized
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_the_fused_reduction_says_when_an_own_value_is_not_finite(bad):
+    own = torch.ones(3000)
+    own[2999] = bad
+    kept, _ = kept_and_decoded(3000, 64, seed=1)
+    assert not native_kernels().reduce_quantized([kept, own], torch.tensor([0.5, 0.5]), torch.empty(3000))
+
+
+@needs_reduce_quantized
+def test_one_kept_payload_with_coefficient_one_is_its_decoded_values():
+    kept, decoded = kept_and_decoded(1001, 64, seed=2)
+    out = torch.empty(1001)
+    assert native_kernels().reduce_quantized([kept], torch.ones(1), out)
+    assert torch.equal(out, decoded)
+
+
+@needs_reduce_quantized
+@pytest.mark.parametrize(
+    ("sources", "coef", "out"),
+    [([torch.ones(10)], torch.ones(2), torch.empty(10)), ([torch.ones(9)], torch.ones(1), torch.empty(10)),
+     ([], torch.ones(0), torch.empty(10)), ([kept_and_decoded(9, 64, 0)[0]], torch.ones(1), torch.empty(10))],
+    ids=["long coef", "short source", "no sources", "short payload"],
+)
+def test_the_fused_reduction_refuses_what_does_not_fit(sources, coef, out):
+    with pytest.raises(ValueError, match="must|need"):
+        native_kernels().reduce_quantized(sources, coef, out)
+
+
+@needs_reduce_quantized
+def test_keep_quantized_refuses_a_payload_with_a_bad_scale():
+    codec = Int8Codec("int8")
+    payload = bytearray(codec.encode(torch.ones(64)))
+    payload[:4] = np.float32(-1.0).tobytes()
+    with pytest.raises(CodecError, match="invalid block scale"):
+        codec.keep_quantized(bytes(payload), 64)
