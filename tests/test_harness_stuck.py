@@ -82,12 +82,15 @@ def test_a_peer_back_after_the_run_ended_without_it_ends_the_scenario_with_why(t
 
 def test_peers_left_alone_after_the_last_holder_died_end_the_scenario_naming_them(tmp_path):
     # peer1 is paused past its lease as its second sync starts (so it has joined, however slowly it started); peer0
-    # goes on alone and is killed at round 4, the only holder of the run's state. peer1, back, finds nobody holding it and trains on alone to its end: the event due at round 99 cannot
-    # happen, and the message says why (more steps would not have helped).
+    # goes on alone and is killed at round 4, the only holder of the run's state. peer1, back, finds nobody holding
+    # it and trains on alone to its end: the event due at round 99 cannot happen, and the message says why (more
+    # steps would not have helped). The pause outlasts the round timeout (10 s: peer1 may be paused inside round 2)
+    # and peer0's way to round 4 on a loaded machine. With 6 s, CI once saw peer1 back in time to hold round 4:
+    # it committed the run's last rounds alone, and nobody was left behind.
     with pytest.raises(ScenarioStuck, match=r"kill:peer1@round99 cannot happen .*; peer1 found nobody holding the "
                                             r"run's state and trained on alone"):
         run_scenario(
-            "pause:peer1@sync2,for=6s", "kill:peer0@round4", "kill:peer1@round99", peers=2, workdir=tmp_path,
+            "pause:peer1@sync2,for=15s", "kill:peer0@round4", "kill:peer1@round99", peers=2, workdir=tmp_path,
             train=TrainConfig.of("diloco", steps=100, sync_every=10, round_timeout_s=10),
             coordinator=CoordinatorConfig(lease_s=2.0, heartbeat_s=0.5, dashboard_port=0),
         )
