@@ -21,6 +21,11 @@ from collectives.rpc import blocking_channel
 
 pytestmark = pytest.mark.timeout(60)
 
+needs_fused_reduce = pytest.mark.skipif(
+    native_kernels() is None or not native_kernels().has_reduce_quantized,
+    reason="no native fused reduction (no kernels, or a CPU without FMA)",
+)
+
 
 def run_round(endpoints, xs, config=None, weights=None, round_id=None, epoch=0):
     groups = endpoints.groups(epoch=epoch, round_id=round_id)
@@ -132,10 +137,10 @@ def test_a_failed_round_leaves_the_error_feedback_residual_unchanged(endpoints):
 class OpenRound:
     """Member 1 of a two-member round waits for member 0's contribution; the test plays member 0 by hand."""
 
-    def __init__(self, endpoints, numel=64, epoch=2, round_id=7, timeout_s=10.0):
+    def __init__(self, endpoints, numel=64, epoch=2, round_id=7, timeout_s=10.0, codec="none"):
         self.e = endpoints(2)
         self.numel = numel
-        self.config = AllReduceConfig(timeout_s=timeout_s)
+        self.config = AllReduceConfig(codec=CodecConfig.parse(codec), timeout_s=timeout_s)
         self.groups = self.e.groups(epoch=epoch, round_id=round_id)
         self.future = self.e.collectives[1].allreduce_async(self.groups[1], torch.ones(numel), config=self.config)
         self.channel = blocking_channel(self.e.addresses[1], self.e.transports[1].config.rpc_settings())
@@ -206,6 +211,21 @@ def test_nan_payload_from_a_member_fails_the_round_naming_it(open_round):
     assert info.value.failed_ranks == (0,)
 
 
+@needs_fused_reduce
+def test_an_int8_chunk_with_a_bad_scale_is_rejected_as_it_arrives_and_its_sender_blamed(endpoints):
+    # The owner keeps int8 scatter chunks undecoded for its fused reduction; their scales are still checked at once.
+    r = OpenRound(endpoints, codec="int8")
+    try:
+        payload = bytearray(make_codec(CodecConfig("int8")).encode(torch.full((32,), 5.0)))
+        payload[:4] = torch.tensor([-1.0]).numpy().tobytes()
+        assert r.rejection(r.chunk(payload=bytes(payload), codec="int8"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(MemberFailure) as info:
+            r.future.result(timeout=10)
+        assert info.value.failed_ranks == (0,) and "invalid block scale" in str(info.value)
+    finally:
+        r.close()
+
+
 def test_wrong_part_is_rejected(open_round):
     assert open_round.rejection(open_round.chunk(part=0))[0] == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -253,12 +273,6 @@ def _int8_mean(endpoints, xs, *, keep: bool, monkeypatch, chunk_bytes=(4096, 409
         t.config = dataclasses.replace(t.config, chunk_bytes=size)
     cfg = AllReduceConfig(codec=CodecConfig("int8"))
     return [r.value for r in run_round(e, xs, config=cfg, weights=[1.0, 2.0, 0.5])]
-
-
-needs_fused_reduce = pytest.mark.skipif(
-    native_kernels() is None or not native_kernels().has_reduce_quantized,
-    reason="no native fused reduction (no kernels, or a CPU without FMA)",
-)
 
 
 @needs_fused_reduce
