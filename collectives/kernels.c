@@ -29,31 +29,49 @@
  * - an all-zero block gets the multiplier 0, not 1 / 0 (torch: nan_to_num of the reciprocal);
  * - a result outside [-128, 127] (NaN or Inf from a non-finite input, which the caller then refuses) is
  *   stored as 0 rather than converted, which C leaves undefined.
+ * Blocks go in groups of QGROUP (4 KB of floats at the default block of 64): the group's absmaxes first,
+ * then its divisions, independent of each other so they overlap instead of each block waiting for its own
+ * two, then its values; and the input QPREFETCH groups ahead is prefetched (a tensor read from memory went
+ * from 0.69 to 0.47 ns per element on one core; in L1 from 0.36 to 0.28).
  * Returns 1 if a block's absmax is in (0, tiny): its 1 / scale may overflow, and the caller redoes the
  * whole segment on torch's divide-and-clamp path (as the torch encoder decides per segment); else 0. */
-int64_t loconet_quantize_blocks(const float *x, int64_t nblocks, int64_t block, float qmax, float tiny,
-                                float *scales, int8_t *q)
+enum { QGROUP = 16, QPREFETCH = 4 };
+
+int64_t loconet_quantize_blocks(const float *restrict x, int64_t nblocks, int64_t block, float qmax, float tiny,
+                                float *restrict scales, int8_t *restrict q)
 {
     int64_t has_tiny = 0;
-    for (int64_t k = 0; k < nblocks; k++) {
-        const float *p = x + k * block;
-        const uint32_t *u = (const uint32_t *)p;
-        uint32_t bits = 0;
-        for (int64_t i = 0; i < block; i++) {
-            uint32_t a = u[i] & 0x7fffffffu;
-            bits = a > bits ? a : bits;
+    for (int64_t g = 0; g < nblocks; g += QGROUP) {
+        const int64_t ng = nblocks - g < QGROUP ? nblocks - g : QGROUP;
+        float absmax[QGROUP], m[QGROUP];
+        for (int64_t j = 0; j < ng; j++) {
+            const int64_t ahead = g + j + QPREFETCH * QGROUP;
+            if (ahead < nblocks)
+                for (int64_t l = 0; l < block; l += 16)
+                    __builtin_prefetch(x + ahead * block + l);
+            const uint32_t *u = (const uint32_t *)(x + (g + j) * block);
+            uint32_t bits = 0;
+            for (int64_t i = 0; i < block; i++) {
+                uint32_t a = u[i] & 0x7fffffffu;
+                bits = a > bits ? a : bits;
+            }
+            memcpy(&absmax[j], &bits, sizeof bits);
         }
-        float absmax;
-        memcpy(&absmax, &bits, sizeof absmax);
-        const float scale = absmax / qmax;
-        scales[k] = scale;
-        has_tiny |= absmax > 0.0f && absmax < tiny;
-        const float m = absmax == 0.0f ? 0.0f : 1.0f / scale;
-        int8_t *o = q + k * block;
-        for (int64_t i = 0; i < block; i++) {
-            float v = rintf(p[i] * m);
-            v = (v >= -128.0f && v <= 127.0f) ? v : 0.0f;
-            o[i] = (int8_t)(int32_t)v;
+        for (int64_t j = 0; j < ng; j++) {
+            const float scale = absmax[j] / qmax;
+            scales[g + j] = scale;
+            has_tiny |= absmax[j] > 0.0f && absmax[j] < tiny;
+            m[j] = absmax[j] == 0.0f ? 0.0f : 1.0f / scale;
+        }
+        for (int64_t j = 0; j < ng; j++) {
+            const float *p = x + (g + j) * block;
+            int8_t *o = q + (g + j) * block;
+            const float mj = m[j];
+            for (int64_t i = 0; i < block; i++) {
+                float v = rintf(p[i] * mj);
+                v = (v >= -128.0f && v <= 127.0f) ? v : 0.0f;
+                o[i] = (int8_t)(int32_t)v;
+            }
         }
     }
     return has_tiny;
