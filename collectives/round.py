@@ -200,9 +200,9 @@ class Round:
             if c1 == b - a:
                 self._enter("gather")
             if reduce is None:  # every contribution's weight is known from its first chunk
-                reduce = self.aggregator.prepare(self.inbox.weights, self.decisions)
-                if self.inbox.quantized is not None:  # reduce straight from the kept payloads
-                    reduce = self.aggregator.coefficients(self.inbox.weights, self.decisions)
+                # Kept payloads are summed with the aggregator's coefficients (_reduce_kept), rows by its Reduce.
+                prepare = self.aggregator.prepare if self.inbox.quantized is None else self.aggregator.coefficients
+                reduce = prepare(self.inbox.weights, self.decisions)
             message = await self.transport.run_cpu(self._reduce_chunk, reduce, flat[a + c0:a + c1], own, b - a, c0, c1)
             self._gathered.append(message)
             self._gather_ready.set()
