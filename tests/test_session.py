@@ -197,6 +197,32 @@ def test_a_quorum_past_its_deadline_is_dropped_and_can_be_asked_again_on_the_sam
     assert run(scenario()) == (grpc.StatusCode.DEADLINE_EXCEEDED, 1, 1, 1)
 
 
+def test_a_quorum_call_that_gave_up_is_not_counted_in_the_round_formed_after_it(coordinator):
+    async def waiters() -> list[str]:
+        pending = coordinator.server.coordinator.quorums.pending
+        return sorted(pending.waiting) if pending is not None else []
+
+    async def scenario():
+        a = await Peer(coordinator.address).join("10.0.0.1:1")
+        b = await Peer(coordinator.address).join("10.0.0.2:1")
+        try:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await a.session.call("Quorum", quorum(a.peer_id), 0.3)
+            # The client's cancel reaches the coordinator on its own: wait for it rather than guess how long.
+            while await asyncio.to_thread(coordinator.call, waiters()):
+                await asyncio.sleep(0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as alone:
+                await b.session.call("Quorum", quorum(b.peer_id), 1.0)
+            return alone.value.code()
+        finally:
+            await a.close()
+            await b.close()
+
+    # Two members are needed and only b is asking: no round forms (before, a's stale waiter made it a member).
+    assert run(scenario()) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert coordinator.status()["summary"]["rounds_committed"] == 0
+
+
 async def raw_session(address: str, messages: list[bytes]) -> grpc.aio.AioRpcError:
     """Open a Session stream, send messages as they are, and return the status it ends with."""
     async with grpc.aio.insecure_channel(address) as channel:

@@ -639,8 +639,14 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     async def _wait(self, fut: asyncio.Future, give_up: float, peer_id: str):
         """fut's result, or the 'no quorum' refusal once the Quorum call has waited quorum_timeout_s."""
-        # A cancelled call (the caller went away, or the server stops) raises here and leaves fut as it is.
-        if not await settled(fut, max(0.0, give_up - time.monotonic())):
+        try:
+            done = await settled(fut, max(0.0, give_up - time.monotonic()))
+        except asyncio.CancelledError:
+            # The caller went away (its deadline passed, or it cancelled): a round formed now must not count
+            # it as a member, or the others would find it absent and retry without it.
+            self.quorums.withdraw(peer_id, fut)
+            raise
+        if not done:
             minimum = self.quorums.minimum(self.quorums.pending)
             self.quorums.withdraw(peer_id, fut)
             alive = len([p for p in self.state.alive_peers() if p.has_state])
