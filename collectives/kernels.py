@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -225,6 +226,22 @@ def _check_private(path: Path) -> None:
         )
 
 
+def _check_cache(cache: Path) -> None:
+    """KernelsUnavailable unless cache is private and no other user may rename it or a directory above it.
+
+    As ssh's StrictModes: each directory up to / must be this user's or root's, and one that others may write
+    (as /tmp) must have its sticky bit, so they cannot move our directory aside and put theirs in its place."""
+    _check_private(cache)
+    for parent in Path(os.path.realpath(cache)).parents:
+        info = parent.stat()
+        shared = info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX
+        if info.st_uid not in (os.getuid(), 0) or shared:
+            raise KernelsUnavailable(
+                f"{parent}, above the kernel cache {cache}, may be changed by other users (owner uid "
+                f"{info.st_uid}, mode {oct(info.st_mode & 0o7777)}): set XDG_CACHE_HOME to a directory of your own"
+            )
+
+
 def build_kernels(compiler: str | None = None, cache_dir: Path | None = None) -> Path:
     """The path of the compiled library, compiling it into ``cache_dir`` first if it is not there yet.
 
@@ -241,14 +258,14 @@ def build_kernels(compiler: str | None = None, cache_dir: Path | None = None) ->
     # failing compile in every process.
     for _, path in builds:
         if path.exists():
-            _check_private(cache)
+            _check_cache(cache)
             _check_private(path)
             return path
     errors = []
     for flags, path in builds:
         try:
             cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _check_private(cache)
+            _check_cache(cache)
             # Several peers may start at once: each builds its own file and renames it into place.
             fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
             os.close(fd)

@@ -191,6 +191,23 @@ def test_a_cache_others_may_write_is_refused(tmp_path):
         build_kernels(cache_dir=cache)
 
 
+@needs_kernels
+def test_a_cache_under_a_directory_others_may_write_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could move our cache aside and put theirs in its place
+    with pytest.raises(KernelsUnavailable, match="may be changed by other users"):
+        build_kernels(cache_dir=shared / "kernels")
+
+
+@needs_kernels
+def test_a_cache_under_a_sticky_shared_directory_is_used(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp: others may add entries but not move ours
+    assert build_kernels(cache_dir=shared / "kernels").exists()
+
+
 def test_the_environment_switch_keeps_the_torch_path():
     code = "from collectives.kernels import kernels_status, native_kernels; print(native_kernels(), kernels_status().detail)"
     env = {**os.environ, DISABLE_ENV: "0"}
