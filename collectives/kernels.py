@@ -232,7 +232,9 @@ def _check_cache(cache: Path) -> None:
     As ssh's StrictModes: each directory up to / must be this user's or root's, and one that others may write
     (as /tmp) must have its sticky bit, so they cannot move our directory aside and put theirs in its place."""
     _check_private(cache)
-    for parent in Path(os.path.realpath(cache)).parents:
+    # Both the path as given and where its links lead: a link in a directory others may change is theirs to redirect.
+    given, real = Path(os.path.abspath(cache)), Path(os.path.realpath(cache))
+    for parent in dict.fromkeys([*given.parents, *real.parents]):
         info = parent.stat()
         shared = info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX
         if info.st_uid not in (os.getuid(), 0) or shared:

@@ -201,6 +201,18 @@ def test_a_cache_under_a_directory_others_may_write_is_refused(tmp_path):
 
 
 @needs_kernels
+def test_a_cache_reached_through_a_link_in_a_directory_others_may_write_is_refused(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could point the link elsewhere
+    (shared / "cache").symlink_to(mine)
+    with pytest.raises(KernelsUnavailable, match="may be changed by other users"):
+        build_kernels(cache_dir=shared / "cache" / "kernels")
+
+
+@needs_kernels
 def test_a_cache_under_a_sticky_shared_directory_is_used(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
