@@ -168,6 +168,14 @@ def test_an_event_aimed_at_a_peer_down_between_a_stop_and_its_restart_waits_for_
     assert harness.started == ["peer1"] and harness._due(second_stop, now=2.0, rounds=2)
 
 
+def test_two_stops_of_a_peer_due_in_the_same_tick_fire_one_and_leave_the_other_for_its_new_process(harness):
+    first, second = parse_event("stop:peer1@round1,for=2s"), parse_event("stop:peer1@round2,for=1s")
+    harness.pending = [first, second]
+    harness._fire_due(now=0.0, rounds=2)  # the run went from round 0 to 2 between two ticks
+    assert [f.event for f in harness.fired] == [first] and harness.pending == [second]
+    assert harness.peers["peer1"].signals == [signal.SIGTERM, signal.SIGCONT]
+
+
 def test_a_peer_down_between_a_stop_and_its_restart_does_not_hold_events_aimed_at_others(harness):
     harness.fired.append(harness._fire(parse_event("stop:peer1@round1,for=2s"), now=0.0))
     assert harness._due(parse_event("kill:peer0@round2"), now=1.0, rounds=2)

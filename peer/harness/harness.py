@@ -330,6 +330,17 @@ class Harness:
             return starts >= event.at.sync
         return now - self._started >= (event.at.seconds or 0)
 
+    def _fire_due(self, now: float, rounds: int) -> None:
+        """Fire the pending events that are due, in order.
+
+        Each is judged after the ones before it have fired: a stop fired in this tick holds the events aimed at
+        the same peer until its new process starts (two stops due at once would otherwise both signal the old one,
+        and the second's restart would then kill the new process, which nobody told to stop)."""
+        for event in list(self.pending):
+            if self._due(event, now, rounds):
+                self.pending.remove(event)
+                self.fired.append(self._fire(event, now))
+
     def _fire(self, event: Event, now: float) -> Fired:
         fired = Fired(event, now - self._started, time.time())
         target = self.peers.get(event.target) if event.target else None
@@ -531,9 +542,7 @@ class Harness:
             while time.monotonic() < deadline:
                 now = time.monotonic()
                 rounds = self.committed_rounds()
-                for event in [e for e in self.pending if self._due(e, now, len(rounds))]:
-                    self.pending.remove(event)
-                    self.fired.append(self._fire(event, now))
+                self._fire_due(now, len(rounds))
                 for f in self.fired:
                     if f.restore_at is not None and now >= f.restore_at:
                         self._restore(f, now)
