@@ -263,11 +263,14 @@ def build_kernels(compiler: str | None = None, cache_dir: Path | None = None) ->
             _check_cache(cache)
             _check_private(path)
             return path
+    try:
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_cache(cache)
+    except OSError as exc:
+        raise KernelsUnavailable(f"cannot write the kernel cache {cache}: {exc}") from None
     errors = []
     for flags, path in builds:
         try:
-            cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _check_cache(cache)
             # Several peers may start at once: each builds its own file and renames it into place.
             fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
             os.close(fd)
