@@ -47,7 +47,7 @@ import grpc
 
 from collectives.addresses import coordinator_address
 from collectives.errors import LoconetError, RoundFailed
-from collectives.memberlists import BadMemberChange, Entry, changed_list, entries_of
+from collectives.memberlists import BadMemberChange, BadPackedList, Entry, changed_list, entries_of, unpack_list
 from collectives.rpc import call_metadata
 from collectives.sampling import check_sample, sample_size
 from collectives.session import RETRY_AFTER_MS, SESSION_RPCS, CoordinatorSession, SessionUnsupported
@@ -295,6 +295,11 @@ class KnownMembers:
         needs a list this peer does not hold, or its change does not give the round's list."""
         if reply.members:
             self._keep(reply.members_digest, entries_of(reply.members))
+        elif reply.members_packed:
+            try:
+                self._keep(reply.members_digest, unpack_list(reply.members_packed, reply.members_digest))
+            except BadPackedList as exc:
+                self._fail(reply, f"carries a packed member list that is not sound: {exc}")
         elif reply.members_base:
             self._keep(reply.members_digest, self._changed(reply))
         elif not self.digest or reply.members_digest != self.digest:
@@ -560,7 +565,7 @@ class MembershipClient:
         request = pb.QuorumRequest(
             run_id=self.config.run_id, peer_id=self.peer_id, last_round=last_round, tag=tag, state_digest=digest,
             known_members=self._known_members.digest, min_members=min_members, member_changes=True,
-            step=self.status.step,
+            packed_members=True, step=self.status.step,
         )
         try:
             reply = await self._call("Quorum", request, timeout_s)

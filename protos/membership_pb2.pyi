@@ -165,7 +165,7 @@ class LeaveResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class QuorumRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "last_round", "tag", "state_digest", "known_members", "min_members", "member_changes", "step")
+    __slots__ = ("run_id", "peer_id", "last_round", "tag", "state_digest", "known_members", "min_members", "member_changes", "step", "packed_members")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,7 @@ class QuorumRequest(_message.Message):
     MIN_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     MEMBER_CHANGES_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    PACKED_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     last_round: int
@@ -184,7 +185,8 @@ class QuorumRequest(_message.Message):
     min_members: int
     member_changes: bool
     step: int
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., tag: _Optional[str] = ..., state_digest: _Optional[str] = ..., known_members: _Optional[bytes] = ..., min_members: _Optional[int] = ..., member_changes: _Optional[bool] = ..., step: _Optional[int] = ...) -> None: ...
+    packed_members: bool
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., tag: _Optional[str] = ..., state_digest: _Optional[str] = ..., known_members: _Optional[bytes] = ..., min_members: _Optional[int] = ..., member_changes: _Optional[bool] = ..., step: _Optional[int] = ..., packed_members: _Optional[bool] = ...) -> None: ...
 
 class IndexedMember(_message.Message):
     __slots__ = ("index", "member")
@@ -217,7 +219,7 @@ class CommittedRound(_message.Message):
     def __init__(self, round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., tag: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
 
 class QuorumResponse(_message.Message):
-    __slots__ = ("action", "round_id", "epoch", "members", "rank", "sync_from", "last_committed_round", "missed", "policy", "seed", "candidates", "state_digest", "sync_sources", "members_digest", "run_step", "round_step", "members_base", "members_removed", "members_added", "pending_tag")
+    __slots__ = ("action", "round_id", "epoch", "members", "rank", "sync_from", "last_committed_round", "missed", "policy", "seed", "candidates", "state_digest", "sync_sources", "members_digest", "run_step", "round_step", "members_base", "members_removed", "members_added", "pending_tag", "members_packed")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[QuorumResponse.Action]
@@ -246,6 +248,7 @@ class QuorumResponse(_message.Message):
     MEMBERS_REMOVED_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_ADDED_FIELD_NUMBER: _ClassVar[int]
     PENDING_TAG_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_PACKED_FIELD_NUMBER: _ClassVar[int]
     action: QuorumResponse.Action
     round_id: int
     epoch: int
@@ -266,7 +269,8 @@ class QuorumResponse(_message.Message):
     members_removed: _containers.RepeatedScalarFieldContainer[int]
     members_added: _containers.RepeatedCompositeFieldContainer[IndexedMember]
     pending_tag: str
-    def __init__(self, action: _Optional[_Union[QuorumResponse.Action, str]] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., rank: _Optional[int] = ..., sync_from: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ..., members_digest: _Optional[bytes] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ..., members_base: _Optional[bytes] = ..., members_removed: _Optional[_Iterable[int]] = ..., members_added: _Optional[_Iterable[_Union[IndexedMember, _Mapping]]] = ..., pending_tag: _Optional[str] = ...) -> None: ...
+    members_packed: bytes
+    def __init__(self, action: _Optional[_Union[QuorumResponse.Action, str]] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., rank: _Optional[int] = ..., sync_from: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ..., members_digest: _Optional[bytes] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ..., members_base: _Optional[bytes] = ..., members_removed: _Optional[_Iterable[int]] = ..., members_added: _Optional[_Iterable[_Union[IndexedMember, _Mapping]]] = ..., pending_tag: _Optional[str] = ..., members_packed: _Optional[bytes] = ...) -> None: ...
 
 class RoundReport(_message.Message):
     __slots__ = ("bytes_sent", "bytes_received", "wall_s")

@@ -21,6 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from collectives.memberlists import entries_of, unpack_list
 from collectives.membership import KnownMembers, MembershipClient, MembershipConfig, MissedRound
 from collectives.rpc import blocking_channel
 from collectives.sampling import check_sample, sample_members
@@ -119,9 +120,9 @@ def join(stub, address: str, run: str = RUN, **fields) -> str:
 
 
 def ask(stub, peer_id: str, last_round: int = 0, run: str = RUN, known_members: bytes = b"",
-        member_changes: bool = False, tag: str = "", step: int = 0) -> grpc.Future:
+        member_changes: bool = False, tag: str = "", step: int = 0, packed_members: bool = False) -> grpc.Future:
     request = pb.QuorumRequest(run_id=run, peer_id=peer_id, last_round=last_round, known_members=known_members,
-                               member_changes=member_changes, tag=tag, step=step)
+                               member_changes=member_changes, tag=tag, step=step, packed_members=packed_members)
     return stub.Quorum.future(request, timeout=20)
 
 
@@ -274,6 +275,15 @@ def test_a_peer_that_applies_no_change_gets_the_whole_changed_list(coordinator):
     older, *_ = [f.result() for f in [ask(c.stub, a, 1, known_members=first.members_digest), ask(c.stub, b, 1),
                                       ask(c.stub, d, 1)]]
     assert len(older.members) == 3 and older.members_base == b""
+
+
+def test_an_asker_that_reads_packed_lists_gets_the_whole_list_packed_and_an_older_one_gets_it_plain(coordinator):
+    c = coordinator()
+    a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
+    new, old = [f.result() for f in [ask(c.stub, a, packed_members=True), ask(c.stub, b)]]
+    assert (list(new.members), list(old.members_packed)) == ([], [])
+    assert new.members_digest == old.members_digest
+    assert unpack_list(new.members_packed, new.members_digest) == entries_of(old.members)
 
 
 def test_a_retry_after_an_abort_keeps_the_round_id_with_a_new_epoch_and_each_attempt_keeps_its_decision(coordinator):

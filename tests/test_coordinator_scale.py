@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from collectives.memberlists import entries_of, list_bytes, list_digest
+from collectives.memberlists import entries_of, list_bytes, list_digest, unpack_list
 from collectives.membership import heartbeat_interval
 from peer.bench.membership import bench_rate_limits
 from peer.coordinator.config import CoordinatorConfig
@@ -84,7 +84,7 @@ def test_only_the_bodies_of_recent_lists_are_kept():
     for i in range(100):
         lists.body(bytes([i]) * 32)
     lists.body(list_digest(BIG))
-    assert list(lists._bodies) == [list_digest(BIG)]
+    assert list(lists._bodies) == [(list_digest(BIG), False)]
 
 
 def test_an_asker_that_does_not_apply_changes_gets_the_whole_changed_list():
@@ -92,6 +92,20 @@ def test_an_asker_that_does_not_apply_changes_gets_the_whole_changed_list():
     body = _lists(new, {list_digest(BIG): BIG}).body(list_digest(BIG), changes=False)
     reply = pb.QuorumResponse.FromString(body)
     assert len(reply.members) == 100 and reply.members_base == b""
+
+
+def test_an_asker_that_reads_packed_lists_gets_the_change_when_it_is_the_smaller():
+    new = (*BIG[1:], ("p9999", "10.9.9.9:1", ""))
+    reply = pb.QuorumResponse.FromString(_lists(new, {list_digest(BIG): BIG}).body(list_digest(BIG), packed=True))
+    assert (reply.members_base, reply.members_packed, list(reply.members)) == (list_digest(BIG), b"", [])
+
+
+@pytest.mark.parametrize("recent", [{}, {list_digest(BIG): BIG}], ids=["unknown list", "change larger"])
+def test_an_asker_that_reads_packed_lists_gets_the_whole_list_packed_when_it_gets_the_whole_list(recent):
+    other = tuple((f"q{i:04d}", a, h) for i, (_, a, h) in enumerate(BIG))  # every member replaced
+    reply = pb.QuorumResponse.FromString(_lists(other, recent).body(list_digest(BIG), packed=True))
+    assert (list(reply.members), reply.members_base) == ([], b"")
+    assert unpack_list(reply.members_packed, reply.members_digest) == other
 
 
 @pytest.mark.parametrize("rank, encoded", [(0, b""), (1, b"\x28\x01"), (127, b"\x28\x7f"), (128, b"\x28\x80\x01")])

@@ -1,14 +1,17 @@
-"""A member list's change from a list the asker holds (collectives/memberlists.py): computed by the coordinator,
-applied by the peer, checked against the round's digest."""
+"""A member list's change from a list the asker holds, and a whole list packed (collectives/memberlists.py):
+computed by the coordinator, applied or unpacked by the peer, checked against the round's digest."""
 
 from __future__ import annotations
 
 import pytest
+import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
 from collectives.memberlists import (
+    MAX_LIST_BYTES,
     BadMemberChange,
+    BadPackedList,
     apply_change,
     change_bytes,
     changed_list,
@@ -16,6 +19,8 @@ from collectives.memberlists import (
     list_bytes,
     list_digest,
     member_change,
+    pack_list,
+    unpack_list,
 )
 from protos import membership_pb2 as pb
 
@@ -88,3 +93,46 @@ def test_the_change_between_any_two_lists_in_rank_order_applies_back_to_the_new_
     base_entries, new_entries = tuple(map(e, base)), tuple(map(e, new))
     change = member_change(base_entries, new_entries)
     assert change is not None and apply_change(base_entries, *change) == new_entries
+
+
+def bench_like(n: int) -> tuple[tuple[str, str, str], ...]:
+    """n entries with ids as the coordinator gives them and one address each."""
+    return tuple(sorted((f"p{i}-a1b2c3", f"10.0.{i >> 8}.{i & 255}:{20000 + i}", "") for i in range(n)))
+
+
+@pytest.mark.parametrize("entries", [(), (A,), (A, e("b", "[::1]:7"), ("c", "10.0.0.3:9", "host-c")), bench_like(1000)],
+                         ids=["empty", "one", "three", "1000"])
+def test_a_packed_list_unpacks_to_the_list_it_was_packed_from(entries):
+    assert unpack_list(pack_list(list_bytes(entries)), list_digest(entries)) == entries
+
+
+def test_a_packed_list_of_1000_members_is_a_fraction_of_the_list():
+    entries = bench_like(1000)
+    assert len(pack_list(list_bytes(entries))) * 4 < len(list_bytes(entries))
+
+
+def frame(data: bytes, checksum: bool = True, size: bool = True) -> bytes:
+    return zstandard.ZstdCompressor(write_checksum=checksum, write_content_size=size).compress(data)
+
+
+def corrupted(packed: bytes) -> bytes:
+    """packed with one byte of its compressed block flipped (the header and the checksum kept)."""
+    middle = len(packed) // 2
+    return packed[:middle] + bytes([packed[middle] ^ 0xFF]) + packed[middle + 1:]
+
+
+LIST = list_bytes(bench_like(50))
+
+
+@pytest.mark.parametrize("packed, why", [
+    (LIST, "not a zstd frame"),
+    (frame(LIST, checksum=False), "carries no checksum"),
+    (frame(LIST, size=False), "declares no size"),
+    (frame(bytes(MAX_LIST_BYTES + 1)), f"more than {MAX_LIST_BYTES} bytes"),
+    (corrupted(frame(LIST)), "corrupt"),
+    (frame(LIST) + b"\x00", "corrupt"),
+    (frame(list_bytes(bench_like(49))), "another digest"),
+], ids=["raw list", "no checksum", "no size", "too large", "flipped byte", "trailing byte", "another list"])
+def test_a_packed_list_that_is_not_a_sound_frame_of_the_rounds_list_is_refused(packed, why):
+    with pytest.raises(BadPackedList, match=why):
+        unpack_list(packed, list_digest(bench_like(50)))

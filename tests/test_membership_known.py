@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from collectives.errors import RoundFailed
-from collectives.memberlists import change_bytes, entries_of, list_digest, member_change
+from collectives.memberlists import change_bytes, entries_of, list_bytes, list_digest, member_change, pack_list
 from collectives.membership import KnownMembers
 from protos import membership_pb2 as pb
 
@@ -92,3 +92,24 @@ def test_a_change_whose_positions_do_not_fit_the_kept_list_fails_the_round():
     reply.members_removed[:] = [5]
     with pytest.raises(RoundFailed, match="does not apply"):
         known.of(reply)
+
+
+def packed(members, digest: bytes | None = None) -> pb.QuorumResponse:
+    """A ROUND answer carrying members packed (digest: the round's, their own by default)."""
+    entries = entries_of(members)
+    return pb.QuorumResponse(action=pb.QuorumResponse.ROUND, round_id=4, members_packed=pack_list(list_bytes(entries)),
+                             members_digest=list_digest(entries) if digest is None else digest)
+
+
+def test_an_answer_with_a_packed_list_gives_that_list_and_keeps_it_with_its_digest():
+    known = KnownMembers()
+    assert known.of(packed(LIST_A)) == ((("a", "10.0.0.1:1"), ("b", "10.0.0.2:1")), ("h1", ""))
+    assert known.digest == list_digest(entries_of(LIST_A))
+
+
+def test_a_packed_list_that_is_not_the_rounds_fails_the_round_and_asks_for_the_whole_list():
+    known = KnownMembers()
+    known.of(packed(LIST_A))
+    with pytest.raises(RoundFailed, match="packed member list that is not sound: .*another digest"):
+        known.of(packed(LIST_C, digest=DIGEST_B))
+    assert known.digest == b""

@@ -25,7 +25,7 @@ import time
 import grpc
 
 from collectives.asynctasks import cancel_and_wait
-from collectives.memberlists import BadMemberChange, changed_list, entries_of
+from collectives.memberlists import BadMemberChange, BadPackedList, changed_list, entries_of, unpack_list
 from collectives.membership import RETRY_CODES, MembershipConfig, heartbeat_interval
 from collectives.rpc import RpcSettings, make_channel
 from collectives.session import SESSION_RPCS, CoordinatorSession
@@ -205,6 +205,13 @@ class SimPeer:
         if q.members:
             if q.members_digest not in self.lists:
                 self._share(q.members_digest, entries_of(q.members))
+        elif q.members_packed:
+            if q.members_digest not in self.lists:  # else another peer of this process unpacked it already
+                try:
+                    self._share(q.members_digest, unpack_list(q.members_packed, q.members_digest))
+                except BadPackedList as exc:
+                    self.known_digest = b""
+                    raise CallFailed(f"round {q.round_id}: {exc}") from None
         elif q.members_base:
             if q.members_base != self.known_digest or q.members_base not in self.lists:
                 self.known_digest = b""
@@ -239,7 +246,7 @@ class SimPeer:
             try:
                 request = pb.QuorumRequest(
                     run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round,
-                    known_members=self.known_digest, member_changes=True,
+                    known_members=self.known_digest, member_changes=True, packed_members=True,
                 )
                 q, t_q0, t_qs = await self.call("Quorum", request)
                 members = self._members(q)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from collectives.memberlists import Entry, change_bytes, list_bytes, member_change
+from collectives.memberlists import Entry, change_bytes, list_bytes, member_change, pack_list
 from collectives.membership import NO_QUORUM
 from collectives.transport import consume_exception
 from collectives.wire import encode_varint
@@ -59,7 +59,8 @@ class RoundLists:
     """A formed round's answer bodies, serialised once per round and per list an asker holds (all but the rank).
 
     An asker that holds the round's list gets it left out; one that holds a recent round's list gets the change
-    from it (``collectives/memberlists.py``) when that is smaller; any other gets the whole list.
+    from it (``collectives/memberlists.py``) when that is smaller; any other gets the whole list, packed when it
+    reads a packed one (QuorumRequest.packed_members).
     """
 
     def __init__(self, rest: bytes, entries: tuple[Entry, ...], member_list: bytes, digest: bytes,
@@ -70,28 +71,39 @@ class RoundLists:
         self.entries = entries
         self.with_members = rest + member_list
         self.digest = digest
+        self._member_list = member_list
+        self._with_packed: bytes | None = None
         self._recent = recent
-        self._bodies: dict[bytes, bytes] = {}
+        self._bodies: dict[tuple[bytes, bool], bytes] = {}
 
-    def body(self, known_members: bytes, changes: bool = True) -> bytes:
-        """The answer's body for an asker that holds the list named known_members (b"": none) and applies a change
-        to it (QuorumRequest.member_changes; an older peer does not)."""
+    def whole(self, packed: bool) -> bytes:
+        """The answer's body with the whole list: packed (compressed on first use, once per round) or not."""
+        if not packed:
+            return self.with_members
+        if self._with_packed is None:
+            self._with_packed = self.rest + pb.QuorumResponse(members_packed=pack_list(self._member_list)).SerializeToString()
+        return self._with_packed
+
+    def body(self, known_members: bytes, changes: bool = True, packed: bool = False) -> bytes:
+        """The answer's body for an asker that holds the list named known_members (b"": none), applies a change
+        to it (QuorumRequest.member_changes) and reads a packed list (QuorumRequest.packed_members); an older
+        peer does neither."""
         if known_members == self.digest:
             return self.rest
         if not changes:
-            return self.with_members
-        body = self._bodies.get(known_members)
+            return self.whole(packed)
+        body = self._bodies.get((known_members, packed))
         if body is not None:
             return body
         base = self._recent.get(known_members)
         if base is None:  # an unknown name is not cached: the cache stays as small as `recent`
-            return self.with_members
+            return self.whole(packed)
         change = member_change(base, self.entries)
-        body = self.with_members
+        body = self.whole(packed)
         if change is not None:
             changed = self.rest + change_bytes(known_members, *change)
             body = changed if len(changed) < len(body) else body
-        self._bodies[known_members] = body
+        self._bodies[(known_members, packed)] = body
         return body
 
 
@@ -102,10 +114,10 @@ class RoundAnswer:
     lists: RoundLists
     rank: int
 
-    def wire(self, known_members: bytes, changes: bool = True) -> bytes:
-        """The serialised QuorumResponse for an asker that holds the list named known_members (b"": none) and
-        applies a change to it (changes)."""
-        return self.lists.body(known_members, changes) + rank_field(self.rank)
+    def wire(self, known_members: bytes, changes: bool = True, packed: bool = False) -> bytes:
+        """The serialised QuorumResponse for an asker that holds the list named known_members (b"": none),
+        applies a change to it (changes) and reads a packed list (packed)."""
+        return self.lists.body(known_members, changes, packed) + rank_field(self.rank)
 
 
 class BadRequest(Exception):

@@ -568,7 +568,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             self._serving.pop(peer.peer_id, None)
             answer = await self._wait(self.quorums.enqueue(peer.peer_id, tag, least), give_up, peer.peer_id)
             if answer is not None:
-                return answer.wire(req.known_members, req.member_changes)
+                return answer.wire(req.known_members, req.member_changes, req.packed_members)
             # None: the round formed without this peer; it is held (above) until that attempt is decided.
 
     def _resync_answer(self, peer: PeerRecord, last_round: int) -> pb.QuorumResponse | None:
