@@ -69,6 +69,7 @@ import pathlib
 import re
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from collectives.rpc import blocking_channel
@@ -165,6 +166,8 @@ FIELDS: Fields = {
     "per_round[].answers_after_formed_first_s": "first Quorum answer received after the round's formation, seconds",
     "per_round[].answers_after_formed_last_s": "last Quorum answer received after the round's formation, seconds",
     "per_round[].quorum_answer_bytes": "bytes of the round's Quorum answers, all peers together",
+    "per_round[].quorum_answer_lists": "how many of the round's Quorum answers carried the member list in each "
+    "form: whole, packed, change (from the asker's list) or left_out (the asker holds it)",
     "rounds_phase": "the rounds as a whole (heartbeats keep going; with --churn, the leaves and joins between them)",
     "rounds_phase.wall_s": "seconds from the command to the last peer's last round",
     "rounds_phase.coordinator_cpu_s": "the coordinator's CPU seconds in that time",
@@ -554,6 +557,7 @@ def _round_stats(records: list[tuple], peers: int, rounds: int, problems: list[s
                 "commit_close_last_s": max(r[8] for r in recs) - last_c_sent,
                 "round_wall_s": max(r[8] for r in recs) - min(r[5] for r in recs),
                 "quorum_answer_bytes": sum(r[12] for r in recs),
+                "quorum_answer_lists": dict(sorted(Counter(r[13] for r in recs).items())),
             }
         )
     return {

@@ -288,9 +288,18 @@ class SimPeer:
                 problems.append(f"{self.peer_id} round {q.round_id}: not committed: {c.reason}")
             self.epoch = c.epoch
             records.append((self.index, k, q.round_id, q.epoch, n, t_q0, t_q1, t_c0, t_c1, bool(c.commit), t_qs, t_cs,
-                            q.ByteSize()))
+                            q.ByteSize(), list_form(q)))
         self.activity = "training"
         return records, problems
+
+
+def list_form(q: pb.QuorumResponse) -> str:
+    """How a ROUND answer carried its member list: "whole", "packed", "change" or "left_out"."""
+    if q.members:
+        return "whole"
+    if q.members_packed:
+        return "packed"
+    return "change" if q.members_base else "left_out"
 
 
 def merge_counts(counters) -> dict[str, int]:
