@@ -94,7 +94,7 @@ def unpack_list(packed: bytes, digest: bytes) -> tuple[Entry, ...]:
         raise BadPackedList("it does not unpack to the round's list (another digest)")
     try:
         return entries_of(pb.QuorumResponse.FromString(raw).members)
-    except DecodeError as exc:  # only a list the coordinator digested wrongly gets here
+    except DecodeError as exc:  # bytes that are no list, sent with their own digest
         raise BadPackedList(f"it does not parse as a member list ({exc})") from None
 
 

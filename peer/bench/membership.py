@@ -148,7 +148,7 @@ FIELDS: Fields = {
     "quorum_answers_after_formed_last_s": SUMMARY + ": per round, the last Quorum answer received minus the "
     "round's formation: serialising, sending and the clients reading the answers",
     "quorum_answer_bytes_per_round": SUMMARY + ": per round, the bytes of every Quorum answer the peers got (the "
-    "member list whole and packed, left out, or its change from the asker's)",
+    "member list whole, plain or packed; left out; or its change from the asker's)",
     "rounds_full": "rounds every peer committed with all peers as members",
     "per_round": "one entry per round, in order",
     "per_round[].round_id": "the round id the coordinator gave",
