@@ -86,7 +86,7 @@ from peer.bench.kit import (
     summary,
 )
 from peer.bench.progress import Progress, progress_for
-from peer.bench.simpeers import CLIENT_SETTINGS, client_main, merge_counts
+from peer.bench.simpeers import CLIENT_SETTINGS, RoundRecord, client_main, merge_counts
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.dashboard import json_safe
 from peer.coordinator.limits import CoordinatorLimits
@@ -419,7 +419,7 @@ def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, win
                 session.send({"cmd": "rounds", "rounds": rounds, "expected_members": peers})
                 done = session.gather("rounds", timeout_s=rounds * (quorum_timeout_s + 30))
             tr1, cr1, ccl1 = time.time(), session.cpu_s(), session.client_cpu_s()
-            records = [tuple(r) for d in done for r in d["records"]]
+            records = [RoundRecord(*r) for d in done for r in d["records"]]
             problems += [p for d in done for p in d["problems"]]
         status = session.status()
         if rounds > 0:
@@ -511,7 +511,7 @@ def _formed_at(status: dict) -> dict[tuple[int, int], float]:
     return {(r["round_id"], r["epoch"]): r["started_at"] for r in status.get("rounds", []) if "started_at" in r}
 
 
-def _round_stats(records: list[tuple], peers: int, rounds: int, problems: list[str],
+def _round_stats(records: list[RoundRecord], peers: int, rounds: int, problems: list[str],
                  formed: dict[tuple[int, int], float] | None = None) -> dict:
     """Latency distributions and membership checks from the per-peer round records.
 
@@ -519,45 +519,45 @@ def _round_stats(records: list[tuple], peers: int, rounds: int, problems: list[s
     into the coordinator taking in the requests and deciding, and the answers reaching the peers.
     """
     formed = formed or {}
-    by_k: dict[int, list[tuple]] = {}
+    by_k: dict[int, list[RoundRecord]] = {}
     for rec in records:
-        by_k.setdefault(rec[1], []).append(rec)
+        by_k.setdefault(rec.k, []).append(rec)
     quorum, quorum_close, commit, commit_close = [], [], [], []
     per_round = []
     full_rounds = 0
     for k in sorted(by_k):
         recs = by_k[k]
-        ids = {r[2] for r in recs}
-        epochs = {r[3] for r in recs}
+        ids = {r.round_id for r in recs}
+        epochs = {r.epoch for r in recs}
         if len(ids) != 1 or len(epochs) != 1:
             problems.append(f"round {k}: peers got different round ids {sorted(ids)[:5]} / epochs {sorted(epochs)[:5]}")
-        # The send time of the attempt that was answered (r[10], r[11]): a retried call counts from its retry.
-        last_q_sent = max(r[10] for r in recs)
-        last_c_sent = max(r[11] for r in recs)
-        quorum += [r[6] - r[5] for r in recs]
-        quorum_close += [r[6] - last_q_sent for r in recs]
-        commit += [r[8] - r[7] for r in recs]
-        commit_close += [r[8] - last_c_sent for r in recs]
-        committed_all = len(recs) == peers and all(r[9] for r in recs) and all(r[4] == peers for r in recs)
+        # The send time of the attempt that was answered: a retried call counts from its retry.
+        last_q_sent = max(r.quorum_sent for r in recs)
+        last_c_sent = max(r.commit_sent for r in recs)
+        quorum += [r.quorum_answered - r.quorum_first_sent for r in recs]
+        quorum_close += [r.quorum_answered - last_q_sent for r in recs]
+        commit += [r.commit_answered - r.commit_first_sent for r in recs]
+        commit_close += [r.commit_answered - last_c_sent for r in recs]
+        committed_all = len(recs) == peers and all(r.committed for r in recs) and all(r.members == peers for r in recs)
         full_rounds += committed_all
         formed_at = formed.get((min(ids), min(epochs)), math.nan)
         per_round.append(
             {
                 "round_id": min(ids),
                 "epoch": min(epochs),
-                "members": max(r[4] for r in recs),
+                "members": max(r.members for r in recs),
                 "peers_answered": len(recs),
                 "committed_by_all": committed_all,
-                "quorum_spread_s": last_q_sent - min(r[5] for r in recs),
-                "quorum_close_first_s": min(r[6] for r in recs) - last_q_sent,
-                "quorum_close_last_s": max(r[6] for r in recs) - last_q_sent,
+                "quorum_spread_s": last_q_sent - min(r.quorum_first_sent for r in recs),
+                "quorum_close_first_s": min(r.quorum_answered for r in recs) - last_q_sent,
+                "quorum_close_last_s": max(r.quorum_answered for r in recs) - last_q_sent,
                 "formed_after_last_request_s": formed_at - last_q_sent,
-                "answers_after_formed_first_s": min(r[6] for r in recs) - formed_at,
-                "answers_after_formed_last_s": max(r[6] for r in recs) - formed_at,
-                "commit_close_last_s": max(r[8] for r in recs) - last_c_sent,
-                "round_wall_s": max(r[8] for r in recs) - min(r[5] for r in recs),
-                "quorum_answer_bytes": sum(r[12] for r in recs),
-                "quorum_answer_lists": dict(sorted(Counter(r[13] for r in recs).items())),
+                "answers_after_formed_first_s": min(r.quorum_answered for r in recs) - formed_at,
+                "answers_after_formed_last_s": max(r.quorum_answered for r in recs) - formed_at,
+                "commit_close_last_s": max(r.commit_answered for r in recs) - last_c_sent,
+                "round_wall_s": max(r.commit_answered for r in recs) - min(r.quorum_first_sent for r in recs),
+                "quorum_answer_bytes": sum(r.answer_bytes for r in recs),
+                "quorum_answer_lists": dict(sorted(Counter(r.list_form for r in recs).items())),
             }
         )
     return {

@@ -21,6 +21,7 @@ import math
 import random
 import signal
 import time
+from typing import NamedTuple
 
 import grpc
 
@@ -35,6 +36,25 @@ from protos import membership_pb2_grpc as pb_grpc
 # Generous limits: a QuorumResponse carries the whole member list (~30 bytes per member).
 # Channels are made with own_connection=True: one TCP connection each, as many real peers would have.
 CLIENT_SETTINGS = RpcSettings(max_receive_bytes=64 << 20, max_send_bytes=16 << 20)
+
+
+class RoundRecord(NamedTuple):
+    """One simulated peer's round, as the benchmark reads it (times in unix seconds)."""
+
+    index: int  # the simulated peer's
+    k: int  # the benchmark's round number
+    round_id: int
+    epoch: int
+    members: int
+    quorum_first_sent: float  # the Quorum call's first attempt
+    quorum_answered: float
+    commit_first_sent: float
+    commit_answered: float
+    committed: bool
+    quorum_sent: float  # the attempt that was answered (a retried call counts from its retry)
+    commit_sent: float
+    answer_bytes: int
+    list_form: str  # how the answer carried the member list (list_form)
 
 
 def fake_address(index: int) -> str:
@@ -234,9 +254,9 @@ class SimPeer:
         while len(self.lists) > SHARED_LISTS:
             del self.lists[next(iter(self.lists))]
 
-    async def rounds(self, count: int, expected_members: int, first: int = 0) -> tuple[list[tuple], list[str]]:
+    async def rounds(self, count: int, expected_members: int, first: int = 0) -> tuple[list[RoundRecord], list[str]]:
         """Take part in count rounds (numbered from first in the records); one record per round, and the problems."""
-        records: list[tuple] = []
+        records: list[RoundRecord] = []
         problems: list[str] = []
         spread = self.job["spread_s"]
         for k in range(first, first + count):
@@ -287,8 +307,8 @@ class SimPeer:
             else:
                 problems.append(f"{self.peer_id} round {q.round_id}: not committed: {c.reason}")
             self.epoch = c.epoch
-            records.append((self.index, k, q.round_id, q.epoch, n, t_q0, t_q1, t_c0, t_c1, bool(c.commit), t_qs, t_cs,
-                            q.ByteSize(), list_form(q)))
+            records.append(RoundRecord(self.index, k, q.round_id, q.epoch, n, t_q0, t_q1, t_c0, t_c1, bool(c.commit),
+                                       t_qs, t_cs, q.ByteSize(), list_form(q)))
         self.activity = "training"
         return records, problems
 
