@@ -73,6 +73,7 @@ import zstandard
 
 from collectives.devicecodec import decode_raw_on_device, encode_raw_on_device
 from collectives.errors import CodecError, ConfigError, NonFiniteError
+from collectives.zstdframes import BadFrame, read_frame
 
 __all__ = [
     "CODEC_NAMES",
@@ -499,24 +500,10 @@ class Codec:
         return np.frombuffer(data, dtype=np.uint8)
 
     def _decompress(self, payload: memoryview, expected: int) -> bytes:
-        # The frame header is checked first: decompress() trusts a declared content size when allocating.
         try:
-            params = zstandard.get_frame_parameters(payload)
-        except zstandard.ZstdError as exc:
-            raise CodecError(f"payload is not a zstd frame: {exc}") from None
-        if params.content_size != expected:
-            size = params.content_size
-            declared = "no content size" if size >= zstandard.CONTENTSIZE_ERROR else f"{size} bytes"
-            raise CodecError(f"zstd frame declares {declared}, expected {expected} bytes")
-        if not params.has_checksum:
-            raise CodecError("zstd frame has no checksum; loconet frames always carry one")
-        try:
-            data = self._state().dctx.decompress(payload, max_output_size=max(expected, 1), allow_extra_data=False)
-        except zstandard.ZstdError as exc:
-            raise CodecError(f"corrupt zstd frame: {exc}") from None
-        if len(data) != expected:
-            raise CodecError(f"zstd frame decompressed to {len(data)} bytes, expected {expected}")
-        return data
+            return read_frame(payload, range(expected, expected + 1), self._state().dctx)
+        except BadFrame as exc:
+            raise CodecError(str(exc)) from None
 
     # -- per-codec work (subclasses) ---------------------------------------------
 

@@ -126,9 +126,9 @@ LIST = list_bytes(bench_like(50))
 
 @pytest.mark.parametrize("packed, why", [
     (LIST, "not a zstd frame"),
-    (frame(LIST, checksum=False), "carries no checksum"),
-    (frame(LIST, size=False), "declares no size"),
-    (frame(bytes(MAX_LIST_BYTES + 1)), f"more than {MAX_LIST_BYTES} bytes"),
+    (frame(LIST, checksum=False), "has no checksum"),
+    (frame(LIST, size=False), "declares no content size"),
+    (frame(bytes(MAX_LIST_BYTES + 1)), f"expected 0 to {MAX_LIST_BYTES} bytes"),
     (corrupted(frame(LIST)), "corrupt"),
     (frame(LIST) + b"\x00", "corrupt"),
     (frame(list_bytes(bench_like(49))), "another digest"),
