@@ -103,12 +103,15 @@ class ResultStore:
         ``hold_after``: the oldest round a joiner's pinned snapshot is at; the results after it are kept
         beyond the last ``keep`` rounds (within ``max_bytes``), so that joiner can catch up.
         """
-        with self._lock:
-            self._newest = max(self._newest, round_id)
         if self.keep_last <= 0 and hold_after is None:
+            with self._lock:
+                self._newest = max(self._newest, round_id)
             return
+        # Copied before the round counts as committed here: a late peer asking meanwhile is told to wait
+        # (ResultNotYet), not that the result is not kept.
         entry = _Kept(tag, value.detach().to("cpu", torch.float32).clone(), codec, max(int(parts), 1))
         with self._lock:
+            self._newest = max(self._newest, round_id)
             self._kept[round_id] = entry
             self._kept.move_to_end(round_id)
             self._trim(hold_after)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -54,6 +56,41 @@ def test_a_round_newer_than_the_last_commit_is_not_yet_kept_and_an_older_one_is_
     assert store.snapshot(4) is None
     with pytest.raises(ResultNotYet, match="round 6 is newer than this member's last commit"):
         store.snapshot(6)
+
+
+class _SlowCopy:
+    """A result whose copy (``keep`` copies what it keeps) waits until released, to look in meanwhile."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+        self.copying = threading.Event()
+        self.release = threading.Event()
+
+    def detach(self) -> _SlowCopy:
+        return self
+
+    def to(self, *args) -> _SlowCopy:
+        return self
+
+    def clone(self) -> torch.Tensor:
+        self.copying.set()
+        assert self.release.wait(10)
+        return self.value.clone()
+
+
+def test_a_round_asked_for_while_its_result_is_being_copied_is_not_yet_kept_rather_than_gone():
+    store = ResultStore(keep=1)
+    slow = _SlowCopy(committed(seed=1))
+    keeping = threading.Thread(target=store.keep, args=(1, "", slow, INT8))
+    keeping.start()
+    try:
+        assert slow.copying.wait(10)
+        with pytest.raises(ResultNotYet, match="round 1 is newer than this member's last commit"):
+            store.snapshot(1)
+    finally:
+        slow.release.set()
+        keeping.join(10)
+    assert store.snapshot(1).round_id == 1
 
 
 def test_a_member_that_keeps_nothing_still_knows_its_last_commit():
