@@ -292,10 +292,16 @@ class ElasticCollective:
             log.debug("no state digest to leave with: %s", exc)
             return ""
 
-    def _keep_result(self, round_id: int, tag: str, flat: torch.Tensor, codec: CodecConfig | None, parts: int) -> None:
+    async def _keep_result(
+        self, round_id: int, tag: str, flat: torch.Tensor, codec: CodecConfig | None, parts: int
+    ) -> None:
         """Keep a committed round's result for late peers, and every result a pinned snapshot's joiner needs."""
         pinned = self.state_server.pinned_rounds()
-        self.results.keep(round_id, tag, flat, codec, hold_after=min(pinned) if pinned else None, parts=parts)
+        # Off the loop: the copy takes ~40 ms at 25M parameters (seconds for a large model), and the loop
+        # meanwhile carries this peer's transfers and serves its state. A late peer asking meanwhile waits.
+        await self.transport.run_off_loop(
+            self.results.keep, round_id, tag, flat, codec, min(pinned) if pinned else None, parts
+        )
 
     @property
     def peer_id(self) -> str:
@@ -669,7 +675,7 @@ class ElasticCollective:
             if outcome.commit and done is not None:
                 self._move(plan.round_id, Phase.COMMITTED)
                 self.last_round = plan.round_id
-                self._keep_result(plan.round_id, tag, out, allreduce.codec, len(reduce_with))
+                await self._keep_result(plan.round_id, tag, out, allreduce.codec, len(reduce_with))
                 if residual is not None:
                     residual.copy_(work)
                 return SyncResult(
@@ -726,7 +732,7 @@ class ElasticCollective:
             results.append(got)
         self.last_round = results[-1].round_id
         for r in results:
-            self._keep_result(r.round_id, r.tag, r.value, codec, r.parts)
+            await self._keep_result(r.round_id, r.tag, r.value, codec, r.parts)
         log.info(
             "caught up rounds %d-%d by their results (%d bytes)",
             results[0].round_id, results[-1].round_id, sum(r.wire_bytes for r in results),

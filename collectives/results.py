@@ -76,8 +76,8 @@ class _Kept:
 class ResultStore:
     """The committed results this member keeps: the last ``keep`` rounds, and those after a pinned snapshot.
 
-    ``keep`` runs on the transport's loop; ``snapshot`` on a thread off it (the state server's), so
-    the entries are guarded by a lock.
+    ``keep`` and ``snapshot`` run on threads off the transport's loop (a copy of the result, the state
+    server's encoding), so the entries are guarded by a lock.
     """
 
     def __init__(self, keep: int, max_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> None:
