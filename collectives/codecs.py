@@ -266,6 +266,13 @@ class ThreadState:
         return buf[:n]
 
 
+def check_numel(numel: object, least: int = 0) -> None:
+    """Refuse an element count that is not an int of at least ``least`` (a bool is refused too) with CodecError."""
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < least:
+        what = "non-negative" if least == 0 else "positive" if least == 1 else f">= {least}"
+        raise CodecError(f"numel must be a {what} integer, got {numel!r}")
+
+
 def count_nonfinite(x: torch.Tensor) -> int:
     return int(x.numel() - torch.isfinite(x).sum().item())
 
@@ -375,8 +382,7 @@ class Codec:
 
         Raises CodecError if the payload does not fit; ``out`` may then hold partial data.
         """
-        if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
-            raise CodecError(f"numel must be a non-negative integer, got {numel!r}")
+        check_numel(numel)
         self._check_out(out, numel)
         raw = self._unwrap(payload, numel)  # before allocating anything for the result
         target = torch.empty(numel, dtype=torch.float32) if out is None else out.detach()

@@ -28,6 +28,7 @@ from collectives.codecs import (
     CodecConfig,
     QuantizedChunk,
     ThreadState,
+    check_numel,
     count_nonfinite,
     nonfinite_error,
 )
@@ -248,8 +249,7 @@ class Int8Codec(BlockCodec):
 
     def keep_quantized(self, payload: bytes | bytearray | memoryview, numel: int) -> QuantizedChunk:
         """The payload's checked scales (copied: the payload may be unaligned) and its int8 values (a view)."""
-        if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
-            raise CodecError(f"numel must be a positive integer, got {numel!r}")
+        check_numel(numel, least=1)
         raw = self._unwrap(payload, numel)
         nb = -(-numel // self._block)
         scales = self._check_scales(raw, nb, self._state()).clone()
