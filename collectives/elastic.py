@@ -302,6 +302,7 @@ class ElasticCollective:
         await self.transport.run_off_loop(
             self.results.keep, round_id, tag, flat, codec, min(pinned) if pinned else None, parts
         )
+        self.state_server.result_kept()
 
     @property
     def peer_id(self) -> str:

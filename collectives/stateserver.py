@@ -20,7 +20,8 @@ connection: a claimed peer id proves nothing) and in total, refusals say so at o
 
 A late peer may ask for the result of a round the coordinator has just
 committed before this member has applied it: the server waits up to
-``result_wait_s`` for this member's commit before it answers "not kept".
+``result_wait_s`` for this member's commit before it answers "not kept",
+and looks again each time the member says it kept a result (``result_kept``).
 """
 
 from __future__ import annotations
@@ -57,10 +58,6 @@ from protos import state_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# How often a request for a result this member has not committed yet looks again (within result_wait_s).
-RESULT_POLL_S = 0.02
-
-
 @dataclass
 class _Pin:
     """One round's encoded snapshot, shared by the fetches of that round."""
@@ -83,7 +80,8 @@ class StateServer:
     the requests waiting for it) and must return a consistent snapshot, copied under the caller's
     own lock, or None while this peer holds no state yet. ``results(round_id)`` returns the committed
     result of a recent round as a snapshot, or None when this peer does not keep it, and raises
-    ResultNotYet for a round newer than this peer's last commit. The optional
+    ResultNotYet for a round newer than this peer's last commit (whoever keeps results calls ``result_kept``
+    after each, or a request waiting for that round looks again only at its deadline). The optional
     ``current_round()`` (called on the loop: must be cheap) names the round the provider's state is
     at, so a request for the current state is served a pinned copy of it without calling the provider.
     """
@@ -111,6 +109,8 @@ class StateServer:
         self._pins: OrderedDict[int, _Pin] = OrderedDict()  # least recently used first
         self._fresh: asyncio.Future[_Encoded | None] | None = None
         self._aborts: set[asyncio.Task] = set()
+        # Set (and replaced) when a result is kept: the requests waiting for an uncommitted round look again.
+        self._kept: asyncio.Event | None = None
         # Bytes sent to joiners (also in the transport's counters), so reports can tell them apart.
         self.bytes_served = 0
         # Fetches refused (caps, pins all in use) and fetches cancelled because their client stopped reading.
@@ -143,17 +143,34 @@ class StateServer:
             snapshot = self.provider()
         return None if snapshot is None else _encode_snapshot(snapshot, self.run_id, self.config)
 
+    def result_kept(self) -> None:
+        """A committed result was kept (call from any thread): requests waiting for a round this member had
+        not committed yet look again."""
+        self.transport.loop.call_soon_threadsafe(self._wake_waiters)
+
+    def _wake_waiters(self) -> None:
+        if self._kept is not None:
+            self._kept.set()
+            self._kept = None
+
     async def _result(self, round_id: int) -> _Encoded | None:
         """Round round_id's result, waiting up to result_wait_s while this member has not committed it yet."""
         deadline = time.monotonic() + self.config.result_wait_s
         while True:
+            # Taken before looking: a result kept while the look runs wakes this request, it is not missed.
+            if self._kept is None:
+                self._kept = asyncio.Event()
+            kept = self._kept
             try:
                 return await self.transport.run_off_loop(self._snapshot, round_id)
             except ResultNotYet as exc:
-                if time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     log.info("no result to serve: %s after %g s", exc, self.config.result_wait_s)
                     return None
-            await asyncio.sleep(RESULT_POLL_S)
+            with contextlib.suppress(TimeoutError):  # then one last look
+                async with asyncio.timeout(left):
+                    await kept.wait()
 
     async def _current(self) -> _Encoded | None:
         """A fresh snapshot of the provider's state; concurrent requests share one provider call."""

@@ -397,8 +397,29 @@ def test_a_result_asked_before_this_member_commits_its_round_is_served_once_it_d
     wait_until(lambda: server._active == 1)  # the request is in and waits for round 4's commit
     value = torch.arange(1000, dtype=torch.float32)
     store.keep(4, "g", value)
+    server.result_kept()
     got = pending.result(timeout=30)
     assert got.round_id == 4 and torch.equal(got.tensors["result"], value)
+
+
+def test_a_request_waiting_for_a_commit_looks_again_when_a_result_is_kept_and_not_before(net):
+    store = ResultStore(keep=2)
+    store.keep(3, "g", torch.zeros(1000))
+    looks: list[int] = []
+
+    def results(round_id: int) -> StateSnapshot | None:
+        looks.append(round_id)
+        return store.snapshot(round_id)
+
+    config = dataclasses.replace(CFG, result_wait_s=60)  # no look in between would come from the deadline
+    address, server, _ = net.donor(lambda: None, config, results=results)
+    client = net.client()
+    pending = client.submit(fetch_state_async(client, address, RUN, "late", config, result_of_round=4))
+    wait_until(lambda: looks == [4])
+    store.keep(4, "g", torch.ones(1000))
+    server.result_kept()
+    assert pending.result(timeout=30).round_id == 4
+    assert looks == [4, 4]
 
 
 def test_a_result_not_committed_within_result_wait_s_is_not_found(net):
