@@ -294,6 +294,9 @@ class Int4Codec(BlockCodec):
         m = (b1 - b0) * self._block + tail
         nib = st.buffer("nibbles", m + 1, torch.int8)
         self._quantize_segment(x, scales, nib, b0, b1, tail, st)
+        if self._kernels is not None:
+            self._kernels.pack_nibbles(nib[:m], values[e0 // 2:e0 // 2 + (m + 1) // 2])
+            return
         if m % 2:
             nib[m] = -8  # the unused high nibble of the last byte is stored as 0
         pairs = nib[:m + m % 2].view(torch.int16)  # little-endian: element 2k is the low byte
@@ -310,6 +313,11 @@ class Int4Codec(BlockCodec):
         for b0, b1, tail in self._segments(numel):
             e0, e1 = b0 * self._block, b1 * self._block + tail
             first, nbytes = e0 // 2, (e1 - e0 + 1) // 2  # segments start on a multiple of 4 elements
+            if self._kernels is not None:
+                self._kernels.dequantize_nibbles(
+                    packed[first:first + nbytes], scales[b0:b1 + (1 if tail else 0)], self._block, out[e0:e1]
+                )
+                continue
             words, odd = divmod(nbytes, 2)
             idx = st.buffer("index", words + odd, torch.int32)
             idx_np = idx.numpy()

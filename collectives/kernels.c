@@ -1,5 +1,5 @@
-/* Kernels of a round's CPU work: the blockwise quantiser's passes, the own part's copy and check, and the
- * weighted sum, one loop each.
+/* Kernels of a round's CPU work: the blockwise quantiser's passes, int4's packing, the own part's copy and
+ * check, and the weighted sum, one loop each.
  *
  * torch runs int8 encoding as five passes per segment (amax, amin, multiply, round, cast), decoding as
  * two (cast, scale) and a weighted sum of k rows as k. These loops do the same fp32 operations in one
@@ -104,6 +104,90 @@ void loconet_dequantize(const int8_t *q, const float *scale, int64_t nblocks, in
         float *o = out + k * block;
         for (int64_t i = 0; i < block; i++)
             o[i] = (float)p[i] * s;
+    }
+}
+
+/* int4: out[k] holds q[2k] in its low nibble and q[2k + 1] in its high one, each stored as q + 8 (mod 16),
+ * that is its two's-complement nibble with the top bit flipped (Int4Codec's torch path: the XOR with 0x88);
+ * with n odd the last byte's high nibble is 0. One pass instead of torch's four. */
+void loconet_pack_nibbles(const int8_t *restrict q, int64_t n, uint8_t *restrict out)
+{
+    const int64_t pairs = n / 2;
+    for (int64_t k = 0; k < pairs; k++)
+        out[k] = (uint8_t)(((q[2 * k] ^ 8) & 15) | (((q[2 * k + 1] ^ 8) & 15) << 4));
+    if (n % 2)
+        out[pairs] = (uint8_t)((q[n - 1] ^ 8) & 15);
+}
+
+#if defined(__AVX2__)
+/* 32 packed bytes -> their 64 values (nibble - 8) in order, as two vectors of 32 int8. unpacklo/hi interleave
+ * within 128-bit lanes (lane 0 of `a` is elements 0-15, lane 1 elements 32-47; `b` 16-31 and 48-63), and the
+ * two permutes put the lanes in order. */
+static inline void unpack_nibbles64(const uint8_t *p, __m256i *first, __m256i *second)
+{
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    const __m256i mask = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+    const __m256i lo = _mm256_and_si256(v, mask);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
+    *first = _mm256_sub_epi8(_mm256_permute2x128_si256(a, b, 0x20), eight);
+    *second = _mm256_sub_epi8(_mm256_permute2x128_si256(a, b, 0x31), eight);
+}
+
+/* o[0..31] = (float)q[j] * s, streamed past the cache when o is aligned (as loconet_dequantize does). */
+static inline void scale32(__m256i q, __m256 s, float *o, int aligned)
+{
+    const __m128i half[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
+    for (int h = 0; h < 2; h++)
+        for (int e = 0; e < 2; e++) {
+            const __m128i eight = e ? _mm_srli_si128(half[h], 8) : half[h];
+            const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight)), s);
+            float *d = o + 16 * h + 8 * e;
+            if (aligned)
+                _mm256_stream_ps(d, v);
+            else
+                _mm256_storeu_ps(d, v);
+        }
+}
+#endif
+
+/* The inverse of loconet_pack_nibbles, then the int8 dequantiser's product: out[i] = (float)(nibble i - 8) *
+ * scale[i / block], for n values starting at a byte (element 0 in packed[0]'s low nibble). One pass instead of
+ * torch's table lookup, copy and scale; with AVX2 and blocks of a multiple of 64, 64 values at a time. */
+void loconet_dequantize_nibbles(const uint8_t *restrict packed, const float *restrict scale, int64_t n,
+                                int64_t block, float *restrict out)
+{
+    int64_t b = 0;
+#if defined(__AVX2__)
+    if (block % 64 == 0) {
+        const int aligned = (uintptr_t)out % 32 == 0;
+        for (; b + block <= n; b += block) {
+            const __m256 s = _mm256_set1_ps(scale[b / block]);
+            for (int64_t i = b; i < b + block; i += 64) {
+                __m256i first, second;
+                unpack_nibbles64(packed + i / 2, &first, &second);
+                scale32(first, s, out + i, aligned);
+                scale32(second, s, out + i + 32, aligned);
+            }
+        }
+        _mm_sfence(); /* the streamed stores are visible before the caller reads them */
+    }
+#endif
+    for (; b < n; b += block) {
+        const int64_t e = b + block < n ? b + block : n;
+        const float s = scale[b / block];
+        int64_t i = b;
+        if (i % 2 && i < e) { /* an odd block size: this block starts in a byte's high nibble */
+            out[i] = (float)((packed[i / 2] >> 4) - 8) * s;
+            i++;
+        }
+        for (; i + 1 < e; i += 2) {
+            const uint8_t v = packed[i / 2];
+            out[i] = (float)((v & 15) - 8) * s;
+            out[i + 1] = (float)((v >> 4) - 8) * s;
+        }
+        if (i < e)
+            out[i] = (float)((packed[i / 2] & 15) - 8) * s;
     }
 }
 

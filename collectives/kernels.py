@@ -73,6 +73,12 @@ class Kernels:
         self._dequantize = library.loconet_dequantize
         self._dequantize.restype = None
         self._dequantize.argtypes = (_ptr, _ptr, _i64, _i64, _ptr)
+        self._pack_nibbles = library.loconet_pack_nibbles
+        self._pack_nibbles.restype = None
+        self._pack_nibbles.argtypes = (_ptr, _i64, _ptr)
+        self._dequantize_nibbles = library.loconet_dequantize_nibbles
+        self._dequantize_nibbles.restype = None
+        self._dequantize_nibbles.argtypes = (_ptr, _ptr, _i64, _i64, _ptr)
         self._copy_finite = library.loconet_copy_finite
         self._copy_finite.restype = _i64
         self._copy_finite.argtypes = (_ptr, _i64, _ptr)
@@ -114,6 +120,24 @@ class Kernels:
         _require(scales, torch.float32, nblocks, "scales")
         _require(out, torch.float32, nblocks * block, "out")
         self._dequantize(q.ctypes.data, scales.data_ptr(), nblocks, block, out.data_ptr())
+
+    def pack_nibbles(self, q: torch.Tensor, out: torch.Tensor) -> None:
+        """out = q's int8 values (each in [-8, 7]) packed two to a byte, as int4 payloads store them."""
+        n = q.numel()
+        _require(q, torch.int8, n, "q")
+        _require(out, torch.uint8, (n + 1) // 2, "out")
+        self._pack_nibbles(q.data_ptr(), n, out.data_ptr())
+
+    def dequantize_nibbles(self, packed: np.ndarray, scales: torch.Tensor, block: int, out: torch.Tensor) -> None:
+        """out = (nibble - 8) * scales[block] in fp32, for out.numel() values packed two to a byte in ``packed``."""
+        n = out.numel()
+        if block < 1:
+            raise ValueError(f"block must be positive, got {block}")
+        if packed.dtype != np.uint8 or packed.ndim != 1 or not packed.flags.c_contiguous or packed.size != (n + 1) // 2:
+            raise ValueError(f"packed must be {(n + 1) // 2} contiguous uint8 bytes, got {packed.size} {packed.dtype}")
+        _require(scales, torch.float32, -(-n // block), "scales")
+        _require(out, torch.float32, n, "out")
+        self._dequantize_nibbles(packed.ctypes.data, scales.data_ptr(), n, block, out.data_ptr())
 
     def copy_finite(self, src: torch.Tensor, dst: torch.Tensor) -> bool:
         """dst = src (contiguous fp32 of one size); whether every value is finite."""

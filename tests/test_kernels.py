@@ -114,6 +114,30 @@ def test_native_decode_of_any_payload_bytes_equals_the_torch_decode():
 
 
 @needs_kernels
+@pytest.mark.parametrize(("n", "block"), [(1, 64), (2, 64), (999, 64), (1000, 3), (1001, 5), (4097, 1)])
+def test_native_int4_decode_of_any_payload_bytes_equals_the_torch_decode(n, block):
+    rng = np.random.default_rng(n)
+    native, plain = both("int4", block)
+    nb = -(-n // block)
+    raw = rng.integers(0, 256, size=native.raw_size(n), dtype=np.uint8)  # every nibble value, odd tails too
+    raw[:4 * nb] = np.frombuffer(np.abs(rng.standard_normal(nb)).astype(np.float32).tobytes(), np.uint8)
+    got, want = native.decode(raw.tobytes(), n), plain.decode(raw.tobytes(), n)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@needs_kernels
+@pytest.mark.parametrize("offset", [1, 3])
+def test_native_int4_decode_into_an_unaligned_slice_equals_the_torch_decode(offset):
+    native, plain = both("int4", 64)
+    n = 64 * 40 + 5
+    payload = bytes(native.encode(special_blocks(n)))
+    a, b = torch.full((n + offset,), math.nan), torch.full((n + offset,), math.nan)
+    native.decode(payload, n, out=a[offset:])
+    plain.decode(payload, n, out=b[offset:])
+    assert torch.equal(a[offset:], b[offset:]) and bool(a[:offset].isnan().all())
+
+
+@needs_kernels
 def test_error_feedback_residual_is_the_same_with_and_without_kernels():
     native, plain = both("int8", 64)
     x = special_blocks(5000)
@@ -132,8 +156,14 @@ def test_error_feedback_residual_is_the_same_with_and_without_kernels():
         lambda k: k.quantize_blocks(torch.zeros(16)[::2], 127, 1e-30, torch.zeros(2), torch.zeros(8, dtype=torch.int8)),
         lambda k: k.dequantize(np.zeros(7, np.int8), torch.zeros(2), 4, torch.zeros(8)),
         lambda k: k.dequantize(np.zeros(8, np.uint8), torch.zeros(2), 4, torch.zeros(8)),
+        lambda k: k.pack_nibbles(torch.zeros(7, dtype=torch.int8), torch.zeros(3, dtype=torch.uint8)),
+        lambda k: k.pack_nibbles(torch.zeros(8, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)),
+        lambda k: k.dequantize_nibbles(np.zeros(3, np.uint8), torch.zeros(2), 4, torch.zeros(7)),
+        lambda k: k.dequantize_nibbles(np.zeros(4, np.int8), torch.zeros(2), 4, torch.zeros(7)),
+        lambda k: k.dequantize_nibbles(np.zeros(4, np.uint8), torch.zeros(1), 4, torch.zeros(7)),
     ],
-    ids=["partial block", "short q", "strided x", "short payload", "uint8 payload"],
+    ids=["partial block", "short q", "strided x", "short payload", "uint8 payload", "short packed output",
+         "uint8 nibbles", "short nibble payload", "int8 nibble payload", "too few nibble scales"],
 )
 def test_kernels_refuse_buffers_of_the_wrong_size_or_layout(call):
     with pytest.raises(ValueError, match="must be"):
