@@ -302,12 +302,14 @@ def nonfinite_error(x: torch.Tensor) -> NonFiniteError:
 @dataclass(frozen=True)
 class QuantizedChunk:
     """A blockwise-quantised payload kept as received (checked, not decoded): value i is
-    ``values[i] * scales[i // block]`` in fp32."""
+    ``q[i] * scales[i // block]`` in fp32, q[i] being ``values[i]`` (int8) or, with ``nibbles``,
+    nibble i of ``values`` minus 8 (int4: element 2k in byte k's low nibble, 2k + 1 in its high one)."""
 
     numel: int
     block: int
     scales: torch.Tensor  # fp32, one per block (the last block may be partial); a copy, aligned
-    values: np.ndarray  # int8, numel of them; a view of the payload, which it keeps alive
+    values: np.ndarray  # int8, numel of them (uint8, (numel + 1) // 2, with nibbles); a view of the payload
+    nibbles: bool = False
 
 
 class Codec:

@@ -109,6 +109,7 @@ class BlockCodec(Codec):
     """Blockwise symmetric absmax quantisation (int8, int4): fp32 scales, then the quantised values."""
 
     qmax: int  # largest |q| the encoder produces
+    nibbles = False  # values packed two to a byte (int4), else one int8 each
     scale_limit: float  # largest scale for which every storable q times the scale is finite
 
     def __init__(self, config: CodecConfig | str = CodecConfig(), *, native: bool = True) -> None:
@@ -212,6 +213,21 @@ class BlockCodec(Codec):
         """Quantise one segment and store its values in the payload's value area."""
         raise NotImplementedError
 
+    @property
+    def reduces_quantized(self) -> bool:
+        """True where the C kernels are loaded with their fused reduction (kernels.c needs FMA)."""
+        return self._kernels is not None and self._kernels.has_reduce_quantized
+
+    def keep_quantized(self, payload: bytes | bytearray | memoryview, numel: int) -> QuantizedChunk:
+        """The payload's checked scales (copied: the payload may be unaligned) and its values (a view: int8, or
+        int4's packed bytes)."""
+        check_numel(numel, least=1)
+        raw = self._unwrap(payload, numel)
+        nb = -(-numel // self._block)
+        scales = self._check_scales(raw, nb, self._state()).clone()
+        values = raw[4 * nb:] if self.nibbles else raw[4 * nb:].view(np.int8)
+        return QuantizedChunk(numel, self._block, scales, values, nibbles=self.nibbles)
+
     def _check_scales(self, raw: np.ndarray, nb: int, st: ThreadState) -> torch.Tensor:
         scales = st.buffer("scales", nb, torch.float32)
         np.copyto(scales.view(torch.uint8).numpy(), raw[:4 * nb])  # payload may be unaligned
@@ -242,19 +258,6 @@ class Int8Codec(BlockCodec):
     def _encode_values(self, x, scales, values, b0, b1, tail, st) -> None:
         self._quantize_segment(x, scales, values[b0 * self._block:].view(torch.int8), b0, b1, tail, st)
 
-    @property
-    def reduces_quantized(self) -> bool:
-        """True where the C kernels are loaded with their fused reduction (kernels.c needs FMA)."""
-        return self._kernels is not None and self._kernels.has_reduce_quantized
-
-    def keep_quantized(self, payload: bytes | bytearray | memoryview, numel: int) -> QuantizedChunk:
-        """The payload's checked scales (copied: the payload may be unaligned) and its int8 values (a view)."""
-        check_numel(numel, least=1)
-        raw = self._unwrap(payload, numel)
-        nb = -(-numel // self._block)
-        scales = self._check_scales(raw, nb, self._state()).clone()
-        return QuantizedChunk(numel, self._block, scales, raw[4 * nb:].view(np.int8))
-
     def _decode_raw(self, raw: np.ndarray, numel: int, out: torch.Tensor, st: ThreadState) -> None:
         nb = -(-numel // self._block)
         scales = self._check_scales(raw, nb, st)
@@ -276,6 +279,7 @@ class Int8Codec(BlockCodec):
 
 class Int4Codec(BlockCodec):
     qmax = 7
+    nibbles = True
     scale_limit = SCALE_LIMIT["int4"]  # stored nibbles decode to q in [-8, 7]
 
     def __init__(self, config: CodecConfig | str = CodecConfig(), *, native: bool = True) -> None:

@@ -248,17 +248,40 @@ void loconet_weighted_sum(const float *rows, int64_t row_stride, const int64_t *
 #endif
 
 #if defined(__FMA__)
+/* values[0 .. e - b) = (nibble i - 8) as int8 for elements i in [b, e) of a packed int4 payload (b even). */
+static void unpack_nibbles(const uint8_t *packed, int64_t b, int64_t e, int8_t *values)
+{
+    int64_t i = b;
+#if defined(__AVX2__)
+    for (; i + 64 <= e; i += 64) {
+        __m256i first, second;
+        unpack_nibbles64(packed + i / 2, &first, &second);
+        _mm256_storeu_si256((__m256i *)(values + (i - b)), first);
+        _mm256_storeu_si256((__m256i *)(values + (i - b) + 32), second);
+    }
+#endif
+    for (; i + 1 < e; i += 2) {
+        const uint8_t v = packed[i / 2];
+        values[i - b] = (int8_t)((v & 15) - 8);
+        values[i - b + 1] = (int8_t)((v >> 4) - 8);
+    }
+    if (i < e)
+        values[i - b] = (int8_t)((packed[i / 2] & 15) - 8);
+}
+
 /* The owner's reduction of one chunk straight from what it received: out = sum over t of coef[t] * v_t,
  * accumulated in rank order t = 0..nrows-1 as loconet_weighted_sum does, where v_t is row t's fp32 values
- * (f[t], the owner's own contribution) or, where f[t] is NULL, its int8 payload dequantised on the fly,
- * (float)q[t][i] * scales[t][block k], the very product loconet_dequantize stores. So the bits are those
- * of dequantising into rows and summing them, without writing the rows and reading them back.
- * Returns 1 if every fp32 source value is finite, else 0 (out is then undefined). */
+ * (f[t], the owner's own contribution) or, where f[t] is NULL, its quantised payload dequantised on the fly,
+ * (float)q_t[i] * scales[t][block k], the very product loconet_dequantize stores. q_t is q[t]'s int8 values,
+ * or, where nibbles[t] is set, its int4 values packed two to a byte (unpacked a slice at a time into L1).
+ * So the bits are those of dequantising into rows and summing them, without writing the rows and reading
+ * them back. Returns 1 if every fp32 source value is finite, else 0 (out is then undefined). */
 int64_t loconet_reduce_quantized(int64_t nrows, const float *const *f, const int8_t *const *q,
-                                 const float *const *scales, const float *coef, int64_t block, int64_t n,
-                                 float *out)
+                                 const uint8_t *nibbles, const float *const *scales, const float *coef,
+                                 int64_t block, int64_t n, float *out)
 {
     enum { SLICE = 2048 };
+    int8_t unpacked[SLICE];
     uint32_t bad = 0;
     for (int64_t b = 0; b < n; b += SLICE) {
         const int64_t e = b + SLICE < n ? b + SLICE : n;
@@ -279,7 +302,14 @@ int64_t loconet_reduce_quantized(int64_t nrows, const float *const *f, const int
                     }
                 continue;
             }
+            /* p[i - base] is element i's quantised value. */
             const int8_t *p = q[t];
+            int64_t base = 0;
+            if (nibbles[t]) {
+                unpack_nibbles((const uint8_t *)q[t], b, e, unpacked);
+                p = unpacked;
+                base = b;
+            }
             const float *s = scales[t];
             /* SLICE is a multiple of block only if block divides it: walk the slice block by block. */
             int64_t i = b;
@@ -289,10 +319,10 @@ int64_t loconet_reduce_quantized(int64_t nrows, const float *const *f, const int
                 const float sk = s[k];
                 if (t == 0)
                     for (; i < stop; i++)
-                        out[i] = ((float)p[i] * sk) * c;
+                        out[i] = ((float)p[i - base] * sk) * c;
                 else
                     for (; i < stop; i++)
-                        out[i] = fmaf((float)p[i] * sk, c, out[i]);
+                        out[i] = fmaf((float)p[i - base] * sk, c, out[i]);
             }
         }
     }

@@ -91,7 +91,7 @@ class Kernels:
         self._reduce_quantized = getattr(library, "loconet_reduce_quantized", None)
         if self._reduce_quantized is not None:
             self._reduce_quantized.restype = _i64
-            self._reduce_quantized.argtypes = (_i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr)
+            self._reduce_quantized.argtypes = (_i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr)
 
     @property
     def has_weighted_sum(self) -> bool:
@@ -172,8 +172,8 @@ class Kernels:
 
     def reduce_quantized(self, sources: Sequence[torch.Tensor | QuantizedChunk], coef: torch.Tensor,
                          out: torch.Tensor) -> bool:
-        """out = sum_t coef[t] * sources[t] in fp32, in that order, a source being fp32 values or an int8 chunk
-        dequantised on the fly: the bits of :meth:`dequantize` into rows, then :meth:`weighted_sum`.
+        """out = sum_t coef[t] * sources[t] in fp32, in that order, a source being fp32 values or an int8 or int4
+        chunk dequantised on the fly: the bits of decoding into rows, then :meth:`weighted_sum`.
 
         Returns whether every fp32 source value is finite (if not, out is undefined). The chunks share one block.
         """
@@ -187,6 +187,7 @@ class Kernels:
         _require(coef, torch.float32, k, "coef")
         _require(out, torch.float32, n, "out")
         floats, values, scales = (_ptr * k)(), (_ptr * k)(), (_ptr * k)()
+        nibbles = (ctypes.c_uint8 * k)()
         blocks = set()
         for t, src in enumerate(sources):
             if isinstance(src, torch.Tensor):
@@ -194,17 +195,20 @@ class Kernels:
                 floats[t] = src.data_ptr()
                 continue
             q = src.values
-            if src.numel != n or q.dtype != np.int8 or q.ndim != 1 or not q.flags.c_contiguous or q.size != n:
-                raise ValueError(f"source {t} must hold {n} contiguous int8 values, got {q.size} {q.dtype}")
+            dtype, size = (np.uint8, (n + 1) // 2) if src.nibbles else (np.int8, n)
+            if src.numel != n or q.dtype != dtype or q.ndim != 1 or not q.flags.c_contiguous or q.size != size:
+                raise ValueError(f"source {t} must hold {size} contiguous {np.dtype(dtype)} values, got {q.size} "
+                                 f"{q.dtype}")
             _require(src.scales, torch.float32, -(-n // src.block), f"source {t}'s scales")
-            values[t], scales[t] = q.ctypes.data, src.scales.data_ptr()
+            values[t], scales[t], nibbles[t] = q.ctypes.data, src.scales.data_ptr(), src.nibbles
             blocks.add(src.block)
         if len(blocks) > 1:
             raise ValueError(f"the quantised sources must share one block size, got {sorted(blocks)}")
         block = blocks.pop() if blocks else 1
         if block < 1:
             raise ValueError(f"block must be positive, got {block}")
-        return bool(self._reduce_quantized(k, floats, values, scales, coef.data_ptr(), block, n, out.data_ptr()))
+        return bool(self._reduce_quantized(k, floats, values, nibbles, scales, coef.data_ptr(), block, n,
+                                           out.data_ptr()))
 
 
 def _require(t: torch.Tensor, dtype: torch.dtype, numel: int, name: str) -> None:

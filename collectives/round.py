@@ -281,7 +281,7 @@ class Round:
         return message
 
     def _reduce_kept(self, coef: torch.Tensor, mine: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
-        # One pass over the own values and the others' int8 payloads as received (kernels.c), with the bits of
+        # One pass over the own values and the others' int8 or int4 payloads as received (kernels.c), with the bits of
         # decoding them into rows and summing those: no rows written and read back.
         if not (mine.dtype == torch.float32 and mine.device.type == "cpu" and mine.is_contiguous()):
             self._copy_own(mine, c0, c1)  # an input elsewhere (a GPU) is copied into its row as before

@@ -11,7 +11,7 @@ import torch
 from collectives.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
 from collectives.allreduce import AllReduceConfig
 from collectives.codecs import CodecConfig, make_codec
-from collectives.densecodecs import Int8Codec
+from collectives.densecodecs import BlockCodec
 from collectives.errors import MemberFailure, NonFiniteError
 from collectives.inbox import GATHER, SCATTER, Group
 from collectives.kernels import native_kernels
@@ -264,29 +264,32 @@ def test_codec_work_on_the_event_loop_gives_the_same_bits_as_on_codec_threads(en
     assert all(torch.equal(a.value, threaded[0].value) for a in threaded + inline)
 
 
-def _int8_mean(endpoints, xs, *, keep: bool, monkeypatch, chunk_bytes=(4096, 4096, 4096)):
-    """Each member's result of an int8 weighted mean of xs, the owners reducing from kept payloads or not."""
-    monkeypatch.setattr(Int8Codec, "reduces_quantized", property(lambda self: keep and native_kernels() is not None
-                                                                   and native_kernels().has_reduce_quantized))
+def _quantized_mean(endpoints, xs, name: str, *, keep: bool, monkeypatch, chunk_bytes=(4096, 4096, 4096)):
+    """Each member's result of a weighted mean of xs with codec ``name`` (int8 or int4), the owners reducing from
+    kept payloads or not."""
+    monkeypatch.setattr(BlockCodec, "reduces_quantized", property(lambda self: keep and native_kernels() is not None
+                                                                    and native_kernels().has_reduce_quantized))
     e = endpoints(len(xs))
     for t, size in zip(e.transports, chunk_bytes):
         t.config = dataclasses.replace(t.config, chunk_bytes=size)
-    cfg = AllReduceConfig(codec=CodecConfig("int8"))
+    cfg = AllReduceConfig(codec=CodecConfig(name))
     return [r.value for r in run_round(e, xs, config=cfg, weights=[1.0, 2.0, 0.5])]
 
 
 @needs_fused_reduce
-def test_owners_reducing_kept_int8_payloads_get_the_bits_of_decoding_them_into_rows(endpoints, monkeypatch):
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_owners_reducing_kept_payloads_get_the_bits_of_decoding_them_into_rows(endpoints, monkeypatch, name):
     xs = [torch.randn(50_003, generator=torch.Generator().manual_seed(i)) * (i + 1) for i in range(3)]
-    kept = _int8_mean(endpoints, xs, keep=True, monkeypatch=monkeypatch)
-    rows = _int8_mean(endpoints, xs, keep=False, monkeypatch=monkeypatch)
+    kept = _quantized_mean(endpoints, xs, name, keep=True, monkeypatch=monkeypatch)
+    rows = _quantized_mean(endpoints, xs, name, keep=False, monkeypatch=monkeypatch)
     assert all(torch.equal(v, rows[0]) for v in kept + rows)
 
 
 @needs_fused_reduce
-def test_a_sender_with_another_chunk_size_is_decoded_into_its_row_with_the_same_bits(endpoints, monkeypatch):
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_a_sender_with_another_chunk_size_is_decoded_into_its_row_with_the_same_bits(endpoints, monkeypatch, name):
     xs = [torch.randn(50_003, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     sizes = (4096, 3000, 10_000)
-    kept = _int8_mean(endpoints, xs, keep=True, monkeypatch=monkeypatch, chunk_bytes=sizes)
-    rows = _int8_mean(endpoints, xs, keep=False, monkeypatch=monkeypatch, chunk_bytes=sizes)
+    kept = _quantized_mean(endpoints, xs, name, keep=True, monkeypatch=monkeypatch, chunk_bytes=sizes)
+    rows = _quantized_mean(endpoints, xs, name, keep=False, monkeypatch=monkeypatch, chunk_bytes=sizes)
     assert all(torch.equal(v, rows[0]) for v in kept + rows)

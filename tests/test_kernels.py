@@ -7,6 +7,7 @@ the kernels where they are available.)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -319,18 +320,19 @@ needs_reduce_quantized = pytest.mark.skipif(
 )
 
 
-def kept_and_decoded(n: int, block: int, seed: int):
-    """An int8 payload of n elements kept quantised, and the same payload decoded."""
-    codec = Int8Codec(str(CodecConfig("int8", block)))
+def kept_and_decoded(n: int, block: int, seed: int, name: str = "int8"):
+    """A payload of n elements (int8 or int4) kept quantised, and the same payload decoded."""
+    codec = CLASSES[name](str(CodecConfig(name, block)))
     x = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * (seed + 1)
     payload = codec.encode(x)
     return codec.keep_quantized(payload, n), codec.decode(payload, n)
 
 
 @needs_reduce_quantized
+@pytest.mark.parametrize("name", ["int8", "int4"])
 @pytest.mark.parametrize("own_rank", [0, 1, 3])
 @pytest.mark.parametrize(("n", "block"), [(1, 64), (63, 64), (64, 64), (5000, 64), (4099, 3), (2048 * 3 + 5, 128)])
-def test_reducing_kept_payloads_equals_decoding_into_rows_then_the_weighted_sum(own_rank, n, block):
+def test_reducing_kept_payloads_equals_decoding_into_rows_then_the_weighted_sum(name, own_rank, n, block):
     own = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 1e3
     sources, rows = [], []
     for t in range(4):
@@ -338,7 +340,7 @@ def test_reducing_kept_payloads_equals_decoding_into_rows_then_the_weighted_sum(
             sources.append(own)
             rows.append(own)
         else:
-            kept, decoded = kept_and_decoded(n, block, seed=t)
+            kept, decoded = kept_and_decoded(n, block, seed=t, name=name)
             sources.append(kept)
             rows.append(decoded)
     coef = torch.tensor([0.1, 0.2, 0.3, 0.4])
@@ -358,8 +360,9 @@ def test_the_fused_reduction_says_when_an_own_value_is_not_finite(bad):
 
 
 @needs_reduce_quantized
-def test_one_kept_payload_with_coefficient_one_is_its_decoded_values():
-    kept, decoded = kept_and_decoded(1001, 64, seed=2)
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_one_kept_payload_with_coefficient_one_is_its_decoded_values(name):
+    kept, decoded = kept_and_decoded(1001, 64, seed=2, name=name)
     out = torch.empty(1001)
     assert native_kernels().reduce_quantized([kept], torch.ones(1), out)
     assert torch.equal(out, decoded)
@@ -369,8 +372,10 @@ def test_one_kept_payload_with_coefficient_one_is_its_decoded_values():
 @pytest.mark.parametrize(
     ("sources", "coef", "out"),
     [([torch.ones(10)], torch.ones(2), torch.empty(10)), ([torch.ones(9)], torch.ones(1), torch.empty(10)),
-     ([], torch.ones(0), torch.empty(10)), ([kept_and_decoded(9, 64, 0)[0]], torch.ones(1), torch.empty(10))],
-    ids=["long coef", "short source", "no sources", "short payload"],
+     ([], torch.ones(0), torch.empty(10)), ([kept_and_decoded(9, 64, 0)[0]], torch.ones(1), torch.empty(10)),
+     ([kept_and_decoded(9, 64, 0, "int4")[0]], torch.ones(1), torch.empty(10)),
+     ([dataclasses.replace(kept_and_decoded(10, 64, 0)[0], nibbles=True)], torch.ones(1), torch.empty(10))],
+    ids=["long coef", "short source", "no sources", "short payload", "short int4 payload", "int8 bytes as nibbles"],
 )
 def test_the_fused_reduction_refuses_what_does_not_fit(sources, coef, out):
     with pytest.raises(ValueError, match="must|need"):
