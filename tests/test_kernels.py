@@ -340,6 +340,32 @@ def test_reducing_kept_payloads_equals_decoding_into_rows_then_the_weighted_sum(
 
 
 @needs_reduce_quantized
+@settings(max_examples=150, deadline=None, database=None)
+@given(
+    name=st.sampled_from(["int8", "int4"]),
+    n=st.integers(1, 5000),
+    block=st.sampled_from([1, 3, 64, 128]),
+    rows=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_any_payload_bytes_reduce_to_the_bits_of_decoding_them_then_summing(name, n, block, rows, seed):
+    rng = np.random.default_rng(seed)
+    codec = CLASSES[name](str(CodecConfig(name, block)))
+    nb = -(-n // block)
+    kept, decoded = [], []
+    for _ in range(rows):
+        raw = rng.integers(0, 256, size=codec.raw_size(n), dtype=np.uint8)  # any values, scales made valid
+        raw[:4 * nb] = np.frombuffer(np.abs(rng.standard_normal(nb)).astype(np.float32).tobytes(), np.uint8)
+        kept.append(codec.keep_quantized(raw.tobytes(), n))
+        decoded.append(codec.decode(raw.tobytes(), n))
+    coef = torch.from_numpy(rng.standard_normal(rows).astype(np.float32))
+    out = torch.full((n,), math.nan)
+    assert native_kernels().reduce_quantized(kept, coef, out)
+    expected = torch_weighted_sum(torch.stack(decoded), coef, range(rows))
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
+@needs_reduce_quantized
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_the_fused_reduction_says_when_an_own_value_is_not_finite(bad):
     own = torch.ones(3000)
