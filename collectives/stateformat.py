@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from collectives.errors import ConfigError, LoconetError
-from collectives.wire import encode_varint, read_key, read_varint
+from collectives.wire import encode_varint, read_key, read_length, read_varint
 from protos import state_pb2 as pb
 
 SERVICE = "loconet.state.v1.StateSync"
@@ -354,7 +354,7 @@ def _parse_chunk(raw: bytes) -> tuple[memoryview | None, int, memoryview]:
             if number == _FIELD_OFFSET:
                 offset = value
         elif wire == _WIRE_LEN:
-            length, pos = read_varint(buf, pos)
+            length, pos = read_length(buf, pos)
             if pos + length > len(buf):
                 raise ValueError("a field runs past the end of the chunk")
             if number == _FIELD_MANIFEST:

@@ -26,6 +26,8 @@ _VARINT_LIMIT = 1 << 64
 # refuses a message with any other, so the hand-written decoders here refuse it too.
 MAX_FIELD_NUMBER = (1 << 29) - 1
 _MAX_KEY_BYTES = 5
+# A length prefix too: protobuf reads it as a 32-bit size and refuses a longer varint ("wire format was corrupt").
+_MAX_LENGTH_BYTES = 5
 
 
 def encode_varint(value: int) -> bytes:
@@ -65,6 +67,15 @@ def read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise ProtocolError("varint longer than 10 bytes in a PartChunk")
 
 
+def read_length(buf: memoryview, pos: int) -> tuple[int, int]:
+    """Decode a length-delimited field's length at pos; return (length, next position). ProtocolError if malformed
+    or longer than protobuf's 5 bytes."""
+    length, after = read_varint(buf, pos)
+    if after - pos > _MAX_LENGTH_BYTES:
+        raise ProtocolError(f"a length prefix of {after - pos} bytes (protobuf allows {_MAX_LENGTH_BYTES})")
+    return length, after
+
+
 def read_key(buf: memoryview, pos: int) -> tuple[int, int, int]:
     """Decode the field key at pos; return (field number, wire type, next position). ProtocolError if malformed."""
     key, after = read_varint(buf, pos)
@@ -100,7 +111,7 @@ def decode_chunk(data: bytes) -> tuple[pb.PartChunk, memoryview]:
         elif wire == _WIRE_I32:
             pos += 4
         elif wire == _WIRE_LEN:
-            length, pos = read_varint(buf, pos)
+            length, pos = read_length(buf, pos)
             if pos + length > end:
                 raise ProtocolError("a length-delimited field runs past the end of a PartChunk")
             if field == PAYLOAD_FIELD:

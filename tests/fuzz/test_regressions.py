@@ -26,7 +26,7 @@ from collectives.stateformat import (
     _parse_chunk,
     state_digest,
 )
-from collectives.wire import decode_chunk, encode_varint, read_varint
+from collectives.wire import decode_chunk, encode_varint, read_length, read_varint
 from peer.coordinator.service import Coordinator, CoordinatorConfig
 from protos import membership_pb2 as mpb
 from protos import state_pb2 as spb
@@ -63,6 +63,25 @@ def test_read_varint_still_reads_the_largest_uint64():
 # The payload's key (field 9, length-delimited) in 6 bytes: protobuf refuses keys of more than 5 ("wire format
 # was corrupt"); decode_chunk took the payload (found by the atheris target statechunk, the same in state chunks).
 OVERLONG_PAYLOAD_KEY = b"\xca\x80\x80\x80\x80\x00"
+
+
+# A length prefix of 8 bytes (0 written overlong): protobuf refuses one of more than 5 bytes ("wire format was
+# corrupt"); _parse_chunk took the field (found by the atheris target statechunk; decode_chunk read lengths alike).
+OVERLONG_LENGTH_CHUNK = b"r\x80\x80\x80\x80\x80\x80\x80\x00z\x00"
+
+
+def test_a_state_chunk_with_a_length_prefix_of_more_than_five_bytes_is_refused():
+    with pytest.raises(ProtocolError, match="length prefix of 8 bytes"):
+        _parse_chunk(OVERLONG_LENGTH_CHUNK)
+
+
+def test_a_part_chunk_with_a_length_prefix_of_more_than_five_bytes_is_refused():
+    with pytest.raises(ProtocolError, match="length prefix of 6 bytes"):
+        decode_chunk(b"\x0a\x80\x80\x80\x80\x80\x00")
+
+
+def test_a_length_prefix_of_five_bytes_is_still_read():
+    assert read_length(memoryview(b"\x80\x80\x80\x80\x00"), 0) == (0, 5)
 
 
 def test_chunk_with_a_key_of_more_than_five_bytes_is_refused():
