@@ -15,6 +15,7 @@ in torch.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterator
@@ -282,13 +283,14 @@ class Int4Codec(BlockCodec):
     nibbles = True
     scale_limit = SCALE_LIMIT["int4"]  # stored nibbles decode to q in [-8, 7]
 
-    def __init__(self, config: CodecConfig | str = CodecConfig(), *, native: bool = True) -> None:
-        super().__init__(config, native=native)
-        # Two payload bytes (as a little-endian uint16) -> the int32 whose four bytes are their four
-        # nibbles minus 8, as int8: one 256 KB gather unpacks four values (faster than shifts and masks).
+    @functools.cached_property
+    def _unpack_table(self) -> torch.Tensor:
+        """The torch path's unpacking table, built on its first use (the C kernels need none): two payload bytes
+        (as a little-endian uint16) -> the int32 whose four bytes are their four nibbles minus 8, as int8; one
+        256 KB gather unpacks four values (faster than shifts and masks)."""
         nibbles = (np.arange(1 << 16, dtype=np.uint32)[:, None] >> np.arange(0, 16, 4, dtype=np.uint32)) & 15
         table = (nibbles.astype(np.int8) - 8).view(np.int32).reshape(-1)  # row j: 4 int8 -> 1 int32
-        self._unpack_table = torch.from_numpy(table.copy())
+        return torch.from_numpy(table.copy())
 
     def _values_size(self, numel: int) -> int:
         return (numel + 1) // 2
