@@ -337,19 +337,41 @@ def test_a_resync_answer_carries_the_runs_step_so_a_peer_back_from_a_cut_lines_u
 
 
 def test_a_resync_answer_names_the_tag_and_step_of_the_quorum_the_run_waits_in_now(coordinator):
+    c = coordinator(quorum="all", min_peers=2)
+    a, b, late = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2, 3))
+    # Round 1 forms without late at the join timeout (0.5 s); late was away.
+    plans = [f.result() for f in [ask(c.stub, p, tag="fragment-0") for p in (a, b)]]
+    assert all(f.result().commit for f in [report(c.stub, p, plans[0]) for p in (a, b)])
+    assert (ask(c.stub, late, tag="fragment-0").result().pending_tag) == ""  # nobody waits yet
+    waiting = ask(c.stub, a, 1, tag="fragment-1", step=103)  # `all` waits for b and late
+    answer = wait_for_step(c.stub, late, 103)
+    assert (answer.action, answer.pending_tag) == (pb.QuorumResponse.RESYNC, "fragment-1")
+    waiting.cancel()
+
+
+def test_a_resync_answer_names_no_waiting_quorum_that_forms_without_the_asker(coordinator):
+    # first-k:2 forms round 2 with the next asker, whoever it is: a late peer joining with one step of work would
+    # take the place of b's whole interval, so it is not told to.
     c = coordinator(quorum="first-k:2")
     a, b, late = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2, 3))
     plans = [f.result() for f in [ask(c.stub, p, tag="fragment-0") for p in (a, b)]]
     held = ask(c.stub, late, tag="fragment-0")
     assert all(f.result().commit for f in [report(c.stub, p, plans[0]) for p in (a, b)])
-    assert (held.result().action, held.result().pending_tag) == (pb.QuorumResponse.RESYNC, "")  # nobody waits yet
+    assert held.result().action == pb.QuorumResponse.RESYNC
     waiting = ask(c.stub, a, 1, tag="fragment-1", step=103)
-    deadline = time.monotonic() + 10
-    answer = ask(c.stub, late, tag="fragment-0").result()
-    while not answer.pending_tag and time.monotonic() < deadline:  # until a's request has reached the coordinator
-        answer = ask(c.stub, late, tag="fragment-0").result()
-    assert (answer.action, answer.pending_tag, answer.run_step) == (pb.QuorumResponse.RESYNC, "fragment-1", 103)
+    answer = wait_for_step(c.stub, late, 103)
+    assert (answer.action, answer.pending_tag) == (pb.QuorumResponse.RESYNC, "")
     waiting.cancel()
+
+
+def wait_for_step(stub, late: str, step: int) -> pb.QuorumResponse:
+    """late's RESYNC answer once a waiting member's request (at step) has reached the coordinator."""
+    deadline = time.monotonic() + 10
+    answer = ask(stub, late, tag="fragment-0").result()
+    while answer.run_step != step and time.monotonic() < deadline:
+        answer = ask(stub, late, tag="fragment-0").result()
+    assert answer.run_step == step
+    return answer
 
 
 # -- quorum policies -------------------------------------------------------------------------

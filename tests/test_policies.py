@@ -186,6 +186,21 @@ def test_awaited(name, policy, inputs, awaited):
     assert policy.awaited(inputs) == awaited
 
 
+WAITS_FOR_CASES = [
+    ("all: a live peer that has not asked", AllPeers(), q("ab"), "c", True),
+    ("all: a peer that is not live", AllPeers(), q("ab"), "e", False),
+    ("first-k: forms with whoever asks", FirstK(2), q("a"), "c", False),
+    ("sample: a drawn peer", sample("2"), q("a"), "b", True),
+    ("sample: a peer not drawn", sample("2"), q("a"), "d", False),
+    ("allbut: forms without the last ones", AllBut(1), q("ab"), "c", False),
+]
+
+
+@pytest.mark.parametrize("name,policy,inputs,peer,waits", WAITS_FOR_CASES, ids=[c[0] for c in WAITS_FOR_CASES])
+def test_waits_for(name, policy, inputs, peer, waits):
+    assert policy.waits_for(inputs, peer) is waits
+
+
 # name, policy, (requesting, eligible, waited), whether a full decision is worth making
 MAY_FORM_CASES = [
     ("all: some live peers have not asked", AllPeers(), (3, 4, 1.0), False),

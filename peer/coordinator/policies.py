@@ -122,6 +122,12 @@ class QuorumPolicy(ABC):
         """Live peers the quorum still waits for (the coordinator checks that they still listen)."""
         return q.eligible - set(q.requesting)
 
+    def waits_for(self, q: QuorumInputs, peer_id: str) -> bool:
+        """Whether the round cannot form without peer_id (before its join timeout): a late peer caught up is then
+        told to join it at once. False by default: a round that takes whoever asks first does not need the
+        latecomer, whose one step of work would take the place of a peer's whole interval."""
+        return False
+
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
         """A count-only test run on every request: False when decide would certainly keep waiting."""
         return requesting >= rules.least and (requesting >= eligible or waited_s >= rules.join_timeout_s)
@@ -205,6 +211,10 @@ class AllPeers(_Bare):
         if quorum_ready(requesting, eligible, q.waited_s, q.coordinator_age_s, q.rules):
             return FormRound(tuple(order_members(requesting)))
         return None
+
+    def waits_for(self, q: QuorumInputs, peer_id: str) -> bool:
+        """Every live peer."""
+        return peer_id in q.eligible
 
 
 @dataclass(frozen=True)
@@ -321,6 +331,10 @@ class Sample(QuorumPolicy):
     def awaited(self, q: QuorumInputs) -> frozenset[str]:
         """The sampled peers that have not asked yet."""
         return frozenset(self.drawn(q)[0]) - set(q.requesting)
+
+    def waits_for(self, q: QuorumInputs, peer_id: str) -> bool:
+        """A drawn peer."""
+        return peer_id in self.drawn(q)[0]
 
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
         """As many asked as a sample of the live peers holds, or the join timeout passed."""

@@ -194,9 +194,12 @@ class Quorums:
         # asker holds.
         self._recent_lists: OrderedDict[bytes, tuple[Entry, ...]] = OrderedDict()
 
-    def pending_tag(self) -> str:
-        """The tag of the quorum peers are waiting in now ("": none)."""
-        return self.pending.tag if self.pending is not None and self.pending.waiting else ""
+    def pending_tag(self, peer_id: str, now: float) -> str:
+        """The tag of the quorum peers are waiting in now, if its policy waits for peer_id too ("": none)."""
+        pending = self.pending
+        if pending is None or not pending.waiting:
+            return ""
+        return pending.tag if self.policy.waits_for(self.inputs(pending, now), peer_id) else ""
 
     def in_flight(self) -> PendingCommit | None:
         """The attempt formed and not yet decided, if any."""

@@ -620,7 +620,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             sync_sources=[p.address for p in sources],
             run_step=s.run_step,
             round_step=s.round_step,
-            pending_tag=self.quorums.pending_tag(),
+            pending_tag=self.quorums.pending_tag(peer.peer_id, time.monotonic()),
         )
 
     def _missed(self, peer_id: str, last_round: int) -> list[pb.CommittedRound]:
