@@ -42,6 +42,7 @@ import torch
 
 from collectives.codecs import needs_feedback
 from collectives.errors import ConfigError
+from collectives.syncphases import CaughtUp
 from optimizers.outer import OuterOptimizer, SyncConfig
 from optimizers.peers import SyncPeer
 
@@ -68,6 +69,8 @@ class DiLoCo(OuterOptimizer):
 
     config: DiLoCoConfig
     FOLLOWS_RUN_STEP = True
+    # A peer that caught up with the run joins the round the run's peers already wait in after one step (below).
+    JOINS_WAITING_ROUND = True
 
     def __init__(
         self,
@@ -88,12 +91,14 @@ class DiLoCo(OuterOptimizer):
         # Error feedback (sparse codecs): allocated at the first sync, where the contribution is encoded.
         self.residual: torch.Tensor | None = None
         self._feedback = needs_feedback(self.codec)
+        # The run's peers wait now in the round this peer syncs next: sync after the next step.
+        self._join_now = False
 
     def _stepped(self, samples: int) -> None:
         """Count the step and its samples (this peer's weight in the next round); sync when due."""
         self.steps_since_sync += 1
         self.samples_since_sync += samples
-        if self._sync_due():
+        if self._join_now or self._sync_due():
             self.sync()
 
     def _sync_due(self) -> bool:
@@ -151,12 +156,20 @@ class DiLoCo(OuterOptimizer):
     def _forget_local_progress(self) -> None:
         self._reset_schedule()
 
+    def _catch_up(self, exc: CaughtUp) -> None:
+        super()._catch_up(exc)
+        # The RESYNC answer names the round the run's peers wait in now. If it is this peer's next, they wait for
+        # it: it joins after one step (its contribution that step, weighted by its samples), not when its own
+        # schedule says, a whole interval later (sync_every without the run's step, or sync_seconds).
+        self._join_now = self.JOINS_WAITING_ROUND and exc.pending_tag == self.tag
+
     def _skip_to(self, step: int, into_interval: int) -> None:
         super()._skip_to(step, into_interval)
         # The next sync comes when the run's does: after as many steps as its members have left.
         self.steps_since_sync = into_interval
 
     def _reset_schedule(self, keep_samples: bool = False) -> None:
+        self._join_now = False
         self.steps_since_sync = 0
         self.last_sync_time = time.monotonic()
         if not keep_samples:

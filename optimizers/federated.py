@@ -200,6 +200,9 @@ class FedAvg(DiLoCo):
     """
 
     config: FedConfig
+    # A client is caught up also when a sampled round was drawn without it; joining the next round at once would
+    # only hold it in a round it may not be drawn for either. It keeps its own schedule.
+    JOINS_WAITING_ROUND = False
 
     def __init__(
         self,

@@ -192,6 +192,41 @@ def test_a_streaming_peer_that_caught_up_joins_the_round_the_run_waits_in_at_onc
     assert peer.tags[:2] == ["fragment-0", "fragment-0"]
 
 
+class LateForDiLoCo(LocalPeer):
+    """A run that committed round 1 while this peer was away: its first sync is told so (``CaughtUp``), with the
+    run's peers waiting in the quorum of ``pending`` ("" when nobody waits yet)."""
+
+    def __init__(self, numel: int, pending: str) -> None:
+        super().__init__()
+        self.numel, self.pending = numel, pending
+        self.tags: list[str] = []
+
+    def sync(self, tensors, weight=1.0, tag="", *args, **kwargs):
+        self.tags.append(tag)
+        if len(self.tags) > 1:
+            return super().sync(tensors, weight, tag, *args, **kwargs)
+        self._rounds = itertools.count(2)
+        raise CaughtUp([CommittedResult(round_id=1, tag=tag, value=torch.zeros(self.numel))], pending_tag=self.pending)
+
+
+@pytest.mark.parametrize("schedule", [{"sync_every": 8}, {"sync_seconds": 3600.0}])
+@pytest.mark.parametrize("pending, rounds", [
+    # The run waits in its next round: the caught-up peer trains one step and joins it, not a whole interval later.
+    ("diloco", [(0, 1, False), (1, 2, True)]),
+    ("", [(0, 1, False)]),  # nobody waits: the next sync when the schedule says
+])
+def test_a_diloco_peer_that_caught_up_joins_the_round_the_run_waits_in_after_one_step(schedule, pending, rounds):
+    m = model()
+    peer = LateForDiLoCo(sum(p.numel() for p in m.parameters()), pending)
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), peer, codec="none", **schedule)
+    assert opt.sync() is False  # the sync the peer was late for: caught up instead
+    train(opt, m, 0, 3)
+    assert [(h.step, h.round_id, h.contributed) for h in opt.history] == rounds
+    assert peer.tags == ["diloco"] * len(rounds)
+    if pending:
+        assert (opt.history[-1].step, opt.steps_since_sync) == (1, 2)  # a whole interval until the next
+
+
 class AheadOfItsStateAndStep(AheadOfItsState):
     """The same, and the coordinator says the run is at step 12 (where its peers asked for round 3), its last
     round at step 8 (``run_progress``, from the RESYNC answer)."""
