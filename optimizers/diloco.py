@@ -33,6 +33,7 @@ parameters, outer state; the local parameters restart from them).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -47,6 +48,8 @@ from optimizers.outer import OuterOptimizer, SyncConfig
 from optimizers.peers import SyncPeer
 
 TAG = "diloco"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,8 @@ class DiLoCo(OuterOptimizer):
         # it: it joins after one step (its contribution that step, weighted by its samples), not when its own
         # schedule says, a whole interval later (sync_every without the run's step, or sync_seconds).
         self._join_now = self.JOINS_WAITING_ROUND and exc.pending_tag == self.tag
+        if self._join_now:
+            log.info("the run's peers wait in its next round for this peer: joining it after one step")
 
     def _skip_to(self, step: int, into_interval: int) -> None:
         super()._skip_to(step, into_interval)
