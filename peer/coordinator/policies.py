@@ -124,7 +124,7 @@ class QuorumPolicy(ABC):
 
     def waits_for(self, q: QuorumInputs, peer_id: str) -> bool:
         """Whether the round cannot form without peer_id (before its join timeout): a late peer caught up is then
-        told to join it at once. False by default: a round that takes whoever asks first does not need the
+        told to join it at its next step. False by default: a round that takes whoever asks first does not need the
         latecomer, whose one step of work would take the place of a peer's whole interval."""
         return False
 
