@@ -156,24 +156,39 @@ def test_streaming_fragments_sync_staggered_each_once_per_period():
     assert opt.cursor == 0
 
 
-class AheadOfItsState(LocalPeer):
-    """A run two fragment rounds ahead of this peer's state (a joiner whose fetch outlasted them): its first round
-    finds rounds 1 and 2 committed, and the run's peers waiting in the quorum of ``pending``."""
+class LateOnce(LocalPeer):
+    """A run that went on without this peer: its first sync is told so (``CaughtUp`` with ``missed(tag)``), the
+    run's peers waiting in the quorum of ``pending`` ("" when nobody waits yet); later syncs are a run of one's,
+    numbered from ``next_round``."""
 
-    def __init__(self, opt_of, pending: str) -> None:
+    def __init__(self, pending: str, next_round: int) -> None:
         super().__init__()
-        self.opt_of, self.pending = opt_of, pending
+        self.pending, self.next_round = pending, next_round
         self.tags: list[str] = []
+
+    def missed(self, tag: str) -> list[CommittedResult]:
+        raise NotImplementedError
 
     def sync(self, tensors, weight=1.0, tag="", *args, **kwargs):
         self.tags.append(tag)
         if len(self.tags) > 1:
             return super().sync(tensors, weight, tag, *args, **kwargs)
-        self._rounds = itertools.count(3)
+        self._rounds = itertools.count(self.next_round)
+        raise CaughtUp(self.missed(tag), pending_tag=self.pending)
+
+
+class AheadOfItsState(LateOnce):
+    """A run two fragment rounds ahead of this peer's state (a joiner whose fetch outlasted them): its first round
+    finds rounds 1 and 2 committed."""
+
+    def __init__(self, opt_of, pending: str) -> None:
+        super().__init__(pending, next_round=3)
+        self.opt_of = opt_of
+
+    def missed(self, tag: str) -> list[CommittedResult]:
         opt = self.opt_of()
-        missed = [CommittedResult(round_id=r, tag=t, value=torch.zeros(opt.state.numel(opt.round_indices(t))))
-                  for r, t in ((1, "fragment-0"), (2, "fragment-1"))]
-        raise CaughtUp(missed, pending_tag=self.pending)
+        return [CommittedResult(round_id=r, tag=t, value=torch.zeros(opt.state.numel(opt.round_indices(t))))
+                for r, t in ((1, "fragment-0"), (2, "fragment-1"))]
 
 
 @pytest.mark.parametrize("pending, rounds", [
@@ -192,21 +207,15 @@ def test_a_streaming_peer_that_caught_up_joins_the_round_the_run_waits_in_at_onc
     assert peer.tags[:2] == ["fragment-0", "fragment-0"]
 
 
-class LateForDiLoCo(LocalPeer):
-    """A run that committed round 1 while this peer was away: its first sync is told so (``CaughtUp``), with the
-    run's peers waiting in the quorum of ``pending`` ("" when nobody waits yet)."""
+class LateForDiLoCo(LateOnce):
+    """A run that committed round 1 while this peer was away."""
 
     def __init__(self, numel: int, pending: str) -> None:
-        super().__init__()
-        self.numel, self.pending = numel, pending
-        self.tags: list[str] = []
+        super().__init__(pending, next_round=2)
+        self.numel = numel
 
-    def sync(self, tensors, weight=1.0, tag="", *args, **kwargs):
-        self.tags.append(tag)
-        if len(self.tags) > 1:
-            return super().sync(tensors, weight, tag, *args, **kwargs)
-        self._rounds = itertools.count(2)
-        raise CaughtUp([CommittedResult(round_id=1, tag=tag, value=torch.zeros(self.numel))], pending_tag=self.pending)
+    def missed(self, tag: str) -> list[CommittedResult]:
+        return [CommittedResult(round_id=1, tag=tag, value=torch.zeros(self.numel))]
 
 
 @pytest.mark.parametrize("schedule", [{"sync_every": 8}, {"sync_seconds": 3600.0}])
