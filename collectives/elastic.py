@@ -244,6 +244,11 @@ class ElasticCollective:
         the coordinator last said (heartbeats): where the run's training is, and how far into its sync interval."""
         return self.membership.run_step, self.membership.round_step
 
+    def run_committed_at(self) -> float | None:
+        """When the run's last round committed, on time.monotonic()'s clock, as the coordinator last said (heartbeats,
+        RESYNC answers); None before it said."""
+        return self.membership.committed_at
+
     def provide_state(
         self,
         provider: Callable[[], StateSnapshot | None],

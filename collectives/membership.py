@@ -57,6 +57,9 @@ from protos import membership_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+# A coordinator's "seconds since the last commit" above a day is not believed: no sync interval is that long.
+MAX_SINCE_COMMIT_S = 86400.0
+
 # gRPC codes that mean "the coordinator is not there right now": retry.
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 # How the coordinator's refusal of a quorum with too few peers begins (the client raises GroupTooSmall).
@@ -324,6 +327,14 @@ class KnownMembers:
         raise RoundFailed(f"the coordinator's answer for round {reply.round_id} {why}; it asks again for the whole list")
 
 
+def commit_time(since_commit_s: float, now: float) -> float | None:
+    """The local time (now's clock) of the run's last commit, from a coordinator's seconds since it; None when it
+    says none (0) or gives no sane duration (negative, not finite, or more than a day)."""
+    if not (0.0 < since_commit_s <= MAX_SINCE_COMMIT_S):  # also refuses NaN
+        return None
+    return now - since_commit_s
+
+
 class MembershipClient:
     """Talks to the coordinator on behalf of one peer (use from the transport's loop)."""
 
@@ -341,6 +352,8 @@ class MembershipClient:
         # The furthest step an up-to-date peer reported, as the coordinator last said (heartbeats, RESYNC answers).
         self.run_step = 0
         self.round_step = 0
+        # When the run's last round committed, on this process's monotonic clock (None: not said yet).
+        self.committed_at: float | None = None
         # The attempt (round id, epoch) this peer is exchanging data for, and the future its heartbeats
         # resolve with the coordinator's reason once it will not commit (``watch``).
         self._watched: tuple[tuple[int, int], asyncio.Future[str]] | None = None
@@ -535,11 +548,18 @@ class MembershipClient:
                 self.run_round = reply.last_committed_round
                 self.run_step = reply.run_step
                 self.round_step = reply.round_step
+                self._note_commit_time(reply.since_commit_s)
                 interval_s = heartbeat_interval(interval_s, reply.heartbeat_s)
             except grpc.aio.AioRpcError as exc:
                 # The coordinator may be restarting; training goes on, heartbeats keep trying.
                 log.debug("heartbeat failed: %s", exc.code().name)
             await asyncio.sleep(interval_s)
+
+    def _note_commit_time(self, since_commit_s: float) -> None:
+        """Keep when the run's last round committed, from an answer's since_commit_s (0 or not sane: unknown)."""
+        at = commit_time(since_commit_s, time.monotonic())
+        if at is not None:
+            self.committed_at = at
 
     def watch(self, round_id: int, epoch: int) -> asyncio.Future[str]:
         """Name the attempt this peer exchanges data for in its heartbeats; the future resolves with the
@@ -578,6 +598,7 @@ class MembershipClient:
                 # Fresher than the last heartbeat's (a peer back from a cut heard none since): catching up lines
                 # this peer's schedule up with the run's from them.
                 self.run_step, self.round_step = reply.run_step, reply.round_step
+            self._note_commit_time(reply.since_commit_s)
             return RoundPlan(
                 action="resync",
                 sync_from=reply.sync_from,

@@ -168,6 +168,15 @@ class DiLoCo(OuterOptimizer):
         if self._join_now:
             log.info("the run's peers wait in its next round for this peer: joining it after one step")
 
+    def _follow_run_step(self) -> None:
+        super()._follow_run_step()
+        # On a time budget the run's members count their interval from its last commit: so does a peer that caught
+        # up, not from the moment it did (it would sync when they have waited for it up to the join timeout).
+        committed_at = getattr(self.peer, "run_committed_at", None)
+        at = committed_at() if committed_at is not None and self.FOLLOWS_RUN_STEP else None
+        if at is not None:  # only a time budget reads it
+            self.last_sync_time = at
+
     def _skip_to(self, step: int, into_interval: int) -> None:
         super()._skip_to(step, into_interval)
         # The next sync comes when the run's does: after as many steps as its members have left.

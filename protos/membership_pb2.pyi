@@ -129,7 +129,7 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., metrics: _Optional[_Union[PeerMetrics, _Mapping]] = ..., state_digest: _Optional[str] = ..., round_id: _Optional[int] = ..., round_epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("known", "epoch", "last_committed_round", "run_step", "round_step", "heartbeat_s", "round_over")
+    __slots__ = ("known", "epoch", "last_committed_round", "run_step", "round_step", "heartbeat_s", "round_over", "since_commit_s")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LAST_COMMITTED_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,7 @@ class HeartbeatResponse(_message.Message):
     ROUND_STEP_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     ROUND_OVER_FIELD_NUMBER: _ClassVar[int]
+    SINCE_COMMIT_S_FIELD_NUMBER: _ClassVar[int]
     known: bool
     epoch: int
     last_committed_round: int
@@ -144,7 +145,8 @@ class HeartbeatResponse(_message.Message):
     round_step: int
     heartbeat_s: float
     round_over: str
-    def __init__(self, known: _Optional[bool] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ..., heartbeat_s: _Optional[float] = ..., round_over: _Optional[str] = ...) -> None: ...
+    since_commit_s: float
+    def __init__(self, known: _Optional[bool] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ..., heartbeat_s: _Optional[float] = ..., round_over: _Optional[str] = ..., since_commit_s: _Optional[float] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "reason", "last_round", "state_digest")
@@ -219,7 +221,7 @@ class CommittedRound(_message.Message):
     def __init__(self, round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., tag: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
 
 class QuorumResponse(_message.Message):
-    __slots__ = ("action", "round_id", "epoch", "members", "rank", "sync_from", "last_committed_round", "missed", "policy", "seed", "candidates", "state_digest", "sync_sources", "members_digest", "run_step", "round_step", "members_base", "members_removed", "members_added", "pending_tag", "members_packed")
+    __slots__ = ("action", "round_id", "epoch", "members", "rank", "sync_from", "last_committed_round", "missed", "policy", "seed", "candidates", "state_digest", "sync_sources", "members_digest", "run_step", "round_step", "members_base", "members_removed", "members_added", "pending_tag", "members_packed", "since_commit_s")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[QuorumResponse.Action]
@@ -249,6 +251,7 @@ class QuorumResponse(_message.Message):
     MEMBERS_ADDED_FIELD_NUMBER: _ClassVar[int]
     PENDING_TAG_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_PACKED_FIELD_NUMBER: _ClassVar[int]
+    SINCE_COMMIT_S_FIELD_NUMBER: _ClassVar[int]
     action: QuorumResponse.Action
     round_id: int
     epoch: int
@@ -270,7 +273,8 @@ class QuorumResponse(_message.Message):
     members_added: _containers.RepeatedCompositeFieldContainer[IndexedMember]
     pending_tag: str
     members_packed: bytes
-    def __init__(self, action: _Optional[_Union[QuorumResponse.Action, str]] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., rank: _Optional[int] = ..., sync_from: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ..., members_digest: _Optional[bytes] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ..., members_base: _Optional[bytes] = ..., members_removed: _Optional[_Iterable[int]] = ..., members_added: _Optional[_Iterable[_Union[IndexedMember, _Mapping]]] = ..., pending_tag: _Optional[str] = ..., members_packed: _Optional[bytes] = ...) -> None: ...
+    since_commit_s: float
+    def __init__(self, action: _Optional[_Union[QuorumResponse.Action, str]] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., rank: _Optional[int] = ..., sync_from: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ..., members_digest: _Optional[bytes] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ..., members_base: _Optional[bytes] = ..., members_removed: _Optional[_Iterable[int]] = ..., members_added: _Optional[_Iterable[_Union[IndexedMember, _Mapping]]] = ..., pending_tag: _Optional[str] = ..., members_packed: _Optional[bytes] = ..., since_commit_s: _Optional[float] = ...) -> None: ...
 
 class RoundReport(_message.Message):
     __slots__ = ("bytes_sent", "bytes_received", "wall_s")

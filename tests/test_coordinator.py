@@ -349,6 +349,22 @@ def test_a_resync_answer_names_the_tag_and_step_of_the_quorum_the_run_waits_in_n
     waiting.cancel()
 
 
+def test_heartbeat_and_resync_answers_say_how_long_ago_the_last_round_committed(coordinator):
+    c = coordinator(quorum="first-k:2")
+    a, b, late = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2, 3))
+    beat = c.stub.Heartbeat(pb.HeartbeatRequest(run_id=RUN, peer_id=a), timeout=5)
+    assert beat.since_commit_s == 0.0  # no round committed yet: unknown
+    plans = [f.result() for f in [ask(c.stub, p) for p in (a, b)]]
+    held = ask(c.stub, late)
+    before = time.monotonic()
+    assert all(f.result().commit for f in [report(c.stub, p, plans[0]) for p in (a, b)])
+    resync = held.result()
+    beat = c.stub.Heartbeat(pb.HeartbeatRequest(run_id=RUN, peer_id=a), timeout=5)
+    after = time.monotonic()
+    assert resync.action == pb.QuorumResponse.RESYNC
+    assert 0.0 < resync.since_commit_s <= beat.since_commit_s <= after - before
+
+
 def test_a_resync_answer_names_no_waiting_quorum_that_forms_without_the_asker(coordinator):
     # first-k:2 forms round 2 with the next asker, whoever it is: a late peer joining with one step of work would
     # take the place of b's whole interval, so it is not told to.

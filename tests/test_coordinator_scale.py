@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from collectives.memberlists import entries_of, list_bytes, list_digest, unpack_list
-from collectives.membership import heartbeat_interval
+from collectives.membership import commit_time, heartbeat_interval
 from peer.bench.membership import bench_rate_limits
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.history import SeriesBook
@@ -157,6 +157,15 @@ def test_the_membership_bench_scales_the_default_limits_by_its_simulated_peers()
 )
 def test_a_peer_heartbeats_at_the_interval_an_answer_says_when_it_is_in_range(told, obeyed):
     assert heartbeat_interval(1.0, told) == obeyed
+
+
+@pytest.mark.parametrize(
+    "since, at",
+    [(2.5, 97.5), (86400.0, 100.0 - 86400.0), (0.0, None), (-1.0, None), (86401.0, None), (float("nan"), None),
+     (float("inf"), None)],
+)
+def test_a_peer_takes_the_time_of_the_runs_last_commit_from_an_answer_only_when_it_is_sane(since, at):
+    assert commit_time(since, now=100.0) == at
 
 
 def _joined(coordinator: Coordinator, n: int) -> list[str]:

@@ -6,6 +6,7 @@ import copy
 import itertools
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,37 @@ def test_a_diloco_peer_that_caught_up_joins_the_round_the_run_waits_in_after_one
     assert peer.tags == ["diloco"] * len(rounds)
     if pending:
         assert (opt.history[-1].step, opt.steps_since_sync) == (1, 2)  # a whole interval until the next
+
+
+class LateForDiLoCoOnTime(LateForDiLoCo):
+    """The same run, saying when its last round committed (``run_committed_at``) and its steps (``run_progress``)."""
+
+    def __init__(self, numel: int, committed_at: float) -> None:
+        super().__init__(numel, pending="")
+        self.committed_at = committed_at
+
+    def run_committed_at(self) -> float:
+        return self.committed_at
+
+    def run_progress(self) -> tuple[int, int]:
+        return 0, 0
+
+
+@pytest.mark.parametrize("ago_s, rounds", [
+    (7200.0, [(0, 1, False), (1, 2, True)]),  # the run committed two budgets ago: its next round is due now
+    (0.0, [(0, 1, False)]),  # it committed just now: a whole budget to go
+])
+def test_a_diloco_peer_on_a_time_budget_counts_its_interval_from_the_runs_last_commit_after_catching_up(
+    ago_s, rounds
+):
+    m = model()
+    committed_at = time.monotonic() - ago_s
+    peer = LateForDiLoCoOnTime(sum(p.numel() for p in m.parameters()), committed_at)
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), peer, codec="none", sync_seconds=3600.0)
+    assert opt.sync() is False  # caught up instead
+    assert opt.last_sync_time == committed_at
+    train(opt, m, 0, 1)
+    assert [(h.step, h.round_id, h.contributed) for h in opt.history] == rounds
 
 
 class AheadOfItsStateAndStep(AheadOfItsState):

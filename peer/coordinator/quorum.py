@@ -201,6 +201,10 @@ class Quorums:
             return ""
         return pending.tag if self.policy.waits_for(self.inputs(pending, now), peer_id) else ""
 
+    def since_commit(self, now: float) -> float:
+        """Seconds since the last round committed (0.0: none since this coordinator started)."""
+        return 0.0 if self.last_commit_at is None else max(now - self.last_commit_at, 1e-6)
+
     def in_flight(self) -> PendingCommit | None:
         """The attempt formed and not yet decided, if any."""
         return next(iter(self.commits.values()), None)

@@ -518,6 +518,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return pb.HeartbeatResponse(
             known=True, epoch=self.state.epoch, last_committed_round=self.state.last_committed_round,
             run_step=self.state.run_step, round_step=self.state.round_step, heartbeat_s=heartbeat_s, round_over=over,
+            since_commit_s=self.quorums.since_commit(time.monotonic()),
         )
 
     def _leave(self, req: pb.LeaveRequest) -> pb.LeaveResponse:
@@ -608,6 +609,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             self._mark_lost(peer, WAITS_FOR_STATE, kind="leave", state="left")
             raise BadRequest(grpc.StatusCode.NOT_FOUND, f"this peer waits for the run's state: {reason}")
         peer.state = "syncing"
+        now = time.monotonic()
         how = f"catch up {len(missed)} round(s)" if missed else f"from {sources[0].peer_id}"
         s.event("resync", peer.peer_id, f"behind round {s.last_committed_round}; {how}")
         return pb.QuorumResponse(
@@ -620,7 +622,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             sync_sources=[p.address for p in sources],
             run_step=s.run_step,
             round_step=s.round_step,
-            pending_tag=self.quorums.pending_tag(peer.peer_id, time.monotonic()),
+            pending_tag=self.quorums.pending_tag(peer.peer_id, now),
+            since_commit_s=self.quorums.since_commit(now),
         )
 
     def _missed(self, peer_id: str, last_round: int) -> list[pb.CommittedRound]:
