@@ -115,8 +115,7 @@ class Kernels:
     def dequantize(self, q: np.ndarray, scales: torch.Tensor, block: int, out: torch.Tensor) -> None:
         """out = q * scales[block] in fp32, for scales.numel() blocks of ``block`` int8 values in ``q``."""
         nblocks = scales.numel()
-        if q.dtype != np.int8 or q.ndim != 1 or not q.flags.c_contiguous or q.size != nblocks * block:
-            raise ValueError(f"q must be {nblocks * block} contiguous int8 values, got {q.size} {q.dtype}")
+        _require_array(q, np.int8, nblocks * block, "q")
         _require(scales, torch.float32, nblocks, "scales")
         _require(out, torch.float32, nblocks * block, "out")
         self._dequantize(q.ctypes.data, scales.data_ptr(), nblocks, block, out.data_ptr())
@@ -133,8 +132,7 @@ class Kernels:
         n = out.numel()
         if block < 1:
             raise ValueError(f"block must be positive, got {block}")
-        if packed.dtype != np.uint8 or packed.ndim != 1 or not packed.flags.c_contiguous or packed.size != (n + 1) // 2:
-            raise ValueError(f"packed must be {(n + 1) // 2} contiguous uint8 bytes, got {packed.size} {packed.dtype}")
+        _require_array(packed, np.uint8, (n + 1) // 2, "packed")
         _require(scales, torch.float32, -(-n // block), "scales")
         _require(out, torch.float32, n, "out")
         self._dequantize_nibbles(packed.ctypes.data, scales.data_ptr(), n, block, out.data_ptr())
@@ -195,10 +193,10 @@ class Kernels:
                 floats[t] = src.data_ptr()
                 continue
             q = src.values
+            if src.numel != n:
+                raise ValueError(f"source {t} must hold {n} values, got {src.numel}")
             dtype, size = (np.uint8, (n + 1) // 2) if src.nibbles else (np.int8, n)
-            if src.numel != n or q.dtype != dtype or q.ndim != 1 or not q.flags.c_contiguous or q.size != size:
-                raise ValueError(f"source {t} must hold {size} contiguous {np.dtype(dtype)} values, got {q.size} "
-                                 f"{q.dtype}")
+            _require_array(q, dtype, size, f"source {t}'s values")
             _require(src.scales, torch.float32, -(-n // src.block), f"source {t}'s scales")
             values[t], scales[t], nibbles[t] = q.ctypes.data, src.scales.data_ptr(), src.nibbles
             blocks.add(src.block)
@@ -216,6 +214,12 @@ def _require(t: torch.Tensor, dtype: torch.dtype, numel: int, name: str) -> None
     if t.dtype != dtype or t.numel() != numel or not t.is_contiguous() or t.device.type != "cpu":
         raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor of {numel} elements, "
                          f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def _require_array(a: np.ndarray, dtype: type, size: int, name: str) -> None:
+    # As _require, for the payload views the codecs hand over as numpy arrays.
+    if a.dtype != dtype or a.ndim != 1 or not a.flags.c_contiguous or a.size != size:
+        raise ValueError(f"{name} must be {size} contiguous {np.dtype(dtype)} values, got {a.size} {a.dtype}")
 
 
 def _cpu_fingerprint() -> str:
