@@ -492,7 +492,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if peer is None or not peer.alive:
             self._note_stranger(req.peer_id)
             return pb.HeartbeatResponse(known=False, epoch=self.state.epoch, round_over=over)
-        peer.last_seen = time.monotonic()
+        peer.last_seen = now = time.monotonic()
         if req.state_digest:
             # Refused before anything else is taken from this heartbeat when malformed.
             self._note_digest(req.last_round, checked_digest(req.state_digest), peer.peer_id)
@@ -518,7 +518,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return pb.HeartbeatResponse(
             known=True, epoch=self.state.epoch, last_committed_round=self.state.last_committed_round,
             run_step=self.state.run_step, round_step=self.state.round_step, heartbeat_s=heartbeat_s, round_over=over,
-            since_commit_s=self.quorums.since_commit(time.monotonic()),
+            since_commit_s=self.quorums.since_commit(now),
         )
 
     def _leave(self, req: pb.LeaveRequest) -> pb.LeaveResponse:
