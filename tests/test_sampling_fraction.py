@@ -89,11 +89,13 @@ def test_half_of_the_peers_per_round_drawn_as_anyone_can_check_and_identical_eve
             if e["event"] == "committed":
                 assert e["members"] == committed[e["round"] - 1]["members"], (name, e)
     # Identical parameters: every peer that holds a round holds the same digest for it.
+    # Rounds go on while the test waits, so a peer left out of one round may resync straight past `last`:
+    # each holds `last` or a later round, and no round is held with two digests.
     held = [states(peer) for peer in peers.values()]
-    for round_id in range(1, last + 1):
+    for round_id in sorted(set().union(*held)):
         digests = {s[round_id] for s in held if round_id in s}
-        assert len(digests) <= 1, f"round {round_id}: {len(digests)} different parameter digests"
-    assert len({s[last] for s in held}) == 1 and all(last in s for s in held)
+        assert len(digests) == 1, f"round {round_id}: {len(digests)} different parameter digests"
+    assert all(max(s) >= last for s in held)
     # The dashboard marks the members of the last committed round (the peers have left by now).
     marked = {p["peer_id"] for p in final["peers"] if p["in_last_round"]}
     assert marked == set(committed[-1]["members"])
