@@ -259,6 +259,7 @@ class ThreadState:
         self._buffers: dict[str, torch.Tensor] = {}
 
     def buffer(self, key: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A scratch tensor of n elements for key, reused (and grown) from call to call."""
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < n:
             buf = torch.empty(max(n, 1), dtype=dtype)
@@ -274,6 +275,7 @@ def check_numel(numel: object, least: int = 0) -> None:
 
 
 def count_nonfinite(x: torch.Tensor) -> int:
+    """How many elements of x are NaN or Inf."""
     return int(x.numel() - torch.isfinite(x).sum().item())
 
 
@@ -292,6 +294,7 @@ def check_finite(x: torch.Tensor, what: str) -> None:
 
 
 def nonfinite_error(x: torch.Tensor) -> NonFiniteError:
+    """The error an encoder raises for x, which holds NaN or Inf (the message counts them)."""
     count = count_nonfinite(x)
     return NonFiniteError(
         f"tensor to encode holds {count} non-finite value(s) (NaN or Inf) out of {x.numel()}; "

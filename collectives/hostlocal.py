@@ -48,6 +48,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -55,6 +56,9 @@ import torch
 from collectives.aggregators import AggregatorConfig
 from collectives.errors import RoundFailed
 from collectives.hostmarkers import MARKER_INFIX, clear_markers, discard, left_marker, marker_name, marker_stale
+
+if TYPE_CHECKING:  # for the hint only: membership is the layer that uses this module's host plans
+    from collectives.membership import RoundPlan
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +108,7 @@ def resolve_host_id(configured: str) -> str:
     return detect_host_id() if configured == "auto" else configured
 
 
-def round_hosts(plan, ids: list[str]) -> tuple[str, ...] | None:
+def round_hosts(plan: RoundPlan, ids: list[str]) -> tuple[str, ...] | None:
     """Host ids of the members ``ids`` (peer ids, rank order) of a round plan; a member that announced none is a
     host of its own. None when the coordinator sent no host ids (every member then runs the flat round)."""
     if len(plan.hosts) != len(plan.members):

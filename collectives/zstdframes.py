@@ -15,7 +15,7 @@ class BadFrame(ValueError):
     """Bytes that are not one sound zstd frame of an allowed size (the message says which check failed)."""
 
 
-def read_frame(payload, allowed: range, dctx: zstandard.ZstdDecompressor | None = None) -> bytes:
+def read_frame(payload: bytes | memoryview, allowed: range, dctx: zstandard.ZstdDecompressor | None = None) -> bytes:
     """The content of the one zstd frame in payload (bytes or a buffer), whose declared size must be in allowed;
     BadFrame when it is not a frame, declares no size or another one, has no checksum, or is corrupt."""
     try:

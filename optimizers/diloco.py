@@ -110,6 +110,7 @@ class DiLoCo(OuterOptimizer):
         return self.steps_since_sync >= self.config.sync_every
 
     def sync_if_due(self) -> bool:
+        """Sync now if a sync is due (by steps or by time) and a step was taken since the last; whether it committed."""
         # Only a stop during a sync leaves a due count behind (a sync that ends, committed or not, resets it). Synced
         # after the next step instead, this peer would sync a step after the others for the rest of the run. Never
         # without a step since the last sync: a time budget may have run out while a fresh peer joined.

@@ -30,9 +30,11 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from collectives.asynctasks import cancel_and_wait
 from collectives.membership import NO_QUORUM
@@ -230,30 +232,30 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
         return await self._answer(context, lambda req: self._join(req, self.callers.joiner_key(context, req)), request)
 
-    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         return await self._as_peer(context, "Heartbeat", request)
 
-    async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
         return await self._as_peer(context, "Leave", request)
 
-    async def Quorum(self, request: pb.QuorumRequest, context) -> pb.QuorumResponse:
+    async def Quorum(self, request: pb.QuorumRequest, context: grpc.aio.ServicerContext) -> pb.QuorumResponse:
         answer = await self.quorum_wire(request, context)
         # In-process callers get a message; the server sends quorum_wire's bytes as they are.
         return pb.QuorumResponse.FromString(answer) if isinstance(answer, bytes) else answer
 
-    async def quorum_wire(self, request: pb.QuorumRequest, context) -> pb.QuorumResponse | bytes:
+    async def quorum_wire(self, request: pb.QuorumRequest, context: grpc.aio.ServicerContext) -> pb.QuorumResponse | bytes:
         """Quorum as the server sends it: a ROUND answer comes serialised, its member list once for all members
         (Quorums._form) and left out for an asker that holds it, so answering 1,000 members costs one
         serialisation, not 1,000."""
         return await self._as_peer(context, "Quorum", request)
 
-    async def Commit(self, request: pb.CommitRequest, context) -> pb.CommitResponse:
+    async def Commit(self, request: pb.CommitRequest, context: grpc.aio.ServicerContext) -> pb.CommitResponse:
         return await self._as_peer(context, "Commit", request)
 
-    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         return await self._answer(context, self._status_rpc, request)
 
-    def peer_call(self, caller: Caller, rpc: str, request):
+    def peer_call(self, caller: Caller, rpc: str, request: Message) -> Message | bytes | Coroutine[Any, Any, Message | bytes]:
         """One call a peer makes as itself (rpc: Heartbeat, Leave, Quorum or Commit; its own RPC, or a message of
         its Session stream) from caller, checked as the call or the stream opened: the answer, or a coroutine for
         it (a Quorum answer may be bytes, as from quorum_wire); raises BadRequest."""
