@@ -22,8 +22,9 @@ The algorithms differ in the server step and in the client objective:
 ``fedprox``           FedAvg plus the proximal term mu/2 ||w - w_global||^2 in the
                       client objective (Li et al. 2020)
 ``client-momentum``   FedAvg-M (Cheng et al., "Momentum Benefits Non-IID Federated
-                      Learning Simply and Provably"): every local step follows
-                      (1 - b) * gradient + b * the last round's global direction
+                      Learning Simply and Provably"): every local step moves
+                      (1 - b) * its own step + b * lr * the last round's global
+                      direction (with SGD: a step along (1 - b) grad + b direction)
 ====================  ===============================================================
 
 Every one of them may add client-level differential privacy (``dp_clip``:
@@ -85,7 +86,7 @@ class FedConfig(SyncConfig):
     client_momentum: float = field(
         default=0.0,
         metadata={"help": "weight b of the last round's global direction in every local step "
-                  "((1-b) grad + b direction; 0: off; exact with --inner sgd)"},
+                  "(each local step: (1-b) x its own step + b x lr x direction; 0: off)"},
     )
     unsampled: str = field(
         default="wait",
@@ -188,7 +189,9 @@ class ClientMomentumConfig(FedConfig):
     TAG: ClassVar[str] = "client-momentum"
 
     client_momentum: float = field(
-        default=0.5, metadata={"help": "weight b of the last round's global direction: (1-b) grad + b direction"}
+        default=0.5,
+        metadata={"help": "weight b of the last round's global direction: each local step moves (1-b) x its own "
+                  "step + b x lr x direction"},
     )
 
 
@@ -247,18 +250,32 @@ class FedAvg(DiLoCo):
     # -- the client objective ----------------------------------------------------------
 
     def _adjust_gradients(self) -> None:
-        """FedProx's proximal gradient and client momentum's direction, added to the step's gradients."""
-        mu, b = self.config.proximal_mu, self.config.client_momentum
-        if mu == 0 and (b == 0 or self.direction is None):
+        """FedProx's proximal gradient, added to the step's gradients."""
+        mu = self.config.proximal_mu
+        if mu == 0:
             return
         with torch.no_grad():
             for i, p in enumerate(self.state.params):
-                if p.grad is None:
-                    continue
-                if mu:
+                if p.grad is not None:
                     p.grad.add_(p - self.state.globals[i].to(device=p.device, dtype=p.dtype), alpha=mu)
-                if b and self.direction is not None:
-                    p.grad.mul_(1.0 - b).add_(self.direction[i].to(device=p.device, dtype=p.dtype), alpha=b)
+
+    def _inner_step(self, step: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+        """Client momentum: the step moves each parameter by (1 - b) x the inner optimizer's own move plus
+        b x lr x the last round's direction. With plain SGD that is a step along (1 - b) grad + b direction; mixed
+        into the gradient instead, an adaptive optimizer (AdamW) would rescale the direction with its gradient
+        statistics and follow it round after round, away from the data."""
+        b = self.config.client_momentum
+        if b == 0 or self.direction is None:
+            return step()
+        with torch.no_grad():
+            before = [p.detach().clone() for p in self.state.params]
+        loss = step()
+        lr = float(self.inner.param_groups[0]["lr"])
+        with torch.no_grad():
+            for p, start, d in zip(self.state.params, before, self.direction, strict=True):
+                # p <- start + (1 - b) (p - start) - b lr d, written to move p in place.
+                p.sub_(start).mul_(1.0 - b).add_(start).sub_(d.to(device=p.device, dtype=p.dtype), alpha=b * lr)
+        return loss
 
     # -- the contribution ------------------------------------------------------------
 

@@ -244,9 +244,10 @@ class OuterOptimizer:
             raise ValueError(f"samples counts the examples a step trained on; got {samples}")
         if closure is None:
             self._adjust_gradients()
-            closure_loss = self.inner.step()
+            closure_loss = self._inner_step(self.inner.step)
         else:
-            closure_loss = self.inner.step(self._adjusted(closure))
+            adjusted = self._adjusted(closure)
+            closure_loss = self._inner_step(lambda: self.inner.step(adjusted))
         self.inner_steps += 1
         self.samples_trained += samples
         # Before the rounds: a blocking sync then shows this step, and the loss that led to it.
@@ -266,6 +267,10 @@ class OuterOptimizer:
 
     def _adjust_gradients(self) -> None:
         """Change the gradients before the inner step (e.g. FedProx's proximal term); a no-op by default."""
+
+    def _inner_step(self, step: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+        """Run the inner optimizer's step (``step``); an algorithm may change the move it makes (client momentum)."""
+        return step()
 
     def _report(self, loss: torch.Tensor | float | None) -> None:
         """Put the step count, loss, samples and speed on the peer's status (its heartbeats carry them)."""

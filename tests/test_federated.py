@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -114,6 +115,30 @@ def test_client_momentum_mixes_the_last_rounds_direction_into_each_gradient():
     opt.step()
     for p, b, d in zip(m.parameters(), before, direction):
         assert torch.allclose(p.detach(), b - 0.1 * 0.5 * d, rtol=0, atol=1e-7)
+
+
+def test_client_momentum_with_adamw_moves_by_the_mix_of_adamws_own_step_and_the_direction():
+    m = model()
+    config = ClientMomentumConfig(sync_every=2, client_momentum=0.5, codec="none")
+    opt = FedAvg(m, torch.optim.AdamW(m.parameters(), lr=0.01), LocalPeer(), config)
+    train(opt, m, 0, 2)  # one round: a direction to mix in
+    direction = opt.direction
+    # The same AdamW, from the same state, without the direction: the step it makes on its own.
+    twin = model()
+    twin.load_state_dict(m.state_dict())
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=0.01)
+    twin_opt.load_state_dict(copy.deepcopy(opt.inner.state_dict()))  # load_state_dict alone shares the tensors
+    x, y = batch(0, 7)
+    for net in (m, twin):
+        torch.nn.functional.mse_loss(net(x), y).backward()
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.step()
+    twin_opt.step()
+    for p, b, own, d in zip(m.parameters(), before, twin.parameters(), direction):
+        # (1 - b) x AdamW's own move + b x lr x direction: the direction is not fed through AdamW's statistics.
+        assert torch.allclose(p.detach(), b + 0.5 * (own.detach() - b) - 0.5 * 0.01 * d, rtol=0, atol=1e-7)
+    for state, twin_state in zip(opt.inner.state.values(), twin_opt.state.values()):
+        assert torch.equal(state["exp_avg"], twin_state["exp_avg"])
 
 
 def test_client_momentum_direction_is_the_mean_update_over_lr_times_steps():
