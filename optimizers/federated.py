@@ -49,6 +49,7 @@ from typing import Any, ClassVar
 import torch
 
 from collectives.errors import ConfigError
+from collectives.sampling import sample_size
 from collectives.statesync import StateSnapshot
 from collectives.syncphases import CaughtUp
 from optimizers.diloco import DiLoCo
@@ -195,6 +196,16 @@ class ClientMomentumConfig(FedConfig):
     )
 
 
+def sampling_rate(plan: Any) -> float:
+    """The round's sampling rate for the privacy accountant: members / candidates for a seeded random ``sample``
+    policy; 1 for any other (a roster sent as candidates, e.g. ``allbut`` or ``buffer``, was not drawn at random,
+    and only a random draw amplifies privacy)."""
+    members = len(plan.members)
+    if sample_size(getattr(plan, "policy", "")) is None or not plan.candidates:
+        return 1.0
+    return min(1.0, members / len(plan.candidates))
+
+
 class FedAvg(DiLoCo):
     """A federated client-and-server in one: local steps, then a round, then the same server step on every peer.
 
@@ -293,8 +304,7 @@ class FedAvg(DiLoCo):
         noisy = self.dp.prepare()
 
         def prepare(plan: Any, flat: torch.Tensor) -> torch.Tensor:
-            members = len(plan.members)
-            self._rates[plan.round_id] = min(1.0, members / (len(plan.candidates) or members))
+            self._rates[plan.round_id] = sampling_rate(plan)
             return noisy(plan, flat)
 
         return prepare

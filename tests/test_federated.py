@@ -10,7 +10,8 @@ import torch
 
 from collectives.elastic import CaughtUp, CommittedResult
 from collectives.errors import ConfigError
-from optimizers.federated import ClientMomentumConfig, FedAvg, FedConfig, FedProxConfig
+from collectives.membership import RoundPlan
+from optimizers.federated import ClientMomentumConfig, FedAvg, FedConfig, FedProxConfig, sampling_rate
 from optimizers.peers import LocalPeer
 from optimizers.privacy import DPConfig
 from optimizers.registry import get_algorithm
@@ -260,3 +261,20 @@ def test_a_round_of_another_algorithm_is_refused():
 def test_fedadam_config_builds_its_server_optimizer_from_flowers_names():
     config = TrainConfig.of("fedadam", eta=0.05, beta_1=0.8, tau=0.01).options
     assert (config.outer.name, config.outer.lr, config.outer.betas[0], config.outer.eps) == ("fedadam", 0.05, 0.8, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("policy", "members", "candidates", "rate"),
+    [
+        ("sample:2", "bc", "abcd", 0.5),  # a seeded random draw: the accountant's subsampling rate
+        ("sample:0.5", "bc", "abc", 2 / 3),
+        ("sample:2", "ab", "", 1.0),  # no candidates named: no rate to claim
+        ("allbut:1", "abc", "abcd", 1.0),  # the fastest three, not a random draw: no amplification
+        ("buffer:2", "ab", "abcd", 1.0),
+        ("all", "abcd", "", 1.0),
+    ],
+)
+def test_only_a_random_sample_counts_as_a_sampling_rate_for_privacy(policy, members, candidates, rate):
+    plan = RoundPlan("round", round_id=1, members=tuple((m, "") for m in members), policy=policy,
+                     candidates=tuple(candidates))
+    assert sampling_rate(plan) == rate
