@@ -31,7 +31,8 @@ Policies, chosen with the coordinator's ``quorum`` setting:
   as candidates);
 - ``buffer:K[,t=T]``: asynchronous rounds (FedBuff): every peer that asked,
   once K have (every live peer, if fewer are live), or T seconds after the
-  first one asked; the peers still training are not waited for;
+  first one asked; the peers still training are not waited for (roster as
+  candidates);
 - ``sample:K, ``sample:F``, ``sample:F,min=M``: the k peers
   ``collectives.sampling.sample_members`` draws from the run's seed and the
   round id among the live peers (members can check the draw); k is K, or
@@ -571,8 +572,11 @@ class Buffered(QuorumPolicy):
         """Every peer that asked, once K asked (all live peers if fewer) or T seconds after the first asked."""
         if q.coordinator_age_s < q.rules.startup_grace_s:
             return None
-        live = len(q.eligible | set(q.requesting))
-        ready = FormRound(tuple(order_members(set(q.requesting))))
+        roster = roster_of(q)
+        live = len(roster)
+        # The roster goes along as the candidates: members / candidates is each round's share of the live peers,
+        # by which asynchronous DiLoCo scales its outer step (optimizers/asyncdiloco.py).
+        ready = FormRound(tuple(order_members(set(q.requesting))), roster)
         if q.requesting and len(q.requesting) >= self._needed(live, q.rules):
             return ready
         if (self.timeout_s is not None and q.waited_s >= self.timeout_s
