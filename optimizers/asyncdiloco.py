@@ -22,6 +22,14 @@ and no slow peer every contribution is fresh, and async DiLoCo *is* DiLoCo,
 bit for bit. A contribution staler than ``max_staleness`` is dropped: the
 peer restarts from the current global parameters (it re-bases) and trains on.
 
+Share. A round of K of the n live peers is scaled by K/n (``scale_rounds``; the
+buffer policy names the live roster as the round's candidates): FedBuff's
+server learning rate, at the value that makes each contribution move the
+global model as far as in synchronous DiLoCo, so the outer optimizer tuned
+there keeps its meaning. Unscaled, K = 2 of 9 peers made every contribution
+count 4.5 times as much, and DiLoCo's Nesterov outer step overshot (eval loss
+2.9 where DiLoCo reaches 1.77; docs/async.md).
+
 Nothing is applied twice or lost: each committed round is applied once by
 every peer, by its members at commit and by everyone else at catch-up (the
 round ids say which), and a contribution counts only in the round that
@@ -32,7 +40,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -63,6 +71,9 @@ class AsyncDiLoCoConfig(DiLoCoConfig):
                 "or constant (no weighting)"})
     max_staleness: int = field(default=16, metadata={
         "help": "a contribution staler than this many rounds is dropped; the peer restarts from the run's state"})
+    scale_rounds: bool = field(default=True, metadata={
+        "help": "scale each round's mean by its members / the live peers (FedBuff's server rate K/n), so that a "
+                "contribution moves the model as far as in synchronous DiLoCo; off: every round is a whole outer step"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +88,19 @@ class AsyncDiLoCoConfig(DiLoCoConfig):
     def expected_quorum(self) -> str:
         """The coordinator's quorum policy these rounds need: ``buffer:K`` (and its timeout)."""
         return f"buffer:{self.buffer}" + ("" if self.buffer_timeout_s is None else f",t={self.buffer_timeout_s:g}")
+
+
+def round_share(plan: Any) -> float:
+    """A round's share of the live peers: its members / the candidates its plan names (1 when it names none, as
+    from a coordinator older than the buffer policy's roster)."""
+    members = len(plan.members)
+    return min(1.0, members / len(plan.candidates)) if plan.candidates else 1.0
+
+
+def _scale_to_share(plan: Any, flat: torch.Tensor) -> torch.Tensor:
+    share = round_share(plan)
+    # A new tensor either way (prepare's contract); K = n sends DiLoCo's contribution, bit for bit.
+    return flat.clone() if share == 1.0 else flat * share
 
 
 class AsyncDiLoCo(DiLoCo):
@@ -144,6 +168,13 @@ class AsyncDiLoCo(DiLoCo):
             if not self._caught_up:
                 return False
             # Caught up: the same contribution, now staler, goes to the next round.
+
+    def prepare(self) -> Callable[[Any, torch.Tensor], torch.Tensor] | None:
+        """With scale_rounds, each attempt's contribution times its members / the live peers (the plan's
+        candidates): every member scales by the same share, so the round's mean is scaled by it."""
+        if not self.config.scale_rounds:
+            return None
+        return _scale_to_share
 
     def _round_facts(self) -> dict[str, Any]:
         return {"staleness": self._tau}

@@ -15,8 +15,9 @@ import torch
 
 from collectives.elastic import CaughtUp, CommittedResult, Resynced
 from collectives.errors import ConfigError
-from collectives.parts import flatten
-from optimizers.asyncdiloco import AsyncDiLoCo, AsyncDiLoCoConfig
+from collectives.membership import RoundPlan
+from collectives.parts import flatten, unflatten_like
+from optimizers.asyncdiloco import AsyncDiLoCo, AsyncDiLoCoConfig, round_share
 from optimizers.diloco import DiLoCo
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalResult
@@ -62,6 +63,18 @@ class ScriptedPeer:
         return LocalResult(value=[t.clone() for t in tensors], round_id=self.round_id)
 
 
+class PlannedPeer:
+    """A round of one plan whose result is this peer's own prepared contribution (a mean of equal members)."""
+
+    def __init__(self, plan: RoundPlan) -> None:
+        self.plan = plan
+
+    def sync(self, tensors, weight=1.0, tag="", codec=None, aggregator=None, prepare=None):
+        flat = flatten(list(tensors))
+        sent = flat if prepare is None else prepare(self.plan, flat)
+        return LocalResult(value=unflatten_like(sent, list(tensors)), round_id=self.plan.round_id)
+
+
 def async_opt(m: torch.nn.Module, peer, **options) -> AsyncDiLoCo:
     return AsyncDiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), peer,
                        AsyncDiLoCoConfig(sync_every=3, codec="none", outer=SGD1, **options))
@@ -86,6 +99,45 @@ def test_with_k_equal_n_and_no_slow_peer_async_diloco_is_diloco_bit_for_bit() ->
     for a, b in zip(sync_models, async_models):
         assert all(torch.equal(x, y) for x, y in zip(params(a), params(b)))
     assert all(o.staleness_history == [0, 0, 0] for o in async_opts)
+
+
+# -- a round of K of the n live peers moves the model K/n of an outer step -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("members", "candidates", "share"),
+    [("ab", "abcd", 0.5), ("abc", "abc", 1.0), ("ab", "", 1.0), ("abcd", "abcde", 0.8)],
+)
+def test_a_rounds_share_is_its_members_over_the_live_peers_its_plan_names(members, candidates, share) -> None:
+    plan = RoundPlan("round", round_id=1, members=tuple((m, "") for m in members), candidates=tuple(candidates))
+    assert round_share(plan) == share
+
+
+def test_each_member_sends_its_contribution_times_the_rounds_share() -> None:
+    prepare = async_opt(model(), ScriptedPeer([])).prepare()
+    flat = torch.tensor([1.0, -2.0, 4.0])
+    two_of_four = RoundPlan("round", round_id=1, members=(("a", ""), ("b", "")), candidates=tuple("abcd"))
+    all_three = RoundPlan("round", round_id=2, members=(("a", ""), ("b", ""), ("c", "")), candidates=tuple("abc"))
+    assert torch.equal(prepare(two_of_four, flat), torch.tensor([0.5, -1.0, 2.0]))
+    sent = prepare(all_three, flat)
+    assert torch.equal(sent, flat) and sent is not flat  # K = n: the contribution unchanged (a new tensor)
+
+
+def test_without_scale_rounds_a_contribution_goes_as_it_is() -> None:
+    assert async_opt(model(), ScriptedPeer([]), scale_rounds=False).prepare() is None
+
+
+def test_rounds_of_two_of_four_peers_move_the_model_half_as_far_as_with_scale_rounds_off() -> None:
+    # Two peers of four live: every round's mean is halved, so with outer SGD at lr 1 each round moves half as far.
+    plan = RoundPlan("round", round_id=1, members=(("a", ""), ("b", "")), candidates=tuple("abcd"))
+    moves = {}
+    for scale in (True, False):
+        m = model()
+        opt = async_opt(m, PlannedPeer(plan), scale_rounds=scale)
+        start = flatten(params(m))
+        train(opt, m, 0, 3)
+        moves[scale] = flatten(opt.state.globals) - start
+    assert torch.allclose(moves[True], moves[False] * 0.5, rtol=0, atol=1e-7)
 
 
 # -- a late peer catches up, then contributes s(tau) times its pseudo-gradient ---------------------------

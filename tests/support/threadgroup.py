@@ -29,26 +29,30 @@ class ThreadGroup:
         self.n = n
         self.lock = threading.Lock()
         self.round_id = 0
-        self.pending: dict[int, tuple] = {}  # rank -> (flat, weight, tensors, future, within)
+        self.pending: dict[int, tuple] = {}  # rank -> (flat, weight, tensors, future, within, prepare)
         self.peers = [ThreadPeer(self, rank) for rank in range(n)]
 
-    def submit(self, rank: int, tensors, weight: float, aggregator=None, within=None) -> concurrent.futures.Future:
+    def submit(self, rank: int, tensors, weight: float, aggregator=None, within=None,
+               prepare=None) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self.lock:
             if rank in self.pending:
                 raise RuntimeError(f"rank {rank} submitted twice in one round")
-            self.pending[rank] = (flatten(list(tensors)), weight, list(tensors), future, within)
+            self.pending[rank] = (flatten(list(tensors)), weight, list(tensors), future, within, prepare)
             if len(self.pending) < self.n:
                 return future
             self.round_id += 1
             ranks = sorted(self.pending)
             # The plan a coordinator would send: every peer, by id; ``within`` cuts it into groups (NoLoCo's pairs).
             plan = RoundPlan(action="round", round_id=self.round_id, members=tuple((f"peer{r}", "") for r in ranks))
+            # What each member sends: its flat contribution, through its prepare hook (as a real round's members do).
+            sent = {r: self.pending[r][0] if self.pending[r][5] is None else self.pending[r][5](plan, self.pending[r][0])
+                    for r in ranks}
             results = {}
             for r in ranks:
                 chosen = self.pending[r][4]
                 group = ranks if chosen is None else sorted(int(pid[4:]) for pid in chosen(plan, rank=r))
-                rows = torch.stack([self.pending[g][0] for g in group])
+                rows = torch.stack([sent[g] for g in group])
                 results[r] = aggregate_rows(make_aggregator(aggregator or "mean"), rows, [self.pending[g][1] for g in group])
             done, self.pending = self.pending, {}
         for r in ranks:
@@ -63,9 +67,10 @@ class ThreadPeer:
         self.peer_id = f"peer{rank}"
 
     def sync_async(self, tensors, weight=1.0, tag="", codec=None, aggregator=None, within=None,
-                   own_state=False) -> concurrent.futures.Future:
+                   own_state=False, prepare=None) -> concurrent.futures.Future:
         chosen = None if within is None else (lambda plan, rank: within(plan))
-        return self.group.submit(self.rank, tensors, weight, aggregator, chosen)
+        return self.group.submit(self.rank, tensors, weight, aggregator, chosen, prepare)
 
-    def sync(self, tensors, weight=1.0, tag="", codec=None, aggregator=None, within=None, own_state=False) -> Result:
-        return self.sync_async(tensors, weight, tag, codec, aggregator, within, own_state).result(timeout=60)
+    def sync(self, tensors, weight=1.0, tag="", codec=None, aggregator=None, within=None, own_state=False,
+             prepare=None) -> Result:
+        return self.sync_async(tensors, weight, tag, codec, aggregator, within, own_state, prepare).result(timeout=60)
