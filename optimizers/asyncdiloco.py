@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 import torch
 
 from collectives.errors import ConfigError
+from collectives.membership import RoundPlan
 from collectives.statesync import StateSnapshot
 from collectives.syncphases import CaughtUp
 from optimizers.diloco import DiLoCo, DiLoCoConfig
@@ -90,14 +91,14 @@ class AsyncDiLoCoConfig(DiLoCoConfig):
         return f"buffer:{self.buffer}" + ("" if self.buffer_timeout_s is None else f",t={self.buffer_timeout_s:g}")
 
 
-def round_share(plan: Any) -> float:
+def round_share(plan: RoundPlan) -> float:
     """A round's share of the live peers: its members / the candidates its plan names (1 when it names none, as
     from a coordinator older than the buffer policy's roster)."""
     members = len(plan.members)
     return min(1.0, members / len(plan.candidates)) if plan.candidates else 1.0
 
 
-def _scale_to_share(plan: Any, flat: torch.Tensor) -> torch.Tensor:
+def _scale_to_share(plan: RoundPlan, flat: torch.Tensor) -> torch.Tensor:
     share = round_share(plan)
     # A new tensor either way (prepare's contract); K = n sends DiLoCo's contribution, bit for bit.
     return flat.clone() if share == 1.0 else flat * share

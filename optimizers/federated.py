@@ -49,6 +49,7 @@ from typing import Any, ClassVar
 import torch
 
 from collectives.errors import ConfigError
+from collectives.membership import RoundPlan
 from collectives.sampling import sample_size
 from collectives.statesync import StateSnapshot
 from collectives.syncphases import CaughtUp
@@ -196,12 +197,12 @@ class ClientMomentumConfig(FedConfig):
     )
 
 
-def sampling_rate(plan: Any) -> float:
+def sampling_rate(plan: RoundPlan) -> float:
     """The round's sampling rate for the privacy accountant: members / candidates for a seeded random ``sample``
     policy; 1 for any other (a roster sent as candidates, e.g. ``allbut`` or ``buffer``, was not drawn at random,
     and only a random draw amplifies privacy)."""
     members = len(plan.members)
-    if sample_size(getattr(plan, "policy", "")) is None or not plan.candidates:
+    if sample_size(plan.policy) is None or not plan.candidates:
         return 1.0
     return min(1.0, members / len(plan.candidates))
 
