@@ -22,6 +22,7 @@ heartbeats carry to the coordinator's dashboard), when the peer has one.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import operator
@@ -43,6 +44,15 @@ from optimizers.globalstate import GlobalState
 from optimizers.outer_optim import OuterConfig
 
 log = logging.getLogger(__name__)
+
+
+def takes_prepare(sync: Callable[..., Any]) -> bool:
+    """Whether a peer's sync (or sync_async) accepts the ``prepare`` argument (True when its signature is unknown)."""
+    try:
+        params = inspect.signature(sync).parameters
+    except (TypeError, ValueError):
+        return True
+    return "prepare" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 @dataclass(frozen=True)
@@ -315,8 +325,14 @@ class OuterOptimizer:
             tensors = self.contribution(self.round_indices(tag))
         call = self.peer.sync if wait else self.peer.sync_async
         prepare = self.prepare()
-        # Only passed when used, so a user's SyncPeer without the argument keeps working.
+        # Only passed when used, so a user's SyncPeer without the argument keeps working where it is not needed.
         if prepare is not None:
+            if not takes_prepare(call):
+                raise TypeError(
+                    f"{type(self.peer).__name__}.{call.__name__}() takes no `prepare` argument, which "
+                    f"{type(self).__name__} needs with these settings (it changes each attempt's contribution once "
+                    "the members are known): add it as optimizers.peers.SyncPeer describes"
+                )
             extra["prepare"] = prepare
         return call(tensors, weight=weight, tag=tag, codec=self.codec, aggregator=self.aggregator, **extra)
 

@@ -19,7 +19,7 @@ from collectives.errors import ConfigError
 from collectives.membership import PeerStatus
 from collectives.transport import Transport, TransportConfig
 from optimizers.diloco import DiLoCo
-from optimizers.outer import StepRate
+from optimizers.outer import StepRate, takes_prepare
 from optimizers.peers import LocalPeer
 from optimizers.streaming import StreamingDiLoCo
 from peer.coordinator.config import CoordinatorConfig
@@ -252,3 +252,20 @@ def test_the_coordinator_sees_each_api_peers_step_loss_samples_and_bytes():
             peer.close()
         pool.shutdown(wait=False, cancel_futures=True)
         coordinator.close()
+
+
+def _sync_with_prepare(tensors, weight=1.0, prepare=None): ...
+
+
+def _sync_with_kwargs(tensors, **extra): ...
+
+
+def _sync_without_prepare(tensors, weight=1.0): ...
+
+
+@pytest.mark.parametrize(
+    ("sync", "takes"),
+    [(_sync_with_prepare, True), (_sync_with_kwargs, True), (_sync_without_prepare, False), (LocalPeer().sync, True)],
+)
+def test_a_peers_sync_takes_prepare_when_it_names_it_or_takes_any_keyword(sync, takes):
+    assert takes_prepare(sync) is takes

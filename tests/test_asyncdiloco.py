@@ -140,6 +140,27 @@ def test_rounds_of_two_of_four_peers_move_the_model_half_as_far_as_with_scale_ro
     assert torch.allclose(moves[True], moves[False] * 0.5, rtol=0, atol=1e-7)
 
 
+class PeerWithoutPrepare:
+    """A user's peer written before ``prepare`` (a run of one: the round's result is the contribution)."""
+
+    def sync(self, tensors, weight=1.0, tag="", codec=None, aggregator=None):
+        return LocalResult(value=[t.clone() for t in tensors], round_id=1)
+
+
+def test_a_peer_whose_sync_takes_no_prepare_is_told_what_to_add() -> None:
+    m = model()
+    opt = async_opt(m, PeerWithoutPrepare())
+    with pytest.raises(TypeError, match=r"PeerWithoutPrepare.sync\(\) takes no `prepare` argument.*SyncPeer"):
+        train(opt, m, 0, 3)
+
+
+def test_without_scale_rounds_a_peer_without_prepare_still_syncs() -> None:
+    m = model()
+    opt = async_opt(m, PeerWithoutPrepare(), scale_rounds=False)
+    train(opt, m, 0, 3)
+    assert opt.committed_rounds == 1
+
+
 # -- a late peer catches up, then contributes s(tau) times its pseudo-gradient ---------------------------
 
 
