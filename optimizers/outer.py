@@ -328,8 +328,9 @@ class OuterOptimizer:
         # Only passed when used, so a user's SyncPeer without the argument keeps working where it is not needed.
         if prepare is not None:
             if not takes_prepare(call):
+                method = getattr(call, "__name__", "sync")
                 raise TypeError(
-                    f"{type(self.peer).__name__}.{call.__name__}() takes no `prepare` argument, which "
+                    f"{type(self.peer).__name__}.{method}() takes no `prepare` argument, which "
                     f"{type(self).__name__} needs with these settings (it changes each attempt's contribution once "
                     "the members are known): add it as optimizers.peers.SyncPeer describes"
                 )
