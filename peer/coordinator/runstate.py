@@ -79,7 +79,8 @@ class RoundRecord:
     reason: str = ""
     duration_s: float | None = None
     bytes: int = 0
-    # The peers a sample round was drawn from (empty for other policies): its members are sample_members of them.
+    # The round's candidates as its policy named them: a sample's pool (its members are sample_members of them), or
+    # the live roster of a roster policy (allbut, backup, grace, coded, buffer); empty for the others.
     candidates: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
