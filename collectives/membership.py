@@ -243,6 +243,11 @@ class RoundPlan:
     # resync: the tag of the quorum the run's peers wait in now ("": none).
     pending_tag: str = ""
 
+    def share(self) -> float:
+        """Members / the candidates the plan names: the round's share of its policy's pool (a sample's, or the live
+        roster); 1 when it names none."""
+        return min(1.0, len(self.members) / len(self.candidates)) if self.candidates else 1.0
+
     def check_sample(self) -> None:
         """Raise SampleMismatch if this is a sample round whose members are not the seeded sample.
 

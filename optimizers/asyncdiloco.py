@@ -91,15 +91,9 @@ class AsyncDiLoCoConfig(DiLoCoConfig):
         return f"buffer:{self.buffer}" + ("" if self.buffer_timeout_s is None else f",t={self.buffer_timeout_s:g}")
 
 
-def round_share(plan: RoundPlan) -> float:
-    """A round's share of the live peers: its members / the candidates its plan names (1 when it names none, as
-    from a coordinator older than the buffer policy's roster)."""
-    members = len(plan.members)
-    return min(1.0, members / len(plan.candidates)) if plan.candidates else 1.0
-
-
 def _scale_to_share(plan: RoundPlan, flat: torch.Tensor) -> torch.Tensor:
-    share = round_share(plan)
+    # The buffer policy names the live roster as candidates; a coordinator older than that names none (share 1).
+    share = plan.share()
     # A new tensor either way (prepare's contract); K = n sends DiLoCo's contribution, bit for bit.
     return flat.clone() if share == 1.0 else flat * share
 

@@ -201,10 +201,7 @@ def sampling_rate(plan: RoundPlan) -> float:
     """The round's sampling rate for the privacy accountant: members / candidates for a seeded random ``sample``
     policy; 1 for any other (a roster sent as candidates, e.g. ``allbut`` or ``buffer``, was not drawn at random,
     and only a random draw amplifies privacy)."""
-    members = len(plan.members)
-    if sample_size(plan.policy) is None or not plan.candidates:
-        return 1.0
-    return min(1.0, members / len(plan.candidates))
+    return plan.share() if sample_size(plan.policy) is not None else 1.0
 
 
 class FedAvg(DiLoCo):

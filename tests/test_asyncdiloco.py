@@ -17,7 +17,7 @@ from collectives.elastic import CaughtUp, CommittedResult, Resynced
 from collectives.errors import ConfigError
 from collectives.membership import RoundPlan
 from collectives.parts import flatten, unflatten_like
-from optimizers.asyncdiloco import AsyncDiLoCo, AsyncDiLoCoConfig, round_share
+from optimizers.asyncdiloco import AsyncDiLoCo, AsyncDiLoCoConfig
 from optimizers.diloco import DiLoCo
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalResult
@@ -110,7 +110,7 @@ def test_with_k_equal_n_and_no_slow_peer_async_diloco_is_diloco_bit_for_bit() ->
 )
 def test_a_rounds_share_is_its_members_over_the_live_peers_its_plan_names(members, candidates, share) -> None:
     plan = RoundPlan("round", round_id=1, members=tuple((m, "") for m in members), candidates=tuple(candidates))
-    assert round_share(plan) == share
+    assert plan.share() == share
 
 
 def test_each_member_sends_its_contribution_times_the_rounds_share() -> None:
