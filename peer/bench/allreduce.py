@@ -13,6 +13,9 @@ With ``--netns`` (root) every worker lives in its own network namespace behind
 namespaces, addresses and caps: the comparison is on the link, as on a WAN.
 Both sides then also report what their veths carried and the CPU-seconds
 their processes spent per round.
+
+With ``--hivemind`` hivemind's all-reduce is measured too, on the same links and tensors, by workers under an
+interpreter that has hivemind (``peer/bench/hivemind_baseline.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 from collections.abc import Iterator
 
 from collectives.allreduce import mean_error_bound
@@ -27,6 +31,7 @@ from collectives.codecs import CodecConfig
 from collectives.errors import RoundFailed
 from collectives.ratelimit import format_bandwidth, parse_bandwidth
 from collectives.transport import TransportConfig, codec_threads_for
+from peer.bench import hivemind_baseline
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import print_report, require
 from peer.bench.progress import Progress, progress_for
@@ -72,6 +77,23 @@ FIELDS: Fields = {
     "transport's token buckets cap ours, and gloo runs uncapped on 127.0.0.1)",
     "congestion_control": "with --netns: the TCP congestion control of every namespace, ours and gloo's alike "
     "(--congestion-control; by default the first of cubic, reno the kernel lets a namespace set)",
+    "hivemind": "with --hivemind: hivemind's DecentralizedAverager all-reduce of the same tensors, on the same links "
+    "(its own processes, after ours and gloo's; matchmaking done before each timed round)",
+    "hivemind.method": "what it runs: the averager and its compression (--hivemind-codec; default the counterpart "
+    "of --codec: none, fp16 or int8 (Uniform8BitQuantization), else fp32)",
+    "hivemind.version": "the hivemind version the workers imported",
+    "hivemind.codec": "hivemind's compression, by this benchmark's name for it",
+    "hivemind.median_s": "median over its timed rounds of the slowest peer's seconds, release to result",
+    "hivemind.times_s": "the slowest peer's seconds of every timed round",
+    "hivemind.cpu_s_per_round": "CPU-seconds per round of its processes (worker, DHT, averager, p2pd daemon)",
+    "hivemind.bytes_sent_per_peer": "its butterfly's payload per peer: 2 (N-1)/N x numel x bytes per value "
+    "(hivemind exposes no counters)",
+    "hivemind.max_abs_error": "largest |result - exact mean| over elements and peers",
+    "hivemind.identical_across_peers": "true when every hivemind peer ended with bit-identical results",
+    "hivemind.wire_bytes_per_round": "with --netns: what its veths carried per round (its warm-up round and DHT "
+    "traffic included)",
+    "hivemind.link_utilization": "with --netns and --bandwidth: its payload bits / cap / its median_s",
+    "ratio_vs_hivemind": "median_s / hivemind.median_s: below 1 our all-reduce is faster than hivemind's",
     "wire": "with --netns: what each side's veths carried per round (tx bytes per peer, median over peers, "
     "warm-up and barrier rounds included; Ethernet, IP and TCP headers included)",
 }
@@ -118,11 +140,21 @@ def run(
     progress: Progress | None = None,
     hierarchical: bool = False,
     congestion_control: str | None = None,
+    hivemind_python: str | None = None,
+    hivemind_codec: str | None = None,
 ) -> dict:
-    """Run the benchmark and return its report as a JSON-ready dict (codec_threads None: codec_threads_for)."""
+    """Run the benchmark and return its report as a JSON-ready dict (codec_threads None: codec_threads_for;
+    hivemind_python None: no hivemind baseline)."""
     bandwidth_bps = check_arguments(
         peers, numel, codec, bandwidth, repeat, chunk_bytes, codec_threads, timeout_s, netns
     )
+    hivemind_job = None
+    if hivemind_python is not None:
+        hivemind_job = hivemind_baseline.HivemindJob(
+            python=hivemind_python, peers=peers, numel=numel, repeat=repeat, timeout_s=timeout_s,
+            codec=hivemind_baseline.counterpart(CodecConfig.parse(codec).name, hivemind_codec),
+        )
+        hivemind_version = hivemind_baseline.hivemind_version(hivemind_python)  # before any namespace or process
     # Namespaces stand for separate hosts: one host id would take the bytes off their shaped links.
     require(not (hierarchical and netns), "--hierarchical puts every peer on one host; it cannot go with --netns")
     require(congestion_control is None or netns, "--congestion-control sets the namespaces' TCP; it needs --netns")
@@ -176,6 +208,25 @@ def run(
                         "bytes_sent_per_peer": 2 * (peers - 1) / peers * 4 * numel,
                     }
                     progress.end(f"median {baseline['median_s']:.3f} s")
+            hivemind = None
+            if hivemind_job is not None:
+                progress.begin(f"hivemind all-reduce ({hivemind_job.codec}), {repeat} rounds")
+                before = _tx_bytes(network)
+                names = list(network.hosts) if network is not None else []
+                try:
+                    hivemind_reports = hivemind_baseline.run_workers(
+                        hivemind_job,
+                        [network.exec_prefix(n) for n in names] if names else [[] for _ in range(peers)],
+                        [network.hosts[n].ip for n in names] if names else ["127.0.0.1"] * peers,
+                    )
+                finally:
+                    for name in names:  # torch's shared-memory manager leaves the workers' process groups
+                        network.end_processes(name)
+                hivemind = hivemind_baseline.summarise(
+                    hivemind_job, hivemind_version, hivemind_reports, _per_round(before, _tx_bytes(network), repeat + 1),
+                    bandwidth_bps if netns else None,
+                )
+                progress.end(f"median {hivemind['median_s']:.3f} s")
     except WorkerError as exc:  # a worker died or raised: a child's failure, said in one line
         raise ChildFailed(f"all-reduce {exc} (its own messages are above, on stderr)") from exc
     times = _per_repeat_max(replies)
@@ -207,6 +258,9 @@ def run(
     if baseline is not None:
         report["baseline"] = baseline
         report["ratio_vs_gloo"] = median / baseline["median_s"]
+    if hivemind is not None:
+        report["hivemind"] = hivemind
+        report["ratio_vs_hivemind"] = median / hivemind["median_s"]
     if bandwidth_bps:
         report["bandwidth"] = format_bandwidth(bandwidth_bps)
         report["link_utilization"] = (report["bytes_sent_per_peer"] * 8 / bandwidth_bps) / median
@@ -295,6 +349,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-gloo", action="store_true", help="skip the gloo baseline")
     parser.add_argument(
+        "--hivemind", nargs="?", const=sys.executable, default=None, metavar="PYTHON",
+        help="also measure hivemind's all-reduce, run by PYTHON (an interpreter with hivemind; default: this one)",
+    )
+    parser.add_argument(
+        "--hivemind-codec", default=None, choices=hivemind_baseline.HIVEMIND_CODECS,
+        help="hivemind's compression (default: the counterpart of --codec, else none)",
+    )
+    parser.add_argument(
         "--hierarchical", action="store_true",
         help="every peer on one host id: they reduce through shared memory (the codec applies between hosts only)",
     )
@@ -313,7 +375,7 @@ def main(ns: argparse.Namespace) -> int:
             peers=ns.peers, numel=ns.numel, codec=ns.codec, bandwidth=ns.bandwidth, repeat=ns.repeat,
             chunk_bytes=ns.chunk_bytes, gloo=not ns.no_gloo, timeout_s=ns.timeout, codec_threads=ns.codec_threads,
             netns=ns.netns, progress=progress, hierarchical=ns.hierarchical,
-            congestion_control=ns.congestion_control,
+            congestion_control=ns.congestion_control, hivemind_python=ns.hivemind, hivemind_codec=ns.hivemind_codec,
         )
     print_report(report, ns.json)
     return 0

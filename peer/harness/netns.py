@@ -75,9 +75,11 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import string
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -550,6 +552,22 @@ class NetnsNetwork:
     def exec_prefix(self, name: str) -> list[str]:
         """["ip", "netns", "exec", <namespace>]: prepend to a child's argv to run it inside host name."""
         return netns_exec(self._host(name).netns)
+
+    def end_processes(self, name: str, wait_s: float = 10.0) -> list[int]:
+        """SIGKILL whatever still runs in host name's namespace (daemons that left their parent's process group,
+        e.g. torch_shm_manager) and wait up to wait_s for them to go; returns the pids it killed."""
+        netns = self._host(name).netns
+        try:
+            pids = [int(p) for p in _run(["ip", "netns", "pids", netns]).stdout.split()]
+        except NetnsError:
+            return []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.05)
+        return pids
 
     def netns_of(self, name: str) -> str:
         """The network namespace of host name (a process started in it is that host)."""

@@ -1,0 +1,181 @@
+"""hivemind's all-reduce as a second baseline of ``loconet bench allreduce`` (``--hivemind``).
+
+hivemind is not a dependency of loconet: its workers run under an interpreter that has it
+(``--hivemind PYTHON``), each a standalone script (``hivemind_worker.py``) copied into a fresh folder, so
+nothing of loconet is on its path. With ``--netns`` they run in the same namespaces, on the same addresses and
+capped links as loconet's workers and gloo's, one after the other, never at once. Each round is matched by
+hivemind's matchmaking first and then released at one instant for all peers: the times are its
+``DecentralizedAverager`` all-reduce alone, the slowest peer's, as loconet's leave out its quorum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from peer.bench.kit import require
+from peer.harness.processes import ChildFailed
+
+WORKER = Path(__file__).with_name("hivemind_worker.py")
+# hivemind's compression for each of loconet's codecs that has one; any other codec is compared with fp32.
+COUNTERPARTS = {"none": "none", "fp16": "fp16", "int8": "int8"}
+HIVEMIND_CODECS = ("none", "fp16", "int8", "quantile8")
+BYTES_PER_VALUE = {"none": 4, "fp16": 2, "int8": 1, "quantile8": 1}
+METHODS = {
+    "none": "hivemind DecentralizedAverager all-reduce, NoCompression (fp32)",
+    "fp16": "hivemind DecentralizedAverager all-reduce, Float16Compression",
+    "int8": "hivemind DecentralizedAverager all-reduce, Uniform8BitQuantization",
+    "quantile8": "hivemind DecentralizedAverager all-reduce, Quantile8BitQuantization",
+}
+INSTALL_HINT = (
+    "make a venv for it (python3 -m venv /opt/hivemind && /opt/hivemind/bin/pip install torch==2.13.0 "
+    "hivemind==1.1.12 'numpy<2'), then pass --hivemind /opt/hivemind/bin/python"
+)
+_VERSION_TIMEOUT_S = 120.0
+_ROUND_EXTRA_S = 10.0
+_START_S = 120.0
+_KILL_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class HivemindJob:
+    """What every hivemind worker of one baseline run is given (timeout_s: per round)."""
+
+    python: str
+    peers: int
+    numel: int
+    repeat: int
+    codec: str
+    timeout_s: float
+    seed: int = 1
+
+
+def counterpart(codec_name: str, chosen: str | None) -> str:
+    """hivemind's compression to compare with loconet's codec: the one chosen, else its counterpart, else fp32."""
+    if chosen is not None:
+        require(chosen in HIVEMIND_CODECS, f"--hivemind-codec must be one of {', '.join(HIVEMIND_CODECS)}, got {chosen}")
+        return chosen
+    return COUNTERPARTS.get(codec_name, "none")
+
+
+def hivemind_version(python: str) -> str:
+    """The hivemind version python imports; ConfigError with how to install it when it cannot."""
+    try:
+        done = subprocess.run(
+            [python, "-c", "import hivemind; print(hivemind.__version__)"], capture_output=True, text=True,
+            timeout=_VERSION_TIMEOUT_S, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        require(False, f"--hivemind {python} does not run ({exc}); {INSTALL_HINT}")
+    last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+    require(done.returncode == 0, f"--hivemind needs hivemind, and {python} cannot import it ({last}); {INSTALL_HINT}")
+    return done.stdout.strip()
+
+
+def worker_argv(job: HivemindJob, rank: int, ip: str, meet: Path) -> list[str]:
+    """The command line of one hivemind worker (run from meet, where the script is copied)."""
+    return [
+        job.python, str(meet / WORKER.name), "--rank", str(rank), "--peers", str(job.peers),
+        "--numel", str(job.numel), "--repeat", str(job.repeat), "--codec", job.codec, "--ip", ip,
+        "--meet", str(meet), "--seed", str(job.seed), "--timeout", str(job.timeout_s),
+    ]
+
+
+def run_workers(job: HivemindJob, prefixes: list[list[str]], ips: list[str]) -> list[dict]:
+    """Start one worker per rank (argv prefixed by prefixes[rank], e.g. ``ip netns exec``) and return their
+    reports in rank order; ChildFailed naming the first that failed, with its last error line."""
+    with tempfile.TemporaryDirectory(prefix="loconet-hivemind-") as folder:
+        meet = Path(folder)
+        shutil.copy(WORKER, meet / WORKER.name)  # run from here: loconet's bench folder stays off its sys.path
+        logs = [meet / f"stderr-{rank}.log" for rank in range(job.peers)]
+        with contextlib.ExitStack() as stack:
+            procs = []
+            for rank in range(job.peers):
+                err = stack.enter_context(logs[rank].open("w"))
+                # Output goes to files, not pipes: a daemon the worker leaves behind would hold a pipe open.
+                procs.append(subprocess.Popen(
+                    prefixes[rank] + worker_argv(job, rank, ips[rank], meet), stdin=subprocess.DEVNULL,
+                    stdout=err, stderr=err, start_new_session=True,
+                ))
+            stack.callback(_kill_all, procs)
+            # Every round may take its timeout, plus matchmaking; starting a DHT and p2pd takes seconds.
+            whole_s = (job.repeat + 1) * (job.timeout_s + _ROUND_EXTRA_S) + _START_S
+            deadline = time.monotonic() + whole_s
+            outputs = [_finish(proc, deadline, logs[rank], meet, rank) for rank, proc in enumerate(procs)]
+    return outputs
+
+
+def _finish(proc: subprocess.Popen, deadline: float, log: Path, meet: Path, rank: int) -> dict:
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise ChildFailed(f"hivemind worker {rank} did not finish in time (its log: {log})") from None
+    if proc.returncode != 0:
+        lines = log.read_text(errors="replace").strip().splitlines() or ["no message"]
+        raise ChildFailed(f"hivemind worker {rank} exited with {proc.returncode}: {lines[-1]}")
+    try:
+        return json.loads((meet / f"report-{rank}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ChildFailed(f"hivemind worker {rank} wrote no report") from None
+
+
+def _kill_all(procs: list[subprocess.Popen]) -> None:
+    """Kill every worker's process group (hivemind's DHT, averager and p2pd daemon are its children)."""
+    for proc in procs:
+        # Even after the worker exited: a child left in its session (p2pd) must not outlive the benchmark.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # A killed process lingers until the kernel has torn it down; a namespace is removed only after that.
+    deadline = time.monotonic() + _KILL_WAIT_S
+    for proc in procs:
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def summarise(job: HivemindJob, version: str, reports: list[dict], wire_per_round: float | None,
+              bandwidth_bps: float | None) -> dict:
+    """The baseline's part of the report: per repeat the slowest peer's time, and medians over repeats."""
+    times = [max(per_round) for per_round in zip(*(r["times_s"] for r in reports))]
+    median = statistics.median(times)
+    summary = {
+        "method": METHODS[job.codec],
+        "version": version,
+        "codec": job.codec,
+        "median_s": median,
+        "times_s": times,
+        "cpu_s_per_round": statistics.median(sum(cpus) for cpus in zip(*(r["cpu_s"] for r in reports))),
+        "bytes_sent_per_peer": payload_bytes(job.peers, job.numel, job.codec),
+        "max_abs_error": max(r["max_abs_error"] for r in reports),
+        "identical_across_peers": len({r["sha256"] for r in reports}) == 1,
+    }
+    if wire_per_round is not None:
+        summary["wire_bytes_per_round"] = wire_per_round
+    if bandwidth_bps:
+        summary["link_utilization"] = summary["bytes_sent_per_peer"] * 8 / bandwidth_bps / median
+    return summary
+
+
+def payload_bytes(peers: int, numel: int, codec: str) -> float:
+    """Bytes a peer sends in hivemind's butterfly all-reduce: (N-1)/N of its tensor to the other parts' owners,
+    and its own part's result to the N-1 others, at the compression's bytes per value (scales left out)."""
+    return 2 * (peers - 1) / peers * BYTES_PER_VALUE[codec] * numel

@@ -1,0 +1,161 @@
+"""One hivemind peer of ``loconet bench allreduce --hivemind``: a standalone script, run by hivemind's interpreter.
+
+It imports only the standard library, torch and hivemind (never loconet), so it runs under any Python that has
+hivemind installed, inside a network namespace or not. The peers meet through files in a shared folder: rank 0
+writes its DHT addresses, then, for every round, the wall-clock instant at which all peers release the
+all-reduce. Each round is matched ahead of time (``step(require_trigger=True)``), so the times measured are
+hivemind's all-reduce alone, not its matchmaking, as loconet's figures leave out the quorum. The report is one
+JSON object in the shared folder (``report-<rank>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# Matchmaking must fit between a round's scheduling and its release; the release waits for every peer's group.
+_MATCH_S = 2.0
+_READY_TIMEOUT_S = 120.0
+_POLL_S = 0.01
+
+
+def _cpu_s() -> float:
+    """CPU-seconds of this process and every live descendant: hivemind's DHT, averager and p2pd are processes."""
+    return sum(_proc_cpu_s(pid) for pid in _tree(os.getpid()))
+
+
+def _tree(pid: int) -> list[int]:
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in children:
+            found.extend(_tree(int(child)))
+    return found
+
+
+def _proc_cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:  # it ended meanwhile
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, all its threads
+
+
+def _wait_for(path: Path, timeout_s: float = _READY_TIMEOUT_S) -> str:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"hivemind peer: {path.name} did not appear within {timeout_s:.0f} s")
+        time.sleep(_POLL_S)
+    return path.read_text()
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # readers never see half a file
+
+
+def _tensor(seed: int, rank: int, numel: int):
+    import torch
+
+    return torch.randn(numel, generator=torch.Generator().manual_seed(seed * 1_000_003 + rank))
+
+
+def _compression(codec: str):
+    from hivemind import compression
+
+    choices = {
+        "none": compression.NoCompression,
+        "fp16": compression.Float16Compression,
+        "int8": compression.Uniform8BitQuantization,
+        "quantile8": compression.Quantile8BitQuantization,
+    }
+    return choices[codec]()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--peers", type=int, required=True)
+    parser.add_argument("--numel", type=int, required=True)
+    parser.add_argument("--repeat", type=int, required=True)
+    parser.add_argument("--codec", choices=("none", "fp16", "int8", "quantile8"), required=True)
+    parser.add_argument("--ip", default="127.0.0.1", help="the address this peer listens on")
+    parser.add_argument("--meet", type=Path, required=True, help="a folder every peer can read and write")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds a round may take before it fails")
+    ns = parser.parse_args(argv)
+
+    import hivemind
+    import torch
+    from hivemind.averaging.control import AveragingStage
+    from hivemind.utils import get_dht_time
+
+    torch.set_num_threads(1)
+    initial = []
+    if ns.rank > 0:
+        initial = json.loads(_wait_for(ns.meet / "dht.json"))
+    dht = hivemind.DHT(start=True, initial_peers=initial, host_maddrs=[f"/ip4/{ns.ip}/tcp/0"])
+    if ns.rank == 0:
+        _write(ns.meet / "dht.json", json.dumps([str(a) for a in dht.get_visible_maddrs()]))
+    mine = _tensor(ns.seed, ns.rank, ns.numel)
+    averager = hivemind.averaging.DecentralizedAverager(
+        [torch.zeros(ns.numel)], dht, start=True, prefix="bench", target_group_size=ns.peers,
+        min_group_size=ns.peers, min_matchmaking_time=_MATCH_S, compression=_compression(ns.codec),
+        request_timeout=_MATCH_S / 2, allreduce_timeout=ns.timeout,
+    )
+    times, cpus = [], []
+    digest = ""
+    for round_index in range(ns.repeat + 1):  # round 0 warms up: connections, buffers
+        with averager.get_tensors() as tensors:
+            tensors[0].copy_(mine)
+        control = averager.step(wait=False, require_trigger=True, scheduled_time=get_dht_time() + _MATCH_S,
+                                timeout=_MATCH_S + ns.timeout)
+        while control.stage != AveragingStage.AWAITING_TRIGGER:
+            if control.done():
+                control.result()  # raises what went wrong
+                raise RuntimeError("hivemind step finished before its trigger")
+            time.sleep(_POLL_S)
+        _write(ns.meet / f"ready-{round_index}-{ns.rank}", "")
+        if ns.rank == 0:
+            for rank in range(ns.peers):
+                _wait_for(ns.meet / f"ready-{round_index}-{rank}")
+            _write(ns.meet / f"go-{round_index}", repr(time.time() + 0.05))
+        go = float(_wait_for(ns.meet / f"go-{round_index}"))
+        time.sleep(max(0.0, go - time.time()))
+        cpu0 = _cpu_s()
+        control.allow_allreduce()
+        control.result(timeout=ns.timeout)
+        done = time.time()
+        cpus.append(_cpu_s() - cpu0)
+        if round_index > 0:
+            times.append(done - go)
+        with averager.get_tensors() as tensors:
+            result = tensors[0].clone()
+        digest = hashlib.sha256(result.numpy().tobytes()).hexdigest()
+    exact = sum(_tensor(ns.seed, rank, ns.numel).double() for rank in range(ns.peers)) / ns.peers
+    report = {
+        "rank": ns.rank,
+        "times_s": times,
+        "cpu_s": cpus[1:],
+        "sha256": digest,
+        "max_abs_error": float((result.double() - exact).abs().max()),
+        "hivemind": hivemind.__version__,
+    }
+    averager.shutdown()
+    dht.shutdown()
+    _write(ns.meet / f"report-{ns.rank}.json", json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""``loconet bench allreduce --hivemind``: hivemind's all-reduce as a second baseline, run by its own interpreter.
+
+hivemind is not a dependency: these tests drive the launcher with stand-in interpreters (shell scripts), and the
+one end-to-end test runs only when LOCONET_HIVEMIND_PYTHON names an interpreter that has hivemind.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from collectives.errors import ConfigError
+from peer.bench import hivemind_baseline as hb
+from peer.cli import main
+from peer.harness.processes import ChildFailed
+
+HIVEMIND_PYTHON = os.environ.get("LOCONET_HIVEMIND_PYTHON")
+
+
+def fake_python(tmp_path: Path, body: str) -> str:
+    """An executable that stands in for an interpreter: a shell script with this body."""
+    path = tmp_path / "python"
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("codec", "chosen", "expected"),
+    [
+        ("int8", None, "int8"),
+        ("none", None, "none"),
+        ("fp16", None, "fp16"),
+        ("bf16", None, "none"),
+        ("int4", None, "none"),
+        ("topk", None, "none"),
+        ("int8", "quantile8", "quantile8"),
+        ("int4", "int8", "int8"),
+    ],
+)
+def test_the_compression_compared_is_the_chosen_one_else_the_codecs_counterpart_else_fp32(codec, chosen, expected):
+    assert hb.counterpart(codec, chosen) == expected
+
+
+def test_an_unknown_hivemind_compression_is_refused():
+    with pytest.raises(ConfigError, match="--hivemind-codec must be one of none, fp16, int8, quantile8"):
+        hb.counterpart("int8", "int4")
+
+
+def test_an_interpreter_without_hivemind_is_refused_with_how_to_install_it(tmp_path):
+    python = fake_python(tmp_path, "echo \"ModuleNotFoundError: No module named 'hivemind'\" >&2; exit 1")
+    with pytest.raises(ConfigError) as caught:
+        hb.hivemind_version(python)
+    message = str(caught.value)
+    assert f"{python} cannot import it (ModuleNotFoundError: No module named 'hivemind')" in message
+    assert "pip install torch==2.13.0 hivemind==1.1.12 'numpy<2'" in message
+
+
+def test_an_interpreter_that_does_not_run_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=f"--hivemind {tmp_path / 'nothing'} does not run"):
+        hb.hivemind_version(str(tmp_path / "nothing"))
+
+
+def test_the_version_is_what_the_interpreter_prints(tmp_path):
+    assert hb.hivemind_version(fake_python(tmp_path, "echo 1.1.12")) == "1.1.12"
+
+
+def test_the_cli_refuses_a_missing_hivemind_in_one_line_before_any_worker(tmp_path, monkeypatch, capsys):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a worker was started before hivemind was found")
+
+    monkeypatch.setattr("peer.harness.procgroup.ProcessGroup.__init__", forbidden)
+    python = fake_python(tmp_path, "echo 'No module named hivemind' >&2; exit 1")
+    code = main(["bench", "allreduce", "--numel", "1000", "--hivemind", python, "--json"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2  # a usage error, as every bad argument
+    assert len(err) == 1
+    assert err[0].startswith(f"loconet: error: --hivemind needs hivemind, and {python} cannot import it")
+
+
+def test_a_worker_that_fails_is_named_with_its_last_error_line(tmp_path):
+    python = fake_python(tmp_path, 'echo "warming up" >&2; echo "RuntimeError: no group" >&2; exit 3')
+    job = hb.HivemindJob(python=python, peers=2, numel=10, repeat=1, codec="int8", timeout_s=5.0)
+    with pytest.raises(ChildFailed, match=r"hivemind worker 0 exited with 3: RuntimeError: no group"):
+        hb.run_workers(job, [[], []], ["127.0.0.1", "127.0.0.1"])
+
+
+def test_a_worker_that_writes_no_report_fails_the_baseline(tmp_path):
+    job = hb.HivemindJob(python=fake_python(tmp_path, "exit 0"), peers=1, numel=10, repeat=1, codec="none",
+                         timeout_s=5.0)
+    with pytest.raises(ChildFailed, match="hivemind worker 0 wrote no report"):
+        hb.run_workers(job, [[]], ["127.0.0.1"])
+
+
+@pytest.mark.timeout(60)
+def test_workers_get_their_rank_address_and_the_job_and_leave_no_process_behind(tmp_path):
+    # The stand-in leaves a child of its own running in its session, then reports its arguments.
+    children = tmp_path / "children"
+    report = "a = sys.argv[1:]; o = dict(zip(a[1::2], a[2::2]))\n" \
+        "Path(o['--meet'], 'report-' + o['--rank'] + '.json').write_text(json.dumps(a))"
+    body = f'sleep 300 & echo $! >> {children}\npython3 -c "import json, sys; from pathlib import Path\n{report}" "$@"'
+    job = hb.HivemindJob(python=fake_python(tmp_path, body), peers=2, numel=7, repeat=3, codec="fp16", timeout_s=9.0)
+    reports = hb.run_workers(job, [[], ["env"]], ["10.0.0.1", "10.0.0.2"])
+    for rank, argv in enumerate(reports):
+        options = dict(zip(argv[1::2], argv[2::2]))
+        assert Path(argv[0]).name == "hivemind_worker.py"
+        assert options == {
+            "--rank": str(rank), "--peers": "2", "--numel": "7", "--repeat": "3", "--codec": "fp16",
+            "--ip": f"10.0.0.{rank + 1}", "--meet": str(Path(argv[0]).parent), "--seed": "1", "--timeout": "9.0",
+        }
+    pids = children.read_text().split()
+    assert len(pids) == 2
+    assert [p for p in pids if running(int(p))] == []
+
+
+def running(pid: int) -> bool:
+    """True while pid exists and is not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_the_summary_takes_the_slowest_peer_per_round_and_medians_over_rounds():
+    job = hb.HivemindJob(python="python", peers=4, numel=1000, repeat=2, codec="int8", timeout_s=5.0)
+    reports = [
+        {"times_s": [1.0, 3.0], "cpu_s": [0.5, 0.25], "sha256": "a", "max_abs_error": 0.25},
+        {"times_s": [2.0, 1.0], "cpu_s": [1.0, 0.75], "sha256": "b", "max_abs_error": 0.5},
+    ]
+    summary = hb.summarise(job, "1.1.12", reports, wire_per_round=2000.0, bandwidth_bps=8000.0)
+    assert summary["times_s"] == [2.0, 3.0]
+    assert summary["median_s"] == 2.5
+    assert summary["cpu_s_per_round"] == 1.25  # rounds sum 1.5 and 1.0
+    assert summary["bytes_sent_per_peer"] == 1500.0  # 2 x 3/4 x 1000 values x 1 byte
+    assert summary["link_utilization"] == 1500.0 * 8 / 8000.0 / 2.5
+    assert summary["wire_bytes_per_round"] == 2000.0
+    assert summary["max_abs_error"] == 0.5
+    assert summary["identical_across_peers"] is False
+    assert summary["method"] == "hivemind DecentralizedAverager all-reduce, Uniform8BitQuantization"
+
+
+def test_without_a_cap_or_namespaces_the_summary_has_no_utilisation_or_wire():
+    job = hb.HivemindJob(python="python", peers=2, numel=10, repeat=1, codec="none", timeout_s=5.0)
+    reports = [{"times_s": [1.0], "cpu_s": [0.1], "sha256": "a", "max_abs_error": 0.0}] * 2
+    summary = hb.summarise(job, "1.1.12", reports, wire_per_round=None, bandwidth_bps=None)
+    assert "link_utilization" not in summary and "wire_bytes_per_round" not in summary
+    assert summary["identical_across_peers"] is True
+
+
+@pytest.mark.skipif(not HIVEMIND_PYTHON, reason="set LOCONET_HIVEMIND_PYTHON to an interpreter with hivemind")
+@pytest.mark.timeout(240)
+def test_hivemind_averages_the_peers_tensors_in_fp32_within_rounding():
+    job = hb.HivemindJob(python=HIVEMIND_PYTHON, peers=2, numel=10_000, repeat=1, codec="none", timeout_s=60.0)
+    reports = hb.run_workers(job, [[], []], ["127.0.0.1", "127.0.0.1"])
+    assert [len(r["times_s"]) for r in reports] == [1, 1]
+    assert max(r["max_abs_error"] for r in reports) < 1e-6
+
+
+def test_the_worker_script_imports_nothing_of_loconet():
+    source = Path(hb.WORKER).read_text()
+    for package in ("collectives", "optimizers", "peer", "protos"):
+        assert f"from {package}" not in source and f"import {package}" not in source
