@@ -154,7 +154,8 @@ def run(
             python=hivemind_python, peers=peers, numel=numel, repeat=repeat, timeout_s=timeout_s,
             codec=hivemind_baseline.counterpart(CodecConfig.parse(codec).name, hivemind_codec),
         )
-        hivemind_version = hivemind_baseline.hivemind_version(hivemind_python)  # before any namespace or process
+        # Before any namespace or process: a missing hivemind, or one whose compression fails, is a usage error.
+        hivemind_version = hivemind_baseline.probe(hivemind_python, hivemind_job.codec)
     # Namespaces stand for separate hosts: one host id would take the bytes off their shaped links.
     require(not (hierarchical and netns), "--hierarchical puts every peer on one host; it cannot go with --netns")
     require(congestion_control is None or netns, "--congestion-control sets the namespaces' TCP; it needs --netns")

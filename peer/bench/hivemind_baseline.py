@@ -40,7 +40,7 @@ INSTALL_HINT = (
     "make a venv for it (python3 -m venv /opt/hivemind && /opt/hivemind/bin/pip install torch==2.13.0 "
     "hivemind==1.1.12 'numpy<2'), then pass --hivemind /opt/hivemind/bin/python"
 )
-_VERSION_TIMEOUT_S = 120.0
+_PROBE_TIMEOUT_S = 120.0
 _ROUND_EXTRA_S = 10.0
 _START_S = 120.0
 _KILL_WAIT_S = 10.0
@@ -67,18 +67,22 @@ def counterpart(codec_name: str, chosen: str | None) -> str:
     return COUNTERPARTS.get(codec_name, "none")
 
 
-def hivemind_version(python: str) -> str:
-    """The hivemind version python imports; ConfigError with how to install it when it cannot."""
-    try:
-        done = subprocess.run(
-            [python, "-c", "import hivemind; print(hivemind.__version__)"], capture_output=True, text=True,
-            timeout=_VERSION_TIMEOUT_S, check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        require(False, f"--hivemind {python} does not run ({exc}); {INSTALL_HINT}")
+def probe(python: str, codec: str) -> str:
+    """hivemind's version, once python has run the worker's probe (import hivemind, round-trip a tensor through
+    the compression); ConfigError saying what failed and how to install it when it cannot."""
+    with tempfile.TemporaryDirectory(prefix="loconet-hivemind-") as folder:
+        script = shutil.copy(WORKER, Path(folder) / WORKER.name)
+        try:
+            done = subprocess.run(
+                [python, str(script), "--probe", "--codec", codec], capture_output=True, text=True,
+                timeout=_PROBE_TIMEOUT_S, check=False, stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            require(False, f"--hivemind {python} does not run ({exc}); {INSTALL_HINT}")
     last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-    require(done.returncode == 0, f"--hivemind needs hivemind, and {python} cannot import it ({last}); {INSTALL_HINT}")
-    return done.stdout.strip()
+    require(done.returncode == 0, f"--hivemind: {python} cannot run hivemind's {codec} all-reduce ({last}); "
+                                  f"{INSTALL_HINT}")
+    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "unknown"
 
 
 def worker_argv(job: HivemindJob, rank: int, ip: str, meet: Path) -> list[str]:
@@ -160,6 +164,7 @@ def summarise(job: HivemindJob, version: str, reports: list[dict], wire_per_roun
     summary = {
         "method": METHODS[job.codec],
         "version": version,
+        "numpy": reports[0].get("numpy"),
         "codec": job.codec,
         "median_s": median,
         "times_s": times,
