@@ -90,6 +90,9 @@ FIELDS: Fields = {
     "(hivemind exposes no counters)",
     "hivemind.max_abs_error": "largest |result - exact mean| over elements and peers",
     "hivemind.identical_across_peers": "true when every hivemind peer ended with bit-identical results",
+    "hivemind.log_warnings": "the warnings and errors its peers logged (hivemind says in its logs, not in the "
+    "step's result, when a part was left out of the average), with how many times; the 10 most frequent",
+    "hivemind.numpy": "the numpy version its workers imported",
     "hivemind.wire_bytes_per_round": "with --netns: what its veths carried per round (its warm-up round and DHT "
     "traffic included)",
     "hivemind.link_utilization": "with --netns and --bandwidth: its payload bits / cap / its median_s",

@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,7 @@ _PROBE_TIMEOUT_S = 120.0
 _ROUND_EXTRA_S = 10.0
 _START_S = 120.0
 _KILL_WAIT_S = 10.0
+_WARNINGS_KEPT = 10
 
 
 @dataclass(frozen=True)
@@ -122,14 +125,35 @@ def _finish(proc: subprocess.Popen, deadline: float, log: Path, meet: Path, rank
     try:
         proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        raise ChildFailed(f"hivemind worker {rank} did not finish in time (its log: {log})") from None
+        last = (log.read_text(errors="replace").strip().splitlines() or ["no message"])[-1]
+        raise ChildFailed(f"hivemind worker {rank} did not finish in time; its last line: {last}") from None
+    text = log.read_text(errors="replace")
     if proc.returncode != 0:
-        lines = log.read_text(errors="replace").strip().splitlines() or ["no message"]
+        lines = text.strip().splitlines() or ["no message"]
         raise ChildFailed(f"hivemind worker {rank} exited with {proc.returncode}: {lines[-1]}")
     try:
-        return json.loads((meet / f"report-{rank}.json").read_text())
+        report = json.loads((meet / f"report-{rank}.json").read_text())
     except (OSError, json.JSONDecodeError):
         raise ChildFailed(f"hivemind worker {rank} wrote no report") from None
+    report["log_warnings"] = log_warnings(text)
+    return report
+
+
+# hivemind's log lines: "Dec 05 04:20:35.355 [WARN] [hivemind.averaging.allreduce.run:123] message".
+_LOG_LINE = re.compile(r"\[(WARN|ERROR)\] \[([^\]:]+)[^\]]*\] (.*)")
+_WARNING_CHARS = 200
+
+
+def log_warnings(text: str) -> list[str]:
+    """hivemind's warnings and errors in a worker's log, as "LEVEL module: message" (times and line numbers
+    left out, so that the same warning of two peers reads the same)."""
+    found = []
+    for line in text.splitlines():
+        match = _LOG_LINE.search(line)
+        if match:
+            level, where, message = match.groups()
+            found.append(f"{level} {where}: {message.strip()}"[:_WARNING_CHARS])
+    return found
 
 
 def _kill_all(procs: list[subprocess.Popen]) -> None:
@@ -172,6 +196,8 @@ def summarise(job: HivemindJob, version: str, reports: list[dict], wire_per_roun
         "bytes_sent_per_peer": payload_bytes(job.peers, job.numel, job.codec),
         "max_abs_error": max(r["max_abs_error"] for r in reports),
         "identical_across_peers": len({r["sha256"] for r in reports}) == 1,
+        # Where its result strays from the mean, hivemind says why only in its logs: bring the reasons here.
+        "log_warnings": dict(Counter(w for r in reports for w in r.get("log_warnings", [])).most_common(_WARNINGS_KEPT)),
     }
     if wire_per_round is not None:
         summary["wire_bytes_per_round"] = wire_per_round
