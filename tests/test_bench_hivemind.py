@@ -111,11 +111,13 @@ def test_workers_get_their_rank_address_and_the_job_and_leave_no_process_behind(
     # The stand-in leaves a child of its own running in its session, then reports its arguments.
     children = tmp_path / "children"
     report = "a = sys.argv[1:]; o = dict(zip(a[1::2], a[2::2]))\n" \
-        "Path(o['--meet'], 'report-' + o['--rank'] + '.json').write_text(json.dumps(a))"
+        "Path(o['--meet'], 'report-' + o['--rank'] + '.json').write_text(json.dumps({'argv': a}))"
     body = f'sleep 300 & echo $! >> {children}\npython3 -c "import json, sys; from pathlib import Path\n{report}" "$@"'
     job = hb.HivemindJob(python=fake_python(tmp_path, body), peers=2, numel=7, repeat=3, codec="fp16", timeout_s=9.0)
     reports = hb.run_workers(job, [[], ["env"]], ["10.0.0.1", "10.0.0.2"])
-    for rank, argv in enumerate(reports):
+    for rank, report in enumerate(reports):
+        argv = report["argv"]
+        assert report["log_warnings"] == []
         options = dict(zip(argv[1::2], argv[2::2]))
         assert Path(argv[0]).name == "hivemind_worker.py"
         assert options == {
@@ -175,3 +177,27 @@ def test_the_worker_script_imports_nothing_of_loconet():
     source = Path(hb.WORKER).read_text()
     for package in ("collectives", "optimizers", "peer", "protos"):
         assert f"from {package}" not in source and f"import {package}" not in source
+
+
+def test_hivemind_warnings_are_read_from_its_log_without_times_or_line_numbers():
+    log = (
+        "Dec 05 04:20:35.355 [WARN] [hivemind.averaging.allreduce.run:123] peer x sent nothing\n"
+        "Dec 05 04:20:35.400 [INFO] [hivemind.dht.dht.run:9] started\n"
+        "a traceback line\n"
+        "Dec 05 04:20:36.000 [ERROR] [hivemind.averaging.averager._step:301] Caught TimeoutError()\n"
+    )
+    assert hb.log_warnings(log) == [
+        "WARN hivemind.averaging.allreduce.run: peer x sent nothing",
+        "ERROR hivemind.averaging.averager._step: Caught TimeoutError()",
+    ]
+
+
+def test_the_summary_counts_the_same_warning_of_every_peer_together():
+    job = hb.HivemindJob(python="python", peers=2, numel=10, repeat=1, codec="none", timeout_s=5.0)
+    late = "WARN hivemind.averaging.allreduce.run: peer x sent nothing"
+    reports = [
+        {"times_s": [1.0], "cpu_s": [0.1], "sha256": "a", "max_abs_error": 0.0, "log_warnings": [late, late]},
+        {"times_s": [1.0], "cpu_s": [0.1], "sha256": "a", "max_abs_error": 0.0, "log_warnings": [late, "ERROR m: x"]},
+    ]
+    summary = hb.summarise(job, "1.1.12", reports, wire_per_round=None, bandwidth_bps=None)
+    assert summary["log_warnings"] == {late: 3, "ERROR m: x": 1}
