@@ -138,11 +138,17 @@ def running(pid: int) -> bool:
     return state != "Z"
 
 
+def worker_report(times, cpus, errors, digests, warnings=()) -> dict:
+    """A worker's report, as hivemind_worker.py writes it."""
+    return {"times_s": times, "cpu_s": cpus, "max_abs_error_per_round": errors, "max_abs_error": max(errors),
+            "sha256_per_round": digests, "log_warnings": list(warnings)}
+
+
 def test_the_summary_takes_the_slowest_peer_per_round_and_medians_over_rounds():
     job = hb.HivemindJob(python="python", peers=4, numel=1000, repeat=2, codec="int8", timeout_s=5.0)
     reports = [
-        {"times_s": [1.0, 3.0], "cpu_s": [0.5, 0.25], "sha256": "a", "max_abs_error": 0.25},
-        {"times_s": [2.0, 1.0], "cpu_s": [1.0, 0.75], "sha256": "b", "max_abs_error": 0.5},
+        worker_report([1.0, 3.0], [0.5, 0.25], [0.25, 0.125], ["a", "c"]),
+        worker_report([2.0, 1.0], [1.0, 0.75], [0.0625, 0.5], ["b", "c"]),
     ]
     summary = hb.summarise(job, "1.1.12", reports, wire_per_round=2000.0, bandwidth_bps=8000.0)
     assert summary["times_s"] == [2.0, 3.0]
@@ -152,13 +158,14 @@ def test_the_summary_takes_the_slowest_peer_per_round_and_medians_over_rounds():
     assert summary["link_utilization"] == 1500.0 * 8 / 8000.0 / 2.5
     assert summary["wire_bytes_per_round"] == 2000.0
     assert summary["max_abs_error"] == 0.5
-    assert summary["identical_across_peers"] is False
+    assert summary["max_abs_error_per_round"] == [0.25, 0.5]
+    assert summary["identical_across_peers"] is False  # round 1 differs, round 2 not
     assert summary["method"] == "hivemind DecentralizedAverager all-reduce, Uniform8BitQuantization"
 
 
 def test_without_a_cap_or_namespaces_the_summary_has_no_utilisation_or_wire():
     job = hb.HivemindJob(python="python", peers=2, numel=10, repeat=1, codec="none", timeout_s=5.0)
-    reports = [{"times_s": [1.0], "cpu_s": [0.1], "sha256": "a", "max_abs_error": 0.0}] * 2
+    reports = [worker_report([1.0], [0.1], [0.0], ["a"])] * 2
     summary = hb.summarise(job, "1.1.12", reports, wire_per_round=None, bandwidth_bps=None)
     assert "link_utilization" not in summary and "wire_bytes_per_round" not in summary
     assert summary["identical_across_peers"] is True
@@ -196,8 +203,8 @@ def test_the_summary_counts_the_same_warning_of_every_peer_together():
     job = hb.HivemindJob(python="python", peers=2, numel=10, repeat=1, codec="none", timeout_s=5.0)
     late = "WARN hivemind.averaging.allreduce.run: peer x sent nothing"
     reports = [
-        {"times_s": [1.0], "cpu_s": [0.1], "sha256": "a", "max_abs_error": 0.0, "log_warnings": [late, late]},
-        {"times_s": [1.0], "cpu_s": [0.1], "sha256": "a", "max_abs_error": 0.0, "log_warnings": [late, "ERROR m: x"]},
+        worker_report([1.0], [0.1], [0.0], ["a"], warnings=[late, late]),
+        worker_report([1.0], [0.1], [0.0], ["a"], warnings=[late, "ERROR m: x"]),
     ]
     summary = hb.summarise(job, "1.1.12", reports, wire_per_round=None, bandwidth_bps=None)
     assert summary["log_warnings"] == {late: 3, "ERROR m: x": 1}

@@ -88,8 +88,11 @@ FIELDS: Fields = {
     "hivemind.cpu_s_per_round": "CPU-seconds per round of its processes (worker, DHT, averager, p2pd daemon)",
     "hivemind.bytes_sent_per_peer": "its butterfly's payload per peer: 2 (N-1)/N x numel x bytes per value "
     "(hivemind exposes no counters)",
-    "hivemind.max_abs_error": "largest |result - exact mean| over elements and peers",
-    "hivemind.identical_across_peers": "true when every hivemind peer ended with bit-identical results",
+    "hivemind.max_abs_error": "largest |result - exact mean| over elements, peers and timed rounds",
+    "hivemind.max_abs_error_per_round": "the same for each timed round (a round that left a peer's part out "
+    "stands out)",
+    "hivemind.identical_across_peers": "true when every hivemind peer ended every timed round with bit-identical "
+    "results",
     "hivemind.log_warnings": "the warnings and errors its peers logged (hivemind says in its logs, not in the "
     "step's result, when a part was left out of the average), with how many times; the 10 most frequent",
     "hivemind.numpy": "the numpy version its workers imported",

@@ -195,7 +195,8 @@ def summarise(job: HivemindJob, version: str, reports: list[dict], wire_per_roun
         "cpu_s_per_round": statistics.median(sum(cpus) for cpus in zip(*(r["cpu_s"] for r in reports))),
         "bytes_sent_per_peer": payload_bytes(job.peers, job.numel, job.codec),
         "max_abs_error": max(r["max_abs_error"] for r in reports),
-        "identical_across_peers": len({r["sha256"] for r in reports}) == 1,
+        "max_abs_error_per_round": [max(per_round) for per_round in zip(*(r["max_abs_error_per_round"] for r in reports))],
+        "identical_across_peers": all(len(set(d)) == 1 for d in zip(*(r["sha256_per_round"] for r in reports))),
         # Where its result strays from the mean, hivemind says why only in its logs: bring the reasons here.
         "log_warnings": dict(Counter(w for r in reports for w in r.get("log_warnings", [])).most_common(_WARNINGS_KEPT)),
     }

@@ -22,6 +22,8 @@ from pathlib import Path
 _MATCH_S = 2.0
 _READY_TIMEOUT_S = 120.0
 _POLL_S = 0.01
+# The release instant is this far ahead of rank 0's clock when it writes it: time for the others to read it.
+_GO_AHEAD_S = 0.05
 
 
 def _cpu_s() -> float:
@@ -82,6 +84,18 @@ def _compression(codec: str):
     return choices[codec]()
 
 
+def _release_together(meet: Path, rank: int, peers: int, round_index: int) -> float:
+    """Wait until every peer has its group for this round; return the wall-clock instant all release it at."""
+    _write(meet / f"ready-{round_index}-{rank}", "")
+    if rank == 0:
+        for other in range(peers):
+            _wait_for(meet / f"ready-{round_index}-{other}")
+        _write(meet / f"go-{round_index}", repr(time.time() + _GO_AHEAD_S))
+    go = float(_wait_for(meet / f"go-{round_index}"))
+    time.sleep(max(0.0, go - time.time()))
+    return go
+
+
 def _probe(codec: str) -> int:
     """Round-trip a small tensor through the compression: hivemind 1.1.12's 8-bit ones raise under numpy 2, and
     its averager then leaves the failed parts out of the average instead of failing the round."""
@@ -136,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         min_group_size=ns.peers, min_matchmaking_time=_MATCH_S, compression=_compression(ns.codec),
         request_timeout=_MATCH_S / 2, allreduce_timeout=ns.timeout,
     )
-    times, cpus = [], []
-    digest = ""
+    # Every round averages the same tensors, so every round's result is checked against one exact mean.
+    exact = sum(_tensor(ns.seed, rank, ns.numel).double() for rank in range(ns.peers)) / ns.peers
+    times, cpus, errors, digests = [], [], [], []
     for round_index in range(ns.repeat + 1):  # round 0 warms up: connections, buffers
         with averager.get_tensors() as tensors:
             tensors[0].copy_(mine)
@@ -148,30 +163,26 @@ def main(argv: list[str] | None = None) -> int:
                 control.result()  # raises what went wrong
                 raise RuntimeError("hivemind step finished before its trigger")
             time.sleep(_POLL_S)
-        _write(ns.meet / f"ready-{round_index}-{ns.rank}", "")
-        if ns.rank == 0:
-            for rank in range(ns.peers):
-                _wait_for(ns.meet / f"ready-{round_index}-{rank}")
-            _write(ns.meet / f"go-{round_index}", repr(time.time() + 0.05))
-        go = float(_wait_for(ns.meet / f"go-{round_index}"))
-        time.sleep(max(0.0, go - time.time()))
+        go = _release_together(ns.meet, ns.rank, ns.peers, round_index)
         cpu0 = _cpu_s()
         control.allow_allreduce()
         control.result(timeout=ns.timeout)
         done = time.time()
+        if round_index == 0:
+            continue
+        times.append(done - go)
         cpus.append(_cpu_s() - cpu0)
-        if round_index > 0:
-            times.append(done - go)
         with averager.get_tensors() as tensors:
             result = tensors[0].clone()
-        digest = hashlib.sha256(result.numpy().tobytes()).hexdigest()
-    exact = sum(_tensor(ns.seed, rank, ns.numel).double() for rank in range(ns.peers)) / ns.peers
+        errors.append(float((result.double() - exact).abs().max()))
+        digests.append(hashlib.sha256(result.numpy().tobytes()).hexdigest())
     report = {
         "rank": ns.rank,
         "times_s": times,
-        "cpu_s": cpus[1:],
-        "sha256": digest,
-        "max_abs_error": float((result.double() - exact).abs().max()),
+        "cpu_s": cpus,
+        "max_abs_error_per_round": errors,
+        "max_abs_error": max(errors),
+        "sha256_per_round": digests,
         "hivemind": hivemind.__version__,
         "numpy": numpy.__version__,  # hivemind 1.1.12's 8-bit codecs fail inside its averager under numpy 2
     }
