@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import string
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -292,6 +294,26 @@ def test_cleanup_removes_everything_and_is_idempotent(lab):
     assert _objects(net.prefix) == []
     net.cleanup()
     assert _objects(net.prefix) == []
+
+
+def test_end_processes_kills_what_left_its_parents_session_and_only_in_that_host(lab):
+    net = lab.network(["a", "b"])
+    # setsid: a daemon out of its starter's process group, as torch_shm_manager is.
+    daemon = subprocess.Popen([*net.exec_prefix("a"), "setsid", "sleep", "300"])
+    bystander = subprocess.Popen([*net.exec_prefix("b"), "sleep", "300"])
+    try:
+        deadline = time.monotonic() + 10
+        while not subprocess.run(["ip", "netns", "pids", net.netns_of("a")], capture_output=True, text=True, check=True).stdout:
+            assert time.monotonic() < deadline, "the daemon never appeared in its namespace"
+            time.sleep(0.05)
+        killed = net.end_processes("a")
+        assert daemon.wait(timeout=10) == -signal.SIGKILL
+        assert killed == [daemon.pid]
+        assert bystander.poll() is None
+    finally:
+        for proc in (daemon, bystander):
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def test_context_manager_cleans_up_after_an_error():
