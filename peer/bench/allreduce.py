@@ -154,7 +154,10 @@ def run(
     bandwidth_bps = check_arguments(
         peers, numel, codec, bandwidth, repeat, chunk_bytes, codec_threads, timeout_s, netns
     )
-    hivemind_job = None
+    # Namespaces stand for separate hosts: one host id would take the bytes off their shaped links.
+    require(not (hierarchical and netns), "--hierarchical puts every peer on one host; it cannot go with --netns")
+    require(congestion_control is None or netns, "--congestion-control sets the namespaces' TCP; it needs --netns")
+    hivemind_job, hivemind_version = None, ""
     if hivemind_python is not None:
         hivemind_job = hivemind_baseline.HivemindJob(
             python=hivemind_python, peers=peers, numel=numel, repeat=repeat, timeout_s=timeout_s,
@@ -162,9 +165,6 @@ def run(
         )
         # Before any namespace or process: a missing hivemind, or one whose compression fails, is a usage error.
         hivemind_version = hivemind_baseline.probe(hivemind_python, hivemind_job.codec)
-    # Namespaces stand for separate hosts: one host id would take the bytes off their shaped links.
-    require(not (hierarchical and netns), "--hierarchical puts every peer on one host; it cannot go with --netns")
-    require(congestion_control is None or netns, "--congestion-control sets the namespaces' TCP; it needs --netns")
     hosts = ("bench-host",) * peers if hierarchical else None
     progress = progress or Progress("allreduce", enabled=False)
     if codec_threads is None:
@@ -216,23 +216,9 @@ def run(
                     }
                     progress.end(f"median {baseline['median_s']:.3f} s")
             hivemind = None
-            if hivemind_job is not None:
+            if hivemind_job is not None:  # after ours and gloo's workers have gone: nothing else runs
                 progress.begin(f"hivemind all-reduce ({hivemind_job.codec}), {repeat} rounds")
-                before = _tx_bytes(network)
-                names = list(network.hosts) if network is not None else []
-                try:
-                    hivemind_reports = hivemind_baseline.run_workers(
-                        hivemind_job,
-                        [network.exec_prefix(n) for n in names] if names else [[] for _ in range(peers)],
-                        [network.hosts[n].ip for n in names] if names else ["127.0.0.1"] * peers,
-                    )
-                finally:
-                    for name in names:  # torch's shared-memory manager leaves the workers' process groups
-                        network.end_processes(name)
-                hivemind = hivemind_baseline.summarise(
-                    hivemind_job, hivemind_version, hivemind_reports, _per_round(before, _tx_bytes(network), repeat + 1),
-                    bandwidth_bps if netns else None,
-                )
+                hivemind = _hivemind(hivemind_job, hivemind_version, network, bandwidth_bps)
                 progress.end(f"median {hivemind['median_s']:.3f} s")
     except WorkerError as exc:  # a worker died or raised: a child's failure, said in one line
         raise ChildFailed(f"all-reduce {exc} (its own messages are above, on stderr)") from exc
@@ -299,6 +285,24 @@ def _network(
             used = network.set_congestion_control(name, algorithms)
         progress.end()
         yield network, used
+
+
+def _hivemind(job: hivemind_baseline.HivemindJob, version: str, network, bandwidth_bps: float | None) -> dict:
+    """Run hivemind's workers, in the namespaces when there are (network not None), and summarise them."""
+    names = list(network.hosts) if network is not None else []
+    before = _tx_bytes(network)
+    try:
+        reports = hivemind_baseline.run_workers(
+            job,
+            [network.exec_prefix(n) for n in names] if names else [[] for _ in range(job.peers)],
+            [network.hosts[n].ip for n in names] if names else ["127.0.0.1"] * job.peers,
+        )
+    finally:
+        for name in names:  # torch's shared-memory manager leaves the workers' process groups
+            network.end_processes(name)
+    wire = _per_round(before, _tx_bytes(network), job.repeat + 1)  # its warm-up round moved the same bytes
+    # Off the namespaces hivemind runs uncapped on 127.0.0.1: no utilisation to speak of, as for gloo.
+    return hivemind_baseline.summarise(job, version, reports, wire, bandwidth_bps if names else None)
 
 
 def _placements(network) -> tuple[Placement, ...]:
