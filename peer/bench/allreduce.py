@@ -24,12 +24,15 @@ import argparse
 import contextlib
 import statistics
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 from collectives.allreduce import mean_error_bound
 from collectives.codecs import CodecConfig
 from collectives.errors import RoundFailed
 from collectives.ratelimit import format_bandwidth, parse_bandwidth
+from collectives.rpc import RpcSecurity
 from collectives.transport import TransportConfig, codec_threads_for
 from peer.bench import hivemind_baseline
 from peer.bench.fields import Fields, describe_report
@@ -37,6 +40,7 @@ from peer.bench.kit import print_report, require
 from peer.bench.progress import Progress, progress_for
 from peer.harness.processes import ChildFailed
 from peer.harness.procgroup import AllReduceJob, Placement, ProcessGroup, WorkerConfig, WorkerError, worker_tensor
+from peer.harness.security import prepare_security
 
 FIELDS: Fields = {
     "peers": "worker processes (on 127.0.0.1, or each in its namespace with --netns), each one member of every round",
@@ -73,6 +77,8 @@ FIELDS: Fields = {
     "baseline.link_utilization": "with --bandwidth: the same for gloo (its ring's bits / cap / its median_s)",
     "hierarchical": "true with --hierarchical: every peer has one host id, so the peers reduce through shared "
     "memory (collectives/hostround.py) and no bytes cross gRPC; the codec applies between hosts only",
+    "tls": "true with --tls: our workers' links use mutual TLS (gloo's never do; hivemind's libp2p links are "
+    "always encrypted)",
     "netns": "true with --netns: every peer in its own network namespace, links capped with tbf (else the "
     "transport's token buckets cap ours, and gloo runs uncapped on 127.0.0.1)",
     "congestion_control": "with --netns: the TCP congestion control of every namespace, ours and gloo's alike "
@@ -148,6 +154,7 @@ def run(
     congestion_control: str | None = None,
     hivemind_python: str | None = None,
     hivemind_codec: str | None = None,
+    tls: bool = False,
 ) -> dict:
     """Run the benchmark and return its report as a JSON-ready dict (codec_threads None: codec_threads_for;
     hivemind_python None: no hivemind baseline)."""
@@ -176,14 +183,17 @@ def run(
     )
     wire: dict[str, float] = {}
     try:
+        stack = contextlib.ExitStack()  # what lives as long as the run: the TLS files
         no_network = contextlib.nullcontext((None, None))
         with _network(peers, bandwidth_bps, congestion_control, progress) if netns else no_network as (
             network, congestion_used
         ):
+            placements = _placements(network)
             config = WorkerConfig(
                 run_id="bench", chunk_bytes=chunk_bytes, codec_threads=codec_threads,
                 # In namespaces tbf caps both sides alike; else ours is capped by its token buckets.
-                bandwidth_bps=None if netns else bandwidth_bps, placements=_placements(network),
+                bandwidth_bps=None if netns else bandwidth_bps, placements=placements,
+                security=_security(stack, placements) if tls else RpcSecurity(),
             )
             progress.begin(f"starting {peers} workers")
             with ProcessGroup(peers, config) as group:
@@ -222,6 +232,8 @@ def run(
                 progress.end(f"median {hivemind['median_s']:.3f} s")
     except WorkerError as exc:  # a worker died or raised: a child's failure, said in one line
         raise ChildFailed(f"all-reduce {exc} (its own messages are above, on stderr)") from exc
+    finally:
+        stack.close()
     times = _per_repeat_max(replies)
     median = statistics.median(times)
     sent = [r["stats"]["bytes_sent"] for r in replies]
@@ -234,6 +246,7 @@ def run(
         "codec_threads": codec_threads,
         "netns": netns,
         "hierarchical": hierarchical,
+        "tls": tls,
         "median_s": median,
         "times_s": times,
         "cpu_s_per_round": _cpu_per_round(replies),
@@ -305,6 +318,12 @@ def _hivemind(job: hivemind_baseline.HivemindJob, version: str, network, bandwid
     return hivemind_baseline.summarise(job, version, reports, wire, bandwidth_bps if names else None)
 
 
+def _security(stack: contextlib.ExitStack, placements: tuple[Placement, ...]) -> RpcSecurity:
+    """A CA and one certificate for every worker's address, in a folder removed when stack closes (mutual TLS)."""
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loconet-bench-tls-")))
+    return prepare_security(folder, token=False, tls=True, hosts=tuple(p.ip for p in placements))
+
+
 def _placements(network) -> tuple[Placement, ...]:
     if network is None:
         return ()
@@ -360,6 +379,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-gloo", action="store_true", help="skip the gloo baseline")
     parser.add_argument(
+        "--tls", action="store_true",
+        help="our workers talk mutual TLS, as a run open to the internet does (gloo stays plaintext; hivemind's "
+             "links are always encrypted)",
+    )
+    parser.add_argument(
         "--hivemind", nargs="?", const=sys.executable, default=None, metavar="PYTHON",
         help="also measure hivemind's all-reduce, run by PYTHON (an interpreter with hivemind; default: this one)",
     )
@@ -387,6 +411,7 @@ def main(ns: argparse.Namespace) -> int:
             chunk_bytes=ns.chunk_bytes, gloo=not ns.no_gloo, timeout_s=ns.timeout, codec_threads=ns.codec_threads,
             netns=ns.netns, progress=progress, hierarchical=ns.hierarchical,
             congestion_control=ns.congestion_control, hivemind_python=ns.hivemind, hivemind_codec=ns.hivemind_codec,
+            tls=ns.tls,
         )
     print_report(report, ns.json)
     return 0

@@ -19,6 +19,7 @@ import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
+from collectives.rpc import RpcSecurity
 from collectives.transport import TransportConfig
 from peer.harness.loopback import LOOPBACK, LOOPBACK_INTERFACE, loopback_store, use_loopback_for_gloo
 
@@ -52,6 +53,8 @@ class WorkerConfig:
     # One per rank: each worker enters its own network namespace (peer/harness/netns.py) and
     # serves, and runs gloo, on its address there; empty: every worker on `host`.
     placements: tuple[Placement, ...] = ()
+    # TLS between the workers (empty: plaintext); gloo is never encrypted.
+    security: RpcSecurity = field(default_factory=RpcSecurity)
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
             chunk_bytes=config.chunk_bytes,
             bandwidth_bps=config.bandwidth_bps,
             codec_threads=config.codec_threads,
+            security=config.security,
         )
     )
     collective = Collective(transport, config.run_id, phase_hook=phase_hook)
