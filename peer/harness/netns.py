@@ -565,7 +565,7 @@ class NetnsNetwork:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
             time.sleep(0.05)
         return pids
 
@@ -678,6 +678,14 @@ class NetnsNetwork:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+def _alive(pid: int) -> bool:
+    """True while pid runs: a zombie (dead, waiting for its parent to reap it) holds nothing open."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def _warn_processes(netns: str) -> None:
