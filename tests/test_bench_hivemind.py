@@ -6,16 +6,19 @@ one end-to-end test runs only when LOCONET_HIVEMIND_PYTHON names an interpreter 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from collectives.errors import ConfigError
 from peer.bench import hivemind_baseline as hb
 from peer.cli import main
 from peer.harness.processes import ChildFailed
+from peer.harness.procgroup import AllReduceJob, worker_tensor
 
 HIVEMIND_PYTHON = os.environ.get("LOCONET_HIVEMIND_PYTHON")
 
@@ -208,3 +211,12 @@ def test_the_summary_counts_the_same_warning_of_every_peer_together():
     ]
     summary = hb.summarise(job, "1.1.12", reports, wire_per_round=None, bandwidth_bps=None)
     assert summary["log_warnings"] == {late: 3, "ERROR m: x": 1}
+
+
+def test_the_worker_averages_the_same_tensors_as_loconets_workers():
+    spec = importlib.util.spec_from_file_location("hivemind_worker", hb.WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)  # its imports at the top are the standard library's only
+    for rank in range(3):
+        ours = worker_tensor(AllReduceJob(numel=1000, seed=1), rank)
+        assert torch.equal(worker._tensor(1, rank, 1000), ours)

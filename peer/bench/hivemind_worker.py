@@ -67,6 +67,8 @@ def _write(path: Path, text: str) -> None:
 
 
 def _tensor(seed: int, rank: int, numel: int):
+    """The tensor rank contributes: the same seeded draw as loconet's workers (procgroup.worker_tensor; a test
+    holds the two equal), so both sides average the same numbers."""
     import torch
 
     return torch.randn(numel, generator=torch.Generator().manual_seed(seed * 1_000_003 + rank))
