@@ -143,8 +143,9 @@ def running(pid: int) -> bool:
 
 def worker_report(times, cpus, errors, digests, warnings=()) -> dict:
     """A worker's report, as hivemind_worker.py writes it."""
-    return {"times_s": times, "cpu_s": cpus, "max_abs_error_per_round": errors, "max_abs_error": max(errors),
-            "sha256_per_round": digests, "log_warnings": list(warnings)}
+    return {"times_s": times, "release_late_s": [0.001 * t for t in times], "cpu_s": cpus,
+            "max_abs_error_per_round": errors, "max_abs_error": max(errors), "sha256_per_round": digests,
+            "log_warnings": list(warnings)}
 
 
 def test_the_summary_takes_the_slowest_peer_per_round_and_medians_over_rounds():
@@ -155,6 +156,7 @@ def test_the_summary_takes_the_slowest_peer_per_round_and_medians_over_rounds():
     ]
     summary = hb.summarise(job, "1.1.12", reports, wire_per_round=2000.0, bandwidth_bps=8000.0)
     assert summary["times_s"] == [2.0, 3.0]
+    assert summary["release_late_s_max"] == 0.003
     assert summary["median_s"] == 2.5
     assert summary["cpu_s_per_round"] == 1.25  # rounds sum 1.5 and 1.0
     assert summary["bytes_sent_per_peer"] == 1500.0  # 2 x 3/4 x 1000 values x 1 byte

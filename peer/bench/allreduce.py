@@ -91,6 +91,8 @@ FIELDS: Fields = {
     "hivemind.codec": "hivemind's compression, by this benchmark's name for it",
     "hivemind.median_s": "median over its timed rounds of the slowest peer's seconds, release to result",
     "hivemind.times_s": "the slowest peer's seconds of every timed round",
+    "hivemind.release_late_s_max": "the latest any peer started a timed round after the common instant (it counts "
+    "in that round's time; near 0 when the comparison is fair to hivemind)",
     "hivemind.cpu_s_per_round": "CPU-seconds per round of its processes (worker, DHT, averager, p2pd daemon)",
     "hivemind.bytes_sent_per_peer": "its butterfly's payload per peer: 2 (N-1)/N x numel x bytes per value "
     "(hivemind exposes no counters)",

@@ -192,6 +192,7 @@ def summarise(job: HivemindJob, version: str, reports: list[dict], wire_per_roun
         "codec": job.codec,
         "median_s": median,
         "times_s": times,
+        "release_late_s_max": max(late for r in reports for late in r.get("release_late_s", [0.0])),
         "cpu_s_per_round": statistics.median(sum(cpus) for cpus in zip(*(r["cpu_s"] for r in reports))),
         "bytes_sent_per_peer": payload_bytes(job.peers, job.numel, job.codec),
         "max_abs_error": max(r["max_abs_error"] for r in reports),

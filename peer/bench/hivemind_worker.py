@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Every round averages the same tensors, so every round's result is checked against one exact mean.
     exact = sum(_tensor(ns.seed, rank, ns.numel).double() for rank in range(ns.peers)) / ns.peers
-    times, cpus, errors, digests = [], [], [], []
+    times, lateness, cpus, errors, digests = [], [], [], [], []
     for round_index in range(ns.repeat + 1):  # round 0 warms up: connections, buffers
         with averager.get_tensors() as tensors:
             tensors[0].copy_(mine)
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError("hivemind step finished before its trigger")
             time.sleep(_POLL_S)
         go = _release_together(ns.meet, ns.rank, ns.peers, round_index)
+        late = time.time() - go  # a peer that read the instant late starts late, and its round counts it
         cpu0 = _cpu_s()
         control.allow_allreduce()
         control.result(timeout=ns.timeout)
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if round_index == 0:
             continue
         times.append(done - go)
+        lateness.append(late)
         cpus.append(_cpu_s() - cpu0)
         with averager.get_tensors() as tensors:
             result = tensors[0].clone()
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "rank": ns.rank,
         "times_s": times,
+        "release_late_s": lateness,
         "cpu_s": cpus,
         "max_abs_error_per_round": errors,
         "max_abs_error": max(errors),
