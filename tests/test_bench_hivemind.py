@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from collectives.errors import ConfigError
+from collectives.hostlocal import process_start
 from peer.bench import hivemind_baseline as hb
 from peer.cli import main
 from peer.harness.processes import ChildFailed
@@ -129,16 +130,7 @@ def test_workers_get_their_rank_address_and_the_job_and_leave_no_process_behind(
         }
     pids = children.read_text().split()
     assert len(pids) == 2
-    assert [p for p in pids if running(int(p))] == []
-
-
-def running(pid: int) -> bool:
-    """True while pid exists and is not a zombie waiting to be reaped."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+    assert [p for p in pids if process_start(int(p)) is not None] == []  # gone, or a zombie holding nothing
 
 
 def worker_report(times, cpus, errors, digests, warnings=()) -> dict:

@@ -36,7 +36,7 @@ from collectives.rpc import RpcSecurity
 from collectives.transport import TransportConfig, codec_threads_for
 from peer.bench import hivemind_baseline
 from peer.bench.fields import Fields, describe_report
-from peer.bench.kit import print_report, require
+from peer.bench.kit import cpu_per_round, per_round_max, print_report, require
 from peer.bench.progress import Progress, progress_for
 from peer.harness.processes import ChildFailed
 from peer.harness.procgroup import AllReduceJob, Placement, ProcessGroup, WorkerConfig, WorkerError, worker_tensor
@@ -136,10 +136,6 @@ def check_arguments(
     return bps
 
 
-def _per_repeat_max(replies: list[dict]) -> list[float]:
-    return [max(times) for times in zip(*(r["times_s"] for r in replies))]
-
-
 def run(
     peers: int = 4,
     numel: int = 25_000_000,
@@ -211,7 +207,7 @@ def run(
                 before = _tx_bytes(network)
                 replies = _expect_ok(group.allreduce(job))
                 wire["ours"] = _per_round(before, _tx_bytes(network), repeat)
-                progress.end(f"median {statistics.median(_per_repeat_max(replies)):.3f} s")
+                progress.end(f"median {statistics.median(per_round_max(replies)):.3f} s")
                 baseline = None
                 if gloo:
                     progress.begin(f"gloo all_reduce, {repeat} rounds")
@@ -222,8 +218,8 @@ def run(
                     wire["gloo"] = _per_round(before, _tx_bytes(network), repeat)
                     baseline = {
                         "method": "torch.distributed gloo all_reduce (fp32)",
-                        "median_s": statistics.median(_per_repeat_max(gloo_replies)),
-                        "cpu_s_per_round": _cpu_per_round(gloo_replies),
+                        "median_s": statistics.median(per_round_max(gloo_replies)),
+                        "cpu_s_per_round": cpu_per_round(gloo_replies),
                         "bytes_sent_per_peer": 2 * (peers - 1) / peers * 4 * numel,
                     }
                     progress.end(f"median {baseline['median_s']:.3f} s")
@@ -236,7 +232,7 @@ def run(
         raise ChildFailed(f"all-reduce {exc} (its own messages are above, on stderr)") from exc
     finally:
         stack.close()
-    times = _per_repeat_max(replies)
+    times = per_round_max(replies)
     median = statistics.median(times)
     sent = [r["stats"]["bytes_sent"] for r in replies]
     report = {
@@ -251,7 +247,7 @@ def run(
         "tls": tls,
         "median_s": median,
         "times_s": times,
-        "cpu_s_per_round": _cpu_per_round(replies),
+        "cpu_s_per_round": cpu_per_round(replies),
         "bytes_sent_per_peer": statistics.median(sent),
         "bytes_sent_per_peer_max": max(sent),
         "fp32_bytes": numel * 4,
@@ -344,11 +340,6 @@ def _per_round(before: list[int], after: list[int], rounds: int) -> float | None
     if not before:
         return None
     return statistics.median((b - a) / rounds for a, b in zip(before, after))
-
-
-def _cpu_per_round(replies: list[dict]) -> float:
-    """Median over rounds of the CPU-seconds all peers spent in that round."""
-    return statistics.median(sum(cpus) for cpus in zip(*(r["cpu_s"] for r in replies)))
 
 
 def _expect_ok(replies: list) -> list[dict]:

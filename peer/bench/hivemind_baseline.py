@@ -24,8 +24,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from peer.bench.kit import require
-from peer.harness.processes import ChildFailed
+from peer.bench.kit import cpu_per_round, per_round_max, require
+from peer.harness.processes import ChildFailed, log_tail
 
 WORKER = Path(__file__).with_name("hivemind_worker.py")
 # hivemind's compression for each of loconet's codecs that has one; any other codec is compared with fp32.
@@ -74,7 +74,7 @@ def probe(python: str, codec: str) -> str:
     """hivemind's version, once python has run the worker's probe (import hivemind, round-trip a tensor through
     the compression); ConfigError saying what failed and how to install it when it cannot."""
     with tempfile.TemporaryDirectory(prefix="loconet-hivemind-") as folder:
-        script = shutil.copy(WORKER, Path(folder) / WORKER.name)
+        script = _copy_worker(Path(folder))
         try:
             done = subprocess.run(
                 [python, str(script), "--probe", "--codec", codec], capture_output=True, text=True,
@@ -86,6 +86,12 @@ def probe(python: str, codec: str) -> str:
     require(done.returncode == 0, f"--hivemind: {python} cannot run hivemind's {codec} all-reduce ({last}); "
                                   f"{INSTALL_HINT}")
     return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "unknown"
+
+
+def _copy_worker(folder: Path) -> Path:
+    """The worker script, copied into folder: run from there, loconet's bench folder (its codecs.py, ...) stays off
+    the worker's sys.path."""
+    return Path(shutil.copy(WORKER, folder / WORKER.name))
 
 
 def worker_argv(job: HivemindJob, rank: int, ip: str, meet: Path) -> list[str]:
@@ -102,7 +108,7 @@ def run_workers(job: HivemindJob, prefixes: list[list[str]], ips: list[str]) -> 
     reports in rank order; ChildFailed naming the first that failed, with its last error line."""
     with tempfile.TemporaryDirectory(prefix="loconet-hivemind-") as folder:
         meet = Path(folder)
-        shutil.copy(WORKER, meet / WORKER.name)  # run from here: loconet's bench folder stays off its sys.path
+        _copy_worker(meet)
         logs = [meet / f"stderr-{rank}.log" for rank in range(job.peers)]
         with contextlib.ExitStack() as stack:
             procs = []
@@ -125,17 +131,15 @@ def _finish(proc: subprocess.Popen, deadline: float, log: Path, meet: Path, rank
     try:
         proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        last = (log.read_text(errors="replace").strip().splitlines() or ["no message"])[-1]
+        last = log_tail(log, 1) or "no message"
         raise ChildFailed(f"hivemind worker {rank} did not finish in time; its last line: {last}") from None
-    text = log.read_text(errors="replace")
     if proc.returncode != 0:
-        lines = text.strip().splitlines() or ["no message"]
-        raise ChildFailed(f"hivemind worker {rank} exited with {proc.returncode}: {lines[-1]}")
+        raise ChildFailed(f"hivemind worker {rank} exited with {proc.returncode}: {log_tail(log, 1) or 'no message'}")
     try:
         report = json.loads((meet / f"report-{rank}.json").read_text())
     except (OSError, json.JSONDecodeError):
         raise ChildFailed(f"hivemind worker {rank} wrote no report") from None
-    report["log_warnings"] = log_warnings(text)
+    report["log_warnings"] = log_warnings(log.read_text(errors="replace"))
     return report
 
 
@@ -183,7 +187,7 @@ def _group_alive(pgid: int) -> bool:
 def summarise(job: HivemindJob, version: str, reports: list[dict], wire_per_round: float | None,
               bandwidth_bps: float | None) -> dict:
     """The baseline's part of the report: per repeat the slowest peer's time, and medians over repeats."""
-    times = [max(per_round) for per_round in zip(*(r["times_s"] for r in reports))]
+    times = per_round_max(reports)
     median = statistics.median(times)
     summary = {
         "method": METHODS[job.codec],
@@ -193,10 +197,10 @@ def summarise(job: HivemindJob, version: str, reports: list[dict], wire_per_roun
         "median_s": median,
         "times_s": times,
         "release_late_s_max": max(late for r in reports for late in r.get("release_late_s", [0.0])),
-        "cpu_s_per_round": statistics.median(sum(cpus) for cpus in zip(*(r["cpu_s"] for r in reports))),
+        "cpu_s_per_round": cpu_per_round(reports),
         "bytes_sent_per_peer": payload_bytes(job.peers, job.numel, job.codec),
         "max_abs_error": max(r["max_abs_error"] for r in reports),
-        "max_abs_error_per_round": [max(per_round) for per_round in zip(*(r["max_abs_error_per_round"] for r in reports))],
+        "max_abs_error_per_round": per_round_max(reports, "max_abs_error_per_round"),
         "identical_across_peers": all(len(set(d)) == 1 for d in zip(*(r["sha256_per_round"] for r in reports))),
         # Where its result strays from the mean, hivemind says why only in its logs: bring the reasons here.
         "log_warnings": dict(Counter(w for r in reports for w in r.get("log_warnings", [])).most_common(_WARNINGS_KEPT)),

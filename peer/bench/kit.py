@@ -101,6 +101,17 @@ def copy_baseline(nbytes: int, repeat: int) -> dict:
     return {"method": "in-memory copy of the same bytes", "median_s": copy_baseline_s(nbytes, repeat)}
 
 
+def per_round_max(replies: list[dict], key: str = "times_s") -> list[float]:
+    """Per round, the largest of the peers' values under key (each reply lists one per round): the slowest peer's
+    time, or the largest error."""
+    return [max(values) for values in zip(*(r[key] for r in replies))]
+
+
+def cpu_per_round(replies: list[dict]) -> float:
+    """Median over rounds of the CPU-seconds all peers spent in that round (each reply's ``cpu_s``, one per round)."""
+    return statistics.median(sum(cpus) for cpus in zip(*(r["cpu_s"] for r in replies)))
+
+
 def print_report(report: dict, as_json: bool, out: TextIO | None = None, fmt: Callable[[object], str] = str) -> None:
     """Print a benchmark's report to out (default stdout): one JSON line, or one aligned "key: value" line per entry."""
     out = sys.stdout if out is None else out  # looked up per call: tests replace sys.stdout

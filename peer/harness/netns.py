@@ -565,7 +565,8 @@ class NetnsNetwork:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        # A zombie (dead, waiting for its parent to reap it) holds nothing open: it counts as gone.
+        while time.monotonic() < deadline and any(process_start(pid) is not None for pid in pids):
             time.sleep(0.05)
         return pids
 
@@ -678,14 +679,6 @@ class NetnsNetwork:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
-
-
-def _alive(pid: int) -> bool:
-    """True while pid runs: a zombie (dead, waiting for its parent to reap it) holds nothing open."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def _warn_processes(netns: str) -> None:
