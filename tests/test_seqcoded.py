@@ -332,7 +332,6 @@ def test_a_single_worker_trains_with_every_scheme():
 
 
 # How long a slowed worker waits at most for the run to go on without it (it asks for the round afterwards).
-SLOW_S = 3.0
 
 
 class Slowed:
@@ -345,7 +344,9 @@ class Slowed:
     def loss(self, model, partition, partitions, step):
         opt = self.opt
         if opt is not None and opt.global_step in self.slow_rounds:
-            deadline = time.monotonic() + SLOW_S
+            # Until the run goes on without it, however long its grace lasts on a loaded machine; WAIT_S only
+            # bounds a run that never does (the test's assertion then says so).
+            deadline = time.monotonic() + WAIT_S
             while time.monotonic() < deadline:
                 if opt.superseded():
                     raise StepSuperseded(f"round {opt.global_step} went on without this worker")
