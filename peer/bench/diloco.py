@@ -36,16 +36,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError
 from optimizers.registry import algorithm_names, algorithms, get_algorithm
+from peer.bench import hivemind_training
 from peer.bench.fields import Fields, describe_report
+from peer.bench.hivemind_baseline import HIVEMIND_CODECS, counterpart
 from peer.bench.kit import bench_log_dir, child_failed, print_report, require, spawned_entry
 from peer.bench.progress import Progress, progress_for
 from peer.device import move_batch, place_model, resolve_device
 from peer.harness.loopback import LOOPBACK, loopback_store, use_loopback_for_gloo
 from peer.harness.processes import ChildFailed
 from peer.options import options_of
-from peer.runtime.training import TrainConfig, local_run
+from peer.runtime.training import LOCAL_SYNC_EVERY, TrainConfig, local_run
 from peer.tasks.base import TaskConfig
 from peer.tasks.registry import check_task, make_task
 
@@ -78,9 +81,28 @@ FIELDS: Fields = {
     "fragment's share for algorithms that sync fragments, e.g. streaming)",
     "methods.*.bytes_fp32_over_method": _OURS + "fp32_bytes_per_peer / bytes_sent_per_peer: how many times fewer bytes "
     "than fp32 rounds (a little below 1 for codec none: the framing)",
-    "methods.*.bytes_method": "(data_parallel only) how its bytes are computed: a ring all-reduce of the fp32 "
-    "gradients every step, 2(N-1)/N x 4 B x parameters",
+    "methods.*.bytes_method": "(data_parallel and hivemind) how their bytes are computed: data_parallel's a ring "
+    "all-reduce of the fp32 gradients every step, 2(N-1)/N x 4 B x parameters; hivemind's from the averaging rounds "
+    "its peers logged",
     "methods.*.wall_s": "seconds from the first process started to the last peer finished",
+    "methods.hivemind": "with --hivemind: hivemind.Optimizer with use_local_updates on the same task, shards, "
+    "initial weights, inner optimizer and steps, on 127.0.0.1; its peers average their parameters in the background "
+    "once they together processed peers x batch x --sync-every samples (an epoch), as often as DiLoCo syncs",
+    "methods.hivemind.method": "what ran",
+    "methods.hivemind.version": "the hivemind version its trainers imported",
+    "methods.hivemind.codec": "its averaging compression (--hivemind-codec; default the counterpart of diloco's "
+    "--codec: none, fp16, int8 = Uniform8BitQuantization; any other codec: none)",
+    "methods.hivemind.rounds": "averaging rounds a peer took part in (mean over peers; from its log)",
+    "methods.hivemind.group_sizes": "group size -> how many peer-rounds averaged in a group of that size",
+    "methods.hivemind.epochs": "the epoch its peers ended at (mean; one epoch per --sync-every steps of every peer)",
+    "methods.hivemind.averaging_failures": "averaging rounds its peers logged as failed (all peers)",
+    "methods.hivemind.state_loads": "times a peer found itself out of sync and downloaded the state from another "
+    "(all peers; not counted in bytes_sent_per_peer)",
+    "methods.hivemind.log_warnings": "the warnings and errors its peers logged, with how many logged each",
+    "methods.hivemind.train_s": "the slowest peer's seconds from the common start of training to its last step's "
+    "averaging applied (wall_s less the peers' start: imports, DHT, p2pd)",
+    "methods.hivemind.loop_s": "the slowest peer's seconds of its training steps alone (train_s less the wait for "
+    "the last epoch's averaging)",
     "entropy_floor": "the task's best possible loss (the source's entropy rate; null for tasks that do not know it)",
     "loss_diloco_over_data_parallel": "methods.diloco.final_eval_loss / methods.data_parallel's: below 1, "
     "DiLoCo ends with a lower loss than data-parallel",
@@ -89,6 +111,10 @@ FIELDS: Fields = {
     "peak_bytes_streaming_over_diloco": "methods.streaming.peak_bytes_per_sync / diloco's: below 1, Streaming "
     "DiLoCo's largest sync is smaller",
     "loss_streaming_over_diloco": "methods.streaming.final_eval_loss / diloco's: below 1, Streaming ends lower",
+    "loss_diloco_over_hivemind": "methods.diloco.final_eval_loss / methods.hivemind's: below 1, DiLoCo ends lower",
+    "bytes_hivemind_over_diloco": "methods.hivemind.bytes_sent_per_peer / diloco's: how many times more bytes "
+    "hivemind sends",
+    "wall_s_diloco_over_hivemind": "methods.diloco.wall_s / methods.hivemind's: below 1, DiLoCo's run is quicker",
 }
 
 
@@ -103,6 +129,9 @@ class BenchConfig:
     baselines: tuple[str, ...] = BASELINES
     # The baselines' loop settings (steps, inner lr, weight decay) when no algorithm runs.
     baseline_train: TrainConfig = DEFAULT_TRAIN
+    # --hivemind: an interpreter with hivemind, to train the task with hivemind.Optimizer as one more method.
+    hivemind_python: str | None = None
+    hivemind_codec: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.baselines if b not in BASELINES]
@@ -117,6 +146,8 @@ class BenchConfig:
             all(t.duration_s is None for t in self.runs),
             "bench diloco compares the methods at equal steps: give --steps, not --duration",
         )
+        require(self.hivemind_codec is None or self.hivemind_python is not None,
+                "--hivemind-codec chooses hivemind's compression: give --hivemind too")
 
     @property
     def loop(self) -> TrainConfig:
@@ -347,14 +378,21 @@ def run(config: BenchConfig, progress: Progress | None = None) -> dict:
     report: dict = {"config": asdict(config), "methods": {}}
     task = make_task(config.task, config.task_config)
     report["entropy_floor"] = task.entropy_floor
+    # Before any process: a missing hivemind, or one that cannot build the task, is a usage error.
+    hivemind = None
+    if config.hivemind_python is not None:
+        job = hivemind_job(config)
+        hivemind = (job, hivemind_training.probe(job))
     numel = sum(p.numel() for p in task.build_model().parameters() if p.requires_grad)
-    total = len(config.runs) + len(config.baselines)
+    total = len(config.runs) + len(config.baselines) + (hivemind is not None)
     for i, train in enumerate(config.runs, 1):
         label = f"{train.algorithm} [{i}/{total}]"
         result = run_ours(config, train, progress, label)
         report["methods"][train.algorithm] = {**result, **fp32_figures(result, train, config.peers, numel)}
     for i, name in enumerate(config.baselines, len(config.runs) + 1):
         report["methods"][name] = baselines[name](config, progress, f"{name} [{i}/{total}]")
+    if hivemind is not None:
+        report["methods"]["hivemind"] = run_hivemind(*hivemind, progress, f"hivemind [{total}/{total}]")
     m = report["methods"]
     if "diloco" in m and "data_parallel" in m:
         report["loss_diloco_over_data_parallel"] = m["diloco"]["final_eval_loss"] / m["data_parallel"]["final_eval_loss"]
@@ -366,7 +404,37 @@ def run(config: BenchConfig, progress: Progress | None = None) -> dict:
             m["streaming"]["peak_bytes_per_sync"] / max(m["diloco"]["peak_bytes_per_sync"], 1)
         )
         report["loss_streaming_over_diloco"] = m["streaming"]["final_eval_loss"] / m["diloco"]["final_eval_loss"]
+    if "diloco" in m and "hivemind" in m:
+        report["loss_diloco_over_hivemind"] = m["diloco"]["final_eval_loss"] / m["hivemind"]["final_eval_loss"]
+        report["bytes_hivemind_over_diloco"] = (
+            m["hivemind"]["bytes_sent_per_peer"] / max(m["diloco"]["bytes_sent_per_peer"], 1)
+        )
+        report["wall_s_diloco_over_hivemind"] = m["diloco"]["wall_s"] / m["hivemind"]["wall_s"]
     return report
+
+
+def hivemind_job(config: BenchConfig) -> hivemind_training.HivemindTraining:
+    """hivemind's run of the same task, steps, inner optimizer and syncing interval as the DiLoCo run (the first
+    algorithm's when no diloco runs), averaging with the counterpart of its codec."""
+    loop = next((t for t in config.runs if t.algorithm == "diloco"), config.loop)
+    options = loop.options
+    sync_every = getattr(options, "sync_every", None) or LOCAL_SYNC_EVERY
+    codec = CodecConfig.parse(getattr(options, "codec", "none")).name
+    return hivemind_training.HivemindTraining(
+        python=str(config.hivemind_python), peers=config.peers, task=config.task, task_config=config.task_config,
+        steps=loop.steps, sync_every=sync_every, inner=loop.inner, inner_lr=loop.inner_lr,
+        weight_decay=loop.weight_decay, codec=counterpart(codec, config.hivemind_codec), whole_s=RUN_TIMEOUT_S,
+    )
+
+
+def run_hivemind(job: hivemind_training.HivemindTraining, version: str, progress: Progress | None = None,
+                 label: str = "hivemind") -> dict:
+    """hivemind.Optimizer (local updates) on the same task: N trainers on 127.0.0.1."""
+    progress = progress or Progress("diloco", enabled=False)
+    progress.begin(label, lambda: f"{job.peers} hivemind peers training")
+    result = hivemind_training.run(job, version)
+    progress.end(f"eval loss {result['final_eval_loss']:.4f}, {result['bytes_sent_per_peer'] / 1e6:.2f} MB sent per peer")
+    return result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -380,6 +448,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated: registered algorithms ({', '.join(algorithm_names())}) and {', '.join(BASELINES)}",
     )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument(
+        "--hivemind", nargs="?", const=sys.executable, default=None, metavar="PYTHON",
+        help="also train with hivemind.Optimizer (local updates), run by PYTHON (an interpreter with hivemind; "
+             "default: this one)",
+    )
+    parser.add_argument(
+        "--hivemind-codec", default=None, choices=HIVEMIND_CODECS,
+        help="hivemind's averaging compression (default: the counterpart of diloco's --codec, else none)",
+    )
     add_task_arguments(parser)
     add_train_arguments(parser, DEFAULT_TRAIN)
     describe_report(parser, FIELDS)
@@ -413,6 +490,7 @@ def bench_config(ns: argparse.Namespace) -> BenchConfig:
         peers=ns.peers, task=ns.task, task_config=read_task_config(ns), runs=runs,
         baselines=tuple(m for m in methods if m in BASELINES),
         baseline_train=read_train_config(ns, base=DEFAULT_TRAIN, strict=False),
+        hivemind_python=ns.hivemind, hivemind_codec=ns.hivemind_codec,
     )
     check_config(config)
     return config

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,16 +76,20 @@ def probe(python: str, codec: str) -> str:
     the compression); ConfigError saying what failed and how to install it when it cannot."""
     with tempfile.TemporaryDirectory(prefix="loconet-hivemind-") as folder:
         script = _copy_worker(Path(folder))
-        try:
-            done = subprocess.run(
-                [python, str(script), "--probe", "--codec", codec], capture_output=True, text=True,
-                timeout=_PROBE_TIMEOUT_S, check=False, stdin=subprocess.DEVNULL,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            require(False, f"--hivemind {python} does not run ({exc}); {INSTALL_HINT}")
+        return probe_command([python, str(script), "--probe", "--codec", codec], f"hivemind's {codec} all-reduce")
+
+
+def probe_command(argv: list[str], what: str, env: dict[str, str] | None = None) -> str:
+    """The last line argv prints (the probe prints hivemind's version); ConfigError naming what cannot run, with
+    the probe's last error line and how to install hivemind, when it fails."""
+    python = argv[0]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S, check=False,
+                              stdin=subprocess.DEVNULL, env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        require(False, f"--hivemind {python} does not run ({exc}); {INSTALL_HINT}")
     last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-    require(done.returncode == 0, f"--hivemind: {python} cannot run hivemind's {codec} all-reduce ({last}); "
-                                  f"{INSTALL_HINT}")
+    require(done.returncode == 0, f"--hivemind: {python} cannot run {what} ({last}); {INSTALL_HINT}")
     return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "unknown"
 
 
@@ -104,24 +109,34 @@ def worker_argv(job: HivemindJob, rank: int, ip: str, meet: Path) -> list[str]:
 
 
 def run_workers(job: HivemindJob, prefixes: list[list[str]], ips: list[str]) -> list[dict]:
-    """Start one worker per rank (argv prefixed by prefixes[rank], e.g. ``ip netns exec``) and return their
-    reports in rank order; ChildFailed naming the first that failed, with its last error line."""
+    """Start one all-reduce worker per rank (argv prefixed by prefixes[rank], e.g. ``ip netns exec``) and return
+    their reports in rank order; ChildFailed naming the first that failed, with its last error line."""
+    # Every round may take its timeout, plus matchmaking; starting a DHT and p2pd takes seconds.
+    whole_s = (job.repeat + 1) * (job.timeout_s + _ROUND_EXTRA_S) + _START_S
+    return run_commands(lambda rank, meet: worker_argv(job, rank, ips[rank], meet), job.peers, whole_s, prefixes,
+                        copy_worker=True)
+
+
+def run_commands(argv_of: Callable[[int, Path], list[str]], peers: int, whole_s: float,
+                 prefixes: list[list[str]], *, copy_worker: bool = False, env: dict[str, str] | None = None) -> list[dict]:
+    """Start argv_of(rank, meet) for every rank, in a fresh shared folder meet (also their working directory, with
+    the all-reduce worker's script copied into it if copy_worker), and return the ``report-<rank>.json`` each wrote,
+    with the warnings its log holds; ChildFailed naming the first that failed or ran past whole_s seconds."""
     with tempfile.TemporaryDirectory(prefix="loconet-hivemind-") as folder:
         meet = Path(folder)
-        _copy_worker(meet)
-        logs = [meet / f"stderr-{rank}.log" for rank in range(job.peers)]
+        if copy_worker:
+            _copy_worker(meet)
+        logs = [meet / f"stderr-{rank}.log" for rank in range(peers)]
         with contextlib.ExitStack() as stack:
             procs = []
-            for rank in range(job.peers):
+            for rank in range(peers):
                 err = stack.enter_context(logs[rank].open("w"))
                 # Output goes to files, not pipes: a daemon the worker leaves behind would hold a pipe open.
                 procs.append(subprocess.Popen(
-                    prefixes[rank] + worker_argv(job, rank, ips[rank], meet), stdin=subprocess.DEVNULL,
-                    stdout=err, stderr=err, start_new_session=True,
+                    prefixes[rank] + argv_of(rank, meet), stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                    start_new_session=True, cwd=meet, env=env,
                 ))
             stack.callback(_kill_all, procs)
-            # Every round may take its timeout, plus matchmaking; starting a DHT and p2pd takes seconds.
-            whole_s = (job.repeat + 1) * (job.timeout_s + _ROUND_EXTRA_S) + _START_S
             deadline = time.monotonic() + whole_s
             outputs = [_finish(proc, deadline, logs[rank], meet, rank) for rank, proc in enumerate(procs)]
     return outputs
@@ -203,13 +218,18 @@ def summarise(job: HivemindJob, version: str, reports: list[dict], wire_per_roun
         "max_abs_error_per_round": per_round_max(reports, "max_abs_error_per_round"),
         "identical_across_peers": all(len(set(d)) == 1 for d in zip(*(r["sha256_per_round"] for r in reports))),
         # Where its result strays from the mean, hivemind says why only in its logs: bring the reasons here.
-        "log_warnings": dict(Counter(w for r in reports for w in r.get("log_warnings", [])).most_common(_WARNINGS_KEPT)),
+        "log_warnings": common_warnings(reports),
     }
     if wire_per_round is not None:
         summary["wire_bytes_per_round"] = wire_per_round
     if bandwidth_bps:
         summary["link_utilization"] = summary["bytes_sent_per_peer"] * 8 / bandwidth_bps / median
     return summary
+
+
+def common_warnings(reports: list[dict]) -> dict[str, int]:
+    """The warnings the workers logged, each with how many logged it (the most frequent first)."""
+    return dict(Counter(w for r in reports for w in r.get("log_warnings", [])).most_common(_WARNINGS_KEPT))
 
 
 def payload_bytes(peers: int, numel: int, codec: str) -> float:

@@ -51,7 +51,8 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, all its threads
 
 
-def _wait_for(path: Path, timeout_s: float = _READY_TIMEOUT_S) -> str:
+def wait_for(path: Path, timeout_s: float = _READY_TIMEOUT_S) -> str:
+    """The text of path once it exists (another peer writes it); TimeoutError after timeout_s."""
     deadline = time.monotonic() + timeout_s
     while not path.exists():
         if time.monotonic() > deadline:
@@ -60,7 +61,8 @@ def _wait_for(path: Path, timeout_s: float = _READY_TIMEOUT_S) -> str:
     return path.read_text()
 
 
-def _write(path: Path, text: str) -> None:
+def write_file(path: Path, text: str) -> None:
+    """Write path whole, for other peers polling for it."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)  # readers never see half a file
@@ -74,7 +76,8 @@ def _tensor(seed: int, rank: int, numel: int):
     return torch.randn(numel, generator=torch.Generator().manual_seed(seed * 1_000_003 + rank))
 
 
-def _compression(codec: str):
+def compression_of(codec: str):
+    """hivemind's compression of that name (HIVEMIND_CODECS in hivemind_baseline.py)."""
     from hivemind import compression
 
     choices = {
@@ -88,30 +91,29 @@ def _compression(codec: str):
 
 def _release_together(meet: Path, rank: int, peers: int, round_index: int) -> float:
     """Wait until every peer has its group for this round; return the wall-clock instant all release it at."""
-    _write(meet / f"ready-{round_index}-{rank}", "")
+    write_file(meet / f"ready-{round_index}-{rank}", "")
     if rank == 0:
         for other in range(peers):
-            _wait_for(meet / f"ready-{round_index}-{other}")
-        _write(meet / f"go-{round_index}", repr(time.time() + _GO_AHEAD_S))
-    go = float(_wait_for(meet / f"go-{round_index}"))
+            wait_for(meet / f"ready-{round_index}-{other}")
+        write_file(meet / f"go-{round_index}", repr(time.time() + _GO_AHEAD_S))
+    go = float(wait_for(meet / f"go-{round_index}"))
     time.sleep(max(0.0, go - time.time()))
     return go
 
 
-def _probe(codec: str) -> int:
-    """Round-trip a small tensor through the compression: hivemind 1.1.12's 8-bit ones raise under numpy 2, and
-    its averager then leaves the failed parts out of the average instead of failing the round."""
+def check_compression(codec: str) -> str:
+    """hivemind's version, once a small tensor made the round trip through the compression: hivemind 1.1.12's
+    8-bit ones raise under numpy 2, and its averager then leaves the failed parts out instead of failing."""
     import hivemind
     import torch
     from hivemind.compression.base import CompressionInfo
 
     tensor = torch.randn(4096, generator=torch.Generator().manual_seed(0))
-    compression = _compression(codec)
+    compression = compression_of(codec)
     back = compression.extract(compression.compress(tensor, CompressionInfo.from_tensor(tensor)))
     if back.shape != tensor.shape or not torch.isfinite(back).all():
         raise RuntimeError(f"hivemind's {codec} compression does not give the tensor back")
-    print(hivemind.__version__)
-    return 0
+    return hivemind.__version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a round may take before it fails")
     ns = parser.parse_args(argv)
     if ns.probe:
-        return _probe(ns.codec)
+        print(check_compression(ns.codec))
+        return 0
     missing = [f"--{k}" for k in ("rank", "peers", "numel", "repeat", "meet") if getattr(ns, k) is None]
     if missing:
         parser.error(f"missing {', '.join(missing)}")
@@ -142,14 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     initial = []
     if ns.rank > 0:
-        initial = json.loads(_wait_for(ns.meet / "dht.json"))
+        initial = json.loads(wait_for(ns.meet / "dht.json"))
     dht = hivemind.DHT(start=True, initial_peers=initial, host_maddrs=[f"/ip4/{ns.ip}/tcp/0"])
     if ns.rank == 0:
-        _write(ns.meet / "dht.json", json.dumps([str(a) for a in dht.get_visible_maddrs()]))
+        write_file(ns.meet / "dht.json", json.dumps([str(a) for a in dht.get_visible_maddrs()]))
     mine = _tensor(ns.seed, ns.rank, ns.numel)
     averager = hivemind.averaging.DecentralizedAverager(
         [torch.zeros(ns.numel)], dht, start=True, prefix="bench", target_group_size=ns.peers,
-        min_group_size=ns.peers, min_matchmaking_time=_MATCH_S, compression=_compression(ns.codec),
+        min_group_size=ns.peers, min_matchmaking_time=_MATCH_S, compression=compression_of(ns.codec),
         request_timeout=_MATCH_S / 2, allreduce_timeout=ns.timeout,
     )
     # Every round averages the same tensors, so every round's result is checked against one exact mean.
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     averager.shutdown()
     dht.shutdown()
-    _write(ns.meet / f"report-{ns.rank}.json", json.dumps(report))
+    write_file(ns.meet / f"report-{ns.rank}.json", json.dumps(report))
     return 0
 
 
