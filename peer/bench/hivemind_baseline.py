@@ -6,6 +6,9 @@ nothing of loconet is on its path. With ``--netns`` they run in the same namespa
 capped links as loconet's workers and gloo's, one after the other, never at once. Each round is matched by
 hivemind's matchmaking first and then released at one instant for all peers: the times are its
 ``DecentralizedAverager`` all-reduce alone, the slowest peer's, as loconet's leave out its quorum.
+
+Its launcher (``run_commands``, ``probe_command``) also starts ``bench diloco``'s hivemind trainers
+(``hivemind_training.py``).
 """
 
 from __future__ import annotations
