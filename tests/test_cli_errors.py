@@ -7,6 +7,7 @@ Cases that need a process of their own (a peer, the demo's children, Ctrl-C) run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.timeout(120)
 def loconet(*args: str, timeout: float = 90, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``loconet ARGS`` to completion; its output as text."""
     return subprocess.run(
-        [sys.executable, "-m", "peer.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        [sys.executable, "-m", "peer.cli", *args], check=False, capture_output=True, text=True, timeout=timeout, cwd=cwd,
     )
 
 
@@ -134,11 +135,23 @@ def test_with_v_an_error_also_shows_its_traceback(taken_port, capsys):
 # -- Ctrl-C ---------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def sigint_at_its_default_in_children():
+    """Children start with SIGINT at its default, as from a terminal. A child inherits an ignored SIGINT (the
+    suite started as a background job has one), and Python then never raises KeyboardInterrupt in it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a handler is reset to default by exec
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_on_the_demo_says_what_it_stopped_and_where_the_logs_are():
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "peer.cli", "demo", "--dashboard-port", "0", "--steps", "100000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
+    with sigint_at_its_default_in_children():
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "peer.cli", "demo", "--dashboard-port", "0", "--steps", "100000"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
     try:
         for line in proc.stdout:
             if line.startswith("Dashboard: "):
