@@ -7,8 +7,6 @@ one end-to-end test runs only when LOCONET_HIVEMIND_PYTHON names an interpreter 
 from __future__ import annotations
 
 import importlib.util
-import os
-import stat
 from pathlib import Path
 
 import pytest
@@ -20,16 +18,7 @@ from peer.bench import hivemind_baseline as hb
 from peer.cli import main
 from peer.harness.processes import ChildFailed
 from peer.harness.procgroup import AllReduceJob, worker_tensor
-
-HIVEMIND_PYTHON = os.environ.get("LOCONET_HIVEMIND_PYTHON")
-
-
-def fake_python(tmp_path: Path, body: str) -> str:
-    """An executable that stands in for an interpreter: a shell script with this body."""
-    path = tmp_path / "python"
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return str(path)
+from tests.support.standins import HIVEMIND_PYTHON, fake_python
 
 
 @pytest.mark.parametrize(

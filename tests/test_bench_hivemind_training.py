@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import stat
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,7 @@ from peer.bench import hivemind_training as ht
 from peer.bench.hivemind_trainer import RoundCounter
 from peer.cli import build_parser, main
 from peer.tasks.base import TaskConfig
-
-HIVEMIND_PYTHON = os.environ.get("LOCONET_HIVEMIND_PYTHON")
-
-
-def fake_python(tmp_path: Path, body: str) -> str:
-    """An executable that stands in for an interpreter: a shell script with this body."""
-    path = tmp_path / "python"
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return str(path)
+from tests.support.standins import HIVEMIND_PYTHON, fake_python
 
 
 def bench_config(*args: str) -> diloco.BenchConfig:

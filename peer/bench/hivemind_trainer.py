@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from peer.bench.hivemind_worker import check_compression, compression_of, wait_for, write_file
+from peer.bench.hivemind_worker import check_compression, compression_of, stop_and_report, wait_for, write_file
 
 # Seconds a peer gathers its averaging group; hivemind's default (15 s) is meant for peers across the internet.
 _MATCH_S = 2.0
@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "loop_s": loop_s,
         "hivemind": hivemind.__version__,
     }
-    opt.shutdown()
-    dht.shutdown()
-    write_file(ns.meet / f"report-{ns.rank}.json", json.dumps(report))
+    stop_and_report(ns.meet, ns.rank, report, opt, dht)
     return 0
 
 

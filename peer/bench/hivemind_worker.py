@@ -76,6 +76,13 @@ def _tensor(seed: int, rank: int, numel: int):
     return torch.randn(numel, generator=torch.Generator().manual_seed(seed * 1_000_003 + rank))
 
 
+def stop_and_report(meet: Path, rank: int, report: dict, *services) -> None:
+    """Shut hivemind's services down (each has ``shutdown()``), then write the report the launcher waits for."""
+    for service in services:
+        service.shutdown()
+    write_file(meet / f"report-{rank}.json", json.dumps(report))
+
+
 def compression_of(codec: str):
     """hivemind's compression of that name (HIVEMIND_CODECS in hivemind_baseline.py)."""
     from hivemind import compression
@@ -194,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "hivemind": hivemind.__version__,
         "numpy": numpy.__version__,  # hivemind 1.1.12's 8-bit codecs fail inside its averager under numpy 2
     }
-    averager.shutdown()
-    dht.shutdown()
-    write_file(ns.meet / f"report-{ns.rank}.json", json.dumps(report))
+    stop_and_report(ns.meet, ns.rank, report, averager, dht)
     return 0
 
 
