@@ -38,7 +38,7 @@ def test_hivemind_averages_as_often_as_diloco_syncs_with_the_counterpart_of_its_
                           "--inner-lr", "0.01", "--hivemind", "/opt/hm/python")
     made = diloco.hivemind_job(config)
     assert (made.python, made.peers, made.steps, made.sync_every, made.codec) == ("/opt/hm/python", 4, 60, 20, "fp16")
-    assert (made.inner, made.inner_lr, made.weight_decay) == ("adamw", 0.01, 0.01)
+    assert (made.inner, made.inner_lr, made.weight_decay, made.device) == ("adamw", 0.01, 0.01, "cpu")
 
 
 @pytest.mark.parametrize(("codec", "chosen", "expected"), [("topk/64", None, "none"), ("int8", "quantile8", "quantile8")])
@@ -61,7 +61,7 @@ def test_a_trainer_gets_the_task_the_loop_and_its_rank():
     assert options == {
         "--task": "synthetic-lm", "--codec": "int8", "--rank": "1", "--peers": "2", "--steps": "40",
         "--sync-every": "10", "--inner": "adamw", "--inner-lr": "0.003", "--weight-decay": "0.01",
-        "--meet": "/meet", "--timeout": "60.0",
+        "--device": "cpu", "--meet": "/meet", "--timeout": "60.0",
     }
 
 

@@ -86,8 +86,9 @@ FIELDS: Fields = {
     "its peers logged",
     "methods.*.wall_s": "seconds from the first process started to the last peer finished",
     "methods.hivemind": "with --hivemind: hivemind.Optimizer with use_local_updates on the same task, shards, "
-    "initial weights, inner optimizer and steps, on 127.0.0.1; its peers average their parameters in the background "
-    "once they together processed peers x batch x --sync-every samples (an epoch), as often as DiLoCo syncs",
+    "initial weights, inner optimizer, steps and device (--device), on 127.0.0.1; its peers average their "
+    "parameters in the background once they together processed peers x batch x --sync-every samples (an epoch), "
+    "as often as DiLoCo syncs",
     "methods.hivemind.method": "what ran",
     "methods.hivemind.version": "the hivemind version its trainers imported",
     "methods.hivemind.codec": "its averaging compression (--hivemind-codec; default the counterpart of diloco's "
@@ -225,8 +226,13 @@ def run_ours(config: BenchConfig, train: TrainConfig, progress: Progress | None 
         "identical_global_params": len({f["digest"] for f in finished}) == 1,
         "wall_s": wall,
     }
-    progress.end(f"eval loss {result['final_eval_loss']:.4f}, {result['bytes_sent_per_peer'] / 1e6:.2f} MB sent per peer")
+    progress.end(_done(result))
     return result
+
+
+def _done(result: dict, mb_digits: int = 2) -> str:
+    """A method's progress line when it ends: its eval loss and the bytes a peer sent."""
+    return f"eval loss {result['final_eval_loss']:.4f}, {result['bytes_sent_per_peer'] / 1e6:.{mb_digits}f} MB sent per peer"
 
 
 def fp32_figures(result: dict, train: TrainConfig, peers: int, numel: int) -> dict:
@@ -337,7 +343,7 @@ def run_data_parallel(config: BenchConfig, progress: Progress | None = None, lab
         "bytes_method": "ring all-reduce of fp32 gradients every step: 2(N-1)/N x 4 B x parameters",
         "wall_s": wall,
     }
-    progress.end(f"eval loss {result['final_eval_loss']:.4f}, {result['bytes_sent_per_peer'] / 1e6:.1f} MB sent per peer")
+    progress.end(_done(result, mb_digits=1))
     return result
 
 
@@ -423,7 +429,8 @@ def hivemind_job(config: BenchConfig) -> hivemind_training.HivemindTraining:
     return hivemind_training.HivemindTraining(
         python=str(config.hivemind_python), peers=config.peers, task=config.task, task_config=config.task_config,
         steps=loop.steps, sync_every=sync_every, inner=loop.inner, inner_lr=loop.inner_lr,
-        weight_decay=loop.weight_decay, codec=counterpart(codec, config.hivemind_codec), whole_s=RUN_TIMEOUT_S,
+        weight_decay=loop.weight_decay, codec=counterpart(codec, config.hivemind_codec),
+        device=str(resolve_device(loop.device)), whole_s=RUN_TIMEOUT_S,
     )
 
 
@@ -433,7 +440,7 @@ def run_hivemind(job: hivemind_training.HivemindTraining, version: str, progress
     progress = progress or Progress("diloco", enabled=False)
     progress.begin(label, lambda: f"{job.peers} hivemind peers training")
     result = hivemind_training.run(job, version)
-    progress.end(f"eval loss {result['final_eval_loss']:.4f}, {result['bytes_sent_per_peer'] / 1e6:.2f} MB sent per peer")
+    progress.end(_done(result))
     return result
 
 

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inner", choices=("adamw", "sgd"), default="adamw")
     parser.add_argument("--inner-lr", type=float, default=0.003)
     parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--device", default="cpu", help="the torch device to train on, as loconet's peers do")
     parser.add_argument("--meet", type=Path, help="a folder every peer can read and write")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds an averaging round may take")
     ns = parser.parse_args(argv)
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     import hivemind
     import torch
 
+    from peer.device import move_batch, place_model
     from peer.tasks.base import TaskConfig
     from peer.tasks.registry import make_task
 
@@ -101,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     counter = RoundCounter()
     logging.getLogger("hivemind").addHandler(counter)
     task = make_task(ns.task, TaskConfig(**task_config))
-    model = task.build_model()  # the same seeded initial weights on every peer, as loconet's peers start from
+    device = torch.device(ns.device)
+    # The same seeded initial weights on every peer, as loconet's peers start from.
+    model = place_model(task.build_model(), device)
     batch = task.config.batch_size
     inner = torch.optim.AdamW if ns.inner == "adamw" else torch.optim.SGD
     initial = [] if ns.rank == 0 else json.loads(wait_for(ns.meet / "dht.json"))
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     for _ in range(ns.steps):
         opt.zero_grad()
-        task.loss(model, next(batches)).backward()
+        task.loss(model, move_batch(next(batches), device)).backward()
         opt.step()
     loop_s = time.monotonic() - started
     # The last epoch's averaging may still run in the background: its result is part of the training.

@@ -46,6 +46,7 @@ class HivemindTraining:
     inner_lr: float
     weight_decay: float
     codec: str
+    device: str = "cpu"
     timeout_s: float = 60.0
     whole_s: float = 3600.0
 
@@ -66,7 +67,8 @@ def trainer_argv(job: HivemindTraining, rank: int, meet: Path) -> list[str]:
     return [
         *_common(job), "--rank", str(rank), "--peers", str(job.peers), "--steps", str(job.steps),
         "--sync-every", str(job.sync_every), "--inner", job.inner, "--inner-lr", repr(job.inner_lr),
-        "--weight-decay", repr(job.weight_decay), "--meet", str(meet), "--timeout", repr(job.timeout_s),
+        "--weight-decay", repr(job.weight_decay), "--device", job.device, "--meet", str(meet),
+        "--timeout", repr(job.timeout_s),
     ]
 
 
