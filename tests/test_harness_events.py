@@ -90,52 +90,11 @@ def test_each_earlier_process_of_a_restarted_peer_keeps_its_own_log(harness, tmp
     assert [p.log_path for p in harness.retired] == [tmp_path / "peer1.1.log", tmp_path / "peer1.2.log"]
 
 
-def committed(*rounds: tuple[int, str]) -> list[dict]:
-    """A peer's committed events: (round, digest of the parameters after it)."""
-    return [{"event": "committed", "round": r, "epoch": 0, "digest": d} for r, d in rounds]
-
-
-def test_a_peer_started_again_after_it_finished_is_judged_by_the_rounds_its_earlier_process_committed(harness):
-    # peer1's first process committed rounds 1-2 and finished; a restart of it then committed nothing.
-    harness.retired = [StandInPeer("peer1", committed((1, "a"), (2, "b")))]
-    harness.peers = {"peer0": StandInPeer("peer0", committed((1, "a"), (2, "b"), (3, "c"))),
-                     "peer1": StandInPeer("peer1")}
-    assert harness._identical(["peer0", "peer1"]) == (2, True)
-
-
-def test_survivors_that_differ_after_their_last_common_round_are_not_identical(harness):
-    harness.retired = [StandInPeer("peer1", committed((1, "a"), (2, "x")))]
-    harness.peers = {"peer0": StandInPeer("peer0", committed((1, "a"), (2, "b"))), "peer1": StandInPeer("peer1")}
-    assert harness._identical(["peer0", "peer1"]) == (2, False)
-
-
-def joined(round_id: int, digest: str) -> dict:
-    """A peer's joined event: the round and digest of the state it fetched."""
-    return {"event": "joined", "round": round_id, "digest": digest}
-
-
-@pytest.mark.parametrize("fetched,expected", [
-    ((3, "c"), (3, True)),  # the run's last state: compared there
-    ((3, "z"), (3, False)),  # another state of the same round: found different
-    ((0, ""), (2, True)),  # a restart that fetched nothing: its earlier process's rounds
-])
-def test_a_peer_started_again_after_the_run_ended_is_judged_by_the_state_it_fetched(harness, fetched, expected):
-    # peer1 committed rounds 1-2, stopped; the others committed round 3 and finished; peer1 came back, fetched.
-    harness.retired = [StandInPeer("peer1", committed((1, "a"), (2, "b")))]
-    harness.peers = {"peer0": StandInPeer("peer0", committed((1, "a"), (2, "b"), (3, "c"))),
-                     "peer1": StandInPeer("peer1", [joined(*fetched)])}
-    assert harness._identical(["peer0", "peer1"]) == expected
-
-
-@pytest.mark.parametrize("digest,same", [("c", True), ("z", False)])
-def test_a_peer_that_resynced_to_the_runs_state_is_compared_at_that_round(harness, digest, same):
-    # Asynchronous rounds: peer1 was in rounds 1-2, resynced to round 3's state, then was in round 4 (which peer0
-    # missed; peer0 finished after round 3). Rounds both committed: 1 and 2; the last round both hold: 3.
-    harness.peers = {"peer0": StandInPeer("peer0", committed((1, "a"), (2, "b"), (3, "c"))),
-                     "peer1": StandInPeer("peer1", [*committed((1, "a"), (2, "b")),
-                                                    {"event": "resynced", "round": 3, "digest": digest},
-                                                    *committed((4, "d"))])}
-    assert harness._identical(["peer0", "peer1"]) == (3, same)
+def test_all_events_of_a_restarted_peer_are_its_earlier_processes_then_its_current_one(harness):
+    first, second = {"event": "finished", "n": 1}, {"event": "finished", "n": 2}
+    harness.retired = [StandInPeer("peer1", [first]), StandInPeer("peer0", [{"event": "other"}])]
+    harness.peers = {"peer1": StandInPeer("peer1", [second])}
+    assert harness.all_events("peer1") == [first, second]
 
 
 def test_overlapping_pauses_of_a_peer_resume_it_when_the_last_one_ends(harness):

@@ -36,6 +36,7 @@ from collectives.rpc import RpcSecurity, blocking_channel
 from collectives.transport import codec_threads_for
 from peer.coordinator.config import CoordinatorConfig
 from peer.device import place_model, resolve_device
+from peer.harness import outcome
 from peer.harness.control import write_control
 from peer.harness.joiners import joiners, restarts_from_round_0, rollbacks
 from peer.harness.processes import CoordinatorProc, Proc, daemon_peer, stop_all
@@ -557,7 +558,7 @@ class Harness:
                 if not running and settled:
                     return
                 if never_due(self.pending, bool(running), restoring):
-                    alone = self._left_behind(self.peers)
+                    alone = outcome.left_behind({n: p.events for n, p in self.peers.items()}, self.peers)
                     # Peers that found nobody holding the run's state trained on alone and finished early: more
                     # steps would not help them, a holder back in time would.
                     hint = (f"{', '.join(alone)} found nobody holding the run's state and trained on alone to "
@@ -593,11 +594,6 @@ class Harness:
         finally:
             display.close()
 
-    def _left_behind(self, names) -> list[str]:
-        """The peers among names whose syncs found nobody holding the run's state: they trained on alone."""
-        return sorted(n for n in names if any(
-            e["event"] == "sync-missed" and e.get("error") == "WaitingForState" for e in self.peers[n].events))
-
     def _report(self) -> dict:
         c = self.config
         rounds = self.committed_rounds()
@@ -608,7 +604,8 @@ class Harness:
         # Survivors whose syncs found nobody holding the run's state (the others finished and left while they
         # were paused or down): they trained on alone, by design (docs/durability.md), so their parameters are
         # their own. Identity is judged over the others.
-        left_behind = self._left_behind(survivors)
+        by_peer = {n: list(p.events) for n, p in self.peers.items()}
+        behind = outcome.left_behind(by_peer, survivors)
         # The survivors' own syncs (rounds applied late are not syncs of theirs): what each event cost them.
         syncs = {n: [(e["t"], e["wall_s"]) for e in self.peers[n].events
                      if e["event"] == "committed" and e.get("contributed", True) and e.get("wall_s")]
@@ -617,8 +614,9 @@ class Harness:
             after = [t for t in rounds.values() if t > f.wall]
             f.recovery_s = (min(after) - f.wall) if after else None
             f.lost_s = lost_s(f.wall, syncs)
-        digest_round, identical = self._identical([n for n in survivors if n not in left_behind] or survivors)
-        by_peer = {n: p.events for n, p in self.peers.items()}
+        # A survivor holds the rounds any of its processes committed (a stop event's restart makes a new one).
+        every_life = {n: self.all_events(n) for n in survivors}
+        digest_round, identical = outcome.identical(every_life, [n for n in survivors if n not in behind] or survivors)
         status = self._status() or {"summary": {"rounds_aborted": 0}, "rounds": []}
         aborted = self._aborted_before + status["summary"]["rounds_aborted"]
         task = self.task
@@ -633,13 +631,13 @@ class Harness:
             "joined": sum(e.action == "join" for e in c.events),
             "rounds_committed": len(rounds),
             "rounds_aborted": aborted,
-            "aborted_rounds_retried": self._retried(status),
+            "aborted_rounds_retried": outcome.retried(status),
             "events": [
                 {"event": str(f.event), "time_s": round(f.time_s, 3), "recovery_s": f.recovery_s, "lost_s": f.lost_s,
                  "detail": f.detail}
                 for f in self.fired
             ],
-            "byzantine": self._byzantine(),
+            "byzantine": outcome.byzantine(by_peer),
             # The run's state surviving its holders: joiners' fetch and catch-up, and any restart or rollback.
             "joiners": joiners(by_peer, [f"peer{i}" for i in range(c.peers, c.peers + self._joins())]),
             "restarts_from_round_0": restarts_from_round_0(by_peer),
@@ -649,22 +647,23 @@ class Harness:
             "eval_loss_per_peer": {n: f["eval_loss"] for n, f in finished.items()},
             "entropy_floor": task.entropy_floor,
             # A classification task's held-out accuracy, mean over the peers that finished (None otherwise).
-            "final_accuracy": _mean_of(f.get("accuracy") for f in finished.values()),
+            "final_accuracy": outcome.mean_of(f.get("accuracy") for f in finished.values()),
             "bytes_sent_per_peer": statistics.mean(sent) if sent else 0,
             "state_sync_bytes_per_peer": statistics.mean(f.get("bytes_served", 0) for f in finished.values()) if finished else 0,
             "data_parallel_bytes_per_peer": dp_bytes,
             "survivors_identical": identical,
             "identical_at_round": digest_round,
-            "left_behind": left_behind,
+            "left_behind": behind,
             "peers_alive": len(survivors),
             "wall_s": time.monotonic() - self._started,
             "dashboard": self.dashboard_url,
             "workdir": str(self.workdir),
         }
-        utilization = self._link_utilization()
+        cap = c.uplink or c.bandwidth
+        utilization = outcome.link_utilization(by_peer, parse_bandwidth(cap)) if cap else None
         if utilization is not None:
             report["link_utilization"] = utilization
-        report.update(self._replicas())
+        report.update(outcome.replicas(by_peer))
         if self._stalls:
             for record in self._stalls:
                 record.stall.stop()
@@ -672,86 +671,13 @@ class Harness:
             report["stalls"] = [record.report(by_peer, status, late) for record in self._stalls]
         return report
 
-    def _replicas(self) -> dict:
-        """For rounds reduced in groups (NoLoCo): the largest group a peer reduced in, and the replicas' spread as
-        each survivor last measured it (empty for the other algorithms)."""
-        events = [e for p in self.peers.values() for e in p.events]
-        groups = [e["group"] for e in events if e["event"] == "committed" and e.get("group") is not None]
-        if not groups:
-            return {}
-        spreads = {}
-        for name, p in self.peers.items():
-            measured = [e["spread"] for e in p.events if e["event"] == "eval" and e.get("spread") is not None]
-            if measured:
-                spreads[name] = measured[-1]
-        return {"largest_group": max(groups), "spread_per_peer": spreads}
-
-    def _byzantine(self) -> dict[str, dict]:
-        """Per peer that was told to attack, what its own events say it did: the attacks it started, the
-        contributions it corrupted, and any it refused."""
-        report = {}
-        for name, p in self.peers.items():
-            mine = [e for e in p.events if e["event"].startswith("byzantine-")]
-            if not mine:
-                continue
-            report[name] = {
-                "attacks": [e["attack"] for e in mine if e["event"] == "byzantine-started"],
-                "started_at_step": next((e["step"] for e in mine if e["event"] == "byzantine-started"), None),
-                "contributions_corrupted": sum(e["event"] == "byzantine-sent" for e in mine),
-                "refused": [e["reason"] for e in mine if e["event"] == "byzantine-refused"],
-            }
-        return report
-
     def lives(self, name: str) -> list[Proc]:
         """Every process that ran as peer name, first to last (a stop event's restart makes a new one)."""
         return [p for p in self.retired if p.name == name] + ([self.peers[name]] if name in self.peers else [])
 
-    def _identical(self, survivors: list[str]) -> tuple[int | None, bool]:
-        """Whether all survivors hold the same global parameters after the last round they all hold: committed in
-        any of their processes, or fetched when one joined (a peer started again after the others finished)."""
-        if not survivors:
-            return None, False
-        events = {n: [e for p in self.lives(n) for e in list(p.events)] for n in survivors}
-        per_peer = [{(e["round"], e.get("epoch", 0)): e["digest"] for e in events[n] if e["event"] == "committed"}
-                    for n in survivors]
-        # The state a peer fetched when it joined, or when it resynced (too far behind to catch up round by round),
-        # is a round's state too (a peer started again after the others finished commits nothing more; an
-        # asynchronous run's peers may hold no round they all committed). Its event names the round but not the
-        # attempt: the committed attempt of that round with the same digest (after a rollback a round id has
-        # several), else its latest, so that a fetched state that differs is compared and found different.
-        committed = {(r, epoch): d for held in per_peer for (r, epoch), d in held.items()}
-        for n, held in zip(survivors, per_peer):
-            for e in events[n]:
-                if e["event"] in ("joined", "resynced") and e.get("round") and e.get("digest"):
-                    attempts = [k for k in committed if k[0] == e["round"]]
-                    same = [k for k in attempts if committed[k] == e["digest"]]
-                    held.setdefault((same or sorted(attempts) or [(e["round"], -1)])[-1], e["digest"])
-        common = set.intersection(*(set(d) for d in per_peer))
-        if not common:
-            return None, len(survivors) == 1
-        last = max(common)
-        return last[0], len({d[last] for d in per_peer}) == 1
-
-    def _retried(self, status: dict) -> bool:
-        """Every aborted round was followed by a committed one."""
-        rounds = status.get("rounds", [])
-        aborted = [r["started_at"] for r in rounds if r["status"] == "aborted"]
-        committed = [r["started_at"] for r in rounds if r["status"] == "committed"]
-        return all(any(c > a for c in committed) for a in aborted)
-
-    def _link_utilization(self) -> float | None:
-        """Median over committed rounds of (bytes sent x 8 / link rate) / all-reduce time, when links are capped."""
-        cap = self.config.uplink or self.config.bandwidth
-        if not cap:
-            return None
-        bps = parse_bandwidth(cap)
-        ratios = [
-            e["bytes"] * 8 / bps / e["allreduce_s"]
-            for p in self.peers.values()
-            for e in p.events
-            if e["event"] == "committed" and e.get("allreduce_s")
-        ]
-        return statistics.median(ratios) if ratios else None
+    def all_events(self, name: str) -> list[dict]:
+        """The events of every process that ran as peer name, first to last."""
+        return [e for p in self.lives(name) for e in list(p.events)]
 
     def close(self) -> None:
         """Stop every child (also paused ones), any stall, the network; idempotent."""
@@ -803,8 +729,3 @@ class _Display:
         if self._live is not None:
             self._live.stop()
 
-
-def _mean_of(values: Iterable[float | None]) -> float | None:
-    """The mean of the values that are not None; None when there are none."""
-    known = [v for v in values if v is not None]
-    return statistics.mean(known) if known else None

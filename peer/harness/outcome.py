@@ -1,0 +1,115 @@
+"""What the harness concludes from the peers' events: identity, retries, attacks, replicas, link use.
+
+Pure functions of the peers' JSON events (``loconet peer --events``) and the
+coordinator's status, as ``joiners.py``'s are, so each judgement has a
+table-like test:
+
+- ``identical``: whether the survivors hold the same global parameters after
+  the last round they all hold (the harness's central invariant);
+- ``left_behind``: survivors that trained on alone, their syncs finding
+  nobody holding the run's state (docs/durability.md);
+- ``retried``: every aborted round was followed by a committed one;
+- ``byzantine``: what each attacking peer says it did;
+- ``replicas``: for rounds reduced in groups (NoLoCo), the largest group and
+  each survivor's last measured spread;
+- ``link_utilization``: the median share of a capped link a round used.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+
+Events = Sequence[Mapping]
+
+
+def left_behind(events_by_peer: Mapping[str, Events], names: Iterable[str]) -> list[str]:
+    """The peers among names whose syncs found nobody holding the run's state: they trained on alone."""
+    return sorted(n for n in names if any(
+        e["event"] == "sync-missed" and e.get("error") == "WaitingForState" for e in events_by_peer[n]))
+
+
+def identical(events_by_peer: Mapping[str, Events], survivors: Sequence[str]) -> tuple[int | None, bool]:
+    """The last round all survivors hold and whether they hold the same parameters there.
+
+    A round is held when it was committed in any of a peer's processes, or fetched when the peer joined or
+    resynced (a peer started again after the others finished commits nothing more). With no round in common,
+    a lone survivor counts as identical and several do not.
+    """
+    if not survivors:
+        return None, False
+    per_peer = [{(e["round"], e.get("epoch", 0)): e["digest"] for e in events_by_peer[n] if e["event"] == "committed"}
+                for n in survivors]
+    # A fetched state's event names the round but not the attempt: it is taken as the committed attempt of that
+    # round with the same digest (after a rollback a round id has several), else its latest, so that a fetched
+    # state that differs is compared and found different.
+    committed = {(r, epoch): d for held in per_peer for (r, epoch), d in held.items()}
+    for n, held in zip(survivors, per_peer):
+        for e in events_by_peer[n]:
+            if e["event"] in ("joined", "resynced") and e.get("round") and e.get("digest"):
+                attempts = [k for k in committed if k[0] == e["round"]]
+                same = [k for k in attempts if committed[k] == e["digest"]]
+                held.setdefault((same or sorted(attempts) or [(e["round"], -1)])[-1], e["digest"])
+    common = set.intersection(*(set(d) for d in per_peer))
+    if not common:
+        return None, len(survivors) == 1
+    last = max(common)
+    return last[0], len({d[last] for d in per_peer}) == 1
+
+
+def retried(status: Mapping) -> bool:
+    """Every aborted round in the coordinator's status was followed by a committed one."""
+    rounds = status.get("rounds", [])
+    aborted = [r["started_at"] for r in rounds if r["status"] == "aborted"]
+    committed = [r["started_at"] for r in rounds if r["status"] == "committed"]
+    return all(any(c > a for c in committed) for a in aborted)
+
+
+def byzantine(events_by_peer: Mapping[str, Events]) -> dict[str, dict]:
+    """Per peer that was told to attack: the attacks it started, when, the contributions it corrupted, and the
+    attacks it refused."""
+    report = {}
+    for name, events in events_by_peer.items():
+        mine = [e for e in events if e["event"].startswith("byzantine-")]
+        if not mine:
+            continue
+        report[name] = {
+            "attacks": [e["attack"] for e in mine if e["event"] == "byzantine-started"],
+            "started_at_step": next((e["step"] for e in mine if e["event"] == "byzantine-started"), None),
+            "contributions_corrupted": sum(e["event"] == "byzantine-sent" for e in mine),
+            "refused": [e["reason"] for e in mine if e["event"] == "byzantine-refused"],
+        }
+    return report
+
+
+def replicas(events_by_peer: Mapping[str, Events]) -> dict:
+    """For rounds reduced in groups: the largest group a peer reduced in, and the replicas' spread as each peer
+    last measured it; empty when no round was reduced in groups."""
+    groups = [e["group"] for events in events_by_peer.values() for e in events
+              if e["event"] == "committed" and e.get("group") is not None]
+    if not groups:
+        return {}
+    spreads = {}
+    for name, events in events_by_peer.items():
+        measured = [e["spread"] for e in events if e["event"] == "eval" and e.get("spread") is not None]
+        if measured:
+            spreads[name] = measured[-1]
+    return {"largest_group": max(groups), "spread_per_peer": spreads}
+
+
+def link_utilization(events_by_peer: Mapping[str, Events], bits_per_s: float) -> float | None:
+    """Median over the peers' committed rounds of (bytes sent x 8 / link rate) / all-reduce time; None without
+    such rounds."""
+    ratios = [
+        e["bytes"] * 8 / bits_per_s / e["allreduce_s"]
+        for events in events_by_peer.values()
+        for e in events
+        if e["event"] == "committed" and e.get("allreduce_s")
+    ]
+    return statistics.median(ratios) if ratios else None
+
+
+def mean_of(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are not None; None when there are none."""
+    known = [v for v in values if v is not None]
+    return statistics.mean(known) if known else None

@@ -1,0 +1,154 @@
+"""What the harness concludes from the peers' events (peer/harness/outcome.py), one judgement per test."""
+
+from __future__ import annotations
+
+import pytest
+
+from peer.harness import outcome
+
+
+def committed(round_id: int, digest: str, epoch: int = 0, **fields) -> dict:
+    return {"event": "committed", "round": round_id, "epoch": epoch, "digest": digest, **fields}
+
+
+def fetched(kind: str, round_id: int, digest: str) -> dict:
+    return {"event": kind, "round": round_id, "digest": digest}
+
+
+@pytest.mark.parametrize(
+    ("events", "survivors", "expected"),
+    [
+        ({}, [], (None, False)),
+        ({"a": [committed(1, "x"), committed(2, "y")], "b": [committed(1, "x"), committed(2, "y")]}, ["a", "b"],
+         (2, True)),
+        ({"a": [committed(1, "x"), committed(2, "y")], "b": [committed(1, "x"), committed(2, "z")]}, ["a", "b"],
+         (2, False)),
+        # Judged at the last round both hold, whatever either did after it.
+        ({"a": [committed(1, "x"), committed(2, "y"), committed(3, "p")], "b": [committed(1, "x"), committed(2, "y")]},
+         ["a", "b"], (2, True)),
+        ({"a": [], "b": []}, ["a", "b"], (None, False)),
+        ({"a": []}, ["a"], (None, True)),
+        # The same round id in two attempts (a rollback between them) is two different rounds.
+        ({"a": [committed(3, "x", epoch=0)], "b": [committed(3, "y", epoch=1)]}, ["a", "b"], (None, False)),
+        # Survivors outside the list do not count.
+        ({"a": [committed(1, "x")], "b": [committed(1, "x")], "c": [committed(1, "other")]}, ["a", "b"], (1, True)),
+    ],
+    ids=["nobody", "same", "different", "last-common", "nothing-held", "lone", "other-attempt", "only-survivors"],
+)
+def test_identical_compares_the_last_round_all_survivors_hold(events, survivors, expected) -> None:
+    assert outcome.identical(events, survivors) == expected
+
+
+def held(*rounds: tuple[int, str]) -> list[dict]:
+    """A peer's committed events: (round, digest of the parameters after it)."""
+    return [committed(r, d) for r, d in rounds]
+
+
+@pytest.mark.parametrize(("fetched_state", "expected"), [
+    ((3, "c"), (3, True)),  # the run's last state: compared there
+    ((3, "z"), (3, False)),  # another state of the same round: found different
+    ((0, ""), (2, True)),  # a restart that fetched nothing: its earlier process's rounds
+], ids=["same-state", "other-state", "nothing-fetched"])
+def test_a_peer_started_again_after_the_run_ended_is_judged_by_the_state_it_fetched(fetched_state, expected) -> None:
+    # peer1 committed rounds 1-2 and stopped; peer0 committed round 3 and finished; peer1 came back and fetched.
+    events = {"peer0": held((1, "a"), (2, "b"), (3, "c")),
+              "peer1": [*held((1, "a"), (2, "b")), fetched("joined", *fetched_state)]}
+    assert outcome.identical(events, ["peer0", "peer1"]) == expected
+
+
+@pytest.mark.parametrize(("digest", "same"), [("c", True), ("z", False)])
+def test_a_peer_that_resynced_to_the_runs_state_is_compared_at_that_round(digest: str, same: bool) -> None:
+    # Asynchronous rounds: peer1 was in rounds 1-2, resynced to round 3's state, then was in round 4 (which peer0
+    # missed; peer0 finished after round 3). Rounds both committed: 1 and 2; the last round both hold: 3.
+    events = {"peer0": held((1, "a"), (2, "b"), (3, "c")),
+              "peer1": [*held((1, "a"), (2, "b")), fetched("resynced", 3, digest), *held((4, "d"))]}
+    assert outcome.identical(events, ["peer0", "peer1"]) == (3, same)
+
+
+def test_a_fetched_state_is_matched_to_the_attempt_with_its_digest() -> None:
+    # Round 3 committed twice (a rollback between): the joiner fetched the first attempt's state.
+    events = {"a": [committed(3, "old", epoch=0)], "b": [committed(3, "old", epoch=0)],
+              "c": [committed(3, "new", epoch=1)], "late": [fetched("joined", 3, "old")]}
+    assert outcome.identical(events, ["a", "b", "late"]) == (3, True)
+
+
+def test_a_fetched_state_matching_no_attempt_is_compared_with_the_latest_and_found_different() -> None:
+    events = {"a": [committed(3, "old", epoch=0), committed(3, "new", epoch=1)], "late": [fetched("joined", 3, "bad")]}
+    assert outcome.identical(events, ["a", "late"]) == (3, False)
+
+
+def test_a_fetched_state_does_not_override_a_round_the_peer_committed_itself() -> None:
+    events = {"a": [committed(2, "y")], "b": [committed(2, "y"), fetched("resynced", 2, "stale")]}
+    assert outcome.identical(events, ["a", "b"]) == (2, True)
+
+
+def test_left_behind_are_the_peers_whose_syncs_found_nobody_holding_the_state() -> None:
+    waiting = {"event": "sync-missed", "error": "WaitingForState"}
+    other_miss = {"event": "sync-missed", "error": "RoundAborted"}
+    events = {"a": [waiting], "b": [other_miss], "c": [], "d": [waiting]}
+    assert outcome.left_behind(events, ["d", "b", "c", "a"]) == ["a", "d"]
+
+
+@pytest.mark.parametrize(
+    ("rounds", "expected"),
+    [
+        ([], True),
+        ([{"started_at": 1, "status": "committed"}], True),
+        ([{"started_at": 1, "status": "aborted"}, {"started_at": 2, "status": "committed"}], True),
+        ([{"started_at": 1, "status": "committed"}, {"started_at": 2, "status": "aborted"}], False),
+        ([{"started_at": 1, "status": "aborted"}, {"started_at": 2, "status": "aborted"},
+          {"started_at": 3, "status": "committed"}], True),
+    ],
+    ids=["none", "committed-only", "aborted-then-committed", "aborted-last", "two-aborted-then-committed"],
+)
+def test_retried_means_a_committed_round_followed_every_aborted_one(rounds, expected) -> None:
+    assert outcome.retried({"rounds": rounds}) is expected
+
+
+def test_retried_holds_for_a_status_without_rounds() -> None:
+    assert outcome.retried({}) is True
+
+
+def test_byzantine_reports_what_each_attacker_says_it_did() -> None:
+    events = {
+        "honest": [committed(1, "x")],
+        "bad": [
+            {"event": "byzantine-started", "attack": "scale", "step": 40},
+            {"event": "byzantine-sent"}, {"event": "byzantine-sent"},
+            {"event": "byzantine-refused", "reason": "the codec cannot carry it"},
+        ],
+    }
+    assert outcome.byzantine(events) == {"bad": {
+        "attacks": ["scale"], "started_at_step": 40, "contributions_corrupted": 2,
+        "refused": ["the codec cannot carry it"],
+    }}
+
+
+def test_replicas_are_empty_without_grouped_rounds() -> None:
+    assert outcome.replicas({"a": [committed(1, "x")], "b": [{"event": "eval", "spread": 0.5}]}) == {}
+
+
+def test_replicas_give_the_largest_group_and_each_peers_last_spread() -> None:
+    events = {
+        "a": [committed(1, "x", group=2), {"event": "eval", "spread": 0.5}, {"event": "eval", "spread": 0.25}],
+        "b": [committed(1, "y", group=3), {"event": "eval", "spread": None}],
+    }
+    assert outcome.replicas(events) == {"largest_group": 3, "spread_per_peer": {"a": 0.25}}
+
+
+def test_link_utilization_is_the_median_share_of_the_cap_a_round_used() -> None:
+    # 1,000,000 bits over a 1 Mbit/s link: 1 s of link time, in all-reduces of 2, 1 and 4 s.
+    events = {
+        "a": [committed(1, "x", bytes=125_000, allreduce_s=2.0), committed(2, "x", bytes=125_000, allreduce_s=1.0)],
+        "b": [committed(1, "x", bytes=125_000, allreduce_s=4.0), committed(2, "x", bytes=125_000)],
+    }
+    assert outcome.link_utilization(events, 1e6) == 0.5
+
+
+def test_link_utilization_is_none_without_timed_rounds() -> None:
+    assert outcome.link_utilization({"a": [committed(1, "x")]}, 1e6) is None
+
+
+@pytest.mark.parametrize(("values", "expected"), [([], None), ([None], None), ([1.0, None, 3.0], 2.0)])
+def test_mean_of_leaves_out_unknown_values(values, expected) -> None:
+    assert outcome.mean_of(values) == expected
