@@ -319,26 +319,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             return self._wait_answer(req, address)
         s.waiting.done(address)
         other_id = s.by_address.get(address)
-        if key is not None and other_id is not None and s.peers[other_id].public_key != key:
-            # Another key at a live peer's address: a restart of that peer, or someone else. Either way the
-            # address is freed when its lease ends; the peer's join retries until then.
-            raise self._refuse(
-                "address-held", grpc.StatusCode.UNAVAILABLE,
-                f"{address} belongs to live peer {other_id} with another key; retry once its lease ends",
-            )
-        known = s.peers.get(req.peer_id)
-        if key is None or known is None or known.public_key == key:
-            pass
-        elif known.alive:
-            raise self._refuse(
-                "forged-identity", grpc.StatusCode.UNAUTHENTICATED,
-                f"peer id {req.peer_id[:100]!r} is a live peer's, with another key",
-            )
-        if not (known is not None and known.alive) and len(s.live) >= self.config.max_peers:
-            raise self._refuse(
-                "full", grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"run {self.config.run_id} has its most peers ({self.config.max_peers}, --max-peers); try later",
-            )
+        self._check_admission(req.peer_id, address, other_id, key)
         if other_id is not None and other_id != req.peer_id:
             # The same address again means the old process is gone (a restart).
             self._mark_lost(s.peers[other_id], "replaced by a new process at the same address", kind="leave")
@@ -348,15 +329,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         # A round-0 state once the run has committed a round is a fresh peer's: it counts as none.
         has_state = holds_committed_state(req.has_state, req.last_round, committed)
         if has_state and not self._history_known:
-            # A coordinator that does not know the run's history (restarted without its state file) adopts the
-            # round a majority of the returning holders reach, never one peer's word beyond it.
-            self._claims[peer_id] = req.last_round
-            while len(self._claims) > self.config.max_peers:  # bounded like the run (oldest claim first)
-                self._claims.pop(next(iter(self._claims)))
-            adopted = majority_round(self._claims.values())
-            if req.last_round > adopted:
-                has_state = False  # it fetches the run's state like a fresh peer
-                s.event("claim", peer_id, f"claims round {req.last_round}; the returning majority holds {adopted}")
+            has_state = self._claim_accepted(peer_id, req.last_round)
         # What the peer holds tells a restarted coordinator where the run is (a newer state is adopted).
         if has_state and req.last_round > committed:
             s.last_committed_round = req.last_round
@@ -411,6 +384,48 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             sync_sources=[p.address for p in sources],
             credential=None if key is None else self.callers.issue(peer_id, address, key),
         )
+
+    def _check_admission(self, peer_id: str, address: str, other_id: str | None, key: bytes | None) -> None:
+        """Refuse a join that takes a live peer's address or id with another key, or one beyond --max-peers.
+
+        other_id: the live peer registered at address, if any; key: with a run secret, the joiner's public key.
+        """
+        s = self.state
+        if key is not None and other_id is not None and s.peers[other_id].public_key != key:
+            # Another key at a live peer's address: a restart of that peer, or someone else. Either way the
+            # address is freed when its lease ends; the peer's join retries until then.
+            raise self._refuse(
+                "address-held", grpc.StatusCode.UNAVAILABLE,
+                f"{address} belongs to live peer {other_id} with another key; retry once its lease ends",
+            )
+        known = s.peers.get(peer_id)
+        live = known is not None and known.alive
+        if key is not None and live and known.public_key != key:
+            raise self._refuse(
+                "forged-identity", grpc.StatusCode.UNAUTHENTICATED,
+                f"peer id {peer_id[:100]!r} is a live peer's, with another key",
+            )
+        if not live and len(s.live) >= self.config.max_peers:
+            raise self._refuse(
+                "full", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"run {self.config.run_id} has its most peers ({self.config.max_peers}, --max-peers); try later",
+            )
+
+    def _claim_accepted(self, peer_id: str, last_round: int) -> bool:
+        """Whether a returning holder's state counts, for a coordinator that does not know the run's history.
+
+        Such a coordinator (restarted without its state file) adopts the round a majority of the returning
+        holders reach, never one peer's word beyond it: a peer claiming more fetches the run's state like a
+        fresh one.
+        """
+        self._claims[peer_id] = last_round
+        while len(self._claims) > self.config.max_peers:  # bounded like the run (oldest claim first)
+            self._claims.pop(next(iter(self._claims)))
+        adopted = majority_round(self._claims.values())
+        if last_round <= adopted:
+            return True
+        self.state.event("claim", peer_id, f"claims round {last_round}; the returning majority holds {adopted}")
+        return False
 
     def _sources(self, peer_id: str, count: bool = True) -> tuple[PeerView, ...]:
         """Live up-to-date holders for a peer to fetch the state from, least busy first; counts it against the first.
