@@ -79,5 +79,6 @@ def test_ratios_divide_the_first_named_cost_by_the_second(report):
         m["streaming"]["peak_bytes_per_sync"] / m["diloco"]["peak_bytes_per_sync"]
     )
     assert report["loss_streaming_over_diloco"] == m["streaming"]["final_eval_loss"] / m["diloco"]["final_eval_loss"]
+    assert report["wall_s_diloco_over_data_parallel"] == m["diloco"]["wall_s"] / m["data_parallel"]["wall_s"]
     # Data-parallel sends its per-step all-reduce once per step.
     assert m["data_parallel"]["bytes_sent_per_peer"] == m["data_parallel"]["peak_bytes_per_sync"] * 8

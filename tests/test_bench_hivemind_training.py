@@ -61,7 +61,7 @@ def test_a_trainer_gets_the_task_the_loop_and_its_rank():
     assert options == {
         "--task": "synthetic-lm", "--codec": "int8", "--rank": "1", "--peers": "2", "--steps": "40",
         "--sync-every": "10", "--inner": "adamw", "--inner-lr": "0.003", "--weight-decay": "0.01",
-        "--device": "cpu", "--meet": "/meet", "--timeout": "60.0",
+        "--device": "cpu", "--meet": "/meet", "--timeout": "60.0", "--host": "127.0.0.1",
     }
 
 
@@ -120,6 +120,21 @@ def test_a_stand_in_trainers_reports_make_the_method(tmp_path):
     summary = ht.run(job(python=python, codec="none"), "stand-in")
     assert summary["rounds"] == 1 and summary["bytes_sent_per_peer"] == 40.0
     assert summary["version"] == "stand-in"
+
+
+def test_each_trainer_runs_behind_its_prefix_and_serves_on_its_host(tmp_path):
+    # The stand-in notes the host it was given and the variable its prefix set, then reports as a trainer does.
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    write = ("a = sys.argv[3:]; o = dict(zip(a[0::2], a[1::2])); "
+             f"Path({str(seen)!r}, o['--rank']).write_text(o['--host'] + ' ' + os.environ['BEHIND']); "
+             "Path(o['--meet'], 'report-' + o['--rank'] + '.json').write_text(json.dumps({'final_eval_loss': 1.5, "
+             "'averaged_groups': [2], 'averaging_failures': 0, 'state_loads': 0, 'epochs': 1, 'numel': 10, "
+             "'train_s': 1.0, 'loop_s': 0.5}))")
+    python = fake_python(tmp_path, f'python3 -c "import json, os, sys; from pathlib import Path\n{write}" "$@"')
+    prefixes = [["env", "BEHIND=ns0"], ["env", "BEHIND=ns1"]]
+    ht.run(job(python=python, codec="none"), "stand-in", prefixes, ["10.0.0.2", "10.0.0.3"])
+    assert [(seen / str(r)).read_text() for r in range(2)] == ["10.0.0.2 ns0", "10.0.0.3 ns1"]
 
 
 def test_the_cli_refuses_a_hivemind_that_cannot_train_in_one_line_before_any_run(tmp_path, monkeypatch, capsys):

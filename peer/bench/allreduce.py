@@ -25,7 +25,6 @@ import contextlib
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from collectives.allreduce import mean_error_bound
@@ -35,6 +34,7 @@ from collectives.ratelimit import format_bandwidth, parse_bandwidth
 from collectives.rpc import RpcSecurity
 from collectives.transport import TransportConfig, codec_threads_for
 from peer.bench import hivemind_baseline
+from peer.bench.capped import CappedNetwork, capped_network, check_netns
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import cpu_per_round, per_round_max, print_report, require
 from peer.bench.progress import Progress, progress_for
@@ -130,9 +130,7 @@ def check_arguments(
     CodecConfig.parse(codec)  # ConfigError naming the valid codecs
     bps = parse_bandwidth(bandwidth) if bandwidth else None
     if netns:
-        from peer.harness.netns import check_available
-
-        check_available()
+        check_netns()
     return bps
 
 
@@ -182,10 +180,13 @@ def run(
     wire: dict[str, float] = {}
     try:
         stack = contextlib.ExitStack()  # what lives as long as the run: the TLS files
-        no_network = contextlib.nullcontext((None, None))
-        with _network(peers, bandwidth_bps, congestion_control, progress) if netns else no_network as (
-            network, congestion_used
-        ):
+        names = [f"peer{i}" for i in range(peers)]  # ranks 0, 1, ... in this order
+        no_network = contextlib.nullcontext(None)
+        with capped_network(
+            names, names, bandwidth_bps, progress, congestion_control, subnet_only=True
+        ) if netns else no_network as capped:
+            network = capped.network if capped is not None else None
+            congestion_used = capped.congestion_control if capped is not None else None
             placements = _placements(network)
             config = WorkerConfig(
                 run_id="bench", chunk_bytes=chunk_bytes, codec_threads=codec_threads,
@@ -276,28 +277,6 @@ def run(
     return report
 
 
-@contextlib.contextmanager
-def _network(
-    peers: int, bandwidth_bps: float | None, congestion_control: str | None, progress: Progress
-) -> Iterator[tuple[object, str]]:
-    """One network namespace per worker, every link capped at bandwidth_bps both ways, TCP with congestion_control
-    (None: a loss-based one, netns.LOSS_BASED_CONTROLS); removed on exit. Yields it and the control it set."""
-    from peer.harness.netns import LOSS_BASED_CONTROLS, LinkSpec, NetnsNetwork, cleanup_leftovers
-
-    cleanup_leftovers("lcn")  # what a killed harness or benchmark left behind
-    progress.begin(f"building {peers} network namespaces")
-    names = [f"peer{i}" for i in range(peers)]
-    with NetnsNetwork(prefix="lcn") as network:
-        network.create(names, {n: LinkSpec(bandwidth_bps, bandwidth_bps) for n in names})
-        algorithms = (congestion_control,) if congestion_control else LOSS_BASED_CONTROLS
-        for name in names:
-            network.subnet_only(name)
-            # The first of algorithms the kernel allows: one kernel, so the same in every namespace.
-            used = network.set_congestion_control(name, algorithms)
-        progress.end()
-        yield network, used
-
-
 def _hivemind(job: hivemind_baseline.HivemindJob, version: str, network, bandwidth_bps: float | None) -> dict:
     """Run hivemind's workers, in the namespaces when there are (network not None), and summarise them."""
     names = list(network.hosts) if network is not None else []
@@ -330,9 +309,7 @@ def _placements(network) -> tuple[Placement, ...]:
 
 
 def _tx_bytes(network) -> list[int]:
-    if network is None:
-        return []
-    return [network.link_stats(name)["tx_bytes"] for name in network.hosts]
+    return CappedNetwork(network, "").tx_bytes(list(network.hosts)) if network is not None else []
 
 
 def _per_round(before: list[int], after: list[int], rounds: int) -> float | None:

@@ -10,6 +10,12 @@ In one invocation, on the same task, data and inner steps per peer:
   whatever ``--device`` says;
 - ``one_peer``: one process training alone on peer 0's data, on ``--device``.
 
+With ``--netns`` every peer (and every DDP process, and every hivemind
+trainer) lives in its own network namespace, behind ``tbf`` caps of
+``--bandwidth`` on its uplink and downlink (``peer/bench/capped.py``), the
+coordinator in one of its own, uncapped: the methods meet the same slow links,
+and ``wall_s`` says what their bytes cost in time there.
+
 Per method: ``final_eval_loss`` (the held-out loss after training),
 ``bytes_sent_per_peer``, ``peak_bytes_per_sync`` and ``wall_s``; for synthetic
 tasks the ``entropy_floor`` (every field: ``FIELDS`` below, ``--help``, docs/benchmarks.md). Our methods' bytes are counted by the transport;
@@ -26,6 +32,7 @@ and every byte of a round crosses the data plane.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import queue
@@ -38,14 +45,16 @@ from dataclasses import asdict, dataclass, field
 
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError
+from collectives.ratelimit import parse_bandwidth
 from optimizers.registry import algorithm_names, algorithms, get_algorithm
 from peer.bench import hivemind_training
+from peer.bench.capped import CappedNetwork, capped_network, check_netns
 from peer.bench.fields import Fields, describe_report
 from peer.bench.hivemind_baseline import HIVEMIND_CODECS, counterpart
 from peer.bench.kit import bench_log_dir, child_failed, print_report, require, spawned_entry
 from peer.bench.progress import Progress, progress_for
 from peer.device import move_batch, place_model, resolve_device
-from peer.harness.loopback import LOOPBACK, loopback_store, use_loopback_for_gloo
+from peer.harness.loopback import LOOPBACK, LOOPBACK_INTERFACE, loopback_store, use_loopback_for_gloo
 from peer.harness.processes import ChildFailed
 from peer.options import options_of
 from peer.runtime.training import LOCAL_SYNC_EVERY, TrainConfig, local_run
@@ -59,8 +68,9 @@ RUN_TIMEOUT_S = 3600.0
 
 _OURS = "(ours only) "
 FIELDS: Fields = {
-    "config": "what was run: peers, task, task_config, runs (one TrainConfig per algorithm), baselines, and "
-    "baseline_train (the baselines' steps and inner optimizer when no algorithm runs)",
+    "config": "what was run: peers, task, task_config, runs (one TrainConfig per algorithm), baselines, "
+    "baseline_train (the baselines' steps and inner optimizer when no algorithm runs), netns and bandwidth (the "
+    "links every peer, DDP process and hivemind trainer sat behind; one_peer sends nothing and runs outside)",
     "methods": "one entry per method of --methods, keyed by its name (an algorithm, data_parallel or one_peer)",
     "methods.*.final_eval_loss": "held-out loss after training; for ours the mean over peers of each peer's "
     "local model (the inner parameters it trained, after its last sync)",
@@ -84,7 +94,13 @@ FIELDS: Fields = {
     "methods.*.bytes_method": "(data_parallel and hivemind) how their bytes are computed: data_parallel's a ring "
     "all-reduce of the fp32 gradients every step, 2(N-1)/N x 4 B x parameters; hivemind's from the averaging rounds "
     "its peers logged",
-    "methods.*.wall_s": "seconds from the first process started to the last peer finished",
+    "methods.*.wall_s": "seconds from the first process started to the last peer finished (with --netns and "
+    "--bandwidth, over the capped links: what the method's bytes cost in time)",
+    "methods.*.wire_bytes_per_peer": "with --netns: what left a peer's namespace over its link while the method "
+    "ran (its veth's counter, mean over peers): TCP/IP headers, the coordinator's calls and the state a joiner "
+    "fetched included; for data_parallel what gloo really sent, for hivemind its DHT's traffic too",
+    "congestion_control": "with --netns: the TCP congestion control of every namespace, the same for every "
+    "method (a loss-based one unless the kernel allows none)",
     "methods.hivemind": "with --hivemind: hivemind.Optimizer with use_local_updates on the same task, shards, "
     "initial weights, inner optimizer, steps and device (--device), on 127.0.0.1; its peers average their "
     "parameters in the background once they together processed peers x batch x --sync-every samples (an epoch), "
@@ -109,6 +125,8 @@ FIELDS: Fields = {
     "DiLoCo ends with a lower loss than data-parallel",
     "bytes_data_parallel_over_diloco": "data_parallel's bytes_sent_per_peer / diloco's: how many times more "
     "bytes data-parallel sends",
+    "wall_s_diloco_over_data_parallel": "methods.diloco.wall_s / methods.data_parallel's: below 1, DiLoCo's run "
+    "is quicker (on capped links with --netns --bandwidth, mostly the bytes; on 127.0.0.1, the CPU)",
     "peak_bytes_streaming_over_diloco": "methods.streaming.peak_bytes_per_sync / diloco's: below 1, Streaming "
     "DiLoCo's largest sync is smaller",
     "loss_streaming_over_diloco": "methods.streaming.final_eval_loss / diloco's: below 1, Streaming ends lower",
@@ -133,6 +151,9 @@ class BenchConfig:
     # --hivemind: an interpreter with hivemind, to train the task with hivemind.Optimizer as one more method.
     hivemind_python: str | None = None
     hivemind_codec: str | None = None
+    # --netns: every process in its own network namespace; --bandwidth: their links capped (e.g. "100mbit").
+    netns: bool = False
+    bandwidth: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.baselines if b not in BASELINES]
@@ -149,6 +170,10 @@ class BenchConfig:
         )
         require(self.hivemind_codec is None or self.hivemind_python is not None,
                 "--hivemind-codec chooses hivemind's compression: give --hivemind too")
+        require(self.bandwidth is None or self.netns,
+                "--bandwidth caps the links of the network namespaces: give --netns too")
+        if self.bandwidth is not None:
+            parse_bandwidth(self.bandwidth)  # ConfigError saying how to write a rate
 
     @property
     def loop(self) -> TrainConfig:
@@ -166,6 +191,8 @@ def check_config(config: BenchConfig) -> None:
     check_task(config.task, config.task_config)  # a bad --task, --data or model size, said in one line
     for train in (*config.runs, config.loop):
         resolve_device(train.device)  # a --device this machine lacks (DeviceUnavailable), said in one line
+    if config.netns:
+        check_netns()  # not root, no iproute2 or tbf: NetnsUnavailable, said in one line
 
 
 def _ours_detail(procs: list, peers: int, steps: int) -> str:
@@ -180,10 +207,11 @@ def _ours_detail(procs: list, peers: int, steps: int) -> str:
 
 
 def run_ours(config: BenchConfig, train: TrainConfig, progress: Progress | None = None, label: str = "",
-             devices: Sequence[str] = ()) -> dict:
+             devices: Sequence[str] = (), links: CappedNetwork | None = None) -> dict:
     """Train with a coordinator and N ``loconet peer`` processes; collect their events.
 
     ``devices``: peer r's ``--device`` is ``devices[r]`` (one GPU per peer); empty: ``train.device`` for all.
+    ``links``: the namespaces the coordinator and peer0, peer1, ... run in (None: all on 127.0.0.1).
     """
     from peer.harness.processes import CoordinatorProc, Proc, stop_all
     from peer.trainoptions import task_args, train_args
@@ -195,7 +223,8 @@ def run_ours(config: BenchConfig, train: TrainConfig, progress: Progress | None 
     peers: list = []
     progress.begin(label or algorithm, lambda: _ours_detail(peers, config.peers, train.steps))
     coordinator = CoordinatorProc(tmp / "coordinator.log", run, 0, "--join-timeout", "10", "--min-peers", str(config.peers),
-                                  "--startup-grace", "0", "--dashboard-port", "-1")
+                                  "--startup-grace", "0", "--dashboard-port", "-1", *_host_args(links, "coordinator"),
+                                  netns=links.netns("coordinator") if links else None)
     started = time.monotonic()
     try:
         for rank in range(config.peers):
@@ -203,8 +232,8 @@ def run_ours(config: BenchConfig, train: TrainConfig, progress: Progress | None 
                     "--name", f"peer{rank}", "--events", "--no-progress", "--task", config.task,
                     *task_args(config.task_config), "--shard", f"{rank}/{config.peers}", *train_args(train),
                     "--host-id", f"{run}-peer{rank}",  # peers on separate machines: nothing shared through memory
-                    *(["--device", devices[rank]] if devices else [])]
-            peers.append(Proc(args, tmp / f"peer{rank}.log"))
+                    *(["--device", devices[rank]] if devices else []), *_host_args(links, f"peer{rank}")]
+            peers.append(Proc(args, tmp / f"peer{rank}.log", netns=links.netns(f"peer{rank}") if links else None))
         finished = [p.wait_event(lambda e: e["event"] == "finished", RUN_TIMEOUT_S) for p in peers]
         wall = time.monotonic() - started
         per_sync = [e["bytes"] for p in peers for e in p.events if e["event"] == "committed" and e.get("contributed", True)]
@@ -230,6 +259,11 @@ def run_ours(config: BenchConfig, train: TrainConfig, progress: Progress | None 
     return result
 
 
+def _host_args(links: CappedNetwork | None, name: str) -> list[str]:
+    """A process's --host: its address in its namespace (none on 127.0.0.1, the default)."""
+    return ["--host", links.ip(name)] if links is not None else []
+
+
 def _done(result: dict, mb_digits: int = 2) -> str:
     """A method's progress line when it ends: its eval loss and the bytes a peer sent."""
     return f"eval loss {result['final_eval_loss']:.4f}, {result['bytes_sent_per_peer'] / 1e6:.{mb_digits}f} MB sent per peer"
@@ -242,9 +276,15 @@ def fp32_figures(result: dict, train: TrainConfig, peers: int, numel: int) -> di
     return {"fp32_bytes_per_peer": fp32, "bytes_fp32_over_method": fp32 / max(result["bytes_sent_per_peer"], 1)}
 
 
-def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step) -> None:
+def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step, place: tuple[str, str, str] | None,
+                store_host: str) -> None:
+    """One DDP process; place: (namespace, address, interface) it runs in, None: 127.0.0.1."""
     import datetime
 
+    if place is not None:
+        from peer.harness.netns import enter_netns
+
+        enter_netns(place[0])  # before any socket: gloo's connections go over this namespace's capped link
     import torch
     import torch.distributed as dist
 
@@ -252,8 +292,9 @@ def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step
 
     tune_malloc()
     torch.set_num_threads(1)
-    use_loopback_for_gloo()  # gloo's own connections listen on 127.0.0.1 only
-    store = dist.TCPStore(LOOPBACK, port, world, is_master=False, timeout=datetime.timedelta(seconds=120))
+    # gloo's own connections listen on 127.0.0.1 only, or on the namespace's one interface.
+    use_loopback_for_gloo(place[2] if place is not None else LOOPBACK_INTERFACE)
+    store = dist.TCPStore(store_host, port, world, is_master=False, timeout=datetime.timedelta(seconds=120))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     task = make_task(config.task, config.task_config)
     # On the CPU whatever --device says: gloo is the process group every machine has, and it reduces CUDA
@@ -303,8 +344,10 @@ def _gather_results(procs: list, logs: list, out, timeout_s: float) -> dict[int,
     return results
 
 
-def run_data_parallel(config: BenchConfig, progress: Progress | None = None, label: str = "data_parallel") -> dict:
-    """Synchronous data-parallel training: torch DDP on gloo over N local processes."""
+def run_data_parallel(config: BenchConfig, progress: Progress | None = None, label: str = "data_parallel",
+                      links: CappedNetwork | None = None) -> dict:
+    """Synchronous data-parallel training: torch DDP on gloo over N local processes (links: in peer0, peer1...'s
+    namespaces, the store on the bridge)."""
     import datetime
 
     progress = progress or Progress("diloco", enabled=False)
@@ -312,14 +355,18 @@ def run_data_parallel(config: BenchConfig, progress: Progress | None = None, lab
     log_dir = bench_log_dir("diloco-data_parallel")
     logs = [log_dir / f"worker{r}.log" for r in range(config.peers)]
     # torch's own store server would listen on every interface: this one listens on 127.0.0.1 only.
-    store = loopback_store(config.peers + 1, datetime.timedelta(seconds=120))
+    store_host = links.gateway if links is not None else LOOPBACK
+    store = loopback_store(config.peers + 1, datetime.timedelta(seconds=120), host=store_host)
+    places = [(links.netns(f"peer{r}"), links.ip(f"peer{r}"), links.interface(f"peer{r}")) if links else None
+              for r in range(config.peers)]
     out = ctx.Queue()
     step = ctx.Value("i", 0, lock=False)
     steps = config.loop.steps
     progress.begin(label, lambda: f"step {step.value}/{steps}" if step.value else f"starting {config.peers} processes")
     started = time.monotonic()
     procs = [
-        ctx.Process(target=spawned_entry, args=(str(logs[r]), _ddp_worker, r, config.peers, store.port, config, out, step))
+        ctx.Process(target=spawned_entry, args=(str(logs[r]), _ddp_worker, r, config.peers, store.port, config, out, step,
+                                                places[r], store_host))
         for r in range(config.peers)
     ]
     for p in procs:
@@ -380,7 +427,6 @@ def run(config: BenchConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress("diloco", enabled=False)
     check_config(config)
     tune_malloc()
-    baselines: dict[str, Callable[..., dict]] = {"data_parallel": run_data_parallel, "one_peer": run_one_peer}
     report: dict = {"config": asdict(config), "methods": {}}
     task = make_task(config.task, config.task_config)
     report["entropy_floor"] = task.entropy_floor
@@ -391,20 +437,40 @@ def run(config: BenchConfig, progress: Progress | None = None) -> dict:
         hivemind = (job, hivemind_training.probe(job))
     numel = sum(p.numel() for p in task.build_model().parameters() if p.requires_grad)
     total = len(config.runs) + len(config.baselines) + (hivemind is not None)
-    for i, train in enumerate(config.runs, 1):
-        label = f"{train.algorithm} [{i}/{total}]"
-        result = run_ours(config, train, progress, label)
-        report["methods"][train.algorithm] = {**result, **fp32_figures(result, train, config.peers, numel)}
-    for i, name in enumerate(config.baselines, len(config.runs) + 1):
-        report["methods"][name] = baselines[name](config, progress, f"{name} [{i}/{total}]")
-    if hivemind is not None:
-        report["methods"]["hivemind"] = run_hivemind(*hivemind, progress, f"hivemind [{total}/{total}]")
+    names = [f"peer{r}" for r in range(config.peers)]
+    bps = parse_bandwidth(config.bandwidth) if config.bandwidth else None
+    with capped_network(["coordinator", *names], names, bps, progress) if config.netns \
+            else contextlib.nullcontext(None) as links:
+
+        def on_links(method: Callable[..., dict], *args, **kwargs) -> dict:
+            """Run a method; with namespaces, add what its peers' links carried (wire_bytes_per_peer)."""
+            before = links.tx_bytes(names) if links is not None else []
+            result = method(*args, **kwargs)
+            if links is not None:
+                result["wire_bytes_per_peer"] = statistics.mean(
+                    a - b for a, b in zip(links.tx_bytes(names), before, strict=True))
+            return result
+
+        for i, train in enumerate(config.runs, 1):
+            label = f"{train.algorithm} [{i}/{total}]"
+            result = on_links(run_ours, config, train, progress, label, links=links)
+            report["methods"][train.algorithm] = {**result, **fp32_figures(result, train, config.peers, numel)}
+        for i, name in enumerate(config.baselines, len(config.runs) + 1):
+            label = f"{name} [{i}/{total}]"
+            # One peer alone sends nothing: no link to run it behind.
+            report["methods"][name] = (on_links(run_data_parallel, config, progress, label, links)
+                                       if name == "data_parallel" else run_one_peer(config, progress, label))
+        if hivemind is not None:
+            report["methods"]["hivemind"] = on_links(run_hivemind, *hivemind, progress, f"hivemind [{total}/{total}]", links)
+        if links is not None:
+            report["congestion_control"] = links.congestion_control
     m = report["methods"]
     if "diloco" in m and "data_parallel" in m:
         report["loss_diloco_over_data_parallel"] = m["diloco"]["final_eval_loss"] / m["data_parallel"]["final_eval_loss"]
         report["bytes_data_parallel_over_diloco"] = (
             m["data_parallel"]["bytes_sent_per_peer"] / max(m["diloco"]["bytes_sent_per_peer"], 1)
         )
+        report["wall_s_diloco_over_data_parallel"] = m["diloco"]["wall_s"] / m["data_parallel"]["wall_s"]
     if "diloco" in m and "streaming" in m:
         report["peak_bytes_streaming_over_diloco"] = (
             m["streaming"]["peak_bytes_per_sync"] / max(m["diloco"]["peak_bytes_per_sync"], 1)
@@ -435,11 +501,21 @@ def hivemind_job(config: BenchConfig) -> hivemind_training.HivemindTraining:
 
 
 def run_hivemind(job: hivemind_training.HivemindTraining, version: str, progress: Progress | None = None,
-                 label: str = "hivemind") -> dict:
-    """hivemind.Optimizer (local updates) on the same task: N trainers on 127.0.0.1."""
+                 label: str = "hivemind", links: CappedNetwork | None = None) -> dict:
+    """hivemind.Optimizer (local updates) on the same task: N trainers on 127.0.0.1, or in peer0, peer1...'s
+    namespaces."""
     progress = progress or Progress("diloco", enabled=False)
     progress.begin(label, lambda: f"{job.peers} hivemind peers training")
-    result = hivemind_training.run(job, version)
+    names = [f"peer{r}" for r in range(job.peers)]
+    if links is None:
+        result = hivemind_training.run(job, version)
+    else:
+        try:
+            result = hivemind_training.run(job, version, [links.network.exec_prefix(n) for n in names],
+                                           [links.ip(n) for n in names])
+        finally:
+            for name in names:  # a p2pd daemon or torch's shared-memory manager that outlived its trainer
+                links.network.end_processes(name)
     progress.end(_done(result))
     return result
 
@@ -463,6 +539,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hivemind-codec", default=None, choices=HIVEMIND_CODECS,
         help="hivemind's averaging compression (default: the counterpart of diloco's --codec, else none)",
+    )
+    parser.add_argument(
+        "--netns", action=argparse.BooleanOptionalAction, default=BenchConfig.netns,
+        help="every process in its own network namespace, as on separate hosts (root)",
+    )
+    parser.add_argument(
+        "--bandwidth", default=BenchConfig.bandwidth,
+        help="with --netns: cap every peer's uplink and downlink, e.g. 100mbit (default: uncapped)",
     )
     add_task_arguments(parser)
     add_train_arguments(parser, DEFAULT_TRAIN)
@@ -497,7 +581,7 @@ def bench_config(ns: argparse.Namespace) -> BenchConfig:
         peers=ns.peers, task=ns.task, task_config=read_task_config(ns), runs=runs,
         baselines=tuple(m for m in methods if m in BASELINES),
         baseline_train=read_train_config(ns, base=DEFAULT_TRAIN, strict=False),
-        hivemind_python=ns.hivemind, hivemind_codec=ns.hivemind_codec,
+        hivemind_python=ns.hivemind, hivemind_codec=ns.hivemind_codec, netns=ns.netns, bandwidth=ns.bandwidth,
     )
     check_config(config)
     return config

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="the torch device to train on, as loconet's peers do")
     parser.add_argument("--meet", type=Path, help="a folder every peer can read and write")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds an averaging round may take")
+    parser.add_argument("--host", default="127.0.0.1", help="the address its DHT and averager serve on")
     ns = parser.parse_args(argv)
     task_config = json.loads(ns.task_config)
     if ns.probe:
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = task.config.batch_size
     inner = torch.optim.AdamW if ns.inner == "adamw" else torch.optim.SGD
     initial = [] if ns.rank == 0 else json.loads(wait_for(ns.meet / "dht.json"))
-    dht = hivemind.DHT(start=True, initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dht = hivemind.DHT(start=True, initial_peers=initial, host_maddrs=[f"/ip4/{ns.host}/tcp/0"])
     if ns.rank == 0:
         write_file(ns.meet / "dht.json", json.dumps([str(a) for a in dht.get_visible_maddrs()]))
     opt = hivemind.Optimizer(

@@ -62,13 +62,13 @@ def _common(job: HivemindTraining) -> list[str]:
             "--codec", job.codec]
 
 
-def trainer_argv(job: HivemindTraining, rank: int, meet: Path) -> list[str]:
-    """The command line of one trainer."""
+def trainer_argv(job: HivemindTraining, rank: int, meet: Path, host: str = "127.0.0.1") -> list[str]:
+    """The command line of one trainer, serving on host."""
     return [
         *_common(job), "--rank", str(rank), "--peers", str(job.peers), "--steps", str(job.steps),
         "--sync-every", str(job.sync_every), "--inner", job.inner, "--inner-lr", repr(job.inner_lr),
         "--weight-decay", repr(job.weight_decay), "--device", job.device, "--meet", str(meet),
-        "--timeout", repr(job.timeout_s),
+        "--timeout", repr(job.timeout_s), "--host", host,
     ]
 
 
@@ -79,11 +79,15 @@ def probe(job: HivemindTraining) -> str:
                          trainer_env())
 
 
-def run(job: HivemindTraining, version: str) -> dict:
-    """Train with hivemind on 127.0.0.1 and summarise its peers' reports."""
+def run(job: HivemindTraining, version: str, prefixes: list[list[str]] | None = None,
+        hosts: list[str] | None = None) -> dict:
+    """Train with hivemind and summarise its peers' reports: trainer r's argv behind prefixes[r] (e.g. ``ip netns
+    exec``), serving on hosts[r]; without them, all on 127.0.0.1."""
+    prefixes = prefixes or [[] for _ in range(job.peers)]
+    hosts = hosts or ["127.0.0.1"] * job.peers
     started = time.monotonic()
-    reports = run_commands(lambda rank, meet: trainer_argv(job, rank, meet), job.peers, job.whole_s,
-                           [[] for _ in range(job.peers)], env=trainer_env())
+    reports = run_commands(lambda rank, meet: trainer_argv(job, rank, meet, hosts[rank]), job.peers, job.whole_s,
+                           prefixes, env=trainer_env())
     return summarise(job, version, reports, time.monotonic() - started)
 
 

@@ -1,0 +1,78 @@
+"""Network namespaces with capped links for a benchmark's processes (``--netns``, ``--bandwidth``).
+
+Each named host gets its own namespace on one bridge (``peer/harness/netns.py``); the capped ones sit behind
+``tbf`` on their uplink and downlink alike. Every namespace runs the same TCP congestion control, a loss-based one
+unless asked otherwise (this kernel lets no namespace pick cubic, Linux's default; reno is its loss-based
+neighbour), so every method a benchmark compares meets the same links.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from peer.bench.progress import Progress
+
+# The namespaces' prefix: cleanup_leftovers removes what a killed benchmark or harness left under it.
+PREFIX = "lcn"
+
+
+@dataclass(frozen=True)
+class CappedNetwork:
+    """A benchmark's namespaces: the network (see NetnsNetwork) and the congestion control they run."""
+
+    network: object
+    congestion_control: str
+
+    def netns(self, name: str) -> str:
+        """The namespace host name's processes run in."""
+        return self.network.netns_of(name)
+
+    def ip(self, name: str) -> str:
+        """Host name's address on the bridge."""
+        return self.network.hosts[name].ip
+
+    def interface(self, name: str) -> str:
+        """Host name's one network interface (gloo is told to use it)."""
+        return self.network.hosts[name].veth_ns
+
+    def tx_bytes(self, names: Sequence[str]) -> list[int]:
+        """The bytes each of names has sent over its link so far (its veth's counter: what crossed the cap)."""
+        return [self.network.link_stats(name)["tx_bytes"] for name in names]
+
+    @property
+    def gateway(self) -> str:
+        """The bridge's address: where a process of the root namespace serves every host."""
+        return self.network.gateway
+
+
+def check_netns() -> None:
+    """NetnsUnavailable, saying what is missing (root, iproute2, tbf...), unless namespaces work here."""
+    from peer.harness.netns import check_available
+
+    check_available()
+
+
+@contextlib.contextmanager
+def capped_network(
+    names: Sequence[str], capped: Sequence[str], bandwidth_bps: float | None, progress: Progress,
+    congestion_control: str | None = None, subnet_only: bool = False,
+) -> Iterator[CappedNetwork]:
+    """One namespace per name, the links of capped at bandwidth_bps both ways (None: uncapped), TCP with
+    congestion_control (None: a loss-based one); subnet_only: no route beyond the bridge. Removed on exit."""
+    from peer.harness.netns import LOSS_BASED_CONTROLS, LinkSpec, NetnsNetwork, cleanup_leftovers
+
+    cleanup_leftovers(PREFIX)  # what a killed harness or benchmark left behind
+    progress.begin(f"building {len(names)} network namespaces")
+    with NetnsNetwork(prefix=PREFIX) as network:
+        network.create(list(names), {n: LinkSpec(bandwidth_bps, bandwidth_bps) for n in capped})
+        algorithms = (congestion_control,) if congestion_control else LOSS_BASED_CONTROLS
+        used = ""
+        for name in names:
+            if subnet_only:
+                network.subnet_only(name)
+            # The first of algorithms the kernel allows: one kernel, so the same in every namespace.
+            used = network.set_congestion_control(name, algorithms)
+        progress.end()
+        yield CappedNetwork(network, used)
