@@ -7,14 +7,11 @@ the refusal without it runs anywhere.
 
 from __future__ import annotations
 
-import multiprocessing.process
-import subprocess
-
 import pytest
 
 from peer.bench import allreduce
-from peer.cli import main
 from peer.harness.netns import LOSS_BASED_CONTROLS, NetnsUnavailable, check_available
+from tests.support.cli import before_any_process, one_line_error
 
 try:
     check_available()
@@ -24,26 +21,17 @@ except NetnsUnavailable as _e:  # pragma: no cover - depends on the machine
 
 
 def test_without_root_it_says_so_in_one_line_before_any_process(monkeypatch, capsys):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a process was started before the arguments were checked")
-
-    monkeypatch.setattr("os.geteuid", lambda: 1000)
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", forbidden)
-    monkeypatch.setattr(subprocess.Popen, "__init__", forbidden)
-    code = main(["bench", "allreduce", "--netns", "--bandwidth", "100mbit", "--numel", "1000", "--json"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1
-    assert len(err) == 1
-    assert err[0].startswith("loconet: error: --netns needs root (uid 0; you are uid 1000)")
+    result = before_any_process(monkeypatch, capsys, "bench", "allreduce", "--netns", "--bandwidth", "100mbit",
+                                "--numel", "1000", "--json", uid=1000)
+    assert result.returncode == 1
+    assert one_line_error(result).startswith("loconet: error: --netns needs root (uid 0; you are uid 1000)")
 
 
 def test_a_congestion_control_without_namespaces_is_refused_in_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", lambda *a, **k: pytest.fail("a process started"))
-    code = main(["bench", "allreduce", "--congestion-control", "reno", "--numel", "1000", "--json"])
-    assert code == 2  # a usage error
-    assert capsys.readouterr().err.strip() == (
-        "loconet: error: --congestion-control sets the namespaces' TCP; it needs --netns"
-    )
+    result = before_any_process(monkeypatch, capsys, "bench", "allreduce", "--congestion-control", "reno",
+                                "--numel", "1000", "--json")
+    assert result.returncode == 2  # a usage error
+    assert one_line_error(result) == "loconet: error: --congestion-control sets the namespaces' TCP; it needs --netns"
 
 
 @pytest.mark.timeout(240)

@@ -8,15 +8,14 @@ never asserted against a threshold.
 from __future__ import annotations
 
 import math
-import multiprocessing.process
-import subprocess
 
 import pytest
 
 from collectives.errors import ConfigError
 from peer.bench import diloco
-from peer.cli import build_parser, main
+from peer.cli import build_parser
 from peer.harness.netns import LOSS_BASED_CONTROLS, NetnsUnavailable, check_available
+from tests.support.cli import before_any_process, one_line_error
 from tests.support.standins import HIVEMIND_PYTHON
 
 try:
@@ -35,24 +34,17 @@ def bench_config(*args: str) -> diloco.BenchConfig:
 
 
 def test_without_root_it_says_so_in_one_line_before_any_process(monkeypatch, capsys):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a process was started before the arguments were checked")
-
-    monkeypatch.setattr("os.geteuid", lambda: 1000)
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", forbidden)
-    monkeypatch.setattr(subprocess.Popen, "__init__", forbidden)
-    code = main(["bench", "diloco", "--methods", "diloco", "--netns", "--bandwidth", "100mbit", "--json"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1
-    assert len(err) == 1
-    assert err[0].startswith("loconet: error: --netns needs root (uid 0; you are uid 1000)")
+    result = before_any_process(monkeypatch, capsys, "bench", "diloco", "--methods", "diloco", "--netns",
+                                "--bandwidth", "100mbit", "--json", uid=1000)
+    assert result.returncode == 1
+    assert one_line_error(result).startswith("loconet: error: --netns needs root (uid 0; you are uid 1000)")
 
 
 def test_a_bandwidth_without_namespaces_is_refused_in_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", lambda *a, **k: pytest.fail("a process started"))
-    code = main(["bench", "diloco", "--methods", "diloco", "--bandwidth", "100mbit", "--json"])
-    assert code == 2  # a usage error
-    assert capsys.readouterr().err.strip() == (
+    result = before_any_process(monkeypatch, capsys, "bench", "diloco", "--methods", "diloco", "--bandwidth",
+                                "100mbit", "--json")
+    assert result.returncode == 2  # a usage error
+    assert one_line_error(result) == (
         "loconet: error: --bandwidth caps the links of the network namespaces: give --netns too"
     )
 

@@ -31,3 +31,17 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in result.stderr, result.stderr
     assert len(lines) == 1 and lines[0].startswith("loconet: error: "), result.stderr
     return lines[0]
+
+
+def before_any_process(monkeypatch, capsys, *args: str, uid: int | None = None) -> subprocess.CompletedProcess:
+    """in_process(ARGS) with every child process forbidden (a check must refuse first); with uid, as that user."""
+    import multiprocessing.process
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("a process was started before the arguments were checked")
+
+    if uid is not None:
+        monkeypatch.setattr("os.geteuid", lambda: uid)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", forbidden)
+    monkeypatch.setattr(subprocess.Popen, "__init__", forbidden)
+    return in_process(capsys, *args)
