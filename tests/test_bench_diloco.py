@@ -10,11 +10,13 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
 from peer.bench import diloco
 from peer.bench.fields import undocumented
+from peer.cli import build_parser
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -82,3 +84,24 @@ def test_ratios_divide_the_first_named_cost_by_the_second(report):
     assert report["wall_s_diloco_over_data_parallel"] == m["diloco"]["wall_s"] / m["data_parallel"]["wall_s"]
     # Data-parallel sends its per-step all-reduce once per step.
     assert m["data_parallel"]["bytes_sent_per_peer"] == m["data_parallel"]["peak_bytes_per_sync"] * 8
+
+
+@pytest.mark.timeout(300)
+def test_an_interrupted_data_parallel_run_leaves_no_worker_behind(monkeypatch):
+    # Workers that would train for a long while; the interrupt comes once they run.
+    config = diloco.bench_config(build_parser("bench").parse_args(
+        ["bench", "diloco", "--methods", "data_parallel", "--peers", "2", "--steps", "100000", "--d-model", "16",
+         "--layers", "1", "--heads", "2", "--batch-size", "4", "--seq-len", "16", "--eval-batches", "1"]))
+    started: list = []
+
+    def interrupted(procs, logs, out, timeout_s):
+        started.extend(procs)
+        while not all(p.is_alive() for p in procs):
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diloco, "_gather_results", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        diloco.run_data_parallel(config)
+    assert len(started) == 2
+    assert [p.is_alive() for p in started] == [False, False]

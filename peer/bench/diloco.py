@@ -371,11 +371,15 @@ def run_data_parallel(config: BenchConfig, progress: Progress | None = None, lab
     ]
     for p in procs:
         p.start()
+    results: dict[int, dict] = {}
     try:
         results = _gather_results(procs, logs, out, RUN_TIMEOUT_S)
     finally:
         for p in procs:
-            p.join(timeout=30)
+            # With every result in, a worker is on its way out; on a failure or an interrupt the others would
+            # train on to the end (or wait for a dead peer): they are killed at once.
+            if len(results) == len(procs):
+                p.join(timeout=30)
             if p.is_alive():
                 p.kill()
                 p.join(timeout=10)
