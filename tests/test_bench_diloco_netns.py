@@ -13,6 +13,7 @@ import pytest
 
 from collectives.errors import ConfigError
 from peer.bench import diloco
+from peer.bench.fields import undocumented
 from peer.cli import build_parser
 from peer.harness.netns import LOSS_BASED_CONTROLS, NetnsUnavailable, check_available
 from tests.support.cli import before_any_process, one_line_error
@@ -81,6 +82,12 @@ def test_what_crossed_each_link_holds_at_least_what_each_method_says_it_sent(cap
     assert m["data_parallel"]["wire_bytes_per_peer"] >= m["data_parallel"]["bytes_sent_per_peer"] > 0
     # One peer alone sends nothing and runs outside the namespaces.
     assert "wire_bytes_per_peer" not in m["one_peer"]
+
+
+@needs_netns
+@pytest.mark.timeout(300)
+def test_every_field_of_the_capped_report_is_documented(capped_report):
+    assert undocumented(capped_report, diloco.FIELDS) == []
 
 
 @needs_netns
