@@ -185,9 +185,8 @@ def run(
         with capped_network(
             names, names, bandwidth_bps, progress, congestion_control, subnet_only=True
         ) if netns else no_network as capped:
-            network = capped.network if capped is not None else None
             congestion_used = capped.congestion_control if capped is not None else None
-            placements = _placements(network)
+            placements = tuple(capped.placement(n) for n in names) if capped is not None else ()
             config = WorkerConfig(
                 run_id="bench", chunk_bytes=chunk_bytes, codec_threads=codec_threads,
                 # In namespaces tbf caps both sides alike; else ours is capped by its token buckets.
@@ -205,18 +204,18 @@ def run(
                 _expect_ok(group.allreduce(warm))
                 progress.end()
                 progress.begin(f"our all-reduce, {repeat} rounds")
-                before = _tx_bytes(network)
+                before = _tx_bytes(capped, names)
                 replies = _expect_ok(group.allreduce(job))
-                wire["ours"] = _per_round(before, _tx_bytes(network), repeat)
+                wire["ours"] = _per_round(before, _tx_bytes(capped, names), repeat)
                 progress.end(f"median {statistics.median(per_round_max(replies)):.3f} s")
                 baseline = None
                 if gloo:
                     progress.begin(f"gloo all_reduce, {repeat} rounds")
                     group.gloo_init()
                     gloo_job = AllReduceJob(numel=numel, repeat=repeat, seed=1)
-                    before = _tx_bytes(network)
+                    before = _tx_bytes(capped, names)
                     gloo_replies = [r[1] for r in group.run("gloo_allreduce", gloo_job)]
-                    wire["gloo"] = _per_round(before, _tx_bytes(network), repeat)
+                    wire["gloo"] = _per_round(before, _tx_bytes(capped, names), repeat)
                     baseline = {
                         "method": "torch.distributed gloo all_reduce (fp32)",
                         "median_s": statistics.median(per_round_max(gloo_replies)),
@@ -227,7 +226,7 @@ def run(
             hivemind = None
             if hivemind_job is not None:  # after ours and gloo's workers have gone: nothing else runs
                 progress.begin(f"hivemind all-reduce ({hivemind_job.codec}), {repeat} rounds")
-                hivemind = _hivemind(hivemind_job, hivemind_version, network, bandwidth_bps)
+                hivemind = _hivemind(hivemind_job, hivemind_version, capped, names, bandwidth_bps)
                 progress.end(f"median {hivemind['median_s']:.3f} s")
     except WorkerError as exc:  # a worker died or raised: a child's failure, said in one line
         raise ChildFailed(f"all-reduce {exc} (its own messages are above, on stderr)") from exc
@@ -277,22 +276,22 @@ def run(
     return report
 
 
-def _hivemind(job: hivemind_baseline.HivemindJob, version: str, network, bandwidth_bps: float | None) -> dict:
-    """Run hivemind's workers, in the namespaces when there are (network not None), and summarise them."""
-    names = list(network.hosts) if network is not None else []
-    before = _tx_bytes(network)
+def _hivemind(job: hivemind_baseline.HivemindJob, version: str, capped: CappedNetwork | None, names: list[str],
+              bandwidth_bps: float | None) -> dict:
+    """Run hivemind's workers, in the namespaces of names when there are (capped not None), and summarise them."""
+    before = _tx_bytes(capped, names)
     try:
         reports = hivemind_baseline.run_workers(
             job,
-            [network.exec_prefix(n) for n in names] if names else [[] for _ in range(job.peers)],
-            [network.hosts[n].ip for n in names] if names else ["127.0.0.1"] * job.peers,
+            [capped.exec_prefix(n) for n in names] if capped is not None else [[] for _ in range(job.peers)],
+            [capped.ip(n) for n in names] if capped is not None else ["127.0.0.1"] * job.peers,
         )
     finally:
-        for name in names:  # torch's shared-memory manager leaves the workers' process groups
-            network.end_processes(name)
-    wire = _per_round(before, _tx_bytes(network), job.repeat + 1)  # its warm-up round moved the same bytes
+        for name in names if capped is not None else ():  # torch's shared-memory manager leaves the workers' groups
+            capped.end_processes(name)
+    wire = _per_round(before, _tx_bytes(capped, names), job.repeat + 1)  # its warm-up round moved the same bytes
     # Off the namespaces hivemind runs uncapped on 127.0.0.1: no utilisation to speak of, as for gloo.
-    return hivemind_baseline.summarise(job, version, reports, wire, bandwidth_bps if names else None)
+    return hivemind_baseline.summarise(job, version, reports, wire, bandwidth_bps if capped is not None else None)
 
 
 def _security(stack: contextlib.ExitStack, placements: tuple[Placement, ...]) -> RpcSecurity:
@@ -301,15 +300,8 @@ def _security(stack: contextlib.ExitStack, placements: tuple[Placement, ...]) ->
     return prepare_security(folder, token=False, tls=True, hosts=tuple(p.ip for p in placements))
 
 
-def _placements(network) -> tuple[Placement, ...]:
-    if network is None:
-        return ()
-    # network.hosts is in creation order: peer0, peer1, ... are ranks 0, 1, ...
-    return tuple(Placement(netns=h.netns, ip=h.ip, interface=h.veth_ns) for h in network.hosts.values())
-
-
-def _tx_bytes(network) -> list[int]:
-    return CappedNetwork(network, "").tx_bytes(list(network.hosts)) if network is not None else []
+def _tx_bytes(capped: CappedNetwork | None, names: list[str]) -> list[int]:
+    return capped.tx_bytes(names) if capped is not None else []
 
 
 def _per_round(before: list[int], after: list[int], rounds: int) -> float | None:

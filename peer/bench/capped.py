@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from peer.bench.progress import Progress
+from peer.harness.procgroup import Placement
 
 # The namespaces' prefix: cleanup_leftovers removes what a killed benchmark or harness left under it.
 PREFIX = "lcn"
@@ -36,6 +37,18 @@ class CappedNetwork:
     def interface(self, name: str) -> str:
         """Host name's one network interface (gloo is told to use it)."""
         return self.network.hosts[name].veth_ns
+
+    def placement(self, name: str) -> Placement:
+        """Where a process of host name lives: its namespace, address and interface."""
+        return Placement(netns=self.netns(name), ip=self.ip(name), interface=self.interface(name))
+
+    def exec_prefix(self, name: str) -> list[str]:
+        """The argv prefix that runs a command in host name's namespace (``ip netns exec ...``)."""
+        return self.network.exec_prefix(name)
+
+    def end_processes(self, name: str) -> None:
+        """Kill what still runs in host name's namespace (a daemon that outlived the process that started it)."""
+        self.network.end_processes(name)
 
     def tx_bytes(self, names: Sequence[str]) -> list[int]:
         """The bytes each of names has sent over its link so far (its veth's counter: what crossed the cap)."""

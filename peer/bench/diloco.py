@@ -56,6 +56,7 @@ from peer.bench.progress import Progress, progress_for
 from peer.device import move_batch, place_model, resolve_device
 from peer.harness.loopback import LOOPBACK, LOOPBACK_INTERFACE, loopback_store, use_loopback_for_gloo
 from peer.harness.processes import ChildFailed
+from peer.harness.procgroup import Placement
 from peer.options import options_of
 from peer.runtime.training import LOCAL_SYNC_EVERY, TrainConfig, local_run
 from peer.tasks.base import TaskConfig
@@ -276,15 +277,15 @@ def fp32_figures(result: dict, train: TrainConfig, peers: int, numel: int) -> di
     return {"fp32_bytes_per_peer": fp32, "bytes_fp32_over_method": fp32 / max(result["bytes_sent_per_peer"], 1)}
 
 
-def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step, place: tuple[str, str, str] | None,
+def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step, place: Placement | None,
                 store_host: str) -> None:
-    """One DDP process; place: (namespace, address, interface) it runs in, None: 127.0.0.1."""
+    """One DDP process; place: the namespace it runs in (None: on 127.0.0.1); the store at store_host:port."""
     import datetime
 
     if place is not None:
         from peer.harness.netns import enter_netns
 
-        enter_netns(place[0])  # before any socket: gloo's connections go over this namespace's capped link
+        enter_netns(place.netns)  # before any socket: gloo's connections go over this namespace's capped link
     import torch
     import torch.distributed as dist
 
@@ -293,7 +294,7 @@ def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step
     tune_malloc()
     torch.set_num_threads(1)
     # gloo's own connections listen on 127.0.0.1 only, or on the namespace's one interface.
-    use_loopback_for_gloo(place[2] if place is not None else LOOPBACK_INTERFACE)
+    use_loopback_for_gloo(place.interface if place is not None else LOOPBACK_INTERFACE)
     store = dist.TCPStore(store_host, port, world, is_master=False, timeout=datetime.timedelta(seconds=120))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     task = make_task(config.task, config.task_config)
@@ -354,11 +355,11 @@ def run_data_parallel(config: BenchConfig, progress: Progress | None = None, lab
     ctx = mp.get_context("spawn")
     log_dir = bench_log_dir("diloco-data_parallel")
     logs = [log_dir / f"worker{r}.log" for r in range(config.peers)]
-    # torch's own store server would listen on every interface: this one listens on 127.0.0.1 only.
+    # torch's own store server would listen on every interface: this one listens on one address only, 127.0.0.1
+    # or the namespaces' bridge.
     store_host = links.gateway if links is not None else LOOPBACK
     store = loopback_store(config.peers + 1, datetime.timedelta(seconds=120), host=store_host)
-    places = [(links.netns(f"peer{r}"), links.ip(f"peer{r}"), links.interface(f"peer{r}")) if links else None
-              for r in range(config.peers)]
+    places = [links.placement(f"peer{r}") if links is not None else None for r in range(config.peers)]
     out = ctx.Queue()
     step = ctx.Value("i", 0, lock=False)
     steps = config.loop.steps
@@ -515,11 +516,11 @@ def run_hivemind(job: hivemind_training.HivemindTraining, version: str, progress
         result = hivemind_training.run(job, version)
     else:
         try:
-            result = hivemind_training.run(job, version, [links.network.exec_prefix(n) for n in names],
+            result = hivemind_training.run(job, version, [links.exec_prefix(n) for n in names],
                                            [links.ip(n) for n in names])
         finally:
             for name in names:  # a p2pd daemon or torch's shared-memory manager that outlived its trainer
-                links.network.end_processes(name)
+                links.end_processes(name)
     progress.end(_done(result))
     return result
 
