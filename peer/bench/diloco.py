@@ -96,7 +96,8 @@ FIELDS: Fields = {
     "all-reduce of the fp32 gradients every step, 2(N-1)/N x 4 B x parameters; hivemind's from the averaging rounds "
     "its peers logged",
     "methods.*.wall_s": "seconds from the first process started to the last peer finished (with --netns and "
-    "--bandwidth, over the capped links: what the method's bytes cost in time)",
+    "--bandwidth, over the capped links: what the method's bytes cost in time); for data_parallel from its first "
+    "process done with its imports, as our peers are forked from a server that did them already",
     "methods.*.wire_bytes_per_peer": "with --netns: what left a peer's namespace over its link while the method "
     "ran (its veth's counter, mean over peers): TCP/IP headers, the coordinator's calls and the state a joiner "
     "fetched included; for data_parallel what gloo really sent, for hivemind its DHT's traffic too",
@@ -291,6 +292,8 @@ def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step
 
     from collectives.allocator import tune_malloc
 
+    # The run's time counts from here: our peers are forked from a server that has done its imports already.
+    imported_at = time.time()
     tune_malloc()
     torch.set_num_threads(1)
     # gloo's own connections listen on 127.0.0.1 only, or on the namespace's one interface.
@@ -314,7 +317,7 @@ def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step
             step.value = k + 1  # read by the parent's progress line
     wall = time.monotonic() - started
     numel = sum(p.numel() for p in model.parameters())
-    result = {"wall_s": wall, "numel": numel}
+    result = {"wall_s": wall, "numel": numel, "imported_at": imported_at}
     if rank == 0:
         result["final_eval_loss"] = task.evaluate(model.module)
     dist.destroy_process_group()
@@ -364,7 +367,6 @@ def run_data_parallel(config: BenchConfig, progress: Progress | None = None, lab
     step = ctx.Value("i", 0, lock=False)
     steps = config.loop.steps
     progress.begin(label, lambda: f"step {step.value}/{steps}" if step.value else f"starting {config.peers} processes")
-    started = time.monotonic()
     procs = [
         ctx.Process(target=spawned_entry, args=(str(logs[r]), _ddp_worker, r, config.peers, store.port, config, out, step,
                                                 places[r], store_host))
@@ -375,6 +377,7 @@ def run_data_parallel(config: BenchConfig, progress: Progress | None = None, lab
     results: dict[int, dict] = {}
     try:
         results = _gather_results(procs, logs, out, RUN_TIMEOUT_S)
+        finished_at = time.time()
     finally:
         for p in procs:
             # With every result in, a worker is on its way out; on a failure or an interrupt the others would
@@ -384,7 +387,8 @@ def run_data_parallel(config: BenchConfig, progress: Progress | None = None, lab
             if p.is_alive():
                 p.kill()
                 p.join(timeout=10)
-    wall = time.monotonic() - started
+    # From the first worker done with its imports (as our peers start) to the last result.
+    wall = finished_at - min(r["imported_at"] for r in results.values())
     shutil.rmtree(log_dir, ignore_errors=True)  # a failure raised above and kept the logs its message names
     numel = results[0]["numel"]
     per_step = 2 * (config.peers - 1) / config.peers * 4 * numel
