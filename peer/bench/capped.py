@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from peer.bench.progress import Progress
+from peer.harness.netns import LOSS_BASED_CONTROLS, LinkSpec, NetnsNetwork, check_available, cleanup_leftovers
 from peer.harness.procgroup import Placement
 
 # The namespaces' prefix: cleanup_leftovers removes what a killed benchmark or harness left under it.
@@ -23,7 +24,7 @@ PREFIX = "lcn"
 class CappedNetwork:
     """A benchmark's namespaces: the network (see NetnsNetwork) and the congestion control they run."""
 
-    network: object
+    network: NetnsNetwork
     congestion_control: str
 
     def netns(self, name: str) -> str:
@@ -62,8 +63,6 @@ class CappedNetwork:
 
 def check_netns() -> None:
     """NetnsUnavailable, saying what is missing (root, iproute2, tbf...), unless namespaces work here."""
-    from peer.harness.netns import check_available
-
     check_available()
 
 
@@ -74,8 +73,6 @@ def capped_network(
 ) -> Iterator[CappedNetwork]:
     """One namespace per name, the links of capped at bandwidth_bps both ways (None: uncapped), TCP with
     congestion_control (None: a loss-based one); subnet_only: no route beyond the bridge. Removed on exit."""
-    from peer.harness.netns import LOSS_BASED_CONTROLS, LinkSpec, NetnsNetwork, cleanup_leftovers
-
     cleanup_leftovers(PREFIX)  # what a killed harness or benchmark left behind
     progress.begin(f"building {len(names)} network namespaces")
     with NetnsNetwork(prefix=PREFIX) as network:
