@@ -117,7 +117,7 @@ def test_a_stand_in_trainers_reports_make_the_method(tmp_path):
              ".write_text(json.dumps({'final_eval_loss': 1.5, 'averaged_groups': [2], 'averaging_failures': 0, "
              "'state_loads': 0, 'epochs': 1, 'numel': 10, 'train_s': 1.0, 'loop_s': 0.5}))")
     python = fake_python(tmp_path, f'python3 -c "import json, sys; from pathlib import Path\n{write}" "$@"')
-    summary = ht.run(job(python=python, codec="none"), "stand-in")
+    summary = ht.run(job(python=python, codec="none"), "stand-in", [[], []], ["127.0.0.1", "127.0.0.1"])
     assert summary["rounds"] == 1 and summary["bytes_sent_per_peer"] == 40.0
     assert summary["version"] == "stand-in"
 

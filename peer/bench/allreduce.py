@@ -34,10 +34,11 @@ from collectives.ratelimit import format_bandwidth, parse_bandwidth
 from collectives.rpc import RpcSecurity
 from collectives.transport import TransportConfig, codec_threads_for
 from peer.bench import hivemind_baseline
-from peer.bench.capped import CappedNetwork, capped_network, check_netns
+from peer.bench.capped import CappedNetwork, capped_network, on_hosts, peer_names
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import cpu_per_round, per_round_max, print_report, require
 from peer.bench.progress import Progress, progress_for
+from peer.harness.netns import check_available
 from peer.harness.processes import ChildFailed
 from peer.harness.procgroup import AllReduceJob, Placement, ProcessGroup, WorkerConfig, WorkerError, worker_tensor
 from peer.harness.security import prepare_security
@@ -130,7 +131,7 @@ def check_arguments(
     CodecConfig.parse(codec)  # ConfigError naming the valid codecs
     bps = parse_bandwidth(bandwidth) if bandwidth else None
     if netns:
-        check_netns()
+        check_available()
     return bps
 
 
@@ -180,7 +181,7 @@ def run(
     wire: dict[str, float] = {}
     try:
         stack = contextlib.ExitStack()  # what lives as long as the run: the TLS files
-        names = [f"peer{i}" for i in range(peers)]  # ranks 0, 1, ... in this order
+        names = peer_names(peers)
         no_network = contextlib.nullcontext(None)
         with capped_network(
             names, names, bandwidth_bps, progress, congestion_control, subnet_only=True
@@ -280,15 +281,8 @@ def _hivemind(job: hivemind_baseline.HivemindJob, version: str, capped: CappedNe
               bandwidth_bps: float | None) -> dict:
     """Run hivemind's workers, in the namespaces of names when there are (capped not None), and summarise them."""
     before = _tx_bytes(capped, names)
-    try:
-        reports = hivemind_baseline.run_workers(
-            job,
-            [capped.exec_prefix(n) for n in names] if capped is not None else [[] for _ in range(job.peers)],
-            [capped.ip(n) for n in names] if capped is not None else ["127.0.0.1"] * job.peers,
-        )
-    finally:
-        for name in names if capped is not None else ():  # torch's shared-memory manager leaves the workers' groups
-            capped.end_processes(name)
+    with on_hosts(capped, names) as (prefixes, ips):
+        reports = hivemind_baseline.run_workers(job, prefixes, ips)
     wire = _per_round(before, _tx_bytes(capped, names), job.repeat + 1)  # its warm-up round moved the same bytes
     # Off the namespaces hivemind runs uncapped on 127.0.0.1: no utilisation to speak of, as for gloo.
     return hivemind_baseline.summarise(job, version, reports, wire, bandwidth_bps if capped is not None else None)

@@ -13,7 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from peer.bench.progress import Progress
-from peer.harness.netns import LOSS_BASED_CONTROLS, LinkSpec, NetnsNetwork, check_available, cleanup_leftovers
+from peer.harness.loopback import LOOPBACK
+from peer.harness.netns import LOSS_BASED_CONTROLS, LinkSpec, NetnsNetwork, cleanup_leftovers
 from peer.harness.procgroup import Placement
 
 # The namespaces' prefix: cleanup_leftovers removes what a killed benchmark or harness left under it.
@@ -61,9 +62,24 @@ class CappedNetwork:
         return self.network.gateway
 
 
-def check_netns() -> None:
-    """NetnsUnavailable, saying what is missing (root, iproute2, tbf...), unless namespaces work here."""
-    check_available()
+def peer_names(peers: int) -> list[str]:
+    """The hosts of ranks 0, 1, ... in a benchmark's namespaces: peer0, peer1, ..."""
+    return [f"peer{rank}" for rank in range(peers)]
+
+
+@contextlib.contextmanager
+def on_hosts(capped: CappedNetwork | None, names: Sequence[str]) -> Iterator[tuple[list[list[str]], list[str]]]:
+    """For one command per host of names: the argv prefix that runs it there and the address it serves on (none
+    and 127.0.0.1 without namespaces). On exit, whatever outlived its command in a namespace is killed (a daemon
+    such as hivemind's p2pd or torch's shared-memory manager leaves its parent's process group)."""
+    if capped is None:
+        yield [[] for _ in names], [LOOPBACK] * len(names)
+        return
+    try:
+        yield [capped.exec_prefix(n) for n in names], [capped.ip(n) for n in names]
+    finally:
+        for name in names:
+            capped.end_processes(name)
 
 
 @contextlib.contextmanager

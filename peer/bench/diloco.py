@@ -48,13 +48,14 @@ from collectives.errors import ConfigError
 from collectives.ratelimit import parse_bandwidth
 from optimizers.registry import algorithm_names, algorithms, get_algorithm
 from peer.bench import hivemind_training
-from peer.bench.capped import CappedNetwork, capped_network, check_netns
+from peer.bench.capped import CappedNetwork, capped_network, on_hosts, peer_names
 from peer.bench.fields import Fields, describe_report
 from peer.bench.hivemind_baseline import HIVEMIND_CODECS, counterpart
 from peer.bench.kit import bench_log_dir, child_failed, print_report, require, spawned_entry
 from peer.bench.progress import Progress, progress_for
 from peer.device import move_batch, place_model, resolve_device
 from peer.harness.loopback import LOOPBACK, LOOPBACK_INTERFACE, loopback_store, use_loopback_for_gloo
+from peer.harness.netns import check_available
 from peer.harness.processes import ChildFailed
 from peer.harness.procgroup import Placement
 from peer.options import options_of
@@ -194,7 +195,7 @@ def check_config(config: BenchConfig) -> None:
     for train in (*config.runs, config.loop):
         resolve_device(train.device)  # a --device this machine lacks (DeviceUnavailable), said in one line
     if config.netns:
-        check_netns()  # not root, no iproute2 or tbf: NetnsUnavailable, said in one line
+        check_available()  # not root, no iproute2 or tbf: NetnsUnavailable, said in one line
 
 
 def _ours_detail(procs: list, peers: int, steps: int) -> str:
@@ -362,7 +363,7 @@ def run_data_parallel(config: BenchConfig, progress: Progress | None = None, lab
     # or the namespaces' bridge.
     store_host = links.gateway if links is not None else LOOPBACK
     store = loopback_store(config.peers + 1, datetime.timedelta(seconds=120), host=store_host)
-    places = [links.placement(f"peer{r}") if links is not None else None for r in range(config.peers)]
+    places = [links.placement(name) if links is not None else None for name in peer_names(config.peers)]
     out = ctx.Queue()
     step = ctx.Value("i", 0, lock=False)
     steps = config.loop.steps
@@ -446,7 +447,7 @@ def run(config: BenchConfig, progress: Progress | None = None) -> dict:
         hivemind = (job, hivemind_training.probe(job))
     numel = sum(p.numel() for p in task.build_model().parameters() if p.requires_grad)
     total = len(config.runs) + len(config.baselines) + (hivemind is not None)
-    names = [f"peer{r}" for r in range(config.peers)]
+    names = peer_names(config.peers)
     bps = parse_bandwidth(config.bandwidth) if config.bandwidth else None
     with capped_network(["coordinator", *names], names, bps, progress) if config.netns \
             else contextlib.nullcontext(None) as links:
@@ -515,16 +516,8 @@ def run_hivemind(job: hivemind_training.HivemindTraining, version: str, progress
     namespaces."""
     progress = progress or Progress("diloco", enabled=False)
     progress.begin(label, lambda: f"{job.peers} hivemind peers training")
-    names = [f"peer{r}" for r in range(job.peers)]
-    if links is None:
-        result = hivemind_training.run(job, version)
-    else:
-        try:
-            result = hivemind_training.run(job, version, [links.exec_prefix(n) for n in names],
-                                           [links.ip(n) for n in names])
-        finally:
-            for name in names:  # a p2pd daemon or torch's shared-memory manager that outlived its trainer
-                links.end_processes(name)
+    with on_hosts(links, peer_names(job.peers)) as (prefixes, hosts):
+        result = hivemind_training.run(job, version, prefixes, hosts)
     progress.end(_done(result))
     return result
 

@@ -5,9 +5,9 @@ DiLoCo: each peer steps its inner optimizer on every batch, and once the peers t
 ``target_batch_size`` samples (an epoch: the syncing interval of loconet's run) they average their parameters in
 the background. It is run as ``python -m peer.bench.hivemind_trainer`` with loconet's folder on ``PYTHONPATH`` and
 imports the standard library, torch, hivemind, loconet's task code (``peer.tasks``: torch and numpy), its device
-placement (``peer.device``) and the all-reduce worker's file helpers, nothing of loconet's collective or peer. The peers meet through files in a
-shared folder: rank 0 writes its DHT addresses, and every peer starts training once all are ready. The report
-is one JSON object in the shared folder (``report-<rank>.json``).
+placement (``peer.device``) and the all-reduce worker's file helpers, nothing of loconet's collective or peer.
+The peers meet through files in a shared folder: rank 0 writes its DHT addresses, and every peer starts training
+once all are ready. The report is one JSON object in the shared folder (``report-<rank>.json``).
 """
 
 from __future__ import annotations

@@ -79,12 +79,9 @@ def probe(job: HivemindTraining) -> str:
                          trainer_env())
 
 
-def run(job: HivemindTraining, version: str, prefixes: list[list[str]] | None = None,
-        hosts: list[str] | None = None) -> dict:
+def run(job: HivemindTraining, version: str, prefixes: list[list[str]], hosts: list[str]) -> dict:
     """Train with hivemind and summarise its peers' reports: trainer r's argv behind prefixes[r] (e.g. ``ip netns
-    exec``), serving on hosts[r]; without them, all on 127.0.0.1."""
-    prefixes = prefixes or [[] for _ in range(job.peers)]
-    hosts = hosts or ["127.0.0.1"] * job.peers
+    exec``), serving on hosts[r]."""
     started = time.monotonic()
     reports = run_commands(lambda rank, meet: trainer_argv(job, rank, meet, hosts[rank]), job.peers, job.whole_s,
                            prefixes, env=trainer_env())
