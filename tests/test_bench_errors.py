@@ -6,7 +6,6 @@ came after a child started would fail the test with "a process was started".
 
 from __future__ import annotations
 
-import multiprocessing.process
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ from collectives.errors import ConfigError
 from optimizers.registry import algorithm_names
 from peer.bench import diloco
 from peer.cli import build_parser
+from tests.support.cli import forbid_processes
 
 
 def parse(*args: str):
@@ -26,12 +26,7 @@ def parse(*args: str):
 @pytest.fixture
 def no_processes(monkeypatch):
     """Make starting any child process (subprocess or multiprocessing) fail the test."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a process was started before the arguments were checked")
-
-    monkeypatch.setattr(subprocess.Popen, "__init__", forbidden)
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", forbidden)
+    forbid_processes(monkeypatch)
 
 
 def test_an_unknown_method_names_it_and_the_choices():

@@ -33,15 +33,20 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def before_any_process(monkeypatch, capsys, *args: str, uid: int | None = None) -> subprocess.CompletedProcess:
-    """in_process(ARGS) with every child process forbidden (a check must refuse first); with uid, as that user."""
+def forbid_processes(monkeypatch) -> None:
+    """Make starting any child process (subprocess or multiprocessing) fail the test."""
     import multiprocessing.process
 
     def forbidden(*_args, **_kwargs):
         raise AssertionError("a process was started before the arguments were checked")
 
-    if uid is not None:
-        monkeypatch.setattr("os.geteuid", lambda: uid)
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", forbidden)
     monkeypatch.setattr(subprocess.Popen, "__init__", forbidden)
+
+
+def before_any_process(monkeypatch, capsys, *args: str, uid: int | None = None) -> subprocess.CompletedProcess:
+    """in_process(ARGS) with every child process forbidden (a check must refuse first); with uid, as that user."""
+    if uid is not None:
+        monkeypatch.setattr("os.geteuid", lambda: uid)
+    forbid_processes(monkeypatch)
     return in_process(capsys, *args)
