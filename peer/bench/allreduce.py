@@ -25,6 +25,7 @@ import contextlib
 import statistics
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from collectives.allreduce import mean_error_bound
@@ -197,33 +198,10 @@ def run(
             progress.begin(f"starting {peers} workers")
             with ProcessGroup(peers, config) as group:
                 progress.end()
-                # One warm-up round connects every channel and faults in every buffer.
-                progress.begin("our all-reduce, warm-up round")
-                warm = AllReduceJob(
-                    numel=numel, codec=codec, repeat=1, timeout_s=timeout_s, first_round=1_000, hosts=hosts
-                )
-                _expect_ok(group.allreduce(warm))
-                progress.end()
-                progress.begin(f"our all-reduce, {repeat} rounds")
-                before = _tx_bytes(capped, names)
-                replies = _expect_ok(group.allreduce(job))
-                wire["ours"] = _per_round(before, _tx_bytes(capped, names), repeat)
-                progress.end(f"median {statistics.median(per_round_max(replies)):.3f} s")
+                replies, wire["ours"] = _ours(group, job, capped, names, progress)
                 baseline = None
                 if gloo:
-                    progress.begin(f"gloo all_reduce, {repeat} rounds")
-                    group.gloo_init()
-                    gloo_job = AllReduceJob(numel=numel, repeat=repeat, seed=1)
-                    before = _tx_bytes(capped, names)
-                    gloo_replies = [r[1] for r in group.run("gloo_allreduce", gloo_job)]
-                    wire["gloo"] = _per_round(before, _tx_bytes(capped, names), repeat)
-                    baseline = {
-                        "method": "torch.distributed gloo all_reduce (fp32)",
-                        "median_s": statistics.median(per_round_max(gloo_replies)),
-                        "cpu_s_per_round": cpu_per_round(gloo_replies),
-                        "bytes_sent_per_peer": 2 * (peers - 1) / peers * 4 * numel,
-                    }
-                    progress.end(f"median {baseline['median_s']:.3f} s")
+                    baseline, wire["gloo"] = _gloo(group, job, capped, names, progress)
             hivemind = None
             if hivemind_job is not None:  # after ours and gloo's workers have gone: nothing else runs
                 progress.begin(f"hivemind all-reduce ({hivemind_job.codec}), {repeat} rounds")
@@ -233,48 +211,94 @@ def run(
         raise ChildFailed(f"all-reduce {exc} (its own messages are above, on stderr)") from exc
     finally:
         stack.close()
-    times = per_round_max(replies)
-    median = statistics.median(times)
-    sent = [r["stats"]["bytes_sent"] for r in replies]
-    report = {
-        "peers": peers,
-        "numel": numel,
-        "codec": str(CodecConfig.parse(codec)),
-        "repeat": repeat,
-        "chunk_bytes": chunk_bytes,
-        "codec_threads": codec_threads,
-        "netns": netns,
-        "hierarchical": hierarchical,
-        "tls": tls,
-        "median_s": median,
-        "times_s": times,
-        "cpu_s_per_round": cpu_per_round(replies),
-        "bytes_sent_per_peer": statistics.median(sent),
-        "bytes_sent_per_peer_max": max(sent),
-        "fp32_bytes": numel * 4,
-        "max_abs_error": max(r["max_abs_error"] for r in replies),
-        "error_bound": mean_error_bound(CodecConfig.parse(codec), [worker_tensor(job, r) for r in range(peers)]),
-        "identical_across_peers": len({r["sha256"] for r in replies}) == 1,
-        "phases_s": {
-            k: statistics.median(r["stats"][k] for r in replies)
-            for k in ("scatter_s", "gather_s", "encode_s", "decode_s", "reduce_s")
-        },
-    }
+    report = _report(job, peers, replies, chunk_bytes, codec_threads, netns, hierarchical, tls)
     if baseline is not None:
         report["baseline"] = baseline
-        report["ratio_vs_gloo"] = median / baseline["median_s"]
+        report["ratio_vs_gloo"] = report["median_s"] / baseline["median_s"]
     if hivemind is not None:
         report["hivemind"] = hivemind
-        report["time_over_hivemind"] = median / hivemind["median_s"]
+        report["time_over_hivemind"] = report["median_s"] / hivemind["median_s"]
     if bandwidth_bps:
         report["bandwidth"] = format_bandwidth(bandwidth_bps)
-        report["link_utilization"] = (report["bytes_sent_per_peer"] * 8 / bandwidth_bps) / median
+        report["link_utilization"] = (report["bytes_sent_per_peer"] * 8 / bandwidth_bps) / report["median_s"]
         if baseline is not None and netns:  # off the namespaces gloo runs uncapped: no utilisation to speak of
             baseline["link_utilization"] = (baseline["bytes_sent_per_peer"] * 8 / bandwidth_bps) / baseline["median_s"]
     if netns:
         report["wire"] = wire
         report["congestion_control"] = congestion_used
     return report
+
+
+def _ours(
+    group: ProcessGroup, job: AllReduceJob, capped: CappedNetwork | None, names: list[str], progress: Progress
+) -> tuple[list[dict], float | None]:
+    """Our all-reduce: one warm-up round, then job's timed rounds; the workers' replies and the veths' bytes per
+    round (None off the namespaces)."""
+    # The warm-up connects every channel and faults in every buffer; its round ids stay clear of the timed ones.
+    progress.begin("our all-reduce, warm-up round")
+    warm = replace(job, repeat=1, check_error=False, barrier=False, first_round=1_000)
+    _expect_ok(group.allreduce(warm))
+    progress.end()
+    progress.begin(f"our all-reduce, {job.repeat} rounds")
+    before = _tx_bytes(capped, names)
+    replies = _expect_ok(group.allreduce(job))
+    wire = _per_round(before, _tx_bytes(capped, names), job.repeat)
+    progress.end(f"median {statistics.median(per_round_max(replies)):.3f} s")
+    return replies, wire
+
+
+def _gloo(
+    group: ProcessGroup, job: AllReduceJob, capped: CappedNetwork | None, names: list[str], progress: Progress
+) -> tuple[dict, float | None]:
+    """gloo's fp32 all_reduce of the same tensors by the same processes; its report and the veths' bytes per round."""
+    progress.begin(f"gloo all_reduce, {job.repeat} rounds")
+    group.gloo_init()
+    before = _tx_bytes(capped, names)
+    replies = [r[1] for r in group.run("gloo_allreduce", AllReduceJob(numel=job.numel, repeat=job.repeat, seed=1))]
+    wire = _per_round(before, _tx_bytes(capped, names), job.repeat)
+    peers = group.size
+    baseline = {
+        "method": "torch.distributed gloo all_reduce (fp32)",
+        "median_s": statistics.median(per_round_max(replies)),
+        "cpu_s_per_round": cpu_per_round(replies),
+        "bytes_sent_per_peer": 2 * (peers - 1) / peers * 4 * job.numel,
+    }
+    progress.end(f"median {baseline['median_s']:.3f} s")
+    return baseline, wire
+
+
+def _report(
+    job: AllReduceJob, peers: int, replies: list[dict], chunk_bytes: int, codec_threads: int, netns: bool,
+    hierarchical: bool, tls: bool,
+) -> dict:
+    """The report's fields for our side, from the workers' replies to the timed rounds."""
+    codec = CodecConfig.parse(job.codec)
+    times = per_round_max(replies)
+    sent = [r["stats"]["bytes_sent"] for r in replies]
+    return {
+        "peers": peers,
+        "numel": job.numel,
+        "codec": str(codec),
+        "repeat": job.repeat,
+        "chunk_bytes": chunk_bytes,
+        "codec_threads": codec_threads,
+        "netns": netns,
+        "hierarchical": hierarchical,
+        "tls": tls,
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "cpu_s_per_round": cpu_per_round(replies),
+        "bytes_sent_per_peer": statistics.median(sent),
+        "bytes_sent_per_peer_max": max(sent),
+        "fp32_bytes": job.numel * 4,
+        "max_abs_error": max(r["max_abs_error"] for r in replies),
+        "error_bound": mean_error_bound(codec, [worker_tensor(job, r) for r in range(peers)]),
+        "identical_across_peers": len({r["sha256"] for r in replies}) == 1,
+        "phases_s": {
+            k: statistics.median(r["stats"][k] for r in replies)
+            for k in ("scatter_s", "gather_s", "encode_s", "decode_s", "reduce_s")
+        },
+    }
 
 
 def _hivemind(job: hivemind_baseline.HivemindJob, version: str, capped: CappedNetwork | None, names: list[str],
