@@ -81,9 +81,3 @@ def test_arguments_parse():
     assert (ns.peers, ns.rounds, ns.client_procs, ns.json) == (5, 1, 1, True)
     assert ns.heartbeat == 1.0 and ns.window == 10.0
 
-
-def test_the_cpu_floor_of_a_round_is_everyone_s_cpu_per_round_over_the_cores():
-    # 5 rounds in 3 s: the coordinator spent 2.5 CPU-s and the simulated peers 3.0, on 2 cores.
-    assert bench_membership.cpu_floor(2.5, 3.0, 3.0, rounds=5, cores=2) == {
-        "wall_per_round_s": 0.6, "client_cpu_per_round_s": 0.6, "cores": 2, "cpu_floor_per_round_s": 0.55,
-    }

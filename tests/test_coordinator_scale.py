@@ -13,7 +13,7 @@ import pytest
 
 from collectives.memberlists import entries_of, list_bytes, list_digest, unpack_list
 from collectives.membership import commit_time, heartbeat_interval
-from peer.bench.membership import bench_rate_limits
+from peer.bench.simsession import bench_rate_limits
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.history import SeriesBook
 from peer.coordinator.quorum import RoundAnswer, RoundLists, rank_field

@@ -6,7 +6,8 @@ membership protocol. They live as asyncio tasks in ``--client-procs`` spawned
 processes (grpc.aio, ``--channels`` TCP connections per process), so that
 1000 peers cost two processes, not 1000.
 
-Each simulated peer (``peer/bench/simpeers.py``) joins, heartbeats with plausible
+Each simulated peer (``peer/bench/simpeers.py``; its processes and the
+coordinator's: ``peer/bench/simsession.py``) joins, heartbeats with plausible
 metrics and, on command, takes part in ``rounds`` rounds (Quorum -> Commit).
 The coordinator runs with ``--min-peers N`` (and a join timeout as long as
 the quorum timeout), so every quorum must hold all N. As the real client
@@ -48,6 +49,8 @@ Latencies (``time.time()`` read in the client processes):
   taking in the requests and deciding, then answering every member.
 - ``commit_latency_s`` / ``commit_close_latency_s``: the same for Commit.
 
+These figures are pure functions of the peers' records (``peer/bench/roundstats.py``).
+
 By default every peer asks at once and commits at once (a burst: the intake of
 1,000 calls by one Python gRPC process is then most of the quorum latency);
 ``--spread`` and ``--allreduce`` space the calls as a run's training and data
@@ -63,38 +66,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import pathlib
-import re
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from collectives.rpc import blocking_channel
 from peer.bench.fields import SUMMARY, Fields, describe_report
-from peer.bench.kit import (
-    bench_log_dir,
-    child_failed,
-    print_report,
-    proc_cpu_ns_s,
-    proc_cpu_s,
-    proc_rss_mb,
-    require,
-    spawned_entry,
-    summary,
-)
+from peer.bench.kit import bench_log_dir, print_report, proc_rss_mb, require, summary
 from peer.bench.progress import Progress, progress_for
-from peer.bench.simpeers import CLIENT_SETTINGS, RoundRecord, client_main, merge_counts
+from peer.bench.roundstats import cpu_floor, formed_at, group_messages, round_stats
+from peer.bench.simpeers import RoundRecord, merge_counts
+from peer.bench.simsession import RUN, SimSession, bench_rate_limits
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.dashboard import json_safe
-from peer.coordinator.limits import CoordinatorLimits
-from peer.harness.processes import ChildFailed
-from protos import membership_pb2 as pb
-from protos import membership_pb2_grpc as pb_grpc
-
-RUN = "bench-membership"
 
 _CPU_US = "coordinator CPU microseconds per heartbeat in the window"
 FIELDS: Fields = {
@@ -210,159 +196,18 @@ FIELDS: Fields = {
 }
 
 
-def cpu_floor(coordinator_cpu_s: float, client_cpu_s: float, wall_s: float, rounds: int, cores: int) -> dict:
-    """Per-round wall and CPU of the rounds phase, and the floor the machine's cores set on a round's length."""
-    return {
-        "wall_per_round_s": wall_s / rounds,
-        "client_cpu_per_round_s": client_cpu_s / rounds,
-        "cores": cores,
-        "cpu_floor_per_round_s": (coordinator_cpu_s + client_cpu_s) / rounds / cores,
-    }
+@dataclass(frozen=True)
+class _Clock:
+    """Wall time, the coordinator's CPU (two clocks) and each client process's CPU, read at one instant."""
 
+    wall: float
+    cpu: float
+    cpu_ns: float
+    clients: tuple[float, ...]
 
-def bench_rate_limits(peers: int) -> list[str]:
-    """The coordinator's rate-limit options for ``peers`` simulated peers calling from one address.
-
-    Each limit is the product's per-client default multiplied by the peers sharing the address (what as many
-    real peers, each from its own address, would be allowed together), so the limiter checks every call and a
-    runaway client would still be refused; nothing is exempt.
-    """
-    d = CoordinatorLimits()
-    return [
-        "--join-rate", f"{d.join_rate_per_s * peers:g}", "--join-burst", str(d.join_burst * peers),
-        "--call-rate", f"{d.call_rate_per_s * peers:g}", "--call-burst", str(d.call_burst * peers),
-        "--sessions-per-client", str(d.sessions_per_client * peers),
-    ]
-
-
-class _Session:
-    """A coordinator process and the client processes driving it; everything is reaped on close."""
-
-    def __init__(self, peers: int, client_procs: int, heartbeat_s: float, lease_s: float, channels: int,
-                 log_dir: pathlib.Path, tag: str, quorum_timeout_s: float, spread_s: float = 0.0,
-                 allreduce_s: float = 0.0, unary: bool = False) -> None:
-        from peer.harness.processes import CoordinatorProc
-
-        self.peers = peers
-        self.clients: list[tuple[mp.Process, object]] = []
-        self.client_logs: list[pathlib.Path] = []
-        self.coordinator: CoordinatorProc | None = None
-        try:
-            # CoordinatorProc stops its process itself if it is interrupted while starting.
-            self.coordinator = CoordinatorProc(
-                log_dir / f"coordinator-{tag}.log", RUN, 0,
-                "--min-peers", str(peers), "--join-timeout", str(quorum_timeout_s), "--lease", str(lease_s),
-                "--heartbeat", str(heartbeat_s), "--startup-grace", "0", "--dashboard-port", "-1",
-                "--quorum-timeout", str(quorum_timeout_s), "--commit-timeout", str(quorum_timeout_s),
-                # Simulated peers have no server to probe.
-                "--no-probe",
-                # They all call from one address: the per-client limits are the product's defaults times the
-                # peers behind it (bench_rate_limits), so the limiter still runs on every call and its cost counts.
-                *bench_rate_limits(peers), "--max-peers", str(max(peers, 1)),
-                # Exec'ed: a coordinator forked from the fork server would carry torch's objects and pages, which
-                # its CPU and memory figures must not include.
-                fork=False,
-            )
-            self.pid = self.coordinator.proc.pid
-            ctx = mp.get_context("spawn")
-            procs = max(1, min(client_procs, peers))
-            first = 0
-            for i in range(procs):
-                count = peers // procs + (1 if i < peers % procs else 0)
-                job = {
-                    "run_id": RUN, "address": self.coordinator.address, "first": first, "count": count,
-                    "channels": max(1, min(channels, count)), "heartbeat_s": heartbeat_s,
-                    "patience_s": quorum_timeout_s, "spread_s": spread_s, "allreduce_s": allreduce_s,
-                    "unary": unary,
-                }
-                first += count
-                parent, child = ctx.Pipe()
-                log = log_dir / f"client-{tag}-{i}.log"
-                proc = ctx.Process(
-                    target=spawned_entry, args=(str(log), client_main, job, child), daemon=True,
-                    name=f"client-{tag}-{i}",
-                )
-                proc.start()
-                child.close()
-                self.clients.append((proc, parent))
-                self.client_logs.append(log)
-        except BaseException:
-            self.close()
-            raise
-
-    def send(self, message: dict) -> None:
-        for _, conn in self.clients:
-            conn.send(message)
-
-    def gather(self, kind: str, timeout_s: float) -> list[dict]:
-        """One message of this kind from every client (ChildFailed on an error, a death or the timeout)."""
-        replies: list[dict | None] = [None] * len(self.clients)
-        deadline = time.monotonic() + timeout_s
-        while any(r is None for r in replies):
-            if time.monotonic() > deadline:
-                late = [self.client_logs[i].stem for i, r in enumerate(replies) if r is None]
-                raise ChildFailed(
-                    f"{', '.join(late)} sent no {kind!r} within {timeout_s:g} s (logs in {self.client_logs[0].parent})"
-                )
-            if not self.coordinator.alive:
-                raise ChildFailed(self.coordinator.exit_message("during the benchmark"))
-            for i, (proc, conn) in enumerate(self.clients):
-                if replies[i] is not None:
-                    continue
-                if conn.poll(0.05):
-                    try:
-                        msg = conn.recv()
-                    except (EOFError, OSError):
-                        proc.join(timeout=5)
-                        raise child_failed(proc.name, proc.exitcode, self.client_logs[i]) from None
-                    if msg.get("type") == "error":
-                        raise ChildFailed(f"{proc.name} failed: {msg['error']} (log: {self.client_logs[i]})")
-                    if msg.get("type") != kind:
-                        raise ChildFailed(f"{proc.name} sent {msg.get('type')!r}, expected {kind!r}")
-                    replies[i] = msg
-                elif not proc.is_alive():
-                    raise child_failed(proc.name, proc.exitcode, self.client_logs[i])
-        return replies  # type: ignore[return-value]
-
-    def cpu_s(self) -> float:
-        return proc_cpu_s(self.pid)
-
-    def cpu_ns_s(self) -> float:
-        return proc_cpu_ns_s(self.pid)
-
-    def client_cpu_s(self) -> list[float]:
-        out = []
-        for proc, _ in self.clients:
-            try:
-                out.append(proc_cpu_s(proc.pid))
-            except (OSError, ValueError):
-                out.append(math.nan)
-        return out
-
-    def status(self) -> dict:
-        with blocking_channel(self.coordinator.address, CLIENT_SETTINGS) as channel:
-            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(run_id=RUN), timeout=60)
-        return json.loads(reply.json)
-
-    def close(self) -> None:
-        """Stop the clients (politely, then by force) and the coordinator."""
-        for proc, conn in self.clients:
-            try:
-                if proc.is_alive():
-                    conn.send({"cmd": "stop"})
-            except (OSError, BrokenPipeError):
-                pass
-        deadline = time.monotonic() + 10
-        for proc, conn in self.clients:
-            proc.join(timeout=max(0.1, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=10)
-            conn.close()
-        self.clients = []
-        coordinator, self.coordinator = self.coordinator, None
-        if coordinator is not None:
-            coordinator.stop()
+    @classmethod
+    def read(cls, session: SimSession) -> _Clock:
+        return cls(time.time(), session.cpu_s(), session.cpu_ns_s(), tuple(session.client_cpu_s()))
 
 
 def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, window_s: float, lease_s: float,
@@ -374,17 +219,15 @@ def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, win
     ``stage`` is told each phase as it starts (for the progress line).
     """
     stage("starting the coordinator and the clients")
-    session = _Session(peers, client_procs, heartbeat_s, lease_s, channels, log_dir, tag, quorum_timeout_s, spread_s,
-                       allreduce_s, unary)
+    session = SimSession(peers, client_procs, heartbeat_s, lease_s, channels, log_dir, tag, quorum_timeout_s,
+                         spread_s, allreduce_s, unary)
     try:
         session.gather("ready", timeout_s=120)
         stage("idle coordinator")
         # Idle coordinator (clients connected, no peer yet): its fixed cost (the 50 ms tick) for reference.
-        idle_s = min(2.0, window_s / 4)
-        c0, p0, t0 = session.cpu_s(), session.cpu_ns_s(), time.time()
-        time.sleep(idle_s)
-        idle_util = (session.cpu_s() - c0) / (time.time() - t0)
-        idle_util_ns = (session.cpu_ns_s() - p0) / (time.time() - t0)
+        idle = _Clock.read(session)
+        time.sleep(min(2.0, window_s / 4))
+        idle_end = _Clock.read(session)
 
         stage(f"{peers} peers joining")
         t_join0 = time.time()
@@ -397,182 +240,115 @@ def _measure(peers: int, rounds: int, client_procs: int, heartbeat_s: float, win
         # Let every peer's heartbeat schedule start (random phase within one interval), then measure.
         stage("heartbeat-only window")
         time.sleep(1.5 * heartbeat_s)
-        ta, ca, pa, cla = time.time(), session.cpu_s(), session.cpu_ns_s(), session.client_cpu_s()
+        window = _Clock.read(session)
         time.sleep(window_s)
-        tb, cb, pb_, clb = time.time(), session.cpu_s(), session.cpu_ns_s(), session.client_cpu_s()
+        window_end = _Clock.read(session)
 
         rounds_info: dict = {}
         if rounds > 0:
             stage(f"{rounds} rounds")
-            tr0, cr0, ccl0 = time.time(), session.cpu_s(), session.client_cpu_s()
-            if churn:
-                done = []
-                for k in range(rounds):
-                    if k:  # churn peers leave and join again: this round's member list is not the last one's
-                        moving = [(k * churn + j) % peers for j in range(churn)]
-                        session.send({"cmd": "churn", "indexes": moving})
-                        problems += [e for r in session.gather("churned", timeout_s=quorum_timeout_s + 60)
-                                     for e in r["errors"]]
-                    session.send({"cmd": "rounds", "rounds": 1, "expected_members": peers, "first": k})
-                    done += session.gather("rounds", timeout_s=quorum_timeout_s + 30)
-            else:
-                session.send({"cmd": "rounds", "rounds": rounds, "expected_members": peers})
-                done = session.gather("rounds", timeout_s=rounds * (quorum_timeout_s + 30))
-            tr1, cr1, ccl1 = time.time(), session.cpu_s(), session.client_cpu_s()
-            records = [RoundRecord(*r) for d in done for r in d["records"]]
-            problems += [p for d in done for p in d["problems"]]
+            start = _Clock.read(session)
+            records, round_problems = _rounds(session, peers, rounds, churn, quorum_timeout_s)
+            end = _Clock.read(session)
+            problems += round_problems
         status = session.status()
         if rounds > 0:
-            rounds_info = _round_stats(records, peers, rounds, problems, _formed_at(status))
-            rounds_info["rounds_phase"] = {
-                "wall_s": tr1 - tr0,
-                "coordinator_cpu_s": cr1 - cr0,
-                "coordinator_cpu_per_round_s": (cr1 - cr0) / rounds,
-                "coordinator_cpu_utilization": (cr1 - cr0) / (tr1 - tr0),
-                "client_cpu_utilization": [(b - a) / (tr1 - tr0) for a, b in zip(ccl0, ccl1)],
-                **cpu_floor(cr1 - cr0, sum(ccl1) - sum(ccl0), tr1 - tr0, rounds, len(os.sched_getaffinity(0))),
-            }
-            rounds_info["_window"] = (tr0, tr1)
+            rounds_info, stats_problems = round_stats(records, peers, formed_at(status))
+            problems += stats_problems
+            rounds_info["rounds_phase"] = _rounds_phase(start, end, rounds)
         rss = proc_rss_mb(session.pid)
         session.send({"cmd": "stop"})
         final = session.gather("final", timeout_s=60)
     finally:
         session.close()
 
-    heartbeats = [tuple(h) for f in final for h in f["heartbeats"]]
-    in_window = [h for h in heartbeats if ta <= h[0] < tb]
-    n_window = len(in_window)
-    hb_errors = merge_counts(f["heartbeat_errors"] for f in final)
-    retries = merge_counts(f["retries"] for f in final)
-    unknown = sum(f["unknown"] for f in final)
-    warnings = []
-    if hb_errors:
-        warnings.append(f"heartbeats without an answer within max(heartbeat, 1 s): {hb_errors}")
-    if retries:
-        warnings.append(f"calls retried after no answer (see rpc_retries): {retries}")
-    if unknown:
-        problems.append(f"{unknown} heartbeats answered known=false (a lease lapsed)")
-    cpu = cb - ca
-    cpu_ns = pb_ - pa
-    window = tb - ta
     out = {
         "peers": peers,
         "join_latency_s": summary(join_s),
         "join_wall_s": join_wall,
-        "heartbeat_window_s": tb - ta,
-        "heartbeats_in_window": n_window,
-        "heartbeats_per_s": n_window / (tb - ta),
-        "heartbeat_latency_s": summary([h[1] for h in in_window if h[2]]),
-        "coordinator_cpu_s_in_window": cpu,
-        "coordinator_cpu_per_heartbeat_us": cpu / n_window * 1e6 if n_window else math.nan,
-        "coordinator_cpu_utilization": cpu / (tb - ta),
-        "coordinator_idle_cpu_utilization": idle_util,
-        # The same from the nanosecond thread clocks, and net of the idle cost (the fixed 50 ms tick).
-        "coordinator_cpu_per_heartbeat_us_schedstat": cpu_ns / n_window * 1e6 if n_window else math.nan,
-        "coordinator_idle_cpu_utilization_schedstat": idle_util_ns,
-        "coordinator_cpu_per_heartbeat_net_of_idle_us": (
-            (cpu_ns - idle_util_ns * window) / n_window * 1e6 if n_window else math.nan
-        ),
-        "client_cpu_utilization": [(b - a) / (tb - ta) for a, b in zip(cla, clb)],
+        **_heartbeat_window(final, idle, idle_end, window, window_end),
         "coordinator_rss_mb": rss,
         "status": status,
-        "heartbeat_errors": hb_errors,
-        "heartbeat_errors_in_window": sum(1 for h in in_window if not h[2]),
-        "rpc_retries": retries,
+        "rpc_retries": merge_counts(f["retries"] for f in final),
         "problems": problems,
-        "warnings": warnings,
     }
+    unknown = sum(f["unknown"] for f in final)
+    if unknown:
+        problems.append(f"{unknown} heartbeats answered known=false (a lease lapsed)")
+    out["warnings"] = []
+    if out["heartbeat_errors"]:
+        out["warnings"].append(f"heartbeats without an answer within max(heartbeat, 1 s): {out['heartbeat_errors']}")
+    if out["rpc_retries"]:
+        out["warnings"].append(f"calls retried after no answer (see rpc_retries): {out['rpc_retries']}")
     if rounds_info:
-        r0, r1 = rounds_info.pop("_window")
-        out["heartbeat_latency_during_rounds_s"] = summary([h[1] for h in heartbeats if r0 <= h[0] < r1 and h[2]])
+        out["heartbeat_latency_during_rounds_s"] = summary(
+            [h[1] for f in final for h in f["heartbeats"] if start.wall <= h[0] < end.wall and h[2]]
+        )
         out.update(rounds_info)
     return out
 
 
-def _group(messages: list[str], limit: int = 20) -> list[dict]:
-    """Messages grouped by their shape (numbers elided): count and one example (shortened) each."""
-    groups: dict[str, list] = {}
-    for m in messages:
-        key = re.sub(r"\d+", "#", m)[:120]
-        if key not in groups:
-            groups[key] = [0, m if len(m) <= 300 else m[:300] + "..."]
-        groups[key][0] += 1
-    ordered = sorted(groups.values(), key=lambda g: -g[0])
-    return [{"count": n, "example": ex} for n, ex in ordered[:limit]]
+def _rounds(
+    session: SimSession, peers: int, rounds: int, churn: int, quorum_timeout_s: float
+) -> tuple[list[RoundRecord], list[str]]:
+    """Command the rounds (with churn, one at a time, churn peers leaving and joining again before each after the
+    first); the simulated peers' round records and the problems they reported."""
+    problems: list[str] = []
+    if churn:
+        done = []
+        for k in range(rounds):
+            if k:  # churn peers leave and join again: this round's member list is not the last one's
+                moving = [(k * churn + j) % peers for j in range(churn)]
+                session.send({"cmd": "churn", "indexes": moving})
+                problems += [e for r in session.gather("churned", timeout_s=quorum_timeout_s + 60) for e in r["errors"]]
+            session.send({"cmd": "rounds", "rounds": 1, "expected_members": peers, "first": k})
+            done += session.gather("rounds", timeout_s=quorum_timeout_s + 30)
+    else:
+        session.send({"cmd": "rounds", "rounds": rounds, "expected_members": peers})
+        done = session.gather("rounds", timeout_s=rounds * (quorum_timeout_s + 30))
+    records = [RoundRecord(*r) for d in done for r in d["records"]]
+    return records, problems + [p for d in done for p in d["problems"]]
 
 
-def _finite(values) -> list[float]:
-    """The finite values (an attempt the coordinator's status no longer remembers has no formation time)."""
-    return [v for v in values if math.isfinite(v)]
-
-
-def _formed_at(status: dict) -> dict[tuple[int, int], float]:
-    """When the coordinator formed each attempt it remembers, (round id, epoch) -> unix time (its status)."""
-    return {(r["round_id"], r["epoch"]): r["started_at"] for r in status.get("rounds", []) if "started_at" in r}
-
-
-def _round_stats(records: list[RoundRecord], peers: int, rounds: int, problems: list[str],
-                 formed: dict[tuple[int, int], float] | None = None) -> dict:
-    """Latency distributions and membership checks from the per-peer round records.
-
-    ``formed``: when the coordinator formed each attempt (``_formed_at``), which splits the quorum's close
-    into the coordinator taking in the requests and deciding, and the answers reaching the peers.
-    """
-    formed = formed or {}
-    by_k: dict[int, list[RoundRecord]] = {}
-    for rec in records:
-        by_k.setdefault(rec.k, []).append(rec)
-    quorum, quorum_close, commit, commit_close = [], [], [], []
-    per_round = []
-    full_rounds = 0
-    for k in sorted(by_k):
-        recs = by_k[k]
-        ids = {r.round_id for r in recs}
-        epochs = {r.epoch for r in recs}
-        if len(ids) != 1 or len(epochs) != 1:
-            problems.append(f"round {k}: peers got different round ids {sorted(ids)[:5]} / epochs {sorted(epochs)[:5]}")
-        # The send time of the attempt that was answered: a retried call counts from its retry.
-        last_q_sent = max(r.quorum_sent for r in recs)
-        last_c_sent = max(r.commit_sent for r in recs)
-        quorum += [r.quorum_answered - r.quorum_first_sent for r in recs]
-        quorum_close += [r.quorum_answered - last_q_sent for r in recs]
-        commit += [r.commit_answered - r.commit_first_sent for r in recs]
-        commit_close += [r.commit_answered - last_c_sent for r in recs]
-        committed_all = len(recs) == peers and all(r.committed for r in recs) and all(r.members == peers for r in recs)
-        full_rounds += committed_all
-        formed_at = formed.get((min(ids), min(epochs)), math.nan)
-        per_round.append(
-            {
-                "round_id": min(ids),
-                "epoch": min(epochs),
-                "members": max(r.members for r in recs),
-                "peers_answered": len(recs),
-                "committed_by_all": committed_all,
-                "quorum_spread_s": last_q_sent - min(r.quorum_first_sent for r in recs),
-                "quorum_close_first_s": min(r.quorum_answered for r in recs) - last_q_sent,
-                "quorum_close_last_s": max(r.quorum_answered for r in recs) - last_q_sent,
-                "formed_after_last_request_s": formed_at - last_q_sent,
-                "answers_after_formed_first_s": min(r.quorum_answered for r in recs) - formed_at,
-                "answers_after_formed_last_s": max(r.quorum_answered for r in recs) - formed_at,
-                "commit_close_last_s": max(r.commit_answered for r in recs) - last_c_sent,
-                "round_wall_s": max(r.commit_answered for r in recs) - min(r.quorum_first_sent for r in recs),
-                "quorum_answer_bytes": sum(r.answer_bytes for r in recs),
-                "quorum_answer_lists": dict(sorted(Counter(r.list_form for r in recs).items())),
-            }
-        )
+def _rounds_phase(start: _Clock, end: _Clock, rounds: int) -> dict:
+    """Wall and CPU of the rounds phase, and the floor the machine's cores set on a round."""
+    wall, cpu = end.wall - start.wall, end.cpu - start.cpu
     return {
-        "quorum_latency_s": summary(quorum),
-        "quorum_close_latency_s": summary(quorum_close),
-        "commit_latency_s": summary(commit),
-        "commit_close_latency_s": summary(commit_close),
-        "quorum_close_first_answer_s": summary([r["quorum_close_first_s"] for r in per_round]),
-        "quorum_close_last_answer_s": summary([r["quorum_close_last_s"] for r in per_round]),
-        "round_wall_s": summary([r["round_wall_s"] for r in per_round]),
-        "quorum_formed_after_last_request_s": summary(_finite(r["formed_after_last_request_s"] for r in per_round)),
-        "quorum_answers_after_formed_last_s": summary(_finite(r["answers_after_formed_last_s"] for r in per_round)),
-        "quorum_answer_bytes_per_round": summary([r["quorum_answer_bytes"] for r in per_round]),
-        "rounds_full": full_rounds,
-        "per_round": per_round,
+        "wall_s": wall,
+        "coordinator_cpu_s": cpu,
+        "coordinator_cpu_per_round_s": cpu / rounds,
+        "coordinator_cpu_utilization": cpu / wall,
+        "client_cpu_utilization": [(b - a) / wall for a, b in zip(start.clients, end.clients)],
+        **cpu_floor(cpu, sum(end.clients) - sum(start.clients), wall, rounds, len(os.sched_getaffinity(0))),
+    }
+
+
+def _heartbeat_window(final: list[dict], idle: _Clock, idle_end: _Clock, start: _Clock, end: _Clock) -> dict:
+    """The heartbeat-only window's figures: heartbeats the clients sent in it (by send time), their latency, and
+    the coordinator's CPU per heartbeat on both clocks, net of the idle cost on the nanosecond one."""
+    heartbeats = [tuple(h) for f in final for h in f["heartbeats"]]
+    in_window = [h for h in heartbeats if start.wall <= h[0] < end.wall]
+    n = len(in_window)
+    window = end.wall - start.wall
+    cpu, cpu_ns = end.cpu - start.cpu, end.cpu_ns - start.cpu_ns
+    idle_wall = idle_end.wall - idle.wall
+    idle_util_ns = (idle_end.cpu_ns - idle.cpu_ns) / idle_wall
+    return {
+        "heartbeat_window_s": window,
+        "heartbeats_in_window": n,
+        "heartbeats_per_s": n / window,
+        "heartbeat_latency_s": summary([h[1] for h in in_window if h[2]]),
+        "coordinator_cpu_s_in_window": cpu,
+        "coordinator_cpu_per_heartbeat_us": cpu / n * 1e6 if n else math.nan,
+        "coordinator_cpu_utilization": cpu / window,
+        "coordinator_idle_cpu_utilization": (idle_end.cpu - idle.cpu) / idle_wall,
+        # The same from the nanosecond thread clocks, and net of the idle cost (the fixed 50 ms tick).
+        "coordinator_cpu_per_heartbeat_us_schedstat": cpu_ns / n * 1e6 if n else math.nan,
+        "coordinator_idle_cpu_utilization_schedstat": idle_util_ns,
+        "coordinator_cpu_per_heartbeat_net_of_idle_us": (cpu_ns - idle_util_ns * window) / n * 1e6 if n else math.nan,
+        "client_cpu_utilization": [(b - a) / window for a, b in zip(start.clients, end.clients)],
+        "heartbeat_errors": merge_counts(f["heartbeat_errors"] for f in final),
+        "heartbeat_errors_in_window": sum(1 for h in in_window if not h[2]),
     }
 
 
@@ -682,7 +458,7 @@ def run(
         "committed_rounds_member_counts": sorted({len(r.get("members", [])) for r in history}),
         "all_rounds_committed_with_all_peers": not problems and rounds_committed == rounds,
         "problems_total": len(problems),
-        "problems": _group(problems),
+        "problems": group_messages(problems),
         "wall_s": time.monotonic() - t0,
         "method": {
             "cpu": "coordinator utime+stime (/proc/<pid>/stat, all threads) over the heartbeat-only window, "
