@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from peer.bench.roundstats import cpu_floor, finite, formed_at, group_messages, round_stats
+from peer.bench.roundstats import coordinator_checks, cpu_floor, finite, formed_at, group_messages, round_stats
 from peer.bench.simpeers import RoundRecord
 
 pytestmark = pytest.mark.timeout(30)
@@ -131,3 +131,34 @@ def test_a_long_message_is_shortened_and_the_groups_are_limited():
     (group,) = group_messages(["x" * 400])
     assert group == {"count": 1, "example": "x" * 300 + "..."}
     assert len(group_messages([f"kind{chr(97 + i)}" for i in range(5)], limit=3)) == 3
+
+
+def status(committed: int = 2, aborted: int = 0, alive: int = 3, members: int = 3) -> dict:
+    """A coordinator's status after a measurement: its summary and its committed rounds' members."""
+    rounds = [{"round_id": r + 1, "status": "committed", "members": [f"p{i}" for i in range(members)]}
+              for r in range(committed)]
+    return {"summary": {"rounds_committed": committed, "rounds_aborted": aborted, "peers_alive": alive},
+            "rounds": rounds}
+
+
+@pytest.mark.parametrize(
+    ("given", "rounds_full", "problems"),
+    [
+        (status(), 2, []),
+        (status(committed=1), 2, ["coordinator committed 1 rounds, expected 2"]),
+        (status(aborted=1), 2, ["coordinator aborted 1 rounds"]),
+        (status(alive=2), 2, ["coordinator sees 2 live peers, expected 3"]),
+        (status(members=2), 2, ["a committed round in the coordinator's history has fewer members than peers"]),
+        (status(), 1, ["1 of 2 rounds committed by all 3 peers"]),
+    ],
+    ids=["all well", "a round short", "an abort", "a peer gone", "members short", "a peer saw a round fail"],
+)
+def test_the_coordinator_s_status_is_checked_against_the_rounds_and_peers_asked_for(given, rounds_full, problems):
+    assert coordinator_checks(given, peers=3, rounds=2, rounds_full=rounds_full) == problems
+
+
+def test_a_measurement_without_rounds_checks_only_the_live_peers():
+    assert coordinator_checks(status(committed=0, alive=10), peers=10, rounds=0, rounds_full=0) == []
+    assert coordinator_checks(status(committed=0, alive=9), peers=10, rounds=0, rounds_full=0) == [
+        "coordinator sees 9 live peers, expected 10"
+    ]

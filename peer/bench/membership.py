@@ -76,7 +76,7 @@ from dataclasses import dataclass
 from peer.bench.fields import SUMMARY, Fields, describe_report
 from peer.bench.kit import bench_log_dir, print_report, proc_rss_mb, require, summary
 from peer.bench.progress import Progress, progress_for
-from peer.bench.roundstats import cpu_floor, formed_at, group_messages, round_stats
+from peer.bench.roundstats import coordinator_checks, cpu_floor, formed_at, group_messages, round_stats
 from peer.bench.simpeers import RoundRecord, merge_counts
 from peer.bench.simsession import RUN, SimSession, bench_rate_limits
 from peer.coordinator.config import CoordinatorConfig
@@ -405,24 +405,11 @@ def run(
     if log_dir is None:
         shutil.rmtree(logs, ignore_errors=True)
     status = main.pop("status")
-    base_status = base.pop("status")
     summary_ = status.get("summary", {})
     rounds_committed = summary_.get("rounds_committed")
     history = [r for r in status.get("rounds", []) if r.get("status") == "committed"]
-    problems = main.pop("problems")
-    if rounds_committed != rounds:
-        problems.append(f"coordinator committed {rounds_committed} rounds, expected {rounds}")
-    if summary_.get("rounds_aborted"):
-        problems.append(f"coordinator aborted {summary_['rounds_aborted']} rounds")
-    if summary_.get("peers_alive") != peers:
-        problems.append(f"coordinator sees {summary_.get('peers_alive')} live peers, expected {peers}")
-    if any(len(r.get("members", [])) != peers for r in history):
-        problems.append("a committed round in the coordinator's history has fewer members than peers")
-    if rounds and main.get("rounds_full") != rounds:
-        problems.append(f"{main.get('rounds_full')} of {rounds} rounds committed by all {peers} peers")
-    base_problems = base.pop("problems")
-    if base_status.get("summary", {}).get("peers_alive") != baseline_peers:
-        base_problems.append("baseline: not every peer alive at the end")
+    problems = main.pop("problems") + coordinator_checks(status, peers, rounds, main.get("rounds_full", 0))
+    base_problems = base.pop("problems") + coordinator_checks(base.pop("status"), baseline_peers, 0, 0)
     problems += [f"baseline: {p}" for p in base_problems]
 
     report = {

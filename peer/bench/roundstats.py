@@ -1,7 +1,7 @@
 """The figures of ``loconet bench membership``, as pure functions of what its processes measured.
 
 Latency distributions and the membership checks of each round from the simulated peers' records
-(``round_stats``), the floor the machine's cores set on a round (``cpu_floor``), and failed checks grouped by
+(``round_stats``), what the coordinator's status says went wrong (``coordinator_checks``), the floor the machine's cores set on a round (``cpu_floor``), and failed checks grouped by
 shape (``group_messages``).
 """
 
@@ -24,6 +24,25 @@ def cpu_floor(coordinator_cpu_s: float, client_cpu_s: float, wall_s: float, roun
         "cores": cores,
         "cpu_floor_per_round_s": (coordinator_cpu_s + client_cpu_s) / rounds / cores,
     }
+
+
+def coordinator_checks(status: dict, peers: int, rounds: int, rounds_full: int) -> list[str]:
+    """What the coordinator's status says went wrong in a measurement of ``rounds`` rounds with every one of ``peers``
+    peers (rounds_full: the rounds every simulated peer saw committed with all of them); empty when nothing did."""
+    summary_ = status.get("summary", {})
+    problems = []
+    if summary_.get("rounds_committed") != rounds:
+        problems.append(f"coordinator committed {summary_.get('rounds_committed')} rounds, expected {rounds}")
+    if summary_.get("rounds_aborted"):
+        problems.append(f"coordinator aborted {summary_['rounds_aborted']} rounds")
+    if summary_.get("peers_alive") != peers:
+        problems.append(f"coordinator sees {summary_.get('peers_alive')} live peers, expected {peers}")
+    committed = [r for r in status.get("rounds", []) if r.get("status") == "committed"]
+    if any(len(r.get("members", [])) != peers for r in committed):
+        problems.append("a committed round in the coordinator's history has fewer members than peers")
+    if rounds and rounds_full != rounds:
+        problems.append(f"{rounds_full} of {rounds} rounds committed by all {peers} peers")
+    return problems
 
 
 def group_messages(messages: list[str], limit: int = 20) -> list[dict]:
