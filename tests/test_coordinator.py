@@ -598,7 +598,9 @@ def test_with_a_state_file_a_restarted_coordinator_makes_a_fresh_peer_wait_befor
     founder = before.stub.Join(pb.JoinRequest(run_id=RUN, address="127.0.0.1:1", has_state=False), timeout=5)
     plan = play_round(before.stub, [founder.peer_id], 0)
     before.close()
-    assert json.loads(open(state_file).read()) == {"run_id": RUN, "last_committed_round": 1, "epoch": 0, "digest": ""}
+    assert json.loads(open(state_file).read()) == {
+        "run_id": RUN, "last_committed_round": 1, "epoch": 0, "digest": "", "committed_epoch": 0,
+    }
     stub = coordinator(state_file=state_file, startup_grace_s=20).stub
     # No heartbeat from the old peer yet: only the state file tells the run exists.
     fresh = pb.JoinRequest(run_id=RUN, address="127.0.0.1:2", has_state=False)

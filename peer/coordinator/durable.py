@@ -92,6 +92,7 @@ def note_digest(state: RunState, round_id: int, digest: str, peer_id: str) -> No
 def resume_saved_run(state: RunState, saved: SavedRun, config: CoordinatorConfig) -> None:
     """Start from the state file's run: it was founded; its round, epoch and state digest."""
     state.last_committed_round, state.epoch = saved.last_committed_round, saved.epoch
+    state.last_committed_epoch = saved.committed_epoch
     if saved.digest and saved.last_committed_round > 0:
         state.digests[saved.last_committed_round] = (saved.digest, "")
     if saved.last_committed_round > 0:

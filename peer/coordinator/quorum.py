@@ -374,6 +374,15 @@ class Quorums:
 
     # -- deciding --------------------------------------------------------------------
 
+    def remember_commit(self, round_id: int, epoch: int) -> None:
+        """Answer that attempt's Commit calls: it committed (a restarted coordinator's state file says so).
+
+        The coordinator before the restart may have decided it and stopped before answering every member; a
+        member asking again must then learn the round committed, or nobody would hold the run's state.
+        """
+        if round_id > 0 and epoch >= 0:
+            self.decided[(round_id, epoch)] = Decision(commit=True, reason="committed before the coordinator restarted")
+
     def decide_if_known(self, attempt: Attempt) -> None:
         """Decide an attempt if its outcome is known (rules.commit_decision), and carry the decision out."""
         pending = self.commits.get(attempt)

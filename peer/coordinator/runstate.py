@@ -132,6 +132,9 @@ class RunState:
     policy: str = "all"
     epoch: int = 0
     last_committed_round: int = 0
+    # The epoch of the attempt that committed last_committed_round (-1: unknown, after a rollback or from an older
+    # state file): a restarted coordinator answers that attempt's Commit calls with its decision.
+    last_committed_epoch: int = -1
     # The furthest inner step an up-to-date peer reported in a heartbeat (where the run's training is);
     # late peers skip ahead to it. Reset by a rollback.
     run_step: int = 0
@@ -213,7 +216,8 @@ class RunState:
 
     def record_commit(self, record: RoundRecord) -> None:
         """Note a committed round: it is the run's last, and is remembered for catch-up."""
-        self.last_committed_round = max(self.last_committed_round, record.round_id)
+        if record.round_id >= self.last_committed_round:
+            self.last_committed_round, self.last_committed_epoch = record.round_id, record.epoch
         self.last_round_members = frozenset(record.members)
         # Members wait in a synchronous round, so their heartbeats' steps are the round's step by now.
         self.round_step = self.run_step
@@ -227,7 +231,7 @@ class RunState:
         """
         if round_id <= 0 < self.last_committed_round:
             raise ValueError(f"run {self.run_id} committed round {self.last_committed_round}: it never rolls back to 0")
-        self.last_committed_round = round_id
+        self.last_committed_round, self.last_committed_epoch = round_id, -1
         self.run_step = self.round_step = 0
         self.bump_epoch = True
         kept = [c for c in self.committed if c.round_id <= round_id]

@@ -154,6 +154,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             save=self._save,
             run_under_way=lambda: self._run_under_way,
         )
+        if self._saved is not None and not config.new_run:
+            self.quorums.remember_commit(self.state.last_committed_round, self.state.last_committed_epoch)
         self._tick_task: asyncio.Task | None = None
         # What each call a peer makes as itself does, once its caller is checked (peer_call).
         self._peer_handlers = {
@@ -741,7 +743,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         """Record in the state file (if any) that the run exists and how far it got."""
         if not self.config.state_file:
             return
-        saved = SavedRun(self.config.run_id, self.state.last_committed_round, self.state.epoch, self.state.last_digest)
+        s = self.state
+        saved = SavedRun(self.config.run_id, s.last_committed_round, s.epoch, s.last_digest, s.last_committed_epoch)
         if saved != self._saved:
             save_run(self.config.state_file, saved)
             self._saved = saved

@@ -11,11 +11,15 @@ after every committed round, and a restarted coordinator that finds it knows
 the run is under way from its first moment, where it got to (the next round
 is ``last_committed_round + 1``), the last epoch it gave out (its first
 round gets a newer one) and the SHA-256 its peers reported for the state of
-that round (``digest``, empty until one reported it). A run that committed a
+that round (``digest``, empty until one reported it), and the epoch of the
+attempt that committed it (``committed_epoch``): a member whose Commit call
+the old coordinator decided but never answered (it stopped in between) asks
+the restarted one again and is told the round committed. A run that committed a
 round is then never founded again from a fresh peer's random weights: only a
 peer holding that state (or an older checkpoint of it) can bring it back, or
 ``loconet coordinator --new-run`` starts over. Files written before the
-digest was kept load with an empty one.
+digest was kept load with an empty one, and without the committed epoch
+with -1 (unknown: such a member is told the coordinator lost the round).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class SavedRun:
     epoch: int
     # SHA-256 (hex) of the state as of last_committed_round, as its holders reported it; "" unknown.
     digest: str = ""
+    # The epoch of the attempt that committed last_committed_round; -1 unknown.
+    committed_epoch: int = -1
 
 
 def load_run(path: str | os.PathLike, run_id: str) -> SavedRun | None:
@@ -55,7 +61,8 @@ def load_run(path: str | os.PathLike, run_id: str) -> SavedRun | None:
     try:
         data = json.loads(text)
         saved = SavedRun(
-            str(data["run_id"]), int(data["last_committed_round"]), int(data["epoch"]), str(data.get("digest", ""))
+            str(data["run_id"]), int(data["last_committed_round"]), int(data["epoch"]), str(data.get("digest", "")),
+            int(data.get("committed_epoch", -1)),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(
@@ -68,6 +75,11 @@ def load_run(path: str | os.PathLike, run_id: str) -> SavedRun | None:
         )
     if saved.last_committed_round < 0 or saved.epoch < 0:
         raise ConfigError(f"coordinator state file {p} holds negative rounds or epochs; delete it to start afresh")
+    if not -1 <= saved.committed_epoch <= saved.epoch:
+        raise ConfigError(
+            f"coordinator state file {p} says round {saved.last_committed_round} committed at epoch "
+            f"{saved.committed_epoch}, outside -1..{saved.epoch}; fix or delete it"
+        )
     if not valid_digest(saved.digest):
         raise ConfigError(
             f"coordinator state file {p} holds digest {saved.digest[:80]!r}, not 64 lowercase hex characters; "
