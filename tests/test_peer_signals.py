@@ -231,9 +231,10 @@ class Network:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.procs: list = []
-        coordinator = lambda name, *extra: self._add(
-            CoordinatorProc(tmp / f"{name}.log", "r", 0, "--startup-grace", "0", *extra)
-        )
+
+        def coordinator(name: str, *extra: str):
+            return self._add(CoordinatorProc(tmp / f"{name}.log", "r", 0, "--startup-grace", "0", *extra))
+
         # connecting: nothing listens at the address.
         nowhere = f"127.0.0.1:{free_port()}"
         # joining: a coordinator that accepts connections (the kernel does) but answers nothing.

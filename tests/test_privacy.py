@@ -353,7 +353,7 @@ def test_an_outer_optimizers_prepare_reaches_the_peer_and_its_noise_lands_in_the
     local = [p.detach() - 0.5 * p.grad for p in model.parameters()]
     opt.step()
     # Outer SGD with lr 1: global = start - (clipped pseudo-gradient + this peer's noise, a round of one).
-    clipped, _ = clip_to_norm([s - l for s, l in zip(start, local)], 0.01)
+    clipped, _ = clip_to_norm([s - m for s, m in zip(start, local)], 0.01)
     noisy = add_noise(flatten(clipped), 1, 0.01, 1.0, noise_generator(9, "solo"))
     want = flatten(start) - noisy
     torch.testing.assert_close(flatten(list(model.parameters())), want, atol=1e-6, rtol=0)
