@@ -190,6 +190,8 @@ class Quorums:
         # Quorum calls are held while an attempt is in flight, so at most one is.
         self.commits: dict[Attempt, PendingCommit] = {}
         self.decided: dict[Attempt, Decision] = {}
+        # The attempt a restarted coordinator's state file says committed last (remember_commit), if any.
+        self.remembered: Attempt | None = None
         # The member lists of the last rounds formed, by digest: an answer carries the change from the one its
         # asker holds.
         self._recent_lists: OrderedDict[bytes, tuple[Entry, ...]] = OrderedDict()
@@ -381,7 +383,8 @@ class Quorums:
         member asking again must then learn the round committed, or nobody would hold the run's state.
         """
         if round_id > 0 and epoch >= 0:
-            self.decided[(round_id, epoch)] = Decision(commit=True, reason="committed before the coordinator restarted")
+            self.remembered = (round_id, epoch)
+            self.decided[self.remembered] = Decision(commit=True, reason="committed before the coordinator restarted")
 
     def decide_if_known(self, attempt: Attempt) -> None:
         """Decide an attempt if its outcome is known (rules.commit_decision), and carry the decision out."""

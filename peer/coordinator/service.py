@@ -690,6 +690,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         quorums = self.quorums
         if attempt in quorums.decided:
             # Also for a member the decision dropped: it must learn the outcome to apply nothing.
+            if attempt == quorums.remembered:
+                log.info("peer %s asked again about round %d, which committed before this coordinator started: "
+                         "it applies it", req.peer_id[:100], req.round_id)
             return self._decision_message(quorums.decided[attempt])
         self._peer(req.peer_id)
         pending = quorums.commits.get(attempt)
