@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import socket
+import socketserver
 import ssl
 import sys
 import threading
@@ -281,6 +282,14 @@ class _Server(ThreadingHTTPServer):
             # The handshake happens on the connection's own thread (first read), so a client that
             # never finishes it holds one slot for REQUEST_TIMEOUT_S, not the accept loop.
             self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    def server_bind(self) -> None:
+        """Bind, without HTTPServer's reverse lookup of the host's name (``socket.getfqdn``): where DNS does not
+        answer (a private network, a namespace) it takes 10 s, on the coordinator's event loop, during which its
+        gRPC port accepts connections and answers nothing. Nothing here uses the name."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), port
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
