@@ -218,6 +218,7 @@ class ElasticCollective:
         # (round id, digest) of this peer's state, reported to the coordinator; and what computes it.
         self._digest: tuple[int, str] = (-1, "")
         self._digest_of: Callable[[], tuple[int, str]] | None = None
+        self._offers_initial = False  # provide_state's initial_is_the_runs
         # Whether this peer holds the run's state (its own or fetched): false while start() joins.
         self._holds_state = False
         self._waiting = RepeatNote(log)
@@ -228,6 +229,8 @@ class ElasticCollective:
         self._state_nbytes: Callable[[], int] | None = None
         # What each state fetch of this peer took (statesync.FetchReport), for reports and tests.
         self.fetches: list = []
+        # Whether this fresh peer kept its own initial state at its join, the founder's being the same (start()).
+        self.kept_initial_state = False
         # Set by interrupt(): why the peer stops. The tasks of blocking calls in flight, cancelled by it.
         self._interrupted = ""
         self._inflight: set[asyncio.Task] = set()
@@ -255,11 +258,16 @@ class ElasticCollective:
         round_numel: Callable[[str], int] | None = None,
         state_nbytes: Callable[[], int] | None = None,
         digest: Callable[[], tuple[int, str]] | None = None,
+        initial_is_the_runs: bool = False,
     ) -> None:
         """Serve joiners the state provider returns (an optimizer registers its snapshot here).
 
         ``digest()``: (round id, SHA-256 hex of the state's tensors as served) of this peer's state, reported
         to the coordinator so that it knows the committed state (None, or "": replicas differ).
+
+        ``initial_is_the_runs``: a fresh peer's initial state is all a joiner would fetch before the run's
+        first commit (no schedule or counters beyond the step count in it): it joins with that state's digest,
+        and keeps the state when the founder's has the same (the same seed), instead of fetching it.
 
         ``round_numel(tag)``: how many elements a round with that tag reduces; with it, a late
         peer may catch up by fetching missed rounds' results (checked against it) instead of the
@@ -269,10 +277,13 @@ class ElasticCollective:
         self._round_numel = round_numel
         self._state_nbytes = state_nbytes
         self._digest_of = digest
+        self._offers_initial = initial_is_the_runs
 
     def state_changed(self) -> None:
         """The optimizer applied a round or took a state: compute its digest now, off the loop (the next
         heartbeat reports it; the run's last round has no next quorum request to carry it)."""
+        # A state taken at the same round id (a fetched round-0 state replacing this peer's own) has another digest.
+        self._digest = (-1, "")
         if self._digest_of is not None and self.transport._loop is not None:
             self.transport.submit(self._state_digest()).add_done_callback(_log_failure)
 
@@ -390,9 +401,11 @@ class ElasticCollective:
         give_up = time.monotonic() + self.config.patience_s
         delay = 0.1
         while True:
+            # A fresh peer names its initial state too: if it is the founder's, it keeps it (rules.join_action).
+            digest = await self._state_digest() if has_state or self._offers_initial else ""
             joined = await self.membership.join(
                 self.address, self.last_round, self.epoch, has_state,
-                digest=await self._state_digest() if has_state else "",
+                digest=digest,
                 patience_s=self.config.connect_timeout_s if not self.peer_id else None,
                 hint=" (--connect-timeout sets how long to wait)" if not self.peer_id else "",
             )
@@ -408,6 +421,7 @@ class ElasticCollective:
                 self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_forever(joined.heartbeat_s))
             if not joined.sync_from:
                 self._holds_state = True
+                self.kept_initial_state = not has_state and bool(digest) and joined.state_digest == digest
                 return None
             try:
                 snapshot = await self._fetch(

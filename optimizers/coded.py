@@ -151,6 +151,9 @@ class CodedSGD(OuterOptimizer):
     """Synchronous SGD over the run, coded (``CodedSGDConfig``) or not (``SyncSGDConfig``): one round per step."""
 
     config: CodedSGDConfig | SyncSGDConfig
+    # A joiner takes the roster and the backup workers' estimates from the state it fetches (_adopt_meta), not
+    # only the parameters: even before the first commit it fetches.
+    INITIAL_STATE_IS_THE_RUNS = False
 
     def __init__(
         self,

@@ -156,6 +156,10 @@ class OuterOptimizer:
     # reaching every sync after its round went on without them. Asynchronous rounds and federated clients keep
     # their own schedule.
     FOLLOWS_RUN_STEP = False
+    # Whether a fresh peer's initial state is all a joiner would fetch before the run's first commit: the global
+    # parameters and the outer state, with no schedule in the meta. Then a joiner whose initial state is the
+    # founder's (the same seed) keeps it instead of fetching it (ElasticCollective.provide_state).
+    INITIAL_STATE_IS_THE_RUNS = True
 
     def __init__(self, model: torch.nn.Module, inner: torch.optim.Optimizer, peer: Any, config: SyncConfig) -> None:
         self.model = model
@@ -183,7 +187,8 @@ class OuterOptimizer:
         if hasattr(peer, "provide_state"):
             # Joiners fetch the run's state from this optimizer; late peers check round sizes against it.
             peer.provide_state(
-                self.snapshot, round_numel=self.round_numel, state_nbytes=self.state.nbytes, digest=self.state_digest
+                self.snapshot, round_numel=self.round_numel, state_nbytes=self.state.nbytes, digest=self.state_digest,
+                initial_is_the_runs=self.INITIAL_STATE_IS_THE_RUNS,
             )
 
     # -- what a subclass says ---------------------------------------------------------

@@ -286,6 +286,27 @@ def test_a_restarted_coordinator_still_knows_no_other_attempt(coordinator, tmp_p
     assert info.value.code() == grpc.StatusCode.NOT_FOUND  # the member learns nothing committed: it resyncs
 
 
+def test_a_fresh_peer_whose_initial_state_is_the_founder_s_keeps_it_and_takes_part_from_round_1(coordinator):
+    c = coordinator(min_peers=3)
+    founder = c.join("127.0.0.1:1", has_state=False, state_digest=digest(0))
+    assert (founder.sync_from, founder.state_digest) == ("", "")
+    same = c.join("127.0.0.1:2", has_state=False, state_digest=digest(0))
+    assert (same.wait, same.sync_from, list(same.sync_sources), same.state_digest) == (False, "", [], digest(0))
+    other = c.join("127.0.0.1:3", has_state=False, state_digest=digest(99))  # another seed: it fetches
+    assert other.sync_from == "127.0.0.1:1" and other.state_digest == ""
+    peers = {p["peer_id"]: p for p in c.status()["peers"]}
+    assert (peers[same.peer_id]["state"], peers[other.peer_id]["state"]) == ("active", "syncing")
+
+
+def test_once_a_round_committed_a_fresh_peer_fetches_whatever_its_initial_state(coordinator):
+    c = coordinator(min_peers=2)
+    a = c.join("127.0.0.1:1", has_state=False, state_digest=digest(0)).peer_id
+    b = c.join("127.0.0.1:2", has_state=False, state_digest=digest(0)).peer_id
+    c.play([a, b], 0)
+    late = c.join("127.0.0.1:3", has_state=False, state_digest=digest(0))
+    assert late.sync_from in ("127.0.0.1:1", "127.0.0.1:2") and late.last_committed_round == 1
+
+
 def test_new_run_discards_the_saved_round_and_digest_and_the_first_peer_founds_again(coordinator, tmp_path, caplog):
     state_file = str(tmp_path / "run.json")
     before = coordinator(min_peers=2, state_file=state_file)

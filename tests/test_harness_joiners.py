@@ -56,6 +56,9 @@ def test_a_peer_joining_at_round_0_after_the_run_committed_is_a_restart():
         "peer3": [ev("joined", 9.0, round=1)],
         # It fetched round 0's state, pinned at its source, while the first rounds committed: no restart.
         "peer4": [ev("joined", 9.0, round=0, fetch={"seconds": 8.5, "total_bytes": 100})],
+        # It kept its initial state, the founder's, as the coordinator allows only before the first commit (its
+        # join was answered then; its event came after): no restart.
+        "peer5": [ev("joined", 5.1, round=0, kept_initial=True)],
     }
     assert restarts_from_round_0(events) == ["peer2"]
 

@@ -135,6 +135,31 @@ def test_join_action_once_the_run_has_committed_a_round(name, has_state, last_ro
     assert got == action
 
 
+# A fresh joiner (no state) reporting the digest of its own initial state: the run's last committed round, the
+# joiner's digest, the founder's initial digest, a live holder -> action.
+INITIAL_STATE_CASES = [
+    ("before the first commit, the founder's initial state is kept", 0, D1, D1, True, "keep"),
+    ("... even with nobody else left to fetch from", 0, D1, D1, False, "keep"),
+    ("another initial state (another seed) is fetched", 0, D2, D1, True, "sync"),
+    ("no digest reported: fetched", 0, "", D1, True, "sync"),
+    ("the founder reported none: fetched", 0, D1, "", True, "sync"),
+    ("neither reported one: fetched, not kept", 0, "", "", True, "sync"),
+    ("once a round committed, the initial state is no longer the run's", 1, D1, D1, True, "sync"),
+    ("... and with no holder the joiner waits", 1, D1, D1, False, "wait"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,committed,digest,initial,holder,action", INITIAL_STATE_CASES, ids=[c[0] for c in INITIAL_STATE_CASES]
+)
+def test_join_action_of_a_fresh_peer_naming_its_initial_state(name, committed, digest, initial, holder, action):
+    got = join_action(
+        False, holder, False, 1000.0, QuorumRules(startup_grace_s=5), committed_round=committed, digest=digest,
+        initial_digest=initial,
+    )
+    assert got == action
+
+
 def test_with_allow_rollback_an_older_checkpoint_with_no_live_holder_is_kept_for_the_run_to_roll_back_to():
     rules = QuorumRules(startup_grace_s=5, allow_rollback=True)
     assert join_action(True, False, False, 1000.0, rules, committed_round=3, last_round=2) == "keep"

@@ -54,6 +54,12 @@ is none:
   that holds it, or one resuming from its checkpoint). Only a new run
   (``loconet coordinator --new-run``, or a fresh run id) starts over.
 
+Before the run's first commit, a fresh joiner that reports the digest of its
+own initial state keeps that state when the founder reported the same one
+(``initial_digest``): peers that build their model from the same seed hold
+the run's state from the start, and fetching it would only copy the same
+bytes over the founder's uplink, once per joiner.
+
 A state at round 0 is no committed state once the run has committed a round
 (any fresh peer "holds" its random initial state): such a joiner counts as
 one without state. A joiner whose state is at a round the coordinator holds a
@@ -193,13 +199,15 @@ def join_action(
     last_round: int = 0,
     digest: str = "",
     recorded_digest: str = "",
+    initial_digest: str = "",
 ) -> str:
     """What a joining peer does: "keep" its state, "sync" from a holder, "found" the run, "wait", or is "refuse"d.
 
     ``holder_alive``: another live peer holds the state of ``committed_round`` (the run's last committed
     round); ``run_under_way``: the coordinator has heard from peers an earlier coordinator registered;
-    ``last_round``/``digest``: the round and SHA-256 of the joiner's state; ``recorded_digest``: the
-    digest the coordinator holds for that round ("" when unknown).
+    ``last_round``/``digest``: the round and SHA-256 of the joiner's state (of a fresh joiner: of its initial
+    state); ``recorded_digest``: the digest the coordinator holds for that round ("" when unknown);
+    ``initial_digest``: the founder's initial state's ("" when unknown).
     """
     if holds_committed_state(has_state, last_round, committed_round):
         if digest and recorded_digest and digest != recorded_digest:
@@ -207,6 +215,8 @@ def join_action(
         if last_round < committed_round and not holder_alive and not rules.allow_rollback:
             return "wait"  # an older state with nobody to catch up from: the run waits for its last round
         return "keep"
+    if committed_round == 0 and digest and digest == initial_digest:
+        return "keep"  # a fresh peer built the founder's initial state (the same seed): nothing to fetch
     if holder_alive:
         return "sync"
     if committed_round > 0:

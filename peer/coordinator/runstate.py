@@ -171,6 +171,9 @@ class RunState:
     # Recent committed rounds' state digests: round id -> (SHA-256 hex, the peer that reported it first,
     # "" for the state file), and the (round, peer) pairs already reported as diverging from it.
     digests: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # SHA-256 of the founder's initial state (its Join said, "" unknown): before the first commit, a fresh peer
+    # whose own initial state has it holds the run's state already, and keeps it instead of fetching it.
+    initial_digest: str = ""
     diverged: set[tuple[int, str]] = field(default_factory=set)
     # Who reported which digest of a recent round (only the round's members count, when it is remembered): a
     # digest the members agree on overturns one a minority reported first.

@@ -314,7 +314,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         action = join_action(
             req.has_state, holder_alive, self._run_under_way, self._age(), self.config.rules,
             committed_round=committed, last_round=req.last_round, digest=digest, recorded_digest=recorded,
+            initial_digest=s.initial_digest,
         )
+        # A fresh peer whose initial state is the founder's: it holds the run's round-0 state (join_action).
+        kept_initial = action == "keep" and not req.has_state
         if action == "refuse":
             raise refused_checkpoint(self.config.run_id, req.last_round, digest, recorded)
         if action == "wait":
@@ -329,7 +332,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         rejoin = known is not None and known.alive and known.address == address
         peer_id = req.peer_id if rejoin else s.new_peer_id(req.peer_id)
         # A round-0 state once the run has committed a round is a fresh peer's: it counts as none.
-        has_state = holds_committed_state(req.has_state, req.last_round, committed)
+        has_state = holds_committed_state(req.has_state or kept_initial, req.last_round, committed)
         if has_state and not self._history_known:
             has_state = self._claim_accepted(peer_id, req.last_round)
         # What the peer holds tells a restarted coordinator where the run is (a newer state is adopted).
@@ -359,6 +362,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             # Nobody holds a state and no round committed: this peer's initial state becomes the run's.
             peer.has_state = True
             peer.state = "active"
+            s.initial_digest = digest
             self._save()
         elif not has_state or needs_resync(req.last_round, s.last_committed_round):
             sources = self._sources(peer_id)
@@ -382,7 +386,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             last_committed_round=s.last_committed_round,
             sync_from=sync_from,
             missed=missed,
-            state_digest=s.last_digest,
+            # A fresh peer that keeps its initial state is told the digest it matched (the founder is told none).
+            state_digest=s.initial_digest if kept_initial else s.last_digest,
             sync_sources=[p.address for p in sources],
             credential=None if key is None else self.callers.issue(peer_id, address, key),
         )

@@ -53,7 +53,8 @@ def restarts_from_round_0(events_by_peer: Mapping[str, list[dict]]) -> list[str]
     """Peers that started the run anew from round 0 (fetching nothing) after the run had committed rounds.
 
     A peer that fetched the run's state joins at the round it fetched (round 0 too, when its fetch of the
-    initial state outlasted the first rounds), and one that resumed a checkpoint at that checkpoint's round;
+    initial state outlasted the first rounds), one that resumed a checkpoint at that checkpoint's round, and one
+    that kept its initial state (the founder's, before the first commit) at round 0 without a fetch, saying so;
     one that founded the run again joins at round 0 without a fetch.
     """
     first_commit = min(
@@ -62,7 +63,9 @@ def restarts_from_round_0(events_by_peer: Mapping[str, list[dict]]) -> list[str]
     found = []
     for name, evs in events_by_peer.items():
         joined = next((e for e in evs if e["event"] == "joined"), None)
-        refounded = joined is not None and joined.get("round") == 0 and not joined.get("fetch")
+        refounded = (
+            joined is not None and joined.get("round") == 0 and not joined.get("fetch") and not joined.get("kept_initial")
+        )
         if refounded and first_commit is not None and joined["t"] > first_commit:
             found.append(name)
     return sorted(found)

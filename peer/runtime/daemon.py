@@ -251,6 +251,8 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
     if snapshot is not None:
         opt.load_snapshot(snapshot)
         how = "fetched the run's state"
+    elif elastic.kept_initial_state:
+        how = "kept its initial state, identical to the run's"
     elif resumed is not None:
         how = f"resumed its checkpoint at step {opt.inner_steps}"
     else:
@@ -263,6 +265,8 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
         sync_s=sync_s,
         # The state fetch, if any: seconds, bytes in all and per donor, blocks refetched (statesync.FetchReport).
         fetch=asdict(elastic.fetches[-1]) if elastic.fetches else None,
+        # A fresh peer that kept its initial state, the founder's too (nothing fetched before the first commit).
+        kept_initial=elastic.kept_initial_state,
         resumed_step=opt.inner_steps,
         round=opt.state.round_id,
         digest=opt.state.digest(),
