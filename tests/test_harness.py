@@ -18,6 +18,15 @@ from support.scenarios import assert_healthy, contributed_rounds, run_scenario
 pytestmark = pytest.mark.timeout(300)
 
 
+def test_peers_built_from_one_seed_keep_their_initial_state_and_fetch_nothing_at_the_start(tmp_path):
+    report, harness = run_scenario(workdir=tmp_path, steps=100)
+    assert_healthy(report, alive=3)
+    joined = {name: next(e for e in proc.events if e["event"] == "joined") for name, proc in harness.peers.items()}
+    assert sum(e["kept_initial"] for e in joined.values()) == 2, "every peer but the founder kept its own state"
+    assert all(e["fetch"] is None for e in joined.values())
+    assert report["state_sync_bytes_per_peer"] == 0 and report["restarts_from_round_0"] == []
+
+
 def test_kill_during_a_round(tmp_path):
     report, _ = run_scenario("kill:peer2@sync3", bandwidth="4mbit", workdir=tmp_path)
     assert_healthy(report, alive=2)
