@@ -240,11 +240,12 @@ class Network:
         # joining: a coordinator that accepts connections (the kernel does) but answers nothing.
         self.silent = coordinator("silent")
         # fetching: the run's only peer serves its state (a few MB) at 1 Mbit/s, so a fetch takes many seconds.
+        # Its model comes from another seed: a joiner whose initial state is the founder's keeps it, fetching nothing.
         self.slow = coordinator("slow")
         # It trains slowly on purpose (the harness's slowdown control): its steps would take a core from the others.
         (tmp / "donor.control").write_text(json.dumps({"slowdown": 20}))
         self.donor = self._add(daemon_peer(
-            tmp, self.slow.address, "r", "donor", *LARGER, "--bandwidth", "1mbit", "--steps", "100000",
+            tmp, self.slow.address, "r", "donor", *LARGER, "--seed", "1", "--bandwidth", "1mbit", "--steps", "100000",
             "--control", str(tmp / "donor.control"),
         ))
         # training: a run of one, that never syncs.
