@@ -298,6 +298,17 @@ def test_a_fresh_peer_whose_initial_state_is_the_founder_s_keeps_it_and_takes_pa
     assert (peers[same.peer_id]["state"], peers[other.peer_id]["state"]) == ("active", "syncing")
 
 
+def test_the_state_file_keeps_the_founder_s_initial_digest_until_the_first_commit(coordinator, tmp_path):
+    state_file = str(tmp_path / "run.json")
+    before = coordinator(min_peers=2, state_file=state_file)
+    before.join("127.0.0.1:1", has_state=False, state_digest=digest(0))
+    before.close()
+    assert json.loads(Path(state_file).read_text())["digest"] == digest(0)
+    after = coordinator(min_peers=2, state_file=state_file)
+    kept = after.join("127.0.0.1:2", has_state=False, state_digest=digest(0))  # restarted: the founder is not back
+    assert (kept.wait, kept.sync_from, kept.state_digest) == (False, "", digest(0))
+
+
 def test_once_a_round_committed_a_fresh_peer_fetches_whatever_its_initial_state(coordinator):
     c = coordinator(min_peers=2)
     a = c.join("127.0.0.1:1", has_state=False, state_digest=digest(0)).peer_id

@@ -95,6 +95,8 @@ def resume_saved_run(state: RunState, saved: SavedRun, config: CoordinatorConfig
     state.last_committed_epoch = saved.committed_epoch
     if saved.digest and saved.last_committed_round > 0:
         state.digests[saved.last_committed_round] = (saved.digest, "")
+    elif saved.digest:
+        state.initial_digest = saved.digest  # founded, nothing committed: the founder's initial state's
     if saved.last_committed_round > 0:
         log.info(
             "state file %s: run %s has committed round %d (%s); a joiner without state waits for a peer holding it",

@@ -752,7 +752,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if not self.config.state_file:
             return
         s = self.state
-        saved = SavedRun(self.config.run_id, s.last_committed_round, s.epoch, s.last_digest, s.last_committed_epoch)
+        # Before the first commit the run's state is the founder's initial state: its digest is the one to keep.
+        digest = s.last_digest if s.last_committed_round > 0 else s.initial_digest
+        saved = SavedRun(self.config.run_id, s.last_committed_round, s.epoch, digest, s.last_committed_epoch)
         if saved != self._saved:
             save_run(self.config.state_file, saved)
             self._saved = saved

@@ -43,7 +43,8 @@ class SavedRun:
     run_id: str
     last_committed_round: int
     epoch: int
-    # SHA-256 (hex) of the state as of last_committed_round, as its holders reported it; "" unknown.
+    # SHA-256 (hex) of the state as of last_committed_round, as its holders reported it (at round 0: the founder's
+    # initial state, which a fresh joiner with the same one keeps); "" unknown.
     digest: str = ""
     # The epoch of the attempt that committed last_committed_round; -1 unknown.
     committed_epoch: int = -1
