@@ -35,7 +35,7 @@ from collectives.ratelimit import format_bandwidth, parse_bandwidth
 from collectives.rpc import RpcSecurity
 from collectives.transport import TransportConfig, codec_threads_for
 from peer.bench import hivemind_baseline
-from peer.bench.capped import CappedNetwork, capped_network, on_hosts, peer_names
+from peer.bench.capped import CappedNetwork, capped_network, link_traffic, on_hosts, peer_names
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import cpu_per_round, per_round_max, print_report, require
 from peer.bench.progress import Progress, progress_for
@@ -240,9 +240,9 @@ def _ours(
     _expect_ok(group.allreduce(warm))
     progress.end()
     progress.begin(f"our all-reduce, {job.repeat} rounds")
-    before = _tx_bytes(capped, names)
-    replies = _expect_ok(group.allreduce(job))
-    wire = _per_round(before, _tx_bytes(capped, names), job.repeat)
+    with link_traffic(capped, names) as sent:
+        replies = _expect_ok(group.allreduce(job))
+    wire = _per_round(sent, job.repeat)
     progress.end(f"median {statistics.median(per_round_max(replies)):.3f} s")
     return replies, wire
 
@@ -253,9 +253,9 @@ def _gloo(
     """gloo's fp32 all_reduce of the same tensors by the same processes; its report and the veths' bytes per round."""
     progress.begin(f"gloo all_reduce, {job.repeat} rounds")
     group.gloo_init()
-    before = _tx_bytes(capped, names)
-    replies = [r[1] for r in group.run("gloo_allreduce", AllReduceJob(numel=job.numel, repeat=job.repeat, seed=1))]
-    wire = _per_round(before, _tx_bytes(capped, names), job.repeat)
+    with link_traffic(capped, names) as sent:
+        replies = [r[1] for r in group.run("gloo_allreduce", AllReduceJob(numel=job.numel, repeat=job.repeat, seed=1))]
+    wire = _per_round(sent, job.repeat)
     peers = group.size
     baseline = {
         "method": "torch.distributed gloo all_reduce (fp32)",
@@ -304,10 +304,9 @@ def _report(
 def _hivemind(job: hivemind_baseline.HivemindJob, version: str, capped: CappedNetwork | None, names: list[str],
               bandwidth_bps: float | None) -> dict:
     """Run hivemind's workers, in the namespaces of names when there are (capped not None), and summarise them."""
-    before = _tx_bytes(capped, names)
-    with on_hosts(capped, names) as (prefixes, ips):
+    with link_traffic(capped, names) as sent, on_hosts(capped, names) as (prefixes, ips):
         reports = hivemind_baseline.run_workers(job, prefixes, ips)
-    wire = _per_round(before, _tx_bytes(capped, names), job.repeat + 1)  # its warm-up round moved the same bytes
+    wire = _per_round(sent, job.repeat + 1)  # its warm-up round moved the same bytes
     # Off the namespaces hivemind runs uncapped on 127.0.0.1: no utilisation to speak of, as for gloo.
     return hivemind_baseline.summarise(job, version, reports, wire, bandwidth_bps if capped is not None else None)
 
@@ -318,15 +317,9 @@ def _security(stack: contextlib.ExitStack, placements: tuple[Placement, ...]) ->
     return prepare_security(folder, token=False, tls=True, hosts=tuple(p.ip for p in placements))
 
 
-def _tx_bytes(capped: CappedNetwork | None, names: list[str]) -> list[int]:
-    return capped.tx_bytes(names) if capped is not None else []
-
-
-def _per_round(before: list[int], after: list[int], rounds: int) -> float | None:
-    """Median over peers of the bytes their veths sent per round (None off the namespaces)."""
-    if not before:
-        return None
-    return statistics.median((b - a) / rounds for a, b in zip(before, after))
+def _per_round(sent: list[int], rounds: int) -> float | None:
+    """Median over peers of the bytes their veths sent per round (None off the namespaces: nothing measured)."""
+    return statistics.median(s / rounds for s in sent) if sent else None
 
 
 def _expect_ok(replies: list) -> list[dict]:

@@ -83,6 +83,17 @@ def on_hosts(capped: CappedNetwork | None, names: Sequence[str]) -> Iterator[tup
 
 
 @contextlib.contextmanager
+def link_traffic(capped: CappedNetwork | None, names: Sequence[str]) -> Iterator[list[int]]:
+    """The bytes each of names sent over its link during the block, in the list yielded (filled on leaving it;
+    empty without namespaces)."""
+    sent: list[int] = []
+    before = capped.tx_bytes(names) if capped is not None else []
+    yield sent
+    if capped is not None:
+        sent.extend(b - a for a, b in zip(before, capped.tx_bytes(names), strict=True))
+
+
+@contextlib.contextmanager
 def capped_network(
     names: Sequence[str], capped: Sequence[str], bandwidth_bps: float | None, progress: Progress,
     congestion_control: str | None = None, subnet_only: bool = False,

@@ -48,7 +48,7 @@ from collectives.errors import ConfigError
 from collectives.ratelimit import parse_bandwidth
 from optimizers.registry import algorithm_names, algorithms, get_algorithm
 from peer.bench import hivemind_training
-from peer.bench.capped import CappedNetwork, capped_network, on_hosts, peer_names
+from peer.bench.capped import CappedNetwork, capped_network, link_traffic, on_hosts, peer_names
 from peer.bench.fields import Fields, describe_report
 from peer.bench.hivemind_baseline import HIVEMIND_CODECS, counterpart
 from peer.bench.kit import bench_log_dir, child_failed, print_report, require, spawned_entry
@@ -454,11 +454,10 @@ def run(config: BenchConfig, progress: Progress | None = None) -> dict:
 
         def on_links(method: Callable[..., dict], *args, **kwargs) -> dict:
             """Run a method; with namespaces, add what its peers' links carried (wire_bytes_per_peer)."""
-            before = links.tx_bytes(names) if links is not None else []
-            result = method(*args, **kwargs)
-            if links is not None:
-                result["wire_bytes_per_peer"] = statistics.mean(
-                    a - b for a, b in zip(links.tx_bytes(names), before, strict=True))
+            with link_traffic(links, names) as sent:
+                result = method(*args, **kwargs)
+            if sent:
+                result["wire_bytes_per_peer"] = statistics.mean(sent)
             return result
 
         for i, train in enumerate(config.runs, 1):
