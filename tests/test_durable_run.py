@@ -253,33 +253,33 @@ def test_the_state_file_keeps_the_round_and_its_digest_across_a_restart(coordina
     assert after.join("127.0.0.1:3", has_state=False).sync_from == "127.0.0.1:4"
 
 
-def test_a_restarted_coordinator_tells_a_member_asking_again_that_its_predecessor_committed_the_round(
-    coordinator, tmp_path
-):
-    # The coordinator before the restart saved round 3 as committed; had it stopped before answering the
-    # members' Commit calls, they would ask the new one again. Told it is unknown, they would all stay at
-    # round 2, and the run would wait for a holder of round 3 that does not exist.
-    state_file = str(tmp_path / "run.json")
-    before = coordinator(min_peers=2, state_file=state_file)
-    a = before.join("127.0.0.1:1", has_state=False).peer_id
-    b = before.join("127.0.0.1:2", has_state=False).peer_id
-    plans = [before.play([a, b], last_round) for last_round in range(3)]
-    before.close()
-    assert json.loads(Path(state_file).read_text())["committed_epoch"] == plans[-1].epoch
-    after = coordinator(min_peers=2, state_file=state_file)
-    asked_again = pb.CommitRequest(run_id=RUN, peer_id=a, round_id=3, epoch=plans[-1].epoch, ok=True)
-    assert after.stub.Commit(asked_again, timeout=5).commit
-
-
-@pytest.mark.parametrize(("round_id", "epoch_offset"), [(3, 1), (2, 0)], ids=["another epoch", "an older round"])
-def test_a_restarted_coordinator_still_knows_no_other_attempt(coordinator, tmp_path, round_id, epoch_offset):
+def commit_three_rounds_then_restart(coordinator, tmp_path) -> tuple[Live, str, int]:
+    """Two peers commit rounds 1-3 with a coordinator that keeps a state file, which is then started again from
+    it: the new coordinator, the first peer's id, and the epoch of the attempt that committed round 3."""
     state_file = str(tmp_path / "run.json")
     before = coordinator(min_peers=2, state_file=state_file)
     a = before.join("127.0.0.1:1", has_state=False).peer_id
     b = before.join("127.0.0.1:2", has_state=False).peer_id
     epoch = [before.play([a, b], last_round) for last_round in range(3)][-1].epoch
     before.close()
-    after = coordinator(min_peers=2, state_file=state_file)
+    assert json.loads(Path(state_file).read_text())["committed_epoch"] == epoch
+    return coordinator(min_peers=2, state_file=state_file), a, epoch
+
+
+def test_a_restarted_coordinator_tells_a_member_asking_again_that_its_predecessor_committed_the_round(
+    coordinator, tmp_path
+):
+    # The coordinator before the restart saved round 3 as committed; had it stopped before answering the
+    # members' Commit calls, they would ask the new one again. Told it is unknown, they would all stay at
+    # round 2, and the run would wait for a holder of round 3 that does not exist.
+    after, a, epoch = commit_three_rounds_then_restart(coordinator, tmp_path)
+    asked_again = pb.CommitRequest(run_id=RUN, peer_id=a, round_id=3, epoch=epoch, ok=True)
+    assert after.stub.Commit(asked_again, timeout=5).commit
+
+
+@pytest.mark.parametrize(("round_id", "epoch_offset"), [(3, 1), (2, 0)], ids=["another epoch", "an older round"])
+def test_a_restarted_coordinator_still_knows_no_other_attempt(coordinator, tmp_path, round_id, epoch_offset):
+    after, a, epoch = commit_three_rounds_then_restart(coordinator, tmp_path)
     request = pb.CommitRequest(run_id=RUN, peer_id=a, round_id=round_id, epoch=epoch + epoch_offset, ok=True)
     with pytest.raises(grpc.RpcError) as info:
         after.stub.Commit(request, timeout=5)
