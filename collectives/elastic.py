@@ -101,6 +101,7 @@ from collectives.membership import (
 )
 from collectives.notes import RepeatNote
 from collectives.parts import flatten, shared_device, total_numel, unflatten_like
+from collectives.holding import ResultKeeper
 from collectives.results import CommittedResult, ResultStore, expected_wire_bytes, fetch_result
 from collectives.statesync import (
     ExpectedState,
@@ -200,6 +201,11 @@ class ElasticCollective:
         self.state_server = StateServer(
             self.transport, config.run_id, provider or (lambda: None), config.state_sync, results=self.results.snapshot
         )
+        # The results of other rounds the coordinator asks this peer to keep (collectives/holding.py).
+        self.keeper = ResultKeeper(
+            self.transport, config.run_id, self._result_fetching(), self.results,
+            keep=lambda r: self._keep_result(r.round_id, r.tag, r.value, r.codec, r.parts),
+        )
         self.membership = MembershipClient(
             self.transport,
             MembershipConfig(config.coordinator, config.run_id, name=config.name, patience_s=config.patience_s,
@@ -259,6 +265,7 @@ class ElasticCollective:
         state_nbytes: Callable[[], int] | None = None,
         digest: Callable[[], tuple[int, str]] | None = None,
         initial_is_the_runs: bool = False,
+        results_are_the_runs: bool = False,
     ) -> None:
         """Serve joiners the state provider returns (an optimizer registers its snapshot here).
 
@@ -272,9 +279,14 @@ class ElasticCollective:
         ``round_numel(tag)``: how many elements a round with that tag reduces; with it, a late
         peer may catch up by fetching missed rounds' results (checked against it) instead of the
         state, when they are fewer bytes than ``state_nbytes()``.
+
+        ``results_are_the_runs``: every member of a round gets the same result (not NoLoCo's pairs); with
+        ``round_numel`` this peer then offers to keep other rounds' results for the run (collectives/holding.py).
         """
         self.state_server.provider = provider
         self._round_numel = round_numel
+        self.keeper.round_numel = round_numel
+        self.keeper.results_are_the_runs = results_are_the_runs
         self._state_nbytes = state_nbytes
         self._digest_of = digest
         self._offers_initial = initial_is_the_runs
@@ -474,6 +486,8 @@ class ElasticCollective:
                 interval_s, lambda: self.last_round, lambda: (counters.bytes_sent, counters.bytes_received),
                 digest=lambda: self._digest[1] if self._digest[0] == self.last_round else "",
                 refusals=self._refusals,
+                held=lambda: self.keeper.held() if self._holds_state else None,
+                hold=lambda rounds: self.keeper.hold(rounds, self.peer_id, self.last_round),
             )
         )
         try:
@@ -484,6 +498,7 @@ class ElasticCollective:
                 await self._rejoin()
         finally:
             await cancel_and_wait([beat])
+            await self.keeper.stop()
 
     async def _rejoin(self) -> str:
         """Register again, unless done since the coordinator last said this peer is out (``unregistered``); "" once
@@ -667,8 +682,12 @@ class ElasticCollective:
                     raise CaughtUp(results, plan.pending_tag)
                 # Fetched at the top of the loop; if that fails, the quorum is asked again
                 # and the coordinator names another source.
-                self._pending_resync = plan.sync_sources or (plan.sync_from,)
+                self._pending_resync = plan.sync_sources or ((plan.sync_from,) if plan.sync_from else ())
                 self._pending_expect = ExpectedState(plan.last_committed_round, plan.state_digest)
+                if not self._pending_resync:
+                    # Only the missed rounds' results were named, and not one of them came: ask again (the
+                    # coordinator names other holders, or tells this peer to wait for the run's state).
+                    await asyncio.sleep(WAIT_POLL_S)
                 continue
             attempts += 1
             self.epoch = max(self.epoch, plan.epoch)
@@ -733,20 +752,20 @@ class ElasticCollective:
         except LoconetError as exc:
             log.warning("cannot catch up by results (%s); fetching the state", exc)
             return None
-        wire = sum(expected_wire_bytes(n, codec) for n in numels)
+        # Results this peer keeps already (the coordinator asked it to hold them) are not fetched again.
+        local = [self.results.get(m.round_id, m.tag) for m in plan.missed]
+        local = [r if r is not None and r.value.numel() == n else None for r, n in zip(local, numels)]
+        wire = sum(expected_wire_bytes(n, codec) for n, r in zip(numels, local) if r is None)
         state_bytes = self._state_nbytes() if self._state_nbytes is not None else math.inf
         # Equal bytes favour the results: the source then copies nothing (a state fetch snapshots the state).
-        if wire > state_bytes:
+        # With nobody holding the state (only the results outlived the round's members) the results it is.
+        if wire > state_bytes and (plan.sync_sources or plan.sync_from):
             log.info("%d missed round(s) are about %d bytes, the state %d: fetching the state", len(numels), wire, state_bytes)
             return None
         results = []
-        # A member that stalls (paused, overloaded) is left for the next one sooner than a state's source is:
-        # another member holds the same result, and the run may be waiting for this peer.
-        config = dataclasses.replace(
-            self.config.state_sync, stall_timeout_s=min(self.config.state_sync.stall_timeout_s, RESULT_STALL_S)
-        )
-        for missed, numel in zip(plan.missed, numels):
-            got = await fetch_result(self.transport, self.config.run_id, self.peer_id, config, missed, numel)
+        config = self._result_fetching()
+        for missed, numel, kept in zip(plan.missed, numels, local):
+            got = kept or await fetch_result(self.transport, self.config.run_id, self.peer_id, config, missed, numel)
             if got is None:
                 return None
             results.append(got)
@@ -758,6 +777,12 @@ class ElasticCollective:
             results[0].round_id, results[-1].round_id, sum(r.wire_bytes for r in results),
         )
         return results
+
+    def _result_fetching(self) -> StateSyncConfig:
+        """The state-sync settings of a result's fetch: a holder that stalls (paused, overloaded) is left for the
+        next one sooner than a state's source is: another holds the same result, and the run may be waiting."""
+        state_sync = self.config.state_sync
+        return dataclasses.replace(state_sync, stall_timeout_s=min(state_sync.stall_timeout_s, RESULT_STALL_S))
 
     def _reduce_with(self, plan: RoundPlan, within: Within | None) -> tuple[tuple[str, str], ...]:
         """The (peer id, address) of the members this peer reduces with, in rank order; ProtocolError (this member

@@ -39,7 +39,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -161,7 +161,7 @@ class MissedRound:
     round_id: int
     epoch: int
     tag: str = ""
-    members: tuple[tuple[str, str], ...] = ()  # (peer id, address) of live members holding the result, by peer id
+    members: tuple[tuple[str, str], ...] = ()  # (peer id, address) of live peers holding the result: members first
 
 
 def _rate_limited_for(exc: grpc.aio.AioRpcError) -> float | None:
@@ -513,14 +513,19 @@ class MembershipClient:
         traffic: Callable[[], tuple[int, int]],
         digest: Callable[[], str] = lambda: "",
         refusals: Callable[[], dict[str, int]] = dict,
+        held: Callable[[], Sequence[int] | None] = lambda: None,
+        hold: Callable[[tuple[MissedRound, ...]], None] = lambda rounds: None,
     ) -> None:
         """Send heartbeats with the peer's status every interval_s (or as the coordinator's answers say) until cancelled.
 
         ``digest()``: the state's digest as of ``last_round()`` if already computed ("" otherwise; never computes).
+        ``held()``: the rounds whose results this peer keeps, or None when it does not offer to keep others';
+        ``hold(rounds)``: the coordinator asks it to fetch and keep these rounds' results (called on the loop).
         """
         while True:
             sent, received = traffic()
             s = self.status
+            kept = held()
             request = pb.HeartbeatRequest(
                 run_id=self.config.run_id,
                 peer_id=self.peer_id,
@@ -539,6 +544,8 @@ class MembershipClient:
                     spread=s.spread,
                     refusals=refusals(),
                 ),
+                holds_results=kept is not None,
+                held_results=kept or (),
             )
             watched = self._watched
             if watched is not None:
@@ -555,6 +562,8 @@ class MembershipClient:
                 self.round_step = reply.round_step
                 self._note_commit_time(reply.since_commit_s)
                 interval_s = heartbeat_interval(interval_s, reply.heartbeat_s)
+                if reply.hold and kept is not None:
+                    hold(_missed(reply.hold))
             except grpc.aio.AioRpcError as exc:
                 # The coordinator may be restarting; training goes on, heartbeats keep trying.
                 log.debug("heartbeat failed: %s", exc.code().name)

@@ -61,6 +61,8 @@ class CommittedResult:
     wire_bytes: int = 0
     # How many parts the round cut it into (its members): the blocks of an int8/int4 codec start at each part.
     parts: int = 1
+    # The codec the round sent it in, as its source said (None: fp32), to serve it encoded again.
+    codec: CodecConfig | None = None
 
 
 @dataclass
@@ -130,6 +132,14 @@ class ResultStore:
                 break
             total -= self._kept.pop(r).value.numel() * 4
             log.info("dropped the kept result of round %d: kept results exceed %d bytes", r, self.max_bytes)
+
+    def get(self, round_id: int, tag: str) -> CommittedResult | None:
+        """The kept result of round_id if it carried tag (a copy: the caller may apply it in place), else None."""
+        with self._lock:
+            entry = self._kept.get(round_id)
+        if entry is None or entry.tag != tag:
+            return None
+        return CommittedResult(round_id, tag, entry.value.clone(), parts=entry.parts, codec=entry.codec)
 
     def snapshot(self, round_id: int) -> StateSnapshot | None:
         """The result of round_id as served to a late peer (encoded when that is exact), or None if not kept.
@@ -229,7 +239,7 @@ def _decode_parts(codec: Codec, payload, sizes: list[int], numel: int) -> torch.
 async def fetch_result(
     transport: Transport, run_id: str, peer_id: str, config: StateSyncConfig, missed: MissedRound, numel: int
 ) -> CommittedResult | None:
-    """One missed round's result from the first of its members that still keeps it (checked), or None."""
+    """One missed round's result from the first of its holders that still keeps it (checked), or None."""
     for member_id, address in missed.members:
         if member_id == peer_id:
             continue
@@ -241,7 +251,10 @@ async def fetch_result(
             continue
         wire = sum(t.numel() * t.element_size() for t in snap.tensors.values())
         parts = len(snap.meta.get("sizes") or [None])
+        # decode_result decoded it with this codec, so the name parses.
+        codec_name = snap.meta.get("codec", RAW)
+        codec = None if codec_name == RAW else CodecConfig.parse(codec_name)
         return CommittedResult(missed.round_id, missed.tag, value, source=address, epoch=missed.epoch, wire_bytes=wire,
-                               parts=parts)
-    log.info("no member still keeps round %d's result; fetching the state", missed.round_id)
+                               parts=parts, codec=codec)
+    log.info("no holder still keeps round %d's result", missed.round_id)
     return None

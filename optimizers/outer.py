@@ -188,7 +188,7 @@ class OuterOptimizer:
             # Joiners fetch the run's state from this optimizer; late peers check round sizes against it.
             peer.provide_state(
                 self.snapshot, round_numel=self.round_numel, state_nbytes=self.state.nbytes, digest=self.state_digest,
-                initial_is_the_runs=self.INITIAL_STATE_IS_THE_RUNS,
+                initial_is_the_runs=self.INITIAL_STATE_IS_THE_RUNS, results_are_the_runs=self.REPLICAS_IDENTICAL,
             )
 
     # -- what a subclass says ---------------------------------------------------------

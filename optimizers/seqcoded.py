@@ -187,7 +187,8 @@ class SequentialCodedSGD(CodedSGD):
         self._work: Work | None = None
         if hasattr(peer, "provide_state"):
             # The state a joiner fetches holds the jobs in flight too: late peers compare results with its size.
-            peer.provide_state(self.snapshot, round_numel=self.round_numel, state_nbytes=self._state_nbytes)
+            peer.provide_state(self.snapshot, round_numel=self.round_numel, state_nbytes=self._state_nbytes,
+                               results_are_the_runs=True)
 
     @property
     def global_step(self) -> int:

@@ -111,7 +111,7 @@ class PeerMetrics(_message.Message):
     def __init__(self, step: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., activity: _Optional[str] = ..., samples: _Optional[int] = ..., eval_loss: _Optional[float] = ..., privacy_epsilon: _Optional[float] = ..., spread: _Optional[float] = ..., refusals: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "last_round", "metrics", "state_digest", "round_id", "round_epoch")
+    __slots__ = ("run_id", "peer_id", "last_round", "metrics", "state_digest", "round_id", "round_epoch", "holds_results", "held_results")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,8 @@ class HeartbeatRequest(_message.Message):
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    HELD_RESULTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     last_round: int
@@ -126,10 +128,12 @@ class HeartbeatRequest(_message.Message):
     state_digest: str
     round_id: int
     round_epoch: int
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., metrics: _Optional[_Union[PeerMetrics, _Mapping]] = ..., state_digest: _Optional[str] = ..., round_id: _Optional[int] = ..., round_epoch: _Optional[int] = ...) -> None: ...
+    holds_results: bool
+    held_results: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., metrics: _Optional[_Union[PeerMetrics, _Mapping]] = ..., state_digest: _Optional[str] = ..., round_id: _Optional[int] = ..., round_epoch: _Optional[int] = ..., holds_results: _Optional[bool] = ..., held_results: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("known", "epoch", "last_committed_round", "run_step", "round_step", "heartbeat_s", "round_over", "since_commit_s")
+    __slots__ = ("known", "epoch", "last_committed_round", "run_step", "round_step", "heartbeat_s", "round_over", "since_commit_s", "hold")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LAST_COMMITTED_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +142,7 @@ class HeartbeatResponse(_message.Message):
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     ROUND_OVER_FIELD_NUMBER: _ClassVar[int]
     SINCE_COMMIT_S_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FIELD_NUMBER: _ClassVar[int]
     known: bool
     epoch: int
     last_committed_round: int
@@ -146,7 +151,8 @@ class HeartbeatResponse(_message.Message):
     heartbeat_s: float
     round_over: str
     since_commit_s: float
-    def __init__(self, known: _Optional[bool] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ..., heartbeat_s: _Optional[float] = ..., round_over: _Optional[str] = ..., since_commit_s: _Optional[float] = ...) -> None: ...
+    hold: _containers.RepeatedCompositeFieldContainer[CommittedRound]
+    def __init__(self, known: _Optional[bool] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ..., heartbeat_s: _Optional[float] = ..., round_over: _Optional[str] = ..., since_commit_s: _Optional[float] = ..., hold: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "reason", "last_round", "state_digest")

@@ -22,6 +22,8 @@ from peer.coordinator.rules import QuorumRules
 
 # Catch-up memory is O(catchup_rounds x members); beyond this, fetching the whole state is cheaper anyway.
 MAX_CATCHUP_ROUNDS = 1000
+# More holders of a round's result than this buys nothing but every holder's fetch of it.
+MAX_RESULT_HOLDERS = 64
 
 
 def _port_or_off(text: str) -> int | None:
@@ -149,6 +151,14 @@ class CoordinatorConfig:
             "its members instead of the whole state (0: always the whole state)"
         },
     )
+    result_holders: int = field(
+        default=3,
+        metadata={
+            "help": "live peers that keep each remembered round's result, its members counted: when a round took "
+            "fewer (a buffer, a sample, first-k), other peers are asked to fetch and keep it, so that it outlives "
+            "its members (0: its members only)"
+        },
+    )
     max_peers: int = field(
         default=10_000,
         metadata={"help": "most peers the run registers at once; a join beyond it is refused (RESOURCE_EXHAUSTED)"},
@@ -190,6 +200,8 @@ class CoordinatorConfig:
         self.dashboard_hosts  # noqa: B018 - raises ConfigError for a name that is not a host name
         if not 0 <= self.catchup_rounds <= MAX_CATCHUP_ROUNDS:
             raise ConfigError(f"catchup_rounds must be between 0 and {MAX_CATCHUP_ROUNDS}, got {self.catchup_rounds}")
+        if not 0 <= self.result_holders <= MAX_RESULT_HOLDERS:
+            raise ConfigError(f"result_holders must be between 0 and {MAX_RESULT_HOLDERS}, got {self.result_holders}")
 
     @property
     def dashboard_hosts(self) -> tuple[str, ...]:

@@ -81,9 +81,11 @@ the run's last committed round missed a round; it must fetch the state from
 an up-to-date peer before it may take part.
 
 Catch-up (``rounds_to_catch_up``): instead of the whole state, such a peer
-may fetch the committed result of each round it missed from a member of that
+may fetch the committed result of each round it missed from a holder of that
 round and apply them in order, if the coordinator still remembers every one
-of those rounds and each has a live member.
+of those rounds and each has a live holder: a member, or a peer asked to keep
+the result of a round of only some of the peers (``result_holders``;
+peer/coordinator/resultholders.py).
 
 Epoch (``next_epoch``): a round's epoch is bumped when its members differ
 from the previous round's, after an abort, and for the first round of a
@@ -130,7 +132,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from collectives.errors import ConfigError
@@ -354,17 +356,27 @@ class CommittedRound:
     members: tuple[str, ...]
 
 
+def result_holders(c: CommittedRound, held: Mapping[int, Collection[str]], alive: Container[str]) -> tuple[str, ...]:
+    """The live peers holding round c's result: its members, then the peers that said they keep it, sorted
+    (``held``: round id -> such peers; peer/coordinator/resultholders.py)."""
+    members = [m for m in c.members if m in alive]
+    extra = sorted(p for p in held.get(c.round_id, ()) if p in alive and p not in c.members)
+    return (*members, *extra)
+
+
 def rounds_to_catch_up(
     committed: Sequence[CommittedRound],
     peer_last_round: int,
     last_committed_round: int,
     alive: Container[str],
     asker: str,
+    held: Mapping[int, Collection[str]] | None = None,
 ) -> tuple[CommittedRound, ...]:
-    """The rounds after ``peer_last_round`` a peer can apply in order, each with its live members but the asker.
+    """The rounds after ``peer_last_round`` a peer can apply in order, each with its live holders: the members
+    but the asker, then the peers that keep its result (``held``; the asker among them catches up from its copy).
 
     Empty when the peer lacks nothing, or when one of the rounds it lacks is
-    forgotten or has no live member left: then it fetches the whole state.
+    forgotten or has no live holder left: then it fetches the whole state.
     """
     wanted = last_committed_round - peer_last_round
     if wanted <= 0 or wanted > len(committed):
@@ -373,7 +385,7 @@ def rounds_to_catch_up(
     out = []
     for round_id in range(peer_last_round + 1, last_committed_round + 1):
         c = by_id.get(round_id)
-        holders = tuple(m for m in c.members if m != asker and m in alive) if c is not None else ()
+        holders = tuple(p for p in result_holders(c, held or {}, alive) if p != asker or p not in c.members) if c else ()
         if not holders:
             return ()
         out.append(replace(c, members=holders))

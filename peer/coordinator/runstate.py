@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from peer.coordinator.forgetting import ForgetRule, peers_to_forget
 from peer.coordinator.history import Series, SeriesBook
+from peer.coordinator.resultholders import ResultHolders
 from peer.coordinator.rules import CommittedRound, PeerView
 from peer.coordinator.waiting import WaitingRoom
 
@@ -148,6 +149,8 @@ class RunState:
     rounds: deque[RoundRecord] = field(init=False)
     # The last catchup_rounds committed rounds, oldest first, with their members.
     committed: deque[CommittedRound] = field(init=False)
+    # Which peers keep which of those rounds' results besides their members, and who was asked to.
+    result_holders: ResultHolders = field(default_factory=ResultHolders)
     events: deque[Event] = field(init=False)
     # Per peer: (step, loss), (step, eval loss) and (unix time, bytes sent, bytes received) points.
     loss: SeriesBook = field(init=False)
@@ -226,6 +229,7 @@ class RunState:
         self.round_step = self.run_step
         if self.catchup_rounds > 0:
             self.committed.append(CommittedRound(record.round_id, record.epoch, record.tag, tuple(record.members)))
+        self.result_holders.forget({c.round_id for c in self.committed})
 
     def roll_back(self, round_id: int) -> None:
         """Continue the run from ``round_id``, as nobody holds the later rounds: forget them; new epoch next.
@@ -240,6 +244,7 @@ class RunState:
         kept = [c for c in self.committed if c.round_id <= round_id]
         self.committed.clear()
         self.committed.extend(kept)
+        self.result_holders.forget({c.round_id for c in kept})
         self.digests = {r: d for r, d in self.digests.items() if r <= round_id}
         self.diverged = {(r, p) for r, p in self.diverged if r <= round_id}
 
@@ -388,6 +393,7 @@ class RunState:
         """The status document served as /api/status and by the Status RPC."""
         now_mono = time.monotonic()
         peers = sorted(self.peers.values(), key=lambda p: p.peer_id)
+        kept = self.result_holders.by_peer(self.committed)
         return {
             "run_id": self.run_id,
             "coordinator": {
@@ -435,6 +441,8 @@ class RunState:
                     "bytes_received": p.bytes_received,
                     "last_round": p.last_round,
                     "in_last_round": p.peer_id in self.last_round_members,
+                    # Remembered rounds whose result it keeps for the run though it was no member (resultholders.py).
+                    "kept_results": kept.get(p.peer_id, []),
                     "activity": p.activity,
                     "refusals": dict(p.refusals),
                     "joined_at": p.joined_at,

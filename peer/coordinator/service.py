@@ -52,6 +52,7 @@ from peer.coordinator.identity import Caller, Callers, Rejoin
 from peer.coordinator.liveness import Liveness
 from peer.coordinator.quorum import BadRequest, Quorums
 from peer.coordinator.rules import (
+    CommittedRound,
     Decision,
     PeerView,
     Report,
@@ -65,6 +66,7 @@ from peer.coordinator.rules import (
     needs_resync,
     rounds_to_catch_up,
 )
+from peer.coordinator.resultholders import MAX_HELD_REPORTED, rounds_to_hold
 from peer.coordinator.runstate import PeerRecord, RunState
 from peer.coordinator.statefile import SavedRun, load_run, save_run
 from protos import membership_pb2 as pb
@@ -542,8 +544,26 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return pb.HeartbeatResponse(
             known=True, epoch=self.state.epoch, last_committed_round=self.state.last_committed_round,
             run_step=self.state.run_step, round_step=self.state.round_step, heartbeat_s=heartbeat_s, round_over=over,
-            since_commit_s=self.quorums.since_commit(now),
+            since_commit_s=self.quorums.since_commit(now), hold=self._to_hold(peer.peer_id, req, now),
         )
+
+    def _to_hold(self, peer_id: str, req: pb.HeartbeatRequest, now: float) -> list[pb.CommittedRound]:
+        """Note the results a heartbeat says its peer keeps; the rounds it should fetch and keep too, if it offers
+        (peer/coordinator/resultholders.py)."""
+        s = self.state
+        book = s.result_holders
+        if not req.holds_results:
+            return []
+        # A peer that offers lists every result it keeps in each heartbeat (none: an empty list).
+        book.note_held(peer_id, req.held_results[:MAX_HELD_REPORTED], {c.round_id for c in s.committed})
+        if self.config.result_holders == 0:
+            return []
+        rounds = rounds_to_hold(
+            s.committed, book.held, book.asked, s.live, peer_id, req.last_round, self.config.result_holders, now,
+            ask_s=self.config.lease_s,
+        )
+        book.note_asked(peer_id, [c.round_id for c in rounds], now)
+        return [self._round_message(c) for c in rounds]
 
     def _leave(self, req: pb.LeaveRequest) -> pb.LeaveResponse:
         self._check_run(req.run_id)
@@ -602,7 +622,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         rules = self.config.rules
         # Within the startup grace the holders of newer rounds may still be re-registering: no rollback yet.
         settled = self._age() >= rules.startup_grace_s
-        if needs_resync(last_round, s.last_committed_round) and rules.allow_rollback:
+        if not needs_resync(last_round, s.last_committed_round):
+            return None
+        # The rounds it missed, if it can catch up by their results: each still has a live holder (then the
+        # run's last round is not lost, even with nobody holding its state yet).
+        missed = self._missed(peer.peer_id, last_round) if peer.has_state else []
+        if rules.allow_rollback and not missed:
             # Only a peer that is behind needs this check (a scan of every peer), and only where rollbacks are allowed.
             views = [p.view() for p in s.alive_peers()]
             head = head_round(views, s.last_committed_round, settled=settled, allow_rollback=rules.allow_rollback)
@@ -613,12 +638,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 s.event("rollback", "", detail)
                 log.warning("no live peer holds round %d; the run continues from round %d", gone, head)
                 self._save()
-        if not needs_resync(last_round, s.last_committed_round):
-            return None
-        missed = self._missed(peer.peer_id, last_round) if peer.has_state else []
+                if not needs_resync(last_round, s.last_committed_round):
+                    return None
+                missed = self._missed(peer.peer_id, last_round) if peer.has_state else []
         # A peer that can catch up by results fetches no state: it is not counted against a donor.
         sources = self._sources(peer.peer_id, count=not missed)
-        if not sources and not settled:
+        if not sources and not missed and not settled:
             reason = (
                 f"the coordinator restarted; waiting for the peers holding round {s.last_committed_round} "
                 "to re-register"
@@ -626,7 +651,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             if s.waiting.note(peer.address, reason, peer.name, peer.peer_id):
                 s.event("wait", peer.peer_id, reason)
             raise BadRequest(grpc.StatusCode.UNAVAILABLE, f"no up-to-date peer to resync from yet: {reason}; retry")
-        if not sources:
+        if not sources and not missed:
             # Nobody holds the run's last round: this member waits like a joiner (it is no member meanwhile, so
             # quorums do not wait for it), and joins again until a holder is back. Its join is told to wait.
             reason = self._note_waiter(peer.address, peer.name, peer.peer_id, last_round if peer.has_state else 0)
@@ -638,7 +663,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         s.event("resync", peer.peer_id, f"behind round {s.last_committed_round}; {how}")
         return pb.QuorumResponse(
             action=pb.QuorumResponse.RESYNC,
-            sync_from=sources[0].address,
+            sync_from=sources[0].address if sources else "",
             last_committed_round=s.last_committed_round,
             epoch=s.epoch,
             missed=missed,
@@ -651,18 +676,18 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         )
 
     def _missed(self, peer_id: str, last_round: int) -> list[pb.CommittedRound]:
-        """The committed rounds after last_round with their live members' addresses; [] unless all are remembered."""
+        """The committed rounds after last_round with their live holders' addresses; [] unless each is remembered
+        and held."""
         s = self.state
-        rounds = rounds_to_catch_up(s.committed, last_round, s.last_committed_round, s.live, peer_id)
-        return [
-            pb.CommittedRound(
-                round_id=c.round_id,
-                epoch=c.epoch,
-                tag=c.tag,
-                members=[pb.Member(peer_id=m, address=s.peers[m].address) for m in c.members],
-            )
-            for c in rounds
-        ]
+        rounds = rounds_to_catch_up(
+            s.committed, last_round, s.last_committed_round, s.live, peer_id, held=s.result_holders.held
+        )
+        return [self._round_message(c) for c in rounds]
+
+    def _round_message(self, c: CommittedRound) -> pb.CommittedRound:
+        """A remembered round as sent to peers, its ``members`` (live holders here) with their addresses."""
+        members = [pb.Member(peer_id=m, address=self.state.peers[m].address) for m in c.members]
+        return pb.CommittedRound(round_id=c.round_id, epoch=c.epoch, tag=c.tag, members=members)
 
     async def _wait(self, fut: asyncio.Future, give_up: float, peer_id: str):
         """fut's result, or the 'no quorum' refusal once the Quorum call has waited quorum_timeout_s."""

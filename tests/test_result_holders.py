@@ -1,0 +1,260 @@
+"""A round of some of the peers outlives its members: other peers keep its result (peer/coordinator/resultholders.py,
+collectives/holding.py).
+
+The rules are pure functions with table-like tests; then the coordinator's side against a real coordinator with
+made-up peers; then real peers: a round of two of three, its result kept by the third, both members gone, and the
+third catches up from its own copy.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from collectives.codecs import CodecConfig
+from collectives.elastic import ElasticCollective, ElasticConfig
+from collectives.results import ResultStore
+from collectives.syncphases import CaughtUp
+from peer.coordinator.config import CoordinatorConfig
+from peer.coordinator.resultholders import ResultHolders, rounds_to_hold
+from peer.coordinator.rules import CommittedRound, result_holders, rounds_to_catch_up
+from protos import membership_pb2 as pb
+
+sys.path.insert(0, str(Path(__file__).parent))
+from support.coordinator import RUN, CoordinatorThread, Live, live_coordinators  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+R1 = CommittedRound(1, 0, "t", ("a", "b"))
+R2 = CommittedRound(2, 0, "t", ("c", "d"))
+R3 = CommittedRound(3, 0, "t", ("a", "b", "c", "d", "e"))
+
+
+def hold(c: CommittedRound, *sources: str) -> CommittedRound:
+    return CommittedRound(c.round_id, c.epoch, c.tag, sources)
+
+
+# name, remembered rounds, held, asked, live peers, the peer, its last round, target -> rounds it is asked to keep
+# (now is 10.0 and an ask counts for 5 s in every row)
+HOLD_CASES = [
+    ("a round of two of five: a third peer keeps it", [R1], {}, {}, "abcde", "e", 0, 3, (hold(R1, "a", "b"),)),
+    ("a round of every peer asks nobody", [R3], {}, {}, "abcde", "e", 2, 3, ()),
+    ("a member is not asked", [R1], {}, {}, "abcde", "a", 0, 3, ()),
+    ("a peer whose state has the round is not asked", [R1], {}, {}, "abcde", "e", 1, 3, ()),
+    ("a peer that keeps it already is not asked", [R1], {1: {"e"}}, {}, "abcde", "e", 0, 4, ()),
+    ("held by enough peers", [R1], {1: {"c"}}, {}, "abcde", "e", 0, 3, ()),
+    ("a peer asked within the last 5 s counts", [R1], {}, {1: {"c": 9.0}}, "abcde", "e", 0, 3, ()),
+    ("an ask older than 5 s does not", [R1], {}, {1: {"c": 1.0}}, "abcde", "e", 0, 3, (hold(R1, "a", "b"),)),
+    ("a dead peer's ask does not", [R1], {}, {1: {"c": 9.0}}, "abde", "e", 0, 3, (hold(R1, "a", "b"),)),
+    ("the peer asked already is not asked again", [R1], {}, {1: {"e": 9.0}}, "abcde", "e", 0, 3, ()),
+    ("a dead member: the live holders are the sources", [R1], {1: {"c"}}, {}, "bcde", "e", 0, 3,
+     (hold(R1, "b", "c"),)),
+    ("no live holder: nothing to fetch", [R1], {}, {}, "cde", "e", 0, 3, ()),
+    ("newest first", [R1, R2], {}, {}, "abcde", "e", 0, 3, (hold(R2, "c", "d"), hold(R1, "a", "b"))),
+    ("at most two rounds an answer", [R1, R2, CommittedRound(3, 0, "t", ("a",))], {}, {}, "abcde", "e", 0, 3,
+     (hold(CommittedRound(3, 0, "t", ("a",)), "a"), hold(R2, "c", "d"))),
+    ("only the rounds after the peer's state", [R1, R2], {}, {}, "abcde", "e", 1, 3, (hold(R2, "c", "d"),)),
+]
+
+
+@pytest.mark.parametrize(
+    "name,committed,held,asked,alive,peer,last_round,target,rounds", HOLD_CASES, ids=[c[0] for c in HOLD_CASES]
+)
+def test_rounds_to_hold(name, committed, held, asked, alive, peer, last_round, target, rounds):
+    assert rounds_to_hold(committed, held, asked, set(alive), peer, last_round, target, now=10.0, ask_s=5.0) == rounds
+
+
+# name, held, live peers, asker -> the holders a late peer is sent to for R1, then R2 (() : the whole state)
+CATCH_UP_CASES = [
+    ("the members, then the peers that keep it", {1: {"e", "c"}}, "abcde", "d", (hold(R1, "a", "b", "c", "e"),)),
+    ("members gone: the peers that keep it", {1: {"e"}}, "cde", "d", (hold(R1, "e"),)),
+    ("the asker keeps it: from its own copy", {1: {"d"}}, "cd", "d", (hold(R1, "d"),)),
+    ("a member that also says it keeps it is named once", {1: {"a"}}, "abd", "d", (hold(R1, "a", "b"),)),
+    ("a dead peer that kept it is not named", {1: {"e"}}, "cd", "d", ()),
+]
+
+
+@pytest.mark.parametrize("name,held,alive,asker,rounds", CATCH_UP_CASES, ids=[c[0] for c in CATCH_UP_CASES])
+def test_a_late_peer_is_sent_to_every_live_holder_of_the_rounds_it_missed(name, held, alive, asker, rounds):
+    assert rounds_to_catch_up([R1], 0, 1, set(alive), asker, held=held) == rounds
+
+
+def test_the_holders_of_a_round_are_its_live_members_then_the_others_sorted():
+    assert result_holders(R1, {1: {"z", "c", "a"}}, set("abcz")) == ("a", "b", "c", "z")
+
+
+def test_a_heartbeat_replaces_what_its_peer_said_it_keeps():
+    book = ResultHolders()
+    book.note_held("e", [1, 2], remembered={1, 2})
+    book.note_held("e", [2], remembered={1, 2})
+    assert book.held == {1: set(), 2: {"e"}}
+
+
+def test_a_round_no_longer_remembered_is_not_recorded_and_is_forgotten():
+    book = ResultHolders()
+    book.note_held("e", [1, 7], remembered={1, 2})
+    book.note_asked("c", [2], now=1.0)
+    book.forget(remembered={2})
+    assert (book.held, book.asked) == ({}, {2: {"c": 1.0}})
+
+
+def test_a_peer_that_says_it_keeps_a_round_is_no_longer_counted_as_asked():
+    book = ResultHolders()
+    book.note_asked("e", [1], now=1.0)
+    book.note_held("e", [1], remembered={1})
+    assert (book.held, book.asked) == ({1: {"e"}}, {1: {}})
+
+
+def test_the_coordinator_refuses_a_negative_or_absurd_number_of_holders():
+    for bad in (-1, 65):
+        with pytest.raises(ValueError, match="result_holders must be between 0 and 64"):
+            CoordinatorConfig(result_holders=bad)
+
+
+# -- the coordinator, with made-up peers ----------------------------------------------------------------
+
+DEFAULTS = {
+    "run_id": RUN, "port": 0, "dashboard_port": None, "probe_peers": False, "startup_grace_s": 0.0, "lease_s": 30.0,
+    "join_timeout_s": 0.5, "quorum": "first-k:2",
+}
+
+
+@pytest.fixture
+def coordinator() -> Iterator[Callable[..., Live]]:
+    """Factory of fresh coordinators (DEFAULTS overridden by keywords), all stopped after the test."""
+    with live_coordinators(DEFAULTS) as start:
+        yield start
+
+
+def beat(c: Live, peer_id: str, last_round: int = 0, offers: bool = True, held=()) -> pb.HeartbeatResponse:
+    request = pb.HeartbeatRequest(run_id=RUN, peer_id=peer_id, last_round=last_round, holds_results=offers,
+                                  held_results=list(held))
+    return c.stub.Heartbeat(request, timeout=5)
+
+
+def two_of_four(c: Live) -> list[str]:
+    """Peers a, b, c, d at 127.0.0.1:1..4; a and b commit round 1 (first-k:2). Their ids."""
+    ids = [c.join(f"127.0.0.1:{port}", has_state=True).peer_id for port in (1, 2, 3, 4)]
+    c.play(ids[:2], 0)
+    return ids
+
+
+def named(rounds) -> list[tuple[int, list[str]]]:
+    return [(r.round_id, [m.address for m in r.members]) for r in rounds]
+
+
+def test_a_peer_that_offers_is_asked_to_keep_a_round_of_two_members_and_the_next_is_not(coordinator):
+    c = coordinator()
+    a, b, p3, p4 = two_of_four(c)
+    assert named(beat(c, p3).hold) == [(1, ["127.0.0.1:1", "127.0.0.1:2"])]
+    # Three hold it now, counting the peer asked: nobody else is asked, nor the same peer again.
+    assert (list(beat(c, p4).hold), list(beat(c, p3).hold)) == ([], [])
+
+
+def test_a_peer_that_does_not_offer_is_never_asked(coordinator):
+    c = coordinator()
+    _, _, p3, _ = two_of_four(c)
+    assert list(beat(c, p3, offers=False).hold) == []
+
+
+def test_with_result_holders_0_nobody_is_asked(coordinator):
+    c = coordinator(result_holders=0)
+    _, _, p3, _ = two_of_four(c)
+    assert list(beat(c, p3).hold) == []
+
+
+def test_when_both_members_are_gone_a_late_peer_catches_up_from_the_peer_that_kept_the_result(coordinator):
+    c = coordinator()
+    a, b, p3, p4 = two_of_four(c)
+    beat(c, p3)
+    beat(c, p3, held=[1])
+    c.leave(a)
+    c.leave(b)
+    answer = c.ask(p4, 0).result()
+    assert answer.action == pb.QuorumResponse.RESYNC
+    # Nobody holds round 1's state, yet the round is not lost: its result is named where it is kept.
+    assert (answer.sync_from, named(answer.missed)) == ("", [(1, ["127.0.0.1:3"])])
+
+
+def test_without_a_peer_that_kept_it_a_late_peer_waits_for_the_run_state(coordinator):
+    c = coordinator(result_holders=0)
+    a, b, _, p4 = two_of_four(c)
+    c.leave(a)
+    c.leave(b)
+    with pytest.raises(Exception, match="waits for the run's state"):
+        c.ask(p4, 0).result()
+
+
+def test_a_peer_that_stops_keeping_a_round_is_no_longer_named(coordinator):
+    c = coordinator()
+    a, b, p3, p4 = two_of_four(c)
+    beat(c, p3, held=[1])
+    beat(c, p3, held=[])
+    c.leave(a)
+    c.leave(b)
+    with pytest.raises(Exception, match="waits for the run's state"):
+        c.ask(p4, 0).result()
+
+
+# -- real peers --------------------------------------------------------------------------------------
+
+NUMEL = 1000
+INT8 = CodecConfig.parse("int8")
+
+
+def test_a_peer_that_is_not_the_runs_results_does_not_offer():
+    keeper = ElasticCollective(ElasticConfig(coordinator="127.0.0.1:1", run_id="r")).keeper
+    keeper.round_numel = lambda tag: NUMEL
+    assert keeper.held() is None
+    keeper.results_are_the_runs = True
+    assert keeper.held() == []
+
+
+def test_a_keeper_with_keep_results_0_does_not_offer():
+    peer = ElasticCollective(ElasticConfig(coordinator="127.0.0.1:1", run_id="r", keep_results=0))
+    peer.provide_state(lambda: None, round_numel=lambda tag: NUMEL, results_are_the_runs=True)
+    assert peer.keeper.held() is None and isinstance(peer.results, ResultStore)
+
+
+@pytest.mark.timeout(90)
+def test_a_round_of_two_of_three_outlives_both_members_on_the_third_peer():
+    config = CoordinatorConfig(run_id="h", port=0, dashboard_port=None, startup_grace_s=0, quorum="first-k:2",
+                               heartbeat_s=0.2, lease_s=2.0)
+    with CoordinatorThread(config) as coord:
+        peers = []
+        for _ in range(3):
+            peer = ElasticCollective(ElasticConfig(coordinator=coord.address, run_id="h"))
+            # Its state is not fetched here; catch-up by results compares with its size.
+            peer.provide_state(lambda: None, round_numel=lambda tag: NUMEL, state_nbytes=lambda: 4 * NUMEL,
+                               results_are_the_runs=True)
+            peer.start(has_state=True)
+            peers.append(peer)
+        a, b, third = peers
+        try:
+            xs = [torch.randn(NUMEL, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+            results = [f.result(30) for f in [a.sync_async(xs[0], codec=INT8), b.sync_async(xs[1], codec=INT8)]]
+            assert [r.round_id for r in results] == [1, 1]
+            deadline = time.monotonic() + 20
+            while third.keeper.fetched != [1] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert third.keeper.fetched == [1] and third.keeper.fetched_bytes > 0
+            while not any(p["kept_results"] for p in coord.status()["peers"]) and time.monotonic() < deadline:
+                time.sleep(0.05)  # its next heartbeat says so
+            assert [p["kept_results"] for p in coord.status()["peers"] if p["kept_results"]] == [[1]]
+            a.close(leave=True)
+            b.close(leave=True)
+            received = third.transport.counters.bytes_received
+            with pytest.raises(CaughtUp) as caught:
+                third.sync_async(torch.zeros(NUMEL), codec=INT8).result(30)
+            [result] = caught.value.rounds
+            assert result.round_id == 1 and torch.equal(result.value, results[0].value.flatten())
+            # Caught up from its own copy: nothing more came over the wire but the coordinator's answers.
+            assert third.transport.counters.bytes_received - received < NUMEL
+        finally:
+            for peer in peers:
+                peer.close()
