@@ -75,10 +75,10 @@ class ResultKeeper:
         for missed in rounds:
             try:
                 numel = self.round_numel(missed.tag)
-            except LoconetError as exc:
+                got = await fetch_result(self.transport, self.run_id, peer_id, self.config, missed, numel)
+            except LoconetError as exc:  # a tag it does not know, or the transport closing: keeping is optional
                 log.info("not keeping round %d's result: %s", missed.round_id, exc)
                 continue
-            got = await fetch_result(self.transport, self.run_id, peer_id, self.config, missed, numel)
             if got is None:
                 continue
             await self._keep(got)

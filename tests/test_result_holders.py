@@ -18,6 +18,7 @@ import torch
 
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig
+from collectives.membership import MissedRound
 from collectives.results import ResultStore
 from collectives.syncphases import CaughtUp
 from peer.coordinator.config import CoordinatorConfig
@@ -219,6 +220,15 @@ def test_a_keeper_with_keep_results_0_does_not_offer():
     peer = ElasticCollective(ElasticConfig(coordinator="127.0.0.1:1", run_id="r", keep_results=0))
     peer.provide_state(lambda: None, round_numel=lambda tag: NUMEL, results_are_the_runs=True)
     assert peer.keeper.held() is None and isinstance(peer.results, ResultStore)
+
+
+def test_a_keeper_fetches_nothing_for_a_round_its_state_has_or_one_it_keeps():
+    peer = ElasticCollective(ElasticConfig(coordinator="127.0.0.1:1", run_id="r"))
+    peer.provide_state(lambda: None, round_numel=lambda tag: NUMEL, results_are_the_runs=True)
+    peer.results.keep(2, "", torch.ones(NUMEL))
+    peer.keeper.hold([MissedRound(1, 0, "", (("a", "127.0.0.1:1"),)), MissedRound(2, 0, "", (("a", "127.0.0.1:1"),))],
+                     "p", last_round=1)
+    assert peer.keeper._task is None  # no fetch started (none could run: no loop here)
 
 
 @pytest.mark.timeout(90)
