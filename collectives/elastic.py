@@ -28,7 +28,9 @@ results of its last ``keep_results`` rounds and serves them, and the late
 peer fetches the rounds it missed and hands them to its optimizer, which
 applies them in order (``CaughtUp``), when that costs fewer bytes than the
 state. Anything wrong with a fetched result (gone, wrong size, not finite)
-falls back to the full state.
+falls back to the full state (``collectives/catchup.py``, which also keeps
+the results of rounds of some of the peers for the run, when the coordinator
+asks).
 
 A contribution's weight may be a number or a function of the round's plan
 (its members in rank order, its round id), evaluated after the quorum of
@@ -101,8 +103,8 @@ from collectives.membership import (
 )
 from collectives.notes import RepeatNote
 from collectives.parts import flatten, shared_device, total_numel, unflatten_like
-from collectives.holding import ResultKeeper
-from collectives.results import CommittedResult, ResultStore, expected_wire_bytes, fetch_result
+from collectives.catchup import LateRounds
+from collectives.results import CommittedResult, ResultStore
 from collectives.statesync import (
     ExpectedState,
     StateServer,
@@ -139,8 +141,6 @@ LEAVE_DIGEST_S = 2.0
 # A peer told to wait for the run's state asks the coordinator again this often (unless it says how often),
 # and repeats why it waits now and then (collectives/notes.py).
 WAIT_POLL_S = 2.0
-# A missed round's result not flowing from one member for this long is fetched from the next member.
-RESULT_STALL_S = 3.0
 
 
 def _log_failure(future: concurrent.futures.Future) -> None:
@@ -201,9 +201,10 @@ class ElasticCollective:
         self.state_server = StateServer(
             self.transport, config.run_id, provider or (lambda: None), config.state_sync, results=self.results.snapshot
         )
-        # The results of other rounds the coordinator asks this peer to keep (collectives/holding.py).
-        self.keeper = ResultKeeper(
-            self.transport, config.run_id, self._result_fetching(), self.results,
+        # Catching up by the results of rounds this peer missed, and keeping those the coordinator asks it to
+        # hold for the run (collectives/catchup.py).
+        self.late = LateRounds(
+            self.transport, config.run_id, config.state_sync, self.results,
             keep=lambda r: self._keep_result(r.round_id, r.tag, r.value, r.codec, r.parts),
         )
         self.membership = MembershipClient(
@@ -231,8 +232,6 @@ class ElasticCollective:
         # Whether a sync already waited holder_wait_s for a holder of the run's last round in vain (reset once
         # registered again): the syncs after it do not wait again.
         self._waited_out = False
-        self._round_numel: Callable[[str], int] | None = None
-        self._state_nbytes: Callable[[], int] | None = None
         # What each state fetch of this peer took (statesync.FetchReport), for reports and tests.
         self.fetches: list = []
         # Whether this fresh peer kept its own initial state at its join, the founder's being the same (start()).
@@ -281,13 +280,12 @@ class ElasticCollective:
         state, when they are fewer bytes than ``state_nbytes()``.
 
         ``results_are_the_runs``: every member of a round gets the same result (not NoLoCo's pairs); with
-        ``round_numel`` this peer then offers to keep other rounds' results for the run (collectives/holding.py).
+        ``round_numel`` this peer then offers to keep other rounds' results for the run (collectives/catchup.py).
         """
         self.state_server.provider = provider
-        self._round_numel = round_numel
-        self.keeper.round_numel = round_numel
-        self.keeper.results_are_the_runs = results_are_the_runs
-        self._state_nbytes = state_nbytes
+        self.late.round_numel = round_numel
+        self.late.state_nbytes = state_nbytes
+        self.late.results_are_the_runs = results_are_the_runs
         self._digest_of = digest
         self._offers_initial = initial_is_the_runs
 
@@ -486,8 +484,8 @@ class ElasticCollective:
                 interval_s, lambda: self.last_round, lambda: (counters.bytes_sent, counters.bytes_received),
                 digest=lambda: self._digest[1] if self._digest[0] == self.last_round else "",
                 refusals=self._refusals,
-                held=lambda: self.keeper.held() if self._holds_state else None,
-                hold=lambda rounds: self.keeper.hold(rounds, self.peer_id, self.last_round),
+                held=lambda: self.late.held() if self._holds_state else None,
+                hold=lambda rounds: self.late.hold(rounds, self.peer_id, self.last_round),
             )
         )
         try:
@@ -498,7 +496,7 @@ class ElasticCollective:
                 await self._rejoin()
         finally:
             await cancel_and_wait([beat])
-            await self.keeper.stop()
+            await self.late.stop()
 
     async def _rejoin(self) -> str:
         """Register again, unless done since the coordinator last said this peer is out (``unregistered``); "" once
@@ -740,35 +738,10 @@ class ElasticCollective:
             self._move(plan.round_id, Phase.QUORUM)
 
     async def _catch_up(self, plan: RoundPlan, codec: CodecConfig | None) -> list[CommittedResult] | None:
-        """The committed results of the rounds this peer missed, fetched from their members; None: fetch the state."""
-        if self._round_numel is None:
+        """The committed results of the rounds this peer missed, kept here or fetched; None: fetch the state."""
+        results = await self.late.results_of(plan, codec, self.last_round, self.peer_id)
+        if results is None:
             return None
-        ids = [m.round_id for m in plan.missed]
-        if ids != list(range(self.last_round + 1, self.last_round + 1 + len(ids))):
-            log.warning("missed rounds %s do not follow round %d; fetching the state", ids[:10], self.last_round)
-            return None
-        try:
-            numels = [self._round_numel(m.tag) for m in plan.missed]
-        except LoconetError as exc:
-            log.warning("cannot catch up by results (%s); fetching the state", exc)
-            return None
-        # Results this peer keeps already (the coordinator asked it to hold them) are not fetched again.
-        local = [self.results.get(m.round_id, m.tag) for m in plan.missed]
-        local = [r if r is not None and r.value.numel() == n else None for r, n in zip(local, numels)]
-        wire = sum(expected_wire_bytes(n, codec) for n, r in zip(numels, local) if r is None)
-        state_bytes = self._state_nbytes() if self._state_nbytes is not None else math.inf
-        # Equal bytes favour the results: the source then copies nothing (a state fetch snapshots the state).
-        # With nobody holding the state (only the results outlived the round's members) the results it is.
-        if wire > state_bytes and (plan.sync_sources or plan.sync_from):
-            log.info("%d missed round(s) are about %d bytes, the state %d: fetching the state", len(numels), wire, state_bytes)
-            return None
-        results = []
-        config = self._result_fetching()
-        for missed, numel, kept in zip(plan.missed, numels, local):
-            got = kept or await fetch_result(self.transport, self.config.run_id, self.peer_id, config, missed, numel)
-            if got is None:
-                return None
-            results.append(got)
         self.last_round = results[-1].round_id
         for r in results:
             await self._keep_result(r.round_id, r.tag, r.value, codec, r.parts)
@@ -777,12 +750,6 @@ class ElasticCollective:
             results[0].round_id, results[-1].round_id, sum(r.wire_bytes for r in results),
         )
         return results
-
-    def _result_fetching(self) -> StateSyncConfig:
-        """The state-sync settings of a result's fetch: a holder that stalls (paused, overloaded) is left for the
-        next one sooner than a state's source is: another holds the same result, and the run may be waiting."""
-        state_sync = self.config.state_sync
-        return dataclasses.replace(state_sync, stall_timeout_s=min(state_sync.stall_timeout_s, RESULT_STALL_S))
 
     def _reduce_with(self, plan: RoundPlan, within: Within | None) -> tuple[tuple[str, str], ...]:
         """The (peer id, address) of the members this peer reduces with, in rank order; ProtocolError (this member

@@ -1,5 +1,5 @@
 """A round of some of the peers outlives its members: other peers keep its result (peer/coordinator/resultholders.py,
-collectives/holding.py).
+collectives/catchup.py).
 
 The rules are pure functions with table-like tests; then the coordinator's side against a real coordinator with
 made-up peers; then real peers: a round of two of three, its result kept by the third, both members gone, and the
@@ -208,27 +208,27 @@ NUMEL = 1000
 INT8 = CodecConfig.parse("int8")
 
 
-def test_a_peer_that_is_not_the_runs_results_does_not_offer():
-    keeper = ElasticCollective(ElasticConfig(coordinator="127.0.0.1:1", run_id="r")).keeper
-    keeper.round_numel = lambda tag: NUMEL
-    assert keeper.held() is None
-    keeper.results_are_the_runs = True
-    assert keeper.held() == []
+def test_a_peer_whose_results_are_not_the_runs_does_not_offer():
+    late = ElasticCollective(ElasticConfig(coordinator="127.0.0.1:1", run_id="r")).late
+    late.round_numel = lambda tag: NUMEL
+    assert late.held() is None
+    late.results_are_the_runs = True
+    assert late.held() == []
 
 
-def test_a_keeper_with_keep_results_0_does_not_offer():
+def test_a_peer_with_keep_results_0_does_not_offer():
     peer = ElasticCollective(ElasticConfig(coordinator="127.0.0.1:1", run_id="r", keep_results=0))
     peer.provide_state(lambda: None, round_numel=lambda tag: NUMEL, results_are_the_runs=True)
-    assert peer.keeper.held() is None and isinstance(peer.results, ResultStore)
+    assert peer.late.held() is None and isinstance(peer.results, ResultStore)
 
 
-def test_a_keeper_fetches_nothing_for_a_round_its_state_has_or_one_it_keeps():
+def test_a_peer_asked_to_hold_fetches_nothing_for_a_round_its_state_has_or_one_it_keeps():
     peer = ElasticCollective(ElasticConfig(coordinator="127.0.0.1:1", run_id="r"))
     peer.provide_state(lambda: None, round_numel=lambda tag: NUMEL, results_are_the_runs=True)
     peer.results.keep(2, "", torch.ones(NUMEL))
-    peer.keeper.hold([MissedRound(1, 0, "", (("a", "127.0.0.1:1"),)), MissedRound(2, 0, "", (("a", "127.0.0.1:1"),))],
+    peer.late.hold([MissedRound(1, 0, "", (("a", "127.0.0.1:1"),)), MissedRound(2, 0, "", (("a", "127.0.0.1:1"),))],
                      "p", last_round=1)
-    assert peer.keeper._task is None  # no fetch started (none could run: no loop here)
+    assert peer.late._task is None  # no fetch started (none could run: no loop here)
 
 
 @pytest.mark.timeout(90)
@@ -250,9 +250,9 @@ def test_a_round_of_two_of_three_outlives_both_members_on_the_third_peer():
             results = [f.result(30) for f in [a.sync_async(xs[0], codec=INT8), b.sync_async(xs[1], codec=INT8)]]
             assert [r.round_id for r in results] == [1, 1]
             deadline = time.monotonic() + 20
-            while third.keeper.fetched != [1] and time.monotonic() < deadline:
+            while third.late.fetched != [1] and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert third.keeper.fetched == [1] and third.keeper.fetched_bytes > 0
+            assert third.late.fetched == [1] and third.late.fetched_bytes > 0
             while not any(p["kept_results"] for p in coord.status()["peers"]) and time.monotonic() < deadline:
                 time.sleep(0.05)  # its next heartbeat says so
             assert [p["kept_results"] for p in coord.status()["peers"] if p["kept_results"]] == [[1]]

@@ -1,0 +1,141 @@
+"""Rounds this peer was not in: catching up by their results, and keeping results for the run.
+
+A peer that a round went on without (a ``first-k`` or ``sample`` quorum, an
+asynchronous buffer, a short pause) need not fetch the whole state: the
+round's holders keep its committed result (``collectives/results.py``), and
+the late peer fetches the result of each round it missed, checked, for its
+optimizer to apply in order (``LateRounds.results_of``), when that costs
+fewer bytes than the state. Anything wrong with a fetched result (gone,
+wrong size, not finite) falls back to the whole state.
+
+A round of only some of the live peers is held by its members alone until
+the others catch up. The coordinator therefore names, in a heartbeat
+answer, recent rounds too few live peers hold
+(``peer/coordinator/resultholders.py``); the peer fetches each one's result
+from its holders the same way and keeps it in its ``ResultStore``
+(``LateRounds.hold``), from which it serves late peers and, at its own next
+sync, catches up without fetching it again. Its heartbeats list the results
+it keeps. A peer offers once it holds the run's state (its collective says
+so) and its optimizer says its rounds' results are the run's (not NoLoCo's
+pairs). One batch of such fetches runs at a time, as a task on the
+transport's loop that ``stop`` cancels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+
+from collectives.asynctasks import cancel_and_wait
+from collectives.codecs import CodecConfig
+from collectives.errors import LoconetError
+from collectives.membership import MissedRound, RoundPlan
+from collectives.results import CommittedResult, ResultStore, expected_wire_bytes, fetch_result
+from collectives.statesync import StateSyncConfig
+from collectives.transport import Transport
+
+log = logging.getLogger(__name__)
+
+# A result not flowing from one holder for this long is fetched from the next: another holds the same result,
+# and the run may be waiting for this peer (a state's source gets the state fetch's longer stall timeout).
+RESULT_STALL_S = 3.0
+
+
+class LateRounds:
+    """Catches this peer up by the results of rounds it missed; fetches and keeps those the coordinator asks it to."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        run_id: str,
+        config: StateSyncConfig,
+        results: ResultStore,
+        keep: Callable[[CommittedResult], Awaitable[None]],
+    ) -> None:
+        self.transport = transport
+        self.run_id = run_id
+        self.config = dataclasses.replace(config, stall_timeout_s=min(config.stall_timeout_s, RESULT_STALL_S))
+        self.results = results
+        self._keep = keep
+        # Set by the optimizer (ElasticCollective.provide_state): a round's size by its tag, the state's bytes, and
+        # whether its rounds' results are the run's.
+        self.round_numel: Callable[[str], int] | None = None
+        self.state_nbytes: Callable[[], int] | None = None
+        self.results_are_the_runs = False
+        self._task: asyncio.Task | None = None
+        # Results fetched to hold, and their bytes on the wire (for reports and tests).
+        self.fetched: list[int] = []
+        self.fetched_bytes = 0
+
+    async def results_of(
+        self, plan: RoundPlan, codec: CodecConfig | None, last_round: int, peer_id: str
+    ) -> list[CommittedResult] | None:
+        """The committed results of the rounds plan says this peer (at last_round) missed, in order: kept here
+        already, or fetched from their holders; None: fetch the state instead."""
+        if self.round_numel is None:
+            return None
+        ids = [m.round_id for m in plan.missed]
+        if ids != list(range(last_round + 1, last_round + 1 + len(ids))):
+            log.warning("missed rounds %s do not follow round %d; fetching the state", ids[:10], last_round)
+            return None
+        try:
+            numels = [self.round_numel(m.tag) for m in plan.missed]
+        except LoconetError as exc:
+            log.warning("cannot catch up by results (%s); fetching the state", exc)
+            return None
+        # Results this peer keeps already (the coordinator asked it to hold them) are not fetched again.
+        local = [self.results.get(m.round_id, m.tag) for m in plan.missed]
+        local = [r if r is not None and r.value.numel() == n else None for r, n in zip(local, numels)]
+        wire = sum(expected_wire_bytes(n, codec) for n, r in zip(numels, local) if r is None)
+        state_bytes = self.state_nbytes() if self.state_nbytes is not None else math.inf
+        # Equal bytes favour the results: the source then copies nothing (a state fetch snapshots the state).
+        # With nobody holding the state (only the results outlived the round's members) the results it is.
+        if wire > state_bytes and (plan.sync_sources or plan.sync_from):
+            log.info("%d missed round(s) are about %d bytes, the state %d: fetching the state", len(numels), wire, state_bytes)
+            return None
+        results = []
+        for missed, numel, kept in zip(plan.missed, numels, local):
+            got = kept or await fetch_result(self.transport, self.run_id, peer_id, self.config, missed, numel)
+            if got is None:
+                return None
+            results.append(got)
+        return results
+
+    def offers(self) -> bool:
+        """Whether this peer offers to keep other rounds' results (once it holds the run's state: the caller's part)."""
+        return self.results_are_the_runs and self.round_numel is not None and self.results.keep_last > 0
+
+    def held(self) -> list[int] | None:
+        """The rounds whose results this peer keeps (for its heartbeats), or None when it does not offer."""
+        return self.results.rounds() if self.offers() else None
+
+    def hold(self, rounds: Sequence[MissedRound], peer_id: str, last_round: int) -> None:
+        """Start fetching these rounds' results to keep (on the loop), unless a batch is still being fetched."""
+        if self._task is not None and not self._task.done():
+            return
+        wanted = [m for m in rounds if m.round_id > last_round and m.round_id not in self.results.rounds()]
+        if wanted and self.offers():
+            self._task = asyncio.get_running_loop().create_task(self._fetch(wanted, peer_id))
+
+    async def _fetch(self, rounds: Sequence[MissedRound], peer_id: str) -> None:
+        for missed in rounds:
+            try:
+                numel = self.round_numel(missed.tag)
+                got = await fetch_result(self.transport, self.run_id, peer_id, self.config, missed, numel)
+            except LoconetError as exc:  # a tag it does not know, or the transport closing: keeping is optional
+                log.info("not keeping round %d's result: %s", missed.round_id, exc)
+                continue
+            if got is None:
+                continue
+            await self._keep(got)
+            self.fetched.append(got.round_id)
+            self.fetched_bytes += got.wire_bytes
+            log.info("keeping round %d's result for the run (%d bytes from %s)", got.round_id, got.wire_bytes, got.source)
+
+    async def stop(self) -> None:
+        """Cancel a batch of fetches in flight."""
+        if self._task is not None:
+            await cancel_and_wait([self._task])
