@@ -432,6 +432,17 @@ def test_page_marks_the_peers_a_sample_drew_for_the_last_round(serve, tmp_path):
 
 
 @needs_chromium
+def test_page_names_the_rounds_a_peer_keeps_the_results_of_for_the_run(serve, tmp_path):
+    doc = sample_status()
+    doc["peers"][2].update(in_last_round=False, kept_results=[11, 12])
+    dom = DomIndex(run_chromium(serve(lambda: doc).url + "/", tmp_path, "--dump-dom"))
+    (row,) = dom.find("tr", cls="peer-row", data_peer_id="p3")
+    assert cells(dom, row)[9] == "12 +r11,r12"
+    cell = [n for n in dom.nodes[dom.nodes.index(row) + 1 :] if n.tag == "td"][9]
+    assert cell.attrs["title"] == "not in the last committed round; keeps the results of rounds 11, 12 for the run"
+
+
+@needs_chromium
 def test_page_names_the_quorum_policy(rendered):
     assert "quorum sample:3" in rendered.by_id("coord").text
 
