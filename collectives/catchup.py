@@ -87,7 +87,7 @@ class LateRounds:
             log.warning("cannot catch up by results (%s); fetching the state", exc)
             return None
         # Results this peer keeps already (the coordinator asked it to hold them) are not fetched again.
-        local = [self.results.get(m.round_id, m.tag) for m in plan.missed]
+        local = [self.results.get(m.round_id, m.tag, m.epoch) for m in plan.missed]
         local = [r if r is not None and r.value.numel() == n else None for r, n in zip(local, numels)]
         wire = sum(expected_wire_bytes(n, codec) for n, r in zip(numels, local) if r is None)
         state_bytes = self.state_nbytes() if self.state_nbytes is not None else math.inf
@@ -108,15 +108,16 @@ class LateRounds:
         """Whether this peer offers to keep other rounds' results (once it holds the run's state: the caller's part)."""
         return self.results_are_the_runs and self.round_numel is not None and self.results.keep_last > 0
 
-    def held(self) -> list[int] | None:
-        """The rounds whose results this peer keeps (for its heartbeats), or None when it does not offer."""
-        return self.results.rounds() if self.offers() else None
+    def held(self) -> list[tuple[int, int]] | None:
+        """(round id, epoch) of the results this peer keeps (for its heartbeats), or None when it does not offer."""
+        return self.results.attempts() if self.offers() else None
 
     def hold(self, rounds: Sequence[MissedRound], peer_id: str, last_round: int) -> None:
         """Start fetching these rounds' results to keep (on the loop), unless a batch is still being fetched."""
         if self._task is not None and not self._task.done():
             return
-        wanted = [m for m in rounds if m.round_id > last_round and m.round_id not in self.results.rounds()]
+        kept = set(self.results.attempts())
+        wanted = [m for m in rounds if m.round_id > last_round and (m.round_id, m.epoch) not in kept]
         if wanted and self.offers():
             self._task = asyncio.get_running_loop().create_task(self._fetch(wanted, peer_id))
 

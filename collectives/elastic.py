@@ -88,6 +88,7 @@ from collectives.addresses import coordinator_address
 from collectives.aggregators import AggregatorConfig, make_aggregator
 from collectives.allreduce import AllReduceConfig, AllReduceResult, Collective
 from collectives.asynctasks import cancel_and_wait
+from collectives.catchup import LateRounds
 from collectives.codecs import CodecConfig, check_finite
 from collectives.errors import ConfigError, LoconetError, MemberFailure, ProtocolError, RoundFailed
 from collectives.hostlocal import resolve_host_id, round_hosts
@@ -103,7 +104,6 @@ from collectives.membership import (
 )
 from collectives.notes import RepeatNote
 from collectives.parts import flatten, shared_device, total_numel, unflatten_like
-from collectives.catchup import LateRounds
 from collectives.results import CommittedResult, ResultStore
 from collectives.statesync import (
     ExpectedState,
@@ -205,7 +205,7 @@ class ElasticCollective:
         # hold for the run (collectives/catchup.py).
         self.late = LateRounds(
             self.transport, config.run_id, config.state_sync, self.results,
-            keep=lambda r: self._keep_result(r.round_id, r.tag, r.value, r.codec, r.parts),
+            keep=lambda r: self._keep_result(r.round_id, r.tag, r.value, r.codec, r.parts, r.epoch),
         )
         self.membership = MembershipClient(
             self.transport,
@@ -319,14 +319,15 @@ class ElasticCollective:
             return ""
 
     async def _keep_result(
-        self, round_id: int, tag: str, flat: torch.Tensor, codec: CodecConfig | None, parts: int
+        self, round_id: int, tag: str, flat: torch.Tensor, codec: CodecConfig | None, parts: int, epoch: int
     ) -> None:
-        """Keep a committed round's result for late peers, and every result a pinned snapshot's joiner needs."""
+        """Keep a committed round's result (of the attempt at epoch) for late peers, and every result a pinned
+        snapshot's joiner needs."""
         pinned = self.state_server.pinned_rounds()
         # Off the loop: the copy takes ~40 ms at 25M parameters (seconds for a large model), and the loop
         # meanwhile carries this peer's transfers and serves its state. A late peer asking meanwhile waits.
         await self.transport.run_off_loop(
-            self.results.keep, round_id, tag, flat, codec, min(pinned) if pinned else None, parts
+            self.results.keep, round_id, tag, flat, codec, min(pinned) if pinned else None, parts, epoch
         )
         self.state_server.result_kept()
 
@@ -712,7 +713,7 @@ class ElasticCollective:
             if outcome.commit and done is not None:
                 self._move(plan.round_id, Phase.COMMITTED)
                 self.last_round = plan.round_id
-                await self._keep_result(plan.round_id, tag, out, allreduce.codec, len(reduce_with))
+                await self._keep_result(plan.round_id, tag, out, allreduce.codec, len(reduce_with), plan.epoch)
                 if residual is not None:
                     residual.copy_(work)
                 return SyncResult(
@@ -744,7 +745,7 @@ class ElasticCollective:
             return None
         self.last_round = results[-1].round_id
         for r in results:
-            await self._keep_result(r.round_id, r.tag, r.value, codec, r.parts)
+            await self._keep_result(r.round_id, r.tag, r.value, codec, r.parts, r.epoch)
         log.info(
             "caught up rounds %d-%d by their results (%d bytes)",
             results[0].round_id, results[-1].round_id, sum(r.wire_bytes for r in results),

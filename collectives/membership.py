@@ -513,13 +513,13 @@ class MembershipClient:
         traffic: Callable[[], tuple[int, int]],
         digest: Callable[[], str] = lambda: "",
         refusals: Callable[[], dict[str, int]] = dict,
-        held: Callable[[], Sequence[int] | None] = lambda: None,
+        held: Callable[[], Sequence[tuple[int, int]] | None] = lambda: None,
         hold: Callable[[tuple[MissedRound, ...]], None] = lambda rounds: None,
     ) -> None:
         """Send heartbeats with the peer's status every interval_s (or as the coordinator's answers say) until cancelled.
 
         ``digest()``: the state's digest as of ``last_round()`` if already computed ("" otherwise; never computes).
-        ``held()``: the rounds whose results this peer keeps, or None when it does not offer to keep others';
+        ``held()``: (round id, epoch) of the results this peer keeps, or None when it does not offer to keep others';
         ``hold(rounds)``: the coordinator asks it to fetch and keep these rounds' results (called on the loop).
         """
         while True:
@@ -545,7 +545,7 @@ class MembershipClient:
                     refusals=refusals(),
                 ),
                 holds_results=kept is not None,
-                held_results=kept or (),
+                held_results=[pb.HeldResult(round_id=r, epoch=e) for r, e in kept or ()],
             )
             watched = self._watched
             if watched is not None:

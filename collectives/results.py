@@ -71,6 +71,7 @@ class _Kept:
     value: torch.Tensor
     codec: CodecConfig | None
     parts: int
+    epoch: int
     # The encoded parts once a late peer asked for the result (None: not yet; []: the round trip was not exact).
     encoded: list[bytes] | None = None
 
@@ -97,11 +98,17 @@ class ResultStore:
         with self._lock:
             return list(self._kept)
 
+    def attempts(self) -> list[tuple[int, int]]:
+        """(round id, epoch) of the attempts whose committed results are kept, oldest first."""
+        with self._lock:
+            return [(r, k.epoch) for r, k in self._kept.items()]
+
     def keep(self, round_id: int, tag: str, value: torch.Tensor, codec: CodecConfig | None = None,
-             hold_after: int | None = None, parts: int = 1) -> None:
+             hold_after: int | None = None, parts: int = 1, epoch: int = 0) -> None:
         """Keep a copy of a committed round's flat result (the caller keeps using its own).
 
-        ``codec``, ``parts``: what the round sent it in, and into how many parts (its members) it was cut.
+        ``codec``, ``parts``: what the round sent it in, and into how many parts (its members) it was cut;
+        ``epoch``: the epoch of the attempt that committed it.
         ``hold_after``: the oldest round a joiner's pinned snapshot is at; the results after it are kept
         beyond the last ``keep`` rounds (within ``max_bytes``), so that joiner can catch up.
         """
@@ -111,7 +118,7 @@ class ResultStore:
             return
         # Copied before the round counts as committed here: a late peer asking meanwhile is told to wait
         # (ResultNotYet), not that the result is not kept.
-        entry = _Kept(tag, value.detach().to("cpu", torch.float32).clone(), codec, max(int(parts), 1))
+        entry = _Kept(tag, value.detach().to("cpu", torch.float32).clone(), codec, max(int(parts), 1), epoch)
         with self._lock:
             self._newest = max(self._newest, round_id)
             self._kept[round_id] = entry
@@ -133,13 +140,14 @@ class ResultStore:
             total -= self._kept.pop(r).value.numel() * 4
             log.info("dropped the kept result of round %d: kept results exceed %d bytes", r, self.max_bytes)
 
-    def get(self, round_id: int, tag: str) -> CommittedResult | None:
-        """The kept result of round_id if it carried tag (a copy: the caller may apply it in place), else None."""
+    def get(self, round_id: int, tag: str, epoch: int) -> CommittedResult | None:
+        """The kept result of round_id if that attempt (epoch) committed it with tag (a copy: the caller may apply
+        it in place), else None."""
         with self._lock:
             entry = self._kept.get(round_id)
-        if entry is None or entry.tag != tag:
+        if entry is None or entry.tag != tag or entry.epoch != epoch:
             return None
-        return CommittedResult(round_id, tag, entry.value.clone(), parts=entry.parts, codec=entry.codec)
+        return CommittedResult(round_id, tag, entry.value.clone(), epoch=epoch, parts=entry.parts, codec=entry.codec)
 
     def snapshot(self, round_id: int) -> StateSnapshot | None:
         """The result of round_id as served to a late peer (encoded when that is exact), or None if not kept.

@@ -129,8 +129,16 @@ class HeartbeatRequest(_message.Message):
     round_id: int
     round_epoch: int
     holds_results: bool
-    held_results: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., metrics: _Optional[_Union[PeerMetrics, _Mapping]] = ..., state_digest: _Optional[str] = ..., round_id: _Optional[int] = ..., round_epoch: _Optional[int] = ..., holds_results: _Optional[bool] = ..., held_results: _Optional[_Iterable[int]] = ...) -> None: ...
+    held_results: _containers.RepeatedCompositeFieldContainer[HeldResult]
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., metrics: _Optional[_Union[PeerMetrics, _Mapping]] = ..., state_digest: _Optional[str] = ..., round_id: _Optional[int] = ..., round_epoch: _Optional[int] = ..., holds_results: _Optional[bool] = ..., held_results: _Optional[_Iterable[_Union[HeldResult, _Mapping]]] = ...) -> None: ...
+
+class HeldResult(_message.Message):
+    __slots__ = ("round_id", "epoch")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    epoch: int
+    def __init__(self, round_id: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known", "epoch", "last_committed_round", "run_step", "round_step", "heartbeat_s", "round_over", "since_commit_s", "hold")

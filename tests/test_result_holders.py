@@ -91,14 +91,14 @@ def test_the_holders_of_a_round_are_its_live_members_then_the_others_sorted():
 
 def test_a_heartbeat_replaces_what_its_peer_said_it_keeps():
     book = ResultHolders()
-    book.note_held("e", [1, 2], remembered={1, 2})
-    book.note_held("e", [2], remembered={1, 2})
+    book.note_held("e", [(1, 0), (2, 0)], remembered={1: 0, 2: 0})
+    book.note_held("e", [(2, 0)], remembered={1: 0, 2: 0})
     assert book.held == {1: set(), 2: {"e"}}
 
 
 def test_a_round_no_longer_remembered_is_not_recorded_and_is_forgotten():
     book = ResultHolders()
-    book.note_held("e", [1, 7], remembered={1, 2})
+    book.note_held("e", [(1, 0), (7, 0)], remembered={1: 0, 2: 0})
     book.note_asked("c", [2], now=1.0)
     book.forget(remembered={2})
     assert (book.held, book.asked) == ({}, {2: {"c": 1.0}})
@@ -107,8 +107,15 @@ def test_a_round_no_longer_remembered_is_not_recorded_and_is_forgotten():
 def test_a_peer_that_says_it_keeps_a_round_is_no_longer_counted_as_asked():
     book = ResultHolders()
     book.note_asked("e", [1], now=1.0)
-    book.note_held("e", [1], remembered={1})
+    book.note_held("e", [(1, 3)], remembered={1: 3})
     assert (book.held, book.asked) == ({1: {"e"}}, {1: {}})
+
+
+def test_a_result_of_another_attempt_of_the_round_is_not_recorded():
+    # Round 5 rolled back and committed again at epoch 4: a result of epoch 2 is another round's.
+    book = ResultHolders()
+    book.note_held("e", [(5, 2)], remembered={5: 4})
+    assert book.held == {}
 
 
 def test_the_coordinator_refuses_a_negative_or_absurd_number_of_holders():
@@ -132,17 +139,32 @@ def coordinator() -> Iterator[Callable[..., Live]]:
         yield start
 
 
+# The epoch of round 1 in these runs.
+EPOCH = 0
+
+
 def beat(c: Live, peer_id: str, last_round: int = 0, offers: bool = True, held=()) -> pb.HeartbeatResponse:
+    """A heartbeat; held: the (round id, epoch) of the results the peer says it keeps."""
     request = pb.HeartbeatRequest(run_id=RUN, peer_id=peer_id, last_round=last_round, holds_results=offers,
-                                  held_results=list(held))
+                                  held_results=[pb.HeldResult(round_id=r, epoch=e) for r, e in held])
     return c.stub.Heartbeat(request, timeout=5)
 
 
 def two_of_four(c: Live) -> list[str]:
-    """Peers a, b, c, d at 127.0.0.1:1..4; a and b commit round 1 (first-k:2). Their ids."""
+    """Peers a, b, c, d at 127.0.0.1:1..4; a and b commit round 1 (first-k:2) at epoch EPOCH. Their ids."""
     ids = [c.join(f"127.0.0.1:{port}", has_state=True).peer_id for port in (1, 2, 3, 4)]
-    c.play(ids[:2], 0)
+    assert c.play(ids[:2], 0).epoch == EPOCH
     return ids
+
+
+def test_a_peer_that_keeps_another_attempts_result_is_not_named(coordinator):
+    c = coordinator()
+    a, b, p3, p4 = two_of_four(c)
+    beat(c, p3, held=[(1, EPOCH + 1)])
+    c.leave(a)
+    c.leave(b)
+    with pytest.raises(Exception, match="waits for the run's state"):
+        c.ask(p4, 0).result()
 
 
 def named(rounds) -> list[tuple[int, list[str]]]:
@@ -173,7 +195,7 @@ def test_when_both_members_are_gone_a_late_peer_catches_up_from_the_peer_that_ke
     c = coordinator()
     a, b, p3, p4 = two_of_four(c)
     beat(c, p3)
-    beat(c, p3, held=[1])
+    beat(c, p3, held=[(1, EPOCH)])
     c.leave(a)
     c.leave(b)
     answer = c.ask(p4, 0).result()
@@ -194,7 +216,7 @@ def test_without_a_peer_that_kept_it_a_late_peer_waits_for_the_run_state(coordin
 def test_a_peer_that_stops_keeping_a_round_is_no_longer_named(coordinator):
     c = coordinator()
     a, b, p3, p4 = two_of_four(c)
-    beat(c, p3, held=[1])
+    beat(c, p3, held=[(1, EPOCH)])
     beat(c, p3, held=[])
     c.leave(a)
     c.leave(b)
@@ -225,7 +247,7 @@ def test_a_peer_with_keep_results_0_does_not_offer():
 def test_a_peer_asked_to_hold_fetches_nothing_for_a_round_its_state_has_or_one_it_keeps():
     peer = ElasticCollective(ElasticConfig(coordinator="127.0.0.1:1", run_id="r"))
     peer.provide_state(lambda: None, round_numel=lambda tag: NUMEL, results_are_the_runs=True)
-    peer.results.keep(2, "", torch.ones(NUMEL))
+    peer.results.keep(2, "", torch.ones(NUMEL), epoch=0)
     peer.late.hold([MissedRound(1, 0, "", (("a", "127.0.0.1:1"),)), MissedRound(2, 0, "", (("a", "127.0.0.1:1"),))],
                      "p", last_round=1)
     assert peer.late._task is None  # no fetch started (none could run: no loop here)

@@ -176,3 +176,13 @@ def test_expected_wire_bytes_follow_the_codec():
     assert expected_wire_bytes(1000, None) == 4000
     assert expected_wire_bytes(1000, CodecConfig()) == 4000
     assert expected_wire_bytes(1024, INT8) == make_codec(INT8).max_payload_size(1024) < 4096
+
+
+def test_a_kept_result_is_had_again_only_for_its_round_tag_and_epoch():
+    store = ResultStore(keep=2)
+    value = committed()
+    store.keep(3, "g", value, INT8, epoch=2)
+    got = store.get(3, "g", 2)
+    assert torch.equal(got.value, value) and (got.round_id, got.epoch, got.codec) == (3, 2, INT8)
+    assert (store.get(3, "g", 1), store.get(3, "h", 2), store.get(4, "g", 2)) == (None, None, None)
+    assert store.attempts() == [(3, 2)]

@@ -46,10 +46,11 @@ class ResultHolders:
     # round id -> peer -> when it was asked to keep it (time.monotonic()), until it says it does.
     asked: dict[int, dict[str, float]] = field(default_factory=dict)
 
-    def note_held(self, peer_id: str, rounds: Iterable[int], remembered: Collection[int]) -> None:
-        """A heartbeat's ``held_results``: what peer_id keeps now, replacing what it said before (rounds no longer
-        remembered are not recorded)."""
-        now_held = {r for r in rounds if r in remembered}
+    def note_held(self, peer_id: str, attempts: Iterable[tuple[int, int]], remembered: Mapping[int, int]) -> None:
+        """A heartbeat's ``held_results``, (round id, epoch) pairs: what peer_id keeps now, replacing what it said
+        before. Only the attempts that committed a remembered round (``remembered``: round id -> its epoch) count:
+        a result of a round rolled back and committed again is another round's."""
+        now_held = {r for r, e in attempts if remembered.get(r) == e}
         for round_id, peers in self.held.items():
             if round_id not in now_held:
                 peers.discard(peer_id)

@@ -555,7 +555,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if not req.holds_results:
             return []
         # A peer that offers lists every result it keeps in each heartbeat (none: an empty list).
-        book.note_held(peer_id, req.held_results[:MAX_HELD_REPORTED], {c.round_id for c in s.committed})
+        held = [(h.round_id, h.epoch) for h in req.held_results[:MAX_HELD_REPORTED]]
+        book.note_held(peer_id, held, {c.round_id: c.epoch for c in s.committed})
         if self.config.result_holders == 0:
             return []
         rounds = rounds_to_hold(
