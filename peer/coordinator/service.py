@@ -8,8 +8,9 @@ locks; the dashboard (an HTTP server on its own thread, started by
 decisions come from ``peer/coordinator/rules.py``, who takes part in a round
 from the quorum policy (``peer/coordinator/policies.py``); forming and
 deciding the attempts of rounds is ``peer/coordinator/quorum.py``'s
-``Quorums``; the settings are ``peer/coordinator/config.py``'s
-``CoordinatorConfig``.
+``Quorums``; where a peer behind the run fetches the state or the missed
+rounds' results from is ``peer/coordinator/sources.py``'s ``Sources``; the
+settings are ``peer/coordinator/config.py``'s ``CoordinatorConfig``.
 
 A round, as the coordinator sees it (round id = last committed round + 1)::
 
@@ -52,21 +53,18 @@ from peer.coordinator.identity import Caller, Callers, Rejoin
 from peer.coordinator.liveness import Liveness
 from peer.coordinator.quorum import BadRequest, Quorums
 from peer.coordinator.rules import (
-    CommittedRound,
     Decision,
     PeerView,
     Report,
     attempt_over,
-    choose_sync_sources,
     claim_verdict,
     head_round,
     holds_committed_state,
     join_action,
     majority_round,
     needs_resync,
-    rounds_to_catch_up,
 )
-from peer.coordinator.resultholders import MAX_HELD_REPORTED, rounds_to_hold
+from peer.coordinator.sources import Sources
 from peer.coordinator.runstate import PeerRecord, RunState
 from peer.coordinator.statefile import SavedRun, load_run, save_run
 from protos import membership_pb2 as pb
@@ -165,7 +163,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         }
         # Set by stop(): the waiting Quorum calls it ends are told to retry, not that they were superseded.
         self._stopping = False
-        self._serving: dict[str, int] = {}
+        # Where peers behind the run fetch the state or the missed rounds' results from.
+        self.sources = Sources(config, self.state)
         # Leases past their time, and probes of the peers a quorum waits for.
         self.liveness = Liveness(config, self.state, self.quorums, self._mark_lost)
         self.state.event("coordinator-start", "", f"run {config.run_id}")
@@ -367,9 +366,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             s.initial_digest = digest
             self._save()
         elif not has_state or needs_resync(req.last_round, s.last_committed_round):
-            sources = self._sources(peer_id)
+            sources = self.sources.state_sources(peer_id)
             if sources and has_state:
-                missed = self._missed(peer_id, req.last_round)
+                missed = self.sources.missed(peer_id, req.last_round)
             peer.state = "syncing"
         else:
             peer.state = "active"
@@ -435,22 +434,6 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             return True
         self.state.event("claim", peer_id, f"claims round {last_round}; the returning majority holds {adopted}")
         return False
-
-    def _sources(self, peer_id: str, count: bool = True) -> tuple[PeerView, ...]:
-        """Live up-to-date holders for a peer to fetch the state from, least busy first; counts it against the first.
-
-        Only the first (sync_from) is counted: it carries the whole fetch of a joiner that does not
-        stripe, and counting it alone makes consecutive joiners start at different donors.
-        """
-        s = self.state
-        committed = s.last_committed_round
-        # Only up-to-date holders can be sources (choose_sync_sources checks it again): views of them alone, as
-        # building a view of every live peer for each of 1,000 joiners took a second of the loop.
-        holders = [p.view() for p in s.alive_peers() if p.has_state and p.last_round >= committed]
-        sources = choose_sync_sources(holders, peer_id, committed, self._serving)
-        if sources and count:
-            self._serving[sources[0].peer_id] = self._serving.get(sources[0].peer_id, 0) + 1
-        return sources
 
     def _wait_answer(self, req: pb.JoinRequest, address: str) -> pb.JoinResponse:
         """Tell a joiner to wait: nobody live holds the run's last committed state, and it holds none or an older
@@ -544,27 +527,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return pb.HeartbeatResponse(
             known=True, epoch=self.state.epoch, last_committed_round=self.state.last_committed_round,
             run_step=self.state.run_step, round_step=self.state.round_step, heartbeat_s=heartbeat_s, round_over=over,
-            since_commit_s=self.quorums.since_commit(now), hold=self._to_hold(peer.peer_id, req, now),
+            since_commit_s=self.quorums.since_commit(now), hold=self.sources.to_hold(peer.peer_id, req, now),
         )
-
-    def _to_hold(self, peer_id: str, req: pb.HeartbeatRequest, now: float) -> list[pb.CommittedRound]:
-        """Note the results a heartbeat says its peer keeps; the rounds it should fetch and keep too, if it offers
-        (peer/coordinator/resultholders.py)."""
-        s = self.state
-        book = s.result_holders
-        if not req.holds_results:
-            return []
-        # A peer that offers lists every result it keeps in each heartbeat (none: an empty list).
-        held = [(h.round_id, h.epoch) for h in req.held_results[:MAX_HELD_REPORTED]]
-        book.note_held(peer_id, held, {c.round_id: c.epoch for c in s.committed})
-        if self.config.result_holders == 0:
-            return []
-        rounds = rounds_to_hold(
-            s.committed, book.held, book.asked, s.live, peer_id, req.last_round, self.config.result_holders, now,
-            ask_s=self.config.lease_s,
-        )
-        book.note_asked(peer_id, [c.round_id for c in rounds], now)
-        return [self._round_message(c) for c in rounds]
 
     def _leave(self, req: pb.LeaveRequest) -> pb.LeaveResponse:
         self._check_run(req.run_id)
@@ -611,7 +575,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             if resync is not None:
                 return resync
             peer.state = "active"
-            self._serving.pop(peer.peer_id, None)
+            self.sources.done_serving(peer.peer_id)
             answer = await self._wait(self.quorums.enqueue(peer.peer_id, tag, least), give_up, peer.peer_id)
             if answer is not None:
                 return answer.wire(req.known_members, req.member_changes, req.packed_members)
@@ -627,7 +591,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             return None
         # The rounds it missed, if it can catch up by their results: each still has a live holder (then the
         # run's last round is not lost, even with nobody holding its state yet).
-        missed = self._missed(peer.peer_id, last_round) if peer.has_state else []
+        missed = self.sources.missed(peer.peer_id, last_round) if peer.has_state else []
         if rules.allow_rollback and not missed:
             # Only a peer that is behind needs this check (a scan of every peer), and only where rollbacks are allowed.
             views = [p.view() for p in s.alive_peers()]
@@ -641,9 +605,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 self._save()
                 if not needs_resync(last_round, s.last_committed_round):
                     return None
-                missed = self._missed(peer.peer_id, last_round) if peer.has_state else []
+                missed = self.sources.missed(peer.peer_id, last_round) if peer.has_state else []
         # A peer that can catch up by results fetches no state: it is not counted against a donor.
-        sources = self._sources(peer.peer_id, count=not missed)
+        sources = self.sources.state_sources(peer.peer_id, count=not missed)
         if not sources and not missed and not settled:
             reason = (
                 f"the coordinator restarted; waiting for the peers holding round {s.last_committed_round} "
@@ -675,20 +639,6 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             pending_tag=self.quorums.pending_tag(peer.peer_id, now),
             since_commit_s=self.quorums.since_commit(now),
         )
-
-    def _missed(self, peer_id: str, last_round: int) -> list[pb.CommittedRound]:
-        """The committed rounds after last_round with their live holders' addresses; [] unless each is remembered
-        and held."""
-        s = self.state
-        rounds = rounds_to_catch_up(
-            s.committed, last_round, s.last_committed_round, s.live, peer_id, held=s.result_holders.held
-        )
-        return [self._round_message(c) for c in rounds]
-
-    def _round_message(self, c: CommittedRound) -> pb.CommittedRound:
-        """A remembered round as sent to peers, its ``members`` (live holders here) with their addresses."""
-        members = [pb.Member(peer_id=m, address=self.state.peers[m].address) for m in c.members]
-        return pb.CommittedRound(round_id=c.round_id, epoch=c.epoch, tag=c.tag, members=members)
 
     async def _wait(self, fut: asyncio.Future, give_up: float, peer_id: str):
         """fut's result, or the 'no quorum' refusal once the Quorum call has waited quorum_timeout_s."""
@@ -792,7 +742,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     def _mark_lost(self, peer: PeerRecord, why: str, kind: str, state: str = "lost") -> None:
         self.state.drop_peer(peer, state)
-        self._serving.pop(peer.peer_id, None)
+        self.sources.done_serving(peer.peer_id)
         self.quorums.refuse(peer.peer_id, grpc.StatusCode.NOT_FOUND, f"peer {peer.peer_id} is out of the run: {why}")
         self.state.event(kind, peer.peer_id, why)
         log.info("peer %s %s: %s", peer.peer_id, state, why)

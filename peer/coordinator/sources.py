@@ -1,0 +1,84 @@
+"""Where a peer behind the run gets what it lacks: the state's holders, and the missed rounds' results.
+
+The coordinator's answers to a joiner and to a peer told to resync name
+either live, up-to-date holders of the run's state (least busy first: each
+counts the fetches it was named first for) or, when every round the peer
+missed is remembered and held, those rounds with their live holders, so
+that it fetches their results instead (``rules.rounds_to_catch_up``). A
+round's holders are its members and the peers asked to keep its result
+(``peer/coordinator/resultholders.py``), which heartbeats report and ask for
+here (``to_hold``). Everything runs on the coordinator's loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+from peer.coordinator.config import CoordinatorConfig
+from peer.coordinator.resultholders import MAX_HELD_REPORTED, rounds_to_hold
+from peer.coordinator.rules import CommittedRound, PeerView, choose_sync_sources, rounds_to_catch_up
+from peer.coordinator.runstate import RunState
+from protos import membership_pb2 as pb
+
+
+class Sources:
+    """The holders of the run's state and of recent rounds' results, as named to the peers that lack them."""
+
+    def __init__(self, config: CoordinatorConfig, state: RunState) -> None:
+        self.config = config
+        self.state = state
+        # Peer id -> fetches it was named the first source for, until it takes part in a round again.
+        self._serving: dict[str, int] = {}
+
+    def state_sources(self, peer_id: str, count: bool = True) -> tuple[PeerView, ...]:
+        """Live up-to-date holders for a peer to fetch the state from, least busy first; counts it against the first.
+
+        Only the first (sync_from) is counted: it carries the whole fetch of a joiner that does not
+        stripe, and counting it alone makes consecutive joiners start at different donors.
+        """
+        s = self.state
+        committed = s.last_committed_round
+        # Only up-to-date holders can be sources (choose_sync_sources checks it again): views of them alone, as
+        # building a view of every live peer for each of 1,000 joiners took a second of the loop.
+        holders = [p.view() for p in s.alive_peers() if p.has_state and p.last_round >= committed]
+        sources = choose_sync_sources(holders, peer_id, committed, self._serving)
+        if sources and count:
+            self._serving[sources[0].peer_id] = self._serving.get(sources[0].peer_id, 0) + 1
+        return sources
+
+    def done_serving(self, peer_id: str) -> None:
+        """peer_id takes part in rounds again, or is gone: the fetches it was named for no longer count."""
+        self._serving.pop(peer_id, None)
+
+    def missed(self, peer_id: str, last_round: int) -> list[pb.CommittedRound]:
+        """The committed rounds after last_round with their live holders' addresses; [] unless each is remembered
+        and held."""
+        s = self.state
+        rounds = rounds_to_catch_up(
+            s.committed, last_round, s.last_committed_round, s.live, peer_id, held=s.result_holders.held
+        )
+        return [self._message(c) for c in rounds]
+
+    def to_hold(self, peer_id: str, req: pb.HeartbeatRequest, now: float | None = None) -> list[pb.CommittedRound]:
+        """Note the results a heartbeat says its peer keeps; the rounds it should fetch and keep too, if it offers."""
+        s = self.state
+        book = s.result_holders
+        if not req.holds_results:
+            return []
+        now = time.monotonic() if now is None else now
+        # A peer that offers lists every result it keeps in each heartbeat (none: an empty list).
+        held = [(h.round_id, h.epoch) for h in req.held_results[:MAX_HELD_REPORTED]]
+        book.note_held(peer_id, held, {c.round_id: c.epoch for c in s.committed})
+        if self.config.result_holders == 0:
+            return []
+        rounds = rounds_to_hold(
+            s.committed, book.held, book.asked, s.live, peer_id, req.last_round, self.config.result_holders, now,
+            ask_s=self.config.lease_s,
+        )
+        book.note_asked(peer_id, [c.round_id for c in rounds], now)
+        return [self._message(c) for c in rounds]
+
+    def _message(self, c: CommittedRound) -> pb.CommittedRound:
+        """A remembered round as sent to peers, its ``members`` (live holders here) with their addresses."""
+        members = [pb.Member(peer_id=m, address=self.state.peers[m].address) for m in c.members]
+        return pb.CommittedRound(round_id=c.round_id, epoch=c.epoch, tag=c.tag, members=members)
