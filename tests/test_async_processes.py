@@ -48,6 +48,9 @@ def test_async_diloco_survives_a_pause_a_kill_and_a_join_applying_each_round_onc
     assert report["survivors_identical"] is True
     assert report["peers_alive"] == 3
     assert "largest_group" not in report  # rounds of the whole quorum
+    # Rounds of two of three: the third may have been asked to keep some (when its heartbeat came before its sync).
+    kept = report["results_kept"]
+    assert set(kept) == {"results", "bytes"} and (kept["results"] == 0) == (kept["bytes"] == 0)
     for event in report["events"]:
         assert event["recovery_s"] is not None, f"no round committed after {event['event']}"
     for name in SURVIVORS:

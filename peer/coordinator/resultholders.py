@@ -16,9 +16,10 @@ peers (``--result-holders``, members counted):
 - at most ``HOLD_PER_ANSWER`` rounds per answer, newest first, and a peer
   asked counts as a holder for ``ask_s`` seconds before it confirms, so that
   a round's next heartbeats do not all ask for it;
-- a peer says in every heartbeat which results it keeps
-  (``held_results``): from then on late peers catching up are sent to it
-  too (``rules.rounds_to_catch_up``), and it catches up from its own copy.
+- a peer says in every heartbeat which results it keeps (``held_results``,
+  by round and epoch: only the attempt that committed a remembered round
+  counts): from then on late peers catching up are sent to it too
+  (``rules.rounds_to_catch_up``), and it catches up from its own copy.
 
 The bytes: an extra holder fetches once, early, a result it would otherwise
 fetch at its own catch-up; a round of all the live peers asks nobody.

@@ -641,6 +641,11 @@ class Harness:
             # The run's state surviving its holders: joiners' fetch and catch-up, and any restart or rollback.
             "joiners": joiners(by_peer, [f"peer{i}" for i in range(c.peers, c.peers + self._joins())]),
             "restarts_from_round_0": restarts_from_round_0(by_peer),
+            # Results of rounds of some of the peers that others fetched to keep for the run (docs/durability.md).
+            "results_kept": {
+                "results": sum(f.get("results_kept", 0) for f in finished.values()),
+                "bytes": sum(f.get("results_kept_bytes", 0) for f in finished.values()),
+            },
             "rollbacks": rollbacks(status),
             "initial_eval_loss": initial,
             "final_eval_loss": statistics.mean(f["eval_loss"] for f in finished.values()) if finished else None,

@@ -291,6 +291,9 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
             bytes_sent=counters.bytes_sent,
             bytes_served=elastic.state_server.bytes_served,
             bytes_received=counters.bytes_received,
+            # Results of rounds it was no member of, fetched to keep for the run when the coordinator asked.
+            results_kept=len(elastic.late.fetched),
+            results_kept_bytes=elastic.late.fetched_bytes,
             stopped=stopped,
             entropy_floor=task.entropy_floor,
             accuracy=task.accuracy(model),  # held-out accuracy of a classification task (None otherwise)
