@@ -64,8 +64,8 @@ from peer.coordinator.rules import (
     majority_round,
     needs_resync,
 )
-from peer.coordinator.sources import Sources
 from peer.coordinator.runstate import PeerRecord, RunState
+from peer.coordinator.sources import Sources
 from peer.coordinator.statefile import SavedRun, load_run, save_run
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
