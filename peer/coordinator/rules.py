@@ -385,7 +385,9 @@ def rounds_to_catch_up(
     out = []
     for round_id in range(peer_last_round + 1, last_committed_round + 1):
         c = by_id.get(round_id)
-        holders = tuple(p for p in result_holders(c, held or {}, alive) if p != asker or p not in c.members) if c else ()
+        if c is None:
+            return ()
+        holders = tuple(p for p in result_holders(c, held or {}, alive) if p != asker or p not in c.members)
         if not holders:
             return ()
         out.append(replace(c, members=holders))
