@@ -640,69 +640,20 @@ class ElasticCollective:
         started = time.monotonic()
         self._move(0, Phase.QUORUM)
         while True:
-            if self._waited_out and self.membership.unregistered.is_set():
-                # This peer waited holder_wait_s for a holder in vain already. Its heartbeats ask the coordinator
-                # again every interval and register it once a holder is back; until then a sync ends at once
-                # (it cost a Join and a heartbeat interval's sleep per sync, 1 s a step for a peer left behind).
-                self._move(0, Phase.FAILED)
-                raise WaitingForState(f"no sync: {self._waiting.key}")
-            if self._pending_resync:
-                sources = self._pending_resync
-                snapshot = await self._try_fetch(sources, self._pending_expect)
-                if snapshot is not None:
-                    self._move(0, Phase.RESYNC)
-                    raise Resynced(snapshot, ", ".join(sources))
-            try:
-                plan = await self.membership.quorum(
-                    self.last_round, tag, config.quorum_timeout_s, digest=await self._state_digest(), min_members=least
-                )
-            except Unregistered:
-                self._move(0, Phase.REJOIN)
-                waiting = await self._rejoin()
-                if waiting and time.monotonic() - started > config.holder_wait_s:
-                    self._waited_out = True
-                    self._move(0, Phase.FAILED)
-                    raise WaitingForState(f"no sync: {waiting}") from None
-                self._move(0, Phase.QUORUM)
-                continue
-            except LoconetError:
-                self._move(0, Phase.FAILED)
-                raise
-            if plan.action == "resync" and own_state:
-                # This peer's state is its own (NoLoCo's replicas differ): a round it missed is skipped, not
-                # caught up; it is up to date with the run's count of rounds.
-                self.last_round = max(self.last_round, plan.last_committed_round)
+            plan = await self._ask(tag, least, started)
+            if plan is None:
                 continue
             if plan.action == "resync":
-                # The rounds it missed carried what this sync would (the algorithm's codec for the tag).
-                results = await self._catch_up(plan, allreduce.codec) if plan.missed else None
-                if results is not None:
-                    self._move(results[-1].round_id, Phase.CAUGHT_UP)
-                    raise CaughtUp(results, plan.pending_tag)
-                # Fetched at the top of the loop; if that fails, the quorum is asked again
-                # and the coordinator names another source.
-                self._pending_resync = plan.sync_sources or ((plan.sync_from,) if plan.sync_from else ())
-                self._pending_expect = ExpectedState(plan.last_committed_round, plan.state_digest)
-                if not self._pending_resync:
-                    # Only the missed rounds' results were named, and not one of them came: ask again (the
-                    # coordinator names other holders, or tells this peer to wait for the run's state).
-                    await asyncio.sleep(WAIT_POLL_S)
+                await self._behind(plan, own_state, allreduce.codec)
                 continue
             attempts += 1
             self.epoch = max(self.epoch, plan.epoch)
             self._move(plan.round_id, Phase.ALLREDUCE)
             try:
-                plan.check_sample()
-                w = float(weight(plan)) if callable(weight) else weight
-                if not math.isfinite(w):
-                    raise ProtocolError(f"the weight function gave {w} for round {plan.round_id}")
-                sent = flat
-                reduce_with = self._reduce_with(plan, within)
-                if prepare is not None:
-                    # Off the loop (noise for a large model takes a while), from the original flat every attempt.
-                    sent = check_prepared(await self.transport.run_off_loop(prepare, plan, flat), flat, plan.round_id)
+                sent, w, reduce_with = await self._contribution(plan, flat, weight, within, prepare)
             except ProtocolError as exc:  # this member refuses the round; it reports so, and nothing is sent
-                done, failed, reason = None, (), f"{self.peer_id} refused round {plan.round_id}: {exc}"
+                done, failed, reduce_with = None, (), ()
+                reason = f"{self.peer_id} refused round {plan.round_id}: {exc}"
             else:
                 # Error feedback on a copy per attempt: the residual moves on only with a committed round.
                 work = None if residual is None else residual.clone()
@@ -737,6 +688,77 @@ class ElasticCollective:
                 self._move(plan.round_id, Phase.REJOIN)
                 await self._rejoin()
             self._move(plan.round_id, Phase.QUORUM)
+
+    async def _ask(self, tag: str, least: int, started: float) -> RoundPlan | None:
+        """QUORUM: fetch a state the coordinator named before (raises Resynced), then ask for a round; None when
+        this peer had to register again first (ask again). Raises WaitingForState once it waited in vain for a
+        holder of the run's state, and the quorum's own errors."""
+        config = self.config
+        if self._waited_out and self.membership.unregistered.is_set():
+            # This peer waited holder_wait_s for a holder in vain already. Its heartbeats ask the coordinator
+            # again every interval and register it once a holder is back; until then a sync ends at once
+            # (it cost a Join and a heartbeat interval's sleep per sync, 1 s a step for a peer left behind).
+            self._move(0, Phase.FAILED)
+            raise WaitingForState(f"no sync: {self._waiting.key}")
+        if self._pending_resync:
+            sources = self._pending_resync
+            snapshot = await self._try_fetch(sources, self._pending_expect)
+            if snapshot is not None:
+                self._move(0, Phase.RESYNC)
+                raise Resynced(snapshot, ", ".join(sources))
+        try:
+            return await self.membership.quorum(
+                self.last_round, tag, config.quorum_timeout_s, digest=await self._state_digest(), min_members=least
+            )
+        except Unregistered:
+            self._move(0, Phase.REJOIN)
+            waiting = await self._rejoin()
+            if waiting and time.monotonic() - started > config.holder_wait_s:
+                self._waited_out = True
+                self._move(0, Phase.FAILED)
+                raise WaitingForState(f"no sync: {waiting}") from None
+            self._move(0, Phase.QUORUM)
+            return None
+        except LoconetError:
+            self._move(0, Phase.FAILED)
+            raise
+
+    async def _behind(self, plan: RoundPlan, own_state: bool, codec: CodecConfig | None) -> None:
+        """A RESYNC answer: catch up by the missed rounds' results (raises CaughtUp), or note where to fetch the
+        state from at the next ask; with ``own_state``, skip the rounds instead."""
+        if own_state:
+            # This peer's state is its own (NoLoCo's replicas differ): a round it missed is skipped, not
+            # caught up; it is up to date with the run's count of rounds.
+            self.last_round = max(self.last_round, plan.last_committed_round)
+            return
+        # The rounds it missed carried what this sync would (the algorithm's codec for the tag).
+        results = await self._catch_up(plan, codec) if plan.missed else None
+        if results is not None:
+            self._move(results[-1].round_id, Phase.CAUGHT_UP)
+            raise CaughtUp(results, plan.pending_tag)
+        # Fetched at the next ask; if that fails, the quorum is asked again and the coordinator names another source.
+        self._pending_resync = plan.sync_sources or ((plan.sync_from,) if plan.sync_from else ())
+        self._pending_expect = ExpectedState(plan.last_committed_round, plan.state_digest)
+        if not self._pending_resync:
+            # Only the missed rounds' results were named, and not one of them came: ask again (the
+            # coordinator names other holders, or tells this peer to wait for the run's state).
+            await asyncio.sleep(WAIT_POLL_S)
+
+    async def _contribution(
+        self, plan: RoundPlan, flat: torch.Tensor, weight: Weight, within: Within | None, prepare: Prepare | None
+    ) -> tuple[torch.Tensor, float, tuple[tuple[str, str], ...]]:
+        """What this member sends in an attempt, with its weight and whom it reduces with; ProtocolError when it
+        refuses the round (a sample that is not the seeded one, a weight that is not finite, a group without it)."""
+        plan.check_sample()
+        w = float(weight(plan)) if callable(weight) else weight
+        if not math.isfinite(w):
+            raise ProtocolError(f"the weight function gave {w} for round {plan.round_id}")
+        reduce_with = self._reduce_with(plan, within)
+        sent = flat
+        if prepare is not None:
+            # Off the loop (noise for a large model takes a while), from the original flat every attempt.
+            sent = check_prepared(await self.transport.run_off_loop(prepare, plan, flat), flat, plan.round_id)
+        return sent, w, reduce_with
 
     async def _catch_up(self, plan: RoundPlan, codec: CodecConfig | None) -> list[CommittedResult] | None:
         """The committed results of the rounds this peer missed, kept here or fetched; None: fetch the state."""
