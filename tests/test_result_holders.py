@@ -27,7 +27,7 @@ from peer.coordinator.rules import CommittedRound, result_holders, rounds_to_cat
 from protos import membership_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
-from support.coordinator import RUN, CoordinatorThread, Live, live_coordinators  # noqa: E402
+from support.coordinator import RUN, CoordinatorThread, Live, digest, live_coordinators  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,6 +165,30 @@ def test_a_peer_that_keeps_another_attempts_result_is_not_named(coordinator):
     c.leave(b)
     with pytest.raises(Exception, match="waits for the run's state"):
         c.ask(p4, 0).result()
+
+
+def test_a_peer_back_with_an_older_checkpoint_keeps_it_and_catches_up_from_the_peer_that_kept_the_result(coordinator):
+    c = coordinator()
+    a, b, p3 = (c.join(f"127.0.0.1:{port}", has_state=True).peer_id for port in (1, 2, 3))
+    c.play([a, b], 0)
+    assert c.ask(p3, 0).result().action == pb.QuorumResponse.RESYNC  # it catches up round 1 (by results)
+    second = c.play([a, b], 1)
+    beat(c, p3, last_round=1, held=[(2, second.epoch)])
+    c.leave(a)
+    c.leave(b)
+    # A member of round 1, restarted from its checkpoint of round 1: nobody holds round 2's state.
+    back = c.join("127.0.0.1:9", has_state=True, last_round=1, state_digest=digest(1))
+    assert (back.wait, back.sync_from, named(back.missed)) == (False, "", [(2, ["127.0.0.1:3"])])
+
+
+def test_without_a_peer_that_kept_it_a_peer_back_with_an_older_checkpoint_waits(coordinator):
+    c = coordinator(result_holders=0)
+    a, b = (c.join(f"127.0.0.1:{port}", has_state=True).peer_id for port in (1, 2))
+    c.play([a, b], 0)
+    c.play([a, b], 1)
+    c.leave(a)
+    c.leave(b)
+    assert c.join("127.0.0.1:9", has_state=True, last_round=1, state_digest=digest(1)).wait
 
 
 def named(rounds) -> list[tuple[int, list[str]]]:
