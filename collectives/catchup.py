@@ -66,6 +66,7 @@ class LateRounds:
         self.state_nbytes: Callable[[], int] | None = None
         self.results_are_the_runs = False
         self._task: asyncio.Task | None = None
+        self._digesting: set[asyncio.Task] = set()
         # Results fetched to hold, and their bytes on the wire (for reports and tests).
         self.fetched: list[int] = []
         self.fetched_bytes = 0
@@ -108,15 +109,29 @@ class LateRounds:
         """Whether this peer offers to keep other rounds' results (once it holds the run's state: the caller's part)."""
         return self.results_are_the_runs and self.round_numel is not None and self.results.keep_last > 0
 
-    def held(self) -> list[tuple[int, int]] | None:
-        """(round id, epoch) of the results this peer keeps (for its heartbeats), or None when it does not offer."""
+    def held(self) -> list[tuple[int, int, str]] | None:
+        """(round id, epoch, digest) of the results this peer keeps (for its heartbeats), or None when it does not
+        offer."""
         return self.results.attempts() if self.offers() else None
+
+    def digest_later(self, round_id: int) -> None:
+        """Compute a kept result's digest off the loop, in the background (its heartbeats report it once known)."""
+        if not self.offers():
+            return  # nobody is told its digest: its results are not the run's (NoLoCo), or it keeps none
+        task = asyncio.get_running_loop().create_task(self.transport.run_off_loop(self.results.digest, round_id))
+        self._digesting.add(task)
+        task.add_done_callback(self._digested)
+
+    def _digested(self, task: asyncio.Task) -> None:
+        self._digesting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("a kept result's digest was not computed: %r", task.exception())
 
     def hold(self, rounds: Sequence[MissedRound], peer_id: str, last_round: int) -> None:
         """Start fetching these rounds' results to keep (on the loop), unless a batch is still being fetched."""
         if self._task is not None and not self._task.done():
             return
-        kept = set(self.results.attempts())
+        kept = {(r, e) for r, e, _ in self.results.attempts()}
         wanted = [m for m in rounds if m.round_id > last_round and (m.round_id, m.epoch) not in kept]
         if wanted and self.offers():
             self._task = asyncio.get_running_loop().create_task(self._fetch(wanted, peer_id))
@@ -137,6 +152,5 @@ class LateRounds:
             log.info("keeping round %d's result for the run (%d bytes from %s)", got.round_id, got.wire_bytes, got.source)
 
     async def stop(self) -> None:
-        """Cancel a batch of fetches in flight."""
-        if self._task is not None:
-            await cancel_and_wait([self._task])
+        """Cancel a batch of fetches in flight, and the digests being computed."""
+        await cancel_and_wait([t for t in (self._task, *self._digesting) if t is not None])

@@ -330,6 +330,8 @@ class ElasticCollective:
             self.results.keep, round_id, tag, flat, codec, min(pinned) if pinned else None, parts, epoch
         )
         self.state_server.result_kept()
+        # Its digest (what late peers check their fetch against) is reported once computed, off the round's path.
+        self.late.digest_later(round_id)
 
     @property
     def peer_id(self) -> str:

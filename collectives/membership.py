@@ -162,6 +162,8 @@ class MissedRound:
     epoch: int
     tag: str = ""
     members: tuple[tuple[str, str], ...] = ()  # (peer id, address) of live peers holding the result: members first
+    # SHA-256 (hex) of the result's fp32 bytes as its members reported it ("" unknown): a fetched one must match.
+    digest: str = ""
 
 
 def _rate_limited_for(exc: grpc.aio.AioRpcError) -> float | None:
@@ -189,7 +191,8 @@ def heartbeat_interval(current_s: float, told_s: float) -> float:
 def _missed(rounds) -> tuple[MissedRound, ...]:
     """MissedRounds from the coordinator's CommittedRound messages, in order."""
     return tuple(
-        MissedRound(r.round_id, r.epoch, r.tag, tuple((m.peer_id, m.address) for m in r.members)) for r in rounds
+        MissedRound(r.round_id, r.epoch, r.tag, tuple((m.peer_id, m.address) for m in r.members), r.result_digest[:64])
+        for r in rounds
     )
 
 
@@ -513,13 +516,14 @@ class MembershipClient:
         traffic: Callable[[], tuple[int, int]],
         digest: Callable[[], str] = lambda: "",
         refusals: Callable[[], dict[str, int]] = dict,
-        held: Callable[[], Sequence[tuple[int, int]] | None] = lambda: None,
+        held: Callable[[], Sequence[tuple[int, int, str]] | None] = lambda: None,
         hold: Callable[[tuple[MissedRound, ...]], None] = lambda rounds: None,
     ) -> None:
         """Send heartbeats with the peer's status every interval_s (or as the coordinator's answers say) until cancelled.
 
         ``digest()``: the state's digest as of ``last_round()`` if already computed ("" otherwise; never computes).
-        ``held()``: (round id, epoch) of the results this peer keeps, or None when it does not offer to keep others';
+        ``held()``: (round id, epoch, digest) of the results this peer keeps, or None when it does not offer to keep
+        others';
         ``hold(rounds)``: the coordinator asks it to fetch and keep these rounds' results (called on the loop).
         """
         while True:
@@ -545,7 +549,7 @@ class MembershipClient:
                     refusals=refusals(),
                 ),
                 holds_results=kept is not None,
-                held_results=[pb.HeldResult(round_id=r, epoch=e) for r, e in kept or ()],
+                held_results=[pb.HeldResult(round_id=r, epoch=e, digest=d) for r, e, d in kept or ()],
             )
             watched = self._watched
             if watched is not None:

@@ -26,6 +26,7 @@ as a one-tensor ``StateSnapshot`` whose meta names the tag and the codec.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -74,6 +75,8 @@ class _Kept:
     epoch: int
     # The encoded parts once a late peer asked for the result (None: not yet; []: the round trip was not exact).
     encoded: list[bytes] | None = None
+    # result_digest(value), once computed ("": not yet; off the round's path, see ResultStore.digest).
+    digest: str = ""
 
 
 class ResultStore:
@@ -98,10 +101,21 @@ class ResultStore:
         with self._lock:
             return list(self._kept)
 
-    def attempts(self) -> list[tuple[int, int]]:
-        """(round id, epoch) of the attempts whose committed results are kept, oldest first."""
+    def attempts(self) -> list[tuple[int, int, str]]:
+        """(round id, epoch, digest: "" until computed) of the committed results kept, oldest first."""
         with self._lock:
-            return [(r, k.epoch) for r, k in self._kept.items()]
+            return [(r, k.epoch, k.digest) for r, k in self._kept.items()]
+
+    def digest(self, round_id: int) -> str:
+        """The digest of a kept result, computed once (~60 ms for 25M values: call it off the event loop); ""
+        when not kept."""
+        with self._lock:
+            entry = self._kept.get(round_id)
+        if entry is None:
+            return ""
+        if not entry.digest:
+            entry.digest = result_digest(entry.value)  # the value is never changed once kept
+        return entry.digest
 
     def keep(self, round_id: int, tag: str, value: torch.Tensor, codec: CodecConfig | None = None,
              hold_after: int | None = None, parts: int = 1, epoch: int = 0) -> None:
@@ -191,6 +205,12 @@ def _exact_encoding(value: torch.Tensor, codec: CodecConfig | None, parts: int) 
     return encoded if sum(len(p) for p in encoded) < value.numel() * 4 else []
 
 
+def result_digest(value: torch.Tensor) -> str:
+    """SHA-256 (hex) of a result's fp32 bytes, as its holders and late peers compute it."""
+    flat = value.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+    return hashlib.sha256(memoryview(flat.numpy()).cast("B")).hexdigest()
+
+
 def expected_wire_bytes(numel: int, codec: CodecConfig | None) -> int:
     """About how many bytes a result of numel elements takes to fetch (the codec's bound; fp32 without one)."""
     if codec is None or codec.name == RAW:
@@ -198,8 +218,9 @@ def expected_wire_bytes(numel: int, codec: CodecConfig | None) -> int:
     return min(4 * numel, make_codec(codec).max_payload_size(numel))
 
 
-def decode_result(snapshot: StateSnapshot, numel: int, tag: str, where: str) -> torch.Tensor:
-    """The fp32 result a fetched result snapshot carries, checked (size, codec bounds, tag, finite values).
+def decode_result(snapshot: StateSnapshot, numel: int, tag: str, where: str, digest: str = "") -> torch.Tensor:
+    """The fp32 result a fetched result snapshot carries, checked (size, codec bounds, tag, finite values, and
+    ``digest``, the members' SHA-256 of it, when known).
 
     Raises StateSyncError naming ``where`` (the source) when anything is off: the caller tries another member.
     """
@@ -228,6 +249,8 @@ def decode_result(snapshot: StateSnapshot, numel: int, tag: str, where: str) -> 
         check_finite(value, f"round {snapshot.round_id}'s result from {where}")
     except NonFiniteError as exc:
         raise StateSyncError(str(exc)) from None
+    if digest and result_digest(value) != digest:
+        raise StateSyncError(f"{where} served round {snapshot.round_id}'s result with another digest than its members'")
     return value
 
 
@@ -253,7 +276,7 @@ async def fetch_result(
             continue
         try:
             snap = await fetch_state_async(transport, address, run_id, peer_id, config, missed.round_id)
-            value = await transport.run_cpu(decode_result, snap, numel, missed.tag, address)
+            value = await transport.run_cpu(decode_result, snap, numel, missed.tag, address, missed.digest)
         except StateSyncError as exc:
             log.info("result of round %d not taken from %s: %s", missed.round_id, address, exc)
             continue

@@ -133,12 +133,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., metrics: _Optional[_Union[PeerMetrics, _Mapping]] = ..., state_digest: _Optional[str] = ..., round_id: _Optional[int] = ..., round_epoch: _Optional[int] = ..., holds_results: _Optional[bool] = ..., held_results: _Optional[_Iterable[_Union[HeldResult, _Mapping]]] = ...) -> None: ...
 
 class HeldResult(_message.Message):
-    __slots__ = ("round_id", "epoch")
+    __slots__ = ("round_id", "epoch", "digest")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     epoch: int
-    def __init__(self, round_id: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    digest: str
+    def __init__(self, round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known", "epoch", "last_committed_round", "run_step", "round_step", "heartbeat_s", "round_over", "since_commit_s", "hold")
@@ -223,16 +225,18 @@ class Member(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class CommittedRound(_message.Message):
-    __slots__ = ("round_id", "epoch", "tag", "members")
+    __slots__ = ("round_id", "epoch", "tag", "members", "result_digest")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     epoch: int
     tag: str
     members: _containers.RepeatedCompositeFieldContainer[Member]
-    def __init__(self, round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., tag: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
+    result_digest: str
+    def __init__(self, round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., tag: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., result_digest: _Optional[str] = ...) -> None: ...
 
 class QuorumResponse(_message.Message):
     __slots__ = ("action", "round_id", "epoch", "members", "rank", "sync_from", "last_committed_round", "missed", "policy", "seed", "candidates", "state_digest", "sync_sources", "members_digest", "run_step", "round_step", "members_base", "members_removed", "members_added", "pending_tag", "members_packed", "since_commit_s")

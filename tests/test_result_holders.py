@@ -19,10 +19,10 @@ import torch
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.membership import MissedRound
-from collectives.results import ResultStore
+from collectives.results import ResultStore, result_digest as digest_of_result
 from collectives.syncphases import CaughtUp
 from peer.coordinator.config import CoordinatorConfig
-from peer.coordinator.resultholders import ResultHolders, rounds_to_hold
+from peer.coordinator.resultholders import ResultHolders, result_digest, rounds_to_hold
 from peer.coordinator.rules import CommittedRound, result_holders, rounds_to_catch_up
 from protos import membership_pb2 as pb
 
@@ -91,14 +91,14 @@ def test_the_holders_of_a_round_are_its_live_members_then_the_others_sorted():
 
 def test_a_heartbeat_replaces_what_its_peer_said_it_keeps():
     book = ResultHolders()
-    book.note_held("e", [(1, 0), (2, 0)], remembered={1: 0, 2: 0})
-    book.note_held("e", [(2, 0)], remembered={1: 0, 2: 0})
+    book.note_held("e", [(1, 0, ""), (2, 0, "")], remembered={1: 0, 2: 0})
+    book.note_held("e", [(2, 0, "")], remembered={1: 0, 2: 0})
     assert book.held == {1: set(), 2: {"e"}}
 
 
 def test_a_round_no_longer_remembered_is_not_recorded_and_is_forgotten():
     book = ResultHolders()
-    book.note_held("e", [(1, 0), (7, 0)], remembered={1: 0, 2: 0})
+    book.note_held("e", [(1, 0, ""), (7, 0, "")], remembered={1: 0, 2: 0})
     book.note_asked("c", [2], now=1.0)
     book.forget(remembered={2})
     assert (book.held, book.asked) == ({}, {2: {"c": 1.0}})
@@ -107,15 +107,32 @@ def test_a_round_no_longer_remembered_is_not_recorded_and_is_forgotten():
 def test_a_peer_that_says_it_keeps_a_round_is_no_longer_counted_as_asked():
     book = ResultHolders()
     book.note_asked("e", [1], now=1.0)
-    book.note_held("e", [(1, 3)], remembered={1: 3})
+    book.note_held("e", [(1, 3, "")], remembered={1: 3})
     assert (book.held, book.asked) == ({1: {"e"}}, {1: {}})
 
 
 def test_a_result_of_another_attempt_of_the_round_is_not_recorded():
     # Round 5 rolled back and committed again at epoch 4: a result of epoch 2 is another round's.
     book = ResultHolders()
-    book.note_held("e", [(5, 2)], remembered={5: 4})
+    book.note_held("e", [(5, 2, "")], remembered={5: 4})
     assert book.held == {}
+
+
+D1, D2 = "1" * 64, "2" * 64
+# name, digests reported (peer -> digest), the round's members -> the round's result digest
+DIGEST_CASES = [
+    ("the members agree", {"a": D1, "b": D1}, "ab", D1),
+    ("most members", {"a": D1, "b": D1, "c": D2}, "abc", D1),
+    ("a tie names none", {"a": D1, "b": D2}, "ab", ""),
+    ("a peer that only fetched it does not vote", {"a": D1, "e": D2, "f": D2}, "ab", D1),
+    ("no member reported yet", {"e": D1}, "ab", ""),
+    ("a member not computed yet does not vote", {"a": "", "b": D2}, "ab", D2),
+]
+
+
+@pytest.mark.parametrize("name,reported,members,digest", DIGEST_CASES, ids=[c[0] for c in DIGEST_CASES])
+def test_a_rounds_result_digest_is_the_one_most_of_its_members_reported(name, reported, members, digest):
+    assert result_digest(reported, tuple(members)) == digest
 
 
 def test_the_coordinator_refuses_a_negative_or_absurd_number_of_holders():
@@ -144,9 +161,10 @@ EPOCH = 0
 
 
 def beat(c: Live, peer_id: str, last_round: int = 0, offers: bool = True, held=()) -> pb.HeartbeatResponse:
-    """A heartbeat; held: the (round id, epoch) of the results the peer says it keeps."""
+    """A heartbeat; held: the (round id, epoch[, digest]) of the results the peer says it keeps."""
+    kept = [pb.HeldResult(round_id=h[0], epoch=h[1], digest=h[2] if len(h) > 2 else "") for h in held]
     request = pb.HeartbeatRequest(run_id=RUN, peer_id=peer_id, last_round=last_round, holds_results=offers,
-                                  held_results=[pb.HeldResult(round_id=r, epoch=e) for r, e in held])
+                                  held_results=kept)
     return c.stub.Heartbeat(request, timeout=5)
 
 
@@ -155,6 +173,22 @@ def two_of_four(c: Live) -> list[str]:
     ids = [c.join(f"127.0.0.1:{port}", has_state=True).peer_id for port in (1, 2, 3, 4)]
     assert c.play(ids[:2], 0).epoch == EPOCH
     return ids
+
+
+def test_a_late_peer_is_told_the_digest_the_members_reported_of_the_result(coordinator):
+    c = coordinator()
+    a, b, p3, p4 = two_of_four(c)
+    assert [r.result_digest for r in beat(c, p3).hold] == [""]  # no member has reported it yet
+    beat(c, a, last_round=1, held=[(1, EPOCH, D1)])
+    beat(c, b, last_round=1, held=[(1, EPOCH, D1)])
+    assert [r.result_digest for r in c.ask(p4, 0).result().missed] == [D1]
+
+
+def test_a_heartbeat_with_a_malformed_result_digest_is_refused(coordinator):
+    c = coordinator()
+    a, _, _, _ = two_of_four(c)
+    with pytest.raises(Exception, match="64 lowercase hex"):
+        beat(c, a, last_round=1, held=[(1, EPOCH, "not a digest")])
 
 
 def test_a_peer_that_keeps_another_attempts_result_is_not_named(coordinator):
@@ -299,6 +333,8 @@ def test_a_round_of_two_of_three_outlives_both_members_on_the_third_peer():
             while third.late.fetched != [1] and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert third.late.fetched == [1] and third.late.fetched_bytes > 0
+            # The copy it keeps is the members' result, bit for bit.
+            assert third.results.digest(1) == digest_of_result(results[0].value.flatten()) == a.results.digest(1)
             while not any(p["kept_results"] for p in coord.status()["peers"]) and time.monotonic() < deadline:
                 time.sleep(0.05)  # its next heartbeat says so
             assert [p["kept_results"] for p in coord.status()["peers"] if p["kept_results"]] == [[1]]

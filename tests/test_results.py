@@ -9,7 +9,7 @@ import torch
 
 from collectives.codecs import CodecConfig, make_codec
 from collectives.parts import part_bounds
-from collectives.results import ResultStore, decode_result, expected_wire_bytes
+from collectives.results import ResultStore, decode_result, expected_wire_bytes, result_digest
 from collectives.statesync import ResultNotYet, StateSnapshot, StateSyncError
 
 INT8 = CodecConfig.parse("int8")
@@ -185,4 +185,12 @@ def test_a_kept_result_is_had_again_only_for_its_round_tag_and_epoch():
     got = store.get(3, "g", 2)
     assert torch.equal(got.value, value) and (got.round_id, got.epoch, got.codec) == (3, 2, INT8)
     assert (store.get(3, "g", 1), store.get(3, "h", 2), store.get(4, "g", 2)) == (None, None, None)
-    assert store.attempts() == [(3, 2)]
+    assert store.attempts() == [(3, 2, "")]
+    assert store.digest(3) == result_digest(value) and store.attempts() == [(3, 2, result_digest(value))]
+
+
+def test_a_fetched_result_with_another_digest_than_its_members_is_refused():
+    value = torch.ones(8)
+    assert torch.equal(decode_result(raw(value), 8, "", "peer1", digest=result_digest(value)), value)
+    with pytest.raises(StateSyncError, match="peer1 served round 5's result with another digest than its members'"):
+        decode_result(raw(value), 8, "", "peer1", digest=result_digest(torch.zeros(8)))

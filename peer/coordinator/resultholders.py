@@ -27,6 +27,7 @@ fetch at its own catch-up; a round of all the live peers asks nobody.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -46,18 +47,26 @@ class ResultHolders:
     held: dict[int, set[str]] = field(default_factory=dict)
     # round id -> peer -> when it was asked to keep it (time.monotonic()), until it says it does.
     asked: dict[int, dict[str, float]] = field(default_factory=dict)
+    # round id -> peer -> the digest it reported of the round's result (only members' count: result_digest).
+    digests: dict[int, dict[str, str]] = field(default_factory=dict)
 
-    def note_held(self, peer_id: str, attempts: Iterable[tuple[int, int]], remembered: Mapping[int, int]) -> None:
-        """A heartbeat's ``held_results``, (round id, epoch) pairs: what peer_id keeps now, replacing what it said
+    def note_held(self, peer_id: str, attempts: Iterable[tuple[int, int, str]], remembered: Mapping[int, int]) -> None:
+        """A heartbeat's ``held_results``, (round id, epoch, digest): what peer_id keeps now, replacing what it said
         before. Only the attempts that committed a remembered round (``remembered``: round id -> its epoch) count:
         a result of a round rolled back and committed again is another round's."""
-        now_held = {r for r, e in attempts if remembered.get(r) == e}
+        now_held = {r: d for r, e, d in attempts if remembered.get(r) == e}
         for round_id, peers in self.held.items():
             if round_id not in now_held:
                 peers.discard(peer_id)
-        for round_id in now_held:
+        for round_id, digest in now_held.items():
             self.held.setdefault(round_id, set()).add(peer_id)
             self.asked.get(round_id, {}).pop(peer_id, None)
+            if digest:
+                self.digests.setdefault(round_id, {})[peer_id] = digest
+
+    def digest_of(self, c: CommittedRound) -> str:
+        """The digest of round c's result that most of its members reported ("" when none did, or on a tie)."""
+        return result_digest(self.digests.get(c.round_id, {}), c.members)
 
     def note_asked(self, peer_id: str, rounds: Iterable[int], now: float) -> None:
         """peer_id was asked (at now) to fetch and keep these rounds' results."""
@@ -74,9 +83,19 @@ class ResultHolders:
 
     def forget(self, remembered: Collection[int]) -> None:
         """Drop what is known of rounds no longer remembered (older than the catch-up window, or rolled back)."""
-        for book in (self.held, self.asked):
+        for book in (self.held, self.asked, self.digests):
             for round_id in [r for r in book if r not in remembered]:
                 del book[round_id]
+
+
+def result_digest(reported: Mapping[str, str], members: Collection[str]) -> str:
+    """The digest most of the round's members reported of its result ("" when none did, or on a tie): a member
+    computed the result, a peer that fetched it only says what it got, so it does not vote."""
+    votes = Counter(d for p, d in reported.items() if p in members and d)
+    ranked = votes.most_common(2)
+    if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
+        return ""
+    return ranked[0][0]
 
 
 def rounds_to_hold(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 from peer.coordinator.config import CoordinatorConfig
+from peer.coordinator.durable import checked_digest
 from peer.coordinator.resultholders import MAX_HELD_REPORTED, rounds_to_hold
 from peer.coordinator.rules import CommittedRound, PeerView, choose_sync_sources, rounds_to_catch_up
 from peer.coordinator.runstate import RunState
@@ -67,7 +68,8 @@ class Sources:
             return []
         now = time.monotonic() if now is None else now
         # A peer that offers lists every result it keeps in each heartbeat (none: an empty list).
-        held = [(h.round_id, h.epoch) for h in req.held_results[:MAX_HELD_REPORTED]]
+        # A malformed digest refuses the heartbeat (INVALID_ARGUMENT), as a malformed state digest does.
+        held = [(h.round_id, h.epoch, checked_digest(h.digest)) for h in req.held_results[:MAX_HELD_REPORTED]]
         book.note_held(peer_id, held, {c.round_id: c.epoch for c in s.committed})
         if self.config.result_holders == 0:
             return []
@@ -81,4 +83,7 @@ class Sources:
     def _message(self, c: CommittedRound) -> pb.CommittedRound:
         """A remembered round as sent to peers, its ``members`` (live holders here) with their addresses."""
         members = [pb.Member(peer_id=m, address=self.state.peers[m].address) for m in c.members]
-        return pb.CommittedRound(round_id=c.round_id, epoch=c.epoch, tag=c.tag, members=members)
+        # The digest is of the round as remembered (its members), not of the holders this message names.
+        remembered = next((r for r in self.state.committed if r.round_id == c.round_id), c)
+        digest = self.state.result_holders.digest_of(remembered)
+        return pb.CommittedRound(round_id=c.round_id, epoch=c.epoch, tag=c.tag, members=members, result_digest=digest)

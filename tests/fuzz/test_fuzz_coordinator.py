@@ -160,6 +160,10 @@ CALLS = {
             "bytes_received": uint64s(), "activity": texts(), "samples": uint64s(), "eval_loss": absurd_floats(),
             "privacy_epsilon": absurd_floats(), "spread": absurd_floats(),
         }),
+        "holds_results": st.booleans(),
+        "held_results": many(st.fixed_dictionaries(
+            {"round_id": rounds("round"), "epoch": rounds("epoch"), "digest": digests()}
+        )),
     }),
     "Leave": st.fixed_dictionaries({"run_id": RUN_IDS, "peer_id": peer_ids(), "reason": texts()}),
     "Quorum": st.fixed_dictionaries({
