@@ -195,10 +195,7 @@ def test_a_peer_that_keeps_another_attempts_result_is_not_named(coordinator):
     c = coordinator()
     a, b, p3, p4 = two_of_four(c)
     beat(c, p3, held=[(1, EPOCH + 1)])
-    c.leave(a)
-    c.leave(b)
-    with pytest.raises(Exception, match="waits for the run's state"):
-        c.ask(p4, 0).result()
+    waits_once_both_members_left(c, a, b, p4)
 
 
 def test_a_peer_back_with_an_older_checkpoint_keeps_it_and_catches_up_from_the_peer_that_kept_the_result(coordinator):
@@ -223,6 +220,14 @@ def test_without_a_peer_that_kept_it_a_peer_back_with_an_older_checkpoint_waits(
     c.leave(a)
     c.leave(b)
     assert c.join("127.0.0.1:9", has_state=True, last_round=1, state_digest=digest(1)).wait
+
+
+def waits_once_both_members_left(c: Live, a: str, b: str, late: str) -> None:
+    """Members a and b leave; late, behind round 1, is told to wait for the run's state (nobody holds round 1)."""
+    c.leave(a)
+    c.leave(b)
+    with pytest.raises(Exception, match="waits for the run's state"):
+        c.ask(late, 0).result()
 
 
 def named(rounds) -> list[tuple[int, list[str]]]:
@@ -265,10 +270,7 @@ def test_when_both_members_are_gone_a_late_peer_catches_up_from_the_peer_that_ke
 def test_without_a_peer_that_kept_it_a_late_peer_waits_for_the_run_state(coordinator):
     c = coordinator(result_holders=0)
     a, b, _, p4 = two_of_four(c)
-    c.leave(a)
-    c.leave(b)
-    with pytest.raises(Exception, match="waits for the run's state"):
-        c.ask(p4, 0).result()
+    waits_once_both_members_left(c, a, b, p4)
 
 
 def test_a_peer_that_stops_keeping_a_round_is_no_longer_named(coordinator):
@@ -276,10 +278,7 @@ def test_a_peer_that_stops_keeping_a_round_is_no_longer_named(coordinator):
     a, b, p3, p4 = two_of_four(c)
     beat(c, p3, held=[(1, EPOCH)])
     beat(c, p3, held=[])
-    c.leave(a)
-    c.leave(b)
-    with pytest.raises(Exception, match="waits for the run's state"):
-        c.ask(p4, 0).result()
+    waits_once_both_members_left(c, a, b, p4)
 
 
 # -- real peers --------------------------------------------------------------------------------------
