@@ -3,7 +3,9 @@
 Each simulated peer joins (a fresh peer, ``has_state=False``, with a fake
 unique address ``10.x.y.z:port`` -- the coordinator never dials peers), then
 heartbeats every ``heartbeat_s`` with plausible, changing metrics (fixed-rate
-schedule, random phase, so the load is spread evenly), and on command takes
+schedule, random phase, so the load is spread evenly) and, as a real peer
+does, the results of its last two rounds it keeps (``held_results``, with a
+digest every member of a round agrees on), and on command takes
 part in rounds: ``Quorum(last_round)`` -> (``allreduce_s``, the round's data
 exchange) -> ``Commit(ok=True)`` with the round id and epoch it got -> (a
 random delay below ``spread_s``, its training until the next sync) -> the next
@@ -17,10 +19,12 @@ benchmark through a pipe.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import random
 import signal
 import time
+from collections import deque
 from typing import NamedTuple
 
 import grpc
@@ -55,6 +59,11 @@ class RoundRecord(NamedTuple):
     commit_sent: float
     answer_bytes: int
     list_form: str  # how the answer carried the member list (list_form)
+
+
+def _result_digest(round_id: int) -> str:
+    """The digest every simulated member of a round reports of its result (the members of a real round agree)."""
+    return hashlib.sha256(f"result of round {round_id}".encode()).hexdigest()
 
 
 def fake_address(index: int) -> str:
@@ -95,6 +104,8 @@ class SimPeer:
         self.job = job
         self.peer_id = ""
         self.last_round = 0
+        # (round id, epoch, digest) of the results it keeps, as a real peer's ElasticConfig.keep_results (2).
+        self.kept: deque[tuple[int, int, str]] = deque(maxlen=2)
         # The member list of this peer's last ROUND answer, by digest (QuorumRequest.known_members), as the real
         # client keeps it (collectives.membership.KnownMembers). The lists themselves are shared by the peers
         # of this process: each real peer reads its list in its own process, not 500 of them on one loop.
@@ -196,7 +207,8 @@ class SimPeer:
                 next_at += interval
                 continue
             request = pb.HeartbeatRequest(
-                run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round, metrics=self._metrics()
+                run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round, metrics=self._metrics(),
+                holds_results=True, held_results=[pb.HeldResult(round_id=r, epoch=e, digest=d) for r, e, d in self.kept],
             )
             t0 = time.time()
             try:
@@ -304,6 +316,7 @@ class SimPeer:
             t_c1 = time.time()
             if c.commit:
                 self.last_round = q.round_id
+                self.kept.append((q.round_id, q.epoch, _result_digest(q.round_id)))
             else:
                 problems.append(f"{self.peer_id} round {q.round_id}: not committed: {c.reason}")
             self.epoch = c.epoch
