@@ -15,10 +15,13 @@ answer, recent rounds too few live peers hold
 from its holders the same way and keeps it in its ``ResultStore``
 (``LateRounds.hold``), from which it serves late peers and, at its own next
 sync, catches up without fetching it again. Its heartbeats list the results
-it keeps. A peer offers once it holds the run's state (its collective says
-so) and its optimizer says its rounds' results are the run's (not NoLoCo's
-pairs). One batch of such fetches runs at a time, as a task on the
-transport's loop that ``stop`` cancels.
+it keeps, each with the SHA-256 of its bytes (computed in the background,
+``digest_later``); the coordinator names with a round the digest most of its
+members reported, and a fetched result with another is refused
+(``results.decode_result``). A peer offers once it holds the run's state
+(its collective says so) and its optimizer says its rounds' results are the
+run's (not NoLoCo's pairs). One batch of such fetches runs at a time, as a
+task on the transport's loop that ``stop`` cancels, with the digests.
 """
 
 from __future__ import annotations
