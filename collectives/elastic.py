@@ -205,7 +205,7 @@ class ElasticCollective:
         # hold for the run (collectives/catchup.py).
         self.late = LateRounds(
             self.transport, config.run_id, config.state_sync, self.results,
-            keep=lambda r: self._keep_result(r.round_id, r.tag, r.value, r.codec, r.parts, r.epoch),
+            keep=lambda r: self._keep_result(r.round_id, r.tag, r.value, r.codec, r.parts, r.epoch, r.digest),
         )
         self.membership = MembershipClient(
             self.transport,
@@ -319,19 +319,21 @@ class ElasticCollective:
             return ""
 
     async def _keep_result(
-        self, round_id: int, tag: str, flat: torch.Tensor, codec: CodecConfig | None, parts: int, epoch: int
+        self, round_id: int, tag: str, flat: torch.Tensor, codec: CodecConfig | None, parts: int, epoch: int,
+        digest: str = "",
     ) -> None:
-        """Keep a committed round's result (of the attempt at epoch) for late peers, and every result a pinned
-        snapshot's joiner needs."""
+        """Keep a committed round's result (of the attempt at epoch; digest: its SHA-256 when known) for late peers,
+        and every result a pinned snapshot's joiner needs."""
         pinned = self.state_server.pinned_rounds()
         # Off the loop: the copy takes ~40 ms at 25M parameters (seconds for a large model), and the loop
         # meanwhile carries this peer's transfers and serves its state. A late peer asking meanwhile waits.
         await self.transport.run_off_loop(
-            self.results.keep, round_id, tag, flat, codec, min(pinned) if pinned else None, parts, epoch
+            self.results.keep, round_id, tag, flat, codec, min(pinned) if pinned else None, parts, epoch, digest
         )
         self.state_server.result_kept()
-        # Its digest (what late peers check their fetch against) is reported once computed, off the round's path.
-        self.late.digest_later(round_id)
+        if not digest:
+            # Its digest (what late peers check their fetch against) is reported once computed, off the round's path.
+            self.late.digest_later(round_id)
 
     @property
     def peer_id(self) -> str:
@@ -769,7 +771,7 @@ class ElasticCollective:
             return None
         self.last_round = results[-1].round_id
         for r in results:
-            await self._keep_result(r.round_id, r.tag, r.value, codec, r.parts, r.epoch)
+            await self._keep_result(r.round_id, r.tag, r.value, codec, r.parts, r.epoch, r.digest)
         log.info(
             "caught up rounds %d-%d by their results (%d bytes)",
             results[0].round_id, results[-1].round_id, sum(r.wire_bytes for r in results),

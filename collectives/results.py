@@ -64,6 +64,8 @@ class CommittedResult:
     parts: int = 1
     # The codec the round sent it in, as its source said (None: fp32), to serve it encoded again.
     codec: CodecConfig | None = None
+    # result_digest(value) when already known ("": not computed): the members' digest a fetch was checked against.
+    digest: str = ""
 
 
 @dataclass
@@ -118,11 +120,11 @@ class ResultStore:
         return entry.digest
 
     def keep(self, round_id: int, tag: str, value: torch.Tensor, codec: CodecConfig | None = None,
-             hold_after: int | None = None, parts: int = 1, epoch: int = 0) -> None:
+             hold_after: int | None = None, parts: int = 1, epoch: int = 0, digest: str = "") -> None:
         """Keep a copy of a committed round's flat result (the caller keeps using its own).
 
         ``codec``, ``parts``: what the round sent it in, and into how many parts (its members) it was cut;
-        ``epoch``: the epoch of the attempt that committed it.
+        ``epoch``: the epoch of the attempt that committed it; ``digest``: its result_digest when already known.
         ``hold_after``: the oldest round a joiner's pinned snapshot is at; the results after it are kept
         beyond the last ``keep`` rounds (within ``max_bytes``), so that joiner can catch up.
         """
@@ -132,7 +134,7 @@ class ResultStore:
             return
         # Copied before the round counts as committed here: a late peer asking meanwhile is told to wait
         # (ResultNotYet), not that the result is not kept.
-        entry = _Kept(tag, value.detach().to("cpu", torch.float32).clone(), codec, max(int(parts), 1), epoch)
+        entry = _Kept(tag, value.detach().to("cpu", torch.float32).clone(), codec, max(int(parts), 1), epoch, digest=digest)
         with self._lock:
             self._newest = max(self._newest, round_id)
             self._kept[round_id] = entry
@@ -161,7 +163,8 @@ class ResultStore:
             entry = self._kept.get(round_id)
         if entry is None or entry.tag != tag or entry.epoch != epoch:
             return None
-        return CommittedResult(round_id, tag, entry.value.clone(), epoch=epoch, parts=entry.parts, codec=entry.codec)
+        return CommittedResult(round_id, tag, entry.value.clone(), epoch=epoch, parts=entry.parts, codec=entry.codec,
+                               digest=entry.digest)
 
     def snapshot(self, round_id: int) -> StateSnapshot | None:
         """The result of round_id as served to a late peer (encoded when that is exact), or None if not kept.
@@ -285,7 +288,8 @@ async def fetch_result(
         # decode_result decoded it with this codec, so the name parses.
         codec_name = snap.meta.get("codec", RAW)
         codec = None if codec_name == RAW else CodecConfig.parse(codec_name)
+        # decode_result checked it against missed.digest when the coordinator named one: no need to hash it again.
         return CommittedResult(missed.round_id, missed.tag, value, source=address, epoch=missed.epoch, wire_bytes=wire,
-                               parts=parts, codec=codec)
+                               parts=parts, codec=codec, digest=missed.digest)
     log.info("no holder still keeps round %d's result", missed.round_id)
     return None

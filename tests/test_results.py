@@ -194,3 +194,10 @@ def test_a_fetched_result_with_another_digest_than_its_members_is_refused():
     assert torch.equal(decode_result(raw(value), 8, "", "peer1", digest=result_digest(value)), value)
     with pytest.raises(StateSyncError, match="peer1 served round 5's result with another digest than its members'"):
         decode_result(raw(value), 8, "", "peer1", digest=result_digest(torch.zeros(8)))
+
+
+def test_a_result_kept_with_its_known_digest_reports_it_without_hashing_again():
+    store = ResultStore(keep=2)
+    value = committed()
+    store.keep(3, "g", value, INT8, epoch=2, digest=result_digest(value))
+    assert store.attempts() == [(3, 2, result_digest(value))] and store.get(3, "g", 2).digest == result_digest(value)
