@@ -313,13 +313,14 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         )
         # Or every round after its state has a live holder of its result (a round of some of the peers whose
         # members are gone, kept by others): it keeps its state and catches up by them.
-        by_results = (
-            not holder_alive and holds_committed_state(req.has_state, req.last_round, committed)
-            and req.last_round < committed and bool(self.sources.missed(req.peer_id, req.last_round))
+        catch_up = (
+            self.sources.missed(req.peer_id, req.last_round)
+            if not holder_alive and holds_committed_state(req.has_state, req.last_round, committed)
+            and req.last_round < committed else []
         )
         recorded = s.digest_of(req.last_round) if req.has_state else ""
         action = join_action(
-            req.has_state, holder_alive or by_results, self._run_under_way, self._age(), self.config.rules,
+            req.has_state, holder_alive or bool(catch_up), self._run_under_way, self._age(), self.config.rules,
             committed_round=committed, last_round=req.last_round, digest=digest, recorded_digest=recorded,
             initial_digest=s.initial_digest,
         )
@@ -373,8 +374,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             self._save()
         elif not has_state or needs_resync(req.last_round, s.last_committed_round):
             sources = self.sources.state_sources(peer_id)
-            if has_state and (sources or by_results):
-                missed = self.sources.missed(peer_id, req.last_round)
+            if has_state:
+                missed = catch_up or (self.sources.missed(peer_id, req.last_round) if sources else [])
             peer.state = "syncing"
         else:
             peer.state = "active"
