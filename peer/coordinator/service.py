@@ -311,8 +311,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         holder_alive = any(
             p.has_state and p.last_round >= committed for p in s.alive_peers() if p.address != address
         )
-        # Or every round after its state has a live holder of its result (a round of some of the peers whose
-        # members are gone, kept by others): it keeps its state and catches up by them.
+        # Nobody holds that state, but every round after the joiner's has a live holder of its result (a round of
+        # some of the peers whose members are gone, kept by others): these rounds; it keeps its state and catches up.
         catch_up = (
             self.sources.missed(req.peer_id, req.last_round)
             if not holder_alive and holds_committed_state(req.has_state, req.last_round, committed)
