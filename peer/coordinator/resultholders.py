@@ -91,7 +91,8 @@ class ResultHolders:
 def result_digest(reported: Mapping[str, str], members: Collection[str]) -> str:
     """The digest most of the round's members reported of its result ("" when none did, or on a tie): a member
     computed the result, a peer that fetched it only says what it got, so it does not vote."""
-    votes = Counter(d for p, d in reported.items() if p in members and d)
+    # By member, not by report: a round's members are a tuple (1,000 of them), and this runs for every answer.
+    votes = Counter(reported[m] for m in members if reported.get(m))
     ranked = votes.most_common(2)
     if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
         return ""
