@@ -12,8 +12,6 @@ here (``to_hold``). Everything runs on the coordinator's loop.
 
 from __future__ import annotations
 
-import time
-
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import checked_digest
 from peer.coordinator.resultholders import MAX_HELD_REPORTED, rounds_to_hold
@@ -60,13 +58,12 @@ class Sources:
         )
         return [self._message(c) for c in rounds]
 
-    def to_hold(self, peer_id: str, req: pb.HeartbeatRequest, now: float | None = None) -> list[pb.CommittedRound]:
+    def to_hold(self, peer_id: str, req: pb.HeartbeatRequest, now: float) -> list[pb.CommittedRound]:
         """Note the results a heartbeat says its peer keeps; the rounds it should fetch and keep too, if it offers."""
         s = self.state
         book = s.result_holders
         if not req.holds_results:
             return []
-        now = time.monotonic() if now is None else now
         # A peer that offers lists every result it keeps in each heartbeat (none: an empty list).
         # A malformed digest refuses the heartbeat (INVALID_ARGUMENT), as a malformed state digest does.
         held = [(h.round_id, h.epoch, checked_digest(h.digest)) for h in req.held_results[:MAX_HELD_REPORTED]]
