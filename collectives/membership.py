@@ -524,54 +524,71 @@ class MembershipClient:
         ``digest()``: the state's digest as of ``last_round()`` if already computed ("" otherwise; never computes).
         ``held()``: (round id, epoch, digest) of the results this peer keeps, or None when it does not offer to keep
         others';
-        ``hold(rounds)``: the coordinator asks it to fetch and keep these rounds' results (called on the loop).
+        ``hold(rounds)``: the coordinator asks it to fetch and keep these rounds' results (called on the loop), in
+        an answer or unasked on the Session stream as a round commits.
         """
-        while True:
-            sent, received = traffic()
-            s = self.status
-            kept = held()
-            request = pb.HeartbeatRequest(
-                run_id=self.config.run_id,
-                peer_id=self.peer_id,
-                last_round=last_round(),
-                state_digest=digest(),
-                metrics=pb.PeerMetrics(
-                    step=s.step,
-                    steps_per_s=s.steps_per_s,
-                    loss=s.loss,
-                    bytes_sent=sent,
-                    bytes_received=received,
-                    activity=s.activity,
-                    samples=s.samples,
-                    eval_loss=s.eval_loss,
-                    privacy_epsilon=s.epsilon,
-                    spread=s.spread,
-                    refusals=refusals(),
-                ),
-                holds_results=kept is not None,
-                held_results=[pb.HeldResult(round_id=r, epoch=e, digest=d) for r, e, d in kept or ()],
-            )
-            watched = self._watched
-            if watched is not None:
-                request.round_id, request.round_epoch = watched[0]
-            try:
-                reply = await self._send("Heartbeat", request, max(interval_s, 1.0))
-                if reply.round_over and watched is not None and not watched[1].done():
-                    log.info("%s", reply.round_over[:300])
-                    watched[1].set_result(reply.round_over[:2000])
-                if not reply.known:
-                    self.unregistered.set()
-                self.run_round = reply.last_committed_round
-                self.run_step = reply.run_step
-                self.round_step = reply.round_step
-                self._note_commit_time(reply.since_commit_s)
-                interval_s = heartbeat_interval(interval_s, reply.heartbeat_s)
-                if reply.hold and kept is not None:
-                    hold(_missed(reply.hold))
-            except grpc.aio.AioRpcError as exc:
-                # The coordinator may be restarting; training goes on, heartbeats keep trying.
-                log.debug("heartbeat failed: %s", exc.code().name)
-            await asyncio.sleep(interval_s)
+
+        def pushed(answer: pb.HeartbeatResponse) -> None:
+            if answer.hold and held() is not None:
+                hold(_missed(answer.hold))
+
+        self.session.pushed = pushed
+        try:
+            while True:
+                kept = held()
+                request = self._heartbeat_request(last_round(), traffic(), digest(), refusals(), kept)
+                watched = self._watched
+                if watched is not None:
+                    request.round_id, request.round_epoch = watched[0]
+                try:
+                    reply = await self._send("Heartbeat", request, max(interval_s, 1.0))
+                    if reply.round_over and watched is not None and not watched[1].done():
+                        log.info("%s", reply.round_over[:300])
+                        watched[1].set_result(reply.round_over[:2000])
+                    if not reply.known:
+                        self.unregistered.set()
+                    self.run_round = reply.last_committed_round
+                    self.run_step = reply.run_step
+                    self.round_step = reply.round_step
+                    self._note_commit_time(reply.since_commit_s)
+                    interval_s = heartbeat_interval(interval_s, reply.heartbeat_s)
+                    if reply.hold and kept is not None:
+                        hold(_missed(reply.hold))
+                except grpc.aio.AioRpcError as exc:
+                    # The coordinator may be restarting; training goes on, heartbeats keep trying.
+                    log.debug("heartbeat failed: %s", exc.code().name)
+                await asyncio.sleep(interval_s)
+        finally:
+            self.session.pushed = None
+
+    def _heartbeat_request(
+        self, last_round: int, traffic: tuple[int, int], digest: str, refusals: dict[str, int],
+        kept: Sequence[tuple[int, int, str]] | None,
+    ) -> pb.HeartbeatRequest:
+        """A heartbeat with this peer's status, its traffic (bytes sent, received) and the results it keeps."""
+        s = self.status
+        sent, received = traffic
+        return pb.HeartbeatRequest(
+            run_id=self.config.run_id,
+            peer_id=self.peer_id,
+            last_round=last_round,
+            state_digest=digest,
+            metrics=pb.PeerMetrics(
+                step=s.step,
+                steps_per_s=s.steps_per_s,
+                loss=s.loss,
+                bytes_sent=sent,
+                bytes_received=received,
+                activity=s.activity,
+                samples=s.samples,
+                eval_loss=s.eval_loss,
+                privacy_epsilon=s.epsilon,
+                spread=s.spread,
+                refusals=refusals,
+            ),
+            holds_results=kept is not None,
+            held_results=[pb.HeldResult(round_id=r, epoch=e, digest=d) for r, e, d in kept or ()],
+        )
 
     def _note_commit_time(self, since_commit_s: float) -> None:
         """Keep when the run's last round committed, from an answer's since_commit_s (0 or not sane: unknown)."""

@@ -48,6 +48,9 @@ RETRY_AFTER_MS = "loconet-retry-after-ms"
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # The coordinator's first reply on a stream: call_id 0 and nothing else (serialised, that is no bytes at all).
 OPENED = pb.SessionReply().SerializeToString()
+# The call_id of a reply the coordinator sends unasked (a push; a peer's calls are numbered from 1): a Heartbeat
+# answer of which only ``hold`` is read.
+PUSHED = 0
 
 
 # How a coordinator's refusal of one more Session stream from the client's address begins (the address holds as many
@@ -108,6 +111,8 @@ class CoordinatorSession:
         self._open_lock: asyncio.Lock | None = None
         self._write_lock: asyncio.Lock | None = None
         self._cancels: set[asyncio.Task] = set()
+        # Called on the loop with a Heartbeat answer the coordinator pushed unasked (only its ``hold`` counts).
+        self.pushed: Callable[[pb.HeartbeatResponse], None] | None = None
         # Why the last stream ended.
         self._ended = rpc_error(grpc.StatusCode.UNAVAILABLE, "the coordinator ended the Session stream")
 
@@ -239,6 +244,10 @@ class CoordinatorSession:
                 if raw is grpc.aio.EOF:
                     break
                 reply = pb.SessionReply.FromString(raw)
+                if reply.call_id == PUSHED:
+                    if reply.HasField("heartbeat") and self.pushed is not None:
+                        self._take_push(reply.heartbeat)
+                    continue
                 answer = self._pending.get(reply.call_id)
                 if answer is not None and not answer.done():
                     answer.set_result(reply)
@@ -257,6 +266,12 @@ class CoordinatorSession:
         for answer in self._pending.values():
             if not answer.done():
                 answer.set_exception(error)
+
+    def _take_push(self, answer: pb.HeartbeatResponse) -> None:
+        try:
+            self.pushed(answer)
+        except Exception as exc:  # noqa: BLE001 - a push is advice: its handler failing must not end the stream's calls
+            log.warning("a pushed answer from the coordinator was not taken: %r", exc)
 
     async def reset(self) -> None:
         """Close the stream (its calls in flight fail with CANCELLED); the next call opens a new one."""

@@ -8,6 +8,7 @@ third catches up from its own copy.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -20,9 +21,11 @@ from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.membership import MissedRound
 from collectives.results import ResultStore, result_digest as digest_of_result
+from collectives.rpc import COORDINATOR_SETTINGS, make_channel
+from collectives.session import CoordinatorSession
 from collectives.syncphases import CaughtUp
 from peer.coordinator.config import CoordinatorConfig
-from peer.coordinator.resultholders import ResultHolders, result_digest, rounds_to_hold
+from peer.coordinator.resultholders import ResultHolders, holders_to_push, result_digest, rounds_to_hold
 from peer.coordinator.rules import CommittedRound, result_holders, rounds_to_catch_up
 from protos import membership_pb2 as pb
 
@@ -68,6 +71,30 @@ HOLD_CASES = [
 )
 def test_rounds_to_hold(name, committed, held, asked, alive, peer, last_round, target, rounds):
     assert rounds_to_hold(committed, held, asked, set(alive), peer, last_round, target, now=10.0, ask_s=5.0) == rounds
+
+
+# name, held, asked, live peers, candidates, hosts, target -> the peers asked at once as R1 (members a, b) commits
+# (now is 10.0 and an ask counts for 5 s in every row)
+PUSH_CASES = [
+    ("one more holder for 3: the first candidate", {}, {}, "abcde", "cde", {}, 3, ("c",)),
+    ("two more for 4", {}, {}, "abcde", "edc", {}, 4, ("c", "d")),
+    ("a peer on another host than the members first", {}, {}, "abcde", "cde",
+     {"a": "h1", "b": "h1", "c": "h1", "d": "h1", "e": "h2"}, 3, ("e",)),
+    ("peers of no named host count as another host", {}, {}, "abcde", "cd", {"a": "h1", "c": "h1"}, 3, ("d",)),
+    ("a round of target members asks nobody", {}, {}, "abcde", "cde", {}, 2, ()),
+    ("a peer that keeps it counts", {1: {"e"}}, {}, "abcde", "cd", {}, 3, ()),
+    ("a peer asked within 5 s counts", {}, {1: {"e": 9.0}}, "abcde", "cd", {}, 3, ()),
+    ("an older ask does not", {}, {1: {"e": 1.0}}, "abcde", "cd", {}, 3, ("c",)),
+    ("a member is never a candidate", {}, {}, "abcde", "ab", {}, 3, ()),
+    ("no candidate: nobody", {}, {}, "abcde", "", {}, 3, ()),
+    ("no live member left to fetch from: nobody", {}, {}, "cde", "cde", {}, 3, ()),
+]
+
+
+@pytest.mark.parametrize("name,held,asked,alive,candidates,hosts,target,pushed", PUSH_CASES,
+                         ids=[c[0] for c in PUSH_CASES])
+def test_the_peers_asked_at_once_as_a_round_commits(name, held, asked, alive, candidates, hosts, target, pushed):
+    assert holders_to_push(R1, list(candidates), hosts, held, asked, set(alive), target, now=10.0, ask_s=5.0) == pushed
 
 
 # name, held, live peers, asker -> the holders a late peer is sent to for R1, then R2 (() : the whole state)
@@ -242,6 +269,38 @@ def test_a_peer_that_offers_is_asked_to_keep_a_round_of_two_members_and_the_next
     assert (list(beat(c, p4).hold), list(beat(c, p3).hold)) == ([], [])
 
 
+def test_as_a_round_of_two_commits_a_peer_that_offers_is_asked_at_once_on_its_session_stream(coordinator):
+    c = coordinator()
+    a, b, p3, p4 = [c.join(f"127.0.0.1:{port}", has_state=True).peer_id for port in (1, 2, 3, 4)]
+
+    async def scenario() -> tuple[list, list, list]:
+        pushes: dict[str, list] = {p3: [], p4: []}
+        channels = {p: make_channel(c.address, COORDINATOR_SETTINGS, own_connection=True) for p in (p3, p4)}
+        sessions = {p: CoordinatorSession(lambda ch=ch: ch) for p, ch in channels.items()}
+        try:
+            for peer_id, session in sessions.items():
+                session.pushed = pushes[peer_id].append
+                request = pb.HeartbeatRequest(run_id=RUN, peer_id=peer_id, holds_results=peer_id == p3)
+                assert (await session.call("Heartbeat", request, 5)).known
+            # a and b commit round 1 (first-k:2) on their own calls; p3 and p4 send nothing more meanwhile.
+            await asyncio.to_thread(c.play, [a, b], 0)
+            for _ in range(100):
+                if pushes[p3]:
+                    break
+                await asyncio.sleep(0.05)
+            again = await sessions[p3].call("Heartbeat", pb.HeartbeatRequest(run_id=RUN, peer_id=p3, holds_results=True), 5)
+            return pushes[p3], pushes[p4], list(again.hold)
+        finally:
+            for peer_id in sessions:
+                await sessions[peer_id].close()
+                await channels[peer_id].close()
+
+    to_p3, to_p4, asked_again = asyncio.run(asyncio.wait_for(scenario(), 30))
+    # Three hold it now, counting p3: one push, to the peer that offers; its next heartbeat does not ask again.
+    assert [named(push.hold) for push in to_p3] == [[(1, ["127.0.0.1:1", "127.0.0.1:2"])]]
+    assert (to_p4, asked_again) == ([], [])
+
+
 def test_a_peer_that_does_not_offer_is_never_asked(coordinator):
     c = coordinator()
     _, _, p3, _ = two_of_four(c)
@@ -311,18 +370,51 @@ def test_a_peer_asked_to_hold_fetches_nothing_for_a_round_its_state_has_or_one_i
 
 
 @pytest.mark.timeout(90)
+def test_the_third_peer_keeps_a_round_of_two_before_its_next_heartbeat():
+    # Heartbeats a minute apart: only the coordinator's push at the commit can ask the third peer in time.
+    config = CoordinatorConfig(run_id="h", port=0, dashboard_port=None, startup_grace_s=0, quorum="first-k:2",
+                               heartbeat_s=60.0, lease_s=600.0)
+    with CoordinatorThread(config) as coord:
+        peers = [offering_peer(coord.address) for _ in range(3)]
+        a, b, third = peers
+        beats = []
+        send = third.membership._send
+
+        async def counted(method, request, timeout_s):
+            beats.append(method == "Heartbeat")
+            return await send(method, request, timeout_s)
+
+        try:
+            third.membership._send = counted
+            xs = [torch.randn(NUMEL, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+            results = [f.result(30) for f in [a.sync_async(xs[0], codec=INT8), b.sync_async(xs[1], codec=INT8)]]
+            beats_at_commit = sum(beats)
+            deadline = time.monotonic() + 30
+            while third.late.fetched != [1] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert third.late.fetched == [1] and sum(beats) == beats_at_commit
+            assert third.results.digest(1) == digest_of_result(results[0].value.flatten())
+        finally:
+            for peer in peers:
+                peer.close()
+
+
+def offering_peer(coordinator: str) -> ElasticCollective:
+    """A started peer of run "h" that offers to keep results (its state is not fetched here: catching up by results
+    compares with its size only)."""
+    peer = ElasticCollective(ElasticConfig(coordinator=coordinator, run_id="h"))
+    peer.provide_state(lambda: None, round_numel=lambda tag: NUMEL, state_nbytes=lambda: 4 * NUMEL,
+                       results_are_the_runs=True)
+    peer.start(has_state=True)
+    return peer
+
+
+@pytest.mark.timeout(90)
 def test_a_round_of_two_of_three_outlives_both_members_on_the_third_peer():
     config = CoordinatorConfig(run_id="h", port=0, dashboard_port=None, startup_grace_s=0, quorum="first-k:2",
                                heartbeat_s=0.2, lease_s=2.0)
     with CoordinatorThread(config) as coord:
-        peers = []
-        for _ in range(3):
-            peer = ElasticCollective(ElasticConfig(coordinator=coord.address, run_id="h"))
-            # Its state is not fetched here; catch-up by results compares with its size.
-            peer.provide_state(lambda: None, round_numel=lambda tag: NUMEL, state_nbytes=lambda: 4 * NUMEL,
-                               results_are_the_runs=True)
-            peer.start(has_state=True)
-            peers.append(peer)
+        peers = [offering_peer(coord.address) for _ in range(3)]
         a, b, third = peers
         try:
             xs = [torch.randn(NUMEL, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]

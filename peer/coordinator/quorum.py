@@ -172,9 +172,11 @@ class Quorums:
         drop: Callable[[PeerRecord, str], None],
         save: Callable[[], None],
         run_under_way: Callable[[], bool],
+        committed: Callable[[int], None] = lambda round_id: None,
     ) -> None:
         """``drop(peer, why)``: take a member an abort dropped out of the run; ``save()``: update the state file;
-        ``run_under_way()``: the run had rounds before this coordinator (its first attempt gets a new epoch)."""
+        ``run_under_way()``: the run had rounds before this coordinator (its first attempt gets a new epoch);
+        ``committed(round_id)``: a round was just committed (after its members are answered)."""
         self.config = config
         self.policy = policy
         self.state = state
@@ -184,6 +186,7 @@ class Quorums:
         self._drop = drop
         self._save = save
         self._run_under_way = run_under_way
+        self._committed = committed
         self.pending: PendingQuorum | None = None
         # Attempts formed and not yet decided, and the last `history` decisions, by (round id, epoch):
         # a member of an aborted attempt must read that attempt's decision, never its retry's.
@@ -433,6 +436,8 @@ class Quorums:
             )
         if pending.decided is not None and not pending.decided.done():
             pending.decided.set_result(decision)
+        if decision.commit:
+            self._committed(round_id)
 
     def decide_all(self) -> None:
         """Decide every attempt whose outcome is known (on the tick)."""

@@ -21,6 +21,13 @@ peers (``--result-holders``, members counted):
   counts): from then on late peers catching up are sent to it too
   (``rules.rounds_to_catch_up``), and it catches up from its own copy.
 
+A heartbeat comes up to an interval after the commit, and a round's members
+may all be gone by then (chaos seed 1149 killed both members of a round of
+two a few tenths of a second after its commit). So as such a round commits, the
+coordinator asks as many peers as it lacks at once, on their Session streams
+(``holders_to_push``: offering peers on other hosts than the members first,
+since one host's peers die together); the heartbeats ask for the rest.
+
 The bytes: an extra holder fetches once, early, a result it would otherwise
 fetch at its own catch-up; a round of all the live peers asks nobody.
 """
@@ -97,6 +104,32 @@ def result_digest(reported: Mapping[str, str], members: Collection[str]) -> str:
     if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
         return ""
     return ranked[0][0]
+
+
+def holders_to_push(
+    c: CommittedRound,
+    candidates: Iterable[str],
+    hosts: Mapping[str, str],
+    held: Mapping[int, Collection[str]],
+    asked: Mapping[int, Mapping[str, float]],
+    alive: Container[str],
+    target: int,
+    now: float,
+    ask_s: float,
+) -> tuple[str, ...]:
+    """The peers to ask at once, as round c commits, to fetch and keep its result: as many ``candidates`` (live
+    peers that offer and can be reached, none of them ahead of c) as c lacks of ``target`` live holders, members
+    and peers asked within ask_s counted. Those on another host than c's members come first (``hosts``: peer id
+    -> the host it said it runs on, "" its own), then by id. Empty when no live holder is left to fetch from."""
+    sources = result_holders(c, held, alive)
+    recent = {p for p, at in asked.get(c.round_id, {}).items() if p in alive and now - at < ask_s}
+    lacking = target - len(set(sources) | recent)
+    if not sources or lacking <= 0:
+        return ()
+    taken = set(sources) | recent | set(c.members)
+    member_hosts = {hosts.get(m, "") for m in c.members} - {""}
+    free = sorted((p for p in candidates if p not in taken), key=lambda p: (hosts.get(p, "") in member_hosts, p))
+    return tuple(free[:lacking])
 
 
 def rounds_to_hold(

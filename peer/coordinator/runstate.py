@@ -52,6 +52,8 @@ class PeerRecord:
     codecs: tuple[str, ...] = ()
     # The host the peer said it runs on (its round partners there reduce through shared memory); "": its own.
     host_id: str = ""
+    # Whether its last heartbeat offered to keep other rounds' results (HeartbeatRequest.holds_results).
+    offers_results: bool = False
     # Calls the peer refused or cut off, by kind (its heartbeats say; docs/security.md).
     refusals: dict[str, int] = field(default_factory=dict)
     # With a run secret: the Ed25519 key the peer's credential binds its id to (collectives.credentials).

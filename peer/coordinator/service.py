@@ -65,6 +65,7 @@ from peer.coordinator.rules import (
     needs_resync,
 )
 from peer.coordinator.runstate import PeerRecord, RunState
+from peer.coordinator.sessions import PeerStreams, pushed_bytes
 from peer.coordinator.sources import Sources
 from peer.coordinator.statefile import SavedRun, load_run, save_run
 from protos import membership_pb2 as pb
@@ -153,6 +154,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             drop=lambda peer, why: self._mark_lost(peer, why, kind="failure"),
             save=self._save,
             run_under_way=lambda: self._run_under_way,
+            committed=self._push_holds,
         )
         if self._saved is not None and not config.new_run:
             self.quorums.remember_commit(self.state.last_committed_round, self.state.last_committed_epoch)
@@ -165,6 +167,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._stopping = False
         # Where peers behind the run fetch the state or the missed rounds' results from.
         self.sources = Sources(config, self.state)
+        # Each peer's open Session stream, for what the coordinator tells it unasked (_push_holds).
+        self.streams = PeerStreams()
         # Leases past their time, and probes of the peers a quorum waits for.
         self.liveness = Liveness(config, self.state, self.quorums, self._mark_lost)
         self.state.event("coordinator-start", "", f"run {config.run_id}")
@@ -524,6 +528,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         peer.bytes_sent = m.bytes_sent
         peer.bytes_received = m.bytes_received
         peer.activity = m.activity[:64]
+        peer.offers_results = req.holds_results
         # At most a few kinds (the peer's own names), each a short string: a peer cannot grow this.
         peer.refusals = {kind[:32]: count for kind, count in sorted(m.refusals.items())[:16]}
         self.state.record_metrics(peer)
@@ -536,6 +541,17 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             run_step=self.state.run_step, round_step=self.state.round_step, heartbeat_s=heartbeat_s, round_over=over,
             since_commit_s=self.quorums.since_commit(now), hold=self.sources.to_hold(peer.peer_id, req, now),
         )
+
+    def _push_holds(self, round_id: int) -> None:
+        """As a round of too few holders commits, ask peers at once, on their Session streams, to keep its result:
+        by their next heartbeats its members may all be gone (docs/durability.md)."""
+        chosen, message = self.sources.to_push(round_id, self.streams, time.monotonic())
+        if message is None:
+            return
+        raw = pushed_bytes(pb.HeartbeatResponse(hold=[message]))
+        for peer_id in chosen:
+            self.streams.push(peer_id, raw)
+        log.info("asked %s at once to keep round %d's result", ", ".join(chosen), round_id)
 
     def _leave(self, req: pb.LeaveRequest) -> pb.LeaveResponse:
         self._check_run(req.run_id)

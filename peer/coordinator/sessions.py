@@ -15,6 +15,11 @@ long-lived ``Session`` stream. Each message is a call of its own, answered by
 - the Coordinator's own handler (``Coordinator.peer_call``, as its own call's), whose refusal
   (``BadRequest``) becomes the answer's ``code`` and ``details``.
 
+The coordinator may also write a reply nobody asked for (``call_id`` ``PUSHED``):
+a Heartbeat answer whose ``hold`` asks the peer to keep a round's result at
+once, as the round commits (``PeerStreams``; peer/coordinator/resultholders.py).
+Only the stream a peer's accepted heartbeats last came on gets them.
+
 A message that is not a ``SessionCall``, a ``call_id`` already in flight, or
 more than ``MAX_CALLS_IN_FLIGHT`` calls at once end the stream with
 INVALID_ARGUMENT or RESOURCE_EXHAUSTED: a peer has at most a heartbeat, a
@@ -32,7 +37,7 @@ from typing import Protocol
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from collectives.session import OPENED, SESSION_RPCS
+from collectives.session import OPENED, PUSHED, SESSION_RPCS
 from collectives.transport import identity
 from collectives.wire import encode_varint
 from peer.coordinator.identity import Caller
@@ -72,6 +77,12 @@ def reply_bytes(call_id: int, rpc: str, answer: Message | bytes) -> bytes:
     return head + encode_varint(REPLY_FIELDS[rpc] << 3 | 2) + encode_varint(len(body)) + body
 
 
+def pushed_bytes(answer: pb.HeartbeatResponse) -> bytes:
+    """A serialised SessionReply the coordinator sends unasked (call_id PUSHED): a Heartbeat answer, of which the
+    peer reads only ``hold``."""
+    return reply_bytes(PUSHED, "Heartbeat", answer)
+
+
 def error_bytes(call_id: int, code: grpc.StatusCode, details: str, wait_s: float = 0.0) -> bytes:
     """A serialised SessionReply refusing call_id with code (wait_s: a rate limit's wait)."""
     return pb.SessionReply(
@@ -103,11 +114,26 @@ class Session:
         self._write = write
         self._writing = asyncio.Lock()
         self.calls: dict[int, asyncio.Task] = {}
+        # Writes of what the coordinator tells the peer unasked (push), cancelled with the stream.
+        self._pushes: set[asyncio.Task] = set()
+        # The peer id its accepted heartbeats name ("": none yet), which PeerStreams pushes to on this stream.
+        self.peer_id = ""
 
     async def write(self, raw: bytes) -> None:
         """Send one serialised SessionReply (one write at a time on a gRPC stream)."""
         async with self._writing:
             await self._write(raw)
+
+    def push(self, raw: bytes) -> None:
+        """Send a reply nobody asked for (call_id PUSHED) without waiting for it (on the coordinator's loop)."""
+        task = asyncio.get_running_loop().create_task(self.write(raw))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushed)
+
+    def _pushed(self, task: asyncio.Task) -> None:
+        self._pushes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("a push to %s was not sent: %r", self.peer, task.exception())
 
     def take(self, raw: bytes) -> bytes | None:
         """Handle one message of the stream: the reply to send now, or None (none, or its call's task will);
@@ -140,6 +166,9 @@ class Session:
             answer = self.coordinator.peer_call(self.caller, rpc, getattr(call, kind))
         except BadRequest as exc:
             return error_bytes(call_id, exc.code, str(exc))
+        if kind == "heartbeat" and isinstance(answer, pb.HeartbeatResponse) and answer.known:
+            # The peer's heartbeats come on this stream: what the coordinator tells it unasked goes here too.
+            self.coordinator.streams.note(call.heartbeat.peer_id, self)
         if not asyncio.iscoroutine(answer):
             return reply_bytes(call_id, rpc, answer)
         task = asyncio.get_running_loop().create_task(self._answer(call_id, rpc, answer))
@@ -167,10 +196,42 @@ class Session:
             log.debug("a Session answer to %s was not sent: %r", self.peer, task.exception())
 
     def close(self) -> None:
-        """Cancel the calls still in flight (the stream is gone)."""
-        for task in self.calls.values():
+        """Cancel the calls still in flight and the pushes being written (the stream is gone)."""
+        for task in (*self.calls.values(), *self._pushes):
             task.cancel()
         self.calls.clear()
+        self._pushes.clear()
+
+
+class PeerStreams:
+    """The open Session stream each peer's accepted heartbeats last came on: where the coordinator pushes what it
+    tells a peer unasked (use on the coordinator's loop)."""
+
+    def __init__(self) -> None:
+        self._by_peer: dict[str, Session] = {}
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self._by_peer
+
+    def note(self, peer_id: str, session: Session) -> None:
+        """peer_id's heartbeat came on session (and was accepted)."""
+        if session.peer_id != peer_id:
+            self.forget(session)  # the stream's peer joined again under another id
+            session.peer_id = peer_id
+        self._by_peer[peer_id] = session
+
+    def forget(self, session: Session) -> None:
+        """The stream ended (or names another peer now): nothing more is pushed on it for its peer."""
+        if self._by_peer.get(session.peer_id) is session:
+            del self._by_peer[session.peer_id]
+
+    def push(self, peer_id: str, raw: bytes) -> bool:
+        """Send raw (a serialised SessionReply with call_id PUSHED) on peer_id's stream; False when it has none."""
+        session = self._by_peer.get(peer_id)
+        if session is None:
+            return False
+        session.push(raw)
+        return True
 
 
 def session_handler(coordinator, limits: SessionLimits) -> grpc.RpcMethodHandler:
@@ -202,6 +263,7 @@ def session_handler(coordinator, limits: SessionLimits) -> grpc.RpcMethodHandler
                 if reply is not None:
                     await session.write(reply)
         finally:
+            coordinator.streams.forget(session)
             session.close()
             limits.close_session(peer)
 

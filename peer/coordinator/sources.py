@@ -7,15 +7,19 @@ missed is remembered and held, those rounds with their live holders, so
 that it fetches their results instead (``rules.rounds_to_catch_up``). A
 round's holders are its members and the peers asked to keep its result
 (``peer/coordinator/resultholders.py``), which heartbeats report and ask for
-here (``to_hold``). Everything runs on the coordinator's loop.
+here (``to_hold``), and whom the coordinator asks at once as a round of too
+few holders commits (``to_push``). Everything runs on the coordinator's loop.
 """
 
 from __future__ import annotations
 
+from collections.abc import Container
+from dataclasses import replace
+
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import checked_digest
-from peer.coordinator.resultholders import MAX_HELD_REPORTED, rounds_to_hold
-from peer.coordinator.rules import CommittedRound, PeerView, choose_sync_sources, rounds_to_catch_up
+from peer.coordinator.resultholders import MAX_HELD_REPORTED, holders_to_push, rounds_to_hold
+from peer.coordinator.rules import CommittedRound, PeerView, choose_sync_sources, result_holders, rounds_to_catch_up
 from peer.coordinator.runstate import RunState
 from protos import membership_pb2 as pb
 
@@ -76,6 +80,29 @@ class Sources:
         )
         book.note_asked(peer_id, [c.round_id for c in rounds], now)
         return [self._message(c) for c in rounds]
+
+    def to_push(
+        self, round_id: int, reachable: Container[str], now: float
+    ) -> tuple[tuple[str, ...], pb.CommittedRound | None]:
+        """As round_id commits: the peers (among ``reachable``) to ask at once to keep its result, and the round as
+        they are sent it, with its live holders; ((), None) when it has enough holders or nobody to ask."""
+        s = self.state
+        target = self.config.result_holders
+        c = s.committed[-1] if s.committed else None
+        # A round of target members or more asks nobody: checked first, as a round may have 1,000 members.
+        if c is None or c.round_id != round_id or target == 0 or len(c.members) >= target:
+            return (), None
+        book = s.result_holders
+        alive = s.alive_peers()
+        candidates = [p.peer_id for p in alive if p.offers_results and p.last_round < round_id and p.peer_id in reachable]
+        hosts = {p.peer_id: p.host_id for p in alive}
+        chosen = holders_to_push(c, candidates, hosts, book.held, book.asked, s.live, target, now,
+                                 ask_s=self.config.lease_s)
+        if not chosen:
+            return (), None
+        for peer_id in chosen:
+            book.note_asked(peer_id, [round_id], now)
+        return chosen, self._message(replace(c, members=result_holders(c, book.held, s.live)))
 
     def _message(self, c: CommittedRound) -> pb.CommittedRound:
         """A remembered round as sent to peers, its ``members`` (live holders here) with their addresses."""
