@@ -20,8 +20,9 @@ it keeps, each with the SHA-256 of its bytes (computed in the background,
 members reported, and a fetched result with another is refused
 (``results.decode_result``). A peer offers once it holds the run's state
 (its collective says so) and its optimizer says its rounds' results are the
-run's (not NoLoCo's pairs). One batch of such fetches runs at a time, as a
-task on the transport's loop that ``stop`` cancels, with the digests.
+run's (not NoLoCo's pairs). The rounds asked for are fetched one at a time,
+in the order asked, by a task on the transport's loop that ``stop`` cancels,
+with the digests.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 # A result not flowing from one holder for this long is fetched from the next: another holds the same result,
 # and the run may be waiting for this peer (a state's source gets the state fetch's longer stall timeout).
 RESULT_STALL_S = 3.0
+# Rounds waiting to be fetched to keep, at most (the newest stay): asks come two an answer and one per commit.
+MAX_QUEUED = 8
 
 
 class LateRounds:
@@ -68,6 +71,9 @@ class LateRounds:
         self.round_numel: Callable[[str], int] | None = None
         self.state_nbytes: Callable[[], int] | None = None
         self.results_are_the_runs = False
+        # Rounds the coordinator asked this peer to keep, not fetched yet (fetched one at a time, in order, by _task).
+        self._queue: list[MissedRound] = []
+        self._fetching: MissedRound | None = None
         self._task: asyncio.Task | None = None
         self._digesting: set[asyncio.Task] = set()
         # Results fetched to hold, and their bytes on the wire (for reports and tests).
@@ -131,29 +137,42 @@ class LateRounds:
             log.info("a kept result's digest was not computed: %r", task.exception())
 
     def hold(self, rounds: Sequence[MissedRound], peer_id: str, last_round: int) -> None:
-        """Start fetching these rounds' results to keep (on the loop), unless a batch is still being fetched."""
-        if self._task is not None and not self._task.done():
+        """Fetch these rounds' results to keep (on the loop), after those asked for before; a round this peer's
+        state (at last_round) has, or one kept or queued already, is not fetched."""
+        if not self.offers():
             return
-        kept = {(r, e) for r, e, _ in self.results.attempts()}
-        wanted = [m for m in rounds if m.round_id > last_round and (m.round_id, m.epoch) not in kept]
-        if wanted and self.offers():
-            self._task = asyncio.get_running_loop().create_task(self._fetch(wanted, peer_id))
+        have = {(r, e) for r, e, _ in self.results.attempts()} | {(m.round_id, m.epoch) for m in self._queue}
+        if self._fetching is not None:
+            have.add((self._fetching.round_id, self._fetching.epoch))
+        self._queue += [m for m in rounds if m.round_id > last_round and (m.round_id, m.epoch) not in have]
+        # The coordinator asks for recent rounds, at most two an answer: the newest few are what it needs kept.
+        del self._queue[:-MAX_QUEUED]
+        if self._queue and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._fetch(peer_id))
 
-    async def _fetch(self, rounds: Sequence[MissedRound], peer_id: str) -> None:
-        for missed in rounds:
+    async def _fetch(self, peer_id: str) -> None:
+        while self._queue:
+            self._fetching = self._queue.pop(0)
             try:
-                numel = self.round_numel(missed.tag)
-                got = await fetch_result(self.transport, self.run_id, peer_id, self.config, missed, numel)
-            except LoconetError as exc:  # a tag it does not know, or the transport closing: keeping is optional
-                log.info("not keeping round %d's result: %s", missed.round_id, exc)
-                continue
-            if got is None:
-                continue
-            await self._keep(got)
-            self.fetched.append(got.round_id)
-            self.fetched_bytes += got.wire_bytes
-            log.info("keeping round %d's result for the run (%d bytes from %s)", got.round_id, got.wire_bytes, got.source)
+                await self._fetch_one(self._fetching, peer_id)
+            finally:
+                self._fetching = None
+
+    async def _fetch_one(self, missed: MissedRound, peer_id: str) -> None:
+        try:
+            numel = self.round_numel(missed.tag)
+            got = await fetch_result(self.transport, self.run_id, peer_id, self.config, missed, numel)
+        except LoconetError as exc:  # a tag it does not know, or the transport closing: keeping is optional
+            log.info("not keeping round %d's result: %s", missed.round_id, exc)
+            return
+        if got is None:
+            return
+        await self._keep(got)
+        self.fetched.append(got.round_id)
+        self.fetched_bytes += got.wire_bytes
+        log.info("keeping round %d's result for the run (%d bytes from %s)", got.round_id, got.wire_bytes, got.source)
 
     async def stop(self) -> None:
-        """Cancel a batch of fetches in flight, and the digests being computed."""
+        """Cancel the fetches in flight and queued, and the digests being computed."""
+        self._queue.clear()
         await cancel_and_wait([t for t in (self._task, *self._digesting) if t is not None])

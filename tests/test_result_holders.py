@@ -20,9 +20,12 @@ import torch
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.membership import MissedRound
-from collectives.results import ResultStore, result_digest as digest_of_result
+from collectives import catchup
+from collectives.catchup import LateRounds
+from collectives.results import CommittedResult, ResultStore, result_digest as digest_of_result
 from collectives.rpc import COORDINATOR_SETTINGS, make_channel
 from collectives.session import CoordinatorSession
+from collectives.statesync import StateSyncConfig
 from collectives.syncphases import CaughtUp
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.resultholders import ResultHolders, holders_to_push, result_digest, rounds_to_hold
@@ -367,6 +370,39 @@ def test_a_peer_asked_to_hold_fetches_nothing_for_a_round_its_state_has_or_one_i
     peer.late.hold([MissedRound(1, 0, "", (("a", "127.0.0.1:1"),)), MissedRound(2, 0, "", (("a", "127.0.0.1:1"),))],
                      "p", last_round=1)
     assert peer.late._task is None  # no fetch started (none could run: no loop here)
+
+
+def test_a_round_asked_for_while_another_is_fetched_is_fetched_after_it(monkeypatch):
+    store = ResultStore(keep=4)
+
+    async def keep(r: CommittedResult) -> None:
+        store.keep(r.round_id, r.tag, r.value, epoch=r.epoch)
+
+    late = LateRounds(None, "r", StateSyncConfig(), store, keep)
+    late.round_numel, late.results_are_the_runs = (lambda tag: NUMEL), True
+    fetching: list[int] = []
+
+    async def fetch(transport, run_id, peer_id, config, missed, numel):
+        fetching.append(missed.round_id)
+        await release.wait()
+        return CommittedResult(missed.round_id, missed.tag, torch.zeros(numel), epoch=missed.epoch, wire_bytes=numel)
+
+    monkeypatch.setattr(catchup, "fetch_result", fetch)
+    holders = (("a", "127.0.0.1:1"),)
+
+    async def scenario() -> None:
+        nonlocal release
+        release = asyncio.Event()
+        late.hold([MissedRound(1, 0, "", holders)], "p", last_round=0)
+        await asyncio.sleep(0)  # round 1's fetch is under way
+        late.hold([MissedRound(2, 0, "", holders), MissedRound(1, 0, "", holders)], "p", last_round=0)
+        release.set()
+        await asyncio.wait_for(late._task, 10)
+
+    release: asyncio.Event
+    asyncio.run(scenario())
+    # Round 1 once, then round 2: asked while round 1 was fetched, it waited its turn instead of being dropped.
+    assert fetching == late.fetched == [1, 2] and [r for r, _, _ in store.attempts()] == [1, 2]
 
 
 @pytest.mark.timeout(90)
