@@ -422,13 +422,9 @@ def test_the_third_peer_keeps_a_round_of_two_before_its_next_heartbeat():
 
         try:
             third.membership._send = counted
-            xs = [torch.randn(NUMEL, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
-            results = [f.result(30) for f in [a.sync_async(xs[0], codec=INT8), b.sync_async(xs[1], codec=INT8)]]
+            results = round_of_two(a, b)
             beats_at_commit = sum(beats)
-            deadline = time.monotonic() + 30
-            while third.late.fetched != [1] and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert third.late.fetched == [1] and sum(beats) == beats_at_commit
+            assert wait_for(lambda: third.late.fetched == [1]) and sum(beats) == beats_at_commit
             assert third.results.digest(1) == digest_of_result(results[0].value.flatten())
         finally:
             for peer in peers:
@@ -445,6 +441,20 @@ def offering_peer(coordinator: str) -> ElasticCollective:
     return peer
 
 
+def round_of_two(a: ElasticCollective, b: ElasticCollective) -> list:
+    """a and b sync (first-k:2): their results of round 1."""
+    xs = [torch.randn(NUMEL, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    return [f.result(30) for f in [a.sync_async(xs[0], codec=INT8), b.sync_async(xs[1], codec=INT8)]]
+
+
+def wait_for(done: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Whether done() came true within seconds (checked every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return done()
+
+
 @pytest.mark.timeout(90)
 def test_a_round_of_two_of_three_outlives_both_members_on_the_third_peer():
     config = CoordinatorConfig(run_id="h", port=0, dashboard_port=None, startup_grace_s=0, quorum="first-k:2",
@@ -453,17 +463,12 @@ def test_a_round_of_two_of_three_outlives_both_members_on_the_third_peer():
         peers = [offering_peer(coord.address) for _ in range(3)]
         a, b, third = peers
         try:
-            xs = [torch.randn(NUMEL, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
-            results = [f.result(30) for f in [a.sync_async(xs[0], codec=INT8), b.sync_async(xs[1], codec=INT8)]]
+            results = round_of_two(a, b)
             assert [r.round_id for r in results] == [1, 1]
-            deadline = time.monotonic() + 20
-            while third.late.fetched != [1] and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert third.late.fetched == [1] and third.late.fetched_bytes > 0
+            assert wait_for(lambda: third.late.fetched == [1]) and third.late.fetched_bytes > 0
             # The copy it keeps is the members' result, bit for bit.
             assert third.results.digest(1) == digest_of_result(results[0].value.flatten()) == a.results.digest(1)
-            while not any(p["kept_results"] for p in coord.status()["peers"]) and time.monotonic() < deadline:
-                time.sleep(0.05)  # its next heartbeat says so
+            wait_for(lambda: any(p["kept_results"] for p in coord.status()["peers"]))  # its next heartbeat says so
             assert [p["kept_results"] for p in coord.status()["peers"] if p["kept_results"]] == [[1]]
             a.close(leave=True)
             b.close(leave=True)
