@@ -544,13 +544,18 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     def _push_holds(self, round_id: int) -> None:
         """As a round of too few holders commits, ask peers at once, on their Session streams, to keep its result:
-        by their next heartbeats its members may all be gone (docs/durability.md)."""
-        chosen, message = self.sources.to_push(round_id, self.streams, time.monotonic())
-        if message is None:
+        by their next heartbeats its members may all be gone (docs/durability.md). Advice: a failure here is logged
+        and never the commit's (the heartbeats ask later)."""
+        try:
+            chosen, message = self.sources.to_push(round_id, self.streams, time.monotonic())
+            if message is None:
+                return
+            raw = pushed_bytes(pb.HeartbeatResponse(hold=[message]))
+            for peer_id in chosen:
+                self.streams.push(peer_id, raw)
+        except Exception:  # noqa: BLE001 - the round is committed and its members answered already
+            log.exception("asking peers at once to keep round %d's result failed", round_id)
             return
-        raw = pushed_bytes(pb.HeartbeatResponse(hold=[message]))
-        for peer_id in chosen:
-            self.streams.push(peer_id, raw)
         log.info("asked %s at once to keep round %d's result", ", ".join(chosen), round_id)
 
     def _leave(self, req: pb.LeaveRequest) -> pb.LeaveResponse:
