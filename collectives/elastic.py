@@ -265,6 +265,7 @@ class ElasticCollective:
         digest: Callable[[], tuple[int, str]] | None = None,
         initial_is_the_runs: bool = False,
         results_are_the_runs: bool = False,
+        own_state: bool = False,
     ) -> None:
         """Serve joiners the state provider returns (an optimizer registers its snapshot here).
 
@@ -281,11 +282,15 @@ class ElasticCollective:
 
         ``results_are_the_runs``: every member of a round gets the same result (not NoLoCo's pairs); with
         ``round_numel`` this peer then offers to keep other rounds' results for the run (collectives/catchup.py).
+
+        ``own_state``: this peer's state is its own (NoLoCo's replicas differ): back with an older state than the
+        run's and nobody to catch up from, it goes on from it instead of waiting for a holder (its joins say so).
         """
         self.state_server.provider = provider
         self.late.round_numel = round_numel
         self.late.state_nbytes = state_nbytes
         self.late.results_are_the_runs = results_are_the_runs
+        self.membership.own_state = own_state
         self._digest_of = digest
         self._offers_initial = initial_is_the_runs
 

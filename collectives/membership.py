@@ -351,6 +351,8 @@ class MembershipClient:
         self.config = config
         self.peer_id = ""
         self.status = PeerStatus()
+        # Whether this peer's state is its own (NoLoCo's replicas differ), as its joins say (JoinRequest.own_state).
+        self.own_state = False
         # Set when the coordinator said this peer is out of the run (a heartbeat answered known=False, a call
         # refused NOT_FOUND, a decision that dropped it); cleared by a join. The peer must join again.
         self.unregistered = asyncio.Event()
@@ -472,6 +474,7 @@ class MembershipClient:
             codecs=list(codecs),
             state_digest=digest,
             host_id=self.config.host_id,
+            own_state=self.own_state,
         )
         auth = self.transport.auth
         if auth is not None:

@@ -189,6 +189,7 @@ class OuterOptimizer:
             peer.provide_state(
                 self.snapshot, round_numel=self.round_numel, state_nbytes=self.state.nbytes, digest=self.state_digest,
                 initial_is_the_runs=self.INITIAL_STATE_IS_THE_RUNS, results_are_the_runs=self.REPLICAS_IDENTICAL,
+                own_state=not self.REPLICAS_IDENTICAL,
             )
 
     # -- what a subclass says ---------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("run_id", "address", "peer_id", "last_round", "epoch", "has_state", "name", "codecs", "state_digest", "public_key", "host_id")
+    __slots__ = ("run_id", "address", "peer_id", "last_round", "epoch", "has_state", "name", "codecs", "state_digest", "public_key", "host_id", "own_state")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class JoinRequest(_message.Message):
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    OWN_STATE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     address: str
     peer_id: str
@@ -31,7 +32,8 @@ class JoinRequest(_message.Message):
     state_digest: str
     public_key: bytes
     host_id: str
-    def __init__(self, run_id: _Optional[str] = ..., address: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., epoch: _Optional[int] = ..., has_state: _Optional[bool] = ..., name: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., public_key: _Optional[bytes] = ..., host_id: _Optional[str] = ...) -> None: ...
+    own_state: bool
+    def __init__(self, run_id: _Optional[str] = ..., address: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., epoch: _Optional[int] = ..., has_state: _Optional[bool] = ..., name: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., public_key: _Optional[bytes] = ..., host_id: _Optional[str] = ..., own_state: _Optional[bool] = ...) -> None: ...
 
 class PeerCredential(_message.Message):
     __slots__ = ("run_id", "peer_id", "address", "public_key", "issuer_key", "signature")

@@ -186,6 +186,37 @@ def test_a_member_behind_the_run_whose_holders_left_waits_outside_the_run(coordi
     assert not c.events("rollback")
 
 
+def test_a_replica_whose_state_is_its_own_goes_on_from_an_older_checkpoint_and_skips_the_rounds_it_missed(
+    coordinator,
+):
+    # NoLoCo's replicas differ: one back with an older state has nothing to wait for (the others' states are theirs).
+    c = coordinator()
+    a = c.join("127.0.0.1:1", has_state=False, own_state=True).peer_id
+    for last_round in range(3):
+        c.play([a], last_round)
+    c.leave(a)
+    old = c.join("127.0.0.1:2", has_state=True, last_round=2, own_state=True)
+    assert not old.wait and old.sync_from == "" and old.last_committed_round == 3
+    skip = c.ask(old.peer_id, 2).result()
+    assert skip.action == pb.QuorumResponse.RESYNC and skip.sync_from == "" and not skip.missed
+    assert skip.last_committed_round == 3
+    assert c.play([old.peer_id], 3).round_id == 4, "the run goes on, its round count too"
+    assert not c.events("rollback")
+
+
+def test_a_replica_whose_state_is_its_own_behind_the_run_whose_holders_left_skips_instead_of_waiting(coordinator):
+    c = coordinator()
+    a = c.join("127.0.0.1:1", has_state=False, own_state=True).peer_id
+    b = c.join("127.0.0.1:2", has_state=True, last_round=0, own_state=True).peer_id
+    c.play([a, b], 0)
+    c.play([a], 1)  # b sat this one out: it holds round 1, the run round 2
+    c.leave(a)
+    skip = c.ask(b, 1).result()
+    assert skip.action == pb.QuorumResponse.RESYNC and skip.sync_from == "" and skip.last_committed_round == 2
+    assert c.status()["summary"]["peers_alive"] == 1
+    assert c.play([b], 2).round_id == 3
+
+
 def test_before_the_first_commit_a_stateless_peer_founds_the_run_as_before(coordinator):
     c = coordinator()
     founder = c.join("127.0.0.1:1", has_state=False)

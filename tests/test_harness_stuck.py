@@ -80,6 +80,22 @@ def test_a_peer_back_after_the_run_ended_without_it_ends_the_scenario_with_why(t
         )
 
 
+def test_a_noloco_replica_back_after_the_run_ended_without_it_goes_on_from_its_own_checkpoint(tmp_path):
+    # The same scenario with NoLoCo: a replica's state is its own, so peer1, back holding round 2, has nobody to wait
+    # for; it skips the rounds it missed and trains on to its end (before 2026-12-05: ScenarioStuck, chaos seed 1169).
+    report, harness = run_scenario(
+        "stop:peer1@round2,for=6s", peers=2, workdir=tmp_path,
+        train=TrainConfig.of("noloco", steps=60, sync_every=10, round_timeout_s=10),
+    )
+    assert report["peers_alive"] == 2 and report["left_behind"] == []
+    assert report["restarts_from_round_0"] == [] and report["rollbacks"] == []
+    # Its second life took part in rounds, beyond the run's round 2 it came back behind.
+    back = harness.lives("peer1")[-1]
+    assert len(harness.lives("peer1")) == 2 and any(
+        e["event"] == "committed" and e["contributed"] and e["round"] > 2 for e in back.events
+    )
+
+
 def test_peers_left_alone_after_the_last_holder_died_end_the_scenario_naming_them(tmp_path):
     # peer1 is paused past its lease as its second sync starts (so it has joined, however slowly it started); peer0
     # goes on alone and is killed at round 4, the only holder of the run's state. peer1, back, finds nobody holding

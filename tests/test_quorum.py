@@ -135,6 +135,24 @@ def test_join_action_once_the_run_has_committed_a_round(name, has_state, last_ro
     assert got == action
 
 
+# A replica whose state is its own (NoLoCo), once round 3 committed: has state, its round, a live holder of round 3
+# -> action. Long after any grace.
+OWN_STATE_JOIN_CASES = [
+    ("an older own state with nobody to catch up from goes on from it", True, 2, False, "keep"),
+    ("an older own state with a live holder is kept as well", True, 2, True, "keep"),
+    ("a fresh replica with no live holder still waits: it has nothing to go on from", False, 0, False, "wait"),
+    ("a fresh replica syncs from a live holder", False, 0, True, "sync"),
+]
+
+
+@pytest.mark.parametrize("name,has_state,last_round,holder,action", OWN_STATE_JOIN_CASES,
+                         ids=[c[0] for c in OWN_STATE_JOIN_CASES])
+def test_join_action_of_a_replica_whose_state_is_its_own(name, has_state, last_round, holder, action):
+    got = join_action(has_state, holder, False, 1000.0, QuorumRules(startup_grace_s=5), committed_round=3,
+                      last_round=last_round, own_state=True)
+    assert got == action
+
+
 # A fresh joiner (no state) reporting the digest of its own initial state: the run's last committed round, the
 # joiner's digest, the founder's initial digest, a live holder -> action.
 INITIAL_STATE_CASES = [

@@ -202,6 +202,7 @@ def join_action(
     digest: str = "",
     recorded_digest: str = "",
     initial_digest: str = "",
+    own_state: bool = False,
 ) -> str:
     """What a joining peer does: "keep" its state, "sync" from a holder, "found" the run, "wait", or is "refuse"d.
 
@@ -209,12 +210,13 @@ def join_action(
     round); ``run_under_way``: the coordinator has heard from peers an earlier coordinator registered;
     ``last_round``/``digest``: the round and SHA-256 of the joiner's state (of a fresh joiner: of its initial
     state); ``recorded_digest``: the digest the coordinator holds for that round ("" when unknown);
-    ``initial_digest``: the founder's initial state's ("" when unknown).
+    ``initial_digest``: the founder's initial state's ("" when unknown); ``own_state``: the joiner's state is its
+    own (NoLoCo's replicas differ), so an older one goes on as it is.
     """
     if holds_committed_state(has_state, last_round, committed_round):
         if digest and recorded_digest and digest != recorded_digest:
             return "refuse"
-        if last_round < committed_round and not holder_alive and not rules.allow_rollback:
+        if last_round < committed_round and not holder_alive and not rules.allow_rollback and not own_state:
             return "wait"  # an older state with nobody to catch up from: the run waits for its last round
         return "keep"
     if committed_round == 0 and digest and digest == initial_digest:

@@ -326,7 +326,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         action = join_action(
             req.has_state, holder_alive or bool(catch_up), self._run_under_way, self._age(), self.config.rules,
             committed_round=committed, last_round=req.last_round, digest=digest, recorded_digest=recorded,
-            initial_digest=s.initial_digest,
+            initial_digest=s.initial_digest, own_state=req.own_state,
         )
         # A fresh peer whose initial state is the founder's: it holds the run's round-0 state (join_action).
         kept_initial = action == "keep" and not req.has_state
@@ -364,6 +364,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             has_state=has_state,
             codecs=tuple(c[:32] for c in req.codecs[:32]),
             host_id=req.host_id[:128],
+            own_state=req.own_state,
             lease_s=lease_s,
             public_key=key or b"",
         )
@@ -644,7 +645,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             if s.waiting.note(peer.address, reason, peer.name, peer.peer_id):
                 s.event("wait", peer.peer_id, reason)
             raise BadRequest(grpc.StatusCode.UNAVAILABLE, f"no up-to-date peer to resync from yet: {reason}; retry")
-        if not sources and not missed:
+        if not sources and not missed and not (peer.own_state and peer.has_state):
             # Nobody holds the run's last round: this member waits like a joiner (it is no member meanwhile, so
             # quorums do not wait for it), and joins again until a holder is back. Its join is told to wait.
             reason = self._note_waiter(peer.address, peer.name, peer.peer_id, last_round if peer.has_state else 0)
@@ -652,7 +653,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             raise BadRequest(grpc.StatusCode.NOT_FOUND, f"this peer waits for the run's state: {reason}")
         peer.state = "syncing"
         now = time.monotonic()
-        how = f"catch up {len(missed)} round(s)" if missed else f"from {sources[0].peer_id}"
+        if missed:
+            how = f"catch up {len(missed)} round(s)"
+        else:
+            how = f"from {sources[0].peer_id}" if sources else "skips them: its state is its own"
         s.event("resync", peer.peer_id, f"behind round {s.last_committed_round}; {how}")
         return pb.QuorumResponse(
             action=pb.QuorumResponse.RESYNC,
