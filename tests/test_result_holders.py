@@ -9,6 +9,7 @@ third catches up from its own copy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -408,11 +409,7 @@ def test_a_round_asked_for_while_another_is_fetched_is_fetched_after_it(monkeypa
 @pytest.mark.timeout(90)
 def test_the_third_peer_keeps_a_round_of_two_before_its_next_heartbeat():
     # Heartbeats a minute apart: only the coordinator's push at the commit can ask the third peer in time.
-    config = CoordinatorConfig(run_id="h", port=0, dashboard_port=None, startup_grace_s=0, quorum="first-k:2",
-                               heartbeat_s=60.0, lease_s=600.0)
-    with CoordinatorThread(config) as coord:
-        peers = [offering_peer(coord.address) for _ in range(3)]
-        a, b, third = peers
+    with three_offering_peers(heartbeat_s=60.0, lease_s=600.0) as (_, a, b, third):
         beats = []
         send = third.membership._send
 
@@ -420,15 +417,11 @@ def test_the_third_peer_keeps_a_round_of_two_before_its_next_heartbeat():
             beats.append(method == "Heartbeat")
             return await send(method, request, timeout_s)
 
-        try:
-            third.membership._send = counted
-            results = round_of_two(a, b)
-            beats_at_commit = sum(beats)
-            assert wait_for(lambda: third.late.fetched == [1]) and sum(beats) == beats_at_commit
-            assert third.results.digest(1) == digest_of_result(results[0].value.flatten())
-        finally:
-            for peer in peers:
-                peer.close()
+        third.membership._send = counted
+        results = round_of_two(a, b)
+        beats_at_commit = sum(beats)
+        assert wait_for(lambda: third.late.fetched == [1]) and sum(beats) == beats_at_commit
+        assert third.results.digest(1) == digest_of_result(results[0].value.flatten())
 
 
 def offering_peer(coordinator: str) -> ElasticCollective:
@@ -439,6 +432,22 @@ def offering_peer(coordinator: str) -> ElasticCollective:
                        results_are_the_runs=True)
     peer.start(has_state=True)
     return peer
+
+
+@contextlib.contextmanager
+def three_offering_peers(heartbeat_s: float, lease_s: float) -> Iterator[tuple]:
+    """A coordinator of run "h" (first-k:2) and three offering peers of it, closed on leaving: (coordinator, a, b, c)."""
+    config = CoordinatorConfig(run_id="h", port=0, dashboard_port=None, startup_grace_s=0, quorum="first-k:2",
+                               heartbeat_s=heartbeat_s, lease_s=lease_s)
+    with CoordinatorThread(config) as coord:
+        peers = []
+        try:
+            for _ in range(3):
+                peers.append(offering_peer(coord.address))
+            yield (coord, *peers)
+        finally:
+            for peer in peers:
+                peer.close()
 
 
 def round_of_two(a: ElasticCollective, b: ElasticCollective) -> list:
@@ -457,28 +466,20 @@ def wait_for(done: Callable[[], bool], seconds: float = 30.0) -> bool:
 
 @pytest.mark.timeout(90)
 def test_a_round_of_two_of_three_outlives_both_members_on_the_third_peer():
-    config = CoordinatorConfig(run_id="h", port=0, dashboard_port=None, startup_grace_s=0, quorum="first-k:2",
-                               heartbeat_s=0.2, lease_s=2.0)
-    with CoordinatorThread(config) as coord:
-        peers = [offering_peer(coord.address) for _ in range(3)]
-        a, b, third = peers
-        try:
-            results = round_of_two(a, b)
-            assert [r.round_id for r in results] == [1, 1]
-            assert wait_for(lambda: third.late.fetched == [1]) and third.late.fetched_bytes > 0
-            # The copy it keeps is the members' result, bit for bit.
-            assert third.results.digest(1) == digest_of_result(results[0].value.flatten()) == a.results.digest(1)
-            wait_for(lambda: any(p["kept_results"] for p in coord.status()["peers"]))  # its next heartbeat says so
-            assert [p["kept_results"] for p in coord.status()["peers"] if p["kept_results"]] == [[1]]
-            a.close(leave=True)
-            b.close(leave=True)
-            received = third.transport.counters.bytes_received
-            with pytest.raises(CaughtUp) as caught:
-                third.sync_async(torch.zeros(NUMEL), codec=INT8).result(30)
-            [result] = caught.value.rounds
-            assert result.round_id == 1 and torch.equal(result.value, results[0].value.flatten())
-            # Caught up from its own copy: nothing more came over the wire but the coordinator's answers.
-            assert third.transport.counters.bytes_received - received < NUMEL
-        finally:
-            for peer in peers:
-                peer.close()
+    with three_offering_peers(heartbeat_s=0.2, lease_s=2.0) as (coord, a, b, third):
+        results = round_of_two(a, b)
+        assert [r.round_id for r in results] == [1, 1]
+        assert wait_for(lambda: third.late.fetched == [1]) and third.late.fetched_bytes > 0
+        # The copy it keeps is the members' result, bit for bit.
+        assert third.results.digest(1) == digest_of_result(results[0].value.flatten()) == a.results.digest(1)
+        wait_for(lambda: any(p["kept_results"] for p in coord.status()["peers"]))  # its next heartbeat says so
+        assert [p["kept_results"] for p in coord.status()["peers"] if p["kept_results"]] == [[1]]
+        a.close(leave=True)
+        b.close(leave=True)
+        received = third.transport.counters.bytes_received
+        with pytest.raises(CaughtUp) as caught:
+            third.sync_async(torch.zeros(NUMEL), codec=INT8).result(30)
+        [result] = caught.value.rounds
+        assert result.round_id == 1 and torch.equal(result.value, results[0].value.flatten())
+        # Caught up from its own copy: nothing more came over the wire but the coordinator's answers.
+        assert third.transport.counters.bytes_received - received < NUMEL
