@@ -273,36 +273,57 @@ def test_a_peer_that_offers_is_asked_to_keep_a_round_of_two_members_and_the_next
     assert (list(beat(c, p4).hold), list(beat(c, p3).hold)) == ([], [])
 
 
+async def pushes_as_a_round_of_two_commits(
+    c: Live, a: str, b: str, offers: dict[str, bool], quiet: tuple[str, ...] = ()
+) -> tuple[dict[str, list], dict[str, list]]:
+    """Peers (offers: peer id -> whether it offers) heartbeat once on their own Session streams; those not ``quiet``
+    heartbeat again after 0.3 s; then a and b commit round 1 (first-k:2). What each was pushed (within 5 s), and the
+    hold of each one's next heartbeat."""
+    pushes: dict[str, list] = {p: [] for p in offers}
+    channels = {p: make_channel(c.address, COORDINATOR_SETTINGS, own_connection=True) for p in offers}
+    sessions = {p: CoordinatorSession(lambda ch=ch: ch) for p, ch in channels.items()}
+
+    async def beat(peer_id: str) -> pb.HeartbeatResponse:
+        request = pb.HeartbeatRequest(run_id=RUN, peer_id=peer_id, holds_results=offers[peer_id])
+        return await sessions[peer_id].call("Heartbeat", request, 5)
+
+    try:
+        for peer_id, session in sessions.items():
+            session.pushed = pushes[peer_id].append
+            assert (await beat(peer_id)).known
+        await asyncio.sleep(0.3)
+        for peer_id in offers:
+            if peer_id not in quiet:
+                await beat(peer_id)
+        await asyncio.to_thread(c.play, [a, b], 0)  # on their own calls; the others send nothing meanwhile
+        for _ in range(100):
+            if any(pushes.values()):
+                break
+            await asyncio.sleep(0.05)
+        return pushes, {p: list((await beat(p)).hold) for p in offers}
+    finally:
+        for peer_id in sessions:
+            await sessions[peer_id].close()
+            await channels[peer_id].close()
+
+
 def test_as_a_round_of_two_commits_a_peer_that_offers_is_asked_at_once_on_its_session_stream(coordinator):
     c = coordinator()
     a, b, p3, p4 = [c.join(f"127.0.0.1:{port}", has_state=True).peer_id for port in (1, 2, 3, 4)]
-
-    async def scenario() -> tuple[list, list, list]:
-        pushes: dict[str, list] = {p3: [], p4: []}
-        channels = {p: make_channel(c.address, COORDINATOR_SETTINGS, own_connection=True) for p in (p3, p4)}
-        sessions = {p: CoordinatorSession(lambda ch=ch: ch) for p, ch in channels.items()}
-        try:
-            for peer_id, session in sessions.items():
-                session.pushed = pushes[peer_id].append
-                request = pb.HeartbeatRequest(run_id=RUN, peer_id=peer_id, holds_results=peer_id == p3)
-                assert (await session.call("Heartbeat", request, 5)).known
-            # a and b commit round 1 (first-k:2) on their own calls; p3 and p4 send nothing more meanwhile.
-            await asyncio.to_thread(c.play, [a, b], 0)
-            for _ in range(100):
-                if pushes[p3]:
-                    break
-                await asyncio.sleep(0.05)
-            again = await sessions[p3].call("Heartbeat", pb.HeartbeatRequest(run_id=RUN, peer_id=p3, holds_results=True), 5)
-            return pushes[p3], pushes[p4], list(again.hold)
-        finally:
-            for peer_id in sessions:
-                await sessions[peer_id].close()
-                await channels[peer_id].close()
-
-    to_p3, to_p4, asked_again = asyncio.run(asyncio.wait_for(scenario(), 30))
+    pushed, asked_again = asyncio.run(asyncio.wait_for(pushes_as_a_round_of_two_commits(c, a, b, {p3: True, p4: False}), 30))
     # Three hold it now, counting p3: one push, to the peer that offers; its next heartbeat does not ask again.
-    assert [named(push.hold) for push in to_p3] == [[(1, ["127.0.0.1:1", "127.0.0.1:2"])]]
-    assert (to_p4, asked_again) == ([], [])
+    assert [named(push.hold) for push in pushed[p3]] == [[(1, ["127.0.0.1:1", "127.0.0.1:2"])]]
+    assert (pushed[p4], asked_again) == ([], {p3: [], p4: []})
+
+
+def test_a_peer_silent_for_two_heartbeat_intervals_is_not_asked_at_once(coordinator):
+    # Heartbeats every 0.1 s: p3, silent for 0.3 s (paused, say), would fetch nothing soon; p4 is asked instead.
+    c = coordinator(heartbeat_s=0.1)
+    a, b, p3, p4 = [c.join(f"127.0.0.1:{port}", has_state=True).peer_id for port in (1, 2, 3, 4)]
+    pushed, _ = asyncio.run(asyncio.wait_for(
+        pushes_as_a_round_of_two_commits(c, a, b, {p3: True, p4: True}, quiet=(p3,)), 30
+    ))
+    assert (pushed[p3], [named(push.hold) for push in pushed[p4]]) == ([], [[(1, ["127.0.0.1:1", "127.0.0.1:2"])]])
 
 
 def test_a_peer_that_does_not_offer_is_never_asked(coordinator):

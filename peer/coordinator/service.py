@@ -548,7 +548,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         by their next heartbeats its members may all be gone (docs/durability.md). Advice: a failure here is logged
         and never the commit's (the heartbeats ask later)."""
         try:
-            chosen, message = self.sources.to_push(round_id, self.streams, time.monotonic())
+            heartbeat_s, _ = self._lease_terms()
+            # Heard from within two heartbeat intervals: not a peer paused or cut off (chaos seed 1179 asked one).
+            chosen, message = self.sources.to_push(round_id, self.streams, time.monotonic(), heard_s=2 * heartbeat_s)
             if message is None:
                 return
             raw = pushed_bytes(pb.HeartbeatResponse(hold=[message]))

@@ -82,10 +82,11 @@ class Sources:
         return [self._message(c) for c in rounds]
 
     def to_push(
-        self, round_id: int, reachable: Container[str], now: float
+        self, round_id: int, reachable: Container[str], now: float, heard_s: float
     ) -> tuple[tuple[str, ...], pb.CommittedRound | None]:
-        """As round_id commits: the peers (among ``reachable``) to ask at once to keep its result, and the round as
-        they are sent it, with its live holders; ((), None) when it has enough holders or nobody to ask."""
+        """As round_id commits: the peers (among ``reachable``, and heard from within ``heard_s``) to ask at once
+        to keep its result, and the round as they are sent it, with its live holders; ((), None) when it has enough
+        holders or nobody to ask."""
         s = self.state
         target = self.config.result_holders
         c = s.committed[-1] if s.committed else None
@@ -94,7 +95,11 @@ class Sources:
             return (), None
         book = s.result_holders
         alive = s.alive_peers()
-        candidates = [p.peer_id for p in alive if p.offers_results and p.last_round < round_id and p.peer_id in reachable]
+        # A peer silent for a while (paused, cut off) would fetch nothing soon: its next heartbeat asks it instead.
+        candidates = [
+            p.peer_id for p in alive
+            if p.offers_results and p.last_round < round_id and p.peer_id in reachable and now - p.last_seen <= heard_s
+        ]
         hosts = {p.peer_id: p.host_id for p in alive}
         chosen = holders_to_push(c, candidates, hosts, book.held, book.asked, s.live, target, now,
                                  ask_s=self.config.lease_s)
