@@ -189,6 +189,19 @@ def test_a_kept_result_is_had_again_only_for_its_round_tag_and_epoch():
     assert store.digest(3) == result_digest(value) and store.attempts() == [(3, 2, result_digest(value))]
 
 
+def test_keeping_the_same_attempt_again_copies_nothing_and_makes_it_the_newest():
+    # A peer that kept a round for the run and then catches up from that copy keeps it again.
+    store = ResultStore(keep=2)
+    value = committed()
+    store.keep(3, "g", value, INT8, epoch=2)
+    store.keep(4, "g", committed(seed=4), INT8, epoch=2)
+    store.keep(3, "g", torch.zeros_like(value), INT8, epoch=2, digest="d" * 64)
+    assert store.rounds() == [4, 3] and torch.equal(store.get(3, "g", 2).value, value)
+    assert store.attempts()[-1] == (3, 2, "d" * 64)
+    store.keep(3, "g", torch.zeros_like(value), INT8, epoch=5)  # another attempt of round 3 replaces it
+    assert torch.equal(store.get(3, "g", 5).value, torch.zeros_like(value)) and store.get(3, "g", 2) is None
+
+
 def test_a_fetched_result_with_another_digest_than_its_members_is_refused():
     value = torch.ones(8)
     assert torch.equal(decode_result(raw(value), 8, "", "peer1", digest=result_digest(value)), value)
