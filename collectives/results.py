@@ -134,17 +134,16 @@ class ResultStore:
             return
         with self._lock:
             kept = self._kept.get(round_id)
-            if kept is not None and (kept.tag, kept.epoch, kept.value.numel()) == (tag, epoch, value.numel()):
-                # The same committed attempt again (a peer catching up from the copy it kept for the run): it is the
-                # newest kept now, without a second copy (~40 ms at 25M values).
-                kept.digest = kept.digest or digest
-                self._newest = max(self._newest, round_id)
-                self._kept.move_to_end(round_id)
-                self._trim(hold_after)
-                return
-        # Copied before the round counts as committed here: a late peer asking meanwhile is told to wait
-        # (ResultNotYet), not that the result is not kept.
-        entry = _Kept(tag, value.detach().to("cpu", torch.float32).clone(), codec, max(int(parts), 1), epoch, digest=digest)
+        if kept is not None and (kept.tag, kept.epoch, kept.value.numel()) == (tag, epoch, value.numel()):
+            # The same committed attempt again (a peer catching up from the copy it kept for the run): it becomes
+            # the newest kept, without a second copy (~40 ms at 25M values).
+            kept.digest = kept.digest or digest
+            entry = kept
+        else:
+            # Copied before the round counts as committed here: a late peer asking meanwhile is told to wait
+            # (ResultNotYet), not that the result is not kept.
+            entry = _Kept(tag, value.detach().to("cpu", torch.float32).clone(), codec, max(int(parts), 1), epoch,
+                          digest=digest)
         with self._lock:
             self._newest = max(self._newest, round_id)
             self._kept[round_id] = entry
