@@ -531,15 +531,15 @@ class MembershipClient:
         an answer or unasked on the Session stream as a round commits.
         """
 
-        def pushed(answer: pb.HeartbeatResponse) -> None:
+        def take_hold(answer: pb.HeartbeatResponse) -> None:
+            # The rounds an answer (or a push) asks this peer to keep, if it offers to.
             if answer.hold and held() is not None:
                 hold(_missed(answer.hold))
 
-        self.session.pushed = pushed
+        self.session.pushed = take_hold
         try:
             while True:
-                kept = held()
-                request = self._heartbeat_request(last_round(), traffic(), digest(), refusals(), kept)
+                request = self._heartbeat_request(last_round(), traffic(), digest(), refusals(), held())
                 watched = self._watched
                 if watched is not None:
                     request.round_id, request.round_epoch = watched[0]
@@ -555,8 +555,7 @@ class MembershipClient:
                     self.round_step = reply.round_step
                     self._note_commit_time(reply.since_commit_s)
                     interval_s = heartbeat_interval(interval_s, reply.heartbeat_s)
-                    if reply.hold and kept is not None:
-                        hold(_missed(reply.hold))
+                    take_hold(reply)
                 except grpc.aio.AioRpcError as exc:
                     # The coordinator may be restarting; training goes on, heartbeats keep trying.
                     log.debug("heartbeat failed: %s", exc.code().name)
