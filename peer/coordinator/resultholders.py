@@ -106,6 +106,13 @@ def result_digest(reported: Mapping[str, str], members: Collection[str]) -> str:
     return ranked[0][0]
 
 
+def recently_asked(
+    asked: Mapping[int, Mapping[str, float]], round_id: int, alive: Container[str], now: float, ask_s: float
+) -> set[str]:
+    """The live peers asked within ask_s of now to keep round_id's result: they count as its holders meanwhile."""
+    return {p for p, at in asked.get(round_id, {}).items() if p in alive and now - at < ask_s}
+
+
 def holders_to_push(
     c: CommittedRound,
     candidates: Iterable[str],
@@ -122,7 +129,7 @@ def holders_to_push(
     and peers asked within ask_s counted. Those on another host than c's members come first (``hosts``: peer id
     -> the host it said it runs on, "" its own), then by id. Empty when no live holder is left to fetch from."""
     sources = result_holders(c, held, alive)
-    recent = {p for p, at in asked.get(c.round_id, {}).items() if p in alive and now - at < ask_s}
+    recent = recently_asked(asked, c.round_id, alive, now, ask_s)
     lacking = target - len(set(sources) | recent)
     if not sources or lacking <= 0:
         return ()
@@ -153,7 +160,7 @@ def rounds_to_hold(
             break
         if c.round_id <= peer_last_round or peer_id in c.members or peer_id in held.get(c.round_id, ()):
             continue
-        recent = {p for p, at in asked.get(c.round_id, {}).items() if p in alive and now - at < ask_s}
+        recent = recently_asked(asked, c.round_id, alive, now, ask_s)
         if peer_id in recent:
             continue
         sources = result_holders(c, held, alive)
