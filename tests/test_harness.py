@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from optimizers.outer_optim import OuterConfig
+from peer.coordinator.config import CoordinatorConfig
 from peer.runtime.training import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -19,7 +20,10 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def test_peers_built_from_one_seed_keep_their_initial_state_and_fetch_nothing_at_the_start(tmp_path):
-    report, harness = run_scenario(workdir=tmp_path, steps=100)
+    # Round 1 waits for all three (min_peers 3): a peer slow to start on a loaded machine would otherwise join after
+    # the first commit, when a joiner fetches the run's state (the fresh-clone CI at 7a0b28d saw one do so).
+    coordinator = CoordinatorConfig(lease_s=3.0, heartbeat_s=0.5, dashboard_port=0, min_peers=3)
+    report, harness = run_scenario(workdir=tmp_path, steps=100, coordinator=coordinator)
     assert_healthy(report, alive=3)
     joined = {name: next(e for e in proc.events if e["event"] == "joined") for name, proc in harness.peers.items()}
     assert sum(e["kept_initial"] for e in joined.values()) == 2, "every peer but the founder kept its own state"
