@@ -277,9 +277,9 @@ def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--event", action="append", default=[], help="e.g. kill:peer2@round3, join@round5 (repeatable)")
     parser.add_argument("--scenario", default=None, help="a TOML file of [[event]] tables")
     parser.add_argument(
-        "--chaos", default=None, metavar="N[,seed=S]",
-        help="N random faults (kills, stops, pauses, joins, coordinator restarts; link cuts with --netns) drawn "
-        "from seed S, on top of any --event",
+        "--chaos", default=None, metavar="N[,seed=S][,with=straggle+stall]",
+        help="N random faults (kills, stops, pauses, joins, coordinator restarts; link cuts with --netns; "
+        "stragglers and stuck callers when named in with=) drawn from seed S, on top of any --event",
     )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object instead of a summary")
     add_plugin_argument(parser)

@@ -1,11 +1,21 @@
-"""--chaos N[,seed=S]: random fault scenarios that are reproducible and can always end."""
+"""--chaos N[,seed=S][,with=K]: random fault scenarios that are reproducible and can always end."""
 
 from __future__ import annotations
 
 import pytest
 
 from collectives.errors import ConfigError
-from peer.harness.chaos import MIN_SURVIVORS, STOP_RESTARTS_S, ChaosSpec, chaos_events, expected_rounds
+from peer.harness.chaos import (
+    EXTRA_KINDS,
+    MIN_SURVIVORS,
+    SLOWDOWNS,
+    STALLS_S,
+    STOP_RESTARTS_S,
+    STRAGGLES_S,
+    ChaosSpec,
+    chaos_events,
+    expected_rounds,
+)
 from peer.runtime.training import TrainConfig
 
 pytestmark = pytest.mark.timeout(60)
@@ -15,16 +25,51 @@ SEEDS = range(300)
 
 @pytest.mark.parametrize(
     "text, spec",
-    [("5", ChaosSpec(5, 0)), ("5,seed=3", ChaosSpec(5, 3)), (" 12,seed=0 ", ChaosSpec(12, 0))],
+    [
+        ("5", ChaosSpec(5, 0)),
+        ("5,seed=3", ChaosSpec(5, 3)),
+        (" 12,seed=0 ", ChaosSpec(12, 0)),
+        ("5,seed=3,with=stall", ChaosSpec(5, 3, ("stall",))),
+        ("5,with=straggle", ChaosSpec(5, 0, ("straggle",))),
+        ("5,seed=3,with=stall+straggle", ChaosSpec(5, 3, ("straggle", "stall"))),
+    ],
 )
 def test_a_spec_reads_a_count_and_an_optional_seed(text, spec):
     assert ChaosSpec.parse(text) == spec
 
 
-@pytest.mark.parametrize("text", ["0", "x", "-1", "5,seed=", "5,seed=a", "5;seed=1", "seed=1"])
+@pytest.mark.parametrize(
+    "text", ["0", "x", "-1", "5,seed=", "5,seed=a", "5;seed=1", "seed=1", "5,seed=1,with=", "5,with=stall,seed=1"]
+)
 def test_a_spec_that_cannot_be_read_is_refused_saying_how_to_write_it(text):
-    with pytest.raises(ConfigError, match="N or N,seed=S|at least one event"):
+    with pytest.raises(ConfigError, match="N,seed=S|at least one event"):
         ChaosSpec.parse(text)
+
+
+@pytest.mark.parametrize("text", ["5,seed=1,with=kill", "5,seed=1,with=stall+stall", "5,seed=1,with=stall+cut"])
+def test_with_names_only_the_extra_kinds_each_once(text):
+    with pytest.raises(ConfigError, match="straggle, stall at most once"):
+        ChaosSpec.parse(text)
+
+
+def test_a_seed_draws_what_it_drew_before_the_extra_kinds_existed():
+    # Drawn by the code of 2026-12-05 before with= (d86ebe6): seeds recorded in BENCHMARKS.md must stay reproducible.
+    assert [str(e) for e in chaos_events(ChaosSpec(8, 7), peers=4, rounds=12, netns=True)] == [
+        "join@round1", "kill:peer0@sync2", "kill:peer2@round2", "pause:peer1@round2,for=3s",
+        "pause:peer3@round3,for=1s", "cut:peer1@round6,for=1s", "restart-coordinator@round6",
+        "restart-coordinator@round7",
+    ]
+
+
+def test_stragglers_and_stalls_are_drawn_only_when_asked_for_and_within_their_bounds():
+    plain = [e for seed in SEEDS for e in chaos_events(ChaosSpec(6, seed), peers=4, rounds=30)]
+    extra = [e for seed in SEEDS for e in chaos_events(ChaosSpec(6, seed, EXTRA_KINDS), peers=4, rounds=30)]
+    assert not {"straggle", "stall"} & {e.action for e in plain}
+    straggles = [e for e in extra if e.action == "straggle"]
+    stalls = [e for e in extra if e.action == "stall"]
+    assert straggles and stalls
+    assert {(e.factor in SLOWDOWNS, e.duration_s in STRAGGLES_S) for e in straggles} == {(True, True)}
+    assert {e.duration_s for e in stalls} <= set(STALLS_S)
 
 
 def test_the_same_spec_draws_the_same_events_and_another_seed_others():

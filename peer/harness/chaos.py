@@ -8,7 +8,11 @@ thought of. The events are drawn in the order of the rounds they fire at, among:
 - ``pause`` of a peer for 1-12 s (past its lease or not);
 - ``join`` of one more peer;
 - ``restart-coordinator``;
-- ``cut`` of a peer's link for 1-8 s, with ``--netns`` only.
+- ``cut`` of a peer's link for 1-8 s, with ``--netns`` only;
+- with ``with=straggle+stall`` (``N,seed=S,with=...``), also ``straggle`` (a peer trains 2-4 times slower for
+  3-12 s) and ``stall`` (the harness holds idle data-plane streams and unread state fetches against a peer
+  for 3-12 s, ``peer/harness/stall.py``). They are asked for by name so that a seed drawn without them draws
+  the same events as before they existed: a seed recorded in BENCHMARKS.md stays a reproducible report.
 
 Three rules keep every drawn event one that can happen: kills leave at least ``MIN_SURVIVORS`` of the
 starting peers (a kill that would not is a pause instead), a killed peer is the target of no later event, and a
@@ -37,28 +41,42 @@ MIN_SURVIVORS = 2
 # The kinds drawn, each as likely as the others (cut only with network namespaces).
 KINDS = ("kill", "kill-in-sync", "stop", "pause", "join", "restart-coordinator")
 NETNS_KINDS = ("cut",)
+# Kinds drawn only when the spec names them (``with=``), after the others.
+EXTRA_KINDS = ("straggle", "stall")
 PAUSES_S = (1, 3, 6, 12)
 # Short: the shorter a stopped peer is down, the less likely the others finish meanwhile (see above); 2-5 s
 # ended 3 of 30 drawn runs of 300 steps that way.
 STOP_RESTARTS_S = (1, 2)
 CUTS_S = (1, 4, 8)
-_SPEC = re.compile(r"^(?P<count>\d+)(?:,seed=(?P<seed>\d+))?$")
+SLOWDOWNS = (2, 3, 4)
+STRAGGLES_S = (3, 6, 12)
+STALLS_S = (3, 6, 12)
+_SPEC = re.compile(r"^(?P<count>\d+)(?:,seed=(?P<seed>\d+))?(?:,with=(?P<extra>[a-z+]+))?$")
 
 
 @dataclass(frozen=True)
 class ChaosSpec:
-    """How many random events, and the seed they are drawn from."""
+    """How many random events, the seed they are drawn from, and the kinds drawn beyond the usual (EXTRA_KINDS)."""
 
     count: int
     seed: int = 0
+    extra: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> ChaosSpec:
-        """Read ``N`` or ``N,seed=S``."""
+        """Read ``N``, ``N,seed=S`` or ``N,seed=S,with=K1+K2``."""
         m = _SPEC.match(text.strip())
         if not m:
-            raise ConfigError(f"cannot read --chaos {text!r}; write N or N,seed=S, e.g. --chaos 5,seed=3")
-        spec = cls(int(m.group("count")), int(m.group("seed") or 0))
+            raise ConfigError(
+                f"cannot read --chaos {text!r}; write N, N,seed=S or N,seed=S,with=straggle+stall (seed, then with=), e.g. --chaos 5,seed=3"
+            )
+        extra = tuple(m.group("extra").split("+")) if m.group("extra") else ()
+        unknown = [k for k in extra if k not in EXTRA_KINDS]
+        if unknown or len(set(extra)) != len(extra):
+            raise ConfigError(
+                f"--chaos with= takes each of {', '.join(EXTRA_KINDS)} at most once, joined by '+'; got {m.group('extra')!r}"
+            )
+        spec = cls(int(m.group("count")), int(m.group("seed") or 0), tuple(k for k in EXTRA_KINDS if k in extra))
         if spec.count < 1:
             raise ConfigError("--chaos needs at least one event")
         return spec
@@ -73,7 +91,7 @@ def chaos_events(spec: ChaosSpec, peers: int, rounds: int, netns: bool = False) 
     at = sorted(rng.randint(1, last) for _ in range(spec.count))
     alive = [f"peer{i}" for i in range(peers)]
     restarted: set[str] = set()  # a restarted peer counts its syncs from 1 again: no sync-timed kill for it
-    kinds = KINDS + (NETNS_KINDS if netns else ())
+    kinds = KINDS + (NETNS_KINDS if netns else ()) + spec.extra
     texts = []
     for r in at:
         kind = rng.choice(kinds)
@@ -94,8 +112,12 @@ def chaos_events(spec: ChaosSpec, peers: int, rounds: int, netns: bool = False) 
                 texts.append(f"stop:{target}@round{r},for={rng.choice(STOP_RESTARTS_S)}s")
             elif kind == "pause":
                 texts.append(f"pause:{target}@round{r},for={rng.choice(PAUSES_S)}s")
-            else:
+            elif kind == "cut":
                 texts.append(f"cut:{target}@round{r},for={rng.choice(CUTS_S)}s")
+            elif kind == "straggle":
+                texts.append(f"straggle:{target}@round{r},x={rng.choice(SLOWDOWNS)},for={rng.choice(STRAGGLES_S)}s")
+            else:
+                texts.append(f"stall:{target}@round{r},for={rng.choice(STALLS_S)}s")
     return tuple(parse_event(text) for text in texts)
 
 
