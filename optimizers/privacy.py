@@ -85,6 +85,9 @@ from collectives.membership import RoundPlan
 ZERO_OUT = "zero-out"
 REPLACE_ONE = "replace-one"
 ADJACENCIES = (ZERO_OUT, REPLACE_ONE)
+# A saved run of sampling rates counts at most this many rounds (2^53: exact as a float in the RDP sum): a state
+# fetched from another peer may claim any number.
+MAX_ROUNDS = 1 << 53
 
 
 @dataclass(frozen=True)
@@ -254,19 +257,20 @@ class PrivacyAccountant:
             raise ConfigError(f"adjacency must be one of {', '.join(ADJACENCIES)}, got {adjacency!r}")
         self.noise = float(noise)
         self.adjacency = adjacency
-        self._rates: list[float] = []
+        # [rate, rounds] runs in order: a run of a million rounds at one rate is one entry (memory and meta).
+        self._runs: list[list] = []
         self._rdp_of: dict[float, np.ndarray] = {}  # per-round RDP curve of each sampling rate, computed once
         self._orders: np.ndarray | None = None
 
     @property
     def rounds(self) -> int:
         """Rounds recorded."""
-        return len(self._rates)
+        return sum(count for _, count in self._runs)
 
     @property
-    def rates(self) -> list[float]:
-        """Each recorded round's sampling rate, in order."""
-        return list(self._rates)
+    def rates(self) -> list[tuple[float, int]]:
+        """The recorded rounds' sampling rates, run-length encoded in order: (rate, rounds at it)."""
+        return [(q, count) for q, count in self._runs]
 
     def record_round(self, sampling_rate: float = 1.0) -> None:
         """Compose one round whose members were sampled at this rate (k/N; 1.0: not sampled)."""
@@ -279,15 +283,21 @@ class PrivacyAccountant:
                 "dp-accounting analyses sampling without replacement; record 1.0 when the sample is public"
             )
         self._curve(q)  # fails here, not later in epsilon(), if the library cannot account it
-        self._rates.append(q)
+        if self._runs and self._runs[-1][0] == q:
+            self._runs[-1][1] += 1
+        else:
+            self._runs.append([q, 1])
 
     def epsilon(self, delta: float) -> float:
         """Epsilon of the rounds so far at this delta (0.0 before the first round)."""
         if not (_finite(delta) and 0 < delta < 1):
             raise ConfigError(f"delta must be in (0, 1), got {delta!r}")
-        if not self._rates:
+        if not self._runs:
             return 0.0
-        total = sum(count * self._curve(q) for q, count in Counter(self._rates).items())
+        per_rate: Counter[float] = Counter()
+        for q, count in self._runs:
+            per_rate[q] += count
+        total = sum(count * self._curve(q) for q, count in per_rate.items())
         rdp = _dp_accounting().rdp.rdp_privacy_accountant
         eps, _ = rdp.compute_epsilon(self._orders, total, delta)
         return float(eps)
@@ -323,29 +333,39 @@ class PrivacyAccountant:
 
     def state_dict(self) -> dict:
         """The rounds' sampling rates (run-length encoded, so meta stays small) and what they were accounted with."""
-        runs: list[list[float | int]] = []
-        for q in self._rates:
-            if runs and runs[-1][0] == q:
-                runs[-1][1] += 1
-            else:
-                runs.append([q, 1])
-        return {"noise": self.noise, "adjacency": self.adjacency, "rates": runs}
+        return {"noise": self.noise, "adjacency": self.adjacency, "rates": [[q, count] for q, count in self._runs]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the rounds recorded by state_dict (ConfigError if they were accounted with other settings)."""
+        """Restore the rounds recorded by state_dict (ConfigError if they were accounted with other settings, or
+        are not [rate, rounds] pairs: the state may come from another peer)."""
         if float(state["noise"]) != self.noise or state["adjacency"] != self.adjacency:
             raise ConfigError(
                 f"this run's privacy was spent at noise {state['noise']} ({state['adjacency']}); this peer is "
                 f"configured with noise {self.noise} ({self.adjacency}): use the run's --dp-noise and --dp-amplify"
             )
-        rates: list[float] = []
-        for q, count in state["rates"]:
-            rates += [float(q)] * int(count)
-        for q in set(rates):
-            if not (_finite(q) and 0 < q <= 1) or (q < 1 and self.adjacency != REPLACE_ONE):
+        runs = _checked_runs(state["rates"])
+        for q in {q for q, _ in runs}:
+            if q < 1 and self.adjacency != REPLACE_ONE:
                 raise ConfigError(f"a saved sampling rate of {q!r} cannot be accounted under {self.adjacency}")
             self._curve(q)
-        self._rates = rates
+        self._runs = runs
+
+
+def _checked_runs(saved: Any) -> list[list]:
+    """[rate, rounds] runs as saved, checked: a rate in (0, 1], a whole number of rounds in [1, MAX_ROUNDS]."""
+    if not isinstance(saved, list):
+        raise ConfigError(f"saved sampling rates must be a list of [rate, rounds] pairs, got {type(saved).__name__}")
+    runs: list[list] = []
+    for run in saved:
+        if not (isinstance(run, list) and len(run) == 2):
+            raise ConfigError(f"a saved run of sampling rates must be [rate, rounds], got {run!r:.80}")
+        q, count = run
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not (_finite(q) and 0 < q <= 1):
+            raise ConfigError(f"a saved sampling rate must be in (0, 1], got {q!r:.80}")
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_ROUNDS:
+            raise ConfigError(f"a saved run of sampling rates must count 1 to {MAX_ROUNDS} rounds, got {count!r:.80}")
+        runs.append([float(q), count])
+    return runs
 
 
 def _as_fraction(q: float) -> tuple[int, int]:

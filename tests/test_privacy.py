@@ -187,8 +187,39 @@ def test_the_accountants_state_round_trips_through_json():
     assert state == {"noise": 1.0, "adjacency": "replace-one", "rates": [[1.0, 2], [0.5, 3], [1.0, 1]]}
     restored = PrivacyAccountant(noise=1.0, adjacency="replace-one")
     restored.load_state_dict(state)
-    assert restored.rates == [1.0, 1.0, 0.5, 0.5, 0.5, 1.0]
+    assert restored.rates == [(1.0, 2), (0.5, 3), (1.0, 1)] and restored.rounds == 6
     assert restored.epsilon(DELTA) == accountant.epsilon(DELTA)
+
+
+def test_a_trillion_rounds_at_one_rate_are_kept_as_one_run():
+    accountant = PrivacyAccountant(noise=1.0)
+    accountant.load_state_dict({"noise": 1.0, "adjacency": "zero-out", "rates": [[1.0, 10**12]]})
+    accountant.record_round(1.0)
+    assert accountant.rates == [(1.0, 10**12 + 1)] and accountant.rounds == 10**12 + 1
+    assert accountant.state_dict()["rates"] == [[1.0, 10**12 + 1]] and accountant.epsilon(DELTA) > 0
+
+
+@pytest.mark.parametrize(
+    "rates",
+    [
+        [[1.0, 10**30]],  # rounds beyond MAX_ROUNDS: a hostile peer's state must not allocate or overflow
+        [[1.0, 0]],
+        [[1.0, -3]],
+        [[1.0, 2.5]],
+        [[1.0, True]],
+        [[1.5, 1]],
+        [[0.0, 1]],
+        [["1.0", 1]],
+        [[1.0]],
+        [1.0, 1],
+        {"1.0": 1},
+    ],
+)
+def test_saved_rates_that_are_not_rate_and_rounds_pairs_are_refused(rates):
+    accountant = PrivacyAccountant(noise=1.0, adjacency="replace-one")
+    with pytest.raises(ConfigError, match="saved"):
+        accountant.load_state_dict({"noise": 1.0, "adjacency": "replace-one", "rates": rates})
+    assert accountant.rounds == 0
 
 
 def test_a_state_spent_at_another_noise_is_refused():
@@ -230,14 +261,14 @@ def test_only_the_mean_aggregator_is_allowed_with_privacy_on():
 def test_without_amplification_every_absorbed_round_counts_in_full():
     dp = DifferentialPrivacy(DPConfig(clip=1.0, seed=0))
     dp.absorb([torch.zeros(2)], sampling_rate=0.5)
-    assert dp.accountant.rates == [1.0]
+    assert dp.accountant.rates == [(1.0, 1)]
     assert dp.report() == {"epsilon": dp.accountant.epsilon(1e-5), "delta": 1e-5, "dp_rounds": 1, "clip": 1.0}
 
 
 def test_with_amplification_an_absorbed_round_counts_at_its_sampling_rate():
     dp = DifferentialPrivacy(DPConfig(clip=1.0, amplify=True, seed=0))
     dp.absorb([torch.zeros(2)], sampling_rate=0.5)
-    assert dp.accountant.rates == [0.5]
+    assert dp.accountant.rates == [(0.5, 1)]
 
 
 def test_the_noise_function_uses_the_clip_of_its_contribution_and_the_rounds_member_count():
@@ -290,7 +321,7 @@ def test_the_clip_and_the_rounds_travel_in_the_state():
     dp.absorb([torch.zeros(1), torch.tensor([0.5])])
     joiner = DifferentialPrivacy(config)
     joiner.load_state_dict(json.loads(json.dumps(dp.state_dict())))
-    assert (joiner.clip, joiner.accountant.rates, joiner.epsilon()) == (dp.clip, [1.0], dp.epsilon())
+    assert (joiner.clip, joiner.accountant.rates, joiner.epsilon()) == (dp.clip, [(1.0, 1)], dp.epsilon())
 
 
 # -- the prepare seam -------------------------------------------------------------------------------
