@@ -31,6 +31,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 from collectives.asynctasks import cancel_and_wait
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 RESULT_STALL_S = 3.0
 # Rounds waiting to be fetched to keep, at most (the newest stay): asks come two an answer and one per commit.
 MAX_QUEUED = 8
+# The round ids of this many recent results fetched to keep are listed (``fetched``); all of them are counted.
+RECENT_FETCHED = 1000
 
 
 class LateRounds:
@@ -76,8 +79,9 @@ class LateRounds:
         self._fetching: MissedRound | None = None
         self._task: asyncio.Task | None = None
         self._digesting: set[asyncio.Task] = set()
-        # Results fetched to hold, and their bytes on the wire (for reports and tests).
-        self.fetched: list[int] = []
+        # Results fetched to hold: the recent ones' round ids, how many, and their bytes on the wire (for reports).
+        self.fetched: deque[int] = deque(maxlen=RECENT_FETCHED)
+        self.fetched_count = 0
         self.fetched_bytes = 0
 
     async def results_of(
@@ -169,6 +173,7 @@ class LateRounds:
             return
         await self._keep(got)
         self.fetched.append(got.round_id)
+        self.fetched_count += 1
         self.fetched_bytes += got.wire_bytes
         log.info("keeping round %d's result for the run (%d bytes from %s)", got.round_id, got.wire_bytes, got.source)
 

@@ -138,6 +138,8 @@ T = TypeVar("T")
 LEAVE_ON_STOP_S = 2.0
 # A leaving peer hashes its state for the Leave (when not hashed yet) for at most this long (25 MB: ~0.1 s).
 LEAVE_DIGEST_S = 2.0
+# The reports of this many recent state fetches are kept (``fetches``).
+RECENT_FETCHES = 16
 # A peer told to wait for the run's state asks the coordinator again this often (unless it says how often),
 # and repeats why it waits now and then (collectives/notes.py).
 WAIT_POLL_S = 2.0
@@ -232,8 +234,8 @@ class ElasticCollective:
         # Whether a sync already waited holder_wait_s for a holder of the run's last round in vain (reset once
         # registered again): the syncs after it do not wait again.
         self._waited_out = False
-        # What each state fetch of this peer took (statesync.FetchReport), for reports and tests.
-        self.fetches: list = []
+        # What this peer's recent state fetches took (statesync.FetchReport), for reports and tests.
+        self.fetches: deque = deque(maxlen=RECENT_FETCHES)
         # Whether this fresh peer kept its own initial state at its join, the founder's being the same (start()).
         self.kept_initial_state = False
         # Set by interrupt(): why the peer stops. The tasks of blocking calls in flight, cancelled by it.

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -51,7 +52,7 @@ from collectives.membership import RoundPlan
 from collectives.statesync import StateSnapshot
 from collectives.syncphases import CaughtUp
 from optimizers.diloco import DiLoCo, DiLoCoConfig
-from optimizers.outer import SyncRecord
+from optimizers.outer import RECENT_SYNCS, SyncRecord
 from optimizers.peers import SyncPeer
 from optimizers.staleness import StalenessConfig
 
@@ -119,8 +120,8 @@ class AsyncDiLoCo(DiLoCo):
         self.weighting = StalenessConfig.parse(self.config.staleness)
         # The global version the local model trained from: a contribution's staleness counts from it.
         self.base_round = self.state.round_id
-        # The staleness of each contribution that counted in a committed round (for reports).
-        self.staleness_history: list[int] = []
+        # The staleness of each recent contribution that counted in a committed round (for reports).
+        self.staleness_history: deque[int] = deque(maxlen=RECENT_SYNCS)
         self._caught_up = False
         self._syncing = False
         self._tau = 0  # the staleness of the contribution in flight
@@ -179,7 +180,7 @@ class AsyncDiLoCo(DiLoCo):
         return self.state.round_id - self.base_round
 
     def median_staleness(self) -> float | None:
-        """The median staleness of this peer's counted contributions (None before any)."""
+        """The median staleness of this peer's recent counted contributions (None before any)."""
         return statistics.median(self.staleness_history) if self.staleness_history else None
 
     def _catch_up(self, exc: CaughtUp) -> None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
@@ -54,7 +55,7 @@ from collectives.membership import RoundPlan
 from collectives.parts import flatten, unflatten_like
 from collectives.statesync import StateSnapshot
 from optimizers.backup import BackupConfig, BackupWorkers, RoundObservation
-from optimizers.outer import OuterOptimizer, SyncConfig
+from optimizers.outer import RECENT_SYNCS, OuterOptimizer, SyncConfig
 from optimizers.outer_optim import OuterConfig
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,8 @@ class CodedSGD(OuterOptimizer):
         # Called with (step, flat gradient) before each round's gradient is applied, the global parameters
         # still those of that step: benchmarks compare it with the full gradient.
         self.on_gradient: Callable[[int, torch.Tensor], None] | None = None
-        # Dynamic k: the k of each round this worker applied.
-        self.ks: list[int] = []
+        # Dynamic k: the k of each recent round this worker applied.
+        self.ks: deque[int] = deque(maxlen=RECENT_SYNCS)
         # Where each step's time went: computing the contribution, then the round.
         self.compute_s = 0.0
         self._step_started = time.monotonic()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -29,6 +30,7 @@ from collectives.pairing import ODD_MODES, group_of, pair_groups
 from collectives.parts import flatten
 from collectives.syncphases import Resynced
 from optimizers.diloco import DiLoCo, DiLoCoConfig
+from optimizers.outer import RECENT_SYNCS
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import SyncPeer
 
@@ -247,9 +249,9 @@ class NoLoCo(DiLoCo):
         self.rule = self.config.step_rule
         for g in self.state.globals:
             self.state.outer.state[g].setdefault(MOMENTUM_KEY, torch.zeros_like(g))
-        # The size of the group each committed outer step averaged in, and each measured spread.
-        self.group_sizes: list[int] = []
-        self.spreads: list[float] = []
+        # The size of the group each recent committed outer step averaged in, and each recent measured spread.
+        self.group_sizes: deque[int] = deque(maxlen=RECENT_SYNCS)
+        self.spreads: deque[float] = deque(maxlen=RECENT_SYNCS)
         self._group_size = 0
 
     def _layout(self, tag: str) -> list[torch.Tensor]:

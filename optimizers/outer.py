@@ -27,6 +27,7 @@ import logging
 import math
 import operator
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,10 @@ from optimizers.globalstate import GlobalState
 from optimizers.outer_optim import OuterConfig
 
 log = logging.getLogger(__name__)
+
+# The records of this many recent syncs are kept (``history``, and the algorithms' per-round lists): a record is
+# ~400 bytes, and a per-step algorithm makes a million in a day. What counts every sync is a counter.
+RECENT_SYNCS = 10_000
 
 
 def takes_prepare(sync: Callable[..., Any]) -> bool:
@@ -173,8 +178,10 @@ class OuterOptimizer:
         # Examples trained on by this process (the status's ``samples``; the rounds' weights count their own).
         self.samples_trained = 0
         self._rate = StepRate()
-        self.history: list[SyncRecord] = []
-        self.committed_rounds = 0  # rounds of history that committed, kept so nobody rescans it
+        self.history: deque[SyncRecord] = deque(maxlen=RECENT_SYNCS)  # the recent syncs' records, oldest first
+        # Every sync's outcome, counted: the history keeps only the recent ones.
+        self.committed_rounds = 0
+        self.syncs_missed = 0
         self._missed_notes = RepeatNote(log)
         # Called as a sync begins, after every committed round (progress displays, checkpoints)
         # and after every sync that did not commit (its record says why).
@@ -473,6 +480,7 @@ class OuterOptimizer:
     def _record(self, record: SyncRecord) -> None:
         self.history.append(record)
         self.committed_rounds += record.committed
+        self.syncs_missed += not record.committed
         if record.committed:
             self._state_changed()
         if record.committed and self.on_commit is not None:

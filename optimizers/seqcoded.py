@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -62,7 +63,7 @@ from collectives.seqcoding import SCHEMES, SequentialScheme, gradcode, make_sche
 from collectives.statesync import StateSnapshot
 from collectives.stragglermodel import BurstyModel
 from optimizers.coded import CodedSGD, PartitionData, StepRoundConfig, StepSuperseded, plan_roster
-from optimizers.outer import OuterOptimizer
+from optimizers.outer import RECENT_SYNCS, OuterOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +178,9 @@ class SequentialCodedSGD(CodedSGD):
         self.jobs_applied = 0
         self.jobs_lost = 0  # reported lost by the scheme: their stragglers broke the model
         self.jobs_dropped = 0  # in flight when the roster size changed
-        # This worker's own accounting: the scheme's load of each round it applied (the most any worker was
-        # assigned, as a share of one job's partitions), and the partition gradients it computed.
-        self.assigned_loads: list[Fraction] = []
+        # This worker's own accounting: the scheme's load of each recent round it applied (the most any worker
+        # was assigned, as a share of one job's partitions), and the partition gradients it computed.
+        self.assigned_loads: deque[Fraction] = deque(maxlen=RECENT_SYNCS)
         self.partitions_computed = 0
         # Called with (step, w_j, gradient) before job j (trained on step j's data) is applied.
         self.on_job: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None

@@ -98,7 +98,7 @@ def test_with_k_equal_n_and_no_slow_peer_async_diloco_is_diloco_bit_for_bit() ->
     run_threads([lambda r=r: train(async_opts[r], async_models[r], r, steps) for r in range(n)])
     for a, b in zip(sync_models, async_models):
         assert all(torch.equal(x, y) for x, y in zip(params(a), params(b)))
-    assert all(o.staleness_history == [0, 0, 0] for o in async_opts)
+    assert all(list(o.staleness_history) == [0, 0, 0] for o in async_opts)
 
 
 # -- a round of K of the n live peers moves the model K/n of an outer step -------------------------------
@@ -176,7 +176,7 @@ def test_a_late_peer_applies_the_missed_rounds_to_its_globals_and_keeps_its_loca
     assert torch.equal(flatten(peer.sent[1]), local * (1 / math.sqrt(3)))  # tau = 2: s = 1/sqrt(3)
     expected = (start - 0.5 + 0.25) - local * (1 / math.sqrt(3))
     assert torch.allclose(flatten(opt.state.globals), expected, atol=1e-6)
-    assert opt.staleness_history == [2] and opt.state.round_id == 3
+    assert list(opt.staleness_history) == [2] and opt.state.round_id == 3
     assert [r.staleness for r in opt.history if r.committed and r.contributed] == [2]
     assert [r.round_id for r in opt.history if not r.contributed] == [1, 2]
 
@@ -199,7 +199,7 @@ def test_each_catch_up_makes_the_same_contribution_staler() -> None:
     first = flatten(peer.sent[0])
     assert torch.equal(flatten(peer.sent[1]), first * 0.5)  # tau 1: 1/2
     assert torch.equal(flatten(peer.sent[2]), first * 0.25)  # tau 3: 1/4
-    assert opt.staleness_history == [3]
+    assert list(opt.staleness_history) == [3]
 
 
 class ResyncingPeer(ScriptedPeer):
@@ -231,7 +231,7 @@ def test_a_catch_up_by_the_whole_state_keeps_the_local_model_and_the_pending_con
     opt.sync()
     assert len(peer.sent) == 2 and flatten(peer.sent[1]).numel() == numel
     assert torch.equal(flatten(peer.sent[1]), flatten(peer.sent[0]) * (1 / math.sqrt(3)))  # tau 2
-    assert opt.staleness_history == [2] and opt.state.round_id == 3
+    assert list(opt.staleness_history) == [2] and opt.state.round_id == 3
     assert any(r.resynced and r.round_id == 2 and "resynced from the run" in r.reason for r in opt.history)
     assert not all(torch.equal(a, b) for a, b in zip(local, params(m)))  # loaded only once the round committed
 
@@ -247,7 +247,7 @@ def test_a_contribution_staler_than_the_bound_is_dropped_and_the_model_restarts_
     assert opt.base_round == 3 and opt.staleness() == 0
     assert "3 rounds stale, above max_staleness 2: dropped" in opt.history[-1].reason
     train(opt, m, 0, 3)  # and the next sync is fresh
-    assert opt.staleness_history == [0]
+    assert list(opt.staleness_history) == [0]
 
 
 # -- configuration --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError
 from collectives.results import CommittedResult
 from collectives.syncphases import CaughtUp, Stopped
+from optimizers import outer
 from optimizers.diloco import DiLoCo
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalPeer
@@ -475,6 +476,19 @@ def test_a_diloco_peer_whose_training_diverges_restarts_from_the_global_state_an
     train(opt, m, 0, 2)
     assert opt.history[-1].committed and all(torch.isfinite(p).all() for p in m.parameters())
 
+
+
+def test_the_optimizer_keeps_its_recent_syncs_records_and_counts_every_sync(monkeypatch):
+    # A long run of per-step syncs must not hold every sync's record (~400 bytes each) for ever.
+    monkeypatch.setattr(outer, "RECENT_SYNCS", 3)
+    m = model()
+    opt = DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=0.01), LocalPeer(), sync_every=1, codec="none")
+    train(opt, m, 0, 4)
+    _poison(m)
+    train(opt, m, 0, 1)  # the fifth sync refuses the NaN pseudo-gradient
+    train(opt, m, 0, 2)
+    assert [(h.step, h.committed) for h in opt.history] == [(5, False), (6, True), (7, True)]
+    assert (opt.committed_rounds, opt.syncs_missed) == (6, 1)
 
 def test_a_streaming_peer_refused_for_nan_before_its_round_starts_restarts_from_the_global_state():
     # An elastic peer refuses a NaN input at once, before asking for a quorum (never started: no network).

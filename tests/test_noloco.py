@@ -54,7 +54,7 @@ def test_with_alpha_0_and_beta_gamma_1_each_pair_ends_on_the_mean_of_its_local_m
         want = sum(locals_after[p] for p in pair) / 2
         assert torch.allclose(flatten(opts[r].state.globals), want, atol=1e-6)
         assert torch.equal(flatten(list(models[r].parameters())).detach(), flatten(opts[r].state.globals))
-    assert all(o.group_sizes == [2] for o in opts)
+    assert all(list(o.group_sizes) == [2] for o in opts)
     assert all(o.history[-1].group_size == 2 for o in opts)
 
 

@@ -424,7 +424,7 @@ def test_a_round_asked_for_while_another_is_fetched_is_fetched_after_it(monkeypa
     release: asyncio.Event
     asyncio.run(scenario())
     # Round 1 once, then round 2: asked while round 1 was fetched, it waited its turn instead of being dropped.
-    assert fetching == late.fetched == [1, 2] and [r for r, _, _ in store.attempts()] == [1, 2]
+    assert fetching == list(late.fetched) == [1, 2] and late.fetched_count == 2 and [r for r, _, _ in store.attempts()] == [1, 2]
 
 
 @pytest.mark.timeout(90)
@@ -441,7 +441,7 @@ def test_the_third_peer_keeps_a_round_of_two_before_its_next_heartbeat():
         third.membership._send = counted
         results = round_of_two(a, b)
         beats_at_commit = sum(beats)
-        assert wait_for(lambda: third.late.fetched == [1]) and sum(beats) == beats_at_commit
+        assert wait_for(lambda: list(third.late.fetched) == [1]) and sum(beats) == beats_at_commit
         assert third.results.digest(1) == digest_of_result(results[0].value.flatten())
 
 
@@ -490,7 +490,7 @@ def test_a_round_of_two_of_three_outlives_both_members_on_the_third_peer():
     with three_offering_peers(heartbeat_s=0.2, lease_s=2.0) as (coord, a, b, third):
         results = round_of_two(a, b)
         assert [r.round_id for r in results] == [1, 1]
-        assert wait_for(lambda: third.late.fetched == [1]) and third.late.fetched_bytes > 0
+        assert wait_for(lambda: list(third.late.fetched) == [1]) and third.late.fetched_bytes > 0
         # The copy it keeps is the members' result, bit for bit.
         assert third.results.digest(1) == digest_of_result(results[0].value.flatten()) == a.results.digest(1)
         wait_for(lambda: any(p["kept_results"] for p in coord.status()["peers"]))  # its next heartbeat says so

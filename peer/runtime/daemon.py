@@ -292,7 +292,7 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
             bytes_served=elastic.state_server.bytes_served,
             bytes_received=counters.bytes_received,
             # Results of rounds it was no member of, fetched to keep for the run when the coordinator asked.
-            results_kept=len(elastic.late.fetched),
+            results_kept=elastic.late.fetched_count,
             results_kept_bytes=elastic.late.fetched_bytes,
             stopped=stopped,
             entropy_floor=task.entropy_floor,
@@ -312,7 +312,7 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
             steps=opt.inner_steps,  # the step a stop interrupted counts: the optimizer took it
             total_steps=_total_steps(train_cfg),
             rounds_committed=opt.committed_rounds,
-            rounds_missed=sum(not r.committed for r in opt.history),
+            rounds_missed=opt.syncs_missed,
             eval_loss=progress.eval_loss,
             bytes_sent=counters.bytes_sent,
             bytes_received=counters.bytes_received,
