@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Any
 
 from collectives.errors import ConfigError
 from collectives.seqrounds import (
     COMPLETE,
     LOST,
     PENDING,
+    UNKNOWN,
     CodeFactory,
     Draft,
     JobLost,
@@ -58,10 +60,11 @@ from collectives.seqrounds import (
     gradcode,
     simulate,
 )
+from collectives.seqrounds import checked_count, checked_list, checked_workers
 from collectives.stragglermodel import BurstyModel
 
 __all__ = [
-    "COMPLETE", "LOST", "PENDING", "SCHEMES", "CodeFactory", "JobLost", "MultiplexedSGC", "PlainCode", "PlainGC",
+    "COMPLETE", "LOST", "PENDING", "SCHEMES", "UNKNOWN", "CodeFactory", "JobLost", "MultiplexedSGC", "PlainCode", "PlainGC",
     "RoundCombination", "SchedulingError", "SelectiveRepeatSGC", "SequentialScheme", "Simulation", "Task",
     "gradcode", "make_scheme", "simulate",
 ]
@@ -152,6 +155,23 @@ class SelectiveRepeatSGC(SequentialScheme):
                 self._repeats[t + self.model.B] = {w: a[w] for w in again}
         self._repeats.pop(t, None)
 
+    def _extra_state(self) -> dict:
+        return {"repeats": [[r, [[w, c] for w, c in by.items()]] for r, by in sorted(self._repeats.items())]}
+
+    def _load_extra(self, state: dict, next_round: int) -> None:
+        repeats: dict[int, dict[int, float]] = {}
+        for entry in checked_list(state.get("repeats"), "repeats", self.model.B):
+            if not (isinstance(entry, list) and len(entry) == 2):
+                raise ConfigError(f"an SR-SGC state's repeat must be [round, [[worker, coefficient], ...]], got {entry!r:.80}")
+            r = checked_count(entry[0], "repeat round", next_round + self.model.B - 1)
+            pairs = checked_list(entry[1], "repeaters", self.n)
+            if r < next_round or r in repeats or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+                raise ConfigError(f"an SR-SGC state's repeats of round {r} are not [[worker, coefficient], ...] "
+                                  f"for a round from {next_round} on, once")
+            checked_workers([w for w, _ in pairs], self.n, "repeaters")
+            repeats[r] = {w: _coefficient(c) for w, c in pairs}  # in the order planned, as the others hold them
+        self._repeats = repeats
+
     def _decoding(self, t: int, survivors: frozenset[int]) -> tuple[dict[int, float] | None, list[int]]:
         """Job t's decoding coefficients, and the workers that must repeat their job-t task in round t+B."""
         repeating = self._repeats.get(t, {})
@@ -160,7 +180,7 @@ class SelectiveRepeatSGC(SequentialScheme):
         if a is not None:
             return a, []
         # Prefer workers the model keeps fast in round t+B: those that straggled in rounds t+B-W+1..t.
-        recent = [*self.history[max(0, t + self.model.B - self.model.W + 1):], frozenset(range(self.n)) - survivors]
+        recent = [*self.stragglers_since(t + self.model.B - self.model.W + 1), frozenset(range(self.n)) - survivors]
         safe = set().union(*recent)
         order = sorted((w for w in range(self.n) if w not in members), key=lambda w: (w not in safe, w))
         again: list[int] = []
@@ -277,6 +297,24 @@ class MultiplexedSGC(SequentialScheme):
                         f"GC({self.n}, {self.model.lam}) cannot decode them")
         return ""
 
+    def _extra_state(self) -> dict:
+        return {"delivered": [[j, [sorted(c) for c in per_worker]] for j, per_worker in sorted(self._delivered.items())]}
+
+    def _load_extra(self, state: dict, next_round: int) -> None:
+        delivered: dict[int, list[set[int]]] = {}
+        for entry in checked_list(state.get("delivered"), "delivered", self.T + 1):
+            if not (isinstance(entry, list) and len(entry) == 2):
+                raise ConfigError(f"an M-SGC state's delivered chunks must be [job, [[chunk, ...] per worker]], "
+                                  f"got {entry!r:.80}")
+            job = checked_count(entry[0], "delivered job", max(0, next_round - 1))
+            per_worker = checked_list(entry[1], "delivered chunks", self.n)
+            if job < next_round - 1 - self.T or job in delivered or len(per_worker) != self.n:
+                raise ConfigError(f"an M-SGC state's delivered chunks of job {job} are not one list per worker "
+                                  f"of a job in flight, once")
+            delivered[job] = [{checked_count(k, "chunk", self.chunks - 1) for k in checked_list(c, "chunks", self.chunks)}
+                              for c in per_worker]
+        self._delivered = delivered
+
     def _commit(self, t: int, survivors: frozenset[int], combination: RoundCombination) -> None:
         for w in survivors:
             for task in self.assign(t)[w]:
@@ -284,6 +322,13 @@ class MultiplexedSGC(SequentialScheme):
                     self._delivered.setdefault(task.job, [set() for _ in range(self.n)])[w].add(task.index)
         for job in [j for j in self._delivered if j < t - self.T]:
             del self._delivered[job]
+
+
+def _coefficient(value: Any) -> float:
+    """A finite decoding coefficient from a state, or ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"a scheme state's coefficient must be a finite number, got {value!r:.80}")
+    return float(value)
 
 
 def make_scheme(name: str, model: BurstyModel, codes: CodeFactory = gradcode,

@@ -7,12 +7,21 @@ surviving workers' results are then summed, weighted by ``combine``: a ``RoundCo
 partial sum per job, whose coefficients depend only on the stragglers up to this round. ``observe``
 accepts the round. ``simulate`` replays a whole straggler pattern the way the all-reduce would sum it.
 
+A scheme keeps what its decisions read: the stragglers and job outcomes of its last ``kept_rounds`` rounds
+(``KEPT_ROUNDS``, at least W + T), so a run of an unbounded job stream does not grow with its rounds.
+``state_dict`` is what a new worker needs to go on exactly as the others (the rounds its decisions can
+still read, the jobs in flight, the repeats and chunks planned); ``load_state_dict`` checks it, as it may
+come from another peer.
+
 The plain gradient codes come from ``collectives/gradcodes.py`` through ``gradcode``. Any object with
 ``PlainCode``'s interface works too: tests use their own.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -27,6 +36,10 @@ Parts = tuple[tuple[int, float], ...]
 Weights = dict[int, dict[int, dict[int, float]]]
 
 PENDING, COMPLETE, LOST = "pending", "complete", "lost"
+# The status of a job older than the rounds a scheme keeps (or than the state it was restored from).
+UNKNOWN = "unknown"
+# A scheme keeps the stragglers and job outcomes of this many recent rounds (at least W + T: what it reads).
+KEPT_ROUNDS = 1000
 
 
 class JobLost(LoconetError):
@@ -150,10 +163,22 @@ class SequentialScheme:
         self.model, self.n, self.jobs = model, model.n, jobs
         self.T, self.partitions, self.load = T, partitions, load
         self.next_round = 0
-        self.history: list[frozenset[int]] = []  # the stragglers of every observed round
-        self._status: dict[int, str] = {}
+        self.kept_rounds = max(KEPT_ROUNDS, model.W + T + 1)
+        # The stragglers of the recent observed rounds (the last of them is round next_round - 1).
+        self.history: deque[frozenset[int]] = deque(maxlen=self.kept_rounds)
+        self._status: dict[int, str] = {}  # job -> COMPLETE or LOST, for the jobs of the kept rounds
         self._completed_in: dict[int, tuple[int, ...]] = {}
+        self._known_from = 0  # jobs before this one: UNKNOWN (forgotten, or before a restored state)
         self._assigned: tuple[int, dict[int, list[Task]]] | None = None
+
+    @property
+    def history_start(self) -> int:
+        """The round of ``history[0]``."""
+        return self.next_round - len(self.history)
+
+    def stragglers_since(self, r: int) -> list[frozenset[int]]:
+        """The stragglers of the kept rounds from round r to the last observed one."""
+        return list(itertools.islice(self.history, max(0, r - self.history_start), None))
 
     def has_job(self, j: int) -> bool:
         """Whether job j exists (it starts in round j)."""
@@ -188,15 +213,64 @@ class SequentialScheme:
         self._status.update({job: LOST for job in combination.lost_jobs})
         self._completed_in[t] = combination.completed
         self.next_round = t + 1
+        self._forget(t + 1 - self.kept_rounds)
         return combination
 
+    def _forget(self, before: int) -> None:
+        """Drop the outcomes of the jobs and rounds before round ``before``."""
+        while self._known_from < before:
+            self._status.pop(self._known_from, None)
+            self._completed_in.pop(self._known_from, None)
+            self._known_from += 1
+
     def completed(self, t: int) -> list[int]:
-        """The jobs completed in round t: their last contribution was summed in round t."""
+        """The jobs completed in round t (one of the kept rounds): their last contribution was summed in round t."""
         return list(self._completed_in.get(t, ()))
 
     def status(self, job: int) -> str:
-        """``pending``, ``complete`` or ``lost``."""
+        """``pending``, ``complete`` or ``lost``; ``unknown`` for a job older than the kept rounds."""
+        if self.has_job(job) and job < self._known_from:
+            return UNKNOWN
         return self._status.get(job, PENDING)
+
+    def state_dict(self) -> dict:
+        """What a scheme restored with ``load_state_dict`` needs to go on exactly as this one (JSON-able)."""
+        first = max(0, self.next_round - self.T - 1)  # the oldest job its next rounds look at
+        return {
+            "next_round": self.next_round,
+            "history": [sorted(s) for s in self.stragglers_since(self.next_round - self.model.W)],
+            "done": [[job, self._status[job]] for job in sorted(self._status) if job >= first],
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state: Any) -> None:
+        """Go on from ``state_dict``'s state (a fresh scheme of the same configuration); ConfigError if it is
+        malformed or out of range, nothing changed then."""
+        if not isinstance(state, dict):
+            raise ConfigError(f"a {self.name} state must be a JSON object, got {type(state).__name__}")
+        next_round = checked_count(state.get("next_round"), "next_round", math.inf)
+        history = checked_list(state.get("history"), "history", min(self.model.W, next_round))
+        stragglers = [frozenset(checked_workers(s, self.n, "history")) for s in history]
+        first = max(0, next_round - self.T - 1)
+        done: dict[int, str] = {}
+        for entry in checked_list(state.get("done"), "done", self.T + 1):
+            if not (isinstance(entry, list) and len(entry) == 2 and entry[1] in (COMPLETE, LOST)):
+                raise ConfigError(f"a {self.name} state's job outcome must be [job, complete|lost], got {entry!r:.80}")
+            job = checked_count(entry[0], "a done job", next_round - 1)
+            if job < first or not self.has_job(job):
+                raise ConfigError(f"a {self.name} state names job {job}, outside its jobs in flight {first}..")
+            done[job] = entry[1]
+        self._load_extra(state, next_round)
+        self.next_round, self._known_from = next_round, first
+        self.history = deque(stragglers, maxlen=self.kept_rounds)
+        self._status, self._completed_in, self._assigned = done, {}, None
+
+    def _extra_state(self) -> dict:
+        """The subclass's part of state_dict."""
+        return {}
+
+    def _load_extra(self, state: dict, next_round: int) -> None:
+        """Check and take the subclass's part of a state (before the base class changes anything)."""
 
     def round_load(self, t: int, mean: bool = False) -> Fraction:
         """Partitions a worker computes in round t, as a fraction of one job's: the max over workers, or the mean."""
@@ -212,6 +286,28 @@ class SequentialScheme:
 
     def _commit(self, t: int, survivors: frozenset[int], combination: RoundCombination) -> None:
         """Keep what later rounds need (the history and job status are kept by the base class)."""
+
+
+def checked_count(value: Any, what: str, most: float) -> int:
+    """A whole number in [0, most] from a state, or ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+        raise ConfigError(f"a scheme state's {what} must be a whole number in [0, {most}], got {value!r:.80}")
+    return value
+
+
+def checked_list(value: Any, what: str, most: float) -> list:
+    """A list of at most ``most`` entries from a state, or ConfigError."""
+    if not isinstance(value, list) or len(value) > most:
+        raise ConfigError(f"a scheme state's {what} must be a list of at most {most} entries, got {value!r:.80}")
+    return value
+
+
+def checked_workers(value: Any, n: int, what: str) -> set[int]:
+    """Distinct worker indices in [0, n) from a state, or ConfigError."""
+    workers = {checked_count(w, f"{what} worker", n - 1) for w in checked_list(value, what, n)}
+    if len(workers) != len(value):
+        raise ConfigError(f"a scheme state's {what} names a worker twice: {value!r:.80}")
+    return workers
 
 
 def checked_code(codes: CodeFactory, n: int, s: int) -> PlainCode:

@@ -32,8 +32,12 @@ worker learns n from the header. A roster of the same size with other peers keep
 can compute any slot's tasks (each keeps every w_j), so only the slots' owners change.
 
 Joiners get the whole state (``snapshot``): the global parameters, the jobs in flight (their w_j and
-partial sums, as extra snapshot tensors), the round counter, and the scheme's straggler history, which
-rebuilds the scheme exactly by replaying ``observe`` (a fraction of a millisecond per round).
+partial sums, as extra snapshot tensors), the round counter, and the scheme's state (``state_dict``: the
+stragglers of its last W rounds, the outcomes of the jobs in flight, the repeats and chunks planned), from
+which the scheme goes on exactly as the others'. Until 2026-12-05 the state carried the scheme's whole
+straggler history, replayed at a join (a fraction of a millisecond per round): a run's state grew with its
+rounds, and past about 200,000 rounds went over the 1 MiB a state's metadata may be. A checkpoint of then
+still loads that way.
 
 Used from ``loconet peer --algorithm seq-sgc --scheme m-sgc --burst 1 --window 2 --lam 1`` with the
 coordinator's ``--quorum grace:1`` (its λ must be the run's), or from Python with ``train_step(data)``.
@@ -470,7 +474,8 @@ class SequentialCodedSGD(CodedSGD):
                 "rounds": self.rounds,
                 "base": self.base,
                 "n": None if self.scheme is None else self.scheme.n,
-                "history": [] if self.scheme is None else [sorted(s) for s in self.scheme.history],
+                # What the scheme's next rounds read (not its whole history: a state must not grow with the run).
+                "scheme": None if self.scheme is None else self.scheme.state_dict(),
                 "jobs": sorted(self.jobs),
                 "applied": self.jobs_applied,
                 "lost": self.jobs_lost,
@@ -479,7 +484,7 @@ class SequentialCodedSGD(CodedSGD):
         }
 
     def load_snapshot(self, snapshot: StateSnapshot) -> None:
-        """Adopt the run's state, the jobs in flight and the scheme (rebuilt from its straggler history)."""
+        """Adopt the run's state, the jobs in flight and the scheme (from its state, or an old one's history)."""
         with self._applying:
             seq = self._checked(snapshot.meta, snapshot.tensors)
             super().load_snapshot(snapshot)
@@ -514,11 +519,14 @@ class SequentialCodedSGD(CodedSGD):
         self.rounds, self.base = int(seq["rounds"]), int(seq["base"])
         self.scheme = None if seq["n"] is None else self.new_scheme(int(seq["n"]))
         if self.scheme is not None:
-            for t, stragglers in enumerate(seq["history"]):  # the scheme's state is a function of its history
-                self.scheme.observe(t, set(stragglers))
+            if "scheme" in seq:
+                self.scheme.load_state_dict(seq["scheme"])
+            else:  # a checkpoint written before 2026-12-05: the scheme's whole straggler history, replayed
+                for t, stragglers in enumerate(seq["history"]):
+                    self.scheme.observe(t, set(stragglers))
             if self.scheme.next_round != self.rounds - self.base:
-                raise ConfigError(f"the run's state has {len(seq['history'])} rounds of straggler history for "
-                                  f"{self.rounds - self.base} rounds of its scheme")
+                raise ConfigError(f"the run's state has its scheme at round {self.scheme.next_round} for "
+                                  f"{self.rounds - self.base} rounds of it")
         self.jobs = {int(j): Job(tensors[f"{JOB_PREFIX}{j}/params"].clone(),
                                  tensors[f"{JOB_PREFIX}{j}/partial"].clone()) for j in seq["jobs"]}
         self.jobs_applied, self.jobs_lost, self.jobs_dropped = int(seq["applied"]), int(seq["lost"]), int(seq["dropped"])

@@ -273,6 +273,24 @@ def test_a_checkpoint_restores_the_jobs_in_flight():
     assert restored.state.digest() == source.state.digest()
 
 
+
+def test_a_checkpoint_written_with_the_whole_straggler_history_still_restores():
+    # Before 2026-12-05 the state carried the scheme's whole history instead of its state; such a checkpoint loads.
+    source = optimizer(LocalPeer(), scheme="sr-sgc", window=3)
+    for _ in range(4):
+        source.train_step(Regression())
+    old = source.state_dict()
+    seq = old["meta"]["seq"]
+    seq["history"] = [sorted(s) for s in source.scheme.history]  # all 4 rounds: nothing was forgotten yet
+    del seq["scheme"]
+    restored = optimizer(LocalPeer(), model=make_model(seed=1), scheme="sr-sgc", window=3)
+    restored.load_state_dict(old)
+    assert restored.scheme.state_dict() == source.scheme.state_dict()
+    source.train_step(Regression())
+    restored.train_step(Regression())
+    assert restored.state.digest() == source.state.digest()
+
+
 # -- configuration and rounds ---------------------------------------------------------------------
 
 
@@ -407,7 +425,7 @@ def test_real_rounds_go_on_without_a_bursty_straggler_and_stay_exact():
     assert not errors
     assert len({opt.state.digest() for opt in opts.values()}) == 1
     w0 = opts[0]
-    history, slow = w0.scheme.history, w0.roster.index(opts[3].me)
+    history, slow = list(w0.scheme.history), w0.roster.index(opts[3].me)  # all 8 rounds are kept
     assert slow in history[1] and slow in history[5]  # the rounds went on without it
     if conforms(history, model):  # no other worker happened to be late beyond the model
         assert (w0.jobs_applied, w0.jobs_lost) == (rounds - w0.T, 0)

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
+import random
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import partial
 
 import pytest
 
+from collectives import seqrounds
 from collectives.errors import ConfigError
 from collectives.seqcoding import (
     COMPLETE,
     LOST,
     PENDING,
+    UNKNOWN,
     JobLost,
     MultiplexedSGC,
     PlainGC,
@@ -431,3 +435,82 @@ def test_sr_sgc_when_b_does_not_divide_w_minus_1_takes_the_windows_of_xb_plus_1_
     sim = simulate(scheme, pattern, gradient)
     assert not sim.lost and all(sim.completed_at[j] <= j + 2 for j in range(22))
     assert all(sim.sums[j] == pytest.approx(sum(gradient(j, p) for p in range(6)), rel=1e-9) for j in range(22))
+
+
+# -- a scheme's state: bounded, and restored exactly ------------------------------------------------------
+
+
+def broken_pattern(model: BurstyModel, rounds: int, seed: int) -> list[frozenset[int]]:
+    """Seeded stragglers that ignore the model: jobs get lost, repeats and rechunks get planned."""
+    rng = random.Random(seed)
+    return [frozenset(w for w in range(model.n) if rng.random() < 0.3) for _ in range(rounds)]
+
+
+STATE_CASES = [(name, model) for name, model in GRID if model.n == 4][::3] + [
+    ("sr-sgc", BurstyModel(7, 2, 5, 4)), ("m-sgc", BurstyModel(5, 2, 3, 2))]
+
+
+@pytest.mark.parametrize("name, model", STATE_CASES, ids=[f"{n}-n{m.n}-B{m.B}-W{m.W}-l{m.lam}" for n, m in STATE_CASES])
+def test_a_scheme_restored_from_any_rounds_state_goes_on_exactly_as_the_original(name, model):
+    codes = partial(gradcode, kind="cyclic") if model.n in (5, 7) else repetition
+    rounds = 3 * (model.W + model.B) + 4
+    for pattern in [patterns(model, rounds)[0], broken_pattern(model, rounds, 1), broken_pattern(model, rounds, 2)]:
+        original = make_scheme(name, model, codes)
+        states, steps = [], []
+        for t, stragglers in enumerate(pattern):
+            states.append(json.loads(json.dumps(original.state_dict())))
+            steps.append((original.assign(t), original.observe(t, stragglers)))
+        for k in range(rounds):
+            restored = make_scheme(name, model, codes)
+            restored.load_state_dict(states[k])
+            for t in range(k, rounds):
+                assert (restored.assign(t), restored.observe(t, pattern[t])) == steps[t], (k, t)
+
+
+def test_a_scheme_keeps_only_its_recent_rounds(monkeypatch):
+    monkeypatch.setattr(seqrounds, "KEPT_ROUNDS", 5)
+    model = BurstyModel(4, 1, 2, 1)
+    scheme = SelectiveRepeatSGC(model, repetition)
+    for t in range(40):
+        scheme.assign(t)
+        scheme.observe(t, {t % 4} if t % 3 == 0 else set())
+    assert scheme.kept_rounds == 5 and len(scheme.history) == 5 and scheme.history_start == 35
+    assert max(len(scheme._status), len(scheme._completed_in)) <= 5
+    assert (scheme.status(34), scheme.status(35), scheme.status(39)) == (UNKNOWN, COMPLETE, COMPLETE)
+    assert len(json.dumps(scheme.state_dict())) < 200  # the same at any round
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"next_round": -1}, {"next_round": "3"}, {"next_round": True},
+        {"history": [[0], [1], [2]]},  # more than W rounds
+        {"history": [[9]]}, {"history": [[1, 1]]}, {"history": "x"},
+        {"done": [[0, "complete"]]},  # a job no longer in flight
+        {"done": [[5, "complete"]]},  # a job not started
+        {"done": [[4, "pending"]]}, {"done": [[4]]},
+        {"repeats": [[4, [[0, 1.0]]]]},  # a repeat for a round already past
+        {"repeats": [[5, [[0, 1.0], [0, 1.0]]]]}, {"repeats": [[5, [[9, 1.0]]]]}, {"repeats": [[5, [[0, "1"]]]]},
+        {"repeats": None},
+    ],
+)
+def test_a_malformed_sr_sgc_state_is_refused_and_changes_nothing(change):
+    model = BurstyModel(4, 1, 2, 2)
+    good = {"next_round": 5, "history": [[], [1]], "done": [[4, "complete"]], "repeats": [[5, [[1, 1.0]]]]}
+    fresh = SelectiveRepeatSGC(model, repetition)
+    fresh.load_state_dict(good)  # the good state is taken
+    scheme = SelectiveRepeatSGC(model, repetition)
+    with pytest.raises(ConfigError, match="state"):
+        scheme.load_state_dict({**good, **change})
+    assert (scheme.next_round, list(scheme.history), scheme._repeats) == (0, [], {})
+
+
+@pytest.mark.parametrize(
+    "delivered",
+    [[[1, [[0], [0]]]], [[1, [[0], [0], [0], [5]]]], [[9, [[], [], [], []]]], [[1, [[], [], [], []]], [1, [[], [], [], []]]]],
+)
+def test_a_malformed_m_sgc_state_is_refused(delivered):
+    scheme = MultiplexedSGC(BurstyModel(4, 1, 3, 1), repetition)
+    with pytest.raises(ConfigError, match="state"):
+        scheme.load_state_dict({"next_round": 3, "history": [], "done": [], "delivered": delivered})
+    assert scheme.next_round == 0
