@@ -260,5 +260,10 @@ class BackupWorkers:
                 f"the state was saved with {state['config']}, this peer has {asdict(self.config)}; "
                 "every peer of a run must use the same backup-workers options"
             )
-        rounds = [RoundObservation(**{**r, "arrival_s": tuple(r["arrival_s"])}) for r in state["rounds"]]
-        self.rounds = rounds[-self.config.window :]
+        saved = state.get("rounds")
+        if not isinstance(saved, list) or len(saved) > self.config.window:
+            raise ConfigError(f"a backup-workers state holds a list of at most {self.config.window} rounds (its window)")
+        try:
+            self.rounds = [RoundObservation(**{**r, "arrival_s": tuple(r["arrival_s"])}) for r in saved]
+        except (TypeError, KeyError) as exc:  # a state from another peer: fields missing, extra or of other types
+            raise ConfigError(f"a backup-workers state's round is malformed: {exc}") from None

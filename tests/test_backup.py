@@ -259,6 +259,28 @@ def test_a_state_from_another_config_is_refused():
         BackupWorkers(BackupConfig(window=7)).load_state_dict({**state, "version": 99})
 
 
+@pytest.mark.parametrize(
+    "rounds, error",
+    [
+        ("x", ConfigError),
+        ([{"n": 2}], ConfigError),  # fields missing
+        ([{"n": 2, "k": 1, "mean_grad_sq_norm": 1.0, "member_sq_norm_mean": 1.0, "arrival_s": [1.0], "x": 1}], ConfigError),
+        ([{"n": 2, "k": 1, "mean_grad_sq_norm": 1.0, "member_sq_norm_mean": 1.0, "arrival_s": 5}], ConfigError),
+        ([{"n": 2, "k": 3, "mean_grad_sq_norm": 1.0, "member_sq_norm_mean": 1.0, "arrival_s": [1.0]}], ObservationError),
+        ([observation([1, 2], 1.0, 1.0)] * 8, ConfigError),  # more rounds than the window
+    ],
+)
+def test_a_malformed_state_is_refused_and_changes_nothing(rounds, error):
+    state = fed([observation([1, 2], 1.0, 1.0)], window=7).state_dict()
+    rounds = [{**vars(r), "arrival_s": list(r.arrival_s)} if isinstance(r, RoundObservation) else r for r in rounds] \
+        if isinstance(rounds, list) else rounds
+    workers = fed([observation([3, 4], 2.0, 2.0)], window=7)
+    before = list(workers.rounds)
+    with pytest.raises(error):
+        workers.load_state_dict({**state, "rounds": rounds})
+    assert workers.rounds == before
+
+
 def test_the_window_bounds_the_state():
     workers = fed(random_rounds(2, 30), window=10, grad_window=3)
     assert len(workers.rounds) == 10 and workers.rounds == random_rounds(2, 30)[-10:]
