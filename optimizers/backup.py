@@ -67,6 +67,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from collectives.errors import ConfigError, LoconetError
+from optimizers.statemeta import meta_dict
 
 STATE_VERSION = 1
 
@@ -255,7 +256,7 @@ class BackupWorkers:
         """Replace the window by a saved one; the saved config must equal this one."""
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"backup-workers state version {state.get('version')!r} is not {STATE_VERSION}")
-        if dict(state["config"]) != asdict(self.config):
+        if meta_dict(state, "config") != asdict(self.config):
             raise ConfigError(
                 f"the state was saved with {state['config']}, this peer has {asdict(self.config)}; "
                 "every peer of a run must use the same backup-workers options"

@@ -57,6 +57,7 @@ from collectives.statesync import StateSnapshot
 from optimizers.backup import BackupConfig, BackupWorkers, RoundObservation
 from optimizers.outer import RECENT_SYNCS, OuterOptimizer, SyncConfig
 from optimizers.outer_optim import OuterConfig
+from optimizers.statemeta import meta_dict, meta_strs
 
 log = logging.getLogger(__name__)
 
@@ -423,10 +424,10 @@ class CodedSGD(OuterOptimizer):
         return meta
 
     def _adopt_meta(self, meta: dict) -> None:
-        roster = meta.get("roster")
-        self.roster = tuple(roster) if roster else None
+        roster = meta_strs(meta, "roster", None) if meta.get("roster") is not None else None
         if self.backup is not None and meta.get("backup") is not None:
-            self.backup.load_state_dict(meta["backup"])
+            self.backup.load_state_dict(meta_dict(meta, "backup"))
+        self.roster = tuple(roster) if roster else None
 
 
 @dataclass

@@ -58,6 +58,7 @@ from optimizers.fedopt import FLOWER_DEFAULTS
 from optimizers.outer import SyncConfig, SyncRecord
 from optimizers.outer_optim import OuterConfig
 from optimizers.privacy import DifferentialPrivacy, DPConfig
+from optimizers.statemeta import meta_dict
 
 UNSAMPLED = ("wait", "train")
 # Snapshot tensor names of client momentum's global direction: f"{DIRECTION_PREFIX}{param name}".
@@ -358,7 +359,7 @@ class FedAvg(DiLoCo):
 
     def _adopt_meta(self, meta: dict) -> None:
         if self.dp is not None and "privacy" in meta:
-            self.dp.load_state_dict(meta["privacy"])
+            self.dp.load_state_dict(meta_dict(meta, "privacy"))
 
     def snapshot(self) -> StateSnapshot:
         """The run's state, plus client momentum's direction when there is one."""

@@ -22,6 +22,7 @@ import torch
 from collectives.errors import ConfigError
 from collectives.statesync import StateSnapshot
 from optimizers.outer_optim import OuterConfig, load_optimizer_state, make_outer_optimizer, optimizer_state
+from optimizers.statemeta import meta_int
 from optimizers.transfers import DeviceTransfers
 
 GLOBAL_PREFIX = "global/"
@@ -121,14 +122,16 @@ class GlobalState:
             src = snapshot.tensors[f"{GLOBAL_PREFIX}{n}"]
             if src.shape != g.shape:
                 raise ConfigError(f"parameter {n!r} has shape {tuple(src.shape)} in the run, {tuple(g.shape)} here")
+        # Read before anything is replaced: the metadata may come from another peer (optimizers/statemeta.py).
+        outer_steps, step = meta_int(snapshot.meta, "outer_steps", 0), meta_int(snapshot.meta, "step", 0)
         with self.lock, torch.no_grad():
             # The optimizer state is checked (kind, parameters) before anything is replaced.
             load_optimizer_state(self.outer, self.names, snapshot.tensors, snapshot.meta.get("outer_state"))
             for n, g in zip(self.names, self.globals):
                 g.copy_(snapshot.tensors[f"{GLOBAL_PREFIX}{n}"])
-            self.outer_steps = int(snapshot.meta.get("outer_steps", 0))
+            self.outer_steps = outer_steps
             self.round_id = snapshot.round_id
-            self.step = int(snapshot.meta.get("step", 0))
+            self.step = step
         if into_model:
             self.load_into_model(range(len(self.params)))
         return snapshot.meta

@@ -81,6 +81,7 @@ import torch
 from collectives.aggregators import AggregatorConfig
 from collectives.errors import ConfigError
 from collectives.membership import RoundPlan
+from optimizers.statemeta import meta_dict, meta_float, meta_str
 
 ZERO_OUT = "zero-out"
 REPLACE_ONE = "replace-one"
@@ -338,12 +339,12 @@ class PrivacyAccountant:
     def load_state_dict(self, state: dict) -> None:
         """Restore the rounds recorded by state_dict (ConfigError if they were accounted with other settings, or
         are not [rate, rounds] pairs: the state may come from another peer)."""
-        if float(state["noise"]) != self.noise or state["adjacency"] != self.adjacency:
+        if meta_float(state, "noise") != self.noise or meta_str(state, "adjacency") != self.adjacency:
             raise ConfigError(
                 f"this run's privacy was spent at noise {state['noise']} ({state['adjacency']}); this peer is "
                 f"configured with noise {self.noise} ({self.adjacency}): use the run's --dp-noise and --dp-amplify"
             )
-        runs = _checked_runs(state["rates"])
+        runs = _checked_runs(state.get("rates"))
         for q in {q for q, _ in runs}:
             if q < 1 and self.adjacency != REPLACE_ONE:
                 raise ConfigError(f"a saved sampling rate of {q!r} cannot be accounted under {self.adjacency}")
@@ -472,8 +473,6 @@ class DifferentialPrivacy:
 
     def load_state_dict(self, state: dict) -> None:
         """Adopt what state_dict returned (a joiner's or a restart's)."""
-        clip = float(state["clip"])
-        if not (math.isfinite(clip) and clip > 0):
-            raise ConfigError(f"a saved clip norm must be positive, got {clip!r}")
-        self.accountant.load_state_dict(state["accountant"])
+        clip = meta_float(state, "clip", positive=True)
+        self.accountant.load_state_dict(meta_dict(state, "accountant"))
         self.clip = clip

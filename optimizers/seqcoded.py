@@ -68,6 +68,7 @@ from collectives.statesync import StateSnapshot
 from collectives.stragglermodel import BurstyModel
 from optimizers.coded import CodedSGD, PartitionData, StepRoundConfig, StepSuperseded, plan_roster
 from optimizers.outer import RECENT_SYNCS, OuterOptimizer
+from optimizers.statemeta import meta_int, meta_ints, meta_optional_int
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,29 @@ class SeqSGCConfig(StepRoundConfig):
     def expected_quorum(self) -> str | None:
         """The quorum policy this algorithm's rounds need."""
         return f"grace:{self.lam}"
+
+
+@dataclass(frozen=True)
+class SeqState:
+    """A state's seq-sgc part, read and checked (``_checked``)."""
+
+    rounds: int
+    base: int
+    scheme: SequentialScheme | None
+    jobs: list[int]
+    applied: int
+    lost: int
+    dropped: int
+
+
+def _history_of(meta: dict, key: str, n: int) -> list[set[int]]:
+    """meta[key] as a list of sets of worker indices in [0, n) (an old state's straggler history)."""
+    value = meta.get(key)
+    if not isinstance(value, list) or not all(
+            isinstance(s, list) and all(not isinstance(w, bool) and isinstance(w, int) and 0 <= w < n for w in s)
+            for s in value):
+        raise ConfigError(f"the run's state's {key!r} must be lists of worker indices below {n}, got {value!r:.60}")
+    return [set(s) for s in value]
 
 
 @dataclass
@@ -497,38 +521,43 @@ class SequentialCodedSGD(CodedSGD):
             super().load_state_dict(state)
             self._adopt(seq, state["global"])
 
-    def _checked(self, meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
-        """The snapshot's seq-sgc state, checked against this worker's configuration before anything changes."""
+    def _checked(self, meta: dict, tensors: dict[str, torch.Tensor]) -> SeqState:
+        """The snapshot's seq-sgc state, read and checked (against this worker's configuration, and as input from
+        another peer) before anything changes: ConfigError says what does not fit."""
         seq = meta.get("seq")
         if meta.get("algorithm") != self.tag or not isinstance(seq, dict):
             raise ConfigError(f"the run's state is not a {self.tag} state (algorithm {meta.get('algorithm')!r}): "
                               "every peer of a run must run the same algorithm")
         c = self.config
         mine = [c.scheme, c.burst, c.window, c.lam, c.code]
-        if list(seq.get("model", [])) != mine:
+        if seq.get("model") != mine:
             raise ConfigError(f"the run uses scheme, burst, window, lam, code = {seq.get('model')}, this peer {mine}: "
                               "give every peer the same --scheme --burst --window --lam --code")
-        for j in seq.get("jobs", []):
+        jobs = meta_ints(seq, "jobs", most=self.T + 1)
+        for j in jobs:
             for part, dtype in (("params", torch.float32), ("partial", torch.float64)):
                 t = tensors.get(f"{JOB_PREFIX}{j}/{part}")
                 if t is None or t.dtype != dtype or t.shape != (self.numel,):
                     raise ConfigError(f"the run's state lacks job {j}'s {part} as {self.numel} {dtype} values")
-        return seq
-
-    def _adopt(self, seq: dict, tensors: dict[str, torch.Tensor]) -> None:
-        self.rounds, self.base = int(seq["rounds"]), int(seq["base"])
-        self.scheme = None if seq["n"] is None else self.new_scheme(int(seq["n"]))
-        if self.scheme is not None:
+        rounds, base = meta_int(seq, "rounds"), meta_int(seq, "base")
+        n = meta_optional_int(seq, "n", low=1, high=MAX_SLOTS)
+        scheme = None if n is None else self.new_scheme(n)
+        if scheme is not None:
             if "scheme" in seq:
-                self.scheme.load_state_dict(seq["scheme"])
+                scheme.load_state_dict(seq["scheme"])
             else:  # a checkpoint written before 2026-12-05: the scheme's whole straggler history, replayed
-                for t, stragglers in enumerate(seq["history"]):
-                    self.scheme.observe(t, set(stragglers))
-            if self.scheme.next_round != self.rounds - self.base:
-                raise ConfigError(f"the run's state has its scheme at round {self.scheme.next_round} for "
-                                  f"{self.rounds - self.base} rounds of it")
-        self.jobs = {int(j): Job(tensors[f"{JOB_PREFIX}{j}/params"].clone(),
-                                 tensors[f"{JOB_PREFIX}{j}/partial"].clone()) for j in seq["jobs"]}
-        self.jobs_applied, self.jobs_lost, self.jobs_dropped = int(seq["applied"]), int(seq["lost"]), int(seq["dropped"])
+                for t, stragglers in enumerate(_history_of(seq, "history", n)):
+                    scheme.observe(t, stragglers)
+            if scheme.next_round != rounds - base:
+                raise ConfigError(f"the run's state has its scheme at round {scheme.next_round} for "
+                                  f"{rounds - base} rounds of it")
+        return SeqState(rounds, base, scheme, jobs, meta_int(seq, "applied"), meta_int(seq, "lost"),
+                        meta_int(seq, "dropped"))
+
+    def _adopt(self, seq: SeqState, tensors: dict[str, torch.Tensor]) -> None:
+        self.rounds, self.base, self.scheme = seq.rounds, seq.base, seq.scheme
+        self.jobs = {j: Job(tensors[f"{JOB_PREFIX}{j}/params"].clone(), tensors[f"{JOB_PREFIX}{j}/partial"].clone())
+                     for j in seq.jobs}
+        self.jobs_applied, self.jobs_lost, self.jobs_dropped = seq.applied, seq.lost, seq.dropped
         self._jobs_nbytes = sum(j.params.nbytes + j.partial.nbytes for j in self.jobs.values())
         self._work = None

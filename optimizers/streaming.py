@@ -37,6 +37,7 @@ from collectives.errors import ConfigError, NonFiniteError
 from collectives.syncphases import CaughtUp
 from optimizers.outer import OuterOptimizer, SyncConfig
 from optimizers.peers import SyncPeer
+from optimizers.statemeta import meta_int
 
 SPLITS = ("strided", "balanced")
 TAG_PREFIX = "fragment-"
@@ -223,7 +224,7 @@ class StreamingDiLoCo(OuterOptimizer):
         return {"algorithm": "streaming", "cursor": self.cursor}
 
     def _adopt_meta(self, meta: dict) -> None:
-        self.cursor = int(meta.get("cursor", 0)) % self.config.fragments
+        self.cursor = meta_int(meta, "cursor", 0) % self.config.fragments
 
     def _counters(self) -> dict:
         return {"samples": list(self.samples)}
