@@ -44,6 +44,7 @@ import grpc
 
 from collectives.addresses import advertised_address, check_reachable, parse_advertise, split_address
 from collectives.admission import Admission, AdmissionLimits, Refusals, Replay, admit_handlers, retry_reason
+from collectives.asynctasks import cancel_and_wait
 from collectives.credentials import CallAuth
 from collectives.errors import ConfigError
 from collectives.ratelimit import TokenBucket, format_bandwidth, parse_bandwidth
@@ -74,6 +75,13 @@ RETRY_BACKOFF_S = (0.05, 1.0)
 REPLAY_BYTES = 32 << 20
 # Longest a refused stream waits for gRPC to settle its initial metadata (it is settled once the call ends).
 ACCEPTED_SETTLE_S = 1.0
+# A pooled channel not asked for in this long and not connected (or connecting) is closed when another is made:
+# a long run with churn meets thousands of peer addresses (~8 KB a channel, kept for ever before). The
+# coordinator's channel is kept: a client holds it for its calls.
+CHANNEL_IDLE_S = 600.0
+# Calls still on a channel closed as idle may finish within this long.
+CHANNEL_CLOSE_GRACE_S = 60.0
+_BUSY = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.CONNECTING)
 
 
 def message_bound(chunk_bytes: int) -> int:
@@ -277,6 +285,10 @@ class Transport:
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._used: dict[str, float] = {}  # when each pooled channel was last asked for
+        self._swept = time.monotonic()
+        self._closing: set[asyncio.Task] = set()  # idle channels being closed
+        self._coordinator: str | None = None
         self._address: str | None = None
         self._bound_address: str | None = None
         self._cpu: concurrent.futures.ThreadPoolExecutor | None = None
@@ -304,6 +316,7 @@ class Transport:
             raise RuntimeError("transport already started")
         if coordinator is not None:
             check_reachable(self.config.host, self.config.advertise, coordinator)
+            self._coordinator = coordinator
         loop = asyncio.new_event_loop()
         ready = threading.Event()
 
@@ -373,6 +386,7 @@ class Transport:
         channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
             await ch.close()
+        await cancel_and_wait(list(self._closing))
         # As asyncio.run ends a loop: cancel what is left and let it unwind, then close the async generators (a
         # cancelled handler's request stream among them). Stopping the loop first left both pending, and asyncio
         # logged each as "Task was destroyed but it is pending!" at exit (a peer held by 50 idle streams: 85 lines).
@@ -462,14 +476,33 @@ class Transport:
     # -- client side (call from the loop) --------------------------------------------
 
     def channel(self, address: str) -> grpc.aio.Channel:
-        """The pooled channel to address (created on first use)."""
+        """The pooled channel to address (created on first use; closed once idle, CHANNEL_IDLE_S)."""
+        now = time.monotonic()
         ch = self._channels.get(address)
         if ch is None:
+            self._close_idle(now)
             # Its own TCP connection, as a peer in its own process has: peers sharing a process (tests, thread
             # groups) would otherwise share one, and servers count their calls per connection (admission caps).
             ch = make_channel(address, self._rpc, own_connection=True, auth=self.auth)
             self._channels[address] = ch
+        self._used[address] = now
         return ch
+
+    def _close_idle(self, now: float) -> None:
+        """Close the pooled channels not asked for in CHANNEL_IDLE_S and not connected (checked at most every
+        tenth of that); the coordinator's stays."""
+        if now - self._swept < CHANNEL_IDLE_S / 10:
+            return
+        self._swept = now
+        for address, used in list(self._used.items()):
+            ch = self._channels[address]
+            if address == self._coordinator or now - used < CHANNEL_IDLE_S or ch.get_state() in _BUSY:
+                continue
+            del self._channels[address], self._used[address]
+            task = asyncio.get_running_loop().create_task(ch.close(grace=CHANNEL_CLOSE_GRACE_S))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        log.debug("%d pooled channel(s) open", len(self._channels))
 
     async def stream_call(
         self, address: str, method: str, messages: AsyncIterable[bytes] | Iterable[bytes], timeout_s: float
@@ -606,6 +639,8 @@ class Transport:
             if state == grpc.ChannelConnectivity.SHUTDOWN:
                 return "channel shut down"
             await _state_change(ch, state)
+            if self._channels.get(address) is ch:
+                self._used[address] = time.monotonic()  # watched: in use, however long the round
             # A dropped connection shows as IDLE: try to reconnect so a dead peer shows as a failure.
             state = ch.get_state(try_to_connect=True)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import grpc
 import pytest
 
+from collectives import transport as transport_module
 from collectives.errors import ConfigError
 from collectives.transport import (
     Transport,
@@ -187,3 +189,33 @@ def test_close_lets_cancelled_tasks_and_async_generators_unwind_before_the_loop_
     transport.close()
     assert task.cancelled()
     assert sorted(unwound) == ["generator", "task"]
+
+
+def test_a_pooled_channel_idle_and_unconnected_is_closed_when_another_is_made(monkeypatch):
+    # A long run with churn meets thousands of addresses; a channel to one nobody asked for since is closed.
+    monkeypatch.setattr(transport_module, "CHANNEL_IDLE_S", 0.2)
+    live = Transport(TransportConfig())
+    live_address = live.start()
+    coordinator = closed_port_address()
+    transport = Transport(TransportConfig())
+    transport.start(coordinator=coordinator)
+    gone, used = closed_port_address(), closed_port_address()
+
+    async def scenario():
+        connected = transport.channel(live_address)
+        await asyncio.wait_for(connected.channel_ready(), 10)
+        old = [transport.channel(a) for a in (gone, coordinator)]
+        await asyncio.sleep(0.3)
+        transport.channel(used)  # asked for again: not idle
+        transport.channel(closed_port_address())  # a new channel: the idle ones are closed
+        await asyncio.sleep(0.1)
+        return [ch.get_state() for ch in old], set(transport._channels)
+
+    try:
+        (gone_state, coordinator_state), pooled = transport.submit(scenario()).result(timeout=30)
+    finally:
+        transport.close()
+        live.close()
+    assert gone not in pooled and gone_state == grpc.ChannelConnectivity.SHUTDOWN
+    # Kept: the coordinator's, one in use (connected), and one asked for again.
+    assert {coordinator, live_address, used} <= pooled and coordinator_state != grpc.ChannelConnectivity.SHUTDOWN
