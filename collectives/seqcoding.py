@@ -57,10 +57,12 @@ from collectives.seqrounds import (
     Simulation,
     Task,
     checked_code,
+    checked_count,
+    checked_list,
+    checked_workers,
     gradcode,
     simulate,
 )
-from collectives.seqrounds import checked_count, checked_list, checked_workers
 from collectives.stragglermodel import BurstyModel
 
 __all__ = [
