@@ -22,8 +22,10 @@ without applies the round's result instead of its own (``CaughtUp``).
   its members' gradients. With quorum ``all`` it waits for every worker;
   with ``allbut:s`` it takes the first n-s and ignores the rest (the mean of
   what arrived: biased toward fast workers' data); with ``--dynamic-k`` and
-  quorum ``backup``, every worker chooses the same k each step (dynamic
-  backup workers, ``optimizers/backup.py``) and names it in the round's tag.
+  quorum ``backup``, every worker chooses k each step (dynamic backup
+  workers, ``optimizers/backup.py``) and names it in the round's tag: the same
+  k where they applied the same rounds; the pending round's k stands for a
+  worker whose roster lags (docs/gradient-coding.md).
 
 Membership changes n. The roster a worker encoded for is the last round's;
 when a round's roster differs (a join, a leave), the worker computes its

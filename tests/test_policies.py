@@ -226,6 +226,25 @@ def test_may_form(name, policy, counts, may):
     assert policy.may_form(*counts, RULES) is may
 
 
+JOINS_CASES = [
+    ("the same tag joins", AllPeers(), "diloco", "diloco", True),
+    ("another tag is refused", AllPeers(), "diloco", "streaming:0", False),
+    ("outside backup, another k is another schedule", AllPeers(), "sync-sgd:k=3", "sync-sgd:k=2", False),
+    ("backup: the same tag joins", Backup(), "sync-sgd:k=3", "sync-sgd:k=3", True),
+    # A worker that missed the round changing the roster chooses k for the old one: the pending round's k stands.
+    ("backup: another k joins", Backup(), "sync-sgd:k=3", "sync-sgd:k=2", True),
+    ("backup: no k where the pending names one", Backup(), "sync-sgd:k=3", "sync-sgd", False),
+    ("backup: another algorithm is refused", Backup(), "sync-sgd:k=3", "coded-sgd:k=3", False),
+    ("backup: untagged rounds are the same tag", Backup(), "sync-sgd", "sync-sgd", True),
+    ("backup: an empty algorithm name is no match", Backup(), ":k=3", ":k=2", False),
+]
+
+
+@pytest.mark.parametrize("name,policy,pending,tag,joins", JOINS_CASES, ids=[c[0] for c in JOINS_CASES])
+def test_joins(name, policy, pending, tag, joins):
+    assert policy.joins(pending, tag) is joins
+
+
 @pytest.mark.parametrize(
     "spec,policy",
     [

@@ -137,6 +137,11 @@ class QuorumPolicy(ABC):
         """The most members a round of this policy can have (None: no limit), checked against min_peers."""
         return None
 
+    def joins(self, pending_tag: str, tag: str) -> bool:
+        """Whether a request tagged ``tag`` joins the pending quorum tagged ``pending_tag`` (else it is refused:
+        the peers disagree on the schedule). The same tag by default."""
+        return tag == pending_tag
+
     def fitted(self, min_peers: int) -> QuorumPolicy:
         """This policy for a run whose rounds need min_peers members (ConfigError if it contradicts them)."""
         return self
@@ -469,6 +474,13 @@ class Backup(_Bare):
         """Form with the first k askers."""
         n = len(roster_of(q))
         return _first_of_roster(q, self.k_of(q.tag, n))
+
+    def joins(self, pending_tag: str, tag: str) -> bool:
+        """The same algorithm's rounds whatever k they name: the pending round's k (its first asker's) stands. A
+        worker that missed the round that changed the roster (the first k of n went on without it) chooses k for
+        the old roster until it is a member again, which would otherwise never happen."""
+        base = tag.rpartition(BACKUP_TAG_KEY)[0]
+        return tag == pending_tag or (base != "" and base == pending_tag.rpartition(BACKUP_TAG_KEY)[0])
 
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
         """At least min_peers asked (k is in the tag, read by decide)."""

@@ -228,7 +228,7 @@ class Quorums:
         ``min_members``: the fewest members this peer's round can run with."""
         if self.pending is None:
             self.pending = PendingQuorum(first_at=time.monotonic(), tag=tag)
-        elif self.pending.tag != tag:
+        elif not self.policy.joins(self.pending.tag, tag):
             raise BadRequest(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"quorum for {tag!r} while the pending one is for {self.pending.tag!r}: peers disagree on the schedule",
