@@ -571,6 +571,20 @@ def test_a_round_forms_once_the_aggregators_minimum_is_reached(coordinator):
     assert sorted(members(plans[0].result())) == sorted(peers)
 
 
+
+def test_under_backup_a_worker_naming_another_k_joins_the_pending_round_whose_k_stands(coordinator):
+    # A worker that missed the round that changed the roster chooses k for the old one (docs/gradient-coding.md).
+    c = coordinator(quorum="backup", min_peers=1)
+    a, b, stale = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2, 3))
+    first = ask(c.stub, stale, tag="sync-sgd:k=2")  # pending: k=2
+    code, details = status_code(lambda: ask(c.stub, b, tag="coded-sgd:k=2").result())  # another algorithm
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "disagree on the schedule" in details
+    second = ask(c.stub, a, tag="sync-sgd:k=3")
+    plans = [first.result(), second.result()]
+    assert [p.round_id for p in plans] == [1, 1]
+    assert {m.peer_id for m in plans[0].members} == {stale, a}  # the first two askers: the pending round's k=2
+
+
 def test_a_minimum_beyond_any_run_is_refused_at_the_edge(stub):
     peer = join(stub, "127.0.0.1:1")
     request = pb.QuorumRequest(run_id=RUN, peer_id=peer, last_round=0, min_members=1 << 20)
