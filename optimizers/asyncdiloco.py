@@ -201,9 +201,10 @@ class AsyncDiLoCo(DiLoCo):
         if not self._syncing or snapshot.round_id < self.base_round:
             super().load_snapshot(snapshot)
             return
-        meta = self.state.restore(snapshot, into_model=False)
+        take_meta = self._checked_meta(snapshot.meta)
+        self.state.restore(snapshot, into_model=False)
         self.inner_steps = max(self.inner_steps, self.state.step)
-        self._adopt_meta(meta)
+        take_meta()
         self._caught_up = True
 
     def _rebase(self, tau: int) -> None:

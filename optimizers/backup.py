@@ -62,7 +62,7 @@ gradient.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -111,10 +111,9 @@ class BackupConfig:
 
 
 def _finite_nonnegative(name: str, value: float) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ObservationError(f"{name} must be a finite number >= 0, got {value}")
-    return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0.0):
+        raise ObservationError(f"{name} must be a finite number >= 0, got {value!r:.40}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,7 @@ class RoundObservation:
     round_s: float | None = None  # start-to-commit seconds, identical at every peer (e.g. from the commit); or None
 
     def __post_init__(self) -> None:
-        if not 1 <= self.k <= self.n:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.n, self.k)) or not 1 <= self.k <= self.n:
             raise ObservationError(f"need 1 <= k <= n, got k={self.k}, n={self.n}")
         if len(self.arrival_s) != self.k:
             raise ObservationError(f"arrival_s must hold the k={self.k} members' times, got {len(self.arrival_s)}")
@@ -254,6 +253,10 @@ class BackupWorkers:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace the window by a saved one; the saved config must equal this one."""
+        self.checked_state(state)()
+
+    def checked_state(self, state: Mapping[str, Any]) -> Callable[[], None]:
+        """Check a saved window (as load_state_dict does) and return what takes it: nothing changes before."""
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"backup-workers state version {state.get('version')!r} is not {STATE_VERSION}")
         if meta_dict(state, "config") != asdict(self.config):
@@ -265,6 +268,11 @@ class BackupWorkers:
         if not isinstance(saved, list) or len(saved) > self.config.window:
             raise ConfigError(f"a backup-workers state holds a list of at most {self.config.window} rounds (its window)")
         try:
-            self.rounds = [RoundObservation(**{**r, "arrival_s": tuple(r["arrival_s"])}) for r in saved]
+            rounds = [RoundObservation(**{**r, "arrival_s": tuple(r["arrival_s"])}) for r in saved]
         except (TypeError, KeyError) as exc:  # a state from another peer: fields missing, extra or of other types
             raise ConfigError(f"a backup-workers state's round is malformed: {exc}") from None
+
+        def take() -> None:
+            self.rounds = rounds
+
+        return take

@@ -155,7 +155,7 @@ class CodedSGD(OuterOptimizer):
     """Synchronous SGD over the run, coded (``CodedSGDConfig``) or not (``SyncSGDConfig``): one round per step."""
 
     config: CodedSGDConfig | SyncSGDConfig
-    # A joiner takes the roster and the backup workers' estimates from the state it fetches (_adopt_meta), not
+    # A joiner takes the roster and the backup workers' estimates from the state it fetches (_checked_meta), not
     # only the parameters: even before the first commit it fetches.
     INITIAL_STATE_IS_THE_RUNS = False
 
@@ -425,11 +425,16 @@ class CodedSGD(OuterOptimizer):
             meta["backup"] = self.backup.state_dict()
         return meta
 
-    def _adopt_meta(self, meta: dict) -> None:
+    def _checked_meta(self, meta: dict) -> Callable[[], None]:
         roster = meta_strs(meta, "roster", None) if meta.get("roster") is not None else None
-        if self.backup is not None and meta.get("backup") is not None:
-            self.backup.load_state_dict(meta_dict(meta, "backup"))
-        self.roster = tuple(roster) if roster else None
+        take_window = (self.backup.checked_state(meta_dict(meta, "backup"))
+                       if self.backup is not None and meta.get("backup") is not None else lambda: None)
+
+        def take() -> None:
+            take_window()
+            self.roster = tuple(roster) if roster else None
+
+        return take
 
 
 @dataclass

@@ -357,9 +357,10 @@ class FedAvg(DiLoCo):
             meta["privacy"] = self.dp.state_dict()
         return meta
 
-    def _adopt_meta(self, meta: dict) -> None:
+    def _checked_meta(self, meta: dict) -> Callable[[], None]:
         if self.dp is not None and "privacy" in meta:
-            self.dp.load_state_dict(meta_dict(meta, "privacy"))
+            return self.dp.checked_state(meta_dict(meta, "privacy"))
+        return lambda: None
 
     def snapshot(self) -> StateSnapshot:
         """The run's state, plus client momentum's direction when there is one."""

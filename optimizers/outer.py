@@ -494,8 +494,10 @@ class OuterOptimizer:
         """What the subclass adds to the state a joiner fetches."""
         return {}
 
-    def _adopt_meta(self, meta: dict) -> None:
-        """Take the subclass's part of a state's meta (its schedule)."""
+    def _checked_meta(self, meta: dict) -> Callable[[], None]:
+        """Check the subclass's part of a state's meta (its schedule; ConfigError if malformed) and return what
+        takes it: nothing changes before it is called, so a refused state leaves this peer as it was."""
+        return lambda: None
 
     def snapshot(self) -> StateSnapshot:
         """The run's state as of the last committed round (what a joiner fetches)."""
@@ -514,12 +516,14 @@ class OuterOptimizer:
         return snap.round_id, state_digest(snap)
 
     def load_snapshot(self, snapshot: StateSnapshot) -> None:
-        """Adopt the run's state: global parameters, outer state, step count; the local parameters restart from them."""
-        meta = self.state.restore(snapshot, into_model=True)
+        """Adopt the run's state: global parameters, outer state, step count; the local parameters restart from them.
+        ConfigError when the state does not fit this peer or is malformed: nothing changed then."""
+        take_meta = self._checked_meta(snapshot.meta)
+        self.state.restore(snapshot, into_model=True)
         # Count steps as the run does, so syncs and the end line up.
         self.inner_steps = max(self.inner_steps, self.state.step)
         self._forget_local_progress()
-        self._adopt_meta(meta)
+        take_meta()
         run_round = getattr(self.peer, "run_round", None)
         if run_round is not None and run_round() > snapshot.round_id:
             # Rounds committed while this state was fetched: the run went on without this peer. (Otherwise its
@@ -555,8 +559,9 @@ class OuterOptimizer:
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned; the model's (local) parameters are the caller's to restore."""
         snapshot = StateSnapshot(round_id=state["round_id"], tensors=state["global"], meta=state["meta"])
-        meta = self.state.restore(snapshot, into_model=False)
+        take_meta = self._checked_meta(snapshot.meta)
+        self.state.restore(snapshot, into_model=False)
         self.inner.load_state_dict(state["inner"])
         self.inner_steps = int(state["inner_steps"])
-        self._adopt_meta(meta)
+        take_meta()
         self._load_counters(state.get("counters", {}))

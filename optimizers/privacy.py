@@ -339,6 +339,10 @@ class PrivacyAccountant:
     def load_state_dict(self, state: dict) -> None:
         """Restore the rounds recorded by state_dict (ConfigError if they were accounted with other settings, or
         are not [rate, rounds] pairs: the state may come from another peer)."""
+        self.checked_state(state)()
+
+    def checked_state(self, state: dict) -> Callable[[], None]:
+        """Check a state_dict (as load_state_dict does) and return what takes it: nothing changes before."""
         if meta_float(state, "noise") != self.noise or meta_str(state, "adjacency") != self.adjacency:
             raise ConfigError(
                 f"this run's privacy was spent at noise {state['noise']} ({state['adjacency']}); this peer is "
@@ -348,8 +352,12 @@ class PrivacyAccountant:
         for q in {q for q, _ in runs}:
             if q < 1 and self.adjacency != REPLACE_ONE:
                 raise ConfigError(f"a saved sampling rate of {q!r} cannot be accounted under {self.adjacency}")
-            self._curve(q)
-        self._runs = runs
+            self._curve(q)  # a cache: computed once per rate
+
+        def take() -> None:
+            self._runs = runs
+
+        return take
 
 
 def _checked_runs(saved: Any) -> list[list]:
@@ -473,6 +481,15 @@ class DifferentialPrivacy:
 
     def load_state_dict(self, state: dict) -> None:
         """Adopt what state_dict returned (a joiner's or a restart's)."""
+        self.checked_state(state)()
+
+    def checked_state(self, state: dict) -> Callable[[], None]:
+        """Check a state_dict and return what takes it (ConfigError first if malformed: nothing changes before)."""
         clip = meta_float(state, "clip", positive=True)
-        self.accountant.load_state_dict(meta_dict(state, "accountant"))
-        self.clip = clip
+        take_rounds = self.accountant.checked_state(meta_dict(state, "accountant"))
+
+        def take() -> None:
+            take_rounds()
+            self.clip = clip
+
+        return take

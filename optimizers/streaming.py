@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -223,8 +223,13 @@ class StreamingDiLoCo(OuterOptimizer):
     def _meta(self) -> dict:
         return {"algorithm": "streaming", "cursor": self.cursor}
 
-    def _adopt_meta(self, meta: dict) -> None:
-        self.cursor = meta_int(meta, "cursor", 0) % self.config.fragments
+    def _checked_meta(self, meta: dict) -> Callable[[], None]:
+        cursor = meta_int(meta, "cursor", 0) % self.config.fragments
+
+        def take() -> None:
+            self.cursor = cursor
+
+        return take
 
     def _counters(self) -> dict:
         return {"samples": list(self.samples)}

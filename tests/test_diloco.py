@@ -478,6 +478,22 @@ def test_a_diloco_peer_whose_training_diverges_restarts_from_the_global_state_an
 
 
 
+
+def test_a_state_with_a_malformed_schedule_is_refused_before_the_parameters_change():
+    # The run's digest covers the tensors, not the metadata: a donor's cursor may be anything (optimizers/statemeta.py).
+    cfg = StreamingConfig(sync_every=4, fragments=2, overlap=1, codec="none")
+    source_model, joiner_model = model(), model(seed=1)
+    source = StreamingDiLoCo(source_model, torch.optim.SGD(source_model.parameters(), lr=0.1), LocalPeer(), cfg)
+    train(source, source_model, 0, 8)
+    state = source.snapshot()
+    state.meta["cursor"] = "1"
+    joiner = StreamingDiLoCo(joiner_model, torch.optim.SGD(joiner_model.parameters(), lr=0.1), LocalPeer(), cfg)
+    before = params(joiner_model)
+    with pytest.raises(ConfigError, match="'cursor' must be a whole number"):
+        joiner.load_snapshot(state)
+    assert_close(params(joiner_model), before, atol=0.0)
+    assert (joiner.state.round_id, joiner.cursor) == (0, 0)
+
 def test_the_optimizer_keeps_its_recent_syncs_records_and_counts_every_sync(monkeypatch):
     # A long run of per-step syncs must not hold every sync's record (~400 bytes each) for ever.
     monkeypatch.setattr(outer, "RECENT_SYNCS", 3)

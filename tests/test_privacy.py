@@ -324,6 +324,17 @@ def test_the_clip_and_the_rounds_travel_in_the_state():
     assert (joiner.clip, joiner.accountant.rates, joiner.epsilon()) == (dp.clip, [(1.0, 1)], dp.epsilon())
 
 
+
+def test_a_state_whose_rounds_are_malformed_leaves_the_clip_as_it_was():
+    # The clip is valid, the rounds are not: neither is taken (a fetched state is checked whole first).
+    config = DPConfig(clip=0.1, adaptive=0.5, seed=0)
+    joiner = DifferentialPrivacy(config)
+    state = {"clip": 0.7, "accountant": {"noise": config.noise, "adjacency": "zero-out", "rates": [[1.0, -1]]}}
+    with pytest.raises(ConfigError, match="saved run of sampling rates"):
+        joiner.load_state_dict(state)
+    assert (joiner.clip, joiner.accountant.rounds) == (0.1, 0)
+
+
 # -- the prepare seam -------------------------------------------------------------------------------
 
 

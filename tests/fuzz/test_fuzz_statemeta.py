@@ -7,7 +7,7 @@ numbers). Each example takes a real state of one optimizer, changes or deletes a
 metadata, and has a fresh peer load it.
 
 What must hold: the peer adopts the state or refuses it with a LoconetError (a ConfigError that says what is
-wrong), never another exception, an allocation the numbers ask for, or a hang.
+wrong) and is then as it was, never another exception, an allocation the numbers ask for, or a hang.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from hypothesis import strategies as st
 
 from collectives.errors import LoconetError
-from collectives.statesync import StateSnapshot
+from collectives.statesync import StateSnapshot, state_digest
 from optimizers.asyncdiloco import AsyncDiLoCo
 from optimizers.coded import CodedSGD, SyncSGDConfig
 from optimizers.diloco import DiLoCo
@@ -131,9 +131,13 @@ def test_a_peer_adopts_any_states_metadata_or_refuses_it_with_a_config_error(fuz
         source = snapshot_of(index)
         state = StateSnapshot(round_id=source.round_id, tensors=dict(source.tensors), meta=changed(source.meta, edits))
         peer = KINDS[index].build(model())
+        before = peer.snapshot()
         try:
             peer.load_snapshot(state)
         except LoconetError:
-            pass
+            # Refused before anything changed: the peer's state is what it was.
+            after = peer.snapshot()
+            assert (after.round_id, state_digest(after), after.meta) == (
+                before.round_id, state_digest(before), before.meta)
 
     fuzz.run(check, st.integers(0, len(KINDS) - 1), changes)
