@@ -83,6 +83,19 @@ def test_sigterm_leaves_the_run_cleanly(run):
     c.wait_event(lambda e: e["event"] == "committed" and e["round"] == after["round"], 60)
 
 
+
+def test_a_peer_whose_model_does_not_fit_the_runs_state_says_so_in_one_line_and_leaves_at_once(run):
+    a, b = (run.add(n, "--steps", "100000") for n in ("a", "b"))
+    a.wait_event(lambda e: e["event"] == "committed", 120)
+    odd = run.add("odd", "--d-model", "48")  # the others train d-model 32
+    assert odd.proc.wait(timeout=120) != 0
+    errors = [line for line in (run.tmp / "odd.log").read_text().splitlines() if line.startswith("loconet: error:")]
+    assert len(errors) == 1 and "shape" in errors[0]
+    # It told the coordinator it left (the others need not wait out its lease).
+    coordinator_log = (run.tmp / "coordinator.log").read_text()
+    assert "left: refused the run's state" in coordinator_log
+
+
 FORTUNES = Path("/usr/share/games/fortunes")
 
 

@@ -249,7 +249,13 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
         display.line(f"stopped ({signals.name}) {where} run {config.run_id} (coordinator {config.coordinator})")
         return signals.exit_code()
     if snapshot is not None:
-        opt.load_snapshot(snapshot)
+        try:
+            opt.load_snapshot(snapshot)
+        except BaseException as exc:
+            # Joined, then refused the run's state (another model, or a malformed one): leave at once, so that no
+            # round waits for this peer until its lease lapses.
+            elastic.close(leave=True, reason=f"refused the run's state: {exc}"[:200], leave_timeout_s=LEAVE_ON_STOP_S)
+            raise
         how = "fetched the run's state"
     elif elastic.kept_initial_state:
         how = "kept its initial state, identical to the run's"
