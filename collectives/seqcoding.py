@@ -40,6 +40,7 @@ import math
 from fractions import Fraction
 from typing import Any
 
+from collectives.checks import is_finite_number
 from collectives.errors import ConfigError
 from collectives.seqrounds import (
     COMPLETE,
@@ -328,7 +329,7 @@ class MultiplexedSGC(SequentialScheme):
 
 def _coefficient(value: Any) -> float:
     """A finite decoding coefficient from a state, or ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise ConfigError(f"a scheme state's coefficient must be a finite number, got {value!r:.80}")
     return float(value)
 

@@ -29,6 +29,7 @@ from fractions import Fraction
 from typing import Any, Protocol
 
 from collectives import gradcodes
+from collectives.checks import is_whole
 from collectives.errors import ConfigError, LoconetError
 from collectives.stragglermodel import BurstyModel, Pattern
 
@@ -290,7 +291,7 @@ class SequentialScheme:
 
 def checked_count(value: Any, what: str, most: float) -> int:
     """A whole number in [0, most] from a state, or ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+    if not is_whole(value, 0, most):
         raise ConfigError(f"a scheme state's {what} must be a whole number in [0, {most}], got {value!r:.80}")
     return value
 

@@ -66,6 +66,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from collectives.checks import is_finite_number, is_whole
 from collectives.errors import ConfigError, LoconetError
 from optimizers.statemeta import meta_dict
 
@@ -111,7 +112,7 @@ class BackupConfig:
 
 
 def _finite_nonnegative(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0.0):
+    if not (is_finite_number(value) and value >= 0.0):
         raise ObservationError(f"{name} must be a finite number >= 0, got {value!r:.40}")
     return float(value)
 
@@ -128,7 +129,7 @@ class RoundObservation:
     round_s: float | None = None  # start-to-commit seconds, identical at every peer (e.g. from the commit); or None
 
     def __post_init__(self) -> None:
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.n, self.k)) or not 1 <= self.k <= self.n:
+        if not (is_whole(self.n, 1) and is_whole(self.k, 1, self.n)):
             raise ObservationError(f"need 1 <= k <= n, got k={self.k}, n={self.n}")
         if len(self.arrival_s) != self.k:
             raise ObservationError(f"arrival_s must hold the k={self.k} members' times, got {len(self.arrival_s)}")

@@ -89,6 +89,7 @@ from typing import Any
 
 import torch
 
+from collectives.checks import is_finite_number
 from collectives.errors import ConfigError
 
 # Flower's defaults per strategy (see the module docstring for the files they come from).
@@ -102,23 +103,19 @@ FLOWER_DEFAULTS: dict[str, dict[str, float]] = {
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _check_rate(name: str, value: Any) -> None:
-    if not _finite(value) or value < 0:
+    if not is_finite_number(value) or value < 0:
         raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _check_decay(name: str, value: Any) -> None:
-    if not _finite(value) or not 0 <= value < 1:
+    if not is_finite_number(value) or not 0 <= value < 1:
         raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
 
 
 def _check_tau(value: Any) -> None:
     # tau = 0 divides by zero wherever the aggregate stays 0 (a frozen row), putting NaN in the model.
-    if not _finite(value) or value <= 0:
+    if not is_finite_number(value) or value <= 0:
         raise ConfigError(f"tau must be a positive finite number (Flower's default is 1e-3), got {value!r}")
 
 

@@ -79,6 +79,7 @@ import numpy as np
 import torch
 
 from collectives.aggregators import AggregatorConfig
+from collectives.checks import is_finite_number, is_whole
 from collectives.errors import ConfigError
 from collectives.membership import RoundPlan
 from optimizers.statemeta import meta_dict, meta_float, meta_str
@@ -129,23 +130,23 @@ class DPConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.clip is not None and not (_finite(self.clip) and self.clip > 0):
+        if self.clip is not None and not (is_finite_number(self.clip) and self.clip > 0):
             raise ConfigError(f"dp clip must be a positive number (or none: no privacy), got {self.clip!r}")
-        if not (_finite(self.noise) and self.noise > 0):
+        if not (is_finite_number(self.noise) and self.noise > 0):
             raise ConfigError(
                 f"dp noise must be a positive number, got {self.noise!r} "
                 "(for clipping without noise use the aggregator norm_clip:clip=C)"
             )
-        if not (_finite(self.delta) and 0 < self.delta < 1):
+        if not (is_finite_number(self.delta) and 0 < self.delta < 1):
             raise ConfigError(f"dp delta must be in (0, 1), typically below 1/peers, got {self.delta!r}")
         if self.adaptive is not None:
-            if not (_finite(self.adaptive) and 0 < self.adaptive < 1):
+            if not (is_finite_number(self.adaptive) and 0 < self.adaptive < 1):
                 raise ConfigError(f"dp adaptive is a target fraction in (0, 1), e.g. 0.5; got {self.adaptive!r}")
             if self.clip is None:
                 raise ConfigError("adaptive clipping starts from --dp-clip: give it an initial C (e.g. 0.1)")
-        if not (_finite(self.clip_lr) and self.clip_lr > 0):
+        if not (is_finite_number(self.clip_lr) and self.clip_lr > 0):
             raise ConfigError(f"dp clip_lr must be a positive number, got {self.clip_lr!r}")
-        if self.count_noise is not None and not (_finite(self.count_noise) and 2 * self.count_noise > self.noise):
+        if self.count_noise is not None and not (is_finite_number(self.count_noise) and 2 * self.count_noise > self.noise):
             raise ConfigError(
                 f"dp count_noise must exceed noise/2 = {self.noise / 2} (the update's noise would have to be "
                 f"infinite otherwise), got {self.count_noise!r}"
@@ -172,10 +173,6 @@ class DPConfig:
                 f"differential privacy needs the mean aggregator (with weight 1 per peer), not {aggregator.name!r}: "
                 "a robust aggregator's output is not a Gaussian mechanism on the sum of clipped updates"
             )
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # -- the math: clipping and noise ------------------------------------------------------------------
@@ -252,7 +249,7 @@ class PrivacyAccountant:
     """
 
     def __init__(self, noise: float, adjacency: str = ZERO_OUT) -> None:
-        if not (_finite(noise) and noise > 0):
+        if not (is_finite_number(noise) and noise > 0):
             raise ConfigError(f"the accountant's noise multiplier must be positive, got {noise!r}")
         if adjacency not in ADJACENCIES:
             raise ConfigError(f"adjacency must be one of {', '.join(ADJACENCIES)}, got {adjacency!r}")
@@ -276,7 +273,7 @@ class PrivacyAccountant:
     def record_round(self, sampling_rate: float = 1.0) -> None:
         """Compose one round whose members were sampled at this rate (k/N; 1.0: not sampled)."""
         q = float(sampling_rate)
-        if not (_finite(q) and 0 < q <= 1):
+        if not (is_finite_number(q) and 0 < q <= 1):
             raise ConfigError(f"a round's sampling rate is k/N in (0, 1], got {sampling_rate!r}")
         if q < 1 and self.adjacency != REPLACE_ONE:
             raise ConfigError(
@@ -291,7 +288,7 @@ class PrivacyAccountant:
 
     def epsilon(self, delta: float) -> float:
         """Epsilon of the rounds so far at this delta (0.0 before the first round)."""
-        if not (_finite(delta) and 0 < delta < 1):
+        if not (is_finite_number(delta) and 0 < delta < 1):
             raise ConfigError(f"delta must be in (0, 1), got {delta!r}")
         if not self._runs:
             return 0.0
@@ -369,9 +366,9 @@ def _checked_runs(saved: Any) -> list[list]:
         if not (isinstance(run, list) and len(run) == 2):
             raise ConfigError(f"a saved run of sampling rates must be [rate, rounds], got {run!r:.80}")
         q, count = run
-        if isinstance(q, bool) or not isinstance(q, (int, float)) or not (_finite(q) and 0 < q <= 1):
+        if not (is_finite_number(q) and 0 < q <= 1):
             raise ConfigError(f"a saved sampling rate must be in (0, 1], got {q!r:.80}")
-        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_ROUNDS:
+        if not is_whole(count, 1, MAX_ROUNDS):
             raise ConfigError(f"a saved run of sampling rates must count 1 to {MAX_ROUNDS} rounds, got {count!r:.80}")
         runs.append([float(q), count])
     return runs

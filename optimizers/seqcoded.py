@@ -58,6 +58,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from collectives.checks import is_whole
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError, ProtocolError
 from collectives.gradcodes import CODE_KINDS
@@ -143,7 +144,7 @@ def _history_of(meta: dict, key: str, n: int) -> list[set[int]]:
     """meta[key] as a list of sets of worker indices in [0, n) (an old state's straggler history)."""
     value = meta.get(key)
     if not isinstance(value, list) or not all(
-            isinstance(s, list) and all(not isinstance(w, bool) and isinstance(w, int) and 0 <= w < n for w in s)
+            isinstance(s, list) and all(is_whole(w, 0, n - 1) for w in s)
             for s in value):
         raise ConfigError(f"the run's state's {key!r} must be lists of worker indices below {n}, got {value!r:.60}")
     return [set(s) for s in value]

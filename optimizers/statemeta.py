@@ -7,10 +7,10 @@ Every optimizer reads its fields through these functions before it changes anyth
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
+from collectives.checks import is_finite_number, is_whole
 from collectives.errors import ConfigError
 
 # Counts in a state (steps, rounds, jobs) are at most this: far beyond any run, and exact in a float.
@@ -37,7 +37,7 @@ def _value(meta: Mapping[str, Any], key: str, default: Any) -> Any:
 def meta_int(meta: Mapping[str, Any], key: str, default: Any = _MISSING, low: int = 0, high: int = MAX_COUNT) -> int:
     """meta[key] as a whole number in [low, high] (``default`` when absent; without one, absent is refused)."""
     value = _value(meta, key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    if not is_whole(value, low, high):
         raise _refused(key, f"a whole number in [{low}, {high}]", value)
     return value
 
@@ -45,8 +45,7 @@ def meta_int(meta: Mapping[str, Any], key: str, default: Any = _MISSING, low: in
 def meta_float(meta: Mapping[str, Any], key: str, default: Any = _MISSING, positive: bool = False) -> float:
     """meta[key] as a finite number (positive if asked)."""
     value = _value(meta, key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-            positive and not value > 0):
+    if not is_finite_number(value) or (positive and not value > 0):
         raise _refused(key, "a positive number" if positive else "a finite number", value)
     return float(value)
 
@@ -67,8 +66,7 @@ def meta_dict(meta: Mapping[str, Any], key: str, default: Any = _MISSING) -> dic
 def meta_ints(meta: Mapping[str, Any], key: str, default: Any = _MISSING, most: int = MAX_COUNT) -> list[int]:
     """meta[key] as a list of at most ``most`` whole numbers in [0, MAX_COUNT]."""
     value = _value(meta, key, default)
-    if not isinstance(value, list) or len(value) > most or not all(
-            not isinstance(v, bool) and isinstance(v, int) and 0 <= v <= MAX_COUNT for v in value):
+    if not isinstance(value, list) or len(value) > most or not all(is_whole(v, 0, MAX_COUNT) for v in value):
         raise _refused(key, f"a list of at most {most} whole numbers", value)
     return value
 
