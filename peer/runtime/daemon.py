@@ -248,40 +248,39 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
         where = "while joining" if elastic.peer_id else "before joining"
         display.line(f"stopped ({signals.name}) {where} run {config.run_id} (coordinator {config.coordinator})")
         return signals.exit_code()
-    if snapshot is not None:
-        try:
-            opt.load_snapshot(snapshot)
-        except BaseException as exc:
-            # Joined, then refused the run's state (another model, or a malformed one): leave at once, so that no
-            # round waits for this peer until its lease lapses.
-            elastic.close(leave=True, reason=f"refused the run's state: {exc}"[:200], leave_timeout_s=LEAVE_ON_STOP_S)
-            raise
-        how = "fetched the run's state"
-    elif elastic.kept_initial_state:
-        how = "kept its initial state, identical to the run's"
-    elif resumed is not None:
-        how = f"resumed its checkpoint at step {opt.inner_steps}"
-    else:
-        how = "started the run"
-    sync_s = time.monotonic() - t0
-    events.emit(
-        "joined",
-        peer_id=elastic.peer_id,
-        address=elastic.address,
-        sync_s=sync_s,
-        # The state fetch, if any: seconds, bytes in all and per donor, blocks refetched (statesync.FetchReport).
-        fetch=asdict(elastic.fetches[-1]) if elastic.fetches else None,
-        # A fresh peer that kept its initial state, the founder's too (nothing fetched before the first commit).
-        kept_initial=elastic.kept_initial_state,
-        resumed_step=opt.inner_steps,
-        round=opt.state.round_id,
-        digest=opt.state.digest(),
-        device=str(device),
-    )
-    label = f"{elastic.peer_id} ({config.name})" if config.name else elastic.peer_id
-    joined = joined_line(config.run_id, label, elastic.address, opt.state.round_id, how, sync_s)
-    display.joined(f"{joined}, on {device}")
+    # From here on this peer is a member: however it ends (finished, stopped, or an error such as refusing the
+    # run's state), it leaves at once, so that no round waits for it until its lease lapses.
+    adopted = False
+    failure: BaseException | None = None
     try:
+        if snapshot is not None:
+            opt.load_snapshot(snapshot)  # refuses another model, or a malformed state, changing nothing
+            how = "fetched the run's state"
+        elif elastic.kept_initial_state:
+            how = "kept its initial state, identical to the run's"
+        elif resumed is not None:
+            how = f"resumed its checkpoint at step {opt.inner_steps}"
+        else:
+            how = "started the run"
+        adopted = True
+        sync_s = time.monotonic() - t0
+        events.emit(
+            "joined",
+            peer_id=elastic.peer_id,
+            address=elastic.address,
+            sync_s=sync_s,
+            # The state fetch, if any: seconds, bytes in all and per donor, blocks refetched (statesync.FetchReport).
+            fetch=asdict(elastic.fetches[-1]) if elastic.fetches else None,
+            # A fresh peer that kept its initial state, the founder's too (nothing fetched before the first commit).
+            kept_initial=elastic.kept_initial_state,
+            resumed_step=opt.inner_steps,
+            round=opt.state.round_id,
+            digest=opt.state.digest(),
+            device=str(device),
+        )
+        label = f"{elastic.peer_id} ({config.name})" if config.name else elastic.peer_id
+        joined = joined_line(config.run_id, label, elastic.address, opt.state.round_id, how, sync_s)
+        display.joined(f"{joined}, on {device}")
         progress = _train(config, hooks, signals, task, model, opt, elastic, events, display)
         stopped = signals.stop.is_set()
         if config.checkpoint_dir:
@@ -304,11 +303,14 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
             entropy_floor=task.entropy_floor,
             accuracy=task.accuracy(model),  # held-out accuracy of a classification task (None otherwise)
         )
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
-        # Leaving tells the coordinator at once, so a round waiting for this peer goes on without it.
         display.stop_bar()
-        reason = f"stopped by {signals.name}" if signals.stop.is_set() else "finished"
-        elastic.close(leave=True, reason=reason, leave_timeout_s=LEAVE_ON_STOP_S if signals.stop.is_set() else None)
+        reason = leave_reason(signals.name if signals.stop.is_set() else None, failure, adopted)
+        bounded = signals.stop.is_set() or failure is not None
+        elastic.close(leave=True, reason=reason, leave_timeout_s=LEAVE_ON_STOP_S if bounded else None)
         log.info("left run %s (%s) and closed", config.run_id, reason)
     display.summary(
         Summary(
@@ -328,6 +330,17 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
         )
     )
     return signals.exit_code()
+
+
+def leave_reason(stopped_by: str | None, failure: BaseException | None, adopted: bool) -> str:
+    """What a member tells the coordinator as it leaves: stopped by a signal, refused the run's state (it failed
+    before adopting it), failed (after), or finished; at most 200 characters, as the coordinator keeps."""
+    if stopped_by is not None:
+        return f"stopped by {stopped_by}"
+    if failure is None:
+        return "finished"
+    what = "failed" if adopted else "refused the run's state"
+    return f"{what}: {str(failure) or type(failure).__name__}"[:200]
 
 
 def _load_checkpoint(config: PeerConfig) -> tuple[Path, dict] | None:
