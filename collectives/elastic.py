@@ -151,6 +151,17 @@ def _log_failure(future: concurrent.futures.Future) -> None:
         log.warning("background task failed: %s", future.exception())
 
 
+def leave_reason(stopped_by: str | None, failure: BaseException | None, adopted: bool = True) -> str:
+    """What a member tells the coordinator as it leaves: stopped by a signal, refused the run's state (it failed
+    before adopting it), failed (after), or finished; at most 200 characters, as the coordinator keeps."""
+    if stopped_by is not None:
+        return f"stopped by {stopped_by}"
+    if failure is None:
+        return "finished"
+    what = "failed" if adopted else "refused the run's state"
+    return f"{what}: {str(failure) or type(failure).__name__}"[:200]
+
+
 @dataclass(frozen=True)
 class ElasticConfig:
     """Everything a member of a run needs to know (filled by ``loconet peer`` or the user)."""
@@ -460,6 +471,13 @@ class ElasticCollective:
                 log.warning("%s; asking for another source", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def __enter__(self) -> ElasticCollective:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        """Leave the run and close; at once (within LEAVE_ON_STOP_S), saying why, when the block raised."""
+        self.close(leave=True, reason=leave_reason(None, exc), leave_timeout_s=None if exc is None else LEAVE_ON_STOP_S)
 
     def close(self, leave: bool = True, reason: str = "closing", leave_timeout_s: float | None = None) -> None:
         """Leave the run (optional; within leave_timeout_s, None: one RPC deadline), stop heartbeats and the

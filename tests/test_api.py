@@ -7,6 +7,7 @@ tests/test_api_netns.py; here, the parts of it one process can check.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import math
 import time
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from collectives import addresses
-from collectives.elastic import ElasticCollective, ElasticConfig
+from collectives.elastic import ElasticCollective, ElasticConfig, leave_reason
 from collectives.errors import ConfigError
 from collectives.membership import PeerStatus
 from collectives.transport import Transport, TransportConfig
@@ -251,6 +252,42 @@ def test_the_coordinator_sees_each_api_peers_step_loss_samples_and_bytes():
         for peer in peers:
             peer.close()
         pool.shutdown(wait=False, cancel_futures=True)
+        coordinator.close()
+
+
+# -- leaving -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stopped_by", "failure", "adopted", "reason"),
+    [
+        (None, None, True, "finished"),
+        ("SIGTERM", None, True, "stopped by SIGTERM"),
+        ("SIGINT", KeyboardInterrupt(), True, "stopped by SIGINT"),
+        (None, ValueError("state holds 3 tensors, this model 5"), False,
+         "refused the run's state: state holds 3 tensors, this model 5"),
+        (None, RuntimeError("no quorum"), True, "failed: no quorum"),
+        (None, KeyboardInterrupt(), True, "failed: KeyboardInterrupt"),
+        (None, ValueError("x" * 300), False, ("refused the run's state: " + "x" * 300)[:200]),
+    ],
+)
+def test_a_member_says_why_it_leaves(stopped_by, failure, adopted, reason):
+    assert leave_reason(stopped_by, failure, adopted) == reason
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("raised", "detail"), [(None, "finished"), (RuntimeError("out of memory"), "failed: out of memory")])
+def test_a_peer_used_as_a_context_manager_leaves_the_run_saying_why(raised, detail):
+    coordinator = CoordinatorThread(CoordinatorConfig(run_id="api", port=0, dashboard_port=None, startup_grace_s=0))
+    try:
+        with contextlib.suppress(RuntimeError):
+            with ElasticCollective(ElasticConfig(coordinator=coordinator.server.address, run_id="api")) as peer:
+                peer.start()
+                if raised is not None:
+                    raise raised
+        leaves = [(e["peer_id"], e["detail"]) for e in coordinator.status()["events"] if e["kind"] == "leave"]
+        assert leaves == [(peer.peer_id, detail)]
+    finally:
         coordinator.close()
 
 

@@ -12,8 +12,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from support.procs import DaemonRun
 
-from peer.runtime.daemon import leave_reason
-
 pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture
@@ -102,23 +100,6 @@ FORTUNES = Path("/usr/share/games/fortunes")
 
 
 @pytest.mark.skipif(not FORTUNES.is_dir(), reason=f"{FORTUNES} absent (apt-get install fortunes for a real-text corpus)")
-@pytest.mark.parametrize(
-    ("stopped_by", "failure", "adopted", "reason"),
-    [
-        (None, None, True, "finished"),
-        ("SIGTERM", None, True, "stopped by SIGTERM"),
-        ("SIGINT", KeyboardInterrupt(), True, "stopped by SIGINT"),
-        (None, ValueError("state holds 3 tensors, this model 5"), False,
-         "refused the run's state: state holds 3 tensors, this model 5"),
-        (None, RuntimeError("no quorum"), True, "failed: no quorum"),
-        (None, KeyboardInterrupt(), True, "failed: KeyboardInterrupt"),
-        (None, ValueError("x" * 300), False, ("refused the run's state: " + "x" * 300)[:200]),
-    ],
-)
-def test_a_member_says_why_it_leaves(stopped_by, failure, adopted, reason):
-    assert leave_reason(stopped_by, failure, adopted) == reason
-
-
 def test_two_peers_train_the_text_task_on_real_text(run):
     peers = [run.add(n, "--task", "text-lm", "--data", str(FORTUNES), "--steps", "60") for n in ("a", "b")]
     done = [finished(p) for p in peers]

@@ -47,7 +47,7 @@ import torch
 from collectives.addresses import coordinator_address
 from collectives.allocator import tune_malloc
 from collectives.allreduce import AllReduceConfig
-from collectives.elastic import LEAVE_ON_STOP_S, ElasticCollective, ElasticConfig, Stopped
+from collectives.elastic import LEAVE_ON_STOP_S, ElasticCollective, ElasticConfig, Stopped, leave_reason
 from collectives.errors import ConfigError
 from collectives.membership import DEFAULT_RUN_ID
 from collectives.transport import TransportConfig
@@ -330,17 +330,6 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
         )
     )
     return signals.exit_code()
-
-
-def leave_reason(stopped_by: str | None, failure: BaseException | None, adopted: bool) -> str:
-    """What a member tells the coordinator as it leaves: stopped by a signal, refused the run's state (it failed
-    before adopting it), failed (after), or finished; at most 200 characters, as the coordinator keeps."""
-    if stopped_by is not None:
-        return f"stopped by {stopped_by}"
-    if failure is None:
-        return "finished"
-    what = "failed" if adopted else "refused the run's state"
-    return f"{what}: {str(failure) or type(failure).__name__}"[:200]
 
 
 def _load_checkpoint(config: PeerConfig) -> tuple[Path, dict] | None:
