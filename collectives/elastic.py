@@ -7,7 +7,10 @@ state machine (``Phase``, with its outcomes, in ``collectives/syncphases.py``)::
 
     QUORUM --round--> ALLREDUCE --(done or failed)--> COMMIT --commit--> COMMITTED  (returns)
        |                                                 \\--abort--> ABORTED --> QUORUM (same contribution)
-       |                                                                   \\--> FAILED (RetriesExhausted)
+       |                                                                   \\--> FAILED (RetriesExhausted; or at once,
+       |                                                                        QuorumMismatch, when this peer refused
+       |                                                                        the round as one the run's --quorum
+       |                                                                        cannot make for its algorithm)
        +--resync--> RESYNC (raises Resynced with the run's state: the contribution is void)
        +--late--> CAUGHT_UP (raises CaughtUp with the committed results it missed: the contribution is void)
        +--unknown peer--> REJOIN --> QUORUM            +--too few peers--> FAILED (GroupTooSmall)
@@ -90,7 +93,7 @@ from collectives.allreduce import AllReduceConfig, AllReduceResult, Collective
 from collectives.asynctasks import cancel_and_wait
 from collectives.catchup import LateRounds
 from collectives.codecs import CodecConfig, check_finite
-from collectives.errors import ConfigError, LoconetError, MemberFailure, ProtocolError, RoundFailed
+from collectives.errors import ConfigError, LoconetError, MemberFailure, ProtocolError, QuorumMismatch, RoundFailed
 from collectives.hostlocal import resolve_host_id, round_hosts
 from collectives.inbox import Group
 from collectives.membership import (
@@ -678,10 +681,11 @@ class ElasticCollective:
             attempts += 1
             self.epoch = max(self.epoch, plan.epoch)
             self._move(plan.round_id, Phase.ALLREDUCE)
+            refusal: LoconetError | None = None
             try:
                 sent, w, reduce_with = await self._contribution(plan, flat, weight, within, prepare)
-            except ProtocolError as exc:  # this member refuses the round; it reports so, and nothing is sent
-                done, failed, reduce_with = None, (), ()
+            except (ProtocolError, QuorumMismatch) as exc:  # this member refuses the round; it says so, sends nothing
+                done, failed, reduce_with, refusal = None, (), (), exc
                 reason = f"{self.peer_id} refused round {plan.round_id}: {exc}"
             else:
                 # Error feedback on a copy per attempt: the residual moves on only with a committed round.
@@ -706,6 +710,9 @@ class ElasticCollective:
                     decisions=done.decisions,
                 )
             self._move(plan.round_id, Phase.ABORTED)
+            if isinstance(refusal, QuorumMismatch):  # so would every later attempt and round: end the peer
+                self._move(plan.round_id, Phase.FAILED)
+                raise refusal
             last_reason = outcome.reason or reason
             log.info("round %d aborted (attempt %d): %s", plan.round_id, attempts, last_reason)
             if attempts >= config.max_attempts:

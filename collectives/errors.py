@@ -34,6 +34,11 @@ class ProtocolError(LoconetError, ValueError):
     """A message broke the protocol (malformed, stale epoch, foreign run, wrong size...); it was rejected."""
 
 
+class QuorumMismatch(ConfigError):
+    """The run's quorum policy (the coordinator's --quorum) cannot serve this peer's algorithm: no round can commit
+    with this peer, so its sync ends the peer rather than training on; the message names the policy it needs."""
+
+
 class SharedMemoryUnusable(LoconetError, OSError):
     """This peer cannot take or open its host's shared-memory segment for hierarchical rounds."""
 

@@ -51,7 +51,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
-from collectives.errors import ConfigError, ProtocolError
+from collectives.errors import ConfigError, ProtocolError, QuorumMismatch
 from collectives.gradcodes import CODE_KINDS, Undecodable, code_for, decode
 from collectives.membership import RoundPlan
 from collectives.parts import flatten, unflatten_like
@@ -122,6 +122,12 @@ class SyncSGDConfig(StepRoundConfig):
         """The coordinator's quorum policy this algorithm's rounds need (None: any; all waits for every worker)."""
         return "backup" if self.dynamic_k else None
 
+    def quorum_problem(self, policy: str) -> str:
+        """With dynamic k, any policy but ``backup`` cannot serve (it does not read the k the workers chose)."""
+        if self.dynamic_k and policy_name(policy) != "backup":
+            return f"sync-sgd --dynamic-k needs the coordinator's --quorum backup, and the run's is {policy!r}"
+        return ""
+
 
 @dataclass(frozen=True)
 class CodedSGDConfig(StepRoundConfig):
@@ -144,6 +150,23 @@ class CodedSGDConfig(StepRoundConfig):
     def expected_quorum(self) -> str | None:
         """The coordinator's quorum policy this algorithm's rounds need: ``coded:s`` (and the code)."""
         return f"coded:{self.stragglers}" + (f",code={self.code}" if self.code != "auto" else "")
+
+    def quorum_problem(self, policy: str) -> str:
+        """Any policy but ``coded:s`` (this s) cannot serve: the rounds must hold a decodable set of the roster."""
+        s = self.stragglers
+        if policy_name(policy) != "coded" or policy_argument(policy) != str(s):
+            return f"coded-sgd --stragglers {s} needs the coordinator's --quorum coded:{s}, and the run's is {policy!r}"
+        return ""
+
+
+def policy_name(policy: str) -> str:
+    """The name of a quorum policy's text (``coded`` of ``coded:1,code=frc``)."""
+    return policy.partition(":")[0]
+
+
+def policy_argument(policy: str) -> str:
+    """The first argument of a quorum policy's text (``1`` of ``coded:1,code=frc``; "" without one)."""
+    return policy.partition(":")[2].partition(",")[0]
 
 
 def plan_roster(plan: RoundPlan) -> tuple[str, ...]:
@@ -369,15 +392,10 @@ class CodedSGD(OuterOptimizer):
         """Refuse a round this worker cannot take part in correctly (ProtocolError: nothing is sent)."""
         if self.me not in roster or any(pid not in roster for pid, _ in plan.members):
             raise ProtocolError(f"round {plan.round_id}'s members are not all in its roster {list(roster)}")
-        name, _, arg = plan.policy.partition(":")
-        if self.coded:
-            s = self.config.stragglers  # type: ignore[union-attr]
-            if plan.policy and (name != "coded" or arg.partition(",")[0] != str(s)):
-                raise ProtocolError(f"coded-sgd --stragglers {s} needs the coordinator's --quorum coded:{s}, "
-                                    f"and the run's is {plan.policy!r}")
-        elif self.backup is not None and plan.policy and name != "backup":
-            raise ProtocolError(f"sync-sgd --dynamic-k needs the coordinator's --quorum backup, and the run's is "
-                                f"{plan.policy!r}")
+        # A plan without a policy comes from a coordinator older than policies in plans: nothing to check.
+        problem = self.config.quorum_problem(plan.policy) if plan.policy else ""
+        if problem:
+            raise QuorumMismatch(problem)
 
     def _weight(self, plan: RoundPlan) -> float:
         """This member's weight: 1 for a mean; for a code, its decoding coefficient a_i / n (the sum is then the mean)."""

@@ -36,7 +36,7 @@ import torch
 
 from collectives.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
-from collectives.errors import ConfigError, LoconetError, NonFiniteError
+from collectives.errors import ConfigError, LoconetError, NonFiniteError, QuorumMismatch
 from collectives.notes import RepeatNote
 from collectives.parts import unflatten_like
 from collectives.statesync import StateSnapshot, state_digest
@@ -82,6 +82,14 @@ class SyncConfig:
             raise ConfigError(f"sync_every must be an integer >= 1, got {self.sync_every!r}")
         CodecConfig.parse(self.codec)
         AggregatorConfig.parse(self.aggregator)
+
+    def expected_quorum(self) -> str | None:
+        """The coordinator's quorum policy (its --quorum) these rounds are built for; None: any serves."""
+        return None
+
+    def quorum_problem(self, policy: str) -> str:
+        """Why the coordinator's quorum policy (its --quorum text) cannot serve these rounds; "" when it can."""
+        return ""
 
     @property
     def codec_config(self) -> CodecConfig:
@@ -381,6 +389,8 @@ class OuterOptimizer:
         except NonFiniteError as exc:
             self._diverged(exc)
             return False
+        except QuorumMismatch:
+            raise  # no round can commit with this peer: training on alone would only hide it
         except LoconetError as exc:
             # Inner progress is kept; the pseudo-gradient keeps growing until a round commits.
             # A peer left behind (nobody holds the run's state) misses every sync for the same reason: said

@@ -60,14 +60,22 @@ import torch
 
 from collectives.checks import is_whole
 from collectives.codecs import CodecConfig
-from collectives.errors import ConfigError, ProtocolError
+from collectives.errors import ConfigError, ProtocolError, QuorumMismatch
 from collectives.gradcodes import CODE_KINDS
 from collectives.membership import RoundPlan
 from collectives.parts import flatten, unflatten_like
 from collectives.seqcoding import SCHEMES, SequentialScheme, gradcode, make_scheme
 from collectives.statesync import StateSnapshot
 from collectives.stragglermodel import BurstyModel
-from optimizers.coded import CodedSGD, PartitionData, StepRoundConfig, StepSuperseded, plan_roster
+from optimizers.coded import (
+    CodedSGD,
+    PartitionData,
+    StepRoundConfig,
+    StepSuperseded,
+    plan_roster,
+    policy_argument,
+    policy_name,
+)
 from optimizers.outer import RECENT_SYNCS, OuterOptimizer
 from optimizers.statemeta import meta_int, meta_ints, meta_optional_int
 
@@ -125,6 +133,12 @@ class SeqSGCConfig(StepRoundConfig):
     def expected_quorum(self) -> str | None:
         """The quorum policy this algorithm's rounds need."""
         return f"grace:{self.lam}"
+
+    def quorum_problem(self, policy: str) -> str:
+        """Any policy but ``grace:lambda`` (this lambda) cannot serve: the scheme counts on its stragglers."""
+        if policy_name(policy) != "grace" or policy_argument(policy) != str(self.lam):
+            return f"seq-sgc --lam {self.lam} needs the coordinator's --quorum grace:{self.lam}, and the run's is {policy!r}"
+        return ""
 
 
 @dataclass(frozen=True)
@@ -404,11 +418,9 @@ class SequentialCodedSGD(CodedSGD):
         if len(roster) > MAX_SLOTS:
             raise ProtocolError(f"seq-sgc supports at most {MAX_SLOTS} workers; round {plan.round_id}'s roster has "
                                 f"{len(roster)}")
-        name, _, arg = plan.policy.partition(":")
-        lam = self.config.lam
-        if plan.policy and (name != "grace" or arg.partition(",")[0] != str(lam)):
-            raise ProtocolError(f"seq-sgc --lam {lam} needs the coordinator's --quorum grace:{lam}, and the run's is "
-                                f"{plan.policy!r}")
+        problem = self.config.quorum_problem(plan.policy) if plan.policy else ""
+        if problem:
+            raise QuorumMismatch(problem)
 
     def _weight(self, plan: RoundPlan) -> float:
         """Every member's weight is 1: its message already carries the round's coefficients."""

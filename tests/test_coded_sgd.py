@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from collectives.elastic import CaughtUp, CommittedResult
-from collectives.errors import ConfigError, ProtocolError
+from collectives.errors import ConfigError, ProtocolError, QuorumMismatch
 from collectives.membership import RoundPlan
 from optimizers.coded import CodedSGD, CodedSGDConfig, SyncSGDConfig, plan_roster
 from optimizers.peers import LocalPeer
@@ -167,17 +167,37 @@ class Named(LocalPeer):
     peer_id = "a"
 
 
-@pytest.mark.parametrize("policy,members,why", [
-    ("all", "abcd", "needs the coordinator's --quorum coded:1"),
-    ("coded:2", "abcd", "needs the coordinator's --quorum coded:1"),
-    ("coded:1", "ab", "undecodable"),
-    ("coded:1", "abx", "not all in its roster"),
+@pytest.mark.parametrize("policy,members,error,why", [
+    ("all", "abcd", QuorumMismatch, "needs the coordinator's --quorum coded:1"),
+    ("coded:2", "abcd", QuorumMismatch, "needs the coordinator's --quorum coded:1"),
+    ("coded:1", "ab", ProtocolError, "undecodable"),
+    ("coded:1", "abx", ProtocolError, "not all in its roster"),
 ])
-def test_a_coded_worker_refuses_a_round_it_cannot_take_part_in(task, policy, members, why):
+def test_a_coded_worker_refuses_a_round_it_cannot_take_part_in(task, policy, members, error, why):
     model = task.build_model()
     opt = CodedSGD(model, torch.optim.SGD(model.parameters(), lr=1.0), Named(), CodedSGDConfig(stragglers=1))
-    with pytest.raises(ProtocolError, match=why):
+    with pytest.raises(error, match=why):
         opt._weight(plan(policy, members))
+
+
+@pytest.mark.parametrize(("config", "policy", "problem"), [
+    (CodedSGDConfig(stragglers=1), "coded:1", ""),
+    (CodedSGDConfig(stragglers=1, code="frc"), "coded:1,code=frc", ""),
+    (CodedSGDConfig(stragglers=1), "coded:2", "coded-sgd --stragglers 1 needs the coordinator's --quorum coded:1, "
+                                              "and the run's is 'coded:2'"),
+    (CodedSGDConfig(stragglers=2), "backup", "coded-sgd --stragglers 2 needs the coordinator's --quorum coded:2, "
+                                             "and the run's is 'backup'"),
+    (CodedSGDConfig(stragglers=0), "all", "coded-sgd --stragglers 0 needs the coordinator's --quorum coded:0, "
+                                          "and the run's is 'all'"),
+    (SyncSGDConfig(dynamic_k=True), "backup", ""),
+    (SyncSGDConfig(dynamic_k=True), "first-k:3", "sync-sgd --dynamic-k needs the coordinator's --quorum backup, "
+                                                 "and the run's is 'first-k:3'"),
+    (SyncSGDConfig(), "all", ""),
+    (SyncSGDConfig(), "allbut:1", ""),
+    (SyncSGDConfig(), "backup", ""),
+])
+def test_which_quorum_policies_serve_a_step_round_algorithm(config, policy, problem):
+    assert config.quorum_problem(policy) == problem
 
 
 def test_a_coded_workers_weight_is_its_decoding_coefficient_over_n(task):
@@ -272,3 +292,13 @@ def test_the_harness_gives_an_algorithm_the_quorum_its_rounds_need():
     assert HarnessConfig(train=TrainConfig.of("sync-sgd")).coordinator.quorum == "all"
     chosen = HarnessConfig(train=TrainConfig.of("sync-sgd"), coordinator=CoordinatorConfig(quorum="allbut:1"))
     assert chosen.coordinator.quorum == "allbut:1"
+
+
+def test_the_harness_refuses_a_chosen_quorum_that_cannot_serve_the_algorithm():
+    from peer.coordinator.config import CoordinatorConfig
+    from peer.harness.harness import HarnessConfig
+    from peer.runtime.training import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"--quorum coded:1, and the run's is 'backup': leave --quorum out and the "
+                                          r"harness sets coded:1"):
+        HarnessConfig(train=TrainConfig.of("coded-sgd"), coordinator=CoordinatorConfig(quorum="backup"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from support.procs import DaemonRun
+from support.procs import SMALL, DaemonRun, daemon_peer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -94,6 +94,21 @@ def test_a_peer_whose_model_does_not_fit_the_runs_state_says_so_in_one_line_and_
     # It told the coordinator it left (the others need not wait out its lease).
     coordinator_log = (run.tmp / "coordinator.log").read_text()
     assert "left: refused the run's state" in coordinator_log
+
+
+def test_peers_whose_algorithm_the_runs_quorum_cannot_serve_say_so_in_one_line_and_leave(run):
+    # The coordinator's --quorum is all; coded-sgd's rounds need coded:1, so no round of theirs could ever commit.
+    small = [a for a in SMALL if a not in ("--sync-every", "10")]  # a step-round algorithm syncs every step
+    peers = [daemon_peer(run.tmp, run.coordinator.address, run.run, n, *small, "--algorithm", "coded-sgd",
+                         "--steps", "100000") for n in ("a", "b")]
+    run.peers.update(zip(("a", "b"), peers))
+    for name, peer in zip(("a", "b"), peers):
+        assert peer.proc.wait(timeout=120) != 0
+        errors = [line for line in (run.tmp / f"{name}.log").read_text().splitlines() if line.startswith("loconet:")]
+        assert errors == ["loconet: error: coded-sgd --stragglers 1 needs the coordinator's --quorum coded:1, and the "
+                          "run's is 'all'"]
+    coordinator_log = (run.tmp / "coordinator.log").read_text()
+    assert coordinator_log.count("left: failed: coded-sgd --stragglers 1 needs the coordinator's --quorum coded:1") == 2
 
 
 FORTUNES = Path("/usr/share/games/fortunes")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from collectives.elastic import CaughtUp, CommittedResult, ElasticCollective, ElasticConfig
-from collectives.errors import ConfigError, ProtocolError
+from collectives.errors import ConfigError, QuorumMismatch
 from collectives.membership import RoundPlan
 from collectives.parts import flatten
 from collectives.seqcoding import make_scheme, simulate
@@ -332,8 +332,20 @@ def test_a_round_carries_t_plus_1_job_segments_and_the_header():
 def test_a_round_of_another_quorum_policy_is_refused_naming_the_right_one(policy):
     opt = optimizer(SimpleNamespace(peer_id="w0"), lam=1)
     plan = RoundPlan(action="round", round_id=1, members=(("w0", ""),), policy=policy, candidates=IDS)
-    with pytest.raises(ProtocolError, match="--quorum grace:1"):
+    with pytest.raises(QuorumMismatch, match="--quorum grace:1"):
         opt._weight(plan)
+
+
+@pytest.mark.parametrize(("lam", "policy", "problem"), [
+    (1, "grace:1", ""),
+    (1, "grace:1,f=0.5", ""),
+    (2, "grace:2", ""),
+    (1, "grace:2", "seq-sgc --lam 1 needs the coordinator's --quorum grace:1, and the run's is 'grace:2'"),
+    (2, "all", "seq-sgc --lam 2 needs the coordinator's --quorum grace:2, and the run's is 'all'"),
+    (1, "coded:1", "seq-sgc --lam 1 needs the coordinator's --quorum grace:1, and the run's is 'coded:1'"),
+])
+def test_only_grace_with_its_lambda_serves_seq_sgc(lam, policy, problem):
+    assert SeqSGCConfig(lam=lam).quorum_problem(policy) == problem
 
 
 def test_a_single_worker_trains_with_every_scheme():

@@ -152,10 +152,15 @@ class HarnessConfig:
             raise ConfigError("cut events take a peer's link down and need --netns (network namespaces, root)")
         if self.shared_host and self.netns:
             raise ConfigError("--shared-host puts the peers on one host, --netns on one each: choose one")
-        # An algorithm whose rounds need a quorum policy (coded-sgd: coded:s) gets it unless one was chosen.
-        expected = getattr(self.train.options, "expected_quorum", lambda: None)()
+        # An algorithm whose rounds need a quorum policy (coded-sgd: coded:s) gets it unless one was chosen; one
+        # chosen that cannot serve it is refused here, not after every peer refused its every round.
+        options = self.train.options
+        expected = getattr(options, "expected_quorum", lambda: None)()
         if expected is not None and self.coordinator.quorum == CoordinatorConfig.quorum:
             object.__setattr__(self, "coordinator", dataclasses.replace(self.coordinator, quorum=expected))
+        problem = getattr(options, "quorum_problem", lambda policy: "")(self.coordinator.quorum)
+        if problem:
+            raise ConfigError(f"{problem}: leave --quorum out and the harness sets {expected}")
 
 
 @dataclass
