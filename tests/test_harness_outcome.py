@@ -89,6 +89,30 @@ def test_left_behind_are_the_peers_whose_syncs_found_nobody_holding_the_state() 
     assert outcome.left_behind(events, ["d", "b", "c", "a"]) == ["a", "d"]
 
 
+def miss(reason: str) -> dict:
+    return {"event": "sync-missed", "reason": reason, "error": "GroupTooSmall"}
+
+
+COMMITTED = {"event": "committed", "round": 1, "digest": "d"}
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        ({}, ""),
+        ({"a": [COMMITTED], "b": []}, ""),
+        ({"a": [miss("x"), COMMITTED]}, ""),  # a later commit: nothing missed at the end
+        ({"a": [COMMITTED, miss("x")], "b": [COMMITTED]}, "x"),
+        ({"a": [miss("x")], "b": [miss("y")], "c": [miss("y")]}, "y"),  # the most common
+        ({"a": [miss("y")], "b": [miss("x")]}, "x"),  # a tie: the first in sorted order
+        ({"a": [miss("x"), {"event": "eval", "loss": 2.0}]}, "x"),  # other events do not count
+        ({"a": [miss("")]}, ""),
+    ],
+)
+def test_last_miss_is_the_reason_most_peers_last_syncs_did_not_commit(events, expected) -> None:
+    assert outcome.last_miss(events) == expected
+
+
 @pytest.mark.parametrize(
     ("rounds", "expected"),
     [

@@ -563,12 +563,17 @@ class Harness:
                 if not running and settled:
                     return
                 if never_due(self.pending, bool(running), restoring):
-                    alone = outcome.left_behind({n: p.events for n, p in self.peers.items()}, self.peers)
+                    events = {n: p.events for n, p in self.peers.items()}
+                    alone = outcome.left_behind(events, self.peers)
                     # Peers that found nobody holding the run's state trained on alone and finished early: more
                     # steps would not help them, a holder back in time would.
                     hint = (f"{', '.join(alone)} found nobody holding the run's state and trained on alone to "
                             "the end; keep a holder of the state alive longer, or set the events earlier"
                             if alone else "give the peers more --steps, or set the events earlier")
+                    # Rounds that could not form (an aggregator needing more members than were left) say why.
+                    missed = outcome.last_miss(events)
+                    if missed and not alone:
+                        hint = f"the peers' last syncs did not commit ({missed}); {hint}"
                     raise ScenarioStuck(
                         f"no peer runs any more, so {', '.join(map(str, self.pending))} cannot happen "
                         f"({len(rounds)} round(s) committed); {hint}; logs in {self.workdir}"

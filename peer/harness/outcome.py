@@ -8,6 +8,7 @@ table-like test:
   the last round they all hold (the harness's central invariant);
 - ``left_behind``: survivors that trained on alone, their syncs finding
   nobody holding the run's state (docs/durability.md);
+- ``last_miss``: why the peers' last syncs did not commit, when they did not;
 - ``retried``: every aborted round was followed by a committed one;
 - ``byzantine``: what each attacking peer says it did;
 - ``replicas``: for rounds reduced in groups (NoLoCo), the largest group and
@@ -18,6 +19,7 @@ table-like test:
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 Events = Sequence[Mapping]
@@ -27,6 +29,20 @@ def left_behind(events_by_peer: Mapping[str, Events], names: Iterable[str]) -> l
     """The peers among names whose syncs found nobody holding the run's state: they trained on alone."""
     return sorted(n for n in names if any(
         e["event"] == "sync-missed" and e.get("error") == "WaitingForState" for e in events_by_peer[n]))
+
+
+def last_miss(events_by_peer: Mapping[str, Events]) -> str:
+    """The reason most peers give for their last sync not committing ("" when every peer's last sync committed);
+    a tie goes to the reason first in sorted order."""
+    reasons = []
+    for events in events_by_peer.values():
+        last = next((e for e in reversed(events) if e["event"] in ("committed", "sync-missed")), None)
+        if last is not None and last["event"] == "sync-missed" and last.get("reason"):
+            reasons.append(last["reason"])
+    if not reasons:
+        return ""
+    counts = Counter(reasons)
+    return min(counts, key=lambda r: (-counts[r], r))
 
 
 def identical(events_by_peer: Mapping[str, Events], survivors: Sequence[str]) -> tuple[int | None, bool]:
