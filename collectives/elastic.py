@@ -17,6 +17,7 @@ state machine (``Phase``, with its outcomes, in ``collectives/syncphases.py``)::
                              \\--told to wait--> QUORUM, up to holder_wait_s; then FAILED (WaitingForState:
                                  behind, and nobody holds the run's last round; the caller trains on locally;
                                  later syncs go QUORUM --> FAILED at once until the heartbeats register it again)
+       +--another round format than the run's (codec, aggregator, length)--> FAILED (FormatMismatch)
 
 Nothing is applied twice: a peer records a round as applied only when the
 coordinator answered commit, and round ids only grow. Nothing is lost: an
@@ -104,6 +105,7 @@ from collectives.membership import (
     PeerStatus,
     RoundPlan,
     Unregistered,
+    round_format,
 )
 from collectives.notes import RepeatNote
 from collectives.parts import flatten, shared_device, total_numel, unflatten_like
@@ -671,8 +673,11 @@ class ElasticCollective:
         self.phase = Phase.IDLE  # every sync starts afresh; the previous one ended in a final phase
         started = time.monotonic()
         self._move(0, Phase.QUORUM)
+        # Peers of one round must agree on what a contribution is; the coordinator checks it (a peer started with
+        # another --codec would otherwise break every round it joins).
+        fmt = round_format(allreduce.codec, allreduce.aggregator, flat.numel())
         while True:
-            plan = await self._ask(tag, least, started)
+            plan = await self._ask(tag, least, started, fmt)
             if plan is None:
                 continue
             if plan.action == "resync":
@@ -725,10 +730,11 @@ class ElasticCollective:
                 await self._rejoin()
             self._move(plan.round_id, Phase.QUORUM)
 
-    async def _ask(self, tag: str, least: int, started: float) -> RoundPlan | None:
+    async def _ask(self, tag: str, least: int, started: float, fmt: str = "") -> RoundPlan | None:
         """QUORUM: fetch a state the coordinator named before (raises Resynced), then ask for a round; None when
         this peer had to register again first (ask again). Raises WaitingForState once it waited in vain for a
-        holder of the run's state, and the quorum's own errors."""
+        holder of the run's state, and the quorum's own errors (FormatMismatch: ``fmt``, this peer's round format,
+        is not the run's)."""
         config = self.config
         if self._waited_out and self.membership.unregistered.is_set():
             # This peer waited holder_wait_s for a holder in vain already. Its heartbeats ask the coordinator
@@ -744,7 +750,8 @@ class ElasticCollective:
                 raise Resynced(snapshot, ", ".join(sources))
         try:
             return await self.membership.quorum(
-                self.last_round, tag, config.quorum_timeout_s, digest=await self._state_digest(), min_members=least
+                self.last_round, tag, config.quorum_timeout_s, digest=await self._state_digest(), min_members=least,
+                round_format=fmt,
             )
         except Unregistered:
             self._move(0, Phase.REJOIN)

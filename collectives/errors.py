@@ -34,9 +34,19 @@ class ProtocolError(LoconetError, ValueError):
     """A message broke the protocol (malformed, stale epoch, foreign run, wrong size...); it was rejected."""
 
 
-class QuorumMismatch(ConfigError):
-    """The run's quorum policy (the coordinator's --quorum) cannot serve this peer's algorithm: no round can commit
-    with this peer, so its sync ends the peer rather than training on; the message names the policy it needs."""
+class Incompatible(ConfigError):
+    """This peer cannot take part in the run's rounds as it is configured: no round can commit with it, so its sync
+    ends the peer rather than training on alone; the message says what to change."""
+
+
+class QuorumMismatch(Incompatible):
+    """The run's quorum policy (the coordinator's --quorum) cannot serve this peer's algorithm; the message names
+    the policy it needs."""
+
+
+class FormatMismatch(Incompatible):
+    """This peer's rounds carry another codec, aggregator or length than the run's rounds of the same tag (another
+    --codec, --aggregator or model); the message names both."""
 
 
 class SharedMemoryUnusable(LoconetError, OSError):

@@ -46,7 +46,7 @@ from typing import NoReturn
 import grpc
 
 from collectives.addresses import coordinator_address
-from collectives.errors import LoconetError, RoundFailed
+from collectives.errors import FormatMismatch, LoconetError, RoundFailed
 from collectives.memberlists import BadMemberChange, BadPackedList, Entry, changed_list, entries_of, unpack_list
 from collectives.rpc import call_metadata
 from collectives.sampling import check_sample, sample_size
@@ -64,6 +64,11 @@ MAX_SINCE_COMMIT_S = 86400.0
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 # How the coordinator's refusal of a quorum with too few peers begins (the client raises GroupTooSmall).
 NO_QUORUM = "no quorum"
+# What the coordinator's refusal, for good, of a quorum request whose round format differs from the run's says
+# (the client raises FormatMismatch).
+FORMAT_DIFFERS = "round format differs from the run's"
+# A round format longer than this is refused by the coordinator as malformed.
+MAX_FORMAT_CHARS = 200
 # A call that keeps failing says so after this long, then again every NOTE_EVERY_S with the time left:
 # a wrong address shows at once, a blip of a moment stays quiet.
 FIRST_NOTE_S = 0.5
@@ -94,6 +99,12 @@ class GroupTooSmall(RoundFailed):
 
 class CommitUnknown(RoundFailed):
     """The coordinator lost the round before deciding it (a restart); nothing was applied."""
+
+
+def round_format(codec: object, aggregator: object, numel: int) -> str:
+    """What a contribution to a round is, as the coordinator compares it (QuorumRequest.round_format): e.g.
+    "codec int8, aggregator mean, 1234 values"."""
+    return f"codec {codec}, aggregator {aggregator}, {numel} values"
 
 
 class RequestRefused(LoconetError):
@@ -612,23 +623,28 @@ class MembershipClient:
         over.cancel()
 
     async def quorum(
-        self, last_round: int, tag: str = "", timeout_s: float = 600.0, digest: str = "", min_members: int = 1
+        self, last_round: int, tag: str = "", timeout_s: float = 600.0, digest: str = "", min_members: int = 1,
+        round_format: str = "",
     ) -> RoundPlan:
         """Ask for the next round's group (blocks until it forms).
 
         ``digest``: the SHA-256 (hex) of this peer's state as of last_round ("" unknown); ``min_members``: the
-        fewest members its round can run with (the aggregator's minimum).
+        fewest members its round can run with (the aggregator's minimum); ``round_format``: what this peer's
+        contribution is (``round_format()``; "" unchecked). Raises FormatMismatch when the run's rounds of this
+        tag carry another format.
         """
         request = pb.QuorumRequest(
             run_id=self.config.run_id, peer_id=self.peer_id, last_round=last_round, tag=tag, state_digest=digest,
             known_members=self._known_members.digest, min_members=min_members, member_changes=True,
-            packed_members=True, step=self.status.step,
+            packed_members=True, step=self.status.step, round_format=round_format,
         )
         try:
             reply = await self._call("Quorum", request, timeout_s)
         except RequestRefused as exc:
             if NO_QUORUM in str(exc):
                 raise GroupTooSmall(str(exc)) from None
+            if FORMAT_DIFFERS in str(exc):
+                raise FormatMismatch(str(exc)) from None
             raise
         if reply.action == pb.QuorumResponse.RESYNC:
             if reply.run_step or reply.round_step:  # an older coordinator leaves them 0: the heartbeats' stand

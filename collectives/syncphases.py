@@ -6,11 +6,12 @@ bug. A sync ends in one of: ``SyncResult`` (the round committed),
 ``Resynced`` (this peer had missed rounds and takes the run's state),
 ``CaughtUp`` (it applies the committed results of the rounds it missed),
 ``WaitingForState`` (it is behind, and nobody holds the run's last round),
-``RetriesExhausted``, ``GroupTooSmall``, ``QuorumMismatch`` (the run's
-quorum policy cannot serve this algorithm: the caller should stop) or
-``Stopped``. The callables a sync
-takes (``Weight``, ``Prepare``, ``Within``) are typed here, so algorithms
-need not import the member itself.
+``RetriesExhausted``, ``GroupTooSmall``, ``Stopped``, or one of the
+``Incompatible`` errors, after which the caller should stop:
+``QuorumMismatch`` (the run's quorum policy cannot serve its algorithm) and
+``FormatMismatch`` (its rounds carry another codec, aggregator or length
+than the run's). The callables a sync takes (``Weight``, ``Prepare``,
+``Within``) are typed here, so algorithms need not import the member itself.
 """
 
 from __future__ import annotations

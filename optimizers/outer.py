@@ -36,7 +36,7 @@ import torch
 
 from collectives.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
-from collectives.errors import ConfigError, LoconetError, NonFiniteError, QuorumMismatch
+from collectives.errors import ConfigError, Incompatible, LoconetError, NonFiniteError
 from collectives.notes import RepeatNote
 from collectives.parts import unflatten_like
 from collectives.statesync import StateSnapshot, state_digest
@@ -389,7 +389,7 @@ class OuterOptimizer:
         except NonFiniteError as exc:
             self._diverged(exc)
             return False
-        except QuorumMismatch:
+        except Incompatible:
             raise  # no round can commit with this peer: training on alone would only hide it
         except LoconetError as exc:
             # Inner progress is kept; the pseudo-gradient keeps growing until a round commits.

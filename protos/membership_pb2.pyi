@@ -185,7 +185,7 @@ class LeaveResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class QuorumRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "last_round", "tag", "state_digest", "known_members", "min_members", "member_changes", "step", "packed_members")
+    __slots__ = ("run_id", "peer_id", "last_round", "tag", "state_digest", "known_members", "min_members", "member_changes", "step", "packed_members", "round_format")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +196,7 @@ class QuorumRequest(_message.Message):
     MEMBER_CHANGES_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PACKED_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FORMAT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     last_round: int
@@ -206,7 +207,8 @@ class QuorumRequest(_message.Message):
     member_changes: bool
     step: int
     packed_members: bool
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., tag: _Optional[str] = ..., state_digest: _Optional[str] = ..., known_members: _Optional[bytes] = ..., min_members: _Optional[int] = ..., member_changes: _Optional[bool] = ..., step: _Optional[int] = ..., packed_members: _Optional[bool] = ...) -> None: ...
+    round_format: str
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., tag: _Optional[str] = ..., state_digest: _Optional[str] = ..., known_members: _Optional[bytes] = ..., min_members: _Optional[int] = ..., member_changes: _Optional[bool] = ..., step: _Optional[int] = ..., packed_members: _Optional[bool] = ..., round_format: _Optional[str] = ...) -> None: ...
 
 class IndexedMember(_message.Message):
     __slots__ = ("index", "member")

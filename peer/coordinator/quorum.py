@@ -30,7 +30,15 @@ from collectives.transport import consume_exception
 from collectives.wire import encode_varint
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.policies import FormRound, QuorumInputs, QuorumPolicy, Refuse
-from peer.coordinator.rules import CommitInputs, Decision, QuorumRules, Report, commit_decision, next_epoch
+from peer.coordinator.rules import (
+    CommitInputs,
+    Decision,
+    QuorumRules,
+    Report,
+    commit_decision,
+    format_refusal,
+    next_epoch,
+)
 from peer.coordinator.runstate import PeerRecord, RoundRecord, RunState
 from protos import membership_pb2 as pb
 
@@ -42,6 +50,8 @@ LOGGED_MEMBERS = 20
 # Member lists of this many recent rounds are kept, so that an answer can carry the change from the one its asker
 # holds: a peer that missed a few rounds (a pause, a late report) still gets a change, not the whole list.
 RECENT_LISTS = 4
+# The round formats of this many tags are kept (a run has a few: streaming's fragments, NoLoCo's spread, dynamic k's).
+KEPT_FORMATS = 64
 # QuorumResponse.rank's wire tag: field 5, varint.
 _RANK_TAG = bytes([5 << 3])
 
@@ -144,6 +154,8 @@ class PendingQuorum:
     asked_at: dict[str, float] = field(default_factory=dict)
     # The most members any waiter's aggregator needs (QuorumRequest.min_members): no smaller round forms.
     min_members: int = 1
+    # What its waiters' contributions are (QuorumRequest.round_format): the first that said ("": none said yet).
+    round_format: str = ""
 
 
 @dataclass
@@ -198,6 +210,8 @@ class Quorums:
         # The member lists of the last rounds formed, by digest: an answer carries the change from the one its
         # asker holds.
         self._recent_lists: OrderedDict[bytes, tuple[Entry, ...]] = OrderedDict()
+        # By tag, the round format of its last committed round and that round's members (rules.format_refusal).
+        self.formats: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
 
     def pending_tag(self, peer_id: str, now: float) -> str:
         """The tag of the quorum peers are waiting in now, if its policy waits for peer_id too ("": none)."""
@@ -222,17 +236,35 @@ class Quorums:
 
     # -- forming ---------------------------------------------------------------------
 
-    def enqueue(self, peer_id: str, tag: str, min_members: int = 1) -> asyncio.Future:
+    def run_format(self, tag: str) -> str:
+        """The round format of tag's last committed round while a member of it is live ("": none, or forgotten)."""
+        kept = self.formats.get(tag)
+        if kept is None:
+            return ""
+        if not kept[1] & self.state.live:
+            # Every member of that round is gone: a run whose peers all restarted with a new codec goes on with it.
+            del self.formats[tag]
+            return ""
+        return kept[0]
+
+    def enqueue(self, peer_id: str, tag: str, min_members: int = 1, round_format: str = "") -> asyncio.Future:
         """Add an up-to-date peer to the pending quorum; the future gets its RoundAnswer (None: held).
 
-        ``min_members``: the fewest members this peer's round can run with."""
-        if self.pending is None:
-            self.pending = PendingQuorum(first_at=time.monotonic(), tag=tag)
-        elif not self.policy.joins(self.pending.tag, tag):
+        ``min_members``: the fewest members this peer's round can run with; ``round_format``: what its
+        contribution is (refused, BadRequest, when it is not the run's or the pending round's)."""
+        if self.pending is not None and not self.policy.joins(self.pending.tag, tag):
             raise BadRequest(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"quorum for {tag!r} while the pending one is for {self.pending.tag!r}: peers disagree on the schedule",
             )
+        pending_format = "" if self.pending is None else self.pending.round_format
+        why, _ = format_refusal(round_format, pending_format, self.run_format(tag))
+        if why:
+            raise BadRequest(grpc.StatusCode.FAILED_PRECONDITION, why)
+        if self.pending is None:
+            self.pending = PendingQuorum(first_at=time.monotonic(), tag=tag)
+        if not self.pending.round_format:
+            self.pending.round_format = round_format
         previous = self.pending.waiting.get(peer_id)
         if previous is not None and not previous.done():
             previous.cancel()
@@ -327,7 +359,8 @@ class Quorums:
         s.epoch = next_epoch(s.epoch, s.last_members, members, s.bump_epoch, restarted)
         s.last_members, s.bump_epoch = members, False
         round_id = s.next_round_id
-        record = RoundRecord(round_id, s.epoch, members, time.time(), tag=pending.tag, candidates=list(outcome.candidates))
+        record = RoundRecord(round_id, s.epoch, members, time.time(), tag=pending.tag, candidates=list(outcome.candidates),
+                             round_format=pending.round_format)
         s.rounds.append(record)
         loop = asyncio.get_running_loop()
         self.commits[(round_id, s.epoch)] = PendingCommit(record=record, formed_at=now, decided=loop.create_future())
@@ -419,6 +452,11 @@ class Quorums:
                 if m in s.peers:
                     s.peers[m].last_round = round_id
             s.event("commit", "", f"round {round_id} ({len(record.members)} members)")
+            if record.round_format:
+                self.formats[record.tag] = (record.round_format, frozenset(record.members))
+                self.formats.move_to_end(record.tag)
+                while len(self.formats) > KEPT_FORMATS:
+                    self.formats.popitem(last=False)
             self._save()
         else:
             record.status = "aborted"

@@ -122,6 +122,16 @@ state is a fresh peer's random initial state, not one the run agreed on. And
 not within ``startup_grace_s`` of a coordinator's start, while the holders of
 the newer rounds may still be re-registering.
 
+Round format (``format_refusal``): a quorum request names what its peer's
+contribution is (codec, aggregator, length: ``round_format``). A request
+whose format differs from the pending round's is refused for now (the peer
+trains on and asks again); once a round of a tag committed, a request of
+that tag with another format is refused for good (the peer stops, saying
+what differs) while a member of that round is live. So a peer started with
+another ``--codec`` cannot break the run's rounds, and a run whose every
+peer restarted with a new one goes on with it. The first round of a tag
+decides, as the founder's state decides the model.
+
 Sync sources (``choose_sync_sources``): alive, up-to-date peers that hold
 state, least busy serving other joiners first, then lowest peer id; at most
 ``MAX_SYNC_SOURCES``, so that a joiner can fetch stripes from several. The
@@ -136,6 +146,7 @@ from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from collectives.errors import ConfigError
+from collectives.membership import FORMAT_DIFFERS
 
 # Most sync sources a joiner is given (it may fetch stripes of the state from each).
 MAX_SYNC_SOURCES = 4
@@ -179,6 +190,22 @@ class QuorumRules:
             raise ConfigError(f"min_peers must be at least 1, got {self.min_peers}")
         if self.join_timeout_s < 0 or self.startup_grace_s < 0:
             raise ConfigError("join timeout and startup grace must be >= 0")
+
+
+def format_refusal(asked: str, pending: str, run: str) -> tuple[str, bool]:
+    """Why a quorum request whose round format is ``asked`` is refused ("": it is not), and whether for good.
+
+    ``pending``: the pending round's format ("": none, or unchecked); ``run``: the format of the last committed
+    round of the request's tag while a member of it is live (""). An empty ``asked`` (a peer that does not say)
+    is not checked."""
+    if not asked:
+        return "", False
+    if run and asked != run:
+        return (f"this peer's {FORMAT_DIFFERS} ({asked}; the run's: {run}): start it with the run's --codec, "
+                "--aggregator and model"), True
+    if pending and asked != pending:
+        return f"this peer's round format ({asked}) is not the pending round's ({pending}): peers disagree", False
+    return "", False
 
 
 def valid_digest(digest: str) -> bool:

@@ -88,6 +88,8 @@ class RoundRecord:
     # The round's candidates as its policy named them: a sample's pool (its members are sample_members of them), or
     # the live roster of a roster policy (allbut, backup, grace, coded, buffer); empty for the others.
     candidates: list[str] = field(default_factory=list)
+    # What each member's contribution was (QuorumRequest.round_format; "": not said).
+    round_format: str = ""
 
     def as_dict(self) -> dict:
         """The round as the status document shows it."""

@@ -38,7 +38,7 @@ import grpc
 from google.protobuf.message import Message
 
 from collectives.asynctasks import cancel_and_wait
-from collectives.membership import NO_QUORUM
+from collectives.membership import MAX_FORMAT_CHARS, NO_QUORUM
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import (
     checked_digest,
@@ -581,6 +581,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 f"min_members {req.min_members} is beyond any run this coordinator forms rounds for ({MAX_MIN_MEMBERS})",
             )
         least = max(1, req.min_members)
+        if len(req.round_format) > MAX_FORMAT_CHARS:
+            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"round_format of {len(req.round_format)} characters (at most {MAX_FORMAT_CHARS})")
         # Where the run trains now, fresher than the heartbeats: a peer sent to catch up while the others wait
         # in a quorum lines up with the step they asked at, not one a heartbeat said a second ago.
         self.state.note_step(req.last_round, req.step)
@@ -607,7 +610,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 return resync
             peer.state = "active"
             self.sources.done_serving(peer.peer_id)
-            answer = await self._wait(self.quorums.enqueue(peer.peer_id, tag, least), give_up, peer.peer_id)
+            answer = await self._wait(
+                self.quorums.enqueue(peer.peer_id, tag, least, req.round_format), give_up, peer.peer_id
+            )
             if answer is not None:
                 return answer.wire(req.known_members, req.member_changes, req.packed_members)
             # None: the round formed without this peer; it is held (above) until that attempt is decided.
