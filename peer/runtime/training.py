@@ -151,7 +151,6 @@ class Progress:
     rounds: int = 0
     # NoLoCo: the distance of this replica's outer weights from the replicas' mean at the last evaluation.
     spread: float | None = None
-    evals: list[tuple[int, float]] = field(default_factory=list)
 
 
 class TrainLoop:
@@ -192,7 +191,6 @@ class TrainLoop:
         measure = getattr(self.optimizer, "measure_spread", None)
         if measure is not None:
             self.progress.spread = measure()
-        self.progress.evals.append((self.progress.step, loss))
         if self.on_eval is not None:
             self.on_eval(self.progress.step, loss)
         return loss
