@@ -321,4 +321,4 @@ def test_diloco_trains_the_synthetic_task_and_evaluates_on_the_chosen_device(spe
     progress = TrainLoop(task, model, make_optimizer(model, LocalPeer(), config), config).run()
     assert (progress.step, progress.rounds) == (6, 2)
     assert {p.device.type for p in model.parameters()} == {spec}
-    assert math.isfinite(progress.eval_loss) and progress.evals[-1] == (6, progress.eval_loss)
+    assert math.isfinite(progress.eval_loss)
