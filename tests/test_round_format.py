@@ -93,6 +93,7 @@ def test_once_a_round_committed_another_format_is_refused_for_good_naming_both(c
     odd = c.join("127.0.0.1:3", has_state=True, last_round=1).peer_id
     details = refusal(ask(c, odd, 1, INT4))
     assert FORMAT_DIFFERS in details and INT4 in details and INT8 in details
+    assert [e["detail"] for e in c.events("format-refused") if e["peer_id"] == odd] == [details]
     assert commit(c, [a, b], INT8, 1) == 2  # the run goes on as it was
 
 

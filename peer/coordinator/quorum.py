@@ -258,8 +258,11 @@ class Quorums:
                 f"quorum for {tag!r} while the pending one is for {self.pending.tag!r}: peers disagree on the schedule",
             )
         pending_format = "" if self.pending is None else self.pending.round_format
-        why, _ = format_refusal(round_format, pending_format, self.run_format(tag))
+        why, for_good = format_refusal(round_format, pending_format, self.run_format(tag))
         if why:
+            if for_good:  # the peer stops: worth a line on the dashboard
+                self.state.event("format-refused", peer_id, why)
+                log.warning("peer %s refused: %s", peer_id, why)
             raise BadRequest(grpc.StatusCode.FAILED_PRECONDITION, why)
         if self.pending is None:
             self.pending = PendingQuorum(first_at=time.monotonic(), tag=tag)
