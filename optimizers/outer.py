@@ -43,6 +43,7 @@ from collectives.statesync import StateSnapshot, state_digest
 from collectives.syncphases import CaughtUp, Resynced
 from optimizers.globalstate import GlobalState
 from optimizers.outer_optim import OuterConfig
+from optimizers.statemeta import meta_str
 
 log = logging.getLogger(__name__)
 
@@ -509,6 +510,15 @@ class OuterOptimizer:
         takes it: nothing changes before it is called, so a refused state leaves this peer as it was."""
         return lambda: None
 
+    def _check_algorithm(self, meta: dict) -> None:
+        """ConfigError when a state names another algorithm than this peer's: a run's peers must run the same one
+        (a state without the name, as old checkpoints may be, is not checked)."""
+        theirs = meta_str(meta, "algorithm", "")
+        mine = self._meta().get("algorithm", "")
+        if theirs and mine and theirs != mine:
+            raise ConfigError(f"the run's state is a {theirs[:40]!r} state and this peer runs {mine!r}: every peer of "
+                              "a run must run the same --algorithm")
+
     def snapshot(self) -> StateSnapshot:
         """The run's state as of the last committed round (what a joiner fetches)."""
         return self.state.snapshot({"inner_steps": self.inner_steps, **self._meta()})
@@ -528,6 +538,7 @@ class OuterOptimizer:
     def load_snapshot(self, snapshot: StateSnapshot) -> None:
         """Adopt the run's state: global parameters, outer state, step count; the local parameters restart from them.
         ConfigError when the state does not fit this peer or is malformed: nothing changed then."""
+        self._check_algorithm(snapshot.meta)
         take_meta = self._checked_meta(snapshot.meta)
         self.state.restore(snapshot, into_model=True)
         # Count steps as the run does, so syncs and the end line up.
@@ -569,6 +580,7 @@ class OuterOptimizer:
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned; the model's (local) parameters are the caller's to restore."""
         snapshot = StateSnapshot(round_id=state["round_id"], tensors=state["global"], meta=state["meta"])
+        self._check_algorithm(snapshot.meta)
         take_meta = self._checked_meta(snapshot.meta)
         self.state.restore(snapshot, into_model=False)
         self.inner.load_state_dict(state["inner"])

@@ -18,6 +18,7 @@ from collectives.results import CommittedResult
 from collectives.syncphases import CaughtUp, Stopped
 from optimizers import outer
 from optimizers.diloco import DiLoCo
+from optimizers.federated import FedAvg
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalPeer
 from optimizers.streaming import StreamingConfig, StreamingDiLoCo, split_fragments
@@ -519,3 +520,22 @@ def test_a_streaming_peer_refused_for_nan_before_its_round_starts_restarts_from_
     assert opt.inflight is None and "diverged" in opt.history[-1].reason
     assert_close(params(m), initial, atol=0.0)
     assert opt.samples == [0, 0]
+
+
+@pytest.mark.parametrize("make_other", [
+    lambda m: StreamingDiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), LocalPeer(), StreamingConfig(fragments=1)),
+    lambda m: FedAvg(m, torch.optim.SGD(m.parameters(), lr=0.1), LocalPeer()),
+])
+def test_a_state_of_another_algorithm_is_refused_and_changes_nothing(make_other):
+    donor_model = model(1)
+    donor = DiLoCo(donor_model, torch.optim.SGD(donor_model.parameters(), lr=0.1), LocalPeer(), sync_every=2, codec="none")
+    train(donor, donor_model, 0, 4)
+    joiner_model = model(2)
+    joiner = make_other(joiner_model)
+    before = [p.clone() for p in params(joiner_model)]
+    with pytest.raises(ConfigError, match=r"the run's state is a 'diloco' state and this peer runs '.+': every peer "
+                                          r"of a run must run the same --algorithm"):
+        joiner.load_snapshot(donor.snapshot())
+    assert_close(params(joiner_model), before, atol=0)
+    with pytest.raises(ConfigError, match="same --algorithm"):
+        joiner.load_state_dict(donor.state_dict())
