@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from collectives.errors import ConfigError
 from collectives.transport import TransportConfig
 from optimizers.diloco import DiLoCoConfig
 from optimizers.outer_optim import OuterConfig
+from optimizers.peers import LocalPeer
 from optimizers.streaming import StreamingConfig
 from peer.cli import build_parser, harness_config
 from peer.coordinator.config import CoordinatorConfig
 from peer.options import add_options, option_args, read_options
-from peer.runtime.training import TrainConfig
+from peer.runtime.training import TrainConfig, make_optimizer
 from peer.tasks.base import TaskConfig
 from peer.trainoptions import (
     add_task_arguments,
@@ -122,3 +124,21 @@ def test_harness_chaos_events_come_after_the_given_ones_drawn_for_the_runs_peers
     assert [str(e) for e in config.events] == ["join@round2"] + [
         str(e) for e in chaos_events(ChaosSpec(4, 9), peers=3, rounds=10)
     ]
+
+
+@pytest.mark.parametrize(("inner", "given", "lr"), [
+    ("adamw", None, 3e-3),
+    ("sgd", None, 0.1),
+    ("sgd", 0.3, 0.3),
+    ("adamw", 0.01, 0.01),
+])
+def test_the_inner_learning_rate_is_the_given_one_or_the_inner_optimizers_own(inner, given, lr):
+    config = TrainConfig(inner=inner, inner_lr=given)
+    assert config.resolved_inner_lr == lr
+    model = torch.nn.Linear(2, 1)
+    assert make_optimizer(model, LocalPeer(), config).inner.param_groups[0]["lr"] == lr
+
+
+def test_the_command_line_leaves_the_inner_learning_rate_to_the_inner_optimizer():
+    config = read_train_config(parse(["--inner", "sgd"]))
+    assert (config.inner_lr, config.resolved_inner_lr) == (None, 0.1)

@@ -307,7 +307,7 @@ def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step
     # computed (a ring all-reduce's), so they are the same on any device.
     model = torch.nn.parallel.DistributedDataParallel(task.build_model())
     loop = config.loop
-    opt = torch.optim.AdamW(model.parameters(), lr=loop.inner_lr, weight_decay=loop.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=loop.resolved_inner_lr, weight_decay=loop.weight_decay)
     batches = task.batches(rank, world)
     started = time.monotonic()
     for k in range(loop.steps):
@@ -414,7 +414,7 @@ def run_one_peer(config: BenchConfig, progress: Progress | None = None, label: s
     loop = config.loop
     device = resolve_device(loop.device)
     model = place_model(task.build_model(), device)
-    opt = torch.optim.AdamW(model.parameters(), lr=loop.inner_lr, weight_decay=loop.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=loop.resolved_inner_lr, weight_decay=loop.weight_decay)
     batches = task.batches(0, config.peers)
     done = [0]
     progress.begin(label, lambda: f"step {done[0]}/{loop.steps}")
@@ -503,7 +503,7 @@ def hivemind_job(config: BenchConfig) -> hivemind_training.HivemindTraining:
     codec = CodecConfig.parse(getattr(options, "codec", "none")).name
     return hivemind_training.HivemindTraining(
         python=str(config.hivemind_python), peers=config.peers, task=config.task, task_config=config.task_config,
-        steps=loop.steps, sync_every=sync_every, inner=loop.inner, inner_lr=loop.inner_lr,
+        steps=loop.steps, sync_every=sync_every, inner=loop.inner, inner_lr=loop.resolved_inner_lr,
         weight_decay=loop.weight_decay, codec=counterpart(codec, config.hivemind_codec),
         device=str(resolve_device(loop.device)), whole_s=RUN_TIMEOUT_S,
     )

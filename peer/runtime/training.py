@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 
 INNER_OPTIMIZERS = ("adamw", "sgd")
+# Each inner optimizer's learning rate when --inner-lr is not given: plain SGD needs a far larger one than AdamW
+# (digits with fedavg: accuracy 0.33 at AdamW's 0.003, 0.93 at 0.1; BENCHMARKS.md).
+INNER_LR = {"adamw": 3e-3, "sgd": 0.1}
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class TrainConfig:
         metadata={"help": "inner (client) optimizer: adamw, or sgd (plain SGD, federated learning's usual client)",
                   "choices": INNER_OPTIMIZERS},
     )
-    inner_lr: float = field(default=3e-3, metadata={"help": "learning rate of the inner optimizer"})
+    inner_lr: float | None = field(default=None, metadata={
+        "help": "learning rate of the inner optimizer; default: its own (adamw 0.003, sgd 0.1)"})
     weight_decay: float = field(default=0.01, metadata={"help": "weight decay of the inner optimizer"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every this many steps (0: only at the end)"})
     round_timeout_s: float = field(default=60.0, metadata={"help": "deadline of one all-reduce attempt"})
@@ -74,10 +78,15 @@ class TrainConfig:
             raise ConfigError("train for at least one step (--steps) or a duration (--duration)")
         if self.inner not in INNER_OPTIMIZERS:
             raise ConfigError(f"inner optimizer must be one of {', '.join(INNER_OPTIMIZERS)}, got {self.inner!r}")
-        if self.inner_lr <= 0:
+        if self.inner_lr is not None and not self.inner_lr > 0:
             raise ConfigError(f"inner lr must be positive, got {self.inner_lr}")
         # The form only: whether this machine has the device is asked where the model is built.
         check_device_spec(self.device)
+
+    @property
+    def resolved_inner_lr(self) -> float:
+        """The inner learning rate: the config's, else the inner optimizer's own (INNER_LR)."""
+        return self.inner_lr if self.inner_lr is not None else INNER_LR[self.inner]
 
     @classmethod
     def of(cls, algorithm: str = "diloco", **fields: Any) -> TrainConfig:
@@ -101,10 +110,10 @@ def make_optimizer(model: torch.nn.Module, peer: SyncPeer, config: TrainConfig) 
     """The registered algorithm's optimizer around the configured inner optimizer."""
     if config.inner == "sgd":
         inner: torch.optim.Optimizer = torch.optim.SGD(
-            model.parameters(), lr=config.inner_lr, weight_decay=config.weight_decay
+            model.parameters(), lr=config.resolved_inner_lr, weight_decay=config.weight_decay
         )
     else:
-        inner = torch.optim.AdamW(model.parameters(), lr=config.inner_lr, weight_decay=config.weight_decay)
+        inner = torch.optim.AdamW(model.parameters(), lr=config.resolved_inner_lr, weight_decay=config.weight_decay)
     return get_algorithm(config.algorithm).make(model, inner, peer, config.options)
 
 
