@@ -31,7 +31,7 @@ import grpc
 
 from collectives.asynctasks import cancel_and_wait
 from collectives.memberlists import BadMemberChange, BadPackedList, changed_list, entries_of, unpack_list
-from collectives.membership import RETRY_CODES, MembershipConfig, heartbeat_interval
+from collectives.membership import RETRY_CODES, MembershipConfig, heartbeat_interval, round_format
 from collectives.rpc import RpcSettings, make_channel
 from collectives.session import SESSION_RPCS, CoordinatorSession
 from protos import membership_pb2 as pb
@@ -77,6 +77,8 @@ def fake_address(index: int) -> str:
 JOIN_ATTEMPT_S = 10.0
 # Member lists a client process keeps for its peers (by digest): a peer names only its last one.
 SHARED_LISTS = 8
+# What every simulated peer's contribution is, named in its Quorum as a real DiLoCo peer's (the coordinator checks it).
+SIM_FORMAT = round_format("int8", "mean", 25_000_000)
 
 
 class CallFailed(Exception):
@@ -279,6 +281,7 @@ class SimPeer:
                 request = pb.QuorumRequest(
                     run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round,
                     known_members=self.known_digest, member_changes=True, packed_members=True,
+                    round_format=SIM_FORMAT,
                 )
                 q, t_q0, t_qs = await self.call("Quorum", request)
                 members = self._members(q)

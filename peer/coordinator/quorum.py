@@ -241,7 +241,7 @@ class Quorums:
         kept = self.formats.get(tag)
         if kept is None:
             return ""
-        if not kept[1] & self.state.live:
+        if kept[1].isdisjoint(self.state.live):  # stops at the first live member: O(1) per request in a healthy run
             # Every member of that round is gone: a run whose peers all restarted with a new codec goes on with it.
             del self.formats[tag]
             return ""
@@ -258,7 +258,7 @@ class Quorums:
                 f"quorum for {tag!r} while the pending one is for {self.pending.tag!r}: peers disagree on the schedule",
             )
         pending_format = "" if self.pending is None else self.pending.round_format
-        why, for_good = format_refusal(round_format, pending_format, self.run_format(tag))
+        why, for_good = format_refusal(round_format, pending_format, self.run_format(tag) if round_format else "")
         if why:
             if for_good:  # the peer stops: worth a line on the dashboard
                 self.state.event("format-refused", peer_id, why)
