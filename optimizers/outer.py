@@ -510,14 +510,15 @@ class OuterOptimizer:
         takes it: nothing changes before it is called, so a refused state leaves this peer as it was."""
         return lambda: None
 
-    def _check_algorithm(self, meta: dict) -> None:
+    def _check_algorithm(self, meta: dict, required: bool = False) -> None:
         """ConfigError when a state names another algorithm than this peer's: a run's peers must run the same one
-        (a state without the name, as old checkpoints may be, is not checked)."""
+        (a state without the name, as old checkpoints may be, is checked only when ``required``)."""
         theirs = meta_str(meta, "algorithm", "")
         mine = self._meta().get("algorithm", "")
-        if theirs and mine and theirs != mine:
-            raise ConfigError(f"the run's state is a {theirs[:40]!r} state and this peer runs {mine!r}: every peer of "
-                              "a run must run the same --algorithm")
+        if (theirs or required) and mine and theirs != mine:
+            what = f"a {theirs[:40]!r} state" if theirs else "a state that names no algorithm"
+            raise ConfigError(f"the run's state is {what} and this peer runs {mine!r}: every peer of a run must run "
+                              "the same --algorithm")
 
     def snapshot(self) -> StateSnapshot:
         """The run's state as of the last committed round (what a joiner fetches)."""

@@ -537,10 +537,11 @@ class SequentialCodedSGD(CodedSGD):
     def _checked(self, meta: dict, tensors: dict[str, torch.Tensor]) -> SeqState:
         """The snapshot's seq-sgc state, read and checked (against this worker's configuration, and as input from
         another peer) before anything changes: ConfigError says what does not fit."""
+        self._check_algorithm(meta, required=True)  # its jobs are in the state: an unnamed one cannot be read
         seq = meta.get("seq")
-        if meta.get("algorithm") != self.tag or not isinstance(seq, dict):
-            raise ConfigError(f"the run's state is not a {self.tag} state (algorithm {meta.get('algorithm')!r}): "
-                              "every peer of a run must run the same algorithm")
+        if not isinstance(seq, dict):
+            raise ConfigError(f"the run's state names {self.tag} but has no {self.tag} part ('seq'): the peer that "
+                              "served it runs another version of loconet, or is not to be trusted")
         c = self.config
         mine = [c.scheme, c.burst, c.window, c.lam, c.code]
         if seq.get("model") != mine:
