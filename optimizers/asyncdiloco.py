@@ -201,7 +201,7 @@ class AsyncDiLoCo(DiLoCo):
         if not self._syncing or snapshot.round_id < self.base_round:
             super().load_snapshot(snapshot)
             return
-        take_meta = self._checked_meta(snapshot.meta)
+        take_meta = self._taking_meta(snapshot.meta)
         self.state.restore(snapshot, into_model=False)
         self.inner_steps = max(self.inner_steps, self.state.step)
         take_meta()

@@ -510,6 +510,12 @@ class OuterOptimizer:
         takes it: nothing changes before it is called, so a refused state leaves this peer as it was."""
         return lambda: None
 
+    def _taking_meta(self, meta: dict) -> Callable[[], None]:
+        """Check a whole state's meta, its algorithm and then the subclass's part, and return what takes the
+        subclass's part: every path that adopts a state goes through here before it changes anything."""
+        self._check_algorithm(meta)
+        return self._checked_meta(meta)
+
     def _check_algorithm(self, meta: dict, required: bool = False) -> None:
         """ConfigError when a state names another algorithm than this peer's: a run's peers must run the same one
         (a state without the name, as old checkpoints may be, is checked only when ``required``)."""
@@ -539,8 +545,7 @@ class OuterOptimizer:
     def load_snapshot(self, snapshot: StateSnapshot) -> None:
         """Adopt the run's state: global parameters, outer state, step count; the local parameters restart from them.
         ConfigError when the state does not fit this peer or is malformed: nothing changed then."""
-        self._check_algorithm(snapshot.meta)
-        take_meta = self._checked_meta(snapshot.meta)
+        take_meta = self._taking_meta(snapshot.meta)
         self.state.restore(snapshot, into_model=True)
         # Count steps as the run does, so syncs and the end line up.
         self.inner_steps = max(self.inner_steps, self.state.step)
@@ -581,8 +586,7 @@ class OuterOptimizer:
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned; the model's (local) parameters are the caller's to restore."""
         snapshot = StateSnapshot(round_id=state["round_id"], tensors=state["global"], meta=state["meta"])
-        self._check_algorithm(snapshot.meta)
-        take_meta = self._checked_meta(snapshot.meta)
+        take_meta = self._taking_meta(snapshot.meta)
         self.state.restore(snapshot, into_model=False)
         self.inner.load_state_dict(state["inner"])
         self.inner_steps = int(state["inner_steps"])

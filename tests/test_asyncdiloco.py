@@ -20,7 +20,7 @@ from collectives.parts import flatten, unflatten_like
 from optimizers.asyncdiloco import AsyncDiLoCo, AsyncDiLoCoConfig
 from optimizers.diloco import DiLoCo
 from optimizers.outer_optim import OuterConfig
-from optimizers.peers import LocalResult
+from optimizers.peers import LocalPeer, LocalResult
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.threadgroup import ThreadGroup
@@ -267,3 +267,17 @@ def test_the_coordinator_policy_follows_the_buffer() -> None:
 def test_a_bad_option_is_refused(options, message) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         AsyncDiLoCoConfig(**options)
+
+
+def test_a_state_of_another_algorithm_is_refused_during_a_sync_too() -> None:
+    # The catch-up by the whole state (inside a sync) adopts only the global side; it checks the state as a join does.
+    donor_model, joiner_model = small_model(), small_model()
+    donor = DiLoCo(donor_model, torch.optim.SGD(donor_model.parameters(), lr=0.1), LocalPeer(), sync_every=3,
+                   codec="none")
+    snapshot = donor.snapshot()
+    opt = async_opt(joiner_model, LocalPeer())
+    opt._syncing = True  # as inside sync(): the path that keeps the local model
+    before = [p.clone() for p in opt.state.params]
+    with pytest.raises(ConfigError, match="the run's state is a 'diloco' state and this peer runs 'async-diloco'"):
+        opt.load_snapshot(snapshot)
+    assert all(torch.equal(a, b) for a, b in zip(opt.state.params, before))
