@@ -58,13 +58,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from collectives.checks import is_whole
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError, ProtocolError, QuorumMismatch
 from collectives.gradcodes import CODE_KINDS
 from collectives.membership import RoundPlan
 from collectives.parts import flatten, unflatten_like
 from collectives.seqcoding import SCHEMES, SequentialScheme, gradcode, make_scheme
+from collectives.seqrounds import checked_workers
 from collectives.statesync import StateSnapshot
 from collectives.stragglermodel import BurstyModel
 from optimizers.coded import (
@@ -157,11 +157,9 @@ class SeqState:
 def _history_of(meta: dict, key: str, n: int) -> list[set[int]]:
     """meta[key] as a list of sets of worker indices in [0, n) (an old state's straggler history)."""
     value = meta.get(key)
-    if not isinstance(value, list) or not all(
-            isinstance(s, list) and all(is_whole(w, 0, n - 1) for w in s)
-            for s in value):
+    if not isinstance(value, list):
         raise ConfigError(f"the run's state's {key!r} must be lists of worker indices below {n}, got {value!r:.60}")
-    return [set(s) for s in value]
+    return [checked_workers(s, n, key) for s in value]  # as a scheme's own state's stragglers are checked
 
 
 @dataclass
