@@ -69,6 +69,8 @@ NO_QUORUM = "no quorum"
 FORMAT_DIFFERS = "round format differs from the run's"
 # A round format longer than this is refused by the coordinator as malformed.
 MAX_FORMAT_CHARS = 200
+# How a dynamic-k worker's round tag names the k it chose ("sync-sgd:k=3"), which the coordinator's backup policy reads.
+BACKUP_TAG_KEY = ":k="
 # A call that keeps failing says so after this long, then again every NOTE_EVERY_S with the time left:
 # a wrong address shows at once, a blip of a moment stays quiet.
 FIRST_NOTE_S = 0.5

@@ -53,7 +53,7 @@ import torch
 
 from collectives.errors import ConfigError, ProtocolError, QuorumMismatch
 from collectives.gradcodes import CODE_KINDS, Undecodable, code_for, decode
-from collectives.membership import RoundPlan
+from collectives.membership import BACKUP_TAG_KEY, RoundPlan
 from collectives.parts import flatten, unflatten_like
 from collectives.statesync import StateSnapshot
 from optimizers.backup import BackupConfig, BackupWorkers, RoundObservation
@@ -416,7 +416,7 @@ class CodedSGD(OuterOptimizer):
         """The round's tag; with dynamic k, the k every worker chose (the coordinator's backup policy reads it)."""
         if self.backup is None or self.roster is None:
             return self.tag
-        return f"{self.tag}:k={self.backup.choose_k(len(self.roster))}"
+        return f"{self.tag}{BACKUP_TAG_KEY}{self.backup.choose_k(len(self.roster))}"
 
     def _observe(self, gradient: torch.Tensor, stats: torch.Tensor) -> None:
         """Feed a committed round's statistics to the estimator (identical on every worker)."""
