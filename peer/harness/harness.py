@@ -140,6 +140,10 @@ class HarnessConfig:
     workdir: str | None = field(default=None, metadata={
         "help": "logs and checkpoints (default: a new temporary folder; a reused one starts a new run, without the "
                 "earlier run's checkpoints)"})
+    # A run's checkpoints are a few MB per peer and the harness never resumes them; hundreds of runs filled a disk.
+    keep_checkpoints: bool = field(default=False, metadata={
+        "help": "keep the peers' checkpoints in the work dir after a run that finished (a failed run keeps them; "
+                "the logs are always kept)"})
     timeout_s: float = field(default=1800.0, metadata={"help": "give up after this many seconds"})
     progress: bool = field(default=False, metadata={"help": "draw a live status table on stderr"})
     # Modules every peer imports first (they may register algorithms, aggregators...).
@@ -517,19 +521,28 @@ class Harness:
             for i in range(c.peers):
                 (self.workdir / f"peer{i}.gate").touch()
             self._loop()
-            return self._report()
+            report = self._report()
         finally:
             self.close()
+        # Only a run that finished loses its checkpoints: a failed one keeps them to be looked into.
+        if not c.keep_checkpoints and self._remove_checkpoints():
+            log.info("removed the peers' checkpoints; logs kept in %s", self.workdir)
+        return report
 
     def _forget_earlier_run(self) -> None:
         """A reused workdir starts a new run: without the earlier run's coordinator state file and checkpoints,
         which its peers would resume and the new coordinator refuse (a round it never committed)."""
         (self.workdir / "coordinator-state.json").unlink(missing_ok=True)
-        earlier = sorted(self.workdir.glob("ckpt-peer*"))
-        for path in earlier:
+        removed = self._remove_checkpoints()
+        if removed:
+            log.info("removed %d checkpoint folders of an earlier run in %s", removed, self.workdir)
+
+    def _remove_checkpoints(self) -> int:
+        """Remove the peers' checkpoint folders from the work dir; returns how many there were."""
+        folders = sorted(self.workdir.glob("ckpt-peer*"))
+        for path in folders:
             shutil.rmtree(path, ignore_errors=True)
-        if earlier:
-            log.info("removed %d checkpoint folders of an earlier run in %s", len(earlier), self.workdir)
+        return len(folders)
 
     def _check_attacks(self) -> None:
         """Refuse, before any process starts, a byzantine attack the task cannot have (labelflip without classes)."""
