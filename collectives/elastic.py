@@ -601,12 +601,13 @@ class ElasticCollective:
         within: Within | None = None,
         own_state: bool = False,
         residual: torch.Tensor | None = None,
+        settings: Sequence[str] = (),
     ) -> SyncResult:
         """Reduce tensors with the run in a committed round (blocking); raises Resynced, CaughtUp, GroupTooSmall,
         RetriesExhausted, Stopped."""
         return self.sync_async(
             tensors, weight=weight, tag=tag, codec=codec, aggregator=aggregator, prepare=prepare, within=within,
-            own_state=own_state, residual=residual,
+            own_state=own_state, residual=residual, settings=settings,
         ).result()
 
     def sync_async(
@@ -620,6 +621,7 @@ class ElasticCollective:
         within: Within | None = None,
         own_state: bool = False,
         residual: torch.Tensor | None = None,
+        settings: Sequence[str] = (),
     ) -> concurrent.futures.Future[SyncResult]:
         """Start a sync and return its future; the input is copied first, so training may go on.
 
@@ -628,6 +630,8 @@ class ElasticCollective:
         the round's plan, called after each attempt's quorum; so is ``prepare`` (plan, flat) ->
         what this attempt sends. ``residual`` (a flat fp32 tensor of the input's size, on its device) enables
         error feedback: it changes only when the round commits (then by what the committed round did not carry).
+        ``settings``: what this peer does with the result ("outer lr 0.7", ...), which the coordinator compares
+        among the run's members with the codec, the aggregator and the length (collectives.membership.round_format).
         """
         if prepare is not None and not callable(prepare):
             raise TypeError(f"prepare must be a function of (plan, flat tensor), got {prepare!r}")
@@ -649,7 +653,8 @@ class ElasticCollective:
                                      or not residual.is_contiguous() or residual.device != flat.device):
             raise ValueError(f"residual must be a contiguous float32 tensor of shape ({flat.numel()},) on {flat.device}")
         return self.transport.submit(
-            self._interruptible(self._sync(flat, weight, tag, like, config, prepare, within, own_state, residual))
+            self._interruptible(self._sync(flat, weight, tag, like, config, prepare, within, own_state, residual,
+                                           tuple(settings)))
         )
 
     def _move(self, round_id: int, to: Phase) -> None:
@@ -662,6 +667,7 @@ class ElasticCollective:
     async def _sync(
         self, flat: torch.Tensor, weight: Weight, tag: str, like, allreduce: AllReduceConfig, prepare: Prepare | None,
         within: Within | None = None, own_state: bool = False, residual: torch.Tensor | None = None,
+        settings: tuple[str, ...] = (),
     ) -> SyncResult:
         config = self.config
         out = torch.empty(flat.numel(), dtype=torch.float32)  # the host: results are decoded there
@@ -673,9 +679,10 @@ class ElasticCollective:
         self.phase = Phase.IDLE  # every sync starts afresh; the previous one ended in a final phase
         started = time.monotonic()
         self._move(0, Phase.QUORUM)
-        # Peers of one round must agree on what a contribution is; the coordinator checks it (a peer started with
-        # another --codec would otherwise break every round it joins).
-        fmt = round_format(allreduce.codec, allreduce.aggregator, flat.numel())
+        # Peers of one round must agree on what a contribution is and what they do with the result; the coordinator
+        # checks it (a peer started with another --codec would otherwise break every round it joins, one with
+        # another --outer-lr leave the replicas different after each).
+        fmt = round_format(allreduce.codec, allreduce.aggregator, flat.numel(), settings)
         while True:
             plan = await self._ask(tag, least, started, fmt)
             if plan is None:

@@ -67,8 +67,11 @@ NO_QUORUM = "no quorum"
 # What the coordinator's refusal, for good, of a quorum request whose round format differs from the run's says
 # (the client raises FormatMismatch).
 FORMAT_DIFFERS = "round format differs from the run's"
-# A round format longer than this is refused by the coordinator as malformed.
-MAX_FORMAT_CHARS = 200
+# A round format longer than this is refused by the coordinator as malformed (a format with an outer optimizer's
+# and differential privacy's settings is about 250).
+MAX_FORMAT_CHARS = 600
+# Between the parts of a round format (rules.format_refusal names the parts that differ).
+FORMAT_SEPARATOR = ", "
 # How a dynamic-k worker's round tag names the k it chose ("sync-sgd:k=3"), which the coordinator's backup policy reads.
 BACKUP_TAG_KEY = ":k="
 # A call that keeps failing says so after this long, then again every NOTE_EVERY_S with the time left:
@@ -103,10 +106,10 @@ class CommitUnknown(RoundFailed):
     """The coordinator lost the round before deciding it (a restart); nothing was applied."""
 
 
-def round_format(codec: object, aggregator: object, numel: int) -> str:
-    """What a contribution to a round is, as the coordinator compares it (QuorumRequest.round_format): e.g.
-    "codec int8, aggregator mean, 1234 values"."""
-    return f"codec {codec}, aggregator {aggregator}, {numel} values"
+def round_format(codec: object, aggregator: object, numel: int, settings: Sequence[str] = ()) -> str:
+    """What a contribution to a round is and what its members do with the result, as the coordinator compares it
+    (QuorumRequest.round_format): e.g. "codec int8, aggregator mean, 1234 values, outer sgd, outer lr 0.7"."""
+    return FORMAT_SEPARATOR.join((f"codec {codec}", f"aggregator {aggregator}", f"{numel} values", *settings))
 
 
 class RequestRefused(LoconetError):

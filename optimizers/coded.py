@@ -151,6 +151,10 @@ class CodedSGDConfig(StepRoundConfig):
         """The coordinator's quorum policy this algorithm's rounds need: ``coded:s`` (and the code)."""
         return f"coded:{self.stragglers}" + (f",code={self.code}" if self.code != "auto" else "")
 
+    def round_settings(self) -> tuple[str, ...]:
+        """With the outer step's, the code: a worker encoding with another decodes the others' rounds wrong."""
+        return (*super().round_settings(), f"stragglers {self.stragglers}", f"code {self.code}")
+
     def quorum_problem(self, policy: str) -> str:
         """Any policy but ``coded:s`` (this s) cannot serve: the rounds must hold a decodable set of the roster."""
         s = self.stragglers
@@ -304,7 +308,8 @@ class CodedSGD(OuterOptimizer):
 
         def call() -> Any:
             return self.peer.sync(
-                tensors, weight=self._weight, tag=tag, codec=self.codec, aggregator=self.aggregator, prepare=prepare
+                tensors, weight=self._weight, tag=tag, codec=self.codec, aggregator=self.aggregator, prepare=prepare,
+                **self._settings_for(self.peer.sync),
             )
 
         if self._conclude(call, tag, started=started, label=f"{self.tag} step {step}") and sent:

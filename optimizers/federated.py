@@ -99,6 +99,11 @@ class FedConfig(SyncConfig):
     dp: DPConfig = field(default_factory=DPConfig)
     outer: OuterConfig = field(init=False, default_factory=OuterConfig, metadata={"cli": False})
 
+    def round_settings(self) -> tuple[str, ...]:
+        """The server optimizer's settings and the privacy's: a peer that clips or noises otherwise breaks the
+        run's guarantee."""
+        return (*super().round_settings(), *self.dp.settings())
+
     def server(self) -> OuterConfig:
         """The server optimizer: FedAvg's global model is the mean of the local ones (SGD, lr 1, no momentum)."""
         return OuterConfig(name="sgd", lr=1.0, momentum=0.0, nesterov=False)

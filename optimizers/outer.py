@@ -52,13 +52,14 @@ log = logging.getLogger(__name__)
 RECENT_SYNCS = 10_000
 
 
-def takes_prepare(sync: Callable[..., Any]) -> bool:
-    """Whether a peer's sync (or sync_async) accepts the ``prepare`` argument (True when its signature is unknown)."""
+def takes_keyword(sync: Callable[..., Any], name: str) -> bool:
+    """Whether a peer's sync (or sync_async) accepts the keyword argument ``name`` (True when its signature is
+    unknown)."""
     try:
         params = inspect.signature(sync).parameters
     except (TypeError, ValueError):
         return True
-    return "prepare" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ class SyncConfig:
     def quorum_problem(self, policy: str) -> str:
         """Why the coordinator's quorum policy (its --quorum text) cannot serve these rounds; "" when it can."""
         return ""
+
+    def round_settings(self) -> tuple[str, ...]:
+        """What every member does with a round's result, in parts the coordinator compares like the codec (a peer
+        started with another --outer-lr would otherwise leave the run's replicas different after every round)."""
+        return self.outer.settings()
 
     @property
     def codec_config(self) -> CodecConfig:
@@ -349,7 +355,7 @@ class OuterOptimizer:
         prepare = self.prepare()
         # Only passed when used, so a user's SyncPeer without the argument keeps working where it is not needed.
         if prepare is not None:
-            if not takes_prepare(call):
+            if not takes_keyword(call, "prepare"):
                 method = getattr(call, "__name__", "sync")
                 raise TypeError(
                     f"{type(self.peer).__name__}.{method}() takes no `prepare` argument, which "
@@ -357,7 +363,13 @@ class OuterOptimizer:
                     "the members are known): add it as optimizers.peers.SyncPeer describes"
                 )
             extra["prepare"] = prepare
-        return call(tensors, weight=weight, tag=tag, codec=self.codec, aggregator=self.aggregator, **extra)
+        return call(tensors, weight=weight, tag=tag, codec=self.codec, aggregator=self.aggregator,
+                    **self._settings_for(call), **extra)
+
+    def _settings_for(self, call: Callable[..., Any]) -> dict[str, tuple[str, ...]]:
+        """The ``settings`` argument of a peer's sync, for a peer whose coordinator compares them (a peer whose
+        sync does not take it, a LocalPeer or a user's own, has nobody to compare with)."""
+        return {"settings": self.config.round_settings()} if takes_keyword(call, "settings") else {}
 
     def _sync_starts(self) -> None:
         if self.on_sync_start is not None:

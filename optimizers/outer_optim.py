@@ -107,6 +107,20 @@ OUTER_LR: dict[str, float] = {
     "fedadagrad": FLOWER_DEFAULTS["fedadagrad"]["eta"],
     "fedavgm": FLOWER_DEFAULTS["fedavgm"]["server_learning_rate"],
 }
+# The config fields each built-in optimizer reads: its round settings (OuterConfig.settings) name these only, so
+# peers differing in a field their optimizer ignores are not refused. A plugin's: every field.
+OUTER_FIELDS: dict[str, tuple[str, ...]] = {
+    "sgd": ("lr", "momentum", "nesterov", "weight_decay"),
+    "adam": ("lr", "betas", "eps", "weight_decay"),
+    "adamw": ("lr", "betas", "eps", "weight_decay"),
+    "adagrad": ("lr", "eps", "weight_decay"),
+    "yogi": ("lr", "betas", "eps", "weight_decay"),
+    "fedadam": ("lr", "betas", "eps"),
+    "fedyogi": ("lr", "betas", "eps"),
+    "fedadagrad": ("lr", "betas", "eps"),
+    "fedavgm": ("lr", "momentum"),
+}
+ALL_OUTER_FIELDS = ("lr", "momentum", "nesterov", "betas", "eps", "weight_decay")
 # Flower's server optimizers have no weight decay; a config asking for one is refused, not ignored.
 WITHOUT_WEIGHT_DECAY = frozenset({"fedadam", "fedyogi", "fedadagrad", "fedavgm"})
 
@@ -192,6 +206,21 @@ class OuterConfig:
     def resolved_lr(self) -> float:
         """The learning rate: the config's, else the optimizer's own (OUTER_LR)."""
         return self.lr if self.lr is not None else OUTER_LR.get(self.name, OUTER_LR["sgd"])
+
+    def settings(self) -> tuple[str, ...]:
+        """What the optimizer does with a round's result, in parts every member of a run must agree on:
+        ("outer sgd", "outer lr 0.7", ...), the fields it reads only, numbers exact."""
+        values = {
+            "lr": repr(float(self.resolved_lr)),
+            "momentum": repr(float(self.momentum)),
+            # Nesterov without momentum is plain SGD: two such peers agree.
+            "nesterov": "on" if self.nesterov and self.momentum > 0 else "off",
+            "betas": f"{self.betas[0]!r}/{self.betas[1]!r}",
+            "eps": repr(float(self.eps)),
+            "weight_decay": repr(float(self.weight_decay)),
+        }
+        fields = OUTER_FIELDS.get(self.name, ALL_OUTER_FIELDS)
+        return (f"outer {self.name}", *(f"outer {f.replace('_', ' ')} {values[f]}" for f in fields))
 
 
 def register_outer_optimizer(name: str, factory: OuterFactory, lr: float | None = None) -> None:

@@ -48,7 +48,8 @@ class SyncPeer(Protocol):
 
         ``weight`` (if a function) and ``prepare`` are called with each attempt's plan; what an
         attempt sends is ``prepare(plan, flat)``, made anew from the flat contribution. Algorithms
-        that need them also pass ``within`` and ``own_state`` (NoLoCo: ``ElasticCollective.sync``).
+        that need them also pass ``within`` and ``own_state`` (NoLoCo: ``ElasticCollective.sync``); a sync that
+        takes ``settings`` is given what this peer does with the result, for its coordinator to compare.
         """
 
     def sync_async(
@@ -91,9 +92,11 @@ class LocalPeer:
         within: Any = None,
         own_state: bool = False,
         residual: torch.Tensor | None = None,
+        settings: Sequence[str] = (),
     ) -> LocalResult:
         """Return the round's result for a group of one (the codec applied, as a real round's gather does); a run
-        of one is its own group, so ``within`` and ``own_state`` change nothing; its own part is exact (an
+        of one is its own group, so ``within``, ``own_state`` and ``settings`` (nobody to compare them with)
+        change nothing; its own part is exact (an
         error-feedback ``residual`` ends at zero) unless the codec is sparse, which codes it as a real round does."""
         round_id = next(self._rounds)
         tensors = list(tensors)
@@ -130,6 +133,7 @@ class LocalPeer:
         within: Any = None,
         own_state: bool = False,
         residual: torch.Tensor | None = None,
+        settings: Sequence[str] = (),
     ) -> concurrent.futures.Future:
         """A future that is already done (a NaN/Inf input raises at once, as a real peer's does)."""
         future: concurrent.futures.Future = concurrent.futures.Future()

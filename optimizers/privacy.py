@@ -161,6 +161,18 @@ class DPConfig:
         """Whether updates are clipped and noised (a clip norm is set)."""
         return self.clip is not None
 
+    def settings(self) -> tuple[str, ...]:
+        """What every member of a run must clip and noise alike, in parts the coordinator compares ("dp off" when
+        disabled); delta, amplify and the seed change only what is reported or drawn."""
+        if not self.enabled:
+            return ("dp off",)
+        exact = lambda x: repr(float(x))  # noqa: E731 - 1 and 1.0 (a JSON file's and a flag's) agree
+        parts = [f"dp clip {exact(self.clip)}", f"dp noise {exact(self.noise)}"]
+        if self.adaptive is not None:
+            count = "auto" if self.count_noise is None else exact(self.count_noise)
+            parts += [f"dp adaptive {exact(self.adaptive)}", f"dp clip lr {exact(self.clip_lr)}", f"dp count noise {count}"]
+        return tuple(parts)
+
     @property
     def adjacency(self) -> str:
         """The neighbouring relation the privacy is accounted under (see the module docstring)."""

@@ -134,6 +134,11 @@ class SeqSGCConfig(StepRoundConfig):
         """The quorum policy this algorithm's rounds need."""
         return f"grace:{self.lam}"
 
+    def round_settings(self) -> tuple[str, ...]:
+        """With the outer step's, the scheme and its straggler model: every worker must encode and decode alike."""
+        return (*super().round_settings(), f"scheme {self.scheme}", f"burst {self.burst}", f"window {self.window}",
+                f"lambda {self.lam}", f"code {self.code}")
+
     def quorum_problem(self, policy: str) -> str:
         """Any policy but ``grace:lambda`` (this lambda) cannot serve: the scheme counts on its stragglers."""
         if policy_name(policy) != "grace" or policy_argument(policy) != str(self.lam):
@@ -317,7 +322,7 @@ class SequentialCodedSGD(CodedSGD):
 
         def call() -> Any:
             return self.peer.sync([placeholder], weight=self._weight, tag=self.tag, codec=self.codec,
-                                  aggregator=self.aggregator, prepare=prepare)
+                                  aggregator=self.aggregator, prepare=prepare, **self._settings_for(self.peer.sync))
 
         if self._conclude(call, self.tag, started=started, label=f"{self.tag} round {self.rounds}") and sent:
             self.roster = sent[-1]

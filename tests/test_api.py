@@ -20,7 +20,7 @@ from collectives.errors import ConfigError
 from collectives.membership import PeerStatus
 from collectives.transport import Transport, TransportConfig
 from optimizers.diloco import DiLoCo
-from optimizers.outer import StepRate, takes_prepare
+from optimizers.outer import StepRate, takes_keyword
 from optimizers.peers import LocalPeer
 from optimizers.streaming import StreamingDiLoCo
 from peer.coordinator.config import CoordinatorConfig
@@ -305,4 +305,4 @@ def _sync_without_prepare(tensors, weight=1.0): ...
     [(_sync_with_prepare, True), (_sync_with_kwargs, True), (_sync_without_prepare, False), (LocalPeer().sync, True)],
 )
 def test_a_peers_sync_takes_prepare_when_it_names_it_or_takes_any_keyword(sync, takes):
-    assert takes_prepare(sync) is takes
+    assert takes_keyword(sync, "prepare") is takes

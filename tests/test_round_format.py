@@ -1,6 +1,7 @@
-"""Peers of a run agree on what a round carries (codec, aggregator, length): a peer started with another
-``--codec`` is refused at its quorum request, for good once the run committed a round of that tag, and stops
-with one line instead of breaking every round it joins (docs/membership.md).
+"""Peers of a run agree on what a round carries (codec, aggregator, length) and what they do with its result (the
+outer optimizer's settings, differential privacy's): a peer started with another ``--codec`` or ``--outer-lr`` is
+refused at its quorum request, for good once the run committed a round of that tag, and stops with one line
+instead of breaking every round it joins or leaving the replicas different (docs/membership.md).
 
 The rule is a pure function with a table; the live cases run a real coordinator in this process
 (``support.coordinator.Live``) with made-up peers, and the last test real ``loconet peer`` processes.
@@ -15,8 +16,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from collectives.membership import FORMAT_DIFFERS, round_format
-from peer.coordinator.rules import format_refusal
+from collectives.membership import FORMAT_DIFFERS, MAX_FORMAT_CHARS, round_format
+from optimizers.coded import CodedSGDConfig
+from optimizers.diloco import DiLoCoConfig
+from optimizers.federated import FedConfig
+from optimizers.outer_optim import OuterConfig
+from optimizers.privacy import DPConfig
+from optimizers.seqcoded import SeqSGCConfig
+from peer.coordinator.rules import format_difference, format_refusal
 from protos import membership_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -29,8 +36,76 @@ INT8 = round_format("int8", "mean", 1000)
 INT4 = round_format("int4", "mean", 1000)
 
 
-def test_a_round_format_names_the_codec_the_aggregator_and_the_length():
+def test_a_round_format_names_the_codec_the_aggregator_the_length_then_the_settings():
     assert round_format("int8", "trimmed_mean:trim=0.1", 1234) == "codec int8, aggregator trimmed_mean:trim=0.1, 1234 values"
+    assert round_format("int8", "mean", 5, ("outer sgd", "outer lr 0.7")) == (
+        "codec int8, aggregator mean, 5 values, outer sgd, outer lr 0.7"
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "settings"),
+    [
+        (OuterConfig(), ("outer sgd", "outer lr 0.7", "outer momentum 0.7", "outer nesterov on", "outer weight decay 0.0")),
+        # The optimizer's own lr named or left out: the same settings.
+        (OuterConfig(lr=0.7), OuterConfig().settings()),
+        # Nesterov without momentum is plain SGD.
+        (OuterConfig(momentum=0.0), ("outer sgd", "outer lr 0.7", "outer momentum 0.0", "outer nesterov off",
+                                     "outer weight decay 0.0")),
+        (OuterConfig(momentum=0.0, nesterov=False), OuterConfig(momentum=0.0).settings()),
+        # Only the fields the optimizer reads: Adam's betas and eps, not SGD's momentum.
+        (OuterConfig(name="adam"), ("outer adam", "outer lr 0.01", "outer betas 0.9/0.99", "outer eps 1e-08",
+                                    "outer weight decay 0.0")),
+        (OuterConfig(name="adam", momentum=0.5), OuterConfig(name="adam").settings()),
+        (OuterConfig(name="fedavgm"), ("outer fedavgm", "outer lr 1.0", "outer momentum 0.7")),
+    ],
+)
+def test_an_outer_optimizer_names_the_settings_it_applies_a_round_with(config, settings):
+    assert config.settings() == settings
+
+
+@pytest.mark.parametrize(
+    ("config", "settings"),
+    [
+        (DPConfig(), ("dp off",)),
+        (DPConfig(clip=1, noise=1.1), ("dp clip 1.0", "dp noise 1.1")),  # an int and a float clip agree
+        (DPConfig(clip=1.0, noise=1.1, delta=1e-3, amplify=True, seed=3), ("dp clip 1.0", "dp noise 1.1")),
+        (DPConfig(clip=1.0, adaptive=0.5), ("dp clip 1.0", "dp noise 1.0", "dp adaptive 0.5", "dp clip lr 0.2",
+                                            "dp count noise auto")),
+    ],
+)
+def test_differential_privacy_names_what_every_member_clips_and_noises_alike(config, settings):
+    assert config.settings() == settings
+
+
+@pytest.mark.parametrize(
+    ("config", "own"),
+    [
+        (DiLoCoConfig(), ()),
+        (FedConfig(), ("dp off",)),
+        (FedConfig(dp=DPConfig(clip=0.5, noise=2.0)), ("dp clip 0.5", "dp noise 2.0")),
+        (CodedSGDConfig(stragglers=2, code="cyclic"), ("stragglers 2", "code cyclic")),
+        (SeqSGCConfig(), ("scheme m-sgc", "burst 1", "window 2", "lambda 1", "code auto")),
+    ],
+)
+def test_an_algorithm_adds_its_own_settings_after_the_outer_optimizers(config, own):
+    assert config.round_settings() == (*config.outer.settings(), *own)
+
+
+@pytest.mark.parametrize(
+    ("asked", "other", "difference"),
+    [
+        (INT4, INT8, "codec int4, the run's: codec int8"),
+        (round_format("int4", "median", 1000), INT8, "codec int4, the run's: codec int8; aggregator median, the run's: "
+                                                     "aggregator mean"),
+        (round_format("int8", "mean", 1000, ("outer sgd", "outer lr 0.3")),
+         round_format("int8", "mean", 1000, ("outer sgd", "outer lr 0.7")), "outer lr 0.3, the run's: outer lr 0.7"),
+        # Another number of parts (a peer of an older version): both whole.
+        (round_format("int8", "mean", 1000, ("dp off",)), INT8, f"{INT8}, dp off; the run's: {INT8}"),
+    ],
+)
+def test_a_refusal_names_the_parts_of_the_format_that_differ(asked, other, difference):
+    assert format_difference(asked, other) == difference
 
 
 @pytest.mark.parametrize(
@@ -92,7 +167,7 @@ def test_once_a_round_committed_another_format_is_refused_for_good_naming_both(c
     assert commit(c, [a, b], INT8, 0) == 1
     odd = c.join("127.0.0.1:3", has_state=True, last_round=1).peer_id
     details = refusal(ask(c, odd, 1, INT4))
-    assert FORMAT_DIFFERS in details and INT4 in details and INT8 in details
+    assert FORMAT_DIFFERS in details and "(codec int4, the run's: codec int8)" in details
     assert [e["detail"] for e in c.events("format-refused") if e["peer_id"] == odd] == [details]
     assert commit(c, [a, b], INT8, 1) == 2  # the run goes on as it was
 
@@ -103,6 +178,7 @@ def test_while_a_round_is_pending_another_format_is_refused_for_now(coordinator)
     first = ask(c, a, 0, INT8)  # pending: int8 (the round waits for a second peer)
     details = refusal(ask(c, b, 0, INT4))
     assert "peers disagree" in details and FORMAT_DIFFERS not in details
+    assert "(codec int4, the pending round's: codec int8)" in details
     plan = ask(c, b, 0, INT8).result()
     assert plan.round_id == first.result().round_id == 1
 
@@ -123,21 +199,31 @@ def test_a_round_format_beyond_its_limit_is_refused_at_the_edge(coordinator):
     c = coordinator()
     a = c.join("127.0.0.1:1", has_state=True).peer_id
     with pytest.raises(grpc.RpcError) as info:
-        ask(c, a, 0, "x" * 201).result()
+        ask(c, a, 0, "x" * (MAX_FORMAT_CHARS + 1)).result()
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.timeout(300)
-def test_a_peer_started_with_another_codec_stops_in_one_line_and_the_run_goes_on(tmp_path):
+@pytest.mark.parametrize(
+    ("option", "difference"),
+    [
+        (("--codec", "int4"), "codec int4, the run's: codec int8"),
+        # Not caught before 2026-12-06: the replicas differed after every round (each peer applied the round with
+        # its own lr) and only the coordinator's log said their digests diverged.
+        (("--outer-lr", "0.3"), "outer lr 0.3, the run's: outer lr 0.7"),
+    ],
+)
+def test_a_peer_started_with_another_codec_or_outer_lr_stops_in_one_line_and_the_run_goes_on(tmp_path, option,
+                                                                                                 difference):
     run = DaemonRun(tmp_path, "fmt")
     try:
         # Each its own host, so their rounds cross the data plane with their codec (one host shares memory).
         a, b = (run.add(n, "--steps", "400", "--host-id", n) for n in ("a", "b"))
         a.wait_event(lambda e: e["event"] == "committed", 120)
-        odd = run.add("odd", "--codec", "int4", "--host-id", "odd", "--steps", "400")
+        odd = run.add("odd", *option, "--host-id", "odd", "--steps", "400")
         assert odd.proc.wait(timeout=120) != 0
         errors = [line for line in (tmp_path / "odd.log").read_text().splitlines() if line.startswith("loconet:")]
-        assert len(errors) == 1 and FORMAT_DIFFERS in errors[0] and "codec int4" in errors[0], errors
+        assert len(errors) == 1 and FORMAT_DIFFERS in errors[0] and difference in errors[0], errors
         for peer in (a, b):
             peer.wait_event(lambda e: e["event"] == "finished", 240)
         coordinator_log = (tmp_path / "coordinator.log").read_text()

@@ -146,7 +146,7 @@ from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from collectives.errors import ConfigError
-from collectives.membership import FORMAT_DIFFERS
+from collectives.membership import FORMAT_DIFFERS, FORMAT_SEPARATOR
 
 # Most sync sources a joiner is given (it may fetch stripes of the state from each).
 MAX_SYNC_SOURCES = 4
@@ -201,11 +201,21 @@ def format_refusal(asked: str, pending: str, run: str) -> tuple[str, bool]:
     if not asked:
         return "", False
     if run and asked != run:
-        return (f"this peer's {FORMAT_DIFFERS} ({asked}; the run's: {run}): start it with the run's --codec, "
-                "--aggregator and model"), True
+        return (f"this peer's {FORMAT_DIFFERS} ({format_difference(asked, run)}): start it with the run's --codec, "
+                "--aggregator, model and outer optimizer settings"), True
     if pending and asked != pending:
-        return f"this peer's round format ({asked}) is not the pending round's ({pending}): peers disagree", False
+        differ = format_difference(asked, pending, "the pending round's")
+        return f"this peer's round format is not the pending round's ({differ}): peers disagree", False
     return "", False
+
+
+def format_difference(asked: str, other: str, whose: str = "the run's") -> str:
+    """The parts of round format ``asked`` that differ from ``other``, each with its counterpart ("codec int4,
+    the run's: codec int8"); both whole when they have different parts."""
+    mine, theirs = asked.split(FORMAT_SEPARATOR), other.split(FORMAT_SEPARATOR)
+    if len(mine) != len(theirs):
+        return f"{asked}; {whose}: {other}"
+    return "; ".join(f"{a}, {whose}: {b}" for a, b in zip(mine, theirs) if a != b)
 
 
 def valid_digest(digest: str) -> bool:
