@@ -32,6 +32,7 @@ import grpc
 from collectives.asynctasks import cancel_and_wait
 from collectives.memberlists import BadMemberChange, BadPackedList, changed_list, entries_of, unpack_list
 from collectives.membership import RETRY_CODES, MembershipConfig, heartbeat_interval, round_format
+from optimizers.diloco import DiLoCoConfig
 from collectives.rpc import RpcSettings, make_channel
 from collectives.session import SESSION_RPCS, CoordinatorSession
 from protos import membership_pb2 as pb
@@ -78,7 +79,7 @@ JOIN_ATTEMPT_S = 10.0
 # Member lists a client process keeps for its peers (by digest): a peer names only its last one.
 SHARED_LISTS = 8
 # What every simulated peer's contribution is, named in its Quorum as a real DiLoCo peer's (the coordinator checks it).
-SIM_FORMAT = round_format("int8", "mean", 25_000_000)
+SIM_FORMAT = round_format("int8", "mean", 25_000_000, DiLoCoConfig().round_settings())
 
 
 class CallFailed(Exception):
