@@ -131,6 +131,12 @@ CASES = [
     ("coded: startup grace", Coded(1), q("abcd", age=9.0), None),
     ("coded: s above n-1 is n-1: one worker decodes", Coded(5), q("b", "ab"), form("b", "ab")),
     ("coded: a lone survivor below min_peers", Coded(1), q("a", "a", waited=5.0, rules=TWO), Refuse(1)),
+    # code=frc: the roster is the most live peers s+1 divides; the rest (last by peer id) sit out.
+    ("coded frc: five live, the last sits out", Coded(1, "frc"), q("ca", "abcde"), form("ac", "abcd")),
+    ("coded frc: the one sitting out is no member", Coded(1, "frc"), q("cae", "abcde"), form("ac", "abcd")),
+    ("coded frc: it alone asked, no round", Coded(1, "frc"), q("e", "abcde", waited=50.0), None),
+    ("coded frc: seven live with s=2, six in the roster", Coded(2, "frc"), q("ad", "abcdefg"), form("ad", "abcdef")),
+    ("coded frc: fewer live than s+1, s capped", Coded(2, "frc"), q("b", "ab"), form("b", "ab")),
     # allbut:S: the first n-S askers, the roster as candidates.
     ("allbut: the first n-s askers", AllBut(1), q("dca"), form("acd", "abcd")),
     ("allbut: fewer wait", AllBut(1), q("dc", waited=50.0), None),

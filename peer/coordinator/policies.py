@@ -404,17 +404,29 @@ class Coded(QuorumPolicy):
             return None
         from collectives.gradcodes import code_for, decodable  # torch, only for this policy (see from_arg)
 
-        roster = roster_of(q)
+        roster = self.roster(q)
         asked = [p for p in q.requesting if p in roster]
         try:
             code = code_for(len(roster), self.stragglers, self.code)
-        except ConfigError:  # code=frc over a roster that s+1 does not divide: nothing can decode it
+        except ConfigError:  # a code that cannot be built over this roster (self.roster avoids it for frc)
             return None
         if len(asked) >= q.rules.least and decodable(code, [roster.index(p) for p in asked]):
             return FormRound(tuple(order_members(set(asked))), roster)
         if quorum_hopeless(len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
             return Refuse(len(roster))
         return None
+
+    def roster(self, q: QuorumInputs) -> tuple[str, ...]:
+        """The workers the code is built over: every live peer; with code=frc, the most of them that s+1 divides.
+
+        Fractional repetition's groups of s+1 need a roster that s+1 divides. When a worker leaves a run of six
+        with s = 1, the last of the five by peer id sits out (it follows the run by the rounds' results) instead
+        of no round forming at all, as before 2026-12-06."""
+        roster = roster_of(q)
+        size = self.stragglers + 1
+        if self.code != "frc" or len(roster) < size:  # below s+1 workers, s is capped at n-1 (code_for)
+            return roster
+        return roster[: len(roster) - len(roster) % size]
 
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
         """Enough askers for the sparsest decodable set (one worker per group of s+1)."""
