@@ -137,8 +137,8 @@ class CodedSGDConfig(StepRoundConfig):
 
     stragglers: int = field(default=1, metadata={"help": "stragglers s the code tolerates (each worker holds s+1 "
                                                           "partitions; the coordinator needs --quorum coded:s)"})
-    code: str = field(default="auto", metadata={"help": "the code: auto (frc when s+1 divides n, else cyclic), frc, "
-                                                       "cyclic", "choices": CODE_KINDS})
+    code: str = field(default="auto", metadata={"help": "the code: auto (frc when s+1 divides n, else cyclic), frc "
+                                                       "(coded-sgd only), cyclic", "choices": CODE_KINDS})
 
     def __post_init__(self) -> None:
         super().__post_init__()

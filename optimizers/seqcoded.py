@@ -60,7 +60,7 @@ import torch
 
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError, ProtocolError, QuorumMismatch
-from collectives.gradcodes import CODE_KINDS
+from collectives.gradcodes import AUTO, CYCLIC, FRC
 from collectives.membership import RoundPlan
 from collectives.parts import flatten, unflatten_like
 from collectives.seqcoding import SCHEMES, SequentialScheme, gradcode, make_scheme
@@ -86,6 +86,8 @@ MAX_SLOTS = 64
 HEADER = 1 + MAX_SLOTS
 # Snapshot tensors of the jobs in flight: seq/job/<j>/params (w_j, fp32) and seq/job/<j>/partial (fp64).
 JOB_PREFIX = "seq/job/"
+# The plain codes a scheme may use (explicit frc is refused: see SeqSGCConfig.__post_init__).
+SEQ_CODE_KINDS = (AUTO, CYCLIC)
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,10 @@ class SeqSGCConfig(StepRoundConfig):
                                                      "burst per worker and --lam distinct stragglers"})
     lam: int = field(default=1, metadata={"help": "lambda of the straggler model: distinct stragglers per window "
                                                   "(the coordinator needs --quorum grace:lambda)"})
-    code: str = field(default="auto", metadata={"help": "the plain code inside the scheme: auto, frc, cyclic",
-                                                "choices": CODE_KINDS})
+    code: str = field(default="auto", metadata={"help": "the plain code inside the scheme: auto (fractional "
+                                                        "repetition whenever s+1 divides the roster, else cyclic) "
+                                                        "or cyclic",
+                                                "choices": SEQ_CODE_KINDS})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,8 +123,14 @@ class SeqSGCConfig(StepRoundConfig):
         if not 1 <= self.burst < self.window:
             raise ConfigError(f"the straggler model needs 1 <= burst < window, got burst={self.burst}, "
                               f"window={self.window}")
-        if self.code not in ("auto", "frc", "cyclic"):
-            raise ConfigError(f"code must be auto, frc or cyclic, got {self.code!r}")
+        if self.code == FRC:
+            # auto is frc on every roster frc can be built over; a roster that a join or a leave leaves
+            # undivided would make every round refused, since grace rounds have no one to sit out.
+            raise ConfigError("seq-sgc's roster changes with joins and leaves, and fractional repetition needs s+1 "
+                              "to divide it: use --code auto (frc whenever it divides, cyclic otherwise) or "
+                              "--code cyclic")
+        if self.code not in SEQ_CODE_KINDS:
+            raise ConfigError(f"code must be auto or cyclic, got {self.code!r}")
         if CodecConfig.parse(self.codec).name != "none":
             raise ConfigError(f"seq-sgc rounds carry who survived alongside the gradients, so their codec must be "
                               f"lossless: use none (or none+zstd), not {self.codec!r}")
@@ -312,7 +322,7 @@ class SequentialCodedSGD(CodedSGD):
                 if work is None:
                     raise ProtocolError(f"round {plan.round_id} was committed while this worker computed it")
                 message = self._message(work, plan, roster)
-            except ConfigError as exc:  # e.g. --code frc over a roster that lam+1 does not divide
+            except ConfigError as exc:  # a roster the scheme cannot be built over
                 raise ProtocolError(f"round {plan.round_id}: {exc}") from None
             sent.append(roster)
             return message

@@ -299,7 +299,8 @@ def test_a_checkpoint_written_with_the_whole_straggler_history_still_restores():
     ({"burst": 2, "window": 2}, "1 <= burst < window"),
     ({"burst": 0}, "1 <= burst < window"),
     ({"lam": -1}, "lam must be a whole number"),
-    ({"code": "random"}, "code must be auto, frc or cyclic"),
+    ({"code": "random"}, "code must be auto or cyclic"),
+    ({"code": "frc"}, "use --code auto"),
     ({"codec": "int8"}, "must be lossless"),
 ])
 def test_a_bad_configuration_says_what_to_change(fields, why):
