@@ -284,6 +284,7 @@ class ElasticCollective:
         initial_is_the_runs: bool = False,
         results_are_the_runs: bool = False,
         own_state: bool = False,
+        algorithm: Callable[[], str] | None = None,
     ) -> None:
         """Serve joiners the state provider returns (an optimizer registers its snapshot here).
 
@@ -303,12 +304,16 @@ class ElasticCollective:
 
         ``own_state``: this peer's state is its own (NoLoCo's replicas differ): back with an older state than the
         run's and nobody to catch up from, it goes on from it instead of waiting for a holder (its joins say so).
+
+        ``algorithm()``: the name of the algorithm this peer runs, which its joins carry: the coordinator refuses
+        a joiner whose algorithm is not the live peers' (before the run's first commit nothing else would).
         """
         self.state_server.provider = provider
         self.late.round_numel = round_numel
         self.late.state_nbytes = state_nbytes
         self.late.results_are_the_runs = results_are_the_runs
         self.membership.own_state = own_state
+        self.membership.algorithm = algorithm
         self._digest_of = digest
         self._offers_initial = initial_is_the_runs
 

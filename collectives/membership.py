@@ -369,6 +369,8 @@ class MembershipClient:
         self.status = PeerStatus()
         # Whether this peer's state is its own (NoLoCo's replicas differ), as its joins say (JoinRequest.own_state).
         self.own_state = False
+        # The algorithm this peer runs, as its joins say (JoinRequest.algorithm; None or "": not said).
+        self.algorithm: Callable[[], str] | None = None
         # Set when the coordinator said this peer is out of the run (a heartbeat answered known=False, a call
         # refused NOT_FOUND, a decision that dropped it); cleared by a join. The peer must join again.
         self.unregistered = asyncio.Event()
@@ -491,6 +493,7 @@ class MembershipClient:
             state_digest=digest,
             host_id=self.config.host_id,
             own_state=self.own_state,
+            algorithm=self.algorithm() if self.algorithm is not None else "",
         )
         auth = self.transport.auth
         if auth is not None:

@@ -209,9 +209,9 @@ class OuterOptimizer:
         if hasattr(peer, "provide_state"):
             # Joiners fetch the run's state from this optimizer; late peers check round sizes against it.
             peer.provide_state(
-                self.snapshot, round_numel=self.round_numel, state_nbytes=self.state.nbytes, digest=self.state_digest,
+                self.snapshot, round_numel=self.round_numel, state_nbytes=self._state_nbytes, digest=self.state_digest,
                 initial_is_the_runs=self.INITIAL_STATE_IS_THE_RUNS, results_are_the_runs=self.REPLICAS_IDENTICAL,
-                own_state=not self.REPLICAS_IDENTICAL,
+                own_state=not self.REPLICAS_IDENTICAL, algorithm=self.algorithm_name,
             )
 
     # -- what a subclass says ---------------------------------------------------------
@@ -528,11 +528,19 @@ class OuterOptimizer:
         self._check_algorithm(meta)
         return self._checked_meta(meta)
 
+    def _state_nbytes(self) -> int:
+        """The size of the state a joiner fetches (a subclass with more than the global state adds its part)."""
+        return self.state.nbytes()
+
+    def algorithm_name(self) -> str:
+        """The registered name of the algorithm this optimizer runs, as its states name it ("": none)."""
+        return str(self._meta().get("algorithm", ""))
+
     def _check_algorithm(self, meta: dict, required: bool = False) -> None:
         """ConfigError when a state names another algorithm than this peer's: a run's peers must run the same one
         (a state without the name, as old checkpoints may be, is checked only when ``required``)."""
         theirs = meta_str(meta, "algorithm", "")
-        mine = self._meta().get("algorithm", "")
+        mine = self.algorithm_name()
         if (theirs or required) and mine and theirs != mine:
             what = f"a {theirs[:40]!r} state" if theirs else "a state that names no algorithm"
             raise ConfigError(f"the run's state is {what} and this peer runs {mine!r}: every peer of a run must run "

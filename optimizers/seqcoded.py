@@ -242,10 +242,6 @@ class SequentialCodedSGD(CodedSGD):
         self.on_job: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
         self._jobs_nbytes = 0
         self._work: Work | None = None
-        if hasattr(peer, "provide_state"):
-            # The state a joiner fetches holds the jobs in flight too: late peers compare results with its size.
-            peer.provide_state(self.snapshot, round_numel=self.round_numel, state_nbytes=self._state_nbytes,
-                               results_are_the_runs=True)
 
     @property
     def global_step(self) -> int:
@@ -288,6 +284,7 @@ class SequentialCodedSGD(CodedSGD):
         return [torch.empty((self.T + 1) * self.numel), torch.empty(HEADER)]
 
     def _state_nbytes(self) -> int:
+        """The state a joiner fetches holds the jobs in flight too: late peers compare results with its size."""
         return self.state.nbytes() + self._jobs_nbytes
 
     def superseded(self) -> bool:

@@ -209,6 +209,17 @@ def format_refusal(asked: str, pending: str, run: str) -> tuple[str, bool]:
     return "", False
 
 
+def algorithm_refusal(asked: str, live: Iterable[str]) -> str:
+    """Why a joiner running algorithm ``asked`` is refused by a run whose live peers run ``live`` ("": it is not).
+
+    An empty name (a peer that does not say) is neither checked nor checked against."""
+    theirs = sorted({a for a in live if a} - {asked})
+    if not asked or not theirs:
+        return ""
+    return (f"this peer runs {asked!r} and the run's live peers run {' and '.join(map(repr, theirs))}: start it "
+            f"with --algorithm {theirs[0]}, or give it a run of its own (--run)")
+
+
 def format_difference(asked: str, other: str, whose: str = "the run's") -> str:
     """The parts of round format ``asked`` that differ from ``other``, each with its counterpart ("codec int4,
     the run's: codec int8"); both whole when they have different parts."""

@@ -57,6 +57,8 @@ class PeerRecord:
     # Whether its state is its own (JoinRequest.own_state: NoLoCo's replicas differ): behind the run with nobody
     # to catch up from, it skips the rounds it missed instead of waiting.
     own_state: bool = False
+    # The algorithm it runs (JoinRequest.algorithm; "": not said): a joiner running another is refused.
+    algorithm: str = ""
     # Calls the peer refused or cut off, by kind (its heartbeats say; docs/security.md).
     refusals: dict[str, int] = field(default_factory=dict)
     # With a run secret: the Ed25519 key the peer's credential binds its id to (collectives.credentials).

@@ -56,6 +56,7 @@ from peer.coordinator.rules import (
     Decision,
     PeerView,
     Report,
+    algorithm_refusal,
     attempt_over,
     claim_verdict,
     head_round,
@@ -82,6 +83,7 @@ MAX_ADDRESS_CHARS = 256
 MAX_PEER_ID_CHARS = 100
 MAX_TEXT_CHARS = 2000
 MAX_TAG_CHARS = 200
+MAX_ALGORITHM_CHARS = 64
 # The largest round minimum a peer may ask for (QuorumRequest.min_members): Krum with f in the thousands.
 MAX_MIN_MEMBERS = 1 << 16
 
@@ -303,6 +305,14 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"join needs the peer's host:port, got {address[:100]!r}")
         digest = checked_digest(req.state_digest)
         s = self.state
+        if len(req.algorithm) > MAX_ALGORITHM_CHARS:
+            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"an algorithm's name has at most {MAX_ALGORITHM_CHARS} characters")
+        # An earlier process at this address is gone (a restart): its algorithm is no longer the run's.
+        why = algorithm_refusal(req.algorithm, (p.algorithm for p in s.alive_peers() if p.address != address))
+        if why:
+            log.warning("a joiner at %s refused: %s", address, why)
+            raise self._refuse("algorithm", grpc.StatusCode.FAILED_PRECONDITION, why)
         committed = s.last_committed_round
         verdict = claim_verdict(req.last_round, req.epoch, committed, s.epoch, self._history_known)
         if verdict != "ok":
@@ -365,6 +375,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             codecs=tuple(c[:32] for c in req.codecs[:32]),
             host_id=req.host_id[:128],
             own_state=req.own_state,
+            algorithm=req.algorithm,
             lease_s=lease_s,
             public_key=key or b"",
         )
