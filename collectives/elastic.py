@@ -194,6 +194,9 @@ class ElasticConfig:
     # to come back (a restart takes seconds) before it ends with WaitingForState; later syncs end at once
     # until this peer is registered again.
     holder_wait_s: float = 15.0
+    # What this peer's model is, as its task names it (``Task.model_settings``; () : not said). Joins carry it:
+    # a joiner whose model is not the live peers' is refused (a different --heads changes no parameter's shape).
+    model_settings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "coordinator", coordinator_address(self.coordinator))
@@ -228,7 +231,8 @@ class ElasticCollective:
         self.membership = MembershipClient(
             self.transport,
             MembershipConfig(config.coordinator, config.run_id, name=config.name, patience_s=config.patience_s,
-                             host_id=resolve_host_id(config.transport.host_id)),
+                             host_id=resolve_host_id(config.transport.host_id),
+                             model_settings=tuple(config.model_settings)),
         )
         self.address = ""
         self.last_round = 0
@@ -285,6 +289,7 @@ class ElasticCollective:
         results_are_the_runs: bool = False,
         own_state: bool = False,
         algorithm: Callable[[], str] | None = None,
+        settings: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         """Serve joiners the state provider returns (an optimizer registers its snapshot here).
 
@@ -305,8 +310,10 @@ class ElasticCollective:
         ``own_state``: this peer's state is its own (NoLoCo's replicas differ): back with an older state than the
         run's and nobody to catch up from, it goes on from it instead of waiting for a holder (its joins say so).
 
-        ``algorithm()``: the name of the algorithm this peer runs, which its joins carry: the coordinator refuses
-        a joiner whose algorithm is not the live peers' (before the run's first commit nothing else would).
+        ``algorithm()``: the name of the algorithm this peer runs; ``settings()``: what the run's members must agree
+        on (codec, aggregator, what a member does with a result). Its joins carry them, with the config's
+        ``model_settings``: the coordinator refuses a joiner whose algorithm or settings are not the live peers'
+        (before the run's first commit nothing else would).
         """
         self.state_server.provider = provider
         self.late.round_numel = round_numel
@@ -314,6 +321,7 @@ class ElasticCollective:
         self.late.results_are_the_runs = results_are_the_runs
         self.membership.own_state = own_state
         self.membership.algorithm = algorithm
+        self.membership.settings = settings
         self._digest_of = digest
         self._offers_initial = initial_is_the_runs
 

@@ -159,6 +159,8 @@ class MembershipConfig:
     name: str = ""
     # The host this peer runs on, sent at join (collectives/hostlocal.py; "": a host of its own).
     host_id: str = ""
+    # What this peer's model is (its task's model_settings), sent at join with the optimizer's settings.
+    model_settings: tuple[str, ...] = ()
     # Deadline of one short RPC (join, heartbeat, leave).
     rpc_timeout_s: float = 5.0
     # Longest a call keeps retrying an unreachable coordinator.
@@ -369,8 +371,10 @@ class MembershipClient:
         self.status = PeerStatus()
         # Whether this peer's state is its own (NoLoCo's replicas differ), as its joins say (JoinRequest.own_state).
         self.own_state = False
-        # The algorithm this peer runs, as its joins say (JoinRequest.algorithm; None or "": not said).
+        # The algorithm this peer runs and the settings its members must agree on, as its joins say
+        # (JoinRequest.algorithm and .settings, with the config's model_settings; None: not said).
         self.algorithm: Callable[[], str] | None = None
+        self.settings: Callable[[], Sequence[str]] | None = None
         # Set when the coordinator said this peer is out of the run (a heartbeat answered known=False, a call
         # refused NOT_FOUND, a decision that dropped it); cleared by a join. The peer must join again.
         self.unregistered = asyncio.Event()
@@ -494,6 +498,8 @@ class MembershipClient:
             host_id=self.config.host_id,
             own_state=self.own_state,
             algorithm=self.algorithm() if self.algorithm is not None else "",
+            settings=FORMAT_SEPARATOR.join((*(self.settings() if self.settings is not None else ()),
+                                            *self.config.model_settings)),
         )
         auth = self.transport.auth
         if auth is not None:

@@ -211,7 +211,7 @@ class OuterOptimizer:
             peer.provide_state(
                 self.snapshot, round_numel=self.round_numel, state_nbytes=self._state_nbytes, digest=self.state_digest,
                 initial_is_the_runs=self.INITIAL_STATE_IS_THE_RUNS, results_are_the_runs=self.REPLICAS_IDENTICAL,
-                own_state=not self.REPLICAS_IDENTICAL, algorithm=self.algorithm_name,
+                own_state=not self.REPLICAS_IDENTICAL, algorithm=self.algorithm_name, settings=self.run_settings,
             )
 
     # -- what a subclass says ---------------------------------------------------------
@@ -531,6 +531,11 @@ class OuterOptimizer:
     def _state_nbytes(self) -> int:
         """The size of the state a joiner fetches (a subclass with more than the global state adds its part)."""
         return self.state.nbytes()
+
+    def run_settings(self) -> tuple[str, ...]:
+        """What the run's members must agree on, as a round format names it without the length: the codec, the
+        aggregator and the config's ``round_settings`` (what a member does with a round's result)."""
+        return (f"codec {self.codec}", f"aggregator {self.aggregator}", *self.config.round_settings())
 
     def algorithm_name(self) -> str:
         """The registered name of the algorithm this optimizer runs, as its states name it ("": none)."""

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("run_id", "address", "peer_id", "last_round", "epoch", "has_state", "name", "codecs", "state_digest", "public_key", "host_id", "own_state", "algorithm")
+    __slots__ = ("run_id", "address", "peer_id", "last_round", "epoch", "has_state", "name", "codecs", "state_digest", "public_key", "host_id", "own_state", "algorithm", "settings")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class JoinRequest(_message.Message):
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     OWN_STATE_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     address: str
     peer_id: str
@@ -35,7 +36,8 @@ class JoinRequest(_message.Message):
     host_id: str
     own_state: bool
     algorithm: str
-    def __init__(self, run_id: _Optional[str] = ..., address: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., epoch: _Optional[int] = ..., has_state: _Optional[bool] = ..., name: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., public_key: _Optional[bytes] = ..., host_id: _Optional[str] = ..., own_state: _Optional[bool] = ..., algorithm: _Optional[str] = ...) -> None: ...
+    settings: str
+    def __init__(self, run_id: _Optional[str] = ..., address: _Optional[str] = ..., peer_id: _Optional[str] = ..., last_round: _Optional[int] = ..., epoch: _Optional[int] = ..., has_state: _Optional[bool] = ..., name: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., public_key: _Optional[bytes] = ..., host_id: _Optional[str] = ..., own_state: _Optional[bool] = ..., algorithm: _Optional[str] = ..., settings: _Optional[str] = ...) -> None: ...
 
 class PeerCredential(_message.Message):
     __slots__ = ("run_id", "peer_id", "address", "public_key", "issuer_key", "signature")

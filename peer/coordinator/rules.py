@@ -220,6 +220,17 @@ def algorithm_refusal(asked: str, live: Iterable[str]) -> str:
             f"with --algorithm {theirs[0]}, or give it a run of its own (--run)")
 
 
+def settings_refusal(asked: str, live: Iterable[str]) -> str:
+    """Why a joiner whose settings (JoinRequest.settings) are ``asked`` is refused by a run whose live peers' are
+    ``live`` ("": it is not), naming the parts that differ from the most common. Empty ones are not compared."""
+    theirs = Counter(s for s in live if s)
+    if not asked or not theirs or asked in theirs:
+        return ""
+    run = theirs.most_common(1)[0][0]
+    return (f"this peer's settings are not the run's ({format_difference(asked, run)}): start it with the run's "
+            "--codec, --aggregator, model and outer optimizer settings, or give it a run of its own (--run)")
+
+
 def format_difference(asked: str, other: str, whose: str = "the run's") -> str:
     """The parts of round format ``asked`` that differ from ``other``, each with its counterpart ("codec int4,
     the run's: codec int8"); both whole when they have different parts."""

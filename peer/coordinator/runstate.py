@@ -59,6 +59,8 @@ class PeerRecord:
     own_state: bool = False
     # The algorithm it runs (JoinRequest.algorithm; "": not said): a joiner running another is refused.
     algorithm: str = ""
+    # What else it must agree on with the run (JoinRequest.settings; "": not said).
+    settings: str = ""
     # Calls the peer refused or cut off, by kind (its heartbeats say; docs/security.md).
     refusals: dict[str, int] = field(default_factory=dict)
     # With a run secret: the Ed25519 key the peer's credential binds its id to (collectives.credentials).

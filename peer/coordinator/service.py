@@ -64,6 +64,7 @@ from peer.coordinator.rules import (
     join_action,
     majority_round,
     needs_resync,
+    settings_refusal,
 )
 from peer.coordinator.runstate import PeerRecord, RunState
 from peer.coordinator.sessions import PeerStreams, pushed_bytes
@@ -293,6 +294,20 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.refusals[kind] = self.refusals.get(kind, 0) + 1
         return BadRequest(code, why)
 
+    def _check_settings(self, req: pb.JoinRequest, address: str) -> None:
+        """Refuse a joiner whose algorithm or settings are not the live peers' (BadRequest, counted): their rounds
+        would not mix, and before the run's first commit nothing else tells them apart."""
+        if len(req.algorithm) > MAX_ALGORITHM_CHARS or len(req.settings) > MAX_FORMAT_CHARS:
+            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"a join's algorithm has at most {MAX_ALGORITHM_CHARS} "
+                             f"characters and its settings at most {MAX_FORMAT_CHARS}")
+        # An earlier process at this address is gone (a restart): what it ran is no longer the run's.
+        others = [p for p in self.state.alive_peers() if p.address != address]
+        for kind, why in (("algorithm", algorithm_refusal(req.algorithm, (p.algorithm for p in others))),
+                          ("settings", settings_refusal(req.settings, (p.settings for p in others)))):
+            if why:
+                log.warning("a joiner at %s refused: %s", address, why)
+                raise self._refuse(kind, grpc.StatusCode.FAILED_PRECONDITION, why)
+
     def _join(self, req: pb.JoinRequest, key: bytes | None = None) -> pb.JoinResponse:
         """Register a peer (key: with a run secret, the public key it proved; its credential binds the id to it)."""
         self._check_run(req.run_id)
@@ -305,14 +320,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"join needs the peer's host:port, got {address[:100]!r}")
         digest = checked_digest(req.state_digest)
         s = self.state
-        if len(req.algorithm) > MAX_ALGORITHM_CHARS:
-            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"an algorithm's name has at most {MAX_ALGORITHM_CHARS} characters")
-        # An earlier process at this address is gone (a restart): its algorithm is no longer the run's.
-        why = algorithm_refusal(req.algorithm, (p.algorithm for p in s.alive_peers() if p.address != address))
-        if why:
-            log.warning("a joiner at %s refused: %s", address, why)
-            raise self._refuse("algorithm", grpc.StatusCode.FAILED_PRECONDITION, why)
+        self._check_settings(req, address)
         committed = s.last_committed_round
         verdict = claim_verdict(req.last_round, req.epoch, committed, s.epoch, self._history_known)
         if verdict != "ok":
@@ -376,6 +384,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             host_id=req.host_id[:128],
             own_state=req.own_state,
             algorithm=req.algorithm,
+            settings=req.settings,
             lease_s=lease_s,
             public_key=key or b"",
         )

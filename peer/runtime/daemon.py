@@ -225,6 +225,7 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
         allreduce=AllReduceConfig(timeout_s=train_cfg.round_timeout_s),
         keep_results=config.keep_results,
         connect_timeout_s=config.connect_timeout_s,
+        model_settings=task.model_settings(),
     )
     elastic = ElasticCollective(elastic_cfg)
     signals.watch(elastic)

@@ -150,6 +150,11 @@ class Task(ABC):
     def build_model(self) -> torch.nn.Module:
         """A freshly initialised model; the same weights for the same seed, no global RNG side effects."""
 
+    def model_settings(self) -> tuple[str, ...]:
+        """What the model is, in parts a run's peers must agree on (the coordinator refuses a joiner whose parts
+        differ); () when the task does not say. Name what the parameters' shapes do not show (attention heads)."""
+        return ()
+
     @abstractmethod
     def batches(self, rank: int, world: int, start: int = 0) -> Iterator[Batch]:
         """Peer ``rank`` of ``world``'s infinite, deterministic stream of training batches, from number ``start``.

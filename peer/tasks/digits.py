@@ -118,6 +118,10 @@ class DigitsTask(Task):
         self._partitions: dict[int, list[np.ndarray]] = {}
         logger.debug("digits: %d training and %d held-out images", len(train), len(held))
 
+    def model_settings(self) -> tuple[str, ...]:
+        """The MLP's hidden width."""
+        return ("model mlp", f"hidden {self.config.d_model}")
+
     def build_model(self) -> DigitsMLP:
         """The MLP with ``d_model`` hidden units, initialised from the seed; the global RNG is left untouched."""
         with seeded_torch(self.config.seed):

@@ -43,6 +43,12 @@ class ModelConfig:
     mlp_ratio: int = 4
     tie_weights: bool = False
 
+    def settings(self) -> tuple[str, ...]:
+        """The shape as a task's model_settings: every field, heads included (they change no parameter's shape)."""
+        return ("model transformer", f"vocab {self.vocab_size}", f"max len {self.max_len}", f"d model {self.d_model}",
+                f"layers {self.n_layers}", f"heads {self.n_heads}", f"mlp ratio {self.mlp_ratio}",
+                f"tied {'on' if self.tie_weights else 'off'}")
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where position t sees positions <= t."""

@@ -154,9 +154,16 @@ class SyntheticLMTask(Task):
 
     def build_model(self) -> TransformerLM:
         """The default transformer at the configured size, initialised from the seed."""
+        return build_transformer(self.shape(), self.config.seed)
+
+    def shape(self) -> ModelConfig:
+        """The transformer's shape at the configured size."""
         c = self.config
-        shape = ModelConfig(c.vocab_size, c.seq_len, c.d_model, c.n_layers, c.n_heads)
-        return build_transformer(shape, c.seed)
+        return ModelConfig(c.vocab_size, c.seq_len, c.d_model, c.n_layers, c.n_heads)
+
+    def model_settings(self) -> tuple[str, ...]:
+        """The transformer's shape."""
+        return self.shape().settings()
 
     def start_distribution(self, rank: int, world: int) -> np.ndarray:
         """Distribution of s_0 for peer ``rank`` of ``world``: pi ("iid") or pi on the peer's clusters ("non-iid")."""

@@ -180,8 +180,16 @@ class TextLMTask(Task):
 
     def build_model(self) -> TransformerLM:
         """The default transformer at the configured size over the corpus's vocabulary, initialised from the seed."""
+        return build_transformer(self.shape(), self.config.seed)
+
+    def shape(self) -> ModelConfig:
+        """The transformer's shape at the configured size, over the corpus's vocabulary."""
         c = self.config
-        return build_transformer(ModelConfig(self.vocab_size, c.seq_len, c.d_model, c.n_layers, c.n_heads), c.seed)
+        return ModelConfig(self.vocab_size, c.seq_len, c.d_model, c.n_layers, c.n_heads)
+
+    def model_settings(self) -> tuple[str, ...]:
+        """The transformer's shape."""
+        return self.shape().settings()
 
     def shard_bounds(self, rank: int, world: int) -> tuple[int, int]:
         """[lo, hi) of the training part that peer ``rank``'s windows come from: whole part ("iid"), a shard."""

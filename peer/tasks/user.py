@@ -121,6 +121,11 @@ class WrappedTask(Task):
         """The user object's model."""
         return self.inner.build_model()
 
+    def model_settings(self) -> tuple[str, ...]:
+        """The user object's, when it says (a tuple of strings); () otherwise."""
+        own = getattr(self.inner, "model_settings", None)
+        return tuple(str(part) for part in own()) if callable(own) else ()
+
     def batches(self, rank: int, world: int, start: int = 0) -> Iterator[Batch]:
         """The user object's batch stream for peer ``rank`` of ``world``, from batch number ``start``."""
         return batch_stream(self.inner, rank, world, start)
