@@ -300,6 +300,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if len(req.algorithm) > MAX_ALGORITHM_CHARS or len(req.settings) > MAX_FORMAT_CHARS:
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"a join's algorithm has at most {MAX_ALGORITHM_CHARS} "
                              f"characters and its settings at most {MAX_FORMAT_CHARS}")
+        if not req.algorithm and not req.settings:
+            return  # a peer that does not say is not checked (and costs no pass over the peers)
         # An earlier process at this address is gone (a restart): what it ran is no longer the run's.
         others = [p for p in self.state.alive_peers() if p.address != address]
         for kind, why in (("algorithm", algorithm_refusal(req.algorithm, (p.algorithm for p in others))),
