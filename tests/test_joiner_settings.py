@@ -32,7 +32,7 @@ from peer.tasks.base import TaskConfig
 from peer.tasks.registry import make_task
 
 sys.path.insert(0, str(Path(__file__).parent))
-from support.coordinator import RUN, Live, live_coordinators
+from support.coordinator import BY_HAND, Live, live_coordinators
 from support.procs import DaemonRun
 
 pytestmark = pytest.mark.timeout(120)
@@ -102,10 +102,7 @@ def test_an_optimizer_names_its_codec_aggregator_and_round_settings_for_its_join
 
 @pytest.fixture
 def coordinator() -> Iterator[Callable[..., Live]]:
-    with live_coordinators(
-        {"run_id": RUN, "port": 0, "dashboard_port": None, "startup_grace_s": 0.0, "min_peers": 1,
-         "join_timeout_s": 0.5, "heartbeat_s": 0.5, "lease_s": 30.0}
-    ) as start:
+    with live_coordinators(BY_HAND) as start:
         yield start
 
 

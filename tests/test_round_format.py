@@ -27,7 +27,7 @@ from peer.coordinator.rules import format_difference, format_refusal
 from protos import membership_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
-from support.coordinator import RUN, Live, live_coordinators
+from support.coordinator import BY_HAND, RUN, Live, live_coordinators
 from support.procs import DaemonRun
 
 pytestmark = pytest.mark.timeout(120)
@@ -130,10 +130,7 @@ def test_a_request_whose_round_format_is_not_the_runs_or_the_pending_rounds_is_r
 
 @pytest.fixture
 def coordinator() -> Iterator[Callable[..., Live]]:
-    with live_coordinators(
-        {"run_id": RUN, "port": 0, "dashboard_port": None, "startup_grace_s": 0.0, "min_peers": 1,
-         "join_timeout_s": 0.5, "heartbeat_s": 0.5, "lease_s": 30.0}
-    ) as start:
+    with live_coordinators(BY_HAND) as start:
         yield start
 
 

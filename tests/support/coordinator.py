@@ -90,6 +90,11 @@ class Live:
             self.thread.close()
 
 
+# A coordinator for peers played by hand: rounds form at once, from one peer on, and leases outlast a test.
+BY_HAND = {"run_id": RUN, "port": 0, "dashboard_port": None, "startup_grace_s": 0.0, "min_peers": 1,
+           "join_timeout_s": 0.5, "heartbeat_s": 0.5, "lease_s": 30.0}
+
+
 @contextlib.contextmanager
 def live_coordinators(defaults: dict) -> Iterator[Callable[..., Live]]:
     """A factory of Live coordinators (defaults overridden by keywords); all are stopped on leaving."""
