@@ -79,6 +79,11 @@ class StreamingConfig(SyncConfig):
         if self.split not in SPLITS:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
 
+    def round_settings(self) -> tuple[str, ...]:
+        """With the outer step's, how the parameters are cut into fragments: peers that cut them otherwise hold
+        other parameters under one fragment's tag."""
+        return (*super().round_settings(), f"fragments {self.fragments}", f"fragment split {self.split}")
+
 
 def layer_key(name: str) -> str:
     """The layer a parameter belongs to: 'blocks.3' for 'blocks.3.attn.weight', else its first component."""

@@ -23,6 +23,7 @@ from optimizers.federated import FedConfig
 from optimizers.outer_optim import OuterConfig
 from optimizers.privacy import DPConfig
 from optimizers.seqcoded import SeqSGCConfig
+from optimizers.streaming import StreamingConfig
 from peer.coordinator.rules import format_difference, format_refusal
 from protos import membership_pb2 as pb
 
@@ -86,6 +87,7 @@ def test_differential_privacy_names_what_every_member_clips_and_noises_alike(con
         (FedConfig(dp=DPConfig(clip=0.5, noise=2.0)), ("dp clip 0.5", "dp noise 2.0")),
         (CodedSGDConfig(stragglers=2, code="cyclic"), ("stragglers 2", "code cyclic")),
         (SeqSGCConfig(), ("scheme m-sgc", "burst 1", "window 2", "lambda 1", "code auto")),
+        (StreamingConfig(fragments=2), ("fragments 2", "fragment split strided")),
     ],
 )
 def test_an_algorithm_adds_its_own_settings_after_the_outer_optimizers(config, own):

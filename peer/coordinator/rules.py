@@ -227,8 +227,8 @@ def settings_refusal(asked: str, live: Iterable[str]) -> str:
     if not asked or not theirs or asked in theirs:
         return ""
     run = theirs.most_common(1)[0][0]
-    return (f"this peer's settings are not the run's ({format_difference(asked, run)}): start it with the run's "
-            "--codec, --aggregator, model and outer optimizer settings, or give it a run of its own (--run)")
+    return (f"this peer's settings are not the run's ({format_difference(asked, run)}): start it with the options "
+            "the run's peers were started with, or give it a run of its own (--run)")
 
 
 def format_difference(asked: str, other: str, whose: str = "the run's") -> str:
