@@ -319,6 +319,39 @@ def test_a_failed_round_aborts_after_the_failure_grace_without_dropping_a_silent
     assert [(p.round_id, members(p)) for p in retry] == [(1, sorted([a, silent]))] * 2
 
 
+def test_a_member_that_asks_again_before_reporting_never_got_its_answer_and_the_attempt_is_retried(coordinator):
+    # Chaos seed 1336: a round of one formed as its member rejoined, the answer went down a Session stream the
+    # rejoin reset, and the attempt waited for a report that never came, with no round formed for 13 minutes.
+    c = coordinator()
+    a = join(c.stub, "127.0.0.1:1")
+    lost = ask(c.stub, a).result()  # as if it never arrived
+    again = ask(c.stub, a).result(timeout=10)
+    assert (again.round_id, again.epoch, members(again)) == (lost.round_id, lost.epoch + 1, [a])
+    assert report(c.stub, a, again).result().commit
+    rounds = {(r["round_id"], r["epoch"]): r for r in c.status()["rounds"]}
+    assert rounds[(1, 0)]["status"] == "aborted" and "never reached it" in rounds[(1, 0)]["reason"]
+    assert rounds[(1, 1)]["status"] == "committed"
+
+
+def test_a_member_whose_answer_was_lost_fails_its_attempt_without_being_dropped(coordinator):
+    c = coordinator(failure_grace_s=0.5, commit_timeout_s=120.0)
+    a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
+    plan = [f.result() for f in [ask(c.stub, p) for p in (a, b)]][0]
+    retry_b = ask(c.stub, b)  # b lost its answer; a waits in the all-reduce for b's data
+    # After the failure grace, a's heartbeat tells it that its attempt is over, and why.
+    over = ""
+    deadline = time.monotonic() + 10
+    while not over and time.monotonic() < deadline:
+        time.sleep(0.1)
+        over = c.stub.Heartbeat(pb.HeartbeatRequest(run_id=RUN, peer_id=a, round_id=plan.round_id,
+                                                    round_epoch=plan.epoch), timeout=5).round_over
+    assert "never reached it" in over
+    decision = report(c.stub, a, plan, ok=False).result()
+    assert (decision.commit, list(decision.dropped)) == (False, [])
+    retry_a = ask(c.stub, a)
+    assert [members(f.result(timeout=10)) for f in (retry_a, retry_b)] == [sorted([a, b])] * 2
+
+
 def test_a_resync_answer_carries_the_runs_step_so_a_peer_back_from_a_cut_lines_up_at_once(coordinator):
     c = coordinator(quorum="first-k:2")
     a, b, late = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2, 3))

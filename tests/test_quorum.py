@@ -10,6 +10,7 @@ from peer.coordinator.rules import (
     PeerView,
     QuorumRules,
     Report,
+    answer_lost,
     attempt_over,
     choose_sync_source,
     choose_sync_sources,
@@ -426,3 +427,16 @@ def test_sync_sources_are_the_up_to_date_holders_least_busy_first_at_most_four()
 
 def test_no_sync_source_when_nobody_is_up_to_date():
     assert choose_sync_source(PEERS, "p9", 8) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "members", "reported", "asker", "lost"),
+    [
+        ("a member that has not reported asks again", ("a", "b"), (), "a", True),
+        ("one of several, the other reported", ("a", "b"), ("b",), "a", True),
+        ("a member that reported asks for the retry", ("a", "b"), ("a",), "a", False),
+        ("a peer outside the attempt waits for it", ("a", "b"), (), "c", False),
+    ],
+)
+def test_answer_lost(name, members, reported, asker, lost):
+    assert answer_lost(members, reported, asker) == lost

@@ -35,6 +35,7 @@ from peer.coordinator.rules import (
     Decision,
     QuorumRules,
     Report,
+    answer_lost,
     commit_decision,
     format_refusal,
     next_epoch,
@@ -277,6 +278,23 @@ class Quorums:
         self.pending.asked_at.setdefault(peer_id, time.monotonic())
         self.close_if_ready(cheap=True)
         return fut
+
+    def forget_lost_answer(self, peer_id: str) -> None:
+        """Count a member of the attempt in flight that asks for a new round as that attempt's failed member: it will
+        never report (rules.answer_lost), and the attempt would wait for it as long as its lease holds, with no other
+        round formed meanwhile. Chaos seed 1336: a peer paused past its lease rejoined, its request formed a round
+        of one as it did, the answer went down its reset Session stream, and the run stood still."""
+        lost = next((a for a, c in self.commits.items() if answer_lost(c.record.members, c.reports, peer_id)), None)
+        if lost is None:
+            return
+        pending = self.commits[lost]
+        why = f"{peer_id} asked for a new round before reporting: the answer naming it a member never reached it"
+        log.info("round %d at epoch %d: %s", lost[0], lost[1], why)
+        now = time.monotonic()
+        pending.reports[peer_id] = Report(ok=False, reason=why)
+        pending.first_report_at = pending.first_report_at or now
+        pending.first_failure_at = pending.first_failure_at or now
+        self.decide_if_known(lost)
 
     def withdraw(self, peer_id: str, fut: asyncio.Future) -> None:
         """Take a waiter out of the pending quorum (its call gave up)."""

@@ -518,6 +518,13 @@ def commit_decision(inputs: CommitInputs) -> Decision | None:
     return None
 
 
+def answer_lost(members: Collection[str], reported: Container[str], asker: str) -> bool:
+    """Whether a quorum request from ``asker`` shows that it never learned it is a member of the attempt in flight
+    (``members``, of whom ``reported`` reported): a peer asks for a round only once its last one is decided, so a
+    member that asks before reporting lost the answer that named it (a Session stream reset as it rejoined)."""
+    return asker in members and asker not in reported
+
+
 def attempt_over(
     attempt: tuple[int, int], pending: Container[tuple[int, int]], decided: dict[tuple[int, int], Decision]
 ) -> str:

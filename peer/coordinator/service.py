@@ -619,10 +619,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             if not noted:
                 self._note_digest(req.last_round, digest, peer.peer_id)
                 noted = True
+            # A member of the attempt in flight asking before it reported lost the answer naming it: that attempt
+            # fails now, instead of waiting for a report that never comes.
+            self.quorums.forget_lost_answer(peer.peer_id)
             attempt = self.quorums.in_flight()
             if attempt is not None:
-                # An attempt is in flight (this peer is not in it, or asks again before its decision):
-                # hold the call until it is decided. Committed: this peer lacks the round and is told to
+                # An attempt is in flight (this peer is not in it): hold the call until it is decided. Committed: this peer lacks the round and is told to
                 # resync; aborted: it is in time for the retry's quorum.
                 await self._wait(attempt.decided, give_up, peer.peer_id)
                 continue
