@@ -282,8 +282,8 @@ class Quorums:
     def forget_lost_answer(self, peer_id: str) -> None:
         """Count a member of the attempt in flight that asks for a new round as that attempt's failed member: it will
         never report (rules.answer_lost), and the attempt would wait for it as long as its lease holds, with no other
-        round formed meanwhile. Chaos seed 1336: a peer paused past its lease rejoined, its request formed a round
-        of one as it did, the answer went down its reset Session stream, and the run stood still."""
+        round formed meanwhile. Chaos seed 1336: a peer paused past its lease rejoined, a round of one formed with it,
+        the answer never reached it (a rejoin under a run token resets the Session stream), and the run stood still."""
         lost = next((a for a, c in self.commits.items() if answer_lost(c.record.members, c.reports, peer_id)), None)
         if lost is None:
             return
