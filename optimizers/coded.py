@@ -41,7 +41,6 @@ partition's batch (``PartitionData``).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -55,7 +54,6 @@ from collectives.errors import ConfigError, ProtocolError, QuorumMismatch
 from collectives.gradcodes import CODE_KINDS, Undecodable, code_for, decode
 from collectives.membership import BACKUP_TAG_KEY, RoundPlan
 from collectives.parts import flatten, unflatten_like
-from collectives.statesync import StateSnapshot
 from optimizers.backup import BackupConfig, BackupWorkers, RoundObservation
 from optimizers.outer import RECENT_SYNCS, OuterOptimizer, SyncConfig
 from optimizers.outer_optim import OuterConfig
@@ -199,9 +197,6 @@ class CodedSGD(OuterOptimizer):
         super().__init__(model, inner, peer, config)
         self.tag = type(config).TAG
         self.coded = isinstance(config, CodedSGDConfig)
-        # Held while a round is applied, so a joiner's snapshot never sees half of one (parameters of round r
-        # with the schedule or estimator of round r-1).
-        self._applying = threading.Lock()
         # The roster of the last round this worker took part in (None: not known yet, encode once the plan is).
         self.roster: tuple[str, ...] | None = None
         dynamic = getattr(config, "dynamic_k", False)
@@ -249,11 +244,6 @@ class CodedSGD(OuterOptimizer):
         """The decoded gradient, applied by the outer optimizer; a dynamic-k round's statistics update the estimator."""
         with self._applying:
             self._apply_locked(tag, value, round_id)
-
-    def snapshot(self) -> StateSnapshot:
-        """The run's state as of the last applied round (what a joiner fetches), never half of a round."""
-        with self._applying:
-            return super().snapshot()
 
     def _apply_locked(self, tag: str, value: Sequence[torch.Tensor], round_id: int) -> None:
         flat = flatten(list(value))

@@ -368,12 +368,15 @@ class FedAvg(DiLoCo):
         return lambda: None
 
     def snapshot(self) -> StateSnapshot:
-        """The run's state, plus client momentum's direction when there is one."""
-        snap = super().snapshot()
-        if self.direction is not None:
-            for name, d in zip(self.state.names, self.direction):
-                snap.tensors[f"{DIRECTION_PREFIX}{name}"] = d.clone()
-        return snap
+        """The run's state, plus client momentum's direction when there is one (both of the same round: chaos seed
+        1338 served a joiner round 21's parameters with round 20's direction, and the coordinator saw the replicas
+        diverge)."""
+        with self._applying:
+            snap = super().snapshot()
+            if self.direction is not None:
+                for name, d in zip(self.state.names, self.direction):
+                    snap.tensors[f"{DIRECTION_PREFIX}{name}"] = d.clone()
+            return snap
 
     def _adopt_direction(self, tensors: dict[str, torch.Tensor]) -> None:
         keys = [f"{DIRECTION_PREFIX}{n}" for n in self.state.names]
@@ -382,13 +385,15 @@ class FedAvg(DiLoCo):
 
     def load_snapshot(self, snapshot: StateSnapshot) -> None:
         """Adopt the run's state (and its direction)."""
-        super().load_snapshot(snapshot)
-        self._adopt_direction(snapshot.tensors)
+        with self._applying:
+            super().load_snapshot(snapshot)
+            self._adopt_direction(snapshot.tensors)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned (and the direction)."""
-        super().load_state_dict(state)
-        self._adopt_direction(state["global"])
+        with self._applying:
+            super().load_state_dict(state)
+            self._adopt_direction(state["global"])
 
 
 # (registered name, config, one line for --help); every one is the FedAvg class with another config.

@@ -26,6 +26,7 @@ import inspect
 import logging
 import math
 import operator
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -190,6 +191,10 @@ class OuterOptimizer:
         self.codec = config.codec_config
         self.aggregator = config.aggregator_config
         self.inner_steps = 0
+        # Held while a round is applied and while a snapshot is taken, so a joiner's state never holds half of a
+        # round (the parameters of round r with what a subclass keeps beside them, as of round r-1). Reentrant: a
+        # subclass's snapshot holds it around the base's.
+        self._applying = threading.RLock()
         # Examples trained on by this process (the status's ``samples``; the rounds' weights count their own).
         self.samples_trained = 0
         self._rate = StepRate()
@@ -412,7 +417,8 @@ class OuterOptimizer:
             missed()
             self._record(SyncRecord(self.inner_steps, False, reason=str(exc), error=type(exc).__name__))
             return False
-        self._apply(tag, result.value, result.round_id)
+        with self._applying:
+            self._apply(tag, result.value, result.round_id)
         stats = getattr(result, "stats", None)
         self._record(
             SyncRecord(
@@ -474,7 +480,8 @@ class OuterOptimizer:
 
     def _apply_late(self, missed: Any, apply: Callable[[str, Sequence[torch.Tensor], int], None]) -> None:
         """Apply one committed round this peer was late for with ``apply(tag, value, round_id)``, and record it."""
-        apply(missed.tag, unflatten_like(missed.value, self._layout(missed.tag)), missed.round_id)
+        with self._applying:
+            apply(missed.tag, unflatten_like(missed.value, self._layout(missed.tag)), missed.round_id)
         reason = f"late for round {missed.round_id}: applied its committed result from {missed.source}"
         self._record(
             SyncRecord(
@@ -552,8 +559,9 @@ class OuterOptimizer:
                               "the same --algorithm")
 
     def snapshot(self) -> StateSnapshot:
-        """The run's state as of the last committed round (what a joiner fetches)."""
-        return self.state.snapshot({"inner_steps": self.inner_steps, **self._meta()})
+        """The run's state as of the last committed round (what a joiner fetches), never half of a round."""
+        with self._applying:
+            return self.state.snapshot({"inner_steps": self.inner_steps, **self._meta()})
 
     @property
     def global_step(self) -> int:

@@ -11,7 +11,7 @@ import torch
 from collectives.elastic import CaughtUp, CommittedResult
 from collectives.errors import ConfigError
 from collectives.membership import RoundPlan
-from optimizers.federated import ClientMomentumConfig, FedAvg, FedConfig, FedProxConfig, sampling_rate
+from optimizers.federated import DIRECTION_PREFIX, ClientMomentumConfig, FedAvg, FedConfig, FedProxConfig, sampling_rate
 from optimizers.peers import LocalPeer
 from optimizers.privacy import DPConfig
 from optimizers.registry import get_algorithm
@@ -216,6 +216,31 @@ def test_a_joiner_adopts_the_direction_from_the_runs_snapshot():
     joiner = FedAvg(m2, torch.optim.SGD(m2.parameters(), lr=0.1), LocalPeer(), config)
     joiner.load_snapshot(opt.snapshot())
     assert all(torch.equal(a, b) for a, b in zip(opt.direction, joiner.direction))
+
+
+def test_a_snapshot_taken_while_a_round_is_applied_holds_its_parameters_and_its_direction_together():
+    # Chaos seed 1338: a joiner was served round 21's parameters with round 20's direction.
+    m = model()
+    opt = FedAvg(m, torch.optim.SGD(m.parameters(), lr=0.1), LocalPeer(), ClientMomentumConfig(sync_every=2,
+                                                                                                codec="none"))
+    train(opt, m, 0, 2)  # round 1: a direction to go stale
+    servers: list[threading.Thread] = []
+    snapshots: list = []
+    outer_step = opt.state.outer_step
+
+    def step_then_snapshot(*args, **kwargs):
+        outer_step(*args, **kwargs)  # the parameters are the new round's; the direction is not yet
+        server = threading.Thread(target=lambda: snapshots.append(opt.snapshot()))
+        server.start()
+        server.join(timeout=0.5)
+        servers.append(server)
+
+    opt.state.outer_step = step_then_snapshot
+    train(opt, m, 0, 2)  # round 2, with a joiner's fetch in the middle of applying it
+    assert snapshots == []  # the fetch waited for the round to be applied whole
+    servers[0].join(timeout=10)
+    served = [snapshots[0].tensors[f"{DIRECTION_PREFIX}{n}"] for n in opt.state.names]
+    assert snapshots[0].round_id == 2 and all(torch.equal(a, b) for a, b in zip(served, opt.direction))
 
 
 def test_with_privacy_every_member_weighs_one_and_each_round_reports_epsilon():
