@@ -368,9 +368,8 @@ class FedAvg(DiLoCo):
         return lambda: None
 
     def snapshot(self) -> StateSnapshot:
-        """The run's state, plus client momentum's direction when there is one (both of the same round: chaos seed
-        1338 served a joiner round 21's parameters with round 20's direction, and the coordinator saw the replicas
-        diverge)."""
+        """The run's state, plus client momentum's direction when there is one, both of the same round (chaos seed
+        1338's joiner most likely got round 21's parameters with round 20's direction: the replicas diverged)."""
         with self._applying:
             snap = super().snapshot()
             if self.direction is not None:

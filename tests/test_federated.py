@@ -219,7 +219,7 @@ def test_a_joiner_adopts_the_direction_from_the_runs_snapshot():
 
 
 def test_a_snapshot_taken_while_a_round_is_applied_holds_its_parameters_and_its_direction_together():
-    # Chaos seed 1338: a joiner was served round 21's parameters with round 20's direction.
+    # Chaos seed 1338: most likely a joiner was served round 21's parameters with round 20's direction.
     m = model()
     opt = FedAvg(m, torch.optim.SGD(m.parameters(), lr=0.1), LocalPeer(), ClientMomentumConfig(sync_every=2,
                                                                                                 codec="none"))
