@@ -233,11 +233,13 @@ def test_a_snapshot_taken_while_a_round_is_applied_holds_its_parameters_and_its_
         server = threading.Thread(target=lambda: snapshots.append(opt.snapshot()))
         server.start()
         server.join(timeout=0.5)
+        waited.append(server.is_alive())  # read while the round is still being applied
         servers.append(server)
 
+    waited: list[bool] = []
     opt.state.outer_step = step_then_snapshot
     train(opt, m, 0, 2)  # round 2, with a joiner's fetch in the middle of applying it
-    assert snapshots == []  # the fetch waited for the round to be applied whole
+    assert waited == [True]  # the fetch waited for the round to be applied whole
     servers[0].join(timeout=10)
     served = [snapshots[0].tensors[f"{DIRECTION_PREFIX}{n}"] for n in opt.state.names]
     assert snapshots[0].round_id == 2 and all(torch.equal(a, b) for a, b in zip(served, opt.direction))
