@@ -241,11 +241,8 @@ class CodedSGD(OuterOptimizer):
                           "step() cannot choose the data a code needs")
 
     def _apply(self, tag: str, value: Sequence[torch.Tensor], round_id: int) -> None:
-        """The decoded gradient, applied by the outer optimizer; a dynamic-k round's statistics update the estimator."""
-        with self._applying:
-            self._apply_locked(tag, value, round_id)
-
-    def _apply_locked(self, tag: str, value: Sequence[torch.Tensor], round_id: int) -> None:
+        """The decoded gradient, applied by the outer optimizer; a dynamic-k round's statistics update the estimator
+        (called under ``_applying``, as every round's apply is)."""
         flat = flatten(list(value))
         numel = self.state.numel(range(len(self.state.params)))
         gradient = flat[:numel]

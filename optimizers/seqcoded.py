@@ -439,7 +439,7 @@ class SequentialCodedSGD(CodedSGD):
 
     # -- applying a committed round -------------------------------------------------------------
 
-    def _apply_locked(self, tag: str, value: Sequence[torch.Tensor], round_id: int) -> None:
+    def _apply(self, tag: str, value: Sequence[torch.Tensor], round_id: int) -> None:
         flat = flatten(list(value))
         size = (self.T + 1) * self.numel
         if flat.numel() != size + HEADER:

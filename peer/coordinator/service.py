@@ -624,8 +624,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             self.quorums.forget_lost_answer(peer.peer_id)
             attempt = self.quorums.in_flight()
             if attempt is not None:
-                # An attempt is in flight (this peer is not in it): hold the call until it is decided. Committed: this peer lacks the round and is told to
-                # resync; aborted: it is in time for the retry's quorum.
+                # An attempt is in flight (this peer is not in it): hold the call until it is decided. Committed:
+                # this peer lacks the round and is told to resync; aborted: it is in time for the retry's quorum.
                 await self._wait(attempt.decided, give_up, peer.peer_id)
                 continue
             resync = self._resync_answer(peer, req.last_round)
