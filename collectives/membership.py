@@ -106,10 +106,15 @@ class CommitUnknown(RoundFailed):
     """The coordinator lost the round before deciding it (a restart); nothing was applied."""
 
 
+def reduction_parts(codec: object, aggregator: object) -> tuple[str, str]:
+    """How a round's contributions are sent and combined, as a round format and a join's settings name it."""
+    return f"codec {codec}", f"aggregator {aggregator}"
+
+
 def round_format(codec: object, aggregator: object, numel: int, settings: Sequence[str] = ()) -> str:
     """What a contribution to a round is and what its members do with the result, as the coordinator compares it
     (QuorumRequest.round_format): e.g. "codec int8, aggregator mean, 1234 values, outer sgd, outer lr 0.7"."""
-    return FORMAT_SEPARATOR.join((f"codec {codec}", f"aggregator {aggregator}", f"{numel} values", *settings))
+    return FORMAT_SEPARATOR.join((*reduction_parts(codec, aggregator), f"{numel} values", *settings))
 
 
 class RequestRefused(LoconetError):

@@ -38,6 +38,7 @@ import torch
 from collectives.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError, Incompatible, LoconetError, NonFiniteError
+from collectives.membership import reduction_parts
 from collectives.notes import RepeatNote
 from collectives.parts import unflatten_like
 from collectives.statesync import StateSnapshot, state_digest
@@ -542,7 +543,7 @@ class OuterOptimizer:
     def run_settings(self) -> tuple[str, ...]:
         """What the run's members must agree on, as a round format names it without the length: the codec, the
         aggregator and the config's ``round_settings`` (what a member does with a round's result)."""
-        return (f"codec {self.codec}", f"aggregator {self.aggregator}", *self.config.round_settings())
+        return (*reduction_parts(self.codec, self.aggregator), *self.config.round_settings())
 
     def algorithm_name(self) -> str:
         """The registered name of the algorithm this optimizer runs, as its states name it ("": none)."""
