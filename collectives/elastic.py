@@ -615,12 +615,13 @@ class ElasticCollective:
         own_state: bool = False,
         residual: torch.Tensor | None = None,
         settings: Sequence[str] = (),
+        min_members: int = 1,
     ) -> SyncResult:
         """Reduce tensors with the run in a committed round (blocking); raises Resynced, CaughtUp, GroupTooSmall,
         RetriesExhausted, Stopped."""
         return self.sync_async(
             tensors, weight=weight, tag=tag, codec=codec, aggregator=aggregator, prepare=prepare, within=within,
-            own_state=own_state, residual=residual, settings=settings,
+            own_state=own_state, residual=residual, settings=settings, min_members=min_members,
         ).result()
 
     def sync_async(
@@ -635,6 +636,7 @@ class ElasticCollective:
         own_state: bool = False,
         residual: torch.Tensor | None = None,
         settings: Sequence[str] = (),
+        min_members: int = 1,
     ) -> concurrent.futures.Future[SyncResult]:
         """Start a sync and return its future; the input is copied first, so training may go on.
 
@@ -645,6 +647,7 @@ class ElasticCollective:
         error feedback: it changes only when the round commits (then by what the committed round did not carry).
         ``settings``: what this peer does with the result ("outer lr 0.7", ...), which the coordinator compares
         among the run's members with the codec, the aggregator and the length (collectives.membership.round_format).
+        ``min_members``: the fewest members a round may have (differential privacy's), beyond the aggregator's need.
         """
         if prepare is not None and not callable(prepare):
             raise TypeError(f"prepare must be a function of (plan, flat tensor), got {prepare!r}")
@@ -667,7 +670,7 @@ class ElasticCollective:
             raise ValueError(f"residual must be a contiguous float32 tensor of shape ({flat.numel()},) on {flat.device}")
         return self.transport.submit(
             self._interruptible(self._sync(flat, weight, tag, like, config, prepare, within, own_state, residual,
-                                           tuple(settings)))
+                                           tuple(settings), min_members))
         )
 
     def _move(self, round_id: int, to: Phase) -> None:
@@ -680,15 +683,15 @@ class ElasticCollective:
     async def _sync(
         self, flat: torch.Tensor, weight: Weight, tag: str, like, allreduce: AllReduceConfig, prepare: Prepare | None,
         within: Within | None = None, own_state: bool = False, residual: torch.Tensor | None = None,
-        settings: tuple[str, ...] = (),
+        settings: tuple[str, ...] = (), min_members: int = 1,
     ) -> SyncResult:
         config = self.config
         out = torch.empty(flat.numel(), dtype=torch.float32)  # the host: results are decoded there
         attempts = 0
         last_reason = ""
-        # The coordinator forms no round the aggregator cannot run with (Krum's 2f+3): the peers train on
-        # instead of aborting attempts. Groups ``within`` a round are the caller's business.
-        least = make_aggregator(allreduce.aggregator).min_group() if within is None else 1
+        # The coordinator forms no round the aggregator cannot run with (Krum's 2f+3), nor one smaller than
+        # min_members: the peers train on instead of aborting attempts. Groups ``within`` a round are the caller's business.
+        least = max(make_aggregator(allreduce.aggregator).min_group() if within is None else 1, min_members)
         self.phase = Phase.IDLE  # every sync starts afresh; the previous one ended in a final phase
         started = time.monotonic()
         self._move(0, Phase.QUORUM)

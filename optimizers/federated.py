@@ -313,6 +313,10 @@ class FedAvg(DiLoCo):
 
         return prepare
 
+    def round_minimum(self) -> int:
+        """With DP, --dp-min-members: the round's mean carries noise sigma C / n, too much in a round of few."""
+        return 1 if self.dp is None else self.config.dp.min_members
+
     def _layout(self, tag: str) -> list[torch.Tensor]:
         extra = [torch.zeros(self.dp.extra_numel)] if self.dp is not None and self.dp.extra_numel else []
         return super()._layout(tag) + extra

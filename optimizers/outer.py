@@ -369,8 +369,16 @@ class OuterOptimizer:
                     "the members are known): add it as optimizers.peers.SyncPeer describes"
                 )
             extra["prepare"] = prepare
+        least = self.round_minimum()
+        # Passed only when it matters, as prepare is; a peer whose sync does not take it has its own membership.
+        if least > 1 and takes_keyword(call, "min_members"):
+            extra["min_members"] = least
         return call(tensors, weight=weight, tag=tag, codec=self.codec, aggregator=self.aggregator,
                     **self._settings_for(call), **extra)
+
+    def round_minimum(self) -> int:
+        """The fewest members this algorithm's rounds may have, beyond what its aggregator needs: 1 (any)."""
+        return 1
 
     def _settings_for(self, call: Callable[..., Any]) -> dict[str, tuple[str, ...]]:
         """The ``settings`` argument of a peer's sync, for a peer whose coordinator compares them (a peer whose

@@ -22,7 +22,7 @@ import torch
 
 from collectives.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
 from collectives.codecs import CodecConfig, check_finite, make_codec
-from collectives.errors import NonFiniteError
+from collectives.errors import Incompatible, NonFiniteError
 from collectives.membership import PeerStatus, RoundPlan
 from collectives.parts import flatten, unflatten_like
 from collectives.syncphases import Prepare, Weight, check_prepared
@@ -49,7 +49,8 @@ class SyncPeer(Protocol):
         ``weight`` (if a function) and ``prepare`` are called with each attempt's plan; what an
         attempt sends is ``prepare(plan, flat)``, made anew from the flat contribution. Algorithms
         that need them also pass ``within`` and ``own_state`` (NoLoCo: ``ElasticCollective.sync``); a sync that
-        takes ``settings`` is given what this peer does with the result, for its coordinator to compare.
+        takes ``settings`` is given what this peer does with the result, for its coordinator to compare, and one
+        that takes ``min_members`` the fewest members a round may have, when above one (differential privacy's).
         """
 
     def sync_async(
@@ -93,11 +94,16 @@ class LocalPeer:
         own_state: bool = False,
         residual: torch.Tensor | None = None,
         settings: Sequence[str] = (),
+        min_members: int = 1,
     ) -> LocalResult:
         """Return the round's result for a group of one (the codec applied, as a real round's gather does); a run
         of one is its own group, so ``within``, ``own_state`` and ``settings`` (nobody to compare them with)
         change nothing; its own part is exact (an
-        error-feedback ``residual`` ends at zero) unless the codec is sparse, which codes it as a real round does."""
+        error-feedback ``residual`` ends at zero) unless the codec is sparse, which codes it as a real round does.
+        Incompatible when ``min_members`` asks for rounds of more than one."""
+        if min_members > 1:
+            raise Incompatible(f"a run of one peer makes rounds of one, and this algorithm needs {min_members} "
+                               "members a round (--dp-min-members): run more peers, or give --dp-min-members 1")
         round_id = next(self._rounds)
         tensors = list(tensors)
         # On the host, where a real round's owners reduce (a GPU's contribution is copied here).
@@ -134,11 +140,13 @@ class LocalPeer:
         own_state: bool = False,
         residual: torch.Tensor | None = None,
         settings: Sequence[str] = (),
+        min_members: int = 1,
     ) -> concurrent.futures.Future:
         """A future that is already done (a NaN/Inf input raises at once, as a real peer's does)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
-            future.set_result(self.sync(tensors, weight, tag, codec, aggregator, prepare, residual=residual))
+            future.set_result(self.sync(tensors, weight, tag, codec, aggregator, prepare, residual=residual,
+                                        min_members=min_members))
         except NonFiniteError:  # the encode refused the input: raised at once, as a real peer's refusal is
             raise
         except Exception as exc:  # noqa: BLE001 - surfaced through the future, like a real round's failure

@@ -80,7 +80,7 @@ import torch
 
 from collectives.aggregators import AggregatorConfig
 from collectives.checks import is_finite_number, is_whole
-from collectives.errors import ConfigError
+from collectives.errors import ConfigError, ProtocolError
 from collectives.membership import RoundPlan
 from optimizers.statemeta import meta_dict, meta_float, meta_str
 
@@ -123,6 +123,12 @@ class DPConfig:
         metadata={"help": "credit amplification by client sampling (replace-one adjacency); valid only against "
                   "someone who does not know each round's sample, which every member of the run knows"},
     )
+    min_members: int = field(
+        default=2,
+        metadata={"help": "the fewest members a private round may have: its mean carries noise sigma*C/n per "
+                  "coordinate, so a round of one applies one peer's update under the whole noise; smaller rounds "
+                  "do not form (the peers train on until enough are live); 1: rounds of any size"},
+    )
     seed: int | None = field(
         default=None,
         metadata={"help": "seed of the noise, for reproducible benchmarks only (whoever knows it can remove the "
@@ -153,6 +159,8 @@ class DPConfig:
             )
         if not isinstance(self.amplify, bool):
             raise ConfigError(f"dp amplify must be true or false, got {self.amplify!r}")
+        if isinstance(self.min_members, bool) or not isinstance(self.min_members, int) or self.min_members < 1:
+            raise ConfigError(f"dp min_members must be an integer of at least 1, got {self.min_members!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"dp seed must be an integer or none, got {self.seed!r}")
 
@@ -436,7 +444,12 @@ class DifferentialPrivacy:
         clip = self.clip  # the C this contribution was clipped to, even if a round commits meanwhile
 
         def noisy(plan: RoundPlan, flat: torch.Tensor) -> torch.Tensor:
-            return self.noisy(flat, len(plan.members), clip)
+            n = len(plan.members)
+            if n < self.config.min_members:
+                # The coordinator forms no such round (QuorumRequest.min_members); one that does is refused here.
+                raise ProtocolError(f"round {plan.round_id} has {n} member(s), fewer than the "
+                                    f"{self.config.min_members} a private round needs (--dp-min-members)")
+            return self.noisy(flat, n, clip)
 
         return noisy
 

@@ -578,7 +578,7 @@ def test_no_round_forms_below_the_peers_aggregators_minimum(coordinator):
         with pytest.raises(grpc.RpcError) as info:
             future.result()
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "4 live peer(s)" in info.value.details() and "aggregator needs 5 members" in info.value.details()
+        assert "4 live peer(s)" in info.value.details() and "rounds need 5 members" in info.value.details()
     assert c.status()["summary"]["rounds_aborted"] == 0
 
 
@@ -591,7 +591,7 @@ def test_before_the_first_commit_a_quorum_short_of_the_aggregators_minimum_is_re
         with pytest.raises(grpc.RpcError) as info:
             future.result()
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "aggregator needs 5 members" in info.value.details()
+        assert "rounds need 5 members" in info.value.details()
 
 
 def test_a_round_forms_once_the_aggregators_minimum_is_reached(coordinator):

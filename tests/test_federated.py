@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from collectives.elastic import CaughtUp, CommittedResult
-from collectives.errors import ConfigError
+from collectives.errors import ConfigError, Incompatible
 from collectives.membership import RoundPlan
 from optimizers.federated import DIRECTION_PREFIX, ClientMomentumConfig, FedAvg, FedConfig, FedProxConfig, sampling_rate
 from optimizers.peers import LocalPeer
@@ -247,7 +247,7 @@ def test_a_snapshot_taken_while_a_round_is_applied_holds_its_parameters_and_its_
 
 def test_with_privacy_every_member_weighs_one_and_each_round_reports_epsilon():
     m = model()
-    config = FedConfig(sync_every=2, codec="none", dp=DPConfig(clip=1.0, noise=1.0, seed=3))
+    config = FedConfig(sync_every=2, codec="none", dp=DPConfig(clip=1.0, noise=1.0, seed=3, min_members=1))  # a run of one
     weights = []
 
     class Recording(LocalPeer):
@@ -261,6 +261,35 @@ def test_with_privacy_every_member_weighs_one_and_each_round_reports_epsilon():
     eps = [r.epsilon for r in opt.history]
     assert all(e is not None and e > 0 for e in eps) and eps[1] > eps[0]
     assert opt.state_dict()["meta"]["privacy"]["accountant"]
+
+
+@pytest.mark.parametrize(
+    ("dp", "asked"),
+    [
+        (DPConfig(clip=1.0, seed=3), [2]),  # the default minimum of a private round
+        (DPConfig(clip=1.0, seed=3, min_members=4), [4]),
+        (DPConfig(), [1]),  # no privacy: nothing asked beyond the aggregator's need (the sync's default)
+    ],
+)
+def test_a_private_round_asks_its_peer_for_the_minimum_number_of_members(dp, asked):
+    m = model()
+    seen = []
+
+    class Recording(LocalPeer):
+        def sync(self, tensors, *args, min_members=1, **kwargs):
+            seen.append(min_members)
+            return super().sync(tensors, *args, **kwargs)
+
+    opt = FedAvg(m, torch.optim.SGD(m.parameters(), lr=0.1), Recording(), FedConfig(sync_every=2, codec="none", dp=dp))
+    train(opt, m, 0, 2)
+    assert seen == asked
+
+
+def test_a_private_run_of_one_peer_stops_at_its_first_sync_saying_what_to_change():
+    m = model()
+    opt = FedAvg(m, torch.optim.SGD(m.parameters(), lr=0.1), LocalPeer(), FedConfig(sync_every=2, dp=DPConfig(clip=1.0)))
+    with pytest.raises(Incompatible, match="run more peers, or give --dp-min-members 1"):
+        train(opt, m, 0, 2)
 
 
 def test_privacy_refuses_a_robust_aggregator():

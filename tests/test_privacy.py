@@ -15,8 +15,8 @@ from dp_accounting.rdp import RdpAccountant, rdp_privacy_accountant
 from collectives.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig, check_prepared
-from collectives.errors import ConfigError, ProtocolError
-from collectives.membership import RoundPlan
+from collectives.errors import ConfigError, Incompatible, ProtocolError
+from collectives.membership import GroupTooSmall, RoundPlan
 from collectives.parts import flatten
 from collectives.round import AllReduceConfig
 from optimizers.diloco import DiLoCo
@@ -241,6 +241,8 @@ def test_a_state_spent_at_another_noise_is_refused():
         ({"adaptive": 0.5}, "starts from --dp-clip"),
         ({"clip": 1.0, "adaptive": 1.5}, "target fraction"),
         ({"clip": 1.0, "noise": 2.0, "count_noise": 1.0}, "exceed noise/2"),
+        ({"clip": 1.0, "min_members": 0}, "min_members must be an integer of at least 1"),
+        ({"clip": 1.0, "min_members": True}, "min_members must be an integer of at least 1"),
     ],
 )
 def test_a_config_that_cannot_give_privacy_is_refused(fields, match):
@@ -278,6 +280,18 @@ def test_the_noise_function_uses_the_clip_of_its_contribution_and_the_rounds_mem
     dp.clip = 9.0  # as if a round committed meanwhile: this contribution was clipped to 2
     flat = torch.arange(6, dtype=torch.float32)
     assert torch.equal(noisy(plan_of(3), flat), add_noise(flat, 3, 2.0, 1.5, reference))
+
+
+def test_the_noise_function_refuses_a_round_smaller_than_the_minimum():
+    # The coordinator forms no such round; a member given one anyway refuses it rather than noise it.
+    noisy = DifferentialPrivacy(DPConfig(clip=1.0, seed=0, min_members=3)).prepare()
+    with pytest.raises(ProtocolError, match="round 1 has 2 member\\(s\\), fewer than the 3"):
+        noisy(plan_of(2), torch.zeros(4))
+    assert noisy(plan_of(3), torch.zeros(4)).shape == (4,)
+
+
+def test_by_default_a_private_round_needs_two_members():
+    assert DPConfig(clip=1.0).min_members == 2
 
 
 def test_adaptive_clipping_appends_the_centred_indicator():
@@ -386,7 +400,7 @@ def test_an_outer_optimizers_prepare_reaches_the_peer_and_its_noise_lands_in_the
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     start = [p.detach().clone() for p in model.parameters()]
-    config = DPConfig(clip=0.01, noise=1.0, seed=9)
+    config = DPConfig(clip=0.01, noise=1.0, seed=9, min_members=1)  # a run of one makes rounds of one
     opt = PrivateDiLoCo(
         model, torch.optim.SGD(model.parameters(), lr=0.5), LocalPeer(),
         dp=DifferentialPrivacy(config, "solo"), sync_every=1, outer=OuterConfig(lr=1.0, momentum=0.0), codec="none",
@@ -399,6 +413,31 @@ def test_an_outer_optimizers_prepare_reaches_the_peer_and_its_noise_lands_in_the
     noisy = add_noise(flatten(clipped), 1, 0.01, 1.0, noise_generator(9, "solo"))
     want = flatten(start) - noisy
     torch.testing.assert_close(flatten(list(model.parameters())), want, atol=1e-6, rtol=0)
+
+
+def test_a_local_peer_cannot_make_a_round_of_more_than_one():
+    with pytest.raises(Incompatible, match="--dp-min-members 1"):
+        LocalPeer().sync([torch.zeros(3)], min_members=2)
+
+
+@pytest.mark.timeout(60)
+def test_no_round_forms_below_the_minimum_a_sync_asks_for():
+    coordinator = CoordinatorThread(
+        CoordinatorConfig(run_id="dp", port=0, dashboard_port=None, startup_grace_s=0, min_peers=2, join_timeout_s=0.5)
+    )
+    config = ElasticConfig(coordinator=coordinator.server.address, run_id="dp")
+    peers = [ElasticCollective(config) for _ in range(2)]
+    try:
+        for p in peers:
+            p.start(has_state=True)
+        futures = [p.sync_async(torch.zeros(4), tag="t", min_members=3) for p in peers]
+        for f in futures:
+            with pytest.raises(GroupTooSmall, match="2 live peer\\(s\\).*rounds need 3 members"):
+                f.result(30)
+    finally:
+        for p in peers:
+            p.close()
+        coordinator.close()
 
 
 @pytest.mark.timeout(60)

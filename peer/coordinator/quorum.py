@@ -153,7 +153,8 @@ class PendingQuorum:
     waiting: dict[str, asyncio.Future] = field(default_factory=dict)
     # When each waiter asked (monotonic seconds), for policies that look at arrival times.
     asked_at: dict[str, float] = field(default_factory=dict)
-    # The most members any waiter's aggregator needs (QuorumRequest.min_members): no smaller round forms.
+    # The most members any waiter's round needs (QuorumRequest.min_members: its aggregator's, or differential
+    # privacy's minimum): no smaller round forms.
     min_members: int = 1
     # What its waiters' contributions are (QuorumRequest.round_format): the first that said ("": none said yet).
     round_format: str = ""
@@ -331,15 +332,15 @@ class Quorums:
         )
 
     def rules(self, pending: PendingQuorum) -> QuorumRules:
-        """The quorum rules for this pending quorum: with min_members, what its peers' aggregator needs."""
+        """The quorum rules for this pending quorum: with min_members, what its peers' rounds need."""
         rules = self.config.rules
         return rules if pending.min_members == rules.min_members else replace(rules, min_members=pending.min_members)
 
     def minimum(self, pending: PendingQuorum | None) -> str:
-        """What a round needs at least, in words ("min_peers is 2", and the aggregator's need when larger)."""
+        """What a round needs at least, in words ("min_peers is 2", and the peers' need when larger)."""
         text = f"min_peers is {self.config.min_peers}"
         if pending is not None and pending.min_members > self.config.min_peers:
-            text += f", and the peers' aggregator needs {pending.min_members} members"
+            text += f", and the peers' rounds need {pending.min_members} members (their aggregator's or --dp-min-members)"
         return text
 
     def awaited(self, now: float) -> set[str]:

@@ -26,7 +26,8 @@ restarted peer comes back within it): the survivors train on
 alone and ask again at their next sync (a peer that joins meanwhile syncs
 from them). Before the first commit the quorum keeps waiting, so a run
 starts only with ``min_peers`` peers. The peers' aggregator may need more
-members than ``min_peers`` (Krum's 2f+3, ``QuorumRequest.min_members``): the
+members than ``min_peers`` (Krum's 2f+3, or differential privacy's minimum,
+``QuorumRequest.min_members``): the
 pending quorum then counts with the larger of the two (``QuorumRules.least``),
 and before the first commit it waits only for ``min_peers``: a quorum short of
 the aggregator's need alone is refused at the join timeout.
@@ -177,7 +178,8 @@ class QuorumRules:
     # When every holder of the last committed round is gone, go on from the newest older round a live peer
     # holds (losing the later rounds) instead of waiting for a holder: an operator's choice, never the default.
     allow_rollback: bool = False
-    # The fewest members the waiting peers' aggregator runs with (QuorumRequest.min_members; Krum's 2f+3).
+    # The fewest members the waiting peers' rounds run with (QuorumRequest.min_members: Krum's 2f+3, or
+    # differential privacy's --dp-min-members).
     min_members: int = 1
 
     @property
