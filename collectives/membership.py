@@ -117,6 +117,15 @@ def round_format(codec: object, aggregator: object, numel: int, settings: Sequen
     return FORMAT_SEPARATOR.join((*reduction_parts(codec, aggregator), f"{numel} values", *settings))
 
 
+def format_difference(asked: str, other: str, whose: str = "the run's") -> str:
+    """The parts of round format (or join settings) ``asked`` that differ from ``other``, each with its counterpart ("codec int4,
+    the run's: codec int8"); both whole when they have different parts."""
+    mine, theirs = asked.split(FORMAT_SEPARATOR), other.split(FORMAT_SEPARATOR)
+    if len(mine) != len(theirs):
+        return f"{asked}; {whose}: {other}"
+    return "; ".join(f"{a}, {whose}: {b}" for a, b in zip(mine, theirs) if a != b)
+
+
 class RequestRefused(LoconetError):
     """The coordinator refused a request (wrong run id, not a member...); the message says why."""
 

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from peer.runtime.checkpoint import CheckpointError, checkpoint_path, list_checkpoints, load_latest, save_checkpoint
+from collectives.errors import ConfigError
+from peer.runtime.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    list_checkpoints,
+    load_latest,
+    restore,
+    save_checkpoint,
+)
 
 
 def state(step: int) -> dict:
@@ -56,3 +64,54 @@ def test_a_folder_of_only_unreadable_checkpoints_is_an_error_not_a_fresh_start(t
 def test_empty_or_missing_folder_has_no_checkpoint(tmp_path):
     assert load_latest(tmp_path / "nothing") is None
     assert load_latest(tmp_path) is None
+
+
+# -- resuming: a checkpoint of this peer's task and model, that its optimizer takes ----------------------------
+
+
+class Optimizer:
+    """Takes the optimizer state it is given, or refuses it as an optimizer of another algorithm does."""
+
+    def __init__(self, refusal: str = "") -> None:
+        self.refusal, self.loaded = refusal, None
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.refusal:
+            raise ConfigError(self.refusal)
+        self.loaded = state
+
+
+def written(model: torch.nn.Module, settings: list[str] | None = ("heads 2",)) -> dict:
+    state = {"model": model.state_dict(), "optimizer": {"round_id": 3}, "step": 30, "task": "t"}
+    if settings is not None:
+        state["model_settings"] = list(settings)
+    return state
+
+
+def test_a_checkpoint_of_this_task_and_model_is_restored_into_the_model_and_the_optimizer():
+    source, target, opt = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2), Optimizer()
+    restore("ckpt-30.pt", written(source), "t", ("heads 2",), target, opt)
+    assert torch.equal(target.weight, source.weight) and opt.loaded == {"round_id": 3}
+
+
+@pytest.mark.parametrize(
+    ("task", "settings", "model", "refusal", "match"),
+    [
+        ("u", ("heads 2",), torch.nn.Linear(3, 2), "", "ckpt-30.pt is a checkpoint of task 't' and this peer runs 'u'"),
+        ("t", ("heads 4",), torch.nn.Linear(3, 2), "", r"another model than this peer's \(heads 4, the checkpoint: heads 2\)"),
+        ("t", ("heads 2",), torch.nn.Linear(3, 5), "", r"cannot resume from ckpt-30.pt \(Error\(s\) in loading state_dict "
+         r"for Linear: size mismatch for weight"),
+        ("t", ("heads 2",), torch.nn.Linear(3, 2), "a 'diloco' state", r"cannot resume from ckpt-30.pt \(a 'diloco' state\)"),
+    ],
+)
+def test_a_checkpoint_written_otherwise_is_refused_naming_it_and_what_differs(task, settings, model, refusal, match):
+    with pytest.raises(CheckpointError, match=match) as info:
+        restore("ckpt-30.pt", written(torch.nn.Linear(3, 2)), task, settings, model, Optimizer(refusal))
+    assert str(info.value).endswith("start this peer with the options it was written with, or move it away to start afresh")
+
+
+def test_a_checkpoint_that_names_no_model_settings_is_restored_when_the_shapes_fit():
+    # Written before checkpoints named the model's settings: only the shapes are checked.
+    target, opt = torch.nn.Linear(3, 2), Optimizer()
+    restore("ckpt-30.pt", written(torch.nn.Linear(3, 2), settings=None), "t", ("heads 4",), target, opt)
+    assert opt.loaded == {"round_id": 3}

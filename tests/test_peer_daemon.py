@@ -99,6 +99,18 @@ def test_a_peer_whose_model_is_not_the_runs_is_refused_at_its_join_in_one_line(r
     assert "left: refused the run's state" not in coordinator_log
 
 
+def test_a_peer_restarted_with_another_model_refuses_its_checkpoint_in_one_line(run, tmp_path):
+    ckpt = tmp_path / "ckpt-a"
+    a = run.add("a", "--steps", "30", "--checkpoint-dir", str(ckpt))
+    run.add("b", "--steps", "30")  # rounds need two peers (min-peers 2)
+    finished(a)
+    again = run.add("a-again", "--steps", "60", "--checkpoint-dir", str(ckpt), "--heads", "4")  # written with 2
+    assert again.proc.wait(timeout=120) == 2
+    errors = [line for line in (run.tmp / "a-again.log").read_text().splitlines() if line.startswith("loconet:")]
+    assert len(errors) == 1 and "holds another model than this peer's (heads 4, the checkpoint: heads 2)" in errors[0]
+    assert not any(e["event"] == "connecting" for e in again.events)  # refused before it joined anything
+
+
 def test_peers_whose_algorithm_the_runs_quorum_cannot_serve_say_so_in_one_line_and_leave(run):
     # The coordinator's --quorum is all; coded-sgd's rounds need coded:1, so no round of theirs could ever commit.
     small = [a for a in SMALL if a not in ("--sync-every", "10")]  # a step-round algorithm syncs every step

@@ -24,7 +24,8 @@ from optimizers.outer_optim import OuterConfig
 from optimizers.privacy import DPConfig
 from optimizers.seqcoded import SeqSGCConfig
 from optimizers.streaming import StreamingConfig
-from peer.coordinator.rules import format_difference, format_refusal
+from collectives.membership import format_difference
+from peer.coordinator.rules import format_refusal
 from protos import membership_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))

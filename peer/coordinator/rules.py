@@ -147,7 +147,7 @@ from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from collectives.errors import ConfigError
-from collectives.membership import FORMAT_DIFFERS, FORMAT_SEPARATOR
+from collectives.membership import FORMAT_DIFFERS, format_difference
 
 # Most sync sources a joiner is given (it may fetch stripes of the state from each).
 MAX_SYNC_SOURCES = 4
@@ -231,15 +231,6 @@ def settings_refusal(asked: str, live: Iterable[str]) -> str:
     run = theirs.most_common(1)[0][0]
     return (f"this peer's settings are not the run's ({format_difference(asked, run)}): start it with the options "
             "the run's peers were started with, or give it a run of its own (--run)")
-
-
-def format_difference(asked: str, other: str, whose: str = "the run's") -> str:
-    """The parts of round format ``asked`` that differ from ``other``, each with its counterpart ("codec int4,
-    the run's: codec int8"); both whole when they have different parts."""
-    mine, theirs = asked.split(FORMAT_SEPARATOR), other.split(FORMAT_SEPARATOR)
-    if len(mine) != len(theirs):
-        return f"{asked}; {whose}: {other}"
-    return "; ".join(f"{a}, {whose}: {b}" for a, b in zip(mine, theirs) if a != b)
 
 
 def valid_digest(digest: str) -> bool:

@@ -214,7 +214,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             raise BadRequest(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"this coordinator serves run {self.config.run_id!r}, not {run_id[:100]!r}: "
-                f"give the peer --run {self.config.run_id} (or point --coordinator at run {run_id[:100]!r}'s)",
+                f"give the peer --run {self.config.run_id} (or point --coordinator at the coordinator of run {run_id[:100]!r})",
             )
 
     @property

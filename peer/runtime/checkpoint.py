@@ -1,7 +1,10 @@
 """Checkpoints of a peer: written atomically, the last K kept, loaded without unpickling code.
 
 A checkpoint is one ``torch.save`` file of plain containers and tensors
-(model and optimizer state dicts, counters). It is written to a temporary
+(model and optimizer state dicts, counters, and what wrote it: the task and
+the model's settings). A peer resumes only a checkpoint of its own task and
+model, and one that its optimizer can take; any other is refused in one line
+that names the checkpoint and what differs (``restore``). It is written to a temporary
 file in the same folder, flushed to disk, then renamed over its final name,
 so a crash mid-write never leaves a torn checkpoint. Loading uses
 ``torch.load(weights_only=True)``: only tensors and plain Python values.
@@ -13,15 +16,20 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from collectives.errors import ConfigError
+from collectives.membership import FORMAT_SEPARATOR, format_difference
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^ckpt-(\d{10})\.pt$")
+# What a refusal to resume a checkpoint tells the user to do.
+_INSTEAD = "start this peer with the options it was written with, or move it away to start afresh"
 
 
 class CheckpointError(ConfigError):
@@ -86,3 +94,25 @@ def load_latest(folder: Path) -> tuple[Path, dict] | None:
             "move them away to start afresh, or point --checkpoint-dir elsewhere"
         )
     return None
+
+
+def restore(path: Path, state: dict, task: str, model_settings: Sequence[str], model: Any, opt: Any) -> None:
+    """Load a checkpoint's model and optimizer state into ``model`` and ``opt``; CheckpointError, naming the
+    checkpoint and what differs, when it was written for another task or model or ``opt`` refuses its state."""
+    written = state.get("task")
+    if isinstance(written, str) and written and written != task:
+        raise CheckpointError(f"{path} is a checkpoint of task {written!r} and this peer runs {task!r}: {_INSTEAD}")
+    recorded = state.get("model_settings")  # absent from checkpoints written before it was recorded
+    if isinstance(recorded, list) and all(isinstance(p, str) for p in recorded) and recorded and model_settings:
+        if tuple(recorded) != tuple(model_settings):
+            mine, theirs = FORMAT_SEPARATOR.join(model_settings), FORMAT_SEPARATOR.join(recorded)
+            raise CheckpointError(f"{path} holds another model than this peer's "
+                                  f"({format_difference(mine, theirs, 'the checkpoint')}): {_INSTEAD}")
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except (ConfigError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        # torch's shape mismatch lists every parameter: its first line and first mismatch say enough.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        said = " ".join(lines[:2]) if lines else type(exc).__name__
+        raise CheckpointError(f"cannot resume from {path} ({said[:400]}): {_INSTEAD}") from exc

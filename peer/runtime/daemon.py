@@ -53,10 +53,10 @@ from collectives.membership import DEFAULT_RUN_ID
 from collectives.transport import TransportConfig
 from optimizers.outer import OuterOptimizer
 from peer.device import place_model, resolve_device
-from peer.runtime.checkpoint import CheckpointError, load_latest, save_checkpoint
+from peer.runtime.checkpoint import CheckpointError, load_latest, restore, save_checkpoint
 from peer.runtime.display import PeerDisplay, RoundFigures, Summary, bar_info, choose_streams, joined_line
 from peer.runtime.training import Progress, TrainConfig, TrainLoop, make_optimizer
-from peer.tasks.base import TaskConfig
+from peer.tasks.base import Task, TaskConfig
 from peer.tasks.registry import make_task
 
 log = logging.getLogger(__name__)
@@ -233,8 +233,7 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
     resumed = _load_checkpoint(config)
     if resumed is not None:
         path, state = resumed
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        restore(path, state, config.task, task.model_settings(), model, opt)
         log.info("resumed from %s (step %d, round %d)", path, opt.inner_steps, opt.state.round_id)
     if hooks is not None:
         events.emit("waiting")
@@ -286,7 +285,7 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
         stopped = signals.stop.is_set()
         if config.checkpoint_dir:
             # Consistent even after an interrupted round: nothing of it was applied.
-            _checkpoint(config, model, opt, opt.inner_steps)
+            _checkpoint(config, task, model, opt, opt.inner_steps)
         counters = elastic.transport.counters
         events.emit(
             "finished",
@@ -411,7 +410,7 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
         )
         if config.checkpoint_dir and opt.committed_rounds % max(config.checkpoint_every, 1) == 0:
             # Inside the optimizer's step: the model and optimizer are consistent at inner_steps.
-            _checkpoint(config, model, opt, opt.inner_steps)
+            _checkpoint(config, task, model, opt, opt.inner_steps)
 
     loop.on_step = on_step
     loop.on_eval = on_eval
@@ -437,6 +436,7 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
         display.stop_bar()
 
 
-def _checkpoint(config: PeerConfig, model: torch.nn.Module, opt, step: int) -> None:
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "task": config.task}
+def _checkpoint(config: PeerConfig, task: Task, model: torch.nn.Module, opt, step: int) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "task": config.task,
+             "model_settings": list(task.model_settings())}
     save_checkpoint(config.checkpoint_dir, step, state, keep=config.keep_checkpoints)
