@@ -50,6 +50,7 @@ from collectives.errors import FormatMismatch, LoconetError, RoundFailed
 from collectives.memberlists import BadMemberChange, BadPackedList, Entry, changed_list, entries_of, unpack_list
 from collectives.rpc import call_metadata
 from collectives.sampling import check_sample, sample_size
+from collectives.tlsprobe import TLSMismatch, known_failure, probe, verdict
 from collectives.session import RETRY_AFTER_MS, SESSION_RPCS, CoordinatorSession, SessionUnsupported
 from collectives.transport import Transport
 from protos import membership_pb2 as pb
@@ -433,6 +434,7 @@ class MembershipClient:
         give_up = started + patience
         next_note, noted = started + FIRST_NOTE_S, False
         delay = self.config.backoff_initial_s
+        probed = False  # a closed socket is looked into once a call (tlsprobe.probe)
         while True:
             try:
                 return await self._send(method, request, timeout_s)
@@ -446,9 +448,10 @@ class MembershipClient:
                     log.debug("%s: the coordinator rate-limits this client; retrying in %.2f s", method, limited)
                     await asyncio.sleep(limited)
                     continue
-                wrong = _not_a_coordinator(address, exc)
+                wrong = _not_a_coordinator(address, exc) or await self._tls_mismatch(exc, probe_closed=not probed)
                 if wrong is not None:
                     raise wrong from None
+                probed = True
                 if code not in RETRY_CODES:
                     raise RequestRefused(f"coordinator refused {method}: {exc.details()}") from None
                 now = time.monotonic()
@@ -468,6 +471,17 @@ class MembershipClient:
                 log.debug("%s: coordinator unreachable (%s); retrying in %.2f s", method, code.name, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.backoff_max_s)
+
+    async def _tls_mismatch(self, exc: grpc.aio.AioRpcError, probe_closed: bool) -> TLSMismatch | None:
+        """TLSMismatch when the call failed for TLS: a handshake failure gRPC names, or (``probe_closed``) a socket
+        the coordinator closed, looked into with a handshake of our own (collectives/tlsprobe.py)."""
+        details, address = exc.details() or "", self.config.coordinator
+        security = self.transport.config.security
+        known = known_failure(details, security, "the coordinator", address)
+        if known is not None or not probe_closed or "socket closed" not in details.lower():
+            return known
+        found = await asyncio.get_running_loop().run_in_executor(None, probe, address, security)
+        return verdict(found, security, "the coordinator", address)
 
     async def _send(self, method: str, request, timeout_s: float):
         """One attempt of a call: on the Session stream when it carries method and the coordinator has it."""
