@@ -7,11 +7,9 @@ Each test gets a fresh coordinator of its own, served in this process on its own
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -23,16 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from collectives.memberlists import entries_of, unpack_list
 from collectives.membership import KnownMembers, MembershipClient, MembershipConfig, MissedRound
-from collectives.rpc import blocking_channel
 from collectives.sampling import check_sample, sample_members
 from collectives.transport import Transport
-from peer.coordinator.server import CoordinatorServer
-from peer.coordinator.service import CoordinatorConfig
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.browser import NO_CHROMIUM, DomIndex, chromium_path, run_chromium  # noqa: E402
+from support.coordinator import Live, live_coordinators  # noqa: E402
 from support.procs import CoordinatorProc, stop_all, toy_peer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,58 +40,11 @@ DEFAULTS = dict(
 )
 
 
-class LiveCoordinator:
-    """A CoordinatorServer served on its own event-loop thread, with a blocking stub to it."""
-
-    def __init__(self, config: CoordinatorConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-coordinator", daemon=True)
-        self.thread.start()
-        self.server = CoordinatorServer(config)
-        self.address = self.on_loop(self.server.start())
-        self.port = int(self.address.rsplit(":", 1)[1])
-        self.channel = blocking_channel(self.address)
-        self.stub = pb_grpc.CoordinatorStub(self.channel)
-        self.closed = False
-
-    def on_loop(self, coro, timeout_s: float = 10.0):
-        """Run a coroutine on the coordinator's loop and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def status(self) -> dict:
-        """The status document, read on the coordinator's loop."""
-
-        async def read() -> dict:
-            return self.server.coordinator.status()
-
-        return self.on_loop(read())
-
-    def close(self) -> None:
-        """Stop the server and the loop thread (once; later calls do nothing)."""
-        if self.closed:
-            return
-        self.closed = True
-        self.channel.close()
-        try:
-            self.on_loop(self.server.stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
-
-
 @pytest.fixture
-def coordinator() -> Iterator[Callable[..., LiveCoordinator]]:
+def coordinator() -> Iterator[Callable[..., Live]]:
     """Factory of fresh in-process coordinators (DEFAULTS overridden by keywords); all are stopped after the test."""
-    made: list[LiveCoordinator] = []
-
-    def start(**settings) -> LiveCoordinator:
-        made.append(LiveCoordinator(CoordinatorConfig(**{**DEFAULTS, **settings})))
-        return made[-1]
-
-    yield start
-    for c in reversed(made):
-        c.close()
+    with live_coordinators(DEFAULTS) as start:
+        yield start
 
 
 @pytest.fixture
@@ -211,14 +160,13 @@ def test_health_service_reports_serving(coordinator):
 
 def test_a_second_coordinator_on_a_port_in_use_refuses_to_start(coordinator):
     # gRPC would otherwise share the port (SO_REUSEPORT) and split the peers between two coordinators.
-    c = coordinator()
+    port = coordinator().address.rsplit(":", 1)[1]
     done = subprocess.run(
-        [sys.executable, "-m", "peer.cli", "coordinator", "--run", RUN, "--port", str(c.port)]
-        + ["--dashboard-port", "-1"],
+        [sys.executable, "-m", "peer.cli", "coordinator", "--run", RUN, "--port", port] + ["--dashboard-port", "-1"],
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode != 0
-    assert f"cannot listen on 127.0.0.1:{c.port}" in done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
 
 
 # -- round ids and epochs ------------------------------------------------------------------
