@@ -514,6 +514,22 @@ def test_a_lone_survivor_below_min_peers_is_told_at_once_not_after_the_quorum_ti
     assert "no quorum" in details and "1 live peer" in details and "min_peers is 2" in details
 
 
+def test_a_lone_survivor_refused_again_and_again_makes_a_round_once_a_peer_is_back(coordinator):
+    # From its second refusal on, the survivor is refused without waiting out the join timeout again (nobody came
+    # back in the first: rules.quorum_hopeless, waited_out); a peer back changes the live peers, and rounds form.
+    c = coordinator(min_peers=2)
+    a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
+    play_round(c.stub, [a, b], 0)
+    c.stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=b, reason="done"), timeout=5)
+    request = pb.QuorumRequest(run_id=RUN, peer_id=a, last_round=1)
+    for _ in range(3):
+        code, details = status_code(lambda: c.stub.Quorum(request, timeout=10))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "1 live peer(s), min_peers is 2" in details
+    c.stub.Join(rejoin(b, "127.0.0.1:2", 1), timeout=5)
+    assert members(play_round(c.stub, [a, b], 1)) == sorted([a, b])
+    assert len([e for e in c.status()["events"] if e["kind"] == "quorum-refused"]) == 3
+
+
 def test_no_round_forms_below_the_peers_aggregators_minimum(coordinator):
     # Krum with f=1 needs 5 contributions: four live peers are refused at the join timeout, not formed
     # into rounds that every member would abort.

@@ -52,6 +52,7 @@ def q(
     tag: str = "",
     arrivals: tuple[float, ...] = (),
     since: float = 0.0,
+    refused: bool = False,
 ) -> QuorumInputs:
     """Inputs with one-letter peer ids, requesting in order of arrival."""
     return QuorumInputs(
@@ -66,6 +67,7 @@ def q(
         tag=tag,
         arrivals_s=arrivals,
         since_s=since,
+        refused_before=refused,
     )
 
 
@@ -83,6 +85,8 @@ CASES = [
     ("all: one missing at the timeout", AllPeers(), q("cab", waited=5.0), form("abc")),
     ("all: startup grace", AllPeers(), q("abcd", age=9.0), None),
     ("all: a lone survivor below min_peers", AllPeers(), q("a", "a", waited=5.0, rules=TWO), Refuse(1)),
+    ("all: ... asking again, nobody back since its last refusal", AllPeers(), q("a", "a", rules=TWO, refused=True),
+     Refuse(1)),
     ("all: before the first commit, wait", AllPeers(), q("a", "a", waited=50.0, rules=TWO, started=False), None),
     # first-k: the first k to ask, as soon as k asked.
     ("first-k: the first k askers, by peer id", FirstK(2), q("ca"), form("ac")),
@@ -94,6 +98,7 @@ CASES = [
     ("first-k: fewer than k live, before the timeout", FirstK(3), q("a", "ab", waited=4.9), None),
     ("first-k: fewer than k live, at the timeout", FirstK(3), q("a", "ab", waited=5.0), form("a")),
     ("first-k: fewer than k live, below min_peers", FirstK(3), q("a", "a", waited=5.0, rules=TWO), Refuse(1)),
+    ("first-k: ... asking again, nobody back since", FirstK(3), q("a", "a", rules=TWO, refused=True), Refuse(1)),
     # sample: seed 0, round 1 draws b and c from abcd (see tests/test_sampling.py).
     ("sample: every drawn peer asked", sample("2"), q("cb"), form("bc", "abcd")),
     ("sample: askers not drawn wait", sample("2"), q("adb"), None),
@@ -105,6 +110,7 @@ CASES = [
     ("sample: fewer candidates than k", sample("9"), q("ab", "ab"), form("ab", "ab")),
     ("sample: startup grace", sample("2"), q("bc", age=9.0), None),
     ("sample: a lone survivor below min_peers", sample("2"), q("a", "a", waited=5.0, rules=TWO), Refuse(1)),
+    ("sample: ... asking again, nobody back since", sample("2"), q("a", "a", rules=TWO, refused=True), Refuse(1)),
     # sample:F: k = ceil(F x candidates), at least min, at most the candidates (collectives.sampling.SampleSize).
     # Seed 0, round 1 draws b, c from abcd and from abc; b, c, e from abcdef; b first of all.
     ("sample 0.5: half of the candidates", sample("0.5"), q("cb"), form("bc", "abcd")),
@@ -131,6 +137,7 @@ CASES = [
     ("coded: startup grace", Coded(1), q("abcd", age=9.0), None),
     ("coded: s above n-1 is n-1: one worker decodes", Coded(5), q("b", "ab"), form("b", "ab")),
     ("coded: a lone survivor below min_peers", Coded(1), q("a", "a", waited=5.0, rules=TWO), Refuse(1)),
+    ("coded: ... asking again, nobody back since", Coded(1), q("a", "a", rules=TWO, refused=True), Refuse(1)),
     # code=frc: the roster is the most live peers s+1 divides; the rest (last by peer id) sit out.
     ("coded frc: five live, the last sits out", Coded(1, "frc"), q("ca", "abcde"), form("ac", "abcd")),
     ("coded frc: the one sitting out is no member", Coded(1, "frc"), q("cae", "abcde"), form("ac", "abcd")),
@@ -169,6 +176,7 @@ CASES = [
     ("buffer: startup grace", Buffered(1), q("a", age=9.0), None),
     ("buffer: t never goes below min_peers", Buffered(3, 1.0), q("a", waited=5.0, rules=TWO), None),
     ("buffer: a lone survivor below min_peers", Buffered(2), q("a", "a", waited=5.0, rules=TWO), Refuse(1)),
+    ("buffer: ... asking again, nobody back since", Buffered(2), q("a", "a", rules=TWO, refused=True), Refuse(1)),
 ]
 
 

@@ -87,6 +87,24 @@ def test_quorum_hopeless(name, eligible, age, coord_age, started, rules, hopeles
     assert quorum_hopeless(eligible, age, coord_age, started, rules) is hopeless
 
 
+# The same, when the live peers are those of the last quorum refused for too few (waited_out): nobody came back in
+# its join timeout, so it is not waited out again.
+WAITED_OUT_CASES = [
+    ("a lone survivor asking again: refused at once", 1, 0.0, 100.0, True, QuorumRules(min_peers=2, join_timeout_s=5),
+     True),
+    ("... but not in a restarted coordinator's startup grace", 1, 0.0, 2.0, True, QuorumRules(2, 5.0, 10.0), False),
+    ("... nor when enough peers are live", 2, 0.0, 100.0, True, QuorumRules(min_peers=2), False),
+    ("... nor before the first commit, short of min_peers", 1, 0.0, 100.0, False, QuorumRules(min_peers=2), False),
+]
+
+
+@pytest.mark.parametrize(
+    "name,eligible,age,coord_age,started,rules,hopeless", WAITED_OUT_CASES, ids=[c[0] for c in WAITED_OUT_CASES]
+)
+def test_quorum_hopeless_once_its_join_timeout_was_waited_out(name, eligible, age, coord_age, started, rules, hopeless):
+    assert quorum_hopeless(eligible, age, coord_age, started, rules, waited_out=True) is hopeless
+
+
 # has state, a holder is alive, run under way, coordinator age, rules -> action (before the run's first commit)
 JOIN_CASES = [
     ("a peer with state keeps it", True, False, True, 0.0, QuorumRules(startup_grace_s=5), "keep"),

@@ -79,6 +79,9 @@ class QuorumInputs:
     # (same order), and to now; empty and 0: unknown.
     arrivals_s: tuple[float, ...] = ()
     since_s: float = 0.0
+    # The live peers and the least members a round needs are those of the last quorum refused for too few: its
+    # join timeout passed with nobody back, so this one is refused without waiting it out again.
+    refused_before: bool = False
 
 
 @dataclass(frozen=True)
@@ -213,7 +216,7 @@ class AllPeers(_Bare):
         """The rule of ``rules.quorum_ready`` / ``rules.quorum_hopeless`` over every peer that asked."""
         requesting = set(q.requesting)
         eligible = q.eligible | requesting
-        if quorum_hopeless(len(eligible), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+        if quorum_hopeless(len(eligible), q.waited_s, q.coordinator_age_s, q.run_started, q.rules, q.refused_before):
             return Refuse(len(eligible))
         if quorum_ready(requesting, eligible, q.waited_s, q.coordinator_age_s, q.rules):
             return FormRound(tuple(order_members(requesting)))
@@ -331,7 +334,7 @@ class Sample(QuorumPolicy):
         if len(asked) >= q.rules.least and (len(asked) == len(sample) or q.waited_s >= q.rules.join_timeout_s):
             return FormRound(asked, candidates)
         eligible = len(q.eligible | requesting)
-        if quorum_hopeless(eligible, q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+        if quorum_hopeless(eligible, q.waited_s, q.coordinator_age_s, q.run_started, q.rules, q.refused_before):
             return Refuse(eligible)
         return None
 
@@ -363,7 +366,7 @@ def _first_of_roster(q: QuorumInputs, k: int) -> Outcome:
     k = min(max(k, q.rules.least, 1), len(roster))
     if len(q.requesting) >= k:
         return FormRound(tuple(order_members(set(q.requesting[:k]))), roster)
-    if quorum_hopeless(len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+    if quorum_hopeless(len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules, q.refused_before):
         return Refuse(len(roster))
     return None
 
@@ -412,7 +415,7 @@ class Coded(QuorumPolicy):
             return None
         if len(asked) >= q.rules.least and decodable(code, [roster.index(p) for p in asked]):
             return FormRound(tuple(order_members(set(asked))), roster)
-        if quorum_hopeless(len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+        if quorum_hopeless(len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules, q.refused_before):
             return Refuse(len(roster))
         return None
 
@@ -542,7 +545,7 @@ class Grace(QuorumPolicy):
                 return everyone  # arrival times unknown: no grace to give
             if q.since_s >= (1.0 + self.grace) * sorted(q.arrivals_s)[need - 1]:
                 return everyone
-        if quorum_hopeless(len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+        if quorum_hopeless(len(roster), q.waited_s, q.coordinator_age_s, q.run_started, q.rules, q.refused_before):
             return Refuse(len(roster))
         return None
 
@@ -605,7 +608,7 @@ class Buffered(QuorumPolicy):
         if (self.timeout_s is not None and q.waited_s >= self.timeout_s
                 and len(q.requesting) >= max(q.rules.least, 1)):
             return ready
-        if quorum_hopeless(live, q.waited_s, q.coordinator_age_s, q.run_started, q.rules):
+        if quorum_hopeless(live, q.waited_s, q.coordinator_age_s, q.run_started, q.rules, q.refused_before):
             return Refuse(live)
         return None
 

@@ -212,6 +212,8 @@ class Quorums:
         # The member lists of the last rounds formed, by digest: an answer carries the change from the one its
         # asker holds.
         self._recent_lists: OrderedDict[bytes, tuple[Entry, ...]] = OrderedDict()
+        # The live peers and the least members a round needed when a quorum was last refused for too few.
+        self._refused: tuple[frozenset[str], int] | None = None
         # By tag, the round format of its last committed round and that round's members (rules.format_refusal).
         self.formats: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
 
@@ -314,17 +316,19 @@ class Quorums:
         s = self.state
         # Arrivals count from the last commit (when the round's work began), or from the first request.
         since = self.last_commit_at if self.last_commit_at is not None else pending.first_at
+        live, rules = frozenset(s.live), self.rules(pending)
         return QuorumInputs(
             requesting=tuple(pending.waiting),
             # Every live peer, syncing joiners included: `all` waits (up to the join timeout) for a
             # joiner to finish syncing, so joiners are admitted at the next round boundary instead
             # of chasing rounds that form without them; `sample` draws from them all.
-            eligible=frozenset(s.live),
+            eligible=live,
             waited_s=now - pending.first_at,
             coordinator_age_s=now - self._started,
             round_id=s.next_round_id,
             seed=self.config.seed,
-            rules=self.rules(pending),
+            rules=rules,
+            refused_before=self._refused == (live, rules.least),
             run_started=s.last_committed_round > 0,
             tag=pending.tag,
             arrivals_s=tuple(max(0.0, pending.asked_at.get(p, now) - since) for p in pending.waiting),
@@ -428,6 +432,7 @@ class Quorums:
         )
         for fut in pending.waiting.values():
             refuse_waiter(fut, grpc.StatusCode.FAILED_PRECONDITION, reason)
+        self._refused = (frozenset(self.state.live), self.rules(pending).least)
         self.pending = None
         self.state.event("quorum-refused", "", reason)
         log.info("%s", reason)

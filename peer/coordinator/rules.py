@@ -340,19 +340,23 @@ def quorum_ready(
 
 
 def quorum_hopeless(
-    eligible: int, first_request_age_s: float, coordinator_age_s: float, run_started: bool, rules: QuorumRules
+    eligible: int, first_request_age_s: float, coordinator_age_s: float, run_started: bool, rules: QuorumRules,
+    waited_out: bool = False,
 ) -> bool:
     """Whether a pending quorum should be refused now: too few live peers are left to reach min_peers (or the
     peers' aggregator's minimum).
 
     ``eligible``: live peers that could take part (requesting ones and syncing joiners
-    included); ``run_started``: the run has committed a round.
+    included); ``run_started``: the run has committed a round; ``waited_out``: the live peers are those of the
+    last quorum refused for too few, whose join timeout passed with nobody back.
     """
     if eligible >= rules.least or coordinator_age_s < rules.startup_grace_s:
         return False
     # Never before the join timeout, even when every live peer has asked: a peer killed and restarted by its
-    # supervisor comes back within it, and the survivors' next round should be with it, not ahead of it.
-    if first_request_age_s < rules.join_timeout_s:
+    # supervisor comes back within it, and the survivors' next round should be with it, not ahead of it. Once
+    # is enough: when nobody came back in the last refused quorum's timeout, waiting it out again at every sync
+    # cost each survivor a join timeout per sync (5 s a sync, 175 s of a 4 s run in the harness).
+    if first_request_age_s < rules.join_timeout_s and not waited_out:
         return False
     # Before the first commit the run waits for min_peers (the operator's word), but not for the peers its
     # aggregator needs beyond them: nothing says they will come. The peers train on and ask again.
