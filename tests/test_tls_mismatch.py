@@ -7,6 +7,7 @@ minutes). Real servers on 127.0.0.1, OS-chosen ports; certificates from ``locone
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,10 +128,10 @@ def test_a_probe_tells_a_plaintext_server_from_a_tls_one_and_whether_it_takes_ou
 
 
 def test_a_probe_of_a_port_nobody_listens_on_finds_nothing():
-    s = make_server(RpcSettings(), role="peer")
-    address = bind(s, "127.0.0.1", 0, settings=RpcSettings(), hint="")  # bound, then dropped unstarted
-    del s
-    assert probe(address, PLAIN, timeout_s=1.0) == UNKNOWN
+    with socket.socket() as s:  # a port the OS gave out and nobody listens on once it is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert probe(f"127.0.0.1:{port}", PLAIN, timeout_s=1.0) == UNKNOWN
 
 
 # -- a peer's join, end to end -----------------------------------------------------------------------------------
