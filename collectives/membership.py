@@ -50,8 +50,8 @@ from collectives.errors import FormatMismatch, LoconetError, RoundFailed
 from collectives.memberlists import BadMemberChange, BadPackedList, Entry, changed_list, entries_of, unpack_list
 from collectives.rpc import call_metadata
 from collectives.sampling import check_sample, sample_size
-from collectives.tlsprobe import TLSMismatch, known_failure, probe, verdict
 from collectives.session import RETRY_AFTER_MS, SESSION_RPCS, CoordinatorSession, SessionUnsupported
+from collectives.tlsprobe import REFUSED_CERTIFICATE, TLSMismatch, known_failure, probe, verdict
 from collectives.transport import Transport
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
@@ -79,6 +79,9 @@ BACKUP_TAG_KEY = ":k="
 # a wrong address shows at once, a blip of a moment stays quiet.
 FIRST_NOTE_S = 0.5
 NOTE_EVERY_S = 5.0
+# A TLS coordinator that closed the connection on this peer's certificate is asked again after this long before
+# the peer stops (collectives/tlsprobe.py).
+PROBE_AGAIN_S = 0.5
 # A --coordinator given as a port alone means a coordinator on this machine (its default --host).
 
 
@@ -480,7 +483,13 @@ class MembershipClient:
         known = known_failure(details, security, "the coordinator", address)
         if known is not None or not probe_closed or "socket closed" not in details.lower():
             return known
-        found = await asyncio.get_running_loop().run_in_executor(None, probe, address, security)
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(None, probe, address, security)
+        if found == REFUSED_CERTIFICATE and security.tls:
+            # A coordinator killed between the handshake and its first frame looks the same once: ask again.
+            await asyncio.sleep(PROBE_AGAIN_S)
+            if await loop.run_in_executor(None, probe, address, security) != found:
+                return None
         return verdict(found, security, "the coordinator", address)
 
     async def _send(self, method: str, request, timeout_s: float):
