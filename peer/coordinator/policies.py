@@ -79,8 +79,8 @@ class QuorumInputs:
     # (same order), and to now; empty and 0: unknown.
     arrivals_s: tuple[float, ...] = ()
     since_s: float = 0.0
-    # The live peers and the least members a round needs are those of the last quorum refused for too few: its
-    # join timeout passed with nobody back, so this one is refused without waiting it out again.
+    # The live peers and the least members a round needs are those of the last quorum refused for too few, and no
+    # round formed since: its join timeout passed with nobody back, so this one is refused without waiting again.
     refused_before: bool = False
 
 

@@ -212,7 +212,8 @@ class Quorums:
         # The member lists of the last rounds formed, by digest: an answer carries the change from the one its
         # asker holds.
         self._recent_lists: OrderedDict[bytes, tuple[Entry, ...]] = OrderedDict()
-        # The live peers and the least members a round needed when a quorum was last refused for too few.
+        # The live peers and the least members a round needed when a quorum was last refused for too few, until
+        # a round forms.
         self._refused: tuple[frozenset[str], int] | None = None
         # By tag, the round format of its last committed round and that round's members (rules.format_refusal).
         self.formats: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
@@ -379,6 +380,9 @@ class Quorums:
         """Start an attempt with the policy's members; the other waiting peers are held until it is decided."""
         s = self.state
         members = list(outcome.members)
+        # A run that makes rounds again waits out the join timeout at its next shortage: a peer that leaves
+        # then may be one restarted by its supervisor.
+        self._refused = None
         # A restarted coordinator (the run had rounds before it) cannot know which (round, epoch)
         # pairs its predecessor gave out: its first attempt gets a new epoch.
         restarted = self._run_under_way() or s.last_committed_round > 0 or s.epoch > 0
