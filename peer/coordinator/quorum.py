@@ -436,8 +436,13 @@ class Quorums:
         )
         for fut in pending.waiting.values():
             refuse_waiter(fut, grpc.StatusCode.FAILED_PRECONDITION, reason)
-        self._refused = (frozenset(self.state.live), self.rules(pending).least)
+        refused = (frozenset(self.state.live), self.rules(pending).least)
         self.pending = None
+        if refused == self._refused:
+            # The same shortage, asked about again at every sync: one event and one line are enough.
+            log.debug("%s", reason)
+            return
+        self._refused = refused
         self.state.event("quorum-refused", "", reason)
         log.info("%s", reason)
 
