@@ -711,7 +711,7 @@ class ElasticCollective:
             self._move(plan.round_id, Phase.ALLREDUCE)
             refusal: LoconetError | None = None
             try:
-                sent, w, reduce_with = await self._contribution(plan, flat, weight, within, prepare)
+                sent, w, reduce_with = await self._contribution(plan, flat, weight, within, prepare, least)
             except (ProtocolError, QuorumMismatch) as exc:  # this member refuses the round; it says so, sends nothing
                 done, failed, reduce_with, refusal = None, (), (), exc
                 reason = f"{self.peer_id} refused round {plan.round_id}: {exc}"
@@ -811,11 +811,13 @@ class ElasticCollective:
             await asyncio.sleep(WAIT_POLL_S)
 
     async def _contribution(
-        self, plan: RoundPlan, flat: torch.Tensor, weight: Weight, within: Within | None, prepare: Prepare | None
+        self, plan: RoundPlan, flat: torch.Tensor, weight: Weight, within: Within | None, prepare: Prepare | None,
+        least: int = 1,
     ) -> tuple[torch.Tensor, float, tuple[tuple[str, str], ...]]:
         """What this member sends in an attempt, with its weight and whom it reduces with; ProtocolError when it
-        refuses the round (a sample that is not the seeded one, a weight that is not finite, a group without it)."""
-        plan.check_sample()
+        refuses the round (a sample that is not the seeded one of at least ``least``, a weight that is not finite, a
+        group without it)."""
+        plan.check_sample(least)
         w = float(weight(plan)) if callable(weight) else weight
         if not math.isfinite(w):
             raise ProtocolError(f"the weight function gave {w} for round {plan.round_id}")

@@ -287,15 +287,16 @@ class RoundPlan:
         roster); 1 when it names none."""
         return min(1.0, len(self.members) / len(self.candidates)) if self.candidates else 1.0
 
-    def check_sample(self) -> None:
+    def check_sample(self, least: int = 1) -> None:
         """Raise SampleMismatch if this is a sample round whose members are not the seeded sample.
 
         k is recomputed here from the policy and the candidates (for a fraction: of them, rounded up, at
-        least its min), so a member outside the policy's sample is caught whatever k the coordinator used.
+        least its min), and ``least``, the members this peer's rounds need (as the run's peers all need), so a
+        member outside the policy's sample is caught whatever k the coordinator used.
         """
         size = sample_size(self.policy)
         if self.action == "round" and size is not None:
-            k = size.of(len(set(self.candidates)))
+            k = size.of(len(set(self.candidates)), least)
             check_sample(self.seed, self.round_id, self.candidates, k, [pid for pid, _ in self.members])
 
 

@@ -11,8 +11,10 @@ round with ``check_sample`` and refuses a coordinator that picked otherwise.
 
 How many are drawn is the policy's argument (``SampleSize``): a count
 (``sample:K``), or a fraction of the candidates rounded up, with an optional
-minimum (``sample:0.5``, ``sample:0.5,min=3``); k never exceeds the number of
-candidates. The fraction is read as an exact decimal (``fractions.Fraction``),
+minimum (``sample:0.5``, ``sample:0.5,min=3``), and never fewer than the
+members the run's rounds need (Krum's 2f+3, a private round's minimum), which
+the coordinator learns from the quorum requests and every member knows of its
+own; k never exceeds the number of candidates. The fraction is read as an exact decimal (``fractions.Fraction``),
 so the coordinator and every peer compute the same k from the same candidates.
 
 Pure functions, no I/O; the coordinator (``peer/coordinator/policies.py``)
@@ -63,14 +65,15 @@ class SampleSize:
         if self.minimum is not None and (self.count is not None or self.minimum < 1):
             raise ConfigError(f"a sample minimum goes with a fraction and must be >= 1, got {self.minimum}")
 
-    def of(self, n_candidates: int) -> int:
-        """k for this many candidates: K, or max(minimum, ceil(F * n)); never more than n."""
+    def of(self, n_candidates: int, least: int = 1) -> int:
+        """k for this many candidates: K, or max(minimum, ceil(F * n)), and at least ``least`` (the members the
+        run's rounds need: its aggregator's, a private round's; QuorumRequest.min_members); never more than n."""
         if self.count is not None:
-            return min(self.count, n_candidates)
+            return min(max(self.count, least), n_candidates)
         assert self.fraction is not None
         # Exact integer ceiling: a float product (0.1 * 30 = 3.0000000000000004) would round up wrongly.
         share = -(-self.fraction.numerator * n_candidates // self.fraction.denominator)
-        return min(max(self.minimum or 1, share), n_candidates)
+        return min(max(self.minimum or 1, share, least), n_candidates)
 
     def with_minimum(self, minimum: int) -> SampleSize:
         """This size with ``minimum`` where none was given (a count is returned as it is)."""

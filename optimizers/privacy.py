@@ -170,12 +170,13 @@ class DPConfig:
         return self.clip is not None
 
     def settings(self) -> tuple[str, ...]:
-        """What every member of a run must clip and noise alike, in parts the coordinator compares ("dp off" when
-        disabled); delta, amplify and the seed change only what is reported or drawn."""
+        """What every member of a run must clip and noise alike, and the size of its rounds, in parts the coordinator
+        compares ("dp off" when disabled); delta, amplify and the seed change only what is reported or drawn."""
         if not self.enabled:
             return ("dp off",)
         exact = lambda x: repr(float(x))  # noqa: E731 - 1 and 1.0 (a JSON file's and a flag's) agree
-        parts = [f"dp clip {exact(self.clip)}", f"dp noise {exact(self.noise)}"]
+        # The minimum too: every member checks a sampled round's size against its own (RoundPlan.check_sample).
+        parts = [f"dp clip {exact(self.clip)}", f"dp noise {exact(self.noise)}", f"dp min members {self.min_members}"]
         if self.adaptive is not None:
             count = "auto" if self.count_noise is None else exact(self.count_noise)
             parts += [f"dp adaptive {exact(self.adaptive)}", f"dp clip lr {exact(self.clip_lr)}", f"dp count noise {count}"]

@@ -70,10 +70,11 @@ def test_an_outer_optimizer_names_the_settings_it_applies_a_round_with(config, s
     ("config", "settings"),
     [
         (DPConfig(), ("dp off",)),
-        (DPConfig(clip=1, noise=1.1), ("dp clip 1.0", "dp noise 1.1")),  # an int and a float clip agree
-        (DPConfig(clip=1.0, noise=1.1, delta=1e-3, amplify=True, seed=3), ("dp clip 1.0", "dp noise 1.1")),
-        (DPConfig(clip=1.0, adaptive=0.5), ("dp clip 1.0", "dp noise 1.0", "dp adaptive 0.5", "dp clip lr 0.2",
-                                            "dp count noise auto")),
+        (DPConfig(clip=1, noise=1.1), ("dp clip 1.0", "dp noise 1.1", "dp min members 2")),  # 1 and 1.0 agree
+        (DPConfig(clip=1.0, noise=1.1, delta=1e-3, amplify=True, seed=3, min_members=3),
+         ("dp clip 1.0", "dp noise 1.1", "dp min members 3")),
+        (DPConfig(clip=1.0, adaptive=0.5), ("dp clip 1.0", "dp noise 1.0", "dp min members 2", "dp adaptive 0.5",
+                                            "dp clip lr 0.2", "dp count noise auto")),
     ],
 )
 def test_differential_privacy_names_what_every_member_clips_and_noises_alike(config, settings):
@@ -85,7 +86,7 @@ def test_differential_privacy_names_what_every_member_clips_and_noises_alike(con
     [
         (DiLoCoConfig(), ()),
         (FedConfig(), ("dp off",)),
-        (FedConfig(dp=DPConfig(clip=0.5, noise=2.0)), ("dp clip 0.5", "dp noise 2.0")),
+        (FedConfig(dp=DPConfig(clip=0.5, noise=2.0)), ("dp clip 0.5", "dp noise 2.0", "dp min members 2")),
         (CodedSGDConfig(stragglers=2, code="cyclic"), ("stragglers 2", "code cyclic")),
         (SeqSGCConfig(), ("scheme m-sgc", "burst 1", "window 2", "lambda 1", "code auto")),
         (StreamingConfig(fragments=2), ("fragments 2", "fragment split strided")),

@@ -207,6 +207,27 @@ def test_a_round_plan_recomputes_k_of_a_fraction_from_its_candidates():
         plan("sample:0.5", ("b", "c", "e")).check_sample()
 
 
+@pytest.mark.parametrize(
+    ("arg", "n", "least", "k"),
+    [
+        ("1", 4, 2, 2),  # a round of the run needs 2 (a private round's minimum): one drawn would never form
+        ("1", 1, 2, 1),  # never more than the candidates
+        ("0.25", 4, 3, 3),
+        ("0.5,min=3", 10, 2, 5),  # the share wins when larger
+        ("3", 4, 1, 3),
+    ],
+)
+def test_k_is_at_least_what_the_runs_rounds_need(arg, n, least, k):
+    assert parse_sample_arg(arg).of(n, least) == k
+
+
+def test_a_round_plan_checks_its_sample_with_the_members_its_rounds_need():
+    # sample:1 from abcd draws b; with rounds of at least 2, b and c.
+    plan("sample:1", ("b", "c")).check_sample(least=2)
+    with pytest.raises(SampleMismatch, match="c not in the sample of 1"):
+        plan("sample:1", ("b", "c")).check_sample()
+
+
 def test_a_round_plan_checks_the_minimum_of_a_fraction():
     plan("sample:0.25,min=2", ("b", "c")).check_sample()
     with pytest.raises(SampleMismatch, match="c not in the sample of 1"):

@@ -299,7 +299,13 @@ class Sample(QuorumPolicy):
         return self.size.count
 
     def fitted(self, min_peers: int) -> Sample:
-        """A fraction without min= gets min_peers as its minimum; with a min below min_peers it is a ConfigError."""
+        """A fraction without min= gets min_peers as its minimum; with a min below min_peers it is a ConfigError,
+        and so is a count below min_peers."""
+        if self.size.count is not None and self.size.count < min_peers:
+            raise ConfigError(
+                f"quorum {self.spec}: a sample of {self.size.count} is below min_peers {min_peers}, so no round could "
+                f"start: use sample:{min_peers} or more, or lower --min-peers"
+            )
         minimum = self.size.minimum
         if minimum is not None and minimum < min_peers:
             raise ConfigError(
@@ -321,7 +327,9 @@ class Sample(QuorumPolicy):
     def drawn(self, q: QuorumInputs) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(the sample, the candidates it is drawn from): k is computed from the very candidates the members get."""
         candidates = self.candidates(q)
-        k = self.size.of(len(candidates))
+        # At least what the asking peers' rounds need (their aggregator's, a private round's): each member checks
+        # the sample with its own need, which the run's peers share (their round formats and settings are equal).
+        k = self.size.of(len(candidates), q.rules.min_members)
         return (sample_members(q.seed, q.round_id, candidates, k) if k else ()), candidates
 
     def decide(self, q: QuorumInputs) -> Outcome:
@@ -350,7 +358,7 @@ class Sample(QuorumPolicy):
         """As many asked as a sample of the live peers holds, or the join timeout passed."""
         if requesting < rules.least:
             return False
-        return requesting >= self.size.of(eligible) or waited_s >= rules.join_timeout_s
+        return requesting >= self.size.of(eligible, rules.min_members) or waited_s >= rules.join_timeout_s
 
 
 def roster_of(q: QuorumInputs) -> tuple[str, ...]:
