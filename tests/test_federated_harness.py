@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from optimizers.privacy import DPConfig
 from peer.coordinator.config import CoordinatorConfig
 from peer.harness.harness import Harness, HarnessConfig
 from peer.harness.scenario import parse_event
@@ -37,3 +38,21 @@ def test_a_peer_killed_inside_a_fedavg_round_costs_one_retried_round_and_nothing
     assert report["rounds_committed"] == STEPS // LOCAL_STEPS
     # digits is a classification task: the report carries the survivors' held-out accuracy.
     assert 0.0 <= report["final_accuracy"] <= 1.0
+
+
+def test_a_sampled_private_round_draws_as_many_members_as_a_private_round_needs(tmp_path):
+    # sample:1 draws one member; a private round needs two (--dp-min-members 2, the default). The coordinator draws
+    # two and every member checks the sample with its own need: no round was refused, none failed to form.
+    config = HarnessConfig(
+        peers=3,
+        task="digits",
+        task_config=TaskConfig(batch_size=32),
+        train=TrainConfig.of("fedavg", steps=STEPS, sync_every=LOCAL_STEPS, inner="sgd", dp=DPConfig(clip=1.0, noise=0.3)),
+        coordinator=CoordinatorConfig(dashboard_port=0, quorum="sample:1"),
+        workdir=str(tmp_path),
+        timeout_s=150,
+    )
+    report = Harness(config).run()
+    assert report["rounds_committed"] == STEPS // LOCAL_STEPS and report["rounds_aborted"] == 0
+    log = (tmp_path / "coordinator.log").read_text()
+    assert log.count("with 2 members") == STEPS // LOCAL_STEPS
