@@ -295,17 +295,12 @@ class Sample(QuorumPolicy):
         return f"{self.name}:{self.size.arg}"
 
     def max_members(self) -> int | None:
-        """K for a count; a fraction has no fixed bound."""
+        """K for a count (more only when the asking peers' rounds need more); a fraction has no fixed bound."""
         return self.size.count
 
     def fitted(self, min_peers: int) -> Sample:
-        """A fraction without min= gets min_peers as its minimum; with a min below min_peers it is a ConfigError,
-        and so is a count below min_peers."""
-        if self.size.count is not None and self.size.count < min_peers:
-            raise ConfigError(
-                f"quorum {self.spec}: a sample of {self.size.count} is below min_peers {min_peers}, so no round could "
-                f"start: use sample:{min_peers} or more, or lower --min-peers"
-            )
+        """A fraction without min= gets min_peers as its minimum; with a min below min_peers it is a ConfigError
+        (a count below min_peers is CoordinatorConfig's, through max_members)."""
         minimum = self.size.minimum
         if minimum is not None and minimum < min_peers:
             raise ConfigError(
