@@ -71,6 +71,7 @@ others retry their round without this peer. One exception: a stop that comes
 once this member voted to commit waits (``stop_decision_wait_s``) for the
 round's decision, and a committed round is applied and returned, since this
 member may be the only one left holding it; the next call raises ``Stopped``.
+So does a stop that comes while a committed round's result is being kept.
 """
 
 from __future__ import annotations
@@ -725,7 +726,9 @@ class ElasticCollective:
             if outcome.commit and done is not None:
                 self._move(plan.round_id, Phase.COMMITTED)
                 self.last_round = plan.round_id
-                await self._keep_result(plan.round_id, tag, out, allreduce.codec, len(reduce_with), plan.epoch)
+                await self._committed(
+                    self._keep_result(plan.round_id, tag, out, allreduce.codec, len(reduce_with), plan.epoch)
+                )
                 if residual is not None:
                     residual.copy_(work)
                 return SyncResult(
@@ -752,6 +755,21 @@ class ElasticCollective:
                 self._move(plan.round_id, Phase.REJOIN)
                 await self._rejoin()
             self._move(plan.round_id, Phase.QUORUM)
+
+    async def _committed(self, keeping: Coroutine[Any, Any, None]) -> None:
+        """Finish ``keeping`` (keeping a committed round's result) even when a stop comes meanwhile: the round is
+        this member's, and it is returned and applied; the next call raises Stopped. (A stop that landed here lost
+        the round: a peer that came back with its checkpoint held the round before the run's last.)"""
+        task = asyncio.ensure_future(keeping)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not self._interrupted:
+                task.cancel()
+                raise
+            log.info("stopped while keeping the result of round %d: it is applied first", self.last_round)
+            await task
+            asyncio.current_task().uncancel()  # the stop was honoured: the round is applied, then the caller stops
 
     async def _ask(self, tag: str, least: int, started: float, fmt: str = "") -> RoundPlan | None:
         """QUORUM: fetch a state the coordinator named before (raises Resynced), then ask for a round; None when

@@ -115,3 +115,25 @@ def test_a_stop_waits_for_a_decision_at_most_stop_decision_wait_s():
         for m in (stopped, late):
             m.close()
         coordinator.close()
+
+
+def test_a_stop_while_a_committed_rounds_result_is_kept_still_returns_the_round(pair):
+    # The stop lands after the decision, while the member keeps the result for late peers (off the loop): the round
+    # is the member's and is returned, to be applied; the next sync raises Stopped. (It raised Stopped here, and the
+    # peer's checkpoint then held the round before the run's last, which no live peer held.)
+    (stopped, other), release = pair
+    release.set()
+    keep = stopped.results.keep
+
+    def keep_after_a_stop(*args, **kwargs):
+        stopped.interrupt("stopped by the test")
+        time.sleep(0.2)  # the cancellation reaches the sync while this runs
+        return keep(*args, **kwargs)
+
+    stopped.results.keep = keep_after_a_stop
+    pending = stopped.sync_async(torch.ones(8))
+    other.sync_async(torch.ones(8))
+    result = pending.result(timeout=30)
+    assert result.round_id == 1 and torch.equal(result.value, torch.ones(8))
+    with pytest.raises(Stopped):
+        stopped.sync(torch.ones(8))
