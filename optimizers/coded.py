@@ -154,10 +154,17 @@ class CodedSGDConfig(StepRoundConfig):
         return (*super().round_settings(), f"stragglers {self.stragglers}", f"code {self.code}")
 
     def quorum_problem(self, policy: str) -> str:
-        """Any policy but ``coded:s`` (this s) cannot serve: the rounds must hold a decodable set of the roster."""
+        """Any policy but ``coded:s`` (this s) with this code cannot serve: the rounds must hold a decodable set of
+        the roster, as the coordinator checks it with its code and the workers build it with theirs."""
         s = self.stragglers
         if policy_name(policy) != "coded" or policy_argument(policy) != str(s):
             return f"coded-sgd --stragglers {s} needs the coordinator's --quorum coded:{s}, and the run's is {policy!r}"
+        needed = self.expected_quorum()
+        if policy.replace(",code=auto", "") != needed:
+            # Found by a chaos run: coded:1 (auto) with --code frc workers formed rounds over 7 workers, which
+            # fractional repetition cannot encode for, and 337 of 400 steps did not commit.
+            return (f"coded-sgd --code {self.code} needs the coordinator's --quorum {needed} (the coordinator checks "
+                    f"rounds with the workers' code), and the run's is {policy!r}")
         return ""
 
 

@@ -183,6 +183,14 @@ def test_a_coded_worker_refuses_a_round_it_cannot_take_part_in(task, policy, mem
 @pytest.mark.parametrize(("config", "policy", "problem"), [
     (CodedSGDConfig(stragglers=1), "coded:1", ""),
     (CodedSGDConfig(stragglers=1, code="frc"), "coded:1,code=frc", ""),
+    (CodedSGDConfig(stragglers=1, code="auto"), "coded:1,code=auto", ""),
+    (CodedSGDConfig(stragglers=1, code="frc"), "coded:1", "coded-sgd --code frc needs the coordinator's --quorum "
+                                                          "coded:1,code=frc (the coordinator checks rounds with the "
+                                                          "workers' code), and the run's is 'coded:1'"),
+    (CodedSGDConfig(stragglers=1, code="cyclic"), "coded:1,code=frc", "coded-sgd --code cyclic needs the "
+                                                                      "coordinator's --quorum coded:1,code=cyclic (the "
+                                                                      "coordinator checks rounds with the workers' "
+                                                                      "code), and the run's is 'coded:1,code=frc'"),
     (CodedSGDConfig(stragglers=1), "coded:2", "coded-sgd --stragglers 1 needs the coordinator's --quorum coded:1, "
                                               "and the run's is 'coded:2'"),
     (CodedSGDConfig(stragglers=2), "backup", "coded-sgd --stragglers 2 needs the coordinator's --quorum coded:2, "
