@@ -183,7 +183,6 @@ def test_a_coded_worker_refuses_a_round_it_cannot_take_part_in(task, policy, mem
 @pytest.mark.parametrize(("config", "policy", "problem"), [
     (CodedSGDConfig(stragglers=1), "coded:1", ""),
     (CodedSGDConfig(stragglers=1, code="frc"), "coded:1,code=frc", ""),
-    (CodedSGDConfig(stragglers=1, code="auto"), "coded:1,code=auto", ""),
     (CodedSGDConfig(stragglers=1, code="frc"), "coded:1", "coded-sgd --code frc needs the coordinator's --quorum "
                                                           "coded:1,code=frc (the coordinator checks rounds with the "
                                                           "workers' code), and the run's is 'coded:1'"),
@@ -310,3 +309,13 @@ def test_the_harness_refuses_a_chosen_quorum_that_cannot_serve_the_algorithm():
     with pytest.raises(ConfigError, match=r"--quorum coded:1, and the run's is 'backup': leave --quorum out and the "
                                           r"harness sets coded:1"):
         HarnessConfig(train=TrainConfig.of("coded-sgd"), coordinator=CoordinatorConfig(quorum="backup"))
+
+
+def test_the_harness_reads_a_chosen_quorum_as_the_peers_get_it():
+    # coded:1,code=auto reaches the peers as coded:1, the auto code's quorum: the harness takes it as they do.
+    from peer.coordinator.config import CoordinatorConfig
+    from peer.harness.harness import HarnessConfig
+    from peer.runtime.training import TrainConfig
+
+    chosen = HarnessConfig(train=TrainConfig.of("coded-sgd"), coordinator=CoordinatorConfig(quorum="coded:1,code=auto"))
+    assert chosen.coordinator.policy.spec == "coded:1"

@@ -162,7 +162,9 @@ class HarnessConfig:
         expected = getattr(options, "expected_quorum", lambda: None)()
         if expected is not None and self.coordinator.quorum == CoordinatorConfig.quorum:
             object.__setattr__(self, "coordinator", dataclasses.replace(self.coordinator, quorum=expected))
-        problem = getattr(options, "quorum_problem", lambda policy: "")(self.coordinator.quorum)
+        # In the spelling every round's plan carries to the peers (``coded:1`` for ``coded:1,code=auto``), so this
+        # check is the peers' own.
+        problem = getattr(options, "quorum_problem", lambda policy: "")(self.coordinator.policy.spec)
         if problem:
             raise ConfigError(f"{problem}: leave --quorum out and the harness sets {expected}")
 
