@@ -331,7 +331,18 @@ def run_harness_command(ns: argparse.Namespace) -> int:
     if report is None:
         return 130
     sys.stdout.write((json.dumps(report) if ns.json else report_summary(report, config.train.steps)) + "\n")
+    _fail_on_crashes(report)
     return 0
+
+
+def _fail_on_crashes(report: dict) -> None:
+    """Raise ChildFailed (exit 1, one line) when a peer process of the run ended with an error of its own."""
+    from peer.harness.processes import ChildFailed
+    from peer.harness.summary import crash_error
+
+    error = crash_error(report)
+    if error is not None:
+        raise ChildFailed(error)
 
 
 def _run_harness(harness, command: str, on_start) -> dict | None:
@@ -380,6 +391,7 @@ def run_demo_command(ns: argparse.Namespace) -> int:
     out.write(report_summary(report, ns.steps) + "\n")
     if ns.json:
         out.write(json.dumps(report) + "\n")
+    _fail_on_crashes(report)
     return 0 if report["survivors_identical"] else 1
 
 

@@ -176,3 +176,27 @@ def test_link_utilization_is_none_without_timed_rounds() -> None:
 @pytest.mark.parametrize(("values", "expected"), [([], None), ([None], None), ([1.0, None, 3.0], 2.0)])
 def test_mean_of_leaves_out_unknown_values(values, expected) -> None:
     assert outcome.mean_of(values) == expected
+
+
+@pytest.mark.parametrize(
+    ("returncode", "signalled", "unexpected"),
+    [
+        (None, set(), False),  # still running
+        (0, set(), False),
+        (1, set(), True),
+        (2, set(), True),
+        (-9, set(), True),  # killed by someone else (the OOM killer)
+        (-9, {9}, False),  # a kill event
+        (1, {9}, False),  # a kill event's, whatever the code
+        (0, {15}, False),  # a stop event, obeyed
+        (-15, {15}, False),  # a stop event before the peer's handler was in place
+        (1, {15}, True),  # a stop event, and the peer failed on its way out
+        (-11, {19, 18}, True),  # paused and resumed, then crashed
+    ],
+    ids=["running", "clean", "error", "usage", "oom", "kill", "kill-code", "stop", "stop-early", "stop-failed",
+         "segfault-after-pause"],
+)
+def test_an_exit_is_unexpected_unless_clean_or_the_end_of_a_signal_the_harness_sent(
+    returncode, signalled, unexpected
+) -> None:
+    assert outcome.unexpected_exit(returncode, signalled) is unexpected

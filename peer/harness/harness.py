@@ -12,6 +12,7 @@ network namespace behind ``tbf``-shaped links (``peer/harness/netns.py``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,6 +20,7 @@ import math
 import shutil
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -647,7 +649,8 @@ class Harness:
         task = self.task
         # The initial loss is evaluated on the peers' device, as their final losses are.
         model = place_model(task.build_model(), self.device)
-        initial = task.evaluate(model)
+        with contextlib.redirect_stdout(sys.stderr):  # a user task's prints must not break the JSON report
+            initial = task.evaluate(model)
         numel = sum(p.numel() for p in model.parameters())
         dp_bytes = c.train.steps * 2 * (c.peers - 1) / c.peers * 4 * numel
         sent = [f["bytes_sent"] - f.get("bytes_served", 0) for f in finished.values()]
@@ -672,8 +675,9 @@ class Harness:
                 "bytes": sum(f.get("results_kept_bytes", 0) for f in finished.values()),
             },
             "rollbacks": rollbacks(status),
-            "initial_eval_loss": initial,
-            "final_eval_loss": statistics.mean(f["eval_loss"] for f in finished.values()) if finished else None,
+            "initial_eval_loss": initial if math.isfinite(initial) else None,
+            # A loss that is not finite comes as None (JSON has no NaN): the mean is over the others.
+            "final_eval_loss": outcome.mean_of(f["eval_loss"] for f in finished.values()),
             "eval_loss_per_peer": {n: f["eval_loss"] for n, f in finished.items()},
             "entropy_floor": task.entropy_floor,
             # A classification task's held-out accuracy, mean over the peers that finished (None otherwise).
@@ -685,6 +689,8 @@ class Harness:
             "identical_at_round": digest_round,
             "left_behind": behind,
             "peers_alive": len(survivors),
+            # Peer processes that ended with an error of their own (not a kill or stop of the scenario's).
+            "crashed": self._crashed(),
             "wall_s": time.monotonic() - self._started,
             "dashboard": self.dashboard_url,
             "workdir": str(self.workdir),
@@ -700,6 +706,14 @@ class Harness:
             late = [f"peer{i}" for i in range(c.peers, c.peers + self._joins())]
             report["stalls"] = [record.report(by_peer, status, late) for record in self._stalls]
         return report
+
+    def _crashed(self) -> list[dict]:
+        """Every peer process that exited with an error of its own: its name, exit code, one-line error and log."""
+        return [
+            {"peer": p.name, "exit_code": p.proc.returncode, "error": p.last_words(), "log": str(p.log_path)}
+            for p in [*self.retired, *self.peers.values()]
+            if outcome.unexpected_exit(p.proc.poll(), p.signalled)
+        ]
 
     def lives(self, name: str) -> list[Proc]:
         """Every process that ran as peer name, first to last (a stop event's restart makes a new one)."""

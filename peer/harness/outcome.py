@@ -13,11 +13,14 @@ table-like test:
 - ``byzantine``: what each attacking peer says it did;
 - ``replicas``: for rounds reduced in groups (NoLoCo), the largest group and
   each survivor's last measured spread;
-- ``link_utilization``: the median share of a capped link a round used.
+- ``link_utilization``: the median share of a capped link a round used;
+- ``unexpected_exit``: whether a process ended by itself with an error
+  (not by a signal the harness sent it).
 """
 
 from __future__ import annotations
 
+import signal
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -129,3 +132,12 @@ def mean_of(values: Iterable[float | None]) -> float | None:
     """The mean of the values that are not None; None when there are none."""
     known = [v for v in values if v is not None]
     return statistics.mean(known) if known else None
+
+
+def unexpected_exit(returncode: int | None, signalled: Iterable[int]) -> bool:
+    """Whether a process's exit is a failure of its own: not running, not 0, and not the end of a kill (SIGKILL,
+    whatever its code) or of a stop (SIGTERM) the harness sent it."""
+    sent = set(signalled)
+    if returncode is None or returncode == 0 or signal.SIGKILL in sent:
+        return False
+    return not (signal.SIGTERM in sent and returncode == -signal.SIGTERM)

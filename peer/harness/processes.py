@@ -169,6 +169,8 @@ class Proc:
             )
         self.events: list[dict] = []
         self.lines: list[str] = []
+        # The signals this process was sent (a kill event's SIGKILL, a stop's SIGTERM): its exit code is then ours.
+        self.signalled: set[int] = set()
         self._queue: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -180,6 +182,9 @@ class Proc:
             try:
                 event = json.loads(line)
             except ValueError:
+                continue
+            # Only our events are events: a task of the user's may print anything, a bare number included (JSON too).
+            if not isinstance(event, dict) or not isinstance(event.get("event"), str):
                 continue
             event["_seen"] = time.time()
             self.events.append(event)
@@ -239,6 +244,14 @@ class Proc:
         errors = [line for line in lines if line.startswith("loconet: error: ")]
         return errors[-1][len("loconet: error: "):] if errors else ""
 
+    def last_words(self) -> str:
+        """The child's one-line error, else the last line of its log (a traceback's exception line)."""
+        said = self.last_error()
+        if said:
+            return said
+        tail = log_tail(self.log_path, 1)
+        return tail.strip()
+
     def stderr_tail(self, lines: int = 15) -> str:
         """The last lines the process wrote to stderr, for failure messages."""
         try:
@@ -249,7 +262,9 @@ class Proc:
         return "\nstderr tail:\n" + tail if tail else ""
 
     def signal(self, sig: int) -> None:
+        """Send sig to the process (if it still runs), and remember it was sent."""
         if self.proc.poll() is None:
+            self.signalled.add(sig)
             os.kill(self.proc.pid, sig)
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -33,11 +33,27 @@ def report_summary(report: dict, steps: int) -> str:
         attacks = ", ".join(did["attacks"]) or "no attack (" + "; ".join(did["refused"]) + ")"
         lines.append(f"  byzantine      {peer}: {attacks}; {did['contributions_corrupted']} corrupted contributions sent")
     lines += [
-        f"  peers          {report['peers_alive']} of {report['peers'] + report.get('joined', 0)} finished with "
-        + _parameters(report),
+        f"  peers          {report['peers_alive']} of {report['peers'] + report.get('joined', 0)} finished"
+        + (f" with {_parameters(report)}" if report["peers_alive"] else ""),
+        *(f"  crashed        {_exit(c)}" for c in report.get("crashed", [])),
         f"  wall time      {report['wall_s']:.0f} s; logs in {report['workdir']}",
     ]
     return "\n".join(lines)
+
+
+def _exit(crash: dict) -> str:
+    """'peer1 exited (1): its one-line error (log: path)'."""
+    said = f": {crash['error']}" if crash.get("error") else ""
+    return f"{crash['peer']} exited ({crash['exit_code']}){said} (log: {crash['log']})"
+
+
+def crash_error(report: dict) -> str | None:
+    """The one-line error of a run in which peer processes crashed (None when none did)."""
+    crashed = report.get("crashed") or []
+    if not crashed:
+        return None
+    more = f"; {len(crashed) - 1} more in the report" if len(crashed) > 1 else ""
+    return f"{len(crashed)} peer process(es) exited with an error of their own: {_exit(crashed[0])}{more}"
 
 
 def _parameters(report: dict) -> str:
