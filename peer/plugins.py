@@ -11,17 +11,49 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
+import re
+import sys
+from types import ModuleType
 
 from collectives.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 def load_plugins(modules: list[str]) -> None:
     """Import user modules that register algorithms, aggregators, outer optimizers or tasks."""
     for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise ConfigError(f"cannot import plugin {name!r}: {exc}; is it on PYTHONPATH?") from None
+        if not _MODULE.match(name):
+            raise ConfigError(f"--plugin {name!r}: give a module's dotted name (e.g. mypkg.myplugin), not a file; "
+                              "its folder must be on PYTHONPATH or the working directory")
+        import_user_module(name, f"plugin {name!r}")
+
+
+def import_user_module(name: str, what: str) -> ModuleType:
+    """Import a user's module ``name`` (the working directory searched too, last); ConfigError naming ``what`` and
+    the cause when it is missing, a dependency of it is, or its code fails at import."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        # Under the console script the working directory is not on sys.path; appended last, a module next to where
+        # loconet was started is found but never shadows an installed one of the same name.
+        sys.path.append(cwd)
+        log.debug("appended the working directory %s to sys.path", cwd)
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        # e.name tells a missing module apart from a missing dependency of it
+        if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
+            raise ConfigError(
+                f"{what}: no module named {e.name!r} on sys.path (the working directory {cwd} is searched too; "
+                "set PYTHONPATH to import it from elsewhere)"
+            ) from e
+        raise ConfigError(f"{what}: importing {name!r} failed: {e}") from e
+    except Exception as e:  # any error inside the user's module (a registration refused included) is the user's
+        raise ConfigError(f"{what}: importing {name!r} raised {type(e).__name__}: {e}") from e
 
 
 def plugins_from(argv: list[str]) -> list[str]:

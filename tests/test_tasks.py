@@ -406,6 +406,102 @@ def two_args(config, other):
 
 
 NOT_CALLABLE = 3
+
+
+def raises(config):
+    raise ValueError("no such  dataset")
+
+
+class Abstract(Task):
+    pass
+
+
+def abstract(config):
+    return Abstract(config)
+
+
+class NoInit(Regression):
+    def __init__(self, config):
+        pass
+
+
+def no_init(config):
+    return NoInit(config)
+
+
+class NoEval(Regression):
+    eval_set = Task.eval_set
+
+
+def no_eval(config):
+    return NoEval(config)
+
+
+class BrokenModel(Regression):
+    def build_model(self):
+        raise RuntimeError("CUDA out of memory")
+
+
+def broken_model(config):
+    return BrokenModel(config)
+
+
+class NotAModel(Regression):
+    def build_model(self):
+        return lambda x: x
+
+
+def not_a_model(config):
+    return NotAModel(config)
+
+
+class NoParameters(Regression):
+    def build_model(self):
+        return torch.nn.ReLU()
+
+
+def no_parameters(config):
+    return NoParameters(config)
+
+
+class Complex(Regression):
+    def build_model(self):
+        model = super().build_model()
+        model.phase = torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))
+        return model
+
+
+def complex_(config):
+    return Complex(config)
+
+
+class Finite(Regression):
+    def batches(self, rank, world):
+        return iter(())
+
+
+def finite(config):
+    return Finite(config)
+
+
+class WrongShape(Regression):
+    def batches(self, rank, world):
+        while True:
+            yield torch.ones(2, 3), torch.ones(2, 1)
+
+
+def wrong_shape(config):
+    return WrongShape(config)
+
+
+class VectorLoss(Regression):
+    def loss(self, model, batch):
+        x, y = batch
+        return (model(x) - y) ** 2
+
+
+def vector_loss(config):
+    return VectorLoss(config)
 '''
 
 
@@ -459,6 +555,18 @@ def test_a_light_user_object_is_wrapped_into_a_task(user_module: str) -> None:
             "{m}:not_a_task",
             r"returned an object of type int, not a peer.tasks.Task nor an object with build_model, batches, evaluate",
         ),
+        # The user's code is tried before any peer trains: a broken part is one line naming it.
+        ("{m}:raises", r"raises\(config\) raised ValueError: no such dataset$"),
+        ("{m}:abstract", r"abstract\(config\) raised TypeError: Can't instantiate abstract class Abstract"),
+        ("{m}:no_init", r"NoInit.__init__ must call super\(\).__init__\(config\)"),
+        ("{m}:no_eval", r"NoEval defines neither eval_set\(\) nor evaluate\(\)"),
+        ("{m}:broken_model", r"build_model\(\) raised RuntimeError: CUDA out of memory"),
+        ("{m}:not_a_model", r"build_model\(\) returned a function, not a torch.nn.Module"),
+        ("{m}:no_parameters", "the model has no parameters to train"),
+        ("{m}:complex_", "parameter phase is complex"),
+        ("{m}:finite", r"batches\(0, 1\) yielded no batch; it must yield batches without end"),
+        ("{m}:wrong_shape", r"loss\(model, first batch\) raised RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+        ("{m}:vector_loss", r"loss\(model, batch\) must return a scalar tensor, got \(16, 1\)"),
     ],
 )
 def test_bad_user_specs_raise_helpful_config_errors(user_module: str, spec: str, message: str) -> None:

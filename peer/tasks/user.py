@@ -23,21 +23,17 @@ A class that takes a TaskConfig is such a function too (``"mymod:MyTask"``).
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import logging
-import os
 import re
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from collectives.errors import ConfigError
+from peer.plugins import import_user_module
 from peer.tasks.base import Batch, Task, TaskConfig, batch_stream, evaluating
 
-logger = logging.getLogger(__name__)
 
 _SPEC = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):([A-Za-z_][A-Za-z0-9_]*)$")
 REQUIRED = ("build_model", "batches", "evaluate")
@@ -52,7 +48,7 @@ def load_user_task(spec: str, config: TaskConfig) -> Task:
             f"a function name), e.g. 'mytasks:make_task', or a built-in task's name (loconet peer --help lists them)"
         )
     module_name, function_name = match.groups()
-    module = _import(module_name, spec)
+    module = import_user_module(module_name, f"user task {spec!r}")
     function = getattr(module, function_name, None)
     if function is None:
         names = sorted(
@@ -75,35 +71,71 @@ def load_user_task(spec: str, config: TaskConfig) -> Task:
         raise ConfigError(f"user task {spec!r}: {function_name} must take one argument, a TaskConfig ({e})") from e
     except ValueError:
         pass  # no signature to check (some builtins): just call it
-    made = function(config)
-    if isinstance(made, Task):
-        return made
-    missing = [m for m in REQUIRED if not callable(getattr(made, m, None))]
-    if missing:
-        raise ConfigError(
-            f"user task {spec!r}: {function_name}(config) returned an object of type {type(made).__name__}, not a "
-            f"peer.tasks.Task nor an object with {', '.join(REQUIRED)} (missing: {', '.join(missing)})"
-        )
-    return WrappedTask(made, config, name=spec)
-
-
-def _import(module_name: str, spec: str) -> Any:
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.append(cwd)
-        logger.debug("user task: appended the working directory %s to sys.path", cwd)
     try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        # e.name tells a missing task module apart from a missing dependency of it
-        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+        made = function(config)
+    except Exception as e:  # the user's code failed: say where, in one line (-v shows the traceback)
+        raise ConfigError(f"user task {spec!r}: {function_name}(config) raised {_said(e)}") from e
+    if isinstance(made, Task):
+        _check_subclass(made, spec)
+        task = made
+    else:
+        missing = [m for m in REQUIRED if not callable(getattr(made, m, None))]
+        if missing:
             raise ConfigError(
-                f"user task {spec!r}: no module named {e.name!r} on sys.path (the working directory {cwd} "
-                "is searched too; set PYTHONPATH to import it from elsewhere)"
-            ) from e
-        raise ConfigError(f"user task {spec!r}: importing {module_name!r} failed: {e}") from e
-    except Exception as e:  # any error inside the user's module is a problem with the task given
-        raise ConfigError(f"user task {spec!r}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
+                f"user task {spec!r}: {function_name}(config) returned an object of type {type(made).__name__}, not "
+                f"a peer.tasks.Task nor an object with {', '.join(REQUIRED)} (missing: {', '.join(missing)})"
+            )
+        task = WrappedTask(made, config, name=spec)
+    try_task(task, spec)
+    return task
+
+
+def _said(e: BaseException) -> str:
+    """'TypeName: message' of an exception, on one line."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _check_subclass(task: Task, spec: str) -> None:
+    """A Task subclass must have run Task.__init__ and say how it is evaluated."""
+    if not hasattr(task, "config"):
+        raise ConfigError(f"user task {spec!r}: {type(task).__name__}.__init__ must call super().__init__(config)")
+    cls = type(task)
+    if cls.evaluate is Task.evaluate and cls.eval_set is Task.eval_set:
+        raise ConfigError(f"user task {spec!r}: {cls.__name__} defines neither eval_set() nor evaluate(); "
+                          "define one, or every peer would train to its end and fail at its evaluation")
+
+
+def try_task(task: Task, spec: str) -> None:
+    """Build the user task's model and score one training batch, so that a broken model, batch stream or loss is one
+    ConfigError naming the step before any peer starts (not a traceback inside every peer's first step)."""
+    def step(what: str, call):
+        try:
+            return call()
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"user task {spec!r}: {what} raised {_said(e)}") from e
+
+    model = step("build_model()", task.build_model)
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"user task {spec!r}: build_model() returned a {type(model).__name__}, not a torch.nn.Module")
+    params = list(model.named_parameters())
+    if not params:
+        raise ConfigError(f"user task {spec!r}: the model has no parameters to train")
+    complex_ = [name for name, p in params if p.is_complex()]
+    if complex_:
+        raise ConfigError(f"user task {spec!r}: parameter {complex_[0]} is complex; rounds average real tensors "
+                          "(keep its real and imaginary parts as two real parameters)")
+    batch = step("the first batch of batches(0, 1)", lambda: next(batch_stream(task, 0, 1), None))
+    if batch is None:
+        raise ConfigError(f"user task {spec!r}: batches(0, 1) yielded no batch; it must yield batches without end "
+                          "(a peer draws as many as it trains: loop over your data again, e.g. itertools.cycle)")
+    with torch.no_grad():
+        loss = step("loss(model, first batch)", lambda: task.loss(model, batch))
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ConfigError(f"user task {spec!r}: loss(model, batch) must return a scalar tensor, got {shape}")
 
 
 class WrappedTask(Task):
