@@ -37,7 +37,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 class DiLoCoConfig(SyncConfig):
     """DiLoCo: when to sync (every sync_every steps, or on a time budget) and the shared round settings."""
 
+    # The algorithm's registered name: its rounds, states and joins carry it (a subclass registered under another
+    # name sets its own, or a peer of plain DiLoCo would be taken for one of its own).
+    TAG: ClassVar[str] = TAG
     # Peers of different speeds then meet at the same time, each weighted by its samples.
     sync_seconds: float | None = field(
         default=None, metadata={"help": "sync on a time budget instead: seconds of training between syncs"}
@@ -87,7 +90,7 @@ class DiLoCo(OuterOptimizer):
         config = replace(config or DiLoCoConfig(), **overrides)
         super().__init__(model, inner, peer, config)
         # What this peer's rounds are tagged: every member of a run must run the same algorithm.
-        self.tag = TAG
+        self.tag = type(config).TAG
         self.steps_since_sync = 0
         self.samples_since_sync = 0
         self.last_sync_time = time.monotonic()

@@ -65,6 +65,12 @@ def register_algorithm(name: str, config: type, build: Callable[..., Any], summa
         raise ConfigError(f"algorithm names are lower-case words, got {name!r}")
     if not dataclasses.is_dataclass(config):
         raise ConfigError(f"algorithm {name!r}: its config must be a dataclass, got {config!r}")
+    tag = getattr(config, "TAG", None)
+    if tag is not None and tag != name:
+        # The tag is what the peers' joins, rounds and states carry: a subclass of a built-in's config inherits its
+        # TAG, and its peers would pass for peers of the built-in.
+        raise ConfigError(f"algorithm {name!r}: its config {config.__name__} has TAG {tag!r}; set TAG: ClassVar[str] = "
+                          f"{name!r} in it, the name its peers' rounds and states carry")
     entry = Algorithm(name, config, build, summary)
     known = _ALGORITHMS.get(name)
     if known is not None and (known.config, known.build) != (config, build):

@@ -29,7 +29,7 @@ import concurrent.futures
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -47,6 +47,7 @@ TAG_PREFIX = "fragment-"
 class StreamingConfig(SyncConfig):
     """Fragments, schedule, overlap and mixing of Streaming DiLoCo (and the shared round settings)."""
 
+    TAG: ClassVar[str] = "streaming"  # the registered name, which its states and joins carry
     codec: str = field(default="int4", metadata={"help": "codec of the pseudo-gradient rounds (see SyncConfig)"})
     fragments: int = field(default=4, metadata={"help": "number of fragments the parameters are split into (P)"})
     overlap: int = field(default=5, metadata={"help": "inner steps a fragment's round overlaps with training (tau)"})
@@ -226,7 +227,7 @@ class StreamingDiLoCo(OuterOptimizer):
     # -- state ----------------------------------------------------------------------------
 
     def _meta(self) -> dict:
-        return {"algorithm": "streaming", "cursor": self.cursor}
+        return {"algorithm": type(self.config).TAG, "cursor": self.cursor}
 
     def _checked_meta(self, meta: dict) -> Callable[[], None]:
         cursor = meta_int(meta, "cursor", 0) % self.config.fragments

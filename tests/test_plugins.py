@@ -114,3 +114,69 @@ def test_a_toy_algorithm_and_aggregator_run_through_a_three_peer_harness(tmp_pat
             if e["event"] == "committed":
                 by_round.setdefault(e["round"], set()).add(str(e["decisions"]))
     assert all(len(decisions) == 1 for decisions in by_round.values()), "every member derived the same decision"
+
+
+BAD_PLUGINS = {
+    "raises_at_import": "raise RuntimeError('no licence key')\n",
+    "syntax_error": "def broken(:\n",
+    "needs_a_dependency": "import no_such_dependency_xyz\n",
+    "registers_badly": (
+        "from collectives.aggregators import register_aggregator\n"
+        "register_aggregator(5)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        ("", r"--plugin '': give a module's dotted name"),
+        ("./myplugin.py", r"--plugin './myplugin.py': give a module's dotted name \(e.g. mypkg.myplugin\), not a file"),
+        ("no_such_plugin_xyz", r"plugin 'no_such_plugin_xyz': no module named 'no_such_plugin_xyz' on sys.path"),
+        ("{p}raises_at_import", r"importing '{p}raises_at_import' raised RuntimeError: no licence key$"),
+        ("{p}syntax_error", r"importing '{p}syntax_error' raised SyntaxError"),
+        ("{p}needs_a_dependency", r"importing '{p}needs_a_dependency' failed: No module named 'no_such_dependency_xyz'"),
+        ("{p}registers_badly", r"importing '{p}registers_badly' raised "),
+    ],
+)
+def test_a_plugin_that_cannot_be_loaded_is_one_config_error_naming_it(tmp_path, monkeypatch, plugin, message):
+    from collectives.errors import ConfigError
+    from peer.plugins import load_plugins
+
+    prefix = f"loconet_plugin_{tmp_path.name.replace('-', '_')}_"
+    for name, source in BAD_PLUGINS.items():
+        (tmp_path / f"{prefix}{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=message.format(p=prefix)):
+        load_plugins([plugin.format(p=prefix)])
+
+
+def test_a_config_registered_under_another_name_than_its_tag_is_refused_saying_what_to_set():
+    # A DiLoCo subclass registered as 'my-diloco' inherited TAG 'diloco': its peers joined plain DiLoCo runs.
+    from collectives.errors import ConfigError
+    from optimizers.diloco import DiLoCo, DiLoCoConfig
+
+    @dataclass(frozen=True)
+    class MyDiLoCoConfig(DiLoCoConfig):
+        my_knob: float = 0.5
+
+    with pytest.raises(ConfigError, match=r"'my-diloco': its config MyDiLoCoConfig has TAG 'diloco'; set TAG: "
+                                          r"ClassVar\[str\] = 'my-diloco'"):
+        register_algorithm("my-diloco", MyDiLoCoConfig, DiLoCo)
+
+
+def test_a_diloco_subclass_with_its_own_tag_carries_it_in_its_rounds_and_states():
+    from typing import ClassVar
+
+    from optimizers.diloco import DiLoCo, DiLoCoConfig
+
+    @dataclass(frozen=True)
+    class MineConfig(DiLoCoConfig):
+        TAG: ClassVar[str] = "mine-diloco"
+
+    register_algorithm("mine-diloco", MineConfig, DiLoCo)
+    model = torch.nn.Linear(2, 1)
+    opt = get_algorithm("mine-diloco").make(model, torch.optim.SGD(model.parameters(), lr=0.1), LocalPeer())
+    assert opt.tag == "mine-diloco"
+    assert opt.algorithm_name() == "mine-diloco"
+    assert opt.snapshot().meta["algorithm"] == "mine-diloco"
