@@ -161,6 +161,8 @@ def test_task_config_rejects_bad_values() -> None:
         TaskConfig(split="shuffled")
     with pytest.raises(ConfigError, match="multiple of n_heads"):
         TaskConfig(d_model=30, n_heads=4)
+    with pytest.raises(ConfigError, match="data is empty"):  # an unset $DATA: it read the working directory
+        TaskConfig(data=" ")
 
 
 def test_unknown_task_name_lists_the_choices() -> None:

@@ -358,6 +358,10 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
     """
     train_cfg = config.train
     total = _total_steps(train_cfg)
+    if config.shards == 1:
+        # Every peer started without --shard draws the same batches: their rounds average updates of the same data.
+        log.warning("no --shard: this peer trains on shard 0/1, the batches of every peer started without one; "
+                    "give each peer its own --shard I/N")
     # A joiner (or a peer that was behind) counts steps from the run's count.
     loop = TrainLoop(task, model, opt, train_cfg, config.shard, config.shards, opt.inner_steps)
     if hooks is not None:

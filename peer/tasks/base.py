@@ -118,6 +118,8 @@ class TaskConfig:
         )
         need(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
         need(self.eval_batches >= 1, f"eval_batches must be >= 1, got {self.eval_batches}")
+        # An unset $DATA gives --data "": read as the working directory, every file in it became the corpus.
+        need(self.data is None or self.data.strip() != "", "data is empty: give a text file or a folder of them")
 
     @property
     def partitioning(self) -> str:
