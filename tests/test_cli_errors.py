@@ -104,6 +104,17 @@ def test_a_wrong_run_says_which_run_the_coordinator_serves(coordinator):
         (("--task", "text-lm", "--data", "/no/such/corpus"), "'/no/such/corpus' does not exist"),
         (("--codec", "int9"), "codec spec 'int9' is invalid"),
         (("--aggregator", "krum:f=x"), "krum parameter f must be a number"),
+        # Each of these started the network and failed in a peer, or after the run, losing its report.
+        (("--bandwidth", "0mbit"), "--bandwidth: bandwidth must be positive"),
+        (("--netns", "--uplink", "abc"), "--uplink: cannot read bandwidth 'abc'"),
+        (("--uplink", "10mbit"), "--uplink and --downlink cap each direction of a namespace's link and need --netns"),
+        (("--keep-results", "-1"), "--keep-results must be >= 0"),
+        (("--timeout", "0"), "--timeout must be a positive number of seconds"),
+        (("--duration", "-5"), "--duration must be a positive number of seconds"),
+        (("--peers", "3", "--event", "kill:peer9@round2"), "no peer is called peer9; the scenario's peers are peer0..peer2"),
+        (("--peers", "3", "--event", "join@round2", "--event", "kill:peer4@round3"), "no peer is called peer4"),
+        (("--peers", "3", "--event", "straggle:persistent@0s,worker=9,x=3"), "worker 9 is none of the scenario's 3"),
+        (("--peers", "3", "--max-peers", "2"), "--max-peers 2 is fewer than the 3 peers the scenario starts"),
     ],
 )
 def test_the_harness_checks_its_arguments_before_starting_any_process(tmp_path, capsys, args, says):

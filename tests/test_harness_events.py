@@ -147,3 +147,12 @@ def test_a_reused_workdir_starts_a_new_run_without_the_earlier_runs_checkpoints_
     (tmp_path / "notes.txt").write_text("the user's")
     harness._forget_earlier_run()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("spec", ["kill:peer2@0s", "pause:peer2@0s,for=5s", "stop:peer2@0s"])
+def test_an_event_aimed_at_a_joiner_before_its_join_does_nothing_and_says_so(harness, spec):
+    # Its idle process waits behind its gate: a kill of it used to leave the join to come with nobody to join.
+    joiner = harness.peers["peer2"] = StandInPeer("peer2")
+    harness._joiners = ["peer2"]
+    fired = harness._fire(parse_event(spec), now=0.0)
+    assert (joiner.signals, fired.detail, fired.restore_at) == ([], "peer2 has not joined yet: nothing done", None)

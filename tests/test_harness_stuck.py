@@ -24,6 +24,7 @@ pytestmark = pytest.mark.timeout(300)
 ROUND = parse_event("kill:peer1@round3")
 SYNC = parse_event("kill:peer1@sync2")
 TIMED = parse_event("join@30s")
+TIMED_KILL = parse_event("kill:peer1@1000s")
 
 
 @pytest.mark.parametrize(
@@ -35,8 +36,12 @@ TIMED = parse_event("join@30s")
         ((ROUND, SYNC), False, False, True),
         ((ROUND,), True, False, False),  # a running peer may still commit it
         ((ROUND,), False, True, False),  # a stopped peer starts again soon
-        ((TIMED,), False, False, False),  # a timed event comes anyway
+        ((TIMED,), False, False, False),  # a timed join comes anyway
         ((ROUND, TIMED), False, False, False),  # and may start a peer that commits the round
+        # Any other timed event would come to nobody: the harness waited for it with nothing running.
+        ((TIMED_KILL,), False, False, True),
+        ((TIMED_KILL, TIMED), False, False, False),
+        ((TIMED_KILL,), True, False, False),
     ],
 )
 def test_events_never_due(pending, running, restoring, never):

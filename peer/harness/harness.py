@@ -82,10 +82,27 @@ def untimed(pending: Sequence[Event]) -> bool:
     return all(e.at.seconds is None for e in pending)
 
 
+def peer_names(peers: int, joins: int) -> list[str]:
+    """The names of a scenario's peers: peer0.. for those at the start, then one per join event."""
+    return [f"peer{i}" for i in range(peers + joins)]
+
+
+def target_problem(event: Event, names: Sequence[str]) -> str:
+    """Why an event's target is no peer of the scenario ("" when it is one): it would fire on nobody."""
+    if event.target is not None and event.target not in names:
+        return f"no peer is called {event.target}; the scenario's peers are {names[0]}..{names[-1]}"
+    worker = getattr(event.pattern, "worker", None)
+    if worker is not None and worker >= len(names):
+        return f"worker {worker} is none of the scenario's {len(names)} peers (workers 0..{len(names) - 1})"
+    return ""
+
+
 def never_due(pending: Sequence[Event], running: bool, restoring: bool) -> bool:
-    """Whether the pending events can never happen: there are some, all wait for rounds or syncs, and no peer runs
-    or is about to start again (rounds and syncs come only from running peers; a timed event comes anyway)."""
-    return bool(pending) and not running and not restoring and untimed(pending)
+    """Whether the pending events can never happen: there are some, no peer runs or is about to start again, and
+    none is a timed join (rounds and syncs come only from running peers; a timed join comes anyway and starts one;
+    any other timed event would come to a network with nobody left in it)."""
+    timed_join = any(e.action == "join" and e.at.seconds is not None for e in pending)
+    return bool(pending) and not running and not restoring and not timed_join
 
 
 def stuck_waiters(joining: Iterable[str], status: dict | None) -> tuple[list[str], str]:
@@ -154,6 +171,28 @@ class HarnessConfig:
     def __post_init__(self) -> None:
         if self.peers < 1:
             raise ConfigError("the harness needs at least one peer")
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout_s:g}")
+        if self.keep_results < 0:
+            raise ConfigError(f"--keep-results must be >= 0 (0: keep none), got {self.keep_results}")
+        for flag, rate in (("--bandwidth", self.bandwidth), ("--uplink", self.uplink), ("--downlink", self.downlink)):
+            if rate is not None:
+                try:
+                    parse_bandwidth(rate)
+                except ConfigError as exc:
+                    raise ConfigError(f"{flag}: {exc}") from None
+        if (self.uplink or self.downlink) and not self.netns:
+            # Without namespaces only the transport's own cap exists, the same both ways (--bandwidth).
+            raise ConfigError("--uplink and --downlink cap each direction of a namespace's link and need --netns; "
+                              "without it, --bandwidth caps both")
+        names = peer_names(self.peers, sum(e.action == "join" for e in self.events))
+        if self.coordinator.max_peers < len(names):
+            raise ConfigError(f"--max-peers {self.coordinator.max_peers} is fewer than the {len(names)} peers the "
+                              "scenario starts (joiners included): the coordinator would refuse the others")
+        for event in self.events:
+            problem = target_problem(event, names)
+            if problem:
+                raise ConfigError(f"{event}: {problem}")
         if any(e.action == "cut" for e in self.events) and not self.netns:
             raise ConfigError("cut events take a peer's link down and need --netns (network namespaces, root)")
         if self.shared_host and self.netns:
@@ -360,6 +399,11 @@ class Harness:
         target = self.peers.get(event.target) if event.target else None
         if event.target and target is None:
             fired.detail = f"no peer called {event.target}"
+            return fired
+        if event.target in self._joiners:
+            # Its process waits behind its gate, idle: killing or pausing it now would undo its join to come.
+            fired.detail = f"{event.target} has not joined yet: nothing done"
+            log.info("fired %s at %.1f s: %s", event, fired.time_s, fired.detail)
             return fired
         if event.action == "kill":
             target.signal(signal.SIGKILL)

@@ -76,6 +76,8 @@ class TrainConfig:
             )
         if self.steps < 1 and self.duration_s is None:
             raise ConfigError("train for at least one step (--steps) or a duration (--duration)")
+        if self.duration_s is not None and not (self.duration_s > 0 and math.isfinite(self.duration_s)):
+            raise ConfigError(f"--duration must be a positive number of seconds, got {self.duration_s}")
         if self.inner not in INNER_OPTIMIZERS:
             raise ConfigError(f"inner optimizer must be one of {', '.join(INNER_OPTIMIZERS)}, got {self.inner!r}")
         if self.inner_lr is not None and not self.inner_lr > 0:
