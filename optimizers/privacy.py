@@ -92,6 +92,10 @@ ADJACENCIES = (ZERO_OUT, REPLACE_ONE)
 MAX_ROUNDS = 1 << 53
 
 
+DEFAULT_NOISE = 1.0
+"""The noise multiplier of a private run that names none."""
+
+
 @dataclass(frozen=True)
 class DPConfig:
     """Differential privacy of a federated run: clip norm, noise multiplier, delta (nested as ``dp``: --dp-clip...)."""
@@ -101,10 +105,11 @@ class DPConfig:
         metadata={"help": "differential privacy: clip each peer's update to this L2 norm C and add Gaussian noise "
                   "(the start of C with --dp-adaptive); none: no differential privacy"},
     )
-    noise: float = field(
-        default=1.0,
+    # None until a clip norm is set: a noise multiplier alone turned no privacy on, silently.
+    noise: float | None = field(
+        default=None,
         metadata={"help": "noise multiplier sigma: the round's sum carries Gaussian noise of std sigma*C, each of "
-                  "its n peers adding its share N(0, (sigma*C)^2/n)"},
+                  f"its n peers adding its share N(0, (sigma*C)^2/n) (default: {DEFAULT_NOISE} with --dp-clip)"},
     )
     delta: float = field(default=1e-5, metadata={"help": "delta at which the privacy spent (epsilon) is reported"})
     adaptive: float | None = field(
@@ -138,7 +143,12 @@ class DPConfig:
     def __post_init__(self) -> None:
         if self.clip is not None and not (is_finite_number(self.clip) and self.clip > 0):
             raise ConfigError(f"dp clip must be a positive number (or none: no privacy), got {self.clip!r}")
-        if not (is_finite_number(self.noise) and self.noise > 0):
+        if self.clip is None and self.noise is not None:
+            raise ConfigError("--dp-noise without --dp-clip adds no noise: privacy is on only with a clip norm C; "
+                              "give --dp-clip C (e.g. 1.0) too")
+        if self.clip is not None and self.noise is None:
+            object.__setattr__(self, "noise", DEFAULT_NOISE)
+        if self.noise is not None and not (is_finite_number(self.noise) and self.noise > 0):
             raise ConfigError(
                 f"dp noise must be a positive number, got {self.noise!r} "
                 "(for clipping without noise use the aggregator norm_clip:clip=C)"
@@ -152,9 +162,10 @@ class DPConfig:
                 raise ConfigError("adaptive clipping starts from --dp-clip: give it an initial C (e.g. 0.1)")
         if not (is_finite_number(self.clip_lr) and self.clip_lr > 0):
             raise ConfigError(f"dp clip_lr must be a positive number, got {self.clip_lr!r}")
-        if self.count_noise is not None and not (is_finite_number(self.count_noise) and 2 * self.count_noise > self.noise):
+        if self.count_noise is not None and not (is_finite_number(self.count_noise)
+                                                 and 2 * self.count_noise > (self.noise or 0)):
             raise ConfigError(
-                f"dp count_noise must exceed noise/2 = {self.noise / 2} (the update's noise would have to be "
+                f"dp count_noise must exceed noise/2 = {(self.noise or 0) / 2} (the update's noise would have to be "
                 f"infinite otherwise), got {self.count_noise!r}"
             )
         if not isinstance(self.amplify, bool):

@@ -243,11 +243,18 @@ def test_a_state_spent_at_another_noise_is_refused():
         ({"clip": 1.0, "noise": 2.0, "count_noise": 1.0}, "exceed noise/2"),
         ({"clip": 1.0, "min_members": 0}, "min_members must be an integer of at least 1"),
         ({"clip": 1.0, "min_members": True}, "min_members must be an integer of at least 1"),
+        # A noise multiplier alone turned nothing on: the run trained without privacy and said nothing.
+        ({"noise": 1.0}, "--dp-noise without --dp-clip adds no noise"),
     ],
 )
 def test_a_config_that_cannot_give_privacy_is_refused(fields, match):
     with pytest.raises(ConfigError, match=match):
         DPConfig(**fields)
+
+
+def test_a_private_run_without_a_noise_multiplier_takes_the_default_and_one_without_a_clip_has_none():
+    assert DPConfig(clip=1.0).noise == 1.0
+    assert DPConfig().noise is None and not DPConfig().enabled
 
 
 def test_only_the_mean_aggregator_is_allowed_with_privacy_on():
