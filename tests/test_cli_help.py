@@ -117,3 +117,20 @@ def test_a_survivor_left_behind_is_named_apart_from_the_identical_others():
         "  peers          4 of 5 finished with identical parameters; peer0 left behind (nobody held the run's state "
         "when it came back: it trained on alone, with parameters of its own)"
     )
+
+
+def test_a_method_that_sends_more_than_data_parallel_is_said_to_send_more():
+    report = {**REPORT, "bytes_sent_per_peer": 47.37e6, "data_parallel_bytes_per_peer": 24.0e6}
+    assert report_summary(report, steps=40).splitlines()[4] == (
+        "  sent per peer  47.37 MB; synchronous data-parallel would have sent 24.0 MB for the same 40 steps (1.97x less)"
+    )
+
+
+def test_a_run_without_survivors_compares_nothing_and_names_each_crashed_peer():
+    crash = {"peer": "peer1", "exit_code": 1, "error": "RuntimeError: my data is gone", "log": "/tmp/run/peer1.log"}
+    report = {**REPORT, "peers_alive": 0, "survivors_identical": False, "crashed": [crash]}
+    assert report_summary(report, steps=600).splitlines()[-3:] == [
+        "  peers          0 of 5 finished",
+        "  crashed        peer1 exited (1): RuntimeError: my data is gone (log: /tmp/run/peer1.log)",
+        "  wall time      62 s; logs in /tmp/run",
+    ]
