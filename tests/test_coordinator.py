@@ -252,6 +252,31 @@ def test_a_retry_after_an_abort_keeps_the_round_id_with_a_new_epoch_and_each_att
     assert report(c.stub, a, retry[0]).result().commit
 
 
+def test_a_member_the_others_could_not_reach_sits_out_the_retry_then_takes_part_again(coordinator):
+    # One peer whose --advertise the others could not reach rejoined at once after each drop, was a member of every
+    # retry, and aborted it: a run of two never committed.
+    c = coordinator(min_peers=2)
+    a, b, bad = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2, 3))
+    first = [f.result() for f in [ask(c.stub, p) for p in (a, b, bad)]][0]
+    decisions = [f.result() for f in [report(c.stub, a, first, ok=False, failed=[bad]),
+                                      report(c.stub, b, first, ok=False, failed=[bad]),
+                                      report(c.stub, bad, first, ok=False)]]
+    assert [(d.commit, list(d.dropped)) for d in decisions] == [(False, [bad])] * 3
+    c.stub.Join(rejoin(bad, "127.0.0.1:3", 0), timeout=5)
+    held = ask(c.stub, bad)
+    retry = [f.result() for f in [ask(c.stub, p) for p in (a, b)]]
+    assert [members(p) for p in retry] == [sorted([a, b])] * 2
+    assert all(f.result().commit for f in [report(c.stub, p, retry[0]) for p in (a, b)])
+    # Held while it sat out; the round went on without it, so it is behind now.
+    assert held.result(timeout=10).action == pb.QuorumResponse.RESYNC
+    (event,) = c.events("sit-out")
+    assert event["peer_id"] == bad and "named it as failed (1 time(s) in a row)" in event["detail"]
+    assert "--advertise" in event["detail"]
+    # One committed round was its sitting out: it is a member of the next.
+    nxt = [f.result() for f in [ask(c.stub, p, 1) for p in (a, b, bad)]]
+    assert [members(p) for p in nxt] == [sorted([a, b, bad])] * 3
+
+
 def test_a_failed_round_aborts_after_the_failure_grace_without_dropping_a_silent_member_that_is_alive(coordinator):
     # The commit deadline is longer than a report call's own timeout (20 s): only the grace can answer it.
     c = coordinator(failure_grace_s=0.5, commit_timeout_s=120.0)

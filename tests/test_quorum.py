@@ -14,6 +14,8 @@ from peer.coordinator.rules import (
     attempt_over,
     choose_sync_source,
     choose_sync_sources,
+    MAX_SIT_OUT,
+    SitOut,
     commit_decision,
     head_round,
     holds_committed_state,
@@ -25,6 +27,8 @@ from peer.coordinator.rules import (
     quorum_hopeless,
     quorum_ready,
     rounds_to_catch_up,
+    sit_out,
+    sitting_out,
     valid_digest,
 )
 
@@ -311,17 +315,17 @@ COMMIT_CASES = [
     (
         "killed member: the others named it, it is dropped",
         CommitInputs(M, {"a": fail("c"), "b": fail("c")}),
-        Decision(False, ("c",)),
+        Decision(False, ("c",), blamed=("c",)),
     ),
     (
         "failure reported by all, nobody silent: most-named dropped",
         CommitInputs(M, {"a": fail("c"), "b": fail("c"), "c": fail("a")}),
-        Decision(False, ("c",)),
+        Decision(False, ("c",), blamed=("c",)),
     ),
     (
         "partition: two name each other, both dropped",
         CommitInputs(("a", "b"), {"a": fail("b"), "b": fail("a")}),
-        Decision(False, ("a", "b")),
+        Decision(False, ("a", "b"), blamed=("a", "b")),
     ),
     ("lapsed lease of a silent member aborts", CommitInputs(M, {"a": OK, "b": OK}, frozenset({"c"})), Decision(False, ("c",))),
     (
@@ -340,7 +344,7 @@ COMMIT_CASES = [
     (
         "after the failure grace: abort, drop the named, not the silent",
         CommitInputs(M, {"a": fail("c"), "c": OK}, failure_grace_passed=True),
-        Decision(False, ("c",)),
+        Decision(False, ("c",), blamed=("c",)),
     ),
     (
         "after the failure grace with nobody named: abort, drop nobody",
@@ -359,7 +363,37 @@ def test_commit_decision(name, inputs, expected):
     if expected is None:
         assert got is None
     else:
-        assert got is not None and (got.commit, got.dropped) == (expected.commit, expected.dropped)
+        # Only the dropped members someone named are blamed (they sit out): not the lapsed or silent ones.
+        assert got is not None and (got.commit, got.dropped, got.blamed) == (
+            expected.commit, expected.dropped, expected.blamed
+        )
+
+
+@pytest.mark.parametrize(
+    ("strikes", "committed", "now", "lease_s", "expected"),
+    [
+        (1, 10, 100.0, 3.0, SitOut(1, 11, 106.0)),  # the retry and one round, or two leases
+        (2, 10, 100.0, 3.0, SitOut(2, 12, 112.0)),
+        (3, 10, 100.0, 3.0, SitOut(3, 14, 124.0)),
+        (6, 10, 100.0, 3.0, SitOut(6, 10 + MAX_SIT_OUT, 100.0 + MAX_SIT_OUT * 6.0)),
+        (40, 0, 0.0, 1.0, SitOut(40, MAX_SIT_OUT, MAX_SIT_OUT * 2.0)),  # capped: 2^39 rounds would be for good
+    ],
+)
+def test_a_blamed_member_sits_out_twice_as_long_at_each_strike_in_a_row(strikes, committed, now, lease_s, expected):
+    assert sit_out(strikes, committed, now, lease_s) == expected
+
+
+@pytest.mark.parametrize(
+    ("entry", "committed", "now", "sitting"),
+    [
+        (None, 0, 0.0, False),
+        (SitOut(1, 11, 106.0), 10, 100.0, True),
+        (SitOut(1, 11, 106.0), 11, 100.0, False),  # a round committed without it
+        (SitOut(1, 11, 106.0), 10, 106.0, False),  # its time is over: two that blame each other come back
+    ],
+)
+def test_a_member_sits_out_until_its_rounds_commit_or_its_time_is_over(entry, committed, now, sitting):
+    assert sitting_out(entry, committed, now) is sitting
 
 
 def test_abort_reason_carries_the_members_reasons():

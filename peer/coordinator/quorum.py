@@ -35,10 +35,13 @@ from peer.coordinator.rules import (
     Decision,
     QuorumRules,
     Report,
+    SitOut,
     answer_lost,
     commit_decision,
     format_refusal,
     next_epoch,
+    sit_out,
+    sitting_out,
 )
 from peer.coordinator.runstate import PeerRecord, RoundRecord, RunState
 from protos import membership_pb2 as pb
@@ -217,6 +220,8 @@ class Quorums:
         self._refused: tuple[frozenset[str], int] | None = None
         # By tag, the round format of its last committed round and that round's members (rules.format_refusal).
         self.formats: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
+        # Members dropped because others named them as failed, and their sitting out (rules.sit_out).
+        self.sitting: dict[str, SitOut] = {}
 
     def pending_tag(self, peer_id: str, now: float) -> str:
         """The tag of the quorum peers are waiting in now, if its policy waits for peer_id too ("": none)."""
@@ -312,18 +317,29 @@ class Quorums:
             if fut is not None:
                 refuse_waiter(fut, code, message)
 
+    def sitting_now(self, now: float) -> frozenset[str]:
+        """The members sitting out the quorum now (rules.sitting_out); records of gone peers are forgotten."""
+        if not self.sitting:
+            return frozenset()
+        s = self.state
+        for peer_id in [p for p in self.sitting if p not in s.peers]:
+            del self.sitting[peer_id]
+        return frozenset(p for p, e in self.sitting.items() if sitting_out(e, s.last_committed_round, now))
+
     def inputs(self, pending: PendingQuorum, now: float) -> QuorumInputs:
-        """What the policy decides the pending quorum from."""
+        """What the policy decides the pending quorum from: sitting-out members neither asked nor live."""
         s = self.state
         # Arrivals count from the last commit (when the round's work began), or from the first request.
         since = self.last_commit_at if self.last_commit_at is not None else pending.first_at
         live, rules = frozenset(s.live), self.rules(pending)
+        out = self.sitting_now(now)
+        asking = tuple(p for p in pending.waiting if p not in out) if out else tuple(pending.waiting)
         return QuorumInputs(
-            requesting=tuple(pending.waiting),
+            requesting=asking,
             # Every live peer, syncing joiners included: `all` waits (up to the join timeout) for a
             # joiner to finish syncing, so joiners are admitted at the next round boundary instead
             # of chasing rounds that form without them; `sample` draws from them all.
-            eligible=live,
+            eligible=live - out if out else live,
             waited_s=now - pending.first_at,
             coordinator_age_s=now - self._started,
             round_id=s.next_round_id,
@@ -332,7 +348,7 @@ class Quorums:
             refused_before=self._refused == (live, rules.least),
             run_started=s.last_committed_round > 0,
             tag=pending.tag,
-            arrivals_s=tuple(max(0.0, pending.asked_at.get(p, now) - since) for p in pending.waiting),
+            arrivals_s=tuple(max(0.0, pending.asked_at.get(p, now) - since) for p in asking),
             since_s=now - since,
         )
 
@@ -361,8 +377,10 @@ class Quorums:
             # With an attempt in flight, calls are held, not queued; nothing can form.
             return
         now = time.monotonic()
+        out = self.sitting_now(now)
         if cheap and not self.policy.may_form(
-            len(pending.waiting), len(self.state.live), now - pending.first_at, self.rules(pending)
+            len(pending.waiting) - len(out & pending.waiting.keys()), len(self.state.live) - len(out & self.state.live),
+            now - pending.first_at, self.rules(pending),
         ):
             # Per request: counts only, so n requests cost O(n), not O(n^2).
             return
@@ -487,6 +505,7 @@ class Quorums:
             for m in record.members:
                 if m in s.peers:
                     s.peers[m].last_round = round_id
+                self.sitting.pop(m, None)  # a round it made: its strikes end
             s.event("commit", "", f"round {round_id} ({len(record.members)} members)")
             if record.round_format:
                 self.formats[record.tag] = (record.round_format, frozenset(record.members))
@@ -503,6 +522,8 @@ class Quorums:
                 peer = s.peers.get(m)
                 if peer is not None and peer.alive:
                     self._drop(peer, f"dropped after round {round_id}: {decision.reason[:200]}")
+            for m in decision.blamed:
+                self._sit_out(m, round_id, now)
             s.event("abort", "", f"round {round_id} (epoch {record.epoch}): {decision.reason[:300]}")
             log.info(
                 "round %d at epoch %d aborted: %s (dropped %s)",
@@ -512,6 +533,23 @@ class Quorums:
             pending.decided.set_result(decision)
         if decision.commit:
             self._committed(round_id)
+
+    def _sit_out(self, peer_id: str, round_id: int, now: float) -> None:
+        """Make a member the others named as failed sit out the next rounds (it rejoins at once, and would be a
+        member of the retry again: one peer the others cannot reach then aborts every attempt of the run)."""
+        s = self.state
+        peer = s.peers.get(peer_id)
+        if peer is None:
+            return
+        before = self.sitting.get(peer_id)
+        entry = sit_out((before.strikes if before else 0) + 1, s.last_committed_round, now, peer.lease_s)
+        self.sitting[peer_id] = entry
+        rounds = entry.until_round - s.last_committed_round
+        why = (f"the other members of round {round_id} named it as failed ({entry.strikes} time(s) in a row): it sits "
+               f"out up to {rounds} round(s) or {entry.until_s - now:.0f} s; if they cannot reach it, check its "
+               f"--advertise/--host ({peer.address}) and firewall")
+        s.event("sit-out", peer_id, why)
+        log.warning("peer %s: %s", peer_id, why)
 
     def decide_all(self) -> None:
         """Decide every attempt whose outcome is known (on the tick)."""

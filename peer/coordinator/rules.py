@@ -104,6 +104,17 @@ ones whose lease lapsed, or else the ones that never reported; if every member r
 (a partition, or a member others found too slow), the members named by the
 most reports are dropped so that the retry can succeed.
 
+Sitting out (``sit_out``, ``sitting_out``): a member dropped because other
+members named it as failed (``Decision.blamed``: they could not reach it, or
+found it too slow) sits out the next rounds: the quorum neither waits for it
+nor takes it, and its requests are held. It rejoined at once before, and was
+a member of the retry again: one peer whose ``--advertise`` the others could
+not reach aborted every attempt of a run, which never committed. The k-th such
+drop in a row sits out 2^(k-1) committed rounds (at most ``MAX_SIT_OUT``), or
+as many times twice its lease in seconds, whichever ends first (two members
+that blame each other after a blip would otherwise sit out for good). A round
+it commits as a member ends its strikes.
+
 Over (``attempt_over``): a member exchanging data for an attempt names it
 in its heartbeats. The answer says when that attempt will not commit: the
 coordinator aborted it (a lapsed lease, the deadline, a failure reported by
@@ -468,6 +479,33 @@ class Decision:
     commit: bool
     dropped: tuple[str, ...] = ()
     reason: str = ""
+    # The dropped members other members named as failed (not only silent or lapsed): they sit out (sit_out).
+    blamed: tuple[str, ...] = ()
+
+
+MAX_SIT_OUT = 32
+"""The most committed rounds a member the others keep failing to reach sits out at a time."""
+
+
+@dataclass(frozen=True)
+class SitOut:
+    """A member's strikes (drops in a row for which others named it) and when its sitting out ends."""
+
+    strikes: int
+    until_round: int
+    until_s: float
+
+
+def sit_out(strikes: int, last_committed_round: int, now: float, lease_s: float) -> SitOut:
+    """The sitting out of a member dropped, blamed by the others, for the ``strikes``-th time in a row: 2^(strikes-1)
+    committed rounds (at most MAX_SIT_OUT), or that many times twice its lease in seconds, whichever ends first."""
+    rounds = min(2 ** (max(strikes, 1) - 1), MAX_SIT_OUT)
+    return SitOut(strikes, last_committed_round + rounds, now + rounds * 2 * lease_s)
+
+
+def sitting_out(entry: SitOut | None, last_committed_round: int, now: float) -> bool:
+    """Whether a member with this record sits out the quorum now."""
+    return entry is not None and last_committed_round < entry.until_round and now < entry.until_s
 
 
 @dataclass(frozen=True)
@@ -547,7 +585,8 @@ def _abort(reports: dict[str, Report], silent: set[str], named: Counter, why: st
         dropped = set()
     reasons = [f"{m}: {r.reason}" for m, r in sorted(reports.items()) if not r.ok and r.reason]
     text = "; ".join(filter(None, [why, *reasons])) or "a member failed"
-    return Decision(commit=False, dropped=tuple(sorted(dropped)), reason=text[:2000])
+    blamed = tuple(sorted(m for m in dropped if named[m] > 0))
+    return Decision(commit=False, dropped=tuple(sorted(dropped)), reason=text[:2000], blamed=blamed)
 
 
 def choose_sync_sources(
