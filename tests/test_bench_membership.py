@@ -81,3 +81,8 @@ def test_arguments_parse():
     assert (ns.peers, ns.rounds, ns.client_procs, ns.json) == (5, 1, 1, True)
     assert ns.heartbeat == 1.0 and ns.window == 10.0
 
+
+
+@pytest.mark.parametrize(("peers", "client_procs"), [(1, 1), (2, 2), (1000, 2)])
+def test_without_client_procs_two_processes_run_the_peers_or_one_for_a_single_peer(peers, client_procs):
+    assert bench_membership.default_client_procs(peers) == client_procs

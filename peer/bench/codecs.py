@@ -42,9 +42,36 @@ FIELDS: Fields = {
 }
 
 
+# fp32 tensors of numel elements the run holds at once, at most: the input, the memcpy's copy, a decode's output,
+# an encoded payload (at most the input's size, for codec none) and the two temporaries of max_abs_error.
+TENSORS_HELD = 6
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give without swapping (MemAvailable of /proc/meminfo); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def check_arguments(numel: int, repeat: int, codecs: list[str]) -> None:
     """ConfigError for a size, a repeat count or a codec spec the benchmark cannot run with."""
-    require(numel >= 0 and repeat >= 1, f"--numel must be >= 0 and --repeat >= 1, got {numel} and {repeat}")
+    # At least one element: every figure divides by the tensor's bytes.
+    require(numel >= 1 and repeat >= 1, f"--numel and --repeat must be at least 1, got {numel} and {repeat}")
+    # Bounded by the memory available now, not by catching torch's allocation error: an allocation the kernel
+    # overcommits can succeed and then get the process OOM-killed while randn or a copy touches its pages, and a
+    # failure in a later codec's buffers would come after the others were timed.
+    needed, available = TENSORS_HELD * 4 * numel, available_memory_bytes()
+    require(
+        available is None or needed <= available,
+        f"--numel {numel} needs about {needed / 1e9:.3g} GB ({TENSORS_HELD} fp32 tensors of it), more than the "
+        f"{(available or 0) / 1e9:.3g} GB of memory available; give a smaller --numel",
+    )
     require(bool(codecs), "--codecs is empty; give comma-separated codec specs such as int8,int4+zstd")
     for spec in codecs:
         make_codec(spec)  # ConfigError on a bad spec, naming the valid ones
@@ -89,7 +116,7 @@ def run(
                 "decode_gbps": fp32_bytes / dec_s / 1e9,
                 "roundtrip_gbps": fp32_bytes / round_s / 1e9,
                 "bytes_over_fp32": len(payload) / fp32_bytes,
-                "max_abs_error": float((out - x).abs().max()) if numel else 0.0,
+                "max_abs_error": float((out - x).abs().max()),
                 "roundtrip_time_over_memcpy": round_s / memcpy_s,
             }
             progress.end(f"round trip {result['codecs'][name]['roundtrip_gbps']:.2f} GB/s")

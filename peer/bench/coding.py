@@ -160,12 +160,23 @@ class CodingBenchConfig:
         require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
         require(self.overrun >= 1, f"--overrun must be at least 1, got {self.overrun}")
         require(self.unit_s >= 0, f"--unit-ms must be >= 0, got {self.unit_s * 1e3}")
-        for m in self.methods:
+        require(self.eval_every >= 1, f"--eval-every must be at least 1 (1: every step), got {self.eval_every}")
+        require(self.check_every >= 1, f"check_every must be at least 1 (1: every step), got {self.check_every}")
+        require(bool(self.methods), f"--methods is empty; give comma-separated methods such as wait,coded "
+                f"(choose from {', '.join(METHODS)} or fixed-kK)")
+        for i, m in enumerate(self.methods):
             require(m in METHODS or _fixed_k(m, self.peers) is not None,
                     f"unknown method {m!r}; choose from {', '.join(METHODS)} or fixed-kK (1 <= K <= peers)")
+            require(m not in self.methods[:i], f"method {m!r} is given twice in --methods; give each method once")
+        if "backup" in self.methods:
+            require(0 < self.backup_c < 2, f"--backup-c must be in (0, 2) (c = lr x L), got {self.backup_c:g}")
         StragglerPattern.parse(self.pattern)
         if self.sgc is not None:
             BurstyModel(self.peers, *self.sgc)  # ConfigError naming what is wrong
+        # Every method's training config, built now: a method's option it refuses (an optimizer, a scheme) fails
+        # here, not after the methods before it have run.
+        for m in self.methods:
+            train_config(method(m, self), self)
 
 
 def _fixed_k(method: str, n: int) -> int | None:

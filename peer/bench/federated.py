@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import statistics
 import sys
 import threading
@@ -129,13 +130,28 @@ class FederatedBenchConfig:
         require(self.peers >= 2, f"--peers must be at least 2, got {self.peers}")
         require(self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}")
         require(0 <= self.byzantine < self.peers, f"--byzantine must be in [0, {self.peers}), got {self.byzantine}")
-        for s in self.strategies:
+        require(bool(self.strategies), f"--strategies is empty; give comma-separated strategies such as "
+                f"fedavg,median (choose from {', '.join(STRATEGIES)})")
+        for i, s in enumerate(self.strategies):
             require(s in STRATEGIES, f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
+            require(s not in self.strategies[:i],
+                    f"strategy {s!r} is given twice in --strategies; give each strategy once")
+        if "norm_clip" in self.strategies:
+            require(math.isfinite(self.clip) and self.clip > 0,
+                    f"--clip must be a positive number (norm_clip's bound on an update's norm), got {self.clip:g}")
+        if "centered_clip" in self.strategies:
+            require(math.isfinite(self.tau) and self.tau > 0,
+                    f"--tau must be a positive number (centered_clip's radius), got {self.tau:g}")
         parse_attack(self.attack)
         for key, _ in self.overrides:
             algorithms = {train_algorithm(s) for s in self.strategies}
             require(any(key in _fields(a) for a in algorithms),
                     f"--set {key}: none of the strategies' algorithms ({', '.join(sorted(algorithms))}) has it")
+        # Every strategy's training config and aggregator, built now: one they refuse (a --set value, --dp-*, a
+        # codec) fails here, not after the strategies before it have trained. Whether the aggregator can run with
+        # this many peers (Bulyan: n >= 4f+3) is not checked: the report says so for that strategy instead.
+        for s in self.strategies:
+            make_aggregator(train_config(s, self).options.aggregator)
 
 
 def aggregator_for(strategy: str, config: FederatedBenchConfig) -> str:

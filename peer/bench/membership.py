@@ -360,7 +360,7 @@ def _heartbeat_window(final: list[dict], idle: _Clock, idle_end: _Clock, start: 
 def run(
     peers: int = 1000,
     rounds: int = 5,
-    client_procs: int = 2,
+    client_procs: int | None = None,
     heartbeat_s: float = 1.0,
     window_s: float = 10.0,
     *,
@@ -378,8 +378,10 @@ def run(
     """Run the benchmark (baseline at baseline_peers, then peers) and return its report as a JSON-ready dict.
 
     The logs of the coordinators and client processes go to log_dir; without one, to a temporary
-    folder that is removed after a success and kept after a failure (the error names it).
+    folder that is removed after a success and kept after a failure (the error names it). client_procs None:
+    default_client_procs(peers).
     """
+    client_procs = default_client_procs(peers) if client_procs is None else client_procs
     check_arguments(peers, rounds, client_procs, heartbeat_s, window_s, lease_s, channels, baseline_peers,
                     quorum_timeout_s, spread_s, allreduce_s, churn)
     progress = progress or Progress("membership", enabled=False)
@@ -465,6 +467,11 @@ def run(
     return json_safe(report)  # NaN / inf (no samples) as None: strict JSON
 
 
+def default_client_procs(peers: int) -> int:
+    """Client processes when none are given: two, or one for a single peer (a process runs at least one peer)."""
+    return max(1, min(2, peers))
+
+
 def check_arguments(
     peers: int, rounds: int, client_procs: int, heartbeat_s: float, window_s: float, lease_s: float, channels: int,
     baseline_peers: int, quorum_timeout_s: float, spread_s: float, allreduce_s: float = 0.0, churn: int = 0,
@@ -479,6 +486,10 @@ def check_arguments(
     require(spread_s >= 0, f"--spread must be 0 or more, got {spread_s:g}")
     require(allreduce_s >= 0, f"--allreduce must be 0 or more, got {allreduce_s:g}")
     require(0 <= churn <= peers, f"--churn must be between 0 and --peers ({peers}), got {churn}")
+    require(client_procs <= peers,
+            f"--client-procs ({client_procs}) must be at most --peers ({peers}): each process runs at least one peer")
+    # Checked here under its option's name: the coordinators' own check below names their join_timeout_s.
+    require(quorum_timeout_s > 0, f"--quorum-timeout must be positive (seconds), got {quorum_timeout_s:g}")
     for n in (baseline_peers, peers):  # the coordinators' own checks (lease vs heartbeat, timeouts)
         CoordinatorConfig(run_id=RUN, min_peers=n, lease_s=lease_s, heartbeat_s=heartbeat_s,
                           join_timeout_s=quorum_timeout_s, quorum_timeout_s=quorum_timeout_s,
@@ -489,7 +500,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark, and what its report's fields mean (the help's epilog)."""
     parser.add_argument("--peers", type=int, default=1000, help="simulated peers")
     parser.add_argument("--rounds", type=int, default=5, help="rounds (quorum + commit) all peers take part in")
-    parser.add_argument("--client-procs", type=int, default=2, help="processes the simulated peers run in")
+    parser.add_argument("--client-procs", type=int, default=None,
+                        help="processes the simulated peers run in (default 2, or 1 for one peer)")
     parser.add_argument("--channels", type=int, default=4, help="gRPC channels (TCP connections) per client process")
     parser.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval (s), told to the coordinator")
     parser.add_argument("--lease", type=float, default=5.0, help="the coordinator's lease (s)")
@@ -529,11 +541,12 @@ def _fmt(value) -> str:
 
 def main(ns: argparse.Namespace) -> int:
     """Run from parsed arguments and print the report; exit code 1 unless every round committed with all peers."""
-    check_arguments(ns.peers, ns.rounds, ns.client_procs, ns.heartbeat, ns.window, ns.lease, ns.channels,
+    client_procs = default_client_procs(ns.peers) if ns.client_procs is None else ns.client_procs
+    check_arguments(ns.peers, ns.rounds, client_procs, ns.heartbeat, ns.window, ns.lease, ns.channels,
                     ns.baseline_peers, ns.quorum_timeout, ns.spread, ns.allreduce, ns.churn)
     with progress_for("membership", getattr(ns, "quiet", 0)) as progress:
         report = run(
-            peers=ns.peers, rounds=ns.rounds, client_procs=ns.client_procs, heartbeat_s=ns.heartbeat,
+            peers=ns.peers, rounds=ns.rounds, client_procs=client_procs, heartbeat_s=ns.heartbeat,
             window_s=ns.window, lease_s=ns.lease, channels=ns.channels, baseline_peers=ns.baseline_peers,
             quorum_timeout_s=ns.quorum_timeout, spread_s=ns.spread, allreduce_s=ns.allreduce, unary=ns.unary,
             churn=ns.churn, log_dir=ns.log_dir, progress=progress,

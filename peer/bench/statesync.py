@@ -10,6 +10,7 @@ bytes in memory (``time_over_memcpy``).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -53,7 +54,9 @@ def _serve(conn, numel: int, bandwidth_bps: float | None) -> None:
 
 def check_arguments(mb: float, repeat: int, bandwidth: str | None) -> float | None:
     """ConfigError for arguments the benchmark cannot run with; the bandwidth cap in bits per second."""
-    require(mb > 0 and int(mb * 1e6 / 4) >= 1, f"--mb must be a positive size (at least 4e-6), got {mb:g}")
+    # isfinite first: int() of inf fails with a traceback (nan is not > 0).
+    require(math.isfinite(mb) and mb > 0 and int(mb * 1e6 / 4) >= 1,
+            f"--mb must be a positive size (at least 4e-6), got {mb:g}")
     require(repeat >= 1, f"--repeat must be at least 1, got {repeat}")
     return parse_bandwidth(bandwidth) if bandwidth else None
 

@@ -17,6 +17,7 @@ bytes, run by N processes on C cores, cannot take less than about
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -68,6 +69,8 @@ def check_arguments(mb: float, chunk_bytes: int, repeat: int) -> None:
     """ConfigError for sizes the benchmark cannot run with."""
     require(chunk_bytes >= 1024, f"--chunk-bytes must be at least 1024, got {chunk_bytes}")
     require(repeat >= 1, f"--repeat must be at least 1, got {repeat}")
+    # Before int(mb * 1e6) below, which fails on nan and inf with a traceback.
+    require(math.isfinite(mb) and mb > 0, f"--mb must be a positive number of megabytes, got {mb:g}")
     require(
         int(mb * 1e6) >= chunk_bytes,
         f"--mb {mb:g} is smaller than one chunk of {chunk_bytes} bytes; give a larger --mb or a smaller --chunk-bytes",
