@@ -7,6 +7,7 @@ import pytest
 from collectives.errors import ConfigError
 from peer.harness.chaos import (
     EXTRA_KINDS,
+    MAX_EVENTS,
     MIN_SURVIVORS,
     SLOWDOWNS,
     STALLS_S,
@@ -32,6 +33,7 @@ SEEDS = range(300)
         ("5,seed=3,with=stall", ChaosSpec(5, 3, ("stall",))),
         ("5,with=straggle", ChaosSpec(5, 0, ("straggle",))),
         ("5,seed=3,with=stall+straggle", ChaosSpec(5, 3, ("straggle", "stall"))),
+        ("100", ChaosSpec(100, 0)),
     ],
 )
 def test_a_spec_reads_a_count_and_an_optional_seed(text, spec):
@@ -43,6 +45,12 @@ def test_a_spec_reads_a_count_and_an_optional_seed(text, spec):
 )
 def test_a_spec_that_cannot_be_read_is_refused_saying_how_to_write_it(text):
     with pytest.raises(ConfigError, match="N,seed=S|at least one event"):
+        ChaosSpec.parse(text)
+
+
+@pytest.mark.parametrize("text", ["101", "1000000", "101,seed=3", "1000000,seed=1,with=stall"])
+def test_a_spec_draws_at_most_max_events_because_each_join_is_a_process(text):
+    with pytest.raises(ConfigError, match=f"--chaos draws at most {MAX_EVENTS} events, got {text.split(',')[0]}"):
         ChaosSpec.parse(text)
 
 

@@ -41,6 +41,28 @@ def test_event_strings_parse(text, action, target, rounds, seconds, sync, durati
         ("kill:peer1@round1,when=now", "unknown option"),
         ("join@sync2", "needs a target"),
         ("stop@round3", "needs a target"),
+        # Options an action does nothing with are refused, not dropped.
+        ("kill:peer1@round2,for=5s", "kill takes no for=; write kill:PEER@WHEN; to start the peer again later, stop it"),
+        ("kill:peer1@round2,x=3", "kill takes no x=; write kill:PEER@WHEN"),
+        ("join@round2,for=5s", "join takes no for=; write join@WHEN"),
+        ("restart-coordinator@5s,for=2s", "restart-coordinator takes no for="),
+        ("diverge:peer1@round2,for=3s", "diverge takes no for=; write diverge:PEER@WHEN"),
+        ("stop:peer1@round2,x=2,for=3s", "stop takes no x=; write stop:PEER@WHEN"),
+        ("pause:peer1@round2,x=2,for=3s", "pause takes no x="),
+        ("byzantine:peer1@round2,attack=zero,x=2", "byzantine takes no x="),
+        ("cut:peer1@round2", "cut needs a duration, e.g. cut:peer1@round2,for=8s"),
+        # Numbers are finite.
+        ("straggle:peer1@0s,x=inf", "x= must be a finite number at most 1000, got inf"),
+        ("straggle:peer1@0s,x=nan", "x= must be a finite number at most 1000, got nan"),
+        ("straggle:peer1@0s,x=1e9", "x= must be a finite number at most 1000"),
+        ("straggle:random@0s,x=1e9", "x= must be at most 1000"),
+        ("straggle:random@0s,x=inf", "x= must be finite"),
+        ("straggle:bursty@0s,B=1,W=2,lambda=1,x=4,p=nan", "p= must be finite"),
+        ("straggle:peer1@0s,x=3,for=inf", "cannot read a duration from 'inf'"),
+        ("byzantine:peer1@0s,attack=scale=inf", "k must be a finite number"),
+        ("byzantine:peer1@0s,attack=signflip,k=nan", "k must be a finite number"),
+        ("byzantine:peer1@0s,attack=noise=nan", "noise needs a finite standard deviation"),
+        ("straggle:random@0s,x=4,seed=nan", "seed= needs an integer"),
     ],
 )
 def test_bad_events_are_config_errors_that_say_what_to_write(text, message):
@@ -52,6 +74,78 @@ def test_scenario_file_holds_the_same_events(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text('[[event]]\naction = "pause"\ntarget = "peer1"\nat = "round2"\nfor = "8s"\n\n[[event]]\naction = "join"\nat = "30s"\n')
     assert load_scenario(path) == [parse_event("pause:peer1@round2,for=8s"), parse_event("join@30s")]
+
+
+@pytest.mark.parametrize(
+    "table,text",
+    [
+        # A number of at or for is seconds, as in --event; numbers may be written as --event's text.
+        ('action = "stop"\ntarget = "peer1"\nat = "round2"\nfor = 8', "stop:peer1@round2,for=8s"),
+        ('action = "pause"\ntarget = "peer1"\nat = "round2"\nfor = 0.5', "pause:peer1@round2,for=500ms"),
+        ('action = "join"\nat = 10', "join@10s"),
+        ('action = "straggle"\ntarget = "peer1"\nat = "0s"\nfactor = "3"', "straggle:peer1@0s,x=3"),
+        ('action = "straggle"\ntarget = "peer1"\nat = "0s"\nfactor = 2.5', "straggle:peer1@0s,x=2.5"),
+        ('action = "byzantine"\ntarget = "peer2"\nat = "0s"\nattack = "signflip"\nk = "5"',
+         "byzantine:peer2@0s,attack=signflip,k=5"),
+        ('action = "straggle"\ntarget = "bursty"\nat = "0s"\nfactor = "4"\nB = "1"\nW = 2\nlambda = 1\nfor = 3',
+         "straggle:bursty@0s,B=1,W=2,lambda=1,x=4,for=3s"),
+    ],
+)
+def test_a_scenario_files_numbers_are_toml_numbers_or_the_event_texts(tmp_path, table, text):
+    path = tmp_path / "s.toml"
+    path.write_text(f"[[event]]\n{table}\n")
+    assert load_scenario(path) == [parse_event(text)]
+
+
+@pytest.mark.parametrize(
+    "table,message",
+    [
+        ('action = "stop"\ntarget = "peer1"\nat = "round2"\nfor = ["8s"]', "event 1: for must be a duration"),
+        ('action = "stop"\ntarget = "peer1"\nat = "round2"\nfor = -3', "event 1: stop duration: -3 is no duration"),
+        ('action = "stop"\ntarget = "peer1"\nat = "round2"\nfor = inf', "event 1: stop duration: inf is no duration"),
+        ('action = "join"\nat = true', "event 1: at must be a time"),
+        ('action = "join"\nat = nan', "event 1: event time: nan is no duration"),
+        ("action = 5\nat = \"5s\"", "event 1: action must be a string"),
+        ('action = "kill"\ntarget = 1\nat = "round2"', 'event 1: target must be a string, e.g. target = "peer1"; got 1'),
+        ('action = "kill"\ntarget = "peer 1"\nat = "round2"', "event 1: kill: the target must be a peer's name"),
+        ('action = "straggle"\ntarget = "peer1"\nat = "0s"\nfactor = "three"', "event 1: factor needs a number"),
+        ('action = "straggle"\ntarget = "peer1"\nat = "0s"\nfactor = true', "event 1: factor must be a number"),
+        ('action = "straggle"\ntarget = "peer1"\nat = "0s"\nfactor = inf', "event 1: straggle: x= must be a finite"),
+        ('action = "straggle"\ntarget = "peer1"\nat = "0s"\nfactor = nan', "event 1: straggle: x= must be a finite"),
+        ('action = "byzantine"\ntarget = "peer1"\nat = "0s"\nattack = "signflip"\nk = true', "event 1: k must be a number"),
+        ('action = "byzantine"\ntarget = "peer1"\nat = "0s"\nattack = 5', "event 1: attack must be a string"),
+        ('action = "straggle"\ntarget = "bursty"\nat = "0s"\nfactor = 4\nB = 1.5\nW = 2\nlambda = 1',
+         "event 1: B must be a whole number"),
+        ('action = "kill"\ntarget = "peer1"\nat = "round2"\nfor = 5', "event 1: kill takes no for; write kill:PEER@WHEN; to start"),
+        ('action = "join"\nat = "round2"\nfactor = 2', "event 1: join takes no factor; write join@WHEN"),
+        ('action = "cut"\ntarget = "peer1"\nat = "round2"', "event 1: cut needs a duration"),
+    ],
+)
+def test_a_scenario_event_key_of_the_wrong_type_or_unused_is_refused(tmp_path, table, message):
+    path = tmp_path / "s.toml"
+    path.write_text(f"[[event]]\n{table}\n")
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("event = 5\n", "event must be [[event]] tables, not 5"),
+        ("event = [1, 2]\n", "event 1 is 1, not a table; write each event as an [[event]] table"),
+        ('[event]\naction = "join"\nat = "round2"\n', "events are [[event]] tables (an array of tables); write [[event]], not [event]"),
+        ('[[events]]\naction = "join"\nat = "round2"\n', "unknown top-level key(s) events; a scenario holds only [[event]] tables"),
+        ('title = "x"\n[[event]]\naction = "join"\nat = "round2"\n', "unknown top-level key(s) title"),
+        ('# caf\xe9\n[[event]]\naction = "join"\nat = "5s"\n'.encode("latin-1"), "it is not UTF-8 text (byte 5); save it as UTF-8"),
+    ],
+)
+def test_a_scenario_file_that_is_not_a_list_of_event_tables_is_refused(tmp_path, content, message):
+    path = tmp_path / "s.toml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+    assert message in str(info.value)
 
 
 def test_scenario_event_without_a_time_is_refused(tmp_path):
@@ -258,8 +352,8 @@ def test_a_scenario_file_gives_a_stalls_counts_as_keys(tmp_path):
     "table,message",
     [
         ('streams = "lots"', "stall: streams= needs a whole number"),
-        ("streams = true", "stall: streams= needs a whole number"),
-        ("fetches = 2.5", "stall: fetches= needs a whole number"),
+        ("streams = true", "event 1: streams must be a whole number, e.g. streams = 300; got True"),
+        ("fetches = 2.5", "event 1: fetches must be a whole number, e.g. fetches = 10; got 2.5"),
     ],
 )
 def test_a_scenario_file_refuses_a_stall_count_that_is_not_a_whole_number(tmp_path, table, message):

@@ -51,6 +51,9 @@ CUTS_S = (1, 4, 8)
 SLOWDOWNS = (2, 3, 4)
 STRAGGLES_S = (3, 6, 12)
 STALLS_S = (3, 6, 12)
+# The most events a spec may draw: each drawn join is one more peer process (the harness starts joiners' processes
+# at the start), so a count of thousands would fork hundreds of them; five times the largest of BENCHMARKS.md.
+MAX_EVENTS = 100
 _SPEC = re.compile(r"^(?P<count>\d+)(?:,seed=(?P<seed>\d+))?(?:,with=(?P<extra>[a-z+]+))?$")
 
 
@@ -79,6 +82,8 @@ class ChaosSpec:
         spec = cls(int(m.group("count")), int(m.group("seed") or 0), tuple(k for k in EXTRA_KINDS if k in extra))
         if spec.count < 1:
             raise ConfigError("--chaos needs at least one event")
+        if spec.count > MAX_EVENTS:
+            raise ConfigError(f"--chaos draws at most {MAX_EVENTS} events, got {spec.count}; give a smaller N")
         return spec
 
 

@@ -13,14 +13,17 @@ An event is written ``ACTION[:TARGET]@WHEN[,for=DURATION][,x=FACTOR]``:
 - ``straggle:peer3@round2,x=3``  make peer3 train 3 times slower (for the rest of the run, or ``for=``)
 - ``straggle:random@0s,x=4``     from then on, at each step one random peer trains 4 times slower
 - ``straggle:bursty@0s,B=1,W=2,lambda=1,x=4``  bursty stragglers of the (B, W, lambda) model, 4 times slower
-- ``cut:peer0@round4,for=10s``   take peer0's network link down for 10 s (needs ``--netns``)
+- ``cut:peer0@round4,for=10s``   take peer0's network link down for 10 s (needs ``--netns`` and ``for=``)
 - ``diverge:peer1@round2``       make peer1's local training blow up (its parameters become NaN)
 - ``byzantine:peer2@round3,attack=signflip``  make peer2 send -10 times its honest update from then on
 - ``stall:peer1@round1``         hold 300 idle PushPart streams and 10 unread state fetches against peer1
 
 ``WHEN`` is ``roundN`` (after N committed rounds), ``syncN`` (when the
 target peer starts its N-th sync: the kill lands inside a round) or ``Ns``
-(seconds after the start). A TOML scenario file holds the same as a list of tables::
+(seconds after the start). An option an action does nothing with is refused (``kill:peer1@round2,for=5s``
+would read as a restart: that is ``stop:peer1@round2,for=5s``). A TOML scenario file holds the same as a list of
+tables; its numbers are TOML numbers or the event's text (``for = 8`` is ``for = "8s"``, ``factor = "3"`` is
+``factor = 3``)::
 
     [[event]]
     action = "pause"
@@ -96,6 +99,7 @@ meanwhile. ``streams=0`` or ``fetches=0`` leaves that kind out. In a TOML file::
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -118,6 +122,63 @@ _OPTIONS = ("for", "x", "attack", "k", "s", "seed", *_PATTERN_OPTIONS, *_STALL_O
 _ATTACK_OPTIONS = ("k", "s", "seed")
 # The keys of a TOML scenario's [[event]] table.
 _TABLE_KEYS = ("action", "target", "at", "for", "factor", "attack", "k", "s", "seed", *_PATTERN_OPTIONS, *_STALL_OPTIONS)
+# The TOML types each key takes, what to call them, and an example. Numbers may also be written as the text of the
+# --event form (factor = "3" as x=3, k = "5", for = "8s"): a scenario file holds the same events as --event, and
+# the text is checked as --event's is. A bare number of at or for is seconds, as ``@8`` and ``for=8`` are.
+_TEXT, _NUMBER, _WHOLE = (str,), (str, int, float), (str, int)
+_KEY_TYPES = {  # key: (the types it takes, what to call them, an example)
+    "action": (_TEXT, "a string", '"pause"'),
+    "target": (_TEXT, "a string", '"peer1"'),
+    "at": (_NUMBER, 'a time ("round2", "sync3", "10s") or a number of seconds', '"round2"'),
+    "for": (_NUMBER, 'a duration ("8s", "500ms", "2m") or a number of seconds', '"8s"'),
+    "factor": (_NUMBER, "a number", "3"),
+    "attack": (_TEXT, "a string", '"signflip"'),
+    "k": (_NUMBER, "a number", "5"),
+    "s": (_NUMBER, "a number", "0.5"),
+    "seed": (_WHOLE, "a whole number", "1"),
+    "B": (_WHOLE, "a whole number", "1"),
+    "W": (_WHOLE, "a whole number", "2"),
+    "lambda": (_WHOLE, "a whole number", "1"),
+    "p": (_NUMBER, "a number", "0.2"),
+    "worker": (_WHOLE, "a whole number", "1"),
+    "streams": (_WHOLE, "a whole number", str(STALL_DEFAULTS["streams"])),
+    "fetches": (_WHOLE, "a whole number", str(STALL_DEFAULTS["fetches"])),
+}
+# The only top-level key of a scenario file.
+_TOP_KEYS = ("event",)
+# What each action takes of the options any event's text may carry (for=, x=); the options of one action only
+# (attack=, streams=, B=...) are refused on the others with their own messages. An option an action does nothing
+# with is refused rather than dropped: kill:peer1@round2,for=5s reads as a restart that would never happen.
+_TAKES = {
+    "kill": (),
+    "stop": ("for",),
+    "pause": ("for",),
+    "join": (),
+    "restart-coordinator": (),
+    "straggle": ("for", "x"),
+    "cut": ("for",),
+    "diverge": (),
+    "byzantine": ("for",),
+    "stall": ("for",),
+}
+# Without a duration these would end as soon as they fire (SIGCONT, link up at once).
+_NEEDS_FOR = ("pause", "cut")
+_FORMS = {
+    "kill": "kill:PEER@WHEN",
+    "stop": "stop:PEER@WHEN[,for=DURATION]",
+    "pause": "pause:PEER@WHEN,for=DURATION",
+    "join": "join@WHEN",
+    "restart-coordinator": "restart-coordinator@WHEN",
+    "straggle": "straggle:PEER@WHEN,x=FACTOR[,for=DURATION]",
+    "cut": "cut:PEER@WHEN,for=DURATION",
+    "diverge": "diverge:PEER@WHEN",
+    "byzantine": "byzantine:PEER@WHEN,attack=ATTACK[,k=K][,s=S][,seed=N][,for=DURATION]",
+    "stall": "stall:PEER@WHEN[,streams=N][,fetches=M][,for=DURATION]",
+}
+# The largest slowdown: a step's sleep is its compute time times x, and far beyond this the peer never finishes a
+# step (use stop or pause for that) and a sleep of inf, or of a huge x, overflows in the peer (peer/harness/control.py).
+MAX_FACTOR = 1000.0
+_TARGET = re.compile(r"[\w.-]+")
 _EVENT = re.compile(r"^(?P<action>[a-z-]+)(?::(?P<target>[\w.-]+))?@(?P<when>[^,]+)(?P<opts>(?:,[A-Za-z]+=[^,]+)*)$")
 
 
@@ -172,7 +233,14 @@ class Event:
         return text
 
 
-def _seconds(text: str, what: str) -> float:
+def _seconds(text: str | float, what: str) -> float:
+    """Seconds from a duration's text (8s, 500ms, 2m, 8) or a number of seconds (finite, 0 or more)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not (math.isfinite(text) and text >= 0):
+            raise ConfigError(f"{what}: {text!r} is no duration; give seconds 0 or more, or write e.g. 8s, 500ms or 2m")
+        return float(text)
+    if not isinstance(text, str):
+        raise ConfigError(f"{what}: cannot read a duration from {text!r}; write e.g. 8s, 500ms or 2m")
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|m)?", text.strip())
     if not m:
         raise ConfigError(f"{what}: cannot read a duration from {text!r}; write e.g. 8s, 500ms or 2m")
@@ -180,7 +248,9 @@ def _seconds(text: str, what: str) -> float:
     return value / 1000 if m.group(2) == "ms" else value * 60 if m.group(2) == "m" else value
 
 
-def _when(text: str) -> When:
+def _when(text: str | float) -> When:
+    if not isinstance(text, str):
+        return When(seconds=_seconds(text, "event time"))
     text = text.strip()
     for word in ("round", "sync"):
         if text.startswith(word):
@@ -193,9 +263,9 @@ def _when(text: str) -> When:
 
 def make_event(
     action: str,
-    at: str,
+    at: str | float,
     target: str | None = None,
-    duration: str | None = None,
+    duration: str | float | None = None,
     factor: float | None = None,
     attack: str | None = None,
     pattern: str | None = None,
@@ -204,9 +274,13 @@ def make_event(
 ) -> Event:
     """A validated event (ConfigError with what to write instead); ``attack`` is a byzantine event's attack text,
     ``pattern`` a straggle event's pattern text (``peer.stragglers``; it slows the whole network: no target),
-    ``streams`` and ``fetches`` a stall event's counts (defaults STALL_DEFAULTS)."""
+    ``streams`` and ``fetches`` a stall event's counts (defaults STALL_DEFAULTS); ``at`` and ``duration`` may be
+    numbers of seconds."""
     if action not in ACTIONS:
         raise ConfigError(f"unknown event action {action!r}; choose one of {', '.join(ACTIONS)}")
+    if target is not None and not (isinstance(target, str) and _TARGET.fullmatch(target)):
+        # Names only: the report writes the event back as text (Event.__str__), after the whole run.
+        raise ConfigError(f"{action}: the target must be a peer's name such as \"peer1\", got {target!r}")
     if pattern is not None and action != "straggle":
         raise ConfigError(f"{action} takes no straggler pattern (only straggle does)")
     if pattern is not None and (target or factor is not None):
@@ -218,16 +292,21 @@ def make_event(
         raise ConfigError(f"{action} needs a target peer, e.g. {action}:peer1@round2")
     if action not in _TARGETED and target:
         raise ConfigError(f"{action} takes no target")
+    _refuse_unused(action, {"for": duration, "x": factor}, {"for": "for=", "x": "x="})
     when = _when(at)
     if when.sync is not None and not target:
         raise ConfigError(f"{action}@{at}: syncN needs a target peer, whose N-th sync triggers the event")
-    if action == "pause" and duration is None:
-        raise ConfigError("pause needs a duration, e.g. pause:peer1@round2,for=8s")
+    if action in _NEEDS_FOR and duration is None:
+        raise ConfigError(f"{action} needs a duration, e.g. {action}:peer1@round2,for=8s")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))):
+        raise ConfigError(f"{action}: x= needs a number, e.g. x=3; got {factor!r}")
     if action == "straggle" and pattern is None and (factor is None or factor <= 1):
         raise ConfigError(
             "straggle needs a slowdown factor above 1, e.g. straggle:peer1@10s,x=3 (or a pattern over every peer, "
             "e.g. straggle:random@0s,x=4)"
         )
+    if factor is not None and not factor <= MAX_FACTOR:  # also nan, which no comparison holds for
+        raise ConfigError(f"{action}: x= must be a finite number at most {MAX_FACTOR:g}, got {factor}")
     if action == "byzantine" and not attack:
         raise ConfigError(
             "byzantine needs an attack, e.g. byzantine:peer1@round2,attack=signflip "
@@ -235,7 +314,7 @@ def make_event(
         )
     if action != "byzantine" and attack:
         raise ConfigError(f"{action} takes no attack (only byzantine does)")
-    load = _stall_load(action, streams, fetches, factor)
+    load = _stall_load(action, streams, fetches)
     return Event(
         action=action,
         at=when,
@@ -261,7 +340,19 @@ def _count(value: int | str, name: str) -> int:
     return number
 
 
-def _stall_load(action: str, streams: int | str | None, fetches: int | str | None, factor: float | None) -> dict:
+def _refuse_unused(action: str, given: dict[str, object], spelled: dict[str, str], where: str = "") -> None:
+    """Refuse for= and x= (``given``, None when absent) on an action that does nothing with them, naming each as
+    ``spelled`` (the text form's for=, a scenario file's factor)."""
+    unused = [spelled[name] for name, value in given.items() if value is not None and name not in _TAKES[action]]
+    if not unused:
+        return
+    hint = ""
+    if action == "kill" and given.get("for") is not None:
+        hint = "; to start the peer again later, stop it instead: stop:PEER@WHEN,for=DURATION"
+    raise ConfigError(f"{where}{action} takes no {', '.join(unused)}; write {_FORMS[action]}{hint}")
+
+
+def _stall_load(action: str, streams: int | str | None, fetches: int | str | None) -> dict:
     """A stall event's stream and fetch counts (its defaults filled in); nothing for other events."""
     if action != "stall":
         given = [name for name, value in (("streams", streams), ("fetches", fetches)) if value is not None]
@@ -271,8 +362,6 @@ def _stall_load(action: str, streams: int | str | None, fetches: int | str | Non
                 "e.g. stall:peer1@round1,streams=300,fetches=10"
             )
         return {}
-    if factor is not None:
-        raise ConfigError("stall takes no x=; write stall:PEER@WHEN[,streams=N][,fetches=M][,for=DURATION]")
     load = {
         "streams": _count(STALL_DEFAULTS["streams"] if streams is None else streams, "streams"),
         "fetches": _count(STALL_DEFAULTS["fetches"] if fetches is None else fetches, "fetches"),
@@ -282,7 +371,7 @@ def _stall_load(action: str, streams: int | str | None, fetches: int | str | Non
     return load
 
 
-def _pattern_event(at: str, duration: str | None, kind: str, options: dict, where: str) -> Event:
+def _pattern_event(at: str | float, duration: str | float | None, kind: str, options: dict, where: str) -> Event:
     """A straggle event over the whole network: the pattern ``kind`` with its options (``x`` and its own)."""
     keys = [key for key in ("x", *_PATTERN_OPTIONS, "seed") if key in options]
     foreign = sorted(set(options) - set(keys) - {"for", "action", "target", "at"})
@@ -293,9 +382,13 @@ def _pattern_event(at: str, duration: str | None, kind: str, options: dict, wher
         )
     text = ",".join([kind, *(f"{key}={options[key]}" for key in keys)])
     try:
-        return make_event("straggle", at, duration=duration, pattern=text)
+        event = make_event("straggle", at, duration=duration, pattern=text)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    x = getattr(event.pattern, "x", 1.0)
+    if x > MAX_FACTOR:
+        raise ConfigError(f"{where}: x= must be at most {MAX_FACTOR:g}, got {x:g}")
+    return event
 
 
 def _no_pattern_options(options: dict, where: str) -> None:
@@ -342,25 +435,54 @@ def parse_event(text: str) -> Event:
     if action == "straggle" and target in PATTERN_KINDS:
         return _pattern_event(m.group("when"), opts.get("for"), target, opts, f"event {text!r}")
     _no_pattern_options(opts, f"event {text!r}")
-    try:
-        factor = float(opts["x"]) if "x" in opts else None
-    except ValueError:
-        raise ConfigError(f"event {text!r}: x= needs a number") from None
+    factor = _factor(opts["x"], f"event {text!r}: x=") if "x" in opts else None
     attack = _attack_text(opts.get("attack"), opts, f"event {text!r}")
-    return make_event(
-        action, m.group("when"), target, opts.get("for"), factor, attack,
-        streams=opts.get("streams"), fetches=opts.get("fetches"),
-    )
+    try:
+        return make_event(
+            action, m.group("when"), target, opts.get("for"), factor, attack,
+            streams=opts.get("streams"), fetches=opts.get("fetches"),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"event {text!r}: {exc}") from None
+
+
+def _check_types(table: dict, where: str) -> None:
+    """Refuse a key of an [[event]] table whose value is of a type it cannot take (_KEY_TYPES)."""
+    for key, value in table.items():
+        types, what, example = _KEY_TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ConfigError(f"{where}: {key} must be {what}, e.g. {key} = {example}; got {value!r}")
+
+
+def _event_tables(data: dict, path: str | Path) -> list[dict]:
+    """The [[event]] tables of a scenario file's data (ConfigError for anything else in it)."""
+    unknown = sorted(set(data) - set(_TOP_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"scenario {path}: unknown top-level key(s) {', '.join(unknown)}; a scenario holds only [[event]] tables"
+        )
+    tables = data.get("event", [])
+    if isinstance(tables, dict):
+        raise ConfigError(f"scenario {path}: events are [[event]] tables (an array of tables); write [[event]], not [event]")
+    if not isinstance(tables, list):
+        raise ConfigError(f"scenario {path}: event must be [[event]] tables, not {tables!r}")
+    for i, table in enumerate(tables):
+        if not isinstance(table, dict):
+            raise ConfigError(f"scenario {path}: event {i + 1} is {table!r}, not a table; write each event as an [[event]] table")
+    return tables
 
 
 def load_scenario(path: str | Path) -> list[Event]:
     """Events of a TOML scenario file."""
     try:
-        data = tomllib.loads(Path(path).read_text())
+        # TOML is UTF-8 whatever the locale says.
+        data = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read scenario {path}: it is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read scenario {path}: {exc}") from None
     events = []
-    for i, table in enumerate(data.get("event", [])):
+    for i, table in enumerate(_event_tables(data, path)):
         if "action" not in table or "at" not in table:
             raise ConfigError(f"scenario {path}: event {i + 1} needs 'action' and 'at'")
         unknown = set(table) - set(_TABLE_KEYS)
@@ -370,16 +492,31 @@ def load_scenario(path: str | Path) -> list[Event]:
                 f"an event's keys are {', '.join(_TABLE_KEYS)}"
             )
         where = f"scenario {path}: event {i + 1}"
-        action, at, target = table["action"], str(table["at"]), table.get("target")
+        _check_types(table, where)
+        action, at, target = table["action"], table["at"], table.get("target")
+        if action in _TAKES:
+            _refuse_unused(action, {"for": table.get("for"), "x": table.get("factor")}, {"for": "for", "x": "factor"}, f"{where}: ")
         if action == "straggle" and target in PATTERN_KINDS:
             options = {("x" if key == "factor" else key): value for key, value in table.items()}
             events.append(_pattern_event(at, table.get("for"), target, options, where))
             continue
         _no_pattern_options(table, where)
         attack = _attack_text(table.get("attack"), table, where)
-        events.append(make_event(
-            action, at, target, table.get("for"), table.get("factor"), attack,
-            streams=table.get("streams"), fetches=table.get("fetches"),
-        ))
+        factor = _factor(table["factor"], f"{where}: factor") if "factor" in table else None
+        try:
+            events.append(make_event(
+                action, at, target, table.get("for"), factor, attack,
+                streams=table.get("streams"), fetches=table.get("fetches"),
+            ))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     return events
+
+
+def _factor(value: str | float, what: str) -> float:
+    """A slowdown factor from a number or its text (make_event checks its range)."""
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{what} needs a number, e.g. 3; got {value!r}") from None
 
