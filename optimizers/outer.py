@@ -166,6 +166,17 @@ class StepRate:
         return self.rate
 
 
+def warn_of_buffers(model: torch.nn.Module) -> None:
+    """Log a warning when the model has floating-point buffers (BatchNorm's running statistics): rounds carry
+    parameters only, so each peer keeps its own buffers and a joiner starts with freshly built ones."""
+    names = [name for name, b in model.named_buffers() if b.is_floating_point()]
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        log.warning("the model has buffers (%s): rounds average its parameters only, so each peer keeps buffers "
+                    "of its own (a joiner starts from freshly built ones); evaluate with statistics that do not "
+                    "depend on them, or replace BatchNorm with GroupNorm or LayerNorm", shown)
+
+
 class OuterOptimizer:
     """The torch.optim surface, the global state and the callbacks of an algorithm; subclasses schedule the rounds."""
 
@@ -189,6 +200,7 @@ class OuterOptimizer:
         self.peer = peer
         self.config = config
         self.state = GlobalState([(n, p) for n, p in model.named_parameters() if p.requires_grad], config.outer)
+        warn_of_buffers(model)
         self.codec = config.codec_config
         self.aggregator = config.aggregator_config
         self.inner_steps = 0

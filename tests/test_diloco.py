@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import copy
 import itertools
 import sys
@@ -539,3 +540,20 @@ def test_a_state_of_another_algorithm_is_refused_and_changes_nothing(make_other)
     assert_close(params(joiner_model), before, atol=0)
     with pytest.raises(ConfigError, match="same --algorithm"):
         joiner.load_state_dict(donor.state_dict())
+
+
+def test_a_model_with_buffers_is_warned_that_rounds_average_parameters_only(caplog):
+    # BatchNorm's running statistics never travel: each peer keeps its own, and a joiner starts from fresh ones.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    with caplog.at_level(logging.WARNING, logger="optimizers.outer"):
+        DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), LocalPeer(), sync_every=2)
+    (record,) = caplog.records
+    assert "the model has buffers (1.running_mean, 1.running_var)" in record.getMessage()
+
+
+def test_a_model_without_floating_buffers_is_not_warned(caplog):
+    model = torch.nn.Linear(4, 4)
+    model.register_buffer("count", torch.zeros((), dtype=torch.long))
+    with caplog.at_level(logging.WARNING, logger="optimizers.outer"):
+        DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), LocalPeer(), sync_every=2)
+    assert caplog.records == []
