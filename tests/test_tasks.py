@@ -314,6 +314,18 @@ def test_text_empty_folder_is_a_config_error(tmp_path: Path) -> None:
         TextLMTask(TaskConfig())
 
 
+def test_one_file_that_is_not_utf8_text_is_called_so_not_empty(tmp_path: Path) -> None:
+    (tmp_path / "latin.txt").write_bytes("\u00e9t\u00e9 caf\u00e9".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.txt': it is not UTF-8 \(invalid continuation byte at byte 0\)"):
+        TextLMTask(TaskConfig(data=str(tmp_path / "latin.txt")))
+
+
+@pytest.mark.parametrize("task", ["synthetic-lm", "digits"])
+def test_a_task_that_reads_no_data_refuses_a_data_path_it_would_ignore(task: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"task '{task}' reads no --data"):
+        make_task(task, TaskConfig(data=str(tmp_path)))
+
+
 @pytest.mark.skipif(
     not FORTUNES.is_dir(), reason=f"{FORTUNES} absent (apt-get install fortunes for a real-text corpus)"
 )

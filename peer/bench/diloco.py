@@ -61,7 +61,7 @@ from peer.harness.procgroup import Placement
 from peer.options import options_of
 from peer.runtime.training import LOCAL_SYNC_EVERY, TrainConfig, local_run
 from peer.tasks.base import TaskConfig
-from peer.tasks.registry import check_task, make_task
+from peer.tasks.registry import TASK_HELP, check_task, make_task
 
 BASELINES = ("data_parallel", "one_peer")
 DEFAULT_TRAIN = local_run("diloco")
@@ -526,7 +526,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from peer.trainoptions import add_task_arguments, add_train_arguments
 
     parser.add_argument("--peers", type=int, default=BenchConfig.peers, help="peers (and DDP processes) per method")
-    parser.add_argument("--task", default=BenchConfig.task, help="synthetic-lm, text-lm, or package.module:function")
+    parser.add_argument("--task", default=BenchConfig.task, help=TASK_HELP)
     parser.add_argument(
         "--methods", default=",".join(["diloco", "streaming", *BASELINES]),
         help=f"comma-separated: registered algorithms ({', '.join(algorithm_names())}) and {', '.join(BASELINES)}",

@@ -55,7 +55,7 @@ from peer.coordinator.config import CoordinatorConfig
 from peer.harness.scenario import make_event
 from peer.runtime.training import LOCAL_SYNC_EVERY, TrainConfig
 from peer.tasks.base import TaskConfig
-from peer.tasks.registry import check_task, make_task
+from peer.tasks.registry import TASK_HELP, check_task, make_task
 
 TARGET = "target"
 METHODS = ("diloco", "diloco-time", "async", "async-unweighted", "noloco")
@@ -416,7 +416,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = HeteroConfig()
     parser.add_argument("--peers", type=int, default=d.peers, help="peers per run")
-    parser.add_argument("--task", default=d.task, help="synthetic-lm, text-lm, or package.module:function")
+    parser.add_argument("--task", default=d.task, help=TASK_HELP)
     parser.add_argument("--slow", action="append", default=None, metavar="PEER:x=X",
                         help="slow PEER down X times for the whole run (repeatable; 'none': no slow peer; "
                         "default: the last peer, x=3)")

@@ -57,7 +57,7 @@ from peer.runtime.checkpoint import CheckpointError, load_latest, restore, save_
 from peer.runtime.display import PeerDisplay, RoundFigures, Summary, bar_info, choose_streams, joined_line
 from peer.runtime.training import Progress, TrainConfig, TrainLoop, make_optimizer
 from peer.tasks.base import Task, TaskConfig
-from peer.tasks.registry import make_task
+from peer.tasks.registry import TASK_HELP, make_task
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class PeerConfig:
         metadata={"help": "seconds to keep trying to reach the coordinator before giving up"},
     )
     run_id: str = field(default=DEFAULT_RUN_ID, metadata={"help": "run id", "flag": "run"})
-    task: str = field(default="synthetic-lm", metadata={"help": "synthetic-lm, text-lm, or package.module:function"})
+    task: str = field(default="synthetic-lm", metadata={"help": TASK_HELP})
     task_config: TaskConfig = field(default_factory=TaskConfig, metadata={"cli": False})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"cli": False})
     name: str = field(default="", metadata={"help": "label shown on the dashboard"})

@@ -138,10 +138,15 @@ class Task(ABC):
     name: str = "task"
     # The partitionings (TaskConfig.partitioning) this task implements; None: any (a user task reads the config).
     splits: tuple[str, ...] | None = None
+    # Whether the task reads TaskConfig.data (a user task may): one that does not refuses a --data it would ignore.
+    reads_data: bool = True
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
         self._eval_cache: list[Batch] | None = None
+        if config.data is not None and not self.reads_data:
+            raise ConfigError(f"task {self.name!r} reads no --data (text-lm does): leave it out, or choose --task "
+                              "text-lm to train on that text")
         if self.splits is not None and config.partitioning not in self.splits:
             raise ConfigError(
                 f"task {self.name!r} does not implement the split {config.partitioning!r}; its splits: "

@@ -105,6 +105,7 @@ class DigitsTask(Task):
 
     name = "digits"
     splits = ("iid", "dirichlet")
+    reads_data = False
     # A classification task: the number of labels (what a labelflip attack flips).
     classes = CLASSES
 

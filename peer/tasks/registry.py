@@ -35,6 +35,10 @@ def task_names() -> tuple[str, ...]:
     return tuple(_TASKS)
 
 
+TASK_HELP = "synthetic-lm, text-lm (--data), digits, a plugin's registered task, or package.module:function"
+"""What --task takes, for every command's help."""
+
+
 def make_task(name: str, config: TaskConfig) -> Task:
     """The task called ``name``: a registered one or a user task ``"package.module:function"``."""
     factory = _TASKS.get(name)

@@ -126,6 +126,7 @@ class SyntheticLMTask(Task):
 
     name = "synthetic-lm"
     splits = ("iid", "non-iid")
+    reads_data = False
 
     def __init__(
         self,

@@ -114,8 +114,11 @@ def read_corpus(path: str | os.PathLike[str]) -> Corpus:
         logger.warning("text-lm: skipped %d file(s) that are not UTF-8 text: %s%s", len(skipped), shown, more)
     corpus = Corpus(SEPARATOR.join(texts), tuple(used), tuple(len(t) for t in texts), tuple(skipped))
     if not corpus.text:
-        what = "it is an empty file" if root.is_file() else f"found {len(list_files(root))} file(s)"
-        why = f" ({len(skipped)} skipped as not UTF-8 text: {', '.join(f for f, _ in skipped[:3])})" if skipped else ""
+        if root.is_file():  # one file: say what is wrong with it (a binary or Latin-1 file is not "empty")
+            what, why = (f"it is {skipped[0][1]}", "") if skipped else ("it is an empty file", "")
+        else:
+            what = f"found {len(list_files(root))} file(s)"
+            why = f" ({len(skipped)} skipped as not UTF-8 text: {', '.join(f for f, _ in skipped[:3])})" if skipped else ""
         raise ConfigError(f"text-lm: no text in {str(root)!r}: {what}{why}; give a UTF-8 text file or a folder of them")
     return corpus
 
