@@ -21,11 +21,17 @@ Addresses (parsing, what a server advertises, routes) are in ``collectives.addre
 
 from __future__ import annotations
 
+import datetime
+import functools
 import logging
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from collectives.addresses import format_address
@@ -68,6 +74,56 @@ def _read(path: str, what: str) -> bytes:
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}; check the path (loconet certs makes them)") from exc
 
 
+def _certificates(data: bytes, option: str, path: str) -> list[x509.Certificate]:
+    """The PEM certificates in a file's bytes; ConfigError naming the option when it holds none."""
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ConfigError(
+            f"{option} {path} holds no PEM certificate (a key file?); give a certificate's .pem (loconet certs makes "
+            "them)"
+        ) from None
+
+
+# gRPC takes the TLS files as bytes and only says "Failed to bind" (or fails each handshake) when they do not fit,
+# so they are checked here, where they are read. Keyed on the bytes: channels are made often, the files rarely change.
+@functools.lru_cache(maxsize=16)
+def _checked_pair(cert: bytes, cert_path: str, key: bytes, key_path: str) -> tuple[datetime.datetime, datetime.datetime]:
+    """The validity window of --tls-cert, once it and --tls-key are checked to be a PEM certificate and its key."""
+    leaf = _certificates(cert, "--tls-cert", cert_path)[0]
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except TypeError:
+        raise ConfigError(f"--tls-key {key_path} is encrypted; gRPC needs an unencrypted PEM key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(
+            f"--tls-key {key_path} holds no PEM private key; give the .key made with --tls-cert {cert_path}"
+        ) from None
+    if private.public_key() != leaf.public_key():
+        raise ConfigError(
+            f"--tls-key {key_path} is not the key of --tls-cert {cert_path}; give the key made with that certificate "
+            "(loconet certs writes NAME.pem and NAME.key)"
+        )
+    return leaf.not_valid_before_utc, leaf.not_valid_after_utc
+
+
+def _check_validity(path: str, window: tuple[datetime.datetime, datetime.datetime]) -> None:
+    """Refuse this process's own certificate outside its dates: the other end would only say the CA did not sign it."""
+    start, end = window
+    now = datetime.datetime.now(datetime.UTC)
+    dates = f"valid from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
+    if now > end:
+        raise ConfigError(f"--tls-cert {path} expired ({dates}); make a new one (loconet certs --out DIR --host NAME)")
+    if now < start:
+        raise ConfigError(f"--tls-cert {path} is not valid yet ({dates}); check this machine's clock")
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_ca(ca: bytes, path: str) -> None:
+    """Check that --tls-ca holds PEM certificates."""
+    _certificates(ca, "--tls-ca", path)
+
+
 @dataclass(frozen=True)
 class RpcSecurity:
     """TLS files and the run secret's file of a process's servers and channels (all empty: plaintext, no secret)."""
@@ -96,19 +152,26 @@ class RpcSecurity:
         """Credentials a server binds its port with (None: plaintext); with a CA, clients must present a certificate."""
         if not self.tls:
             return None
-        pair = (_read(self.tls_key, "TLS key"), _read(self.tls_cert, "TLS certificate"))
-        ca = _read(self.tls_ca, "TLS CA") if self.tls_ca else None
-        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+        cert, key, ca = self.tls_files()
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """Credentials a channel connects with (None: plaintext): verify the server, and present our certificate."""
         if not self.tls:
             return None
-        return grpc.ssl_channel_credentials(
-            root_certificates=_read(self.tls_ca, "TLS CA") if self.tls_ca else None,
-            private_key=_read(self.tls_key, "TLS key"),
-            certificate_chain=_read(self.tls_cert, "TLS certificate"),
-        )
+        cert, key, ca = self.tls_files()
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+    def tls_files(self) -> tuple[bytes, bytes, bytes | None]:
+        """The certificate, key and CA (None without --tls-ca) as PEM bytes; ConfigError naming the option when a
+        file is unreadable, not what it should be, the key is not the certificate's, or the certificate is out of
+        date."""
+        cert, key = _read(self.tls_cert, "TLS certificate"), _read(self.tls_key, "TLS key")
+        _check_validity(self.tls_cert, _checked_pair(cert, self.tls_cert, key, self.tls_key))
+        ca = _read(self.tls_ca, "TLS CA") if self.tls_ca else None
+        if ca is not None:
+            _checked_ca(ca, self.tls_ca)
+        return cert, key, ca
 
     def load_secret(self) -> bytes | None:
         """The run secret (--token-file, else $LOCONET_TOKEN), or None: calls then carry no credential."""
@@ -255,9 +318,34 @@ def bind(server: grpc.aio.Server, host: str, port: int, *, settings: RpcSettings
     except RuntimeError:
         # grpc's own message only says "Failed to bind" and how to turn on its debug log.
         bound = 0
+    if bound == 0 and credentials is not None and _can_listen(host, port):
+        # The address is free, so gRPC refused the TLS files (checked when read, so something those checks miss).
+        security = settings.security
+        raise ConfigError(
+            f"cannot serve TLS on {where}: gRPC refused --tls-cert {security.tls_cert} and --tls-key "
+            f"{security.tls_key} (set GRPC_VERBOSITY=debug to see why); give a PEM certificate and its key "
+            "(loconet certs makes them)"
+        )
     if bound == 0:
         raise AddressInUse(f"cannot listen on {where}: the port is taken or the address is not this machine's; {hint}")
     return format_address(host, bound)
+
+
+def _can_listen(host: str, port: int) -> bool:
+    """Whether a plain socket can listen on every address of host:port (as gRPC's listener would: address reuse on)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False
+    for family, kind, proto, _name, address in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+                probe.listen(1)
+        except OSError:
+            return False
+    return True
 
 
 # -- channels ----------------------------------------------------------------------------
