@@ -140,15 +140,32 @@ def load_issuer_key(path: str) -> bytes:
         with open(path, "rb") as f:
             key = f.read()
     except FileNotFoundError:
-        key = Ed25519PrivateKey.generate().private_bytes_raw()
+        return _make_issuer_key(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the coordinator key {path} (kept beside --state-file): {exc.strerror}") from exc
+    if len(key) != 32:
+        raise ConfigError(f"{path} is not a coordinator key (32 bytes); remove it to make a new one")
+    return key
+
+
+def _make_issuer_key(path: str) -> bytes:
+    """A new coordinator key written to path (mode 0600, never over an existing file or link); ConfigError naming it."""
+    what = f"the coordinator key {path} (made beside --state-file, so a restart keeps the credentials it issued)"
+    if os.path.islink(path):
+        # open() followed the link to nothing; O_EXCL refuses to create through it ("File exists").
+        raise ConfigError(
+            f"{what} is a symbolic link to {os.readlink(path)}, which does not exist; remove the link or restore "
+            "its target"
+        )
+    key = Ed25519PrivateKey.generate().private_bytes_raw()
+    try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key)
-        return key
     except OSError as exc:
-        raise ConfigError(f"cannot read the coordinator key {path}: {exc.strerror}") from exc
-    if len(key) != 32:
-        raise ConfigError(f"{path} is not a coordinator key (32 bytes); remove it to make a new one")
+        raise ConfigError(
+            f"cannot create {what}: {exc.strerror}; check that --state-file's folder exists and is writable"
+        ) from exc
     return key
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from collectives.errors import ConfigError
@@ -46,15 +48,65 @@ def test_a_file_of_another_run_is_refused(tmp_path):
         load_run(path, "new")
 
 
-NOT_SAVED_RUNS = ["", "{", "[]", '{"run_id": "r"}', '{"run_id": "r", "last_committed_round": "x", "epoch": 0}']
+NOT_SAVED_RUNS = [
+    # (the file's text, what the refusal says)
+    ("", "not JSON"),
+    ("{", "not JSON"),
+    ("[]", "holds a JSON list, not an object of fields"),
+    ('{"run_id": "r"}', "field 'last_committed_round' is missing"),
+    ('{"last_committed_round": 1, "epoch": 0}', "field 'run_id' is missing"),
+    ('{"run_id": "r", "last_committed_round": 1}', "field 'epoch' is missing"),
+    ('{"run_id": "r", "last_committed_round": "x", "epoch": 0}', "field 'last_committed_round' is \"x\", not a whole"),
+    ('{"run_id": "r", "last_committed_round": "12", "epoch": 0}', "field 'last_committed_round' is \"12\", not a whole"),
+    ('{"run_id": "r", "last_committed_round": 1.7, "epoch": 0}', "field 'last_committed_round' is 1.7, not a whole"),
+    ('{"run_id": "r", "last_committed_round": true, "epoch": 0}', "field 'last_committed_round' is true, not a whole"),
+    ('{"run_id": "r", "last_committed_round": Infinity, "epoch": 0}', "field 'last_committed_round' is Infinity"),
+    ('{"run_id": "r", "last_committed_round": 1e400, "epoch": 0}', "field 'last_committed_round' is Infinity"),
+    ('{"run_id": "r", "last_committed_round": 1, "epoch": NaN}', "field 'epoch' is NaN, not a whole number"),
+    ('{"run_id": "r", "last_committed_round": 1, "epoch": 0, "committed_epoch": 0.0}', "field 'committed_epoch' is"),
+    ('{"run_id": 7, "last_committed_round": 1, "epoch": 0}', "field 'run_id' is 7, not a string"),
+    ('{"run_id": "r", "last_committed_round": 1, "epoch": 0, "digest": []}', "field 'digest' is [], not a string"),
+    ("[" * 100_000, "not JSON"),
+]
 
 
-@pytest.mark.parametrize("text", NOT_SAVED_RUNS)
-def test_a_file_that_is_not_a_saved_run_is_refused(tmp_path, text):
+@pytest.mark.parametrize(("text", "says"), NOT_SAVED_RUNS)
+def test_a_file_that_is_not_a_saved_run_is_refused_saying_which_field(tmp_path, text, says):
     path = tmp_path / "run.json"
     path.write_text(text)
-    with pytest.raises(ConfigError, match="not a saved run"):
+    with pytest.raises(ConfigError, match="not a saved run") as info:
         load_run(path, "r")
+    assert says in str(info.value)
+
+
+def test_a_file_that_is_not_utf8_is_refused_as_not_a_saved_run(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not a saved run: it is not UTF-8 text"):
+        load_run(path, "r")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("last_committed_round", 100000000000000000000000),  # beyond uint64: every Join's answer would fail
+        ("epoch", 100000000000000000000000),
+        ("last_committed_round", 2**64),
+        ("epoch", 2**48 + 1),  # beyond the claims a joiner may make (rules.MAX_CLAIM)
+    ],
+)
+def test_a_round_or_epoch_too_large_for_a_run_is_refused_naming_the_field(tmp_path, field, value):
+    path = tmp_path / "run.json"
+    record = {"run_id": "r", "last_committed_round": 1, "epoch": 1, field: value}
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=f"holds {field} {value}, beyond"):
+        load_run(path, "r")
+
+
+def test_the_largest_round_and_epoch_a_run_reaches_load(tmp_path):
+    path = tmp_path / "run.json"
+    save_run(path, SavedRun("r", last_committed_round=2**48, epoch=2**48))
+    assert load_run(path, "r") == SavedRun("r", 2**48, 2**48)
 
 
 def test_a_coordinator_resumes_the_saved_round_and_epoch(tmp_path):

@@ -28,10 +28,11 @@ import json
 import logging
 import os
 import pathlib
+import tempfile
 from dataclasses import asdict, dataclass
 
 from collectives.errors import ConfigError
-from peer.coordinator.rules import valid_digest
+from peer.coordinator.rules import MAX_CLAIM, valid_digest
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +52,35 @@ class SavedRun:
 
 
 def load_run(path: str | os.PathLike, run_id: str) -> SavedRun | None:
-    """The run saved at path (None if there is no file); ConfigError if it is unreadable or for another run."""
+    """The run saved at path (None if there is no file); ConfigError if it is unreadable, malformed, for another run,
+    or its folder cannot take the record's next writes."""
     p = pathlib.Path(path)
+    # Checked now, not at the first commit: a run whose record cannot be written would lose its history at a restart
+    # with only a warning to say so.
+    check_writable(p)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ConfigError(f"cannot read the coordinator state file {p}: {exc}") from None
-    try:
-        data = json.loads(text)
-        saved = SavedRun(
-            str(data["run_id"]), int(data["last_committed_round"]), int(data["epoch"]), str(data.get("digest", "")),
-            int(data.get("committed_epoch", -1)),
-        )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ConfigError(
-            f"coordinator state file {p} is not a saved run ({exc}); delete it to start the run afresh"
-        ) from None
+    saved = _parse(p, raw)
     if saved.run_id != run_id:
         raise ConfigError(
             f"coordinator state file {p} is for run {saved.run_id!r}, not {run_id!r}: "
             "give each run its own state file"
         )
-    if saved.last_committed_round < 0 or saved.epoch < 0:
-        raise ConfigError(f"coordinator state file {p} holds negative rounds or epochs; delete it to start afresh")
+    for name in ("last_committed_round", "epoch"):
+        value = getattr(saved, name)
+        if value < 0:
+            raise ConfigError(f"coordinator state file {p} holds a negative {name} ({value}); delete it to start afresh")
+        # The messages carry them as uint64, and a joiner's claims beyond MAX_CLAIM are refused as absurd: a larger
+        # value would fail every Join (or leave no holder of the run acceptable).
+        if value > MAX_CLAIM:
+            raise ConfigError(
+                f"coordinator state file {p} holds {name} {value}, beyond {MAX_CLAIM} (2^48), more than a run "
+                "reaches; fix or delete it"
+            )
     if not -1 <= saved.committed_epoch <= saved.epoch:
         raise ConfigError(
             f"coordinator state file {p} says round {saved.last_committed_round} committed at epoch "
@@ -87,6 +92,63 @@ def load_run(path: str | os.PathLike, run_id: str) -> SavedRun | None:
             "fix or delete it (loconet coordinator --new-run starts the run over)"
         )
     return saved
+
+
+# The record's fields: (name, JSON type, default; None: required).
+_FIELDS: tuple[tuple[str, type, object], ...] = (
+    ("run_id", str, None),
+    ("last_committed_round", int, None),
+    ("epoch", int, None),
+    ("digest", str, ""),
+    ("committed_epoch", int, -1),
+)
+_KINDS = {str: "a string", int: "a whole number"}
+
+
+def _parse(p: pathlib.Path, raw: bytes) -> SavedRun:
+    """The record in a state file's bytes, each field of its exact JSON type; ConfigError saying what is wrong."""
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"coordinator state file {p} is not a saved run: {why}; delete it to start the run afresh")
+
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise refuse("it is not UTF-8 text") from None
+    except (ValueError, RecursionError) as exc:
+        raise refuse(f"it is not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise refuse(f"it holds a JSON {type(data).__name__}, not an object of fields")
+    values = {}
+    for name, kind, default in _FIELDS:
+        if name not in data:
+            if default is None:
+                raise refuse(f"field {name!r} is missing")
+            values[name] = default
+            continue
+        value = data[name]
+        # Exactly the type: bool is an int to Python, and 1.7, 1e400 or "12" are not rounds.
+        if type(value) is not kind:
+            raise refuse(f"field {name!r} is {json.dumps(value)[:80]}, not {_KINDS[kind]}")
+        values[name] = value
+    return SavedRun(**values)
+
+
+def check_writable(path: pathlib.Path) -> None:
+    """Raise ConfigError unless the state file's folder exists and takes a new file (save_run writes one beside it)."""
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--state-file {path}: {folder} is a file, not a folder; choose another path")
+    if not folder.is_dir():
+        raise ConfigError(f"--state-file {path}: its folder {folder} does not exist; create it or choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"--state-file {path}: cannot write in its folder {folder} ({exc.strerror}); choose a writable one"
+        ) from None
 
 
 def save_run(path: str | os.PathLike, saved: SavedRun) -> None:
