@@ -414,6 +414,52 @@ def test_connections_beyond_the_bound_are_closed_at_once(serve):
             time.sleep(0.05)
 
 
+def _trickle(conn: socket.socket, lines: int) -> bytes | None:
+    """Send a request line, then a header line every 0.1 s; what the server sent before closing (None: never closed)."""
+    conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    # A read that waits 0.1 s for the server (not select: TLS 1.3 session tickets make a socket readable).
+    conn.settimeout(0.1)
+    for n in range(lines):
+        try:
+            conn.sendall(f"X-Slow-{n}: {n}\r\n".encode())
+            return conn.recv(1000)  # b"" (closed), or whatever the server said before closing
+        except TimeoutError:
+            continue  # still open, silent
+        except OSError:  # reset, or the TLS session cut without its close_notify
+            return b""
+    return None
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_a_client_trickling_its_headers_loses_its_slot_at_the_request_deadline(serve, self_signed, tls):
+    """The per-read timeout never fires for a client that sends a header line now and then: the deadline does."""
+    cert, key, ca = self_signed
+    kwargs = {"tls_cert": cert, "tls_key": key} if tls else {}
+    url = serve(max_connections=1, request_deadline_s=0.5, **kwargs).url
+    client = ssl.create_default_context(cafile=ca) if tls else None
+    raw = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10)
+    with (client.wrap_socket(raw, server_hostname="127.0.0.1") if client else raw) as conn:
+        # 60 lines take 6 s: far beyond the deadline, well within the per-read timeout and the 100-header limit.
+        said = _trickle(conn, lines=60)
+    assert said is not None and b"200" not in said
+    # Its slot (the only one) is free again once its thread has ended.
+    give_up = time.monotonic() + 10
+    while True:
+        try:
+            assert request(url, path="/healthz", tls=client).status == 200
+            break
+        except (http.client.HTTPException, OSError):
+            if time.monotonic() > give_up:
+                raise
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("seconds", [0, -1.0])
+def test_a_request_deadline_must_be_positive(seconds):
+    with pytest.raises(ConfigError, match="request deadline must be positive"):
+        DashboardServer(lambda: STATUS, request_deadline_s=seconds)
+
+
 # ---- TLS -----------------------------------------------------------------------------------------
 
 

@@ -17,8 +17,9 @@ It is read-only (GET and HEAD; anything else is 405) and binds loopback unless
 told otherwise. Every answer carries security headers; the Host header must
 name this server (against DNS rebinding); an optional bearer token guards all
 but ``/healthz``; TLS is optional. Those rules are
-``peer/coordinator/dashboard_security.py``'s. Connections are bounded and
-time out, so idle clients cannot pile up threads. It uses only the standard
+``peer/coordinator/dashboard_security.py``'s. Connections are bounded, and
+each must deliver its request within a deadline from its accept, so idle or
+trickling clients cannot pile up threads or hold every slot. It uses only the standard
 library's ``http.server`` and ``ssl`` (plus prometheus-client for the
 exposition format).
 """
@@ -74,6 +75,10 @@ ROUND_STATUSES = ("committed", "aborted")
 MAX_CONNECTIONS = 64
 # Seconds a connection may stay silent (TLS handshake, request line, headers) before it is dropped.
 REQUEST_TIMEOUT_S = 30.0
+# Seconds from a connection's accept to the end of its request's headers (TLS handshake included), however it
+# trickles them in: REQUEST_TIMEOUT_S bounds each read only, so a client sending a header line every few seconds
+# would keep its slot, and MAX_CONNECTIONS of them would shut out everyone, /healthz included.
+REQUEST_DEADLINE_S = 30.0
 
 
 def json_safe(value: Any) -> Any:
@@ -273,10 +278,13 @@ class _Server(ThreadingHTTPServer):
     # Set by DashboardServer.start before serving (it depends on the bound port).
     site: _Site
 
-    def __init__(self, address: tuple[str, int], tls: ssl.SSLContext | None, max_connections: int) -> None:
+    def __init__(
+        self, address: tuple[str, int], tls: ssl.SSLContext | None, max_connections: int, request_deadline_s: float
+    ) -> None:
         # A thread per connection: without a bound, idle connections alone could exhaust the process.
         self._slots = threading.BoundedSemaphore(max_connections)
         self._max_connections = max_connections
+        self.request_deadline_s = request_deadline_s
         super().__init__(address, _Handler)
         if tls is not None:
             # The handshake happens on the connection's own thread (first read), so a client that
@@ -317,6 +325,40 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
+class _Deadline:
+    """Cuts a connection that has not delivered its request's headers within its deadline (a timer thread)."""
+
+    def __init__(self, connection: socket.socket, seconds: float, client: Any) -> None:
+        self._connection = connection
+        self._client = client
+        self._lock = threading.Lock()
+        self._done = False
+        self.expired = False
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cut(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+        log.debug("dashboard: %s did not send its request in time, closing it", self._client)
+        try:
+            # The plain socket's shutdown (an SSLSocket's own would tear down its TLS state under the reading
+            # thread): the handler's blocked read then ends, and it closes the connection.
+            socket.socket.shutdown(self._connection, socket.SHUT_RDWR)
+        except OSError:
+            pass  # already gone
+
+    def stop(self) -> bool:
+        """Stop the clock (the headers are in, or the connection is done); True if the deadline had passed."""
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
+        return self.expired
+
+
 @dataclass(frozen=True)
 class _Site:
     """What the handlers serve and whom they answer."""
@@ -346,9 +388,24 @@ class _Handler(BaseHTTPRequestHandler):
         """The Server header: no Python version for a scanner to match against."""
         return self.server_version
 
+    def setup(self) -> None:
+        """Set up the connection's streams and start its request deadline."""
+        self._deadline = _Deadline(self.request, self.server.request_deadline_s, self.client_address)
+        super().setup()
+
+    def finish(self) -> None:
+        """Stop the request deadline and flush and close the streams."""
+        self._deadline.stop()
+        super().finish()
+
     def parse_request(self) -> bool:
-        """Parse the request line and headers; answer 405 to any method but GET and HEAD."""
-        if not super().parse_request():
+        """Parse the request line and headers (dropping a request cut at its deadline); 405 but for GET and HEAD."""
+        parsed = super().parse_request()
+        if self._deadline.stop():
+            # What was read before the cut is no whole request, and the connection is shut: nothing to answer.
+            self.close_connection = True
+            return False
+        if not parsed:
             return False
         if self.command not in ("GET", "HEAD"):
             self.close_connection = True  # its body, if any, is never read
@@ -508,11 +565,14 @@ class DashboardServer:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        request_deadline_s: float = REQUEST_DEADLINE_S,
     ) -> None:
         if token is not None and len(token) < MIN_TOKEN_BYTES:
             raise ConfigError(f"the dashboard token needs at least {MIN_TOKEN_BYTES} characters; {MAKE_TOKEN_HINT}")
         if max_connections < 1:
             raise ConfigError(f"the dashboard needs at least 1 connection, got max_connections={max_connections}")
+        if not request_deadline_s > 0:
+            raise ConfigError(f"the dashboard's request deadline must be positive, got {request_deadline_s}")
         self._status_fn = status_fn
         self._host = host
         self._port = port
@@ -522,6 +582,7 @@ class DashboardServer:
         self._hosts = allowed_names(host, parse_allowed_hosts(",".join(allowed_hosts)))
         self._tls = _tls_context(tls_cert, tls_key)
         self._max_connections = max_connections
+        self._request_deadline_s = request_deadline_s
         # A registry per instance: two dashboards in one process (tests) must not share metrics.
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(StatusCollector(status_fn))
@@ -537,7 +598,7 @@ class DashboardServer:
                 raise RuntimeError("dashboard already started")
             server_cls = _Server6 if ":" in self._host else _Server
             # The handlers' state is complete only once the port is known (it names the session cookie).
-            server = server_cls((self._host, self._port), self._tls, self._max_connections)
+            server = server_cls((self._host, self._port), self._tls, self._max_connections, self._request_deadline_s)
             port = server.server_address[1]
             # Cookies are shared by every port of a host: one per dashboard, so two on one machine do not collide.
             token = TokenCheck(self._token, cookie_name=f"loconet_dashboard_{port}") if self._token else None
