@@ -70,11 +70,12 @@ def test_a_peer_that_fails_by_itself_fails_the_run_naming_it_and_its_error(tmp_p
 
 def test_a_line_of_json_that_is_no_event_is_not_read_as_one(tmp_path: Path) -> None:
     # A task printing a loss prints a JSON number: the reader thread died on it, and a peer filling the pipe hung.
-    program = 'import json; print(1.5); print("[1]"); print(json.dumps({"event": "x"}), flush=True)'
-    child = Proc([sys.executable, "-c", program], tmp_path / "child.log", fork=False, name="child")
+    program = ('import json; print(1.5); print("[1]"); print(json.dumps({"loss": 2.0})); '
+               'print(json.dumps({"event": "x"}), flush=True)')
+    child = Proc([sys.executable, "-c", program], tmp_path / "child.log", fork=False, name="child", event_key="event")
     try:
         assert child.wait_event(lambda e: e["event"] == "x", timeout=60)["event"] == "x"
         assert [e["event"] for e in child.events] == ["x"]
-        assert child.lines[:2] == ["1.5", "[1]"]
+        assert child.lines[:3] == ["1.5", "[1]", '{"loss": 2.0}']
     finally:
         child.stop()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from collectives.aggregators import Aggregator, register_aggregator
+from optimizers.diloco import DiLoCoConfig
 from optimizers.outer import OuterOptimizer, SyncConfig
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalPeer
@@ -80,6 +82,13 @@ class ToyLocalSGD(OuterOptimizer):
 
 
 register_algorithm("toy-local-sgd", ToyConfig, ToyLocalSGD, "a test's toy algorithm")
+
+
+@dataclass(frozen=True)
+class MineConfig(DiLoCoConfig):
+    """A DiLoCo variant's config, as a plugin would write it: its own TAG, the name it registers under."""
+
+    TAG: ClassVar[str] = "mine-diloco"
 
 
 def test_the_registry_builds_the_toy_algorithm_from_its_config():
@@ -154,7 +163,7 @@ def test_a_plugin_that_cannot_be_loaded_is_one_config_error_naming_it(tmp_path, 
 def test_a_config_registered_under_another_name_than_its_tag_is_refused_saying_what_to_set():
     # A DiLoCo subclass registered as 'my-diloco' inherited TAG 'diloco': its peers joined plain DiLoCo runs.
     from collectives.errors import ConfigError
-    from optimizers.diloco import DiLoCo, DiLoCoConfig
+    from optimizers.diloco import DiLoCo
 
     @dataclass(frozen=True)
     class MyDiLoCoConfig(DiLoCoConfig):
@@ -166,17 +175,11 @@ def test_a_config_registered_under_another_name_than_its_tag_is_refused_saying_w
 
 
 def test_a_diloco_subclass_with_its_own_tag_carries_it_in_its_rounds_and_states():
-    from typing import ClassVar
+    # Built directly, not registered: a registration would add its options to every command built after it here.
+    from optimizers.diloco import DiLoCo
 
-    from optimizers.diloco import DiLoCo, DiLoCoConfig
-
-    @dataclass(frozen=True)
-    class MineConfig(DiLoCoConfig):
-        TAG: ClassVar[str] = "mine-diloco"
-
-    register_algorithm("mine-diloco", MineConfig, DiLoCo)
     model = torch.nn.Linear(2, 1)
-    opt = get_algorithm("mine-diloco").make(model, torch.optim.SGD(model.parameters(), lr=0.1), LocalPeer())
+    opt = DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), LocalPeer(), MineConfig())
     assert opt.tag == "mine-diloco"
     assert opt.algorithm_name() == "mine-diloco"
     assert opt.snapshot().meta["algorithm"] == "mine-diloco"

@@ -146,7 +146,10 @@ class Proc:
     (under ``ip netns exec NETNS``, if named)."""
 
     def __init__(self, args: list[str], log_path: pathlib.Path, prefix: list[str] | tuple[str, ...] = (),
-                 *, fork: bool = True, name: str | None = None, netns: str | None = None) -> None:
+                 *, fork: bool = True, name: str | None = None, netns: str | None = None,
+                 event_key: str | None = None) -> None:
+        """``event_key``: a JSON object on stdout is an event only with this string field (None: every object)."""
+        self._event_key = event_key
         self.args = list(prefix) + list(args)
         self.log_path = log_path
         self._name = name
@@ -183,8 +186,9 @@ class Proc:
                 event = json.loads(line)
             except ValueError:
                 continue
-            # Only our events are events: a task of the user's may print anything, a bare number included (JSON too).
-            if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+            # Only objects are events, and of a loconet peer only its own (event_key): a task of the user's may print
+            # anything, a bare number (JSON too) or a dict of its own included.
+            if not isinstance(event, dict) or (self._event_key and not isinstance(event.get(self._event_key), str)):
                 continue
             event["_seen"] = time.time()
             self.events.append(event)
@@ -357,4 +361,4 @@ def daemon_peer(
         sys.executable, "-m", "peer.cli", "peer", "-v", "--coordinator", coordinator, "--run", run, "--name", name,
         "--events", "--no-progress", "--round-timeout", "10", "--host-id", f"{run}-{name}", *extra,
     ]
-    return Proc(args, log_dir / f"{name}.log", prefix, name=name, netns=netns)
+    return Proc(args, log_dir / f"{name}.log", prefix, name=name, netns=netns, event_key="event")
