@@ -49,6 +49,11 @@ class FormatMismatch(Incompatible):
     --codec, --aggregator or model); the message names both."""
 
 
+class NotThisRun(Incompatible):
+    """The coordinator refused this peer's state as one its run never gave out (a run started again with --new-run,
+    or another run's checkpoint): no round of this run can take it; the message says to remove the checkpoint."""
+
+
 class SharedMemoryUnusable(LoconetError, OSError):
     """This peer cannot take or open its host's shared-memory segment for hierarchical rounds."""
 

@@ -46,7 +46,7 @@ from typing import NoReturn
 import grpc
 
 from collectives.addresses import coordinator_address
-from collectives.errors import FormatMismatch, LoconetError, RoundFailed
+from collectives.errors import FormatMismatch, LoconetError, NotThisRun, RoundFailed
 from collectives.memberlists import BadMemberChange, BadPackedList, Entry, changed_list, entries_of, unpack_list
 from collectives.rpc import call_metadata
 from collectives.sampling import check_sample, sample_size
@@ -68,6 +68,9 @@ NO_QUORUM = "no quorum"
 # What the coordinator's refusal, for good, of a quorum request whose round format differs from the run's says
 # (the client raises FormatMismatch).
 FORMAT_DIFFERS = "round format differs from the run's"
+# What the coordinator's refusal of a join claiming a round or epoch its run never gave out says (the client raises
+# NotThisRun: the peer stops, rather than training on alone in a run that refuses its every rejoin).
+NOT_THIS_RUN = "a state this run never gave out"
 # A round format longer than this is refused by the coordinator as malformed (a format with an outer optimizer's
 # and differential privacy's settings is about 250).
 MAX_FORMAT_CHARS = 600
@@ -542,7 +545,12 @@ class MembershipClient:
         auth = self.transport.auth
         if auth is not None:
             request.public_key = auth.public_key
-        reply = await self._call("Join", request, self.config.rpc_timeout_s, patience_s, hint)
+        try:
+            reply = await self._call("Join", request, self.config.rpc_timeout_s, patience_s, hint)
+        except RequestRefused as exc:
+            if NOT_THIS_RUN in str(exc):
+                raise NotThisRun(str(exc)) from None
+            raise
         if reply.wait:
             # Not registered: the peer id stays as it was, and the peer asks again later. Debug only: it asks every
             # heartbeat interval, and the caller says why it waits at once and then every 30 s (collectives/notes.py).

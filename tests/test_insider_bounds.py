@@ -14,6 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from collectives.errors import Incompatible, NotThisRun
+from collectives.membership import MembershipClient, MembershipConfig
+from collectives.transport import Transport
 from peer.coordinator.rules import MAX_CLAIM, claim_verdict, majority_round
 from peer.coordinator.runstate import CommittedRound, RunState
 
@@ -124,6 +127,19 @@ def test_a_join_claiming_more_than_the_run_has_is_refused_and_the_run_goes_on(co
     assert (after["last_committed_round"], after["epoch"]) == (before["last_committed_round"], before["epoch"]) == (2, 0)
     assert len(after["peers"]) == 2 and after["refusals"] == {"claim": 1}
     assert c.play([a, b], 2).round_id == 3
+
+
+def test_a_peer_whose_state_the_run_never_gave_out_is_told_so_as_incompatible(coordinator):
+    # After `loconet coordinator --new-run`, the old run's peers were refused at every rejoin and trained on alone to
+    # their end, exit 0: the client now raises NotThisRun (an Incompatible: the optimizer stops the peer).
+    c = coordinator()
+    two_peers_at_round_2(c)
+    with Transport() as transport:
+        transport.start()
+        client = MembershipClient(transport, MembershipConfig(c.address, RUN, rpc_timeout_s=5))
+        with pytest.raises(NotThisRun, match="a state this run never gave out .*--new-run.*remove its checkpoint"):
+            transport.submit(client.join("127.0.0.1:3", 17, 0, has_state=True, digest=digest(17))).result(10)
+    assert issubclass(NotThisRun, Incompatible)
 
 
 def test_a_coordinator_that_lost_the_history_does_not_follow_one_returning_peers_higher_claim(coordinator):

@@ -38,7 +38,7 @@ import grpc
 from google.protobuf.message import Message
 
 from collectives.asynctasks import cancel_and_wait
-from collectives.membership import MAX_FORMAT_CHARS, NO_QUORUM
+from collectives.membership import MAX_FORMAT_CHARS, NO_QUORUM, NOT_THIS_RUN
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import (
     checked_digest,
@@ -329,7 +329,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             raise self._refuse(
                 "claim", grpc.StatusCode.FAILED_PRECONDITION,
                 f"the joiner claims round {req.last_round} at epoch {req.epoch}, but this run has committed round "
-                f"{committed} at epoch {s.epoch} ({verdict}): remove its checkpoint, or join the run it came from",
+                f"{committed} at epoch {s.epoch} ({verdict}): it holds {NOT_THIS_RUN} (the run was started again "
+                "with --new-run, or it is another run's checkpoint); remove its checkpoint, or join the run it came "
+                "from",
             )
         # Another live peer (not an earlier process at this address) holds the run's up-to-date state.
         holder_alive = any(
