@@ -82,11 +82,6 @@ def untimed(pending: Sequence[Event]) -> bool:
     return all(e.at.seconds is None for e in pending)
 
 
-def peer_names(peers: int, joins: int) -> list[str]:
-    """The names of a scenario's peers: peer0.. for those at the start, then one per join event."""
-    return [f"peer{i}" for i in range(peers + joins)]
-
-
 def target_problem(event: Event, names: Sequence[str]) -> str:
     """Why an event's target is no peer of the scenario ("" when it is one): it would fire on nobody."""
     if event.target is not None and event.target not in names:
@@ -185,7 +180,7 @@ class HarnessConfig:
             # Without namespaces only the transport's own cap exists, the same both ways (--bandwidth).
             raise ConfigError("--uplink and --downlink cap each direction of a namespace's link and need --netns; "
                               "without it, --bandwidth caps both")
-        names = peer_names(self.peers, sum(e.action == "join" for e in self.events))
+        names = self.peer_names
         if self.coordinator.max_peers < len(names):
             raise ConfigError(f"--max-peers {self.coordinator.max_peers} is fewer than the {len(names)} peers the "
                               "scenario starts (joiners included): the coordinator would refuse the others")
@@ -208,6 +203,16 @@ class HarnessConfig:
         problem = getattr(options, "quorum_problem", lambda policy: "")(self.coordinator.policy.spec)
         if problem:
             raise ConfigError(f"{problem}: leave --quorum out and the harness sets {expected}")
+
+    @property
+    def joins(self) -> int:
+        """How many peers join during the scenario (one per join event)."""
+        return sum(e.action == "join" for e in self.events)
+
+    @property
+    def peer_names(self) -> list[str]:
+        """The scenario's peers: peer0.. for those at the start, then one per join event (the joiners)."""
+        return [f"peer{i}" for i in range(self.peers + self.joins)]
 
 
 @dataclass
@@ -273,12 +278,9 @@ class Harness:
         up = self.config.uplink or self.config.bandwidth
         down = self.config.downlink or self.config.bandwidth
         spec = LinkSpec(parse_bandwidth(up) if up else None, parse_bandwidth(down) if down else None)
-        names = ["coordinator"] + [f"peer{i}" for i in range(self.config.peers + self._joins())]
+        names = ["coordinator", *self.config.peer_names]
         self.network = NetnsNetwork(prefix="lcn")
         self.hosts = self.network.create(names, {n: spec for n in names if n != "coordinator"})
-
-    def _joins(self) -> int:
-        return sum(e.action == "join" for e in self.config.events)
 
     def _start_coordinator(self, port: int = 0) -> None:
         c = self.config
@@ -514,7 +516,7 @@ class Harness:
     def _spread_pattern(self) -> list[str]:
         """Tell every peer in the run the straggler pattern it now follows (or none) and its worker number in it:
         peerI is worker I of the n peers started at the beginning or joined so far. Returns their names."""
-        joined = self._joins() - len(self._joiners)
+        joined = self.config.joins - len(self._joiners)
         names = [f"peer{i}" for i in range(self.config.peers + joined)]
         pattern = self._pattern.pattern if self._pattern is not None else None
         text = None if pattern is None or pattern.kind == "none" else pattern.spec
@@ -555,9 +557,9 @@ class Harness:
             # Every peer starts idle behind a gate; the initial ones are released together once
             # all have started (Python start-up takes seconds and varies), so the first round
             # waits for all of them instead of one peer racing ahead alone.
-            for i in range(c.peers + self._joins()):
-                self._start_peer(f"peer{i}", gate=self.workdir / f"peer{i}.gate")
-            self._joiners = [f"peer{i}" for i in range(c.peers, c.peers + self._joins())]
+            for name in c.peer_names:
+                self._start_peer(name, gate=self.workdir / f"{name}.gate")
+            self._joiners = c.peer_names[c.peers:]
             initial = [self.peers[f"peer{i}"] for i in range(c.peers)]
             for p in initial:
                 p.wait_event(lambda e: e["event"] == "waiting", 120)
@@ -711,7 +713,7 @@ class Harness:
             ],
             "byzantine": outcome.byzantine(by_peer),
             # The run's state surviving its holders: joiners' fetch and catch-up, and any restart or rollback.
-            "joiners": joiners(by_peer, [f"peer{i}" for i in range(c.peers, c.peers + self._joins())]),
+            "joiners": joiners(by_peer, c.peer_names[c.peers:]),
             "restarts_from_round_0": restarts_from_round_0(by_peer),
             # Results of rounds of some of the peers that others fetched to keep for the run (docs/durability.md).
             "results_kept": {
@@ -747,7 +749,7 @@ class Harness:
         if self._stalls:
             for record in self._stalls:
                 record.stall.stop()
-            late = [f"peer{i}" for i in range(c.peers, c.peers + self._joins())]
+            late = c.peer_names[c.peers:]
             report["stalls"] = [record.report(by_peer, status, late) for record in self._stalls]
         return report
 
