@@ -377,13 +377,14 @@ class Quorums:
             # With an attempt in flight, calls are held, not queued; nothing can form.
             return
         now = time.monotonic()
-        out = self.sitting_now(now)
-        if cheap and not self.policy.may_form(
-            len(pending.waiting) - len(out & pending.waiting.keys()), len(self.state.live) - len(out & self.state.live),
-            now - pending.first_at, self.rules(pending),
-        ):
-            # Per request: counts only, so n requests cost O(n), not O(n^2).
-            return
+        if cheap:
+            # Per request: counts only, so n requests cost O(n), not O(n^2). (decide's inputs leave the sitting out.)
+            out = self.sitting_now(now)
+            # Counted over the (few) sitting out: no copy of the live set or the waiters per request.
+            asking = len(pending.waiting) - sum(p in pending.waiting for p in out)
+            live = len(self.state.live) - sum(p in self.state.live for p in out)
+            if not self.policy.may_form(asking, live, now - pending.first_at, self.rules(pending)):
+                return
         pending.waiting = {pid: f for pid, f in pending.waiting.items() if not f.done()}
         if not pending.waiting:
             self.pending = None
