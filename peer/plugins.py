@@ -53,7 +53,13 @@ def import_user_module(name: str, what: str) -> ModuleType:
             ) from e
         raise ConfigError(f"{what}: importing {name!r} failed: {e}") from e
     except Exception as e:  # any error inside the user's module (a registration refused included) is the user's
-        raise ConfigError(f"{what}: importing {name!r} raised {type(e).__name__}: {e}") from e
+        raise ConfigError(f"{what}: importing {name!r} raised {said(e)}") from e
+
+
+def said(e: BaseException) -> str:
+    """'TypeName: message' of an exception of a user's code, on one line."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def plugins_from(argv: list[str]) -> list[str]:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from collectives.errors import ConfigError
-from peer.plugins import import_user_module
+from peer.plugins import import_user_module, said
 from peer.tasks.base import Batch, Task, TaskConfig, batch_stream, evaluating
 
 
@@ -74,7 +74,7 @@ def load_user_task(spec: str, config: TaskConfig) -> Task:
     try:
         made = function(config)
     except Exception as e:  # the user's code failed: say where, in one line (-v shows the traceback)
-        raise ConfigError(f"user task {spec!r}: {function_name}(config) raised {_said(e)}") from e
+        raise ConfigError(f"user task {spec!r}: {function_name}(config) raised {said(e)}") from e
     if isinstance(made, Task):
         _check_subclass(made, spec)
         task = made
@@ -88,12 +88,6 @@ def load_user_task(spec: str, config: TaskConfig) -> Task:
         task = WrappedTask(made, config, name=spec)
     try_task(task, spec)
     return task
-
-
-def _said(e: BaseException) -> str:
-    """'TypeName: message' of an exception, on one line."""
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _check_subclass(task: Task, spec: str) -> None:
@@ -115,7 +109,7 @@ def try_task(task: Task, spec: str) -> None:
         except ConfigError:
             raise
         except Exception as e:
-            raise ConfigError(f"user task {spec!r}: {what} raised {_said(e)}") from e
+            raise ConfigError(f"user task {spec!r}: {what} raised {said(e)}") from e
 
     model = step("build_model()", task.build_model)
     if not isinstance(model, torch.nn.Module):
