@@ -65,6 +65,9 @@ def register_algorithm(name: str, config: type, build: Callable[..., Any], summa
         raise ConfigError(f"algorithm names are lower-case words, got {name!r}")
     if not dataclasses.is_dataclass(config):
         raise ConfigError(f"algorithm {name!r}: its config must be a dataclass, got {config!r}")
+    if not callable(build):
+        raise ConfigError(f"algorithm {name!r}: build must be callable (model, inner, peer, config), got "
+                          f"{type(build).__name__}")
     tag = getattr(config, "TAG", None)
     if tag is not None and tag != name:
         # The tag is what the peers' joins, rounds and states carry: a subclass of a built-in's config inherits its

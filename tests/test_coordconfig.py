@@ -93,3 +93,9 @@ def test_bad_settings_are_refused_with_what_to_do(settings, message):
 @pytest.mark.parametrize("text,port", [("8080", 8080), ("0", 0), ("-1", None), ("none", None), ("off", None)])
 def test_a_dashboard_port_of_minus_one_or_none_means_no_dashboard(text, port):
     assert _port_or_off(text) == port
+
+
+@pytest.mark.parametrize("text", ["-2", "65536", "eighty"])
+def test_a_dashboard_port_out_of_range_is_refused(text):
+    with pytest.raises(ConfigError, match="dashboard port must be"):
+        _port_or_off(text)

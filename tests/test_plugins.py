@@ -174,6 +174,15 @@ def test_a_config_registered_under_another_name_than_its_tag_is_refused_saying_w
         register_algorithm("my-diloco", MyDiLoCoConfig, DiLoCo)
 
 
+def test_an_algorithm_whose_build_is_not_callable_is_refused():
+    from collectives.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="algorithm 'toy-broken': build must be callable"):
+        register_algorithm("toy-broken", ToyConfig, "optimizers.diloco:DiLoCo")
+    with pytest.raises(ConfigError, match="unknown algorithm 'toy-broken'"):
+        get_algorithm("toy-broken")
+
+
 def test_a_diloco_subclass_with_its_own_tag_carries_it_in_its_rounds_and_states():
     # Built directly, not registered: a registration would add its options to every command built after it here.
     from optimizers.diloco import DiLoCo

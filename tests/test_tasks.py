@@ -16,6 +16,7 @@ from collectives.errors import ConfigError
 from peer.tasks import TASK_NAMES, Task, TaskConfig, batch_stream, make_task
 from peer.tasks.synthetic import SyntheticLMTask, entropy_rate, row_entropies, stationary_distribution
 from peer.tasks.text import TextLMTask
+from peer.tasks.registry import register_task, task_names
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -595,3 +596,20 @@ def test_a_resumed_train_loop_continues_its_stream_at_its_step() -> None:
     loop = TrainLoop(task, torch.nn.Linear(1, 1), optimizer=None, config=TrainConfig(), rank=1, world=2, start_step=4)
     assert loop.progress.step == 4
     assert torch.equal(next(loop.batches)[0], task.batch(1, 2, 4)[0])
+
+
+@pytest.mark.parametrize(
+    "name,factory,message",
+    [
+        ("mine", "peer.tasks.lm:make", "the factory of task 'mine' must be callable"),
+        ("mine", None, "the factory of task 'mine' must be callable"),
+        ("my:task", lambda config: None, "task names are words without ':'"),
+        (" mine", lambda config: None, "task names are words without ':'"),
+        ("synthetic-lm", lambda config: None, "task 'synthetic-lm' is already registered"),
+    ],
+)
+def test_a_registration_that_cannot_work_is_refused_and_changes_nothing(name, factory, message):
+    before = task_names()
+    with pytest.raises(ConfigError, match=message):
+        register_task(name, factory)
+    assert task_names() == before

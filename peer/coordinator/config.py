@@ -34,7 +34,11 @@ def _port_or_off(text: str) -> int | None:
         port = int(text)
     except ValueError:
         raise ConfigError(f"dashboard port must be a number, or -1 / none for no dashboard; got {text!r}") from None
-    return None if port < 0 else port
+    if port == -1:
+        return None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"dashboard port must be in 0..65535, or -1 / none for no dashboard; got {port}")
+    return port
 
 
 @dataclass(frozen=True)

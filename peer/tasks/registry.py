@@ -24,6 +24,9 @@ def register_task(name: str, factory: Callable[[TaskConfig], Task]) -> None:
     """Make ``factory(config)`` available as the task ``name``; registering the same one again is a no-op."""
     if not name or ":" in name or name != name.strip():
         raise ConfigError(f"task names are words without ':' (that marks a user task), got {name!r}")
+    if not callable(factory):
+        raise ConfigError(f"the factory of task {name!r} must be callable (a function of the task's config, or a "
+                          f"Task class), got {type(factory).__name__}")
     known = _TASKS.get(name)
     if known is not None and known is not factory:
         raise ConfigError(f"task {name!r} is already registered by {known!r}; pick another name")
