@@ -89,3 +89,33 @@ def test_a_coordinator_with_its_state_file_in_a_missing_folder_exits_2(tmp_path,
     line = one_line_error(result)
     assert result.returncode == 2
     assert str(state) in line and "folder" in line
+
+
+def test_a_second_coordinator_on_a_state_file_in_use_exits_2_naming_the_holder(tmp_path):
+    # Two coordinators writing one record overwrite each other's round and epoch; a restart resumes the last writer.
+    from peer.coordinator.config import CoordinatorConfig
+    from peer.coordinator.thread import CoordinatorThread
+
+    state = tmp_path / "run.json"
+    config = CoordinatorConfig(port=0, dashboard_port=None, state_file=str(state))
+    with CoordinatorThread(config):
+        result = loconet("coordinator", "--port", "0", "--dashboard-port", "none", "--state-file", str(state))
+        line = one_line_error(result)
+        assert result.returncode == 2
+        assert f"--state-file {state} is in use by another coordinator (pid {os.getpid()})" in line
+    with CoordinatorThread(config):  # stopped, the first let go of it
+        pass
+
+
+def test_a_coordinator_that_fails_to_start_lets_go_of_its_state_file(tmp_path):
+    from collectives.errors import AddressInUse
+    from peer.coordinator.config import CoordinatorConfig
+    from peer.coordinator.thread import CoordinatorThread
+
+    state = tmp_path / "run.json"
+    with CoordinatorThread(CoordinatorConfig(port=0, dashboard_port=None)) as busy:
+        port = int(busy.address.rsplit(":", 1)[1])
+        with pytest.raises(AddressInUse):
+            CoordinatorThread(CoordinatorConfig(port=port, dashboard_port=None, state_file=str(state)))
+    with CoordinatorThread(CoordinatorConfig(port=0, dashboard_port=None, state_file=str(state))):
+        pass

@@ -22,6 +22,7 @@ from collectives.rpc import COORDINATOR_SETTINGS, RpcSettings, RunAuthIntercepto
 from peer.coordinator.limits import RateLimitInterceptor
 from peer.coordinator.service import Coordinator, CoordinatorConfig
 from peer.coordinator.sessions import SessionLimits, session_handler
+from peer.coordinator.statefile import StateFileHold
 from protos import membership_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -104,14 +105,26 @@ class CoordinatorServer:
         self.dashboard_url = ""
         self._server: grpc.aio.Server | None = None
         self._dashboard = None
+        self._hold: StateFileHold | None = None
 
     async def start(self) -> str:
         """Bind and start serving; return the gRPC address."""
-        from peer.coordinator.dashboard import DashboardServer
         from peer.coordinator.dashboard_security import read_token_file
 
         # Read before anything listens: a bad token file must not leave a half-started coordinator.
         token = read_token_file(self.config.dashboard_token_file) if self.config.dashboard_token_file else None
+        if self.config.state_file and self._hold is None:
+            self._hold = StateFileHold(self.config.state_file)
+        try:
+            return await self._serve(token)
+        except BaseException:
+            await self.stop()  # whatever did start, and the hold on the state file
+            raise
+
+    async def _serve(self, token: str | None) -> str:
+        """Bind the gRPC server, start the ticks and the dashboard; return the gRPC address."""
+        from peer.coordinator.dashboard import DashboardServer
+
         # The run secret is checked first (a caller without it spends nothing, not even its rate), then the rate.
         first = () if self.coordinator.auth is None else (RunAuthInterceptor(self.coordinator.auth),)
         if first:
@@ -148,8 +161,7 @@ class CoordinatorServer:
             )
             try:
                 self.dashboard_url = dashboard.start()
-            except OSError as exc:
-                await self.stop()  # the gRPC server and tick loop already run: leave nothing behind
+            except OSError as exc:  # start() stops what did start: the gRPC server and the ticks
                 raise AddressInUse(
                     f"cannot serve the dashboard on {format_address(self.config.dashboard_host, self.config.dashboard_port)}"
                     f" ({exc.strerror or exc}): choose another --dashboard-port (0: any free port, none: no dashboard)"
@@ -167,3 +179,6 @@ class CoordinatorServer:
         if self._server is not None:
             await self._server.stop(0.5)
             self._server = None
+        if self._hold is not None:
+            self._hold.release()
+            self._hold = None
