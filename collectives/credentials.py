@@ -67,18 +67,23 @@ MAX_ID_CHARS = 256
 MAX_TRUSTED_ISSUERS = 4
 
 
+def warn_if_public(path: str, mode: int, what: str) -> None:
+    """Log a warning when a secret's file (its st_mode) lets every user of the machine at it."""
+    if mode & stat.S_IRWXO:
+        # Group access is allowed: a Kubernetes Secret mounted for a non-root user is 0440.
+        log.warning("%s %s is readable by every user; chmod 600 (or 640) it", what, path)
+
+
 def read_secret_file(path: str, what: str) -> bytes:
     """The secret in the file at path, surrounding whitespace stripped (what: how errors name it); ConfigError when
     unreadable, and a warning when every user may read it."""
     try:
-        info = os.stat(path)
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
             secret = f.read().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}; check the path") from exc
-    if info.st_mode & stat.S_IRWXO:
-        # Group access is allowed: a Kubernetes Secret mounted for a non-root user is 0440.
-        log.warning("%s %s is readable by every user; chmod 600 (or 640) it", what, path)
+    warn_if_public(path, mode, what)
     return secret
 
 
@@ -138,6 +143,7 @@ def load_issuer_key(path: str) -> bytes:
     """The coordinator's private key kept at path (made, mode 0600, when missing), so a restart keeps credentials."""
     try:
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
             key = f.read()
     except FileNotFoundError:
         return _make_issuer_key(path)
@@ -145,6 +151,7 @@ def load_issuer_key(path: str) -> bytes:
         raise ConfigError(f"cannot read the coordinator key {path} (kept beside --state-file): {exc.strerror}") from exc
     if len(key) != 32:
         raise ConfigError(f"{path} is not a coordinator key (32 bytes); remove it to make a new one")
+    warn_if_public(path, mode, "the coordinator key")
     return key
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
+import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from collectives.addresses import format_address
-from collectives.credentials import OPEN_METHODS, CallAuth, load_secret
+from collectives.credentials import OPEN_METHODS, CallAuth, load_secret, warn_if_public
 from collectives.errors import AddressInUse, ConfigError, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,12 @@ RECONNECT_OPTIONS = [
 ]
 
 
-def _read(path: str, what: str) -> bytes:
+def _read(path: str, what: str, secret: bool = False) -> bytes:
+    """A TLS file's bytes (a warning when a ``secret`` one is every user's to read); ConfigError naming it."""
     try:
         with open(path, "rb") as f:
+            if secret:
+                warn_if_public(path, os.fstat(f.fileno()).st_mode, f"the {what}")
             return f.read()
     except OSError as exc:
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}; check the path (loconet certs makes them)") from exc
@@ -166,7 +170,7 @@ class RpcSecurity:
         """The certificate, key and CA (None without --tls-ca) as PEM bytes; ConfigError naming the option when a
         file is unreadable, not what it should be, the key is not the certificate's, or the certificate is out of
         date."""
-        cert, key = _read(self.tls_cert, "TLS certificate"), _read(self.tls_key, "TLS key")
+        cert, key = _read(self.tls_cert, "TLS certificate"), _read(self.tls_key, "TLS key", secret=True)
         _check_validity(self.tls_cert, _checked_pair(cert, self.tls_cert, key, self.tls_key))
         ca = _read(self.tls_ca, "TLS CA") if self.tls_ca else None
         if ca is not None:

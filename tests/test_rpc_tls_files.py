@@ -107,3 +107,15 @@ def test_a_coordinator_given_another_hosts_key_exits_2_in_one_line(certs):
     )
     assert result.returncode == 2
     assert "is not the key of --tls-cert" in one_line_error(result)
+
+
+def test_a_tls_key_every_user_may_read_is_warned_of_and_a_private_one_is_not(certs, tmp_path, caplog):
+    shared = tmp_path / "a.key"
+    shared.write_bytes((certs / "a.key").read_bytes())
+    shared.chmod(0o644)
+    security(certs, "a.pem", "a.key").server_credentials()
+    assert not [r for r in caplog.records if "readable by every user" in r.getMessage()]
+    RpcSecurity(tls_cert=str(certs / "a.pem"), tls_key=str(shared)).server_credentials()
+    assert [r.getMessage() for r in caplog.records if "readable by every user" in r.getMessage()] == [
+        f"the TLS key {shared} is readable by every user; chmod 600 (or 640) it"
+    ]

@@ -119,3 +119,13 @@ def test_a_coordinator_that_fails_to_start_lets_go_of_its_state_file(tmp_path):
             CoordinatorThread(CoordinatorConfig(port=port, dashboard_port=None, state_file=str(state)))
     with CoordinatorThread(CoordinatorConfig(port=0, dashboard_port=None, state_file=str(state))):
         pass
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o600, False), (0o640, False), (0o644, True)])
+def test_a_coordinator_key_every_user_may_read_is_warned_of(tmp_path, caplog, mode, warned):
+    key = tmp_path / "run.json.key"
+    load_issuer_key(str(key))
+    key.chmod(mode)
+    load_issuer_key(str(key))
+    said = [r.getMessage() for r in caplog.records if "readable by every user" in r.getMessage()]
+    assert said == ([f"the coordinator key {key} is readable by every user; chmod 600 (or 640) it"] if warned else [])
