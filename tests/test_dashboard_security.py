@@ -389,6 +389,19 @@ def test_a_coordinator_with_a_bad_token_file_does_not_start(tmp_path):
         CoordinatorThread(config)
 
 
+def test_a_dashboard_token_that_is_the_run_secret_is_refused(tmp_path):
+    # The dashboard's token goes into browser URLs and scrapers' configs; the run secret must not go with it.
+    from collectives.rpc import RpcSecurity
+
+    path = tmp_path / "token"
+    path.write_text(TOKEN)
+    path.chmod(0o600)
+    config = CoordinatorConfig(run_id="r", port=0, dashboard_port=0, dashboard_token_file=str(path),
+                               security=RpcSecurity(token_file=str(path)))
+    with pytest.raises(ConfigError, match=f"--dashboard-token-file {path} holds the run secret"):
+        CoordinatorThread(config)
+
+
 # ---- bounded connections -----------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import Message
 
 from collectives.addresses import advertised_address, format_address, split_address
-from collectives.errors import AddressInUse
+from collectives.errors import AddressInUse, ConfigError
 from collectives.rpc import COORDINATOR_SETTINGS, RpcSettings, RunAuthInterceptor, bind, make_server
 from peer.coordinator.limits import RateLimitInterceptor
 from peer.coordinator.service import Coordinator, CoordinatorConfig
@@ -113,6 +113,10 @@ class CoordinatorServer:
 
         # Read before anything listens: a bad token file must not leave a half-started coordinator.
         token = read_token_file(self.config.dashboard_token_file) if self.config.dashboard_token_file else None
+        if token is not None and self.coordinator.auth is not None and token.encode() == self.coordinator.auth.secret:
+            # The dashboard's token travels in browser URLs and scrapers' configs; the run's must not go with it.
+            raise ConfigError(f"--dashboard-token-file {self.config.dashboard_token_file} holds the run secret: give "
+                              "the dashboard a token of its own (anyone who may watch would otherwise hold the run's)")
         if self.config.state_file and self._hold is None:
             self._hold = StateFileHold(self.config.state_file)
         try:
