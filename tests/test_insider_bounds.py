@@ -163,3 +163,16 @@ def test_a_join_of_a_run_that_is_full_is_refused_saying_so(coordinator):
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-peers" in refused.value.details()
     assert c.status()["refusals"] == {"full": 1}
 
+
+
+def test_a_coordinator_without_a_state_file_adopts_the_round_of_peers_restarted_from_their_checkpoints(coordinator):
+    # Everything stopped, then started again, the coordinator without --state-file: the peers are new processes (no
+    # ids of an earlier coordinator), and their checkpoints are the run. They were refused as "a state this run never
+    # gave out", and the run could not be brought back.
+    c = coordinator()
+    a = c.join("127.0.0.1:1", has_state=True, last_round=30, state_digest=digest(30))
+    b = c.join("127.0.0.1:2", has_state=True, last_round=30, state_digest=digest(30))
+    assert c.status()["last_committed_round"] == 30 and not a.sync_from and not b.sync_from
+    fresh = c.join("127.0.0.1:3", has_state=False)
+    assert fresh.sync_from in ("127.0.0.1:1", "127.0.0.1:2")
+    assert c.play([a.peer_id, b.peer_id, fresh.peer_id], 30).round_id == 31

@@ -140,6 +140,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         # Whether the run is known to be under way: a peer registered by an earlier coordinator
         # has called, or the state file says the run was founded (see join_action).
         self._run_under_way = False
+        # Whether a peer founded the run at this coordinator (its initial state the run's round 0): with no state
+        # file, that or a round committed here is what tells it the run's history (_history_known).
+        self._founded = False
         self._saved: SavedRun | None = None
         # Returning holders' claimed rounds, while this coordinator does not know the run's history.
         self._claims: dict[str, int] = {}
@@ -219,9 +222,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     @property
     def _history_known(self) -> bool:
-        """Whether this coordinator knows the run's history: its state file says it, or no peer of an earlier
-        coordinator has called (every peer is its own). Then a claim beyond what it gave out is refused."""
-        return self._saved is not None or not self._run_under_way
+        """Whether this coordinator knows the run's history: its state file says it, or the run was founded or has
+        committed a round here and no peer of an earlier coordinator has called (every peer is its own). Then a
+        claim beyond what it gave out is refused; otherwise (started without a state file, the run's peers
+        restarted from their checkpoints) the round a majority of the returning holders reach is adopted."""
+        started_here = self._founded or self.state.rounds_committed > 0
+        return self._saved is not None or (started_here and not self._run_under_way)
 
     def _note_stranger(self, peer_id: str) -> None:
         # An id this coordinator never gave out: a peer registered by an earlier coordinator
@@ -400,6 +406,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             peer.has_state = True
             peer.state = "active"
             s.initial_digest = digest
+            self._founded = True
             self._save()
         elif not has_state or needs_resync(req.last_round, s.last_committed_round):
             sources = self.sources.state_sources(peer_id)
