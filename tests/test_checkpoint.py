@@ -6,6 +6,7 @@ import torch
 from collectives.errors import ConfigError
 from peer.runtime.checkpoint import (
     CheckpointError,
+    check_checkpoint_dir,
     checkpoint_path,
     list_checkpoints,
     load_latest,
@@ -115,3 +116,39 @@ def test_a_checkpoint_that_names_no_model_settings_is_restored_when_the_shapes_f
     target, opt = torch.nn.Linear(3, 2), Optimizer()
     restore("ckpt-30.pt", written(torch.nn.Linear(3, 2), settings=None), "t", ("heads 4",), target, opt)
     assert opt.loaded == {"round_id": 3}
+
+
+def test_a_checkpoint_folder_that_is_missing_is_made_at_the_check(tmp_path):
+    check_checkpoint_dir(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [("afile", "--checkpoint-dir {d}/afile is a file, not a folder"),
+     ("afile/sub", "--checkpoint-dir {d}/afile/sub: cannot write in it (Not a directory)")],
+)
+def test_a_checkpoint_folder_that_cannot_take_checkpoints_is_refused_naming_it(tmp_path, where, says):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint_dir(tmp_path / where)
+    assert str(info.value).startswith(says.format(d=tmp_path))
+
+
+def test_a_checkpoint_that_cannot_be_written_mid_run_is_logged_and_training_goes_on(tmp_path, caplog):
+    # The folder was checked at the start, then lost (here: replaced by a file); the peer holds the round it just
+    # committed, which the run may need from it, so it does not die for its checkpoint.
+    from types import SimpleNamespace
+
+    from peer.runtime.daemon import _checkpoint
+
+    lost = tmp_path / "ckpt"
+    lost.write_text("not a folder any more")
+    config = SimpleNamespace(checkpoint_dir=str(lost), keep_checkpoints=3, task="t")
+    model = torch.nn.Linear(2, 1)
+    opt = SimpleNamespace(state_dict=lambda: {})
+    task = SimpleNamespace(model_settings=lambda: ())
+    _checkpoint(config, task, model, opt, 40)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert said == [f"could not write the checkpoint of step 40 in --checkpoint-dir {lost} (File exists); training "
+                    "goes on without it (a restart resumes an older one)"]

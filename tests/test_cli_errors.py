@@ -50,6 +50,16 @@ def coordinator(tmp_path):
     proc.stop()
 
 
+def test_a_peer_whose_checkpoint_dir_is_a_file_stops_before_it_joins(coordinator, tmp_path):
+    # It trained, committed a round, then died writing its first checkpoint: the round's holder gone with it.
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    result = loconet("peer", "--coordinator", coordinator, "--run", "myrun", "--steps", "20",
+                     "--checkpoint-dir", str(afile))
+    assert result.returncode == 2
+    assert f"--checkpoint-dir {afile} is a file, not a folder" in one_line_error(result)
+
+
 # -- ports -------------------------------------------------------------------------------------------
 
 

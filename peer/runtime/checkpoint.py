@@ -50,8 +50,25 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def check_checkpoint_dir(folder: str | os.PathLike) -> None:
+    """Make the --checkpoint-dir folder if missing and try a file in it; CheckpointError naming it when it is a file
+    or takes none. Checked before a peer joins: a peer found out at its first commit died holding that round."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"--checkpoint-dir {folder} is a file, not a folder; name a folder (it is made if "
+                              "missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ckpt-", suffix=".check", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CheckpointError(f"--checkpoint-dir {folder}: cannot write in it ({exc.strerror}); choose a writable "
+                              "folder") from None
+
+
 def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 3) -> Path:
-    """Write state atomically as the checkpoint of step; delete all but the newest keep."""
+    """Write state atomically as the checkpoint of step; delete all but the newest keep (OSError if it cannot)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(folder, step)

@@ -53,7 +53,7 @@ from collectives.membership import DEFAULT_RUN_ID
 from collectives.transport import TransportConfig
 from optimizers.outer import OuterOptimizer
 from peer.device import place_model, resolve_device
-from peer.runtime.checkpoint import CheckpointError, load_latest, restore, save_checkpoint
+from peer.runtime.checkpoint import CheckpointError, check_checkpoint_dir, load_latest, restore, save_checkpoint
 from peer.runtime.display import PeerDisplay, RoundFigures, Summary, bar_info, choose_streams, joined_line
 from peer.runtime.training import Progress, TrainConfig, TrainLoop, make_optimizer
 from peer.tasks.base import Task, TaskConfig
@@ -333,7 +333,10 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
 
 
 def _load_checkpoint(config: PeerConfig) -> tuple[Path, dict] | None:
-    """The checkpoint to resume: the newest of --checkpoint-dir, else of --resume-from (which must hold one)."""
+    """The checkpoint to resume: the newest of --checkpoint-dir, else of --resume-from (which must hold one).
+    The --checkpoint-dir must take new checkpoints too (checked now, not at the first commit)."""
+    if config.checkpoint_dir:
+        check_checkpoint_dir(config.checkpoint_dir)
     resumed = load_latest(config.checkpoint_dir) if config.checkpoint_dir else None
     if resumed is None and config.resume_from:
         resumed = load_latest(config.resume_from)
@@ -441,6 +444,12 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
 
 
 def _checkpoint(config: PeerConfig, task: Task, model: torch.nn.Module, opt, step: int) -> None:
+    """Write this peer's checkpoint of step; a failed write (a full or lost disk) is logged, and training goes on: the
+    peer still holds the round it just committed, which the run may need from it."""
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "task": config.task,
              "model_settings": list(task.model_settings())}
-    save_checkpoint(config.checkpoint_dir, step, state, keep=config.keep_checkpoints)
+    try:
+        save_checkpoint(config.checkpoint_dir, step, state, keep=config.keep_checkpoints)
+    except OSError as exc:
+        log.error("could not write the checkpoint of step %d in --checkpoint-dir %s (%s); training goes on without "
+                  "it (a restart resumes an older one)", step, config.checkpoint_dir, exc.strerror or exc)
