@@ -144,6 +144,22 @@ class SyncRecord:
     resynced: bool = False
 
 
+def inner_kind_problem(mine: Sequence[dict], saved: Sequence[Any]) -> str:
+    """Why a checkpoint's inner optimizer groups (``saved``, its state dict's param_groups) are not of this peer's
+    kind (``mine``, its groups' settings without the parameters); "" when they are. The settings' names tell the
+    kinds apart (SGD's momentum, Adam's betas), as a checkpoint does not name its optimizer's class."""
+    theirs = [set(group) - {"params"} if isinstance(group, dict) else set() for group in saved]
+    if len(theirs) != len(mine):
+        return (f"the checkpoint's inner optimizer has {len(theirs)} parameter group(s) and this peer's "
+                f"{len(mine)}: it was written with another --inner")
+    for names, group in zip(theirs, mine):
+        if names != set(group):
+            only_theirs, only_mine = sorted(names - set(group)), sorted(set(group) - names)
+            return ("the checkpoint's inner optimizer is another kind than this peer's --inner (its settings "
+                    f"{', '.join(only_theirs) or 'none'} against this peer's {', '.join(only_mine) or 'none'})")
+    return ""
+
+
 class StepRate:
     """Steps per second, measured over windows of at least window_s seconds (NaN until the first one closes)."""
 
@@ -641,8 +657,19 @@ class OuterOptimizer:
         """Restore what state_dict returned; the model's (local) parameters are the caller's to restore."""
         snapshot = StateSnapshot(round_id=state["round_id"], tensors=state["global"], meta=state["meta"])
         take_meta = self._taking_meta(snapshot.meta)
+        mine = [{k: v for k, v in group.items() if k != "params"} for group in self.inner.param_groups]
+        problem = inner_kind_problem(mine, state["inner"].get("param_groups", []))
+        if problem:
+            raise ConfigError(problem)
         self.state.restore(snapshot, into_model=False)
         self.inner.load_state_dict(state["inner"])
+        # torch's load_state_dict takes the saved hyperparameters too: this peer's own (its --inner-lr, the usual
+        # reason to restart a peer) stay, and only the moments come from the checkpoint.
+        for group, settings in zip(self.inner.param_groups, mine):
+            changed = [f"{k} {settings[k]} (the checkpoint's: {group[k]})" for k in settings if group[k] != settings[k]]
+            if changed:
+                log.info("resumed the inner optimizer with this peer's %s", ", ".join(changed))
+            group.update(settings)
         self.inner_steps = int(state["inner_steps"])
         take_meta()
         self._load_counters(state.get("counters", {}))

@@ -360,6 +360,38 @@ def test_state_dict_round_trip_restores_global_state_and_counters():
     assert_close(params(a), params(b))
 
 
+def test_a_state_dict_of_another_inner_optimizer_kind_is_refused_and_changes_nothing():
+    # An AdamW checkpoint resumed by a peer started with --inner sgd died at its first step (KeyError: 'momentum').
+    a = model()
+    opt = DiLoCo(a, torch.optim.AdamW(a.parameters(), lr=1e-2), LocalPeer(), sync_every=3)
+    train(opt, a, 0, 7)
+    saved = copy.deepcopy(opt.state_dict())
+    b = model(seed=5)
+    fresh = DiLoCo(b, torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9), LocalPeer(), sync_every=3)
+    before = [g.clone() for g in fresh.state.globals]
+    with pytest.raises(ConfigError, match=r"another kind than this peer's --inner \(its settings amsgrad, betas, "
+                                          r"capturable, decoupled_weight_decay, eps against this peer's dampening, "
+                                          r"momentum, nesterov\)"):
+        fresh.load_state_dict(saved)
+    assert_close(fresh.state.globals, before, atol=0)
+    assert fresh.inner_steps == 0 and fresh.inner.param_groups[0]["momentum"] == 0.9
+
+
+def test_a_resumed_inner_optimizer_keeps_this_peers_hyperparameters_and_the_checkpoints_moments():
+    # A peer restarted with a lower --inner-lr trained on with the checkpoint's, and nothing said so.
+    a = model()
+    opt = DiLoCo(a, torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.01), LocalPeer(), sync_every=3)
+    train(opt, a, 0, 7)
+    saved = copy.deepcopy(opt.state_dict())
+    b = model()
+    fresh = DiLoCo(b, torch.optim.AdamW(b.parameters(), lr=1e-4, weight_decay=0.5), LocalPeer(), sync_every=3)
+    fresh.load_state_dict(saved)
+    group = fresh.inner.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (1e-4, 0.5)
+    moments = [fresh.inner.state[p]["exp_avg"] for p in b.parameters()]
+    assert_close(moments, [opt.inner.state[p]["exp_avg"] for p in a.parameters()], atol=0)
+
+
 class StopsAtSecondSync(LocalPeer):
     """A run of one peer stopped (as by SIGTERM) while its second sync is in flight."""
 
