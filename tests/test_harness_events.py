@@ -149,6 +149,17 @@ def test_a_reused_workdir_starts_a_new_run_without_the_earlier_runs_checkpoints_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_a_reused_workdir_forgets_the_earlier_runs_gates_control_files_and_logs(harness, tmp_path):
+    # An open gate started its peer at once (not with the others); a control file carried its attack over.
+    earlier = ["peer0.gate", "peer4.control.json", "peer1.log", "peer1.1.log", "coordinator.log", "coordinator1.log",
+               "coordinator-state.json.key", "coordinator-state.json.lock"]
+    for name in earlier:
+        (tmp_path / name).write_text('{"byzantine": "signflip"}')
+    (tmp_path / "peers.log").write_text("the user's")
+    harness._forget_earlier_run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peers.log"]
+
+
 @pytest.mark.parametrize("spec", ["kill:peer2@0s", "pause:peer2@0s,for=5s", "stop:peer2@0s"])
 def test_an_event_aimed_at_a_joiner_before_its_join_does_nothing_and_says_so(harness, spec):
     # Its idle process waits behind its gate: a kill of it used to leave the join to come with nobody to join.

@@ -579,13 +579,22 @@ class Harness:
             log.info("removed the peers' checkpoints; logs kept in %s", self.workdir)
         return report
 
+    # What a harness run leaves in its work dir besides the checkpoints: the coordinator's state file (with its key
+    # and lock), the peers' start gates and control files, and the logs.
+    EARLIER_RUN_FILES = ("coordinator-state.json*", "peer[0-9]*.gate", "peer[0-9]*.control.json", "peer[0-9]*.log",
+                         "coordinator*.log")
+
     def _forget_earlier_run(self) -> None:
-        """A reused workdir starts a new run: without the earlier run's coordinator state file and checkpoints,
-        which its peers would resume and the new coordinator refuse (a round it never committed)."""
-        (self.workdir / "coordinator-state.json").unlink(missing_ok=True)
+        """A reused workdir starts a new run: without the earlier run's state file and checkpoints (its peers would
+        resume them, the new coordinator refuse them), its open gates (its peers would start at once, not together)
+        and its control files (its attacks and slowdowns would carry over), nor its logs."""
+        files = [path for pattern in self.EARLIER_RUN_FILES for path in self.workdir.glob(pattern)]
+        for path in files:
+            path.unlink(missing_ok=True)
         removed = self._remove_checkpoints()
-        if removed:
-            log.info("removed %d checkpoint folders of an earlier run in %s", removed, self.workdir)
+        if removed or files:
+            log.info("removed %d checkpoint folders and %d files of an earlier run in %s", removed, len(files),
+                     self.workdir)
 
     def _remove_checkpoints(self) -> int:
         """Remove the peers' checkpoint folders from the work dir; returns how many there were."""
