@@ -42,6 +42,13 @@ def test_every_method_ends_with_identical_workers(report):
         assert entry["steps_committed"] == 3
 
 
+def test_every_worker_sends_its_rounds_over_the_network_as_on_a_machine_of_its_own(report):
+    # The workers are threads of one process: with one host id they reduced through shared memory, sent 0 bytes and
+    # ran no codec, and the methods' bytes compared nothing.
+    for entry in report["methods"]:
+        assert entry["bytes_sent_per_peer"] > 0, entry["method"]
+
+
 def test_the_target_is_wait_for_alls_final_loss(report):
     wait = report["methods"][0]
     assert report["target_eval_loss"] == wait["final_eval_loss"]

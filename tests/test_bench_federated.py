@@ -36,6 +36,13 @@ def test_every_peer_of_every_run_ends_with_the_same_global_model(report):
         assert entry["clean"]["rounds_committed"] == 2
 
 
+def test_every_client_sends_its_rounds_over_the_network_as_on_a_machine_of_its_own(report):
+    # The clients are threads of one process: with one host id fedavg's rounds went through shared memory (0 bytes,
+    # no codec) while the robust aggregators' went over the network with int8.
+    for entry in report["strategies"][:2]:
+        assert entry["clean"]["bytes_sent_per_peer"] > 0 and entry["attacked"]["bytes_sent_per_peer"] > 0
+
+
 def test_a_strategy_that_cannot_run_with_so_few_peers_says_why_instead(report):
     bulyan = report["strategies"][2]
     assert bulyan["clean"] == bulyan["attacked"] == {

@@ -38,6 +38,7 @@ from collectives.aggregators import make_aggregator
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError, LoconetError
 from collectives.sampling import SAMPLE_POLICY, sample_count, sample_members
+from collectives.transport import TransportConfig
 from optimizers.privacy import DPConfig
 from optimizers.registry import get_algorithm
 from peer.attacks import Attack, parse_attack
@@ -247,7 +248,10 @@ def _peer(
 ) -> None:
     """One peer's whole run: join, train, evaluate the global model, leave."""
     model = place_model(task.build_model(), resolve_device(train.device))
-    elastic = ElasticCollective(ElasticConfig(coordinator=address, run_id=run_id, name=f"peer{rank}"))
+    # Each client its own host id, as on its own machine: clients of one host reduce through shared memory, where no
+    # codec runs and no byte is sent (fedavg's bytes were 0, and it trained without the codec the robust ones use).
+    elastic = ElasticCollective(ElasticConfig(coordinator=address, run_id=run_id, name=f"peer{rank}",
+                                              transport=TransportConfig(host_id=f"{run_id}-peer{rank}")))
     try:
         opt = make_optimizer(model, elastic, train)
         # Every peer builds the same initial model from the task seed: each already holds round 0.
