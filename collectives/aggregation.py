@@ -68,6 +68,11 @@ class BadShares(RoundFailed):
     """The summed shares of a statistic round are unusable (not finite, or negative): an owner sent a corrupt share."""
 
 
+# The most members a round may be asked to have (a member's QuorumRequest.min_members, a uint32 on the wire): an
+# aggregator's or a private round's minimum beyond it is refused where it is configured, and by the coordinator.
+MAX_ROUND_MEMBERS = 1 << 16
+
+
 class Aggregator(ABC):
     """How the owner of a part combines the members' contributions (one instance per config; stateless, thread-safe)."""
 

@@ -24,6 +24,7 @@ from typing import TypeVar
 import torch
 
 from collectives.aggregation import (
+    MAX_ROUND_MEMBERS,
     Aggregator,
     BadShares,
     BadWeights,
@@ -100,10 +101,18 @@ def _build(name: str, params: tuple[tuple[str, float], ...]) -> Aggregator:
         if types[key] is int:
             if not float(value).is_integer():
                 raise ConfigError(f"{name} parameter {key} must be an integer, got {value}")
+            if abs(value) > MAX_ROUND_MEMBERS:  # counts of contributions: no round has more
+                raise ConfigError(f"{name} parameter {key} is beyond any round's size ({MAX_ROUND_MEMBERS}), got "
+                                  f"{value:g}")
             kwargs[key] = int(value)
         else:
             kwargs[key] = float(value)
-    return cls(**kwargs)
+    aggregator = cls(**kwargs)
+    if aggregator.min_group() > MAX_ROUND_MEMBERS:
+        # Refused here, not by every peer's first quorum request (a uint32 there: 1e300 raised inside the client).
+        raise ConfigError(f"{name} needs {aggregator.min_group()} contributions a round with these parameters, more "
+                          f"than any round has ({MAX_ROUND_MEMBERS}); lower them")
+    return aggregator
 
 
 def _format_value(value: float) -> str:

@@ -78,6 +78,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from collectives.aggregation import MAX_ROUND_MEMBERS
 from collectives.aggregators import AggregatorConfig
 from collectives.checks import is_finite_number, is_whole
 from collectives.errors import ConfigError, ProtocolError
@@ -170,8 +171,9 @@ class DPConfig:
             )
         if not isinstance(self.amplify, bool):
             raise ConfigError(f"dp amplify must be true or false, got {self.amplify!r}")
-        if isinstance(self.min_members, bool) or not isinstance(self.min_members, int) or self.min_members < 1:
-            raise ConfigError(f"dp min_members must be an integer of at least 1, got {self.min_members!r}")
+        if not is_whole(self.min_members, 1, MAX_ROUND_MEMBERS):
+            raise ConfigError(f"dp min_members must be an integer from 1 to {MAX_ROUND_MEMBERS}, got "
+                              f"{self.min_members!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"dp seed must be an integer or none, got {self.seed!r}")
 

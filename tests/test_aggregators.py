@@ -475,6 +475,10 @@ def test_unknown_param_lists_the_allowed_ones():
     ("krum:f", "must read key=value"),
     ("krum:f=1,f=2", "given twice"),
     ("krum:f=nan", "finite number"),
+    # Counts beyond any round: they were accepted, and every peer died at its first quorum request (a uint32).
+    ("krum:f=1e300", r"krum parameter f is beyond any round's size \(65536\), got 1e\+300"),
+    ("multi_krum:m=5e9", r"multi_krum parameter m is beyond any round's size \(65536\), got 5e\+09"),
+    ("krum:f=32767", r"krum needs 65537 contributions a round with these parameters, more than any round has"),
 ])
 def test_bad_param_values_are_config_errors(text, match):
     with pytest.raises(ConfigError, match=match):

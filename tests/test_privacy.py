@@ -241,8 +241,9 @@ def test_a_state_spent_at_another_noise_is_refused():
         ({"adaptive": 0.5}, "starts from --dp-clip"),
         ({"clip": 1.0, "adaptive": 1.5}, "target fraction"),
         ({"clip": 1.0, "noise": 2.0, "count_noise": 1.0}, "exceed noise/2"),
-        ({"clip": 1.0, "min_members": 0}, "min_members must be an integer of at least 1"),
-        ({"clip": 1.0, "min_members": True}, "min_members must be an integer of at least 1"),
+        ({"clip": 1.0, "min_members": 0}, "min_members must be an integer from 1 to 65536"),
+        ({"clip": 1.0, "min_members": True}, "min_members must be an integer from 1 to 65536"),
+        ({"clip": 1.0, "min_members": 5_000_000_000}, "min_members must be an integer from 1 to 65536"),
         # A noise multiplier alone turned nothing on: the run trained without privacy and said nothing.
         ({"noise": 1.0}, "--dp-noise without --dp-clip adds no noise"),
     ],

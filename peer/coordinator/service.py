@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from collectives.aggregation import MAX_ROUND_MEMBERS
 from collectives.asynctasks import cancel_and_wait
 from collectives.membership import MAX_FORMAT_CHARS, NO_QUORUM, NOT_THIS_RUN
 from peer.coordinator.config import CoordinatorConfig
@@ -86,7 +87,7 @@ MAX_TEXT_CHARS = 2000
 MAX_TAG_CHARS = 200
 MAX_ALGORITHM_CHARS = 64
 # The largest round minimum a peer may ask for (QuorumRequest.min_members): Krum with f in the thousands.
-MAX_MIN_MEMBERS = 1 << 16
+MAX_MIN_MEMBERS = MAX_ROUND_MEMBERS
 
 # CoordinatorConfig lives in peer/coordinator/config.py, BadRequest in quorum.py; importing them from here still works.
 __all__ = ["VERSION", "BadRequest", "Coordinator", "CoordinatorConfig"]
