@@ -125,6 +125,13 @@ def test_a_wrong_run_says_which_run_the_coordinator_serves(coordinator):
         (("--peers", "3", "--event", "join@round2", "--event", "kill:peer4@round3"), "no peer is called peer4"),
         (("--peers", "3", "--event", "straggle:persistent@0s,worker=9,x=3"), "worker 9 is none of the scenario's 3"),
         (("--peers", "3", "--max-peers", "2"), "--max-peers 2 is fewer than the 3 peers the scenario starts"),
+        # Each of these ran every peer alone to its end: 0 rounds, exit 0.
+        (("--peers", "3", "--aggregator", "krum:f=5"),
+         "no round can form: krum needs at least 2f+3 = 13 contributions (f=5), got 3"),
+        (("--peers", "5", "--event", "join@round9", "--aggregator", "bulyan:f=1"),
+         "bulyan needs at least 4f+3 = 7 contributions (f=1), got 6; lower f or add peers (the scenario has at most 6"),
+        (("--peers", "2", "--algorithm", "fedavg", "--task", "digits", "--dp-clip", "1", "--dp-min-members", "3"),
+         "no round can form: a private round needs --dp-min-members 3 members and the scenario has at most 2 peers"),
     ],
 )
 def test_the_harness_checks_its_arguments_before_starting_any_process(tmp_path, capsys, args, says):

@@ -25,11 +25,13 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import grpc
 import torch
 
+from collectives.aggregators import make_aggregator
 from collectives.elastic import ElasticConfig
 from collectives.errors import ConfigError, LoconetError
 from collectives.membership import DEFAULT_RUN_ID
@@ -203,6 +205,22 @@ class HarnessConfig:
         problem = getattr(options, "quorum_problem", lambda policy: "")(self.coordinator.policy.spec)
         if problem:
             raise ConfigError(f"{problem}: leave --quorum out and the harness sets {expected}")
+        self._check_round_minimum(options, len(self.peer_names))
+
+    @staticmethod
+    def _check_round_minimum(options: Any, most: int) -> None:
+        """ConfigError when the algorithm's rounds need more members than the scenario ever has (``most``, its peers
+        and joiners): every peer would train alone to its end and the run report 0 rounds, exit 0."""
+        aggregator = getattr(options, "aggregator_config", None)
+        if aggregator is not None:
+            try:
+                make_aggregator(aggregator).check_group(most)
+            except ConfigError as exc:
+                raise ConfigError(f"no round can form: {exc} (the scenario has at most {most} peers)") from None
+        dp = getattr(options, "dp", None)
+        if dp is not None and dp.enabled and dp.min_members > most:
+            raise ConfigError(f"no round can form: a private round needs --dp-min-members {dp.min_members} members "
+                              f"and the scenario has at most {most} peers; add peers or lower it")
 
     @property
     def joins(self) -> int:
