@@ -59,6 +59,13 @@ class StragglerPattern:
         """The workers (0..n-1) that straggle at this step."""
         raise NotImplementedError
 
+    def workers_problem(self, n: int) -> str:
+        """Why this pattern cannot slow anyone among n workers ("" when it can): a worker it names is not one."""
+        worker = getattr(self, "worker", None)
+        if worker is not None and worker >= n:
+            return f"worker {worker} is none of the {n} (workers 0..{n - 1})"
+        return ""
+
     def slowdown(self, step: int, worker: int, n: int) -> float:
         """How many times slower ``worker`` of ``n`` is at ``step``: x when it straggles, else 1.0."""
         _check_step(step, n)

@@ -81,6 +81,9 @@ def test_each_method_runs_on_its_quorum_policy(name, quorum):
     ({"methods": ("fixed-k9",)}, "unknown method"),
     ({"stragglers": 6}, "--stragglers"),
     ({"pattern": "sometimes"}, "pattern"),
+    # A straggler that is none of the workers: the run had none, and its report said worker 5 was slowed.
+    ({"peers": 3, "pattern": "persistent,worker=5,x=3"},
+     r"--pattern persistent,worker=5,x=3: worker 5 is none of the 3 \(workers 0..2\); name one of the --peers 3"),
 ])
 def test_bad_options_are_refused_before_any_run(fields, message):
     with pytest.raises(ConfigError, match=message):

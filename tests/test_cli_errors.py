@@ -123,7 +123,7 @@ def test_a_wrong_run_says_which_run_the_coordinator_serves(coordinator):
         (("--duration", "-5"), "--duration must be a positive number of seconds"),
         (("--peers", "3", "--event", "kill:peer9@round2"), "no peer is called peer9; the scenario's peers are peer0..peer2"),
         (("--peers", "3", "--event", "join@round2", "--event", "kill:peer4@round3"), "no peer is called peer4"),
-        (("--peers", "3", "--event", "straggle:persistent@0s,worker=9,x=3"), "worker 9 is none of the scenario's 3"),
+        (("--peers", "3", "--event", "straggle:persistent@0s,worker=9,x=3"), "the straggler pattern's worker 9 is none of the 3 (workers 0..2)"),
         (("--peers", "3", "--max-peers", "2"), "--max-peers 2 is fewer than the 3 peers the scenario starts"),
         # Each of these ran every peer alone to its end: 0 rounds, exit 0.
         (("--peers", "3", "--aggregator", "krum:f=5"),

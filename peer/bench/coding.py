@@ -171,7 +171,8 @@ class CodingBenchConfig:
             require(m not in self.methods[:i], f"method {m!r} is given twice in --methods; give each method once")
         if "backup" in self.methods:
             require(0 < self.backup_c < 2, f"--backup-c must be in (0, 2) (c = lr x L), got {self.backup_c:g}")
-        StragglerPattern.parse(self.pattern)
+        problem = StragglerPattern.parse(self.pattern).workers_problem(self.peers)
+        require(not problem, f"--pattern {self.pattern}: {problem}; name one of the --peers {self.peers}")
         if self.sgc is not None:
             BurstyModel(self.peers, *self.sgc)  # ConfigError naming what is wrong
         # Every method's training config, built now: a method's option it refuses (an optimizer, a scheme) fails

@@ -88,9 +88,9 @@ def target_problem(event: Event, names: Sequence[str]) -> str:
     """Why an event's target is no peer of the scenario ("" when it is one): it would fire on nobody."""
     if event.target is not None and event.target not in names:
         return f"no peer is called {event.target}; the scenario's peers are {names[0]}..{names[-1]}"
-    worker = getattr(event.pattern, "worker", None)
-    if worker is not None and worker >= len(names):
-        return f"worker {worker} is none of the scenario's {len(names)} peers (workers 0..{len(names) - 1})"
+    problem = event.pattern.workers_problem(len(names)) if event.pattern is not None else ""
+    if problem:
+        return f"the straggler pattern's {problem}: the scenario has {len(names)} peers"
     return ""
 
 
