@@ -144,6 +144,27 @@ class SyncRecord:
     resynced: bool = False
 
 
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's hyperparameters (its settings without the parameters)."""
+    return [{k: v for k, v in group.items() if k not in ("params", "param_names")} for group in optimizer.param_groups]
+
+
+def keep_settings(optimizer: torch.optim.Optimizer, settings: Sequence[dict], what: str) -> None:
+    """Put ``settings`` (group_settings taken before a load_state_dict) back into the optimizer's groups, logging
+    the ones the loaded state had otherwise."""
+    for group, own in zip(optimizer.param_groups, settings):
+        changed = [f"{k} {own[k]} (the checkpoint's: {group.get(k)})" for k in own if not _same(group.get(k), own[k])]
+        if changed:
+            log.info("resumed the %s optimizer with this peer's %s", what, ", ".join(changed))
+        group.update(own)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return bool(a == b)
+
+
 def inner_kind_problem(mine: Sequence[dict], saved: Sequence[Any]) -> str:
     """Why a checkpoint's inner optimizer groups (``saved``, its state dict's param_groups) are not of this peer's
     kind (``mine``, its groups' settings without the parameters); "" when they are. The settings' names tell the
@@ -657,19 +678,17 @@ class OuterOptimizer:
         """Restore what state_dict returned; the model's (local) parameters are the caller's to restore."""
         snapshot = StateSnapshot(round_id=state["round_id"], tensors=state["global"], meta=state["meta"])
         take_meta = self._taking_meta(snapshot.meta)
-        mine = [{k: v for k, v in group.items() if k != "params"} for group in self.inner.param_groups]
+        mine, outer = group_settings(self.inner), group_settings(self.state.outer)
         problem = inner_kind_problem(mine, state["inner"].get("param_groups", []))
         if problem:
             raise ConfigError(problem)
         self.state.restore(snapshot, into_model=False)
         self.inner.load_state_dict(state["inner"])
-        # torch's load_state_dict takes the saved hyperparameters too: this peer's own (its --inner-lr, the usual
-        # reason to restart a peer) stay, and only the moments come from the checkpoint.
-        for group, settings in zip(self.inner.param_groups, mine):
-            changed = [f"{k} {settings[k]} (the checkpoint's: {group[k]})" for k in settings if group[k] != settings[k]]
-            if changed:
-                log.info("resumed the inner optimizer with this peer's %s", ", ".join(changed))
-            group.update(settings)
+        # Loading takes the saved hyperparameters too: this peer's own stay (its --inner-lr, the usual reason to
+        # restart a peer; its --outer-lr, which its joins tell the coordinator), and only the moments are restored.
+        with self.state.lock:
+            keep_settings(self.state.outer, outer, "outer")
+        keep_settings(self.inner, mine, "inner")
         self.inner_steps = int(state["inner_steps"])
         take_meta()
         self._load_counters(state.get("counters", {}))

@@ -392,6 +392,21 @@ def test_a_resumed_inner_optimizer_keeps_this_peers_hyperparameters_and_the_chec
     assert_close(moments, [opt.inner.state[p]["exp_avg"] for p in a.parameters()], atol=0)
 
 
+def test_a_resumed_outer_optimizer_keeps_this_peers_lr_the_one_its_joins_announce():
+    # A peer started with --outer-lr 0.3 resumed a checkpoint of 0.7 and ran 0.7 while telling the coordinator 0.3.
+    a = model()
+    opt = DiLoCo(a, torch.optim.AdamW(a.parameters(), lr=1e-2), LocalPeer(), sync_every=3)
+    train(opt, a, 0, 7)
+    saved = copy.deepcopy(opt.state_dict())
+    b = model()
+    fresh = DiLoCo(b, torch.optim.AdamW(b.parameters(), lr=1e-2), LocalPeer(), sync_every=3,
+                   outer=OuterConfig(lr=0.3))
+    fresh.load_state_dict(saved)
+    assert fresh.state.outer.param_groups[0]["lr"] == 0.3 and "outer lr 0.3" in fresh.run_settings()
+    buffers = [fresh.state.outer.state[g]["momentum_buffer"] for g in fresh.state.globals]
+    assert_close(buffers, [opt.state.outer.state[g]["momentum_buffer"] for g in opt.state.globals], atol=0)
+
+
 class StopsAtSecondSync(LocalPeer):
     """A run of one peer stopped (as by SIGTERM) while its second sync is in flight."""
 
