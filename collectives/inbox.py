@@ -312,7 +312,8 @@ class RoundInbox:
     def receive(self, stream: _Stream, offset: int, payload: memoryview, out: torch.Tensor) -> float:
         """Take a checked chunk (any thread): decode it into its view or, a scatter chunk where the owner reduces
         from payloads, keep it quantised; return the seconds it took."""
-        if stream.phase != SCATTER or self.quantized is None:
+        # An empty part (a round of fewer elements than members) has nothing to keep quantised: decoded, as nothing.
+        if stream.phase != SCATTER or self.quantized is None or out.numel() == 0:
             return self.decode_into(payload, out)
         t0 = time.perf_counter()
         try:
