@@ -187,6 +187,9 @@ class ElasticConfig:
     stop_decision_wait_s: float = 5.0
     # How long calls keep retrying an unreachable coordinator once joined (it may be restarting).
     patience_s: float = 300.0
+    # How long a sync's Quorum call does: then the peer trains on locally, and later syncs end at once until a
+    # heartbeat reaches the coordinator again (it may be away for minutes: moved, restarted without its port).
+    quorum_patience_s: float = 30.0
     # How long start() keeps trying to reach the coordinator before giving up (a wrong address, or none yet).
     connect_timeout_s: float = 300.0
     # Committed results of this many recent rounds are kept and served to peers that were late for them.
@@ -232,6 +235,7 @@ class ElasticCollective:
         self.membership = MembershipClient(
             self.transport,
             MembershipConfig(config.coordinator, config.run_id, name=config.name, patience_s=config.patience_s,
+                             quorum_patience_s=config.quorum_patience_s,
                              host_id=resolve_host_id(config.transport.host_id),
                              model_settings=tuple(config.model_settings)),
         )

@@ -186,6 +186,9 @@ class MembershipConfig:
     rpc_timeout_s: float = 5.0
     # Longest a call keeps retrying an unreachable coordinator.
     patience_s: float = 120.0
+    # Longest a Quorum call (a sync's start) keeps retrying one: then the peer trains on locally, and later
+    # Quorum calls end at once until a heartbeat reaches the coordinator again.
+    quorum_patience_s: float = 30.0
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 2.0
 
@@ -408,6 +411,10 @@ class MembershipClient:
         self.round_step = 0
         # When the run's last round committed, on this process's monotonic clock (None: not said yet).
         self.committed_at: float | None = None
+        # Why the last Quorum call gave up on an unreachable coordinator ("" : none did, or a heartbeat got
+        # through since): until a heartbeat does, a Quorum call ends at once (a sync per quorum_patience_s cost
+        # a peer all its training while the coordinator was away).
+        self.coordinator_lost = ""
         # The attempt (round id, epoch) this peer is exchanging data for, and the future its heartbeats
         # resolve with the coordinator's reason once it will not commit (``watch``).
         self._watched: tuple[tuple[int, int], asyncio.Future[str]] | None = None
@@ -616,6 +623,10 @@ class MembershipClient:
                     request.round_id, request.round_epoch = watched[0]
                 try:
                     reply = await self._send("Heartbeat", request, max(interval_s, 1.0))
+                    if self.coordinator_lost:
+                        log.info("the coordinator at %s answers again: the next sync asks it for a round",
+                                 self.config.coordinator)
+                        self.coordinator_lost = ""
                     if reply.round_over and watched is not None and not watched[1].done():
                         log.info("%s", reply.round_over[:300])
                         watched[1].set_result(reply.round_over[:2000])
@@ -693,13 +704,19 @@ class MembershipClient:
         contribution is (``round_format()``; "" unchecked). Raises FormatMismatch when the run's rounds of this
         tag carry another format.
         """
+        if self.coordinator_lost:
+            raise CoordinatorUnavailable(f"no sync: {self.coordinator_lost}; training on locally until a heartbeat "
+                                         "reaches the coordinator again")
         request = pb.QuorumRequest(
             run_id=self.config.run_id, peer_id=self.peer_id, last_round=last_round, tag=tag, state_digest=digest,
             known_members=self._known_members.digest, min_members=min_members, member_changes=True,
             packed_members=True, step=self.status.step, round_format=round_format,
         )
         try:
-            reply = await self._call("Quorum", request, timeout_s)
+            reply = await self._call("Quorum", request, timeout_s, patience_s=self.config.quorum_patience_s)
+        except CoordinatorUnavailable as exc:
+            self.coordinator_lost = str(exc)
+            raise
         except RequestRefused as exc:
             if NO_QUORUM in str(exc):
                 raise GroupTooSmall(str(exc)) from None

@@ -129,3 +129,38 @@ def test_after_waiting_out_a_holder_once_a_sync_ends_at_once_without_asking_the_
     while not joins and time.monotonic() < until:
         time.sleep(0.05)
     assert joins, "the heartbeats ask whether a holder is back"
+
+
+@pytest.mark.timeout(90)
+def test_while_the_coordinator_is_away_a_sync_gives_up_after_its_patience_then_syncs_end_at_once_until_it_is_back():
+    # Each sync retried the coordinator for 300 s: a peer trained one sync interval per 5 minutes while it was away.
+    from collectives.membership import CoordinatorUnavailable
+
+    settings = {"run_id": "w", "dashboard_port": None, "startup_grace_s": 0, "min_peers": 1, "heartbeat_s": 0.2}
+    first = CoordinatorThread(CoordinatorConfig(port=0, **settings))
+    port = int(first.server.address.rsplit(":", 1)[1])
+    peer = ElasticCollective(ElasticConfig(coordinator=first.server.address, run_id="w", quorum_patience_s=1.0))
+    try:
+        peer.start(has_state=True)
+        first.close()
+        with pytest.raises(CoordinatorUnavailable, match="no loconet coordinator answered .* for 1 s"):
+            peer.sync(torch.ones(4))
+        sent = []
+        send = peer.membership._send
+
+        async def counted(method, *args, **kwargs):
+            sent.append(method)
+            return await send(method, *args, **kwargs)
+
+        peer.membership._send = counted
+        with pytest.raises(CoordinatorUnavailable, match="no sync: no loconet coordinator answered"):
+            peer.sync(torch.ones(4))
+        assert "Quorum" not in sent  # ended at once: the heartbeats look for the coordinator meanwhile
+        with CoordinatorThread(CoordinatorConfig(port=port, **settings)):
+            until = time.monotonic() + 30
+            while peer.membership.coordinator_lost and time.monotonic() < until:
+                time.sleep(0.05)
+            assert peer.membership.coordinator_lost == ""
+            assert torch.equal(peer.sync(torch.ones(4)).value, torch.ones(4))
+    finally:
+        peer.close()
