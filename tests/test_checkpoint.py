@@ -45,6 +45,26 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert loaded["step"] == 1
 
 
+def test_a_newest_checkpoint_with_flipped_bytes_falls_back_to_the_previous(tmp_path, caplog):
+    # torch.load read the flipped bytes as they were, and the peer resumed them.
+    save_checkpoint(tmp_path, 1, state(1))
+    damaged = save_checkpoint(tmp_path, 2, {"model": {"w": torch.zeros(4096)}, "step": 2, "task": "t"})
+    raw = bytearray(damaged.read_bytes())
+    at = raw.index(bytes(4096 * 4)) + 100  # inside the tensor's stored bytes
+    raw[at:at + 8] = b"\xff" * 8
+    damaged.write_bytes(bytes(raw))
+    path, loaded = load_latest(tmp_path)
+    assert loaded["step"] == 1
+    assert "fails its CRC: the file is damaged" in caplog.text
+
+
+def test_half_written_checkpoints_of_a_killed_writer_are_removed_at_the_check(tmp_path):
+    save_checkpoint(tmp_path, 1, state(1))
+    (tmp_path / ".ckpt-ab12cd.tmp").write_bytes(b"half of a checkpoint")
+    check_checkpoint_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-0000000001.pt"]
+
+
 def test_a_checkpoint_with_code_in_it_is_refused(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -108,6 +108,19 @@ def test_the_peer_config_checks_its_coordinator_address_before_anything_starts()
         PeerConfig(coordinator="localhost")
 
 
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [({"keep_checkpoints": 0}, "--keep must be at least 1 (checkpoints kept), got 0"),
+     ({"keep_checkpoints": -2}, "--keep must be at least 1 (checkpoints kept), got -2"),
+     ({"checkpoint_every": 0}, "--checkpoint-every must be at least 1 (committed rounds), got 0")],
+)
+def test_checkpoint_counts_below_one_are_refused(settings, says):
+    # --keep 0 kept every checkpoint, a full one per round, for good.
+    with pytest.raises(ConfigError) as refused:
+        PeerConfig(**settings)
+    assert str(refused.value) == says
+
+
 # -- a wrong coordinator, in process ---------------------------------------------------------------
 
 

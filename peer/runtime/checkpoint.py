@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,11 @@ def check_checkpoint_dir(folder: str | os.PathLike) -> None:
     except OSError as exc:
         raise CheckpointError(f"--checkpoint-dir {folder}: cannot write in it ({exc.strerror}); choose a writable "
                               "folder") from None
+    # Half-written checkpoints of a process killed mid-write: each as large as a checkpoint, and nothing else
+    # would ever remove them (one peer per folder, so none is being written now).
+    for stale in folder.glob(".ckpt-*.tmp"):
+        log.info("removing %s, a checkpoint its writer did not finish", stale)
+        stale.unlink(missing_ok=True)
 
 
 def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 3) -> Path:
@@ -94,12 +100,25 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 3) -> Path
     return final
 
 
+def _check_crcs(path: Path) -> None:
+    """Raise CheckpointError when a stored entry of the checkpoint (a zip file) fails its CRC: torch.load reads
+    flipped bytes as they are, and the peer would resume them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile as exc:
+        raise CheckpointError(f"not a checkpoint file ({exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"{bad} fails its CRC: the file is damaged")
+
+
 def load_latest(folder: Path) -> tuple[Path, dict] | None:
     """The newest readable checkpoint in folder (path, state); None when it has none; CheckpointError if none reads."""
     found = list_checkpoints(folder)
     problems = []
     for path in reversed(found):
         try:
+            _check_crcs(path)
             return path, torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a damaged file: fall back to the one before
             log.warning("skipping unreadable checkpoint %s: %s", path, exc)

@@ -112,6 +112,11 @@ class PeerConfig:
         object.__setattr__(self, "coordinator", coordinator_address(self.coordinator))
         if not self.connect_timeout_s > 0:
             raise ConfigError(f"--connect-timeout must be positive, got {self.connect_timeout_s}")
+        # 0 kept every checkpoint (a full one per round, for good); a checkpoint every 0 rounds means nothing.
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"--keep must be at least 1 (checkpoints kept), got {self.keep_checkpoints}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be at least 1 (committed rounds), got {self.checkpoint_every}")
 
 
 class PeerHooks(Protocol):
@@ -415,7 +420,7 @@ def _train(config, hooks, signals, task, model, opt, elastic, events, display) -
                 contributed=record.contributed,
             )
         )
-        if config.checkpoint_dir and opt.committed_rounds % max(config.checkpoint_every, 1) == 0:
+        if config.checkpoint_dir and opt.committed_rounds % config.checkpoint_every == 0:
             # Inside the optimizer's step: the model and optimizer are consistent at inner_steps.
             _checkpoint(config, task, model, opt, opt.inner_steps)
 
