@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="loconet-health", description=__doc__.splitlines()[0])
     parser.add_argument("address", nargs="?", default=env("LOCONET_HEALTH_ADDRESS", "127.0.0.1:7070"),
                         help="HOST:PORT of the gRPC server to check (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=float(env("LOCONET_HEALTH_TIMEOUT", "5")),
+    parser.add_argument("--timeout", type=float, default=env("LOCONET_HEALTH_TIMEOUT", "5"),
                         help="seconds to wait for the answer (default: %(default)s)")
     parser.add_argument("--tls-ca", default=env("LOCONET_HEALTH_TLS_CA"),
                         help="CA certificate that signed the server's: connect with TLS (default: plaintext)")

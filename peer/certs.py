@@ -123,6 +123,9 @@ def parse_host(spec: str) -> HostSpec:
     ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
     for entry in entries:
         address = _ip(entry)
+        if address is None and re.fullmatch(r"[0-9.]+", entry):
+            # A mistyped IPv4 address is a valid DNS name: the certificate would name a host nobody dials.
+            raise CertsError(f"host {spec!r}: {entry!r} looks like an IPv4 address but is not one; correct it")
         if address is not None:
             if address not in ips:
                 ips.append(address)

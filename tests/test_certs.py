@@ -60,6 +60,13 @@ def test_a_host_that_is_no_name_or_address_is_refused(spec):
         parse_host(spec)
 
 
+@pytest.mark.parametrize("spec", ["x=10.0.0.300", "10.0.0.256", "x=10.0.0", "x=1.2.3.4.5"])
+def test_a_mistyped_ipv4_address_is_refused_not_taken_as_a_dns_name(spec):
+    # 10.0.0.300 is a valid DNS name: the certificate named a host nobody dials, and TLS failed far from the cause.
+    with pytest.raises(CertsError, match="looks like an IPv4 address but is not one"):
+        parse_host(spec)
+
+
 def test_the_ca_and_each_host_get_a_certificate_and_a_private_key(tmp_path):
     out = tmp_path / "certs"
     make_certs(CertsConfig(out=str(out), hosts=("coord", "peer1")), now=NOW)

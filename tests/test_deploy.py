@@ -160,3 +160,16 @@ def test_the_compose_deployment_survives_a_killed_peer_and_the_manifests_run(cap
     assert summary["image_user"].split(":")[0] not in ("0", "root")
     # With the run token and mutual TLS, unless LOCONET_DEPLOY_SECURE=0 asked for a run without them.
     assert summary["secure"] is (os.environ.get("LOCONET_DEPLOY_SECURE") != "0")
+
+
+def test_the_health_check_refuses_a_malformed_timeout_from_its_environment_in_one_line():
+    # It ended in a traceback (a probe saw only "unhealthy").
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LOCONET_HEALTH_TIMEOUT": "abc"}
+    result = subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py")], capture_output=True, text=True,
+                            env=env, timeout=60, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "loconet-health: error: argument --timeout: invalid float value: 'abc'"
