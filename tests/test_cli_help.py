@@ -111,6 +111,17 @@ def test_survivors_that_should_agree_and_do_not_are_said_to_differ():
     assert report_summary(report, steps=600).splitlines()[-2] == "  peers          4 of 5 finished with DIFFERENT parameters"
 
 
+def test_survivors_that_ended_at_different_rounds_are_said_identical_only_at_the_round_compared():
+    # Asynchronous rounds: the summary said "identical parameters" of peers whose final models differed.
+    report = {**REPORT, "identical_at_round": 3, "last_round_per_peer": {"peer0": 3, "peer1": 5, "peer2": 4}}
+    assert report_summary(report, steps=600).splitlines()[-2] == (
+        "  peers          4 of 5 finished with identical parameters at round 3, the last they all hold (they ended "
+        "at rounds 3-5)"
+    )
+    together = {**REPORT, "identical_at_round": 5, "last_round_per_peer": {"peer0": 5, "peer1": 5}}
+    assert report_summary(together, steps=600).splitlines()[-2] == "  peers          4 of 5 finished with identical parameters"
+
+
 def test_a_survivor_left_behind_is_named_apart_from_the_identical_others():
     report = {**REPORT, "left_behind": ["peer0"]}
     assert report_summary(report, steps=600).splitlines()[-2] == (

@@ -39,6 +39,12 @@ def test_identical_compares_the_last_round_all_survivors_hold(events, survivors,
     assert outcome.identical(events, survivors) == expected
 
 
+def test_last_rounds_are_each_survivors_furthest_committed_or_fetched_round() -> None:
+    events = {"a": [committed(1, "x"), committed(3, "y")], "b": [committed(1, "x"), fetched("joined", 5, "z")],
+              "c": [], "gone": [committed(9, "q")]}
+    assert outcome.last_rounds(events, ["a", "b", "c"]) == {"a": 3, "b": 5, "c": 0}
+
+
 def held(*rounds: tuple[int, str]) -> list[dict]:
     """A peer's committed events: (round, digest of the parameters after it)."""
     return [committed(r, d) for r, d in rounds]

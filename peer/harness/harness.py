@@ -760,6 +760,7 @@ class Harness:
             "data_parallel_bytes_per_peer": dp_bytes,
             "survivors_identical": identical,
             "identical_at_round": digest_round,
+            "last_round_per_peer": outcome.last_rounds(every_life, survivors),
             "left_behind": behind,
             "peers_alive": len(survivors),
             # Peer processes that ended with an error of their own (not a kill or stop of the scenario's).

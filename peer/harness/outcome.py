@@ -76,6 +76,14 @@ def identical(events_by_peer: Mapping[str, Events], survivors: Sequence[str]) ->
     return last[0], len({d[last] for d in per_peer}) == 1
 
 
+def last_rounds(events_by_peer: Mapping[str, Events], survivors: Sequence[str]) -> dict[str, int]:
+    """The last round each survivor committed or fetched (0: none): asynchronous rounds end peers at different
+    ones, where ``identical`` compares the last they all hold."""
+    return {n: max((e["round"] for e in events_by_peer[n]
+                    if e["event"] in ("committed", "joined", "resynced") and e.get("round")), default=0)
+            for n in survivors}
+
+
 def retried(status: Mapping) -> bool:
     """Every aborted round in the coordinator's status was followed by a committed one."""
     rounds = status.get("rounds", [])

@@ -74,6 +74,11 @@ def _parameters(report: dict) -> str:
 def _compared(report: dict) -> str:
     """Identical, or (rounds reduced in groups, as NoLoCo's) apart by design, or different."""
     if report["survivors_identical"]:
+        ends = set((report.get("last_round_per_peer") or {}).values())
+        at = report.get("identical_at_round")
+        if at is not None and len(ends) > 1:
+            # Asynchronous rounds: the peers ended at different rounds, and were compared at the last all hold.
+            return f"identical parameters at round {at}, the last they all hold (they ended at rounds {min(ends)}-{max(ends)})"
         return "identical parameters"
     spreads = report.get("spread_per_peer")
     if spreads is not None:
