@@ -321,16 +321,15 @@ def harness_config(ns: argparse.Namespace):
 
 def run_harness_command(ns: argparse.Namespace) -> int:
     """Run a scenario; print a summary, or with --json the whole report as one JSON object."""
-    import json
-
     from peer.harness.harness import Harness
     from peer.harness.summary import report_summary
+    from peer.jsonout import json_line
 
     config = harness_config(ns)
     report = _run_harness(Harness(config), "harness", lambda url: sys.stderr.write(f"dashboard: {url}\n"))
     if report is None:
         return 130
-    sys.stdout.write((json.dumps(report) if ns.json else report_summary(report, config.train.steps)) + "\n")
+    sys.stdout.write((json_line(report) if ns.json else report_summary(report, config.train.steps)) + "\n")
     _fail_on_crashes(report)
     return 0
 
@@ -359,10 +358,10 @@ def _run_harness(harness, command: str, on_start) -> dict | None:
 def run_demo_command(ns: argparse.Namespace) -> int:
     """The README's main job: a local DiLoCo run with the dashboard, and a readable summary."""
     import dataclasses
-    import json
 
     from peer.harness.harness import Harness, HarnessConfig
     from peer.harness.summary import report_summary
+    from peer.jsonout import json_line
     from peer.runtime.training import LOCAL_SYNC_EVERY, local_run
 
     defaults = HarnessConfig()
@@ -390,7 +389,7 @@ def run_demo_command(ns: argparse.Namespace) -> int:
         return 130
     out.write(report_summary(report, ns.steps) + "\n")
     if ns.json:
-        out.write(json.dumps(report) + "\n")
+        out.write(json_line(report) + "\n")
     _fail_on_crashes(report)
     return 0 if report["survivors_identical"] else 1
 

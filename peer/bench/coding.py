@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import math
 import statistics
@@ -59,6 +58,7 @@ from optimizers.seqcoded import SequentialCodedSGD
 from peer.bench.federated import _LoopClosedNoise
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import require
+from peer.jsonout import json_line
 from peer.bench.progress import Progress, progress_for
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
@@ -586,5 +586,5 @@ def main(ns: argparse.Namespace) -> int:
     make_task(config.task, config.task_config)  # a bad task fails before any run
     with progress_for("coding", getattr(ns, "quiet", 0)) as progress:
         report = run(config, progress)
-    sys.stdout.write(json.dumps(report) + "\n" if ns.json else table(report) + "\n")
+    sys.stdout.write(json_line(report) + "\n" if ns.json else table(report) + "\n")
     return 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import statistics
@@ -44,6 +43,7 @@ from optimizers.registry import get_algorithm
 from peer.attacks import Attack, parse_attack
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import require
+from peer.jsonout import json_line
 from peer.bench.progress import Progress, progress_for
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
@@ -490,7 +490,7 @@ def main(ns: argparse.Namespace) -> int:
     make_task(config.task, config.task_config)  # a bad task or split fails before any run
     with progress_for("federated", getattr(ns, "quiet", 0)) as progress:
         report = run(config, progress)
-    sys.stdout.write(json.dumps(report) + "\n" if ns.json else table(report) + "\n")
+    sys.stdout.write(json_line(report) + "\n" if ns.json else table(report) + "\n")
     return 0
 
 

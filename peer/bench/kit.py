@@ -4,7 +4,6 @@ spawned child processes that log to a file and are reported by name when they di
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import multiprocessing as mp
 import os
@@ -19,6 +18,7 @@ from typing import TextIO
 
 from collectives.errors import ConfigError
 from peer.harness.processes import ChildFailed, die_with_parent, log_tail
+from peer.jsonout import json_line
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -116,7 +116,7 @@ def print_report(report: dict, as_json: bool, out: TextIO | None = None, fmt: Ca
     """Print a benchmark's report to out (default stdout): one JSON line, or one aligned "key: value" line per entry."""
     out = sys.stdout if out is None else out  # looked up per call: tests replace sys.stdout
     if as_json:
-        out.write(json.dumps(report) + "\n")
+        out.write(json_line(report) + "\n")
         return
     width = max((len(key) for key in report), default=0)
     for key, value in report.items():
