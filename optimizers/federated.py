@@ -114,6 +114,10 @@ class FedConfig(SyncConfig):
         super().__post_init__()
         if self.local_epochs is not None and not self.local_epochs > 0:
             raise ConfigError(f"local_epochs must be positive, got {self.local_epochs!r}")
+        if self.local_epochs is not None and self.sync_every != type(self).__dataclass_fields__["sync_every"].default:
+            # Both say when a round is due: local_epochs won, and the given sync_every was ignored.
+            raise ConfigError(f"give local_epochs ({self.local_epochs:g} epoch(s) a round) or sync_every "
+                              f"({self.sync_every} steps a round), not both")
         if not self.proximal_mu >= 0:
             raise ConfigError(f"proximal_mu must be >= 0, got {self.proximal_mu!r}")
         _fraction(self.client_momentum, "client_momentum")

@@ -169,6 +169,25 @@ def test_local_epochs_without_the_partition_size_says_what_to_set():
         train(opt, m, 0, 1)
 
 
+def test_local_epochs_and_a_sync_every_of_ones_own_are_refused_together():
+    # Both say when a round is due: local_epochs won, and --sync-every 5 was ignored without a word.
+    with pytest.raises(ConfigError, match=r"give local_epochs \(1 epoch\(s\) a round\) or sync_every \(5 steps a "
+                                          r"round\), not both"):
+        FedConfig(local_epochs=1.0, sync_every=5)
+
+
+def test_local_epochs_with_a_task_that_streams_without_end_is_refused_naming_both():
+    from peer.runtime.training import TrainConfig, epochs_problem
+    from peer.tasks import TaskConfig, make_task
+
+    endless, digits = make_task("synthetic-lm", TaskConfig()), make_task("digits", TaskConfig())
+    train = TrainConfig(algorithm="fedavg", options=FedConfig(local_epochs=1.0))
+    assert epochs_problem(endless, train, 2).startswith("--local-epochs 1 counts rounds in epochs of a peer's data, "
+                                                        "and task 'synthetic-lm' streams without end")
+    assert epochs_problem(digits, train, 2) == ""
+    assert epochs_problem(endless, TrainConfig(algorithm="fedavg"), 2) == ""
+
+
 def test_a_peer_left_out_of_a_round_that_waits_restarts_from_the_new_global_model():
     m = model()
     opt = FedAvg(m, torch.optim.SGD(m.parameters(), lr=0.1), LocalPeer(), FedConfig(sync_every=100, codec="none"))

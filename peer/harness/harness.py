@@ -49,7 +49,7 @@ from peer.harness.scenario import Event
 from peer.harness.security import prepare_security, security_args, tool_channel_settings
 from peer.harness.stall import Stall, StallPlan, StallRecord, serving_address
 from peer.options import option_args
-from peer.runtime.training import TrainConfig, local_run
+from peer.runtime.training import TrainConfig, epochs_problem, local_run
 from peer.tasks.base import TaskConfig
 from peer.tasks.registry import TASK_HELP, make_task
 from peer.trainoptions import task_args, train_args
@@ -560,6 +560,9 @@ class Harness:
         # so is a --device this machine lacks (the peers resolve the same spec on the same machine).
         self.device = resolve_device(c.train.device)
         self.task = make_task(c.task, c.task_config)
+        problem = epochs_problem(self.task, c.train, c.peers)
+        if problem:
+            raise ConfigError(problem)
         log.info("%d peers train %s with %s on %s; logs in %s", c.peers, c.task, c.train.algorithm, self.device,
                  self.workdir)
         self._check_attacks()

@@ -55,7 +55,7 @@ from optimizers.outer import OuterOptimizer
 from peer.device import place_model, resolve_device
 from peer.runtime.checkpoint import CheckpointError, check_checkpoint_dir, load_latest, restore, save_checkpoint
 from peer.runtime.display import PeerDisplay, RoundFigures, Summary, bar_info, choose_streams, joined_line
-from peer.runtime.training import Progress, TrainConfig, TrainLoop, make_optimizer
+from peer.runtime.training import Progress, TrainConfig, TrainLoop, epochs_problem, make_optimizer
 from peer.tasks.base import Task, TaskConfig
 from peer.tasks.registry import TASK_HELP, make_task
 
@@ -219,6 +219,9 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
     events = Events(config.events)
     display = PeerDisplay(*choose_streams(config.events, config.progress, sys.stdout, sys.stderr))
     task = make_task(config.task, config.task_config)
+    problem = epochs_problem(task, train_cfg, config.shards)
+    if problem:  # before the peer joins (its training loop would refuse it after)
+        raise ConfigError(problem)
     model = place_model(task.build_model(), device)
     log.info("training %s with %s on %s", config.task, train_cfg.algorithm, device)
     elastic_cfg = ElasticConfig(

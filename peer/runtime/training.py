@@ -119,6 +119,16 @@ def make_optimizer(model: torch.nn.Module, peer: SyncPeer, config: TrainConfig) 
     return get_algorithm(config.algorithm).make(model, inner, peer, config.options)
 
 
+def epochs_problem(task: Task, config: TrainConfig, world: int) -> str:
+    """Why the algorithm's rounds, counted in epochs of a peer's data (--local-epochs), cannot be counted with this
+    task ("" when they can): its data has no size (a stream without end)."""
+    epochs = getattr(config.options, "local_epochs", None)
+    if epochs is None or task.partition_size(0, max(world, 1)) is not None:
+        return ""
+    return (f"--local-epochs {epochs:g} counts rounds in epochs of a peer's data, and task {task.name!r} streams "
+            "without end: give --sync-every (local steps a round) instead, or a task with a data set (digits)")
+
+
 class TaskPartitions:
     """Any partition's batches of a task, by step: what a gradient code computes (``optimizers.coded.PartitionData``).
 
@@ -190,6 +200,9 @@ class TrainLoop:
         size = task.partition_size(rank, world)
         if size is not None and hasattr(optimizer, "epoch_samples"):
             optimizer.epoch_samples = size
+        problem = epochs_problem(task, config, world)
+        if problem:
+            raise ConfigError(problem)
         # Called after each step and each eval; the daemon reports and draws progress from them.
         self.on_step: Callable[[Progress], None] | None = None
         self.on_eval: Callable[[int, float], None] | None = None
