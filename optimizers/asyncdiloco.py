@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from collectives.errors import ConfigError
+from collectives.errors import ConfigError, QuorumMismatch
 from collectives.membership import RoundPlan
 from collectives.statesync import StateSnapshot
 from collectives.syncphases import CaughtUp
@@ -90,6 +90,14 @@ class AsyncDiLoCoConfig(DiLoCoConfig):
     def expected_quorum(self) -> str:
         """The coordinator's quorum policy these rounds need: ``buffer:K`` (and its timeout)."""
         return f"buffer:{self.buffer}" + ("" if self.buffer_timeout_s is None else f",t={self.buffer_timeout_s:g}")
+
+    def quorum_problem(self, policy: str) -> str:
+        """Any policy but this ``buffer:K[,t=T]`` ignores --buffer (and --buffer-timeout): the rounds would take
+        whoever the other policy picks."""
+        needed = self.expected_quorum()
+        if policy != needed:
+            return f"async-diloco --buffer {self.buffer} needs the coordinator's --quorum {needed}, and the run's is {policy!r}"
+        return ""
 
 
 def _scale_to_share(plan: RoundPlan, flat: torch.Tensor) -> torch.Tensor:
@@ -170,7 +178,17 @@ class AsyncDiLoCo(DiLoCo):
         candidates): every member scales by the same share, so the round's mean is scaled by it."""
         if not self.config.scale_rounds:
             return None
-        return _scale_to_share
+        config = self.config
+
+        def checked(plan: Any, flat: torch.Tensor) -> torch.Tensor:
+            # The round's policy must be the one --buffer names: this member refuses the round otherwise (the
+            # coordinator's --quorum all took everyone, and --buffer was ignored without a word).
+            problem = config.quorum_problem(plan.policy) if getattr(plan, "policy", "") else ""
+            if problem:
+                raise QuorumMismatch(problem)
+            return _scale_to_share(plan, flat)
+
+        return checked
 
     def _round_facts(self) -> dict[str, Any]:
         return {"staleness": self._tau}

@@ -123,6 +123,34 @@ def test_each_member_sends_its_contribution_times_the_rounds_share() -> None:
     assert torch.equal(sent, flat) and sent is not flat  # K = n: the contribution unchanged (a new tensor)
 
 
+@pytest.mark.parametrize(
+    ("config", "policy", "problem"),
+    [
+        ({"buffer": 2}, "buffer:2", ""),
+        ({"buffer": 2, "buffer_timeout_s": 5.0}, "buffer:2,t=5", ""),
+        ({"buffer": 2}, "buffer:3", "async-diloco --buffer 2 needs the coordinator's --quorum buffer:2, and the run's is "
+                                    "'buffer:3'"),
+        ({"buffer": 2}, "all", "async-diloco --buffer 2 needs the coordinator's --quorum buffer:2, and the run's is "
+                               "'all'"),
+        ({"buffer": 2, "buffer_timeout_s": 5.0}, "buffer:2", "needs the coordinator's --quorum buffer:2,t=5"),
+    ],
+)
+def test_a_quorum_policy_other_than_the_buffers_is_a_problem(config, policy, problem) -> None:
+    # --buffer 2 under --quorum all or buffer:3 was ignored without a word: the rounds took whoever the policy picked.
+    found = AsyncDiLoCoConfig(**config).quorum_problem(policy)
+    assert (found == "") if not problem else (problem in found)
+
+
+def test_a_member_refuses_a_round_formed_by_another_policy_than_its_buffers() -> None:
+    from collectives.errors import QuorumMismatch
+
+    prepare = async_opt(model(), ScriptedPeer([]), buffer=2).prepare()
+    everyone = RoundPlan("round", round_id=1, members=(("a", ""), ("b", ""), ("c", "")), candidates=tuple("abc"),
+                         policy="all")
+    with pytest.raises(QuorumMismatch, match="needs the coordinator's --quorum buffer:2, and the run's is 'all'"):
+        prepare(everyone, torch.ones(3))
+
+
 def test_without_scale_rounds_a_contribution_goes_as_it_is() -> None:
     assert async_opt(model(), ScriptedPeer([]), scale_rounds=False).prepare() is None
 

@@ -130,6 +130,8 @@ def test_a_wrong_run_says_which_run_the_coordinator_serves(coordinator):
          "no round can form: krum needs at least 2f+3 = 13 contributions (f=5), got 3"),
         (("--peers", "5", "--event", "join@round9", "--aggregator", "bulyan:f=1"),
          "bulyan needs at least 4f+3 = 7 contributions (f=1), got 6; lower f or add peers (the scenario has at most 6"),
+        (("--peers", "3", "--algorithm", "async-diloco", "--buffer", "2", "--quorum", "buffer:3"),
+         "async-diloco --buffer 2 needs the coordinator's --quorum buffer:2, and the run's is 'buffer:3'"),
         (("--peers", "2", "--algorithm", "fedavg", "--task", "digits", "--dp-clip", "1", "--dp-min-members", "3"),
          "no round can form: a private round needs --dp-min-members 3 members and the scenario has at most 2 peers"),
     ],
