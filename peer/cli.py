@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     verbose = getattr(ns, "verbose", 0) > 0
     # SIGTERM unwinds like Ctrl-C, so every command's cleanup (its child processes) runs;
     # the coordinator and the peer daemon install their own graceful handlers.
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(ns.handler(ns) or 0)
     except ConfigError as exc:
@@ -455,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(1, exc, verbose)
     except KeyboardInterrupt:
         return 130
+    finally:
+        # The command is done. Run as a program, the process exits now: a SIGTERM then (a harness stopping the peers
+        # that finished) raised inside the interpreter's exit handlers, "Exception ignored in atexit callback".
+        # Called with arguments (a test, a script), the caller's handler comes back.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if argv is None else previous)
 
 
 if __name__ == "__main__":

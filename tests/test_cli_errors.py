@@ -199,3 +199,18 @@ def test_ctrl_c_on_the_demo_says_what_it_stopped_and_where_the_logs_are():
     assert len(note) == 1 and "stopped the coordinator and 4 peer process(es)" in note[0]
     workdir = Path(note[0].rsplit("logs are in ", 1)[1])
     assert (workdir / "coordinator.log").read_text()  # the logs it points at hold something
+
+
+def test_a_finished_command_ignores_sigterm_as_it_exits_and_a_callers_handler_comes_back(tmp_path):
+    # A harness's SIGTERM to a peer that had finished raised inside the interpreter's exit handlers:
+    # "Exception ignored in atexit callback ... KeyboardInterrupt" in most peers' logs.
+    script = ("import signal, sys; from peer.cli import main; "
+              f"sys.argv = ['loconet', 'certs', '--out', {str(tmp_path / 'a')!r}, '--host', 'a']; code = main(); "
+              "print(code, signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)")
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert ran.stdout.splitlines()[-1] == "0 True", ran.stderr
+    before = signal.getsignal(signal.SIGTERM)
+    from peer.cli import main
+
+    assert main(["certs", "--out", str(tmp_path / "b"), "--host", "b"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
