@@ -113,6 +113,7 @@ from collectives.parts import flatten, shared_device, total_numel, unflatten_lik
 from collectives.results import CommittedResult, ResultStore
 from collectives.statesync import (
     ExpectedState,
+    SERVES_NO_STATE,
     StateServer,
     StateSnapshot,
     StateSyncConfig,
@@ -224,7 +225,7 @@ class ElasticCollective:
         self.results = ResultStore(config.keep_results)
         self.collective = Collective(self.transport, config.run_id, phase_hook=phase_hook)
         self.state_server = StateServer(
-            self.transport, config.run_id, provider or (lambda: None), config.state_sync, results=self.results.snapshot
+            self.transport, config.run_id, provider, config.state_sync, results=self.results.snapshot
         )
         # Catching up by the results of rounds this peer missed, and keeping those the coordinator asks it to
         # hold for the run (collectives/catchup.py).
@@ -487,6 +488,9 @@ class ElasticCollective:
                 self._holds_state = True
                 return snapshot
             except StateSyncError as exc:
+                if SERVES_NO_STATE in str(exc):
+                    # The run's peers hold no state to give: asking again would wait for good.
+                    raise ConfigError(f"cannot join run {self.config.run_id}: {exc}") from None
                 # The source may have died meanwhile: ask the coordinator again (it names
                 # another peer once the dead one's lease lapses).
                 if time.monotonic() + delay > give_up:

@@ -73,6 +73,10 @@ def _connection(peer: str) -> str:
     return rest if sep and scheme in ("ipv4", "ipv6") else peer
 
 
+# What a peer without a state provider answers a fetch (a joiner stops at once on it: collectives/elastic.py).
+SERVES_NO_STATE = ("this peer serves no state: its ElasticCollective has no state provider (an optimizer registers "
+                   "one; without one, give provide_state a function returning the state a joiner should load)")
+
 class StateServer:
     """Serves this peer's state to joiners, and recent rounds' results to late peers (FetchState).
 
@@ -90,7 +94,7 @@ class StateServer:
         self,
         transport: Transport,
         run_id: str,
-        provider: Callable[[], StateSnapshot | None],
+        provider: Callable[[], StateSnapshot | None] | None,
         config: StateSyncConfig = DEFAULT_CONFIG,
         results: Callable[[int], StateSnapshot | None] | None = None,
         current_round: Callable[[], int | None] | None = None,
@@ -140,7 +144,7 @@ class StateServer:
         if result_of_round:
             snapshot = self.results(result_of_round) if self.results is not None else None
         else:
-            snapshot = self.provider()
+            snapshot = self.provider() if self.provider is not None else None
         return None if snapshot is None else _encode_snapshot(snapshot, self.run_id, self.config)
 
     def result_kept(self) -> None:
@@ -268,6 +272,9 @@ class StateServer:
         return self._use(pin)
 
     async def _current_or_abort(self, context: grpc.aio.ServicerContext, who: str) -> _Encoded:
+        if self.provider is None:
+            # Never will: a joiner told to wait for this peer's first round would wait for good.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, SERVES_NO_STATE)
         try:
             encoded = await self._current()
         except Exception as exc:

@@ -41,7 +41,7 @@ from collectives.stateformat import (
     manifest_digest,
     state_digest,
 )
-from collectives.stateserver import StateServer
+from collectives.stateserver import SERVES_NO_STATE, StateServer
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -53,6 +53,7 @@ __all__ = [
     "FetchReport",
     "ResultNotYet",
     "StateMismatch",
+    "SERVES_NO_STATE",
     "StateServer",
     "StateSnapshot",
     "StateSyncConfig",

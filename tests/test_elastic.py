@@ -164,3 +164,23 @@ def test_while_the_coordinator_is_away_a_sync_gives_up_after_its_patience_then_s
             assert torch.equal(peer.sync(torch.ones(4)).value, torch.ones(4))
     finally:
         peer.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_joiner_whose_source_has_no_state_provider_stops_at_once_saying_so():
+    # The joiner asked again every 2 s for 300 s, told to "retry after its first round": that peer never serves one.
+    from collectives.errors import ConfigError
+
+    with CoordinatorThread(CoordinatorConfig(run_id="w", port=0, dashboard_port=None, startup_grace_s=0,
+                                             min_peers=1)) as coordinator:
+        founder = ElasticCollective(ElasticConfig(coordinator=coordinator.server.address, run_id="w"))
+        joiner = ElasticCollective(ElasticConfig(coordinator=coordinator.server.address, run_id="w"))
+        try:
+            assert founder.start() is None
+            assert founder.sync(torch.ones(4)).round_id == 1
+            with pytest.raises(ConfigError, match="cannot join run w: .*this peer serves no state: its "
+                                                  "ElasticCollective has no state provider"):
+                joiner.start()
+        finally:
+            founder.close()
+            joiner.close()
