@@ -442,6 +442,9 @@ class ElasticCollective:
         """
         if self._interrupted:
             raise Stopped(self._interrupted)
+        if self.address:
+            raise RuntimeError(f"start() was called already: this peer joined run {self.config.run_id} at "
+                               f"{self.address}; call it once")
         # The coordinator's address decides what a wildcard bind advertises (and refuses a loopback
         # bind when the coordinator is on another machine: collectives.addresses.check_reachable).
         self.address = self.transport.start(
@@ -677,6 +680,9 @@ class ElasticCollective:
         if residual is not None and (residual.shape != (flat.numel(),) or residual.dtype != torch.float32
                                      or not residual.is_contiguous() or residual.device != flat.device):
             raise ValueError(f"residual must be a contiguous float32 tensor of shape ({flat.numel()},) on {flat.device}")
+        if not self.address:
+            # Not a LoconetError: an optimizer would take it for a missed round and train on without a word.
+            raise RuntimeError("this peer has not joined the run: call start() before the first step or sync")
         return self.transport.submit(
             self._interruptible(self._sync(flat, weight, tag, like, config, prepare, within, own_state, residual,
                                            tuple(settings), min_members))

@@ -184,3 +184,14 @@ def test_a_joiner_whose_source_has_no_state_provider_stops_at_once_saying_so():
         finally:
             founder.close()
             joiner.close()
+
+
+def test_a_sync_before_start_and_a_second_start_name_the_mistake():
+    # They failed with "transport not started or already closed" (and a never-awaited coroutine), and "transport
+    # already started".
+    peer = ElasticCollective(ElasticConfig(coordinator="127.0.0.1:1", run_id="r"))
+    with pytest.raises(RuntimeError, match=r"this peer has not joined the run: call start\(\) before the first step"):
+        peer.sync(torch.ones(4))
+    peer.address = "127.0.0.1:5"  # as start() leaves it
+    with pytest.raises(RuntimeError, match=r"start\(\) was called already: this peer joined run r at 127.0.0.1:5"):
+        peer.start()
