@@ -99,6 +99,10 @@ class FedConfig(SyncConfig):
     dp: DPConfig = field(default_factory=DPConfig)
     outer: OuterConfig = field(init=False, default_factory=OuterConfig, metadata={"cli": False})
 
+    def least_members(self) -> int:
+        """The aggregator's minimum, and with DP --dp-min-members: a private round of few carries too much noise."""
+        return max(super().least_members(), self.dp.min_members if self.dp.enabled else 1)
+
     def round_settings(self) -> tuple[str, ...]:
         """The server optimizer's settings and the privacy's: a peer that clips or noises otherwise breaks the
         run's guarantee."""

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from collectives.aggregators import AggregatorConfig
+from collectives.aggregators import AggregatorConfig, make_aggregator
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError, Incompatible, LoconetError, NonFiniteError
 from collectives.membership import reduction_parts
@@ -94,6 +94,10 @@ class SyncConfig:
     def quorum_problem(self, policy: str) -> str:
         """Why the coordinator's quorum policy (its --quorum text) cannot serve these rounds; "" when it can."""
         return ""
+
+    def least_members(self) -> int:
+        """The fewest members these rounds run with: the aggregator's minimum (Krum's 2f+3)."""
+        return make_aggregator(self.aggregator_config).min_group()
 
     def round_settings(self) -> tuple[str, ...]:
         """What every member does with a round's result, in parts the coordinator compares like the codec (a peer

@@ -307,7 +307,9 @@ def harness_config(ns: argparse.Namespace):
     base = read_options(HarnessConfig, ns, base=defaults)
     train = read_train_config(ns, base=defaults.train)
     if ns.chaos is not None:
-        events += chaos_events(ChaosSpec.parse(ns.chaos), base.peers, expected_rounds(train), netns=base.netns)
+        least = getattr(train.options, "least_members", lambda: 1)()
+        events += chaos_events(ChaosSpec.parse(ns.chaos), base.peers, expected_rounds(train), netns=base.netns,
+                               least=least)
     return dataclasses.replace(
         base,
         task_config=read_task_config(ns),

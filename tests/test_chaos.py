@@ -98,6 +98,19 @@ def test_kills_leave_at_least_two_starting_peers_and_a_killed_peer_is_left_alone
         assert len(killed) <= max(0, peers - MIN_SURVIVORS), seed
 
 
+@pytest.mark.parametrize(("peers", "least"), [(5, 5), (7, 5), (4, 3)])
+def test_kills_never_leave_fewer_starting_peers_than_the_rounds_need(peers, least):
+    # With krum:f=1 (5 members) a drawn kill of one of 5 peers stopped every round, and the later events never fired.
+    for seed in SEEDS:
+        kills = [e for e in chaos_events(ChaosSpec(10, seed), peers=peers, rounds=30, least=least) if e.action == "kill"]
+        assert len(kills) <= peers - least, seed
+
+
+def test_the_draws_of_a_run_whose_rounds_need_two_or_fewer_are_unchanged_by_its_minimum():
+    for seed in SEEDS:
+        assert chaos_events(ChaosSpec(10, seed), 5, 30, least=2) == chaos_events(ChaosSpec(10, seed), 5, 30), seed
+
+
 def test_events_fire_in_the_first_two_thirds_of_the_rounds_in_order():
     for seed in SEEDS:
         events = chaos_events(ChaosSpec(8, seed), peers=4, rounds=9)

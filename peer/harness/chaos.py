@@ -15,7 +15,8 @@ thought of. The events are drawn in the order of the rounds they fire at, among:
   the same events as before they existed: a seed recorded in BENCHMARKS.md stays a reproducible report.
 
 Three rules keep every drawn event one that can happen: kills leave at least ``MIN_SURVIVORS`` of the
-starting peers (a kill that would not is a pause instead), a killed peer is the target of no later event, and a
+starting peers, and as many as the rounds need (``least``: Krum's 2f+3, ``--dp-min-members``; a kill that would
+not is a pause instead), a killed peer is the target of no later event, and a
 peer stopped and started again is killed between rounds, not at its N-th sync (its new process counts from 1).
 Events fire within the first two thirds of the run's rounds, so that the run goes on after the last one. What
 rounds cannot say is time: where rounds take milliseconds, the others may finish while a stopped peer is down,
@@ -87,8 +88,9 @@ class ChaosSpec:
         return spec
 
 
-def chaos_events(spec: ChaosSpec, peers: int, rounds: int, netns: bool = False) -> tuple[Event, ...]:
-    """spec.count events for a run of ``peers`` starting peers expected to commit ``rounds`` rounds."""
+def chaos_events(spec: ChaosSpec, peers: int, rounds: int, netns: bool = False, least: int = 1) -> tuple[Event, ...]:
+    """spec.count events for a run of ``peers`` starting peers expected to commit ``rounds`` rounds, whose rounds
+    need ``least`` members (a robust aggregator's or a private round's minimum): kills never leave fewer."""
     if peers < 1:
         raise ConfigError("the harness needs at least one peer")
     rng = random.Random(spec.seed)
@@ -100,7 +102,7 @@ def chaos_events(spec: ChaosSpec, peers: int, rounds: int, netns: bool = False) 
     texts = []
     for r in at:
         kind = rng.choice(kinds)
-        if kind.startswith("kill") and len(alive) <= MIN_SURVIVORS:
+        if kind.startswith("kill") and len(alive) <= max(MIN_SURVIVORS, least):
             kind = "pause"  # the kill would leave too few: the peer is paused instead
         if kind == "join":
             texts.append(f"join@round{r}")

@@ -217,9 +217,9 @@ class HarnessConfig:
                 make_aggregator(aggregator).check_group(most)
             except ConfigError as exc:
                 raise ConfigError(f"no round can form: {exc} (the scenario has at most {most} peers)") from None
-        dp = getattr(options, "dp", None)
-        if dp is not None and dp.enabled and dp.min_members > most:
-            raise ConfigError(f"no round can form: a private round needs --dp-min-members {dp.min_members} members "
+        least = getattr(options, "least_members", lambda: 1)()
+        if least > most:  # beyond the aggregator's: a private round's --dp-min-members
+            raise ConfigError(f"no round can form: a private round needs --dp-min-members {least} members "
                               f"and the scenario has at most {most} peers; add peers or lower it")
 
     @property
