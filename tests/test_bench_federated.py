@@ -79,6 +79,19 @@ def test_a_sampled_run_waits_for_the_samples_size_not_every_peer():
     assert round_size(FederatedBenchConfig(peers=8, quorum="sample:3")) == 3
 
 
+def test_a_sample_raised_to_the_aggregators_minimum_is_verified_as_the_peers_drew_it():
+    # Krum needs 2f+3 = 5: the coordinator draws 5 of 5 at sample:0.5, and the check (drawing 3) said false.
+    from collectives.sampling import sample_members
+    from peer.bench.federated import samples_verified
+
+    config = FederatedBenchConfig(peers=5, quorum="sample:0.5")
+    candidates = [f"p{i}" for i in range(5)]
+    rounds = [{"round_id": r, "candidates": candidates, "members": list(sample_members(config.seed, r, candidates, 5))}
+              for r in (1, 2)]
+    assert samples_verified(config, rounds, least=5)
+    assert not samples_verified(config, rounds, least=1)
+
+
 def test_set_gives_an_algorithm_option_to_every_strategy_that_has_it():
     config = FederatedBenchConfig(strategies=("fedavg", "fedprox", "fedadam"), overrides=(("proximal_mu", 0.5),))
     assert train_config("fedprox", config).options.proximal_mu == 0.5

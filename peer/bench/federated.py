@@ -36,7 +36,7 @@ import torch
 from collectives.aggregators import make_aggregator
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError, LoconetError
-from collectives.sampling import SAMPLE_POLICY, sample_count, sample_members
+from collectives.sampling import SAMPLE_POLICY, parse_sample_arg, sample_count, sample_members
 from collectives.transport import TransportConfig
 from optimizers.privacy import DPConfig
 from optimizers.registry import get_algorithm
@@ -337,19 +337,20 @@ def run_once(
         "wall_s": time.monotonic() - started,
     }
     if config.quorum.startswith(SAMPLE_POLICY + ":"):
-        result["samples_verified"] = samples_verified(config, rounds)
+        result["samples_verified"] = samples_verified(config, rounds, least=train.options.least_members())
     if config.dp_clip is not None:
         result["epsilon"] = honest[0].epsilons[-1] if honest[0].epsilons else None
         result["epsilon_per_round"] = honest[0].epsilons
     return result
 
 
-def samples_verified(config: FederatedBenchConfig, rounds: list[dict]) -> bool:
-    """Whether every committed round's members are the sample its seed, round id and candidates give."""
-    arg = config.quorum.partition(":")[2]
+def samples_verified(config: FederatedBenchConfig, rounds: list[dict], least: int = 1) -> bool:
+    """Whether every committed round's members are the sample its seed, round id and candidates give, drawn at
+    least ``least`` large (the members the strategy's rounds need, as its peers ask: Krum's 2f+3)."""
+    size = parse_sample_arg(config.quorum.partition(":")[2])
     return all(
         sorted(r["members"]) == sorted(sample_members(config.seed, r["round_id"], r["candidates"],
-                                                      sample_count(arg, len(r["candidates"]))))
+                                                      size.of(len(r["candidates"]), least)))
         for r in rounds
     )
 
