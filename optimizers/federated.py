@@ -77,6 +77,8 @@ class FedConfig(SyncConfig):
 
     # The name a round is tagged with: every member of a run must run the same algorithm.
     TAG: ClassVar[str] = "fedavg"
+    # The strategy's own options for its server optimizer's settings, which its errors name (FedAvg's are fixed).
+    SERVER_FLAGS: ClassVar[dict[str, str]] = {}
 
     sync_every: int = field(default=10, metadata={"help": "local steps per round (S)"})
     local_epochs: float | None = field(
@@ -114,7 +116,14 @@ class FedConfig(SyncConfig):
 
     def __post_init__(self) -> None:
         # Built from the strategy's own fields (Flower's names), so it is never set apart from them.
-        object.__setattr__(self, "outer", self.server())
+        try:
+            object.__setattr__(self, "outer", self.server())
+        except ConfigError as exc:
+            # In the strategy's words: --outer-lr and its kin are refused for it, so naming them misleads.
+            said = str(exc)
+            for outer_word, own in self.SERVER_FLAGS.items():
+                said = said.replace(outer_word, own, 1) if said.startswith(outer_word) else said
+            raise ConfigError(said) from None
         super().__post_init__()
         if self.local_epochs is not None and not self.local_epochs > 0:
             raise ConfigError(f"local_epochs must be positive, got {self.local_epochs!r}")
@@ -143,6 +152,7 @@ class FedAvgMConfig(FedConfig):
     server_learning_rate: float = field(default=1.0, metadata={"help": "server learning rate"})
     # Flower's default momentum is 0, which is FedAvg; 0.9 is the paper's.
     server_momentum: float = field(default=0.9, metadata={"help": "server momentum in [0, 1)"})
+    SERVER_FLAGS: ClassVar[dict[str, str]] = {"outer lr": "--server-learning-rate", "outer momentum": "--server-momentum"}
 
     def server(self) -> OuterConfig:
         """Heavy-ball momentum on the averaged update, rounded as Flower's FedAvgM (optimizers/fedopt.py)."""
@@ -159,6 +169,7 @@ class FedAdamConfig(FedConfig):
     beta_1: float = field(default=_flower("fedadam", "beta_1"), metadata={"help": "first-moment decay"})
     beta_2: float = field(default=_flower("fedadam", "beta_2"), metadata={"help": "second-moment decay"})
     tau: float = field(default=_flower("fedadam", "tau"), metadata={"help": "degree of adaptivity (denominator guard)"})
+    SERVER_FLAGS: ClassVar[dict[str, str]] = {"outer lr": "--eta", "outer eps": "--tau", "outer betas": "--beta-1/--beta-2"}
 
     def server(self) -> OuterConfig:
         """The registered server optimizer named by TAG, with these hyperparameters."""

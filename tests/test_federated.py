@@ -169,6 +169,26 @@ def test_local_epochs_without_the_partition_size_says_what_to_set():
         train(opt, m, 0, 1)
 
 
+@pytest.mark.parametrize(
+    ("config", "fields", "says"),
+    [
+        ("FedAdamConfig", {"eta": 0.0}, "--eta must be a positive finite number, got 0.0"),
+        ("FedAdamConfig", {"tau": 0.0}, "--tau must be a positive finite number, got 0.0"),
+        ("FedYogiConfig", {"beta_1": 1.0}, "--beta-1/--beta-2 must be two numbers in [0, 1), got (1.0, 0.99)"),
+        ("FedAvgMConfig", {"server_momentum": 1.0}, "--server-momentum must be in [0, 1), got 1.0"),
+        ("FedAvgMConfig", {"server_learning_rate": 0.0}, "--server-learning-rate must be a positive finite number, "
+                                                         "got 0.0"),
+    ],
+)
+def test_a_server_setting_out_of_range_is_named_by_the_strategys_own_option(config, fields, says):
+    # It was named as --outer-lr, --outer-momentum...: options refused for these strategies.
+    import optimizers.federated as federated
+
+    with pytest.raises(ConfigError) as refused:
+        getattr(federated, config)(**fields)
+    assert str(refused.value) == says
+
+
 def test_local_epochs_and_a_sync_every_of_ones_own_are_refused_together():
     # Both say when a round is due: local_epochs won, and --sync-every 5 was ignored without a word.
     with pytest.raises(ConfigError, match=r"give local_epochs \(1 epoch\(s\) a round\) or sync_every \(5 steps a "
