@@ -370,3 +370,23 @@ def test_a_pattern_the_peer_cannot_follow_is_refused_and_the_peer_is_not_slowed(
     assert take_steps(clock, control, optimizer, 5) == [0.0] * 5
     assert [e["event"] for e in emit.events] == ["straggle-refused"]
     assert reason in emit.events[0]["reason"]
+
+
+def test_a_gated_peer_waits_for_the_start_line_after_joining_and_a_stop_ends_the_wait(tmp_path):
+    # The harness draws the start line once every initial peer joined: a peer with a round per step formed round 1
+    # before the last registered, and one command ended at two losses.
+    import threading
+
+    gate = tmp_path / "peer0.gate"
+    control = Control(start_when=str(gate), poll_s=0.0)
+    stop = threading.Event()
+    waiting = threading.Thread(target=lambda: setattr(control, "trained", control.before_training(stop)))
+    waiting.start()
+    waiting.join(timeout=0.3)
+    assert waiting.is_alive()  # no start line yet
+    (tmp_path / "peer0.gate.start").touch()
+    waiting.join(timeout=30)
+    assert control.trained is True
+    stop.set()
+    assert Control(start_when=str(tmp_path / "peer1.gate")).before_training(stop) is False
+    assert Control().before_training(threading.Event()) is True  # not gated: a peer the harness started again

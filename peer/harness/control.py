@@ -121,6 +121,17 @@ class Control:
         self._last = time.monotonic()
         return True
 
+    def before_training(self, stop: threading.Event) -> bool:
+        """Wait for the start line, the gate's ``.start`` file (if there is a gate): the harness draws it once every
+        initial peer has joined, so the run's first round takes them all (a peer a round per step, as coded-sgd,
+        formed round 1 before the last had joined: the same command ended at two different losses)."""
+        start = f"{self.gate}.start" if self.gate else None
+        while start and not os.path.exists(start):
+            if stop.wait(GATE_POLL_S):
+                return False
+        self._last = time.monotonic()
+        return True
+
     def after_step(self, model: torch.nn.Module) -> str | None:
         """Apply the control file after a step, then sleep if the next step is slowed; returns "diverge-injected"
         when the parameters were just set to NaN."""

@@ -43,7 +43,7 @@ from peer.device import place_model, resolve_device
 from peer.harness import outcome
 from peer.harness.control import write_control
 from peer.harness.joiners import joiners, restarts_from_round_0, rollbacks
-from peer.harness.processes import CoordinatorProc, Proc, daemon_peer, stop_all
+from peer.harness.processes import ChildFailed, CoordinatorProc, Proc, daemon_peer, stop_all
 from peer.harness.recovery import lost_s
 from peer.harness.scenario import Event
 from peer.harness.security import prepare_security, security_args, tool_channel_settings
@@ -445,6 +445,7 @@ class Harness:
             # delayed by Python's start-up; opening its gate makes it join now. It counts the
             # run's steps from the state it fetches, so it ends with the others.
             name = self._joiners.pop(0)
+            (self.workdir / f"{name}.gate.start").touch()  # a joiner trains once it joined: no start line to wait for
             (self.workdir / f"{name}.gate").touch()
             fired.detail = f"{name} joins"
             if self._pattern is not None:
@@ -591,6 +592,13 @@ class Harness:
                 self.fired.append(self._fire(event, self._started))
             for i in range(c.peers):
                 (self.workdir / f"peer{i}.gate").touch()
+            # Then the start line, once all have joined: a peer that steps at once would otherwise form the first
+            # round (a round per step, as coded-sgd's) before the last one registered.
+            for p in initial:
+                with contextlib.suppress(ChildFailed):  # one that died or hangs is the run's to report: go on
+                    p.wait_event(lambda e: e["event"] == "joined", 120)
+            for i in range(c.peers):
+                (self.workdir / f"peer{i}.gate.start").touch()
             self._loop()
             report = self._report()
         finally:
@@ -602,7 +610,7 @@ class Harness:
 
     # What a harness run leaves in its work dir besides the checkpoints: the coordinator's state file (with its key
     # and lock), the peers' start gates and control files, and the logs.
-    EARLIER_RUN_FILES = ("coordinator-state.json*", "peer[0-9]*.gate", "peer[0-9]*.control.json", "peer[0-9]*.log",
+    EARLIER_RUN_FILES = ("coordinator-state.json*", "peer[0-9]*.gate*", "peer[0-9]*.control.json", "peer[0-9]*.log",
                          "coordinator*.log")
 
     def _forget_earlier_run(self) -> None:

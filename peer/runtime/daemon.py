@@ -125,6 +125,9 @@ class PeerHooks(Protocol):
     def before_join(self, stop: threading.Event) -> bool:
         """Wait until the peer may join; False to stop instead."""
 
+    def before_training(self, stop: threading.Event) -> bool:
+        """Joined: wait until the peer may take its first step (the others have joined too); False to stop instead."""
+
     def attach(self, optimizer: OuterOptimizer, loop: TrainLoop, emit: Callable[..., None]) -> None:
         """Called once, before training: the optimizer (its ``tamper`` hook), the loop (its ``batches``) and
         ``emit(event, **fields)``, which reports an event of the hook's own (a byzantine peer's)."""
@@ -289,6 +292,8 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
         label = f"{elastic.peer_id} ({config.name})" if config.name else elastic.peer_id
         joined = joined_line(config.run_id, label, elastic.address, opt.state.round_id, how, sync_s)
         display.joined(f"{joined}, on {device}")
+        if hooks is not None:
+            hooks.before_training(signals.stop)  # a stop meanwhile: the training loop ends at once
         progress = _train(config, hooks, signals, task, model, opt, elastic, events, display)
         stopped = signals.stop.is_set()
         if config.checkpoint_dir:
