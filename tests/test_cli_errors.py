@@ -133,7 +133,8 @@ def test_a_wrong_run_says_which_run_the_coordinator_serves(coordinator):
         (("--peers", "3", "--algorithm", "async-diloco", "--buffer", "2", "--quorum", "buffer:3"),
          "async-diloco --buffer 2 needs the coordinator's --quorum buffer:2, and the run's is 'buffer:3'"),
         (("--peers", "2", "--algorithm", "fedavg", "--task", "digits", "--dp-clip", "1", "--dp-min-members", "3"),
-         "no round can form: a private round needs --dp-min-members 3 members and the scenario has at most 2 peers"),
+         "no round can form: the rounds need 3 members (the aggregator's minimum, or --dp-min-members) and the "
+         "scenario has at most 2 peers"),
     ],
 )
 def test_the_harness_checks_its_arguments_before_starting_any_process(tmp_path, capsys, args, says):

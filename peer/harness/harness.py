@@ -25,8 +25,8 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -218,9 +218,9 @@ class HarnessConfig:
             except ConfigError as exc:
                 raise ConfigError(f"no round can form: {exc} (the scenario has at most {most} peers)") from None
         least = getattr(options, "least_members", lambda: 1)()
-        if least > most:  # beyond the aggregator's: a private round's --dp-min-members
-            raise ConfigError(f"no round can form: a private round needs --dp-min-members {least} members "
-                              f"and the scenario has at most {most} peers; add peers or lower it")
+        if least > most:  # beyond the aggregator's: a private round's --dp-min-members, a plugin's own
+            raise ConfigError(f"no round can form: the rounds need {least} members (the aggregator's minimum, or "
+                              f"--dp-min-members) and the scenario has at most {most} peers; add peers or lower it")
 
     @property
     def joins(self) -> int:
