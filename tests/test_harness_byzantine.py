@@ -38,11 +38,13 @@ def test_a_signflip_peer_sends_corrupted_contributions_and_the_run_still_commits
     assert [e["event"] for e in report["events"]] == ["byzantine:peer1@0s,attack=signflip"]
     assert report["events"][0]["detail"] == "peer1 sends -10 times its honest update"
     assert report["byzantine"] == {
-        "peer1": {"attacks": ["signflip"], "started_at_step": 0, "contributions_corrupted": rounds, "refused": []},
+        "peer1": {"attacks": ["signflip"], "started_at_step": 0, "contributions_corrupted": rounds,
+                  "corrupted_in_committed_rounds": rounds, "refused": []},
     }
     sent = [e for e in harness.peers["peer1"].events if e["event"] == "byzantine-sent"]
     assert all(e["sent_norm"] == pytest.approx(10 * e["honest_norm"], rel=1e-5) for e in sent)
-    assert "byzantine      peer1: signflip; 5 corrupted contributions sent" in report_summary(report, STEPS)
+    assert "byzantine      peer1: signflip; 5 contributions corrupted, 5 in committed rounds" in report_summary(
+        report, STEPS)
 
 
 def test_labelflip_on_a_task_without_classes_is_refused_before_any_process_starts(tmp_path):

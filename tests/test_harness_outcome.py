@@ -149,7 +149,7 @@ def test_byzantine_reports_what_each_attacker_says_it_did() -> None:
         ],
     }
     assert outcome.byzantine(events) == {"bad": {
-        "attacks": ["scale"], "started_at_step": 40, "contributions_corrupted": 2,
+        "attacks": ["scale"], "started_at_step": 40, "contributions_corrupted": 2, "corrupted_in_committed_rounds": 0,
         "refused": ["the codec cannot carry it"],
     }}
 
@@ -206,3 +206,19 @@ def test_an_exit_is_unexpected_unless_clean_or_the_end_of_a_signal_the_harness_s
     returncode, signalled, unexpected
 ) -> None:
     assert outcome.unexpected_exit(returncode, signalled) is unexpected
+
+
+def test_corruptions_the_run_took_are_the_rounds_committed_while_the_attack_ran() -> None:
+    # contributions_corrupted counts what was made: a refused quorum (Bulyan short of peers) committed none of them.
+    events = [
+        committed(1, "a"),
+        {"event": "byzantine-started", "attack": "signflip", "step": 10},
+        {"event": "byzantine-sent"}, committed(2, "b"),
+        {"event": "byzantine-sent"},  # no round formed
+        {"event": "byzantine-sent"}, committed(3, "c", contributed=False),  # applied late: not its contribution
+        {"event": "byzantine-sent"}, committed(4, "d"),
+        {"event": "byzantine-stopped", "attack": "signflip", "step": 40},
+        committed(5, "e"),
+    ]
+    did = outcome.byzantine({"p": events})["p"]
+    assert (did["contributions_corrupted"], did["corrupted_in_committed_rounds"]) == (4, 2)

@@ -103,10 +103,25 @@ def byzantine(events_by_peer: Mapping[str, Events]) -> dict[str, dict]:
         report[name] = {
             "attacks": [e["attack"] for e in mine if e["event"] == "byzantine-started"],
             "started_at_step": next((e["step"] for e in mine if e["event"] == "byzantine-started"), None),
+            # Made: a contribution is corrupted as it is built, before the coordinator forms (or refuses) a round.
             "contributions_corrupted": sum(e["event"] == "byzantine-sent" for e in mine),
+            "corrupted_in_committed_rounds": _counted_while_attacking(events),
             "refused": [e["reason"] for e in mine if e["event"] == "byzantine-refused"],
         }
     return report
+
+
+def _counted_while_attacking(events: Events) -> int:
+    """Rounds this peer contributed to, committed, while an attack of its ran: its corruptions the run took."""
+    attacking, counted = False, 0
+    for e in events:
+        if e["event"] == "byzantine-started":
+            attacking = True
+        elif e["event"] == "byzantine-stopped":
+            attacking = False
+        elif e["event"] == "committed" and attacking and e.get("contributed", True):
+            counted += 1
+    return counted
 
 
 def replicas(events_by_peer: Mapping[str, Events]) -> dict:

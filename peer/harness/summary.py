@@ -31,7 +31,8 @@ def report_summary(report: dict, steps: int) -> str:
         lines.append(f"  event          {event['event']} at {event['time_s']:.1f} s; {after}")
     for peer, did in report.get("byzantine", {}).items():
         attacks = ", ".join(did["attacks"]) or "no attack (" + "; ".join(did["refused"]) + ")"
-        lines.append(f"  byzantine      {peer}: {attacks}; {did['contributions_corrupted']} corrupted contributions sent")
+        lines.append(f"  byzantine      {peer}: {attacks}; {did['contributions_corrupted']} contributions corrupted, "
+                     f"{did.get('corrupted_in_committed_rounds', 0)} in committed rounds")
     lines += [
         f"  peers          {report['peers_alive']} of {report['peers'] + report.get('joined', 0)} finished"
         + (f" with {_parameters(report)}" if report["peers_alive"] else ""),
