@@ -61,8 +61,8 @@ def test_a_newest_checkpoint_with_flipped_bytes_falls_back_to_the_previous(tmp_p
 def test_half_written_checkpoints_of_a_killed_writer_are_removed_at_the_check(tmp_path):
     save_checkpoint(tmp_path, 1, state(1))
     (tmp_path / ".ckpt-ab12cd.tmp").write_bytes(b"half of a checkpoint")
-    check_checkpoint_dir(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-0000000001.pt"]
+    check_checkpoint_dir(tmp_path).release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "ckpt-0000000001.pt"]
 
 
 def test_a_checkpoint_with_code_in_it_is_refused(tmp_path):
@@ -139,8 +139,20 @@ def test_a_checkpoint_that_names_no_model_settings_is_restored_when_the_shapes_f
 
 
 def test_a_checkpoint_folder_that_is_missing_is_made_at_the_check(tmp_path):
-    check_checkpoint_dir(tmp_path / "a" / "b")
-    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
+    check_checkpoint_dir(tmp_path / "a" / "b").release()
+    assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == [".lock"]
+
+
+def test_a_checkpoint_folder_another_peer_holds_is_refused_naming_its_pid_until_it_lets_go(tmp_path):
+    # Two peers on one folder overwrote each other's checkpoints (one peer's inner optimizer state lost).
+    import os
+
+    held = check_checkpoint_dir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"--checkpoint-dir {tmp_path} is in use by another peer \(pid "
+                                          rf"{os.getpid()}\): give each peer a folder of its own"):
+        check_checkpoint_dir(tmp_path)
+    held.release()
+    check_checkpoint_dir(tmp_path).release()
 
 
 @pytest.mark.parametrize(

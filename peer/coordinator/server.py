@@ -22,7 +22,8 @@ from collectives.rpc import COORDINATOR_SETTINGS, RpcSettings, RunAuthIntercepto
 from peer.coordinator.limits import RateLimitInterceptor
 from peer.coordinator.service import Coordinator, CoordinatorConfig
 from peer.coordinator.sessions import SessionLimits, session_handler
-from peer.coordinator.statefile import StateFileHold
+from peer.coordinator.statefile import hold_state_file
+from peer.filelock import ExclusiveHold
 from protos import membership_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class CoordinatorServer:
         self.dashboard_url = ""
         self._server: grpc.aio.Server | None = None
         self._dashboard = None
-        self._hold: StateFileHold | None = None
+        self._hold: ExclusiveHold | None = None
 
     async def start(self) -> str:
         """Bind and start serving; return the gRPC address."""
@@ -118,7 +119,7 @@ class CoordinatorServer:
             raise ConfigError(f"--dashboard-token-file {self.config.dashboard_token_file} holds the run secret: give "
                               "the dashboard a token of its own (anyone who may watch would otherwise hold the run's)")
         if self.config.state_file and self._hold is None:
-            self._hold = StateFileHold(self.config.state_file)
+            self._hold = hold_state_file(self.config.state_file)
         try:
             return await self._serve(token)
         except BaseException:

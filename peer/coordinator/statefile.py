@@ -24,7 +24,6 @@ with -1 (unknown: such a member is told the coordinator lost the round).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from dataclasses import asdict, dataclass
 
 from collectives.errors import ConfigError
 from peer.coordinator.rules import MAX_CLAIM, valid_digest
+from peer.filelock import ExclusiveHold
 
 log = logging.getLogger(__name__)
 
@@ -152,36 +152,11 @@ def check_writable(path: pathlib.Path) -> None:
         ) from None
 
 
-class StateFileHold:
-    """One serving coordinator's exclusive hold on a state file: an flock on ``PATH.lock``, which names its pid.
-
-    Two coordinators writing one record would each overwrite the other's round and epoch, and a restart would resume
-    whichever wrote last. The lock goes with the process, so a killed coordinator leaves none behind."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = pathlib.Path(str(path) + ".lock")
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise ConfigError(f"--state-file {path}: cannot open its lock {self.path} ({exc.strerror}); "
-                              "choose a writable folder") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            os.close(fd)
-            who = f" (pid {holder})" if holder.isdigit() else ""
-            raise ConfigError(f"--state-file {path} is in use by another coordinator{who}: stop it first, or give "
-                              "each coordinator its own state file") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd: int | None = fd
-
-    def release(self) -> None:
-        """Let another coordinator take the state file (idempotent)."""
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+def hold_state_file(path: str | os.PathLike) -> ExclusiveHold:
+    """A serving coordinator's exclusive hold on its state file (``PATH.lock``): two coordinators writing one record
+    would each overwrite the other's round and epoch, and a restart would resume whichever wrote last."""
+    return ExclusiveHold(f"{path}.lock", f"--state-file {path}", "another coordinator",
+                         "stop it first, or give each coordinator its own state file")
 
 
 def save_run(path: str | os.PathLike, saved: SavedRun) -> None:

@@ -25,6 +25,7 @@ import torch
 
 from collectives.errors import ConfigError
 from collectives.membership import FORMAT_SEPARATOR, format_difference
+from peer.filelock import ExclusiveHold
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,11 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def check_checkpoint_dir(folder: str | os.PathLike) -> None:
-    """Make the --checkpoint-dir folder if missing and try a file in it; CheckpointError naming it when it is a file
-    or takes none. Checked before a peer joins: a peer found out at its first commit died holding that round."""
+def check_checkpoint_dir(folder: str | os.PathLike) -> ExclusiveHold:
+    """Make the --checkpoint-dir folder if missing, try a file in it and hold it for this peer; CheckpointError
+    naming it when it is a file or takes none, ConfigError when another peer holds it. Checked before a peer joins: a
+    peer found out at its first commit died holding that round, and two peers on one folder overwrote each other's
+    checkpoints."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"--checkpoint-dir {folder} is a file, not a folder; name a folder (it is made if "
@@ -66,11 +69,14 @@ def check_checkpoint_dir(folder: str | os.PathLike) -> None:
     except OSError as exc:
         raise CheckpointError(f"--checkpoint-dir {folder}: cannot write in it ({exc.strerror}); choose a writable "
                               "folder") from None
+    hold = ExclusiveHold(folder / ".lock", f"--checkpoint-dir {folder}", "another peer",
+                         "give each peer a folder of its own (--resume-from reads another's)")
     # Half-written checkpoints of a process killed mid-write: each as large as a checkpoint, and nothing else
     # would ever remove them (one peer per folder, so none is being written now).
     for stale in folder.glob(".ckpt-*.tmp"):
         log.info("removing %s, a checkpoint its writer did not finish", stale)
         stale.unlink(missing_ok=True)
+    return hold
 
 
 def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 3) -> Path:

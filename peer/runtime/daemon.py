@@ -206,10 +206,14 @@ class StopSignals:
 def run_peer(config: PeerConfig, hooks: PeerHooks | None = None) -> int:
     """Run a peer until its steps are done or it is told to stop; return the exit code (STOP_EXIT_CODES)."""
     signals = StopSignals()
+    # Checked (and held for this peer) now, not at the first commit: see checkpoint.check_checkpoint_dir.
+    hold = check_checkpoint_dir(config.checkpoint_dir) if config.checkpoint_dir else None
     try:
         return _run(config, hooks, signals)
     finally:
         signals.restore()
+        if hold is not None:
+            hold.release()
 
 
 def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> int:
@@ -346,10 +350,7 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
 
 
 def _load_checkpoint(config: PeerConfig) -> tuple[Path, dict] | None:
-    """The checkpoint to resume: the newest of --checkpoint-dir, else of --resume-from (which must hold one).
-    The --checkpoint-dir must take new checkpoints too (checked now, not at the first commit)."""
-    if config.checkpoint_dir:
-        check_checkpoint_dir(config.checkpoint_dir)
+    """The checkpoint to resume: the newest of --checkpoint-dir, else of --resume-from (which must hold one)."""
     resumed = load_latest(config.checkpoint_dir) if config.checkpoint_dir else None
     if resumed is None and config.resume_from:
         resumed = load_latest(config.resume_from)
