@@ -151,7 +151,7 @@ def test_a_reused_workdir_starts_a_new_run_without_the_earlier_runs_checkpoints_
 
 def test_a_reused_workdir_forgets_the_earlier_runs_gates_control_files_and_logs(harness, tmp_path):
     # An open gate started its peer at once (not with the others); a control file carried its attack over.
-    earlier = ["peer0.gate", "peer4.control.json", "peer1.log", "peer1.1.log", "coordinator.log", "coordinator1.log",
+    earlier = ["peer0.gate", "peer0.start", "peer4.control.json", "peer1.log", "peer1.1.log", "coordinator.log", "coordinator1.log",
                "coordinator-state.json.key", "coordinator-state.json.lock"]
     for name in earlier:
         (tmp_path / name).write_text('{"byzantine": "signflip"}')

@@ -377,16 +377,16 @@ def test_a_gated_peer_waits_for_the_start_line_after_joining_and_a_stop_ends_the
     # before the last registered, and one command ended at two losses.
     import threading
 
-    gate = tmp_path / "peer0.gate"
-    control = Control(start_when=str(gate), poll_s=0.0)
+    control = Control(poll_s=0.0, train_when=str(tmp_path / "peer0.start"))
     stop = threading.Event()
     waiting = threading.Thread(target=lambda: setattr(control, "trained", control.before_training(stop)))
     waiting.start()
     waiting.join(timeout=0.3)
     assert waiting.is_alive()  # no start line yet
-    (tmp_path / "peer0.gate.start").touch()
+    (tmp_path / "peer0.start").touch()
     waiting.join(timeout=30)
     assert control.trained is True
     stop.set()
-    assert Control(start_when=str(tmp_path / "peer1.gate")).before_training(stop) is False
-    assert Control().before_training(threading.Event()) is True  # not gated: a peer the harness started again
+    assert Control(train_when=str(tmp_path / "peer1.start")).before_training(stop) is False
+    # No start line: a joiner, a peer the harness started again, a gated peer of another tool.
+    assert Control(start_when=str(tmp_path / "peer2.gate")).before_training(threading.Event()) is True

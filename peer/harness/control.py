@@ -7,6 +7,9 @@ hidden from ``--help``) plugs a ``Control`` into it:
 - ``--start-when FILE``: the peer stays idle until FILE exists (the harness
   starts joiners early, since Python's start-up takes seconds, then opens
   their gate at the scheduled moment);
+- ``--train-when FILE``: once joined, the peer takes no step until FILE
+  exists (the harness draws this start line once all its initial peers have
+  joined, so the run's first round takes them all);
 - ``--control FILE``: a JSON object the harness rewrites; ``{"slowdown": 3}``
   makes each step take three times as long (a straggler on purpose), and each
   increase of ``"diverge"`` sets the peer's parameters to NaN once, as a
@@ -65,9 +68,11 @@ def _emit_nothing(event: str, **fields: Any) -> None:
 class Control:
     """The harness's controls of one peer process (implements the runtime's PeerHooks)."""
 
-    def __init__(self, control_file: str | None = None, start_when: str | None = None, poll_s: float = 1.0) -> None:
+    def __init__(self, control_file: str | None = None, start_when: str | None = None, poll_s: float = 1.0,
+                 train_when: str | None = None) -> None:
         self.path = control_file
         self.gate = start_when
+        self.start_line = train_when
         # Seconds between reads of the control file.
         self.poll_s = poll_s
         self.factor = 1.0
@@ -122,10 +127,10 @@ class Control:
         return True
 
     def before_training(self, stop: threading.Event) -> bool:
-        """Wait for the start line, the gate's ``.start`` file (if there is a gate): the harness draws it once every
-        initial peer has joined, so the run's first round takes them all (a peer a round per step, as coded-sgd,
-        formed round 1 before the last had joined: the same command ended at two different losses)."""
-        start = f"{self.gate}.start" if self.gate else None
+        """Wait for the start line (--train-when), if any: the harness draws it once every initial peer has joined,
+        so the run's first round takes them all (a peer with a round per step, as coded-sgd's, formed round 1
+        before the last had joined: the same command ended at two different losses)."""
+        start = self.start_line
         while start and not os.path.exists(start):
             if stop.wait(GATE_POLL_S):
                 return False
@@ -311,13 +316,14 @@ def add_control_arguments(parser: argparse.ArgumentParser) -> None:
     """The harness-only options of ``loconet peer`` (hidden from --help)."""
     parser.add_argument("--control", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--start-when", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--train-when", default=None, help=argparse.SUPPRESS)
 
 
 def control_from(ns: argparse.Namespace) -> Control | None:
     """The Control those options ask for, or None when the peer was not started by a harness."""
-    if ns.control is None and ns.start_when is None:
+    if ns.control is None and ns.start_when is None and ns.train_when is None:
         return None
-    return Control(ns.control, ns.start_when)
+    return Control(ns.control, ns.start_when, train_when=ns.train_when)
 
 
 def write_control(path: os.PathLike, control: dict) -> None:

@@ -353,9 +353,10 @@ class Harness:
         index = int(name[4:])
         return args + ["--shard", f"{index % c.peers}/{c.peers}"]
 
-    def _start_peer(self, name: str, gate: Path | None = None) -> None:
+    def _start_peer(self, name: str, gate: Path | None = None, start_line: Path | None = None) -> None:
         assert self.coordinator is not None
         extra = ["--start-when", str(gate)] if gate is not None else []
+        extra += ["--train-when", str(start_line)] if start_line is not None else []
         self.peers[name] = daemon_peer(
             self.workdir, self.coordinator.address, self.config.run_id, name, *self._peer_args(name), *extra,
             netns=self._netns(name),
@@ -445,7 +446,6 @@ class Harness:
             # delayed by Python's start-up; opening its gate makes it join now. It counts the
             # run's steps from the state it fetches, so it ends with the others.
             name = self._joiners.pop(0)
-            (self.workdir / f"{name}.gate.start").touch()  # a joiner trains once it joined: no start line to wait for
             (self.workdir / f"{name}.gate").touch()
             fired.detail = f"{name} joins"
             if self._pattern is not None:
@@ -580,7 +580,9 @@ class Harness:
             # all have started (Python start-up takes seconds and varies), so the first round
             # waits for all of them instead of one peer racing ahead alone.
             for name in c.peer_names:
-                self._start_peer(name, gate=self.workdir / f"{name}.gate")
+                initial_peer = name in c.peer_names[:c.peers]  # a joiner trains once it joined
+                self._start_peer(name, gate=self.workdir / f"{name}.gate",
+                                 start_line=self.workdir / f"{name}.start" if initial_peer else None)
             self._joiners = c.peer_names[c.peers:]
             initial = [self.peers[f"peer{i}"] for i in range(c.peers)]
             for p in initial:
@@ -598,7 +600,7 @@ class Harness:
                 with contextlib.suppress(ChildFailed):  # one that died or hangs is the run's to report: go on
                     p.wait_event(lambda e: e["event"] == "joined", 120)
             for i in range(c.peers):
-                (self.workdir / f"peer{i}.gate.start").touch()
+                (self.workdir / f"peer{i}.start").touch()
             self._loop()
             report = self._report()
         finally:
@@ -610,8 +612,8 @@ class Harness:
 
     # What a harness run leaves in its work dir besides the checkpoints: the coordinator's state file (with its key
     # and lock), the peers' start gates and control files, and the logs.
-    EARLIER_RUN_FILES = ("coordinator-state.json*", "peer[0-9]*.gate*", "peer[0-9]*.control.json", "peer[0-9]*.log",
-                         "coordinator*.log")
+    EARLIER_RUN_FILES = ("coordinator-state.json*", "peer[0-9]*.gate", "peer[0-9]*.start", "peer[0-9]*.control.json",
+                         "peer[0-9]*.log", "coordinator*.log")
 
     def _forget_earlier_run(self) -> None:
         """A reused workdir starts a new run: without the earlier run's state file and checkpoints (its peers would
