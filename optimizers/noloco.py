@@ -14,7 +14,6 @@ it on a model comes after it.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections import deque
@@ -34,8 +33,6 @@ from optimizers.diloco import DiLoCo, DiLoCoConfig
 from optimizers.outer import RECENT_SYNCS
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import SyncPeer
-
-log = logging.getLogger(__name__)
 
 __all__ = ["NoLoCo", "NoLoCoConfig", "NoLoCoStep", "count_sketch", "noloco_outer_step"]
 
@@ -317,15 +314,9 @@ class NoLoCo(DiLoCo):
             return None
         with self.state.lock:
             sketch = count_sketch(flatten(self.state.globals), size)
-        plans: list[Any] = []
-
-        def weigh(plan: Any) -> float:
-            plans.append(plan)  # who the round took: its mean is the replicas' mean only if it took them all
-            return 1.0
-
         try:
-            result = self.peer.sync([sketch], weight=weigh, tag=SPREAD_TAG,
-                                    codec=CodecConfig("none"), aggregator=self.aggregator, own_state=True)
+            result = self.peer.sync([sketch], weight=1.0, tag=SPREAD_TAG, codec=CodecConfig("none"),
+                                    aggregator=self.aggregator, own_state=True)
         except Resynced as exc:  # back in the run after being dropped: a replica of the run's, as a sync adopts
             self.load_snapshot(exc.snapshot)
             return None
@@ -335,13 +326,6 @@ class NoLoCo(DiLoCo):
             # The round changed no state: the state held now is also the state as of this round. Labelled so,
             # a peer that joins right after it (and asks for the run's last round) can fetch it.
             self.state.round_id = max(self.state.round_id, result.round_id)
-        plan = plans[-1] if plans else None
-        candidates = getattr(plan, "candidates", ())
-        if candidates and len(plan.members) < len(candidates):
-            # A buffer, first-k or sample policy took some of the live replicas (often the pair that had just
-            # averaged): their distance from their own mean said ~1e-7 of replicas apart by whole percents.
-            log.info("the spread round took %d of %d replicas: no spread measured", len(plan.members), len(candidates))
-            return None
         spread = float((sketch - result.value[0].reshape(-1)).norm())
         self.spreads.append(spread)
         return spread

@@ -140,31 +140,6 @@ def test_a_peer_resynced_during_the_spread_round_adopts_the_runs_replica() -> No
     assert all(torch.equal(g, h) for g, h in zip(stale.state.globals, opts[0].state.globals))
 
 
-class _RoundOf:
-    """A peer whose spread round has ``members`` of ``candidates`` live replicas (a buffer or sample policy's)."""
-
-    def __init__(self, members: int, candidates: int) -> None:
-        from collectives.membership import RoundPlan
-
-        self.plan = RoundPlan("round", round_id=5, members=tuple((f"p{i}", "") for i in range(members)),
-                              candidates=tuple(f"p{i}" for i in range(candidates)))
-
-    def sync(self, tensors, weight=1.0, **kwargs):
-        from collectives.results import CommittedResult
-
-        assert weight(self.plan) == 1.0
-        return CommittedResult(round_id=5, tag=kwargs["tag"], value=torch.zeros(tensors[0].numel()))
-
-
-@pytest.mark.parametrize(("members", "candidates", "measured"), [(2, 3, False), (3, 3, True), (2, 0, True)])
-def test_a_spread_round_of_some_of_the_replicas_measures_no_spread(members, candidates, measured) -> None:
-    # Under --noloco-buffer K the spread round took the K ready replicas, often a pair that had just averaged:
-    # it reported 2e-7 of replicas whose eval losses differed by whole percents.
-    m = model()
-    opt = NoLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), _RoundOf(members, candidates), NoLoCoConfig(sync_every=3))
-    assert (opt.measure_spread() is not None) == measured
-
-
 def test_a_count_sketch_is_linear_and_keeps_the_norm_in_expectation() -> None:
     x, y = torch.randn(5000), torch.randn(5000)
     assert torch.allclose(count_sketch(x + y, 256), count_sketch(x, 256) + count_sketch(y, 256), atol=1e-4)

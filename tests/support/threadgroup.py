@@ -35,8 +35,6 @@ class ThreadGroup:
     def submit(self, rank: int, tensors, weight: float, aggregator=None, within=None,
                prepare=None) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        if callable(weight):
-            weight = weight(None)  # a weight of the round's plan: this group's rounds have none (every rank, always)
         with self.lock:
             if rank in self.pending:
                 raise RuntimeError(f"rank {rank} submitted twice in one round")
