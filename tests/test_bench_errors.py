@@ -98,7 +98,7 @@ BAD_ARGUMENTS = [
     (["coding", "--methods", "wait,coded,wait"], "method 'wait' is given twice in --methods"),
     (["federated", "--clip", "-1"], "--clip must be a positive number (norm_clip's bound on an update's norm), got -1"),
     (["federated", "--tau", "0"], "--tau must be a positive number (centered_clip's radius), got 0"),
-    (["federated", "--strategies", "fedavg,fedadam", "--set", "eta=-1"], "outer lr must be a positive finite number"),
+    (["federated", "--strategies", "fedavg,fedadam", "--set", "eta=-1"], "--eta must be a positive finite number"),
     (["federated", "--strategies", ""], "--strategies is empty; give comma-separated strategies such as fedavg,median"),
     (["federated", "--strategies", "fedavg,median,fedavg"], "strategy 'fedavg' is given twice in --strategies"),
     (["gpu", "--device", "auto"], "bench gpu checks a named device: give --device cuda, cuda:N, or cpu"),
