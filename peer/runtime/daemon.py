@@ -206,9 +206,10 @@ class StopSignals:
 def run_peer(config: PeerConfig, hooks: PeerHooks | None = None) -> int:
     """Run a peer until its steps are done or it is told to stop; return the exit code (STOP_EXIT_CODES)."""
     signals = StopSignals()
-    # Checked (and held for this peer) now, not at the first commit: see checkpoint.check_checkpoint_dir.
-    hold = check_checkpoint_dir(config.checkpoint_dir) if config.checkpoint_dir else None
+    hold = None
     try:
+        # Checked (and held for this peer) now, not at the first commit: see checkpoint.check_checkpoint_dir.
+        hold = check_checkpoint_dir(config.checkpoint_dir) if config.checkpoint_dir else None
         return _run(config, hooks, signals)
     finally:
         signals.restore()
