@@ -77,6 +77,7 @@ def _connection(peer: str) -> str:
 SERVES_NO_STATE = ("this peer serves no state: its ElasticCollective has no state provider (an optimizer registers "
                    "one; without one, give provide_state a function returning the state a joiner should load)")
 
+
 class StateServer:
     """Serves this peer's state to joiners, and recent rounds' results to late peers (FetchState).
 
