@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from peer.bench import allreduce
-from peer.harness.netns import LOSS_BASED_CONTROLS, NetnsUnavailable, check_available
+from peer.harness.netns import LOSS_BASED_CONTROLS, NetnsUnavailable, check_available, tbf_parameters
 from tests.support.cli import before_any_process, one_line_error
 
 try:
@@ -46,8 +46,11 @@ def test_ours_and_gloo_run_over_the_same_capped_links():
     # gloo's ring sends 2 (N-1)/N of the fp32 tensor per peer, through the same veths.
     assert report["baseline"]["bytes_sent_per_peer"] == 2 * 2 / 3 * 4 * 200_000
     assert report["baseline"]["bytes_sent_per_peer"] <= report["wire"]["gloo"]
+    rate_bps, burst_bytes, _ = tbf_parameters(50e6)
     for side in (report, report["baseline"]):
-        assert 0 < side["link_utilization"] <= 1
+        # The link's token bucket lets one burst through above the rate: a short round may beat the cap by that much
+        # (CI saw 1.0057 for a 0.17 s round; the 50 mbit bucket holds 62.5 kB, up to 1.06 of it).
+        assert 0 < side["link_utilization"] <= 1 + burst_bytes * 8 / (rate_bps * side["median_s"])
         assert side["cpu_s_per_round"] > 0
     assert report["ratio_vs_gloo"] == report["median_s"] / report["baseline"]["median_s"]
     assert report["congestion_control"] in LOSS_BASED_CONTROLS
