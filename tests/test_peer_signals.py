@@ -112,9 +112,10 @@ def test_the_peer_config_checks_its_coordinator_address_before_anything_starts()
     ("settings", "says"),
     [({"keep_checkpoints": 0}, "--keep must be at least 1 (checkpoints kept), got 0"),
      ({"keep_checkpoints": -2}, "--keep must be at least 1 (checkpoints kept), got -2"),
-     ({"checkpoint_every": 0}, "--checkpoint-every must be at least 1 (committed rounds), got 0")],
+     ({"checkpoint_every": 0}, "--checkpoint-every must be at least 1 (committed rounds), got 0"),
+     ({"keep_results": -1}, "--keep-results must be >= 0 (0: keep none), got -1")],
 )
-def test_checkpoint_counts_below_one_are_refused(settings, says):
+def test_what_a_peer_keeps_below_its_least_is_refused(settings, says):
     # --keep 0 kept every checkpoint, a full one per round, for good.
     with pytest.raises(ConfigError) as refused:
         PeerConfig(**settings)

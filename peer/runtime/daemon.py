@@ -117,6 +117,8 @@ class PeerConfig:
             raise ConfigError(f"--keep must be at least 1 (checkpoints kept), got {self.keep_checkpoints}")
         if self.checkpoint_every < 1:
             raise ConfigError(f"--checkpoint-every must be at least 1 (committed rounds), got {self.checkpoint_every}")
+        if self.keep_results < 0:  # said by the result store in its own words otherwise ("keep (-1) and max_bytes")
+            raise ConfigError(f"--keep-results must be >= 0 (0: keep none), got {self.keep_results}")
 
 
 class PeerHooks(Protocol):
