@@ -579,12 +579,13 @@ class Harness:
             # Every peer starts idle behind a gate; the initial ones are released together once
             # all have started (Python start-up takes seconds and varies), so the first round
             # waits for all of them instead of one peer racing ahead alone.
-            for name in c.peer_names:
-                initial_peer = name in c.peer_names[:c.peers]  # a joiner trains once it joined
+            names = c.peer_names
+            starting, self._joiners = names[:c.peers], names[c.peers:]
+            for name in names:
+                # A joiner trains once it joined: only the starting peers wait for the start line.
                 self._start_peer(name, gate=self.workdir / f"{name}.gate",
-                                 start_line=self.workdir / f"{name}.start" if initial_peer else None)
-            self._joiners = c.peer_names[c.peers:]
-            initial = [self.peers[f"peer{i}"] for i in range(c.peers)]
+                                 start_line=self.workdir / f"{name}.start" if name in starting else None)
+            initial = [self.peers[name] for name in starting]
             for p in initial:
                 p.wait_event(lambda e: e["event"] == "waiting", 120)
             self._started = time.monotonic()
@@ -592,15 +593,15 @@ class Harness:
             for event in [e for e in self.pending if e.action == "byzantine" and e.at.seconds == 0]:
                 self.pending.remove(event)
                 self.fired.append(self._fire(event, self._started))
-            for i in range(c.peers):
-                (self.workdir / f"peer{i}.gate").touch()
+            for name in starting:
+                (self.workdir / f"{name}.gate").touch()
             # Then the start line, once all have joined: a peer that steps at once would otherwise form the first
             # round (a round per step, as coded-sgd's) before the last one registered.
             for p in initial:
                 with contextlib.suppress(ChildFailed):  # one that died or hangs is the run's to report: go on
                     p.wait_event(lambda e: e["event"] == "joined", 120)
-            for i in range(c.peers):
-                (self.workdir / f"peer{i}.start").touch()
+            for name in starting:
+                (self.workdir / f"{name}.start").touch()
             self._loop()
             report = self._report()
         finally:
