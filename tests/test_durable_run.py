@@ -236,19 +236,37 @@ def test_the_run_state_refuses_a_rollback_to_round_0_once_a_round_committed():
 # -- the digest ----------------------------------------------------------------------------------------
 
 
-def test_peers_reporting_different_digests_for_a_round_is_a_divergence_and_the_first_is_kept(coordinator, caplog):
+def test_a_peer_reporting_another_digest_for_a_round_is_a_divergence_and_fetches_the_run_s_state(
+    coordinator, caplog
+):
     c = coordinator(min_peers=2)
     a = c.join("127.0.0.1:1", has_state=False).peer_id
     b = c.join("127.0.0.1:2", has_state=False).peer_id
     c.play([a, b], 0)
     with caplog.at_level(logging.ERROR):
-        asks = [c.ask(a, 1), c.ask(b, 1, state=digest(77))]
-        for f in asks:
-            f.result()
+        waiting = c.ask(a, 1)
+        wait_until(lambda: c.status()["state_digest"] == digest(1), "a's digest recorded")
+        answer = c.ask(b, 1, state=digest(77)).result()
+    waiting.cancel()
     (diverged,) = c.events("diverged")
     assert diverged["peer_id"] == b and f"{a} reported {digest(1)[:12]}" in diverged["detail"]
     assert c.status()["state_digest"] == digest(1)
     assert any(r.levelno == logging.ERROR and "diverged" in r.getMessage() for r in caplog.records)
+    assert answer.action == pb.QuorumResponse.RESYNC
+    assert (answer.sync_from, answer.state_digest, list(answer.missed)) == ("127.0.0.1:1", digest(1), [])
+
+
+def test_a_peer_whose_state_keeps_differing_is_told_to_fetch_it_three_times_then_trains_on(coordinator):
+    c = coordinator(min_peers=2)
+    a = c.join("127.0.0.1:1", has_state=False).peer_id
+    b = c.join("127.0.0.1:2", has_state=False).peer_id
+    c.play([a, b], 0)
+    waiting = c.ask(a, 1)
+    wait_until(lambda: c.status()["state_digest"] == digest(1), "a's digest recorded")
+    actions = [c.ask(b, 1, state=digest(77)).result().action for _ in range(4)]
+    assert actions == [pb.QuorumResponse.RESYNC] * 3 + [pb.QuorumResponse.ROUND]
+    assert waiting.result().action == pb.QuorumResponse.ROUND
+    assert any("not told to again" in e["detail"] for e in c.events("diverged"))
 
 
 @pytest.mark.parametrize("bad", ["xyz", "A" * 64, "a" * 63])

@@ -76,11 +76,11 @@ def refused_checkpoint(run_id: str, round_id: int, digest: str, recorded: str) -
 
 def note_digest(state: RunState, round_id: int, digest: str, peer_id: str) -> None:
     """Record a peer's digest of its state at round_id; one that differs from the recorded one is a divergence
-    (the digest more of the round's members report is recorded)."""
+    (the digest more of the round's members report is recorded; on a tie, its earliest joiner's)."""
     conflict = state.note_digest(round_id, digest, peer_id)
     if conflict is not None:
         first, recorded = conflict
-        kept = "the members now agree on the later one" if state.digest_of(round_id) == digest else "the first is kept"
+        kept = "the run keeps this peer's" if state.digest_of(round_id) == digest else "the first is kept"
         detail = (
             f"round {round_id}: {peer_id} holds state sha256 {digest[:12]}..., but {first or 'the state file'} "
             f"reported {recorded[:12]}... first; {kept}"
@@ -94,7 +94,7 @@ def resume_saved_run(state: RunState, saved: SavedRun, config: CoordinatorConfig
     state.last_committed_round, state.epoch = saved.last_committed_round, saved.epoch
     state.last_committed_epoch = saved.committed_epoch
     if saved.digest and saved.last_committed_round > 0:
-        state.digests[saved.last_committed_round] = (saved.digest, "")
+        state.digest_book.record(saved.last_committed_round, saved.digest)
     elif saved.digest:
         state.initial_digest = saved.digest  # founded, nothing committed: the founder's initial state's
     if saved.last_committed_round > 0:

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from peer.coordinator.digests import DIGEST_ROUNDS, UNKNOWN_SENIORITY, DigestBook
 from peer.coordinator.forgetting import ForgetRule, peers_to_forget
 from peer.coordinator.history import Series, SeriesBook
 from peer.coordinator.resultholders import ResultHolders
@@ -21,8 +22,6 @@ from peer.coordinator.rules import CommittedRound, PeerView
 from peer.coordinator.waiting import WaitingRoom
 
 PEER_STATES = ("joining", "syncing", "active", "lost", "left")
-# How many recent committed rounds keep their state digest (a checkpoint of one of them is checked against it).
-DIGEST_ROUNDS = 64
 
 
 @dataclass
@@ -61,6 +60,8 @@ class PeerRecord:
     algorithm: str = ""
     # What else it must agree on with the run (JoinRequest.settings; "": not said).
     settings: str = ""
+    # How often it was told to fetch the run's state because its own lost to the run's digest (digests.py).
+    realigned: int = 0
     # Calls the peer refused or cut off, by kind (its heartbeats say; docs/security.md).
     refusals: dict[str, int] = field(default_factory=dict)
     # With a run secret: the Ed25519 key the peer's credential binds its id to (collectives.credentials).
@@ -182,16 +183,11 @@ class RunState:
     # an id from the previous coordinator must be unknown here (so it rejoins), never taken
     # for a new peer that happened to get the same number.
     incarnation: str = field(default_factory=lambda: secrets.token_hex(3))
-    # Recent committed rounds' state digests: round id -> (SHA-256 hex, the peer that reported it first,
-    # "" for the state file), and the (round, peer) pairs already reported as diverging from it.
-    digests: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # Recent committed rounds' state digests, who reported which, and whose state lost (digests.py).
+    digest_book: DigestBook = field(default_factory=DigestBook)
     # SHA-256 of the founder's initial state (its Join said, "" unknown): before the first commit, a fresh peer
     # whose own initial state has it holds the run's state already, and keeps it instead of fetching it.
     initial_digest: str = ""
-    diverged: set[tuple[int, str]] = field(default_factory=set)
-    # Who reported which digest of a recent round (only the round's members count, when it is remembered): a
-    # digest the members agree on overturns one a minority reported first.
-    digest_votes: dict[int, dict[str, set[str]]] = field(default_factory=dict)
     # Peers waiting for a holder of the run's state (no live peer holds it).
     waiting: WaitingRoom = field(default_factory=WaitingRoom)
     # Gone (left or lost) peers still remembered: peer id -> when it went (monotonic), in the order they went.
@@ -256,8 +252,7 @@ class RunState:
         self.committed.clear()
         self.committed.extend(kept)
         self.result_holders.forget({c.round_id for c in kept})
-        self.digests = {r: d for r, d in self.digests.items() if r <= round_id}
-        self.diverged = {(r, p) for r, p in self.diverged if r <= round_id}
+        self.digest_book.forget_after(round_id)
 
     # -- state digests ---------------------------------------------------------------
 
@@ -268,38 +263,26 @@ class RunState:
 
     def digest_of(self, round_id: int) -> str:
         """The SHA-256 recorded for the state of a recent committed round; "" when unknown or forgotten."""
-        recorded = self.digests.get(round_id)
-        return recorded[0] if recorded is not None else ""
+        return self.digest_book.digest_of(round_id)
 
     def note_digest(self, round_id: int, digest: str, peer_id: str) -> tuple[str, str] | None:
-        """Record a peer's digest of its state at a committed round: the one more of the round's members report
-        than any other is kept (the first report until another has more).
+        """Record a peer's digest of its state at a committed round (DigestBook.note: the one more of the round's
+        members report is kept, on a tie its most senior reporter's; a peer that reports another must realign).
 
         Returns (reporter, digest) of the recorded digest this peer's differs from, the first time it does for
-        that round (it diverged; if its digest now has more members behind it, it is the one recorded from now
-        on, and the earlier one is returned); None otherwise. Rounds 0 (no committed state), beyond the last
-        committed round or too old, and empty digests (unknown) are ignored.
+        that round; None otherwise. Rounds 0 (no committed state), beyond the last committed round or too old,
+        and empty digests (unknown) are ignored.
         """
         oldest = self.last_committed_round - DIGEST_ROUNDS
         if not digest or round_id <= max(0, oldest) or round_id > self.last_committed_round:
             return None
         members = next((c.members for c in self.committed if c.round_id == round_id), None)
-        votes = self.digest_votes.setdefault(round_id, {})
-        if members is None or peer_id in members:
-            votes.setdefault(digest, set()).add(peer_id)
-        recorded = self.digests.get(round_id)
-        if recorded is None:
-            self.digests[round_id] = (digest, peer_id)
-            self.digests = {r: d for r, d in self.digests.items() if r > oldest}
-            self.digest_votes = {r: v for r, v in self.digest_votes.items() if r > oldest}
-            self.diverged = {(r, p) for r, p in self.diverged if r > oldest}
-            return None
-        if recorded[0] == digest or (round_id, peer_id) in self.diverged:
-            return None
-        self.diverged.add((round_id, peer_id))
-        if len(votes.get(digest, ())) > len(votes.get(recorded[0], ())):
-            self.digests[round_id] = (digest, peer_id)
-        return recorded[1], recorded[0]
+        return self.digest_book.note(round_id, digest, peer_id, members, oldest, self._seniority)
+
+    def _seniority(self, peer_id: str) -> float:
+        """When a live peer joined (earlier: more senior); unknown or gone peers are the most junior."""
+        peer = self.peers.get(peer_id)
+        return peer.joined_at if peer is not None and peer.alive else UNKNOWN_SENIORITY
 
     # -- peers ---------------------------------------------------------------------
 

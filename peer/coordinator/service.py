@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
@@ -88,6 +88,9 @@ MAX_TAG_CHARS = 200
 MAX_ALGORITHM_CHARS = 64
 # The largest round minimum a peer may ask for (QuorumRequest.min_members): Krum with f in the thousands.
 MAX_MIN_MEMBERS = MAX_ROUND_MEMBERS
+# How often one peer registration is told to fetch the run's state again because its own lost to it: a peer
+# whose state keeps differing (a nondeterministic device) would otherwise fetch the whole state every round.
+MAX_REALIGNS = 3
 
 # CoordinatorConfig lives in peer/coordinator/config.py, BadRequest in quorum.py; importing them from here still works.
 __all__ = ["VERSION", "BadRequest", "Coordinator", "CoordinatorConfig"]
@@ -638,7 +641,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 # this peer lacks the round and is told to resync; aborted: it is in time for the retry's quorum.
                 await self._wait(attempt.decided, give_up, peer.peer_id)
                 continue
-            resync = self._resync_answer(peer, req.last_round)
+            resync = self._realign_answer(peer) or self._resync_answer(peer, req.last_round)
             self.state.waiting.done(peer.address)
             if resync is not None:
                 return resync
@@ -693,12 +696,47 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             self._mark_lost(peer, WAITS_FOR_STATE, kind="leave", state="left")
             raise BadRequest(grpc.StatusCode.NOT_FOUND, f"this peer waits for the run's state: {reason}")
         peer.state = "syncing"
-        now = time.monotonic()
         if missed:
             how = f"catch up {len(missed)} round(s)"
         else:
             how = f"from {sources[0].peer_id}" if sources else "skips them: its state is its own"
         s.event("resync", peer.peer_id, f"behind round {s.last_committed_round}; {how}")
+        return self._resync_message(peer, sources, missed)
+
+    def _realign_answer(self, peer: PeerRecord) -> pb.QuorumResponse | None:
+        """RESYNC for a peer whose state lost to the run's (digests.py): it fetches the run's state from a holder
+        of it instead of training on its own; None when it need not, or nobody else holds the run's state."""
+        s = self.state
+        book = s.digest_book
+        if not book.must_realign(peer.peer_id):
+            return None
+        if peer.realigned >= MAX_REALIGNS:
+            book.realigned(peer.peer_id)
+            detail = (
+                f"its state differs from the run's again after fetching it {peer.realigned} times; not told to "
+                "again (does it load the state it is given? is its training deterministic with the others'?)"
+            )
+            s.event("diverged", peer.peer_id, detail)
+            log.error("%s: %s", peer.peer_id, detail)
+            return None
+        # Only holders of the state the run keeps (one that lost too would fail the fetch's digest check).
+        sources = self.sources.state_sources(peer.peer_id, exclude=book.realign)
+        if not sources:
+            return None
+        book.realigned(peer.peer_id)
+        peer.realigned += 1
+        peer.state = "syncing"
+        detail = f"its state of round {peer.last_round} is not the run's ({short(s.last_digest)}); from {sources[0].peer_id}"
+        s.event("resync", peer.peer_id, detail)
+        log.warning("%s fetches the run's state again: %s", peer.peer_id, detail)
+        return self._resync_message(peer, sources, [])
+
+    def _resync_message(
+        self, peer: PeerRecord, sources: Sequence[PeerView], missed: list[pb.CommittedRound]
+    ) -> pb.QuorumResponse:
+        """The RESYNC answer: fetch the state from ``sources`` or catch up by the ``missed`` rounds' results."""
+        s = self.state
+        now = time.monotonic()
         return pb.QuorumResponse(
             action=pb.QuorumResponse.RESYNC,
             sync_from=sources[0].address if sources else "",

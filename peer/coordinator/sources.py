@@ -13,7 +13,7 @@ few holders commits (``to_push``). Everything runs on the coordinator's loop.
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Collection, Container
 from dataclasses import replace
 
 from peer.coordinator.config import CoordinatorConfig
@@ -33,8 +33,11 @@ class Sources:
         # Peer id -> fetches it was named the first source for, until it takes part in a round again.
         self._serving: dict[str, int] = {}
 
-    def state_sources(self, peer_id: str, count: bool = True) -> tuple[PeerView, ...]:
-        """Live up-to-date holders for a peer to fetch the state from, least busy first; counts it against the first.
+    def state_sources(
+        self, peer_id: str, count: bool = True, exclude: Collection[str] = ()
+    ) -> tuple[PeerView, ...]:
+        """Live up-to-date holders (but those in ``exclude``) for a peer to fetch the state from, least busy first;
+        counts it against the first.
 
         Only the first (sync_from) is counted: it carries the whole fetch of a joiner that does not
         stripe, and counting it alone makes consecutive joiners start at different donors.
@@ -43,7 +46,9 @@ class Sources:
         committed = s.last_committed_round
         # Only up-to-date holders can be sources (choose_sync_sources checks it again): views of them alone, as
         # building a view of every live peer for each of 1,000 joiners took a second of the loop.
-        holders = [p.view() for p in s.alive_peers() if p.has_state and p.last_round >= committed]
+        holders = [
+            p.view() for p in s.alive_peers() if p.has_state and p.last_round >= committed and p.peer_id not in exclude
+        ]
         sources = choose_sync_sources(holders, peer_id, committed, self._serving)
         if sources and count:
             self._serving[sources[0].peer_id] = self._serving.get(sources[0].peer_id, 0) + 1

@@ -1,0 +1,108 @@
+"""The state digests peers report for recent committed rounds, and which peers hold a state that lost.
+
+Every peer reports the SHA-256 of its state as of its last round (Join, Heartbeat, Quorum, Leave). The
+run's peers apply the same rounds to the same state, so for one round they must all report one digest.
+The book keeps, per recent round, the digest the run holds: the one more of the round's members report
+than any other, on a tie the one its most senior reporter (the earliest to join) holds, and the first
+report until a second arrives. A peer outside the round (a joiner, a sybil) reports but does not vote.
+
+A peer whose report differs from the kept digest *lost*: its state is not the run's (an API user's joiner
+that never loaded the state it fetched, a nondeterministic device, a corrupted write). It is noted to
+``realign``: the coordinator answers its next Quorum with RESYNC, so that it fetches the run's state
+instead of training on its own for good (service.py bounds how often one peer is realigned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+# How many recent committed rounds keep their state digest (a checkpoint of one of them is checked against it).
+DIGEST_ROUNDS = 64
+# The seniority of a reporter the run does not know (the state file's, a forgotten peer): the most junior.
+UNKNOWN_SENIORITY = float("inf")
+
+
+@dataclass
+class DigestBook:
+    """The kept digest of each recent committed round, who reported what, and the peers whose state lost."""
+
+    # Round id -> (SHA-256 hex kept, the peer that reported it first; "" for the state file).
+    kept: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # Round id -> digest -> the round's members that reported it (only the round's members vote).
+    votes: dict[int, dict[str, set[str]]] = field(default_factory=dict)
+    # Round id -> peer id -> the digest it reported (every reporter: the losers are read from it).
+    reports: dict[int, dict[str, str]] = field(default_factory=dict)
+    # The (round, peer) pairs already told of as diverging (each is logged once).
+    diverged: set[tuple[int, str]] = field(default_factory=set)
+    # Peers whose state lost to the kept digest and have not fetched the run's state since.
+    realign: set[str] = field(default_factory=set)
+
+    def digest_of(self, round_id: int) -> str:
+        """The digest kept for a recent committed round; "" when unknown or forgotten."""
+        kept = self.kept.get(round_id)
+        return kept[0] if kept is not None else ""
+
+    def record(self, round_id: int, digest: str) -> None:
+        """Keep the state file's digest of its last committed round (no peer reported it yet)."""
+        self.kept[round_id] = (digest, "")
+
+    def forget_after(self, round_id: int) -> None:
+        """A rollback to round_id: the later rounds' digests and reports are gone."""
+        self.kept = {r: d for r, d in self.kept.items() if r <= round_id}
+        self.votes = {r: v for r, v in self.votes.items() if r <= round_id}
+        self.reports = {r: v for r, v in self.reports.items() if r <= round_id}
+        self.diverged = {(r, p) for r, p in self.diverged if r <= round_id}
+
+    def note(
+        self, round_id: int, digest: str, peer_id: str, members: Collection[str] | None, oldest: int,
+        seniority: Callable[[str], float],
+    ) -> tuple[str, str] | None:
+        """Note peer_id's digest of its state at round_id (``members``: the round's, None when not remembered;
+        rounds up to ``oldest`` are forgotten). Returns (reporter, digest) of the kept digest this report differs
+        from, the first time it does for that round; None otherwise. ``seniority``: a peer's join time."""
+        votes = self.votes.setdefault(round_id, {})
+        if members is None or peer_id in members:
+            votes.setdefault(digest, set()).add(peer_id)
+        self.reports.setdefault(round_id, {})[peer_id] = digest
+        kept = self.kept.get(round_id)
+        if kept is None:
+            self.kept[round_id] = (digest, peer_id)
+            self._forget_up_to(oldest)
+            self.realign.discard(peer_id)
+            return None
+        if kept[0] == digest:
+            self.realign.discard(peer_id)
+            return None
+        if _standing(votes.get(digest, ()), seniority) > _standing(votes.get(kept[0], ()), seniority):
+            self.kept[round_id] = (digest, peer_id)
+            for reporter, reported in self.reports[round_id].items():
+                if reported == digest:
+                    self.realign.discard(reporter)
+                else:
+                    self.realign.add(reporter)
+        else:
+            self.realign.add(peer_id)
+        if (round_id, peer_id) in self.diverged:
+            return None
+        self.diverged.add((round_id, peer_id))
+        return kept[1], kept[0]
+
+    def must_realign(self, peer_id: str) -> bool:
+        """Whether peer_id's state lost to the run's and it has not fetched the run's state since."""
+        return peer_id in self.realign
+
+    def realigned(self, peer_id: str) -> None:
+        """peer_id was told to fetch the run's state (or is gone): it no longer needs to."""
+        self.realign.discard(peer_id)
+
+    def _forget_up_to(self, oldest: int) -> None:
+        self.kept = {r: d for r, d in self.kept.items() if r > oldest}
+        self.votes = {r: v for r, v in self.votes.items() if r > oldest}
+        self.reports = {r: v for r, v in self.reports.items() if r > oldest}
+        self.diverged = {(r, p) for r, p in self.diverged if r > oldest}
+
+
+def _standing(voters: Collection[str], seniority: Callable[[str], float]) -> tuple[int, float]:
+    """How strongly a digest is held: its voters, then (on a tie) its most senior voter's earliness."""
+    return len(voters), -min((seniority(p) for p in voters), default=UNKNOWN_SENIORITY)
