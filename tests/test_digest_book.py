@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peer.coordinator.digests import UNKNOWN_SENIORITY, DigestBook
+from peer.coordinator.digests import DIGEST_ROUNDS, UNKNOWN_SENIORITY, DigestBook
 
 GOOD, BAD = "a" * 64, "b" * 64
 # When each peer joined: "a" is the most senior.
@@ -16,9 +16,12 @@ def seniority(peer_id: str) -> float:
 
 
 def book_after(reports: list[tuple[str, str]], members: tuple[str, ...] | None = ("a", "b", "c")) -> DigestBook:
+    """A book whose round 1 committed with ``members`` (None: a round another coordinator committed)."""
     book = DigestBook()
+    if members is not None:
+        book.round_committed(1, members)
     for peer, digest in reports:
-        book.note(1, digest, peer, members, 0, seniority)
+        book.note(1, digest, peer, 0, seniority)
     return book
 
 
@@ -31,21 +34,25 @@ def book_after(reports: list[tuple[str, str]], members: tuple[str, ...] | None =
         ([("b", BAD), ("a", GOOD)], GOOD, {"b"}),
         # More of the round's members beat seniority.
         ([("a", BAD), ("b", GOOD), ("c", GOOD)], GOOD, {"a"}),
-        # A peer outside the round does not vote: it loses to the members' digest, however many report it.
+        # A peer outside the round does not vote, nor is its report kept, however many report it and however
+        # early: it lost to the members' digest.
         ([("x", BAD), ("y", BAD), ("a", GOOD)], GOOD, {"x", "y"}),
-        # Peers the run does not know tie as equals: the first report stays.
-        ([("x", GOOD), ("y", BAD)], GOOD, {"y"}),
+        ([("x", BAD)], "", set()),
     ],
 )
 def test_the_kept_digest_and_the_peers_that_must_realign(reports, kept, realign):
-    members = None if {p for p, _ in reports} <= {"x", "y"} else ("a", "b", "c")
-    book = book_after(reports, members)
+    book = book_after(reports)
     assert (book.digest_of(1), book.realign) == (kept, realign)
+
+
+def test_for_a_round_another_coordinator_committed_every_reporter_votes_and_a_tie_keeps_the_first():
+    book = book_after([("x", GOOD), ("y", BAD)], members=None)
+    assert (book.digest_of(1), book.realign) == (GOOD, {"y"})
 
 
 def test_a_loser_that_reports_the_kept_digest_again_no_longer_must_realign():
     book = book_after([("a", GOOD), ("b", BAD)])
-    book.note(1, GOOD, "b", ("a", "b", "c"), 0, seniority)
+    book.note(1, GOOD, "b", 0, seniority)
     assert not book.must_realign("b")
 
 
@@ -57,20 +64,21 @@ def test_a_peer_told_to_fetch_the_state_no_longer_must_realign():
 
 def test_each_divergence_is_told_once_per_round_and_peer():
     book = book_after([("a", GOOD)])
-    assert book.note(1, BAD, "b", ("a", "b"), 0, seniority) == ("a", GOOD)
-    assert book.note(1, BAD, "b", ("a", "b"), 0, seniority) is None
+    assert book.note(1, BAD, "b", 0, seniority) == ("a", GOOD)
+    assert book.note(1, BAD, "b", 0, seniority) is None
 
 
 def test_a_rollback_forgets_the_later_rounds():
     book = DigestBook()
     for round_id in (1, 2, 3):
-        book.note(round_id, GOOD, "a", None, 0, seniority)
+        book.note(round_id, GOOD, "a", 0, seniority)
     book.forget_after(1)
     assert (book.digest_of(1), book.digest_of(2), book.digest_of(3)) == (GOOD, "", "")
 
 
-def test_rounds_up_to_the_oldest_kept_are_forgotten_when_a_new_round_is_noted():
+def test_a_commit_forgets_the_rounds_digest_rounds_before_it_even_when_no_digest_is_reported():
     book = DigestBook()
-    book.note(1, GOOD, "a", None, 0, seniority)
-    book.note(70, GOOD, "a", None, 6, seniority)
-    assert (book.digest_of(1), book.digest_of(70)) == ("", GOOD)
+    book.note(1, GOOD, "a", 0, seniority)
+    for round_id in range(1, DIGEST_ROUNDS + 2):
+        book.round_committed(round_id, ("a",))
+    assert book.digest_of(1) == "" and min(book.members) == 2 and len(book.members) == DIGEST_ROUNDS

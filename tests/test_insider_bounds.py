@@ -18,7 +18,7 @@ from collectives.errors import Incompatible, NotThisRun
 from collectives.membership import MembershipClient, MembershipConfig
 from collectives.transport import Transport
 from peer.coordinator.rules import MAX_CLAIM, claim_verdict, majority_round
-from peer.coordinator.runstate import CommittedRound, RunState
+from peer.coordinator.runstate import RoundRecord, RunState
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.coordinator import RUN, Live, digest, live_coordinators
@@ -64,8 +64,7 @@ def test_a_coordinator_that_lost_the_history_adopts_the_round_a_majority_of_retu
 
 
 def committed(state: RunState, round_id: int, members: tuple[str, ...]) -> None:
-    state.last_committed_round = round_id
-    state.committed.append(CommittedRound(round_id, 0, "", members))
+    state.record_commit(RoundRecord(round_id, 0, list(members), started_at=0.0))
 
 
 def test_the_digest_the_rounds_members_agree_on_overturns_a_minoritys_first_report():
@@ -176,3 +175,19 @@ def test_a_coordinator_without_a_state_file_adopts_the_round_of_peers_restarted_
     fresh = c.join("127.0.0.1:3", has_state=False)
     assert fresh.sync_from in ("127.0.0.1:1", "127.0.0.1:2")
     assert c.play([a.peer_id, b.peer_id, fresh.peer_id], 30).round_id == 31
+
+
+@pytest.mark.parametrize(
+    "peer_id, last_round, counted",
+    [
+        ("a", 1, True),  # a member of the last round, up to date
+        ("x", 1, False),  # up to date, but in no round: its word would set the run's step for good
+        ("a", 0, False),  # a member that is behind
+    ],
+)
+def test_only_an_up_to_date_member_of_the_last_round_says_where_the_run_trains(peer_id, last_round, counted):
+    state = RunState(RUN, 1)
+    state.note_step("x", 0, 7)  # before this coordinator's first commit, any up-to-date peer's word counts
+    committed(state, 1, ("a", "b"))
+    state.note_step(peer_id, last_round, 2**63)
+    assert state.run_step == (2**63 if counted else 7)

@@ -29,7 +29,9 @@ class DigestBook:
 
     # Round id -> (SHA-256 hex kept, the peer that reported it first; "" for the state file).
     kept: dict[int, tuple[str, str]] = field(default_factory=dict)
-    # Round id -> digest -> the round's members that reported it (only the round's members vote).
+    # Round id -> its members, for the rounds this coordinator committed (only they vote on its digest).
+    members: dict[int, frozenset[str]] = field(default_factory=dict)
+    # Round id -> digest -> the voters that reported it.
     votes: dict[int, dict[str, set[str]]] = field(default_factory=dict)
     # Round id -> peer id -> the digest it reported (every reporter: the losers are read from it).
     reports: dict[int, dict[str, str]] = field(default_factory=dict)
@@ -47,40 +49,42 @@ class DigestBook:
         """Keep the state file's digest of its last committed round (no peer reported it yet)."""
         self.kept[round_id] = (digest, "")
 
+    def round_committed(self, round_id: int, members: Collection[str]) -> None:
+        """Round round_id committed with these members: they alone vote on its digest (rounds DIGEST_ROUNDS
+        before it are forgotten, reported or not)."""
+        self.members[round_id] = frozenset(members)
+        self._keep_only(lambda r: r > round_id - DIGEST_ROUNDS)
+
     def forget_after(self, round_id: int) -> None:
         """A rollback to round_id: the later rounds' digests and reports are gone."""
-        self.kept = {r: d for r, d in self.kept.items() if r <= round_id}
-        self.votes = {r: v for r, v in self.votes.items() if r <= round_id}
-        self.reports = {r: v for r, v in self.reports.items() if r <= round_id}
-        self.diverged = {(r, p) for r, p in self.diverged if r <= round_id}
+        self._keep_only(lambda r: r <= round_id)
 
     def note(
-        self, round_id: int, digest: str, peer_id: str, members: Collection[str] | None, oldest: int,
-        seniority: Callable[[str], float],
+        self, round_id: int, digest: str, peer_id: str, oldest: int, seniority: Callable[[str], float]
     ) -> tuple[str, str] | None:
-        """Note peer_id's digest of its state at round_id (``members``: the round's, None when not remembered;
-        rounds up to ``oldest`` are forgotten). Returns (reporter, digest) of the kept digest this report differs
-        from, the first time it does for that round; None otherwise. ``seniority``: a peer's join time."""
-        votes = self.votes.setdefault(round_id, {})
-        if members is None or peer_id in members:
-            votes.setdefault(digest, set()).add(peer_id)
+        """Note peer_id's digest of its state at round_id (rounds up to ``oldest`` are forgotten). Returns
+        (reporter, digest) of the kept digest this report differs from, the first time it does for that round;
+        None otherwise. ``seniority``: a peer's join time.
+
+        Only the round's members vote (everyone, for a round this coordinator did not commit): a report from
+        outside the round is never kept, and one that differs from the kept digest lost."""
+        members = self.members.get(round_id)
+        voter = members is None or peer_id in members
         self.reports.setdefault(round_id, {})[peer_id] = digest
+        votes = self.votes.setdefault(round_id, {})
+        if voter:
+            votes.setdefault(digest, set()).add(peer_id)
         kept = self.kept.get(round_id)
         if kept is None:
-            self.kept[round_id] = (digest, peer_id)
-            self._forget_up_to(oldest)
-            self.realign.discard(peer_id)
+            if voter:  # a non-member's word waits for a member's
+                self._keep(round_id, digest, peer_id)
+                self._keep_only(lambda r: r > oldest)
             return None
         if kept[0] == digest:
             self.realign.discard(peer_id)
             return None
-        if _standing(votes.get(digest, ()), seniority) > _standing(votes.get(kept[0], ()), seniority):
-            self.kept[round_id] = (digest, peer_id)
-            for reporter, reported in self.reports[round_id].items():
-                if reported == digest:
-                    self.realign.discard(reporter)
-                else:
-                    self.realign.add(reporter)
+        if voter and _standing(votes[digest], seniority) > _standing(votes.get(kept[0], ()), seniority):
+            self._keep(round_id, digest, peer_id)
         else:
             self.realign.add(peer_id)
         if (round_id, peer_id) in self.diverged:
@@ -96,11 +100,21 @@ class DigestBook:
         """peer_id was told to fetch the run's state (or is gone): it no longer needs to."""
         self.realign.discard(peer_id)
 
-    def _forget_up_to(self, oldest: int) -> None:
-        self.kept = {r: d for r, d in self.kept.items() if r > oldest}
-        self.votes = {r: v for r, v in self.votes.items() if r > oldest}
-        self.reports = {r: v for r, v in self.reports.items() if r > oldest}
-        self.diverged = {(r, p) for r, p in self.diverged if r > oldest}
+    def _keep(self, round_id: int, digest: str, peer_id: str) -> None:
+        """Keep digest for round_id: every reporter of another digest for it lost."""
+        self.kept[round_id] = (digest, peer_id)
+        for reporter, reported in self.reports[round_id].items():
+            if reported == digest:
+                self.realign.discard(reporter)
+            else:
+                self.realign.add(reporter)
+
+    def _keep_only(self, wanted: Callable[[int], bool]) -> None:
+        self.kept = {r: d for r, d in self.kept.items() if wanted(r)}
+        self.members = {r: m for r, m in self.members.items() if wanted(r)}
+        self.votes = {r: v for r, v in self.votes.items() if wanted(r)}
+        self.reports = {r: v for r, v in self.reports.items() if wanted(r)}
+        self.diverged = {(r, p) for r, p in self.diverged if wanted(r)}
 
 
 def _standing(voters: Collection[str], seniority: Callable[[str], float]) -> tuple[int, float]:

@@ -219,12 +219,16 @@ class RunState:
         """The id of the next round: rounds of a run are 1, 2, 3...; a retry after an abort keeps its id."""
         return self.last_committed_round + 1
 
-    def note_step(self, last_round: int, step: int) -> None:
-        """A peer's step (a heartbeat's, or a Quorum request's): the run's step if the peer is up to date.
+    def note_step(self, peer_id: str, last_round: int, step: int) -> None:
+        """A registered peer's step (a heartbeat's, or a Quorum request's): the run's step if the peer is up to
+        date and was a member of the run's last round (any such peer before this coordinator's first commit).
 
-        Only an up-to-date peer says where the run's training is (a late one is behind by definition); a late
+        Only an up-to-date peer says where the run's training is (a late one is behind by definition), and only
+        a member's word counts (a peer outside every round could set the run's step to 2^63 for good). A late
         peer never skips past one sync interval after the last round on this word (OuterOptimizer)."""
-        if last_round >= self.last_committed_round:
+        if last_round < self.last_committed_round:
+            return
+        if not self.last_round_members or peer_id in self.last_round_members:
             self.run_step = max(self.run_step, step)
 
     def record_commit(self, record: RoundRecord) -> None:
@@ -232,6 +236,7 @@ class RunState:
         if record.round_id >= self.last_committed_round:
             self.last_committed_round, self.last_committed_epoch = record.round_id, record.epoch
         self.last_round_members = frozenset(record.members)
+        self.digest_book.round_committed(record.round_id, record.members)
         # Members wait in a synchronous round, so their heartbeats' steps are the round's step by now.
         self.round_step = self.run_step
         if self.catchup_rounds > 0:
@@ -276,8 +281,7 @@ class RunState:
         oldest = self.last_committed_round - DIGEST_ROUNDS
         if not digest or round_id <= max(0, oldest) or round_id > self.last_committed_round:
             return None
-        members = next((c.members for c in self.committed if c.round_id == round_id), None)
-        return self.digest_book.note(round_id, digest, peer_id, members, oldest, self._seniority)
+        return self.digest_book.note(round_id, digest, peer_id, oldest, self._seniority)
 
     def _seniority(self, peer_id: str) -> float:
         """When a live peer joined (earlier: more senior); unknown or gone peers are the most junior."""
