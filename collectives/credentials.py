@@ -63,6 +63,8 @@ MIN_SECRET_BYTES = 16
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 # Peer ids and addresses longer than this are not ours (the coordinator makes short ids).
 MAX_ID_CHARS = 256
+# The digits of a call's time in ms (13 until the year 2286; 16 leave room and keep it a float's exact integer).
+MAX_TS_DIGITS = 16
 # A peer keeps trusting this many coordinator keys (a coordinator restarted without its state file has a new one).
 MAX_TRUSTED_ISSUERS = 4
 
@@ -194,10 +196,10 @@ def check_run_auth(
     fields = value.split(" ")
     if len(fields) != 4 or fields[0] != "v1" or len(fields[3]) != 64 or len(fields[2]) > MAX_ID_CHARS:
         raise Unauthenticated("malformed credential")
-    try:
-        ts_ms = int(fields[1])
-    except ValueError:
-        raise Unauthenticated("malformed credential") from None
+    # Milliseconds since 1970 in ASCII digits: a 400-digit time with a valid MAC overflowed the clock check.
+    if not (0 < len(fields[1]) <= MAX_TS_DIGITS and fields[1].isascii() and fields[1].isdigit()):
+        raise Unauthenticated("malformed credential")
+    ts_ms = int(fields[1])
     expected = call_mac(secret, run_id, fields[2], method, ts_ms)
     # Constant time, and before the clock check, so a probe learns nothing from timing.
     if not hmac.compare_digest(expected, fields[3]):

@@ -172,8 +172,8 @@ class DiLoCo(OuterOptimizer):
         if self._join_now:
             log.info("the run's peers wait in its next round for this peer: joining it after one step")
 
-    def _follow_run_step(self) -> None:
-        super()._follow_run_step()
+    def _follow_run_step(self, rounds_missed: int) -> None:
+        super()._follow_run_step(rounds_missed)
         # On a time budget the run's members count their interval from its last commit: so does a peer that caught
         # up, not from the moment it did (it would sync when they have waited for it up to the join timeout).
         committed_at = getattr(self.peer, "run_committed_at", None)

@@ -513,23 +513,25 @@ class OuterOptimizer:
         self._forget_local_progress()  # this sync's own contribution was not used
         for missed in exc.rounds:
             self._apply_late(missed, self._apply)
-        self._follow_run_step()
+        self._follow_run_step(len(exc.rounds))
 
-    def _follow_run_step(self) -> None:
-        """After the run went on without this peer: skip ahead to where its up-to-date peers train (heartbeats),
-        so that this peer's next sync is the run's; never past one interval after the run's last round (a
-        synchronous run's members are never further: a heartbeat claiming more is not believed)."""
+    def _follow_run_step(self, rounds_missed: int) -> None:
+        """After the run went on ``rounds_missed`` rounds without this peer: skip ahead to where its up-to-date
+        peers train (heartbeats), so that this peer's next sync is the run's; never past one interval after the
+        run's last round (a synchronous run's members are never further: a heartbeat claiming more is not
+        believed), nor more intervals than the rounds it missed (the coordinator's figure is its members' word)."""
         progress = getattr(self.peer, "run_progress", None)
         if not self.FOLLOWS_RUN_STEP or progress is None:
             return
         run_step, round_step = (int(v) for v in progress())
-        target = min(run_step, round_step + self.config.sync_every - 1)
+        every = self.config.sync_every
+        target = min(run_step, round_step + every - 1, self.inner_steps + (rounds_missed + 1) * every)
         if target > self.inner_steps:
-            into = target - round_step
+            into = max(0, target - round_step)  # 0: the run's round step was past belief, counted from here
             log.info("late for the run: skipping from step %d to the run's step %d (%d into its sync interval)",
                      self.inner_steps, target, into)
             self._skip_to(target, into)
-        elif round_step <= self.inner_steps < round_step + self.config.sync_every:
+        elif round_step <= self.inner_steps < round_step + every:
             # Already at the run's step (its heartbeats say no more): count this interval from the run's last round,
             # not from now, so the next sync is the run's. (A peer resumed with a sync due caught up a step late,
             # synced one step after the others for the rest of the run, and made one round more at its end.)
@@ -650,7 +652,7 @@ class OuterOptimizer:
         if run_round is not None and run_round() > snapshot.round_id:
             # Rounds committed while this state was fetched: the run went on without this peer. (Otherwise its
             # next round may be waiting for this peer: it then brings a whole interval of training to it.)
-            self._follow_run_step()
+            self._follow_run_step(run_round() - snapshot.round_id)
         self._state_changed()
 
     def _state_changed(self) -> None:

@@ -51,6 +51,10 @@ def state_at(opt: DiLoCo, round_id: int, step: int) -> StateSnapshot:
         (30, 10_000, 30, 39, 9),  # never past one interval after the run's last round: the next step syncs
         (30, 45, 40, 45, 5),  # two rounds behind: it catches up with the run all the same
         (50, 45, 40, 50, 0),  # ahead of the run's word (a stale heartbeat): nothing changes
+        # The run went on one round without it: never more than two intervals ahead, whatever the members say
+        # (one heartbeat of an insider made the run's step 2^63 and a late peer skipped to it, ending its training).
+        (30, 2**63, 2**63, 50, 0),
+        (30, 2**63, 40, 49, 9),
     ],
 )
 def test_a_peer_whose_state_the_run_went_past_continues_from_the_runs_step(

@@ -75,6 +75,10 @@ NOW_MS = 1_800_000_000_000
         (proof(SECRET, RUN, "p1", "/another-method", NOW_MS), "wrong credential"),
         (proof(SECRET, RUN, "p1", "/m", NOW_MS - int(MAX_CLOCK_SKEW_S * 1000) - 1), "clock"),
         (proof(SECRET, RUN, "p1", "/m", NOW_MS + int(MAX_CLOCK_SKEW_S * 1000) + 1), "clock"),
+        # Signed with the secret, but a time no clock has (it overflowed the clock check: OverflowError).
+        (proof(SECRET, RUN, "p1", "/m", 10**400), "malformed"),
+        ([(AUTH_KEY, f"v1 -5 p1 {'0' * 64}")], "malformed"),
+        ([(AUTH_KEY, f"v1 ١٢٣ p1 {'0' * 64}")], "malformed"),
     ],
 )
 def test_a_call_without_the_runs_proof_is_refused_saying_why(metadata, why):

@@ -568,7 +568,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         # At most a few kinds (the peer's own names), each a short string: a peer cannot grow this.
         peer.refusals = {kind[:32]: count for kind, count in sorted(m.refusals.items())[:16]}
         self.state.record_metrics(peer)
-        self.state.note_step(req.last_round, m.step)
+        self.state.note_step(peer.peer_id, req.last_round, m.step)
         heartbeat_s, lease_s = self._lease_terms()
         # The lease only grows: an older peer keeps the interval its join gave, however the run shrinks since.
         peer.lease_s = max(peer.lease_s, lease_s)
@@ -619,12 +619,13 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if len(req.round_format) > MAX_FORMAT_CHARS:
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
                              f"round_format of {len(req.round_format)} characters (at most {MAX_FORMAT_CHARS})")
-        # Where the run trains now, fresher than the heartbeats: a peer sent to catch up while the others wait
-        # in a quorum lines up with the step they asked at, not one a heartbeat said a second ago.
-        self.state.note_step(req.last_round, req.step)
         noted = False
         while True:
             peer = self._peer(req.peer_id)
+            if not noted:
+                # Where the run trains now, fresher than the heartbeats: a peer sent to catch up while the others
+                # wait in a quorum lines up with the step they asked at, not one a heartbeat said a second ago.
+                self.state.note_step(peer.peer_id, req.last_round, req.step)
             peer.last_round = req.last_round
             # A peer asks for rounds only once it holds a state (the run's, fetched or founded,
             # or its checkpoint), even at round 0: so it may catch up by results too.
