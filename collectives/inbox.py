@@ -259,7 +259,7 @@ class RoundInbox:
         sender = header.tag.sender_rank
         phase = header.phase
         if header.codec != self._codec_wire:
-            raise ProtocolError(f"codec {header.codec.name!r} differs from the round's {self.codec.config}")
+            raise ProtocolError(f"codec {_spec(header.codec)} differs from the round's {_spec(self._codec_wire)}")
         if phase == SCATTER:
             part = self.group.rank
             target = self.rows[sender]
@@ -546,3 +546,8 @@ def sent_by_another(group: Group, rank: int, sender: str | None) -> bool:
 
 def _tag_of(group: Group) -> pb.RoundTag:
     return pb.RoundTag(run_id=group.run_id, epoch=group.epoch, round_id=group.round_id, sender_rank=group.rank)
+
+
+def _spec(codec: pb.CodecSpec) -> str:
+    """A codec as its wire spec says it, every field shown (two specs may differ in their block size alone)."""
+    return f"{codec.name[:40]!r} (block {codec.block_size}, zstd {codec.zstd_level})"

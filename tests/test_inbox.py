@@ -131,3 +131,13 @@ def test_handlers_cancelled_twice_while_waiting_end_cancelled_and_later_rounds_s
     ended, opened, found = asyncio.run(scenario())
     assert [type(e) for e in ended] == [asyncio.CancelledError] * 8
     assert found is opened
+
+
+def test_a_chunk_of_another_codec_block_size_is_refused_naming_the_block_sizes():
+    group = Group("run", 0, 1, ("a:1", "b:1"), 0)
+    inbox = RoundInbox(group, NUMEL, make_codec(CodecConfig("int8", block_size=4)), torch.empty(
+        RoundInbox.rows_numel(group, NUMEL)), torch.empty(NUMEL))
+    header, _ = scatter_chunk(inbox, 0, [1.0, 2.0])
+    header.codec.block_size = 7
+    with pytest.raises(ProtocolError, match=r"codec 'int8' \(block 7, zstd 0\) differs from the round's 'int8' \(block 4,"):
+        inbox.begin_stream(header)
