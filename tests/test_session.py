@@ -9,6 +9,7 @@ ones speaking the protocol from this test's own event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -299,6 +300,22 @@ def test_a_coordinator_that_stops_fails_the_calls_on_its_streams_with_a_code_the
             await a.close()
 
     assert run(scenario(CoordinatorThread(config()))) in RETRY_CODES
+
+
+def test_a_coordinator_that_stops_ends_its_open_streams_itself_so_grpc_logs_no_error(caplog):
+    async def scenario(coordinator: CoordinatorThread):
+        a = await Peer(coordinator.address).join("10.0.0.1:1")
+        try:
+            assert (await a.session.call("Heartbeat", heartbeat(a.peer_id), 5)).known
+            with caplog.at_level(logging.ERROR):
+                await asyncio.get_running_loop().run_in_executor(None, coordinator.close)
+        finally:
+            await a.close()
+
+    run(scenario(CoordinatorThread(config())))
+    # gRPC cancelled a stream still open at its grace's end, and logged "Exception not handled by
+    # _handle_exceptions in servicer method [.../Session]" with a CancelledError traceback for each.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 class BrokenStream:

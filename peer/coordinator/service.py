@@ -192,13 +192,14 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._tick_task = asyncio.get_running_loop().create_task(self._tick_forever())
 
     async def stop(self) -> None:
-        """Stop the tick loop and fail every waiting call."""
+        """Stop the tick loop, fail every waiting call and end the peers' Session streams."""
         if self._tick_task is not None:
             await cancel_and_wait([self._tick_task])
         await self.liveness.stop()
         self._stopping = True
         for fut in self.quorums.waiting():
             fut.cancel()
+        await self.streams.end_all()
 
     async def _tick_forever(self) -> None:
         while True:

@@ -209,6 +209,9 @@ class PeerStreams:
 
     def __init__(self) -> None:
         self._by_peer: dict[str, Session] = {}
+        # Every open stream's handler task, ended by end_all as the coordinator stops.
+        self._handlers: set[asyncio.Task] = set()
+        self.ending = False
 
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self._by_peer
@@ -233,6 +236,24 @@ class PeerStreams:
         session.push(raw)
         return True
 
+    def opened(self, handler: asyncio.Task) -> None:
+        """A stream's handler started (its task, which end_all ends)."""
+        self._handlers.add(handler)
+
+    def closed(self, handler: asyncio.Task) -> None:
+        """A stream's handler is done."""
+        self._handlers.discard(handler)
+
+    async def end_all(self, timeout_s: float = 1.0) -> None:
+        """End every open stream with OK as the coordinator stops: the streams never end on their own, and the
+        gRPC server cancelling them at its grace's end logged an error with a traceback for each."""
+        self.ending = True
+        handlers = list(self._handlers)
+        for task in handlers:
+            task.cancel()
+        if handlers:
+            await asyncio.wait(handlers, timeout=timeout_s)
+
 
 def session_handler(coordinator, limits: SessionLimits) -> grpc.RpcMethodHandler:
     """The Session method's handler (stream of serialised SessionCall in, serialised SessionReply out)."""
@@ -248,6 +269,8 @@ def session_handler(coordinator, limits: SessionLimits) -> grpc.RpcMethodHandler
         if refused:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
         session = Session(coordinator, caller, peer, limits.charge, context.write)
+        handler = asyncio.current_task()
+        coordinator.streams.opened(handler)
         try:
             # The first reply (call_id 0, nothing else) tells the peer the stream was taken on: it writes no call
             # before (a refusal racing a write can reach it as gRPC core's INTERNAL instead of its status).
@@ -262,7 +285,12 @@ def session_handler(coordinator, limits: SessionLimits) -> grpc.RpcMethodHandler
                     await context.abort(exc.code, str(exc))
                 if reply is not None:
                     await session.write(reply)
+        except asyncio.CancelledError:
+            if not coordinator.streams.ending:
+                raise
+            # The coordinator stops (PeerStreams.end_all): the stream ends with OK, and the peer reconnects.
         finally:
+            coordinator.streams.closed(handler)
             coordinator.streams.forget(session)
             session.close()
             limits.close_session(peer)
