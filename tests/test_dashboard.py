@@ -375,6 +375,32 @@ def rendered(tmp_path_factory) -> DomIndex:
     return DomIndex(html)
 
 
+def displays(page: bytes, ids: tuple[str, ...]) -> bytes:
+    """The page with a script that writes each element's computed display into the DOM once the page has polled."""
+    probe = "".join(
+        f'document.body.setAttribute("data-display-{i}", getComputedStyle(document.getElementById("{i}")).display);'
+        for i in ids
+    )
+    return page.replace(b"</body>", f"<script>setTimeout(() => {{ {probe} }}, 2000);</script></body>".encode())
+
+
+@needs_chromium
+@pytest.mark.parametrize("waiting, shown", [(None, "none"), ({"reason": "no live peer holds round 9", "since": 0, "peers": []}, "flex")])
+def test_the_waiting_card_is_shown_only_while_peers_wait_for_the_runs_state(tmp_path, monkeypatch, waiting, shown):
+    page = dashboard._load_page()
+    monkeypatch.setattr(dashboard, "_load_page", lambda: displays(page, ("waiting-card", "s-spread-stat")))
+    doc = sample_status()
+    doc["waiting"] = waiting
+    server = DashboardServer(lambda: doc)
+    try:
+        dom = DomIndex(run_chromium(server.start() + "/", tmp_path, "--dump-dom"))
+    finally:
+        server.close()
+    (body,) = dom.find("body")
+    # The card's own display is flex: the hidden attribute alone left it on every healthy run's page.
+    assert (body.attrs["data-display-waiting-card"], body.attrs["data-display-s-spread-stat"]) == (shown, "none")
+
+
 @needs_chromium
 def test_page_says_live_after_a_successful_fetch(rendered):
     assert rendered.by_id("status-line").text == "live"
