@@ -103,9 +103,34 @@ def detect_host_id() -> str:
     return "auto-" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
+def sharing_fingerprint() -> str:
+    """What processes that reduce through shared memory must share: the kernel's boot, the pid namespace (a
+    member's death is read from its pid) and /dev/shm itself (by device and inode, however it is mounted)."""
+    parts = []
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+    except OSError:
+        parts.append("")
+    try:
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        parts.append("")
+    try:
+        shm = os.stat(SHM_DIR)
+        parts.append(f"{shm.st_dev}:{shm.st_ino}")
+    except OSError:
+        parts.append("")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
 def resolve_host_id(configured: str) -> str:
-    """The host id a peer announces: the configured one, or the detected one for "auto"."""
-    return detect_host_id() if configured == "auto" else configured
+    """The host id a peer announces: the detected one for "auto"; a configured one qualified by what shared memory
+    needs (sharing_fingerprint), so that peers given one id but not one pid namespace or /dev/shm (two containers)
+    are two hosts that reduce over the network, not members that each think the other died in every round."""
+    if configured == "auto":
+        return detect_host_id()
+    return f"{configured}~{sharing_fingerprint()}"
 
 
 def round_hosts(plan: RoundPlan, ids: list[str]) -> tuple[str, ...] | None:

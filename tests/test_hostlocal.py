@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -361,3 +364,26 @@ def test_the_coordinator_hands_every_member_the_host_ids_they_joined_with():
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+# -- which processes share a host ------------------------------------------------------------------
+
+
+def announced_host_id(configured: str, *wrapper: str) -> str:
+    """The host id a fresh process announces for ``configured``, started through ``wrapper`` (e.g. unshare)."""
+    code = f"from collectives.hostlocal import resolve_host_id; print(resolve_host_id({configured!r}))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([*wrapper, sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    if done.returncode != 0:
+        pytest.skip(f"cannot start a process through {' '.join(wrapper)}: {done.stderr.strip()[-200:]}")
+    return done.stdout.strip()
+
+
+def test_processes_given_one_host_id_in_one_namespace_announce_one_host():
+    assert announced_host_id("rack7") == announced_host_id("rack7") != announced_host_id("rack8")
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_processes_given_one_host_id_that_cannot_see_each_others_pids_are_two_hosts():
+    # Two containers given one --host-id: each read the other's pid as dead and aborted every round, for good.
+    assert announced_host_id("rack7", "unshare", "--pid", "--fork") != announced_host_id("rack7")

@@ -85,6 +85,8 @@ MAX_ADDRESS_CHARS = 256
 MAX_PEER_ID_CHARS = 100
 MAX_TEXT_CHARS = 2000
 MAX_TAG_CHARS = 200
+# A peer's host id: --host-id's 128 characters, and the "~" and 8 hex digits of what it shares (hostlocal).
+MAX_HOST_ID_CHARS = 160
 MAX_ALGORITHM_CHARS = 64
 # The largest round minimum a peer may ask for (QuorumRequest.min_members): Krum with f in the thousands.
 MAX_MIN_MEMBERS = MAX_ROUND_MEMBERS
@@ -396,7 +398,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             last_round=req.last_round,
             has_state=has_state,
             codecs=tuple(c[:32] for c in req.codecs[:32]),
-            host_id=req.host_id[:128],
+            host_id=req.host_id[:MAX_HOST_ID_CHARS],
             own_state=req.own_state,
             algorithm=req.algorithm,
             settings=req.settings,
