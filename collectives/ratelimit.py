@@ -7,6 +7,7 @@ receives, so a wide-area link can be emulated on loopback.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 
@@ -48,6 +49,17 @@ def format_bandwidth(bits_per_s: float) -> str:
         if bits_per_s >= scale:
             return f"{bits_per_s / scale:g}{unit}"
     return f"{bits_per_s:g}bit"
+
+
+# A link's burst, as a kernel's tbf qdisc has it: 10 ms of the rate (at least rate/HZ for any HZ >= 100), at least a
+# page. The harness's capped links (peer/harness/netns.py) and the transport's own buckets share it.
+BURST_SECONDS = 0.010
+MIN_BURST_BYTES = 4096
+
+
+def burst_bytes(bytes_per_s: float) -> int:
+    """The burst of a link capped at bytes_per_s: what may pass at once after it idled."""
+    return max(MIN_BURST_BYTES, math.ceil(bytes_per_s * BURST_SECONDS))
 
 
 class TokenBucket:

@@ -86,6 +86,7 @@ from pathlib import Path
 
 from collectives.errors import LoconetError
 from collectives.hostlocal import process_start
+from collectives.ratelimit import burst_bytes
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,7 @@ BRIDGE_NF_KEYS = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge
 COMMAND_TIMEOUT_S = 20.0
 IFNAMSIZ = 15  # longest interface name (IFNAMSIZ - 1 for the NUL)
 
-# tbf: see the module docstring.
-BURST_SECONDS = 0.010
-MIN_BURST_BYTES = 4096
+# tbf: see the module docstring (its burst: collectives.ratelimit.burst_bytes).
 QUEUE_SECONDS = 0.100
 MIN_QUEUE_BYTES = 64 * 1024
 MAX_QUEUE_BYTES = 64 * 1024 * 1024
@@ -153,7 +152,7 @@ class Host:
 def tbf_parameters(bps: float) -> tuple[int, int, int]:
     """(rate in bit/s, burst in bytes, queue limit in bytes) of the tbf qdisc that caps a link at bps."""
     rate_bytes = bps / 8.0
-    burst = max(MIN_BURST_BYTES, math.ceil(rate_bytes * BURST_SECONDS))
+    burst = burst_bytes(rate_bytes)
     queue = min(MAX_QUEUE_BYTES, max(MIN_QUEUE_BYTES, math.ceil(rate_bytes * QUEUE_SECONDS)))
     return round(bps), burst, burst + queue
 
@@ -370,7 +369,7 @@ def check_available() -> None:
         raise NetnsUnavailable(
             f"--netns needs root (uid 0; you are uid {os.geteuid()}): creating network namespaces, veth links, "
             f"a bridge and tc qdiscs needs CAP_SYS_ADMIN and CAP_NET_ADMIN. Run it as root "
-            f"(e.g. `sudo -E loconet harness --netns ...`). {_WITHOUT}"
+            f"(e.g. `sudo -E` before this command). {_WITHOUT}"
         )
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
@@ -395,6 +394,8 @@ def check_available() -> None:
             try:
                 _run(cmd)
             except NetnsError as e:
+                if "Operation not permitted" in str(e):  # EPERM: a capability is missing, not a kernel feature
+                    meaning = "this process lacks CAP_NET_ADMIN (or CAP_SYS_ADMIN), which --netns needs"
                 raise NetnsUnavailable(f"{meaning}: {e}. {_WITHOUT}") from None
     finally:
         if netns_exists(probe):
