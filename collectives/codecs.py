@@ -195,7 +195,8 @@ class CodecConfig:
     def __post_init__(self) -> None:
         """Validate every field; ConfigError names the bad value and what is allowed."""
         kind = codec_kind(self.name)
-        _check_int("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
+        # Named as the codec names its /N (topk's is "keep 1 in N", not a block size).
+        _check_int(f"{self.name}/N ({kind.param or 'block size'})", self.block_size, 1, MAX_BLOCK_SIZE)
         _check_int("zstd_level", self.zstd_level, 0, MAX_ZSTD_LEVEL)
         if self.zstd_level and not kind.zstd:
             raise ConfigError(f"codec {self.name!r} does not take +zstd (its payload is already compact): drop it")

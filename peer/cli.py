@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from typing import NoReturn
 
 from collectives.errors import ConfigError, LoconetError
 from peer.plugins import add_plugin_argument, load_plugins, plugins_from
@@ -41,13 +42,21 @@ class HelpFormatter(argparse.HelpFormatter):
             return text
         if action.nargs == 0:  # a flag
             shown = "on" if action.default else "off"
-        elif action.default is None:
+        elif action.default is None or action.default == "":
             shown = "none"
         elif isinstance(action.default, (list, tuple)):
             shown = " ".join(map(str, action.default)) or "none"
         else:
             shown = str(action.default)
         return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, as every other error (not the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print 'PROG: error: MESSAGE' and a pointer to --help, exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _verbosity_options() -> argparse.ArgumentParser:
@@ -87,7 +96,7 @@ def build_parser(command: str | None = None, with_benchmarks: bool = True) -> ar
     Options are generated from the configs (the training ones from the algorithm registry, which
     imports torch), so a coordinator builds only its own and never imports torch.
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="loconet", description="Decentralized low-communication training for PyTorch.",
         formatter_class=HelpFormatter, parents=[VERBOSITY],
         epilog="Run 'loconet COMMAND --help' for a command's options. Start with 'loconet demo'.",
@@ -361,6 +370,7 @@ def run_demo_command(ns: argparse.Namespace) -> int:
     """The README's main job: a local DiLoCo run with the dashboard, and a readable summary."""
     import dataclasses
 
+    from peer.device import resolve_device
     from peer.harness.harness import Harness, HarnessConfig
     from peer.harness.summary import report_summary
     from peer.jsonout import json_line
@@ -377,6 +387,8 @@ def run_demo_command(ns: argparse.Namespace) -> int:
         coordinator=dataclasses.replace(defaults.coordinator, dashboard_port=ns.dashboard_port, min_peers=ns.peers),
         progress=sys.stderr.isatty(),
     )
+    resolve_device(config.train.device)  # a device this machine lacks is one line, before the banner
+    harness = Harness(config)
     out = sys.stdout
     out.write(f"loconet demo: {ns.peers} peers train a small transformer language model with DiLoCo "
               f"({ns.steps} steps each, syncing every {LOCAL_SYNC_EVERY}).\n")
@@ -386,7 +398,7 @@ def run_demo_command(ns: argparse.Namespace) -> int:
         out.write(f"Dashboard: {url}  (open it in a browser while the demo runs)\n")
         out.flush()
 
-    report = _run_harness(Harness(config), "demo", started)
+    report = _run_harness(harness, "demo", started)
     if report is None:
         return 130
     out.write(report_summary(report, ns.steps) + "\n")

@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass
 from typing import Any
 
+from collectives.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Option:
@@ -132,6 +134,20 @@ def _shown(option: Option, value: Any) -> str:
     return str(value)
 
 
+def _said(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """parse, with its ConfigError's message as argparse's (argparse says only "invalid parse_x value" of a
+    ValueError, and loses what the parser said to do)."""
+
+    def read(text: str) -> Any:
+        try:
+            return parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    read.__name__ = getattr(parse, "__name__", "value")
+    return read
+
+
 def add_option(group: Any, option: Option, default_text: str | None = None, unset: bool = False) -> None:
     """Add one option to a parser or group; ``unset``: its default is None (the reader fills the real one)."""
     text = option.help
@@ -150,7 +166,7 @@ def add_option(group: Any, option: Option, default_text: str | None = None, unse
         kwargs["type"] = option.parse
         kwargs["metavar"] = "X"
     elif option.parse is not None:
-        kwargs["type"] = option.parse
+        kwargs["type"] = _said(option.parse)
         kwargs["metavar"] = option.flag.rsplit("-", 1)[-1].upper()
     else:
         kwargs["type"] = _nullable(option.kind) if option.optional else option.kind

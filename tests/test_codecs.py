@@ -474,7 +474,7 @@ def test_config_parse_rejects_junk(text):
 def test_config_error_names_the_bad_value_and_what_is_allowed():
     with pytest.raises(ConfigError, match=r"'int3'.*none, fp16, bf16, int8, int4"):
         CodecConfig("int3")
-    with pytest.raises(ConfigError, match=r"block_size 0 .*1 to 1048576"):
+    with pytest.raises(ConfigError, match=r"int8/N \(block size\) 0 .*1 to 1048576"):
         CodecConfig("int8", block_size=0)
     with pytest.raises(ConfigError, match=r"zstd_level 23 .*0 to 22"):
         CodecConfig("int8", zstd_level=23)

@@ -34,7 +34,7 @@ def test_spec_names_the_density(spec, keep_one_in, canonical):
 
 
 @pytest.mark.parametrize("spec,says", [("topk+zstd", "does not take +zstd"), ("topk/0.01", "topk/N (keep 1 in N)"),
-                                       ("topk/0", "block_size 0 is invalid"), ("bf16/4", "applies only to")])
+                                       ("topk/0", "topk/N (keep 1 in N) 0 is invalid"), ("bf16/4", "applies only to")])
 def test_bad_specs_say_what_to_write(spec, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
         CodecConfig.parse(spec)

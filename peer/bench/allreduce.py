@@ -334,7 +334,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", type=int, default=4, help="worker processes, each a member of every round")
     parser.add_argument("--numel", type=int, default=25_000_000, help="fp32 elements each peer contributes")
     parser.add_argument("--codec", default="int8", help="none, fp16, bf16, int8, int4 (+zstd, /block)")
-    parser.add_argument("--bandwidth", default=None, help="per-peer cap on send and receive, e.g. 1gbit (none: uncapped)")
+    parser.add_argument("--bandwidth", default=None, help="per-peer cap on send and receive, e.g. 1gbit (default: uncapped)")
     parser.add_argument(
         "--netns", action="store_true",
         help="root: each peer in its own network namespace, links capped with tbf; gloo runs over the same links",

@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark, and what its report's fields mean (the help's epilog)."""
     parser.add_argument("--mb", type=float, default=100.0, help="state size in megabytes")
     parser.add_argument("--repeat", type=int, default=5, help="timed fetches; the median is reported")
-    parser.add_argument("--bandwidth", default=None, help="cap on both ends, e.g. 1gbit (none: uncapped)")
+    parser.add_argument("--bandwidth", default=None, help="cap on both ends, e.g. 1gbit (default: uncapped)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     describe_report(parser, FIELDS)
 

@@ -112,6 +112,9 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
         from peer.harness.netns import enter_netns
 
         enter_netns(place.netns)  # before any socket or thread: all of them live there
+        # A namespace has no name for its address: c10d warned so twice per gloo run ("The hostname of the client
+        # socket cannot be retrieved"). Read by torch's C++ logging as it loads, so set before the import.
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     import torch
 
     from collectives.allocator import tune_malloc
