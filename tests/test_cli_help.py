@@ -123,10 +123,14 @@ def test_survivors_that_ended_at_different_rounds_are_said_identical_only_at_the
 
 
 def test_a_survivor_left_behind_is_named_apart_from_the_identical_others():
-    report = {**REPORT, "left_behind": ["peer0"]}
+    # It said "4 of 5 finished with identical parameters; peer0 left behind ... with parameters of its own", and
+    # the rounds the others ended at counted the one left behind.
+    report = {**REPORT, "left_behind": ["peer0"], "identical_at_round": 8,
+              "last_round_per_peer": {"peer0": 3, "peer1": 8, "peer2": 7, "peer3": 8}}
     assert report_summary(report, steps=600).splitlines()[-2] == (
-        "  peers          4 of 5 finished with identical parameters; peer0 left behind (nobody held the run's state "
-        "when it came back: it trained on alone, with parameters of its own)"
+        "  peers          4 of 5 finished; 3 of them with identical parameters at round 8, the last they all hold "
+        "(they ended at rounds 7-8); peer0 left behind (its syncs found nobody holding the run's state, the others "
+        "gone: it trained on alone, with parameters of its own)"
     )
 
 

@@ -35,7 +35,7 @@ def report_summary(report: dict, steps: int) -> str:
                      f"{did.get('corrupted_in_committed_rounds', 0)} in committed rounds")
     lines += [
         f"  peers          {report['peers_alive']} of {report['peers'] + report.get('joined', 0)} finished"
-        + (f" with {_parameters(report)}" if report["peers_alive"] else ""),
+        + (("; " if report.get("left_behind") else " ") + _parameters(report) if report["peers_alive"] else ""),
         *(f"  crashed        {_exit(c)}" for c in report.get("crashed", [])),
         f"  wall time      {report['wall_s']:.0f} s; logs in {report['workdir']}",
     ]
@@ -63,23 +63,30 @@ def crash_error(report: dict) -> str | None:
 
 
 def _parameters(report: dict) -> str:
-    """How the survivors' parameters compare, and which survivors were left behind with parameters of their own."""
+    """How the survivors' parameters compare ("with ..."), and which survivors were left behind with parameters of
+    their own (then the others are counted apart: "4 of 4 finished with identical parameters; peer0 left behind"
+    said the opposite of itself)."""
     behind = report.get("left_behind") or []
     if not behind:
-        return _compared(report)
-    apart = (f"; {', '.join(behind)} left behind (nobody held the run's state when it came back: it trained on "
-             "alone, with parameters of its own)")
-    return ("parameters of their own" if len(behind) == report["peers_alive"] else _compared(report)) + apart
+        return f"with {_compared(report)}"
+    apart = (f"{', '.join(behind)} left behind (its syncs found nobody holding the run's state, the others gone: "
+             "it trained on alone, with parameters of its own)")
+    others = report["peers_alive"] - len(behind)
+    if others <= 0:
+        return f"with parameters of their own; {apart}"
+    return f"{others} of them with {_compared(report, behind)}; {apart}"
 
 
-def _compared(report: dict) -> str:
-    """Identical, or (rounds reduced in groups, as NoLoCo's) apart by design, or different."""
+def _compared(report: dict, behind: list[str] | tuple[str, ...] = ()) -> str:
+    """Identical, or (rounds reduced in groups, as NoLoCo's) apart by design, or different (``behind``: survivors
+    not compared)."""
     if report["survivors_identical"]:
-        ends = set((report.get("last_round_per_peer") or {}).values())
+        ends = {n: r for n, r in (report.get("last_round_per_peer") or {}).items() if n not in behind}
         at = report.get("identical_at_round")
-        if at is not None and len(ends) > 1:
+        if at is not None and len(set(ends.values())) > 1:
             # Asynchronous rounds: the peers ended at different rounds, and were compared at the last all hold.
-            return f"identical parameters at round {at}, the last they all hold (they ended at rounds {min(ends)}-{max(ends)})"
+            low, high = min(ends.values()), max(ends.values())
+            return f"identical parameters at round {at}, the last they all hold (they ended at rounds {low}-{high})"
         return "identical parameters"
     spreads = report.get("spread_per_peer")
     if spreads is not None:
