@@ -153,8 +153,10 @@ class OuterConfig:
     lr: float | None = field(
         default=None,
         metadata={
-            "help": "outer learning rate (Flower's eta; fedavgm: server_learning_rate); default: the optimizer's "
-            "own (sgd 0.7; adam, adamw, adagrad, yogi 0.01; Flower's for fedadam, fedyogi, fedadagrad, fedavgm)"
+            "help": "outer learning rate (Flower's eta; fedavgm: server_learning_rate); default: the algorithm's "
+            "(diloco, streaming, async-diloco: the optimizer's own, sgd 0.7, adam, adamw, adagrad, yogi 0.01; "
+            "coded-sgd, sync-sgd, seq-sgc 0.1; noloco, fedavg, fedprox, client-momentum 1.0; Flower's for "
+            "fedadam, fedyogi, fedadagrad, fedavgm)"
         },
     )
     momentum: float = field(default=0.7, metadata={"help": "outer momentum in [0, 1) (sgd; fedavgm: server_momentum)"})
