@@ -14,9 +14,8 @@ The inner optimizer's state is kept.
 With a sparse codec (``topk``, whose ``NEEDS_FEEDBACK`` is set) each peer
 keeps an error-feedback residual, as in SparseLoCo: what a round did not
 carry of its pseudo-gradient is added to the next one, so the entries the
-codec drops are delayed, not lost. The residual moves on only with a
-committed round; it is this peer's own (not part of the run's state), so a
-resync keeps it and a restart begins without it.
+codec drops are delayed, not lost (``OuterOptimizer._send``, for every
+algorithm's rounds, one residual per round tag).
 
 Used like a torch optimizer::
 
@@ -41,7 +40,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from collectives.codecs import needs_feedback
 from collectives.errors import ConfigError
 from collectives.syncphases import CaughtUp
 from optimizers.outer import OuterOptimizer, SyncConfig
@@ -94,9 +92,6 @@ class DiLoCo(OuterOptimizer):
         self.steps_since_sync = 0
         self.samples_since_sync = 0
         self.last_sync_time = time.monotonic()
-        # Error feedback (sparse codecs): allocated at the first sync, where the contribution is encoded.
-        self.residual: torch.Tensor | None = None
-        self._feedback = needs_feedback(self.codec)
         # The run's peers wait now in the round this peer syncs next: sync after the next step.
         self._join_now = False
 
@@ -133,24 +128,12 @@ class DiLoCo(OuterOptimizer):
         self._sync_starts()
         weight = self._weight()
         return self._conclude(
-            lambda: self._send(self.tag, weight, wait=True, **self._feedback_args()),
+            lambda: self._send(self.tag, weight, wait=True),
             self.tag,
             started=started,
             label=f"{self.tag} sync at step {self.inner_steps}",
             missed=lambda: self._reset_schedule(keep_samples=True),
         )
-
-    def _feedback_args(self) -> dict[str, Any]:
-        """``residual=`` for the round when the codec wants error feedback (only then: a user's SyncPeer need not
-        take the argument)."""
-        if not self._feedback:
-            return {}
-        if self.residual is None:
-            numel = sum(self.state.params[i].numel() for i in self.round_indices(self.tag))
-            # Where the round encodes the contribution: the model's device when it encodes there, else the host.
-            device = self.state.params[0].device if self.encodes_on_device() else torch.device("cpu")
-            self.residual = torch.zeros(numel, dtype=torch.float32, device=device)
-        return {"residual": self.residual}
 
     def _weight(self) -> float:
         """This peer's weight in the round: the samples it trained on since its last sync."""

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from collectives.codecs import CodecConfig
+from collectives.codecs import CodecConfig, needs_feedback
 from collectives.errors import ConfigError, LoconetError
 from collectives.membership import RoundPlan
 from collectives.pairing import ODD_MODES, group_of, pair_groups
@@ -196,6 +196,10 @@ class NoLoCoConfig(DiLoCoConfig):
                               f"outer optimizer, not {self.outer.name!r}")
         if self.aggregator != "mean":
             raise ConfigError(f"NoLoCo averages within pairs: the aggregator must be mean, not {self.aggregator!r}")
+        if needs_feedback(self.codec_config):
+            # Its rounds average the replicas' weights too: a sparse codec would drop most of them from the mean.
+            raise ConfigError(f"NoLoCo averages its replicas' weights as well as their pseudo-gradients: a sparse "
+                              f"codec ({self.codec}) would drop most weights from the mean; use int8, int4 or fp16")
         if self.odd not in ODD_MODES:
             raise ConfigError(f"odd must be one of {', '.join(ODD_MODES)}, got {self.odd!r}")
         if self.buffer is not None and (isinstance(self.buffer, bool) or self.buffer < 2):

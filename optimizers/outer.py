@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from collectives.aggregators import AggregatorConfig, make_aggregator
-from collectives.codecs import CodecConfig
+from collectives.codecs import CodecConfig, needs_feedback
 from collectives.errors import ConfigError, Incompatible, LoconetError, NonFiniteError
 from collectives.membership import reduction_parts
 from collectives.notes import RepeatNote
@@ -244,6 +244,12 @@ class OuterOptimizer:
         warn_of_buffers(model)
         self.codec = config.codec_config
         self.aggregator = config.aggregator_config
+        # Error feedback (sparse codecs, as in SparseLoCo): one residual per round tag (a fragment's, in Streaming
+        # DiLoCo), allocated at its first round where the contribution is encoded. What a round did not carry of a
+        # contribution is added to the next one; it moves on only with a committed round. It is this peer's own
+        # (not the run's state): a resync keeps it, a restart begins without it.
+        self._feedback = needs_feedback(self.codec)
+        self._residuals: dict[str, torch.Tensor] = {}
         self.inner_steps = 0
         # Held while a round is applied and while a snapshot is taken, so a joiner's state never holds half of a
         # round (the parameters of round r with what a subclass keeps beside them, as of round r-1). Reentrant: a
@@ -422,12 +428,23 @@ class OuterOptimizer:
                     "the members are known): add it as optimizers.peers.SyncPeer describes"
                 )
             extra["prepare"] = prepare
+        if self._feedback:  # passed only then, as prepare is: a user's SyncPeer need not take the argument
+            extra["residual"] = self._residual(tag, tensors)
         least = self.round_minimum()
         # Passed only when it matters, as prepare is; a peer whose sync does not take it has its own membership.
         if least > 1 and takes_keyword(call, "min_members"):
             extra["min_members"] = least
         return call(tensors, weight=weight, tag=tag, codec=self.codec, aggregator=self.aggregator,
                     **self._settings_for(call), **extra)
+
+    def _residual(self, tag: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """tag's error-feedback residual, as long as its contribution, where the contribution is encoded."""
+        numel = sum(t.numel() for t in tensors)
+        residual = self._residuals.get(tag)
+        if residual is None or residual.numel() != numel:
+            device = tensors[0].device if tensors else torch.device("cpu")
+            residual = self._residuals[tag] = torch.zeros(numel, dtype=torch.float32, device=device)
+        return residual
 
     def round_minimum(self) -> int:
         """The fewest members this algorithm's rounds may have, beyond what its aggregator needs: 1 (any)."""

@@ -604,3 +604,42 @@ def test_a_model_without_floating_buffers_is_not_warned(caplog):
     with caplog.at_level(logging.WARNING, logger="optimizers.outer"):
         DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), LocalPeer(), sync_every=2)
     assert caplog.records == []
+
+
+# -- error feedback with a sparse codec ------------------------------------------------------------------------
+
+
+def test_streaming_keeps_one_error_feedback_residual_per_fragment_with_a_sparse_codec():
+    # Only DiLoCo kept one: Streaming DiLoCo (and async DiLoCo) dropped what topk left out, for good.
+    m = model()
+    cfg = StreamingConfig(sync_every=8, fragments=2, overlap=1, codec="topk/4", outer=SGD1)
+    opt = StreamingDiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), LocalPeer(), cfg)
+    train(opt, m, 0, 17)
+    sizes = {tag: sum(opt.state.params[i].numel() for i in opt.round_indices(tag)) for tag in opt._residuals}
+    assert len(sizes) == 2 and {tag: r.numel() for tag, r in opt._residuals.items()} == sizes
+    assert all(bool(r.abs().sum() > 0) for r in opt._residuals.values())
+
+
+def test_async_diloco_keeps_an_error_feedback_residual_with_a_sparse_codec():
+    from optimizers.asyncdiloco import AsyncDiLoCo, AsyncDiLoCoConfig
+
+    m = model()
+    opt = AsyncDiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), LocalPeer(),
+                      AsyncDiLoCoConfig(sync_every=3, codec="topk/4", outer=SGD1))
+    train(opt, m, 0, 7)
+    (residual,) = opt._residuals.values()
+    assert residual.numel() == sum(p.numel() for p in m.parameters()) and bool(residual.abs().sum() > 0)
+
+
+def test_a_dense_codec_keeps_no_residual():
+    m = model()
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), LocalPeer(), sync_every=3, codec="int8")
+    train(opt, m, 0, 7)
+    assert opt._residuals == {}
+
+
+def test_noloco_refuses_a_sparse_codec_which_would_drop_most_weights_from_its_mean():
+    from optimizers.noloco import NoLoCoConfig
+
+    with pytest.raises(ConfigError, match="NoLoCo averages its replicas' weights"):
+        NoLoCoConfig(codec="topk/64")
