@@ -267,6 +267,13 @@ class Round:
             reduced = reduce(self.inbox.rows[:, c0:c1])
         t1 = time.perf_counter()
         try:
+            if not self.others:
+                # A round of one: no member receives its gather, so the result stays exact (int8 gave it its error
+                # for nothing). The codec's refusal of non-finite values still holds.
+                check_finite(reduced, "the reduced values")
+                own[c0:c1].copy_(reduced)
+                self.stats.reduce_s += t1 - t0
+                return b""
             payload = self.codec.encode_reduced(reduced, copy=False)  # a sparse codec keeps every reduced entry
         except NonFiniteError as exc:  # every input was finite: the reduction overflowed
             raise RoundFailed(

@@ -36,15 +36,13 @@ def run_round(endpoints, xs, config=None, weights=None, round_id=None, epoch=0):
     return [f.result(timeout=30) for f in futures]
 
 
-def test_single_member_round_returns_the_codec_round_trip(endpoints):
+@pytest.mark.parametrize("codec", ["none", "int8", "int4", "fp16"])
+def test_a_single_member_round_returns_its_input_exactly_whatever_the_codec(endpoints, codec):
+    # Nothing crosses a wire: the codec's error bought nothing (it was the int8 round trip until 2026-12-06).
     e = endpoints(1)
     x = torch.randn(1000)
-    (none,) = run_round(e, [x])
-    assert torch.equal(none.value, x)
-    cfg = AllReduceConfig(codec=CodecConfig("int8"))
-    (int8,) = run_round(e, [x], config=cfg)
-    codec = make_codec(cfg.codec)
-    assert torch.equal(int8.value, codec.decode(codec.encode(x), x.numel()))
+    (result,) = run_round(e, [x], config=AllReduceConfig(codec=CodecConfig(codec)))
+    assert torch.equal(result.value, x)
 
 
 def test_mean_of_two_members_is_exact_with_codec_none(endpoints):
