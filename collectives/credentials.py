@@ -203,7 +203,10 @@ def check_run_auth(
     expected = call_mac(secret, run_id, fields[2], method, ts_ms)
     # Constant time, and before the clock check, so a probe learns nothing from timing.
     if not hmac.compare_digest(expected, fields[3]):
-        raise Unauthenticated(f"wrong credential for run {run_id!r}: check the run id and --token-file")
+        raise Unauthenticated(
+            f"wrong credential: this server serves run {run_id!r} with its own secret; give the caller --run "
+            f"{run_id} and the run's --token-file"
+        )
     if abs(ts_ms / 1000.0 - now_s) > MAX_CLOCK_SKEW_S:
         raise Unauthenticated(f"the call's clock is more than {MAX_CLOCK_SKEW_S:g} s off this server's: sync clocks")
     return RunClaim(fields[2], ts_ms)
