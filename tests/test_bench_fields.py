@@ -104,3 +104,11 @@ def test_the_allreduce_report_is_documented():
     assert {"baseline", "ratio_vs_gloo", "link_utilization"} <= set(report)
     assert report["ratio_vs_gloo"] == report["median_s"] / report["baseline"]["median_s"]
     assert undocumented(report, allreduce.FIELDS) == []
+
+
+@pytest.mark.timeout(180)
+def test_the_allreduce_benchmark_times_a_sparse_codec_with_no_error_bound():
+    # It refused topk ("no per-element error bound"), so the sparse codec could not be timed there.
+    report = allreduce.run(peers=2, numel=4096, codec="topk/64", repeat=1, gloo=False)
+    assert report["error_bound"] is None and report["identical_across_peers"]
+    assert report["bytes_sent_per_peer"] < report["fp32_bytes"] / 8

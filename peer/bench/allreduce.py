@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from collectives.allreduce import mean_error_bound
-from collectives.codecs import CodecConfig
+from collectives.codecs import CodecConfig, needs_feedback
 from collectives.errors import RoundFailed
 from collectives.ratelimit import format_bandwidth, parse_bandwidth
 from collectives.rpc import RpcSecurity
@@ -57,7 +57,8 @@ FIELDS: Fields = {
     "bytes_sent_per_peer_max": "the most bytes any peer sent in one round",
     "fp32_bytes": "bytes of one peer's tensor in fp32 (numel x 4)",
     "max_abs_error": "largest |result - exact mean| over elements and peers (exact mean in float64 from the seeds)",
-    "error_bound": "the analytic bound on that error for this codec (collectives.allreduce.mean_error_bound)",
+    "error_bound": "the analytic bound on that error for this codec (collectives.allreduce.mean_error_bound); "
+    "null for a sparse codec (topk), which drops entries by design",
     "identical_across_peers": "true when every peer ended with bit-identical results (SHA-256 of the result)",
     "phases_s": "median over peers of the seconds each phase of the last round took",
     "phases_s.scatter_s": "aggregate-scatter: every peer streams part j to its owner j",
@@ -292,7 +293,9 @@ def _report(
         "bytes_sent_per_peer_max": max(sent),
         "fp32_bytes": job.numel * 4,
         "max_abs_error": max(r["max_abs_error"] for r in replies),
-        "error_bound": mean_error_bound(codec, [worker_tensor(job, r) for r in range(peers)]),
+        # A sparse codec drops entries by design (error feedback carries them in training): it has no bound.
+        "error_bound": None if needs_feedback(codec) else mean_error_bound(
+            codec, [worker_tensor(job, r) for r in range(peers)]),
         "identical_across_peers": len({r["sha256"] for r in replies}) == 1,
         "phases_s": {
             k: statistics.median(r["stats"][k] for r in replies)
