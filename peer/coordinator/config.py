@@ -140,9 +140,8 @@ class CoordinatorConfig:
         default="all",
         metadata={
             "help": "who takes part in a round: all (every live peer, or those that asked by the join timeout), "
-            "first-k:K (the first K to ask), sample:K or sample:F[,min=M] (K peers, or F of them rounded up and at "
-            "least M, drawn by --quorum-seed); for gradient coding coded:S, allbut:S, backup, grace:L; for "
-            "asynchronous rounds buffer:K[,t=T] (docs/gradient-coding.md, docs/async.md)"
+            "first-k:K, sample:K or sample:F[,min=M] (drawn by --quorum-seed); for gradient coding coded:S, "
+            "allbut:S, backup, grace:L; for async rounds buffer:K[,t=T]"
         },
     )
     seed: int = field(
