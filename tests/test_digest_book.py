@@ -82,3 +82,9 @@ def test_a_commit_forgets_the_rounds_digest_rounds_before_it_even_when_no_digest
     for round_id in range(1, DIGEST_ROUNDS + 2):
         book.round_committed(round_id, ("a",))
     assert book.digest_of(1) == "" and min(book.members) == 2 and len(book.members) == DIGEST_ROUNDS
+
+
+def test_a_peer_that_reports_again_votes_once_for_its_latest_digest():
+    book = book_after([("a", BAD), ("b", BAD), ("c", GOOD)])
+    book.note(1, GOOD, "a", 0, seniority)  # a fetched the run's state and holds what c holds
+    assert (book.digest_of(1), book.votes[1][BAD], book.votes[1][GOOD]) == (GOOD, {"b"}, {"a", "c"})

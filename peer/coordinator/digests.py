@@ -73,6 +73,8 @@ class DigestBook:
         self.reports.setdefault(round_id, {})[peer_id] = digest
         votes = self.votes.setdefault(round_id, {})
         if voter:
+            for others in votes.values():  # one vote per peer: its latest report (it may have fetched the state)
+                others.discard(peer_id)
             votes.setdefault(digest, set()).add(peer_id)
         kept = self.kept.get(round_id)
         if kept is None:

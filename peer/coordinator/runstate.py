@@ -315,6 +315,7 @@ class RunState:
         """Take a peer out of the live set (lost or left)."""
         peer.state = state
         self.live.discard(peer.peer_id)
+        self.digest_book.realigned(peer.peer_id)  # a new process under its id reports its own state again
         self.departures += 1
         if self.by_address.get(peer.address) == peer.peer_id:
             del self.by_address[peer.address]
