@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_RESULT_BYTES = 512 << 20
 # The codec name of a result served as raw fp32.
 RAW = "none"
+# How far past this member's last commit a requested round may be and still be waited for (it may be committing it,
+# after rounds it catches up on); a request further ahead is answered "not kept" at once.
+NEAR_ROUNDS = 16
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,9 @@ class ResultStore:
             entry = self._kept.get(round_id)
             newest = self._newest
         if entry is None:
-            if round_id > newest:
+            # A round just past this member's last commit may be committing now: the server waits for it. One far
+            # past it cannot come within the wait (a request for round 2^64-1 held a fetch slot for result_wait_s).
+            if newest < round_id <= newest + NEAR_ROUNDS or (newest == 0 and round_id > 0):
                 raise ResultNotYet(f"round {round_id} is newer than this member's last commit (round {newest})")
             return None
         if entry.encoded is None:

@@ -9,7 +9,7 @@ import torch
 
 from collectives.codecs import CodecConfig, make_codec
 from collectives.parts import part_bounds
-from collectives.results import ResultStore, decode_result, expected_wire_bytes, result_digest
+from collectives.results import NEAR_ROUNDS, ResultStore, decode_result, expected_wire_bytes, result_digest
 from collectives.statesync import ResultNotYet, StateSnapshot, StateSyncError
 
 INT8 = CodecConfig.parse("int8")
@@ -56,6 +56,15 @@ def test_a_round_newer_than_the_last_commit_is_not_yet_kept_and_an_older_one_is_
     assert store.snapshot(4) is None
     with pytest.raises(ResultNotYet, match="round 6 is newer than this member's last commit"):
         store.snapshot(6)
+
+
+def test_a_round_far_past_the_last_commit_is_not_kept_at_once_rather_than_waited_for():
+    # A request for round 2^64-1 held a fetch slot for result_wait_s (probe I).
+    store = ResultStore(keep=1)
+    store.keep(5, "", committed(seed=5), INT8)
+    with pytest.raises(ResultNotYet):
+        store.snapshot(5 + NEAR_ROUNDS)
+    assert store.snapshot(6 + NEAR_ROUNDS) is None and store.snapshot(2**64 - 1) is None
 
 
 class _SlowCopy:
