@@ -18,7 +18,7 @@ from collectives.errors import Incompatible, NotThisRun
 from collectives.membership import MembershipClient, MembershipConfig
 from collectives.transport import Transport
 from peer.coordinator.rules import MAX_CLAIM, claim_verdict, majority_round
-from peer.coordinator.runstate import RoundRecord, RunState
+from peer.coordinator.runstate import PeerRecord, RoundRecord, RunState
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.coordinator import RUN, Live, digest, live_coordinators
@@ -191,3 +191,16 @@ def test_only_an_up_to_date_member_of_the_last_round_says_where_the_run_trains(p
     committed(state, 1, ("a", "b"))
     state.note_step(peer_id, last_round, 2**63)
     assert state.run_step == (2**63 if counted else 7)
+
+
+def test_a_peer_whose_digest_lost_and_then_left_no_longer_needs_realigning():
+    # A new process under its id (peers keep their ids across restarts) reports its own state again.
+    state = RunState(RUN, 1)
+    for peer_id in ("a", "b"):
+        state.peers[peer_id] = PeerRecord(peer_id, f"127.0.0.1:{ord(peer_id)}", state="active")
+    committed(state, 1, ("a", "b"))
+    state.note_digest(1, digest(1), "a")
+    state.note_digest(1, digest(666), "b")
+    assert state.digest_book.must_realign("b")
+    state.drop_peer(state.peers["b"], "left")
+    assert not state.digest_book.must_realign("b")
