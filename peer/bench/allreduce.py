@@ -76,7 +76,8 @@ FIELDS: Fields = {
     "2 (N-1)/N x 4 x numel (gloo exposes no counters)",
     "bandwidth": "with --bandwidth: the per-peer cap on send and on receive",
     "link_utilization": "with --bandwidth: the fraction of the capped link a round kept busy "
-    "(bits sent per peer / cap / median_s)",
+    "(bits sent per peer / cap / median_s); a short round may show a little above 1, by the link's burst "
+    "(10 ms of the cap, at least 4 KiB)",
     "baseline.link_utilization": "with --bandwidth: the same for gloo (its ring's bits / cap / its median_s)",
     "hierarchical": "true with --hierarchical: every peer has one host id, so the peers reduce through shared "
     "memory (collectives/hostround.py) and no bytes cross gRPC; the codec applies between hosts only",
