@@ -88,40 +88,37 @@ STALE_AFTER_S = 5.0
 
 def detect_host_id() -> str:
     """This process's host id: processes with the same id share /dev/shm and each other's pid namespace."""
-    parts = [socket.gethostname()]
-    for path in ("/proc/sys/kernel/random/boot_id",):
-        try:
-            with open(path) as f:
-                parts.append(f.read().strip())
-        except OSError:
-            parts.append("")
-    for ns in ("pid", "mnt", "ipc"):
-        try:
-            parts.append(os.readlink(f"/proc/self/ns/{ns}"))
-        except OSError:
-            parts.append("")
+    parts = [socket.gethostname(), _boot_id(), *(_namespace(ns) for ns in ("pid", "mnt", "ipc"))]
     return "auto-" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def sharing_fingerprint() -> str:
     """What processes that reduce through shared memory must share: the kernel's boot, the pid namespace (a
     member's death is read from its pid) and /dev/shm itself (by device and inode, however it is mounted)."""
-    parts = []
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            parts.append(f.read().strip())
-    except OSError:
-        parts.append("")
-    try:
-        parts.append(os.readlink("/proc/self/ns/pid"))
-    except OSError:
-        parts.append("")
     try:
         shm = os.stat(SHM_DIR)
-        parts.append(f"{shm.st_dev}:{shm.st_ino}")
+        shm_id = f"{shm.st_dev}:{shm.st_ino}"
     except OSError:
-        parts.append("")
+        shm_id = ""
+    parts = [_boot_id(), _namespace("pid"), shm_id]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
+def _boot_id() -> str:
+    """The kernel's boot id ("" where it cannot be read)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _namespace(name: str) -> str:
+    """This process's namespace of a kind, e.g. "pid:[4026531836]" ("" where it cannot be read)."""
+    try:
+        return os.readlink(f"/proc/self/ns/{name}")
+    except OSError:
+        return ""
 
 
 def resolve_host_id(configured: str) -> str:
