@@ -115,6 +115,13 @@ class SyncConfig:
         return AggregatorConfig.parse(self.aggregator)
 
 
+def least_members(options: Any) -> int:
+    """The fewest members an algorithm's rounds need (SyncConfig.least_members); 1 for a plugin's config that
+    does not say."""
+    say = getattr(options, "least_members", None)
+    return say() if say is not None else 1
+
+
 @dataclass
 class SyncRecord:
     """What one sync attempt did (for progress displays and benchmarks)."""

@@ -305,6 +305,7 @@ def harness_config(ns: argparse.Namespace):
     import dataclasses
 
     from peer.coordinator.config import CoordinatorConfig
+    from optimizers.outer import least_members
     from peer.harness.chaos import ChaosSpec, chaos_events, expected_rounds
     from peer.harness.harness import HarnessConfig
     from peer.harness.scenario import load_scenario, parse_event
@@ -316,9 +317,8 @@ def harness_config(ns: argparse.Namespace):
     base = read_options(HarnessConfig, ns, base=defaults)
     train = read_train_config(ns, base=defaults.train)
     if ns.chaos is not None:
-        least = getattr(train.options, "least_members", lambda: 1)()
         events += chaos_events(ChaosSpec.parse(ns.chaos), base.peers, expected_rounds(train), netns=base.netns,
-                               least=least)
+                               least=least_members(train.options))
     return dataclasses.replace(
         base,
         task_config=read_task_config(ns),

@@ -38,6 +38,7 @@ from collectives.membership import DEFAULT_RUN_ID
 from collectives.ratelimit import parse_bandwidth
 from collectives.rpc import RpcSecurity, blocking_channel
 from collectives.transport import codec_threads_for
+from optimizers.outer import least_members
 from peer.coordinator.config import CoordinatorConfig
 from peer.device import place_model, resolve_device
 from peer.harness import outcome
@@ -217,7 +218,7 @@ class HarnessConfig:
                 make_aggregator(aggregator).check_group(most)
             except ConfigError as exc:
                 raise ConfigError(f"no round can form: {exc} (the scenario has at most {most} peers)") from None
-        least = getattr(options, "least_members", lambda: 1)()
+        least = least_members(options)
         if least > most:  # beyond the aggregator's: a private round's --dp-min-members, a plugin's own
             raise ConfigError(f"no round can form: the rounds need {least} members (the aggregator's minimum, or "
                               f"--dp-min-members) and the scenario has at most {most} peers; add peers or lower it")
