@@ -14,7 +14,8 @@ state machine (``Phase``, with its outcomes, in ``collectives/syncphases.py``)::
        +--resync--> RESYNC (raises Resynced with the run's state: the contribution is void)
        +--late--> CAUGHT_UP (raises CaughtUp with the committed results it missed: the contribution is void)
        +--unknown peer--> REJOIN --> QUORUM            +--too few peers--> FAILED (GroupTooSmall)
-                             \\--told to wait--> QUORUM, up to holder_wait_s; then FAILED (WaitingForState:
+                             \\--told to wait--> QUORUM, up to holder_wait_s (not at all once the coordinator
+                                 says the round's holders finished and left); then FAILED (WaitingForState:
                                  behind, and nobody holds the run's last round; the caller trains on locally;
                                  later syncs go QUORUM --> FAILED at once until the heartbeats register it again)
        +--another round format than the run's (codec, aggregator, length)--> FAILED (FormatMismatch)
@@ -99,6 +100,7 @@ from collectives.errors import ConfigError, LoconetError, MemberFailure, Protoco
 from collectives.hostlocal import resolve_host_id, round_hosts
 from collectives.inbox import Group
 from collectives.membership import (
+    FINISHED,
     CommitOutcome,
     CommitUnknown,
     MembershipClient,
@@ -164,7 +166,7 @@ def leave_reason(stopped_by: str | None, failure: BaseException | None, adopted:
     if stopped_by is not None:
         return f"stopped by {stopped_by}"
     if failure is None:
-        return "finished"
+        return FINISHED
     what = "failed" if adopted else "refused the run's state"
     return f"{what}: {str(failure) or type(failure).__name__}"[:200]
 
@@ -260,6 +262,9 @@ class ElasticCollective:
         # Whether a sync already waited holder_wait_s for a holder of the run's last round in vain (reset once
         # registered again): the syncs after it do not wait again.
         self._waited_out = False
+        # Whether the coordinator said, at the last join that told this peer to wait, that every holder of the
+        # run's last round finished and left: waiting for one is in vain (the run's end; a straggler behind it).
+        self._holders_finished = False
         # What this peer's recent state fetches took (statesync.FetchReport), for reports and tests.
         self.fetches: deque = deque(maxlen=RECENT_FETCHES)
         # Whether this fresh peer kept its own initial state at its join, the founder's being the same (start()).
@@ -575,11 +580,15 @@ class ElasticCollective:
             self.address, self.last_round, self.epoch, has_state=True, digest=await self._state_digest()
         )
         self.epoch = max(self.epoch, joined.epoch)
+        # The run ended ahead of this peer (a straggler of its last round): nobody will serve that round, so a
+        # sync does not wait holder_wait_s for a holder (_ask); the heartbeats still ask every interval.
+        self._holders_finished = joined.holders_finished
         if joined.wait:
             # Told to wait (nobody live holds the run's last round, which this state is behind): ask again later.
-            self._waiting.note(joined.wait_reason, "waiting for the run's state: %s", joined.wait_reason)
+            reason = joined.wait_reason + (" (its holders finished and left)" if joined.holders_finished else "")
+            self._waiting.note(reason, "waiting for the run's state: %s", reason)
             await asyncio.sleep(joined.heartbeat_s if joined.heartbeat_s > 0 else WAIT_POLL_S)
-            return joined.wait_reason
+            return reason
         # With the rounds it missed named, the next quorum answer (which names them too) lets this
         # peer catch up by their results; otherwise it fetches the whole state first.
         if joined.sync_from and not joined.missed:
@@ -811,7 +820,7 @@ class ElasticCollective:
         except Unregistered:
             self._move(0, Phase.REJOIN)
             waiting = await self._rejoin()
-            if waiting and time.monotonic() - started > config.holder_wait_s:
+            if waiting and (self._holders_finished or time.monotonic() - started > config.holder_wait_s):
                 self._waited_out = True
                 self._move(0, Phase.FAILED)
                 raise WaitingForState(f"no sync: {waiting}") from None

@@ -71,6 +71,8 @@ FORMAT_DIFFERS = "round format differs from the run's"
 # What the coordinator's refusal of a join claiming a round or epoch its run never gave out says (the client raises
 # NotThisRun: the peer stops, rather than training on alone in a run that refuses its every rejoin).
 NOT_THIS_RUN = "a state this run never gave out"
+# The reason a member that ran to its end gives as it leaves (the coordinator then does not expect it back).
+FINISHED = "finished"
 # A round format longer than this is refused by the coordinator as malformed (a format with an outer optimizer's
 # and differential privacy's settings is about 250).
 MAX_FORMAT_CHARS = 600
@@ -258,6 +260,8 @@ class Joined:
     # from its own state: say wait_reason, and join again every heartbeat_s (lease_s: when it is forgotten).
     wait: bool = False
     wait_reason: str = ""
+    # With wait: every known holder of the run's last round left saying it finished (none is expected back).
+    holders_finished: bool = False
 
 
 @dataclass(frozen=True)
@@ -588,6 +592,7 @@ class MembershipClient:
             sync_sources=() if reply.wait else tuple(reply.sync_sources),
             wait=reply.wait,
             wait_reason=reply.wait_reason,
+            holders_finished=reply.wait and reply.holders_finished,
         )
 
     async def heartbeat_forever(

@@ -56,7 +56,7 @@ class PeerCredential(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., address: _Optional[str] = ..., public_key: _Optional[bytes] = ..., issuer_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("peer_id", "lease_s", "heartbeat_s", "epoch", "last_committed_round", "sync_from", "missed", "state_digest", "wait", "wait_reason", "sync_sources", "credential")
+    __slots__ = ("peer_id", "lease_s", "heartbeat_s", "epoch", "last_committed_round", "sync_from", "missed", "state_digest", "wait", "wait_reason", "sync_sources", "credential", "holders_finished")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class JoinResponse(_message.Message):
     WAIT_REASON_FIELD_NUMBER: _ClassVar[int]
     SYNC_SOURCES_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    HOLDERS_FINISHED_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     lease_s: float
     heartbeat_s: float
@@ -81,7 +82,8 @@ class JoinResponse(_message.Message):
     wait_reason: str
     sync_sources: _containers.RepeatedScalarFieldContainer[str]
     credential: PeerCredential
-    def __init__(self, peer_id: _Optional[str] = ..., lease_s: _Optional[float] = ..., heartbeat_s: _Optional[float] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., sync_from: _Optional[str] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., state_digest: _Optional[str] = ..., wait: _Optional[bool] = ..., wait_reason: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ..., credential: _Optional[_Union[PeerCredential, _Mapping]] = ...) -> None: ...
+    holders_finished: bool
+    def __init__(self, peer_id: _Optional[str] = ..., lease_s: _Optional[float] = ..., heartbeat_s: _Optional[float] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., sync_from: _Optional[str] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., state_digest: _Optional[str] = ..., wait: _Optional[bool] = ..., wait_reason: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ..., credential: _Optional[_Union[PeerCredential, _Mapping]] = ..., holders_finished: _Optional[bool] = ...) -> None: ...
 
 class PeerMetrics(_message.Message):
     __slots__ = ("step", "steps_per_s", "loss", "bytes_sent", "bytes_received", "activity", "samples", "eval_loss", "privacy_epsilon", "spread", "refusals")

@@ -651,6 +651,25 @@ def test_with_a_state_file_a_restarted_coordinator_makes_a_fresh_peer_wait_befor
     assert stub.Join(fresh, timeout=5).sync_from == "127.0.0.1:1"
 
 
+@pytest.mark.parametrize(
+    "reasons, in_vain",
+    [
+        (("finished", "finished"), True),  # the run ended ahead of the waiter: nobody will serve its last round
+        (("finished", "stopped by SIGTERM"), False),  # a stopped holder may start again with its checkpoint
+        (("finished", None), False),  # one holder still live: the waiter is given it, not told to wait
+    ],
+)
+def test_a_peer_behind_the_run_is_told_whether_every_holder_of_its_last_round_finished(stub, reasons, in_vain):
+    holders = [join(stub, f"127.0.0.1:{port}") for port in (1, 2)]
+    play_round(stub, holders, 0)
+    for peer_id, reason in zip(holders, reasons):
+        if reason is not None:
+            stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=peer_id, reason=reason), timeout=5)
+    told = stub.Join(pb.JoinRequest(run_id=RUN, address="127.0.0.1:3", has_state=False), timeout=5)
+    assert told.holders_finished is in_vain
+    assert told.wait is (reasons[1] is not None)
+
+
 def test_the_first_peer_of_a_new_run_founds_it_without_waiting_out_the_grace(coordinator):
     stub = coordinator(startup_grace_s=20).stub
     reply = stub.Join(pb.JoinRequest(run_id=RUN, address="127.0.0.1:1", has_state=False), timeout=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from collectives.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import NonFiniteError
-from collectives.membership import Joined
+from collectives.membership import Joined, Unregistered
 from collectives.syncphases import WaitingForState
 from peer.coordinator.config import CoordinatorConfig
 from tests.support.coordinator import CoordinatorThread
@@ -129,6 +130,29 @@ def test_after_waiting_out_a_holder_once_a_sync_ends_at_once_without_asking_the_
     while not joins and time.monotonic() < until:
         time.sleep(0.05)
     assert joins, "the heartbeats ask whether a holder is back"
+
+
+@pytest.mark.timeout(60)
+def test_a_sync_behind_a_run_whose_holders_finished_and_left_does_not_wait_for_them(run):
+    peer = run()
+    peer.config = dataclasses.replace(peer.config, holder_wait_s=3600.0)  # a wait the test's timeout would end
+    reason = "run w has committed round 7 but no live peer holds it"
+    joins = []
+
+    async def told_to_wait(*args, **kwargs):
+        # The straggler of a run's last round: the others committed it, finished and left.
+        joins.append(args)
+        return Joined(peer.peer_id, 5.0, 0.2, 0, 7, "", wait=True, wait_reason=reason, holders_finished=True)
+
+    async def out_of_the_run(*args, **kwargs):
+        peer.membership.unregistered.set()
+        raise Unregistered("dropped")
+
+    peer.membership.join, peer.membership.quorum = told_to_wait, out_of_the_run
+    # Waiting holder_wait_s would outlast the test's timeout: the sync ends after the join that says so.
+    with pytest.raises(WaitingForState, match="its holders finished and left"):
+        peer.sync(torch.ones(4))
+    assert joins
 
 
 @pytest.mark.timeout(90)

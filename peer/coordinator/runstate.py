@@ -62,6 +62,8 @@ class PeerRecord:
     settings: str = ""
     # How often it was told to fetch the run's state because its own lost to the run's digest (digests.py).
     realigned: int = 0
+    # Whether it left saying it finished (LeaveRequest.reason "finished"): not expected back.
+    finished: bool = False
     # Calls the peer refused or cut off, by kind (its heartbeats say; docs/security.md).
     refusals: dict[str, int] = field(default_factory=dict)
     # With a run secret: the Ed25519 key the peer's credential binds its id to (collectives.credentials).
@@ -323,6 +325,12 @@ class RunState:
         self.gone.pop(peer.peer_id, None)
         self.gone[peer.peer_id] = time.monotonic()
         self.forget_gone()
+
+    def holders_finished(self) -> bool:
+        """Whether every peer known to hold the run's last committed round left saying it finished (and one did):
+        a peer waiting for a holder of that round waits in vain."""
+        holders = [p for p in self.peers.values() if p.has_state and p.last_round >= self.last_committed_round]
+        return bool(holders) and all(p.finished and not p.alive for p in holders)
 
     def forget_gone(self, now: float | None = None) -> list[str]:
         """Forget the records of gone peers the forget rule lets go (never a live peer's); return their ids."""

@@ -39,7 +39,7 @@ from google.protobuf.message import Message
 
 from collectives.aggregation import MAX_ROUND_MEMBERS
 from collectives.asynctasks import cancel_and_wait
-from collectives.membership import MAX_FORMAT_CHARS, NO_QUORUM, NOT_THIS_RUN
+from collectives.membership import FINISHED, MAX_FORMAT_CHARS, NO_QUORUM, NOT_THIS_RUN
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import (
     checked_digest,
@@ -505,6 +505,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             state_digest=s.last_digest,
             wait=True,
             wait_reason=reason,
+            holders_finished=s.holders_finished(),
         )
 
     def _note_waiter(self, address: str, name: str, peer_id: str, held_round: int) -> str:
@@ -605,6 +606,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if peer is not None and peer.alive:
             if req.state_digest:
                 self._note_digest(req.last_round, checked_digest(req.state_digest), peer.peer_id)
+            peer.finished = req.reason == FINISHED
             self._mark_lost(peer, req.reason[:200] or "left", kind="leave", state="left")
         return pb.LeaveResponse()
 
