@@ -585,10 +585,9 @@ class ElasticCollective:
         self._holders_finished = joined.holders_finished
         if joined.wait:
             # Told to wait (nobody live holds the run's last round, which this state is behind): ask again later.
-            reason = joined.wait_reason + (" (its holders finished and left)" if joined.holders_finished else "")
-            self._waiting.note(reason, "waiting for the run's state: %s", reason)
+            self._waiting.note(joined.wait_reason, "waiting for the run's state: %s", joined.wait_reason)
             await asyncio.sleep(joined.heartbeat_s if joined.heartbeat_s > 0 else WAIT_POLL_S)
-            return reason
+            return joined.wait_reason
         # With the rounds it missed named, the next quorum answer (which names them too) lets this
         # peer catch up by their results; otherwise it fetches the whole state first.
         if joined.sync_from and not joined.missed:

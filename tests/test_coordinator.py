@@ -667,6 +667,7 @@ def test_a_peer_behind_the_run_is_told_whether_every_holder_of_its_last_round_fi
             stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=peer_id, reason=reason), timeout=5)
     told = stub.Join(pb.JoinRequest(run_id=RUN, address="127.0.0.1:3", has_state=False), timeout=5)
     assert told.holders_finished is in_vain
+    assert ("every peer holding it finished and left" in told.wait_reason) is in_vain
     assert told.wait is (reasons[1] is not None)
 
 

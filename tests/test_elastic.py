@@ -136,7 +136,7 @@ def test_after_waiting_out_a_holder_once_a_sync_ends_at_once_without_asking_the_
 def test_a_sync_behind_a_run_whose_holders_finished_and_left_does_not_wait_for_them(run):
     peer = run()
     peer.config = dataclasses.replace(peer.config, holder_wait_s=3600.0)  # a wait the test's timeout would end
-    reason = "run w has committed round 7 but no live peer holds it"
+    reason = "run w has committed round 7 but every peer holding it finished and left"
     joins = []
 
     async def told_to_wait(*args, **kwargs):
@@ -150,7 +150,7 @@ def test_a_sync_behind_a_run_whose_holders_finished_and_left_does_not_wait_for_t
 
     peer.membership.join, peer.membership.quorum = told_to_wait, out_of_the_run
     # Waiting holder_wait_s would outlast the test's timeout: the sync ends after the join that says so.
-    with pytest.raises(WaitingForState, match="its holders finished and left"):
+    with pytest.raises(WaitingForState, match=reason):
         peer.sync(torch.ones(4))
     assert joins
 

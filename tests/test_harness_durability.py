@@ -94,6 +94,6 @@ def test_a_peer_behind_when_the_others_finished_trains_on_to_its_end_without_rol
     assert report["rollbacks"] == [] and report["restarts_from_round_0"] == []
     assert report["peers_alive"] == 2 and report["survivors_identical"] is True
     missed = [e for e in harness.peers["peer1"].events if e["event"] == "sync-missed"]
-    assert missed and "no live peer holds it" in missed[-1]["reason"], "each sync said why it could not take place"
+    assert missed and "every peer holding it finished and left" in missed[-1]["reason"], "each sync said why it could not take place"
     assert missed[-1]["error"] == "WaitingForState"
     assert report["left_behind"] == ["peer1"], "the report says which survivor trained on alone"

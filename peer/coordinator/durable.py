@@ -57,9 +57,11 @@ def wait_reason(run_id: str, state: RunState, grace_left_s: float, older_round: 
     if 0 < older_round < last:
         lost = f"round {last} is lost" if older_round + 1 == last else f"rounds {older_round + 1}-{last} are lost"
         rollback = f"; a peer holds round {older_round}: `loconet coordinator --allow-rollback` goes on from it ({lost})"
+    # Every holder ran to its end (a straggler of the run's last round asks): nobody is expected back.
+    nobody = "every peer holding it finished and left" if state.holders_finished() else "no live peer holds it"
     return (
-        f"run {run_id} has committed round {last} ({short(state.last_digest)}) but no live "
-        "peer holds it: restart a peer that holds it (with its checkpoint directory), or start one with "
+        f"run {run_id} has committed round {last} ({short(state.last_digest)}) but {nobody}: restart a peer "
+        "that holds it (with its checkpoint directory), or start one with "
         f"--resume-from CHECKPOINT_DIR{rollback}; `loconet coordinator --new-run` starts the run over"
     )
 
