@@ -530,7 +530,11 @@ class ElasticCollective:
             await cancel_and_wait([self._heartbeat])
         if leave:
             digest = await self._leaving_digest() if self._holds_state else ""
-            await self.membership.leave(reason, leave_timeout_s, self.last_round if digest else 0, digest)
+            counters = self.transport.counters
+            await self.membership.leave(
+                reason, leave_timeout_s, self.last_round if digest else 0, digest,
+                traffic=(counters.bytes_sent, counters.bytes_received), refusals=self._refusals(),
+            )
         await self.membership.close()
 
     def _refusals(self) -> dict[str, int]:

@@ -655,28 +655,32 @@ class MembershipClient:
         kept: Sequence[tuple[int, int, str]] | None,
     ) -> pb.HeartbeatRequest:
         """A heartbeat with this peer's status, its traffic (bytes sent, received) and the results it keeps."""
-        s = self.status
-        sent, received = traffic
         return pb.HeartbeatRequest(
             run_id=self.config.run_id,
             peer_id=self.peer_id,
             last_round=last_round,
             state_digest=digest,
-            metrics=pb.PeerMetrics(
-                step=s.step,
-                steps_per_s=s.steps_per_s,
-                loss=s.loss,
-                bytes_sent=sent,
-                bytes_received=received,
-                activity=s.activity,
-                samples=s.samples,
-                eval_loss=s.eval_loss,
-                privacy_epsilon=s.epsilon,
-                spread=s.spread,
-                refusals=refusals,
-            ),
+            metrics=self._metrics(traffic, refusals),
             holds_results=kept is not None,
             held_results=[pb.HeldResult(round_id=r, epoch=e, digest=d) for r, e, d in kept or ()],
+        )
+
+    def _metrics(self, traffic: tuple[int, int], refusals: dict[str, int]) -> pb.PeerMetrics:
+        """This peer's status as the coordinator shows it, with its traffic (bytes sent, received) and refusals."""
+        s = self.status
+        sent, received = traffic
+        return pb.PeerMetrics(
+            step=s.step,
+            steps_per_s=s.steps_per_s,
+            loss=s.loss,
+            bytes_sent=sent,
+            bytes_received=received,
+            activity=s.activity,
+            samples=s.samples,
+            eval_loss=s.eval_loss,
+            privacy_epsilon=s.epsilon,
+            spread=s.spread,
+            refusals=refusals,
         )
 
     def _note_commit_time(self, since_commit_s: float) -> None:
@@ -781,14 +785,17 @@ class MembershipClient:
         return CommitOutcome(commit=reply.commit, reason=reply.reason, epoch=reply.epoch, dropped=tuple(reply.dropped))
 
     async def leave(
-        self, reason: str = "", timeout_s: float | None = None, last_round: int = 0, digest: str = ""
+        self, reason: str = "", timeout_s: float | None = None, last_round: int = 0, digest: str = "",
+        traffic: tuple[int, int] | None = None, refusals: dict[str, int] | None = None,
     ) -> None:
         """Tell the coordinator this peer leaves the run, holding the state of last_round with SHA-256 digest
-        ("" unknown); best effort, within timeout_s (None: one RPC deadline)."""
+        ("" unknown), with its final figures when traffic is given; best effort, within timeout_s (None: one RPC
+        deadline)."""
         if not self.peer_id:
             return
         request = pb.LeaveRequest(
-            run_id=self.config.run_id, peer_id=self.peer_id, reason=reason, last_round=last_round, state_digest=digest
+            run_id=self.config.run_id, peer_id=self.peer_id, reason=reason, last_round=last_round, state_digest=digest,
+            metrics=None if traffic is None else self._metrics(traffic, refusals or {}),
         )
         timeout = self.config.rpc_timeout_s if timeout_s is None else timeout_s
         try:

@@ -173,18 +173,20 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, known: _Optional[bool] = ..., epoch: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ..., heartbeat_s: _Optional[float] = ..., round_over: _Optional[str] = ..., since_commit_s: _Optional[float] = ..., hold: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "reason", "last_round", "state_digest")
+    __slots__ = ("run_id", "peer_id", "reason", "last_round", "state_digest", "metrics")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     reason: str
     last_round: int
     state_digest: str
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., reason: _Optional[str] = ..., last_round: _Optional[int] = ..., state_digest: _Optional[str] = ...) -> None: ...
+    metrics: PeerMetrics
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., reason: _Optional[str] = ..., last_round: _Optional[int] = ..., state_digest: _Optional[str] = ..., metrics: _Optional[_Union[PeerMetrics, _Mapping]] = ...) -> None: ...
 
 class LeaveResponse(_message.Message):
     __slots__ = ()

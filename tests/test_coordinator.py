@@ -651,6 +651,18 @@ def test_with_a_state_file_a_restarted_coordinator_makes_a_fresh_peer_wait_befor
     assert stub.Join(fresh, timeout=5).sync_from == "127.0.0.1:1"
 
 
+def test_a_leave_carries_the_peers_final_figures_to_the_status(stub):
+    # What a peer did after its last heartbeat (its last round's bytes, a final evaluation) still counts.
+    peer = join(stub, "127.0.0.1:1")
+    final = pb.PeerMetrics(step=1500, bytes_sent=933_426, bytes_received=900_000, samples=24_000, eval_loss=1.75,
+                           steps_per_s=30.0, loss=1.8, activity="training")
+    stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=peer, reason="finished", metrics=final), timeout=5)
+    status = json.loads(stub.Status(pb.StatusRequest(run_id=RUN), timeout=5).json)
+    (shown,) = [p for p in status["peers"] if p["peer_id"] == peer]
+    assert (shown["step"], shown["bytes_sent"], shown["samples"], shown["eval_loss"]) == (1500, 933_426, 24_000, 1.75)
+    assert shown["state"] == "left" and shown["activity"] == ""
+
+
 @pytest.mark.parametrize(
     "reasons, in_vain",
     [

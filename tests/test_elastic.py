@@ -80,6 +80,19 @@ def test_a_weight_function_is_evaluated_with_the_round_plan_after_the_quorum(run
 
 
 @pytest.mark.timeout(60)
+def test_a_member_that_leaves_tells_the_coordinator_its_final_figures():
+    with CoordinatorThread(CoordinatorConfig(run_id="w", port=0, dashboard_port=None, startup_grace_s=0)) as c:
+        peer = ElasticCollective(ElasticConfig(coordinator=c.address, run_id="w"))
+        peer.start(has_state=True)
+        # A final evaluation after the last heartbeat, as `loconet peer` runs one once its steps are done.
+        peer.status.eval_loss, peer.status.step = 1.75, 1500
+        peer_id = peer.peer_id
+        peer.close(leave=True, reason="finished")
+        (shown,) = [p for p in c.status()["peers"] if p["peer_id"] == peer_id]
+        assert (shown["state"], shown["eval_loss"], shown["step"]) == ("left", 1.75, 1500)
+
+
+@pytest.mark.timeout(60)
 def test_a_peer_found_out_of_the_run_by_its_heartbeats_and_a_sync_at_once_registers_again_once(run):
     peer = run()
     joins = []

@@ -31,6 +31,24 @@ def test_an_id_held_by_a_live_peer_is_not_given_out_twice():
     assert state.new_peer_id("p1-0a0b0c") != "p1-0a0b0c"
 
 
+def test_a_peer_that_rejoins_under_its_id_keeps_its_counters_until_its_next_heartbeat():
+    # Counters that dipped to 0 would read as a reset to Prometheus, which would count the peer's history again.
+    state = RunState("run", 1)
+    state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1", bytes_sent=700, bytes_received=600,
+                              samples=50, step=9))
+    state.drop_peer(state.peers["p1-0a0b0c"], "lost")
+    state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1"))
+    again = state.peers["p1-0a0b0c"]
+    assert (again.bytes_sent, again.bytes_received, again.samples, again.step) == (700, 600, 50, 9)
+
+
+def test_a_peer_out_of_the_run_is_shown_doing_nothing():
+    state = RunState("run", 1)
+    state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1", activity="training"))
+    state.drop_peer(state.peers["p1-0a0b0c"], "lost")
+    assert state.peers["p1-0a0b0c"].activity == ""
+
+
 def record(round_id: int, epoch: int = 0, members: tuple[str, ...] = ("a", "b")) -> RoundRecord:
     return RoundRecord(round_id, epoch, list(members), 0.0, tag="t")
 

@@ -307,6 +307,13 @@ class RunState:
 
     def add_peer(self, peer: PeerRecord) -> None:
         """Register a (re)joined peer as live."""
+        earlier = self.peers.get(peer.peer_id)
+        if earlier is not None and earlier is not peer:
+            # Its id again (a rejoin; a restart keeps its id too): its counters go on from its last figures until
+            # its next heartbeat says otherwise, so neither they nor the run's totals dip to 0 meanwhile (a
+            # Prometheus counter that goes back reads as a reset, and its whole history would count again).
+            peer.bytes_sent, peer.bytes_received = earlier.bytes_sent, earlier.bytes_received
+            peer.samples, peer.step = earlier.samples, earlier.step
         self.peers[peer.peer_id] = peer
         self.live.add(peer.peer_id)
         self.gone.pop(peer.peer_id, None)
@@ -316,6 +323,7 @@ class RunState:
     def drop_peer(self, peer: PeerRecord, state: str) -> None:
         """Take a peer out of the live set (lost or left)."""
         peer.state = state
+        peer.activity = ""  # what it last said it was doing, it no longer does
         self.live.discard(peer.peer_id)
         self.digest_book.realigned(peer.peer_id)  # a new process under its id reports its own state again
         self.departures += 1

@@ -556,7 +556,19 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if req.state_digest:
             # Refused before anything else is taken from this heartbeat when malformed.
             self._note_digest(req.last_round, checked_digest(req.state_digest), peer.peer_id)
-        m = req.metrics
+        self._take_metrics(peer, req.metrics, req.last_round)
+        peer.offers_results = req.holds_results
+        heartbeat_s, lease_s = self._lease_terms()
+        # The lease only grows: an older peer keeps the interval its join gave, however the run shrinks since.
+        peer.lease_s = max(peer.lease_s, lease_s)
+        return pb.HeartbeatResponse(
+            known=True, epoch=self.state.epoch, last_committed_round=self.state.last_committed_round,
+            run_step=self.state.run_step, round_step=self.state.round_step, heartbeat_s=heartbeat_s, round_over=over,
+            since_commit_s=self.quorums.since_commit(now), hold=self.sources.to_hold(peer.peer_id, req, now),
+        )
+
+    def _take_metrics(self, peer: PeerRecord, m: pb.PeerMetrics, last_round: int) -> None:
+        """Keep the figures a peer's heartbeat (or its leave) carries; a figure that is not finite counts as none."""
         peer.step = m.step
         peer.steps_per_s = m.steps_per_s if math.isfinite(m.steps_per_s) else None
         peer.loss = m.loss if math.isfinite(m.loss) else None
@@ -568,19 +580,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         peer.bytes_sent = m.bytes_sent
         peer.bytes_received = m.bytes_received
         peer.activity = m.activity[:64]
-        peer.offers_results = req.holds_results
         # At most a few kinds (the peer's own names), each a short string: a peer cannot grow this.
         peer.refusals = {kind[:32]: count for kind, count in sorted(m.refusals.items())[:16]}
         self.state.record_metrics(peer)
-        self.state.note_step(peer.peer_id, req.last_round, m.step)
-        heartbeat_s, lease_s = self._lease_terms()
-        # The lease only grows: an older peer keeps the interval its join gave, however the run shrinks since.
-        peer.lease_s = max(peer.lease_s, lease_s)
-        return pb.HeartbeatResponse(
-            known=True, epoch=self.state.epoch, last_committed_round=self.state.last_committed_round,
-            run_step=self.state.run_step, round_step=self.state.round_step, heartbeat_s=heartbeat_s, round_over=over,
-            since_commit_s=self.quorums.since_commit(now), hold=self.sources.to_hold(peer.peer_id, req, now),
-        )
+        self.state.note_step(peer.peer_id, last_round, m.step)
 
     def _push_holds(self, round_id: int) -> None:
         """As a round of too few holders commits, ask peers at once, on their Session streams, to keep its result:
@@ -606,6 +609,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if peer is not None and peer.alive:
             if req.state_digest:
                 self._note_digest(req.last_round, checked_digest(req.state_digest), peer.peer_id)
+            if req.HasField("metrics"):
+                self._take_metrics(peer, req.metrics, req.last_round)
             peer.finished = req.reason == FINISHED
             self._mark_lost(peer, req.reason[:200] or "left", kind="leave", state="left")
         return pb.LeaveResponse()
