@@ -740,14 +740,16 @@ class ElasticCollective:
             try:
                 sent, w, reduce_with = await self._contribution(plan, flat, weight, within, prepare, least)
             except (ProtocolError, QuorumMismatch) as exc:  # this member refuses the round; it says so, sends nothing
-                done, failed, reduce_with, refusal = None, (), (), exc
+                done, failed, reduce_with, refusal, spent = None, (), (), exc, (0, 0)
                 reason = f"{self.peer_id} refused round {plan.round_id}: {exc}"
             else:
                 # Error feedback on a copy per attempt: the residual moves on only with a committed round.
                 work = None if residual is None else residual.clone()
+                before = self._round_traffic()
                 done, failed, reason = await self._allreduce(plan, sent, w, out, allreduce, reduce_with, work)
+                spent = tuple(now - then for now, then in zip(self._round_traffic(), before))
             self._move(plan.round_id, Phase.COMMIT)
-            outcome = await self._decision(plan, done, failed, reason)
+            outcome = await self._decision(plan, done, failed, reason, spent)
             self.epoch = max(self.epoch, outcome.epoch)
             if outcome.commit and done is not None:
                 self._move(plan.round_id, Phase.COMMITTED)
@@ -928,13 +930,20 @@ class ElasticCollective:
                 exchange.cancel()
                 await asyncio.gather(exchange, return_exceptions=True)
 
+    def _round_traffic(self) -> tuple[int, int]:
+        """(bytes sent, received) by this peer's data plane so far, less the state it served: a failed attempt's
+        traffic is what they grow by over it (a round's own stats die with it)."""
+        counters = self.transport.counters
+        return counters.bytes_sent - self.state_server.bytes_served, counters.bytes_received
+
     async def _decision(
-        self, plan: RoundPlan, done: AllReduceResult | None, failed: tuple[str, ...], reason: str
+        self, plan: RoundPlan, done: AllReduceResult | None, failed: tuple[str, ...], reason: str,
+        spent: tuple[int, int] = (0, 0),
     ) -> CommitOutcome:
         """This member's Commit and the round's decision. A stop that comes once this member has its result waits
         up to stop_decision_wait_s for a commit, which is then applied: a round the run commits is not lost with
         this member (it may be the only one left to hold it). Any other outcome of a stopped round: cancelled."""
-        call = asyncio.ensure_future(self._commit(plan, done, failed, reason))
+        call = asyncio.ensure_future(self._commit(plan, done, failed, reason, spent))
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
@@ -953,8 +962,10 @@ class ElasticCollective:
         return outcome
 
     async def _commit(
-        self, plan: RoundPlan, done: AllReduceResult | None, failed: tuple[str, ...], reason: str
+        self, plan: RoundPlan, done: AllReduceResult | None, failed: tuple[str, ...], reason: str,
+        spent: tuple[int, int] = (0, 0),
     ) -> CommitOutcome:
+        """This member's report of the attempt (its traffic: the round's stats, or ``spent`` for a failed one)."""
         stats = done.stats if done is not None else None
         try:
             return await self.membership.commit(
@@ -962,8 +973,8 @@ class ElasticCollective:
                 done is not None,
                 failed,
                 reason,
-                bytes_sent=stats.bytes_sent if stats else 0,
-                bytes_received=stats.bytes_received if stats else 0,
+                bytes_sent=stats.bytes_sent if stats else spent[0],
+                bytes_received=stats.bytes_received if stats else spent[1],
                 wall_s=stats.wall_s if stats else 0.0,
                 timeout_s=self.config.commit_timeout_s,
             )

@@ -651,6 +651,19 @@ def test_with_a_state_file_a_restarted_coordinator_makes_a_fresh_peer_wait_befor
     assert stub.Join(fresh, timeout=5).sync_from == "127.0.0.1:1"
 
 
+def test_a_report_sent_twice_counts_its_bytes_once(stub):
+    a, b = join(stub, "127.0.0.1:1"), join(stub, "127.0.0.1:2")
+    plans = [f.result() for f in [ask(stub, p) for p in (a, b)]]
+    again = pb.CommitRequest(run_id=RUN, peer_id=a, round_id=plans[0].round_id, epoch=plans[0].epoch, ok=True,
+                             report=pb.RoundReport(bytes_sent=1000))
+    first, second = stub.Commit.future(again, timeout=20), stub.Commit.future(again, timeout=20)
+    last = stub.Commit(pb.CommitRequest(run_id=RUN, peer_id=b, round_id=plans[1].round_id, epoch=plans[1].epoch,
+                                        ok=True, report=pb.RoundReport(bytes_sent=500)), timeout=20)
+    assert first.result().commit and second.result().commit and last.commit
+    rounds = json.loads(stub.Status(pb.StatusRequest(run_id=RUN), timeout=5).json)["rounds"]
+    assert [r["bytes"] for r in rounds] == [1500]
+
+
 def test_a_leave_carries_the_peers_final_figures_to_the_status(stub):
     # What a peer did after its last heartbeat (its last round's bytes, a final evaluation) still counts.
     peer = join(stub, "127.0.0.1:1")

@@ -93,6 +93,33 @@ def test_a_member_that_leaves_tells_the_coordinator_its_final_figures():
 
 
 @pytest.mark.timeout(60)
+def test_a_failed_attempt_reports_the_bytes_its_member_sent_in_it():
+    # A round's own stats die with a failed attempt; the coordinator's record of it showed 0 bytes.
+    config = CoordinatorConfig(run_id="w", port=0, dashboard_port=None, startup_grace_s=0, min_peers=1)
+    with CoordinatorThread(config) as c:
+        peer = ElasticCollective(ElasticConfig(coordinator=c.address, run_id="w"))
+        peer.start(has_state=True)
+        real = peer._allreduce
+        calls = []
+
+        async def fails_once(*args, **kwargs):
+            calls.append(args)
+            if len(calls) > 1:
+                return await real(*args, **kwargs)
+            peer.transport.counters.count_sent("127.0.0.1:1", 40_000)  # sent, then the attempt failed
+            peer.transport.counters.count_received("127.0.0.1:1", 30_000)
+            return None, (), "a member went away"
+
+        peer._allreduce = fails_once
+        try:
+            assert peer.sync(torch.ones(4)).attempts == 2
+        finally:
+            peer.close(leave=True, reason="finished")
+        aborted = [r for r in c.status()["rounds"] if r["status"] == "aborted"]
+        assert [r["bytes"] for r in aborted] == [40_000]
+
+
+@pytest.mark.timeout(60)
 def test_a_peer_found_out_of_the_run_by_its_heartbeats_and_a_sync_at_once_registers_again_once(run):
     peer = run()
     joins = []

@@ -814,11 +814,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 f"peer {req.peer_id} is not a member of round {req.round_id} (members: {', '.join(pending.record.members)})",
             )
         failed = tuple(f[:100] for f in req.failed_peers[:1000])
-        pending.reports.setdefault(req.peer_id, Report(ok=req.ok, failed=failed, reason=req.reason[:MAX_TEXT_CHARS]))
+        if req.peer_id not in pending.reports:  # a report sent again (a retried call) counts once
+            pending.reports[req.peer_id] = Report(ok=req.ok, failed=failed, reason=req.reason[:MAX_TEXT_CHARS])
+            pending.bytes += req.report.bytes_sent
         pending.first_report_at = pending.first_report_at or time.monotonic()
         if not req.ok:
             pending.first_failure_at = pending.first_failure_at or time.monotonic()
-        pending.bytes += req.report.bytes_sent
         if math.isfinite(req.report.wall_s):
             pending.wall_s = max(pending.wall_s, req.report.wall_s)
         decided = pending.decided
