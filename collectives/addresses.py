@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 # A bare --coordinator port means a coordinator on this machine (where it listens by default).
 LOCAL_HOST = "127.0.0.1"
+# The highest TCP port.
+MAX_PORT = 65535
 
 # A DNS name or an IPv4 address: letters, digits, dots, hyphens, underscores.
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
@@ -88,8 +90,8 @@ def _split_host_port(value: str, flag: str, usage: str) -> tuple[str, str | None
 
 
 def _port(value: str, flag: str, port_text: str, usage: str) -> int:
-    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
-        raise ConfigError(f"{flag} {value!r}: the port must be a number in 1..65535, got {port_text!r}; {usage}")
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= MAX_PORT:
+        raise ConfigError(f"{flag} {value!r}: the port must be a number in 1..{MAX_PORT}, got {port_text!r}; {usage}")
     return int(port_text)
 
 

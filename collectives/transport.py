@@ -42,7 +42,7 @@ from typing import Any, Self, TypeVar
 
 import grpc
 
-from collectives.addresses import advertised_address, check_reachable, parse_advertise, split_address
+from collectives.addresses import MAX_PORT, advertised_address, check_reachable, parse_advertise, split_address
 from collectives.admission import Admission, AdmissionLimits, Refusals, Replay, admit_handlers, retry_reason
 from collectives.asynctasks import cancel_and_wait
 from collectives.credentials import CallAuth
@@ -169,8 +169,8 @@ class TransportConfig:
     )
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if not 0 <= self.port <= MAX_PORT:
+            raise ConfigError(f"port must be in 0..{MAX_PORT}, got {self.port}")
         if self.advertise is not None:
             parse_advertise(self.advertise)
         if self.chunk_bytes < 1024:

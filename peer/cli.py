@@ -139,10 +139,14 @@ DEMO_STEPS = 600
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``loconet demo``."""
+    from peer.coordinator.config import CoordinatorConfig, parse_dashboard_port
+    from peer.options import said
+
     parser.add_argument("--peers", type=int, default=4, help="local peers to start")
     parser.add_argument("--steps", type=int, default=DEMO_STEPS,
                         help="inner steps each peer trains (more than a harness run, so the loss nears its floor)")
-    parser.add_argument("--dashboard-port", type=int, default=8080, help="port of the dashboard (0: any free port)")
+    parser.add_argument("--dashboard-port", type=said(parse_dashboard_port), default=CoordinatorConfig.dashboard_port,
+                        help="port of the dashboard (0: any free port; -1 or none: no dashboard)")
     parser.add_argument("--device", default=None,
                         help="where the peers train: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N "
                              "(default: the training default, auto)")
@@ -395,7 +399,8 @@ def run_demo_command(ns: argparse.Namespace) -> int:
     out.flush()
 
     def started(url: str) -> None:
-        out.write(f"Dashboard: {url}  (open it in a browser while the demo runs)\n")
+        hint = "  (open it in a browser while the demo runs)" if url != "off" else ""
+        out.write(f"Dashboard: {url}{hint}\n")
         out.flush()
 
     report = _run_harness(harness, "demo", started)

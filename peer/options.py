@@ -134,7 +134,7 @@ def _shown(option: Option, value: Any) -> str:
     return str(value)
 
 
-def _said(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+def said(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """parse, with its ConfigError's message as argparse's (argparse says only "invalid parse_x value" of a
     ValueError, and loses what the parser said to do)."""
 
@@ -166,7 +166,7 @@ def add_option(group: Any, option: Option, default_text: str | None = None, unse
         kwargs["type"] = option.parse
         kwargs["metavar"] = "X"
     elif option.parse is not None:
-        kwargs["type"] = _said(option.parse)
+        kwargs["type"] = said(option.parse)
         kwargs["metavar"] = option.flag.rsplit("-", 1)[-1].upper()
     else:
         kwargs["type"] = _nullable(option.kind) if option.optional else option.kind

@@ -122,6 +122,15 @@ def test_survivors_that_ended_at_different_rounds_are_said_identical_only_at_the
     assert report_summary(together, steps=600).splitlines()[-2] == "  peers          4 of 5 finished with identical parameters"
 
 
+def test_survivors_that_committed_no_round_are_said_to_hold_the_initial_parameters():
+    # It said "DIFFERENT parameters" of a demo with fewer steps than a sync interval.
+    report = {**REPORT, "identical_at_round": 0, "last_round_per_peer": {"peer0": 0, "peer1": 0}}
+    assert report_summary(report, steps=40).splitlines()[-2] == (
+        "  peers          4 of 5 finished with identical parameters (the run's initial ones: no round committed, "
+        "fewer steps than a sync interval?)"
+    )
+
+
 def test_a_survivor_left_behind_is_named_apart_from_the_identical_others():
     # It said "4 of 5 finished with identical parameters; peer0 left behind ... with parameters of its own", and
     # the rounds the others ended at counted the one left behind.

@@ -9,7 +9,7 @@ import pytest
 
 from collectives.errors import ConfigError
 from collectives.sampling import SampleSize
-from peer.coordinator.config import CoordinatorConfig, _port_or_off
+from peer.coordinator.config import CoordinatorConfig, parse_dashboard_port
 from peer.coordinator.policies import AllPeers, FirstK, Sample
 
 
@@ -80,6 +80,10 @@ REFUSED = [
     ({"catchup_rounds": -1}, "catchup_rounds must be between 0 and 1000, got -1"),
     ({"min_peers": 0}, "min_peers must be at least 1, got 0"),
     ({"history": 0}, "history must be at least 1 round, got 0"),
+    # A port beyond 65535 was bound modulo 65536 (70001 served on 4465), where no peer could be told to dial.
+    ({"port": 70001}, "port must be in 0..65535 (0: any free port), got 70001"),
+    ({"dashboard_port": 70000}, "dashboard port must be in 0..65535, or None for no dashboard; got 70000"),
+    ({"dashboard_port": -1}, "dashboard port must be in 0..65535, or None for no dashboard; got -1"),
 ]
 
 
@@ -92,10 +96,10 @@ def test_bad_settings_are_refused_with_what_to_do(settings, message):
 
 @pytest.mark.parametrize("text,port", [("8080", 8080), ("0", 0), ("-1", None), ("none", None), ("off", None)])
 def test_a_dashboard_port_of_minus_one_or_none_means_no_dashboard(text, port):
-    assert _port_or_off(text) == port
+    assert parse_dashboard_port(text) == port
 
 
 @pytest.mark.parametrize("text", ["-2", "65536", "eighty"])
 def test_a_dashboard_port_out_of_range_is_refused(text):
     with pytest.raises(ConfigError, match="dashboard port must be"):
-        _port_or_off(text)
+        parse_dashboard_port(text)

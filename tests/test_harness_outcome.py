@@ -32,8 +32,12 @@ def fetched(kind: str, round_id: int, digest: str) -> dict:
         ({"a": [committed(3, "x", epoch=0)], "b": [committed(3, "y", epoch=1)]}, ["a", "b"], (None, False)),
         # Survivors outside the list do not count.
         ({"a": [committed(1, "x")], "b": [committed(1, "x")], "c": [committed(1, "other")]}, ["a", "b"], (1, True)),
+        # No round committed (fewer steps than a sync interval): both hold the run's initial state, round 0.
+        ({"a": [fetched("joined", 0, "i")], "b": [fetched("joined", 0, "i")]}, ["a", "b"], (0, True)),
+        ({"a": [fetched("joined", 0, "i")], "b": [fetched("joined", 0, "j")]}, ["a", "b"], (0, False)),
     ],
-    ids=["nobody", "same", "different", "last-common", "nothing-held", "lone", "other-attempt", "only-survivors"],
+    ids=["nobody", "same", "different", "last-common", "nothing-held", "lone", "other-attempt", "only-survivors",
+         "initial-same", "initial-different"],
 )
 def test_identical_compares_the_last_round_all_survivors_hold(events, survivors, expected) -> None:
     assert outcome.identical(events, survivors) == expected

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from collectives.addresses import parse_advertise
+from collectives.addresses import MAX_PORT, parse_advertise
 from collectives.errors import ConfigError
 from collectives.membership import DEFAULT_RUN_ID
 from collectives.rpc import RpcSecurity
@@ -26,7 +26,7 @@ MAX_CATCHUP_ROUNDS = 1000
 MAX_RESULT_HOLDERS = 64
 
 
-def _port_or_off(text: str) -> int | None:
+def parse_dashboard_port(text: str) -> int | None:
     """A dashboard port from the command line: a number, or -1 / none / off for no dashboard."""
     if text.strip().lower() in ("none", "off"):
         return None
@@ -36,8 +36,8 @@ def _port_or_off(text: str) -> int | None:
         raise ConfigError(f"dashboard port must be a number, or -1 / none for no dashboard; got {text!r}") from None
     if port == -1:
         return None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"dashboard port must be in 0..65535, or -1 / none for no dashboard; got {port}")
+    if not 0 <= port <= MAX_PORT:
+        raise ConfigError(f"dashboard port must be in 0..{MAX_PORT}, or -1 / none for no dashboard; got {port}")
     return port
 
 
@@ -57,7 +57,7 @@ class CoordinatorConfig:
     )
     dashboard_port: int | None = field(
         default=8080,
-        metadata={"help": "HTTP dashboard port (0: any free port; -1 or none: no dashboard)", "parse": _port_or_off},
+        metadata={"help": "HTTP dashboard port (0: any free port; -1 or none: no dashboard)", "parse": parse_dashboard_port},
     )
     dashboard_host: str = field(
         default="127.0.0.1",
@@ -177,6 +177,10 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if not self.run_id:
             raise ConfigError("run id must not be empty")
+        if not 0 <= self.port <= MAX_PORT:
+            raise ConfigError(f"port must be in 0..{MAX_PORT} (0: any free port), got {self.port}")
+        if self.dashboard_port is not None and not 0 <= self.dashboard_port <= MAX_PORT:
+            raise ConfigError(f"dashboard port must be in 0..{MAX_PORT}, or None for no dashboard; got {self.dashboard_port}")
         if self.advertise is not None:
             parse_advertise(self.advertise)
         if self.heartbeat_s <= 0 or self.lease_s <= self.heartbeat_s:

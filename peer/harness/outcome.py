@@ -65,7 +65,8 @@ def identical(events_by_peer: Mapping[str, Events], survivors: Sequence[str]) ->
     committed = {(r, epoch): d for held in per_peer for (r, epoch), d in held.items()}
     for n, held in zip(survivors, per_peer):
         for e in events_by_peer[n]:
-            if e["event"] in ("joined", "resynced") and e.get("round") and e.get("digest"):
+            # Round 0 too: peers that never committed a round hold the run's initial state, the same on each.
+            if e["event"] in ("joined", "resynced") and e.get("round") is not None and e.get("digest"):
                 attempts = [k for k in committed if k[0] == e["round"]]
                 same = [k for k in attempts if committed[k] == e["digest"]]
                 held.setdefault((same or sorted(attempts) or [(e["round"], -1)])[-1], e["digest"])
