@@ -71,7 +71,6 @@ import numpy as np
 import torch
 import zstandard
 
-from collectives.devicecodec import decode_raw_on_device, encode_raw_on_device
 from collectives.errors import CodecError, ConfigError, NonFiniteError
 from collectives.zstdframes import BadFrame, read_frame
 
@@ -437,22 +436,23 @@ class Codec:
         return payload
 
     # -- device path (tests call these with CPU tensors to check them against the CPU path) -----
+    # By default a tensor on a GPU is copied to the host and encoded there, so any codec works wherever the model
+    # is; one that quantises on the GPU (the dense codecs, densecodecs.DeviceEncoded) overrides both.
 
     def _encode_on_device(self, x: torch.Tensor, copy: bool) -> bytes | memoryview:
-        """encode() of a checked tensor via the device encoder: only the raw payload is copied to the host."""
-        return self._finish(encode_raw_on_device(self.config, x).cpu(), copy)
+        """encode() of a checked tensor that is not on the CPU."""
+        return self._finish(self._encode_raw(x.cpu(), self._state()), copy)
 
     def _encode_with_feedback_on_device(self, x: torch.Tensor, res: torch.Tensor, copy: bool) -> bytes | memoryview:
-        """encode_with_feedback() of checked tensors via the device encoder; ``res`` is updated on its device."""
-        target = torch.add(x, res)
-        raw = encode_raw_on_device(self.config, target)  # raises before residual is touched
-        payload = self._finish(raw.cpu(), copy)
-        dst = res if res.is_contiguous() else torch.empty_like(target)
-        if x.numel():
-            decode_raw_on_device(self.config, raw, x.numel(), dst)
-        torch.sub(target, dst, out=dst)
-        if dst is not res:
-            res.copy_(dst)
+        """encode_with_feedback() of checked tensors that are not on the CPU; ``res`` is updated on its device."""
+        target = torch.add(x, res).cpu()
+        st = self._state()
+        raw = self._encode_raw(target, st)  # raises before residual is touched
+        payload = self._finish(raw, copy)
+        decoded = torch.empty_like(target)
+        if target.numel():
+            self._decode_raw(raw.numpy(), target.numel(), decoded, st)
+        res.copy_(target.sub_(decoded))
         return payload
 
     # -- shared plumbing ---------------------------------------------------------

@@ -2,8 +2,9 @@
 (``int8``, ``int4``).
 
 Their wire layouts, limits and error bounds are in :mod:`collectives.codecs`, which registers them and runs
-what every codec shares (checking input, the zstd stage, the device encoder, error feedback); a class here
-only turns a contiguous fp32 tensor into its raw payload and back (``_encode_raw`` / ``_decode_raw``).
+what every codec shares (checking input, the zstd stage, error feedback); a class here only turns a
+contiguous fp32 tensor into its raw payload and back (``_encode_raw`` / ``_decode_raw``), and quantises a GPU
+tensor where it lives (``DeviceEncoded``, through :mod:`collectives.devicecodec`).
 
 Speed: each codec walks the tensor in cache-sized segments of whole blocks (one Python iteration per ~2 MB,
 never per block or element) so the several vectorised passes per segment hit cache instead of memory, and it
@@ -33,7 +34,7 @@ from collectives.codecs import (
     count_nonfinite,
     nonfinite_error,
 )
-from collectives.devicecodec import SCALE_LIMIT, SEGMENT_ELEMS, TINY_ABSMAX
+from collectives.devicecodec import SCALE_LIMIT, SEGMENT_ELEMS, TINY_ABSMAX, decode_raw_on_device, encode_raw_on_device
 from collectives.errors import CodecError
 from collectives.kernels import native_kernels
 
@@ -45,7 +46,27 @@ _BF16_OVERFLOW = (2.0 - 2.0**-8) * 2.0**127
 warnings.filterwarnings("ignore", message=READ_ONLY_WARNING, category=UserWarning, module=__name__)
 
 
-class FloatCodec(Codec):
+class DeviceEncoded(Codec):
+    """A codec that quantises a GPU tensor where it lives (collectives/devicecodec.py): only the raw payload is
+    copied to the host, the same bytes as the CPU path's."""
+
+    def _encode_on_device(self, x: torch.Tensor, copy: bool) -> bytes | memoryview:
+        return self._finish(encode_raw_on_device(self.config, x).cpu(), copy)
+
+    def _encode_with_feedback_on_device(self, x: torch.Tensor, res: torch.Tensor, copy: bool) -> bytes | memoryview:
+        target = torch.add(x, res)
+        raw = encode_raw_on_device(self.config, target)  # raises before residual is touched
+        payload = self._finish(raw.cpu(), copy)
+        dst = res if res.is_contiguous() else torch.empty_like(target)
+        if x.numel():
+            decode_raw_on_device(self.config, raw, x.numel(), dst)
+        torch.sub(target, dst, out=dst)
+        if dst is not res:
+            res.copy_(dst)
+        return payload
+
+
+class FloatCodec(DeviceEncoded):
     """none / fp16 / bf16: element-wise casts."""
 
     def __init__(self, config: CodecConfig | str = CodecConfig()) -> None:
@@ -106,7 +127,7 @@ class FloatCodec(Codec):
                 )
 
 
-class BlockCodec(Codec):
+class BlockCodec(DeviceEncoded):
     """Blockwise symmetric absmax quantisation (int8, int4): fp32 scales, then the quantised values."""
 
     qmax: int  # largest |q| the encoder produces

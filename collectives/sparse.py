@@ -289,20 +289,8 @@ class TopKCodec(Codec):
             raw = _as_tensor([bytes([KIND_DENSE]), head_scales, q.tobytes()])
         return self._finish(raw, copy)
 
-    # The device paths encode on the host: a sparse payload is tiny, and top-k plus index coding is CPU work.
-
-    def _encode_on_device(self, x: torch.Tensor, copy: bool) -> bytes | memoryview:
-        return self._finish(self._encode_raw(x.cpu(), self._state()), copy)
-
-    def _encode_with_feedback_on_device(self, x: torch.Tensor, res: torch.Tensor, copy: bool) -> bytes | memoryview:
-        target = torch.add(x, res).cpu()
-        st = self._state()
-        raw = self._encode_raw(target, st)  # raises before residual is touched
-        payload = self._finish(raw, copy)
-        decoded = torch.empty_like(target)
-        self._decode_raw(raw.numpy(), target.numel(), decoded, st)
-        res.copy_(target.sub_(decoded))
-        return payload
+    # The device paths are the base class's, on the host: a sparse payload is tiny, and top-k plus index coding is
+    # CPU work.
 
     # -- decode -------------------------------------------------------------------------------------------------
 

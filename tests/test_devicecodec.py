@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collectives import devicecodec
-from collectives.codecs import CODEC_NAMES, Codec, CodecConfig, make_codec
+from collectives.codecs import CODEC_NAMES, Codec, CodecConfig, make_codec, register_codec
 from collectives.devicecodec import _seg_blocks, decode_raw_on_device, encode_raw_on_device, encode_throughput
 from collectives.errors import CodecError, ConfigError, NonFiniteError
 
@@ -291,6 +291,29 @@ def device_feedback(codec: Codec, x: torch.Tensor, residual: torch.Tensor, devic
     if device == "cpu":
         return bytes(codec._encode_with_feedback_on_device(x, residual, True))
     return codec.encode_with_feedback(x.to(device), residual)
+
+
+class PlainCodec(Codec):
+    """A user's codec as docs/architecture.md describes one: raw fp32 bytes, no device encoder of its own."""
+
+    def raw_size(self, numel: int) -> int:
+        return 4 * numel
+
+    def _encode_raw(self, x, st):
+        return x.contiguous().view(torch.uint8)
+
+    def _decode_raw(self, raw, numel, out, st):
+        out.copy_(torch.frombuffer(bytearray(raw[: 4 * numel]), dtype=torch.float32))
+
+
+def test_a_codec_without_a_device_encoder_encodes_a_gpu_tensor_on_the_host():
+    # The device path checked the codec's name against the built-ins: every round of a plugin codec failed on a GPU.
+    register_codec("plaintest", PlainCodec)  # as a plugin registers it (again: the same class is accepted)
+    codec = make_codec("plaintest")
+    x, residual = randn(1001, seed=7), torch.zeros(1001)
+    assert device_encode(codec, x, "cpu") == codec.encode(x)
+    assert device_feedback(codec, x, residual, "cpu") == codec.encode(x)
+    assert torch.equal(residual, torch.zeros(1001))  # fp32 is exact: nothing to carry
 
 
 @pytest.mark.parametrize("device", DEVICES)
