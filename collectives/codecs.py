@@ -549,8 +549,9 @@ def error_bound(config: CodecConfig, x: torch.Tensor) -> torch.Tensor:
     """
     config = _as_config(config)
     if config.name not in CODEC_NAMES:
-        raise ConfigError(f"codec {config.name!r} has no per-element error bound (it drops entries; error feedback "
-                          f"carries them): bounds exist for {', '.join(CODEC_NAMES)}")
+        why = "it drops entries; error feedback carries them" if needs_feedback(config) else "not a built-in"
+        raise ConfigError(f"codec {config.name!r} has no per-element error bound ({why}): bounds exist for "
+                          f"{', '.join(CODEC_NAMES)}")
     shape = x.shape
     x = x.detach().float().reshape(-1)
     if config.name == "none":

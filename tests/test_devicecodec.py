@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collectives import devicecodec
-from collectives.codecs import CODEC_NAMES, Codec, CodecConfig, make_codec, register_codec
+from collectives.codecs import CODEC_NAMES, Codec, CodecConfig, error_bound, make_codec, register_codec
 from collectives.devicecodec import _seg_blocks, decode_raw_on_device, encode_raw_on_device, encode_throughput
 from collectives.errors import CodecError, ConfigError, NonFiniteError
 
@@ -314,6 +314,12 @@ def test_a_codec_without_a_device_encoder_encodes_a_gpu_tensor_on_the_host():
     assert device_encode(codec, x, "cpu") == codec.encode(x)
     assert device_feedback(codec, x, residual, "cpu") == codec.encode(x)
     assert torch.equal(residual, torch.zeros(1001))  # fp32 is exact: nothing to carry
+
+
+def test_a_dense_plugin_codec_is_not_said_to_drop_entries_for_want_of_an_error_bound():
+    register_codec("plaintest", PlainCodec)
+    with pytest.raises(ConfigError, match=r"codec 'plaintest' has no per-element error bound \(not a built-in\)"):
+        error_bound(CodecConfig.parse("plaintest"), torch.ones(3))
 
 
 @pytest.mark.parametrize("device", DEVICES)
