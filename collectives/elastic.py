@@ -96,7 +96,9 @@ from collectives.allreduce import AllReduceConfig, AllReduceResult, Collective
 from collectives.asynctasks import cancel_and_wait
 from collectives.catchup import LateRounds
 from collectives.codecs import CodecConfig, check_finite
-from collectives.errors import ConfigError, LoconetError, MemberFailure, ProtocolError, QuorumMismatch, RoundFailed
+from collectives.errors import (
+    ConfigError, LoconetError, MemberFailure, ProtocolError, QuorumMismatch, RoundFailed, UsageError,
+)
 from collectives.hostlocal import resolve_host_id, round_hosts
 from collectives.inbox import Group
 from collectives.membership import (
@@ -448,7 +450,7 @@ class ElasticCollective:
         if self._interrupted:
             raise Stopped(self._interrupted)
         if self.address:
-            raise RuntimeError(f"start() was called already: this peer joined run {self.config.run_id} at "
+            raise UsageError(f"start() was called already: this peer joined run {self.config.run_id} at "
                                f"{self.address}; call it once")
         # The coordinator's address decides what a wildcard bind advertises (and refuses a loopback
         # bind when the coordinator is on another machine: collectives.addresses.check_reachable).
@@ -694,7 +696,7 @@ class ElasticCollective:
             raise ValueError(f"residual must be a contiguous float32 tensor of shape ({flat.numel()},) on {flat.device}")
         if not self.address:
             # Not a LoconetError: an optimizer would take it for a missed round and train on without a word.
-            raise RuntimeError("this peer has not joined the run: call start() before the first step or sync")
+            raise UsageError("this peer has not joined the run: call start() before the first step or sync")
         return self.transport.submit(
             self._interruptible(self._sync(flat, weight, tag, like, config, prepare, within, own_state, residual,
                                            tuple(settings), min_members))

@@ -18,6 +18,10 @@ class NonFiniteError(CodecError):
     """A tensor to encode or reduce holds NaN or Inf (a round that meets one is aborted everywhere)."""
 
 
+class UsageError(LoconetError, RuntimeError):
+    """The Python API was called out of order (a sync before ``start()``, ``start()`` twice): a bug in the caller."""
+
+
 class ConfigError(LoconetError, ValueError):
     """A configuration value is invalid (message says which and what is allowed)."""
 

@@ -37,7 +37,7 @@ import torch
 
 from collectives.aggregators import AggregatorConfig, make_aggregator
 from collectives.codecs import CodecConfig, needs_feedback
-from collectives.errors import ConfigError, Incompatible, LoconetError, NonFiniteError
+from collectives.errors import ConfigError, Incompatible, LoconetError, NonFiniteError, UsageError
 from collectives.membership import reduction_parts
 from collectives.notes import RepeatNote
 from collectives.parts import unflatten_like
@@ -493,8 +493,8 @@ class OuterOptimizer:
         except NonFiniteError as exc:
             self._diverged(exc)
             return False
-        except Incompatible:
-            raise  # no round can commit with this peer: training on alone would only hide it
+        except (Incompatible, UsageError):
+            raise  # no round can commit with this peer (or the caller's code is wrong): training on would hide it
         except LoconetError as exc:
             # Inner progress is kept; the pseudo-gradient keeps growing until a round commits.
             # A peer left behind (nobody holds the run's state) misses every sync for the same reason: said

@@ -12,9 +12,10 @@ import torch
 from collectives.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig
-from collectives.errors import NonFiniteError
+from collectives.errors import NonFiniteError, UsageError
 from collectives.membership import Joined, Unregistered
 from collectives.syncphases import WaitingForState
+from optimizers.diloco import DiLoCo
 from peer.coordinator.config import CoordinatorConfig
 from tests.support.coordinator import CoordinatorThread
 
@@ -250,12 +251,22 @@ def test_a_joiner_whose_source_has_no_state_provider_stops_at_once_saying_so():
             joiner.close()
 
 
+def test_diloco_on_a_peer_never_started_stops_at_its_first_sync_instead_of_training_on_alone():
+    # UsageError is a LoconetError, which a sync that fails otherwise turns into "did not commit; training on".
+    model = torch.nn.Linear(2, 1)
+    peer = ElasticCollective(ElasticConfig(coordinator="127.0.0.1:1", run_id="r"))
+    opt = DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), peer, sync_every=1)
+    model(torch.ones(1, 2)).sum().backward()
+    with pytest.raises(UsageError, match="call start"):
+        opt.step()
+
+
 def test_a_sync_before_start_and_a_second_start_name_the_mistake():
     # They failed with "transport not started or already closed" (and a never-awaited coroutine), and "transport
     # already started".
     peer = ElasticCollective(ElasticConfig(coordinator="127.0.0.1:1", run_id="r"))
-    with pytest.raises(RuntimeError, match=r"this peer has not joined the run: call start\(\) before the first step"):
+    with pytest.raises(UsageError, match=r"this peer has not joined the run: call start\(\) before the first step"):
         peer.sync(torch.ones(4))
     peer.address = "127.0.0.1:5"  # as start() leaves it
-    with pytest.raises(RuntimeError, match=r"start\(\) was called already: this peer joined run r at 127.0.0.1:5"):
+    with pytest.raises(UsageError, match=r"start\(\) was called already: this peer joined run r at 127.0.0.1:5"):
         peer.start()
