@@ -449,7 +449,7 @@ class RoundRegistry:
 
     def _check(self, tag: pb.RoundTag) -> None:
         if tag.run_id != self.run_id:
-            raise ForeignRun(f"message for run {tag.run_id!r}; this peer is in run {self.run_id!r}")
+            raise ForeignRun(f"message for run {tag.run_id[:100]!r}; this peer is in run {self.run_id!r}")
         key = (tag.round_id, tag.epoch)
         if key in self._closed:
             raise RoundClosed(f"round {tag.round_id} epoch {tag.epoch} is already finished here")

@@ -311,7 +311,7 @@ class StateServer:
         if req.run_id != self.run_id:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"this peer serves run {self.run_id!r}, not {req.run_id!r}; fetch from a peer of your own run",
+                f"this peer serves run {self.run_id!r}, not {req.run_id[:100]!r}; fetch from a peer of your own run",
             )
         # The connection, not the peer id the request claims: anyone can claim a joiner's id and use up its share.
         client = _connection(context.peer())

@@ -150,6 +150,13 @@ def test_wrong_run_id_is_refused(serve, transports):
     assert address in str(info.value)
 
 
+def test_a_wrong_run_id_is_echoed_at_most_100_characters(serve, transports):
+    address = serve(lambda: mixed_snapshot(), run_id="other-run")
+    with pytest.raises(StateSyncError) as info:
+        fetch_state(transports(), address, "x" * 5000)
+    assert "x" * 100 in str(info.value) and "x" * 101 not in str(info.value)
+
+
 def test_invalid_snapshot_from_provider_is_reported(serve, transports):
     address = serve(lambda: StateSnapshot(round_id=1, tensors={"x": torch.zeros(2)}, meta={"lr": math.nan}))
     with pytest.raises(StateSyncError, match="could not snapshot"):
