@@ -77,9 +77,6 @@ class Aggregator(ABC):
     """How the owner of a part combines the members' contributions (one instance per config; stateless, thread-safe)."""
 
     name: ClassVar[str]
-    # Whether the contributions' weights change the result (the others only require them finite).
-    uses_weights: ClassVar[bool] = True
-
     def min_group(self) -> int:
         """The fewest contributions this aggregator runs with (a round below it is not formed: the coordinator
         learns it from the members' quorum requests)."""
@@ -286,7 +283,6 @@ class Median(Aggregator):
     """Coordinate-wise median (numpy's: the mean of the two middle values for an even count); ignores weights."""
 
     name = "median"
-    uses_weights = False
 
     def prepare(self, weights: Sequence[float], decisions: Sequence[dict]) -> Reduce:
         """Sort each column."""
@@ -302,7 +298,6 @@ class TrimmedMean(Aggregator):
     """
 
     name = "trimmed_mean"
-    uses_weights = False
 
     def __init__(self, *, trim: float = 0.1) -> None:
         if not 0.0 <= trim < 0.5:

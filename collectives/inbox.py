@@ -361,12 +361,6 @@ class RoundInbox:
             self.scatter_progress[stream.sender] = stream.next_offset
             self.wake()  # the owner reduces chunks as soon as every contribution to them is in
 
-    def accept(self, stream: _Stream, header: pb.PartChunk, payload: memoryview) -> None:
-        """Validate one chunk and decode it into place on this thread."""
-        target = self.check_chunk(stream, header, payload)
-        self.decode_s += self.receive(stream, header.offset, payload, target)
-        self.advance(stream, header.count)
-
     # -- statistic shares -------------------------------------------------------------
 
     def put_share(self, r: int, rank: int, share: torch.Tensor) -> None:

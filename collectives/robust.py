@@ -206,7 +206,6 @@ class Krum(_PairwiseDistances):
     nearest others (equal scores: lowest rank), copied exactly. Needs n >= 2f + 3; ignores weights."""
 
     name = "krum"
-    uses_weights = False
 
     def min_group(self) -> int:
         """Krum's guarantee needs n >= 2f + 3."""
@@ -242,7 +241,6 @@ class MultiKrum(Krum):
     scores (equal scores: lowest rank); m = 0 means n - f."""
 
     name = "multi_krum"
-    uses_weights = True
 
     def __init__(self, *, f: int = 1, m: int = 0) -> None:
         super().__init__(f=f)
@@ -283,7 +281,6 @@ class Bulyan(_PairwiseDistances):
     """
 
     name = "bulyan"
-    uses_weights = False
 
     def min_group(self) -> int:
         """Bulyan needs n >= 4f + 3."""

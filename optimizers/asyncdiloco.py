@@ -38,7 +38,6 @@ committed it. A round that aborts is retried on the survivors, as in DiLoCo.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -196,10 +195,6 @@ class AsyncDiLoCo(DiLoCo):
     def staleness(self) -> int:
         """Rounds committed since the global version this peer's local training started from."""
         return self.state.round_id - self.base_round
-
-    def median_staleness(self) -> float | None:
-        """The median staleness of this peer's recent counted contributions (None before any)."""
-        return statistics.median(self.staleness_history) if self.staleness_history else None
 
     def _catch_up(self, exc: CaughtUp) -> None:
         """Apply the rounds this peer missed to the global state only: the local model keeps its progress, and the

@@ -27,7 +27,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass
 from typing import Any
 
@@ -223,13 +223,6 @@ def read_options(
             value = tuple(value)
         values[option.path] = value
     return _build(cls, values, base)
-
-
-def given_options(cls: type, ns: argparse.Namespace, prefix: str = "") -> Iterator[str]:
-    """Flags of cls's options that were given (not None) in ns."""
-    for option in options_of(cls, prefix):
-        if getattr(ns, option.dest, None) is not None:
-            yield option.flag
 
 
 def option_args(instance: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> list[str]:

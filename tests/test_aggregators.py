@@ -492,7 +492,6 @@ class FirstRow(Aggregator):
     """A toy plugin: the first contribution, times a factor."""
 
     name = "first_row"
-    uses_weights = False
 
     def __init__(self, *, scale: float = 1.0) -> None:
         self.scale = scale

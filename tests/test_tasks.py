@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from collectives.errors import ConfigError
-from peer.tasks import TASK_NAMES, Task, TaskConfig, batch_stream, make_task
+from peer.tasks import Task, TaskConfig, batch_stream, make_task
 from peer.tasks.synthetic import SyntheticLMTask, entropy_rate, row_entropies, stationary_distribution
 from peer.tasks.text import TextLMTask
 from peer.tasks.registry import register_task, task_names
@@ -78,7 +78,7 @@ def test_parameters_of_each_block_share_a_prefix() -> None:
     assert outside == {"tok_emb.weight", "pos_emb.weight", "ln_f.weight", "ln_f.bias", "head.weight"}
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", task_names())
 def test_batches_are_deterministic_per_seed_rank_world(name: str, tmp_path: Path) -> None:
     def first(seed: int, rank: int, world: int, n: int = 3) -> list[torch.Tensor]:
         stream = make(name, tmp_path, seed=seed).batches(rank, world)

@@ -17,7 +17,7 @@ import signal
 import time
 import traceback
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 
 from collectives.rpc import RpcSecurity
 from collectives.transport import TransportConfig
@@ -411,10 +411,3 @@ class ProcessGroup:
             conn.close()
         self._procs.clear()
         self._conns.clear()
-
-
-def wait_any(group: ProcessGroup, timeout_s: float) -> list[int]:
-    """Ranks whose pipes have a message waiting (within timeout_s)."""
-    ready = wait(group._conns, timeout_s)
-    return [group._conns.index(c) for c in ready]
-

@@ -9,6 +9,4 @@ among peers (iid, Dirichlet) is ``peer.tasks.partition``.
 from peer.tasks.base import Batch, Task, TaskConfig, batch_stream
 from peer.tasks.registry import make_task, register_task, task_names
 
-TASK_NAMES = task_names()
-
-__all__ = ["TASK_NAMES", "Batch", "Task", "TaskConfig", "batch_stream", "make_task", "register_task", "task_names"]
+__all__ = ["Batch", "Task", "TaskConfig", "batch_stream", "make_task", "register_task", "task_names"]
