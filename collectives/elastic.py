@@ -162,6 +162,10 @@ def _log_failure(future: concurrent.futures.Future) -> None:
         log.warning("background task failed: %s", future.exception())
 
 
+# The activity a peer reports (PeerStatus.activity) as its sync enters a phase; the others keep the caller's.
+ACTIVITIES = {Phase.QUORUM: "awaiting-round", Phase.ALLREDUCE: "in-round", Phase.RESYNC: "syncing"}
+
+
 def leave_reason(stopped_by: str | None, failure: BaseException | None, adopted: bool = True) -> str:
     """What a member tells the coordinator as it leaves: stopped by a signal, refused the run's state (it failed
     before adopting it), failed (after), or finished; at most 200 characters, as the coordinator keeps."""
@@ -707,7 +711,8 @@ class ElasticCollective:
             raise RuntimeError(f"illegal round transition {self.phase.value} -> {to.value}")
         self.phase = to
         self.history.append((round_id, to))
-        self.membership.status.activity = {Phase.ALLREDUCE: "in-round", Phase.RESYNC: "syncing"}.get(to, self.membership.status.activity)
+        # What the dashboard shows: a peer waiting for a round to form (its partners late, or paused) is not training.
+        self.membership.status.activity = ACTIVITIES.get(to, self.membership.status.activity)
 
     async def _sync(
         self, flat: torch.Tensor, weight: Weight, tag: str, like, allreduce: AllReduceConfig, prepare: Prepare | None,

@@ -13,7 +13,7 @@ from collectives.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import NonFiniteError, UsageError
-from collectives.membership import Joined, Unregistered
+from collectives.membership import GroupTooSmall, Joined, Unregistered
 from collectives.syncphases import WaitingForState
 from optimizers.diloco import DiLoCo
 from peer.coordinator.config import CoordinatorConfig
@@ -91,6 +91,23 @@ def test_a_member_that_leaves_tells_the_coordinator_its_final_figures():
         peer.close(leave=True, reason="finished")
         (shown,) = [p for p in c.status()["peers"] if p["peer_id"] == peer_id]
         assert (shown["state"], shown["eval_loss"], shown["step"]) == ("left", 1.75, 1500)
+
+
+@pytest.mark.timeout(60)
+def test_a_member_waiting_for_a_round_to_form_says_so_rather_than_training(run):
+    # The dashboard showed "training" at the last steps/s while a run stalled on a paused member.
+    peer = run()
+    peer.status.activity = "training"
+    seen = []
+
+    async def waits(*args, **kwargs):
+        seen.append(peer.status.activity)
+        raise GroupTooSmall("no quorum: 1 of 3 peers")
+
+    peer.membership.quorum = waits
+    with pytest.raises(GroupTooSmall):
+        peer.sync(torch.ones(4))
+    assert seen == ["awaiting-round"]
 
 
 @pytest.mark.timeout(60)
