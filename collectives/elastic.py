@@ -103,6 +103,8 @@ from collectives.hostlocal import resolve_host_id, round_hosts
 from collectives.inbox import Group
 from collectives.membership import (
     FINISHED,
+    PATIENCE_S,
+    QUORUM_PATIENCE_S,
     CommitOutcome,
     CommitUnknown,
     MembershipClient,
@@ -195,10 +197,10 @@ class ElasticConfig:
     # the run may commit the round, and this member may be the only one left to hold it.
     stop_decision_wait_s: float = 5.0
     # How long calls keep retrying an unreachable coordinator once joined (it may be restarting).
-    patience_s: float = 300.0
+    patience_s: float = PATIENCE_S
     # How long a sync's Quorum call does: then the peer trains on locally, and later syncs end at once until a
     # heartbeat reaches the coordinator again (it may be away for minutes: moved, restarted without its port).
-    quorum_patience_s: float = 30.0
+    quorum_patience_s: float = QUORUM_PATIENCE_S
     # How long start() keeps trying to reach the coordinator before giving up (a wrong address, or none yet).
     connect_timeout_s: float = 300.0
     # Committed results of this many recent rounds are kept and served to peers that were late for them.

@@ -71,6 +71,10 @@ FORMAT_DIFFERS = "round format differs from the run's"
 # What the coordinator's refusal of a join claiming a round or epoch its run never gave out says (the client raises
 # NotThisRun: the peer stops, rather than training on alone in a run that refuses its every rejoin).
 NOT_THIS_RUN = "a state this run never gave out"
+# How long calls keep retrying an unreachable coordinator, and how long a Quorum call does (the defaults of
+# MembershipConfig and ElasticConfig).
+PATIENCE_S = 300.0
+QUORUM_PATIENCE_S = 30.0
 # The reason a member that ran to its end gives as it leaves (the coordinator then does not expect it back).
 FINISHED = "finished"
 # A round format longer than this is refused by the coordinator as malformed (a format with an outer optimizer's
@@ -186,11 +190,11 @@ class MembershipConfig:
     model_settings: tuple[str, ...] = ()
     # Deadline of one short RPC (join, heartbeat, leave).
     rpc_timeout_s: float = 5.0
-    # Longest a call keeps retrying an unreachable coordinator.
-    patience_s: float = 120.0
+    # Longest a call keeps retrying an unreachable coordinator (it may be restarting).
+    patience_s: float = PATIENCE_S
     # Longest a Quorum call (a sync's start) keeps retrying one: then the peer trains on locally, and later
     # Quorum calls end at once until a heartbeat reaches the coordinator again.
-    quorum_patience_s: float = 30.0
+    quorum_patience_s: float = QUORUM_PATIENCE_S
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 2.0
 

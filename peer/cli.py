@@ -125,12 +125,9 @@ def build_parser(command: str | None = None, with_benchmarks: bool = True) -> ar
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from peer.version import package_version
 
-    try:
-        return version("loconet")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
+    return package_version()
 
 
 # The demo trains longer than a harness run (400 steps) so the loss gets close to its floor.

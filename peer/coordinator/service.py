@@ -71,6 +71,7 @@ from peer.coordinator.runstate import PeerRecord, RunState
 from peer.coordinator.sessions import PeerStreams, pushed_bytes
 from peer.coordinator.sources import Sources
 from peer.coordinator.statefile import SavedRun, load_run, save_run
+from peer.version import package_version
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 
@@ -79,7 +80,8 @@ log = logging.getLogger(__name__)
 # Why a peer told to wait for the run's state is no member meanwhile (so that quorums do not wait for it).
 WAITS_FOR_STATE = "waits for a holder of the run's state"
 
-VERSION = "0.1.0"
+# What the status document says this coordinator runs.
+VERSION = package_version()
 TICK_S = 0.05
 MAX_ADDRESS_CHARS = 256
 MAX_PEER_ID_CHARS = 100
