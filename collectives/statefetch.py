@@ -220,7 +220,8 @@ class _Fetch:
     async def result(self) -> StateSnapshot:
         """Round result_of_round's result, in one stream from the first source that keeps it."""
         for source in self.sources:
-            request = pb.StateRequest(run_id=self.run_id, peer_id=self.peer_id, result_of_round=self.result_of_round)
+            request = pb.StateRequest(run_id=self.run_id, peer_id=self.peer_id, result_of_round=self.result_of_round,
+                                      max_chunk_bytes=self.config.asked_chunk_bytes())
             try:
                 await self._stream(source, request, None)
                 return await self._finish()
@@ -313,6 +314,7 @@ class _Fetch:
                     request = pb.StateRequest(
                         run_id=self.run_id, peer_id=self.peer_id, round_id=self.manifest.round_id,
                         expect_sha256=self.manifest.sha256, offset=start, length=stop - start,
+                        max_chunk_bytes=self.config.asked_chunk_bytes(),
                     )
                     await self._stream(source, request, stripe)
                 finally:

@@ -63,6 +63,9 @@ ALIGN_BYTES = 64
 # Bounds on a manifest's block size: smaller blocks make manifests huge, larger ones make a
 # lost donor cost too much re-fetching. A joiner rejects a manifest outside them.
 MIN_BLOCK_BYTES = 4 << 10
+# The smallest response message a fetch may ask for (StateRequest.max_chunk_bytes): smaller would cost a server
+# more per byte than the link does.
+MIN_CHUNK_BYTES = 16 << 10
 MAX_BLOCK_BYTES = 1 << 30
 _SHA256_BYTES = 32
 _EMPTY_SHA256 = hashlib.sha256(b"").digest()
@@ -146,6 +149,9 @@ class StateSyncConfig:
     # Longest wait for the next chunk: a source that stops sending (paused, cut off)
     # is given up long before timeout_s, and its blocks go to the other sources.
     stall_timeout_s: float = 30.0
+    # The slowest link a fetch must work over (bits/s): a joiner asks for messages small enough to cross it in
+    # half its stall timeout (a 1 MiB message took 42 s at 200 kbit/s, and such a joiner never got the state).
+    min_link_bps: float = 200_000.0
     # A server serves at most this many fetches at once, and this many to one client (its peer id,
     # else its connection). Fetches of one round share one pinned copy of the state.
     max_concurrent_fetches: int = 8
@@ -167,6 +173,8 @@ class StateSyncConfig:
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1024:
             raise ConfigError(f"chunk_bytes must be at least 1024, got {self.chunk_bytes}")
+        if not self.min_link_bps > 0:
+            raise ConfigError(f"min_link_bps must be positive, got {self.min_link_bps}")
         for name in (
             "max_state_bytes", "max_meta_bytes", "max_tensors", "max_concurrent_fetches",
             "max_fetches_per_client", "max_pinned", "max_stripe_blocks",
@@ -183,6 +191,12 @@ class StateSyncConfig:
             raise ConfigError(
                 f"block_bytes must be in [{MIN_BLOCK_BYTES}, {MAX_BLOCK_BYTES}], got {self.block_bytes}"
             )
+
+    def asked_chunk_bytes(self) -> int:
+        """The message size a fetch asks its sources for: one crosses a min_link_bps link in half the stall
+        timeout (at least MIN_CHUNK_BYTES, at most chunk_bytes)."""
+        fits = int(self.stall_timeout_s * self.min_link_bps / 8 / 2)
+        return max(MIN_CHUNK_BYTES, min(self.chunk_bytes, fits))
 
 
 # The defaults, for signatures (a frozen dataclass: sharing it is safe).

@@ -44,6 +44,7 @@ from collectives.errors import Unauthenticated
 from collectives.stateformat import (
     DEFAULT_CONFIG,
     FETCH_METHOD,
+    MIN_CHUNK_BYTES,
     SERVICE,
     ResultNotYet,
     StateSnapshot,
@@ -391,7 +392,7 @@ class StateServer:
                     grpc.StatusCode.OUT_OF_RANGE,
                     f"bytes [{start}, {end}) asked of a state of {total} bytes; ask within its manifest's total_bytes",
                 )
-            if not await self._send(context, encoded, start, end, req.manifest_only):
+            if not await self._send(context, encoded, start, end, req.manifest_only, req.max_chunk_bytes):
                 return False
             log.info(
                 "served round %d state bytes [%d, %d) of %d to %s in %.2f s",
@@ -404,9 +405,11 @@ class StateServer:
                 self._unuse(pin)
 
     async def _send(
-        self, context: grpc.aio.ServicerContext, encoded: _Encoded, start: int, end: int, manifest_only: bool
+        self, context: grpc.aio.ServicerContext, encoded: _Encoded, start: int, end: int, manifest_only: bool,
+        asked: int = 0,
     ) -> bool:
-        """Write the response's messages, each within serve_stall_timeout_s; False when one could not be."""
+        """Write the response's messages (about ``asked`` data bytes each, if asked), each within
+        serve_stall_timeout_s; False when one could not be."""
         limit = self.transport.config.message_limit - HEADER_SLACK_BYTES
         if len(encoded.manifest) > limit:
             await context.abort(
@@ -415,7 +418,7 @@ class StateServer:
                 "TransportConfig.max_message_bytes on every peer, use fewer tensors or a larger block_bytes",
             )
         peer = context.peer()
-        messages = self._messages(encoded, limit, start, end, manifest_only)
+        messages = self._messages(encoded, limit, start, end, manifest_only, asked)
         async with contextlib.aclosing(messages):
             async for message in messages:
                 await self.transport.pace_send(peer, len(message))
@@ -430,13 +433,14 @@ class StateServer:
         return True
 
     async def _messages(
-        self, encoded: _Encoded, limit: int, start: int, end: int, manifest_only: bool
+        self, encoded: _Encoded, limit: int, start: int, end: int, manifest_only: bool, asked: int = 0
     ) -> AsyncIterator[bytes]:
-        """The response's messages (at most limit bytes each), each framed while the last one is sent."""
+        """The response's messages (at most limit bytes each, and about ``asked`` data bytes when the receiver
+        asked for that size), each framed while the last one is sent."""
         if manifest_only or start >= end:
             yield _frame(encoded.manifest, start, [])
             return
-        chunk_bytes = min(self.config.chunk_bytes, limit)
+        chunk_bytes = min(self.config.chunk_bytes, limit, max(asked, MIN_CHUNK_BYTES) if asked else limit)
         plan = _chunk_plan(encoded.views, chunk_bytes, start, end)
         first = next(plan)
         manifest: bytes | None = encoded.manifest

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/state.proto\x12\x10loconet.state.v1\"\xba\x01\n\x0cStateRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x17\n\x0fresult_of_round\x18\x03 \x01(\x04\x12\x15\n\x08round_id\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\rexpect_sha256\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0e\n\x06length\x18\x07 \x01(\x04\x12\x15\n\rmanifest_only\x18\x08 \x01(\x08\x42\x0b\n\t_round_id\"I\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\xc4\x01\n\rStateManifest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12.\n\x07tensors\x18\x03 \x03(\x0b\x32\x1d.loconet.state.v1.TensorEntry\x12\x11\n\tmeta_json\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\x0c\x12\x13\n\x0b\x62lock_bytes\x18\x07 \x01(\x04\x12\x14\n\x0c\x62lock_sha256\x18\x08 \x03(\x0c\"]\n\nStateChunk\x12\x31\n\x08manifest\x18\x01 \x01(\x0b\x32\x1f.loconet.state.v1.StateManifest\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32Y\n\tStateSync\x12L\n\nFetchState\x12\x1e.loconet.state.v1.StateRequest\x1a\x1c.loconet.state.v1.StateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/state.proto\x12\x10loconet.state.v1\"\xd3\x01\n\x0cStateRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x17\n\x0fresult_of_round\x18\x03 \x01(\x04\x12\x15\n\x08round_id\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\rexpect_sha256\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0e\n\x06length\x18\x07 \x01(\x04\x12\x15\n\rmanifest_only\x18\x08 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\t \x01(\rB\x0b\n\t_round_id\"I\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\xc4\x01\n\rStateManifest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12.\n\x07tensors\x18\x03 \x03(\x0b\x32\x1d.loconet.state.v1.TensorEntry\x12\x11\n\tmeta_json\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\x0c\x12\x13\n\x0b\x62lock_bytes\x18\x07 \x01(\x04\x12\x14\n\x0c\x62lock_sha256\x18\x08 \x03(\x0c\"]\n\nStateChunk\x12\x31\n\x08manifest\x18\x01 \x01(\x0b\x32\x1f.loconet.state.v1.StateManifest\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32Y\n\tStateSync\x12L\n\nFetchState\x12\x1e.loconet.state.v1.StateRequest\x1a\x1c.loconet.state.v1.StateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.state_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATEREQUEST']._serialized_start=41
-  _globals['_STATEREQUEST']._serialized_end=227
-  _globals['_TENSORENTRY']._serialized_start=229
-  _globals['_TENSORENTRY']._serialized_end=302
-  _globals['_STATEMANIFEST']._serialized_start=305
-  _globals['_STATEMANIFEST']._serialized_end=501
-  _globals['_STATECHUNK']._serialized_start=503
-  _globals['_STATECHUNK']._serialized_end=596
-  _globals['_STATESYNC']._serialized_start=598
-  _globals['_STATESYNC']._serialized_end=687
+  _globals['_STATEREQUEST']._serialized_end=252
+  _globals['_TENSORENTRY']._serialized_start=254
+  _globals['_TENSORENTRY']._serialized_end=327
+  _globals['_STATEMANIFEST']._serialized_start=330
+  _globals['_STATEMANIFEST']._serialized_end=526
+  _globals['_STATECHUNK']._serialized_start=528
+  _globals['_STATECHUNK']._serialized_end=621
+  _globals['_STATESYNC']._serialized_start=623
+  _globals['_STATESYNC']._serialized_end=712
 # @@protoc_insertion_point(module_scope)

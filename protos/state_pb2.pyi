@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StateRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "result_of_round", "round_id", "expect_sha256", "offset", "length", "manifest_only")
+    __slots__ = ("run_id", "peer_id", "result_of_round", "round_id", "expect_sha256", "offset", "length", "manifest_only", "max_chunk_bytes")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     RESULT_OF_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class StateRequest(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_ONLY_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     result_of_round: int
@@ -24,7 +25,8 @@ class StateRequest(_message.Message):
     offset: int
     length: int
     manifest_only: bool
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., result_of_round: _Optional[int] = ..., round_id: _Optional[int] = ..., expect_sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., manifest_only: _Optional[bool] = ...) -> None: ...
+    max_chunk_bytes: int
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., result_of_round: _Optional[int] = ..., round_id: _Optional[int] = ..., expect_sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., manifest_only: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class TensorEntry(_message.Message):
     __slots__ = ("name", "dtype", "shape", "nbytes")
