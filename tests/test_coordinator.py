@@ -651,6 +651,19 @@ def test_with_a_state_file_a_restarted_coordinator_makes_a_fresh_peer_wait_befor
     assert stub.Join(fresh, timeout=5).sync_from == "127.0.0.1:1"
 
 
+def test_no_round_waits_for_a_joiner_whose_state_fetch_failed_until_it_asks_for_one(coordinator):
+    # Probe L: a joiner that could not reach its sources (a partition, a slow link) joined again and again, and
+    # every round waited the join timeout for it for as long as that lasted.
+    c = coordinator(join_timeout_s=60.0)
+    a, b = join(c.stub, "127.0.0.1:1"), join(c.stub, "127.0.0.1:2")
+    fresh = pb.JoinRequest(run_id=RUN, address="127.0.0.1:3", has_state=False)
+    joiner = c.stub.Join(fresh, timeout=5).peer_id
+    again = c.stub.Join(pb.JoinRequest(run_id=RUN, address="127.0.0.1:3", peer_id=joiner, has_state=False), timeout=5)
+    assert again.peer_id == joiner and again.sync_from  # still syncing: its first fetch failed
+    plans = [f.result() for f in [ask(c.stub, p) for p in (a, b)]]  # 60 s of join timeout would outlast ask's 20
+    assert sorted(members(plans[0])) == sorted([a, b])
+
+
 def test_a_report_sent_twice_counts_its_bytes_once(stub):
     a, b = join(stub, "127.0.0.1:1"), join(stub, "127.0.0.1:2")
     plans = [f.result() for f in [ask(stub, p) for p in (a, b)]]

@@ -42,6 +42,16 @@ def test_a_peer_that_rejoins_under_its_id_keeps_its_counters_until_its_next_hear
     assert (again.bytes_sent, again.bytes_received, again.samples, again.step) == (700, 600, 50, 9)
 
 
+def test_a_joiner_that_joins_again_while_syncing_struggles_until_it_leaves_the_live_set():
+    state = RunState("run", 1)
+    state.add_peer(PeerRecord(peer_id="p3-0a0b0c", address="127.0.0.1:3", state="syncing"))
+    assert state.struggling == set()  # a first fetch: quorums wait for it
+    state.add_peer(PeerRecord(peer_id="p3-0a0b0c", address="127.0.0.1:3", state="syncing"))
+    assert state.struggling == {"p3-0a0b0c"} and state.peers["p3-0a0b0c"].sync_failures == 1
+    state.drop_peer(state.peers["p3-0a0b0c"], "lost")
+    assert state.struggling == set()
+
+
 def test_a_peer_out_of_the_run_is_shown_doing_nothing():
     state = RunState("run", 1)
     state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1", activity="training"))

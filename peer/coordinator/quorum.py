@@ -326,19 +326,26 @@ class Quorums:
             del self.sitting[peer_id]
         return frozenset(p for p, e in self.sitting.items() if sitting_out(e, s.last_committed_round, now))
 
+    def excluded(self, now: float) -> frozenset[str]:
+        """Peers no quorum waits for now: members sitting out, and joiners syncing again after a failed fetch."""
+        out = self.sitting_now(now)
+        struggling = self.state.struggling
+        return out | struggling if struggling else out
+
     def inputs(self, pending: PendingQuorum, now: float) -> QuorumInputs:
         """What the policy decides the pending quorum from: sitting-out members neither asked nor live."""
         s = self.state
         # Arrivals count from the last commit (when the round's work began), or from the first request.
         since = self.last_commit_at if self.last_commit_at is not None else pending.first_at
         live, rules = frozenset(s.live), self.rules(pending)
-        out = self.sitting_now(now)
+        out = self.excluded(now)
         asking = tuple(p for p in pending.waiting if p not in out) if out else tuple(pending.waiting)
         return QuorumInputs(
             requesting=asking,
             # Every live peer, syncing joiners included: `all` waits (up to the join timeout) for a
             # joiner to finish syncing, so joiners are admitted at the next round boundary instead
-            # of chasing rounds that form without them; `sample` draws from them all.
+            # of chasing rounds that form without them; `sample` draws from them all. Not a joiner whose
+            # fetch failed already (RunState.struggling): it waits for no round either.
             eligible=live - out if out else live,
             waited_s=now - pending.first_at,
             coordinator_age_s=now - self._started,
@@ -379,7 +386,7 @@ class Quorums:
         now = time.monotonic()
         if cheap:
             # Per request: counts only, so n requests cost O(n), not O(n^2). (decide's inputs leave the sitting out.)
-            out = self.sitting_now(now)
+            out = self.excluded(now)
             # Counted over the (few) sitting out: no copy of the live set or the waiters per request.
             asking = len(pending.waiting) - sum(p in pending.waiting for p in out)
             live = len(self.state.live) - sum(p in self.state.live for p in out)

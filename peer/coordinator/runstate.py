@@ -64,6 +64,9 @@ class PeerRecord:
     realigned: int = 0
     # Whether it left saying it finished (LeaveRequest.reason "finished"): not expected back.
     finished: bool = False
+    # Joins again while still syncing (its fetch failed: a slow or cut link, a partition from its sources):
+    # quorums stop waiting for it until it asks for a round (RunState.struggling).
+    sync_failures: int = 0
     # Calls the peer refused or cut off, by kind (its heartbeats say; docs/security.md).
     refusals: dict[str, int] = field(default_factory=dict)
     # With a run secret: the Ed25519 key the peer's credential binds its id to (collectives.credentials).
@@ -160,6 +163,9 @@ class RunState:
     # add_peer/drop_peer so that per-request work does not scan every peer.
     live: set[str] = field(default_factory=set)
     by_address: dict[str, str] = field(default_factory=dict)
+    # Live peers whose state fetch failed and that sync again (PeerRecord.sync_failures): no quorum waits for them
+    # (a joiner that cannot reach its sources cost every round the join timeout for as long as it could not).
+    struggling: set[str] = field(default_factory=set)
     rounds: deque[RoundRecord] = field(init=False)
     # The last catchup_rounds committed rounds, oldest first, with their members.
     committed: deque[CommittedRound] = field(init=False)
@@ -308,6 +314,12 @@ class RunState:
     def add_peer(self, peer: PeerRecord) -> None:
         """Register a (re)joined peer as live."""
         earlier = self.peers.get(peer.peer_id)
+        if earlier is not None and earlier.state == "syncing" and peer.state == "syncing" and earlier.alive:
+            peer.sync_failures = earlier.sync_failures + 1
+        if peer.sync_failures:
+            self.struggling.add(peer.peer_id)
+        else:
+            self.struggling.discard(peer.peer_id)
         if earlier is not None and earlier is not peer:
             # Its id again (a rejoin; a restart keeps its id too): its counters go on from its last figures until
             # its next heartbeat says otherwise, so neither they nor the run's totals dip to 0 meanwhile (a
@@ -325,6 +337,7 @@ class RunState:
         peer.state = state
         peer.activity = ""  # what it last said it was doing, it no longer does
         self.live.discard(peer.peer_id)
+        self.struggling.discard(peer.peer_id)
         self.digest_book.realigned(peer.peer_id)  # a new process under its id reports its own state again
         self.departures += 1
         if self.by_address.get(peer.address) == peer.peer_id:
