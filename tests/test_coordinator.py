@@ -664,6 +664,20 @@ def test_no_round_waits_for_a_joiner_whose_state_fetch_failed_until_it_asks_for_
     assert sorted(members(plans[0])) == sorted([a, b])
 
 
+def test_a_leave_after_the_lease_lapsed_still_records_the_peer_as_left_and_finished(coordinator):
+    # Probe L: a peer whose lease lapsed in its last round on a slow link said "left run (finished)", and the
+    # dashboard kept it "lost / in-round" (and a straggler waited for it as a holder that might come back).
+    c = coordinator(lease_s=1.0, heartbeat_s=0.2)
+    peer = join(c.stub, "127.0.0.1:1")
+    deadline = time.monotonic() + 30
+    while not [p for p in c.status()["peers"] if p["state"] == "lost"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    final = pb.PeerMetrics(step=300, activity="in-round", eval_loss=1.9)
+    c.stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=peer, reason="finished", metrics=final), timeout=5)
+    (shown,) = c.status()["peers"]
+    assert (shown["state"], shown["activity"], shown["step"], shown["eval_loss"]) == ("left", "", 300, 1.9)
+
+
 def test_a_report_sent_twice_counts_its_bytes_once(stub):
     a, b = join(stub, "127.0.0.1:1"), join(stub, "127.0.0.1:2")
     plans = [f.result() for f in [ask(stub, p) for p in (a, b)]]

@@ -608,13 +608,20 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def _leave(self, req: pb.LeaveRequest) -> pb.LeaveResponse:
         self._check_run(req.run_id)
         peer = self.state.peers.get(req.peer_id)
-        if peer is not None and peer.alive:
-            if req.state_digest:
-                self._note_digest(req.last_round, checked_digest(req.state_digest), peer.peer_id)
-            if req.HasField("metrics"):
-                self._take_metrics(peer, req.metrics, req.last_round)
-            peer.finished = req.reason == FINISHED
-            self._mark_lost(peer, req.reason[:200] or "left", kind="leave", state="left")
+        if peer is None:
+            return pb.LeaveResponse()
+        why = req.reason[:200] or "left"
+        if peer.alive and req.state_digest:
+            self._note_digest(req.last_round, checked_digest(req.state_digest), peer.peer_id)
+        if req.HasField("metrics"):
+            self._take_metrics(peer, req.metrics, req.last_round)
+        peer.finished = req.reason == FINISHED
+        if peer.alive:
+            self._mark_lost(peer, why, kind="leave", state="left")
+        elif peer.state == "lost":
+            # Its lease lapsed before its Leave came (a slow link, a long last round): it left all the same.
+            peer.state, peer.activity = "left", ""
+            self.state.event("leave", peer.peer_id, why)
         return pb.LeaveResponse()
 
     async def _quorum(self, req: pb.QuorumRequest) -> pb.QuorumResponse | bytes:
