@@ -32,7 +32,10 @@ IFNAMSIZ (15 characters). With the default subnet, a network whose
 10.77.0.0/16; an explicit subnet that overlaps a route raises.
 
 Shaping (``tbf_parameters``): rate = the cap; burst = max(rate x 10 ms,
-4096 bytes); queue limit = burst + rate x 100 ms (clamped to 64 KiB .. 64 MiB).
+4096 bytes); queue limit = burst + rate x 100 ms (clamped to 16 KiB .. 64 MiB: about ten
+full frames at least, so a slow link still takes a few in a row; before
+2026-12-06 the floor was 64 KiB, 2.6 s of queue at 200 kbit/s, and the
+heartbeats queued behind a round's bytes lapsed the harness's 3 s leases).
 10 ms of burst is at least rate/HZ for any kernel HZ >= 100 (so the bucket
 can always refill between timer ticks and the full rate is reachable) yet lets
 through at most 1 % more than the cap over one second, from 10 Mbit/s to
@@ -99,7 +102,7 @@ IFNAMSIZ = 15  # longest interface name (IFNAMSIZ - 1 for the NUL)
 
 # tbf: see the module docstring (its burst: collectives.ratelimit.burst_bytes).
 QUEUE_SECONDS = 0.100
-MIN_QUEUE_BYTES = 64 * 1024
+MIN_QUEUE_BYTES = 16 * 1024
 MAX_QUEUE_BYTES = 64 * 1024 * 1024
 
 # Loss-based TCP congestion controls in order of preference: cubic is Linux's default; a namespace may set
