@@ -776,6 +776,7 @@ class ElasticCollective:
                     attempts=attempts,
                     stats=done.stats,
                     decisions=done.decisions,
+                    members_step=plan.members_step,
                 )
             self._move(plan.round_id, Phase.ABORTED)
             if isinstance(refusal, QuorumMismatch):  # so would every later attempt and round: end the peer

@@ -295,6 +295,8 @@ class RoundPlan:
     hosts: tuple[str, ...] = ()
     # resync: the tag of the quorum the run's peers wait in now ("": none).
     pending_tag: str = ""
+    # round: the furthest inner step a member asked for it at (0: unknown; QuorumResponse.members_step).
+    members_step: int = 0
 
     def share(self) -> float:
         """Members / the candidates the plan names: the round's share of its policy's pool (a sample's, or the live
@@ -764,6 +766,7 @@ class MembershipClient:
             policy=reply.policy,
             seed=reply.seed,
             candidates=tuple(reply.candidates),
+            members_step=reply.members_step,
         )
 
     async def commit(

@@ -139,3 +139,5 @@ class SyncResult:
     stats: RoundStats
     # The aggregator's decisions (e.g. which contributions Krum selected), one per statistic round.
     decisions: list[dict] = field(default_factory=list)
+    # The furthest inner step a member asked for the round at (0: unknown): see RoundPlan.members_step.
+    members_step: int = 0

@@ -164,6 +164,18 @@ class DiLoCo(OuterOptimizer):
         if at is not None:  # only a time budget reads it
             self.last_sync_time = at
 
+    def _line_up(self, members_step: int) -> None:
+        """Count this peer's steps up to the round's furthest member's, at most one interval a round: members of a
+        synchronous run ask at one step, and one that asked earlier skipped syncs while the coordinator was away. Its
+        count stayed behind for good, and it reached --steps after the others and made a round without them (probe
+        L: steps 1640/1660/1680 at round 32, and the last peer left a round early with other parameters)."""
+        if not self.FOLLOWS_RUN_STEP or getattr(self.config, "sync_seconds", None) is not None or members_step <= self.inner_steps:
+            return  # on a time budget members train at their own pace: their counts differ by design
+        target = min(members_step, self.inner_steps + self.config.sync_every)
+        log.info("the round's members asked at step %d, this peer at %d (syncs it skipped): counting from step %d",
+                 members_step, self.inner_steps, target)
+        self._skip_to(target, 0)
+
     def _skip_to(self, step: int, into_interval: int) -> None:
         super()._skip_to(step, into_interval)
         # The next sync comes when the run's does: after as many steps as its members have left.

@@ -505,6 +505,7 @@ class OuterOptimizer:
             return False
         with self._applying:
             self._apply(tag, result.value, result.round_id)
+        self._line_up(getattr(result, "members_step", 0))
         stats = getattr(result, "stats", None)
         self._record(
             SyncRecord(
@@ -560,6 +561,10 @@ class OuterOptimizer:
             # not from now, so the next sync is the run's. (A peer resumed with a sync due caught up a step late,
             # synced one step after the others for the rest of the run, and made one round more at its end.)
             self._skip_to(self.inner_steps, self.inner_steps - round_step)
+
+    def _line_up(self, members_step: int) -> None:
+        """After a committed round whose furthest member asked at ``members_step``: nothing by default (DiLoCo
+        counts its steps up to it)."""
 
     def _skip_to(self, step: int, into_interval: int) -> None:
         """Continue from the run's step, ``into_interval`` steps after its last round (a schedule by step count

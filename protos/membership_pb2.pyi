@@ -251,7 +251,7 @@ class CommittedRound(_message.Message):
     def __init__(self, round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., tag: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., result_digest: _Optional[str] = ...) -> None: ...
 
 class QuorumResponse(_message.Message):
-    __slots__ = ("action", "round_id", "epoch", "members", "rank", "sync_from", "last_committed_round", "missed", "policy", "seed", "candidates", "state_digest", "sync_sources", "members_digest", "run_step", "round_step", "members_base", "members_removed", "members_added", "pending_tag", "members_packed", "since_commit_s")
+    __slots__ = ("action", "round_id", "epoch", "members", "rank", "sync_from", "last_committed_round", "missed", "policy", "seed", "candidates", "state_digest", "sync_sources", "members_digest", "run_step", "round_step", "members_base", "members_removed", "members_added", "pending_tag", "members_packed", "since_commit_s", "members_step")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[QuorumResponse.Action]
@@ -282,6 +282,7 @@ class QuorumResponse(_message.Message):
     PENDING_TAG_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_PACKED_FIELD_NUMBER: _ClassVar[int]
     SINCE_COMMIT_S_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_STEP_FIELD_NUMBER: _ClassVar[int]
     action: QuorumResponse.Action
     round_id: int
     epoch: int
@@ -304,7 +305,8 @@ class QuorumResponse(_message.Message):
     pending_tag: str
     members_packed: bytes
     since_commit_s: float
-    def __init__(self, action: _Optional[_Union[QuorumResponse.Action, str]] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., rank: _Optional[int] = ..., sync_from: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ..., members_digest: _Optional[bytes] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ..., members_base: _Optional[bytes] = ..., members_removed: _Optional[_Iterable[int]] = ..., members_added: _Optional[_Iterable[_Union[IndexedMember, _Mapping]]] = ..., pending_tag: _Optional[str] = ..., members_packed: _Optional[bytes] = ..., since_commit_s: _Optional[float] = ...) -> None: ...
+    members_step: int
+    def __init__(self, action: _Optional[_Union[QuorumResponse.Action, str]] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., rank: _Optional[int] = ..., sync_from: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ..., members_digest: _Optional[bytes] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ..., members_base: _Optional[bytes] = ..., members_removed: _Optional[_Iterable[int]] = ..., members_added: _Optional[_Iterable[_Union[IndexedMember, _Mapping]]] = ..., pending_tag: _Optional[str] = ..., members_packed: _Optional[bytes] = ..., since_commit_s: _Optional[float] = ..., members_step: _Optional[int] = ...) -> None: ...
 
 class RoundReport(_message.Message):
     __slots__ = ("bytes_sent", "bytes_received", "wall_s")

@@ -678,6 +678,12 @@ def test_a_leave_after_the_lease_lapsed_still_records_the_peer_as_left_and_finis
     assert (shown["state"], shown["activity"], shown["step"], shown["eval_loss"]) == ("left", "", 300, 1.9)
 
 
+def test_a_round_tells_its_members_the_furthest_step_any_of_them_asked_at(stub):
+    a, b = join(stub, "127.0.0.1:1"), join(stub, "127.0.0.1:2")
+    plans = [f.result() for f in [ask(stub, a, step=1640), ask(stub, b, step=1680)]]
+    assert [p.members_step for p in plans] == [1680, 1680]
+
+
 def test_a_report_sent_twice_counts_its_bytes_once(stub):
     a, b = join(stub, "127.0.0.1:1"), join(stub, "127.0.0.1:2")
     plans = [f.result() for f in [ask(stub, p) for p in (a, b)]]

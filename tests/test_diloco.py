@@ -8,6 +8,7 @@ import itertools
 import sys
 import threading
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,36 @@ def test_streaming_fragments_sync_staggered_each_once_per_period():
     # A fragment round starts every 4 steps and is applied 1 step later.
     assert [h.step for h in opt.history] == [5, 9, 13, 17, 21, 25, 29, 33]
     assert opt.cursor == 0
+
+
+class OthersAhead(LocalPeer):
+    """A run whose other members ask for round k at step first + (k - 1) * every, where this peer asks for the first
+    at step ``every`` (it skipped syncs while the coordinator was away): each result names the furthest member's
+    step."""
+
+    def __init__(self, opt_of, first: int, every: int) -> None:
+        super().__init__()
+        self.opt_of, self.first, self.every, self.rounds = opt_of, first, every, 0
+
+    def sync(self, tensors, *args, **kwargs):
+        local = super().sync(tensors, *args, **kwargs)
+        others = self.first + self.rounds * self.every
+        self.rounds += 1
+        return SimpleNamespace(value=local.value, round_id=local.round_id,
+                               members_step=max(others, self.opt_of().inner_steps))
+
+
+@pytest.mark.parametrize(("first", "syncs_at"), [
+    (4, [4, 8, 12, 16]),  # in step with the run: nothing changes
+    (12, [8, 16, 20, 24]),  # two intervals behind: one interval a round, then in step
+    (6, [6, 10, 14, 18]),  # two steps behind: in step after the first round
+])
+def test_a_member_behind_the_rounds_furthest_member_counts_its_steps_up_at_most_an_interval_a_round(first, syncs_at):
+    m = model()
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), OthersAhead(lambda: opt, first, 4), sync_every=4,
+                 codec="none")
+    train(opt, m, 0, 16)
+    assert [h.step for h in opt.history] == syncs_at
 
 
 class LateOnce(LocalPeer):

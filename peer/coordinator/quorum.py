@@ -156,6 +156,8 @@ class PendingQuorum:
     waiting: dict[str, asyncio.Future] = field(default_factory=dict)
     # When each waiter asked (monotonic seconds), for policies that look at arrival times.
     asked_at: dict[str, float] = field(default_factory=dict)
+    # The inner step each waiter asked at (QuorumRequest.step): the round's furthest is sent to its members.
+    asked_step: dict[str, int] = field(default_factory=dict)
     # The most members any waiter's round needs (QuorumRequest.min_members: its aggregator's, or differential
     # privacy's minimum): no smaller round forms.
     min_members: int = 1
@@ -257,11 +259,14 @@ class Quorums:
             return ""
         return kept[0]
 
-    def enqueue(self, peer_id: str, tag: str, min_members: int = 1, round_format: str = "") -> asyncio.Future:
+    def enqueue(
+        self, peer_id: str, tag: str, min_members: int = 1, round_format: str = "", step: int = 0
+    ) -> asyncio.Future:
         """Add an up-to-date peer to the pending quorum; the future gets its RoundAnswer (None: held).
 
         ``min_members``: the fewest members this peer's round can run with; ``round_format``: what its
-        contribution is (refused, BadRequest, when it is not the run's or the pending round's)."""
+        contribution is (refused, BadRequest, when it is not the run's or the pending round's); ``step``: the inner
+        step it asks at."""
         if self.pending is not None and not self.policy.joins(self.pending.tag, tag):
             raise BadRequest(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -285,6 +290,7 @@ class Quorums:
         self.pending.min_members = max(self.pending.min_members, min_members)
         self.pending.waiting[peer_id] = fut
         self.pending.asked_at.setdefault(peer_id, time.monotonic())
+        self.pending.asked_step[peer_id] = step
         self.close_if_ready(cheap=True)
         return fut
 
@@ -432,6 +438,7 @@ class Quorums:
             seed=self.config.seed,
             candidates=outcome.candidates,
             members_digest=digest,
+            members_step=max((pending.asked_step.get(m, 0) for m in members), default=0),
         ).SerializeToString()
         # Serialised once for all members (protobuf reads concatenated serialisations as one message): each
         # answer is these bytes plus its own rank field. A serialisation per member cost ~100 us each, and

@@ -671,7 +671,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             peer.state = "active"
             self.sources.done_serving(peer.peer_id)
             answer = await self._wait(
-                self.quorums.enqueue(peer.peer_id, tag, least, req.round_format), give_up, peer.peer_id
+                self.quorums.enqueue(peer.peer_id, tag, least, req.round_format, req.step), give_up, peer.peer_id
             )
             if answer is not None:
                 return answer.wire(req.known_members, req.member_changes, req.packed_members)
