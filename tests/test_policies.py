@@ -389,5 +389,8 @@ def test_a_new_policy_is_one_class_and_one_registration():
     try:
         assert parse_policy("alone").decide(q("ba")) == form("b")
         assert policy_forms().endswith(", alone")
+        assert register(Alone) is Alone  # a plugin module imported again registers the same class again
+        with pytest.raises(ConfigError, match="quorum policy name 'all' is already registered"):
+            register(dataclass(frozen=True)(type("All2", (Alone,), {"name": "all"})))
     finally:
         del POLICIES["alone"]

@@ -155,9 +155,12 @@ POLICIES: dict[str, type[QuorumPolicy]] = {}
 
 
 def register(cls: type[QuorumPolicy]) -> type[QuorumPolicy]:
-    """Make a policy class available by its name in quorum specs."""
-    if cls.name in POLICIES:
-        raise ValueError(f"quorum policy {cls.name!r} is registered twice")
+    """Make a policy class available by its name in quorum specs (the same class again is accepted, as a plugin
+    module imported twice registers it again; another class under a taken name is a ConfigError)."""
+    existing = POLICIES.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ConfigError(f"quorum policy name {cls.name!r} is already registered ({existing.__qualname__}); "
+                          "choose another name")
     POLICIES[cls.name] = cls
     return cls
 
