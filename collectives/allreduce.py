@@ -366,6 +366,7 @@ class Collective:
             self.buffers.give(rows)
             stats.bytes_received = inbox.bytes_received
             stats.decode_s = inbox.decode_s
+            stats.waited_for_rank, stats.waited_s = inbox.last_sender()
             stats.wall_s = time.monotonic() - started
         return AllReduceResult(value=unflatten_like(inbox.result, like), stats=stats, decisions=rnd.decisions)
 

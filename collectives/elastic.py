@@ -168,6 +168,15 @@ def _log_failure(future: concurrent.futures.Future) -> None:
 ACTIVITIES = {Phase.QUORUM: "awaiting-round", Phase.ALLREDUCE: "in-round", Phase.RESYNC: "syncing"}
 
 
+def _waited_for(done: AllReduceResult | None, reduce_with: Sequence[tuple[str, str]]) -> tuple[str, float]:
+    """(peer id, seconds): the member whose data this one received last in a round, and how long after every
+    other's; ("", 0.0) when unknown (a failed attempt, a round of one, a hierarchical round)."""
+    rank = done.stats.waited_for_rank if done is not None else -1
+    if not 0 <= rank < len(reduce_with):
+        return "", 0.0
+    return reduce_with[rank][0], done.stats.waited_s
+
+
 def leave_reason(stopped_by: str | None, failure: BaseException | None, adopted: bool = True) -> str:
     """What a member tells the coordinator as it leaves: stopped by a signal, refused the run's state (it failed
     before adopting it), failed (after), or finished; at most 200 characters, as the coordinator keeps."""
@@ -758,7 +767,7 @@ class ElasticCollective:
                 done, failed, reason = await self._allreduce(plan, sent, w, out, allreduce, reduce_with, work)
                 spent = tuple(now - then for now, then in zip(self._round_traffic(), before))
             self._move(plan.round_id, Phase.COMMIT)
-            outcome = await self._decision(plan, done, failed, reason, spent)
+            outcome = await self._decision(plan, done, failed, reason, spent, _waited_for(done, reduce_with))
             self.epoch = max(self.epoch, outcome.epoch)
             if outcome.commit and done is not None:
                 self._move(plan.round_id, Phase.COMMITTED)
@@ -948,12 +957,12 @@ class ElasticCollective:
 
     async def _decision(
         self, plan: RoundPlan, done: AllReduceResult | None, failed: tuple[str, ...], reason: str,
-        spent: tuple[int, int] = (0, 0),
+        spent: tuple[int, int] = (0, 0), waited: tuple[str, float] = ("", 0.0),
     ) -> CommitOutcome:
         """This member's Commit and the round's decision. A stop that comes once this member has its result waits
         up to stop_decision_wait_s for a commit, which is then applied: a round the run commits is not lost with
         this member (it may be the only one left to hold it). Any other outcome of a stopped round: cancelled."""
-        call = asyncio.ensure_future(self._commit(plan, done, failed, reason, spent))
+        call = asyncio.ensure_future(self._commit(plan, done, failed, reason, spent, waited))
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
@@ -973,9 +982,10 @@ class ElasticCollective:
 
     async def _commit(
         self, plan: RoundPlan, done: AllReduceResult | None, failed: tuple[str, ...], reason: str,
-        spent: tuple[int, int] = (0, 0),
+        spent: tuple[int, int] = (0, 0), waited: tuple[str, float] = ("", 0.0),
     ) -> CommitOutcome:
-        """This member's report of the attempt (its traffic: the round's stats, or ``spent`` for a failed one)."""
+        """This member's report of the attempt (its traffic: the round's stats, or ``spent`` for a failed one; whom
+        it waited for last, and how long)."""
         stats = done.stats if done is not None else None
         try:
             return await self.membership.commit(
@@ -987,6 +997,8 @@ class ElasticCollective:
                 bytes_received=stats.bytes_received if stats else spent[1],
                 wall_s=stats.wall_s if stats else 0.0,
                 timeout_s=self.config.commit_timeout_s,
+                waited_for=waited[0],
+                waited_s=waited[1],
             )
         except CommitUnknown as exc:
             # Not applied; if others did apply it, the next quorum tells this peer to resync.

@@ -145,6 +145,9 @@ class RoundInbox:
     closed: bool = False
     bytes_received: int = 0
     decode_s: float = 0.0
+    # When each sender's part of each phase finished arriving (monotonic seconds), by (phase, sender): whom the
+    # round waited for (last_sender).
+    done_at: dict[tuple[int, int], float] = field(default_factory=dict)
     # Statistic round -> rank -> that owner's float64 share (aggregators with whole-vector statistics).
     shares: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
     aggregator: Aggregator = field(init=False)
@@ -357,9 +360,23 @@ class RoundInbox:
     def advance(self, stream: _Stream, count: int) -> None:
         """Record that a stream's next count elements are decoded."""
         stream.next_offset += count
+        if stream.next_offset == stream.target.numel():
+            self.done_at[(stream.phase, stream.sender)] = time.monotonic()
         if stream.phase == SCATTER:
             self.scatter_progress[stream.sender] = stream.next_offset
             self.wake()  # the owner reduces chunks as soon as every contribution to them is in
+
+    def last_sender(self) -> tuple[int, float]:
+        """(the rank whose part of a phase arrived last, how long after every other sender's), from the phase where
+        that gap is widest; (-1, 0.0) with fewer than two senders: the member the round waited for, as this member
+        saw it. Per phase: a slow uplink delays its sender's scatter parts only (every owner's gather part then
+        waits for them alike), a slow downlink its owner's gather part only."""
+        best = (-1, 0.0)
+        for phase in {p for p, _ in self.done_at}:
+            times = sorted(((t, s) for (p, s), t in self.done_at.items() if p == phase), reverse=True)
+            if len(times) >= 2 and times[0][0] - times[1][0] > best[1]:
+                best = (times[0][1], times[0][0] - times[1][0])
+        return best
 
     # -- statistic shares -------------------------------------------------------------
 

@@ -770,9 +770,11 @@ class MembershipClient:
         )
 
     async def commit(
-        self, plan: RoundPlan, ok: bool, failed: tuple[str, ...], reason: str, bytes_sent: int, bytes_received: int, wall_s: float, timeout_s: float
+        self, plan: RoundPlan, ok: bool, failed: tuple[str, ...], reason: str, bytes_sent: int, bytes_received: int,
+        wall_s: float, timeout_s: float, waited_for: str = "", waited_s: float = 0.0,
     ) -> CommitOutcome:
-        """Report this member's outcome of a round; return the coordinator's decision."""
+        """Report this member's outcome of a round (``waited_for``: the member whose data came last, ``waited_s``
+        after every other's); return the coordinator's decision."""
         request = pb.CommitRequest(
             run_id=self.config.run_id,
             peer_id=self.peer_id,
@@ -781,7 +783,8 @@ class MembershipClient:
             ok=ok,
             failed_peers=list(failed),
             reason=reason[:2000],
-            report=pb.RoundReport(bytes_sent=bytes_sent, bytes_received=bytes_received, wall_s=wall_s),
+            report=pb.RoundReport(bytes_sent=bytes_sent, bytes_received=bytes_received, wall_s=wall_s,
+                                  waited_for=waited_for, waited_s=waited_s),
         )
         try:
             reply = await self._call("Commit", request, timeout_s)

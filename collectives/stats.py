@@ -59,6 +59,10 @@ class RoundStats:
     scatter_s: float = 0.0
     gather_s: float = 0.0
     wall_s: float = 0.0
+    # The rank whose data arrived last here (-1: fewer than two senders), and how long after every other's: whom
+    # the round waited for (a slow link's peer stretches every round it is in).
+    waited_for_rank: int = -1
+    waited_s: float = 0.0
 
     def as_dict(self) -> dict:
         """Plain dict for JSON output and metric reports."""

@@ -309,14 +309,18 @@ class QuorumResponse(_message.Message):
     def __init__(self, action: _Optional[_Union[QuorumResponse.Action, str]] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., rank: _Optional[int] = ..., sync_from: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., missed: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., state_digest: _Optional[str] = ..., sync_sources: _Optional[_Iterable[str]] = ..., members_digest: _Optional[bytes] = ..., run_step: _Optional[int] = ..., round_step: _Optional[int] = ..., members_base: _Optional[bytes] = ..., members_removed: _Optional[_Iterable[int]] = ..., members_added: _Optional[_Iterable[_Union[IndexedMember, _Mapping]]] = ..., pending_tag: _Optional[str] = ..., members_packed: _Optional[bytes] = ..., since_commit_s: _Optional[float] = ..., members_step: _Optional[int] = ...) -> None: ...
 
 class RoundReport(_message.Message):
-    __slots__ = ("bytes_sent", "bytes_received", "wall_s")
+    __slots__ = ("bytes_sent", "bytes_received", "wall_s", "waited_for", "waited_s")
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     WALL_S_FIELD_NUMBER: _ClassVar[int]
+    WAITED_FOR_FIELD_NUMBER: _ClassVar[int]
+    WAITED_S_FIELD_NUMBER: _ClassVar[int]
     bytes_sent: int
     bytes_received: int
     wall_s: float
-    def __init__(self, bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., wall_s: _Optional[float] = ...) -> None: ...
+    waited_for: str
+    waited_s: float
+    def __init__(self, bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., wall_s: _Optional[float] = ..., waited_for: _Optional[str] = ..., waited_s: _Optional[float] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "round_id", "epoch", "ok", "failed_peers", "reason", "report")

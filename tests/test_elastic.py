@@ -15,6 +15,7 @@ from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import NonFiniteError, UsageError
 from collectives.membership import GroupTooSmall, Joined, Unregistered
 from collectives.syncphases import WaitingForState
+from collectives.transport import TransportConfig
 from optimizers.diloco import DiLoCo
 from peer.coordinator.config import CoordinatorConfig
 from tests.support.coordinator import CoordinatorThread
@@ -108,6 +109,27 @@ def test_a_member_waiting_for_a_round_to_form_says_so_rather_than_training(run):
     with pytest.raises(GroupTooSmall):
         peer.sync(torch.ones(4))
     assert seen == ["awaiting-round"]
+
+
+@pytest.mark.timeout(120)
+def test_the_coordinator_names_the_member_whose_slow_link_a_round_waited_for():
+    # Probe L: a peer at 100 kbit/s stretched every round from 0.05 s to 4 s, and no line named it.
+    config = CoordinatorConfig(run_id="w", port=0, dashboard_port=None, startup_grace_s=0, min_peers=3)
+    with CoordinatorThread(config) as c:
+        links = [None, None, 1.6e6]  # the third sends its 400 kB share in about 2 s, the others at once
+        # Hosts of their own: peers of one host would reduce through shared memory, not their links.
+        peers = [ElasticCollective(ElasticConfig(coordinator=c.address, run_id="w", transport=TransportConfig(
+            bandwidth_bps=bps, host_id=f"host{i}"))) for i, bps in enumerate(links)]
+        try:
+            for p in peers:
+                p.start(has_state=True)
+            futures = [p.sync_async(torch.ones(150_000), codec=CodecConfig("none")) for p in peers]
+            assert len({f.result(60).round_id for f in futures}) == 1
+        finally:
+            for p in peers:
+                p.close()
+        named = [e for e in c.status()["events"] if e["kind"] == "slow"]
+        assert [e["peer_id"] for e in named] == [peers[2].peer_id]
 
 
 @pytest.mark.timeout(60)

@@ -28,6 +28,7 @@ from collectives.memberlists import Entry, change_bytes, list_bytes, member_chan
 from collectives.membership import NO_QUORUM
 from collectives.transport import consume_exception
 from collectives.wire import encode_varint
+from peer.coordinator.bottleneck import Bottlenecks, bottleneck
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.policies import FormRound, QuorumInputs, QuorumPolicy, Refuse
 from peer.coordinator.rules import (
@@ -177,6 +178,8 @@ class PendingCommit:
     decided: asyncio.Future | None = None
     bytes: int = 0
     wall_s: float = 0.0
+    # reporter -> (the member whose data it received last, seconds after every other's): bottleneck.py.
+    waits: dict[str, tuple[str, float]] = field(default_factory=dict)
 
 
 class Quorums:
@@ -224,6 +227,8 @@ class Quorums:
         self.formats: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
         # Members dropped because others named them as failed, and their sitting out (rules.sit_out).
         self.sitting: dict[str, SitOut] = {}
+        # The peers named as a round's bottleneck lately (bottleneck.py).
+        self.bottlenecks = Bottlenecks()
 
     def pending_tag(self, peer_id: str, now: float) -> str:
         """The tag of the quorum peers are waiting in now, if its policy waits for peer_id too ("": none)."""
@@ -322,6 +327,24 @@ class Quorums:
             fut = self.pending.waiting.pop(peer_id, None)
             if fut is not None:
                 refuse_waiter(fut, code, message)
+
+    def _name_bottleneck(self, record: RoundRecord, waits: dict[str, tuple[str, float]]) -> None:
+        """Say in the log and the run's events which member a committed round waited for, if most others did
+        (bottleneck.py; at most every NOTE_EVERY_ROUNDS rounds per peer)."""
+        slow = bottleneck(waits, record.members, record.duration_s)
+        if slow is None:
+            return
+        peer_id, wait = slow
+        self.bottlenecks.forget(self.state.live)
+        if not self.bottlenecks.due(peer_id, record.round_id):
+            return
+        detail = (
+            f"round {record.round_id} waited {wait:.1f} s of its {record.duration_s:.1f} s for {peer_id}'s data, "
+            "the last to arrive at most members: its link (or its CPU) sets the pace of every round it is in (a "
+            "--quorum first-k:K or allbut:S goes on without the slowest)"
+        )
+        self.state.event("slow", peer_id, detail)
+        log.warning("%s", detail)
 
     def sitting_now(self, now: float) -> frozenset[str]:
         """The members sitting out the quorum now (rules.sitting_out); records of gone peers are forgotten."""
@@ -522,6 +545,7 @@ class Quorums:
                     s.peers[m].last_round = round_id
                 self.sitting.pop(m, None)  # a round it made: its strikes end
             s.event("commit", "", f"round {round_id} ({len(record.members)} members)")
+            self._name_bottleneck(record, pending.waits)
             if record.round_format:
                 self.formats[record.tag] = (record.round_format, frozenset(record.members))
                 self.formats.move_to_end(record.tag)

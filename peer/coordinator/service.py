@@ -829,6 +829,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if req.peer_id not in pending.reports:  # a report sent again (a retried call) counts once
             pending.reports[req.peer_id] = Report(ok=req.ok, failed=failed, reason=req.reason[:MAX_TEXT_CHARS])
             pending.bytes += req.report.bytes_sent
+            waited = req.report.waited_s
+            if waited > 0 and math.isfinite(waited) and req.report.waited_for in pending.record.members:
+                pending.waits[req.peer_id] = (req.report.waited_for, waited)
         pending.first_report_at = pending.first_report_at or time.monotonic()
         if not req.ok:
             pending.first_failure_at = pending.first_failure_at or time.monotonic()
