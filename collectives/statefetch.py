@@ -221,7 +221,7 @@ class _Fetch:
         """Round result_of_round's result, in one stream from the first source that keeps it."""
         for source in self.sources:
             request = pb.StateRequest(run_id=self.run_id, peer_id=self.peer_id, result_of_round=self.result_of_round,
-                                      max_chunk_bytes=self.config.asked_chunk_bytes())
+                                      max_chunk_bytes=self.transport.fetch_chunk_bytes)
             try:
                 await self._stream(source, request, None)
                 return await self._finish()
@@ -314,7 +314,7 @@ class _Fetch:
                     request = pb.StateRequest(
                         run_id=self.run_id, peer_id=self.peer_id, round_id=self.manifest.round_id,
                         expect_sha256=self.manifest.sha256, offset=start, length=stop - start,
-                        max_chunk_bytes=self.config.asked_chunk_bytes(),
+                        max_chunk_bytes=self.transport.fetch_chunk_bytes,
                     )
                     await self._stream(source, request, stripe)
                 finally:
@@ -346,6 +346,12 @@ class _Fetch:
             async with asyncio.timeout(self.config.stall_timeout_s):
                 raw = await call.read()
         except TimeoutError:
+            # A slow link, more likely than a stalled source where several stall: this fetch's later requests and
+            # every later fetch of this peer ask for messages that cross such a link in time.
+            small = self.config.asked_chunk_bytes(streams=max(1, len(self.sources)))
+            if not self.transport.fetch_chunk_bytes or small < self.transport.fetch_chunk_bytes:
+                log.info("a fetch stalled: asking for %d-byte messages from now on (a slow link?)", small)
+                self.transport.fetch_chunk_bytes = small
             raise _SourceFailed(f"no data for {self.config.stall_timeout_s:g} s (the source stalled)") from None
         if raw is grpc.aio.EOF:
             return None

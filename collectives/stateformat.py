@@ -149,8 +149,9 @@ class StateSyncConfig:
     # Longest wait for the next chunk: a source that stops sending (paused, cut off)
     # is given up long before timeout_s, and its blocks go to the other sources.
     stall_timeout_s: float = 30.0
-    # The slowest link a fetch must work over (bits/s): a joiner asks for messages small enough to cross it in
-    # half its stall timeout (a 1 MiB message took 42 s at 200 kbit/s, and such a joiner never got the state).
+    # The slowest link a fetch must work over (bits/s): once a fetch stalled, the peer asks for messages small
+    # enough to cross it, shared by its parallel streams, in half the stall timeouts (a 1 MiB message took 42 s at
+    # 200 kbit/s, and such a joiner never got the state).
     min_link_bps: float = 200_000.0
     # A server serves at most this many fetches at once, and this many to one client (its peer id,
     # else its connection). Fetches of one round share one pinned copy of the state.
@@ -192,10 +193,12 @@ class StateSyncConfig:
                 f"block_bytes must be in [{MIN_BLOCK_BYTES}, {MAX_BLOCK_BYTES}], got {self.block_bytes}"
             )
 
-    def asked_chunk_bytes(self) -> int:
-        """The message size a fetch asks its sources for: one crosses a min_link_bps link in half the stall
-        timeout (at least MIN_CHUNK_BYTES, at most chunk_bytes)."""
-        fits = int(self.stall_timeout_s * self.min_link_bps / 8 / 2)
+    def asked_chunk_bytes(self, streams: int = 1) -> int:
+        """The message size a fetch asks its sources for after a stall: one crosses a min_link_bps link shared by
+        ``streams`` in half of both stall timeouts, the fetch's and a source's (at least MIN_CHUNK_BYTES, at most
+        chunk_bytes)."""
+        window = min(self.stall_timeout_s, self.serve_stall_timeout_s)
+        fits = int(window * self.min_link_bps / 8 / 2 / max(1, streams))
         return max(MIN_CHUNK_BYTES, min(self.chunk_bytes, fits))
 
 

@@ -277,6 +277,9 @@ class Transport:
         # The run's credentials (collectives.credentials): every call out carries them, every call in proves them.
         self.auth = auth
         self.counters = TrafficCounters()
+        # The response message size this peer's state and result fetches ask for (0: each source's own, 1 MiB):
+        # set once one of them stalled, as behind a slow link (statefetch.py), for every later one.
+        self.fetch_chunk_bytes = 0
         # Inbound calls refused or closed early, by kind (metrics); the all-reduce counts its own here too.
         self.refusals = Refusals()
         self.admission = Admission(self.config.admission_limits(), self.refusals)
