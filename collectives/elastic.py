@@ -710,7 +710,7 @@ class ElasticCollective:
                                      or not residual.is_contiguous() or residual.device != flat.device):
             raise ValueError(f"residual must be a contiguous float32 tensor of shape ({flat.numel()},) on {flat.device}")
         if not self.address:
-            # Not a LoconetError: an optimizer would take it for a missed round and train on without a word.
+            # A UsageError, which the optimizers re-raise: any other LoconetError of a sync reads as a missed round.
             raise UsageError("this peer has not joined the run: call start() before the first step or sync")
         return self.transport.submit(
             self._interruptible(self._sync(flat, weight, tag, like, config, prepare, within, own_state, residual,
