@@ -31,10 +31,22 @@ def test_a_round_names_the_member_most_others_waited_for(waits, duration_s, expe
     assert bottleneck(waits, MEMBERS, duration_s) == expected
 
 
+@pytest.mark.parametrize(
+    ("slowest", "named_at"),
+    [
+        ("ccc", [3]),  # three rounds in a row
+        ("cc-c", []),  # a round that waited for nobody breaks the streak
+        ("abcabc", []),  # equally slow links: whoever came last each time
+        ("cccccc", [3]),  # and not again until NOTE_EVERY_ROUNDS later
+    ],
+)
+def test_a_peer_is_named_after_it_slowed_three_rounds_in_a_row(slowest, named_at):
+    noted = Bottlenecks()
+    assert [r for r, who in enumerate(slowest, 1) if noted.due(who.strip("-"), r)] == named_at
+
+
 def test_a_peer_is_named_again_only_every_few_rounds():
     noted = Bottlenecks()
-    assert noted.due("c", 10)
-    assert not noted.due("c", 10 + NOTE_EVERY_ROUNDS - 1)
-    assert noted.due("c", 10 + NOTE_EVERY_ROUNDS)
+    assert [r for r in range(1, 2 * NOTE_EVERY_ROUNDS + 3) if noted.due("c", r)] == [3, 3 + NOTE_EVERY_ROUNDS]
     noted.forget(keep={"a"})
     assert noted.noted_at == {}

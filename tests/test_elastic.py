@@ -123,8 +123,9 @@ def test_the_coordinator_names_the_member_whose_slow_link_a_round_waited_for():
         try:
             for p in peers:
                 p.start(has_state=True)
-            futures = [p.sync_async(torch.ones(150_000), codec=CodecConfig("none")) for p in peers]
-            assert len({f.result(60).round_id for f in futures}) == 1
+            for _ in range(3):  # named once it slowed three rounds in a row
+                futures = [p.sync_async(torch.ones(150_000), codec=CodecConfig("none")) for p in peers]
+                assert len({f.result(60).round_id for f in futures}) == 1
         finally:
             for p in peers:
                 p.close()

@@ -2,10 +2,12 @@
 
 Each member reports whose data it received last, and how long after every
 other member's (``RoundReport.waited_for``, ``waited_s``). When most of the
-other members name one peer, and that wait is a good part of the round, the
-coordinator says so in its log and on the dashboard, at most once every
-``NOTE_EVERY_ROUNDS`` rounds per peer: nothing else named it (probe L: one
-peer at 100 kbit/s stretched every round from 0.05 s to 4 s, silently).
+other members name one peer, and that wait is a good part of the round, for
+``STREAK`` committed rounds in a row, the coordinator says so in its log and
+on the dashboard, at most once every ``NOTE_EVERY_ROUNDS`` rounds per peer:
+nothing else named it (probe L: one peer at 100 kbit/s stretched every round
+from 0.05 s to 4 s, silently). One round's last sender alone says little:
+where every link is as slow, it is whoever came last this time.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from dataclasses import dataclass, field
 # A wait shorter than this, or than this share of the round, is no one's fault worth a line.
 SLOW_MIN_S = 1.0
 SLOW_SHARE = 0.25
-# A peer named once is named again only this many rounds later.
+# A peer is named once it was the bottleneck of this many committed rounds in a row, and again only this many
+# rounds later.
+STREAK = 3
 NOTE_EVERY_ROUNDS = 20
 
 
@@ -40,16 +44,23 @@ def bottleneck(
 
 @dataclass
 class Bottlenecks:
-    """The peers named as a round's bottleneck, and the round each was last named at (to say it now and then)."""
+    """The committed rounds' bottlenecks in a row, and the round each peer was last named at."""
 
     noted_at: dict[str, int] = field(default_factory=dict)
+    # The peer the last committed rounds waited for, and how many rounds in a row ("": the last one waited for none).
+    streak: tuple[str, int] = ("", 0)
 
-    def due(self, peer_id: str, round_id: int) -> bool:
-        """Whether naming peer_id at round_id is due (never named, or NOTE_EVERY_ROUNDS rounds ago); notes it."""
-        last = self.noted_at.get(peer_id)
+    def due(self, slow: str, round_id: int) -> bool:
+        """Note a committed round's bottleneck (slow, "": none); whether naming it is due now: STREAK rounds in a row,
+        and never named or named NOTE_EVERY_ROUNDS rounds ago."""
+        peer, count = self.streak
+        self.streak = (slow, count + 1 if slow and slow == peer else 1)
+        if not slow or self.streak[1] < STREAK:
+            return False
+        last = self.noted_at.get(slow)
         if last is not None and round_id - last < NOTE_EVERY_ROUNDS:
             return False
-        self.noted_at[peer_id] = round_id
+        self.noted_at[slow] = round_id
         return True
 
     def forget(self, keep: Collection[str]) -> None:

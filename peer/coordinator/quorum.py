@@ -28,7 +28,7 @@ from collectives.memberlists import Entry, change_bytes, list_bytes, member_chan
 from collectives.membership import NO_QUORUM
 from collectives.transport import consume_exception
 from collectives.wire import encode_varint
-from peer.coordinator.bottleneck import Bottlenecks, bottleneck
+from peer.coordinator.bottleneck import STREAK, Bottlenecks, bottleneck
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.policies import FormRound, QuorumInputs, QuorumPolicy, Refuse
 from peer.coordinator.rules import (
@@ -332,16 +332,14 @@ class Quorums:
         """Say in the log and the run's events which member a committed round waited for, if most others did
         (bottleneck.py; at most every NOTE_EVERY_ROUNDS rounds per peer)."""
         slow = bottleneck(waits, record.members, record.duration_s)
-        if slow is None:
-            return
-        peer_id, wait = slow
+        peer_id, wait = slow if slow is not None else ("", 0.0)
         self.bottlenecks.forget(self.state.live)
         if not self.bottlenecks.due(peer_id, record.round_id):
             return
         detail = (
             f"round {record.round_id} waited {wait:.1f} s of its {record.duration_s:.1f} s for {peer_id}'s data, "
-            "the last to arrive at most members: its link (or its CPU) sets the pace of every round it is in (a "
-            "--quorum first-k:K or allbut:S goes on without the slowest)"
+            f"the last to arrive at most members, as in the {STREAK - 1} rounds before: its link (or its CPU) sets "
+            "the pace of every round it is in (a --quorum first-k:K or allbut:S goes on without the slowest)"
         )
         self.state.event("slow", peer_id, detail)
         log.warning("%s", detail)
