@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from collectives.errors import ConfigError
-from peer.bench.federated import FIELDS, FederatedBenchConfig, aggregator_for, round_size, run, table, train_config
+from peer.bench.federated import (
+    FIELDS,
+    FederatedBenchConfig,
+    _stuck_state,
+    aggregator_for,
+    round_size,
+    run,
+    table,
+    train_config,
+)
 from peer.bench.fields import undocumented
 from peer.tasks.base import TaskConfig
 
@@ -111,3 +120,14 @@ def test_a_private_run_reports_epsilon_after_every_round():
     eps = clean["epsilon_per_round"]
     assert len(eps) == 3 and eps[0] < eps[1] < eps[2] == clean["epsilon"]
     assert clean["identical"] is True
+
+
+def test_a_stuck_run_says_where_its_peers_and_rounds_were():
+    # A run of the suite hung for the bench's 600 s with every peer in a sync, and said only "the run is stuck".
+    status = {
+        "peers": [{"peer_id": "p1-a", "state": "active", "activity": "awaiting-round", "last_round": 1}],
+        "rounds": [{"round_id": 2, "epoch": 0, "status": "running", "members": ["p1-a"]}],
+        "events": [{"kind": "commit", "peer_id": "", "detail": "round 1 (3 members)"}],
+    }
+    assert _stuck_state(status) == ("peers: p1-a active/awaiting-round at round 1; last rounds: 2.0 running ['p1-a']; "
+                                    "last events: commit  round 1 (3 members)")

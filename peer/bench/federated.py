@@ -283,6 +283,15 @@ def _peer(
         out.bytes_sent = elastic.transport.counters.bytes_sent
 
 
+def _stuck_state(status: dict) -> str:
+    """What a stuck run's coordinator says: its peers' states and rounds, its last rounds and events, in one line."""
+    peers = ", ".join(f"{p['peer_id']} {p['state']}/{p['activity'] or '-'} at round {p['last_round']}"
+                      for p in status.get("peers", []))
+    rounds = ", ".join(f"{r['round_id']}.{r['epoch']} {r['status']} {r.get('members')}" for r in status.get("rounds", [])[:4])
+    events = "; ".join(f"{e['kind']} {e['peer_id']} {e['detail'][:80]}" for e in status.get("events", [])[:6])
+    return f"peers: {peers}; last rounds: {rounds}; last events: {events}"
+
+
 def run_once(
     strategy: str, config: FederatedBenchConfig, task: Task, attacked: bool, label: str
 ) -> dict:
@@ -320,7 +329,8 @@ def run_once(
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in threads):
             stop.set()
-            raise LoconetError(f"{label}: peers still running after {RUN_TIMEOUT_S:.0f} s; the run is stuck")
+            raise LoconetError(f"{label}: peers still running after {RUN_TIMEOUT_S:.0f} s; the run is stuck "
+                               f"({_stuck_state(coord.status())})")
         rounds = [r for r in coord.status()["rounds"] if r["status"] == "committed"]
     errors = [f"peer{o.rank}: {o.error}" for o in outcomes if o.error]
     if errors:
