@@ -302,6 +302,7 @@ class FakeTransport:
     def __init__(self, donors: dict[str, FakeDonor]) -> None:
         self.donors = donors
         self.counters = self._Counters()
+        self.fetch_chunk_bytes = 0  # the donors' own chunk size, as a Transport's until a fetch stalls
 
     def channel(self, address: str):
         donor = self.donors[address]
