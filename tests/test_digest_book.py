@@ -56,6 +56,14 @@ def test_a_loser_that_reports_the_kept_digest_again_no_longer_must_realign():
     assert not book.must_realign("b")
 
 
+def test_a_loser_whose_report_of_the_next_round_comes_first_still_must_realign():
+    # Its own report is kept for that round until a more senior one differs: it must not clear itself.
+    book = book_after([("a", GOOD), ("b", BAD)])
+    book.round_committed(2, ("a", "b", "c"))
+    book.note(2, BAD, "b", 0, seniority)
+    assert book.must_realign("b")
+
+
 def test_a_peer_told_to_fetch_the_state_no_longer_must_realign():
     book = book_after([("a", GOOD), ("b", BAD)])
     book.realigned("b")

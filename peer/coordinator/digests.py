@@ -83,7 +83,8 @@ class DigestBook:
                 self._keep_only(lambda r: r > oldest)
             return None
         if kept[0] == digest:
-            self.realign.discard(peer_id)
+            if kept[1] != peer_id:  # it agrees with another member: its state is the run's
+                self.realign.discard(peer_id)
             return None
         if voter and _standing(votes[digest], seniority) > _standing(votes.get(kept[0], ()), seniority):
             self._keep(round_id, digest, peer_id)
@@ -103,13 +104,17 @@ class DigestBook:
         self.realign.discard(peer_id)
 
     def _keep(self, round_id: int, digest: str, peer_id: str) -> None:
-        """Keep digest for round_id: every reporter of another digest for it lost."""
+        """Keep digest for round_id: every reporter of another digest for it lost, and every other reporter of this
+        one agrees with peer_id. peer_id's own standing stays as it was: the first report of a round is kept until a
+        more senior one differs, and a peer whose state lost a round before (it never loaded the run's) that asks
+        first every time would otherwise clear itself each round and never be told to fetch the run's state (CI, at
+        feea8dd: test_realign)."""
         self.kept[round_id] = (digest, peer_id)
         for reporter, reported in self.reports[round_id].items():
-            if reported == digest:
-                self.realign.discard(reporter)
-            else:
+            if reported != digest:
                 self.realign.add(reporter)
+            elif reporter != peer_id:
+                self.realign.discard(reporter)
 
     def _keep_only(self, wanted: Callable[[int], bool]) -> None:
         self.kept = {r: d for r, d in self.kept.items() if wanted(r)}
