@@ -172,6 +172,8 @@ class PendingCommit:
 
     record: RoundRecord
     formed_at: float
+    # record.members as a set: every member's report checks it is one (a list scan each was O(n^2) a round).
+    member_set: frozenset[str] = frozenset()
     reports: dict[str, Report] = field(default_factory=dict)
     first_report_at: float | None = None
     first_failure_at: float | None = None
@@ -446,7 +448,9 @@ class Quorums:
                              round_format=pending.round_format)
         s.rounds.append(record)
         loop = asyncio.get_running_loop()
-        self.commits[(round_id, s.epoch)] = PendingCommit(record=record, formed_at=now, decided=loop.create_future())
+        self.commits[(round_id, s.epoch)] = PendingCommit(
+            record=record, formed_at=now, member_set=frozenset(members), decided=loop.create_future()
+        )
         entries = tuple((m, s.peers[m].address, s.peers[m].host_id) for m in members)
         member_list = list_bytes(entries)
         digest = hashlib.sha256(member_list).digest()

@@ -820,7 +820,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             raise BadRequest(
                 grpc.StatusCode.NOT_FOUND, f"round {req.round_id} at epoch {req.epoch} is unknown to this coordinator"
             )
-        if req.peer_id not in pending.record.members:
+        if req.peer_id not in pending.member_set:
             raise BadRequest(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"peer {req.peer_id} is not a member of round {req.round_id} (members: {', '.join(pending.record.members)})",
@@ -830,7 +830,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             pending.reports[req.peer_id] = Report(ok=req.ok, failed=failed, reason=req.reason[:MAX_TEXT_CHARS])
             pending.bytes += req.report.bytes_sent
             waited = req.report.waited_s
-            if waited > 0 and math.isfinite(waited) and req.report.waited_for in pending.record.members:
+            if waited > 0 and math.isfinite(waited) and req.report.waited_for in pending.member_set:
                 pending.waits[req.peer_id] = (req.report.waited_for, waited)
         pending.first_report_at = pending.first_report_at or time.monotonic()
         if not req.ok:
