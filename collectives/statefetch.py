@@ -348,7 +348,7 @@ class _Fetch:
         except TimeoutError:
             # A slow link, more likely than a stalled source where several stall: this fetch's later requests and
             # every later fetch of this peer ask for messages that cross such a link in time.
-            small = self.config.asked_chunk_bytes(streams=max(1, len(self.sources)))
+            small = self.config.asked_chunk_bytes(streams=len(self.sources))
             if not self.transport.fetch_chunk_bytes or small < self.transport.fetch_chunk_bytes:
                 log.info("a fetch stalled: asking for %d-byte messages from now on (a slow link?)", small)
                 self.transport.fetch_chunk_bytes = small

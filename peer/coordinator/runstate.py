@@ -332,6 +332,12 @@ class RunState:
         self.by_address[peer.address] = peer.peer_id
         self._note_alive()
 
+    def synced(self, peer: PeerRecord) -> None:
+        """The peer holds a state now (it asked for a round): a fetch that failed before no longer counts."""
+        if peer.sync_failures:
+            peer.sync_failures = 0
+            self.struggling.discard(peer.peer_id)
+
     def drop_peer(self, peer: PeerRecord, state: str) -> None:
         """Take a peer out of the live set (lost or left)."""
         peer.state = state

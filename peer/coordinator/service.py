@@ -649,9 +649,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             # A peer asks for rounds only once it holds a state (the run's, fetched or founded,
             # or its checkpoint), even at round 0: so it may catch up by results too.
             peer.has_state = True
-            if peer.sync_failures:  # its fetch went through at last: quorums wait for it again
-                peer.sync_failures = 0
-                self.state.struggling.discard(peer.peer_id)
+            self.state.synced(peer)  # its fetch went through (if it had failed): quorums wait for it again
             if not noted:
                 self._note_digest(req.last_round, digest, peer.peer_id)
                 noted = True
