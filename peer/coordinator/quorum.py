@@ -331,8 +331,8 @@ class Quorums:
                 refuse_waiter(fut, code, message)
 
     def _name_bottleneck(self, record: RoundRecord, waits: dict[str, tuple[str, float]]) -> None:
-        """Say in the log and the run's events which member a committed round waited for, if most others did
-        (bottleneck.py; at most every NOTE_EVERY_ROUNDS rounds per peer)."""
+        """Note which member a committed round waited for, if most others did, and say so in the log and the run's
+        events once it did STREAK rounds in a row (bottleneck.py; then at most every NOTE_EVERY_ROUNDS rounds)."""
         slow = bottleneck(waits, record.members, record.duration_s)
         peer_id, wait = slow if slow is not None else ("", 0.0)
         self.bottlenecks.forget(self.state.live)
