@@ -60,8 +60,10 @@ class PeerRecord:
     algorithm: str = ""
     # What else it must agree on with the run (JoinRequest.settings; "": not said).
     settings: str = ""
-    # How often it was told to fetch the run's state because its own lost to the run's digest (digests.py).
+    # How often it was told to fetch the run's state because its own lost to the run's digest (digests.py), and
+    # whether it was since its last quorum request (its heartbeats' digests then predate the fetch).
     realigned: int = 0
+    fetch_told: bool = False
     # Whether it left saying it finished (LeaveRequest.reason "finished"): not expected back.
     finished: bool = False
     # Joins again while still syncing (its fetch failed: a slow or cut link, a partition from its sources):

@@ -557,7 +557,11 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         peer.last_seen = now = time.monotonic()
         if req.state_digest:
             # Refused before anything else is taken from this heartbeat when malformed.
-            self._note_digest(req.last_round, checked_digest(req.state_digest), peer.peer_id)
+            digest = checked_digest(req.state_digest)
+            # Told to fetch the run's state, it says what it holds next when it asks for a round: a heartbeat sent
+            # before its fetch would mark it to fetch again (CI at 12c3e36: test_realign saw two fetches).
+            if not peer.fetch_told:
+                self._note_digest(req.last_round, digest, peer.peer_id)
         self._take_metrics(peer, req.metrics, req.last_round)
         peer.offers_results = req.holds_results
         heartbeat_s, lease_s = self._lease_terms()
@@ -650,6 +654,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             # or its checkpoint), even at round 0: so it may catch up by results too.
             peer.has_state = True
             self.state.synced(peer)  # its fetch went through (if it had failed): quorums wait for it again
+            peer.fetch_told = False  # its digest counts again, heartbeats' too
             if not noted:
                 self._note_digest(req.last_round, digest, peer.peer_id)
                 noted = True
@@ -746,6 +751,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             return None
         book.realigned(peer.peer_id)
         peer.realigned += 1
+        peer.fetch_told = True
         peer.state = "syncing"
         detail = f"its state of round {peer.last_round} is not the run's ({short(s.last_digest)}); from {sources[0].peer_id}"
         s.event("resync", peer.peer_id, detail)
