@@ -99,6 +99,15 @@ def members(plan: pb.QuorumResponse) -> list[str]:
     return [m.peer_id for m in plan.members]
 
 
+def beat(stub, peers: list[str], seconds: float) -> None:
+    """Heartbeat for peers every 0.2 s for seconds (each must still be known)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for p in peers:
+            assert stub.Heartbeat(pb.HeartbeatRequest(run_id=RUN, peer_id=p), timeout=5).known
+        time.sleep(0.2)
+
+
 # -- bad input ---------------------------------------------------------------------------
 
 
@@ -763,3 +772,22 @@ def test_dashboard_in_chromium_shows_the_live_peers_a_round_and_the_chart(tmp_pa
     finally:
         stop_all(peers)
         coordinator.stop()
+
+
+def test_after_a_silence_took_every_lease_the_next_round_waits_for_all_its_peers(coordinator):
+    # Probe L (F4): a coordinator cut off for 10 s lost all three leases; the first two peers back formed a round
+    # 0.5 s before the third re-registered, which then stayed behind for the rest of the run on its slow link.
+    c = coordinator(lease_s=1.0, heartbeat_s=0.2, startup_grace_s=3.0, join_timeout_s=5.0)
+    peers = [join(c.stub, f"127.0.0.1:{i}") for i in (1, 2, 3)]
+    beat(c.stub, peers, 3.2)  # past the coordinator's own startup grace
+    play_round(c.stub, peers, 0)
+    deadline = time.monotonic() + 30  # nobody heartbeats: every lease lapses
+    while len([p for p in c.status()["peers"] if p["state"] == "lost"]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    back = [c.stub.Join(rejoin(p, f"127.0.0.1:{i}", 1), timeout=5).peer_id for i, p in zip((1, 2), peers)]
+    waiting = [ask(c.stub, p, last_round=1) for p in back]
+    beat(c.stub, back, 1.5)  # the first two would have formed a round by now
+    assert not any(f.done() for f in waiting)
+    c.stub.Join(rejoin(peers[2], "127.0.0.1:3", 1), timeout=5)
+    plans = [f.result() for f in [*waiting, ask(c.stub, peers[2], last_round=1)]]
+    assert sorted(members(plans[0])) == sorted(peers)

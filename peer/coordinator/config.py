@@ -104,7 +104,8 @@ class CoordinatorConfig:
     )
     startup_grace_s: float | None = field(
         default=None,
-        metadata={"help": "after a (re)start, seconds quorums wait for peers to re-register (none: one lease)"},
+        metadata={"help": "after a (re)start, or an outage in which every lease lapsed, seconds quorums wait for peers to "
+                "re-register (none: one lease)"},
     )
     history: int = field(default=500, metadata={"help": "rounds (and twice as many events) the dashboard keeps"})
     probe_peers: bool = field(

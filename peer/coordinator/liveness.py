@@ -12,6 +12,7 @@ calls waiting on it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -23,6 +24,8 @@ from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.quorum import Quorums
 from peer.coordinator.rules import peers_to_probe
 from peer.coordinator.runstate import PeerRecord, RunState
+
+log = logging.getLogger(__name__)
 
 # How often every lease is checked (the tick runs more often; it checks the silent members of the attempt in flight).
 LEASE_CHECK_S = 0.5
@@ -76,8 +79,16 @@ class Liveness:
 
     def _expire(self, peer: PeerRecord, now: float) -> None:
         """Drop a live peer whose lease lapsed."""
-        if now - peer.last_seen > peer.lease_s:
-            self.mark_lost(peer, f"no heartbeat for {now - peer.last_seen:.1f} s", "lost")
+        if now - peer.last_seen <= peer.lease_s:
+            return
+        self.mark_lost(peer, f"no heartbeat for {now - peer.last_seen:.1f} s", "lost")
+        taken = self.state.silence.lapse(peer.peer_id, len(self.state.live))
+        if taken:
+            log.warning(
+                "heard from none of the run's %d peers while all their leases lapsed: this coordinator's link or host "
+                "may have failed; the next round waits up to %.0f s after the first of them is back for the others",
+                len(taken), self.config.rules.startup_grace_s,
+            )
 
     async def stop(self) -> None:
         """Cancel the probes in flight."""

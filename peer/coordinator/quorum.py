@@ -377,7 +377,8 @@ class Quorums:
             # fetch failed already (RunState.struggling): it waits for no round either.
             eligible=live - out if out else live,
             waited_s=now - pending.first_at,
-            coordinator_age_s=now - self._started,
+            # Quorums hold after a start, and after an outage that took every lease until its peers are back.
+            coordinator_age_s=min(now - self._started, s.silence.settle_age(now, live, rules.startup_grace_s)),
             round_id=s.next_round_id,
             seed=self.config.seed,
             rules=rules,

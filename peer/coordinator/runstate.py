@@ -19,6 +19,7 @@ from peer.coordinator.forgetting import ForgetRule, peers_to_forget
 from peer.coordinator.history import Series, SeriesBook
 from peer.coordinator.resultholders import ResultHolders
 from peer.coordinator.rules import CommittedRound, PeerView
+from peer.coordinator.silence import Silence
 from peer.coordinator.waiting import WaitingRoom
 
 PEER_STATES = ("joining", "syncing", "active", "lost", "left")
@@ -168,6 +169,8 @@ class RunState:
     # Live peers whose state fetch failed and that sync again (PeerRecord.sync_failures): no quorum waits for them
     # (a joiner that cannot reach its sources cost every round the join timeout for as long as it could not).
     struggling: set[str] = field(default_factory=set)
+    # Leases lapsed with no call heard in between, and the last outage that took every one (silence.py).
+    silence: Silence = field(default_factory=Silence)
     rounds: deque[RoundRecord] = field(init=False)
     # The last catchup_rounds committed rounds, oldest first, with their members.
     committed: deque[CommittedRound] = field(init=False)

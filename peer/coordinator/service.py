@@ -288,6 +288,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             self.callers.check(caller, rpc, request.peer_id)
         except Rejoin:  # Heartbeat only: a credential of an earlier coordinator is told to join again
             return pb.HeartbeatResponse(known=False, epoch=self.state.epoch)
+        self.state.silence.heard(time.monotonic())
         return self._peer_handlers[rpc](request)
 
     async def _as_peer(self, context: grpc.aio.ServicerContext, rpc: str, request):
@@ -328,6 +329,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def _join(self, req: pb.JoinRequest, key: bytes | None = None) -> pb.JoinResponse:
         """Register a peer (key: with a run secret, the public key it proved; its credential binds the id to it)."""
         self._check_run(req.run_id)
+        self.state.silence.heard(time.monotonic())
         # A re-registration under an id this coordinator never gave out: the run is under way.
         self._note_stranger(req.peer_id)
         if len(req.peer_id) > MAX_PEER_ID_CHARS:
