@@ -158,3 +158,17 @@ def test_a_run_without_survivors_compares_nothing_and_names_each_crashed_peer():
         "  crashed        peer1 exited (1): RuntimeError: my data is gone (log: /tmp/run/peer1.log)",
         "  wall time      62 s; logs in /tmp/run",
     ]
+
+
+def test_the_harness_summary_says_whether_a_peer_taken_out_came_back():
+    events = [{"event": "cut:peer2@round3,for=8s", "time_s": 52.6, "recovery_s": 9.0, "lost_s": 0.16,
+               "target": "peer2", "back_s": None, "detail": ""},
+              {"event": "pause:peer1@round6,for=2s", "time_s": 70.0, "recovery_s": 1.0, "lost_s": 0.5,
+               "target": "peer1", "back_s": 4.25, "detail": ""}]
+    lines = report_summary({**REPORT, "events": events}, steps=600).splitlines()
+    assert [line for line in lines if line.startswith("  event")] == [
+        "  event          cut:peer2@round3,for=8s at 52.6 s; next commit 9.00 s later, 0.16 s lost; peer2 never "
+        "contributed to a committed round again",
+        "  event          pause:peer1@round6,for=2s at 70.0 s; next commit 1.00 s later, 0.50 s lost; peer1 "
+        "contributed again 4.2 s after it",
+    ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peer.harness.recovery import lost_s, peer_lost_s
+from peer.harness.recovery import back_s, lost_s, peer_lost_s
 
 # Four syncs of 1 s, committed at t = 10, 20, 30, 40.
 STEADY = [(10.0, 1.0), (20.0, 1.0), (30.0, 1.0), (40.0, 1.0)]
@@ -35,3 +35,13 @@ def test_peers_without_a_sync_after_the_event_are_left_out():
     assert lost_s(15.0, {"a": [(10.0, 1.0), (20.0, 2.0), (30.0, 1.0)], "gone": [(10.0, 1.0)]}) == 1.0
     assert lost_s(15.0, {"gone": [(10.0, 1.0)]}) is None
     assert lost_s(15.0, {}) is None
+
+
+@pytest.mark.parametrize(("name", "at", "contributed", "back"), [
+    ("back in the first round after the event", 15.0, [10.0, 20.0, 30.0], 5.0),
+    ("out for two rounds", 15.0, [10.0, 40.0], 25.0),
+    ("never contributed again", 15.0, [10.0], None),
+    ("nothing at all", 15.0, [], None),
+])
+def test_a_peer_taken_out_is_back_at_its_first_contribution_after_the_event(name, at, contributed, back):
+    assert back_s(at, contributed) == back

@@ -45,7 +45,7 @@ from peer.harness import outcome
 from peer.harness.control import write_control
 from peer.harness.joiners import joiners, restarts_from_round_0, rollbacks
 from peer.harness.processes import ChildFailed, CoordinatorProc, Proc, daemon_peer, stop_all
-from peer.harness.recovery import lost_s
+from peer.harness.recovery import COMES_BACK, back_s, lost_s
 from peer.harness.scenario import Event
 from peer.harness.security import prepare_security, security_args, tool_channel_settings
 from peer.harness.stall import Stall, StallPlan, StallRecord, serving_address
@@ -244,6 +244,8 @@ class Fired:
     detail: str = ""
     recovery_s: float | None = None
     lost_s: float | None = None
+    # For an event that takes its target out for a while (recovery.COMES_BACK): when it contributed again.
+    back_s: float | None = None
     restore_at: float | None = None
 
 
@@ -709,6 +711,12 @@ class Harness:
         finally:
             display.close()
 
+    @staticmethod
+    def _comes_back(event: Event) -> bool:
+        """Whether the event takes one peer out for a while, after which it should take part again."""
+        return (event.action in COMES_BACK and event.target is not None
+                and (event.action != "stop" or event.duration_s is not None))
+
     def _report(self) -> dict:
         c = self.config
         rounds = self.committed_rounds()
@@ -729,6 +737,10 @@ class Harness:
             after = [t for t in rounds.values() if t > f.wall]
             f.recovery_s = (min(after) - f.wall) if after else None
             f.lost_s = lost_s(f.wall, syncs)
+            if self._comes_back(f.event):
+                contributed = [e["t"] for e in self.all_events(f.event.target)
+                               if e["event"] == "committed" and e.get("contributed", True)]
+                f.back_s = back_s(f.wall, contributed)
         # A survivor holds the rounds any of its processes committed (a stop event's restart makes a new one).
         every_life = {n: self.all_events(n) for n in survivors}
         digest_round, identical = outcome.identical(every_life, [n for n in survivors if n not in behind] or survivors)
@@ -750,7 +762,7 @@ class Harness:
             "aborted_rounds_retried": outcome.retried(status),
             "events": [
                 {"event": str(f.event), "time_s": round(f.time_s, 3), "recovery_s": f.recovery_s, "lost_s": f.lost_s,
-                 "detail": f.detail}
+                 **({"target": f.event.target, "back_s": f.back_s} if self._comes_back(f.event) else {}), "detail": f.detail}
                 for f in self.fired
             ],
             "byzantine": outcome.byzantine(by_peer),

@@ -7,12 +7,21 @@ minus a normal sync's duration. Per survivor, the affected sync is its first
 sync that committed after the event, and a normal one is the median of its
 syncs; the event's ``lost_s`` is the median over the survivors, so one peer's
 unrelated hiccup does not decide it.
+
+Neither says whether the peer an event took out ever came back: a cut that
+cost its peer the rest of the run cost the survivors 0.16 s (probe L, F10).
+``back_s`` is, for an event that takes one peer out for a while (a pause, a
+cut, a stop with a restart), the time from the event to the first committed
+round that peer contributed to again, or None when it never did.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
+
+# Events that take their target out for a while, after which it is meant to take part again.
+COMES_BACK = ("pause", "cut", "stop")
 
 Sync = tuple[float, float]
 """One committed sync of a peer: (when it committed, on the wall clock; how long the whole sync took, seconds)."""
@@ -31,3 +40,10 @@ def lost_s(at: float, syncs: Mapping[str, Sequence[Sync]]) -> float | None:
     """The median over peers of ``peer_lost_s`` for an event at wall time ``at``; None when no peer committed after."""
     per_peer = [lost for lost in (peer_lost_s(at, s) for s in syncs.values()) if lost is not None]
     return statistics.median(per_peer) if per_peer else None
+
+
+def back_s(at: float, contributed: Sequence[float]) -> float | None:
+    """Seconds from an event at ``at`` to the first committed round (wall times ``contributed``) its target
+    contributed to after it; None when it never did."""
+    after = [t for t in contributed if t > at]
+    return min(after) - at if after else None

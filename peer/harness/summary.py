@@ -28,6 +28,10 @@ def report_summary(report: dict, steps: int) -> str:
         after = f"next commit {recovery:.2f} s later" if recovery is not None else "no commit after it"
         if lost is not None:
             after += f", {lost:.2f} s lost"
+        if "back_s" in event:
+            target, back = event["target"], event["back_s"]
+            after += (f"; {target} contributed again {back:.1f} s after it" if back is not None
+                      else f"; {target} never contributed to a committed round again")
         lines.append(f"  event          {event['event']} at {event['time_s']:.1f} s; {after}")
     for peer, did in report.get("byzantine", {}).items():
         attacks = ", ".join(did["attacks"]) or "no attack (" + "; ".join(did["refused"]) + ")"
