@@ -1,10 +1,11 @@
 """The dense codecs: element-wise casts (``none``, ``fp16``, ``bf16``) and blockwise absmax quantisation
 (``int8``, ``int4``).
 
-Their wire layouts, limits and error bounds are in :mod:`collectives.codecs`, which registers them and runs
-what every codec shares (checking input, the zstd stage, error feedback); a class here only turns a
-contiguous fp32 tensor into its raw payload and back (``_encode_raw`` / ``_decode_raw``), and quantises a GPU
-tensor where it lives (``DeviceEncoded``, through :mod:`collectives.devicecodec`).
+Their wire layouts, limits and error bounds are in :mod:`collectives.codecs`, which registers them;
+:mod:`collectives.codecbase` runs what every codec shares (checking input, the zstd stage, error feedback), and
+this module imports it, never the facade. A class here only turns a contiguous fp32 tensor into its raw payload
+and back (``_encode_raw`` / ``_decode_raw``), and quantises a GPU tensor where it lives (``DeviceEncoded``,
+through :mod:`collectives.devicecodec`).
 
 Speed: each codec walks the tensor in cache-sized segments of whole blocks (one Python iteration per ~2 MB,
 never per block or element) so the several vectorised passes per segment hit cache instead of memory, and it
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from collectives.codecs import (
+from collectives.codecbase import (
     READ_ONLY_WARNING,
     Codec,
     CodecConfig,
@@ -69,7 +70,7 @@ class DeviceEncoded(Codec):
 class FloatCodec(DeviceEncoded):
     """none / fp16 / bf16: element-wise casts."""
 
-    def __init__(self, config: CodecConfig | str = CodecConfig()) -> None:
+    def __init__(self, config: CodecConfig | str = "none") -> None:
         super().__init__(config)
         self._dtype = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.config.name]
         self._width = 4 if self._dtype == torch.float32 else 2
@@ -134,7 +135,7 @@ class BlockCodec(DeviceEncoded):
     nibbles = False  # values packed two to a byte (int4), else one int8 each
     scale_limit: float  # largest scale for which every storable q times the scale is finite
 
-    def __init__(self, config: CodecConfig | str = CodecConfig(), *, native: bool = True) -> None:
+    def __init__(self, config: CodecConfig | str = "none", *, native: bool = True) -> None:
         """``native=False`` keeps the torch path even where the C kernels are available (same bytes)."""
         super().__init__(config)
         b = self.config.block_size
@@ -271,6 +272,8 @@ class BlockCodec(DeviceEncoded):
 
 
 class Int8Codec(BlockCodec):
+    """int8: the blocks' fp32 scales (absmax / 127), then one int8 q in [-127, 127] per element."""
+
     qmax = 127
     scale_limit = SCALE_LIMIT["int8"]  # a payload may hold q = -128
 
@@ -300,6 +303,8 @@ class Int8Codec(BlockCodec):
 
 
 class Int4Codec(BlockCodec):
+    """int4: the blocks' fp32 scales (absmax / 7), then two q + 8 per byte (q in [-7, 7], low nibble first)."""
+
     qmax = 7
     nibbles = True
     scale_limit = SCALE_LIMIT["int4"]  # stored nibbles decode to q in [-8, 7]

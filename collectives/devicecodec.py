@@ -3,7 +3,7 @@
 A pseudo-gradient on a GPU is quantised there so that only the encoded bytes cross PCIe (4-8x fewer
 than fp32). The functions here are plain vectorised torch, so they run on any device (and are tested
 on the CPU), and they produce the same raw (pre-zstd) bytes as the CPU encoder of
-:mod:`collectives.codecs`, bit for bit.
+:mod:`collectives.densecodecs`, bit for bit.
 
 Parity comes from doing the same fp32 operations in the same order as the CPU path:
 
@@ -18,7 +18,7 @@ Parity comes from doing the same fp32 operations in the same order as the CPU pa
   ``round(x * (1 / s))`` differ near ties, so the choice is made per CPU segment here too.
 
 Errors (NaN/Inf, values too large for the format) are the CPU encoder's, with the same messages.
-:mod:`collectives.codecs` dispatches GPU tensors here, so this module does not import it back: it
+:mod:`collectives.densecodecs` dispatches GPU tensors here, so this module imports no codec module: it
 repeats the few format constants it needs (a test checks they are the CPU codec's).
 """
 
@@ -52,13 +52,17 @@ SCALE_LIMIT = {"int8": FLT_MAX / 128, "int4": FLT_MAX / 8}
 
 
 class CodecConfigLike(Protocol):
-    """What is read of a :class:`collectives.codecs.CodecConfig` (which this module cannot import)."""
+    """What is read of a :class:`collectives.codecs.CodecConfig` (this module imports no codec module)."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The codec's name: one of the dense built-ins."""
+        ...
 
     @property
-    def block_size(self) -> int: ...
+    def block_size(self) -> int:
+        """Elements per int8/int4 block (unused by none, fp16, bf16)."""
+        ...
 
 
 def _seg_blocks(block: int) -> int:

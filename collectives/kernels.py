@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from collectives.codecs import QuantizedChunk
+from collectives.codecbase import QuantizedChunk
 
 log = logging.getLogger(__name__)
 

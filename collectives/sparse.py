@@ -42,7 +42,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from collectives.codecs import Codec, ThreadState, nonfinite_error
+from collectives.codecbase import Codec, ThreadState, nonfinite_error
 from collectives.devicecodec import FLT_MAX, SCALE_LIMIT
 from collectives.errors import CodecError
 
