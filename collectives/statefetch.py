@@ -245,6 +245,7 @@ class _Fetch:
         except (RuntimeError, TypeError, ValueError) as exc:  # the manifest checks should make this unreachable
             raise StateSyncError(f"state fetch from {self.manifest_source} failed: cannot build its tensors: {exc}") from None
         seconds = time.monotonic() - self.started
+        self._grow_messages(layout.total_bytes, seconds)
         report = FetchReport(
             round_id=manifest.round_id,
             total_bytes=layout.total_bytes,
@@ -259,6 +260,20 @@ class _Fetch:
             seconds, ", ".join(f"{s} {n} B" for s, n in self.by_source.items()) or "-", self.blocks.retried,
         )
         return StateSnapshot(round_id=manifest.round_id, tensors=tensors, meta=layout.meta, report=report)
+
+    def _grow_messages(self, total_bytes: int, seconds: float) -> None:
+        """After a stall made this peer's fetches ask for small messages, a fetch that went through measured its
+        link: later ones ask for what that link carries in time, back to the sources' own size on a fast link (a
+        stall of one source on a fast link no longer costs every later fetch small messages). Never smaller than
+        now: a small state's fetch is mostly latency, and a stall shrinks them (_read)."""
+        asked = self.transport.fetch_chunk_bytes
+        if not asked or seconds <= 0:
+            return
+        fits = self.config.asked_chunk_bytes(streams=max(1, len(self.by_source)), link_bps=8 * total_bytes / seconds)
+        if fits > asked:
+            self.transport.fetch_chunk_bytes = 0 if fits >= self.config.chunk_bytes else fits
+            log.info("a fetch crossed its link at %.0f kbit/s: asking for %s from now on", 8e-3 * total_bytes / seconds,
+                     "the sources' own message size" if fits >= self.config.chunk_bytes else f"{fits}-byte messages")
 
     def _failed(self, source: str, exc: _SourceFailed) -> None:
         self.failures[source] = exc.why

@@ -193,12 +193,13 @@ class StateSyncConfig:
                 f"block_bytes must be in [{MIN_BLOCK_BYTES}, {MAX_BLOCK_BYTES}], got {self.block_bytes}"
             )
 
-    def asked_chunk_bytes(self, streams: int = 1) -> int:
-        """The message size a fetch asks its sources for after a stall: one crosses a min_link_bps link shared by
-        ``streams`` in half of both stall timeouts, the fetch's and a source's (at least MIN_CHUNK_BYTES, at most
-        chunk_bytes)."""
+    def asked_chunk_bytes(self, streams: int = 1, link_bps: float | None = None) -> int:
+        """The message size a fetch asks its sources for after a stall: one crosses a link of link_bps (default
+        min_link_bps) shared by ``streams`` in half of both stall timeouts, the fetch's and a source's (at least
+        MIN_CHUNK_BYTES, at most chunk_bytes)."""
         window = min(self.stall_timeout_s, self.serve_stall_timeout_s)
-        fits = int(window * self.min_link_bps / 8 / 2 / max(1, streams))
+        rate = self.min_link_bps if link_bps is None else link_bps
+        fits = int(window * rate / 8 / 2 / max(1, streams))
         return max(MIN_CHUNK_BYTES, min(self.chunk_bytes, fits))
 
 

@@ -250,6 +250,19 @@ def test_after_a_stall_a_slow_link_gets_the_state_in_messages_that_each_arrive_i
             got = fetch_state(client, address, RUN, config=config)
             break
     assert torch.equal(got.tensors["x"], snap.tensors["x"])
+    # That fetch measured its link (at most 400 kbit/s): messages grow only as far as such a link carries in time.
+    assert 25_000 <= client.fetch_chunk_bytes <= config.asked_chunk_bytes(link_bps=400e3)
+
+
+def test_a_fetch_that_crosses_a_fast_link_brings_back_the_sources_own_message_size(serve, transports):
+    # A source that stalled once on a fast link made every later fetch of this peer ask for small messages.
+    snap = StateSnapshot(round_id=5, tensors={"x": torch.rand(1 << 20)}, meta={})  # 4 MiB
+    address = serve(lambda: snap)
+    client = transports()
+    client.fetch_chunk_bytes = 16 << 10  # as after a stall
+    got = fetch_state(client, address, RUN)
+    assert torch.equal(got.tensors["x"], snap.tensors["x"])
+    assert client.fetch_chunk_bytes == 0
 
 
 @pytest.mark.parametrize(("config", "streams", "size"), [
@@ -264,6 +277,11 @@ def test_after_a_stall_a_fetch_asks_for_messages_that_cross_its_slowest_link_in_
     config, streams, size
 ):
     assert config.asked_chunk_bytes(streams) == size
+
+
+def test_a_measured_link_sizes_the_messages_as_the_slowest_link_does():
+    config = StateSyncConfig(stall_timeout_s=30.0, min_link_bps=200e3)
+    assert config.asked_chunk_bytes(2, link_bps=800e3) == 4 * config.asked_chunk_bytes(2) == 375_000
 
 
 # -- hostile servers -------------------------------------------------------------------------------
