@@ -366,7 +366,7 @@ def test_an_abort_notice_claiming_another_members_rank_names_nobody_failed(early
 
 
 def test_refusals_are_counted_in_the_metrics(coordinator):
-    from peer.coordinator.dashboard import StatusCollector
+    from peer.coordinator.metrics import StatusCollector
 
     a, b = join_as(coordinator, "127.0.0.1:11"), join_as(coordinator, "127.0.0.1:12")
     with blocking_channel(coordinator.address, auth=b) as channel:
@@ -378,7 +378,7 @@ def test_refusals_are_counted_in_the_metrics(coordinator):
 
 
 def test_what_a_peer_refused_reaches_the_coordinators_metrics(coordinator):
-    from peer.coordinator.dashboard import StatusCollector
+    from peer.coordinator.metrics import StatusCollector
 
     a = join_as(coordinator, "127.0.0.1:11")
     metrics = pb.PeerMetrics(refusals={"unauthenticated": 3, "fetch_refused": 1})
