@@ -112,11 +112,11 @@ from collectives.membership import (
     PeerStatus,
     RoundPlan,
     Unregistered,
-    round_format,
 )
 from collectives.notes import RepeatNote
 from collectives.parts import flatten, shared_device, total_numel, unflatten_like
 from collectives.results import CommittedResult, ResultStore
+from collectives.roundformat import round_format
 from collectives.statesync import (
     ExpectedState,
     SERVES_NO_STATE,
@@ -687,7 +687,7 @@ class ElasticCollective:
         what this attempt sends. ``residual`` (a flat fp32 tensor of the input's size, on its device) enables
         error feedback: it changes only when the round commits (then by what the committed round did not carry).
         ``settings``: what this peer does with the result ("outer lr 0.7", ...), which the coordinator compares
-        among the run's members with the codec, the aggregator and the length (collectives.membership.round_format).
+        among the run's members with the codec, the aggregator and the length (collectives.roundformat.round_format).
         ``min_members``: the fewest members a round may have (differential privacy's), beyond the aggregator's need.
         """
         if prepare is not None and not callable(prepare):

@@ -48,6 +48,7 @@ import grpc
 from collectives.addresses import coordinator_address
 from collectives.errors import FormatMismatch, LoconetError, NotThisRun, RoundFailed
 from collectives.memberlists import BadMemberChange, BadPackedList, Entry, changed_list, entries_of, unpack_list
+from collectives.roundformat import FORMAT_DIFFERS, FORMAT_SEPARATOR
 from collectives.rpc import call_metadata
 from collectives.sampling import check_sample, sample_size
 from collectives.session import RETRY_AFTER_MS, SESSION_RPCS, CoordinatorSession, SessionUnsupported
@@ -55,6 +56,9 @@ from collectives.tlsprobe import REFUSED_CERTIFICATE, TLSMismatch, known_failure
 from collectives.transport import Transport
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
+
+# Not used here: peer/bench/simpeers.py still imports it from this module (collectives/roundformat.py is its home).
+from collectives.roundformat import round_format as round_format  # noqa: F401  # isort: skip
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +69,6 @@ MAX_SINCE_COMMIT_S = 86400.0
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 # How the coordinator's refusal of a quorum with too few peers begins (the client raises GroupTooSmall).
 NO_QUORUM = "no quorum"
-# What the coordinator's refusal, for good, of a quorum request whose round format differs from the run's says
-# (the client raises FormatMismatch).
-FORMAT_DIFFERS = "round format differs from the run's"
 # What the coordinator's refusal of a join claiming a round or epoch its run never gave out says (the client raises
 # NotThisRun: the peer stops, rather than training on alone in a run that refuses its every rejoin).
 NOT_THIS_RUN = "a state this run never gave out"
@@ -77,11 +78,6 @@ PATIENCE_S = 300.0
 QUORUM_PATIENCE_S = 30.0
 # The reason a member that ran to its end gives as it leaves (the coordinator then does not expect it back).
 FINISHED = "finished"
-# A round format longer than this is refused by the coordinator as malformed (a format with an outer optimizer's
-# and differential privacy's settings is about 250).
-MAX_FORMAT_CHARS = 600
-# Between the parts of a round format (rules.format_refusal names the parts that differ).
-FORMAT_SEPARATOR = ", "
 # How a dynamic-k worker's round tag names the k it chose ("sync-sgd:k=3"), which the coordinator's backup policy reads.
 BACKUP_TAG_KEY = ":k="
 # A call that keeps failing says so after this long, then again every NOTE_EVERY_S with the time left:
@@ -117,26 +113,6 @@ class GroupTooSmall(RoundFailed):
 
 class CommitUnknown(RoundFailed):
     """The coordinator lost the round before deciding it (a restart); nothing was applied."""
-
-
-def reduction_parts(codec: object, aggregator: object) -> tuple[str, str]:
-    """How a round's contributions are sent and combined, as a round format and a join's settings name it."""
-    return f"codec {codec}", f"aggregator {aggregator}"
-
-
-def round_format(codec: object, aggregator: object, numel: int, settings: Sequence[str] = ()) -> str:
-    """What a contribution to a round is and what its members do with the result, as the coordinator compares it
-    (QuorumRequest.round_format): e.g. "codec int8, aggregator mean, 1234 values, outer sgd, outer lr 0.7"."""
-    return FORMAT_SEPARATOR.join((*reduction_parts(codec, aggregator), f"{numel} values", *settings))
-
-
-def format_difference(asked: str, other: str, whose: str = "the run's") -> str:
-    """The parts of round format (or join settings) ``asked`` that differ from ``other``, each with its counterpart ("codec int4,
-    the run's: codec int8"); both whole when they have different parts."""
-    mine, theirs = asked.split(FORMAT_SEPARATOR), other.split(FORMAT_SEPARATOR)
-    if len(mine) != len(theirs):
-        return f"{asked}; {whose}: {other}"
-    return "; ".join(f"{a}, {whose}: {b}" for a, b in zip(mine, theirs) if a != b)
 
 
 class RequestRefused(LoconetError):
@@ -716,7 +692,7 @@ class MembershipClient:
 
         ``digest``: the SHA-256 (hex) of this peer's state as of last_round ("" unknown); ``min_members``: the
         fewest members its round can run with (the aggregator's minimum); ``round_format``: what this peer's
-        contribution is (``round_format()``; "" unchecked). Raises FormatMismatch when the run's rounds of this
+        contribution is (``collectives.roundformat.round_format``; "" unchecked). Raises FormatMismatch when the run's rounds of this
         tag carry another format.
         """
         if self.coordinator_lost:

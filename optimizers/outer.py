@@ -38,9 +38,9 @@ import torch
 from collectives.aggregators import AggregatorConfig, make_aggregator
 from collectives.codecs import CodecConfig, needs_feedback
 from collectives.errors import ConfigError, Incompatible, LoconetError, NonFiniteError, UsageError
-from collectives.membership import reduction_parts
 from collectives.notes import RepeatNote
 from collectives.parts import unflatten_like
+from collectives.roundformat import reduction_parts
 from collectives.statesync import StateSnapshot, state_digest
 from collectives.syncphases import CaughtUp, Resynced
 from optimizers.globalstate import GlobalState

@@ -39,7 +39,8 @@ from google.protobuf.message import Message
 
 from collectives.aggregation import MAX_ROUND_MEMBERS
 from collectives.asynctasks import cancel_and_wait
-from collectives.membership import FINISHED, MAX_FORMAT_CHARS, NO_QUORUM, NOT_THIS_RUN
+from collectives.membership import FINISHED, NO_QUORUM, NOT_THIS_RUN
+from collectives.roundformat import MAX_FORMAT_CHARS
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import (
     checked_digest,
