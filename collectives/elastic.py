@@ -99,7 +99,8 @@ from collectives.codecs import CodecConfig, check_finite
 from collectives.errors import (
     ConfigError, LoconetError, MemberFailure, ProtocolError, QuorumMismatch, RoundFailed, UsageError,
 )
-from collectives.hostlocal import resolve_host_id, round_hosts
+from collectives.hostid import resolve_host_id
+from collectives.hostlocal import round_hosts
 from collectives.inbox import Group
 from collectives.membership import (
     FINISHED,

@@ -15,7 +15,8 @@ import threading
 import weakref
 
 from collectives.errors import RoundFailed
-from collectives.hostlocal import SHM_DIR, HostSegment
+from collectives.hostid import SHM_DIR
+from collectives.hostlocal import HostSegment
 
 
 class SegmentCache:

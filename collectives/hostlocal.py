@@ -1,4 +1,4 @@
-"""Peers that share a host: who they are, and the shared-memory segment they reduce through.
+"""Peers that share a host: their grouping in a round, and the shared-memory segment they reduce through.
 
 A round's members are grouped by host id (``HostPlan``). Members of one host
 reduce their contributions through one segment in ``/dev/shm``
@@ -9,11 +9,8 @@ round itself is ``collectives/hostround.py``; the design is in
 ``docs/collectives.md`` ("Hierarchical rounds").
 
 A host id names the processes that can share ``/dev/shm`` and see each
-other's pids: the kernel's boot id, the host name, and the process's pid and
-mount namespaces (``detect_host_id``). Two containers of one machine thus get
-different ids unless the user gives them one (``--host-id``), which is also
-how a test or the network-namespace harness makes peers of one machine
-count as separate hosts.
+other's pids; how it is found, and how a member's process is told alive or
+gone by its pid and start time, is ``collectives/hostid.py``.
 
 The segment is one file: a header (one int64 word row per slot, written only
 by that slot's member, plus a failure record per slot), then one fp32 slot per
@@ -44,7 +41,6 @@ import json
 import logging
 import mmap
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -55,6 +51,7 @@ import torch
 
 from collectives.aggregators import AggregatorConfig
 from collectives.errors import RoundFailed
+from collectives.hostid import SHM_DIR, alive, process_start
 from collectives.hostmarkers import MARKER_INFIX, clear_markers, discard, left_marker, marker_name, marker_stale
 
 if TYPE_CHECKING:  # for the hint only: membership is the layer that uses this module's host plans
@@ -62,7 +59,6 @@ if TYPE_CHECKING:  # for the hint only: membership is the layer that uses this m
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = "/dev/shm"
 PREFIX = "loconet-hl-"
 MAGIC = 0x4C4F434F484C3031  # "LOCOHL01"
 # Aggregators whose result over all contributions equals their result over per-host pre-reductions.
@@ -84,50 +80,6 @@ _PAGE = 4096
 _ALIGN = 64
 # A leftover segment is removed only this long after its round's deadline.
 STALE_AFTER_S = 5.0
-
-
-def detect_host_id() -> str:
-    """This process's host id: processes with the same id share /dev/shm and each other's pid namespace."""
-    parts = [socket.gethostname(), _boot_id(), *(_namespace(ns) for ns in ("pid", "mnt", "ipc"))]
-    return "auto-" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-
-
-def sharing_fingerprint() -> str:
-    """What processes that reduce through shared memory must share: the kernel's boot, the pid namespace (a
-    member's death is read from its pid) and /dev/shm itself (by device and inode, however it is mounted)."""
-    try:
-        shm = os.stat(SHM_DIR)
-        shm_id = f"{shm.st_dev}:{shm.st_ino}"
-    except OSError:
-        shm_id = ""
-    parts = [_boot_id(), _namespace("pid"), shm_id]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
-
-
-def _boot_id() -> str:
-    """The kernel's boot id ("" where it cannot be read)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _namespace(name: str) -> str:
-    """This process's namespace of a kind, e.g. "pid:[4026531836]" ("" where it cannot be read)."""
-    try:
-        return os.readlink(f"/proc/self/ns/{name}")
-    except OSError:
-        return ""
-
-
-def resolve_host_id(configured: str) -> str:
-    """The host id a peer announces: the detected one for "auto"; a configured one qualified by what shared memory
-    needs (sharing_fingerprint), so that peers given one id but not one pid namespace or /dev/shm (two containers)
-    are two hosts that reduce over the network, not members that each think the other died in every round."""
-    if configured == "auto":
-        return detect_host_id()
-    return f"{configured}~{sharing_fingerprint()}"
 
 
 def round_hosts(plan: RoundPlan, ids: list[str]) -> tuple[str, ...] | None:
@@ -193,38 +145,6 @@ def segment_name(run_id: str, host: str, addresses: tuple[str, ...], numel: int)
 def round_tag(round_id: int, epoch: int) -> int:
     """A round's tag in the segment: epoch and round id in 55 bits (the state words keep 8 bits for the state)."""
     return ((epoch & 0x7FFF) << 40) | (round_id & 0xFF_FFFF_FFFF)
-
-
-def _process_stat(pid: int) -> tuple[str, int] | None:
-    """A live process's state letter (R, S, T, ...) and start time (clock ticks since boot); None if it is gone
-    or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2:].split()
-    if not fields or fields[0] in (b"Z", b"X", b"x"):
-        return None
-    return fields[0].decode(), int(fields[19])
-
-
-def process_start(pid: int) -> int | None:
-    """The start time of a live process (clock ticks since boot), or None if it is gone or a zombie."""
-    stat = _process_stat(pid)
-    return None if stat is None else stat[1]
-
-
-def process_state(pid: int, start: int) -> str | None:
-    """The state letter of the process pid that started at start (T: stopped by a signal), or None if it is
-    gone (a reused pid is not it)."""
-    stat = _process_stat(pid) if pid > 0 else None
-    return stat[0] if stat is not None and stat[1] == start else None
-
-
-def alive(pid: int, start: int) -> bool:
-    """Whether the process pid that started at start is still running (a reused pid is not it)."""
-    return process_state(pid, start) is not None
 
 
 def _round_up(n: int, to: int) -> int:

@@ -54,6 +54,7 @@ from collectives.errors import (
     StaleRound,
 )
 from collectives.hostcache import SegmentCache
+from collectives.hostid import SHM_DIR, process_state
 from collectives.hostlocal import (
     ABORTED,
     ATTACHED,
@@ -62,12 +63,10 @@ from collectives.hostlocal import (
     FINAL,
     LEFT,
     REDUCED,
-    SHM_DIR,
     WRITTEN,
     HostPlan,
     HostSegment,
     SegmentStale,
-    process_state,
     round_tag,
     segment_name,
     sweep_stale,

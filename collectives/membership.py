@@ -160,7 +160,7 @@ class MembershipConfig:
     coordinator: str
     run_id: str
     name: str = ""
-    # The host this peer runs on, sent at join (collectives/hostlocal.py; "": a host of its own).
+    # The host this peer runs on, sent at join (collectives/hostid.py; "": a host of its own).
     host_id: str = ""
     # What this peer's model is (its task's model_settings), sent at join with the optimizer's settings.
     model_settings: tuple[str, ...] = ()

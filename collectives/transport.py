@@ -112,7 +112,7 @@ class TransportConfig:
     )
     # The host this peer runs on: members of a round with one host id reduce through shared memory and one of
     # them takes the host into the all-reduce (collectives/hostround.py). "auto": the processes that can share
-    # /dev/shm (collectives.hostlocal.detect_host_id); a distinct value per peer keeps every peer on its own.
+    # /dev/shm (collectives.hostid.detect_host_id); a distinct value per peer keeps every peer on its own.
     host_id: str = field(
         default="auto",
         metadata={"help": "host this peer runs on: peers with one id reduce through shared memory first "

@@ -18,12 +18,12 @@ import time
 import pytest
 import torch
 
+from collectives.hostid import SHM_DIR
 from collectives.hostlocal import (
     ATTACHED,
     DONE,
     PREFIX,
     REDUCED,
-    SHM_DIR,
     WRITTEN,
     HostPlan,
     HostSegment,
@@ -371,7 +371,7 @@ def test_the_coordinator_hands_every_member_the_host_ids_they_joined_with():
 
 def announced_host_id(configured: str, *wrapper: str) -> str:
     """The host id a fresh process announces for ``configured``, started through ``wrapper`` (e.g. unshare)."""
-    code = f"from collectives.hostlocal import resolve_host_id; print(resolve_host_id({configured!r}))"
+    code = f"from collectives.hostid import resolve_host_id; print(resolve_host_id({configured!r}))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([*wrapper, sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     if done.returncode != 0:

@@ -88,7 +88,7 @@ MAX_ADDRESS_CHARS = 256
 MAX_PEER_ID_CHARS = 100
 MAX_TEXT_CHARS = 2000
 MAX_TAG_CHARS = 200
-# A peer's host id: --host-id's 128 characters, and the "~" and 8 hex digits of what it shares (hostlocal).
+# A peer's host id: --host-id's 128 characters, and the "~" and 8 hex digits of what it shares (hostid).
 MAX_HOST_ID_CHARS = 160
 MAX_ALGORITHM_CHARS = 64
 # The largest round minimum a peer may ask for (QuorumRequest.min_members): Krum with f in the thousands.

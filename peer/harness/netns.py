@@ -88,7 +88,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from collectives.errors import LoconetError
-from collectives.hostlocal import process_start
+from collectives.hostid import process_start
 from collectives.ratelimit import burst_bytes
 
 log = logging.getLogger(__name__)
