@@ -111,6 +111,18 @@ class Aggregator(ABC):
         """A linear aggregator's fp32 coefficients, one per contribution (BadWeights as prepare)."""
         raise NotImplementedError(f"{self.name} is not a weighted sum of its rows")
 
+    # Whether the members that share a host may reduce their contributions first, through shared memory, and one
+    # leader per host take the host's result into the round between hosts (collectives/hostround.py): the result
+    # over every contribution must equal this aggregator's result over the hosts' results, each with the weight
+    # host_coefficients gives. Stronger than linear: no statistic of the whole round, and coefficients that compose.
+    pre_reducible: ClassVar[bool] = False
+
+    def host_coefficients(self, weights: Sequence[float], alone: bool) -> tuple[torch.Tensor, float]:
+        """A pre-reducible aggregator's (fp32 coefficients of one host's rows, the host's weight in the round between
+        hosts), from the weights of the host's members; ``alone``: this host is the round's only one (its result is
+        the round's). BadWeights as prepare."""
+        raise NotImplementedError(f"{self.name} cannot be reduced within a host before the round between hosts")
+
     @abstractmethod
     def prepare(self, weights: Sequence[float], decisions: Sequence[dict]) -> Reduce:
         """Check the weights (BadWeights) and return a function reducing [n, l] fp32 rows (any column slice) to [l]."""
@@ -249,11 +261,20 @@ class Mean(Aggregator):
     name = "mean"
 
     linear = True
+    pre_reducible = True
 
     def coefficients(self, weights: Sequence[float], decisions: Sequence[dict]) -> torch.Tensor:
         """The weights normalised in float64, as fp32."""
         self._check_decisions(len(weights), decisions)
         return mean_coefficients(self.name, weights).to(torch.float32)
+
+    def host_coefficients(self, weights: Sequence[float], alone: bool) -> tuple[torch.Tensor, float]:
+        """w_i / sum(w) (the flat round's, when the host is alone) and weight sum(w); a host whose weights are all
+        zero contributes zeros with weight 0 unless it is alone (then BadWeights, as the flat round)."""
+        total = float(finite_weights(weights).sum())
+        if total == 0.0 and not alone and min(weights) >= 0:
+            return torch.zeros(len(weights), dtype=torch.float32), 0.0
+        return mean_coefficients(self.name, weights).to(torch.float32), total
 
     def prepare(self, weights: Sequence[float], decisions: Sequence[dict]) -> Reduce:
         """Rank-order fp32 accumulation with the weights normalised in float64."""
@@ -267,11 +288,16 @@ class Sum(Aggregator):
     name = "sum"
 
     linear = True
+    pre_reducible = True
 
     def coefficients(self, weights: Sequence[float], decisions: Sequence[dict]) -> torch.Tensor:
         """The weights themselves, as fp32."""
         self._check_decisions(len(weights), decisions)
         return finite_weights(weights).to(torch.float32)
+
+    def host_coefficients(self, weights: Sequence[float], alone: bool) -> tuple[torch.Tensor, float]:
+        """w_i and weight 1: the hosts' sums add up to the round's."""
+        return finite_weights(weights).to(torch.float32), 1.0
 
     def prepare(self, weights: Sequence[float], decisions: Sequence[dict]) -> Reduce:
         """Rank-order fp32 accumulation of w_i x_i."""

@@ -134,7 +134,8 @@ def mean_error_bound(config: CodecConfig, contributions: Sequence[torch.Tensor])
 
 
 def hierarchical(group: Group, hosts: Sequence[str] | None, config: AllReduceConfig) -> bool:
-    """Whether a round runs through shared memory inside hosts: host ids given, a host shared, a linear aggregator."""
+    """Whether a round runs through shared memory inside hosts: host ids given, a host shared, a pre-reducible
+    aggregator (``Aggregator.pre_reducible``)."""
     if hosts is None:
         return False
     if len(hosts) != group.size or not all(isinstance(h, str) and h for h in hosts):
@@ -242,8 +243,8 @@ class Collective:
         tensors are then views of it. ``copy_input=False`` promises that the
         input is not modified until the future is done, which saves the copy
         when it is one contiguous fp32 CPU tensor. ``hosts``, one host id per member in rank order, makes
-        members that share a host reduce through shared memory first (``collectives/hostround.py``; linear
-        aggregators only, others ignore it); every member must pass the same.
+        members that share a host reduce through shared memory first (``collectives/hostround.py``;
+        pre-reducible aggregators only, others ignore it); every member must pass the same.
         """
         config = config or AllReduceConfig()
         if group.run_id != self.run_id:

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from collectives.aggregators import AggregatorConfig
+from collectives.aggregators import AggregatorConfig, make_aggregator
 from collectives.errors import RoundFailed
 from collectives.hostid import SHM_DIR, alive, process_start
 from collectives.hostmarkers import MARKER_INFIX, clear_markers, discard, left_marker, marker_name, marker_stale
@@ -61,8 +61,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "loconet-hl-"
 MAGIC = 0x4C4F434F484C3031  # "LOCOHL01"
-# Aggregators whose result over all contributions equals their result over per-host pre-reductions.
-LINEAR_AGGREGATORS = ("mean", "sum")
 
 # Slot states, in the order a member goes through them; the last four are final. MOVED: the member left this
 # file for a newer one at the same path before the round's write barrier was passed here.
@@ -92,8 +90,9 @@ def round_hosts(plan: RoundPlan, ids: list[str]) -> tuple[str, ...] | None:
 
 
 def pre_reducible(aggregator: AggregatorConfig) -> bool:
-    """Whether a host may reduce its members' contributions before the round between hosts (linear aggregators)."""
-    return aggregator.name in LINEAR_AGGREGATORS
+    """Whether a host may reduce its members' contributions before the round between hosts: what the registered
+    aggregator's class says (``Aggregator.pre_reducible``: mean and sum, and any plugin that declares it)."""
+    return make_aggregator(aggregator).pre_reducible
 
 
 @dataclass(frozen=True)

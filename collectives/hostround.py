@@ -1,7 +1,8 @@
 """One member's hierarchical round: its host's members reduce through shared memory, one leader per host crosses.
 
-With the members' host ids, a round of a linear aggregator (mean, sum) runs in
-three steps instead of the butterfly between every pair of members:
+With the members' host ids, a round of an aggregator that may be reduced within
+a host first (``Aggregator.pre_reducible``: mean, sum) runs in three steps
+instead of the butterfly between every pair of members:
 
 1. every local member copies its contribution into its slot of the host's
    segment (``collectives/hostlocal.py``) and records its weight;
@@ -10,8 +11,9 @@ three steps instead of the butterfly between every pair of members:
    host's result is bit for bit the flat round's, codec ``none``);
 3. with one host, that is the round's result. With several, each host's
    leader (its lowest rank) runs the gRPC all-reduce among the leaders with
-   the host's pre-reduced tensor and weight (sum of its members' weights for
-   a mean), writes the result back, and every local member copies it out.
+   the host's pre-reduced tensor and weight (``Aggregator.host_coefficients``:
+   the sum of its members' weights for a mean), writes the result back, and
+   every local member copies it out.
 
 The codec, and so error feedback, applies between hosts only: a leader's
 residual holds the compression error of its host's tensor; the other
@@ -43,7 +45,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import torch
 
-from collectives.aggregation import finite_weights, mean_coefficients, weighted_sum
+from collectives.aggregation import weighted_sum
+from collectives.aggregators import make_aggregator
 from collectives.asynctasks import cancel_and_wait
 from collectives.errors import (
     LoconetError,
@@ -117,20 +120,6 @@ def reduce_rows(rows: torch.Tensor, coef: torch.Tensor, a: int, b: int) -> list[
         return []
     c0, c1 = bad
     return [t for t in range(1, rows.shape[0]) if not bool(torch.isfinite(rows[t, c0:c1]).all())] or [0]
-
-
-def host_coefficients(aggregator: str, weights: Sequence[float], alone: bool) -> tuple[torch.Tensor, float]:
-    """(fp32 coefficients of the host's rows, the host's weight in the round between hosts).
-
-    mean: w_i / sum(w) (the flat round's, when the host is alone) and weight sum(w); a host whose weights are all
-    zero contributes zeros with weight 0 unless it is alone (then BadWeights, as the flat round). sum: w_i and 1.
-    """
-    if aggregator == "sum":
-        return finite_weights(weights).to(torch.float32), 1.0
-    total = float(finite_weights(weights).sum())
-    if total == 0.0 and not alone and min(weights) >= 0:
-        return torch.zeros(len(weights), dtype=torch.float32), 0.0
-    return mean_coefficients(aggregator, weights).to(torch.float32), total
 
 
 def error_from(record: dict, round_id: int, rank: int) -> LoconetError:
@@ -210,8 +199,8 @@ class HostRound:
             await self._write(cache, key, name, deadline_unix, flat, weight)
             seg = self.seg
             alone = len(self.plan.leaders) == 1
-            coef, host_weight = host_coefficients(
-                self.config.aggregator.name, [seg.weight(k) for k in range(len(self.local))], alone
+            coef, host_weight = make_aggregator(self.config.aggregator).host_coefficients(
+                [seg.weight(k) for k in range(len(self.local))], alone
             )
             a, b = part_bounds(numel, len(self.local))[self.me]
             t0 = time.monotonic()

@@ -18,6 +18,8 @@ import time
 import pytest
 import torch
 
+from collectives.aggregation import Aggregator, checked_reduce, finite_weights, weighted_sum
+from collectives.aggregators import AGGREGATORS, AggregatorConfig, make_aggregator, register_aggregator
 from collectives.hostid import SHM_DIR
 from collectives.hostlocal import (
     ATTACHED,
@@ -29,12 +31,13 @@ from collectives.hostlocal import (
     HostSegment,
     Layout,
     _create_or_open,
+    pre_reducible,
     round_hosts,
     round_tag,
     segment_name,
     sweep_stale,
 )
-from collectives.hostround import host_coefficients, reduce_rows
+from collectives.hostround import reduce_rows
 from collectives.membership import RoundPlan
 from collectives.rpc import blocking_channel
 from peer.coordinator.server import CoordinatorServer
@@ -99,23 +102,73 @@ def test_round_hosts_follow_the_plan_and_a_member_without_a_host_id_is_a_host_of
 
 
 def test_the_in_place_host_reduction_is_the_flat_rounds_weighted_sum_bit_for_bit():
-    from collectives.aggregation import weighted_sum
-
     rows = torch.randn(3, 300_001, generator=torch.Generator().manual_seed(5))
-    coef, weight = host_coefficients("mean", [1.0, 2.0, 0.5], alone=True)
+    coef, weight = make_aggregator("mean").host_coefficients([1.0, 2.0, 0.5], alone=True)
     expected = weighted_sum(rows.clone(), coef)
     assert reduce_rows(rows, coef, 0, rows.shape[1]) == [] and torch.equal(rows[0], expected) and weight == 3.5
 
 
 def test_a_host_whose_weights_are_all_zero_contributes_zeros_with_weight_zero():
-    coef, weight = host_coefficients("mean", [0.0, 0.0], alone=False)
+    coef, weight = make_aggregator("mean").host_coefficients([0.0, 0.0], alone=False)
     assert coef.tolist() == [0.0, 0.0] and weight == 0.0
+
+
+def test_a_host_of_a_sum_round_contributes_its_weighted_sum_with_weight_one():
+    coef, weight = make_aggregator("sum").host_coefficients([2.0, -1.0, 0.5], alone=False)
+    assert coef.tolist() == [2.0, -1.0, 0.5] and weight == 1.0
+
+
+class DoubleSum(Aggregator):
+    """A plugin's linear aggregator that declares it may be reduced within a host: twice the weighted sum."""
+
+    name = "double_sum"
+    linear = True
+    pre_reducible = True
+
+    def coefficients(self, weights, decisions):
+        return 2 * finite_weights(weights).to(torch.float32)
+
+    def host_coefficients(self, weights, alone):
+        return finite_weights(weights).to(torch.float32), 1.0
+
+    def prepare(self, weights, decisions):
+        coef = self.coefficients(weights, decisions)
+        return checked_reduce(len(weights), lambda rows: weighted_sum(rows, coef))
+
+
+class LinearOnly(DoubleSum):
+    """A plugin's linear aggregator that does not declare it (the default)."""
+
+    name = "linear_only"
+    pre_reducible = False
+
+
+@pytest.fixture
+def plugins():
+    for cls in (DoubleSum, LinearOnly):
+        register_aggregator(cls)
+    yield
+    for cls in (DoubleSum, LinearOnly):
+        AGGREGATORS.pop(cls.name)
+
+
+@pytest.mark.parametrize("aggregator,expected", [
+    ("mean", True),
+    ("sum", True),
+    ("median", False),
+    ("trimmed_mean:trim=0.2", False),
+    ("krum:f=1", False),
+    ("double_sum", True),
+    ("linear_only", False),
+])
+def test_a_host_pre_reduces_when_the_aggregators_class_says_it_may(plugins, aggregator, expected):
+    assert pre_reducible(AggregatorConfig.parse(aggregator)) is expected
 
 
 def test_a_nan_in_a_contribution_names_its_row():
     rows = torch.ones(3, 1000)
     rows[2, 10] = float("nan")
-    coef, _ = host_coefficients("mean", [1.0, 1.0, 1.0], alone=True)
+    coef, _ = make_aggregator("mean").host_coefficients([1.0, 1.0, 1.0], alone=True)
     assert reduce_rows(rows, coef, 0, 1000) == [2]
 
 
