@@ -57,9 +57,6 @@ from collectives.transport import Transport
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 
-# Not used here: peer/bench/simpeers.py still imports it from this module (collectives/roundformat.py is its home).
-from collectives.roundformat import round_format as round_format  # noqa: F401  # isort: skip
-
 log = logging.getLogger(__name__)
 
 # A coordinator's "seconds since the last commit" above a day is not believed: no sync interval is that long.

@@ -31,7 +31,8 @@ import grpc
 
 from collectives.asynctasks import cancel_and_wait
 from collectives.memberlists import BadMemberChange, BadPackedList, changed_list, entries_of, unpack_list
-from collectives.membership import RETRY_CODES, MembershipConfig, heartbeat_interval, round_format
+from collectives.membership import RETRY_CODES, MembershipConfig, heartbeat_interval
+from collectives.roundformat import round_format
 from collectives.rpc import RpcSettings, make_channel
 from collectives.session import SESSION_RPCS, CoordinatorSession
 from optimizers.diloco import DiLoCoConfig
