@@ -97,7 +97,7 @@ from collectives.asynctasks import cancel_and_wait
 from collectives.catchup import LateRounds
 from collectives.codecs import CodecConfig, check_finite
 from collectives.errors import (
-    ConfigError, LoconetError, MemberFailure, ProtocolError, QuorumMismatch, RoundFailed, UsageError,
+    ConfigError, InternalError, LoconetError, MemberFailure, ProtocolError, QuorumMismatch, RoundFailed, UsageError,
 )
 from collectives.hostid import resolve_host_id
 from collectives.hostlocal import round_hosts
@@ -720,7 +720,7 @@ class ElasticCollective:
 
     def _move(self, round_id: int, to: Phase) -> None:
         if to not in TRANSITIONS[self.phase]:
-            raise RuntimeError(f"illegal round transition {self.phase.value} -> {to.value}")
+            raise InternalError(f"illegal round transition {self.phase.value} -> {to.value}")
         self.phase = to
         self.history.append((round_id, to))
         # What the dashboard shows: a peer waiting for a round to form (its partners late, or paused) is not training.

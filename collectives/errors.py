@@ -19,7 +19,26 @@ class NonFiniteError(CodecError):
 
 
 class UsageError(LoconetError, RuntimeError):
-    """The Python API was called out of order (a sync before ``start()``, ``start()`` twice): a bug in the caller."""
+    """The Python API was misused: called out of order (a sync before ``start()``, ``start()`` twice) or given what
+    it does not take (sparse gradients to an optimizer that needs dense ones): a bug in the caller.
+
+    Also a RuntimeError, as torch's own optimizers raise for such misuse; the optimizers re-raise it rather than
+    count it as a missed round."""
+
+
+class TransportClosed(UsageError):
+    """A transport was used after it was closed (or before it was started); start a new one.
+
+    A UsageError, so a sync that meets it ends the step rather than reading as a missed round; still a RuntimeError
+    for callers that caught it as one. ``collectives.transport`` re-exports it."""
+
+
+class InternalError(RuntimeError):
+    """An invariant of loconet's own code was broken (a round opened twice, an illegal round-phase transition): a
+    bug in loconet, not in the caller, the configuration or the network; please report it with the traceback.
+
+    Deliberately not a LoconetError: the handlers that read a LoconetError of a sync as a missed round must not hide
+    a bug."""
 
 
 class ConfigError(LoconetError, ValueError):

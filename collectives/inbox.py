@@ -27,7 +27,7 @@ import torch
 
 from collectives.aggregators import Aggregator, AggregatorConfig, make_aggregator
 from collectives.codecs import Codec, CodecConfig, QuantizedChunk
-from collectives.errors import CodecError, LoconetError, ProtocolError, RoundFailed
+from collectives.errors import CodecError, InternalError, LoconetError, ProtocolError, RoundFailed
 from collectives.kernels import native_kernels
 from collectives.parts import part_bounds
 from protos import collective_pb2 as pb
@@ -473,7 +473,9 @@ class RoundRegistry:
         key = inbox.group.key
         self._check(_tag_of(inbox.group))
         if key in self._open:
-            raise RuntimeError(f"round {key} is already open at this member")
+            # One all-reduce runs a (round, epoch) and opens it once: a second open is a bug here (or in the
+            # coordinator that planned the round), not something the caller can fix.
+            raise InternalError(f"round {key} is already open at this member")
         self._open[key] = inbox
         self._epochs[inbox.group.round_id] = inbox.group.epoch
         self._epochs.move_to_end(inbox.group.round_id)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from collectives.errors import UsageError
 from collectives.stateformat import (
     DEFAULT_CONFIG,
     FETCH_METHOD,
@@ -543,6 +544,6 @@ def fetch_state(
     except RuntimeError:
         on_loop = False
     if on_loop:
-        raise RuntimeError("fetch_state would block the transport's loop; await fetch_state_async there instead")
+        raise UsageError("fetch_state would block the transport's loop; await fetch_state_async there instead")
     future = transport.submit(fetch_state_async(transport, sources, run_id, peer_id, config, expect=expect))
     return future.result()

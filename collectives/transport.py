@@ -46,7 +46,8 @@ from collectives.addresses import MAX_PORT, advertised_address, check_reachable,
 from collectives.admission import Admission, AdmissionLimits, Refusals, Replay, admit_handlers, retry_reason
 from collectives.asynctasks import cancel_and_wait
 from collectives.credentials import CallAuth
-from collectives.errors import ConfigError
+# TransportClosed lives in collectives.errors; importing it from here keeps working.
+from collectives.errors import ConfigError, TransportClosed, UsageError
 from collectives.ratelimit import TokenBucket, burst_bytes, format_bandwidth, parse_bandwidth
 from collectives.rpc import (
     DEFAULT_KEEPALIVE_S,
@@ -233,10 +234,6 @@ def codec_threads_for(peer_processes: int, cores: int | None = None, link_limite
     return 1 if link_limited else 0
 
 
-class TransportClosed(RuntimeError):
-    """The transport was closed (or never started); start a new one."""
-
-
 async def port_refuses(address: str, timeout_s: float = 1.0) -> str | None:
     """Why a TCP connection to address fails (refused, unroutable, timed out), or None if it is accepted."""
     host, port = split_address(address)
@@ -318,7 +315,7 @@ class Transport:
         standard gRPC health service (grpc.health.v1).
         """
         if self._thread is not None:
-            raise RuntimeError("transport already started")
+            raise UsageError("transport already started: close() it before starting it again")
         if coordinator is not None:
             check_reachable(self.config.host, self.config.advertise, coordinator)
             self._coordinator = coordinator

@@ -90,7 +90,7 @@ from typing import Any
 import torch
 
 from collectives.checks import is_finite_number
-from collectives.errors import ConfigError
+from collectives.errors import ConfigError, UsageError
 
 # Flower's defaults per strategy (see the module docstring for the files they come from).
 FLOWER_DEFAULTS: dict[str, dict[str, float]] = {
@@ -157,7 +157,7 @@ class _ServerOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; densify them first")
+                    raise UsageError(f"{type(self).__name__} does not support sparse gradients; densify them first")
                 self._update(p, p.grad, group)
         return loss
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from collectives.errors import UsageError
+
 
 class Yogi(torch.optim.Optimizer):
     r"""Yogi: Adam's first moment with an additive, sign-controlled second moment.
@@ -106,7 +108,7 @@ class Yogi(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError("Yogi does not support sparse gradients; densify them first (grad.to_dense())")
+                    raise UsageError("Yogi does not support sparse gradients; densify them first (grad.to_dense())")
                 self._update(p, p.grad, group, beta1, beta2)
         return loss
 

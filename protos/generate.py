@@ -39,6 +39,8 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     ]
     code = protoc.main(args)
     if code != 0:
+        # A plain RuntimeError: protos is the bottom layer and cannot import collectives.errors, and this is a
+        # developer's tool failing (protoc printed why), not loconet's API misused.
         raise RuntimeError(f"protoc failed with exit code {code} for {sources}")
     return sorted((out_dir / "protos").glob("*_pb2*.py*"))
 

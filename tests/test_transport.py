@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from collectives import transport as transport_module
-from collectives.errors import ConfigError
+from collectives.errors import ConfigError, LoconetError, TransportClosed, UsageError
 from collectives.transport import (
     Transport,
     TransportConfig,
@@ -68,6 +68,22 @@ def test_a_peer_whose_port_refuses_is_reported_unreachable():
     finally:
         transport.close()
     assert why.startswith("unreachable (") and "refused" in why.lower()
+
+
+def test_starting_twice_and_using_a_closed_transport_are_usage_errors():
+    # Both were bare RuntimeErrors; they stay RuntimeErrors for code that caught them as such.
+    transport = Transport(TransportConfig())
+    transport.start()
+    try:
+        with pytest.raises(UsageError, match="already started"):
+            transport.start()
+    finally:
+        transport.close()
+    with pytest.raises(TransportClosed, match="not started or already closed") as raised:
+        transport.submit(asyncio.sleep(0))
+    assert isinstance(raised.value, UsageError)
+    assert issubclass(transport_module.TransportClosed, UsageError)
+    assert issubclass(TransportClosed, RuntimeError) and issubclass(TransportClosed, LoconetError)
 
 
 def test_a_serving_peer_is_responsive():

@@ -87,7 +87,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from collectives.errors import LoconetError
+from collectives.errors import LoconetError, UsageError
 from collectives.hostid import process_start
 from collectives.ratelimit import burst_bytes
 
@@ -437,7 +437,7 @@ class NetnsNetwork:
     def create(self, names: list[str], links: dict[str, LinkSpec] | None = None) -> dict[str, Host]:
         """Build the bridge and one namespace per name; links: name -> caps (missing: uncapped). Returns name -> Host."""
         if self._created:
-            raise RuntimeError("this NetnsNetwork was already created; make a new one")
+            raise UsageError("this NetnsNetwork was already created; make a new one")
         links = dict(links or {})
         self._validate(names, links)
         self._created = True
