@@ -359,7 +359,7 @@ class ElasticCollective:
         heartbeat reports it; the run's last round has no next quorum request to carry it)."""
         # A state taken at the same round id (a fetched round-0 state replacing this peer's own) has another digest.
         self._digest = (-1, "")
-        if self._digest_of is not None and self.transport._loop is not None:
+        if self._digest_of is not None and self.transport.running:
             self.transport.submit(self._state_digest()).add_done_callback(_log_failure)
 
     async def _state_digest(self) -> str:
@@ -420,11 +420,10 @@ class ElasticCollective:
         if self._interrupted:
             return
         self._interrupted = reason
-        loop = self.transport._loop
-        if loop is not None and not loop.is_closed():
+        if self.transport.running:
             try:
-                loop.call_soon_threadsafe(self._cancel_inflight)
-            except RuntimeError:  # the loop closed meanwhile: nothing left to cancel
+                self.transport.loop.call_soon_threadsafe(self._cancel_inflight)
+            except RuntimeError:  # the loop closed meanwhile (TransportClosed is one too): nothing left to cancel
                 pass
 
     @property
@@ -536,7 +535,7 @@ class ElasticCollective:
         """Leave the run (optional; within leave_timeout_s, None: one RPC deadline), stop heartbeats and the
         transport. Idempotent."""
         try:
-            if self.transport._loop is not None:
+            if self.transport.running:
                 self.transport.submit(self._close(leave, reason, leave_timeout_s)).result(timeout=30)
         except (RuntimeError, concurrent.futures.TimeoutError) as exc:
             log.warning("closing %s: %s", self.peer_id, exc)

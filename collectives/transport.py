@@ -423,6 +423,13 @@ class Transport:
         return self._bound_address
 
     @property
+    def running(self) -> bool:
+        """Whether the transport is started and not closed: its loop is there to take work (``submit``), so
+        asking for ``loop`` does not raise TransportClosed. Safe to read from any thread, a signal handler too."""
+        loop = self._loop
+        return loop is not None and not loop.is_closed()
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """The transport's event loop (for code that must run on it)."""
         if self._loop is None:

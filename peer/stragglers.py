@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -190,6 +191,16 @@ class _History:
         self._lock = threading.Lock()
         self.by_n = state["by_n"]
 
+    def at(self, step: int, n: int, generate: Callable[[list[frozenset[int]], dict[int, int]], frozenset[int]]
+           ) -> frozenset[int]:
+        """Step ``step``'s straggler set for n workers, first extending the steps of n up to it in order, each by
+        ``generate(steps so far, running bursts)`` (which updates the running bursts); under the lock."""
+        with self._lock:
+            steps, running = self.by_n.setdefault(n, ([], {}))
+            while len(steps) <= step:
+                steps.append(generate(steps, running))
+            return steps[step]
+
 
 @dataclass(frozen=True)
 class BurstyStragglers(StragglerPattern):
@@ -223,12 +234,7 @@ class BurstyStragglers(StragglerPattern):
     def stragglers(self, step: int, n: int) -> frozenset[int]:
         """The workers that straggle at this step (generating the steps up to it, once per n)."""
         _check_step(step, n)
-        history = self._history
-        with history._lock:
-            steps, running = history.by_n.setdefault(n, ([], {}))
-            while len(steps) <= step:
-                steps.append(self._next(steps, running, n))
-            return steps[step]
+        return self._history.at(step, n, lambda steps, running: self._next(steps, running, n))
 
     def _next(self, steps: list[frozenset[int]], running: dict[int, int], n: int) -> frozenset[int]:
         """Step len(steps)'s stragglers, given the steps before; updates the running bursts."""

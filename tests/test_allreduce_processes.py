@@ -111,8 +111,7 @@ def test_member_killed_in_a_phase_makes_every_survivor_raise_naming_it(phase):
         replies = [group.reply(r, 60) for r in (0, 1, 3)]
         assert [k for k, _ in replies] == ["ok"] * 3
         assert len({info["sha256"] for _, info in replies}) == 1
-        procs = list(group._procs)
-    assert not any(p.is_alive() for p in procs)
+    assert all(_gone(pid) for pid in group.pids)  # close() stopped and reaped every worker
 
 
 def test_paused_member_makes_the_others_raise_by_the_deadline_naming_it():
@@ -125,8 +124,7 @@ def test_paused_member_makes_the_others_raise_by_the_deadline_naming_it():
             kind, info = group.reply(r, 60)
             assert kind == "failed" and info["failed_ranks"] == (1,)
             assert info["elapsed_s"] < j.timeout_s + 5
-        procs = list(group._procs)
-    assert not any(p.is_alive() for p in procs)
+    assert all(_gone(pid) for pid in group.pids)  # close() stopped and reaped every worker
 
 
 def _gone(pid: int) -> bool:

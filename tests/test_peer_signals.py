@@ -205,7 +205,7 @@ def test_interrupt_cuts_a_start_that_waits_for_a_coordinator_short():
     thread.join(timeout=5)
     assert isinstance(out["error"], Stopped) and str(out["error"]) == "stopped by the test"
     assert out["at"] - asked < 1.5
-    assert member.transport._loop is None  # closed
+    assert not member.transport.running  # closed
 
 
 @pytest.mark.timeout(30)

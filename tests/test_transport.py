@@ -70,15 +70,18 @@ def test_a_peer_whose_port_refuses_is_reported_unreachable():
     assert why.startswith("unreachable (") and "refused" in why.lower()
 
 
-def test_starting_twice_and_using_a_closed_transport_are_usage_errors():
+def test_running_and_the_usage_errors_of_starting_twice_and_using_a_closed_transport():
     # Both were bare RuntimeErrors; they stay RuntimeErrors for code that caught them as such.
     transport = Transport(TransportConfig())
+    assert not transport.running
     transport.start()
     try:
+        assert transport.running
         with pytest.raises(UsageError, match="already started"):
             transport.start()
     finally:
         transport.close()
+    assert not transport.running
     with pytest.raises(TransportClosed, match="not started or already closed") as raised:
         transport.submit(asyncio.sleep(0))
     assert isinstance(raised.value, UsageError)
