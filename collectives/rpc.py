@@ -26,7 +26,7 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -418,7 +418,13 @@ class RunAuthInterceptor(grpc.aio.ServerInterceptor):
         # Calls refused, for the metrics (one counter: the interceptor runs on the server's loop only).
         self.refused = 0
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """The method's handler for a call that proves the run secret (or needs not: OPEN_METHODS); else one that
+        refuses it UNAUTHENTICATED without reading its request."""
         method = handler_call_details.method
         if method in OPEN_METHODS:
             return await continuation(handler_call_details)

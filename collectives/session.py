@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from collectives.asynctasks import cancel_and_wait
 from collectives.rpc import Metadata
@@ -116,7 +116,7 @@ class CoordinatorSession:
         # Why the last stream ended.
         self._ended = rpc_error(grpc.StatusCode.UNAVAILABLE, "the coordinator ended the Session stream")
 
-    async def call(self, rpc: str, request, timeout_s: float):
+    async def call(self, rpc: str, request: Message, timeout_s: float) -> Message:
         """rpc's answer to request (rpc in SESSION_RPCS) within timeout_s; raises grpc.aio.AioRpcError as the
         unary call would, or SessionUnsupported."""
         loop = asyncio.get_running_loop()

@@ -12,10 +12,13 @@ import logging
 import os
 import signal
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from collectives.errors import ConfigError, LoconetError
 from peer.plugins import add_plugin_argument, load_plugins, plugins_from
+
+if TYPE_CHECKING:  # for the hint only: each command imports what it runs when it runs
+    from peer.harness.harness import HarnessConfig
 
 BENCHMARKS = (
     ("allreduce", "allreduce", "our all-reduce among local processes vs gloo"),
@@ -301,7 +304,7 @@ def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_arguments(parser, defaults.train)
 
 
-def harness_config(ns: argparse.Namespace):
+def harness_config(ns: argparse.Namespace) -> HarnessConfig:
     """The HarnessConfig the harness options describe."""
     import dataclasses
 

@@ -46,6 +46,7 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Regenerate the modules under --out (default: the repository), naming each file written; the exit code."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=pathlib.Path, default=REPO_ROOT)
     ns = parser.parse_args(argv)

@@ -17,6 +17,11 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # for the hints only: both are imported where used, under hivemind's interpreter
+    import torch
+    from hivemind.compression.base import CompressionBase
 
 # Matchmaking must fit between a round's scheduling and its release; the release waits for every peer's group.
 _MATCH_S = 2.0
@@ -68,7 +73,7 @@ def write_file(path: Path, text: str) -> None:
     tmp.replace(path)  # readers never see half a file
 
 
-def _tensor(seed: int, rank: int, numel: int):
+def _tensor(seed: int, rank: int, numel: int) -> torch.Tensor:
     """The tensor rank contributes: the same seeded draw as loconet's workers (procgroup.worker_tensor; a test
     holds the two equal), so both sides average the same numbers."""
     import torch
@@ -76,14 +81,21 @@ def _tensor(seed: int, rank: int, numel: int):
     return torch.randn(numel, generator=torch.Generator().manual_seed(seed * 1_000_003 + rank))
 
 
-def stop_and_report(meet: Path, rank: int, report: dict, *services) -> None:
+class Service(Protocol):
+    """A hivemind service this script starts (its DHT, its averager): something to shut down."""
+
+    def shutdown(self) -> None:
+        """Stop the service and its background processes."""
+
+
+def stop_and_report(meet: Path, rank: int, report: dict, *services: Service) -> None:
     """Shut hivemind's services down (each has ``shutdown()``), then write the report the launcher waits for."""
     for service in services:
         service.shutdown()
     write_file(meet / f"report-{rank}.json", json.dumps(report))
 
 
-def compression_of(codec: str):
+def compression_of(codec: str) -> CompressionBase:
     """hivemind's compression of that name (HIVEMIND_CODECS in hivemind_baseline.py)."""
     from hivemind import compression
 
@@ -124,6 +136,7 @@ def check_compression(codec: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run this peer's rounds and write its report (or, with --probe, print hivemind's version); the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", action="store_true", help="only check the compression works; print the version")
     parser.add_argument("--rank", type=int)

@@ -25,9 +25,12 @@ import random
 import signal
 import time
 from collections import deque
+from collections.abc import Iterable
+from multiprocessing.connection import Connection
 from typing import NamedTuple
 
 import grpc
+from google.protobuf.message import Message
 
 from collectives.asynctasks import cancel_and_wait
 from collectives.memberlists import BadMemberChange, BadPackedList, changed_list, entries_of, unpack_list
@@ -129,8 +132,9 @@ class SimPeer:
         self.retries: dict[str, int] = {}
         self.unknown = 0
 
-    async def call(self, method: str, request) -> tuple[object, float, float]:
-        """(reply, send time of the first attempt, send time of the answered attempt); CallFailed."""
+    async def call(self, method: str, request: Message) -> tuple[Message, float, float]:
+        """One RPC to the coordinator, retried with backoff on a retryable refusal within the job's patience: (reply,
+        send time of the first attempt, send time of the answered attempt); CallFailed when it cannot be had."""
         patience = self.job["patience_s"]
         attempt_s = JOIN_ATTEMPT_S if method == "Join" else patience
         first = time.time()
@@ -151,7 +155,7 @@ class SimPeer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MembershipConfig.backoff_max_s)
 
-    async def _send(self, method: str, request, timeout_s: float):
+    async def _send(self, method: str, request: Message, timeout_s: float) -> Message:
         if self.session is not None and method in SESSION_RPCS:
             return await self.session.call(method, request, timeout_s)
         return await getattr(self.stub, method)(request, timeout=timeout_s)
@@ -340,7 +344,8 @@ def list_form(q: pb.QuorumResponse) -> str:
     return "change" if q.members_base else "left_out"
 
 
-def merge_counts(counters) -> dict[str, int]:
+def merge_counts(counters: Iterable[dict[str, int]]) -> dict[str, int]:
+    """The counts of several counters (key -> n) added up, key by key."""
     out: dict[str, int] = {}
     for c in counters:
         for k, n in c.items():
@@ -413,7 +418,7 @@ async def _client(job: dict, conn) -> None:
         await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
 
 
-def client_main(job: dict, conn) -> None:
+def client_main(job: dict, conn: Connection) -> None:
     """Entry point of a client process (spawned): run its simulated peers until told to stop."""
     # Ctrl-C reaches the whole foreground process group: the parent stops us in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

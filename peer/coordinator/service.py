@@ -256,15 +256,19 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     # -- RPCs ---------------------------------------------------------------------------
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
+        """gRPC handler: see ``_join``."""
         return await self._answer(context, lambda req: self._join(req, self.callers.joiner_key(context, req)), request)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+        """gRPC handler, as the peer the call proves to be: see ``_heartbeat``."""
         return await self._as_peer(context, "Heartbeat", request)
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
+        """gRPC handler, as the peer the call proves to be: see ``_leave``."""
         return await self._as_peer(context, "Leave", request)
 
     async def Quorum(self, request: pb.QuorumRequest, context: grpc.aio.ServicerContext) -> pb.QuorumResponse:
+        """gRPC handler for in-process callers (the server sends ``quorum_wire``'s bytes): see ``_quorum``."""
         answer = await self.quorum_wire(request, context)
         # In-process callers get a message; the server sends quorum_wire's bytes as they are.
         return pb.QuorumResponse.FromString(answer) if isinstance(answer, bytes) else answer
@@ -276,9 +280,11 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return await self._as_peer(context, "Quorum", request)
 
     async def Commit(self, request: pb.CommitRequest, context: grpc.aio.ServicerContext) -> pb.CommitResponse:
+        """gRPC handler, as the peer the call proves to be: see ``_commit``."""
         return await self._as_peer(context, "Commit", request)
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        """gRPC handler: see ``_status_rpc``."""
         return await self._answer(context, self._status_rpc, request)
 
     def peer_call(self, caller: Caller, rpc: str, request: Message) -> Message | bytes | Coroutine[Any, Any, Message | bytes]:

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -40,7 +40,7 @@ from google.protobuf.message import DecodeError, Message
 from collectives.session import OPENED, PUSHED, SESSION_RPCS
 from collectives.transport import identity
 from collectives.wire import encode_varint
-from peer.coordinator.identity import Caller
+from peer.coordinator.identity import Caller, Callers
 from peer.coordinator.limits import retry_after_ms
 from peer.coordinator.quorum import BadRequest
 from protos import membership_pb2 as pb
@@ -62,11 +62,29 @@ Charge = Callable[[str, str], tuple[float, str]]
 class SessionLimits(Protocol):
     """What a client may cost in Sessions (``RateLimitInterceptor``): each message's rate, the streams it holds."""
 
-    def charge(self, peer: str, name: str) -> tuple[float, str]: ...
+    def charge(self, peer: str, name: str) -> tuple[float, str]:
+        """Charge one message of the stream (name: the RPC it stands for) to peer (``context.peer()``): (0.0, "")
+        if it may go on, else (seconds until it may, the refusal's message)."""
+        ...
 
-    def open_session(self, peer: str) -> str: ...
+    def open_session(self, peer: str) -> str:
+        """Count a Session stream from peer as open: "" if it may stay, else the refusal's message."""
+        ...
 
-    def close_session(self, peer: str) -> None: ...
+    def close_session(self, peer: str) -> None:
+        """A Session stream open_session let in has ended."""
+        ...
+
+
+class SessionCoordinator(Protocol):
+    """What a Session stream uses of the coordinator (``service.Coordinator``, which imports this module)."""
+
+    callers: Callers
+    streams: PeerStreams
+
+    def peer_call(self, caller: Caller, rpc: str, request: Message) -> Message | bytes | Coroutine[Any, Any, Message | bytes]:
+        """The answer to one call a peer makes as itself, or a coroutine for one that waits."""
+        ...
 
 
 def reply_bytes(call_id: int, rpc: str, answer: Message | bytes) -> bytes:
@@ -106,7 +124,8 @@ class Session:
     that waited), one write at a time: no queue and no writer task between a decision and its bytes.
     """
 
-    def __init__(self, coordinator, caller: Caller, peer: str, charge: Charge, write) -> None:
+    def __init__(self, coordinator: SessionCoordinator, caller: Caller, peer: str, charge: Charge,
+                 write: Callable[[bytes], Awaitable[None]]) -> None:
         self.coordinator = coordinator
         self.caller = caller
         self.peer = peer
@@ -255,7 +274,7 @@ class PeerStreams:
             await asyncio.wait(handlers, timeout=timeout_s)
 
 
-def session_handler(coordinator, limits: SessionLimits) -> grpc.RpcMethodHandler:
+def session_handler(coordinator: SessionCoordinator, limits: SessionLimits) -> grpc.RpcMethodHandler:
     """The Session method's handler (stream of serialised SessionCall in, serialised SessionReply out)."""
 
     async def serve(requests, context: grpc.aio.ServicerContext) -> None:

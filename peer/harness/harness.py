@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -554,7 +554,7 @@ class Harness:
 
     # -- the run ------------------------------------------------------------------------------
 
-    def run(self, on_start=None) -> dict:
+    def run(self, on_start: Callable[[str], None] | None = None) -> dict:
         """Bring the network up, play the scenario, wait for the peers to finish, report, clean up.
 
         ``on_start(dashboard_url)`` is called once the coordinator serves.

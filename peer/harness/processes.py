@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from collectives.errors import LoconetError
 from peer.harness.forkserver import ForkedChild, ForkServer, ForkServerError, runs_as_imported
@@ -194,7 +195,7 @@ class Proc:
             self.events.append(event)
             self._queue.put(event)
 
-    def wait_event(self, pred, timeout: float = 60.0) -> dict:
+    def wait_event(self, pred: Callable[[dict], bool], timeout: float = 60.0) -> dict:
         """The first event (past or future) matching pred; ChildFailed when the process exits or time runs out."""
         for event in list(self.events):
             if pred(event):
@@ -290,6 +291,7 @@ class Proc:
 
     @property
     def alive(self) -> bool:
+        """Whether the process is still running (not yet exited)."""
         return self.proc.poll() is None
 
 

@@ -18,10 +18,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from collectives.rpc import RpcSecurity
 from collectives.transport import TransportConfig
 from peer.harness.loopback import LOOPBACK, LOOPBACK_INTERFACE, loopback_store, use_loopback_for_gloo
+
+if TYPE_CHECKING:  # for the hints only: torch is imported where used, in the workers
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +94,8 @@ class AllReduceJob:
     hosts: tuple[str, ...] | None = None
 
 
-def worker_tensor(job: AllReduceJob, rank: int, size: int = 0):
-    """The tensor a rank contributes to a job (seeded, so any process can recompute it)."""
+def worker_tensor(job: AllReduceJob, rank: int, size: int = 0) -> torch.Tensor:
+    """The tensor a rank contributes to a job (seeded, so any process can recompute it); size is not used."""
     import torch
 
     g = torch.Generator().manual_seed(job.seed * 1_000_003 + rank)

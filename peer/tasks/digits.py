@@ -97,6 +97,7 @@ class DigitsMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, CLASSES)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (n, 64) -> logits (n, 10)."""
         return self.fc2(F.relu(self.fc1(images)))
 
 

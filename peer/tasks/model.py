@@ -60,6 +60,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, time, d_model) -> (batch, time, d_model): each position attends to itself and those before."""
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         # (b, t, c) -> (b, heads, t, head_dim)
@@ -77,6 +78,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(ratio * d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_model) -> (..., d_model), each position on its own."""
         return self.proj(F.gelu(self.fc(x)))
 
 
@@ -91,6 +93,7 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, time, d_model) -> (batch, time, d_model): the attention's residual step, then the MLP's."""
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
@@ -129,6 +132,7 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(p, 0.0, 0.02)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """int64 tokens (batch, time) -> logits (batch, time, vocab); time is at most ``config.max_len``."""
         t = tokens.shape[1]
         if t > self.config.max_len:
             raise ValueError(f"sequence of {t} tokens is longer than the model's max_len {self.config.max_len}")
