@@ -126,7 +126,8 @@ class Admission:
             del self._active[client]
 
     def active(self, client: str | None = None) -> int:
-        """Calls in progress from client (None: in total)."""
+        """Calls in progress from client (None: in total). Used by tests to watch calls being admitted and giving
+        their slots back."""
         return self._total if client is None else self._active[client]
 
     async def first_message_bounded(self, requests: AsyncIterable[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

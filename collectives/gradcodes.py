@@ -346,7 +346,7 @@ def burst_condition(code: GradientCode) -> float:
     worst = 1.0
     # A cyclic code's bursts are column permutations of one another; the negacyclic one's columns are scaled.
     for start in range(1 if (code.n - code.s) % 2 else code.n):
-        alive = [(start + code.s + k) % code.n for k in range(code.n - code.s)]
+        alive = [(start + code.s + k) % code.n for k in range(code.min_survivors)]
         sigma = np.linalg.svd(code.B[alive], compute_uv=False)
         worst = max(worst, float(sigma[0] / sigma[-1]))
     return worst

@@ -493,7 +493,8 @@ class RoundRegistry:
         opened.set()
 
     def open_inbox(self, round_id: int, epoch: int) -> RoundInbox | None:
-        """The inbox of an open round (None if it is not open here), for observers and tests."""
+        """The inbox of an open round (None if it is not open here). Used by tests to look into a round in
+        progress; the all-reduce that runs a round holds its inbox itself."""
         return self._open.get((round_id, epoch))
 
     def close(self, inbox: RoundInbox) -> None:

@@ -72,7 +72,10 @@ def first_violation(pattern: Pattern, model: BurstyModel) -> Violation | None:
 
 
 def conforms(pattern: Pattern, model: BurstyModel) -> bool:
-    """True when every window of W consecutive rounds satisfies both conditions of the model."""
+    """True when every window of W consecutive rounds satisfies both conditions of the model.
+
+    The model's check of a whole pattern, which tests apply to generated patterns; a pattern built round by round
+    (peer/stragglers.py) asks ``allows`` of each round instead."""
     return first_violation(pattern, model) is None
 
 
@@ -100,7 +103,9 @@ def _breaks(pattern: Pattern, t: int, w: int, model: BurstyModel) -> str:
 
 def bursty_pattern(n: int, B: int, W: int, lam: int, rounds: int, seed: int, mode: str = "random",
                    start: float = 0.3, stay: float = 0.7) -> list[frozenset[int]]:
-    """A seeded straggler pattern of ``rounds`` rounds that conforms to the (B, W, λ) model.
+    """A seeded straggler pattern of ``rounds`` rounds that conforms to the (B, W, λ) model. Used by tests to drive
+    the sequential-coding schemes through conforming patterns, worst cases (aligned, rotating) included; the
+    harness's bursty stragglers come from peer/stragglers.py.
 
     ``random``: each round, a worker in a burst stays slow with probability ``stay``, any other starts a
     burst with probability ``start``; a straggle the model forbids is skipped. ``aligned``: λ workers

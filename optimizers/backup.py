@@ -145,13 +145,6 @@ class RoundObservation:
             object.__setattr__(self, "round_s", round_s)
 
 
-def member_arrivals(slots: Sequence[float], members: Sequence[int]) -> tuple[float, ...]:
-    """The members' times from the round's summed n-vector, where each member wrote its own slot."""
-    if len(set(members)) != len(members) or any(not 0 <= m < len(slots) for m in members):
-        raise ObservationError(f"members must be distinct ranks in [0, {len(slots)}), got {list(members)}")
-    return tuple(float(slots[m]) for m in members)
-
-
 @dataclass(frozen=True)
 class Estimate:
     """One decision and every term behind it (for logs, benchmarks and tests)."""

@@ -51,11 +51,6 @@ class DeviceTransfers:
         self.uses_cuda = any(d.type == "cuda" for d in self.devices)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
-    @property
-    def on_host(self) -> bool:
-        """Every parameter is on the CPU (no transfers at all)."""
-        return not self.devices
-
     def host_copy(self, t: torch.Tensor) -> torch.Tensor:
         """A new fp32 copy of t on the host: pinned when the model uses CUDA (so copies to it can be non-blocking)."""
         host = t.detach().to(device="cpu", dtype=torch.float32).clone()

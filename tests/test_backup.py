@@ -15,7 +15,6 @@ from optimizers.backup import (
     ObservationError,
     RoundObservation,
     decide,
-    member_arrivals,
     order_statistics,
 )
 
@@ -190,14 +189,6 @@ def test_arrival_order_does_not_matter():
     a = RoundObservation(n=3, k=3, mean_grad_sq_norm=1.0, member_sq_norm_mean=2.0, arrival_s=(3.0, 1.0, 2.0))
     b = RoundObservation(n=3, k=3, mean_grad_sq_norm=1.0, member_sq_norm_mean=2.0, arrival_s=(1.0, 2.0, 3.0))
     assert a == b
-
-
-def test_member_arrivals_reads_the_members_slots():
-    assert member_arrivals([0.0, 1.5, 0.0, 0.25], [3, 1]) == (0.25, 1.5)
-    with pytest.raises(ObservationError, match="distinct ranks"):
-        member_arrivals([0.0, 1.0], [1, 1])
-    with pytest.raises(ObservationError, match="distinct ranks"):
-        member_arrivals([0.0, 1.0], [2])
 
 
 def random_rounds(seed, count, n=6):

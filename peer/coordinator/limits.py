@@ -273,7 +273,8 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         return dict(self._refused)
 
     def tracked_clients(self) -> int:
-        """Client keys remembered now (both classes): bounded by twice max_clients_tracked."""
+        """Client keys remembered now (both classes): bounded by twice max_clients_tracked. Used by tests to check
+        that bound (a flood of client addresses must not grow the coordinator's memory)."""
         return sum(len(lim) for lim in (self._join, self._call) if lim is not None)
 
     async def intercept_service(
@@ -346,7 +347,8 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
             del self._sessions[client]
 
     def open_sessions(self) -> int:
-        """Session streams counted as open now (exempt clients' are not counted)."""
+        """Session streams counted as open now (exempt clients' are not counted). Used by tests to check that every
+        stream let in is counted out when it ends."""
         return sum(self._sessions.values())
 
     def _spend(self, limiter: RateLimiter, peer: str, name: str) -> tuple[float, str]:

@@ -94,9 +94,12 @@ def row_entropies(transition: np.ndarray) -> np.ndarray:
     return -(p * logs).sum(axis=1)
 
 
-def entropy_rate(transition: np.ndarray) -> float:
-    """The chain's entropy rate in nats: sum_i pi_i * H(P_i)."""
-    return float(stationary_distribution(transition) @ row_entropies(transition))
+def entropy_rate(transition: np.ndarray, stationary: np.ndarray | None = None) -> float:
+    """The chain's entropy rate in nats: sum_i pi_i * H(P_i) (stationary: pi, when already computed).
+
+    SyntheticLMTask's ``entropy_floor``; a test checks it against a two-state chain worked by hand."""
+    pi = stationary_distribution(transition) if stationary is None else stationary
+    return float(pi @ row_entropies(transition))
 
 
 def sample_sequences(
@@ -145,7 +148,7 @@ class SyntheticLMTask(Task):
         self.stationary = stationary_distribution(self.transition)
         self.cluster_of = np.arange(v) * max(1, min(clusters, v)) // v
         self.clusters = int(self.cluster_of.max()) + 1
-        self._floor = float(self.stationary @ row_entropies(self.transition))
+        self._floor = entropy_rate(self.transition, self.stationary)
         logger.debug("synthetic-lm: vocab %d, entropy floor %.4f nats (log V = %.4f)", v, self._floor, math.log(v))
 
     @property
