@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 # A bare --coordinator port means a coordinator on this machine (where it listens by default).
 LOCAL_HOST = "127.0.0.1"
+# The port a coordinator serves on unless told otherwise (``loconet coordinator --port``), and so the one a peer
+# looks for it at by default (``loconet peer --coordinator``).
+COORDINATOR_PORT = 7070
 # The highest TCP port.
 MAX_PORT = 65535
 

@@ -91,7 +91,7 @@ def heard(state: RunState, peer: PeerRecord, **figures) -> None:
 
 
 def joined(state: RunState, peer_id: str = "p1-0a0b0c") -> PeerRecord:
-    peer = PeerRecord(peer_id=peer_id, address=f"127.0.0.1:{len(state.peers) + 1}")
+    peer = PeerRecord(peer_id=peer_id, address=f"127.0.0.1:{len(state.peers) + 1}", lease_s=5.0)
     state.add_peer(peer)
     return peer
 

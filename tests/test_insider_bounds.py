@@ -197,7 +197,7 @@ def test_a_peer_whose_digest_lost_and_then_left_no_longer_needs_realigning():
     # A new process under its id (peers keep their ids across restarts) reports its own state again.
     state = RunState(RUN, 1)
     for peer_id in ("a", "b"):
-        state.peers[peer_id] = PeerRecord(peer_id, f"127.0.0.1:{ord(peer_id)}", state="active")
+        state.peers[peer_id] = PeerRecord(peer_id, f"127.0.0.1:{ord(peer_id)}", lease_s=5.0, state="active")
     committed(state, 1, ("a", "b"))
     state.note_digest(1, digest(1), "a")
     state.note_digest(1, digest(666), "b")

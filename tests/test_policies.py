@@ -305,7 +305,7 @@ def test_a_fraction_without_min_is_fitted_to_min_peers(spec, min_peers, fitted):
 
 def test_a_sample_draws_at_least_the_members_the_asking_peers_rounds_need():
     # sample:1 with peers whose rounds need 2 (--dp-min-members 2): b and c, the first two of abcd by seed 0's rank.
-    rules = QuorumRules(min_members=2)
+    rules = QuorumRules(join_timeout_s=5.0, min_members=2)
     assert sample("1").decide(q("abcd", rules=rules)) == form("bc", "abcd")
 
 

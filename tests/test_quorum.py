@@ -41,16 +41,16 @@ def fail(*named: str, reason: str = "x") -> Report:
 
 # requesting, eligible, first request age, coordinator age, rules -> ready
 QUORUM_CASES = [
-    ("all eligible asked", {"a", "b"}, {"a", "b"}, 0.0, 100.0, QuorumRules(min_peers=2), True),
+    ("all eligible asked", {"a", "b"}, {"a", "b"}, 0.0, 100.0, QuorumRules(min_peers=2, join_timeout_s=5.0), True),
     ("one missing, timeout not passed", {"a"}, {"a", "b"}, 1.0, 100.0, QuorumRules(min_peers=1, join_timeout_s=5), False),
     ("one missing, timeout passed", {"a"}, {"a", "b"}, 5.0, 100.0, QuorumRules(min_peers=1, join_timeout_s=5), True),
-    ("timeout passed but under min_peers", {"a"}, {"a", "b"}, 50.0, 100.0, QuorumRules(min_peers=2), False),
-    ("everyone asked but under min_peers", {"a"}, {"a"}, 0.0, 100.0, QuorumRules(min_peers=2), False),
-    ("startup grace holds a timed-out quorum", {"a"}, {"a", "b"}, 9.0, 2.0, QuorumRules(1, 5.0, 10.0), False),
-    ("startup grace holds even a complete one", {"a", "b"}, {"a", "b"}, 0.0, 2.0, QuorumRules(2, 5.0, 10.0), False),
-    ("after the grace the timeout applies", {"a"}, {"a", "b"}, 9.0, 11.0, QuorumRules(1, 5.0, 10.0), True),
-    ("nobody asked", set(), {"a"}, 50.0, 100.0, QuorumRules(min_peers=1), False),
-    ("everyone asked, short of the aggregator's need", {"a", "b"}, {"a", "b"}, 0.0, 100.0, QuorumRules(min_members=3), False),
+    ("timeout passed but under min_peers", {"a"}, {"a", "b"}, 50.0, 100.0, QuorumRules(min_peers=2, join_timeout_s=5.0), False),
+    ("everyone asked but under min_peers", {"a"}, {"a"}, 0.0, 100.0, QuorumRules(min_peers=2, join_timeout_s=5.0), False),
+    ("startup grace holds a timed-out quorum", {"a"}, {"a", "b"}, 9.0, 2.0, QuorumRules(min_peers=1, join_timeout_s=5.0, startup_grace_s=10.0), False),
+    ("startup grace holds even a complete one", {"a", "b"}, {"a", "b"}, 0.0, 2.0, QuorumRules(min_peers=2, join_timeout_s=5.0, startup_grace_s=10.0), False),
+    ("after the grace the timeout applies", {"a"}, {"a", "b"}, 9.0, 11.0, QuorumRules(min_peers=1, join_timeout_s=5.0, startup_grace_s=10.0), True),
+    ("nobody asked", set(), {"a"}, 50.0, 100.0, QuorumRules(min_peers=1, join_timeout_s=5.0), False),
+    ("everyone asked, short of the aggregator's need", {"a", "b"}, {"a", "b"}, 0.0, 100.0, QuorumRules(join_timeout_s=5.0, min_members=3), False),
 ]
 
 
@@ -64,10 +64,10 @@ HOPELESS_CASES = [
     ("a lone survivor after the join timeout", 1, 5.0, 100.0, True, QuorumRules(min_peers=2, join_timeout_s=5), True),
     # Even when it is the only live peer and has asked: a peer restarted by its supervisor comes back within it.
     ("a lone survivor before the join timeout", 1, 4.9, 100.0, True, QuorumRules(min_peers=2, join_timeout_s=5), False),
-    ("enough live peers, some yet to ask", 2, 50.0, 100.0, True, QuorumRules(min_peers=2), False),
-    ("before the first commit the run waits", 1, 50.0, 100.0, False, QuorumRules(min_peers=2), False),
-    ("startup grace after a coordinator restart", 1, 50.0, 2.0, True, QuorumRules(2, 5.0, 10.0), False),
-    ("min_peers 1 is always reachable", 1, 50.0, 100.0, True, QuorumRules(min_peers=1), False),
+    ("enough live peers, some yet to ask", 2, 50.0, 100.0, True, QuorumRules(min_peers=2, join_timeout_s=5.0), False),
+    ("before the first commit the run waits", 1, 50.0, 100.0, False, QuorumRules(min_peers=2, join_timeout_s=5.0), False),
+    ("startup grace after a coordinator restart", 1, 50.0, 2.0, True, QuorumRules(min_peers=2, join_timeout_s=5.0, startup_grace_s=10.0), False),
+    ("min_peers 1 is always reachable", 1, 50.0, 100.0, True, QuorumRules(min_peers=1, join_timeout_s=5.0), False),
     ("the aggregator's need counts too", 4, 5.0, 100.0, True, QuorumRules(join_timeout_s=5, min_members=5), True),
     (
         "before the first commit, short of the aggregator's need: refused at the join timeout",
@@ -96,9 +96,9 @@ def test_quorum_hopeless(name, eligible, age, coord_age, started, rules, hopeles
 WAITED_OUT_CASES = [
     ("a lone survivor asking again: refused at once", 1, 0.0, 100.0, True, QuorumRules(min_peers=2, join_timeout_s=5),
      True),
-    ("... but not in a restarted coordinator's startup grace", 1, 0.0, 2.0, True, QuorumRules(2, 5.0, 10.0), False),
-    ("... nor when enough peers are live", 2, 0.0, 100.0, True, QuorumRules(min_peers=2), False),
-    ("... nor before the first commit, short of min_peers", 1, 0.0, 100.0, False, QuorumRules(min_peers=2), False),
+    ("... but not in a restarted coordinator's startup grace", 1, 0.0, 2.0, True, QuorumRules(min_peers=2, join_timeout_s=5.0, startup_grace_s=10.0), False),
+    ("... nor when enough peers are live", 2, 0.0, 100.0, True, QuorumRules(min_peers=2, join_timeout_s=5.0), False),
+    ("... nor before the first commit, short of min_peers", 1, 0.0, 100.0, False, QuorumRules(min_peers=2, join_timeout_s=5.0), False),
 ]
 
 
@@ -111,11 +111,11 @@ def test_quorum_hopeless_once_its_join_timeout_was_waited_out(name, eligible, ag
 
 # has state, a holder is alive, run under way, coordinator age, rules -> action (before the run's first commit)
 JOIN_CASES = [
-    ("a peer with state keeps it", True, False, True, 0.0, QuorumRules(startup_grace_s=5), "keep"),
-    ("a fresh peer syncs from a live holder", False, True, True, 0.0, QuorumRules(startup_grace_s=5), "sync"),
-    ("the first peer of a new run founds it at once", False, False, False, 0.0, QuorumRules(startup_grace_s=5), "found"),
-    ("a restarted coordinator's holders are coming back", False, False, True, 1.0, QuorumRules(startup_grace_s=5), "wait"),
-    ("after the grace nobody is coming back", False, False, True, 5.0, QuorumRules(startup_grace_s=5), "found"),
+    ("a peer with state keeps it", True, False, True, 0.0, QuorumRules(join_timeout_s=5.0, startup_grace_s=5), "keep"),
+    ("a fresh peer syncs from a live holder", False, True, True, 0.0, QuorumRules(join_timeout_s=5.0, startup_grace_s=5), "sync"),
+    ("the first peer of a new run founds it at once", False, False, False, 0.0, QuorumRules(join_timeout_s=5.0, startup_grace_s=5), "found"),
+    ("a restarted coordinator's holders are coming back", False, False, True, 1.0, QuorumRules(join_timeout_s=5.0, startup_grace_s=5), "wait"),
+    ("after the grace nobody is coming back", False, False, True, 5.0, QuorumRules(join_timeout_s=5.0, startup_grace_s=5), "found"),
 ]
 
 
@@ -150,7 +150,7 @@ COMMITTED_JOIN_CASES = [
     ids=[c[0] for c in COMMITTED_JOIN_CASES],
 )
 def test_join_action_once_the_run_has_committed_a_round(name, has_state, last_round, digest, recorded, holder, action):
-    rules = QuorumRules(startup_grace_s=5)
+    rules = QuorumRules(join_timeout_s=5.0, startup_grace_s=5)
     got = join_action(
         has_state, holder, False, 1000.0, rules, committed_round=3, last_round=last_round, digest=digest,
         recorded_digest=recorded,
@@ -171,7 +171,7 @@ OWN_STATE_JOIN_CASES = [
 @pytest.mark.parametrize("name,has_state,last_round,holder,action", OWN_STATE_JOIN_CASES,
                          ids=[c[0] for c in OWN_STATE_JOIN_CASES])
 def test_join_action_of_a_replica_whose_state_is_its_own(name, has_state, last_round, holder, action):
-    got = join_action(has_state, holder, False, 1000.0, QuorumRules(startup_grace_s=5), committed_round=3,
+    got = join_action(has_state, holder, False, 1000.0, QuorumRules(join_timeout_s=5.0, startup_grace_s=5), committed_round=3,
                       last_round=last_round, own_state=True)
     assert got == action
 
@@ -195,14 +195,14 @@ INITIAL_STATE_CASES = [
 )
 def test_join_action_of_a_fresh_peer_naming_its_initial_state(name, committed, digest, initial, holder, action):
     got = join_action(
-        False, holder, False, 1000.0, QuorumRules(startup_grace_s=5), committed_round=committed, digest=digest,
+        False, holder, False, 1000.0, QuorumRules(join_timeout_s=5.0, startup_grace_s=5), committed_round=committed, digest=digest,
         initial_digest=initial,
     )
     assert got == action
 
 
 def test_with_allow_rollback_an_older_checkpoint_with_no_live_holder_is_kept_for_the_run_to_roll_back_to():
-    rules = QuorumRules(startup_grace_s=5, allow_rollback=True)
+    rules = QuorumRules(join_timeout_s=5.0, startup_grace_s=5, allow_rollback=True)
     assert join_action(True, False, False, 1000.0, rules, committed_round=3, last_round=2) == "keep"
 
 
@@ -225,7 +225,7 @@ def test_a_state_digest_is_empty_or_64_lowercase_hex_characters(digest, valid):
 
 def test_min_peers_below_one_is_a_config_error():
     with pytest.raises(ConfigError):
-        QuorumRules(min_peers=0)
+        QuorumRules(min_peers=0, join_timeout_s=5.0)
 
 
 @pytest.mark.parametrize(

@@ -27,26 +27,26 @@ def test_a_rejoining_peer_keeps_its_id_when_it_is_free():
 
 def test_an_id_held_by_a_live_peer_is_not_given_out_twice():
     state = RunState("run", 1)
-    state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1"))
+    state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1", lease_s=5.0))
     assert state.new_peer_id("p1-0a0b0c") != "p1-0a0b0c"
 
 
 def test_a_peer_that_rejoins_under_its_id_keeps_its_counters_until_its_next_heartbeat():
     # Counters that dipped to 0 would read as a reset to Prometheus, which would count the peer's history again.
     state = RunState("run", 1)
-    state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1", bytes_sent=700, bytes_received=600,
+    state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1", lease_s=5.0, bytes_sent=700, bytes_received=600,
                               samples=50, step=9))
     state.drop_peer(state.peers["p1-0a0b0c"], "lost")
-    state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1"))
+    state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1", lease_s=5.0))
     again = state.peers["p1-0a0b0c"]
     assert (again.bytes_sent, again.bytes_received, again.samples, again.step) == (700, 600, 50, 9)
 
 
 def test_a_joiner_that_joins_again_while_syncing_struggles_until_it_leaves_the_live_set():
     state = RunState("run", 1)
-    state.add_peer(PeerRecord(peer_id="p3-0a0b0c", address="127.0.0.1:3", state="syncing"))
+    state.add_peer(PeerRecord(peer_id="p3-0a0b0c", address="127.0.0.1:3", lease_s=5.0, state="syncing"))
     assert state.struggling == set()  # a first fetch: quorums wait for it
-    state.add_peer(PeerRecord(peer_id="p3-0a0b0c", address="127.0.0.1:3", state="syncing"))
+    state.add_peer(PeerRecord(peer_id="p3-0a0b0c", address="127.0.0.1:3", lease_s=5.0, state="syncing"))
     assert state.struggling == {"p3-0a0b0c"} and state.peers["p3-0a0b0c"].sync_failures == 1
     state.drop_peer(state.peers["p3-0a0b0c"], "lost")
     assert state.struggling == set()
@@ -54,7 +54,7 @@ def test_a_joiner_that_joins_again_while_syncing_struggles_until_it_leaves_the_l
 
 def test_a_peer_out_of_the_run_is_shown_doing_nothing():
     state = RunState("run", 1)
-    state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1", activity="training"))
+    state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1", lease_s=5.0, activity="training"))
     state.drop_peer(state.peers["p1-0a0b0c"], "lost")
     assert state.peers["p1-0a0b0c"].activity == ""
 
@@ -95,7 +95,7 @@ def test_a_roll_back_forgets_the_later_rounds_and_asks_for_a_new_epoch():
 def test_the_status_marks_the_members_of_the_last_committed_round():
     state = RunState("run", 1, policy="sample:0.5")
     for peer_id in "abcd":
-        state.add_peer(PeerRecord(peer_id=peer_id, address=f"127.0.0.1:{ord(peer_id)}"))
+        state.add_peer(PeerRecord(peer_id=peer_id, address=f"127.0.0.1:{ord(peer_id)}", lease_s=5.0))
     assert [p["in_last_round"] for p in state.status("here", "0")["peers"]] == [False] * 4
     state.record_commit(RoundRecord(1, 0, ["b", "c"], 0.0, candidates=list("abcd")))
     state.record_commit(RoundRecord(2, 1, ["a", "c"], 0.0, candidates=list("abcd")))

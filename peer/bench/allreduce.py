@@ -146,7 +146,7 @@ def run(
     codec: str = "int8",
     bandwidth: str | None = None,
     repeat: int = 5,
-    chunk_bytes: int = 1 << 20,
+    chunk_bytes: int = TransportConfig.chunk_bytes,
     gloo: bool = True,
     timeout_s: float = 300.0,
     codec_threads: int | None = None,
@@ -355,7 +355,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --netns: the namespaces' TCP congestion control, e.g. bbr (default: cubic, else reno)",
     )
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds; the median is reported")
-    parser.add_argument("--chunk-bytes", type=int, default=1 << 20, help="bytes per gRPC message")
+    parser.add_argument("--chunk-bytes", type=int, default=TransportConfig.chunk_bytes, help="bytes per gRPC message")
     parser.add_argument(
         "--codec-threads", type=int, default=None,
         help="codec threads per peer; 0 encodes on the event loop (default: when peers >= cores, 1 with "

@@ -66,7 +66,7 @@ from peer.device import place_model, resolve_device
 from peer.runtime.training import TaskPartitions, TrainConfig, make_optimizer
 from peer.stragglers import BurstyStragglers, StragglerPattern
 from peer.tasks.base import Task, TaskConfig
-from peer.tasks.registry import make_task
+from peer.tasks.registry import DEFAULT_TASK, make_task
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class CodingBenchConfig:
     pattern: str = "random,x=4"
     steps: int = 100
     methods: tuple[str, ...] = METHODS
-    task: str = "synthetic-lm"
+    task: str = DEFAULT_TASK
     # Modeled seconds of one partition batch's compute at normal speed.
     unit_s: float = 0.2
     # The optimizer every worker applies the round's gradient with: Adam trains the transformer smoothly,

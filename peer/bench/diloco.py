@@ -61,7 +61,7 @@ from peer.harness.procgroup import Placement
 from peer.options import options_of
 from peer.runtime.training import LOCAL_SYNC_EVERY, TrainConfig, local_run
 from peer.tasks.base import TaskConfig
-from peer.tasks.registry import TASK_HELP, check_task, make_task
+from peer.tasks.registry import DEFAULT_TASK, TASK_HELP, check_task, make_task
 
 BASELINES = ("data_parallel", "one_peer")
 DEFAULT_TRAIN = local_run("diloco")
@@ -145,7 +145,7 @@ class BenchConfig:
     """What to compare, at which size: one TrainConfig per algorithm (same loop settings), and the baselines."""
 
     peers: int = 4
-    task: str = "synthetic-lm"
+    task: str = DEFAULT_TASK
     task_config: TaskConfig = field(default_factory=TaskConfig)
     runs: tuple[TrainConfig, ...] = (DEFAULT_TRAIN, local_run("streaming"))
     baselines: tuple[str, ...] = BASELINES

@@ -40,7 +40,7 @@ from peer.bench.progress import Progress, progress_for
 from peer.device import check_device_spec, place_model, resolve_device
 from peer.runtime.training import local_run
 from peer.tasks.base import TaskConfig
-from peer.tasks.registry import make_task
+from peer.tasks.registry import DEFAULT_TASK, make_task
 
 # The model of the copy and step timings: large enough that a GPU's step is not all launch overhead.
 TIMING_TASK = TaskConfig(d_model=256, n_layers=4, n_heads=8, seq_len=128, batch_size=16, vocab_size=256)
@@ -127,7 +127,7 @@ def _median_s(fn, device: torch.device, repeat: int) -> float:
 
 def time_sync_copies(device: torch.device, repeat: int) -> dict:
     """One inner step against one sync's copies, on the timing model placed on device."""
-    task = make_task("synthetic-lm", TIMING_TASK)
+    task = make_task(DEFAULT_TASK, TIMING_TASK)
     model = place_model(task.build_model(), device)
     inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
     state = GlobalState(list(model.named_parameters()), OuterConfig())
@@ -182,7 +182,7 @@ def run_diloco(device: torch.device, peers: int, steps: int, progress: Progress)
     """DiLoCo with real peer processes on the device; are their global parameters identical at the end?"""
     devices = peer_devices(device, peers)
     train = local_run("diloco", steps=steps)
-    config = BenchConfig(peers=peers, task="synthetic-lm", runs=(train,), baselines=())
+    config = BenchConfig(peers=peers, task=DEFAULT_TASK, runs=(train,), baselines=())
     result = run_ours(config, train, progress, label="diloco", devices=devices)
     return {
         "peers": peers,

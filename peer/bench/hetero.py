@@ -55,7 +55,7 @@ from peer.coordinator.config import CoordinatorConfig
 from peer.harness.scenario import make_event
 from peer.runtime.training import LOCAL_SYNC_EVERY, TrainConfig
 from peer.tasks.base import TaskConfig
-from peer.tasks.registry import TASK_HELP, check_task, make_task
+from peer.tasks.registry import DEFAULT_TASK, TASK_HELP, check_task, make_task
 
 TARGET = "target"
 METHODS = ("diloco", "diloco-time", "async", "async-unweighted", "noloco")
@@ -141,7 +141,7 @@ class HeteroConfig:
     """What ``bench hetero`` runs: the network, its slow peers, the budget, the methods."""
 
     peers: int = 4
-    task: str = "synthetic-lm"
+    task: str = DEFAULT_TASK
     task_config: TaskConfig = field(default_factory=TaskConfig)
     # None: the last peer, 3 times slower; () for none.
     slow: tuple[SlowPeer, ...] | None = None

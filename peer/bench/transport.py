@@ -78,7 +78,7 @@ def check_arguments(mb: float, chunk_bytes: int, repeat: int) -> None:
 
 
 def run(
-    mb: float = 400.0, chunk_bytes: int = 1 << 20, repeat: int = 5, cores: int | None = None,
+    mb: float = 400.0, chunk_bytes: int = TransportConfig.chunk_bytes, repeat: int = 5, cores: int | None = None,
     progress: Progress | None = None,
 ) -> dict:
     """Stream mb megabytes to a child process repeat times; return the report."""
@@ -139,7 +139,7 @@ def run(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark, and what its report's fields mean (the help's epilog)."""
     parser.add_argument("--mb", type=float, default=400.0, help="megabytes per stream")
-    parser.add_argument("--chunk-bytes", type=int, default=1 << 20, help="bytes per message")
+    parser.add_argument("--chunk-bytes", type=int, default=TransportConfig.chunk_bytes, help="bytes per message")
     parser.add_argument("--repeat", type=int, default=5, help="timed streams; the median is reported")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     describe_report(parser, FIELDS)

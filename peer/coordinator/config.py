@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from collectives.addresses import MAX_PORT, parse_advertise
+from collectives.addresses import COORDINATOR_PORT, LOCAL_HOST, MAX_PORT, parse_advertise
 from collectives.errors import ConfigError
 from collectives.membership import DEFAULT_RUN_ID
 from collectives.rpc import RpcSecurity
@@ -47,9 +47,9 @@ class CoordinatorConfig:
 
     run_id: str = field(default=DEFAULT_RUN_ID, metadata={"help": "run id this coordinator serves", "flag": "run"})
     host: str = field(
-        default="127.0.0.1", metadata={"help": "interface to serve gRPC on (127.0.0.1: this machine only)"}
+        default=LOCAL_HOST, metadata={"help": "interface to serve gRPC on (127.0.0.1: this machine only)"}
     )
-    port: int = field(default=7070, metadata={"help": "gRPC port (0: any free port)"})
+    port: int = field(default=COORDINATOR_PORT, metadata={"help": "gRPC port (0: any free port)"})
     advertise: str | None = field(
         default=None,
         metadata={"help": "HOST[:PORT] peers reach this coordinator at, when it differs from --host (HOST alone: the "
@@ -221,7 +221,8 @@ class CoordinatorConfig:
     def rules(self) -> QuorumRules:
         """The quorum rule's settings."""
         grace = self.lease_s if self.startup_grace_s is None else self.startup_grace_s
-        return QuorumRules(self.min_peers, self.join_timeout_s, grace, self.allow_rollback)
+        return QuorumRules(min_peers=self.min_peers, join_timeout_s=self.join_timeout_s, startup_grace_s=grace,
+                           allow_rollback=self.allow_rollback)
 
     @property
     def policy(self) -> QuorumPolicy:

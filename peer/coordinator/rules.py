@@ -179,12 +179,13 @@ class PeerView:
     has_state: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QuorumRules:
-    """Settings of the quorum rule."""
+    """Settings of the quorum rule, given by keyword."""
 
     min_peers: int = 1
-    join_timeout_s: float = 5.0
+    # No default here: the coordinator's config gives it (``CoordinatorConfig.join_timeout_s``, --join-timeout).
+    join_timeout_s: float
     startup_grace_s: float = 0.0
     # When every holder of the last committed round is gone, go on from the newest older round a live peer
     # holds (losing the later rounds) instead of waiting for a holder: an operator's choice, never the default.

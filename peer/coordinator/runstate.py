@@ -35,8 +35,8 @@ class PeerRecord:
     state: str = "joining"
     joined_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
-    # The lease and heartbeat interval this peer was given at join.
-    lease_s: float = 5.0
+    # The lease this peer was given at join (no default: the coordinator's config gives it, ``lease_s``).
+    lease_s: float = field(kw_only=True)
     last_round: int = 0
     has_state: bool = False
     step: int = 0

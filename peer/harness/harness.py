@@ -52,7 +52,7 @@ from peer.harness.stall import Stall, StallPlan, StallRecord, serving_address
 from peer.options import option_args
 from peer.runtime.training import TrainConfig, epochs_problem, local_run
 from peer.tasks.base import TaskConfig
-from peer.tasks.registry import TASK_HELP, make_task
+from peer.tasks.registry import DEFAULT_TASK, TASK_HELP, make_task
 from peer.trainoptions import task_args, train_args
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
@@ -120,7 +120,7 @@ class HarnessConfig:
 
     peers: int = field(default=4, metadata={"help": "peers at the start (joiners come on top)"})
     run_id: str = field(default=DEFAULT_RUN_ID, metadata={"help": "run id", "flag": "run"})
-    task: str = field(default="synthetic-lm", metadata={"help": TASK_HELP})
+    task: str = field(default=DEFAULT_TASK, metadata={"help": TASK_HELP})
     task_config: TaskConfig = field(default_factory=TaskConfig, metadata={"cli": False})
     train: TrainConfig = field(
         default_factory=local_run, metadata={"cli": False}

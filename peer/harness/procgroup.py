@@ -49,7 +49,7 @@ class WorkerConfig:
 
     run_id: str = "local"
     host: str = "127.0.0.1"
-    chunk_bytes: int = 1 << 20
+    chunk_bytes: int = TransportConfig.chunk_bytes
     bandwidth_bps: float | None = None
     torch_threads: int = 1
     # See TransportConfig.codec_threads (0: on each worker's event loop).

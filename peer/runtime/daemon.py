@@ -44,7 +44,7 @@ from typing import Protocol
 
 import torch
 
-from collectives.addresses import coordinator_address
+from collectives.addresses import COORDINATOR_PORT, LOCAL_HOST, coordinator_address, format_address
 from collectives.allocator import tune_malloc
 from collectives.allreduce import AllReduceConfig
 from collectives.elastic import LEAVE_ON_STOP_S, ElasticCollective, ElasticConfig, Stopped, leave_reason
@@ -57,7 +57,7 @@ from peer.runtime.checkpoint import CheckpointError, check_checkpoint_dir, load_
 from peer.runtime.display import PeerDisplay, RoundFigures, Summary, bar_info, choose_streams, joined_line
 from peer.runtime.training import Progress, TrainConfig, TrainLoop, epochs_problem, make_optimizer
 from peer.tasks.base import Task, TaskConfig
-from peer.tasks.registry import TASK_HELP, make_task
+from peer.tasks.registry import DEFAULT_TASK, TASK_HELP, make_task
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class PeerConfig:
     """Everything ``loconet peer`` is told (its options come from these fields)."""
 
     coordinator: str = field(
-        default="127.0.0.1:7070",
+        default=format_address(LOCAL_HOST, COORDINATOR_PORT),
         metadata={"help": "host:port of the run's coordinator, as `loconet coordinator` prints it (a port alone: "
                   "this machine)"},
     )
@@ -76,7 +76,7 @@ class PeerConfig:
         metadata={"help": "seconds to keep trying to reach the coordinator before giving up"},
     )
     run_id: str = field(default=DEFAULT_RUN_ID, metadata={"help": "run id", "flag": "run"})
-    task: str = field(default="synthetic-lm", metadata={"help": TASK_HELP})
+    task: str = field(default=DEFAULT_TASK, metadata={"help": TASK_HELP})
     task_config: TaskConfig = field(default_factory=TaskConfig, metadata={"cli": False})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"cli": False})
     name: str = field(default="", metadata={"help": "label shown on the dashboard"})

@@ -38,10 +38,6 @@ def task_names() -> tuple[str, ...]:
     return tuple(_TASKS)
 
 
-TASK_HELP = "synthetic-lm, text-lm (--data), digits, a plugin's registered task, or package.module:function"
-"""What --task takes, for every command's help."""
-
-
 def make_task(name: str, config: TaskConfig) -> Task:
     """The task called ``name``: a registered one or a user task ``"package.module:function"``."""
     factory = _TASKS.get(name)
@@ -65,6 +61,18 @@ def check_task(name: str, config: TaskConfig) -> None:
     make_task(name, config)
 
 
-register_task("synthetic-lm", SyntheticLMTask)
-register_task("text-lm", TextLMTask)
-register_task("digits", DigitsTask)
+def task_help() -> str:
+    """What --task takes: the registered tasks (those that read --data say so), a plugin's, or a user task."""
+    names = [f"{name} (--data)" if getattr(factory, "reads_data", False) else name for name, factory in _TASKS.items()]
+    return f"{', '.join(names)}, a plugin's registered task, or package.module:function"
+
+
+for _builtin in (SyntheticLMTask, TextLMTask, DigitsTask):
+    register_task(_builtin.name, _builtin)
+
+DEFAULT_TASK = SyntheticLMTask.name
+"""The task every command trains unless told otherwise (--task)."""
+
+TASK_HELP = task_help()
+"""What --task takes, for every command's help: built when the built-in tasks are registered, before any plugin
+is loaded (a plugin's tasks are named by the help's "a plugin's registered task")."""
