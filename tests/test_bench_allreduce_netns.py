@@ -37,7 +37,8 @@ def test_a_congestion_control_without_namespaces_is_refused_in_one_line(monkeypa
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(bool(NETNS), reason=f"network namespaces unavailable: {NETNS}")
 def test_ours_and_gloo_run_over_the_same_capped_links():
-    report = allreduce.run(peers=3, numel=200_000, codec="int8", bandwidth="50mbit", repeat=1, netns=True)
+    report = allreduce.run(allreduce.AllReduceBenchConfig(
+        peers=3, numel=200_000, codec="int8", bandwidth="50mbit", repeat=1, netns=True))
     assert report["netns"] is True
     assert report["identical_across_peers"] is True
     assert report["max_abs_error"] <= report["error_bound"]
@@ -60,8 +61,8 @@ def test_ours_and_gloo_run_over_the_same_capped_links():
 @pytest.mark.skipif(bool(NETNS), reason=f"network namespaces unavailable: {NETNS}")
 def test_ours_runs_with_mutual_tls_over_the_capped_links_when_asked():
     # Every worker's certificate names its namespace address; a wrong one would fail the handshake and the round.
-    report = allreduce.run(peers=3, numel=200_000, codec="int8", bandwidth="50mbit", repeat=1, netns=True,
-                           gloo=False, tls=True)
+    report = allreduce.run(allreduce.AllReduceBenchConfig(
+        peers=3, numel=200_000, codec="int8", bandwidth="50mbit", repeat=1, netns=True, gloo=False, tls=True))
     assert report["tls"] is True
     assert report["identical_across_peers"] is True
     assert report["max_abs_error"] <= report["error_bound"]

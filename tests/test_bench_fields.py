@@ -87,20 +87,21 @@ def test_undocumented_names_every_path_the_table_misses():
 
 
 def test_the_codecs_report_is_documented():
-    report = codecs.run(numel=2048, repeat=1, codecs=["int8", "none"])
+    report = codecs.run(codecs.CodecsBenchConfig(numel=2048, repeat=1, codecs=("int8", "none")))
     assert undocumented(report, codecs.FIELDS) == []
 
 
 @pytest.mark.timeout(120)
 def test_the_statesync_report_is_documented():
-    report = statesync.run(mb=0.1, repeat=1, bandwidth="10gbit")
+    report = statesync.run(statesync.StateSyncBenchConfig(mb=0.1, repeat=1, bandwidth="10gbit"))
     assert "link_utilization" in report
     assert undocumented(report, statesync.FIELDS) == []
 
 
 @pytest.mark.timeout(180)
 def test_the_allreduce_report_is_documented():
-    report = allreduce.run(peers=2, numel=4096, codec="int8", bandwidth="10gbit", repeat=1, chunk_bytes=4096)
+    report = allreduce.run(allreduce.AllReduceBenchConfig(
+        peers=2, numel=4096, codec="int8", bandwidth="10gbit", repeat=1, chunk_bytes=4096))
     assert {"baseline", "ratio_vs_gloo", "link_utilization"} <= set(report)
     assert undocumented(report, allreduce.FIELDS) == []
 
@@ -108,13 +109,14 @@ def test_the_allreduce_report_is_documented():
 @pytest.mark.timeout(180)
 def test_off_the_namespaces_a_capped_run_has_no_ratio_to_an_uncapped_gloo():
     # It reported ratio_vs_gloo 33.4: ours paced to --bandwidth, gloo at loopback speed.
-    report = allreduce.run(peers=2, numel=4096, codec="int8", bandwidth="10gbit", repeat=1, chunk_bytes=4096)
+    report = allreduce.run(allreduce.AllReduceBenchConfig(
+        peers=2, numel=4096, codec="int8", bandwidth="10gbit", repeat=1, chunk_bytes=4096))
     assert report["ratio_vs_gloo"] is None and report["baseline"]["capped"] is False
 
 
 @pytest.mark.timeout(180)
 def test_uncapped_the_ratio_to_gloo_is_the_ratio_of_the_medians():
-    report = allreduce.run(peers=2, numel=4096, codec="int8", repeat=1, chunk_bytes=4096)
+    report = allreduce.run(allreduce.AllReduceBenchConfig(peers=2, numel=4096, codec="int8", repeat=1, chunk_bytes=4096))
     assert report["ratio_vs_gloo"] == report["median_s"] / report["baseline"]["median_s"]
     assert "capped" not in report["baseline"]
 
@@ -122,6 +124,6 @@ def test_uncapped_the_ratio_to_gloo_is_the_ratio_of_the_medians():
 @pytest.mark.timeout(180)
 def test_the_allreduce_benchmark_times_a_sparse_codec_with_no_error_bound():
     # It refused topk ("no per-element error bound"), so the sparse codec could not be timed there.
-    report = allreduce.run(peers=2, numel=4096, codec="topk/64", repeat=1, gloo=False)
+    report = allreduce.run(allreduce.AllReduceBenchConfig(peers=2, numel=4096, codec="topk/64", repeat=1, gloo=False))
     assert report["error_bound"] is None and report["identical_across_peers"]
     assert report["bytes_sent_per_peer"] < report["fp32_bytes"] / 8

@@ -63,6 +63,6 @@ def test_the_dry_run_on_the_cpu_runs_every_check_and_passes_them() -> None:
 @pytest.mark.cuda
 @pytest.mark.timeout(600)
 def test_on_cuda_the_gpu_check_passes() -> None:
-    report = gpu.run("cuda", peers=2, steps=50, numel=1 << 20, repeat=2)
+    report = gpu.run(gpu.GpuBenchConfig("cuda", peers=2, steps=50, numel=1 << 20, repeat=2))
     assert all(report["encode_parity"].values())
     assert report["diloco"]["identical_global_params"] is True

@@ -28,7 +28,8 @@ def _is_summary(value) -> bool:
 
 
 def test_small_run_commits_every_round_with_every_peer(tmp_path):
-    report = bench_membership.run(peers=PEERS, rounds=ROUNDS, client_procs=1, window_s=2.0, log_dir=tmp_path)
+    report = bench_membership.run(bench_membership.MembershipBenchConfig(
+        peers=PEERS, rounds=ROUNDS, client_procs=1, window_s=2.0, log_dir=tmp_path))
 
     assert report["peers"] == PEERS and report["rounds"] == ROUNDS and report["client_procs"] == 1
     for key in ("join_latency_s", "quorum_latency_s", "quorum_close_latency_s", "commit_latency_s"):
@@ -63,7 +64,8 @@ def test_small_run_commits_every_round_with_every_peer(tmp_path):
 
 
 def test_with_churn_every_round_commits_with_every_peer_and_carries_the_member_list_as_its_change(tmp_path):
-    report = bench_membership.run(peers=PEERS, rounds=3, client_procs=1, window_s=1.0, churn=2, log_dir=tmp_path)
+    report = bench_membership.run(bench_membership.MembershipBenchConfig(
+        peers=PEERS, rounds=3, client_procs=1, window_s=1.0, churn=2, log_dir=tmp_path))
     assert report["problems"] == [] and report["all_rounds_committed_with_all_peers"] is True
     assert report["peers_alive_at_end"] == PEERS and report["churn"] == 2
     # Round 1 sends every peer the whole list, packed; each later round, after 2 peers left and joined again

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_every_byte_arrives_and_costs_are_reported():
-    report = bench_transport.run(mb=4.0, chunk_bytes=256 * 1024, repeat=2, cores=2)
+    report = bench_transport.run(bench_transport.TransportBenchConfig(mb=4.0, chunk_bytes=256 * 1024, repeat=2, cores=2))
     # run() raises unless the sink counted exactly this many bytes in every stream.
     assert report["bytes"] == 15 * 256 * 1024
     assert report["chunk_bytes"] == 256 * 1024
@@ -31,4 +31,4 @@ def test_every_byte_arrives_and_costs_are_reported():
 
 def test_less_than_one_chunk_is_refused():
     with pytest.raises(ConfigError, match="smaller than one chunk"):
-        bench_transport.run(mb=0.1, chunk_bytes=1 << 20, repeat=1)
+        bench_transport.run(bench_transport.TransportBenchConfig(mb=0.1, chunk_bytes=1 << 20, repeat=1))

@@ -25,7 +25,7 @@ import contextlib
 import statistics
 import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from collectives.allreduce import mean_error_bound
@@ -119,14 +119,37 @@ FIELDS: Fields = {
 }
 
 
-def check_arguments(
-    peers: int, numel: int, codec: str, bandwidth: str | None, repeat: int, chunk_bytes: int,
-    codec_threads: int | None, timeout_s: float, netns: bool = False,
-) -> float | None:
+@dataclass(frozen=True)
+class AllReduceBenchConfig:
+    """What ``bench allreduce`` runs: its options' defaults are these fields'."""
+
+    peers: int = 4
+    numel: int = 25_000_000
+    codec: str = "int8"
+    # Per-peer cap on send and receive, e.g. "1gbit" (None: uncapped).
+    bandwidth: str | None = None
+    repeat: int = 5
+    chunk_bytes: int = TransportConfig.chunk_bytes
+    gloo: bool = True
+    timeout_s: float = 300.0
+    # None: codec_threads_for(peers, link_limited=bandwidth is not None).
+    codec_threads: int | None = None
+    netns: bool = False
+    hierarchical: bool = False
+    congestion_control: str | None = None
+    # An interpreter with hivemind, to measure its all-reduce too (None: no hivemind baseline).
+    hivemind_python: str | None = None
+    hivemind_codec: str | None = None
+    tls: bool = False
+
+
+def check_arguments(config: AllReduceBenchConfig) -> float | None:
     """ConfigError for arguments the benchmark cannot run with; the bandwidth cap in bits per second.
 
     With netns, NetnsUnavailable (not root, no iproute2...) says what is missing, before any process starts.
     """
+    peers, numel, codec, bandwidth, repeat = config.peers, config.numel, config.codec, config.bandwidth, config.repeat
+    chunk_bytes, codec_threads, timeout_s, netns = config.chunk_bytes, config.codec_threads, config.timeout_s, config.netns
     require(peers >= 1, f"--peers must be at least 1, got {peers}")
     require(numel >= 1, f"--numel must be at least 1, got {numel}")
     require(repeat >= 1, f"--repeat must be at least 1, got {repeat}")
@@ -140,29 +163,14 @@ def check_arguments(
     return bps
 
 
-def run(
-    peers: int = 4,
-    numel: int = 25_000_000,
-    codec: str = "int8",
-    bandwidth: str | None = None,
-    repeat: int = 5,
-    chunk_bytes: int = TransportConfig.chunk_bytes,
-    gloo: bool = True,
-    timeout_s: float = 300.0,
-    codec_threads: int | None = None,
-    netns: bool = False,
-    progress: Progress | None = None,
-    hierarchical: bool = False,
-    congestion_control: str | None = None,
-    hivemind_python: str | None = None,
-    hivemind_codec: str | None = None,
-    tls: bool = False,
-) -> dict:
-    """Run the benchmark and return its report as a JSON-ready dict (codec_threads None: codec_threads_for;
-    hivemind_python None: no hivemind baseline)."""
-    bandwidth_bps = check_arguments(
-        peers, numel, codec, bandwidth, repeat, chunk_bytes, codec_threads, timeout_s, netns
-    )
+def run(config: AllReduceBenchConfig | None = None, progress: Progress | None = None) -> dict:
+    """Run the benchmark and return its report as a JSON-ready dict (config None: the defaults)."""
+    config = config or AllReduceBenchConfig()
+    bandwidth_bps = check_arguments(config)
+    peers, numel, codec, bandwidth, repeat = config.peers, config.numel, config.codec, config.bandwidth, config.repeat
+    chunk_bytes, gloo, timeout_s, codec_threads = config.chunk_bytes, config.gloo, config.timeout_s, config.codec_threads
+    netns, hierarchical, congestion_control, tls = config.netns, config.hierarchical, config.congestion_control, config.tls
+    hivemind_python, hivemind_codec = config.hivemind_python, config.hivemind_codec
     # Namespaces stand for separate hosts: one host id would take the bytes off their shaped links.
     require(not (hierarchical and netns), "--hierarchical puts every peer on one host; it cannot go with --netns")
     require(congestion_control is None or netns, "--congestion-control sets the namespaces' TCP; it needs --netns")
@@ -341,23 +349,24 @@ def _expect_ok(replies: list) -> list[dict]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line options of this benchmark, and what its report's fields mean (the help's epilog)."""
-    parser.add_argument("--peers", type=int, default=4, help="worker processes, each a member of every round")
-    parser.add_argument("--numel", type=int, default=25_000_000, help="fp32 elements each peer contributes")
-    parser.add_argument("--codec", default="int8",
+    d = AllReduceBenchConfig()
+    parser.add_argument("--peers", type=int, default=d.peers, help="worker processes, each a member of every round")
+    parser.add_argument("--numel", type=int, default=d.numel, help="fp32 elements each peer contributes")
+    parser.add_argument("--codec", default=d.codec,
                         help=f"NAME[/N][+zstd]: NAME one of {', '.join(codec_names())} (e.g. int8, int4/128+zstd, topk/64)")
-    parser.add_argument("--bandwidth", default=None, help="per-peer cap on send and receive, e.g. 1gbit (default: uncapped)")
+    parser.add_argument("--bandwidth", default=d.bandwidth, help="per-peer cap on send and receive, e.g. 1gbit (default: uncapped)")
     parser.add_argument(
         "--netns", action="store_true",
         help="root: each peer in its own network namespace, links capped with tbf; gloo runs over the same links",
     )
     parser.add_argument(
-        "--congestion-control", default=None, metavar="NAME",
+        "--congestion-control", default=d.congestion_control, metavar="NAME",
         help="with --netns: the namespaces' TCP congestion control, e.g. bbr (default: cubic, else reno)",
     )
-    parser.add_argument("--repeat", type=int, default=5, help="timed rounds; the median is reported")
-    parser.add_argument("--chunk-bytes", type=int, default=TransportConfig.chunk_bytes, help="bytes per gRPC message")
+    parser.add_argument("--repeat", type=int, default=d.repeat, help="timed rounds; the median is reported")
+    parser.add_argument("--chunk-bytes", type=int, default=d.chunk_bytes, help="bytes per gRPC message")
     parser.add_argument(
-        "--codec-threads", type=int, default=None,
+        "--codec-threads", type=int, default=d.codec_threads,
         help="codec threads per peer; 0 encodes on the event loop (default: when peers >= cores, 1 with "
              "--bandwidth and 0 without, else 2)",
     )
@@ -368,34 +377,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "links are always encrypted)",
     )
     parser.add_argument(
-        "--hivemind", nargs="?", const=sys.executable, default=None, metavar="PYTHON",
+        "--hivemind", nargs="?", const=sys.executable, default=d.hivemind_python, metavar="PYTHON",
         help="also measure hivemind's all-reduce, run by PYTHON (an interpreter with hivemind; default: this one)",
     )
     parser.add_argument(
-        "--hivemind-codec", default=None, choices=hivemind_baseline.HIVEMIND_CODECS,
+        "--hivemind-codec", default=d.hivemind_codec, choices=hivemind_baseline.HIVEMIND_CODECS,
         help="hivemind's compression (default: the counterpart of --codec, else none)",
     )
     parser.add_argument(
         "--hierarchical", action="store_true",
         help="every peer on one host id: they reduce through shared memory (the codec applies between hosts only)",
     )
-    parser.add_argument("--timeout", type=float, default=300.0, help="deadline of each round, seconds")
+    parser.add_argument("--timeout", type=float, default=d.timeout_s, help="deadline of each round, seconds")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     describe_report(parser, FIELDS)
 
 
+def bench_config(ns: argparse.Namespace) -> AllReduceBenchConfig:
+    """The AllReduceBenchConfig the options describe."""
+    return AllReduceBenchConfig(
+        peers=ns.peers, numel=ns.numel, codec=ns.codec, bandwidth=ns.bandwidth, repeat=ns.repeat,
+        chunk_bytes=ns.chunk_bytes, gloo=not ns.no_gloo, timeout_s=ns.timeout, codec_threads=ns.codec_threads,
+        netns=ns.netns, hierarchical=ns.hierarchical, congestion_control=ns.congestion_control,
+        hivemind_python=ns.hivemind, hivemind_codec=ns.hivemind_codec, tls=ns.tls,
+    )
+
+
 def main(ns: argparse.Namespace) -> int:
     """Check the arguments, run, and print the report (progress on stderr)."""
-    check_arguments(
-        ns.peers, ns.numel, ns.codec, ns.bandwidth, ns.repeat, ns.chunk_bytes, ns.codec_threads, ns.timeout, ns.netns
-    )
+    config = bench_config(ns)
+    check_arguments(config)
     with progress_for("allreduce", getattr(ns, "quiet", 0)) as progress:
-        report = run(
-            peers=ns.peers, numel=ns.numel, codec=ns.codec, bandwidth=ns.bandwidth, repeat=ns.repeat,
-            chunk_bytes=ns.chunk_bytes, gloo=not ns.no_gloo, timeout_s=ns.timeout, codec_threads=ns.codec_threads,
-            netns=ns.netns, progress=progress, hierarchical=ns.hierarchical,
-            congestion_control=ns.congestion_control, hivemind_python=ns.hivemind, hivemind_codec=ns.hivemind_codec,
-            tls=ns.tls,
-        )
+        report = run(config, progress)
     print_report(report, ns.json)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -19,7 +20,17 @@ from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import median_seconds, print_report, require
 from peer.bench.progress import Progress, progress_for
 
-DEFAULT_CODECS = ["none", "fp16", "bf16", "int8", "int4", "int8+zstd", "int4+zstd"]
+DEFAULT_CODECS = ("none", "fp16", "bf16", "int8", "int4", "int8+zstd", "int4+zstd")
+
+
+@dataclass(frozen=True)
+class CodecsBenchConfig:
+    """What ``bench codecs`` runs: its options' defaults are these fields'."""
+
+    numel: int = 16_000_000
+    repeat: int = 5
+    # Codec specs, timed in this order (empty: DEFAULT_CODECS).
+    codecs: tuple[str, ...] = DEFAULT_CODECS
 
 FIELDS: Fields = {
     "numel": "fp32 elements of the tensor every codec encodes (seeded N(0, 1) values)",
@@ -77,11 +88,11 @@ def check_arguments(numel: int, repeat: int, codecs: list[str]) -> None:
         make_codec(spec)  # ConfigError on a bad spec, naming the valid ones
 
 
-def run(
-    numel: int = 16_000_000, repeat: int = 5, codecs: list[str] | None = None, progress: Progress | None = None
-) -> dict:
+def run(config: CodecsBenchConfig | None = None, progress: Progress | None = None) -> dict:
     """Benchmark codecs on one thread; return a JSON-serialisable dict of medians and ratios."""
-    names = list(codecs) if codecs else list(DEFAULT_CODECS)
+    config = config or CodecsBenchConfig()
+    numel, repeat = config.numel, config.repeat
+    names = list(config.codecs) if config.codecs else list(DEFAULT_CODECS)
     check_arguments(numel, repeat, names)
     progress = progress or Progress("codecs", enabled=False)
     prev_threads = torch.get_num_threads()
@@ -144,19 +155,22 @@ def _table(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line options of this benchmark (shared by ``loconet bench codecs`` and ``main``)."""
-    parser.add_argument("--numel", type=int, default=16_000_000, help="fp32 elements per tensor (default 16M)")
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement; the median is reported")
-    parser.add_argument("--codecs", default=",".join(DEFAULT_CODECS), help="comma-separated codec specs")
+    d = CodecsBenchConfig()
+    parser.add_argument("--numel", type=int, default=d.numel, help="fp32 elements per tensor (default 16M)")
+    parser.add_argument("--repeat", type=int, default=d.repeat, help="timed runs per measurement; the median is reported")
+    parser.add_argument("--codecs", default=",".join(d.codecs), help="comma-separated codec specs")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     describe_report(parser, FIELDS)
 
 
 def main(ns: argparse.Namespace) -> int:
     """Run from parsed options; print a table, or one JSON object with --json (progress on stderr)."""
-    codecs = [c.strip() for c in ns.codecs.split(",") if c.strip()]
-    check_arguments(ns.numel, ns.repeat, codecs)  # before anything is timed
+    config = CodecsBenchConfig(
+        numel=ns.numel, repeat=ns.repeat, codecs=tuple(c.strip() for c in ns.codecs.split(",") if c.strip())
+    )
+    check_arguments(config.numel, config.repeat, list(config.codecs))  # before anything is timed
     with progress_for("codecs", getattr(ns, "quiet", 0)) as progress:
-        result = run(numel=ns.numel, repeat=ns.repeat, codecs=codecs, progress=progress)
+        result = run(config, progress)
     if ns.json:
         print_report(result, as_json=True)
     else:  # not print_report's "key: value" lines: the per-codec figures are nested dicts, which read as a table

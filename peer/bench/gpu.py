@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -205,10 +206,22 @@ def check_arguments(device: str, peers: int, steps: int, numel: int, repeat: int
     return resolve_device(device)
 
 
-def run(device: str = "cuda", peers: int = 2, steps: int = 200, numel: int = 16_000_000, repeat: int = 5,
-        progress: Progress | None = None) -> dict:
+@dataclass(frozen=True)
+class GpuBenchConfig:
+    """What ``bench gpu`` checks: its options' defaults are these fields'."""
+
+    device: str = "cuda"
+    peers: int = 2
+    steps: int = 200
+    numel: int = 16_000_000
+    repeat: int = 5
+
+
+def run(config: GpuBenchConfig | None = None, progress: Progress | None = None) -> dict:
     """Every check on the device; a JSON-serialisable report."""
-    dev = check_arguments(device, peers, steps, numel, repeat)
+    config = config or GpuBenchConfig()
+    peers, steps, numel, repeat = config.peers, config.steps, config.numel, config.repeat
+    dev = check_arguments(config.device, peers, steps, numel, repeat)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     progress = progress or Progress("gpu", enabled=False)
@@ -236,21 +249,23 @@ def run(device: str = "cuda", peers: int = 2, steps: int = 200, numel: int = 16_
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line options of this benchmark."""
-    parser.add_argument("--device", default="cuda", help="the GPU to check (cuda, cuda:N), or cpu for a dry run")
-    parser.add_argument("--peers", type=int, default=2, help="DiLoCo peer processes (they share the GPU, or "
+    d = GpuBenchConfig()
+    parser.add_argument("--device", default=d.device, help="the GPU to check (cuda, cuda:N), or cpu for a dry run")
+    parser.add_argument("--peers", type=int, default=d.peers, help="DiLoCo peer processes (they share the GPU, or "
                         "take one GPU each where there are several)")
-    parser.add_argument("--steps", type=int, default=200, help="inner steps per DiLoCo peer")
-    parser.add_argument("--numel", type=int, default=16_000_000, help="fp32 elements of the encoded tensors")
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per figure; the median is reported")
+    parser.add_argument("--steps", type=int, default=d.steps, help="inner steps per DiLoCo peer")
+    parser.add_argument("--numel", type=int, default=d.numel, help="fp32 elements of the encoded tensors")
+    parser.add_argument("--repeat", type=int, default=d.repeat, help="timed runs per figure; the median is reported")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     describe_report(parser, FIELDS)
 
 
 def main(ns: argparse.Namespace) -> int:
     """Run from parsed options; print the report (one JSON object with --json)."""
-    check_arguments(ns.device, ns.peers, ns.steps, ns.numel, ns.repeat)  # before anything runs
+    config = GpuBenchConfig(device=ns.device, peers=ns.peers, steps=ns.steps, numel=ns.numel, repeat=ns.repeat)
+    check_arguments(config.device, config.peers, config.steps, config.numel, config.repeat)  # before anything runs
     with progress_for("gpu", getattr(ns, "quiet", 0)) as progress:
-        report = run(ns.device, ns.peers, ns.steps, ns.numel, ns.repeat, progress)
+        report = run(config, progress)
     print_report(report, as_json=ns.json)
     ok = report["diloco"]["identical_global_params"] and all(report["encode_parity"].values())
     return 0 if ok else 1

@@ -357,33 +357,47 @@ def _heartbeat_window(final: list[dict], idle: _Clock, idle_end: _Clock, start: 
 # ---------------------------------------------------------------------------------------
 
 
-def run(
-    peers: int = 1000,
-    rounds: int = 5,
-    client_procs: int | None = None,
-    heartbeat_s: float = 1.0,
-    window_s: float = 10.0,
-    *,
-    lease_s: float = 5.0,
-    channels: int = 4,
-    baseline_peers: int = 10,
-    quorum_timeout_s: float = 120.0,
-    spread_s: float = 0.0,
-    allreduce_s: float = 0.0,
-    unary: bool = False,
-    churn: int = 0,
-    log_dir: str | os.PathLike | None = None,
-    progress: Progress | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class MembershipBenchConfig:
+    """What ``bench membership`` runs: its options' defaults are these fields'."""
+
+    peers: int = 1000
+    rounds: int = 5
+    # None: default_client_procs(peers).
+    client_procs: int | None = None
+    heartbeat_s: float = CoordinatorConfig.heartbeat_s
+    window_s: float = 10.0
+    lease_s: float = CoordinatorConfig.lease_s
+    channels: int = 4
+    baseline_peers: int = 10
+    quorum_timeout_s: float = CoordinatorConfig.quorum_timeout_s
+    spread_s: float = 0.0
+    allreduce_s: float = 0.0
+    unary: bool = False
+    churn: int = 0
+    # The coordinators' and clients' logs (None: a temporary folder, removed after a success).
+    log_dir: str | os.PathLike | None = None
+
+    @property
+    def procs(self) -> int:
+        """The client processes: client_procs, or default_client_procs(peers) when it is None."""
+        return default_client_procs(self.peers) if self.client_procs is None else self.client_procs
+
+
+def run(config: MembershipBenchConfig | None = None, progress: Progress | None = None) -> dict:
     """Run the benchmark (baseline at baseline_peers, then peers) and return its report as a JSON-ready dict.
 
     The logs of the coordinators and client processes go to log_dir; without one, to a temporary
-    folder that is removed after a success and kept after a failure (the error names it). client_procs None:
-    default_client_procs(peers).
+    folder that is removed after a success and kept after a failure (the error names it). config None: the
+    defaults.
     """
-    client_procs = default_client_procs(peers) if client_procs is None else client_procs
-    check_arguments(peers, rounds, client_procs, heartbeat_s, window_s, lease_s, channels, baseline_peers,
-                    quorum_timeout_s, spread_s, allreduce_s, churn)
+    config = config or MembershipBenchConfig()
+    check_arguments(config)
+    peers, rounds, client_procs, channels = config.peers, config.rounds, config.procs, config.channels
+    heartbeat_s, window_s, lease_s, quorum_timeout_s = (
+        config.heartbeat_s, config.window_s, config.lease_s, config.quorum_timeout_s)
+    baseline_peers, spread_s, allreduce_s = config.baseline_peers, config.spread_s, config.allreduce_s
+    unary, churn, log_dir = config.unary, config.churn, config.log_dir
     progress = progress or Progress("membership", enabled=False)
     t0 = time.monotonic()
     logs = pathlib.Path(log_dir) if log_dir is not None else bench_log_dir("membership")
@@ -472,11 +486,12 @@ def default_client_procs(peers: int) -> int:
     return max(1, min(2, peers))
 
 
-def check_arguments(
-    peers: int, rounds: int, client_procs: int, heartbeat_s: float, window_s: float, lease_s: float, channels: int,
-    baseline_peers: int, quorum_timeout_s: float, spread_s: float, allreduce_s: float = 0.0, churn: int = 0,
-) -> None:
+def check_arguments(config: MembershipBenchConfig) -> None:
     """ConfigError for arguments the benchmark (or its coordinators) cannot run with."""
+    peers, rounds, client_procs, channels = config.peers, config.rounds, config.procs, config.channels
+    heartbeat_s, window_s, lease_s, quorum_timeout_s = (
+        config.heartbeat_s, config.window_s, config.lease_s, config.quorum_timeout_s)
+    baseline_peers, spread_s, allreduce_s, churn = config.baseline_peers, config.spread_s, config.allreduce_s, config.churn
     require(peers >= 1 and baseline_peers >= 1, f"--peers and --baseline-peers must be at least 1, got {peers} and "
             f"{baseline_peers}")
     require(rounds >= 0, f"--rounds must be 0 or more, got {rounds}")
@@ -498,29 +513,30 @@ def check_arguments(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark, and what its report's fields mean (the help's epilog)."""
-    parser.add_argument("--peers", type=int, default=1000, help="simulated peers")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds (quorum + commit) all peers take part in")
-    parser.add_argument("--client-procs", type=int, default=None,
+    d = MembershipBenchConfig()
+    parser.add_argument("--peers", type=int, default=d.peers, help="simulated peers")
+    parser.add_argument("--rounds", type=int, default=d.rounds, help="rounds (quorum + commit) all peers take part in")
+    parser.add_argument("--client-procs", type=int, default=d.client_procs,
                         help="processes the simulated peers run in (default 2, or 1 for one peer)")
-    parser.add_argument("--channels", type=int, default=4, help="gRPC channels (TCP connections) per client process")
-    parser.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval (s), told to the coordinator")
-    parser.add_argument("--lease", type=float, default=5.0, help="the coordinator's lease (s)")
-    parser.add_argument("--window", type=float, default=10.0, help="heartbeat-only window for the CPU measurement (s)")
-    parser.add_argument("--baseline-peers", type=int, default=10, help="peers of the baseline measurement")
-    parser.add_argument("--quorum-timeout", type=float, default=120.0,
+    parser.add_argument("--channels", type=int, default=d.channels, help="gRPC channels (TCP connections) per client process")
+    parser.add_argument("--heartbeat", type=float, default=d.heartbeat_s, help="heartbeat interval (s), told to the coordinator")
+    parser.add_argument("--lease", type=float, default=d.lease_s, help="the coordinator's lease (s)")
+    parser.add_argument("--window", type=float, default=d.window_s, help="heartbeat-only window for the CPU measurement (s)")
+    parser.add_argument("--baseline-peers", type=int, default=d.baseline_peers, help="peers of the baseline measurement")
+    parser.add_argument("--quorum-timeout", type=float, default=d.quorum_timeout_s,
                         help="the coordinator's quorum / commit timeouts; how long a simulated peer retries a call (s)")
-    parser.add_argument("--spread", type=float, default=0.0,
+    parser.add_argument("--spread", type=float, default=d.spread_s,
                         help="each peer asks for each quorum after a random delay in [0, SPREAD) s (0: all at once)")
-    parser.add_argument("--allreduce", type=float, default=0.0,
+    parser.add_argument("--allreduce", type=float, default=d.allreduce_s,
                         help="each member waits this long between its quorum answer and its commit, as the round's "
                              "data exchange would take (s; 0: it commits at once)")
-    parser.add_argument("--churn", type=int, default=0,
+    parser.add_argument("--churn", type=int, default=d.churn,
                         help="before each round after the first, this many peers leave and join again under a new "
                              "peer id, so every round's member list changes (0: none)")
     parser.add_argument("--unary", action="store_true",
                         help="simulated peers send each Heartbeat, Quorum and Commit as a gRPC call of its own, as "
                         "before Session streams (default: on one Session stream per peer, as the real client)")
-    parser.add_argument("--log-dir", default=None,
+    parser.add_argument("--log-dir", default=d.log_dir,
                         help="keep the coordinators' and clients' logs here (none: a temporary folder, "
                              "removed after a success)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -539,18 +555,22 @@ def _fmt(value) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
+def bench_config(ns: argparse.Namespace) -> MembershipBenchConfig:
+    """The MembershipBenchConfig the options describe."""
+    return MembershipBenchConfig(
+        peers=ns.peers, rounds=ns.rounds, client_procs=ns.client_procs, heartbeat_s=ns.heartbeat,
+        window_s=ns.window, lease_s=ns.lease, channels=ns.channels, baseline_peers=ns.baseline_peers,
+        quorum_timeout_s=ns.quorum_timeout, spread_s=ns.spread, allreduce_s=ns.allreduce, unary=ns.unary,
+        churn=ns.churn, log_dir=ns.log_dir,
+    )
+
+
 def main(ns: argparse.Namespace) -> int:
     """Run from parsed arguments and print the report; exit code 1 unless every round committed with all peers."""
-    client_procs = default_client_procs(ns.peers) if ns.client_procs is None else ns.client_procs
-    check_arguments(ns.peers, ns.rounds, client_procs, ns.heartbeat, ns.window, ns.lease, ns.channels,
-                    ns.baseline_peers, ns.quorum_timeout, ns.spread, ns.allreduce, ns.churn)
+    config = bench_config(ns)
+    check_arguments(config)
     with progress_for("membership", getattr(ns, "quiet", 0)) as progress:
-        report = run(
-            peers=ns.peers, rounds=ns.rounds, client_procs=client_procs, heartbeat_s=ns.heartbeat,
-            window_s=ns.window, lease_s=ns.lease, channels=ns.channels, baseline_peers=ns.baseline_peers,
-            quorum_timeout_s=ns.quorum_timeout, spread_s=ns.spread, allreduce_s=ns.allreduce, unary=ns.unary,
-            churn=ns.churn, log_dir=ns.log_dir, progress=progress,
-        )
+        report = run(config, progress)
     # Without --json, the description of the method (long prose) is left out.
     print_report(report if ns.json else {k: v for k, v in report.items() if k != "method"}, ns.json, fmt=_fmt)
     return 0 if report["all_rounds_committed_with_all_peers"] else 1

@@ -13,6 +13,7 @@ import argparse
 import math
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -61,9 +62,21 @@ def check_arguments(mb: float, repeat: int, bandwidth: str | None) -> float | No
     return parse_bandwidth(bandwidth) if bandwidth else None
 
 
-def run(mb: float = 100.0, repeat: int = 5, bandwidth: str | None = None, progress: Progress | None = None) -> dict:
+@dataclass(frozen=True)
+class StateSyncBenchConfig:
+    """What ``bench statesync`` runs: its options' defaults are these fields'."""
+
+    mb: float = 100.0
+    repeat: int = 5
+    # Cap on both ends, e.g. "1gbit" (None: uncapped).
+    bandwidth: str | None = None
+
+
+def run(config: StateSyncBenchConfig | None = None, progress: Progress | None = None) -> dict:
     """Serve a state of mb megabytes in a child process and fetch it repeat times; return the report."""
-    bandwidth_bps = check_arguments(mb, repeat, bandwidth)
+    config = config or StateSyncBenchConfig()
+    mb, repeat = config.mb, config.repeat
+    bandwidth_bps = check_arguments(mb, repeat, config.bandwidth)
     tune_malloc()
     progress = progress or Progress("statesync", enabled=False)
     numel = int(mb * 1e6 / 4)
@@ -100,17 +113,19 @@ def run(mb: float = 100.0, repeat: int = 5, bandwidth: str | None = None, progre
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark, and what its report's fields mean (the help's epilog)."""
-    parser.add_argument("--mb", type=float, default=100.0, help="state size in megabytes")
-    parser.add_argument("--repeat", type=int, default=5, help="timed fetches; the median is reported")
-    parser.add_argument("--bandwidth", default=None, help="cap on both ends, e.g. 1gbit (default: uncapped)")
+    d = StateSyncBenchConfig()
+    parser.add_argument("--mb", type=float, default=d.mb, help="state size in megabytes")
+    parser.add_argument("--repeat", type=int, default=d.repeat, help="timed fetches; the median is reported")
+    parser.add_argument("--bandwidth", default=d.bandwidth, help="cap on both ends, e.g. 1gbit (default: uncapped)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     describe_report(parser, FIELDS)
 
 
 def main(ns: argparse.Namespace) -> int:
     """Check the arguments, run, and print the report (progress on stderr)."""
-    check_arguments(ns.mb, ns.repeat, ns.bandwidth)
+    config = StateSyncBenchConfig(mb=ns.mb, repeat=ns.repeat, bandwidth=ns.bandwidth)
+    check_arguments(config.mb, config.repeat, config.bandwidth)
     with progress_for("statesync", getattr(ns, "quiet", 0)) as progress:
-        report = run(mb=ns.mb, repeat=ns.repeat, bandwidth=ns.bandwidth, progress=progress)
+        report = run(config, progress)
     print_report(report, ns.json)
     return 0

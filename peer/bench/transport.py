@@ -21,6 +21,7 @@ import math
 import os
 import statistics
 import time
+from dataclasses import dataclass
 
 from collectives.allocator import tune_malloc
 from collectives.transport import Transport, TransportConfig, method_handlers, raw_stream_unary
@@ -77,11 +78,21 @@ def check_arguments(mb: float, chunk_bytes: int, repeat: int) -> None:
     )
 
 
-def run(
-    mb: float = 400.0, chunk_bytes: int = TransportConfig.chunk_bytes, repeat: int = 5, cores: int | None = None,
-    progress: Progress | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class TransportBenchConfig:
+    """What ``bench transport`` runs: its options' defaults are these fields'."""
+
+    mb: float = 400.0
+    chunk_bytes: int = TransportConfig.chunk_bytes
+    repeat: int = 5
+    # Cores the all-reduce floor is worked out for (None: this machine's).
+    cores: int | None = None
+
+
+def run(config: TransportBenchConfig | None = None, progress: Progress | None = None) -> dict:
     """Stream mb megabytes to a child process repeat times; return the report."""
+    config = config or TransportBenchConfig()
+    mb, chunk_bytes, repeat, cores = config.mb, config.chunk_bytes, config.repeat, config.cores
     check_arguments(mb, chunk_bytes, repeat)
     tune_malloc()
     progress = progress or Progress("transport", enabled=False)
@@ -138,17 +149,19 @@ def run(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark, and what its report's fields mean (the help's epilog)."""
-    parser.add_argument("--mb", type=float, default=400.0, help="megabytes per stream")
-    parser.add_argument("--chunk-bytes", type=int, default=TransportConfig.chunk_bytes, help="bytes per message")
-    parser.add_argument("--repeat", type=int, default=5, help="timed streams; the median is reported")
+    d = TransportBenchConfig()
+    parser.add_argument("--mb", type=float, default=d.mb, help="megabytes per stream")
+    parser.add_argument("--chunk-bytes", type=int, default=d.chunk_bytes, help="bytes per message")
+    parser.add_argument("--repeat", type=int, default=d.repeat, help="timed streams; the median is reported")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     describe_report(parser, FIELDS)
 
 
 def main(ns: argparse.Namespace) -> int:
     """Check the arguments, run, and print the report (progress on stderr)."""
-    check_arguments(ns.mb, ns.chunk_bytes, ns.repeat)
+    config = TransportBenchConfig(mb=ns.mb, chunk_bytes=ns.chunk_bytes, repeat=ns.repeat)
+    check_arguments(config.mb, config.chunk_bytes, config.repeat)
     with progress_for("transport", getattr(ns, "quiet", 0)) as progress:
-        report = run(mb=ns.mb, chunk_bytes=ns.chunk_bytes, repeat=ns.repeat, progress=progress)
+        report = run(config, progress)
     print_report(report, ns.json)
     return 0
