@@ -108,6 +108,9 @@ def check_parity(device: torch.device, numel: int) -> dict[str, bool]:
     x = parity_tensor(numel, device)
     host = x.cpu()
     result = {}
+    # The built-in dense codecs only, not codec_names(): the device encoder (collectives/devicecodec.py) has
+    # exactly these five formats and refuses any other name, so a sparse or a plugin's codec has no device
+    # encoding to compare with its CPU one.
     for name in CODEC_NAMES:
         config = CodecConfig(name=name)
         on_device = encode_raw_on_device(config, x).cpu().numpy().tobytes()
