@@ -82,6 +82,8 @@ SGC_GRACE = 0.2
 
 METHODS = ("wait", "ignore", "coded", "coded-int8", "backup", "sr-sgc", "m-sgc")
 RUN_TIMEOUT_S = 900.0
+# How long run_method waits for its workers to see the stop signal and leave, once it stops them.
+STOP_GRACE_S = 30.0
 
 FIELDS: Fields = {
     "peers": "workers per run (--peers); the data is cut into this many partitions",
@@ -295,9 +297,10 @@ class WorkerOutcome:
 
 
 def _worker(rank: int, config: CodingBenchConfig, task: Task, train: TrainConfig, steps: int, address: str,
-            run_id: str, out: WorkerOutcome, joined: threading.Barrier, done: threading.Barrier) -> None:
-    """One worker's run: join, wait until every worker has, train steps steps, wait for the others (a late one
-    fetches from them), leave."""
+            run_id: str, out: WorkerOutcome, joined: threading.Barrier, done: threading.Barrier,
+            stop: threading.Event) -> None:
+    """One worker's run: join, wait until every worker has, train steps steps (or until stop is set), wait for the
+    others (a late one fetches from them), leave."""
     model = place_model(task.build_model(), resolve_device(train.device))
     # Each worker its own host id, as on its own machine: workers of one host reduce through shared memory, where no
     # codec runs and no byte is sent (the methods' bytes and int8's error would be nobody's).
@@ -328,8 +331,10 @@ def _worker(rank: int, config: CodingBenchConfig, task: Task, train: TrainConfig
         except threading.BrokenBarrierError:
             raise LoconetError("another worker failed before the run started") from None
         started = True
-        while opt.global_step < steps:
+        while opt.global_step < steps and not stop.is_set():
             opt.train_step(data)
+        if opt.global_step < steps:
+            raise LoconetError(f"stopped at step {opt.global_step} of {steps}")
         out.digest = opt.state.digest()
         out.steps = opt.global_step
         out.ks = list(opt.ks)
@@ -381,6 +386,18 @@ def _eval_at(task: Task, model: torch.nn.Module, params: torch.Tensor) -> float:
     return task.evaluate(model)
 
 
+def _stop_workers(threads: list[threading.Thread], stop: threading.Event, barriers: tuple[threading.Barrier, ...]) -> None:
+    """Tell the workers to stop, free any waiting at a barrier, and wait up to STOP_GRACE_S for them to leave."""
+    stop.set()
+    if any(t.is_alive() for t in threads):
+        for barrier in barriers:
+            barrier.abort()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for t in threads:
+        if t.is_alive():
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
 def run_method(m: Method, config: CodingBenchConfig, task: Task) -> dict:
     """One method's run, and what it measured."""
     train = train_config(m, config)
@@ -391,20 +408,23 @@ def run_method(m: Method, config: CodingBenchConfig, task: Task) -> dict:
                                     seed=config.seed, heartbeat_s=HEARTBEAT_S, lease_s=5.0, startup_grace_s=0.0)
     outcomes = [WorkerOutcome(r) for r in range(n)]
     joined, done = threading.Barrier(n), threading.Barrier(n)
+    # Set on every way out of the run: a worker still training (after the timeout, or an error here) stops.
+    stop = threading.Event()
     started = time.monotonic()
     with CoordinatorThread(coordinator) as coord:
         threads = [threading.Thread(target=_worker, args=(r, config, task, train, steps_of(m, config), coord.address, label, outcomes[r],
-                                                          joined, done), name=f"{label}-peer{r}", daemon=True)
+                                                          joined, done, stop), name=f"{label}-peer{r}", daemon=True)
                    for r in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=max(0.0, started + RUN_TIMEOUT_S - time.monotonic()))
-        if any(t.is_alive() for t in threads):
-            joined.abort()
-            done.abort()
-            raise LoconetError(f"{label}: workers still running after {RUN_TIMEOUT_S:.0f} s; the run is stuck")
-        rounds = [r for r in coord.status()["rounds"] if r["status"] == "committed"]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=max(0.0, started + RUN_TIMEOUT_S - time.monotonic()))
+            if any(t.is_alive() for t in threads):
+                raise LoconetError(f"{label}: workers still running after {RUN_TIMEOUT_S:.0f} s; the run is stuck")
+            rounds = [r for r in coord.status()["rounds"] if r["status"] == "committed"]
+        finally:
+            _stop_workers(threads, stop, (joined, done))
     wall = time.monotonic() - started
     errors = [f"peer{o.rank}: {o.error}" for o in outcomes if o.error]
     if errors:

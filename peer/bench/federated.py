@@ -60,6 +60,8 @@ ROBUST = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan", "centered_cl
 STRATEGIES = ALGORITHMS + ROBUST
 # A run that takes longer than this on one machine is stuck, not slow.
 RUN_TIMEOUT_S = 600.0
+# How long a run waits for its peers to see the stop signal and leave, once it stops them.
+STOP_GRACE_S = 30.0
 
 FIELDS: Fields = {
     "task": "the task every run trains (--task)",
@@ -322,16 +324,23 @@ def run_once(
             )
             for r in range(n)
         ]
-        for t in threads:
-            t.start()
-        deadline = started + RUN_TIMEOUT_S
-        for t in threads:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
-        if any(t.is_alive() for t in threads):
+        try:
+            for t in threads:
+                t.start()
+            deadline = started + RUN_TIMEOUT_S
+            for t in threads:
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
+            if any(t.is_alive() for t in threads):
+                raise LoconetError(f"{label}: peers still running after {RUN_TIMEOUT_S:.0f} s; the run is stuck "
+                                   f"({_stuck_state(coord.status())})")
+            rounds = [r for r in coord.status()["rounds"] if r["status"] == "committed"]
+        finally:
+            # On every way out: a peer still training stops, and leaves before its coordinator does.
             stop.set()
-            raise LoconetError(f"{label}: peers still running after {RUN_TIMEOUT_S:.0f} s; the run is stuck "
-                               f"({_stuck_state(coord.status())})")
-        rounds = [r for r in coord.status()["rounds"] if r["status"] == "committed"]
+            grace = time.monotonic() + STOP_GRACE_S
+            for t in threads:
+                if t.is_alive():
+                    t.join(timeout=max(0.0, grace - time.monotonic()))
     errors = [f"peer{o.rank}: {o.error}" for o in outcomes if o.error]
     if errors:
         raise LoconetError(f"{label} failed: {'; '.join(errors)}")
