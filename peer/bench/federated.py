@@ -38,6 +38,7 @@ from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError, LoconetError
 from collectives.sampling import SAMPLE_POLICY, parse_sample_arg, sample_count, sample_members
 from collectives.transport import TransportConfig
+from optimizers.federated import FEDERATED, FedConfig
 from optimizers.privacy import DPConfig
 from optimizers.registry import get_algorithm
 from peer.attacks import Attack, parse_attack
@@ -54,8 +55,9 @@ from peer.tasks.registry import make_task
 
 log = logging.getLogger(__name__)
 
-# The federated algorithms (item 1 of the issue), then FedAvg with each robust aggregator (item 2).
-ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "client-momentum")
+# The federated algorithms (item 1 of the issue; their tags, as optimizers/federated.py registers them), then FedAvg
+# with each robust aggregator (item 2).
+ALGORITHMS = tuple(config.TAG for config, _ in FEDERATED)
 ROBUST = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan", "centered_clip", "norm_clip")
 STRATEGIES = ALGORITHMS + ROBUST
 # A run that takes longer than this on one machine is stuck, not slow.
@@ -194,7 +196,7 @@ class _LoopClosedNoise(logging.Filter):
 
 def train_algorithm(strategy: str) -> str:
     """The registered algorithm a strategy runs: its own, or FedAvg for a robust aggregator."""
-    return strategy if strategy in ALGORITHMS else "fedavg"
+    return strategy if strategy in ALGORITHMS else FedConfig.TAG
 
 
 def _fields(algorithm: str) -> set[str]:
