@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from collectives.errors import ConfigError
-from peer.bench.coding import FIELDS, CodingBenchConfig, method, run, steps_of
+from peer.bench.coding import FIELDS, CodingBenchConfig, _stop_workers, method, run, steps_of
 from peer.bench.fields import undocumented
 from peer.tasks.base import TaskConfig
 
@@ -105,3 +107,21 @@ def test_sequential_codes_report_their_load_against_plain_gradient_coding():
 def test_every_method_but_wait_for_all_trains_overrun_times_longer():
     config = CodingBenchConfig(steps=10, overrun=1.5)
     assert [steps_of(method(m, config), config) for m in ("wait", "coded", "backup")] == [10, 15, 15]
+
+
+def test_stopping_the_workers_sets_the_event_frees_the_barriers_and_joins_them():
+    # A stuck run raised while its workers kept training; now every way out stops and joins them.
+    joined, stop = threading.Barrier(2), threading.Event()
+    seen = []
+
+    def worker() -> None:
+        try:
+            joined.wait(timeout=60)
+        except threading.BrokenBarrierError:
+            seen.append("freed")
+        stop.wait(timeout=60)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    _stop_workers([thread, threading.Thread(target=worker)], stop, (joined,))  # the second never started
+    assert stop.is_set() and not thread.is_alive() and seen == ["freed"]

@@ -16,7 +16,7 @@ from collectives.errors import ConfigError
 from peer.tasks import Task, TaskConfig, batch_stream, make_task
 from peer.tasks.synthetic import SyntheticLMTask, entropy_rate, row_entropies, stationary_distribution
 from peer.tasks.text import TextLMTask
-from peer.tasks.registry import register_task, task_names
+from peer.tasks.registry import DEFAULT_TASK, TASK_HELP, register_task, task_names
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -613,3 +613,9 @@ def test_a_registration_that_cannot_work_is_refused_and_changes_nothing(name, fa
     with pytest.raises(ConfigError, match=message):
         register_task(name, factory)
     assert task_names() == before
+
+
+def test_the_task_help_is_built_from_the_built_in_registrations():
+    # Each task that reads --data says so; the default is one of them.
+    assert TASK_HELP == "synthetic-lm, text-lm (--data), digits, a plugin's registered task, or package.module:function"
+    assert DEFAULT_TASK == "synthetic-lm" and DEFAULT_TASK in task_names()
