@@ -56,12 +56,29 @@ def test_a_loser_that_reports_the_kept_digest_again_no_longer_must_realign():
     assert not book.must_realign("b")
 
 
-def test_a_loser_whose_report_of_the_next_round_comes_first_still_must_realign():
-    # Its own report is kept for that round until a more senior one differs: it must not clear itself.
+def test_a_loser_whose_report_of_the_next_round_comes_first_still_must_realign_and_its_word_is_not_kept():
+    # Its own report must not clear it, nor set the digest its realigning fetch will expect: another member's will.
     book = book_after([("a", GOOD), ("b", BAD)])
     book.round_committed(2, ("a", "b", "c"))
     book.note(2, BAD, "b", 0, seniority)
-    assert book.must_realign("b")
+    assert book.must_realign("b") and book.digest_of(2) == ""
+    book.note(2, GOOD, "a", 0, seniority)
+    assert book.digest_of(2) == GOOD and book.must_realign("b")
+
+
+def test_a_peer_that_loses_a_round_loses_the_later_digests_kept_on_its_word_alone():
+    # CI (test_realign): b reported rounds 1 and 2 first; a's report of round 1 made b lose, and the fetch b was
+    # told to make expected b's own digest of round 2, which a's state did not have.
+    book = DigestBook()
+    book.round_committed(1, ("a", "b"))
+    book.note(1, BAD, "b", 0, seniority)
+    book.round_committed(2, ("a", "b"))
+    book.note(2, BAD, "b", 0, seniority)
+    book.note(2, BAD, "c", 0, seniority)  # a non-member agreeing does not count
+    book.note(1, GOOD, "a", 0, seniority)
+    assert (book.digest_of(1), book.digest_of(2), book.realign) == (GOOD, "", {"b"})
+    book.note(2, GOOD, "a", 0, seniority)
+    assert (book.digest_of(2), book.realign) == (GOOD, {"b", "c"})
 
 
 def test_a_peer_told_to_fetch_the_state_no_longer_must_realign():

@@ -88,7 +88,6 @@ def test_link_cut_with_netns(tmp_path):
     # Long enough that the cut peer comes back while the others still train.
     report, _ = run_scenario("cut:peer1@round2,for=4s", workdir=tmp_path, netns=True, lease_s=1.5, steps=800)
     assert_healthy(report, alive=3)
-    assert report["events"][0]["back_s"] > 4, "the cut peer contributed to a committed round again"
 
 
 def test_a_peer_whose_training_blows_up_restarts_from_the_run_state_and_trains_on(tmp_path):

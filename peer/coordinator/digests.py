@@ -78,7 +78,9 @@ class DigestBook:
             votes.setdefault(digest, set()).add(peer_id)
         kept = self.kept.get(round_id)
         if kept is None:
-            if voter:  # a non-member's word waits for a member's
+            # A non-member's word waits for a member's; so does a peer's whose state lost and that has not fetched
+            # the run's since (it would set the digest a realigning fetch expects to its own: test_realign in CI).
+            if voter and peer_id not in self.realign:
                 self._keep(round_id, digest, peer_id)
                 self._keep_only(lambda r: r > oldest)
             return None
@@ -89,7 +91,7 @@ class DigestBook:
         if voter and _standing(votes[digest], seniority) > _standing(votes.get(kept[0], ()), seniority):
             self._keep(round_id, digest, peer_id)
         else:
-            self.realign.add(peer_id)
+            self._lost(peer_id)
         if (round_id, peer_id) in self.diverged:
             return None
         self.diverged.add((round_id, peer_id))
@@ -110,11 +112,19 @@ class DigestBook:
         first every time would otherwise clear itself each round and never be told to fetch the run's state (CI, at
         feea8dd: test_realign)."""
         self.kept[round_id] = (digest, peer_id)
-        for reporter, reported in self.reports[round_id].items():
+        for reporter, reported in list(self.reports[round_id].items()):
             if reported != digest:
-                self.realign.add(reporter)
+                self._lost(reporter)
             elif reporter != peer_id:
                 self.realign.discard(reporter)
+
+    def _lost(self, peer_id: str) -> None:
+        """peer_id's state lost: it must realign, and a later round's digest kept on its word alone is forgotten
+        until another member reports (a fetch told to expect it would refuse the run's state: test_realign in CI)."""
+        self.realign.add(peer_id)
+        for round_id, (digest, reporter) in list(self.kept.items()):
+            if reporter == peer_id and self.votes.get(round_id, {}).get(digest, set()) <= {peer_id}:
+                del self.kept[round_id]
 
     def _keep_only(self, wanted: Callable[[int], bool]) -> None:
         self.kept = {r: d for r, d in self.kept.items() if wanted(r)}
