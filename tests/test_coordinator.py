@@ -791,3 +791,4 @@ def test_after_a_silence_took_every_lease_the_next_round_waits_for_all_its_peers
     c.stub.Join(rejoin(peers[2], "127.0.0.1:3", 1), timeout=5)
     plans = [f.result() for f in [*waiting, ask(c.stub, peers[2], last_round=1)]]
     assert sorted(members(plans[0])) == sorted(peers)
+    assert [e["kind"] for e in c.status()["events"]].count("outage") == 1

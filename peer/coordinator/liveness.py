@@ -84,11 +84,13 @@ class Liveness:
         self.mark_lost(peer, f"no heartbeat for {now - peer.last_seen:.1f} s", "lost")
         taken = self.state.silence.lapse(peer.peer_id, len(self.state.live))
         if taken:
-            log.warning(
-                "heard from none of the run's %d peers while all their leases lapsed: this coordinator's link or host "
-                "may have failed; the next round waits up to %.0f s after the first of them is back for the others",
-                len(taken), self.config.rules.startup_grace_s,
+            detail = (
+                f"heard from none of the run's {len(taken)} peers while all their leases lapsed: this coordinator's "
+                f"link or host may have failed; the next round waits up to {self.config.rules.startup_grace_s:g} s "
+                "after the first of them is back for the others"
             )
+            self.state.event("outage", "", detail)
+            log.warning("%s", detail)
 
     async def stop(self) -> None:
         """Cancel the probes in flight."""
