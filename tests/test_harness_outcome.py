@@ -226,3 +226,19 @@ def test_corruptions_the_run_took_are_the_rounds_committed_while_the_attack_ran(
     ]
     did = outcome.byzantine({"p": events})["p"]
     assert (did["contributions_corrupted"], did["corrupted_in_committed_rounds"]) == (4, 2)
+
+
+@pytest.mark.parametrize(("members", "sent"), [
+    ([4, 4, 4], 100 * 2 * 3 / 4 * 4 * 1000),  # four peers throughout
+    ([3, 2, 2, 2], 100 * 2 * 1.25 / 2.25 * 4 * 1000),  # a kill after the first round: the mean count, 2.25
+    ([1], 0.0),  # alone: nothing to send
+    ([], 0.0),
+])
+def test_data_parallel_sends_for_the_mean_member_count_of_the_committed_rounds(members, sent):
+    assert outcome.data_parallel_bytes(100, 1000, members) == pytest.approx(sent)
+
+
+def test_the_committed_rounds_member_counts_come_from_the_status():
+    status = {"rounds": [{"status": "committed", "members": ["a", "b", "c"]}, {"status": "aborted", "members": ["a"]},
+                         {"status": "committed", "members": ["a", "b"]}]}
+    assert outcome.committed_members(status) == [3, 2]

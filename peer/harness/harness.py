@@ -752,7 +752,7 @@ class Harness:
         with contextlib.redirect_stdout(sys.stderr):  # a user task's prints must not break the JSON report
             initial = task.evaluate(model)
         numel = sum(p.numel() for p in model.parameters())
-        dp_bytes = c.train.steps * 2 * (c.peers - 1) / c.peers * 4 * numel
+        dp_bytes = outcome.data_parallel_bytes(c.train.steps, numel, outcome.committed_members(status) or [c.peers])
         sent = [f["bytes_sent"] - f.get("bytes_served", 0) for f in finished.values()]
         report = {
             "peers": c.peers,

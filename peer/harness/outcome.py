@@ -85,6 +85,21 @@ def last_rounds(events_by_peer: Mapping[str, Events], survivors: Sequence[str]) 
             for n in survivors}
 
 
+def data_parallel_bytes(steps: int, numel: int, members: Sequence[int]) -> float:
+    """What synchronous data-parallel training sends per peer over the same steps: a ring all-reduce of the fp32
+    gradients every step, 2(N-1)/N of them, N the mean member count of the run's committed rounds (probe K: the
+    starting count overstated it after a kill)."""
+    if not members:
+        return 0.0
+    n = sum(members) / len(members)
+    return steps * 2 * (n - 1) / n * 4 * numel
+
+
+def committed_members(status: Mapping) -> list[int]:
+    """How many members each committed round in the coordinator's status had."""
+    return [len(r["members"]) for r in status.get("rounds", []) if r["status"] == "committed"]
+
+
 def retried(status: Mapping) -> bool:
     """Every aborted round in the coordinator's status was followed by a committed one."""
     rounds = status.get("rounds", [])
