@@ -37,11 +37,12 @@ def test_peers_without_a_sync_after_the_event_are_left_out():
     assert lost_s(15.0, {}) is None
 
 
-@pytest.mark.parametrize(("name", "at", "contributed", "back"), [
-    ("back in the first round after the event", 15.0, [10.0, 20.0, 30.0], 5.0),
-    ("out for two rounds", 15.0, [10.0, 40.0], 25.0),
-    ("never contributed again", 15.0, [10.0], None),
-    ("nothing at all", 15.0, [], None),
+@pytest.mark.parametrize(("name", "at", "out_s", "contributed", "back"), [
+    ("back in the first round after the event", 15.0, 1.0, [10.0, 20.0, 30.0], 5.0),
+    ("out for two rounds", 15.0, 1.0, [10.0, 40.0], 25.0),
+    ("a round it finished while it stopped is no return", 15.0, 4.0, [10.0, 15.1, 30.0], 15.0),
+    ("never contributed again", 15.0, 1.0, [10.0], None),
+    ("nothing at all", 15.0, 1.0, [], None),
 ])
-def test_a_peer_taken_out_is_back_at_its_first_contribution_after_the_event(name, at, contributed, back):
-    assert back_s(at, contributed) == back
+def test_a_peer_taken_out_is_back_at_its_first_contribution_after_the_event_is_over(name, at, out_s, contributed, back):
+    assert back_s(at, out_s, contributed) == back

@@ -740,7 +740,7 @@ class Harness:
             if self._comes_back(f.event):
                 contributed = [e["t"] for e in self.all_events(f.event.target)
                                if e["event"] == "committed" and e.get("contributed", True)]
-                f.back_s = back_s(f.wall, contributed)
+                f.back_s = back_s(f.wall, f.event.duration_s or 0.0, contributed)
         # A survivor holds the rounds any of its processes committed (a stop event's restart makes a new one).
         every_life = {n: self.all_events(n) for n in survivors}
         digest_round, identical = outcome.identical(every_life, [n for n in survivors if n not in behind] or survivors)

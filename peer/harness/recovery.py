@@ -12,7 +12,8 @@ Neither says whether the peer an event took out ever came back: a cut that
 cost its peer the rest of the run cost the survivors 0.16 s (probe L, F10).
 ``back_s`` is, for an event that takes one peer out for a while (a pause, a
 cut, a stop with a restart), the time from the event to the first committed
-round that peer contributed to again, or None when it never did.
+round that peer contributed to once the event was over, or None when it
+never did.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def lost_s(at: float, syncs: Mapping[str, Sequence[Sync]]) -> float | None:
     return statistics.median(per_peer) if per_peer else None
 
 
-def back_s(at: float, contributed: Sequence[float]) -> float | None:
-    """Seconds from an event at ``at`` to the first committed round (wall times ``contributed``) its target
-    contributed to after it; None when it never did."""
-    after = [t for t in contributed if t > at]
+def back_s(at: float, out_s: float, contributed: Sequence[float]) -> float | None:
+    """Seconds from an event at ``at`` that took its target out for ``out_s`` to the first committed round (wall
+    times ``contributed``) the target contributed to after that; None when it never did. (A stopped peer may still
+    finish the round it was in: that is no return.)"""
+    after = [t for t in contributed if t > at + out_s]
     return min(after) - at if after else None
