@@ -52,7 +52,7 @@ SCALE_LIMIT = {"int8": FLT_MAX / 128, "int4": FLT_MAX / 8}
 
 
 class CodecConfigLike(Protocol):
-    """What is read of a :class:`collectives.codecs.CodecConfig` (this module imports no codec module)."""
+    """What is read of a :class:`collectives.codecbase.CodecConfig` (this module imports no codec module)."""
 
     @property
     def name(self) -> str:
