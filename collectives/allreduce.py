@@ -181,7 +181,7 @@ class Collective:
         # the collective's life, so a round does not allocate (and fault in) scratch anew.
         self._codecs: dict[CodecConfig, Codec] = {}
         self._background: set[asyncio.Task] = set()
-        # Shared-memory segments of hierarchical rounds, kept mapped from round to round (collectives/hostlocal.py).
+        # Shared-memory segments of hierarchical rounds, kept mapped from round to round (collectives/hostcache.py).
         self.segments = SegmentCache()
 
     def close(self) -> None:
