@@ -2,7 +2,9 @@
 
 ``peer -> optimizers -> collectives -> protos``: a package imports only itself and the packages to its right;
 inside ``peer/``, ``peer.cli`` imports the rest and nothing imports it; and no module imports, even lazily
-inside a function, a module that imports it back (directly or through others).
+inside a function, a module that imports it back (directly or through others). One rule inside
+``collectives/``: only the codec modules import the codecs' base (``collectives.codecbase``); the rest import
+the facade, ``collectives.codecs``.
 """
 
 from __future__ import annotations
