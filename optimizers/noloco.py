@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from collectives.codecs import CodecConfig, needs_feedback
-from collectives.errors import ConfigError, LoconetError
+from collectives.errors import ConfigError, LoconetError, UsageError
 from collectives.membership import RoundPlan
 from collectives.pairing import ODD_MODES, group_of, pair_groups
 from collectives.parts import flatten
@@ -324,6 +324,8 @@ class NoLoCo(DiLoCo):
         except Resynced as exc:  # back in the run after being dropped: a replica of the run's, as a sync adopts
             self.load_snapshot(exc.snapshot)
             return None
+        except UsageError:
+            raise  # a closed transport or the caller's mistake: no measurement hides it (outer.py does the same)
         except LoconetError:
             return None
         with self.state.lock:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from collectives.errors import ConfigError
+from collectives.errors import ConfigError, RoundFailed, TransportClosed
 from collectives.membership import RoundPlan
 from collectives.pairing import group_of, pair_groups
 from collectives.parts import flatten
@@ -138,6 +138,30 @@ def test_a_peer_resynced_during_the_spread_round_adopts_the_runs_replica() -> No
     assert stale.measure_spread() is None
     assert stale.state.round_id == opts[0].state.round_id
     assert all(torch.equal(g, h) for g, h in zip(stale.state.globals, opts[0].state.globals))
+
+
+class _Raising:
+    """A peer whose next sync raises the given error."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def sync(self, *args, **kwargs):
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "raised"), [
+    (TransportClosed("the transport is closed"), True),  # a closed transport is no missed measurement
+    (RoundFailed("round 3 aborted"), False),  # a round that did not commit: not measured
+])
+def test_the_spread_round_reraises_a_usage_error_and_counts_a_failed_round_as_not_measured(error, raised) -> None:
+    m = model(seed=1)
+    opt = NoLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), _Raising(error), NoLoCoConfig(sync_every=3))
+    if raised:
+        with pytest.raises(type(error)):
+            opt.measure_spread()
+    else:
+        assert opt.measure_spread() is None
 
 
 def test_a_count_sketch_is_linear_and_keeps_the_norm_in_expectation() -> None:
