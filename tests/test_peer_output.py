@@ -98,6 +98,16 @@ def test_the_summary_says_steps_rounds_eval_loss_traffic_time_and_checkpoints():
     ]
 
 
+@pytest.mark.parametrize(("trained", "heading"), [
+    (1000, "peer p1-0 of run demo finished: 1000/1000 steps in 1m 23s"),  # all of them here
+    (650, "peer p1-0 of run demo finished: 1000/1000 steps, 650 trained here in 1m 23s"),  # resumed at 350
+    (None, "peer p1-0 of run demo finished: 1000/1000 steps in 1m 23s"),
+])
+def test_the_summary_says_how_many_of_the_runs_steps_this_process_trained(trained, heading):
+    # Probe K: "1500/1500 steps" from a peer that resumed at step 850, or skipped ahead to the run's step.
+    assert summary_lines(summary(trained_steps=trained))[0] == heading
+
+
 def test_the_summary_shows_a_dash_for_an_eval_loss_never_measured():
     lines = summary_lines(summary(outcome="stopped (SIGINT)", steps=12, eval_loss=NAN))
     assert lines[0] == "peer p1-0 of run demo stopped (SIGINT): 12/1000 steps in 1m 23s"

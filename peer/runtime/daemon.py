@@ -347,6 +347,7 @@ def _run(config: PeerConfig, hooks: PeerHooks | None, signals: StopSignals) -> i
             bytes_served=elastic.state_server.bytes_served,
             wall_s=time.monotonic() - began,
             checkpoint_dir=config.checkpoint_dir,
+            trained_steps=progress.trained,
         )
     )
     return signals.exit_code()

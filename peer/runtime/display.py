@@ -148,6 +148,8 @@ class Summary:
     bytes_served: int
     wall_s: float
     checkpoint_dir: str | None = None
+    # Steps this process trained (None: unknown); fewer than steps when it resumed or skipped ahead to the run's step.
+    trained_steps: int | None = None
 
 
 def summary_rows(s: Summary) -> list[tuple[str, str]]:
@@ -166,7 +168,9 @@ def summary_rows(s: Summary) -> list[tuple[str, str]]:
 
 def summary_heading(s: Summary) -> str:
     """The summary's first line: who, what happened, how far, how long."""
-    return f"peer {s.peer} of run {s.run_id} {s.outcome}: {steps_text(s.steps, s.total_steps)} steps in " \
+    # The step count is the run's (a peer that resumed or skipped ahead to it did not train them all): probe K.
+    here = f", {s.trained_steps} trained here" if s.trained_steps is not None and s.trained_steps != s.steps else ""
+    return f"peer {s.peer} of run {s.run_id} {s.outcome}: {steps_text(s.steps, s.total_steps)} steps{here} in " \
            f"{format_duration(s.wall_s)}"
 
 

@@ -164,7 +164,9 @@ class TaskPartitions:
 class Progress:
     """What the loop has done so far (read by displays and heartbeats)."""
 
+    # The run's step (it jumps when the peer skips ahead to the run's), and the steps this process trained.
     step: int = 0
+    trained: int = 0
     samples: int = 0
     loss: float = math.nan
     steps_per_s: float = math.nan
@@ -247,6 +249,7 @@ class TrainLoop:
             # The run's step count is the step: a coded step that caught up applied the rounds it was late for, and
             # a peer the run went on without skipped ahead to the run's step (OuterOptimizer._follow_run_step).
             p.step = max(p.step + 1, getattr(self.optimizer, "global_step", 0))
+            p.trained += 1
             p.samples += samples
             p.rounds = self.optimizer.committed_rounds
             p.steps_per_s = rate.tick(time.monotonic())
