@@ -469,6 +469,15 @@ def test_page_names_the_rounds_a_peer_keeps_the_results_of_for_the_run(serve, tm
 
 
 @needs_chromium
+def test_the_peers_count_says_how_many_rows_are_alive(rendered, serve, tmp_path):
+    assert rendered.by_id("peers-count").text == "3"  # every row alive
+    doc = sample_status()
+    doc["peers"][1]["state"] = "lost"  # its row stays, greyed
+    dom = DomIndex(run_chromium(serve(lambda: doc).url + "/", tmp_path, "--dump-dom"))
+    assert dom.by_id("peers-count").text == "2 alive of 3"
+
+
+@needs_chromium
 def test_page_names_the_quorum_policy(rendered):
     assert "quorum sample:3" in rendered.by_id("coord").text
 
