@@ -19,10 +19,6 @@ _UNITS = {
     "mbit": 1e6,
     "gbit": 1e9,
     "tbit": 1e12,
-    "bps": 1,
-    "kbps": 1e3,
-    "mbps": 1e6,
-    "gbps": 1e9,
     "b": 8,
     "kb": 8e3,
     "mb": 8e6,
@@ -31,9 +27,19 @@ _UNITS = {
 _RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$")
 
 
+# Read as bits by some and as bytes by tc (which --netns drives): refused rather than guessed (probe K).
+_AMBIGUOUS = ("bps", "kbps", "mbps", "gbps")
+
+
 def parse_bandwidth(text: str) -> float:
     """Parse a rate such as "100mbit", "1gbit", "12.5MB" (bytes) into bits per second."""
     m = _RATE.match(text.lower())
+    if m and m.group(2) in _AMBIGUOUS:
+        unit = m.group(2)
+        raise ConfigError(
+            f"bandwidth {text!r} is ambiguous: tc reads {unit} as bytes per second, many people as bits; write "
+            f"{m.group(1)}{unit[:-3]}bit for bits or {m.group(1)}{unit[:-3]}b for bytes per second"
+        )
     if not m or m.group(2) not in _UNITS:
         units = ", ".join(sorted(_UNITS))
         raise ConfigError(f"cannot read bandwidth {text!r}; write a number and a unit such as 100mbit ({units})")

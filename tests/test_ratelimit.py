@@ -19,6 +19,15 @@ def test_bad_bandwidth_is_a_config_error(text):
         parse_bandwidth(text)
 
 
+@pytest.mark.parametrize(("text", "advice"), [("100mbps", "100mbit for bits or 100mb for bytes"),
+                                              ("2Gbps", "2gbit for bits or 2gb for bytes")])
+def test_a_rate_in_bps_is_refused_as_ambiguous_with_both_readings(text, advice):
+    # tc, which --netns drives, reads mbps as megabytes per second; loconet read it as megabits: 8x apart.
+    with pytest.raises(ConfigError, match="ambiguous") as info:
+        parse_bandwidth(text)
+    assert advice in str(info.value)
+
+
 def test_format_round_trips_through_parse():
     for bits in (1e9, 2.5e8, 1e5):
         assert parse_bandwidth(format_bandwidth(bits)) == pytest.approx(bits)
