@@ -439,7 +439,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         s.add_peer(peer)
         s.event("rejoin" if req.peer_id else "join", peer_id, f"{'founder ' if founder else ''}from {address}")
         sync_from = sources[0].address if sources else ""
-        log.info("peer %s joined from %s (sync from %s)", peer_id, address, sync_from or "-")
+        # With its name, as the peer's own log says it (harness peers are named peer0.. in start order, ids in join order).
+        named = f"{peer_id} ({peer.name})" if peer.name else peer_id
+        log.info("peer %s joined from %s (sync from %s)", named, address, sync_from or "-")
         return pb.JoinResponse(
             peer_id=peer_id,
             lease_s=lease_s,
