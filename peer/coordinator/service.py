@@ -898,5 +898,5 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.sources.done_serving(peer.peer_id)
         self.quorums.refuse(peer.peer_id, grpc.StatusCode.NOT_FOUND, f"peer {peer.peer_id} is out of the run: {why}")
         self.state.event(kind, peer.peer_id, why)
-        log.info("peer %s %s: %s", peer.peer_id, state, why)
+        log.info("peer %s %s: %s", f"{peer.peer_id} ({peer.name})" if peer.name else peer.peer_id, state, why)
 
