@@ -405,7 +405,7 @@ def run_method(m: Method, config: CodingBenchConfig, task: Task) -> dict:
     label = f"coding-{m.name}"
     # A fresh coordinator of a fresh run: no peer of an earlier one to wait for (startup grace 0, as the harness's).
     coordinator = CoordinatorConfig(run_id=label, port=0, dashboard_port=None, min_peers=1, quorum=m.quorum,
-                                    seed=config.seed, heartbeat_s=HEARTBEAT_S, lease_s=5.0, startup_grace_s=0.0)
+                                    seed=config.seed, heartbeat_s=HEARTBEAT_S, startup_grace_s=0.0)
     outcomes = [WorkerOutcome(r) for r in range(n)]
     joined, done = threading.Barrier(n), threading.Barrier(n)
     # Set on every way out of the run: a worker still training (after the timeout, or an error here) stops.

@@ -310,7 +310,7 @@ def run_once(
     n = config.peers
     coordinator = CoordinatorConfig(
         run_id=label, port=0, dashboard_port=None, min_peers=round_size(config), quorum=config.quorum, seed=config.seed,
-        heartbeat_s=0.5, lease_s=5.0,
+        heartbeat_s=0.5,
     )
     outcomes = [PeerOutcome(rank) for rank in range(n)]
     stop = threading.Event()

@@ -60,7 +60,7 @@ class CoordinatorConfig:
         metadata={"help": "HTTP dashboard port (0: any free port; -1 or none: no dashboard)", "parse": parse_dashboard_port},
     )
     dashboard_host: str = field(
-        default="127.0.0.1",
+        default=LOCAL_HOST,
         metadata={"help": "interface to serve the HTTP dashboard on (127.0.0.1: this machine only)"},
     )
     dashboard_token_file: str | None = field(

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+from collectives.addresses import LOCAL_HOST
 from collectives.rpc import RpcSecurity
 from collectives.transport import TransportConfig
 from peer.harness.loopback import LOOPBACK, LOOPBACK_INTERFACE, loopback_store, use_loopback_for_gloo
@@ -48,7 +49,7 @@ class WorkerConfig:
     """How every worker of a group sets itself up."""
 
     run_id: str = "local"
-    host: str = "127.0.0.1"
+    host: str = LOCAL_HOST
     chunk_bytes: int = TransportConfig.chunk_bytes
     bandwidth_bps: float | None = None
     torch_threads: int = 1
