@@ -80,6 +80,11 @@ class PeerRecord:
         """Whether the peer holds a valid lease."""
         return self.state in ("joining", "syncing", "active")
 
+    @property
+    def label(self) -> str:
+        """Its id, with its name when it has one, as the peer's own log says it ("p3-2f7c4f (peer1)")."""
+        return f"{self.peer_id} ({self.name})" if self.name else self.peer_id
+
     def view(self) -> PeerView:
         """The peer as the pure decisions see it."""
         return PeerView(self.peer_id, self.address, self.last_round, alive=self.alive, has_state=self.has_state)

@@ -439,9 +439,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         s.add_peer(peer)
         s.event("rejoin" if req.peer_id else "join", peer_id, f"{'founder ' if founder else ''}from {address}")
         sync_from = sources[0].address if sources else ""
-        # With its name, as the peer's own log says it (harness peers are named peer0.. in start order, ids in join order).
-        named = f"{peer_id} ({peer.name})" if peer.name else peer_id
-        log.info("peer %s joined from %s (sync from %s)", named, address, sync_from or "-")
+        # With its name (harness peers are named peer0.. in start order, ids in join order).
+        log.info("peer %s joined from %s (sync from %s)", peer.label, address, sync_from or "-")
         return pb.JoinResponse(
             peer_id=peer_id,
             lease_s=lease_s,
@@ -898,5 +897,5 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.sources.done_serving(peer.peer_id)
         self.quorums.refuse(peer.peer_id, grpc.StatusCode.NOT_FOUND, f"peer {peer.peer_id} is out of the run: {why}")
         self.state.event(kind, peer.peer_id, why)
-        log.info("peer %s %s: %s", f"{peer.peer_id} ({peer.name})" if peer.name else peer.peer_id, state, why)
+        log.info("peer %s %s: %s", peer.label, state, why)
 
