@@ -16,7 +16,7 @@ the peer parses one field instead of 1,000 messages. A packed list is input
 from the network: its frame must declare a size within ``MAX_LIST_BYTES`` and
 carry a checksum, and what it unpacks to must have the round's digest.
 
-A list is a tuple of ``Entry`` (peer id, address, host id) in rank order.
+A list is a tuple of ``Entry`` (peer id, address, host id, registration) in rank order.
 These functions are pure; the coordinator and the peer share them.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from itertools import pairwise
+from typing import NamedTuple
 
 import zstandard
 from google.protobuf.message import DecodeError
@@ -32,7 +33,16 @@ from google.protobuf.message import DecodeError
 from collectives.zstdframes import BadFrame, read_frame
 from protos import membership_pb2 as pb
 
-Entry = tuple[str, str, str]  # (peer id, address, host id)
+
+class Entry(NamedTuple):
+    """One member of a round's list, as ``Member`` carries it."""
+
+    peer_id: str
+    address: str
+    host_id: str = ""
+    # Which registration of the peer (Member.registration; 0: not said).
+    registration: int = 0
+
 
 # The largest list a packed one may unpack to: room for a million members of ~60 bytes. A frame declaring
 # more is refused before anything is allocated (collectives/zstdframes.py).
@@ -50,12 +60,12 @@ class BadPackedList(ValueError):
 
 
 def _member(entry: Entry) -> pb.Member:
-    peer_id, address, host_id = entry
-    return pb.Member(peer_id=peer_id, address=address, host_id=host_id)
+    return pb.Member(peer_id=entry.peer_id, address=entry.address, host_id=entry.host_id,
+                     registration=entry.registration)
 
 
 def _entry(member: pb.Member) -> Entry:
-    return (member.peer_id, member.address, member.host_id)
+    return Entry(member.peer_id, member.address, member.host_id, member.registration)
 
 
 def list_bytes(entries: Sequence[Entry]) -> bytes:

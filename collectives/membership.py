@@ -353,8 +353,8 @@ class KnownMembers:
 
     def _keep(self, digest: bytes, entries: tuple[Entry, ...]) -> None:
         self.digest, self.entries = digest, entries
-        self.members = tuple((p, a) for p, a, _ in entries)
-        self.hosts = tuple(h for _, _, h in entries)
+        self.members = tuple((e.peer_id, e.address) for e in entries)
+        self.hosts = tuple(e.host_id for e in entries)
 
     def _fail(self, reply: pb.QuorumResponse, why: str) -> NoReturn:
         self.digest = b""  # the next request asks for the whole list
@@ -552,6 +552,9 @@ class MembershipClient:
                         "the coordinator answered without a peer credential: give it the run's --token-file too"
                     )
                 auth.adopt(reply.credential)
+            if self.peer_id:
+                # Registered again: the coordinator had lost this peer, maybe in a cut that killed its connections.
+                self.transport.retire_peer_channels()
             self.peer_id = reply.peer_id
             self.unregistered.clear()
             if auth is not None:
@@ -728,6 +731,9 @@ class MembershipClient:
                 pending_tag=reply.pending_tag,
             )
         members, hosts = self._known_members.of(reply)
+        # A member that registered again since this peer's last round with it may sit behind a connection that
+        # died in the cut that lost it: its calls then open a new one.
+        self.transport.note_registrations((e.address, e.registration) for e in self._known_members.entries)
         return RoundPlan(
             action="round",
             round_id=reply.round_id,

@@ -286,6 +286,8 @@ class Transport:
         self._server: grpc.aio.Server | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._used: dict[str, float] = {}  # when each pooled channel was last asked for
+        # The registration each address's peer last had in a round (Member.registration): note_registrations.
+        self._registrations: dict[str, int] = {}
         self._swept = time.monotonic()
         self._closing: set[asyncio.Task] = set()  # idle channels being closed
         self._coordinator: str | None = None
@@ -507,11 +509,46 @@ class Transport:
             ch = self._channels[address]
             if address == self._coordinator or now - used < CHANNEL_IDLE_S or ch.get_state() in _BUSY:
                 continue
-            del self._channels[address], self._used[address]
-            task = asyncio.get_running_loop().create_task(ch.close(grace=CHANNEL_CLOSE_GRACE_S))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._retire(address)
         log.debug("%d pooled channel(s) open", len(self._channels))
+
+    def _retire(self, address: str) -> None:
+        """Take address's channel out of the pool and close it once its calls end (CHANNEL_CLOSE_GRACE_S at most)."""
+        ch = self._channels.pop(address)
+        del self._used[address]
+        task = asyncio.get_running_loop().create_task(ch.close(grace=CHANNEL_CLOSE_GRACE_S))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def retire_peer_channels(self) -> None:
+        """Retire every pooled channel but the coordinator's (this peer registered again after a cut: its
+        connections from before it may be dead)."""
+        for address in [a for a in self._channels if a != self._coordinator]:
+            self._retire(address)
+
+    def note_registrations(self, members: Iterable[tuple[str, int]]) -> None:
+        """Take in a round's (address, registration) members: the pooled channel to an address whose peer
+        registered again since the last round that named it is retired, so that the next call connects anew.
+
+        A peer the coordinator lost (its lease lapsed in a cut) and that registered again may sit behind a
+        connection that died in the cut without either side knowing yet; a call on it fails the round. Only a
+        changed registration retires: an address absent from some rounds (a sample's) keeps its channel.
+        Registration 0 (a coordinator that does not say) is ignored.
+        """
+        named = set()
+        for address, registration in members:
+            if not registration:
+                continue
+            named.add(address)
+            before = self._registrations.get(address)
+            self._registrations[address] = registration
+            if before is not None and before != registration and address in self._channels:
+                log.info("%s registered again since its last round with this peer: a new connection to it",
+                         address)
+                self._retire(address)
+        # Remembered: the addresses of this round and those with a channel; the rest could only grow the table.
+        for address in [a for a in self._registrations if a not in named and a not in self._channels]:
+            del self._registrations[address]
 
     async def stream_call(
         self, address: str, method: str, messages: AsyncIterable[bytes] | Iterable[bytes], timeout_s: float
@@ -646,7 +683,12 @@ class Transport:
                     return f"unreachable ({why})"
                 log.info("connection to %s failed but the peer answers; still watching", address)
             if state == grpc.ChannelConnectivity.SHUTDOWN:
-                return "channel shut down"
+                if self._server is None:  # the transport is closing
+                    return "channel shut down"
+                # Retired (its peer registered again, note_registrations): watch the pool's new one instead.
+                ch = self.channel(address)
+                state = ch.get_state(try_to_connect=True)
+                continue
             await _state_change(ch, state)
             if self._channels.get(address) is ch:
                 self._used[address] = time.monotonic()  # watched: in use, however long the round

@@ -227,14 +227,16 @@ class IndexedMember(_message.Message):
     def __init__(self, index: _Optional[int] = ..., member: _Optional[_Union[Member, _Mapping]] = ...) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("peer_id", "address", "host_id")
+    __slots__ = ("peer_id", "address", "host_id", "registration")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    REGISTRATION_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     host_id: str
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
+    registration: int
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., registration: _Optional[int] = ...) -> None: ...
 
 class CommittedRound(_message.Message):
     __slots__ = ("round_id", "epoch", "tag", "members", "result_digest")

@@ -206,6 +206,20 @@ def test_an_asker_holding_the_rounds_member_list_gets_the_answer_without_it(coor
     assert (holder.rank, fresh.rank) == (members(first).index(a), members(first).index(b))
 
 
+def test_a_peer_that_registers_again_is_named_with_a_new_registration_and_a_live_rejoin_keeps_its_own(coordinator):
+    # The members then open a new connection to the peer that came back (collectives/transport.py,
+    # note_registrations): the old one may have died in the cut that lost it.
+    c = coordinator()
+    a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
+    first = play_round(c.stub, [a, b], 0)
+    assert c.stub.Join(rejoin(a, "127.0.0.1:1", 1), timeout=5).peer_id == a  # live, from its address
+    c.stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=b, reason="cut"), timeout=5)
+    assert c.stub.Join(rejoin(b, "127.0.0.1:2", 1), timeout=5).peer_id == b
+    second = play_round(c.stub, [a, b], 1)
+    assert {m.peer_id: m.registration for m in first.members} == {a: 1, b: 2}
+    assert {m.peer_id: m.registration for m in second.members} == {a: 1, b: 3}
+
+
 def _changed_round(c):
     """Round 1 of a and b, then d joins: (round 1's answer, Quorum futures of a, b, d for round 2 by the options)."""
     a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
@@ -495,6 +509,43 @@ def test_the_peers_client_reads_the_round_it_missed_and_the_sample_to_check(coor
         address = {client.peer_id: f"127.0.0.1:{port}" for port, client in enumerate(clients, 1)}
         holders = tuple((p, address[p]) for p in drawn)
         assert (resync.action, resync.missed) == ("resync", (MissedRound(1, 0, "", holders),))
+
+
+def _pooled(transport: Transport, address: str):
+    async def get():
+        return transport.channel(address)
+    return transport.submit(get()).result(10)
+
+
+def test_the_peers_client_connects_anew_to_a_member_that_registered_again(coordinator):
+    c = coordinator()
+    with Transport() as transport:
+        transport.start()
+        client = MembershipClient(transport, MembershipConfig(c.address, RUN, rpc_timeout_s=5))
+        transport.submit(client.join("127.0.0.1:1", 0, 0, has_state=True)).result(10)
+        other = join(c.stub, "127.0.0.1:2")
+        for last_round in (0, 1):
+            mine, theirs = transport.submit(client.quorum(last_round, timeout_s=20)), ask(c.stub, other, last_round)
+            plan = theirs.result()
+            mine.result(20)
+            assert all(f.result().commit for f in [report(c.stub, p, plan) for p in (client.peer_id, other)])
+            if last_round == 0:
+                before = _pooled(transport, "127.0.0.1:2")
+                c.stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=other, reason="cut"), timeout=5)
+                join(c.stub, "127.0.0.1:2", peer_id=other, last_round=1)
+        assert _pooled(transport, "127.0.0.1:2") is not before
+
+
+def test_the_peers_client_registered_again_connects_anew_to_every_peer(coordinator):
+    c = coordinator()
+    with Transport() as transport:
+        transport.start()
+        client = MembershipClient(transport, MembershipConfig(c.address, RUN, rpc_timeout_s=5))
+        transport.submit(client.join("127.0.0.1:1", 0, 0, has_state=True)).result(10)
+        before = _pooled(transport, "127.0.0.1:2")
+        c.stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=client.peer_id, reason="cut"), timeout=5)
+        transport.submit(client.join("127.0.0.1:1", 0, 0, has_state=True)).result(10)
+        assert _pooled(transport, "127.0.0.1:2") is not before
 
 
 def test_a_peer_that_rejoins_behind_remembered_rounds_is_told_which_to_fetch_and_from_whom(coordinator):

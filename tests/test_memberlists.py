@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from collectives.memberlists import (
     MAX_LIST_BYTES,
+    Entry,
     BadMemberChange,
     BadPackedList,
     apply_change,
@@ -25,9 +26,9 @@ from collectives.memberlists import (
 from protos import membership_pb2 as pb
 
 
-def e(name: str, address: str = "") -> tuple[str, str, str]:
+def e(name: str, address: str = "", registration: int = 0) -> Entry:
     """An entry named name (address defaults to one derived from it)."""
-    return (name, address or f"10.0.0.{ord(name[0])}:1", "")
+    return Entry(name, address or f"10.0.0.{ord(name[0])}:1", "", registration)
 
 
 A, B, C, D = e("a"), e("b"), e("c"), e("d")
@@ -41,6 +42,7 @@ A, B, C, D = e("a"), e("b"), e("c"), e("d")
     ((A, B, C), (A, C), [1], []),
     ((A, B, C), (A, C, D), [1], [(2, D)]),
     ((A, B), (A, e("b", "10.9.9.9:2")), [1], [(1, e("b", "10.9.9.9:2"))]),  # b came back at another address
+    ((A, B), (A, e("b", registration=2)), [1], [(1, e("b", registration=2))]),  # b registered again (a cut)
     ((), (A, B), [], [(0, A), (1, B)]),
     ((A, B), (), [0, 1], []),
 ])
@@ -80,7 +82,7 @@ def test_a_change_that_gives_another_list_than_the_rounds_is_refused():
 
 
 def test_a_list_read_off_the_wire_has_the_digest_of_the_list_sent():
-    sent = (A, e("b", "[::1]:7"), ("c", "10.0.0.3:9", "host-c"))
+    sent = (A, e("b", "[::1]:7"), Entry("c", "10.0.0.3:9", "host-c", 12))
     reply = pb.QuorumResponse.FromString(list_bytes(sent))
     assert list_digest(entries_of(reply.members)) == list_digest(sent)
 
@@ -95,12 +97,12 @@ def test_the_change_between_any_two_lists_in_rank_order_applies_back_to_the_new_
     assert change is not None and apply_change(base_entries, *change) == new_entries
 
 
-def bench_like(n: int) -> tuple[tuple[str, str, str], ...]:
-    """n entries with ids as the coordinator gives them and one address each."""
-    return tuple(sorted((f"p{i}-a1b2c3", f"10.0.{i >> 8}.{i & 255}:{20000 + i}", "") for i in range(n)))
+def bench_like(n: int) -> tuple[Entry, ...]:
+    """n entries with ids as the coordinator gives them, one address and one registration each."""
+    return tuple(sorted(Entry(f"p{i}-a1b2c3", f"10.0.{i >> 8}.{i & 255}:{20000 + i}", "", i + 1) for i in range(n)))
 
 
-@pytest.mark.parametrize("entries", [(), (A,), (A, e("b", "[::1]:7"), ("c", "10.0.0.3:9", "host-c")), bench_like(1000)],
+@pytest.mark.parametrize("entries", [(), (A,), (A, e("b", "[::1]:7"), Entry("c", "10.0.0.3:9", "host-c", 12)), bench_like(1000)],
                          ids=["empty", "one", "three", "1000"])
 def test_a_packed_list_unpacks_to_the_list_it_was_packed_from(entries):
     assert unpack_list(pack_list(list_bytes(entries)), list_digest(entries)) == entries

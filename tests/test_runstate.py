@@ -3,6 +3,8 @@ committed rounds it remembers for catch-up."""
 
 from __future__ import annotations
 
+import pytest
+
 from peer.coordinator.rules import CommittedRound
 from peer.coordinator.runstate import PeerRecord, RoundRecord, RunState
 
@@ -40,6 +42,28 @@ def test_a_peer_that_rejoins_under_its_id_keeps_its_counters_until_its_next_hear
     state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1", lease_s=5.0))
     again = state.peers["p1-0a0b0c"]
     assert (again.bytes_sent, again.bytes_received, again.samples, again.step) == (700, 600, 50, 9)
+
+
+def _registrations(*joins: tuple[str, str, str | None]) -> list[int]:
+    """Each join (peer id, address, then "lost" or "left" to drop it, or None): the registration it got."""
+    state, got = RunState("run", 1), []
+    for peer_id, address, then in joins:
+        state.add_peer(PeerRecord(peer_id=peer_id, address=address, lease_s=5.0))
+        got.append(state.peers[peer_id].registration)
+        if then:
+            state.drop_peer(state.peers[peer_id], then)
+    return got
+
+
+@pytest.mark.parametrize("joins, registrations", [
+    ([("p1", "h:1", None), ("p2", "h:2", None)], [1, 2]),  # each peer its own
+    ([("p1", "h:1", None), ("p1", "h:1", None)], [1, 1]),  # a live peer joining again from its address: the same
+    ([("p1", "h:1", "lost"), ("p1", "h:1", None)], [1, 2]),  # its lease lapsed (a cut): a new one
+    ([("p1", "h:1", "left"), ("p1", "h:1", None)], [1, 2]),  # it left and came back
+    ([("p1", "h:1", None), ("p1", "h:9", None)], [1, 2]),  # from another address
+])
+def test_a_peer_gets_a_new_registration_unless_it_joins_again_live_from_its_address(joins, registrations):
+    assert _registrations(*joins) == registrations
 
 
 def test_a_joiner_that_joins_again_while_syncing_struggles_until_it_leaves_the_live_set():

@@ -238,3 +238,79 @@ def test_a_pooled_channel_idle_and_unconnected_is_closed_when_another_is_made(mo
     assert gone not in pooled and gone_state == grpc.ChannelConnectivity.SHUTDOWN
     # Kept: the coordinator's, one in use (connected), and one asked for again.
     assert {coordinator, live_address, used} <= pooled and coordinator_state != grpc.ChannelConnectivity.SHUTDOWN
+
+
+def _pooled_after_rounds(rounds: list[list[tuple[str, int]]], addresses: list[str]) -> list[bool]:
+    """For each address: whether the channel pooled to it before the rounds is still the pool's after them."""
+    transport = Transport(TransportConfig())
+    transport.start(coordinator=closed_port_address())
+
+    async def scenario():
+        before = [transport.channel(a) for a in addresses]
+        for members in rounds:
+            transport.note_registrations(members)
+        return [transport._channels.get(a) is ch for a, ch in zip(addresses, before, strict=True)]
+
+    try:
+        return transport.submit(scenario()).result(timeout=30)
+    finally:
+        transport.close()
+
+
+def test_a_peer_registered_again_gets_a_new_connection_and_the_others_keep_theirs():
+    # F7 of the network probe: the connection to a peer that a cut took out of the run died in the cut, and the
+    # first round with it after it registered again failed on it.
+    again, same = "127.0.0.1:1", "127.0.0.1:2"
+    kept = _pooled_after_rounds([[(again, 3), (same, 4)], [(again, 7), (same, 4)]], [again, same])
+    assert kept == [False, True]
+
+
+@pytest.mark.parametrize("rounds, why", [
+    ([[("127.0.0.1:1", 3)], [("127.0.0.1:1", 3)]], "the same registration"),
+    ([[("127.0.0.1:1", 3)], [], [("127.0.0.1:1", 3)]], "left out of a round (a sample) and back"),
+    ([[("127.0.0.1:1", 0)], [("127.0.0.1:1", 0)]], "a coordinator that says no registration"),
+    ([[("127.0.0.1:1", 5)]], "first seen"),
+])
+def test_a_channel_is_kept_unless_its_peer_registered_again(rounds, why):
+    assert _pooled_after_rounds(rounds, ["127.0.0.1:1"]) == [True], why
+
+
+def test_registering_again_retires_every_peer_channel_but_the_coordinators():
+    coordinator = closed_port_address()
+    transport = Transport(TransportConfig())
+    transport.start(coordinator=coordinator)
+
+    async def scenario():
+        pooled = {a: transport.channel(a) for a in (coordinator, "127.0.0.1:1", "127.0.0.1:2")}
+        transport.retire_peer_channels()
+        return {a for a, ch in pooled.items() if transport._channels.get(a) is ch}
+
+    try:
+        assert transport.submit(scenario()).result(timeout=30) == {coordinator}
+    finally:
+        transport.close()
+
+
+def test_a_watched_peer_whose_channel_is_retired_is_watched_on_the_new_one_not_blamed():
+    # A round's watcher must not read a retired channel's shutdown as its peer gone (note_registrations retires
+    # the channel of a peer that registered again while another round, Streaming DiLoCo's, may watch it).
+    live = Transport(TransportConfig())
+    live_address = live.start()
+    transport = Transport(TransportConfig())
+    transport.start(coordinator=closed_port_address())
+
+    async def scenario():
+        watcher = asyncio.ensure_future(transport.wait_unreachable(live_address))
+        await asyncio.wait_for(transport.channel(live_address).channel_ready(), 10)
+        transport.note_registrations([(live_address, 1)])
+        transport.note_registrations([(live_address, 2)])
+        done, _ = await asyncio.wait({watcher}, timeout=1.0)
+        watcher.cancel()
+        return bool(done), transport.channel(live_address).get_state()
+
+    try:
+        blamed, state = transport.submit(scenario()).result(timeout=30)
+    finally:
+        transport.close()
+        live.close()
+    assert not blamed and state != grpc.ChannelConnectivity.SHUTDOWN

@@ -270,7 +270,7 @@ class SimPeer:
 
     def _share(self, digest: bytes, entries: tuple) -> None:
         """Keep a list for this process's peers (the last SHARED_LISTS of them: older ones are nobody's any more)."""
-        self.lists[digest] = (entries, [p for p, _, _ in entries])
+        self.lists[digest] = (entries, [e.peer_id for e in entries])
         while len(self.lists) > SHARED_LISTS:
             del self.lists[next(iter(self.lists))]
 

@@ -452,7 +452,7 @@ class Quorums:
         self.commits[(round_id, s.epoch)] = PendingCommit(
             record=record, formed_at=now, member_set=frozenset(members), decided=loop.create_future()
         )
-        entries = tuple((m, s.peers[m].address, s.peers[m].host_id) for m in members)
+        entries = tuple(Entry(m, (peer := s.peers[m]).address, peer.host_id, peer.registration) for m in members)
         member_list = list_bytes(entries)
         digest = hashlib.sha256(member_list).digest()
         rest = pb.QuorumResponse(

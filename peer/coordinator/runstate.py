@@ -74,6 +74,8 @@ class PeerRecord:
     refusals: dict[str, int] = field(default_factory=dict)
     # With a run secret: the Ed25519 key the peer's credential binds its id to (collectives.credentials).
     public_key: bytes = field(default=b"", repr=False)
+    # Which registration of the peer this record is (Member.registration), set by RunState.add_peer.
+    registration: int = 0
 
     @property
     def alive(self) -> bool:
@@ -218,6 +220,8 @@ class RunState:
     departures: int = 0
     forgotten_bytes: tuple[int, int] = (0, 0)
     _next_peer_number: int = 1
+    # The registrations handed out (PeerRecord.registration): the last one's number.
+    _registrations: int = 0
 
     def __post_init__(self) -> None:
         self.rounds = deque(maxlen=self.history)
@@ -330,6 +334,14 @@ class RunState:
             self.struggling.add(peer.peer_id)
         else:
             self.struggling.discard(peer.peer_id)
+        # A live peer joining again from its address is the same registration (the same process, its connections
+        # sound); any other join is a new one, and the members drop their connections to the address (Member).
+        same = earlier is not None and earlier.alive and earlier.address == peer.address and earlier.registration
+        if same:
+            peer.registration = earlier.registration
+        else:
+            self._registrations += 1
+            peer.registration = self._registrations
         if earlier is not None and earlier is not peer:
             # Its id again (a rejoin; a restart keeps its id too): its counters go on from its last figures until
             # its next heartbeat says otherwise, so neither they nor the run's totals dip to 0 meanwhile (a

@@ -11,11 +11,12 @@ from fuzzgen import mutated
 from hypothesis import strategies as st
 
 from collectives.errors import RoundFailed
-from collectives.memberlists import list_bytes, pack_list
+from collectives.memberlists import Entry, list_bytes, pack_list
 from collectives.membership import KnownMembers
 from protos import membership_pb2 as pb
 
-entries = st.lists(st.tuples(st.text(max_size=12), st.text(max_size=20), st.text(max_size=6)), max_size=20)
+entries = st.lists(st.builds(Entry, st.text(max_size=12), st.text(max_size=20), st.text(max_size=6),
+                             st.integers(0, 2**64 - 1)), max_size=20)
 
 
 def _frame(data: bytes, checksum: bool, size: bool) -> bytes:
