@@ -386,6 +386,8 @@ class MembershipClient:
         # Set when the coordinator said this peer is out of the run (a heartbeat answered known=False, a call
         # refused NOT_FOUND, a decision that dropped it); cleared by a join. The peer must join again.
         self.unregistered = asyncio.Event()
+        # Registrations so far: an "unknown peer" answer to a call sent before the last one is stale, not news.
+        self.registrations = 0
         # The run's last committed round as the coordinator last said (heartbeats, quorum answers): a worker
         # still computing a step the run has committed without it can stop (gradient coding's stragglers).
         self.run_round = 0
@@ -433,12 +435,13 @@ class MembershipClient:
         delay = self.config.backoff_initial_s
         probed = False  # a closed socket is looked into once a call (tlsprobe.probe)
         while True:
+            registrations = self.registrations
             try:
                 return await self._send(method, request, timeout_s)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.NOT_FOUND:
-                    self.unregistered.set()
+                    self._unknown(registrations)
                     raise Unregistered(exc.details()) from None
                 limited = _rate_limited_for(exc)
                 if limited is not None and time.monotonic() + limited <= give_up:
@@ -485,6 +488,14 @@ class MembershipClient:
             if await loop.run_in_executor(None, probe, address, security) != found:
                 return None
         return verdict(found, security, "the coordinator", address)
+
+    def _unknown(self, registrations: int) -> None:
+        """The coordinator said this peer is unknown to a call sent after registrations registrations: unless
+        the peer registered again since (the answer then predates it), it must register again."""
+        if registrations == self.registrations:
+            self.unregistered.set()
+        else:
+            log.debug("an unknown-peer answer to a call sent before this peer registered again: ignored")
 
     async def _send(self, method: str, request, timeout_s: float):
         """One attempt of a call: on the Session stream when it carries method and the coordinator has it."""
@@ -556,6 +567,7 @@ class MembershipClient:
                 # Registered again: the coordinator had lost this peer, maybe in a cut that killed its connections.
                 self.transport.retire_peer_channels()
             self.peer_id = reply.peer_id
+            self.registrations += 1
             self.unregistered.clear()
             if auth is not None:
                 # The stream's credential is checked as it opens: the next call opens one with the new credential.
@@ -608,6 +620,7 @@ class MembershipClient:
                 watched = self._watched
                 if watched is not None:
                     request.round_id, request.round_epoch = watched[0]
+                registrations = self.registrations
                 try:
                     reply = await self._send("Heartbeat", request, max(interval_s, 1.0))
                     if self.coordinator_lost:
@@ -618,7 +631,7 @@ class MembershipClient:
                         log.info("%s", reply.round_over[:300])
                         watched[1].set_result(reply.round_over[:2000])
                     if not reply.known:
-                        self.unregistered.set()
+                        self._unknown(registrations)
                     self.run_round = reply.last_committed_round
                     self.run_step = reply.run_step
                     self.round_step = reply.round_step

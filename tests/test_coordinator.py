@@ -548,6 +548,19 @@ def test_the_peers_client_registered_again_connects_anew_to_every_peer(coordinat
         assert _pooled(transport, "127.0.0.1:2") is not before
 
 
+@pytest.mark.parametrize("sent_after, registrations, told_to_register", [
+    (1, 1, True),   # the answer is about this registration
+    (1, 2, False),  # sent before the peer registered again (a heartbeat in flight across its rejoin): stale
+])
+def test_an_unknown_peer_answer_to_a_call_from_before_the_last_registration_is_ignored(
+        sent_after, registrations, told_to_register):
+    # Read as news, it made a peer back from a cut register twice, and fetch the state twice.
+    client = MembershipClient(Transport(), MembershipConfig("127.0.0.1:1", RUN))
+    client.registrations = registrations
+    client._unknown(sent_after)
+    assert client.unregistered.is_set() == told_to_register
+
+
 def test_a_peer_that_rejoins_behind_remembered_rounds_is_told_which_to_fetch_and_from_whom(coordinator):
     c = coordinator()
     a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))
