@@ -1,66 +1,19 @@
-"""A member of a run: it joins, fetches the run's state, and reduces tensors in rounds that survive faults.
+"""A member of a run: it joins, fetches the run's state, stays registered, and leaves.
 
 ``ElasticCollective`` puts the pieces together: a transport (data plane),
-the all-reduce, a state server for joiners, and the coordinator client. Its
-``sync`` is the elastic all-reduce the optimizers use. One call runs this
-state machine (``Phase``, with its outcomes, in ``collectives/syncphases.py``)::
-
-    QUORUM --round--> ALLREDUCE --(done or failed)--> COMMIT --commit--> COMMITTED  (returns)
-       |                                                 \\--abort--> ABORTED --> QUORUM (same contribution)
-       |                                                                   \\--> FAILED (RetriesExhausted; or at once,
-       |                                                                        QuorumMismatch, when this peer refused
-       |                                                                        the round as one the run's --quorum
-       |                                                                        cannot make for its algorithm)
-       +--resync--> RESYNC (raises Resynced with the run's state: the contribution is void)
-       +--late--> CAUGHT_UP (raises CaughtUp with the committed results it missed: the contribution is void)
-       +--unknown peer--> REJOIN --> QUORUM            +--too few peers--> FAILED (GroupTooSmall)
-                             \\--told to wait--> QUORUM, up to holder_wait_s (not at all once the coordinator
-                                 says the round's holders finished and left); then FAILED (WaitingForState:
-                                 behind, and nobody holds the run's last round; the caller trains on locally;
-                                 later syncs go QUORUM --> FAILED at once until the heartbeats register it again)
-       +--another round format than the run's (codec, aggregator, length)--> FAILED (FormatMismatch)
-
-Nothing is applied twice: a peer records a round as applied only when the
-coordinator answered commit, and round ids only grow. Nothing is lost: an
-aborted attempt is retried with the contribution the peer still holds. A
-peer that missed a committed round (paused, dropped, or unsure of an
-outcome because the coordinator restarted) is told to resync, and fetches
-the state from an up-to-date peer instead of applying anything.
-
-A peer that a round went on without (a ``first-k`` or ``sample`` quorum, or a
-short pause) need not fetch the whole state: every member keeps the committed
-results of its last ``keep_results`` rounds and serves them, and the late
-peer fetches the rounds it missed and hands them to its optimizer, which
-applies them in order (``CaughtUp``), when that costs fewer bytes than the
-state. Anything wrong with a fetched result (gone, wrong size, not finite)
-falls back to the full state (``collectives/catchup.py``, which also keeps
-the results of rounds of some of the peers for the run, when the coordinator
-asks).
-
-A contribution's weight may be a number or a function of the round's plan
-(its members in rank order, its round id), evaluated after the quorum of
-each attempt: gradient coding's decoding coefficients depend on who made the
-round.
-
-A sync may pass ``within``, a function of the round's plan naming the
-members this peer reduces with (NoLoCo's pairs, ``collectives/pairing.py``):
-the round then runs as several small all-reduces in parallel, one per group,
-and commits as one. With ``own_state`` the peer's state is its own (replicas
-differ): a round it missed is skipped rather than caught up.
-
-A sync may also pass ``prepare``, a function of the round's plan and the flat
-contribution, run after each attempt's quorum (off the event loop): what is
-sent in that attempt is its result, a new tensor made from the original
-contribution each time, so a retried round never prepares twice. It is how
-differential privacy adds each member's share of the noise, which depends on
-the number of members.
-
-A contribution on a GPU stays there: the round encodes its chunks where
-they live (``collectives/devicecodec.py``), so only encoded bytes come to the
-host, which is where every result is decoded and returned.
+the all-reduce, a state server for joiners, the committed results it keeps
+for late peers (``collectives/catchup.py``), and the coordinator client. Its
+``sync`` is the elastic all-reduce the optimizers use: each sync is run
+through quorum, all-reduce and commit by the member's ``ElasticSync``
+(``collectives/elasticsync.py``, which draws that state machine). This
+module is the member's life around it: ``start`` (listen, join, fetch the
+run's state or keep its own), the heartbeats, registering again when the
+coordinator lost it (a lapsed lease, a restart) or telling it to wait for
+a holder of the run's state, the state digest it reports, ``interrupt``,
+and ``close`` (leave the run).
 
 State handed to the caller (``Resynced.snapshot``, ``start()``'s return)
-is applied by the caller, on its own thread: this module never touches the
+is applied by the caller, on its own thread: neither module touches the
 model.
 
 Every blocking wait (``start``'s join and state fetch, a sync's quorum,
@@ -79,9 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -91,33 +42,18 @@ from typing import Any, TypeVar
 import torch
 
 from collectives.addresses import coordinator_address
-from collectives.aggregators import AggregatorConfig, make_aggregator
-from collectives.allreduce import AllReduceConfig, AllReduceResult, Collective
+from collectives.aggregators import AggregatorConfig
+from collectives.allreduce import AllReduceConfig, Collective
 from collectives.asynctasks import cancel_and_wait
 from collectives.catchup import LateRounds
-from collectives.codecs import CodecConfig, check_finite
-from collectives.errors import (
-    ConfigError, InternalError, LoconetError, MemberFailure, ProtocolError, QuorumMismatch, RoundFailed, UsageError,
-)
+from collectives.codecs import CodecConfig
+from collectives.elasticsync import WAIT_POLL_S, ElasticSync, sync_request
+from collectives.errors import ConfigError, UsageError
 from collectives.hostid import resolve_host_id
-from collectives.hostlocal import round_hosts
 from collectives.inbox import Group
-from collectives.membership import (
-    FINISHED,
-    PATIENCE_S,
-    QUORUM_PATIENCE_S,
-    CommitOutcome,
-    CommitUnknown,
-    MembershipClient,
-    MembershipConfig,
-    PeerStatus,
-    RoundPlan,
-    Unregistered,
-)
+from collectives.membership import FINISHED, PATIENCE_S, QUORUM_PATIENCE_S, MembershipClient, MembershipConfig, PeerStatus
 from collectives.notes import RepeatNote
-from collectives.parts import flatten, shared_device, total_numel, unflatten_like
 from collectives.results import CommittedResult, ResultStore
-from collectives.roundformat import round_format
 from collectives.statesync import (
     ExpectedState,
     SERVES_NO_STATE,
@@ -128,7 +64,6 @@ from collectives.statesync import (
     fetch_state_async,
 )
 from collectives.syncphases import (
-    TRANSITIONS,
     CaughtUp,
     Phase,
     Prepare,
@@ -143,6 +78,30 @@ from collectives.syncphases import (
 )
 from collectives.transport import Transport, TransportConfig
 
+# What other modules import from here: this module's own names, and a sync's outcomes and types, which
+# callers of ElasticCollective.sync catch and pass (collectives/syncphases.py, collectives/results.py).
+__all__ = [
+    "LEAVE_DIGEST_S",
+    "LEAVE_ON_STOP_S",
+    "RECENT_FETCHES",
+    "WAIT_POLL_S",
+    "CaughtUp",
+    "CommittedResult",
+    "ElasticCollective",
+    "ElasticConfig",
+    "Phase",
+    "Prepare",
+    "Resynced",
+    "RetriesExhausted",
+    "Stopped",
+    "SyncResult",
+    "WaitingForState",
+    "Weight",
+    "Within",
+    "check_prepared",
+    "leave_reason",
+]
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -154,28 +113,12 @@ LEAVE_ON_STOP_S = 2.0
 LEAVE_DIGEST_S = 2.0
 # The reports of this many recent state fetches are kept (``fetches``).
 RECENT_FETCHES = 16
-# A peer told to wait for the run's state asks the coordinator again this often (unless it says how often),
-# and repeats why it waits now and then (collectives/notes.py).
-WAIT_POLL_S = 2.0
 
 
 def _log_failure(future: concurrent.futures.Future) -> None:
     """Log the failure of a background task whose result nobody waits for."""
     if not future.cancelled() and future.exception() is not None:
         log.warning("background task failed: %s", future.exception())
-
-
-# The activity a peer reports (PeerStatus.activity) as its sync enters a phase; the others keep the caller's.
-ACTIVITIES = {Phase.QUORUM: "awaiting-round", Phase.ALLREDUCE: "in-round", Phase.RESYNC: "syncing"}
-
-
-def _waited_for(done: AllReduceResult | None, reduce_with: Sequence[tuple[str, str]]) -> tuple[str, float]:
-    """(peer id, seconds): the member whose data this one received last in a round, and how long after every
-    other's; ("", 0.0) when unknown (a failed attempt, a round of one, a hierarchical round)."""
-    rank = done.stats.waited_for_rank if done is not None else -1
-    if not 0 <= rank < len(reduce_with):
-        return "", 0.0
-    return reduce_with[rank][0], done.stats.waited_s
 
 
 def leave_reason(stopped_by: str | None, failure: BaseException | None, adopted: bool = True) -> str:
@@ -263,13 +206,7 @@ class ElasticCollective:
         self.address = ""
         self.last_round = 0
         self.epoch = 0
-        self.phase = Phase.IDLE
-        # (round id, phase) of recent moves, for tests and the dashboard.
-        self.history: deque[tuple[int, Phase]] = deque(maxlen=1000)
         self._heartbeat: asyncio.Task | None = None
-        # Where to fetch the run's state from before the next round (empty: nowhere), and what it must be.
-        self._pending_resync: tuple[str, ...] = ()
-        self._pending_expect: ExpectedState | None = None
         # (round id, digest) of this peer's state, reported to the coordinator; and what computes it.
         self._digest: tuple[int, str] = (-1, "")
         self._digest_of: Callable[[], tuple[int, str]] | None = None
@@ -277,12 +214,6 @@ class ElasticCollective:
         # Whether this peer holds the run's state (its own or fetched): false while start() joins.
         self._holds_state = False
         self._waiting = RepeatNote(log)
-        # Whether a sync already waited holder_wait_s for a holder of the run's last round in vain (reset once
-        # registered again): the syncs after it do not wait again.
-        self._waited_out = False
-        # Whether the coordinator said, at the last join that told this peer to wait, that every holder of the
-        # run's last round finished and left: waiting for one is in vain (the run's end; a straggler behind it).
-        self._holders_finished = False
         # What this peer's recent state fetches took (statesync.FetchReport), for reports and tests.
         self.fetches: deque = deque(maxlen=RECENT_FETCHES)
         # Whether this fresh peer kept its own initial state at its join, the founder's being the same (start()).
@@ -293,6 +224,12 @@ class ElasticCollective:
         # The heartbeats and a sync may both find this peer out of the run (a dropped member learns it from
         # the decision and from its next heartbeat): one of them registers it again, the other finds it done.
         self._rejoining = asyncio.Lock()
+        # The elastic all-reduce (collectives/elasticsync.py): it runs each sync through its phases, taking the
+        # steps of this member's life a sync needs (registering again, fetching the state, keeping a result).
+        self.rounds = ElasticSync(
+            self, self._waiting, rejoin=self._rejoin, fetch=self._fetch, state_digest=self._state_digest,
+            keep_result=self._keep_result,
+        )
 
     def run_round(self) -> int:
         """The run's last committed round as the coordinator last said (every heartbeat refreshes it)."""
@@ -409,6 +346,16 @@ class ElasticCollective:
     def status(self) -> PeerStatus:
         """What heartbeats report; the training loop updates it."""
         return self.membership.status
+
+    @property
+    def phase(self) -> Phase:
+        """The phase of this peer's sync now (or the one its last sync ended in)."""
+        return self.rounds.phase
+
+    @property
+    def history(self) -> deque[tuple[int, Phase]]:
+        """(round id, phase) of this peer's recent moves, for tests and the dashboard."""
+        return self.rounds.history
 
     # -- stopping ----------------------------------------------------------------------
 
@@ -603,7 +550,7 @@ class ElasticCollective:
         self.epoch = max(self.epoch, joined.epoch)
         # The run ended ahead of this peer (a straggler of its last round): nobody will serve that round, so a
         # sync does not wait holder_wait_s for a holder (_ask); the heartbeats still ask every interval.
-        self._holders_finished = joined.holders_finished
+        self.rounds.holders_finished = joined.holders_finished
         if joined.wait:
             # Told to wait (nobody live holds the run's last round, which this state is behind): ask again later.
             self._waiting.note(joined.wait_reason, "waiting for the run's state: %s", joined.wait_reason)
@@ -612,13 +559,13 @@ class ElasticCollective:
         # With the rounds it missed named, the next quorum answer (which names them too) lets this
         # peer catch up by their results; otherwise it fetches the whole state first.
         if joined.sync_from and not joined.missed:
-            self._pending_resync = joined.sync_sources or (joined.sync_from,)
-            self._pending_expect = ExpectedState(joined.last_committed_round, joined.state_digest)
+            self.rounds.resync_from(joined.sync_sources or (joined.sync_from,),
+                                    ExpectedState(joined.last_committed_round, joined.state_digest))
         log.info(
             "%s rejoined the run (resync from %s, %d missed round(s))",
             self.peer_id, joined.sync_from or "-", len(joined.missed),
         )
-        self._waited_out = False
+        self.rounds.waited_out = False
         return ""
 
     async def _fetch(self, sources: Sequence[str], expect: ExpectedState | None = None) -> StateSnapshot:
@@ -627,20 +574,11 @@ class ElasticCollective:
             self.transport, list(sources), self.config.run_id, self.peer_id, self.config.state_sync, expect=expect
         )
         self.last_round = snapshot.round_id
-        self._pending_resync, self._pending_expect = (), None
+        self.rounds.resync_from((), None)
         report = snapshot.report
         if report is not None:
             self.fetches.append(report)
         return snapshot
-
-    async def _try_fetch(self, sources: Sequence[str], expect: ExpectedState | None) -> StateSnapshot | None:
-        try:
-            return await self._fetch(sources, expect)
-        except StateSyncError as exc:
-            log.warning("%s; will ask the coordinator again", exc)
-            self._pending_resync, self._pending_expect = (), None
-            await asyncio.sleep(0.5)
-            return None
 
     # -- the elastic all-reduce ----------------------------------------------------------
 
@@ -690,318 +628,12 @@ class ElasticCollective:
         among the run's members with the codec, the aggregator and the length (collectives.roundformat.round_format).
         ``min_members``: the fewest members a round may have (differential privacy's), beyond the aggregator's need.
         """
-        if prepare is not None and not callable(prepare):
-            raise TypeError(f"prepare must be a function of (plan, flat tensor), got {prepare!r}")
-        # A GPU's contribution is flattened there: the round encodes it where it lives.
-        flat = flatten(tensors, device=shared_device(tensors))
-        # Refused before the quorum, so a NaN never costs the others a round.
-        check_finite(flat, "the values to sync (nothing was sent)")
-        like = tensors if isinstance(tensors, torch.Tensor) else list(tensors)
-        if total_numel(like) != flat.numel():
-            raise ValueError("tensors changed while being flattened")
-        config = self.config.allreduce
-        if codec is not None:
-            config = dataclasses.replace(config, codec=codec)
-        if aggregator is not None:
-            config = dataclasses.replace(config, aggregator=aggregator)
-        if not callable(weight):
-            weight = float(weight)
-        if residual is not None and (residual.shape != (flat.numel(),) or residual.dtype != torch.float32
-                                     or not residual.is_contiguous() or residual.device != flat.device):
-            raise ValueError(f"residual must be a contiguous float32 tensor of shape ({flat.numel()},) on {flat.device}")
+        request = sync_request(
+            tensors, self.config.allreduce, weight=weight, tag=tag, codec=codec, aggregator=aggregator,
+            prepare=prepare, within=within, own_state=own_state, residual=residual, settings=settings,
+            min_members=min_members,
+        )
         if not self.address:
             # A UsageError, which the optimizers re-raise: any other LoconetError of a sync reads as a missed round.
             raise UsageError("this peer has not joined the run: call start() before the first step or sync")
-        return self.transport.submit(
-            self._interruptible(self._sync(flat, weight, tag, like, config, prepare, within, own_state, residual,
-                                           tuple(settings), min_members))
-        )
-
-    def _move(self, round_id: int, to: Phase) -> None:
-        if to not in TRANSITIONS[self.phase]:
-            raise InternalError(f"illegal round transition {self.phase.value} -> {to.value}")
-        self.phase = to
-        self.history.append((round_id, to))
-        # What the dashboard shows: a peer waiting for a round to form (its partners late, or paused) is not training.
-        self.membership.status.activity = ACTIVITIES.get(to, self.membership.status.activity)
-
-    async def _sync(
-        self, flat: torch.Tensor, weight: Weight, tag: str, like, allreduce: AllReduceConfig, prepare: Prepare | None,
-        within: Within | None = None, own_state: bool = False, residual: torch.Tensor | None = None,
-        settings: tuple[str, ...] = (), min_members: int = 1,
-    ) -> SyncResult:
-        config = self.config
-        out = torch.empty(flat.numel(), dtype=torch.float32)  # the host: results are decoded there
-        attempts = 0
-        last_reason = ""
-        # The coordinator forms no round the aggregator cannot run with (Krum's 2f+3), nor one smaller than
-        # min_members: the peers train on instead of aborting attempts. Groups ``within`` a round are the caller's business.
-        least = max(make_aggregator(allreduce.aggregator).min_group() if within is None else 1, min_members)
-        self.phase = Phase.IDLE  # every sync starts afresh; the previous one ended in a final phase
-        started = time.monotonic()
-        self._move(0, Phase.QUORUM)
-        # Peers of one round must agree on what a contribution is and what they do with the result; the coordinator
-        # checks it (a peer started with another --codec would otherwise break every round it joins, one with
-        # another --outer-lr leave the replicas different after each).
-        fmt = round_format(allreduce.codec, allreduce.aggregator, flat.numel(), settings)
-        while True:
-            plan = await self._ask(tag, least, started, fmt)
-            if plan is None:
-                continue
-            if plan.action == "resync":
-                await self._behind(plan, own_state, allreduce.codec)
-                continue
-            attempts += 1
-            self.epoch = max(self.epoch, plan.epoch)
-            self._move(plan.round_id, Phase.ALLREDUCE)
-            refusal: LoconetError | None = None
-            try:
-                sent, w, reduce_with = await self._contribution(plan, flat, weight, within, prepare, least)
-            except (ProtocolError, QuorumMismatch) as exc:  # this member refuses the round; it says so, sends nothing
-                done, failed, reduce_with, refusal, spent = None, (), (), exc, (0, 0)
-                reason = f"{self.peer_id} refused round {plan.round_id}: {exc}"
-            else:
-                # Error feedback on a copy per attempt: the residual moves on only with a committed round.
-                work = None if residual is None else residual.clone()
-                before = self._round_traffic()
-                done, failed, reason = await self._allreduce(plan, sent, w, out, allreduce, reduce_with, work)
-                spent = tuple(now - then for now, then in zip(self._round_traffic(), before))
-            self._move(plan.round_id, Phase.COMMIT)
-            outcome = await self._decision(plan, done, failed, reason, spent, _waited_for(done, reduce_with))
-            self.epoch = max(self.epoch, outcome.epoch)
-            if outcome.commit and done is not None:
-                self._move(plan.round_id, Phase.COMMITTED)
-                self.last_round = plan.round_id
-                await self._committed(
-                    self._keep_result(plan.round_id, tag, out, allreduce.codec, len(reduce_with), plan.epoch)
-                )
-                if residual is not None:
-                    residual.copy_(work)
-                return SyncResult(
-                    value=unflatten_like(out, like, device="cpu"),
-                    round_id=plan.round_id,
-                    epoch=plan.epoch,
-                    members=tuple(pid for pid, _ in plan.members),
-                    attempts=attempts,
-                    stats=done.stats,
-                    decisions=done.decisions,
-                    members_step=plan.members_step,
-                )
-            self._move(plan.round_id, Phase.ABORTED)
-            if isinstance(refusal, QuorumMismatch):  # so would every later attempt and round: end the peer
-                self._move(plan.round_id, Phase.FAILED)
-                raise refusal
-            last_reason = outcome.reason or reason
-            log.info("round %d aborted (attempt %d): %s", plan.round_id, attempts, last_reason)
-            if attempts >= config.max_attempts:
-                self._move(plan.round_id, Phase.FAILED)
-                raise RetriesExhausted(f"{attempts} attempts of a round aborted; last: {last_reason}")
-            # A member the decision dropped (outcome.dropped) is not told to join here: its heartbeats may have
-            # registered it again since; if not, the next quorum call says so (Unregistered) and it joins then.
-            if self.membership.unregistered.is_set():
-                self._move(plan.round_id, Phase.REJOIN)
-                await self._rejoin()
-            self._move(plan.round_id, Phase.QUORUM)
-
-    async def _committed(self, keeping: Coroutine[Any, Any, None]) -> None:
-        """Finish ``keeping`` (keeping a committed round's result) even when a stop comes meanwhile: the round is
-        this member's, and it is returned and applied; the next call raises Stopped. (A stop that landed here lost
-        the round: a peer that came back with its checkpoint held the round before the run's last.)"""
-        task = asyncio.ensure_future(keeping)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if not self._interrupted:
-                task.cancel()
-                raise
-            log.info("stopped while keeping the result of round %d: it is applied first", self.last_round)
-            await task
-            asyncio.current_task().uncancel()  # the stop was honoured: the round is applied, then the caller stops
-
-    async def _ask(self, tag: str, least: int, started: float, fmt: str = "") -> RoundPlan | None:
-        """QUORUM: fetch a state the coordinator named before (raises Resynced), then ask for a round; None when
-        this peer had to register again first (ask again). Raises WaitingForState once it waited in vain for a
-        holder of the run's state, and the quorum's own errors (FormatMismatch: ``fmt``, this peer's round format,
-        is not the run's)."""
-        config = self.config
-        if self._waited_out and self.membership.unregistered.is_set():
-            # This peer waited holder_wait_s for a holder in vain already. Its heartbeats ask the coordinator
-            # again every interval and register it once a holder is back; until then a sync ends at once
-            # (it cost a Join and a heartbeat interval's sleep per sync, 1 s a step for a peer left behind).
-            self._move(0, Phase.FAILED)
-            raise WaitingForState(f"no sync: {self._waiting.key}")
-        if self._pending_resync:
-            sources = self._pending_resync
-            snapshot = await self._try_fetch(sources, self._pending_expect)
-            if snapshot is not None:
-                self._move(0, Phase.RESYNC)
-                raise Resynced(snapshot, ", ".join(sources))
-        try:
-            return await self.membership.quorum(
-                self.last_round, tag, config.quorum_timeout_s, digest=await self._state_digest(), min_members=least,
-                round_format=fmt,
-            )
-        except Unregistered:
-            self._move(0, Phase.REJOIN)
-            waiting = await self._rejoin()
-            if waiting and (self._holders_finished or time.monotonic() - started > config.holder_wait_s):
-                self._waited_out = True
-                self._move(0, Phase.FAILED)
-                raise WaitingForState(f"no sync: {waiting}") from None
-            self._move(0, Phase.QUORUM)
-            return None
-        except LoconetError:
-            self._move(0, Phase.FAILED)
-            raise
-
-    async def _behind(self, plan: RoundPlan, own_state: bool, codec: CodecConfig | None) -> None:
-        """A RESYNC answer: catch up by the missed rounds' results (raises CaughtUp), or note where to fetch the
-        state from at the next ask; with ``own_state``, skip the rounds instead."""
-        if own_state:
-            # This peer's state is its own (NoLoCo's replicas differ): a round it missed is skipped, not
-            # caught up; it is up to date with the run's count of rounds.
-            self.last_round = max(self.last_round, plan.last_committed_round)
-            return
-        # The rounds it missed carried what this sync would (the algorithm's codec for the tag).
-        results = await self._catch_up(plan, codec) if plan.missed else None
-        if results is not None:
-            self._move(results[-1].round_id, Phase.CAUGHT_UP)
-            raise CaughtUp(results, plan.pending_tag)
-        # Fetched at the next ask; if that fails, the quorum is asked again and the coordinator names another source.
-        self._pending_resync = plan.sync_sources or ((plan.sync_from,) if plan.sync_from else ())
-        self._pending_expect = ExpectedState(plan.last_committed_round, plan.state_digest)
-        if not self._pending_resync:
-            # Only the missed rounds' results were named, and not one of them came: ask again (the
-            # coordinator names other holders, or tells this peer to wait for the run's state).
-            await asyncio.sleep(WAIT_POLL_S)
-
-    async def _contribution(
-        self, plan: RoundPlan, flat: torch.Tensor, weight: Weight, within: Within | None, prepare: Prepare | None,
-        least: int = 1,
-    ) -> tuple[torch.Tensor, float, tuple[tuple[str, str], ...]]:
-        """What this member sends in an attempt, with its weight and whom it reduces with; ProtocolError when it
-        refuses the round (a sample that is not the seeded one of at least ``least``, a weight that is not finite, a
-        group without it)."""
-        plan.check_sample(least)
-        w = float(weight(plan)) if callable(weight) else weight
-        if not math.isfinite(w):
-            raise ProtocolError(f"the weight function gave {w} for round {plan.round_id}")
-        reduce_with = self._reduce_with(plan, within)
-        sent = flat
-        if prepare is not None:
-            # Off the loop (noise for a large model takes a while), from the original flat every attempt.
-            sent = check_prepared(await self.transport.run_off_loop(prepare, plan, flat), flat, plan.round_id)
-        return sent, w, reduce_with
-
-    async def _catch_up(self, plan: RoundPlan, codec: CodecConfig | None) -> list[CommittedResult] | None:
-        """The committed results of the rounds this peer missed, kept here or fetched; None: fetch the state."""
-        results = await self.late.results_of(plan, codec, self.last_round, self.peer_id)
-        if results is None:
-            return None
-        self.last_round = results[-1].round_id
-        for r in results:
-            await self._keep_result(r.round_id, r.tag, r.value, codec, r.parts, r.epoch, r.digest)
-        log.info(
-            "caught up rounds %d-%d by their results (%d bytes)",
-            results[0].round_id, results[-1].round_id, sum(r.wire_bytes for r in results),
-        )
-        return results
-
-    def _reduce_with(self, plan: RoundPlan, within: Within | None) -> tuple[tuple[str, str], ...]:
-        """The (peer id, address) of the members this peer reduces with, in rank order; ProtocolError (this member
-        refuses the round) when ``within`` names itself out or a peer outside the round."""
-        if within is None:
-            return plan.members
-        chosen = set(within(plan))
-        ids = {pid for pid, _ in plan.members}
-        if self.peer_id not in chosen or not chosen <= ids:
-            raise ProtocolError(f"round {plan.round_id}: this peer reduces with {sorted(chosen)}, which is not a "
-                                f"part of the round's members {sorted(ids)} that holds it")
-        return tuple(m for m in plan.members if m[0] in chosen)
-
-    async def _allreduce(
-        self, plan: RoundPlan, flat: torch.Tensor, weight: float, out: torch.Tensor, config: AllReduceConfig,
-        members: tuple[tuple[str, str], ...] | None = None, residual: torch.Tensor | None = None,
-    ) -> tuple[AllReduceResult | None, tuple[str, ...], str]:
-        """(the result, or None with the members to blame and why) of the round among ``members`` (default all)."""
-        members = plan.members if members is None else members
-        ids = [pid for pid, _ in members]
-        group = Group(self.config.run_id, plan.epoch, plan.round_id, tuple(addr for _, addr in members),
-                      ids.index(self.peer_id))
-        exchange = asyncio.ensure_future(self.collective.reduce_flat(
-            group, flat, weight=weight, config=config, out=out, residual=residual, hosts=round_hosts(plan, ids)
-        ))
-        # The coordinator may end the attempt while this member waits for data that will not come (a paused
-        # member's, whose lease lapsed): the heartbeats say so, and the member reports at once, blaming nobody.
-        over = self.membership.watch(plan.round_id, plan.epoch)
-        try:
-            await asyncio.wait((exchange, over), return_when=asyncio.FIRST_COMPLETED)
-            if not exchange.done():
-                return None, (), over.result()  # the exchange is cancelled below
-            return exchange.result(), (), ""
-        except MemberFailure as exc:
-            return None, tuple(ids[r] for r in exc.failed_ranks), str(exc)
-        except RoundFailed as exc:
-            return None, (), str(exc)
-        finally:
-            self.membership.unwatch(over)
-            if not exchange.done():  # the coordinator ended the attempt, or this sync was cancelled (interrupt)
-                exchange.cancel()
-                await asyncio.gather(exchange, return_exceptions=True)
-
-    def _round_traffic(self) -> tuple[int, int]:
-        """(bytes sent, received) by this peer's data plane so far, less the state it served: a failed attempt's
-        traffic is what they grow by over it (a round's own stats die with it)."""
-        counters = self.transport.counters
-        return counters.bytes_sent - self.state_server.bytes_served, counters.bytes_received
-
-    async def _decision(
-        self, plan: RoundPlan, done: AllReduceResult | None, failed: tuple[str, ...], reason: str,
-        spent: tuple[int, int] = (0, 0), waited: tuple[str, float] = ("", 0.0),
-    ) -> CommitOutcome:
-        """This member's Commit and the round's decision. A stop that comes once this member has its result waits
-        up to stop_decision_wait_s for a commit, which is then applied: a round the run commits is not lost with
-        this member (it may be the only one left to hold it). Any other outcome of a stopped round: cancelled."""
-        call = asyncio.ensure_future(self._commit(plan, done, failed, reason, spent, waited))
-        try:
-            return await asyncio.shield(call)
-        except asyncio.CancelledError:
-            if not self._interrupted or done is None:
-                call.cancel()
-                raise
-        log.info("stopped while round %d is being decided: waiting up to %g s for its decision",
-                 plan.round_id, self.config.stop_decision_wait_s)
-        try:
-            outcome = await asyncio.wait_for(call, self.config.stop_decision_wait_s)
-        except TimeoutError:
-            raise asyncio.CancelledError from None
-        if not outcome.commit:
-            raise asyncio.CancelledError
-        asyncio.current_task().uncancel()  # the stop was honoured: the round is applied, then the caller stops
-        return outcome
-
-    async def _commit(
-        self, plan: RoundPlan, done: AllReduceResult | None, failed: tuple[str, ...], reason: str,
-        spent: tuple[int, int] = (0, 0), waited: tuple[str, float] = ("", 0.0),
-    ) -> CommitOutcome:
-        """This member's report of the attempt (its traffic: the round's stats, or ``spent`` for a failed one; whom
-        it waited for last, and how long)."""
-        stats = done.stats if done is not None else None
-        try:
-            return await self.membership.commit(
-                plan,
-                done is not None,
-                failed,
-                reason,
-                bytes_sent=stats.bytes_sent if stats else spent[0],
-                bytes_received=stats.bytes_received if stats else spent[1],
-                wall_s=stats.wall_s if stats else 0.0,
-                timeout_s=self.config.commit_timeout_s,
-                waited_for=waited[0],
-                waited_s=waited[1],
-            )
-        except CommitUnknown as exc:
-            # Not applied; if others did apply it, the next quorum tells this peer to resync.
-            self.membership.unregistered.set()
-            return CommitOutcome(commit=False, reason=str(exc), epoch=self.epoch)
-
+        return self.transport.submit(self._interruptible(self.rounds.run(request)))

@@ -140,7 +140,7 @@ def test_a_failed_attempt_reports_the_bytes_its_member_sent_in_it():
     with CoordinatorThread(config) as c:
         peer = ElasticCollective(ElasticConfig(coordinator=c.address, run_id="w"))
         peer.start(has_state=True)
-        real = peer._allreduce
+        real = peer.rounds._allreduce
         calls = []
 
         async def fails_once(*args, **kwargs):
@@ -151,7 +151,7 @@ def test_a_failed_attempt_reports_the_bytes_its_member_sent_in_it():
             peer.transport.counters.count_received("127.0.0.1:1", 30_000)
             return None, (), "a member went away"
 
-        peer._allreduce = fails_once
+        peer.rounds._allreduce = fails_once
         try:
             assert peer.sync(torch.ones(4)).attempts == 2
         finally:
@@ -201,7 +201,7 @@ def test_after_waiting_out_a_holder_once_a_sync_ends_at_once_without_asking_the_
     # As a peer left behind is once its first sync waited holder_wait_s in vain: out of the run, its heartbeats
     # asking the coordinator every interval whether a holder is back.
     peer._waiting.note(reason, "waiting for the run's state: %s", reason)
-    peer._waited_out = True
+    peer.rounds.waited_out = True
     peer.membership.unregistered.set()
     for _ in range(3):
         with pytest.raises(WaitingForState, match=f"no sync: {reason}"):
