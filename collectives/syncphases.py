@@ -1,7 +1,7 @@
 """What one sync call of a member goes through and how it can end: its phases, their allowed moves, and its outcomes.
 
 The phases are the state machine ``ElasticCollective.sync`` walks
-(``collectives/elastic.py`` draws it); a move outside ``TRANSITIONS`` is a
+(``collectives/elasticsync.py`` draws it); a move outside ``TRANSITIONS`` is a
 bug. A sync ends in one of: ``SyncResult`` (the round committed),
 ``Resynced`` (this peer had missed rounds and takes the run's state),
 ``CaughtUp`` (it applies the committed results of the rounds it missed),

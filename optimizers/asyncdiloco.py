@@ -12,7 +12,7 @@ the global version ``φ_base`` its local training started from. If τ rounds
 committed since (τ is its staleness), it first catches up: it applies those
 rounds' committed results to its global state (the same outer steps every
 member took, fetched from any member that keeps them; or the whole state,
-whichever is fewer bytes, ``collectives/elastic.py``), without touching its
+whichever is fewer bytes, ``collectives/elasticsync.py``), without touching its
 local model. It then contributes ``s(τ) · Δ`` in the next round, with s the
 staleness function (``optimizers/staleness.py``: 1/sqrt(1+τ) by default).
 The round's aggregate is the sample-weighted mean, so it is FedBuff's

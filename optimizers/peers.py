@@ -125,7 +125,7 @@ class LocalPeer:
             residual.zero_()  # the round carried the whole contribution, as a real owner's own part
         reduced = aggregate_rows(make_aggregator(aggregator or AggregatorConfig()), flat.view(1, -1), [float(weight)])
         out = c.decode(c.encode_reduced(reduced), reduced.numel())
-        # On the host, as a real round's result is (collectives/elastic.py).
+        # On the host, as a real round's result is (collectives/elasticsync.py).
         return LocalResult(value=unflatten_like(out, tensors, device="cpu"), round_id=round_id)
 
     def sync_async(
