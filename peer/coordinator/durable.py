@@ -7,8 +7,10 @@ digest out with every sync source, and keeps the last one in its state file.
 A run that has committed a round is never founded again
 (``rules.join_action``): a joiner without state that finds no live holder
 waits, told in one line why and what would bring the state back. The
-service (``peer/coordinator/service.py``) calls the helpers here; the
-decisions themselves are in ``rules.py``.
+service (``peer/coordinator/service.py``) owns a ``DurableRun``: the state
+file's record of the run, and whether this coordinator knows the run's
+history (then a joiner's claim is checked against it). The decisions
+themselves are in ``rules.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.quorum import BadRequest
 from peer.coordinator.rules import valid_digest
 from peer.coordinator.runstate import RunState
-from peer.coordinator.statefile import SavedRun
+from peer.coordinator.statefile import SavedRun, load_run, save_run
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +119,61 @@ def discard_saved_run(state: RunState, saved: SavedRun) -> None:
     what = f"round {saved.last_committed_round} (state sha256 {saved.digest or 'unknown'})"
     log.warning("--new-run: run %s starts over; the saved %s is discarded", saved.run_id, what)
     state.event("new-run", "", f"starts over; discarded {what}")
+
+
+class DurableRun:
+    """What this coordinator knows of its run's past: the state file's record (loaded, resumed or discarded at
+    start, saved as the run moves on), whether the run is under way or was founded here."""
+
+    def __init__(self, config: CoordinatorConfig, state: RunState) -> None:
+        self.config = config
+        self.state = state
+        # Whether the run is known to be under way: a peer registered by an earlier coordinator
+        # has called, or the state file says the run was founded (see join_action).
+        self.under_way = False
+        # Whether a peer founded the run at this coordinator (its initial state the run's round 0): with no state
+        # file, that or a round committed here is what tells it the run's history (history_known).
+        self.founded = False
+        self.saved: SavedRun | None = None
+        if config.state_file:
+            self.saved = load_run(config.state_file, config.run_id)
+        if self.saved is not None and config.new_run:
+            discard_saved_run(state, self.saved)
+        elif self.saved is not None:
+            self.under_way = True
+            resume_saved_run(state, self.saved, config)
+        elif config.new_run:
+            log.info("--new-run: no saved run to discard (%s)", config.state_file or "no --state-file")
+
+    @property
+    def history_known(self) -> bool:
+        """Whether this coordinator knows the run's history: its state file says it, or the run was founded or has
+        committed a round here and no peer of an earlier coordinator has called (every peer is its own). Then a
+        claim beyond what it gave out is refused; otherwise (started without a state file, the run's peers
+        restarted from their checkpoints) the round a majority of the returning holders reach is adopted."""
+        started_here = self.founded or self.state.rounds_committed > 0
+        return self.saved is not None or (started_here and not self.under_way)
+
+    def note_stranger(self, peer_id: str) -> None:
+        """Note a call from peer_id: an id this coordinator never gave out is a peer registered by an earlier
+        coordinator (the run is under way, and that peer is about to rejoin)."""
+        if peer_id and peer_id not in self.state.peers:
+            self.under_way = True
+
+    def save(self) -> None:
+        """Record in the state file (if any) that the run exists and how far it got."""
+        if not self.config.state_file:
+            return
+        s = self.state
+        # Before the first commit the run's state is the founder's initial state: its digest is the one to keep.
+        digest = s.last_digest if s.last_committed_round > 0 else s.initial_digest
+        saved = SavedRun(self.config.run_id, s.last_committed_round, s.epoch, digest, s.last_committed_epoch)
+        if saved != self.saved:
+            save_run(self.config.state_file, saved)
+            self.saved = saved
+
+    def note_digest(self, round_id: int, digest: str, peer_id: str) -> None:
+        """Record a peer's digest of its state at round_id (note_digest), saved once it is the last committed round's."""
+        note_digest(self.state, round_id, digest, peer_id)
+        if round_id == self.state.last_committed_round:
+            self.save()  # the digest of the last committed round, once known (saved only when it changed)
