@@ -12,6 +12,15 @@ deciding the attempts of rounds is ``peer/coordinator/quorum.py``'s
 rounds' results from is ``peer/coordinator/sources.py``'s ``Sources``; the
 settings are ``peer/coordinator/config.py``'s ``CoordinatorConfig``.
 
+The ``Coordinator`` here answers the calls (checking their run and caller),
+ticks, and owns the collaborators that do the longer calls' work: the Join
+call is ``peer/coordinator/joins.py``'s ``Joins``; the Quorum call
+``peer/coordinator/quorumcall.py``'s ``QuorumCalls``, whose RESYNC answers
+for peers behind the run are ``peer/coordinator/resync.py``'s ``Resyncs``;
+the state file's record of the run, and whether this coordinator knows the
+run's history, ``peer/coordinator/durable.py``'s ``DurableRun``. Heartbeat,
+Leave, Commit and Status are answered here.
+
 A round, as the coordinator sees it (round id = last committed round + 1)::
 
     peers ask Quorum(last_round) --> pending quorum --(policy.decide)--> attempt (round, epoch) formed
@@ -37,16 +46,15 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from collectives.aggregation import MAX_ROUND_MEMBERS
 from collectives.asynctasks import cancel_and_wait
-from collectives.membership import FINISHED, NO_QUORUM
-from collectives.roundformat import MAX_FORMAT_CHARS
+from collectives.membership import FINISHED
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import DurableRun, checked_digest
 from peer.coordinator.identity import Caller, Callers, Rejoin
 from peer.coordinator.joins import MAX_ALGORITHM_CHARS, Joins
 from peer.coordinator.liveness import Liveness, lease_terms
 from peer.coordinator.quorum import BadRequest, Quorums
+from peer.coordinator.quorumcall import QuorumCalls, settled
 from peer.coordinator.resync import Resyncs
 from peer.coordinator.rules import Decision, Report, attempt_over
 from peer.coordinator.runstate import PeerRecord, RunState
@@ -62,36 +70,10 @@ log = logging.getLogger(__name__)
 VERSION = package_version()
 TICK_S = 0.05
 MAX_TEXT_CHARS = 2000
-MAX_TAG_CHARS = 200
-# The largest round minimum a peer may ask for (QuorumRequest.min_members): Krum with f in the thousands.
-MAX_MIN_MEMBERS = MAX_ROUND_MEMBERS
 
 # CoordinatorConfig lives in peer/coordinator/config.py, BadRequest in quorum.py, MAX_ALGORITHM_CHARS in joins.py;
 # importing them from here still works.
 __all__ = ["MAX_ALGORITHM_CHARS", "VERSION", "BadRequest", "Coordinator", "CoordinatorConfig"]
-
-
-async def settled(fut: asyncio.Future, timeout_s: float) -> bool:
-    """Wait until fut is done (True) or timeout_s has passed (False); cancelling the wait leaves fut as it is.
-
-    What ``asyncio.wait_for(asyncio.shield(fut), timeout_s)`` waits for, with one hop through the loop per
-    waiter instead of three and no extra tasks or futures: a formed round wakes 1,000 calls at once.
-    """
-    loop = asyncio.get_running_loop()
-    woken = loop.create_future()
-
-    def wake(_: object = None) -> None:
-        if not woken.done():
-            woken.set_result(None)
-
-    fut.add_done_callback(wake)
-    timer = loop.call_later(timeout_s, wake)
-    try:
-        await woken
-    finally:
-        timer.cancel()
-        fut.remove_done_callback(wake)
-    return fut.done()
 
 
 class Coordinator(pb_grpc.CoordinatorServicer):
@@ -140,7 +122,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.streams = PeerStreams()
         # Leases past their time, and probes of the peers a quorum waits for.
         self.liveness = Liveness(config, self.state, self.quorums, self._mark_lost)
-        # The Join call, and the Quorum answers for peers behind the run.
+        # The Join call, the Quorum answers for peers behind the run, and the Quorum call.
         self.joins = Joins(
             config, self.state, self.sources, self.callers, self.durable,
             age=self._age, mark_lost=self._mark_lost, refuse=self._refuse,
@@ -148,6 +130,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.resyncs = Resyncs(
             config, self.state, self.sources, self.quorums,
             age=self._age, save=self.durable.save, mark_lost=self._mark_lost, note_waiter=self.joins.note_waiter,
+        )
+        self.quorum_calls = QuorumCalls(
+            config, self.state, self.quorums, self.sources, self.durable, self.resyncs,
+            peer=self._peer, stopping=lambda: self._stopping,
         )
         self.state.event("coordinator-start", "", f"run {config.run_id}")
         if config.new_run and self.durable.saved is not None:
@@ -359,80 +345,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     async def _quorum(self, req: pb.QuorumRequest) -> pb.QuorumResponse | bytes:
         self._check_run(req.run_id)
-        digest = checked_digest(req.state_digest)
-        give_up = time.monotonic() + self.config.quorum_timeout_s
-        tag = req.tag[:MAX_TAG_CHARS]
-        if req.min_members > MAX_MIN_MEMBERS:
-            raise BadRequest(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"min_members {req.min_members} is beyond any run this coordinator forms rounds for ({MAX_MIN_MEMBERS})",
-            )
-        least = max(1, req.min_members)
-        if len(req.round_format) > MAX_FORMAT_CHARS:
-            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"round_format of {len(req.round_format)} characters (at most {MAX_FORMAT_CHARS})")
-        noted = False
-        while True:
-            peer = self._peer(req.peer_id)
-            if not noted:
-                # Where the run trains now, fresher than the heartbeats: a peer sent to catch up while the others
-                # wait in a quorum lines up with the step they asked at, not one a heartbeat said a second ago.
-                self.state.note_step(peer.peer_id, req.last_round, req.step)
-            peer.last_round = req.last_round
-            # A peer asks for rounds only once it holds a state (the run's, fetched or founded,
-            # or its checkpoint), even at round 0: so it may catch up by results too.
-            peer.has_state = True
-            self.state.synced(peer)  # its fetch went through (if it had failed): quorums wait for it again
-            peer.fetch_told = False  # its digest counts again, heartbeats' too
-            if not noted:
-                self.durable.note_digest(req.last_round, digest, peer.peer_id)
-                noted = True
-            # A member of the attempt in flight asking before it reported lost the answer naming it: that attempt
-            # fails now, instead of waiting for a report that never comes.
-            self.quorums.forget_lost_answer(peer.peer_id)
-            attempt = self.quorums.in_flight()
-            if attempt is not None:
-                # An attempt is in flight (this peer is not in it): hold the call until it is decided. Committed:
-                # this peer lacks the round and is told to resync; aborted: it is in time for the retry's quorum.
-                await self._wait(attempt.decided, give_up, peer.peer_id)
-                continue
-            resync = self.resyncs.realign_answer(peer) or self.resyncs.resync_answer(peer, req.last_round)
-            self.state.waiting.done(peer.address)
-            if resync is not None:
-                return resync
-            peer.state = "active"
-            self.sources.done_serving(peer.peer_id)
-            answer = await self._wait(
-                self.quorums.enqueue(peer.peer_id, tag, least, req.round_format, req.step), give_up, peer.peer_id
-            )
-            if answer is not None:
-                return answer.wire(req.known_members, req.member_changes, req.packed_members)
-            # None: the round formed without this peer; it is held (above) until that attempt is decided.
-
-    async def _wait(self, fut: asyncio.Future, give_up: float, peer_id: str):
-        """fut's result, or the 'no quorum' refusal once the Quorum call has waited quorum_timeout_s."""
-        try:
-            done = await settled(fut, max(0.0, give_up - time.monotonic()))
-        except asyncio.CancelledError:
-            # The caller went away (its deadline passed, or it cancelled): a round formed now must not count
-            # it as a member, or the others would find it absent and retry without it.
-            self.quorums.withdraw(peer_id, fut)
-            raise
-        if not done:
-            minimum = self.quorums.minimum(self.quorums.pending)
-            self.quorums.withdraw(peer_id, fut)
-            alive = len([p for p in self.state.alive_peers() if p.has_state])
-            raise BadRequest(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{NO_QUORUM} in {self.config.quorum_timeout_s:g} s: {alive} live peer(s), {minimum}; "
-                "start more peers or lower --min-peers",
-            )
-        if fut.cancelled() and self._stopping:
-            raise BadRequest(grpc.StatusCode.UNAVAILABLE, "the coordinator is stopping; retry when it is back")
-        if fut.cancelled():
-            # The same peer asked again (Quorums.enqueue keeps its newest request): this call gets a status.
-            raise BadRequest(grpc.StatusCode.ABORTED, "superseded by a newer Quorum request from the same peer")
-        return fut.result()
+        return await self.quorum_calls.answer(req)
 
     async def _commit(self, req: pb.CommitRequest) -> pb.CommitResponse:
         self._check_run(req.run_id)
