@@ -8,7 +8,7 @@ import pytest
 
 from peer.coordinator import liveness
 from peer.coordinator.config import CoordinatorConfig
-from peer.coordinator.liveness import Liveness
+from peer.coordinator.liveness import Liveness, lease_terms
 from peer.coordinator.runstate import PeerRecord, RunState
 
 
@@ -80,3 +80,18 @@ def test_no_lease_is_judged_on_the_tick_after_the_coordinators_own_loop_stalled(
     clock.now = start + 4.0  # the loop stalled 1.1 s: heartbeats may sit unread
     check.check()
     assert dropped == []
+
+
+@pytest.mark.parametrize(
+    ("heartbeat_s", "lease_s", "live", "terms"),
+    [
+        (1.0, 5.0, 0, (1.0, 5.0)),  # a small run: the configured interval and lease
+        (1.0, 5.0, 500, (1.0, 5.0)),  # ~500 heartbeats a second is where slowing down starts
+        (1.0, 5.0, 2000, (4.0, 12.0)),  # 2,000 peers / 500 a second; the lease three intervals
+        (0.5, 3.0, 1000, (2.0, 6.0)),
+        (2.0, 10.0, 750, (2.0, 10.0)),  # a longer configured interval and lease still hold
+    ],
+)
+def test_heartbeats_slow_down_as_the_run_grows_and_the_lease_stays_three_intervals(heartbeat_s, lease_s, live, terms):
+    config = CoordinatorConfig(run_id="r", dashboard_port=None, heartbeat_s=heartbeat_s, lease_s=lease_s)
+    assert lease_terms(config, live) == terms

@@ -9,7 +9,7 @@ report until a second arrives. A peer outside the round (a joiner, a sybil) repo
 A peer whose report differs from the kept digest *lost*: its state is not the run's (an API user's joiner
 that never loaded the state it fetched, a nondeterministic device, a corrupted write). It is noted to
 ``realign``: the coordinator answers its next Quorum with RESYNC, so that it fetches the run's state
-instead of training on its own for good (service.py bounds how often one peer is realigned).
+instead of training on its own for good (resync.py bounds how often one peer is realigned).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Who is in a round, whether a round commits, who is dropped, who serves a
 joiner: each is decided here from plain data, with no I/O and no clock
 reads, so that every rule has a table of cases in ``tests/test_quorum.py``.
-The coordinator (``peer/coordinator/service.py``) gathers the inputs and
+The coordinator (``peer/coordinator/service.py``, with ``joins.py``,
+``quorumcall.py``, ``resync.py`` and ``quorum.py``) gathers the inputs and
 carries the decisions out. Who takes part in a round is the run's quorum
 policy (``peer/coordinator/policies.py``); the default one, ``all``, is the
 quorum rule below.
