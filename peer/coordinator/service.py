@@ -202,7 +202,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return await self._as_peer(context, "Leave", request)
 
     async def Quorum(self, request: pb.QuorumRequest, context: grpc.aio.ServicerContext) -> pb.QuorumResponse:
-        """gRPC handler for in-process callers (the server sends ``quorum_wire``'s bytes): see ``_quorum``."""
+        """gRPC handler for in-process callers (the server sends ``quorum_wire``'s bytes): see
+        ``QuorumCalls.answer``."""
         answer = await self.quorum_wire(request, context)
         # In-process callers get a message; the server sends quorum_wire's bytes as they are.
         return pb.QuorumResponse.FromString(answer) if isinstance(answer, bytes) else answer
