@@ -83,6 +83,9 @@ CHANNEL_IDLE_S = 600.0
 # Calls still on a channel closed as idle may finish within this long.
 CHANNEL_CLOSE_GRACE_S = 60.0
 _BUSY = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.CONNECTING)
+# Longest close() waits for gRPC to answer the connectivity watches of the channels it closed (it answers them
+# at once: a closed channel is SHUTDOWN).
+WATCH_SETTLE_S = 1.0
 
 
 def message_bound(chunk_bytes: int) -> int:
@@ -290,6 +293,8 @@ class Transport:
         self._registrations: dict[str, int] = {}
         self._swept = time.monotonic()
         self._closing: set[asyncio.Task] = set()  # idle channels being closed
+        # The connectivity watches in flight, one per channel and state, shared by its watchers (_state_change).
+        self._watches: dict[tuple[grpc.aio.Channel, grpc.ChannelConnectivity], asyncio.Future] = {}
         self._coordinator: str | None = None
         self._address: str | None = None
         self._bound_address: str | None = None
@@ -395,11 +400,18 @@ class Transport:
         # cancelled handler's request stream among them). Stopping the loop first left both pending, and asyncio
         # logged each as "Task was destroyed but it is pending!" at exit (a peer held by 50 idle streams: 85 lines).
         current = asyncio.current_task()
-        tasks = [task for task in asyncio.all_tasks() if task is not current]
+        watches = set(self._watches.values())
+        tasks = [task for task in asyncio.all_tasks() if task is not current and task not in watches]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s + 1.0)
+        # A closed channel's watches are answered through gRPC's completion queue, which every event loop of
+        # the process that used gRPC reads: one read after this loop closed was handed to the closed loop
+        # ("Event loop is closed", logged by another transport's loop). gRPC answers them once the channel is
+        # gone, i.e. once the calls on it (held by the tasks just ended) are: let them land while the loop runs.
+        if watches:
+            await asyncio.wait(watches, timeout=WATCH_SETTLE_S)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace_s + 1.0):
                 await asyncio.get_running_loop().shutdown_asyncgens()
@@ -689,27 +701,34 @@ class Transport:
                 ch = self.channel(address)
                 state = ch.get_state(try_to_connect=True)
                 continue
-            await _state_change(ch, state)
+            await self._state_change(ch, state)
             if self._channels.get(address) is ch:
                 self._used[address] = time.monotonic()  # watched: in use, however long the round
             # A dropped connection shows as IDLE: try to reconnect so a dead peer shows as a failure.
             state = ch.get_state(try_to_connect=True)
 
+    async def _state_change(self, channel: grpc.aio.Channel, state: grpc.ChannelConnectivity) -> None:
+        """Wait until the channel leaves state; cancelling the caller never waits for grpc.
 
-async def _state_change(channel: grpc.aio.Channel, state: grpc.ChannelConnectivity) -> None:
-    """Wait until the channel leaves state; cancelling the caller never waits for grpc.
-
-    grpc's wait_for_state_change does not always honour cancellation (seen while a
-    channel sits in TRANSIENT_FAILURE), so it runs as its own task that a cancelled
-    caller abandons instead of awaiting.
-    """
-    change = asyncio.ensure_future(channel.wait_for_state_change(state))
-    try:
+        gRPC cannot take a connectivity watch back: cancelling its waiter leaves it registered (with a future
+        it answers) until the state changes, which for a connected channel is when it closes. A watch per
+        caller piled up, one per member per round (800 after 400 rounds of two). So the callers watching a
+        channel in one state share one watch, which a cancelled caller abandons; close() waits for the
+        watches of the channels it closes to be answered. grpc's wait_for_state_change does not always
+        honour cancellation anyway (seen while a channel sits in TRANSIENT_FAILURE).
+        """
+        key = (channel, state)
+        change = self._watches.get(key)
+        if change is None:
+            change = asyncio.ensure_future(channel.wait_for_state_change(state))
+            self._watches[key] = change
+            change.add_done_callback(lambda done: self._watch_answered(key, done))
         await asyncio.wait({change})
-    finally:
-        if not change.done():
-            change.cancel()
-        change.add_done_callback(consume_exception)  # the caller looks at the channel's state instead
+
+    def _watch_answered(self, key: tuple[grpc.aio.Channel, grpc.ChannelConnectivity], change: asyncio.Future) -> None:
+        if self._watches.get(key) is change:
+            del self._watches[key]
+        consume_exception(change)  # the callers look at the channel's state instead
 
 
 def consume_exception(future: asyncio.Future) -> None:
