@@ -454,3 +454,6 @@ class Round:
     async def stop(self) -> None:
         """Cancel this round's sends and watchers and wait until they are gone."""
         await cancel_and_wait(self.tasks)
+        # Ended: a cancelled send keeps its CancelledError, whose traceback holds the stream's gRPC call, and so
+        # its channel, which Transport.close() then could not end while its loop ran.
+        self.tasks.clear()
