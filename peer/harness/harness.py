@@ -13,7 +13,6 @@ network namespace behind ``tbf``-shaped links (``peer/harness/netns.py``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -23,215 +22,63 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import torch
 
-from collectives.aggregators import make_aggregator
-from collectives.elastic import ElasticConfig
-from collectives.errors import ConfigError, LoconetError
-from collectives.membership import DEFAULT_RUN_ID
+from collectives.errors import ConfigError
 from collectives.ratelimit import parse_bandwidth
 from collectives.rpc import RpcSecurity, blocking_channel
 from collectives.transport import codec_threads_for
-from optimizers.outer import least_members
-from peer.coordinator.config import CoordinatorConfig
 from peer.device import place_model, resolve_device
 from peer.harness import outcome
+from peer.harness.config import COORDINATOR_OPTIONS_SET_BY_HARNESS, HarnessConfig, target_problem
 from peer.harness.control import write_control
+from peer.harness.display import Display
 from peer.harness.joiners import joiners, restarts_from_round_0, rollbacks
 from peer.harness.processes import ChildFailed, CoordinatorProc, Proc, daemon_peer, stop_all
 from peer.harness.recovery import COMES_BACK, back_s, lost_s
 from peer.harness.scenario import Event
 from peer.harness.security import prepare_security, security_args, tool_channel_settings
 from peer.harness.stall import Stall, StallPlan, StallRecord, serving_address
+from peer.harness.stuck import (
+    STUCK_CHECK_S,
+    STUCK_CHECKS,
+    ScenarioStuck,
+    ScenarioTimeout,
+    never_due,
+    stuck_waiters,
+    untimed,
+)
 from peer.options import option_args
-from peer.runtime.training import TrainConfig, epochs_problem, local_run
-from peer.tasks.base import TaskConfig
-from peer.tasks.registry import DEFAULT_TASK, TASK_HELP, make_task
+from peer.runtime.training import epochs_problem
+from peer.tasks.registry import make_task
 from peer.trainoptions import task_args, train_args
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 
-# The coordinator options the harness sets itself for every coordinator it starts.
-COORDINATOR_OPTIONS_SET_BY_HARNESS = ("run", "host", "port", "advertise", "dashboard-host", "startup-grace", "state-file")
+# Names other modules, the tests and the docs import from here; each is defined in the module named beside it.
+__all__ = [
+    "COORDINATOR_OPTIONS_SET_BY_HARNESS",  # config
+    "Harness",
+    "HarnessConfig",  # config
+    "STOP_EXIT_S",
+    "ScenarioStuck",  # stuck
+    "ScenarioTimeout",  # stuck
+    "never_due",  # stuck
+    "stuck_waiters",  # stuck
+    "target_problem",  # config
+    "untimed",  # stuck
+]
 
 log = logging.getLogger(__name__)
 
 
-class ScenarioTimeout(LoconetError):
-    """A harness run did not finish in its time limit."""
-
-
-class ScenarioStuck(LoconetError):
-    """A harness run cannot finish: its pending events can never happen, or the peers still joining all wait for a
-    state that nothing left in the scenario can bring back."""
-
-
-# How often the harness asks the coordinator whether the running peers only wait for the run's state, and how many
-# answers in a row must say so: a holder restarting or a peer about to register changes it within seconds.
-STUCK_CHECK_S = 2.0
-STUCK_CHECKS = 3
 # How long a stopped peer may take to checkpoint and leave after its restart is due, before it is killed.
 STOP_EXIT_S = 30.0
-
-
-def untimed(pending: Sequence[Event]) -> bool:
-    """Whether every pending event waits for rounds or syncs (none for a time, which comes anyway)."""
-    return all(e.at.seconds is None for e in pending)
-
-
-def target_problem(event: Event, names: Sequence[str]) -> str:
-    """Why an event's target is no peer of the scenario ("" when it is one): it would fire on nobody."""
-    if event.target is not None and event.target not in names:
-        return f"no peer is called {event.target}; the scenario's peers are {names[0]}..{names[-1]}"
-    problem = event.pattern.workers_problem(len(names)) if event.pattern is not None else ""
-    if problem:
-        return f"the straggler pattern's {problem}: the scenario has {len(names)} peers"
-    return ""
-
-
-def never_due(pending: Sequence[Event], running: bool, restoring: bool) -> bool:
-    """Whether the pending events can never happen: there are some, no peer runs or is about to start again, and
-    none is a timed join (rounds and syncs come only from running peers; a timed join comes anyway and starts one;
-    any other timed event would come to a network with nobody left in it)."""
-    timed_join = any(e.action == "join" and e.at.seconds is not None for e in pending)
-    return bool(pending) and not running and not restoring and not timed_join
-
-
-def stuck_waiters(joining: Iterable[str], status: dict | None) -> tuple[list[str], str]:
-    """The joining peers' names and the coordinator's reason when every one of them waits for the run's state and
-    no live peer is registered (nobody can serve it); ([], "") otherwise."""
-    names = sorted(joining)
-    waiting = (status or {}).get("waiting")
-    if not names or not waiting or status["summary"]["peers_alive"] > 0:
-        return [], ""
-    waiters = {w["name"] for w in waiting["peers"]}
-    return (names, waiting["reason"]) if waiters.issuperset(names) else ([], "")
-
-
-@dataclass(frozen=True)
-class HarnessConfig:
-    """A local network: its peers, what they train, the faults to inject (options of ``loconet harness``)."""
-
-    peers: int = field(default=4, metadata={"help": "peers at the start (joiners come on top)"})
-    run_id: str = field(default=DEFAULT_RUN_ID, metadata={"help": "run id", "flag": "run"})
-    task: str = field(default=DEFAULT_TASK, metadata={"help": TASK_HELP})
-    task_config: TaskConfig = field(default_factory=TaskConfig, metadata={"cli": False})
-    train: TrainConfig = field(
-        default_factory=local_run, metadata={"cli": False}
-    )
-    events: tuple[Event, ...] = field(default=(), metadata={"cli": False})
-    # Per-peer cap on send and on receive (the transport's token buckets, or tbf with --netns).
-    bandwidth: str | None = field(default=None, metadata={"help": "per-peer cap on send and receive, e.g. 100mbit"})
-    # With netns: different caps per direction (default: bandwidth).
-    uplink: str | None = field(default=None, metadata={"help": "--netns: cap of what a peer sends (default --bandwidth)"})
-    downlink: str | None = field(
-        default=None, metadata={"help": "--netns: cap of what a peer receives (default --bandwidth)"}
-    )
-    netns: bool = field(default=False, metadata={"help": "each process in its own network namespace (root)"})
-    # The harness stands for machines on a network: each peer is its own host unless this says they share one.
-    shared_host: bool = field(
-        default=False,
-        metadata={"help": "the peers share one host id: they reduce through shared memory, one leader per host"},
-    )
-    token: bool = field(
-        default=False, metadata={"help": "make a run secret in the work dir and give it to every process (--token-file)"}
-    )
-    tls: bool = field(
-        default=False, metadata={"help": "make a CA and a certificate in the work dir and run every process with mutual TLS"}
-    )
-    # Short leases and heartbeats: a local network notices failures fast.
-    coordinator: CoordinatorConfig = field(
-        default_factory=lambda: CoordinatorConfig(lease_s=3.0, heartbeat_s=0.5, dashboard_port=0),
-        metadata={"cli": False},
-    )
-    keep_results: int = field(
-        default=ElasticConfig.keep_results,
-        metadata={"help": "recent rounds' results each peer keeps for peers that were late for them"},
-    )
-    workdir: str | None = field(default=None, metadata={
-        "help": "logs and checkpoints (default: a new temporary folder; a reused one starts a new run, without the "
-                "earlier run's checkpoints)"})
-    # A run's checkpoints are a few MB per peer and the harness never resumes them; hundreds of runs filled a disk.
-    keep_checkpoints: bool = field(default=False, metadata={
-        "help": "keep the peers' checkpoints in the work dir after a run that finished (a failed run keeps them; "
-                "the logs are always kept)"})
-    timeout_s: float = field(default=1800.0, metadata={"help": "give up after this many seconds"})
-    progress: bool = field(default=False, metadata={"help": "draw a live status table on stderr"})
-    # Modules every peer imports first (they may register algorithms, aggregators...).
-    plugins: tuple[str, ...] = field(default=(), metadata={"cli": False})
-
-    def __post_init__(self) -> None:
-        if self.peers < 1:
-            raise ConfigError("the harness needs at least one peer")
-        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
-            raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout_s:g}")
-        if self.keep_results < 0:
-            raise ConfigError(f"--keep-results must be >= 0 (0: keep none), got {self.keep_results}")
-        for flag, rate in (("--bandwidth", self.bandwidth), ("--uplink", self.uplink), ("--downlink", self.downlink)):
-            if rate is not None:
-                try:
-                    parse_bandwidth(rate)
-                except ConfigError as exc:
-                    raise ConfigError(f"{flag}: {exc}") from None
-        if (self.uplink or self.downlink) and not self.netns:
-            # Without namespaces only the transport's own cap exists, the same both ways (--bandwidth).
-            raise ConfigError("--uplink and --downlink cap each direction of a namespace's link and need --netns; "
-                              "without it, --bandwidth caps both")
-        names = self.peer_names
-        if self.coordinator.max_peers < len(names):
-            raise ConfigError(f"--max-peers {self.coordinator.max_peers} is fewer than the {len(names)} peers the "
-                              "scenario starts (joiners included): the coordinator would refuse the others")
-        for event in self.events:
-            problem = target_problem(event, names)
-            if problem:
-                raise ConfigError(f"{event}: {problem}")
-        if any(e.action == "cut" for e in self.events) and not self.netns:
-            raise ConfigError("cut events take a peer's link down and need --netns (network namespaces, root)")
-        if self.shared_host and self.netns:
-            raise ConfigError("--shared-host puts the peers on one host, --netns on one each: choose one")
-        # An algorithm whose rounds need a quorum policy (coded-sgd: coded:s) gets it unless one was chosen; one
-        # chosen that cannot serve it is refused here, not after every peer refused its every round.
-        options = self.train.options
-        expected = getattr(options, "expected_quorum", lambda: None)()
-        if expected is not None and self.coordinator.quorum == CoordinatorConfig.quorum:
-            object.__setattr__(self, "coordinator", dataclasses.replace(self.coordinator, quorum=expected))
-        # In the spelling every round's plan carries to the peers (``coded:1`` for ``coded:1,code=auto``), so this
-        # check is the peers' own.
-        problem = getattr(options, "quorum_problem", lambda policy: "")(self.coordinator.policy.spec)
-        if problem:
-            raise ConfigError(f"{problem}: leave --quorum out and the harness sets {expected}")
-        self._check_round_minimum(options, len(self.peer_names))
-
-    @staticmethod
-    def _check_round_minimum(options: Any, most: int) -> None:
-        """ConfigError when the algorithm's rounds need more members than the scenario ever has (``most``, its peers
-        and joiners): every peer would train alone to its end and the run report 0 rounds, exit 0."""
-        aggregator = getattr(options, "aggregator_config", None)
-        if aggregator is not None:
-            try:
-                make_aggregator(aggregator).check_group(most)
-            except ConfigError as exc:
-                raise ConfigError(f"no round can form: {exc} (the scenario has at most {most} peers)") from None
-        least = least_members(options)
-        if least > most:  # beyond the aggregator's: a private round's --dp-min-members, a plugin's own
-            raise ConfigError(f"no round can form: the rounds need {least} members (the aggregator's minimum, or "
-                              f"--dp-min-members) and the scenario has at most {most} peers; add peers or lower it")
-
-    @property
-    def joins(self) -> int:
-        """How many peers join during the scenario (one per join event)."""
-        return sum(e.action == "join" for e in self.events)
-
-    @property
-    def peer_names(self) -> list[str]:
-        """The scenario's peers: peer0.. for those at the start, then one per join event (the joiners)."""
-        return [f"peer{i}" for i in range(self.peers + self.joins)]
 
 
 @dataclass
@@ -649,7 +496,7 @@ class Harness:
 
     def _loop(self) -> None:
         deadline = self._started + self.config.timeout_s
-        display = _Display(self.config.progress)
+        display = Display(self.config.progress)
         next_check, stuck_answers = 0.0, 0
         try:
             while time.monotonic() < deadline:
@@ -659,7 +506,7 @@ class Harness:
                 for f in self.fired:
                     if f.restore_at is not None and now >= f.restore_at:
                         self._restore(f, now)
-                display.update(self, len(rounds), now - self._started)
+                display.update(self.peers, len(rounds), now - self._started)
                 gated = set(self._joiners)
                 running = [
                     p for n, p in self.peers.items()
@@ -837,40 +684,3 @@ class Harness:
     def orphans(self) -> list[int]:
         """Pids of children still alive (should be none after close)."""
         return [p.proc.pid for p in [*self.peers.values(), *self.coordinators] if p.alive]
-
-
-class _Display:
-    """A live status line on stderr (rich), when asked for."""
-
-    def __init__(self, enabled: bool) -> None:
-        self._live = None
-        if enabled:
-            from rich.console import Console
-            from rich.live import Live
-
-            self._live = Live(console=Console(stderr=True), refresh_per_second=4, transient=False)
-            self._live.start()
-
-    def update(self, harness: Harness, rounds: int, elapsed: float) -> None:
-        """Redraw the status table."""
-        if self._live is None:
-            return
-        from rich.table import Table
-
-        table = Table(title=f"loconet harness - {elapsed:5.1f} s - {rounds} rounds committed", expand=False)
-        for col in ("peer", "state", "step", "loss", "last round"):
-            table.add_column(col)
-        for name, p in harness.peers.items():
-            steps = [e for e in p.events if e["event"] == "committed"]
-            last = steps[-1] if steps else {}
-            done = any(e["event"] == "finished" for e in p.events)
-            state = "finished" if done else ("running" if p.alive else "dead")
-            loss = last.get("loss")
-            table.add_row(name, state, str(last.get("step", 0)), f"{loss:.3f}" if loss else "-", str(last.get("round", "-")))
-        self._live.update(table)
-
-    def close(self) -> None:
-        """Stop drawing."""
-        if self._live is not None:
-            self._live.stop()
-
