@@ -57,7 +57,7 @@ def test_async_diloco_survives_a_pause_a_kill_and_a_join_applying_each_round_onc
         rounds = [(e["round"], e.get("epoch", 0)) for e in committed(harness, name)]
         assert len(rounds) == len(set(rounds)), f"{name} applied a round twice"
     # Back from its pause, peer1's contributions were stale and still counted.
-    resumed = harness.fired[0].wall + 3
+    resumed = harness.schedule.fired[0].wall + 3
     late = [e for e in committed(harness, "peer1") if e["contributed"] and e["t"] > resumed]
     assert late and any(e["staleness"] > 0 for e in committed(harness, "peer1") if e["contributed"])
 

@@ -40,7 +40,7 @@ def test_kill_during_a_round(tmp_path):
 def test_pause_beyond_the_lease_and_return(tmp_path):
     report, harness = run_scenario("pause:peer1@round2,for=4s", workdir=tmp_path, lease_s=1.5, steps=600)
     assert_healthy(report, alive=3)
-    resumed = harness.fired[0].wall + 4
+    resumed = harness.schedule.fired[0].wall + 4
     assert contributed_rounds(harness, "peer1", after=resumed), "back from its pause, it trains with the run again"
     (event,) = report["events"]
     assert event["target"] == "peer1" and event["back_s"] > 4, "the report says when it contributed again"

@@ -57,7 +57,7 @@ def test_every_peer_stops_then_one_returns_with_its_checkpoint_and_the_run_goes_
     )
     assert report["peers_alive"] == 1, "the two peers that stayed stopped are no survivors"
     assert report["restarts_from_round_0"] == [] and report["rollbacks"] == []
-    stopped_at = max(r for (r, _), t in harness.committed_rounds().items() if t < harness.fired[0].wall + 1)
+    stopped_at = max(r for (r, _), t in harness.committed_rounds().items() if t < harness.schedule.fired[0].wall + 1)
     events = harness.peers["peer0"].events  # its second process
     joined = next(e for e in events if e["event"] == "joined")
     assert joined["round"] == stopped_at, "it came back holding the run's last committed round"

@@ -181,7 +181,7 @@ def test_300_idle_streams_and_10_unread_fetches_against_one_peer_neither_stop_ro
     report = harness.run()
     assert harness.orphans() == [], "every child process is reaped"
     (stall,) = report["stalls"]
-    assert not harness._stalls[0].stall.running, "the stall's thread ended with the run"
+    assert not harness.schedule.stalls[0].stall.running, "the stall's thread ended with the run"
     assert (stall["target"], stall["streams_opened"], stall["fetches_opened"]) == ("peer1", 300, 10)
     # Spread over 10 connections, no cap of the peer's was reached: it refused streams only for what they were.
     assert not any(code.startswith("RESOURCE_EXHAUSTED") for code in stall["streams_refused"]), stall

@@ -26,7 +26,7 @@ def test_a_straggler_is_waited_for_in_every_round_not_dropped(tmp_path):
     report, harness = run_scenario("straggle:peer0@round1,x=3", workdir=tmp_path)
     assert_healthy(report, alive=3)
     assert report["rounds_aborted"] == 0
-    straggling = harness.fired[0].wall
+    straggling = harness.schedule.fired[0].wall
     later = {r for (r, _), t in harness.committed_rounds().items() if t > straggling}
     assert later and later <= contributed_rounds(harness, "peer0"), "every round after the slowdown had peer0 in it"
     # Round ids are the run's round numbers: 1, 2, 3... with no gaps.
@@ -41,31 +41,31 @@ def controls(workdir, peers: int) -> list[dict]:
 
 def test_a_pattern_event_tells_every_peer_the_pattern_and_its_worker_number_until_it_ends(tmp_path):
     harness = Harness(HarnessConfig(peers=3, task_config=SMALL, workdir=str(tmp_path)))
-    fired = harness._fire(parse_event("straggle:random@0s,x=4,seed=2,for=5s"), now=100.0)
+    fired = harness.schedule.fire(parse_event("straggle:random@0s,x=4,seed=2,for=5s"), now=100.0)
     assert controls(tmp_path, 3) == [{"straggle": "random,x=4,seed=2", "worker": i, "n": 3} for i in range(3)]
     assert fired.restore_at == 105.0
     assert fired.detail == "one random worker 4x slower at each step (seed 2), over 3 peers"
-    harness._restore(fired, now=105.0)
+    harness.schedule.restore(fired, now=105.0)
     assert controls(tmp_path, 3) == [{"straggle": None, "worker": i, "n": 3} for i in range(3)]
 
 
 def test_a_joiner_becomes_one_more_worker_of_the_pattern(tmp_path):
     events = (parse_event("straggle:bursty@0s,B=1,W=2,lambda=1,x=4"), parse_event("join@round3"))
     harness = Harness(HarnessConfig(peers=2, task_config=SMALL, workdir=str(tmp_path), events=events))
-    harness._joiners = ["peer2"]  # as run() starts it, idle behind its gate
-    harness._fire(events[0], now=0.0)
+    harness.schedule.joiners = ["peer2"]  # as run() starts it, idle behind its gate
+    harness.schedule.fire(events[0], now=0.0)
     assert controls(tmp_path, 2) == [{"straggle": "bursty,B=1,W=2,lambda=1,x=4", "worker": i, "n": 2} for i in range(2)]
-    harness._fire(events[1], now=1.0)
+    harness.schedule.fire(events[1], now=1.0)
     assert controls(tmp_path, 3) == [{"straggle": "bursty,B=1,W=2,lambda=1,x=4", "worker": i, "n": 3} for i in range(3)]
 
 
 def test_a_later_pattern_replaces_an_earlier_one_whose_end_then_changes_nothing(tmp_path):
     harness = Harness(HarnessConfig(peers=2, task_config=SMALL, workdir=str(tmp_path)))
-    first = harness._fire(parse_event("straggle:random@0s,x=4,for=10s"), now=0.0)
-    harness._fire(parse_event("straggle:persistent@1s,worker=1,x=2"), now=1.0)
-    harness._restore(first, now=10.0)
+    first = harness.schedule.fire(parse_event("straggle:random@0s,x=4,for=10s"), now=0.0)
+    harness.schedule.fire(parse_event("straggle:persistent@1s,worker=1,x=2"), now=1.0)
+    harness.schedule.restore(first, now=10.0)
     assert [c["straggle"] for c in controls(tmp_path, 2)] == ["persistent,worker=1,x=2"] * 2
-    harness._fire(parse_event("straggle:none@2s"), now=2.0)
+    harness.schedule.fire(parse_event("straggle:none@2s"), now=2.0)
     assert [c["straggle"] for c in controls(tmp_path, 2)] == [None, None]
 
 
@@ -95,7 +95,7 @@ def test_first_k_rounds_go_on_without_a_paused_peer_which_then_applies_their_res
         coordinator=CoordinatorConfig(lease_s=8.0, heartbeat_s=0.5, dashboard_port=0, quorum="first-k:4"),
     )
     assert_healthy(report, alive=5)
-    paused = harness.fired[0].wall
+    paused = harness.schedule.fired[0].wall
     during = {r for (r, _), t in harness.committed_rounds().items() if paused < t < paused + pause_s}
     assert during, "rounds committed while peer4 was paused"
     events = harness.peers["peer4"].events

@@ -8,6 +8,10 @@ event's recovery time (event to the next committed round), the final eval
 loss, bytes per peer, whether the survivors hold identical parameters, and
 how many peers are alive. With ``--netns`` every process lives in its own
 network namespace behind ``tbf``-shaped links (``peer/harness/netns.py``).
+
+This module starts the processes and runs the loop; its options and their checks are ``config.py``, firing and
+undoing the events ``schedule.py`` (a ``Schedule`` the harness owns), when a scenario cannot finish ``stuck.py``
+and the ``--progress`` table ``display.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -36,14 +39,13 @@ from collectives.transport import codec_threads_for
 from peer.device import place_model, resolve_device
 from peer.harness import outcome
 from peer.harness.config import COORDINATOR_OPTIONS_SET_BY_HARNESS, HarnessConfig, target_problem
-from peer.harness.control import write_control
 from peer.harness.display import Display
 from peer.harness.joiners import joiners, restarts_from_round_0, rollbacks
 from peer.harness.processes import ChildFailed, CoordinatorProc, Proc, daemon_peer, stop_all
 from peer.harness.recovery import COMES_BACK, back_s, lost_s
 from peer.harness.scenario import Event
+from peer.harness.schedule import STOP_EXIT_S, Fired, Schedule
 from peer.harness.security import prepare_security, security_args, tool_channel_settings
-from peer.harness.stall import Stall, StallPlan, StallRecord, serving_address
 from peer.harness.stuck import (
     STUCK_CHECK_S,
     STUCK_CHECKS,
@@ -63,9 +65,10 @@ from protos import membership_pb2_grpc as pb_grpc
 # Names other modules, the tests and the docs import from here; each is defined in the module named beside it.
 __all__ = [
     "COORDINATOR_OPTIONS_SET_BY_HARNESS",  # config
+    "STOP_EXIT_S",  # schedule
+    "Fired",  # schedule
     "Harness",
     "HarnessConfig",  # config
-    "STOP_EXIT_S",
     "ScenarioStuck",  # stuck
     "ScenarioTimeout",  # stuck
     "never_due",  # stuck
@@ -77,27 +80,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-# How long a stopped peer may take to checkpoint and leave after its restart is due, before it is killed.
-STOP_EXIT_S = 30.0
-
-
-@dataclass
-class Fired:
-    """An event the harness carried out."""
-
-    event: Event
-    time_s: float
-    wall: float
-    detail: str = ""
-    recovery_s: float | None = None
-    lost_s: float | None = None
-    # For an event that takes its target out for a while (recovery.COMES_BACK): when it contributed again.
-    back_s: float | None = None
-    restore_at: float | None = None
-
-
 class Harness:
-    """Runs one scenario; use run() once."""
+    """Runs one scenario; use run() once. Its ``schedule`` fires the scenario's events on the processes it starts."""
 
     def __init__(self, config: HarnessConfig) -> None:
         self.config = config
@@ -108,22 +92,14 @@ class Harness:
         self.peers: dict[str, Proc] = {}
         # Processes of peers that a stop event ended and then started again (their events still count).
         self.retired: list[Proc] = []
-        self.fired: list[Fired] = []
-        self.pending = list(config.events)
         self.network = None
         self.hosts: dict = {}
+        # Rounds aborted under the coordinators that a restart-coordinator event replaced.
         self._aborted_before = 0
-        self._started = 0.0
         self._coordinator_port = 0
         self.security = RpcSecurity()
-        # What each peer's control file asks of it: {"slowdown": x, "diverge": n, "byzantine": attack or None,
-        # "straggle": pattern or None, "worker": its number, "n": peers in the run}.
-        self._control: dict[str, dict[str, float | str | None]] = {}
-        self._joiners: list[str] = []
-        # The straggle event whose pattern the network follows now.
-        self._pattern: Event | None = None
-        # The stuck callers of stall events (each stops itself at its for= end; close() stops the rest).
-        self._stalls: list[StallRecord] = []
+        # The scenario's events: when each is due, firing it and undoing it.
+        self.schedule = Schedule(self, config.events)
         # Where the peers train (run() resolves --device); the harness's own evaluation runs there too.
         self.device = torch.device("cpu")
 
@@ -239,165 +215,24 @@ class Harness:
         except grpc.RpcError:
             return None
 
-    # -- events ---------------------------------------------------------------------------
+    # -- starting processes again (what the schedule's stop and restart-coordinator events ask) ----------------
 
-    def _due(self, event: Event, now: float, rounds: int) -> bool:
-        if event.target and self._between_lives(event.target):
-            # Aimed at a peer a stop took down and will start again: it waits for that next process, rather
-            # than signal one that has exited (and a stop's restart then kill the new one, never told to stop).
-            return False
-        if event.at.rounds is not None:
-            return rounds >= event.at.rounds
-        if event.at.sync is not None:
-            target = self.peers.get(event.target)
-            starts = sum(e["event"] == "sync-start" for e in target.events) if target else 0
-            return starts >= event.at.sync
-        return now - self._started >= (event.at.seconds or 0)
+    def restart_peer(self, name: str) -> None:
+        """Start peer name again with its checkpoint directory; its exited process's events stay counted."""
+        earlier = self.peers[name]
+        # NAME.log is the current process's, as reports and messages say; earlier ones are NAME.1.log, NAME.2.log...
+        earlier.keep_log_as(self.workdir / f"{name}.{len(self.lives(name))}.log")
+        self.retired.append(earlier)
+        self._start_peer(name)
 
-    def _fire_due(self, now: float, rounds: int) -> None:
-        """Fire the pending events that are due, in order.
-
-        Each is judged after the ones before it have fired: a stop fired in this tick holds the events aimed at
-        the same peer until its new process starts (two stops due at once would otherwise both signal the old one,
-        and the second's restart would then kill the new process, which nobody told to stop)."""
-        for event in list(self.pending):
-            if self._due(event, now, rounds):
-                self.pending.remove(event)
-                self.fired.append(self._fire(event, now))
-
-    def _fire(self, event: Event, now: float) -> Fired:
-        fired = Fired(event, now - self._started, time.time())
-        target = self.peers.get(event.target) if event.target else None
-        if event.target and target is None:
-            fired.detail = f"no peer called {event.target}"
-            return fired
-        if event.target in self._joiners:
-            # Its process waits behind its gate, idle: killing or pausing it now would undo its join to come.
-            fired.detail = f"{event.target} has not joined yet: nothing done"
-            log.info("fired %s at %.1f s: %s", event, fired.time_s, fired.detail)
-            return fired
-        if event.action == "kill":
-            target.signal(signal.SIGKILL)
-        elif event.action == "stop":
-            target.signal(signal.SIGTERM)
-            # As systemd stops a service: a peer that a pause event holds would not see the SIGTERM until it
-            # resumes, and its restart would wait for it (the pause's own SIGCONT then finds it running).
-            target.signal(signal.SIGCONT)
-            if event.duration_s is not None:
-                fired.restore_at = now + event.duration_s
-                fired.detail = f"{event.target} stops; it starts again with its checkpoint in {event.duration_s:g} s"
-            else:
-                fired.detail = f"{event.target} stops"
-        elif event.action == "pause":
-            target.signal(signal.SIGSTOP)
-            fired.restore_at = now + (event.duration_s or 0)
-        elif event.action == "join":
-            # The joiner's process was started (idle) at the beginning, so that joining is not
-            # delayed by Python's start-up; opening its gate makes it join now. It counts the
-            # run's steps from the state it fetches, so it ends with the others.
-            name = self._joiners.pop(0)
-            (self.workdir / f"{name}.gate").touch()
-            fired.detail = f"{name} joins"
-            if self._pattern is not None:
-                self._spread_pattern()  # the joiner is one more worker of the pattern
-        elif event.action == "restart-coordinator":
-            status = self._status()
-            if status:
-                self._aborted_before += status["summary"]["rounds_aborted"]
-            self.coordinator.signal(signal.SIGKILL)
-            self.coordinator.proc.wait(timeout=10)
-            self._start_coordinator(self._coordinator_port)
-        elif event.action == "straggle" and event.pattern is not None:
-            self._pattern = event
-            names = self._spread_pattern()
-            fired.detail = f"{event.pattern.describe()}, over {len(names)} peers"
-            if event.duration_s:
-                fired.restore_at = now + event.duration_s
-        elif event.action == "straggle":
-            self._write_control(event.target, slowdown=event.factor or 1.0)
-            if event.duration_s:
-                fired.restore_at = now + event.duration_s
-        elif event.action == "diverge":
-            self._write_control(event.target, diverge=self._control.get(event.target, {}).get("diverge", 0) + 1)
-        elif event.action == "cut":
-            self.network.cut(event.target)
-            fired.restore_at = now + (event.duration_s or 0)
-        elif event.action == "byzantine":
-            self._write_control(event.target, byzantine=str(event.attack))
-            fired.detail = f"{event.target} sends {event.attack.describe()}"
-            if event.duration_s:
-                fired.restore_at = now + event.duration_s
-        elif event.action == "stall":
-            plan = StallPlan(self.config.run_id, event.streams, event.fetches, duration_s=event.duration_s)
-            stall = Stall(plan, lambda events=target.events: serving_address(events))
-            stall.start()
-            self._stalls.append(StallRecord(str(event), event.target, fired.wall, stall))
-            fired.detail = f"{event.streams} idle streams and {event.fetches} unread fetches against {event.target}"
-        log.info("fired %s at %.1f s %s", event, fired.time_s, fired.detail)
-        return fired
-
-    def _between_lives(self, name: str) -> bool:
-        """Whether a stop event took peer name down and its restart is still to come."""
-        return any(f.restore_at is not None and f.event.action == "stop" and f.event.target == name
-                   for f in self.fired)
-
-    def _held_by_another(self, fired: Fired) -> bool:
-        """Whether another fired event of the same kind still holds the same peer (its undo is not done yet)."""
-        e = fired.event
-        return any(f is not fired and f.restore_at is not None and f.event.action == e.action
-                   and f.event.target == e.target for f in self.fired)
-
-    def _restore(self, fired: Fired, now: float) -> None:
-        """Undo a fired event whose duration is over (restart a stopped peer); an undo that must wait for a
-        process leaves ``fired.restore_at`` set, and the loop calls again on its next tick."""
-        e = fired.event
-        if e.action in ("pause", "cut") and self._held_by_another(fired):
-            pass  # an overlapping pause (or cut) of the same peer lasts longer: it resumes the peer when it ends
-        elif e.action == "pause":
-            self.peers[e.target].signal(signal.SIGCONT)
-        elif e.action == "stop":
-            # The same peer again, with its checkpoint directory; its earlier process's events stay counted.
-            earlier = self.peers[e.target]
-            if earlier.alive:
-                assert fired.restore_at is not None
-                if now < fired.restore_at + STOP_EXIT_S:
-                    return  # still checkpointing and leaving: the loop goes on meanwhile (other events fire)
-                log.warning("%s did not exit within %g s of its stop; killing it to start it again",
-                            e.target, STOP_EXIT_S)
-                earlier.signal(signal.SIGKILL)
-                earlier.proc.wait(timeout=10)
-            # NAME.log is the current process's, as reports and messages say; earlier ones are NAME.1.log, NAME.2.log...
-            earlier.keep_log_as(self.workdir / f"{e.target}.{len(self.lives(e.target))}.log")
-            self.retired.append(earlier)
-            self._start_peer(e.target)
-        elif e.action == "straggle" and e.pattern is not None:
-            if self._pattern is e:  # not one that a later pattern replaced
-                self._pattern = None
-                self._spread_pattern()
-        elif e.action == "straggle":
-            self._write_control(e.target, slowdown=1.0)
-        elif e.action == "cut":
-            self.network.restore(e.target)
-        elif e.action == "byzantine":
-            self._write_control(e.target, byzantine=None)
-        fired.restore_at = None
-
-    def _spread_pattern(self) -> list[str]:
-        """Tell every peer in the run the straggler pattern it now follows (or none) and its worker number in it:
-        peerI is worker I of the n peers started at the beginning or joined so far. Returns their names."""
-        joined = self.config.joins - len(self._joiners)
-        names = [f"peer{i}" for i in range(self.config.peers + joined)]
-        pattern = self._pattern.pattern if self._pattern is not None else None
-        text = None if pattern is None or pattern.kind == "none" else pattern.spec
-        for worker, name in enumerate(names):
-            self._write_control(name, straggle=text, worker=worker, n=len(names))
-        return names
-
-    def _write_control(self, name: str, **changes: float | str | None) -> None:
-        """Update what the peer's control file asks of it (see peer.harness.control.Control)."""
-        control = self._control.setdefault(name, {})
-        control.update(changes)
-        write_control(self.workdir / f"{name}.control.json", control)
+    def restart_coordinator(self) -> None:
+        """Kill the coordinator and start a new one on its port, counting the rounds the old one aborted."""
+        status = self._status()
+        if status:
+            self._aborted_before += status["summary"]["rounds_aborted"]
+        self.coordinator.signal(signal.SIGKILL)
+        self.coordinator.proc.wait(timeout=10)
+        self._start_coordinator(self._coordinator_port)
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -430,7 +265,7 @@ class Harness:
             # all have started (Python start-up takes seconds and varies), so the first round
             # waits for all of them instead of one peer racing ahead alone.
             names = c.peer_names
-            starting, self._joiners = names[:c.peers], names[c.peers:]
+            starting, self.schedule.joiners = names[:c.peers], names[c.peers:]
             for name in names:
                 # A joiner trains once it joined: only the starting peers wait for the start line.
                 self._start_peer(name, gate=self.workdir / f"{name}.gate",
@@ -438,11 +273,8 @@ class Harness:
             initial = [self.peers[name] for name in starting]
             for p in initial:
                 p.wait_event(lambda e: e["event"] == "waiting", 120)
-            self._started = time.monotonic()
             # A byzantine peer "from the start" finds its attack in its control file before its first step.
-            for event in [e for e in self.pending if e.action == "byzantine" and e.at.seconds == 0]:
-                self.pending.remove(event)
-                self.fired.append(self._fire(event, self._started))
+            self.schedule.start(time.monotonic())
             for name in starting:
                 (self.workdir / f"{name}.gate").touch()
             # Then the start line, once all have joined: a peer that steps at once would otherwise form the first
@@ -495,28 +327,26 @@ class Harness:
                 )
 
     def _loop(self) -> None:
-        deadline = self._started + self.config.timeout_s
+        schedule = self.schedule
+        deadline = schedule.started_at + self.config.timeout_s
         display = Display(self.config.progress)
         next_check, stuck_answers = 0.0, 0
         try:
             while time.monotonic() < deadline:
                 now = time.monotonic()
                 rounds = self.committed_rounds()
-                self._fire_due(now, len(rounds))
-                for f in self.fired:
-                    if f.restore_at is not None and now >= f.restore_at:
-                        self._restore(f, now)
-                display.update(self.peers, len(rounds), now - self._started)
-                gated = set(self._joiners)
+                schedule.tick(now, len(rounds))
+                display.update(self.peers, len(rounds), now - schedule.started_at)
+                gated = set(schedule.joiners)
                 running = [
                     p for n, p in self.peers.items()
                     if n not in gated and p.alive and not any(e["event"] == "finished" for e in p.events)
                 ]
-                restoring = any(f.restore_at is not None for f in self.fired)
-                settled = not self.pending and not restoring
+                restoring = schedule.restoring
+                settled = not schedule.pending and not restoring
                 if not running and settled:
                     return
-                if never_due(self.pending, bool(running), restoring):
+                if never_due(schedule.pending, bool(running), restoring):
                     events = {n: p.events for n, p in self.peers.items()}
                     alone = outcome.left_behind(events, self.peers)
                     # Peers that found nobody holding the run's state trained on alone and finished early: more
@@ -529,12 +359,12 @@ class Harness:
                     if missed and not alone:
                         hint = f"the peers' last syncs did not commit ({missed}); {hint}"
                     raise ScenarioStuck(
-                        f"no peer runs any more, so {', '.join(map(str, self.pending))} cannot happen "
+                        f"no peer runs any more, so {', '.join(map(str, schedule.pending))} cannot happen "
                         f"({len(rounds)} round(s) committed); {hint}; logs in {self.workdir}"
                     )
                 # Events still pending that wait for rounds or syncs cannot fire while every running peer waits
                 # to join (no round commits, no joiner syncs): they do not keep a stuck scenario going.
-                if not restoring and untimed(self.pending) and running and now >= next_check:
+                if not restoring and untimed(schedule.pending) and running and now >= next_check:
                     # Peers still joining (no "joined" yet): one that waits for a state nobody left in the scenario
                     # holds would wait until the timeout. (A member that fell behind waits for it too, but trains on
                     # to its end: with one running, the scenario goes on.)
@@ -544,7 +374,7 @@ class Harness:
                     stuck, reason = stuck_waiters(joining, self._status()) if everyone_joining else ([], "")
                     stuck_answers = stuck_answers + 1 if stuck else 0
                     if stuck_answers >= STUCK_CHECKS:
-                        unfired = f"; events not fired: {', '.join(map(str, self.pending))}" if self.pending else ""
+                        unfired = f"; events not fired: {', '.join(map(str, schedule.pending))}" if schedule.pending else ""
                         raise ScenarioStuck(
                             f"{', '.join(stuck)} wait{'s' if len(stuck) == 1 else ''} for the run's state and no other "
                             f"peer of the scenario is left to serve it ({reason}); give the others more steps or "
@@ -580,7 +410,7 @@ class Harness:
         syncs = {n: [(e["t"], e["wall_s"]) for e in self.peers[n].events
                      if e["event"] == "committed" and e.get("contributed", True) and e.get("wall_s")]
                  for n in survivors}
-        for f in self.fired:
+        for f in self.schedule.fired:
             after = [t for t in rounds.values() if t > f.wall]
             f.recovery_s = (min(after) - f.wall) if after else None
             f.lost_s = lost_s(f.wall, syncs)
@@ -610,7 +440,7 @@ class Harness:
             "events": [
                 {"event": str(f.event), "time_s": round(f.time_s, 3), "recovery_s": f.recovery_s, "lost_s": f.lost_s,
                  **({"target": f.event.target, "back_s": f.back_s} if self._comes_back(f.event) else {}), "detail": f.detail}
-                for f in self.fired
+                for f in self.schedule.fired
             ],
             "byzantine": outcome.byzantine(by_peer),
             # The run's state surviving its holders: joiners' fetch and catch-up, and any restart or rollback.
@@ -639,7 +469,7 @@ class Harness:
             "peers_alive": len(survivors),
             # Peer processes that ended with an error of their own (not a kill or stop of the scenario's).
             "crashed": self._crashed(),
-            "wall_s": time.monotonic() - self._started,
+            "wall_s": time.monotonic() - self.schedule.started_at,
             "dashboard": self.dashboard_url,
             "workdir": str(self.workdir),
         }
@@ -648,11 +478,11 @@ class Harness:
         if utilization is not None:
             report["link_utilization"] = utilization
         report.update(outcome.replicas(by_peer))
-        if self._stalls:
-            for record in self._stalls:
+        if self.schedule.stalls:
+            for record in self.schedule.stalls:
                 record.stall.stop()
             late = c.peer_names[c.peers:]
-            report["stalls"] = [record.report(by_peer, status, late) for record in self._stalls]
+            report["stalls"] = [record.report(by_peer, status, late) for record in self.schedule.stalls]
         return report
 
     def _crashed(self) -> list[dict]:
@@ -673,8 +503,7 @@ class Harness:
 
     def close(self) -> None:
         """Stop every child (also paused ones), any stall, the network; idempotent."""
-        for record in self._stalls:
-            record.stall.stop()
+        self.schedule.stop_stalls()
         stop_all(list(self.peers.values()))
         stop_all(self.coordinators)
         if self.network is not None:
