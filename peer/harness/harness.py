@@ -10,8 +10,8 @@ how many peers are alive. With ``--netns`` every process lives in its own
 network namespace behind ``tbf``-shaped links (``peer/harness/netns.py``).
 
 This module starts the processes and runs the loop; its options and their checks are ``config.py``, firing and
-undoing the events ``schedule.py`` (a ``Schedule`` the harness owns), when a scenario cannot finish ``stuck.py``
-and the ``--progress`` table ``display.py``.
+undoing the events ``schedule.py`` (a ``Schedule`` the harness owns), when a scenario cannot finish ``stuck.py``,
+the report ``report.py`` and the ``--progress`` table ``display.py``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import logging
 import math
 import shutil
 import signal
-import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,14 +34,12 @@ from collectives.errors import ConfigError
 from collectives.ratelimit import parse_bandwidth
 from collectives.rpc import RpcSecurity, blocking_channel
 from collectives.transport import codec_threads_for
-from peer.device import place_model, resolve_device
+from peer.device import resolve_device
 from peer.harness import outcome
 from peer.harness.config import COORDINATOR_OPTIONS_SET_BY_HARNESS, HarnessConfig, target_problem
 from peer.harness.display import Display
-from peer.harness.joiners import joiners, restarts_from_round_0, rollbacks
 from peer.harness.processes import ChildFailed, CoordinatorProc, Proc, daemon_peer, stop_all
-from peer.harness.recovery import COMES_BACK, back_s, lost_s
-from peer.harness.scenario import Event
+from peer.harness.report import crashed_processes, harness_report, initial_evaluation
 from peer.harness.schedule import STOP_EXIT_S, Fired, Schedule
 from peer.harness.security import prepare_security, security_args, tool_channel_settings
 from peer.harness.stuck import (
@@ -388,110 +384,18 @@ class Harness:
         finally:
             display.close()
 
-    @staticmethod
-    def _comes_back(event: Event) -> bool:
-        """Whether the event takes one peer out for a while, after which it should take part again."""
-        return (event.action in COMES_BACK and event.target is not None
-                and (event.action != "stop" or event.duration_s is not None))
-
     def _report(self) -> dict:
-        c = self.config
         rounds = self.committed_rounds()
-        # A peer a stop event ended (and did not start again) finished too, but it is no survivor.
-        finished = {n: next(e for e in p.events if e["event"] == "finished") for n, p in self.peers.items()
-                    if any(e["event"] == "finished" and not e.get("stopped") for e in p.events)}
-        survivors = list(finished)
-        # Survivors whose syncs found nobody holding the run's state (the others finished and left while they
-        # were paused or down): they trained on alone, by design (docs/durability.md), so their parameters are
-        # their own. Identity is judged over the others.
-        by_peer = {n: list(p.events) for n, p in self.peers.items()}
-        behind = outcome.left_behind(by_peer, survivors)
-        # The survivors' own syncs (rounds applied late are not syncs of theirs): what each event cost them.
-        syncs = {n: [(e["t"], e["wall_s"]) for e in self.peers[n].events
-                     if e["event"] == "committed" and e.get("contributed", True) and e.get("wall_s")]
-                 for n in survivors}
-        for f in self.schedule.fired:
-            after = [t for t in rounds.values() if t > f.wall]
-            f.recovery_s = (min(after) - f.wall) if after else None
-            f.lost_s = lost_s(f.wall, syncs)
-            if self._comes_back(f.event):
-                contributed = [e["t"] for e in self.all_events(f.event.target)
-                               if e["event"] == "committed" and e.get("contributed", True)]
-                f.back_s = back_s(f.wall, f.event.duration_s or 0.0, contributed)
-        # A survivor holds the rounds any of its processes committed (a stop event's restart makes a new one).
-        every_life = {n: self.all_events(n) for n in survivors}
-        digest_round, identical = outcome.identical(every_life, [n for n in survivors if n not in behind] or survivors)
         status = self._status() or {"summary": {"rounds_aborted": 0}, "rounds": []}
-        aborted = self._aborted_before + status["summary"]["rounds_aborted"]
-        task = self.task
         # The initial loss is evaluated on the peers' device, as their final losses are.
-        model = place_model(task.build_model(), self.device)
-        with contextlib.redirect_stdout(sys.stderr):  # a user task's prints must not break the JSON report
-            initial = task.evaluate(model)
-        numel = sum(p.numel() for p in model.parameters())
-        dp_bytes = outcome.data_parallel_bytes(c.train.steps, numel, outcome.committed_members(status) or [c.peers])
-        sent = [f["bytes_sent"] - f.get("bytes_served", 0) for f in finished.values()]
-        report = {
-            "peers": c.peers,
-            "joined": sum(e.action == "join" for e in c.events),
-            "rounds_committed": len(rounds),
-            "rounds_aborted": aborted,
-            "aborted_rounds_retried": outcome.retried(status),
-            "events": [
-                {"event": str(f.event), "time_s": round(f.time_s, 3), "recovery_s": f.recovery_s, "lost_s": f.lost_s,
-                 **({"target": f.event.target, "back_s": f.back_s} if self._comes_back(f.event) else {}), "detail": f.detail}
-                for f in self.schedule.fired
-            ],
-            "byzantine": outcome.byzantine(by_peer),
-            # The run's state surviving its holders: joiners' fetch and catch-up, and any restart or rollback.
-            "joiners": joiners(by_peer, c.peer_names[c.peers:]),
-            "restarts_from_round_0": restarts_from_round_0(by_peer),
-            # Results of rounds of some of the peers that others fetched to keep for the run (docs/durability.md).
-            "results_kept": {
-                "results": sum(f.get("results_kept", 0) for f in finished.values()),
-                "bytes": sum(f.get("results_kept_bytes", 0) for f in finished.values()),
-            },
-            "rollbacks": rollbacks(status),
-            "initial_eval_loss": initial if math.isfinite(initial) else None,
-            # A loss that is not finite comes as None (JSON has no NaN): the mean is over the others.
-            "final_eval_loss": outcome.mean_of(f["eval_loss"] for f in finished.values()),
-            "eval_loss_per_peer": {n: f["eval_loss"] for n, f in finished.items()},
-            "entropy_floor": task.entropy_floor,
-            # A classification task's held-out accuracy, mean over the peers that finished (None otherwise).
-            "final_accuracy": outcome.mean_of(f.get("accuracy") for f in finished.values()),
-            "bytes_sent_per_peer": statistics.mean(sent) if sent else 0,
-            "state_sync_bytes_per_peer": statistics.mean(f.get("bytes_served", 0) for f in finished.values()) if finished else 0,
-            "data_parallel_bytes_per_peer": dp_bytes,
-            "survivors_identical": identical,
-            "identical_at_round": digest_round,
-            "last_round_per_peer": outcome.last_rounds(every_life, survivors),
-            "left_behind": behind,
-            "peers_alive": len(survivors),
-            # Peer processes that ended with an error of their own (not a kill or stop of the scenario's).
-            "crashed": self._crashed(),
-            "wall_s": time.monotonic() - self.schedule.started_at,
-            "dashboard": self.dashboard_url,
-            "workdir": str(self.workdir),
-        }
-        cap = c.uplink or c.bandwidth
-        utilization = outcome.link_utilization(by_peer, parse_bandwidth(cap)) if cap else None
-        if utilization is not None:
-            report["link_utilization"] = utilization
-        report.update(outcome.replicas(by_peer))
-        if self.schedule.stalls:
-            for record in self.schedule.stalls:
-                record.stall.stop()
-            late = c.peer_names[c.peers:]
-            report["stalls"] = [record.report(by_peer, status, late) for record in self.schedule.stalls]
-        return report
-
-    def _crashed(self) -> list[dict]:
-        """Every peer process that exited with an error of its own: its name, exit code, one-line error and log."""
-        return [
-            {"peer": p.name, "exit_code": p.proc.returncode, "error": p.last_words(), "log": str(p.log_path)}
-            for p in [*self.retired, *self.peers.values()]
-            if outcome.unexpected_exit(p.proc.poll(), p.signalled)
-        ]
+        initial = initial_evaluation(self.task, self.device)
+        return harness_report(
+            self.config, peers=self.peers, all_events=self.all_events, rounds=rounds, fired=self.schedule.fired,
+            status=status, aborted_before=self._aborted_before, initial=initial,
+            entropy_floor=self.task.entropy_floor, crashed=crashed_processes([*self.retired, *self.peers.values()]),
+            stalls=self.schedule.stalls, wall_s=time.monotonic() - self.schedule.started_at,
+            dashboard=self.dashboard_url, workdir=self.workdir,
+        )
 
     def lives(self, name: str) -> list[Proc]:
         """Every process that ran as peer name, first to last (a stop event's restart makes a new one)."""
