@@ -243,7 +243,7 @@ def read_events(path: Path) -> list[dict]:
 def identical(per_peer: dict[str, list[dict]]) -> dict[str, Any]:
     """Whether the peers that finished hold the same parameters after the last round they all committed.
 
-    The harness's rule (peer/harness/harness.py): compare the digests of each finished peer's committed
+    The harness's rule (peer/harness/outcome.py): compare the digests of each finished peer's committed
     events at the latest (round, epoch) all of them committed.
     """
     finished = {name: events for name, events in per_peer.items() if any(e["event"] == "finished" for e in events)}
