@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from collectives.memberlists import entries_of, list_bytes, list_digest, unpack_list
+from collectives.memberlists import Entry, entries_of, list_bytes, list_digest, unpack_list
 from collectives.membership import commit_time, heartbeat_interval
 from peer.bench.simsession import bench_rate_limits
 from peer.coordinator.config import CoordinatorConfig
@@ -58,11 +58,11 @@ def _lists(new, recent) -> RoundLists:
     return RoundLists(rest.SerializeToString(), new, list_bytes(new), list_digest(new), recent)
 
 
-BIG = tuple((f"p{i:04d}", f"10.0.{i // 256}.{i % 256}:2000", "") for i in range(100))
+BIG = tuple(Entry(f"p{i:04d}", f"10.0.{i // 256}.{i % 256}:2000", "", i + 1) for i in range(100))
 
 
 def test_an_asker_holding_a_recent_list_gets_the_change_from_it_and_no_members():
-    new = (*BIG[1:], ("p9999", "10.9.9.9:1", ""))
+    new = (*BIG[1:], Entry("p9999", "10.9.9.9:1", "", 101))
     reply = pb.QuorumResponse.FromString(_lists(new, {list_digest(BIG): BIG}).body(list_digest(BIG)))
     assert (list(reply.members), reply.members_base, list(reply.members_removed)) == ([], list_digest(BIG), [0])
     assert [(m.index, m.member.peer_id) for m in reply.members_added] == [(99, "p9999")]
@@ -74,7 +74,7 @@ def test_an_asker_holding_a_list_the_coordinator_does_not_have_gets_the_whole_li
 
 
 def test_a_change_larger_than_the_whole_list_is_not_sent():
-    other = tuple((f"q{i:04d}", a, h) for i, (_, a, h) in enumerate(BIG))  # every member replaced
+    other = tuple(Entry(f"q{i:04d}", e.address, e.host_id, 200 + i) for i, e in enumerate(BIG))  # every member replaced
     reply = pb.QuorumResponse.FromString(_lists(other, {list_digest(BIG): BIG}).body(list_digest(BIG)))
     assert len(reply.members) == 100 and reply.members_base == b""
 
@@ -88,21 +88,21 @@ def test_only_the_bodies_of_recent_lists_are_kept():
 
 
 def test_an_asker_that_does_not_apply_changes_gets_the_whole_changed_list():
-    new = (*BIG[1:], ("p9999", "10.9.9.9:1", ""))
+    new = (*BIG[1:], Entry("p9999", "10.9.9.9:1", "", 101))
     body = _lists(new, {list_digest(BIG): BIG}).body(list_digest(BIG), changes=False)
     reply = pb.QuorumResponse.FromString(body)
     assert len(reply.members) == 100 and reply.members_base == b""
 
 
 def test_an_asker_that_reads_packed_lists_gets_the_change_when_it_is_the_smaller():
-    new = (*BIG[1:], ("p9999", "10.9.9.9:1", ""))
+    new = (*BIG[1:], Entry("p9999", "10.9.9.9:1", "", 101))
     reply = pb.QuorumResponse.FromString(_lists(new, {list_digest(BIG): BIG}).body(list_digest(BIG), packed=True))
     assert (reply.members_base, reply.members_packed, list(reply.members)) == (list_digest(BIG), b"", [])
 
 
 @pytest.mark.parametrize("recent", [{}, {list_digest(BIG): BIG}], ids=["unknown list", "change larger"])
 def test_an_asker_that_reads_packed_lists_gets_the_whole_list_packed_when_it_gets_the_whole_list(recent):
-    other = tuple((f"q{i:04d}", a, h) for i, (_, a, h) in enumerate(BIG))  # every member replaced
+    other = tuple(Entry(f"q{i:04d}", e.address, e.host_id, 200 + i) for i, e in enumerate(BIG))  # every member replaced
     reply = pb.QuorumResponse.FromString(_lists(other, recent).body(list_digest(BIG), packed=True))
     assert (list(reply.members), reply.members_base) == ([], b"")
     assert unpack_list(reply.members_packed, reply.members_digest) == other
