@@ -4,9 +4,9 @@ A policy is a pure decision, table-tested in ``tests/test_policies.py``: from
 the peers waiting for the round (in order of arrival), the live peers, how
 long the quorum has waited and the round's id and seed, it answers ``None``
 (keep waiting), ``Refuse`` (too few peers are left: today's "no quorum") or
-``FormRound`` (the members, in rank order = peer id order). The coordinator
-(``peer/coordinator/service.py``) gathers the inputs on every request and
-tick and carries the outcome out; a requesting peer a round forms without is
+``FormRound`` (the members, in rank order = peer id order). The coordinator's
+quorums (``peer/coordinator/quorum.py``, ``Quorums.inputs``) gather the inputs
+on every request and tick and carry the outcome out; a requesting peer a round forms without is
 held until that attempt is decided (see docs/membership.md).
 
 Policies, chosen with the coordinator's ``quorum`` setting:
