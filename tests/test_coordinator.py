@@ -7,6 +7,7 @@ Each test gets a fresh coordinator of its own, served in this process on its own
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -517,12 +518,19 @@ def _pooled(transport: Transport, address: str):
     return transport.submit(get()).result(10)
 
 
-def test_the_peers_client_connects_anew_to_a_member_that_registered_again(coordinator):
-    c = coordinator()
+@contextlib.contextmanager
+def joined_client(c) -> Iterator[tuple[Transport, MembershipClient]]:
+    """A peer's coordinator client (and its transport), joined at 127.0.0.1:1."""
     with Transport() as transport:
         transport.start()
         client = MembershipClient(transport, MembershipConfig(c.address, RUN, rpc_timeout_s=5))
         transport.submit(client.join("127.0.0.1:1", 0, 0, has_state=True)).result(10)
+        yield transport, client
+
+
+def test_the_peers_client_connects_anew_to_a_member_that_registered_again(coordinator):
+    c = coordinator()
+    with joined_client(c) as (transport, client):
         other = join(c.stub, "127.0.0.1:2")
         for last_round in (0, 1):
             mine, theirs = transport.submit(client.quorum(last_round, timeout_s=20)), ask(c.stub, other, last_round)
@@ -538,10 +546,7 @@ def test_the_peers_client_connects_anew_to_a_member_that_registered_again(coordi
 
 def test_the_peers_client_registered_again_connects_anew_to_every_peer(coordinator):
     c = coordinator()
-    with Transport() as transport:
-        transport.start()
-        client = MembershipClient(transport, MembershipConfig(c.address, RUN, rpc_timeout_s=5))
-        transport.submit(client.join("127.0.0.1:1", 0, 0, has_state=True)).result(10)
+    with joined_client(c) as (transport, client):
         before = _pooled(transport, "127.0.0.1:2")
         c.stub.Leave(pb.LeaveRequest(run_id=RUN, peer_id=client.peer_id, reason="cut"), timeout=5)
         transport.submit(client.join("127.0.0.1:1", 0, 0, has_state=True)).result(10)
