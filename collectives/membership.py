@@ -490,8 +490,8 @@ class MembershipClient:
         return verdict(found, security, "the coordinator", address)
 
     def _unknown(self, registrations: int) -> None:
-        """The coordinator said this peer is unknown to a call sent after registrations registrations: unless
-        the peer registered again since (the answer then predates it), it must register again."""
+        """The coordinator answered "unknown peer" to a call sent when this peer had registered ``registrations``
+        times: it must register again, unless it did since (the answer then predates its last registration)."""
         if registrations == self.registrations:
             self.unregistered.set()
         else:
