@@ -76,7 +76,8 @@ from collectives.syncphases import (
     Within,
     check_prepared,
 )
-from collectives.transport import Transport, TransportConfig
+from collectives.transport import Transport
+from collectives.transportconfig import TransportConfig
 
 # What other modules import from here: this module's own names, and a sync's outcomes and types, which
 # callers of ElasticCollective.sync catch and pass (collectives/syncphases.py, collectives/results.py).

@@ -54,7 +54,8 @@ from collectives.stateformat import (
     _Encoded,
     _frame,
 )
-from collectives.transport import HEADER_SLACK_BYTES, Transport, consume_exception, identity, method_handlers
+from collectives.transport import Transport, consume_exception, identity, method_handlers
+from collectives.transportconfig import HEADER_SLACK_BYTES
 from protos import state_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from support.durations import load, slowest_first
 
 from collectives.allreduce import Collective
 from collectives.inbox import Group
-from collectives.transport import Transport, TransportConfig
+from collectives.transport import Transport
+from collectives.transportconfig import TransportConfig
 
 CUDA_SKIP_REASON = "CUDA is not available (torch.cuda.is_available() is False)"
 

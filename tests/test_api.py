@@ -18,7 +18,8 @@ from collectives import addresses
 from collectives.elastic import ElasticCollective, ElasticConfig, leave_reason
 from collectives.errors import ConfigError
 from collectives.membership import PeerStatus
-from collectives.transport import Transport, TransportConfig
+from collectives.transport import Transport
+from collectives.transportconfig import TransportConfig
 from optimizers.diloco import DiLoCo
 from optimizers.outer import StepRate, takes_keyword
 from optimizers.peers import LocalPeer

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from collectives.errors import ConfigError
-from collectives.transport import TransportConfig
+from collectives.transportconfig import TransportConfig
 from optimizers.diloco import DiLoCoConfig
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalPeer

@@ -15,7 +15,7 @@ from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import NonFiniteError, UsageError
 from collectives.membership import GroupTooSmall, Joined, Unregistered
 from collectives.syncphases import WaitingForState
-from collectives.transport import TransportConfig
+from collectives.transportconfig import TransportConfig
 from optimizers.diloco import DiLoCo
 from peer.coordinator.config import CoordinatorConfig
 from tests.support.coordinator import CoordinatorThread

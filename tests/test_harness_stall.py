@@ -19,7 +19,8 @@ import torch
 from collectives.allreduce import Collective
 from collectives.stateformat import StateSnapshot, StateSyncConfig
 from collectives.stateserver import StateServer
-from collectives.transport import Transport, TransportConfig
+from collectives.transport import Transport
+from collectives.transportconfig import TransportConfig
 from peer.coordinator.config import CoordinatorConfig
 from peer.harness.harness import Harness, HarnessConfig
 from peer.harness.scenario import parse_event

@@ -24,7 +24,7 @@ from collectives.rpc import (
     make_server,
     server_options,
 )
-from collectives.transport import TransportConfig
+from collectives.transportconfig import TransportConfig
 from peer.coordinator.service import CoordinatorConfig
 from tests.support.coordinator import CoordinatorThread
 

@@ -34,7 +34,8 @@ from collectives.round import ABORT_METHOD, PUSH_METHOD, STAT_METHOD
 from collectives.rpc import RpcSecurity, blocking_channel, health_check
 from collectives.stateformat import FETCH_METHOD, StateSnapshot
 from collectives.stateserver import StateServer
-from collectives.transport import Transport, TransportConfig, identity
+from collectives.transport import Transport, identity
+from collectives.transportconfig import TransportConfig
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
 from protos import collective_pb2 as cpb

@@ -28,7 +28,8 @@ from collectives.session import (
     broken_stream,
     rpc_error,
 )
-from collectives.transport import Transport, TransportConfig
+from collectives.transport import Transport
+from collectives.transportconfig import TransportConfig
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.limits import CoordinatorLimits
 from peer.coordinator.server import CoordinatorServer

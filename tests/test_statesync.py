@@ -24,7 +24,8 @@ from collectives.statesync import (
     fetch_state_async,
     state_digest,
 )
-from collectives.transport import Transport, TransportConfig, method_handlers
+from collectives.transport import Transport, method_handlers
+from collectives.transportconfig import TransportConfig
 from protos import state_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)

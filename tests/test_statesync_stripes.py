@@ -28,7 +28,8 @@ from collectives.statesync import (
     manifest_digest,
     state_digest,
 )
-from collectives.transport import Transport, TransportConfig, identity
+from collectives.transport import Transport, identity
+from collectives.transportconfig import TransportConfig
 from protos import state_pb2 as pb
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,14 +14,8 @@ from collectives import transport as transport_module
 from collectives.allreduce import Collective
 from collectives.errors import ConfigError, LoconetError, TransportClosed, UsageError
 from collectives.inbox import Group
-from collectives.transport import (
-    Transport,
-    TransportConfig,
-    codec_threads_for,
-    peer_unresponsive,
-    port_refuses,
-    split_address,
-)
+from collectives.transport import Transport, peer_unresponsive, port_refuses, split_address
+from collectives.transportconfig import TransportConfig, codec_threads_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -33,7 +33,7 @@ from collectives.codecs import CodecConfig, codec_names, needs_feedback
 from collectives.errors import RoundFailed
 from collectives.ratelimit import format_bandwidth, parse_bandwidth
 from collectives.rpc import RpcSecurity
-from collectives.transport import TransportConfig, codec_threads_for
+from collectives.transportconfig import TransportConfig, codec_threads_for
 from peer.bench import hivemind_baseline
 from peer.bench.capped import CappedNetwork, capped_network, link_traffic, on_hosts, peer_names
 from peer.bench.fields import Fields, describe_report

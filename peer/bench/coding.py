@@ -51,7 +51,7 @@ from collectives.errors import ConfigError, LoconetError
 from collectives.parts import flatten
 from collectives.seqcoding import make_scheme
 from collectives.stragglermodel import BurstyModel
-from collectives.transport import TransportConfig
+from collectives.transportconfig import TransportConfig
 from optimizers.coded import CodedSGD, StepSuperseded
 from optimizers.outer_optim import OuterConfig
 from optimizers.seqcoded import SequentialCodedSGD

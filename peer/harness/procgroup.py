@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from collectives.addresses import LOCAL_HOST
 from collectives.rpc import RpcSecurity
-from collectives.transport import TransportConfig
+from collectives.transportconfig import TransportConfig
 from peer.harness.loopback import LOOPBACK, LOOPBACK_INTERFACE, loopback_store, use_loopback_for_gloo
 
 if TYPE_CHECKING:  # for the hints only: torch is imported where used, in the workers

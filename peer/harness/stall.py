@@ -52,7 +52,8 @@ from collectives.parts import part_bounds
 from collectives.round import PUSH_METHOD, chunk_message
 from collectives.rpc import make_channel
 from collectives.stateformat import FETCH_METHOD
-from collectives.transport import TransportConfig, identity
+from collectives.transport import identity
+from collectives.transportconfig import TransportConfig
 from protos import state_pb2
 
 log = logging.getLogger(__name__)

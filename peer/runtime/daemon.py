@@ -50,7 +50,7 @@ from collectives.allreduce import AllReduceConfig
 from collectives.elastic import LEAVE_ON_STOP_S, ElasticCollective, ElasticConfig, Stopped, leave_reason
 from collectives.errors import ConfigError
 from collectives.membership import DEFAULT_RUN_ID
-from collectives.transport import TransportConfig
+from collectives.transportconfig import TransportConfig
 from optimizers.outer import OuterOptimizer
 from peer.device import place_model, resolve_device
 from peer.runtime.checkpoint import CheckpointError, check_checkpoint_dir, load_latest, restore, save_checkpoint
