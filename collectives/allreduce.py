@@ -83,8 +83,9 @@ from collectives.inbox import (
 )
 from collectives.parts import flatten, part_bounds, shared_device, total_numel, unflatten_like
 from collectives.round import ABORT_METHOD, ERROR_KIND_KEY, PUSH_METHOD, SERVICE, STAT_METHOD, AllReduceConfig, Round
+from collectives.rpc import method_handlers, raw_stream_unary, raw_unary_unary
 from collectives.stats import RoundStats
-from collectives.transport import Transport, consume_exception, method_handlers, raw_stream_unary, raw_unary_unary
+from collectives.transport import Transport, consume_exception
 from collectives.wire import decode_chunk
 from protos import collective_pb2 as pb
 

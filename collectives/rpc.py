@@ -4,7 +4,9 @@ Servers: ``make_server`` (every server also answers ``grpc.health.v1``) and
 ``bind``. Channels: ``make_channel`` (asyncio, what peers and the coordinator
 use) and ``blocking_channel`` (the harness, benchmarks, tests). A one-shot
 ``health_check`` serves the peers' failure detection and the coordinator's
-probe. Nothing else in the project calls ``grpc.*server`` or ``grpc.*channel``.
+probe. Nothing else in the project calls ``grpc.*server`` or ``grpc.*channel``. The peers' services take and
+return raw bytes, framed by their callers: ``identity`` is their (de)serializer, and ``method_handlers``,
+``raw_stream_unary`` and ``raw_unary_unary`` build their handlers.
 
 What a server or channel needs is an ``RpcSettings``: message size limits,
 keepalive, a peer server's concurrency bounds, and an ``RpcSecurity``: TLS
@@ -28,6 +30,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -401,6 +404,29 @@ async def health_check(address: str, timeout_s: float, settings: RpcSettings | N
     finally:
         await channel.close()
     return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# -- raw-bytes methods: the services do their own (protobuf-compatible) framing ------------------
+
+
+def identity(data: bytes) -> bytes:
+    """The (de)serializer of raw-bytes methods: the framing is the caller's."""
+    return data
+
+
+def method_handlers(service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> grpc.GenericRpcHandler:
+    """A generic handler for one service's methods (raw-bytes handlers built by the caller)."""
+    return grpc.method_handlers_generic_handler(service, handlers)
+
+
+def raw_stream_unary(behavior: Any) -> grpc.RpcMethodHandler:
+    """A client-streaming method whose handler sees raw request bytes and returns response bytes."""
+    return grpc.stream_unary_rpc_method_handler(behavior, request_deserializer=identity, response_serializer=identity)
+
+
+def raw_unary_unary(behavior: Any) -> grpc.RpcMethodHandler:
+    """A unary method whose handler sees raw request bytes and returns response bytes."""
+    return grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=identity, response_serializer=identity)
 
 
 # -- the run secret on the wire (collectives.credentials holds the checks) --------------------

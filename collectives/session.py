@@ -34,8 +34,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from collectives.asynctasks import cancel_and_wait
-from collectives.rpc import Metadata
-from collectives.transport import identity
+from collectives.rpc import Metadata, identity
 from protos import membership_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import grpc
 
 from collectives.errors import UsageError
+from collectives.rpc import identity
 from collectives.stateformat import (
     DEFAULT_CONFIG,
     FETCH_METHOD,
@@ -48,7 +49,7 @@ from collectives.stateformat import (
     _Receiver,
     manifest_digest,
 )
-from collectives.transport import Transport, identity
+from collectives.transport import Transport
 from protos import state_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -41,6 +41,7 @@ import grpc
 from collectives.admission import UNAUTHENTICATED
 from collectives.credentials import refuse_unauthenticated, verify_peer_call
 from collectives.errors import Unauthenticated
+from collectives.rpc import identity, method_handlers
 from collectives.stateformat import (
     DEFAULT_CONFIG,
     FETCH_METHOD,
@@ -54,7 +55,7 @@ from collectives.stateformat import (
     _Encoded,
     _frame,
 )
-from collectives.transport import Transport, consume_exception, identity, method_handlers
+from collectives.transport import Transport, consume_exception
 from collectives.transportconfig import HEADER_SLACK_BYTES
 from protos import state_pb2 as pb
 

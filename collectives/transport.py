@@ -48,7 +48,7 @@ from collectives.credentials import CallAuth
 # TransportClosed lives in collectives.errors; importing it from here keeps working.
 from collectives.errors import TransportClosed, UsageError
 from collectives.ratelimit import TokenBucket, burst_bytes
-from collectives.rpc import RpcSettings, bind, call_metadata, health_check, make_channel, make_server
+from collectives.rpc import RpcSettings, bind, call_metadata, health_check, identity, make_channel, make_server
 from collectives.stats import TrafficCounters
 # TransportConfig lives in collectives.transportconfig; importing it from here (as scripts written before did) keeps working.
 from collectives.transportconfig import TransportConfig
@@ -75,11 +75,6 @@ _BUSY = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.CONNECTING)
 # Longest close() waits for gRPC to answer the connectivity watches of the channels it closed (it answers them
 # at once: a closed channel is SHUTDOWN).
 WATCH_SETTLE_S = 1.0
-
-
-def identity(data: bytes) -> bytes:
-    """The (de)serializer of raw-bytes methods: the framing is the caller's."""
-    return data
 
 
 async def port_refuses(address: str, timeout_s: float = 1.0) -> str | None:
@@ -590,18 +585,3 @@ async def as_async_iter(messages: AsyncIterable[bytes] | Iterable[bytes]) -> Asy
     else:
         for msg in messages:
             yield msg
-
-
-def method_handlers(service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> grpc.GenericRpcHandler:
-    """A generic handler for one service's methods (raw-bytes handlers built by the caller)."""
-    return grpc.method_handlers_generic_handler(service, handlers)
-
-
-def raw_stream_unary(behavior: Any) -> grpc.RpcMethodHandler:
-    """A client-streaming method whose handler sees raw request bytes and returns response bytes."""
-    return grpc.stream_unary_rpc_method_handler(behavior, request_deserializer=identity, response_serializer=identity)
-
-
-def raw_unary_unary(behavior: Any) -> grpc.RpcMethodHandler:
-    """A unary method whose handler sees raw request bytes and returns response bytes."""
-    return grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=identity, response_serializer=identity)

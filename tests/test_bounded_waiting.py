@@ -34,8 +34,8 @@ from collectives.errors import ConfigError
 from collectives.inbox import SCATTER, Group, RoundInbox
 from collectives.parts import part_bounds
 from collectives.round import ERROR_KIND_KEY, PUSH_METHOD, chunk_message
-from collectives.rpc import health_check, make_channel
-from collectives.transport import Transport, identity, method_handlers, raw_stream_unary, raw_unary_unary
+from collectives.rpc import health_check, identity, make_channel, method_handlers, raw_stream_unary, raw_unary_unary
+from collectives.transport import Transport
 from collectives.transportconfig import TransportConfig
 
 pytestmark = pytest.mark.timeout(120)

@@ -31,10 +31,10 @@ from collectives.credentials import (
 )
 from collectives.errors import ConfigError, Unauthenticated
 from collectives.round import ABORT_METHOD, PUSH_METHOD, STAT_METHOD
-from collectives.rpc import RpcSecurity, blocking_channel, health_check
+from collectives.rpc import RpcSecurity, blocking_channel, health_check, identity
 from collectives.stateformat import FETCH_METHOD, StateSnapshot
 from collectives.stateserver import StateServer
-from collectives.transport import Transport, identity
+from collectives.transport import Transport
 from collectives.transportconfig import TransportConfig
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from collectives import statefetch
+from collectives.rpc import method_handlers
 from collectives.statesync import (
     SERVICE,
     StateServer,
@@ -24,7 +25,7 @@ from collectives.statesync import (
     fetch_state_async,
     state_digest,
 )
-from collectives.transport import Transport, method_handlers
+from collectives.transport import Transport
 from collectives.transportconfig import TransportConfig
 from protos import state_pb2 as pb
 

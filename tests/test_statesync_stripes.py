@@ -13,6 +13,7 @@ import torch
 
 from collectives import stateformat
 from collectives.results import ResultStore
+from collectives.rpc import identity
 from collectives.statesync import (
     FETCH_METHOD,
     MAX_BLOCK_BYTES,
@@ -28,7 +29,7 @@ from collectives.statesync import (
     manifest_digest,
     state_digest,
 )
-from collectives.transport import Transport, identity
+from collectives.transport import Transport
 from collectives.transportconfig import TransportConfig
 from protos import state_pb2 as pb
 

@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass
 
 from collectives.allocator import tune_malloc
-from collectives.transport import Transport, method_handlers, raw_stream_unary
+from collectives.rpc import method_handlers, raw_stream_unary
+from collectives.transport import Transport
 from collectives.transportconfig import TransportConfig
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import copy_baseline, print_report, proc_cpu_s, require, serving_child

@@ -37,8 +37,8 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from collectives.rpc import identity
 from collectives.session import OPENED, PUSHED, SESSION_RPCS
-from collectives.transport import identity
 from collectives.wire import encode_varint
 from peer.coordinator.identity import Caller, Callers
 from peer.coordinator.limits import retry_after_ms

@@ -50,9 +50,8 @@ from collectives.codecs import CodecConfig, make_codec
 from collectives.inbox import SCATTER, Group
 from collectives.parts import part_bounds
 from collectives.round import PUSH_METHOD, chunk_message
-from collectives.rpc import make_channel
+from collectives.rpc import identity, make_channel
 from collectives.stateformat import FETCH_METHOD
-from collectives.transport import identity
 from collectives.transportconfig import TransportConfig
 from protos import state_pb2
 
