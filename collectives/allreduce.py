@@ -57,6 +57,7 @@ import grpc
 import torch
 
 from collectives.admission import ACCEPTED_KEY, OPEN_WAIT_EXPIRED, RETRY_KEY, UNAUTHENTICATED
+from collectives.asynctasks import consume_exception
 from collectives.buffers import BufferPool
 from collectives.codecs import Codec, CodecConfig, error_bound, make_codec
 from collectives.credentials import refuse_unauthenticated, verify_peer_call
@@ -85,7 +86,7 @@ from collectives.parts import flatten, part_bounds, shared_device, total_numel, 
 from collectives.round import ABORT_METHOD, ERROR_KIND_KEY, PUSH_METHOD, SERVICE, STAT_METHOD, AllReduceConfig, Round
 from collectives.rpc import method_handlers, raw_stream_unary, raw_unary_unary
 from collectives.stats import RoundStats
-from collectives.transport import Transport, consume_exception
+from collectives.transport import Transport
 from collectives.wire import decode_chunk
 from protos import collective_pb2 as pb
 

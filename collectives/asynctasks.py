@@ -4,6 +4,8 @@ A task can swallow a cancellation: on Python 3.11, ``asyncio.wait_for`` returns 
 the cancellation arrives as that awaitable completes, and drops the cancellation. Cancelling once and then
 awaiting the task (or gathering it) then waits for as long as the task chooses to run; a peer's close once
 waited 30 s for a heartbeat loop that beat on. Every place that stops its own tasks goes through here.
+``consume_exception`` is the done-callback for work nobody waits for: its outcome is retrieved, so asyncio
+reports nothing at exit.
 """
 
 from __future__ import annotations
@@ -37,3 +39,9 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future], every_s: float = RECA
         if not task.cancelled() and task.exception() is not None:
             name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
             log.debug("%s ended with %r", name, task.exception())
+
+
+def consume_exception(future: asyncio.Future) -> None:
+    """Done-callback for work whose caller has gone or does not need its outcome: retrieve it, ignore it."""
+    if not future.cancelled():
+        future.exception()

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from collectives.admission import UNAUTHENTICATED
+from collectives.asynctasks import consume_exception
 from collectives.credentials import refuse_unauthenticated, verify_peer_call
 from collectives.errors import Unauthenticated
 from collectives.rpc import identity, method_handlers
@@ -55,7 +56,7 @@ from collectives.stateformat import (
     _Encoded,
     _frame,
 )
-from collectives.transport import Transport, consume_exception
+from collectives.transport import Transport
 from collectives.transportconfig import HEADER_SLACK_BYTES
 from protos import state_pb2 as pb
 

@@ -43,7 +43,7 @@ import grpc
 
 from collectives.addresses import advertised_address, check_reachable, split_address
 from collectives.admission import Admission, Refusals, Replay, admit_handlers, retry_reason
-from collectives.asynctasks import cancel_and_wait
+from collectives.asynctasks import cancel_and_wait, consume_exception
 from collectives.credentials import CallAuth
 # TransportClosed lives in collectives.errors; importing it from here keeps working.
 from collectives.errors import TransportClosed, UsageError
@@ -569,12 +569,6 @@ class Transport:
         if self._watches.get(key) is change:
             del self._watches[key]
         consume_exception(change)  # the callers look at the channel's state instead
-
-
-def consume_exception(future: asyncio.Future) -> None:
-    """Done-callback for work whose caller has gone or does not need its outcome: retrieve it, ignore it."""
-    if not future.cancelled():
-        future.exception()
 
 
 async def as_async_iter(messages: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncGenerator[bytes, None]:
