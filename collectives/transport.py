@@ -12,10 +12,11 @@ copied through protobuf objects. The transport counts every byte, paces them
 with optional token buckets (to emulate a slow link on loopback), and puts a
 deadline on every call.
 
-Its settings are a ``TransportConfig`` (``collectives.transportconfig``). Its server and
-channels come from ``collectives.rpc`` (options, credentials hook, health service, raw-bytes handlers). It binds ``host`` and reports ``advertise`` as its
-``address``: what it registers with the coordinator and what joiners fetch
-state from. Without ``advertise``, a wildcard bind reports this machine's
+Its settings are a ``TransportConfig`` (``collectives.transportconfig``). Its
+server and channels come from ``collectives.rpc`` (options, credentials hook,
+health service, raw-bytes handlers). It binds ``host`` and reports
+``advertise`` as its ``address``: what it registers with the coordinator and
+what joiners fetch state from. Without ``advertise``, a wildcard bind reports this machine's
 address on its route to the coordinator (see ``collectives.rpc``).
 
 Waiting is bounded for every caller (``collectives.admission``): the handlers
