@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from collectives.addresses import MAX_PORT, parse_advertise
+from collectives.addresses import LOCAL_HOST, MAX_PORT, parse_advertise
 from collectives.admission import AdmissionLimits
 from collectives.errors import ConfigError
 from collectives.ratelimit import format_bandwidth, parse_bandwidth
@@ -32,7 +32,7 @@ class TransportConfig:
 
     # Loopback unless the user asks for more (never all interfaces by default).
     host: str = field(
-        default="127.0.0.1", metadata={"help": "interface this peer's data-plane server binds (0.0.0.0: all)"}
+        default=LOCAL_HOST, metadata={"help": "interface this peer's data-plane server binds (0.0.0.0: all)"}
     )
     port: int = field(default=0, metadata={"help": "data-plane port (0: any free port)"})
     advertise: str | None = field(
