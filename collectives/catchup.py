@@ -37,8 +37,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from collectives.asynctasks import cancel_and_wait
 from collectives.codecs import CodecConfig
 from collectives.errors import LoconetError
-from collectives.membership import MissedRound, RoundPlan
 from collectives.results import CommittedResult, ResultStore, expected_wire_bytes, fetch_result
+from collectives.roundplan import MissedRound, RoundPlan
 from collectives.statesync import StateSyncConfig
 from collectives.transport import Transport
 

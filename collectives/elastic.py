@@ -51,9 +51,10 @@ from collectives.elasticsync import WAIT_POLL_S, ElasticSync, sync_request
 from collectives.errors import ConfigError, UsageError
 from collectives.hostid import resolve_host_id
 from collectives.inbox import Group
-from collectives.membership import FINISHED, PATIENCE_S, QUORUM_PATIENCE_S, MembershipClient, MembershipConfig, PeerStatus
+from collectives.membership import PATIENCE_S, QUORUM_PATIENCE_S, MembershipClient, MembershipConfig, PeerStatus
 from collectives.notes import RepeatNote
 from collectives.results import CommittedResult, ResultStore
+from collectives.roundplan import FINISHED
 from collectives.statesync import (
     ExpectedState,
     SERVES_NO_STATE,

@@ -84,16 +84,18 @@ from collectives.aggregators import AggregatorConfig, make_aggregator
 from collectives.allreduce import AllReduceConfig, AllReduceResult, Collective
 from collectives.catchup import LateRounds
 from collectives.codecs import CodecConfig, check_finite
+from collectives.coordinatorerrors import CommitUnknown, Unregistered
 from collectives.errors import (
     InternalError, LoconetError, MemberFailure, ProtocolError, QuorumMismatch, RoundFailed,
 )
 from collectives.hostlocal import round_hosts
 from collectives.inbox import Group
-from collectives.membership import CommitOutcome, CommitUnknown, MembershipClient, RoundPlan, Unregistered
+from collectives.membership import MembershipClient
 from collectives.notes import RepeatNote
 from collectives.parts import flatten, shared_device, total_numel, unflatten_like
 from collectives.results import CommittedResult
 from collectives.roundformat import round_format
+from collectives.roundplan import CommitOutcome, RoundPlan
 from collectives.statesync import ExpectedState, StateServer, StateSnapshot, StateSyncError
 from collectives.syncphases import (
     TRANSITIONS,

@@ -55,7 +55,7 @@ from collectives.hostid import SHM_DIR, alive, process_start
 from collectives.hostmarkers import MARKER_INFIX, clear_markers, discard, left_marker, marker_name, marker_stale
 
 if TYPE_CHECKING:  # for the hint only: membership is the layer that uses this module's host plans
-    from collectives.membership import RoundPlan
+    from collectives.roundplan import RoundPlan
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,9 @@ without state that finds no live holder gets ``Joined.wait`` with a one-line
 ``wait_reason``; it is not registered, and joins again every
 ``heartbeat_s`` until a holder (a returning peer, or one resuming from its
 checkpoint) is back.
+
+The answers as plain data (``Joined``, ``RoundPlan``, ``MissedRound``, ``CommitOutcome``, the kept member list) are
+in collectives/roundplan.py; the errors and how a failed call is read, in collectives/coordinatorerrors.py.
 """
 
 from __future__ import annotations
@@ -41,17 +44,21 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
 
 import grpc
 
 from collectives.addresses import coordinator_address
-from collectives.errors import FormatMismatch, LoconetError, NotThisRun, RoundFailed
-from collectives.memberlists import BadMemberChange, BadPackedList, Entry, changed_list, entries_of, unpack_list
+from collectives.coordinatorerrors import (
+    NO_QUORUM, NOT_THIS_RUN, RETRY_CODES, CommitUnknown, CoordinatorUnavailable, GroupTooSmall, RequestRefused,
+    Unregistered, failure_reason, not_a_coordinator, rate_limited_for,
+)
+from collectives.errors import FormatMismatch, LoconetError, NotThisRun
 from collectives.roundformat import FORMAT_DIFFERS, FORMAT_SEPARATOR
+from collectives.roundplan import (
+    CommitOutcome, Joined, KnownMembers, MissedRound, RoundPlan, commit_time, heartbeat_interval, missed_rounds,
+)
 from collectives.rpc import call_metadata
-from collectives.sampling import check_sample, sample_size
-from collectives.session import RETRY_AFTER_MS, SESSION_RPCS, CoordinatorSession, SessionUnsupported
+from collectives.session import SESSION_RPCS, CoordinatorSession, SessionUnsupported
 from collectives.tlsprobe import REFUSED_CERTIFICATE, TLSMismatch, known_failure, probe, verdict
 from collectives.transport import Transport
 from protos import membership_pb2 as pb
@@ -59,24 +66,10 @@ from protos import membership_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-# A coordinator's "seconds since the last commit" above a day is not believed: no sync interval is that long.
-MAX_SINCE_COMMIT_S = 86400.0
-
-# gRPC codes that mean "the coordinator is not there right now": retry.
-RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
-# How the coordinator's refusal of a quorum with too few peers begins (the client raises GroupTooSmall).
-NO_QUORUM = "no quorum"
-# What the coordinator's refusal of a join claiming a round or epoch its run never gave out says (the client raises
-# NotThisRun: the peer stops, rather than training on alone in a run that refuses its every rejoin).
-NOT_THIS_RUN = "a state this run never gave out"
 # How long calls keep retrying an unreachable coordinator, and how long a Quorum call does (the defaults of
 # MembershipConfig and ElasticConfig).
 PATIENCE_S = 300.0
 QUORUM_PATIENCE_S = 30.0
-# The reason a member that ran to its end gives as it leaves (the coordinator then does not expect it back).
-FINISHED = "finished"
-# How a dynamic-k worker's round tag names the k it chose ("sync-sgd:k=3"), which the coordinator's backup policy reads.
-BACKUP_TAG_KEY = ":k="
 # A call that keeps failing says so after this long, then again every NOTE_EVERY_S with the time left:
 # a wrong address shows at once, a blip of a moment stays quiet.
 FIRST_NOTE_S = 0.5
@@ -84,70 +77,6 @@ NOTE_EVERY_S = 5.0
 # A TLS coordinator that closed the connection on this peer's certificate is asked again after this long before
 # the peer stops (collectives/tlsprobe.py).
 PROBE_AGAIN_S = 0.5
-# A --coordinator given as a port alone means a coordinator on this machine (its default --host).
-
-
-class CoordinatorUnavailable(LoconetError):
-    """The coordinator did not answer before the deadline; check that it runs and --coordinator is right."""
-
-
-class NotACoordinator(LoconetError):
-    """Something answers at the coordinator's address, but it is not a loconet coordinator (a dashboard, a peer)."""
-
-
-# A coordinator refusing a call for its client's rate (RESOURCE_EXHAUSTED, peer/coordinator/limits.py) starts
-# the message with this, and says in trailing metadata (RETRY_AFTER_MS, from collectives/session.py) when to retry.
-RATE_LIMITED = "rate limited"
-
-
-class Unregistered(LoconetError):
-    """The coordinator does not know this peer (its lease lapsed, or the coordinator restarted): join again."""
-
-
-class GroupTooSmall(RoundFailed):
-    """Fewer live peers than min_peers: no round can form. Start more peers or lower --min-peers."""
-
-
-class CommitUnknown(RoundFailed):
-    """The coordinator lost the round before deciding it (a restart); nothing was applied."""
-
-
-class RequestRefused(LoconetError):
-    """The coordinator refused a request (wrong run id, not a member...); the message says why."""
-
-
-def failure_reason(exc: grpc.aio.AioRpcError, timeout_s: float) -> str:
-    """Why a call to the coordinator failed, in a few words a user can act on."""
-    details = exc.details() or ""
-    lower = details.lower()
-    if "connection refused" in lower:
-        return "connection refused: nothing listens there"
-    if "resolv" in lower or "name not found" in lower:
-        return "the host name does not resolve"
-    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return f"it accepts connections but gave no answer in {timeout_s:g} s (paused or overloaded?)"
-    return f"{exc.code().name}: {details[:200]}"
-
-
-def _not_a_coordinator(address: str, exc: grpc.aio.AioRpcError) -> NotACoordinator | None:
-    """NotACoordinator when the failure shows that something other than a coordinator answered, else None."""
-    details = (exc.details() or "").lower()
-    fix = "point --coordinator at the address `loconet coordinator` prints (\"run R at HOST:PORT\")"
-    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-        return NotACoordinator(
-            f"{address} answers gRPC but is not a loconet coordinator (is it a peer's data-plane port?); {fix}"
-        )
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and ("parsing http/2" in details or "http1" in details):
-        return NotACoordinator(
-            f"{address} answers but is not a loconet coordinator: it does not speak gRPC "
-            f"(is it the dashboard's HTTP port?); {fix}"
-        )
-    return None
-
-
-# The run id a coordinator serves and its peers ask for when none is given (the same everywhere,
-# so a peer started without --run reaches a coordinator started without it).
-DEFAULT_RUN_ID = "loconet"
 
 
 @dataclass(frozen=True)
@@ -175,130 +104,6 @@ class MembershipConfig:
         object.__setattr__(self, "coordinator", coordinator_address(self.coordinator))
 
 
-@dataclass(frozen=True)
-class MissedRound:
-    """A committed round this peer lacks: fetch its result from one of ``members`` and apply it."""
-
-    round_id: int
-    epoch: int
-    tag: str = ""
-    members: tuple[tuple[str, str], ...] = ()  # (peer id, address) of live peers holding the result: members first
-    # SHA-256 (hex) of the result's fp32 bytes as its members reported it ("" unknown): a fetched one must match.
-    digest: str = ""
-
-
-def _rate_limited_for(exc: grpc.aio.AioRpcError) -> float | None:
-    """Seconds to wait before retrying a call the coordinator refused for its rate (None: not such a refusal)."""
-    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not (exc.details() or "").startswith(RATE_LIMITED):
-        return None
-    hint = next((v for k, v in (exc.trailing_metadata() or ()) if k == RETRY_AFTER_MS), "100")
-    try:
-        return min(max(int(hint), 10), 10_000) / 1000.0
-    except ValueError:
-        return 0.1
-
-
-# The heartbeat intervals a coordinator's answer may set (anything else is ignored: the peer keeps its own).
-HEARTBEAT_RANGE_S = (0.05, 600.0)
-
-
-def heartbeat_interval(current_s: float, told_s: float) -> float:
-    """The interval to heartbeat at after an answer that said told_s: it when in range, else current_s
-    (0 from an older coordinator; a NaN or absurd value is not obeyed)."""
-    low, high = HEARTBEAT_RANGE_S
-    return told_s if low <= told_s <= high else current_s
-
-
-def _missed(rounds) -> tuple[MissedRound, ...]:
-    """MissedRounds from the coordinator's CommittedRound messages, in order."""
-    return tuple(
-        MissedRound(r.round_id, r.epoch, r.tag, tuple((m.peer_id, m.address) for m in r.members), r.result_digest[:64])
-        for r in rounds
-    )
-
-
-@dataclass(frozen=True)
-class Joined:
-    """The coordinator's answer to a join."""
-
-    peer_id: str
-    lease_s: float
-    heartbeat_s: float
-    epoch: int
-    last_committed_round: int
-    sync_from: str
-    # With sync_from, for a peer that holds a state: the rounds it lacks, if all can be fetched (else empty).
-    missed: tuple[MissedRound, ...] = ()
-    # SHA-256 (hex) recorded for the state of last_committed_round; "" when unknown.
-    state_digest: str = ""
-    # Live up-to-date holders to fetch the state from, least busy first (sync_from is the first).
-    sync_sources: tuple[str, ...] = ()
-    # True: nobody live holds the run's committed state; this peer is not registered and must not start
-    # from its own state: say wait_reason, and join again every heartbeat_s (lease_s: when it is forgotten).
-    wait: bool = False
-    wait_reason: str = ""
-    # With wait: every known holder of the run's last round left saying it finished (none is expected back).
-    holders_finished: bool = False
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """What the coordinator says to do next: take part in a round, or resync first."""
-
-    action: str  # "round" or "resync"
-    round_id: int = 0
-    epoch: int = 0
-    members: tuple[tuple[str, str], ...] = ()  # (peer id, address) in rank order
-    rank: int = 0
-    sync_from: str = ""
-    last_committed_round: int = 0
-    # resync: the committed rounds after this peer's last round, in order, when every one of them can be
-    # fetched from a live member; empty: fetch the whole state from sync_from.
-    missed: tuple[MissedRound, ...] = ()
-    # round: the quorum policy that chose the members ("all", "first-k:K", "sample:K", "sample:F,min=M"),
-    # the run's seed and, for sample, the peer ids the sample was drawn from (see check_sample).
-    policy: str = ""
-    seed: int = 0
-    candidates: tuple[str, ...] = ()
-    # resync: the SHA-256 recorded for last_committed_round ("" unknown), and live up-to-date holders
-    # to fetch the state from, least busy first (sync_from is the first).
-    state_digest: str = ""
-    sync_sources: tuple[str, ...] = ()
-    # round: each member's host id, in rank order ("": a host of its own), from which the round's hierarchy is built.
-    hosts: tuple[str, ...] = ()
-    # resync: the tag of the quorum the run's peers wait in now ("": none).
-    pending_tag: str = ""
-    # round: the furthest inner step a member asked for it at (0: unknown; QuorumResponse.members_step).
-    members_step: int = 0
-
-    def share(self) -> float:
-        """Members / the candidates the plan names: the round's share of its policy's pool (a sample's, or the live
-        roster); 1 when it names none."""
-        return min(1.0, len(self.members) / len(self.candidates)) if self.candidates else 1.0
-
-    def check_sample(self, least: int = 1) -> None:
-        """Raise SampleMismatch if this is a sample round whose members are not the seeded sample.
-
-        k is recomputed here from the policy and the candidates (for a fraction: of them, rounded up, at
-        least its min), and ``least``, the members this peer's rounds need (as the run's peers all need), so a
-        member outside the policy's sample is caught whatever k the coordinator used.
-        """
-        size = sample_size(self.policy)
-        if self.action == "round" and size is not None:
-            k = size.of(len(set(self.candidates)), least)
-            check_sample(self.seed, self.round_id, self.candidates, k, [pid for pid, _ in self.members])
-
-
-@dataclass(frozen=True)
-class CommitOutcome:
-    """The coordinator's decision on a round."""
-
-    commit: bool
-    reason: str
-    epoch: int
-    dropped: tuple[str, ...] = ()
-
-
 @dataclass
 class PeerStatus:
     """What the peer reports in its heartbeats (updated by the training loop, read by the heartbeat task)."""
@@ -315,58 +120,6 @@ class PeerStatus:
     samples: int = 0
     activity: str = "starting"
     extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class KnownMembers:
-    """The member list of a peer's last ROUND answer and its digest (QuorumResponse.members_digest)."""
-
-    digest: bytes = b""
-    entries: tuple[Entry, ...] = ()
-    members: tuple[tuple[str, str], ...] = ()
-    hosts: tuple[str, ...] = ()
-
-    def of(self, reply: pb.QuorumResponse) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
-        """A ROUND answer's (peer id, address) members and host ids: its own list, the kept one changed as the
-        answer says, or the kept one when the answer left it out (the result is kept); RoundFailed when the answer
-        needs a list this peer does not hold, or its change does not give the round's list."""
-        if reply.members:
-            self._keep(reply.members_digest, entries_of(reply.members))
-        elif reply.members_packed:
-            try:
-                self._keep(reply.members_digest, unpack_list(reply.members_packed, reply.members_digest))
-            except BadPackedList as exc:
-                self._fail(reply, f"carries a packed member list that is not sound: {exc}")
-        elif reply.members_base:
-            self._keep(reply.members_digest, self._changed(reply))
-        elif not self.digest or reply.members_digest != self.digest:
-            self._fail(reply, "left out a member list this peer does not hold")
-        return self.members, self.hosts
-
-    def _changed(self, reply: pb.QuorumResponse) -> tuple[Entry, ...]:
-        if not self.digest or reply.members_base != self.digest:
-            self._fail(reply, "carries a change to a member list this peer does not hold")
-        try:
-            return changed_list(self.entries, reply)
-        except BadMemberChange as exc:
-            self._fail(reply, f"carries a member-list change that does not apply: {exc}")
-
-    def _keep(self, digest: bytes, entries: tuple[Entry, ...]) -> None:
-        self.digest, self.entries = digest, entries
-        self.members = tuple((e.peer_id, e.address) for e in entries)
-        self.hosts = tuple(e.host_id for e in entries)
-
-    def _fail(self, reply: pb.QuorumResponse, why: str) -> NoReturn:
-        self.digest = b""  # the next request asks for the whole list
-        raise RoundFailed(f"the coordinator's answer for round {reply.round_id} {why}; it asks again for the whole list")
-
-
-def commit_time(since_commit_s: float, now: float) -> float | None:
-    """The local time (now's clock) of the run's last commit, from a coordinator's seconds since it; None when it
-    says none (0) or gives no sane duration (negative, not finite, or more than a day)."""
-    if not (0.0 < since_commit_s <= MAX_SINCE_COMMIT_S):  # also refuses NaN
-        return None
-    return now - since_commit_s
 
 
 class MembershipClient:
@@ -443,12 +196,12 @@ class MembershipClient:
                 if code == grpc.StatusCode.NOT_FOUND:
                     self._unknown(registrations)
                     raise Unregistered(exc.details()) from None
-                limited = _rate_limited_for(exc)
+                limited = rate_limited_for(exc)
                 if limited is not None and time.monotonic() + limited <= give_up:
                     log.debug("%s: the coordinator rate-limits this client; retrying in %.2f s", method, limited)
                     await asyncio.sleep(limited)
                     continue
-                wrong = _not_a_coordinator(address, exc) or await self._tls_mismatch(exc, probe_closed=not probed)
+                wrong = not_a_coordinator(address, exc) or await self._tls_mismatch(exc, probe_closed=not probed)
                 if wrong is not None:
                     raise wrong from None
                 probed = True
@@ -581,7 +334,7 @@ class MembershipClient:
             epoch=reply.epoch,
             last_committed_round=reply.last_committed_round,
             sync_from="" if reply.wait else reply.sync_from,
-            missed=() if reply.wait else _missed(reply.missed),
+            missed=() if reply.wait else missed_rounds(reply.missed),
             state_digest=reply.state_digest,
             sync_sources=() if reply.wait else tuple(reply.sync_sources),
             wait=reply.wait,
@@ -611,7 +364,7 @@ class MembershipClient:
         def take_hold(answer: pb.HeartbeatResponse) -> None:
             # The rounds an answer (or a push) asks this peer to keep, if it offers to.
             if answer.hold and held() is not None:
-                hold(_missed(answer.hold))
+                hold(missed_rounds(answer.hold))
 
         self.session.pushed = take_hold
         try:
@@ -738,7 +491,7 @@ class MembershipClient:
                 sync_from=reply.sync_from,
                 last_committed_round=reply.last_committed_round,
                 epoch=reply.epoch,
-                missed=_missed(reply.missed),
+                missed=missed_rounds(reply.missed),
                 state_digest=reply.state_digest,
                 sync_sources=tuple(reply.sync_sources),
                 pending_tag=reply.pending_tag,

@@ -36,8 +36,8 @@ import torch
 
 from collectives.codecs import Codec, CodecConfig, check_finite, make_codec
 from collectives.errors import CodecError, ConfigError, NonFiniteError
-from collectives.membership import MissedRound
 from collectives.parts import part_bounds
+from collectives.roundplan import MissedRound
 from collectives.statesync import ResultNotYet, StateSnapshot, StateSyncConfig, StateSyncError, fetch_state_async
 from collectives.transport import Transport
 

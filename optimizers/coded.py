@@ -52,8 +52,8 @@ import torch
 
 from collectives.errors import ConfigError, ProtocolError, QuorumMismatch
 from collectives.gradcodes import CODE_KINDS, Undecodable, code_for, decode
-from collectives.membership import BACKUP_TAG_KEY, RoundPlan
 from collectives.parts import flatten, unflatten_like
+from collectives.roundplan import BACKUP_TAG_KEY, RoundPlan
 from optimizers.backup import BackupConfig, BackupWorkers, RoundObservation
 from optimizers.outer import RECENT_SYNCS, OuterOptimizer, SyncConfig
 from optimizers.outer_optim import OuterConfig

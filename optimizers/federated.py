@@ -49,7 +49,7 @@ from typing import Any, ClassVar
 import torch
 
 from collectives.errors import ConfigError
-from collectives.membership import RoundPlan
+from collectives.roundplan import RoundPlan
 from collectives.sampling import sample_size
 from collectives.statesync import StateSnapshot
 from collectives.syncphases import CaughtUp

@@ -25,9 +25,9 @@ import torch
 
 from collectives.codecs import CodecConfig, needs_feedback
 from collectives.errors import ConfigError, LoconetError, UsageError
-from collectives.membership import RoundPlan
 from collectives.pairing import ODD_MODES, group_of, pair_groups
 from collectives.parts import flatten
+from collectives.roundplan import RoundPlan
 from collectives.syncphases import Resynced
 from optimizers.diloco import DiLoCo, DiLoCoConfig
 from optimizers.outer import RECENT_SYNCS

@@ -23,8 +23,9 @@ import torch
 from collectives.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
 from collectives.codecs import CodecConfig, check_finite, make_codec
 from collectives.errors import Incompatible, NonFiniteError
-from collectives.membership import PeerStatus, RoundPlan
+from collectives.membership import PeerStatus
 from collectives.parts import flatten, unflatten_like
+from collectives.roundplan import RoundPlan
 from collectives.syncphases import Prepare, Weight, check_prepared
 
 

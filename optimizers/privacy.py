@@ -82,7 +82,7 @@ from collectives.aggregation import MAX_ROUND_MEMBERS
 from collectives.aggregators import AggregatorConfig
 from collectives.checks import is_finite_number, is_whole
 from collectives.errors import ConfigError, ProtocolError
-from collectives.membership import RoundPlan
+from collectives.roundplan import RoundPlan
 from optimizers.statemeta import meta_dict, meta_float, meta_str
 
 ZERO_OUT = "zero-out"

@@ -61,8 +61,8 @@ import torch
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError, ProtocolError, QuorumMismatch
 from collectives.gradcodes import AUTO, CYCLIC, FRC
-from collectives.membership import RoundPlan
 from collectives.parts import flatten, unflatten_like
+from collectives.roundplan import RoundPlan
 from collectives.seqcoding import SCHEMES, SequentialScheme, gradcode, make_scheme
 from collectives.seqrounds import checked_workers
 from collectives.statesync import StateSnapshot

@@ -21,7 +21,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from collectives.memberlists import entries_of, unpack_list
-from collectives.membership import KnownMembers, MembershipClient, MembershipConfig, MissedRound
+from collectives.membership import MembershipClient, MembershipConfig
+from collectives.roundplan import KnownMembers, MissedRound
 from collectives.sampling import check_sample, sample_members
 from collectives.transport import Transport
 from protos import membership_pb2 as pb

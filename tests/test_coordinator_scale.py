@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from collectives.memberlists import Entry, entries_of, list_bytes, list_digest, unpack_list
-from collectives.membership import commit_time, heartbeat_interval
+from collectives.roundplan import commit_time, heartbeat_interval
 from peer.bench.simsession import bench_rate_limits
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.history import SeriesBook

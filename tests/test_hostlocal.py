@@ -38,7 +38,7 @@ from collectives.hostlocal import (
     sweep_stale,
 )
 from collectives.hostround import reduce_rows
-from collectives.membership import RoundPlan
+from collectives.roundplan import RoundPlan
 from collectives.rpc import blocking_channel
 from peer.coordinator.server import CoordinatorServer
 from peer.coordinator.service import CoordinatorConfig

@@ -11,7 +11,7 @@ import pytest
 
 from collectives.errors import RoundFailed
 from collectives.memberlists import change_bytes, entries_of, list_bytes, list_digest, member_change, pack_list
-from collectives.membership import KnownMembers
+from collectives.roundplan import KnownMembers
 from protos import membership_pb2 as pb
 
 LIST_A = [pb.Member(peer_id="a", address="10.0.0.1:1", host_id="h1"), pb.Member(peer_id="b", address="10.0.0.2:1")]

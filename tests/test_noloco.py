@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from collectives.errors import ConfigError, RoundFailed, TransportClosed
-from collectives.membership import RoundPlan
 from collectives.pairing import group_of, pair_groups
 from collectives.parts import flatten
+from collectives.roundplan import RoundPlan
 from optimizers.noloco import NoLoCo, NoLoCoConfig, count_sketch
 from optimizers.outer_optim import OuterConfig
 

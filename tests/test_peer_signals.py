@@ -23,9 +23,9 @@ from support.coordinator import CoordinatorThread
 from support.procs import CoordinatorProc, Proc, daemon_peer, stop_all
 
 from collectives.addresses import coordinator_address
+from collectives.coordinatorerrors import CoordinatorUnavailable, NotACoordinator
 from collectives.elastic import ElasticCollective, ElasticConfig, Stopped
 from collectives.errors import ConfigError
-from collectives.membership import CoordinatorUnavailable, NotACoordinator
 from collectives.transport import Transport
 from peer.coordinator.config import CoordinatorConfig
 from peer.runtime.daemon import PeerConfig

@@ -14,11 +14,12 @@ from dp_accounting.rdp import RdpAccountant, rdp_privacy_accountant
 
 from collectives.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
+from collectives.coordinatorerrors import GroupTooSmall
 from collectives.elastic import ElasticCollective, ElasticConfig, check_prepared
 from collectives.errors import ConfigError, Incompatible, ProtocolError
-from collectives.membership import GroupTooSmall, RoundPlan
 from collectives.parts import flatten
 from collectives.round import AllReduceConfig
+from collectives.roundplan import RoundPlan
 from optimizers.diloco import DiLoCo
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalPeer

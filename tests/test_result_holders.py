@@ -20,7 +20,7 @@ import torch
 
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig
-from collectives.membership import MissedRound
+from collectives.roundplan import MissedRound
 from collectives import catchup
 from collectives.catchup import LateRounds
 from collectives.results import CommittedResult, ResultStore, result_digest as digest_of_result

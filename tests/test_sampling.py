@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 
 from collectives.errors import ConfigError, ProtocolError
-from collectives.membership import RoundPlan
+from collectives.roundplan import RoundPlan
 from collectives.sampling import (
     SampleMismatch,
     SampleSize,

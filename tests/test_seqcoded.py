@@ -19,8 +19,8 @@ import torch
 
 from collectives.elastic import CaughtUp, CommittedResult, ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError, QuorumMismatch
-from collectives.membership import RoundPlan
 from collectives.parts import flatten
+from collectives.roundplan import RoundPlan
 from collectives.seqcoding import make_scheme, simulate
 from collectives.stragglermodel import BurstyModel, bursty_pattern, conforms
 from optimizers.coded import StepSuperseded

@@ -17,8 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from collectives.coordinatorerrors import RETRY_CODES
 from collectives.credentials import CallAuth
-from collectives.membership import RETRY_CODES, MembershipClient, MembershipConfig
+from collectives.membership import MembershipClient, MembershipConfig
 from collectives.rpc import COORDINATOR_SETTINGS, RpcSecurity, call_metadata, make_channel
 from collectives.session import (
     RETRY_AFTER_MS,

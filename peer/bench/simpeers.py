@@ -33,9 +33,11 @@ import grpc
 from google.protobuf.message import Message
 
 from collectives.asynctasks import cancel_and_wait
+from collectives.coordinatorerrors import RETRY_CODES
 from collectives.memberlists import BadMemberChange, BadPackedList, changed_list, entries_of, unpack_list
-from collectives.membership import RETRY_CODES, MembershipConfig, heartbeat_interval
+from collectives.membership import MembershipConfig
 from collectives.roundformat import round_format
+from collectives.roundplan import heartbeat_interval
 from collectives.rpc import RpcSettings, make_channel
 from collectives.session import SESSION_RPCS, CoordinatorSession
 from optimizers.diloco import DiLoCoConfig

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from collectives.addresses import COORDINATOR_PORT, LOCAL_HOST, MAX_PORT, parse_advertise
 from collectives.errors import ConfigError
-from collectives.membership import DEFAULT_RUN_ID
+from collectives.roundplan import DEFAULT_RUN_ID
 from collectives.rpc import RpcSecurity
 from peer.coordinator.dashboard_security import parse_allowed_hosts
 from peer.coordinator.limits import CoordinatorLimits

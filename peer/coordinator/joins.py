@@ -17,7 +17,7 @@ from typing import Protocol
 
 import grpc
 
-from collectives.membership import NOT_THIS_RUN
+from collectives.coordinatorerrors import NOT_THIS_RUN
 from collectives.roundformat import MAX_FORMAT_CHARS
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import DurableRun, checked_digest, refused_checkpoint, wait_reason

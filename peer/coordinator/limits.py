@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from collectives.coordinatorerrors import RATE_LIMITED
 from collectives.errors import ConfigError
-from collectives.membership import RATE_LIMITED, RETRY_AFTER_MS
-from collectives.session import SESSIONS_FULL
+from collectives.session import RETRY_AFTER_MS, SESSIONS_FULL
 from protos import membership_pb2 as pb
 
 COORDINATOR_SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from collectives.errors import ConfigError
-from collectives.membership import BACKUP_TAG_KEY
+from collectives.roundplan import BACKUP_TAG_KEY
 from collectives.sampling import SAMPLE_POLICY, SampleSize, parse_sample_arg, sample_members, whole_count
 from peer.coordinator.rules import QuorumRules, order_members, quorum_hopeless, quorum_ready
 

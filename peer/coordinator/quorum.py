@@ -25,8 +25,8 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from collectives.asynctasks import consume_exception
+from collectives.coordinatorerrors import NO_QUORUM
 from collectives.memberlists import Entry, change_bytes, list_bytes, member_change, pack_list
-from collectives.membership import NO_QUORUM
 from collectives.wire import encode_varint
 from peer.coordinator.bottleneck import STREAK, Bottlenecks, bottleneck
 from peer.coordinator.config import CoordinatorConfig

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import grpc
 
 from collectives.aggregation import MAX_ROUND_MEMBERS
-from collectives.membership import NO_QUORUM
+from collectives.coordinatorerrors import NO_QUORUM
 from collectives.roundformat import MAX_FORMAT_CHARS
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import DurableRun, checked_digest

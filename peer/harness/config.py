@@ -12,8 +12,8 @@ from typing import Any
 from collectives.aggregators import make_aggregator
 from collectives.elastic import ElasticConfig
 from collectives.errors import ConfigError
-from collectives.membership import DEFAULT_RUN_ID
 from collectives.ratelimit import parse_bandwidth
+from collectives.roundplan import DEFAULT_RUN_ID
 from optimizers.outer import least_members
 from peer.coordinator.config import CoordinatorConfig
 from peer.harness.scenario import Event

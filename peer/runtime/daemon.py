@@ -49,7 +49,7 @@ from collectives.allocator import tune_malloc
 from collectives.allreduce import AllReduceConfig
 from collectives.elastic import LEAVE_ON_STOP_S, ElasticCollective, ElasticConfig, Stopped, leave_reason
 from collectives.errors import ConfigError
-from collectives.membership import DEFAULT_RUN_ID
+from collectives.roundplan import DEFAULT_RUN_ID
 from collectives.transportconfig import TransportConfig
 from optimizers.outer import OuterOptimizer
 from peer.device import place_model, resolve_device

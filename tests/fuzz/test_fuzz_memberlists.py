@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from collectives.errors import RoundFailed
 from collectives.memberlists import Entry, list_bytes, pack_list
-from collectives.membership import KnownMembers
+from collectives.roundplan import KnownMembers
 from protos import membership_pb2 as pb
 
 entries = st.lists(st.builds(Entry, st.text(max_size=12), st.text(max_size=20), st.text(max_size=6),

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from collectives.aggregators import aggregate_rows, make_aggregator
-from collectives.membership import RoundPlan
 from collectives.parts import flatten, unflatten_like
+from collectives.roundplan import RoundPlan
 
 
 @dataclass
