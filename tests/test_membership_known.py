@@ -1,4 +1,4 @@
-"""A peer's kept member list (collectives.membership.KnownMembers): a ROUND answer may leave the list out.
+"""A peer's kept member list (collectives.roundplan.KnownMembers): a ROUND answer may leave the list out.
 
 The coordinator leaves a round's member list out of the answer to a peer that
 names the same list's digest (QuorumRequest.known_members), so 1,000 members

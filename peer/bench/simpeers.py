@@ -116,7 +116,7 @@ class SimPeer:
         # (round id, epoch, digest) of the results it keeps, as a real peer's ElasticConfig.keep_results (2).
         self.kept: deque[tuple[int, int, str]] = deque(maxlen=2)
         # The member list of this peer's last ROUND answer, by digest (QuorumRequest.known_members), as the real
-        # client keeps it (collectives.membership.KnownMembers). The lists themselves are shared by the peers
+        # client keeps it (collectives.roundplan.KnownMembers). The lists themselves are shared by the peers
         # of this process: each real peer reads its list in its own process, not 500 of them on one loop.
         self.known_digest = b""
         self.lists: dict[bytes, tuple[tuple, list[str]]] = {} if lists is None else lists

@@ -1,4 +1,4 @@
-"""Fuzzing a peer's reading of a packed member list (collectives/memberlists.py, collectives/membership.py): any
+"""Fuzzing a peer's reading of a packed member list (collectives/memberlists.py, collectives/roundplan.py): any
 ``members_packed`` bytes, with the round's digest or one made to match them, give a list of members or fail
 the round with RoundFailed (a frame declaring more than MAX_LIST_BYTES: tests/test_memberlists.py)."""
 
