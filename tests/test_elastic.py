@@ -124,13 +124,17 @@ def test_the_coordinator_names_the_member_whose_slow_link_a_round_waited_for():
         try:
             for p in peers:
                 p.start(has_state=True)
-            for _ in range(3):  # named once it slowed three rounds in a row
+            # Named once it slowed three rounds in a row: at the third, or later when the machine's load made
+            # another member come last in a round (seen once with the suite beside it).
+            for _ in range(8):
                 futures = [p.sync_async(torch.ones(150_000), codec=CodecConfig("none")) for p in peers]
                 assert len({f.result(60).round_id for f in futures}) == 1
+                named = [e for e in c.status()["events"] if e["kind"] == "slow"]
+                if named:
+                    break
         finally:
             for p in peers:
                 p.close()
-        named = [e for e in c.status()["events"] if e["kind"] == "slow"]
         assert [e["peer_id"] for e in named] == [peers[2].peer_id]
 
 
