@@ -21,6 +21,8 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping, Sequence
 
+from peer.harness.scenario import Event
+
 # Events that take their target out for a while, after which it is meant to take part again.
 COMES_BACK = ("pause", "cut", "stop")
 
@@ -41,6 +43,13 @@ def lost_s(at: float, syncs: Mapping[str, Sequence[Sync]]) -> float | None:
     """The median over peers of ``peer_lost_s`` for an event at wall time ``at``; None when no peer committed after."""
     per_peer = [lost for lost in (peer_lost_s(at, s) for s in syncs.values()) if lost is not None]
     return statistics.median(per_peer) if per_peer else None
+
+
+def comes_back(event: Event) -> bool:
+    """Whether the event takes one peer out for a while, after which it should take part again (a stop only when
+    it is started again: ``for=``)."""
+    return (event.action in COMES_BACK and event.target is not None
+            and (event.action != "stop" or event.duration_s is not None))
 
 
 def back_s(at: float, out_s: float, contributed: Sequence[float]) -> float | None:

@@ -18,17 +18,10 @@ from peer.harness import outcome
 from peer.harness.config import HarnessConfig
 from peer.harness.joiners import joiners, restarts_from_round_0, rollbacks
 from peer.harness.processes import Proc
-from peer.harness.recovery import COMES_BACK, back_s, lost_s
-from peer.harness.scenario import Event
+from peer.harness.recovery import back_s, comes_back, lost_s
 from peer.harness.schedule import Fired
 from peer.harness.stall import StallRecord
 from peer.tasks.base import Task
-
-
-def comes_back(event: Event) -> bool:
-    """Whether the event takes one peer out for a while, after which it should take part again."""
-    return (event.action in COMES_BACK and event.target is not None
-            and (event.action != "stop" or event.duration_s is not None))
 
 
 def initial_evaluation(task: Task, device: torch.device) -> tuple[float, int]:
