@@ -2,7 +2,7 @@
 
 Each peer trains ``sync_every`` inner steps (or ``sync_seconds``), then is
 *ready* and asks for a round. The coordinator's ``buffer:K[,t=T]`` policy
-(``peer/coordinator/policies.py``) starts a round once K peers are ready, or T
+(``peer/coordinator/policies/buffered.py``) starts a round once K peers are ready, or T
 seconds after the first one, with the ready peers only: a peer still training
 is not waited for. It contributes to a later round, and meanwhile the run's
 global parameters moved on without it.

@@ -3,7 +3,7 @@
 The Coordinator service (``peer/coordinator/service.py``) owns one
 ``Quorums`` and calls it from its RPC handlers and its tick, all on one
 asyncio loop, so nothing here needs a lock. The decisions themselves are pure
-(``policies.py`` says who is in a round, ``rules.commit_decision`` whether it
+(``policies/`` says who is in a round, ``rules.commit_decision`` whether it
 commits); this module keeps the waiting calls and carries the decisions out.
 
 An attempt of a round is named by (round id, epoch): the round id is the last

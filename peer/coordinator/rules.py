@@ -6,8 +6,8 @@ reads, so that every rule has a table of cases in ``tests/test_quorum.py``.
 The coordinator (``peer/coordinator/service.py``, with ``joins.py``,
 ``quorumcall.py``, ``resync.py`` and ``quorum.py``) gathers the inputs and
 carries the decisions out. Who takes part in a round is the run's quorum
-policy (``peer/coordinator/policies.py``); the default one, ``all``, is the
-quorum rule below.
+policy (``peer/coordinator/policies/``, one module each); the default one,
+``all``, is the quorum rule below.
 
 Rules
 -----

@@ -3,7 +3,7 @@
 Plain data and the bookkeeping around it, no I/O. Everything here can be
 lost (the coordinator restarts) and rebuilt from what the peers report when
 they re-register; decisions about it are made by ``peer/coordinator/rules.py``
-and ``peer/coordinator/policies.py``.
+and the quorum policies (``peer/coordinator/policies/``).
 """
 
 from __future__ import annotations

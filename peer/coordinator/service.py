@@ -6,7 +6,7 @@ handlers and a periodic tick run on one asyncio loop, so the state needs no
 locks; the dashboard (an HTTP server on its own thread, started by
 ``peer/coordinator/server.py``) reads a snapshot built on that loop. Protocol
 decisions come from ``peer/coordinator/rules.py``, who takes part in a round
-from the quorum policy (``peer/coordinator/policies.py``); forming and
+from the quorum policy (``peer/coordinator/policies/``); forming and
 deciding the attempts of rounds is ``peer/coordinator/quorum.py``'s
 ``Quorums``; where a peer behind the run fetches the state or the missed
 rounds' results from is ``peer/coordinator/sources.py``'s ``Sources``; the
