@@ -143,6 +143,8 @@ def parse_policy(spec: str) -> QuorumPolicy:
         raise ConfigError(f"{exc}: use one of {policy_forms()}") from None
 
 
+# The helpers from here on are the policy modules' (the underscored ones are for this package's modules only,
+# not for the coordinator), kept here because more than one policy module, or one and a plugin's, may use them.
 def _count(cls: type[QuorumPolicy], arg: str) -> int:
     k = whole_count(arg)
     if k is None:
