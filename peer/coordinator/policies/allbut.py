@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from collectives.errors import ConfigError
 from collectives.sampling import whole_count
-from peer.coordinator.policies.base import Outcome, QuorumInputs, QuorumPolicy, _first_of_roster, register, roster_of
+from peer.coordinator.policies.base import Outcome, QuorumInputs, QuorumPolicy, first_of_roster, register, roster_of
 from peer.coordinator.rules import QuorumRules
 
 
@@ -36,7 +36,7 @@ class AllBut(QuorumPolicy):
 
     def decide(self, q: QuorumInputs) -> Outcome:
         """Form with the first n-s askers."""
-        return _first_of_roster(q, len(roster_of(q)) - self.stragglers)
+        return first_of_roster(q, len(roster_of(q)) - self.stragglers)
 
     def may_form(self, requesting: int, eligible: int, waited_s: float, rules: QuorumRules) -> bool:
         """n-s asked."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from peer.coordinator.policies.base import FormRound, Outcome, QuorumInputs, Refuse, _Bare, register
+from peer.coordinator.policies.base import FormRound, Outcome, QuorumInputs, Refuse, NoArgPolicy, register
 from peer.coordinator.rules import order_members, quorum_hopeless, quorum_ready
 
 
 @register
 @dataclass(frozen=True)
-class AllPeers(_Bare):
+class AllPeers(NoArgPolicy):
     """Every live peer; or, after the join timeout, every peer that asked."""
 
     name: ClassVar[str] = "all"

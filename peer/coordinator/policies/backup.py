@@ -7,13 +7,13 @@ from typing import ClassVar
 
 from collectives.roundplan import BACKUP_TAG_KEY
 from collectives.sampling import whole_count
-from peer.coordinator.policies.base import Outcome, QuorumInputs, _Bare, _first_of_roster, register, roster_of
+from peer.coordinator.policies.base import Outcome, QuorumInputs, NoArgPolicy, first_of_roster, register, roster_of
 from peer.coordinator.rules import QuorumRules
 
 
 @register
 @dataclass(frozen=True)
-class Backup(_Bare):
+class Backup(NoArgPolicy):
     """Dynamic backup workers: the first k to ask, k chosen by the members and named in the round's tag."""
 
     name: ClassVar[str] = "backup"
@@ -29,7 +29,7 @@ class Backup(_Bare):
     def decide(self, q: QuorumInputs) -> Outcome:
         """Form with the first k askers."""
         n = len(roster_of(q))
-        return _first_of_roster(q, self.k_of(q.tag, n))
+        return first_of_roster(q, self.k_of(q.tag, n))
 
     def joins(self, pending_tag: str, tag: str) -> bool:
         """The same algorithm's rounds whatever k they name: the pending round's k (its first asker's) stands. A

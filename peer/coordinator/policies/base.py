@@ -143,9 +143,9 @@ def parse_policy(spec: str) -> QuorumPolicy:
         raise ConfigError(f"{exc}: use one of {policy_forms()}") from None
 
 
-# The helpers from here on are the policy modules' (the underscored ones are for this package's modules only,
-# not for the coordinator), kept here because more than one policy module, or one and a plugin's, may use them.
-def _count(cls: type[QuorumPolicy], arg: str) -> int:
+# The helpers from here on are the policy modules' (and a plugin's policy may use them too), not the coordinator's.
+def whole_arg(cls: type[QuorumPolicy], arg: str) -> int:
+    """The policy's argument K as a whole number >= 1, or a ConfigError naming the policy."""
     k = whole_count(arg)
     if k is None:
         raise ConfigError(f"quorum policy {cls.name}:{arg} needs a whole number of peers K >= 1")
@@ -153,11 +153,11 @@ def _count(cls: type[QuorumPolicy], arg: str) -> int:
 
 
 @dataclass(frozen=True)
-class _Bare(QuorumPolicy):
+class NoArgPolicy(QuorumPolicy):
     """A policy without an argument: its spec is its name."""
 
     @classmethod
-    def from_arg(cls, arg: str) -> _Bare:
+    def from_arg(cls, arg: str) -> NoArgPolicy:
         """The name alone; an argument is a ConfigError."""
         if arg:
             raise ConfigError(f"quorum policy {cls.name} takes no argument, got {cls.name}:{arg}")
@@ -170,15 +170,15 @@ class _Bare(QuorumPolicy):
 
 
 @dataclass(frozen=True)
-class _OfK(QuorumPolicy):
+class SizedPolicy(QuorumPolicy):
     """A policy with a round size K (``NAME:K``)."""
 
     k: int
 
     @classmethod
-    def from_arg(cls, arg: str) -> _OfK:
+    def from_arg(cls, arg: str) -> SizedPolicy:
         """``NAME:K`` with K >= 1."""
-        return cls(_count(cls, arg))
+        return cls(whole_arg(cls, arg))
 
     @property
     def spec(self) -> str:
@@ -195,7 +195,7 @@ def roster_of(q: QuorumInputs) -> tuple[str, ...]:
     return tuple(sorted(q.eligible | set(q.requesting)))
 
 
-def _first_of_roster(q: QuorumInputs, k: int) -> Outcome:
+def first_of_roster(q: QuorumInputs, k: int) -> Outcome:
     """The first k askers (at least min_peers, at most the roster), with the roster as the round's candidates."""
     if q.coordinator_age_s < q.rules.startup_grace_s:
         return None

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from collectives.errors import ConfigError
 from peer.coordinator.policies.base import (
-    FormRound, Outcome, QuorumInputs, QuorumPolicy, Refuse, _count, register, roster_of,
+    FormRound, Outcome, QuorumInputs, QuorumPolicy, Refuse, whole_arg, register, roster_of,
 )
 from peer.coordinator.rules import QuorumRules, order_members, quorum_hopeless
 
@@ -32,7 +32,7 @@ class Buffered(QuorumPolicy):
     def from_arg(cls, arg: str) -> Buffered:
         """``buffer:K`` or ``buffer:K,t=T`` (K >= 1, T > 0 seconds)."""
         count, _, rest = arg.partition(",")
-        k = _count(cls, count)
+        k = whole_arg(cls, count)
         if not rest:
             return cls(k)
         key, _, value = rest.partition("=")

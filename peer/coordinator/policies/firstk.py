@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from peer.coordinator.policies.allpeers import AllPeers
-from peer.coordinator.policies.base import FormRound, Outcome, QuorumInputs, _OfK, register
+from peer.coordinator.policies.base import FormRound, Outcome, QuorumInputs, SizedPolicy, register
 from peer.coordinator.rules import QuorumRules, order_members
 
 
 @register
 @dataclass(frozen=True)
-class FirstK(_OfK):
+class FirstK(SizedPolicy):
     """The first k peers to ask; with fewer than k live peers, the ``all`` rule over whoever asked."""
 
     name: ClassVar[str] = "first-k"
