@@ -14,7 +14,14 @@ A field's metadata may say:
 - ``cli``: False to leave the field out of the command line;
 - ``parse`` / ``format``: how a string option becomes the field's value and back
   (e.g. ``--bandwidth 100mbit`` for a field in bits per second);
-- ``choices``: the allowed values.
+- ``choices``: the allowed values;
+- ``metavar``: the value's name in ``--help`` (default: the flag's last word, upper case);
+- ``const``: the value of the option given alone, without one (argparse's
+  ``nargs="?"``), e.g. ``--hivemind`` for this interpreter, ``--hivemind PYTHON`` for another.
+
+A tuple field is a fixed number of values (``--betas 0.9 0.99``), or, with a
+``parse``, one string its parse splits (``--codecs none,int8`` with a ``parse``
+that splits at commas and a ``format`` that joins them).
 
 Nested dataclass fields are flattened with their name as a prefix
 (``outer.lr`` is ``--outer-lr``), or with none when the field's metadata says
@@ -48,6 +55,8 @@ class Option:
     parse: Callable[[str], Any] | None
     format: Callable[[Any], str] | None
     arity: int = 1  # values per occurrence (2 for a pair of floats)
+    metavar: str | None = None
+    const: tuple = ()  # (the value of the flag given alone,); (): a value must follow it
 
     @property
     def dest(self) -> str:
@@ -98,9 +107,11 @@ def options_of(cls: type, prefix: str = "", path: tuple[str, ...] = (), defaults
         origin = typing.get_origin(hint)
         parse = f.metadata.get("parse")
         arity = 1
-        if origin is tuple:  # a fixed number of values, e.g. Adam's betas
-            element = typing.get_args(hint)[0]
-            kind, arity, parse = tuple, len(typing.get_args(hint)), parse or element
+        if origin is tuple and parse is None:  # a fixed number of values, e.g. Adam's betas
+            element, *more = typing.get_args(hint)
+            if Ellipsis in more:
+                raise TypeError(f"{cls.__name__}.{f.name}: a tuple of any length needs metadata parse (and format)")
+            kind, arity, parse = tuple, len(typing.get_args(hint)), element
         elif hint in (int, float, str, bool):
             kind = hint
         elif parse is not None:
@@ -119,6 +130,8 @@ def options_of(cls: type, prefix: str = "", path: tuple[str, ...] = (), defaults
                 parse=parse,
                 format=f.metadata.get("format"),
                 arity=arity,
+                metavar=f.metadata.get("metavar"),
+                const=(f.metadata["const"],) if "const" in f.metadata else (),
             )
         )
     return out
@@ -161,6 +174,9 @@ def add_option(group: Any, option: Option, default_text: str | None = None, unse
         )
         return
     kwargs: dict[str, Any] = {"dest": option.dest, "default": default, "help": text}
+    if option.const:
+        kwargs["nargs"] = "?"
+        kwargs["const"] = option.const[0]
     if option.arity > 1:
         kwargs["nargs"] = option.arity
         kwargs["type"] = option.parse
@@ -172,6 +188,8 @@ def add_option(group: Any, option: Option, default_text: str | None = None, unse
         kwargs["type"] = _nullable(option.kind) if option.optional else option.kind
     if option.choices is not None:
         kwargs["choices"] = option.choices
+    if option.metavar is not None:
+        kwargs["metavar"] = option.metavar
     group.add_argument(f"--{option.flag}", **kwargs)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 import torch
@@ -90,6 +91,35 @@ def test_transport_options_round_trip_with_a_bandwidth_in_bits_per_second():
     parser = argparse.ArgumentParser()
     add_options(parser, TransportConfig)
     assert read_options(TransportConfig, parser.parse_args(option_args(config))) == config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Listed:
+    names: tuple[str, ...] = dataclasses.field(
+        default=("a", "b"), metadata={"parse": lambda t: tuple(t.split(",")), "format": ",".join}
+    )
+    python: str | None = dataclasses.field(default=None, metadata={"const": "/usr/bin/python3", "metavar": "PYTHON"})
+
+
+def test_a_tuple_with_a_parse_is_one_option_and_const_is_its_value_given_alone():
+    parser = argparse.ArgumentParser()
+    add_options(parser, _Listed)
+    assert "--python [PYTHON]" in parser.format_help()
+    assert read_options(_Listed, parser.parse_args([])) == _Listed()
+    assert read_options(_Listed, parser.parse_args(["--names", "x,y,z", "--python"])) == _Listed(
+        names=("x", "y", "z"), python="/usr/bin/python3"
+    )
+    config = _Listed(names=("c",), python="/opt/py")
+    assert read_options(_Listed, parser.parse_args(option_args(config))) == config
+
+
+def test_a_tuple_of_any_length_without_a_parse_has_no_command_line_form():
+    @dataclasses.dataclass(frozen=True)
+    class Bare:
+        names: tuple[str, ...] = ()
+
+    with pytest.raises(TypeError, match="needs metadata parse"):
+        add_options(argparse.ArgumentParser(), Bare)
 
 
 def test_the_python_api_and_the_cli_agree_on_every_default():
