@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,8 +17,9 @@ from collectives.codecs import make_codec
 from collectives.errors import ConfigError
 from collectives.kernels import kernels_status
 from peer.bench.fields import Fields, describe_report
-from peer.bench.kit import median_seconds, print_report, require
+from peer.bench.kit import COMMA_LIST, add_bench_options, median_seconds, print_report, require
 from peer.bench.progress import Progress, progress_for
+from peer.options import read_options
 
 DEFAULT_CODECS = ("none", "fp16", "bf16", "int8", "int4", "int8+zstd", "int4+zstd")
 
@@ -27,10 +28,12 @@ DEFAULT_CODECS = ("none", "fp16", "bf16", "int8", "int4", "int8+zstd", "int4+zst
 class CodecsBenchConfig:
     """What ``bench codecs`` runs: its options' defaults are these fields'."""
 
-    numel: int = 16_000_000
-    repeat: int = 5
+    numel: int = field(default=16_000_000, metadata={"help": "fp32 elements per tensor (default 16M)"})
+    repeat: int = field(default=5, metadata={"help": "timed runs per measurement; the median is reported"})
     # Codec specs, timed in this order (empty: DEFAULT_CODECS).
-    codecs: tuple[str, ...] = DEFAULT_CODECS
+    codecs: tuple[str, ...] = field(
+        default=DEFAULT_CODECS, metadata={"help": "comma-separated codec specs", **COMMA_LIST}
+    )
 
 FIELDS: Fields = {
     "numel": "fp32 elements of the tensor every codec encodes (seeded N(0, 1) values)",
@@ -155,19 +158,13 @@ def _table(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line options of this benchmark (shared by ``loconet bench codecs`` and ``main``)."""
-    d = CodecsBenchConfig()
-    parser.add_argument("--numel", type=int, default=d.numel, help="fp32 elements per tensor (default 16M)")
-    parser.add_argument("--repeat", type=int, default=d.repeat, help="timed runs per measurement; the median is reported")
-    parser.add_argument("--codecs", default=",".join(d.codecs), help="comma-separated codec specs")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_bench_options(parser, CodecsBenchConfig)
     describe_report(parser, FIELDS)
 
 
 def main(ns: argparse.Namespace) -> int:
     """Run from parsed options; print a table, or one JSON object with --json (progress on stderr)."""
-    config = CodecsBenchConfig(
-        numel=ns.numel, repeat=ns.repeat, codecs=tuple(c.strip() for c in ns.codecs.split(",") if c.strip())
-    )
+    config = read_options(CodecsBenchConfig, ns)
     check_arguments(config.numel, config.repeat, list(config.codecs))  # before anything is timed
     with progress_for("codecs", getattr(ns, "quiet", 0)) as progress:
         result = run(config, progress)

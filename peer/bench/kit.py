@@ -1,8 +1,10 @@
 """Helpers shared by the benchmarks: CPU time and RSS from /proc, percentiles, median timings, a memcpy baseline,
-spawned child processes that log to a file and are reported by name when they die, the printed report."""
+spawned child processes that log to a file and are reported by name when they die, the printed report, their
+command-line options."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import multiprocessing as mp
@@ -19,6 +21,7 @@ from typing import TextIO
 from collectives.errors import ConfigError
 from peer.harness.processes import ChildFailed, die_with_parent, log_tail
 from peer.jsonout import json_line
+from peer.options import add_options
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -207,3 +210,18 @@ def require(ok: bool, message: str) -> None:
     """Raise ConfigError(message) unless ok: an argument check, made before any process starts."""
     if not ok:
         raise ConfigError(message)
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``a, b,c`` as ("a", "b", "c"): the names of a comma-separated option (empty items dropped)."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+# Field metadata of a tuple of names written comma-separated on the command line (--codecs, --methods, ...).
+COMMA_LIST = {"parse": comma_list, "format": ",".join}
+
+
+def add_bench_options(parser: argparse.ArgumentParser, config: type, skip: tuple[str, ...] = ()) -> None:
+    """A benchmark's options: one per field of its config dataclass (but skip), and --json."""
+    add_options(parser, config, skip=skip)
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
