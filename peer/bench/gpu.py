@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,9 +36,10 @@ from optimizers.globalstate import GlobalState
 from optimizers.outer_optim import OuterConfig
 from peer.bench.diloco import BenchConfig, run_ours
 from peer.bench.fields import Fields, describe_report
-from peer.bench.kit import median_seconds, print_report, require
+from peer.bench.kit import add_bench_options, median_seconds, print_report, require
 from peer.bench.progress import Progress, progress_for
 from peer.device import check_device_spec, place_model, resolve_device
+from peer.options import read_options
 from peer.runtime.training import local_run
 from peer.tasks.base import TaskConfig
 from peer.tasks.registry import DEFAULT_TASK, make_task
@@ -213,11 +214,14 @@ def check_arguments(device: str, peers: int, steps: int, numel: int, repeat: int
 class GpuBenchConfig:
     """What ``bench gpu`` checks: its options' defaults are these fields'."""
 
-    device: str = "cuda"
-    peers: int = 2
-    steps: int = 200
-    numel: int = 16_000_000
-    repeat: int = 5
+    device: str = field(default="cuda", metadata={"help": "the GPU to check (cuda, cuda:N), or cpu for a dry run"})
+    peers: int = field(
+        default=2,
+        metadata={"help": "DiLoCo peer processes (they share the GPU, or take one GPU each where there are several)"},
+    )
+    steps: int = field(default=200, metadata={"help": "inner steps per DiLoCo peer"})
+    numel: int = field(default=16_000_000, metadata={"help": "fp32 elements of the encoded tensors"})
+    repeat: int = field(default=5, metadata={"help": "timed runs per figure; the median is reported"})
 
 
 def run(config: GpuBenchConfig | None = None, progress: Progress | None = None) -> dict:
@@ -252,20 +256,13 @@ def run(config: GpuBenchConfig | None = None, progress: Progress | None = None) 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line options of this benchmark."""
-    d = GpuBenchConfig()
-    parser.add_argument("--device", default=d.device, help="the GPU to check (cuda, cuda:N), or cpu for a dry run")
-    parser.add_argument("--peers", type=int, default=d.peers, help="DiLoCo peer processes (they share the GPU, or "
-                        "take one GPU each where there are several)")
-    parser.add_argument("--steps", type=int, default=d.steps, help="inner steps per DiLoCo peer")
-    parser.add_argument("--numel", type=int, default=d.numel, help="fp32 elements of the encoded tensors")
-    parser.add_argument("--repeat", type=int, default=d.repeat, help="timed runs per figure; the median is reported")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_bench_options(parser, GpuBenchConfig)
     describe_report(parser, FIELDS)
 
 
 def main(ns: argparse.Namespace) -> int:
     """Run from parsed options; print the report (one JSON object with --json)."""
-    config = GpuBenchConfig(device=ns.device, peers=ns.peers, steps=ns.steps, numel=ns.numel, repeat=ns.repeat)
+    config = read_options(GpuBenchConfig, ns)
     check_arguments(config.device, config.peers, config.steps, config.numel, config.repeat)  # before anything runs
     with progress_for("gpu", getattr(ns, "quiet", 0)) as progress:
         report = run(config, progress)

@@ -13,7 +13,7 @@ import argparse
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,8 +23,9 @@ from collectives.statesync import StateServer, StateSnapshot, fetch_state
 from collectives.transport import Transport
 from collectives.transportconfig import TransportConfig
 from peer.bench.fields import Fields, describe_report
-from peer.bench.kit import copy_baseline, print_report, require, serving_child
+from peer.bench.kit import add_bench_options, copy_baseline, print_report, require, serving_child
 from peer.bench.progress import Progress, progress_for
+from peer.options import read_options
 
 RUN = "bench-statesync"
 
@@ -67,10 +68,11 @@ def check_arguments(mb: float, repeat: int, bandwidth: str | None) -> float | No
 class StateSyncBenchConfig:
     """What ``bench statesync`` runs: its options' defaults are these fields'."""
 
-    mb: float = 100.0
-    repeat: int = 5
-    # Cap on both ends, e.g. "1gbit" (None: uncapped).
-    bandwidth: str | None = None
+    mb: float = field(default=100.0, metadata={"help": "state size in megabytes"})
+    repeat: int = field(default=5, metadata={"help": "timed fetches; the median is reported"})
+    bandwidth: str | None = field(
+        default=None, metadata={"help": "cap on both ends, e.g. 1gbit (default: uncapped)"}
+    )
 
 
 def run(config: StateSyncBenchConfig | None = None, progress: Progress | None = None) -> dict:
@@ -114,17 +116,13 @@ def run(config: StateSyncBenchConfig | None = None, progress: Progress | None = 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark, and what its report's fields mean (the help's epilog)."""
-    d = StateSyncBenchConfig()
-    parser.add_argument("--mb", type=float, default=d.mb, help="state size in megabytes")
-    parser.add_argument("--repeat", type=int, default=d.repeat, help="timed fetches; the median is reported")
-    parser.add_argument("--bandwidth", default=d.bandwidth, help="cap on both ends, e.g. 1gbit (default: uncapped)")
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_bench_options(parser, StateSyncBenchConfig)
     describe_report(parser, FIELDS)
 
 
 def main(ns: argparse.Namespace) -> int:
     """Check the arguments, run, and print the report (progress on stderr)."""
-    config = StateSyncBenchConfig(mb=ns.mb, repeat=ns.repeat, bandwidth=ns.bandwidth)
+    config = read_options(StateSyncBenchConfig, ns)
     check_arguments(config.mb, config.repeat, config.bandwidth)
     with progress_for("statesync", getattr(ns, "quiet", 0)) as progress:
         report = run(config, progress)

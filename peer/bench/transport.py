@@ -21,15 +21,16 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from collectives.allocator import tune_malloc
 from collectives.rpc import method_handlers, raw_stream_unary
 from collectives.transport import Transport
 from collectives.transportconfig import TransportConfig
 from peer.bench.fields import Fields, describe_report
-from peer.bench.kit import copy_baseline, print_report, proc_cpu_s, require, serving_child
+from peer.bench.kit import add_bench_options, copy_baseline, print_report, proc_cpu_s, require, serving_child
 from peer.bench.progress import Progress, progress_for
+from peer.options import read_options
 
 FIELDS: Fields = {
     "bytes": "bytes streamed per repeat (--mb rounded down to whole chunks)",
@@ -84,11 +85,11 @@ def check_arguments(mb: float, chunk_bytes: int, repeat: int) -> None:
 class TransportBenchConfig:
     """What ``bench transport`` runs: its options' defaults are these fields'."""
 
-    mb: float = 400.0
-    chunk_bytes: int = TransportConfig.chunk_bytes
-    repeat: int = 5
-    # Cores the all-reduce floor is worked out for (None: this machine's).
-    cores: int | None = None
+    mb: float = field(default=400.0, metadata={"help": "megabytes per stream"})
+    chunk_bytes: int = field(default=TransportConfig.chunk_bytes, metadata={"help": "bytes per message"})
+    repeat: int = field(default=5, metadata={"help": "timed streams; the median is reported"})
+    # Cores the all-reduce floor is worked out for (None: this machine's); not an option: tests set it.
+    cores: int | None = field(default=None, metadata={"cli": False})
 
 
 def run(config: TransportBenchConfig | None = None, progress: Progress | None = None) -> dict:
@@ -151,17 +152,13 @@ def run(config: TransportBenchConfig | None = None, progress: Progress | None = 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark, and what its report's fields mean (the help's epilog)."""
-    d = TransportBenchConfig()
-    parser.add_argument("--mb", type=float, default=d.mb, help="megabytes per stream")
-    parser.add_argument("--chunk-bytes", type=int, default=d.chunk_bytes, help="bytes per message")
-    parser.add_argument("--repeat", type=int, default=d.repeat, help="timed streams; the median is reported")
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_bench_options(parser, TransportBenchConfig)
     describe_report(parser, FIELDS)
 
 
 def main(ns: argparse.Namespace) -> int:
     """Check the arguments, run, and print the report (progress on stderr)."""
-    config = TransportBenchConfig(mb=ns.mb, chunk_bytes=ns.chunk_bytes, repeat=ns.repeat)
+    config = read_options(TransportBenchConfig, ns)
     check_arguments(config.mb, config.chunk_bytes, config.repeat)
     with progress_for("transport", getattr(ns, "quiet", 0)) as progress:
         report = run(config, progress)
