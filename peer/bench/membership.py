@@ -71,16 +71,17 @@ import pathlib
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from peer.bench.fields import SUMMARY, Fields, describe_report
-from peer.bench.kit import bench_log_dir, print_report, proc_rss_mb, require, summary
+from peer.bench.kit import add_bench_options, bench_log_dir, print_report, proc_rss_mb, require, summary
 from peer.bench.progress import Progress, progress_for
 from peer.bench.roundstats import coordinator_checks, cpu_floor, formed_at, group_messages, round_stats
 from peer.bench.simpeers import RoundRecord, merge_counts
 from peer.bench.simsession import RUN, SimSession, bench_rate_limits
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.dashboard import json_safe
+from peer.options import read_options
 
 _CPU_US = "coordinator CPU microseconds per heartbeat in the window"
 FIELDS: Fields = {
@@ -361,22 +362,48 @@ def _heartbeat_window(final: list[dict], idle: _Clock, idle_end: _Clock, start: 
 class MembershipBenchConfig:
     """What ``bench membership`` runs: its options' defaults are these fields'."""
 
-    peers: int = 1000
-    rounds: int = 5
+    peers: int = field(default=1000, metadata={"help": "simulated peers"})
+    rounds: int = field(default=5, metadata={"help": "rounds (quorum + commit) all peers take part in"})
     # None: default_client_procs(peers).
-    client_procs: int | None = None
-    heartbeat_s: float = CoordinatorConfig.heartbeat_s
-    window_s: float = 10.0
-    lease_s: float = CoordinatorConfig.lease_s
-    channels: int = 4
-    baseline_peers: int = 10
-    quorum_timeout_s: float = CoordinatorConfig.quorum_timeout_s
-    spread_s: float = 0.0
-    allreduce_s: float = 0.0
-    unary: bool = False
-    churn: int = 0
-    # The coordinators' and clients' logs (None: a temporary folder, removed after a success).
-    log_dir: str | os.PathLike | None = None
+    client_procs: int | None = field(
+        default=None, metadata={"help": "processes the simulated peers run in (default 2, or 1 for one peer)"}
+    )
+    heartbeat_s: float = field(
+        default=CoordinatorConfig.heartbeat_s, metadata={"help": "heartbeat interval (s), told to the coordinator"}
+    )
+    window_s: float = field(default=10.0, metadata={"help": "heartbeat-only window for the CPU measurement (s)"})
+    lease_s: float = field(default=CoordinatorConfig.lease_s, metadata={"help": "the coordinator's lease (s)"})
+    channels: int = field(default=4, metadata={"help": "gRPC channels (TCP connections) per client process"})
+    baseline_peers: int = field(default=10, metadata={"help": "peers of the baseline measurement"})
+    quorum_timeout_s: float = field(
+        default=CoordinatorConfig.quorum_timeout_s,
+        metadata={"help": "the coordinator's quorum / commit timeouts; how long a simulated peer retries a call (s)"},
+    )
+    spread_s: float = field(
+        default=0.0,
+        metadata={"help": "each peer asks for each quorum after a random delay in [0, SPREAD) s (0: all at once)"},
+    )
+    allreduce_s: float = field(
+        default=0.0,
+        metadata={"help": "each member waits this long between its quorum answer and its commit, as the round's "
+                  "data exchange would take (s; 0: it commits at once)"},
+    )
+    unary: bool = field(
+        default=False,
+        metadata={"help": "simulated peers send each Heartbeat, Quorum and Commit as a gRPC call of its own, as "
+                  "before Session streams (default: on one Session stream per peer, as the real client)"},
+    )
+    churn: int = field(
+        default=0,
+        metadata={"help": "before each round after the first, this many peers leave and join again under a new "
+                  "peer id, so every round's member list changes (0: none)"},
+    )
+    # parse: a path from the command line is a str (the API takes any os.PathLike too).
+    log_dir: str | os.PathLike | None = field(
+        default=None,
+        metadata={"help": "keep the coordinators' and clients' logs here (none: a temporary folder, removed after "
+                  "a success)", "parse": str, "metavar": "LOG_DIR"},
+    )
 
     @property
     def procs(self) -> int:
@@ -513,33 +540,7 @@ def check_arguments(config: MembershipBenchConfig) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark, and what its report's fields mean (the help's epilog)."""
-    d = MembershipBenchConfig()
-    parser.add_argument("--peers", type=int, default=d.peers, help="simulated peers")
-    parser.add_argument("--rounds", type=int, default=d.rounds, help="rounds (quorum + commit) all peers take part in")
-    parser.add_argument("--client-procs", type=int, default=d.client_procs,
-                        help="processes the simulated peers run in (default 2, or 1 for one peer)")
-    parser.add_argument("--channels", type=int, default=d.channels, help="gRPC channels (TCP connections) per client process")
-    parser.add_argument("--heartbeat", type=float, default=d.heartbeat_s, help="heartbeat interval (s), told to the coordinator")
-    parser.add_argument("--lease", type=float, default=d.lease_s, help="the coordinator's lease (s)")
-    parser.add_argument("--window", type=float, default=d.window_s, help="heartbeat-only window for the CPU measurement (s)")
-    parser.add_argument("--baseline-peers", type=int, default=d.baseline_peers, help="peers of the baseline measurement")
-    parser.add_argument("--quorum-timeout", type=float, default=d.quorum_timeout_s,
-                        help="the coordinator's quorum / commit timeouts; how long a simulated peer retries a call (s)")
-    parser.add_argument("--spread", type=float, default=d.spread_s,
-                        help="each peer asks for each quorum after a random delay in [0, SPREAD) s (0: all at once)")
-    parser.add_argument("--allreduce", type=float, default=d.allreduce_s,
-                        help="each member waits this long between its quorum answer and its commit, as the round's "
-                             "data exchange would take (s; 0: it commits at once)")
-    parser.add_argument("--churn", type=int, default=d.churn,
-                        help="before each round after the first, this many peers leave and join again under a new "
-                             "peer id, so every round's member list changes (0: none)")
-    parser.add_argument("--unary", action="store_true",
-                        help="simulated peers send each Heartbeat, Quorum and Commit as a gRPC call of its own, as "
-                        "before Session streams (default: on one Session stream per peer, as the real client)")
-    parser.add_argument("--log-dir", default=d.log_dir,
-                        help="keep the coordinators' and clients' logs here (none: a temporary folder, "
-                             "removed after a success)")
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_bench_options(parser, MembershipBenchConfig)
     describe_report(parser, FIELDS)
 
 
@@ -557,12 +558,7 @@ def _fmt(value) -> str:
 
 def bench_config(ns: argparse.Namespace) -> MembershipBenchConfig:
     """The MembershipBenchConfig the options describe."""
-    return MembershipBenchConfig(
-        peers=ns.peers, rounds=ns.rounds, client_procs=ns.client_procs, heartbeat_s=ns.heartbeat,
-        window_s=ns.window, lease_s=ns.lease, channels=ns.channels, baseline_peers=ns.baseline_peers,
-        quorum_timeout_s=ns.quorum_timeout, spread_s=ns.spread, allreduce_s=ns.allreduce, unary=ns.unary,
-        churn=ns.churn, log_dir=ns.log_dir,
-    )
+    return read_options(MembershipBenchConfig, ns)
 
 
 def main(ns: argparse.Namespace) -> int:
