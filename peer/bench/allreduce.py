@@ -25,7 +25,7 @@ import contextlib
 import statistics
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from collectives.allreduce import mean_error_bound
@@ -37,12 +37,13 @@ from collectives.transportconfig import TransportConfig, codec_threads_for
 from peer.bench import hivemind_baseline
 from peer.bench.capped import CappedNetwork, capped_network, link_traffic, on_hosts, peer_names
 from peer.bench.fields import Fields, describe_report
-from peer.bench.kit import cpu_per_round, per_round_max, print_report, require
+from peer.bench.kit import add_bench_options, cpu_per_round, per_round_max, print_report, require
 from peer.bench.progress import Progress, progress_for
 from peer.harness.netns import check_available
 from peer.harness.processes import ChildFailed
 from peer.harness.procgroup import AllReduceJob, Placement, ProcessGroup, WorkerConfig, WorkerError, worker_tensor
 from peer.harness.security import prepare_security
+from peer.options import read_options
 
 FIELDS: Fields = {
     "peers": "worker processes (on 127.0.0.1, or each in its namespace with --netns), each one member of every round",
@@ -123,24 +124,58 @@ FIELDS: Fields = {
 class AllReduceBenchConfig:
     """What ``bench allreduce`` runs: its options' defaults are these fields'."""
 
-    peers: int = 4
-    numel: int = 25_000_000
-    codec: str = "int8"
-    # Per-peer cap on send and receive, e.g. "1gbit" (None: uncapped).
-    bandwidth: str | None = None
-    repeat: int = 5
-    chunk_bytes: int = TransportConfig.chunk_bytes
-    gloo: bool = True
-    timeout_s: float = 300.0
+    peers: int = field(default=4, metadata={"help": "worker processes, each a member of every round"})
+    numel: int = field(default=25_000_000, metadata={"help": "fp32 elements each peer contributes"})
+    codec: str = field(
+        default="int8",
+        metadata={"help": f"NAME[/N][+zstd]: NAME one of {', '.join(codec_names())} (e.g. int8, int4/128+zstd, topk/64)"},
+    )
+    bandwidth: str | None = field(
+        default=None, metadata={"help": "per-peer cap on send and receive, e.g. 1gbit (default: uncapped)"}
+    )
+    repeat: int = field(default=5, metadata={"help": "timed rounds; the median is reported"})
+    chunk_bytes: int = field(default=TransportConfig.chunk_bytes, metadata={"help": "bytes per gRPC message"})
+    gloo: bool = field(default=True, metadata={"help": "measure the gloo baseline too (--no-gloo: skip it)"})
+    timeout_s: float = field(default=300.0, metadata={"help": "deadline of each round, seconds"})
     # None: codec_threads_for(peers, link_limited=bandwidth is not None).
-    codec_threads: int | None = None
-    netns: bool = False
-    hierarchical: bool = False
-    congestion_control: str | None = None
+    codec_threads: int | None = field(
+        default=None,
+        metadata={"help": "codec threads per peer; 0 encodes on the event loop (default: when peers >= cores, 1 with "
+                  "--bandwidth and 0 without, else 2)"},
+    )
+    netns: bool = field(
+        default=False,
+        metadata={"help": "root: each peer in its own network namespace, links capped with tbf; gloo runs over the "
+                  "same links"},
+    )
+    hierarchical: bool = field(
+        default=False,
+        metadata={"help": "every peer on one host id: they reduce through shared memory (the codec applies between "
+                  "hosts only)"},
+    )
+    congestion_control: str | None = field(
+        default=None,
+        metadata={"help": "with --netns: the namespaces' TCP congestion control, e.g. bbr (default: cubic, else reno)",
+                  "metavar": "NAME"},
+    )
     # An interpreter with hivemind, to measure its all-reduce too (None: no hivemind baseline).
-    hivemind_python: str | None = None
-    hivemind_codec: str | None = None
-    tls: bool = False
+    hivemind_python: str | None = field(
+        default=None,
+        metadata={"help": "also measure hivemind's all-reduce, run by PYTHON (an interpreter with hivemind; "
+                  "default: this one)", "flag": "hivemind", "const": sys.executable, "metavar": "PYTHON"},
+    )
+    # parse: "none" is a compression here (NoCompression), not None.
+    hivemind_codec: str | None = field(
+        default=None,
+        metadata={"help": "hivemind's compression (default: the counterpart of --codec, else none)",
+                  "choices": hivemind_baseline.HIVEMIND_CODECS, "parse": str, "metavar": "{" + ",".join(
+                      hivemind_baseline.HIVEMIND_CODECS) + "}"},
+    )
+    tls: bool = field(
+        default=False,
+        metadata={"help": "our workers talk mutual TLS, as a run open to the internet does (gloo stays plaintext; "
+                  "hivemind's links are always encrypted)"},
+    )
 
 
 def check_arguments(config: AllReduceBenchConfig) -> float | None:
@@ -349,58 +384,13 @@ def _expect_ok(replies: list) -> list[dict]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line options of this benchmark, and what its report's fields mean (the help's epilog)."""
-    d = AllReduceBenchConfig()
-    parser.add_argument("--peers", type=int, default=d.peers, help="worker processes, each a member of every round")
-    parser.add_argument("--numel", type=int, default=d.numel, help="fp32 elements each peer contributes")
-    parser.add_argument("--codec", default=d.codec,
-                        help=f"NAME[/N][+zstd]: NAME one of {', '.join(codec_names())} (e.g. int8, int4/128+zstd, topk/64)")
-    parser.add_argument("--bandwidth", default=d.bandwidth, help="per-peer cap on send and receive, e.g. 1gbit (default: uncapped)")
-    parser.add_argument(
-        "--netns", action="store_true",
-        help="root: each peer in its own network namespace, links capped with tbf; gloo runs over the same links",
-    )
-    parser.add_argument(
-        "--congestion-control", default=d.congestion_control, metavar="NAME",
-        help="with --netns: the namespaces' TCP congestion control, e.g. bbr (default: cubic, else reno)",
-    )
-    parser.add_argument("--repeat", type=int, default=d.repeat, help="timed rounds; the median is reported")
-    parser.add_argument("--chunk-bytes", type=int, default=d.chunk_bytes, help="bytes per gRPC message")
-    parser.add_argument(
-        "--codec-threads", type=int, default=d.codec_threads,
-        help="codec threads per peer; 0 encodes on the event loop (default: when peers >= cores, 1 with "
-             "--bandwidth and 0 without, else 2)",
-    )
-    parser.add_argument("--no-gloo", action="store_true", help="skip the gloo baseline")
-    parser.add_argument(
-        "--tls", action="store_true",
-        help="our workers talk mutual TLS, as a run open to the internet does (gloo stays plaintext; hivemind's "
-             "links are always encrypted)",
-    )
-    parser.add_argument(
-        "--hivemind", nargs="?", const=sys.executable, default=d.hivemind_python, metavar="PYTHON",
-        help="also measure hivemind's all-reduce, run by PYTHON (an interpreter with hivemind; default: this one)",
-    )
-    parser.add_argument(
-        "--hivemind-codec", default=d.hivemind_codec, choices=hivemind_baseline.HIVEMIND_CODECS,
-        help="hivemind's compression (default: the counterpart of --codec, else none)",
-    )
-    parser.add_argument(
-        "--hierarchical", action="store_true",
-        help="every peer on one host id: they reduce through shared memory (the codec applies between hosts only)",
-    )
-    parser.add_argument("--timeout", type=float, default=d.timeout_s, help="deadline of each round, seconds")
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_bench_options(parser, AllReduceBenchConfig)
     describe_report(parser, FIELDS)
 
 
 def bench_config(ns: argparse.Namespace) -> AllReduceBenchConfig:
     """The AllReduceBenchConfig the options describe."""
-    return AllReduceBenchConfig(
-        peers=ns.peers, numel=ns.numel, codec=ns.codec, bandwidth=ns.bandwidth, repeat=ns.repeat,
-        chunk_bytes=ns.chunk_bytes, gloo=not ns.no_gloo, timeout_s=ns.timeout, codec_threads=ns.codec_threads,
-        netns=ns.netns, hierarchical=ns.hierarchical, congestion_control=ns.congestion_control,
-        hivemind_python=ns.hivemind, hivemind_codec=ns.hivemind_codec, tls=ns.tls,
-    )
+    return read_options(AllReduceBenchConfig, ns)
 
 
 def main(ns: argparse.Namespace) -> int:
