@@ -34,6 +34,7 @@ that step, computed on the side at every checked step).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import logging
 import math
@@ -57,12 +58,13 @@ from optimizers.outer_optim import OuterConfig
 from optimizers.seqcoded import SequentialCodedSGD
 from peer.bench.federated import _LoopClosedNoise
 from peer.bench.fields import Fields, describe_report
-from peer.bench.kit import require
+from peer.bench.kit import COMMA_LIST, add_bench_options, require
 from peer.jsonout import json_line
 from peer.bench.progress import Progress, progress_for
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
 from peer.device import place_model, resolve_device
+from peer.options import read_options
 from peer.runtime.training import TaskPartitions, TrainConfig, make_optimizer
 from peer.stragglers import BurstyStragglers, StragglerPattern
 from peer.tasks.base import Task, TaskConfig
@@ -128,34 +130,68 @@ FIELDS: Fields = {
 }
 
 
+def _model_arg(text: str) -> tuple[int, int, int]:
+    """``B,W,LAMBDA`` (--sgc-model) as three whole numbers; ConfigError saying how to write them."""
+    try:
+        b, w, lam = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--sgc-model {text!r}: write B,W,LAMBDA, three whole numbers, e.g. 2,3,1") from None
+    return b, w, lam
+
+
 @dataclass(frozen=True)
 class CodingBenchConfig:
-    """What ``bench coding`` runs."""
+    """What ``bench coding`` runs: its options' defaults are these fields'."""
 
-    peers: int = 6
-    stragglers: int = 1
-    pattern: str = "random,x=4"
-    steps: int = 100
-    methods: tuple[str, ...] = METHODS
-    task: str = DEFAULT_TASK
-    # Modeled seconds of one partition batch's compute at normal speed.
-    unit_s: float = 0.2
+    peers: int = field(default=6, metadata={"help": "workers per run (partitions of the data)"})
+    stragglers: int = field(default=1, metadata={"help": "stragglers s to tolerate"})
+    pattern: str = field(
+        default="random,x=4",
+        metadata={"help": "straggler pattern: random,x=X; persistent,worker=I,x=X; bursty,B=..,W=..,lambda=..,x=X"},
+    )
+    steps: int = field(default=100, metadata={"help": "steps (rounds) per method"})
+    methods: tuple[str, ...] = field(
+        default=METHODS,
+        metadata={"help": "comma-separated: wait, ignore, coded, coded-int8, backup, fixed-kK", **COMMA_LIST},
+    )
+    task: str = field(default=DEFAULT_TASK, metadata={"help": "the task every run trains"})
+    # Modeled seconds of one partition batch's compute at normal speed; milliseconds on the command line.
+    unit_s: float = field(
+        default=0.2,
+        metadata={"help": "modeled milliseconds of one partition batch's compute at normal speed", "flag": "unit-ms",
+                  "parse": lambda text: float(text) / 1e3, "format": lambda s: f"{s * 1e3:g}", "metavar": "UNIT_MS"},
+    )
     # The optimizer every worker applies the round's gradient with: Adam trains the transformer smoothly,
     # where SGD's loss curve swings by more than the methods differ (measured: BENCHMARKS.md).
-    optimizer: str = "adam"
-    lr: float = 3e-3
-    eval_every: int = 5
-    check_every: int = 5
-    seed: int = 0
+    optimizer: str = field(
+        default="adam",
+        metadata={"help": "the optimizer applying each step's gradient (an outer optimizer: sgd, adam, ...)"},
+    )
+    lr: float = field(default=3e-3, metadata={"help": "its learning rate"})
+    eval_every: int = field(default=5, metadata={"help": "evaluate every this many steps"})
+    # The command line sets it to eval_every (bench_config).
+    check_every: int = field(default=5, metadata={"cli": False})
+    seed: int = field(default=0, metadata={"help": "seed of the model and the data"})
     # Every method but wait-for-all trains this many times --steps: one that applies a noisier (biased) or
     # later gradient gets more steps to reach wait-for-all's final loss, or time_to_target_s would say null.
-    overrun: float = 1.5
+    overrun: float = field(
+        default=1.5, metadata={"help": "every method but wait trains this many times --steps, to reach wait's final loss"}
+    )
     # Dynamic backup workers' c = lr x L (optimizers/backup.py).
-    backup_c: float = 1.0
+    backup_c: float = field(
+        default=1.0, metadata={"help": "dynamic backup workers' c = lr x L in (0, 2): smaller favours a smaller k"}
+    )
     # (B, W, lambda) of the sequential codes; None: from the pattern (see sgc_model).
-    sgc: tuple[int, int, int] | None = None
-    task_config: TaskConfig = field(default_factory=lambda: TaskConfig(d_model=32, n_layers=1, batch_size=8,
-                                                                         seq_len=32))
+    sgc: tuple[int, int, int] | None = field(
+        default=None,
+        metadata={"help": "the (B, W, lambda) the sequential codes are built for (default: from the pattern)",
+                  "flag": "sgc-model", "parse": _model_arg, "format": lambda m: ",".join(map(str, m)),
+                  "metavar": "B,W,LAMBDA"},
+    )
+    # The command line sets its seed to seed (bench_config).
+    task_config: TaskConfig = field(
+        default_factory=lambda: TaskConfig(d_model=32, n_layers=1, batch_size=8, seq_len=32), metadata={"cli": False}
+    )
 
     def __post_init__(self) -> None:
         require(self.peers >= 2, f"--peers must be at least 2, got {self.peers}")
@@ -558,51 +594,20 @@ def table(report: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark; the fields' meaning."""
-    d = CodingBenchConfig()
-    parser.add_argument("--peers", type=int, default=d.peers, help="workers per run (partitions of the data)")
-    parser.add_argument("--stragglers", type=int, default=d.stragglers, help="stragglers s to tolerate")
-    parser.add_argument("--pattern", default=d.pattern,
-                        help="straggler pattern: random,x=X; persistent,worker=I,x=X; bursty,B=..,W=..,lambda=..,x=X")
-    parser.add_argument("--steps", type=int, default=d.steps, help="steps (rounds) per method")
-    parser.add_argument("--methods", default=",".join(d.methods),
-                        help="comma-separated: wait, ignore, coded, coded-int8, backup, fixed-kK")
-    parser.add_argument("--task", default=d.task, help="the task every run trains")
-    parser.add_argument("--unit-ms", type=float, default=d.unit_s * 1e3,
-                        help="modeled milliseconds of one partition batch's compute at normal speed")
-    parser.add_argument("--optimizer", default=d.optimizer, help="the optimizer applying each step's gradient "
-                        "(an outer optimizer: sgd, adam, ...)")
-    parser.add_argument("--lr", type=float, default=d.lr, help="its learning rate")
-    parser.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every this many steps")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the model and the data")
-    parser.add_argument("--backup-c", type=float, default=d.backup_c,
-                        help="dynamic backup workers' c = lr x L in (0, 2): smaller favours a smaller k")
-    parser.add_argument("--overrun", type=float, default=d.overrun,
-                        help="every method but wait trains this many times --steps, to reach wait's final loss")
-    parser.add_argument("--sgc-model", default=None, metavar="B,W,LAMBDA",
-                        help="the (B, W, lambda) the sequential codes are built for (default: from the pattern)")
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_bench_options(parser, CodingBenchConfig)
     describe_report(parser, FIELDS)
 
 
-def _model_arg(text: str | None) -> tuple[int, int, int] | None:
-    if text is None:
-        return None
-    try:
-        b, w, lam = (int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--sgc-model {text!r}: write B,W,LAMBDA, three whole numbers, e.g. 2,3,1") from None
-    return b, w, lam
+def bench_config(ns: argparse.Namespace) -> CodingBenchConfig:
+    """The CodingBenchConfig the options describe: the run checks as often as it evaluates, its task seeded --seed."""
+    config = read_options(CodingBenchConfig, ns)
+    return dataclasses.replace(config, check_every=config.eval_every,
+                               task_config=dataclasses.replace(config.task_config, seed=config.seed))
 
 
 def main(ns: argparse.Namespace) -> int:
     """Check the arguments, run every method, print the report."""
-    d = CodingBenchConfig()
-    config = CodingBenchConfig(
-        peers=ns.peers, stragglers=ns.stragglers, pattern=ns.pattern, steps=ns.steps,
-        methods=tuple(m.strip() for m in ns.methods.split(",") if m.strip()), task=ns.task,
-        unit_s=ns.unit_ms / 1e3, optimizer=ns.optimizer, lr=ns.lr, overrun=ns.overrun, backup_c=ns.backup_c, eval_every=ns.eval_every, check_every=ns.eval_every, seed=ns.seed,
-        task_config=TaskConfig(**{**d.task_config.__dict__, "seed": ns.seed}), sgc=_model_arg(ns.sgc_model),
-    )
+    config = bench_config(ns)
     make_task(config.task, config.task_config)  # a bad task fails before any run
     with progress_for("coding", getattr(ns, "quiet", 0)) as progress:
         report = run(config, progress)
