@@ -43,12 +43,13 @@ from optimizers.privacy import DPConfig
 from optimizers.registry import get_algorithm
 from peer.attacks import Attack, parse_attack
 from peer.bench.fields import Fields, describe_report
-from peer.bench.kit import require
+from peer.bench.kit import COMMA_LIST, add_bench_options, require
 from peer.jsonout import json_line
 from peer.bench.progress import Progress, progress_for
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
 from peer.device import place_model, resolve_device
+from peer.options import read_options
 from peer.runtime.training import TrainConfig, TrainLoop, make_optimizer
 from peer.tasks.base import Task, TaskConfig
 from peer.tasks.registry import make_task
@@ -99,37 +100,57 @@ FIELDS: Fields = {
 }
 
 
+def sample_quorum(arg: str) -> str:
+    """--sample ARG as the coordinator's quorum policy: sample:ARG, or all for ``all`` (its default, which argparse
+    passes through here too, as it does every default written as a string)."""
+    return arg if arg == "all" else f"{SAMPLE_POLICY}:{arg}"
+
+
 @dataclass(frozen=True)
 class FederatedBenchConfig:
-    """What ``bench federated`` runs."""
+    """What ``bench federated`` runs: its options' defaults are these fields'."""
 
-    peers: int = 8
-    task: str = "digits"
-    rounds: int = 30
-    dirichlet: float | None = 100.0
-    byzantine: int = 0
-    attack: str = "signflip"
-    strategies: tuple[str, ...] = STRATEGIES
-    local_steps: int = 10
+    peers: int = field(default=8, metadata={"help": "peers per run"})
+    task: str = field(default="digits", metadata={"help": "a classification task (digits)"})
+    rounds: int = field(default=30, metadata={"help": "rounds per run"})
+    dirichlet: float | None = field(
+        default=100.0, metadata={"help": "Dirichlet alpha of the label split across peers (small: non-IID)"}
+    )
+    byzantine: int = field(default=0, metadata={"help": "attacking peers in the attacked runs"})
+    attack: str = field(default="signflip", metadata={"help": "signflip, scale=K, noise=S, zero or labelflip"})
+    strategies: tuple[str, ...] = field(
+        default=STRATEGIES, metadata={"help": "comma-separated strategies", **COMMA_LIST}
+    )
+    local_steps: int = field(default=10, metadata={"help": "local SGD steps per round (S)"})
     # Federated learning's usual client: plain SGD.
-    inner: str = "sgd"
+    inner: str = field(default="sgd", metadata={"cli": False})
     # Measured: in 30 rounds FedAvg reaches 90.0% on digits at 0.05, 93.6% at 0.1, 97.5% at 0.3 (BENCHMARKS.md).
-    inner_lr: float = 0.3
-    batch_size: int = 32
-    seed: int = 0
-    quorum: str = "all"
-    dp_clip: float | None = None
-    dp_noise: float = 1.0
-    dp_delta: float = 1e-5
+    inner_lr: float = field(default=0.3, metadata={"help": "client learning rate"})
+    batch_size: int = field(default=32, metadata={"help": "examples per local step"})
+    seed: int = field(default=0, metadata={"help": "seed of the model, the data split and the sample"})
+    # --sample X is the coordinator's policy sample:X; without it every peer takes part in every round.
+    quorum: str = field(
+        default="all",
+        metadata={"help": "client sampling: the coordinator's sample policy argument (0.5: half the peers, 3: three; "
+                  "default: all, every peer)", "flag": "sample", "parse": sample_quorum,
+                  "format": lambda quorum: quorum.partition(":")[2] or quorum},
+    )
+    dp_clip: float | None = field(
+        default=None, metadata={"help": "differential privacy: clip updates to this norm"}
+    )
+    dp_noise: float = field(default=1.0, metadata={"help": "differential privacy: noise multiplier"})
+    dp_delta: float = field(default=1e-5, metadata={"help": "differential privacy: delta"})
     # Robust aggregators' scale parameters (in units of an update's L2 norm), measured on digits with 2 of 8
     # peers flipping signs (BENCHMARKS.md): centered_clip keeps 96.7% at tau 0.3 or 0.1, 93.3% at 1;
     # norm_clip keeps 92.5% at C 1, 88.3% at 0.3 (small C clips the honest updates too).
-    clip: float = 1.0
-    tau: float = 0.3
-    codec: str | None = None
-    # Algorithm fields set for every strategy whose config has them, e.g. (("proximal_mu", 0.1),).
-    overrides: tuple[tuple[str, float], ...] = ()
-    task_config: TaskConfig = field(default_factory=TaskConfig)
+    clip: float = field(default=1.0, metadata={"help": "norm_clip's bound C on each update's norm"})
+    tau: float = field(default=0.3, metadata={"help": "centered_clip's radius tau"})
+    codec: str | None = field(default=None, metadata={"help": "codec of the rounds (default: the algorithm's)"})
+    # Algorithm fields set for every strategy whose config has them, e.g. (("proximal_mu", 0.1),): on the
+    # command line --set FIELD=VALUE, repeatable, which options.py has no form for (add_arguments adds it).
+    overrides: tuple[tuple[str, float], ...] = field(default=(), metadata={"cli": False})
+    # Made of --seed, --batch-size and --dirichlet (bench_config).
+    task_config: TaskConfig = field(default_factory=TaskConfig, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         require(self.peers >= 2, f"--peers must be at least 2, got {self.peers}")
@@ -455,45 +476,18 @@ def table(report: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark; the fields' meaning."""
-    d = FederatedBenchConfig()
-    parser.add_argument("--peers", type=int, default=d.peers, help="peers per run")
-    parser.add_argument("--task", default=d.task, help="a classification task (digits)")
-    parser.add_argument("--rounds", type=int, default=d.rounds, help="rounds per run")
-    parser.add_argument("--dirichlet", type=float, default=d.dirichlet,
-                        help="Dirichlet alpha of the label split across peers (small: non-IID)")
-    parser.add_argument("--byzantine", type=int, default=d.byzantine, help="attacking peers in the attacked runs")
-    parser.add_argument("--attack", default=d.attack, help="signflip, scale=K, noise=S, zero or labelflip")
-    parser.add_argument("--strategies", default=",".join(d.strategies), help="comma-separated strategies")
-    parser.add_argument("--local-steps", type=int, default=d.local_steps, help="local SGD steps per round (S)")
-    parser.add_argument("--inner-lr", type=float, default=d.inner_lr, help="client learning rate")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per local step")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the model, the data split and the sample")
-    parser.add_argument("--sample", default=None,
-                        help="client sampling: the coordinator's sample policy argument (0.5: half the peers, 3: three)")
-    parser.add_argument("--dp-clip", type=float, default=None, help="differential privacy: clip updates to this norm")
-    parser.add_argument("--dp-noise", type=float, default=d.dp_noise, help="differential privacy: noise multiplier")
-    parser.add_argument("--dp-delta", type=float, default=d.dp_delta, help="differential privacy: delta")
-    parser.add_argument("--clip", type=float, default=d.clip, help="norm_clip's bound C on each update's norm")
-    parser.add_argument("--tau", type=float, default=d.tau, help="centered_clip's radius tau")
-    parser.add_argument("--codec", default=None, help="codec of the rounds (default: the algorithm's)")
+    add_bench_options(parser, FederatedBenchConfig)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="an algorithm option for every strategy that has it, e.g. proximal_mu=0.1 or eta=0.01 "
                         "(repeatable)")
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     describe_report(parser, FIELDS)
 
 
 def bench_config(ns: argparse.Namespace) -> FederatedBenchConfig:
     """The FederatedBenchConfig the options describe (ConfigError for a bad one)."""
-    strategies = tuple(s.strip() for s in ns.strategies.split(",") if s.strip())
-    task_config = TaskConfig(seed=ns.seed, batch_size=ns.batch_size, dirichlet=ns.dirichlet)
-    return FederatedBenchConfig(
-        peers=ns.peers, task=ns.task, rounds=ns.rounds, dirichlet=ns.dirichlet, byzantine=ns.byzantine,
-        attack=ns.attack, strategies=strategies, local_steps=ns.local_steps, inner_lr=ns.inner_lr,
-        batch_size=ns.batch_size, seed=ns.seed, quorum="all" if ns.sample is None else f"sample:{ns.sample}",
-        dp_clip=ns.dp_clip, dp_noise=ns.dp_noise, dp_delta=ns.dp_delta, clip=ns.clip, tau=ns.tau, codec=ns.codec,
-        overrides=tuple(_override(text) for text in ns.set), task_config=task_config,
-    )
+    config = read_options(FederatedBenchConfig, ns)
+    task_config = TaskConfig(seed=config.seed, batch_size=config.batch_size, dirichlet=config.dirichlet)
+    return dataclasses.replace(config, overrides=tuple(_override(text) for text in ns.set), task_config=task_config)
 
 
 def _override(text: str) -> tuple[str, float]:
