@@ -49,10 +49,11 @@ from dataclasses import dataclass, field
 from collectives.errors import ConfigError
 from optimizers.registry import algorithm_names
 from peer.bench.fields import Fields, describe_report
-from peer.bench.kit import bench_log_dir, print_report, require
+from peer.bench.kit import COMMA_LIST, add_bench_options, bench_log_dir, print_report, require
 from peer.bench.progress import Progress, progress_for
 from peer.coordinator.config import CoordinatorConfig
 from peer.harness.scenario import make_event
+from peer.options import read_options
 from peer.runtime.training import LOCAL_SYNC_EVERY, TrainConfig
 from peer.tasks.base import TaskConfig
 from peer.tasks.registry import DEFAULT_TASK, TASK_HELP, check_task, make_task
@@ -140,20 +141,31 @@ def parse_slow(text: str) -> SlowPeer:
 class HeteroConfig:
     """What ``bench hetero`` runs: the network, its slow peers, the budget, the methods."""
 
-    peers: int = 4
-    task: str = DEFAULT_TASK
-    task_config: TaskConfig = field(default_factory=TaskConfig)
-    # None: the last peer, 3 times slower; () for none.
-    slow: tuple[SlowPeer, ...] | None = None
-    duration_s: float = 60.0
-    sync_every: int = LOCAL_SYNC_EVERY
+    peers: int = field(default=4, metadata={"help": "peers per run"})
+    task: str = field(default=DEFAULT_TASK, metadata={"help": TASK_HELP})
+    # The task options (add_task_arguments), in their own group of --help.
+    task_config: TaskConfig = field(default_factory=TaskConfig, metadata={"cli": False})
+    # None: the last peer, 3 times slower; () for none. On the command line --slow PEER:x=X, repeatable, which
+    # options.py has no form for (add_arguments adds it).
+    slow: tuple[SlowPeer, ...] | None = field(default=None, metadata={"cli": False})
+    duration_s: float = field(default=60.0, metadata={"help": "seconds every method trains"})
+    sync_every: int = field(default=LOCAL_SYNC_EVERY, metadata={"help": "inner steps between syncs"})
     # None: every sync_every steps, so that DiLoCo's evals see the parameters of each round just committed.
-    eval_every: int | None = None
+    eval_every: int | None = field(default=None, metadata={"help": "steps between evals (default: --sync-every)"})
     # diloco-time's seconds between syncs; None: target's median training time between two of its rounds.
-    sync_seconds: float | None = None
+    sync_seconds: float | None = field(
+        default=None,
+        metadata={"help": "diloco-time's seconds between syncs (default: target's training time per round)"},
+    )
     # async's K; None: the peers not slowed (their rounds never wait for a slow peer).
-    buffer: int | None = None
-    methods: tuple[str, ...] = METHODS
+    buffer: int | None = field(
+        default=None,
+        metadata={"help": "async's K: a round starts once K peers are ready (default: the peers not slowed)"},
+    )
+    methods: tuple[str, ...] = field(
+        default=METHODS,
+        metadata={"help": f"comma-separated, from {', '.join(METHODS)} (target always runs)", **COMMA_LIST},
+    )
 
     def __post_init__(self) -> None:
         require(self.peers >= 2, f"--peers must be at least 2, got {self.peers}")
@@ -414,22 +426,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark; the fields' meaning."""
     from peer.trainoptions import add_task_arguments
 
-    d = HeteroConfig()
-    parser.add_argument("--peers", type=int, default=d.peers, help="peers per run")
-    parser.add_argument("--task", default=d.task, help=TASK_HELP)
+    add_bench_options(parser, HeteroConfig)
     parser.add_argument("--slow", action="append", default=None, metavar="PEER:x=X",
                         help="slow PEER down X times for the whole run (repeatable; 'none': no slow peer; "
                         "default: the last peer, x=3)")
-    parser.add_argument("--duration", type=float, default=d.duration_s, help="seconds every method trains")
-    parser.add_argument("--sync-every", type=int, default=d.sync_every, help="inner steps between syncs")
-    parser.add_argument("--eval-every", type=int, default=None, help="steps between evals (default: --sync-every)")
-    parser.add_argument("--sync-seconds", type=float, default=None,
-                        help="diloco-time's seconds between syncs (default: target's training time per round)")
-    parser.add_argument("--buffer", type=int, default=None,
-                        help="async's K: a round starts once K peers are ready (default: the peers not slowed)")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated, from {', '.join(METHODS)} (target always runs)")
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     add_task_arguments(parser)
     describe_report(parser, FIELDS)
 
@@ -441,13 +441,8 @@ def bench_config(ns: argparse.Namespace) -> HeteroConfig:
     slow = None
     if ns.slow is not None:
         slow = () if ns.slow == ["none"] else tuple(parse_slow(s) for s in ns.slow)
-    methods = tuple(m.strip() for m in ns.methods.split(",") if m.strip())
-    require(bool(methods), f"--methods is empty; choose from {', '.join(METHODS)}")
-    config = HeteroConfig(
-        peers=ns.peers, task=ns.task, task_config=read_task_config(ns), slow=slow, duration_s=ns.duration,
-        sync_every=ns.sync_every, eval_every=ns.eval_every, sync_seconds=ns.sync_seconds, buffer=ns.buffer,
-        methods=methods,
-    )
+    require(bool(ns.methods), f"--methods is empty; choose from {', '.join(METHODS)}")
+    config = dataclasses.replace(read_options(HeteroConfig, ns), slow=slow, task_config=read_task_config(ns))
     check_config(config)
     return config
 
