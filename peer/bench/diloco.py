@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError
@@ -51,14 +51,14 @@ from peer.bench import hivemind_training
 from peer.bench.capped import CappedNetwork, capped_network, link_traffic, on_hosts, peer_names
 from peer.bench.fields import Fields, describe_report
 from peer.bench.hivemind_baseline import HIVEMIND_CODECS, counterpart
-from peer.bench.kit import bench_log_dir, child_failed, print_report, require, spawned_entry
+from peer.bench.kit import add_bench_options, bench_log_dir, child_failed, print_report, require, spawned_entry
 from peer.bench.progress import Progress, progress_for
 from peer.device import move_batch, place_model, resolve_device
 from peer.harness.loopback import LOOPBACK, LOOPBACK_INTERFACE, loopback_store, use_loopback_for_gloo
 from peer.harness.netns import check_available
 from peer.harness.processes import ChildFailed
 from peer.harness.procgroup import Placement
-from peer.options import options_of
+from peer.options import options_of, read_options
 from peer.runtime.training import LOCAL_SYNC_EVERY, TrainConfig, local_run
 from peer.tasks.base import TaskConfig
 from peer.tasks.registry import DEFAULT_TASK, TASK_HELP, check_task, make_task
@@ -144,19 +144,35 @@ FIELDS: Fields = {
 class BenchConfig:
     """What to compare, at which size: one TrainConfig per algorithm (same loop settings), and the baselines."""
 
-    peers: int = 4
-    task: str = DEFAULT_TASK
-    task_config: TaskConfig = field(default_factory=TaskConfig)
-    runs: tuple[TrainConfig, ...] = (DEFAULT_TRAIN, local_run("streaming"))
-    baselines: tuple[str, ...] = BASELINES
+    peers: int = field(default=4, metadata={"help": "peers (and DDP processes) per method"})
+    task: str = field(default=DEFAULT_TASK, metadata={"help": TASK_HELP})
+    # The task options (add_task_arguments), in their own group of --help.
+    task_config: TaskConfig = field(default_factory=TaskConfig, metadata={"cli": False})
+    # runs and baselines are --methods on the command line, each run's settings the training options (bench_config).
+    runs: tuple[TrainConfig, ...] = field(default=(DEFAULT_TRAIN, local_run("streaming")), metadata={"cli": False})
+    baselines: tuple[str, ...] = field(default=BASELINES, metadata={"cli": False})
     # The baselines' loop settings (steps, inner lr, weight decay) when no algorithm runs.
-    baseline_train: TrainConfig = DEFAULT_TRAIN
+    baseline_train: TrainConfig = field(default=DEFAULT_TRAIN, metadata={"cli": False})
     # --hivemind: an interpreter with hivemind, to train the task with hivemind.Optimizer as one more method.
-    hivemind_python: str | None = None
-    hivemind_codec: str | None = None
+    hivemind_python: str | None = field(
+        default=None,
+        metadata={"help": "also train with hivemind.Optimizer (local updates), run by PYTHON (an interpreter with "
+                  "hivemind; default: this one)", "flag": "hivemind", "const": sys.executable, "metavar": "PYTHON"},
+    )
+    # parse: "none" is a compression here (NoCompression), not None.
+    hivemind_codec: str | None = field(
+        default=None,
+        metadata={"help": "hivemind's averaging compression (default: the counterpart of diloco's --codec, else none)",
+                  "choices": HIVEMIND_CODECS, "parse": str, "metavar": "{" + ",".join(HIVEMIND_CODECS) + "}"},
+    )
     # --netns: every process in its own network namespace; --bandwidth: their links capped (e.g. "100mbit").
-    netns: bool = False
-    bandwidth: str | None = None
+    netns: bool = field(
+        default=False, metadata={"help": "every process in its own network namespace, as on separate hosts (root)"}
+    )
+    bandwidth: str | None = field(
+        default=None,
+        metadata={"help": "with --netns: cap every peer's uplink and downlink, e.g. 100mbit (default: uncapped)"},
+    )
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.baselines if b not in BASELINES]
@@ -527,29 +543,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark (the training options apply to every algorithm that has them); the fields' meaning."""
     from peer.trainoptions import add_task_arguments, add_train_arguments
 
-    parser.add_argument("--peers", type=int, default=BenchConfig.peers, help="peers (and DDP processes) per method")
-    parser.add_argument("--task", default=BenchConfig.task, help=TASK_HELP)
+    add_bench_options(parser, BenchConfig)
     parser.add_argument(
         "--methods", default=",".join(["diloco", "streaming", *BASELINES]),
         help=f"comma-separated: registered algorithms ({', '.join(algorithm_names())}) and {', '.join(BASELINES)}",
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    parser.add_argument(
-        "--hivemind", nargs="?", const=sys.executable, default=None, metavar="PYTHON",
-        help="also train with hivemind.Optimizer (local updates), run by PYTHON (an interpreter with hivemind; "
-             "default: this one)",
-    )
-    parser.add_argument(
-        "--hivemind-codec", default=None, choices=HIVEMIND_CODECS,
-        help="hivemind's averaging compression (default: the counterpart of diloco's --codec, else none)",
-    )
-    parser.add_argument(
-        "--netns", action=argparse.BooleanOptionalAction, default=BenchConfig.netns,
-        help="every process in its own network namespace, as on separate hosts (root)",
-    )
-    parser.add_argument(
-        "--bandwidth", default=BenchConfig.bandwidth,
-        help="with --netns: cap every peer's uplink and downlink, e.g. 100mbit (default: uncapped)",
     )
     add_task_arguments(parser)
     add_train_arguments(parser, DEFAULT_TRAIN)
@@ -580,11 +577,10 @@ def bench_config(ns: argparse.Namespace) -> BenchConfig:
             "drop it, or add a method that has it to --methods")
     base = {t.algorithm: t for t in BenchConfig.runs}
     runs = tuple(read_train_config(ns, base=base.get(m, DEFAULT_TRAIN), algorithm=m, strict=False) for m in chosen)
-    config = BenchConfig(
-        peers=ns.peers, task=ns.task, task_config=read_task_config(ns), runs=runs,
+    config = replace(
+        read_options(BenchConfig, ns), task_config=read_task_config(ns), runs=runs,
         baselines=tuple(m for m in methods if m in BASELINES),
         baseline_train=read_train_config(ns, base=DEFAULT_TRAIN, strict=False),
-        hivemind_python=ns.hivemind, hivemind_codec=ns.hivemind_codec, netns=ns.netns, bandwidth=ns.bandwidth,
     )
     check_config(config)
     return config
