@@ -133,23 +133,12 @@ def _version() -> str:
     return package_version()
 
 
-# The demo trains longer than a harness run (400 steps) so the loss gets close to its floor.
-DEMO_STEPS = 600
-
-
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``loconet demo``."""
-    from peer.coordinator.config import CoordinatorConfig, parse_dashboard_port
-    from peer.options import said
+    """Options of ``loconet demo`` (every field of DemoConfig, and --json)."""
+    from peer.harness.config import DemoConfig
+    from peer.options import add_options
 
-    parser.add_argument("--peers", type=int, default=4, help="local peers to start")
-    parser.add_argument("--steps", type=int, default=DEMO_STEPS,
-                        help="inner steps each peer trains (more than a harness run, so the loss nears its floor)")
-    parser.add_argument("--dashboard-port", type=said(parse_dashboard_port), default=CoordinatorConfig.dashboard_port,
-                        help="port of the dashboard (0: any free port; -1 or none: no dashboard)")
-    parser.add_argument("--device", default=None,
-                        help="where the peers train: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N "
-                             "(default: the training default, auto)")
+    add_options(parser, DemoConfig)
     parser.add_argument("--json", action="store_true", help="also print the full report as JSON")
 
 
@@ -274,6 +263,7 @@ def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``loconet harness``."""
     from optimizers.outer import SyncConfig
     from peer.coordinator.config import CoordinatorConfig
+    from peer.harness.config import DEMO_STEPS
     from peer.harness.harness import COORDINATOR_OPTIONS_SET_BY_HARNESS, HarnessConfig
     from peer.options import add_options
     from peer.runtime.training import LOCAL_SYNC_EVERY, TrainConfig
@@ -375,27 +365,30 @@ def run_demo_command(ns: argparse.Namespace) -> int:
     import dataclasses
 
     from peer.device import resolve_device
+    from peer.harness.config import DemoConfig
     from peer.harness.harness import Harness, HarnessConfig
     from peer.harness.summary import report_summary
     from peer.jsonout import json_line
+    from peer.options import read_options
     from peer.runtime.training import LOCAL_SYNC_EVERY, local_run
 
+    demo = read_options(DemoConfig, ns)
     defaults = HarnessConfig()
     config = dataclasses.replace(
         defaults,
-        peers=ns.peers,
+        peers=demo.peers,
         run_id="demo",
         # An eval per round, so the dashboard's eval curve fills in as the demo runs.
-        train=dataclasses.replace(local_run("diloco", steps=ns.steps), eval_every=LOCAL_SYNC_EVERY,
-                                  **({} if ns.device is None else {"device": ns.device})),
-        coordinator=dataclasses.replace(defaults.coordinator, dashboard_port=ns.dashboard_port, min_peers=ns.peers),
+        train=dataclasses.replace(local_run("diloco", steps=demo.steps), eval_every=LOCAL_SYNC_EVERY,
+                                  **({} if demo.device is None else {"device": demo.device})),
+        coordinator=dataclasses.replace(defaults.coordinator, dashboard_port=demo.dashboard_port, min_peers=demo.peers),
         progress=sys.stderr.isatty(),
     )
     resolve_device(config.train.device)  # a device this machine lacks is one line, before the banner
     harness = Harness(config)
     out = sys.stdout
-    out.write(f"loconet demo: {ns.peers} peers train a small transformer language model with DiLoCo "
-              f"({ns.steps} steps each, syncing every {LOCAL_SYNC_EVERY}).\n")
+    out.write(f"loconet demo: {demo.peers} peers train a small transformer language model with DiLoCo "
+              f"({demo.steps} steps each, syncing every {LOCAL_SYNC_EVERY}).\n")
     out.flush()
 
     def started(url: str) -> None:
@@ -406,7 +399,7 @@ def run_demo_command(ns: argparse.Namespace) -> int:
     report = _run_harness(harness, "demo", started)
     if report is None:
         return 130
-    out.write(report_summary(report, ns.steps) + "\n")
+    out.write(report_summary(report, demo.steps) + "\n")
     if ns.json:
         out.write(json_line(report) + "\n")
     _fail_on_crashes(report)

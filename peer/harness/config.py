@@ -1,5 +1,6 @@
 """``loconet harness``'s options: the local network, what its peers train, the faults to inject, and the checks that
-refuse a scenario that could not run (``HarnessConfig``), before any process starts."""
+refuse a scenario that could not run (``HarnessConfig``), before any process starts; and ``loconet demo``'s, a harness
+run of fewer options (``DemoConfig``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from collectives.errors import ConfigError
 from collectives.ratelimit import parse_bandwidth
 from collectives.roundplan import DEFAULT_RUN_ID
 from optimizers.outer import least_members
-from peer.coordinator.config import CoordinatorConfig
+from peer.coordinator.config import CoordinatorConfig, parse_dashboard_port
 from peer.harness.scenario import Event
 from peer.runtime.training import TrainConfig, local_run
 from peer.tasks.base import TaskConfig
@@ -155,3 +156,29 @@ class HarnessConfig:
         """The scenario's peers: peer0.. for those at the start, then one per join event (the joiners)."""
         return [f"peer{i}" for i in range(self.peers + self.joins)]
 
+
+
+# The demo trains longer than a harness run (400 steps) so the loss gets close to its floor.
+DEMO_STEPS = 600
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What ``loconet demo`` runs (its options): a harness run of DiLoCo with the dashboard and an eval per round."""
+
+    peers: int = field(default=4, metadata={"help": "local peers to start"})
+    steps: int = field(
+        default=DEMO_STEPS,
+        metadata={"help": "inner steps each peer trains (more than a harness run, so the loss nears its floor)"},
+    )
+    dashboard_port: int | None = field(
+        default=CoordinatorConfig.dashboard_port,
+        metadata={"help": "port of the dashboard (0: any free port; -1 or none: no dashboard)",
+                  "parse": parse_dashboard_port},
+    )
+    # None: TrainConfig's device.
+    device: str | None = field(
+        default=None,
+        metadata={"help": "where the peers train: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N "
+                  "(default: the training default, auto)"},
+    )
