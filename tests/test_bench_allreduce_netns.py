@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from peer.bench import allreduce
-from peer.harness.netns import LOSS_BASED_CONTROLS, NetnsUnavailable, check_available, tbf_parameters
+from peer.harness.netns.network import LOSS_BASED_CONTROLS, NetnsUnavailable, check_available, tbf_parameters
 from tests.support.cli import before_any_process, one_line_error
 
 try:

@@ -80,7 +80,7 @@ def test_a_late_joiner_of_a_run_with_an_adam_outer_optimizer_continues_bit_ident
 
 
 def test_link_cut_with_netns(tmp_path):
-    netns = pytest.importorskip("peer.harness.netns")
+    netns = pytest.importorskip("peer.harness.netns.network")
     try:
         netns.check_available()
     except netns.NetnsUnavailable as exc:

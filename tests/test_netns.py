@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from peer.harness import netns
+from peer.harness.netns import network as netns
 from peer.harness.forkserver import ForkServer
-from peer.harness.netns import (
+from peer.harness.netns.network import (
     LinkSpec,
     NetnsError,
     NetnsNetwork,
@@ -340,7 +340,7 @@ def test_cleanup_leftovers_removes_a_crashed_network_and_spares_other_prefixes(l
 def test_cleanup_leftovers_spares_a_network_whose_owner_is_alive(lab):
     prefix = _random_prefix()
     code = (
-        "import sys; from peer.harness.netns import NetnsNetwork\n"
+        "import sys; from peer.harness.netns.network import NetnsNetwork\n"
         f"with NetnsNetwork(prefix={prefix!r}) as net:\n"
         "    net.create(['a'])\n"
         "    print('ready', flush=True)\n"

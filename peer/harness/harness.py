@@ -111,7 +111,7 @@ class Harness:
     def _start_network(self) -> None:
         if not self.config.netns:
             return
-        from peer.harness.netns import LinkSpec, NetnsNetwork, check_available, cleanup_leftovers
+        from peer.harness.netns.network import LinkSpec, NetnsNetwork, check_available, cleanup_leftovers
 
         check_available()
         cleanup_leftovers("lcn")
