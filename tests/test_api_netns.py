@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from peer.harness.netns.network import NetnsNetwork, NetnsUnavailable, check_available
+from peer.harness.netns.availability import NetnsUnavailable, check_available
+from peer.harness.netns.network import NetnsNetwork
 from tests.support.procs import CoordinatorProc, Proc, stop_all
 
 pytestmark = pytest.mark.timeout(90)

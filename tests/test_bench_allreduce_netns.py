@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from peer.bench import allreduce
-from peer.harness.netns.network import LOSS_BASED_CONTROLS, NetnsUnavailable, check_available, tbf_parameters
+from peer.harness.netns.availability import NetnsUnavailable, check_available
+from peer.harness.netns.shaping import LOSS_BASED_CONTROLS, tbf_parameters
 from tests.support.cli import before_any_process, one_line_error
 
 try:

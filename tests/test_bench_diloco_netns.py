@@ -15,7 +15,8 @@ from collectives.errors import ConfigError
 from peer.bench import diloco
 from peer.bench.fields import undocumented
 from peer.cli import build_parser
-from peer.harness.netns.network import LOSS_BASED_CONTROLS, NetnsUnavailable, check_available
+from peer.harness.netns.availability import NetnsUnavailable, check_available
+from peer.harness.netns.shaping import LOSS_BASED_CONTROLS
 from tests.support.cli import before_any_process, one_line_error
 from tests.support.standins import HIVEMIND_PYTHON
 

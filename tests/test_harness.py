@@ -80,10 +80,10 @@ def test_a_late_joiner_of_a_run_with_an_adam_outer_optimizer_continues_bit_ident
 
 
 def test_link_cut_with_netns(tmp_path):
-    netns = pytest.importorskip("peer.harness.netns.network")
+    availability = pytest.importorskip("peer.harness.netns.availability")
     try:
-        netns.check_available()
-    except netns.NetnsUnavailable as exc:
+        availability.check_available()
+    except availability.NetnsUnavailable as exc:
         pytest.skip(f"network namespaces unavailable: {exc}")
     # Long enough that the cut peer comes back while the others still train.
     report, _ = run_scenario("cut:peer1@round2,for=4s", workdir=tmp_path, netns=True, lease_s=1.5, steps=800)

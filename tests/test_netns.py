@@ -19,16 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from peer.harness.netns import network as netns
 from peer.harness.forkserver import ForkServer
-from peer.harness.netns.network import (
-    LinkSpec,
-    NetnsError,
-    NetnsNetwork,
-    NetnsUnavailable,
-    check_available,
-    cleanup_leftovers,
-)
+from peer.harness.netns import availability
+from peer.harness.netns.availability import NetnsUnavailable, check_available
+from peer.harness.netns.commands import NetnsError
+from peer.harness.netns.network import NetnsNetwork
+from peer.harness.netns.registry import cleanup_leftovers
+from peer.harness.netns.shaping import LinkSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.forkspawn import PROBE, probe, spawn
@@ -363,7 +360,7 @@ def test_cleanup_leftovers_spares_a_network_whose_owner_is_alive(lab):
 
 
 def test_check_available_explains_that_root_is_needed(monkeypatch):
-    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(availability.os, "geteuid", lambda: 1000)
     with pytest.raises(NetnsUnavailable) as info:
         check_available()
     message = str(info.value)

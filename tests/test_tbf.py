@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peer.harness.netns.network import tbf_parameters
+from peer.harness.netns.shaping import tbf_parameters
 
 
 @pytest.mark.parametrize(

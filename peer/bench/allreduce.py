@@ -39,7 +39,7 @@ from peer.bench.capped import CappedNetwork, capped_network, link_traffic, on_ho
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import add_bench_options, cpu_per_round, per_round_max, print_report, require
 from peer.bench.progress import Progress, progress_for
-from peer.harness.netns.network import check_available
+from peer.harness.netns.availability import check_available
 from peer.harness.processes import ChildFailed
 from peer.harness.procgroup import AllReduceJob, Placement, ProcessGroup, WorkerConfig, WorkerError, worker_tensor
 from peer.harness.security import prepare_security

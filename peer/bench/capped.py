@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from peer.bench.progress import Progress
 from peer.harness.loopback import LOOPBACK
-from peer.harness.netns.network import LOSS_BASED_CONTROLS, LinkSpec, NetnsNetwork, cleanup_leftovers
+from peer.harness.netns.network import NetnsNetwork
+from peer.harness.netns.registry import cleanup_leftovers
+from peer.harness.netns.shaping import LOSS_BASED_CONTROLS, LinkSpec
 from peer.harness.procgroup import Placement
 
 # The namespaces' prefix: cleanup_leftovers removes what a killed benchmark or harness left under it.

@@ -55,7 +55,7 @@ from peer.bench.kit import add_bench_options, bench_log_dir, child_failed, print
 from peer.bench.progress import Progress, progress_for
 from peer.device import move_batch, place_model, resolve_device
 from peer.harness.loopback import LOOPBACK, LOOPBACK_INTERFACE, loopback_store, use_loopback_for_gloo
-from peer.harness.netns.network import check_available
+from peer.harness.netns.availability import check_available
 from peer.harness.processes import ChildFailed
 from peer.harness.procgroup import Placement
 from peer.options import options_of, read_options
@@ -303,7 +303,7 @@ def _ddp_worker(rank: int, world: int, port: int, config: BenchConfig, out, step
     import datetime
 
     if place is not None:
-        from peer.harness.netns.network import enter_netns
+        from peer.harness.netns.commands import enter_netns
 
         enter_netns(place.netns)  # before any socket: gloo's connections go over this namespace's capped link
     import torch

@@ -42,7 +42,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 
 from collectives.errors import LoconetError
-from peer.harness.netns.network import enter_netns, netns_exists
+from peer.harness.netns.commands import enter_netns, netns_exists
 
 __all__ = ["ForkServer", "ForkServerError", "ForkedChild", "import_time_env", "runs_as_imported", "serve"]
 

@@ -111,7 +111,10 @@ class Harness:
     def _start_network(self) -> None:
         if not self.config.netns:
             return
-        from peer.harness.netns.network import LinkSpec, NetnsNetwork, check_available, cleanup_leftovers
+        from peer.harness.netns.availability import check_available
+        from peer.harness.netns.network import NetnsNetwork
+        from peer.harness.netns.registry import cleanup_leftovers
+        from peer.harness.netns.shaping import LinkSpec
 
         check_available()
         cleanup_leftovers("lcn")

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from collectives.errors import LoconetError
 from peer.harness.forkserver import ForkedChild, ForkServer, ForkServerError, runs_as_imported
-from peer.harness.netns.network import netns_exec
+from peer.harness.netns.commands import netns_exec
 
 log = logging.getLogger(__name__)
 

@@ -114,7 +114,7 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
         return  # the parent died before the line above took effect
     place = config.placements[rank] if config.placements else None
     if place is not None:
-        from peer.harness.netns.network import enter_netns
+        from peer.harness.netns.commands import enter_netns
 
         enter_netns(place.netns)  # before any socket or thread: all of them live there
         # A namespace has no name for its address: c10d warned so twice per gloo run ("The hostname of the client
