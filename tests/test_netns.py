@@ -1,4 +1,4 @@
-"""peer/harness/netns.py: namespaces on a bridge, tbf caps, link cuts, cleanup. Needs root; skipped otherwise.
+"""peer/harness/netns/: namespaces on a bridge, tbf caps, link cuts, cleanup. Needs root; skipped otherwise.
 
 No timing thresholds: throughput is only checked against an upper bound (the cap
 times 1.25: the shaping works), and the measured numbers are printed.

@@ -9,7 +9,7 @@ the seeds), whether every peer ended with the same bits, and with a
 bandwidth cap the fraction of the link the round kept busy.
 
 With ``--netns`` (root) every worker lives in its own network namespace behind
-``tbf``-capped links (``peer/harness/netns.py``), and gloo runs over the same
+``tbf``-capped links (``peer/harness/netns/network.py``), and gloo runs over the same
 namespaces, addresses and caps: the comparison is on the link, as on a WAN.
 Both sides then also report what their veths carried and the CPU-seconds
 their processes spent per round.

@@ -1,6 +1,6 @@
 """Network namespaces with capped links for a benchmark's processes (``--netns``, ``--bandwidth``).
 
-Each named host gets its own namespace on one bridge (``peer/harness/netns.py``); the capped ones sit behind
+Each named host gets its own namespace on one bridge (``peer/harness/netns/network.py``); the capped ones sit behind
 ``tbf`` on their uplink and downlink alike. Every namespace runs the same TCP congestion control, a loss-based one
 unless asked otherwise (this kernel lets no namespace pick cubic, Linux's default; reno is its loss-based
 neighbour), so every method a benchmark compares meets the same links.

@@ -7,7 +7,7 @@ JSON events, and ends with a report: rounds committed and aborted, each
 event's recovery time (event to the next committed round), the final eval
 loss, bytes per peer, whether the survivors hold identical parameters, and
 how many peers are alive. With ``--netns`` every process lives in its own
-network namespace behind ``tbf``-shaped links (``peer/harness/netns.py``).
+network namespace behind ``tbf``-shaped links (``peer/harness/netns/network.py``).
 
 This module starts the processes and runs the loop; its options and their checks are ``config.py``, firing and
 undoing the events ``schedule.py`` (a ``Schedule`` the harness owns), when a scenario cannot finish ``stuck.py``,

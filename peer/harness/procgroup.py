@@ -55,7 +55,7 @@ class WorkerConfig:
     torch_threads: int = 1
     # See TransportConfig.codec_threads (0: on each worker's event loop).
     codec_threads: int = TransportConfig.codec_threads
-    # One per rank: each worker enters its own network namespace (peer/harness/netns.py) and
+    # One per rank: each worker enters its own network namespace (peer/harness/netns/commands.py) and
     # serves, and runs gloo, on its address there; empty: every worker on `host`.
     placements: tuple[Placement, ...] = ()
     # TLS between the workers (empty: plaintext); gloo is never encrypted.
