@@ -77,7 +77,7 @@ def test_a_worker_group_with_gloo_listens_on_loopback_only():
 
 # ---- the sources start no listener another way ---------------------------------------------
 
-SOURCES = sorted((ROOT / "peer" / "bench").glob("*.py")) + sorted((ROOT / "peer" / "harness").glob("*.py"))
+SOURCES = sorted((ROOT / "peer" / "bench").rglob("*.py")) + sorted((ROOT / "peer" / "harness").rglob("*.py"))
 WILDCARDS = {"0.0.0.0", "::", "[::]"}
 
 
