@@ -51,9 +51,9 @@ from collectives.roundplan import RoundPlan
 from collectives.statesync import StateSnapshot
 from collectives.syncphases import CaughtUp
 from optimizers.diloco import DiLoCo, DiLoCoConfig
-from optimizers.outer import RECENT_SYNCS, SyncRecord
 from optimizers.peers import SyncPeer
 from optimizers.staleness import StalenessConfig
+from optimizers.syncrecord import RECENT_SYNCS, SyncRecord
 
 
 @dataclass(frozen=True)

@@ -55,9 +55,11 @@ from collectives.gradcodes import CODE_KINDS, Undecodable, code_for, decode
 from collectives.parts import flatten, unflatten_like
 from collectives.roundplan import BACKUP_TAG_KEY, RoundPlan
 from optimizers.backup import BackupConfig, BackupWorkers, RoundObservation
-from optimizers.outer import RECENT_SYNCS, OuterOptimizer, SyncConfig
+from optimizers.outer import OuterOptimizer
 from optimizers.outer_optim import OuterConfig
 from optimizers.statemeta import meta_dict, meta_strs
+from optimizers.syncconfig import SyncConfig
+from optimizers.syncrecord import RECENT_SYNCS
 
 log = logging.getLogger(__name__)
 

@@ -42,8 +42,9 @@ import torch
 
 from collectives.errors import ConfigError
 from collectives.syncphases import CaughtUp
-from optimizers.outer import OuterOptimizer, SyncConfig
+from optimizers.outer import OuterOptimizer
 from optimizers.peers import SyncPeer
+from optimizers.syncconfig import SyncConfig
 
 TAG = "diloco"
 

@@ -55,10 +55,11 @@ from collectives.statesync import StateSnapshot
 from collectives.syncphases import CaughtUp
 from optimizers.diloco import DiLoCo
 from optimizers.fedopt import FLOWER_DEFAULTS
-from optimizers.outer import SyncConfig, SyncRecord
 from optimizers.outer_optim import OuterConfig
 from optimizers.privacy import DifferentialPrivacy, DPConfig
 from optimizers.statemeta import meta_dict
+from optimizers.syncconfig import SyncConfig
+from optimizers.syncrecord import SyncRecord
 
 UNSAMPLED = ("wait", "train")
 # Snapshot tensor names of client momentum's global direction: f"{DIRECTION_PREFIX}{param name}".

@@ -30,9 +30,9 @@ from collectives.parts import flatten
 from collectives.roundplan import RoundPlan
 from collectives.syncphases import Resynced
 from optimizers.diloco import DiLoCo, DiLoCoConfig
-from optimizers.outer import RECENT_SYNCS
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import SyncPeer
+from optimizers.syncrecord import RECENT_SYNCS
 
 __all__ = ["NoLoCo", "NoLoCoConfig", "NoLoCoStep", "count_sketch", "noloco_outer_step"]
 

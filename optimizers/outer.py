@@ -1,4 +1,4 @@
-"""What every algorithm that syncs pseudo-gradients shares: its base config, its records, its torch.optim surface.
+"""The base class of every algorithm that syncs pseudo-gradients: its torch.optim surface, its rounds and their outcomes.
 
 An algorithm (DiLoCo, Streaming DiLoCo, a plugin) subclasses ``OuterOptimizer``
 and says three things: when a round is due (``_stepped``, called after each
@@ -22,21 +22,17 @@ heartbeats carry to the coordinator's dashboard), when the peer has one.
 
 from __future__ import annotations
 
-import inspect
 import logging
-import math
 import operator
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from collectives.aggregators import AggregatorConfig, make_aggregator
-from collectives.codecs import CodecConfig, needs_feedback
+from collectives.codecs import needs_feedback
 from collectives.errors import ConfigError, Incompatible, LoconetError, NonFiniteError, UsageError
 from collectives.notes import RepeatNote
 from collectives.parts import unflatten_like
@@ -44,174 +40,14 @@ from collectives.roundformat import reduction_parts
 from collectives.statesync import StateSnapshot, state_digest
 from collectives.syncphases import CaughtUp, Resynced
 from optimizers.globalstate import GlobalState
-from optimizers.outer_optim import OuterConfig
+from optimizers.groupsettings import group_settings, inner_kind_problem, keep_settings
+from optimizers.peers import takes_keyword
 from optimizers.statemeta import meta_str
+from optimizers.steprate import StepRate
+from optimizers.syncconfig import SyncConfig
+from optimizers.syncrecord import RECENT_SYNCS, SyncRecord
 
 log = logging.getLogger(__name__)
-
-# The records of this many recent syncs are kept (``history``, and the algorithms' per-round lists): a record is
-# ~400 bytes, and a per-step algorithm makes a million in a day. What counts every sync is a counter.
-RECENT_SYNCS = 10_000
-
-
-def takes_keyword(sync: Callable[..., Any], name: str) -> bool:
-    """Whether a peer's sync (or sync_async) accepts the keyword argument ``name`` (True when its signature is
-    unknown)."""
-    try:
-        params = inspect.signature(sync).parameters
-    except (TypeError, ValueError):
-        return True
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-@dataclass(frozen=True)
-class SyncConfig:
-    """When a peer syncs, how its pseudo-gradient travels and is combined, and the outer step (every algorithm's base)."""
-
-    sync_every: int = field(default=100, metadata={"help": "inner steps between syncs (H)"})
-    codec: str = field(
-        default="int8",
-        metadata={"help": "codec of the pseudo-gradient rounds: none, fp16, bf16, int8, int4, each +zstd (e.g. int4/128+zstd), "
-                  "or topk[/N] (sparse: 1 in N kept, error feedback)"},
-    )
-    aggregator: str = field(
-        default="mean",
-        metadata={"help": "how a round combines contributions: mean, sum, median, trimmed_mean:trim=0.1, krum:f=1, "
-                  "multi_krum:f=1,m=3, bulyan:f=1, norm_clip:clip=1, centered_clip:tau=1 (every peer must agree)"},
-    )
-    outer: OuterConfig = field(default_factory=OuterConfig)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.sync_every, int) or self.sync_every < 1:
-            raise ConfigError(f"sync_every must be an integer >= 1, got {self.sync_every!r}")
-        CodecConfig.parse(self.codec)
-        AggregatorConfig.parse(self.aggregator)
-
-    def expected_quorum(self) -> str | None:
-        """The coordinator's quorum policy (its --quorum) these rounds are built for; None: any serves."""
-        return None
-
-    def quorum_problem(self, policy: str) -> str:
-        """Why the coordinator's quorum policy (its --quorum text) cannot serve these rounds; "" when it can."""
-        return ""
-
-    def least_members(self) -> int:
-        """The fewest members these rounds run with: the aggregator's minimum (Krum's 2f+3)."""
-        return make_aggregator(self.aggregator_config).min_group()
-
-    def round_settings(self) -> tuple[str, ...]:
-        """What every member does with a round's result, in parts the coordinator compares like the codec (a peer
-        started with another --outer-lr would otherwise leave the run's replicas different after every round)."""
-        return self.outer.settings()
-
-    @property
-    def codec_config(self) -> CodecConfig:
-        """The parsed codec."""
-        return CodecConfig.parse(self.codec)
-
-    @property
-    def aggregator_config(self) -> AggregatorConfig:
-        """The parsed aggregator."""
-        return AggregatorConfig.parse(self.aggregator)
-
-
-def least_members(options: Any) -> int:
-    """The fewest members an algorithm's rounds need (SyncConfig.least_members); 1 for a plugin's config that
-    does not say."""
-    say = getattr(options, "least_members", None)
-    return say() if say is not None else 1
-
-
-@dataclass
-class SyncRecord:
-    """What one sync attempt did (for progress displays and benchmarks)."""
-
-    step: int
-    # The global parameters advanced to round_id (by this peer's round, or by applying a round it was late for).
-    committed: bool
-    round_id: int = 0
-    bytes_sent: int = 0
-    # The whole sync (quorum, all-reduce, commit), and the all-reduce alone.
-    wall_s: float = 0.0
-    allreduce_s: float = 0.0
-    reason: str = ""
-    # Why it did not commit, as the error's type (e.g. "WaitingForState": nobody live holds the run's state).
-    error: str = ""
-    # This peer's contribution is in the round (False for a round it applied late).
-    contributed: bool = True
-    # The round's attempt: after a rollback the run reuses round ids at a new epoch.
-    epoch: int = 0
-    # What the round's aggregator decided (e.g. the contributions Krum selected), one dict per statistic round.
-    decisions: list[dict] = field(default_factory=list)
-    # Differential privacy: the privacy spent by the run so far (epsilon at the algorithm's delta); None: no DP.
-    epsilon: float | None = None
-    # Asynchronous rounds: how many rounds stale this peer's contribution was (None: a synchronous algorithm).
-    staleness: int | None = None
-    # Rounds reduced within groups (NoLoCo's pairs): the size of this peer's group (None: the whole round).
-    group_size: int | None = None
-    # A round applied late: the bytes its committed result took to fetch (catch-up traffic).
-    fetched_bytes: int = 0
-    # The run's whole state replaced this peer's (it was too far behind): round_id is the round of that state.
-    resynced: bool = False
-
-
-def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
-    """Each parameter group's hyperparameters (its settings without the parameters)."""
-    return [{k: v for k, v in group.items() if k not in ("params", "param_names")} for group in optimizer.param_groups]
-
-
-def keep_settings(optimizer: torch.optim.Optimizer, settings: Sequence[dict], what: str) -> None:
-    """Put ``settings`` (group_settings taken before a load_state_dict) back into the optimizer's groups, logging
-    the ones the loaded state had otherwise."""
-    for group, own in zip(optimizer.param_groups, settings):
-        changed = [f"{k} {own[k]} (the checkpoint's: {group.get(k)})" for k in own if not _same(group.get(k), own[k])]
-        if changed:
-            log.info("resumed the %s optimizer with this peer's %s", what, ", ".join(changed))
-        group.update(own)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-    return bool(a == b)
-
-
-def inner_kind_problem(mine: Sequence[dict], saved: Sequence[Any]) -> str:
-    """Why a checkpoint's inner optimizer groups (``saved``, its state dict's param_groups) are not of this peer's
-    kind (``mine``, its groups' settings without the parameters); "" when they are. The settings' names tell the
-    kinds apart (SGD's momentum, Adam's betas), as a checkpoint does not name its optimizer's class."""
-    theirs = [set(group) - {"params"} if isinstance(group, dict) else set() for group in saved]
-    if len(theirs) != len(mine):
-        return (f"the checkpoint's inner optimizer has {len(theirs)} parameter group(s) and this peer's "
-                f"{len(mine)}: it was written with another --inner")
-    for names, group in zip(theirs, mine):
-        if names != set(group):
-            only_theirs, only_mine = sorted(names - set(group)), sorted(set(group) - names)
-            return ("the checkpoint's inner optimizer is another kind than this peer's --inner (its settings "
-                    f"{', '.join(only_theirs) or 'none'} against this peer's {', '.join(only_mine) or 'none'})")
-    return ""
-
-
-class StepRate:
-    """Steps per second, measured over windows of at least window_s seconds (NaN until the first one closes)."""
-
-    def __init__(self, window_s: float = 1.0) -> None:
-        self.window_s = window_s
-        self.rate = math.nan
-        self._start: float | None = None
-        self._steps = 0
-
-    def tick(self, now: float) -> float:
-        """Count a step finished at now (seconds, monotonic); return the rate of the last closed window."""
-        if self._start is None:  # the first step opens the window: the time before it (joining) is not training
-            self._start = now
-            return self.rate
-        self._steps += 1
-        elapsed = now - self._start
-        if elapsed >= self.window_s:
-            self.rate = self._steps / elapsed
-            self._start, self._steps = now, 0
-        return self.rate
 
 
 def warn_of_buffers(model: torch.nn.Module) -> None:

@@ -8,13 +8,18 @@ A peer may have a ``status`` (``collectives.membership.PeerStatus``, what
 its heartbeats report); the optimizer fills its step, loss, samples and
 speed after every step. A peer without one (None, or no such attribute) is
 simply not reported on.
+
+A sync's optional arguments (``prepare``, ``residual``, ``min_members``,
+``settings``) are passed only to a sync that takes them (``takes_keyword``),
+so a user's own SyncPeer needs only those its algorithm uses.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,6 +69,16 @@ class SyncPeer(Protocol):
         prepare: Prepare | None = None,
     ) -> concurrent.futures.Future:
         """Start a sync and return a future of its result; NonFiniteError at once for a NaN/Inf input."""
+
+
+def takes_keyword(sync: Callable[..., Any], name: str) -> bool:
+    """Whether a peer's sync (or sync_async) accepts the keyword argument ``name`` (True when its signature is
+    unknown)."""
+    try:
+        params = inspect.signature(sync).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 @dataclass

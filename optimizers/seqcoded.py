@@ -76,8 +76,9 @@ from optimizers.coded import (
     policy_argument,
     policy_name,
 )
-from optimizers.outer import RECENT_SYNCS, OuterOptimizer
+from optimizers.outer import OuterOptimizer
 from optimizers.statemeta import meta_int, meta_ints, meta_optional_int
+from optimizers.syncrecord import RECENT_SYNCS
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,10 @@ import torch
 
 from collectives.errors import ConfigError, NonFiniteError
 from collectives.syncphases import CaughtUp
-from optimizers.outer import OuterOptimizer, SyncConfig
+from optimizers.outer import OuterOptimizer
 from optimizers.peers import SyncPeer
 from optimizers.statemeta import meta_int
+from optimizers.syncconfig import SyncConfig
 
 SPLITS = ("strided", "balanced")
 TAG_PREFIX = "fragment-"

@@ -261,7 +261,7 @@ def run_certs_command(ns: argparse.Namespace) -> int:
 
 def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``loconet harness``."""
-    from optimizers.outer import SyncConfig
+    from optimizers.syncconfig import SyncConfig
     from peer.coordinator.config import CoordinatorConfig
     from peer.harness.config import DEMO_STEPS
     from peer.harness.harness import COORDINATOR_OPTIONS_SET_BY_HARNESS, HarnessConfig
@@ -299,7 +299,7 @@ def harness_config(ns: argparse.Namespace) -> HarnessConfig:
     import dataclasses
 
     from peer.coordinator.config import CoordinatorConfig
-    from optimizers.outer import least_members
+    from optimizers.syncconfig import least_members
     from peer.harness.chaos import ChaosSpec, chaos_events, expected_rounds
     from peer.harness.harness import HarnessConfig
     from peer.harness.scenario import load_scenario, parse_event

@@ -21,8 +21,8 @@ from collectives.membership import PeerStatus
 from collectives.transport import Transport
 from collectives.transportconfig import TransportConfig
 from optimizers.diloco import DiLoCo
-from optimizers.outer import StepRate, takes_keyword
-from optimizers.peers import LocalPeer
+from optimizers.peers import LocalPeer, takes_keyword
+from optimizers.steprate import StepRate
 from optimizers.streaming import StreamingDiLoCo
 from peer.coordinator.config import CoordinatorConfig
 from tests.support.coordinator import CoordinatorThread

@@ -16,10 +16,11 @@ import torch
 
 from collectives.aggregators import Aggregator, register_aggregator
 from optimizers.diloco import DiLoCoConfig
-from optimizers.outer import OuterOptimizer, SyncConfig
+from optimizers.outer import OuterOptimizer
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalPeer
 from optimizers.registry import get_algorithm, register_algorithm
+from optimizers.syncconfig import SyncConfig
 from peer.coordinator.config import CoordinatorConfig
 from peer.harness.harness import Harness, HarnessConfig
 from peer.runtime.training import TrainConfig

@@ -15,7 +15,7 @@ from collectives.elastic import ElasticConfig
 from collectives.errors import ConfigError
 from collectives.ratelimit import parse_bandwidth
 from collectives.roundplan import DEFAULT_RUN_ID
-from optimizers.outer import least_members
+from optimizers.syncconfig import least_members
 from peer.coordinator.config import CoordinatorConfig, parse_dashboard_port
 from peer.harness.scenario import Event
 from peer.runtime.training import TrainConfig, local_run

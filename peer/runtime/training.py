@@ -22,9 +22,10 @@ import torch
 
 from collectives.errors import ConfigError
 from optimizers.coded import CodedSGD
-from optimizers.outer import OuterOptimizer, StepRate
+from optimizers.outer import OuterOptimizer
 from optimizers.peers import SyncPeer
 from optimizers.registry import get_algorithm
+from optimizers.steprate import StepRate
 from peer.device import check_device_spec, model_device, move_batch
 from peer.tasks.base import Task, batch_stream
 
