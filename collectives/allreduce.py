@@ -9,7 +9,7 @@ restored) across an ordered group of members, as ``shared/DESIGN.md`` says:
 2. reduce: member j reduces the n rows of its part in fp32 with the round's
    aggregator (weighted mean, sum, median, trimmed mean; or a whole-vector one
    such as Krum, whose statistic the owners assemble from per-part shares
-   first, see ``collectives/round.py``);
+   first, see ``collectives/reduce/round.py``);
 3. all-gather: member j encodes its reduced part once, streams the same bytes
    to every member, and itself uses the *decoded* value, so all members end
    with bit-identical results.
@@ -26,13 +26,13 @@ Applying the result, or not, is the business of the layer above (the commit
 step of the membership issue).
 
 An input on a GPU stays there: member i encodes its parts on the device
-(``collectives/devicecodec.py``, the same bytes as on the CPU), so only
+(``collectives/codecs/device.py``, the same bytes as on the CPU), so only
 encoded bytes cross to the host; owners reduce, and every member decodes its
 result, on the host.
 
 This module is the endpoint: the public API, the Collective service's
-handlers (receive side, validated by ``collectives/inbox.py``), buffers. The
-sending side of one round is ``collectives/round.py``.
+handlers (receive side, validated by ``collectives/reduce/inbox.py``), buffers. The
+sending side of one round is ``collectives/reduce/round.py``.
 
 A push or share for a round this member has not opened waits at most the
 transport's ``open_wait_s`` and is then refused as retryable ("not-open"); the
@@ -56,11 +56,11 @@ from typing import Any
 import grpc
 import torch
 
-from collectives.admission import ACCEPTED_KEY, OPEN_WAIT_EXPIRED, RETRY_KEY, UNAUTHENTICATED
+from collectives.net.admission import ACCEPTED_KEY, OPEN_WAIT_EXPIRED, RETRY_KEY, UNAUTHENTICATED
 from collectives.asynctasks import consume_exception
-from collectives.buffers import BufferPool
+from collectives.reduce.buffers import BufferPool
 from collectives.codecs import Codec, CodecConfig, error_bound, make_codec
-from collectives.credentials import refuse_unauthenticated, verify_peer_call
+from collectives.net.credentials import refuse_unauthenticated, verify_peer_call
 from collectives.errors import (
     LoconetError,
     NonFiniteError,
@@ -68,10 +68,10 @@ from collectives.errors import (
     StaleRound,
     Unauthenticated,
 )
-from collectives.hostcache import SegmentCache
-from collectives.hostlocal import HostPlan, pre_reducible
-from collectives.hostround import HostRound
-from collectives.inbox import (
+from collectives.hosts.cache import SegmentCache
+from collectives.hosts.local import HostPlan, pre_reducible
+from collectives.hosts.round import HostRound
+from collectives.reduce.inbox import (
     DuplicateStream,
     ForeignRun,
     Group,
@@ -82,12 +82,20 @@ from collectives.inbox import (
     StaleMessage,
     sent_by_another,
 )
-from collectives.parts import flatten, part_bounds, shared_device, total_numel, unflatten_like
-from collectives.round import ABORT_METHOD, ERROR_KIND_KEY, PUSH_METHOD, SERVICE, STAT_METHOD, AllReduceConfig, Round
-from collectives.rpc import method_handlers, raw_stream_unary, raw_unary_unary
+from collectives.reduce.parts import flatten, part_bounds, shared_device, total_numel, unflatten_like
+from collectives.reduce.round import (
+    ABORT_METHOD,
+    ERROR_KIND_KEY,
+    PUSH_METHOD,
+    SERVICE,
+    STAT_METHOD,
+    AllReduceConfig,
+    Round,
+)
+from collectives.net.rpc import method_handlers, raw_stream_unary, raw_unary_unary
 from collectives.stats import RoundStats
-from collectives.transport import Transport
-from collectives.wire import decode_chunk
+from collectives.net.transport import Transport
+from collectives.net.wire import decode_chunk
 from protos import collective_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -183,7 +191,7 @@ class Collective:
         # the collective's life, so a round does not allocate (and fault in) scratch anew.
         self._codecs: dict[CodecConfig, Codec] = {}
         self._background: set[asyncio.Task] = set()
-        # Shared-memory segments of hierarchical rounds, kept mapped from round to round (collectives/hostcache.py).
+        # Shared-memory segments of hierarchical rounds, kept mapped from round to round (collectives/hosts/cache.py).
         self.segments = SegmentCache()
 
     def close(self) -> None:
@@ -245,7 +253,7 @@ class Collective:
         tensors are then views of it. ``copy_input=False`` promises that the
         input is not modified until the future is done, which saves the copy
         when it is one contiguous fp32 CPU tensor. ``hosts``, one host id per member in rank order, makes
-        members that share a host reduce through shared memory first (``collectives/hostround.py``;
+        members that share a host reduce through shared memory first (``collectives/hosts/round.py``;
         pre-reducible aggregators only, others ignore it); every member must pass the same.
         """
         config = config or AllReduceConfig()

@@ -2,7 +2,7 @@
 
 ``ElasticCollective`` puts the pieces together: a transport (data plane),
 the all-reduce, a state server for joiners, the committed results it keeps
-for late peers (``collectives/catchup.py``), and the coordinator client. Its
+for late peers (``collectives/reduce/catchup.py``), and the coordinator client. Its
 ``sync`` is the elastic all-reduce the optimizers use: each sync is run
 through quorum, all-reduce and commit by the member's ``ElasticSync``
 (``collectives/elasticsync.py``, which draws that state machine). This
@@ -41,20 +41,20 @@ from typing import Any, TypeVar
 
 import torch
 
-from collectives.addresses import coordinator_address
-from collectives.aggregators import AggregatorConfig
+from collectives.net.addresses import coordinator_address
+from collectives.reduce.aggregators import AggregatorConfig
 from collectives.allreduce import AllReduceConfig, Collective
 from collectives.asynctasks import cancel_and_wait
-from collectives.catchup import LateRounds
+from collectives.reduce.catchup import LateRounds
 from collectives.codecs import CodecConfig
 from collectives.elasticsync import WAIT_POLL_S, ElasticSync, sync_request
 from collectives.errors import ConfigError, UsageError
-from collectives.hostid import resolve_host_id
-from collectives.inbox import Group
-from collectives.membership import PATIENCE_S, QUORUM_PATIENCE_S, MembershipClient, MembershipConfig, PeerStatus
+from collectives.hosts.identity import resolve_host_id
+from collectives.reduce.inbox import Group
+from collectives.membership.client import PATIENCE_S, QUORUM_PATIENCE_S, MembershipClient, MembershipConfig, PeerStatus
 from collectives.notes import RepeatNote
-from collectives.results import CommittedResult, ResultStore
-from collectives.roundplan import FINISHED
+from collectives.reduce.results import CommittedResult, ResultStore
+from collectives.membership.roundplan import FINISHED
 from collectives.statesync import (
     ExpectedState,
     SERVES_NO_STATE,
@@ -77,11 +77,11 @@ from collectives.syncphases import (
     Within,
     check_prepared,
 )
-from collectives.transport import Transport
-from collectives.transportconfig import TransportConfig
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import TransportConfig
 
 # What other modules import from here: this module's own names, and a sync's outcomes and types, which
-# callers of ElasticCollective.sync catch and pass (collectives/syncphases.py, collectives/results.py).
+# callers of ElasticCollective.sync catch and pass (collectives/syncphases.py, collectives/reduce/results.py).
 __all__ = [
     "LEAVE_DIGEST_S",
     "LEAVE_ON_STOP_S",
@@ -186,14 +186,14 @@ class ElasticCollective:
         self.config = config
         # With a run secret, every call carries the run's credentials; the coordinator binds this peer's key at join.
         self.transport = Transport(config.transport, auth=config.transport.security.call_auth(config.run_id))
-        # The committed results of recent rounds, served to peers that were late for them (collectives/results.py).
+        # The committed results of recent rounds, served to peers that were late for them (collectives/reduce/results.py).
         self.results = ResultStore(config.keep_results)
         self.collective = Collective(self.transport, config.run_id, phase_hook=phase_hook)
         self.state_server = StateServer(
             self.transport, config.run_id, provider, config.state_sync, results=self.results.snapshot
         )
         # Catching up by the results of rounds this peer missed, and keeping those the coordinator asks it to
-        # hold for the run (collectives/catchup.py).
+        # hold for the run (collectives/reduce/catchup.py).
         self.late = LateRounds(
             self.transport, config.run_id, config.state_sync, self.results,
             keep=lambda r: self._keep_result(r.round_id, r.tag, r.value, r.codec, r.parts, r.epoch, r.digest),
@@ -273,7 +273,7 @@ class ElasticCollective:
         state, when they are fewer bytes than ``state_nbytes()``.
 
         ``results_are_the_runs``: every member of a round gets the same result (not NoLoCo's pairs); with
-        ``round_numel`` this peer then offers to keep other rounds' results for the run (collectives/catchup.py).
+        ``round_numel`` this peer then offers to keep other rounds' results for the run (collectives/reduce/catchup.py).
 
         ``own_state``: this peer's state is its own (NoLoCo's replicas differ): back with an older state than the
         run's and nobody to catch up from, it goes on from it instead of waiting for a holder (its joins say so).
@@ -417,7 +417,7 @@ class ElasticCollective:
             raise UsageError(f"start() was called already: this peer joined run {self.config.run_id} at "
                                f"{self.address}; call it once")
         # The coordinator's address decides what a wildcard bind advertises (and refuses a loopback
-        # bind when the coordinator is on another machine: collectives.addresses.check_reachable).
+        # bind when the coordinator is on another machine: collectives.net.addresses.check_reachable).
         self.address = self.transport.start(
             self.collective.handlers() + self.state_server.handlers(), coordinator=self.config.coordinator
         )
@@ -627,7 +627,7 @@ class ElasticCollective:
         what this attempt sends. ``residual`` (a flat fp32 tensor of the input's size, on its device) enables
         error feedback: it changes only when the round commits (then by what the committed round did not carry).
         ``settings``: what this peer does with the result ("outer lr 0.7", ...), which the coordinator compares
-        among the run's members with the codec, the aggregator and the length (collectives.roundformat.round_format).
+        among the run's members with the codec, the aggregator and the length (collectives.membership.roundformat.round_format).
         ``min_members``: the fewest members a round may have (differential privacy's), beyond the aggregator's need.
         """
         request = sync_request(

@@ -33,7 +33,7 @@ results of its last ``keep_results`` rounds and serves them, and the late
 peer fetches the rounds it missed and hands them to its optimizer, which
 applies them in order (``CaughtUp``), when that costs fewer bytes than the
 state. Anything wrong with a fetched result (gone, wrong size, not finite)
-falls back to the full state (``collectives/catchup.py``, which also keeps
+falls back to the full state (``collectives/reduce/catchup.py``, which also keeps
 the results of rounds of some of the peers for the run, when the coordinator
 asks).
 
@@ -43,7 +43,7 @@ each attempt: gradient coding's decoding coefficients depend on who made the
 round.
 
 A sync may pass ``within``, a function of the round's plan naming the
-members this peer reduces with (NoLoCo's pairs, ``collectives/pairing.py``):
+members this peer reduces with (NoLoCo's pairs, ``collectives/membership/pairing.py``):
 the round then runs as several small all-reduces in parallel, one per group,
 and commits as one. With ``own_state`` the peer's state is its own (replicas
 differ): a round it missed is skipped rather than caught up.
@@ -56,7 +56,7 @@ differential privacy adds each member's share of the noise, which depends on
 the number of members.
 
 A contribution on a GPU stays there: the round encodes its chunks where
-they live (``collectives/devicecodec.py``), so only encoded bytes come to the
+they live (``collectives/codecs/device.py``), so only encoded bytes come to the
 host, which is where every result is decoded and returned.
 
 What a sync needs of its member, it is given (``ElasticSync``'s arguments):
@@ -80,22 +80,22 @@ from typing import Any, Protocol
 
 import torch
 
-from collectives.aggregators import AggregatorConfig, make_aggregator
+from collectives.reduce.aggregators import AggregatorConfig, make_aggregator
 from collectives.allreduce import AllReduceConfig, AllReduceResult, Collective
-from collectives.catchup import LateRounds
+from collectives.reduce.catchup import LateRounds
 from collectives.codecs import CodecConfig, check_finite
-from collectives.coordinatorerrors import CommitUnknown, Unregistered
+from collectives.membership.coordinatorerrors import CommitUnknown, Unregistered
 from collectives.errors import (
     InternalError, LoconetError, MemberFailure, ProtocolError, QuorumMismatch, RoundFailed,
 )
-from collectives.hostlocal import round_hosts
-from collectives.inbox import Group
-from collectives.membership import MembershipClient
+from collectives.hosts.local import round_hosts
+from collectives.reduce.inbox import Group
+from collectives.membership.client import MembershipClient
 from collectives.notes import RepeatNote
-from collectives.parts import flatten, shared_device, total_numel, unflatten_like
-from collectives.results import CommittedResult
-from collectives.roundformat import round_format
-from collectives.roundplan import CommitOutcome, RoundPlan
+from collectives.reduce.parts import flatten, shared_device, total_numel, unflatten_like
+from collectives.reduce.results import CommittedResult
+from collectives.membership.roundformat import round_format
+from collectives.membership.roundplan import CommitOutcome, RoundPlan
 from collectives.statesync import ExpectedState, StateServer, StateSnapshot, StateSyncError
 from collectives.syncphases import (
     TRANSITIONS,
@@ -110,7 +110,7 @@ from collectives.syncphases import (
     Within,
     check_prepared,
 )
-from collectives.transport import Transport
+from collectives.net.transport import Transport
 
 log = logging.getLogger(__name__)
 

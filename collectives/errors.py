@@ -30,7 +30,7 @@ class TransportClosed(UsageError):
     """A transport was used after it was closed (or before it was started); start a new one.
 
     A UsageError, so a sync that meets it ends the step rather than reading as a missed round; still a RuntimeError
-    for callers that caught it as one. ``collectives.transport`` re-exports it."""
+    for callers that caught it as one. ``collectives.net.transport`` re-exports it."""
 
 
 class InternalError(RuntimeError):

@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 import torch
 
 from collectives.errors import ConfigError, QuorumMismatch
-from collectives.roundplan import RoundPlan
+from collectives.membership.roundplan import RoundPlan
 from collectives.statesync import StateSnapshot
 from collectives.syncphases import CaughtUp
 from optimizers.diloco import DiLoCo, DiLoCoConfig

@@ -11,7 +11,7 @@ without applies the round's result instead of its own (``CaughtUp``).
 
 - ``coded-sgd --stragglers s`` (Tandon et al. 2017): worker i computes the
   gradients of the s+1 partitions supp(B_i) of the code B built from (n, s)
-  (``collectives/gradcodes.py``: fractional repetition when (s+1) divides n,
+  (``collectives/gradcoding/gradcodes.py``: fractional repetition when (s+1) divides n,
   a cyclic MDS code over the reals otherwise) and sends their combination
   B_i g. The round is formed by the first workers that can decode (quorum
   ``coded:s``); each member weighs its contribution by its decoding
@@ -51,9 +51,9 @@ import numpy as np
 import torch
 
 from collectives.errors import ConfigError, ProtocolError, QuorumMismatch
-from collectives.gradcodes import CODE_KINDS, Undecodable, code_for, decode
-from collectives.parts import flatten, unflatten_like
-from collectives.roundplan import BACKUP_TAG_KEY, RoundPlan
+from collectives.gradcoding.gradcodes import CODE_KINDS, Undecodable, code_for, decode
+from collectives.reduce.parts import flatten, unflatten_like
+from collectives.membership.roundplan import BACKUP_TAG_KEY, RoundPlan
 from optimizers.backup import BackupConfig, BackupWorkers, RoundObservation
 from optimizers.outer import OuterOptimizer
 from optimizers.outer_optim import OuterConfig

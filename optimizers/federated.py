@@ -5,7 +5,7 @@ Each round the sampled peers (clients) start from the global model, train
 data, and send their update ``global - local`` (the pseudo-gradient). The
 round's aggregator combines the updates across the members on the butterfly
 (``mean`` weighted by samples: FedAvg; or a robust one, ``median``,
-``krum:f=1``...; ``collectives/aggregators.py``), and every peer applies the
+``krum:f=1``...; ``collectives/reduce/aggregators.py``), and every peer applies the
 same server step to the same global parameters, so every peer ends the round
 with the same model. There is no server: the "server optimizer" runs on every
 peer.
@@ -49,8 +49,8 @@ from typing import Any, ClassVar
 import torch
 
 from collectives.errors import ConfigError
-from collectives.roundplan import RoundPlan
-from collectives.sampling import sample_size
+from collectives.membership.roundplan import RoundPlan
+from collectives.membership.sampling import sample_size
 from collectives.statesync import StateSnapshot
 from collectives.syncphases import CaughtUp
 from optimizers.diloco import DiLoCo

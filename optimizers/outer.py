@@ -35,8 +35,8 @@ import torch
 from collectives.codecs import needs_feedback
 from collectives.errors import ConfigError, Incompatible, LoconetError, NonFiniteError, UsageError
 from collectives.notes import RepeatNote
-from collectives.parts import unflatten_like
-from collectives.roundformat import reduction_parts
+from collectives.reduce.parts import unflatten_like
+from collectives.membership.roundformat import reduction_parts
 from collectives.statesync import StateSnapshot, state_digest
 from collectives.syncphases import CaughtUp, Resynced
 from optimizers.globalstate import GlobalState

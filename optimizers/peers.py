@@ -4,7 +4,7 @@
 a run of one (no network: the round's aggregate of one contribution), for
 training alone and for tests of the optimizer math.
 
-A peer may have a ``status`` (``collectives.membership.PeerStatus``, what
+A peer may have a ``status`` (``collectives.membership.client.PeerStatus``, what
 its heartbeats report); the optimizer fills its step, loss, samples and
 speed after every step. A peer without one (None, or no such attribute) is
 simply not reported on.
@@ -25,12 +25,12 @@ from typing import Any, Protocol
 
 import torch
 
-from collectives.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
+from collectives.reduce.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
 from collectives.codecs import CodecConfig, check_finite, make_codec
 from collectives.errors import Incompatible, NonFiniteError
-from collectives.membership import PeerStatus
-from collectives.parts import flatten, unflatten_like
-from collectives.roundplan import RoundPlan
+from collectives.membership.client import PeerStatus
+from collectives.reduce.parts import flatten, unflatten_like
+from collectives.membership.roundplan import RoundPlan
 from collectives.syncphases import Prepare, Weight, check_prepared
 
 
@@ -132,7 +132,7 @@ class LocalPeer:
             check_finite(flat, "the values to sync (nothing was sent)")
             flat = check_prepared(prepare(plan, flat), flat, round_id)
         c = make_codec(codec or CodecConfig())
-        if c.NEEDS_FEEDBACK:  # a sparse codec codes a real owner's own part too (collectives/round.py)
+        if c.NEEDS_FEEDBACK:  # a sparse codec codes a real owner's own part too (collectives/reduce/round.py)
             work = None if residual is None else residual.cpu()
             flat = c.decode(c.encode_with_feedback(flat, work), flat.numel())
             if work is not None:

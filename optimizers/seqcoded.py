@@ -1,7 +1,7 @@
 """Sequential gradient coding on real rounds: ``seq-sgc``, jobs decoded within T rounds of bursty stragglers.
 
 Krishnan, Ebrahimi and Khisti (ICLR 2023) spend a delay of T rounds to lower the compute that plain gradient
-coding needs against (B, W, λ)-bursty stragglers. ``collectives/seqcoding.py`` has the schemes (``gc``,
+coding needs against (B, W, λ)-bursty stragglers. ``collectives/gradcoding/seqcoding.py`` has the schemes (``gc``,
 ``sr-sgc``, ``m-sgc``); this module runs them, one round per ``train_step``:
 
 - Job j is the gradient, at the global parameters w_j as they were when round j started, over all
@@ -60,13 +60,13 @@ import torch
 
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError, ProtocolError, QuorumMismatch
-from collectives.gradcodes import AUTO, CYCLIC, FRC
-from collectives.parts import flatten, unflatten_like
-from collectives.roundplan import RoundPlan
-from collectives.seqcoding import SCHEMES, SequentialScheme, gradcode, make_scheme
-from collectives.seqrounds import checked_workers
+from collectives.gradcoding.gradcodes import AUTO, CYCLIC, FRC
+from collectives.reduce.parts import flatten, unflatten_like
+from collectives.membership.roundplan import RoundPlan
+from collectives.gradcoding.seqcoding import SCHEMES, SequentialScheme, gradcode, make_scheme
+from collectives.gradcoding.seqrounds import checked_workers
 from collectives.statesync import StateSnapshot
-from collectives.stragglermodel import BurstyModel
+from collectives.gradcoding.stragglermodel import BurstyModel
 from optimizers.coded import (
     CodedSGD,
     PartitionData,

@@ -1,7 +1,7 @@
 """Reading a state's metadata: values checked for type and range, or a ConfigError that names the field.
 
 The run's digest covers a state's tensors, not the JSON metadata beside them (docs/security.md), so a donor
-may send any JSON object there (``collectives/stateformat.py`` bounds its size and refuses NaN and Inf).
+may send any JSON object there (``collectives/statesync/format.py`` bounds its size and refuses NaN and Inf).
 Every optimizer reads its fields through these functions before it changes anything by them.
 """
 

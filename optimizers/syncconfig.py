@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from collectives.aggregators import AggregatorConfig, make_aggregator
+from collectives.reduce.aggregators import AggregatorConfig, make_aggregator
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError
 from optimizers.outer_optim import OuterConfig

@@ -10,7 +10,7 @@ two sides past each other:
 - **pseudo-gradients** (global - local) are computed on the model's device,
   in fp32: the host's global copy goes up, the subtraction runs there, and the
   result either comes back to the host or stays on the device for a codec to
-  encode there (``collectives/devicecodec.py``), so only encoded bytes cross
+  encode there (``collectives/codecs/device.py``), so only encoded bytes cross
   the bus;
 - **new global parameters** go back to the device after an outer step and
   are cast there to the model's dtype.

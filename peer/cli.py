@@ -202,7 +202,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``loconet peer``."""
-    from collectives.transportconfig import TransportConfig
+    from collectives.net.transportconfig import TransportConfig
     from peer.harness.control import add_control_arguments
     from peer.options import add_options
     from peer.runtime.daemon import PeerConfig
@@ -221,7 +221,7 @@ def run_peer_command(ns: argparse.Namespace) -> int:
     """Run a peer from parsed arguments."""
     import dataclasses
 
-    from collectives.transportconfig import TransportConfig
+    from collectives.net.transportconfig import TransportConfig
     from peer.harness.control import control_from
     from peer.options import read_options
     from peer.runtime.daemon import PeerConfig, run_peer

@@ -13,7 +13,7 @@ benchmarks ask a pattern which workers straggle. A pattern is written:
   straggler model of Krishnan, Ebrahimi and Khisti, "Sequential gradient coding for straggler
   mitigation" (ICLR 2023): in every window of W consecutive steps at most ``lambda`` distinct workers
   straggle, and each of them straggles only within B consecutive steps of that window (1 <= B < W,
-  as in ``collectives/stragglermodel.py``, which the sequential codes are built on).
+  as in ``collectives/gradcoding/stragglermodel.py``, which the sequential codes are built on).
   Each step, a worker not in a burst starts one with probability P (default ``lambda / (n * W)``) of a
   length drawn uniformly from 1..B; a start or a continuation that would break the model in the window
   ending at that step is refused (the burst ends). Every straggler is X times slower.
@@ -38,7 +38,7 @@ from typing import ClassVar
 import numpy as np
 
 from collectives.errors import ConfigError
-from collectives.stragglermodel import BurstyModel, allows
+from collectives.gradcoding.stragglermodel import BurstyModel, allows
 
 FORMS = (
     "none",

@@ -13,9 +13,9 @@ import torch
 from support.durations import load, slowest_first
 
 from collectives.allreduce import Collective
-from collectives.inbox import Group
-from collectives.transport import Transport
-from collectives.transportconfig import TransportConfig
+from collectives.reduce.inbox import Group
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import TransportConfig
 
 CUDA_SKIP_REASON = "CUDA is not available (torch.cuda.is_available() is False)"
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from collectives.aggregators import (
+from collectives.reduce.aggregators import (
     AGGREGATORS,
     Aggregator,
     AggregatorConfig,
@@ -27,8 +27,8 @@ from collectives.aggregators import (
     register_aggregator,
 )
 from collectives.errors import ConfigError
-from collectives.parts import chunk_bounds, part_bounds
-from collectives.robust import closest_to_median
+from collectives.reduce.parts import chunk_bounds, part_bounds
+from collectives.reduce.robust import closest_to_median
 from tests.support.robust_reference import (
     brute_bulyan,
     brute_centered_clip,

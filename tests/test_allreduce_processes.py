@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from collectives.aggregators import aggregate_rows, make_aggregator
+from collectives.reduce.aggregators import aggregate_rows, make_aggregator
 from collectives.allreduce import mean_error_bound
 from collectives.codecs import CodecConfig
 from peer.harness.procgroup import AllReduceJob, ProcessGroup, worker_tensor

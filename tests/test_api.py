@@ -14,12 +14,12 @@ import time
 import pytest
 import torch
 
-from collectives import addresses
+from collectives.net import addresses
 from collectives.elastic import ElasticCollective, ElasticConfig, leave_reason
 from collectives.errors import ConfigError
-from collectives.membership import PeerStatus
-from collectives.transport import Transport
-from collectives.transportconfig import TransportConfig
+from collectives.membership.client import PeerStatus
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import TransportConfig
 from optimizers.diloco import DiLoCo
 from optimizers.peers import LocalPeer, takes_keyword
 from optimizers.steprate import StepRate
@@ -186,10 +186,10 @@ def test_a_loopback_peer_with_its_coordinator_on_this_machine_starts():
 
 
 def test_a_loopback_peer_that_advertises_another_address_only_warns(caplog):
-    with Transport(TransportConfig(advertise="10.0.0.7")) as transport, caplog.at_level("WARNING", "collectives.addresses"):
+    with Transport(TransportConfig(advertise="10.0.0.7")) as transport, caplog.at_level("WARNING", "collectives.net.addresses"):
         address = transport.start(coordinator=ELSEWHERE)
     assert address == f"10.0.0.7:{addresses.split_address(transport.bound_address)[1]}"
-    warnings = [r.getMessage() for r in caplog.records if r.name == "collectives.addresses"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "collectives.net.addresses"]
     assert len(warnings) == 1 and "port forwarded to it" in warnings[0]
 
 

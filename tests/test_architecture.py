@@ -3,7 +3,7 @@
 ``peer -> optimizers -> collectives -> protos``: a package imports only itself and the packages to its right;
 inside ``peer/``, ``peer.cli`` imports the rest and nothing imports it; and no module imports, even lazily
 inside a function, a module that imports it back (directly or through others). One rule inside
-``collectives/``: only the codec modules import the codecs' base (``collectives.codecbase``); the rest import
+``collectives/``: only the codec modules import the codecs' base (``collectives.codecs.base``); the rest import
 the facade, ``collectives.codecs``.
 """
 
@@ -130,6 +130,6 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_only_the_codec_modules_import_the_codec_base():
     # The base's registry holds the built-ins only once collectives.codecs (the facade) has registered them, and
     # make_codec is the facade's: a module that imported only the base could not build a built-in codec.
-    importers = sorted(m for m, targets in GRAPH.items() if "collectives.codecbase" in targets)
-    assert importers == ["collectives.codecs", "collectives.densecodecs", "collectives.kernels", "collectives.sparse"]
+    importers = sorted(m for m, targets in GRAPH.items() if "collectives.codecs.base" in targets)
+    assert importers == ["collectives.codecs", "collectives.codecs.dense", "collectives.codecs.kernels", "collectives.codecs.sparse"]
 

@@ -90,7 +90,7 @@ def test_a_sampled_run_waits_for_the_samples_size_not_every_peer():
 
 def test_a_sample_raised_to_the_aggregators_minimum_is_verified_as_the_peers_drew_it():
     # Krum needs 2f+3 = 5: the coordinator draws 5 of 5 at sample:0.5, and the check (drawing 3) said false.
-    from collectives.sampling import sample_members
+    from collectives.membership.sampling import sample_members
     from peer.bench.federated import samples_verified
 
     config = FederatedBenchConfig(peers=5, quorum="sample:0.5")

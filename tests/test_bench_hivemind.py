@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from collectives.errors import ConfigError
-from collectives.hostid import process_start
+from collectives.hosts.identity import process_start
 from peer.bench import hivemind_baseline as hb
 from peer.cli import main
 from peer.harness.processes import ChildFailed

@@ -17,7 +17,7 @@ import grpc
 import pytest
 import torch
 
-from collectives.admission import (
+from collectives.net.admission import (
     ACCEPTED_KEY,
     FIRST_MESSAGE_TIMEOUT,
     OPEN_WAIT_EXPIRED,
@@ -27,16 +27,16 @@ from collectives.admission import (
     Admission,
     AdmissionLimits,
 )
-from collectives.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
+from collectives.reduce.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
 from collectives.allreduce import AllReduceConfig
 from collectives.codecs import CodecConfig, make_codec
 from collectives.errors import ConfigError
-from collectives.inbox import SCATTER, Group, RoundInbox
-from collectives.parts import part_bounds
-from collectives.round import ERROR_KIND_KEY, PUSH_METHOD, chunk_message
-from collectives.rpc import health_check, identity, make_channel, method_handlers, raw_stream_unary, raw_unary_unary
-from collectives.transport import Transport
-from collectives.transportconfig import TransportConfig
+from collectives.reduce.inbox import SCATTER, Group, RoundInbox
+from collectives.reduce.parts import part_bounds
+from collectives.reduce.round import ERROR_KIND_KEY, PUSH_METHOD, chunk_message
+from collectives.net.rpc import health_check, identity, make_channel, method_handlers, raw_stream_unary, raw_unary_unary
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import TransportConfig
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from collectives.errors import ConfigError
-from collectives.transportconfig import TransportConfig
+from collectives.net.transportconfig import TransportConfig
 from optimizers.diloco import DiLoCoConfig
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalPeer

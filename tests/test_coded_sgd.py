@@ -15,7 +15,7 @@ import torch
 
 from collectives.elastic import CaughtUp, CommittedResult
 from collectives.errors import ConfigError, ProtocolError, QuorumMismatch
-from collectives.roundplan import RoundPlan
+from collectives.membership.roundplan import RoundPlan
 from optimizers.coded import CodedSGD, CodedSGDConfig, SyncSGDConfig, plan_roster
 from optimizers.peers import LocalPeer
 from peer.bench import coding

@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 
 from collectives.errors import ConfigError
-from collectives.sampling import SampleSize
+from collectives.membership.sampling import SampleSize
 from peer.coordinator.config import CoordinatorConfig, parse_dashboard_port
 from peer.coordinator.policies import AllPeers, FirstK, Sample
 

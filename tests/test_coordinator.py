@@ -20,11 +20,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from collectives.memberlists import entries_of, unpack_list
-from collectives.membership import MembershipClient, MembershipConfig
-from collectives.roundplan import KnownMembers, MissedRound
-from collectives.sampling import check_sample, sample_members
-from collectives.transport import Transport
+from collectives.membership.memberlists import entries_of, unpack_list
+from collectives.membership.client import MembershipClient, MembershipConfig
+from collectives.membership.roundplan import KnownMembers, MissedRound
+from collectives.membership.sampling import check_sample, sample_members
+from collectives.net.transport import Transport
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 
@@ -209,7 +209,7 @@ def test_an_asker_holding_the_rounds_member_list_gets_the_answer_without_it(coor
 
 
 def test_a_peer_that_registers_again_is_named_with_a_new_registration_and_a_live_rejoin_keeps_its_own(coordinator):
-    # The members then open a new connection to the peer that came back (collectives/transport.py,
+    # The members then open a new connection to the peer that came back (collectives/net/transport.py,
     # note_registrations): the old one may have died in the cut that lost it.
     c = coordinator()
     a, b = (join(c.stub, f"127.0.0.1:{port}") for port in (1, 2))

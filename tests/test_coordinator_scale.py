@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from collectives.memberlists import Entry, entries_of, list_bytes, list_digest, unpack_list
-from collectives.roundplan import commit_time, heartbeat_interval
+from collectives.membership.memberlists import Entry, entries_of, list_bytes, list_digest, unpack_list
+from collectives.membership.roundplan import commit_time, heartbeat_interval
 from peer.bench.simsession import bench_rate_limits
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.history import SeriesBook

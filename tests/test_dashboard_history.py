@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from collectives.rpc import blocking_channel
+from collectives.net.rpc import blocking_channel
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.history import Series, SeriesBook
 from peer.coordinator.runstate import PeerRecord, RunState

@@ -391,7 +391,7 @@ def test_a_coordinator_with_a_bad_token_file_does_not_start(tmp_path):
 
 def test_a_dashboard_token_that_is_the_run_secret_is_refused(tmp_path):
     # The dashboard's token goes into browser URLs and scrapers' configs; the run secret must not go with it.
-    from collectives.rpc import RpcSecurity
+    from collectives.net.rpc import RpcSecurity
 
     path = tmp_path / "token"
     path.write_text(TOKEN)

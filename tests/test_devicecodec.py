@@ -1,4 +1,4 @@
-"""Tests of collectives.devicecodec: encoding where the tensor lives writes the CPU encoder's bytes, bit for bit.
+"""Tests of collectives.codecs.device: encoding where the tensor lives writes the CPU encoder's bytes, bit for bit.
 
 Every parity test runs the device encoder on the CPU, and again on CUDA under the ``cuda`` marker
 (skipped, with the reason, where there is no CUDA device). Codec.encode only sends non-CPU tensors
@@ -15,9 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collectives import devicecodec
+from collectives.codecs import device as devicecodec
 from collectives.codecs import CODEC_NAMES, Codec, CodecConfig, error_bound, make_codec, register_codec
-from collectives.devicecodec import _seg_blocks, decode_raw_on_device, encode_raw_on_device, encode_throughput
+from collectives.codecs.device import _seg_blocks, decode_raw_on_device, encode_raw_on_device, encode_throughput
 from collectives.errors import CodecError, ConfigError, NonFiniteError
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

@@ -16,7 +16,7 @@ import torch
 
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError
-from collectives.results import CommittedResult
+from collectives.reduce.results import CommittedResult
 from collectives.syncphases import CaughtUp, Stopped
 from optimizers import outer
 from optimizers.diloco import DiLoCo

@@ -19,8 +19,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from collectives.membership import MembershipClient, MembershipConfig
-from collectives.transport import Transport
+from collectives.membership.client import MembershipClient, MembershipConfig
+from collectives.net.transport import Transport
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.runstate import RunState
 from peer.options import add_options, read_options

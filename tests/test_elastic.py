@@ -9,14 +9,14 @@ import time
 import pytest
 import torch
 
-from collectives.aggregators import AggregatorConfig
+from collectives.reduce.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
-from collectives.coordinatorerrors import GroupTooSmall, Unregistered
+from collectives.membership.coordinatorerrors import GroupTooSmall, Unregistered
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import NonFiniteError, UsageError
-from collectives.roundplan import Joined
+from collectives.membership.roundplan import Joined
 from collectives.syncphases import WaitingForState
-from collectives.transportconfig import TransportConfig
+from collectives.net.transportconfig import TransportConfig
 from optimizers.diloco import DiLoCo
 from peer.coordinator.config import CoordinatorConfig
 from tests.support.coordinator import CoordinatorThread
@@ -244,7 +244,7 @@ def test_a_sync_behind_a_run_whose_holders_finished_and_left_does_not_wait_for_t
 @pytest.mark.timeout(90)
 def test_while_the_coordinator_is_away_a_sync_gives_up_after_its_patience_then_syncs_end_at_once_until_it_is_back():
     # Each sync retried the coordinator for 300 s: a peer trained one sync interval per 5 minutes while it was away.
-    from collectives.coordinatorerrors import CoordinatorUnavailable
+    from collectives.membership.coordinatorerrors import CoordinatorUnavailable
 
     settings = {"run_id": "w", "dashboard_port": None, "startup_grace_s": 0, "min_peers": 1, "heartbeat_s": 0.2}
     first = CoordinatorThread(CoordinatorConfig(port=0, **settings))

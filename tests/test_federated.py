@@ -10,7 +10,7 @@ import torch
 
 from collectives.elastic import CaughtUp, CommittedResult
 from collectives.errors import ConfigError, Incompatible
-from collectives.roundplan import RoundPlan
+from collectives.membership.roundplan import RoundPlan
 from optimizers.federated import DIRECTION_PREFIX, ClientMomentumConfig, FedAvg, FedConfig, FedProxConfig, sampling_rate
 from optimizers.peers import LocalPeer
 from optimizers.privacy import DPConfig

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from collectives import gradcodes
+from collectives.gradcoding import gradcodes
 from collectives.errors import ConfigError, LoconetError
-from collectives.gradcodes import (
+from collectives.gradcoding.gradcodes import (
     CYCLIC,
     DEFAULT_MAX_CONDITION,
     FRC,

@@ -18,10 +18,10 @@ import time
 import pytest
 import torch
 
-from collectives.aggregation import Aggregator, checked_reduce, finite_weights, weighted_sum
-from collectives.aggregators import AGGREGATORS, AggregatorConfig, make_aggregator, register_aggregator
-from collectives.hostid import SHM_DIR
-from collectives.hostlocal import (
+from collectives.reduce.aggregation import Aggregator, checked_reduce, finite_weights, weighted_sum
+from collectives.reduce.aggregators import AGGREGATORS, AggregatorConfig, make_aggregator, register_aggregator
+from collectives.hosts.identity import SHM_DIR
+from collectives.hosts.local import (
     ATTACHED,
     DONE,
     PREFIX,
@@ -37,9 +37,9 @@ from collectives.hostlocal import (
     segment_name,
     sweep_stale,
 )
-from collectives.hostround import reduce_rows
-from collectives.roundplan import RoundPlan
-from collectives.rpc import blocking_channel
+from collectives.hosts.round import reduce_rows
+from collectives.membership.roundplan import RoundPlan
+from collectives.net.rpc import blocking_channel
 from peer.coordinator.server import CoordinatorServer
 from peer.coordinator.service import CoordinatorConfig
 from peer.harness.procgroup import AllReduceJob, ProcessGroup, WorkerConfig
@@ -424,7 +424,7 @@ def test_the_coordinator_hands_every_member_the_host_ids_they_joined_with():
 
 def announced_host_id(configured: str, *wrapper: str) -> str:
     """The host id a fresh process announces for ``configured``, started through ``wrapper`` (e.g. unshare)."""
-    code = f"from collectives.hostid import resolve_host_id; print(resolve_host_id({configured!r}))"
+    code = f"from collectives.hosts.identity import resolve_host_id; print(resolve_host_id({configured!r}))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([*wrapper, sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     if done.returncode != 0:

@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from collectives.errors import MemberFailure, SharedMemoryUnusable
-from collectives.hostcache import SegmentCache
-from collectives.hostlocal import HostSegment, round_tag, segment_name, sweep_stale
-from collectives.hostmarkers import MARKER_BYTES, leave_marker, marker_name
-from collectives.hostround import HostRound
-from collectives.inbox import Group
-from collectives.round import AllReduceConfig
+from collectives.hosts.cache import SegmentCache
+from collectives.hosts.local import HostSegment, round_tag, segment_name, sweep_stale
+from collectives.hosts.markers import MARKER_BYTES, leave_marker, marker_name
+from collectives.hosts.round import HostRound
+from collectives.reduce.inbox import Group
+from collectives.reduce.round import AllReduceConfig
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from collectives.errors import Incompatible, NotThisRun
-from collectives.membership import MembershipClient, MembershipConfig
-from collectives.transport import Transport
+from collectives.membership.client import MembershipClient, MembershipConfig
+from collectives.net.transport import Transport
 from peer.coordinator.rules import MAX_CLAIM, claim_verdict, majority_round
 from peer.coordinator.runstate import PeerRecord, RoundRecord, RunState
 

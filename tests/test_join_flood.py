@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from collectives.rpc import blocking_channel
+from collectives.net.rpc import blocking_channel
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
 

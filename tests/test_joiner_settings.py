@@ -22,7 +22,7 @@ import pytest
 
 import torch
 
-from collectives.roundformat import MAX_FORMAT_CHARS
+from collectives.membership.roundformat import MAX_FORMAT_CHARS
 from optimizers.diloco import DiLoCo
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalPeer

@@ -1,4 +1,4 @@
-"""Tests of collectives.kernels: the C codec kernels give the torch path's bytes, and a missing compiler is not fatal.
+"""Tests of collectives.codecs.kernels: the C codec kernels give the torch path's bytes, and a missing compiler is not fatal.
 
 The parity tests need the kernels; they are skipped, with the reason, where this machine cannot build them.
 (tests/test_devicecodec.py also compares the device encoder, plain torch, against the CPU codec, which uses
@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collectives.codecs import CodecConfig, make_codec
-from collectives.densecodecs import Int4Codec, Int8Codec
+from collectives.codecs.dense import Int4Codec, Int8Codec
 from collectives.errors import CodecError
-from collectives.kernels import (
+from collectives.codecs.kernels import (
     DISABLE_ENV,
     FLAG_SETS,
     SOURCE,
@@ -241,7 +241,7 @@ def test_a_cache_under_a_sticky_shared_directory_is_used(tmp_path):
 
 
 def test_the_environment_switch_keeps_the_torch_path():
-    code = "from collectives.kernels import kernels_status, native_kernels; print(native_kernels(), kernels_status().detail)"
+    code = "from collectives.codecs.kernels import kernels_status, native_kernels; print(native_kernels(), kernels_status().detail)"
     env = {**os.environ, DISABLE_ENV: "0"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           check=True)

@@ -1,4 +1,4 @@
-"""A member list's change from a list the asker holds, and a whole list packed (collectives/memberlists.py):
+"""A member list's change from a list the asker holds, and a whole list packed (collectives/membership/memberlists.py):
 computed by the coordinator, applied or unpacked by the peer, checked against the round's digest."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
-from collectives.memberlists import (
+from collectives.membership.memberlists import (
     MAX_LIST_BYTES,
     Entry,
     BadMemberChange,

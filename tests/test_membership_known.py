@@ -1,4 +1,4 @@
-"""A peer's kept member list (collectives.roundplan.KnownMembers): a ROUND answer may leave the list out.
+"""A peer's kept member list (collectives.membership.roundplan.KnownMembers): a ROUND answer may leave the list out.
 
 The coordinator leaves a round's member list out of the answer to a peer that
 names the same list's digest (QuorumRequest.known_members), so 1,000 members
@@ -10,8 +10,15 @@ from __future__ import annotations
 import pytest
 
 from collectives.errors import RoundFailed
-from collectives.memberlists import change_bytes, entries_of, list_bytes, list_digest, member_change, pack_list
-from collectives.roundplan import KnownMembers
+from collectives.membership.memberlists import (
+    change_bytes,
+    entries_of,
+    list_bytes,
+    list_digest,
+    member_change,
+    pack_list,
+)
+from collectives.membership.roundplan import KnownMembers
 from protos import membership_pb2 as pb
 
 LIST_A = [pb.Member(peer_id="a", address="10.0.0.1:1", host_id="h1"), pb.Member(peer_id="b", address="10.0.0.2:1")]

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from collectives.errors import ConfigError, RoundFailed, TransportClosed
-from collectives.pairing import group_of, pair_groups
-from collectives.parts import flatten
-from collectives.roundplan import RoundPlan
+from collectives.membership.pairing import group_of, pair_groups
+from collectives.reduce.parts import flatten
+from collectives.membership.roundplan import RoundPlan
 from optimizers.noloco import NoLoCo, NoLoCoConfig, count_sketch
 from optimizers.outer_optim import OuterConfig
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from collectives.parts import chunk_bounds, flatten, part_bounds, unflatten_like
+from collectives.reduce.parts import chunk_bounds, flatten, part_bounds, unflatten_like
 
 
 @pytest.mark.parametrize("numel,n", [(10, 3), (0, 4), (2, 5), (1_000_003, 7), (5, 5)])

@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from support.coordinator import CoordinatorThread
 from support.procs import CoordinatorProc, Proc, daemon_peer, stop_all
 
-from collectives.addresses import coordinator_address
-from collectives.coordinatorerrors import CoordinatorUnavailable, NotACoordinator
+from collectives.net.addresses import coordinator_address
+from collectives.membership.coordinatorerrors import CoordinatorUnavailable, NotACoordinator
 from collectives.elastic import ElasticCollective, ElasticConfig, Stopped
 from collectives.errors import ConfigError
-from collectives.transport import Transport
+from collectives.net.transport import Transport
 from peer.coordinator.config import CoordinatorConfig
 from peer.runtime.daemon import PeerConfig
 
@@ -146,7 +146,7 @@ def test_no_coordinator_is_said_within_seconds_with_a_countdown_then_given_up_af
     port = free_port()
     member = ElasticCollective(ElasticConfig(coordinator=f"127.0.0.1:{port}", run_id="r", connect_timeout_s=10))
     began, began_wall = time.monotonic(), time.time()
-    with caplog.at_level(logging.WARNING, logger="collectives.membership"), pytest.raises(CoordinatorUnavailable) as caught:
+    with caplog.at_level(logging.WARNING, logger="collectives.membership.client"), pytest.raises(CoordinatorUnavailable) as caught:
         member.start()
     took = time.monotonic() - began
     notes = [(r.created, r.getMessage()) for r in caplog.records]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from collectives.aggregators import Aggregator, register_aggregator
+from collectives.reduce.aggregators import Aggregator, register_aggregator
 from optimizers.diloco import DiLoCoConfig
 from optimizers.outer import OuterOptimizer
 from optimizers.outer_optim import OuterConfig
@@ -131,7 +131,7 @@ BAD_PLUGINS = {
     "syntax_error": "def broken(:\n",
     "needs_a_dependency": "import no_such_dependency_xyz\n",
     "registers_badly": (
-        "from collectives.aggregators import register_aggregator\n"
+        "from collectives.reduce.aggregators import register_aggregator\n"
         "register_aggregator(5)\n"
     ),
 }

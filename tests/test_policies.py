@@ -10,7 +10,7 @@ from typing import ClassVar
 import pytest
 
 from collectives.errors import ConfigError
-from collectives.sampling import SampleSize
+from collectives.membership.sampling import SampleSize
 from peer.coordinator.policies import (
     POLICIES,
     AllBut,
@@ -111,7 +111,7 @@ CASES = [
     ("sample: startup grace", sample("2"), q("bc", age=9.0), None),
     ("sample: a lone survivor below min_peers", sample("2"), q("a", "a", waited=5.0, rules=TWO), Refuse(1)),
     ("sample: ... asking again, nobody back since", sample("2"), q("a", "a", rules=TWO, refused=True), Refuse(1)),
-    # sample:F: k = ceil(F x candidates), at least min, at most the candidates (collectives.sampling.SampleSize).
+    # sample:F: k = ceil(F x candidates), at least min, at most the candidates (collectives.membership.sampling.SampleSize).
     # Seed 0, round 1 draws b, c from abcd and from abc; b, c, e from abcdef; b first of all.
     ("sample 0.5: half of the candidates", sample("0.5"), q("cb"), form("bc", "abcd")),
     ("sample 0.5: half of three, rounded up", sample("0.5"), q("cb", "abc"), form("bc", "abc")),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from collectives.rpc import RpcSecurity, RpcSettings, bind, make_channel, make_server
+from collectives.net.rpc import RpcSecurity, RpcSettings, bind, make_channel, make_server
 from peer.certs import CertsConfig, make_certs
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread

@@ -3,7 +3,7 @@
 import pytest
 
 from collectives.errors import ConfigError
-from collectives.ratelimit import TokenBucket, format_bandwidth, parse_bandwidth
+from collectives.net.ratelimit import TokenBucket, format_bandwidth, parse_bandwidth
 
 
 @pytest.mark.parametrize(

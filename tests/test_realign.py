@@ -15,7 +15,7 @@ import time
 import torch
 
 from collectives.elastic import ElasticCollective, ElasticConfig
-from collectives.transportconfig import TransportConfig
+from collectives.net.transportconfig import TransportConfig
 from optimizers.diloco import DiLoCo
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread

@@ -1,5 +1,5 @@
 """A round of some of the peers outlives its members: other peers keep its result (peer/coordinator/resultholders.py,
-collectives/catchup.py).
+collectives/reduce/catchup.py).
 
 The rules are pure functions with table-like tests; then the coordinator's side against a real coordinator with
 made-up peers; then real peers: a round of two of three, its result kept by the third, both members gone, and the
@@ -20,12 +20,12 @@ import torch
 
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig
-from collectives.roundplan import MissedRound
-from collectives import catchup
-from collectives.catchup import LateRounds
-from collectives.results import CommittedResult, ResultStore, result_digest as digest_of_result
-from collectives.rpc import COORDINATOR_SETTINGS, make_channel
-from collectives.session import CoordinatorSession
+from collectives.membership.roundplan import MissedRound
+from collectives.reduce import catchup
+from collectives.reduce.catchup import LateRounds
+from collectives.reduce.results import CommittedResult, ResultStore, result_digest as digest_of_result
+from collectives.net.rpc import COORDINATOR_SETTINGS, make_channel
+from collectives.membership.session import CoordinatorSession
 from collectives.statesync import StateSyncConfig
 from collectives.syncphases import CaughtUp
 from peer.coordinator.config import CoordinatorConfig

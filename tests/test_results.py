@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from collectives.codecs import CodecConfig, make_codec
-from collectives.parts import part_bounds
-from collectives.results import NEAR_ROUNDS, ResultStore, decode_result, expected_wire_bytes, result_digest
+from collectives.reduce.parts import part_bounds
+from collectives.reduce.results import NEAR_ROUNDS, ResultStore, decode_result, expected_wire_bytes, result_digest
 from collectives.statesync import ResultNotYet, StateSnapshot, StateSyncError
 
 INT8 = CodecConfig.parse("int8")

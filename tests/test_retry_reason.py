@@ -6,7 +6,7 @@ import grpc
 import pytest
 from grpc.aio import AioRpcError, Metadata
 
-from collectives.admission import RETRY_KEY, retry_reason
+from collectives.net.admission import RETRY_KEY, retry_reason
 
 
 def error(code: grpc.StatusCode, trailing: tuple[tuple[str, str], ...] = ()) -> AioRpcError:

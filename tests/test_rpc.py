@@ -1,4 +1,4 @@
-"""collectives.rpc: the one factory of gRPC servers and channels, and --advertise, over real sockets on 127.0.0.1."""
+"""collectives.net.rpc: the one factory of gRPC servers and channels, and --advertise, over real sockets on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from collectives import addresses
-from collectives.addresses import advertised_address, parse_advertise, split_address
+from collectives.net import addresses
+from collectives.net.addresses import advertised_address, parse_advertise, split_address
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError
-from collectives.rpc import (
+from collectives.net.rpc import (
     COORDINATOR_SETTINGS,
     RpcSecurity,
     RpcSettings,
@@ -24,7 +24,7 @@ from collectives.rpc import (
     make_server,
     server_options,
 )
-from collectives.transportconfig import TransportConfig
+from collectives.net.transportconfig import TransportConfig
 from peer.coordinator.service import CoordinatorConfig
 from tests.support.coordinator import CoordinatorThread
 
@@ -83,7 +83,7 @@ def test_advertise_with_a_port_is_taken_verbatim():
 
 def test_binding_every_interface_without_advertise_warns_once(monkeypatch, caplog):
     monkeypatch.setattr(addresses, "_warned_wildcard", set())
-    with caplog.at_level(logging.WARNING, logger="collectives.addresses"):
+    with caplog.at_level(logging.WARNING, logger="collectives.net.addresses"):
         assert advertised_address("0.0.0.0", 1234, None, role="peer") == "0.0.0.0:1234"
         assert advertised_address("::", 1234, None, role="peer") == "[::]:1234"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -92,7 +92,7 @@ def test_binding_every_interface_without_advertise_warns_once(monkeypatch, caplo
 
 def test_a_loopback_bind_does_not_warn(monkeypatch, caplog):
     monkeypatch.setattr(addresses, "_warned_wildcard", set())
-    with caplog.at_level(logging.WARNING, logger="collectives.addresses"):
+    with caplog.at_level(logging.WARNING, logger="collectives.net.addresses"):
         assert advertised_address("127.0.0.1", 1234, None, role="peer") == "127.0.0.1:1234"
     assert not caplog.records
 
@@ -131,7 +131,7 @@ def test_the_coordinator_keeps_its_measured_server_limits():
 def test_a_peer_transport_shares_its_limits_with_its_channels():
     settings = TransportConfig(chunk_bytes=8 << 20).rpc_settings()
     assert settings.max_receive_bytes == settings.max_send_bytes == TransportConfig(chunk_bytes=8 << 20).message_limit
-    # The peer's caps are its handlers' own (collectives.admission): a server-wide gRPC cap would shed health checks.
+    # The peer's caps are its handlers' own (collectives.net.admission): a server-wide gRPC cap would shed health checks.
     assert settings.max_concurrent_rpcs is None
     assert TransportConfig().admission_limits().total == TransportConfig().max_concurrent_rpcs
 

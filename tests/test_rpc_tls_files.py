@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from collectives.errors import AddressInUse, ConfigError
-from collectives.rpc import RpcSecurity, RpcSettings, bind, make_server
+from collectives.net.rpc import RpcSecurity, RpcSettings, bind, make_server
 from peer.certs import CertsConfig, make_certs
 from tests.support.cli import one_line_error
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from collectives.allreduce import Collective
-from collectives.credentials import (
+from collectives.net.credentials import (
     AUTH_KEY,
     MAX_CLOCK_SKEW_S,
     CallAuth,
@@ -30,12 +30,12 @@ from collectives.credentials import (
     verify_caller,
 )
 from collectives.errors import ConfigError, Unauthenticated
-from collectives.round import ABORT_METHOD, PUSH_METHOD, STAT_METHOD
-from collectives.rpc import RpcSecurity, blocking_channel, health_check, identity
-from collectives.stateformat import FETCH_METHOD, StateSnapshot
-from collectives.stateserver import StateServer
-from collectives.transport import Transport
-from collectives.transportconfig import TransportConfig
+from collectives.reduce.round import ABORT_METHOD, PUSH_METHOD, STAT_METHOD
+from collectives.net.rpc import RpcSecurity, blocking_channel, health_check, identity
+from collectives.statesync.format import FETCH_METHOD, StateSnapshot
+from collectives.statesync.server import StateServer
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import TransportConfig
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
 from protos import collective_pb2 as cpb
@@ -327,7 +327,7 @@ def test_a_state_fetch_naming_another_peer_is_refused_and_ones_own_is_served(coo
 
 def three_member_inbox():
     from collectives.codecs import CodecConfig, make_codec
-    from collectives.inbox import Group, RoundInbox
+    from collectives.reduce.inbox import Group, RoundInbox
 
     group = Group(RUN, 0, 5, ("127.0.0.1:11", "127.0.0.1:12", "127.0.0.1:13"), 2)
     rows = torch.empty(RoundInbox.rows_numel(group, 9))
@@ -344,7 +344,7 @@ def test_an_abort_notice_claiming_another_members_rank_names_nobody_failed(early
     import asyncio
 
     from collectives.errors import ProtocolError
-    from collectives.inbox import RoundRegistry
+    from collectives.reduce.inbox import RoundRegistry
 
     async def scenario():
         registry = RoundRegistry(RUN)

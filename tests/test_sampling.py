@@ -9,8 +9,8 @@ from fractions import Fraction
 import pytest
 
 from collectives.errors import ConfigError, ProtocolError
-from collectives.roundplan import RoundPlan
-from collectives.sampling import (
+from collectives.membership.roundplan import RoundPlan
+from collectives.membership.sampling import (
     SampleMismatch,
     SampleSize,
     check_sample,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from collectives.sampling import sample_count, sample_members
+from collectives.membership.sampling import sample_count, sample_members
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.procs import CoordinatorProc, stop_all, toy_peer

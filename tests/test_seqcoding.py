@@ -1,10 +1,10 @@
-"""Sequential gradient coding (collectives/seqcoding.py) and the bursty straggler model (collectives/stragglermodel.py).
+"""Sequential gradient coding (collectives/gradcoding/seqcoding.py) and the bursty straggler model (collectives/gradcoding/stragglermodel.py).
 
 The schemes are checked the way loconet runs them: no master keeps individual results; each round the
 survivors' results are summed with the round's coefficients into one partial sum per job. Every job must
 be complete by round j+T with every partition counted exactly once, for every pattern the (B, W, λ) model
 allows. Most tests use a fractional repetition stand-in (coefficients 0 and 1, so sums of integer gradients
-compare exactly); the last ones use collectives/gradcodes.py's codes, cyclic MDS within float error.
+compare exactly); the last ones use collectives/gradcoding/gradcodes.py's codes, cyclic MDS within float error.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from functools import partial
 
 import pytest
 
-from collectives import seqrounds
+from collectives.gradcoding import seqrounds
 from collectives.errors import ConfigError
-from collectives.seqcoding import (
+from collectives.gradcoding.seqcoding import (
     COMPLETE,
     LOST,
     PENDING,
@@ -35,14 +35,14 @@ from collectives.seqcoding import (
     make_scheme,
     simulate,
 )
-from collectives.stragglermodel import BurstyModel, allows, bursty_pattern, conforms, first_violation
+from collectives.gradcoding.stragglermodel import BurstyModel, allows, bursty_pattern, conforms, first_violation
 
 
 @dataclass(frozen=True)
 class Repetition:
     """Fractional repetition GC(n, s): worker w computes its group's s+1 partitions; one survivor per group decodes.
 
-    A stand-in with the seqcoding ``PlainCode`` interface, independent of collectives/gradcodes.py.
+    A stand-in with the seqcoding ``PlainCode`` interface, independent of collectives/gradcoding/gradcodes.py.
     """
 
     n: int

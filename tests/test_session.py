@@ -17,11 +17,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from collectives.coordinatorerrors import RETRY_CODES
-from collectives.credentials import CallAuth
-from collectives.membership import MembershipClient, MembershipConfig
-from collectives.rpc import COORDINATOR_SETTINGS, RpcSecurity, call_metadata, make_channel
-from collectives.session import (
+from collectives.membership.coordinatorerrors import RETRY_CODES
+from collectives.net.credentials import CallAuth
+from collectives.membership.client import MembershipClient, MembershipConfig
+from collectives.net.rpc import COORDINATOR_SETTINGS, RpcSecurity, call_metadata, make_channel
+from collectives.membership.session import (
     RETRY_AFTER_MS,
     SESSION_METHOD,
     CoordinatorSession,
@@ -29,8 +29,8 @@ from collectives.session import (
     broken_stream,
     rpc_error,
 )
-from collectives.transport import Transport
-from collectives.transportconfig import TransportConfig
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import TransportConfig
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.limits import CoordinatorLimits
 from peer.coordinator.server import CoordinatorServer

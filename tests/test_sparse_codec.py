@@ -1,4 +1,4 @@
-"""The sparse ``topk`` codec (collectives/sparse.py): what it keeps, how it codes indices, error feedback, sizes,
+"""The sparse ``topk`` codec (collectives/codecs/sparse.py): what it keeps, how it codes indices, error feedback, sizes,
 refusal of malformed payloads, and bit-identical results across the members of a real all-reduce."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from collectives.codecs import CodecConfig, codec_names, error_bound, make_codec, needs_feedback
 from collectives.errors import CodecError, ConfigError, NonFiniteError
-from collectives.sparse import BLOCK, analytic_contribution_bytes, decode_indices, encode_indices
+from collectives.codecs.sparse import BLOCK, analytic_contribution_bytes, decode_indices, encode_indices
 from peer.harness.procgroup import AllReduceJob, ProcessGroup, worker_tensor
 
 TOPK = make_codec("topk")
@@ -243,7 +243,7 @@ def test_members_of_a_real_round_end_with_identical_bits_and_the_sparse_mean():
 
 def _sparsified(j: AllReduceJob, rank: int) -> torch.Tensor:
     """A rank's tensor sparsified part by part, as the round cuts it (3 parts of one chunk each)."""
-    from collectives.parts import part_bounds
+    from collectives.reduce.parts import part_bounds
 
     codec, x = make_codec("topk/16"), worker_tensor(j, rank)
     return torch.cat([codec.decode(codec.encode(x[a:b]), b - a) for a, b in part_bounds(j.numel, 3)])

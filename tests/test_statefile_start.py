@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from collectives.credentials import load_issuer_key
+from collectives.net.credentials import load_issuer_key
 from collectives.errors import ConfigError
 from peer.coordinator.statefile import load_run
 from tests.support.cli import one_line_error

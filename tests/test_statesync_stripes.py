@@ -11,9 +11,9 @@ import grpc
 import pytest
 import torch
 
-from collectives import stateformat
-from collectives.results import ResultStore
-from collectives.rpc import identity
+from collectives.statesync import format as stateformat
+from collectives.reduce.results import ResultStore
+from collectives.net.rpc import identity
 from collectives.statesync import (
     FETCH_METHOD,
     MAX_BLOCK_BYTES,
@@ -29,8 +29,8 @@ from collectives.statesync import (
     manifest_digest,
     state_digest,
 )
-from collectives.transport import Transport
-from collectives.transportconfig import TransportConfig
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import TransportConfig
 from protos import state_pb2 as pb
 
 pytestmark = pytest.mark.timeout(120)

@@ -11,7 +11,7 @@ import torch
 
 import peer.harness.control as control_module
 from collectives.errors import ConfigError
-from collectives.stragglermodel import BurstyModel, conforms
+from collectives.gradcoding.stragglermodel import BurstyModel, conforms
 from peer.harness.control import Control, write_control
 from peer.stragglers import (
     NONE,

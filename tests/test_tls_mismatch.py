@@ -13,11 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from collectives.membership import MembershipClient, MembershipConfig
-from collectives.rpc import RpcSecurity, RpcSettings, bind, make_server
-from collectives.tlsprobe import PLAINTEXT, REFUSED_CERTIFICATE, TLS, UNKNOWN, TLSMismatch, known_failure, probe, verdict
-from collectives.transport import Transport
-from collectives.transportconfig import TransportConfig
+from collectives.membership.client import MembershipClient, MembershipConfig
+from collectives.net.rpc import RpcSecurity, RpcSettings, bind, make_server
+from collectives.net.tlsprobe import (
+    PLAINTEXT,
+    REFUSED_CERTIFICATE,
+    TLS,
+    UNKNOWN,
+    TLSMismatch,
+    known_failure,
+    probe,
+    verdict,
+)
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import TransportConfig
 from peer.certs import CertsConfig, make_certs
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread

@@ -10,12 +10,12 @@ import grpc
 import pytest
 import torch
 
-from collectives import transport as transport_module
+from collectives.net import transport as transport_module
 from collectives.allreduce import Collective
 from collectives.errors import ConfigError, LoconetError, TransportClosed, UsageError
-from collectives.inbox import Group
-from collectives.transport import Transport, peer_unresponsive, port_refuses, split_address
-from collectives.transportconfig import TransportConfig, codec_threads_for
+from collectives.reduce.inbox import Group
+from collectives.net.transport import Transport, peer_unresponsive, port_refuses, split_address
+from collectives.net.transportconfig import TransportConfig, codec_threads_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -3,7 +3,7 @@
 import pytest
 
 from collectives.errors import ProtocolError
-from collectives.wire import decode_chunk, encode_chunk
+from collectives.net.wire import decode_chunk, encode_chunk
 from protos import collective_pb2 as pb
 
 

@@ -31,9 +31,9 @@ from pathlib import Path
 from collectives.allreduce import mean_error_bound
 from collectives.codecs import CodecConfig, codec_names, needs_feedback
 from collectives.errors import RoundFailed
-from collectives.ratelimit import format_bandwidth, parse_bandwidth
-from collectives.rpc import RpcSecurity
-from collectives.transportconfig import TransportConfig, codec_threads_for
+from collectives.net.ratelimit import format_bandwidth, parse_bandwidth
+from collectives.net.rpc import RpcSecurity
+from collectives.net.transportconfig import TransportConfig, codec_threads_for
 from peer.bench import hivemind_baseline
 from peer.bench.capped import CappedNetwork, capped_network, link_traffic, on_hosts, peer_names
 from peer.bench.fields import Fields, describe_report
@@ -83,7 +83,7 @@ FIELDS: Fields = {
     "baseline.link_utilization": "with --bandwidth --netns: the same for gloo (its ring's bits / cap / its median_s)",
     "baseline.capped": "false with --bandwidth without --netns: gloo ran uncapped, so it is no like-for-like baseline",
     "hierarchical": "true with --hierarchical: every peer has one host id, so the peers reduce through shared "
-    "memory (collectives/hostround.py) and no bytes cross gRPC; the codec applies between hosts only",
+    "memory (collectives/hosts/round.py) and no bytes cross gRPC; the codec applies between hosts only",
     "tls": "true with --tls: our workers' links use mutual TLS (gloo's never do; hivemind's libp2p links are "
     "always encrypted)",
     "netns": "true with --netns: every peer in its own network namespace, links capped with tbf (else the "

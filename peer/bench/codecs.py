@@ -15,7 +15,7 @@ import torch
 
 from collectives.codecs import make_codec
 from collectives.errors import ConfigError
-from collectives.kernels import kernels_status
+from collectives.codecs.kernels import kernels_status
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import COMMA_LIST, add_bench_options, median_seconds, print_report, require
 from peer.bench.progress import Progress, progress_for
@@ -39,7 +39,7 @@ FIELDS: Fields = {
     "numel": "fp32 elements of the tensor every codec encodes (seeded N(0, 1) values)",
     "repeat": "timed runs per figure; every time is their median",
     "threads": "torch threads (always 1: the throughput of one core)",
-    "native_kernels": "true if int8 and int4 ran on the C kernels (collectives/kernels.py), false on their torch path",
+    "native_kernels": "true if int8 and int4 ran on the C kernels (collectives/codecs/kernels.py), false on their torch path",
     "native_kernels_detail": "the kernels' library, or why they are not in use (no compiler, LOCONET_NATIVE_KERNELS=0)",
     "baseline": "the baseline measured in the same run: a memcpy of the same tensor",
     "baseline.memcpy_s": "median seconds of the copy",

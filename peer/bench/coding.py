@@ -49,10 +49,10 @@ import torch
 
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError, LoconetError
-from collectives.parts import flatten
-from collectives.seqcoding import make_scheme
-from collectives.stragglermodel import BurstyModel
-from collectives.transportconfig import TransportConfig
+from collectives.reduce.parts import flatten
+from collectives.gradcoding.seqcoding import make_scheme
+from collectives.gradcoding.stragglermodel import BurstyModel
+from collectives.net.transportconfig import TransportConfig
 from optimizers.coded import CodedSGD, StepSuperseded
 from optimizers.outer_optim import OuterConfig
 from optimizers.seqcoded import SequentialCodedSGD

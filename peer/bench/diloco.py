@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError
-from collectives.ratelimit import parse_bandwidth
+from collectives.net.ratelimit import parse_bandwidth
 from optimizers.registry import algorithm_names, algorithms, get_algorithm
 from peer.bench import hivemind_training
 from peer.bench.capped import CappedNetwork, capped_network, link_traffic, on_hosts, peer_names

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from collectives.aggregators import make_aggregator
+from collectives.reduce.aggregators import make_aggregator
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError, LoconetError
-from collectives.sampling import SAMPLE_POLICY, parse_sample_arg, sample_count, sample_members
-from collectives.transportconfig import TransportConfig
+from collectives.membership.sampling import SAMPLE_POLICY, parse_sample_arg, sample_count, sample_members
+from collectives.net.transportconfig import TransportConfig
 from optimizers.federated import FEDERATED, FedConfig
 from optimizers.privacy import DPConfig
 from optimizers.registry import get_algorithm

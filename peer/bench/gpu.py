@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from collectives.codecs import CODEC_NAMES, CodecConfig, make_codec
-from collectives.devicecodec import encode_raw_on_device, encode_throughput, synchronize
+from collectives.codecs.device import encode_raw_on_device, encode_throughput, synchronize
 from collectives.errors import ConfigError
 from optimizers.globalstate import GlobalState
 from optimizers.outer_optim import OuterConfig
@@ -109,7 +109,7 @@ def check_parity(device: torch.device, numel: int) -> dict[str, bool]:
     x = parity_tensor(numel, device)
     host = x.cpu()
     result = {}
-    # The built-in dense codecs only, not codec_names(): the device encoder (collectives/devicecodec.py) has
+    # The built-in dense codecs only, not codec_names(): the device encoder (collectives/codecs/device.py) has
     # exactly these five formats and refuses any other name, so a sparse or a plugin's codec has no device
     # encoding to compare with its CPU one.
     for name in CODEC_NAMES:

@@ -33,13 +33,13 @@ import grpc
 from google.protobuf.message import Message
 
 from collectives.asynctasks import cancel_and_wait
-from collectives.coordinatorerrors import RETRY_CODES
-from collectives.memberlists import BadMemberChange, BadPackedList, changed_list, entries_of, unpack_list
-from collectives.membership import MembershipConfig
-from collectives.roundformat import round_format
-from collectives.roundplan import heartbeat_interval
-from collectives.rpc import RpcSettings, make_channel
-from collectives.session import SESSION_RPCS, CoordinatorSession
+from collectives.membership.coordinatorerrors import RETRY_CODES
+from collectives.membership.memberlists import BadMemberChange, BadPackedList, changed_list, entries_of, unpack_list
+from collectives.membership.client import MembershipConfig
+from collectives.membership.roundformat import round_format
+from collectives.membership.roundplan import heartbeat_interval
+from collectives.net.rpc import RpcSettings, make_channel
+from collectives.membership.session import SESSION_RPCS, CoordinatorSession
 from optimizers.diloco import DiLoCoConfig
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc
@@ -108,7 +108,7 @@ class SimPeer:
         self.channel = channel
         self.stub = pb_grpc.CoordinatorStub(channel)
         # Heartbeat, Quorum and Commit on one Session stream per peer, as the real client sends them
-        # (collectives/session.py); with job["unary"], one gRPC call each, as before Session streams.
+        # (collectives/membership/session.py); with job["unary"], one gRPC call each, as before Session streams.
         self.session = None if job.get("unary") else CoordinatorSession(lambda: channel)
         self.job = job
         self.peer_id = ""
@@ -116,7 +116,7 @@ class SimPeer:
         # (round id, epoch, digest) of the results it keeps, as a real peer's ElasticConfig.keep_results (2).
         self.kept: deque[tuple[int, int, str]] = deque(maxlen=2)
         # The member list of this peer's last ROUND answer, by digest (QuorumRequest.known_members), as the real
-        # client keeps it (collectives.roundplan.KnownMembers). The lists themselves are shared by the peers
+        # client keeps it (collectives.membership.roundplan.KnownMembers). The lists themselves are shared by the peers
         # of this process: each real peer reads its list in its own process, not 500 of them on one loop.
         self.known_digest = b""
         self.lists: dict[bytes, tuple[tuple, list[str]]] = {} if lists is None else lists

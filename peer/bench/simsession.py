@@ -13,7 +13,7 @@ import multiprocessing as mp
 import pathlib
 import time
 
-from collectives.rpc import blocking_channel
+from collectives.net.rpc import blocking_channel
 from peer.bench.kit import child_failed, proc_cpu_ns_s, proc_cpu_s, spawned_entry
 from peer.bench.simpeers import CLIENT_SETTINGS, client_main
 from peer.coordinator.limits import CoordinatorLimits

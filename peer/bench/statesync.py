@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from collectives.allocator import tune_malloc
-from collectives.ratelimit import parse_bandwidth
+from collectives.net.ratelimit import parse_bandwidth
 from collectives.statesync import StateServer, StateSnapshot, fetch_state
-from collectives.transport import Transport
-from collectives.transportconfig import TransportConfig
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import TransportConfig
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import add_bench_options, copy_baseline, print_report, require, serving_child
 from peer.bench.progress import Progress, progress_for

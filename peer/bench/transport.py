@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass, field
 
 from collectives.allocator import tune_malloc
-from collectives.rpc import method_handlers, raw_stream_unary
-from collectives.transport import Transport
-from collectives.transportconfig import TransportConfig
+from collectives.net.rpc import method_handlers, raw_stream_unary
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import TransportConfig
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import add_bench_options, copy_baseline, print_report, proc_cpu_s, require, serving_child
 from peer.bench.progress import Progress, progress_for

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from collectives.addresses import COORDINATOR_PORT, LOCAL_HOST, MAX_PORT, parse_advertise
+from collectives.net.addresses import COORDINATOR_PORT, LOCAL_HOST, MAX_PORT, parse_advertise
 from collectives.errors import ConfigError
-from collectives.roundplan import DEFAULT_RUN_ID
-from collectives.rpc import RpcSecurity
+from collectives.membership.roundplan import DEFAULT_RUN_ID
+from collectives.net.rpc import RpcSecurity
 from peer.coordinator.dashboard_security import parse_allowed_hosts
 from peer.coordinator.limits import CoordinatorLimits
 from peer.coordinator.policies import QuorumPolicy, parse_policy

@@ -36,7 +36,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from collectives.credentials import read_secret_file
+from collectives.net.credentials import read_secret_file
 from collectives.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ a restarted coordinator still recognises its credentials). Heartbeat, Quorum, Co
 signed by the key the request's peer id is bound to (``caller``, then ``check``; a Session stream is
 checked once, as it opens); a forged one is refused UNAUTHENTICATED
 and counted. A credential of an earlier coordinator (one restarted without its state file, with a new key)
-is answered with "join again". The checks themselves are ``collectives.credentials``'; docs/security.md.
+is answered with "join again". The checks themselves are ``collectives.net.credentials``'; docs/security.md.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from collectives.credentials import (
+from collectives.net.credentials import (
     CallAuth,
     ForeignCredential,
     Issuer,

@@ -17,8 +17,8 @@ from typing import Protocol
 
 import grpc
 
-from collectives.coordinatorerrors import NOT_THIS_RUN
-from collectives.roundformat import MAX_FORMAT_CHARS
+from collectives.membership.coordinatorerrors import NOT_THIS_RUN
+from collectives.membership.roundformat import MAX_FORMAT_CHARS
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import DurableRun, checked_digest, refused_checkpoint, wait_reason
 from peer.coordinator.identity import Callers
@@ -45,7 +45,7 @@ WAITS_FOR_STATE = "waits for a holder of the run's state"
 
 MAX_ADDRESS_CHARS = 256
 MAX_PEER_ID_CHARS = 100
-# A peer's host id: --host-id's 128 characters, and the "~" and 8 hex digits of what it shares (hostid).
+# A peer's host id: --host-id's 128 characters, and the "~" and 8 hex digits of what it shares (hosts.identity).
 MAX_HOST_ID_CHARS = 160
 MAX_ALGORITHM_CHARS = 64
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import grpc
 
 from collectives.asynctasks import cancel_and_wait
-from collectives.rpc import RpcSettings, health_check
+from collectives.net.rpc import RpcSettings, health_check
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.quorum import Quorums
 from peer.coordinator.rules import peers_to_probe

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from collectives.asynctasks import consume_exception
-from collectives.coordinatorerrors import NO_QUORUM
-from collectives.memberlists import Entry, change_bytes, list_bytes, member_change, pack_list
-from collectives.wire import encode_varint
+from collectives.membership.coordinatorerrors import NO_QUORUM
+from collectives.membership.memberlists import Entry, change_bytes, list_bytes, member_change, pack_list
+from collectives.net.wire import encode_varint
 from peer.coordinator.bottleneck import STREAK, Bottlenecks, bottleneck
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.policies import FormRound, QuorumInputs, QuorumPolicy, Refuse
@@ -74,7 +74,7 @@ class RoundLists:
     """A formed round's answer bodies, serialised once per round and per list an asker holds (all but the rank).
 
     An asker that holds the round's list gets it left out; one that holds a recent round's list gets the change
-    from it (``collectives/memberlists.py``) when that is smaller; any other gets the whole list, packed when it
+    from it (``collectives/membership/memberlists.py``) when that is smaller; any other gets the whole list, packed when it
     reads a packed one (QuorumRequest.packed_members).
     """
 

@@ -159,7 +159,7 @@ from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from collectives.errors import ConfigError
-from collectives.roundformat import FORMAT_DIFFERS, format_difference
+from collectives.membership.roundformat import FORMAT_DIFFERS, format_difference
 
 # Most sync sources a joiner is given (it may fetch stripes of the state from each).
 MAX_SYNC_SOURCES = 4

@@ -72,7 +72,7 @@ class PeerRecord:
     sync_failures: int = 0
     # Calls the peer refused or cut off, by kind (its heartbeats say; docs/security.md).
     refusals: dict[str, int] = field(default_factory=dict)
-    # With a run secret: the Ed25519 key the peer's credential binds its id to (collectives.credentials).
+    # With a run secret: the Ed25519 key the peer's credential binds its id to (collectives.net.credentials).
     public_key: bytes = field(default=b"", repr=False)
     # Which registration of the peer this record is (Member.registration), set by RunState.add_peer.
     registration: int = 0

@@ -2,7 +2,7 @@
 
 ``peer/coordinator/service.py`` is the Coordinator service itself (the protocol's
 state and moves); this module binds it to a port (its server comes from
-``collectives.rpc``, with the options a thousand peers need and the health
+``collectives.net.rpc``, with the options a thousand peers need and the health
 service) and runs the dashboard thread.
 """
 
@@ -16,9 +16,9 @@ import logging
 import grpc
 from google.protobuf.message import Message
 
-from collectives.addresses import advertised_address, format_address, split_address
+from collectives.net.addresses import advertised_address, format_address, split_address
 from collectives.errors import AddressInUse, ConfigError
-from collectives.rpc import COORDINATOR_SETTINGS, RpcSettings, RunAuthInterceptor, bind, make_server
+from collectives.net.rpc import COORDINATOR_SETTINGS, RpcSettings, RunAuthInterceptor, bind, make_server
 from peer.coordinator.limits import RateLimitInterceptor
 from peer.coordinator.service import Coordinator, CoordinatorConfig
 from peer.coordinator.sessions import SessionLimits, session_handler

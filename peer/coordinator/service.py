@@ -47,7 +47,7 @@ import grpc
 from google.protobuf.message import Message
 
 from collectives.asynctasks import cancel_and_wait
-from collectives.roundplan import FINISHED
+from collectives.membership.roundplan import FINISHED
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import DurableRun, checked_digest
 from peer.coordinator.identity import Caller, Callers, Rejoin

@@ -37,9 +37,9 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from collectives.rpc import identity
-from collectives.session import OPENED, PUSHED, SESSION_RPCS
-from collectives.wire import encode_varint
+from collectives.net.rpc import identity
+from collectives.membership.session import OPENED, PUSHED, SESSION_RPCS
+from collectives.net.wire import encode_varint
 from peer.coordinator.identity import Caller, Callers
 from peer.coordinator.limits import retry_after_ms
 from peer.coordinator.quorum import BadRequest

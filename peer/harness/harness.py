@@ -31,9 +31,9 @@ import grpc
 import torch
 
 from collectives.errors import ConfigError
-from collectives.ratelimit import parse_bandwidth
-from collectives.rpc import RpcSecurity, blocking_channel
-from collectives.transportconfig import codec_threads_for
+from collectives.net.ratelimit import parse_bandwidth
+from collectives.net.rpc import RpcSecurity, blocking_channel
+from collectives.net.transportconfig import codec_threads_for
 from peer.device import resolve_device
 from peer.harness import outcome
 from peer.harness.config import COORDINATOR_OPTIONS_SET_BY_HARNESS, HarnessConfig, target_problem

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from collectives.addresses import LOCAL_HOST
-from collectives.rpc import RpcSecurity
-from collectives.transportconfig import TransportConfig
+from collectives.net.addresses import LOCAL_HOST
+from collectives.net.rpc import RpcSecurity
+from collectives.net.transportconfig import TransportConfig
 from peer.harness.loopback import LOOPBACK, LOOPBACK_INTERFACE, loopback_store, use_loopback_for_gloo
 
 if TYPE_CHECKING:  # for the hints only: torch is imported where used, in the workers
@@ -91,7 +91,7 @@ class AllReduceJob:
     hold_phase: str | None = None
     error_feedback: bool = False
     # Per-rank host ids (None: every member on its own, the flat round): members sharing one reduce through
-    # shared memory first (collectives/hostround.py), e.g. ("h",) * n for one host, ("a", "a", "b", "b").
+    # shared memory first (collectives/hosts/round.py), e.g. ("h",) * n for one host, ("a", "a", "b", "b").
     hosts: tuple[str, ...] | None = None
 
 
@@ -125,8 +125,8 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
     from collectives.allocator import tune_malloc
     from collectives.allreduce import Collective
     from collectives.errors import LoconetError, MemberFailure
-    from collectives.inbox import Group
-    from collectives.transport import Transport
+    from collectives.reduce.inbox import Group
+    from collectives.net.transport import Transport
 
     tune_malloc()
     torch.set_num_threads(config.torch_threads)
@@ -199,10 +199,10 @@ def _failure_info(exc: Exception, member_failure: type) -> dict:
 
 
 def _run_allreduce(collective, addresses: list[str], rank: int, job: AllReduceJob, torch) -> dict:
-    from collectives.aggregators import AggregatorConfig
+    from collectives.reduce.aggregators import AggregatorConfig
     from collectives.allreduce import AllReduceConfig
     from collectives.codecs import CodecConfig
-    from collectives.inbox import Group
+    from collectives.reduce.inbox import Group
 
     ranks = list(job.members) if job.members is not None else list(range(len(addresses)))
     if rank not in ranks:

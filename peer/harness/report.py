@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from collectives.ratelimit import parse_bandwidth
+from collectives.net.ratelimit import parse_bandwidth
 from peer.device import place_model
 from peer.harness import outcome
 from peer.harness.config import HarnessConfig

@@ -11,8 +11,8 @@ import os
 import secrets
 from pathlib import Path
 
-from collectives.credentials import CallAuth
-from collectives.rpc import RpcSecurity, RpcSettings
+from collectives.net.credentials import CallAuth
+from collectives.net.rpc import RpcSecurity, RpcSettings
 from peer.certs import CertsConfig, make_certs
 from peer.options import option_args
 

@@ -2,7 +2,7 @@
 
 Issue 14 found that callers who open calls and then do nothing could take a
 peer offline: 260 idle PushPart streams filled its server, and four unread
-state fetches locked out every joiner. The defences (``collectives/admission.py``,
+state fetches locked out every joiner. The defences (``collectives/net/admission.py``,
 ``RoundRegistry.find`` bounded by ``open_wait_s``, the StateServer's fetch caps
 and ``serve_stall_timeout_s``) are checked in-process by
 ``tests/test_bounded_waiting.py``; a ``stall`` event (``peer/harness/scenario.py``)
@@ -43,16 +43,16 @@ from dataclasses import asdict, dataclass, field
 import grpc
 import torch
 
-from collectives.admission import RETRY_KEY
-from collectives.aggregators import AggregatorConfig
+from collectives.net.admission import RETRY_KEY
+from collectives.reduce.aggregators import AggregatorConfig
 from collectives.asynctasks import cancel_and_wait
 from collectives.codecs import CodecConfig, make_codec
-from collectives.inbox import SCATTER, Group
-from collectives.parts import part_bounds
-from collectives.round import PUSH_METHOD, chunk_message
-from collectives.rpc import identity, make_channel
-from collectives.stateformat import FETCH_METHOD
-from collectives.transportconfig import TransportConfig
+from collectives.reduce.inbox import SCATTER, Group
+from collectives.reduce.parts import part_bounds
+from collectives.reduce.round import PUSH_METHOD, chunk_message
+from collectives.net.rpc import identity, make_channel
+from collectives.statesync.format import FETCH_METHOD
+from collectives.net.transportconfig import TransportConfig
 from protos import state_pb2
 
 log = logging.getLogger(__name__)

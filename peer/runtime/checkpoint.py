@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from collectives.errors import ConfigError
-from collectives.roundformat import FORMAT_SEPARATOR, format_difference
+from collectives.membership.roundformat import FORMAT_SEPARATOR, format_difference
 from peer.filelock import ExclusiveHold
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ Run one target, with any libFuzzer options after its name::
 
 Targets (each gets raw bytes, as a hostile peer sends them):
 
-- ``wire``: ``collectives.wire.decode_chunk``, and protobuf must read the same header and payload;
-- ``statechunk``: ``collectives.stateformat._parse_chunk``, the same against protobuf;
+- ``wire``: ``collectives.net.wire.decode_chunk``, and protobuf must read the same header and payload;
+- ``statechunk``: ``collectives.statesync.format._parse_chunk``, the same against protobuf;
 - ``manifest``: a ``StateManifest`` whose fields are drawn from the bytes (structure-aware, in place of
   libprotobuf-mutator), checked by ``_check_manifest`` and, if accepted, turned into tensors by
   ``_Receiver`` (small limits, so nothing big is allocated).
@@ -31,8 +31,8 @@ import torch
 
 with atheris.instrument_imports(include=["collectives"]):
     from collectives.errors import ProtocolError
-    from collectives.stateformat import StateSyncConfig, _check_manifest, _parse_chunk, _Receiver
-    from collectives.wire import decode_chunk
+    from collectives.statesync.format import StateSyncConfig, _check_manifest, _parse_chunk, _Receiver
+    from collectives.net.wire import decode_chunk
 
 from google.protobuf.message import DecodeError
 

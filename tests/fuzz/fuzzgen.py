@@ -12,7 +12,7 @@ from functools import cache
 
 from hypothesis import strategies as st
 
-from collectives.wire import encode_varint
+from collectives.net.wire import encode_varint
 
 U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1

@@ -1,4 +1,4 @@
-"""Fuzzing a member's inbox (collectives/inbox.py): chunks, statistic shares and abort notices of any shape.
+"""Fuzzing a member's inbox (collectives/reduce/inbox.py): chunks, statistic shares and abort notices of any shape.
 
 Each example opens one round at a member (any group size, rank, size,
 codec and aggregator) and feeds it what hostile or buggy peers could send, as
@@ -28,11 +28,11 @@ import torch
 from fuzzgen import absurd_floats, messages, mutated, texts, uint32s, uint64s
 from hypothesis import strategies as st
 
-from collectives.aggregators import AggregatorConfig
+from collectives.reduce.aggregators import AggregatorConfig
 from collectives.allreduce import Collective
 from collectives.codecs import CodecConfig, make_codec
 from collectives.errors import ProtocolError
-from collectives.inbox import (
+from collectives.reduce.inbox import (
     CLOSED_MEMORY,
     EARLY_ABORT_MEMORY,
     GATHER,
@@ -43,8 +43,8 @@ from collectives.inbox import (
     codec_proto,
     sent_by_another,
 )
-from collectives.round import round_tag
-from collectives.wire import decode_chunk, encode_chunk
+from collectives.reduce.round import round_tag
+from collectives.net.wire import decode_chunk, encode_chunk
 from protos import collective_pb2 as pb
 
 RUN = "run"

@@ -1,4 +1,4 @@
-"""Fuzzing a peer's reading of a packed member list (collectives/memberlists.py, collectives/roundplan.py): any
+"""Fuzzing a peer's reading of a packed member list (collectives/membership/memberlists.py, collectives/membership/roundplan.py): any
 ``members_packed`` bytes, with the round's digest or one made to match them, give a list of members or fail
 the round with RoundFailed (a frame declaring more than MAX_LIST_BYTES: tests/test_memberlists.py)."""
 
@@ -11,8 +11,8 @@ from fuzzgen import mutated
 from hypothesis import strategies as st
 
 from collectives.errors import RoundFailed
-from collectives.memberlists import Entry, list_bytes, pack_list
-from collectives.roundplan import KnownMembers
+from collectives.membership.memberlists import Entry, list_bytes, pack_list
+from collectives.membership.roundplan import KnownMembers
 from protos import membership_pb2 as pb
 
 entries = st.lists(st.builds(Entry, st.text(max_size=12), st.text(max_size=20), st.text(max_size=6),

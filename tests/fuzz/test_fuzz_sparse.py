@@ -1,4 +1,4 @@
-"""Fuzzing the sparse ``topk`` codec's decoder (collectives/sparse.py): any payload for any element count is
+"""Fuzzing the sparse ``topk`` codec's decoder (collectives/codecs/sparse.py): any payload for any element count is
 decoded into finite values or refused with CodecError, and a payload within the bound never allocates beyond
 a few times its size (the decoder checks sizes first)."""
 

@@ -2,7 +2,7 @@
 
 The run's digest covers a state's tensors, not the JSON metadata beside them (docs/security.md): the step
 count, a schedule's cursor, the privacy accountant's rates, the backup workers' window, a sequential code's
-scheme. A donor may send any JSON there that ``stateformat`` lets through (an object of at most 1 MiB, finite
+scheme. A donor may send any JSON there that ``statesync.format`` lets through (an object of at most 1 MiB, finite
 numbers). Each example takes a real state of one optimizer, changes or deletes a few values anywhere in its
 metadata, and has a fresh peer load it.
 
@@ -92,7 +92,7 @@ def snapshot_of(index: int) -> StateSnapshot:
     return KINDS[index].trained(6).snapshot()
 
 
-# What a hostile donor may put in place of a value: JSON only (no NaN or Inf: stateformat refuses them).
+# What a hostile donor may put in place of a value: JSON only (no NaN or Inf: statesync.format refuses them).
 values = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.sampled_from([0, 1, -1, 2**31, 2**53 + 1, 10**12]),
     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6),

@@ -1,4 +1,4 @@
-"""Fuzzing what a joiner parses from a donor (collectives/stateformat.py, collectives/statefetch.py).
+"""Fuzzing what a joiner parses from a donor (collectives/statesync/format.py, collectives/statesync/fetch.py).
 
 Three levels: one StateChunk's framing (``_parse_chunk``, against protobuf
 itself), one manifest's checks (``_check_manifest`` and the buffer it makes
@@ -28,8 +28,8 @@ from fuzzgen import U64_MAX, messages, mutated, texts, uint64s
 from google.protobuf.message import DecodeError
 from hypothesis import strategies as st
 
-from collectives.statefetch import fetch_state_async
-from collectives.stateformat import (
+from collectives.statesync.fetch import fetch_state_async
+from collectives.statesync.format import (
     ALIGN_BYTES,
     MAX_NDIM,
     ExpectedState,
@@ -226,7 +226,7 @@ class FakeCall:
 
 
 class FakeDonor:
-    """Serves a snapshot as collectives/stateserver.py frames it, with the fuzzer's mutations per request."""
+    """Serves a snapshot as collectives/statesync/server.py frames it, with the fuzzer's mutations per request."""
 
     def __init__(self, snapshot: StateSnapshot, chunk_bytes: int, faults: dict[int, list]) -> None:
         self.snapshot = snapshot
@@ -293,7 +293,7 @@ class FakeDonor:
 
 
 class FakeTransport:
-    """The parts of collectives.transport.Transport a fetch uses, serving from FakeDonors."""
+    """The parts of collectives.net.transport.Transport a fetch uses, serving from FakeDonors."""
 
     class _Counters:
         def count_sent(self, address: str, nbytes: int) -> None:

@@ -1,4 +1,4 @@
-"""Fuzzing the PartChunk framing (collectives/wire.py): any bytes are decoded or refused with ProtocolError,
+"""Fuzzing the PartChunk framing (collectives/net/wire.py): any bytes are decoded or refused with ProtocolError,
 and what is decoded is what protobuf itself reads from the same bytes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from fuzzgen import U64_MAX, absurd_floats, messages, mutated, texts, uint32s, u
 from hypothesis import strategies as st
 
 from collectives.errors import ProtocolError
-from collectives.wire import MAX_HEADER_BYTES, decode_chunk, encode_chunk, encode_varint, read_varint
+from collectives.net.wire import MAX_HEADER_BYTES, decode_chunk, encode_chunk, encode_varint, read_varint
 from protos import collective_pb2 as pb
 
 TAG_FIELDS = [f.number for f in pb.RoundTag.DESCRIPTOR.fields]

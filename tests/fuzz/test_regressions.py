@@ -1,7 +1,7 @@
 """The inputs the fuzzers found, each pinned as a test of the behaviour it broke.
 
-The varint helpers and field keys (collectives/wire.py), the joiner's chunk and
-manifest checks (collectives/stateformat.py), the state digest (it covers the
+The varint helpers and field keys (collectives/net/wire.py), the joiner's chunk and
+manifest checks (collectives/statesync/format.py), the state digest (it covers the
 tensors' names, dtypes and shapes), and a superseded Quorum call (it ends with
 ABORTED, not a bare cancellation).
 """
@@ -17,8 +17,8 @@ from test_fuzz_coordinator import CONFIG, RUN, Aborted, FakeContext
 from test_fuzz_statesync import SMALL, FakeDonor, FakeTransport
 
 from collectives.errors import ProtocolError
-from collectives.statefetch import fetch_state_async
-from collectives.stateformat import (
+from collectives.statesync.fetch import fetch_state_async
+from collectives.statesync.format import (
     ExpectedState,
     StateSnapshot,
     StateSyncError,
@@ -26,7 +26,7 @@ from collectives.stateformat import (
     _parse_chunk,
     state_digest,
 )
-from collectives.wire import decode_chunk, encode_varint, read_length, read_varint
+from collectives.net.wire import decode_chunk, encode_varint, read_length, read_varint
 from peer.coordinator.service import Coordinator, CoordinatorConfig
 from protos import membership_pb2 as mpb
 from protos import state_pb2 as spb
@@ -94,7 +94,7 @@ def test_chunk_with_a_five_byte_key_is_read_as_protobuf_reads_it():
     assert bytes(payload) == PartChunk.FromString(b"\xca\x80\x80\x80\x00" + b"\x02ab").payload == b"ab"
 
 
-# -- stateformat.py --------------------------------------------------------------------------------
+# -- statesync/format.py ---------------------------------------------------------------------------
 
 
 def manifest(meta_json: str) -> spb.StateManifest:

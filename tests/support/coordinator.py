@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from collectives.rpc import blocking_channel
+from collectives.net.rpc import blocking_channel
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
 from protos import membership_pb2 as pb

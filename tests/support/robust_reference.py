@@ -2,7 +2,7 @@
 
 The robust aggregators run on the butterfly from per-part shares; these compute
 the same thing the textbook way, on whole contributions, independently of
-``collectives/robust.py`` (except the final fp32 averaging, so that results
+``collectives/reduce/robust.py`` (except the final fp32 averaging, so that results
 can be compared exactly).
 """
 
@@ -26,7 +26,7 @@ def clustered(honest: int, outlier_ranks: Sequence[int], length: int = 303, seed
 
 
 def weighted_sum_loop(x: torch.Tensor, coef32: torch.Tensor) -> torch.Tensor:
-    """The rank-order fp32 loop that the per-coordinate aggregators must keep (collectives/aggregation.py), re-implemented (it must stay bit-identical)."""
+    """The rank-order fp32 loop that the per-coordinate aggregators must keep (collectives/reduce/aggregation.py), re-implemented (it must stay bit-identical)."""
     out = torch.mul(x[0], coef32[0])
     for i in range(1, x.shape[0]):
         out.add_(x[i], alpha=float(coef32[i]))

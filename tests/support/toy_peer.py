@@ -25,7 +25,7 @@ from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig, Resynced
 from collectives.errors import LoconetError
 from collectives.statesync import StateSnapshot
-from collectives.transportconfig import TransportConfig
+from collectives.net.transportconfig import TransportConfig
 
 
 def contribution(name: str, k: int, numel: int) -> torch.Tensor:

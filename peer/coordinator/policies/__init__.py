@@ -35,7 +35,7 @@ Policies, chosen with the coordinator's ``quorum`` setting (each in its module o
   first one asked; the peers still training are not waited for (roster as
   candidates);
 - ``sample:K, ``sample:F``, ``sample:F,min=M`` (``sample.py``): the k peers
-  ``collectives.sampling.sample_members`` draws from the run's seed and the
+  ``collectives.membership.sampling.sample_members`` draws from the run's seed and the
   round id among the live peers (members can check the draw); k is K, or
   ceil(F x candidates) and at least M (min_peers when M is not given, see
   ``Sample.fitted``), never more than the candidates. The round starts when all of

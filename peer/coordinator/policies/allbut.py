@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from collectives.errors import ConfigError
-from collectives.sampling import whole_count
+from collectives.membership.sampling import whole_count
 from peer.coordinator.policies.base import Outcome, QuorumInputs, QuorumPolicy, first_of_roster, register, roster_of
 from peer.coordinator.rules import QuorumRules
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from collectives.roundplan import BACKUP_TAG_KEY
-from collectives.sampling import whole_count
+from collectives.membership.roundplan import BACKUP_TAG_KEY
+from collectives.membership.sampling import whole_count
 from peer.coordinator.policies.base import Outcome, QuorumInputs, NoArgPolicy, first_of_roster, register, roster_of
 from peer.coordinator.rules import QuorumRules
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from collectives.errors import ConfigError
-from collectives.sampling import whole_count
+from collectives.membership.sampling import whole_count
 from peer.coordinator.rules import QuorumRules, order_members, quorum_hopeless
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from collectives.errors import ConfigError
-from collectives.sampling import whole_count
+from collectives.membership.sampling import whole_count
 from peer.coordinator.policies.base import FormRound, Outcome, QuorumInputs, QuorumPolicy, Refuse, register, roster_of
 from peer.coordinator.rules import QuorumRules, order_members, quorum_hopeless
 
@@ -27,7 +27,7 @@ class Coded(QuorumPolicy):
         """``coded:S`` or ``coded:S,code=C``."""
         # Imported here: gradcodes pulls in torch, which a coordinator without a coded policy never needs (its import
         # takes seconds and its objects make every full garbage collection of the coordinator ~100 ms long).
-        from collectives.gradcodes import CODE_KINDS
+        from collectives.gradcoding.gradcodes import CODE_KINDS
 
         count, _, rest = arg.partition(",")
         s = whole_count(count) if count != "0" else 0
@@ -45,7 +45,7 @@ class Coded(QuorumPolicy):
         """Form with every asker once their rows of the code span the all-ones vector (well conditioned)."""
         if q.coordinator_age_s < q.rules.startup_grace_s:
             return None
-        from collectives.gradcodes import code_for, decodable  # torch, only for this policy (see from_arg)
+        from collectives.gradcoding.gradcodes import code_for, decodable  # torch, only for this policy (see from_arg)
 
         roster = self.roster(q)
         asked = [p for p in q.requesting if p in roster]

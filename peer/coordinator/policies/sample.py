@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from collectives.errors import ConfigError
-from collectives.sampling import SAMPLE_POLICY, SampleSize, parse_sample_arg, sample_members
+from collectives.membership.sampling import SAMPLE_POLICY, SampleSize, parse_sample_arg, sample_members
 from peer.coordinator.policies.base import FormRound, Outcome, QuorumInputs, QuorumPolicy, Refuse, register
 from peer.coordinator.rules import QuorumRules, quorum_hopeless
 
@@ -15,7 +15,7 @@ from peer.coordinator.rules import QuorumRules, quorum_hopeless
 @dataclass(frozen=True)
 class Sample(QuorumPolicy):
     """The k peers drawn by ``sample_members`` from the run's seed and the round id among the live peers; k is a
-    count, or a fraction of those candidates (``collectives.sampling.SampleSize``)."""
+    count, or a fraction of those candidates (``collectives.membership.sampling.SampleSize``)."""
 
     name: ClassVar[str] = SAMPLE_POLICY
     usage: ClassVar[str] = f"{SAMPLE_POLICY}:K, {SAMPLE_POLICY}:F[,min=M]"
@@ -24,7 +24,7 @@ class Sample(QuorumPolicy):
 
     @classmethod
     def from_arg(cls, arg: str) -> Sample:
-        """``sample:K``, ``sample:F`` or ``sample:F,min=M`` (see ``collectives.sampling.parse_sample_arg``)."""
+        """``sample:K``, ``sample:F`` or ``sample:F,min=M`` (see ``collectives.membership.sampling.parse_sample_arg``)."""
         return cls(parse_sample_arg(arg))
 
     @property

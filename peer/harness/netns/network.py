@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from collectives.errors import UsageError
-from collectives.hostid import process_start
+from collectives.hosts.identity import process_start
 from peer.harness.netns.commands import (
     NetnsError,
     disable_ipv6,

@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from collectives.hostid import process_start
+from collectives.hosts.identity import process_start
 from peer.harness.netns.commands import (
     NetnsError,
     link_exists,

@@ -26,9 +26,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from collectives.ratelimit import burst_bytes
+from collectives.net.ratelimit import burst_bytes
 
-# tbf: see the module docstring (its burst: collectives.ratelimit.burst_bytes).
+# tbf: see the module docstring (its burst: collectives.net.ratelimit.burst_bytes).
 QUEUE_SECONDS = 0.100
 MIN_QUEUE_BYTES = 16 * 1024
 MAX_QUEUE_BYTES = 64 * 1024 * 1024

@@ -1,0 +1,1 @@
+"""Gradient coding: the codes, the sequential schemes and their rounds, the bursty straggler model."""
