@@ -4,7 +4,9 @@
 inside ``peer/``, ``peer.cli`` imports the rest and nothing imports it; and no module imports, even lazily
 inside a function, a module that imports it back (directly or through others). One rule inside
 ``collectives/``: only the codec modules import the codecs' base (``collectives.codecs.base``); the rest import
-the facade, ``collectives.codecs``.
+the facade, ``collectives.codecs``. And the sub-packages of ``collectives/`` (``net``, ``codecs``, ``reduce``, ...)
+import one way: no two import each other, even through others (a top-level module of ``collectives/`` is a part of
+its own here).
 """
 
 from __future__ import annotations
@@ -133,3 +135,20 @@ def test_only_the_codec_modules_import_the_codec_base():
     importers = sorted(m for m, targets in GRAPH.items() if "collectives.codecs.base" in targets)
     assert importers == ["collectives.codecs", "collectives.codecs.dense", "collectives.codecs.kernels", "collectives.codecs.sparse"]
 
+
+
+def collectives_part(module: str) -> str | None:
+    """The part of collectives/ a module is in: its sub-package, or the top-level module itself."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "collectives" and len(parts) > 1 else None
+
+
+def test_the_parts_of_collectives_import_one_way():
+    graph: dict[str, set[str]] = {}
+    for module, targets in GRAPH.items():
+        part = collectives_part(module)
+        if part is not None:
+            graph.setdefault(part, set()).update(
+                p for p in map(collectives_part, targets) if p is not None and p != part)
+    assert {"collectives.net", "collectives.codecs", "collectives.reduce", "collectives.hosts"} <= set(graph)
+    assert cycles(graph) == []
