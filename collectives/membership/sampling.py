@@ -17,7 +17,7 @@ the coordinator learns from the quorum requests and every member knows of its
 own; k never exceeds the number of candidates. The fraction is read as an exact decimal (``fractions.Fraction``),
 so the coordinator and every peer compute the same k from the same candidates.
 
-Pure functions, no I/O; the coordinator (``peer/coordinator/policies.py``)
+Pure functions, no I/O; the coordinator (``peer/coordinator/policies/sample.py``)
 and the peers both import them.
 """
 

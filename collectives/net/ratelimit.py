@@ -58,7 +58,7 @@ def format_bandwidth(bits_per_s: float) -> str:
 
 
 # A link's burst, as a kernel's tbf qdisc has it: 10 ms of the rate (at least rate/HZ for any HZ >= 100), at least a
-# page. The harness's capped links (peer/harness/netns.py) and the transport's own buckets share it.
+# page. The harness's capped links (peer/harness/netns/shaping.py) and the transport's own buckets share it.
 BURST_SECONDS = 0.010
 MIN_BURST_BYTES = 4096
 
