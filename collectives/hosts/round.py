@@ -79,7 +79,8 @@ from collectives.reduce.inbox import Group
 from collectives.reduce.parts import part_bounds
 from collectives.reduce.round import AllReduceConfig
 from collectives.stats import RoundStats
-from collectives.net.transport import Transport, port_refuses
+from collectives.net.reachability import port_refuses
+from collectives.net.transport import Transport
 
 log = logging.getLogger(__name__)
 

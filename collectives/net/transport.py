@@ -34,7 +34,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Sequence
@@ -49,7 +48,8 @@ from collectives.net.credentials import CallAuth
 # TransportClosed lives in collectives.errors; importing it from here keeps working.
 from collectives.errors import TransportClosed, UsageError
 from collectives.net.ratelimit import TokenBucket, burst_bytes
-from collectives.net.rpc import RpcSettings, bind, call_metadata, health_check, identity, make_channel, make_server
+from collectives.net.reachability import peer_unresponsive
+from collectives.net.rpc import bind, call_metadata, identity, make_channel, make_server
 from collectives.stats import TrafficCounters
 # TransportConfig lives in collectives.net.transportconfig; importing it from here (as scripts written before did) keeps working.
 from collectives.net.transportconfig import TransportConfig
@@ -76,38 +76,6 @@ _BUSY = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.CONNECTING)
 # Longest close() waits for gRPC to answer the connectivity watches of the channels it closed (it answers them
 # at once: a closed channel is SHUTDOWN).
 WATCH_SETTLE_S = 1.0
-
-
-async def port_refuses(address: str, timeout_s: float = 1.0) -> str | None:
-    """Why a TCP connection to address fails (refused, unroutable, timed out), or None if it is accepted."""
-    host, port = split_address(address)
-    try:
-        async with asyncio.timeout(timeout_s):
-            _, writer = await asyncio.open_connection(host, port)
-    except TimeoutError:
-        return f"connecting timed out after {timeout_s:g} s"
-    except OSError as exc:  # asyncio words it "Connect call failed"; the errno says why
-        return os.strerror(exc.errno) if exc.errno else str(exc)
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except OSError:
-        pass
-    return None
-
-
-async def peer_unresponsive(address: str, timeout_s: float = 2.0, settings: RpcSettings | None = None) -> str | None:
-    """Why the gRPC server at address is out of reach (port refused, or no health answer in time), or None."""
-    why = await port_refuses(address, min(timeout_s, 1.0))
-    if why is not None:
-        return why
-    # The port accepts, but a paused process's kernel accepts too: ask the server itself
-    # (on a fresh connection: the pooled one is the connection that just failed).
-    try:
-        serving = await health_check(address, timeout_s, settings)
-    except grpc.aio.AioRpcError as exc:
-        return f"no answer to a health check ({exc.code().name})"
-    return None if serving else "its health check says it is not serving"
 
 
 class Transport:
