@@ -31,8 +31,12 @@ encoded bytes cross to the host; owners reduce, and every member decodes its
 result, on the host.
 
 This module is the endpoint: the public API, the Collective service's
-handlers (receive side, validated by ``collectives/reduce/inbox.py``), buffers. The
-sending side of one round is ``collectives/reduce/round.py``.
+handlers (receive side, validated by ``collectives/reduce/inbox.py``), its
+buffer pool (``collectives/reduce/buffers.py``). One flat round is a ``Round``
+of ``collectives/reduce/round.py`` (its sending side, its reduction); a round
+of members that share a host is ``collectives/hosts/round.py``'s ``HostRound``.
+Both move their bytes through the member's ``Transport``
+(``collectives/net/transport.py``).
 
 A push or share for a round this member has not opened waits at most the
 transport's ``open_wait_s`` and is then refused as retryable ("not-open"); the
@@ -517,7 +521,8 @@ class Collective:
         await refuse_unauthenticated(context, Unauthenticated(f"{method}: the message claims a rank that is not {sender}'s"))
 
     def _open_wait(self, context: grpc.aio.ServicerContext) -> float:
-        """How long a message may wait for its round to open here: open_wait_s, or less if its caller's deadline is sooner."""
+        """How long a message may wait for its round to open here: open_wait_s, or less if its caller's deadline is
+        sooner."""
         wait = self.transport.config.open_wait_s
         remaining = context.time_remaining()
         return wait if remaining is None else min(wait, remaining)

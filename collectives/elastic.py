@@ -186,7 +186,8 @@ class ElasticCollective:
         self.config = config
         # With a run secret, every call carries the run's credentials; the coordinator binds this peer's key at join.
         self.transport = Transport(config.transport, auth=config.transport.security.call_auth(config.run_id))
-        # The committed results of recent rounds, served to peers that were late for them (collectives/reduce/results.py).
+        # The committed results of recent rounds, served to peers that were late for them
+        # (collectives/reduce/results.py).
         self.results = ResultStore(config.keep_results)
         self.collective = Collective(self.transport, config.run_id, phase_hook=phase_hook)
         self.state_server = StateServer(
@@ -626,8 +627,9 @@ class ElasticCollective:
         the round's plan, called after each attempt's quorum; so is ``prepare`` (plan, flat) ->
         what this attempt sends. ``residual`` (a flat fp32 tensor of the input's size, on its device) enables
         error feedback: it changes only when the round commits (then by what the committed round did not carry).
-        ``settings``: what this peer does with the result ("outer lr 0.7", ...), which the coordinator compares
-        among the run's members with the codec, the aggregator and the length (collectives.membership.roundformat.round_format).
+        ``settings``: what this peer does with the result ("outer lr 0.7", ...), which the coordinator compares among
+        the run's members with the codec, the aggregator and the length
+        (collectives.membership.roundformat.round_format).
         ``min_members``: the fewest members a round may have (differential privacy's), beyond the aggregator's need.
         """
         request = sync_request(

@@ -59,6 +59,12 @@ A contribution on a GPU stays there: the round encodes its chunks where
 they live (``collectives/codecs/device.py``), so only encoded bytes come to the
 host, which is where every result is decoded and returned.
 
+Where each phase's work lives: the quorum and commit calls are the coordinator
+client's (``collectives/membership/client.py``), the all-reduce is the member's
+``Collective`` (``collectives/allreduce.py``; one round of it,
+``collectives/reduce/round.py``), a resync's fetch is state sync's
+(``collectives/statesync/``), and a catch-up's is ``collectives/reduce/catchup.py``'s.
+
 What a sync needs of its member, it is given (``ElasticSync``'s arguments):
 the member's parts and where it stands in the run (``Member``), and the steps
 of the member's life a sync takes (registering again, fetching the state,
@@ -273,8 +279,8 @@ class ElasticSync:
         out = torch.empty(flat.numel(), dtype=torch.float32)  # the host: results are decoded there
         attempts = 0
         last_reason = ""
-        # The coordinator forms no round the aggregator cannot run with (Krum's 2f+3), nor one smaller than
-        # min_members: the peers train on instead of aborting attempts. Groups ``within`` a round are the caller's business.
+        # The coordinator forms no round the aggregator cannot run with (Krum's 2f+3), nor one smaller than min_members:
+        # the peers train on instead of aborting attempts. Groups ``within`` a round are the caller's business.
         least = max(make_aggregator(allreduce.aggregator).min_group() if within is None else 1, min_members)
         self.phase = Phase.IDLE  # every sync starts afresh; the previous one ended in a final phase
         started = time.monotonic()

@@ -1,9 +1,9 @@
 """The base of every codec: the ``Codec`` class, ``CodecConfig`` specs, the registry, the zstd stage and the checks.
 
 Codec modules import this one: the dense codecs (:mod:`collectives.codecs.dense`), the sparse one
-(:mod:`collectives.codecs.sparse`), a plugin's, and :mod:`collectives.codecs.kernels` for :class:`QuantizedChunk`. Everyone
-else imports the facade :mod:`collectives.codecs`, which imports this module and the built-in codecs' modules and
-registers the built-ins with their classes; the wire layouts, limits and error bounds are documented there.
+(:mod:`collectives.codecs.sparse`), a plugin's, and :mod:`collectives.codecs.kernels` for :class:`QuantizedChunk`.
+Everyone else imports the facade :mod:`collectives.codecs`, which imports this module and the built-in codecs' modules
+and registers the built-ins with their classes; the wire layouts, limits and error bounds are documented there.
 
 Why the registry is here but :func:`make_codec` is not: :class:`CodecConfig` checks a spec against the registry and
 ``Codec(config)`` picks the registered class, so the registry must live below the codec classes. It holds the

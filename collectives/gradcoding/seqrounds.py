@@ -89,7 +89,8 @@ class _GradcodesCode:
 
 
 def gradcode(n: int, s: int, kind: str = gradcodes.AUTO) -> PlainCode:
-    """The plain GC(n, s) code of ``collectives.gradcoding.gradcodes``: ``auto`` (frc when s+1 divides n), ``frc``, ``cyclic``."""
+    """The plain GC(n, s) code of ``collectives.gradcoding.gradcodes``: ``auto`` (frc when s+1 divides n), ``frc``,
+    ``cyclic``."""
     return _GradcodesCode(gradcodes.build_code(n, s, kind), n, s)
 
 

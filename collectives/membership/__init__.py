@@ -1,1 +1,2 @@
-"""The peer's side of the coordinator protocol: its client, the answers it holds, the rules it checks."""
+"""The peer's side of the coordinator protocol: its client and Session stream, the answers it holds, the rules it
+checks (a sample's draw, NoLoCo's pairs)."""

@@ -32,8 +32,13 @@ without state that finds no live holder gets ``Joined.wait`` with a one-line
 ``heartbeat_s`` until a holder (a returning peer, or one resuming from its
 checkpoint) is back.
 
-The answers as plain data (``Joined``, ``RoundPlan``, ``MissedRound``, ``CommitOutcome``, the kept member list) are
-in collectives/membership/roundplan.py; the errors and how a failed call is read, in collectives/membership/coordinatorerrors.py.
+The answers as plain data (``Joined``, ``RoundPlan``, ``MissedRound``,
+``CommitOutcome``, the kept member list) are in
+collectives/membership/roundplan.py; the errors and how a failed call is read,
+in collectives/membership/coordinatorerrors.py; the Session stream that
+carries heartbeats, quorums and commits, in collectives/membership/session.py.
+Its calls go over the member's transport's event loop and channels
+(collectives/net/transport.py).
 """
 
 from __future__ import annotations
@@ -159,8 +164,8 @@ class MembershipClient:
         self._stub: pb_grpc.CoordinatorStub | None = None
         # The member list of the last ROUND answer, named by its digest: an answer with the same list leaves it out.
         self._known_members = KnownMembers()
-        # Heartbeat, Quorum and Commit go as messages on one stream (collectives/membership/session.py), when the coordinator
-        # has it; the other calls, and every call to an older coordinator, are calls of their own.
+        # Heartbeat, Quorum and Commit go as messages on one stream (collectives/membership/session.py), when the
+        # coordinator has it; the other calls, and every call to an older coordinator, are calls of their own.
         self.session = CoordinatorSession(
             lambda: self.transport.channel(self.config.coordinator),
             lambda method: call_metadata(self.transport.auth, method, self.config.coordinator),
@@ -352,7 +357,8 @@ class MembershipClient:
         held: Callable[[], Sequence[tuple[int, int, str]] | None] = lambda: None,
         hold: Callable[[tuple[MissedRound, ...]], None] = lambda rounds: None,
     ) -> None:
-        """Send heartbeats with the peer's status every interval_s (or as the coordinator's answers say) until cancelled.
+        """Send heartbeats with the peer's status every interval_s (or as the coordinator's answers say) until
+        cancelled.
 
         ``digest()``: the state's digest as of ``last_round()`` if already computed ("" otherwise; never computes).
         ``held()``: (round id, epoch, digest) of the results this peer keeps, or None when it does not offer to keep
@@ -456,10 +462,10 @@ class MembershipClient:
     ) -> RoundPlan:
         """Ask for the next round's group (blocks until it forms).
 
-        ``digest``: the SHA-256 (hex) of this peer's state as of last_round ("" unknown); ``min_members``: the
-        fewest members its round can run with (the aggregator's minimum); ``round_format``: what this peer's
-        contribution is (``collectives.membership.roundformat.round_format``; "" unchecked). Raises FormatMismatch when the run's rounds of this
-        tag carry another format.
+        ``digest``: the SHA-256 (hex) of this peer's state as of last_round ("" unknown); ``min_members``: the fewest
+        members its round can run with (the aggregator's minimum); ``round_format``: what this peer's contribution is
+        (``collectives.membership.roundformat.round_format``; "" unchecked). Raises FormatMismatch when the run's rounds
+        of this tag carry another format.
         """
         if self.coordinator_lost:
             raise CoordinatorUnavailable(f"no sync: {self.coordinator_lost}; training on locally until a heartbeat "

@@ -31,8 +31,9 @@ class NotACoordinator(LoconetError):
     """Something answers at the coordinator's address, but it is not a loconet coordinator (a dashboard, a peer)."""
 
 
-# A coordinator refusing a call for its client's rate (RESOURCE_EXHAUSTED, peer/coordinator/limits.py) starts
-# the message with this, and says in trailing metadata (RETRY_AFTER_MS, from collectives/membership/session.py) when to retry.
+# A coordinator refusing a call for its client's rate (RESOURCE_EXHAUSTED, peer/coordinator/limits.py) starts the
+# message with this, and says in trailing metadata (RETRY_AFTER_MS, from collectives/membership/session.py) when to
+# retry.
 RATE_LIMITED = "rate limited"
 
 

@@ -28,7 +28,7 @@ the run seed to the hash (so two runs differ) and the two odd-count rules.
 The ``pair:`` prefix keeps the permutation independent of the ``sample``
 policy's draw (``collectives/membership/sampling.py``) for the same seed and round.
 
-Pure functions, no I/O; the coordinator and the peers both import them.
+Pure functions, no I/O; NoLoCo's peers import them (``optimizers/noloco.py``): each derives every group itself.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ def round_format(codec: object, aggregator: object, numel: int, settings: Sequen
 
 
 def format_difference(asked: str, other: str, whose: str = "the run's") -> str:
-    """The parts of round format (or join settings) ``asked`` that differ from ``other``, each with its counterpart ("codec int4,
-    the run's: codec int8"); both whole when they have different parts."""
+    """The parts of round format (or join settings) ``asked`` that differ from ``other``, each with its counterpart
+    ("codec int4, the run's: codec int8"); both whole when they have different parts."""
     mine, theirs = asked.split(FORMAT_SEPARATOR), other.split(FORMAT_SEPARATOR)
     if len(mine) != len(theirs):
         return f"{asked}; {whose}: {other}"

@@ -45,7 +45,8 @@ class SampleMismatch(ProtocolError):
 
 @dataclass(frozen=True)
 class SampleSize:
-    """How many candidates a sample round draws: ``count`` K, or ``fraction`` F of them rounded up, at least ``minimum``.
+    """How many candidates a sample round draws: ``count`` K, or ``fraction`` F of them rounded up, at least
+    ``minimum``.
 
     Exactly one of count and fraction is set. ``minimum`` goes with a fraction only; None means
     it was not given (the coordinator then makes it its --min-peers, see ``with_minimum``).

@@ -17,7 +17,7 @@ server and channels come from ``collectives.net.rpc`` (options, credentials hook
 health service, raw-bytes handlers). It binds ``host`` and reports
 ``advertise`` as its ``address``: what it registers with the coordinator and
 what joiners fetch state from. Without ``advertise``, a wildcard bind reports this machine's
-address on its route to the coordinator (see ``collectives.net.rpc``).
+address on its route to the coordinator (see ``collectives.net.addresses``).
 
 Waiting is bounded for every caller (``collectives.net.admission``): the handlers
 it serves are admitted under per-connection and total caps, a client stream

@@ -1,1 +1,2 @@
-"""One round of the all-reduce and what it combines: send and receive sides, parts, aggregators, results."""
+"""One round of the all-reduce and what it combines: send and receive sides, parts, aggregators, kept results,
+catching up by them."""

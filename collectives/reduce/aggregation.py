@@ -172,7 +172,7 @@ def combine_shares(shares: Sequence[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-# -- arithmetic shared by the aggregators (collectives/reduce/robust.py's too) ------------------------------------------
+# -- arithmetic shared by the aggregators (collectives/reduce/robust.py's too) ----------------------------------------
 
 
 def finite_weights(weights: Sequence[float]) -> torch.Tensor:

@@ -4,7 +4,7 @@ Every member of a committed round holds its result: the flat fp32 tensor the
 all-reduce produced. A peer the round went on without (a short pause, a
 ``first-k`` quorum, or a joiner whose state fetch took longer than a round)
 fetches the results of the rounds it missed and applies them in order,
-instead of fetching the whole state again (``ElasticCollective``'s catch-up).
+instead of fetching the whole state again (the catch-up of ``collectives/reduce/catchup.py``).
 
 Two things make that work on slow links:
 

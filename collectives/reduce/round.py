@@ -1,9 +1,11 @@
 """One member's round of the all-reduce: what it sends, when it reduces, and how it fails.
 
 ``Collective`` (``collectives/allreduce.py``) opens a round's inbox and runs a
-``Round``: it streams each part to its owner, reduces its own part chunk by
-chunk as contributions arrive and streams each reduced chunk on (so the
-all-gather overlaps the aggregate-scatter), waits for every part and every
+``Round``: it streams each part to its owner (through the member's
+``Transport``, ``collectives/net/transport.py``, in chunks framed by
+``collectives/net/wire.py``), reduces its own part chunk by chunk as
+contributions arrive and streams each reduced chunk on (so the all-gather
+overlaps the aggregate-scatter), waits for every part and every
 acknowledgement, and on any failure names the failed members and tells the
 others with an abort notice. Also here: the wire constants of the Collective
 service and the configuration every member of a round must share.
@@ -216,7 +218,8 @@ class Round:
         )
 
     async def _statistics(self, stat_rounds: int, mine: torch.Tensor) -> None:
-        """Exchange the owners' shares of the aggregator's statistics and derive its decisions (same on every member)."""
+        """Exchange the owners' shares of the aggregator's statistics and derive its decisions (the same on every
+        member)."""
         a, b = self.inbox.bounds[self.group.rank]
         await self._wait("scatter", lambda: self.inbox.contributions_ready() >= b - a, self._late_contributors)
         await self.transport.run_cpu(self._copy_own, mine, 0, b - a)

@@ -16,7 +16,7 @@ places; nothing is unpickled. The returned tensors are views into that one
 buffer, each aligned to 64 bytes.
 
 Chunks are framed by hand (valid protobuf encodings of ``StateChunk``, as in
-``wire.py``), so payloads are never copied through protobuf objects; any
+``collectives/net/wire.py``), so payloads are never copied through protobuf objects; any
 protobuf implementation of ``state.proto`` can talk to this one.
 
 Limitation: tensors travel as the host's bytes, so hosts must be little-endian
