@@ -1,4 +1,4 @@
-"""The base class of every algorithm that syncs pseudo-gradients: its torch.optim surface, its rounds and their outcomes.
+"""The base class of every algorithm that syncs pseudo-gradients: its torch.optim surface, rounds and their outcomes.
 
 An algorithm (DiLoCo, Streaming DiLoCo, a plugin) subclasses ``OuterOptimizer``
 and says three things: when a round is due (``_stepped``, called after each
@@ -18,6 +18,16 @@ round and are counted on the dashboard; and ``loss``, the step's training
 loss (the closure's, when there is one). The base class reports both, with
 the step count and steps per second, to the peer's ``status`` (what its
 heartbeats carry to the coordinator's dashboard), when the peer has one.
+
+Where the rest lives: an algorithm's config extends ``SyncConfig``
+(``optimizers/syncconfig.py``); a round goes to its peer's ``sync`` or
+``sync_async`` (the ``SyncPeer`` of ``optimizers/peers.py``: an
+``ElasticCollective``, ``collectives/elastic.py``, or a ``LocalPeer``) from
+``_send``; each sync's outcome is kept as a ``SyncRecord``
+(``optimizers/syncrecord.py``); the inner and outer optimizers' hyperparameters
+survive a checkpoint's load through ``optimizers/groupsettings.py``; the
+reported steps per second are ``optimizers/steprate.py``'s; the global
+parameters and outer state are ``GlobalState`` (``optimizers/globalstate.py``).
 """
 
 from __future__ import annotations

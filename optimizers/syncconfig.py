@@ -19,7 +19,8 @@ from optimizers.outer_optim import OuterConfig
 
 @dataclass(frozen=True)
 class SyncConfig:
-    """When a peer syncs, how its pseudo-gradient travels and is combined, and the outer step (every algorithm's base)."""
+    """When a peer syncs, how its pseudo-gradient travels and is combined, and its outer step: every algorithm's
+    config extends it."""
 
     sync_every: int = field(default=100, metadata={"help": "inner steps between syncs (H)"})
     codec: str = field(
