@@ -18,15 +18,16 @@ and ``wall_s`` says what their bytes cost in time there.
 
 Per method: ``final_eval_loss`` (the held-out loss after training),
 ``bytes_sent_per_peer``, ``peak_bytes_per_sync`` and ``wall_s``; for synthetic
-tasks the ``entropy_floor`` (every field: ``FIELDS`` below, ``--help``, docs/benchmarks.md). Our methods' bytes are counted by the transport;
-data-parallel's are a ring all-reduce's: 2 (N-1)/N x 4 bytes x parameters
-per step (gloo's ring algorithm; it exposes no counters). The state a
-joiner fetches at start (once per peer, like DDP's initial broadcast) is
-reported apart as ``state_sync_bytes_per_peer``. Against fp32, ours report
+tasks the ``entropy_floor`` (every field: ``FIELDS`` below, ``--help``,
+docs/benchmarks.md). Our methods' bytes are counted by the transport;
+data-parallel's are a ring all-reduce's: 2 (N-1)/N x 4 bytes x parameters per
+step (gloo's ring algorithm; it exposes no counters). The state a joiner
+fetches at start (once per peer, like DDP's initial broadcast) is reported
+apart as ``state_sync_bytes_per_peer``. Against fp32, ours report
 ``fp32_bytes_per_peer`` (what their rounds would carry uncompressed) and
-``bytes_fp32_over_method``. Every peer gets its own ``--host-id``: the benchmark
-stands for peers on separate machines, so no two reduce through shared memory
-and every byte of a round crosses the data plane.
+``bytes_fp32_over_method``. Every peer gets its own ``--host-id``: the
+benchmark stands for peers on separate machines, so no two reduce through
+shared memory and every byte of a round crosses the data plane.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The figures of ``loconet bench membership``, as pure functions of what its processes measured.
 
-Latency distributions and the membership checks of each round from the simulated peers' records
-(``round_stats``), what the coordinator's status says went wrong (``coordinator_checks``), the floor the machine's cores set on a round (``cpu_floor``), and failed checks grouped by
-shape (``group_messages``).
+Latency distributions and the membership checks of each round from the simulated peers' records (``round_stats``), what
+the coordinator's status says went wrong (``coordinator_checks``), the floor the machine's cores set on a round
+(``cpu_floor``), and failed checks grouped by shape (``group_messages``).
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ from protos import membership_pb2 as pb
 COORDINATOR_SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 # A refusal's message begins with RATE_LIMITED and its trailing metadata RETRY_AFTER_MS says when a token is next
-# available (collectives.membership.client and collectives.membership.session, whose clients read them), so a client can tell a rate limit from
-# an oversized message (also RESOURCE_EXHAUSTED) and back off.
+# available (collectives.membership.client and collectives.membership.session, whose clients read them), so a client can
+# tell a rate limit from an oversized message (also RESOURCE_EXHAUSTED) and back off.
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 _UNSEEN = object()

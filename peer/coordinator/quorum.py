@@ -73,8 +73,8 @@ def rank_field(rank: int) -> bytes:
 class RoundLists:
     """A formed round's answer bodies, serialised once per round and per list an asker holds (all but the rank).
 
-    An asker that holds the round's list gets it left out; one that holds a recent round's list gets the change
-    from it (``collectives/membership/memberlists.py``) when that is smaller; any other gets the whole list, packed when it
+    An asker that holds the round's list gets it left out; one that holds a recent round's list gets the change from it
+    (``collectives/membership/memberlists.py``) when that is smaller; any other gets the whole list, packed when it
     reads a packed one (QuorumRequest.packed_members).
     """
 

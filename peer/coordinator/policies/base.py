@@ -191,7 +191,8 @@ class SizedPolicy(QuorumPolicy):
 
 
 def roster_of(q: QuorumInputs) -> tuple[str, ...]:
-    """Every live peer (and every peer that asked), by peer id: the workers a straggler-tolerant round is planned over."""
+    """Every live peer (and every peer that asked), by peer id: the workers a straggler-tolerant round is planned
+    over."""
     return tuple(sorted(q.eligible | set(q.requesting)))
 
 

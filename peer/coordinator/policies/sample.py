@@ -24,7 +24,8 @@ class Sample(QuorumPolicy):
 
     @classmethod
     def from_arg(cls, arg: str) -> Sample:
-        """``sample:K``, ``sample:F`` or ``sample:F,min=M`` (see ``collectives.membership.sampling.parse_sample_arg``)."""
+        """``sample:K``, ``sample:F`` or ``sample:F,min=M``, as
+        ``collectives.membership.sampling.parse_sample_arg`` reads them."""
         return cls(parse_sample_arg(arg))
 
     @property

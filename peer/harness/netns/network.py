@@ -104,7 +104,8 @@ class Host:
 
 
 class NetnsNetwork:
-    """Namespaces joined by a bridge in the root namespace, with tbf shaping and link cuts; a context manager that always cleans up."""
+    """Namespaces joined by a bridge in the root namespace, with tbf shaping and link cuts; a context manager that
+    always cleans up."""
 
     def __init__(self, prefix: str = "lcn", subnet: str = DEFAULT_SUBNET) -> None:
         if not _PREFIX_RE.fullmatch(prefix):
@@ -127,7 +128,9 @@ class NetnsNetwork:
     # -- building --------------------------------------------------------------------------
 
     def create(self, names: list[str], links: dict[str, LinkSpec] | None = None) -> dict[str, Host]:
-        """Build the bridge and one namespace per name; links: name -> caps (missing: uncapped). Returns name -> Host."""
+        """Build the bridge and one namespace per name; links: name -> caps (missing: uncapped).
+
+        Returns name -> Host."""
         if self._created:
             raise UsageError("this NetnsNetwork was already created; make a new one")
         links = dict(links or {})
