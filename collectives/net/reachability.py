@@ -1,7 +1,8 @@
 """Whether a peer can be reached: its port accepts a TCP connection, and its gRPC server answers a health check.
 
-A round's failure watcher (``transport.py``) asks this before it names a member unreachable, and a host's
-leader (``collectives/hosts/round.py``) before it names a host member gone: a refused port is known at once.
+A round's failure watcher (``Transport``'s, ``collectives/net/transport.py``) asks this before it names a member
+unreachable, and a member waiting in its host's shared-memory round (``collectives/hosts/round.py``) before it names
+a local member that never attached: a refused port is known at once.
 """
 
 from __future__ import annotations
