@@ -1,15 +1,18 @@
 """A member of a run: it joins, fetches the run's state, stays registered, and leaves.
 
-``ElasticCollective`` puts the pieces together: a transport (data plane),
-the all-reduce, a state server for joiners, the committed results it keeps
-for late peers (``collectives/reduce/catchup.py``), and the coordinator client. Its
-``sync`` is the elastic all-reduce the optimizers use: each sync is run
-through quorum, all-reduce and commit by the member's ``ElasticSync``
-(``collectives/elasticsync.py``, which draws that state machine). This
-module is the member's life around it: ``start`` (listen, join, fetch the
-run's state or keep its own), the heartbeats, registering again when the
-coordinator lost it (a lapsed lease, a restart) or telling it to wait for
-a holder of the run's state, the state digest it reports, ``interrupt``,
+``ElasticCollective`` puts the pieces together: a transport (data plane,
+``collectives/net/transport.py``), the all-reduce
+(``collectives/allreduce.py``), a state server for joiners
+(``collectives/statesync/``), the committed results it keeps for late peers
+(``collectives/reduce/results.py``; catching up by them,
+``collectives/reduce/catchup.py``), and the coordinator client
+(``collectives/membership/client.py``). Its ``sync`` is the elastic all-reduce
+the optimizers use: each sync is run through quorum, all-reduce and commit by
+the member's ``ElasticSync`` (``collectives/elasticsync.py``, which draws that
+state machine). This module is the member's life around it: ``start`` (listen,
+join, fetch the run's state or keep its own), the heartbeats, registering again
+when the coordinator lost it (a lapsed lease, a restart) or telling it to wait
+for a holder of the run's state, the state digest it reports, ``interrupt``,
 and ``close`` (leave the run).
 
 State handed to the caller (``Resynced.snapshot``, ``start()``'s return)

@@ -34,7 +34,7 @@ Policies, chosen with the coordinator's ``quorum`` setting (each in its module o
   once K have (every live peer, if fewer are live), or T seconds after the
   first one asked; the peers still training are not waited for (roster as
   candidates);
-- ``sample:K, ``sample:F``, ``sample:F,min=M`` (``sample.py``): the k peers
+- ``sample:K``, ``sample:F``, ``sample:F,min=M`` (``sample.py``): the k peers
   ``collectives.membership.sampling.sample_members`` draws from the run's seed and the
   round id among the live peers (members can check the draw); k is K, or
   ceil(F x candidates) and at least M (min_peers when M is not given, see
@@ -42,8 +42,10 @@ Policies, chosen with the coordinator's ``quorum`` setting (each in its module o
   them asked, or at the join timeout with those of them that did.
 
 Adding a policy: one module in this package, a ``QuorumPolicy`` subclass (a name, a usage string, how to read its
-argument, ``decide``; from ``base.py``, with its helpers) decorated with ``@register``, plus its import below. A
-plugin's policy (``--plugin``) is the same class in the plugin's own module, imported from ``base.py`` too.
+argument, ``decide``; from ``base.py``, with its helpers) decorated with ``@register``, plus its import below, last:
+the imports' order is the order ``policy_forms()`` lists the forms in (help texts, errors), so it is not
+alphabetical and must not be sorted. A plugin's policy (``--plugin``) is the same class in the plugin's own
+module, imported from ``base.py`` too.
 """
 
 from peer.coordinator.policies.base import (
