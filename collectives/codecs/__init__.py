@@ -72,12 +72,13 @@ from __future__ import annotations
 
 import torch
 
-# Re-exported: every name of the base that modules, tests and plugins import from here.
+# Re-exported: every name of the base that modules, tests and plugins import from here (the constants by an alias
+# to themselves, which marks a re-export outside __all__; one a line, as sorted imports keep an aliased name).
+from collectives.codecs.base import DEFAULT_BLOCK_SIZE as DEFAULT_BLOCK_SIZE
+from collectives.codecs.base import MAX_BLOCK_SIZE as MAX_BLOCK_SIZE
+from collectives.codecs.base import MAX_ZSTD_LEVEL as MAX_ZSTD_LEVEL
+from collectives.codecs.base import READ_ONLY_WARNING as READ_ONLY_WARNING
 from collectives.codecs.base import (
-    DEFAULT_BLOCK_SIZE as DEFAULT_BLOCK_SIZE,
-    MAX_BLOCK_SIZE as MAX_BLOCK_SIZE,
-    MAX_ZSTD_LEVEL as MAX_ZSTD_LEVEL,
-    READ_ONLY_WARNING as READ_ONLY_WARNING,
     Codec,
     CodecConfig,
     CodecKind,

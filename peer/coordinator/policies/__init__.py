@@ -61,8 +61,10 @@ from peer.coordinator.policies.base import (
 )
 
 # The built-in policies register as they are imported, in this order: the order policy_forms() lists them in
-# (error messages, help texts), so a new one goes last.
-from peer.coordinator.policies.allpeers import AllPeers
+# (error messages, help texts), so a new one goes last. Not sorted, then (isort: split and noqa: I001): sorting
+# them would change what those texts say.
+# isort: split
+from peer.coordinator.policies.allpeers import AllPeers  # noqa: I001
 from peer.coordinator.policies.firstk import FirstK
 from peer.coordinator.policies.sample import Sample
 from peer.coordinator.policies.coded import Coded
