@@ -60,11 +60,8 @@ from typing import Any
 import grpc
 import torch
 
-from collectives.net.admission import ACCEPTED_KEY, OPEN_WAIT_EXPIRED, RETRY_KEY, UNAUTHENTICATED
 from collectives.asynctasks import consume_exception
-from collectives.reduce.buffers import BufferPool
 from collectives.codecs import Codec, CodecConfig, error_bound, make_codec
-from collectives.net.credentials import refuse_unauthenticated, verify_peer_call
 from collectives.errors import (
     LoconetError,
     NonFiniteError,
@@ -75,6 +72,12 @@ from collectives.errors import (
 from collectives.hosts.cache import SegmentCache
 from collectives.hosts.local import HostPlan, pre_reducible
 from collectives.hosts.round import HostRound
+from collectives.net.admission import ACCEPTED_KEY, OPEN_WAIT_EXPIRED, RETRY_KEY, UNAUTHENTICATED
+from collectives.net.credentials import refuse_unauthenticated, verify_peer_call
+from collectives.net.rpc import method_handlers, raw_stream_unary, raw_unary_unary
+from collectives.net.transport import Transport
+from collectives.net.wire import decode_chunk
+from collectives.reduce.buffers import BufferPool
 from collectives.reduce.inbox import (
     DuplicateStream,
     ForeignRun,
@@ -96,10 +99,7 @@ from collectives.reduce.round import (
     AllReduceConfig,
     Round,
 )
-from collectives.net.rpc import method_handlers, raw_stream_unary, raw_unary_unary
 from collectives.stats import RoundStats
-from collectives.net.transport import Transport
-from collectives.net.wire import decode_chunk
 from protos import collective_pb2 as pb
 
 log = logging.getLogger(__name__)

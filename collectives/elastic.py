@@ -44,23 +44,25 @@ from typing import Any, TypeVar
 
 import torch
 
-from collectives.net.addresses import coordinator_address
-from collectives.reduce.aggregators import AggregatorConfig
 from collectives.allreduce import AllReduceConfig, Collective
 from collectives.asynctasks import cancel_and_wait
-from collectives.reduce.catchup import LateRounds
 from collectives.codecs import CodecConfig
 from collectives.elasticsync import WAIT_POLL_S, ElasticSync, sync_request
 from collectives.errors import ConfigError, UsageError
 from collectives.hosts.identity import resolve_host_id
-from collectives.reduce.inbox import Group
 from collectives.membership.client import PATIENCE_S, QUORUM_PATIENCE_S, MembershipClient, MembershipConfig, PeerStatus
-from collectives.notes import RepeatNote
-from collectives.reduce.results import CommittedResult, ResultStore
 from collectives.membership.roundplan import FINISHED
+from collectives.net.addresses import coordinator_address
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import TransportConfig
+from collectives.notes import RepeatNote
+from collectives.reduce.aggregators import AggregatorConfig
+from collectives.reduce.catchup import LateRounds
+from collectives.reduce.inbox import Group
+from collectives.reduce.results import CommittedResult, ResultStore
 from collectives.statesync import (
-    ExpectedState,
     SERVES_NO_STATE,
+    ExpectedState,
     StateServer,
     StateSnapshot,
     StateSyncConfig,
@@ -80,8 +82,6 @@ from collectives.syncphases import (
     Within,
     check_prepared,
 )
-from collectives.net.transport import Transport
-from collectives.net.transportconfig import TransportConfig
 
 # What other modules import from here: this module's own names, and a sync's outcomes and types, which
 # callers of ElasticCollective.sync catch and pass (collectives/syncphases.py, collectives/reduce/results.py).

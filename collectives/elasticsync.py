@@ -86,22 +86,28 @@ from typing import Any, Protocol
 
 import torch
 
-from collectives.reduce.aggregators import AggregatorConfig, make_aggregator
 from collectives.allreduce import AllReduceConfig, AllReduceResult, Collective
-from collectives.reduce.catchup import LateRounds
 from collectives.codecs import CodecConfig, check_finite
-from collectives.membership.coordinatorerrors import CommitUnknown, Unregistered
 from collectives.errors import (
-    InternalError, LoconetError, MemberFailure, ProtocolError, QuorumMismatch, RoundFailed,
+    InternalError,
+    LoconetError,
+    MemberFailure,
+    ProtocolError,
+    QuorumMismatch,
+    RoundFailed,
 )
 from collectives.hosts.local import round_hosts
-from collectives.reduce.inbox import Group
 from collectives.membership.client import MembershipClient
-from collectives.notes import RepeatNote
-from collectives.reduce.parts import flatten, shared_device, total_numel, unflatten_like
-from collectives.reduce.results import CommittedResult
+from collectives.membership.coordinatorerrors import CommitUnknown, Unregistered
 from collectives.membership.roundformat import round_format
 from collectives.membership.roundplan import CommitOutcome, RoundPlan
+from collectives.net.transport import Transport
+from collectives.notes import RepeatNote
+from collectives.reduce.aggregators import AggregatorConfig, make_aggregator
+from collectives.reduce.catchup import LateRounds
+from collectives.reduce.inbox import Group
+from collectives.reduce.parts import flatten, shared_device, total_numel, unflatten_like
+from collectives.reduce.results import CommittedResult
 from collectives.statesync import ExpectedState, StateServer, StateSnapshot, StateSyncError
 from collectives.syncphases import (
     TRANSITIONS,
@@ -116,7 +122,6 @@ from collectives.syncphases import (
     Within,
     check_prepared,
 )
-from collectives.net.transport import Transport
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import torch
 
 from collectives.codecs import check_finite
 from collectives.errors import LoconetError, NonFiniteError, ProtocolError, RoundFailed
-from collectives.reduce.results import CommittedResult
 from collectives.membership.roundplan import RoundPlan
+from collectives.reduce.results import CommittedResult
 from collectives.statesync import StateSnapshot
 from collectives.stats import RoundStats
 

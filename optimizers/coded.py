@@ -52,8 +52,8 @@ import torch
 
 from collectives.errors import ConfigError, ProtocolError, QuorumMismatch
 from collectives.gradcoding.gradcodes import CODE_KINDS, Undecodable, code_for, decode
-from collectives.reduce.parts import flatten, unflatten_like
 from collectives.membership.roundplan import BACKUP_TAG_KEY, RoundPlan
+from collectives.reduce.parts import flatten, unflatten_like
 from optimizers.backup import BackupConfig, BackupWorkers, RoundObservation
 from optimizers.outer import OuterOptimizer
 from optimizers.outer_optim import OuterConfig

@@ -26,8 +26,8 @@ import torch
 from collectives.codecs import CodecConfig, needs_feedback
 from collectives.errors import ConfigError, LoconetError, UsageError
 from collectives.membership.pairing import ODD_MODES, group_of, pair_groups
-from collectives.reduce.parts import flatten
 from collectives.membership.roundplan import RoundPlan
+from collectives.reduce.parts import flatten
 from collectives.syncphases import Resynced
 from optimizers.diloco import DiLoCo, DiLoCoConfig
 from optimizers.outer_optim import OuterConfig

@@ -44,9 +44,9 @@ import torch
 
 from collectives.codecs import needs_feedback
 from collectives.errors import ConfigError, Incompatible, LoconetError, NonFiniteError, UsageError
+from collectives.membership.roundformat import reduction_parts
 from collectives.notes import RepeatNote
 from collectives.reduce.parts import unflatten_like
-from collectives.membership.roundformat import reduction_parts
 from collectives.statesync import StateSnapshot, state_digest
 from collectives.syncphases import CaughtUp, Resynced
 from optimizers.globalstate import GlobalState

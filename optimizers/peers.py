@@ -25,12 +25,12 @@ from typing import Any, Protocol
 
 import torch
 
-from collectives.reduce.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
 from collectives.codecs import CodecConfig, check_finite, make_codec
 from collectives.errors import Incompatible, NonFiniteError
 from collectives.membership.client import PeerStatus
-from collectives.reduce.parts import flatten, unflatten_like
 from collectives.membership.roundplan import RoundPlan
+from collectives.reduce.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
+from collectives.reduce.parts import flatten, unflatten_like
 from collectives.syncphases import Prepare, Weight, check_prepared
 
 

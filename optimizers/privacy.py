@@ -78,11 +78,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from collectives.reduce.aggregation import MAX_ROUND_MEMBERS
-from collectives.reduce.aggregators import AggregatorConfig
 from collectives.checks import is_finite_number, is_whole
 from collectives.errors import ConfigError, ProtocolError
 from collectives.membership.roundplan import RoundPlan
+from collectives.reduce.aggregation import MAX_ROUND_MEMBERS
+from collectives.reduce.aggregators import AggregatorConfig
 from optimizers.statemeta import meta_dict, meta_float, meta_str
 
 ZERO_OUT = "zero-out"

@@ -61,12 +61,12 @@ import torch
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError, ProtocolError, QuorumMismatch
 from collectives.gradcoding.gradcodes import AUTO, CYCLIC, FRC
-from collectives.reduce.parts import flatten, unflatten_like
-from collectives.membership.roundplan import RoundPlan
 from collectives.gradcoding.seqcoding import SCHEMES, SequentialScheme, gradcode, make_scheme
 from collectives.gradcoding.seqrounds import checked_workers
-from collectives.statesync import StateSnapshot
 from collectives.gradcoding.stragglermodel import BurstyModel
+from collectives.membership.roundplan import RoundPlan
+from collectives.reduce.parts import flatten, unflatten_like
+from collectives.statesync import StateSnapshot
 from optimizers.coded import (
     CodedSGD,
     PartitionData,

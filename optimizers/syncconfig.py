@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from collectives.reduce.aggregators import AggregatorConfig, make_aggregator
 from collectives.codecs import CodecConfig
 from collectives.errors import ConfigError
+from collectives.reduce.aggregators import AggregatorConfig, make_aggregator
 from optimizers.outer_optim import OuterConfig
 
 

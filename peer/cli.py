@@ -298,8 +298,8 @@ def harness_config(ns: argparse.Namespace) -> HarnessConfig:
     """The HarnessConfig the harness options describe."""
     import dataclasses
 
-    from peer.coordinator.config import CoordinatorConfig
     from optimizers.syncconfig import least_members
+    from peer.coordinator.config import CoordinatorConfig
     from peer.harness.chaos import ChaosSpec, chaos_events, expected_rounds
     from peer.harness.harness import HarnessConfig
     from peer.harness.scenario import load_scenario, parse_event

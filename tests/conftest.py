@@ -10,12 +10,12 @@ import itertools
 
 import pytest
 import torch
-from support.durations import load, slowest_first
 
 from collectives.allreduce import Collective
-from collectives.reduce.inbox import Group
 from collectives.net.transport import Transport
 from collectives.net.transportconfig import TransportConfig
+from collectives.reduce.inbox import Group
+from support.durations import load, slowest_first
 
 CUDA_SKIP_REASON = "CUDA is not available (torch.cuda.is_available() is False)"
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from collectives.errors import ConfigError
 from collectives.reduce.aggregators import (
     AGGREGATORS,
     Aggregator,
@@ -26,7 +27,6 @@ from collectives.reduce.aggregators import (
     make_aggregator,
     register_aggregator,
 )
-from collectives.errors import ConfigError
 from collectives.reduce.parts import chunk_bounds, part_bounds
 from collectives.reduce.robust import closest_to_median
 from tests.support.robust_reference import (

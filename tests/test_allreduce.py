@@ -8,16 +8,16 @@ import grpc
 import pytest
 import torch
 
-from collectives.reduce.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
 from collectives.allreduce import AllReduceConfig
 from collectives.codecs import CodecConfig, make_codec
 from collectives.codecs.dense import BlockCodec
-from collectives.errors import MemberFailure, NonFiniteError
-from collectives.reduce.inbox import GATHER, SCATTER, Group
 from collectives.codecs.kernels import native_kernels
+from collectives.errors import MemberFailure, NonFiniteError
+from collectives.net.rpc import blocking_channel
+from collectives.reduce.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
+from collectives.reduce.inbox import GATHER, SCATTER, Group
 from collectives.reduce.parts import part_bounds
 from collectives.reduce.round import ERROR_KIND_KEY, PUSH_METHOD, chunk_message
-from collectives.net.rpc import blocking_channel
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from collectives.reduce.aggregators import aggregate_rows, make_aggregator
 from collectives.allreduce import mean_error_bound
 from collectives.codecs import CodecConfig
+from collectives.reduce.aggregators import aggregate_rows, make_aggregator
 from peer.harness.procgroup import AllReduceJob, ProcessGroup, worker_tensor
 
 pytestmark = pytest.mark.timeout(180)

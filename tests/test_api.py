@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 
-from collectives.net import addresses
 from collectives.elastic import ElasticCollective, ElasticConfig, leave_reason
 from collectives.errors import ConfigError
 from collectives.membership.client import PeerStatus
+from collectives.net import addresses
 from collectives.net.transport import Transport
 from collectives.net.transportconfig import TransportConfig
 from optimizers.diloco import DiLoCo

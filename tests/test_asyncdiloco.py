@@ -15,8 +15,8 @@ import torch
 
 from collectives.elastic import CaughtUp, CommittedResult, Resynced
 from collectives.errors import ConfigError
-from collectives.reduce.parts import flatten, unflatten_like
 from collectives.membership.roundplan import RoundPlan
+from collectives.reduce.parts import flatten, unflatten_like
 from optimizers.asyncdiloco import AsyncDiLoCo, AsyncDiLoCoConfig
 from optimizers.diloco import DiLoCo
 from optimizers.outer_optim import OuterConfig

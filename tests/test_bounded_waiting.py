@@ -17,6 +17,9 @@ import grpc
 import pytest
 import torch
 
+from collectives.allreduce import AllReduceConfig
+from collectives.codecs import CodecConfig, make_codec
+from collectives.errors import ConfigError
 from collectives.net.admission import (
     ACCEPTED_KEY,
     FIRST_MESSAGE_TIMEOUT,
@@ -27,16 +30,13 @@ from collectives.net.admission import (
     Admission,
     AdmissionLimits,
 )
-from collectives.reduce.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
-from collectives.allreduce import AllReduceConfig
-from collectives.codecs import CodecConfig, make_codec
-from collectives.errors import ConfigError
-from collectives.reduce.inbox import SCATTER, Group, RoundInbox
-from collectives.reduce.parts import part_bounds
-from collectives.reduce.round import ERROR_KIND_KEY, PUSH_METHOD, chunk_message
 from collectives.net.rpc import health_check, identity, make_channel, method_handlers, raw_stream_unary, raw_unary_unary
 from collectives.net.transport import Transport
 from collectives.net.transportconfig import TransportConfig
+from collectives.reduce.aggregators import AggregatorConfig, aggregate_rows, make_aggregator
+from collectives.reduce.inbox import SCATTER, Group, RoundInbox
+from collectives.reduce.parts import part_bounds
+from collectives.reduce.round import ERROR_KIND_KEY, PUSH_METHOD, chunk_message
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,8 +20,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from collectives.membership.memberlists import entries_of, unpack_list
 from collectives.membership.client import MembershipClient, MembershipConfig
+from collectives.membership.memberlists import entries_of, unpack_list
 from collectives.membership.roundplan import KnownMembers, MissedRound
 from collectives.membership.sampling import check_sample, sample_members
 from collectives.net.transport import Transport

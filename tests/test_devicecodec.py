@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collectives.codecs import device as devicecodec
 from collectives.codecs import CODEC_NAMES, Codec, CodecConfig, error_bound, make_codec, register_codec
+from collectives.codecs import device as devicecodec
 from collectives.codecs.device import _seg_blocks, decode_raw_on_device, encode_raw_on_device, encode_throughput
 from collectives.errors import CodecError, ConfigError, NonFiniteError
 

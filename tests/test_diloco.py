@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import copy
 import itertools
+import logging
 import sys
 import threading
 import time
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch

@@ -9,14 +9,14 @@ import time
 import pytest
 import torch
 
-from collectives.reduce.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
-from collectives.membership.coordinatorerrors import GroupTooSmall, Unregistered
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import NonFiniteError, UsageError
+from collectives.membership.coordinatorerrors import GroupTooSmall, Unregistered
 from collectives.membership.roundplan import Joined
-from collectives.syncphases import WaitingForState
 from collectives.net.transportconfig import TransportConfig
+from collectives.reduce.aggregators import AggregatorConfig
+from collectives.syncphases import WaitingForState
 from optimizers.diloco import DiLoCo
 from peer.coordinator.config import CoordinatorConfig
 from tests.support.coordinator import CoordinatorThread

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from collectives.gradcoding import gradcodes
 from collectives.errors import ConfigError, LoconetError
+from collectives.gradcoding import gradcodes
 from collectives.gradcoding.gradcodes import (
     CYCLIC,
     DEFAULT_MAX_CONDITION,

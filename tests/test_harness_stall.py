@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from collectives.allreduce import Collective
-from collectives.statesync.format import StateSnapshot, StateSyncConfig
-from collectives.statesync.server import StateServer
 from collectives.net.transport import Transport
 from collectives.net.transportconfig import TransportConfig
+from collectives.statesync.format import StateSnapshot, StateSyncConfig
+from collectives.statesync.server import StateServer
 from peer.coordinator.config import CoordinatorConfig
 from peer.harness.harness import Harness, HarnessConfig
 from peer.harness.scenario import parse_event

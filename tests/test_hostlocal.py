@@ -18,8 +18,6 @@ import time
 import pytest
 import torch
 
-from collectives.reduce.aggregation import Aggregator, checked_reduce, finite_weights, weighted_sum
-from collectives.reduce.aggregators import AGGREGATORS, AggregatorConfig, make_aggregator, register_aggregator
 from collectives.hosts.identity import SHM_DIR
 from collectives.hosts.local import (
     ATTACHED,
@@ -40,6 +38,8 @@ from collectives.hosts.local import (
 from collectives.hosts.round import reduce_rows
 from collectives.membership.roundplan import RoundPlan
 from collectives.net.rpc import blocking_channel
+from collectives.reduce.aggregation import Aggregator, checked_reduce, finite_weights, weighted_sum
+from collectives.reduce.aggregators import AGGREGATORS, AggregatorConfig, make_aggregator, register_aggregator
 from peer.coordinator.server import CoordinatorServer
 from peer.coordinator.service import CoordinatorConfig
 from peer.harness.procgroup import AllReduceJob, ProcessGroup, WorkerConfig

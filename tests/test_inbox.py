@@ -10,9 +10,9 @@ import torch
 
 from collectives.codecs import CodecConfig, make_codec
 from collectives.errors import ProtocolError
+from collectives.net.wire import decode_chunk
 from collectives.reduce.inbox import SCATTER, Group, RoundInbox, RoundRegistry
 from collectives.reduce.round import chunk_message
-from collectives.net.wire import decode_chunk
 from protos import collective_pb2 as pb
 
 HANG_LIMIT_S = 10.0

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 import torch
 
 from collectives.membership.roundformat import MAX_FORMAT_CHARS

@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 from collectives.codecs import CodecConfig, make_codec
 from collectives.codecs.dense import Int4Codec, Int8Codec
-from collectives.errors import CodecError
 from collectives.codecs.kernels import (
     DISABLE_ENV,
     FLAG_SETS,
@@ -33,6 +32,7 @@ from collectives.codecs.kernels import (
     kernels_status,
     native_kernels,
 )
+from collectives.errors import CodecError
 
 needs_kernels = pytest.mark.skipif(native_kernels() is None, reason=f"no native kernels: {kernels_status().detail}")
 CLASSES = {"int8": Int8Codec, "int4": Int4Codec}

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from collectives.membership.memberlists import (
     MAX_LIST_BYTES,
-    Entry,
     BadMemberChange,
     BadPackedList,
+    Entry,
     apply_change,
     change_bytes,
     changed_list,

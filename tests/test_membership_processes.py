@@ -16,10 +16,9 @@ import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 
+from collectives.reduce.aggregators import aggregate_rows, make_aggregator  # noqa: E402
 from support.procs import CoordinatorProc, stop_all, toy_peer  # noqa: E402
 from support.toy_peer import contribution, digest  # noqa: E402
-
-from collectives.reduce.aggregators import aggregate_rows, make_aggregator  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 

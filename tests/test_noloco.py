@@ -14,8 +14,8 @@ import torch
 
 from collectives.errors import ConfigError, RoundFailed, TransportClosed
 from collectives.membership.pairing import group_of, pair_groups
-from collectives.reduce.parts import flatten
 from collectives.membership.roundplan import RoundPlan
+from collectives.reduce.parts import flatten
 from optimizers.noloco import NoLoCo, NoLoCoConfig, count_sketch
 from optimizers.outer_optim import OuterConfig
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from collectives.errors import ConfigError
-from collectives.statesync.format import state_digest
-from collectives.statesync import StateServer, StateSnapshot, StateSyncConfig, fetch_state
 from collectives.net.transport import Transport
 from collectives.net.transportconfig import TransportConfig
+from collectives.statesync import StateServer, StateSnapshot, StateSyncConfig, fetch_state
+from collectives.statesync.format import state_digest
 from optimizers import outer_optim
 from optimizers.outer_optim import (
     OUTER_OPTIMIZERS,

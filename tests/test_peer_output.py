@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from support.procs import CoordinatorProc, Proc, stop_all
-
 from peer.runtime.display import (
     PeerDisplay,
     RoundFigures,
@@ -27,6 +25,7 @@ from peer.runtime.display import (
     round_line,
     summary_lines,
 )
+from support.procs import CoordinatorProc, Proc, stop_all
 
 NAN = math.nan
 SMALL = ("--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--batch-size", "8")

@@ -19,16 +19,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from support.coordinator import CoordinatorThread
-from support.procs import CoordinatorProc, Proc, daemon_peer, stop_all
-
-from collectives.net.addresses import coordinator_address
-from collectives.membership.coordinatorerrors import CoordinatorUnavailable, NotACoordinator
 from collectives.elastic import ElasticCollective, ElasticConfig, Stopped
 from collectives.errors import ConfigError
+from collectives.membership.coordinatorerrors import CoordinatorUnavailable, NotACoordinator
+from collectives.net.addresses import coordinator_address
 from collectives.net.transport import Transport
 from peer.coordinator.config import CoordinatorConfig
 from peer.runtime.daemon import PeerConfig
+from support.coordinator import CoordinatorThread
+from support.procs import CoordinatorProc, Proc, daemon_peer, stop_all
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import ClassVar
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 import torch

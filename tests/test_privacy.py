@@ -12,14 +12,14 @@ import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant, rdp_privacy_accountant
 
-from collectives.reduce.aggregators import AggregatorConfig
 from collectives.codecs import CodecConfig
-from collectives.membership.coordinatorerrors import GroupTooSmall
 from collectives.elastic import ElasticCollective, ElasticConfig, check_prepared
 from collectives.errors import ConfigError, Incompatible, ProtocolError
+from collectives.membership.coordinatorerrors import GroupTooSmall
+from collectives.membership.roundplan import RoundPlan
+from collectives.reduce.aggregators import AggregatorConfig
 from collectives.reduce.parts import flatten
 from collectives.reduce.round import AllReduceConfig
-from collectives.membership.roundplan import RoundPlan
 from optimizers.diloco import DiLoCo
 from optimizers.outer_optim import OuterConfig
 from optimizers.peers import LocalPeer

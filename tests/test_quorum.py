@@ -4,18 +4,18 @@ import pytest
 
 from collectives.errors import ConfigError
 from peer.coordinator.rules import (
+    MAX_SIT_OUT,
     CommitInputs,
     CommittedRound,
     Decision,
     PeerView,
     QuorumRules,
     Report,
+    SitOut,
     answer_lost,
     attempt_over,
     choose_sync_source,
     choose_sync_sources,
-    MAX_SIT_OUT,
-    SitOut,
     commit_decision,
     head_round,
     holds_committed_state,

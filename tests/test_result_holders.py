@@ -21,11 +21,12 @@ import torch
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.membership.roundplan import MissedRound
+from collectives.membership.session import CoordinatorSession
+from collectives.net.rpc import COORDINATOR_SETTINGS, make_channel
 from collectives.reduce import catchup
 from collectives.reduce.catchup import LateRounds
-from collectives.reduce.results import CommittedResult, ResultStore, result_digest as digest_of_result
-from collectives.net.rpc import COORDINATOR_SETTINGS, make_channel
-from collectives.membership.session import CoordinatorSession
+from collectives.reduce.results import CommittedResult, ResultStore
+from collectives.reduce.results import result_digest as digest_of_result
 from collectives.statesync import StateSyncConfig
 from collectives.syncphases import CaughtUp
 from peer.coordinator.config import CoordinatorConfig

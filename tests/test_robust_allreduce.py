@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from collectives.reduce.aggregators import AggregatorConfig
 from collectives.allreduce import AllReduceConfig
 from collectives.codecs import CodecConfig
 from collectives.errors import MemberFailure
+from collectives.reduce.aggregators import AggregatorConfig
 from collectives.reduce.round import GroupUnfit
 from peer.harness.procgroup import AllReduceJob, ProcessGroup, worker_tensor
 from tests.support.robust_reference import brute_bulyan, brute_krum_ranking, clustered, mean_loop

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from collectives.membership.roundformat import FORMAT_DIFFERS, MAX_FORMAT_CHARS, round_format
+from collectives.membership.roundformat import FORMAT_DIFFERS, MAX_FORMAT_CHARS, format_difference, round_format
 from optimizers.coded import CodedSGDConfig
 from optimizers.diloco import DiLoCoConfig
 from optimizers.federated import FedConfig
@@ -24,7 +24,6 @@ from optimizers.outer_optim import OuterConfig
 from optimizers.privacy import DPConfig
 from optimizers.seqcoded import SeqSGCConfig
 from optimizers.streaming import StreamingConfig
-from collectives.membership.roundformat import format_difference
 from peer.coordinator.rules import format_refusal
 from protos import membership_pb2 as pb
 

@@ -10,10 +10,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from collectives.net import addresses
-from collectives.net.addresses import advertised_address, parse_advertise, split_address
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError
+from collectives.net import addresses
+from collectives.net.addresses import advertised_address, parse_advertise, split_address
 from collectives.net.rpc import (
     COORDINATOR_SETTINGS,
     RpcSecurity,

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from collectives.allreduce import Collective
+from collectives.errors import ConfigError, Unauthenticated
 from collectives.net.credentials import (
     AUTH_KEY,
     MAX_CLOCK_SKEW_S,
@@ -29,13 +30,12 @@ from collectives.net.credentials import (
     load_secret,
     verify_caller,
 )
-from collectives.errors import ConfigError, Unauthenticated
-from collectives.reduce.round import ABORT_METHOD, PUSH_METHOD, STAT_METHOD
 from collectives.net.rpc import RpcSecurity, blocking_channel, health_check, identity
-from collectives.statesync.format import FETCH_METHOD, StateSnapshot
-from collectives.statesync.server import StateServer
 from collectives.net.transport import Transport
 from collectives.net.transportconfig import TransportConfig
+from collectives.reduce.round import ABORT_METHOD, PUSH_METHOD, STAT_METHOD
+from collectives.statesync.format import FETCH_METHOD, StateSnapshot
+from collectives.statesync.server import StateServer
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
 from protos import collective_pb2 as cpb

@@ -19,10 +19,10 @@ import torch
 
 from collectives.elastic import CaughtUp, CommittedResult, ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError, QuorumMismatch
-from collectives.reduce.parts import flatten
-from collectives.membership.roundplan import RoundPlan
 from collectives.gradcoding.seqcoding import make_scheme, simulate
 from collectives.gradcoding.stragglermodel import BurstyModel, bursty_pattern, conforms
+from collectives.membership.roundplan import RoundPlan
+from collectives.reduce.parts import flatten
 from optimizers.coded import StepSuperseded
 from optimizers.peers import LocalPeer
 from optimizers.registry import get_algorithm

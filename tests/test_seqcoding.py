@@ -19,8 +19,8 @@ from functools import partial
 
 import pytest
 
-from collectives.gradcoding import seqrounds
 from collectives.errors import ConfigError
+from collectives.gradcoding import seqrounds
 from collectives.gradcoding.seqcoding import (
     COMPLETE,
     LOST,

@@ -9,18 +9,16 @@ ones speaking the protocol from this test's own event loop.
 from __future__ import annotations
 
 import asyncio
-import logging
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from collectives.membership.coordinatorerrors import RETRY_CODES
-from collectives.net.credentials import CallAuth
 from collectives.membership.client import MembershipClient, MembershipConfig
-from collectives.net.rpc import COORDINATOR_SETTINGS, RpcSecurity, call_metadata, make_channel
+from collectives.membership.coordinatorerrors import RETRY_CODES
 from collectives.membership.session import (
     RETRY_AFTER_MS,
     SESSION_METHOD,
@@ -29,6 +27,8 @@ from collectives.membership.session import (
     broken_stream,
     rpc_error,
 )
+from collectives.net.credentials import CallAuth
+from collectives.net.rpc import COORDINATOR_SETTINGS, RpcSecurity, call_metadata, make_channel
 from collectives.net.transport import Transport
 from collectives.net.transportconfig import TransportConfig
 from peer.coordinator.config import CoordinatorConfig

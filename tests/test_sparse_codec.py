@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from collectives.codecs import CodecConfig, codec_names, error_bound, make_codec, needs_feedback
-from collectives.errors import CodecError, ConfigError, NonFiniteError
 from collectives.codecs.sparse import BLOCK, analytic_contribution_bytes, decode_indices, encode_indices
+from collectives.errors import CodecError, ConfigError, NonFiniteError
 from peer.harness.procgroup import AllReduceJob, ProcessGroup, worker_tensor
 
 TOPK = make_codec("topk")

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from collectives.net.credentials import load_issuer_key
 from collectives.errors import ConfigError
+from collectives.net.credentials import load_issuer_key
 from peer.coordinator.statefile import load_run
 from tests.support.cli import one_line_error
 

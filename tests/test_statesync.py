@@ -13,8 +13,9 @@ import grpc
 import pytest
 import torch
 
-from collectives.statesync import fetch as statefetch
 from collectives.net.rpc import method_handlers
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import TransportConfig
 from collectives.statesync import (
     SERVICE,
     StateServer,
@@ -25,8 +26,7 @@ from collectives.statesync import (
     fetch_state_async,
     state_digest,
 )
-from collectives.net.transport import Transport
-from collectives.net.transportconfig import TransportConfig
+from collectives.statesync import fetch as statefetch
 from protos import state_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)

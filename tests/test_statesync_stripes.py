@@ -11,9 +11,10 @@ import grpc
 import pytest
 import torch
 
-from collectives.statesync import format as stateformat
-from collectives.reduce.results import ResultStore
 from collectives.net.rpc import identity
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import TransportConfig
+from collectives.reduce.results import ResultStore
 from collectives.statesync import (
     FETCH_METHOD,
     MAX_BLOCK_BYTES,
@@ -29,8 +30,7 @@ from collectives.statesync import (
     manifest_digest,
     state_digest,
 )
-from collectives.net.transport import Transport
-from collectives.net.transportconfig import TransportConfig
+from collectives.statesync import format as stateformat
 from protos import state_pb2 as pb
 
 pytestmark = pytest.mark.timeout(120)

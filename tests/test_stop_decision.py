@@ -13,11 +13,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from support.coordinator import CoordinatorThread
-
 from collectives.elastic import ElasticCollective, ElasticConfig, Stopped
 from collectives.syncphases import Phase
 from peer.coordinator.config import CoordinatorConfig
+from support.coordinator import CoordinatorThread
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,9 +14,9 @@ import torch
 
 from collectives.errors import ConfigError
 from peer.tasks import Task, TaskConfig, batch_stream, make_task
+from peer.tasks.registry import DEFAULT_TASK, TASK_HELP, register_task, task_names
 from peer.tasks.synthetic import SyntheticLMTask, entropy_rate, row_entropies, stationary_distribution
 from peer.tasks.text import TextLMTask
-from peer.tasks.registry import DEFAULT_TASK, TASK_HELP, register_task, task_names
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,13 +10,13 @@ import grpc
 import pytest
 import torch
 
-from collectives.net import transport as transport_module
 from collectives.allreduce import Collective
 from collectives.errors import ConfigError, LoconetError, TransportClosed, UsageError
-from collectives.reduce.inbox import Group
+from collectives.net import transport as transport_module
 from collectives.net.reachability import peer_unresponsive, port_refuses
 from collectives.net.transport import Transport, split_address
 from collectives.net.transportconfig import TransportConfig, codec_threads_for
+from collectives.reduce.inbox import Group
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -94,8 +94,8 @@ from collectives.codecs.base import (
     register_codec,
 )
 from collectives.codecs.dense import FloatCodec, Int4Codec, Int8Codec
-from collectives.errors import ConfigError
 from collectives.codecs.sparse import TopKCodec
+from collectives.errors import ConfigError
 
 __all__ = [
     "CODEC_NAMES",

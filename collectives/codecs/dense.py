@@ -42,8 +42,8 @@ from collectives.codecs.device import (
     decode_raw_on_device,
     encode_raw_on_device,
 )
-from collectives.errors import CodecError
 from collectives.codecs.kernels import native_kernels
+from collectives.errors import CodecError
 
 # Smallest magnitudes that round to Inf in the 16-bit formats.
 _FP16_OVERFLOW = 65520.0

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Protocol
 
-from collectives.gradcoding import gradcodes
 from collectives.checks import is_whole
 from collectives.errors import ConfigError, LoconetError
+from collectives.gradcoding import gradcodes
 from collectives.gradcoding.stragglermodel import BurstyModel, Pattern
 
 Parts = tuple[tuple[int, float], ...]

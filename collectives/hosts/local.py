@@ -49,10 +49,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from collectives.reduce.aggregators import AggregatorConfig, make_aggregator
 from collectives.errors import RoundFailed
 from collectives.hosts.identity import SHM_DIR, alive, process_start
 from collectives.hosts.markers import MARKER_INFIX, clear_markers, discard, left_marker, marker_name, marker_stale
+from collectives.reduce.aggregators import AggregatorConfig, make_aggregator
 
 if TYPE_CHECKING:  # for the hint only: membership is the layer that uses this module's host plans
     from collectives.membership.roundplan import RoundPlan

@@ -45,8 +45,6 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import torch
 
-from collectives.reduce.aggregation import weighted_sum
-from collectives.reduce.aggregators import make_aggregator
 from collectives.asynctasks import cancel_and_wait
 from collectives.errors import (
     LoconetError,
@@ -75,12 +73,14 @@ from collectives.hosts.local import (
     sweep_stale,
 )
 from collectives.hosts.markers import JoinWatch, leave_marker
+from collectives.net.reachability import port_refuses
+from collectives.net.transport import Transport
+from collectives.reduce.aggregation import weighted_sum
+from collectives.reduce.aggregators import make_aggregator
 from collectives.reduce.inbox import Group
 from collectives.reduce.parts import part_bounds
 from collectives.reduce.round import AllReduceConfig
 from collectives.stats import RoundStats
-from collectives.net.reachability import port_refuses
-from collectives.net.transport import Transport
 
 log = logging.getLogger(__name__)
 

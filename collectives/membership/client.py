@@ -52,18 +52,34 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from collectives.net.addresses import coordinator_address
-from collectives.membership.coordinatorerrors import (
-    NO_QUORUM, NOT_THIS_RUN, RETRY_CODES, CommitUnknown, CoordinatorUnavailable, GroupTooSmall, RequestRefused,
-    Unregistered, failure_reason, not_a_coordinator, rate_limited_for,
-)
 from collectives.errors import FormatMismatch, LoconetError, NotThisRun
+from collectives.membership.coordinatorerrors import (
+    NO_QUORUM,
+    NOT_THIS_RUN,
+    RETRY_CODES,
+    CommitUnknown,
+    CoordinatorUnavailable,
+    GroupTooSmall,
+    RequestRefused,
+    Unregistered,
+    failure_reason,
+    not_a_coordinator,
+    rate_limited_for,
+)
 from collectives.membership.roundformat import FORMAT_DIFFERS, FORMAT_SEPARATOR
 from collectives.membership.roundplan import (
-    CommitOutcome, Joined, KnownMembers, MissedRound, RoundPlan, commit_time, heartbeat_interval, missed_rounds,
+    CommitOutcome,
+    Joined,
+    KnownMembers,
+    MissedRound,
+    RoundPlan,
+    commit_time,
+    heartbeat_interval,
+    missed_rounds,
 )
-from collectives.net.rpc import call_metadata
 from collectives.membership.session import SESSION_RPCS, CoordinatorSession, SessionUnsupported
+from collectives.net.addresses import coordinator_address
+from collectives.net.rpc import call_metadata
 from collectives.net.tlsprobe import REFUSED_CERTIFICATE, TLSMismatch, known_failure, probe, verdict
 from collectives.net.transport import Transport
 from protos import membership_pb2 as pb

@@ -38,9 +38,9 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from collectives.errors import AddressInUse, ConfigError, Unauthenticated
 from collectives.net.addresses import format_address
 from collectives.net.credentials import OPEN_METHODS, CallAuth, load_secret, warn_if_public
-from collectives.errors import AddressInUse, ConfigError, Unauthenticated
 
 log = logging.getLogger(__name__)
 

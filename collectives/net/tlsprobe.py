@@ -16,8 +16,8 @@ from __future__ import annotations
 import socket
 import ssl
 
-from collectives.net.addresses import split_address
 from collectives.errors import ConfigError
+from collectives.net.addresses import split_address
 from collectives.net.rpc import RpcSecurity
 
 # What probe() found.

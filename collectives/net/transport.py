@@ -41,18 +41,20 @@ from typing import Any, Self, TypeVar
 
 import grpc
 
-from collectives.net.addresses import advertised_address, check_reachable, split_address
-from collectives.net.admission import Admission, Refusals, Replay, admit_handlers, retry_reason
 from collectives.asynctasks import cancel_and_wait, consume_exception
-from collectives.net.credentials import CallAuth
+
 # TransportClosed lives in collectives.errors; importing it from here keeps working.
 from collectives.errors import TransportClosed, UsageError
+from collectives.net.addresses import advertised_address, check_reachable, split_address
+from collectives.net.admission import Admission, Refusals, Replay, admit_handlers, retry_reason
+from collectives.net.credentials import CallAuth
 from collectives.net.ratelimit import TokenBucket, burst_bytes
 from collectives.net.reachability import peer_unresponsive
 from collectives.net.rpc import bind, call_metadata, identity, make_channel, make_server
-from collectives.stats import TrafficCounters
+
 # TransportConfig lives in collectives.net.transportconfig; importing it from here (as scripts written before did) keeps working.
 from collectives.net.transportconfig import TransportConfig
+from collectives.stats import TrafficCounters
 
 log = logging.getLogger(__name__)
 

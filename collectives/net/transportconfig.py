@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from collectives.errors import ConfigError
 from collectives.net.addresses import LOCAL_HOST, MAX_PORT, parse_advertise
 from collectives.net.admission import AdmissionLimits
-from collectives.errors import ConfigError
 from collectives.net.ratelimit import format_bandwidth, parse_bandwidth
 from collectives.net.rpc import DEFAULT_KEEPALIVE_S, DEFAULT_MESSAGE_BYTES, RpcSecurity, RpcSettings
 

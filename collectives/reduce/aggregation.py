@@ -54,8 +54,8 @@ from typing import ClassVar
 
 import torch
 
-from collectives.errors import ConfigError, RoundFailed
 from collectives.codecs.kernels import native_kernels
+from collectives.errors import ConfigError, RoundFailed
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 

@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import torch
 
+from collectives.errors import ConfigError
 from collectives.reduce.aggregation import (
     MAX_ROUND_MEMBERS,
     Aggregator,
@@ -34,7 +35,6 @@ from collectives.reduce.aggregation import (
     TrimmedMean,
     combine_shares,
 )
-from collectives.errors import ConfigError
 from collectives.reduce.robust import Bulyan, CenteredClip, Krum, MultiKrum, NormClip
 
 __all__ = [

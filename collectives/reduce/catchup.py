@@ -37,10 +37,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from collectives.asynctasks import cancel_and_wait
 from collectives.codecs import CodecConfig
 from collectives.errors import LoconetError
-from collectives.reduce.results import CommittedResult, ResultStore, expected_wire_bytes, fetch_result
 from collectives.membership.roundplan import MissedRound, RoundPlan
-from collectives.statesync import StateSyncConfig
 from collectives.net.transport import Transport
+from collectives.reduce.results import CommittedResult, ResultStore, expected_wire_bytes, fetch_result
+from collectives.statesync import StateSyncConfig
 
 log = logging.getLogger(__name__)
 

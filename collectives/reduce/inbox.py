@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from collectives.reduce.aggregators import Aggregator, AggregatorConfig, make_aggregator
 from collectives.codecs import Codec, CodecConfig, QuantizedChunk
-from collectives.errors import CodecError, InternalError, LoconetError, ProtocolError, RoundFailed
 from collectives.codecs.kernels import native_kernels
+from collectives.errors import CodecError, InternalError, LoconetError, ProtocolError, RoundFailed
+from collectives.reduce.aggregators import Aggregator, AggregatorConfig, make_aggregator
 from collectives.reduce.parts import part_bounds
 from protos import collective_pb2 as pb
 

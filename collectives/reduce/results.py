@@ -36,10 +36,10 @@ import torch
 
 from collectives.codecs import Codec, CodecConfig, check_finite, make_codec
 from collectives.errors import CodecError, ConfigError, NonFiniteError
-from collectives.reduce.parts import part_bounds
 from collectives.membership.roundplan import MissedRound
-from collectives.statesync import ResultNotYet, StateSnapshot, StateSyncConfig, StateSyncError, fetch_state_async
 from collectives.net.transport import Transport
+from collectives.reduce.parts import part_bounds
+from collectives.statesync import ResultNotYet, StateSnapshot, StateSyncConfig, StateSyncError, fetch_state_async
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from collectives.errors import ConfigError
 from collectives.reduce.aggregation import (
     Aggregator,
     BadWeights,
@@ -39,7 +40,6 @@ from collectives.reduce.aggregation import (
     uniform_mean,
     weighted_sum,
 )
-from collectives.errors import ConfigError
 
 # Columns per block when computing a share: bounds the float64 temporaries to
 # n * _BLOCK * 8 bytes whatever the part's size.

@@ -32,16 +32,16 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from collectives.reduce.aggregators import Aggregator, AggregatorConfig, combine_shares
 from collectives.asynctasks import cancel_and_wait
 from collectives.codecs import Codec, CodecConfig, check_finite
-from collectives.errors import ConfigError, LoconetError, MemberFailure, NonFiniteError, RoundFailed, StaleRound
-from collectives.reduce.inbox import GATHER, SCATTER, Group, RoundInbox, codec_proto
 from collectives.codecs.kernels import native_kernels
-from collectives.reduce.parts import chunk_bounds
-from collectives.stats import RoundStats
+from collectives.errors import ConfigError, LoconetError, MemberFailure, NonFiniteError, RoundFailed, StaleRound
 from collectives.net.transport import Transport, as_async_iter
 from collectives.net.wire import encode_chunk
+from collectives.reduce.aggregators import Aggregator, AggregatorConfig, combine_shares
+from collectives.reduce.inbox import GATHER, SCATTER, Group, RoundInbox, codec_proto
+from collectives.reduce.parts import chunk_bounds
+from collectives.stats import RoundStats
 from protos import collective_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -34,6 +34,7 @@ import grpc
 
 from collectives.errors import UsageError
 from collectives.net.rpc import identity
+from collectives.net.transport import Transport
 from collectives.statesync.format import (
     DEFAULT_CONFIG,
     FETCH_METHOD,
@@ -49,7 +50,6 @@ from collectives.statesync.format import (
     _Receiver,
     manifest_digest,
 )
-from collectives.net.transport import Transport
 from protos import state_pb2 as pb
 
 log = logging.getLogger(__name__)

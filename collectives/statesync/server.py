@@ -38,11 +38,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from collectives.net.admission import UNAUTHENTICATED
 from collectives.asynctasks import consume_exception
-from collectives.net.credentials import refuse_unauthenticated, verify_peer_call
 from collectives.errors import Unauthenticated
+from collectives.net.admission import UNAUTHENTICATED
+from collectives.net.credentials import refuse_unauthenticated, verify_peer_call
 from collectives.net.rpc import identity, method_handlers
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import HEADER_SLACK_BYTES
 from collectives.statesync.format import (
     DEFAULT_CONFIG,
     FETCH_METHOD,
@@ -56,8 +58,6 @@ from collectives.statesync.format import (
     _Encoded,
     _frame,
 )
-from collectives.net.transport import Transport
-from collectives.net.transportconfig import HEADER_SLACK_BYTES
 from protos import state_pb2 as pb
 
 log = logging.getLogger(__name__)

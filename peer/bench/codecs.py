@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from collectives.codecs import make_codec
-from collectives.errors import ConfigError
 from collectives.codecs.kernels import kernels_status
+from collectives.errors import ConfigError
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import COMMA_LIST, add_bench_options, median_seconds, print_report, require
 from peer.bench.progress import Progress, progress_for

@@ -49,21 +49,21 @@ import torch
 
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError, LoconetError
-from collectives.reduce.parts import flatten
 from collectives.gradcoding.seqcoding import make_scheme
 from collectives.gradcoding.stragglermodel import BurstyModel
 from collectives.net.transportconfig import TransportConfig
+from collectives.reduce.parts import flatten
 from optimizers.coded import CodedSGD, StepSuperseded
 from optimizers.outer_optim import OuterConfig
 from optimizers.seqcoded import SequentialCodedSGD
 from peer.bench.federated import _LoopClosedNoise
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import COMMA_LIST, add_bench_options, require
-from peer.jsonout import json_line
 from peer.bench.progress import Progress, progress_for
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
 from peer.device import place_model, resolve_device
+from peer.jsonout import json_line
 from peer.options import read_options
 from peer.runtime.training import TaskPartitions, TrainConfig, make_optimizer
 from peer.stragglers import BurstyStragglers, StragglerPattern

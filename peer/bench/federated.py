@@ -33,22 +33,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from collectives.reduce.aggregators import make_aggregator
 from collectives.elastic import ElasticCollective, ElasticConfig
 from collectives.errors import ConfigError, LoconetError
 from collectives.membership.sampling import SAMPLE_POLICY, parse_sample_arg, sample_count, sample_members
 from collectives.net.transportconfig import TransportConfig
+from collectives.reduce.aggregators import make_aggregator
 from optimizers.federated import FEDERATED, FedConfig
 from optimizers.privacy import DPConfig
 from optimizers.registry import get_algorithm
 from peer.attacks import Attack, parse_attack
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import COMMA_LIST, add_bench_options, require
-from peer.jsonout import json_line
 from peer.bench.progress import Progress, progress_for
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
 from peer.device import place_model, resolve_device
+from peer.jsonout import json_line
 from peer.options import read_options
 from peer.runtime.training import TrainConfig, TrainLoop, make_optimizer
 from peer.tasks.base import Task, TaskConfig

@@ -33,13 +33,13 @@ import grpc
 from google.protobuf.message import Message
 
 from collectives.asynctasks import cancel_and_wait
+from collectives.membership.client import MembershipConfig
 from collectives.membership.coordinatorerrors import RETRY_CODES
 from collectives.membership.memberlists import BadMemberChange, BadPackedList, changed_list, entries_of, unpack_list
-from collectives.membership.client import MembershipConfig
 from collectives.membership.roundformat import round_format
 from collectives.membership.roundplan import heartbeat_interval
-from collectives.net.rpc import RpcSettings, make_channel
 from collectives.membership.session import SESSION_RPCS, CoordinatorSession
+from collectives.net.rpc import RpcSettings, make_channel
 from optimizers.diloco import DiLoCoConfig
 from protos import membership_pb2 as pb
 from protos import membership_pb2_grpc as pb_grpc

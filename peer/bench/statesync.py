@@ -19,9 +19,9 @@ import torch
 
 from collectives.allocator import tune_malloc
 from collectives.net.ratelimit import parse_bandwidth
-from collectives.statesync import StateServer, StateSnapshot, fetch_state
 from collectives.net.transport import Transport
 from collectives.net.transportconfig import TransportConfig
+from collectives.statesync import StateServer, StateSnapshot, fetch_state
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import add_bench_options, copy_baseline, print_report, require, serving_child
 from peer.bench.progress import Progress, progress_for

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from collectives.net.addresses import COORDINATOR_PORT, LOCAL_HOST, MAX_PORT, parse_advertise
 from collectives.errors import ConfigError
 from collectives.membership.roundplan import DEFAULT_RUN_ID
+from collectives.net.addresses import COORDINATOR_PORT, LOCAL_HOST, MAX_PORT, parse_advertise
 from collectives.net.rpc import RpcSecurity
 from peer.coordinator.dashboard_security import parse_allowed_hosts
 from peer.coordinator.limits import CoordinatorLimits

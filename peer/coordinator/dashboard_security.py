@@ -36,8 +36,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from collectives.net.credentials import read_secret_file
 from collectives.errors import ConfigError
+from collectives.net.credentials import read_secret_file
 
 log = logging.getLogger(__name__)
 

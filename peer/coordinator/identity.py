@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from collectives.errors import Unauthenticated
 from collectives.net.credentials import (
     CallAuth,
     ForeignCredential,
@@ -24,7 +25,6 @@ from collectives.net.credentials import (
     load_issuer_key,
     verify_caller,
 )
-from collectives.errors import Unauthenticated
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.quorum import BadRequest
 from peer.coordinator.runstate import RunState

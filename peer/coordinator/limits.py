@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from collectives.membership.coordinatorerrors import RATE_LIMITED
 from collectives.errors import ConfigError
+from collectives.membership.coordinatorerrors import RATE_LIMITED
 from collectives.membership.session import RETRY_AFTER_MS, SESSIONS_FULL
 from protos import membership_pb2 as pb
 

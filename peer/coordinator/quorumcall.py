@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import grpc
 
-from collectives.reduce.aggregation import MAX_ROUND_MEMBERS
 from collectives.membership.coordinatorerrors import NO_QUORUM
 from collectives.membership.roundformat import MAX_FORMAT_CHARS
+from collectives.reduce.aggregation import MAX_ROUND_MEMBERS
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.durable import DurableRun, checked_digest
 from peer.coordinator.quorum import BadRequest, Quorums

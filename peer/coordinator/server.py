@@ -16,8 +16,8 @@ import logging
 import grpc
 from google.protobuf.message import Message
 
-from collectives.net.addresses import advertised_address, format_address, split_address
 from collectives.errors import AddressInUse, ConfigError
+from collectives.net.addresses import advertised_address, format_address, split_address
 from collectives.net.rpc import COORDINATOR_SETTINGS, RpcSettings, RunAuthInterceptor, bind, make_server
 from peer.coordinator.limits import RateLimitInterceptor
 from peer.coordinator.service import Coordinator, CoordinatorConfig

@@ -37,8 +37,8 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from collectives.net.rpc import identity
 from collectives.membership.session import OPENED, PUSHED, SESSION_RPCS
+from collectives.net.rpc import identity
 from collectives.net.wire import encode_varint
 from peer.coordinator.identity import Caller, Callers
 from peer.coordinator.limits import retry_after_ms

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from collectives.reduce.aggregators import make_aggregator
 from collectives.elastic import ElasticConfig
 from collectives.errors import ConfigError
-from collectives.net.ratelimit import parse_bandwidth
 from collectives.membership.roundplan import DEFAULT_RUN_ID
+from collectives.net.ratelimit import parse_bandwidth
+from collectives.reduce.aggregators import make_aggregator
 from optimizers.syncconfig import least_members
 from peer.coordinator.config import CoordinatorConfig, parse_dashboard_port
 from peer.harness.scenario import Event

@@ -125,8 +125,8 @@ def _worker_main(conn: Connection, rank: int, config: WorkerConfig) -> None:
     from collectives.allocator import tune_malloc
     from collectives.allreduce import Collective
     from collectives.errors import LoconetError, MemberFailure
-    from collectives.reduce.inbox import Group
     from collectives.net.transport import Transport
+    from collectives.reduce.inbox import Group
 
     tune_malloc()
     torch.set_num_threads(config.torch_threads)
@@ -199,9 +199,9 @@ def _failure_info(exc: Exception, member_failure: type) -> dict:
 
 
 def _run_allreduce(collective, addresses: list[str], rank: int, job: AllReduceJob, torch) -> dict:
-    from collectives.reduce.aggregators import AggregatorConfig
     from collectives.allreduce import AllReduceConfig
     from collectives.codecs import CodecConfig
+    from collectives.reduce.aggregators import AggregatorConfig
     from collectives.reduce.inbox import Group
 
     ranks = list(job.members) if job.members is not None else list(range(len(addresses)))

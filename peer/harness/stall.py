@@ -43,16 +43,16 @@ from dataclasses import asdict, dataclass, field
 import grpc
 import torch
 
-from collectives.net.admission import RETRY_KEY
-from collectives.reduce.aggregators import AggregatorConfig
 from collectives.asynctasks import cancel_and_wait
 from collectives.codecs import CodecConfig, make_codec
+from collectives.net.admission import RETRY_KEY
+from collectives.net.rpc import identity, make_channel
+from collectives.net.transportconfig import TransportConfig
+from collectives.reduce.aggregators import AggregatorConfig
 from collectives.reduce.inbox import SCATTER, Group
 from collectives.reduce.parts import part_bounds
 from collectives.reduce.round import PUSH_METHOD, chunk_message
-from collectives.net.rpc import identity, make_channel
 from collectives.statesync.format import FETCH_METHOD
-from collectives.net.transportconfig import TransportConfig
 from protos import state_pb2
 
 log = logging.getLogger(__name__)

@@ -44,12 +44,12 @@ from typing import Protocol
 
 import torch
 
-from collectives.net.addresses import COORDINATOR_PORT, LOCAL_HOST, coordinator_address, format_address
 from collectives.allocator import tune_malloc
 from collectives.allreduce import AllReduceConfig
 from collectives.elastic import LEAVE_ON_STOP_S, ElasticCollective, ElasticConfig, Stopped, leave_reason
 from collectives.errors import ConfigError
 from collectives.membership.roundplan import DEFAULT_RUN_ID
+from collectives.net.addresses import COORDINATOR_PORT, LOCAL_HOST, coordinator_address, format_address
 from collectives.net.transportconfig import TransportConfig
 from optimizers.outer import OuterOptimizer
 from peer.device import place_model, resolve_device

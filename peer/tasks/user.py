@@ -34,7 +34,6 @@ from collectives.errors import ConfigError
 from peer.plugins import import_user_module, said
 from peer.tasks.base import Batch, Task, TaskConfig, batch_stream, evaluating
 
-
 _SPEC = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):([A-Za-z_][A-Za-z0-9_]*)$")
 REQUIRED = ("build_model", "batches", "evaluate")
 

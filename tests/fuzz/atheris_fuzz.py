@@ -31,8 +31,8 @@ import torch
 
 with atheris.instrument_imports(include=["collectives"]):
     from collectives.errors import ProtocolError
-    from collectives.statesync.format import StateSyncConfig, _check_manifest, _parse_chunk, _Receiver
     from collectives.net.wire import decode_chunk
+    from collectives.statesync.format import StateSyncConfig, _check_manifest, _parse_chunk, _Receiver
 
 from google.protobuf.message import DecodeError
 

@@ -28,10 +28,11 @@ import torch
 from fuzzgen import absurd_floats, messages, mutated, texts, uint32s, uint64s
 from hypothesis import strategies as st
 
-from collectives.reduce.aggregators import AggregatorConfig
 from collectives.allreduce import Collective
 from collectives.codecs import CodecConfig, make_codec
 from collectives.errors import ProtocolError
+from collectives.net.wire import decode_chunk, encode_chunk
+from collectives.reduce.aggregators import AggregatorConfig
 from collectives.reduce.inbox import (
     CLOSED_MEMORY,
     EARLY_ABORT_MEMORY,
@@ -44,7 +45,6 @@ from collectives.reduce.inbox import (
     sent_by_another,
 )
 from collectives.reduce.round import round_tag
-from collectives.net.wire import decode_chunk, encode_chunk
 from protos import collective_pb2 as pb
 
 RUN = "run"

@@ -17,6 +17,7 @@ from test_fuzz_coordinator import CONFIG, RUN, Aborted, FakeContext
 from test_fuzz_statesync import SMALL, FakeDonor, FakeTransport
 
 from collectives.errors import ProtocolError
+from collectives.net.wire import decode_chunk, encode_varint, read_length, read_varint
 from collectives.statesync.fetch import fetch_state_async
 from collectives.statesync.format import (
     ExpectedState,
@@ -26,7 +27,6 @@ from collectives.statesync.format import (
     _parse_chunk,
     state_digest,
 )
-from collectives.net.wire import decode_chunk, encode_varint, read_length, read_varint
 from peer.coordinator.service import Coordinator, CoordinatorConfig
 from protos import membership_pb2 as mpb
 from protos import state_pb2 as spb

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from collectives.membership.roundplan import RoundPlan
 from collectives.reduce.aggregators import aggregate_rows, make_aggregator
 from collectives.reduce.parts import flatten, unflatten_like
-from collectives.membership.roundplan import RoundPlan
 
 
 @dataclass

@@ -24,8 +24,8 @@ from collectives.allreduce import AllReduceConfig
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig, Resynced
 from collectives.errors import LoconetError
-from collectives.statesync import StateSnapshot
 from collectives.net.transportconfig import TransportConfig
+from collectives.statesync import StateSnapshot
 
 
 def contribution(name: str, k: int, numel: int) -> torch.Tensor:

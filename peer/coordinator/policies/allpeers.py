@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from peer.coordinator.policies.base import FormRound, Outcome, QuorumInputs, Refuse, NoArgPolicy, register
+from peer.coordinator.policies.base import FormRound, NoArgPolicy, Outcome, QuorumInputs, Refuse, register
 from peer.coordinator.rules import order_members, quorum_hopeless, quorum_ready
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from collectives.membership.roundplan import BACKUP_TAG_KEY
 from collectives.membership.sampling import whole_count
-from peer.coordinator.policies.base import Outcome, QuorumInputs, NoArgPolicy, first_of_roster, register, roster_of
+from peer.coordinator.policies.base import NoArgPolicy, Outcome, QuorumInputs, first_of_roster, register, roster_of
 from peer.coordinator.rules import QuorumRules
 
 

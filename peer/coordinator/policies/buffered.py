@@ -8,7 +8,14 @@ from typing import ClassVar
 
 from collectives.errors import ConfigError
 from peer.coordinator.policies.base import (
-    FormRound, Outcome, QuorumInputs, QuorumPolicy, Refuse, whole_arg, register, roster_of,
+    FormRound,
+    Outcome,
+    QuorumInputs,
+    QuorumPolicy,
+    Refuse,
+    register,
+    roster_of,
+    whole_arg,
 )
 from peer.coordinator.rules import QuorumRules, order_members, quorum_hopeless
 
