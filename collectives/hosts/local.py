@@ -54,7 +54,7 @@ from collectives.hosts.identity import SHM_DIR, alive, process_start
 from collectives.hosts.markers import MARKER_INFIX, clear_markers, discard, left_marker, marker_name, marker_stale
 from collectives.reduce.aggregators import AggregatorConfig, make_aggregator
 
-if TYPE_CHECKING:  # for the hint only: membership is the layer that uses this module's host plans
+if TYPE_CHECKING:  # for round_hosts's hint only: a sync (elasticsync.py) plans its hosts from the round's plan
     from collectives.membership.roundplan import RoundPlan
 
 log = logging.getLogger(__name__)

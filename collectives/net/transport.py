@@ -42,8 +42,6 @@ from typing import Any, Self, TypeVar
 import grpc
 
 from collectives.asynctasks import cancel_and_wait, consume_exception
-
-# TransportClosed lives in collectives.errors; importing it from here keeps working.
 from collectives.errors import TransportClosed, UsageError
 from collectives.net.addresses import advertised_address, check_reachable, split_address
 from collectives.net.admission import Admission, Refusals, Replay, admit_handlers, retry_reason
@@ -51,8 +49,6 @@ from collectives.net.credentials import CallAuth
 from collectives.net.ratelimit import TokenBucket, burst_bytes
 from collectives.net.reachability import peer_unresponsive
 from collectives.net.rpc import bind, call_metadata, identity, make_channel, make_server
-
-# TransportConfig lives in collectives.net.transportconfig; importing it from here (as scripts written before did) keeps working.
 from collectives.net.transportconfig import TransportConfig
 from collectives.stats import TrafficCounters
 
