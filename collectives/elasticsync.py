@@ -43,7 +43,7 @@ each attempt: gradient coding's decoding coefficients depend on who made the
 round.
 
 A sync may pass ``within``, a function of the round's plan naming the
-members this peer reduces with (NoLoCo's pairs, ``collectives/membership/pairing.py``):
+members this peer reduces with (NoLoCo's pairs, ``optimizers/pairing.py``):
 the round then runs as several small all-reduces in parallel, one per group,
 and commits as one. With ``own_state`` the peer's state is its own (replicas
 differ): a round it missed is skipped rather than caught up.

@@ -4,7 +4,7 @@ NoLoCo (Kolehmainen, Blagoev, Donaghy, Ersoy and Nies 2025, "NoLoCo:
 No-all-reduce Low Communication Training Method for Large Models", arXiv
 2506.10911) keeps DiLoCo's two loops but gives every replica its own outer
 weights and replaces the all-reduce of the pseudo-gradients with an average
-inside a group of two (``collectives/membership/pairing.py`` draws the groups), plus a
+inside a group of two (``optimizers/pairing.py`` draws the groups), plus a
 term in the outer momentum that pulls each replica toward its group's mean so
 that the replicas stay close with no all-reduce making them equal.
 
@@ -25,12 +25,12 @@ import torch
 
 from collectives.codecs import CodecConfig, needs_feedback
 from collectives.errors import ConfigError, LoconetError, UsageError
-from collectives.membership.pairing import ODD_MODES, group_of, pair_groups
 from collectives.membership.roundplan import RoundPlan
 from collectives.reduce.parts import flatten
 from collectives.syncphases import Resynced
 from optimizers.diloco import DiLoCo, DiLoCoConfig
 from optimizers.outer_optim import OuterConfig
+from optimizers.pairing import ODD_MODES, group_of, pair_groups
 from optimizers.peers import SyncPeer
 from optimizers.syncrecord import RECENT_SYNCS
 
@@ -58,7 +58,7 @@ __all__ = ["NoLoCo", "NoLoCoConfig", "NoLoCoStep", "count_sketch", "noloco_outer
 #   - it rounds differently: it forms the increment (α − 1) δ + lr·mean(θ − φ) + lr (φ̄ − φ_i) and adds it to δ;
 #   - its groups come from a NumPy permutation seeded by the inner step count alone (no run seed), dealt out
 #     round-robin (position k joins group k mod n_groups), and it requires a replica count divisible by the group
-#     size (no trio or idle member; collectives/membership/pairing.py has both);
+#     size (no trio or idle member; optimizers/pairing.py has both);
 #   - its "Nesterov" is heavy-ball momentum: φ moves by δ itself, with no look-ahead term; its DiLoCo baseline
 #     (pipeline_diloco_optimizer.py) uses the same δ ← α δ − β Δ̄, φ ← φ + δ form.
 # The paper's own statement of the step was not in the stored copies searched (only its abstract and introduction

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from collectives.errors import ConfigError, RoundFailed, TransportClosed
-from collectives.membership.pairing import group_of, pair_groups
 from collectives.membership.roundplan import RoundPlan
 from collectives.reduce.parts import flatten
 from optimizers.noloco import NoLoCo, NoLoCoConfig, count_sketch
 from optimizers.outer_optim import OuterConfig
+from optimizers.pairing import group_of, pair_groups
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.threadgroup import ThreadGroup

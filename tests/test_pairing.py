@@ -9,7 +9,7 @@ import itertools
 import pytest
 
 from collectives.errors import ConfigError
-from collectives.membership.pairing import ODD_MODES, group_of, pair_groups
+from optimizers.pairing import ODD_MODES, group_of, pair_groups
 
 PEERS = tuple(f"peer{i}" for i in range(8))
 

@@ -4,8 +4,8 @@ NoLoCo (Kolehmainen et al. 2025, "NoLoCo: No-all-reduce Low Communication
 Training Method for Large Models") replaces DiLoCo's all-reduce with a
 partial average: at each outer step every replica averages with one partner
 chosen at random, a new pairing every step. Here the pairing is a function of
-the run's seed, the round id and the members only, so the coordinator and
-every peer compute the same groups without talking.
+the run's seed, the round id and the members only, so every peer of the round
+computes the same groups without talking (``optimizers/noloco.py`` uses it).
 
 The rule: the members are deduplicated and sorted (the order they are given in
 does not matter), then ordered by SHA-256 of ``f"pair:{seed}:{round_id}:{peer}"``
