@@ -254,6 +254,16 @@ def retry_reason(exc: grpc.aio.AioRpcError, replayable: bool = False) -> str | N
     return None
 
 
+# gRPC core's words for a call that failed because no connection to its address became ready: nothing of the
+# call left this process.
+CONNECT_FAILED = "failed to connect to all addresses"
+
+
+def never_connected(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a call failed because no connection to its address became ready (then nothing of it was sent)."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and CONNECT_FAILED in (exc.details() or "")
+
+
 class Replay:
     """The messages of a stream the receiver has not taken on yet, kept for a retry (up to a byte limit)."""
 

@@ -44,7 +44,7 @@ import grpc
 from collectives.asynctasks import cancel_and_wait, consume_exception
 from collectives.errors import TransportClosed, UsageError
 from collectives.net.addresses import advertised_address, check_reachable, split_address
-from collectives.net.admission import Admission, Refusals, Replay, admit_handlers, retry_reason
+from collectives.net.admission import Admission, Refusals, Replay, admit_handlers, never_connected, retry_reason
 from collectives.net.credentials import CallAuth
 from collectives.net.ratelimit import TokenBucket, burst_bytes
 from collectives.net.reachability import peer_unresponsive
@@ -377,7 +377,8 @@ class Transport:
         The first message is produced (and paced) before the stream opens, so the
         receiver never holds an open stream that is silent on our side. A refusal
         the receiver marks retryable is retried with backoff until timeout_s has
-        passed, replaying the messages it had not taken on. Raises
+        passed, replaying the messages it had not taken on; so is a connection that
+        never became ready, while the receiver answers a health check. Raises
         grpc.aio.AioRpcError with the last call's final status on any failure.
         """
         deadline = time.monotonic() + timeout_s
@@ -390,6 +391,8 @@ class Transport:
                     return await self._stream_once(address, method, source, replay, deadline)
                 except grpc.aio.AioRpcError as exc:
                     why = retry_reason(exc, replayable=replay.usable)
+                    if why is None and replay.usable and never_connected(exc):
+                        why = await self._connection_failed(address)
                     if why is None or not replay.usable or deadline - time.monotonic() <= backoff:
                         raise
                     log.debug("%s at %s refused (%s: %s); retrying", method, address, why, exc.details())
@@ -397,6 +400,13 @@ class Transport:
                 backoff = min(2 * backoff, RETRY_BACKOFF_S[1])
         finally:
             await source.aclose()  # the producer's own clean-up (pending encodes) runs now, not at collection
+
+    async def _connection_failed(self, address: str) -> str | None:
+        """Why a stream whose connection never became ready may be tried again: its server still answers (a
+        connection reset or refused once, as seen on a capped link at a round's start), or None: it does not, and
+        the call fails at once, as a dead member's must."""
+        unreachable = await peer_unresponsive(address, settings=self._rpc)
+        return None if unreachable else "its connection failed, and its server answers"
 
     async def _stream_once(
         self, address: str, method: str, source: AsyncGenerator[bytes, None], replay: Replay, deadline: float
