@@ -6,6 +6,7 @@ Real worker processes (peer/harness/procgroup.py) run real rounds; each test kil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import shutil
@@ -242,6 +243,7 @@ def test_a_local_member_stopped_mid_round_is_named_as_stopped_before_the_deadlin
     with ProcessGroup(3, WorkerConfig(run_id="hostlocal-stop", codec_threads=0)) as g:
         job = AllReduceJob(numel=200_000, first_round=7, hosts=ONE_HOST[:3], hold_rank=2, hold_phase="scatter",
                            timeout_s=600)
+        path = segment_path("hostlocal-stop", g.addresses, 200_000)
         for r in range(3):
             g.send(r, "allreduce", job)
         assert g.reply(2, 60) == ("held", "scatter")
@@ -250,6 +252,10 @@ def test_a_local_member_stopped_mid_round_is_named_as_stopped_before_the_deadlin
             failures = [g.reply(r, 90) for r in (0, 1)]  # the deadline is 600 s away
         finally:
             g.signal(2, signal.SIGKILL)
+            # The survivors leave the segment to the stopped member; a later round's sweep removes it once the
+            # round's deadline has passed (sweep_stale). No round comes after this test: it removes what it made.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         assert [kind for kind, _ in failures] == ["failed"] * 2, failures
         for _, info in failures:
             assert info["type"] == "MemberFailure" and tuple(info["failed_ranks"]) == (2,)
