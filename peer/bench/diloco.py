@@ -52,7 +52,15 @@ from peer.bench import hivemind_training
 from peer.bench.capped import CappedNetwork, capped_network, link_traffic, on_hosts, peer_names
 from peer.bench.fields import Fields, describe_report
 from peer.bench.hivemind_baseline import HIVEMIND_CODECS, counterpart
-from peer.bench.kit import add_bench_options, bench_log_dir, child_failed, print_report, require, spawned_entry
+from peer.bench.kit import (
+    add_bench_options,
+    bench_log_dir,
+    child_failed,
+    comma_list,
+    print_report,
+    require,
+    spawned_entry,
+)
 from peer.bench.progress import Progress, progress_for
 from peer.device import move_batch, place_model, resolve_device
 from peer.harness.loopback import LOOPBACK, LOOPBACK_INTERFACE, loopback_store, use_loopback_for_gloo
@@ -565,7 +573,7 @@ def bench_config(ns: argparse.Namespace) -> BenchConfig:
     """The BenchConfig the options describe, checked: ConfigError for an unknown method, task, codec, ..."""
     from peer.trainoptions import read_task_config, read_train_config
 
-    methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
+    methods = comma_list(ns.methods)
     require(bool(methods), f"--methods is empty; {_choose()}")
     require(ns.algorithm == DEFAULT_TRAIN.algorithm,
             f"bench diloco runs every method of --methods; name {ns.algorithm!r} there instead of in --algorithm")
