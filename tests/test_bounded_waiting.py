@@ -42,6 +42,7 @@ from collectives.reduce.aggregators import AggregatorConfig, aggregate_rows, mak
 from collectives.reduce.inbox import SCATTER, Group, RoundInbox
 from collectives.reduce.parts import part_bounds
 from collectives.reduce.round import ERROR_KIND_KEY, PUSH_METHOD, chunk_message
+from support.ports import closed_port_address
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -559,16 +560,10 @@ def test_a_stream_whose_connection_was_reset_before_it_was_sent_is_sent_again_to
     assert reply == b"a|b|c" and proxy.reset == 1 and receiver.attempts == 1
 
 
-def closed_port() -> str:
-    """An address on this machine where nothing listens (a port just freed)."""
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
 def test_a_stream_to_a_port_that_refuses_fails_at_once_not_at_its_deadline(sender):
     # No server answers: the connection failure is the member's, and the call fails long before its deadline
     # (the wait below is a bound on a hang, not a measure).
     method = f"/{ScriptedReceiver.SERVICE}/Push"
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        sender.submit(sender.stream_call(closed_port(), method, [b"a"], 600.0)).result(timeout=60)
+        sender.submit(sender.stream_call(closed_port_address(), method, [b"a"], 600.0)).result(timeout=60)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE

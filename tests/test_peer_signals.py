@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import signal
-import socket
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ from collectives.net.transport import Transport
 from peer.coordinator.config import CoordinatorConfig
 from peer.runtime.daemon import PeerConfig
 from support.coordinator import CoordinatorThread
+from support.ports import free_port
 from support.procs import CoordinatorProc, Proc, daemon_peer, stop_all
 
 pytestmark = pytest.mark.timeout(120)
@@ -37,13 +37,6 @@ LARGER = ("--d-model", "128", "--layers", "2", "--heads", "2", "--seq-len", "32"
 # The issue asks for an exit within 3 s; the bound leaves room for a busy 2-core machine.
 EXIT_WITHIN_S = 6.0
 SIGNALS = [pytest.param(signal.SIGTERM, 0, id="SIGTERM"), pytest.param(signal.SIGINT, 130, id="SIGINT")]
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound once by the OS, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_log(proc, pattern: str, timeout: float = 60.0) -> None:

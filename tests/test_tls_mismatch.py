@@ -7,7 +7,6 @@ minutes). Real servers on 127.0.0.1, OS-chosen ports; certificates from ``locone
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from collectives.net.transportconfig import TransportConfig
 from peer.certs import CertsConfig, make_certs
 from peer.coordinator.config import CoordinatorConfig
 from peer.coordinator.thread import CoordinatorThread
+from support.ports import closed_port_address
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -138,10 +138,7 @@ def test_a_probe_tells_a_plaintext_server_from_a_tls_one_and_whether_it_takes_ou
 
 
 def test_a_probe_of_a_port_nobody_listens_on_finds_nothing():
-    with socket.socket() as s:  # a port the OS gave out and nobody listens on once it is closed
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    assert probe(f"127.0.0.1:{port}", PLAIN, timeout_s=1.0) == UNKNOWN
+    assert probe(closed_port_address(), PLAIN, timeout_s=1.0) == UNKNOWN
 
 
 # -- a peer's join, end to end -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from collectives.net.reachability import peer_unresponsive, port_refuses
 from collectives.net.transport import Transport, split_address
 from collectives.net.transportconfig import TransportConfig, codec_threads_for
 from collectives.reduce.inbox import Group
+from support.ports import closed_port_address
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,14 +38,6 @@ def test_split_address(address, expected):
 def test_address_without_a_port_is_refused(address):
     with pytest.raises(ValueError, match="not host:port"):
         split_address(address)
-
-
-def closed_port_address() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there any more
-    return f"127.0.0.1:{port}"
 
 
 def test_a_closed_port_refuses():
