@@ -567,3 +567,28 @@ def test_a_stream_to_a_port_that_refuses_fails_at_once_not_at_its_deadline(sende
     with pytest.raises(grpc.aio.AioRpcError) as info:
         sender.submit(sender.stream_call(closed_port_address(), method, [b"a"], 600.0)).result(timeout=60)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_unary_call_whose_connection_was_reset_before_it_was_sent_is_sent_again_to_a_live_receiver(
+    sender, receivers
+):
+    # The stream case's twin, for a round's statistic shares and abort notices: the reset connection carried no
+    # byte of the call, so the receiver never got it and sending it again cannot deliver it twice.
+    receiver = receivers(refusals=0)
+    proxy = ResettingProxy(receiver.address)
+    try:
+        method = f"/{ScriptedReceiver.SERVICE}/Call"
+        reply = sender.submit(sender.unary_call(proxy.address, method, b"share", 30.0)).result(timeout=60)
+    finally:
+        proxy.close()
+    assert reply == b"SHARE" and proxy.reset == 1 and receiver.attempts == 1
+
+
+@pytest.mark.timeout(20)
+def test_a_unary_call_to_a_port_that_refuses_fails_at_once_not_at_its_deadline(sender):
+    # Nothing answers: the call fails as the member's loss, not retried until its 600 s deadline (a retry would
+    # outlast the 20 s this test may run, by far).
+    method = f"/{ScriptedReceiver.SERVICE}/Call"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        sender.submit(sender.unary_call(closed_port_address(), method, b"share", 600.0)).result(timeout=15)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -24,7 +24,9 @@ it serves are admitted under per-connection and total caps, a client stream
 that sends nothing is closed, and gRPC's own server-wide cap is not used, so
 the health service always answers. A call refused in a way the receiver marks
 retryable (busy, or a round it has not opened yet) is retried here with
-backoff until the caller's deadline; a stream's messages are kept for such a
+backoff until the caller's deadline, and so is a call whose connection never
+became ready while the receiver still answers a health check (a dead
+receiver's call fails at once); a stream's messages are kept for such a
 replay until the receiver says it has taken the stream on.
 """
 
@@ -390,10 +392,10 @@ class Transport:
                 try:
                     return await self._stream_once(address, method, source, replay, deadline)
                 except grpc.aio.AioRpcError as exc:
-                    why = retry_reason(exc, replayable=replay.usable)
-                    if why is None and replay.usable and never_connected(exc):
-                        why = await self._connection_failed(address)
-                    if why is None or not replay.usable or deadline - time.monotonic() <= backoff:
+                    if not replay.usable:  # the receiver took the stream on, or it outgrew what is kept
+                        raise
+                    why = await self._retry_reason(address, exc, replayable=True)
+                    if why is None or deadline - time.monotonic() <= backoff:
                         raise
                     log.debug("%s at %s refused (%s: %s); retrying", method, address, why, exc.details())
                 await asyncio.sleep(backoff)
@@ -401,12 +403,21 @@ class Transport:
         finally:
             await source.aclose()  # the producer's own clean-up (pending encodes) runs now, not at collection
 
-    async def _connection_failed(self, address: str) -> str | None:
-        """Why a stream whose connection never became ready may be tried again: its server still answers (a
-        connection reset or refused once, as seen on a capped link at a round's start), or None: it does not, and
-        the call fails at once, as a dead member's must."""
-        unreachable = await peer_unresponsive(address, settings=self._rpc)
-        return None if unreachable else "its connection failed, and its server answers"
+    async def _retry_reason(self, address: str, exc: grpc.aio.AioRpcError, replayable: bool = False) -> str | None:
+        """Why a call to address that failed with exc may be sent again whole, or None: it fails now.
+
+        stream_call and unary_call both decide here; the caller knows the call can be resent (a stream only while
+        its messages are kept, ``Replay.usable``). Retried: a refusal the receiver marks retryable (``retry_reason``;
+        ``replayable`` as there), and a connection that never became ready (``never_connected``) while its server
+        still answers a health check: a connection reset or refused once, as seen on a capped link at a round's
+        start. A server that does not answer (a refused port, no health answer in time) fails the call at once,
+        as a dead member's must: that is what makes its loss known fast.
+        """
+        why = retry_reason(exc, replayable=replayable)
+        if why is None and never_connected(exc):
+            unreachable = await peer_unresponsive(address, settings=self._rpc)
+            why = None if unreachable else "its connection failed, and its server answers"
+        return why
 
     async def _stream_once(
         self, address: str, method: str, source: AsyncGenerator[bytes, None], replay: Replay, deadline: float
@@ -465,8 +476,15 @@ class Transport:
     async def unary_call(self, address: str, method: str, request: bytes, timeout_s: float) -> bytes:
         """Call a unary method with raw request bytes; return the response bytes.
 
-        A refusal the receiver marks retryable is retried with backoff until timeout_s has passed.
+        A refusal the receiver marks retryable is retried with backoff until timeout_s has passed; so is a
+        connection that never became ready, while the receiver answers a health check (as in stream_call).
+        Raises grpc.aio.AioRpcError with the last call's final status on any failure.
         """
+        # Resending is safe whatever the method, as only a request the receiver never acted on is sent again: a
+        # retryable refusal comes before the handler does anything, and a connection that never became ready
+        # carried no byte of the call. It need not be idempotent, and the collectives' are not all: a second
+        # PushStat share of a round is refused as a duplicate (DuplicateStream), while a second Abort notice
+        # only fails the same ranks again.
         deadline = time.monotonic() + timeout_s
         backoff = RETRY_BACKOFF_S[0]
         call = self.channel(address).unary_unary(method, request_serializer=identity, response_deserializer=identity)
@@ -476,7 +494,7 @@ class Transport:
             try:
                 response = await call(request, timeout=max(deadline - time.monotonic(), 0.001))
             except grpc.aio.AioRpcError as exc:
-                why = retry_reason(exc)
+                why = await self._retry_reason(address, exc)
                 if why is None or deadline - time.monotonic() <= backoff:
                     raise
                 log.debug("%s at %s refused (%s: %s); retrying", method, address, why, exc.details())
