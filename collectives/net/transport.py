@@ -487,10 +487,11 @@ class Transport:
         # only fails the same ranks again.
         deadline = time.monotonic() + timeout_s
         backoff = RETRY_BACKOFF_S[0]
-        call = self.channel(address).unary_unary(method, request_serializer=identity, response_deserializer=identity)
         while True:
             if self._send_bucket is not None:
                 await self._send_bucket.acquire(len(request))
+            # Each attempt on the pooled channel of now, as stream_call's: one closed or replaced meanwhile is not used.
+            call = self.channel(address).unary_unary(method, request_serializer=identity, response_deserializer=identity)
             try:
                 response = await call(request, timeout=max(deadline - time.monotonic(), 0.001))
             except grpc.aio.AioRpcError as exc:
