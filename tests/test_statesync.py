@@ -22,6 +22,7 @@ from collectives.statesync import (
     StateSnapshot,
     StateSyncConfig,
     StateSyncError,
+    StateSyncStalled,
     fetch_state,
     fetch_state_async,
     state_digest,
@@ -430,5 +431,23 @@ def test_garbage_chunk_is_rejected(transports):
 def test_source_that_stops_sending_is_given_up_after_the_stall_timeout(transports):
     address = raw_server(transports, [chunk(manifest=manifest_for(DATA)), chunk(0, DATA[:1000])], then_wait=True)
     config = StateSyncConfig(timeout_s=600, stall_timeout_s=0.5)
-    with pytest.raises(StateSyncError, match="no data for 0.5 s"):
+    # Its only source stalled: the caller may fetch again with a longer stall timeout (a slow, busy link).
+    with pytest.raises(StateSyncStalled, match="no data for 0.5 s"):
         fetch_from(transports, address, config)
+
+
+def test_a_fetch_whose_source_refuses_fails_as_a_plain_state_sync_error(serve, transports):
+    address = serve(lambda: None)  # it holds no state: it refuses at once
+    with pytest.raises(StateSyncError, match="no state") as info:
+        fetch_state(transports(), address, RUN, config=StateSyncConfig(timeout_s=20, stall_timeout_s=0.5))
+    assert type(info.value) is StateSyncError
+
+
+def test_a_fetch_whose_sources_stalled_and_refused_is_not_a_stall(serve, transports):
+    # Only when every source stalled is a longer stall timeout worth a try.
+    stalls = raw_server(transports, [], then_wait=True)
+    refuses = serve(lambda: None)
+    config = StateSyncConfig(timeout_s=20, stall_timeout_s=0.5)
+    with pytest.raises(StateSyncError, match="no data for 0.5 s.*no state") as info:
+        fetch_state(transports(), [stalls, refuses], RUN, config=config)
+    assert type(info.value) is StateSyncError

@@ -38,6 +38,7 @@ from collectives.statesync.format import (
     StateSnapshot,
     StateSyncConfig,
     StateSyncError,
+    StateSyncStalled,
     manifest_digest,
     state_digest,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "StateSnapshot",
     "StateSyncConfig",
     "StateSyncError",
+    "StateSyncStalled",
     "fetch_state",
     "fetch_state_async",
     "manifest_digest",

@@ -10,7 +10,9 @@ SHA-256 from the manifest as it completes, whichever donor sent it. A donor that
 fails, stalls, refuses (it moved on to another round and did not pin this one)
 or sends a bad block is dropped, and its unverified blocks go back to the queue
 for the others; verified bytes are never fetched again. The fetch fails only
-when no donor is left for the remaining blocks, naming each donor and why. The
+when no donor is left for the remaining blocks, naming each donor and why
+(``StateSyncStalled`` when every one of them stalled, which a caller may try
+again with a longer stall timeout: on a slow, busy link all stall at once). The
 whole digest is checked at the end too. Donors must agree on the bytes, not on
 the metadata (step counters are per peer): it comes from the manifest's donor.
 
@@ -44,6 +46,7 @@ from collectives.statesync.format import (
     StateSnapshot,
     StateSyncConfig,
     StateSyncError,
+    StateSyncStalled,
     _check_manifest,
     _Layout,
     _parse_chunk,
@@ -65,6 +68,10 @@ class _SourceFailed(Exception):
 
 class _Mismatch(_SourceFailed):
     """The source holds another state than the one expected."""
+
+
+class _Stalled(_SourceFailed):
+    """The source sent nothing within the stall timeout."""
 
 
 def _rpc_hint(code: grpc.StatusCode) -> str:
@@ -185,6 +192,7 @@ class _Fetch:
         self.deadline = self.started + config.timeout_s
         self.failures: dict[str, str] = {}
         self.mismatched: list[str] = []
+        self.stalled: list[str] = []
         self.manifest: pb.StateManifest | None = None
         self.manifest_source = ""
         self.layout: _Layout | None = None
@@ -281,6 +289,8 @@ class _Fetch:
         self.failures[source] = exc.why
         if isinstance(exc, _Mismatch):
             self.mismatched.append(source)
+        elif isinstance(exc, _Stalled):
+            self.stalled.append(source)
         log.info("state fetch: dropped source %s: %s", source, exc.why)
 
     def _error(self) -> StateSyncError:
@@ -295,6 +305,8 @@ class _Fetch:
             )
         if self.mismatched and len(self.mismatched) == len(self.failures):
             return StateMismatch(message, self.mismatched[0])
+        if self.stalled and len(self.stalled) == len(self.failures):
+            return StateSyncStalled(message)
         return StateSyncError(message)
 
     # -- one source -------------------------------------------------------------------------------
@@ -369,7 +381,7 @@ class _Fetch:
             if not self.transport.fetch_chunk_bytes or small < self.transport.fetch_chunk_bytes:
                 log.info("a fetch stalled: asking for %d-byte messages from now on (a slow link?)", small)
                 self.transport.fetch_chunk_bytes = small
-            raise _SourceFailed(f"no data for {self.config.stall_timeout_s:g} s (the source stalled)") from None
+            raise _Stalled(f"no data for {self.config.stall_timeout_s:g} s (the source stalled)") from None
         if raw is grpc.aio.EOF:
             return None
         await self.transport.note_received(source, len(raw))

@@ -88,6 +88,12 @@ class StateMismatch(StateSyncError):
         self.source = source
 
 
+class StateSyncStalled(StateSyncError):
+    """Every source of a fetch failed by stalling: none sent data within the stall timeout (rather than refusing,
+    being gone or sending bad data). On a slow, busy link that is every source at once: fetch again with a longer
+    ``stall_timeout_s``."""
+
+
 class ResultNotYet(StateSyncError):
     """A result was asked of a round newer than any this member has committed (it may be committing it now)."""
 
