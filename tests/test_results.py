@@ -1,16 +1,28 @@
-"""Committed results a member keeps for late peers: what is kept, how it is served, how it is checked."""
+"""Committed results a member keeps for late peers: what is kept, how it is served, how it is checked, how a late
+peer fetches one from its holders (real gRPC on 127.0.0.1)."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
 
 from collectives.codecs import CodecConfig, make_codec
+from collectives.membership.roundplan import MissedRound
+from collectives.net.transport import Transport
+from collectives.net.transportconfig import TransportConfig
 from collectives.reduce.parts import part_bounds
-from collectives.reduce.results import NEAR_ROUNDS, ResultStore, decode_result, expected_wire_bytes, result_digest
-from collectives.statesync import ResultNotYet, StateSnapshot, StateSyncError
+from collectives.reduce.results import (
+    NEAR_ROUNDS,
+    ResultStore,
+    decode_result,
+    expected_wire_bytes,
+    fetch_result,
+    result_digest,
+)
+from collectives.statesync import ResultNotYet, StateServer, StateSnapshot, StateSyncConfig, StateSyncError
 
 INT8 = CodecConfig.parse("int8")
 
@@ -223,3 +235,86 @@ def test_a_result_kept_with_its_known_digest_reports_it_without_hashing_again():
     value = committed()
     store.keep(3, "g", value, INT8, epoch=2, digest=result_digest(value))
     assert store.attempts() == [(3, 2, result_digest(value))] and store.get(3, "g", 2).digest == result_digest(value)
+
+
+# -- fetching a result from its holders ---------------------------------------------------------------
+
+RUN = "run-r"
+ROUND = 3
+VALUE = torch.arange(1000, dtype=torch.float32)
+# A holder stalls for ANSWER_S before it answers: longer than the short window, far shorter than the patient one.
+SHORT = StateSyncConfig(timeout_s=60, stall_timeout_s=0.2)
+PATIENT = StateSyncConfig(timeout_s=60, stall_timeout_s=60)
+ANSWER_S = 1.5
+
+
+class Holder:
+    """A member's kept results as its state server reads them: whether it keeps round ROUND's (and with which tag),
+    how long it takes to answer (a link busy with the run's rounds), and how many times it was asked."""
+
+    def __init__(self, keeps: bool = True, tag: str = "g", answer_s: float = 0.0) -> None:
+        self.store = ResultStore(keep=2)
+        self.store.keep(ROUND if keeps else ROUND + 1, tag, VALUE)
+        self.answer_s = answer_s
+        self.asked = 0
+        self._lock = threading.Lock()
+
+    def results(self, round_id: int) -> StateSnapshot | None:
+        with self._lock:
+            self.asked += 1
+        time.sleep(self.answer_s)  # on the server's thread: its stream sends nothing meanwhile
+        return self.store.snapshot(round_id)
+
+
+@pytest.fixture
+def holders():
+    """holders(*Holder) -> (a client transport, the round's MissedRound naming a started server for each holder);
+    everything is closed after the test."""
+    made: list[Transport] = []
+
+    def make(*kept: Holder) -> tuple[Transport, MissedRound]:
+        members = []
+        for i, holder in enumerate(kept):
+            t = Transport(TransportConfig())
+            made.append(t)
+            members.append((f"m{i}", t.start(StateServer(t, RUN, lambda: None, results=holder.results).handlers())))
+        client = Transport(TransportConfig())
+        made.append(client)
+        client.start(())
+        return client, MissedRound(ROUND, 0, "g", tuple(members))
+
+    yield make
+    for t in made:
+        t.close()
+
+
+def fetch(client: Transport, missed: MissedRound):
+    return client.submit(fetch_result(client, RUN, "late", SHORT, missed, VALUE.numel(), patient=PATIENT)).result(60)
+
+
+@pytest.mark.timeout(90)
+def test_holders_that_all_stalled_are_asked_again_with_the_patient_window(holders):
+    slow = Holder(answer_s=ANSWER_S)
+    client, missed = holders(slow)
+    got = fetch(client, missed)
+    assert got is not None and torch.equal(got.value, VALUE) and got.source == missed.members[0][1]
+    assert slow.asked == 2
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("other", [{"keeps": False}, {"tag": "h"}], ids=["does not keep it", "serves another tag"])
+def test_a_holder_that_does_not_serve_the_result_is_not_asked_again(holders, other):
+    # One holder refused: the link carries data, and the stalled one is not waited for longer.
+    slow, other = Holder(answer_s=ANSWER_S), Holder(**other)
+    client, missed = holders(slow, other)
+    assert fetch(client, missed) is None
+    assert (slow.asked, other.asked) == (1, 1)
+
+
+@pytest.mark.timeout(90)
+def test_a_stalled_holder_is_left_for_the_next_one_on_the_first_pass(holders):
+    slow, good = Holder(answer_s=ANSWER_S), Holder()
+    client, missed = holders(slow, good)
+    got = fetch(client, missed)
+    assert got is not None and torch.equal(got.value, VALUE) and got.source == missed.members[1][1]
+    assert (slow.asked, good.asked) == (1, 1)

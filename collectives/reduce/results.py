@@ -39,7 +39,14 @@ from collectives.errors import CodecError, ConfigError, NonFiniteError
 from collectives.membership.roundplan import MissedRound
 from collectives.net.transport import Transport
 from collectives.reduce.parts import part_bounds
-from collectives.statesync import ResultNotYet, StateSnapshot, StateSyncConfig, StateSyncError, fetch_state_async
+from collectives.statesync import (
+    ResultNotYet,
+    StateSnapshot,
+    StateSyncConfig,
+    StateSyncError,
+    StateSyncStalled,
+    fetch_state_async,
+)
 
 log = logging.getLogger(__name__)
 
@@ -285,17 +292,47 @@ def _decode_parts(codec: Codec, payload, sizes: list[int], numel: int) -> torch.
 
 
 async def fetch_result(
-    transport: Transport, run_id: str, peer_id: str, config: StateSyncConfig, missed: MissedRound, numel: int
+    transport: Transport,
+    run_id: str,
+    peer_id: str,
+    config: StateSyncConfig,
+    missed: MissedRound,
+    numel: int,
+    patient: StateSyncConfig | None = None,
 ) -> CommittedResult | None:
-    """One missed round's result from the first of its holders that still keeps it (checked), or None."""
-    for member_id, address in missed.members:
-        if member_id == peer_id:
-            continue
+    """One missed round's result from the first of its holders that still keeps it (checked), or None.
+
+    ``config``'s stall timeout is short, so that a stalled holder is left for the next one quickly. When every
+    holder failed by stalling (none refused, was gone or sent a bad result) and ``patient`` has a longer one, they
+    are asked once more with it: on a slow link busy with the run's rounds every holder stalls at once.
+    """
+    holders = [address for member_id, address in missed.members if member_id != peer_id]
+    got, stalled = await _first_holder(transport, run_id, peer_id, config, missed, numel, holders)
+    if got is None and stalled and stalled == holders and patient is not None and (
+        patient.stall_timeout_s > config.stall_timeout_s
+    ):
+        log.info("every holder of round %d's result stalled for %g s (a slow link?): asking them again, waiting up "
+                 "to %g s for data", missed.round_id, config.stall_timeout_s, patient.stall_timeout_s)
+        got, _ = await _first_holder(transport, run_id, peer_id, patient, missed, numel, stalled)
+    if got is None:
+        log.info("no holder still keeps round %d's result", missed.round_id)
+    return got
+
+
+async def _first_holder(
+    transport: Transport, run_id: str, peer_id: str, config: StateSyncConfig, missed: MissedRound, numel: int,
+    holders: list[str],
+) -> tuple[CommittedResult | None, list[str]]:
+    """The result from the first of holders that serves it (checked), and the holders tried before that stalled."""
+    stalled = []
+    for address in holders:
         try:
             snap = await fetch_state_async(transport, address, run_id, peer_id, config, missed.round_id)
             value = await transport.run_cpu(decode_result, snap, numel, missed.tag, address, missed.digest)
         except StateSyncError as exc:
             log.info("result of round %d not taken from %s: %s", missed.round_id, address, exc)
+            if isinstance(exc, StateSyncStalled):
+                stalled.append(address)
             continue
         wire = sum(t.numel() * t.element_size() for t in snap.tensors.values())
         parts = len(snap.meta.get("sizes") or [None])
@@ -304,6 +341,5 @@ async def fetch_result(
         codec = None if codec_name == RAW else CodecConfig.parse(codec_name)
         # decode_result checked it against missed.digest when the coordinator named one: no need to hash it again.
         return CommittedResult(missed.round_id, missed.tag, value, source=address, epoch=missed.epoch, wire_bytes=wire,
-                               parts=parts, codec=codec, digest=missed.digest)
-    log.info("no holder still keeps round %d's result", missed.round_id)
-    return None
+                               parts=parts, codec=codec, digest=missed.digest), stalled
+    return None, stalled
