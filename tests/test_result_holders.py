@@ -20,7 +20,7 @@ import torch
 
 from collectives.codecs import CodecConfig
 from collectives.elastic import ElasticCollective, ElasticConfig
-from collectives.membership.roundplan import MissedRound
+from collectives.membership.roundplan import MissedRound, RoundPlan
 from collectives.membership.session import CoordinatorSession
 from collectives.net.rpc import COORDINATOR_SETTINGS, make_channel
 from collectives.reduce import catchup
@@ -405,7 +405,7 @@ def test_a_round_asked_for_while_another_is_fetched_is_fetched_after_it(monkeypa
     late.round_numel, late.results_are_the_runs = (lambda tag: NUMEL), True
     fetching: list[int] = []
 
-    async def fetch(transport, run_id, peer_id, config, missed, numel):
+    async def fetch(transport, run_id, peer_id, config, missed, numel, patient=None):
         fetching.append(missed.round_id)
         await release.wait()
         return CommittedResult(missed.round_id, missed.tag, torch.zeros(numel), epoch=missed.epoch, wire_bytes=numel)
@@ -426,6 +426,34 @@ def test_a_round_asked_for_while_another_is_fetched_is_fetched_after_it(monkeypa
     asyncio.run(scenario())
     # Round 1 once, then round 2: asked while round 1 was fetched, it waited its turn instead of being dropped.
     assert fetching == list(late.fetched) == [1, 2] and late.fetched_count == 2 and [r for r, _, _ in store.attempts()] == [1, 2]
+
+
+@pytest.mark.parametrize("why", ["catching up", "keeping for the run"])
+def test_a_result_is_fetched_within_the_short_stall_window_with_the_state_syncs_own_as_the_patient_one(monkeypatch, why):
+    # Both would fall back to worse when every holder stalls on a slow link: the whole state, or no copy kept.
+    given = StateSyncConfig(stall_timeout_s=30.0)
+    store = ResultStore(keep=4)
+
+    async def keep(r: CommittedResult) -> None:
+        store.keep(r.round_id, r.tag, r.value, epoch=r.epoch)
+
+    late = LateRounds(None, "r", given, store, keep)
+    late.round_numel, late.results_are_the_runs = (lambda tag: NUMEL), True
+    windows: list[tuple[float, StateSyncConfig | None]] = []
+
+    async def fetch(transport, run_id, peer_id, config, missed, numel, patient=None):
+        windows.append((config.stall_timeout_s, patient))
+        return CommittedResult(missed.round_id, missed.tag, torch.zeros(numel), epoch=missed.epoch, wire_bytes=numel)
+
+    monkeypatch.setattr(catchup, "fetch_result", fetch)
+    missed = MissedRound(1, 0, "", (("a", "127.0.0.1:1"),))
+    if why == "catching up":
+        got = asyncio.run(late.results_of(RoundPlan("resync", missed=(missed,)), None, 0, "p"))
+        assert [r.round_id for r in got] == [1]
+    else:
+        asyncio.run(late._fetch_one(missed, "p"))
+        assert list(late.fetched) == [1]
+    assert windows == [(catchup.RESULT_STALL_S, given)]
 
 
 @pytest.mark.timeout(90)

@@ -8,6 +8,15 @@ optimizer to apply in order (``LateRounds.results_of``), when that costs
 fewer bytes than the state. Anything wrong with a fetched result (gone,
 wrong size, not finite) falls back to the whole state.
 
+A result not flowing from one holder for ``RESULT_STALL_S`` is fetched from
+the next: a stalled holder is left quickly. When every holder of a round
+stalled so (none refused, was gone, did not keep it or sent a bad result),
+the link is more likely slow and busy with the run's rounds than every
+holder stalled: they are asked once more, waiting the state-sync config's
+own ``stall_timeout_s`` (``results.fetch_result``'s patient pass). Both the
+peer's own catch-up and the results it keeps for the run get it: without it
+one fetches the whole state instead, the other loses the round's result.
+
 A round of only some of the live peers is held by its members alone until
 the others catch up. The coordinator therefore names, in a heartbeat
 answer, recent rounds too few live peers hold
@@ -45,7 +54,8 @@ from collectives.statesync import StateSyncConfig
 log = logging.getLogger(__name__)
 
 # A result not flowing from one holder for this long is fetched from the next: another holds the same result,
-# and the run may be waiting for this peer (a state's source gets the state fetch's longer stall timeout).
+# and the run may be waiting for this peer (a state's source gets the state fetch's longer stall timeout, and so
+# do the holders of a result when every one of them stalled: the patient pass of fetch_result).
 RESULT_STALL_S = 3.0
 # Rounds waiting to be fetched to keep, at most (the newest stay): asks come two an answer and one per commit.
 MAX_QUEUED = 8
@@ -67,6 +77,8 @@ class LateRounds:
         self.transport = transport
         self.run_id = run_id
         self.config = dataclasses.replace(config, stall_timeout_s=min(config.stall_timeout_s, RESULT_STALL_S))
+        # The holders of a round that all stalled within RESULT_STALL_S are asked again with the state's own window.
+        self.patient_config = config
         self.results = results
         self._keep = keep
         # Set by the optimizer (ElasticCollective.provide_state): a round's size by its tag, the state's bytes, and
@@ -112,7 +124,9 @@ class LateRounds:
             return None
         results = []
         for missed, numel, kept in zip(plan.missed, numels, local):
-            got = kept or await fetch_result(self.transport, self.run_id, peer_id, self.config, missed, numel)
+            got = kept or await fetch_result(
+                self.transport, self.run_id, peer_id, self.config, missed, numel, patient=self.patient_config
+            )
             if got is None:
                 return None
             results.append(got)
@@ -165,7 +179,9 @@ class LateRounds:
     async def _fetch_one(self, missed: MissedRound, peer_id: str) -> None:
         try:
             numel = self.round_numel(missed.tag)
-            got = await fetch_result(self.transport, self.run_id, peer_id, self.config, missed, numel)
+            got = await fetch_result(
+                self.transport, self.run_id, peer_id, self.config, missed, numel, patient=self.patient_config
+            )
         except LoconetError as exc:  # a tag it does not know, or the transport closing: keeping is optional
             log.info("not keeping round %d's result: %s", missed.round_id, exc)
             return
