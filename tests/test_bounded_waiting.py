@@ -11,10 +11,6 @@ and refusal counts, never on timings.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import struct
-import threading
 import time
 
 import grpc
@@ -24,7 +20,6 @@ import torch
 from collectives.allreduce import AllReduceConfig
 from collectives.codecs import CodecConfig, make_codec
 from collectives.errors import ConfigError
-from collectives.net.addresses import split_address
 from collectives.net.admission import (
     ACCEPTED_KEY,
     FIRST_MESSAGE_TIMEOUT,
@@ -43,6 +38,7 @@ from collectives.reduce.inbox import SCATTER, Group, RoundInbox
 from collectives.reduce.parts import part_bounds
 from collectives.reduce.round import ERROR_KIND_KEY, PUSH_METHOD, chunk_message
 from support.ports import closed_port_address
+from support.proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -504,54 +500,11 @@ def test_a_sender_that_cancels_its_stream_mid_part_is_not_named_as_sending_bad_d
     assert blamed == [{}] * 6
 
 
-class ResettingProxy:
-    """A TCP proxy to target that resets its first ``resets`` connections at once, then forwards the others."""
-
-    def __init__(self, target: str, resets: int = 1) -> None:
-        self.target = split_address(target)
-        self.resets = resets
-        self.reset = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:  # closed
-                return
-            if self.reset < self.resets:
-                self.reset += 1
-                # Linger 0: close sends a reset, as a peer's kernel does for a connection it will not take.
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.close()
-                continue
-            upstream = socket.create_connection(self.target)
-            self.sockets += [conn, upstream]
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := a.recv(65536):
-                b.sendall(data)
-        with contextlib.suppress(OSError):
-            b.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.listener.close()
-        for s in self.sockets:
-            s.close()
-
-
 def test_a_stream_whose_connection_was_reset_before_it_was_sent_is_sent_again_to_a_live_receiver(sender, receivers):
     # Seen behind a 200 kbit/s link at a round's start: the first connection to a member was reset, and the
     # member, alive, was blamed and dropped. Nothing of the stream had left the sender, so it is sent again.
     receiver = receivers(refusals=0)
-    proxy = ResettingProxy(receiver.address)
+    proxy = TcpProxy(receiver.address, resets=1)
     try:
         method = f"/{ScriptedReceiver.SERVICE}/Push"
         reply = sender.submit(sender.stream_call(proxy.address, method, [b"a", b"b", b"c"], 30.0)).result(timeout=60)
@@ -575,7 +528,7 @@ def test_a_unary_call_whose_connection_was_reset_before_it_was_sent_is_sent_agai
     # The stream case's twin, for a round's statistic shares and abort notices: the reset connection carried no
     # byte of the call, so the receiver never got it and sending it again cannot deliver it twice.
     receiver = receivers(refusals=0)
-    proxy = ResettingProxy(receiver.address)
+    proxy = TcpProxy(receiver.address, resets=1)
     try:
         method = f"/{ScriptedReceiver.SERVICE}/Call"
         reply = sender.submit(sender.unary_call(proxy.address, method, b"share", 30.0)).result(timeout=60)

@@ -3,6 +3,7 @@ peer fetches one from its holders (real gRPC on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -23,6 +24,7 @@ from collectives.reduce.results import (
     result_digest,
 )
 from collectives.statesync import ResultNotYet, StateServer, StateSnapshot, StateSyncConfig, StateSyncError
+from support.proxy import TcpProxy
 
 INT8 = CodecConfig.parse("int8")
 
@@ -309,6 +311,45 @@ def test_a_holder_that_does_not_serve_the_result_is_not_asked_again(holders, oth
     client, missed = holders(slow, other)
     assert fetch(client, missed) is None
     assert (slow.asked, other.asked) == (1, 1)
+
+
+def paused(client: Transport, holder_address: str) -> TcpProxy:
+    """A proxy to holder_address that the client has a connection through, then paused: the holder as a
+    SIGSTOPped process is (its kernel holds the connection, nothing answers)."""
+    proxy = TcpProxy(holder_address)
+
+    async def connected() -> None:
+        await client.channel(proxy.address).channel_ready()
+
+    client.submit(connected()).result(10)
+    proxy.pause()
+    return proxy
+
+
+@pytest.mark.timeout(40)
+def test_only_the_stalled_holders_whose_server_answers_are_asked_again(holders):
+    stopped, slow = Holder(), Holder(answer_s=ANSWER_S)
+    client, missed = holders(stopped, slow)
+    proxy = paused(client, missed.members[0][1])
+    try:
+        # Asked again, the paused holder would hold the fetch for the patient window (60 s), past this test's timeout.
+        got = fetch(client, dataclasses.replace(missed, members=(("m0", proxy.address), missed.members[1])))
+    finally:
+        proxy.close()
+    assert got is not None and torch.equal(got.value, VALUE) and got.source == missed.members[1][1]
+    assert (stopped.asked, slow.asked) == (0, 2)
+
+
+@pytest.mark.timeout(40)
+def test_a_paused_holder_alone_is_not_asked_again(holders):
+    stopped = Holder()
+    client, missed = holders(stopped)
+    proxy = paused(client, missed.members[0][1])
+    try:
+        assert fetch(client, dataclasses.replace(missed, members=(("m0", proxy.address),))) is None
+    finally:
+        proxy.close()
+    assert stopped.asked == 0
 
 
 @pytest.mark.timeout(90)

@@ -415,7 +415,7 @@ class Transport:
         """
         why = retry_reason(exc, replayable=replayable)
         if why is None and never_connected(exc):
-            unreachable = await peer_unresponsive(address, settings=self._rpc)
+            unreachable = await self.unresponsive(address)
             why = None if unreachable else "its connection failed, and its server answers"
         return why
 
@@ -517,6 +517,11 @@ class Transport:
         if self._recv_bucket is not None:
             await self._recv_bucket.acquire(nbytes)
 
+    async def unresponsive(self, address: str) -> str | None:
+        """Why the peer at address is out of reach (its port refuses, or no health answer in time: a dead or
+        paused process), or None: its server answers (on a fresh connection, with this transport's TLS and token)."""
+        return await peer_unresponsive(address, settings=self._rpc)
+
     async def wait_unreachable(self, address: str) -> str:
         """Return (with a reason) once address stops accepting connections; runs until cancelled otherwise."""
         ch = self.channel(address)
@@ -526,7 +531,7 @@ class Transport:
                 # Confirm before blaming the peer: a dead process's port refuses at once and a
                 # paused one does not answer, while a live peer whose connection merely
                 # hiccuped answers, and the channel reconnects by itself.
-                why = await peer_unresponsive(address, settings=self._rpc)
+                why = await self.unresponsive(address)
                 if why is not None:
                     return f"unreachable ({why})"
                 log.info("connection to %s failed but the peer answers; still watching", address)

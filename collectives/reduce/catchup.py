@@ -12,8 +12,9 @@ A result not flowing from one holder for ``RESULT_STALL_S`` is fetched from
 the next: a stalled holder is left quickly. When every holder of a round
 stalled so (none refused, was gone, did not keep it or sent a bad result),
 the link is more likely slow and busy with the run's rounds than every
-holder stalled: they are asked once more, waiting the state-sync config's
-own ``stall_timeout_s`` (``results.fetch_result``'s patient pass). Both the
+holder stalled: those whose server answers a health check (a paused one
+does not) are asked once more, waiting the state-sync config's own
+``stall_timeout_s`` (``results.fetch_result``'s patient pass). Both the
 peer's own catch-up and the results it keeps for the run get it: without it
 one fetches the whole state instead, the other loses the round's result.
 

@@ -26,6 +26,7 @@ as a one-tensor ``StateSnapshot`` whose meta names the tag and the codec.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
@@ -303,17 +304,23 @@ async def fetch_result(
     """One missed round's result from the first of its holders that still keeps it (checked), or None.
 
     ``config``'s stall timeout is short, so that a stalled holder is left for the next one quickly. When every
-    holder failed by stalling (none refused, was gone or sent a bad result) and ``patient`` has a longer one, they
-    are asked once more with it: on a slow link busy with the run's rounds every holder stalls at once.
+    holder failed by stalling (none refused, was gone or sent a bad result) and ``patient`` has a longer one, those
+    whose server answers a health check are asked once more with it: on a slow link busy with the run's rounds
+    every holder stalls at once, while a paused holder answers nothing and would cost the whole window.
     """
     holders = [address for member_id, address in missed.members if member_id != peer_id]
     got, stalled = await _first_holder(transport, run_id, peer_id, config, missed, numel, holders)
     if got is None and stalled and stalled == holders and patient is not None and (
         patient.stall_timeout_s > config.stall_timeout_s
     ):
-        log.info("every holder of round %d's result stalled for %g s (a slow link?): asking them again, waiting up "
-                 "to %g s for data", missed.round_id, config.stall_timeout_s, patient.stall_timeout_s)
-        got, _ = await _first_holder(transport, run_id, peer_id, patient, missed, numel, stalled)
+        # Only the holders whose server answers: a paused or dead one would cost the whole patient window.
+        reasons = await asyncio.gather(*(transport.unresponsive(address) for address in stalled))
+        answering = [address for address, why in zip(stalled, reasons) if why is None]
+        if answering:
+            log.info("every holder of round %d's result stalled for %g s (a slow link?): asking the %d that answer "
+                     "again, waiting up to %g s for data", missed.round_id, config.stall_timeout_s, len(answering),
+                     patient.stall_timeout_s)
+            got, _ = await _first_holder(transport, run_id, peer_id, patient, missed, numel, answering)
     if got is None:
         log.info("no holder still keeps round %d's result", missed.round_id)
     return got
