@@ -322,7 +322,7 @@ async def fetch_result(
                      patient.stall_timeout_s)
             got, _ = await _first_holder(transport, run_id, peer_id, patient, missed, numel, answering)
     if got is None:
-        log.info("no holder still keeps round %d's result", missed.round_id)
+        log.info("no holder gave round %d's result (each one's reason is logged above)", missed.round_id)
     return got
 
 
