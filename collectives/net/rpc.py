@@ -1,7 +1,8 @@
 """Every gRPC server and channel of loconet is made here, with one credentials hook and one set of options.
 
-Servers: ``make_server`` (every server also answers ``grpc.health.v1``) and
-``bind``. Channels: ``make_channel`` (asyncio, what peers and the coordinator
+Servers: ``make_server`` (every server also answers ``grpc.health.v1``; given a
+``CallTasks``, it records the task of every call, for ending them at shutdown:
+``collectives.net.servercalls``) and ``bind``. Channels: ``make_channel`` (asyncio, what peers and the coordinator
 use) and ``blocking_channel`` (the harness, benchmarks, tests). A one-shot
 ``health_check`` serves the peers' failure detection and the coordinator's
 probe. Nothing else in the project calls ``grpc.*server`` or ``grpc.*channel``. The peers' services take and
@@ -41,6 +42,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from collectives.errors import AddressInUse, ConfigError, Unauthenticated
 from collectives.net.addresses import format_address
 from collectives.net.credentials import OPEN_METHODS, CallAuth, load_secret, warn_if_public
+from collectives.net.servercalls import CallTasks
 
 log = logging.getLogger(__name__)
 
@@ -288,14 +290,21 @@ def make_server(
     handlers: tuple[grpc.GenericRpcHandler, ...] = (),
     auth: CallAuth | None = None,
     interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
+    calls: CallTasks | None = None,
 ) -> grpc.aio.Server:
     """A server of this role (``peer`` or ``coordinator``) with these handlers and the health service; bind it next.
 
     With auth, every call but the health check must prove the run secret (checked first); interceptors run after.
+    With calls, the task of every call is recorded there before anything else runs (``end_calls`` ends them at
+    shutdown: ``collectives.net.servercalls``).
     """
     if role not in ROLES:
         raise ValueError(f"unknown server role {role!r}; expected one of {', '.join(ROLES)}")
-    chain = ((RunAuthInterceptor(auth),) if auth is not None else ()) + tuple(interceptors)
+    chain = (
+        ((calls,) if calls is not None else ())
+        + ((RunAuthInterceptor(auth),) if auth is not None else ())
+        + tuple(interceptors)
+    )
     server = grpc.aio.server(
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
