@@ -51,6 +51,7 @@ from collectives.net.credentials import CallAuth
 from collectives.net.ratelimit import TokenBucket, burst_bytes
 from collectives.net.reachability import peer_unresponsive
 from collectives.net.rpc import bind, call_metadata, identity, make_channel, make_server
+from collectives.net.servercalls import CallTasks, end_calls
 from collectives.net.transportconfig import TransportConfig
 from collectives.stats import TrafficCounters
 
@@ -96,6 +97,7 @@ class Transport:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
+        self._calls = CallTasks()  # the tasks of the server's calls, ended first at close (collectives.net.servercalls)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._used: dict[str, float] = {}  # when each pooled channel was last asked for
         # The registration each address's peer last had in a round (Member.registration): note_registrations.
@@ -169,7 +171,7 @@ class Transport:
 
     async def _start_server(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> str:
         server = make_server(
-            self._rpc, role="peer", handlers=admit_handlers(handlers, self.admission), auth=self.auth
+            self._rpc, role="peer", handlers=admit_handlers(handlers, self.admission), auth=self.auth, calls=self._calls
         )
         hint = "choose another --host/--port"
         address = bind(server, self.config.host, self.config.port, settings=self._rpc, hint=hint)
@@ -178,7 +180,8 @@ class Transport:
         return address
 
     def close(self, grace_s: float = 0.5) -> None:
-        """Stop the server, close every channel and stop the loop thread. Idempotent."""
+        """Stop the server (within grace_s), end its calls, close every channel, cancel what is left on the loop and
+        stop the loop thread (that order: docs/collectives.md, Threads). Idempotent."""
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
@@ -201,6 +204,9 @@ class Transport:
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
+            # The server's calls end before anything else is cancelled: cancelled among the rest, gRPC's task around
+            # a call that had just ended logged "Exception not handled by _handle_exceptions" (collectives.net.servercalls).
+            await end_calls(self._calls, grace_s + 1.0)
         channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
             await ch.close()
