@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 from collectives.errors import AddressInUse, ConfigError
 from collectives.net.addresses import advertised_address, format_address, split_address
 from collectives.net.rpc import COORDINATOR_SETTINGS, RpcSettings, RunAuthInterceptor, bind, make_server
+from collectives.net.servercalls import CallTasks, end_calls
 from peer.coordinator.limits import RateLimitInterceptor
 from peer.coordinator.service import Coordinator, CoordinatorConfig
 from peer.coordinator.sessions import SessionLimits, session_handler
@@ -105,6 +106,7 @@ class CoordinatorServer:
         self.bound_address = ""
         self.dashboard_url = ""
         self._server: grpc.aio.Server | None = None
+        self._calls = CallTasks()  # the tasks of the server's calls, ended at stop (collectives.net.servercalls)
         self._dashboard = None
         self._hold: ExclusiveHold | None = None
 
@@ -136,7 +138,7 @@ class CoordinatorServer:
             self.coordinator.unauthenticated = lambda: first[0].refused
         server = make_server(
             self.settings, role="coordinator", handlers=(strict_handlers(self.coordinator, self.rate_limits),),
-            interceptors=(*first, self.rate_limits),
+            interceptors=(*first, self.rate_limits), calls=self._calls,
         )
         self.bound_address = bind(
             server, self.config.host, self.config.port, settings=self.settings,
@@ -176,7 +178,7 @@ class CoordinatorServer:
         return self.address
 
     async def stop(self) -> None:
-        """Stop the dashboard, the tick loop and the gRPC server."""
+        """Stop the dashboard, the tick loop and the gRPC server, then end its calls still running."""
         if self._dashboard is not None:
             self._dashboard.close()
             self._dashboard = None
@@ -184,6 +186,9 @@ class CoordinatorServer:
         if self._server is not None:
             await self._server.stop(0.5)
             self._server = None
+            # Its calls (the peers' Session streams) end before asyncio.run cancels the rest, as a peer's transport
+            # does (collectives.net.servercalls).
+            await end_calls(self._calls, 1.5)
         if self._hold is not None:
             self._hold.release()
             self._hold = None
