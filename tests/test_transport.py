@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import socket
+import threading
 import time
 
 import grpc
@@ -16,6 +17,7 @@ from collectives.allreduce import Collective
 from collectives.errors import ConfigError, LoconetError, MemberFailure, TransportClosed, UsageError
 from collectives.net import transport as transport_module
 from collectives.net.reachability import peer_unresponsive, port_refuses
+from collectives.net.rpc import method_handlers, raw_stream_unary, raw_unary_unary
 from collectives.net.transport import Transport, split_address
 from collectives.net.transportconfig import TransportConfig, codec_threads_for
 from collectives.reduce.inbox import Group
@@ -228,6 +230,64 @@ def test_closing_a_member_with_push_streams_into_it_open_logs_no_grpc_error(endp
             r.result(timeout=60)
         assert failed.value.failed_ranks == (0,)
     assert [r.getMessage() for r in caplog.records if r.name.startswith("grpc")] == []
+
+
+def _close_with_a_call_in_flight(method: str, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Close a transport while it watches a peer (wait_unreachable, as a round does) and one call of the given
+    kind to it is in flight, its handler started: "Unary" awaits the answer, "Stream" is still sending. Return
+    the close's line about the watches."""
+    caplog.set_level(logging.DEBUG, logger="collectives.net.transport")
+    started = threading.Event()
+
+    async def hang(request, context):
+        started.set()
+        await asyncio.Event().wait()
+
+    peer = Transport(TransportConfig())
+    address = peer.start([method_handlers("test.Hang", {"Unary": raw_unary_unary(hang), "Stream": raw_stream_unary(hang)})])
+    transport = Transport(TransportConfig())
+    closed = transport.start()
+    running: set[asyncio.Future] = set()  # held while they run, as Collective.spawn does; close() cancels them
+
+    async def pushing():  # a push whose next message is still being encoded
+        yield b"x"
+        await asyncio.Event().wait()
+
+    async def begin() -> None:
+        call = (transport.unary_call(address, "/test.Hang/Unary", b"x", 60) if method == "Unary"
+                else transport.stream_call(address, "/test.Hang/Stream", pushing(), 60))
+        for coro in (transport.wait_unreachable(address), call):
+            task = asyncio.ensure_future(coro)
+            running.add(task)
+            task.add_done_callback(running.discard)
+        async with asyncio.timeout(30):  # the watcher is on the connected channel's watch
+            while (transport.channel(address), grpc.ChannelConnectivity.READY) not in transport._watches:
+                await asyncio.sleep(0.01)
+
+    try:
+        transport.submit(begin()).result(timeout=30)
+        assert started.wait(30), "the call never reached the peer's handler"
+        transport.close()
+    finally:
+        transport.close()
+        peer.close()
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"transport {closed} closed its channels")]
+
+
+def test_closing_with_a_push_in_flight_leaves_no_watch_of_its_channel_unanswered(caplog):
+    # gRPC answers a closed channel's connectivity watches once the channel's calls are freed. A stream call the
+    # close cancels is not freed when its last reference goes: gRPC's task around it keeps its CancelledError,
+    # whose traceback holds the call. After a cancelled or failed round close() waited its whole second for
+    # the watches, which were then answered on the closed loop ("Event loop is closed", another loop's log).
+    assert [line.split(": ")[1] for line in _close_with_a_call_in_flight("Stream", caplog)] == [
+        "0 of their 1 connectivity watch(es) left unanswered"]
+
+
+def test_closing_with_a_unary_call_in_flight_leaves_no_watch_of_its_channel_unanswered(caplog):
+    # The task awaiting the call (an abort notice's) is cancelled at close and keeps its CancelledError, whose
+    # traceback holds the call: close() held its cancelled tasks while it waited for the watches.
+    assert [line.split(": ")[1] for line in _close_with_a_call_in_flight("Unary", caplog)] == [
+        "0 of their 1 connectivity watch(es) left unanswered"]
 
 
 def test_a_pooled_channel_idle_and_unconnected_is_closed_when_another_is_made(monkeypatch):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -75,7 +76,7 @@ CHANNEL_IDLE_S = 600.0
 CHANNEL_CLOSE_GRACE_S = 60.0
 _BUSY = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.CONNECTING)
 # Longest close() waits for gRPC to answer the connectivity watches of the channels it closed (it answers them
-# at once: a closed channel is SHUTDOWN).
+# as soon as a closed channel's calls are freed: in milliseconds).
 WATCH_SETTLE_S = 1.0
 
 
@@ -214,22 +215,40 @@ class Transport:
         # As asyncio.run ends a loop: cancel what is left and let it unwind, then close the async generators (a
         # cancelled handler's request stream among them). Stopping the loop first left both pending, and asyncio
         # logged each as "Task was destroyed but it is pending!" at exit (a peer held by 50 idle streams: 85 lines).
-        current = asyncio.current_task()
         watches = set(self._watches.values())
+        await self._cancel_the_rest(watches, grace_s + 1.0)
+        # A closed channel's watches are answered through gRPC's completion queue, which every event loop of
+        # the process that used gRPC reads: one read after this loop closed was handed to the closed loop
+        # ("Event loop is closed", logged by another transport's loop). gRPC answers them once the channel is
+        # gone, i.e. once the calls on it are freed: let them land while the loop runs. A stream call cancelled
+        # while it was still sending (a push of a cancelled or failed round, or one the channel's close cancelled)
+        # is not freed when its last reference goes: gRPC's task that ran it keeps its CancelledError, whose
+        # traceback holds the call, a cycle only the collector frees. Unanswered, such watches cost every close
+        # WATCH_SETTLE_S and were answered after the loop closed; a collection here takes tens of milliseconds.
+        if any(not watch.done() for watch in watches):
+            gc.collect()
+        if watches:
+            await asyncio.wait(watches, timeout=WATCH_SETTLE_S)
+        log.debug("transport %s closed its channels: %d of their %d connectivity watch(es) left unanswered",
+                  self._address, sum(not watch.done() for watch in watches), len(watches))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s + 1.0):
+                await asyncio.get_running_loop().shutdown_asyncgens()
+
+    @staticmethod
+    async def _cancel_the_rest(watches: set[asyncio.Future], timeout_s: float) -> None:
+        """Cancel every task on the loop but the caller and the watches, and give them timeout_s to end.
+
+        A method of its own so that nothing refers to the tasks once it returns: a cancelled task keeps its
+        CancelledError, whose traceback holds the gRPC call it awaited (an abort notice's), and that call
+        keeps its closed channel, and the channel's watches, from being answered (_shutdown).
+        """
+        current = asyncio.current_task()
         tasks = [task for task in asyncio.all_tasks() if task is not current and task not in watches]
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=grace_s + 1.0)
-        # A closed channel's watches are answered through gRPC's completion queue, which every event loop of
-        # the process that used gRPC reads: one read after this loop closed was handed to the closed loop
-        # ("Event loop is closed", logged by another transport's loop). gRPC answers them once the channel is
-        # gone, i.e. once the calls on it (held by the tasks just ended) are: let them land while the loop runs.
-        if watches:
-            await asyncio.wait(watches, timeout=WATCH_SETTLE_S)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace_s + 1.0):
-                await asyncio.get_running_loop().shutdown_asyncgens()
+            await asyncio.wait(tasks, timeout=timeout_s)
 
     def __enter__(self) -> Self:
         return self
