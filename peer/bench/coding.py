@@ -56,7 +56,6 @@ from collectives.reduce.parts import flatten
 from optimizers.coded import CodedSGD, StepSuperseded
 from optimizers.outer_optim import OuterConfig
 from optimizers.seqcoded import SequentialCodedSGD
-from peer.bench.federated import _LoopClosedNoise
 from peer.bench.fields import Fields, describe_report
 from peer.bench.kit import COMMA_LIST, add_bench_options, require
 from peer.bench.progress import Progress, progress_for
@@ -552,7 +551,6 @@ def add_targets(entries: list[dict]) -> float | None:
 def run(config: CodingBenchConfig, progress: Progress | None = None) -> dict:
     """Every method on the same task, seeds and straggler pattern; the report."""
     torch.set_num_threads(1)  # many workers share two cores: one intra-op thread each
-    logging.getLogger("asyncio").addFilter(_LoopClosedNoise())
     task = make_task(config.task, config.task_config)
     entries = []
     for name in config.methods:

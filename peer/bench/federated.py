@@ -200,21 +200,6 @@ def round_size(config: FederatedBenchConfig) -> int:
     return sample_count(arg, config.peers) if name == SAMPLE_POLICY else config.peers
 
 
-class _LoopClosedNoise(logging.Filter):
-    """Drops grpc's "Event loop is closed" callbacks after a peer's loop is closed.
-
-    Many peers in one process each close their own event loop; grpc's process-wide completion
-    queue may still post one last poll to a closed loop, which asyncio logs as an error. Nothing
-    is lost (the peer has left and its transport is closed), so these lines are dropped; any
-    other asyncio error still shows.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-                    and "PollerCompletionQueue" in record.getMessage())
-
-
 def train_algorithm(strategy: str) -> str:
     """The registered algorithm a strategy runs: its own, or FedAvg for a robust aggregator."""
     return strategy if strategy in ALGORITHMS else FedConfig.TAG
@@ -400,7 +385,6 @@ def samples_verified(config: FederatedBenchConfig, rounds: list[dict], least: in
 def run(config: FederatedBenchConfig, progress: Progress | None = None) -> dict:
     """Every strategy, clean and attacked; the report (each run's line on progress, when given)."""
     torch.set_num_threads(1)  # many peers share two cores: one intra-op thread each
-    logging.getLogger("asyncio").addFilter(_LoopClosedNoise())
     task = make_task(config.task, config.task_config)
     entries = []
     for strategy in config.strategies:
