@@ -422,7 +422,7 @@ class Transport:
                     why = await self._retry_reason(address, exc, replayable=True)
                     if why is None or deadline - time.monotonic() <= backoff:
                         raise
-                    log.debug("%s at %s refused (%s: %s); retrying", method, address, why, exc.details())
+                    log.debug("%s to %s not taken (%s: %s); sending it again", method, address, why, exc.details())
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, RETRY_BACKOFF_S[1])
         finally:
@@ -523,7 +523,7 @@ class Transport:
                 why = await self._retry_reason(address, exc)
                 if why is None or deadline - time.monotonic() <= backoff:
                     raise
-                log.debug("%s at %s refused (%s: %s); retrying", method, address, why, exc.details())
+                log.debug("%s to %s not taken (%s: %s); sending it again", method, address, why, exc.details())
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, RETRY_BACKOFF_S[1])
                 continue
