@@ -432,6 +432,12 @@ class StateServer:
                         await context.write(message)
                 except TimeoutError:
                     return False
+                except Exception as exc:
+                    # gRPC core fails a write to a call its client cancelled or dropped (its internal
+                    # ExecuteBatchError): the fetch ended early, as a cancelled one does. Raised on, gRPC logged it
+                    # as an error with a traceback, one per such fetch (the harness's stall event, a joiner killed).
+                    log.debug("a write of a state fetch to %s failed: %r", peer, exc)
+                    raise asyncio.CancelledError() from None
                 self.bytes_served += len(message)
         return True
 
