@@ -282,7 +282,9 @@ class Collective:
             flat = flatten(tensors, out=self.buffers.take(numel))
         pooled = None if borrowed or flat.device.type != "cpu" else flat
         if residual is not None and residual.device != flat.device:
-            raise ValueError(f"residual must be on {flat.device}, where the input is encoded; it is on {residual.device}")
+            raise ValueError(
+                f"residual must be on {flat.device}, where the input is encoded; it is on {residual.device}"
+            )
         if out is not None and out.device.type != "cpu":
             raise ValueError("out must be a CPU tensor: results are decoded on the host")
         result = torch.empty(numel, dtype=torch.float32) if out is None else out
@@ -518,7 +520,9 @@ class Collective:
     async def _forged(self, context: grpc.aio.ServicerContext, method: str, sender: str | None) -> None:
         """End a message that claims another member's rank than its sender's (nobody is blamed: it is not theirs)."""
         self.transport.refusals.count(UNAUTHENTICATED)
-        await refuse_unauthenticated(context, Unauthenticated(f"{method}: the message claims a rank that is not {sender}'s"))
+        await refuse_unauthenticated(
+            context, Unauthenticated(f"{method}: the message claims a rank that is not {sender}'s")
+        )
 
     def _open_wait(self, context: grpc.aio.ServicerContext) -> float:
         """How long a message may wait for its round to open here: open_wait_s, or less if its caller's deadline is

@@ -510,7 +510,10 @@ class ElasticCollective:
     def _refusals(self) -> dict[str, int]:
         """What this peer refused or cut off so far, by kind (sent with heartbeats, for the coordinator's metrics)."""
         counts = {kind: n for kind, n in self.transport.refusals.snapshot().items() if n}
-        for kind, n in (("fetch_refused", self.state_server.refused), ("fetch_stalled_out", self.state_server.stalled_out)):
+        for kind, n in (
+            ("fetch_refused", self.state_server.refused),
+            ("fetch_stalled_out", self.state_server.stalled_out),
+        ):
             if n:
                 counts[kind] = n
         return counts

@@ -397,8 +397,8 @@ class ElasticSync:
                 raise Resynced(snapshot, ", ".join(sources))
         try:
             return await self.membership.quorum(
-                self.member.last_round, tag, config.quorum_timeout_s, digest=await self._state_digest(), min_members=least,
-                round_format=fmt,
+                self.member.last_round, tag, config.quorum_timeout_s, digest=await self._state_digest(),
+                min_members=least, round_format=fmt,
             )
         except Unregistered:
             self._move(0, Phase.REJOIN)

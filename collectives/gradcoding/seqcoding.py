@@ -67,8 +67,8 @@ from collectives.gradcoding.seqrounds import (
 from collectives.gradcoding.stragglermodel import BurstyModel
 
 __all__ = [
-    "COMPLETE", "LOST", "PENDING", "SCHEMES", "UNKNOWN", "CodeFactory", "JobLost", "MultiplexedSGC", "PlainCode", "PlainGC",
-    "RoundCombination", "SchedulingError", "SelectiveRepeatSGC", "SequentialScheme", "Simulation", "Task",
+    "COMPLETE", "LOST", "PENDING", "SCHEMES", "UNKNOWN", "CodeFactory", "JobLost", "MultiplexedSGC", "PlainCode",
+    "PlainGC", "RoundCombination", "SchedulingError", "SelectiveRepeatSGC", "SequentialScheme", "Simulation", "Task",
     "gradcode", "make_scheme", "simulate",
 ]
 
@@ -165,7 +165,9 @@ class SelectiveRepeatSGC(SequentialScheme):
         repeats: dict[int, dict[int, float]] = {}
         for entry in checked_list(state.get("repeats"), "repeats", self.model.B):
             if not (isinstance(entry, list) and len(entry) == 2):
-                raise ConfigError(f"an SR-SGC state's repeat must be [round, [[worker, coefficient], ...]], got {entry!r:.80}")
+                raise ConfigError(
+                    f"an SR-SGC state's repeat must be [round, [[worker, coefficient], ...]], got {entry!r:.80}"
+                )
             r = checked_count(entry[0], "repeat round", next_round + self.model.B - 1)
             pairs = checked_list(entry[1], "repeaters", self.n)
             if r < next_round or r in repeats or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
@@ -301,7 +303,9 @@ class MultiplexedSGC(SequentialScheme):
         return ""
 
     def _extra_state(self) -> dict:
-        return {"delivered": [[j, [sorted(c) for c in per_worker]] for j, per_worker in sorted(self._delivered.items())]}
+        return {
+            "delivered": [[j, [sorted(c) for c in per_worker]] for j, per_worker in sorted(self._delivered.items())]
+        }
 
     def _load_extra(self, state: dict, next_round: int) -> None:
         delivered: dict[int, list[set[int]]] = {}
@@ -314,8 +318,10 @@ class MultiplexedSGC(SequentialScheme):
             if job < next_round - 1 - self.T or job in delivered or len(per_worker) != self.n:
                 raise ConfigError(f"an M-SGC state's delivered chunks of job {job} are not one list per worker "
                                   f"of a job in flight, once")
-            delivered[job] = [{checked_count(k, "chunk", self.chunks - 1) for k in checked_list(c, "chunks", self.chunks)}
-                              for c in per_worker]
+            delivered[job] = [
+                {checked_count(k, "chunk", self.chunks - 1) for k in checked_list(c, "chunks", self.chunks)}
+                for c in per_worker
+            ]
         self._delivered = delivered
 
     def _commit(self, t: int, survivors: frozenset[int], combination: RoundCombination) -> None:

@@ -206,7 +206,9 @@ class SequentialScheme:
     def observe(self, t: int, stragglers: AbstractSet[int]) -> RoundCombination:
         """Accept round t with these stragglers; returns its combination (``combine`` of the others)."""
         if any(not 0 <= w < self.n for w in stragglers):
-            raise SchedulingError(f"round {t}: stragglers {sorted(stragglers)} are not all among workers 0..{self.n - 1}")
+            raise SchedulingError(
+                f"round {t}: stragglers {sorted(stragglers)} are not all among workers 0..{self.n - 1}"
+            )
         survivors = frozenset(range(self.n)) - frozenset(stragglers)
         combination = self.combine(t, survivors)
         self._commit(t, survivors, combination)

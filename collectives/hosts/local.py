@@ -371,7 +371,9 @@ class HostSegment:
         if state == DONE:
             return False
         try:
-            return self._unlink_if(lambda: all(self._finished(k, gone) for k in range(self.layout.n) if k != self.index))
+            return self._unlink_if(
+                lambda: all(self._finished(k, gone) for k in range(self.layout.n) if k != self.index)
+            )
         finally:
             self.close()
 

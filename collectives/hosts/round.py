@@ -131,7 +131,9 @@ def error_from(record: dict, round_id: int, rank: int) -> LoconetError:
         ranks = {int(r): str(a) for r, a in record.get("ranks", {}).items()}
         reasons = {int(r): str(w) for r, w in record.get("reasons", {}).items()}
         if rank in record.get("nonfinite", ()):
-            return NonFiniteError(f"round {round_id}: this member's contribution holds NaN or Inf ({reasons.get(rank)})")
+            return NonFiniteError(
+                f"round {round_id}: this member's contribution holds NaN or Inf ({reasons.get(rank)})"
+            )
         return MemberFailure(ranks, reasons, round_id)
     if kind == "stale":
         return StaleRound(message)
@@ -209,7 +211,9 @@ class HostRound:
             self.stats.reduce_s = time.monotonic() - t0
             if bad:
                 ranks = [self.local[t] for t in bad]
-                self._fail(seg, [self.local.index(r) for r in ranks], "its contribution holds NaN or Inf", nonfinite=ranks)
+                self._fail(
+                    seg, [self.local.index(r) for r in ranks], "its contribution holds NaN or Inf", nonfinite=ranks
+                )
             seg.set_state(REDUCED)
             await self._wait(seg, lambda k: seg.state(k) in (REDUCED, DONE), "reduce its slice")
             self.stats.scatter_s = time.monotonic() - started

@@ -81,7 +81,9 @@ def list_digest(entries: Sequence[Entry]) -> bytes:
 def pack_list(member_list: bytes) -> bytes:
     """A list's serialisation (list_bytes) as ``QuorumResponse.members_packed``: one zstd frame that declares its
     size and carries a checksum."""
-    return zstandard.ZstdCompressor(level=PACK_LEVEL, write_checksum=True, write_content_size=True).compress(member_list)
+    return zstandard.ZstdCompressor(
+        level=PACK_LEVEL, write_checksum=True, write_content_size=True
+    ).compress(member_list)
 
 
 def unpack_list(packed: bytes, digest: bytes) -> tuple[Entry, ...]:
@@ -116,13 +118,17 @@ def member_change(base: Sequence[Entry], new: Sequence[Entry]) -> tuple[list[int
     return (removed, added) if kept_base == kept_new else None
 
 
-def apply_change(base: Sequence[Entry], removed: Sequence[int], added: Sequence[tuple[int, Entry]]) -> tuple[Entry, ...]:
+def apply_change(
+    base: Sequence[Entry], removed: Sequence[int], added: Sequence[tuple[int, Entry]]
+) -> tuple[Entry, ...]:
     """base with the positions in removed dropped and each added entry inserted at its position in the result.
 
     Raises BadMemberChange for positions out of range or not strictly ascending (input from the network).
     """
     if any(b <= a for a, b in pairwise(removed)) or (removed and not 0 <= removed[0] <= removed[-1] < len(base)):
-        raise BadMemberChange(f"dropped positions {list(removed)[:10]} are not ascending positions of a list of {len(base)}")
+        raise BadMemberChange(
+            f"dropped positions {list(removed)[:10]} are not ascending positions of a list of {len(base)}"
+        )
     gone = set(removed)
     result = [e for i, e in enumerate(base) if i not in gone]
     for k, (at, entry) in enumerate(added):

@@ -179,7 +179,9 @@ class KnownMembers:
 
     def _fail(self, reply: pb.QuorumResponse, why: str) -> NoReturn:
         self.digest = b""  # the next request asks for the whole list
-        raise RoundFailed(f"the coordinator's answer for round {reply.round_id} {why}; it asks again for the whole list")
+        raise RoundFailed(
+            f"the coordinator's answer for round {reply.round_id} {why}; it asks again for the whole list"
+        )
 
 
 # The heartbeat intervals a coordinator's answer may set (anything else is ignored: the peer keeps its own).

@@ -106,7 +106,10 @@ def _decimal(f: Fraction) -> str:
 def parse_sample_arg(arg: str) -> SampleSize:
     """The size a ``sample`` policy's argument gives ("K", "F" or "F,min=M"); ConfigError saying what is wrong."""
     spec = f"quorum policy {SAMPLE_POLICY}:{arg}"
-    forms = "K (a whole number of peers >= 1) or F (a fraction in (0, 1] of the candidates, like 0.5), F optionally with ,min=M"
+    forms = (
+        "K (a whole number of peers >= 1) or F (a fraction in (0, 1] of the candidates, like 0.5), "
+        "F optionally with ,min=M"
+    )
     size_text, comma, rest = (part.strip() for part in arg.partition(","))
     minimum = None
     if comma:
@@ -119,7 +122,9 @@ def parse_sample_arg(arg: str) -> SampleSize:
         if int(size_text) < 1:
             raise ConfigError(f"{spec} needs a whole number of peers K >= 1 or a fraction F in (0, 1]")
         if minimum is not None:
-            raise ConfigError(f"{spec}: min=M goes with a fraction (sample:F,min=M); a count K is the round's size already")
+            raise ConfigError(
+                f"{spec}: min=M goes with a fraction (sample:F,min=M); a count K is the round's size already"
+            )
         return SampleSize(count=int(size_text))
     if _FRACTION.fullmatch(size_text):
         fraction = Fraction(size_text)

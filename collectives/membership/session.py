@@ -149,7 +149,9 @@ class CoordinatorSession:
         if reply.code:
             raise rpc_error(_CODES.get(reply.code, grpc.StatusCode.UNKNOWN), reply.details, reply.retry_after_ms)
         if reply.WhichOneof("reply") != kind:
-            raise rpc_error(grpc.StatusCode.INTERNAL, f"the coordinator answered a {rpc} call with {reply.WhichOneof('reply')}")
+            raise rpc_error(
+                grpc.StatusCode.INTERNAL, f"the coordinator answered a {rpc} call with {reply.WhichOneof('reply')}"
+            )
         return getattr(reply, kind)
 
     async def _open(self, timeout_s: float) -> grpc.aio.StreamStreamCall:
@@ -167,7 +169,9 @@ class CoordinatorSession:
                     async with asyncio.timeout(timeout_s):
                         await self._connect()
                 except TimeoutError:
-                    raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded (opening a Session)") from None
+                    raise rpc_error(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded (opening a Session)"
+                    ) from None
             stream = self._stream
         if stream is None:
             # It ended as it opened (a refusal can come as the stream's only answer): say why.
@@ -190,7 +194,9 @@ class CoordinatorSession:
                 raise rpc_error(code, details, _retry_after(await stream.trailing_metadata()))
             if first != OPENED:
                 stream.cancel()
-                raise rpc_error(grpc.StatusCode.INTERNAL, "the coordinator did not open the Session stream as it should")
+                raise rpc_error(
+                    grpc.StatusCode.INTERNAL, "the coordinator did not open the Session stream as it should"
+                )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self.supported = False
@@ -227,7 +233,8 @@ class CoordinatorSession:
         async def send() -> None:
             try:
                 await self._write(stream, pb.SessionCall(call_id=call_id, cancel=True).SerializeToString())
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:  # the stream ended meanwhile, and its calls with it
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+                # the stream ended meanwhile, and its calls with it
                 log.debug("cancel of Session call %d not sent: %r", call_id, exc)
 
         task = asyncio.get_running_loop().create_task(send())

@@ -104,7 +104,8 @@ def parse_advertise(value: str) -> tuple[str, int | None]:
     host, port_text = _split_host_port(value, "--advertise", usage)
     if host in WILDCARD_HOSTS:
         raise ConfigError(
-            f"--advertise {value!r}: nobody can connect to {host}; give this machine's address or name as others reach it"
+            f"--advertise {value!r}: nobody can connect to {host}; "
+            "give this machine's address or name as others reach it"
         )
     return host, (None if port_text is None else _port(value, "--advertise", port_text, usage))
 
@@ -269,7 +270,9 @@ def advertised_address(
                 role, address, coordinator,
             )
         else:
-            log.info("the %s tells others %s, its address on the route to its coordinator %s", role, address, coordinator)
+            log.info(
+                "the %s tells others %s, its address on the route to its coordinator %s", role, address, coordinator
+            )
         return address
     _warn_once(
         role,

@@ -130,7 +130,9 @@ class Admission:
         their slots back."""
         return self._total if client is None else self._active[client]
 
-    async def first_message_bounded(self, requests: AsyncIterable[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def first_message_bounded(
+        self, requests: AsyncIterable[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
         """The requests of a client stream; closes the call if the first does not come within the timeout."""
         it = requests.__aiter__()
         timeout = self.limits.first_message_timeout_s

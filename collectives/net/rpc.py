@@ -80,7 +80,9 @@ def _read(path: str, what: str, secret: bool = False) -> bytes:
                 warn_if_public(path, os.fstat(f.fileno()).st_mode, f"the {what}")
             return f.read()
     except OSError as exc:
-        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}; check the path (loconet certs makes them)") from exc
+        raise ConfigError(
+            f"cannot read the {what} {path}: {exc.strerror}; check the path (loconet certs makes them)"
+        ) from exc
 
 
 def _certificates(data: bytes, option: str, path: str) -> list[x509.Certificate]:
@@ -97,7 +99,9 @@ def _certificates(data: bytes, option: str, path: str) -> list[x509.Certificate]
 # gRPC takes the TLS files as bytes and only says "Failed to bind" (or fails each handshake) when they do not fit,
 # so they are checked here, where they are read. Keyed on the bytes: channels are made often, the files rarely change.
 @functools.lru_cache(maxsize=16)
-def _checked_pair(cert: bytes, cert_path: str, key: bytes, key_path: str) -> tuple[datetime.datetime, datetime.datetime]:
+def _checked_pair(
+    cert: bytes, cert_path: str, key: bytes, key_path: str
+) -> tuple[datetime.datetime, datetime.datetime]:
     """The validity window of --tls-cert, once it and --tls-key are checked to be a PEM certificate and its key."""
     leaf = _certificates(cert, "--tls-cert", cert_path)[0]
     try:

@@ -148,7 +148,9 @@ class Transport:
 
         self._loop = loop
         if self.config.codec_threads:
-            self._cpu = concurrent.futures.ThreadPoolExecutor(self.config.codec_threads, thread_name_prefix="loconet-codec")
+            self._cpu = concurrent.futures.ThreadPoolExecutor(
+                self.config.codec_threads, thread_name_prefix="loconet-codec"
+            )
         self._thread = threading.Thread(target=run, name="loconet-transport", daemon=True)
         self._thread.start()
         ready.wait()
@@ -206,7 +208,8 @@ class Transport:
             await self._server.stop(grace_s)
             self._server = None
             # The server's calls end before anything else is cancelled: cancelled among the rest, gRPC's task around
-            # a call that had just ended logged "Exception not handled by _handle_exceptions" (collectives.net.servercalls).
+            # a call that had just ended logged "Exception not handled by _handle_exceptions"
+            # (collectives.net.servercalls).
             await end_calls(self._calls, grace_s + 1.0)
         channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
@@ -516,7 +519,9 @@ class Transport:
             if self._send_bucket is not None:
                 await self._send_bucket.acquire(len(request))
             # Each attempt on the pooled channel of now, as stream_call's: one closed or replaced meanwhile is not used.
-            call = self.channel(address).unary_unary(method, request_serializer=identity, response_deserializer=identity)
+            call = self.channel(address).unary_unary(
+                method, request_serializer=identity, response_deserializer=identity
+            )
             try:
                 response = await call(request, timeout=max(deadline - time.monotonic(), 0.001))
             except grpc.aio.AioRpcError as exc:

@@ -94,10 +94,13 @@ class TransportConfig:
     # are the parallelism and extra threads only queue for the GIL; see codec_threads_for.
     codec_threads: int = field(
         default=2,
-        metadata={"help": "threads that encode and decode off the event loop; 0 when peers on this machine fill its cores"},
+        metadata={
+            "help": "threads that encode and decode off the event loop; 0 when peers on this machine fill its cores"
+        },
     )
     security: RpcSecurity = field(
-        default=RpcSecurity(), metadata={"help": "TLS and the run secret of the peer's servers and channels", "flatten": True}
+        default=RpcSecurity(),
+        metadata={"help": "TLS and the run secret of the peer's servers and channels", "flatten": True},
     )
 
     def __post_init__(self) -> None:

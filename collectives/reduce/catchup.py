@@ -121,7 +121,10 @@ class LateRounds:
         # Equal bytes favour the results: the source then copies nothing (a state fetch snapshots the state).
         # With nobody holding the state (only the results outlived the round's members) the results it is.
         if wire > state_bytes and (plan.sync_sources or plan.sync_from):
-            log.info("%d missed round(s) are about %d bytes, the state %d: fetching the state", len(numels), wire, state_bytes)
+            log.info(
+                "%d missed round(s) are about %d bytes, the state %d: fetching the state",
+                len(numels), wire, state_bytes,
+            )
             return None
         results = []
         for missed, numel, kept in zip(plan.missed, numels, local):

@@ -550,7 +550,9 @@ class RoundRegistry:
         for r in notice.failed_ranks:
             inbox.fail(r, reason, reported_by=tag.sender_rank)
         if not notice.failed_ranks:
-            inbox.set_error(RoundFailed(f"round {tag.round_id} aborted by rank {tag.sender_rank}: {notice.reason[:500]}"))
+            inbox.set_error(
+                RoundFailed(f"round {tag.round_id} aborted by rank {tag.sender_rank}: {notice.reason[:500]}")
+            )
 
 
 def sent_by_another(group: Group, rank: int, sender: str | None) -> bool:

@@ -368,7 +368,9 @@ class Round:
         self.stats.encode_s += time.perf_counter() - t0
         return self._message(SCATTER, j, part_numel, offset, x.numel(), weight, payload)
 
-    def _message(self, phase: int, part: int, part_numel: int, offset: int, count: int, weight: float, payload: bytes) -> bytes:
+    def _message(
+        self, phase: int, part: int, part_numel: int, offset: int, count: int, weight: float, payload: bytes
+    ) -> bytes:
         return chunk_message(
             self.group, self.inbox.numel, self.config.aggregator, self.codec.config,
             phase, part, part_numel, offset, count, weight, payload,
@@ -381,7 +383,10 @@ class Round:
         # link never waits for the encoder (and the encoder only runs one chunk ahead).
         a, b = self.inbox.bounds[j]
         calls = (
-            (self._scatter_message, (j, b - a, c0 - a, flat[c0:c1], weight, None if residual is None else residual[c0:c1]))
+            (
+                self._scatter_message,
+                (j, b - a, c0 - a, flat[c0:c1], weight, None if residual is None else residual[c0:c1]),
+            )
             for c0, c1 in chunk_bounds(a, b, self.chunk_numel)
         )
         async for message in self.transport.run_cpu_ahead(calls):
@@ -396,7 +401,9 @@ class Round:
         self.stats.bytes_sent += len(message)
         self.tasks.append(asyncio.get_running_loop().create_task(self._send_to(j, None, message)))
 
-    async def _send_to(self, j: int, messages: Iterator[bytes] | AsyncIterator[bytes] | None, unary: bytes = b"") -> None:
+    async def _send_to(
+        self, j: int, messages: Iterator[bytes] | AsyncIterator[bytes] | None, unary: bytes = b""
+    ) -> None:
         address = self.group.members[j]
         try:
             if messages is None:

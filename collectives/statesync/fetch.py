@@ -221,7 +221,8 @@ class _Fetch:
             async with asyncio.TaskGroup() as group:  # one donor's unexpected error cancels the others
                 for donor in donors:
                     group.create_task(self._donor(donor))
-        except BaseExceptionGroup as group_error:  # not a donor's failure (those are handled): a bug or a closed transport
+        except BaseExceptionGroup as group_error:
+            # not a donor's failure (those are handled): a bug or a closed transport
             raise group_error.exceptions[0] from None
         if not self.blocks.complete:
             raise self._error()
@@ -244,16 +245,22 @@ class _Fetch:
     async def _finish(self) -> StateSnapshot:
         layout, receiver, manifest = self.layout, self.receiver, self.manifest
         # With one block its hash is the whole digest (checked with the manifest); otherwise hash it all once.
-        if layout.blocks != 1 and not hmac.compare_digest(await self.transport.run_cpu(receiver.digest), manifest.sha256):
-            self.failures[self.manifest_source] = "the state's SHA-256 does not match its manifest, whose block hashes all did"
+        if layout.blocks != 1 and not hmac.compare_digest(
+            await self.transport.run_cpu(receiver.digest), manifest.sha256
+        ):
+            self.failures[self.manifest_source] = (
+                "the state's SHA-256 does not match its manifest, whose block hashes all did"
+            )
             raise StateSyncError(
-                f"state fetch failed: the manifest {self.manifest_source} sent is inconsistent (every block matches its "
-                "hash, the whole state does not match its SHA-256); fetch from another peer"
+                f"state fetch failed: the manifest {self.manifest_source} sent is inconsistent (every block "
+                "matches its hash, the whole state does not match its SHA-256); fetch from another peer"
             )
         try:
             tensors = receiver.tensors(layout.entries)
         except (RuntimeError, TypeError, ValueError) as exc:  # the manifest checks should make this unreachable
-            raise StateSyncError(f"state fetch from {self.manifest_source} failed: cannot build its tensors: {exc}") from None
+            raise StateSyncError(
+                f"state fetch from {self.manifest_source} failed: cannot build its tensors: {exc}"
+            ) from None
         seconds = time.monotonic() - self.started
         self._grow_messages(layout.total_bytes, seconds)
         report = FetchReport(
@@ -299,7 +306,9 @@ class _Fetch:
             source, why = next(iter(self.failures.items()))
             message = f"state fetch from {source} failed: {why}"
         else:
-            left = f"the remaining {self.blocks.todo} of {len(self.blocks.state)} blocks" if self.layout else "a manifest"
+            left = (
+                f"the remaining {self.blocks.todo} of {len(self.blocks.state)} blocks" if self.layout else "a manifest"
+            )
             message = f"state fetch failed: no source can serve {left}: " + "; ".join(
                 f"{source}: {why}" for source, why in self.failures.items()
             )
@@ -418,7 +427,9 @@ class _Fetch:
         except ValueError as exc:
             raise _SourceFailed(f"invalid manifest: {exc}") from None
         if self.result_of_round and manifest.round_id != self.result_of_round:
-            raise _SourceFailed(f"asked for the result of round {self.result_of_round}, got round {manifest.round_id}'s")
+            raise _SourceFailed(
+                f"asked for the result of round {self.result_of_round}, got round {manifest.round_id}'s"
+            )
         expect = self.expect
         if expect is not None and expect.round_id and manifest.round_id != expect.round_id:
             raise _Mismatch(f"it serves round {manifest.round_id}, not the expected round {expect.round_id}")

@@ -376,8 +376,8 @@ class StateServer:
                 if encoded is None:
                     await context.abort(
                         grpc.StatusCode.NOT_FOUND,
-                        f"this peer does not keep the result of round {req.result_of_round} (it dropped it, or did not commit "
-                        f"it within result_wait_s); fetch the whole state",
+                        f"this peer does not keep the result of round {req.result_of_round} "
+                        f"(it dropped it, or did not commit it within result_wait_s); fetch the whole state",
                     )
             else:
                 pin = await self._pin_for(req, context, who)
