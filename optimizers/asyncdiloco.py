@@ -95,7 +95,10 @@ class AsyncDiLoCoConfig(DiLoCoConfig):
         whoever the other policy picks."""
         needed = self.expected_quorum()
         if policy != needed:
-            return f"async-diloco --buffer {self.buffer} needs the coordinator's --quorum {needed}, and the run's is {policy!r}"
+            return (
+                f"async-diloco --buffer {self.buffer} needs the coordinator's --quorum {needed}, "
+                f"and the run's is {policy!r}"
+            )
         return ""
 
 

@@ -260,7 +260,9 @@ class BackupWorkers:
             )
         saved = state.get("rounds")
         if not isinstance(saved, list) or len(saved) > self.config.window:
-            raise ConfigError(f"a backup-workers state holds a list of at most {self.config.window} rounds (its window)")
+            raise ConfigError(
+                f"a backup-workers state holds a list of at most {self.config.window} rounds (its window)"
+            )
         try:
             rounds = [RoundObservation(**{**r, "arrival_s": tuple(r["arrival_s"])}) for r in saved]
         except (TypeError, KeyError) as exc:  # a state from another peer: fields missing, extra or of other types

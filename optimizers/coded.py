@@ -201,7 +201,8 @@ class CodedSGD(OuterOptimizer):
         config: CodedSGDConfig | SyncSGDConfig | None = None,
         **overrides: Any,
     ) -> None:
-        """``inner`` is not stepped: the decoded gradient is applied by the outer optimizer, the same on every worker."""
+        """``inner`` is not stepped: the decoded gradient is applied by the outer optimizer, the same on every
+        worker."""
         config = replace(config or CodedSGDConfig(), **overrides)
         super().__init__(model, inner, peer, config)
         self.tag = type(config).TAG
@@ -234,7 +235,9 @@ class CodedSGD(OuterOptimizer):
     def round_indices(self, tag: str) -> Sequence[int]:
         """Every round carries every parameter's gradient."""
         if tag.partition(":")[0] != self.tag:
-            raise ConfigError(f"this peer runs {self.tag!r} rounds, not {tag!r}: every peer must run the same algorithm")
+            raise ConfigError(
+                f"this peer runs {self.tag!r} rounds, not {tag!r}: every peer must run the same algorithm"
+            )
         return range(len(self.state.params))
 
     def _layout(self, tag: str) -> list[torch.Tensor]:
@@ -374,7 +377,8 @@ class CodedSGD(OuterOptimizer):
         return Encoded(roster, combined.to(torch.float32), losses, samples)
 
     def _message(self, work: Encoded, roster: tuple[str, ...], ready_s: float) -> torch.Tensor:
-        """What this worker sends for a round: its combined gradient (through ``tamper``), then dynamic k's statistics."""
+        """What this worker sends for a round: its combined gradient (through ``tamper``), then dynamic k's
+        statistics."""
         gradient = work.flat
         if self.tamper is not None:
             gradient = flatten(self.tamper(unflatten_like(gradient, self.state.globals)))
@@ -399,7 +403,8 @@ class CodedSGD(OuterOptimizer):
             raise QuorumMismatch(problem)
 
     def _weight(self, plan: RoundPlan) -> float:
-        """This member's weight: 1 for a mean; for a code, its decoding coefficient a_i / n (the sum is then the mean)."""
+        """This member's weight: 1 for a mean; for a code, its decoding coefficient a_i / n (the sum is then the
+        mean)."""
         roster = plan_roster(plan)
         self._check_plan(plan, roster)
         if not self.coded:

@@ -118,7 +118,9 @@ class DiLoCo(OuterOptimizer):
     def round_indices(self, tag: str) -> Sequence[int]:
         """Every round carries every parameter."""
         if tag != self.tag:
-            raise ConfigError(f"this peer runs {self.tag!r} rounds, not {tag!r}: every peer must run the same algorithm")
+            raise ConfigError(
+                f"this peer runs {self.tag!r} rounds, not {tag!r}: every peer must run the same algorithm"
+            )
         return range(len(self.state.params))
 
     # -- the outer step -------------------------------------------------------------------
@@ -170,7 +172,11 @@ class DiLoCo(OuterOptimizer):
         synchronous run ask at one step, and one that asked earlier skipped syncs while the coordinator was away. Its
         count stayed behind for good, and it reached --steps after the others and made a round without them (probe
         L: steps 1640/1660/1680 at round 32, and the last peer left a round early with other parameters)."""
-        if not self.FOLLOWS_RUN_STEP or getattr(self.config, "sync_seconds", None) is not None or members_step <= self.inner_steps:
+        if (
+            not self.FOLLOWS_RUN_STEP
+            or getattr(self.config, "sync_seconds", None) is not None
+            or members_step <= self.inner_steps
+        ):
             return  # on a time budget members train at their own pace: their counts differ by design
         target = min(members_step, self.inner_steps + self.config.sync_every)
         log.info("the round's members asked at step %d, this peer at %d (syncs it skipped): counting from step %d",

@@ -153,7 +153,9 @@ class FedAvgMConfig(FedConfig):
     server_learning_rate: float = field(default=1.0, metadata={"help": "server learning rate"})
     # Flower's default momentum is 0, which is FedAvg; 0.9 is the paper's.
     server_momentum: float = field(default=0.9, metadata={"help": "server momentum in [0, 1)"})
-    SERVER_FLAGS: ClassVar[dict[str, str]] = {"outer lr": "--server-learning-rate", "outer momentum": "--server-momentum"}
+    SERVER_FLAGS: ClassVar[dict[str, str]] = {
+        "outer lr": "--server-learning-rate", "outer momentum": "--server-momentum"
+    }
 
     def server(self) -> OuterConfig:
         """Heavy-ball momentum on the averaged update, rounded as Flower's FedAvgM (optimizers/fedopt.py)."""
@@ -170,7 +172,9 @@ class FedAdamConfig(FedConfig):
     beta_1: float = field(default=_flower("fedadam", "beta_1"), metadata={"help": "first-moment decay"})
     beta_2: float = field(default=_flower("fedadam", "beta_2"), metadata={"help": "second-moment decay"})
     tau: float = field(default=_flower("fedadam", "tau"), metadata={"help": "degree of adaptivity (denominator guard)"})
-    SERVER_FLAGS: ClassVar[dict[str, str]] = {"outer lr": "--eta", "outer eps": "--tau", "outer betas": "--beta-1/--beta-2"}
+    SERVER_FLAGS: ClassVar[dict[str, str]] = {
+        "outer lr": "--eta", "outer eps": "--tau", "outer betas": "--beta-1/--beta-2"
+    }
 
     def server(self) -> OuterConfig:
         """The registered server optimizer named by TAG, with these hyperparameters."""
@@ -198,7 +202,9 @@ class FedAdagradConfig(FedAdamConfig):
     eta: float = field(default=_flower("fedadagrad", "eta"), metadata={"help": "server learning rate"})
     beta_1: float = field(default=_flower("fedadagrad", "beta_1"), metadata={"help": "first-moment decay"})
     beta_2: float = field(default=_flower("fedadagrad", "beta_2"), metadata={"help": "unused by Adagrad (Flower's)"})
-    tau: float = field(default=_flower("fedadagrad", "tau"), metadata={"help": "degree of adaptivity (denominator guard)"})
+    tau: float = field(
+        default=_flower("fedadagrad", "tau"), metadata={"help": "degree of adaptivity (denominator guard)"}
+    )
 
 
 @dataclass(frozen=True)

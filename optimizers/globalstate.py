@@ -66,7 +66,9 @@ class GlobalState:
         """global - local for the given parameters, in fp32: on the host, or (on_device) where the model lives."""
         return self.transfers.pseudo_gradients(self.globals, self.params, indices, on_device=on_device)
 
-    def outer_step(self, indices: Sequence[int], averaged: Sequence[torch.Tensor], round_id: int, step: int = 0) -> None:
+    def outer_step(
+        self, indices: Sequence[int], averaged: Sequence[torch.Tensor], round_id: int, step: int = 0
+    ) -> None:
         """Apply the outer optimizer to the given global parameters with the averaged pseudo-gradients."""
         with self.lock, torch.no_grad():
             for g in self.globals:
@@ -111,7 +113,8 @@ class GlobalState:
             return StateSnapshot(round_id=self.round_id, tensors=tensors, meta=info)
 
     def restore(self, snapshot: StateSnapshot, into_model: bool = True) -> dict:
-        """Replace the global state with a snapshot's (and the model's parameters, unless told not to); return its meta."""
+        """Replace the global state with a snapshot's (and the model's parameters, unless told not to); return its
+        meta."""
         missing = [n for n in self.names if f"{GLOBAL_PREFIX}{n}" not in snapshot.tensors]
         if missing:
             raise ConfigError(

@@ -238,7 +238,9 @@ def register_outer_optimizer(name: str, factory: OuterFactory, lr: float | None 
         raise ConfigError(f"outer optimizer {name!r} is already registered with another factory; pick another name")
     if lr is not None:
         if not _is_number(lr) or lr <= 0:
-            raise ConfigError(f"the default lr of outer optimizer {name!r} must be a positive finite number, got {lr!r}")
+            raise ConfigError(
+                f"the default lr of outer optimizer {name!r} must be a positive finite number, got {lr!r}"
+            )
         OUTER_LR[name] = float(lr)
     OUTER_OPTIMIZERS[name] = factory
 

@@ -192,7 +192,9 @@ class DPConfig:
         parts = [f"dp clip {exact(self.clip)}", f"dp noise {exact(self.noise)}", f"dp min members {self.min_members}"]
         if self.adaptive is not None:
             count = "auto" if self.count_noise is None else exact(self.count_noise)
-            parts += [f"dp adaptive {exact(self.adaptive)}", f"dp clip lr {exact(self.clip_lr)}", f"dp count noise {count}"]
+            parts += [
+                f"dp adaptive {exact(self.adaptive)}", f"dp clip lr {exact(self.clip_lr)}", f"dp count noise {count}"
+            ]
         return tuple(parts)
 
     @property

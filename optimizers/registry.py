@@ -105,7 +105,8 @@ def algorithms() -> list[Algorithm]:
 
 register_algorithm("diloco", DiLoCoConfig, DiLoCo, "DiLoCo: H local steps, then one averaged outer step")
 register_algorithm(
-    "streaming", StreamingConfig, StreamingDiLoCo, "Streaming DiLoCo: fragments synced on a staggered, overlapped schedule"
+    "streaming", StreamingConfig, StreamingDiLoCo,
+    "Streaming DiLoCo: fragments synced on a staggered, overlapped schedule",
 )
 for _config, _summary in FEDERATED:
     register_algorithm(_config.TAG, _config, FedAvg, _summary)

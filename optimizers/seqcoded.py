@@ -153,7 +153,10 @@ class SeqSGCConfig(StepRoundConfig):
     def quorum_problem(self, policy: str) -> str:
         """Any policy but ``grace:lambda`` (this lambda) cannot serve: the scheme counts on its stragglers."""
         if policy_name(policy) != "grace" or policy_argument(policy) != str(self.lam):
-            return f"seq-sgc --lam {self.lam} needs the coordinator's --quorum grace:{self.lam}, and the run's is {policy!r}"
+            return (
+                f"seq-sgc --lam {self.lam} needs the coordinator's --quorum grace:{self.lam}, "
+                f"and the run's is {policy!r}"
+            )
         return ""
 
 

@@ -25,8 +25,8 @@ class SyncConfig:
     sync_every: int = field(default=100, metadata={"help": "inner steps between syncs (H)"})
     codec: str = field(
         default="int8",
-        metadata={"help": "codec of the pseudo-gradient rounds: none, fp16, bf16, int8, int4, each +zstd (e.g. int4/128+zstd), "
-                  "or topk[/N] (sparse: 1 in N kept, error feedback)"},
+        metadata={"help": "codec of the pseudo-gradient rounds: none, fp16, bf16, int8, int4, each +zstd "
+                  "(e.g. int4/128+zstd), or topk[/N] (sparse: 1 in N kept, error feedback)"},
     )
     aggregator: str = field(
         default="mean",
