@@ -72,7 +72,9 @@ FIELDS: Fields = {
     "baseline.median_s": "median over its rounds of the slowest process's seconds",
     "ratio_vs_gloo": "median_s / baseline.median_s: below 1 our all-reduce is faster than gloo; null with --bandwidth "
     "without --netns (only ours is capped there, gloo runs at loopback speed)",
-    "cpu_s_per_round": "CPU-seconds per timed round, summed over the peers' processes (every thread; median over rounds)",
+    "cpu_s_per_round": (
+        "CPU-seconds per timed round, summed over the peers' processes (every thread; median over rounds)"
+    ),
     "baseline.cpu_s_per_round": "the same for gloo",
     "baseline.bytes_sent_per_peer": "bytes a gloo process sends per all_reduce: its ring algorithm's "
     "2 (N-1)/N x 4 x numel (gloo exposes no counters)",
@@ -128,7 +130,9 @@ class AllReduceBenchConfig:
     numel: int = field(default=25_000_000, metadata={"help": "fp32 elements each peer contributes"})
     codec: str = field(
         default="int8",
-        metadata={"help": f"NAME[/N][+zstd]: NAME one of {', '.join(codec_names())} (e.g. int8, int4/128+zstd, topk/64)"},
+        metadata={
+            "help": f"NAME[/N][+zstd]: NAME one of {', '.join(codec_names())} (e.g. int8, int4/128+zstd, topk/64)"
+        },
     )
     bandwidth: str | None = field(
         default=None, metadata={"help": "per-peer cap on send and receive, e.g. 1gbit (default: uncapped)"}
@@ -184,7 +188,9 @@ def check_arguments(config: AllReduceBenchConfig) -> float | None:
     With netns, NetnsUnavailable (not root, no iproute2...) says what is missing, before any process starts.
     """
     peers, numel, codec, bandwidth, repeat = config.peers, config.numel, config.codec, config.bandwidth, config.repeat
-    chunk_bytes, codec_threads, timeout_s, netns = config.chunk_bytes, config.codec_threads, config.timeout_s, config.netns
+    chunk_bytes, codec_threads, timeout_s, netns = (
+        config.chunk_bytes, config.codec_threads, config.timeout_s, config.netns
+    )
     require(peers >= 1, f"--peers must be at least 1, got {peers}")
     require(numel >= 1, f"--numel must be at least 1, got {numel}")
     require(repeat >= 1, f"--repeat must be at least 1, got {repeat}")
@@ -203,8 +209,12 @@ def run(config: AllReduceBenchConfig | None = None, progress: Progress | None = 
     config = config or AllReduceBenchConfig()
     bandwidth_bps = check_arguments(config)
     peers, numel, codec, bandwidth, repeat = config.peers, config.numel, config.codec, config.bandwidth, config.repeat
-    chunk_bytes, gloo, timeout_s, codec_threads = config.chunk_bytes, config.gloo, config.timeout_s, config.codec_threads
-    netns, hierarchical, congestion_control, tls = config.netns, config.hierarchical, config.congestion_control, config.tls
+    chunk_bytes, gloo, timeout_s, codec_threads = (
+        config.chunk_bytes, config.gloo, config.timeout_s, config.codec_threads
+    )
+    netns, hierarchical, congestion_control, tls = (
+        config.netns, config.hierarchical, config.congestion_control, config.tls
+    )
     hivemind_python, hivemind_codec = config.hivemind_python, config.hivemind_codec
     # Namespaces stand for separate hosts: one host id would take the bytes off their shaped links.
     require(not (hierarchical and netns), "--hierarchical puts every peer on one host; it cannot go with --netns")

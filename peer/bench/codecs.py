@@ -39,7 +39,9 @@ FIELDS: Fields = {
     "numel": "fp32 elements of the tensor every codec encodes (seeded N(0, 1) values)",
     "repeat": "timed runs per figure; every time is their median",
     "threads": "torch threads (always 1: the throughput of one core)",
-    "native_kernels": "true if int8 and int4 ran on the C kernels (collectives/codecs/kernels.py), false on their torch path",
+    "native_kernels": (
+        "true if int8 and int4 ran on the C kernels (collectives/codecs/kernels.py), false on their torch path"
+    ),
     "native_kernels_detail": "the kernels' library, or why they are not in use (no compiler, LOCONET_NATIVE_KERNELS=0)",
     "baseline": "the baseline measured in the same run: a memcpy of the same tensor",
     "baseline.memcpy_s": "median seconds of the copy",

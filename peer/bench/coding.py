@@ -174,7 +174,8 @@ class CodingBenchConfig:
     # Every method but wait-for-all trains this many times --steps: one that applies a noisier (biased) or
     # later gradient gets more steps to reach wait-for-all's final loss, or time_to_target_s would say null.
     overrun: float = field(
-        default=1.5, metadata={"help": "every method but wait trains this many times --steps, to reach wait's final loss"}
+        default=1.5,
+        metadata={"help": "every method but wait trains this many times --steps, to reach wait's final loss"},
     )
     # Dynamic backup workers' c = lr x L (optimizers/backup.py).
     backup_c: float = field(
@@ -421,7 +422,9 @@ def _eval_at(task: Task, model: torch.nn.Module, params: torch.Tensor) -> float:
     return task.evaluate(model)
 
 
-def _stop_workers(threads: list[threading.Thread], stop: threading.Event, barriers: tuple[threading.Barrier, ...]) -> None:
+def _stop_workers(
+    threads: list[threading.Thread], stop: threading.Event, barriers: tuple[threading.Barrier, ...]
+) -> None:
     """Tell the workers to stop, free any waiting at a barrier, and wait up to STOP_GRACE_S for them to leave."""
     stop.set()
     if any(t.is_alive() for t in threads):
@@ -447,8 +450,10 @@ def run_method(m: Method, config: CodingBenchConfig, task: Task) -> dict:
     stop = threading.Event()
     started = time.monotonic()
     with CoordinatorThread(coordinator) as coord:
-        threads = [threading.Thread(target=_worker, args=(r, config, task, train, steps_of(m, config), coord.address, label, outcomes[r],
-                                                          joined, done, stop), name=f"{label}-peer{r}", daemon=True)
+        threads = [threading.Thread(target=_worker,
+                                    args=(r, config, task, train, steps_of(m, config), coord.address, label,
+                                          outcomes[r], joined, done, stop),
+                                    name=f"{label}-peer{r}", daemon=True)
                    for r in range(n)]
         try:
             for t in threads:
@@ -565,8 +570,9 @@ def run(config: CodingBenchConfig, progress: Progress | None = None) -> dict:
         "peers": config.peers,
         "stragglers": config.stragglers,
         "pattern": config.pattern,
-        "config": {"task": config.task, "steps": config.steps, "overrun": config.overrun, "unit_ms": config.unit_s * 1e3,
-                   "optimizer": config.optimizer, "lr": config.lr, "backup_c": config.backup_c,
+        "config": {"task": config.task, "steps": config.steps, "overrun": config.overrun,
+                   "unit_ms": config.unit_s * 1e3, "optimizer": config.optimizer, "lr": config.lr,
+                   "backup_c": config.backup_c,
                    "batch_size": config.task_config.batch_size, "seed": config.seed},
         "target_eval_loss": target,
         "methods": entries,

@@ -250,8 +250,9 @@ def run_ours(config: BenchConfig, train: TrainConfig, progress: Progress | None 
     run = f"bench-{algorithm}"
     peers: list = []
     progress.begin(label or algorithm, lambda: _ours_detail(peers, config.peers, train.steps))
-    coordinator = CoordinatorProc(tmp / "coordinator.log", run, 0, "--join-timeout", "10", "--min-peers", str(config.peers),
-                                  "--startup-grace", "0", "--dashboard-port", "-1", *_host_args(links, "coordinator"),
+    coordinator = CoordinatorProc(tmp / "coordinator.log", run, 0, "--join-timeout", "10",
+                                  "--min-peers", str(config.peers), "--startup-grace", "0", "--dashboard-port", "-1",
+                                  *_host_args(links, "coordinator"),
                                   netns=links.netns("coordinator") if links else None)
     started = time.monotonic()
     try:
@@ -264,7 +265,9 @@ def run_ours(config: BenchConfig, train: TrainConfig, progress: Progress | None 
             peers.append(Proc(args, tmp / f"peer{rank}.log", netns=links.netns(f"peer{rank}") if links else None))
         finished = [p.wait_event(lambda e: e["event"] == "finished", RUN_TIMEOUT_S) for p in peers]
         wall = time.monotonic() - started
-        per_sync = [e["bytes"] for p in peers for e in p.events if e["event"] == "committed" and e.get("contributed", True)]
+        per_sync = [
+            e["bytes"] for p in peers for e in p.events if e["event"] == "committed" and e.get("contributed", True)
+        ]
     finally:
         stop_all(peers)
         coordinator.stop()
@@ -396,8 +399,8 @@ def run_data_parallel(config: BenchConfig, progress: Progress | None = None, lab
     steps = config.loop.steps
     progress.begin(label, lambda: f"step {step.value}/{steps}" if step.value else f"starting {config.peers} processes")
     procs = [
-        ctx.Process(target=spawned_entry, args=(str(logs[r]), _ddp_worker, r, config.peers, store.port, config, out, step,
-                                                places[r], store_host))
+        ctx.Process(target=spawned_entry, args=(str(logs[r]), _ddp_worker, r, config.peers, store.port, config, out,
+                                                step, places[r], store_host))
         for r in range(config.peers)
     ]
     for p in procs:
@@ -497,12 +500,16 @@ def run(config: BenchConfig, progress: Progress | None = None) -> dict:
             report["methods"][name] = (on_links(run_data_parallel, config, progress, label, links)
                                        if name == "data_parallel" else run_one_peer(config, progress, label))
         if hivemind is not None:
-            report["methods"]["hivemind"] = on_links(run_hivemind, *hivemind, progress, f"hivemind [{total}/{total}]", links)
+            report["methods"]["hivemind"] = on_links(
+                run_hivemind, *hivemind, progress, f"hivemind [{total}/{total}]", links
+            )
         if links is not None:
             report["congestion_control"] = links.congestion_control
     m = report["methods"]
     if "diloco" in m and "data_parallel" in m:
-        report["loss_diloco_over_data_parallel"] = m["diloco"]["final_eval_loss"] / m["data_parallel"]["final_eval_loss"]
+        report["loss_diloco_over_data_parallel"] = (
+            m["diloco"]["final_eval_loss"] / m["data_parallel"]["final_eval_loss"]
+        )
         report["bytes_data_parallel_over_diloco"] = (
             m["data_parallel"]["bytes_sent_per_peer"] / max(m["diloco"]["bytes_sent_per_peer"], 1)
         )

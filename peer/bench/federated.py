@@ -297,7 +297,9 @@ def _stuck_state(status: dict) -> str:
     """What a stuck run's coordinator says: its peers' states and rounds, its last rounds and events, in one line."""
     peers = ", ".join(f"{p['peer_id']} {p['state']}/{p['activity'] or '-'} at round {p['last_round']}"
                       for p in status.get("peers", []))
-    rounds = ", ".join(f"{r['round_id']}.{r['epoch']} {r['status']} {r.get('members')}" for r in status.get("rounds", [])[:4])
+    rounds = ", ".join(
+        f"{r['round_id']}.{r['epoch']} {r['status']} {r.get('members')}" for r in status.get("rounds", [])[:4]
+    )
     events = "; ".join(f"{e['kind']} {e['peer_id']} {e['detail'][:80]}" for e in status.get("events", [])[:6])
     return f"peers: {peers}; last rounds: {rounds}; last events: {events}"
 
@@ -454,7 +456,9 @@ def table(report: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     head = (f"{report['task']}, {report['peers']} peers, {report['rounds']} rounds, dirichlet {report['dirichlet']}, "
             f"{report['byzantine']} byzantine ({report['attack']})")
-    notes = [f"{e['strategy']}: {e['clean']['error']}" for e in report["strategies"] if e["clean"] and "error" in e["clean"]]
+    notes = [
+        f"{e['strategy']}: {e['clean']['error']}" for e in report["strategies"] if e["clean"] and "error" in e["clean"]
+    ]
     return "\n".join([head, *lines, *notes])
 
 

@@ -179,7 +179,9 @@ class HeteroConfig:
         require(len(names) < self.peers, "--slow slows every peer; leave at least one at full speed")
         require(self.duration_s > 0, f"--duration must be positive, got {self.duration_s:g}")
         require(self.sync_every >= 1, f"--sync-every must be at least 1, got {self.sync_every}")
-        require(self.eval_every is None or self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}")
+        require(
+            self.eval_every is None or self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"
+        )
         require(self.sync_seconds is None or self.sync_seconds > 0,
                 f"--sync-seconds must be positive, got {self.sync_seconds}")
         require(self.buffer is None or self.buffer >= 1, f"--buffer must be at least 1, got {self.buffer}")
@@ -237,9 +239,12 @@ def check_config(config: HeteroConfig) -> None:
 # -- what the events say ------------------------------------------------------------------
 
 
-def eval_curve(evals: Mapping[str, Sequence[tuple[float, float | None]]], t0: float) -> list[tuple[float, float | None]]:
+def eval_curve(
+    evals: Mapping[str, Sequence[tuple[float, float | None]]], t0: float
+) -> list[tuple[float, float | None]]:
     """The run's eval loss over time from each counted peer's (time, eval loss) evals: at every eval (seconds since
-    t0), the mean of each peer's latest loss, once every peer that evaluated at all has; None while one is not finite."""
+    t0), the mean of each peer's latest loss, once every peer that evaluated at all has; None while one is not
+    finite."""
     counted = {name: points for name, points in evals.items() if points}
     merged = sorted(((t, name, loss) for name, points in counted.items() for t, loss in points),
                     key=lambda point: point[:2])

@@ -69,7 +69,9 @@ class HivemindJob:
 def counterpart(codec_name: str, chosen: str | None) -> str:
     """hivemind's compression to compare with loconet's codec: the one chosen, else its counterpart, else fp32."""
     if chosen is not None:
-        require(chosen in HIVEMIND_CODECS, f"--hivemind-codec must be one of {', '.join(HIVEMIND_CODECS)}, got {chosen}")
+        require(
+            chosen in HIVEMIND_CODECS, f"--hivemind-codec must be one of {', '.join(HIVEMIND_CODECS)}, got {chosen}"
+        )
         return chosen
     return COUNTERPARTS.get(codec_name, "none")
 
@@ -121,7 +123,8 @@ def run_workers(job: HivemindJob, prefixes: list[list[str]], ips: list[str]) -> 
 
 
 def run_commands(argv_of: Callable[[int, Path], list[str]], peers: int, whole_s: float,
-                 prefixes: list[list[str]], *, copy_worker: bool = False, env: dict[str, str] | None = None) -> list[dict]:
+                 prefixes: list[list[str]], *, copy_worker: bool = False,
+                 env: dict[str, str] | None = None) -> list[dict]:
     """Start argv_of(rank, meet) for every rank, in a fresh shared folder meet (also their working directory, with
     the all-reduce worker's script copied into it if copy_worker), and return the ``report-<rank>.json`` each wrote,
     with the warnings its log holds; ChildFailed naming the first that failed or ran past whole_s seconds."""

@@ -518,7 +518,9 @@ def check_arguments(config: MembershipBenchConfig) -> None:
     peers, rounds, client_procs, channels = config.peers, config.rounds, config.procs, config.channels
     heartbeat_s, window_s, lease_s, quorum_timeout_s = (
         config.heartbeat_s, config.window_s, config.lease_s, config.quorum_timeout_s)
-    baseline_peers, spread_s, allreduce_s, churn = config.baseline_peers, config.spread_s, config.allreduce_s, config.churn
+    baseline_peers, spread_s, allreduce_s, churn = (
+        config.baseline_peers, config.spread_s, config.allreduce_s, config.churn
+    )
     require(peers >= 1 and baseline_peers >= 1, f"--peers and --baseline-peers must be at least 1, got {peers} and "
             f"{baseline_peers}")
     require(rounds >= 0, f"--rounds must be 0 or more, got {rounds}")

@@ -82,7 +82,10 @@ class Progress:
             what = detail() if detail is not None else ""
         except Exception:  # noqa: BLE001 -- a display must never break the benchmark it shows
             what = ""
-        return f"loconet bench {self.bench}: {run}" + (f", {what}" if what else "") + f" ({time.monotonic() - started:.0f} s)"
+        return (
+            f"loconet bench {self.bench}: {run}" + (f", {what}" if what else "")
+            + f" ({time.monotonic() - started:.0f} s)"
+        )
 
     def _tick(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -218,7 +218,8 @@ class SimPeer:
                 continue
             request = pb.HeartbeatRequest(
                 run_id=self.job["run_id"], peer_id=self.peer_id, last_round=self.last_round, metrics=self._metrics(),
-                holds_results=True, held_results=[pb.HeldResult(round_id=r, epoch=e, digest=d) for r, e, d in self.kept],
+                holds_results=True,
+                held_results=[pb.HeldResult(round_id=r, epoch=e, digest=d) for r, e, d in self.kept],
             )
             t0 = time.time()
             try:

@@ -49,7 +49,9 @@ def _serve(conn, numel: int, bandwidth_bps: float | None) -> None:
     tune_malloc()
     state = StateSnapshot(round_id=7, tensors={"params": torch.randn(numel)}, meta={"step": 1})
     transport = Transport(TransportConfig(bandwidth_bps=bandwidth_bps))
-    server = StateServer(transport, RUN, lambda: StateSnapshot(state.round_id, {"params": state.tensors["params"].clone()}, state.meta))
+    server = StateServer(
+        transport, RUN, lambda: StateSnapshot(state.round_id, {"params": state.tensors["params"].clone()}, state.meta)
+    )
     conn.send(transport.start(server.handlers()))
     conn.recv()  # until the parent is done
     transport.close()
