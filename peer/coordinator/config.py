@@ -57,7 +57,9 @@ class CoordinatorConfig:
     )
     dashboard_port: int | None = field(
         default=8080,
-        metadata={"help": "HTTP dashboard port (0: any free port; -1 or none: no dashboard)", "parse": parse_dashboard_port},
+        metadata={
+            "help": "HTTP dashboard port (0: any free port; -1 or none: no dashboard)", "parse": parse_dashboard_port
+        },
     )
     dashboard_host: str = field(
         default=LOCAL_HOST,
@@ -104,8 +106,8 @@ class CoordinatorConfig:
     )
     startup_grace_s: float | None = field(
         default=None,
-        metadata={"help": "after a (re)start, or an outage in which every lease lapsed, seconds quorums wait for peers to "
-                "re-register (none: one lease)"},
+        metadata={"help": "after a (re)start, or an outage in which every lease lapsed, seconds quorums wait for "
+                "peers to re-register (none: one lease)"},
     )
     history: int = field(default=500, metadata={"help": "rounds (and twice as many events) the dashboard keeps"})
     probe_peers: bool = field(
@@ -147,7 +149,9 @@ class CoordinatorConfig:
     )
     seed: int = field(
         default=0,
-        metadata={"help": "the run's seed: with --quorum sample:... it draws each round's peers", "flag": "quorum-seed"},
+        metadata={
+            "help": "the run's seed: with --quorum sample:... it draws each round's peers", "flag": "quorum-seed"
+        },
     )
     catchup_rounds: int = field(
         default=4,
@@ -181,7 +185,9 @@ class CoordinatorConfig:
         if not 0 <= self.port <= MAX_PORT:
             raise ConfigError(f"port must be in 0..{MAX_PORT} (0: any free port), got {self.port}")
         if self.dashboard_port is not None and not 0 <= self.dashboard_port <= MAX_PORT:
-            raise ConfigError(f"dashboard port must be in 0..{MAX_PORT}, or None for no dashboard; got {self.dashboard_port}")
+            raise ConfigError(
+                f"dashboard port must be in 0..{MAX_PORT}, or None for no dashboard; got {self.dashboard_port}"
+            )
         if self.advertise is not None:
             parse_advertise(self.advertise)
         if self.heartbeat_s <= 0 or self.lease_s <= self.heartbeat_s:

@@ -47,7 +47,10 @@ MAKE_TOKEN_HINT = "make one with: python -c 'import secrets; print(secrets.token
 # Names the dashboard always answers to (with any port), besides IP addresses.
 LOOPBACK_NAMES = frozenset({"localhost"})
 # RFC 1123 host names: letters, digits, hyphens, dots; at most 253 characters.
-_HOST_NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+    r"(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
 _COOKIE_CONTEXT = b"loconet dashboard session v1"
 
 # Everything but the page: nothing may run, load, or frame it.
@@ -119,7 +122,8 @@ def _is_ip(name: str) -> bool:
 
 
 def parse_allowed_hosts(text: str) -> tuple[str, ...]:
-    """Host names from a comma-separated list (``--dashboard-allowed-hosts``); ConfigError for one that is not a name."""
+    """Host names from a comma-separated list (``--dashboard-allowed-hosts``); ConfigError for one that is not a
+    name."""
     names = []
     for raw in text.split(","):
         name = raw.strip().lower().rstrip(".")

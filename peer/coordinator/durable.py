@@ -58,7 +58,9 @@ def wait_reason(run_id: str, state: RunState, grace_left_s: float, older_round: 
     rollback = ""
     if 0 < older_round < last:
         lost = f"round {last} is lost" if older_round + 1 == last else f"rounds {older_round + 1}-{last} are lost"
-        rollback = f"; a peer holds round {older_round}: `loconet coordinator --allow-rollback` goes on from it ({lost})"
+        rollback = (
+            f"; a peer holds round {older_round}: `loconet coordinator --allow-rollback` goes on from it ({lost})"
+        )
     # Every holder ran to its end (a straggler of the run's last round asks): nobody is expected back.
     nobody = "every peer holding it finished and left" if state.holders_finished() else "no live peer holds it"
     return (
@@ -173,7 +175,8 @@ class DurableRun:
             self.saved = saved
 
     def note_digest(self, round_id: int, digest: str, peer_id: str) -> None:
-        """Record a peer's digest of its state at round_id (note_digest), saved once it is the last committed round's."""
+        """Record a peer's digest of its state at round_id (note_digest), saved once it is the last committed
+        round's."""
         note_digest(self.state, round_id, digest, peer_id)
         if round_id == self.state.last_committed_round:
             self.save()  # the digest of the last committed round, once known (saved only when it changed)

@@ -107,7 +107,9 @@ class Callers:
         cred = caller.credential
         if cred is None:
             if self.auth is not None:
-                raise self.refuse(FORGED, grpc.StatusCode.UNAUTHENTICATED, f"{rpc} needs the peer's credential: join first")
+                raise self.refuse(
+                    FORGED, grpc.StatusCode.UNAUTHENTICATED, f"{rpc} needs the peer's credential: join first"
+                )
             return
         if cred.peer_id != peer_id:
             raise self.refuse(
@@ -117,7 +119,9 @@ class Callers:
         record = self.state.peers.get(peer_id)
         if record is not None and record.public_key != cred.public_key:
             # The id was given to another process since (this credential is an old one): not this caller's.
-            raise self.refuse(FORGED, grpc.StatusCode.UNAUTHENTICATED, f"peer id {peer_id[:100]!r} belongs to another key")
+            raise self.refuse(
+                FORGED, grpc.StatusCode.UNAUTHENTICATED, f"peer id {peer_id[:100]!r} belongs to another key"
+            )
 
     def joiner_key(self, context: grpc.aio.ServicerContext, req: pb.JoinRequest) -> bytes | None:
         """With a run secret: the key a joiner proves it holds (its request's 32-byte public key), after checking

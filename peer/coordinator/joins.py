@@ -109,7 +109,9 @@ class Joins:
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"a peer id has at most {MAX_PEER_ID_CHARS} characters")
         address = req.address.strip()
         if not address or len(address) > MAX_ADDRESS_CHARS or ":" not in address:
-            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"join needs the peer's host:port, got {address[:100]!r}")
+            raise BadRequest(
+                grpc.StatusCode.INVALID_ARGUMENT, f"join needs the peer's host:port, got {address[:100]!r}"
+            )
         digest = checked_digest(req.state_digest)
         s = self.state
         self._check_settings(req, address)

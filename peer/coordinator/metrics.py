@@ -75,8 +75,14 @@ class StatusCollector(Collector):
             ("loconet_last_committed_round", "Id of the last committed round.", status.get("last_committed_round")),
             ("loconet_min_peers", "Minimum number of peers a round needs.", status.get("min_peers")),
             ("loconet_peers_alive", "Peers the coordinator considers alive.", summary.get("peers_alive")),
-            ("loconet_coordinator_uptime_seconds", "Seconds since the coordinator started.", coordinator.get("uptime_s")),
-            ("loconet_coordinator_start_time_seconds", "Unix time the coordinator started.", coordinator.get("started_at")),
+            (
+                "loconet_coordinator_uptime_seconds", "Seconds since the coordinator started.",
+                coordinator.get("uptime_s"),
+            ),
+            (
+                "loconet_coordinator_start_time_seconds", "Unix time the coordinator started.",
+                coordinator.get("started_at"),
+            ),
         ):
             number = _number(value)
             if number is not None:

@@ -96,7 +96,9 @@ class RoundLists:
         if not packed:
             return self.with_members
         if self._with_packed is None:
-            self._with_packed = self.rest + pb.QuorumResponse(members_packed=pack_list(self._member_list)).SerializeToString()
+            self._with_packed = (
+                self.rest + pb.QuorumResponse(members_packed=pack_list(self._member_list)).SerializeToString()
+            )
         return self._with_packed
 
     def body(self, known_members: bytes, changes: bool = True, packed: bool = False) -> bytes:
@@ -398,7 +400,9 @@ class Quorums:
         """What a round needs at least, in words ("min_peers is 2", and the peers' need when larger)."""
         text = f"min_peers is {self.config.min_peers}"
         if pending is not None and pending.min_members > self.config.min_peers:
-            text += f", and the peers' rounds need {pending.min_members} members (their aggregator's or --dp-min-members)"
+            text += (
+                f", and the peers' rounds need {pending.min_members} members (their aggregator's or --dp-min-members)"
+            )
         return text
 
     def awaited(self, now: float) -> set[str]:
@@ -445,8 +449,8 @@ class Quorums:
         s.epoch = next_epoch(s.epoch, s.last_members, members, s.bump_epoch, restarted)
         s.last_members, s.bump_epoch = members, False
         round_id = s.next_round_id
-        record = RoundRecord(round_id, s.epoch, members, time.time(), tag=pending.tag, candidates=list(outcome.candidates),
-                             round_format=pending.round_format)
+        record = RoundRecord(round_id, s.epoch, members, time.time(), tag=pending.tag,
+                             candidates=list(outcome.candidates), round_format=pending.round_format)
         s.rounds.append(record)
         loop = asyncio.get_running_loop()
         self.commits[(round_id, s.epoch)] = PendingCommit(
@@ -527,7 +531,9 @@ class Quorums:
         expired = frozenset(m for m in pending.record.members if m not in s.live)
         deadline = pending.first_report_at is not None and now - pending.first_report_at >= self.config.commit_timeout_s
         grace = pending.first_failure_at is not None and now - pending.first_failure_at >= self.config.failure_grace_s
-        decision = commit_decision(CommitInputs(tuple(pending.record.members), pending.reports, expired, deadline, grace))
+        decision = commit_decision(
+            CommitInputs(tuple(pending.record.members), pending.reports, expired, deadline, grace)
+        )
         if decision is None:
             return
         del self.commits[attempt]

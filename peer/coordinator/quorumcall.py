@@ -89,7 +89,8 @@ class QuorumCalls:
         if req.min_members > MAX_MIN_MEMBERS:
             raise BadRequest(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"min_members {req.min_members} is beyond any run this coordinator forms rounds for ({MAX_MIN_MEMBERS})",
+                f"min_members {req.min_members} is beyond any run this coordinator forms rounds for "
+                f"({MAX_MIN_MEMBERS})",
             )
         least = max(1, req.min_members)
         if len(req.round_format) > MAX_FORMAT_CHARS:

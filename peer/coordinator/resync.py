@@ -132,7 +132,10 @@ class Resyncs:
         peer.realigned += 1
         peer.fetch_told = True
         peer.state = "syncing"
-        detail = f"its state of round {peer.last_round} is not the run's ({short(s.last_digest)}); from {sources[0].peer_id}"
+        detail = (
+            f"its state of round {peer.last_round} is not the run's ({short(s.last_digest)}); "
+            f"from {sources[0].peer_id}"
+        )
         s.event("resync", peer.peer_id, detail)
         log.warning("%s fetches the run's state again: %s", peer.peer_id, detail)
         return self._resync_message(peer, sources, [])

@@ -598,7 +598,8 @@ def choose_sync_sources(
     serving: dict[str, int] | None = None,
     most: int = MAX_SYNC_SOURCES,
 ) -> tuple[PeerView, ...]:
-    """The peers a joiner may fetch the state from, least busy first (at most ``most``); empty if nobody is up to date."""
+    """The peers a joiner may fetch the state from, least busy first (at most ``most``); empty if nobody is up to
+    date."""
     serving = serving or {}
     candidates = (
         p

@@ -313,7 +313,8 @@ class RunState:
     # -- peers ---------------------------------------------------------------------
 
     def new_peer_id(self, wanted: str = "") -> str:
-        """A fresh peer id (``p<n>-<incarnation>``), or ``wanted`` when it is free (peers keep their id across restarts)."""
+        """A fresh peer id (``p<n>-<incarnation>``), or ``wanted`` when it is free (peers keep their id across
+        restarts)."""
         if wanted and (wanted not in self.peers or not self.peers[wanted].alive):
             return wanted
         while (peer_id := f"p{self._next_peer_number}-{self.incarnation}") in self.peers:
@@ -507,7 +508,8 @@ class RunState:
             ],
             "rounds": [r.as_dict() for r in reversed(self.rounds)],
             "events": [
-                {"time": e.time, "kind": e.kind, "peer_id": e.peer_id, "detail": e.detail} for e in reversed(self.events)
+                {"time": e.time, "kind": e.kind, "peer_id": e.peer_id, "detail": e.detail}
+                for e in reversed(self.events)
             ],
             "loss": self.loss.as_dict(),
             "eval_loss": self.eval_loss.as_dict(),

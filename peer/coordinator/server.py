@@ -170,11 +170,14 @@ class CoordinatorServer:
                 self.dashboard_url = dashboard.start()
             except OSError as exc:  # start() stops what did start: the gRPC server and the ticks
                 raise AddressInUse(
-                    f"cannot serve the dashboard on {format_address(self.config.dashboard_host, self.config.dashboard_port)}"
+                    "cannot serve the dashboard on "
+                    f"{format_address(self.config.dashboard_host, self.config.dashboard_port)}"
                     f" ({exc.strerror or exc}): choose another --dashboard-port (0: any free port, none: no dashboard)"
                 ) from None
             self._dashboard = dashboard
-        log.info("coordinator of run %s on %s, dashboard %s", self.config.run_id, self.address, self.dashboard_url or "off")
+        log.info(
+            "coordinator of run %s on %s, dashboard %s", self.config.run_id, self.address, self.dashboard_url or "off"
+        )
         return self.address
 
     async def stop(self) -> None:

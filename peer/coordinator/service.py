@@ -176,7 +176,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             raise BadRequest(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"this coordinator serves run {self.config.run_id!r}, not {run_id[:100]!r}: "
-                f"give the peer --run {self.config.run_id} (or point --coordinator at the coordinator of run {run_id[:100]!r})",
+                f"give the peer --run {self.config.run_id} "
+                f"(or point --coordinator at the coordinator of run {run_id[:100]!r})",
             )
 
     def _peer(self, peer_id: str) -> PeerRecord:
@@ -208,7 +209,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         # In-process callers get a message; the server sends quorum_wire's bytes as they are.
         return pb.QuorumResponse.FromString(answer) if isinstance(answer, bytes) else answer
 
-    async def quorum_wire(self, request: pb.QuorumRequest, context: grpc.aio.ServicerContext) -> pb.QuorumResponse | bytes:
+    async def quorum_wire(
+        self, request: pb.QuorumRequest, context: grpc.aio.ServicerContext
+    ) -> pb.QuorumResponse | bytes:
         """Quorum as the server sends it: a ROUND answer comes serialised, its member list once for all members
         (Quorums._form) and left out for an asker that holds it, so answering 1,000 members costs one
         serialisation, not 1,000."""
@@ -222,7 +225,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         """gRPC handler: see ``_status_rpc``."""
         return await self._answer(context, self._status_rpc, request)
 
-    def peer_call(self, caller: Caller, rpc: str, request: Message) -> Message | bytes | Coroutine[Any, Any, Message | bytes]:
+    def peer_call(
+        self, caller: Caller, rpc: str, request: Message
+    ) -> Message | bytes | Coroutine[Any, Any, Message | bytes]:
         """One call a peer makes as itself (rpc: Heartbeat, Leave, Quorum or Commit; its own RPC, or a message of
         its Session stream) from caller, checked as the call or the stream opened: the answer, or a coroutine for
         it (a Quorum answer may be bytes, as from quorum_wire); raises BadRequest."""
@@ -234,8 +239,11 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return self._peer_handlers[rpc](request)
 
     async def _as_peer(self, context: grpc.aio.ServicerContext, rpc: str, request):
-        """A peer's own RPC: its credential checked (with a run secret), then peer_call; a BadRequest becomes its status."""
-        return await self._answer(context, lambda req: self.peer_call(self.callers.caller(context, rpc), rpc, req), request)
+        """A peer's own RPC: its credential checked (with a run secret), then peer_call; a BadRequest becomes its
+        status."""
+        return await self._answer(
+            context, lambda req: self.peer_call(self.callers.caller(context, rpc), rpc, req), request
+        )
 
     async def _answer(self, context: grpc.aio.ServicerContext, handler, request):
         """handler(request) (its result awaited if a coroutine); a BadRequest becomes the call's status."""
@@ -372,7 +380,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if req.peer_id not in pending.member_set:
             raise BadRequest(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"peer {req.peer_id} is not a member of round {req.round_id} (members: {', '.join(pending.record.members)})",
+                f"peer {req.peer_id} is not a member of round {req.round_id} "
+                f"(members: {', '.join(pending.record.members)})",
             )
         failed = tuple(f[:100] for f in req.failed_peers[:1000])
         if req.peer_id not in pending.reports:  # a report sent again (a retried call) counts once

@@ -82,7 +82,9 @@ class SessionCoordinator(Protocol):
     callers: Callers
     streams: PeerStreams
 
-    def peer_call(self, caller: Caller, rpc: str, request: Message) -> Message | bytes | Coroutine[Any, Any, Message | bytes]:
+    def peer_call(
+        self, caller: Caller, rpc: str, request: Message
+    ) -> Message | bytes | Coroutine[Any, Any, Message | bytes]:
         """The answer to one call a peer makes as itself, or a coroutine for one that waits."""
         ...
 

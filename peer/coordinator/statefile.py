@@ -74,7 +74,9 @@ def load_run(path: str | os.PathLike, run_id: str) -> SavedRun | None:
     for name in ("last_committed_round", "epoch"):
         value = getattr(saved, name)
         if value < 0:
-            raise ConfigError(f"coordinator state file {p} holds a negative {name} ({value}); delete it to start afresh")
+            raise ConfigError(
+                f"coordinator state file {p} holds a negative {name} ({value}); delete it to start afresh"
+            )
         # The messages carry them as uint64, and a joiner's claims beyond MAX_CLAIM are refused as absurd: a larger
         # value would fail every Join (or leave no holder of the run acceptable).
         if value > MAX_CLAIM:

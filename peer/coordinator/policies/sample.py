@@ -43,8 +43,8 @@ class Sample(QuorumPolicy):
         minimum = self.size.minimum
         if minimum is not None and minimum < min_peers:
             raise ConfigError(
-                f"quorum {self.spec}: min={minimum} is below min_peers {min_peers}, so a round of {minimum} could never "
-                f"start: use min >= {min_peers}, leave min out (it is then min_peers) or lower --min-peers"
+                f"quorum {self.spec}: min={minimum} is below min_peers {min_peers}, so a round of {minimum} could "
+                f"never start: use min >= {min_peers}, leave min out (it is then min_peers) or lower --min-peers"
             )
         return Sample(self.size.with_minimum(min_peers))
 
