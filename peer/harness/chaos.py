@@ -72,13 +72,15 @@ class ChaosSpec:
         m = _SPEC.match(text.strip())
         if not m:
             raise ConfigError(
-                f"cannot read --chaos {text!r}; write N, N,seed=S or N,seed=S,with=straggle+stall (seed, then with=), e.g. --chaos 5,seed=3"
+                f"cannot read --chaos {text!r}; write N, N,seed=S or N,seed=S,with=straggle+stall (seed, then with=), "
+                "e.g. --chaos 5,seed=3"
             )
         extra = tuple(m.group("extra").split("+")) if m.group("extra") else ()
         unknown = [k for k in extra if k not in EXTRA_KINDS]
         if unknown or len(set(extra)) != len(extra):
             raise ConfigError(
-                f"--chaos with= takes each of {', '.join(EXTRA_KINDS)} at most once, joined by '+'; got {m.group('extra')!r}"
+                f"--chaos with= takes each of {', '.join(EXTRA_KINDS)} at most once, joined by '+'; "
+                f"got {m.group('extra')!r}"
             )
         spec = cls(int(m.group("count")), int(m.group("seed") or 0), tuple(k for k in EXTRA_KINDS if k in extra))
         if spec.count < 1:

@@ -23,7 +23,9 @@ from peer.tasks.base import TaskConfig
 from peer.tasks.registry import DEFAULT_TASK, TASK_HELP
 
 # The coordinator options the harness sets itself for every coordinator it starts.
-COORDINATOR_OPTIONS_SET_BY_HARNESS = ("run", "host", "port", "advertise", "dashboard-host", "startup-grace", "state-file")
+COORDINATOR_OPTIONS_SET_BY_HARNESS = (
+    "run", "host", "port", "advertise", "dashboard-host", "startup-grace", "state-file"
+)
 
 
 def target_problem(event: Event, names: Sequence[str]) -> str:
@@ -52,7 +54,9 @@ class HarnessConfig:
     # Per-peer cap on send and on receive (the transport's token buckets, or tbf with --netns).
     bandwidth: str | None = field(default=None, metadata={"help": "per-peer cap on send and receive, e.g. 100mbit"})
     # With netns: different caps per direction (default: bandwidth).
-    uplink: str | None = field(default=None, metadata={"help": "--netns: cap of what a peer sends (default --bandwidth)"})
+    uplink: str | None = field(
+        default=None, metadata={"help": "--netns: cap of what a peer sends (default --bandwidth)"}
+    )
     downlink: str | None = field(
         default=None, metadata={"help": "--netns: cap of what a peer receives (default --bandwidth)"}
     )
@@ -63,10 +67,12 @@ class HarnessConfig:
         metadata={"help": "the peers share one host id: they reduce through shared memory, one leader per host"},
     )
     token: bool = field(
-        default=False, metadata={"help": "make a run secret in the work dir and give it to every process (--token-file)"}
+        default=False,
+        metadata={"help": "make a run secret in the work dir and give it to every process (--token-file)"},
     )
     tls: bool = field(
-        default=False, metadata={"help": "make a CA and a certificate in the work dir and run every process with mutual TLS"}
+        default=False,
+        metadata={"help": "make a CA and a certificate in the work dir and run every process with mutual TLS"},
     )
     # Short leases and heartbeats: a local network notices failures fast.
     coordinator: CoordinatorConfig = field(

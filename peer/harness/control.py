@@ -209,7 +209,9 @@ class Control:
             self._emit("straggle-refused", pattern=str(text), reason=str(exc))
             return
         self.pattern = pattern
-        log.info("straggle: from step %d, %s (this peer is worker %d of %d)", self.next_step(), pattern.describe(), worker, n)
+        log.info(
+            "straggle: from step %d, %s (this peer is worker %d of %d)", self.next_step(), pattern.describe(), worker, n
+        )
         self._emit("straggle-started", pattern=pattern.spec, worker=worker, n=n, step=self.next_step())
 
     def _watch(self, model: torch.nn.Module) -> None:
@@ -267,7 +269,9 @@ class Control:
         if attack.poisons_data:
             classes = getattr(loop.task, "classes", None)
             if classes is None:
-                raise ConfigError(f"labelflip needs a classification task (one with classes); {type(loop.task).__name__} has none")
+                raise ConfigError(
+                    f"labelflip needs a classification task (one with classes); {type(loop.task).__name__} has none"
+                )
             self._clean_batches = loop.batches
             loop.batches = (flip_labels(batch, classes) for batch in self._clean_batches)
         self.attack = attack

@@ -34,7 +34,9 @@ class Display:
             done = any(e["event"] == "finished" for e in p.events)
             state = "finished" if done else ("running" if p.alive else "dead")
             loss = last.get("loss")
-            table.add_row(name, state, str(last.get("step", 0)), f"{loss:.3f}" if loss else "-", str(last.get("round", "-")))
+            table.add_row(
+                name, state, str(last.get("step", 0)), f"{loss:.3f}" if loss else "-", str(last.get("round", "-"))
+            )
         self._live.update(table)
 
     def close(self) -> None:

@@ -15,9 +15,9 @@ What a forked child gets, so that it runs as ``python -m peer.cli ARGS`` would:
   signal N ended it. Its non-daemon threads are joined and its atexit functions run before it exits.
 
 Forking from the server is safe: it never creates a gRPC channel or server and starts no thread of its own (the one
-thread an import starts, NumPy's OpenBLAS pool, has fork handlers). It reports each child's exit through a pidfd. When the
-process that started it goes away (its socket end closes, even after SIGKILL), it kills every child it forked and
-exits, so a crash leaves no orphans, as ``die_with_parent`` ensures for exec'ed children.
+thread an import starts, NumPy's OpenBLAS pool, has fork handlers). It reports each child's exit through a pidfd.
+When the process that started it goes away (its socket end closes, even after SIGKILL), it kills every child it
+forked and exits, so a crash leaves no orphans, as ``die_with_parent`` ensures for exec'ed children.
 
 Protocol, one JSON message per SOCK_SEQPACKET datagram:
 - client -> server: ``{"argv": [...], "env": {...}, "cwd": "...", "netns": NAME or null}`` with two file descriptors
@@ -267,7 +267,9 @@ class ForkServer:
         self._reader = threading.Thread(target=self._read, name="forkserver-reader", daemon=True)
         self._reader.start()
 
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str], stderr_fd: int, netns: str | None = None) -> ForkedChild:
+    def spawn(
+        self, argv: Sequence[str], env: Mapping[str, str], stderr_fd: int, netns: str | None = None
+    ) -> ForkedChild:
         """Fork argv (``python -m peer.cli ARGS``) with env, in network namespace netns if named; its stdout is a new
         pipe (text, line by line), its stderr stderr_fd. ForkServerError when the server is gone or refuses."""
         read_fd, write_fd = os.pipe()

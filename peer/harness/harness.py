@@ -145,7 +145,10 @@ class Harness:
             *self._plugin_args(),
             netns=self._netns("coordinator"),
         )
-        self._dashboard_port = int(self.coordinator.dashboard.rsplit(":", 1)[1].rstrip("/")) if self.coordinator.dashboard != "off" else 0
+        self._dashboard_port = (
+            int(self.coordinator.dashboard.rsplit(":", 1)[1].rstrip("/"))
+            if self.coordinator.dashboard != "off" else 0
+        )
         self.coordinators.append(self.coordinator)
         self._coordinator_port = self.coordinator.port
 
@@ -373,7 +376,10 @@ class Harness:
                     stuck, reason = stuck_waiters(joining, self._status()) if everyone_joining else ([], "")
                     stuck_answers = stuck_answers + 1 if stuck else 0
                     if stuck_answers >= STUCK_CHECKS:
-                        unfired = f"; events not fired: {', '.join(map(str, schedule.pending))}" if schedule.pending else ""
+                        unfired = (
+                            f"; events not fired: {', '.join(map(str, schedule.pending))}"
+                            if schedule.pending else ""
+                        )
                         raise ScenarioStuck(
                             f"{', '.join(stuck)} wait{'s' if len(stuck) == 1 else ''} for the run's state and no other "
                             f"peer of the scenario is left to serve it ({reason}); give the others more steps or "

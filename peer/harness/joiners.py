@@ -64,7 +64,8 @@ def restarts_from_round_0(events_by_peer: Mapping[str, list[dict]]) -> list[str]
     for name, evs in events_by_peer.items():
         joined = next((e for e in evs if e["event"] == "joined"), None)
         refounded = (
-            joined is not None and joined.get("round") == 0 and not joined.get("fetch") and not joined.get("kept_initial")
+            joined is not None and joined.get("round") == 0 and not joined.get("fetch")
+            and not joined.get("kept_initial")
         )
         if refounded and first_commit is not None and joined["t"] > first_commit:
             found.append(name)

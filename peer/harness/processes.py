@@ -135,7 +135,10 @@ atexit.register(FORKS.close)
 def forkable(args: list[str], env: dict[str, str]) -> bool:
     """Whether a child may be forked from a server: it is ``python -m peer.cli ...`` and the fork server is not
     switched off (the server then checks the environment its imports read: ``ForkServer.import_env``)."""
-    return sys.platform.startswith("linux") and args[:3] == [sys.executable, "-m", "peer.cli"] and env.get(FORK_SERVER_ENV) != "0"
+    return (
+        sys.platform.startswith("linux") and args[:3] == [sys.executable, "-m", "peer.cli"]
+        and env.get(FORK_SERVER_ENV) != "0"
+    )
 
 
 class Proc:
@@ -324,7 +327,9 @@ class CoordinatorProc(Proc):
     ) -> None:
         dashboard = [] if "--dashboard-port" in extra else ["--dashboard-port", "0"]
         # -v: the coordinator's info log (joins, rounds, drops) goes to its log file.
-        args = [sys.executable, "-m", "peer.cli", "coordinator", "-v", "--run", run, "--port", str(port), *dashboard, *extra]
+        args = [
+            sys.executable, "-m", "peer.cli", "coordinator", "-v", "--run", run, "--port", str(port), *dashboard, *extra
+        ]
         super().__init__(args, log_path, prefix, fork=fork, netns=netns)
         try:
             self._wait_started(60.0)
@@ -346,7 +351,9 @@ class CoordinatorProc(Proc):
             time.sleep(0.05)
         if self.proc.poll() is not None:
             raise ChildFailed(self.exit_message("before serving"))
-        raise ChildFailed(f"{self.name} did not start serving within {timeout_s:g} s{self.stderr_tail()}\n(log: {self.log_path})")
+        raise ChildFailed(
+            f"{self.name} did not start serving within {timeout_s:g} s{self.stderr_tail()}\n(log: {self.log_path})"
+        )
 
 
 def daemon_peer(

@@ -108,7 +108,9 @@ def harness_report(
         # A classification task's held-out accuracy, mean over the peers that finished (None otherwise).
         "final_accuracy": outcome.mean_of(f.get("accuracy") for f in finished.values()),
         "bytes_sent_per_peer": statistics.mean(sent) if sent else 0,
-        "state_sync_bytes_per_peer": statistics.mean(f.get("bytes_served", 0) for f in finished.values()) if finished else 0,
+        "state_sync_bytes_per_peer": (
+            statistics.mean(f.get("bytes_served", 0) for f in finished.values()) if finished else 0
+        ),
         "data_parallel_bytes_per_peer": dp_bytes,
         "survivors_identical": identical,
         "identical_at_round": digest_round,

@@ -121,7 +121,9 @@ STALL_DEFAULTS = {"streams": 300, "fetches": 10}
 _OPTIONS = ("for", "x", "attack", "k", "s", "seed", *_PATTERN_OPTIONS, *_STALL_OPTIONS)
 _ATTACK_OPTIONS = ("k", "s", "seed")
 # The keys of a TOML scenario's [[event]] table.
-_TABLE_KEYS = ("action", "target", "at", "for", "factor", "attack", "k", "s", "seed", *_PATTERN_OPTIONS, *_STALL_OPTIONS)
+_TABLE_KEYS = (
+    "action", "target", "at", "for", "factor", "attack", "k", "s", "seed", *_PATTERN_OPTIONS, *_STALL_OPTIONS
+)
 # The TOML types each key takes, what to call them, and an example. Numbers may also be written as the text of the
 # --event form (factor = "3" as x=3, k = "5", for = "8s"): a scenario file holds the same events as --event, and
 # the text is checked as --event's is. A bare number of at or for is seconds, as ``@8`` and ``for=8`` are.
@@ -417,7 +419,9 @@ def parse_event(text: str) -> Event:
     pattern: ``straggle:KIND@WHEN,OPTIONS``)."""
     m = _EVENT.match(text.strip())
     if not m:
-        raise ConfigError(f"cannot read event {text!r}; write ACTION[:PEER]@WHEN[,for=DURATION][,x=FACTOR], e.g. kill:peer2@round3")
+        raise ConfigError(
+            f"cannot read event {text!r}; write ACTION[:PEER]@WHEN[,for=DURATION][,x=FACTOR], e.g. kill:peer2@round3"
+        )
     opts: dict[str, str] = {}
     for kv in m.group("opts").split(",")[1:]:
         key, value = kv.split("=", 1)
@@ -463,12 +467,16 @@ def _event_tables(data: dict, path: str | Path) -> list[dict]:
         )
     tables = data.get("event", [])
     if isinstance(tables, dict):
-        raise ConfigError(f"scenario {path}: events are [[event]] tables (an array of tables); write [[event]], not [event]")
+        raise ConfigError(
+            f"scenario {path}: events are [[event]] tables (an array of tables); write [[event]], not [event]"
+        )
     if not isinstance(tables, list):
         raise ConfigError(f"scenario {path}: event must be [[event]] tables, not {tables!r}")
     for i, table in enumerate(tables):
         if not isinstance(table, dict):
-            raise ConfigError(f"scenario {path}: event {i + 1} is {table!r}, not a table; write each event as an [[event]] table")
+            raise ConfigError(
+                f"scenario {path}: event {i + 1} is {table!r}, not a table; write each event as an [[event]] table"
+            )
     return tables
 
 
@@ -478,7 +486,9 @@ def load_scenario(path: str | Path) -> list[Event]:
         # TOML is UTF-8 whatever the locale says.
         data = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"cannot read scenario {path}: it is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        raise ConfigError(
+            f"cannot read scenario {path}: it is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read scenario {path}: {exc}") from None
     events = []
@@ -495,7 +505,9 @@ def load_scenario(path: str | Path) -> list[Event]:
         _check_types(table, where)
         action, at, target = table["action"], table["at"], table.get("target")
         if action in _TAKES:
-            _refuse_unused(action, {"for": table.get("for"), "x": table.get("factor")}, {"for": "for", "x": "factor"}, f"{where}: ")
+            _refuse_unused(
+                action, {"for": table.get("for"), "x": table.get("factor")}, {"for": "for", "x": "factor"}, f"{where}: "
+            )
         if action == "straggle" and target in PATTERN_KINDS:
             options = {("x" if key == "factor" else key): value for key, value in table.items()}
             events.append(_pattern_event(at, table.get("for"), target, options, where))

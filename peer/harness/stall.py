@@ -352,7 +352,8 @@ class Stall:
 
 
 def _refusal(code: grpc.StatusCode, metadata: object) -> str:
-    """How a report names a refusal: the status code, and the reason a retryable one gives (``UNAVAILABLE/not-open``)."""
+    """How a report names a refusal: the status code, and the reason a retryable one gives
+    (``UNAVAILABLE/not-open``)."""
     reason = next((str(v) for k, v in (metadata or ()) if k == RETRY_KEY), None)
     return f"{code.name}/{reason}" if reason else code.name
 

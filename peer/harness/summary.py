@@ -92,7 +92,9 @@ def _compared(report: dict, behind: list[str] | tuple[str, ...] = ()) -> str:
             low, high = min(ends.values()), max(ends.values())
             return f"identical parameters at round {at}, the last they all hold (they ended at rounds {low}-{high})"
         if at == 0:
-            return "identical parameters (the run's initial ones: no round committed, fewer steps than a sync interval?)"
+            return (
+                "identical parameters (the run's initial ones: no round committed, fewer steps than a sync interval?)"
+            )
         return "identical parameters"
     spreads = report.get("spread_per_peer")
     if spreads is not None:

@@ -40,7 +40,8 @@ def check_available() -> None:
     probe = f"loconet-probe-{os.getpid()}-{secrets.token_hex(2)}"
     steps = [
         (["ip", "netns", "add", probe],
-         "network namespaces cannot be created (a container without CAP_SYS_ADMIN, or a kernel without CONFIG_NET_NS?)"),
+         "network namespaces cannot be created "
+         "(a container without CAP_SYS_ADMIN, or a kernel without CONFIG_NET_NS?)"),
         (["ip", "netns", "exec", probe, "true"], "`ip netns exec` does not work (mount namespaces?)"),
         (["ip", "-n", probe, "link", "add", "name", "v0", "type", "veth", "peer", "name", "v1"],
          "veth links are not available (kernel module `veth`)"),
