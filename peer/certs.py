@@ -48,7 +48,10 @@ LOCAL_ADDRESSES = ("127.0.0.1", "::1")
 # Certificates start a little in the past, so a peer whose clock runs slightly behind accepts them.
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 _STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-_DNS = re.compile(r"^(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_DNS = re.compile(
+    r"^(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+    r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$"
+)
 
 
 class CertsError(ConfigError):
@@ -133,7 +136,9 @@ def parse_host(spec: str) -> HostSpec:
             if entry.lower() not in dns:
                 dns.append(entry.lower())
         else:
-            raise CertsError(f"host {spec!r}: {entry!r} is neither an IP address nor a DNS name (ASCII, e.g. a.example.org)")
+            raise CertsError(
+                f"host {spec!r}: {entry!r} is neither an IP address nor a DNS name (ASCII, e.g. a.example.org)"
+            )
     return HostSpec(name=name, dns=tuple(dns), ips=tuple(ips))
 
 
@@ -150,7 +155,9 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -187,7 +194,9 @@ def _create_ca(days: int, now: datetime.datetime) -> tuple[x509.Certificate, ec.
     return cert, key
 
 
-def _load_ca(cert_path: Path, key_path: Path, now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _load_ca(
+    cert_path: Path, key_path: Path, now: datetime.datetime
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     fix = f"delete {cert_path} and {key_path} to make a new CA (then re-issue every host), or choose another --out"
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())

@@ -454,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in args if not a.startswith("-")), None)
     parser = build_parser(command)
     ns = parser.parse_args(args)
-    logging.basicConfig(level=_log_level(ns), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=_log_level(ns), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     verbose = getattr(ns, "verbose", 0) > 0
     # SIGTERM unwinds like Ctrl-C, so every command's cleanup (its child processes) runs;
     # the coordinator and the peer daemon install their own graceful handlers.

@@ -341,7 +341,9 @@ def _hint() -> str:
 
 def _check_factor(x: float, kind: str) -> None:
     if not (isinstance(x, int | float) and math.isfinite(x) and x > 1):
-        raise ConfigError(f"{kind}: x is how many times slower a straggler is and must be above 1, got {x!r}; {_hint()}")
+        raise ConfigError(
+            f"{kind}: x is how many times slower a straggler is and must be above 1, got {x!r}; {_hint()}"
+        )
 
 
 def _check_seed(seed: int, kind: str) -> None:

@@ -100,7 +100,8 @@ class PeerConfig:
         metadata={"help": "recent rounds' results kept for peers that were late for them"},
     )
     events: bool = field(
-        default=False, metadata={"help": "print JSON events on stdout, and nothing else there (the human lines go to stderr)"}
+        default=False,
+        metadata={"help": "print JSON events on stdout, and nothing else there (the human lines go to stderr)"},
     )
     progress: bool | None = field(
         default=None, metadata={"help": "draw a live progress bar on stderr (default: when stderr is a terminal)"}

@@ -118,7 +118,10 @@ def read_corpus(path: str | os.PathLike[str]) -> Corpus:
             what, why = (f"it is {skipped[0][1]}", "") if skipped else ("it is an empty file", "")
         else:
             what = f"found {len(list_files(root))} file(s)"
-            why = f" ({len(skipped)} skipped as not UTF-8 text: {', '.join(f for f, _ in skipped[:3])})" if skipped else ""
+            why = (
+                f" ({len(skipped)} skipped as not UTF-8 text: {', '.join(f for f, _ in skipped[:3])})"
+                if skipped else ""
+            )
         raise ConfigError(f"text-lm: no text in {str(root)!r}: {what}{why}; give a UTF-8 text file or a folder of them")
     return corpus
 
