@@ -572,8 +572,7 @@ def run(config: CodingBenchConfig, progress: Progress | None = None) -> dict:
         "pattern": config.pattern,
         "config": {"task": config.task, "steps": config.steps, "overrun": config.overrun,
                    "unit_ms": config.unit_s * 1e3, "optimizer": config.optimizer, "lr": config.lr,
-                   "backup_c": config.backup_c,
-                   "batch_size": config.task_config.batch_size, "seed": config.seed},
+                   "backup_c": config.backup_c, "batch_size": config.task_config.batch_size, "seed": config.seed},
         "target_eval_loss": target,
         "methods": entries,
     }
