@@ -1,4 +1,5 @@
-"""Fuzzing a peer's reading of a packed member list (collectives/membership/memberlists.py, collectives/membership/roundplan.py): any
+"""Fuzzing a peer's reading of a packed member list (collectives/membership/memberlists.py,
+collectives/membership/roundplan.py): any
 ``members_packed`` bytes, with the round's digest or one made to match them, give a list of members or fail
 the round with RoundFailed (a frame declaring more than MAX_LIST_BYTES: tests/test_memberlists.py)."""
 
@@ -27,7 +28,9 @@ def packed_lists() -> st.SearchStrategy[tuple[bytes, bytes]]:
     """(packed bytes, raw bytes they were made from): valid lists, frames of any bytes with or without a size
     and a checksum, mutated frames, and random bytes."""
     valid = entries.map(lambda e: list_bytes(tuple(e))).map(lambda raw: (pack_list(raw), raw))
-    framed = st.builds(lambda raw, c, s: (_frame(raw, c, s), raw), st.binary(max_size=200), st.booleans(), st.booleans())
+    framed = st.builds(
+        lambda raw, c, s: (_frame(raw, c, s), raw), st.binary(max_size=200), st.booleans(), st.booleans()
+    )
     broken = st.builds(lambda p: (p, b""), mutated(valid.map(lambda v: v[0])))
     return st.one_of(valid, framed, broken, st.builds(lambda b: (b, b), st.binary(max_size=64)))
 

@@ -75,14 +75,23 @@ def _sgd(m: torch.nn.Module) -> torch.optim.Optimizer:
 
 KINDS = (
     Kind("diloco", lambda m: DiLoCo(m, _sgd(m), LocalPeer(), sync_every=2)),
-    Kind("streaming", lambda m: StreamingDiLoCo(m, _sgd(m), LocalPeer(), StreamingConfig(sync_every=4, fragments=2, overlap=1))),
+    Kind(
+        "streaming",
+        lambda m: StreamingDiLoCo(m, _sgd(m), LocalPeer(), StreamingConfig(sync_every=4, fragments=2, overlap=1)),
+    ),
     Kind("async-diloco", lambda m: AsyncDiLoCo(m, _sgd(m), LocalPeer(), sync_every=2)),
     Kind("noloco", lambda m: NoLoCo(m, _sgd(m), LocalPeer(), sync_every=2)),
-    Kind("fedavg+dp", lambda m: FedAvg(m, _sgd(m), LocalPeer(), FedConfig(sync_every=2, dp=DPConfig(clip=1.0, min_members=1)))),
+    Kind(
+        "fedavg+dp",
+        lambda m: FedAvg(m, _sgd(m), LocalPeer(), FedConfig(sync_every=2, dp=DPConfig(clip=1.0, min_members=1))),
+    ),
     Kind("sync-sgd+backup", lambda m: CodedSGD(m, _sgd(m), LocalPeer(), SyncSGDConfig(dynamic_k=True)), coded=True),
     Kind("seq-sgc m-sgc", lambda m: SequentialCodedSGD(m, _sgd(m), LocalPeer(), SeqSGCConfig(window=3)), coded=True),
-    Kind("seq-sgc sr-sgc", lambda m: SequentialCodedSGD(m, _sgd(m), LocalPeer(), SeqSGCConfig(scheme="sr-sgc")),
-         coded=True),
+    Kind(
+        "seq-sgc sr-sgc",
+        lambda m: SequentialCodedSGD(m, _sgd(m), LocalPeer(), SeqSGCConfig(scheme="sr-sgc")),
+        coded=True,
+    ),
 )
 
 

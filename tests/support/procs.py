@@ -22,7 +22,9 @@ def toy_peer(log_dir: pathlib.Path, coordinator: str, run: str, name: str, *extr
 
 
 # A model small enough that a few peers train it on the test machine's two cores in seconds.
-SMALL = ("--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--batch-size", "8", "--sync-every", "10")
+SMALL = (
+    "--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--batch-size", "8", "--sync-every", "10"
+)
 
 
 class DaemonRun:

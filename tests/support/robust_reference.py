@@ -26,7 +26,8 @@ def clustered(honest: int, outlier_ranks: Sequence[int], length: int = 303, seed
 
 
 def weighted_sum_loop(x: torch.Tensor, coef32: torch.Tensor) -> torch.Tensor:
-    """The rank-order fp32 loop that the per-coordinate aggregators must keep (collectives/reduce/aggregation.py), re-implemented (it must stay bit-identical)."""
+    """The rank-order fp32 loop that the per-coordinate aggregators must keep (collectives/reduce/aggregation.py),
+    re-implemented (it must stay bit-identical)."""
     out = torch.mul(x[0], coef32[0])
     for i in range(1, x.shape[0]):
         out.add_(x[i], alpha=float(coef32[i]))

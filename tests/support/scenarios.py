@@ -11,7 +11,9 @@ from peer.tasks.base import TaskConfig
 SMALL = TaskConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8)
 
 
-def run_scenario(*events: str, peers: int = 3, steps: int = 300, lease_s: float = 3.0, **options) -> tuple[dict, Harness]:
+def run_scenario(
+    *events: str, peers: int = 3, steps: int = 300, lease_s: float = 3.0, **options
+) -> tuple[dict, Harness]:
     options.setdefault("train", TrainConfig.of("diloco", steps=steps, sync_every=20, round_timeout_s=10))
     options.setdefault("coordinator", CoordinatorConfig(lease_s=lease_s, heartbeat_s=0.5, dashboard_port=0))
     options.setdefault("task_config", SMALL)

@@ -46,14 +46,18 @@ class ThreadGroup:
             # The plan a coordinator would send: every peer, by id; ``within`` cuts it into groups (NoLoCo's pairs).
             plan = RoundPlan(action="round", round_id=self.round_id, members=tuple((f"peer{r}", "") for r in ranks))
             # What each member sends: its flat contribution, through its prepare hook (as a real round's members do).
-            sent = {r: self.pending[r][0] if self.pending[r][5] is None else self.pending[r][5](plan, self.pending[r][0])
-                    for r in ranks}
+            sent = {
+                r: self.pending[r][0] if self.pending[r][5] is None else self.pending[r][5](plan, self.pending[r][0])
+                for r in ranks
+            }
             results = {}
             for r in ranks:
                 chosen = self.pending[r][4]
                 group = ranks if chosen is None else sorted(int(pid[4:]) for pid in chosen(plan, rank=r))
                 rows = torch.stack([sent[g] for g in group])
-                results[r] = aggregate_rows(make_aggregator(aggregator or "mean"), rows, [self.pending[g][1] for g in group])
+                results[r] = aggregate_rows(
+                    make_aggregator(aggregator or "mean"), rows, [self.pending[g][1] for g in group]
+                )
             done, self.pending = self.pending, {}
         for r in ranks:
             done[r][3].set_result(Result(unflatten_like(results[r].clone(), done[r][2]), self.round_id))

@@ -1,4 +1,5 @@
-"""A toy member of a run for the membership tests: its state is one vector, each round adds the mean of the contributions.
+"""A toy member of a run for the membership tests: its state is one vector, each round adds the mean of the
+contributions.
 
 Run as a script. It prints one JSON object per line on stdout (joined,
 committed, resynced, ...), so a test can follow it. Contribution k of a peer
@@ -69,7 +70,9 @@ def main() -> int:
 
     def provider() -> StateSnapshot:
         with lock:
-            return StateSnapshot(round_id=state["round"], tensors={"params": params.clone()}, meta={"applied": state["applied"]})
+            return StateSnapshot(
+                round_id=state["round"], tensors={"params": params.clone()}, meta={"applied": state["applied"]}
+            )
 
     def hook(group, phase: str) -> None:
         if hold_phase == phase and hold_k and state["applied"] == int(hold_k):
@@ -104,7 +107,9 @@ def main() -> int:
     snapshot = peer.start(has_state=False)
     if snapshot is not None:
         load(snapshot)
-    emit(event="joined", peer_id=peer.peer_id, address=peer.address, sync_s=time.monotonic() - t0, digest=digest(params))
+    emit(
+        event="joined", peer_id=peer.peer_id, address=peer.address, sync_s=time.monotonic() - t0, digest=digest(params)
+    )
     try:
         while not stopping.is_set() and (ns.rounds == 0 or state["applied"] < ns.rounds):
             time.sleep(ns.interval)
