@@ -77,7 +77,9 @@ def test_list_of_tensors_keeps_shapes_and_dtypes(endpoints):
     b = [torch.full((2, 3), 3.0), torch.full((4,), 2.0, dtype=torch.float64)]
     r0, r1 = run_round(e, [a, b])
     assert r0.value[0].shape == (2, 3) and r0.value[1].dtype == torch.float64
-    assert torch.equal(r0.value[0], torch.full((2, 3), 2.0)) and torch.equal(r1.value[1], torch.ones(4, dtype=torch.float64))
+    assert torch.equal(r0.value[0], torch.full((2, 3), 2.0)) and torch.equal(
+        r1.value[1], torch.ones(4, dtype=torch.float64)
+    )
 
 
 def test_async_call_snapshots_the_input(endpoints):
@@ -162,7 +164,17 @@ class OpenRound:
         if payload is None:
             payload = make_codec(cfg).encode(torch.full((count,), 5.0))
         return chunk_message(
-            group or self.groups[0], self.numel, AggregatorConfig(), cfg, phase, part, b - a, offset, count, weight, payload
+            group or self.groups[0],
+            self.numel,
+            AggregatorConfig(),
+            cfg,
+            phase,
+            part,
+            b - a,
+            offset,
+            count,
+            weight,
+            payload,
         )
 
     def push(self, *messages: bytes):

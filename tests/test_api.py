@@ -108,7 +108,9 @@ def test_a_step_without_a_loss_leaves_the_reported_loss_as_it_was():
 def test_streaming_diloco_reports_as_diloco_does():
     peer = LocalPeer(status=PeerStatus())
     model = make_model()
-    opt = StreamingDiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), peer, fragments=1, sync_every=2, overlap=1)
+    opt = StreamingDiLoCo(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), peer, fragments=1, sync_every=2, overlap=1
+    )
     for x, y in batches(5, 4):
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
@@ -164,7 +166,9 @@ def test_step_rate_is_nan_until_a_window_closes_then_steps_over_seconds():
 
 def test_a_loopback_peer_refuses_a_coordinator_on_another_machine_before_listening():
     transport = Transport(TransportConfig())
-    with pytest.raises(ConfigError, match=r'TransportConfig\(host="0\.0\.0\.0", advertise=".+"\).*--host 0\.0\.0\.0 --advertise'):
+    with pytest.raises(
+        ConfigError, match=r'TransportConfig\(host="0\.0\.0\.0", advertise=".+"\).*--host 0\.0\.0\.0 --advertise'
+    ):
         transport.start(coordinator=ELSEWHERE)
     assert transport._thread is None  # nothing was started
 
@@ -186,7 +190,10 @@ def test_a_loopback_peer_with_its_coordinator_on_this_machine_starts():
 
 
 def test_a_loopback_peer_that_advertises_another_address_only_warns(caplog):
-    with Transport(TransportConfig(advertise="10.0.0.7")) as transport, caplog.at_level("WARNING", "collectives.net.addresses"):
+    with (
+        Transport(TransportConfig(advertise="10.0.0.7")) as transport,
+        caplog.at_level("WARNING", "collectives.net.addresses"),
+    ):
         address = transport.start(coordinator=ELSEWHERE)
     assert address == f"10.0.0.7:{addresses.split_address(transport.bound_address)[1]}"
     warnings = [r.getMessage() for r in caplog.records if r.name == "collectives.net.addresses"]
@@ -217,7 +224,9 @@ def test_the_coordinator_sees_each_api_peers_step_loss_samples_and_bytes():
     # Each its own host, so their rounds cross the data plane and count bytes (on one host they share memory).
     peers = [
         ElasticCollective(
-            ElasticConfig(coordinator=coordinator.server.address, run_id="api", transport=TransportConfig(host_id=f"h{i}"))
+            ElasticConfig(
+                coordinator=coordinator.server.address, run_id="api", transport=TransportConfig(host_id=f"h{i}")
+            )
         )
         for i in range(2)
     ]
@@ -277,7 +286,9 @@ def test_a_member_says_why_it_leaves(stopped_by, failure, adopted, reason):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("raised", "detail"), [(None, "finished"), (RuntimeError("out of memory"), "failed: out of memory")])
+@pytest.mark.parametrize(
+    ("raised", "detail"), [(None, "finished"), (RuntimeError("out of memory"), "failed: out of memory")]
+)
 def test_a_peer_used_as_a_context_manager_leaves_the_run_saying_why(raised, detail):
     coordinator = CoordinatorThread(CoordinatorConfig(run_id="api", port=0, dashboard_port=None, startup_grace_s=0))
     try:

@@ -103,7 +103,9 @@ def test_the_readme_example_trains_across_two_machines(net, tmp_path):
         procs.append(coordinator)
         program = script(tmp_path / "peer.py", coordinator.address)
         for name, seed in (("a", 1), ("b", 2)):
-            procs.append(Proc([sys.executable, str(program), str(seed)], tmp_path / f"peer-{name}.log", net.exec_prefix(name)))
+            procs.append(
+                Proc([sys.executable, str(program), str(seed)], tmp_path / f"peer-{name}.log", net.exec_prefix(name))
+            )
         results = [p.wait_event(lambda e: "digest" in e, timeout=60) for p in procs[1:]]
     finally:
         stop_all(procs)
@@ -121,9 +123,15 @@ def test_the_readme_example_trains_across_two_machines(net, tmp_path):
 
 def test_a_peer_left_on_loopback_refuses_a_coordinator_on_another_machine(net, tmp_path):
     # The README's example without its TransportConfig: the default binds 127.0.0.1.
-    program = script(tmp_path / "peer.py", f"{net.hosts['a'].ip}:{PORT}", drop='transport=TransportConfig(host="0.0.0.0"),')
+    program = script(
+        tmp_path / "peer.py", f"{net.hosts['a'].ip}:{PORT}", drop='transport=TransportConfig(host="0.0.0.0"),'
+    )
     done = subprocess.run(
-        net.exec_prefix("b") + [sys.executable, str(program), "1"], capture_output=True, text=True, timeout=60, check=False
+        net.exec_prefix("b") + [sys.executable, str(program), "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]

@@ -133,7 +133,12 @@ def test_only_the_codec_modules_import_the_codec_base():
     # The base's registry holds the built-ins only once collectives.codecs (the facade) has registered them, and
     # make_codec is the facade's: a module that imported only the base could not build a built-in codec.
     importers = sorted(m for m, targets in GRAPH.items() if "collectives.codecs.base" in targets)
-    assert importers == ["collectives.codecs", "collectives.codecs.dense", "collectives.codecs.kernels", "collectives.codecs.sparse"]
+    assert importers == [
+        "collectives.codecs",
+        "collectives.codecs.dense",
+        "collectives.codecs.kernels",
+        "collectives.codecs.sparse",
+    ]
 
 
 

@@ -255,9 +255,15 @@ def test_a_state_from_another_config_is_refused():
     [
         ("x", ConfigError),
         ([{"n": 2}], ConfigError),  # fields missing
-        ([{"n": 2, "k": 1, "mean_grad_sq_norm": 1.0, "member_sq_norm_mean": 1.0, "arrival_s": [1.0], "x": 1}], ConfigError),
+        (
+            [{"n": 2, "k": 1, "mean_grad_sq_norm": 1.0, "member_sq_norm_mean": 1.0, "arrival_s": [1.0], "x": 1}],
+            ConfigError,
+        ),
         ([{"n": 2, "k": 1, "mean_grad_sq_norm": 1.0, "member_sq_norm_mean": 1.0, "arrival_s": 5}], ConfigError),
-        ([{"n": 2, "k": 3, "mean_grad_sq_norm": 1.0, "member_sq_norm_mean": 1.0, "arrival_s": [1.0]}], ObservationError),
+        (
+            [{"n": 2, "k": 3, "mean_grad_sq_norm": 1.0, "member_sq_norm_mean": 1.0, "arrival_s": [1.0]}],
+            ObservationError,
+        ),
         ([observation([1, 2], 1.0, 1.0)] * 8, ConfigError),  # more rounds than the window
     ],
 )

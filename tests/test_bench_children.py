@@ -39,7 +39,10 @@ def _exit_with(code: int) -> None:
 
 def test_a_serving_child_that_dies_before_it_is_ready_is_named_with_its_log(tmp_path):
     started = time.monotonic()
-    with pytest.raises(ChildFailed) as err, serving_child(_crash, "no state to serve", name="state-server", log_dir=tmp_path):
+    with (
+        pytest.raises(ChildFailed) as err,
+        serving_child(_crash, "no state to serve", name="state-server", log_dir=tmp_path),
+    ):
         pass
     message = str(err.value)
     assert time.monotonic() - started < 60  # not the 120 s start timeout

@@ -73,7 +73,10 @@ def test_ours_compare_the_global_parameters_and_report_the_local_models_spread(r
 
 def test_ratios_divide_the_first_named_cost_by_the_second(report):
     m = report["methods"]
-    assert report["loss_diloco_over_data_parallel"] == m["diloco"]["final_eval_loss"] / m["data_parallel"]["final_eval_loss"]
+    assert (
+        report["loss_diloco_over_data_parallel"]
+        == m["diloco"]["final_eval_loss"] / m["data_parallel"]["final_eval_loss"]
+    )
     assert report["bytes_data_parallel_over_diloco"] == (
         m["data_parallel"]["bytes_sent_per_peer"] / m["diloco"]["bytes_sent_per_peer"]
     )

@@ -116,7 +116,9 @@ def test_off_the_namespaces_a_capped_run_has_no_ratio_to_an_uncapped_gloo():
 
 @pytest.mark.timeout(180)
 def test_uncapped_the_ratio_to_gloo_is_the_ratio_of_the_medians():
-    report = allreduce.run(allreduce.AllReduceBenchConfig(peers=2, numel=4096, codec="int8", repeat=1, chunk_bytes=4096))
+    report = allreduce.run(
+        allreduce.AllReduceBenchConfig(peers=2, numel=4096, codec="int8", repeat=1, chunk_bytes=4096)
+    )
     assert report["ratio_vs_gloo"] == report["median_s"] / report["baseline"]["median_s"]
     assert "capped" not in report["baseline"]
 

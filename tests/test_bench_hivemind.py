@@ -48,7 +48,9 @@ def test_an_interpreter_without_hivemind_is_refused_with_how_to_install_it(tmp_p
     with pytest.raises(ConfigError) as caught:
         hb.probe(python, "int8")
     message = str(caught.value)
-    assert f"{python} cannot run hivemind's int8 all-reduce (ModuleNotFoundError: No module named 'hivemind')" in message
+    assert (
+        f"{python} cannot run hivemind's int8 all-reduce (ModuleNotFoundError: No module named 'hivemind')" in message
+    )
     assert "pip install torch==2.13.0 hivemind==1.1.12 'numpy<2'" in message
 
 

@@ -41,7 +41,9 @@ def test_hivemind_averages_as_often_as_diloco_syncs_with_the_counterpart_of_its_
     assert (made.inner, made.inner_lr, made.weight_decay, made.device) == ("adamw", 0.01, 0.01, "cpu")
 
 
-@pytest.mark.parametrize(("codec", "chosen", "expected"), [("topk/64", None, "none"), ("int8", "quantile8", "quantile8")])
+@pytest.mark.parametrize(
+    ("codec", "chosen", "expected"), [("topk/64", None, "none"), ("int8", "quantile8", "quantile8")]
+)
 def test_a_codec_hivemind_lacks_is_compared_with_fp32_unless_one_is_chosen(codec, chosen, expected):
     extra = ["--hivemind-codec", chosen] if chosen else []
     config = bench_config("--methods", "diloco", "--codec", codec, "--hivemind", "py", *extra)
@@ -103,8 +105,13 @@ def test_hiveminds_log_lines_are_counted_as_rounds_failures_and_state_loads():
     logger.addHandler(counter)
     logger.setLevel(logging.INFO)
     try:
-        for message in ("Averaged parameters with 4 peers", "Averaged parameters with 3 peers",
-                        "Averaging failed with <class 'TimeoutError'>", "Peer is out of sync", "Transitioning to epoch 2"):
+        for message in (
+            "Averaged parameters with 4 peers",
+            "Averaged parameters with 3 peers",
+            "Averaging failed with <class 'TimeoutError'>",
+            "Peer is out of sync",
+            "Transitioning to epoch 2",
+        ):
             logger.info(message)
     finally:
         logger.removeHandler(counter)

@@ -31,7 +31,9 @@ def test_on_a_terminal_the_live_line_names_the_run_its_count_and_the_time_it_too
     with Progress("diloco", out=out, live=True, interval_s=0.05) as progress:
         progress.begin("streaming [2/4]", lambda: "round 3, step 150/400")
         time.sleep(0.3)  # a few redraws
-        assert re.fullmatch(r"loconet bench diloco: streaming \[2/4\], round 3, step 150/400 \(\d+ s\)", progress.status())
+        assert re.fullmatch(
+            r"loconet bench diloco: streaming \[2/4\], round 3, step 150/400 \(\d+ s\)", progress.status()
+        )
         progress.end()
     text = out.getvalue()
     redraws = re.findall(r"\r\x1b\[Kloconet bench diloco: streaming \[2/4\], round 3, step 150/400 \(\d+ s\)", text)

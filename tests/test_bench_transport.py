@@ -17,11 +17,20 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_every_byte_arrives_and_costs_are_reported():
-    report = bench_transport.run(bench_transport.TransportBenchConfig(mb=4.0, chunk_bytes=256 * 1024, repeat=2, cores=2))
+    report = bench_transport.run(
+        bench_transport.TransportBenchConfig(mb=4.0, chunk_bytes=256 * 1024, repeat=2, cores=2)
+    )
     # run() raises unless the sink counted exactly this many bytes in every stream.
     assert report["bytes"] == 15 * 256 * 1024
     assert report["chunk_bytes"] == 256 * 1024
-    for key in ("median_s", "gbps", "sender_cpu_s_per_gb", "receiver_cpu_s_per_gb", "allreduce_floor_s", "time_over_memcpy"):
+    for key in (
+        "median_s",
+        "gbps",
+        "sender_cpu_s_per_gb",
+        "receiver_cpu_s_per_gb",
+        "allreduce_floor_s",
+        "time_over_memcpy",
+    ):
         assert math.isfinite(report[key]) and report[key] >= 0, key
     per_peer_gb = 2 * 3 / 4 * 0.1
     expected_floor = 4 * per_peer_gb * (report["sender_cpu_s_per_gb"] + report["receiver_cpu_s_per_gb"]) / 2

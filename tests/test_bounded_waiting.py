@@ -1,4 +1,5 @@
-"""Bounded waiting on the data plane: idle or early callers cannot hold a peer's server, and health checks always answer.
+"""Bounded waiting on the data plane: idle or early callers cannot hold a peer's server, and health checks always
+answer.
 
 Issue 14, item 3: a stream for a round not open here waits a short configured
 time and is refused as retryable (the sender retries until its own deadline);
@@ -79,7 +80,9 @@ def header_for_unopened_round(address_book: tuple[str, ...], numel: int = 64, ro
     group = Group("test", 0, round_id, address_book, 0)
     a, b = part_bounds(numel, len(address_book))[1]
     payload = make_codec(CodecConfig("none")).encode(torch.ones(b - a))
-    return chunk_message(group, numel, AggregatorConfig(), CodecConfig("none"), SCATTER, 1, b - a, 0, b - a, 1.0, payload)
+    return chunk_message(
+        group, numel, AggregatorConfig(), CodecConfig("none"), SCATTER, 1, b - a, 0, b - a, 1.0, payload
+    )
 
 
 @pytest.fixture
@@ -470,7 +473,9 @@ def first_scatter_chunk(group: Group, numel: int) -> bytes:
     a, b = part_bounds(numel, group.size)[1]
     half = (b - a) // 2
     payload = make_codec(CodecConfig("none")).encode(torch.ones(half))
-    return chunk_message(sender, numel, AggregatorConfig(), CodecConfig("none"), SCATTER, 1, b - a, 0, half, 1.0, payload)
+    return chunk_message(
+        sender, numel, AggregatorConfig(), CodecConfig("none"), SCATTER, 1, b - a, 0, half, 1.0, payload
+    )
 
 
 def test_a_sender_that_cancels_its_stream_mid_part_is_not_named_as_sending_bad_data(endpoints, client):

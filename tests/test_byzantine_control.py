@@ -26,7 +26,9 @@ class Recorder:
         return [e["event"] for e in self.events]
 
 
-def attached(tmp_path, classes: int | None = None, batches=()) -> tuple[Control, SimpleNamespace, SimpleNamespace, Recorder]:
+def attached(
+    tmp_path, classes: int | None = None, batches=()
+) -> tuple[Control, SimpleNamespace, SimpleNamespace, Recorder]:
     """A Control reading its file at every step, attached to a fake optimizer and loop."""
     control = Control(str(tmp_path / "peer1.control.json"), poll_s=0.0)
     optimizer = SimpleNamespace(tamper=None, inner_steps=7)
@@ -43,7 +45,9 @@ def test_a_byzantine_control_installs_the_attack_as_the_optimizers_tamper(tmp_pa
         assert control.after_step(MODEL) is None
     assert optimizer.tamper is not None
     assert emit.events == [{"event": "byzantine-started", "attack": "signflip", "step": 7}]
-    assert "this peer corrupts every contribution it sends (attack signflip: -10 times its honest update)" in caplog.text
+    assert (
+        "this peer corrupts every contribution it sends (attack signflip: -10 times its honest update)" in caplog.text
+    )
 
 
 def test_each_contribution_the_tamper_corrupts_is_counted_in_the_events(tmp_path):
@@ -54,7 +58,13 @@ def test_each_contribution_the_tamper_corrupts_is_counted_in_the_events(tmp_path
     optimizer.tamper([torch.tensor([0.0, 1.0])])
     assert sent[0].tolist() == [-15.0, 20.0]
     assert emit.events[1:] == [
-        {"event": "byzantine-sent", "attack": "signflip,k=5", "contributions": 1, "honest_norm": 5.0, "sent_norm": 25.0},
+        {
+            "event": "byzantine-sent",
+            "attack": "signflip,k=5",
+            "contributions": 1,
+            "honest_norm": 5.0,
+            "sent_norm": 25.0,
+        },
         {"event": "byzantine-sent", "attack": "signflip,k=5", "contributions": 2, "honest_norm": 1.0, "sent_norm": 5.0},
     ]
     assert control.corrupted == 2

@@ -74,7 +74,12 @@ def test_the_ca_and_each_host_get_a_certificate_and_a_private_key(tmp_path):
         "ca.key", "ca.pem", "coord.key", "coord.pem", "peer1.key", "peer1.pem"
     ]
     assert {p.name: mode(p) for p in out.iterdir()} == {
-        "ca.key": 0o600, "ca.pem": 0o644, "coord.key": 0o600, "coord.pem": 0o644, "peer1.key": 0o600, "peer1.pem": 0o644,
+        "ca.key": 0o600,
+        "ca.pem": 0o644,
+        "coord.key": 0o600,
+        "coord.pem": 0o644,
+        "peer1.key": 0o600,
+        "peer1.pem": 0o644,
     }
     assert mode(out) == 0o700
 

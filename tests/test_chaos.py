@@ -102,7 +102,9 @@ def test_kills_leave_at_least_two_starting_peers_and_a_killed_peer_is_left_alone
 def test_kills_never_leave_fewer_starting_peers_than_the_rounds_need(peers, least):
     # With krum:f=1 (5 members) a drawn kill of one of 5 peers stopped every round, and the later events never fired.
     for seed in SEEDS:
-        kills = [e for e in chaos_events(ChaosSpec(10, seed), peers=peers, rounds=30, least=least) if e.action == "kill"]
+        kills = [
+            e for e in chaos_events(ChaosSpec(10, seed), peers=peers, rounds=30, least=least) if e.action == "kill"
+        ]
         assert len(kills) <= peers - least, seed
 
 

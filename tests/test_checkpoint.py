@@ -119,16 +119,36 @@ def test_a_checkpoint_of_this_task_and_model_is_restored_into_the_model_and_the_
     ("task", "settings", "model", "refusal", "match"),
     [
         ("u", ("heads 2",), torch.nn.Linear(3, 2), "", "ckpt-30.pt is a checkpoint of task 't' and this peer runs 'u'"),
-        ("t", ("heads 4",), torch.nn.Linear(3, 2), "", r"another model than this peer's \(heads 4, the checkpoint: heads 2\)"),
-        ("t", ("heads 2",), torch.nn.Linear(3, 5), "", r"cannot resume from ckpt-30.pt \(Error\(s\) in loading state_dict "
-         r"for Linear: size mismatch for weight"),
-        ("t", ("heads 2",), torch.nn.Linear(3, 2), "a 'diloco' state", r"cannot resume from ckpt-30.pt \(a 'diloco' state\)"),
+        (
+            "t",
+            ("heads 4",),
+            torch.nn.Linear(3, 2),
+            "",
+            r"another model than this peer's \(heads 4, the checkpoint: heads 2\)",
+        ),
+        (
+            "t",
+            ("heads 2",),
+            torch.nn.Linear(3, 5),
+            "",
+            r"cannot resume from ckpt-30.pt \(Error\(s\) in loading state_dict "
+            r"for Linear: size mismatch for weight",
+        ),
+        (
+            "t",
+            ("heads 2",),
+            torch.nn.Linear(3, 2),
+            "a 'diloco' state",
+            r"cannot resume from ckpt-30.pt \(a 'diloco' state\)",
+        ),
     ],
 )
 def test_a_checkpoint_written_otherwise_is_refused_naming_it_and_what_differs(task, settings, model, refusal, match):
     with pytest.raises(CheckpointError, match=match) as info:
         restore("ckpt-30.pt", written(torch.nn.Linear(3, 2)), task, settings, model, Optimizer(refusal))
-    assert str(info.value).endswith("start this peer with the options it was written with, or move it away to start afresh")
+    assert str(info.value).endswith(
+        "start this peer with the options it was written with, or move it away to start afresh"
+    )
 
 
 def test_a_checkpoint_that_names_no_model_settings_is_restored_when_the_shapes_fit():

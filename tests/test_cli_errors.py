@@ -26,7 +26,12 @@ pytestmark = pytest.mark.timeout(120)
 def loconet(*args: str, timeout: float = 90, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``loconet ARGS`` to completion; its output as text."""
     return subprocess.run(
-        [sys.executable, "-m", "peer.cli", *args], check=False, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        [sys.executable, "-m", "peer.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
     )
 
 
@@ -121,20 +126,35 @@ def test_a_wrong_run_says_which_run_the_coordinator_serves(coordinator):
         (("--keep-results", "-1"), "--keep-results must be >= 0"),
         (("--timeout", "0"), "--timeout must be a positive number of seconds"),
         (("--duration", "-5"), "--duration must be a positive number of seconds"),
-        (("--peers", "3", "--event", "kill:peer9@round2"), "no peer is called peer9; the scenario's peers are peer0..peer2"),
+        (
+            ("--peers", "3", "--event", "kill:peer9@round2"),
+            "no peer is called peer9; the scenario's peers are peer0..peer2",
+        ),
         (("--peers", "3", "--event", "join@round2", "--event", "kill:peer4@round3"), "no peer is called peer4"),
-        (("--peers", "3", "--event", "straggle:persistent@0s,worker=9,x=3"), "the straggler pattern's worker 9 is none of the 3 (workers 0..2)"),
+        (
+            ("--peers", "3", "--event", "straggle:persistent@0s,worker=9,x=3"),
+            "the straggler pattern's worker 9 is none of the 3 (workers 0..2)",
+        ),
         (("--peers", "3", "--max-peers", "2"), "--max-peers 2 is fewer than the 3 peers the scenario starts"),
         # Each of these ran every peer alone to its end: 0 rounds, exit 0.
-        (("--peers", "3", "--aggregator", "krum:f=5"),
-         "no round can form: krum needs at least 2f+3 = 13 contributions (f=5), got 3"),
-        (("--peers", "5", "--event", "join@round9", "--aggregator", "bulyan:f=1"),
-         "bulyan needs at least 4f+3 = 7 contributions (f=1), got 6; lower f or add peers (the scenario has at most 6"),
-        (("--peers", "3", "--algorithm", "async-diloco", "--buffer", "2", "--quorum", "buffer:3"),
-         "async-diloco --buffer 2 needs the coordinator's --quorum buffer:2, and the run's is 'buffer:3'"),
-        (("--peers", "2", "--algorithm", "fedavg", "--task", "digits", "--dp-clip", "1", "--dp-min-members", "3"),
-         "no round can form: the rounds need 3 members (the aggregator's minimum, or --dp-min-members) and the "
-         "scenario has at most 2 peers"),
+        (
+            ("--peers", "3", "--aggregator", "krum:f=5"),
+            "no round can form: krum needs at least 2f+3 = 13 contributions (f=5), got 3",
+        ),
+        (
+            ("--peers", "5", "--event", "join@round9", "--aggregator", "bulyan:f=1"),
+            "bulyan needs at least 4f+3 = 7 contributions (f=1), got 6; "
+            "lower f or add peers (the scenario has at most 6",
+        ),
+        (
+            ("--peers", "3", "--algorithm", "async-diloco", "--buffer", "2", "--quorum", "buffer:3"),
+            "async-diloco --buffer 2 needs the coordinator's --quorum buffer:2, and the run's is 'buffer:3'",
+        ),
+        (
+            ("--peers", "2", "--algorithm", "fedavg", "--task", "digits", "--dp-clip", "1", "--dp-min-members", "3"),
+            "no round can form: the rounds need 3 members (the aggregator's minimum, or --dp-min-members) and the "
+            "scenario has at most 2 peers",
+        ),
     ],
 )
 def test_the_harness_checks_its_arguments_before_starting_any_process(tmp_path, capsys, args, says):

@@ -65,7 +65,9 @@ def test_verbosity_is_accepted_after_the_command_too():
 def test_version_prints_the_installed_version():
     from importlib.metadata import version
 
-    result = subprocess.run([sys.executable, "-m", "peer.cli", "--version"], capture_output=True, text=True, timeout=30, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "peer.cli", "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
     assert result.returncode == 0 and result.stdout.strip() == f"loconet {version('loconet')}"
 
 
@@ -91,7 +93,8 @@ def test_the_harness_summary_reads_as_lines_with_each_event_and_its_recovery():
         "Summary",
         "  eval loss      4.162 before -> — after (best possible 1.712)",
         "  rounds         12 committed, 1 aborted",
-        "  sent per peer  2.15 MB; synchronous data-parallel would have sent 404.6 MB for the same 600 steps (188x more)",
+        "  sent per peer  2.15 MB; "
+        "synchronous data-parallel would have sent 404.6 MB for the same 600 steps (188x more)",
         "  event          kill:peer2@round3 at 10.0 s; next commit 1.95 s later",
         "  event          join@round5 at 20.0 s; no commit after it",
         "  peers          4 of 5 finished with identical parameters",
@@ -100,15 +103,24 @@ def test_the_harness_summary_reads_as_lines_with_each_event_and_its_recovery():
 
 
 def test_replicas_averaged_in_groups_are_summarised_by_their_spread_not_as_different():
-    report = {**REPORT, "survivors_identical": False, "largest_group": 3, "spread_per_peer": {"peer0": 0.44, "peer1": 0.5}}
+    report = {
+        **REPORT,
+        "survivors_identical": False,
+        "largest_group": 3,
+        "spread_per_peer": {"peer0": 0.44, "peer1": 0.5},
+    }
     assert report_summary(report, steps=600).splitlines()[-2] == (
-        "  peers          4 of 5 finished with parameters of their own (averaged in groups of up to 3), spread 0.5 at the end"
+        "  peers          4 of 5 finished with parameters of their own (averaged in groups of up to 3), "
+        "spread 0.5 at the end"
     )
 
 
 def test_survivors_that_should_agree_and_do_not_are_said_to_differ():
     report = {**REPORT, "survivors_identical": False}
-    assert report_summary(report, steps=600).splitlines()[-2] == "  peers          4 of 5 finished with DIFFERENT parameters"
+    assert (
+        report_summary(report, steps=600).splitlines()[-2]
+        == "  peers          4 of 5 finished with DIFFERENT parameters"
+    )
 
 
 def test_survivors_that_ended_at_different_rounds_are_said_identical_only_at_the_round_compared():
@@ -119,7 +131,10 @@ def test_survivors_that_ended_at_different_rounds_are_said_identical_only_at_the
         "at rounds 3-5)"
     )
     together = {**REPORT, "identical_at_round": 5, "last_round_per_peer": {"peer0": 5, "peer1": 5}}
-    assert report_summary(together, steps=600).splitlines()[-2] == "  peers          4 of 5 finished with identical parameters"
+    assert (
+        report_summary(together, steps=600).splitlines()[-2]
+        == "  peers          4 of 5 finished with identical parameters"
+    )
 
 
 def test_survivors_that_committed_no_round_are_said_to_hold_the_initial_parameters():
@@ -146,7 +161,8 @@ def test_a_survivor_left_behind_is_named_apart_from_the_identical_others():
 def test_a_method_that_sends_more_than_data_parallel_is_said_to_send_more():
     report = {**REPORT, "bytes_sent_per_peer": 47.37e6, "data_parallel_bytes_per_peer": 24.0e6}
     assert report_summary(report, steps=40).splitlines()[4] == (
-        "  sent per peer  47.37 MB; synchronous data-parallel would have sent 24.0 MB for the same 40 steps (1.97x less)"
+        "  sent per peer  47.37 MB; "
+        "synchronous data-parallel would have sent 24.0 MB for the same 40 steps (1.97x less)"
     )
 
 

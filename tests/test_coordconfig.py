@@ -45,14 +45,21 @@ def test_the_quorum_setting_names_a_policy(spec, policy):
 
 @pytest.mark.parametrize(
     "quorum,min_peers,spec",
-    [("sample:0.5", 1, "sample:0.5"), ("sample:0.5", 3, "sample:0.5,min=3"), ("sample:0.5,min=4", 2, "sample:0.5,min=4")],
+    [
+        ("sample:0.5", 1, "sample:0.5"),
+        ("sample:0.5", 3, "sample:0.5,min=3"),
+        ("sample:0.5,min=4", 2, "sample:0.5,min=4"),
+    ],
 )
 def test_a_sample_fraction_never_draws_fewer_than_min_peers(quorum, min_peers, spec):
     # Drawn from fewer candidates, a round could never start: min_peers is the fraction's minimum unless min= is more.
     assert CoordinatorConfig(quorum=quorum, min_peers=min_peers).policy.spec == spec
 
 
-FORMS = "all, first-k:K, sample:K, sample:F[,min=M], coded:S[,code=frc|cyclic], allbut:S, backup, grace:L[,f=F], buffer:K[,t=T]"
+FORMS = (
+    "all, first-k:K, sample:K, sample:F[,min=M], coded:S[,code=frc|cyclic], allbut:S, backup, grace:L[,f=F], "
+    "buffer:K[,t=T]"
+)
 
 # settings -> the refusal's message
 REFUSED = [

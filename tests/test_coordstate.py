@@ -57,7 +57,10 @@ NOT_SAVED_RUNS = [
     ('{"last_committed_round": 1, "epoch": 0}', "field 'run_id' is missing"),
     ('{"run_id": "r", "last_committed_round": 1}', "field 'epoch' is missing"),
     ('{"run_id": "r", "last_committed_round": "x", "epoch": 0}', "field 'last_committed_round' is \"x\", not a whole"),
-    ('{"run_id": "r", "last_committed_round": "12", "epoch": 0}', "field 'last_committed_round' is \"12\", not a whole"),
+    (
+        '{"run_id": "r", "last_committed_round": "12", "epoch": 0}',
+        "field 'last_committed_round' is \"12\", not a whole",
+    ),
     ('{"run_id": "r", "last_committed_round": 1.7, "epoch": 0}', "field 'last_committed_round' is 1.7, not a whole"),
     ('{"run_id": "r", "last_committed_round": true, "epoch": 0}', "field 'last_committed_round' is true, not a whole"),
     ('{"run_id": "r", "last_committed_round": Infinity, "epoch": 0}', "field 'last_committed_round' is Infinity"),

@@ -385,7 +385,9 @@ def displays(page: bytes, ids: tuple[str, ...]) -> bytes:
 
 
 @needs_chromium
-@pytest.mark.parametrize("waiting, shown", [(None, "none"), ({"reason": "no live peer holds round 9", "since": 0, "peers": []}, "flex")])
+@pytest.mark.parametrize(
+    "waiting, shown", [(None, "none"), ({"reason": "no live peer holds round 9", "since": 0, "peers": []}, "flex")]
+)
 def test_the_waiting_card_is_shown_only_while_peers_wait_for_the_runs_state(tmp_path, monkeypatch, waiting, shown):
     page = dashboard._load_page()
     monkeypatch.setattr(dashboard, "_load_page", lambda: displays(page, ("waiting-card", "s-spread-stat")))
@@ -447,7 +449,9 @@ def test_page_marks_the_peers_a_sample_drew_for_the_last_round(serve, tmp_path):
     doc["rounds"][0].update(members=["p1", "p2"], candidates=["p1", "p2", "p3"])
     dom = DomIndex(run_chromium(serve(lambda: doc).url + "/", tmp_path, "--dump-dom"))
     round_cells = {
-        pid: cells(dom, row)[9] for pid in ("p1", "p2", "p3") for row in dom.find("tr", cls="peer-row", data_peer_id=pid)
+        pid: cells(dom, row)[9]
+        for pid in ("p1", "p2", "p3")
+        for row in dom.find("tr", cls="peer-row", data_peer_id=pid)
     }
     assert round_cells == {"p1": "12 \u2713", "p2": "12 \u2713", "p3": "12"}
     assert [n.attrs["title"] for n in dom.find("td", cls="in-last")] == ["member of the last committed round"] * 2
@@ -680,12 +684,14 @@ def test_page_draws_peers_alive_as_steps_up_to_now_with_the_minimum(rendered):
 OVERFLOW_PROBE = b"""<script>
 setTimeout(() => {
   const bad = [];
-  const name = (e) => e.tagName.toLowerCase() + (e.id ? "#" + e.id : "") + (e.className && typeof e.className === "string" ? "." + e.className.trim().split(/\\s+/).join(".") : "");
+  const name = (e) => e.tagName.toLowerCase() + (e.id ? "#" + e.id : "") + \
+(e.className && typeof e.className === "string" ? "." + e.className.trim().split(/\\s+/).join(".") : "");
   for (const e of document.querySelectorAll("body *")) {
     if (e instanceof SVGElement || e.clientWidth === 0) continue;
     if (e.scrollWidth > e.clientWidth + 1) {
       const scrolls = ["auto", "scroll"].includes(getComputedStyle(e).overflowX);
-      bad.push({ what: name(e) + " " + e.scrollWidth + ">" + e.clientWidth + " " + e.textContent.slice(0, 40), scrolls });
+      bad.push({ what: name(e) + " " + e.scrollWidth + ">" + e.clientWidth + " " + \
+e.textContent.slice(0, 40), scrolls });
     }
   }
   if (document.documentElement.scrollWidth > window.innerWidth) {
@@ -693,7 +699,8 @@ setTimeout(() => {
   }
   for (const t of document.querySelectorAll("svg text")) {
     const b = t.getBBox(), v = t.ownerSVGElement.viewBox.baseVal;
-    if (b.x < v.x - 0.5 || b.y < v.y - 0.5 || b.x + b.width > v.x + v.width + 0.5 || b.y + b.height > v.y + v.height + 0.5) {
+    if (b.x < v.x - 0.5 || b.y < v.y - 0.5 || \
+b.x + b.width > v.x + v.width + 0.5 || b.y + b.height > v.y + v.height + 0.5) {
       bad.push({ what: "svg text " + t.textContent, scrolls: false });
     }
   }

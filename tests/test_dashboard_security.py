@@ -226,7 +226,11 @@ def test_the_name_the_dashboard_is_bound_to_is_allowed():
 
 @pytest.mark.parametrize(
     ("text", "names"),
-    [("", ()), ("dash.example.org", ("dash.example.org",)), (" A.example , b-2.example. ,", ("a.example", "b-2.example"))],
+    [
+        ("", ()),
+        ("dash.example.org", ("dash.example.org",)),
+        (" A.example , b-2.example. ,", ("a.example", "b-2.example")),
+    ],
 )
 def test_parse_allowed_hosts(text, names):
     assert parse_allowed_hosts(text) == names
@@ -348,7 +352,11 @@ def test_the_token_file_is_read_stripped(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "match"),
-    [(b"short\n", "at least 16"), (b"two words but long enough", "one word"), ("t\u00f6ken-0123456789ab".encode(), "ASCII")],
+    [
+        (b"short\n", "at least 16"),
+        (b"two words but long enough", "one word"),
+        ("t\u00f6ken-0123456789ab".encode(), "ASCII"),
+    ],
 )
 def test_a_bad_token_file_is_a_config_error(tmp_path, content, match):
     path = tmp_path / "token"
@@ -525,7 +533,12 @@ def test_plain_http_to_a_tls_dashboard_gets_no_answer_and_it_keeps_serving(serve
 
 @pytest.mark.parametrize(
     ("cert", "key", "match"),
-    [("{cert}", None, "both"), (None, "{key}", "both"), ("{missing}", "{key}", "cannot load"), ("{key}", "{cert}", "cannot load")],
+    [
+        ("{cert}", None, "both"),
+        (None, "{key}", "both"),
+        ("{missing}", "{key}", "cannot load"),
+        ("{key}", "{cert}", "cannot load"),
+    ],
 )
 def test_bad_tls_files_are_a_config_error(self_signed, tmp_path, cert, key, match):
     paths = {"cert": self_signed[0], "key": self_signed[1], "missing": str(tmp_path / "missing.pem")}

@@ -172,4 +172,7 @@ def test_the_health_check_refuses_a_malformed_timeout_from_its_environment_in_on
     result = subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py")], capture_output=True, text=True,
                             env=env, timeout=60, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "loconet-health: error: argument --timeout: invalid float value: 'abc'"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "loconet-health: error: argument --timeout: invalid float value: 'abc'"
+    )

@@ -141,9 +141,13 @@ def test_streaming_with_one_fragment_no_overlap_and_alpha_0_is_diloco():
     ga, gb = ThreadGroup(2), ThreadGroup(2)
     da = [model() for _ in range(2)]
     db = [model() for _ in range(2)]
-    diloco = [DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), ga.peers[r], sync_every=4) for r, m in enumerate(da)]
+    diloco = [
+        DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), ga.peers[r], sync_every=4) for r, m in enumerate(da)
+    ]
     cfg = StreamingConfig(sync_every=4, fragments=1, overlap=0, alpha=0.0, codec="none")
-    stream = [StreamingDiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), gb.peers[r], cfg) for r, m in enumerate(db)]
+    stream = [
+        StreamingDiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), gb.peers[r], cfg) for r, m in enumerate(db)
+    ]
     run_threads([lambda r=r: train(diloco[r], da[r], r, steps) for r in range(2)])
     run_threads([lambda r=r: train(stream[r], db[r], r, steps) for r in range(2)])
     for a, b in zip(da, db):
@@ -607,7 +611,9 @@ def test_a_streaming_peer_refused_for_nan_before_its_round_starts_restarts_from_
 ])
 def test_a_state_of_another_algorithm_is_refused_and_changes_nothing(make_other):
     donor_model = model(1)
-    donor = DiLoCo(donor_model, torch.optim.SGD(donor_model.parameters(), lr=0.1), LocalPeer(), sync_every=2, codec="none")
+    donor = DiLoCo(
+        donor_model, torch.optim.SGD(donor_model.parameters(), lr=0.1), LocalPeer(), sync_every=2, codec="none"
+    )
     train(donor, donor_model, 0, 4)
     joiner_model = model(2)
     joiner = make_other(joiner_model)

@@ -67,7 +67,9 @@ def run_to_round_3_then_everyone_leaves(c: Live) -> None:
         pending.result()
 
 
-def test_a_peer_leaving_right_after_the_last_commit_reports_that_rounds_digest_for_the_state_file(coordinator, tmp_path):
+def test_a_peer_leaving_right_after_the_last_commit_reports_that_rounds_digest_for_the_state_file(
+    coordinator, tmp_path
+):
     c = coordinator(state_file=str(tmp_path / "run.json"))
     a = c.join("127.0.0.1:1", has_state=False).peer_id
     for last_round in range(2):

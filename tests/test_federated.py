@@ -286,7 +286,8 @@ def test_a_snapshot_taken_while_a_round_is_applied_holds_its_parameters_and_its_
 
 def test_with_privacy_every_member_weighs_one_and_each_round_reports_epsilon():
     m = model()
-    config = FedConfig(sync_every=2, codec="none", dp=DPConfig(clip=1.0, noise=1.0, seed=3, min_members=1))  # a run of one
+    # a run of one
+    config = FedConfig(sync_every=2, codec="none", dp=DPConfig(clip=1.0, noise=1.0, seed=3, min_members=1))
     weights = []
 
     class Recording(LocalPeer):
@@ -326,7 +327,9 @@ def test_a_private_round_asks_its_peer_for_the_minimum_number_of_members(dp, ask
 
 def test_a_private_run_of_one_peer_stops_at_its_first_sync_saying_what_to_change():
     m = model()
-    opt = FedAvg(m, torch.optim.SGD(m.parameters(), lr=0.1), LocalPeer(), FedConfig(sync_every=2, dp=DPConfig(clip=1.0)))
+    opt = FedAvg(
+        m, torch.optim.SGD(m.parameters(), lr=0.1), LocalPeer(), FedConfig(sync_every=2, dp=DPConfig(clip=1.0))
+    )
     with pytest.raises(Incompatible, match="run more peers, or give --dp-min-members 1"):
         train(opt, m, 0, 2)
 

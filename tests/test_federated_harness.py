@@ -47,7 +47,9 @@ def test_a_sampled_private_round_draws_as_many_members_as_a_private_round_needs(
         peers=3,
         task="digits",
         task_config=TaskConfig(batch_size=32),
-        train=TrainConfig.of("fedavg", steps=STEPS, sync_every=LOCAL_STEPS, inner="sgd", dp=DPConfig(clip=1.0, noise=0.3)),
+        train=TrainConfig.of(
+            "fedavg", steps=STEPS, sync_every=LOCAL_STEPS, inner="sgd", dp=DPConfig(clip=1.0, noise=0.3)
+        ),
         coordinator=CoordinatorConfig(dashboard_port=0, quorum="sample:1"),
         workdir=str(tmp_path),
         timeout_s=150,

@@ -57,7 +57,9 @@ def test_a_rule_that_cannot_hold_is_a_config_error(keep, max_age_s):
 
 
 def join(state: RunState, n: int, bytes_sent: int = 0) -> PeerRecord:
-    peer = PeerRecord(peer_id=f"p{n}", address=f"127.0.0.1:{10000 + n}", lease_s=5.0, bytes_sent=bytes_sent, bytes_received=1)
+    peer = PeerRecord(
+        peer_id=f"p{n}", address=f"127.0.0.1:{10000 + n}", lease_s=5.0, bytes_sent=bytes_sent, bytes_received=1
+    )
     state.add_peer(peer)
     return peer
 

@@ -149,7 +149,11 @@ def test_only_loconet_commands_are_forked_and_only_while_the_server_is_on():
 
 
 def test_a_server_imports_with_its_starters_start_up_environment_and_quiet_grpc_by_default():
-    assert import_time_env({"PATH": "/usr/bin"}) == {"GRPC_VERBOSITY": "NONE", "GRPC_TRACE": None, "PYTHONHASHSEED": None}
+    assert import_time_env({"PATH": "/usr/bin"}) == {
+        "GRPC_VERBOSITY": "NONE",
+        "GRPC_TRACE": None,
+        "PYTHONHASHSEED": None,
+    }
     assert import_time_env({"GRPC_VERBOSITY": "DEBUG", "GRPC_TRACE": "http", "PYTHONHASHSEED": "0"}) == {
         "GRPC_VERBOSITY": "DEBUG", "GRPC_TRACE": "http", "PYTHONHASHSEED": "0"}
 

@@ -49,7 +49,10 @@ def test_a_signflip_peer_sends_corrupted_contributions_and_the_run_still_commits
 
 def test_labelflip_on_a_task_without_classes_is_refused_before_any_process_starts(tmp_path):
     config = HarnessConfig(
-        peers=2, task_config=TINY, events=(parse_event("byzantine:peer1@round1,attack=labelflip"),), workdir=str(tmp_path),
+        peers=2,
+        task_config=TINY,
+        events=(parse_event("byzantine:peer1@round1,attack=labelflip"),),
+        workdir=str(tmp_path),
     )
     harness = Harness(config)
     with pytest.raises(ConfigError, match="labelflip flips class labels, and task 'synthetic-lm' has no classes"):

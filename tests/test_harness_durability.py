@@ -82,7 +82,9 @@ def test_a_peer_behind_the_run_when_its_holders_stop_waits_for_them_instead_of_r
     assert report["survivors_identical"] is True and report["peers_alive"] == 2
     said = (tmp_path / "coordinator.log").read_text()
     # The run's last round is 3, or 4 when peer0 had voted for it as the stop came (it then waits for the decision).
-    assert re.search(r"has committed round [34] \(.*\) but no live peer holds it", said), "peer1 was told to wait, and why"
+    assert re.search(r"has committed round [34] \(.*\) but no live peer holds it", said), (
+        "peer1 was told to wait, and why"
+    )
 
 
 def test_a_peer_behind_when_the_others_finished_trains_on_to_its_end_without_rolling_the_run_back(tmp_path):
@@ -94,6 +96,8 @@ def test_a_peer_behind_when_the_others_finished_trains_on_to_its_end_without_rol
     assert report["rollbacks"] == [] and report["restarts_from_round_0"] == []
     assert report["peers_alive"] == 2 and report["survivors_identical"] is True
     missed = [e for e in harness.peers["peer1"].events if e["event"] == "sync-missed"]
-    assert missed and "every peer holding it finished and left" in missed[-1]["reason"], "each sync said why it could not take place"
+    assert missed and "every peer holding it finished and left" in missed[-1]["reason"], (
+        "each sync said why it could not take place"
+    )
     assert missed[-1]["error"] == "WaitingForState"
     assert report["left_behind"] == ["peer1"], "the report says which survivor trained on alone"

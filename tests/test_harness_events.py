@@ -140,7 +140,9 @@ def test_a_peer_down_between_a_stop_and_its_restart_does_not_hold_events_aimed_a
     assert harness.schedule.due(parse_event("kill:peer0@round2"), now=1.0, rounds=2)
 
 
-def test_a_reused_workdir_starts_a_new_run_without_the_earlier_runs_checkpoints_and_coordinator_state(harness, tmp_path):
+def test_a_reused_workdir_starts_a_new_run_without_the_earlier_runs_checkpoints_and_coordinator_state(
+    harness, tmp_path
+):
     (tmp_path / "ckpt-peer0").mkdir()
     (tmp_path / "ckpt-peer0" / "ckpt-0000000190.pt").write_bytes(b"round 19 of another run")
     (tmp_path / "coordinator-state.json").write_text("{}")
@@ -151,8 +153,17 @@ def test_a_reused_workdir_starts_a_new_run_without_the_earlier_runs_checkpoints_
 
 def test_a_reused_workdir_forgets_the_earlier_runs_gates_control_files_and_logs(harness, tmp_path):
     # An open gate started its peer at once (not with the others); a control file carried its attack over.
-    earlier = ["peer0.gate", "peer0.start", "peer4.control.json", "peer1.log", "peer1.1.log", "coordinator.log", "coordinator1.log",
-               "coordinator-state.json.key", "coordinator-state.json.lock"]
+    earlier = [
+        "peer0.gate",
+        "peer0.start",
+        "peer4.control.json",
+        "peer1.log",
+        "peer1.1.log",
+        "coordinator.log",
+        "coordinator1.log",
+        "coordinator-state.json.key",
+        "coordinator-state.json.lock",
+    ]
     for name in earlier:
         (tmp_path / name).write_text('{"byzantine": "signflip"}')
     (tmp_path / "peers.log").write_text("the user's")

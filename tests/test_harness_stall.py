@@ -1,4 +1,5 @@
-"""The stuck caller (``stall`` events, ``peer/harness/stall.py``): idle streams and unread fetches held against one peer.
+"""The stuck caller (``stall`` events, ``peer/harness/stall.py``): idle streams and unread fetches held against one
+peer.
 
 Issue 14: 300 idle PushPart streams and 10 unread state fetches against one peer
 of a running network must not stop the run: rounds keep committing, the peer is
@@ -155,7 +156,9 @@ EVENTS = {
          ["lost: no heartbeat for 3.1 s", "rejoin: from a:1"]),
     ],
 )
-def test_stall_figures_count_rounds_after_it_the_targets_drops_and_joiners_connect_to_joined_time(status_events, dropped):
+def test_stall_figures_count_rounds_after_it_the_targets_drops_and_joiners_connect_to_joined_time(
+    status_events, dropped
+):
     figures = stall_figures(10.0, "peer1", EVENTS, {"events": status_events}, ["peer3", "peer4", "peer5"])
     assert figures == {
         "rounds_committed_after": 2,

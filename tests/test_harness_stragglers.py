@@ -90,8 +90,13 @@ def test_first_k_rounds_go_on_without_a_paused_peer_which_then_applies_their_res
     # 24 rounds: on a fast day the other four made 10 rounds in the 5 s pause, and a 12-round run ended in it.
     pause_s = 5.0
     report, harness = run_scenario(
-        f"pause:peer4@round2,for={pause_s:g}s", peers=5, workdir=tmp_path, keep_results=4,
-        train=TrainConfig.of("diloco", steps=1440, sync_every=60, round_timeout_s=10, outer=OuterConfig("adam", lr=0.02)),
+        f"pause:peer4@round2,for={pause_s:g}s",
+        peers=5,
+        workdir=tmp_path,
+        keep_results=4,
+        train=TrainConfig.of(
+            "diloco", steps=1440, sync_every=60, round_timeout_s=10, outer=OuterConfig("adam", lr=0.02)
+        ),
         coordinator=CoordinatorConfig(lease_s=8.0, heartbeat_s=0.5, dashboard_port=0, quorum="first-k:4"),
     )
     assert_healthy(report, alive=5)

@@ -51,8 +51,11 @@ def test_events_never_due(pending, running, restoring, never):
 def status(alive: int, waiting: list[str] | None, reason: str = "no live peer holds it") -> dict:
     doc = {"summary": {"peers_alive": alive}, "waiting": None}
     if waiting is not None:
-        doc["waiting"] = {"since": 0.0, "reason": reason, "peers": [{"name": n, "address": "", "peer_id": "", "since": 0.0}
-                                                                   for n in waiting]}
+        doc["waiting"] = {
+            "since": 0.0,
+            "reason": reason,
+            "peers": [{"name": n, "address": "", "peer_id": "", "since": 0.0} for n in waiting],
+        }
     return doc
 
 
@@ -77,8 +80,11 @@ def test_a_peer_back_after_the_run_ended_without_it_ends_the_scenario_with_why(t
     # the run committed later rounds, so it waits for a holder that no peer of the scenario can be any more.
     # The test's own timeout stands for "not the harness's time limit" (1,800 s). An event still pending for a
     # round that no peer can commit any more does not keep the scenario going.
-    with pytest.raises(ScenarioStuck, match=r"peer1 waits for the run's state .* every peer holding it finished and left.*"
-                                            r"events not fired: kill:peer0@round99"):
+    with pytest.raises(
+        ScenarioStuck,
+        match=r"peer1 waits for the run's state .* every peer holding it finished and left.*"
+        r"events not fired: kill:peer0@round99",
+    ):
         run_scenario(
             "stop:peer1@round2,for=6s", "kill:peer0@round99", peers=2, workdir=tmp_path,
             train=TrainConfig.of("diloco", steps=60, sync_every=10, round_timeout_s=10),

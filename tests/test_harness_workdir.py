@@ -1,4 +1,5 @@
-"""What a harness run leaves in its work dir: the logs always, the peers' checkpoints only when asked or when it failed."""
+"""What a harness run leaves in its work dir: the logs always, the peers' checkpoints only when asked or when it
+failed."""
 
 from __future__ import annotations
 

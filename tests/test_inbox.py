@@ -1,5 +1,5 @@
-"""A round's inbox on its own: chunks checked in order, progress counted only once decoded, buffers kept while decodes run;
-and the registry where handlers wait for a round to open."""
+"""A round's inbox on its own: chunks checked in order, progress counted only once decoded, buffers kept while decodes
+run; and the registry where handlers wait for a round to open."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ def scatter_chunk(inbox: RoundInbox, offset: int, values: list[float]):
     """Member 1's scatter chunk of part 0 at offset, as (header, payload)."""
     sender = Group("run", 0, 1, inbox.group.members, 1)
     payload = torch.tensor(values, dtype=torch.float32).numpy().tobytes()
-    raw = chunk_message(sender, NUMEL, inbox.aggregator_config, inbox.codec.config, SCATTER, 0, 4, offset, len(values), 1.0, payload)
+    raw = chunk_message(
+        sender, NUMEL, inbox.aggregator_config, inbox.codec.config, SCATTER, 0, 4, offset, len(values), 1.0, payload
+    )
     return decode_chunk(raw)
 
 
@@ -139,5 +141,7 @@ def test_a_chunk_of_another_codec_block_size_is_refused_naming_the_block_sizes()
         RoundInbox.rows_numel(group, NUMEL)), torch.empty(NUMEL))
     header, _ = scatter_chunk(inbox, 0, [1.0, 2.0])
     header.codec.block_size = 7
-    with pytest.raises(ProtocolError, match=r"codec 'int8' \(block 7, zstd 0\) differs from the round's 'int8' \(block 4,"):
+    with pytest.raises(
+        ProtocolError, match=r"codec 'int8' \(block 7, zstd 0\) differs from the round's 'int8' \(block 4,"
+    ):
         inbox.begin_stream(header)

@@ -123,7 +123,9 @@ def test_a_join_claiming_more_than_the_run_has_is_refused_and_the_run_goes_on(co
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "claims round" in refused.value.details()
     after = c.status()
-    assert (after["last_committed_round"], after["epoch"]) == (before["last_committed_round"], before["epoch"]) == (2, 0)
+    assert (
+        (after["last_committed_round"], after["epoch"]) == (before["last_committed_round"], before["epoch"]) == (2, 0)
+    )
     assert len(after["peers"]) == 2 and after["refusals"] == {"claim": 1}
     assert c.play([a, b], 2).round_id == 3
 

@@ -1,4 +1,5 @@
-"""Tests of collectives.codecs.kernels: the C codec kernels give the torch path's bytes, and a missing compiler is not fatal.
+"""Tests of collectives.codecs.kernels: the C codec kernels give the torch path's bytes, and a missing compiler is not
+fatal.
 
 The parity tests need the kernels; they are skipped, with the reason, where this machine cannot build them.
 (tests/test_devicecodec.py also compares the device encoder, plain torch, against the CPU codec, which uses
@@ -241,7 +242,10 @@ def test_a_cache_under_a_sticky_shared_directory_is_used(tmp_path):
 
 
 def test_the_environment_switch_keeps_the_torch_path():
-    code = "from collectives.codecs.kernels import kernels_status, native_kernels; print(native_kernels(), kernels_status().detail)"
+    code = (
+        "from collectives.codecs.kernels import kernels_status, native_kernels; "
+        "print(native_kernels(), kernels_status().detail)"
+    )
     env = {**os.environ, DISABLE_ENV: "0"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           check=True)

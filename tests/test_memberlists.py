@@ -46,7 +46,9 @@ A, B, C, D = e("a"), e("b"), e("c"), e("d")
     ((), (A, B), [], [(0, A), (1, B)]),
     ((A, B), (), [0, 1], []),
 ])
-def test_a_change_lists_the_dropped_positions_and_the_inserted_entries_at_their_new_positions(base, new, removed, added):
+def test_a_change_lists_the_dropped_positions_and_the_inserted_entries_at_their_new_positions(
+    base, new, removed, added
+):
     assert member_change(base, new) == (removed, added)
     assert apply_change(base, removed, added) == new
 
@@ -102,8 +104,11 @@ def bench_like(n: int) -> tuple[Entry, ...]:
     return tuple(sorted(Entry(f"p{i}-a1b2c3", f"10.0.{i >> 8}.{i & 255}:{20000 + i}", "", i + 1) for i in range(n)))
 
 
-@pytest.mark.parametrize("entries", [(), (A,), (A, e("b", "[::1]:7"), Entry("c", "10.0.0.3:9", "host-c", 12)), bench_like(1000)],
-                         ids=["empty", "one", "three", "1000"])
+@pytest.mark.parametrize(
+    "entries",
+    [(), (A,), (A, e("b", "[::1]:7"), Entry("c", "10.0.0.3:9", "host-c", 12)), bench_like(1000)],
+    ids=["empty", "one", "three", "1000"],
+)
 def test_a_packed_list_unpacks_to_the_list_it_was_packed_from(entries):
     assert unpack_list(pack_list(list_bytes(entries)), list_digest(entries)) == entries
 

@@ -39,7 +39,9 @@ class Cluster:
         self.procs = [self.coordinator]
 
     def add(self, name: str, *extra: str):
-        peer = toy_peer(self.tmp, self.coordinator.address, self.run, name, "--numel", str(NUMEL), "--interval", "0.05", *extra)
+        peer = toy_peer(
+            self.tmp, self.coordinator.address, self.run, name, "--numel", str(NUMEL), "--interval", "0.05", *extra
+        )
         self.peers[name] = peer
         self.procs.append(peer)
         return peer
@@ -89,7 +91,9 @@ def expected_result(cluster: Cluster, event: dict) -> str:
     rows = []
     for pid in event["members"]:
         name = ids[pid]
-        k = cluster.peers[name].wait_event(lambda e: e["event"] == "committed" and e["round"] == event["round"], 30)["k"]
+        k = cluster.peers[name].wait_event(lambda e: e["event"] == "committed" and e["round"] == event["round"], 30)[
+            "k"
+        ]
         rows.append(contribution(name, k, NUMEL))
     return digest(aggregate_rows(make_aggregator("mean"), torch.stack(rows), [1.0] * len(rows)))
 
@@ -153,7 +157,10 @@ def test_late_joiner_is_bit_identical_and_contributes_to_the_next_round(cluster)
     late = c.add("late")
     joined = late.wait_event(lambda e: e["event"] == "joined", 60)
     mine = committed(late, 0)
-    others = {name: c.peers[name].wait_event(lambda e: e["event"] == "committed" and e["round"] == mine["round"], 30) for name in ("a", "b")}
+    others = {
+        name: c.peers[name].wait_event(lambda e: e["event"] == "committed" and e["round"] == mine["round"], 30)
+        for name in ("a", "b")
+    }
     assert {e["digest"] for e in others.values()} == {mine["digest"]}
     ids = names_by_id(c)
     assert "late" in {ids[m] for m in mine["members"]}
@@ -172,7 +179,8 @@ def test_paused_peer_is_dropped_after_its_lease_and_rejoins_after_sigcont(cluste
     ids = names_by_id(c)
     # The others go on without it once its lease lapses.
     without = c.peers["a"].wait_event(
-        lambda e: e["event"] == "committed" and "s" not in {ids[m] for m in e["members"]} and e["_seen"] > stopped_at, 60
+        lambda e: e["event"] == "committed" and "s" not in {ids[m] for m in e["members"]} and e["_seen"] > stopped_at,
+        60,
     )
     # Read before the signal: the peer resyncs within milliseconds, and the reader thread stamps the event before
     # this thread, on a loaded machine, gets to run again.
@@ -197,7 +205,10 @@ def test_coordinator_restart_mid_run_the_next_round_commits(cluster):
     committed(c.peers["a"], before["round"] + 1)
     c.restart_coordinator()
     restarted_at = time.time()
-    after = {name: c.peers[name].wait_event(lambda e: e["event"] == "committed" and e["_seen"] > restarted_at, 90) for name in c.peers}
+    after = {
+        name: c.peers[name].wait_event(lambda e: e["event"] == "committed" and e["_seen"] > restarted_at, 90)
+        for name in c.peers
+    }
     # Every peer goes on, and they agree on the state at the next common round.
     target = max(e["round"] for e in after.values())
     final = {name: committed(c.peers[name], target - 1) for name in c.peers}

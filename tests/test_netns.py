@@ -222,8 +222,12 @@ def test_set_link_replaces_and_removes_the_qdiscs(lab):
 
 
 def _congestion_control(net: NetnsNetwork, name: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", net.hosts[name].netns, "sysctl", "-n",
-                           "net.ipv4.tcp_congestion_control"], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["ip", "netns", "exec", net.hosts[name].netns, "sysctl", "-n", "net.ipv4.tcp_congestion_control"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def test_a_host_gets_the_first_congestion_control_the_kernel_lets_it_set(lab):
@@ -300,7 +304,9 @@ def test_end_processes_kills_what_left_its_parents_session_and_only_in_that_host
     bystander = subprocess.Popen([*net.exec_prefix("b"), "sleep", "300"])
     try:
         deadline = time.monotonic() + 10
-        while not subprocess.run(["ip", "netns", "pids", net.netns_of("a")], capture_output=True, text=True, check=True).stdout:
+        while not subprocess.run(
+            ["ip", "netns", "pids", net.netns_of("a")], capture_output=True, text=True, check=True
+        ).stdout:
             assert time.monotonic() < deadline, "the daemon never appeared in its namespace"
             time.sleep(0.05)
         killed = net.end_processes("a")

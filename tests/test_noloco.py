@@ -90,7 +90,9 @@ def test_the_momentum_travels_with_the_state_a_joiner_fetches() -> None:
     joiner.load_snapshot(opts[0].snapshot())
     for g_j, g_0 in zip(joiner.state.globals, opts[0].state.globals):
         assert torch.equal(g_j, g_0)
-        assert torch.equal(joiner.state.outer.state[g_j]["noloco_momentum"], opts[0].state.outer.state[g_0]["noloco_momentum"])
+        assert torch.equal(
+            joiner.state.outer.state[g_j]["noloco_momentum"], opts[0].state.outer.state[g_0]["noloco_momentum"]
+        )
         assert opts[0].state.outer.state[g_0]["noloco_momentum"].abs().sum() > 0
 
 

@@ -350,7 +350,12 @@ def test_a_config_without_lr_takes_its_optimizers_own(name, lr):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("name", "lamb", r"unknown outer optimizer 'lamb'; registered: adagrad, adam, adamw, fedadagrad, fedadam, fedavgm, fedyogi, sgd, yogi"),
+        (
+            "name",
+            "lamb",
+            r"unknown outer optimizer 'lamb'; registered: "
+            r"adagrad, adam, adamw, fedadagrad, fedadam, fedavgm, fedyogi, sgd, yogi",
+        ),
         ("lr", 0.0, "outer lr must be a positive"),
         ("lr", float("inf"), "outer lr must be a positive"),
         ("momentum", 1.0, r"outer momentum must be in \[0, 1\)"),

@@ -129,7 +129,9 @@ def test_peers_whose_algorithm_the_runs_quorum_cannot_serve_say_so_in_one_line_a
 FORTUNES = Path("/usr/share/games/fortunes")
 
 
-@pytest.mark.skipif(not FORTUNES.is_dir(), reason=f"{FORTUNES} absent (apt-get install fortunes for a real-text corpus)")
+@pytest.mark.skipif(
+    not FORTUNES.is_dir(), reason=f"{FORTUNES} absent (apt-get install fortunes for a real-text corpus)"
+)
 def test_two_peers_train_the_text_task_on_real_text(run):
     peers = [run.add(n, "--task", "text-lm", "--data", str(FORTUNES), "--steps", "60") for n in ("a", "b")]
     done = [finished(p) for p in peers]

@@ -59,7 +59,10 @@ def test_a_round_line_says_round_step_loss_bytes_and_seconds():
 
 
 def test_a_round_line_shows_the_last_eval_loss_once_there_is_one():
-    assert round_line(figures(eval_loss=2.79)) == "round 3  step 150/1000  loss 2.812  eval 2.790  sent 1.23 MB  took 1.42 s"
+    assert (
+        round_line(figures(eval_loss=2.79))
+        == "round 3  step 150/1000  loss 2.812  eval 2.790  sent 1.23 MB  took 1.42 s"
+    )
 
 
 def test_a_round_line_leaves_out_what_is_not_known_instead_of_printing_nan():

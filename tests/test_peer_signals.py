@@ -138,7 +138,10 @@ def test_no_coordinator_is_said_within_seconds_with_a_countdown_then_given_up_af
     port = free_port()
     member = ElasticCollective(ElasticConfig(coordinator=f"127.0.0.1:{port}", run_id="r", connect_timeout_s=10))
     began, began_wall = time.monotonic(), time.time()
-    with caplog.at_level(logging.WARNING, logger="collectives.membership.client"), pytest.raises(CoordinatorUnavailable) as caught:
+    with (
+        caplog.at_level(logging.WARNING, logger="collectives.membership.client"),
+        pytest.raises(CoordinatorUnavailable) as caught,
+    ):
         member.start()
     took = time.monotonic() - began
     notes = [(r.created, r.getMessage()) for r in caplog.records]

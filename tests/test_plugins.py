@@ -145,7 +145,10 @@ BAD_PLUGINS = {
         ("no_such_plugin_xyz", r"plugin 'no_such_plugin_xyz': no module named 'no_such_plugin_xyz' on sys.path"),
         ("{p}raises_at_import", r"importing '{p}raises_at_import' raised RuntimeError: no licence key$"),
         ("{p}syntax_error", r"importing '{p}syntax_error' raised SyntaxError"),
-        ("{p}needs_a_dependency", r"importing '{p}needs_a_dependency' failed: No module named 'no_such_dependency_xyz'"),
+        (
+            "{p}needs_a_dependency",
+            r"importing '{p}needs_a_dependency' failed: No module named 'no_such_dependency_xyz'",
+        ),
         ("{p}registers_badly", r"importing '{p}registers_badly' raised "),
     ],
 )

@@ -97,7 +97,9 @@ def test_a_fixed_seed_gives_each_peer_its_own_reproducible_noise():
     assert torch.equal(draw("a"), draw("a"))
     assert not torch.equal(draw("a"), draw("b"))
     # Without a seed, every generator starts from os.urandom.
-    assert not torch.equal(torch.randn(5, generator=noise_generator(None)), torch.randn(5, generator=noise_generator(None)))
+    assert not torch.equal(
+        torch.randn(5, generator=noise_generator(None)), torch.randn(5, generator=noise_generator(None))
+    )
 
 
 # -- the accountant ---------------------------------------------------------------------------------

@@ -42,19 +42,77 @@ def fail(*named: str, reason: str = "x") -> Report:
 # requesting, eligible, first request age, coordinator age, rules -> ready
 QUORUM_CASES = [
     ("all eligible asked", {"a", "b"}, {"a", "b"}, 0.0, 100.0, QuorumRules(min_peers=2, join_timeout_s=5.0), True),
-    ("one missing, timeout not passed", {"a"}, {"a", "b"}, 1.0, 100.0, QuorumRules(min_peers=1, join_timeout_s=5), False),
+    (
+        "one missing, timeout not passed",
+        {"a"},
+        {"a", "b"},
+        1.0,
+        100.0,
+        QuorumRules(min_peers=1, join_timeout_s=5),
+        False,
+    ),
     ("one missing, timeout passed", {"a"}, {"a", "b"}, 5.0, 100.0, QuorumRules(min_peers=1, join_timeout_s=5), True),
-    ("timeout passed but under min_peers", {"a"}, {"a", "b"}, 50.0, 100.0, QuorumRules(min_peers=2, join_timeout_s=5.0), False),
-    ("everyone asked but under min_peers", {"a"}, {"a"}, 0.0, 100.0, QuorumRules(min_peers=2, join_timeout_s=5.0), False),
-    ("startup grace holds a timed-out quorum", {"a"}, {"a", "b"}, 9.0, 2.0, QuorumRules(min_peers=1, join_timeout_s=5.0, startup_grace_s=10.0), False),
-    ("startup grace holds even a complete one", {"a", "b"}, {"a", "b"}, 0.0, 2.0, QuorumRules(min_peers=2, join_timeout_s=5.0, startup_grace_s=10.0), False),
-    ("after the grace the timeout applies", {"a"}, {"a", "b"}, 9.0, 11.0, QuorumRules(min_peers=1, join_timeout_s=5.0, startup_grace_s=10.0), True),
+    (
+        "timeout passed but under min_peers",
+        {"a"},
+        {"a", "b"},
+        50.0,
+        100.0,
+        QuorumRules(min_peers=2, join_timeout_s=5.0),
+        False,
+    ),
+    (
+        "everyone asked but under min_peers",
+        {"a"},
+        {"a"},
+        0.0,
+        100.0,
+        QuorumRules(min_peers=2, join_timeout_s=5.0),
+        False,
+    ),
+    (
+        "startup grace holds a timed-out quorum",
+        {"a"},
+        {"a", "b"},
+        9.0,
+        2.0,
+        QuorumRules(min_peers=1, join_timeout_s=5.0, startup_grace_s=10.0),
+        False,
+    ),
+    (
+        "startup grace holds even a complete one",
+        {"a", "b"},
+        {"a", "b"},
+        0.0,
+        2.0,
+        QuorumRules(min_peers=2, join_timeout_s=5.0, startup_grace_s=10.0),
+        False,
+    ),
+    (
+        "after the grace the timeout applies",
+        {"a"},
+        {"a", "b"},
+        9.0,
+        11.0,
+        QuorumRules(min_peers=1, join_timeout_s=5.0, startup_grace_s=10.0),
+        True,
+    ),
     ("nobody asked", set(), {"a"}, 50.0, 100.0, QuorumRules(min_peers=1, join_timeout_s=5.0), False),
-    ("everyone asked, short of the aggregator's need", {"a", "b"}, {"a", "b"}, 0.0, 100.0, QuorumRules(join_timeout_s=5.0, min_members=3), False),
+    (
+        "everyone asked, short of the aggregator's need",
+        {"a", "b"},
+        {"a", "b"},
+        0.0,
+        100.0,
+        QuorumRules(join_timeout_s=5.0, min_members=3),
+        False,
+    ),
 ]
 
 
-@pytest.mark.parametrize("name,requesting,eligible,age,coord_age,rules,ready", QUORUM_CASES, ids=[c[0] for c in QUORUM_CASES])
+@pytest.mark.parametrize(
+    "name,requesting,eligible,age,coord_age,rules,ready", QUORUM_CASES, ids=[c[0] for c in QUORUM_CASES]
+)
 def test_quorum_ready(name, requesting, eligible, age, coord_age, rules, ready):
     assert quorum_ready(requesting, eligible, age, coord_age, rules) is ready
 
@@ -65,21 +123,52 @@ HOPELESS_CASES = [
     # Even when it is the only live peer and has asked: a peer restarted by its supervisor comes back within it.
     ("a lone survivor before the join timeout", 1, 4.9, 100.0, True, QuorumRules(min_peers=2, join_timeout_s=5), False),
     ("enough live peers, some yet to ask", 2, 50.0, 100.0, True, QuorumRules(min_peers=2, join_timeout_s=5.0), False),
-    ("before the first commit the run waits", 1, 50.0, 100.0, False, QuorumRules(min_peers=2, join_timeout_s=5.0), False),
-    ("startup grace after a coordinator restart", 1, 50.0, 2.0, True, QuorumRules(min_peers=2, join_timeout_s=5.0, startup_grace_s=10.0), False),
+    (
+        "before the first commit the run waits",
+        1,
+        50.0,
+        100.0,
+        False,
+        QuorumRules(min_peers=2, join_timeout_s=5.0),
+        False,
+    ),
+    (
+        "startup grace after a coordinator restart",
+        1,
+        50.0,
+        2.0,
+        True,
+        QuorumRules(min_peers=2, join_timeout_s=5.0, startup_grace_s=10.0),
+        False,
+    ),
     ("min_peers 1 is always reachable", 1, 50.0, 100.0, True, QuorumRules(min_peers=1, join_timeout_s=5.0), False),
     ("the aggregator's need counts too", 4, 5.0, 100.0, True, QuorumRules(join_timeout_s=5, min_members=5), True),
     (
         "before the first commit, short of the aggregator's need: refused at the join timeout",
-        4, 5.0, 100.0, False, QuorumRules(min_peers=2, join_timeout_s=5, min_members=5), True,
+        4,
+        5.0,
+        100.0,
+        False,
+        QuorumRules(min_peers=2, join_timeout_s=5, min_members=5),
+        True,
     ),
     (
         "... and not before it",
-        4, 4.9, 100.0, False, QuorumRules(min_peers=2, join_timeout_s=5, min_members=5), False,
+        4,
+        4.9,
+        100.0,
+        False,
+        QuorumRules(min_peers=2, join_timeout_s=5, min_members=5),
+        False,
     ),
     (
         "before the first commit, short of min_peers too: the run waits",
-        4, 50.0, 100.0, False, QuorumRules(min_peers=6, join_timeout_s=5, min_members=5), False,
+        4,
+        50.0,
+        100.0,
+        False,
+        QuorumRules(min_peers=6, join_timeout_s=5, min_members=5),
+        False,
     ),
 ]
 
@@ -94,11 +183,34 @@ def test_quorum_hopeless(name, eligible, age, coord_age, started, rules, hopeles
 # The same, when the live peers are those of the last quorum refused for too few (waited_out): nobody came back in
 # its join timeout, so it is not waited out again.
 WAITED_OUT_CASES = [
-    ("a lone survivor asking again: refused at once", 1, 0.0, 100.0, True, QuorumRules(min_peers=2, join_timeout_s=5),
-     True),
-    ("... but not in a restarted coordinator's startup grace", 1, 0.0, 2.0, True, QuorumRules(min_peers=2, join_timeout_s=5.0, startup_grace_s=10.0), False),
+    (
+        "a lone survivor asking again: refused at once",
+        1,
+        0.0,
+        100.0,
+        True,
+        QuorumRules(min_peers=2, join_timeout_s=5),
+        True,
+    ),
+    (
+        "... but not in a restarted coordinator's startup grace",
+        1,
+        0.0,
+        2.0,
+        True,
+        QuorumRules(min_peers=2, join_timeout_s=5.0, startup_grace_s=10.0),
+        False,
+    ),
     ("... nor when enough peers are live", 2, 0.0, 100.0, True, QuorumRules(min_peers=2, join_timeout_s=5.0), False),
-    ("... nor before the first commit, short of min_peers", 1, 0.0, 100.0, False, QuorumRules(min_peers=2, join_timeout_s=5.0), False),
+    (
+        "... nor before the first commit, short of min_peers",
+        1,
+        0.0,
+        100.0,
+        False,
+        QuorumRules(min_peers=2, join_timeout_s=5.0),
+        False,
+    ),
 ]
 
 
@@ -112,10 +224,42 @@ def test_quorum_hopeless_once_its_join_timeout_was_waited_out(name, eligible, ag
 # has state, a holder is alive, run under way, coordinator age, rules -> action (before the run's first commit)
 JOIN_CASES = [
     ("a peer with state keeps it", True, False, True, 0.0, QuorumRules(join_timeout_s=5.0, startup_grace_s=5), "keep"),
-    ("a fresh peer syncs from a live holder", False, True, True, 0.0, QuorumRules(join_timeout_s=5.0, startup_grace_s=5), "sync"),
-    ("the first peer of a new run founds it at once", False, False, False, 0.0, QuorumRules(join_timeout_s=5.0, startup_grace_s=5), "found"),
-    ("a restarted coordinator's holders are coming back", False, False, True, 1.0, QuorumRules(join_timeout_s=5.0, startup_grace_s=5), "wait"),
-    ("after the grace nobody is coming back", False, False, True, 5.0, QuorumRules(join_timeout_s=5.0, startup_grace_s=5), "found"),
+    (
+        "a fresh peer syncs from a live holder",
+        False,
+        True,
+        True,
+        0.0,
+        QuorumRules(join_timeout_s=5.0, startup_grace_s=5),
+        "sync",
+    ),
+    (
+        "the first peer of a new run founds it at once",
+        False,
+        False,
+        False,
+        0.0,
+        QuorumRules(join_timeout_s=5.0, startup_grace_s=5),
+        "found",
+    ),
+    (
+        "a restarted coordinator's holders are coming back",
+        False,
+        False,
+        True,
+        1.0,
+        QuorumRules(join_timeout_s=5.0, startup_grace_s=5),
+        "wait",
+    ),
+    (
+        "after the grace nobody is coming back",
+        False,
+        False,
+        True,
+        5.0,
+        QuorumRules(join_timeout_s=5.0, startup_grace_s=5),
+        "found",
+    ),
 ]
 
 
@@ -171,8 +315,16 @@ OWN_STATE_JOIN_CASES = [
 @pytest.mark.parametrize("name,has_state,last_round,holder,action", OWN_STATE_JOIN_CASES,
                          ids=[c[0] for c in OWN_STATE_JOIN_CASES])
 def test_join_action_of_a_replica_whose_state_is_its_own(name, has_state, last_round, holder, action):
-    got = join_action(has_state, holder, False, 1000.0, QuorumRules(join_timeout_s=5.0, startup_grace_s=5), committed_round=3,
-                      last_round=last_round, own_state=True)
+    got = join_action(
+        has_state,
+        holder,
+        False,
+        1000.0,
+        QuorumRules(join_timeout_s=5.0, startup_grace_s=5),
+        committed_round=3,
+        last_round=last_round,
+        own_state=True,
+    )
     assert got == action
 
 
@@ -195,7 +347,13 @@ INITIAL_STATE_CASES = [
 )
 def test_join_action_of_a_fresh_peer_naming_its_initial_state(name, committed, digest, initial, holder, action):
     got = join_action(
-        False, holder, False, 1000.0, QuorumRules(join_timeout_s=5.0, startup_grace_s=5), committed_round=committed, digest=digest,
+        False,
+        holder,
+        False,
+        1000.0,
+        QuorumRules(join_timeout_s=5.0, startup_grace_s=5),
+        committed_round=committed,
+        digest=digest,
         initial_digest=initial,
     )
     assert got == action
@@ -327,7 +485,11 @@ COMMIT_CASES = [
         CommitInputs(("a", "b"), {"a": fail("b"), "b": fail("a")}),
         Decision(False, ("a", "b"), blamed=("a", "b")),
     ),
-    ("lapsed lease of a silent member aborts", CommitInputs(M, {"a": OK, "b": OK}, frozenset({"c"})), Decision(False, ("c",))),
+    (
+        "lapsed lease of a silent member aborts",
+        CommitInputs(M, {"a": OK, "b": OK}, frozenset({"c"})),
+        Decision(False, ("c",)),
+    ),
     (
         "a lapsed lease drops only the lapsed: a live silent member stays",
         CommitInputs(M, {"a": OK}, frozenset({"c"})),
@@ -351,7 +513,11 @@ COMMIT_CASES = [
         CommitInputs(M, {"a": fail()}, failure_grace_passed=True),
         Decision(False, ()),
     ),
-    ("the failure grace without a failure changes nothing", CommitInputs(M, {"a": OK}, failure_grace_passed=True), None),
+    (
+        "the failure grace without a failure changes nothing",
+        CommitInputs(M, {"a": OK}, failure_grace_passed=True),
+        None,
+    ),
     ("reports from non-members are ignored", CommitInputs(("a",), {"a": OK, "z": fail("a")}), Decision(True)),
     ("names outside the group are ignored", CommitInputs(("a", "b"), {"a": fail("z"), "b": OK}), Decision(False, ())),
 ]

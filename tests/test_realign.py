@@ -34,7 +34,9 @@ def test_a_joiner_that_never_loads_the_runs_state_is_made_to_fetch_it_and_then_h
     )
     peers = [
         ElasticCollective(
-            ElasticConfig(coordinator=coordinator.server.address, run_id=RUN, transport=TransportConfig(host_id=f"h{i}"))
+            ElasticConfig(
+                coordinator=coordinator.server.address, run_id=RUN, transport=TransportConfig(host_id=f"h{i}")
+            )
         )
         for i in range(2)
     ]
@@ -64,7 +66,9 @@ def test_a_joiner_that_never_loads_the_runs_state_is_made_to_fetch_it_and_then_h
     pool = concurrent.futures.ThreadPoolExecutor(2)
     try:
         list(pool.map(train, range(2), timeout=60))
-        realigned = [e for e in coordinator.status()["events"] if e["kind"] == "resync" and "not the run's" in e["detail"]]
+        realigned = [
+            e for e in coordinator.status()["events"] if e["kind"] == "resync" and "not the run's" in e["detail"]
+        ]
         assert [e["peer_id"] for e in realigned] == [peers[1].peer_id]
         shared = sorted(set(digests[0]) & set(digests[1]))
         before = [r for r in shared if digests[0][r] != digests[1][r]]

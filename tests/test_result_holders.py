@@ -311,7 +311,9 @@ async def pushes_as_a_round_of_two_commits(
 def test_as_a_round_of_two_commits_a_peer_that_offers_is_asked_at_once_on_its_session_stream(coordinator):
     c = coordinator()
     a, b, p3, p4 = [c.join(f"127.0.0.1:{port}", has_state=True).peer_id for port in (1, 2, 3, 4)]
-    pushed, asked_again = asyncio.run(asyncio.wait_for(pushes_as_a_round_of_two_commits(c, a, b, {p3: True, p4: False}), 30))
+    pushed, asked_again = asyncio.run(
+        asyncio.wait_for(pushes_as_a_round_of_two_commits(c, a, b, {p3: True, p4: False}), 30)
+    )
     # Three hold it now, counting p3: one push, to the peer that offers; its next heartbeat does not ask again.
     assert [named(push.hold) for push in pushed[p3]] == [[(1, ["127.0.0.1:1", "127.0.0.1:2"])]]
     assert (pushed[p4], asked_again) == ([], {p3: [], p4: []})
@@ -425,11 +427,17 @@ def test_a_round_asked_for_while_another_is_fetched_is_fetched_after_it(monkeypa
     release: asyncio.Event
     asyncio.run(scenario())
     # Round 1 once, then round 2: asked while round 1 was fetched, it waited its turn instead of being dropped.
-    assert fetching == list(late.fetched) == [1, 2] and late.fetched_count == 2 and [r for r, _, _ in store.attempts()] == [1, 2]
+    assert (
+        fetching == list(late.fetched) == [1, 2]
+        and late.fetched_count == 2
+        and [r for r, _, _ in store.attempts()] == [1, 2]
+    )
 
 
 @pytest.mark.parametrize("why", ["catching up", "keeping for the run"])
-def test_a_result_is_fetched_within_the_short_stall_window_with_the_state_syncs_own_as_the_patient_one(monkeypatch, why):
+def test_a_result_is_fetched_within_the_short_stall_window_with_the_state_syncs_own_as_the_patient_one(
+    monkeypatch, why
+):
     # Both would fall back to worse when every holder stalls on a slow link: the whole state, or no copy kept.
     given = StateSyncConfig(stall_timeout_s=30.0)
     store = ResultStore(keep=4)
@@ -486,7 +494,8 @@ def offering_peer(coordinator: str) -> ElasticCollective:
 
 @contextlib.contextmanager
 def three_offering_peers(heartbeat_s: float, lease_s: float) -> Iterator[tuple]:
-    """A coordinator of run "h" (first-k:2) and three offering peers of it, closed on leaving: (coordinator, a, b, c)."""
+    """A coordinator of run "h" (first-k:2) and three offering peers of it, closed on leaving:
+    (coordinator, a, b, c)."""
     config = CoordinatorConfig(run_id="h", port=0, dashboard_port=None, startup_grace_s=0, quorum="first-k:2",
                                heartbeat_s=heartbeat_s, lease_s=lease_s)
     with CoordinatorThread(config) as coord:

@@ -129,7 +129,12 @@ def test_a_result_the_codec_reproduces_is_served_encoded_and_decodes_to_the_same
     store = ResultStore(keep=1)
     store.keep(7, "fragment1", value, INT8)
     snap = store.snapshot(7)
-    assert snap.meta == {"tag": "fragment1", "codec": "int8", "numel": 10_000, "sizes": [snap.tensors["result"].numel()]}
+    assert snap.meta == {
+        "tag": "fragment1",
+        "codec": "int8",
+        "numel": 10_000,
+        "sizes": [snap.tensors["result"].numel()],
+    }
     assert snap.tensors["result"].dtype == torch.uint8
     assert snap.tensors["result"].numel() < value.numel() * 4 / 3
     assert torch.equal(decode_result(snap, 10_000, "fragment1", "peer1"), value)

@@ -38,7 +38,10 @@ INT4 = round_format("int4", "mean", 1000)
 
 
 def test_a_round_format_names_the_codec_the_aggregator_the_length_then_the_settings():
-    assert round_format("int8", "trimmed_mean:trim=0.1", 1234) == "codec int8, aggregator trimmed_mean:trim=0.1, 1234 values"
+    assert (
+        round_format("int8", "trimmed_mean:trim=0.1", 1234)
+        == "codec int8, aggregator trimmed_mean:trim=0.1, 1234 values"
+    )
     assert round_format("int8", "mean", 5, ("outer sgd", "outer lr 0.7")) == (
         "codec int8, aggregator mean, 5 values, outer sgd, outer lr 0.7"
     )
@@ -47,16 +50,23 @@ def test_a_round_format_names_the_codec_the_aggregator_the_length_then_the_setti
 @pytest.mark.parametrize(
     ("config", "settings"),
     [
-        (OuterConfig(), ("outer sgd", "outer lr 0.7", "outer momentum 0.7", "outer nesterov on", "outer weight decay 0.0")),
+        (
+            OuterConfig(),
+            ("outer sgd", "outer lr 0.7", "outer momentum 0.7", "outer nesterov on", "outer weight decay 0.0"),
+        ),
         # The optimizer's own lr named or left out: the same settings.
         (OuterConfig(lr=0.7), OuterConfig().settings()),
         # Nesterov without momentum is plain SGD.
-        (OuterConfig(momentum=0.0), ("outer sgd", "outer lr 0.7", "outer momentum 0.0", "outer nesterov off",
-                                     "outer weight decay 0.0")),
+        (
+            OuterConfig(momentum=0.0),
+            ("outer sgd", "outer lr 0.7", "outer momentum 0.0", "outer nesterov off", "outer weight decay 0.0"),
+        ),
         (OuterConfig(momentum=0.0, nesterov=False), OuterConfig(momentum=0.0).settings()),
         # Only the fields the optimizer reads: Adam's betas and eps, not SGD's momentum.
-        (OuterConfig(name="adam"), ("outer adam", "outer lr 0.01", "outer betas 0.9/0.99", "outer eps 1e-08",
-                                    "outer weight decay 0.0")),
+        (
+            OuterConfig(name="adam"),
+            ("outer adam", "outer lr 0.01", "outer betas 0.9/0.99", "outer eps 1e-08", "outer weight decay 0.0"),
+        ),
         (OuterConfig(name="adam", momentum=0.5), OuterConfig(name="adam").settings()),
         (OuterConfig(name="fedavgm"), ("outer fedavgm", "outer lr 1.0", "outer momentum 0.7")),
     ],

@@ -1,4 +1,5 @@
-"""collectives.net.rpc: the one factory of gRPC servers and channels, and --advertise, over real sockets on 127.0.0.1."""
+"""collectives.net.rpc: the one factory of gRPC servers and channels, and --advertise, over real sockets on
+127.0.0.1."""
 
 from __future__ import annotations
 
@@ -131,7 +132,8 @@ def test_the_coordinator_keeps_its_measured_server_limits():
 def test_a_peer_transport_shares_its_limits_with_its_channels():
     settings = TransportConfig(chunk_bytes=8 << 20).rpc_settings()
     assert settings.max_receive_bytes == settings.max_send_bytes == TransportConfig(chunk_bytes=8 << 20).message_limit
-    # The peer's caps are its handlers' own (collectives.net.admission): a server-wide gRPC cap would shed health checks.
+    # The peer's caps are its handlers' own (collectives.net.admission): a server-wide gRPC cap would shed health
+    # checks.
     assert settings.max_concurrent_rpcs is None
     assert TransportConfig().admission_limits().total == TransportConfig().max_concurrent_rpcs
 

@@ -36,8 +36,17 @@ def test_an_id_held_by_a_live_peer_is_not_given_out_twice():
 def test_a_peer_that_rejoins_under_its_id_keeps_its_counters_until_its_next_heartbeat():
     # Counters that dipped to 0 would read as a reset to Prometheus, which would count the peer's history again.
     state = RunState("run", 1)
-    state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1", lease_s=5.0, bytes_sent=700, bytes_received=600,
-                              samples=50, step=9))
+    state.add_peer(
+        PeerRecord(
+            peer_id="p1-0a0b0c",
+            address="127.0.0.1:1",
+            lease_s=5.0,
+            bytes_sent=700,
+            bytes_received=600,
+            samples=50,
+            step=9,
+        )
+    )
     state.drop_peer(state.peers["p1-0a0b0c"], "lost")
     state.add_peer(PeerRecord(peer_id="p1-0a0b0c", address="127.0.0.1:1", lease_s=5.0))
     again = state.peers["p1-0a0b0c"]

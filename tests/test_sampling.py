@@ -118,16 +118,24 @@ REFUSED = [
     ("0.0", "quorum policy sample:0.0: the fraction must be in (0, 1], got 0.0; for a number of peers write K"),
     ("1.5", "quorum policy sample:1.5: the fraction must be in (0, 1], got 1.5; for a number of peers write K"),
     ("0.5,min=0", "quorum policy sample:0.5,min=0: min must be at least 1, got 0"),
-    ("0.5,min=x", "quorum policy sample:0.5,min=x: after the comma comes min=M with a whole number M >= 1, got 'min=x'"),
-    ("0.5,max=3", "quorum policy sample:0.5,max=3: after the comma comes min=M with a whole number M >= 1, got 'max=3'"),
+    (
+        "0.5,min=x",
+        "quorum policy sample:0.5,min=x: after the comma comes min=M with a whole number M >= 1, got 'min=x'",
+    ),
+    (
+        "0.5,max=3",
+        "quorum policy sample:0.5,max=3: after the comma comes min=M with a whole number M >= 1, got 'max=3'",
+    ),
     ("0.5,", "quorum policy sample:0.5,: after the comma comes min=M with a whole number M >= 1, got ''"),
     (
         "0.5,min=3,min=4",
-        "quorum policy sample:0.5,min=3,min=4: after the comma comes min=M with a whole number M >= 1, got 'min=3,min=4'",
+        "quorum policy sample:0.5,min=3,min=4: after the comma comes min=M with a whole number M >= 1, "
+        "got 'min=3,min=4'",
     ),
     (
         "3,min=2",
-        "quorum policy sample:3,min=2: min=M goes with a fraction (sample:F,min=M); a count K is the round's size already",
+        "quorum policy sample:3,min=2: min=M goes with a fraction (sample:F,min=M); "
+        "a count K is the round's size already",
     ),
 ]
 

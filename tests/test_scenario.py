@@ -42,7 +42,10 @@ def test_event_strings_parse(text, action, target, rounds, seconds, sync, durati
         ("join@sync2", "needs a target"),
         ("stop@round3", "needs a target"),
         # Options an action does nothing with are refused, not dropped.
-        ("kill:peer1@round2,for=5s", "kill takes no for=; write kill:PEER@WHEN; to start the peer again later, stop it"),
+        (
+            "kill:peer1@round2,for=5s",
+            "kill takes no for=; write kill:PEER@WHEN; to start the peer again later, stop it",
+        ),
         ("kill:peer1@round2,x=3", "kill takes no x=; write kill:PEER@WHEN"),
         ("join@round2,for=5s", "join takes no for=; write join@WHEN"),
         ("restart-coordinator@5s,for=2s", "restart-coordinator takes no for="),
@@ -72,7 +75,10 @@ def test_bad_events_are_config_errors_that_say_what_to_write(text, message):
 
 def test_scenario_file_holds_the_same_events(tmp_path):
     path = tmp_path / "s.toml"
-    path.write_text('[[event]]\naction = "pause"\ntarget = "peer1"\nat = "round2"\nfor = "8s"\n\n[[event]]\naction = "join"\nat = "30s"\n')
+    path.write_text(
+        '[[event]]\naction = "pause"\ntarget = "peer1"\nat = "round2"\nfor = "8s"\n\n'
+        '[[event]]\naction = "join"\nat = "30s"\n'
+    )
     assert load_scenario(path) == [parse_event("pause:peer1@round2,for=8s"), parse_event("join@30s")]
 
 
@@ -105,18 +111,29 @@ def test_a_scenario_files_numbers_are_toml_numbers_or_the_event_texts(tmp_path, 
         ('action = "stop"\ntarget = "peer1"\nat = "round2"\nfor = inf', "event 1: stop duration: inf is no duration"),
         ('action = "join"\nat = true', "event 1: at must be a time"),
         ('action = "join"\nat = nan', "event 1: event time: nan is no duration"),
-        ("action = 5\nat = \"5s\"", "event 1: action must be a string"),
-        ('action = "kill"\ntarget = 1\nat = "round2"', 'event 1: target must be a string, e.g. target = "peer1"; got 1'),
+        ('action = 5\nat = "5s"', "event 1: action must be a string"),
+        (
+            'action = "kill"\ntarget = 1\nat = "round2"',
+            'event 1: target must be a string, e.g. target = "peer1"; got 1',
+        ),
         ('action = "kill"\ntarget = "peer 1"\nat = "round2"', "event 1: kill: the target must be a peer's name"),
         ('action = "straggle"\ntarget = "peer1"\nat = "0s"\nfactor = "three"', "event 1: factor needs a number"),
         ('action = "straggle"\ntarget = "peer1"\nat = "0s"\nfactor = true', "event 1: factor must be a number"),
         ('action = "straggle"\ntarget = "peer1"\nat = "0s"\nfactor = inf', "event 1: straggle: x= must be a finite"),
         ('action = "straggle"\ntarget = "peer1"\nat = "0s"\nfactor = nan', "event 1: straggle: x= must be a finite"),
-        ('action = "byzantine"\ntarget = "peer1"\nat = "0s"\nattack = "signflip"\nk = true', "event 1: k must be a number"),
+        (
+            'action = "byzantine"\ntarget = "peer1"\nat = "0s"\nattack = "signflip"\nk = true',
+            "event 1: k must be a number",
+        ),
         ('action = "byzantine"\ntarget = "peer1"\nat = "0s"\nattack = 5', "event 1: attack must be a string"),
-        ('action = "straggle"\ntarget = "bursty"\nat = "0s"\nfactor = 4\nB = 1.5\nW = 2\nlambda = 1',
-         "event 1: B must be a whole number"),
-        ('action = "kill"\ntarget = "peer1"\nat = "round2"\nfor = 5', "event 1: kill takes no for; write kill:PEER@WHEN; to start"),
+        (
+            'action = "straggle"\ntarget = "bursty"\nat = "0s"\nfactor = 4\nB = 1.5\nW = 2\nlambda = 1',
+            "event 1: B must be a whole number",
+        ),
+        (
+            'action = "kill"\ntarget = "peer1"\nat = "round2"\nfor = 5',
+            "event 1: kill takes no for; write kill:PEER@WHEN; to start",
+        ),
         ('action = "join"\nat = "round2"\nfactor = 2', "event 1: join takes no factor; write join@WHEN"),
         ('action = "cut"\ntarget = "peer1"\nat = "round2"', "event 1: cut needs a duration"),
     ],
@@ -134,10 +151,19 @@ def test_a_scenario_event_key_of_the_wrong_type_or_unused_is_refused(tmp_path, t
     [
         ("event = 5\n", "event must be [[event]] tables, not 5"),
         ("event = [1, 2]\n", "event 1 is 1, not a table; write each event as an [[event]] table"),
-        ('[event]\naction = "join"\nat = "round2"\n', "events are [[event]] tables (an array of tables); write [[event]], not [event]"),
-        ('[[events]]\naction = "join"\nat = "round2"\n', "unknown top-level key(s) events; a scenario holds only [[event]] tables"),
+        (
+            '[event]\naction = "join"\nat = "round2"\n',
+            "events are [[event]] tables (an array of tables); write [[event]], not [event]",
+        ),
+        (
+            '[[events]]\naction = "join"\nat = "round2"\n',
+            "unknown top-level key(s) events; a scenario holds only [[event]] tables",
+        ),
         ('title = "x"\n[[event]]\naction = "join"\nat = "round2"\n', "unknown top-level key(s) title"),
-        ('# caf\xe9\n[[event]]\naction = "join"\nat = "5s"\n'.encode("latin-1"), "it is not UTF-8 text (byte 5); save it as UTF-8"),
+        (
+            '# caf\xe9\n[[event]]\naction = "join"\nat = "5s"\n'.encode("latin-1"),
+            "it is not UTF-8 text (byte 5); save it as UTF-8",
+        ),
     ],
 )
 def test_a_scenario_file_that_is_not_a_list_of_event_tables_is_refused(tmp_path, content, message):
@@ -254,9 +280,15 @@ def test_a_pattern_events_options_may_come_in_any_order():
         ("straggle:random@0s,x=4,B=2", "random takes x=, seed=, not B="),
         ("straggle:random@0s,x=4,k=3", "a straggler pattern takes no k=; write straggle:PATTERN@WHEN[,for=DURATION]"),
         ("straggle:random@sync2,x=4", "syncN needs a target peer"),
-        ("straggle:peer1@0s,x=3,B=2", "B= belongs to a straggler pattern, e.g. straggle:bursty@0s,B=1,W=2,lambda=1,x=4"),
+        (
+            "straggle:peer1@0s,x=3,B=2",
+            "B= belongs to a straggler pattern, e.g. straggle:bursty@0s,B=1,W=2,lambda=1,x=4",
+        ),
         ("kill:peer1@round2,lambda=1", "lambda= belongs to a straggler pattern"),
-        ("straggle:peer1@round1", "straggle needs a slowdown factor above 1, e.g. straggle:peer1@10s,x=3 (or a pattern"),
+        (
+            "straggle:peer1@round1",
+            "straggle needs a slowdown factor above 1, e.g. straggle:peer1@10s,x=3 (or a pattern",
+        ),
         (
             "kill:peer1@round1,Q=1",
             (
@@ -301,7 +333,9 @@ def test_a_scenario_file_refuses_a_pattern_option_on_a_peers_straggle(tmp_path):
         ("stall:peer2@round3,streams=0", 0, 10, 3, None, "stall:peer2@round3,streams=0,fetches=10"),
     ],
 )
-def test_stall_events_hold_streams_and_fetches_against_their_target(text, streams, fetches, rounds, duration, canonical):
+def test_stall_events_hold_streams_and_fetches_against_their_target(
+    text, streams, fetches, rounds, duration, canonical
+):
     e = parse_event(text)
     assert (e.action, e.target, e.streams, e.fetches, e.at.rounds, e.duration_s) == (
         "stall", text.split(":")[1].split("@")[0], streams, fetches, rounds, duration,

@@ -1,4 +1,5 @@
-"""Sequential gradient coding (collectives/gradcoding/seqcoding.py) and the bursty straggler model (collectives/gradcoding/stragglermodel.py).
+"""Sequential gradient coding (collectives/gradcoding/seqcoding.py) and the bursty straggler model
+(collectives/gradcoding/stragglermodel.py).
 
 The schemes are checked the way loconet runs them: no master keeps individual results; each round the
 survivors' results are summed with the round's coefficients into one partial sum per job. Every job must
@@ -507,7 +508,12 @@ def test_a_malformed_sr_sgc_state_is_refused_and_changes_nothing(change):
 
 @pytest.mark.parametrize(
     "delivered",
-    [[[1, [[0], [0]]]], [[1, [[0], [0], [0], [5]]]], [[9, [[], [], [], []]]], [[1, [[], [], [], []]], [1, [[], [], [], []]]]],
+    [
+        [[1, [[0], [0]]]],
+        [[1, [[0], [0], [0], [5]]]],
+        [[9, [[], [], [], []]]],
+        [[1, [[], [], [], []]], [1, [[], [], [], []]]],
+    ],
 )
 def test_a_malformed_m_sgc_state_is_refused(delivered):
     scheme = MultiplexedSGC(BurstyModel(4, 1, 3, 1), repetition)

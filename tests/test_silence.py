@@ -1,4 +1,5 @@
-"""The silence that took every lease (peer/coordinator/silence.py): when it counts as an outage, how long quorums hold."""
+"""The silence that took every lease (peer/coordinator/silence.py): when it counts as an outage, how long quorums
+hold."""
 
 from __future__ import annotations
 

@@ -68,7 +68,9 @@ def net():
     made: list[Transport] = []
 
     class Net:
-        def donor(self, provider, config: StateSyncConfig = CFG, results=None, **options) -> tuple[str, StateServer, Transport]:
+        def donor(
+            self, provider, config: StateSyncConfig = CFG, results=None, **options
+        ) -> tuple[str, StateServer, Transport]:
             t = Transport(TransportConfig(**options))
             server = StateServer(t, RUN, provider, config, results=results)
             made.append(t)
@@ -88,7 +90,9 @@ def net():
 async def raw_fetch(client: Transport, address: str, **fields) -> tuple[pb.StateManifest, bytes]:
     """One FetchState call read to its end: (manifest, the data bytes in order)."""
     request = pb.StateRequest(run_id=RUN, **fields).SerializeToString()
-    call = client.channel(address).unary_stream(FETCH_METHOD, request_serializer=identity, response_deserializer=identity)
+    call = client.channel(address).unary_stream(
+        FETCH_METHOD, request_serializer=identity, response_deserializer=identity
+    )
     manifest, data = None, bytearray()
     async for raw in call(request, timeout=30):
         m, _, chunk = stateformat._parse_chunk(raw)
@@ -539,7 +543,13 @@ def _with(m: pb.StateManifest, **fields) -> pb.StateManifest:
 
 @pytest.mark.parametrize(
     ("nbytes", "block_bytes", "blocks"),
-    [(0, BLOCK, 0), (1, BLOCK, 1), (BLOCK, BLOCK, 1), (BLOCK + 1, BLOCK, 2), (10 * MIN_BLOCK_BYTES, MIN_BLOCK_BYTES, 10)],
+    [
+        (0, BLOCK, 0),
+        (1, BLOCK, 1),
+        (BLOCK, BLOCK, 1),
+        (BLOCK + 1, BLOCK, 2),
+        (10 * MIN_BLOCK_BYTES, MIN_BLOCK_BYTES, 10),
+    ],
 )
 def test_a_consistent_manifest_announces_one_hash_per_block(nbytes, block_bytes, blocks):
     layout = stateformat._check_manifest(encoded_manifest(nbytes, block_bytes), RUN, StateSyncConfig())

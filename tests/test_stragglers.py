@@ -280,7 +280,9 @@ def test_a_peer_following_a_random_pattern_sleeps_before_exactly_the_steps_it_st
     # After step k-1 the optimizer has taken k steps: the sleep delays step k, which the pattern slows or not.
     assert slept == [6.0 if pattern.straggler(k, 6) == 2 else 0.0 for k in range(1, 61)]
     assert 0 < control.slowed == slept.count(6.0) < 60
-    assert emit.events == [{"event": "straggle-started", "pattern": "random,x=4,seed=5", "worker": 2, "n": 6, "step": 1}]
+    assert emit.events == [
+        {"event": "straggle-started", "pattern": "random,x=4,seed=5", "worker": 2, "n": 6, "step": 1}
+    ]
 
 
 def test_every_worker_of_a_pattern_agrees_on_the_one_straggler_of_each_step(tmp_path, clock):
@@ -288,7 +290,9 @@ def test_every_worker_of_a_pattern_agrees_on_the_one_straggler_of_each_step(tmp_
     for worker in range(4):
         (tmp_path / f"w{worker}").mkdir()
         control, optimizer, _ = peer_control(tmp_path / f"w{worker}")
-        write_control(tmp_path / f"w{worker}" / "peer.control.json", {"straggle": "random,x=3", "worker": worker, "n": 4})
+        write_control(
+            tmp_path / f"w{worker}" / "peer.control.json", {"straggle": "random,x=3", "worker": worker, "n": 4}
+        )
         slow_steps.append([s > 0 for s in take_steps(clock, control, optimizer, 40)])
     assert all(sum(column) == 1 for column in zip(*slow_steps)), "at each step exactly one of the 4 peers sleeps"
 
@@ -329,7 +333,9 @@ def test_an_evaluation_forward_does_not_count_as_the_steps_computation(tmp_path,
 
 def test_a_peers_own_slowdown_and_a_pattern_multiply(tmp_path, clock):
     control, optimizer, _ = peer_control(tmp_path)
-    write_control(tmp_path / "peer.control.json", {"slowdown": 2, "straggle": "persistent,worker=1,x=3", "worker": 1, "n": 3})
+    write_control(
+        tmp_path / "peer.control.json", {"slowdown": 2, "straggle": "persistent,worker=1,x=3", "worker": 1, "n": 3}
+    )
     assert take_steps(clock, control, optimizer, 2, step_s=1.0) == [5.0, 5.0]
     assert control.slowdown() == 6.0
 
@@ -340,7 +346,12 @@ def test_removing_the_pattern_stops_the_slowdown_and_says_how_many_steps_it_slow
     assert take_steps(clock, control, optimizer, 3, step_s=1.0) == [1.0, 1.0, 1.0]
     write_control(tmp_path / "peer.control.json", {"straggle": None, "worker": 0, "n": 2})
     assert take_steps(clock, control, optimizer, 2, step_s=1.0) == [0.0, 0.0]
-    assert emit.events[1] == {"event": "straggle-stopped", "pattern": "persistent,worker=0,x=2", "step": 4, "steps_slowed": 3}
+    assert emit.events[1] == {
+        "event": "straggle-stopped",
+        "pattern": "persistent,worker=0,x=2",
+        "step": 4,
+        "steps_slowed": 3,
+    }
     assert control.pattern is None
 
 

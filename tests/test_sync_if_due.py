@@ -25,7 +25,9 @@ def test_a_fresh_optimizer_of_any_algorithm_has_no_sync_due(name):
 def test_a_step_schedule_resumed_with_its_sync_due_syncs_once_at_once(name):
     torch.manual_seed(0)
     opt = make_optimizer(torch.nn.Linear(3, 2), LocalPeer(), TrainConfig.of(name, sync_every=5))
-    opt.load_state_dict({**opt.state_dict(), "inner_steps": 5, "counters": {"steps_since_sync": 5, "samples_since_sync": 40}})
+    opt.load_state_dict(
+        {**opt.state_dict(), "inner_steps": 5, "counters": {"steps_since_sync": 5, "samples_since_sync": 40}}
+    )
     assert opt.sync_if_due() is True and opt.committed_rounds == 1
     assert opt.sync_if_due() is False and opt.committed_rounds == 1
 

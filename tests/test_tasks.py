@@ -580,7 +580,10 @@ def test_a_light_user_object_is_wrapped_into_a_task(user_module: str) -> None:
         ("{m}:no_parameters", "the model has no parameters to train"),
         ("{m}:complex_", "parameter phase is complex"),
         ("{m}:finite", r"batches\(0, 1\) yielded no batch; it must yield batches without end"),
-        ("{m}:wrong_shape", r"loss\(model, first batch\) raised RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+        (
+            "{m}:wrong_shape",
+            r"loss\(model, first batch\) raised RuntimeError: mat1 and mat2 shapes cannot be multiplied",
+        ),
         ("{m}:vector_loss", r"loss\(model, batch\) must return a scalar tensor, got \(16, 1\)"),
     ],
 )

@@ -61,15 +61,29 @@ def other_certs(tmp_path_factory) -> RpcSecurity:
 @pytest.mark.parametrize(
     ("details", "security", "says"),
     [
-        ("Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:"
-         "OPENSSL_internal:CERTIFICATE_VERIFY_FAILED", CERT, "presents a certificate that this process's --tls-ca "
-         "(ca.pem) did not sign"),
-        ("Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL routines:"
-         "OPENSSL_internal:WRONG_VERSION_NUM", CERT, "speaks no TLS and this process dials it with TLS"),
+        (
+            "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:"
+            "OPENSSL_internal:CERTIFICATE_VERIFY_FAILED",
+            CERT,
+            "presents a certificate that this process's --tls-ca (ca.pem) did not sign",
+        ),
+        (
+            "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL routines:"
+            "OPENSSL_internal:WRONG_VERSION_NUM",
+            CERT,
+            "speaks no TLS and this process dials it with TLS",
+        ),
         ("Peer name 10.0.0.1 is not in peer certificate", CERT, "certificate does not name 10.0.0.1"),
-        ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:7201: Socket closed", PLAIN, None),
-        ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:9: Connection refused", CERT,
-         None),
+        (
+            "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:7201: Socket closed",
+            PLAIN,
+            None,
+        ),
+        (
+            "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:9: Connection refused",
+            CERT,
+            None,
+        ),
     ],
 )
 def test_a_handshake_failure_grpc_names_says_which_option_to_change(details, security, says):
@@ -180,7 +194,9 @@ def test_a_peer_whose_ca_did_not_sign_the_coordinators_certificate_is_told_so(tl
 def test_a_peer_whose_certificate_the_coordinator_refuses_is_told_so(tls_coordinator, run_certs, other_certs):
     # Trusts the run's CA, so the handshake gets as far as the coordinator's verdict on its certificate.
     mixed = RpcSecurity(tls_cert=other_certs.tls_cert, tls_key=other_certs.tls_key, tls_ca=run_certs.tls_ca)
-    assert f"refused this process's certificate ({other_certs.tls_cert})" in str(join_error(tls_coordinator.address, mixed))
+    assert f"refused this process's certificate ({other_certs.tls_cert})" in str(
+        join_error(tls_coordinator.address, mixed)
+    )
 
 
 def test_a_tls_peer_is_told_a_plaintext_coordinator_speaks_no_tls(run_certs):

@@ -244,7 +244,9 @@ def _close_with_a_call_in_flight(method: str, caplog: pytest.LogCaptureFixture) 
         await asyncio.Event().wait()
 
     peer = Transport(TransportConfig())
-    address = peer.start([method_handlers("test.Hang", {"Unary": raw_unary_unary(hang), "Stream": raw_stream_unary(hang)})])
+    address = peer.start(
+        [method_handlers("test.Hang", {"Unary": raw_unary_unary(hang), "Stream": raw_stream_unary(hang)})]
+    )
     transport = Transport(TransportConfig())
     closed = transport.start()
     running: set[asyncio.Future] = set()  # held while they run, as Collective.spawn does; close() cancels them
@@ -271,7 +273,9 @@ def _close_with_a_call_in_flight(method: str, caplog: pytest.LogCaptureFixture) 
     finally:
         transport.close()
         peer.close()
-    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"transport {closed} closed its channels")]
+    return [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith(f"transport {closed} closed its channels")
+    ]
 
 
 def test_closing_with_a_push_in_flight_leaves_no_watch_of_its_channel_unanswered(caplog):
