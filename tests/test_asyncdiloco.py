@@ -128,16 +128,10 @@ def test_each_member_sends_its_contribution_times_the_rounds_share() -> None:
     [
         ({"buffer": 2}, "buffer:2", ""),
         ({"buffer": 2, "buffer_timeout_s": 5.0}, "buffer:2,t=5", ""),
-        (
-            {"buffer": 2},
-            "buffer:3",
-            "async-diloco --buffer 2 needs the coordinator's --quorum buffer:2, and the run's is 'buffer:3'",
-        ),
-        (
-            {"buffer": 2},
-            "all",
-            "async-diloco --buffer 2 needs the coordinator's --quorum buffer:2, and the run's is 'all'",
-        ),
+        ({"buffer": 2}, "buffer:3",
+         "async-diloco --buffer 2 needs the coordinator's --quorum buffer:2, and the run's is 'buffer:3'"),
+        ({"buffer": 2}, "all",
+         "async-diloco --buffer 2 needs the coordinator's --quorum buffer:2, and the run's is 'all'"),
         ({"buffer": 2, "buffer_timeout_s": 5.0}, "buffer:2", "needs the coordinator's --quorum buffer:2,t=5"),
     ],
 )

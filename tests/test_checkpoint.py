@@ -119,13 +119,8 @@ def test_a_checkpoint_of_this_task_and_model_is_restored_into_the_model_and_the_
     ("task", "settings", "model", "refusal", "match"),
     [
         ("u", ("heads 2",), torch.nn.Linear(3, 2), "", "ckpt-30.pt is a checkpoint of task 't' and this peer runs 'u'"),
-        (
-            "t",
-            ("heads 4",),
-            torch.nn.Linear(3, 2),
-            "",
-            r"another model than this peer's \(heads 4, the checkpoint: heads 2\)",
-        ),
+        ("t", ("heads 4",), torch.nn.Linear(3, 2), "",
+         r"another model than this peer's \(heads 4, the checkpoint: heads 2\)"),
         (
             "t",
             ("heads 2",),
@@ -134,13 +129,8 @@ def test_a_checkpoint_of_this_task_and_model_is_restored_into_the_model_and_the_
             r"cannot resume from ckpt-30.pt \(Error\(s\) in loading state_dict "
             r"for Linear: size mismatch for weight",
         ),
-        (
-            "t",
-            ("heads 2",),
-            torch.nn.Linear(3, 2),
-            "a 'diloco' state",
-            r"cannot resume from ckpt-30.pt \(a 'diloco' state\)",
-        ),
+        ("t", ("heads 2",), torch.nn.Linear(3, 2), "a 'diloco' state",
+         r"cannot resume from ckpt-30.pt \(a 'diloco' state\)"),
     ],
 )
 def test_a_checkpoint_written_otherwise_is_refused_naming_it_and_what_differs(task, settings, model, refusal, match):

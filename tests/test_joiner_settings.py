@@ -74,11 +74,8 @@ def test_the_refusal_says_which_algorithm_to_start_the_peer_with():
         ("codec int4, aggregator mean, outer sgd, outer lr 0.7", [INT8], "codec int4, the run's: codec int8"),
         ("codec int8, aggregator mean, outer sgd, outer lr 0.3", [INT8], "outer lr 0.3, the run's: outer lr 0.7"),
         # Live peers that differ among themselves (older versions): the most common is the run's; any one agrees.
-        (
-            "codec fp16, aggregator mean, outer sgd, outer lr 0.7",
-            [INT8, INT8, "x"],
-            "codec fp16, the run's: codec int8",
-        ),
+        ("codec fp16, aggregator mean, outer sgd, outer lr 0.7", [INT8, INT8, "x"],
+         "codec fp16, the run's: codec int8"),
         ("x", [INT8, INT8, "x"], ""),
     ],
 )

@@ -85,12 +85,8 @@ CASES = [
     ("all: one missing at the timeout", AllPeers(), q("cab", waited=5.0), form("abc")),
     ("all: startup grace", AllPeers(), q("abcd", age=9.0), None),
     ("all: a lone survivor below min_peers", AllPeers(), q("a", "a", waited=5.0, rules=TWO), Refuse(1)),
-    (
-        "all: ... asking again, nobody back since its last refusal",
-        AllPeers(),
-        q("a", "a", rules=TWO, refused=True),
-        Refuse(1),
-    ),
+    ("all: ... asking again, nobody back since its last refusal", AllPeers(), q("a", "a", rules=TWO, refused=True),
+     Refuse(1)),
     ("all: before the first commit, wait", AllPeers(), q("a", "a", waited=50.0, rules=TWO, started=False), None),
     # first-k: the first k to ask, as soon as k asked.
     ("first-k: the first k askers, by peer id", FirstK(2), q("ca"), form("ac")),
@@ -127,12 +123,8 @@ CASES = [
     ("sample 0.25,min=2: the minimum", sample("0.25,min=2"), q("cb"), form("bc", "abcd")),
     ("sample 0.25,min=9: never more than the candidates", sample("0.25,min=9"), q("dcba"), form("abcd", "abcd")),
     ("sample 0.5, min_peers 2, no min: one of two never starts", sample("0.5"), q("ab", "ab", rules=TWO), None),
-    (
-        "sample 0.5 fitted to min_peers 2: two of two",
-        sample("0.5").fitted(2),
-        q("ab", "ab", rules=TWO),
-        form("ab", "ab"),
-    ),
+    ("sample 0.5 fitted to min_peers 2: two of two", sample("0.5").fitted(2), q("ab", "ab", rules=TWO),
+     form("ab", "ab")),
     # coded:S: whoever asked, once their rows of the code over the roster (every live peer) decode.
     # Four workers, s=1: fractional repetition, groups {a,b} and {c,d}.
     ("coded: one of each group decodes", Coded(1), q("ca"), form("ac", "abcd")),
@@ -169,12 +161,8 @@ CASES = [
     ("backup: k above n is n", Backup(), q("bdac", tag="sync-sgd:k=9"), form("abcd", "abcd")),
     # grace:L,f=F: once n-L asked, everyone who asked by (1+F) x the (n-L)-th's time since the last commit.
     ("grace: within the grace period", Grace(1), q("abc", arrivals=(1.0, 1.1, 1.2), since=1.5), None),
-    (
-        "grace: after it, the asker are members",
-        Grace(1),
-        q("abc", arrivals=(1.0, 1.1, 1.2), since=1.8),
-        form("abc", "abcd"),
-    ),
+    ("grace: after it, the asker are members", Grace(1), q("abc", arrivals=(1.0, 1.1, 1.2), since=1.8),
+     form("abc", "abcd")),
     ("grace: fewer than n-L wait", Grace(1), q("ab", arrivals=(1.0, 1.1), since=9.0), None),
     ("grace: everyone asked", Grace(1), q("abcd", arrivals=(1.0, 1.1, 1.2, 1.3), since=1.3), form("abcd", "abcd")),
     ("grace: f=0 forms at the (n-L)-th", Grace(2, 0.0), q("ab", arrivals=(1.0, 1.1), since=1.1), form("ab", "abcd")),

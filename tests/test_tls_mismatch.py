@@ -74,16 +74,10 @@ def other_certs(tmp_path_factory) -> RpcSecurity:
             "speaks no TLS and this process dials it with TLS",
         ),
         ("Peer name 10.0.0.1 is not in peer certificate", CERT, "certificate does not name 10.0.0.1"),
-        (
-            "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:7201: Socket closed",
-            PLAIN,
-            None,
-        ),
-        (
-            "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:9: Connection refused",
-            CERT,
-            None,
-        ),
+        ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:7201: Socket closed", PLAIN,
+         None),
+        ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:9: Connection refused", CERT,
+         None),
     ],
 )
 def test_a_handshake_failure_grpc_names_says_which_option_to_change(details, security, says):
