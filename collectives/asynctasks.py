@@ -3,7 +3,8 @@
 A task can swallow a cancellation: on Python 3.11, ``asyncio.wait_for`` returns its awaitable's result when
 the cancellation arrives as that awaitable completes, and drops the cancellation. Cancelling once and then
 awaiting the task (or gathering it) then waits for as long as the task chooses to run; a peer's close once
-waited 30 s for a heartbeat loop that beat on. Every place that stops its own tasks goes through here.
+waited 30 s for a heartbeat loop that beat on. Every place that stops its own tasks goes through here;
+``cancel_within`` is the bounded kind, for a shutdown that must end in time.
 ``consume_exception`` is the done-callback for work nobody waits for: its outcome is retrieved, so asyncio
 reports nothing at exit.
 """
@@ -39,6 +40,16 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future], every_s: float = RECA
         if not task.cancelled() and task.exception() is not None:
             name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
             log.debug("%s ended with %r", name, task.exception())
+
+
+async def cancel_within(tasks: Iterable[asyncio.Future], timeout_s: float) -> None:
+    """Cancel every task once and wait for them for at most timeout_s (at shutdown, where a task that runs on is
+    left to the loop's end rather than waited for). Nothing here refers to the tasks once it returns."""
+    pending = [task for task in tasks if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=timeout_s)
 
 
 def consume_exception(future: asyncio.Future) -> None:

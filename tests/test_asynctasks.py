@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from collectives.asynctasks import cancel_and_wait
+from collectives.asynctasks import cancel_and_wait, cancel_within
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -88,3 +88,18 @@ def test_a_cancelled_caller_cancels_the_tasks_once_more_and_is_itself_cancelled(
         return task.cancelled(), swallowed
 
     assert asyncio.run(main()) == (True, ["a"])
+
+
+def test_cancel_within_cancels_each_task_once_and_leaves_one_that_runs_on_to_the_loop():
+    # At shutdown the wait is bounded: a task that swallows its cancellation is not cancelled again.
+    async def main() -> tuple[list[str], list[bool]]:
+        swallowed: list[str] = []
+        loop = asyncio.get_running_loop()
+        stubborn, obedient = loop.create_task(_stubborn(swallowed, "a")), loop.create_task(asyncio.sleep(3600))
+        await asyncio.sleep(0)
+        await cancel_within([stubborn, obedient], timeout_s=0.05)
+        ended = [stubborn.done(), obedient.cancelled()]
+        await cancel_and_wait([stubborn])
+        return swallowed, ended
+
+    assert asyncio.run(main()) == (["a"], [False, True])

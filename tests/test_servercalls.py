@@ -1,4 +1,4 @@
-"""The tasks of a gRPC server's calls (``CallTasks``), over real gRPC on 127.0.0.1. What ``end_calls`` is for, a
+"""The tasks of a gRPC server's calls (``CallTasks``), over real gRPC on 127.0.0.1. What ``stop_server`` is for, a
 close that logs no gRPC error with push streams open, is tested in test_transport.py."""
 
 from __future__ import annotations

@@ -299,7 +299,7 @@ def make_server(
     """A server of this role (``peer`` or ``coordinator``) with these handlers and the health service; bind it next.
 
     With auth, every call but the health check must prove the run secret (checked first); interceptors run after.
-    With calls, the task of every call is recorded there before anything else runs (``end_calls`` ends them at
+    With calls, the task of every call is recorded there before anything else runs (``stop_server`` ends them at
     shutdown: ``collectives.net.servercalls``).
     """
     if role not in ROLES:

@@ -13,7 +13,7 @@ loop turn before those second tasks have seen their handlers end. A shutdown
 that then cancels every task of the loop (``Transport.close``, as ``asyncio.run``
 does) cancelled one of them now and then: the peer stopped by SIGTERM with a
 round's push stream open logged that error and its traceback (4 of 32
-chaos-harness runs). ``end_calls`` runs between the two: it ends the calls still
+chaos-harness runs). ``stop_server`` stops the server and then ends the calls still
 running itself, waits for them, and leaves gRPC a loop turn to see them end.
 """
 
@@ -23,6 +23,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import grpc
+
+from collectives.asynctasks import cancel_within
 
 
 class CallTasks(grpc.aio.ServerInterceptor):
@@ -49,18 +51,16 @@ class CallTasks(grpc.aio.ServerInterceptor):
         return {task for task in self._tasks if not task.done()}
 
 
-async def end_calls(calls: CallTasks, timeout_s: float) -> None:
-    """End the calls of a server that ``stop`` has stopped: cancel those still running (gRPC takes it as a cancelled
-    call), wait for them (at most timeout_s), then one loop turn, so that gRPC's task awaiting each has seen it end.
+async def stop_server(server: grpc.aio.Server, calls: CallTasks, grace_s: float) -> None:
+    """Stop a server made with ``calls`` (within grace_s), then end its calls still running: cancel them (gRPC takes
+    it as a cancelled call), wait for them (at most grace_s + 1 s), then one loop turn, so that gRPC's task awaiting
+    each has seen it end.
 
-    Call it from the server's loop after ``await server.stop(grace)`` and before cancelling any other task. A call
-    still running after timeout_s is left pending (as is gRPC's task awaiting it): cancelling both is quiet.
+    Call it from the server's loop before cancelling any other task. A call still running after the wait is left
+    pending (as is gRPC's task awaiting it): cancelling both is quiet.
     """
-    running = calls.running()
-    for task in running:
-        task.cancel()
-    if running:
-        # gRPC's task awaiting a call's task is woken straight from its end; this wait returns a turn later.
-        await asyncio.wait(running, timeout=timeout_s)
+    await server.stop(grace_s)
+    # gRPC's task awaiting a call's task is woken straight from its end; this wait returns a turn later.
+    await cancel_within(calls.running(), grace_s + 1.0)
     # A call that ended before now has its awaiting task's wake-up queued already: it runs before this turn ends.
     await asyncio.sleep(0)

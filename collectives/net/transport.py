@@ -44,7 +44,7 @@ from typing import Any, Self, TypeVar
 
 import grpc
 
-from collectives.asynctasks import cancel_and_wait, consume_exception
+from collectives.asynctasks import cancel_and_wait, cancel_within, consume_exception
 from collectives.errors import TransportClosed, UsageError
 from collectives.net.addresses import advertised_address, check_reachable, split_address
 from collectives.net.admission import Admission, Refusals, Replay, admit_handlers, never_connected, retry_reason
@@ -52,7 +52,7 @@ from collectives.net.credentials import CallAuth
 from collectives.net.ratelimit import TokenBucket, burst_bytes
 from collectives.net.reachability import peer_unresponsive
 from collectives.net.rpc import bind, call_metadata, identity, make_channel, make_server
-from collectives.net.servercalls import CallTasks, end_calls
+from collectives.net.servercalls import CallTasks, stop_server
 from collectives.net.transportconfig import TransportConfig
 from collectives.stats import TrafficCounters
 
@@ -205,12 +205,11 @@ class Transport:
 
     async def _shutdown(self, grace_s: float) -> None:
         if self._server is not None:
-            await self._server.stop(grace_s)
-            self._server = None
             # The server's calls end before anything else is cancelled: cancelled among the rest, gRPC's task around
             # a call that had just ended logged "Exception not handled by _handle_exceptions"
             # (collectives.net.servercalls).
-            await end_calls(self._calls, grace_s + 1.0)
+            server, self._server = self._server, None
+            await stop_server(server, self._calls, grace_s)
         channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
             await ch.close()
@@ -219,7 +218,11 @@ class Transport:
         # cancelled handler's request stream among them). Stopping the loop first left both pending, and asyncio
         # logged each as "Task was destroyed but it is pending!" at exit (a peer held by 50 idle streams: 85 lines).
         watches = set(self._watches.values())
-        await self._cancel_the_rest(watches, grace_s + 1.0)
+        current = asyncio.current_task()
+        # Nothing here holds the cancelled tasks afterwards: a cancelled task keeps its CancelledError, whose
+        # traceback holds the gRPC call it awaited (an abort notice's), and that call keeps its closed channel,
+        # and the channel's watches, from being answered (below).
+        await cancel_within([t for t in asyncio.all_tasks() if t is not current and t not in watches], grace_s + 1.0)
         # A closed channel's watches are answered through gRPC's completion queue, which every event loop of
         # the process that used gRPC reads: one read after this loop closed was handed to the closed loop
         # ("Event loop is closed", logged by another transport's loop). gRPC answers them once the channel is
@@ -237,21 +240,6 @@ class Transport:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace_s + 1.0):
                 await asyncio.get_running_loop().shutdown_asyncgens()
-
-    @staticmethod
-    async def _cancel_the_rest(watches: set[asyncio.Future], timeout_s: float) -> None:
-        """Cancel every task on the loop but the caller and the watches, and give them timeout_s to end.
-
-        A method of its own so that nothing refers to the tasks once it returns: a cancelled task keeps its
-        CancelledError, whose traceback holds the gRPC call it awaited (an abort notice's), and that call
-        keeps its closed channel, and the channel's watches, from being answered (_shutdown).
-        """
-        current = asyncio.current_task()
-        tasks = [task for task in asyncio.all_tasks() if task is not current and task not in watches]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
 
     def __enter__(self) -> Self:
         return self

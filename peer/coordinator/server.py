@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from collectives.errors import AddressInUse, ConfigError
 from collectives.net.addresses import advertised_address, format_address, split_address
 from collectives.net.rpc import COORDINATOR_SETTINGS, RpcSettings, RunAuthInterceptor, bind, make_server
-from collectives.net.servercalls import CallTasks, end_calls
+from collectives.net.servercalls import CallTasks, stop_server
 from peer.coordinator.limits import RateLimitInterceptor
 from peer.coordinator.service import Coordinator, CoordinatorConfig
 from peer.coordinator.sessions import SessionLimits, session_handler
@@ -187,11 +187,10 @@ class CoordinatorServer:
             self._dashboard = None
         await self.coordinator.stop()
         if self._server is not None:
-            await self._server.stop(0.5)
-            self._server = None
             # Its calls (the peers' Session streams) end before asyncio.run cancels the rest, as a peer's transport
             # does (collectives.net.servercalls).
-            await end_calls(self._calls, 1.5)
+            server, self._server = self._server, None
+            await stop_server(server, self._calls, 0.5)
         if self._hold is not None:
             self._hold.release()
             self._hold = None
